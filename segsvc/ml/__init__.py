@@ -1,0 +1,5 @@
+"""Model code. `preprocess` is pure NumPy/Pillow; `unet` and the Keras runtime import TensorFlow."""
+
+IMAGE_SIZE = 128
+NUM_CLASSES = 3
+CLASS_NAMES = ("pet", "background", "border")

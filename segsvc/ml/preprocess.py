@@ -1,0 +1,124 @@
+"""Pre- and post-processing shared by serving, training and evaluation (no TensorFlow)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps
+
+from segsvc.ml import IMAGE_SIZE, NUM_CLASSES
+
+# Colours for the overlay: pet, background, border.
+PALETTE = np.array([[255, 64, 64], [0, 0, 0], [255, 220, 0]], dtype=np.uint8)
+OVERLAY_ALPHA = np.array([0.5, 0.0, 0.6], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A model input and the size of the displayed (EXIF-oriented) original."""
+
+    array: npt.NDArray[np.float32]
+    width: int
+    height: int
+
+
+# EXIF orientations 5-8 swap width and height.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def load_rgb(data: bytes) -> tuple[Image.Image, int, int]:
+    """Decode for the model: RGB, EXIF-oriented, maybe at reduced scale; plus the full size.
+
+    JPEGs are decoded with `draft` at the smallest DCT scale still >= 2x the model input,
+    which is several times faster than a full decode and changes nothing the model sees
+    after the bilinear resize (training uses this same function).
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        if img.getexif().get(0x0112) in _TRANSPOSED_ORIENTATIONS:
+            width, height = height, width
+        img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
+        return to_rgb(ImageOps.exif_transpose(img)), width, height
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any mode (16-bit, CMYK, palette, alpha) to 8-bit RGB; alpha composites on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 / max(float(arr.max()), 1.0) if arr.max() > 255 else 1.0
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def normalize(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """Scale uint8 pixels to [0, 1] float32, as the tutorial does (the one place this happens)."""
+    return pixels.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def resize_rgb(img: Image.Image) -> npt.NDArray[np.uint8]:
+    """Resize an RGB image to the model's square input with bilinear filtering."""
+    resized = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def preprocess_bytes(data: bytes) -> Prepared:
+    """Encoded image bytes -> model input (128, 128, 3) in [0, 1]; raises on undecodable data."""
+    img, width, height = load_rgb(data)
+    return Prepared(normalize(resize_rgb(img)), width, height)
+
+
+def postprocess(logits: npt.NDArray[np.floating], width: int, height: int) -> npt.NDArray[np.uint8]:
+    """Logits (128, 128, C) -> class mask (height, width), nearest-neighbour resized."""
+    classes = np.argmax(logits, axis=-1).astype(np.uint8)
+    return resize_mask(classes, width, height)
+
+
+def resize_mask(mask: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[np.uint8]:
+    """Resize a class mask with nearest-neighbour so no new class values appear."""
+    if mask.shape == (height, width):
+        return mask
+    img = Image.fromarray(mask, "L").resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def class_fractions(mask: npt.NDArray[np.uint8]) -> list[float]:
+    """Share of pixels in each class."""
+    counts = np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+    return [float(c) / float(mask.size) for c in counts]
+
+
+def encode_mask_png(mask: npt.NDArray[np.uint8]) -> bytes:
+    """A single-channel PNG with values 0 pet, 1 background, 2 border."""
+    buf = io.BytesIO()
+    Image.fromarray(mask, "L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_mask_png(data: bytes) -> npt.NDArray[np.uint8]:
+    """Read a class mask PNG back to an array."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img, dtype=np.uint8)
+
+
+def render_overlay(image_bytes: bytes, mask: npt.NDArray[np.uint8]) -> bytes:
+    """The input (oriented) with the mask's classes blended on it, as PNG."""
+    base = np.asarray(load_rgb_full(image_bytes), dtype=np.float32)
+    colours = PALETTE[mask].astype(np.float32)
+    alpha = OVERLAY_ALPHA[mask][..., None]
+    blended = (base * (1.0 - alpha) + colours * alpha).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(blended, "RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def load_rgb_full(data: bytes) -> Image.Image:
+    """Decode at full resolution (no draft scaling), oriented, RGB."""
+    with Image.open(io.BytesIO(data)) as img:
+        return to_rgb(ImageOps.exif_transpose(img))

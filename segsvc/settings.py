@@ -1,0 +1,131 @@
+"""Typed settings for every process (API, worker, beat, CLI), read from `SEG_*` env vars."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+Runtime = Literal["auto", "keras", "xla", "onnx", "litert", "litert-fp16", "litert-int8"]
+
+
+class Settings(BaseSettings):
+    """All configuration; every factory takes `settings: Settings | None = None`."""
+
+    model_config = SettingsConfigDict(env_prefix="SEG_", env_file=".env", extra="ignore")
+
+    # --- storage and transport -------------------------------------------------------------
+    var_dir: Path = Field(ROOT / "var", description="Local state: SQLite files, model cache.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; unset -> embedded SQLite under var_dir."
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker; unset -> Celery's SQLAlchemy transport on SQLite."
+    )
+    redis_url: str | None = Field(
+        None, description="Redis for rate limits and queue depth; defaults to broker_url if redis."
+    )
+
+    # --- API ---------------------------------------------------------------------------------
+    port: int = Field(8000, description="Port `make run` serves the API on.")
+    public_url: str = Field("", description="Base URL used in links (empty: from the request).")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, description="Largest accepted upload.")
+    max_pixels: int = Field(40_000_000, description="Largest accepted width x height.")
+    max_queue_depth: int = Field(10_000, description="Queued jobs above which submits get 503.")
+    rate_limit_per_minute: int = Field(600, description="Submissions per API key per minute.")
+    rate_limit_burst: int = Field(120, description="Token-bucket burst size per API key.")
+    auth_required: bool = Field(True, description="Require `Authorization: Bearer` on /v1.")
+
+    # --- model and serving -------------------------------------------------------------------
+    model_dir: Path = Field(ROOT / "models", description="Where model artifacts live.")
+    encoder_weights: Path | None = Field(
+        None, description="Local MobileNetV2 weights file for new models (None: random init)."
+    )
+    runtime: Runtime = Field("auto", description="Inference runtime (auto: onnx on CPU).")
+    artifact_cache_dir: Path | None = Field(
+        None, description="Converted artifacts cache (default var_dir/artifacts)."
+    )
+    batch_max_size: int = Field(32, description="Largest micro-batch a worker runs.")
+    batch_max_wait_ms: float = Field(
+        2.0, description="Longest a partial batch waits for more jobs (0 on an idle queue)."
+    )
+    inference_threads: int = Field(0, description="Intra-op threads (0: all cores).")
+    job_max_attempts: int = Field(3, description="Attempts before a job ends failed.")
+    job_lease_seconds: int = Field(120, description="How long a running job's lease lasts.")
+    registry_poll_seconds: float = Field(5.0, description="How often workers poll the registry.")
+    reconcile_interval_seconds: float = Field(30.0, description="Reconciler period.")
+    queue_name: str = Field("inference", description="Celery queue for inference.")
+
+    # --- webhooks ----------------------------------------------------------------------------
+    webhook_queue_name: str = Field("webhooks", description="Celery queue for deliveries.")
+    webhook_timeout_seconds: float = Field(15.0, description="Per-attempt timeout.")
+    webhook_max_age_seconds: int = Field(3 * 24 * 3600, description="Stop retrying after this.")
+    webhook_schedule: str = Field(
+        "0,5,300,1800,7200,18000,36000",
+        description="Retry delays in seconds (last one repeats until max age).",
+    )
+    webhook_allow_networks: str = Field(
+        "", description="Comma-separated CIDRs allowed as webhook targets despite SSRF rules."
+    )
+    webhook_secret_rotation_seconds: int = Field(
+        24 * 3600, description="How long the old secret keeps signing after a rotation."
+    )
+    webhook_body_cap_bytes: int = Field(4096, description="Response body bytes kept per attempt.")
+
+    # --- retraining and rollout --------------------------------------------------------------
+    train_data_dir: Path | None = Field(None, description="Base training data (Oxford layout).")
+    eval_data_dir: Path | None = Field(None, description="Fixed evaluation set (Oxford layout).")
+    retrain_cron: str = Field("0 3 * * *", description="Retraining schedule (cron, UTC).")
+    retrain_epochs: int = Field(3, description="Fine-tuning epochs per retraining run.")
+    retrain_learning_rate: float = Field(1e-4, description="Fine-tuning learning rate.")
+    retrain_min_new_labels: int = Field(20, description="New labels needed to retrain.")
+    gate_miou_tolerance: float = Field(0.0, description="Candidate mIoU may trail by this.")
+    gate_latency_ratio: float = Field(1.2, description="Candidate latency may exceed by this.")
+    canary_share: float = Field(0.10, description="Share of jobs served by a canary.")
+    canary_min_jobs: int = Field(50, description="Canary jobs before auto promote/rollback.")
+    retention_days: int = Field(30, description="Unlabeled inputs older than this are deleted.")
+
+    # --- operations --------------------------------------------------------------------------
+    log_format: Literal["auto", "json", "text"] = Field("auto", description="Log line format.")
+    log_level: str = Field("INFO", description="Log level.")
+    blob_store: Literal["db", "fs"] = Field("db", description="Where inputs/masks are kept.")
+    blob_dir: Path | None = Field(None, description="Folder for blob_store=fs.")
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """Database URL, the embedded SQLite file when none is configured."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.var_dir / 'segsvc.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        """Broker URL, Celery's SQLAlchemy transport on SQLite when none is configured."""
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{self.var_dir / 'broker.db'}"
+
+    @property
+    def effective_redis_url(self) -> str | None:
+        """Redis used for rate limits and queue depth, if any."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
+
+    @property
+    def artifact_dir(self) -> Path:
+        """Converted model artifacts, keyed by sha256."""
+        return self.artifact_cache_dir or (self.var_dir / "artifacts")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Celery workers: inference (micro-batched) and webhook delivery."""

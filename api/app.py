@@ -1,0 +1,36 @@
+"""The Flask app factory."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from api.context import register_context
+from api.errors import register_error_handlers
+from segsvc.queue import make_celery
+from segsvc.settings import Settings, get_settings
+
+# Multipart framing around the file; the image itself is checked against the exact limit.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the API app from settings."""
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config["SEG_SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    app.config["MAX_FORM_MEMORY_SIZE"] = 64 * 1024
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["segsvc_celery"] = make_celery(settings, name="segsvc-api")
+    register_context(app)
+    register_blueprints(app)
+    register_error_handlers(app)
+    return app
+
+
+def register_blueprints(app: Flask) -> None:
+    """Attach every route group."""
+    from api.routes import health, jobs
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)

@@ -1,0 +1,70 @@
+"""One place that turns errors into `{"error": code, "message": text}` responses."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from werkzeug.exceptions import HTTPException
+
+from segsvc.errors import SegError
+
+log = logging.getLogger(__name__)
+
+DB_RETRY_AFTER_S = 5
+
+
+def error_response(
+    code: str, message: str, status: int, retry_after: float | None = None
+) -> Response:
+    """A JSON error response (with Retry-After when given)."""
+    resp = jsonify({"error": code, "message": message})
+    resp.status_code = status
+    if retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, round(retry_after)))
+    return resp
+
+
+def handle_seg_error(exc: SegError) -> Response:
+    return error_response(exc.code, exc.message, exc.http_status, exc.retry_after)
+
+
+def handle_http_error(exc: HTTPException) -> Response:
+    code = (exc.name or "error").lower().replace(" ", "_")
+    status = exc.code or 500
+    if status == 413:
+        code = "payload_too_large"
+    return error_response(code, exc.description or exc.name or "Error.", status)
+
+
+def handle_db_unavailable(exc: Exception) -> Response:
+    log.warning("database unavailable: %s", exc.__class__.__name__)
+    return error_response(
+        "database_unavailable",
+        "The service's database is unavailable; try again shortly.",
+        503,
+        DB_RETRY_AFTER_S,
+    )
+
+
+def handle_unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error")
+    return error_response("internal_error", "Something went wrong on our side.", 500)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Map every error to JSON; 5xx never reveal internals."""
+    app.register_error_handler(SegError, handle_seg_error)
+    app.register_error_handler(HTTPException, handle_http_error)
+    app.register_error_handler(OperationalError, handle_db_unavailable)
+    app.register_error_handler(PoolTimeoutError, handle_db_unavailable)
+    app.register_error_handler(DBAPIError, _handle_dbapi)
+    app.register_error_handler(Exception, handle_unexpected)
+
+
+def _handle_dbapi(exc: DBAPIError) -> Response:
+    if exc.connection_invalidated:
+        return handle_db_unavailable(exc)
+    return handle_unexpected(exc)

@@ -1,0 +1,92 @@
+"""/v1/jobs: submit, read, results, cancel."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, jsonify, request
+
+from api.auth import authenticate_request, current_client
+from api.context import celery, db, settings
+from api.schemas import accepted_body, job_body
+from segsvc.errors import BadRequestError
+from segsvc.images import validate_image
+from segsvc.ml.preprocess import decode_mask_png, render_overlay
+from segsvc.queue import enqueue_job
+from segsvc.services import jobs as job_service
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1")
+bp.before_request(authenticate_request)
+
+
+@bp.post("/jobs")
+def submit_job() -> tuple[Response, int, dict[str, str]]:
+    """Validate an upload, store the job, commit, then enqueue its id."""
+    upload = request.files.get("image")
+    if upload is None:
+        raise BadRequestError("Send the image as multipart/form-data in the field 'image'.")
+    cfg = settings()
+    image = validate_image(
+        upload.read(cfg.max_upload_bytes + 1),
+        max_bytes=cfg.max_upload_bytes,
+        max_pixels=cfg.max_pixels,
+    )
+    session = db()
+    job = job_service.create_job(
+        session=session,
+        image=image,
+        client_id=current_client().id,  # type: ignore[arg-type]
+        request_id=request.headers.get("X-Request-ID"),
+    )
+    session.commit()
+    try:
+        enqueue_job(celery(), job.id, settings=cfg)
+    except Exception:  # the job is stored; the reconciler enqueues it when the broker is back
+        log.warning("enqueue failed for job %s; left for the reconciler", job.id, exc_info=True)
+    body = accepted_body(job)
+    return jsonify(body), 202, {"Location": body["urls"]["self"]}
+
+
+@bp.get("/jobs/<job_id>")
+def read_job(job_id: str) -> Response:
+    """The job's state, timings and links."""
+    job = job_service.get_job(session=db(), job_id=job_id, client_id=_scope())
+    return jsonify(job_body(job))
+
+
+@bp.get("/jobs/<job_id>/mask.png")
+def read_mask(job_id: str) -> Response:
+    """The class mask (0 pet, 1 background, 2 border) at the input's size."""
+    job = job_service.get_finished_job(session=db(), job_id=job_id, client_id=_scope())
+    return _png(job.mask_png or b"", job_id, "mask")
+
+
+@bp.get("/jobs/<job_id>/overlay.png")
+def read_overlay(job_id: str) -> Response:
+    """The input with the mask blended on it."""
+    job = job_service.get_finished_job(session=db(), job_id=job_id, client_id=_scope())
+    mask = decode_mask_png(job.mask_png or b"")
+    return _png(render_overlay(job.input_bytes or b"", mask), job_id, "overlay")
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> Response:
+    """Cancel a queued job (a running one stops at its next batch boundary)."""
+    session = db()
+    job = job_service.cancel_job(session=session, job_id=job_id, client_id=_scope())
+    session.commit()
+    return jsonify(job_body(job))
+
+
+def _scope() -> object:
+    """Which client's jobs the caller may see (None when auth is off)."""
+    return current_client().id
+
+
+def _png(data: bytes, job_id: str, kind: str) -> Response:
+    resp = Response(data, mimetype="image/png")
+    resp.headers["Content-Disposition"] = f'inline; filename="{job_id}-{kind}.png"'
+    resp.headers["Cache-Control"] = "private, max-age=86400, immutable"
+    return resp

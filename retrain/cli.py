@@ -1,0 +1,90 @@
+"""Click commands `train` and `evaluate` (loaded lazily by `segsvc.cli`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+
+@click.command("train")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--epochs", required=True, type=click.IntRange(min=1))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model .keras path.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", "learning_rate", default=1e-3, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--init-model", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--patience", default=25, show_default=True, type=click.IntRange(min=1))
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
+def train(
+    data_dir: str,
+    epochs: int,
+    out: str,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    init_model: str | None,
+    patience: int,
+    checkpoint: str | None,
+) -> None:
+    """Train the U-Net on an Oxford-layout folder; writes OUT and OUT.json (report)."""
+    from retrain.train import train as run_train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if checkpoint is None:
+        from segsvc.settings import get_settings
+
+        checkpoint = str(get_settings().var_dir / "train" / f"{Path(out).stem}.best.keras")
+    report = run_train(
+        data_dir=data_dir,
+        epochs=epochs,
+        out=out,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        init_model=init_model,
+        patience=patience,
+        checkpoint=checkpoint,
+    )
+    click.echo(
+        f"saved {out}: {report.epochs_run} epochs, best epoch {report.best_epoch}, "
+        f"val mIoU {report.best_val_miou}, {report.duration_seconds:.0f}s"
+    )
+    if report.metrics:
+        m = report.metrics
+        click.echo(
+            f"val pixel accuracy {m['pixel_accuracy']:.4f}, mean IoU {m['mean_iou']:.4f} "
+            f"(original resolution {m['original_resolution']['pixel_accuracy']:.4f}, "
+            f"{m['original_resolution']['mean_iou']:.4f})"
+        )
+
+
+@click.command("evaluate")
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "all"]))
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False))
+def evaluate(model_path: str, data_dir: str, split: str, out_dir: str | None) -> None:
+    """Evaluate a model; prints a table, writes JSON and a contact sheet to OUT."""
+    from retrain.evaluate import evaluate as run_evaluate
+
+    if out_dir is None:
+        from segsvc.settings import get_settings
+
+        out_dir = str(get_settings().var_dir / "eval")
+    result = run_evaluate(model_path=model_path, data_dir=data_dir, split=split, out_dir=out_dir)
+    click.echo(f"wrote {out_dir} (contact sheet {result['contact_sheet']})")
+
+
+@click.group()
+def main() -> None:
+    """Training and evaluation commands."""
+
+
+main.add_command(train)
+main.add_command(evaluate)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Read image/mask pairs with the serving pre-processing and feed them to Keras via tf.data."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tensorflow as tf
+from PIL import Image
+
+from segsvc.ml import IMAGE_SIZE, NUM_CLASSES
+from segsvc.ml.preprocess import load_rgb, resize_mask, resize_rgb
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+Sample = tuple[bytes, npt.NDArray[np.uint8]]  # (encoded image, class mask 0..2 at full size)
+
+
+@dataclass
+class DatasetStats:
+    """How many pairs were found, used and skipped (with the reason for each skip)."""
+
+    found: int = 0
+    used: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, name: str, reason: str) -> None:
+        """Count and log a skipped pair."""
+        log.warning("skipping %s: %s", name, reason)
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def merge(self, other: DatasetStats) -> DatasetStats:
+        """Sum of two stats (e.g. folder samples plus extra samples)."""
+        skipped = Counter(self.skipped) + Counter(other.skipped)
+        return DatasetStats(self.found + other.found, self.used + other.used, dict(skipped))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"found": self.found, "used": self.used, "skipped": dict(self.skipped)}
+
+
+@dataclass
+class Decoded:
+    """Decoded pairs at model size: images (N,128,128,3) uint8, masks (N,128,128) uint8 0..2."""
+
+    images: npt.NDArray[np.uint8]
+    masks: npt.NDArray[np.uint8]
+    names: list[str]
+    stats: DatasetStats
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def list_pairs(data_dir: str | Path) -> list[tuple[str, Path, Path]]:
+    """(stem, image path, trimap path) for every image in an Oxford-layout folder, sorted."""
+    root = Path(data_dir)
+    images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [(p.stem, p, root / "annotations" / "trimaps" / f"{p.stem}.png") for p in images]
+
+
+def is_validation(name: str, val_fraction: float = 0.2) -> bool:
+    """Stable split rule: the first 32 bits of sha256(stem) as a fraction of 2**32."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < val_fraction
+
+
+def split_names(names: Iterable[str], val_fraction: float = 0.2) -> tuple[list[str], list[str]]:
+    """Deterministic (train, validation) split by name, independent of order and folder size."""
+    ordered = sorted(set(names))
+    val = [n for n in ordered if is_validation(n, val_fraction)]
+    train = [n for n in ordered if not is_validation(n, val_fraction)]
+    return train, val
+
+
+def read_trimap(path: Path) -> npt.NDArray[np.uint8]:
+    """An Oxford trimap (1 pet, 2 background, 3 border) as classes 0..2; raises if invalid."""
+    with Image.open(path) as img:
+        raw = np.asarray(img)
+    if raw.ndim != 2:
+        raise ValueError(f"trimap is not single-channel (shape {raw.shape})")
+    if raw.size == 0 or raw.min() < 1 or raw.max() > NUM_CLASSES:
+        raise ValueError("trimap values outside 1..3")
+    return (raw.astype(np.int16) - 1).astype(np.uint8)
+
+
+def decode_pair(
+    image_bytes: bytes, mask: npt.NDArray[np.uint8]
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """Image bytes + full-size class mask -> model-size (image, mask); raises ValueError if bad."""
+    try:
+        img, width, height = load_rgb(image_bytes)
+        pixels = resize_rgb(img)
+    except Exception as exc:  # PIL raises many types for truncated/garbage files
+        raise ValueError(f"undecodable image ({type(exc).__name__})") from exc
+    mask = np.asarray(mask)
+    if mask.shape != (height, width):
+        raise ValueError("mask size does not match image")
+    if mask.max(initial=0) >= NUM_CLASSES:
+        raise ValueError("mask values outside 0..2")
+    return pixels, resize_mask(mask.astype(np.uint8), IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _stack(
+    pairs: list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]],
+    names: list[str],
+    stats: DatasetStats,
+) -> Decoded:
+    images = np.zeros((len(pairs), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    masks = np.zeros((len(pairs), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    for i, (image, mask) in enumerate(pairs):
+        images[i], masks[i] = image, mask
+    stats.used = len(pairs)
+    return Decoded(images, masks, names, stats)
+
+
+def read_folder(data_dir: str | Path, split: str = "all", val_fraction: float = 0.2) -> Decoded:
+    """Decode the pairs of one split ("train", "val" or "all"), skipping broken ones."""
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"unknown split {split!r}")
+    pairs = list_pairs(data_dir)
+    train, val = split_names([stem for stem, _, _ in pairs], val_fraction)
+    wanted = set({"train": train, "val": val, "all": train + val}[split])
+    stats = DatasetStats()
+    decoded: list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]] = []
+    names: list[str] = []
+    for stem, image_path, trimap_path in pairs:
+        if stem not in wanted:
+            continue
+        stats.found += 1
+        if not trimap_path.is_file():
+            stats.skip(stem, "missing trimap")
+            continue
+        try:
+            mask = read_trimap(trimap_path)
+        except ValueError as exc:
+            stats.skip(stem, str(exc))
+            continue
+        except Exception as exc:
+            stats.skip(stem, f"undecodable trimap ({type(exc).__name__})")
+            continue
+        try:
+            decoded.append(decode_pair(image_path.read_bytes(), mask))
+        except ValueError as exc:
+            stats.skip(stem, str(exc))
+            continue
+        names.append(stem)
+    return _stack(decoded, names, stats)
+
+
+def decode_samples(samples: Iterable[Sample], prefix: str = "sample") -> Decoded:
+    """Decode in-memory (image bytes, class mask) samples, e.g. user-corrected masks."""
+    stats = DatasetStats()
+    decoded: list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]] = []
+    names: list[str] = []
+    for i, (image_bytes, mask) in enumerate(samples):
+        stats.found += 1
+        try:
+            decoded.append(decode_pair(image_bytes, mask))
+        except ValueError as exc:
+            stats.skip(f"{prefix}-{i}", str(exc))
+            continue
+        names.append(f"{prefix}-{i}")
+    return _stack(decoded, names, stats)
+
+
+def concat(a: Decoded, b: Decoded) -> Decoded:
+    """Both sets of decoded pairs in one."""
+    return Decoded(
+        np.concatenate([a.images, b.images]),
+        np.concatenate([a.masks, b.masks]),
+        a.names + b.names,
+        a.stats.merge(b.stats),
+    )
+
+
+def encode_png(pixels: npt.NDArray[np.uint8]) -> bytes:
+    """PNG bytes of an array (test helper and sample builder)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- tf.data -------------------------------------------------------------------------------
+
+
+def tf_normalize(pixels: tf.Tensor) -> tf.Tensor:
+    """TF twin of `segsvc.ml.preprocess.normalize` (same float32 multiply, bit-identical)."""
+    return tf.cast(pixels, tf.float32) * tf.constant(1.0 / 255.0, tf.float32)
+
+
+def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random resized crop + horizontal flip (same for image and mask) + mild colour jitter."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=8)
+    size = tf.constant([IMAGE_SIZE, IMAGE_SIZE], tf.int32)
+    x = tf_normalize(image)[None]
+    y = tf.cast(mask, tf.float32)[None, :, :, None]
+    # Crop 40-100% of the area with aspect 3:4..4:3; keep the full frame 20% of the time so
+    # whole-image framing (what serving sees) stays common.
+    area = tf.random.stateless_uniform([], seeds[0], 0.4, 1.0)
+    log_ratio = tf.random.stateless_uniform([], seeds[1], -0.288, 0.288)
+    ratio = tf.exp(log_ratio)
+    h = tf.minimum(tf.sqrt(area / ratio), 1.0)
+    w = tf.minimum(tf.sqrt(area * ratio), 1.0)
+    top = tf.random.stateless_uniform([], seeds[2], 0.0, 1.0) * (1.0 - h)
+    left = tf.random.stateless_uniform([], seeds[3], 0.0, 1.0) * (1.0 - w)
+    full = tf.random.stateless_uniform([], seeds[4]) < 0.2
+    box = tf.where(
+        full, tf.constant([0.0, 0.0, 1.0, 1.0]), tf.stack([top, left, top + h, left + w])
+    )
+    flip = tf.random.stateless_uniform([], seeds[5]) < 0.5
+    # Flipping the crop box's x coordinates mirrors the crop in the same resampling call.
+    box = tf.where(flip, tf.stack([box[0], box[3], box[2], box[1]]), box)
+    boxes, index = box[None], tf.zeros([1], tf.int32)
+    x = tf.image.crop_and_resize(x, boxes, index, size, method="bilinear")[0]
+    y = tf.image.crop_and_resize(y, boxes, index, size, method="nearest")[0, :, :, 0]
+    x = tf.image.stateless_random_brightness(x, 0.1, seeds[6])
+    x = tf.image.stateless_random_contrast(x, 0.8, 1.2, seeds[7])
+    x = tf.image.stateless_random_saturation(x, 0.8, 1.2, seeds[6] + 1)
+    return tf.clip_by_value(x, 0.0, 1.0), tf.cast(y, tf.int32)
+
+
+def build_dataset(
+    samples: Decoded | Sequence[Sample],
+    *,
+    batch_size: int = 16,
+    training: bool = False,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """A batched (image float32 [0,1], mask int32) dataset; shuffled and augmented if training."""
+    data = samples if isinstance(samples, Decoded) else decode_samples(samples)
+    ds = tf.data.Dataset.from_tensor_slices((data.images, data.masks)).cache()
+    if training:
+        # Reshuffle every epoch but from a fixed seed; per-element seeds for stateless ops
+        # make the augmentation reproducible regardless of parallelism.
+        ds = ds.shuffle(max(len(data), 1), seed=seed, reshuffle_each_iteration=True)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda pair, s: augment(pair[0], pair[1], s),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    else:
+        ds = ds.map(lambda x, y: (tf_normalize(x), tf.cast(y, tf.int32)))
+    # Full batches only while training: a 1-image batch would wreck BatchNorm statistics.
+    drop = training and len(data) >= batch_size
+    return ds.batch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,142 @@
+"""Evaluate a saved model on a split: metrics at model size and after serving post-processing."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from retrain.dataset import list_pairs, read_folder, read_trimap
+from retrain.metrics import confusion_matrix, summarize
+from segsvc.ml import NUM_CLASSES
+from segsvc.ml.preprocess import normalize, postprocess, render_overlay
+from segsvc.ml.unet import load_model
+
+SHEET_ROWS = 6
+PANEL_HEIGHT = 160
+
+
+def predict_logits(
+    model: keras.Model, images: npt.NDArray[np.uint8], batch_size: int = 16
+) -> npt.NDArray[np.float32]:
+    """Batched forward pass of uint8 model-size images -> float32 logits."""
+    out = np.zeros((len(images), *images.shape[1:3], NUM_CLASSES), np.float32)
+    for start in range(0, len(images), batch_size):
+        batch = normalize(images[start : start + batch_size])
+        out[start : start + batch_size] = np.asarray(model(batch, training=False), np.float32)
+    return out
+
+
+def evaluate_model(
+    model: keras.Model,
+    data_dir: str | Path,
+    *,
+    split: str = "val",
+    val_fraction: float = 0.2,
+    batch_size: int = 16,
+    keep_predictions: bool = False,
+) -> dict[str, Any]:
+    """Metrics at 128x128 and at original resolution (postprocess vs the original trimap)."""
+    data = read_folder(data_dir, split, val_fraction)
+    logits = predict_logits(model, data.images, batch_size)
+    small = confusion_matrix(data.masks, logits.argmax(-1))
+    trimaps = {stem: path for stem, _, path in list_pairs(data_dir)}
+    full = np.zeros_like(small)
+    predictions: dict[str, npt.NDArray[np.uint8]] = {}
+    for name, item in zip(data.names, logits, strict=True):
+        truth = read_trimap(trimaps[name])
+        pred = postprocess(item, truth.shape[1], truth.shape[0])
+        full += confusion_matrix(truth, pred)
+        if keep_predictions:
+            predictions[name] = pred
+    result: dict[str, Any] = {
+        "split": split,
+        "images": len(data),
+        "data": data.stats.to_dict(),
+        **summarize(small),
+        "original_resolution": summarize(full),
+    }
+    if keep_predictions:
+        result["_predictions"] = predictions
+    return result
+
+
+def contact_sheet(
+    data_dir: str | Path, names: list[str], predictions: dict[str, npt.NDArray[np.uint8]]
+) -> Image.Image:
+    """Rows of image | true mask overlay | predicted mask overlay for a person to look at."""
+    paths = {stem: (image, trimap) for stem, image, trimap in list_pairs(data_dir)}
+    rows: list[Image.Image] = []
+    for name in names:
+        image_path, trimap_path = paths[name]
+        data = image_path.read_bytes()
+        panels = [
+            Image.open(io.BytesIO(render_overlay(data, np.zeros_like(predictions[name]) + 1))),
+            Image.open(io.BytesIO(render_overlay(data, read_trimap(trimap_path)))),
+            Image.open(io.BytesIO(render_overlay(data, predictions[name]))),
+        ]
+        width = round(panels[0].width * PANEL_HEIGHT / panels[0].height)
+        row = Image.new("RGB", (3 * width, PANEL_HEIGHT), "white")
+        for i, panel in enumerate(panels):
+            row.paste(panel.convert("RGB").resize((width, PANEL_HEIGHT)), (i * width, 0))
+        rows.append(row)
+    sheet = Image.new("RGB", (max(r.width for r in rows), PANEL_HEIGHT * len(rows)), "white")
+    for i, row in enumerate(rows):
+        sheet.paste(row, (0, i * PANEL_HEIGHT))
+    return sheet
+
+
+def print_table(result: dict[str, Any], title: str) -> None:
+    """A rich table of the metrics at both resolutions."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("128x128", justify="right")
+    table.add_column("original", justify="right")
+    full = result["original_resolution"]
+    rows = [("pixel accuracy", "pixel_accuracy"), ("mean IoU", "mean_iou")]
+    for label, key in rows:
+        table.add_row(label, f"{result[key]:.4f}", f"{full[key]:.4f}")
+    for cls, iou in result["per_class_iou"].items():
+        table.add_row(f"IoU {cls}", f"{iou:.4f}", f"{full['per_class_iou'][cls]:.4f}")
+    Console().print(table)
+
+
+def evaluate(
+    *,
+    model_path: str | Path,
+    data_dir: str | Path,
+    split: str = "val",
+    out_dir: str | Path,
+    val_fraction: float = 0.2,
+    print_results: bool = True,
+) -> dict[str, Any]:
+    """Evaluate, print a table, write `<model>_evaluation.json` and `<model>_contact_sheet.png`."""
+    model_path, out = Path(model_path), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(model_path)
+    result = evaluate_model(
+        model, data_dir, split=split, val_fraction=val_fraction, keep_predictions=True
+    )
+    predictions: dict[str, npt.NDArray[np.uint8]] = result.pop("_predictions")
+    names = sorted(predictions)
+    # Evenly spaced picks so the rows span the breeds (names sort by breed).
+    step = max(len(names) / SHEET_ROWS, 1.0)
+    picks = sorted({names[int(i * step)] for i in range(min(SHEET_ROWS, len(names)))})
+    result["model"] = str(model_path)
+    result["contact_sheet"] = str(out / f"{model_path.stem}_contact_sheet.png")
+    result["contact_sheet_images"] = picks
+    if picks:
+        contact_sheet(data_dir, picks, predictions).save(result["contact_sheet"], optimize=True)
+    (out / f"{model_path.stem}_evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    if print_results:
+        print_table(result, f"{model_path.name} on {split} ({len(predictions)} images)")
+    return result

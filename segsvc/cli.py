@@ -1,0 +1,111 @@
+"""The `segsvc` command: operations (db, models, keys), the dev runner, training and client.
+
+Commands of the entry-point packages (`retrain`, the client) load lazily, so `segsvc db upgrade`
+never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from segsvc.settings import get_settings
+
+
+class LazyGroup(click.Group):
+    """A click group whose some commands are imported only when used."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module, attr = self.lazy[cmd_name].split(":")
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "train": "retrain.cli:train",
+        "evaluate": "retrain.cli:evaluate",
+        "run": "segsvc.devserver:run",
+    },
+)
+def main() -> None:
+    """segsvc: image segmentation as a service."""
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply Alembic migrations."""
+    from segsvc.migrate import upgrade
+
+    upgrade(revision=revision)
+    click.echo(f"database at {revision}: {get_settings().sqlalchemy_url.split('@')[-1]}")
+
+
+@main.group()
+def models() -> None:
+    """Model versions."""
+
+
+@models.command("init")
+def models_init() -> None:
+    """Register the shipped model (or a fresh one) as production if none is."""
+    from segsvc.services.bootstrap import ensure_production_model
+
+    version, created = ensure_production_model()
+    click.echo(f"{'registered' if created else 'production is'} {version}")
+
+
+@models.command("list")
+def models_list() -> None:
+    """List registered versions."""
+    from segsvc.db import session_scope
+    from segsvc.services.registry import list_versions
+
+    with session_scope() as session:
+        for row in list_versions(session=session):
+            miou = row.metrics.get("mean_iou")
+            click.echo(f"{row.version:<28} {row.status:<11} share={row.traffic_share:.2f} "
+                       f"miou={miou if miou is not None else '-'} {Path(row.path).name}")
+
+
+@main.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command("create")
+@click.option("--name", required=True)
+@click.option("--admin", is_flag=True, help="Allow admin-only operations.")
+def keys_create(name: str, admin: bool) -> None:
+    """Create a key; it is printed once, alone on the last line."""
+    from segsvc.db import session_scope
+    from segsvc.services.keys import create_key
+
+    with session_scope() as session:
+        row, plaintext = create_key(session=session, name=name, is_admin=admin)
+        click.echo(f"created key {row.prefix}... for {name!r} (admin={admin}); store it now:")
+    click.echo(plaintext)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

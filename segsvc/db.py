@@ -1,0 +1,78 @@
+"""Engine and session factory, one per process (re-created after a fork)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from segsvc.settings import Settings, get_settings
+
+_engines: dict[tuple[int, str], Engine] = {}
+_factories: dict[tuple[int, str], sessionmaker[Session]] = {}
+
+
+def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets the API read while the worker writes; busy_timeout waits instead of failing.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def build_engine(url: str) -> Engine:
+    """A new engine with settings suited to the dialect."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _on_sqlite_connect)
+        return engine
+    return create_engine(
+        url,
+        pool_pre_ping=True,  # recover by itself after a Postgres restart
+        pool_size=10,
+        max_overflow=10,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+def get_engine(settings: Settings | None = None) -> Engine:
+    """The process's engine for the configured database."""
+    url = (settings or get_settings()).sqlalchemy_url
+    key = (os.getpid(), url)
+    if key not in _engines:
+        _engines[key] = build_engine(url)
+    return _engines[key]
+
+
+def get_sessionmaker(settings: Settings | None = None) -> sessionmaker[Session]:
+    """The process's one sessionmaker."""
+    url = (settings or get_settings()).sqlalchemy_url
+    key = (os.getpid(), url)
+    if key not in _factories:
+        _factories[key] = sessionmaker(get_engine(settings), expire_on_commit=False)
+    return _factories[key]
+
+
+@contextmanager
+def session_scope(settings: Settings | None = None) -> Iterator[Session]:
+    """A session in a transaction: commit on success, roll back on error, always close."""
+    session = get_sessionmaker(settings)()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()
+
+
+def is_sqlite(settings: Settings | None = None) -> bool:
+    """True for the embedded default database."""
+    return (settings or get_settings()).sqlalchemy_url.startswith("sqlite")

@@ -1,0 +1,79 @@
+"""First-run setup: a production model and (for the embedded default) a local API key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from segsvc.db import session_scope
+from segsvc.models import ApiKey, ModelStatus
+from segsvc.services import registry
+from segsvc.services.keys import create_key
+from segsvc.settings import Settings, get_settings
+
+SHIPPED_MODEL = "baseline.keras"
+SHIPPED_REPORT = "baseline.json"
+
+
+def shipped_model(settings: Settings) -> tuple[Path, dict[str, Any]] | None:
+    """The model shipped in `model_dir` and its metrics, if present."""
+    path = settings.model_dir / SHIPPED_MODEL
+    if not path.is_file():
+        return None
+    report_path = settings.model_dir / SHIPPED_REPORT
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    return path, dict(report.get("metrics", {}))
+
+
+def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool]:
+    """Register the shipped model (else a freshly initialised one) unless production exists."""
+    settings = settings or get_settings()
+    with session_scope(settings) as session:
+        current = registry.production_version(session=session)
+        if current is not None:
+            return current.version, False
+        shipped = shipped_model(settings)
+        if shipped is not None:
+            path, metrics = shipped
+        else:
+            path, metrics = _initialise_model(settings), {"note": "untrained initialisation"}
+        sha = registry.file_sha256(path)
+        version = f"{path.stem}-{sha[:8]}"
+        existing = session.get(registry.ModelVersion, version)
+        if existing is not None:
+            existing.status = ModelStatus.PRODUCTION
+            existing.traffic_share = 1.0
+            return version, False
+        registry.register_version(
+            session=session, version=version, path=path.resolve(), metrics=metrics,
+            status=ModelStatus.PRODUCTION, sha256=sha,
+        )
+        return version, True
+
+
+def _initialise_model(settings: Settings) -> Path:
+    from segsvc.ml.unet import build_unet
+
+    out = settings.var_dir / "models" / "init.keras"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        build_unet(encoder_weights=settings.encoder_weights).save(out)
+    return out
+
+
+def ensure_local_key(settings: Settings | None = None, *, name: str = "local") -> str | None:
+    """Create the embedded default's admin key once; returns it when newly created."""
+    settings = settings or get_settings()
+    key_file = settings.var_dir / "local_api_key"
+    with session_scope(settings) as session:
+        exists = session.scalar(select(ApiKey.id).where(ApiKey.name == name).limit(1))
+        if exists is not None and key_file.is_file():
+            return key_file.read_text().strip()
+        _, plaintext = create_key(session=session, name=name, is_admin=True)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(plaintext + "\n")
+    key_file.chmod(0o600)
+    return plaintext

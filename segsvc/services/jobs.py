@@ -1,0 +1,238 @@
+"""Job lifecycle: create, read, claim (with a fencing lease), complete, fail, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from segsvc.errors import ConflictError, NotFoundError
+from segsvc.images import ValidatedImage
+from segsvc.models import Job, JobStatus, utcnow
+
+
+def create_job(
+    *,
+    session: Session,
+    image: ValidatedImage,
+    client_id: uuid.UUID | None = None,
+    request_id: str | None = None,
+    webhook_url: str | None = None,
+    webhook_events: list[str] | None = None,
+    idempotency_key: str | None = None,
+    request_fingerprint: str | None = None,
+) -> Job:
+    """Store a new queued job with its input (the caller commits, then enqueues)."""
+    job = Job(
+        id=uuid.uuid4(),
+        client_id=client_id,
+        status=JobStatus.QUEUED,
+        created_at=utcnow(),
+        request_id=request_id,
+        input_sha256=image.sha256,
+        input_content_type=image.content_type,
+        input_width=image.width,
+        input_height=image.height,
+        input_bytes=image.data,
+        model_input=image.model_input,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events,
+        idempotency_key=idempotency_key,
+        request_fingerprint=request_fingerprint,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def parse_job_id(raw: str) -> uuid.UUID:
+    """A job id from a URL; anything malformed is simply not found."""
+    try:
+        return uuid.UUID(raw)
+    except (ValueError, TypeError, AttributeError):
+        raise NotFoundError(f"No job {raw[:64]!r}.") from None
+
+
+def get_job(
+    *, session: Session, job_id: uuid.UUID | str, client_id: uuid.UUID | None = None
+) -> Job:
+    """A job visible to `client_id` (None: any); another client's job is not found."""
+    jid = job_id if isinstance(job_id, uuid.UUID) else parse_job_id(job_id)
+    job = session.get(Job, jid)
+    if job is None or (client_id is not None and job.client_id != client_id):
+        raise NotFoundError(f"No job {jid}.")
+    return job
+
+
+def get_finished_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) -> Job:
+    """A succeeded job (its deferred mask loads on access); 409 while it is not finished."""
+    job = get_job(session=session, job_id=job_id, client_id=client_id)
+    if job.status != JobStatus.SUCCEEDED:
+        raise ConflictError(f"Job {job.id} is {job.status}; the mask exists once it succeeds.")
+    return job
+
+
+@dataclass
+class Claimed:
+    """A job a worker now holds, with what it needs to run it."""
+
+    id: uuid.UUID
+    lease_token: uuid.UUID
+    created_at: datetime
+    started_at: datetime
+    width: int
+    height: int
+    attempts: int
+    model_input: bytes | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def claim_jobs(
+    *, session: Session, job_ids: Sequence[uuid.UUID], lease_seconds: int
+) -> list[Claimed]:
+    """Atomically take jobs that are queued (or whose lease expired) for this worker.
+
+    The conditional UPDATE is the fence: a duplicate delivery, or a second worker holding the
+    same id, updates nothing and so runs nothing.
+    """
+    if not job_ids:
+        return []
+    now = utcnow()
+    token = uuid.uuid4()
+    claimable = or_(
+        Job.status == JobStatus.QUEUED,
+        and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+    )
+    rows = session.execute(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), claimable, Job.cancel_requested.is_(False))
+        .values(
+            status=JobStatus.RUNNING,
+            started_at=now,
+            attempts=Job.attempts + 1,
+            lease_token=token,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+        )
+        .returning(Job.id, Job.created_at, Job.input_width, Job.input_height, Job.attempts)
+        .execution_options(synchronize_session=False)
+    ).all()
+    if not rows:
+        return []
+    inputs: dict[uuid.UUID, bytes | None] = {
+        jid: data
+        for jid, data in session.execute(
+            select(Job.id, Job.model_input).where(Job.id.in_([r[0] for r in rows]))
+        )
+    }
+    return [
+        Claimed(
+            id=r[0],
+            lease_token=token,
+            created_at=r[1],
+            started_at=now,
+            width=r[2],
+            height=r[3],
+            attempts=r[4],
+            model_input=inputs.get(r[0]),
+        )
+        for r in rows
+    ]
+
+
+def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int:
+    """Write results of claimed jobs in one round trip; each row is fenced by its lease token.
+
+    Each result has: id, lease_token, mask_png, class_fractions, model_version, queue_ms,
+    predict_ms, batch_size.
+    """
+    if not results:
+        return 0
+    now = utcnow()
+    done = 0
+    for r in results:  # executemany under the hood for the same statement shape
+        res = session.execute(
+            update(Job)
+            .where(
+                Job.id == r["id"],
+                Job.lease_token == r["lease_token"],
+                Job.status == JobStatus.RUNNING,
+            )
+            .values(
+                status=JobStatus.SUCCEEDED,
+                completed_at=now,
+                mask_png=r["mask_png"],
+                class_fractions=r["class_fractions"],
+                model_version=r["model_version"],
+                queue_ms=r["queue_ms"],
+                predict_ms=r["predict_ms"],
+                batch_size=r["batch_size"],
+                lease_expires_at=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        done += res.rowcount  # type: ignore[attr-defined]
+    return done
+
+
+def fail_job(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    code: str,
+    message: str,
+    lease_token: uuid.UUID | None = None,
+) -> bool:
+    """End a job as failed (fenced by the lease when one is given)."""
+    conds = [Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])]
+    if lease_token is not None:
+        conds.append(Job.lease_token == lease_token)
+    res = session.execute(
+        update(Job)
+        .where(*conds)
+        .values(
+            status=JobStatus.FAILED,
+            completed_at=utcnow(),
+            error_code=code,
+            error_message=message[:2000],
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) -> None:
+    """Give a claimed job back to the queue (a transient failure; it will run again)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_token == lease_token, Job.status == JobStatus.RUNNING)
+        .values(status=JobStatus.QUEUED, lease_token=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def cancel_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) -> Job:
+    """Cancel a queued job at once; a running one stops at its next batch boundary."""
+    job = get_job(session=session, job_id=job_id, client_id=client_id)
+    if job.job_status.is_terminal:
+        raise ConflictError(f"Job {job.id} is already {job.status}.")
+    job.cancel_requested = True
+    if job.status == JobStatus.QUEUED:
+        job.status = JobStatus.CANCELED
+        job.completed_at = utcnow()
+        job.error_code = "canceled"
+        job.error_message = "Canceled by the client."
+    session.flush()
+    return job
+
+
+def queue_depth(*, session: Session) -> int:
+    """Jobs waiting to run."""
+    return int(
+        session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) or 0
+    )

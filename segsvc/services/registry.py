@@ -1,0 +1,81 @@
+"""The model registry: versions, their artifacts and which one serves."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from segsvc.errors import NotFoundError
+from segsvc.models import ModelStatus, ModelVersion, utcnow
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def register_version(
+    *,
+    session: Session,
+    version: str,
+    path: str | Path,
+    metrics: dict[str, Any] | None = None,
+    status: ModelStatus = ModelStatus.CANDIDATE,
+    parent_version: str | None = None,
+    sha256: str | None = None,
+) -> ModelVersion:
+    """Record an artifact as a model version (sha256 computed from the file if not given)."""
+    row = ModelVersion(
+        version=version,
+        path=str(path),
+        sha256=sha256 or file_sha256(path),
+        metrics=metrics or {},
+        status=status,
+        parent_version=parent_version,
+        traffic_share=1.0 if status == ModelStatus.PRODUCTION else 0.0,
+        promoted_at=utcnow() if status == ModelStatus.PRODUCTION else None,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_version(*, session: Session, version: str) -> ModelVersion:
+    """One version or NotFoundError."""
+    row = session.get(ModelVersion, version)
+    if row is None:
+        raise NotFoundError(f"No model version {version!r}.")
+    return row
+
+
+def production_version(*, session: Session) -> ModelVersion | None:
+    """The version marked production (the newest one if several were ever marked)."""
+    return session.scalar(
+        select(ModelVersion)
+        .where(ModelVersion.status == ModelStatus.PRODUCTION)
+        .order_by(ModelVersion.promoted_at.desc().nulls_last())
+        .limit(1)
+    )
+
+
+def serving_versions(*, session: Session) -> list[ModelVersion]:
+    """Production and canary versions, production first."""
+    rows = session.scalars(
+        select(ModelVersion).where(
+            ModelVersion.status.in_([ModelStatus.PRODUCTION, ModelStatus.CANARY])
+        )
+    ).all()
+    return sorted(rows, key=lambda r: r.status != ModelStatus.PRODUCTION)
+
+
+def list_versions(*, session: Session) -> list[ModelVersion]:
+    """Every version, newest first."""
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc())))

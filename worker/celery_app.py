@@ -1,0 +1,45 @@
+"""The worker's Celery app: shared config plus worker-only settings and signals.
+
+Start it with `celery -A worker.celery_app worker -Q inference --pool solo`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+from segsvc.queue import make_celery
+from segsvc.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+app = make_celery(settings, name="segsvc-worker")
+app.conf.update(
+    # celery-batches buffers messages in the consumer until a batch is full (or the flush
+    # interval passes), so the worker must be allowed to hold at least a full batch of
+    # unacknowledged messages: prefetch = multiplier x concurrency >= batch_max_size. We use
+    # twice that so the next batch is already buffered while one runs. With acks_late, the
+    # prefetched messages stay unacknowledged in Redis until their batch is stored.
+    worker_prefetch_multiplier=max(2 * settings.batch_max_size, 1),
+    imports=("worker.tasks",),
+)
+
+
+@signals.worker_process_init.connect
+def _load_model_after_fork(**_: Any) -> None:
+    """Prefork pool: load the model in each child, after the fork (TF is not fork-safe)."""
+    from worker.tasks import get_segmenter
+
+    get_segmenter().load()
+
+
+@signals.worker_ready.connect
+def _load_model_solo(**_: Any) -> None:
+    """Solo/threads pool: load in the worker process itself before taking jobs."""
+    if app.conf.worker_pool in ("solo", "threads"):
+        from worker.tasks import get_segmenter
+
+        get_segmenter().load()

@@ -33,9 +33,11 @@ class DatasetStats:
     used: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
-    def skip(self, name: str, reason: str) -> None:
-        """Count and log a skipped pair."""
-        log.warning("skipping %s: %s", name, reason)
+    def skip(self, name: str, error: Exception | str) -> None:
+        """Count (by reason) and log (with the underlying cause) a skipped pair."""
+        reason = str(error)
+        cause = getattr(error, "__cause__", None)
+        log.warning("skipping %s: %s%s", name, reason, f" ({cause!r})" if cause else "")
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def merge(self, other: DatasetStats) -> DatasetStats:
@@ -84,8 +86,11 @@ def split_names(names: Iterable[str], val_fraction: float = 0.2) -> tuple[list[s
 
 def read_trimap(path: Path) -> npt.NDArray[np.uint8]:
     """An Oxford trimap (1 pet, 2 background, 3 border) as classes 0..2; raises if invalid."""
-    with Image.open(path) as img:
-        raw = np.asarray(img)
+    try:
+        with Image.open(path) as img:
+            raw = np.asarray(img)
+    except Exception as exc:  # PIL raises many types for broken PNGs
+        raise ValueError("undecodable trimap") from exc
     if raw.ndim != 2:
         raise ValueError(f"trimap is not single-channel (shape {raw.shape})")
     if raw.size == 0 or raw.min() < 1 or raw.max() > NUM_CLASSES:
@@ -101,7 +106,7 @@ def decode_pair(
         img, width, height = load_rgb(image_bytes)
         pixels = resize_rgb(img)
     except Exception as exc:  # PIL raises many types for truncated/garbage files
-        raise ValueError(f"undecodable image ({type(exc).__name__})") from exc
+        raise ValueError("undecodable image") from exc
     mask = np.asarray(mask)
     if mask.shape != (height, width):
         raise ValueError("mask size does not match image")
@@ -143,15 +148,12 @@ def read_folder(data_dir: str | Path, split: str = "all", val_fraction: float = 
         try:
             mask = read_trimap(trimap_path)
         except ValueError as exc:
-            stats.skip(stem, str(exc))
-            continue
-        except Exception as exc:
-            stats.skip(stem, f"undecodable trimap ({type(exc).__name__})")
+            stats.skip(stem, exc)
             continue
         try:
             decoded.append(decode_pair(image_path.read_bytes(), mask))
         except ValueError as exc:
-            stats.skip(stem, str(exc))
+            stats.skip(stem, exc)
             continue
         names.append(stem)
     return _stack(decoded, names, stats)
@@ -167,7 +169,7 @@ def decode_samples(samples: Iterable[Sample], prefix: str = "sample") -> Decoded
         try:
             decoded.append(decode_pair(image_bytes, mask))
         except ValueError as exc:
-            stats.skip(f"{prefix}-{i}", str(exc))
+            stats.skip(f"{prefix}-{i}", exc)
             continue
         names.append(f"{prefix}-{i}")
     return _stack(decoded, names, stats)

@@ -1,0 +1,196 @@
+"""Shared fixtures: real Postgres (one database per xdist worker, migrated once) and real Redis
+(one logical DB per xdist worker, flushed per test). Never mocks of either."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from sqlalchemy import text
+
+from segsvc.db import get_engine, session_scope
+from segsvc.migrate import upgrade
+from segsvc.models import Base, ModelStatus
+from segsvc.services import registry
+from segsvc.services.keys import create_key
+from segsvc.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = ROOT.parent / "shared" / "data" / "oxford_pets_sample"
+PG_ADMIN = os.environ.get("SEG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("SEG_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def worker_index(request: pytest.FixtureRequest) -> int:
+    """0 without xdist, else the xdist worker number."""
+    wid = getattr(request.config, "workerinput", {}).get("workerid", "gw0")
+    return int(wid.removeprefix("gw"))
+
+
+def sample_images(n: int = 3) -> list[Path]:
+    """Real pet photos from the shared sample (skips the test if it is absent)."""
+    images = sorted((SAMPLE_DIR / "images").glob("*.jpg"))
+    if not images:
+        pytest.skip("the Oxford pets sample is not available")
+    return images[:: max(1, len(images) // n)][:n]
+
+
+@pytest.fixture(scope="session")
+def database_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, migrated Postgres database for this test process."""
+    name = f"segsvc_test_{worker_index(request)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    url = f"{base}/{name}"
+    upgrade(settings=Settings(database_url=url))
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_db(request: pytest.FixtureRequest) -> int:
+    """A Redis logical database of this test process's own."""
+    return 1 + worker_index(request)
+
+
+@pytest.fixture(scope="session")
+def session_var_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("var")
+
+
+@pytest.fixture
+def settings(database_url: str, redis_db: int, session_var_dir: Path) -> Iterator[Settings]:
+    """Settings on the test Postgres and Redis; tables and Redis emptied after each test."""
+    cfg = Settings(
+        database_url=database_url,
+        broker_url=f"{REDIS_URL}/{redis_db}",
+        var_dir=session_var_dir,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    redis.Redis.from_url(cfg.broker_url or "").flushdb()
+    yield cfg
+    truncate_all(cfg)
+    redis.Redis.from_url(cfg.broker_url or "").flushdb()
+
+
+def truncate_all(settings: Settings) -> None:
+    """Empty every table (tests that start real processes need committed data)."""
+    names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with get_engine(settings).begin() as conn:
+        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def app(settings: Settings):  # type: ignore[no-untyped-def]
+    from api.app import create_app
+
+    application = create_app(settings)
+    application.config["TESTING"] = True
+    return application
+
+
+@pytest.fixture
+def client(app):  # type: ignore[no-untyped-def]
+    return app.test_client()
+
+
+@pytest.fixture
+def api_key(settings: Settings) -> str:
+    with session_scope(settings) as session:
+        _, key = create_key(session=session, name="tester")
+    return key
+
+
+@pytest.fixture
+def admin_key(settings: Settings) -> str:
+    with session_scope(settings) as session:
+        _, key = create_key(session=session, name="admin", is_admin=True)
+    return key
+
+
+@pytest.fixture
+def auth(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly initialised U-Net saved once per session (real architecture, random weights)."""
+    from segsvc.ml.unet import build_unet
+
+    path = tmp_path_factory.mktemp("models") / "test-unet.keras"
+    build_unet().save(path)
+    return path
+
+
+@pytest.fixture
+def production_model(settings: Settings, model_file: Path) -> str:
+    """`model_file` registered as the production version."""
+    with session_scope(settings) as session:
+        row = registry.register_version(
+            session=session, version="test-v1", path=model_file, status=ModelStatus.PRODUCTION
+        )
+        return row.version
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a real worker/API subprocess on the test databases."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
+    env.update(
+        SEG_DATABASE_URL=settings.database_url or "",
+        SEG_BROKER_URL=settings.broker_url or "",
+        SEG_VAR_DIR=str(settings.var_dir),
+        PYTHONUNBUFFERED="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        **extra,
+    )
+    return env
+
+
+def start_worker(settings: Settings, log_path: Path, **extra: str) -> subprocess.Popen[bytes]:
+    """Start a real Celery inference worker and wait until it is ready."""
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "-Q", settings.queue_name, "--pool", "solo", "--without-gossip", "--without-mingle",
+        "--loglevel", "INFO", "--hostname", f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
+    ]
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(settings, **extra), stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited early:\n{log_path.read_text()[-3000:]}")
+        if b" ready." in log_path.read_bytes():
+            return proc
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"worker not ready in time:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a child process and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def worker(settings: Settings, production_model: str, tmp_path: Path) -> Iterator[Path]:
+    """A real inference worker process; yields its log path."""
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(settings, log_path)
+    yield log_path
+    stop_process(proc)

@@ -1,0 +1,163 @@
+"""The pair reader, split rule and tf.data pipeline on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrain.dataset import (
+    build_dataset,
+    decode_samples,
+    read_folder,
+    split_names,
+    tf_normalize,
+)
+from segsvc.ml.preprocess import normalize
+
+# Class colours for generated images: a model can read the class straight off the pixel.
+COLOURS = np.array([[255, 0, 0], [0, 0, 0], [0, 0, 255]], np.uint8)
+
+
+def make_mask(width: int, height: int, seed: int) -> np.ndarray:
+    """A background frame with a rectangular pet bordered by a 3-pixel border band."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((height, width), np.uint8)
+    x0, y0 = rng.integers(5, width // 3), rng.integers(5, height // 3)
+    x1, y1 = rng.integers(2 * width // 3, width - 5), rng.integers(2 * height // 3, height - 5)
+    mask[y0:y1, x0:x1] = 2
+    mask[y0 + 3 : y1 - 3, x0 + 3 : x1 - 3] = 0
+    return mask
+
+
+def write_pair(root: Path, stem: str, mask: np.ndarray, fmt: str = "png") -> None:
+    """An image coloured by class and its Oxford trimap (values 1..3)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / "trimaps").mkdir(parents=True, exist_ok=True)
+    suffix = "jpg" if fmt == "jpeg" else fmt
+    Image.fromarray(COLOURS[mask]).save(root / "images" / f"{stem}.{suffix}", format=fmt.upper())
+    Image.fromarray(mask + 1, "L").save(root / "annotations" / "trimaps" / f"{stem}.png")
+
+
+def make_dataset(root: Path, n: int = 8, size: tuple[int, int] = (160, 120)) -> Path:
+    """n valid pairs (PNG images, so colours stay exact) in Oxford layout."""
+    for i in range(n):
+        write_pair(root, f"pet_{i}", make_mask(*size, seed=i))
+    return root
+
+
+def test_reader_skips_and_counts_broken_pairs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = make_dataset(tmp_path, n=4)
+    write_pair(root, "jpeg_ok", make_mask(150, 100, seed=9), fmt="jpeg")
+    (root / "images" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    Image.new("L", (1, 1), 1).save(root / "annotations" / "trimaps" / "corrupt.png")
+    write_pair(root, "truncated", make_mask(150, 100, seed=8), fmt="jpeg")
+    jpeg = root / "images" / "truncated.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    write_pair(root, "broken", make_mask(160, 120, seed=5))
+    (root / "annotations" / "trimaps" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n junk")
+    write_pair(root, "mismatch", make_mask(160, 120, seed=1))
+    Image.new("L", (80, 60), 2).save(root / "annotations" / "trimaps" / "mismatch.png")
+    write_pair(root, "badvalues", make_mask(160, 120, seed=2))
+    Image.new("L", (160, 120), 7).save(root / "annotations" / "trimaps" / "badvalues.png")
+    write_pair(root, "orphan", make_mask(160, 120, seed=3))
+    (root / "annotations" / "trimaps" / "orphan.png").unlink()
+
+    with caplog.at_level(logging.WARNING, logger="retrain.dataset"):
+        data = read_folder(root, "all")
+
+    assert data.stats.found == 11
+    assert data.stats.used == len(data) == 5
+    assert data.stats.skipped == {
+        "undecodable image": 2,
+        "undecodable trimap": 1,
+        "mask size does not match image": 1,
+        "trimap values outside 1..3": 1,
+        "missing trimap": 1,
+    }
+    assert sorted(data.names) == ["jpeg_ok", "pet_0", "pet_1", "pet_2", "pet_3"]
+    assert data.images.shape == (5, 128, 128, 3)
+    assert data.images.dtype == np.uint8
+    assert data.masks.shape == (5, 128, 128)
+    assert set(np.unique(data.masks)) == {0, 1, 2}
+    assert len([r for r in caplog.records if "skipping" in r.message]) == 6
+
+
+def test_split_is_deterministic_and_disjoint() -> None:
+    names = [f"Breed_{i}" for i in range(1000)]
+    train, val = split_names(names)
+    assert split_names(list(reversed(names))) == (train, val)
+    assert set(train).isdisjoint(val)
+    assert sorted(train + val) == sorted(names)
+    assert 150 < len(val) < 250
+    # Adding images never moves an existing one across the split.
+    train2, val2 = split_names([*names, "New_1", "New_2"])
+    assert set(val) <= set(val2)
+    assert set(train) <= set(train2)
+
+
+def test_folder_split_partitions_the_pairs(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path, n=12)
+    train, val = read_folder(root, "train"), read_folder(root, "val")
+    assert sorted(train.names + val.names) == sorted(read_folder(root, "all").names)
+    assert set(train.names).isdisjoint(val.names)
+
+
+def test_tf_normalize_matches_serving_normalize() -> None:
+    pixels = np.arange(256 * 3, dtype=np.int64).astype(np.uint8).reshape(16, 16, 3)
+    np.testing.assert_array_equal(tf_normalize(pixels).numpy(), normalize(pixels))
+
+
+def test_validation_pipeline_is_plain_normalized_data(tmp_path: Path) -> None:
+    data = read_folder(make_dataset(tmp_path, n=5), "all")
+    batches = list(build_dataset(data, batch_size=2))
+    assert [len(x) for x, _ in batches] == [2, 2, 1]
+    images = np.concatenate([x.numpy() for x, _ in batches])
+    masks = np.concatenate([y.numpy() for _, y in batches])
+    np.testing.assert_array_equal(images, normalize(data.images))
+    np.testing.assert_array_equal(masks, data.masks)
+
+
+def test_training_augmentation_keeps_image_and_mask_aligned(tmp_path: Path) -> None:
+    data = read_folder(make_dataset(tmp_path, n=8), "all")
+    ds = build_dataset(data, batch_size=4, training=True, seed=3)
+    for images, masks in ds.take(2):
+        x, y = images.numpy(), masks.numpy()
+        assert x.shape == (4, 128, 128, 3)
+        assert x.min() >= 0.0
+        assert x.max() <= 1.0
+        # Red pixels are the pet class: colour jitter and resampling keep them identifiable.
+        red = (x[..., 0] > x[..., 2] + 0.3) & (x[..., 0] > 0.4)
+        assert np.mean(red == (y == 0)) > 0.97
+    # Same seed, same batches.
+    first = [b[0].numpy() for b in build_dataset(data, batch_size=4, training=True, seed=3)]
+    again = [b[0].numpy() for b in build_dataset(data, batch_size=4, training=True, seed=3)]
+    np.testing.assert_array_equal(first[0], again[0])
+
+
+def test_in_memory_samples(tmp_path: Path) -> None:
+    mask = make_mask(90, 70, seed=4)
+    buf = io.BytesIO()
+    Image.fromarray(COLOURS[mask]).save(buf, format="PNG")
+    good = (buf.getvalue(), mask)
+    wrong_size = (buf.getvalue(), mask[:10])
+    bad_values = (buf.getvalue(), mask + 5)
+    garbage = (b"not an image", mask)
+    data = decode_samples([good, wrong_size, bad_values, garbage])
+    assert data.stats.to_dict() == {
+        "found": 4,
+        "used": 1,
+        "skipped": {
+            "mask size does not match image": 1,
+            "mask values outside 0..2": 1,
+            "undecodable image": 1,
+        },
+    }
+    batches = list(build_dataset([good, good, good], batch_size=2, training=True))
+    assert [len(x) for x, _ in batches] == [2]  # training drops the partial batch

@@ -1,0 +1,76 @@
+"""A short real training run on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrain.train import BN_MOMENTUM, _build, train
+from segsvc.ml.unet import load_model
+from tests.retrain.test_dataset import COLOURS, make_dataset, make_mask
+
+
+@pytest.mark.slow
+def test_short_run_saves_a_loadable_model_and_report(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", n=10)
+    (data / "images" / "broken.jpg").write_bytes(b"garbage")
+    mask = make_mask(64, 48, seed=11)
+    from retrain.dataset import encode_png
+
+    extra = [(encode_png(COLOURS[mask]), mask), (b"junk", mask)]
+    out = tmp_path / "model" / "tiny.keras"
+    report = train(
+        data_dir=data,
+        epochs=1,
+        out=out,
+        batch_size=2,
+        steps_per_epoch=2,
+        extra_samples=extra,
+        progress=False,
+        checkpoint=tmp_path / "ckpt" / "best.keras",
+    )
+
+    assert out.is_file()
+    assert not (tmp_path / "ckpt" / "best.keras").exists()  # scratch checkpoint cleaned up
+    model = load_model(out)
+    logits = np.asarray(model(np.zeros((1, 128, 128, 3), np.float32), training=False))
+    assert logits.shape == (1, 128, 128, 3)
+    assert logits.dtype == np.float32
+
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["epochs_run"] == report.epochs_run == 1
+    assert saved["best_epoch"] == 1
+    assert set(saved["history"]) >= {"loss", "accuracy", "miou", "val_loss", "val_miou"}
+    counts = saved["data"]
+    assert counts["train"]["found"] + counts["val"]["found"] == 11
+    assert counts["train_used"] + counts["val_used"] == 11  # 10 folder pairs + 1 extra sample
+    assert counts["skipped_total"] == 2
+    assert saved["args"]["extra_samples"] == 2
+    assert saved["tf_version"]
+    assert saved["hardware"]
+    assert saved["duration_seconds"] > 0
+    assert 0.0 <= saved["metrics"]["pixel_accuracy"] <= 1.0
+    assert "original_resolution" in saved["metrics"]
+
+
+@pytest.mark.slow
+def test_init_model_weights_are_copied(tmp_path: Path) -> None:
+    import keras
+
+    keras.utils.set_random_seed(1)
+    source = _build(None)
+    path = tmp_path / "init.keras"
+    source.save(path)
+    keras.utils.set_random_seed(2)
+    model = _build(path)
+    for a, b in zip(source.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    momenta = {
+        layer.momentum
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    assert momenta == {BN_MOMENTUM}

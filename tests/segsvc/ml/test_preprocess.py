@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segsvc.ml.preprocess import (
+    class_fractions,
+    decode_mask_png,
+    encode_mask_png,
+    load_rgb,
+    normalize,
+    postprocess,
+    preprocess_bytes,
+    render_overlay,
+    resize_mask,
+)
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_normalize_scales_to_unit_interval() -> None:
+    out = normalize(np.array([[0, 128, 255]], dtype=np.uint8))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [[0.0, 128 / 255, 1.0]], rtol=1e-6)
+
+
+def test_preprocess_bytes_shape_and_original_size() -> None:
+    img = Image.new("RGB", (300, 200), (255, 0, 0))
+    prepared = preprocess_bytes(encode(img, "JPEG"))
+    assert prepared.array.shape == (128, 128, 3)
+    assert (prepared.width, prepared.height) == (300, 200)
+    assert prepared.array[..., 0].mean() > 0.9
+
+
+def test_preprocess_applies_exif_orientation() -> None:
+    img = Image.new("RGB", (300, 200), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 150, 200))  # left half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    prepared = preprocess_bytes(encode(img, "JPEG", exif=exif.tobytes(), quality=95))
+    assert (prepared.width, prepared.height) == (200, 300)
+    top, bottom = prepared.array[:40].mean(), prepared.array[-40:].mean()
+    assert top > 0.8 and bottom < 0.2  # stored-left becomes displayed-top
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "CMYK", "L", "P", "I;16", "LA"])
+def test_load_rgb_converts_any_mode_to_rgb(mode: str) -> None:
+    img = Image.new(mode, (40, 30))
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    rgb, width, height = load_rgb(encode(img, fmt))
+    assert rgb.mode == "RGB" and (width, height) == (40, 30)
+
+
+def test_postprocess_argmax_and_nearest_resize() -> None:
+    logits = np.zeros((128, 128, 3), np.float32)
+    logits[:64, :, 0] = 5.0  # top half pet
+    logits[64:, :, 2] = 5.0  # bottom half border
+    mask = postprocess(logits, 50, 30)
+    assert mask.shape == (30, 50)
+    assert set(np.unique(mask)) == {0, 2}
+    assert (mask[:15] == 0).all() and (mask[15:] == 2).all()
+
+
+def test_resize_mask_introduces_no_new_values() -> None:
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 3, (128, 128)).astype(np.uint8)
+    out = resize_mask(mask, 333, 77)
+    assert out.shape == (77, 333) and set(np.unique(out)) <= {0, 1, 2}
+
+
+def test_mask_png_roundtrip_and_fractions() -> None:
+    mask = np.array([[0, 1], [2, 2]], dtype=np.uint8)
+    data = encode_mask_png(mask)
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.mode == "L"
+    np.testing.assert_array_equal(decode_mask_png(data), mask)
+    assert class_fractions(mask) == [0.25, 0.25, 0.5]
+
+
+def test_render_overlay_matches_input_size() -> None:
+    data = encode(Image.new("RGB", (64, 48), (10, 200, 10)))
+    out = render_overlay(data, np.zeros((48, 64), np.uint8))
+    with Image.open(io.BytesIO(out)) as img:
+        assert img.size == (64, 48) and img.mode == "RGB"

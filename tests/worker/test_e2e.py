@@ -1,0 +1,88 @@
+"""End to end with a real Celery worker process on real Postgres and Redis."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from tests.conftest import sample_images
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+
+def wait_for(client, auth, job_id: str, timeout: float = 90.0) -> dict:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
+        if body["status"] in ("succeeded", "failed", "canceled"):
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {body}")
+
+
+def test_pet_photo_gets_a_mask_of_its_size(client, auth, worker: Path) -> None:  # type: ignore[no-untyped-def]
+    photos = sample_images(3)
+    ids = []
+    for photo in photos:
+        resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
+                           data={"image": (io.BytesIO(photo.read_bytes()), photo.name)})
+        assert resp.status_code == 202
+        ids.append(resp.get_json()["id"])
+    for photo, job_id in zip(photos, ids, strict=True):
+        body = wait_for(client, auth, job_id)
+        assert body["status"] == "succeeded", (body, worker.read_text()[-2000:])
+        assert body["model_version"] == "test-v1"
+        assert body["metrics"]["predict_ms"] > 0 and body["attempts"] == 1
+        mask = client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth)
+        with Image.open(photo) as src, Image.open(io.BytesIO(mask.data)) as img:
+            assert img.size == ImageOps.exif_transpose(src).size
+            assert img.mode == "L"
+            assert set(np.unique(np.asarray(img))) <= {0, 1, 2}
+
+
+def test_finished_job_is_not_run_twice(client, auth, worker: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    import uuid
+
+    from segsvc.queue import enqueue_job, make_celery
+
+    photo = sample_images(1)[0]
+    job_id = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
+                         data={"image": (io.BytesIO(photo.read_bytes()), photo.name)}
+                         ).get_json()["id"]
+    first = wait_for(client, auth, job_id)
+    enqueue_job(make_celery(settings), uuid.UUID(job_id), settings=settings)  # duplicate
+    time.sleep(1.5)
+    again = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
+    assert again["attempts"] == 1 and again["completed_at"] == first["completed_at"]
+
+
+def test_bad_stored_image_fails_job_without_retry(client, auth, worker: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    import uuid
+
+    from segsvc.db import session_scope
+    from segsvc.models import Job
+    from segsvc.queue import enqueue_job, make_celery
+
+    photo = sample_images(1)[0]
+    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
+                       data={"image": (io.BytesIO(photo.read_bytes()), photo.name)})
+    # Wait for it, then replay a corrupted copy as a new job row.
+    wait_for(client, auth, resp.get_json()["id"])
+    with session_scope(settings) as session:
+        src = session.get(Job, uuid.UUID(resp.get_json()["id"]))
+        assert src is not None
+        bad = Job(client_id=src.client_id, input_sha256="0" * 64, input_content_type="image/jpeg",
+                  input_width=10, input_height=10, input_bytes=b"\xff\xd8broken",
+                  model_input=b"short")
+        session.add(bad)
+        session.flush()
+        bad_id = bad.id
+    enqueue_job(make_celery(settings), bad_id, settings=settings)
+    body = wait_for(client, auth, str(bad_id))
+    assert body["status"] == "failed" and body["error"]["code"] == "poison_input"
+    assert body["attempts"] == 1

@@ -50,7 +50,8 @@ def test_embedded_default_runs_one_job(tmp_path: Path) -> None:
             time.sleep(0.3)
         assert body["status"] == "succeeded", log.read_text()[-3000:]
         mask = httpx.get(body["urls"]["mask"], headers=headers)
-        assert mask.status_code == 200 and mask.headers["content-type"] == "image/png"
+        assert mask.status_code == 200
+        assert mask.headers["content-type"] == "image/png"
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0

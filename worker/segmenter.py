@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,104 +21,80 @@ from segsvc.ml.preprocess import (
     postprocess,
     preprocess_bytes,
 )
-from segsvc.ml.runtime import Runtime, load_runtime
 from segsvc.models import Job
 from segsvc.services import jobs as job_service
-from segsvc.services import registry
 from segsvc.settings import Settings, get_settings
+from worker.model_manager import LoadedModel, ModelManager
 
 log = logging.getLogger(__name__)
 
 INPUT_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 
 
-@dataclass
-class LoadedModel:
-    """A model version in memory."""
-
-    version: str
-    sha256: str
-    runtime: Runtime
-
-
-class NoModelError(RuntimeError):
-    """No production model is registered."""
-
-
 class Segmenter:
-    """`load / predict / healthcheck` around the model, plus running batches of jobs."""
+    """`load / predict / healthcheck` around the models, plus running batches of jobs."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        self._lock = threading.Lock()
-        self._model: LoadedModel | None = None
+        self.models = ModelManager(self.settings)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seg-post")
 
     # --- model --------------------------------------------------------------------------
     def load(self) -> LoadedModel:
-        """Load the production version from the registry (once)."""
-        with self._lock:
-            if self._model is None:
-                self._model = self._load_production()
-                self.healthcheck()  # warm-up: trace/compile now, not on the first job
-            return self._model
-
-    def _load_production(self) -> LoadedModel:
-        with session_scope(self.settings) as session:
-            row = registry.production_version(session=session)
-            if row is None:
-                raise NoModelError("No production model; run `segsvc models init`.")
-            version, path, sha = row.version, row.path, row.sha256
-        started = time.perf_counter()
-        runtime = load_runtime(
-            path, kind=self.settings.runtime, threads=self.settings.inference_threads
-        )
-        log.info("loaded model %s (%s) in %.1fs", version, runtime.name,
-                 time.perf_counter() - started)
-        return LoadedModel(version=version, sha256=sha, runtime=runtime)
+        """Load the serving model(s); the worker is ready only after this."""
+        return self.models.load()
 
     def healthcheck(self) -> bool:
         """True once a model is loaded and answers."""
-        model = self._model
-        if model is None:
+        if not self.models.loaded:
             return False
-        out = model.runtime.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32))
+        out = self.load().runtime.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32))
         return bool(out.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3))
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Logits for a batch of model inputs."""
+        """Logits for a batch of model inputs (production model)."""
         return self.load().runtime.predict(batch)
 
     # --- jobs -------------------------------------------------------------------------------
     def run_jobs(self, job_ids: Sequence[str]) -> dict[str, int]:
         """Claim, predict in one forward pass, store results; returns counts by outcome."""
         ids = _parse_ids(job_ids)
-        model = self.load()
+        self.load()
         with session_scope(self.settings) as session:
             claimed = job_service.claim_jobs(
                 session=session, job_ids=ids, lease_seconds=self.settings.job_lease_seconds
             )
         if not claimed:
             return {"claimed": 0, "succeeded": 0, "failed": 0}
-        inputs, ok, failed = [], [], []
+        groups: dict[str, list[tuple[job_service.Claimed, npt.NDArray[np.float32]]]] = {}
+        models: dict[str, LoadedModel] = {}
+        failed = []
         for job in claimed:
             try:
-                inputs.append(self._model_input(job))
-                ok.append(job)
+                model = self.models.model_for(job.id)
+                groups.setdefault(model.version, []).append((job, self._model_input(job)))
+                models[model.version] = model
             except Exception as exc:
                 failed.append((job, exc))
         self._fail_poison(failed)
-        if ok:
-            started = time.perf_counter()
-            logits = model.runtime.predict(np.stack(inputs))
-            predict_ms = (time.perf_counter() - started) * 1000.0
-            results = list(self._pool.map(
-                lambda pair: self._result(pair[0], pair[1], model, predict_ms, len(ok)),
-                zip(ok, logits, strict=True),
-            ))
-            with session_scope(self.settings) as session:
-                job_service.complete_jobs(session=session, results=results)
-        return {"claimed": len(claimed), "succeeded": len(ok), "failed": len(failed)}
+        results = []
+        for version, items in groups.items():
+            results.extend(self._run_group(models[version], items))
+        with session_scope(self.settings) as session:
+            job_service.complete_jobs(session=session, results=results)
+        return {"claimed": len(claimed), "succeeded": len(results), "failed": len(failed)}
+
+    def _run_group(
+        self, model: LoadedModel, items: list[tuple[job_service.Claimed, npt.NDArray[np.float32]]]
+    ) -> list[dict[str, Any]]:
+        """One forward pass for jobs served by the same version."""
+        started = time.perf_counter()
+        logits = model.runtime.predict(np.stack([x for _, x in items]))
+        predict_ms = (time.perf_counter() - started) * 1000.0
+        return list(self._pool.map(
+            lambda pair: self._result(pair[0], pair[1], model, predict_ms, len(items)),
+            zip([job for job, _ in items], logits, strict=True),
+        ))
 
     def _model_input(self, job: job_service.Claimed) -> npt.NDArray[np.float32]:
         if job.model_input is not None and len(job.model_input) == INPUT_BYTES:

@@ -123,12 +123,12 @@ def claim_jobs(
     ).all()
     if not rows:
         return []
-    inputs: dict[uuid.UUID, bytes | None] = {
-        jid: data
-        for jid, data in session.execute(
-            select(Job.id, Job.model_input).where(Job.id.in_([r[0] for r in rows]))
-        )
-    }
+    # The (large) inputs are read in a second statement: RETURNING them would hold them in the
+    # UPDATE's result on every backend, and SQLite cannot return deferred columns lazily.
+    found = session.execute(
+        select(Job.id, Job.model_input).where(Job.id.in_([r[0] for r in rows]))
+    ).all()
+    inputs: dict[uuid.UUID, bytes | None] = {row[0]: row[1] for row in found}
     return [
         Claimed(
             id=r[0],

@@ -13,7 +13,8 @@ def png() -> bytes:
 
 def test_v1_requires_bearer_key(client) -> None:  # type: ignore[no-untyped-def]
     resp = client.get("/v1/jobs/00000000-0000-0000-0000-000000000000")
-    assert resp.status_code == 401 and resp.get_json()["error"] == "unauthorized"
+    assert resp.status_code == 401
+    assert resp.get_json()["error"] == "unauthorized"
 
 
 def test_v1_rejects_unknown_key(client) -> None:  # type: ignore[no-untyped-def]

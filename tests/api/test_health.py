@@ -16,4 +16,5 @@ def test_readyz_fails_when_broker_unreachable(settings) -> None:  # type: ignore
 
     broken = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     resp = create_app(broken).test_client().get("/readyz")
-    assert resp.status_code == 503 and resp.get_json()["checks"]["broker"].startswith("error")
+    assert resp.status_code == 503
+    assert resp.get_json()["checks"]["broker"].startswith("error")

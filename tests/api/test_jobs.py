@@ -30,12 +30,15 @@ def test_submit_job_stores_and_enqueues(client, auth, settings: Settings) -> Non
     resp = submit(client, auth, png_bytes())
     assert resp.status_code == 202
     body = resp.get_json()
-    assert body["status"] == "queued" and uuid.UUID(body["id"])
+    assert body["status"] == "queued"
+    assert uuid.UUID(body["id"])
     assert resp.headers["Location"] == body["urls"]["self"]
     assert set(body["urls"]) == {"self", "mask", "overlay"}
     with session_scope(settings) as session:
         job = session.get(Job, uuid.UUID(body["id"]))
-        assert job is not None and job.input_width == 64 and job.input_bytes
+        assert job is not None
+        assert job.input_width == 64
+        assert job.input_bytes
     queued = redis.Redis.from_url(settings.broker_url or "").lrange(settings.queue_name, 0, -1)
     assert any(body["id"].encode() in m for m in queued)
 
@@ -53,7 +56,8 @@ def test_results_conflict_until_finished(client, auth) -> None:  # type: ignore[
     job_id = submit(client, auth, png_bytes()).get_json()["id"]
     for kind in ("mask.png", "overlay.png"):
         resp = client.get(f"/v1/jobs/{job_id}/{kind}", headers=auth)
-        assert resp.status_code == 409 and resp.get_json()["error"] == "conflict"
+        assert resp.status_code == 409
+        assert resp.get_json()["error"] == "conflict"
 
 
 def test_results_served_once_succeeded(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -64,48 +68,57 @@ def test_results_served_once_succeeded(client, auth, settings: Settings) -> None
         job.status = "succeeded"
         job.mask_png = encode_mask_png(np.ones((48, 64), np.uint8))
     mask = client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth)
-    assert mask.status_code == 200 and mask.mimetype == "image/png"
+    assert mask.status_code == 200
+    assert mask.mimetype == "image/png"
     with Image.open(io.BytesIO(mask.data)) as img:
-        assert img.size == (64, 48) and img.mode == "L"
+        assert img.size == (64, 48)
+        assert img.mode == "L"
     overlay = client.get(f"/v1/jobs/{job_id}/overlay.png", headers=auth)
     with Image.open(io.BytesIO(overlay.data)) as img:
-        assert img.size == (64, 48) and img.mode == "RGB"
+        assert img.size == (64, 48)
+        assert img.mode == "RGB"
 
 
 @pytest.mark.parametrize("path", ["/v1/jobs/{}", "/v1/jobs/{}/mask.png", "/v1/jobs/{}/overlay.png"])
 def test_unknown_job_is_404(client, auth, path: str) -> None:  # type: ignore[no-untyped-def]
     resp = client.get(path.format(uuid.uuid4()), headers=auth)
-    assert resp.status_code == 404 and resp.get_json()["error"] == "not_found"
+    assert resp.status_code == 404
+    assert resp.get_json()["error"] == "not_found"
 
 
 @pytest.mark.parametrize("raw", ["not-a-uuid", "..%2F..%2Fetc%2Fpasswd", "1" * 300])
 def test_malformed_job_id_is_404(client, auth, raw: str) -> None:  # type: ignore[no-untyped-def]
     resp = client.get(f"/v1/jobs/{raw}", headers=auth)
-    assert resp.status_code == 404 and resp.is_json
+    assert resp.status_code == 404
+    assert resp.is_json
 
 
 def test_submit_without_file_is_400(client, auth) -> None:  # type: ignore[no-untyped-def]
     resp = client.post("/v1/jobs", headers=auth, data={}, content_type="multipart/form-data")
-    assert resp.status_code == 400 and resp.get_json()["error"] == "bad_request"
+    assert resp.status_code == 400
+    assert resp.get_json()["error"] == "bad_request"
 
 
 def test_submit_non_image_is_415(client, auth) -> None:  # type: ignore[no-untyped-def]
     resp = submit(client, auth, b"just some text, not a picture", "notes.txt")
-    assert resp.status_code == 415 and resp.get_json()["error"] == "unsupported_media_type"
+    assert resp.status_code == 415
+    assert resp.get_json()["error"] == "unsupported_media_type"
 
 
 def test_submit_truncated_image_is_422(client, auth) -> None:  # type: ignore[no-untyped-def]
     buf = io.BytesIO()
     Image.effect_noise((300, 200), 50).convert("RGB").save(buf, format="JPEG")
     resp = submit(client, auth, buf.getvalue()[:3000], "cut.jpg")
-    assert resp.status_code == 422 and resp.get_json()["error"] == "invalid_image"
+    assert resp.status_code == 422
+    assert resp.get_json()["error"] == "invalid_image"
 
 
 def test_submit_too_many_pixels_is_422(client, auth) -> None:  # type: ignore[no-untyped-def]
     buf = io.BytesIO()
     Image.new("L", (8000, 6000)).save(buf, format="PNG")  # 48 MP > 40 MP default limit
     resp = submit(client, auth, buf.getvalue(), "bomb.png")
-    assert resp.status_code == 422 and "pixels" in resp.get_json()["message"]
+    assert resp.status_code == 422
+    assert "pixels" in resp.get_json()["message"]
 
 
 def test_submit_over_size_limit_is_413(settings: Settings, auth) -> None:  # type: ignore[no-untyped-def]
@@ -114,9 +127,11 @@ def test_submit_over_size_limit_is_413(settings: Settings, auth) -> None:  # typ
     small = settings.model_copy(update={"max_upload_bytes": 2000})
     client = create_app(small).test_client()
     resp = submit(client, auth, png_bytes((200, 200)) + b"\0" * 3000)
-    assert resp.status_code == 413 and resp.get_json()["error"] == "payload_too_large"
+    assert resp.status_code == 413
+    assert resp.get_json()["error"] == "payload_too_large"
     huge = submit(client, auth, b"\0" * 200_000)
-    assert huge.status_code == 413 and huge.is_json
+    assert huge.status_code == 413
+    assert huge.is_json
 
 
 def test_rejected_submission_writes_nothing(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -128,6 +143,7 @@ def test_rejected_submission_writes_nothing(client, auth, settings: Settings) ->
 def test_cancel_queued_job(client, auth) -> None:  # type: ignore[no-untyped-def]
     job_id = submit(client, auth, png_bytes()).get_json()["id"]
     resp = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
-    assert resp.status_code == 200 and resp.get_json()["status"] == "canceled"
+    assert resp.status_code == 200
+    assert resp.get_json()["status"] == "canceled"
     again = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
     assert again.status_code == 409

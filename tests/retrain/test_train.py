@@ -45,7 +45,7 @@ def test_short_run_saves_a_loadable_model_and_report(tmp_path: Path) -> None:
     assert saved["best_epoch"] == 1
     assert set(saved["history"]) >= {"loss", "accuracy", "miou", "val_loss", "val_miou"}
     counts = saved["data"]
-    assert counts["train"]["found"] + counts["val"]["found"] == 11
+    assert counts["train"]["found"] + counts["val"]["found"] == 13  # 11 in folder + 2 extra
     assert counts["train_used"] + counts["val_used"] == 11  # 10 folder pairs + 1 extra sample
     assert counts["skipped_total"] == 2
     assert saved["args"]["extra_samples"] == 2

@@ -26,8 +26,10 @@ def encode(img: Image.Image, fmt: str) -> bytes:
                                             ("WEBP", "image/webp")])
 def test_validate_image_accepts_allowed_formats(fmt: str, ctype: str) -> None:
     out = validate_image(encode(Image.new("RGB", (90, 60)), fmt), **LIMITS)
-    assert out.content_type == ctype and (out.width, out.height) == (90, 60)
-    assert len(out.model_input) == 128 * 128 * 3 and len(out.sha256) == 64
+    assert out.content_type == ctype
+    assert (out.width, out.height) == (90, 60)
+    assert len(out.model_input) == 128 * 128 * 3
+    assert len(out.sha256) == 64
 
 
 def test_validate_image_rejects_empty() -> None:

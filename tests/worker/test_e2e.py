@@ -37,7 +37,8 @@ def test_pet_photo_gets_a_mask_of_its_size(client, auth, worker: Path) -> None: 
         body = wait_for(client, auth, job_id)
         assert body["status"] == "succeeded", (body, worker.read_text()[-2000:])
         assert body["model_version"] == "test-v1"
-        assert body["metrics"]["predict_ms"] > 0 and body["attempts"] == 1
+        assert body["metrics"]["predict_ms"] > 0
+        assert body["attempts"] == 1
         mask = client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth)
         with Image.open(photo) as src, Image.open(io.BytesIO(mask.data)) as img:
             assert img.size == ImageOps.exif_transpose(src).size
@@ -58,7 +59,8 @@ def test_finished_job_is_not_run_twice(client, auth, worker: Path, settings) -> 
     enqueue_job(make_celery(settings), uuid.UUID(job_id), settings=settings)  # duplicate
     time.sleep(1.5)
     again = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
-    assert again["attempts"] == 1 and again["completed_at"] == first["completed_at"]
+    assert again["attempts"] == 1
+    assert again["completed_at"] == first["completed_at"]
 
 
 def test_bad_stored_image_fails_job_without_retry(client, auth, worker: Path, settings) -> None:  # type: ignore[no-untyped-def]
@@ -84,5 +86,6 @@ def test_bad_stored_image_fails_job_without_retry(client, auth, worker: Path, se
         bad_id = bad.id
     enqueue_job(make_celery(settings), bad_id, settings=settings)
     body = wait_for(client, auth, str(bad_id))
-    assert body["status"] == "failed" and body["error"]["code"] == "poison_input"
+    assert body["status"] == "failed"
+    assert body["error"]["code"] == "poison_input"
     assert body["attempts"] == 1

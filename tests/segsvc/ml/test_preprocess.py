@@ -47,7 +47,8 @@ def test_preprocess_applies_exif_orientation() -> None:
     prepared = preprocess_bytes(encode(img, "JPEG", exif=exif.tobytes(), quality=95))
     assert (prepared.width, prepared.height) == (200, 300)
     top, bottom = prepared.array[:40].mean(), prepared.array[-40:].mean()
-    assert top > 0.8 and bottom < 0.2  # stored-left becomes displayed-top
+    assert top > 0.8
+    assert bottom < 0.2
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "CMYK", "L", "P", "I;16", "LA"])
@@ -55,7 +56,8 @@ def test_load_rgb_converts_any_mode_to_rgb(mode: str) -> None:
     img = Image.new(mode, (40, 30))
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     rgb, width, height = load_rgb(encode(img, fmt))
-    assert rgb.mode == "RGB" and (width, height) == (40, 30)
+    assert rgb.mode == "RGB"
+    assert (width, height) == (40, 30)
 
 
 def test_postprocess_argmax_and_nearest_resize() -> None:
@@ -65,14 +67,16 @@ def test_postprocess_argmax_and_nearest_resize() -> None:
     mask = postprocess(logits, 50, 30)
     assert mask.shape == (30, 50)
     assert set(np.unique(mask)) == {0, 2}
-    assert (mask[:15] == 0).all() and (mask[15:] == 2).all()
+    assert (mask[:15] == 0).all()
+    assert (mask[15:] == 2).all()
 
 
 def test_resize_mask_introduces_no_new_values() -> None:
     rng = np.random.default_rng(0)
     mask = rng.integers(0, 3, (128, 128)).astype(np.uint8)
     out = resize_mask(mask, 333, 77)
-    assert out.shape == (77, 333) and set(np.unique(out)) <= {0, 1, 2}
+    assert out.shape == (77, 333)
+    assert set(np.unique(out)) <= {0, 1, 2}
 
 
 def test_mask_png_roundtrip_and_fractions() -> None:
@@ -88,4 +92,5 @@ def test_render_overlay_matches_input_size() -> None:
     data = encode(Image.new("RGB", (64, 48), (10, 200, 10)))
     out = render_overlay(data, np.zeros((48, 64), np.uint8))
     with Image.open(io.BytesIO(out)) as img:
-        assert img.size == (64, 48) and img.mode == "RGB"
+        assert img.size == (64, 48)
+        assert img.mode == "RGB"

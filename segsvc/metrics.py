@@ -1,0 +1,49 @@
+"""Prometheus metrics shared by the API, the workers and the webhook workers.
+
+Define every series here so names stay consistent; processes only import and observe them.
+(Multiprocess mode for gunicorn and the /metrics endpoints are wired by the operations code.)
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+# --- API -------------------------------------------------------------------------------------
+HTTP_REQUESTS = Counter(
+    "segsvc_http_requests_total",
+    "HTTP requests by route and status.",
+    ["route", "method", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "segsvc_http_request_duration_seconds", "HTTP request latency.", ["route", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+SUBMISSIONS = Counter("segsvc_submissions_total", "Jobs accepted (202).")
+REJECTIONS = Counter("segsvc_rejections_total", "Submissions refused, by reason.", ["reason"])
+
+# --- inference workers -------------------------------------------------------------------------
+JOBS_FINISHED = Counter("segsvc_jobs_total", "Jobs finished by a worker, by status.", ["status"])
+QUEUE_WAIT = Histogram(
+    "segsvc_job_queue_wait_seconds", "Time from submit to start.", buckets=LATENCY_BUCKETS
+)
+PREDICT_TIME = Histogram(
+    "segsvc_batch_predict_seconds", "Forward-pass time per batch.", ["model_version"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram("segsvc_batch_size", "Jobs per forward pass.", buckets=BATCH_BUCKETS)
+MODEL_INFO = Info("segsvc_model", "Model versions a worker serves.")
+MODEL_LOAD_TIME = Gauge(
+    "segsvc_model_load_seconds", "Time to load and warm a model version.", ["model_version"]
+)
+QUEUE_DEPTH = Gauge("segsvc_queue_depth", "Jobs waiting (queued in Postgres).")
+
+# --- webhook workers -------------------------------------------------------------------------
+WEBHOOK_DELIVERIES = Counter(
+    "segsvc_webhook_deliveries_total", "Webhook attempts by outcome.", ["outcome"]
+)
+WEBHOOK_LATENCY = Histogram(
+    "segsvc_webhook_attempt_seconds", "Webhook attempt duration.", buckets=LATENCY_BUCKETS
+)

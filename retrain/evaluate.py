@@ -76,8 +76,9 @@ def contact_sheet(
     for name in names:
         image_path, trimap_path = paths[name]
         data = image_path.read_bytes()
+        plain = np.ones_like(predictions[name])  # all background: alpha 0, the bare photo
         panels = [
-            Image.open(io.BytesIO(render_overlay(data, np.zeros_like(predictions[name]) + 1))),
+            Image.open(io.BytesIO(render_overlay(data, plain))),
             Image.open(io.BytesIO(render_overlay(data, read_trimap(trimap_path)))),
             Image.open(io.BytesIO(render_overlay(data, predictions[name]))),
         ]

@@ -78,5 +78,7 @@ def enqueue_job(app: Celery, job_id: uuid.UUID, *, settings: Settings | None = N
     settings = settings or get_settings()
     app.send_task(
         RUN_JOB, args=[str(job_id)], queue=settings.queue_name, retry=True,
-        retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+        # One quick retry only: with the broker down the job is already stored and the
+        # reconciler sends it later, so a submission must not stall on the broker.
+        retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1},
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import signals
 
-from segsvc.queue import make_celery
+from segsvc.queue import RECONCILE, make_celery
 from segsvc.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,17 @@ app.conf.update(
     # twice that so the next batch is already buffered while one runs. With acks_late, the
     # prefetched messages stay unacknowledged in Redis until their batch is stored.
     worker_prefetch_multiplier=max(2 * settings.batch_max_size, 1),
-    imports=("worker.tasks",),
+    imports=("worker.tasks", "worker.reconciler"),
 )
+# The reconciler re-sends jobs the broker lost; `expires` drops passes that no worker took in time.
+app.conf.beat_schedule = {
+    **(app.conf.beat_schedule or {}),
+    "segsvc-reconcile": {
+        "task": RECONCILE,
+        "schedule": settings.reconcile_interval_seconds,
+        "options": {"expires": settings.reconcile_interval_seconds},
+    },
+}
 
 
 @signals.worker_process_init.connect
@@ -43,3 +52,11 @@ def _load_model_solo(**_: Any) -> None:
         from worker.tasks import get_segmenter
 
         get_segmenter().load()
+
+
+@signals.worker_ready.connect
+def _reconcile_at_start(**_: Any) -> None:
+    """A (re)started worker recovers what a dead one left behind without waiting for beat."""
+    from worker.reconciler import reconcile_at_start
+
+    reconcile_at_start()

@@ -13,6 +13,7 @@ from segsvc.errors import BadRequestError
 from segsvc.images import validate_image
 from segsvc.ml.preprocess import decode_mask_png, render_overlay
 from segsvc.queue import enqueue_job
+from segsvc.services import idempotency, limits
 from segsvc.services import jobs as job_service
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ bp.before_request(authenticate_request)
 @bp.post("/jobs")
 def submit_job() -> tuple[Response, int, dict[str, str]]:
     """Validate an upload, store the job, commit, then enqueue its id."""
+    limits.check_rate(client_key=str(current_client().id), settings=settings())
     upload = request.files.get("image")
     if upload is None:
         raise BadRequestError("Send the image as multipart/form-data in the field 'image'.")
@@ -34,12 +36,25 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
         max_pixels=cfg.max_pixels,
     )
     session = db()
-    job = job_service.create_job(
-        session=session,
-        image=image,
-        client_id=current_client().id,  # type: ignore[arg-type]
-        request_id=request.headers.get("X-Request-ID"),
+    idem = idempotency.parse_request(
+        request.headers.get("Idempotency-Key"), image_sha256=image.sha256,
+        fields=request.form.items(multi=True),
     )
+    client_id = current_client().id
+    replay = idem and idempotency.find_replay(session=session, client_id=client_id, req=idem)
+    if replay:
+        body = accepted_body(replay)
+        return jsonify(body), 200, {"Location": body["urls"]["self"], "Idempotent-Replayed": "1"}
+    limits.check_admission(session=session, settings=cfg)
+    with idempotency.race_guard(session=session, req=idem):
+        job = job_service.create_job(
+            session=session,
+            image=image,
+            client_id=client_id,  # type: ignore[arg-type]
+            request_id=request.headers.get("X-Request-ID"),
+            idempotency_key=idem.key if idem else None,
+            request_fingerprint=idem.fingerprint if idem else None,
+        )
     session.commit()
     try:
         enqueue_job(celery(), job.id, settings=cfg)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from segsvc.errors import ConflictError, NotFoundError
@@ -163,7 +163,10 @@ def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int
                 Job.status == JobStatus.RUNNING,
             )
             .values(
-                status=JobStatus.SUCCEEDED,
+                # A cancel that arrived while the batch ran takes effect at this boundary.
+                status=case((Job.cancel_requested, JobStatus.CANCELED), else_=JobStatus.SUCCEEDED),
+                error_code=case((Job.cancel_requested, "canceled"), else_=None),
+                error_message=case((Job.cancel_requested, "Canceled by the client."), else_=None),
                 completed_at=now,
                 mask_png=r["mask_png"],
                 class_fractions=r["class_fractions"],

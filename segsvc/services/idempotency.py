@@ -1,0 +1,86 @@
+"""`Idempotency-Key` on submissions: the same key and body within 24 h give back the same job."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from segsvc.errors import ConflictError, ValidationError
+from segsvc.models import Job, utcnow
+
+KEY_WINDOW = timedelta(hours=24)
+MAX_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class IdempotentRequest:
+    """A submission's key and the fingerprint of its body."""
+
+    key: str
+    fingerprint: str
+
+
+def parse_request(
+    raw_key: str | None, *, image_sha256: str, fields: Iterable[tuple[str, str]]
+) -> IdempotentRequest | None:
+    """The request's key and body fingerprint, None without a key; a malformed key is 422."""
+    if raw_key is None:
+        return None
+    key = raw_key.strip()
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable() or not key.isascii():
+        raise ValidationError(
+            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters."
+        )
+    body = json.dumps({"image": image_sha256, "fields": sorted(fields)}, separators=(",", ":"))
+    return IdempotentRequest(key=key, fingerprint=hashlib.sha256(body.encode()).hexdigest())
+
+
+def find_replay(
+    *, session: Session, client_id: object, req: IdempotentRequest
+) -> Job | None:
+    """The job an earlier request with this key created (within 24 h), or None.
+
+    The same key with another body is a client bug: 422. A key older than the window is
+    released, so it can name a new job.
+    """
+    job = session.scalar(
+        select(Job).where(Job.client_id == client_id, Job.idempotency_key == req.key)
+    )
+    if job is None:
+        return None
+    if job.created_at < utcnow() - KEY_WINDOW:
+        session.execute(
+            update(Job).where(Job.id == job.id).values(idempotency_key=None)
+            .execution_options(synchronize_session=False)
+        )
+        session.expire(job)
+        return None
+    if job.request_fingerprint != req.fingerprint:
+        raise ValidationError(
+            "This Idempotency-Key was already used with a different request body."
+        )
+    return job
+
+
+@contextmanager
+def race_guard(*, session: Session, req: IdempotentRequest | None) -> Iterator[None]:
+    """Around the insert of a keyed job: a concurrent twin that won the unique index turns the
+    loser's insert into a 409, and its retry then gets the winner's job."""
+    if req is None or session.get_bind().dialect.name != "postgresql":  # SQLite: one writer
+        yield
+        return
+    try:
+        with session.begin_nested():
+            yield
+    except IntegrityError as exc:
+        raise ConflictError(
+            "A request with this Idempotency-Key is being processed; retry to get its job."
+        ) from exc

@@ -1,0 +1,99 @@
+"""Submission limits: a Redis token bucket per API key (429) and admission control (503)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from segsvc.errors import RateLimitedError, UnavailableError
+from segsvc.models import Job, JobStatus
+from segsvc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+QUEUE_FULL_RETRY_AFTER_S = 10
+
+# Refill and take one token atomically, on Redis' clock so every API process agrees. Floats come
+# back as strings: Redis truncates Lua numbers to integers.
+BUCKET_SCRIPT = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or burst
+local ts = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local allowed = 0
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return {allowed, tostring(wait)}
+"""
+
+_clients: dict[tuple[int, str], Any] = {}
+
+
+class QueueFullError(UnavailableError):
+    code = "queue_full"
+
+
+def _redis(url: str) -> Any:
+    """One client per process and URL, with short timeouts: a limit check must never stall."""
+    key = (os.getpid(), url)
+    if key not in _clients:
+        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        _clients[key] = (client, client.register_script(BUCKET_SCRIPT))
+    return _clients[key]
+
+
+def check_rate(*, client_key: str, settings: Settings) -> None:
+    """Take one submission token for `client_key`; RateLimitedError (429) when none is left.
+
+    Without Redis (the embedded default) or while Redis is down, submissions are not limited:
+    accepting work matters more than metering it.
+    """
+    url = settings.effective_redis_url
+    per_minute = settings.rate_limit_per_minute
+    if not url or per_minute <= 0:
+        return
+    _, script = _redis(url)
+    try:
+        allowed, wait = script(
+            keys=[f"segsvc:ratelimit:{client_key}"],
+            args=[per_minute / 60.0, max(1, settings.rate_limit_burst)],
+        )
+    except redis.RedisError as exc:
+        log.warning("rate limiter unavailable (%s); allowing", exc.__class__.__name__)
+        return
+    if not int(allowed):
+        raise RateLimitedError(
+            f"Too many submissions: the limit is {per_minute} per minute for this key.",
+            retry_after=max(1.0, float(wait)),
+        )
+
+
+def check_admission(*, session: Session, settings: Settings) -> None:
+    """QueueFullError (503) while the backlog of queued jobs is at its limit."""
+    limit = settings.max_queue_depth
+    if limit <= 0:
+        return
+    # Count at most limit + 1 rows: the check stays cheap however long the backlog is.
+    waiting = select(Job.id).where(Job.status == JobStatus.QUEUED).limit(limit + 1).subquery()
+    depth = int(session.scalar(select(func.count()).select_from(waiting)) or 0)
+    if depth >= limit:
+        raise QueueFullError(
+            f"The service is at capacity ({depth} jobs waiting); try again shortly.",
+            retry_after=QUEUE_FULL_RETRY_AFTER_S,
+        )

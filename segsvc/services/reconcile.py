@@ -1,0 +1,227 @@
+"""Reconciliation: Postgres is the truth, so jobs the broker lost are found there and re-sent.
+
+Two ways a job gets stuck: its message vanished (Redis restarted or flushed, the enqueue after
+commit failed, a worker died holding it unacknowledged), or the worker running it died (its lease
+expires). Both are re-enqueued; each claim counts an attempt, and a job that keeps being lost ends
+failed. A job lost twice is a suspect (it may be what kills the worker): suspects are re-sent one
+at a time, and a suspect that is lost again on its last attempt ends `poison_input`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from segsvc.models import Job, JobStatus, utcnow
+from segsvc.settings import Settings
+
+# Any advisory-lock key works as long as every reconciler uses the same one.
+LOCK_KEY = 0x5E65_7EC0
+# A lost job is a suspect once it was lost this many times: it then runs with no other suspect.
+SUSPECT_AFTER_ATTEMPTS = 2
+# Bounded work per pass; the next pass picks up the rest.
+MAX_JOBS_PER_PASS = 5000
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+_UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+@dataclass
+class ReconcileReport:
+    """What one pass did."""
+
+    requeued_missing: int = 0
+    requeued_lost: int = 0
+    waiting_suspects: int = 0
+    failed: int = 0
+    canceled: int = 0
+    skipped: bool = False
+    failed_ids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        """Counts for logs and task results."""
+        return {
+            "requeued_missing": self.requeued_missing, "requeued_lost": self.requeued_lost,
+            "waiting_suspects": self.waiting_suspects, "failed": self.failed,
+            "canceled": self.canceled, "skipped": self.skipped,
+        }
+
+
+def try_lock(*, session: Session) -> bool:
+    """Take the reconciler lock for this transaction (one reconciler at a time); SQLite: always."""
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": LOCK_KEY}))
+
+
+def broker_job_ids(redis_client: object, *, queue: str, stale_after_s: float) -> set[str]:
+    """Job ids that have a live message in Redis: waiting in the queue list, or delivered to a
+    worker less than `stale_after_s` ago (older unacked messages belong to a dead worker)."""
+    client = redis_client  # a redis.Redis; typed loosely so the API never needs the import
+    found: set[str] = set()
+    step = 1000
+    start = 0
+    while True:
+        chunk = client.lrange(queue, start, start + step - 1)  # type: ignore[attr-defined]
+        found.update(_ids_in(chunk))
+        if len(chunk) < step:
+            break
+        start += step
+    fresh = client.zrangebyscore(  # type: ignore[attr-defined]
+        UNACKED_INDEX_KEY, time.time() - stale_after_s, "+inf"
+    )
+    if fresh:
+        found.update(_ids_in(v for v in client.hmget(UNACKED_KEY, fresh) if v))  # type: ignore[attr-defined]
+    return found
+
+
+def _ids_in(messages: Iterable[bytes]) -> set[str]:
+    # Celery puts the job id in the message headers (`argsrepr`) in plain text; task ids match
+    # too, which is harmless: they are never job ids.
+    return {m.decode() for raw in messages for m in _UUID.findall(raw)}
+
+
+def reconcile(
+    *,
+    session: Session,
+    settings: Settings,
+    present: set[str] | None,
+    enqueue: Callable[[uuid.UUID], None],
+    now: datetime | None = None,
+) -> ReconcileReport:
+    """One pass: end, cancel or re-enqueue lost jobs; `present` is None when the broker cannot
+    be inspected (then only expired leases are handled)."""
+    now = now or utcnow()
+    report = ReconcileReport()
+    _handle_expired_leases(session=session, settings=settings, enqueue=enqueue, now=now,
+                           report=report)
+    report.canceled += _cancel_requested(session=session, now=now)
+    if present is not None:
+        _requeue_missing(session=session, settings=settings, present=present, enqueue=enqueue,
+                         now=now, report=report)
+    return report
+
+
+def _handle_expired_leases(
+    *, session: Session, settings: Settings, enqueue: Callable[[uuid.UUID], None],
+    now: datetime, report: ReconcileReport,
+) -> None:
+    lost = session.execute(
+        select(Job.id, Job.attempts, Job.cancel_requested)
+        .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+        .order_by(Job.created_at)
+        .limit(MAX_JOBS_PER_PASS)
+        .with_for_update(skip_locked=True)
+    ).all()
+    suspect_busy = _suspect_in_flight(session=session, now=now)
+    for job_id, attempts, cancel_requested in lost:
+        if cancel_requested:
+            _finish(session, job_id, JobStatus.CANCELED, "canceled", "Canceled by the client.", now)
+            report.canceled += 1
+        elif attempts >= settings.job_max_attempts:
+            code, message = _lost_verdict(attempts)
+            _finish(session, job_id, JobStatus.FAILED, code, message, now)
+            report.failed += 1
+            report.failed_ids.append(str(job_id))
+        elif attempts >= SUSPECT_AFTER_ATTEMPTS and suspect_busy:
+            report.waiting_suspects += 1  # quarantine: one suspect at a time
+        else:
+            suspect_busy = suspect_busy or attempts >= SUSPECT_AFTER_ATTEMPTS
+            _mark_requeued(session, job_id, now, from_running=True)
+            enqueue(job_id)
+            report.requeued_lost += 1
+
+
+def _lost_verdict(attempts: int) -> tuple[str, str]:
+    if attempts > SUSPECT_AFTER_ATTEMPTS:
+        return "poison_input", (
+            f"The worker stopped while running this job on each of its {attempts} attempts, "
+            "the last one with no other retried job beside it; the input is presumed to crash it."
+        )
+    return "worker_lost", f"The worker running this job stopped on each of its {attempts} attempts."
+
+
+def _suspect_in_flight(*, session: Session, now: datetime) -> bool:
+    """A suspect already re-sent and not yet finished (queued, or running on a live lease)."""
+    live = or_(
+        Job.status == JobStatus.QUEUED,
+        and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at >= now),
+    )
+    row = session.scalar(
+        select(Job.id).where(live, Job.attempts >= SUSPECT_AFTER_ATTEMPTS).limit(1)
+    )
+    return row is not None
+
+
+def _requeue_missing(
+    *, session: Session, settings: Settings, present: set[str],
+    enqueue: Callable[[uuid.UUID], None], now: datetime, report: ReconcileReport,
+) -> None:
+    # A job committed a moment ago may still be on its way to the broker: give it a grace period.
+    cutoff = now - timedelta(seconds=enqueue_grace_seconds(settings))
+    rows = session.scalars(
+        select(Job.id)
+        .where(
+            Job.status == JobStatus.QUEUED,
+            Job.cancel_requested.is_(False),  # the claim skips these; `_cancel_requested` ends them
+            Job.created_at < cutoff,
+            or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff),
+        )
+        .order_by(Job.created_at)
+        .limit(MAX_JOBS_PER_PASS)
+    ).all()
+    for job_id in rows:
+        if str(job_id) not in present:
+            _mark_requeued(session, job_id, now, from_running=False)
+            enqueue(job_id)
+            report.requeued_missing += 1
+
+
+def enqueue_grace_seconds(settings: Settings) -> float:
+    """How long a queued job may be absent from the broker before it is re-sent."""
+    return max(1.0, min(10.0, settings.reconcile_interval_seconds))
+
+
+def _mark_requeued(
+    session: Session, job_id: uuid.UUID, now: datetime, *, from_running: bool
+) -> None:
+    # Clearing the lease token fences out a worker that was only slow, not dead: its result
+    # write no longer matches and is dropped.
+    cond = Job.status == (JobStatus.RUNNING if from_running else JobStatus.QUEUED)
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, cond)
+        .values(status=JobStatus.QUEUED, lease_token=None, lease_expires_at=None, enqueued_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _cancel_requested(*, session: Session, now: datetime) -> int:
+    """Queued jobs a client canceled after a transient release: no worker would ever end them."""
+    res = session.execute(
+        update(Job)
+        .where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(True))
+        .values(status=JobStatus.CANCELED, completed_at=now, error_code="canceled",
+                error_message="Canceled by the client.")
+        .execution_options(synchronize_session=False)
+    )
+    return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+def _finish(
+    session: Session, job_id: uuid.UUID, status: JobStatus, code: str, message: str, now: datetime
+) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(status=status, completed_at=now, error_code=code, error_message=message,
+                lease_token=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )

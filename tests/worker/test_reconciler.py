@@ -1,0 +1,178 @@
+"""The reconciler on real Postgres and Redis: what it re-sends, ends, and leaves alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from PIL import Image
+from sqlalchemy import text, update
+
+from segsvc.db import get_sessionmaker, session_scope
+from segsvc.images import validate_image
+from segsvc.models import Job, utcnow
+from segsvc.queue import make_celery
+from segsvc.services import jobs as job_service
+from segsvc.settings import Settings
+from worker.reconciler import run_reconcile
+
+
+def png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_job(settings: Settings, *, age_s: float = 60, **values: Any) -> uuid.UUID:
+    """A stored job created `age_s` ago, with any column overridden."""
+    image = validate_image(png(), max_bytes=10**6, max_pixels=10**6)
+    with session_scope(settings) as session:
+        job = job_service.create_job(session=session, image=image)
+        session.execute(
+            update(Job).where(Job.id == job.id)
+            .values(created_at=utcnow() - timedelta(seconds=age_s), **values)
+        )
+        return job.id
+
+
+def get(settings: Settings, job_id: uuid.UUID) -> Job:
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def queued_ids(settings: Settings) -> list[str]:
+    client = redis.Redis.from_url(settings.broker_url or "")
+    return [json.loads(m)["headers"]["argsrepr"].strip("[](),'")
+            for m in client.lrange(settings.queue_name, 0, -1)]
+
+
+def reconcile(settings: Settings) -> dict[str, object]:
+    return run_reconcile(settings, make_celery(settings))
+
+
+def test_reconcile_requeues_queued_job_missing_from_redis(settings: Settings) -> None:
+    lost = make_job(settings)
+    young = make_job(settings, age_s=0)
+    report = reconcile(settings)
+    assert report["requeued_missing"] == 1
+    assert queued_ids(settings) == [str(lost)]
+    assert get(settings, lost).enqueued_at is not None
+    assert get(settings, young).enqueued_at is None
+    again = reconcile(settings)  # now it is in Redis: nothing to do
+    assert again["requeued_missing"] == 0
+    assert queued_ids(settings) == [str(lost)]
+
+
+def test_reconcile_treats_stale_unacked_message_as_lost(settings: Settings) -> None:
+    held_by_dead = make_job(settings)
+    held_by_live = make_job(settings)
+    client = redis.Redis.from_url(settings.broker_url or "")
+    for tag, job_id, delivered in (("t1", held_by_dead, time.time() - 3600),
+                                   ("t2", held_by_live, time.time())):
+        raw = json.dumps({"headers": {"argsrepr": f"('{job_id}',)"}})
+        client.hset("unacked", tag, json.dumps([raw, "", settings.queue_name]))
+        client.zadd("unacked_index", {tag: delivered})
+    report = reconcile(settings)
+    assert report["requeued_missing"] == 1
+    assert queued_ids(settings) == [str(held_by_dead)]
+
+
+def test_reconcile_requeues_running_job_with_expired_lease(settings: Settings) -> None:
+    expired = utcnow() - timedelta(seconds=5)
+    dead = make_job(settings, status="running", attempts=1, lease_token=uuid.uuid4(),
+                    lease_expires_at=expired)
+    alive = make_job(settings, status="running", attempts=1, lease_token=uuid.uuid4(),
+                     lease_expires_at=utcnow() + timedelta(seconds=60))
+    report = reconcile(settings)
+    assert report["requeued_lost"] == 1
+    job = get(settings, dead)
+    assert (job.status, job.lease_token, job.attempts) == ("queued", None, 1)
+    assert queued_ids(settings) == [str(dead)]
+    assert get(settings, alive).status == "running"
+
+
+def test_reconcile_fences_out_a_slow_worker(settings: Settings) -> None:
+    token = uuid.uuid4()
+    job_id = make_job(settings, status="running", attempts=1, lease_token=token,
+                      lease_expires_at=utcnow() - timedelta(seconds=1))
+    reconcile(settings)
+    with session_scope(settings) as session:
+        stored = job_service.complete_jobs(session=session, results=[{
+            "id": job_id, "lease_token": token, "mask_png": b"x", "class_fractions": [1, 0, 0],
+            "model_version": "v", "queue_ms": 1.0, "predict_ms": 1.0, "batch_size": 1}])
+    assert stored == 0
+    assert get(settings, job_id).status == "queued"
+
+
+@pytest.mark.parametrize(("max_attempts", "code"), [(2, "worker_lost"), (3, "poison_input")])
+def test_reconcile_fails_job_lost_max_times(settings: Settings, max_attempts: int, code: str) -> None:
+    cfg = settings.model_copy(update={"job_max_attempts": max_attempts})
+    job_id = make_job(cfg, status="running", attempts=max_attempts, lease_token=uuid.uuid4(),
+                      lease_expires_at=utcnow() - timedelta(seconds=1))
+    report = reconcile(cfg)
+    assert report["failed"] == 1
+    job = get(cfg, job_id)
+    assert (job.status, job.error_code) == ("failed", code)
+    assert queued_ids(cfg) == []
+
+
+def test_reconcile_sends_suspects_one_at_a_time(settings: Settings) -> None:
+    expired = utcnow() - timedelta(seconds=1)
+    suspects = [make_job(settings, age_s=60 - i, status="running", attempts=2,
+                         lease_token=uuid.uuid4(), lease_expires_at=expired) for i in range(3)]
+    first_loss = make_job(settings, status="running", attempts=1, lease_token=uuid.uuid4(),
+                          lease_expires_at=expired)
+    report = reconcile(settings)
+    assert (report["requeued_lost"], report["waiting_suspects"]) == (2, 2)
+    assert set(queued_ids(settings)) == {str(suspects[0]), str(first_loss)}
+    assert reconcile(settings)["waiting_suspects"] == 2  # the first is still in flight
+    with session_scope(settings) as session:
+        session.execute(update(Job).where(Job.id == suspects[0]).values(status="succeeded"))
+    assert reconcile(settings)["requeued_lost"] == 1
+
+
+def test_reconcile_ends_canceled_jobs(settings: Settings) -> None:
+    running = make_job(settings, status="running", attempts=1, cancel_requested=True,
+                       lease_token=uuid.uuid4(), lease_expires_at=utcnow() - timedelta(seconds=1))
+    released = make_job(settings, cancel_requested=True)
+    report = reconcile(settings)
+    assert report["canceled"] == 2
+    assert get(settings, running).status == "canceled"
+    assert get(settings, released).status == "canceled"
+    assert queued_ids(settings) == []
+
+
+def test_reconcile_runs_one_at_a_time(settings: Settings) -> None:
+    make_job(settings)
+    holder = get_sessionmaker(settings)()
+    try:
+        holder.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": 0x5E657EC0})
+        assert reconcile(settings) == {"skipped": True}
+    finally:
+        holder.rollback()
+        holder.close()
+    assert reconcile(settings)["requeued_missing"] == 1
+
+
+def test_complete_job_canceled_while_running_ends_canceled(settings: Settings) -> None:
+    job_id = make_job(settings)
+    with session_scope(settings) as session:
+        claimed = job_service.claim_jobs(session=session, job_ids=[job_id], lease_seconds=60)
+    with session_scope(settings) as session:
+        job_service.cancel_job(session=session, job_id=str(job_id), client_id=None)
+    with session_scope(settings) as session:
+        job_service.complete_jobs(session=session, results=[{
+            "id": job_id, "lease_token": claimed[0].lease_token, "mask_png": b"x",
+            "class_fractions": [1, 0, 0], "model_version": "v", "queue_ms": 1.0,
+            "predict_ms": 1.0, "batch_size": 1}])
+    job = get(settings, job_id)
+    assert (job.status, job.error_code) == ("canceled", "canceled")

@@ -1,0 +1,1 @@
+"""Webhook delivery: SSRF-safe targets, Standard Webhooks signing, retry schedule, one attempt."""

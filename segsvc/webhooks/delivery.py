@@ -1,0 +1,156 @@
+"""One delivery attempt: connect only to the checked address, no redirects, capped body read."""
+
+from __future__ import annotations
+
+import time
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+import httpcore
+import httpx
+
+from segsvc.settings import Settings
+from segsvc.webhooks.ssrf import (
+    Target,
+    UnresolvableHostError,
+    UnsafeTargetError,
+    check_url,
+    parse_networks,
+)
+
+Kind = Literal["delivered", "retry", "failed", "gone"]
+USER_AGENT = "segsvc-webhooks/1"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt did and what should happen to the message next."""
+
+    kind: Kind
+    duration_ms: float
+    status_code: int | None = None
+    error: str | None = None
+    body: str | None = None
+    retry_after: str | None = None
+
+
+class PinnedBackend(httpcore.NetworkBackend):
+    """Opens TCP connections only to the addresses that passed the SSRF check.
+
+    TLS still uses the URL's host name (SNI and certificate checks), and the Host header is
+    the URL's, so only the address lookup is replaced: no second DNS answer can be used.
+    """
+
+    def __init__(self, target: Target) -> None:
+        self._target = target
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        if host.strip("[]").lower() != self._target.host.strip("[]").lower():
+            raise httpcore.ConnectError(f"refusing to connect to unchecked host {host!r}")
+        error: Exception = httpcore.ConnectError("no address to connect to")
+        for address in self._target.addresses:
+            try:
+                return self._inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        raise error
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not webhook targets")
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class PinnedTransport(httpx.HTTPTransport):
+    """An httpx transport whose connections go to `target.addresses` only (no proxies)."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(trust_env=False)
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=1,
+            network_backend=PinnedBackend(target),
+        )
+
+
+def deliver(*, url: str, body: str, headers: dict[str, str], settings: Settings) -> Outcome:
+    """Check the URL again (DNS may have changed since submit), then POST to what was checked."""
+    started = time.perf_counter()
+    try:
+        target = check_url(url, allow=parse_networks(settings.webhook_allow_networks))
+    except UnresolvableHostError as exc:
+        return Outcome("retry", _ms(started), error=str(exc))
+    except UnsafeTargetError as exc:
+        return Outcome("failed", _ms(started), error=str(exc))
+    return post(target, body=body, headers=headers, timeout=settings.webhook_timeout_seconds,
+                body_cap=settings.webhook_body_cap_bytes)
+
+
+def post(
+    target: Target, *, body: str, headers: dict[str, str], timeout: float, body_cap: int
+) -> Outcome:
+    """POST the body once and classify the answer (2xx, retryable, permanent, 410)."""
+    started = time.perf_counter()
+    sent = {"content-type": "application/json", "user-agent": USER_AGENT, **headers}
+    try:
+        with (
+            httpx.Client(
+                transport=PinnedTransport(target), timeout=timeout, follow_redirects=False,
+                trust_env=False,
+            ) as client,
+            client.stream("POST", target.url, content=body.encode(), headers=sent) as resp,
+        ):
+            text = _read_capped(resp, body_cap, deadline=started + timeout)
+    except httpx.TimeoutException:
+        return Outcome("retry", _ms(started), error=f"timed out after {timeout:g} s")
+    except httpx.HTTPError as exc:
+        return Outcome("retry", _ms(started), error=f"{type(exc).__name__}: {exc}"[:500])
+    return _classify(resp, text, _ms(started))
+
+
+def _read_capped(resp: httpx.Response, cap: int, *, deadline: float) -> str:
+    """At most `cap` bytes of the body; a receiver cannot make us read (or wait) for more."""
+    data = b""
+    for chunk in resp.iter_raw():
+        data += chunk
+        if len(data) >= cap or time.perf_counter() > deadline:
+            break
+    return data[:cap].decode("utf-8", errors="replace")
+
+
+def _classify(resp: httpx.Response, text: str, duration_ms: float) -> Outcome:
+    code = resp.status_code
+    retry_after = resp.headers.get("retry-after")
+    if 200 <= code < 300:
+        return Outcome("delivered", duration_ms, code, body=text)
+    if code == 410:
+        return Outcome("gone", duration_ms, code, "410 Gone: endpoint disabled", text)
+    if code in (408, 429) or code >= 500:
+        return Outcome("retry", duration_ms, code, f"HTTP {code}", text, retry_after)
+    if 300 <= code < 400:
+        location = resp.headers.get("location", "")[:300]
+        error = f"HTTP {code}: redirect to {location!r} not followed"
+        return Outcome("failed", duration_ms, code, error, text)
+    return Outcome("failed", duration_ms, code, f"HTTP {code}", text)
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0

@@ -1,0 +1,169 @@
+"""The delivery lifecycle on Postgres: claim due messages, prepare an attempt, record it.
+
+Postgres is the source of truth; the broker only carries "try message X now" hints. A claim
+moves `next_attempt_at` forward (a lease), so a lost hint or a dead worker only delays a
+message until the lease runs out and the dispatcher claims it again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import exists, select, update
+from sqlalchemy.orm import Session, aliased
+
+from segsvc.models import WebhookAttempt, WebhookEndpoint, WebhookMessage, utcnow
+from segsvc.serialize import iso, job_urls
+from segsvc.services.webhooks import signing_secrets
+from segsvc.settings import Settings
+from segsvc.webhooks import outbox
+from segsvc.webhooks.delivery import Outcome
+from segsvc.webhooks.schedule import next_attempt_at, parse_retry_after, parse_schedule
+from segsvc.webhooks.signing import encode_body, sign_headers
+
+DISPATCH_LEASE_S = 60.0  # how long a dispatched hint may wait in the broker before a re-send
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A claimed message, signed and ready for one attempt."""
+
+    message_id: str
+    lease: datetime
+    url: str
+    body: str
+    headers: dict[str, str]
+
+
+def base_url(settings: Settings) -> str:
+    """The public base URL for links in payloads."""
+    return (settings.public_url or f"http://127.0.0.1:{settings.port}").rstrip("/")
+
+
+def attempt_lease(settings: Settings) -> timedelta:
+    """Longer than any attempt can take (connect, write and read each get the timeout)."""
+    return timedelta(seconds=4 * settings.webhook_timeout_seconds + 30)
+
+
+def claim_due(*, session: Session, limit: int = 100) -> list[tuple[str, datetime]]:
+    """Lease due messages for dispatch: (id, lease) pairs, oldest due first.
+
+    A message waits while an earlier message of its job has not had its first attempt, so
+    `job.started` reaches a healthy receiver before `job.completed`.
+    """
+    now = utcnow()
+    earlier = aliased(WebhookMessage)
+    blocked = exists().where(
+        earlier.job_id == WebhookMessage.job_id,
+        earlier.status == outbox.PENDING,
+        earlier.attempts == 0,
+        earlier.created_at < WebhookMessage.created_at,
+    )
+    due = (WebhookMessage.status == outbox.PENDING, WebhookMessage.next_attempt_at <= now)
+    ids = session.scalars(
+        select(WebhookMessage.id).where(*due, ~blocked)
+        .order_by(WebhookMessage.next_attempt_at).limit(limit)
+        .with_for_update(skip_locked=True, of=WebhookMessage)
+    ).all()
+    if not ids:
+        return []
+    lease = now + timedelta(seconds=DISPATCH_LEASE_S)
+    claimed = session.scalars(
+        update(WebhookMessage).where(WebhookMessage.id.in_(ids), *due)
+        .values(next_attempt_at=lease).returning(WebhookMessage.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return [(message_id, lease) for message_id in claimed]
+
+
+def start_attempt(
+    *, session: Session, message_id: str, lease: datetime, settings: Settings
+) -> Prepared | None:
+    """Take the message for one attempt (None if another worker has it or it is done)."""
+    now = utcnow()
+    new_lease = now + attempt_lease(settings)
+    taken = session.scalar(
+        update(WebhookMessage)
+        .where(WebhookMessage.id == message_id, WebhookMessage.status == outbox.PENDING,
+               WebhookMessage.next_attempt_at == lease)
+        .values(next_attempt_at=new_lease).returning(WebhookMessage.id)
+        .execution_options(synchronize_session=False)
+    )
+    message = session.get(WebhookMessage, message_id, populate_existing=True) if taken else None
+    if message is None:
+        return None
+    endpoint = outbox.find_endpoint(session=session, client_id=message.client_id, url=message.url)
+    if endpoint is not None and endpoint.disabled_at is not None:
+        message.status, message.next_attempt_at = outbox.DISABLED, None
+        return None
+    data = {**message.payload, "urls": job_urls(message.job_id, base_url=base_url(settings))}
+    body = encode_body({"type": message.event_type, "timestamp": iso(message.created_at),
+                        "data": data})
+    keys = [row.secret for row in signing_secrets(session=session, client_id=message.client_id)]
+    headers = sign_headers(msg_id=message.id, timestamp=now, body=body, keys=keys)
+    return Prepared(message.id, new_lease, message.url, body, headers)
+
+
+def finish_attempt(
+    *, session: Session, prepared: Prepared, outcome: Outcome, settings: Settings
+) -> str:
+    """Log the attempt and move the message on: delivered, retry later, failed or disabled."""
+    now = utcnow()
+    message = session.get(WebhookMessage, prepared.message_id, populate_existing=True)
+    if message is None:  # the job (and its messages) was deleted meanwhile
+        return "gone"
+    superseded = message.status != outbox.PENDING or message.next_attempt_at != prepared.lease
+    status, when = _next_state(message, outcome, now, settings)
+    session.add(WebhookAttempt(
+        message_id=message.id, attempted_at=now, status_code=outcome.status_code,
+        duration_ms=outcome.duration_ms, error=outcome.error, response_body=outcome.body,
+        next_attempt_at=None if superseded else when,
+    ))
+    if superseded:  # redelivered or re-claimed meanwhile: only log this attempt
+        session.flush()
+        return "superseded"
+    message.attempts += 1
+    message.last_attempt_at = now
+    message.status, message.next_attempt_at = status, when
+    if status != outbox.PENDING:
+        message.completed_at = now
+    if outcome.kind == "gone":
+        _disable_endpoint(session, message, now)
+    session.flush()
+    return status
+
+
+def _next_state(
+    message: WebhookMessage, outcome: Outcome, now: datetime, settings: Settings
+) -> tuple[str, datetime | None]:
+    if outcome.kind == "delivered":
+        return outbox.DELIVERED, None
+    if outcome.kind != "retry":
+        return outbox.FAILED, None
+    when = next_attempt_at(
+        now=now, created_at=message.created_at, attempts_made=message.attempts + 1,
+        schedule=parse_schedule(settings.webhook_schedule),
+        max_age_seconds=settings.webhook_max_age_seconds,
+        retry_after=parse_retry_after(outcome.retry_after, now=now),
+    )
+    return (outbox.PENDING, when) if when is not None else (outbox.FAILED, None)
+
+
+def _disable_endpoint(session: Session, message: WebhookMessage, now: datetime) -> None:
+    """A 410 Gone: stop sending to this URL for this client, now and for pending messages."""
+    endpoint = outbox.find_endpoint(session=session, client_id=message.client_id, url=message.url)
+    if endpoint is None:
+        endpoint = WebhookEndpoint(client_id=message.client_id, url=message.url)
+        session.add(endpoint)
+    endpoint.disabled_at = now
+    endpoint.disabled_reason = "the endpoint answered 410 Gone"
+    owner = (WebhookMessage.client_id.is_(None) if message.client_id is None
+             else WebhookMessage.client_id == message.client_id)
+    session.execute(
+        update(WebhookMessage)
+        .where(owner, WebhookMessage.url == message.url, WebhookMessage.status == outbox.PENDING,
+               WebhookMessage.id != message.id)
+        .values(status=outbox.DISABLED, next_attempt_at=None)
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,79 @@
+"""The outbox: webhook messages are rows written in the same transaction as the job change."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from segsvc.models import Job, WebhookEndpoint, WebhookMessage, utcnow
+from segsvc.serialize import job_json
+
+JOB_STARTED = "job.started"
+JOB_COMPLETED = "job.completed"
+EVENT_FILTERS = {"start": JOB_STARTED, "completed": JOB_COMPLETED}
+DEFAULT_FILTERS = ("completed",)
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+DISABLED = "disabled"
+
+
+def new_message_id() -> str:
+    """A message id, which is also the `webhook-id` header of every attempt."""
+    return f"msg_{uuid.uuid4().hex}"
+
+
+def find_endpoint(
+    *, session: Session, client_id: uuid.UUID | None, url: str
+) -> WebhookEndpoint | None:
+    """The client's endpoint state for `url`, if any was recorded."""
+    owner = WebhookEndpoint.client_id.is_(None) if client_id is None else (
+        WebhookEndpoint.client_id == client_id
+    )
+    return session.scalar(select(WebhookEndpoint).where(owner, WebhookEndpoint.url == url))
+
+
+def record_job_events(*, session: Session, job_ids: Sequence[uuid.UUID], event: str) -> int:
+    """Add one pending message per job subscribed to `event`; returns how many were added."""
+    if not job_ids:
+        return 0
+    wanted = next(name for name, ev in EVENT_FILTERS.items() if ev == event)
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.id.in_(list(job_ids)), Job.webhook_url.is_not(None))
+        .execution_options(populate_existing=True)  # the state just written by an UPDATE
+    ).all()
+    now = utcnow()
+    added = 0
+    for job in jobs:
+        if wanted not in (job.webhook_events or DEFAULT_FILTERS):
+            continue
+        session.add(_message(session, job, event, now))
+        added += 1
+    if added:
+        session.flush()
+    return added
+
+
+def _message(session: Session, job: Job, event: str, now: datetime) -> WebhookMessage:
+    url = job.webhook_url or ""
+    endpoint = find_endpoint(session=session, client_id=job.client_id, url=url)
+    disabled = endpoint is not None and endpoint.disabled_at is not None
+    return WebhookMessage(
+        id=new_message_id(),
+        job_id=job.id,
+        client_id=job.client_id,
+        event_type=event,
+        url=url,
+        # Links are made absolute at send time, from the deployment's public URL.
+        payload=job_json(job, base_url=""),
+        status=DISABLED if disabled else PENDING,
+        attempts=0,
+        created_at=now,
+        next_attempt_at=None if disabled else now,
+    )

@@ -1,0 +1,123 @@
+"""Which addresses a webhook may reach: public ones only, unless an allowlist says otherwise."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int], list[str]]
+
+MAX_URL_LENGTH = 2048
+METADATA = frozenset(
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "fd00:ec2::254", "169.254.170.2", "100.100.100.200")
+)
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class UnsafeTargetError(ValueError):
+    """A webhook URL that is malformed, unresolvable or points at a non-public address."""
+
+
+class UnresolvableHostError(UnsafeTargetError):
+    """The host has no addresses right now (refused at submit, retried at delivery)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked webhook URL and the addresses it may be connected to."""
+
+    url: str
+    host: str
+    port: int
+    addresses: tuple[str, ...]
+
+
+def parse_networks(raw: str) -> tuple[IPNetwork, ...]:
+    """The allowlist setting: comma-separated CIDRs (bad entries are a configuration error)."""
+    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in raw.split(",") if p.strip())
+
+
+def refusal_reason(address: str | IPAddress, allow: Sequence[IPNetwork] = ()) -> str | None:
+    """Why `address` may not be a webhook target, or None when it may."""
+    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    plain = _unwrap(ip)
+    if any(ip in net or plain in net for net in allow):
+        return None
+    if plain is not ip and plain.version == 4 and ip.version == 6:
+        inner = refusal_reason(plain)
+        return f"an IPv6 address embedding {plain} ({inner})" if inner else None
+    return _category(ip)
+
+
+def _unwrap(ip: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 one carries (mapped, NAT64, 6to4, Teredo), else itself."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return ip
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    return ip
+
+
+def _category(ip: IPAddress) -> str | None:
+    checks = (
+        (ip in METADATA, "a cloud metadata address"),
+        (ip.is_unspecified, "an unspecified address"),
+        (ip.is_loopback, "a loopback address"),
+        (ip.is_link_local, "a link-local address"),
+        (ip.is_multicast, "a multicast address"),
+        (ip.is_private, "a private address"),
+        (ip.is_reserved, "a reserved address"),
+        (not ip.is_global, "a non-public address"),
+    )
+    return next((why for hit, why in checks if hit), None)
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to (TCP), in resolver order, without duplicates."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
+
+
+def check_url(
+    url: str, *, allow: Sequence[IPNetwork] = (), resolver: Resolver = resolve
+) -> Target:
+    """Parse, resolve once and check every address; connect only to what this returns."""
+    if len(url) > MAX_URL_LENGTH:
+        raise UnsafeTargetError(f"The webhook URL is longer than {MAX_URL_LENGTH} characters.")
+    try:  # httpx parses it here exactly as it will when sending (no parser differential)
+        parts = httpx.URL(url)
+        host = parts.raw_host.decode("ascii")
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise UnsafeTargetError(f"The webhook URL is malformed: {exc}.") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise UnsafeTargetError("The webhook must be an absolute http:// or https:// URL.")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if not 0 < port < 65536:
+        raise UnsafeTargetError(f"The webhook URL's port {port} is out of range.")
+    try:
+        addresses = resolver(host, port)
+    except (OSError, UnicodeError):
+        raise UnresolvableHostError(f"The webhook host {host!r} could not be resolved.") from None
+    if not addresses:
+        raise UnresolvableHostError(f"The webhook host {host!r} has no addresses.")
+    for address in addresses:
+        why = refusal_reason(address, allow)
+        if why:
+            raise UnsafeTargetError(
+                f"The webhook host {host!r} resolves to {address}, {why}; "
+                "webhooks may only target public addresses."
+            )
+    return Target(url=url, host=host, port=port, addresses=tuple(addresses))

@@ -1,0 +1,167 @@
+"""Messages written with the job change, claimed by lease, moved on by attempt outcomes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from segsvc.db import session_scope
+from segsvc.models import WebhookEndpoint, WebhookMessage, utcnow
+from segsvc.services import jobs as job_service
+from segsvc.services import webhooks as webhook_service
+from segsvc.settings import Settings
+from segsvc.webhooks.delivery import Outcome
+from segsvc.webhooks.dispatch import claim_due, finish_attempt, start_attempt
+from tests.segsvc.webhooks.factories import finish_job, make_job, start_job
+
+URL = "https://hooks.example/segsvc"
+
+
+def messages(settings: Settings, job_id: uuid.UUID | None = None) -> list[WebhookMessage]:
+    with session_scope(settings) as session:
+        query = select(WebhookMessage).order_by(WebhookMessage.created_at)
+        if job_id is not None:
+            query = query.where(WebhookMessage.job_id == job_id)
+        return list(session.scalars(query).all())
+
+
+def attempt(settings: Settings, outcome: Outcome) -> list[str]:
+    """Claim what is due and record `outcome` for each (no HTTP)."""
+    with session_scope(settings) as session:
+        claimed = claim_due(session=session)
+    statuses = []
+    for message_id, lease in claimed:
+        with session_scope(settings) as session:
+            prepared = start_attempt(session=session, message_id=message_id, lease=lease,
+                                     settings=settings)
+        if prepared is None:
+            continue
+        with session_scope(settings) as session:
+            statuses.append(finish_attempt(session=session, prepared=prepared,
+                                           outcome=outcome, settings=settings))
+    return statuses
+
+
+def test_record_events_default_is_completed_only(settings: Settings) -> None:
+    job_id = make_job(settings, URL)
+    finish_job(settings, start_job(settings, job_id))
+    (msg,) = messages(settings, job_id)
+    assert msg.event_type == "job.completed"
+    assert msg.payload["status"] == "succeeded"
+    assert msg.payload["result"] == {"class_fractions": [0.5, 0.4, 0.1]}
+    assert msg.status == "pending"
+    assert msg.id.startswith("msg_")
+
+
+def test_record_events_start_and_completed_snapshot_each_state(settings: Settings) -> None:
+    job_id = make_job(settings, URL, ["start", "completed"])
+    claimed = start_job(settings, job_id)
+    finish_job(settings, claimed)
+    started, completed = messages(settings, job_id)
+    assert (started.event_type, started.payload["status"]) == ("job.started", "running")
+    assert (completed.event_type, completed.payload["status"]) == ("job.completed", "succeeded")
+
+
+def test_record_events_for_every_terminal_state(settings: Settings) -> None:
+    failed, canceled, plain = (make_job(settings, URL), make_job(settings, URL),
+                               make_job(settings, None))
+    claimed = start_job(settings, failed)
+    with session_scope(settings) as session:
+        job_service.fail_job(session=session, job_id=failed, code="boom", message="x",
+                             lease_token=claimed.lease_token)
+        job_service.cancel_job(session=session, job_id=str(canceled), client_id=None)
+        job_service.cancel_job(session=session, job_id=str(plain), client_id=None)
+    got = {m.job_id: m.payload["status"] for m in messages(settings)}
+    assert got == {failed: "failed", canceled: "canceled"}
+
+
+def test_claim_due_keeps_started_before_completed(settings: Settings) -> None:
+    job_id = make_job(settings, URL, ["start", "completed"])
+    finish_job(settings, start_job(settings, job_id))
+    with session_scope(settings) as session:
+        first = claim_due(session=session)
+        assert [m for m, _ in first] == [messages(settings, job_id)[0].id]
+        assert claim_due(session=session) == []  # leased, and completed waits for it
+    assert attempt(settings, Outcome("retry", 1.0, 500, "HTTP 500")) == []  # still leased
+
+
+def test_finish_attempt_retries_on_growing_schedule_then_delivers(settings: Settings) -> None:
+    cfg = settings.model_copy(update={"webhook_schedule": "0,1,2"})
+    job_id = make_job(cfg, URL)
+    finish_job(cfg, start_job(cfg, job_id))
+    assert attempt(cfg, Outcome("retry", 1.0, 500, "HTTP 500")) == ["pending"]
+    msg = messages(cfg)[0]
+    first_wait = msg.next_attempt_at - msg.last_attempt_at  # type: ignore[operator]
+    _make_due(cfg, msg.id)
+    assert attempt(cfg, Outcome("retry", 1.0, None, "timed out")) == ["pending"]
+    msg = messages(cfg)[0]
+    second_wait = msg.next_attempt_at - msg.last_attempt_at  # type: ignore[operator]
+    assert timedelta(seconds=0.8) < first_wait < timedelta(seconds=1.2) < second_wait
+    _make_due(cfg, msg.id)
+    assert attempt(cfg, Outcome("delivered", 1.0, 204)) == ["delivered"]
+    msg = messages(cfg)[0]
+    assert (msg.attempts, msg.next_attempt_at) == (3, None)
+
+
+def test_finish_attempt_gives_up_past_max_age(settings: Settings) -> None:
+    cfg = settings.model_copy(update={"webhook_schedule": "0,60", "webhook_max_age_seconds": 30})
+    finish_job(cfg, start_job(cfg, make_job(cfg, URL)))
+    assert attempt(cfg, Outcome("retry", 1.0, 503, "HTTP 503")) == ["failed"]
+
+
+def test_gone_disables_endpoint_for_that_client_only(settings: Settings) -> None:
+    first, second = make_job(settings, URL), make_job(settings, URL)
+    finish_job(settings, start_job(settings, first))
+    finish_job(settings, start_job(settings, second))
+    with session_scope(settings) as session:
+        (message_id, lease), *_ = claim_due(session=session, limit=1)
+        prepared = start_attempt(session=session, message_id=message_id, lease=lease,
+                                 settings=settings)
+    assert prepared is not None
+    with session_scope(settings) as session:
+        finish_attempt(session=session, prepared=prepared, outcome=Outcome("gone", 1.0, 410),
+                       settings=settings)
+    assert sorted(m.status for m in messages(settings)) == ["disabled", "failed"]
+    with session_scope(settings) as session:
+        endpoint = session.scalar(select(WebhookEndpoint))
+        assert endpoint is not None
+        assert endpoint.disabled_at is not None
+        assert endpoint.client_id is None
+    third = make_job(settings, URL)
+    finish_job(settings, start_job(settings, third))
+    assert messages(settings, third)[0].status == "disabled"
+
+
+def test_redeliver_reenables_and_resends(settings: Settings) -> None:
+    job_id = make_job(settings, URL)
+    finish_job(settings, start_job(settings, job_id))
+    assert attempt(settings, Outcome("gone", 1.0, 410)) == ["failed"]
+    msg = messages(settings)[0]
+    with session_scope(settings) as session:
+        webhook_service.redeliver(session=session, job_id=str(job_id), message_id=msg.id,
+                                  client_id=None)
+    assert attempt(settings, Outcome("delivered", 1.0, 200)) == ["delivered"]
+    assert messages(settings)[0].attempts == 2
+
+
+def test_rotate_secret_keeps_old_one_signing_for_window(settings: Settings) -> None:
+    with session_scope(settings) as session:
+        (first,) = webhook_service.signing_secrets(session=session, client_id=None)
+        first_key = first.secret
+        (again,) = webhook_service.signing_secrets(session=session, client_id=None)
+        assert again.secret == first_key
+        new = webhook_service.rotate_secret(session=session, client_id=None, settings=settings)
+        keys = [r.secret for r in webhook_service.signing_secrets(session=session, client_id=None)]
+        assert keys == [new.secret, first_key]
+        first.expires_at = utcnow() - timedelta(seconds=1)  # the window has passed
+        keys = [r.secret for r in webhook_service.signing_secrets(session=session, client_id=None)]
+        assert keys == [new.secret]
+
+
+def _make_due(settings: Settings, message_id: str) -> None:
+    with session_scope(settings) as session:
+        msg = session.get(WebhookMessage, message_id)
+        assert msg is not None
+        msg.next_attempt_at = utcnow()

@@ -1,0 +1,95 @@
+"""The SSRF address validator, as pure functions: no packet leaves this machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from segsvc.webhooks.ssrf import (
+    UnresolvableHostError,
+    UnsafeTargetError,
+    check_url,
+    parse_networks,
+    refusal_reason,
+)
+
+LOOPBACK = parse_networks("127.0.0.0/8,::1/128")
+
+
+def fake_dns(*addresses: str):  # type: ignore[no-untyped-def]
+    return lambda _host, _port: list(addresses)
+
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("10.0.0.1", "private"),
+    ("192.168.1.1", "private"),
+    ("172.16.5.4", "private"),
+    ("169.254.169.254", "cloud metadata"),
+    ("fd00:ec2::254", "cloud metadata"),
+    ("169.254.1.1", "link-local"),
+    ("fe80::1", "link-local"),
+    ("fd00::1", "private"),
+    ("224.0.0.1", "multicast"),
+    ("ff02::1", "multicast"),
+    ("0.0.0.0", "unspecified"),
+    ("::", "unspecified"),
+    ("127.0.0.2", "loopback"),
+    ("::1", "loopback"),
+    ("100.64.0.1", "non-public"),
+    ("240.0.0.1", "private"),
+    ("::ffff:10.0.0.1", "embedding 10.0.0.1"),
+    ("::ffff:169.254.169.254", "cloud metadata"),
+    ("64:ff9b::a00:1", "embedding 10.0.0.1"),
+    ("2002:c0a8:101::", "embedding 192.168.1.1"),
+])
+def test_refusal_reason_refuses_non_public(address: str, reason: str) -> None:
+    why = refusal_reason(address)
+    assert why is not None
+    assert reason in why
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1"])
+def test_refusal_reason_allows_public(address: str) -> None:
+    assert refusal_reason(address) is None
+
+
+def test_refusal_reason_allowlist_opens_only_its_networks() -> None:
+    assert refusal_reason("127.0.0.2", LOOPBACK) is None
+    assert refusal_reason("::ffff:127.0.0.3", LOOPBACK) is None
+    assert refusal_reason("::1", LOOPBACK) is None
+    assert refusal_reason("10.0.0.1", LOOPBACK) is not None
+    assert refusal_reason("169.254.169.254", parse_networks("10.0.0.0/8")) is not None
+
+
+def test_check_url_refuses_when_any_address_is_private() -> None:
+    with pytest.raises(UnsafeTargetError, match=r"10\.0\.0\.1, a private address"):
+        check_url("https://hooks.example/x", resolver=fake_dns("93.184.215.14", "10.0.0.1"))
+
+
+def test_check_url_returns_every_checked_address() -> None:
+    target = check_url("https://hooks.example:8443/p?q=1",
+                       resolver=fake_dns("93.184.215.14", "2606:2800:21f:cb07::1"))
+    assert target.host == "hooks.example"
+    assert target.port == 8443
+    assert target.addresses == ("93.184.215.14", "2606:2800:21f:cb07::1")
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://hooks.example/", "hooks.example/x", "http:///x", "javascript:alert(1)",
+    "http://hooks.example:70000/", "https://" + "a" * 2100 + ".example/",
+])
+def test_check_url_refuses_malformed(url: str) -> None:
+    with pytest.raises(UnsafeTargetError):
+        check_url(url, resolver=fake_dns("93.184.215.14"))
+
+
+def test_check_url_unresolvable_is_its_own_error() -> None:
+    def no_dns(_host: str, _port: int) -> list[str]:
+        raise OSError("Name or service not known")
+
+    with pytest.raises(UnresolvableHostError, match="could not be resolved"):
+        check_url("https://nowhere.invalid/", resolver=no_dns)
+
+
+def test_check_url_refuses_metadata_literal_without_resolving() -> None:
+    with pytest.raises(UnsafeTargetError, match="cloud metadata"):
+        check_url("http://169.254.169.254/latest/meta-data/")

@@ -1,0 +1,115 @@
+"""The webhook worker: its own Celery app on the webhooks queue (no model, no TensorFlow).
+
+Start it with
+`celery -A worker.webhook_tasks worker -Q webhooks --pool threads --concurrency 8`.
+It never consumes the inference queue (and inference workers never consume this one), so a
+slow receiver cannot stall inference. A dispatcher thread polls Postgres for due messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Queue
+
+from segsvc.db import session_scope
+from segsvc.metrics import WEBHOOK_DELIVERIES, WEBHOOK_LATENCY
+from segsvc.queue import DELIVER_WEBHOOK, make_celery
+from segsvc.settings import Settings, get_settings
+from segsvc.webhooks.delivery import deliver
+from segsvc.webhooks.dispatch import claim_due, finish_attempt, start_attempt
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0
+
+settings = get_settings()
+app = make_celery(settings, name="segsvc-webhooks")
+app.conf.update(
+    # Only the webhooks queue by default: started without -Q, this app must not take jobs.
+    task_default_queue=settings.webhook_queue_name,
+    task_queues=[Queue(settings.webhook_queue_name)],
+    worker_prefetch_multiplier=1,  # a slow receiver holds one message, not a handful
+)
+
+
+@app.task(name=DELIVER_WEBHOOK, acks_late=True)
+def deliver_webhook(message_id: str, lease: str) -> str:
+    """One attempt of a claimed message (a stale or duplicate hint does nothing)."""
+    return deliver_message(settings, message_id, datetime.fromisoformat(lease))
+
+
+def deliver_message(cfg: Settings, message_id: str, lease: datetime) -> str:
+    """Prepare and sign in one transaction, POST outside any, record in another."""
+    with session_scope(cfg) as session:
+        prepared = start_attempt(session=session, message_id=message_id, lease=lease,
+                                 settings=cfg)
+    if prepared is None:
+        return "skipped"
+    outcome = deliver(url=prepared.url, body=prepared.body, headers=prepared.headers,
+                      settings=cfg)
+    WEBHOOK_DELIVERIES.labels(outcome.kind).inc()
+    WEBHOOK_LATENCY.observe(outcome.duration_ms / 1000.0)
+    with session_scope(cfg) as session:
+        status = finish_attempt(session=session, prepared=prepared, outcome=outcome,
+                                settings=cfg)
+    log.info("webhook %s: %s (%s) -> %s", message_id, outcome.kind,
+             outcome.status_code or outcome.error, status)
+    return status
+
+
+def dispatch_due(cfg: Settings, sender: Celery) -> int:
+    """Claim due messages in Postgres and hand them to the webhooks queue."""
+    with session_scope(cfg) as session:
+        claimed = claim_due(session=session)
+    for message_id, lease in claimed:
+        try:
+            sender.send_task(DELIVER_WEBHOOK, args=[message_id, lease.isoformat()],
+                             queue=cfg.webhook_queue_name)
+        except Exception:  # the lease runs out and the message is claimed again
+            log.warning("could not enqueue webhook %s", message_id, exc_info=True)
+    return len(claimed)
+
+
+class Dispatcher(threading.Thread):
+    """Polls for due messages every second until stopped."""
+
+    def __init__(self, cfg: Settings, sender: Celery) -> None:
+        super().__init__(name="webhook-dispatcher", daemon=True)
+        self.cfg, self.sender = cfg, sender
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                busy = dispatch_due(self.cfg, self.sender) > 0
+            except Exception:  # a database blip must not kill the thread
+                log.warning("webhook dispatch failed; retrying", exc_info=True)
+                busy = False
+            self.stopping.wait(0.05 if busy else POLL_S)
+
+
+_dispatcher: Dispatcher | None = None
+
+
+@signals.worker_ready.connect
+def _start_dispatcher(sender: Any = None, **_: Any) -> None:
+    """Run the dispatcher in workers that consume the webhooks queue."""
+    global _dispatcher
+    if getattr(sender, "app", None) is not app or _dispatcher is not None:
+        return
+    if settings.webhook_queue_name not in (app.amqp.queues.consume_from or {}):
+        return
+    _dispatcher = Dispatcher(settings, app)
+    _dispatcher.start()
+    log.info("webhook dispatcher started")
+
+
+@signals.worker_shutdown.connect
+def _stop_dispatcher(**_: Any) -> None:
+    if _dispatcher is not None:
+        _dispatcher.stopping.set()

@@ -15,6 +15,7 @@ from segsvc.ml.preprocess import decode_mask_png, render_overlay
 from segsvc.queue import enqueue_job
 from segsvc.services import idempotency, limits
 from segsvc.services import jobs as job_service
+from segsvc.services import webhooks as webhook_service
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
         max_pixels=cfg.max_pixels,
     )
     session = db()
+    hook = webhook_service.parse_subscription(
+        session=session, url=request.form.get("webhook"),
+        events=request.form.getlist("webhook_events"), settings=cfg,
+        client_id=current_client().id,  # type: ignore[arg-type]
+    )
     idem = idempotency.parse_request(
         request.headers.get("Idempotency-Key"), image_sha256=image.sha256,
         fields=request.form.items(multi=True),
@@ -54,6 +60,8 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
             request_id=request.headers.get("X-Request-ID"),
             idempotency_key=idem.key if idem else None,
             request_fingerprint=idem.fingerprint if idem else None,
+            webhook_url=hook.url,
+            webhook_events=hook.events,
         )
     session.commit()
     try:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from segsvc.errors import ConflictError, NotFoundError
 from segsvc.images import ValidatedImage
 from segsvc.models import Job, JobStatus, utcnow
+from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
 
 
 def create_job(
@@ -123,6 +124,7 @@ def claim_jobs(
     ).all()
     if not rows:
         return []
+    record_job_events(session=session, job_ids=[r[0] for r in rows], event=JOB_STARTED)
     # The (large) inputs are read in a second statement: RETURNING them would hold them in the
     # UPDATE's result on every backend, and SQLite cannot return deferred columns lazily.
     found = session.execute(
@@ -154,6 +156,7 @@ def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int
         return 0
     now = utcnow()
     done = 0
+    finished: list[uuid.UUID] = []
     for r in results:  # executemany under the hood for the same statement shape
         res = session.execute(
             update(Job)
@@ -179,6 +182,9 @@ def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int
             .execution_options(synchronize_session=False)
         )
         done += res.rowcount  # type: ignore[attr-defined]
+        if res.rowcount:  # type: ignore[attr-defined]
+            finished.append(r["id"])
+    record_job_events(session=session, job_ids=finished, event=JOB_COMPLETED)
     return done
 
 
@@ -206,6 +212,8 @@ def fail_job(
         )
         .execution_options(synchronize_session=False)
     )
+    if res.rowcount:  # type: ignore[attr-defined]
+        record_job_events(session=session, job_ids=[job_id], event=JOB_COMPLETED)
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
@@ -230,6 +238,8 @@ def cancel_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) ->
         job.completed_at = utcnow()
         job.error_code = "canceled"
         job.error_message = "Canceled by the client."
+        session.flush()
+        record_job_events(session=session, job_ids=[job.id], event=JOB_COMPLETED)
     session.flush()
     return job
 

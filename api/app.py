@@ -30,7 +30,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 def register_blueprints(app: Flask) -> None:
     """Attach every route group."""
-    from api.routes import health, jobs
+    from api.routes import docs, health, jobs
 
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(docs.bp)

@@ -1,0 +1,131 @@
+"""The OpenAPI 3.1 document, built from the app's URL map, the pydantic models in
+`api/schemas_openapi.py` and a registry of what each endpoint accepts and answers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from api import schemas_openapi as s
+
+PNG = "image/png"
+SERVED_PREFIXES = ("/v1/",)
+SERVED_PATHS = ("/healthz", "/readyz", "/openapi.json")
+ERROR_TEXT = {
+    400: "Malformed request.", 401: "Missing or unknown API key.", 403: "Needs an admin key.",
+    404: "No such job for this key (another key's job is not found either).",
+    409: "Not possible in the job's state.", 413: "Upload over the size limit.",
+    415: "Not a JPEG, PNG or WebP image.", 422: "Invalid image or field.",
+    429: "Rate limited; see Retry-After.",
+    503: "Overloaded or a dependency is down; see Retry-After.",
+}
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}
+
+
+@dataclass(frozen=True)
+class Operation:
+    """What one endpoint accepts and answers (status -> model, or a media type for bytes)."""
+
+    responses: Mapping[int, type[BaseModel] | str]
+    form: type[BaseModel] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+IDEMPOTENCY = {"Idempotency-Key": "Replays the same job for the same body within 24 h."}
+OPERATIONS: dict[str, Operation] = {
+    "jobs.submit_job": Operation(
+        {202: s.AcceptedJob, 200: s.AcceptedJob, 400: s.Error, 409: s.Error, 413: s.Error,
+         415: s.Error, 422: s.Error, 429: s.Error, 503: s.Error},
+        form=s.JobSubmission, headers=IDEMPOTENCY,
+    ),
+    "jobs.read_job": Operation({200: s.Job}),
+    "jobs.read_mask": Operation({200: PNG, 409: s.Error}),
+    "jobs.read_overlay": Operation({200: PNG, 409: s.Error}),
+    "jobs.cancel_job": Operation({200: s.Job, 409: s.Error}),
+    "health.healthz": Operation({200: s.Health}),
+    "health.readyz": Operation({200: s.Readiness, 503: s.Readiness}),
+    "docs.openapi_json": Operation({200: "application/json"}),
+}
+MODELS: list[type[BaseModel]] = [s.Error, s.Job, s.AcceptedJob, s.JobSubmission, s.Health,
+                                 s.Readiness]
+_PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+
+def build_openapi(app: Flask) -> dict[str, Any]:
+    """The whole document for the routes this app serves."""
+    _, defs = models_json_schema(
+        [(m, "validation") for m in MODELS], ref_template="#/components/schemas/{model}"
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        if not _served(rule.rule) or "<path:" in rule.rule:
+            continue
+        path = _PARAM.sub(r"{\1}", rule.rule)
+        view = app.view_functions[rule.endpoint]
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            paths.setdefault(path, {})[method.lower()] = _operation(
+                rule.endpoint, path, sorted(rule.arguments), (view.__doc__ or "").strip()
+            )
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "segsvc", "version": "1",
+                 "description": "Image segmentation jobs: submit a photo, poll, fetch the mask."},
+        "paths": paths,
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _served(rule: str) -> bool:
+    return rule.startswith(SERVED_PREFIXES) or rule in SERVED_PATHS
+
+
+def _operation(endpoint: str, path: str, params: list[str], doc: str) -> dict[str, Any]:
+    spec = OPERATIONS.get(endpoint)
+    op: dict[str, Any] = {"operationId": endpoint, "summary": doc.splitlines()[0] if doc else ""}
+    parameters = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in params]
+    responses: dict[str, Any] = {}
+    if spec is None:  # an endpoint not described yet: any answer, but never a 5xx
+        responses["default"] = {"description": "See the endpoint's documentation."}
+    else:
+        responses.update({str(k): _response(k, v) for k, v in spec.responses.items()})
+        parameters += [{"name": h, "in": "header", "required": False, "description": d,
+                        "schema": {"type": "string", "maxLength": 255}}
+                       for h, d in spec.headers.items()]
+        if spec.form is not None:
+            op["requestBody"] = {"required": True, "content": {"multipart/form-data": {
+                "schema": {"$ref": f"#/components/schemas/{spec.form.__name__}"}}}}
+    if path.startswith("/v1/"):
+        op["security"] = [{"bearer": []}]
+        responses.setdefault("401", _response(401, s.Error))
+        responses.setdefault("503", _response(503, s.Error))
+        if params:
+            responses.setdefault("404", _response(404, s.Error))
+    if parameters:
+        op["parameters"] = parameters
+    op["responses"] = responses
+    return op
+
+
+def _response(status: int, body: type[BaseModel] | str) -> dict[str, Any]:
+    if isinstance(body, str):
+        schema: dict[str, Any] = {"type": "string", "format": "binary"} if body == PNG else {}
+        content = {body: {"schema": schema}}
+    else:
+        ref = {"$ref": f"#/components/schemas/{body.__name__}"}
+        content = {"application/json": {"schema": ref}}
+    out: dict[str, Any] = {"description": ERROR_TEXT.get(status, "OK"), "content": content}
+    if status in (429, 503):
+        out["headers"] = RETRY_AFTER
+    if status == 202:
+        out["headers"] = {"Location": {"description": "The job URL.", "schema": {"type": "string"}}}
+    return out

@@ -1,0 +1,71 @@
+"""The OpenAPI document: served, generated from the code, and fuzzed with schemathesis."""
+
+from __future__ import annotations
+
+import re
+
+import hypothesis
+import pytest
+import schemathesis
+from schemathesis import GenerationMode, checks
+
+from api.openapi import OPERATIONS
+
+EXAMPLES = 10  # per operation and mode: the whole fuzz stays well under a minute
+CHECKS = [
+    checks.not_a_server_error,
+    checks.status_code_conformance,
+    checks.content_type_conformance,
+    checks.response_schema_conformance,
+    checks.response_headers_conformance,
+]
+
+
+def test_openapi_describes_every_api_route(client, app) -> None:  # type: ignore[no-untyped-def]
+    doc = client.get("/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.")
+    described = {(path, m) for path, ops in doc["paths"].items() for m in ops}
+    routes = {re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", r.rule)
+              for r in app.url_map.iter_rules() if r.rule.startswith("/v1/")}
+    assert routes <= {path for path, _ in described}
+    assert ("/v1/jobs", "post") in described
+    assert set(OPERATIONS) <= {op["operationId"] for ops in doc["paths"].values()
+                               for op in ops.values()}
+
+
+def test_openapi_submit_documents_limits(client) -> None:  # type: ignore[no-untyped-def]
+    op = client.get("/openapi.json").get_json()["paths"]["/v1/jobs"]["post"]
+    assert {"202", "200", "401", "413", "415", "422", "429", "503"} <= set(op["responses"])
+    assert "Retry-After" in op["responses"]["429"]["headers"]
+    assert op["security"] == [{"bearer": []}]
+
+
+@pytest.mark.timeout(180)
+def test_openapi_fuzz_no_server_errors(app, admin_key: str) -> None:  # type: ignore[no-untyped-def]
+    """Every operation, valid and invalid inputs: no 5xx, and every answer matches the spec."""
+    api = schemathesis.openapi.from_wsgi("/openapi.json", app)
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    failures: list[str] = []
+    counts = {"operations": 0, "cases": 0}
+    for result in api.get_all_operations():
+        operation = result.ok()
+        counts["operations"] += 1
+        for mode in GenerationMode:
+
+            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+            @hypothesis.settings(max_examples=EXAMPLES, deadline=None, database=None,
+                                 derandomize=True, phases=[hypothesis.Phase.generate],
+                                 suppress_health_check=list(hypothesis.HealthCheck))
+            def run(case) -> None:  # type: ignore[no-untyped-def]
+                counts["cases"] += 1
+                case.call_and_validate(headers=headers, checks=CHECKS)
+
+            try:
+                run()
+            except hypothesis.errors.Unsatisfiable:  # nothing to make invalid (no inputs)
+                continue
+            except Exception as exc:
+                failures.append(f"{operation.label} [{mode.value}]: {str(exc)[:1500]}")
+    print(f"schemathesis: {counts}, failures: {len(failures)}")
+    assert counts["operations"] >= 8
+    assert not failures, "\n\n".join(failures)

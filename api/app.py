@@ -6,6 +6,7 @@ from flask import Flask
 
 from api.context import register_context
 from api.errors import register_error_handlers
+from api.metrics import register_metrics
 from segsvc.queue import make_celery
 from segsvc.settings import Settings, get_settings
 
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_FORM_MEMORY_SIZE"] = 64 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["segsvc_celery"] = make_celery(settings, name="segsvc-api")
+    register_metrics(app)
     register_context(app)
     register_blueprints(app)
     register_error_handlers(app)

@@ -39,6 +39,10 @@ MODEL_LOAD_TIME = Gauge(
     "segsvc_model_load_seconds", "Time to load and warm a model version.", ["model_version"]
 )
 QUEUE_DEPTH = Gauge("segsvc_queue_depth", "Jobs waiting (queued in Postgres).")
+BROKER_QUEUE_LENGTH = Gauge(
+    "segsvc_broker_queue_length", "Messages waiting in the broker list, by queue.", ["queue"]
+)
+WORKER_READY = Gauge("segsvc_worker_ready", "1 once the worker has loaded its model.")
 
 # --- webhook workers -------------------------------------------------------------------------
 WEBHOOK_DELIVERIES = Counter(

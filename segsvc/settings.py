@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level.")
     blob_store: Literal["db", "fs"] = Field("db", description="Where inputs/masks are kept.")
     blob_dir: Path | None = Field(None, description="Folder for blob_store=fs.")
+    metrics_port: int = Field(0, description="Worker /metrics port (0: no metrics server).")
+    probe_dir: Path | None = Field(
+        None, description="Worker writes `ready` (model loaded) and `alive` files here."
+    )
 
     @property
     def sqlalchemy_url(self) -> str:

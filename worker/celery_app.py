@@ -12,6 +12,7 @@ from celery import signals
 
 from segsvc.queue import RECONCILE, make_celery
 from segsvc.settings import get_settings
+from worker import observability  # noqa: F401  (connects the log, metrics and probe hooks)
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,57 @@
+"""gunicorn settings for the API: `gunicorn -c python:api.gunicorn_conf api.wsgi:app`.
+
+prometheus-client picks its multiprocess value store when it is first imported, so the metrics
+folder is set here, before anything imports it; every worker inherits it through the fork.
+Command-line flags (`--bind`, `--workers`) override the values below.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="segsvc-prom-"))
+
+from gunicorn import glogging
+
+from segsvc.logging_setup import configure_logging
+from segsvc.settings import get_settings
+
+bind = os.environ.get("GUNICORN_BIND", f"0.0.0.0:{get_settings().port}")
+workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+graceful_timeout = 10
+timeout = 60
+accesslog = None  # api/metrics.py logs one structured line per request instead
+worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR") or None  # /dev/shm in containers
+
+
+class Logger(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's own messages go through the root logger, so they share the JSON format."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = True
+        configure_logging(get_settings(), service="api")
+
+
+logger_class = Logger
+
+
+def on_starting(server: Any) -> None:
+    """Start from an empty metrics folder: files of a previous run would skew the counters."""
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges (its counters stay summed)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

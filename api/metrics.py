@@ -1,0 +1,104 @@
+"""Request metrics, request ids and access logs for the API, plus its /metrics endpoint.
+
+Under gunicorn each worker is its own process, so prometheus-client runs in multiprocess mode
+(`PROMETHEUS_MULTIPROC_DIR`, set by `api/gunicorn_conf.py`) and /metrics aggregates the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from segsvc.logging_setup import bind_context, reset_context
+from segsvc.metrics import HTTP_LATENCY, HTTP_REQUESTS, REJECTIONS, SUBMISSIONS
+
+log = logging.getLogger("segsvc.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+SUBMIT_ENDPOINT = "jobs.submit_job"
+
+
+def request_id_from(value: str | None) -> str:
+    """The caller's request id when it is short and plain, else a fresh one."""
+    if value and _SAFE_ID.match(value):
+        return value
+    return uuid.uuid4().hex
+
+
+def _before() -> None:
+    g.metrics_started = time.perf_counter()
+    rid = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+    # Handlers read the id from the header (it is stored on the job row, a 64-char column), so
+    # the sanitized or generated value replaces the raw one in the WSGI environ.
+    request.environ["HTTP_X_REQUEST_ID"] = rid
+    g.request_id = rid
+    g.log_token = bind_context(request_id=rid)
+
+
+def _after(response: Response) -> Response:
+    started = g.pop("metrics_started", None)
+    if started is None:
+        return response
+    elapsed = time.perf_counter() - started
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+    HTTP_LATENCY.labels(route, request.method).observe(elapsed)
+    job_id = (request.view_args or {}).get("job_id")
+    if request.endpoint == SUBMIT_ENDPOINT:
+        job_id = _count_submission(response) or job_id
+    response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
+    log.info(
+        "%s %s %s", request.method, request.path, response.status_code,
+        extra={"route": route, "method": request.method, "status": response.status_code,
+               "duration_ms": round(elapsed * 1000.0, 2),
+               **({"job_id": job_id} if job_id else {})},
+    )
+    return response
+
+
+def _count_submission(response: Response) -> str | None:
+    """Count an accepted or refused submission; the accepted job's id."""
+    body = response.get_json(silent=True) if response.is_json else None
+    body = body if isinstance(body, dict) else {}
+    if response.status_code < 300:
+        SUBMISSIONS.inc()
+        return str(body["id"]) if body.get("id") else None
+    REJECTIONS.labels(str(body.get("error") or response.status_code)).inc()
+    return None
+
+
+def _teardown(_exc: BaseException | None) -> None:
+    token = g.pop("log_token", None)
+    if token is not None:
+        reset_context(token)
+
+
+def metrics_registry() -> CollectorRegistry:
+    """The registry to expose: all gunicorn workers' files in multiprocess mode."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def metrics_view() -> Response:
+    """Prometheus exposition of every series this API process (group) records."""
+    return Response(generate_latest(metrics_registry()), mimetype=CONTENT_TYPE_LATEST)
+
+
+def register_metrics(app: Flask) -> None:
+    """Time and count every request, tag it with a request id, serve /metrics."""
+    app.before_request(_before)
+    app.after_request(_after)
+    app.teardown_request(_teardown)
+    app.add_url_rule("/metrics", "metrics", metrics_view, methods=["GET"])

@@ -1,0 +1,111 @@
+"""The API's /metrics endpoint, request ids and access logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from PIL import Image
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.metrics import request_id_from
+from segsvc.db import session_scope
+from segsvc.logging_setup import configure_logging
+from segsvc.models import Job
+from segsvc.settings import Settings
+
+
+def png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def submit(client, headers: dict[str, str], data: bytes):  # type: ignore[no-untyped-def]
+    return client.post("/v1/jobs", headers=headers, data={"image": (io.BytesIO(data), "x.png")},
+                       content_type="multipart/form-data")
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def log_lines(settings: Settings) -> Iterator[io.StringIO]:
+    """Root logs as JSON into a buffer for the test's duration."""
+    stream = io.StringIO()
+    level = logging.getLogger().level
+    handler = configure_logging(settings.model_copy(update={"log_format": "json"}),
+                                service="api", stream=stream)
+    yield stream
+    logging.getLogger().removeHandler(handler)
+    logging.getLogger().setLevel(level)
+
+
+def test_metrics_endpoint_exposes_request_and_submission_series(client, auth) -> None:  # type: ignore[no-untyped-def]
+    accepted = sample("segsvc_submissions_total")
+    refused = sample("segsvc_rejections_total", reason="invalid_image")
+    route = {"route": "/v1/jobs", "method": "POST"}
+    ok_before = sample("segsvc_http_requests_total", status="202", **route)
+    assert submit(client, auth, png_bytes()).status_code == 202
+    assert submit(client, auth, b"not an image").status_code in (400, 415, 422)
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.mimetype == "text/plain"
+    families = {f.name: f for f in text_string_to_metric_families(resp.get_data(as_text=True))}
+    for name in ("segsvc_http_requests", "segsvc_http_request_duration_seconds",
+                 "segsvc_submissions", "segsvc_rejections"):
+        assert name in families
+    assert sample("segsvc_http_requests_total", status="202", **route) == ok_before + 1
+    assert sample("segsvc_http_request_duration_seconds_count", **route) >= 2
+    assert sample("segsvc_submissions_total") == accepted + 1
+    reasons = {s.labels["reason"] for s in families["segsvc_rejections"].samples}
+    assert reasons, "a refused upload is counted with its reason"
+    assert sample("segsvc_rejections_total", reason="invalid_image") >= refused
+
+
+def test_metrics_route_label_is_the_url_rule_not_the_path(client, auth) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, auth, png_bytes()).get_json()["id"]
+    labels = {"route": "/v1/jobs/<job_id>", "method": "GET", "status": "200"}
+    before = sample("segsvc_http_requests_total", **labels)
+    client.get(f"/v1/jobs/{job_id}", headers=auth)
+    assert sample("segsvc_http_requests_total", **labels) == before + 1
+    assert sample("segsvc_http_requests_total", route=f"/v1/jobs/{job_id}", method="GET",
+                  status="200") == 0
+
+
+def test_request_id_is_generated_stored_and_returned(client, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    resp = submit(client, auth, png_bytes())
+    rid = resp.headers["X-Request-ID"]
+    assert len(rid) == 32
+    with session_scope(settings) as session:
+        job = session.get(Job, uuid.UUID(resp.get_json()["id"]))
+        assert job is not None
+        assert job.request_id == rid
+
+
+def test_request_id_from_caller_kept_when_plain_replaced_when_unsafe(client, auth) -> None:  # type: ignore[no-untyped-def]
+    kept = submit(client, {**auth, "X-Request-ID": "abc-123"}, png_bytes())
+    assert kept.headers["X-Request-ID"] == "abc-123"
+    long = submit(client, {**auth, "X-Request-ID": "x" * 300}, png_bytes())
+    assert long.status_code == 202
+    assert long.headers["X-Request-ID"] != "x" * 300
+    assert request_id_from("a b\nc") != "a b\nc"
+
+
+def test_access_log_is_one_json_line_with_correlation_fields(client, auth, log_lines) -> None:  # type: ignore[no-untyped-def]
+    resp = submit(client, {**auth, "X-Request-ID": "req-42"}, png_bytes())
+    job_id = resp.get_json()["id"]
+    client.get(f"/v1/jobs/{job_id}", headers={**auth, "X-Request-ID": "req-43"})
+    records = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    access = [r for r in records if r["logger"] == "segsvc.access"]
+    assert [r["request_id"] for r in access] == ["req-42", "req-43"]
+    assert all(r["job_id"] == job_id for r in access)
+    assert access[0]["status"] == 202
+    assert access[0]["route"] == "/v1/jobs"
+    assert {"ts", "level", "message", "service", "duration_ms"} <= set(access[0])

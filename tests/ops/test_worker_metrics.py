@@ -1,0 +1,114 @@
+"""Worker-side metrics, probe files and JSON logs: in-process pieces and one real worker."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from segsvc.settings import Settings
+from tests.conftest import start_worker, stop_process
+from worker.metrics_server import record_model, sample_queue_depth, start_metrics_server
+from worker.probes import ALIVE, READY, clear_probes, probe_age, write_probe
+
+WORKER_SERIES = ("segsvc_model_info", "segsvc_model_load_seconds", "segsvc_worker_ready",
+                 "segsvc_jobs", "segsvc_job_queue_wait_seconds", "segsvc_batch_predict_seconds",
+                 "segsvc_batch_size")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 40), (200, 10, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def submit(client, auth) -> str:  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
+                       data={"image": (io.BytesIO(png_bytes()), "x.png")})
+    assert resp.status_code == 202
+    return str(resp.get_json()["id"])
+
+
+def scrape(port: int) -> dict[str, list]:  # type: ignore[type-arg]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_sample_queue_depth_counts_postgres_rows_and_broker_lists(client, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(3):
+        submit(client, auth)
+    depth = sample_queue_depth(settings)
+    assert depth == {"queued_jobs": 3, settings.queue_name: 3, settings.webhook_queue_name: 0}
+    assert REGISTRY.get_sample_value("segsvc_queue_depth") == 3
+    assert REGISTRY.get_sample_value("segsvc_broker_queue_length",
+                                     {"queue": settings.queue_name}) == 3
+
+
+def test_metrics_server_serves_model_gauges() -> None:
+    port = free_port()
+    assert start_metrics_server(0) is False
+    assert start_metrics_server(port) is True
+    record_model(version="v-test", sha256="ab" * 32, runtime="onnx", load_seconds=1.5)
+    families = scrape(port)
+    info = families["segsvc_model_info"][0]
+    assert info.labels == {"production": "v-test", "sha256": "abababababab", "runtime": "onnx"}
+    loads = {s.labels["model_version"]: s.value for s in families["segsvc_model_load_seconds"]}
+    assert loads["v-test"] == 1.5
+
+
+def test_probe_files_written_refreshed_and_cleared(tmp_path: Path) -> None:
+    write_probe(None, READY)  # probes off: nothing happens
+    write_probe(tmp_path, READY)
+    assert probe_age(tmp_path, READY) is not None
+    assert (probe_age(tmp_path, READY) or 99) < 5
+    clear_probes(tmp_path)
+    assert probe_age(tmp_path, READY) is None
+    assert probe_age(tmp_path, ALIVE) is None
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_worker_exposes_series_probes_and_json_logs_after_a_job(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, production_model: str, tmp_path: Path
+) -> None:
+    port, probes, log_path = free_port(), tmp_path / "probes", tmp_path / "worker.log"
+    proc = start_worker(settings, log_path, SEG_METRICS_PORT=str(port),
+                        SEG_PROBE_DIR=str(probes), SEG_LOG_FORMAT="json")
+    try:
+        assert probe_age(probes, READY) is not None, "ready is written once the model loads"
+        job_id = submit(client, auth)
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["status"] != "succeeded":
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(2.5)  # one heartbeat
+        assert (probe_age(probes, ALIVE) or 99) < 5
+        families = scrape(port)
+    finally:
+        stop_process(proc)
+    missing = [name for name in WORKER_SERIES if name not in families]
+    assert not missing, missing
+    assert families["segsvc_model_info"][0].labels["production"] == production_model
+    assert families["segsvc_worker_ready"][0].value == 1
+    jobs = {s.labels.get("status"): s.value for s in families["segsvc_jobs"]
+            if s.name == "segsvc_jobs_total"}
+    assert jobs.get("succeeded", 0) >= 1, families["segsvc_jobs"]
+    assert probe_age(probes, READY) is None, "a stopped worker is not ready"
+    records = [json.loads(line) for line in log_path.read_text().splitlines()
+               if line.startswith("{")]
+    assert any(r["message"].endswith(" ready.") for r in records)
+    assert all(r["service"] == "worker" for r in records)

@@ -19,12 +19,13 @@ log = logging.getLogger(__name__)
 settings = get_settings()
 app = make_celery(settings, name="segsvc-worker")
 app.conf.update(
-    # celery-batches buffers messages in the consumer until a batch is full (or the flush
-    # interval passes), so the worker must be allowed to hold at least a full batch of
-    # unacknowledged messages: prefetch = multiplier x concurrency >= batch_max_size. We use
-    # twice that so the next batch is already buffered while one runs. With acks_late, the
-    # prefetched messages stay unacknowledged in Redis until their batch is stored.
-    worker_prefetch_multiplier=max(2 * settings.batch_max_size, 1),
+    # Run with `--pool solo`: the consumer only buffers job ids for the MicroBatcher
+    # (worker/batcher.py), whose threads run the model. With acks_late a message stays
+    # unacknowledged until its batch's results are committed, so prefetch (multiplier x
+    # concurrency 1) bounds the jobs in the pipeline: one batch storing, one in the model and
+    # one forming = 3 x batch_max_size. Less starves the model under load; more only hoards
+    # messages that another worker could run (and that wait for redelivery if this one dies).
+    worker_prefetch_multiplier=max(3 * settings.batch_max_size, 1),
     imports=("worker.tasks", "worker.reconciler"),
 )
 # The reconciler re-sends jobs the broker lost; `expires` drops passes that no worker took in time.

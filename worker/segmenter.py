@@ -1,4 +1,9 @@
-"""The Segmenter: loads the serving model once per process and runs micro-batches of jobs."""
+"""The Segmenter: loads the serving model once per process and runs micro-batches of jobs.
+
+A batch runs in two stages so that they can overlap across batches:
+`infer` (claim + one forward pass per model version; the model thread) and
+`store` (argmax, mask resize, PNG encode, one transaction for every result; a post thread).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,16 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from segsvc.db import session_scope
+from segsvc.metrics import BATCH_SIZE, JOBS_FINISHED, PREDICT_TIME, QUEUE_WAIT
 from segsvc.ml import IMAGE_SIZE
-from segsvc.ml.preprocess import (
-    class_fractions,
-    encode_mask_png,
-    normalize,
-    postprocess,
-    preprocess_bytes,
-)
-from segsvc.models import Job
+from segsvc.ml.preprocess import class_fractions, encode_mask_png, normalize, postprocess
 from segsvc.services import jobs as job_service
 from segsvc.settings import Settings, get_settings
 from worker.model_manager import LoadedModel, ModelManager
@@ -29,6 +28,26 @@ from worker.model_manager import LoadedModel, ModelManager
 log = logging.getLogger(__name__)
 
 INPUT_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
+Claimed = job_service.Claimed
+
+
+@dataclass
+class Group:
+    """Jobs served by one model version and their logits from one forward pass."""
+
+    model: LoadedModel
+    jobs: list[Claimed]
+    logits: npt.NDArray[np.float32]
+    predict_ms: float
+
+
+@dataclass
+class Inferred:
+    """A batch after its forward passes, waiting to be stored."""
+
+    claimed: int = 0
+    groups: list[Group] = field(default_factory=list)
+    failed: list[tuple[Claimed, str, str]] = field(default_factory=list)  # job, code, message
 
 
 class Segmenter:
@@ -37,7 +56,6 @@ class Segmenter:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.models = ModelManager(self.settings)
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seg-post")
 
     # --- model --------------------------------------------------------------------------
     def load(self) -> LoadedModel:
@@ -58,83 +76,93 @@ class Segmenter:
     # --- jobs -------------------------------------------------------------------------------
     def run_jobs(self, job_ids: Sequence[str]) -> dict[str, int]:
         """Claim, predict in one forward pass, store results; returns counts by outcome."""
-        ids = _parse_ids(job_ids)
+        return self.store(self.infer(job_ids))
+
+    def infer(self, job_ids: Sequence[str]) -> Inferred:
+        """Claim the jobs (duplicates and finished jobs drop out) and run the forward passes."""
         self.load()
+        ids = list(dict.fromkeys(_parse_ids(job_ids)))
+        if not ids:
+            return Inferred()
         with session_scope(self.settings) as session:
             claimed = job_service.claim_jobs(
                 session=session, job_ids=ids, lease_seconds=self.settings.job_lease_seconds
             )
-        if not claimed:
-            return {"claimed": 0, "succeeded": 0, "failed": 0}
-        groups: dict[str, list[tuple[job_service.Claimed, npt.NDArray[np.float32]]]] = {}
-        models: dict[str, LoadedModel] = {}
-        failed = []
+        out = Inferred(claimed=len(claimed))
+        by_version: dict[str, tuple[LoadedModel, list[Claimed], list[Any]]] = {}
         for job in claimed:
-            try:
-                model = self.models.model_for(job.id)
-                groups.setdefault(model.version, []).append((job, self._model_input(job)))
-                models[model.version] = model
-            except Exception as exc:
-                failed.append((job, exc))
-        self._fail_poison(failed)
-        results = []
-        for version, items in groups.items():
-            results.extend(self._run_group(models[version], items))
+            pixels = _model_input(job)
+            if pixels is None:
+                out.failed.append((job, "poison_input", "The stored model input is malformed."))
+                continue
+            model = self.models.model_for(job.id)
+            entry = by_version.setdefault(model.version, (model, [], []))
+            entry[1].append(job)
+            entry[2].append(pixels)
+        for model, jobs, inputs in by_version.values():
+            started = time.perf_counter()
+            logits = model.runtime.predict(normalize(np.stack(inputs)))
+            seconds = time.perf_counter() - started
+            PREDICT_TIME.labels(model.version).observe(seconds)
+            BATCH_SIZE.observe(len(jobs))
+            out.groups.append(Group(model, jobs, logits, seconds * 1000.0))
+        return out
+
+    def store(self, batch: Inferred) -> dict[str, int]:
+        """Masks, PNGs and class shares per job, then every outcome in one transaction."""
+        results: list[dict[str, Any]] = []
+        failed = list(batch.failed)
+        for group in batch.groups:
+            for job, logits in zip(group.jobs, group.logits, strict=True):
+                try:
+                    results.append(_result(job, logits, group, len(group.jobs)))
+                except Exception as exc:  # one bad job must not fail its batch
+                    log.warning("job %s failed in post-processing", job.id, exc_info=True)
+                    failed.append((job, "postprocess_failed", f"Post-processing failed: {exc}"))
+        if not results and not failed:
+            return {"claimed": batch.claimed, "succeeded": 0, "failed": 0}
         with session_scope(self.settings) as session:
-            job_service.complete_jobs(session=session, results=results)
-        return {"claimed": len(claimed), "succeeded": len(results), "failed": len(failed)}
+            done = job_service.complete_jobs(session=session, results=results)
+            for job, code, message in failed:
+                log.warning("job %s failed: %s", job.id, message)
+                job_service.fail_job(session=session, job_id=job.id, code=code, message=message,
+                                     lease_token=job.lease_token)
+        JOBS_FINISHED.labels("succeeded").inc(done)
+        JOBS_FINISHED.labels("failed").inc(len(failed))
+        return {"claimed": batch.claimed, "succeeded": done, "failed": len(failed)}
 
-    def _run_group(
-        self, model: LoadedModel, items: list[tuple[job_service.Claimed, npt.NDArray[np.float32]]]
-    ) -> list[dict[str, Any]]:
-        """One forward pass for jobs served by the same version."""
-        started = time.perf_counter()
-        logits = model.runtime.predict(np.stack([x for _, x in items]))
-        predict_ms = (time.perf_counter() - started) * 1000.0
-        return list(self._pool.map(
-            lambda pair: self._result(pair[0], pair[1], model, predict_ms, len(items)),
-            zip([job for job, _ in items], logits, strict=True),
-        ))
-
-    def _model_input(self, job: job_service.Claimed) -> npt.NDArray[np.float32]:
-        if job.model_input is not None and len(job.model_input) == INPUT_BYTES:
-            pixels = np.frombuffer(job.model_input, dtype=np.uint8)
-            return normalize(pixels.reshape(IMAGE_SIZE, IMAGE_SIZE, 3))
-        # Rows written without a prepared input: decode the stored upload.
+    def release(self, batch: Inferred) -> None:
+        """Give a batch's claimed jobs back to the queue (its storing failed transiently)."""
+        jobs = [job for group in batch.groups for job in group.jobs] + [j for j, *_ in batch.failed]
         with session_scope(self.settings) as session:
-            row = session.get(Job, job.id)
-            data = row.input_bytes if row is not None else None
-        if not data:
-            raise ValueError("the job has no stored input image")
-        return preprocess_bytes(data).array
+            for job in jobs:
+                job_service.release_job(session=session, job_id=job.id,
+                                        lease_token=job.lease_token)
 
-    def _result(
-        self, job: job_service.Claimed, logits: npt.NDArray[np.float32], model: LoadedModel,
-        predict_ms: float, batch_size: int,
-    ) -> dict[str, Any]:
-        mask = postprocess(logits, job.width, job.height)
-        return {
-            "id": job.id,
-            "lease_token": job.lease_token,
-            "mask_png": encode_mask_png(mask),
-            "class_fractions": class_fractions(mask),
-            "model_version": model.version,
-            "queue_ms": (job.started_at - job.created_at).total_seconds() * 1000.0,
-            "predict_ms": predict_ms,
-            "batch_size": batch_size,
-        }
 
-    def _fail_poison(self, failed: list[tuple[job_service.Claimed, Exception]]) -> None:
-        if not failed:
-            return
-        with session_scope(self.settings) as session:
-            for job, exc in failed:
-                log.warning("job %s has a bad stored image: %s", job.id, exc)
-                job_service.fail_job(
-                    session=session, job_id=job.id, code="poison_input",
-                    message=f"The stored image could not be processed: {exc}",
-                    lease_token=job.lease_token,
-                )
+def _model_input(job: Claimed) -> npt.NDArray[np.uint8] | None:
+    """The 128x128x3 uint8 input the API prepared (the worker never decodes uploads)."""
+    if job.model_input is None or len(job.model_input) != INPUT_BYTES:
+        return None
+    return np.frombuffer(job.model_input, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def _result(
+    job: Claimed, logits: npt.NDArray[np.float32], group: Group, size: int
+) -> dict[str, Any]:
+    mask = postprocess(logits, job.width, job.height)
+    queue_s = (job.started_at - job.created_at).total_seconds()
+    QUEUE_WAIT.observe(queue_s)
+    return {
+        "id": job.id,
+        "lease_token": job.lease_token,
+        "mask_png": encode_mask_png(mask),
+        "class_fractions": class_fractions(mask),
+        "model_version": group.model.version,
+        "queue_ms": queue_s * 1000.0,
+        "predict_ms": group.predict_ms,
+        "batch_size": size,
+    }
 
 
 def _parse_ids(raw: Sequence[str]) -> list[uuid.UUID]:

@@ -3,43 +3,86 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from functools import partial
 from typing import Any
 
-from celery_batches import Batches, SimpleRequest
+from celery import Celery, Task, signals
 
 from segsvc.queue import RUN_JOB
+from worker.batcher import Item, MicroBatcher
 from worker.celery_app import app, settings
 from worker.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
 _segmenter: Segmenter | None = None
+_batcher: MicroBatcher | None = None
+_lock = threading.Lock()
 
 
 def get_segmenter() -> Segmenter:
     """The process's one Segmenter (created lazily, after any fork)."""
     global _segmenter
-    if _segmenter is None:
-        _segmenter = Segmenter(settings)
-    return _segmenter
+    with _lock:
+        if _segmenter is None:
+            _segmenter = Segmenter(settings)
+        return _segmenter
 
 
-@app.task(
-    name=RUN_JOB,
-    base=Batches,
-    flush_every=settings.batch_max_size,
-    flush_interval=settings.batch_max_wait_ms / 1000.0,
-    acks_late=True,
-)
-def run_job(requests: Sequence[SimpleRequest]) -> dict[str, Any]:
-    """Run the buffered jobs as one micro-batch (duplicate ids and finished jobs are no-ops)."""
-    job_ids = list(dict.fromkeys(str(r.args[0]) for r in requests if r.args))
-    size = settings.batch_max_size
-    totals: dict[str, Any] = {}
-    for start in range(0, len(job_ids), size):
-        counts = get_segmenter().run_jobs(job_ids[start : start + size])
-        for key, value in counts.items():
-            totals[key] = totals.get(key, 0) + value
-    log.info("batch of %d messages: %s", len(requests), totals)
-    return totals
+def get_batcher() -> MicroBatcher:
+    """The process's one MicroBatcher (its threads start on first use)."""
+    global _batcher
+    segmenter = get_segmenter()
+    with _lock:
+        if _batcher is None:
+            _batcher = MicroBatcher(
+                segmenter, max_size=settings.batch_max_size,
+                max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            )
+        return _batcher
+
+
+class MicroBatchTask(Task):  # type: ignore[misc]
+    """A task whose delivered messages go to the MicroBatcher instead of the execution pool.
+
+    The consumer loop only parses the job id and buffers it; acks are sent after the batch's
+    results are committed (acks_late), through the consumer's own (thread-safe) ack promise.
+    """
+
+    def Strategy(self, task: Task, app: Celery, consumer: Any) -> Any:  # Celery's name
+        batcher = get_batcher()
+        errors = consumer.connection_errors
+
+        def on_message(message: Any, body: Any, ack: Any, reject: Any, *_: Any, **__: Any) -> None:
+            job_id = _job_id(message, body)
+            if job_id is None:
+                log.warning("dropping a %s message without a job id", RUN_JOB)
+                ack(log, errors)
+                return
+            batcher.put(Item(job_id, ack=partial(ack, log, errors),
+                             requeue=partial(reject, log, errors, True)))
+
+        return on_message
+
+
+def _job_id(message: Any, body: Any) -> str | None:
+    payload = body if body is not None else message.decode()
+    args = payload.get("args") if isinstance(payload, dict) else payload[0]
+    return str(args[0]) if args else None
+
+
+@app.task(name=RUN_JOB, base=MicroBatchTask, acks_late=True)
+def run_job(*job_ids: str) -> dict[str, int]:
+    """Run jobs now as one batch (a direct call; a worker batches messages through the
+    MicroBatcher). Duplicate ids and finished jobs are no-ops."""
+    return get_segmenter().run_jobs(list(job_ids))
+
+
+def _close_batcher(**_: Any) -> None:
+    """Warm shutdown: finish and store the batch in flight before the process exits."""
+    if _batcher is not None:
+        _batcher.close()
+
+
+signals.worker_shutdown.connect(_close_batcher)  # not a decorator: Celery's are untyped

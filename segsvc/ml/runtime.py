@@ -1,15 +1,30 @@
-"""Inference runtimes behind one interface: float32 NHWC batch in [0, 1] -> logits."""
+"""Inference runtimes behind one interface: float32 NHWC batch in [0, 1] -> logits.
+
+`keras` and `xla` import TensorFlow; `onnx` and `litert*` serve an artifact converted once per
+model version (see `segsvc.ml.convert`) and never import TensorFlow when it is cached.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from segsvc.ml import IMAGE_SIZE
+from segsvc.ml.convert import LITERT_KINDS, ensure_artifacts
+
 log = logging.getLogger(__name__)
+
+KINDS = ("auto", "keras", "xla", "onnx", *LITERT_KINDS)
+# What `auto` serves on a CPU: the fastest runtime that passed the faithfulness check in
+# BENCHMARKS.md (masks agree with float32 Keras on >= 99.5% of pixels).
+CPU_DEFAULT = "onnx"
 
 
 class Runtime(Protocol):
@@ -25,18 +40,26 @@ class Runtime(Protocol):
 class KerasRuntime:
     """TensorFlow/Keras: `model(x, training=False)` in a `tf.function` with a dynamic batch."""
 
-    def __init__(self, model_path: str | Path, *, jit_compile: bool = False) -> None:
+    def __init__(
+        self, model_path: str | Path, *, jit_compile: bool = False, mixed_precision: bool = False,
+        threads: int = 0,
+    ) -> None:
         import tensorflow as tf
 
         from segsvc.ml.unet import load_model
 
+        if threads:
+            _set_tf_threads(tf, threads)
         self.name = "xla" if jit_compile else "keras"
         self._tf = tf
         self._model = load_model(model_path)
-        spec = tf.TensorSpec(shape=(None, 128, 128, 3), dtype=tf.float32)
+        if mixed_precision:
+            self._model = _as_mixed_precision(self._model)
+            self.name += "-mixed"
+        spec = tf.TensorSpec(shape=(None, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=tf.float32)
         self._fn = tf.function(
-            lambda x: self._model(x, training=False), input_signature=[spec],
-            jit_compile=jit_compile,
+            lambda x: tf.cast(self._model(x, training=False), tf.float32),
+            input_signature=[spec], jit_compile=jit_compile,
         )
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -44,10 +67,134 @@ class KerasRuntime:
         return np.asarray(out, dtype=np.float32)
 
 
-def load_runtime(model_path: str | Path, *, kind: str = "keras", threads: int = 0) -> Runtime:
-    """Load `model_path` with the named runtime."""
-    if kind in ("keras", "auto"):
-        return KerasRuntime(model_path)
-    if kind == "xla":
-        return KerasRuntime(model_path, jit_compile=True)
-    raise ValueError(f"Unknown runtime {kind!r}")
+class OnnxRuntime:
+    """ONNX Runtime on the CPU with a dynamic batch dimension."""
+
+    def __init__(self, onnx_path: Path, *, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads  # 0: one per physical core
+        options.inter_op_num_threads = 1
+        self.name = "onnx"
+        self._session = ort.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+        self._input = self._session.get_inputs()[0].name
+
+    def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        (out,) = self._session.run(None, {self._input: np.ascontiguousarray(batch, np.float32)})
+        return np.asarray(out, dtype=np.float32)
+
+
+class LiteRTRuntime:
+    """LiteRT (TFLite) with XNNPACK: one interpreter per fixed batch size; batches are split.
+
+    A batch of n runs greedily as the largest fixed sizes that fit (32 + 8 + 1 + 1 for 42), so
+    nothing is padded and every graph keeps static shapes that XNNPACK fully accelerates.
+    """
+
+    def __init__(self, folder: Path, *, kind: str, batch_sizes: Sequence[int], threads: int = 0):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.name = kind
+        self._lock = threading.Lock()  # interpreters are not thread-safe
+        self._interpreters: dict[int, Any] = {}
+        for size in sorted(set(batch_sizes), reverse=True):
+            interp = Interpreter(
+                model_path=str(folder / f"b{size}.tflite"), num_threads=threads or os.cpu_count()
+            )
+            interp.allocate_tensors()
+            self._interpreters[size] = interp
+
+    def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        batch = np.ascontiguousarray(batch, np.float32)
+        outputs, start = [], 0
+        with self._lock:
+            while start < len(batch):
+                size = next(s for s in self._interpreters if s <= len(batch) - start)
+                outputs.append(self._run(self._interpreters[size], batch[start : start + size]))
+                start += size
+        if not outputs:
+            return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    @staticmethod
+    def _run(interp: Any, chunk: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        interp.set_tensor(interp.get_input_details()[0]["index"], chunk)
+        interp.invoke()
+        out = interp.get_tensor(interp.get_output_details()[0]["index"])
+        return np.array(out, dtype=np.float32)  # copy: the buffer is reused by the next invoke
+
+
+def gpu_visible() -> bool:
+    """True when an NVIDIA GPU is exposed to this process (checked without importing TF)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() and Path("/dev/nvidia0").exists()
+
+
+def resolve_kind(kind: str) -> str:
+    """`auto` -> TensorFlow XLA with mixed precision on a GPU, else the fastest CPU runtime."""
+    if kind != "auto":
+        return kind
+    return "xla-gpu" if gpu_visible() else CPU_DEFAULT
+
+
+def load_runtime(
+    model_path: str | Path, *, kind: str = "keras", threads: int = 0, sha256: str | None = None,
+    artifact_dir: Path | None = None, batch_sizes: Sequence[int] | None = None,
+) -> Runtime:
+    """Load `model_path` with the named runtime (converting and caching the artifact if needed)."""
+    if kind not in KINDS:
+        raise ValueError(f"Unknown runtime {kind!r}; choose one of {', '.join(KINDS)}")
+    kind = resolve_kind(kind)
+    if kind == "keras":
+        return KerasRuntime(model_path, threads=threads)
+    if kind in ("xla", "xla-gpu"):
+        return KerasRuntime(
+            model_path, jit_compile=True, mixed_precision=kind == "xla-gpu", threads=threads
+        )
+    if artifact_dir is None or batch_sizes is None:
+        from segsvc.settings import get_settings
+
+        cfg = get_settings()
+        artifact_dir = artifact_dir or cfg.artifact_dir
+        batch_sizes = batch_sizes or serving_batch_sizes(cfg.batch_max_size)
+    folder = ensure_artifacts(
+        model_path, kind=kind, artifact_dir=artifact_dir, sha256=sha256, batch_sizes=batch_sizes
+    )
+    if kind == "onnx":
+        return OnnxRuntime(folder / "model.onnx", threads=threads)
+    return LiteRTRuntime(folder, kind=kind, batch_sizes=batch_sizes, threads=threads)
+
+
+def serving_batch_sizes(batch_max_size: int) -> tuple[int, ...]:
+    """Fixed LiteRT batch sizes: 1, 8 and the largest micro-batch."""
+    return tuple(sorted({1, min(8, batch_max_size), max(1, batch_max_size)}))
+
+
+def _set_tf_threads(tf: Any, threads: int) -> None:
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:  # already initialised in this process
+        log.debug("TensorFlow threads already configured")
+
+
+def _as_mixed_precision(model: Any) -> Any:
+    """The same U-Net computing in float16 (float32 variables), for GPUs with tensor cores."""
+    import keras
+
+    from segsvc.ml.unet import build_unet
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        clone = build_unet()
+        clone.set_weights(model.get_weights())
+        return clone
+    except ValueError:  # another architecture: serve it in float32
+        log.warning("model does not match build_unet(); serving it in float32")
+        return model
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -1,0 +1,62 @@
+"""Micro-batching in a real worker process on real Redis and Postgres."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from segsvc.models import JobStatus
+from segsvc.queue import enqueue_job, make_celery
+from segsvc.settings import Settings
+from tests.conftest import start_worker, stop_process
+from tests.worker.test_segmenter import make_jobs, rows
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}
+
+
+def wait_all(settings: Settings, ids: list[uuid.UUID], timeout: float = 120.0) -> list:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = rows(settings, ids)
+        if all(j.status in TERMINAL for j in jobs):
+            return jobs
+        time.sleep(0.2)
+    raise AssertionError(f"jobs not finished: {[j.status for j in rows(settings, ids)]}")
+
+
+def test_worker_batches_waiting_jobs_and_fails_only_the_bad_one(
+    settings: Settings, production_model: str, tmp_path: Path
+) -> None:
+    ids = make_jobs(settings, 8, broken=1)
+    app = make_celery(settings)
+    for job_id in [*ids, ids[1]]:  # the last one is a duplicate delivery
+        enqueue_job(app, job_id, settings=settings)
+    proc = start_worker(settings, tmp_path / "worker.log")
+    try:
+        bad, *good = wait_all(settings, ids)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+    finally:
+        stop_process(proc)
+    log = (tmp_path / "worker.log").read_text()[-3000:]
+    assert bad.status == JobStatus.FAILED, log
+    assert bad.error_code == "poison_input"
+    assert all(j.status == JobStatus.SUCCEEDED and j.attempts == 1 for j in good), log
+    forward_passes = sum(1 / (j.batch_size or 1) for j in good)
+    assert forward_passes < len(good) - 1, [j.batch_size for j in good]
+    assert "tensorflow" not in maps  # the worker serves the ONNX artifact without TensorFlow
+
+
+def test_worker_runs_a_lone_job_without_waiting(
+    settings: Settings, worker: Path
+) -> None:
+    (job_id,) = make_jobs(settings, 1)
+    enqueue_job(make_celery(settings), job_id, settings=settings)
+    (job,) = wait_all(settings, [job_id])
+    assert job.status == JobStatus.SUCCEEDED
+    assert job.batch_size == 1
+    assert (job.queue_ms or 0) < 1000, job.queue_ms

@@ -1,0 +1,134 @@
+"""Dynamic micro-batching (Triton-style) fed by Celery's consumer.
+
+Celery's consumer loop only hands each `segsvc.run_job` message to `MicroBatcher.put`; it never
+runs the model, so it keeps reading messages while a batch runs. One model thread takes a batch
+the moment the model is free: everything waiting, up to `batch_max_size`. Only when that batch
+came from a backlog and is not full does it wait up to `batch_max_wait_ms` for stragglers, so an
+idle queue adds no delay. A post thread turns logits into masks and commits the batch while the
+model thread already runs the next one; messages are acknowledged only after that commit.
+
+Why not celery-batches: it flushes on `flush_every` messages or on a repeating
+`flush_interval` timer, not when the model becomes free, so under load it runs tiny batches
+back to back (with the solo pool it also cannot read messages during a forward pass).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from worker.segmenter import Inferred, Segmenter
+
+log = logging.getLogger(__name__)
+
+RETRY_PAUSE_S = 1.0  # after a failed batch, so a database outage does not spin the worker
+
+
+@dataclass(frozen=True)
+class Item:
+    """One delivered message: its job id and how to settle it on the consumer's loop."""
+
+    job_id: str
+    ack: Callable[[], Any]
+    requeue: Callable[[], Any]
+
+
+class MicroBatcher:
+    """Forms batches when the model is free and pipelines them through infer -> store."""
+
+    def __init__(self, segmenter: Segmenter, *, max_size: int, max_wait_s: float) -> None:
+        self.segmenter = segmenter
+        self.max_size = max(1, max_size)
+        self.max_wait_s = max(0.0, max_wait_s)
+        self._items: deque[Item] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        # One post thread keeps results in order; at most two batches wait for it, so a slow
+        # database slows the model thread down instead of piling up memory.
+        self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-store")
+        self._post_slots = threading.BoundedSemaphore(2)
+        self._thread = threading.Thread(target=self._run, name="seg-model", daemon=True)
+        self._thread.start()
+
+    def put(self, item: Item) -> None:
+        """Called by the consumer loop for each message; never blocks."""
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the batch in flight and store it; unstarted messages stay unacknowledged."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        self._post.shutdown(wait=True)
+
+    def next_batch(self) -> list[Item]:
+        """Block until work exists, then take what is waiting (see the module docstring)."""
+        with self._cond:
+            while not self._items and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return []
+            backlog = len(self._items) > 1
+            batch = self._take()
+            if backlog and self.max_wait_s > 0:
+                deadline = time.monotonic() + self.max_wait_s
+                while len(batch) < self.max_size and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    if not self._items:
+                        self._cond.wait(left)
+                    batch += self._take(self.max_size - len(batch))
+            return batch
+
+    def _take(self, limit: int | None = None) -> list[Item]:
+        n = min(len(self._items), self.max_size if limit is None else limit)
+        return [self._items.popleft() for _ in range(n)]
+
+    def _run(self) -> None:
+        while True:
+            batch = self.next_batch()
+            if not batch:
+                return  # stopping
+            self._post_slots.acquire()
+            try:
+                inferred = self.segmenter.infer([item.job_id for item in batch])
+            except Exception:
+                self._post_slots.release()
+                log.exception("batch of %d failed before its results; requeued", len(batch))
+                _settle(batch, ok=False)
+                time.sleep(RETRY_PAUSE_S)
+                continue
+            self._post.submit(self._store, batch, inferred)
+
+    def _store(self, batch: list[Item], inferred: Inferred) -> None:
+        try:
+            counts = self.segmenter.store(inferred)
+            log.info("batch of %d messages: %s", len(batch), counts)
+            _settle(batch, ok=True)
+        except Exception:
+            log.exception("storing a batch of %d failed; released and requeued", len(batch))
+            try:
+                self.segmenter.release(inferred)
+            except Exception:  # the lease expires and the reconciler picks the jobs up
+                log.exception("releasing the batch failed too")
+            _settle(batch, ok=False)
+        finally:
+            self._post_slots.release()
+
+
+def _settle(batch: list[Item], *, ok: bool) -> None:
+    for item in batch:
+        try:
+            item.ack() if ok else item.requeue()
+        except Exception:  # a closed connection: the broker redelivers, the claim fences it
+            log.warning("could not settle the message of job %s", item.job_id, exc_info=True)

@@ -1,0 +1,89 @@
+"""/v1/models: the registry for operators (admin keys only): list, promote, roll back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+from sqlalchemy import select
+
+from api.auth import authenticate_request, require_admin
+from api.context import db
+from segsvc.models import ModelVersion, TrainingRun
+from segsvc.serialize import iso
+from segsvc.services import registry, rollout
+
+bp = Blueprint("models", __name__, url_prefix="/v1/models")
+RECENT_RUNS = 10
+
+
+@bp.before_request
+def _admins_only() -> None:
+    """Every registry operation needs an admin key (403 otherwise)."""
+    authenticate_request()
+    require_admin()
+
+
+@bp.get("")
+def list_models() -> Response:
+    """Every version with status, traffic share and metrics, plus the recent training runs."""
+    session = db()
+    runs = session.scalars(
+        select(TrainingRun).order_by(TrainingRun.started_at.desc()).limit(RECENT_RUNS)
+    )
+    return jsonify({
+        "versions": [version_body(v) for v in registry.list_versions(session=session)],
+        "training_runs": [run_body(r) for r in runs],
+    })
+
+
+@bp.post("/<version>/promote")
+def promote_model(version: str) -> Response:
+    """Make a version production now; the old one is archived and can be rolled back to."""
+    session = db()
+    row = rollout.promote(session=session, version=version, reason="promoted by an operator")
+    session.commit()
+    return jsonify(version_body(row))
+
+
+@bp.post("/rollback")
+def rollback_model() -> Response:
+    """Return to the previous production version now (the current one and any canary stop)."""
+    session = db()
+    row = rollout.rollback(session=session)
+    session.commit()
+    return jsonify(version_body(row))
+
+
+def version_body(row: ModelVersion) -> dict[str, Any]:
+    """A model version as the API returns it."""
+    return {
+        "version": row.version,
+        "status": row.status,
+        "traffic_share": row.traffic_share,
+        "metrics": row.metrics,
+        "parent_version": row.parent_version,
+        "reason": row.reason,
+        "sha256": row.sha256,
+        "created_at": iso(row.created_at),
+        "promoted_at": iso(row.promoted_at),
+        "retired_at": iso(row.retired_at),
+    }
+
+
+def run_body(run: TrainingRun) -> dict[str, Any]:
+    """A training run's summary (the log stays in the database)."""
+    return {
+        "id": str(run.id),
+        "status": run.status,
+        "trigger": run.trigger,
+        "reason": run.reason,
+        "started_at": iso(run.started_at),
+        "duration_s": run.duration_s,
+        "labels": len(run.feedback_ids or []),
+        "data_counts": run.data_counts,
+        "production_version": run.production_version,
+        "candidate_version": run.candidate_version,
+        "production_mean_iou": (run.production_metrics or {}).get("mean_iou"),
+        "candidate_mean_iou": (run.candidate_metrics or {}).get("mean_iou"),
+    }

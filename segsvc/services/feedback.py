@@ -1,0 +1,180 @@
+"""User feedback on jobs: ratings and corrected masks (training labels), and input retention."""
+
+from __future__ import annotations
+
+import io
+import uuid
+import warnings
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import Session
+
+from segsvc.errors import BadRequestError, ConflictError, SegError
+from segsvc.ml import NUM_CLASSES
+from segsvc.models import Feedback, Job, JobStatus, utcnow
+from segsvc.services.jobs import get_job
+
+RATINGS = ("good", "bad")
+# PIL modes that hold one value per pixel (palette images count: the index is the value).
+SINGLE_CHANNEL_MODES = {"L", "P", "I", "I;16", "I;16B", "I;16L"}
+
+
+class InvalidMaskError(SegError):
+    """A corrected mask that is not a single-channel PNG of the job's size with values 0..2."""
+
+    code = "invalid_mask"
+    http_status = 422
+
+
+class InvalidRatingError(SegError):
+    code = "invalid_rating"
+    http_status = 422
+
+
+def validate_mask(data: bytes, *, width: int, height: int) -> npt.NDArray[np.uint8]:
+    """Decode a corrected mask and check format, size and class values; returns the mask."""
+    if not data:
+        raise BadRequestError("The uploaded mask file is empty.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise InvalidMaskError("The mask is not a readable image; send a PNG.") from None
+    with img:
+        if img.format != "PNG":
+            raise InvalidMaskError(f"The mask must be a PNG, not {img.format or 'unknown'}.")
+        if img.mode not in SINGLE_CHANNEL_MODES:
+            raise InvalidMaskError(f"The mask must be single-channel (8-bit grey), not {img.mode}.")
+        # Checked before decoding the pixels, so an oversized mask costs nothing.
+        if img.size != (width, height):
+            raise InvalidMaskError(
+                f"The mask is {img.width}x{img.height}; the job's input is {width}x{height}."
+            )
+        try:
+            mask = np.asarray(img)
+        except (OSError, ValueError, SyntaxError):
+            raise InvalidMaskError("The mask PNG could not be decoded.") from None
+    if mask.ndim != 2:
+        raise InvalidMaskError("The mask must be single-channel.")
+    bad = np.unique(mask[mask >= NUM_CLASSES])
+    if len(bad):
+        shown = ", ".join(str(int(v)) for v in bad[:5])
+        raise InvalidMaskError(
+            f"Mask values must be 0 (pet), 1 (background) or 2 (border); found {shown}."
+        )
+    return mask.astype(np.uint8)
+
+
+def validate_rating(rating: str | None) -> str | None:
+    """A normalised rating or None; anything but good/bad is an error."""
+    if rating is None or not rating.strip():
+        return None
+    value = rating.strip().lower()
+    if value not in RATINGS:
+        raise InvalidRatingError(f"rating must be good or bad, not {rating[:20]!r}.")
+    return value
+
+
+def submit_feedback(
+    *,
+    session: Session,
+    job_id: str | uuid.UUID,
+    client_id: uuid.UUID | None,
+    mask_png: bytes | None = None,
+    rating: str | None = None,
+) -> Feedback:
+    """Validate and store feedback for a finished job of `client_id` (None: any)."""
+    value = validate_rating(rating)
+    if mask_png is None and value is None:
+        raise BadRequestError(
+            "Send a corrected mask (multipart file 'mask') and/or a 'rating' (good or bad)."
+        )
+    job = get_job(session=session, job_id=job_id, client_id=client_id)
+    if job.status != JobStatus.SUCCEEDED:
+        raise ConflictError(f"Job {job.id} is {job.status}; feedback is for succeeded jobs.")
+    if mask_png is not None:
+        validate_mask(mask_png, width=job.input_width, height=job.input_height)
+        if not _has_input(session=session, job_id=job.id):
+            raise ConflictError(f"Job {job.id}'s input is no longer kept; a mask cannot be used.")
+    row = Feedback(
+        job_id=job.id,
+        client_id=job.client_id,
+        model_version=job.model_version,
+        rating=value,
+        mask_png=mask_png,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _has_input(*, session: Session, job_id: uuid.UUID) -> bool:
+    return bool(
+        session.scalar(select(Job.input_bytes.is_not(None)).where(Job.id == job_id))
+    )
+
+
+def labeled_feedback_ids(*, session: Session) -> list[uuid.UUID]:
+    """The newest corrected mask of every job whose input is still kept, oldest first."""
+    newest = (
+        select(Feedback.job_id, func.max(Feedback.created_at).label("at"))
+        .where(Feedback.mask_png.is_not(None))
+        .group_by(Feedback.job_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Feedback.id)
+        .join(newest, (Feedback.job_id == newest.c.job_id) & (Feedback.created_at == newest.c.at))
+        .join(Job, Job.id == Feedback.job_id)
+        .where(Feedback.mask_png.is_not(None), Job.input_bytes.is_not(None))
+        .order_by(Feedback.created_at, Feedback.id)
+    ).all()
+    return list(dict.fromkeys(r[0] for r in rows))
+
+
+def load_samples(
+    *, session: Session, feedback_ids: Sequence[uuid.UUID]
+) -> list[tuple[bytes, npt.NDArray[np.uint8]]]:
+    """(input image bytes, corrected class mask) for each feedback id that still has both."""
+    if not feedback_ids:
+        return []
+    rows = session.execute(
+        select(Feedback.id, Feedback.mask_png, Job.input_bytes)
+        .join(Job, Job.id == Feedback.job_id)
+        .where(Feedback.id.in_(list(feedback_ids)))
+    ).all()
+    by_id = {r[0]: (r[2], r[1]) for r in rows if r[1] is not None and r[2] is not None}
+    samples = []
+    for fid in feedback_ids:
+        if fid in by_id:
+            image, mask = by_id[fid]
+            with Image.open(io.BytesIO(mask)) as img:
+                samples.append((bytes(image), np.asarray(img).astype(np.uint8)))
+    return samples
+
+
+def purge_unlabeled_inputs(
+    *, session: Session, retention_days: int, now: datetime | None = None
+) -> int:
+    """Delete the stored inputs of finished jobs older than the retention with no mask label."""
+    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    labeled = exists().where(Feedback.job_id == Job.id, Feedback.mask_png.is_not(None))
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.created_at < cutoff,
+            Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED]),
+            Job.input_bytes.is_not(None),
+            ~labeled,
+        )
+        .values(input_bytes=None, model_input=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]

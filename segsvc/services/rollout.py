@@ -1,0 +1,239 @@
+"""Rollout: canary routing by a stable hash, promote / rollback / reject, and the canary verdict."""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from segsvc.errors import ConflictError
+from segsvc.models import Job, JobStatus, ModelStatus, ModelVersion, utcnow
+from segsvc.services import registry
+
+
+def canary_fraction(job_id: uuid.UUID | str) -> float:
+    """A job id's stable position in [0, 1): the first 64 bits of sha256 of its canonical text."""
+    text = str(uuid.UUID(str(job_id)))
+    digest = hashlib.sha256(text.encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def routes_to_canary(job_id: uuid.UUID | str, share: float) -> bool:
+    """True when the job belongs to the canary's share of traffic (same answer everywhere)."""
+    return share > 0 and canary_fraction(job_id) < share
+
+
+def canary_version(*, session: Session) -> ModelVersion | None:
+    """The version in canary, if any (the newest if several)."""
+    return session.scalar(
+        select(ModelVersion)
+        .where(ModelVersion.status == ModelStatus.CANARY)
+        .order_by(ModelVersion.promoted_at.desc().nulls_last())
+        .limit(1)
+    )
+
+
+def start_canary(*, session: Session, version: str, share: float) -> ModelVersion:
+    """Serve `share` of jobs with `version`; a canary already running is superseded."""
+    row = registry.get_version(session=session, version=version)
+    for other in _with_status(session, ModelStatus.CANARY):
+        if other.version != version:
+            _retire(other, ModelStatus.REJECTED, f"superseded by canary {version}")
+    row.status = ModelStatus.CANARY
+    row.traffic_share = share
+    row.promoted_at = utcnow()  # the canary window starts here
+    row.reason = None
+    session.flush()
+    return row
+
+
+def promote(*, session: Session, version: str, reason: str | None = None) -> ModelVersion:
+    """Make `version` production at once; the old production is archived (kept for rollback)."""
+    row = registry.get_version(session=session, version=version)
+    if row.status == ModelStatus.PRODUCTION:
+        raise ConflictError(f"{version} is already production.")
+    old = registry.production_version(session=session)
+    for prev in _with_status(session, ModelStatus.PRODUCTION):
+        _retire(prev, ModelStatus.ARCHIVED, f"replaced by {version}")
+    if old is not None:
+        row.parent_version = old.version
+    row.status = ModelStatus.PRODUCTION
+    row.traffic_share = 1.0
+    row.promoted_at = utcnow()
+    row.retired_at = None
+    row.reason = reason
+    session.flush()
+    return row
+
+
+def reject(*, session: Session, version: str, reason: str) -> ModelVersion:
+    """Stop a candidate or canary from (ever) serving, keeping the reason."""
+    row = registry.get_version(session=session, version=version)
+    if row.status == ModelStatus.PRODUCTION:
+        raise ConflictError(f"{version} is production; roll back instead.")
+    _retire(row, ModelStatus.REJECTED, reason)
+    session.flush()
+    return row
+
+
+def rollback(*, session: Session, reason: str = "rolled back by an operator") -> ModelVersion:
+    """Restore the previous production version at once; the current one and any canary stop."""
+    current = registry.production_version(session=session)
+    if current is None:
+        raise ConflictError("There is no production version to roll back.")
+    previous = _previous_production(session, current)
+    if previous is None:
+        raise ConflictError(f"{current.version} has no earlier production version to return to.")
+    for canary in _with_status(session, ModelStatus.CANARY):
+        _retire(canary, ModelStatus.REJECTED, f"stopped by rollback of {current.version}")
+    _retire(current, ModelStatus.REJECTED, reason)
+    previous.status = ModelStatus.PRODUCTION
+    previous.traffic_share = 1.0
+    previous.promoted_at = utcnow()
+    previous.retired_at = None
+    previous.reason = f"restored by rollback of {current.version}"
+    session.flush()
+    return previous
+
+
+def _previous_production(session: Session, current: ModelVersion) -> ModelVersion | None:
+    if current.parent_version:
+        parent = session.get(ModelVersion, current.parent_version)
+        if parent is not None and parent.status == ModelStatus.ARCHIVED:
+            return parent
+    # Otherwise the most recently retired production version.
+    return session.scalar(
+        select(ModelVersion)
+        .where(ModelVersion.status == ModelStatus.ARCHIVED, ModelVersion.promoted_at.is_not(None))
+        .order_by(ModelVersion.retired_at.desc().nulls_last())
+        .limit(1)
+    )
+
+
+def _with_status(session: Session, status: ModelStatus) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).where(ModelVersion.status == status)))
+
+
+def _retire(row: ModelVersion, status: ModelStatus, reason: str) -> None:
+    row.status = status
+    row.traffic_share = 0.0
+    row.retired_at = utcnow()
+    row.reason = reason
+
+
+# --- the automatic canary verdict ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArmStats:
+    """Outcomes of the jobs one version served in the canary window."""
+
+    jobs: int
+    failed: int
+    p50_total_ms: float | None
+    p50_predict_ms: float | None
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failed / self.jobs if self.jobs else 0.0
+
+
+@dataclass(frozen=True)
+class CanaryVerdict:
+    """What `decide_canary` did: `promoted`, `rolled_back` or `waiting`."""
+
+    version: str
+    outcome: str
+    reason: str
+    canary: ArmStats
+    production: ArmStats
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return asdict(self)
+
+
+def decide_canary(
+    *, session: Session, min_jobs: int, latency_ratio: float
+) -> CanaryVerdict | None:
+    """After `min_jobs` canary jobs: promote if failures and latency are no worse, else reject."""
+    canary = canary_version(session=session)
+    production = registry.production_version(session=session)
+    if canary is None or production is None or canary.promoted_at is None:
+        return None
+    arms = arm_stats(
+        session=session, since=canary.promoted_at, canary=canary.version,
+        production=production.version, share=canary.traffic_share,
+    )
+    ours, theirs = arms
+    if ours.jobs < min_jobs:
+        return CanaryVerdict(canary.version, "waiting", f"{ours.jobs}/{min_jobs} jobs", *arms)
+    problems = compare_arms(ours, theirs, latency_ratio=latency_ratio)
+    if problems:
+        reason = "canary worse than production: " + "; ".join(problems)
+        _retire(canary, ModelStatus.REJECTED, reason)
+        session.flush()
+        return CanaryVerdict(canary.version, "rolled_back", reason, *arms)
+    reason = f"canary passed after {ours.jobs} jobs"
+    promote(session=session, version=canary.version, reason=reason)
+    return CanaryVerdict(canary.version, "promoted", reason, *arms)
+
+
+def compare_arms(canary: ArmStats, production: ArmStats, *, latency_ratio: float) -> list[str]:
+    """Why the canary is worse than production (empty when it is not)."""
+    problems = []
+    if canary.failure_rate > production.failure_rate:
+        problems.append(
+            f"failure rate {canary.failure_rate:.1%} > {production.failure_rate:.1%}"
+        )
+    for label, ours, theirs in (
+        ("p50 queue-to-complete", canary.p50_total_ms, production.p50_total_ms),
+        ("p50 predict", canary.p50_predict_ms, production.p50_predict_ms),
+    ):
+        if ours is not None and theirs is not None and ours > theirs * latency_ratio:
+            problems.append(f"{label} {ours:.0f} ms > {latency_ratio:g} x {theirs:.0f} ms")
+    return problems
+
+
+def arm_stats(
+    *, session: Session, since: datetime, canary: str, production: str, share: float
+) -> tuple[ArmStats, ArmStats]:
+    """Finished jobs created since the canary started, split into canary and production arms.
+
+    A succeeded job belongs to the version that served it. A failed job may carry no version
+    (it never produced a result), so it goes to the arm its id hashes to.
+    """
+    rows = session.execute(
+        select(Job.id, Job.status, Job.model_version, Job.created_at, Job.completed_at,
+               Job.predict_ms)
+        .where(Job.created_at >= since,
+               Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED]))
+    ).all()  # fmt: skip
+    arms: dict[str, list[Any]] = {canary: [], production: []}
+    for row in rows:
+        version = row.model_version
+        if version is None and row.status == JobStatus.FAILED:
+            version = canary if routes_to_canary(row.id, share) else production
+        if version in arms:
+            arms[version].append(row)
+    return _summarize(arms[canary]), _summarize(arms[production])
+
+
+def _summarize(rows: list[Any]) -> ArmStats:
+    ok = [r for r in rows if r.status == JobStatus.SUCCEEDED]
+    totals = [
+        (r.completed_at - r.created_at).total_seconds() * 1000.0 for r in ok if r.completed_at
+    ]
+    predicts = [r.predict_ms for r in ok if r.predict_ms is not None]
+    return ArmStats(
+        jobs=len(rows),
+        failed=len(rows) - len(ok),
+        p50_total_ms=statistics.median(totals) if totals else None,
+        p50_predict_ms=statistics.median(predicts) if predicts else None,
+    )

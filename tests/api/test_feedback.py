@@ -1,0 +1,106 @@
+"""POST /v1/jobs/<id>/feedback over HTTP: validation errors, storage, and client scoping."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import numpy as np
+from sqlalchemy import select
+
+from segsvc.db import session_scope
+from segsvc.models import Feedback, Job, JobStatus, utcnow
+from segsvc.settings import Settings
+from tests.segsvc.test_feedback import good_mask, photo_bytes, png
+
+
+def submit_and_finish(client, auth: dict[str, str], settings: Settings,  # type: ignore[no-untyped-def]
+                      version: str = "test-v1") -> str:
+    """Submit through the API, then mark the job served by `version` (no worker needed)."""
+    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
+                       data={"image": (io.BytesIO(photo_bytes()), "p.jpg")})
+    assert resp.status_code == 202
+    job_id = resp.get_json()["id"]
+    with session_scope(settings) as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        job.status, job.model_version, job.completed_at = JobStatus.SUCCEEDED, version, utcnow()
+    return str(job_id)
+
+
+def post(client, auth, job_id: str, **fields):  # type: ignore[no-untyped-def]
+    data = {k: (io.BytesIO(v), "mask.png") if k == "mask" else v for k, v in fields.items()}
+    return client.post(f"/v1/jobs/{job_id}/feedback", headers=auth,
+                       content_type="multipart/form-data", data=data)
+
+
+def test_feedback_mask_and_rating_are_stored_with_the_model_version(
+    client, auth, settings: Settings,  # type: ignore[no-untyped-def]
+) -> None:
+    job_id = submit_and_finish(client, auth, settings, version="v-7")
+    resp = post(client, auth, job_id, mask=good_mask(), rating="bad")
+    assert resp.status_code == 201, resp.get_json()
+    body = resp.get_json()
+    assert body["model_version"] == "v-7"
+    assert body["rating"] == "bad"
+    assert body["has_mask"] is True
+    with session_scope(settings) as session:
+        row = session.scalar(select(Feedback))
+        assert row is not None
+        assert str(row.job_id) == job_id
+        assert row.mask_png == good_mask()
+
+
+def test_feedback_rating_alone_is_accepted(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit_and_finish(client, auth, settings)
+    resp = post(client, auth, job_id, rating="good")
+    assert resp.status_code == 201
+    assert resp.get_json()["has_mask"] is False
+
+
+def test_feedback_invalid_masks_get_422_with_a_reason(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit_and_finish(client, auth, settings)
+    cases = {
+        "81x60": png(np.ones((60, 81), np.uint8)),
+        "single-channel": png(np.ones((60, 80, 3), np.uint8)),
+        "found 7": png(np.full((60, 80), 7, np.uint8)),
+    }
+    for needle, data in cases.items():
+        resp = post(client, auth, job_id, mask=data)
+        assert resp.status_code == 422
+        assert resp.get_json()["error"] == "invalid_mask"
+        assert needle in resp.get_json()["message"]
+    with session_scope(settings) as session:
+        assert session.scalar(select(Feedback)) is None  # nothing half-written
+
+
+def test_feedback_missing_fields_and_bad_rating(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit_and_finish(client, auth, settings)
+    empty = post(client, auth, job_id)
+    assert empty.status_code == 400
+    assert empty.get_json()["error"] == "bad_request"
+    bad = post(client, auth, job_id, rating="excellent")
+    assert bad.status_code == 422
+    assert bad.get_json()["error"] == "invalid_rating"
+
+
+def test_feedback_on_an_unfinished_job_is_a_conflict(client, auth) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
+                       data={"image": (io.BytesIO(photo_bytes()), "p.jpg")})
+    answer = post(client, auth, resp.get_json()["id"], rating="good")
+    assert answer.status_code == 409
+
+
+def test_feedback_on_another_clients_job_is_not_found(  # type: ignore[no-untyped-def]
+    client, auth, admin_key: str, settings: Settings
+) -> None:
+    job_id = submit_and_finish(client, auth, settings)
+    other = {"Authorization": f"Bearer {admin_key}"}
+    assert post(client, other, job_id, rating="good").status_code == 404
+    assert post(client, auth, str(uuid.uuid4()), rating="good").status_code == 404
+    assert post(client, auth, "not-a-uuid", rating="good").status_code == 404
+
+
+def test_feedback_needs_an_api_key(client, settings: Settings, auth) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit_and_finish(client, auth, settings)
+    assert post(client, {}, job_id, rating="good").status_code == 401

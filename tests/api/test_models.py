@@ -1,0 +1,77 @@
+"""/v1/models: listing, promotion and rollback for admins; 403 for everyone else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from segsvc.db import session_scope
+from segsvc.models import ModelStatus
+from segsvc.services import registry
+from segsvc.settings import Settings
+
+
+def admin(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def add_version(settings: Settings, model_file: Path, version: str,
+                status: ModelStatus = ModelStatus.CANDIDATE) -> None:
+    with session_scope(settings) as session:
+        registry.register_version(session=session, version=version, path=model_file,
+                                  status=status, metrics={"mean_iou": 0.5},
+                                  parent_version="test-v1")
+
+
+def test_models_are_admin_only(client, auth, production_model: str) -> None:  # type: ignore[no-untyped-def]
+    assert client.get("/v1/models", headers=auth).status_code == 403
+    assert client.post("/v1/models/test-v1/promote", headers=auth).status_code == 403
+    resp = client.post("/v1/models/rollback", headers=auth)
+    assert resp.status_code == 403
+    assert resp.get_json()["error"] == "forbidden"
+    assert client.get("/v1/models").status_code == 401
+
+
+def test_models_list_shows_status_share_and_metrics(  # type: ignore[no-untyped-def]
+    client, admin_key: str, production_model: str, settings: Settings, model_file: Path
+) -> None:
+    add_version(settings, model_file, "cand-1")
+    body = client.get("/v1/models", headers=admin(admin_key)).get_json()
+    by_version = {v["version"]: v for v in body["versions"]}
+    assert by_version["test-v1"]["status"] == "production"
+    assert by_version["test-v1"]["traffic_share"] == 1.0
+    assert by_version["cand-1"]["status"] == "candidate"
+    assert by_version["cand-1"]["metrics"] == {"mean_iou": 0.5}
+    assert body["training_runs"] == []
+
+
+def test_promote_then_rollback_returns_to_the_previous_version(  # type: ignore[no-untyped-def]
+    client, admin_key: str, production_model: str, settings: Settings, model_file: Path
+) -> None:
+    add_version(settings, model_file, "cand-1")
+    resp = client.post("/v1/models/cand-1/promote", headers=admin(admin_key))
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["status"] == "production"
+    assert resp.get_json()["parent_version"] == "test-v1"
+    listed = {v["version"]: v for v in
+              client.get("/v1/models", headers=admin(admin_key)).get_json()["versions"]}
+    assert listed["test-v1"]["status"] == "archived"
+    assert listed["test-v1"]["traffic_share"] == 0.0
+
+    back = client.post("/v1/models/rollback", headers=admin(admin_key))
+    assert back.status_code == 200
+    assert back.get_json()["version"] == "test-v1"
+    assert back.get_json()["status"] == "production"
+    listed = {v["version"]: v for v in
+              client.get("/v1/models", headers=admin(admin_key)).get_json()["versions"]}
+    assert listed["cand-1"]["status"] == "rejected"
+    assert "rolled back" in listed["cand-1"]["reason"]
+
+
+def test_promote_unknown_or_current_version_and_rollback_without_history(  # type: ignore[no-untyped-def]
+    client, admin_key: str, production_model: str
+) -> None:
+    assert client.post("/v1/models/nope/promote", headers=admin(admin_key)).status_code == 404
+    assert client.post("/v1/models/test-v1/promote", headers=admin(admin_key)).status_code == 409
+    resp = client.post("/v1/models/rollback", headers=admin(admin_key))
+    assert resp.status_code == 409
+    assert "no earlier production" in resp.get_json()["message"]

@@ -1,0 +1,156 @@
+"""Feedback validation, storage with the serving version, the label snapshot and retention."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segsvc.db import session_scope
+from segsvc.errors import BadRequestError, ConflictError, NotFoundError
+from segsvc.images import validate_image
+from segsvc.models import Job, JobStatus, utcnow
+from segsvc.services import feedback
+from segsvc.services.feedback import InvalidMaskError, InvalidRatingError, validate_mask
+from segsvc.services.jobs import create_job
+from segsvc.settings import Settings
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def photo_bytes(width: int = 80, height: int = 60, seed: int = 0) -> bytes:
+    """A small random JPEG."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def good_mask(width: int = 80, height: int = 60) -> bytes:
+    mask = np.ones((height, width), np.uint8)
+    mask[10:40, 20:60] = 2
+    mask[13:37, 23:57] = 0
+    return png(mask)
+
+
+def make_job(
+    settings: Settings, *, client_id: uuid.UUID | None = None, version: str | None = "test-v1",
+    status: JobStatus = JobStatus.SUCCEEDED, image: bytes | None = None, age_days: float = 0,
+) -> uuid.UUID:
+    """A stored job, finished by `version` unless another status is asked for."""
+    data = image or photo_bytes()
+    with session_scope(settings) as session:
+        job = create_job(session=session, client_id=client_id,
+                         image=validate_image(data, max_bytes=10**7, max_pixels=10**8))
+        job.status = status
+        job.created_at = utcnow() - timedelta(days=age_days)
+        if status == JobStatus.SUCCEEDED:
+            job.model_version, job.completed_at = version, utcnow()
+            job.predict_ms, job.queue_ms, job.batch_size = 10.0, 1.0, 1
+        return job.id
+
+
+def test_validate_mask_accepts_single_channel_png_of_the_input_size() -> None:
+    mask = validate_mask(good_mask(), width=80, height=60)
+    assert mask.shape == (60, 80)
+    assert set(np.unique(mask)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (png(np.zeros((60, 80, 3), np.uint8)), "single-channel"),
+        (png(np.zeros((60, 81), np.uint8)), "81x60"),
+        (png(np.full((60, 80), 3, np.uint8)), "found 3"),
+        (png(np.full((60, 80), 255, np.uint8)), "found 255"),
+        (photo_bytes(), "must be a PNG"),
+        (b"not an image at all", "not a readable image"),
+    ],
+    ids=["rgb", "wrong-size", "value-3", "value-255", "jpeg", "garbage"],
+)
+def test_validate_mask_rejects_bad_masks_with_a_reason(data: bytes, needle: str) -> None:
+    with pytest.raises(InvalidMaskError, match=needle) as info:
+        validate_mask(data, width=80, height=60)
+    assert info.value.http_status == 422
+
+
+def test_validate_mask_empty_file_is_a_bad_request() -> None:
+    with pytest.raises(BadRequestError):
+        validate_mask(b"", width=80, height=60)
+
+
+def test_submit_feedback_stores_mask_rating_and_serving_version(settings: Settings) -> None:
+    job_id = make_job(settings, version="v-served")
+    with session_scope(settings) as session:
+        row = feedback.submit_feedback(session=session, job_id=str(job_id), client_id=None,
+                                       mask_png=good_mask(), rating=" Good ")
+        assert (row.model_version, row.rating, row.job_id) == ("v-served", "good", job_id)
+    with session_scope(settings) as session:
+        assert feedback.labeled_feedback_ids(session=session) == [row.id]
+        samples = feedback.load_samples(session=session, feedback_ids=[row.id])
+    image, mask = samples[0]
+    assert image == photo_bytes()
+    assert mask.shape == (60, 80)
+
+
+def test_submit_feedback_rejects_bad_rating_empty_request_and_unfinished_jobs(
+    settings: Settings,
+) -> None:
+    done = make_job(settings)
+    queued = make_job(settings, status=JobStatus.QUEUED)
+    with session_scope(settings) as session:
+        with pytest.raises(InvalidRatingError):
+            feedback.submit_feedback(session=session, job_id=done, client_id=None, rating="meh")
+        with pytest.raises(BadRequestError):
+            feedback.submit_feedback(session=session, job_id=done, client_id=None)
+        with pytest.raises(ConflictError):
+            feedback.submit_feedback(session=session, job_id=queued, client_id=None, rating="bad")
+        with pytest.raises(NotFoundError):
+            feedback.submit_feedback(session=session, job_id=uuid.uuid4(), client_id=None,
+                                     rating="bad")
+
+
+def test_labeled_feedback_ids_keeps_the_newest_mask_per_job(settings: Settings) -> None:
+    job_id = make_job(settings)
+    with session_scope(settings) as session:
+        feedback.submit_feedback(session=session, job_id=job_id, client_id=None,
+                                 mask_png=good_mask())
+        feedback.submit_feedback(session=session, job_id=job_id, client_id=None, rating="bad")
+    with session_scope(settings) as session:
+        newer = feedback.submit_feedback(session=session, job_id=job_id, client_id=None,
+                                         mask_png=good_mask())
+    with session_scope(settings) as session:
+        assert feedback.labeled_feedback_ids(session=session) == [newer.id]
+
+
+def test_purge_unlabeled_inputs_deletes_only_old_unlabeled_inputs(settings: Settings) -> None:
+    old_unlabeled = make_job(settings, age_days=40)
+    old_rated = make_job(settings, age_days=40)
+    old_labeled = make_job(settings, age_days=40)
+    recent = make_job(settings, age_days=1)
+    old_queued = make_job(settings, age_days=40, status=JobStatus.QUEUED)
+    with session_scope(settings) as session:
+        feedback.submit_feedback(session=session, job_id=old_rated, client_id=None, rating="good")
+        feedback.submit_feedback(session=session, job_id=old_labeled, client_id=None,
+                                 mask_png=good_mask())
+    with session_scope(settings) as session:
+        assert feedback.purge_unlabeled_inputs(session=session, retention_days=30) == 2
+    with session_scope(settings) as session:
+        kept = {
+            jid: session.get(Job, jid).input_bytes is not None  # type: ignore[union-attr]
+            for jid in (old_unlabeled, old_rated, old_labeled, recent, old_queued)
+        }
+        # A mask can no longer be given for a job whose input is gone.
+        with pytest.raises(ConflictError, match="no longer kept"):
+            feedback.submit_feedback(session=session, job_id=old_unlabeled, client_id=None,
+                                     mask_png=good_mask())
+    assert kept == {old_unlabeled: False, old_rated: False, old_labeled: True, recent: True,
+                    old_queued: True}

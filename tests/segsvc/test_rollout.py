@@ -1,0 +1,187 @@
+"""Canary routing by a stable hash, promote/rollback/reject, and the automatic canary verdict."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from segsvc.db import session_scope
+from segsvc.errors import ConflictError
+from segsvc.models import Job, JobStatus, ModelStatus, ModelVersion, utcnow
+from segsvc.services import registry, rollout
+from segsvc.settings import Settings
+
+
+def test_routes_to_canary_respects_the_share_within_tolerance() -> None:
+    ids = [uuid.uuid4() for _ in range(20_000)]
+    for share in (0.05, 0.10, 0.5):
+        hits = sum(rollout.routes_to_canary(i, share) for i in ids)
+        # 5 standard deviations of a binomial: fails by chance about once in 3 million runs.
+        tolerance = 5 * (len(ids) * share * (1 - share)) ** 0.5
+        assert abs(hits - len(ids) * share) < tolerance, (share, hits)
+
+
+def test_routes_to_canary_is_stable_and_nested() -> None:
+    job = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    assert rollout.routes_to_canary(job, 0.3) == rollout.routes_to_canary(str(job).upper(), 0.3)
+    assert rollout.canary_fraction(job) == rollout.canary_fraction(str(job))
+    # Growing the share only adds jobs to the canary: nobody flips back and forth.
+    ids = [uuid.uuid4() for _ in range(2000)]
+    small = {i for i in ids if rollout.routes_to_canary(i, 0.1)}
+    large = {i for i in ids if rollout.routes_to_canary(i, 0.2)}
+    assert small <= large
+    assert not any(rollout.routes_to_canary(i, 0.0) for i in ids)
+    assert all(rollout.routes_to_canary(i, 1.0) for i in ids)
+
+
+def add(settings: Settings, model_file: Path, version: str, status: ModelStatus) -> None:
+    with session_scope(settings) as session:
+        registry.register_version(session=session, version=version, path=model_file,
+                                  status=status, parent_version="test-v1")
+
+
+def canary(settings: Settings, model_file: Path, version: str = "cand", share: float = 0.1) -> None:
+    add(settings, model_file, version, ModelStatus.CANDIDATE)
+    with session_scope(settings) as session:
+        rollout.start_canary(session=session, version=version, share=share)
+
+
+def statuses(settings: Settings) -> dict[str, tuple[str, float]]:
+    with session_scope(settings) as session:
+        rows = registry.list_versions(session=session)
+        return {r.version: (r.status, r.traffic_share) for r in rows}
+
+
+def add_jobs(
+    settings: Settings, version: str | None, n: int, *,
+    status: JobStatus = JobStatus.SUCCEEDED, total_ms: float = 50.0, predict_ms: float = 10.0,
+) -> None:
+    """Finished jobs created now, as a worker would have recorded them."""
+    now = utcnow()
+    with session_scope(settings) as session:
+        for _ in range(n):
+            session.add(Job(
+                status=status, model_version=version, created_at=now,
+                completed_at=now + timedelta(milliseconds=total_ms),
+                predict_ms=predict_ms if status == JobStatus.SUCCEEDED else None,
+                input_sha256="0" * 64, input_content_type="image/png",
+                input_width=8, input_height=8,
+            ))
+
+
+def decide(settings: Settings, min_jobs: int = 20) -> rollout.CanaryVerdict | None:
+    with session_scope(settings) as session:
+        return rollout.decide_canary(session=session, min_jobs=min_jobs, latency_ratio=1.2)
+
+
+def test_start_canary_sets_share_and_supersedes_the_old_canary(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    canary(settings, model_file, "first", share=0.1)
+    canary(settings, model_file, "second", share=0.25)
+    got = statuses(settings)
+    assert got["second"] == ("canary", 0.25)
+    assert got["first"] == ("rejected", 0.0)
+    assert got["test-v1"] == ("production", 1.0)
+
+
+def test_canary_is_promoted_after_enough_good_jobs(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    canary(settings, model_file)
+    add_jobs(settings, "test-v1", 100)
+    add_jobs(settings, "cand", 19)
+    assert decide(settings).outcome == "waiting"  # type: ignore[union-attr]
+    assert statuses(settings)["cand"][0] == "canary"
+    add_jobs(settings, "cand", 1)
+    verdict = decide(settings)
+    assert verdict is not None
+    assert verdict.outcome == "promoted", verdict
+    assert verdict.canary.jobs == 20
+    assert verdict.production.jobs == 100
+    got = statuses(settings)
+    assert got["cand"] == ("production", 1.0)
+    assert got["test-v1"] == ("archived", 0.0)
+    with session_scope(settings) as session:
+        assert registry.get_version(session=session, version="cand").parent_version == "test-v1"
+    assert decide(settings) is None  # no canary left
+
+
+def test_canary_with_failures_is_rolled_back_to_rejected(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    canary(settings, model_file)
+    add_jobs(settings, "test-v1", 100)
+    add_jobs(settings, "cand", 18)
+    add_jobs(settings, "cand", 2, status=JobStatus.FAILED)
+    verdict = decide(settings)
+    assert verdict is not None
+    assert verdict.outcome == "rolled_back"
+    assert "failure rate 10.0% > 0.0%" in verdict.reason
+    got = statuses(settings)
+    assert got["cand"] == ("rejected", 0.0)
+    assert got["test-v1"] == ("production", 1.0)
+    with session_scope(settings) as session:
+        reason = registry.get_version(session=session, version="cand").reason
+        assert "failure rate" in (reason or "")
+
+
+def test_canary_that_is_slower_is_rolled_back(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    canary(settings, model_file)
+    add_jobs(settings, "test-v1", 50, total_ms=50.0)
+    add_jobs(settings, "cand", 20, total_ms=500.0)
+    verdict = decide(settings)
+    assert verdict is not None
+    assert verdict.outcome == "rolled_back"
+    assert "queue-to-complete" in verdict.reason
+
+
+def test_failed_jobs_without_a_version_count_in_the_arm_their_id_hashes_to(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    canary(settings, model_file, share=1.0)  # every id hashes to the canary
+    add_jobs(settings, "cand", 20)
+    add_jobs(settings, None, 3, status=JobStatus.FAILED)
+    verdict = decide(settings)
+    assert verdict is not None
+    assert (verdict.canary.jobs, verdict.canary.failed) == (23, 3)
+    assert verdict.outcome == "rolled_back"
+
+
+def test_rollback_restores_the_previous_production_and_stops_the_canary(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    add(settings, model_file, "v2", ModelStatus.CANDIDATE)
+    with session_scope(settings) as session:
+        rollout.promote(session=session, version="v2")
+    canary(settings, model_file, "v3")
+    with session_scope(settings) as session:
+        restored = rollout.rollback(session=session, reason="bad masks")
+        assert restored.version == "test-v1"
+    got = statuses(settings)
+    assert got["test-v1"] == ("production", 1.0)
+    assert got["v2"] == ("rejected", 0.0)
+    assert got["v3"] == ("rejected", 0.0)
+    with session_scope(settings) as session:
+        assert registry.get_version(session=session, version="v2").reason == "bad masks"
+        assert len(registry.serving_versions(session=session)) == 1
+
+
+def test_reject_refuses_production_and_rollback_needs_history(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    with session_scope(settings) as session:
+        with pytest.raises(ConflictError):
+            rollout.reject(session=session, version="test-v1", reason="x")
+        with pytest.raises(ConflictError):
+            rollout.rollback(session=session)
+    add(settings, model_file, "cand", ModelStatus.CANDIDATE)
+    with session_scope(settings) as session:
+        row = rollout.reject(session=session, version="cand", reason="gate: worse")
+        assert isinstance(row, ModelVersion)
+        assert (row.status, row.reason) == ("rejected", "gate: worse")

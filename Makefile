@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck migrate bench services install clean
+.PHONY: run test lint typecheck migrate bench services install clean validate-manifests lock images
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ migrate: $(STAMP)
 
 bench: $(STAMP) services
 	$(BIN)/python -m bench.run
+
+validate-manifests: $(STAMP)  ## yamllint, k8s + KEDA schemas, compose spec, kustomize renders
+	$(BIN)/pytest -q tests/ops/test_manifests.py
+
+lock: $(STAMP)  ## re-pin requirements/*.txt (the images' dependencies) from the tested venv
+	$(BIN)/python requirements/lock.py
+
+images:  ## build the api, worker and worker-gpu images
+	for t in api worker worker-gpu; do docker build --target $$t -t segsvc-$$t:dev . || exit 1; done
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

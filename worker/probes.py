@@ -1,12 +1,14 @@
 """Probe files for Kubernetes exec probes, as cog does: `ready` once the model is loaded,
 `alive` touched on every Celery heartbeat (every 2 s while the event loop turns).
 
-Readiness: `test -f $SEG_PROBE_DIR/ready`. Liveness: `alive` changed within the last minute.
+Exec probes: `python -m worker.probes ready` (readiness), `python -m worker.probes alive`
+(liveness: `alive` changed within SEG_PROBE_MAX_AGE seconds); no argument checks both.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -38,3 +40,29 @@ def probe_age(probe_dir: Path, name: str) -> float | None:
         return time.time() - (probe_dir / name).stat().st_mtime
     except FileNotFoundError:
         return None
+
+
+def check(probe_dir: Path, *, need: tuple[str, ...], max_age: float) -> str | None:
+    """None when every needed probe file exists and is fresh enough, else the reason."""
+    for name in need:
+        age = probe_age(probe_dir, name)
+        if age is None:
+            return f"{name} missing"
+        if name == ALIVE and age > max_age:
+            return f"{name} is {age:.0f}s old"
+    return None
+
+
+def main(argv: list[str]) -> int:
+    """`python -m worker.probes [ready|alive]`: exit 0 when healthy (both files by default)."""
+    probe_dir = Path(os.environ.get("SEG_PROBE_DIR", "/tmp/segsvc-probes"))  # noqa: S108
+    need = tuple(argv) or (READY, ALIVE)
+    problem = check(probe_dir, need=need, max_age=float(os.environ.get("SEG_PROBE_MAX_AGE", 60)))
+    if problem:
+        sys.stderr.write(f"unhealthy: {problem}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

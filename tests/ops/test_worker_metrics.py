@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from segsvc.settings import Settings
 from tests.conftest import start_worker, stop_process
 from worker.metrics_server import record_model, sample_queue_depth, start_metrics_server
-from worker.probes import ALIVE, READY, clear_probes, probe_age, write_probe
+from worker.probes import ALIVE, READY, check, clear_probes, main, probe_age, write_probe
 
 WORKER_SERIES = ("segsvc_model_info", "segsvc_model_load_seconds", "segsvc_worker_ready",
                  "segsvc_jobs", "segsvc_job_queue_wait_seconds", "segsvc_batch_predict_seconds",
@@ -78,6 +79,20 @@ def test_probe_files_written_refreshed_and_cleared(tmp_path: Path) -> None:
     clear_probes(tmp_path)
     assert probe_age(tmp_path, READY) is None
     assert probe_age(tmp_path, ALIVE) is None
+
+
+def test_probe_command_checks_ready_and_fresh_alive(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SEG_PROBE_DIR", str(tmp_path))
+    assert main(["ready"]) == 1
+    write_probe(tmp_path, READY)
+    assert main(["ready"]) == 0
+    assert main([]) == 1  # alive missing
+    write_probe(tmp_path, ALIVE)
+    assert main([]) == 0
+    old = time.time() - 600
+    os.utime(tmp_path / ALIVE, (old, old))
+    assert check(tmp_path, need=(ALIVE,), max_age=60) == "alive is 600s old"
+    assert main(["alive"]) == 1
 
 
 @pytest.mark.e2e

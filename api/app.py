@@ -32,8 +32,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 def register_blueprints(app: Flask) -> None:
     """Attach every route group."""
-    from api.routes import docs, health, jobs
+    from api.routes import docs, health, jobs, web
 
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(web.bp)
     app.register_blueprint(docs.bp)

@@ -39,6 +39,12 @@ class LazyGroup(click.Group):
         "train": "retrain.cli:train",
         "evaluate": "retrain.cli:evaluate",
         "run": "segsvc.devserver:run",
+        # HTTP client (segsvc/client_cli.py); the four job verbs are also top-level shortcuts.
+        "client": "segsvc.client_cli:client",
+        "submit": "segsvc.client_cli:submit",
+        "status": "segsvc.client_cli:status",
+        "get": "segsvc.client_cli:get",
+        "cancel": "segsvc.client_cli:cancel",
     },
 )
 def main() -> None:

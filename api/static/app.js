@@ -1,0 +1,352 @@
+// segsvc web page: upload a photo, follow the job, show overlay and mask. No dependencies.
+"use strict";
+
+const KEY_STORAGE = "segsvc.apiKey";
+// Mask values 0 pet, 1 background, 2 border, coloured like the overlay (raw 0/1/2 looks black).
+const MASK_COLOURS = [[255, 64, 64], [40, 44, 60], [255, 220, 0]];
+const ALLOWED_TYPES = ["image/jpeg", "image/png", "image/webp"];
+const STATUS_WORDS = {
+  queued: "Waiting in the queue for a worker.",
+  running: "A worker is segmenting the photo.",
+  succeeded: "Done.",
+  failed: "The job failed.",
+  canceled: "The job was canceled.",
+};
+
+const $ = (id) => document.getElementById(id);
+const state = { config: { auth_required: true, max_upload_bytes: 10 * 1024 * 1024 }, job: null,
+                urls: [], pollTimer: null, generation: 0, overlayUrl: null, originalUrl: null };
+
+function apiKey() {
+  return localStorage.getItem(KEY_STORAGE) || "";
+}
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+function showKeyState() {
+  const key = apiKey();
+  $("key-state").textContent = key
+    ? "Key saved in this browser (" + key.slice(0, 8) + "\u2026)."
+    : "No key saved yet. `make run` prints one (also in var/local_api_key).";
+  $("api-key").value = "";
+  $("api-key").placeholder = key ? "saved; paste a new key to replace it" : "seg_...";
+}
+
+function formatBytes(n) {
+  return n >= 1024 * 1024 ? (n / 1024 / 1024).toFixed(n % (1024 * 1024) ? 1 : 0) + " MB"
+    : Math.round(n / 1024) + " KB";
+}
+
+// --- errors in plain words ----------------------------------------------------------------
+function retryAfterText(headers) {
+  const seconds = parseInt(headers && headers.get ? headers.get("Retry-After") : headers, 10);
+  return Number.isFinite(seconds) ? " Try again in " + seconds + " second" + (seconds === 1 ? "" : "s") + "." : " Try again shortly.";
+}
+
+function describeError(status, body, retryAfter) {
+  const message = body && body.message ? body.message : "";
+  switch (status) {
+    case 0: return "Could not reach the service. Check that it is running and try again.";
+    case 401: return "The API key was not accepted. Paste a valid key above and try again.";
+    case 403: return "This API key may not do that.";
+    case 404: return "That job does not exist (or belongs to another key).";
+    case 413: return "The file is too large. The limit is " + formatBytes(state.config.max_upload_bytes) + ".";
+    case 415: return "That file is not a supported image. Use a JPEG, PNG or WebP photo.";
+    case 422: return "That file could not be used as an image. " + message;
+    case 429: return "Too many requests from this key right now." + retryAfterText(retryAfter);
+    case 503: return "The service is busy or briefly unavailable." + retryAfterText(retryAfter);
+    default:
+      return status >= 500 ? "Something went wrong on the server (" + status + ")." + retryAfterText(retryAfter)
+        : (message || "The request failed (" + status + ").");
+  }
+}
+
+function showError(text) {
+  $("error-box").textContent = text;
+  $("error-box").hidden = false;
+}
+
+function clearError() {
+  $("error-box").hidden = true;
+  $("error-box").textContent = "";
+}
+
+// --- status display -----------------------------------------------------------------------
+function setStep(step, text) {
+  const order = ["uploading", "queued", "running", "done"];
+  const at = order.indexOf(step);
+  document.querySelectorAll("#steps li").forEach((li) => {
+    const i = order.indexOf(li.dataset.step);
+    li.classList.toggle("complete", i < at || (step === "done" && i === at));
+    li.classList.toggle("active", i === at && step !== "done");
+  });
+  $("status-text").textContent = text || "";
+}
+
+function setProgress(percent) {
+  $("upload-progress").value = percent;
+  $("upload-text").textContent = percent + "%";
+}
+
+// --- upload -------------------------------------------------------------------------------
+function checkFile(file) {
+  if (file.type && !ALLOWED_TYPES.includes(file.type)) {
+    return "That file is not a supported image (" + file.type + "). Use a JPEG, PNG or WebP photo.";
+  }
+  if (file.size > state.config.max_upload_bytes) {
+    return "The file is too large (" + formatBytes(file.size) + "). The limit is "
+      + formatBytes(state.config.max_upload_bytes) + ".";
+  }
+  if (state.config.auth_required && !apiKey()) {
+    return "Paste your API key above first.";
+  }
+  return null;
+}
+
+function startUpload(file) {
+  clearError();
+  const problem = checkFile(file);
+  if (problem) {
+    showError(problem);
+    return;
+  }
+  resetResults();
+  const generation = ++state.generation;
+  state.originalUrl = trackUrl(URL.createObjectURL(file));
+  $("progress-box").hidden = false;
+  setProgress(0);
+  setStep("uploading", "Uploading " + file.name + " (" + formatBytes(file.size) + ")\u2026");
+
+  const form = new FormData();
+  form.append("image", file, file.name);
+  const xhr = new XMLHttpRequest();
+  xhr.open("POST", "/v1/jobs");
+  const headers = authHeaders();
+  Object.keys(headers).forEach((k) => xhr.setRequestHeader(k, headers[k]));
+  xhr.upload.onprogress = (event) => {
+    if (event.lengthComputable) setProgress(Math.round((100 * event.loaded) / event.total));
+  };
+  xhr.onload = () => {
+    if (generation !== state.generation) return;
+    let body = null;
+    try { body = JSON.parse(xhr.responseText); } catch (_err) { body = null; }
+    if (xhr.status === 202 && body) {
+      setProgress(100);
+      state.job = body;
+      showJob(body);
+      schedulePoll(body.id, generation, 300);
+    } else {
+      setStep("uploading", "");
+      showError(describeError(xhr.status, body, xhr.getResponseHeader("Retry-After")));
+    }
+  };
+  xhr.onerror = () => {
+    if (generation !== state.generation) return;
+    showError(describeError(0));
+  };
+  xhr.send(form);
+}
+
+// --- polling ------------------------------------------------------------------------------
+function schedulePoll(jobId, generation, delay) {
+  clearTimeout(state.pollTimer);
+  state.pollTimer = setTimeout(() => poll(jobId, generation, delay), delay);
+}
+
+async function poll(jobId, generation, delay) {
+  let resp;
+  try {
+    resp = await fetch("/v1/jobs/" + encodeURIComponent(jobId), { headers: authHeaders(), cache: "no-store" });
+  } catch (_err) {
+    if (generation === state.generation) schedulePoll(jobId, generation, Math.min(delay * 2, 5000));
+    return;
+  }
+  if (generation !== state.generation) return;
+  if (resp.status === 429 || resp.status === 503) {
+    const wait = parseInt(resp.headers.get("Retry-After"), 10);
+    schedulePoll(jobId, generation, Number.isFinite(wait) ? wait * 1000 : delay * 2);
+    return;
+  }
+  const body = await resp.json().catch(() => null);
+  if (!resp.ok) {
+    showError(describeError(resp.status, body, resp.headers));
+    return;
+  }
+  state.job = body;
+  showJob(body);
+  if (body.status === "succeeded") {
+    await loadResults(body, generation);
+  } else if (body.status === "failed") {
+    showError("The job failed: " + ((body.error && body.error.message) || "no reason given") + ".");
+  } else if (body.status !== "canceled") {
+    schedulePoll(jobId, generation, Math.min(delay * 1.5, 2000));
+  }
+}
+
+function showJob(job) {
+  const step = { queued: "queued", running: "running" }[job.status] || "done";
+  setStep(step, STATUS_WORDS[job.status] || job.status);
+  $("cancel-button").hidden = job.status !== "queued" && job.status !== "running";
+}
+
+async function cancelJob() {
+  if (!state.job) return;
+  const resp = await fetch("/v1/jobs/" + encodeURIComponent(state.job.id) + "/cancel",
+    { method: "POST", headers: authHeaders() }).catch(() => null);
+  if (!resp) { showError(describeError(0)); return; }
+  const body = await resp.json().catch(() => null);
+  if (!resp.ok) { showError(describeError(resp.status, body, resp.headers)); return; }
+  state.job = body;
+  showJob(body);
+}
+
+// --- results ------------------------------------------------------------------------------
+function trackUrl(url) {
+  state.urls.push(url);
+  return url;
+}
+
+function resetResults() {
+  clearTimeout(state.pollTimer);
+  state.urls.forEach((u) => URL.revokeObjectURL(u));
+  state.urls = [];
+  state.job = null;
+  $("results").hidden = true;
+  $("show-original").checked = false;
+  $("overlay-img").removeAttribute("src");
+  $("job-details").textContent = "";
+}
+
+async function fetchBlob(path) {
+  const resp = await fetch(path, { headers: authHeaders() });
+  if (!resp.ok) {
+    const body = await resp.json().catch(() => null);
+    throw new Error(describeError(resp.status, body, resp.headers));
+  }
+  return resp.blob();
+}
+
+async function loadResults(job, generation) {
+  const base = "/v1/jobs/" + encodeURIComponent(job.id);
+  let overlay, mask;
+  try {
+    [overlay, mask] = await Promise.all([fetchBlob(base + "/overlay.png"), fetchBlob(base + "/mask.png")]);
+  } catch (err) {
+    showError("The job finished but its images could not be loaded: " + err.message);
+    return;
+  }
+  if (generation !== state.generation) return;
+  state.overlayUrl = trackUrl(URL.createObjectURL(overlay));
+  const maskUrl = trackUrl(URL.createObjectURL(mask));
+  $("overlay-img").src = state.overlayUrl;
+  await drawMask(mask);
+  setDownload("download-overlay", state.overlayUrl, job.id + "-overlay.png");
+  setDownload("download-mask", maskUrl, job.id + "-mask.png");
+  $("mask-canvas").toBlob((blob) => {
+    if (blob) setDownload("download-mask-colour", trackUrl(URL.createObjectURL(blob)), job.id + "-mask-colour.png");
+  }, "image/png");
+  showDetails(job);
+  $("results").hidden = false;
+}
+
+async function drawMask(blob) {
+  const bitmap = await createImageBitmap(blob);
+  const canvas = $("mask-canvas");
+  canvas.width = bitmap.width;
+  canvas.height = bitmap.height;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(bitmap, 0, 0);
+  const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  const d = pixels.data;
+  for (let i = 0; i < d.length; i += 4) {
+    const colour = MASK_COLOURS[d[i]] || [255, 255, 255];
+    d[i] = colour[0]; d[i + 1] = colour[1]; d[i + 2] = colour[2]; d[i + 3] = 255;
+  }
+  ctx.putImageData(pixels, 0, 0);
+}
+
+function setDownload(id, url, name) {
+  const a = $(id);
+  a.href = url;
+  a.download = name;
+}
+
+function showDetails(job) {
+  const m = job.metrics || {};
+  const fractions = job.result && job.result.class_fractions;
+  const rows = [
+    ["Job", job.id],
+    ["Model", job.model_version || "-"],
+    ["Size", job.input ? job.input.width + " \u00d7 " + job.input.height : "-"],
+    ["Queue", m.queue_ms != null ? Math.round(m.queue_ms) + " ms" : "-"],
+    ["Predict", m.predict_ms != null ? Math.round(m.predict_ms) + " ms (batch of " + (m.batch_size || 1) + ")" : "-"],
+  ];
+  if (fractions) {
+    rows.push(["Pet / background / border", fractions.map((f) => (100 * f).toFixed(1) + "%").join(" / ")]);
+  }
+  const dl = $("job-details");
+  dl.textContent = "";
+  rows.forEach(([k, v]) => {
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = v;
+    dl.append(dt, dd);
+  });
+}
+
+// --- wiring -------------------------------------------------------------------------------
+function wire() {
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = $("api-key").value.trim();
+    if (key) localStorage.setItem(KEY_STORAGE, key);
+    showKeyState();
+    clearError();
+  });
+  $("key-forget").addEventListener("click", () => {
+    localStorage.removeItem(KEY_STORAGE);
+    showKeyState();
+  });
+  $("file-input").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    if (file) startUpload(file);
+    event.target.value = "";
+  });
+  const zone = $("drop-zone");
+  ["dragenter", "dragover"].forEach((name) => zone.addEventListener(name, (event) => {
+    event.preventDefault();
+    zone.classList.add("dragging");
+  }));
+  ["dragleave", "drop"].forEach((name) => zone.addEventListener(name, () => zone.classList.remove("dragging")));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    const file = event.dataTransfer.files[0];
+    if (file) startUpload(file);
+  });
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("file-input").click(); }
+  });
+  $("cancel-button").addEventListener("click", cancelJob);
+  $("show-original").addEventListener("change", (event) => {
+    const original = event.target.checked;
+    $("overlay-img").src = original ? state.originalUrl : state.overlayUrl;
+    $("left-caption").textContent = original ? "Original photo" : "Overlay";
+  });
+}
+
+async function loadConfig() {
+  try {
+    const resp = await fetch("/ui/config.json");
+    if (resp.ok) state.config = await resp.json();
+  } catch (_err) { /* keep the defaults; the API still enforces the limits */ }
+  $("max-size").textContent = formatBytes(state.config.max_upload_bytes);
+  $("key-section").hidden = !state.config.auth_required;
+}
+
+wire();
+showKeyState();
+loadConfig().then(() => { document.body.dataset.ready = "true"; });

@@ -1,0 +1,279 @@
+"""Python client for the segsvc HTTP API: submit photos, wait for jobs, fetch masks.
+
+    from segsvc.client import Client
+    with Client("http://127.0.0.1:8000", api_key="seg_...") as client:
+        job = client.submit("cat.jpg").wait(timeout=60)
+        job.mask().save("cat-mask.png")
+
+Needs only httpx, Pillow and standardwebhooks (no Flask, no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from PIL import Image
+
+from segsvc.client_errors import (
+    ApiError,
+    AuthError,
+    ClientError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitedError,
+    ServerError,
+    TransportError,
+    WaitTimeoutError,
+    error_for,
+    parse_retry_after,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "TERMINAL",
+    "ApiError",
+    "AuthError",
+    "Client",
+    "ClientError",
+    "ConflictError",
+    "InvalidRequestError",
+    "Job",
+    "NotFoundError",
+    "RateLimitedError",
+    "ServerError",
+    "TransportError",
+    "WaitTimeoutError",
+    "verify_webhook",
+]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+RETRY_STATUSES = frozenset({429, 503})
+ImageInput = str | os.PathLike[str] | bytes | IO[bytes]
+
+
+class Job:
+    """A job as the API last described it; `refresh()` and `wait()` update it."""
+
+    def __init__(self, client: Client, data: dict[str, Any]) -> None:
+        self._client = client
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, status={self.status!r})"
+
+    @property
+    def id(self) -> str:
+        return str(self.data["id"])
+
+    @property
+    def status(self) -> str:
+        return str(self.data["status"])
+
+    @property
+    def done(self) -> bool:
+        """True once the job can no longer change."""
+        return self.status in TERMINAL
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """`{"code", "message"}` of a failed job, else None."""
+        value: dict[str, Any] | None = self.data.get("error")
+        return value
+
+    @property
+    def model_version(self) -> str | None:
+        value: str | None = self.data.get("model_version")
+        return value
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        value: dict[str, Any] = self.data.get("metrics") or {}
+        return value
+
+    def refresh(self) -> Job:
+        """Reload the job's state from the API."""
+        self.data = self._client.get(self.id).data
+        return self
+
+    def wait(self, timeout: float | None = 300.0, *, poll_interval: float = 0.25) -> Job:
+        """Poll until the job is succeeded, failed or canceled; WaitTimeoutError after timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = poll_interval
+        while not self.done:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeoutError(f"job {self.id} still {self.status} after {timeout}s")
+            pause = interval if deadline is None else min(interval, deadline - time.monotonic())
+            time.sleep(max(0.0, pause))
+            interval = min(interval * 1.5, 2.0)  # quick for fast jobs, gentle for slow ones
+            self.refresh()
+        return self
+
+    def cancel(self) -> Job:
+        """Cancel the job (a no-op answer once it is finished)."""
+        self.data = self._client.cancel(self.id).data
+        return self
+
+    def mask_png(self) -> bytes:
+        """The mask as PNG bytes (values 0 pet, 1 background, 2 border)."""
+        return self._client.result_png(self.id, "mask")
+
+    def overlay_png(self) -> bytes:
+        """The input with the mask blended on it, as PNG bytes."""
+        return self._client.result_png(self.id, "overlay")
+
+    def mask(self) -> Image.Image:
+        """The mask as a single-channel PIL image of the input's size."""
+        return _open_png(self.mask_png())
+
+    def overlay(self) -> Image.Image:
+        """The overlay as an RGB PIL image."""
+        return _open_png(self.overlay_png())
+
+
+class Client:
+    """A connection to one segsvc API; thread-safe, so share it across threads."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 5,
+        max_retry_wait: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = (url or os.environ.get("SEG_URL") or DEFAULT_URL).rstrip("/")
+        key = api_key if api_key is not None else os.environ.get("SEG_API_KEY")
+        headers = {"User-Agent": "segsvc-client/0.1"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self.retries = retries
+        self.max_retry_wait = max_retry_wait
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def submit(
+        self,
+        image: ImageInput,
+        *,
+        webhook: str | None = None,
+        webhook_events: list[str] | None = None,
+        filename: str | None = None,
+    ) -> Job:
+        """Upload a photo (path, bytes or binary file) and return the queued job."""
+        name, data = _read_image(image, filename)
+        form: dict[str, Any] = {}
+        if webhook:
+            form["webhook"] = webhook
+        if webhook_events:
+            form["webhook_events"] = ",".join(webhook_events)
+        # Same key on every retry of this call, so the server may treat them as one submission.
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        resp = self._request(
+            "POST", "/v1/jobs", files={"image": (name, data)}, data=form, headers=headers
+        )
+        return Job(self, resp.json())
+
+    def get(self, job_id: str) -> Job:
+        """The job's current state."""
+        return Job(self, self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job."""
+        return Job(self, self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def result_png(self, job_id: str, kind: str = "mask") -> bytes:
+        """A finished job's `mask` or `overlay` PNG; ConflictError while it is not done."""
+        if kind not in ("mask", "overlay"):
+            raise ValueError("kind must be 'mask' or 'overlay'")
+        return self._request("GET", f"/v1/jobs/{job_id}/{kind}.png").content
+
+    def models(self) -> list[dict[str, Any]]:
+        """Registered model versions with status and traffic share (GET /v1/models)."""
+        body = self._request("GET", "/v1/models").json()
+        rows: list[dict[str, Any]] = body.get("models", body) if isinstance(body, dict) else body
+        return rows
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send with retries on 429/503 (honouring Retry-After) and on refused connections."""
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                resp = self._http.request(method, path, **kwargs)
+            except httpx.ConnectError as exc:  # nothing was sent, so any method may retry
+                if last:
+                    raise TransportError(f"cannot connect to {self.url}: {exc}") from exc
+                time.sleep(_backoff(attempt))
+                continue
+            except httpx.HTTPError as exc:
+                raise TransportError(f"{method} {path} failed: {exc}") from exc
+            if resp.status_code in RETRY_STATUSES and not last:
+                time.sleep(self._retry_delay(resp, attempt))
+                continue
+            if resp.is_success:
+                return resp
+            raise error_for(resp)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retry_delay(self, resp: httpx.Response, attempt: int) -> float:
+        hinted = parse_retry_after(resp.headers.get("Retry-After"))
+        return min(self.max_retry_wait, hinted if hinted is not None else _backoff(attempt))
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter: 0.5 s, 1 s, 2 s, ... capped at 10 s."""
+    return random.uniform(0.5, 1.0) * min(10.0, 0.5 * 2.0**attempt)
+
+
+def _read_image(image: ImageInput, filename: str | None) -> tuple[str, bytes]:
+    if isinstance(image, bytes):
+        return filename or "image", image
+    if isinstance(image, str | os.PathLike):
+        path = Path(image)
+        return filename or path.name, path.read_bytes()
+    data = image.read()
+    return filename or Path(str(getattr(image, "name", "image"))).name, data
+
+
+def _open_png(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def verify_webhook(headers: Mapping[str, str], body: bytes | str, secret: str) -> dict[str, Any]:
+    """Check a delivery's Standard Webhooks signature and timestamp (5 min); the payload.
+
+    Raises `standardwebhooks.WebhookVerificationError` when the signature does not match or
+    the timestamp is stale. Deduplicate on the `webhook-id` header to drop replays.
+    """
+    from standardwebhooks import Webhook
+
+    payload: dict[str, Any] = Webhook(secret).verify(body, dict(headers))
+    return payload

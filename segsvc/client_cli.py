@@ -1,0 +1,341 @@
+"""Client commands of `segsvc`: submit photos, follow jobs, fetch masks, list models over HTTP.
+
+Exit codes (scripts may rely on them): 0 ok; 1 a job failed or a request was refused (bad image,
+unknown job, timeout); 2 usage error; 3 server or network error; 4 authentication error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from segsvc.client import DEFAULT_URL, Client, Job
+from segsvc.client_errors import (
+    ApiError,
+    AuthError,
+    ClientError,
+    NotFoundError,
+    RateLimitedError,
+    ServerError,
+    TransportError,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_AUTH = 0, 1, 2, 3, 4
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def exit_code_for(exc: ClientError) -> int:
+    """The documented exit code for a client error."""
+    if isinstance(exc, AuthError):
+        return EXIT_AUTH
+    if isinstance(exc, TransportError | ServerError | RateLimitedError):
+        return EXIT_SERVER
+    return EXIT_FAILED
+
+
+def connection_options(func: F) -> F:
+    """--url, --api-key and --retries, from flags or SEG_URL / SEG_API_KEY / SEG_RETRIES."""
+    func = click.option("--retries", envvar="SEG_RETRIES", default=5, show_default=True,
+                        type=click.IntRange(0, 20),
+                        help="Retries on 429/503 and refused connections [env SEG_RETRIES].")(func)
+    func = click.option("--api-key", envvar="SEG_API_KEY", help="API key [env SEG_API_KEY; "
+                        "else var/local_api_key].")(func)
+    return click.option("--url", envvar="SEG_URL", default=DEFAULT_URL, show_default=True,
+                        help="Server base URL [env SEG_URL].")(func)
+
+
+def handle_errors(func: F) -> F:
+    """Turn client errors into one plain line on stderr and the documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ClientError as exc:
+            click.echo(f"error: {describe(exc)}", err=True)
+            sys.exit(exit_code_for(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def describe(exc: BaseException) -> str:
+    """One line for people."""
+    if isinstance(exc, AuthError):
+        return f"{exc.message} (check --api-key or SEG_API_KEY)"
+    if isinstance(exc, ApiError):
+        return f"{exc.message} [{exc.status} {exc.code}]"
+    return str(exc)
+
+
+def make_client(url: str, api_key: str | None, retries: int = 5) -> Client:
+    """A client from flags/env; the key falls back to the file `make run` writes."""
+    if not api_key:
+        from segsvc.settings import get_settings
+
+        key_file = get_settings().var_dir / "local_api_key"
+        if key_file.is_file():
+            api_key = key_file.read_text().strip()
+    return Client(url, api_key or "", retries=retries)
+
+
+def image_files(paths: tuple[Path, ...]) -> list[Path]:
+    """Files as given, plus the images found under directories (sorted)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(path)
+    return found
+
+
+@dataclass
+class Outcome:
+    """What happened to one file."""
+
+    path: Path
+    job_id: str = "-"
+    status: str = "error"
+    error: ClientError | None = None
+    reason: str = ""
+    latency_s: float | None = None
+    predict_ms: float | None = None
+
+
+@dataclass
+class SubmitPlan:
+    """The options of one `submit` run."""
+
+    wait: bool
+    out: Path | None
+    overlay: bool
+    webhook: str | None
+    webhook_events: list[str] | None
+    timeout: float
+
+
+def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Event) -> Outcome:
+    """Submit one file, then (optionally) wait and save its results."""
+    outcome = Outcome(path)
+    if stop.is_set():
+        outcome.status, outcome.reason = "skipped", "stopped after an authentication error"
+        return outcome
+    started = time.monotonic()
+    try:
+        job = client.submit(path, webhook=plan.webhook, webhook_events=plan.webhook_events)
+        outcome.job_id, outcome.status = job.id, job.status
+        if plan.wait or plan.out:
+            job.wait(plan.timeout)
+            outcome.status, outcome.latency_s = job.status, time.monotonic() - started
+            outcome.predict_ms = job.metrics.get("predict_ms")
+            outcome.reason = (job.error or {}).get("message", "")
+            if job.succeeded and plan.out:
+                save_results(job, path, plan)
+    except ClientError as exc:
+        outcome.status, outcome.error, outcome.reason = "error", exc, describe(exc)
+        if isinstance(exc, AuthError):
+            stop.set()
+    return outcome
+
+
+def save_results(job: Job, path: Path, plan: SubmitPlan) -> None:
+    """Write <stem>.mask.png (and .overlay.png) into the output folder."""
+    assert plan.out is not None
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / f"{path.stem}.mask.png").write_bytes(job.mask_png())
+    if plan.overlay:
+        (plan.out / f"{path.stem}.overlay.png").write_bytes(job.overlay_png())
+
+
+def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: int) -> list[Outcome]:
+    """Submit every file with a thread pool and a progress bar on stderr."""
+    stop = threading.Event()
+    outcomes: list[Outcome] = []
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=len(files) < 2) as progress, \
+            ThreadPoolExecutor(max_workers=concurrency) as pool:
+        label = "waiting" if plan.wait or plan.out else "submitting"
+        task = progress.add_task(label, total=len(files))
+        futures = [pool.submit(submit_one, client, f, plan, stop) for f in files]
+        for future in as_completed(futures):
+            outcome = future.result()
+            outcomes.append(outcome)
+            click.echo(f"{outcome.job_id}\t{outcome.status}\t{outcome.path}")
+            progress.advance(task)
+    return outcomes
+
+
+def summary_table(outcomes: list[Outcome]) -> Table:
+    """Counts per result and the mean latencies."""
+    table = Table(title="segsvc submit")
+    for name in ("result", "files", "mean latency", "mean predict"):
+        table.add_column(name, justify="left" if name == "result" else "right")
+    groups: dict[str, list[Outcome]] = {}
+    for outcome in outcomes:
+        groups.setdefault(outcome.status, []).append(outcome)
+    for status, rows in sorted(groups.items()):
+        lat = [o.latency_s for o in rows if o.latency_s is not None]
+        pred = [o.predict_ms for o in rows if o.predict_ms is not None]
+        table.add_row(status, str(len(rows)),
+                      f"{sum(lat) / len(lat):.2f} s" if lat else "-",
+                      f"{sum(pred) / len(pred):.0f} ms" if pred else "-")
+    return table
+
+
+def submit_exit_code(outcomes: list[Outcome]) -> int:
+    """Worst outcome wins: auth, then server/network, then failed jobs."""
+    codes = {exit_code_for(o.error) for o in outcomes if o.error is not None}
+    if any(o.status in ("failed", "canceled") for o in outcomes):
+        codes.add(EXIT_FAILED)
+    for code in (EXIT_AUTH, EXIT_SERVER, EXIT_FAILED):
+        if code in codes:
+            return code
+    return EXIT_OK
+
+
+@click.command("submit")
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--wait", is_flag=True, help="Wait for every job to finish.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Save <name>.mask.png files here (implies --wait).")
+@click.option("--overlay", is_flag=True, help="With --out, also save <name>.overlay.png.")
+@click.option("--webhook", help="URL to notify when each job completes.")
+@click.option("--webhook-events", help="Comma-separated: start,completed [completed].")
+@click.option("--concurrency", "-j", default=4, show_default=True, type=click.IntRange(1, 64))
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait per job.")
+@connection_options
+def submit(paths: tuple[Path, ...], wait: bool, out: Path | None, overlay: bool,
+           webhook: str | None, webhook_events: str | None, concurrency: int, timeout: float,
+           url: str, api_key: str | None, retries: int) -> None:
+    """Submit photos (files or folders); prints a `job_id<TAB>status<TAB>file` line each."""
+    files = image_files(paths)
+    if not files:
+        raise click.UsageError("no image files found (looked for .jpg .jpeg .png .webp)")
+    events = [e.strip() for e in webhook_events.split(",")] if webhook_events else None
+    plan = SubmitPlan(wait, out, overlay, webhook, events, timeout)
+    with make_client(url, api_key, retries) as client:
+        outcomes = run_all(files, client, plan, concurrency)
+    console = Console(stderr=True)
+    console.print(summary_table(outcomes))
+    for o in outcomes:
+        if o.reason:
+            console.print(f"[red]{o.status}[/red] {o.path}: {o.reason}", highlight=False)
+    sys.exit(submit_exit_code(outcomes))
+
+
+@click.command("status")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the job's full JSON.")
+@connection_options
+@handle_errors
+def status(job_id: str, as_json: bool, url: str, api_key: str | None,
+           retries: int) -> None:
+    """Show a job; exits 1 if it failed or was canceled."""
+    with make_client(url, api_key, retries) as client:
+        job = client.get(job_id)
+    if as_json:
+        click.echo(json.dumps(job.data, indent=2))
+    else:
+        m = job.metrics
+        click.echo(f"{job.id}  {job.status}  model={job.model_version or '-'}  "
+                   f"queue={m.get('queue_ms') or '-'}ms  predict={m.get('predict_ms') or '-'}ms")
+        if job.error:
+            click.echo(f"error: {job.error.get('message')}")
+    sys.exit(EXIT_FAILED if job.status in ("failed", "canceled") else EXIT_OK)
+
+
+@click.command("get")
+@click.argument("job_id")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="File to write [<id>.mask.png or <id>.overlay.png].")
+@click.option("--overlay", is_flag=True, help="Fetch the overlay instead of the mask.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for it.")
+@connection_options
+@handle_errors
+def get(job_id: str, out: Path | None, overlay: bool, timeout: float, url: str,
+        api_key: str | None, retries: int) -> None:
+    """Wait for a job and save its mask (values 0 pet, 1 background, 2 border) or overlay."""
+    kind = "overlay" if overlay else "mask"
+    with make_client(url, api_key, retries) as client:
+        job = client.get(job_id).wait(timeout)
+        if not job.succeeded:
+            reason = (job.error or {}).get("message") or "no result"
+            click.echo(f"error: job {job.id} {job.status}: {reason}", err=True)
+            sys.exit(EXIT_FAILED)
+        data = client.result_png(job.id, kind)
+    target = out or Path(f"{job.id}.{kind}.png")
+    target.write_bytes(data)
+    click.echo(str(target))
+
+
+@click.command("cancel")
+@click.argument("job_id")
+@connection_options
+@handle_errors
+def cancel(job_id: str, url: str, api_key: str | None, retries: int) -> None:
+    """Cancel a queued or running job."""
+    with make_client(url, api_key, retries) as client:
+        job = client.cancel(job_id)
+    click.echo(f"{job.id}  {job.status}")
+
+
+@click.group("models")
+def models() -> None:
+    """Model versions as the API reports them."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@connection_options
+@handle_errors
+def models_list(as_json: bool, url: str, api_key: str | None, retries: int) -> None:
+    """List versions, status and traffic share (GET /v1/models)."""
+    with make_client(url, api_key, retries) as client:
+        try:
+            rows = client.models()
+        except NotFoundError:
+            click.echo("error: this server has no /v1/models endpoint yet; on the server, "
+                       "`segsvc models list` reads the registry directly", err=True)
+            sys.exit(EXIT_SERVER)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table()
+    for name in ("version", "status", "share", "mean IoU"):
+        table.add_column(name)
+    for row in rows:
+        miou = (row.get("metrics") or {}).get("mean_iou")
+        table.add_row(str(row.get("version")), str(row.get("status")),
+                      f"{float(row.get('traffic_share') or 0):.2f}",
+                      f"{miou:.3f}" if isinstance(miou, int | float) else "-")
+    Console(width=int(os.environ.get("COLUMNS", "100"))).print(table)
+
+
+@click.group("client")
+def client() -> None:
+    """Talk to a running segsvc API over HTTP (URL and key from flags or SEG_URL/SEG_API_KEY).
+
+    Exit codes: 0 ok, 1 job failed or request refused, 2 usage, 3 server/network, 4 auth.
+    """
+
+
+for _command in (submit, status, get, cancel, models):
+    client.add_command(_command)

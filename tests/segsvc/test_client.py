@@ -1,0 +1,168 @@
+"""The Python client against a live API (real Postgres, Redis and, where needed, a worker)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageOps
+from standardwebhooks import Webhook, WebhookVerificationError
+from werkzeug.wrappers import Request, Response
+
+from segsvc.client import Client, verify_webhook
+from segsvc.client_errors import (
+    AuthError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    ServerError,
+    TransportError,
+    WaitTimeoutError,
+    parse_retry_after,
+)
+from tests.conftest import sample_images
+from tests.live import serve
+
+
+@pytest.fixture
+def base_url(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    with serve(app) as url:
+        yield url
+
+
+@pytest.fixture
+def api(base_url: str, api_key: str) -> Iterator[Client]:
+    with Client(base_url, api_key) as client:
+        yield client
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_client_submit_wait_returns_mask_and_overlay(api: Client, worker: Path) -> None:
+    photo = sample_images(1)[0]
+    job = api.submit(photo)
+    assert job.status == "queued"
+    assert job.wait(timeout=120).status == "succeeded", worker.read_text()[-2000:]
+    with Image.open(photo) as src:
+        size = ImageOps.exif_transpose(src).size
+    mask = job.mask()
+    assert mask.size == size
+    assert mask.mode == "L"
+    assert set(mask.getdata()) <= {0, 1, 2}
+    assert job.overlay().size == size
+    assert api.get(job.id).model_version == "test-v1"
+    again = api.submit(photo.read_bytes(), filename="again.jpg").wait(timeout=120)
+    assert again.succeeded
+    assert again.metrics["predict_ms"] > 0
+
+
+def test_client_errors_carry_api_codes(api: Client, base_url: str) -> None:
+    with pytest.raises(InvalidRequestError) as bad:
+        api.submit(b"definitely not an image", filename="x.jpg")
+    assert bad.value.status in (415, 422)
+    assert bad.value.code in ("unsupported_media_type", "invalid_image")
+    with pytest.raises(NotFoundError) as missing:
+        api.get("00000000-0000-0000-0000-000000000000")
+    assert missing.value.code == "not_found"
+    with Client(base_url, "seg_wrong") as stranger, pytest.raises(AuthError) as denied:
+        stranger.get("00000000-0000-0000-0000-000000000000")
+    assert denied.value.status == 401
+    assert denied.value.code == "unauthorized"
+
+
+def test_client_cancel_and_wait_timeout_without_worker(api: Client) -> None:
+    job = api.submit(sample_images(1)[0])
+    with pytest.raises(WaitTimeoutError):
+        job.wait(timeout=0.5)
+    with pytest.raises(ConflictError) as early:
+        job.mask()
+    assert early.value.code == "conflict"
+    assert job.cancel().status == "canceled"
+    assert job.refresh().done
+
+
+class Scripted:
+    """A tiny WSGI stand-in for the API that answers from a script (for retry behaviour)."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str], Any]]) -> None:
+        self.answers = answers
+        self.times: list[float] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        Request(environ).get_data()
+        self.times.append(time.monotonic())
+        status, headers, body = self.answers[min(len(self.times), len(self.answers)) - 1]
+        resp = Response(json.dumps(body), status=status, headers=headers,
+                        mimetype="application/json")
+        return resp(environ, start_response)
+
+
+def test_client_retries_429_and_503_honouring_retry_after() -> None:
+    job = {"id": "j1", "status": "queued"}
+    limited = (429, {"Retry-After": "1"}, {"error": "rate_limited", "message": "slow down"})
+    busy = (503, {"Retry-After": "1"}, {"error": "unavailable", "message": "busy"})
+    stub = Scripted([limited, busy, (202, {}, job)])
+    with serve(stub) as url, Client(url, "k", retries=3) as client:
+        assert client.submit(b"png", filename="a.png").id == "j1"
+    assert len(stub.times) == 3
+    assert stub.times[1] - stub.times[0] >= 0.95
+    assert stub.times[2] - stub.times[1] >= 0.95
+
+
+def test_client_gives_up_with_typed_error_after_retries() -> None:
+    stub = Scripted([(503, {"Retry-After": "0"}, {"error": "unavailable", "message": "down"})])
+    with serve(stub) as url, Client(url, "k", retries=2) as client, \
+            pytest.raises(ServerError) as err:
+        client.get("j1")
+    assert len(stub.times) == 3
+    assert err.value.code == "unavailable"
+    assert err.value.retry_after == 0
+
+
+def test_client_models_accepts_list_or_wrapped() -> None:
+    rows = [{"version": "v1", "status": "production", "traffic_share": 1.0}]
+    for body in (rows, {"models": rows}):
+        with serve(Scripted([(200, {}, body)])) as url, Client(url, "k") as client:
+            assert client.models() == rows
+
+
+def test_client_unreachable_raises_transport_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with Client(f"http://127.0.0.1:{port}", "k", retries=1) as client, \
+            pytest.raises(TransportError):
+        client.get("j1")
+
+
+def test_parse_retry_after_reads_seconds_and_dates() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= (parse_retry_after(later) or 0) <= 31
+
+
+def test_verify_webhook_accepts_signed_rejects_tampered_and_stale() -> None:
+    secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = json.dumps({"type": "job.completed", "data": {"id": "j1"}})
+    signer = Webhook(secret)
+
+    def headers(at: datetime) -> dict[str, str]:
+        sig = signer.sign("msg_1", at, body)
+        return {"webhook-id": "msg_1", "webhook-timestamp": str(int(at.timestamp())),
+                "webhook-signature": sig}
+
+    now = datetime.now(UTC)
+    assert verify_webhook(headers(now), body.encode(), secret)["data"]["id"] == "j1"
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(headers(now), body.replace("j1", "j2"), secret)
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(headers(now - timedelta(minutes=6)), body, secret)

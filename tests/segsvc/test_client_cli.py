@@ -1,0 +1,129 @@
+"""`segsvc submit/status/get/cancel` and `segsvc client ...` against a live API."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image, ImageOps
+
+from segsvc.cli import main
+from segsvc.settings import get_settings
+from tests.conftest import sample_images
+from tests.live import serve
+from tests.segsvc.test_client import Scripted
+
+
+@pytest.fixture
+def base_url(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    with serve(app) as url:
+        yield url
+
+
+def cli(*args: str, url: str, key: str | None = "", **env: str) -> Result:
+    """Run `segsvc ARGS` with the URL and key in the environment, as a user would."""
+    environ = {"SEG_URL": url, "SEG_API_KEY": key or "", "COLUMNS": "120", **env}
+    return CliRunner().invoke(main, list(args), env=environ, catch_exceptions=False)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_cli_submit_dir_waits_saves_and_gets(base_url: str, api_key: str, worker: Path,
+                                             tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for photo in sample_images(3):
+        shutil.copy(photo, photos / photo.name)
+    out = tmp_path / "out"
+    result = cli("submit", str(photos), "--out", str(out), "--overlay", "-j", "2",
+                 url=base_url, key=api_key)
+    assert result.exit_code == 0, (result.output, worker.read_text()[-2000:])
+    lines = [ln.split("\t") for ln in result.stdout.splitlines() if "\t" in ln]
+    assert len(lines) == 3
+    assert {status for _, status, _ in lines} == {"succeeded"}
+    assert "succeeded" in result.stderr
+    assert "mean latency" in result.stderr
+    for photo in photos.iterdir():
+        with Image.open(photo) as src, Image.open(out / f"{photo.stem}.mask.png") as mask:
+            assert mask.size == ImageOps.exif_transpose(src).size
+        assert (out / f"{photo.stem}.overlay.png").stat().st_size > 0
+
+    job_id = lines[0][0]
+    status = cli("client", "status", job_id, url=base_url, key=api_key)
+    assert status.exit_code == 0
+    assert "succeeded" in status.stdout
+    target = tmp_path / "one.png"
+    got = cli("get", job_id, "--out", str(target), "--overlay", url=base_url, key=api_key)
+    assert got.exit_code == 0, got.output
+    with Image.open(target) as img:
+        assert img.mode == "RGB"
+
+
+def test_cli_exit_codes_for_auth_refusal_and_usage(base_url: str, api_key: str,
+                                                   tmp_path: Path) -> None:
+    photo = sample_images(1)[0]
+    denied = cli("submit", str(photo), url=base_url, key="seg_wrong")
+    assert denied.exit_code == 4
+    assert "API key" in denied.stderr
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not really a jpeg")
+    refused = cli("submit", str(junk), url=base_url, key=api_key)
+    assert refused.exit_code == 1
+    assert "error" in refused.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli("submit", str(empty), url=base_url, key=api_key).exit_code == 2
+    unknown = cli("status", "00000000-0000-0000-0000-000000000000", url=base_url, key=api_key)
+    assert unknown.exit_code == 1
+    assert "404" in unknown.stderr
+
+
+def test_cli_unreachable_server_exits_3() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = cli("status", "some-id", url=f"http://127.0.0.1:{port}", key="k", SEG_RETRIES="1")
+    assert result.exit_code == 3
+    assert "cannot connect" in result.stderr
+
+
+def test_cli_cancel_queued_job_then_status_exits_1(base_url: str, api_key: str) -> None:
+    submitted = cli("submit", str(sample_images(1)[0]), url=base_url, key=api_key)
+    assert submitted.exit_code == 0
+    job_id, state, _ = submitted.stdout.splitlines()[0].split("\t")
+    assert state == "queued"
+    canceled = cli("cancel", job_id, url=base_url, key=api_key)
+    assert canceled.exit_code == 0
+    assert "canceled" in canceled.stdout
+    assert cli("status", job_id, "--json", url=base_url, key=api_key).exit_code == 1
+
+
+def test_cli_reads_key_file_when_no_key_given(base_url: str, api_key: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "local_api_key").write_text(api_key + "\n")
+    monkeypatch.setenv("SEG_VAR_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        result = cli("submit", str(sample_images(1)[0]), url=base_url, key=None,
+                     SEG_VAR_DIR=str(tmp_path))
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+
+
+def test_cli_models_list_table_and_missing_endpoint() -> None:
+    rows = [{"version": "v7", "status": "production", "traffic_share": 1.0,
+             "metrics": {"mean_iou": 0.71}}]
+    with serve(Scripted([(200, {}, {"models": rows})])) as url:
+        listed = cli("client", "models", "list", url=url, key="k")
+    assert listed.exit_code == 0
+    assert "v7" in listed.stdout
+    assert "0.710" in listed.stdout
+    with serve(Scripted([(404, {}, {"error": "not_found", "message": "no"})])) as url:
+        missing = cli("client", "models", "list", url=url, key="k")
+    assert missing.exit_code == 3
+    assert "segsvc models list" in missing.stderr

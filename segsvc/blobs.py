@@ -1,0 +1,129 @@
+"""Where uploaded inputs and result masks live: in the jobs rows (`db`) or in files (`fs`).
+
+`settings.blob_store` picks the store for new writes. A row's binary column then holds either
+the bytes themselves or a small pointer (`segsvc-blob:sha256:<hex>`) to a content-addressed
+file under `settings.blob_dir`. Reads resolve both forms, so switching the setting never strands
+old rows. The `fs` layout (`ab/cd/<sha256>`) maps one-to-one onto an S3-compatible bucket
+(mount it, or swap this class for one on boto3 with the same three methods).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from segsvc.settings import Settings
+
+POINTER_PREFIX = b"segsvc-blob:sha256:"
+_HEX = frozenset("0123456789abcdef")
+
+
+class BlobMissingError(LookupError):
+    """A row points at a blob that is absent or does not match its hash."""
+
+
+class BlobStore(Protocol):
+    """Stores blobs for rows: `put` returns the value to keep in the row, `get` reverses it."""
+
+    kind: str
+
+    def put(self, data: bytes) -> bytes: ...
+
+    def get(self, value: bytes | None) -> bytes | None: ...
+
+
+def is_pointer(value: bytes | None) -> bool:
+    """True when a row value refers to a file instead of holding the bytes."""
+    return value is not None and value.startswith(POINTER_PREFIX)
+
+
+def pointer_digest(value: bytes) -> str:
+    """The sha256 a pointer names (validated: a row value never becomes a path trick)."""
+    digest = value[len(POINTER_PREFIX):].decode("ascii", "replace")
+    if len(digest) != 64 or not set(digest) <= _HEX:
+        raise BlobMissingError(f"malformed blob pointer {value[:80]!r}")
+    return digest
+
+
+class FileReader:
+    """Resolves pointers against a folder (shared by both stores)."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+
+    def path_for(self, digest: str) -> Path:
+        """Where the blob with this sha256 lives."""
+        if self.root is None:
+            raise BlobMissingError("a row points at a file blob but blob_dir is not set")
+        return self.root / digest[:2] / digest[2:4] / digest
+
+    def get(self, value: bytes | None) -> bytes | None:
+        """The bytes for a row value: itself, or the file its pointer names."""
+        if not is_pointer(value):
+            return value
+        assert value is not None
+        digest = pointer_digest(value)
+        try:
+            data = self.path_for(digest).read_bytes()
+        except FileNotFoundError:
+            raise BlobMissingError(f"blob {digest} is missing") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BlobMissingError(f"blob {digest} is corrupt")
+        return data
+
+
+class DbBlobStore(FileReader):
+    """Bytes stay in the row (the default: one database to back up, fine to ~100k jobs/day)."""
+
+    kind = "db"
+
+    def put(self, data: bytes) -> bytes:
+        """The row keeps the bytes themselves."""
+        return data
+
+
+class FsBlobStore(FileReader):
+    """Content-addressed files; the row keeps a 83-byte pointer."""
+
+    kind = "fs"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.folder = root
+
+    def put(self, data: bytes) -> bytes:
+        """Write the file once (atomically; identical blobs share it) and return its pointer."""
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.path_for(digest)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(path)
+        return POINTER_PREFIX + digest.encode()
+
+    def sweep(self, *, keep: Iterable[bytes | None], older_than_s: float) -> int:
+        """Delete files no kept pointer names and older than the grace period; the count."""
+        wanted = {pointer_digest(v) for v in keep if is_pointer(v)}
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self.folder.glob("??/??/*"):
+            if path.name not in wanted and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def blob_store(settings: Settings) -> DbBlobStore | FsBlobStore:
+    """The store `settings.blob_store` selects (fs defaults to `var_dir/blobs`)."""
+    folder = settings.blob_dir or (settings.var_dir / "blobs")
+    if settings.blob_store == "fs":
+        return FsBlobStore(folder)
+    return DbBlobStore(folder)

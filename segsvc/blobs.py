@@ -111,7 +111,7 @@ class FsBlobStore(FileReader):
 
     def sweep(self, *, keep: Iterable[bytes | None], older_than_s: float) -> int:
         """Delete files no kept pointer names and older than the grace period; the count."""
-        wanted = {pointer_digest(v) for v in keep if is_pointer(v)}
+        wanted = {pointer_digest(v) for v in keep if v is not None and is_pointer(v)}
         cutoff = time.time() - older_than_s
         removed = 0
         for path in self.folder.glob("??/??/*"):

@@ -20,7 +20,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["SEG_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD
-    app.config["MAX_FORM_MEMORY_SIZE"] = 64 * 1024
+    # Text fields are small, but werkzeug applies this limit to its parse buffer too (a 64 KiB
+    # read plus any leftover), so it must stay well above 64 KiB or some photos get a 413.
+    app.config["MAX_FORM_MEMORY_SIZE"] = 512 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["segsvc_celery"] = make_celery(settings, name="segsvc-api")
     register_metrics(app)

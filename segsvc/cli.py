@@ -39,6 +39,7 @@ class LazyGroup(click.Group):
         "train": "retrain.cli:train",
         "evaluate": "retrain.cli:evaluate",
         "run": "segsvc.devserver:run",
+        "reconcile": "worker.reconciler:reconcile_command",
         # HTTP client (segsvc/client_cli.py); the four job verbs are also top-level shortcuts.
         "client": "segsvc.client_cli:client",
         "submit": "segsvc.client_cli:submit",

@@ -1,0 +1,248 @@
+"""Hostile and odd input: each gets its documented status code, and the server stays up."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from segsvc.db import session_scope
+from segsvc.models import Job
+from segsvc.settings import Settings
+from tests.conftest import ROOT, stop_process, worker_env
+from tests.fault.harness import free_port
+
+
+def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def submit(client, auth, data: bytes, name: str = "x.png"):  # type: ignore[no-untyped-def]
+    return client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
+                       data={"image": (io.BytesIO(data), name)})
+
+
+def stored(settings: Settings, job_id: str) -> Job:
+    with session_scope(settings) as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        _ = job.model_input
+        session.expunge(job)
+        return job
+
+
+def forged_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming huge dimensions, with a few bytes of pixel data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def test_hostile_empty_body_is_400(client, auth) -> None:  # type: ignore[no-untyped-def]
+    assert client.post("/v1/jobs", headers=auth).status_code == 400
+    resp = submit(client, auth, b"")
+    assert resp.status_code == 400
+    assert resp.get_json()["error"] == "bad_request"
+
+
+@pytest.mark.parametrize(("ctype", "body"), [
+    ("application/json", b'{"image": "aGVsbG8="}'),
+    ("application/json", b'{"image": '),  # malformed JSON
+    ("text/plain", b"hello"),
+    ("application/x-www-form-urlencoded", b"image=abc"),
+    ("multipart/form-data; boundary=zzz", b"--zzz\r\nbroken"),  # malformed multipart
+    ("multipart/form-data", b"no boundary at all"),
+])
+def test_hostile_wrong_content_type_is_400(client, auth, ctype: str, body: bytes) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/jobs", headers=auth, data=body, content_type=ctype)
+    assert resp.status_code == 400
+    assert resp.is_json
+
+
+@pytest.mark.parametrize("data", [
+    forged_png(65535, 65535),
+    forged_png(9000, 9000),
+    encode(Image.new("1", (20000, 20000)), "PNG"),  # ~50 KB on disk, 400 MP decoded
+], ids=["forged-4G-pixels", "forged-81M-pixels", "real-1bit-400M-pixels"])
+def test_hostile_png_bomb_is_422(client, auth, settings: Settings, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    assert len(data) < 100_000
+    resp = submit(client, auth, data, "bomb.png")
+    assert resp.status_code == 422
+    assert resp.get_json()["error"] == "invalid_image"
+    with session_scope(settings) as session:
+        assert session.query(Job).count() == 0
+
+
+@pytest.mark.parametrize("cut", [10, 200, 0.5, 0.95])
+def test_hostile_truncated_jpeg_is_422(client, auth, cut: float) -> None:  # type: ignore[no-untyped-def]
+    data = encode(Image.effect_noise((320, 240), 60).convert("RGB"), "JPEG", quality=90)
+    end = int(cut if cut >= 1 else len(data) * cut)
+    resp = submit(client, auth, data[:end], "cut.jpg")
+    assert resp.status_code in (415, 422)  # a stump too short to identify is not an image
+    assert resp.get_json()["error"] in ("invalid_image", "unsupported_media_type")
+
+
+@pytest.mark.parametrize("data", [
+    encode(Image.new("RGB", (32, 32), "red"), "GIF"),
+    encode(Image.new("RGB", (32, 32), "red"), "TIFF"),
+    encode(Image.new("RGB", (32, 32), "red"), "BMP"),
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10"/></svg>',
+    b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",
+], ids=["gif", "tiff", "bmp", "svg", "pdf"])
+def test_hostile_other_formats_are_415(client, auth, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    resp = submit(client, auth, data, "renamed.png")  # the name lies; the bytes decide
+    assert resp.status_code == 415
+    assert resp.get_json()["error"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("img_fmt", [
+    (Image.fromarray((np.arange(64 * 48, dtype=np.uint16) * 20).reshape(48, 64)), "PNG"),
+    (Image.new("CMYK", (64, 48), (10, 200, 30, 0)), "JPEG"),
+    (Image.new("RGBA", (64, 48), (10, 200, 30, 0)), "PNG"),
+    (Image.new("LA", (64, 48), (100, 128)), "PNG"),
+    (Image.new("P", (64, 48), 3), "PNG"),
+    (Image.new("L", (64, 48), 90), "JPEG"),
+    (Image.new("RGBA", (64, 48), (10, 200, 30, 255)), "WEBP"),
+], ids=["png-16bit", "jpeg-cmyk", "png-rgba", "png-la", "png-palette", "jpeg-gray", "webp-alpha"])
+def test_hostile_unusual_modes_are_accepted(client, auth, settings: Settings, img_fmt) -> None:  # type: ignore[no-untyped-def]
+    img, fmt = img_fmt
+    resp = submit(client, auth, encode(img, fmt), f"x.{fmt.lower()}")
+    assert resp.status_code == 202, resp.get_json()
+    job = stored(settings, resp.get_json()["id"])
+    assert (job.input_width, job.input_height) == (64, 48)
+    assert job.model_input is not None
+    assert len(job.model_input) == 128 * 128 * 3
+
+
+def test_hostile_exif_rotated_photo_is_displayed_way_up(client, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    raw = np.zeros((100, 200, 3), np.uint8)  # stored 200 wide, 100 high
+    raw[:, :100] = (255, 0, 0)  # left half red
+    raw[:, 100:] = (0, 0, 255)  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: 100 wide, 200 high, red on top
+    data = encode(Image.fromarray(raw), "JPEG", quality=95, exif=exif)
+    job = stored(settings, submit(client, auth, data, "phone.jpg").get_json()["id"])
+    assert (job.input_width, job.input_height) == (100, 200)  # the mask is made at this size
+    pixels = np.frombuffer(job.model_input or b"", np.uint8).reshape(128, 128, 3)
+    top, bottom = pixels[:50].mean(axis=(0, 1)), pixels[-50:].mean(axis=(0, 1))
+    assert top[0] > 200 > top[2]  # red where the viewer sees red
+    assert bottom[2] > 200 > bottom[0]
+
+
+def test_hostile_oversized_multipart_is_413(settings: Settings, auth) -> None:  # type: ignore[no-untyped-def]
+    from api.app import create_app
+
+    client = create_app(settings.model_copy(update={"max_upload_bytes": 50_000})).test_client()
+    resp = submit(client, auth, b"\xff\xd8" + b"\0" * 400_000, "big.jpg")
+    assert resp.status_code == 413
+    assert resp.get_json()["error"] == "payload_too_large"
+
+
+def test_hostile_large_real_photo_is_not_413(client, auth) -> None:  # type: ignore[no-untyped-def]
+    # Regression: werkzeug applied MAX_FORM_MEMORY_SIZE (64 KiB) to its parse buffer, so some
+    # ordinary photos over ~64 KiB were refused.
+    for seed in range(5):
+        noise = np.random.default_rng(seed).integers(0, 255, (400, 600, 3), np.uint8)
+        data = encode(Image.fromarray(noise), "JPEG", quality=95)
+        assert len(data) > 200_000
+        assert submit(client, auth, data, "photo.jpg").status_code == 202
+
+
+@pytest.mark.parametrize("raw", [
+    "..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "....//....//etc/passwd",
+    "00000000-0000-0000-0000-000000000000%00", "%00", "' OR '1'='1", "a" * 2000,
+])
+def test_hostile_path_traversal_ids_are_404(client, auth, raw: str) -> None:  # type: ignore[no-untyped-def]
+    for suffix in ("", "/mask.png", "/overlay.png"):
+        resp = client.get(f"/v1/jobs/{raw}{suffix}", headers=auth)
+        assert resp.status_code == 404, (raw, suffix)
+        assert resp.is_json
+    assert client.post(f"/v1/jobs/{raw}/cancel", headers=auth).status_code == 404
+
+
+@pytest.mark.parametrize("header", ["Bearer", "Bearer ", "Basic abc", "Bearer " + "x" * 5000,
+                                    "bearer\tseg_x"])
+def test_hostile_bad_authorization_is_401(client, header: str) -> None:  # type: ignore[no-untyped-def]
+    resp = client.get(f"/v1/jobs/{uuid.uuid4()}", headers={"Authorization": header})
+    assert resp.status_code == 401
+    assert resp.get_json()["error"] == "unauthorized"
+
+
+@pytest.mark.timeout(90)
+def test_hostile_headers_and_bodies_on_real_gunicorn(settings: Settings, api_key: str,
+                                                      tmp_path: Path) -> None:
+    """What only a real server shows: header limits and a huge body; the server stays up."""
+    port = free_port()
+    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "api.wsgi:app", "--bind", f"127.0.0.1:{port}",
+         "--workers", "1", "--threads", "2"],
+        cwd=ROOT, env=worker_env(settings, SEG_MAX_UPLOAD_BYTES="1000000"), stdout=log,
+        stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {api_key}"}
+    try:
+        _wait_up(base, proc, tmp_path)
+        with httpx.Client(base_url=base, timeout=20) as http:
+            long_header = http.get("/healthz", headers={"X-Long": "a" * 20_000})
+            many_headers = http.get("/healthz", headers={f"X-H{i}": "v" for i in range(150)})
+            long_url = http.get("/v1/jobs/" + "a" * 10_000, headers=auth)
+            huge = _post_huge_body(port, api_key)
+            ok = http.get("/healthz")
+    finally:
+        stop_process(proc)
+        log.close()
+    print(f"\nlong header={long_header.status_code} many headers={many_headers.status_code} "
+          f"long url={long_url.status_code} huge body={huge[:12]!r}")
+    assert long_header.status_code == 431  # gunicorn: over limit_request_field_size (8190)
+    assert many_headers.status_code == 431  # gunicorn: over limit_request_fields (100)
+    assert long_url.status_code == 414  # gunicorn: request line over limit_request_line (4094)
+    assert huge.startswith(b"HTTP/1.1 413")  # answered from the headers, body not read
+    assert b'"payload_too_large"' in huge
+    assert ok.status_code == 200
+
+
+def _post_huge_body(port: int, key: str) -> bytes:
+    """Announce a 3 MB multipart body, send only its start, and read the answer."""
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 3000000\r\n\r\n")
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(head.encode() + part + b"\0" * 65536)
+        answer = b""
+        while b"\r\n\r\n{" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def _wait_up(base: str, proc: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError((tmp_path / "gunicorn.log").read_text()[-3000:])
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("gunicorn did not start")

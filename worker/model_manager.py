@@ -1,11 +1,16 @@
 """Which model versions a worker holds in memory, and which one serves a given job.
 
-Today: the production version, loaded once. The rollout issue extends this with canary routing
-(a stable hash of the job id) and hot swaps (poll the registry, load beside, switch atomically).
+The production version is loaded first. A background thread polls the registry every
+`registry_poll_seconds`; a new production or canary version is loaded beside the ones serving,
+then a new routing table replaces the old in one assignment, so a batch in flight finishes on
+the models it started with and the next one uses the new table. Versions no longer serving
+are dropped (freed once the last batch using them ends). Canary jobs are picked by a stable
+hash of the job id; a version that is not production or canary is never loaded or routed to.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -16,8 +21,10 @@ import numpy as np
 
 from segsvc.db import session_scope
 from segsvc.ml import IMAGE_SIZE
-from segsvc.ml.runtime import Runtime, load_runtime
+from segsvc.ml.runtime import Runtime, load_runtime, serving_batch_sizes
+from segsvc.models import ModelStatus, ModelVersion
 from segsvc.services import registry
+from segsvc.services.rollout import routes_to_canary
 from segsvc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,47 +40,185 @@ class LoadedModel:
     load_seconds: float
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """A version the registry says should serve."""
+
+    version: str
+    path: str
+    sha256: str
+    share: float
+
+
+@dataclass(frozen=True)
+class Routing:
+    """An immutable routing table: swapped whole, never edited."""
+
+    production: LoadedModel
+    canary: LoadedModel | None = None
+    share: float = 0.0
+
+
 class NoModelError(RuntimeError):
     """No production model is registered."""
 
 
 class ModelManager:
-    """Loads serving versions and routes each job to one."""
+    """Loads serving versions, keeps them current, and routes each job to one."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._lock = threading.Lock()
-        self._production: LoadedModel | None = None
+        self._lock = threading.Lock()  # serialises loads, never held while routing
+        self._routing: Routing | None = None
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._broken: set[tuple[str, str]] = set()  # (version, sha256) that failed to load
 
     def load(self) -> LoadedModel:
-        """Load the production version (once) and warm it up."""
-        with self._lock:
-            if self._production is None:
-                self._production = self._load_production()
-            return self._production
+        """Load the serving versions (once), warm them up and start polling the registry."""
+        routing = self._routing
+        if routing is None:
+            with self._lock:
+                if self._routing is None:
+                    self._routing = self._build(self._wanted(), current=None)
+                routing = self._routing
+            self._start_polling()
+        return routing.production
 
     @property
     def loaded(self) -> bool:
         """True once a model is in memory."""
-        return self._production is not None
+        return self._routing is not None
+
+    @property
+    def routing(self) -> Routing:
+        """The current routing table (loads on first use)."""
+        self.load()
+        assert self._routing is not None
+        return self._routing
 
     def model_for(self, job_id: uuid.UUID) -> LoadedModel:
-        """The version that serves `job_id`."""
-        return self.load()
+        """The version that serves `job_id`: the canary for its hash share, else production."""
+        routing = self.routing
+        if routing.canary is not None and routes_to_canary(job_id, routing.share):
+            return routing.canary
+        return routing.production
 
-    def _load_production(self) -> LoadedModel:
+    def refresh(self) -> bool:
+        """Poll the registry once and switch if it changed; True when the table changed."""
+        wanted = self._wanted()
+        with self._lock:
+            current = self._routing
+            if current is not None and _same(current, wanted):
+                return False
+            new = self._build(wanted, current=current)
+            self._routing = new  # the atomic switch
+        log.info(
+            "serving %s%s", new.production.version,
+            f" + canary {new.canary.version} at {new.share:.0%}" if new.canary else "",
+        )
+        del current
+        gc.collect()  # free the dropped versions now rather than at some later collection
+        return True
+
+    def close(self) -> None:
+        """Stop polling (the loaded models stay usable)."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=10)
+
+    # --- internals ------------------------------------------------------------------------
+    def _start_polling(self) -> None:
+        if self._poller is not None or self.settings.registry_poll_seconds <= 0:
+            return
+        with self._lock:
+            if self._poller is None:
+                self._poller = threading.Thread(
+                    target=self._poll, name="registry-poll", daemon=True
+                )
+                self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.settings.registry_poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # keep serving what we have; the next poll tries again
+                log.warning("registry poll failed; still serving the loaded models",
+                            exc_info=True)
+
+    def _wanted(self) -> tuple[Wanted, Wanted | None]:
         with session_scope(self.settings) as session:
-            row = registry.production_version(session=session)
-            if row is None:
-                raise NoModelError("No production model; run `segsvc models init`.")
-            version, path, sha = row.version, row.path, row.sha256
-        return load_model_version(self.settings, version=version, path=path, sha256=sha)
+            rows = registry.serving_versions(session=session)
+        production = next((r for r in rows if r.status == ModelStatus.PRODUCTION), None)
+        canary = next(
+            (r for r in rows if r.status == ModelStatus.CANARY and r.traffic_share > 0), None
+        )
+        want_canary = _wanted(canary) if canary is not None else None
+        if want_canary is not None and (want_canary.version, want_canary.sha256) in self._broken:
+            want_canary = None
+        current = self._routing
+        if current is not None and (
+            production is None or (production.version, production.sha256) in self._broken
+        ):
+            # Keep serving rather than stop on a registry gap or an artifact that will not load.
+            p = current.production
+            return Wanted(p.version, "", p.sha256, 1.0), want_canary
+        if production is None:
+            raise NoModelError("No production model; run `segsvc models init`.")
+        return _wanted(production), want_canary
+
+    def _build(self, wanted: tuple[Wanted, Wanted | None], current: Routing | None) -> Routing:
+        """Load what is not in memory yet, reusing what is (a promoted canary is not reloaded)."""
+        have = {}
+        if current is not None:
+            have = {m.version: m for m in (current.production, current.canary) if m is not None}
+        want_prod, want_canary = wanted
+        production = have.get(want_prod.version) or self._load(want_prod)
+        canary = None
+        if want_canary is not None and want_canary.version != want_prod.version:
+            try:
+                canary = have.get(want_canary.version) or self._load(want_canary)
+            except Exception:  # a canary that cannot load gets no traffic; production serves
+                log.exception("could not load canary %s; serving production only",
+                              want_canary.version)
+        share = want_canary.share if canary is not None and want_canary is not None else 0.0
+        return Routing(production=production, canary=canary, share=share)
+
+    def _load(self, wanted: Wanted) -> LoadedModel:
+        try:
+            return load_model_version(
+                self.settings, version=wanted.version, path=wanted.path, sha256=wanted.sha256
+            )
+        except Exception:
+            self._broken.add((wanted.version, wanted.sha256))  # not retried every poll
+            raise
+
+
+def _wanted(row: ModelVersion) -> Wanted:
+    return Wanted(row.version, row.path, row.sha256, float(row.traffic_share))
+
+
+def _same(current: Routing, wanted: tuple[Wanted, Wanted | None]) -> bool:
+    prod, canary = wanted
+    if current.production.version != prod.version:
+        return False
+    if canary is None:
+        return current.canary is None
+    return (
+        current.canary is not None
+        and current.canary.version == canary.version
+        and current.share == canary.share
+    )
 
 
 def load_model_version(settings: Settings, *, version: str, path: str, sha256: str) -> LoadedModel:
     """Load one version with the configured runtime and warm it up."""
     started = time.perf_counter()
-    runtime = load_runtime(path, kind=settings.runtime, threads=settings.inference_threads)
+    runtime = load_runtime(
+        path, kind=settings.runtime, threads=settings.inference_threads, sha256=sha256 or None,
+        artifact_dir=settings.artifact_dir,
+        batch_sizes=serving_batch_sizes(settings.batch_max_size),
+    )
     runtime.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32))  # trace/compile now
     seconds = time.perf_counter() - started
     log.info("loaded model %s (%s) in %.1fs", version, runtime.name, seconds)

@@ -1,0 +1,351 @@
+"""One retraining run: lock, snapshot the labels, fine-tune, evaluate both models, gate, register.
+
+Every run leaves a `training_runs` row saying what it used and what it decided. The candidate
+starts from the production weights, trains on the corrected masks plus the base training
+folder, and is compared with production on the fixed evaluation folder (never trained on).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import logging
+import statistics
+import tempfile
+import time
+import traceback
+import uuid
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select, text
+
+from segsvc.db import get_engine, is_sqlite, session_scope
+from segsvc.errors import ConflictError
+from segsvc.ml import IMAGE_SIZE
+from segsvc.models import ModelStatus, ModelVersion, TrainingRun, utcnow
+from segsvc.services import feedback, registry, rollout
+from segsvc.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = zlib.crc32(b"segsvc.retrain")  # the Postgres advisory lock id of retraining
+TRAINED = ("completed",)  # run statuses whose labels count as used
+LOG_CAP = 64 * 1024
+
+
+class RetrainBusyError(ConflictError):
+    code = "retrain_running"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended."""
+
+    run_id: str
+    status: str
+    reason: str
+    candidate_version: str | None = None
+    candidate_status: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return asdict(self)
+
+
+def run_retraining(
+    settings: Settings | None = None,
+    *,
+    trigger: str = "schedule",
+    steps_per_epoch: int | None = None,
+    batch_size: int = 16,
+    latency_runs: int = 20,
+) -> RunResult:
+    """Run once if no other run holds the lock (RetrainBusyError otherwise)."""
+    settings = settings or get_settings()
+    with retrain_lock(settings) as acquired:
+        if not acquired:
+            raise RetrainBusyError("Another retraining run is in progress.")
+        run = _Run(settings, trigger, steps_per_epoch, batch_size, latency_runs)
+        return run.execute()
+
+
+@contextmanager
+def retrain_lock(settings: Settings) -> Iterator[bool]:
+    """Yield True while this process holds the one retraining lock, False if another does."""
+    if is_sqlite(settings):  # the embedded default runs on one machine: a file lock will do
+        path = settings.var_dir / "retrain.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    # A session-level advisory lock on a connection held for the run: Postgres frees it by
+    # itself if this process dies, so a crash never wedges retraining.
+    engine = get_engine(settings)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK_KEY}))
+        try:
+            yield got
+        finally:
+            if got:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LOCK_KEY})
+
+
+def gate(
+    *, candidate: dict[str, Any], production: dict[str, Any], tolerance: float, latency_ratio: float
+) -> list[str]:
+    """Why a candidate may not serve (empty: eligible): mIoU and batch-1 latency vs production."""
+    problems = []
+    c_iou, p_iou = float(candidate["mean_iou"]), float(production["mean_iou"])
+    if not c_iou >= p_iou - tolerance:  # written so that NaN fails
+        problems.append(f"mean IoU {c_iou:.4f} < production {p_iou:.4f} - {tolerance:g}")
+    c_ms, p_ms = float(candidate["latency_ms_batch1"]), float(production["latency_ms_batch1"])
+    if not c_ms <= p_ms * latency_ratio:
+        problems.append(f"batch-1 latency {c_ms:.1f} ms > {latency_ratio:g} x {p_ms:.1f} ms")
+    return problems
+
+
+def measure_latency(paths: list[str], settings: Settings, runs: int = 20) -> list[float]:
+    """Median batch-1 latency (ms) of each model, measured interleaved so load noise is shared."""
+    from segsvc.ml.runtime import load_runtime, serving_batch_sizes
+
+    sizes = serving_batch_sizes(settings.batch_max_size)
+    runtimes = [
+        load_runtime(p, kind=settings.runtime, threads=settings.inference_threads,
+                     artifact_dir=settings.artifact_dir, batch_sizes=sizes)
+        for p in paths
+    ]
+    x = np.random.default_rng(0).random((1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    samples: list[list[float]] = [[] for _ in runtimes]
+    for rt in runtimes:  # warm-up (tracing, allocation)
+        rt.predict(x)
+    for _ in range(runs):
+        for i, rt in enumerate(runtimes):
+            started = time.perf_counter()
+            rt.predict(x)
+            samples[i].append((time.perf_counter() - started) * 1000.0)
+    return [statistics.median(s) for s in samples]
+
+
+class _Run:
+    """The steps of one run; each DB write is its own short transaction."""
+
+    def __init__(
+        self, settings: Settings, trigger: str, steps: int | None, batch_size: int, runs: int
+    ) -> None:
+        self.settings, self.trigger = settings, trigger
+        self.steps, self.batch_size, self.latency_runs = steps, batch_size, runs
+        self.started = time.monotonic()
+        self.log_buffer = io.StringIO()
+        self.run_id = uuid.uuid4()
+
+    def execute(self) -> RunResult:
+        with self._capture_logs():
+            self._open()
+            out: Path | None = None
+            try:
+                plan = self._snapshot()
+                if isinstance(plan, RunResult):
+                    return plan
+                out = self._artifact_path()
+                return self._train_and_gate(plan, out)
+            except Exception as exc:
+                log.error("retraining failed: %s\n%s", exc, traceback.format_exc())
+                if out is not None:
+                    out.unlink(missing_ok=True)
+                    out.with_suffix(".json").unlink(missing_ok=True)
+                return self._finish("failed", f"{type(exc).__name__}: {exc}")
+
+    def _open(self) -> None:
+        with session_scope(self.settings) as session:
+            # We hold the lock, so any other 'running' row is a run that died mid-way.
+            stale_runs = select(TrainingRun).where(TrainingRun.status == "running")
+            for stale in session.scalars(stale_runs):
+                stale.status, stale.reason = "failed", "interrupted (the process running it ended)"
+                stale.completed_at = utcnow()
+            session.add(TrainingRun(id=self.run_id, status="running", trigger=self.trigger))
+        log.info("retraining run %s started (%s)", self.run_id, self.trigger)
+
+    def _snapshot(self) -> dict[str, Any] | RunResult:
+        """Labeled feedback ids (recorded), the production version, and whether to go on."""
+        cfg = self.settings
+        with session_scope(cfg) as session:
+            ids = feedback.labeled_feedback_ids(session=session)
+            used: set[str] = set()
+            for prior in session.scalars(
+                select(TrainingRun.feedback_ids).where(TrainingRun.status.in_(TRAINED))
+            ):
+                used.update(prior or [])
+            new = [i for i in ids if str(i) not in used]
+            production = registry.production_version(session=session)
+            run = session.get(TrainingRun, self.run_id)
+            assert run is not None
+            run.feedback_ids = [str(i) for i in ids]
+            run.data_counts = {"labels": len(ids), "new_labels": len(new)}
+            run.production_version = production.version if production else None
+            plan: dict[str, Any] = {
+                "ids": ids, "production": _row(production) if production else None
+            }
+        if len(new) < cfg.retrain_min_new_labels:
+            return self._finish(
+                "skipped",
+                f"{len(new)} new labels since the last run; {cfg.retrain_min_new_labels} needed",
+            )
+        if plan["production"] is None:
+            return self._finish("failed", "no production version to fine-tune")
+        if cfg.eval_data_dir is None or not Path(cfg.eval_data_dir).is_dir():
+            return self._finish("failed", f"evaluation folder not found: {cfg.eval_data_dir}")
+        if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
+            return self._finish("failed", f"training folder not found: {cfg.train_data_dir}")
+        log.info("snapshot: %d labels (%d new), production %s", len(ids), len(new),
+                 plan["production"]["version"])
+        return plan
+
+    def _artifact_path(self) -> Path:
+        stamp = utcnow().strftime("%Y%m%d-%H%M%S")
+        return self.settings.var_dir / "models" / f"ft-{stamp}-{self.run_id.hex[:6]}.keras"
+
+    def _train_and_gate(self, plan: dict[str, Any], out: Path) -> RunResult:
+        cfg = self.settings
+        production = plan["production"]
+        with session_scope(cfg) as session:
+            samples = feedback.load_samples(session=session, feedback_ids=plan["ids"])
+        report = self._fine_tune(samples, production["path"], out)
+        cand_metrics, prod_metrics = self._evaluate(str(out), production["path"])
+        problems = gate(
+            candidate=cand_metrics, production=prod_metrics,
+            tolerance=cfg.gate_miou_tolerance, latency_ratio=cfg.gate_latency_ratio,
+        )
+        sha = registry.file_sha256(out)
+        version = f"{out.stem}-{sha[:8]}"
+        counts = {"feedback_samples": len(samples), "training": report.data,
+                  "eval_images": cand_metrics["images"]}
+        with session_scope(cfg) as session:
+            registry.register_version(
+                session=session, version=version, path=out.resolve(), sha256=sha,
+                parent_version=production["version"],
+                metrics=_version_metrics(cand_metrics, prod_metrics, production, self.run_id),
+            )
+            if problems:
+                reason = "gate: " + "; ".join(problems)
+                rollout.reject(session=session, version=version, reason=reason)
+                status, summary = ModelStatus.REJECTED, f"candidate {version} rejected ({reason})"
+            else:
+                rollout.start_canary(session=session, version=version, share=cfg.canary_share)
+                status = ModelStatus.CANARY
+                summary = f"candidate {version} passed the gate; canary at {cfg.canary_share:.0%}"
+            run = session.get(TrainingRun, self.run_id)
+            assert run is not None
+            run.candidate_version = version
+            run.candidate_metrics = cand_metrics
+            run.production_metrics = prod_metrics
+            run.data_counts = {**run.data_counts, **counts}
+        log.info("%s", summary)
+        return self._finish("completed", summary, version, str(status))
+
+    def _fine_tune(self, samples: list[Any], init_model: str, out: Path) -> Any:
+        from retrain.train import train
+
+        cfg = self.settings
+        scratch = cfg.var_dir / "retrain" / str(self.run_id)
+        with tempfile.TemporaryDirectory() as empty:
+            data_dir = cfg.train_data_dir
+            if data_dir is None:  # labels only: an empty Oxford-layout folder
+                data_dir = Path(empty)
+                (data_dir / "images").mkdir()
+            report = train(
+                data_dir=data_dir, epochs=cfg.retrain_epochs, out=out,
+                batch_size=self.batch_size, learning_rate=cfg.retrain_learning_rate,
+                init_model=init_model, extra_samples=samples, progress=False,
+                steps_per_epoch=self.steps, checkpoint=scratch / "best.keras",
+                evaluate_after=False,
+            )
+        _rmdir_quiet(scratch)
+        log.info("fine-tuned %s in %.0fs: %s", out.name, report.duration_seconds, report.data)
+        return report
+
+    def _evaluate(self, candidate: str, production: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        from retrain.evaluate import evaluate_model
+        from segsvc.ml.unet import load_model
+
+        eval_dir = self.settings.eval_data_dir
+        assert eval_dir is not None
+        results = []
+        for path in (candidate, production):
+            metrics = evaluate_model(load_model(path), eval_dir, split="all")
+            if not metrics["images"]:
+                raise ValueError(f"no usable evaluation pairs in {eval_dir}")
+            results.append(metrics)
+        latencies = measure_latency([candidate, production], self.settings, self.latency_runs)
+        for metrics, ms in zip(results, latencies, strict=True):
+            metrics["latency_ms_batch1"] = round(ms, 3)
+            metrics["runtime"] = self.settings.runtime
+        log.info("candidate mIoU %.4f, %.1f ms; production mIoU %.4f, %.1f ms",
+                 results[0]["mean_iou"], latencies[0], results[1]["mean_iou"], latencies[1])
+        return results[0], results[1]
+
+    def _finish(
+        self, status: str, reason: str, version: str | None = None, outcome: str | None = None
+    ) -> RunResult:
+        log.info("run %s %s: %s", self.run_id, status, reason)
+        with session_scope(self.settings) as session:
+            run = session.get(TrainingRun, self.run_id)
+            assert run is not None
+            run.status, run.reason, run.completed_at = status, reason, utcnow()
+            run.duration_s = round(time.monotonic() - self.started, 2)
+            run.log = self.log_buffer.getvalue()[-LOG_CAP:]
+        return RunResult(str(self.run_id), status, reason, version, outcome)
+
+    @contextmanager
+    def _capture_logs(self) -> Iterator[None]:
+        handler = logging.StreamHandler(self.log_buffer)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        logger = logging.getLogger("retrain")
+        old_level = logger.level
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+
+
+def _row(version: ModelVersion) -> dict[str, Any]:
+    return {"version": version.version, "path": version.path, "metrics": dict(version.metrics)}
+
+
+def _version_metrics(
+    cand: dict[str, Any], prod: dict[str, Any], production: dict[str, Any], run_id: uuid.UUID
+) -> dict[str, Any]:
+    """What `GET /v1/models` shows for a candidate: its numbers and production's beside them."""
+    keys = ("mean_iou", "pixel_accuracy", "per_class_iou", "latency_ms_batch1", "images")
+    return {
+        **{k: cand[k] for k in keys},
+        "original_resolution": {k: cand["original_resolution"][k]
+                                for k in ("mean_iou", "pixel_accuracy")},
+        "evaluated_against": {"version": production["version"], **{k: prod[k] for k in keys}},
+        "training_run": str(run_id),
+    }
+
+
+def _rmdir_quiet(path: Path) -> None:
+    for child in path.glob("*"):
+        child.unlink(missing_ok=True)
+    with suppress(OSError):
+        path.rmdir()

@@ -1,0 +1,102 @@
+"""Celery tasks of the feedback loop (retrain, canary verdict, input retention) and their schedule.
+
+`worker.celery_app` imports this module and installs `beat_schedule(settings)`; beat (exactly
+one process) sends the tasks by name to the `maintenance` queue, which a worker of its own
+consumes so that a training run never blocks inference. No TensorFlow at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+from celery.schedules import crontab
+
+from segsvc.db import session_scope
+from segsvc.queue import RETRAIN
+from segsvc.services import feedback, rollout
+from segsvc.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_QUEUE = "maintenance"
+CANARY_CHECK = "segsvc.canary_check"
+PURGE_INPUTS = "segsvc.purge_inputs"
+CANARY_CHECK_SECONDS = 30.0
+
+
+def parse_cron(expr: str) -> crontab:
+    """A 5-field cron expression (minute hour day-of-month month day-of-week) as a crontab."""
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"retrain_cron needs 5 fields (m h dom mon dow), got {expr!r}")
+    minute, hour, dom, month, dow = fields
+    return crontab(
+        minute=minute, hour=hour, day_of_month=dom, month_of_year=month, day_of_week=dow
+    )
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Periodic tasks of the feedback loop (times in UTC: the Celery config enables UTC)."""
+    to_queue = {"queue": MAINTENANCE_QUEUE}
+    return {
+        "segsvc-retrain": {
+            "task": RETRAIN,
+            "schedule": parse_cron(settings.retrain_cron),
+            "kwargs": {"trigger": "schedule"},
+            "options": {**to_queue, "expires": 6 * 3600},
+        },
+        "segsvc-canary-check": {
+            "task": CANARY_CHECK,
+            "schedule": CANARY_CHECK_SECONDS,
+            # A check that waited past the next one is redundant.
+            "options": {**to_queue, "expires": CANARY_CHECK_SECONDS},
+        },
+        "segsvc-purge-inputs": {
+            "task": PURGE_INPUTS,
+            "schedule": crontab(minute="17"),
+            "options": {**to_queue, "expires": 3600},
+        },
+    }
+
+
+@shared_task(name=RETRAIN, ignore_result=True)  # type: ignore[untyped-decorator]
+def retrain_task(trigger: str = "schedule") -> dict[str, Any]:
+    """One retraining run; a run already in progress makes this one a logged no-op."""
+    from retrain.pipeline import RetrainBusyError, run_retraining
+
+    try:
+        result = run_retraining(get_settings(), trigger=trigger).to_dict()
+    except RetrainBusyError as exc:
+        log.info("retrain skipped: %s", exc)
+        return {"status": "busy", "reason": exc.message}
+    log.info("retrain: %s", result)
+    return result
+
+
+@shared_task(name=CANARY_CHECK, ignore_result=True)  # type: ignore[untyped-decorator]
+def canary_check() -> dict[str, Any] | None:
+    """Promote or roll back the canary once it has served enough jobs."""
+    settings = get_settings()
+    with session_scope(settings) as session:
+        verdict = rollout.decide_canary(
+            session=session, min_jobs=settings.canary_min_jobs,
+            latency_ratio=settings.gate_latency_ratio,
+        )
+    if verdict is not None and verdict.outcome != "waiting":
+        log.info("canary %s %s: %s", verdict.version, verdict.outcome, verdict.reason)
+    return verdict.to_dict() if verdict else None
+
+
+@shared_task(name=PURGE_INPUTS, ignore_result=True)  # type: ignore[untyped-decorator]
+def purge_inputs() -> int:
+    """Delete stored inputs of old jobs nobody labeled (settings.retention_days)."""
+    settings = get_settings()
+    with session_scope(settings) as session:
+        count = feedback.purge_unlabeled_inputs(
+            session=session, retention_days=settings.retention_days
+        )
+    log.info("deleted the stored inputs of %d unlabeled jobs older than %d days", count,
+             settings.retention_days)
+    return count

@@ -1,0 +1,221 @@
+"""The retraining run on tiny data: labels in, a gated candidate out, everything recorded."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from retrain.dataset import encode_png
+from retrain.pipeline import RetrainBusyError, gate, retrain_lock, run_retraining
+from segsvc.db import session_scope
+from segsvc.models import Job, ModelStatus, TrainingRun
+from segsvc.services import registry
+from segsvc.settings import Settings
+from tests.retrain.test_dataset import COLOURS, make_dataset, make_mask
+
+
+def loop_settings(settings: Settings, tmp_path: Path, **extra: object) -> Settings:
+    """Tiny Oxford-layout train and eval folders, 1 epoch, a gate every candidate passes."""
+    values: dict[str, object] = {
+        "train_data_dir": make_dataset(tmp_path / "train", n=6),
+        "eval_data_dir": make_dataset(tmp_path / "eval", n=3, size=(96, 80)),
+        "retrain_epochs": 1,
+        "retrain_min_new_labels": 3,
+        "gate_miou_tolerance": 1.0,
+        "gate_latency_ratio": 100.0,
+        "canary_share": 0.1,
+        "runtime": "keras",
+    }
+    values.update(extra)
+    return settings.model_copy(update=values)
+
+
+def submit_labeled_jobs(client, auth, cfg: Settings, n: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """Submit n photos through the API, run them in-process, post a corrected mask for each."""
+    from worker.segmenter import Segmenter
+
+    ids, masks = [], []
+    for i in range(n):
+        mask = make_mask(90, 70, seed=100 + i)
+        resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
+                           data={"image": (io.BytesIO(encode_png(COLOURS[mask])), "pet.png")})
+        assert resp.status_code == 202
+        ids.append(resp.get_json()["id"])
+        masks.append(mask)
+    counts = Segmenter(cfg).run_jobs(ids)
+    assert counts["succeeded"] == n
+    for job_id, mask in zip(ids, masks, strict=True):
+        buf = io.BytesIO()
+        Image.fromarray(mask, "L").save(buf, format="PNG")
+        resp = client.post(f"/v1/jobs/{job_id}/feedback", headers=auth,
+                           content_type="multipart/form-data",
+                           data={"mask": (io.BytesIO(buf.getvalue()), "mask.png"), "rating": "bad"})
+        assert resp.status_code == 201, resp.get_json()
+        assert resp.get_json()["model_version"] == "test-v1"
+    return ids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_retraining_registers_a_canary_with_both_models_metrics(  # type: ignore[no-untyped-def]
+    client, auth, admin_key: str, settings: Settings, production_model: str, tmp_path: Path
+) -> None:
+    cfg = loop_settings(settings, tmp_path)
+    submit_labeled_jobs(client, auth, cfg, 3)
+
+    result = run_retraining(cfg, trigger="manual", steps_per_epoch=1, batch_size=2,
+                            latency_runs=3)
+
+    assert result.status == "completed", result
+    assert result.candidate_status == ModelStatus.CANARY
+    with session_scope(cfg) as session:
+        run = session.get(TrainingRun, uuid.UUID(result.run_id))
+        assert run is not None
+        assert run.trigger == "manual"
+        assert len(run.feedback_ids) == 3
+        assert run.data_counts["labels"] == run.data_counts["new_labels"] == 3
+        assert run.data_counts["feedback_samples"] == 3
+        assert run.data_counts["eval_images"] == 3
+        assert run.production_version == "test-v1"
+        for metrics in (run.candidate_metrics, run.production_metrics):
+            assert 0.0 <= metrics["mean_iou"] <= 1.0
+            assert metrics["latency_ms_batch1"] > 0
+        assert (run.duration_s or 0) > 0
+        assert "snapshot: 3 labels (3 new)" in run.log
+        version = registry.get_version(session=session, version=run.candidate_version or "")
+        assert (version.status, version.traffic_share) == ("canary", 0.1)
+        assert version.parent_version == "test-v1"
+        assert version.metrics["evaluated_against"]["version"] == "test-v1"
+        assert Path(version.path).is_file()
+        assert Path(version.path).parent == cfg.var_dir / "models"
+
+    listed = client.get("/v1/models", headers={"Authorization": f"Bearer {admin_key}"})
+    body = listed.get_json()
+    assert {v["version"]: v["status"] for v in body["versions"]}[version.version] == "canary"
+    assert body["training_runs"][0]["candidate_mean_iou"] == run.candidate_metrics["mean_iou"]
+
+    again = run_retraining(cfg, trigger="manual")
+    assert again.status == "skipped"
+    assert "0 new labels" in again.reason
+
+
+def test_retraining_skips_with_a_reason_when_too_few_new_labels(  # type: ignore[no-untyped-def]
+    settings: Settings, production_model: str, tmp_path: Path
+) -> None:
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=5)
+    result = run_retraining(cfg)
+    assert result.status == "skipped"
+    assert result.reason == "0 new labels since the last run; 5 needed"
+    with session_scope(cfg) as session:
+        run = session.get(TrainingRun, uuid.UUID(result.run_id))
+        assert run is not None
+        assert (run.status, run.feedback_ids, run.trigger) == ("skipped", [], "schedule")
+        assert run.completed_at is not None
+
+
+def test_retraining_fails_cleanly_without_an_evaluation_folder(  # type: ignore[no-untyped-def]
+    settings: Settings, production_model: str, tmp_path: Path
+) -> None:
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=0,
+                        eval_data_dir=tmp_path / "missing")
+    result = run_retraining(cfg)
+    assert result.status == "failed"
+    assert "evaluation folder not found" in result.reason
+    with session_scope(cfg) as session:
+        assert session.get(TrainingRun, uuid.UUID(result.run_id)).status == "failed"  # type: ignore[union-attr]
+        assert len(registry.list_versions(session=session)) == 1
+
+
+def test_only_one_retraining_run_at_a_time(settings: Settings, production_model: str) -> None:
+    with retrain_lock(settings) as first:
+        assert first
+        with retrain_lock(settings) as second:
+            assert not second
+        with pytest.raises(RetrainBusyError):
+            run_retraining(settings)
+    with session_scope(settings) as session:
+        assert session.query(TrainingRun).count() == 0
+    with retrain_lock(settings) as again:
+        assert again  # released
+
+
+def test_gate_checks_miou_tolerance_and_latency_ratio() -> None:
+    prod = {"mean_iou": 0.80, "latency_ms_batch1": 10.0}
+    assert gate(candidate={"mean_iou": 0.80, "latency_ms_batch1": 12.0}, production=prod,
+                tolerance=0.0, latency_ratio=1.2) == []
+    worse = gate(candidate={"mean_iou": 0.79, "latency_ms_batch1": 12.5}, production=prod,
+                 tolerance=0.0, latency_ratio=1.2)
+    assert len(worse) == 2
+    assert "mean IoU 0.7900 < production 0.8000" in worse[0]
+    assert "latency" in worse[1]
+    assert gate(candidate={"mean_iou": 0.79, "latency_ms_batch1": 5.0}, production=prod,
+                tolerance=0.02, latency_ratio=1.2) == []
+    assert gate(candidate={"mean_iou": float("nan"), "latency_ms_batch1": 5.0}, production=prod,
+                tolerance=0.02, latency_ratio=1.2)
+
+
+def test_labels_of_jobs_whose_input_was_purged_are_not_used(settings: Settings) -> None:
+    from segsvc.services import feedback
+    from tests.segsvc.test_feedback import good_mask, make_job
+
+    job_id = make_job(settings)
+    with session_scope(settings) as session:
+        feedback.submit_feedback(session=session, job_id=job_id, client_id=None,
+                                 mask_png=good_mask())
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.input_bytes = None
+    with session_scope(settings) as session:
+        assert feedback.labeled_feedback_ids(session=session) == []
+
+
+def test_beat_schedule_is_in_the_worker_celery_config() -> None:
+    from retrain.tasks import CANARY_CHECK, MAINTENANCE_QUEUE, PURGE_INPUTS, parse_cron
+    from segsvc.queue import RETRAIN
+    from worker.celery_app import app
+    from worker.celery_app import settings as worker_settings
+
+    schedule = app.conf.beat_schedule
+    tasks = {entry["task"]: entry for entry in schedule.values()}
+    assert {RETRAIN, CANARY_CHECK, PURGE_INPUTS} <= set(tasks)
+    for name in (RETRAIN, CANARY_CHECK, PURGE_INPUTS):
+        assert tasks[name]["options"]["queue"] == MAINTENANCE_QUEUE
+    app.loader.import_default_modules()
+    assert {RETRAIN, CANARY_CHECK, PURGE_INPUTS} <= set(app.tasks)
+    assert app.conf.timezone == "UTC"
+    assert tasks[RETRAIN]["schedule"] == parse_cron(worker_settings.retrain_cron)  # 03:00 UTC
+
+
+def test_beat_schedule_follows_the_retrain_cron_setting() -> None:
+    from retrain.tasks import RETRAIN, beat_schedule, parse_cron
+
+    cfg = Settings(retrain_cron="15 2 * * 1", _env_file=None)  # type: ignore[call-arg]
+    cron = beat_schedule(cfg)["segsvc-retrain"]["schedule"]
+    assert (cron.minute, cron.hour, cron.day_of_week) == ({15}, {2}, {1})
+    assert beat_schedule(cfg)["segsvc-retrain"]["task"] == RETRAIN
+    with pytest.raises(ValueError, match="5 fields"):
+        parse_cron("every day")
+
+
+def test_canary_check_and_purge_tasks_run_as_plain_functions(
+    settings: Settings, production_model: str, model_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from retrain import tasks
+    from segsvc.services import rollout
+
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings.model_copy(
+        update={"canary_min_jobs": 0}))
+    assert tasks.canary_check() is None  # no canary
+    with session_scope(settings) as session:
+        registry.register_version(session=session, version="cand", path=model_file)
+        rollout.start_canary(session=session, version="cand", share=0.1)
+    verdict = tasks.canary_check()
+    assert verdict is not None
+    assert verdict["outcome"] == "promoted"
+    assert tasks.purge_inputs() == 0

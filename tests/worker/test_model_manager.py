@@ -1,0 +1,175 @@
+"""Model versions in a worker: canary routing, hot swaps, rejected versions never serving."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from segsvc.db import session_scope
+from segsvc.models import ModelStatus
+from segsvc.services import registry, rollout
+from segsvc.settings import Settings
+from tests.conftest import start_worker, stop_process
+from tests.segsvc.test_feedback import photo_bytes
+from worker.model_manager import ModelManager
+
+
+def register(settings: Settings, path: Path, version: str,
+             status: ModelStatus = ModelStatus.CANDIDATE) -> None:
+    with session_scope(settings) as session:
+        registry.register_version(session=session, version=version, path=path, status=status)
+
+
+def start_canary(settings: Settings, version: str, share: float) -> None:
+    with session_scope(settings) as session:
+        rollout.start_canary(session=session, version=version, share=share)
+
+
+def set_status(settings: Settings, version: str, action: str) -> None:
+    with session_scope(settings) as session:
+        if action == "promote":
+            rollout.promote(session=session, version=version)
+        else:
+            rollout.reject(session=session, version=version, reason="test")
+
+
+@pytest.fixture
+def manager(settings: Settings, production_model: str):  # type: ignore[no-untyped-def]
+    mgr = ModelManager(settings.model_copy(update={"runtime": "keras",
+                                                  "registry_poll_seconds": 0}))
+    yield mgr
+    mgr.close()
+
+
+def test_manager_routes_the_canary_share_by_job_id_hash(
+    manager: ModelManager, settings: Settings, model_file: Path
+) -> None:
+    assert manager.load().version == "test-v1"
+    register(settings, model_file, "rejected-one", ModelStatus.REJECTED)
+    register(settings, model_file, "cand")
+    assert manager.refresh() is False  # a candidate or rejected version changes nothing
+    start_canary(settings, "cand", 0.5)
+    assert manager.refresh() is True
+    ids = [uuid.uuid4() for _ in range(400)]
+    served = {i: manager.model_for(i).version for i in ids}
+    assert set(served.values()) == {"test-v1", "cand"}
+    for job_id, version in served.items():
+        assert (version == "cand") == rollout.routes_to_canary(job_id, 0.5)
+    assert "rejected-one" not in served.values()
+
+
+def test_manager_promotes_without_reloading_and_drops_rejected(
+    manager: ModelManager, settings: Settings, model_file: Path
+) -> None:
+    manager.load()
+    register(settings, model_file, "cand")
+    start_canary(settings, "cand", 0.2)
+    manager.refresh()
+    canary_model = manager.routing.canary
+    assert canary_model is not None
+    set_status(settings, "cand", "promote")
+    assert manager.refresh() is True
+    assert manager.routing.production is canary_model  # switched, not loaded again
+    assert manager.routing.canary is None
+
+    register(settings, model_file, "next")
+    start_canary(settings, "next", 1.0)
+    manager.refresh()
+    assert manager.model_for(uuid.uuid4()).version == "next"
+    set_status(settings, "next", "reject")
+    assert manager.refresh() is True
+    assert {manager.model_for(uuid.uuid4()).version for _ in range(50)} == {"cand"}
+
+
+def test_manager_keeps_serving_when_a_canary_cannot_load(
+    manager: ModelManager, settings: Settings, tmp_path: Path
+) -> None:
+    manager.load()
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a model")
+    register(settings, broken, "broken")
+    start_canary(settings, "broken", 1.0)
+    manager.refresh()
+    assert manager.routing.canary is None
+    assert manager.model_for(uuid.uuid4()).version == "test-v1"
+    assert manager.refresh() is False  # a broken artifact is not retried every poll
+
+
+def submit(client, auth) -> str:  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
+                       data={"image": (io.BytesIO(photo_bytes()), "p.jpg")})
+    assert resp.status_code == 202
+    return str(resp.get_json()["id"])
+
+
+def finish_all(client, auth, ids: list[str], log: Path, timeout: float = 120) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Wait for every job; each must succeed. Returns id -> model version."""
+    deadline, out = time.monotonic() + timeout, {}
+    pending = list(ids)
+    while pending and time.monotonic() < deadline:
+        body = client.get(f"/v1/jobs/{pending[0]}", headers=auth).get_json()
+        if body["status"] in ("queued", "running"):
+            time.sleep(0.1)
+            continue
+        assert body["status"] == "succeeded", (body, log.read_text()[-3000:])
+        out[pending.pop(0)] = body["model_version"]
+    assert not pending, log.read_text()[-3000:]
+    return out
+
+
+def submit_until(client, auth, ids: list[str], log: Path, version: str,  # type: ignore[no-untyped-def]
+                 timeout: float = 120) -> None:
+    """Keep jobs coming until one is served by `version`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids.extend(submit(client, auth) for _ in range(3))
+        if version in finish_all(client, auth, ids[-3:], log).values():
+            return
+    raise AssertionError(f"{version} never served:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_worker_hot_swaps_versions_without_a_failed_job(  # type: ignore[no-untyped-def]
+    client, auth, admin_key: str, settings: Settings, production_model: str, model_file: Path,
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "worker.log"
+    register(settings, model_file, "v2")
+    register(settings, model_file, "never", ModelStatus.REJECTED)
+    proc = start_worker(settings, log, SEG_REGISTRY_POLL_SECONDS="0.3", SEG_RUNTIME="keras")
+    try:
+        ids = [submit(client, auth) for _ in range(4)]
+        admin = {"Authorization": f"Bearer {admin_key}"}
+        assert client.post("/v1/models/v2/promote", headers=admin).status_code == 200
+        submit_until(client, auth, ids, log, "v2")  # jobs keep flowing while the swap happens
+        time.sleep(1.0)  # every poll after the switch has seen it
+        after = [submit(client, auth) for _ in range(6)]
+        served = finish_all(client, auth, ids + after, log)
+        assert {served[i] for i in after} == {"v2"}
+        assert set(served.values()) <= {"test-v1", "v2"}
+
+        register(settings, model_file, "v3")
+        start_canary(settings, "v3", 0.5)
+        canary_ids: list[str] = []
+        submit_until(client, auth, canary_ids, log, "v3")
+        time.sleep(1.0)
+        split = [submit(client, auth) for _ in range(16)]
+        served = finish_all(client, auth, split, log)
+        for job_id in split:
+            expected = "v3" if rollout.routes_to_canary(job_id, 0.5) else "v2"
+            assert served[job_id] == expected
+
+        set_status(settings, "v3", "reject")
+        time.sleep(1.5)
+        later = finish_all(client, auth, [submit(client, auth) for _ in range(8)], log)
+        assert set(later.values()) == {"v2"}
+    finally:
+        stop_process(proc)
+    text = log.read_text()
+    assert "loaded model never" not in text  # the rejected version was never even loaded
+    assert "serving v2" in text

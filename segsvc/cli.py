@@ -94,6 +94,68 @@ def models_list() -> None:
                        f"miou={miou if miou is not None else '-'} {Path(row.path).name}")
 
 
+@models.command("promote")
+@click.argument("version")
+def models_promote(version: str) -> None:
+    """Make VERSION production now (the old one is archived; workers switch within seconds)."""
+    from segsvc.db import session_scope
+    from segsvc.errors import SegError
+    from segsvc.services.rollout import promote
+
+    try:
+        with session_scope() as session:
+            row = promote(session=session, version=version, reason="promoted by an operator (cli)")
+            click.echo(f"production is {row.version} (previous: {row.parent_version or '-'})")
+    except SegError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@models.command("rollback")
+def models_rollback() -> None:
+    """Return to the previous production version now; the current one and any canary stop."""
+    from segsvc.db import session_scope
+    from segsvc.errors import SegError
+    from segsvc.services.rollout import rollback
+
+    try:
+        with session_scope() as session:
+            row = rollback(session=session, reason="rolled back by an operator (cli)")
+            click.echo(f"production is {row.version} again")
+    except SegError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@main.group("retrain")
+def retrain_group() -> None:
+    """Retraining from user feedback."""
+
+
+@retrain_group.command("now")
+@click.option("--queue", "via_queue", is_flag=True,
+              help="Send the run to the maintenance worker instead of running it here.")
+def retrain_now(via_queue: bool) -> None:
+    """Run retraining once now (snapshot labels, fine-tune, evaluate, gate, register)."""
+    if via_queue:
+        from retrain.tasks import MAINTENANCE_QUEUE
+        from segsvc.queue import RETRAIN, make_celery
+
+        make_celery().send_task(RETRAIN, kwargs={"trigger": "manual"}, queue=MAINTENANCE_QUEUE)
+        click.echo(f"sent to the {MAINTENANCE_QUEUE} queue")
+        return
+    import logging
+
+    from retrain.pipeline import RetrainBusyError, run_retraining
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        result = run_retraining(trigger="manual")
+    except RetrainBusyError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"run {result.run_id}: {result.status}: {result.reason}")
+    if result.status == "failed":
+        raise SystemExit(1)
+
+
 @main.group()
 def keys() -> None:
     """API keys."""

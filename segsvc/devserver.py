@@ -30,6 +30,17 @@ def process_commands(settings: Settings, *, api_workers: int) -> dict[str, list[
             "--hostname", "inference@%h", "--loglevel", "INFO", "--without-gossip",
             "--without-mingle",
         ],
+        # Retraining, canary verdicts and retention, apart so training never blocks inference.
+        "maintenance": [
+            *celery, "worker", "-Q", "maintenance", "--pool", "solo",
+            "--hostname", "maintenance@%h", "--loglevel", "INFO", "--without-gossip",
+            "--without-mingle",
+        ],
+        # Exactly one beat process sends every periodic task (reconciler, feedback loop).
+        "beat": [
+            *celery, "beat", "--loglevel", "INFO",
+            "--schedule", str(settings.var_dir / "celerybeat-schedule"),
+        ],
     }
 
 

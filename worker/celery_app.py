@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import signals
 
+from retrain.tasks import beat_schedule as retrain_beat_schedule
 from segsvc.queue import RECONCILE, make_celery
 from segsvc.settings import get_settings
 from worker import observability  # noqa: F401  (connects the log, metrics and probe hooks)
@@ -26,7 +27,7 @@ app.conf.update(
     # one forming = 3 x batch_max_size. Less starves the model under load; more only hoards
     # messages that another worker could run (and that wait for redelivery if this one dies).
     worker_prefetch_multiplier=max(3 * settings.batch_max_size, 1),
-    imports=("worker.tasks", "worker.reconciler"),
+    imports=("worker.tasks", "worker.reconciler", "retrain.tasks"),
 )
 # The reconciler re-sends jobs the broker lost; `expires` drops passes that no worker took in time.
 app.conf.beat_schedule = {
@@ -37,6 +38,8 @@ app.conf.beat_schedule = {
         "options": {"expires": settings.reconcile_interval_seconds},
     },
 }
+# The feedback loop: retraining (settings.retrain_cron), canary verdicts and input retention.
+app.conf.beat_schedule = {**app.conf.beat_schedule, **retrain_beat_schedule(settings)}
 
 
 @signals.worker_process_init.connect

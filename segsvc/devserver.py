@@ -30,6 +30,13 @@ def process_commands(settings: Settings, *, api_workers: int) -> dict[str, list[
             "--hostname", "inference@%h", "--loglevel", "INFO", "--without-gossip",
             "--without-mingle",
         ],
+        # Webhook deliveries on their own queue and app: a slow receiver never stalls inference.
+        "webhooks": [
+            py, "-m", "celery", "-A", "worker.webhook_tasks", "worker",
+            "-Q", settings.webhook_queue_name, "--pool", "threads", "--concurrency", "8",
+            "--hostname", "webhooks@%h", "--loglevel", "INFO", "--without-gossip",
+            "--without-mingle",
+        ],
         # Retraining, canary verdicts and retention, apart so training never blocks inference.
         "maintenance": [
             *celery, "worker", "-Q", "maintenance", "--pool", "solo",

@@ -116,7 +116,8 @@ def finish_attempt(
     superseded = message.status != outbox.PENDING or message.next_attempt_at != prepared.lease
     status, when = _next_state(message, outcome, now, settings)
     session.add(WebhookAttempt(
-        message_id=message.id, attempted_at=now, status_code=outcome.status_code,
+        message_id=message.id, status_code=outcome.status_code,
+        attempted_at=now - timedelta(milliseconds=outcome.duration_ms),
         duration_ms=outcome.duration_ms, error=outcome.error, response_body=outcome.body,
         next_attempt_at=None if superseded else when,
     ))

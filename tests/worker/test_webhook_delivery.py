@@ -1,0 +1,271 @@
+"""Webhook delivery through the worker: in-process attempts, then real Celery worker processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+from standardwebhooks.webhooks import Webhook
+
+from api.app import create_app
+from segsvc.db import session_scope
+from segsvc.models import WebhookMessage
+from segsvc.services import webhooks as webhook_service
+from segsvc.settings import Settings
+from segsvc.webhooks.dispatch import claim_due
+from tests.conftest import ROOT, sample_images, stop_process, worker_env
+from tests.segsvc.webhooks.factories import finish_job, make_job, start_job
+from tests.segsvc.webhooks.receiver import LOOPBACK_ONLY, Receiver, Reply, hook_settings, receiver
+from worker.webhook_tasks import deliver_message
+
+__all__ = ["hook_settings", "receiver"]
+
+
+def pump(
+    settings: Settings, until: str, message_id: str | None = None, timeout: float = 15.0
+) -> WebhookMessage:
+    """Run the dispatcher and the task in this process until the message reaches `until`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(settings) as session:
+            claimed = claim_due(session=session)
+        for mid, lease in claimed:
+            deliver_message(settings, mid, lease)
+        msg = only_message(settings, message_id)
+        if msg.status == until:
+            return msg
+        time.sleep(0.05)
+    raise AssertionError(f"message stayed {msg.status}")
+
+
+def only_message(settings: Settings, message_id: str | None = None) -> WebhookMessage:
+    with session_scope(settings) as session:
+        rows = session.query(WebhookMessage).order_by(WebhookMessage.created_at).all()
+        msgs = [m for m in rows if message_id in (None, m.id)]
+        for m in msgs:
+            _ = m.attempt_log  # load while the session is open
+        return msgs[-1]
+
+
+def secret_keys(settings: Settings) -> list[str]:
+    with session_scope(settings) as session:
+        return [r.secret for r in webhook_service.signing_secrets(session=session, client_id=None)]
+
+
+def test_deliver_message_retries_failures_on_growing_delays(
+    receiver: Receiver, hook_settings: Settings
+) -> None:
+    receiver.script(Reply(500), Reply(503))
+    finish_job(hook_settings, start_job(hook_settings, make_job(hook_settings, receiver.url)))
+    msg = pump(hook_settings, "delivered")
+    assert msg.attempts == 3
+    assert [a.status_code for a in msg.attempt_log] == [500, 503, 200]
+    at = [r.at for r in receiver.wait_for(3)]
+    gaps = [at[1] - at[0], at[2] - at[1]]
+    assert 0.8 < gaps[0] < gaps[1] < 3.5, gaps
+    assert len({r.headers["webhook-id"] for r in receiver.requests}) == 1
+    assert len({r.headers["webhook-timestamp"] for r in receiver.requests}) >= 2
+
+
+def test_deliver_message_signature_verifies_and_payload_is_job_json(
+    receiver: Receiver, hook_settings: Settings
+) -> None:
+    job_id = make_job(hook_settings, receiver.url)
+    finish_job(hook_settings, start_job(hook_settings, job_id))
+    pump(hook_settings, "delivered")
+    (got,) = receiver.wait_for(1)
+    (key,) = secret_keys(hook_settings)
+    event = Webhook(key).verify(got.body, got.headers)
+    assert event["type"] == "job.completed"
+    assert event["data"]["id"] == str(job_id)
+    assert event["data"]["status"] == "succeeded"
+    assert event["data"]["urls"]["mask"] == f"http://127.0.0.1:8000/v1/jobs/{job_id}/mask.png"
+    assert got.headers["webhook-signature"].startswith("v1,")
+
+
+def test_deliver_message_rotation_window_signs_with_both(
+    receiver: Receiver, hook_settings: Settings
+) -> None:
+    (old,) = secret_keys(hook_settings)
+    with session_scope(hook_settings) as session:
+        new = webhook_service.rotate_secret(session=session, client_id=None,
+                                            settings=hook_settings).secret
+    finish_job(hook_settings, start_job(hook_settings, make_job(hook_settings, receiver.url)))
+    pump(hook_settings, "delivered")
+    (got,) = receiver.wait_for(1)
+    assert len(got.headers["webhook-signature"].split(" ")) == 2
+    for key in (old, new):
+        Webhook(key).verify(got.body, got.headers)
+
+
+def test_deliver_message_410_disables_endpoint(
+    receiver: Receiver, hook_settings: Settings
+) -> None:
+    receiver.script(Reply(410))
+    first = make_job(hook_settings, receiver.url, ["start", "completed"])
+    finish_job(hook_settings, start_job(hook_settings, first))
+    pump(hook_settings, "disabled")  # the completed message, after the started one got 410
+    time.sleep(0.2)
+    assert len(receiver.requests) == 1
+    second = make_job(hook_settings, receiver.url)
+    finish_job(hook_settings, start_job(hook_settings, second))
+    assert only_message(hook_settings).status == "disabled"
+
+
+def test_deliver_message_redirect_is_not_followed(
+    receiver: Receiver, hook_settings: Settings
+) -> None:
+    receiver.script(Reply(307, headers={"Location": "/elsewhere"}))
+    finish_job(hook_settings, start_job(hook_settings, make_job(hook_settings, receiver.url)))
+    msg = pump(hook_settings, "failed")
+    assert "not followed" in (msg.attempt_log[0].error or "")
+    assert [r.path for r in receiver.requests] == ["/hook"]
+
+
+# --- real worker processes ------------------------------------------------------------------
+def start_webhook_worker(
+    settings: Settings, log_path: Path, **extra: str
+) -> subprocess.Popen[bytes]:
+    """A real Celery worker on the webhooks queue only (no model, threads pool)."""
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "worker.webhook_tasks", "worker",
+        "-Q", settings.webhook_queue_name, "--pool", "threads", "--concurrency", "4",
+        "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+        "--hostname", f"hooks-{os.getpid()}-{time.monotonic_ns()}@%h",
+    ]
+    env = worker_env(settings, SEG_WEBHOOK_ALLOW_NETWORKS=LOOPBACK_ONLY, **extra)
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"webhook worker exited:\n{log_path.read_text()[-3000:]}")
+        if b" ready." in log_path.read_bytes():
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"webhook worker not ready:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_worker_restart_mid_retry_loses_no_delivery(
+    receiver: Receiver, settings: Settings, tmp_path: Path
+) -> None:
+    receiver.script(Reply(500))
+    fast = {"SEG_WEBHOOK_SCHEDULE": "0,3", "SEG_WEBHOOK_TIMEOUT_SECONDS": "2"}
+    proc = start_webhook_worker(settings, tmp_path / "hooks1.log", **fast)
+    try:
+        log_text = (tmp_path / "hooks1.log").read_text()
+        assert ".> webhooks" in log_text
+        assert ".> inference" not in log_text
+        finish_job(settings, start_job(settings, make_job(settings, receiver.url)))
+        receiver.wait_for(1)
+        deadline = time.monotonic() + 10
+        while only_message(settings).attempts < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the failed attempt is recorded, its retry scheduled
+    finally:
+        proc.kill()  # dies between attempts, the retry only in Postgres
+        proc.wait()
+    redis.Redis.from_url(settings.broker_url or "").flushdb()  # and the broker forgets all
+    msg = only_message(settings)
+    assert (msg.status, msg.attempts) == ("pending", 1)
+    proc = start_webhook_worker(settings, tmp_path / "hooks2.log", **fast)
+    try:
+        receiver.wait_for(2, timeout=30)
+        deadline = time.monotonic() + 10
+        while only_message(settings).status != "delivered" and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop_process(proc)
+    msg = only_message(settings)
+    assert (msg.status, msg.attempts) == ("delivered", 2)
+    assert [a.status_code for a in msg.attempt_log] == [500, 200]
+
+
+@pytest.fixture
+def webhook_worker(settings: Settings, tmp_path: Path) -> Iterator[Path]:
+    log_path = tmp_path / "hooks.log"
+    proc = start_webhook_worker(settings, log_path, SEG_WEBHOOK_TIMEOUT_SECONDS="3",
+                                SEG_WEBHOOK_SCHEDULE="0,1,2")
+    yield log_path
+    stop_process(proc)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_end_to_end_signed_events_in_order_and_slow_receiver_never_blocks_inference(
+    settings: Settings, auth: dict[str, str], worker: Path, webhook_worker: Path,
+    receiver: Receiver,
+) -> None:
+    slow = Receiver()
+    slow.default = Reply(200, delay=5.0)
+    slow.thread.start()
+    try:
+        api = create_app(settings.model_copy(update={"webhook_allow_networks": LOOPBACK_ONLY}))
+        client = api.test_client()
+        key = client.get("/v1/webhooks/secret", headers=auth).get_json()["key"]
+        slow_job = submit(client, auth, webhook=slow.url, webhook_events="start,completed")
+        both = submit(client, auth, webhook=receiver.url, webhook_events="start,completed")
+        default = submit(client, auth, webhook=receiver.url)
+        for job_id in (slow_job, both, default):
+            body = wait_job(client, auth, job_id)
+            assert body["status"] == "succeeded", worker.read_text()[-2000:]
+        received = receiver.wait_for(3, timeout=30)
+        events = [json.loads(r.body) for r in received]
+        order = {j: [e["type"] for e in events if e["data"]["id"] == j] for j in (both, default)}
+        assert order == {both: ["job.started", "job.completed"], default: ["job.completed"]}
+        for got in received:
+            Webhook(key).verify(got.body, got.headers)
+        # The slow receiver's first attempt times out after the job itself had finished.
+        log = wait_log(client, auth, slow_job)
+        first = log[0]["attempt_log"][0]
+        assert "timed out" in first["error"], log
+        done = client.get(f"/v1/jobs/{slow_job}", headers=auth).get_json()["completed_at"]
+        ended = parse_iso(first["attempted_at"]) + timedelta(milliseconds=first["duration_ms"])
+        assert parse_iso(done) < ended
+    finally:
+        slow.server.shutdown()
+        slow.server.server_close()
+
+
+def parse_iso(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def submit(client: FlaskClient, auth: dict[str, str], **fields: str) -> str:
+    photo = sample_images(1)[0]
+    data = {"image": (io.BytesIO(photo.read_bytes()), photo.name), **fields}
+    resp = client.post("/v1/jobs", headers=auth, data=data, content_type="multipart/form-data")
+    assert resp.status_code == 202, resp.get_json()
+    return str(resp.get_json()["id"])
+
+
+def wait_job(client: FlaskClient, auth: dict[str, str], job_id: str) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
+        if body["status"] in ("succeeded", "failed", "canceled"):
+            return body  # type: ignore[no-any-return]
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def wait_log(client: FlaskClient, auth: dict[str, str], job_id: str) -> list:  # type: ignore[type-arg]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        log = client.get(f"/v1/jobs/{job_id}/webhooks", headers=auth).get_json()["messages"]
+        if log and log[0]["attempt_log"]:
+            return log  # type: ignore[no-any-return]
+        time.sleep(0.2)
+    raise AssertionError(f"no attempts for job {job_id}")

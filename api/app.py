@@ -34,10 +34,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 def register_blueprints(app: Flask) -> None:
     """Attach every route group."""
-    from api.routes import docs, feedback, health, jobs, models, web
+    from api.routes import docs, feedback, health, jobs, models, web, webhooks
 
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(webhooks.bp)
     app.register_blueprint(web.bp)
     app.register_blueprint(feedback.bp)
     app.register_blueprint(models.bp)

@@ -15,7 +15,6 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +35,7 @@ from segsvc.client_errors import (
     error_for,
     parse_retry_after,
 )
+from segsvc.webhooks.verify import WebhookVerificationError, verify_webhook
 
 __all__ = [
     "DEFAULT_URL",
@@ -52,6 +52,7 @@ __all__ = [
     "ServerError",
     "TransportError",
     "WaitTimeoutError",
+    "WebhookVerificationError",
     "verify_webhook",
 ]
 
@@ -215,24 +216,29 @@ class Client:
         return self._request("GET", f"/v1/jobs/{job_id}/{kind}.png").content
 
     def models(self) -> list[dict[str, Any]]:
-        """Registered model versions with status and traffic share (GET /v1/models)."""
+        """Registered model versions with status and traffic share (GET /v1/models, admin)."""
         body = self._request("GET", "/v1/models").json()
-        rows: list[dict[str, Any]] = body.get("models", body) if isinstance(body, dict) else body
+        if isinstance(body, dict):
+            body = body.get("versions", body.get("models", []))
+        rows: list[dict[str, Any]] = body
         return rows
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send with retries on 429/503 (honouring Retry-After) and on refused connections."""
+        """Send with retries on 429/503 (honouring Retry-After) and on network errors.
+
+        Every call may be repeated safely: reads and cancel are idempotent, and a submission
+        carries one Idempotency-Key across its retries, so the server stores it only once.
+        """
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
                 resp = self._http.request(method, path, **kwargs)
-            except httpx.ConnectError as exc:  # nothing was sent, so any method may retry
+            except httpx.TransportError as exc:
                 if last:
-                    raise TransportError(f"cannot connect to {self.url}: {exc}") from exc
+                    what = "cannot connect to" if isinstance(exc, httpx.ConnectError) else "lost"
+                    raise TransportError(f"{what} {self.url}: {exc!r}") from exc
                 time.sleep(_backoff(attempt))
                 continue
-            except httpx.HTTPError as exc:
-                raise TransportError(f"{method} {path} failed: {exc}") from exc
             if resp.status_code in RETRY_STATUSES and not last:
                 time.sleep(self._retry_delay(resp, attempt))
                 continue
@@ -247,7 +253,7 @@ class Client:
 
 
 def _backoff(attempt: int) -> float:
-    """Exponential backoff with full jitter: 0.5 s, 1 s, 2 s, ... capped at 10 s."""
+    """Exponential backoff with jitter: about 0.5 s, 1 s, 2 s, ... capped at 10 s."""
     return random.uniform(0.5, 1.0) * min(10.0, 0.5 * 2.0**attempt)
 
 
@@ -265,15 +271,3 @@ def _open_png(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
     return img
-
-
-def verify_webhook(headers: Mapping[str, str], body: bytes | str, secret: str) -> dict[str, Any]:
-    """Check a delivery's Standard Webhooks signature and timestamp (5 min); the payload.
-
-    Raises `standardwebhooks.WebhookVerificationError` when the signature does not match or
-    the timestamp is stale. Deduplicate on the `webhook-id` header to drop replays.
-    """
-    from standardwebhooks import Webhook
-
-    payload: dict[str, Any] = Webhook(secret).verify(body, dict(headers))
-    return payload

@@ -139,12 +139,13 @@ function startUpload(file) {
       showJob(body);
       schedulePoll(body.id, generation, 300);
     } else {
-      setStep("uploading", "");
+      $("progress-box").hidden = true;  // nothing was stored; the error says why
       showError(describeError(xhr.status, body, xhr.getResponseHeader("Retry-After")));
     }
   };
   xhr.onerror = () => {
     if (generation !== state.generation) return;
+    $("progress-box").hidden = true;
     showError(describeError(0));
   };
   xhr.send(form);

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -126,9 +128,9 @@ def test_client_gives_up_with_typed_error_after_retries() -> None:
     assert err.value.retry_after == 0
 
 
-def test_client_models_accepts_list_or_wrapped() -> None:
+def test_client_models_reads_versions() -> None:
     rows = [{"version": "v1", "status": "production", "traffic_share": 1.0}]
-    for body in (rows, {"models": rows}):
+    for body in (rows, {"versions": rows, "training_runs": []}):
         with serve(Scripted([(200, {}, body)])) as url, Client(url, "k") as client:
             assert client.models() == rows
 
@@ -140,6 +142,14 @@ def test_client_unreachable_raises_transport_error() -> None:
     with Client(f"http://127.0.0.1:{port}", "k", retries=1) as client, \
             pytest.raises(TransportError):
         client.get("j1")
+
+
+def test_client_imports_no_server_stack() -> None:
+    code = ("import sys, segsvc.client; "
+            "print(sorted(m for m in ('flask', 'tensorflow', 'sqlalchemy', 'celery') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_parse_retry_after_reads_seconds_and_dates() -> None:
@@ -161,7 +171,10 @@ def test_verify_webhook_accepts_signed_rejects_tampered_and_stale() -> None:
                 "webhook-signature": sig}
 
     now = datetime.now(UTC)
-    assert verify_webhook(headers(now), body.encode(), secret)["data"]["id"] == "j1"
+    signed = headers(now)
+    assert verify_webhook(signed, body.encode(), secret)["data"]["id"] == "j1"
+    with pytest.raises(WebhookVerificationError):  # the same signed request again: a replay
+        verify_webhook(signed, body.encode(), secret)
     with pytest.raises(WebhookVerificationError):
         verify_webhook(headers(now), body.replace("j1", "j2"), secret)
     with pytest.raises(WebhookVerificationError):

@@ -118,7 +118,7 @@ def test_cli_reads_key_file_when_no_key_given(base_url: str, api_key: str, tmp_p
 def test_cli_models_list_table_and_missing_endpoint() -> None:
     rows = [{"version": "v7", "status": "production", "traffic_share": 1.0,
              "metrics": {"mean_iou": 0.71}}]
-    with serve(Scripted([(200, {}, {"models": rows})])) as url:
+    with serve(Scripted([(200, {}, {"versions": rows, "training_runs": []})])) as url:
         listed = cli("client", "models", "list", url=url, key="k")
     assert listed.exit_code == 0
     assert "v7" in listed.stdout
@@ -127,3 +127,12 @@ def test_cli_models_list_table_and_missing_endpoint() -> None:
         missing = cli("client", "models", "list", url=url, key="k")
     assert missing.exit_code == 3
     assert "segsvc models list" in missing.stderr
+
+
+def test_cli_models_list_from_live_api(base_url: str, admin_key: str, api_key: str,
+                                       production_model: str) -> None:
+    listed = cli("client", "models", "list", url=base_url, key=admin_key)
+    assert listed.exit_code == 0, listed.output
+    assert production_model in listed.stdout
+    assert "production" in listed.stdout
+    assert cli("client", "models", "list", url=base_url, key=api_key).exit_code == 4

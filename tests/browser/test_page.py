@@ -1,0 +1,132 @@
+"""The web page in real headless Chromium (Debian's package) driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageOps
+
+from tests.conftest import ROOT, sample_images
+from tests.live import serve
+
+CHROMIUM = Path(os.environ.get("SEG_TEST_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+OUTPUT_DIR = ROOT / "test-output" / "browser"
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium for the module (skipped only when Chromium is truly absent)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium not installed at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    with sync_api.sync_playwright() as pw:
+        instance = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser: Any, app: Any) -> Iterator[tuple[Any, str]]:
+    """A fresh page (own localStorage) on a live server of the test app."""
+    with serve(app) as url:
+        context = browser.new_context(viewport={"width": 1200, "height": 900})
+        tab = context.new_page()
+        tab.goto(url)
+        tab.wait_for_selector("body[data-ready='true']")
+        yield tab, url
+        context.close()
+
+
+def save_key(tab: Any, key: str) -> None:
+    tab.fill("#api-key", key)
+    tab.click("#key-save")
+
+
+def screenshot(tab: Any, tmp_path: Path, name: str) -> Path:
+    """Save a full-page screenshot in the test's tmp dir and under test-output/."""
+    path = tmp_path / name
+    tab.screenshot(path=str(path), full_page=True)
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, OUTPUT_DIR / name)
+    return path
+
+
+@pytest.mark.e2e
+def test_page_uploads_photo_and_shows_overlay_and_mask(
+    page: tuple[Any, str], api_key: str, worker: Path, tmp_path: Path
+) -> None:
+    tab, _ = page
+    save_key(tab, api_key)
+    assert "Key saved" in tab.inner_text("#key-state")
+    photo = sample_images(1)[0]
+    with Image.open(photo) as src:
+        width, height = ImageOps.exif_transpose(src).size
+    tab.set_input_files("#file-input", str(photo))
+    tab.wait_for_function(
+        "() => !document.getElementById('results').hidden"
+        " && document.getElementById('overlay-img').complete"
+        " && document.getElementById('overlay-img').naturalWidth > 0",
+        timeout=120_000,
+    )
+    natural = tab.eval_on_selector("#overlay-img", "i => [i.naturalWidth, i.naturalHeight]")
+    assert natural == [width, height], worker.read_text()[-2000:]
+    canvas = tab.eval_on_selector("#mask-canvas", "c => [c.width, c.height]")
+    assert canvas == [width, height]
+    assert tab.is_visible("#overlay-img")
+    assert tab.inner_text("#status-text") == "Done."
+    assert tab.get_attribute("#download-mask", "href").startswith("blob:")
+    assert tab.get_attribute("#download-overlay", "download").endswith("-overlay.png")
+    assert tab.is_hidden("#error-box")
+    shot = screenshot(tab, tmp_path, "page-result.png")
+    with Image.open(shot) as img:
+        assert img.width >= 1200
+
+    tab.check("#show-original")
+    assert tab.inner_text("#left-caption") == "Original photo"
+    tab.reload()
+    tab.wait_for_selector("body[data-ready='true']")
+    assert "Key saved" in tab.inner_text("#key-state")  # the key survives a reload
+
+
+def test_page_explains_bad_file_and_bad_key(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    tab, _ = page
+    junk = tmp_path / "holiday.jpg"
+    junk.write_bytes(b"this is not a photo at all")
+    save_key(tab, api_key)
+    tab.set_input_files("#file-input", str(junk))
+    tab.wait_for_selector("#error-box:not([hidden])")
+    assert "image" in tab.inner_text("#error-box").lower()
+
+    save_key(tab, "seg_not_a_real_key")
+    tab.set_input_files("#file-input", str(sample_images(1)[0]))
+    tab.wait_for_selector("#error-box:not([hidden])")
+    tab.wait_for_function("() => document.getElementById('error-box').textContent.includes('key')")
+    assert "API key was not accepted" in tab.inner_text("#error-box")
+    assert tab.is_hidden("#progress-box")
+    screenshot(tab, tmp_path, "page-error.png")
+
+
+def test_page_refuses_oversized_file_before_upload(
+    page: tuple[Any, str], api_key: str, tmp_path: Path, settings: Any
+) -> None:
+    tab, _ = page
+    save_key(tab, api_key)
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\0" * (settings.max_upload_bytes + 1))
+    tab.set_input_files("#file-input", str(big))
+    tab.wait_for_selector("#error-box:not([hidden])")
+    assert "too large" in tab.inner_text("#error-box")
+    assert tab.is_hidden("#progress-box")

@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
+import numpy.typing as npt
 
 from segsvc.db import session_scope
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.runtime import Runtime, load_runtime, serving_batch_sizes
 from segsvc.models import ModelStatus, ModelVersion
-from segsvc.services import registry
-from segsvc.services.rollout import routes_to_canary
+from segsvc.services import registry, rollout
 from segsvc.settings import Settings
 
 log = logging.getLogger(__name__)
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,7 @@ class ModelManager:
     def model_for(self, job_id: uuid.UUID) -> LoadedModel:
         """The version that serves `job_id`: the canary for its hash share, else production."""
         routing = self.routing
-        if routing.canary is not None and routes_to_canary(job_id, routing.share):
+        if routing.canary is not None and rollout.routes_to_canary(job_id, routing.share):
             return routing.canary
         return routing.production
 
@@ -177,12 +182,40 @@ class ModelManager:
         canary = None
         if want_canary is not None and want_canary.version != want_prod.version:
             try:
-                canary = have.get(want_canary.version) or self._load(want_canary)
-            except Exception:  # a canary that cannot load gets no traffic; production serves
+                canary = have.get(want_canary.version) or self._guard(self._load(want_canary))
+            except Exception as exc:  # a canary that cannot load gets no traffic anywhere
                 log.exception("could not load canary %s; serving production only",
                               want_canary.version)
+                self._reject_canary(want_canary.version, f"could not load: {exc}")
         share = want_canary.share if canary is not None and want_canary is not None else 0.0
         return Routing(production=production, canary=canary, share=share)
+
+    def _guard(self, model: LoadedModel) -> LoadedModel:
+        """The canary with a runtime that takes it out of service if it raises."""
+        guarded = _CanaryRuntime(
+            model.runtime, lambda exc: self._canary_failed(model.version, model.sha256, exc)
+        )
+        return replace(model, runtime=guarded)
+
+    def _canary_failed(self, version: str, sha256: str, exc: Exception) -> None:
+        """Stop routing to a canary that failed at inference, here at once and in the registry."""
+        routing = self._routing
+        if routing is None or routing.canary is None or routing.canary.version != version:
+            return  # promoted meanwhile, or already dropped
+        self._broken.add((version, sha256))
+        self._routing = Routing(production=routing.production)  # the batch retries on it
+        log.error("canary %s failed at inference (%r); serving production only", version, exc)
+        self._reject_canary(version, f"failed at inference: {exc!r}"[:500])
+
+    def _reject_canary(self, version: str, why: str) -> None:
+        try:
+            with session_scope(self.settings) as session:
+                row = session.get(ModelVersion, version)
+                if row is not None and row.status == ModelStatus.CANARY:
+                    rollout.reject(session=session, version=version,
+                                   reason=f"canary rolled back by worker {WORKER_ID}: {why}")
+        except Exception:  # the registry is unreachable: this worker alone stops routing to it
+            log.warning("could not record the rejection of canary %s", version, exc_info=True)
 
     def _load(self, wanted: Wanted) -> LoadedModel:
         try:
@@ -191,6 +224,22 @@ class ModelManager:
             )
         except Exception:
             self._broken.add((wanted.version, wanted.sha256))  # not retried every poll
+            raise
+
+
+class _CanaryRuntime:
+    """A canary's runtime: an error at inference calls `on_error` before it propagates."""
+
+    def __init__(self, inner: Runtime, on_error: Callable[[Exception], None]) -> None:
+        self.name = inner.name
+        self.inner = inner
+        self._on_error = on_error
+
+    def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        try:
+            return self.inner.predict(batch)
+        except Exception as exc:
+            self._on_error(exc)
             raise
 
 

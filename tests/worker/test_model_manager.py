@@ -7,6 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from segsvc.db import session_scope
@@ -96,7 +97,38 @@ def test_manager_keeps_serving_when_a_canary_cannot_load(
     manager.refresh()
     assert manager.routing.canary is None
     assert manager.model_for(uuid.uuid4()).version == "test-v1"
-    assert manager.refresh() is False  # a broken artifact is not retried every poll
+    assert manager.refresh() is False  # not retried every poll
+    with session_scope(settings) as session:
+        row = registry.get_version(session=session, version="broken")
+        assert row.status == "rejected"
+        assert "could not load" in (row.reason or "")
+
+
+class FailingRuntime:
+    name = "failing"
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("kernel exploded")
+
+
+def test_canary_that_fails_at_inference_is_rolled_back_at_once(
+    manager: ModelManager, settings: Settings, model_file: Path
+) -> None:
+    manager.load()
+    register(settings, model_file, "cand")
+    start_canary(settings, "cand", 1.0)
+    manager.refresh()
+    canary = manager.model_for(uuid.uuid4())
+    assert canary.version == "cand"
+    canary.runtime.inner = FailingRuntime()  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        canary.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
+    assert manager.model_for(uuid.uuid4()).version == "test-v1"  # this worker: at once
+    with session_scope(settings) as session:  # every other worker: at its next poll
+        row = registry.get_version(session=session, version="cand")
+        assert (row.status, row.traffic_share) == ("rejected", 0.0)
+        assert "failed at inference" in (row.reason or "")
+    assert manager.refresh() is False
 
 
 def submit(client, auth) -> str:  # type: ignore[no-untyped-def]

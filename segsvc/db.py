@@ -73,6 +73,14 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
         session.close()
 
 
+def dispose_engines() -> None:
+    """Close every pooled connection of this process (tests, shutdown)."""
+    for engine in _engines.values():
+        engine.dispose()
+    _engines.clear()
+    _factories.clear()
+
+
 def is_sqlite(settings: Settings | None = None) -> bool:
     """True for the embedded default database."""
     return (settings or get_settings()).sqlalchemy_url.startswith("sqlite")

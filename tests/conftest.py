@@ -28,12 +28,6 @@ PG_ADMIN = os.environ.get("SEG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/p
 REDIS_URL = os.environ.get("SEG_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
-def worker_index(request: pytest.FixtureRequest) -> int:
-    """0 without xdist, else the xdist worker number."""
-    wid = getattr(request.config, "workerinput", {}).get("workerid", "gw0")
-    return int(wid.removeprefix("gw"))
-
-
 def sample_images(n: int = 3) -> list[Path]:
     """Real pet photos from the shared sample (skips the test if it is absent)."""
     images = sorted((SAMPLE_DIR / "images").glob("*.jpg"))
@@ -43,22 +37,33 @@ def sample_images(n: int = 3) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def database_url(request: pytest.FixtureRequest) -> str:
-    """A fresh, migrated Postgres database for this test process."""
-    name = f"segsvc_test_{worker_index(request)}"
+def database_url() -> Iterator[str]:
+    """A fresh, migrated Postgres database of this test process's own (dropped at the end).
+
+    Named after the pid so that concurrent test runs on one machine never share a database.
+    """
+    name = f"segsvc_test_{os.getpid()}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
     url = f"{base}/{name}"
     upgrade(settings=Settings(database_url=url))
-    return url
+    yield url
+    from segsvc.db import dispose_engines
+
+    dispose_engines()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
-def redis_db(request: pytest.FixtureRequest) -> int:
-    """A Redis logical database of this test process's own."""
-    return 1 + worker_index(request)
+def redis_db() -> int:
+    """A Redis logical database (1-15) for this test process, chosen by pid.
+
+    Redis offers 16 numbered databases, so two concurrent runs can still collide; CI runs one.
+    """
+    return 1 + os.getpid() % 15
 
 
 @pytest.fixture(scope="session")

@@ -100,9 +100,11 @@ _dispatcher: Dispatcher | None = None
 def _start_dispatcher(sender: Any = None, **_: Any) -> None:
     """Run the dispatcher in workers that consume the webhooks queue."""
     global _dispatcher
-    if getattr(sender, "app", None) is not app or _dispatcher is not None:
+    worker_app = getattr(sender, "app", None)
+    if worker_app is not app or _dispatcher is not None:
         return
-    if settings.webhook_queue_name not in (app.amqp.queues.consume_from or {}):
+    consuming: Any = worker_app.amqp.queues.consume_from or {}
+    if settings.webhook_queue_name not in consuming:
         return
     _dispatcher = Dispatcher(settings, app)
     _dispatcher.start()

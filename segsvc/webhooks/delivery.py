@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import ssl
 import time
 import typing
 from dataclasses import dataclass
@@ -79,13 +81,19 @@ class PinnedBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One verifying TLS context per process (loading the CA bundle costs tens of ms)."""
+    return httpx.create_ssl_context(trust_env=False)
+
+
 class PinnedTransport(httpx.HTTPTransport):
     """An httpx transport whose connections go to `target.addresses` only (no proxies)."""
 
     def __init__(self, target: Target) -> None:
-        super().__init__(trust_env=False)
+        super().__init__(verify=tls_context(), trust_env=False)
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=tls_context(),
             max_connections=1,
             network_backend=PinnedBackend(target),
         )

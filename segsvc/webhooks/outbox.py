@@ -48,22 +48,29 @@ def record_job_events(*, session: Session, job_ids: Sequence[uuid.UUID], event: 
         .where(Job.id.in_(list(job_ids)), Job.webhook_url.is_not(None))
         .execution_options(populate_existing=True)  # the state just written by an UPDATE
     ).all()
+    jobs = [job for job in jobs if wanted in (job.webhook_events or DEFAULT_FILTERS)]
+    if not jobs:
+        return 0
+    disabled = _disabled_endpoints(session, {job.webhook_url or "" for job in jobs})
     now = utcnow()
-    added = 0
-    for job in jobs:
-        if wanted not in (job.webhook_events or DEFAULT_FILTERS):
-            continue
-        session.add(_message(session, job, event, now))
-        added += 1
-    if added:
-        session.flush()
-    return added
+    session.add_all(
+        _message(job, event, now, (job.client_id, job.webhook_url) in disabled) for job in jobs
+    )
+    session.flush()
+    return len(jobs)
 
 
-def _message(session: Session, job: Job, event: str, now: datetime) -> WebhookMessage:
+def _disabled_endpoints(session: Session, urls: set[str]) -> set[tuple[uuid.UUID | None, str]]:
+    """(client, url) pairs disabled by a 410, among `urls` (one query for a whole batch)."""
+    rows = session.execute(
+        select(WebhookEndpoint.client_id, WebhookEndpoint.url)
+        .where(WebhookEndpoint.url.in_(urls), WebhookEndpoint.disabled_at.is_not(None))
+    ).all()
+    return {(row[0], row[1]) for row in rows}
+
+
+def _message(job: Job, event: str, now: datetime, disabled: bool) -> WebhookMessage:
     url = job.webhook_url or ""
-    endpoint = find_endpoint(session=session, client_id=job.client_id, url=url)
-    disabled = endpoint is not None and endpoint.disabled_at is not None
     return WebhookMessage(
         id=new_message_id(),
         job_id=job.id,

@@ -124,7 +124,9 @@ def claim_jobs(
     ).all()
     if not rows:
         return []
-    record_job_events(session=session, job_ids=[r[0] for r in rows], event=JOB_STARTED)
+    # job.started once per job: a retry after a lost worker is not a new start.
+    first = [r[0] for r in rows if r[4] == 1]
+    record_job_events(session=session, job_ids=first, event=JOB_STARTED)
     # The (large) inputs are read in a second statement: RETURNING them would hold them in the
     # UPDATE's result on every backend, and SQLite cannot return deferred columns lazily.
     found = session.execute(

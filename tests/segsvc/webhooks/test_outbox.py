@@ -165,3 +165,12 @@ def _make_due(settings: Settings, message_id: str) -> None:
         msg = session.get(WebhookMessage, message_id)
         assert msg is not None
         msg.next_attempt_at = utcnow()
+
+
+def test_record_events_started_once_when_job_is_retried(settings: Settings) -> None:
+    job_id = make_job(settings, URL, ["start"])
+    claimed = start_job(settings, job_id)
+    with session_scope(settings) as session:  # a transient failure gives the job back
+        job_service.release_job(session=session, job_id=job_id, lease_token=claimed.lease_token)
+    start_job(settings, job_id)
+    assert [m.event_type for m in messages(settings, job_id)] == ["job.started"]

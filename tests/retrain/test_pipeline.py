@@ -6,6 +6,7 @@ import io
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -13,7 +14,7 @@ from retrain.dataset import encode_png
 from retrain.pipeline import RetrainBusyError, gate, retrain_lock, run_retraining
 from segsvc.db import session_scope
 from segsvc.models import Job, ModelStatus, TrainingRun
-from segsvc.services import registry
+from segsvc.services import registry, rollout
 from segsvc.settings import Settings
 from tests.retrain.test_dataset import COLOURS, make_dataset, make_mask
 
@@ -27,27 +28,27 @@ def loop_settings(settings: Settings, tmp_path: Path, **extra: object) -> Settin
         "retrain_min_new_labels": 3,
         "gate_miou_tolerance": 1.0,
         "gate_latency_ratio": 100.0,
-        "canary_share": 0.1,
+        "canary_share": 0.5,
+        "canary_min_jobs": 2,
         "runtime": "keras",
+        "registry_poll_seconds": 0,  # the test refreshes the worker's registry view itself
     }
     values.update(extra)
     return settings.model_copy(update=values)
 
 
-def submit_labeled_jobs(client, auth, cfg: Settings, n: int) -> list[str]:  # type: ignore[no-untyped-def]
-    """Submit n photos through the API, run them in-process, post a corrected mask for each."""
-    from worker.segmenter import Segmenter
+def submit(client, auth, mask: np.ndarray) -> str:  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
+                       data={"image": (io.BytesIO(encode_png(COLOURS[mask])), "pet.png")})
+    assert resp.status_code == 202
+    return str(resp.get_json()["id"])
 
-    ids, masks = [], []
-    for i in range(n):
-        mask = make_mask(90, 70, seed=100 + i)
-        resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                           data={"image": (io.BytesIO(encode_png(COLOURS[mask])), "pet.png")})
-        assert resp.status_code == 202
-        ids.append(resp.get_json()["id"])
-        masks.append(mask)
-    counts = Segmenter(cfg).run_jobs(ids)
-    assert counts["succeeded"] == n
+
+def submit_labeled_jobs(client, auth, segmenter, n: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """Submit n photos through the API, run them in-process, post a corrected mask for each."""
+    masks = [make_mask(90, 70, seed=100 + i) for i in range(n)]
+    ids = [submit(client, auth, mask) for mask in masks]
+    assert segmenter.run_jobs(ids)["succeeded"] == n
     for job_id, mask in zip(ids, masks, strict=True):
         buf = io.BytesIO()
         Image.fromarray(mask, "L").save(buf, format="PNG")
@@ -61,11 +62,14 @@ def submit_labeled_jobs(client, auth, cfg: Settings, n: int) -> list[str]:  # ty
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_retraining_registers_a_canary_with_both_models_metrics(  # type: ignore[no-untyped-def]
+def test_feedback_loop_retrains_canaries_and_promotes(  # type: ignore[no-untyped-def]
     client, auth, admin_key: str, settings: Settings, production_model: str, tmp_path: Path
 ) -> None:
+    from worker.segmenter import Segmenter
+
     cfg = loop_settings(settings, tmp_path)
-    submit_labeled_jobs(client, auth, cfg, 3)
+    segmenter = Segmenter(cfg)
+    submit_labeled_jobs(client, auth, segmenter, 3)
 
     result = run_retraining(cfg, trigger="manual", steps_per_epoch=1, batch_size=2,
                             latency_runs=3)
@@ -87,7 +91,7 @@ def test_retraining_registers_a_canary_with_both_models_metrics(  # type: ignore
         assert (run.duration_s or 0) > 0
         assert "snapshot: 3 labels (3 new)" in run.log
         version = registry.get_version(session=session, version=run.candidate_version or "")
-        assert (version.status, version.traffic_share) == ("canary", 0.1)
+        assert (version.status, version.traffic_share) == ("canary", 0.5)
         assert version.parent_version == "test-v1"
         assert version.metrics["evaluated_against"]["version"] == "test-v1"
         assert Path(version.path).is_file()
@@ -101,6 +105,22 @@ def test_retraining_registers_a_canary_with_both_models_metrics(  # type: ignore
     again = run_retraining(cfg, trigger="manual")
     assert again.status == "skipped"
     assert "0 new labels" in again.reason
+
+    # The worker picks the canary up and serves its share; then the verdict promotes it.
+    assert segmenter.models.refresh()
+    ids = [submit(client, auth, make_mask(90, 70, seed=i)) for i in range(20)]
+    assert segmenter.run_jobs(ids)["succeeded"] == 20
+    with session_scope(cfg) as session:
+        for job_id in ids:
+            served = session.get(Job, uuid.UUID(job_id)).model_version  # type: ignore[union-attr]
+            canary = rollout.routes_to_canary(job_id, 0.5)
+            assert served == (version.version if canary else "test-v1")
+        verdict = rollout.decide_canary(session=session, min_jobs=cfg.canary_min_jobs,
+                                        latency_ratio=cfg.gate_latency_ratio)
+    assert verdict is not None
+    assert verdict.outcome == "promoted", verdict
+    with session_scope(cfg) as session:
+        assert registry.production_version(session=session).version == version.version  # type: ignore[union-attr]
 
 
 def test_retraining_skips_with_a_reason_when_too_few_new_labels(  # type: ignore[no-untyped-def]

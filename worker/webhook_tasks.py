@@ -22,6 +22,7 @@ from segsvc.queue import DELIVER_WEBHOOK, make_celery
 from segsvc.settings import Settings, get_settings
 from segsvc.webhooks.delivery import deliver
 from segsvc.webhooks.dispatch import claim_due, finish_attempt, start_attempt
+from worker import observability  # noqa: F401  (JSON logs, /metrics, probe files)
 
 log = logging.getLogger(__name__)
 

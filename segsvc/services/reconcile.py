@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from segsvc.models import Job, JobStatus, utcnow
 from segsvc.settings import Settings
+from segsvc.webhooks.outbox import JOB_COMPLETED, record_job_events
 
 # Any advisory-lock key works as long as every reconciler uses the same one.
 LOCK_KEY = 0x5E65_7EC0
@@ -205,23 +206,27 @@ def _mark_requeued(
 
 def _cancel_requested(*, session: Session, now: datetime) -> int:
     """Queued jobs a client canceled after a transient release: no worker would ever end them."""
-    res = session.execute(
+    ids = session.scalars(
         update(Job)
         .where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(True))
         .values(status=JobStatus.CANCELED, completed_at=now, error_code="canceled",
                 error_message="Canceled by the client.")
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
-    )
-    return int(res.rowcount)  # type: ignore[attr-defined]
+    ).all()
+    record_job_events(session=session, job_ids=list(ids), event=JOB_COMPLETED)
+    return len(ids)
 
 
 def _finish(
     session: Session, job_id: uuid.UUID, status: JobStatus, code: str, message: str, now: datetime
 ) -> None:
-    session.execute(
+    res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
         .values(status=status, completed_at=now, error_code=code, error_message=message,
                 lease_token=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
+    if res.rowcount:  # type: ignore[attr-defined]
+        record_job_events(session=session, job_ids=[job_id], event=JOB_COMPLETED)

@@ -176,3 +176,16 @@ def test_complete_job_canceled_while_running_ends_canceled(settings: Settings) -
             "predict_ms": 1.0, "batch_size": 1}])
     job = get(settings, job_id)
     assert (job.status, job.error_code) == ("canceled", "canceled")
+
+
+def test_reconcile_failure_records_completed_webhook(settings: Settings) -> None:
+    from segsvc.models import WebhookMessage
+
+    cfg = settings.model_copy(update={"job_max_attempts": 2})
+    job_id = make_job(cfg, status="running", attempts=2, lease_token=uuid.uuid4(),
+                      lease_expires_at=utcnow() - timedelta(seconds=1),
+                      webhook_url="https://hooks.example.com/x", webhook_events=["completed"])
+    reconcile(cfg)
+    with session_scope(cfg) as session:
+        events = [m.event_type for m in session.query(WebhookMessage).filter_by(job_id=job_id)]
+    assert events == ["job.completed"]

@@ -114,7 +114,9 @@ def test_reconcile_fences_out_a_slow_worker(settings: Settings) -> None:
 
 
 @pytest.mark.parametrize(("max_attempts", "code"), [(2, "worker_lost"), (3, "poison_input")])
-def test_reconcile_fails_job_lost_max_times(settings: Settings, max_attempts: int, code: str) -> None:
+def test_reconcile_fails_job_lost_max_times(
+    settings: Settings, max_attempts: int, code: str
+) -> None:
     cfg = settings.model_copy(update={"job_max_attempts": max_attempts})
     job_id = make_job(cfg, status="running", attempts=max_attempts, lease_token=uuid.uuid4(),
                       lease_expires_at=utcnow() - timedelta(seconds=1))

@@ -8,6 +8,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from api.auth import authenticate_request, current_client
 from api.context import db, settings
+from segsvc.errors import PayloadTooLargeError
 from segsvc.models import Feedback
 from segsvc.serialize import iso
 from segsvc.services import feedback as feedback_service
@@ -20,7 +21,10 @@ bp.before_request(authenticate_request)
 def post_feedback(job_id: str) -> tuple[Response, int]:
     """Validate and store feedback; the mask must match the input's size with values 0..2."""
     upload = request.files.get("mask")
-    mask = upload.read(settings().max_upload_bytes + 1) if upload is not None else None
+    limit = settings().max_upload_bytes
+    mask = upload.read(limit + 1) if upload is not None else None
+    if mask is not None and len(mask) > limit:
+        raise PayloadTooLargeError(f"The mask is larger than the limit of {limit} bytes.")
     session = db()
     row = feedback_service.submit_feedback(
         session=session, job_id=job_id, client_id=current_client().id,  # type: ignore[arg-type]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
-from sqlalchemy import select
 
 from api.auth import authenticate_request, require_admin
 from api.context import db
@@ -28,9 +27,7 @@ def _admins_only() -> None:
 def list_models() -> Response:
     """Every version with status, traffic share and metrics, plus the recent training runs."""
     session = db()
-    runs = session.scalars(
-        select(TrainingRun).order_by(TrainingRun.started_at.desc()).limit(RECENT_RUNS)
-    )
+    runs = registry.recent_training_runs(session=session, limit=RECENT_RUNS)
     return jsonify({
         "versions": [version_body(v) for v in registry.list_versions(session=session)],
         "training_runs": [run_body(r) for r in runs],

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from segsvc.errors import NotFoundError
-from segsvc.models import ModelStatus, ModelVersion, utcnow
+from segsvc.models import ModelStatus, ModelVersion, TrainingRun, utcnow
 
 
 def file_sha256(path: str | Path) -> str:
@@ -79,3 +79,9 @@ def serving_versions(*, session: Session) -> list[ModelVersion]:
 def list_versions(*, session: Session) -> list[ModelVersion]:
     """Every version, newest first."""
     return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc())))
+
+
+def recent_training_runs(*, session: Session, limit: int = 10) -> list[TrainingRun]:
+    """The latest retraining runs, newest first."""
+    query = select(TrainingRun).order_by(TrainingRun.started_at.desc()).limit(limit)
+    return list(session.scalars(query))

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): raw runtimes, the running system, and the naive baseline."""

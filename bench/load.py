@@ -1,0 +1,218 @@
+"""Closed-loop load: N clients each submit a real photo, poll until done, and repeat."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def multipart(photo: Path) -> tuple[bytes, str]:
+    """A multipart/form-data body with the photo in the field `image`."""
+    boundary = uuid.uuid4().hex
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+        f'filename="{photo.name}"\r\nContent-Type: image/jpeg\r\n\r\n'
+    ).encode()
+    body = head + photo.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+@dataclass
+class LoadResult:
+    """What a run measured."""
+
+    clients: int
+    seconds: float = 0.0
+    done: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies or [float("nan")]) * 1000.0
+        return {
+            "clients": self.clients,
+            "seconds": self.seconds,
+            "jobs": self.done,
+            "errors": self.errors,
+            "jobs_per_s": self.done / self.seconds if self.seconds else 0,
+            "p50_ms": float(np.percentile(lat, 50)),
+            "p95_ms": float(np.percentile(lat, 95)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "mean_batch_size": float(np.mean(self.batch_sizes)) if self.batch_sizes else None,
+        }
+
+
+class Client:
+    """One keep-alive HTTP connection to a loopback server."""
+
+    def __init__(self, port: int, headers: dict[str, str]) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.headers = headers
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
+    ) -> tuple[int, bytes]:
+        headers = dict(self.headers)
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            self.conn.request(method, path, body=body, headers=headers)
+            resp = self.conn.getresponse()
+            return resp.status, resp.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()  # reconnects on the next request
+            return 0, b""
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def run_jobs_load(
+    port: int,
+    headers: dict[str, str],
+    bodies: list[tuple[bytes, str]],
+    *,
+    clients: int,
+    seconds: float,
+    poll_s: float,
+    max_poll_s: float | None = None,
+) -> LoadResult:
+    """Submit + poll against the segsvc API; latency is submit -> the job's `completed_at`."""
+    result, lock = LoadResult(clients), threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client_loop(index: int) -> None:
+        client, n = Client(port, headers), index
+        while time.monotonic() < stop_at:
+            body, ctype = bodies[n % len(bodies)]
+            n += clients
+            sent = time.time()
+            status, raw = client.request("POST", "/v1/jobs", body, ctype)
+            if status != 202:
+                with lock:
+                    result.errors += 1
+                time.sleep(0.05)
+                continue
+            job = _poll(client, json.loads(raw)["id"], poll_s, stop_at + 60, max_poll_s)
+            with lock:
+                if job is None or job["status"] != "succeeded":
+                    result.errors += 1
+                    continue
+                result.done += 1
+                result.latencies.append(_ts(job["completed_at"]) - sent)
+                result.batch_sizes.append(int(job["metrics"]["batch_size"] or 1))
+
+    result.seconds = _run_threads(client_loop, clients)
+    return result
+
+
+def _poll(
+    client: Client, job_id: str, poll_s: float, give_up: float, max_poll_s: float | None = None
+) -> dict[str, Any] | None:
+    """Poll until the job ends: every `poll_s`, backing off x2 up to `max_poll_s`."""
+    delay = poll_s
+    while time.monotonic() < give_up:
+        status, raw = client.request("GET", f"/v1/jobs/{job_id}")
+        if status == 200:
+            job: dict[str, Any] = json.loads(raw)
+            if job["status"] in ("succeeded", "failed", "canceled"):
+                return job
+        time.sleep(delay)
+        delay = min(delay * 2, max_poll_s or poll_s)
+    return None
+
+
+def run_burst(
+    port: int,
+    headers: dict[str, str],
+    bodies: list[tuple[bytes, str]],
+    *,
+    jobs: int,
+    clients: int,
+) -> LoadResult:
+    """Capacity: `clients` submit `jobs` as fast as they can while the worker runs them; jobs/s
+    = jobs / (last completed_at - first submit). One poller checks jobs in submit order."""
+    result, lock = LoadResult(clients), threading.Lock()
+    submitted: list[tuple[float, str]] = []
+    per_client = [range(i, jobs, clients) for i in range(clients)]
+
+    def submitter(index: int) -> None:
+        client = Client(port, headers)
+        for n in per_client[index]:
+            body, ctype = bodies[n % len(bodies)]
+            sent = time.time()
+            status, raw = client.request("POST", "/v1/jobs", body, ctype)
+            with lock:
+                if status == 202:
+                    submitted.append((sent, json.loads(raw)["id"]))
+                else:
+                    result.errors += 1
+
+    start = time.time()
+    _run_threads(submitter, clients)
+    poller, last = Client(port, headers), start
+    for sent, job_id in sorted(submitted):
+        job = _poll(poller, job_id, 0.02, time.monotonic() + 300)
+        if job is None or job["status"] != "succeeded":
+            result.errors += 1
+            continue
+        done_at = _ts(job["completed_at"])
+        last = max(last, done_at)
+        result.done += 1
+        result.latencies.append(done_at - sent)
+        result.batch_sizes.append(int(job["metrics"]["batch_size"] or 1))
+    result.seconds = last - start
+    return result
+
+
+def run_request_load(
+    port: int,
+    path: str,
+    headers: dict[str, str],
+    bodies: list[tuple[bytes, str]],
+    *,
+    clients: int,
+    seconds: float,
+    expect: int,
+) -> LoadResult:
+    """Requests/s of one synchronous endpoint (latency = the request itself)."""
+    result, lock = LoadResult(clients), threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client_loop(index: int) -> None:
+        client, n = Client(port, headers), index
+        while time.monotonic() < stop_at:
+            body, ctype = bodies[n % len(bodies)]
+            n += clients
+            sent = time.perf_counter()
+            status, _ = client.request("POST", path, body, ctype)
+            with lock:
+                if status == expect:
+                    result.done += 1
+                    result.latencies.append(time.perf_counter() - sent)
+                else:
+                    result.errors += 1
+
+    result.seconds = _run_threads(client_loop, clients)
+    return result
+
+
+def _run_threads(target: Any, clients: int) -> float:
+    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(clients)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - start

@@ -1,0 +1,241 @@
+"""`make bench`: raw runtimes, the running system, the naive baseline; writes BENCHMARKS.md.
+
+Everything runs on this machine in one go (< 15 minutes): services on loopback ports with their
+own Postgres database and Redis logical DB. `python -m bench.run --help` for options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import load, raw, report, system
+from segsvc.ml.convert import file_sha256
+from segsvc.settings import ROOT
+
+DEFAULT_DATA = Path(
+    os.environ.get("SEG_BENCH_DATA", ROOT.parent / "shared/data/oxford_pets_sample")
+)
+T0 = time.monotonic()
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {message}", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=ROOT / "models" / "baseline.keras",
+        help="model to serve (a random-init U-Net when the file does not exist)",
+    )
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Oxford-layout sample folder")
+    p.add_argument("--runtime", default="auto", help="runtime the served system uses")
+    p.add_argument("--var-dir", type=Path, default=ROOT / "var" / "bench")
+    p.add_argument("--seconds", type=float, default=20.0, help="duration of each load run")
+    p.add_argument("--raw-seconds", type=float, default=3.0, help="per runtime and batch size")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--burst-jobs", type=int, default=600, help="jobs in the capacity run")
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    args.var_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": report.machine(),
+        "load_before": os.getloadavg(),
+    }
+    model = resolve_model(args)
+    results["model"] = {
+        "path": str(model),
+        "sha256": file_sha256(model),
+        "trained": model == args.model,
+    }
+    images, masks, photos = read_data(args.data)
+    log(f"model {model.name}; {len(images)} validation images; {len(photos)} photos")
+    results["matmul_gflops"] = raw.matmul_gflops()
+    log(f"numpy float32 matmul: {results['matmul_gflops']:.1f} GFLOP/s")
+    from segsvc.ml.runtime import resolve_kind
+
+    results["served_runtime"] = resolve_kind(args.runtime)
+    results["raw"] = raw.run_raw(
+        model,
+        artifact_dir=args.var_dir / "artifacts",
+        sha256=results["model"]["sha256"],
+        images=images,
+        masks=masks,
+        budget_s=args.raw_seconds,
+        log=log,
+    )
+    results["naive_predict_b1"] = raw.naive_predict_rate(model, images, args.raw_seconds * 2)
+    log(f"naive model.predict b1: {results['naive_predict_b1']:.1f} images/s")
+    results.update(run_system(args, model, photos))
+    results["load_after"] = os.getloadavg()
+    results["seconds"] = time.monotonic() - T0
+    results["targets"] = report.targets(results)
+    write(results, args.out)
+    log(f"done in {results['seconds']:.0f}s; wrote {args.out}")
+
+
+def resolve_model(args: argparse.Namespace) -> Path:
+    if args.model.is_file():
+        return args.model
+    path = args.var_dir / "init.keras"
+    if not path.is_file():
+        from segsvc.ml.unet import build_unet
+
+        build_unet().save(path)
+    return path
+
+
+def read_data(folder: Path) -> tuple[Any, Any, list[Path]]:
+    """Validation images (retrain's split, else the first 80) with labels, and photo paths."""
+    from retrain.dataset import read_folder
+    from segsvc.ml.preprocess import normalize
+
+    data = read_folder(folder, split="val")
+    if len(data) < 20:
+        data = read_folder(folder, split="all")
+        data.images, data.masks = data.images[:80], data.masks[:80]
+    photos = sorted((folder / "images").glob("*.jpg"))[:200]
+    return normalize(data.images), data.masks, photos
+
+
+def run_system(args: argparse.Namespace, model: Path, photos: list[Path]) -> dict[str, Any]:
+    """The served system, API-only submits, hello, and the naive Flask baseline."""
+    from segsvc.db import session_scope
+    from segsvc.migrate import upgrade
+    from segsvc.models import ModelStatus
+    from segsvc.services.keys import create_key
+    from segsvc.services.registry import register_version
+    from segsvc.settings import Settings
+
+    url = system.fresh_database()
+    env = system.bench_env(url, args.var_dir, SEG_RUNTIME=args.runtime)
+    cfg = Settings(
+        database_url=url, broker_url=system.REDIS_URL, var_dir=args.var_dir, _env_file=None
+    )  # type: ignore[call-arg]
+    upgrade(settings=cfg)
+    with session_scope(cfg) as session:
+        register_version(
+            session=session, version="bench", path=model.resolve(), status=ModelStatus.PRODUCTION
+        )
+        _, key = create_key(session=session, name="bench")
+    headers = {"Authorization": f"Bearer {key}"}
+    bodies = [load.multipart(p) for p in photos]
+    logs = args.var_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    out: dict[str, Any] = {}
+    api_port = system.free_port()
+    api = system.gunicorn("api", "api.wsgi:app", api_port, env, logs, system.GUNICORN)
+    wkr = system.worker(env, logs, args.var_dir / "probes")
+    try:
+        log("system: warm-up")
+        load.run_jobs_load(api_port, headers, bodies, clients=4, seconds=3, poll_s=0.01)
+        log("system: idle latency (1 client)")
+        out["idle"] = load.run_jobs_load(
+            api_port, headers, bodies, clients=1, seconds=args.seconds / 2, poll_s=0.005
+        ).summary()
+        log(f"system: {args.clients} clients, closed loop")
+        out["system"] = load.run_jobs_load(
+            api_port,
+            headers,
+            bodies,
+            clients=args.clients,
+            seconds=args.seconds,
+            poll_s=0.05,
+            max_poll_s=0.4,
+        ).summary()
+        log(f"  {out['system']}")
+        log(f"system: capacity, a burst of {args.burst_jobs} jobs")
+        out["system_peak"] = load.run_burst(
+            api_port, headers, bodies, jobs=args.burst_jobs, clients=args.clients
+        ).summary()
+        log(f"  {out['system_peak']}")
+        out["worker_rss_mb"] = max(wkr.peak_rss_mb().values())
+        wkr.stop()
+        log("API only (worker stopped)")
+        out["api_submit"] = load.run_request_load(
+            api_port,
+            "/v1/jobs",
+            headers,
+            bodies,
+            clients=args.clients,
+            seconds=args.seconds / 2,
+            expect=202,
+        ).summary()
+        out["api_rss_mb"] = api.peak_rss_mb()
+    finally:
+        wkr.stop()
+        api.stop()
+    out.update(run_baselines(args, model, env, logs, bodies))
+    return out
+
+
+def run_baselines(
+    args: argparse.Namespace,
+    model: Path,
+    env: dict[str, str],
+    logs: Path,
+    bodies: list[tuple[bytes, str]],
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    port = system.free_port()
+    hello = system.gunicorn("hello", "bench.hello_app:app", port, env, logs, system.GUNICORN)
+    try:
+        log("hello endpoint")
+        out["hello"] = load.run_request_load(
+            port, "/hello", {}, bodies, clients=args.clients, seconds=args.seconds / 2, expect=200
+        ).summary()
+    finally:
+        hello.stop()
+    port = system.free_port()
+    naive = system.gunicorn(
+        "naive",
+        "bench.naive_app:app",
+        port,
+        {**env, "SEG_BENCH_MODEL": str(model)},
+        logs,
+        ["--workers", "1", "--timeout", "120"],
+    )
+    try:
+        log(f"naive Flask baseline: {args.clients} clients")
+        out["naive_flask"] = load.run_request_load(
+            port, "/predict", {}, bodies, clients=args.clients, seconds=args.seconds, expect=200
+        ).summary()
+        out["naive_rss_mb"] = max(naive.peak_rss_mb().values())
+    finally:
+        naive.stop()
+    return out
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    folder = ROOT / "bench" / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = results["started"].replace(":", "").replace("+0000", "Z")
+    text = json.dumps(results, indent=2, default=_jsonable)
+    (folder / f"{stamp}.json").write_text(text)
+    (folder / "latest.json").write_text(text)
+    out.write_text(report.markdown(results))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Start and stop the services a benchmark drives, all on loopback with their own database."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import psycopg
+import redis
+
+from segsvc.settings import ROOT
+
+PG_ADMIN = os.environ.get("SEG_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("SEG_BENCH_REDIS", "redis://127.0.0.1:6379/15")
+DB_NAME = "segsvc_bench"
+# Same server settings for the API and the hello endpoint (the devserver's: 2 workers x 4).
+GUNICORN = ["--workers", "2", "--threads", "4", "--config", "python:api.gunicorn_conf"]
+
+
+def fresh_database() -> str:
+    """Drop and create the benchmark's own database; returns its SQLAlchemy URL."""
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    return f"{base}/{DB_NAME}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bench_env(database_url: str, var_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for service processes: limits off, quiet logs, loopback only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
+    env.update(
+        SEG_DATABASE_URL=database_url,
+        SEG_BROKER_URL=REDIS_URL,
+        SEG_VAR_DIR=str(var_dir),
+        SEG_RATE_LIMIT_PER_MINUTE="100000000",
+        SEG_RATE_LIMIT_BURST="100000000",
+        SEG_MAX_QUEUE_DEPTH="1000000",
+        SEG_LOG_LEVEL="INFO",
+        SEG_LOG_FORMAT="text",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
+    return env
+
+
+class Service:
+    """One child process with its log file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+
+    def peak_rss_mb(self) -> dict[str, float]:
+        """VmHWM of the process and each of its children, in MB."""
+        out = {}
+        for pid in [self.proc.pid, *children(self.proc.pid)]:
+            with suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        out[str(pid)] = int(line.split()[1]) / 1024.0
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def gunicorn(
+    name: str, app: str, port: int, env: dict[str, str], log_dir: Path, args: list[str]
+) -> Service:
+    cmd = [sys.executable, "-m", "gunicorn", app, *args, "--bind", f"127.0.0.1:{port}"]
+    service = Service(name, cmd, env, log_dir)
+    wait_http(service, port)
+    return service
+
+
+def worker(env: dict[str, str], log_dir: Path, probe_dir: Path) -> Service:
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        "inference",
+        "--pool",
+        "solo",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "INFO",
+        "--hostname",
+        f"bench-{os.getpid()}@%h",
+    ]
+    service = Service("worker", cmd, {**env, "SEG_PROBE_DIR": str(probe_dir)}, log_dir)
+    deadline = time.monotonic() + 600  # the first start converts the model
+    while not (probe_dir / "ready").exists() and b" ready." not in service.log_path.read_bytes():
+        service.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError("worker not ready in time")
+        time.sleep(0.2)
+    return service
+
+
+def wait_http(service: Service, port: int, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        service.check_alive()
+        with suppress(OSError):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{service.name} did not answer on port {port}")

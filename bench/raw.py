@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 from pathlib import Path
 from typing import Any
@@ -32,37 +31,46 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - start
 
 
-def time_batches(runtime: Any, x: npt.NDArray[np.float32], budget_s: float) -> dict[str, Any]:
-    """images/s and latency per batch size, each measured for about `budget_s` seconds."""
-    out: dict[str, Any] = {}
-    for b in BATCHES:
+def time_interleaved(
+    predictors: dict[str, Any],
+    x: npt.NDArray[np.float32],
+    budget_s: float,
+    batches: tuple[int, ...] = BATCHES,
+) -> dict[str, dict[str, Any]]:
+    """images/s and latency per runtime and batch size, runtimes timed round-robin so that a
+    change in the machine's load during the run hits all of them alike."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in predictors}
+    for b in batches:
         batch = x[:b]
-        runtime.predict(batch)  # warm-up (allocations, XLA compile for this shape)
-        times: list[float] = []
-        deadline = time.perf_counter() + budget_s
-        while time.perf_counter() < deadline or len(times) < 3:
-            times.append(_timed(lambda batch=batch: runtime.predict(batch)))
-        med = float(np.median(times))
-        out[f"b{b}"] = {
-            "images_per_s": b / med,
-            "latency_ms": med * 1000.0,
-            "p95_ms": float(np.percentile(times, 95)) * 1000.0,
-            "runs": len(times),
-        }
+        for predict in predictors.values():
+            predict(batch)  # warm-up (allocations, XLA compile for this shape)
+        times: dict[str, list[float]] = {name: [] for name in predictors}
+        deadline = time.perf_counter() + budget_s * len(predictors)
+        while time.perf_counter() < deadline or min(len(t) for t in times.values()) < 3:
+            for name, predict in predictors.items():
+                times[name].append(_timed(lambda p=predict, xb=batch: p(xb)))
+        for name, t in times.items():
+            med = float(np.median(t))
+            out[name][f"b{b}"] = {
+                "images_per_s": b / med,
+                "latency_ms": med * 1000.0,
+                "p95_ms": float(np.percentile(t, 95)) * 1000.0,
+                "runs": len(t),
+            }
     return out
 
 
-def naive_predict_rate(model_path: Path, x: npt.NDArray[np.float32], budget_s: float) -> float:
-    """images/s of Keras `model.predict` on one image at a time (the naive starting point)."""
+def naive_predictor(model_path: Path) -> Any:
+    """Keras `model.predict` image by image (the naive starting point; never serve this)."""
     from segsvc.ml.unet import load_model
 
     model = load_model(model_path)
-    model.predict(x[:1], verbose=0)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < budget_s or n < 3:
-        model.predict(x[n % len(x) : n % len(x) + 1], verbose=0)
-        n += 1
-    return n / (time.perf_counter() - start)
+
+    def predict(batch: npt.NDArray[np.float32]) -> None:
+        for i in range(len(batch)):
+            model.predict(batch[i : i + 1], verbose=0)
+
+    return predict
 
 
 def run_raw(
@@ -80,9 +88,10 @@ def run_raw(
 
     x = np.concatenate([images] * (1 + 32 // max(1, len(images))))[:32]
     results: dict[str, Any] = {}
+    predictors: dict[str, Any] = {}
     reference: npt.NDArray[np.int64] | None = None
     for kind in RUNTIMES:
-        log(f"raw: {kind}")
+        log(f"raw: load and check {kind}")
         start = time.perf_counter()
         runtime = load_runtime(
             model_path,
@@ -97,16 +106,21 @@ def run_raw(
         )
         if reference is None:
             reference = pred  # keras (float32) comes first
+        predictors[kind] = runtime.predict
         results[kind] = {
             "load_s": load_s,
-            **time_batches(runtime, x, budget_s),
             "mask_agreement": float((pred == reference).mean()),
             "miou": mean_iou(confusion_matrix(masks, pred)),
         }
-        del runtime
-        gc.collect()
+    log("raw: timing every runtime, interleaved")
+    for kind, timings in time_interleaved(predictors, x, budget_s).items():
+        results[kind].update(timings)
+    log("raw: naive model.predict, interleaved with onnx")
+    both = {"naive": naive_predictor(model_path), "onnx": predictors["onnx"]}
+    naive = time_interleaved(both, x, budget_s, batches=(1,))
+    results["naive_predict_b1"] = naive["naive"]["b1"]["images_per_s"]
     keras_miou = results["keras"]["miou"]
-    for r in results.values():
+    for r in (results[kind] for kind in RUNTIMES):
         r["miou_drop_points"] = (keras_miou - r["miou"]) * 100.0
         r["faithful"] = r["mask_agreement"] >= 0.995 and r["miou_drop_points"] <= 0.5
     return results

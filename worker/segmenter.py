@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from segsvc.db import session_scope
 from segsvc.metrics import BATCH_SIZE, JOBS_FINISHED, PREDICT_TIME, QUEUE_WAIT
@@ -85,6 +87,7 @@ class Segmenter:
         if not ids:
             return Inferred()
         with session_scope(self.settings) as session:
+            _relax_commit(session)
             claimed = job_service.claim_jobs(
                 session=session, job_ids=ids, lease_seconds=self.settings.job_lease_seconds
             )
@@ -138,6 +141,14 @@ class Segmenter:
             for job in jobs:
                 job_service.release_job(session=session, job_id=job.id,
                                         lease_token=job.lease_token)
+
+
+def _relax_commit(session: Session) -> None:
+    """Skip the WAL flush (~3.5 ms here) for the claim: if Postgres crashes before flushing it,
+    the job is simply queued again and its unacknowledged message redelivered. Results are
+    committed durably, and that flush also makes every earlier claim durable."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit = off"))
 
 
 def _model_input(job: Claimed) -> npt.NDArray[np.uint8] | None:

@@ -40,6 +40,11 @@ class ConflictError(SegError):
     http_status = 409
 
 
+class GoneError(SegError):
+    code = "gone"
+    http_status = 410
+
+
 class PayloadTooLargeError(SegError):
     code = "payload_too_large"
     http_status = 413

@@ -9,9 +9,9 @@ from flask import Blueprint, Response, jsonify, request
 from api.auth import authenticate_request, current_client
 from api.context import celery, db, settings
 from api.schemas import accepted_body, job_body
+from segsvc.blobs import blob_store
 from segsvc.errors import BadRequestError
 from segsvc.images import validate_image
-from segsvc.ml.preprocess import decode_mask_png, render_overlay
 from segsvc.queue import enqueue_job
 from segsvc.services import idempotency, limits
 from segsvc.services import jobs as job_service
@@ -62,6 +62,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
             request_fingerprint=idem.fingerprint if idem else None,
             webhook_url=hook.url,
             webhook_events=hook.events,
+            store=blob_store(cfg),
         )
     session.commit()
     try:
@@ -82,16 +83,19 @@ def read_job(job_id: str) -> Response:
 @bp.get("/jobs/<job_id>/mask.png")
 def read_mask(job_id: str) -> Response:
     """The class mask (0 pet, 1 background, 2 border) at the input's size."""
-    job = job_service.get_finished_job(session=db(), job_id=job_id, client_id=_scope())
-    return _png(job.mask_png or b"", job_id, "mask")
+    data = job_service.read_mask_png(
+        session=db(), job_id=job_id, client_id=_scope(), store=blob_store(settings())
+    )
+    return _png(data, job_id, "mask")
 
 
 @bp.get("/jobs/<job_id>/overlay.png")
 def read_overlay(job_id: str) -> Response:
     """The input with the mask blended on it."""
-    job = job_service.get_finished_job(session=db(), job_id=job_id, client_id=_scope())
-    mask = decode_mask_png(job.mask_png or b"")
-    return _png(render_overlay(job.input_bytes or b"", mask), job_id, "overlay")
+    data = job_service.read_overlay_png(
+        session=db(), job_id=job_id, client_id=_scope(), store=blob_store(settings())
+    )
+    return _png(data, job_id, "overlay")
 
 
 @bp.post("/jobs/<job_id>/cancel")

@@ -11,8 +11,10 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from segsvc.errors import ConflictError, NotFoundError
+from segsvc.blobs import BlobMissingError, BlobStore
+from segsvc.errors import ConflictError, GoneError, NotFoundError
 from segsvc.images import ValidatedImage
+from segsvc.ml.preprocess import decode_mask_png, render_overlay
 from segsvc.models import Job, JobStatus, utcnow
 from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
 
@@ -27,8 +29,12 @@ def create_job(
     webhook_events: list[str] | None = None,
     idempotency_key: str | None = None,
     request_fingerprint: str | None = None,
+    store: BlobStore | None = None,
 ) -> Job:
-    """Store a new queued job with its input (the caller commits, then enqueues)."""
+    """Store a new queued job with its input (the caller commits, then enqueues).
+
+    `store` decides where the upload's bytes live (the row, or a file the row points at).
+    """
     job = Job(
         id=uuid.uuid4(),
         client_id=client_id,
@@ -39,7 +45,7 @@ def create_job(
         input_content_type=image.content_type,
         input_width=image.width,
         input_height=image.height,
-        input_bytes=image.data,
+        input_bytes=store.put(image.data) if store is not None else image.data,
         model_input=image.model_input,
         webhook_url=webhook_url,
         webhook_events=webhook_events,
@@ -76,6 +82,37 @@ def get_finished_job(*, session: Session, job_id: str, client_id: uuid.UUID | No
     if job.status != JobStatus.SUCCEEDED:
         raise ConflictError(f"Job {job.id} is {job.status}; the mask exists once it succeeds.")
     return job
+
+
+def read_mask_png(
+    *, session: Session, job_id: str, client_id: uuid.UUID | None, store: BlobStore
+) -> bytes:
+    """The stored class-mask PNG of a succeeded job (wherever the blob store keeps it)."""
+    job = get_finished_job(session=session, job_id=job_id, client_id=client_id)
+    return _read_blob(store, job.mask_png, f"The mask of job {job.id} is no longer stored.")
+
+
+def read_overlay_png(
+    *, session: Session, job_id: str, client_id: uuid.UUID | None, store: BlobStore
+) -> bytes:
+    """The input with its mask blended on it; 410 once retention deleted the input."""
+    mask_png = read_mask_png(session=session, job_id=job_id, client_id=client_id, store=store)
+    job = get_job(session=session, job_id=job_id, client_id=client_id)
+    image = _read_blob(
+        store, job.input_bytes, f"The input image of job {job.id} is no longer stored."
+    )
+    return render_overlay(image, decode_mask_png(mask_png))
+
+
+def _read_blob(store: BlobStore, value: bytes | None, gone_message: str) -> bytes:
+    """A row's blob, or 410 Gone when retention deleted it or its file is missing."""
+    try:
+        data = store.get(value)
+    except BlobMissingError:
+        data = None
+    if not data:
+        raise GoneError(gone_message)
+    return data
 
 
 @dataclass
@@ -149,7 +186,7 @@ def claim_jobs(
 
 
 def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int:
-    """Write results of claimed jobs in one round trip; each row is fenced by its lease token.
+    """Write results of claimed jobs in bulk; each row is fenced by its lease token.
 
     Each result has: id, lease_token, mask_png, class_fractions, model_version, queue_ms,
     predict_ms, batch_size.
@@ -157,37 +194,38 @@ def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int
     if not results:
         return 0
     now = utcnow()
-    done = 0
     finished: list[uuid.UUID] = []
-    for r in results:  # executemany under the hood for the same statement shape
-        res = session.execute(
+    by_token: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for r in results:
+        by_token.setdefault(r["lease_token"], []).append(r["id"])
+    for token, ids in by_token.items():  # a claimed batch shares one token: one statement
+        finished += session.scalars(
             update(Job)
-            .where(
-                Job.id == r["id"],
-                Job.lease_token == r["lease_token"],
-                Job.status == JobStatus.RUNNING,
-            )
+            .where(Job.id.in_(ids), Job.lease_token == token, Job.status == JobStatus.RUNNING)
             .values(
                 # A cancel that arrived while the batch ran takes effect at this boundary.
                 status=case((Job.cancel_requested, JobStatus.CANCELED), else_=JobStatus.SUCCEEDED),
                 error_code=case((Job.cancel_requested, "canceled"), else_=None),
                 error_message=case((Job.cancel_requested, "Canceled by the client."), else_=None),
                 completed_at=now,
-                mask_png=r["mask_png"],
-                class_fractions=r["class_fractions"],
-                model_version=r["model_version"],
-                queue_ms=r["queue_ms"],
-                predict_ms=r["predict_ms"],
-                batch_size=r["batch_size"],
                 lease_expires_at=None,
             )
+            .returning(Job.id)
             .execution_options(synchronize_session=False)
-        )
-        done += res.rowcount  # type: ignore[attr-defined]
-        if res.rowcount:  # type: ignore[attr-defined]
-            finished.append(r["id"])
+        ).all()
+    won = set(finished)
+    payload = [
+        {key: r[key] for key in _RESULT_COLUMNS} for r in results if r["id"] in won
+    ]
+    if payload:  # ORM bulk UPDATE by primary key: one executemany for every row's result
+        session.execute(update(Job), payload)
     record_job_events(session=session, job_ids=finished, event=JOB_COMPLETED)
-    return done
+    return len(finished)
+
+
+_RESULT_COLUMNS = (
+    "id", "mask_png", "class_fractions", "model_version", "queue_ms", "predict_ms", "batch_size",
+)
 
 
 def fail_job(

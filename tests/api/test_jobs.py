@@ -147,3 +147,37 @@ def test_cancel_queued_job(client, auth) -> None:  # type: ignore[no-untyped-def
     assert resp.get_json()["status"] == "canceled"
     again = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
     assert again.status_code == 409
+
+
+def test_results_after_retention_are_410(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
+    with session_scope(settings) as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        job.status = "succeeded"
+        job.mask_png = encode_mask_png(np.ones((48, 64), np.uint8))
+        job.input_bytes = None  # what the retention task does
+    assert client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth).status_code == 200
+    resp = client.get(f"/v1/jobs/{job_id}/overlay.png", headers=auth)
+    assert resp.status_code == 410
+    assert resp.get_json()["error"] == "gone"
+
+
+def test_fs_blob_store_serves_results(settings: Settings, auth) -> None:  # type: ignore[no-untyped-def]
+    from api.app import create_app
+    from segsvc.blobs import blob_store, is_pointer
+
+    cfg = settings.model_copy(update={"blob_store": "fs"})
+    fs_client = create_app(cfg).test_client()
+    job_id = submit(fs_client, auth, png_bytes((64, 48))).get_json()["id"]
+    with session_scope(cfg) as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        assert is_pointer(job.input_bytes)
+        job.status = "succeeded"
+        job.mask_png = blob_store(cfg).put(encode_mask_png(np.ones((48, 64), np.uint8)))
+    mask = fs_client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth)
+    with Image.open(io.BytesIO(mask.data)) as img:
+        assert img.size == (64, 48)
+    overlay = fs_client.get(f"/v1/jobs/{job_id}/overlay.png", headers=auth)
+    assert overlay.status_code == 200

@@ -199,8 +199,30 @@ def markdown(r: dict[str, Any]) -> str:
         f"Peak RSS (VmHWM): API processes {api} MB (master, workers); "
         f"inference worker {r['worker_rss_mb']:.0f} MB; naive Flask {r['naive_rss_mb']:.0f} MB.",
         "",
+        *budget(r),
     ]
     return "\n".join(lines)
+
+
+def budget(r: dict[str, Any]) -> list[str]:
+    """Where the CPU goes: core-ms per job for the API and the model, and the ceiling they set
+    together when both share the machine's cores."""
+    cores = r["machine"]["cores"]
+    served = r["raw"].get(r.get("served_runtime", "onnx"), r["raw"]["onnx"])
+    api_ms = cores * 1000.0 / max(r["api_submit"]["jobs_per_s"], 1e-9)
+    model_ms = cores * 1000.0 / best_batched(served)
+    ceiling = cores * 1000.0 / (api_ms + model_ms)
+    return [
+        "## CPU budget per job",
+        "",
+        f"On {cores} shared cores one submit costs about {api_ms:.1f} core-ms in the API "
+        f"(validation, insert, commit, enqueue; with Postgres and the load generator) and one "
+        f"image {model_ms:.1f} core-ms in the model, so submitting and running jobs together "
+        f"cannot exceed about {ceiling:.0f} jobs/s ({ceiling / best_batched(served):.2f} x raw "
+        f"batched) even with perfect overlap; the 0.85 target needs the API near "
+        f"{0.15 * model_ms / 0.85:.1f} core-ms per submit.",
+        "",
+    ]
 
 
 def _load(values: Any) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select, text
 
+from segsvc.blobs import blob_store
 from segsvc.db import get_engine, is_sqlite, session_scope
 from segsvc.errors import ConflictError
 from segsvc.ml import IMAGE_SIZE
@@ -222,7 +223,9 @@ class _Run:
         cfg = self.settings
         production = plan["production"]
         with session_scope(cfg) as session:
-            samples = feedback.load_samples(session=session, feedback_ids=plan["ids"])
+            samples = feedback.load_samples(
+                session=session, feedback_ids=plan["ids"], store=blob_store(cfg)
+            )
         report = self._fine_tune(samples, production["path"], out)
         cand_metrics, prod_metrics = self._evaluate(str(out), production["path"])
         problems = gate(

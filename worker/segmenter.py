@@ -19,6 +19,7 @@ import numpy.typing as npt
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from segsvc.blobs import blob_store
 from segsvc.db import session_scope
 from segsvc.metrics import BATCH_SIZE, JOBS_FINISHED, PREDICT_TIME, QUEUE_WAIT
 from segsvc.ml import IMAGE_SIZE
@@ -58,6 +59,7 @@ class Segmenter:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.models = ModelManager(self.settings)
+        self.blobs = blob_store(self.settings)
 
     # --- model --------------------------------------------------------------------------
     def load(self) -> LoadedModel:
@@ -118,7 +120,9 @@ class Segmenter:
         for group in batch.groups:
             for job, logits in zip(group.jobs, group.logits, strict=True):
                 try:
-                    results.append(_result(job, logits, group, len(group.jobs)))
+                    result = _result(job, logits, group, len(group.jobs))
+                    result["mask_png"] = self.blobs.put(result["mask_png"])  # row or file
+                    results.append(result)
                 except Exception as exc:  # one bad job must not fail its batch
                     log.warning("job %s failed in post-processing", job.id, exc_info=True)
                     failed.append((job, "postprocess_failed", f"Post-processing failed: {exc}"))
@@ -130,6 +134,13 @@ class Segmenter:
                 log.warning("job %s failed: %s", job.id, message)
                 job_service.fail_job(session=session, job_id=job.id, code=code, message=message,
                                      lease_token=job.lease_token)
+        for group in batch.groups:
+            for job in group.jobs:  # one line per job: follow a request from API to worker
+                log.info("job finished", extra={
+                    "job_id": str(job.id), "model_version": group.model.version,
+                    "request_id": job.request_id, "batch_size": len(group.jobs),
+                    "predict_ms": round(group.predict_ms, 2),
+                })
         JOBS_FINISHED.labels("succeeded").inc(done)
         JOBS_FINISHED.labels("failed").inc(len(failed))
         return {"claimed": batch.claimed, "succeeded": done, "failed": len(failed)}

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
+from segsvc.blobs import BlobStore
 from segsvc.errors import BadRequestError, ConflictError, SegError
 from segsvc.ml import NUM_CLASSES
 from segsvc.models import Feedback, Job, JobStatus, utcnow
@@ -140,7 +141,7 @@ def labeled_feedback_ids(*, session: Session) -> list[uuid.UUID]:
 
 
 def load_samples(
-    *, session: Session, feedback_ids: Sequence[uuid.UUID]
+    *, session: Session, feedback_ids: Sequence[uuid.UUID], store: BlobStore | None = None
 ) -> list[tuple[bytes, npt.NDArray[np.uint8]]]:
     """(input image bytes, corrected class mask) for each feedback id that still has both."""
     if not feedback_ids:
@@ -155,6 +156,10 @@ def load_samples(
     for fid in feedback_ids:
         if fid in by_id:
             image, mask = by_id[fid]
+            if store is not None:
+                image = store.get(image)  # a file pointer when blob_store=fs
+            if not image:
+                continue
             with Image.open(io.BytesIO(mask)) as img:
                 samples.append((bytes(image), np.asarray(img).astype(np.uint8)))
     return samples

@@ -127,6 +127,7 @@ class Claimed:
     height: int
     attempts: int
     model_input: bytes | None
+    request_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,7 +157,10 @@ def claim_jobs(
             lease_token=token,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
         )
-        .returning(Job.id, Job.created_at, Job.input_width, Job.input_height, Job.attempts)
+        .returning(
+            Job.id, Job.created_at, Job.input_width, Job.input_height, Job.attempts,
+            Job.request_id,
+        )
         .execution_options(synchronize_session=False)
     ).all()
     if not rows:
@@ -180,6 +184,7 @@ def claim_jobs(
             height=r[3],
             attempts=r[4],
             model_input=inputs.get(r[0]),
+            request_id=r[5],
         )
         for r in rows
     ]

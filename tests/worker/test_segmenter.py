@@ -91,3 +91,19 @@ def test_segmenter_store_is_fenced_by_the_lease(settings: Settings, segmenter: S
     assert first.status == JobStatus.RUNNING
     assert first.mask_png is None
     assert second.status == JobStatus.SUCCEEDED
+
+
+def test_segmenter_stores_masks_in_the_fs_blob_store(
+    settings: Settings, production_model: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from segsvc.blobs import blob_store, is_pointer
+
+    cfg = settings.model_copy(
+        update={"registry_poll_seconds": 0, "blob_store": "fs", "blob_dir": tmp_path / "blobs"}
+    )
+    ids = make_jobs(cfg, 2)
+    assert Segmenter(cfg).run_jobs([str(i) for i in ids])["succeeded"] == 2
+    for job in rows(cfg, ids):
+        assert is_pointer(job.mask_png)
+        mask = decode_mask_png(blob_store(cfg).get(job.mask_png) or b"")
+        assert mask.shape == (job.input_height, job.input_width)

@@ -58,11 +58,15 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_db() -> int:
-    """A Redis logical database (1-15) for this test process, chosen by pid.
+def redis_db(request: pytest.FixtureRequest) -> int:
+    """A Redis logical database (1-15) for this test process.
 
-    Redis offers 16 numbered databases, so two concurrent runs can still collide; CI runs one.
+    xdist workers get 1, 2, ... so they never share one; a plain run picks by pid (Redis has
+    only 16 databases, so two concurrent plain runs on one machine can still collide).
     """
+    worker = getattr(request.config, "workerinput", {}).get("workerid")
+    if worker is not None:
+        return 1 + int(worker.removeprefix("gw")) % 15
     return 1 + os.getpid() % 15
 
 

@@ -212,15 +212,19 @@ def test_fault_poison_input_fails_after_retry_limit_others_succeed(
     crashes = 0
     try:
         procs.start_beat()
-        worker = procs.start_worker()
+        worker = None
         deadline = time.monotonic() + 200
         while time.monotonic() < deadline:  # a supervisor: restart the worker when it dies
             state = statuses(cfg, ids)
             if all(s[0] in ("succeeded", "failed") for s in state.values()):
                 break
-            if worker.poll() is not None:
-                crashes += 1
-                worker = procs.start_worker()
+            if worker is None or worker.poll() is not None:
+                crashes += worker is not None
+                try:
+                    worker = procs.start_worker()
+                except RuntimeError:  # it took the poison job and died before saying ready
+                    worker = None
+                    crashes += 1
             time.sleep(0.3)
     finally:
         procs.stop()

@@ -6,7 +6,7 @@ from flask import g, request
 
 from api.context import db, settings
 from segsvc.errors import ForbiddenError, UnauthorizedError
-from segsvc.services.keys import Client, authenticate
+from segsvc.services.keys import Client, authenticate_cached
 
 ANONYMOUS = Client(id=None, name="anonymous", is_admin=True)
 
@@ -20,7 +20,7 @@ def authenticate_request() -> None:
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise UnauthorizedError("Send your API key as 'Authorization: Bearer <key>'.")
-    g.client = authenticate(session=db(), key=key.strip())
+    g.client = authenticate_cached(session=db(), key=key.strip())
 
 
 def current_client() -> Client:

@@ -27,6 +27,7 @@ class Prepared:
 
 # EXIF orientations 5-8 swap width and height.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+_ORIENTATIONS_TO_APPLY = {2, 3, 4, 5, 6, 7, 8}
 
 
 def load_rgb(data: bytes) -> tuple[Image.Image, int, int]:
@@ -38,10 +39,13 @@ def load_rgb(data: bytes) -> tuple[Image.Image, int, int]:
     """
     with Image.open(io.BytesIO(data)) as img:
         width, height = img.size
-        if img.getexif().get(0x0112) in _TRANSPOSED_ORIENTATIONS:
+        orientation = img.getexif().get(0x0112)
+        if orientation in _TRANSPOSED_ORIENTATIONS:
             width, height = height, width
         img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
-        return to_rgb(ImageOps.exif_transpose(img)), width, height
+        # exif_transpose copies the image even when there is nothing to do: skip it then.
+        needs_turn = orientation in _ORIENTATIONS_TO_APPLY
+        return to_rgb(ImageOps.exif_transpose(img) if needs_turn else img), width, height
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

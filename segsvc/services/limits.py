@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import redis
@@ -84,14 +85,33 @@ def check_rate(*, client_key: str, settings: Settings) -> None:
         )
 
 
+# Far from the limit, the backlog is counted at most once per this many seconds per process
+# (plus this process's own admissions) instead of on every submit; within half of the limit it
+# is counted every time, so the limit itself stays exact.
+DEPTH_CACHE_SECONDS = 1.0
+_depth_cache: dict[int, tuple[float, int]] = {}
+
+
+def _queue_depth(*, session: Session, limit: int) -> int:
+    now = time.monotonic()
+    hit = _depth_cache.get(limit)
+    if hit is not None and hit[0] > now and hit[1] < limit // 2:
+        depth = hit[1]
+    else:
+        # Count at most limit + 1 rows: the check stays cheap however long the backlog is.
+        waiting = select(Job.id).where(Job.status == JobStatus.QUEUED).limit(limit + 1)
+        depth = int(session.scalar(select(func.count()).select_from(waiting.subquery())) or 0)
+        hit = (now + DEPTH_CACHE_SECONDS, depth)
+    _depth_cache[limit] = (hit[0], depth + 1)  # the job this check admits, if it does
+    return depth
+
+
 def check_admission(*, session: Session, settings: Settings) -> None:
     """QueueFullError (503) while the backlog of queued jobs is at its limit."""
     limit = settings.max_queue_depth
     if limit <= 0:
         return
-    # Count at most limit + 1 rows: the check stays cheap however long the backlog is.
-    waiting = select(Job.id).where(Job.status == JobStatus.QUEUED).limit(limit + 1).subquery()
-    depth = int(session.scalar(select(func.count()).select_from(waiting)) or 0)
+    depth = _queue_depth(session=session, limit=limit)
     if depth >= limit:
         raise QueueFullError(
             f"The service is at capacity ({depth} jobs waiting); try again shortly.",

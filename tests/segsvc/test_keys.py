@@ -31,7 +31,6 @@ def test_authenticate_cached_remembers_until_ttl(settings: Settings) -> None:
 
 def test_authenticate_cached_does_not_remember_failures(settings: Settings) -> None:
     keys._auth_cache.clear()
-    with session_scope(settings) as session:
-        with pytest.raises(UnauthorizedError):
-            keys.authenticate_cached(session=session, key="seg_unknown")
+    with session_scope(settings) as session, pytest.raises(UnauthorizedError):
+        keys.authenticate_cached(session=session, key="seg_unknown")
     assert keys._auth_cache == {}

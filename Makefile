@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check segsvc api worker retrain tests bench || true
 
-typecheck: $(STAMP)
+typecheck: $(STAMP)  ## mypy --strict on segsvc, api, worker, retrain
 	$(BIN)/mypy
 
 migrate: $(STAMP)

@@ -61,7 +61,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
-@shared_task(name=RETRAIN, ignore_result=True)  # type: ignore[untyped-decorator]
+@shared_task(name=RETRAIN, ignore_result=True)
 def retrain_task(trigger: str = "schedule") -> dict[str, Any]:
     """One retraining run; a run already in progress makes this one a logged no-op."""
     from retrain.pipeline import RetrainBusyError, run_retraining
@@ -75,7 +75,7 @@ def retrain_task(trigger: str = "schedule") -> dict[str, Any]:
     return result
 
 
-@shared_task(name=CANARY_CHECK, ignore_result=True)  # type: ignore[untyped-decorator]
+@shared_task(name=CANARY_CHECK, ignore_result=True)
 def canary_check() -> dict[str, Any] | None:
     """Promote or roll back the canary once it has served enough jobs."""
     settings = get_settings()
@@ -89,7 +89,7 @@ def canary_check() -> dict[str, Any] | None:
     return verdict.to_dict() if verdict else None
 
 
-@shared_task(name=PURGE_INPUTS, ignore_result=True)  # type: ignore[untyped-decorator]
+@shared_task(name=PURGE_INPUTS, ignore_result=True)
 def purge_inputs() -> int:
     """Delete stored inputs of old jobs nobody labeled (settings.retention_days)."""
     settings = get_settings()

@@ -53,8 +53,8 @@ def validate_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Validated
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img, width, height = load_rgb(data)
-            model_input = resize_rgb(img)
+            decoded, width, height = load_rgb(data)
+            model_input = resize_rgb(decoded)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         raise InvalidImageError(f"The image could not be decoded: {exc}") from exc
     return ValidatedImage(

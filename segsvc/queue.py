@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from segsvc.settings import Settings, get_settings
 

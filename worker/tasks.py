@@ -72,7 +72,7 @@ def _job_id(message: Any, body: Any) -> str | None:
     return str(args[0]) if args else None
 
 
-@app.task(name=RUN_JOB, base=MicroBatchTask, acks_late=True)  # type: ignore[untyped-decorator]
+@app.task(name=RUN_JOB, base=MicroBatchTask, acks_late=True)
 def run_job(*job_ids: str) -> dict[str, int]:
     """Run jobs now as one batch (a direct call; a worker batches messages through the
     MicroBatcher). Duplicate ids and finished jobs are no-ops."""

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from celery import Celery, signals
-from kombu import Queue
+from kombu.entity import Queue
 
 from segsvc.db import session_scope
 from segsvc.metrics import WEBHOOK_DELIVERIES, WEBHOOK_LATENCY

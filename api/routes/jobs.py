@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -40,7 +41,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     hook = webhook_service.parse_subscription(
         session=session, url=request.form.get("webhook"),
         events=request.form.getlist("webhook_events"), settings=cfg,
-        client_id=current_client().id,  # type: ignore[arg-type]
+        client_id=current_client().id,
     )
     idem = idempotency.parse_request(
         request.headers.get("Idempotency-Key"), image_sha256=image.sha256,
@@ -56,7 +57,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
         job = job_service.create_job(
             session=session,
             image=image,
-            client_id=client_id,  # type: ignore[arg-type]
+            client_id=client_id,
             request_id=request.headers.get("X-Request-ID"),
             idempotency_key=idem.key if idem else None,
             request_fingerprint=idem.fingerprint if idem else None,
@@ -107,7 +108,7 @@ def cancel_job(job_id: str) -> Response:
     return jsonify(job_body(job))
 
 
-def _scope() -> object:
+def _scope() -> uuid.UUID | None:
     """Which client's jobs the caller may see (None when auth is off)."""
     return current_client().id
 

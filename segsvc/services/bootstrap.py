@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 
 from segsvc.db import session_scope
-from segsvc.models import ApiKey, ModelStatus
+from segsvc.models import ApiKey, ModelStatus, ModelVersion
 from segsvc.services import registry
 from segsvc.services.keys import create_key
 from segsvc.settings import Settings, get_settings
@@ -42,7 +42,7 @@ def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool
             path, metrics = _initialise_model(settings), {"note": "untrained initialisation"}
         sha = registry.file_sha256(path)
         version = f"{path.stem}-{sha[:8]}"
-        existing = session.get(registry.ModelVersion, version)
+        existing = session.get(ModelVersion, version)
         if existing is not None:
             existing.status = ModelStatus.PRODUCTION
             existing.traffic_share = 1.0

@@ -155,9 +155,8 @@ def load_samples(
     samples = []
     for fid in feedback_ids:
         if fid in by_id:
-            image, mask = by_id[fid]
-            if store is not None:
-                image = store.get(image)  # a file pointer when blob_store=fs
+            stored, mask = by_id[fid]
+            image = store.get(stored) if store is not None else stored  # fs: a file pointer
             if not image:
                 continue
             with Image.open(io.BytesIO(mask)) as img:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -20,7 +21,7 @@ KEY_PREFIX = "seg_"
 class Client:
     """The authenticated caller of a request."""
 
-    id: object
+    id: uuid.UUID | None
     name: str
     is_admin: bool
 

@@ -7,16 +7,21 @@ Under gunicorn each worker is its own process, so prometheus-client runs in mult
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 import uuid
 
 from flask import Flask, Response, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from segsvc.logging_setup import bind_context, reset_context
-from segsvc.metrics import HTTP_LATENCY, HTTP_REQUESTS, REJECTIONS, SUBMISSIONS
+from segsvc.metrics import (
+    HTTP_LATENCY,
+    HTTP_REQUESTS,
+    REJECTIONS,
+    SUBMISSIONS,
+    metrics_registry,
+)
 
 log = logging.getLogger("segsvc.access")
 
@@ -78,17 +83,6 @@ def _teardown(_exc: BaseException | None) -> None:
     token = g.pop("log_token", None)
     if token is not None:
         reset_context(token)
-
-
-def metrics_registry() -> CollectorRegistry:
-    """The registry to expose: all gunicorn workers' files in multiprocess mode."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return REGISTRY
-    from prometheus_client import multiprocess
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    return registry
 
 
 def metrics_view() -> Response:

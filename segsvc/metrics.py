@@ -6,7 +6,9 @@ Define every series here so names stay consistent; processes only import and obs
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -51,3 +53,14 @@ WEBHOOK_DELIVERIES = Counter(
 WEBHOOK_LATENCY = Histogram(
     "segsvc_webhook_attempt_seconds", "Webhook attempt duration.", buckets=LATENCY_BUCKETS
 )
+
+
+def metrics_registry() -> CollectorRegistry:
+    """The registry to expose: every process's files in multiprocess mode, else this process."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry

@@ -164,25 +164,39 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_worker(settings: Settings, log_path: Path, **extra: str) -> subprocess.Popen[bytes]:
-    """Start a real Celery inference worker and wait until it is ready."""
+def start_celery(
+    settings: Settings,
+    log_path: Path,
+    *,
+    app: str = "worker.celery_app",
+    queue: str | None = None,
+    pool: tuple[str, ...] = ("--pool", "solo"),
+    timeout: float = 120,
+    **extra: str,
+) -> subprocess.Popen[bytes]:
+    """Start a real Celery worker process on the test databases and wait until it is ready."""
     cmd = [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "-Q", settings.queue_name, "--pool", "solo", "--without-gossip", "--without-mingle",
+        sys.executable, "-m", "celery", "-A", app, "worker",
+        "-Q", queue or settings.queue_name, *pool, "--without-gossip", "--without-mingle",
         "--loglevel", "INFO", "--hostname", f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
     ]
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(settings, **extra), stdout=log,
                             stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"worker exited early:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"{app} worker exited early:\n{log_path.read_text()[-3000:]}")
         if b" ready." in log_path.read_bytes():
             return proc
-        time.sleep(0.3)
+        time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"worker not ready in time:\n{log_path.read_text()[-3000:]}")
+    raise RuntimeError(f"{app} worker not ready in time:\n{log_path.read_text()[-3000:]}")
+
+
+def start_worker(settings: Settings, log_path: Path, **extra: str) -> subprocess.Popen[bytes]:
+    """Start a real Celery inference worker and wait until it is ready."""
+    return start_celery(settings, log_path, **extra)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

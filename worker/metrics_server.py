@@ -7,14 +7,19 @@ story; if `PROMETHEUS_MULTIPROC_DIR` is set (a prefork pool), the server aggrega
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import redis
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import start_http_server
 
 from segsvc.db import session_scope
-from segsvc.metrics import BROKER_QUEUE_LENGTH, MODEL_INFO, MODEL_LOAD_TIME, QUEUE_DEPTH
+from segsvc.metrics import (
+    BROKER_QUEUE_LENGTH,
+    MODEL_INFO,
+    MODEL_LOAD_TIME,
+    QUEUE_DEPTH,
+    metrics_registry,
+)
 from segsvc.services import jobs as job_service
 from segsvc.settings import Settings
 
@@ -28,19 +33,11 @@ def start_metrics_server(port: int) -> bool:
     if port <= 0:
         return False
     if port not in _started:
-        _started[port] = start_http_server(port, registry=_registry())
+        _started[port] = start_http_server(port, registry=metrics_registry())
         log.info("metrics on :%d/metrics", port)
     return True
 
 
-def _registry() -> CollectorRegistry:
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return REGISTRY
-    from prometheus_client import multiprocess
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    return registry
 
 
 def record_model(*, version: str, sha256: str, runtime: str, load_seconds: float) -> None:

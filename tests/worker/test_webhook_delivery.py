@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -23,7 +21,7 @@ from segsvc.models import WebhookMessage
 from segsvc.services import webhooks as webhook_service
 from segsvc.settings import Settings
 from segsvc.webhooks.dispatch import claim_due
-from tests.conftest import ROOT, sample_images, stop_process, worker_env
+from tests.conftest import sample_images, start_celery, stop_process
 from tests.segsvc.webhooks.factories import finish_job, make_job, start_job
 from tests.segsvc.webhooks.receiver import LOOPBACK_ONLY, Receiver, Reply, hook_settings, receiver
 from worker.webhook_tasks import deliver_message
@@ -137,24 +135,11 @@ def start_webhook_worker(
     settings: Settings, log_path: Path, **extra: str
 ) -> subprocess.Popen[bytes]:
     """A real Celery worker on the webhooks queue only (no model, threads pool)."""
-    cmd = [
-        sys.executable, "-m", "celery", "-A", "worker.webhook_tasks", "worker",
-        "-Q", settings.webhook_queue_name, "--pool", "threads", "--concurrency", "4",
-        "--without-gossip", "--without-mingle", "--loglevel", "INFO",
-        "--hostname", f"hooks-{os.getpid()}-{time.monotonic_ns()}@%h",
-    ]
-    env = worker_env(settings, SEG_WEBHOOK_ALLOW_NETWORKS=LOOPBACK_ONLY, **extra)
-    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"webhook worker exited:\n{log_path.read_text()[-3000:]}")
-        if b" ready." in log_path.read_bytes():
-            return proc
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"webhook worker not ready:\n{log_path.read_text()[-3000:]}")
+    return start_celery(
+        settings, log_path, app="worker.webhook_tasks", queue=settings.webhook_queue_name,
+        pool=("--pool", "threads", "--concurrency", "4"), timeout=60,
+        SEG_WEBHOOK_ALLOW_NETWORKS=LOOPBACK_ONLY, **extra,
+    )
 
 
 @pytest.mark.e2e

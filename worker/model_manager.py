@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -53,6 +53,7 @@ class Wanted:
     path: str
     sha256: str
     share: float
+    faithful: tuple[str, ...] = ()  # runtimes measured faithful for these weights
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,8 @@ class ModelManager:
     def _load(self, wanted: Wanted) -> LoadedModel:
         try:
             return load_model_version(
-                self.settings, version=wanted.version, path=wanted.path, sha256=wanted.sha256
+                self.settings, version=wanted.version, path=wanted.path, sha256=wanted.sha256,
+                faithful=wanted.faithful,
             )
         except Exception:
             self._broken.add((wanted.version, wanted.sha256))  # not retried every poll
@@ -244,7 +246,8 @@ class _CanaryRuntime:
 
 
 def _wanted(row: ModelVersion) -> Wanted:
-    return Wanted(row.version, row.path, row.sha256, float(row.traffic_share))
+    faithful = tuple(str(k) for k in (row.metrics or {}).get("faithful_runtimes", []))
+    return Wanted(row.version, row.path, row.sha256, float(row.traffic_share), faithful)
 
 
 def _same(current: Routing, wanted: tuple[Wanted, Wanted | None]) -> bool:
@@ -260,13 +263,15 @@ def _same(current: Routing, wanted: tuple[Wanted, Wanted | None]) -> bool:
     )
 
 
-def load_model_version(settings: Settings, *, version: str, path: str, sha256: str) -> LoadedModel:
+def load_model_version(
+    settings: Settings, *, version: str, path: str, sha256: str, faithful: Sequence[str] = ()
+) -> LoadedModel:
     """Load one version with the configured runtime and warm it up."""
     started = time.perf_counter()
     runtime = load_runtime(
         path, kind=settings.runtime, threads=settings.inference_threads, sha256=sha256 or None,
         artifact_dir=settings.artifact_dir,
-        batch_sizes=serving_batch_sizes(settings.batch_max_size),
+        batch_sizes=serving_batch_sizes(settings.batch_max_size), faithful=faithful,
     )
     runtime.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32))  # trace/compile now
     seconds = time.perf_counter() - started

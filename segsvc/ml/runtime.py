@@ -22,9 +22,13 @@ from segsvc.ml.convert import LITERT_KINDS, ensure_artifacts
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "keras", "xla", "onnx", *LITERT_KINDS)
-# What `auto` serves on a CPU: the fastest runtime that passed the faithfulness check in
-# BENCHMARKS.md (masks agree with float32 Keras on >= 99.5% of pixels).
+# What `auto` serves on a CPU: ONNX Runtime float32 is exact (the same function as Keras) and the
+# fastest exact runtime in BENCHMARKS.md. A quantized runtime is faster still, but whether it is
+# faithful (masks agree with float32 Keras on >= 99.5% of pixels, mIoU drop <= 0.5 points)
+# depends on the weights, so `auto` uses one only for a version whose registry metrics list it
+# under `faithful_runtimes` (measured on validation images, e.g. by `make bench`).
 CPU_DEFAULT = "onnx"
+CPU_FASTER = ("litert-int8",)
 
 
 class Runtime(Protocol):
@@ -138,21 +142,25 @@ def gpu_visible() -> bool:
     return Path("/dev/nvidiactl").exists() and Path("/dev/nvidia0").exists()
 
 
-def resolve_kind(kind: str) -> str:
-    """`auto` -> TensorFlow XLA with mixed precision on a GPU, else the fastest CPU runtime."""
+def resolve_kind(kind: str, faithful: Sequence[str] = ()) -> str:
+    """`auto` -> TF XLA (mixed precision) on a GPU, else the fastest CPU runtime measured
+    faithful for this model version (`faithful`), else exact ONNX Runtime float32."""
     if kind != "auto":
         return kind
-    return "xla-gpu" if gpu_visible() else CPU_DEFAULT
+    if gpu_visible():
+        return "xla-gpu"
+    return next((k for k in CPU_FASTER if k in faithful), CPU_DEFAULT)
 
 
 def load_runtime(
     model_path: str | Path, *, kind: str = "keras", threads: int = 0, sha256: str | None = None,
     artifact_dir: Path | None = None, batch_sizes: Sequence[int] | None = None,
+    faithful: Sequence[str] = (),
 ) -> Runtime:
     """Load `model_path` with the named runtime (converting and caching the artifact if needed)."""
     if kind not in KINDS:
         raise ValueError(f"Unknown runtime {kind!r}; choose one of {', '.join(KINDS)}")
-    kind = resolve_kind(kind)
+    kind = resolve_kind(kind, faithful)
     if kind == "keras":
         return KerasRuntime(model_path, threads=threads)
     if kind in ("xla", "xla-gpu"):

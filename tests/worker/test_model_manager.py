@@ -205,3 +205,14 @@ def test_worker_hot_swaps_versions_without_a_failed_job(  # type: ignore[no-unty
     text = log.read_text()
     assert "loaded model never" not in text  # the rejected version was never even loaded
     assert "serving v2" in text
+
+
+def test_wanted_carries_the_versions_faithful_runtimes() -> None:
+    from segsvc.models import ModelVersion
+    from worker.model_manager import _wanted
+
+    row = ModelVersion(version="v", path="p", sha256="s", traffic_share=1.0,
+                       metrics={"faithful_runtimes": ["onnx", "litert-int8"]})
+    assert _wanted(row).faithful == ("onnx", "litert-int8")
+    assert _wanted(ModelVersion(version="v", path="p", sha256="s", traffic_share=0.0,
+                                metrics={})).faithful == ()

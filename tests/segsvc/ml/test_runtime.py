@@ -92,3 +92,27 @@ def test_resolve_kind_prefers_onnx_on_cpu(monkeypatch: pytest.MonkeyPatch) -> No
 def test_load_runtime_rejects_unknown_kind(model_file: Path) -> None:
     with pytest.raises(ValueError, match="Unknown runtime"):
         load_runtime(model_file, kind="tensorrt")
+
+
+def test_resolve_kind_auto_uses_int8_only_where_measured_faithful(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from segsvc.ml import runtime
+
+    monkeypatch.setattr(runtime, "gpu_visible", lambda: False)
+    assert runtime.resolve_kind("auto") == "onnx"
+    assert runtime.resolve_kind("auto", ["onnx", "litert-fp16"]) == "onnx"
+    assert runtime.resolve_kind("auto", ["onnx", "litert-int8"]) == "litert-int8"
+    assert runtime.resolve_kind("keras", ["litert-int8"]) == "keras"  # explicit wins
+    monkeypatch.setattr(runtime, "gpu_visible", lambda: True)
+    assert runtime.resolve_kind("auto", ["litert-int8"]) == "xla-gpu"
+
+
+def test_shipped_model_lists_its_faithful_runtimes() -> None:
+    import json
+
+    from segsvc.settings import ROOT
+
+    metrics = json.loads((ROOT / "models" / "baseline.json").read_text())["metrics"]
+    for kind in metrics["faithful_runtimes"]:
+        agreement = metrics["runtime_agreement"][kind]
+        assert agreement["mask_agreement"] >= 0.995
+        assert agreement["miou_drop_points"] <= 0.5

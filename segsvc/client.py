@@ -62,6 +62,9 @@ RETRY_STATUSES = frozenset({429, 503})
 ImageInput = str | os.PathLike[str] | bytes | IO[bytes]
 
 
+# Seconds one long-poll request may wait server-side (below the HTTP timeout).
+LONG_POLL_S = 10.0
+
 class Job:
     """A job as the API last described it; `refresh()` and `wait()` update it."""
 
@@ -111,16 +114,22 @@ class Job:
         return self
 
     def wait(self, timeout: float | None = 300.0, *, poll_interval: float = 0.25) -> Job:
-        """Poll until the job is succeeded, failed or canceled; WaitTimeoutError after timeout."""
+        """Long-poll until the job is succeeded, failed or canceled; WaitTimeoutError after timeout.
+
+        Each request waits server-side (`?wait=`) for up to LONG_POLL_S; against a server that
+        answers at once, it falls back to polling every `poll_interval` (backing off to 2 s).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = poll_interval
         while not self.done:
-            if deadline is not None and time.monotonic() >= deadline:
+            left = LONG_POLL_S if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 raise WaitTimeoutError(f"job {self.id} still {self.status} after {timeout}s")
-            pause = interval if deadline is None else min(interval, deadline - time.monotonic())
-            time.sleep(max(0.0, pause))
-            interval = min(interval * 1.5, 2.0)  # quick for fast jobs, gentle for slow ones
-            self.refresh()
+            asked = time.monotonic()
+            self.data = self._client.get(self.id, wait=min(LONG_POLL_S, left)).data
+            if not self.done and time.monotonic() - asked < min(0.05, left):
+                time.sleep(max(0.0, min(interval, left)))  # the server did not hold the request
+                interval = min(interval * 1.5, 2.0)
         return self
 
     def cancel(self) -> Job:
@@ -201,9 +210,10 @@ class Client:
         )
         return Job(self, resp.json())
 
-    def get(self, job_id: str) -> Job:
-        """The job's current state."""
-        return Job(self, self._request("GET", f"/v1/jobs/{job_id}").json())
+    def get(self, job_id: str, *, wait: float = 0.0) -> Job:
+        """The job's state; with `wait`, the server holds the answer until it ends (<= 30 s)."""
+        params = {"wait": f"{wait:.3f}"} if wait > 0 else None
+        return Job(self, self._request("GET", f"/v1/jobs/{job_id}", params=params).json())
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job."""

@@ -19,6 +19,7 @@ import numpy.typing as npt
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from segsvc import notify
 from segsvc.blobs import blob_store
 from segsvc.db import session_scope
 from segsvc.metrics import BATCH_SIZE, JOBS_FINISHED, PREDICT_TIME, QUEUE_WAIT
@@ -134,6 +135,8 @@ class Segmenter:
                 log.warning("job %s failed: %s", job.id, message)
                 job_service.fail_job(session=session, job_id=job.id, code=code, message=message,
                                      lease_token=job.lease_token)
+        finished = [r["id"] for r in results] + [job.id for job, _, _ in failed]
+        notify.publish_finished(self.settings.effective_redis_url, finished)  # long polls
         for group in batch.groups:
             for job in group.jobs:  # one line per job: follow a request from API to worker
                 log.info("job finished", extra={

@@ -10,6 +10,7 @@ from flask import Blueprint, Response, jsonify, request
 from api.auth import authenticate_request, current_client
 from api.context import celery, db, settings
 from api.schemas import accepted_body, job_body
+from segsvc import notify
 from segsvc.blobs import blob_store
 from segsvc.errors import BadRequestError
 from segsvc.images import validate_image
@@ -76,8 +77,12 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
 
 @bp.get("/jobs/<job_id>")
 def read_job(job_id: str) -> Response:
-    """The job's state, timings and links."""
-    job = job_service.get_job(session=db(), job_id=job_id, client_id=_scope())
+    """The job's state, timings and links; `?wait=S` long-polls up to S seconds for the end."""
+    job = job_service.wait_for_job(
+        session=db(), job_id=job_id, client_id=_scope(),
+        seconds=job_service.parse_wait(request.args.get("wait")),
+        redis_url=settings().effective_redis_url,
+    )
     return jsonify(job_body(job))
 
 
@@ -105,6 +110,8 @@ def cancel_job(job_id: str) -> Response:
     session = db()
     job = job_service.cancel_job(session=session, job_id=job_id, client_id=_scope())
     session.commit()
+    if job.job_status.is_terminal:
+        notify.publish_finished(settings().effective_redis_url, [job.id])
     return jsonify(job_body(job))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,8 +12,9 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from segsvc import notify
 from segsvc.blobs import BlobMissingError, BlobStore
-from segsvc.errors import ConflictError, GoneError, NotFoundError
+from segsvc.errors import ConflictError, GoneError, NotFoundError, ValidationError
 from segsvc.images import ValidatedImage
 from segsvc.ml.preprocess import decode_mask_png, render_overlay
 from segsvc.models import Job, JobStatus, utcnow
@@ -74,6 +76,50 @@ def get_job(
     if job is None or (client_id is not None and job.client_id != client_id):
         raise NotFoundError(f"No job {jid}.")
     return job
+
+
+MAX_WAIT_SECONDS = 30.0
+
+
+def parse_wait(raw: str | None) -> float:
+    """The `?wait=` of a long poll: 0 to MAX_WAIT_SECONDS seconds (422 otherwise)."""
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0.0 <= seconds <= MAX_WAIT_SECONDS:
+        raise ValidationError(f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}.")
+    return seconds
+
+
+def wait_for_job(
+    *,
+    session: Session,
+    job_id: str,
+    client_id: uuid.UUID | None,
+    seconds: float,
+    redis_url: str | None,
+) -> Job:
+    """The job once it is terminal, or as it is after `seconds` (a long poll).
+
+    The session's connection is given back while waiting, so a waiting client holds no
+    database connection; the job is re-read after every notice and at least once a second.
+    """
+    job = get_job(session=session, job_id=job_id, client_id=client_id)
+    if seconds <= 0 or job.job_status.is_terminal:
+        return job
+    deadline = time.monotonic() + seconds
+    with notify.subscribe(redis_url, job.id) as (subscription, recheck_s):
+        while True:
+            session.close()  # the next read starts a fresh transaction and sees new commits
+            job = get_job(session=session, job_id=job_id, client_id=client_id)
+            left = deadline - time.monotonic()
+            if job.job_status.is_terminal or left <= 0:
+                return job
+            session.close()
+            subscription.wait(min(left, recheck_s))
 
 
 def get_finished_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) -> Job:

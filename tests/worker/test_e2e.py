@@ -17,11 +17,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 def wait_for(client, auth, job_id: str, timeout: float = 90.0) -> dict:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
+    while time.monotonic() < deadline:  # long polls: answered by the worker's notice
+        body = client.get(f"/v1/jobs/{job_id}?wait=10", headers=auth).get_json()
         if body["status"] in ("succeeded", "failed", "canceled"):
             return body
-        time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not finish: {body}")
 
 
@@ -89,3 +88,14 @@ def test_bad_stored_image_fails_job_without_retry(client, auth, worker: Path, se
     assert body["status"] == "failed"
     assert body["error"]["code"] == "poison_input"
     assert body["attempts"] == 1
+
+
+def test_long_poll_is_woken_by_the_worker(client, auth, worker: Path) -> None:  # type: ignore[no-untyped-def]
+    photo = sample_images(1)[0]
+    job_id = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
+                         data={"image": (io.BytesIO(photo.read_bytes()), photo.name)}
+                         ).get_json()["id"]
+    started = time.monotonic()
+    body = client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()
+    assert body["status"] == "succeeded"
+    assert time.monotonic() - started < 5  # a notice, not the 20 s timeout

@@ -1,0 +1,92 @@
+"""`GET /v1/jobs/<id>?wait=S`: answered when the job ends (Redis notice or re-read) or after S."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+
+import pytest
+from PIL import Image
+from sqlalchemy import update
+
+from segsvc import notify
+from segsvc.db import get_sessionmaker, session_scope
+from segsvc.models import Job
+from segsvc.services import jobs as job_service
+from segsvc.settings import Settings
+
+
+def submit(client, auth) -> str:  # type: ignore[no-untyped-def]
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24)).save(buf, format="PNG")
+    data = {"image": (io.BytesIO(buf.getvalue()), "a.png")}
+    resp = client.post("/v1/jobs", headers=auth, data=data, content_type="multipart/form-data")
+    return str(resp.get_json()["id"])
+
+
+def finish_later(
+    settings: Settings, job_id: str, delay: float, *, publish: bool
+) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        with session_scope(settings) as session:
+            session.execute(
+                update(Job).where(Job.id == uuid.UUID(job_id)).values(status="succeeded")
+            )
+        if publish:
+            notify.publish_finished(settings.effective_redis_url, [job_id])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "31", "nan"])
+def test_long_poll_rejects_bad_wait(client, auth, raw: str) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, auth)
+    resp = client.get(f"/v1/jobs/{job_id}?wait={raw}", headers=auth)
+    assert resp.status_code == 422
+    assert resp.get_json()["error"] == "validation_error"
+
+
+def test_long_poll_times_out_with_current_state(client, auth) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, auth)
+    started = time.monotonic()
+    body = client.get(f"/v1/jobs/{job_id}?wait=0.4", headers=auth).get_json()
+    assert body["status"] == "queued"
+    assert 0.35 <= time.monotonic() - started < 3
+
+
+def test_long_poll_returns_on_the_notice(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, auth)
+    thread = finish_later(settings, job_id, 0.3, publish=True)
+    started = time.monotonic()
+    body = client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()
+    thread.join()
+    assert body["status"] == "succeeded"
+    assert time.monotonic() - started < 0.9  # the notice, not the 1 s re-check
+
+
+def test_long_poll_rechecks_without_a_notice(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, auth)
+    thread = finish_later(settings, job_id, 0.2, publish=False)
+    body = client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()
+    thread.join()
+    assert body["status"] == "succeeded"
+
+
+def test_wait_for_job_without_redis_polls_the_database(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, auth)
+    thread = finish_later(settings, job_id, 0.2, publish=False)
+    started = time.monotonic()
+    session = get_sessionmaker(settings)()  # a request's session: no enclosing transaction block
+    try:
+        job = job_service.wait_for_job(session=session, job_id=job_id, client_id=None,
+                                       seconds=10, redis_url=None)
+        assert job.status == "succeeded"
+    finally:
+        session.close()
+    thread.join()
+    assert time.monotonic() - started < 1.0

@@ -35,6 +35,7 @@ class Operation:
     responses: Mapping[int, type[BaseModel] | str]
     form: type[BaseModel] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    query: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # name -> JSON schema
 
 
 IDEMPOTENCY = {"Idempotency-Key": "Replays the same job for the same body within 24 h."}
@@ -44,7 +45,10 @@ OPERATIONS: dict[str, Operation] = {
          415: s.Error, 422: s.Error, 429: s.Error, 503: s.Error},
         form=s.JobSubmission, headers=IDEMPOTENCY,
     ),
-    "jobs.read_job": Operation({200: s.Job}),
+    "jobs.read_job": Operation({200: s.Job, 422: s.Error}, query={"wait": {
+        "type": "number", "minimum": 0, "maximum": 30,
+        "description": "Long poll: answer when the job ends, or after this many seconds.",
+    }}),
     "jobs.read_mask": Operation({200: PNG, 409: s.Error}),
     "jobs.read_overlay": Operation({200: PNG, 409: s.Error}),
     "jobs.cancel_job": Operation({200: s.Job, 409: s.Error}),
@@ -101,6 +105,8 @@ def _operation(endpoint: str, path: str, params: list[str], doc: str) -> dict[st
         parameters += [{"name": h, "in": "header", "required": False, "description": d,
                         "schema": {"type": "string", "maxLength": 255}}
                        for h, d in spec.headers.items()]
+        parameters += [{"name": q, "in": "query", "required": False, "schema": schema}
+                       for q, schema in spec.query.items()]
         if spec.form is not None:
             op["requestBody"] = {"required": True, "content": {"multipart/form-data": {
                 "schema": {"$ref": f"#/components/schemas/{spec.form.__name__}"}}}}

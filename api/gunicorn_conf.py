@@ -21,9 +21,9 @@ from segsvc.settings import get_settings
 
 bind = os.environ.get("GUNICORN_BIND", f"0.0.0.0:{get_settings().port}")
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
-# Long polls (`GET /v1/jobs/<id>?wait=`) hold a thread while they wait (no CPU, no DB
-# connection), so each process keeps enough threads for them beside the submits.
-threads = int(os.environ.get("GUNICORN_THREADS", "16"))
+# A long poll (`GET /v1/jobs/<id>?wait=`) holds a thread while it waits (no CPU, no DB
+# connection); SEG_LONG_POLL_MAX_WAITERS caps them per process so submits always find a thread.
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 graceful_timeout = 10
 timeout = 60
 accesslog = None  # api/metrics.py logs one structured line per request instead

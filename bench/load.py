@@ -117,17 +117,13 @@ def run_jobs_load(
     return result
 
 
-LONG_POLL_S = 10.0
-
-
 def _poll(
     client: Client, job_id: str, poll_s: float, give_up: float, max_poll_s: float | None = None
 ) -> dict[str, Any] | None:
-    """Long-poll until the job ends (`?wait=`, answered when the job ends or after LONG_POLL_S);
-    after an answer that is not final, wait `poll_s`, backing off x2 up to `max_poll_s`."""
+    """Poll until the job ends: every `poll_s`, backing off x2 up to `max_poll_s`."""
     delay = poll_s
     while time.monotonic() < give_up:
-        status, raw = client.request("GET", f"/v1/jobs/{job_id}?wait={LONG_POLL_S:g}")
+        status, raw = client.request("GET", f"/v1/jobs/{job_id}")
         if status == 200:
             job: dict[str, Any] = json.loads(raw)
             if job["status"] in ("succeeded", "failed", "canceled"):

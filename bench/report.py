@@ -173,9 +173,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "## Running system (gunicorn API + Redis + worker + Postgres)",
         "",
-        "Latency: client submit -> the job's `completed_at`. Clients long-poll"
-        " `GET /v1/jobs/<id>?wait=10` (answered when the job ends); the burst run submits every"
-        " job first, then one poller waits for them in order.",
+        "Latency: client submit -> the job's `completed_at`. Clients poll every 100 ms (idle run:"
+        " 5 ms); the burst run submits every job first, then one poller waits for them.",
         "",
         "| Run | Clients | Jobs/s | p50 ms | p95 ms | p99 ms | Mean batch | Errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

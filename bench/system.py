@@ -20,8 +20,8 @@ from segsvc.settings import ROOT
 PG_ADMIN = os.environ.get("SEG_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SEG_BENCH_REDIS", "redis://127.0.0.1:6379/15")
 DB_NAME = "segsvc_bench"
-# Same server settings for the API and the hello endpoint (the devserver's: 2 workers x 16).
-GUNICORN = ["--workers", "2", "--threads", "16", "--config", "python:api.gunicorn_conf"]
+# Same server settings for the API and the hello endpoint (the devserver's: 2 workers x 4).
+GUNICORN = ["--workers", "2", "--threads", "4", "--config", "python:api.gunicorn_conf"]
 
 
 def fresh_database() -> str:

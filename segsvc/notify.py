@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -24,6 +25,29 @@ FALLBACK_RECHECK_S = 1.0  # with Redis: re-read the job this often even without 
 POLL_WITHOUT_REDIS_S = 0.1  # without Redis: re-read the job this often
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
+_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+@contextmanager
+def waiter_slot(limit: int) -> Iterator[bool]:
+    """One of `limit` long-poll slots of this process, if free (never blocks).
+
+    A waiting request holds a server thread; past the limit a poll is answered at once and the
+    client polls again, so waiters can never take every thread from submits.
+    """
+    if limit <= 0:
+        yield False
+        return
+    with _slots_lock:
+        slots = _slots.setdefault(limit, threading.BoundedSemaphore(limit))
+    if not slots.acquire(blocking=False):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        slots.release()
 
 
 def _client(url: str) -> redis.Redis:

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(600, description="Submissions per API key per minute.")
     rate_limit_burst: int = Field(120, description="Token-bucket burst size per API key.")
     auth_required: bool = Field(True, description="Require `Authorization: Bearer` on /v1.")
+    long_poll_max_waiters: int = Field(
+        2, description="Long polls one API process holds at once (more answer at once)."
+    )
 
     # --- model and serving -------------------------------------------------------------------
     model_dir: Path = Field(ROOT / "models", description="Where model artifacts live.")

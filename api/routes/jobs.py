@@ -82,6 +82,7 @@ def read_job(job_id: str) -> Response:
         session=db(), job_id=job_id, client_id=_scope(),
         seconds=job_service.parse_wait(request.args.get("wait")),
         redis_url=settings().effective_redis_url,
+        max_waiters=settings().long_poll_max_waiters,
     )
     return jsonify(job_body(job))
 

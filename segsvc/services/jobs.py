@@ -101,17 +101,24 @@ def wait_for_job(
     client_id: uuid.UUID | None,
     seconds: float,
     redis_url: str | None,
+    max_waiters: int = 2,
 ) -> Job:
     """The job once it is terminal, or as it is after `seconds` (a long poll).
 
     The session's connection is given back while waiting, so a waiting client holds no
     database connection; the job is re-read after every notice and at least once a second.
+    At most `max_waiters` polls wait per process; others are answered at once.
     """
     job = get_job(session=session, job_id=job_id, client_id=client_id)
     if seconds <= 0 or job.job_status.is_terminal:
         return job
     deadline = time.monotonic() + seconds
-    with notify.subscribe(redis_url, job.id) as (subscription, recheck_s):
+    with (
+        notify.waiter_slot(max_waiters) as waiting,
+        notify.subscribe(redis_url if waiting else None, job.id) as (subscription, recheck_s),
+    ):
+        if not waiting:
+            return job
         while True:
             session.close()  # the next read starts a fresh transaction and sees new commits
             job = get_job(session=session, job_id=job_id, client_id=client_id)

@@ -90,3 +90,20 @@ def test_wait_for_job_without_redis_polls_the_database(client, auth, settings: S
         session.close()
     thread.join()
     assert time.monotonic() - started < 1.0
+
+
+def test_long_polls_beyond_the_cap_answer_at_once(settings: Settings, auth) -> None:  # type: ignore[no-untyped-def]
+    from api.app import create_app
+
+    capped = create_app(settings.model_copy(update={"long_poll_max_waiters": 1})).test_client()
+    first_id, second_id = submit(capped, auth), submit(capped, auth)
+    holder = threading.Thread(
+        target=lambda: capped.get(f"/v1/jobs/{first_id}?wait=1.5", headers=auth)
+    )
+    holder.start()
+    time.sleep(0.3)  # the first poll now holds the only slot
+    started = time.monotonic()
+    body = capped.get(f"/v1/jobs/{second_id}?wait=10", headers=auth).get_json()
+    assert body["status"] == "queued"
+    assert time.monotonic() - started < 0.5
+    holder.join()

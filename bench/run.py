@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bench import load, raw, report, system
-from segsvc.ml.convert import file_sha256
+from segsvc.digest import file_sha256
 from segsvc.settings import ROOT
 
 DEFAULT_DATA = Path(

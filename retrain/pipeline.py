@@ -27,6 +27,7 @@ from sqlalchemy import select, text
 
 from segsvc.blobs import blob_store
 from segsvc.db import get_engine, is_sqlite, session_scope
+from segsvc.digest import file_sha256
 from segsvc.errors import ConflictError
 from segsvc.ml import IMAGE_SIZE
 from segsvc.models import ModelStatus, ModelVersion, TrainingRun, utcnow
@@ -232,7 +233,7 @@ class _Run:
             candidate=cand_metrics, production=prod_metrics,
             tolerance=cfg.gate_miou_tolerance, latency_ratio=cfg.gate_latency_ratio,
         )
-        sha = registry.file_sha256(out)
+        sha = file_sha256(out)
         version = f"{out.stem}-{sha[:8]}"
         counts = {"feedback_samples": len(samples), "training": report.data,
                   "eval_images": cand_metrics["images"]}

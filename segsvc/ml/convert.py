@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import logging
 import os
 import subprocess
@@ -21,20 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from segsvc.digest import file_sha256
+
 log = logging.getLogger(__name__)
 
 ONNX_OPSET = 17
 LITERT_KINDS = ("litert", "litert-fp16", "litert-int8")
 CONVERTED_KINDS = ("onnx", *LITERT_KINDS)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file (the model version's identity)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def artifact_files(kind: str, batch_sizes: Sequence[int]) -> list[str]:

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 
 from segsvc.db import session_scope
+from segsvc.digest import file_sha256
 from segsvc.models import ApiKey, ModelStatus, ModelVersion
 from segsvc.services import registry
 from segsvc.services.keys import create_key
@@ -40,7 +41,7 @@ def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool
             path, metrics = shipped
         else:
             path, metrics = _initialise_model(settings), {"note": "untrained initialisation"}
-        sha = registry.file_sha256(path)
+        sha = file_sha256(path)
         version = f"{path.stem}-{sha[:8]}"
         existing = session.get(ModelVersion, version)
         if existing is not None:

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from segsvc.digest import file_sha256
 from segsvc.errors import NotFoundError
 from segsvc.models import ModelStatus, ModelVersion, TrainingRun, utcnow
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def register_version(

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from segsvc.digest import file_sha256
 from segsvc.ml import convert
-from segsvc.ml.convert import ensure_artifacts, file_sha256
+from segsvc.ml.convert import ensure_artifacts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -10,7 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from segsvc.ml.convert import ensure_artifacts, file_sha256
+from segsvc.digest import file_sha256
+from segsvc.ml.convert import ensure_artifacts
 from segsvc.ml.preprocess import preprocess_bytes
 from segsvc.ml.runtime import Runtime, load_runtime, resolve_kind
 from tests.conftest import sample_images

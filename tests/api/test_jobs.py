@@ -6,6 +6,7 @@ import uuid
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import update
 
 from segsvc.db import session_scope
 from segsvc.ml.preprocess import encode_mask_png
@@ -52,6 +53,15 @@ def test_read_job_returns_public_fields(client, auth) -> None:  # type: ignore[n
     assert set(body["metrics"]) >= {"queue_ms", "predict_ms"}
 
 
+def mark_succeeded(settings: Settings, job_id: str, mask_png: bytes, **values: object) -> None:
+    """Finish a stored job as a worker would (with its mask), plus any column overrides."""
+    with session_scope(settings) as session:
+        session.execute(
+            update(Job).where(Job.id == uuid.UUID(job_id))
+            .values(status="succeeded", mask_png=mask_png, **values)
+        )
+
+
 def test_results_conflict_until_finished(client, auth) -> None:  # type: ignore[no-untyped-def]
     job_id = submit(client, auth, png_bytes()).get_json()["id"]
     for kind in ("mask.png", "overlay.png"):
@@ -62,11 +72,7 @@ def test_results_conflict_until_finished(client, auth) -> None:  # type: ignore[
 
 def test_results_served_once_succeeded(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     job_id = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
-    with session_scope(settings) as session:
-        job = session.get(Job, uuid.UUID(job_id))
-        assert job is not None
-        job.status = "succeeded"
-        job.mask_png = encode_mask_png(np.ones((48, 64), np.uint8))
+    mark_succeeded(settings, job_id, encode_mask_png(np.ones((48, 64), np.uint8)))
     mask = client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth)
     assert mask.status_code == 200
     assert mask.mimetype == "image/png"
@@ -151,12 +157,8 @@ def test_cancel_queued_job(client, auth) -> None:  # type: ignore[no-untyped-def
 
 def test_results_after_retention_are_410(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     job_id = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
-    with session_scope(settings) as session:
-        job = session.get(Job, uuid.UUID(job_id))
-        assert job is not None
-        job.status = "succeeded"
-        job.mask_png = encode_mask_png(np.ones((48, 64), np.uint8))
-        job.input_bytes = None  # what the retention task does
+    mark_succeeded(settings, job_id, encode_mask_png(np.ones((48, 64), np.uint8)),
+                   input_bytes=None)  # what the retention task does
     assert client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth).status_code == 200
     resp = client.get(f"/v1/jobs/{job_id}/overlay.png", headers=auth)
     assert resp.status_code == 410
@@ -174,8 +176,7 @@ def test_fs_blob_store_serves_results(settings: Settings, auth) -> None:  # type
         job = session.get(Job, uuid.UUID(job_id))
         assert job is not None
         assert is_pointer(job.input_bytes)
-        job.status = "succeeded"
-        job.mask_png = blob_store(cfg).put(encode_mask_png(np.ones((48, 64), np.uint8)))
+    mark_succeeded(cfg, job_id, blob_store(cfg).put(encode_mask_png(np.ones((48, 64), np.uint8))))
     mask = fs_client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth)
     with Image.open(io.BytesIO(mask.data)) as img:
         assert img.size == (64, 48)

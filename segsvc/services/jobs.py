@@ -149,8 +149,8 @@ def read_overlay_png(
     *, session: Session, job_id: str, client_id: uuid.UUID | None, store: BlobStore
 ) -> bytes:
     """The input with its mask blended on it; 410 once retention deleted the input."""
-    mask_png = read_mask_png(session=session, job_id=job_id, client_id=client_id, store=store)
-    job = get_job(session=session, job_id=job_id, client_id=client_id)
+    job = get_finished_job(session=session, job_id=job_id, client_id=client_id)
+    mask_png = _read_blob(store, job.mask_png, f"The mask of job {job.id} is no longer stored.")
     image = _read_blob(
         store, job.input_bytes, f"The input image of job {job.id} is no longer stored."
     )

@@ -25,3 +25,22 @@ def test_migrations_run_on_sqlite(tmp_path) -> None:  # type: ignore[no-untyped-
     with get_engine(cfg).connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(ctx, Base.metadata) == []
+
+
+def test_image_columns_skip_compression(settings: Settings) -> None:
+    """Encoded images and model inputs are stored out of line without a pglz attempt."""
+    from sqlalchemy import text
+
+    with get_engine(settings).connect() as conn:
+        rows = conn.execute(text(
+            "SELECT c.relname, a.attname, a.attstorage FROM pg_attribute a "
+            "JOIN pg_class c ON c.oid = a.attrelid "
+            "WHERE c.relname IN ('jobs', 'feedback') AND a.atttypid = 'bytea'::regtype"
+        )).all()
+    storage = {(table, column): kind for table, column, kind in rows}
+    assert storage == {
+        ("jobs", "input_bytes"): "e",
+        ("jobs", "model_input"): "e",
+        ("jobs", "mask_png"): "e",
+        ("feedback", "mask_png"): "e",
+    }

@@ -3,6 +3,10 @@
 Best effort by design: Postgres stays the source of truth. A waiter re-reads the job after every
 notice and at least once a second, so a lost notice (Redis restart, a path that does not publish,
 the embedded default without Redis) only costs latency, never a wrong answer.
+
+One message per finished batch goes to one channel (`publish_finished`), and each process holds
+one subscription to it (`_Listener`, a daemon thread started on the first long poll) that wakes
+the waiting requests by job id: a long poll costs no Redis round trip of its own.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis
 
 log = logging.getLogger(__name__)
 
-CHANNEL_PREFIX = "segsvc:job:"
+CHANNEL = "segsvc:jobs-finished"
 FALLBACK_RECHECK_S = 1.0  # with Redis: re-read the job this often even without a notice
 POLL_WITHOUT_REDIS_S = 0.1  # without Redis: re-read the job this often
+SUBSCRIBE_WAIT_S = 0.5  # how long a first long poll waits for the process's subscription
+RECONNECT_PAUSE_S = 1.0
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
 _slots: dict[int, threading.BoundedSemaphore] = {}
@@ -58,21 +64,19 @@ def _client(url: str) -> redis.Redis:
     return _clients[key]
 
 
-def channel(job_id: uuid.UUID | str) -> str:
-    """The pub/sub channel of one job."""
-    return f"{CHANNEL_PREFIX}{job_id}"
+def channel(redis_url: str) -> str:
+    """The notices' channel; pub/sub ignores the database number, so it is part of the name."""
+    db = redis.connection.parse_url(redis_url).get("db", 0)  # type: ignore[no-untyped-call]
+    return f"{CHANNEL}:{db}"
 
 
 def publish_finished(redis_url: str | None, job_ids: Iterable[uuid.UUID | str]) -> None:
     """Tell waiters these jobs reached a terminal state (after the commit that ended them)."""
-    ids = list(job_ids)
+    ids = [str(job_id) for job_id in job_ids]
     if not redis_url or not ids:
         return
     try:
-        pipe = _client(redis_url).pipeline(transaction=False)
-        for job_id in ids:
-            pipe.publish(channel(job_id), b"done")
-        pipe.execute()
+        _client(redis_url).publish(channel(redis_url), ",".join(ids))
     except redis.RedisError as exc:  # waiters fall back to re-reading the job
         log.warning("could not publish job notices: %s", exc.__class__.__name__)
 
@@ -83,28 +87,104 @@ class Subscription(Protocol):
         ...
 
 
-class _RedisSubscription:
-    def __init__(self, pubsub: Any) -> None:
-        self._pubsub = pubsub
-
-    def wait(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                message = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
-            except redis.RedisError:
-                time.sleep(min(left, POLL_WITHOUT_REDIS_S))
-                return
-            if message is not None:
-                return
-
-
 class _Sleep:
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
 
     def wait(self, seconds: float) -> None:
         time.sleep(min(seconds, self._seconds))
+
+
+class _Notice:
+    """A waiter's event; set by the listener when its job's notice arrives."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def wait(self, seconds: float) -> None:
+        self._event.wait(seconds)
+        self._event.clear()
+
+
+class _Listener:
+    """This process's one subscription: a daemon thread that wakes waiters by job id."""
+
+    def __init__(self, redis_url: str) -> None:
+        self._url = redis_url
+        self._channel = channel(redis_url)
+        self._waiters: dict[str, set[_Notice]] = {}
+        self._lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="segsvc-notices", daemon=True)
+        self._thread.start()
+
+    def add(self, job_id: str) -> _Notice:
+        notice = _Notice()
+        with self._lock:
+            self._waiters.setdefault(job_id, set()).add(notice)
+        return notice
+
+    def remove(self, job_id: str, notice: _Notice) -> None:
+        with self._lock:
+            waiting = self._waiters.get(job_id)
+            if waiting is not None:
+                waiting.discard(notice)
+                if not waiting:
+                    del self._waiters[job_id]
+
+    def _wake(self, job_ids: Iterable[str]) -> None:
+        with self._lock:
+            notices = [n for job_id in job_ids for n in self._waiters.get(job_id, ())]
+        for notice in notices:
+            notice.set()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            notices = [n for waiting in self._waiters.values() for n in waiting]
+        for notice in notices:
+            notice.set()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._listen()
+            except Exception as exc:  # Redis went away: waiters re-read, then we reconnect
+                log.warning("job notices interrupted: %s", exc.__class__.__name__)
+            self.subscribed.clear()
+            self._wake_all()
+            time.sleep(RECONNECT_PAUSE_S)
+
+    def _listen(self) -> None:
+        client = redis.Redis.from_url(
+            self._url, socket_connect_timeout=0.5, health_check_interval=30
+        )
+        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self._channel)
+            for message in pubsub.listen():
+                if message["type"] == "subscribe":
+                    self.subscribed.set()  # from here on no notice can be missed
+                elif message["type"] == "message":
+                    self._wake(message["data"].decode().split(","))
+        finally:
+            with suppress(redis.RedisError):
+                pubsub.close()
+
+
+_listeners: dict[tuple[int, str], _Listener] = {}
+_listeners_lock = threading.Lock()
+
+
+def _listener(redis_url: str) -> _Listener:
+    """The process's listener for `redis_url` (a new one after a fork)."""
+    key = (os.getpid(), redis_url)
+    with _listeners_lock:
+        if key not in _listeners:
+            _listeners[key] = _Listener(redis_url)
+        return _listeners[key]
 
 
 @contextmanager
@@ -118,16 +198,13 @@ def subscribe(
     if not redis_url:
         yield _Sleep(POLL_WITHOUT_REDIS_S), POLL_WITHOUT_REDIS_S
         return
-    try:
-        pubsub = _client(redis_url).pubsub(  # type: ignore[no-untyped-call]
-            ignore_subscribe_messages=True
-        )
-        pubsub.subscribe(channel(job_id))
-    except redis.RedisError:
-        yield _Sleep(POLL_WITHOUT_REDIS_S), POLL_WITHOUT_REDIS_S
+    listener = _listener(redis_url)
+    if not listener.subscribed.wait(SUBSCRIBE_WAIT_S):
+        yield _Sleep(POLL_WITHOUT_REDIS_S), POLL_WITHOUT_REDIS_S  # Redis is down: poll
         return
+    key = str(job_id)
+    notice = listener.add(key)
     try:
-        yield _RedisSubscription(pubsub), FALLBACK_RECHECK_S
+        yield notice, FALLBACK_RECHECK_S
     finally:
-        with suppress(redis.RedisError):
-            pubsub.close()
+        listener.remove(key, notice)

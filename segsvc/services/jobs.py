@@ -101,7 +101,7 @@ def wait_for_job(
     client_id: uuid.UUID | None,
     seconds: float,
     redis_url: str | None,
-    max_waiters: int = 2,
+    max_waiters: int = 8,
 ) -> Job:
     """The job once it is terminal, or as it is after `seconds` (a long poll).
 
@@ -109,23 +109,21 @@ def wait_for_job(
     database connection; the job is re-read after every notice and at least once a second.
     At most `max_waiters` polls wait per process; others are answered at once.
     """
-    job = get_job(session=session, job_id=job_id, client_id=client_id)
-    if seconds <= 0 or job.job_status.is_terminal:
-        return job
+    if seconds <= 0:
+        return get_job(session=session, job_id=job_id, client_id=client_id)
+    jid = parse_job_id(job_id)
     deadline = time.monotonic() + seconds
+    # Registered before the first read, so a notice sent after that read is never missed.
     with (
         notify.waiter_slot(max_waiters) as waiting,
-        notify.subscribe(redis_url if waiting else None, job.id) as (subscription, recheck_s),
+        notify.subscribe(redis_url if waiting else None, jid) as (subscription, recheck_s),
     ):
-        if not waiting:
-            return job
         while True:
-            session.close()  # the next read starts a fresh transaction and sees new commits
-            job = get_job(session=session, job_id=job_id, client_id=client_id)
+            job = get_job(session=session, job_id=jid, client_id=client_id)
             left = deadline - time.monotonic()
-            if job.job_status.is_terminal or left <= 0:
+            if not waiting or job.job_status.is_terminal or left <= 0:
                 return job
-            session.close()
+            session.close()  # no connection held while waiting; the next read sees new commits
             subscription.wait(min(left, recheck_s))
 
 

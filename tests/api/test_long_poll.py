@@ -107,3 +107,27 @@ def test_long_polls_beyond_the_cap_answer_at_once(settings: Settings, auth) -> N
     assert body["status"] == "queued"
     assert time.monotonic() - started < 0.5
     holder.join()
+
+
+def test_one_batch_notice_wakes_every_waiter(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """A worker publishes one message per batch; each waiting request wakes on its own id."""
+    ids = [submit(client, auth), submit(client, auth)]
+    bodies: dict[str, str] = {}
+
+    def long_poll(job_id: str) -> None:
+        bodies[job_id] = client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()["status"]
+
+    pollers = [threading.Thread(target=long_poll, args=(job_id,)) for job_id in ids]
+    started = time.monotonic()
+    for poller in pollers:
+        poller.start()
+    time.sleep(0.3)
+    with session_scope(settings) as session:
+        session.execute(
+            update(Job).where(Job.id.in_([uuid.UUID(i) for i in ids])).values(status="succeeded")
+        )
+    notify.publish_finished(settings.effective_redis_url, ids)
+    for poller in pollers:
+        poller.join()
+    assert bodies == {ids[0]: "succeeded", ids[1]: "succeeded"}
+    assert time.monotonic() - started < 0.9  # the notice, not the 1 s re-check

@@ -94,3 +94,13 @@ def test_render_overlay_matches_input_size() -> None:
     with Image.open(io.BytesIO(out)) as img:
         assert img.size == (64, 48)
         assert img.mode == "RGB"
+
+
+def test_class_fractions_of_a_full_size_mask() -> None:
+    rng = np.random.default_rng(1)
+    mask = rng.integers(0, 3, (375, 500)).astype(np.uint8)
+    expected = [float(np.mean(mask == c)) for c in range(3)]
+    assert class_fractions(mask) == pytest.approx(expected, abs=1e-12)
+    assert class_fractions(mask[:, ::2]) == pytest.approx(  # a non-contiguous view
+        [float(np.mean(mask[:, ::2] == c)) for c in range(3)], abs=1e-12
+    )

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(120, description="Token-bucket burst size per API key.")
     auth_required: bool = Field(True, description="Require `Authorization: Bearer` on /v1.")
     long_poll_max_waiters: int = Field(
-        2, description="Long polls one API process holds at once (more answer at once)."
+        8, description="Long polls one API process holds at once (more answer at once)."
     )
 
     # --- model and serving -------------------------------------------------------------------
@@ -57,7 +57,11 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(
         2.0, description="Longest a partial batch waits for more jobs (0 on an idle queue)."
     )
-    inference_threads: int = Field(0, description="Intra-op threads (0: all cores).")
+    inference_threads: int = Field(
+        1,
+        description="Intra-op threads per worker process (0: all cores); on CPU one thread per "
+        "process and one process per core runs the most images per core.",
+    )
     job_max_attempts: int = Field(3, description="Attempts before a job ends failed.")
     job_lease_seconds: int = Field(120, description="How long a running job's lease lasts.")
     registry_poll_seconds: float = Field(5.0, description="How often workers poll the registry.")

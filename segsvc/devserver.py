@@ -22,7 +22,7 @@ def process_commands(settings: Settings, *, api_workers: int) -> dict[str, list[
     return {
         "api": [
             py, "-m", "gunicorn", "api.wsgi:app", "--bind", f"127.0.0.1:{settings.port}",
-            "--workers", str(api_workers), "--threads", "4",
+            "--workers", str(api_workers), "--threads", "12",
             "--config", "python:api.gunicorn_conf",
             "--graceful-timeout", "10",
         ],

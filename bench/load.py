@@ -87,8 +87,12 @@ def run_jobs_load(
     seconds: float,
     poll_s: float,
     max_poll_s: float | None = None,
+    wait_s: float = 0.0,
 ) -> LoadResult:
-    """Submit + poll against the segsvc API; latency is submit -> the job's `completed_at`."""
+    """Submit + poll against the segsvc API; latency is submit -> the job's `completed_at`.
+
+    With `wait_s` each poll is a long poll (`?wait=`), as `segsvc.client.Job.wait` does; a poll
+    the server declines to hold (its waiter cap) is followed by a `poll_s` pause."""
     result, lock = LoadResult(clients), threading.Lock()
     stop_at = time.monotonic() + seconds
 
@@ -104,7 +108,7 @@ def run_jobs_load(
                     result.errors += 1
                 time.sleep(0.05)
                 continue
-            job = _poll(client, json.loads(raw)["id"], poll_s, stop_at + 60, max_poll_s)
+            job = _poll(client, json.loads(raw)["id"], poll_s, stop_at + 60, max_poll_s, wait_s)
             with lock:
                 if job is None or job["status"] != "succeeded":
                     result.errors += 1
@@ -118,16 +122,26 @@ def run_jobs_load(
 
 
 def _poll(
-    client: Client, job_id: str, poll_s: float, give_up: float, max_poll_s: float | None = None
+    client: Client,
+    job_id: str,
+    poll_s: float,
+    give_up: float,
+    max_poll_s: float | None = None,
+    wait_s: float = 0.0,
 ) -> dict[str, Any] | None:
-    """Poll until the job ends: every `poll_s`, backing off x2 up to `max_poll_s`."""
+    """Poll until the job ends: every `poll_s`, backing off x2 up to `max_poll_s`; with `wait_s`
+    each request long-polls and only a request answered at once is followed by a pause."""
     delay = poll_s
+    path = f"/v1/jobs/{job_id}" + (f"?wait={wait_s:g}" if wait_s > 0 else "")
     while time.monotonic() < give_up:
-        status, raw = client.request("GET", f"/v1/jobs/{job_id}")
+        asked = time.monotonic()
+        status, raw = client.request("GET", path)
         if status == 200:
             job: dict[str, Any] = json.loads(raw)
             if job["status"] in ("succeeded", "failed", "canceled"):
                 return job
+        if wait_s > 0 and time.monotonic() - asked > 0.05:
+            continue  # the server held the request: ask again at once
         time.sleep(delay)
         delay = min(delay * 2, max_poll_s or poll_s)
     return None

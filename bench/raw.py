@@ -124,3 +124,27 @@ def run_raw(
         r["miou_drop_points"] = (keras_miou - r["miou"]) * 100.0
         r["faithful"] = r["mask_agreement"] >= 0.995 and r["miou_drop_points"] <= 0.5
     return results
+
+
+def time_served(
+    model_path: Path,
+    *,
+    kind: str,
+    threads: int,
+    artifact_dir: Path,
+    sha256: str,
+    images: npt.NDArray[np.float32],
+    budget_s: float,
+) -> dict[str, Any]:
+    """The served runtime with the worker's thread count (the raw reference for the running
+    system), timed interleaved with the same runtime on all cores."""
+    x = np.concatenate([images] * (1 + 32 // max(1, len(images))))[:32]
+    predictors = {
+        name: load_runtime(
+            model_path, kind=kind, threads=n, artifact_dir=artifact_dir, sha256=sha256,
+            batch_sizes=serving_batch_sizes(32),
+        ).predict
+        for name, n in (("served", threads), ("all_cores", 0))
+    }
+    timed = time_interleaved(predictors, x, budget_s)
+    return {"kind": kind, "threads": threads, **timed["served"], "all_cores": timed["all_cores"]}

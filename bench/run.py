@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from bench import load, raw, report, system
+from segsvc.client import LONG_POLL_S
 from segsvc.digest import file_sha256
-from segsvc.settings import ROOT
+from segsvc.settings import ROOT, Settings
 
 DEFAULT_DATA = Path(
     os.environ.get("SEG_BENCH_DATA", ROOT.parent / "shared/data/oxford_pets_sample")
@@ -85,6 +86,13 @@ def main() -> None:
     results["faithful_runtimes"] = [k for k, v in results["raw"].items() if v.get("faithful")]
     results["served_runtime"] = resolve_kind(args.runtime, results["faithful_runtimes"])
     log(f"faithful: {results['faithful_runtimes']}; serving {results['served_runtime']}")
+    threads = Settings(_env_file=None).inference_threads  # type: ignore[call-arg]
+    log(f"raw: {results['served_runtime']} as the worker runs it ({threads} thread(s))")
+    results["served_raw"] = raw.time_served(
+        model, kind=results["served_runtime"], threads=threads,
+        artifact_dir=args.var_dir / "artifacts", sha256=results["model"]["sha256"],
+        images=images, budget_s=args.raw_seconds,
+    )
     results.update(run_system(args, model, photos, results["faithful_runtimes"]))
     results["load_after"] = os.getloadavg()
     results["seconds"] = time.monotonic() - T0
@@ -126,7 +134,6 @@ def run_system(
     from segsvc.models import ModelStatus
     from segsvc.services.keys import create_key
     from segsvc.services.registry import register_version
-    from segsvc.settings import Settings
 
     url = system.fresh_database()
     env = system.bench_env(url, args.var_dir, SEG_RUNTIME=args.runtime)
@@ -151,37 +158,29 @@ def run_system(
     try:
         log("system: warm-up")
         load.run_jobs_load(api_port, headers, bodies, clients=4, seconds=3, poll_s=0.01)
+        both = {"api": api, "worker": wkr}
         log("system: idle latency (1 client)")
-        out["idle"] = load.run_jobs_load(
+        out["idle"] = metered(both, lambda: load.run_jobs_load(
             api_port, headers, bodies, clients=1, seconds=args.seconds / 2, poll_s=0.005
-        ).summary()
-        log(f"system: {args.clients} clients, closed loop")
-        out["system"] = load.run_jobs_load(
-            api_port,
-            headers,
-            bodies,
-            clients=args.clients,
-            seconds=args.seconds,
-            poll_s=0.1,
-        ).summary()
+        ))
+        log(f"system: {args.clients} clients, closed loop, long polls")
+        out["system"] = metered(both, lambda: load.run_jobs_load(
+            api_port, headers, bodies, clients=args.clients, seconds=args.seconds,
+            poll_s=0.1, wait_s=LONG_POLL_S,
+        ))
         log(f"  {out['system']}")
         log(f"system: capacity, a burst of {args.burst_jobs} jobs")
-        out["system_peak"] = load.run_burst(
+        out["system_peak"] = metered(both, lambda: load.run_burst(
             api_port, headers, bodies, jobs=args.burst_jobs, clients=args.clients
-        ).summary()
+        ))
         log(f"  {out['system_peak']}")
         out["worker_rss_mb"] = max(wkr.peak_rss_mb().values())
         wkr.stop()
         log("API only (worker stopped)")
-        out["api_submit"] = load.run_request_load(
-            api_port,
-            "/v1/jobs",
-            headers,
-            bodies,
-            clients=args.clients,
-            seconds=args.seconds / 2,
-            expect=202,
-        ).summary()
+        out["api_submit"] = metered({"api": api}, lambda: load.run_request_load(
+            api_port, "/v1/jobs", headers, bodies, clients=args.clients,
+            seconds=args.seconds / 2, expect=202,
+        ))
         out["api_rss_mb"] = api.peak_rss_mb()
     finally:
         wkr.stop()
@@ -202,9 +201,9 @@ def run_baselines(
     hello = system.gunicorn("hello", "bench.hello_app:app", port, env, logs, system.GUNICORN)
     try:
         log("hello endpoint")
-        out["hello"] = load.run_request_load(
+        out["hello"] = metered({"api": hello}, lambda: load.run_request_load(
             port, "/hello", {}, bodies, clients=args.clients, seconds=args.seconds / 2, expect=200
-        ).summary()
+        ))
     finally:
         hello.stop()
     port = system.free_port()
@@ -218,13 +217,22 @@ def run_baselines(
     )
     try:
         log(f"naive Flask baseline: {args.clients} clients")
-        out["naive_flask"] = load.run_request_load(
+        out["naive_flask"] = metered({"naive": naive}, lambda: load.run_request_load(
             port, "/predict", {}, bodies, clients=args.clients, seconds=args.seconds, expect=200
-        ).summary()
+        ))
         out["naive_rss_mb"] = max(naive.peak_rss_mb().values())
     finally:
         naive.stop()
     return out
+
+
+def metered(services: dict[str, system.Service], run: Any) -> dict[str, Any]:
+    """A load run's summary plus the CPU each process group spent per job."""
+    meter = system.CpuMeter(services)
+    meter.start()
+    summary: dict[str, Any] = run().summary()
+    summary["cpu_ms_per_job"] = meter.per_job(summary["jobs"])
+    return summary
 
 
 def write(results: dict[str, Any], out: Path) -> None:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from segsvc.settings import ROOT
 PG_ADMIN = os.environ.get("SEG_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SEG_BENCH_REDIS", "redis://127.0.0.1:6379/15")
 DB_NAME = "segsvc_bench"
-# Same server settings for the API and the hello endpoint (the devserver's: 2 workers x 4).
-GUNICORN = ["--workers", "2", "--threads", "4", "--config", "python:api.gunicorn_conf"]
+# Same server settings for the API and the hello endpoint (the devserver's: 2 workers x 12).
+GUNICORN = ["--workers", "2", "--threads", "12", "--config", "python:api.gunicorn_conf"]
 
 
 def fresh_database() -> str:
@@ -161,3 +162,58 @@ def wait_http(service: Service, port: int, timeout: float = 180.0) -> None:
             return
         time.sleep(0.2)
     raise RuntimeError(f"{service.name} did not answer on port {port}")
+
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far (0 for one that is gone)."""
+    total = 0
+    for pid in pids:
+        with suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / TICKS_PER_S
+
+
+def pids_named(prefix: str) -> list[int]:
+    """Processes whose command name starts with `prefix` (e.g. every Postgres backend)."""
+    found = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with suppress(OSError):
+            if comm.read_text().startswith(prefix):
+                found.append(int(comm.parent.name))
+    return found
+
+
+class CpuMeter:
+    """CPU time per group of processes over a run, reported as core-ms per job.
+
+    The load generator is this process (its client threads are all that run during a load).
+    Postgres and Redis count all their processes: on this machine nothing else uses them.
+    """
+
+    def __init__(self, services: dict[str, Service]) -> None:
+        self.groups: dict[str, Callable[[], list[int]]] = {
+            name: (lambda s=svc: [s.proc.pid, *children(s.proc.pid)])
+            for name, svc in services.items()
+        }
+        self.groups["postgres"] = lambda: pids_named("postgres")
+        self.groups["redis"] = lambda: pids_named("redis-server")
+        self._start: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        now = {name: cpu_seconds(pids()) for name, pids in self.groups.items()}
+        mine = os.times()
+        now["load generator"] = mine.user + mine.system
+        return now
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def per_job(self, jobs: int) -> dict[str, float]:
+        end = self._now()
+        out = {k: (end[k] - self._start[k]) * 1000.0 / max(jobs, 1) for k in end}
+        out["total"] = sum(out.values())
+        return out

@@ -11,6 +11,7 @@ import ctypes
 import os
 import shutil
 import tempfile
+from contextlib import suppress
 from typing import Any
 
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="segsvc-prom-"))
@@ -32,10 +33,8 @@ def _cap_malloc_arenas(arenas: int = 2) -> None:
     """
     if os.environ.get("MALLOC_ARENA_MAX"):
         return
-    try:
+    with suppress(OSError, AttributeError):  # not glibc: nothing to cap
         ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
-    except (OSError, AttributeError):  # not glibc: nothing to cap
-        pass
 
 
 _cap_malloc_arenas()

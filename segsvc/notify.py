@@ -115,6 +115,7 @@ class _Listener:
     def __init__(self, redis_url: str) -> None:
         self._url = redis_url
         self._channel = channel(redis_url)
+        self.client_name = f"segsvc-notices-{os.getpid()}"
         self._waiters: dict[str, set[_Notice]] = {}
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
@@ -159,7 +160,8 @@ class _Listener:
 
     def _listen(self) -> None:
         client = redis.Redis.from_url(
-            self._url, socket_connect_timeout=0.5, health_check_interval=30
+            self._url, socket_connect_timeout=0.5, health_check_interval=30,
+            client_name=self.client_name,  # visible in CLIENT LIST
         )
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:

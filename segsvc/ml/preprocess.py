@@ -103,8 +103,8 @@ def class_fractions(mask: npt.NDArray[np.uint8]) -> list[float]:
 def encode_mask_png(mask: npt.NDArray[np.uint8]) -> bytes:
     """A single-channel PNG with values 0 pet, 1 background, 2 border."""
     buf = io.BytesIO()
-    # zlib's run-length strategy (Pillow's `compress_type`) suits masks (long runs of one class): faster than the default
-    # at level 1 and about half the bytes.
+    # zlib's run-length strategy (Pillow's `compress_type`) suits masks, long runs of one
+    # class: faster than the default at level 1 and about half the bytes.
     Image.fromarray(mask, "L").save(buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
     return buf.getvalue()
 

@@ -1,0 +1,69 @@
+"""Job-finished notices: one subscription per process that wakes waiters by job id."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import redis
+
+from segsvc import notify
+from segsvc.settings import Settings
+
+
+def wait_in_thread(url: str, job_id: str, seconds: float) -> tuple[threading.Thread, list[float]]:
+    """Wait for one job's notice in a thread; the list gets how long the wait took."""
+    took: list[float] = []
+    ready = threading.Event()
+
+    def run() -> None:
+        with notify.subscribe(url, job_id) as (subscription, _):
+            ready.set()
+            started = time.monotonic()
+            subscription.wait(seconds)
+            took.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert ready.wait(5)
+    return thread, took
+
+
+def test_a_notice_wakes_only_its_own_job(settings: Settings) -> None:
+    url = settings.effective_redis_url
+    mine, other = str(uuid.uuid4()), str(uuid.uuid4())
+    mine_thread, mine_took = wait_in_thread(url, mine, 5)
+    other_thread, other_took = wait_in_thread(url, other, 0.6)
+    notify.publish_finished(url, [mine, str(uuid.uuid4())])
+    mine_thread.join()
+    other_thread.join()
+    assert mine_took[0] < 0.5
+    assert other_took[0] >= 0.55  # not woken by another job's notice
+
+
+def test_the_channel_is_per_redis_database(settings: Settings) -> None:
+    assert notify.channel("redis://127.0.0.1:6379/3") != notify.channel("redis://127.0.0.1:6379/4")
+
+
+def test_the_listener_resubscribes_after_its_connection_drops(settings: Settings) -> None:
+    """A Redis restart wakes every waiter (they re-read the job), then notices work again."""
+    url = settings.effective_redis_url
+    job_id = str(uuid.uuid4())
+    thread, took = wait_in_thread(url, job_id, 10)
+    listener = notify._listener(url)
+    admin = redis.Redis.from_url(url)
+    for client in admin.client_list(_type="pubsub"):  # only ours: other test processes listen too
+        if client["name"] == listener.client_name:
+            admin.client_kill_filter(_id=client["id"])  # what a Redis restart does to it
+    thread.join(5)
+    assert took, "the waiter was not woken"
+    assert took[0] < 2  # woken so it re-reads the job instead of waiting 10 s
+    deadline = time.monotonic() + 5
+    while not listener.subscribed.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert listener.subscribed.is_set()
+    again, again_took = wait_in_thread(url, job_id, 5)
+    notify.publish_finished(url, [job_id])
+    again.join()
+    assert again_took[0] < 0.5

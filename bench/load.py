@@ -52,12 +52,19 @@ class LoadResult:
         }
 
 
+RECONNECT_EVERY = 32
+
+
 class Client:
-    """One keep-alive HTTP connection to a loopback server."""
+    """One keep-alive HTTP connection to a loopback server, reopened every RECONNECT_EVERY
+    requests: gunicorn's processes each keep the connections they accepted, so 16 connections
+    opened once can land 12 on one process (one GIL, one core) and 4 on the other; reopening
+    evens the spread out during a run, as a client pool or load balancer recycling does."""
 
     def __init__(self, port: int, headers: dict[str, str]) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         self.headers = headers
+        self.sent = 0
 
     def request(
         self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
@@ -65,6 +72,9 @@ class Client:
         headers = dict(self.headers)
         if content_type:
             headers["Content-Type"] = content_type
+        self.sent += 1
+        if self.sent % RECONNECT_EVERY == 0:
+            self.conn.close()  # the next request connects again
         try:
             self.conn.request(method, path, body=body, headers=headers)
             resp = self.conn.getresponse()

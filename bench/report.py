@@ -223,6 +223,18 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {name} | {s['clients']} | {s['jobs_per_s']:.1f} | {s['p50_ms']:.0f} | "
             f"{s['p95_ms']:.0f} | {s['p99_ms']:.0f} | {batch} | {s['errors']} |"
         )
+    rounds = [
+        f"{name} " + " / ".join(f"{v:.1f}" for v in r[key]["rounds_jobs_per_s"])
+        for name, key in (("system", "system"), ("naive", "naive_flask"),
+                          ("submit", "api_submit"), ("hello", "hello"))
+        if "rounds_jobs_per_s" in r.get(key, {})
+    ]
+    if rounds:
+        lines += [
+            "",
+            "The system and naive Flask alternate in 3 rounds, as do API submits and hello; each"
+            " row is its median round. Every round's jobs/s: " + "; ".join(rounds) + ".",
+        ]
     api = ", ".join(f"{v:.0f}" for v in r["api_rss_mb"].values())
     lines += [
         "",

@@ -21,6 +21,8 @@ from segsvc.client import LONG_POLL_S
 from segsvc.digest import file_sha256
 from segsvc.settings import ROOT, Settings
 
+ROUNDS = 3  # compared runs alternate this many times; the median round counts
+
 DEFAULT_DATA = Path(
     os.environ.get("SEG_BENCH_DATA", ROOT.parent / "shared/data/oxford_pets_sample")
 )
@@ -152,77 +154,84 @@ def run_system(
     logs = args.var_dir / "logs"
     logs.mkdir(exist_ok=True)
     out: dict[str, Any] = {}
-    api_port = system.free_port()
-    api = system.gunicorn("api", "api.wsgi:app", api_port, env, logs, system.GUNICORN)
-    wkr = system.worker(env, logs, args.var_dir / "probes")
+    servers: list[system.Service] = []
     try:
-        log("system: warm-up")
+        api_port, hello_port, naive_port = (system.free_port() for _ in range(3))
+        api = system.gunicorn("api", "api.wsgi:app", api_port, env, logs, system.GUNICORN)
+        servers.append(api)
+        wkr = system.worker(env, logs, args.var_dir / "probes")
+        servers.append(wkr)
+        hello = system.gunicorn(
+            "hello", "bench.hello_app:app", hello_port, env, logs, system.GUNICORN
+        )
+        servers.append(hello)
+        naive = system.gunicorn(  # gunicorn's defaults: one sync worker, as people start
+            "naive", "bench.naive_app:app", naive_port, {**env, "SEG_BENCH_MODEL": str(model)},
+            logs, ["--workers", "1", "--timeout", "120"],
+        )
+        servers.append(naive)
+        log("warm-up: the system and the naive baseline")
         load.run_jobs_load(api_port, headers, bodies, clients=4, seconds=3, poll_s=0.01)
+        load.run_request_load(naive_port, "/predict", {}, bodies, clients=1, seconds=2, expect=200)
         both = {"api": api, "worker": wkr}
         log("system: idle latency (1 client)")
         out["idle"] = metered(both, lambda: load.run_jobs_load(
             api_port, headers, bodies, clients=1, seconds=args.seconds / 2, poll_s=0.005
         ))
-        log(f"system: {args.clients} clients, closed loop, long polls")
-        out["system"] = metered(both, lambda: load.run_jobs_load(
-            api_port, headers, bodies, clients=args.clients, seconds=args.seconds,
-            poll_s=0.1, wait_s=LONG_POLL_S,
-        ))
-        log(f"  {out['system']}")
+        log(f"{args.clients} clients: the system (long polls) and naive Flask, interleaved")
+        seconds = args.seconds / ROUNDS
+        out["system"], out["naive_flask"] = interleaved({
+            "system": (both, lambda: load.run_jobs_load(
+                api_port, headers, bodies, clients=args.clients, seconds=seconds,
+                poll_s=0.1, wait_s=LONG_POLL_S,
+            )),
+            "naive": ({"naive": naive}, lambda: load.run_request_load(
+                naive_port, "/predict", {}, bodies, clients=args.clients, seconds=seconds,
+                expect=200,
+            )),
+        })
+        log(f"  system {out['system']['jobs_per_s']:.1f} jobs/s, "
+            f"naive {out['naive_flask']['jobs_per_s']:.1f} jobs/s")
         log(f"system: capacity, a burst of {args.burst_jobs} jobs")
         out["system_peak"] = metered(both, lambda: load.run_burst(
             api_port, headers, bodies, jobs=args.burst_jobs, clients=args.clients
         ))
-        log(f"  {out['system_peak']}")
+        log(f"  {out['system_peak']['jobs_per_s']:.1f} jobs/s")
         out["worker_rss_mb"] = max(wkr.peak_rss_mb().values())
         wkr.stop()
-        log("API only (worker stopped)")
-        out["api_submit"] = metered({"api": api}, lambda: load.run_request_load(
-            api_port, "/v1/jobs", headers, bodies, clients=args.clients,
-            seconds=args.seconds / 2, expect=202,
-        ))
+        log("API-only submits (worker stopped) and the hello endpoint, interleaved")
+        seconds = args.seconds / 2 / ROUNDS
+        out["api_submit"], out["hello"] = interleaved({
+            "submit": ({"api": api}, lambda: load.run_request_load(
+                api_port, "/v1/jobs", headers, bodies, clients=args.clients, seconds=seconds,
+                expect=202,
+            )),
+            "hello": ({"api": hello}, lambda: load.run_request_load(
+                hello_port, "/hello", {}, bodies, clients=args.clients, seconds=seconds,
+                expect=200,
+            )),
+        })
         out["api_rss_mb"] = api.peak_rss_mb()
+        out["naive_rss_mb"] = max(naive.peak_rss_mb().values())
     finally:
-        wkr.stop()
-        api.stop()
-    out.update(run_baselines(args, model, env, logs, bodies))
+        for server in reversed(servers):
+            server.stop()
     return out
 
 
-def run_baselines(
-    args: argparse.Namespace,
-    model: Path,
-    env: dict[str, str],
-    logs: Path,
-    bodies: list[tuple[bytes, str]],
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    port = system.free_port()
-    hello = system.gunicorn("hello", "bench.hello_app:app", port, env, logs, system.GUNICORN)
-    try:
-        log("hello endpoint")
-        out["hello"] = metered({"api": hello}, lambda: load.run_request_load(
-            port, "/hello", {}, bodies, clients=args.clients, seconds=args.seconds / 2, expect=200
-        ))
-    finally:
-        hello.stop()
-    port = system.free_port()
-    naive = system.gunicorn(
-        "naive",
-        "bench.naive_app:app",
-        port,
-        {**env, "SEG_BENCH_MODEL": str(model)},
-        logs,
-        ["--workers", "1", "--timeout", "120"],
-    )
-    try:
-        log(f"naive Flask baseline: {args.clients} clients")
-        out["naive_flask"] = metered({"naive": naive}, lambda: load.run_request_load(
-            port, "/predict", {}, bodies, clients=args.clients, seconds=args.seconds, expect=200
-        ))
-        out["naive_rss_mb"] = max(naive.peak_rss_mb().values())
-    finally:
-        naive.stop()
+def interleaved(runs: dict[str, tuple[dict[str, system.Service], Any]]) -> list[dict[str, Any]]:
+    """Each run ROUNDS times, alternating, so a change in the machine's load hits them alike;
+    per run the median round (by jobs/s), with every round's jobs/s alongside."""
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, (services, run) in runs.items():
+            rounds[name].append(metered(services, run))
+    out = []
+    for results in rounds.values():
+        ranked = sorted(results, key=lambda r: r["jobs_per_s"])
+        median = dict(ranked[len(ranked) // 2])
+        median["rounds_jobs_per_s"] = [r["jobs_per_s"] for r in results]
+        out.append(median)
     return out
 
 

@@ -13,7 +13,7 @@ import pytest
 from segsvc.digest import file_sha256
 from segsvc.ml.convert import ensure_artifacts
 from segsvc.ml.preprocess import preprocess_bytes
-from segsvc.ml.runtime import Runtime, load_runtime, resolve_kind
+from segsvc.ml.runtime import Runtime, load_runtime, resolve_kind, serving_batch_sizes
 from tests.conftest import sample_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -117,3 +117,10 @@ def test_shipped_model_lists_its_faithful_runtimes() -> None:
         agreement = metrics["runtime_agreement"][kind]
         assert agreement["mask_agreement"] >= 0.995
         assert agreement["miou_drop_points"] <= 0.5
+
+
+def test_serving_batch_sizes_are_1_4_8_and_the_largest_batch() -> None:
+    assert serving_batch_sizes(32) == (1, 4, 8, 32)
+    assert serving_batch_sizes(6) == (1, 4, 6)
+    assert serving_batch_sizes(1) == (1,)
+    assert serving_batch_sizes(0) == (1,)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "segsvc:jobs-finished"
 FALLBACK_RECHECK_S = 1.0  # with Redis: re-read the job this often even without a notice
 POLL_WITHOUT_REDIS_S = 0.1  # without Redis: re-read the job this often
-SUBSCRIBE_WAIT_S = 0.5  # how long a first long poll waits for the process's subscription
+SUBSCRIBE_WAIT_S = 0.5  # the longest a process's first long poll waits for its subscription
 RECONNECT_PAUSE_S = 1.0
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
@@ -119,6 +119,7 @@ class _Listener:
         self._waiters: dict[str, set[_Notice]] = {}
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
+        self.tried = threading.Event()  # the first connection attempt has ended, either way
         self._thread = threading.Thread(target=self._run, name="segsvc-notices", daemon=True)
         self._thread.start()
 
@@ -154,6 +155,7 @@ class _Listener:
                 self._listen()
             except Exception as exc:  # Redis went away: waiters re-read, then we reconnect
                 log.warning("job notices interrupted: %s", exc.__class__.__name__)
+            self.tried.set()
             self.subscribed.clear()
             self._wake_all()
             time.sleep(RECONNECT_PAUSE_S)
@@ -169,6 +171,7 @@ class _Listener:
             for message in pubsub.listen():
                 if message["type"] == "subscribe":
                     self.subscribed.set()  # from here on no notice can be missed
+                    self.tried.set()
                 elif message["type"] == "message":
                     self._wake(message["data"].decode().split(","))
         finally:
@@ -201,7 +204,8 @@ def subscribe(
         yield _Sleep(POLL_WITHOUT_REDIS_S), POLL_WITHOUT_REDIS_S
         return
     listener = _listener(redis_url)
-    if not listener.subscribed.wait(SUBSCRIBE_WAIT_S):
+    listener.tried.wait(SUBSCRIBE_WAIT_S)  # only the process's first long polls ever wait here
+    if not listener.subscribed.is_set():
         yield _Sleep(POLL_WITHOUT_REDIS_S), POLL_WITHOUT_REDIS_S  # Redis is down: poll
         return
     key = str(job_id)

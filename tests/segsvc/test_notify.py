@@ -67,3 +67,17 @@ def test_the_listener_resubscribes_after_its_connection_drops(settings: Settings
     notify.publish_finished(url, [job_id])
     again.join()
     assert again_took[0] < 0.5
+
+
+def test_without_redis_a_waiter_falls_back_to_polling_at_once() -> None:
+    """Nothing listens on port 1 of loopback: the connection is refused, the waiter polls."""
+    url = "redis://127.0.0.1:1/0"
+    started = time.monotonic()
+    with notify.subscribe(url, uuid.uuid4()) as (subscription, recheck_s):
+        assert recheck_s == notify.POLL_WITHOUT_REDIS_S
+        subscription.wait(5)
+    assert time.monotonic() - started < 1.0
+    again = time.monotonic()
+    with notify.subscribe(url, uuid.uuid4()):  # the known outage costs no wait at all
+        pass
+    assert time.monotonic() - again < 0.05

@@ -287,7 +287,18 @@ def budget(r: dict[str, Any]) -> list[str]:
             f"{model_ms:.1f} are the model itself (as served); everything else "
             f"(submit, Postgres, Redis, messages, mask encode, polls, the load generator) shares "
             f"the same {cores} cores, which caps the system near "
-            f"{cores * 1000.0 / peak['total']:.0f} jobs/s.",
+            f"{cores * 1000.0 / peak['total']:.0f} jobs/s. Reaching 0.85 x the raw batched "
+            f"throughput as served ({best_batched(worker):.0f} img/s) would need at most "
+            f"{cores * 1000.0 / (0.85 * best_batched(worker)):.1f} core-ms per job in all.",
+        ]
+    submit, hello = (r.get(k, {}).get("cpu_ms_per_job") for k in ("api_submit", "hello"))
+    if submit and hello:
+        lines += [
+            "",
+            f"A submit costs {submit['total']:.1f} core-ms in all (API, Postgres, Redis, load "
+            f"generator) and a hello request {hello['total']:.1f}; 0.25 x hello's rate needs a "
+            f"submit under {4 * hello['total']:.1f} core-ms, while decoding and resizing the "
+            f"upload (needed to answer a corrupt image with a 4xx) takes about 2 of them.",
         ]
     lines.append("")
     return lines

@@ -18,6 +18,7 @@ PNG = "image/png"
 SERVED_PREFIXES = ("/v1/",)
 SERVED_PATHS = ("/healthz", "/readyz", "/openapi.json")
 ERROR_TEXT = {
+    201: "Created, and finished within `?wait=`: the whole job.",
     400: "Malformed request.", 401: "Missing or unknown API key.", 403: "Needs an admin key.",
     404: "No such job for this key (another key's job is not found either).",
     409: "Not possible in the job's state.", 413: "Upload over the size limit.",
@@ -41,9 +42,13 @@ class Operation:
 IDEMPOTENCY = {"Idempotency-Key": "Replays the same job for the same body within 24 h."}
 OPERATIONS: dict[str, Operation] = {
     "jobs.submit_job": Operation(
-        {202: s.AcceptedJob, 200: s.AcceptedJob, 400: s.Error, 409: s.Error, 413: s.Error,
-         415: s.Error, 422: s.Error, 429: s.Error, 503: s.Error},
-        form=s.JobSubmission, headers=IDEMPOTENCY,
+        {202: s.AcceptedJob, 201: s.Job, 200: s.AcceptedJob, 400: s.Error, 409: s.Error,
+         413: s.Error, 415: s.Error, 422: s.Error, 429: s.Error, 503: s.Error},
+        form=s.JobSubmission, headers=IDEMPOTENCY, query={"wait": {
+            "type": "number", "minimum": 0, "maximum": 30,
+            "description": "Hold the answer until the job ends (201 with the finished job) or "
+            "for this many seconds (202).",
+        }},
     ),
     "jobs.read_job": Operation({200: s.Job, 422: s.Error}, query={"wait": {
         "type": "number", "minimum": 0, "maximum": 30,
@@ -132,6 +137,6 @@ def _response(status: int, body: type[BaseModel] | str) -> dict[str, Any]:
     out: dict[str, Any] = {"description": ERROR_TEXT.get(status, "OK"), "content": content}
     if status in (429, 503):
         out["headers"] = RETRY_AFTER
-    if status == 202:
+    if status in (201, 202):
         out["headers"] = {"Location": {"description": "The job URL.", "schema": {"type": "string"}}}
     return out

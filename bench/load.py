@@ -101,10 +101,12 @@ def run_jobs_load(
 ) -> LoadResult:
     """Submit + poll against the segsvc API; latency is submit -> the job's `completed_at`.
 
-    With `wait_s` each poll is a long poll (`?wait=`), as `segsvc.client.Job.wait` does; a poll
-    the server declines to hold (its waiter cap) is followed by a `poll_s` pause."""
+    With `wait_s` the submit itself waits (`POST /v1/jobs?wait=`: 201 with the finished job) and
+    any poll after it is a long poll, as `segsvc.client` does with `submit(wait=)` and
+    `Job.wait`; a poll the server declines to hold is followed by a `poll_s` pause."""
     result, lock = LoadResult(clients), threading.Lock()
     stop_at = time.monotonic() + seconds
+    submit_path = "/v1/jobs" + (f"?wait={wait_s:g}" if wait_s > 0 else "")
 
     def client_loop(index: int) -> None:
         client, n = Client(port, headers), index
@@ -112,13 +114,15 @@ def run_jobs_load(
             body, ctype = bodies[n % len(bodies)]
             n += clients
             sent = time.time()
-            status, raw = client.request("POST", "/v1/jobs", body, ctype)
-            if status != 202:
+            status, raw = client.request("POST", submit_path, body, ctype)
+            if status not in (201, 202):
                 with lock:
                     result.errors += 1
                 time.sleep(0.05)
                 continue
-            job = _poll(client, json.loads(raw)["id"], poll_s, stop_at + 60, max_poll_s, wait_s)
+            job = json.loads(raw)
+            if status == 202:
+                job = _poll(client, job["id"], poll_s, stop_at + 60, max_poll_s, wait_s)
             with lock:
                 if job is None or job["status"] != "succeeded":
                     result.errors += 1

@@ -195,8 +195,13 @@ class Client:
         webhook: str | None = None,
         webhook_events: list[str] | None = None,
         filename: str | None = None,
+        wait: float = 0.0,
     ) -> Job:
-        """Upload a photo (path, bytes or binary file) and return the queued job."""
+        """Upload a photo (path, bytes or binary file) and return the queued job.
+
+        With `wait` (seconds, <= 30) the server holds its answer until the job ends, so a fast
+        job comes back finished from this one request; otherwise it is still queued or running.
+        """
         name, data = _read_image(image, filename)
         form: dict[str, Any] = {}
         if webhook:
@@ -205,8 +210,10 @@ class Client:
             form["webhook_events"] = ",".join(webhook_events)
         # Same key on every retry of this call, so the server may treat them as one submission.
         headers = {"Idempotency-Key": str(uuid.uuid4())}
+        params = {"wait": f"{min(wait, LONG_POLL_S):.3f}"} if wait > 0 else None
         resp = self._request(
-            "POST", "/v1/jobs", files={"image": (name, data)}, data=form, headers=headers
+            "POST", "/v1/jobs", files={"image": (name, data)}, data=form, headers=headers,
+            params=params,
         )
         return Job(self, resp.json())
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from segsvc.client import DEFAULT_URL, Client, Job
+from segsvc.client import DEFAULT_URL, LONG_POLL_S, Client, Job
 from segsvc.client_errors import (
     ApiError,
     AuthError,
@@ -137,10 +137,12 @@ def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Eve
         return outcome
     started = time.monotonic()
     try:
-        job = client.submit(path, webhook=plan.webhook, webhook_events=plan.webhook_events)
+        waiting = plan.wait or plan.out is not None
+        job = client.submit(path, webhook=plan.webhook, webhook_events=plan.webhook_events,
+                            wait=LONG_POLL_S if waiting else 0.0)
         outcome.job_id, outcome.status = job.id, job.status
-        if plan.wait or plan.out:
-            job.wait(plan.timeout)
+        if waiting:
+            job.wait(plan.timeout)  # at once when the submit already returned it finished
             outcome.status, outcome.latency_s = job.status, time.monotonic() - started
             outcome.predict_ms = job.metrics.get("predict_ms")
             outcome.reason = (job.error or {}).get("message", "")

@@ -14,6 +14,7 @@ from segsvc import notify
 from segsvc.blobs import blob_store
 from segsvc.errors import BadRequestError
 from segsvc.images import validate_image
+from segsvc.models import Job
 from segsvc.queue import enqueue_job
 from segsvc.services import idempotency, limits
 from segsvc.services import jobs as job_service
@@ -27,7 +28,9 @@ bp.before_request(authenticate_request)
 
 @bp.post("/jobs")
 def submit_job() -> tuple[Response, int, dict[str, str]]:
-    """Validate an upload, store the job, commit, then enqueue its id."""
+    """Validate an upload, store the job, commit, then enqueue its id; `?wait=S` then holds
+    the answer up to S seconds and returns the finished job (201) if it ends by then."""
+    wait = job_service.parse_wait(request.args.get("wait"))  # a bad value stores nothing
     limits.check_rate(client_key=str(current_client().id), settings=settings())
     upload = request.files.get("image")
     if upload is None:
@@ -72,19 +75,19 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     except Exception:  # the job is stored; the reconciler enqueues it when the broker is back
         log.warning("enqueue failed for job %s; left for the reconciler", job.id, exc_info=True)
     body = accepted_body(job)
-    return jsonify(body), 202, {"Location": body["urls"]["self"]}
+    location = {"Location": body["urls"]["self"]}
+    if wait > 0:
+        done = _wait_for_end(job.id, wait)
+        if done.job_status.is_terminal:
+            return jsonify(job_body(done)), 201, location
+    return jsonify(body), 202, location
 
 
 @bp.get("/jobs/<job_id>")
 def read_job(job_id: str) -> Response:
     """The job's state, timings and links; `?wait=S` long-polls up to S seconds for the end."""
-    job = job_service.wait_for_job(
-        session=db(), job_id=job_id, client_id=_scope(),
-        seconds=job_service.parse_wait(request.args.get("wait")),
-        redis_url=settings().effective_redis_url,
-        max_waiters=settings().long_poll_max_waiters,
-    )
-    return jsonify(job_body(job))
+    seconds = job_service.parse_wait(request.args.get("wait"))
+    return jsonify(job_body(_wait_for_end(job_id, seconds)))
 
 
 @bp.get("/jobs/<job_id>/mask.png")
@@ -114,6 +117,15 @@ def cancel_job(job_id: str) -> Response:
     if job.job_status.is_terminal:
         notify.publish_finished(settings().effective_redis_url, [job.id])
     return jsonify(job_body(job))
+
+
+def _wait_for_end(job_id: uuid.UUID | str, seconds: float) -> Job:
+    """The job once it ends, or as it is after `seconds` (a long poll; 0: at once)."""
+    cfg = settings()
+    return job_service.wait_for_job(
+        session=db(), job_id=str(job_id), client_id=_scope(), seconds=seconds,
+        redis_url=cfg.effective_redis_url, max_waiters=cfg.long_poll_max_waiters,
+    )
 
 
 def _scope() -> uuid.UUID | None:

@@ -9,11 +9,11 @@ import uuid
 
 import pytest
 from PIL import Image
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from segsvc import notify
 from segsvc.db import get_sessionmaker, session_scope
-from segsvc.models import Job
+from segsvc.models import Job, utcnow
 from segsvc.services import jobs as job_service
 from segsvc.settings import Settings
 
@@ -131,3 +131,62 @@ def test_one_batch_notice_wakes_every_waiter(client, auth, settings: Settings) -
         poller.join()
     assert bodies == {ids[0]: "succeeded", ids[1]: "succeeded"}
     assert time.monotonic() - started < 0.9  # the notice, not the 1 s re-check
+
+
+def finish_next_job(settings: Settings, *, publish: bool = True) -> threading.Thread:
+    """Like a worker: wait for the next queued job, mark it succeeded and send its notice."""
+    def run() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with session_scope(settings) as session:
+                job_id = session.scalar(select(Job.id).where(Job.status == "queued"))
+                if job_id is not None:
+                    session.execute(update(Job).where(Job.id == job_id).values(
+                        status="succeeded", completed_at=utcnow()))
+            if job_id is not None:
+                if publish:
+                    notify.publish_finished(settings.effective_redis_url, [job_id])
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def png_upload() -> dict[str, tuple[io.BytesIO, str]]:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24)).save(buf, format="PNG")
+    return {"image": (io.BytesIO(buf.getvalue()), "a.png")}
+
+
+def test_submit_with_wait_returns_the_finished_job(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    thread = finish_next_job(settings)
+    started = time.monotonic()
+    resp = client.post("/v1/jobs?wait=20", headers=auth, data=png_upload(),
+                       content_type="multipart/form-data")
+    thread.join()
+    assert resp.status_code == 201
+    body = resp.get_json()
+    assert body["status"] == "succeeded"
+    assert body["completed_at"]
+    assert resp.headers["Location"].endswith(f"/v1/jobs/{body['id']}")
+    assert time.monotonic() - started < 5
+
+
+def test_submit_with_wait_answers_202_when_the_job_is_not_done(client, auth) -> None:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    resp = client.post("/v1/jobs?wait=0.3", headers=auth, data=png_upload(),
+                       content_type="multipart/form-data")
+    assert resp.status_code == 202
+    assert resp.get_json()["status"] == "queued"
+    assert 0.25 <= time.monotonic() - started < 3
+
+
+def test_submit_with_a_bad_wait_stores_nothing(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/jobs?wait=31", headers=auth, data=png_upload(),
+                       content_type="multipart/form-data")
+    assert resp.status_code == 422
+    assert resp.get_json()["error"] == "validation_error"
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0

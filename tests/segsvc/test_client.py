@@ -63,6 +63,9 @@ def test_client_submit_wait_returns_mask_and_overlay(api: Client, worker: Path) 
     again = api.submit(photo.read_bytes(), filename="again.jpg").wait(timeout=120)
     assert again.succeeded
     assert again.metrics["predict_ms"] > 0
+    held = api.submit(photo, wait=10)  # the server holds the answer until the job ends
+    assert held.succeeded, worker.read_text()[-2000:]
+    assert held.metrics["predict_ms"] > 0
 
 
 def test_client_errors_carry_api_codes(api: Client, base_url: str) -> None:

@@ -151,10 +151,13 @@ class _Listener:
 
     def _run(self) -> None:
         while True:
+            was_subscribed = self.subscribed.is_set() or not self.tried.is_set()
             try:
                 self._listen()
             except Exception as exc:  # Redis went away: waiters re-read, then we reconnect
-                log.warning("job notices interrupted: %s", exc.__class__.__name__)
+                # Once per outage, not once per reconnect attempt.
+                log.log(logging.WARNING if was_subscribed else logging.DEBUG,
+                        "job notices interrupted: %s", exc.__class__.__name__)
             self.tried.set()
             self.subscribed.clear()
             self._wake_all()

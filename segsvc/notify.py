@@ -150,14 +150,16 @@ class _Listener:
             notice.set()
 
     def _run(self) -> None:
+        reported = False  # this outage was logged already (once, not on every retry)
         while True:
-            was_subscribed = self.subscribed.is_set() or not self.tried.is_set()
             try:
                 self._listen()
             except Exception as exc:  # Redis went away: waiters re-read, then we reconnect
-                # Once per outage, not once per reconnect attempt.
-                log.log(logging.WARNING if was_subscribed else logging.DEBUG,
-                        "job notices interrupted: %s", exc.__class__.__name__)
+                if self.subscribed.is_set():
+                    reported = False  # this attempt had worked: a new outage
+                if not reported:
+                    log.warning("job notices interrupted: %s", exc.__class__.__name__)
+                    reported = True
             self.tried.set()
             self.subscribed.clear()
             self._wake_all()

@@ -65,6 +65,7 @@ ImageInput = str | os.PathLike[str] | bytes | IO[bytes]
 # Seconds one long-poll request may wait server-side (below the HTTP timeout).
 LONG_POLL_S = 10.0
 
+
 class Job:
     """A job as the API last described it; `refresh()` and `wait()` update it."""
 
@@ -199,8 +200,9 @@ class Client:
     ) -> Job:
         """Upload a photo (path, bytes or binary file) and return the queued job.
 
-        With `wait` (seconds, <= 30) the server holds its answer until the job ends, so a fast
-        job comes back finished from this one request; otherwise it is still queued or running.
+        With `wait` (seconds, capped at LONG_POLL_S to stay below the HTTP timeout) the server
+        holds its answer until the job ends, so a fast job comes back finished from this one
+        request; otherwise it is still queued or running.
         """
         name, data = _read_image(image, filename)
         form: dict[str, Any] = {}

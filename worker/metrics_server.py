@@ -38,8 +38,6 @@ def start_metrics_server(port: int) -> bool:
     return True
 
 
-
-
 def record_model(*, version: str, sha256: str, runtime: str, load_seconds: float) -> None:
     """Publish the version in service and how long it took to load."""
     MODEL_INFO.info({"production": version, "sha256": sha256[:12], "runtime": runtime})

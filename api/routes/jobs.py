@@ -35,6 +35,8 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     upload = request.files.get("image")
     if upload is None:
         raise BadRequestError("Send the image as multipart/form-data in the field 'image'.")
+    if None in request.form or None in request.files:  # werkzeug keeps nameless parts as None
+        raise BadRequestError("Every multipart part needs a name (RFC 7578).")
     cfg = settings()
     image = validate_image(
         upload.read(cfg.max_upload_bytes + 1),

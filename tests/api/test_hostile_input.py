@@ -145,6 +145,26 @@ def test_hostile_exif_rotated_photo_is_displayed_way_up(client, auth, settings) 
     assert bottom[2] > 200 > bottom[0]
 
 
+@pytest.mark.parametrize("disposition", [
+    b'form-data', b'form-data; filename="a.jpg"',
+])
+def test_hostile_nameless_multipart_part_is_400(  # type: ignore[no-untyped-def]
+    settings: Settings, client, auth, disposition: bytes
+) -> None:
+    tiny_jpeg = encode(Image.new("RGB", (32, 24), (200, 80, 40)), "JPEG")
+    # Regression (found by the OpenAPI fuzz test): a part without a name reached the
+    # idempotency fingerprint as a None key, and sorting it was a 500.
+    body = (b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\nvalue\r\n"
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + tiny_jpeg + b"\r\n--b--\r\n")
+    resp = client.post("/v1/jobs", headers={**auth, "Idempotency-Key": "k1"}, data=body,
+                       content_type="multipart/form-data; boundary=b")
+    assert resp.status_code == 400
+    assert resp.get_json()["error"] == "bad_request"
+    with session_scope(settings) as session:
+        assert session.query(Job).count() == 0
+
+
 def test_hostile_oversized_multipart_is_413(settings: Settings, auth) -> None:  # type: ignore[no-untyped-def]
     from api.app import create_app
 

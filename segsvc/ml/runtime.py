@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from segsvc.ml import IMAGE_SIZE
+from segsvc.ml.batchplan import BatchPlanner
 from segsvc.ml.convert import LITERT_KINDS, ensure_artifacts
 
 log = logging.getLogger(__name__)
@@ -96,11 +98,9 @@ class OnnxRuntime:
 
 
 class LiteRTRuntime:
-    """LiteRT (TFLite) with XNNPACK: one interpreter per fixed batch size; batches are split.
-
-    A batch of n runs greedily as the largest fixed sizes that fit (32 + 8 + 1 + 1 for 42), so
-    nothing is padded and every graph keeps static shapes that XNNPACK fully accelerates.
-    """
+    """LiteRT (TFLite) with XNNPACK: one interpreter per fixed batch size, every graph static so
+    XNNPACK accelerates all of it. Each size is timed once at load; a batch then runs as the
+    cheapest sequence of calls (`segsvc.ml.batchplan`), and sizes no plan uses are freed."""
 
     def __init__(self, folder: Path, *, kind: str, batch_sizes: Sequence[int], threads: int = 0):
         from ai_edge_litert.interpreter import Interpreter
@@ -114,18 +114,44 @@ class LiteRTRuntime:
             )
             interp.allocate_tensors()
             self._interpreters[size] = interp
+        self.seconds = {size: self._time(size) for size in self._interpreters}
+        self.planner = BatchPlanner(self.seconds)
+        used = self.planner.used_sizes(max(self._interpreters))
+        for size in set(self._interpreters) - used:
+            del self._interpreters[size]  # its activations are freed with it
+        log.info(
+            "%s: ms per call by batch size %s; serving with sizes %s", kind,
+            {size: round(secs * 1000, 1) for size, secs in sorted(self.seconds.items())},
+            sorted(used),
+        )
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        n = len(batch)
+        if n == 0:
+            return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
         batch = np.ascontiguousarray(batch, np.float32)
         outputs, start = [], 0
         with self._lock:
-            while start < len(batch):
-                size = next(s for s in self._interpreters if s <= len(batch) - start)
-                outputs.append(self._run(self._interpreters[size], batch[start : start + size]))
+            for size in self.planner.plan(n):
+                chunk = batch[start : start + size]
+                if len(chunk) < size:  # the last call is padded with zero images
+                    chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]),
+                                                            np.float32)])
+                outputs.append(self._run(self._interpreters[size], chunk)[: n - start])
                 start += size
-        if not outputs:
-            return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
         return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _time(self, size: int, repeats: int = 2) -> float:
+        """Seconds per call at this size: the best of `repeats` after a warm-up call."""
+        interp = self._interpreters[size]
+        zeros = np.zeros((size, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+        self._run(interp, zeros)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            self._run(interp, zeros)
+            best = min(best, time.perf_counter() - started)
+        return best
 
     @staticmethod
     def _run(interp: Any, chunk: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -183,15 +209,14 @@ def load_runtime(
 
 
 def serving_batch_sizes(batch_max_size: int) -> tuple[int, ...]:
-    """Fixed LiteRT batch sizes: 1, 4, 8 and the largest micro-batch.
+    """Fixed LiteRT batch sizes to convert: 1 to 8 and the largest micro-batch.
 
-    A batch runs as the largest sizes that fit (31 = 8 + 8 + 8 + 4 + 1 + 1 + 1 with 32 the
-    largest). With one thread b1 and b2 cost ~11 ms per image and b4 to b32 ~9; b4 keeps small
-    batches off b1 (a batch of 7 ran as seven b1 calls), while b2 and b16 would gain nothing and
-    b16 alone cost the worker ~150 MB of activations.
+    Where XNNPACK's cost per image jumps differs by CPU (see `segsvc.ml.batchplan`), so every
+    small size is there for the planner to pick from; the sizes it never uses are freed at
+    load. b16 was tried and gained nothing on either CPU measured.
     """
     top = max(1, batch_max_size)
-    return tuple(sorted({size for size in (1, 4, 8) if size <= top} | {top}))
+    return tuple(sorted({size for size in range(1, 9) if size <= top} | {top}))
 
 
 def _set_tf_threads(tf: Any, threads: int) -> None:

@@ -13,7 +13,13 @@ import pytest
 from segsvc.digest import file_sha256
 from segsvc.ml.convert import ensure_artifacts
 from segsvc.ml.preprocess import preprocess_bytes
-from segsvc.ml.runtime import Runtime, load_runtime, resolve_kind, serving_batch_sizes
+from segsvc.ml.runtime import (
+    LiteRTRuntime,
+    Runtime,
+    load_runtime,
+    resolve_kind,
+    serving_batch_sizes,
+)
 from tests.conftest import sample_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -119,8 +125,32 @@ def test_shipped_model_lists_its_faithful_runtimes() -> None:
         assert agreement["miou_drop_points"] <= 0.5
 
 
-def test_serving_batch_sizes_are_1_4_8_and_the_largest_batch() -> None:
-    assert serving_batch_sizes(32) == (1, 4, 8, 32)
-    assert serving_batch_sizes(6) == (1, 4, 6)
+def test_serving_batch_sizes_are_1_to_8_and_the_largest_batch() -> None:
+    assert serving_batch_sizes(32) == (1, 2, 3, 4, 5, 6, 7, 8, 32)
+    assert serving_batch_sizes(6) == (1, 2, 3, 4, 5, 6)
     assert serving_batch_sizes(1) == (1,)
     assert serving_batch_sizes(0) == (1,)
+
+
+def test_litert_padded_and_split_calls_give_each_image_its_own_result(
+    model_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    cache = tmp_path_factory.getbasetemp() / "artifacts"
+    load("litert-int8", model_file, cache)  # converts (or finds) b1 and b4
+    folder = ensure_artifacts(model_file, kind="litert-int8", artifact_dir=cache,
+                              batch_sizes=BATCH_SIZES)
+    ones = LiteRTRuntime(folder, kind="litert-int8", batch_sizes=(1,), threads=1)
+    fours = LiteRTRuntime(folder, kind="litert-int8", batch_sizes=(4,), threads=1)
+    both = LiteRTRuntime(folder, kind="litert-int8", batch_sizes=BATCH_SIZES, threads=1)
+    assert set(fours.seconds) == {4}
+    assert fours.seconds[4] > 0
+    x = np.random.default_rng(1).random((6, 128, 128, 3), dtype=np.float32)
+    expected = ones.predict(x)
+    scale = float(np.abs(expected).max())
+    for n in (1, 3, 4, 6):
+        assert fours.planner.plan(n) == (4,) * -(-n // 4)  # 1-3 and 5-6 images pad the call
+        for runtime in (fours, both):
+            out = runtime.predict(x[:n])
+            assert out.shape == (n, 128, 128, 3)
+            np.testing.assert_allclose(out, expected[:n], rtol=0, atol=1e-5 * scale)
+    assert fours.predict(x[:0]).shape == (0, 128, 128, 3)

@@ -139,12 +139,17 @@ def time_served(
     """The served runtime with the worker's thread count (the raw reference for the running
     system), timed interleaved with the same runtime on all cores."""
     x = np.concatenate([images] * (1 + 32 // max(1, len(images))))[:32]
-    predictors = {
+    runtimes = {
         name: load_runtime(
             model_path, kind=kind, threads=n, artifact_dir=artifact_dir, sha256=sha256,
             batch_sizes=serving_batch_sizes(32),
-        ).predict
+        )
         for name, n in (("served", threads), ("all_cores", 0))
     }
-    timed = time_interleaved(predictors, x, budget_s)
-    return {"kind": kind, "threads": threads, **timed["served"], "all_cores": timed["all_cores"]}
+    timed = time_interleaved({name: rt.predict for name, rt in runtimes.items()}, x, budget_s)
+    out = {"kind": kind, "threads": threads, **timed["served"], "all_cores": timed["all_cores"]}
+    planner = getattr(runtimes["served"], "planner", None)
+    if planner is not None:  # LiteRT: the per-size call times it measured and its plans
+        out["call_ms"] = {str(k): v * 1000.0 for k, v in sorted(planner.seconds.items())}
+        out["plans"] = {f"b{n}": list(planner.plan(n)) for n in (1, 4, 8, 9, 32)}
+    return out

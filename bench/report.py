@@ -198,6 +198,20 @@ def markdown(r: dict[str, Any]) -> str:
             + ". One thread per worker process leaves the other core to the API and Postgres;"
             " per core it is the faster setting.",
         ]
+        if "call_ms" in worker:
+            lines += [
+                "",
+                "LiteRT time per call by fixed batch size, measured by the worker's runtime at "
+                "load (ms): "
+                + ", ".join(f"b{k} {v:.1f}" for k, v in worker["call_ms"].items())
+                + ". Batches run as the cheapest sequence of calls (`segsvc/ml/batchplan.py`, "
+                "the last call padded when a larger one is faster): "
+                + "; ".join(
+                    f"{n} as {' + '.join(str(s) for s in plan)}"
+                    for n, plan in worker["plans"].items()
+                )
+                + ".",
+            ]
     lines += [
         "",
         "## Running system (gunicorn API + Redis + worker + Postgres)",

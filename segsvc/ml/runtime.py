@@ -100,30 +100,33 @@ class OnnxRuntime:
 class LiteRTRuntime:
     """LiteRT (TFLite) with XNNPACK: one interpreter per fixed batch size, every graph static so
     XNNPACK accelerates all of it. Each size is timed once at load; a batch then runs as the
-    cheapest sequence of calls (`segsvc.ml.batchplan`), and sizes no plan uses are freed."""
+    cheapest sequence of calls (`segsvc.ml.batchplan`), and only the sizes some plan uses are
+    kept loaded."""
 
     def __init__(self, folder: Path, *, kind: str, batch_sizes: Sequence[int], threads: int = 0):
-        from ai_edge_litert.interpreter import Interpreter
-
         self.name = kind
+        self._folder = folder
+        self._threads = threads or os.cpu_count() or 1
         self._lock = threading.Lock()  # interpreters are not thread-safe
-        self._interpreters: dict[int, Any] = {}
-        for size in sorted(set(batch_sizes), reverse=True):
-            interp = Interpreter(
-                model_path=str(folder / f"b{size}.tflite"), num_threads=threads or os.cpu_count()
-            )
-            interp.allocate_tensors()
-            self._interpreters[size] = interp
-        self.seconds = {size: self._time(size) for size in self._interpreters}
+        # Timed one at a time and freed, so that peak memory holds one unused size at most.
+        self.seconds = {size: self._time(self._open(size), size) for size in set(batch_sizes)}
         self.planner = BatchPlanner(self.seconds)
-        used = self.planner.used_sizes(max(self._interpreters))
-        for size in set(self._interpreters) - used:
-            del self._interpreters[size]  # its activations are freed with it
+        used = self.planner.used_sizes(max(self.seconds))
+        self._interpreters: dict[int, Any] = {size: self._open(size) for size in used}
         log.info(
             "%s: ms per call by batch size %s; serving with sizes %s", kind,
             {size: round(secs * 1000, 1) for size, secs in sorted(self.seconds.items())},
             sorted(used),
         )
+
+    def _open(self, size: int) -> Any:
+        from ai_edge_litert.interpreter import Interpreter
+
+        interp = Interpreter(
+            model_path=str(self._folder / f"b{size}.tflite"), num_threads=self._threads
+        )
+        interp.allocate_tensors()
+        return interp
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         n = len(batch)
@@ -141,9 +144,8 @@ class LiteRTRuntime:
                 start += size
         return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
 
-    def _time(self, size: int, repeats: int = 2) -> float:
+    def _time(self, interp: Any, size: int, repeats: int = 2) -> float:
         """Seconds per call at this size: the best of `repeats` after a warm-up call."""
-        interp = self._interpreters[size]
         zeros = np.zeros((size, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
         self._run(interp, zeros)
         best = float("inf")

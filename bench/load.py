@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from segsvc.client import LONG_POLL_S
+
 
 def multipart(photo: Path) -> tuple[bytes, str]:
     """A multipart/form-data body with the photo in the field `image`."""
@@ -170,7 +172,8 @@ def run_burst(
     clients: int,
 ) -> LoadResult:
     """Capacity: `clients` submit `jobs` as fast as they can while the worker runs them; jobs/s
-    = jobs / (last completed_at - first submit). One poller checks jobs in submit order."""
+    = jobs / (last completed_at - first submit). One poller then reads jobs in submit order
+    with long polls (as `segsvc.client` waits), so it asks about each job about once."""
     result, lock = LoadResult(clients), threading.Lock()
     submitted: list[tuple[float, str]] = []
     per_client = [range(i, jobs, clients) for i in range(clients)]
@@ -191,7 +194,7 @@ def run_burst(
     _run_threads(submitter, clients)
     poller, last = Client(port, headers), start
     for sent, job_id in sorted(submitted):
-        job = _poll(poller, job_id, 0.02, time.monotonic() + 300)
+        job = _poll(poller, job_id, 0.02, time.monotonic() + 300, wait_s=LONG_POLL_S)
         if job is None or job["status"] != "succeeded":
             result.errors += 1
             continue

@@ -25,7 +25,7 @@ def brute_force(seconds: dict[int, float], n: int) -> float:
 
 
 @pytest.mark.parametrize("table", [XEON, FLAT])
-def test_plans_cover_the_batch_at_the_lowest_cost(table: dict[int, float]) -> None:
+def test_plan_covers_the_batch_at_the_lowest_cost(table: dict[int, float]) -> None:
     planner = BatchPlanner(table)
     for n in range(1, 11):
         plan = planner.plan(n)
@@ -34,7 +34,7 @@ def test_plans_cover_the_batch_at_the_lowest_cost(table: dict[int, float]) -> No
         assert planner.cost(n) == pytest.approx(brute_force(table, n))
 
 
-def test_a_slow_small_size_is_replaced_by_a_padded_faster_one() -> None:
+def test_plan_replaces_a_slow_small_size_with_a_padded_faster_one() -> None:
     planner = BatchPlanner(XEON)
     assert planner.plan(1) == (1,)
     assert planner.plan(4) == (5,)  # one b5 call with a zero image: 21.9 ms, not 44.5
@@ -44,7 +44,7 @@ def test_a_slow_small_size_is_replaced_by_a_padded_faster_one() -> None:
     assert planner.used_sizes(32).isdisjoint({3, 4, 32})
 
 
-def test_ties_go_to_fewer_padded_images_then_fewer_calls() -> None:
+def test_plan_breaks_ties_by_padding_then_calls() -> None:
     planner = BatchPlanner(FLAT)
     assert planner.plan(32) == (32,)
     assert planner.plan(8) == (8,)
@@ -52,13 +52,13 @@ def test_ties_go_to_fewer_padded_images_then_fewer_calls() -> None:
     assert BatchPlanner({1: 1.0, 4: 4.0}).plan(4) == (4,)
 
 
-def test_batches_beyond_the_largest_size_run_as_blocks() -> None:
+def test_plan_runs_batches_beyond_the_largest_size_as_blocks() -> None:
     planner = BatchPlanner(FLAT)
     assert planner.plan(70) == (32, 32, 4, 2)
     assert planner.plan(0) == ()
 
 
-def test_an_empty_or_invalid_table_is_refused() -> None:
+def test_planner_refuses_an_empty_or_invalid_table() -> None:
     with pytest.raises(ValueError, match="positive"):
         BatchPlanner({}).plan(1)
     with pytest.raises(ValueError, match="positive"):

@@ -174,3 +174,23 @@ def test_record_events_started_once_when_job_is_retried(settings: Settings) -> N
         job_service.release_job(session=session, job_id=job_id, lease_token=claimed.lease_token)
     start_job(settings, job_id)
     assert [m.event_type for m in messages(settings, job_id)] == ["job.started"]
+
+
+def test_record_events_in_a_mixed_batch_only_for_subscribed_jobs(settings: Settings) -> None:
+    # The claim and the completion skip the outbox query for jobs without a webhook; a batch
+    # mixing both must still give each subscribed job exactly its own messages.
+    both, default, plain = (make_job(settings, URL, ["start", "completed"]),
+                            make_job(settings, URL), make_job(settings, None))
+    with session_scope(settings) as session:
+        claimed = job_service.claim_jobs(session=session, job_ids=[both, default, plain],
+                                         lease_seconds=60)
+    assert {job.id for job in claimed} == {both, default, plain}
+    assert all(job.model_input and len(job.model_input) == 128 * 128 * 3 for job in claimed)
+    results = [{"id": job.id, "lease_token": job.lease_token, "mask_png": b"",
+                "class_fractions": [0.5, 0.4, 0.1], "model_version": "test-v1",
+                "queue_ms": 1.0, "predict_ms": 2.0, "batch_size": 3} for job in claimed]
+    with session_scope(settings) as session:
+        assert job_service.complete_jobs(session=session, results=results) == 3
+    got = sorted((m.job_id == both, m.event_type) for m in messages(settings))
+    assert got == [(False, "job.completed"), (True, "job.completed"), (True, "job.started")]
+    assert not messages(settings, plain)

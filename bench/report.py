@@ -75,16 +75,21 @@ def best_batched(raw: dict[str, Any]) -> float:
     return max(raw["b8"]["images_per_s"], raw["b32"]["images_per_s"])
 
 
+def served_row(r: dict[str, Any]) -> dict[str, Any]:
+    """The served runtime's row of the raw table (all cores)."""
+    row: dict[str, Any] = r["raw"].get(r.get("served_runtime", "onnx"), r["raw"]["onnx"])
+    return row
+
+
 def as_served(r: dict[str, Any]) -> dict[str, Any]:
     """Raw timings of the served runtime with the worker's thread count (older results: the
     runtime table's all-cores row)."""
-    served: dict[str, Any] = r["raw"].get(r.get("served_runtime", "onnx"), r["raw"]["onnx"])
-    return r.get("served_raw") or served
+    return r.get("served_raw") or served_row(r)
 
 
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of issue 4 as (measured ratio, required ratio, met)."""
-    served = r["raw"].get(r.get("served_runtime", "onnx"), r["raw"]["onnx"])
+    served = served_row(r)
     worker = as_served(r)
     batched = best_batched(served)
     limit = r["matmul_gflops"] / GFLOP_PER_IMAGE

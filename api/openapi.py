@@ -50,6 +50,17 @@ OPERATIONS: dict[str, Operation] = {
             "for this many seconds (202).",
         }},
     ),
+    "jobs.submit_batch": Operation(
+        {202: s.AcceptedBatch, 200: s.AcceptedBatch, 400: s.Error, 409: s.Error, 413: s.Error,
+         415: s.Error, 422: s.Error, 429: s.Error, 503: s.Error},
+        form=s.BatchSubmission, headers=IDEMPOTENCY,
+    ),
+    "jobs.read_jobs": Operation({200: s.JobList, 422: s.Error}, query={
+        "ids": {"type": "string", "description": "Comma-separated job ids (up to 100)."},
+        "wait": {"type": "number", "minimum": 0, "maximum": 30,
+                 "description": "Long poll: answer when every job has ended, or after this "
+                 "many seconds."},
+    }),
     "jobs.read_job": Operation({200: s.Job, 422: s.Error}, query={"wait": {
         "type": "number", "minimum": 0, "maximum": 30,
         "description": "Long poll: answer when the job ends, or after this many seconds.",
@@ -61,8 +72,8 @@ OPERATIONS: dict[str, Operation] = {
     "health.readyz": Operation({200: s.Readiness, 503: s.Readiness}),
     "docs.openapi_json": Operation({200: "application/json"}),
 }
-MODELS: list[type[BaseModel]] = [s.Error, s.Job, s.AcceptedJob, s.JobSubmission, s.Health,
-                                 s.Readiness]
+MODELS: list[type[BaseModel]] = [s.Error, s.Job, s.AcceptedJob, s.JobSubmission, s.AcceptedBatch,
+                                 s.BatchSubmission, s.JobList, s.Health, s.Readiness]
 _PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 

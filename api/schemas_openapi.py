@@ -79,6 +79,26 @@ class JobSubmission(BaseModel):
                          json_schema_extra={"format": "binary"})
 
 
+class AcceptedBatch(BaseModel):
+    """The answer to a batch submission: one job per image, in upload order."""
+
+    jobs: list[AcceptedJob]
+
+
+class BatchSubmission(BaseModel):
+    """The multipart form of `POST /v1/jobs/batch`: the field `image` once per photo."""
+
+    image: list[bytes] = Field(description="JPEG, PNG or WebP photos (repeat the field).",
+                               json_schema_extra={"items": {"type": "string", "format": "binary"}})
+
+
+class JobList(BaseModel):
+    """Several jobs, as `GET /v1/jobs?ids=` returns them."""
+
+    jobs: list[Job]
+    not_found: list[str] = Field(description="Asked-for ids this key has no job for.")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 

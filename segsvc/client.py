@@ -15,6 +15,7 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -218,6 +219,37 @@ class Client:
             params=params,
         )
         return Job(self, resp.json())
+
+    def submit_batch(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        webhook: str | None = None,
+        webhook_events: list[str] | None = None,
+    ) -> list[Job]:
+        """Upload several photos in one request (`POST /v1/jobs/batch`, up to the server's
+        `batch_submit_max_images`); all are accepted or none is. One queued job per photo, in
+        order; follow them together with `get_many`."""
+        form: dict[str, Any] = {}
+        if webhook:
+            form["webhook"] = webhook
+        if webhook_events:
+            form["webhook_events"] = ",".join(webhook_events)
+        files = [("image", _read_image(image, None)) for image in images]
+        headers = {"Idempotency-Key": str(uuid.uuid4())}  # retries store the batch once
+        resp = self._request("POST", "/v1/jobs/batch", files=files, data=form, headers=headers)
+        return [Job(self, body) for body in resp.json()["jobs"]]
+
+    def get_many(self, job_ids: Sequence[str], *, wait: float = 0.0) -> list[Job]:
+        """Several jobs in one request (up to 100), in the order given; with `wait` the server
+        holds the answer until every one has ended (<= 30 s). Unknown ids raise NotFoundError."""
+        params = {"ids": ",".join(job_ids)}
+        if wait > 0:
+            params["wait"] = f"{min(wait, LONG_POLL_S):.3f}"
+        body = self._request("GET", "/v1/jobs", params=params).json()
+        if body["not_found"]:
+            raise NotFoundError(404, "not_found", f"No such jobs: {', '.join(body['not_found'])}.")
+        return [Job(self, job) for job in body["jobs"]]
 
     def get(self, job_id: str, *, wait: float = 0.0) -> Job:
         """The job's state; with `wait`, the server holds the answer until it ends (<= 30 s)."""

@@ -123,19 +123,22 @@ class _Listener:
         self._thread = threading.Thread(target=self._run, name="segsvc-notices", daemon=True)
         self._thread.start()
 
-    def add(self, job_id: str) -> _Notice:
+    def add(self, job_ids: Iterable[str]) -> _Notice:
+        """One notice, set by a notice for any of `job_ids`."""
         notice = _Notice()
         with self._lock:
-            self._waiters.setdefault(job_id, set()).add(notice)
+            for job_id in job_ids:
+                self._waiters.setdefault(job_id, set()).add(notice)
         return notice
 
-    def remove(self, job_id: str, notice: _Notice) -> None:
+    def remove(self, job_ids: Iterable[str], notice: _Notice) -> None:
         with self._lock:
-            waiting = self._waiters.get(job_id)
-            if waiting is not None:
-                waiting.discard(notice)
-                if not waiting:
-                    del self._waiters[job_id]
+            for job_id in job_ids:
+                waiting = self._waiters.get(job_id)
+                if waiting is not None:
+                    waiting.discard(notice)
+                    if not waiting:
+                        del self._waiters[job_id]
 
     def _wake(self, job_ids: Iterable[str]) -> None:
         with self._lock:
@@ -201,11 +204,12 @@ def _listener(redis_url: str) -> _Listener:
 
 @contextmanager
 def subscribe(
-    redis_url: str | None, job_id: uuid.UUID | str
+    redis_url: str | None, *job_ids: uuid.UUID | str
 ) -> Iterator[tuple[Subscription, float]]:
-    """A subscription to one job's notices and how often to re-read the job regardless.
+    """A subscription to these jobs' notices (any one of them wakes it) and how often to re-read
+    the jobs regardless.
 
-    Subscribe *before* reading the job's state, so a notice sent in between is not missed.
+    Subscribe *before* reading the jobs' state, so a notice sent in between is not missed.
     """
     if not redis_url:
         yield _Sleep(POLL_WITHOUT_REDIS_S), POLL_WITHOUT_REDIS_S
@@ -215,9 +219,9 @@ def subscribe(
     if not listener.subscribed.is_set():
         yield _Sleep(POLL_WITHOUT_REDIS_S), POLL_WITHOUT_REDIS_S  # Redis is down: poll
         return
-    key = str(job_id)
-    notice = listener.add(key)
+    keys = [str(job_id) for job_id in job_ids]
+    notice = listener.add(keys)
     try:
         yield notice, FALLBACK_RECHECK_S
     finally:
-        listener.remove(key, notice)
+        listener.remove(keys, notice)

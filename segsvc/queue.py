@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -75,9 +76,17 @@ def make_celery(settings: Settings | None = None, name: str = "segsvc") -> Celer
 
 def enqueue_job(app: Celery, job_id: uuid.UUID, *, settings: Settings | None = None) -> None:
     """Send one job id to the inference queue by task name (no worker code imported)."""
+    enqueue_jobs(app, [job_id], settings=settings)
+
+
+def enqueue_jobs(
+    app: Celery, job_ids: Sequence[uuid.UUID], *, settings: Settings | None = None
+) -> None:
+    """Send jobs to the inference queue as one message (`run_job(*ids)`): a batch submit costs
+    one broker round trip, and a worker settles the message once every id in it is stored."""
     settings = settings or get_settings()
     app.send_task(
-        RUN_JOB, args=[str(job_id)], queue=settings.queue_name, retry=True,
+        RUN_JOB, args=[str(job_id) for job_id in job_ids], queue=settings.queue_name, retry=True,
         # One quick retry only: with the broker down the job is already stored and the
         # reconciler sends it later, so a submission must not stall on the broker.
         retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1},

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     public_url: str = Field("", description="Base URL used in links (empty: from the request).")
     max_upload_bytes: int = Field(10 * 1024 * 1024, description="Largest accepted upload.")
     max_pixels: int = Field(40_000_000, description="Largest accepted width x height.")
+    batch_submit_max_images: int = Field(
+        16, description="Most images one `POST /v1/jobs/batch` may carry (1: batches off)."
+    )
+    batch_submit_max_bytes: int = Field(
+        32 * 1024 * 1024, description="Largest `POST /v1/jobs/batch` body, all images together."
+    )
     max_queue_depth: int = Field(10_000, description="Queued jobs above which submits get 503.")
     rate_limit_per_minute: int = Field(600, description="Submissions per API key per minute.")
     rate_limit_burst: int = Field(120, description="Token-bucket burst size per API key.")

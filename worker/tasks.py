@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -55,21 +56,48 @@ class MicroBatchTask(Task):  # type: ignore[misc]
         errors = consumer.connection_errors
 
         def on_message(message: Any, body: Any, ack: Any, reject: Any, *_: Any, **__: Any) -> None:
-            job_id = _job_id(message, body)
-            if job_id is None:
+            job_ids = _job_ids(message, body)
+            if not job_ids:
                 log.warning("dropping a %s message without a job id", RUN_JOB)
                 ack(log, errors)
                 return
-            batcher.put(Item(job_id, ack=partial(ack, log, errors),
-                             requeue=partial(reject, log, errors, True)))
+            settle = SharedSettle(len(job_ids), ack=partial(ack, log, errors),
+                                  requeue=partial(reject, log, errors, True))
+            for job_id in job_ids:  # a batch submit's jobs may land in different batches
+                batcher.put(Item(job_id, ack=settle.ack, requeue=settle.requeue))
 
         return on_message
 
 
-def _job_id(message: Any, body: Any) -> str | None:
+class SharedSettle:
+    """Settles one message that carries `count` job ids once every id is settled: acknowledged
+    when all were stored, requeued when any was not (stored ids are no-ops when it returns)."""
+
+    def __init__(self, count: int, *, ack: Callable[[], Any], requeue: Callable[[], Any]) -> None:
+        self._left = count
+        self._failed = False
+        self._ack, self._requeue = ack, requeue
+        self._lock = threading.Lock()
+
+    def ack(self) -> None:
+        self._settle(ok=True)
+
+    def requeue(self) -> None:
+        self._settle(ok=False)
+
+    def _settle(self, *, ok: bool) -> None:
+        with self._lock:
+            self._left -= 1
+            self._failed |= not ok
+            if self._left != 0:
+                return
+        (self._requeue if self._failed else self._ack)()
+
+
+def _job_ids(message: Any, body: Any) -> list[str]:
     payload = body if body is not None else message.decode()
     args = payload.get("args") if isinstance(payload, dict) else payload[0]
-    return str(args[0]) if args else None
+    return [str(arg) for arg in args or ()]
 
 
 @app.task(name=RUN_JOB, base=MicroBatchTask, acks_late=True)

@@ -6,16 +6,18 @@ import logging
 import uuid
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.datastructures import FileStorage
 
+from api.app import MULTIPART_OVERHEAD
 from api.auth import authenticate_request, current_client
 from api.context import celery, db, settings
 from api.schemas import accepted_body, job_body
 from segsvc import notify
 from segsvc.blobs import blob_store
-from segsvc.errors import BadRequestError
-from segsvc.images import validate_image
+from segsvc.errors import BadRequestError, SegError, ValidationError
+from segsvc.images import ValidatedImage, validate_image
 from segsvc.models import Job
-from segsvc.queue import enqueue_job
+from segsvc.queue import enqueue_jobs
 from segsvc.services import idempotency, limits
 from segsvc.services import jobs as job_service
 from segsvc.services import webhooks as webhook_service
@@ -31,29 +33,19 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     """Validate an upload, store the job, commit, then enqueue its id; `?wait=S` then holds
     the answer up to S seconds and returns the finished job (201) if it ends by then."""
     wait = job_service.parse_wait(request.args.get("wait"))  # a bad value stores nothing
-    limits.check_rate(client_key=str(current_client().id), settings=settings())
+    cfg = settings()
+    limits.check_rate(client_key=str(current_client().id), settings=cfg)
     upload = request.files.get("image")
     if upload is None:
         raise BadRequestError("Send the image as multipart/form-data in the field 'image'.")
-    if None in request.form or None in request.files:  # werkzeug keeps nameless parts as None
-        raise BadRequestError("Every multipart part needs a name (RFC 7578).")
-    cfg = settings()
-    image = validate_image(
-        upload.read(cfg.max_upload_bytes + 1),
-        max_bytes=cfg.max_upload_bytes,
-        max_pixels=cfg.max_pixels,
-    )
-    session = db()
-    hook = webhook_service.parse_subscription(
-        session=session, url=request.form.get("webhook"),
-        events=request.form.getlist("webhook_events"), settings=cfg,
-        client_id=current_client().id,
-    )
+    _check_part_names()
+    image = _validate(upload)
+    session, client_id = db(), current_client().id
+    hook = _webhook()
     idem = idempotency.parse_request(
         request.headers.get("Idempotency-Key"), image_sha256=image.sha256,
         fields=request.form.items(multi=True),
     )
-    client_id = current_client().id
     replay = idem and idempotency.find_replay(session=session, client_id=client_id, req=idem)
     if replay:
         body = accepted_body(replay)
@@ -72,10 +64,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
             store=blob_store(cfg),
         )
     session.commit()
-    try:
-        enqueue_job(celery(), job.id, settings=cfg)
-    except Exception:  # the job is stored; the reconciler enqueues it when the broker is back
-        log.warning("enqueue failed for job %s; left for the reconciler", job.id, exc_info=True)
+    _enqueue([job.id])
     body = accepted_body(job)
     location = {"Location": body["urls"]["self"]}
     if wait > 0:
@@ -83,6 +72,105 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
         if done.job_status.is_terminal:
             return jsonify(job_body(done)), 201, location
     return jsonify(body), 202, location
+
+
+@bp.post("/jobs/batch")
+def submit_batch() -> tuple[Response, int]:
+    """Submit several images at once (repeat the field 'image'): all are accepted, or none.
+
+    One request, one transaction and one queue message for the lot; each image becomes its own
+    job (poll them together with `GET /v1/jobs?ids=`). Webhook fields apply to every job."""
+    cfg = settings()
+    request.max_content_length = cfg.batch_submit_max_bytes + MULTIPART_OVERHEAD
+    uploads = request.files.getlist("image")
+    if not uploads:
+        raise BadRequestError("Send the images as multipart/form-data, each in a field 'image'.")
+    if len(uploads) > cfg.batch_submit_max_images:
+        raise ValidationError(
+            f"{len(uploads)} images in one batch; the limit is {cfg.batch_submit_max_images}."
+        )
+    _check_part_names()
+    limits.check_rate(client_key=str(current_client().id), settings=cfg, cost=len(uploads))
+    images = []
+    for index, upload in enumerate(uploads):
+        try:
+            images.append(_validate(upload))
+        except SegError as exc:  # say which image, keep the status and code
+            exc.message = f"Image {index} ({upload.filename or 'no file name'}): {exc.message}"
+            raise
+    session, client_id = db(), current_client().id
+    hook = _webhook()
+    idem = idempotency.parse_request(
+        request.headers.get("Idempotency-Key"), image_sha256=[i.sha256 for i in images],
+        fields=request.form.items(multi=True),
+    )
+    replay = idem and idempotency.find_batch_replay(
+        session=session, client_id=client_id, req=idem, count=len(images)
+    )
+    if replay:
+        return jsonify({"jobs": [accepted_body(job) for job in replay]}), 200
+    limits.check_admission(session=session, settings=cfg, cost=len(images))
+    with idempotency.race_guard(session=session, req=idem):
+        jobs = job_service.create_jobs(
+            session=session,
+            images=images,
+            client_id=client_id,
+            request_id=request.headers.get("X-Request-ID"),
+            idempotency_keys=idempotency.batch_keys(idem, len(images)) if idem else None,
+            request_fingerprint=idem.fingerprint if idem else None,
+            webhook_url=hook.url,
+            webhook_events=hook.events,
+            store=blob_store(cfg),
+        )
+    session.commit()
+    _enqueue([job.id for job in jobs])
+    return jsonify({"jobs": [accepted_body(job) for job in jobs]}), 202
+
+
+@bp.get("/jobs")
+def read_jobs() -> Response:
+    """Several jobs at once (`?ids=a,b,...`, up to 100), in the order asked; `?wait=S`
+    long-polls until every one has ended. Ids this key cannot see are listed in `not_found`."""
+    ids = job_service.parse_job_ids(request.args.get("ids"))
+    seconds = job_service.parse_wait(request.args.get("wait"))
+    cfg = settings()
+    jobs = job_service.wait_for_jobs(
+        session=db(), job_ids=ids, client_id=_scope(), seconds=seconds,
+        redis_url=cfg.effective_redis_url, max_waiters=cfg.long_poll_max_waiters,
+    )
+    found = {job.id for job in jobs}
+    return jsonify({"jobs": [job_body(job) for job in jobs],
+                    "not_found": [str(jid) for jid in ids if jid not in found]})
+
+
+def _check_part_names() -> None:
+    if None in request.form or None in request.files:  # werkzeug keeps nameless parts as None
+        raise BadRequestError("Every multipart part needs a name (RFC 7578).")
+
+
+def _validate(upload: FileStorage) -> ValidatedImage:
+    cfg = settings()
+    return validate_image(
+        upload.read(cfg.max_upload_bytes + 1),
+        max_bytes=cfg.max_upload_bytes,
+        max_pixels=cfg.max_pixels,
+    )
+
+
+def _webhook() -> webhook_service.Subscription:
+    return webhook_service.parse_subscription(
+        session=db(), url=request.form.get("webhook"),
+        events=request.form.getlist("webhook_events"), settings=settings(),
+        client_id=current_client().id,
+    )
+
+
+def _enqueue(job_ids: list[uuid.UUID]) -> None:
+    try:
+        enqueue_jobs(celery(), job_ids, settings=settings())
+    except Exception:  # the jobs are stored; the reconciler enqueues them when the broker is back
+        log.warning("enqueue failed for jobs %s; left for the reconciler",
+                    ", ".join(map(str, job_ids)), exc_info=True)
 
 
 @bp.get("/jobs/<job_id>")

@@ -18,6 +18,7 @@ from segsvc.models import Job, utcnow
 
 KEY_WINDOW = timedelta(hours=24)
 MAX_KEY_LENGTH = 255
+_REUSED = "This Idempotency-Key was already used with a different request body."
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,12 @@ class IdempotentRequest:
 
 
 def parse_request(
-    raw_key: str | None, *, image_sha256: str, fields: Iterable[tuple[str, str]]
+    raw_key: str | None, *, image_sha256: str | list[str], fields: Iterable[tuple[str, str]]
 ) -> IdempotentRequest | None:
-    """The request's key and body fingerprint, None without a key; a malformed key is 422."""
+    """The request's key and body fingerprint, None without a key; a malformed key is 422.
+
+    A batch passes every image's sha256, in order: the same images in another order, or one
+    more or less, are another body."""
     if raw_key is None:
         return None
     key = raw_key.strip()
@@ -41,6 +45,41 @@ def parse_request(
         )
     body = json.dumps({"image": image_sha256, "fields": sorted(fields)}, separators=(",", ":"))
     return IdempotentRequest(key=key, fingerprint=hashlib.sha256(body.encode()).hexdigest())
+
+
+def batch_keys(req: IdempotentRequest, count: int) -> list[str]:
+    """The stored keys of a batch's jobs, one per image. They start with a control character,
+    which a client's own key cannot contain, so they never collide with a single submit's."""
+    digest = hashlib.sha256(req.key.encode()).hexdigest()
+    return [f"\x1fbatch:{digest}:{index}" for index in range(count)]
+
+
+def find_batch_replay(
+    *, session: Session, client_id: object, req: IdempotentRequest, count: int
+) -> list[Job] | None:
+    """The jobs an earlier batch with this key created (within 24 h), in upload order, or None.
+
+    A batch's jobs are inserted in one transaction, so they are found all together or not at
+    all; a different body under the same key is 422, as for a single submit. Keys are scoped
+    per endpoint: a single submit's key never replays a batch, nor the other way round."""
+    keys = batch_keys(req, count)
+    jobs = list(session.scalars(
+        select(Job).where(Job.client_id == client_id, Job.idempotency_key.in_(keys))
+    ))
+    if not jobs:
+        return None
+    if jobs[0].created_at < utcnow() - KEY_WINDOW:
+        session.execute(
+            update(Job).where(Job.id.in_([job.id for job in jobs])).values(idempotency_key=None)
+            .execution_options(synchronize_session=False)
+        )
+        for job in jobs:
+            session.expire(job)
+        return None
+    if len(jobs) != count or any(job.request_fingerprint != req.fingerprint for job in jobs):
+        raise ValidationError(_REUSED)
+    order = {key: index for index, key in enumerate(keys)}
+    return sorted(jobs, key=lambda job: order[job.idempotency_key or ""])
 
 
 def find_replay(
@@ -64,9 +103,7 @@ def find_replay(
         session.expire(job)
         return None
     if job.request_fingerprint != req.fingerprint:
-        raise ValidationError(
-            "This Idempotency-Key was already used with a different request body."
-        )
+        raise ValidationError(_REUSED)
     return job
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,26 +37,52 @@ def create_job(
 
     `store` decides where the upload's bytes live (the row, or a file the row points at).
     """
-    job = Job(
-        id=uuid.uuid4(),
-        client_id=client_id,
-        status=JobStatus.QUEUED,
-        created_at=utcnow(),
-        request_id=request_id,
-        input_sha256=image.sha256,
-        input_content_type=image.content_type,
-        input_width=image.width,
-        input_height=image.height,
-        input_bytes=store.put(image.data) if store is not None else image.data,
-        model_input=image.model_input,
-        webhook_url=webhook_url,
-        webhook_events=webhook_events,
-        idempotency_key=idempotency_key,
-        request_fingerprint=request_fingerprint,
-    )
-    session.add(job)
+    return create_jobs(
+        session=session, images=[image], client_id=client_id, request_id=request_id,
+        webhook_url=webhook_url, webhook_events=webhook_events,
+        idempotency_keys=[idempotency_key], request_fingerprint=request_fingerprint,
+        store=store,
+    )[0]
+
+
+def create_jobs(
+    *,
+    session: Session,
+    images: Sequence[ValidatedImage],
+    client_id: uuid.UUID | None = None,
+    request_id: str | None = None,
+    webhook_url: str | None = None,
+    webhook_events: list[str] | None = None,
+    idempotency_keys: Sequence[str | None] | None = None,
+    request_fingerprint: str | None = None,
+    store: BlobStore | None = None,
+) -> list[Job]:
+    """Store one queued job per image, in order, in one flush (a multi-row INSERT)."""
+    keys = list(idempotency_keys or [None] * len(images))
+    now = utcnow()
+    jobs = [
+        Job(
+            id=uuid.uuid4(),
+            client_id=client_id,
+            status=JobStatus.QUEUED,
+            created_at=now,
+            request_id=request_id,
+            input_sha256=image.sha256,
+            input_content_type=image.content_type,
+            input_width=image.width,
+            input_height=image.height,
+            input_bytes=store.put(image.data) if store is not None else image.data,
+            model_input=image.model_input,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+            idempotency_key=key,
+            request_fingerprint=request_fingerprint,
+        )
+        for image, key in zip(images, keys, strict=True)
+    ]
+    session.add_all(jobs)
     session.flush()
-    return job
+    return jobs
 
 
 def parse_job_id(raw: str) -> uuid.UUID:
@@ -112,17 +138,82 @@ def wait_for_job(
     if seconds <= 0:
         return get_job(session=session, job_id=job_id, client_id=client_id)
     jid = parse_job_id(job_id)
+    return _long_poll(
+        session=session, job_ids=[jid], seconds=seconds, redis_url=redis_url,
+        max_waiters=max_waiters,
+        read=lambda: [get_job(session=session, job_id=jid, client_id=client_id)],
+    )[0]
+
+
+MAX_JOBS_PER_READ = 100
+
+
+def parse_job_ids(raw: str | None) -> list[uuid.UUID]:
+    """`?ids=a,b,...` of a batch read: 1 to MAX_JOBS_PER_READ ids, repeats dropped (else 422)."""
+    values = [v.strip() for v in (raw or "").split(",") if v.strip()]
+    if not values:
+        raise ValidationError("Name the jobs to read: ?ids=<id>,<id>,...")
+    if len(values) > MAX_JOBS_PER_READ:
+        raise ValidationError(f"At most {MAX_JOBS_PER_READ} ids per request.")
+    try:
+        return list(dict.fromkeys(uuid.UUID(v) for v in values))
+    except ValueError:
+        raise ValidationError("Every id must be a job id (a UUID).") from None
+
+
+def get_jobs(
+    *, session: Session, job_ids: Sequence[uuid.UUID], client_id: uuid.UUID | None
+) -> list[Job]:
+    """The jobs among `job_ids` visible to `client_id` (None: any), in the order asked."""
+    query = select(Job).where(Job.id.in_(job_ids))
+    if client_id is not None:
+        query = query.where(Job.client_id == client_id)
+    found = {job.id: job for job in session.scalars(query)}
+    return [found[jid] for jid in job_ids if jid in found]
+
+
+def wait_for_jobs(
+    *,
+    session: Session,
+    job_ids: Sequence[uuid.UUID],
+    client_id: uuid.UUID | None,
+    seconds: float,
+    redis_url: str | None,
+    max_waiters: int = 8,
+) -> list[Job]:
+    """The visible jobs among `job_ids` once all of them are terminal, or as they are after
+    `seconds`: one long poll for many jobs, with `wait_for_job`'s guarantees."""
+    def read() -> list[Job]:
+        return get_jobs(session=session, job_ids=job_ids, client_id=client_id)
+
+    if seconds <= 0:
+        return read()
+    return _long_poll(session=session, job_ids=job_ids, seconds=seconds, redis_url=redis_url,
+                      max_waiters=max_waiters, read=read)
+
+
+def _long_poll(
+    *,
+    session: Session,
+    job_ids: Sequence[uuid.UUID],
+    seconds: float,
+    redis_url: str | None,
+    max_waiters: int,
+    read: Callable[[], list[Job]],
+) -> list[Job]:
+    """Re-read the jobs until all are terminal, after each notice for one of them and at least
+    once a second, for up to `seconds`; no database connection is held while waiting."""
     deadline = time.monotonic() + seconds
     # Registered before the first read, so a notice sent after that read is never missed.
     with (
         notify.waiter_slot(max_waiters) as waiting,
-        notify.subscribe(redis_url if waiting else None, jid) as (subscription, recheck_s),
+        notify.subscribe(redis_url if waiting else None, *job_ids) as (subscription, recheck_s),
     ):
         while True:
-            job = get_job(session=session, job_id=jid, client_id=client_id)
+            jobs = read()
             left = deadline - time.monotonic()
-            if not waiting or job.job_status.is_terminal or left <= 0:
-                return job
+            if not waiting or all(job.job_status.is_terminal for job in jobs) or left <= 0:
+                return jobs
             session.close()  # no connection held while waiting; the next read sees new commits
             subscription.wait(min(left, recheck_s))
 

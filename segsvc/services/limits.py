@@ -11,7 +11,7 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from segsvc.errors import RateLimitedError, UnavailableError
+from segsvc.errors import RateLimitedError, UnavailableError, ValidationError
 from segsvc.models import Job, JobStatus
 from segsvc.settings import Settings
 
@@ -19,11 +19,12 @@ log = logging.getLogger(__name__)
 
 QUEUE_FULL_RETRY_AFTER_S = 10
 
-# Refill and take one token atomically, on Redis' clock so every API process agrees. Floats come
-# back as strings: Redis truncates Lua numbers to integers.
+# Refill and take `cost` tokens (one per image) atomically, on Redis' clock so every API process
+# agrees. Floats come back as strings: Redis truncates Lua numbers to integers.
 BUCKET_SCRIPT = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3] or '1')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
@@ -32,11 +33,11 @@ local ts = tonumber(state[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
 local allowed = 0
 local wait = 0
-if tokens >= 1 then
-  tokens = tokens - 1
+if tokens >= cost then
+  tokens = tokens - cost
   allowed = 1
 else
-  wait = (1 - tokens) / rate
+  wait = (cost - tokens) / rate
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
@@ -59,8 +60,9 @@ def _redis(url: str) -> Any:
     return _clients[key]
 
 
-def check_rate(*, client_key: str, settings: Settings) -> None:
-    """Take one submission token for `client_key`; RateLimitedError (429) when none is left.
+def check_rate(*, client_key: str, settings: Settings, cost: int = 1) -> None:
+    """Take `cost` submission tokens (one per image) for `client_key`; RateLimitedError (429)
+    when fewer are left. A cost above the bucket's size could never pass: ValidationError (422).
 
     Without Redis (the embedded default) or while Redis is down, submissions are not limited:
     accepting work matters more than metering it.
@@ -69,11 +71,15 @@ def check_rate(*, client_key: str, settings: Settings) -> None:
     per_minute = settings.rate_limit_per_minute
     if not url or per_minute <= 0:
         return
+    burst = max(1, settings.rate_limit_burst)
+    if cost > burst:
+        raise ValidationError(
+            f"{cost} images at once exceed this key's burst of {burst}; send fewer per request."
+        )
     _, script = _redis(url)
     try:
         allowed, wait = script(
-            keys=[f"segsvc:ratelimit:{client_key}"],
-            args=[per_minute / 60.0, max(1, settings.rate_limit_burst)],
+            keys=[f"segsvc:ratelimit:{client_key}"], args=[per_minute / 60.0, burst, cost]
         )
     except redis.RedisError as exc:
         log.warning("rate limiter unavailable (%s); allowing", exc.__class__.__name__)
@@ -92,27 +98,27 @@ DEPTH_CACHE_SECONDS = 1.0
 _depth_cache: dict[int, tuple[float, int]] = {}
 
 
-def _queue_depth(*, session: Session, limit: int) -> int:
+def _queue_depth(*, session: Session, limit: int, cost: int) -> int:
     now = time.monotonic()
     hit = _depth_cache.get(limit)
-    if hit is not None and hit[0] > now and hit[1] < limit // 2:
+    if hit is not None and hit[0] > now and hit[1] + cost < limit // 2:
         depth = hit[1]
     else:
         # Count at most limit + 1 rows: the check stays cheap however long the backlog is.
         waiting = select(Job.id).where(Job.status == JobStatus.QUEUED).limit(limit + 1)
         depth = int(session.scalar(select(func.count()).select_from(waiting.subquery())) or 0)
         hit = (now + DEPTH_CACHE_SECONDS, depth)
-    _depth_cache[limit] = (hit[0], depth + 1)  # the job this check admits, if it does
+    _depth_cache[limit] = (hit[0], depth + cost)  # the jobs this check admits, if it does
     return depth
 
 
-def check_admission(*, session: Session, settings: Settings) -> None:
-    """QueueFullError (503) while the backlog of queued jobs is at its limit."""
+def check_admission(*, session: Session, settings: Settings, cost: int = 1) -> None:
+    """QueueFullError (503) when `cost` more jobs would take the queued backlog past its limit."""
     limit = settings.max_queue_depth
     if limit <= 0:
         return
-    depth = _queue_depth(session=session, limit=limit)
-    if depth >= limit:
+    depth = _queue_depth(session=session, limit=limit, cost=cost)
+    if depth + cost > limit:
         raise QueueFullError(
             f"The service is at capacity ({depth} jobs waiting); try again shortly.",
             retry_after=QUEUE_FULL_RETRY_AFTER_S,

@@ -8,24 +8,15 @@ import uuid
 import pytest
 from flask.testing import FlaskClient
 
-from api.app import create_app
 from segsvc.db import session_scope
 from segsvc.models import Job
 from segsvc.settings import Settings
 from tests.segsvc.webhooks.factories import finish_job, png_bytes, start_job
-from tests.segsvc.webhooks.receiver import LOOPBACK_ONLY
 
 
 def submit(client: FlaskClient, auth: dict[str, str], **fields: object):  # type: ignore[no-untyped-def]
     data = {"image": (io.BytesIO(png_bytes()), "pet.png"), **fields}
     return client.post("/v1/jobs", headers=auth, data=data, content_type="multipart/form-data")
-
-
-@pytest.fixture
-def open_client(settings: Settings) -> FlaskClient:
-    """An API whose webhooks may target loopback (a test deployment)."""
-    app = create_app(settings.model_copy(update={"webhook_allow_networks": LOOPBACK_ONLY}))
-    return app.test_client()
 
 
 @pytest.mark.parametrize("url", [

@@ -68,6 +68,27 @@ def test_client_submit_wait_returns_mask_and_overlay(api: Client, worker: Path) 
     assert held.metrics["predict_ms"] > 0
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_client_submit_batch_and_get_many(api: Client, worker: Path) -> None:
+    photos = sample_images(3)
+    jobs = api.submit_batch([photos[0], photos[1].read_bytes(), photos[2]])
+    assert [j.status for j in jobs] == ["queued"] * 3
+    ids = [j.id for j in jobs]
+    deadline = time.monotonic() + 120
+    while not all(j.done for j in jobs) and time.monotonic() < deadline:
+        jobs = api.get_many(ids, wait=10)
+    assert [j.id for j in jobs] == ids
+    assert all(j.succeeded for j in jobs), worker.read_text()[-2000:]
+    with Image.open(photos[1]) as src:
+        assert jobs[1].mask().size == ImageOps.exif_transpose(src).size
+    with pytest.raises(NotFoundError):
+        api.get_many([ids[0], "00000000-0000-0000-0000-000000000000"])
+    with pytest.raises(InvalidRequestError) as bad:  # one bad image: nothing is stored
+        api.submit_batch([photos[0], b"not an image"])
+    assert "Image 1" in str(bad.value)
+
+
 def test_client_errors_carry_api_codes(api: Client, base_url: str) -> None:
     with pytest.raises(InvalidRequestError) as bad:
         api.submit(b"definitely not an image", filename="x.jpg")

@@ -7,9 +7,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from segsvc.models import JobStatus
-from segsvc.queue import enqueue_job, make_celery
+from segsvc.queue import enqueue_job, enqueue_jobs, make_celery
 from segsvc.settings import Settings
 from tests.conftest import start_worker, stop_process
 from tests.worker.test_segmenter import make_jobs, rows
@@ -60,3 +61,29 @@ def test_worker_runs_a_lone_job_without_waiting(
     assert job.status == JobStatus.SUCCEEDED
     assert job.batch_size == 1
     assert (job.queue_ms or 0) < 1000, job.queue_ms
+
+
+def test_worker_settles_a_many_id_message_once_all_are_stored(
+    settings: Settings, production_model: str, tmp_path: Path
+) -> None:
+    """A batch submit's message carries every id; with a small max batch its jobs run in several
+    batches, and the message is acknowledged only after the last of them is stored."""
+    ids = make_jobs(settings, 7, broken=1)
+    enqueue_jobs(make_celery(settings), ids, settings=settings)
+    proc = start_worker(settings, tmp_path / "worker.log", SEG_BATCH_MAX_SIZE="3")
+    broker = redis.Redis.from_url(settings.broker_url or "")
+    try:
+        bad, *good = wait_all(settings, ids)
+        deadline = time.monotonic() + 10
+        while broker.hlen("unacked") and time.monotonic() < deadline:
+            time.sleep(0.1)  # the ack follows the last batch's commit
+        unacked = broker.hlen("unacked")
+    finally:
+        stop_process(proc)
+    log = (tmp_path / "worker.log").read_text()[-3000:]
+    assert bad.status == JobStatus.FAILED, log
+    assert bad.error_code == "poison_input"
+    assert all(j.status == JobStatus.SUCCEEDED and j.attempts == 1 for j in good), log
+    assert max(j.batch_size or 0 for j in good) <= 3
+    assert unacked == 0
+    assert broker.llen(settings.queue_name) == 0

@@ -99,3 +99,21 @@ def test_long_poll_is_woken_by_the_worker(client, auth, worker: Path) -> None:  
     body = client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()
     assert body["status"] == "succeeded"
     assert time.monotonic() - started < 5  # a notice, not the 20 s timeout
+
+
+def test_batch_submit_and_one_long_poll_for_all(client, auth, worker: Path) -> None:  # type: ignore[no-untyped-def]
+    photos = sample_images(3)
+    resp = client.post("/v1/jobs/batch", headers=auth, content_type="multipart/form-data",
+                       data={"image": [(io.BytesIO(p.read_bytes()), p.name) for p in photos]})
+    assert resp.status_code == 202
+    ids = [j["id"] for j in resp.get_json()["jobs"]]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        jobs = client.get(f"/v1/jobs?ids={','.join(ids)}&wait=10", headers=auth).get_json()["jobs"]
+        if all(j["status"] in ("succeeded", "failed", "canceled") for j in jobs):
+            break
+    assert [j["status"] for j in jobs] == ["succeeded"] * 3, worker.read_text()[-2000:]
+    for photo, job in zip(photos, jobs, strict=True):
+        with Image.open(photo) as src:
+            w, h = ImageOps.exif_transpose(src).size
+        assert (job["input"]["width"], job["input"]["height"]) == (w, h)

@@ -1,0 +1,214 @@
+"""`POST /v1/jobs/batch` (all images accepted or none) and `GET /v1/jobs?ids=` (one read, or one
+long poll, for many jobs)."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from sqlalchemy import func, select
+
+from segsvc import notify
+from segsvc.db import session_scope
+from segsvc.ml.preprocess import encode_mask_png
+from segsvc.models import Job
+from segsvc.settings import Settings
+from tests.api.test_jobs import mark_succeeded, png_bytes
+
+
+def submit_batch(client, auth, images: list[bytes], headers=None, **fields):  # type: ignore[no-untyped-def]
+    data: dict[str, object] = {
+        "image": [(io.BytesIO(b), f"pet{i}.png") for i, b in enumerate(images)], **fields
+    }
+    return client.post("/v1/jobs/batch", headers={**auth, **(headers or {})}, data=data,
+                       content_type="multipart/form-data")
+
+
+def job_count(settings: Settings) -> int:
+    with session_scope(settings) as session:
+        return int(session.scalar(select(func.count()).select_from(Job)) or 0)
+
+
+def queued_messages(settings: Settings) -> list[dict[str, object]]:
+    raw = redis.Redis.from_url(settings.broker_url or "").lrange(settings.queue_name, 0, -1)
+    return [json.loads(m) for m in raw]
+
+
+def test_batch_stores_every_image_in_order_and_sends_one_message(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings
+) -> None:
+    sizes = [(64, 48), (32, 40), (50, 50)]
+    resp = submit_batch(client, auth, [png_bytes(s) for s in sizes])
+    assert resp.status_code == 202
+    jobs = resp.get_json()["jobs"]
+    assert [j["status"] for j in jobs] == ["queued"] * 3
+    with session_scope(settings) as session:
+        stored = [session.get(Job, uuid.UUID(j["id"])) for j in jobs]
+        assert [(j.input_width, j.input_height) for j in stored if j] == sizes
+        assert all(j is not None and len(j.model_input or b"") == 128 * 128 * 3 for j in stored)
+    messages = queued_messages(settings)
+    assert len(messages) == 1
+    body = messages[0]
+    args = json.loads(__import__("base64").b64decode(body["body"]))[0]
+    assert args == [j["id"] for j in jobs]
+
+
+def test_batch_with_a_corrupt_image_stores_nothing(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    good = png_bytes()
+    resp = submit_batch(client, auth, [good, good[: len(good) // 2], good])
+    assert resp.status_code == 422
+    body = resp.get_json()
+    assert body["error"] == "invalid_image"
+    assert body["message"].startswith("Image 1 (pet1.png): ")
+    assert job_count(settings) == 0
+    assert queued_messages(settings) == []
+
+
+def test_batch_keeps_the_status_of_the_first_bad_image(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    resp = submit_batch(client, auth, [png_bytes(), b"GIF89a not allowed"])
+    assert resp.status_code == 415
+    assert resp.get_json()["message"].startswith("Image 1 ")
+    assert job_count(settings) == 0
+
+
+def test_batch_limits_the_image_count(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    resp = submit_batch(client, auth, [png_bytes()] * (settings.batch_submit_max_images + 1))
+    assert resp.status_code == 422
+    assert str(settings.batch_submit_max_images) in resp.get_json()["message"]
+    assert job_count(settings) == 0
+    assert submit_batch(client, auth, []).status_code == 400
+
+
+def test_batch_body_limit_is_its_own(client, auth, settings: Settings, app) -> None:  # type: ignore[no-untyped-def]
+    """A batch may be larger than one upload, but not larger than its own limit."""
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="PNG")
+    one = buf.getvalue()  # ~270 KB: four of them outgrow the batch limit's multipart slack
+    app.config["SEG_SETTINGS"] = settings.model_copy(update={
+        "max_upload_bytes": len(one) + 10, "batch_submit_max_bytes": 3 * len(one) + 2048,
+    })
+    app.config["MAX_CONTENT_LENGTH"] = len(one) + 1024
+    assert submit_batch(client, auth, [one] * 3).status_code == 202
+    resp = submit_batch(client, auth, [one] * 4)
+    assert resp.status_code == 413
+    assert resp.get_json()["error"] == "payload_too_large"
+
+
+def test_batch_takes_one_rate_token_per_image(client, auth, settings: Settings, app) -> None:  # type: ignore[no-untyped-def]
+    app.config["SEG_SETTINGS"] = settings.model_copy(
+        update={"rate_limit_per_minute": 1, "rate_limit_burst": 4}
+    )
+    assert submit_batch(client, auth, [png_bytes()] * 3).status_code == 202
+    resp = submit_batch(client, auth, [png_bytes()] * 2)  # one token left
+    assert resp.status_code == 429
+    assert int(resp.headers["Retry-After"]) >= 1
+    too_big = submit_batch(client, auth, [png_bytes()] * 5)  # can never pass: say so
+    assert too_big.status_code == 422
+    assert job_count(settings) == 3
+
+
+def test_batch_admission_counts_every_image(client, auth, settings: Settings, app) -> None:  # type: ignore[no-untyped-def]
+    app.config["SEG_SETTINGS"] = settings.model_copy(update={"max_queue_depth": 4})
+    assert submit_batch(client, auth, [png_bytes()] * 3).status_code == 202
+    resp = submit_batch(client, auth, [png_bytes()] * 2)
+    assert resp.status_code == 503
+    assert resp.get_json()["error"] == "queue_full"
+    assert job_count(settings) == 3
+
+
+def test_batch_idempotency_replays_the_same_jobs(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    images = [png_bytes((64, 48)), png_bytes((30, 30))]
+    key = {"Idempotency-Key": "nightly-42"}
+    first = submit_batch(client, auth, images, headers=key)
+    assert first.status_code == 202
+    again = submit_batch(client, auth, images, headers=key)
+    assert again.status_code == 200
+    first_ids = [j["id"] for j in first.get_json()["jobs"]]
+    assert [j["id"] for j in again.get_json()["jobs"]] == first_ids
+    reordered = submit_batch(client, auth, images[::-1], headers=key)
+    assert reordered.status_code == 422
+    fewer = submit_batch(client, auth, images[:1], headers=key)
+    assert fewer.status_code == 422
+    assert job_count(settings) == 2
+    # a single submit's key lives apart from a batch's
+    single = client.post("/v1/jobs", headers={**auth, **key},
+                         data={"image": (io.BytesIO(images[0]), "a.png")},
+                         content_type="multipart/form-data")
+    assert single.status_code == 202
+
+
+def test_batch_webhook_applies_to_every_job(open_client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    resp = submit_batch(open_client, auth, [png_bytes()] * 2,
+                        webhook="http://127.0.0.1:9/hook", webhook_events="completed")
+    assert resp.status_code == 202, resp.get_json()
+    with session_scope(settings) as session:
+        for j in resp.get_json()["jobs"]:
+            job = session.get(Job, uuid.UUID(j["id"]))
+            assert job is not None
+            assert job.webhook_url == "http://127.0.0.1:9/hook"
+            assert job.webhook_events == ["completed"]
+
+
+def test_batch_refuses_a_bad_webhook_before_storing(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    resp = submit_batch(client, auth, [png_bytes()] * 2, webhook="http://127.0.0.1:9/hook")
+    assert resp.status_code == 422  # loopback is not a webhook target outside tests
+    assert job_count(settings) == 0
+
+
+def test_read_jobs_in_the_order_asked(client, auth, settings: Settings, admin_key: str) -> None:  # type: ignore[no-untyped-def]
+    ids = [j["id"] for j in submit_batch(client, auth, [png_bytes()] * 3).get_json()["jobs"]]
+    other = submit_batch(client, {"Authorization": f"Bearer {admin_key}"}, [png_bytes()])
+    hidden = other.get_json()["jobs"][0]["id"]
+    missing = str(uuid.uuid4())
+    asked = [ids[2], ids[0], hidden, missing, ids[1], ids[0]]
+    resp = client.get(f"/v1/jobs?ids={','.join(asked)}", headers=auth)
+    assert resp.status_code == 200
+    body = resp.get_json()
+    assert [j["id"] for j in body["jobs"]] == [ids[2], ids[0], ids[1]]
+    assert body["not_found"] == [hidden, missing]
+    assert body["jobs"][0]["urls"]["self"].endswith(f"/v1/jobs/{ids[2]}")
+
+
+@pytest.mark.parametrize("query", ["", "?ids=", "?ids=nope", f"?ids={','.join(['x'] * 101)}",
+                                   "?ids=00000000-0000-4000-8000-000000000000&wait=31"])
+def test_read_jobs_rejects_bad_queries(client, auth, query: str) -> None:  # type: ignore[no-untyped-def]
+    resp = client.get(f"/v1/jobs{query}", headers=auth)
+    assert resp.status_code == 422
+    assert resp.get_json()["error"] == "validation_error"
+
+
+def test_read_jobs_long_poll_waits_for_every_job(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    ids = [j["id"] for j in submit_batch(client, auth, [png_bytes()] * 2).get_json()["jobs"]]
+    mask = encode_mask_png(np.ones((48, 64), np.uint8))
+    redis_url = settings.effective_redis_url
+
+    def finish() -> None:
+        for job_id in ids:  # one at a time: the poll must not answer after the first
+            time.sleep(0.3)
+            mark_succeeded(settings, job_id, mask)
+            notify.publish_finished(redis_url, [job_id])
+
+    finisher = threading.Thread(target=finish)
+    started = time.monotonic()
+    finisher.start()
+    resp = client.get(f"/v1/jobs?ids={','.join(ids)}&wait=10", headers=auth)
+    waited = time.monotonic() - started
+    finisher.join()
+    assert [j["status"] for j in resp.get_json()["jobs"]] == ["succeeded", "succeeded"]
+    assert 0.55 < waited < 3.0  # woken by the second notice, not the 1 s fallback nor the wait
+
+
+def test_read_jobs_long_poll_answers_after_the_wait(client, auth) -> None:  # type: ignore[no-untyped-def]
+    ids = [j["id"] for j in submit_batch(client, auth, [png_bytes()]).get_json()["jobs"]]
+    started = time.monotonic()
+    resp = client.get(f"/v1/jobs?ids={ids[0]}&wait=0.5", headers=auth)
+    assert 0.45 < time.monotonic() - started < 2.0
+    assert resp.get_json()["jobs"][0]["status"] == "queued"

@@ -1,0 +1,55 @@
+"""One queue message may carry many job ids (a batch submit): it is settled once, when all are."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from worker.tasks import SharedSettle, _job_ids
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def settle(self, *, count: int) -> SharedSettle:
+        return SharedSettle(count, ack=lambda: self.calls.append("ack"),
+                            requeue=lambda: self.calls.append("requeue"))
+
+
+def test_shared_settle_acks_once_after_the_last_id() -> None:
+    rec = Recorder()
+    settle = rec.settle(count=3)
+    settle.ack()
+    settle.ack()
+    assert rec.calls == []
+    settle.ack()
+    assert rec.calls == ["ack"]
+
+
+@pytest.mark.parametrize("failed_at", [0, 1, 2])
+def test_shared_settle_requeues_when_any_id_was_not_stored(failed_at: int) -> None:
+    rec = Recorder()
+    settle = rec.settle(count=3)
+    for i in range(3):
+        settle.requeue() if i == failed_at else settle.ack()
+    assert rec.calls == ["requeue"]
+
+
+def test_shared_settle_settles_once_from_many_threads() -> None:
+    rec = Recorder()
+    settle = rec.settle(count=200)
+    threads = [threading.Thread(target=lambda: [settle.ack() for _ in range(20)])
+               for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rec.calls == ["ack"]
+
+
+def test_job_ids_read_every_argument_of_either_protocol() -> None:
+    assert _job_ids(None, [["a", "b"], {}, {}]) == ["a", "b"]  # protocol 2 body
+    assert _job_ids(None, {"args": ["a"]}) == ["a"]  # protocol 1 body
+    assert _job_ids(None, [[], {}, {}]) == []

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="segsvc-prom-"))
@@ -67,10 +68,32 @@ logger_class = Logger
 
 
 def on_starting(server: Any) -> None:
-    """Start from an empty metrics folder: files of a previous run would skew the counters."""
+    """Start from an empty metrics folder: files of a previous run would skew the counters;
+    then step back on the CPU (the workers inherit it through the fork)."""
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
+    yield_cpu(get_settings().api_nice)
+
+
+def yield_cpu(nice: int) -> None:
+    """Run this process (and what it forks) at `nice`, so on a machine shared with inference
+    workers the model gets the CPU first: under overload, finishing accepted jobs beats taking
+    more (admission control bounds the backlog). Measured on 2 cores: a burst of 600 single
+    submits ran at 69-79 jobs/s with equal shares, 89-90 with the API at nice 10.
+
+    Linux groups a session's processes (autogroup) and shares the CPU between groups before
+    nice counts, so a server that leads its own session (started with setsid, as a supervisor
+    or the benchmark does) sets its group's nice too. In containers, CPU shares/requests decide
+    instead (docker-compose.yml gives the API a lower `cpu_shares`).
+    """
+    if nice <= 0:
+        return
+    with suppress(OSError):
+        os.nice(max(0, nice - os.nice(0)))  # only ever lower the priority
+    if os.getsid(0) == os.getpid():
+        with suppress(OSError):
+            Path("/proc/self/autogroup").write_text(str(nice))
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -17,14 +17,16 @@ import numpy as np
 from segsvc.client import LONG_POLL_S
 
 
-def multipart(photo: Path) -> tuple[bytes, str]:
-    """A multipart/form-data body with the photo in the field `image`."""
+def multipart(*photos: Path) -> tuple[bytes, str]:
+    """A multipart/form-data body with each photo in a field `image`."""
     boundary = uuid.uuid4().hex
-    head = (
+    parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
-        f'filename="{photo.name}"\r\nContent-Type: image/jpeg\r\n\r\n'
-    ).encode()
-    body = head + photo.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        f'filename="{photo.name}"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
+        + photo.read_bytes() + b"\r\n"
+        for photo in photos
+    ]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -170,41 +172,75 @@ def run_burst(
     *,
     jobs: int,
     clients: int,
+    per_request: int = 1,
 ) -> LoadResult:
     """Capacity: `clients` submit `jobs` as fast as they can while the worker runs them; jobs/s
     = jobs / (last completed_at - first submit). One poller then reads jobs in submit order
-    with long polls (as `segsvc.client` waits), so it asks about each job about once."""
+    with long polls (as `segsvc.client` waits), so it asks about each job about once.
+
+    With `per_request` > 1 every request is a batch submit of that many photos (`bodies` then
+    hold that many each) and the poller long-polls up to 100 jobs per request
+    (`GET /v1/jobs?ids=`), as `Client.submit_batch` and `Client.get_many` do."""
     result, lock = LoadResult(clients), threading.Lock()
     submitted: list[tuple[float, str]] = []
-    per_client = [range(i, jobs, clients) for i in range(clients)]
+    requests = -(-jobs // per_request)
+    per_client = [range(i, requests, clients) for i in range(clients)]
+    path = "/v1/jobs" if per_request == 1 else "/v1/jobs/batch"
 
     def submitter(index: int) -> None:
         client = Client(port, headers)
         for n in per_client[index]:
             body, ctype = bodies[n % len(bodies)]
             sent = time.time()
-            status, raw = client.request("POST", "/v1/jobs", body, ctype)
+            status, raw = client.request("POST", path, body, ctype)
             with lock:
                 if status == 202:
-                    submitted.append((sent, json.loads(raw)["id"]))
+                    answer = json.loads(raw)
+                    for job in answer["jobs"] if per_request > 1 else [answer]:
+                        submitted.append((sent, job["id"]))
                 else:
-                    result.errors += 1
+                    result.errors += per_request
 
     start = time.time()
     _run_threads(submitter, clients)
     poller, last = Client(port, headers), start
-    for sent, job_id in sorted(submitted):
-        job = _poll(poller, job_id, 0.02, time.monotonic() + 300, wait_s=LONG_POLL_S)
+    sent_at = {job_id: sent for sent, job_id in submitted}
+    ids = [job_id for _, job_id in sorted(submitted)]
+    if per_request == 1:
+        polled = [_poll(poller, i, 0.02, time.monotonic() + 300, wait_s=LONG_POLL_S) for i in ids]
+    else:
+        polled = list(_poll_many(poller, ids))
+    for job in polled:
         if job is None or job["status"] != "succeeded":
             result.errors += 1
             continue
         done_at = _ts(job["completed_at"])
         last = max(last, done_at)
         result.done += 1
-        result.latencies.append(done_at - sent)
+        result.latencies.append(done_at - sent_at[job["id"]])
         result.batch_sizes.append(int(job["metrics"]["batch_size"] or 1))
+    result.errors += len(ids) - len(polled)  # jobs the batched poll gave up on
     result.seconds = last - start
     return result
+
+
+def _poll_many(
+    client: Client, ids: list[str], chunk: int = 100
+) -> list[dict[str, Any] | None]:
+    """Long-poll `GET /v1/jobs?ids=` a chunk at a time until every job has ended (or 300 s)."""
+    out: list[dict[str, Any] | None] = []
+    give_up = time.monotonic() + 300
+    for i in range(0, len(ids), chunk):
+        query = f"/v1/jobs?ids={','.join(ids[i:i + chunk])}&wait={LONG_POLL_S:g}"
+        while time.monotonic() < give_up:
+            status, raw = client.request("GET", query)
+            jobs = json.loads(raw)["jobs"] if status == 200 else []
+            if jobs and all(j["status"] in ("succeeded", "failed", "canceled") for j in jobs):
+                out += jobs
+                break
+            if status != 200:
+                time.sleep(0.05)
+    return out
 
 
 def run_request_load(

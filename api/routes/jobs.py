@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 
 from flask import Blueprint, Response, jsonify, request
@@ -74,12 +75,23 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     return jsonify(body), 202, location
 
 
+# A batch holds up to 16 uploads and their model inputs in memory at once; two at a time per
+# process keep both cores busy decoding while an API process stays within its memory budget
+# (later ones wait their turn, holding only a thread).
+BATCHES_AT_ONCE = threading.BoundedSemaphore(2)
+
+
 @bp.post("/jobs/batch")
 def submit_batch() -> tuple[Response, int]:
     """Submit several images at once (repeat the field 'image'): all are accepted, or none.
 
     One request, one transaction and one queue message for the lot; each image becomes its own
     job (poll them together with `GET /v1/jobs?ids=`). Webhook fields apply to every job."""
+    with BATCHES_AT_ONCE:  # before the body is read: the parse is what takes the memory
+        return _submit_batch()
+
+
+def _submit_batch() -> tuple[Response, int]:
     cfg = settings()
     request.max_content_length = cfg.batch_submit_max_bytes + MULTIPART_OVERHEAD
     uploads = request.files.getlist("image")

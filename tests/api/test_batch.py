@@ -212,3 +212,23 @@ def test_read_jobs_long_poll_answers_after_the_wait(client, auth) -> None:  # ty
     resp = client.get(f"/v1/jobs?ids={ids[0]}&wait=0.5", headers=auth)
     assert 0.45 < time.monotonic() - started < 2.0
     assert resp.get_json()["jobs"][0]["status"] == "queued"
+
+
+def test_batches_beyond_two_at_once_wait_their_turn(client, auth) -> None:  # type: ignore[no-untyped-def]
+    from api.routes import jobs as routes
+
+    answers: list[int] = []
+    routes.BATCHES_AT_ONCE.acquire()
+    routes.BATCHES_AT_ONCE.acquire()  # both slots busy, as with two large batches in flight
+    try:
+        sender = threading.Thread(
+            target=lambda: answers.append(submit_batch(client, auth, [png_bytes()]).status_code)
+        )
+        sender.start()
+        sender.join(0.5)
+        assert answers == []  # waiting for a slot, nothing parsed or stored yet
+    finally:
+        routes.BATCHES_AT_ONCE.release()
+    sender.join(10)
+    routes.BATCHES_AT_ONCE.release()
+    assert answers == [202]

@@ -98,30 +98,15 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [
         ("served runtime batched / naive model.predict b1", batched / r["naive_predict_b1"], 8.0),
         ("raw batched / float32 physical limit", batched / limit, 0.60),
-        (
-            f"end-to-end jobs/s (burst capacity) / raw batched as served ({threads} thread)",
-            r["system_peak"]["jobs_per_s"] / best_batched(worker),
-            0.85,
-        ),
-        (
-            "end-to-end jobs/s (burst capacity) / raw batched on all cores",
-            r["system_peak"]["jobs_per_s"] / batched,
-            0.85,
-        ),
     ]
-    if "system_peak_batch" in r:
-        rows += [
-            (
-                f"same, batch submits: end-to-end / raw batched as served ({threads} thread)",
-                r["system_peak_batch"]["jobs_per_s"] / best_batched(worker),
-                0.85,
-            ),
-            (
-                "same, batch submits: end-to-end / raw batched on all cores",
-                r["system_peak_batch"]["jobs_per_s"] / batched,
-                0.85,
-            ),
-        ]
+    for key, what in (("system_peak", "end-to-end jobs/s (burst capacity)"),
+                      ("system_peak_batch", "same, batch submits: end-to-end")):
+        if key in r:
+            rows += [
+                (f"{what} / raw batched as served ({threads} thread)",
+                 r[key]["jobs_per_s"] / best_batched(worker), 0.85),
+                (f"{what} / raw batched on all cores", r[key]["jobs_per_s"] / batched, 0.85),
+            ]
     rows += [
         (
             f"system / naive Flask jobs/s at {r['system']['clients']} clients",

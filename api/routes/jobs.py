@@ -51,21 +51,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     if replay:
         body = accepted_body(replay)
         return jsonify(body), 200, {"Location": body["urls"]["self"], "Idempotent-Replayed": "1"}
-    limits.check_admission(session=session, settings=cfg)
-    with idempotency.race_guard(session=session, req=idem):
-        job = job_service.create_job(
-            session=session,
-            image=image,
-            client_id=client_id,
-            request_id=request.headers.get("X-Request-ID"),
-            idempotency_key=idem.key if idem else None,
-            request_fingerprint=idem.fingerprint if idem else None,
-            webhook_url=hook.url,
-            webhook_events=hook.events,
-            store=blob_store(cfg),
-        )
-    session.commit()
-    _enqueue([job.id])
+    (job,) = _store_and_enqueue([image], idem, [idem.key] if idem else None, hook)
     body = accepted_body(job)
     location = {"Location": body["urls"]["self"]}
     if wait > 0:
@@ -121,21 +107,8 @@ def _submit_batch() -> tuple[Response, int]:
     )
     if replay:
         return jsonify({"jobs": [accepted_body(job) for job in replay]}), 200
-    limits.check_admission(session=session, settings=cfg, cost=len(images))
-    with idempotency.race_guard(session=session, req=idem):
-        jobs = job_service.create_jobs(
-            session=session,
-            images=images,
-            client_id=client_id,
-            request_id=request.headers.get("X-Request-ID"),
-            idempotency_keys=idempotency.batch_keys(idem, len(images)) if idem else None,
-            request_fingerprint=idem.fingerprint if idem else None,
-            webhook_url=hook.url,
-            webhook_events=hook.events,
-            store=blob_store(cfg),
-        )
-    session.commit()
-    _enqueue([job.id for job in jobs])
+    keys = idempotency.batch_keys(idem, len(images)) if idem else None
+    jobs = _store_and_enqueue(images, idem, keys, hook)
     return jsonify({"jobs": [accepted_body(job) for job in jobs]}), 202
 
 
@@ -177,12 +150,35 @@ def _webhook() -> webhook_service.Subscription:
     )
 
 
-def _enqueue(job_ids: list[uuid.UUID]) -> None:
+def _store_and_enqueue(
+    images: list[ValidatedImage],
+    idem: idempotency.IdempotentRequest | None,
+    keys: list[str] | None,
+    hook: webhook_service.Subscription,
+) -> list[Job]:
+    """Admit, store and commit one job per image, then send their ids as one message."""
+    cfg, session = settings(), db()
+    limits.check_admission(session=session, settings=cfg, cost=len(images))
+    with idempotency.race_guard(session=session, req=idem):
+        jobs = job_service.create_jobs(
+            session=session,
+            images=images,
+            client_id=current_client().id,
+            request_id=request.headers.get("X-Request-ID"),
+            idempotency_keys=keys,
+            request_fingerprint=idem.fingerprint if idem else None,
+            webhook_url=hook.url,
+            webhook_events=hook.events,
+            store=blob_store(cfg),
+        )
+    session.commit()
+    job_ids = [job.id for job in jobs]
     try:
-        enqueue_jobs(celery(), job_ids, settings=settings())
+        enqueue_jobs(celery(), job_ids, settings=cfg)
     except Exception:  # the jobs are stored; the reconciler enqueues them when the broker is back
         log.warning("enqueue failed for jobs %s; left for the reconciler",
                     ", ".join(map(str, job_ids)), exc_info=True)
+    return jobs
 
 
 @bp.get("/jobs/<job_id>")

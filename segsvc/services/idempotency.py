@@ -47,6 +47,18 @@ def parse_request(
     return IdempotentRequest(key=key, fingerprint=hashlib.sha256(body.encode()).hexdigest())
 
 
+def find_replay(
+    *, session: Session, client_id: object, req: IdempotentRequest
+) -> Job | None:
+    """The job an earlier request with this key created (within 24 h), or None.
+
+    The same key with another body is a client bug: 422. A key older than the window is
+    released, so it can name a new job.
+    """
+    jobs = _find_jobs(session=session, client_id=client_id, req=req, keys=[req.key])
+    return jobs[0] if jobs else None
+
+
 def batch_keys(req: IdempotentRequest, count: int) -> list[str]:
     """The stored keys of a batch's jobs, one per image. They start with a control character,
     which a client's own key cannot contain, so they never collide with a single submit's."""
@@ -62,7 +74,15 @@ def find_batch_replay(
     A batch's jobs are inserted in one transaction, so they are found all together or not at
     all; a different body under the same key is 422, as for a single submit. Keys are scoped
     per endpoint: a single submit's key never replays a batch, nor the other way round."""
-    keys = batch_keys(req, count)
+    return _find_jobs(session=session, client_id=client_id, req=req,
+                      keys=batch_keys(req, count))
+
+
+def _find_jobs(
+    *, session: Session, client_id: object, req: IdempotentRequest, keys: list[str]
+) -> list[Job] | None:
+    """The jobs stored under `keys`, in their order: None when there are none or their window
+    has passed (the keys are released), 422 when they do not match this request's body."""
     jobs = list(session.scalars(
         select(Job).where(Job.client_id == client_id, Job.idempotency_key.in_(keys))
     ))
@@ -76,35 +96,10 @@ def find_batch_replay(
         for job in jobs:
             session.expire(job)
         return None
-    if len(jobs) != count or any(job.request_fingerprint != req.fingerprint for job in jobs):
+    if len(jobs) != len(keys) or any(job.request_fingerprint != req.fingerprint for job in jobs):
         raise ValidationError(_REUSED)
     order = {key: index for index, key in enumerate(keys)}
     return sorted(jobs, key=lambda job: order[job.idempotency_key or ""])
-
-
-def find_replay(
-    *, session: Session, client_id: object, req: IdempotentRequest
-) -> Job | None:
-    """The job an earlier request with this key created (within 24 h), or None.
-
-    The same key with another body is a client bug: 422. A key older than the window is
-    released, so it can name a new job.
-    """
-    job = session.scalar(
-        select(Job).where(Job.client_id == client_id, Job.idempotency_key == req.key)
-    )
-    if job is None:
-        return None
-    if job.created_at < utcnow() - KEY_WINDOW:
-        session.execute(
-            update(Job).where(Job.id == job.id).values(idempotency_key=None)
-            .execution_options(synchronize_session=False)
-        )
-        session.expire(job)
-        return None
-    if job.request_fingerprint != req.fingerprint:
-        raise ValidationError(_REUSED)
-    return job
 
 
 @contextmanager

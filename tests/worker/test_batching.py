@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -30,6 +31,13 @@ def wait_all(settings: Settings, ids: list[uuid.UUID], timeout: float = 120.0) -
     raise AssertionError(f"jobs not finished: {[j.status for j in rows(settings, ids)]}")
 
 
+def assert_only_the_broken_job_failed(bad: Any, good: list[Any], log_path: Path) -> None:
+    log = log_path.read_text()[-3000:]
+    assert bad.status == JobStatus.FAILED, log
+    assert bad.error_code == "poison_input"
+    assert all(j.status == JobStatus.SUCCEEDED and j.attempts == 1 for j in good), log
+
+
 def test_worker_batches_waiting_jobs_and_fails_only_the_bad_one(
     settings: Settings, production_model: str, tmp_path: Path
 ) -> None:
@@ -43,10 +51,7 @@ def test_worker_batches_waiting_jobs_and_fails_only_the_bad_one(
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
     finally:
         stop_process(proc)
-    log = (tmp_path / "worker.log").read_text()[-3000:]
-    assert bad.status == JobStatus.FAILED, log
-    assert bad.error_code == "poison_input"
-    assert all(j.status == JobStatus.SUCCEEDED and j.attempts == 1 for j in good), log
+    assert_only_the_broken_job_failed(bad, good, tmp_path / "worker.log")
     forward_passes = sum(1 / (j.batch_size or 1) for j in good)
     assert forward_passes < len(good) - 1, [j.batch_size for j in good]
     assert "tensorflow" not in maps  # the worker serves the ONNX artifact without TensorFlow
@@ -80,10 +85,7 @@ def test_worker_settles_a_many_id_message_once_all_are_stored(
         unacked = broker.hlen("unacked")
     finally:
         stop_process(proc)
-    log = (tmp_path / "worker.log").read_text()[-3000:]
-    assert bad.status == JobStatus.FAILED, log
-    assert bad.error_code == "poison_input"
-    assert all(j.status == JobStatus.SUCCEEDED and j.attempts == 1 for j in good), log
+    assert_only_the_broken_job_failed(bad, good, tmp_path / "worker.log")
     assert max(j.batch_size or 0 for j in good) <= 3
     assert unacked == 0
     assert broker.llen(settings.queue_name) == 0

@@ -135,8 +135,6 @@ def wait_for_job(
     database connection; the job is re-read after every notice and at least once a second.
     At most `max_waiters` polls wait per process; others are answered at once.
     """
-    if seconds <= 0:
-        return get_job(session=session, job_id=job_id, client_id=client_id)
     jid = parse_job_id(job_id)
     return _long_poll(
         session=session, job_ids=[jid], seconds=seconds, redis_url=redis_url,
@@ -183,13 +181,11 @@ def wait_for_jobs(
 ) -> list[Job]:
     """The visible jobs among `job_ids` once all of them are terminal, or as they are after
     `seconds`: one long poll for many jobs, with `wait_for_job`'s guarantees."""
-    def read() -> list[Job]:
-        return get_jobs(session=session, job_ids=job_ids, client_id=client_id)
-
-    if seconds <= 0:
-        return read()
-    return _long_poll(session=session, job_ids=job_ids, seconds=seconds, redis_url=redis_url,
-                      max_waiters=max_waiters, read=read)
+    return _long_poll(
+        session=session, job_ids=job_ids, seconds=seconds, redis_url=redis_url,
+        max_waiters=max_waiters,
+        read=lambda: get_jobs(session=session, job_ids=job_ids, client_id=client_id),
+    )
 
 
 def _long_poll(
@@ -202,7 +198,10 @@ def _long_poll(
     read: Callable[[], list[Job]],
 ) -> list[Job]:
     """Re-read the jobs until all are terminal, after each notice for one of them and at least
-    once a second, for up to `seconds`; no database connection is held while waiting."""
+    once a second, for up to `seconds` (0: read once); no database connection is held while
+    waiting."""
+    if seconds <= 0:
+        return read()
     deadline = time.monotonic() + seconds
     # Registered before the first read, so a notice sent after that read is never missed.
     with (

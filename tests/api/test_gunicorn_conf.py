@@ -13,9 +13,9 @@ PROBE = """
 import os
 from api.gunicorn_conf import yield_cpu
 yield_cpu({nice})
-group = "-"
+group = "-"  # no autogroups, or the root one (init's session), which reads as empty
 if os.path.exists("/proc/self/autogroup"):
-    group = open("/proc/self/autogroup").read().split()[-1]
+    group = (open("/proc/self/autogroup").read().split() or ["-"])[-1]
 read, write = os.pipe()
 if os.fork() == 0:  # as gunicorn forks its workers
     os.write(write, str(os.nice(0)).encode())

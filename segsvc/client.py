@@ -65,6 +65,8 @@ ImageInput = str | os.PathLike[str] | bytes | IO[bytes]
 
 # Seconds one long-poll request may wait server-side (below the HTTP timeout).
 LONG_POLL_S = 10.0
+# Ids one `GET /v1/jobs?ids=` may ask about (the server's limit).
+MAX_IDS_PER_READ = 100
 
 
 class Job:
@@ -250,6 +252,30 @@ class Client:
         if body["not_found"]:
             raise NotFoundError(404, "not_found", f"No such jobs: {', '.join(body['not_found'])}.")
         return [Job(self, job) for job in body["jobs"]]
+
+    def wait_many(
+        self, jobs: Sequence[Job], timeout: float | None = 300.0, *, poll_interval: float = 0.25
+    ) -> list[Job]:
+        """Long-poll until every job has ended (`Job.wait` for many: one `GET /v1/jobs?ids=`
+        per 100 jobs still running); updates the jobs in place and returns them.
+        WaitTimeoutError after `timeout`, with the jobs that ended by then already updated."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = poll_interval
+        while running := [job for job in jobs if not job.done]:
+            left = LONG_POLL_S if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeoutError(f"{len(running)} jobs not finished after {timeout}s")
+            asked = time.monotonic()
+            chunk = running[:MAX_IDS_PER_READ]
+            for job, fresh in zip(
+                chunk, self.get_many([j.id for j in chunk], wait=min(LONG_POLL_S, left)),
+                strict=True,
+            ):
+                job.data = fresh.data
+            if any(not j.done for j in chunk) and time.monotonic() - asked < min(0.05, left):
+                time.sleep(max(0.0, min(interval, left)))  # the server did not hold the request
+                interval = min(interval * 1.5, 2.0)
+        return list(jobs)
 
     def get(self, job_id: str, *, wait: float = 0.0) -> Job:
         """The job's state; with `wait`, the server holds the answer until it ends (<= 30 s)."""

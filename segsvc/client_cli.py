@@ -32,6 +32,7 @@ from segsvc.client_errors import (
     RateLimitedError,
     ServerError,
     TransportError,
+    WaitTimeoutError,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_AUTH = 0, 1, 2, 3, 4
@@ -127,6 +128,11 @@ class SubmitPlan:
     webhook: str | None
     webhook_events: list[str] | None
     timeout: float
+    batch: int = 1  # files per request (`POST /v1/jobs/batch` when > 1)
+
+    @property
+    def waiting(self) -> bool:
+        return self.wait or self.out is not None
 
 
 def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Event) -> Outcome:
@@ -137,21 +143,67 @@ def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Eve
         return outcome
     started = time.monotonic()
     try:
-        waiting = plan.wait or plan.out is not None
         job = client.submit(path, webhook=plan.webhook, webhook_events=plan.webhook_events,
-                            wait=LONG_POLL_S if waiting else 0.0)
+                            wait=LONG_POLL_S if plan.waiting else 0.0)
         outcome.job_id, outcome.status = job.id, job.status
-        if waiting:
+        if plan.waiting:
             job.wait(plan.timeout)  # at once when the submit already returned it finished
-            outcome.status, outcome.latency_s = job.status, time.monotonic() - started
-            outcome.predict_ms = job.metrics.get("predict_ms")
-            outcome.reason = (job.error or {}).get("message", "")
-            if job.succeeded and plan.out:
-                save_results(job, path, plan)
+            finish(outcome, job, plan, started)
     except ClientError as exc:
-        outcome.status, outcome.error, outcome.reason = "error", exc, describe(exc)
-        if isinstance(exc, AuthError):
-            stop.set()
+        failed(outcome, exc, stop)
+    return outcome
+
+
+def submit_chunk(
+    client: Client, paths: list[Path], plan: SubmitPlan, stop: threading.Event
+) -> list[Outcome]:
+    """Submit several files in one request (all accepted or none), then wait for them together.
+
+    When the server refuses the batch as a whole over one file (a bad image, a batch over its
+    limits, a server without batch submits), each file is sent on its own instead, so every
+    file still gets its own answer; errors that would hit every file alike are not retried."""
+    if len(paths) == 1 or stop.is_set():
+        return [submit_one(client, path, plan, stop) for path in paths]
+    started = time.monotonic()
+    try:
+        jobs = client.submit_batch(paths, webhook=plan.webhook, webhook_events=plan.webhook_events)
+    except (AuthError, TransportError, ServerError, RateLimitedError) as exc:
+        return [failed(Outcome(path), exc, stop) for path in paths]
+    except ApiError:
+        return [submit_one(client, path, plan, stop) for path in paths]
+    outcomes = [Outcome(path, job.id, job.status) for path, job in zip(paths, jobs, strict=True)]
+    if not plan.waiting:
+        return outcomes
+    waited: ClientError | None = None
+    try:
+        client.wait_many(jobs, plan.timeout)
+    except ClientError as exc:  # a timeout or a lost server: the jobs that ended still count
+        waited = exc
+    for outcome, job in zip(outcomes, jobs, strict=True):
+        if not job.done:
+            failed(outcome, waited or WaitTimeoutError(f"job {job.id} still {job.status}"), stop)
+            continue
+        try:
+            finish(outcome, job, plan, started)
+        except ClientError as exc:  # saving its results failed
+            failed(outcome, exc, stop)
+    return outcomes
+
+
+def finish(outcome: Outcome, job: Job, plan: SubmitPlan, started: float) -> None:
+    """Record how an ended job went and save its results when asked to."""
+    outcome.status, outcome.latency_s = job.status, time.monotonic() - started
+    outcome.predict_ms = job.metrics.get("predict_ms")
+    outcome.reason = (job.error or {}).get("message", "")
+    if job.succeeded and plan.out:
+        save_results(job, outcome.path, plan)
+
+
+def failed(outcome: Outcome, exc: ClientError, stop: threading.Event) -> Outcome:
+    """Mark a file as not done because of `exc`; an auth error stops the files not yet sent."""
+    outcome.status, outcome.error, outcome.reason = "error", exc, describe(exc)
+    if isinstance(exc, AuthError):
+        stop.set()
     return outcome
 
 
@@ -165,7 +217,8 @@ def save_results(job: Job, path: Path, plan: SubmitPlan) -> None:
 
 
 def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: int) -> list[Outcome]:
-    """Submit every file with a thread pool and a progress bar on stderr."""
+    """Submit every file, `plan.batch` per request, with a thread pool and a progress bar on
+    stderr."""
     stop = threading.Event()
     outcomes: list[Outcome] = []
     console = Console(stderr=True)
@@ -173,14 +226,15 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
                TimeElapsedColumn())
     with Progress(*columns, console=console, disable=len(files) < 2) as progress, \
             ThreadPoolExecutor(max_workers=concurrency) as pool:
-        label = "waiting" if plan.wait or plan.out else "submitting"
+        label = "waiting" if plan.waiting else "submitting"
         task = progress.add_task(label, total=len(files))
-        futures = [pool.submit(submit_one, client, f, plan, stop) for f in files]
+        chunks = [files[i:i + plan.batch] for i in range(0, len(files), plan.batch)]
+        futures = [pool.submit(submit_chunk, client, chunk, plan, stop) for chunk in chunks]
         for future in as_completed(futures):
-            outcome = future.result()
-            outcomes.append(outcome)
-            click.echo(f"{outcome.job_id}\t{outcome.status}\t{outcome.path}")
-            progress.advance(task)
+            for outcome in future.result():
+                outcomes.append(outcome)
+                click.echo(f"{outcome.job_id}\t{outcome.status}\t{outcome.path}")
+                progress.advance(task)
     return outcomes
 
 
@@ -221,18 +275,22 @@ def submit_exit_code(outcomes: list[Outcome]) -> int:
 @click.option("--overlay", is_flag=True, help="With --out, also save <name>.overlay.png.")
 @click.option("--webhook", help="URL to notify when each job completes.")
 @click.option("--webhook-events", help="Comma-separated: start,completed [completed].")
-@click.option("--concurrency", "-j", default=4, show_default=True, type=click.IntRange(1, 64))
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait per job.")
+@click.option("--batch", "-b", default=16, show_default=True, type=click.IntRange(1, 100),
+              help="Files per request (POST /v1/jobs/batch); 1 sends each file on its own.")
+@click.option("--concurrency", "-j", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Requests in flight at once.")
+@click.option("--timeout", default=300.0, show_default=True,
+              help="Seconds to wait for the jobs of each request.")
 @connection_options
 def submit(paths: tuple[Path, ...], wait: bool, out: Path | None, overlay: bool,
-           webhook: str | None, webhook_events: str | None, concurrency: int, timeout: float,
-           url: str, api_key: str | None, retries: int) -> None:
+           webhook: str | None, webhook_events: str | None, batch: int, concurrency: int,
+           timeout: float, url: str, api_key: str | None, retries: int) -> None:
     """Submit photos (files or folders); prints a `job_id<TAB>status<TAB>file` line each."""
     files = image_files(paths)
     if not files:
         raise click.UsageError("no image files found (looked for .jpg .jpeg .png .webp)")
     events = [e.strip() for e in webhook_events.split(",")] if webhook_events else None
-    plan = SubmitPlan(wait, out, overlay, webhook, events, timeout)
+    plan = SubmitPlan(wait, out, overlay, webhook, events, timeout, batch)
     with make_client(url, api_key, retries) as client:
         outcomes = run_all(files, client, plan, concurrency)
     console = Console(stderr=True)

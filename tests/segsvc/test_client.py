@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from standardwebhooks import Webhook, WebhookVerificationError
 from werkzeug.wrappers import Request, Response
 
-from segsvc.client import Client, verify_webhook
+from segsvc.client import Client, Job, verify_webhook
 from segsvc.client_errors import (
     AuthError,
     ConflictError,
@@ -75,11 +75,11 @@ def test_client_submit_batch_and_get_many(api: Client, worker: Path) -> None:
     jobs = api.submit_batch([photos[0], photos[1].read_bytes(), photos[2]])
     assert [j.status for j in jobs] == ["queued"] * 3
     ids = [j.id for j in jobs]
-    deadline = time.monotonic() + 120
-    while not all(j.done for j in jobs) and time.monotonic() < deadline:
-        jobs = api.get_many(ids, wait=10)
-    assert [j.id for j in jobs] == ids
+    assert api.wait_many(jobs, timeout=120) == jobs  # updated in place
     assert all(j.succeeded for j in jobs), worker.read_text()[-2000:]
+    jobs = api.get_many(ids, wait=10)
+    assert [j.id for j in jobs] == ids
+    assert all(j.succeeded for j in jobs)
     with Image.open(photos[1]) as src:
         assert jobs[1].mask().size == ImageOps.exif_transpose(src).size
     with pytest.raises(NotFoundError):
@@ -87,6 +87,34 @@ def test_client_submit_batch_and_get_many(api: Client, worker: Path) -> None:
     with pytest.raises(InvalidRequestError) as bad:  # one bad image: nothing is stored
         api.submit_batch([photos[0], b"not an image"])
     assert "Image 1" in str(bad.value)
+
+
+def test_client_wait_many_times_out_when_no_worker_runs(api: Client) -> None:
+    jobs = api.submit_batch(sample_images(2))
+    started = time.monotonic()
+    with pytest.raises(WaitTimeoutError, match="2 jobs not finished"):
+        api.wait_many(jobs, timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert [j.status for j in jobs] == ["queued", "queued"]
+
+
+def test_client_wait_many_asks_about_running_jobs_only_100_at_a_time() -> None:
+    asked: list[list[str]] = []
+
+    def answer(environ: dict[str, Any], start_response: Any) -> Any:
+        ids = Request(environ).args["ids"].split(",")
+        asked.append(ids)
+        done = len(asked) > 1  # running when first asked, then ended
+        body = {"jobs": [{"id": i, "status": "succeeded" if done else "running"} for i in ids],
+                "not_found": []}
+        return Response(json.dumps(body), mimetype="application/json")(environ, start_response)
+
+    with serve(answer) as url, Client(url, "k") as client:
+        jobs = [Job(client, {"id": str(i), "status": "queued"}) for i in range(150)]
+        client.wait_many(jobs, timeout=30, poll_interval=0.01)
+    assert [len(ids) for ids in asked] == [100, 100, 50]  # 0-99 twice, then 100-149
+    assert asked[2] == [str(i) for i in range(100, 150)]
+    assert all(j.succeeded for j in jobs)
 
 
 def test_client_errors_carry_api_codes(api: Client, base_url: str) -> None:

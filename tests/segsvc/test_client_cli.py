@@ -82,6 +82,47 @@ def test_cli_exit_codes_for_auth_refusal_and_usage(base_url: str, api_key: str,
     assert "404" in unknown.stderr
 
 
+def test_cli_batch_with_a_bad_file_sends_each_file_on_its_own(base_url: str, api_key: str,
+                                                             tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for photo in sample_images(3):
+        shutil.copy(photo, photos / photo.name)
+    (photos / "broken.jpg").write_bytes(b"not really a jpeg")
+    result = cli("submit", str(photos), "--batch", "16", url=base_url, key=api_key)
+    assert result.exit_code == 1, result.output
+    rows = {Path(name).name: (job_id, status)
+            for job_id, status, name in (ln.split("\t") for ln in result.stdout.splitlines())}
+    assert len(rows) == 4
+    assert rows.pop("broken.jpg") == ("-", "error")
+    assert {status for _, status in rows.values()} == {"queued"}  # the good ones still went in
+    assert "broken.jpg" in result.stderr
+    queued = {job_id for job_id, _ in rows.values()}
+    assert len(queued) == 3
+    for job_id in queued:  # stored once each: the refused batch left nothing behind
+        assert cli("status", job_id, url=base_url, key=api_key).exit_code == 0
+
+
+def test_cli_sends_files_in_batches_of_the_size_asked(app, api_key: str,  # type: ignore[no-untyped-def]
+                                                      tmp_path: Path) -> None:
+    seen: list[int] = []
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for photo in sample_images(5):
+        shutil.copy(photo, photos / photo.name)
+
+    def counting(environ: dict[str, object], start_response: object) -> object:
+        if environ["REQUEST_METHOD"] == "POST":
+            seen.append(1 if environ["PATH_INFO"] == "/v1/jobs" else -1)
+        return app(environ, start_response)
+
+    with serve(counting) as url:
+        result = cli("submit", str(photos), "-b", "2", "-j", "1", url=url, key=api_key)
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 5
+    assert sorted(seen) == [-1, -1, 1]  # two batches of 2, then the last file on its own
+
+
 def test_cli_unreachable_server_exits_3() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

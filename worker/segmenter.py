@@ -1,7 +1,8 @@
 """The Segmenter: loads the serving model once per process and runs micro-batches of jobs.
 
-A batch runs in two stages so that they can overlap across batches:
-`infer` (claim + one forward pass per model version; the model thread) and
+A batch runs in three stages so that they can overlap across batches:
+`claim` (take the jobs, stack their inputs; ahead of the model when a full batch waits),
+`forward` (one forward pass per model version; the model thread) and
 `store` (argmax, mask resize, PNG encode, one transaction for every result; a post thread).
 """
 
@@ -46,6 +47,17 @@ class Group:
 
 
 @dataclass
+class Claim:
+    """A claimed batch: per model version its jobs and their stacked, normalized inputs."""
+
+    claimed: int = 0
+    inputs: list[tuple[LoadedModel, list[Claimed], npt.NDArray[np.float32]]] = field(
+        default_factory=list
+    )
+    failed: list[tuple[Claimed, str, str]] = field(default_factory=list)  # job, code, message
+
+
+@dataclass
 class Inferred:
     """A batch after its forward passes, waiting to be stored."""
 
@@ -85,16 +97,21 @@ class Segmenter:
 
     def infer(self, job_ids: Sequence[str]) -> Inferred:
         """Claim the jobs (duplicates and finished jobs drop out) and run the forward passes."""
+        return self.forward(self.claim(job_ids))
+
+    def claim(self, job_ids: Sequence[str]) -> Claim:
+        """Claim the jobs and stack their model inputs per model version, ready for the model
+        (the micro-batcher runs this for the next batch while the model runs the current one)."""
         self.load()
         ids = list(dict.fromkeys(_parse_ids(job_ids)))
         if not ids:
-            return Inferred()
+            return Claim()
         with session_scope(self.settings) as session:
             _relax_commit(session)
             claimed = job_service.claim_jobs(
                 session=session, job_ids=ids, lease_seconds=self.settings.job_lease_seconds
             )
-        out = Inferred(claimed=len(claimed))
+        out = Claim(claimed=len(claimed))
         by_version: dict[str, tuple[LoadedModel, list[Claimed], list[Any]]] = {}
         for job in claimed:
             pixels = _model_input(job)
@@ -105,9 +122,16 @@ class Segmenter:
             entry = by_version.setdefault(model.version, (model, [], []))
             entry[1].append(job)
             entry[2].append(pixels)
-        for model, jobs, inputs in by_version.values():
+        out.inputs = [(model, jobs, normalize(np.stack(pixels)))
+                      for model, jobs, pixels in by_version.values()]
+        return out
+
+    def forward(self, claim: Claim) -> Inferred:
+        """One forward pass per model version over a claimed batch."""
+        out = Inferred(claimed=claim.claimed, failed=list(claim.failed))
+        for model, jobs, inputs in claim.inputs:
             started = time.perf_counter()
-            logits = model.runtime.predict(normalize(np.stack(inputs)))
+            logits = model.runtime.predict(inputs)
             seconds = time.perf_counter() - started
             PREDICT_TIME.labels(model.version).observe(seconds)
             BATCH_SIZE.observe(len(jobs))

@@ -1,0 +1,126 @@
+"""worker/batcher.py in-process with a real Segmenter on real Postgres: batch formation, the
+claim of the next full batch beside the model, and how failures settle messages."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from segsvc.models import JobStatus
+from segsvc.settings import Settings
+from tests.worker.test_segmenter import make_jobs, rows
+from worker import batcher as batcher_module
+from worker.batcher import Item, MicroBatcher
+from worker.segmenter import Claim, Inferred, Segmenter
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class Recorder:
+    """Wraps a Segmenter: records which thread claimed which ids, holds the first forward pass
+    until released (so a backlog can build up behind it), and can fail chosen claims."""
+
+    def __init__(self, segmenter: Segmenter) -> None:
+        self.segmenter = segmenter
+        self.claims: list[tuple[str, list[str]]] = []
+        self.in_first_forward = threading.Event()
+        self.release_first_forward = threading.Event()
+        self.fail_claim_of: set[str] = set()
+        self.settled: dict[str, str] = {}
+        self.all_settled = threading.Event()
+        self.expected = 0
+        self._lock = threading.Lock()
+
+    def claim(self, job_ids: Sequence[str]) -> Claim:
+        self.claims.append((threading.current_thread().name.split("_")[0], list(job_ids)))
+        if self.fail_claim_of & set(job_ids):
+            raise RuntimeError("database went away")
+        return self.segmenter.claim(job_ids)
+
+    def forward(self, claim: Claim) -> Inferred:
+        if not self.in_first_forward.is_set():
+            self.in_first_forward.set()
+            assert self.release_first_forward.wait(60)
+        return self.segmenter.forward(claim)
+
+    def __getattr__(self, name: str) -> Any:  # store, release: the real ones
+        return getattr(self.segmenter, name)
+
+    def item(self, job_id: str) -> Item:
+        return Item(job_id, lambda: self._settle(job_id, "ack"),
+                    lambda: self._settle(job_id, "requeue"))
+
+    def _settle(self, job_id: str, how: str) -> None:
+        with self._lock:
+            self.settled[job_id] = how
+            if len(self.settled) == self.expected:
+                self.all_settled.set()
+
+
+@pytest.fixture
+def recorder(settings: Settings, production_model: str,
+             monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    monkeypatch.setattr(batcher_module, "RETRY_PAUSE_S", 0.0)
+    return Recorder(Segmenter(settings.model_copy(update={"registry_poll_seconds": 0})))
+
+
+def start(recorder: Recorder, ids: list[str]) -> MicroBatcher:
+    """A batcher of 2 with the first job running and the rest waiting behind it."""
+    recorder.expected = len(ids)
+    batcher = MicroBatcher(recorder, max_size=2, max_wait_s=0.0)  # type: ignore[arg-type]
+    batcher.put(recorder.item(ids[0]))
+    assert recorder.in_first_forward.wait(60)
+    for job_id in ids[1:]:
+        batcher.put(recorder.item(job_id))
+    return batcher
+
+
+def test_the_next_full_batch_is_claimed_while_the_model_runs(
+    settings: Settings, recorder: Recorder
+) -> None:
+    uuids = make_jobs(settings, 6)
+    ids = [str(i) for i in uuids]
+    batcher = start(recorder, ids)
+    recorder.release_first_forward.set()
+    assert recorder.all_settled.wait(60)
+    batcher.close()
+    # Formed when the model was free: [0], then [1, 2]; while [1, 2] ran, [3, 4] was waiting
+    # in full, so the claim thread took it; [5] alone is not a full batch, so the model thread
+    # claimed it once free.
+    assert recorder.claims == [
+        ("seg-model", ids[:1]), ("seg-model", ids[1:3]), ("seg-claim", ids[3:5]),
+        ("seg-model", ids[5:]),
+    ]
+    assert set(recorder.settled.values()) == {"ack"}
+    assert [job.status for job in rows(settings, uuids)] == [JobStatus.SUCCEEDED] * 6
+
+
+def test_a_failed_claim_ahead_requeues_only_its_batch(
+    settings: Settings, recorder: Recorder
+) -> None:
+    ids = [str(i) for i in make_jobs(settings, 5)]
+    recorder.fail_claim_of = {ids[3]}
+    batcher = start(recorder, ids)
+    recorder.release_first_forward.set()
+    assert recorder.all_settled.wait(60)
+    batcher.close()
+    assert ("seg-claim", ids[3:5]) in recorder.claims
+    assert recorder.settled == {ids[0]: "ack", ids[1]: "ack", ids[2]: "ack",
+                                ids[3]: "requeue", ids[4]: "requeue"}
+
+
+def test_a_batch_claimed_ahead_still_runs_when_the_worker_stops(
+    settings: Settings, recorder: Recorder
+) -> None:
+    ids = [str(i) for i in make_jobs(settings, 5)]
+    batcher = start(recorder, ids)
+    recorder.release_first_forward.set()
+    while not any(thread == "seg-claim" for thread, _ in recorder.claims):
+        assert not recorder.all_settled.is_set()
+        threading.Event().wait(0.01)
+    batcher.close()  # [1, 2] or [3, 4] may be running; both must finish, nothing else starts
+    assert {ids[i]: recorder.settled.get(ids[i]) for i in range(5)} == {
+        ids[0]: "ack", ids[1]: "ack", ids[2]: "ack", ids[3]: "ack", ids[4]: "ack"}

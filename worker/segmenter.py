@@ -25,7 +25,13 @@ from segsvc.blobs import blob_store
 from segsvc.db import session_scope
 from segsvc.metrics import BATCH_SIZE, JOBS_FINISHED, PREDICT_TIME, QUEUE_WAIT
 from segsvc.ml import IMAGE_SIZE
-from segsvc.ml.preprocess import class_fractions, encode_mask_png, normalize, postprocess
+from segsvc.ml.preprocess import (
+    class_map,
+    encode_mask_png,
+    normalize,
+    resize_mask,
+    resized_class_fractions,
+)
 from segsvc.services import jobs as job_service
 from segsvc.settings import Settings, get_settings
 from worker.model_manager import LoadedModel, ModelManager
@@ -199,14 +205,15 @@ def _model_input(job: Claimed) -> npt.NDArray[np.uint8] | None:
 def _result(
     job: Claimed, logits: npt.NDArray[np.float32], group: Group, size: int
 ) -> dict[str, Any]:
-    mask = postprocess(logits, job.width, job.height)
+    classes = class_map(logits)
+    mask = resize_mask(classes, job.width, job.height)
     queue_s = (job.started_at - job.created_at).total_seconds()
     QUEUE_WAIT.observe(queue_s)
     return {
         "id": job.id,
         "lease_token": job.lease_token,
         "mask_png": encode_mask_png(mask),
-        "class_fractions": class_fractions(mask),
+        "class_fractions": resized_class_fractions(classes, job.width, job.height),
         "model_version": group.model.version,
         "queue_ms": queue_s * 1000.0,
         "predict_ms": group.predict_ms,

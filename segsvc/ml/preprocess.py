@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import zlib
 from dataclasses import dataclass
@@ -81,8 +82,13 @@ def preprocess_bytes(data: bytes) -> Prepared:
 
 def postprocess(logits: npt.NDArray[np.floating], width: int, height: int) -> npt.NDArray[np.uint8]:
     """Logits (128, 128, C) -> class mask (height, width), nearest-neighbour resized."""
-    classes = np.argmax(logits, axis=-1).astype(np.uint8)
-    return resize_mask(classes, width, height)
+    return resize_mask(class_map(logits), width, height)
+
+
+def class_map(logits: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
+    """Logits (H, W, C) -> the class of each pixel (H, W)."""
+    classes: npt.NDArray[np.uint8] = np.argmax(logits, axis=-1).astype(np.uint8)
+    return classes
 
 
 def resize_mask(mask: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[np.uint8]:
@@ -98,6 +104,30 @@ def class_fractions(mask: npt.NDArray[np.uint8]) -> list[float]:
     # Pillow's histogram counts uint8 pixels about 3x faster than np.bincount.
     counts = Image.fromarray(np.ascontiguousarray(mask, np.uint8), "L").histogram()[:NUM_CLASSES]
     return [float(c) / float(mask.size) for c in counts]
+
+
+def resized_class_fractions(
+    classes: npt.NDArray[np.uint8], width: int, height: int
+) -> list[float]:
+    """`class_fractions(resize_mask(classes, width, height))`, without making that mask: with
+    nearest-neighbour resizing each source pixel stands for (the output rows it covers) x (the
+    output columns it covers) pixels. ~30x faster than counting a 500x375 mask."""
+    rows = _nearest_cover(classes.shape[0], height)
+    cols = _nearest_cover(classes.shape[1], width)
+    total = float(width) * float(height)
+    return [float(rows @ (classes == c).astype(np.int64) @ cols) / total
+            for c in range(NUM_CLASSES)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _nearest_cover(src: int, dst: int) -> npt.NDArray[np.int64]:
+    """How many of `dst` nearest-neighbour samples fall on each of `src` pixels, taken from
+    Pillow's own resize of an index row so it matches `resize_mask` exactly."""
+    index = Image.fromarray(np.arange(src, dtype=np.int32)[None, :], "I")
+    picked = np.asarray(index.resize((dst, 1), Image.Resampling.NEAREST))[0]
+    cover = np.bincount(picked, minlength=src).astype(np.int64)
+    cover.flags.writeable = False
+    return cover
 
 
 def encode_mask_png(mask: npt.NDArray[np.uint8]) -> bytes:

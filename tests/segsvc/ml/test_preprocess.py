@@ -16,6 +16,7 @@ from segsvc.ml.preprocess import (
     preprocess_bytes,
     render_overlay,
     resize_mask,
+    resized_class_fractions,
 )
 
 
@@ -104,3 +105,14 @@ def test_class_fractions_of_a_full_size_mask() -> None:
     assert class_fractions(mask[:, ::2]) == pytest.approx(  # a non-contiguous view
         [float(np.mean(mask[:, ::2] == c)) for c in range(3)], abs=1e-12
     )
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (128, 128), (64, 48), (1, 1), (2999, 7),
+                                  (129, 127)])
+def test_resized_class_fractions_equal_counting_the_resized_mask(size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    noise = rng.integers(0, 3, (128, 128)).astype(np.uint8)
+    blobs = np.repeat(np.repeat(rng.integers(0, 3, (8, 8)), 16, 0), 16, 1).astype(np.uint8)
+    for classes in (noise, blobs):
+        mask = resize_mask(classes, *size)
+        assert resized_class_fractions(classes, *size) == class_fractions(mask)  # exactly

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     )
     batch_max_size: int = Field(32, description="Largest micro-batch a worker runs.")
     batch_max_wait_ms: float = Field(
-        2.0, description="Longest a partial batch waits for more jobs (0 on an idle queue)."
+        10.0, description="Longest a partial batch waits for more jobs (0 on an idle queue)."
     )
     inference_threads: int = Field(
         1,

@@ -4,6 +4,7 @@ claim of the next full batch beside the model, and how failures settle messages.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -124,3 +125,23 @@ def test_a_batch_claimed_ahead_still_runs_when_the_worker_stops(
     batcher.close()  # [1, 2] or [3, 4] may be running; both must finish, nothing else starts
     assert {ids[i]: recorder.settled.get(ids[i]) for i in range(5)} == {
         ids[0]: "ack", ids[1]: "ack", ids[2]: "ack", ids[3]: "ack", ids[4]: "ack"}
+
+
+def test_a_backlog_batch_waits_for_stragglers_and_a_lone_job_does_not(
+    settings: Settings, recorder: Recorder
+) -> None:
+    ids = [str(i) for i in make_jobs(settings, 4)]
+    recorder.expected = 4
+    batcher = MicroBatcher(recorder, max_size=4, max_wait_s=1.0)  # type: ignore[arg-type]
+    sent = time.monotonic()
+    batcher.put(recorder.item(ids[0]))
+    assert recorder.in_first_forward.wait(60)
+    assert time.monotonic() - sent < 0.5  # an idle worker runs a lone job at once
+    batcher.put(recorder.item(ids[1]))
+    batcher.put(recorder.item(ids[2]))
+    recorder.release_first_forward.set()  # [1, 2] is a backlog, not full: it waits
+    time.sleep(0.2)
+    batcher.put(recorder.item(ids[3]))  # a straggler within the wait joins it
+    assert recorder.all_settled.wait(60)
+    batcher.close()
+    assert [ids for _, ids in recorder.claims] == [ids[:1], ids[1:]]

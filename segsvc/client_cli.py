@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -129,6 +129,9 @@ class SubmitPlan:
     webhook_events: list[str] | None
     timeout: float
     batch: int = 1  # files per request (`POST /v1/jobs/batch` when > 1)
+    # Set once a batch was refused although each of its files was then accepted on its own (a
+    # server limit lower than `batch`, or no batch submits): later files go one by one.
+    batches_refused: threading.Event = field(default_factory=threading.Event)
 
     @property
     def waiting(self) -> bool:
@@ -162,7 +165,7 @@ def submit_chunk(
     When the server refuses the batch as a whole over one file (a bad image, a batch over its
     limits, a server without batch submits), each file is sent on its own instead, so every
     file still gets its own answer; errors that would hit every file alike are not retried."""
-    if len(paths) == 1 or stop.is_set():
+    if len(paths) == 1 or stop.is_set() or plan.batches_refused.is_set():
         return [submit_one(client, path, plan, stop) for path in paths]
     started = time.monotonic()
     try:
@@ -170,7 +173,10 @@ def submit_chunk(
     except (AuthError, TransportError, ServerError, RateLimitedError) as exc:
         return [failed(Outcome(path), exc, stop) for path in paths]
     except ApiError:
-        return [submit_one(client, path, plan, stop) for path in paths]
+        singles = [submit_one(client, path, plan, stop) for path in paths]
+        if all(outcome.error is None for outcome in singles):  # not a file: the batch itself
+            plan.batches_refused.set()
+        return singles
     outcomes = [Outcome(path, job.id, job.status) for path, job in zip(paths, jobs, strict=True)]
     if not plan.waiting:
         return outcomes

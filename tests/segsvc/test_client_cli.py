@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 from PIL import Image, ImageOps
 
 from segsvc.cli import main
-from segsvc.settings import get_settings
+from segsvc.settings import Settings, get_settings
 from tests.conftest import sample_images
 from tests.live import serve
 from tests.segsvc.test_client import Scripted
@@ -121,6 +121,31 @@ def test_cli_sends_files_in_batches_of_the_size_asked(app, api_key: str,  # type
     assert result.exit_code == 0, result.output
     assert len(result.stdout.splitlines()) == 5
     assert sorted(seen) == [-1, -1, 1]  # two batches of 2, then the last file on its own
+
+
+def test_cli_stops_batching_when_the_server_refuses_batches_it_cannot_take(
+    settings: Settings, api_key: str, tmp_path: Path
+) -> None:
+    from api.app import create_app
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for photo in sample_images(8):
+        shutil.copy(photo, photos / photo.name)
+    app = create_app(settings.model_copy(update={"batch_submit_max_images": 2}))
+    batches: list[str] = []
+
+    def counting(environ: dict[str, object], start_response: object) -> object:
+        if environ["PATH_INFO"] == "/v1/jobs/batch":
+            batches.append(str(environ["PATH_INFO"]))
+        return app(environ, start_response)
+
+    with serve(counting) as url:
+        result = cli("submit", str(photos), "-b", "4", "-j", "1", url=url, key=api_key)
+    assert result.exit_code == 0, result.output
+    assert [status for _, status, _ in (ln.split("\t") for ln in result.stdout.splitlines())] \
+        == ["queued"] * 8
+    assert len(batches) == 1  # refused once (4 > 2), then every file went on its own
 
 
 def test_cli_unreachable_server_exits_3() -> None:

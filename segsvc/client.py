@@ -15,7 +15,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,6 +67,28 @@ ImageInput = str | os.PathLike[str] | bytes | IO[bytes]
 LONG_POLL_S = 10.0
 # Ids one `GET /v1/jobs?ids=` may ask about (the server's limit).
 MAX_IDS_PER_READ = 100
+
+
+def _long_poll(
+    done: Callable[[], bool],
+    ask: Callable[[float], bool],
+    timeout: float | None,
+    poll_interval: float,
+    timed_out: Callable[[], str],
+) -> None:
+    """Until `done()`: `ask(seconds)` with a server-side wait of up to LONG_POLL_S (it returns
+    whether what it asked about has ended); against a server that answered at once without
+    that, pause `poll_interval`, backing off to 2 s. WaitTimeoutError after `timeout`."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    interval = poll_interval
+    while not done():
+        left = LONG_POLL_S if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            raise WaitTimeoutError(timed_out())
+        asked = time.monotonic()
+        if not ask(min(LONG_POLL_S, left)) and time.monotonic() - asked < min(0.05, left):
+            time.sleep(max(0.0, min(interval, left)))  # the server did not hold the request
+            interval = min(interval * 1.5, 2.0)
 
 
 class Job:
@@ -123,17 +145,12 @@ class Job:
         Each request waits server-side (`?wait=`) for up to LONG_POLL_S; against a server that
         answers at once, it falls back to polling every `poll_interval` (backing off to 2 s).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        interval = poll_interval
-        while not self.done:
-            left = LONG_POLL_S if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                raise WaitTimeoutError(f"job {self.id} still {self.status} after {timeout}s")
-            asked = time.monotonic()
-            self.data = self._client.get(self.id, wait=min(LONG_POLL_S, left)).data
-            if not self.done and time.monotonic() - asked < min(0.05, left):
-                time.sleep(max(0.0, min(interval, left)))  # the server did not hold the request
-                interval = min(interval * 1.5, 2.0)
+        def ask(seconds: float) -> bool:
+            self.data = self._client.get(self.id, wait=seconds).data
+            return self.done
+
+        _long_poll(lambda: self.done, ask, timeout, poll_interval,
+                   lambda: f"job {self.id} still {self.status} after {timeout}s")
         return self
 
     def cancel(self) -> Job:
@@ -259,22 +276,16 @@ class Client:
         """Long-poll until every job has ended (`Job.wait` for many: one `GET /v1/jobs?ids=`
         per 100 jobs still running); updates the jobs in place and returns them.
         WaitTimeoutError after `timeout`, with the jobs that ended by then already updated."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        interval = poll_interval
-        while running := [job for job in jobs if not job.done]:
-            left = LONG_POLL_S if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                raise WaitTimeoutError(f"{len(running)} jobs not finished after {timeout}s")
-            asked = time.monotonic()
-            chunk = running[:MAX_IDS_PER_READ]
-            for job, fresh in zip(
-                chunk, self.get_many([j.id for j in chunk], wait=min(LONG_POLL_S, left)),
-                strict=True,
-            ):
-                job.data = fresh.data
-            if any(not j.done for j in chunk) and time.monotonic() - asked < min(0.05, left):
-                time.sleep(max(0.0, min(interval, left)))  # the server did not hold the request
-                interval = min(interval * 1.5, 2.0)
+        def ask(seconds: float) -> bool:
+            chunk = [job for job in jobs if not job.done][:MAX_IDS_PER_READ]
+            fresh = self.get_many([job.id for job in chunk], wait=seconds)
+            for job, new in zip(chunk, fresh, strict=True):
+                job.data = new.data
+            return all(job.done for job in chunk)
+
+        _long_poll(lambda: all(job.done for job in jobs), ask, timeout, poll_interval,
+                   lambda: f"{sum(not job.done for job in jobs)} jobs not finished after "
+                   f"{timeout}s")
         return list(jobs)
 
     def get(self, job_id: str, *, wait: float = 0.0) -> Job:

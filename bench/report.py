@@ -217,14 +217,16 @@ def markdown(r: dict[str, Any]) -> str:
                 )
                 + ".",
             ]
+    clients = r.get("system", {}).get("clients", "N")
+    per = r.get("system_peak_batch", {}).get("images_per_request", "several")
     lines += [
         "",
         "## Running system (gunicorn API + Redis + worker + Postgres)",
         "",
-        "Latency: client submit -> the job's `completed_at`. In the 16-client run each client"
-        " long-polls (`?wait=10`, as `segsvc.client.Job.wait` does); the idle run polls every"
-        " 5 ms; the burst run submits every job first, then one poller waits for them (the"
-        " batch-submit burst sends 16 photos per `POST /v1/jobs/batch` and its poller"
+        f"Latency: client submit -> the job's `completed_at`. In the {clients}-client run each"
+        " client long-polls (`?wait=10`, as `segsvc.client.Job.wait` does); the idle run polls"
+        " every 5 ms; the burst run submits every job first, then one poller waits for them"
+        f" (the batch-submit burst sends {per} photos per `POST /v1/jobs/batch` and its poller"
         " long-polls 100 jobs per `GET /v1/jobs?ids=`).",
         "",
         "| Run | Clients | Jobs/s | p50 ms | p95 ms | p99 ms | Mean batch | Errors |",
@@ -234,7 +236,7 @@ def markdown(r: dict[str, Any]) -> str:
         ("idle (1 client)", "idle"),
         ("system", "system"),
         ("capacity: burst, submit + run", "system_peak"),
-        ("capacity: the same burst, batch submits of 16", "system_peak_batch"),
+        (f"capacity: the same burst, batch submits of {per}", "system_peak_batch"),
         ("naive Flask baseline", "naive_flask"),
         ("API submit only (worker stopped), req/s", "api_submit"),
         ("gunicorn hello, req/s", "hello"),

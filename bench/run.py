@@ -206,6 +206,7 @@ def run_system(
             api_port, headers, batch_bodies, jobs=args.burst_jobs, clients=args.clients,
             per_request=per,
         ))
+        out["system_peak_batch"]["images_per_request"] = per
         log(f"  {out['system_peak_batch']['jobs_per_s']:.1f} jobs/s")
         out["worker_rss_mb"] = max(wkr.peak_rss_mb().values())
         wkr.stop()

@@ -17,8 +17,6 @@ back to back (with the solo pool it also cannot read messages during a forward p
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 import time
 from collections import deque
@@ -32,13 +30,6 @@ from worker.segmenter import Claim, Inferred, Segmenter
 log = logging.getLogger(__name__)
 
 RETRY_PAUSE_S = 1.0  # after a failed batch, so a database outage does not spin the worker
-
-# The claim and store threads run this much nicer than the model thread (Linux sets niceness
-# per thread, and raising it needs no privilege): when the cores are contended they yield to
-# the forward pass instead of taking turns with it. In batch-submit bursts on 2 cores the
-# model thread was on a CPU for 93-95% of its forward passes' wall time at equal niceness and
-# 96% at +10; their work still gets done, only later.
-HELPER_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -62,13 +53,9 @@ class MicroBatcher:
         self._stopping = False
         # One post thread keeps results in order; at most two batches wait for it, so a slow
         # database slows the model thread down instead of piling up memory.
-        self._post = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="seg-store", initializer=yield_to_model
-        )
+        self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-store")
         self._post_slots = threading.BoundedSemaphore(2)
-        self._claimer = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="seg-claim", initializer=yield_to_model
-        )
+        self._claimer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-claim")
         self._thread = threading.Thread(target=self._run, name="seg-model", daemon=True)
         self._thread.start()
 
@@ -164,19 +151,6 @@ class MicroBatcher:
             _settle(batch, ok=False)
         finally:
             self._post_slots.release()
-
-
-def yield_to_model() -> None:
-    """Make the calling thread `HELPER_NICE` nicer than the thread that created it (the model
-    thread). Best effort: where niceness is per process, not per thread, nothing changes."""
-    if not sys.platform.startswith("linux"):
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid)
-                                                 + HELPER_NICE))
-    except OSError:  # e.g. a seccomp profile that forbids it
-        log.debug("could not lower the priority of thread %d", tid, exc_info=True)
 
 
 def _settle(batch: list[Item], *, ok: bool) -> None:

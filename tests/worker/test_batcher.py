@@ -3,8 +3,6 @@ claim of the next full batch beside the model, and how failures settle messages.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -35,32 +33,22 @@ class Recorder:
         self.settled: dict[str, str] = {}
         self.all_settled = threading.Event()
         self.expected = 0
-        self.niceness: dict[str, int] = {}  # thread -> its niceness when it last did work
         self._lock = threading.Lock()
 
     def claim(self, job_ids: Sequence[str]) -> Claim:
-        self.claims.append((_thread_name(), list(job_ids)))
-        self._note_niceness()
+        self.claims.append((threading.current_thread().name.split("_")[0], list(job_ids)))
         if self.fail_claim_of & set(job_ids):
             raise RuntimeError("database went away")
         return self.segmenter.claim(job_ids)
 
     def forward(self, claim: Claim) -> Inferred:
-        self._note_niceness()
         if not self.in_first_forward.is_set():
             self.in_first_forward.set()
             assert self.release_first_forward.wait(60)
         return self.segmenter.forward(claim)
 
-    def store(self, batch: Inferred) -> dict[str, int]:
-        self._note_niceness()
-        return self.segmenter.store(batch)
-
-    def __getattr__(self, name: str) -> Any:  # release: the real one
+    def __getattr__(self, name: str) -> Any:  # store, release: the real ones
         return getattr(self.segmenter, name)
-
-    def _note_niceness(self) -> None:
-        self.niceness[_thread_name()] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     def item(self, job_id: str) -> Item:
         return Item(job_id, lambda: self._settle(job_id, "ack"),
@@ -71,10 +59,6 @@ class Recorder:
             self.settled[job_id] = how
             if len(self.settled) == self.expected:
                 self.all_settled.set()
-
-
-def _thread_name() -> str:
-    return threading.current_thread().name.split("_")[0]
 
 
 @pytest.fixture
@@ -113,23 +97,6 @@ def test_the_next_full_batch_is_claimed_while_the_model_runs(
     ]
     assert set(recorder.settled.values()) == {"ack"}
     assert [job.status for job in rows(settings, uuids)] == [JobStatus.SUCCEEDED] * 6
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-def test_the_claim_and_store_threads_yield_the_cpu_to_the_model_thread(
-    settings: Settings, recorder: Recorder
-) -> None:
-    batcher = start(recorder, [str(i) for i in make_jobs(settings, 5)])
-    recorder.release_first_forward.set()
-    assert recorder.all_settled.wait(60)
-    batcher.close()
-    model = recorder.niceness["seg-model"]
-    assert model == os.getpriority(os.PRIO_PROCESS, 0)  # the model thread keeps the process's
-    assert recorder.niceness == {
-        "seg-model": model,
-        "seg-claim": min(19, model + batcher_module.HELPER_NICE),
-        "seg-store": min(19, model + batcher_module.HELPER_NICE),
-    }
 
 
 def test_a_failed_claim_ahead_requeues_only_its_batch(

@@ -274,22 +274,34 @@ def markdown(r: dict[str, Any]) -> str:
             "The system and naive Flask alternate in 3 rounds, as do API submits and hello; each"
             " row is its median round. Every round's jobs/s: " + "; ".join(rounds) + ".",
         ]
-    timed = [(name, r[key]["raw_beside"]) for name, key in
-             (("single submits", "system_peak"), ("batch submits", "system_peak_batch"))
-             if r.get(key, {}).get("raw_beside")]
-    if timed:
+    bursts = [(name, r[key]) for name, key in
+              (("single submits", "system_peak"), ("batch submits", "system_peak_batch"))
+              if r.get(key, {}).get("raw_beside")]
+    if bursts:
         lines += [
             "",
-            "The capacity ratios in the targets divide by the raw runtime re-timed just before"
-            " and after each burst (the system idle, best of b8 and b32; the machine's speed"
-            " drifts over minutes): "
+            "The capacity bursts (single and batch submits) alternate"
+            + (f" in {len(bursts[0][1]['rounds_vs_raw'])} rounds"
+               if "rounds_vs_raw" in bursts[0][1] else "")
+            + ", with the raw runtime re-timed between any two (the system idle; best of b8"
+            " and b32): this machine's speed drifts by 10-20% within minutes, so each capacity"
+            " ratio divides a burst's jobs/s by the raw runtime just before and after it, and"
+            " each row is its median round by that ratio. The median rounds' references: "
             + "; ".join(
-                f"{name} {_pair(runs, 'served')} img/s as served, "
-                f"{_pair(runs, 'all_cores')} on all cores"
-                for name, runs in timed
+                f"{name} {_pair(run['raw_beside'], 'served')} img/s as served, "
+                f"{_pair(run['raw_beside'], 'all_cores')} on all cores (before / after)"
+                for name, run in bursts
             )
-            + " (before / after).",
+            + "."
         ]
+        every = [
+            f"{name} " + ", ".join(f"{j:.1f} ({v:.2f})" for j, v in
+                                   zip(run["rounds_jobs_per_s"], run["rounds_vs_raw"],
+                                       strict=True))
+            for name, run in bursts if "rounds_vs_raw" in run
+        ]
+        if every:
+            lines.append("Every round's jobs/s (of raw as served): " + "; ".join(every) + ".")
     api = ", ".join(f"{v:.0f}" for v in r["api_rss_mb"].values())
     lines += [
         "",

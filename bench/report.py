@@ -9,8 +9,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bench.raw import GFLOP_PER_IMAGE, RUNTIMES
 
 PACKAGES = (
@@ -90,13 +88,12 @@ def as_served(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def beside(run: dict[str, Any]) -> tuple[float, float] | None:
-    """The raw reference re-timed just before and after a capacity burst (mean best batched
-    images/s as served and on all cores); None in results from before it was measured."""
+    """The raw reference re-timed just before and after a capacity burst: the faster of the
+    two, best batched images/s as served and on all cores (None in older results)."""
     timed = run.get("raw_beside")
     if not timed:
         return None
-    return (float(np.mean([t["served"] for t in timed])),
-            float(np.mean([t["all_cores"] for t in timed])))
+    return (max(t["served"] for t in timed), max(t["all_cores"] for t in timed))
 
 
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -285,7 +282,8 @@ def markdown(r: dict[str, Any]) -> str:
                if "rounds_vs_raw" in bursts[0][1] else "")
             + ", with the raw runtime re-timed between any two (the system idle; best of b8"
             " and b32): this machine's speed drifts by 10-20% within minutes, so each capacity"
-            " ratio divides a burst's jobs/s by the raw runtime just before and after it, and"
+            " ratio divides a burst's jobs/s by the faster of the raw runtime timed just before and"
+            " just after it (a stall while one was timed must not flatter the burst), and"
             " each row is its median round by that ratio. The median rounds' references: "
             + "; ".join(
                 f"{name} {_pair(run['raw_beside'], 'served')} img/s as served, "

@@ -22,38 +22,23 @@ from gunicorn import glogging
 from segsvc.logging_setup import configure_logging
 from segsvc.settings import get_settings
 
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers
-# Allocations from this size up get their own mapping, returned to the system when freed.
-MMAP_THRESHOLD = 256 * 1024
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
-def tune_malloc(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
-    """Keep glibc malloc from holding memory an upload no longer needs, as MALLOC_ARENA_MAX and
-    MALLOC_MMAP_THRESHOLD_ would (an environment variable that is set wins). False: not glibc.
+def _cap_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas, as MALLOC_ARENA_MAX would (unless that is set already).
 
-    - Arenas: glibc gives threads their own, up to 8 per core; with a dozen threads per
-      process that alone added about 20 MB to each API process's RSS.
-    - Mapping threshold: glibc starts mapping allocations of 128 KiB and up, but raises the
-      threshold to the size of each mapped block freed, so after a few uploads the decode
-      buffers (a 500x375 photo is 550 KiB of RGB) come from the arenas and fragment them.
-      Fixing it stops that: sustained single and batch submits took each API process to
-      146-151 MB of peak RSS with it unfixed, 141-145 MB with it at 256 KiB.
-
-    Set here, in the master before it forks, both hold in every worker.
+    glibc gives threads their own arenas, up to 8 per core; with a dozen threads per process
+    that alone added about 20 MB to each API process's RSS. Set here, in the master before it
+    forks, the cap holds in every worker.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return False
-    if not os.environ.get("MALLOC_ARENA_MAX"):
-        mallopt(M_ARENA_MAX, arenas)
-    if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        mallopt(M_MMAP_THRESHOLD, mmap_threshold)
-    return True
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    with suppress(OSError, AttributeError):  # not glibc: nothing to cap
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
 
 
-tune_malloc()
+_cap_malloc_arenas()
 
 bind = os.environ.get("GUNICORN_BIND", f"0.0.0.0:{get_settings().port}")
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))

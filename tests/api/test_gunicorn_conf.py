@@ -1,9 +1,7 @@
-"""api/gunicorn_conf.py: the API yields the CPU to the model, and keeps malloc lean."""
+"""api/gunicorn_conf.py: the API steps back on the CPU so the model gets it first."""
 
 from __future__ import annotations
 
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -52,39 +50,3 @@ def test_api_leading_its_own_session_lowers_its_autogroup() -> None:
 def test_zero_leaves_the_priority_alone() -> None:
     nice, _, _ = probe(0, own_session=True)
     assert nice == "0"
-
-
-MALLOC_PROBE = """
-import ctypes
-libc = ctypes.CDLL("libc.so.6")
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-libc.mallinfo2.restype = MallInfo2
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-if {tuned}:
-    import api.gunicorn_conf  # tunes malloc as gunicorn loads it, before the workers fork
-# Freeing a mapped 4 MiB block raises glibc's own threshold to 4 MiB ...
-libc.free(libc.malloc(4 << 20))
-mapped = libc.mallinfo2().hblks
-block = libc.malloc(600 * 1024)  # ... so a decoded photo's buffer would come from the heap
-print(libc.mallinfo2().hblks - mapped)
-libc.free(block)
-"""
-
-
-def mapped_blocks(*, tuned: bool) -> int:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run(
-        [sys.executable, "-c", MALLOC_PROBE.format(tuned=tuned)], cwd=ROOT, env=env,
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout
-    return int(out)
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
-def test_large_buffers_stay_mapped_so_freeing_them_returns_the_memory() -> None:
-    assert mapped_blocks(tuned=False) == 0  # glibc alone: from the heap, which fragments
-    assert mapped_blocks(tuned=True) == 1

@@ -87,13 +87,20 @@ def as_served(r: dict[str, Any]) -> dict[str, Any]:
     return r.get("served_raw") or served_row(r)
 
 
-def beside(run: dict[str, Any]) -> tuple[float, float] | None:
-    """The raw reference re-timed just before and after a capacity burst: the faster of the
-    two, best batched images/s as served and on all cores (None in older results)."""
-    timed = run.get("raw_beside")
-    if not timed:
-        return None
-    return (max(t["served"] for t in timed), max(t["all_cores"] for t in timed))
+def faster(timed: list[dict[str, float]]) -> tuple[float, float]:
+    """Of the raw references timed just before and after a capacity burst, the faster one's
+    best batched images/s, as served and on all cores: a stall of the machine while one was
+    timed must not flatter the burst."""
+    return max(t["served"] for t in timed), max(t["all_cores"] for t in timed)
+
+
+def references(r: dict[str, Any], key: str) -> tuple[float, float]:
+    """Raw batched images/s (as served, on all cores) that a capacity burst is divided by: the
+    references timed beside it, or in older results the ones timed before the system ran."""
+    timed = r[key].get("raw_beside")
+    if timed:
+        return faster(timed)
+    return best_batched(as_served(r)), best_batched(served_row(r))
 
 
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -111,7 +118,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     for key, what in (("system_peak", "end-to-end jobs/s (burst capacity)"),
                       ("system_peak_batch", "same, batch submits: end-to-end")):
         if key in r:
-            served_ref, all_ref = beside(r[key]) or (best_batched(worker), batched)
+            served_ref, all_ref = references(r, key)
             rows += [
                 (f"{what} / raw batched as served ({threads} thread)",
                  r[key]["jobs_per_s"] / served_ref, 0.85),
@@ -277,10 +284,9 @@ def markdown(r: dict[str, Any]) -> str:
     if bursts:
         lines += [
             "",
-            "The capacity bursts (single and batch submits) alternate"
-            + (f" in {len(bursts[0][1]['rounds_vs_raw'])} rounds"
-               if "rounds_vs_raw" in bursts[0][1] else "")
-            + ", with the raw runtime re-timed between any two (the system idle; best of b8"
+            f"The capacity bursts (single and batch submits) alternate in"
+            f" {len(bursts[0][1]['rounds_vs_raw'])} rounds, with the raw runtime re-timed"
+            " between any two (the system idle; best of b8"
             " and b32): this machine's speed drifts by 10-20% within minutes, so each capacity"
             " ratio divides a burst's jobs/s by the faster of the raw runtime timed just before and"
             " just after it (a stall while one was timed must not flatter the burst), and"
@@ -290,16 +296,14 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{_pair(run['raw_beside'], 'all_cores')} on all cores (before / after)"
                 for name, run in bursts
             )
-            + "."
+            + ".",
+            "Every round's jobs/s (of raw as served): " + "; ".join(
+                f"{name} " + ", ".join(f"{j:.1f} ({v:.2f})" for j, v in
+                                       zip(run["rounds_jobs_per_s"], run["rounds_vs_raw"],
+                                           strict=True))
+                for name, run in bursts
+            ) + ".",
         ]
-        every = [
-            f"{name} " + ", ".join(f"{j:.1f} ({v:.2f})" for j, v in
-                                   zip(run["rounds_jobs_per_s"], run["rounds_vs_raw"],
-                                       strict=True))
-            for name, run in bursts if "rounds_vs_raw" in run
-        ]
-        if every:
-            lines.append("Every round's jobs/s (of raw as served): " + "; ".join(every) + ".")
     api = ", ".join(f"{v:.0f}" for v in r["api_rss_mb"].values())
     lines += [
         "",
@@ -350,7 +354,7 @@ def budget(r: dict[str, Any]) -> list[str]:
     peak = r["system_peak"].get("cpu_ms_per_job")
     if peak:
         worker = as_served(r)
-        ref = (beside(r["system_peak"]) or (best_batched(worker), 0.0))[0]
+        ref, _ = references(r, "system_peak")
         model_ms = (worker.get("threads") or cores) * 1000.0 / ref
         lines += [
             "",

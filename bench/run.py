@@ -254,22 +254,13 @@ def capacity_rounds(
             result = metered(services, burst)
             after = reference()
             result["raw_beside"] = [timed, after]
-            # The faster of the two: a stall of the machine while one was timed would
-            # otherwise flatter the burst.
-            result["vs_raw"] = result["jobs_per_s"] / max(timed["served"], after["served"])
+            result["vs_raw"] = result["jobs_per_s"] / report.faster([timed, after])[0]
             timed = after
             rounds[name].append(result)
             log(f"  {name}: {result['jobs_per_s']:.1f} jobs/s, {result['vs_raw']:.2f} of raw "
                 f"as served ({result['raw_beside'][0]['served']:.1f} / {after['served']:.1f} "
                 "img/s before / after)")
-    out = {}
-    for name, results in rounds.items():
-        ranked = sorted(results, key=lambda r: r["vs_raw"])
-        median = dict(ranked[len(ranked) // 2])
-        median["rounds_jobs_per_s"] = [r["jobs_per_s"] for r in results]
-        median["rounds_vs_raw"] = [r["vs_raw"] for r in results]
-        out[name] = median
-    return out
+    return {name: median_round(results, by="vs_raw") for name, results in rounds.items()}
 
 
 def interleaved(runs: dict[str, tuple[dict[str, system.Service], Any]]) -> list[dict[str, Any]]:
@@ -279,13 +270,16 @@ def interleaved(runs: dict[str, tuple[dict[str, system.Service], Any]]) -> list[
     for _ in range(ROUNDS):
         for name, (services, run) in runs.items():
             rounds[name].append(metered(services, run))
-    out = []
-    for results in rounds.values():
-        ranked = sorted(results, key=lambda r: r["jobs_per_s"])
-        median = dict(ranked[len(ranked) // 2])
-        median["rounds_jobs_per_s"] = [r["jobs_per_s"] for r in results]
-        out.append(median)
-    return out
+    return [median_round(results, by="jobs_per_s") for results in rounds.values()]
+
+
+def median_round(results: list[dict[str, Any]], *, by: str) -> dict[str, Any]:
+    """The median of a run's rounds by `by`, with every round's jobs/s (and `by`) alongside."""
+    median = dict(sorted(results, key=lambda r: r[by])[len(results) // 2])
+    median["rounds_jobs_per_s"] = [r["jobs_per_s"] for r in results]
+    if by != "jobs_per_s":
+        median[f"rounds_{by}"] = [r[by] for r in results]
+    return median
 
 
 def metered(services: dict[str, system.Service], run: Any) -> dict[str, Any]:

@@ -89,6 +89,35 @@ def test_mask_png_roundtrip_and_fractions() -> None:
     assert class_fractions(mask) == [0.25, 0.25, 0.5]
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 517), (300, 1), (375, 500), (77, 333)])
+def test_mask_png_is_a_valid_greyscale_png_of_any_values(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    mask = rng.integers(0, 256, shape).astype(np.uint8)  # every byte value, so the filter wraps
+    data = encode_mask_png(mask)
+    with Image.open(io.BytesIO(data)) as img:
+        img.verify()  # chunk CRCs and structure
+    with Image.open(io.BytesIO(data)) as img:
+        assert (img.format, img.mode, img.size) == ("PNG", "L", (shape[1], shape[0]))
+        np.testing.assert_array_equal(np.asarray(img), mask)
+
+
+def test_mask_png_of_a_served_mask_is_small() -> None:
+    rng = np.random.default_rng(1)
+    classes = np.repeat(rng.integers(0, 3, (16, 1)), 128, axis=1).astype(np.uint8)
+    classes = np.repeat(classes, 8, axis=0)  # 128x128 in bands, like a segmentation
+    mask = resize_mask(classes, 500, 375)
+    data = encode_mask_png(mask)
+    np.testing.assert_array_equal(decode_mask_png(data), mask)
+    assert len(data) < 2_000  # the repeated rows filter to zeros
+
+
+def test_mask_png_refuses_what_is_not_a_mask() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        encode_mask_png(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="2-D"):
+        encode_mask_png(np.zeros((0, 4), np.uint8))
+
+
 def test_render_overlay_matches_input_size() -> None:
     data = encode(Image.new("RGB", (64, 48), (10, 200, 10)))
     out = render_overlay(data, np.zeros((48, 64), np.uint8))

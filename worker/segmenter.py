@@ -149,9 +149,9 @@ class Segmenter:
         results: list[dict[str, Any]] = []
         failed = list(batch.failed)
         for group in batch.groups:
-            for job, logits in zip(group.jobs, group.logits, strict=True):
+            for job, classes in zip(group.jobs, class_map(group.logits), strict=True):
                 try:
-                    result = _result(job, logits, group, len(group.jobs))
+                    result = _result(job, classes, group, len(group.jobs))
                     result["mask_png"] = self.blobs.put(result["mask_png"])  # row or file
                     results.append(result)
                 except Exception as exc:  # one bad job must not fail its batch
@@ -203,9 +203,8 @@ def _model_input(job: Claimed) -> npt.NDArray[np.uint8] | None:
 
 
 def _result(
-    job: Claimed, logits: npt.NDArray[np.float32], group: Group, size: int
+    job: Claimed, classes: npt.NDArray[np.uint8], group: Group, size: int
 ) -> dict[str, Any]:
-    classes = class_map(logits)
     mask = resize_mask(classes, job.width, job.height)
     queue_s = (job.started_at - job.created_at).total_seconds()
     QUEUE_WAIT.observe(queue_s)

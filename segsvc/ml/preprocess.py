@@ -87,8 +87,16 @@ def postprocess(logits: npt.NDArray[np.floating], width: int, height: int) -> np
 
 
 def class_map(logits: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
-    """Logits (H, W, C) -> the class of each pixel (H, W)."""
-    classes: npt.NDArray[np.uint8] = np.argmax(logits, axis=-1).astype(np.uint8)
+    """Logits (..., H, W, C) -> the class of each pixel (..., H, W): `argmax` over C, the first
+    class winning a tie."""
+    if logits.shape[-1] != 3:
+        winners: npt.NDArray[np.uint8] = np.argmax(logits, axis=-1).astype(np.uint8)
+        return winners
+    # Two comparisons instead of `argmax`, whose inner loop over an axis of length 3 costs
+    # about 2.5x as much; the same answer for finite logits (the tests check ties).
+    pet, background, border = logits[..., 0], logits[..., 1], logits[..., 2]
+    classes = (background > pet).astype(np.uint8)
+    classes[border > np.maximum(pet, background)] = 2
     return classes
 
 

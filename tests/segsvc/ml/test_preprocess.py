@@ -8,6 +8,7 @@ from PIL import Image
 
 from segsvc.ml.preprocess import (
     class_fractions,
+    class_map,
     decode_mask_png,
     encode_mask_png,
     load_rgb,
@@ -70,6 +71,14 @@ def test_postprocess_argmax_and_nearest_resize() -> None:
     assert set(np.unique(mask)) == {0, 2}
     assert (mask[:15] == 0).all()
     assert (mask[15:] == 2).all()
+
+
+@pytest.mark.parametrize("classes", [3, 4])
+def test_class_map_is_argmax_with_the_first_class_winning_ties(classes: int) -> None:
+    rng = np.random.default_rng(classes)
+    logits = rng.integers(-2, 3, (2, 33, 17, classes)).astype(np.float32)  # many ties
+    np.testing.assert_array_equal(class_map(logits), np.argmax(logits, axis=-1))
+    assert class_map(logits).dtype == np.uint8
 
 
 def test_resize_mask_introduces_no_new_values() -> None:

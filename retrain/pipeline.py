@@ -30,6 +30,7 @@ from segsvc.db import get_engine, is_sqlite, session_scope
 from segsvc.digest import file_sha256
 from segsvc.errors import ConflictError
 from segsvc.ml import IMAGE_SIZE
+from segsvc.ml.preprocess import decode_mask_png
 from segsvc.models import ModelStatus, ModelVersion, TrainingRun, utcnow
 from segsvc.services import feedback, registry, rollout
 from segsvc.settings import Settings, get_settings
@@ -224,9 +225,9 @@ class _Run:
         cfg = self.settings
         production = plan["production"]
         with session_scope(cfg) as session:
-            samples = feedback.load_samples(
+            samples = [(image, decode_mask_png(mask)) for image, mask in feedback.load_samples(
                 session=session, feedback_ids=plan["ids"], store=blob_store(cfg)
-            )
+            )]
         report = self._fine_tune(samples, production["path"], out)
         cand_metrics, prod_metrics = self._evaluate(str(out), production["path"])
         problems = gate(

@@ -7,7 +7,6 @@ import io
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from segsvc.errors import (
@@ -16,7 +15,7 @@ from segsvc.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from segsvc.ml.preprocess import load_rgb, resize_rgb
+from segsvc.ml.imaging import load_rgb, resize_to_model
 
 ALLOWED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
@@ -54,7 +53,7 @@ def validate_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Validated
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             decoded, width, height = load_rgb(data)
-            model_input = resize_rgb(decoded)
+            model_input = resize_to_model(decoded).tobytes()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         raise InvalidImageError(f"The image could not be decoded: {exc}") from exc
     return ValidatedImage(
@@ -63,7 +62,7 @@ def validate_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Validated
         content_type=ALLOWED_FORMATS[fmt],
         width=width,
         height=height,
-        model_input=np.ascontiguousarray(model_input, dtype=np.uint8).tobytes(),
+        model_input=model_input,
     )
 
 

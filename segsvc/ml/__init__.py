@@ -1,4 +1,5 @@
-"""Model code. `preprocess` is pure NumPy/Pillow; `unet` and the Keras runtime import TensorFlow."""
+"""Model code. `imaging` is Pillow only (the API uses it); `preprocess` is NumPy/Pillow; `unet` and
+the Keras runtime import TensorFlow."""
 
 IMAGE_SIZE = 128
 NUM_CLASSES = 3

@@ -1,4 +1,9 @@
-"""Pre- and post-processing shared by serving, training and evaluation (no TensorFlow)."""
+"""Pre- and post-processing shared by serving, training and evaluation (no TensorFlow).
+
+The NumPy side: model inputs as arrays, class masks from logits, mask PNGs. Decoding and
+overlays are Pillow-only, in `imaging` (which the API uses without loading NumPy); the names
+are re-exported here for the model code.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps
+from PIL import Image
 
-from segsvc.ml import IMAGE_SIZE, NUM_CLASSES
+from segsvc.ml import NUM_CLASSES, imaging
+from segsvc.ml.imaging import load_rgb, load_rgb_full, to_rgb
 
-# Colours for the overlay: pet, background, border.
-PALETTE = np.array([[255, 64, 64], [0, 0, 0], [255, 220, 0]], dtype=np.uint8)
-OVERLAY_ALPHA = np.array([0.5, 0.0, 0.6], dtype=np.float32)
+__all__ = ["load_rgb", "load_rgb_full", "to_rgb"]  # re-exported for the model code
 
 
 @dataclass(frozen=True)
@@ -28,42 +32,6 @@ class Prepared:
     height: int
 
 
-# EXIF orientations 5-8 swap width and height.
-_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
-_ORIENTATIONS_TO_APPLY = {2, 3, 4, 5, 6, 7, 8}
-
-
-def load_rgb(data: bytes) -> tuple[Image.Image, int, int]:
-    """Decode for the model: RGB, EXIF-oriented, maybe at reduced scale; plus the full size.
-
-    JPEGs are decoded with `draft` at the smallest DCT scale still >= 2x the model input,
-    which is several times faster than a full decode and changes nothing the model sees
-    after the bilinear resize (training uses this same function).
-    """
-    with Image.open(io.BytesIO(data)) as img:
-        width, height = img.size
-        orientation = img.getexif().get(0x0112)
-        if orientation in _TRANSPOSED_ORIENTATIONS:
-            width, height = height, width
-        img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
-        # exif_transpose copies the image even when there is nothing to do: skip it then.
-        needs_turn = orientation in _ORIENTATIONS_TO_APPLY
-        return to_rgb(ImageOps.exif_transpose(img) if needs_turn else img), width, height
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any mode (16-bit, CMYK, palette, alpha) to 8-bit RGB; alpha composites on white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 255.0 / max(float(arr.max()), 1.0) if arr.max() > 255 else 1.0
-        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def normalize(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """Scale uint8 pixels to [0, 1] float32, as the tutorial does (the one place this happens)."""
     return pixels.astype(np.float32) * np.float32(1.0 / 255.0)
@@ -71,8 +39,7 @@ def normalize(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
 
 def resize_rgb(img: Image.Image) -> npt.NDArray[np.uint8]:
     """Resize an RGB image to the model's square input with bilinear filtering."""
-    resized = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
+    return np.asarray(imaging.resize_to_model(img), dtype=np.uint8)
 
 
 def preprocess_bytes(data: bytes) -> Prepared:
@@ -184,17 +151,5 @@ def decode_mask_png(data: bytes) -> npt.NDArray[np.uint8]:
 
 
 def render_overlay(image_bytes: bytes, mask: npt.NDArray[np.uint8]) -> bytes:
-    """The input (oriented) with the mask's classes blended on it, as PNG."""
-    base = np.asarray(load_rgb_full(image_bytes), dtype=np.float32)
-    colours = PALETTE[mask].astype(np.float32)
-    alpha = OVERLAY_ALPHA[mask][..., None]
-    blended = (base * (1.0 - alpha) + colours * alpha).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(blended, "RGB").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def load_rgb_full(data: bytes) -> Image.Image:
-    """Decode at full resolution (no draft scaling), oriented, RGB."""
-    with Image.open(io.BytesIO(data)) as img:
-        return to_rgb(ImageOps.exif_transpose(img))
+    """The input (oriented) with the class mask blended on it, as PNG (`imaging.render_overlay`)."""
+    return imaging.render_overlay(image_bytes, Image.fromarray(np.asarray(mask, np.uint8), "L"))

@@ -8,8 +8,6 @@ import warnings
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-import numpy as np
-import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
@@ -37,8 +35,9 @@ class InvalidRatingError(SegError):
     http_status = 422
 
 
-def validate_mask(data: bytes, *, width: int, height: int) -> npt.NDArray[np.uint8]:
-    """Decode a corrected mask and check format, size and class values; returns the mask."""
+def validate_mask(data: bytes, *, width: int, height: int) -> None:
+    """Decode a corrected mask and check its format, size and class values (Pillow only: the
+    API does not load NumPy)."""
     if not data:
         raise BadRequestError("The uploaded mask file is empty.")
     try:
@@ -58,18 +57,27 @@ def validate_mask(data: bytes, *, width: int, height: int) -> npt.NDArray[np.uin
                 f"The mask is {img.width}x{img.height}; the job's input is {width}x{height}."
             )
         try:
-            mask = np.asarray(img)
+            bad = _values_out_of_range(img)
         except (OSError, ValueError, SyntaxError):
             raise InvalidMaskError("The mask PNG could not be decoded.") from None
-    if mask.ndim != 2:
-        raise InvalidMaskError("The mask must be single-channel.")
-    bad = np.unique(mask[mask >= NUM_CLASSES])
-    if len(bad):
-        shown = ", ".join(str(int(v)) for v in bad[:5])
+    if bad:
+        shown = ", ".join(str(v) for v in bad[:5])
         raise InvalidMaskError(
             f"Mask values must be 0 (pet), 1 (background) or 2 (border); found {shown}."
         )
-    return mask.astype(np.uint8)
+
+
+def _values_out_of_range(img: Image.Image) -> list[int]:
+    """The pixel values (palette indices for P) that are not a class, in ascending order; for
+    16/32-bit masks the lowest and highest such value."""
+    if img.mode in ("L", "P"):
+        counts = img.histogram()
+        return [value for value in range(NUM_CLASSES, len(counts)) if counts[value]]
+    bad: set[int] = set()
+    for value in img.convert("I").getextrema():  # one band: (lowest, highest)
+        if isinstance(value, int) and not 0 <= value < NUM_CLASSES:
+            bad.add(value)
+    return sorted(bad)
 
 
 def validate_rating(rating: str | None) -> str | None:
@@ -142,8 +150,8 @@ def labeled_feedback_ids(*, session: Session) -> list[uuid.UUID]:
 
 def load_samples(
     *, session: Session, feedback_ids: Sequence[uuid.UUID], store: BlobStore | None = None
-) -> list[tuple[bytes, npt.NDArray[np.uint8]]]:
-    """(input image bytes, corrected class mask) for each feedback id that still has both."""
+) -> list[tuple[bytes, bytes]]:
+    """(input image bytes, corrected mask PNG) for each feedback id that still has both."""
     if not feedback_ids:
         return []
     rows = session.execute(
@@ -157,10 +165,8 @@ def load_samples(
         if fid in by_id:
             stored, mask = by_id[fid]
             image = store.get(stored) if store is not None else stored  # fs: a file pointer
-            if not image:
-                continue
-            with Image.open(io.BytesIO(mask)) as img:
-                samples.append((bytes(image), np.asarray(img).astype(np.uint8)))
+            if image:
+                samples.append((bytes(image), bytes(mask)))
     return samples
 
 

@@ -16,7 +16,7 @@ from segsvc import notify
 from segsvc.blobs import BlobMissingError, BlobStore
 from segsvc.errors import ConflictError, GoneError, NotFoundError, ValidationError
 from segsvc.images import ValidatedImage
-from segsvc.ml.preprocess import decode_mask_png, render_overlay
+from segsvc.ml.imaging import render_overlay_png
 from segsvc.models import Job, JobStatus, utcnow
 from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
 
@@ -242,7 +242,7 @@ def read_overlay_png(
     image = _read_blob(
         store, job.input_bytes, f"The input image of job {job.id} is no longer stored."
     )
-    return render_overlay(image, decode_mask_png(mask_png))
+    return render_overlay_png(image, mask_png)
 
 
 def _read_blob(store: BlobStore, value: bytes | None, gone_message: str) -> bytes:

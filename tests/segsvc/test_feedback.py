@@ -59,9 +59,24 @@ def make_job(
 
 
 def test_validate_mask_accepts_single_channel_png_of_the_input_size() -> None:
-    mask = validate_mask(good_mask(), width=80, height=60)
-    assert mask.shape == (60, 80)
-    assert set(np.unique(mask)) == {0, 1, 2}
+    validate_mask(good_mask(), width=80, height=60)  # no error
+
+
+def test_validate_mask_reads_palette_and_16_bit_masks() -> None:
+    classes = np.tile(np.arange(80) % 3, (60, 1)).astype(np.uint8)
+    palette = Image.fromarray(classes, "L")
+    palette.putpalette([0, 0, 0, 9, 9, 9, 200, 200, 200])  # mode P: the index is the class
+    buf = io.BytesIO()
+    palette.save(buf, format="PNG")
+    validate_mask(buf.getvalue(), width=80, height=60)
+    for values, error in ((classes.astype(np.uint16), None), (classes + np.uint16(300), "300")):
+        buf = io.BytesIO()
+        Image.fromarray(values.astype(np.uint16)).save(buf, format="PNG")  # 16-bit grey
+        if error is None:
+            validate_mask(buf.getvalue(), width=80, height=60)
+        else:
+            with pytest.raises(InvalidMaskError, match=f"found {error}"):
+                validate_mask(buf.getvalue(), width=80, height=60)
 
 
 @pytest.mark.parametrize(
@@ -98,7 +113,7 @@ def test_submit_feedback_stores_mask_rating_and_serving_version(settings: Settin
         samples = feedback.load_samples(session=session, feedback_ids=[row.id])
     image, mask = samples[0]
     assert image == photo_bytes()
-    assert mask.shape == (60, 80)
+    assert mask == good_mask()
 
 
 def test_submit_feedback_rejects_bad_rating_empty_request_and_unfinished_jobs(

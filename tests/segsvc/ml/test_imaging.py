@@ -1,0 +1,70 @@
+"""Pillow-only decoding and overlays (what the API runs), checked against NumPy formulas."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segsvc.ml.imaging import (
+    OVERLAY_ALPHA,
+    PALETTE,
+    render_overlay,
+    render_overlay_png,
+    resize_to_model,
+    to_rgb,
+)
+from segsvc.ml.preprocess import encode_mask_png
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("high", [200, 255, 256, 4095, 65535])
+def test_wide_grey_is_scaled_like_the_numpy_formula(high: int) -> None:
+    rng = np.random.default_rng(high)
+    arr = rng.integers(0, high + 1, (31, 17)).astype(np.uint16)
+    arr[0, 0] = high
+    got = np.asarray(to_rgb(Image.fromarray(arr)))
+    scale = 255.0 / max(float(arr.max()), 1.0) if arr.max() > 255 else 1.0
+    want = np.clip(arr.astype(np.float64) * scale, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(got, np.repeat(want[..., None], 3, axis=2))
+
+
+def test_negative_32_bit_grey_clips_to_black() -> None:
+    img = Image.fromarray(np.array([[-5, 0, 100, 300]], np.int32), "I")
+    assert np.asarray(to_rgb(img))[0, :, 0].tolist() == [0, 0, 85, 255]
+
+
+def test_model_input_bytes_are_the_row_major_rgb_array() -> None:
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 256, (90, 70, 3)).astype(np.uint8), "RGB")
+    resized = resize_to_model(img)
+    assert resized.tobytes() == np.asarray(resized).tobytes()
+    assert len(resized.tobytes()) == 128 * 128 * 3
+
+
+def test_overlay_blends_each_class_colour_at_its_opacity() -> None:
+    rng = np.random.default_rng(5)
+    photo = rng.integers(0, 256, (40, 60, 3)).astype(np.uint8)
+    mask = rng.integers(0, 3, (40, 60)).astype(np.uint8)
+    data = png(Image.fromarray(photo, "RGB"))
+    out = np.asarray(Image.open(io.BytesIO(render_overlay_png(data, encode_mask_png(mask)))))
+    alpha = np.array(OVERLAY_ALPHA)[mask][..., None]
+    want = photo * (1.0 - alpha) + np.array(PALETTE)[mask] * alpha
+    assert out.shape == (40, 60, 3)
+    assert np.abs(out.astype(np.float64) - want).max() <= 1.0  # integer rounding only
+    np.testing.assert_array_equal(out[mask == 1], photo[mask == 1])  # background untouched
+
+
+def test_overlay_refuses_a_mask_that_does_not_fit() -> None:
+    data = png(Image.new("RGB", (60, 40)))
+    with pytest.raises(ValueError, match="mode L"):
+        render_overlay(data, Image.new("RGB", (60, 40)))
+    with pytest.raises(ValueError, match="mask is"):
+        render_overlay(data, Image.new("L", (61, 40)))

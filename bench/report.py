@@ -180,7 +180,9 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---:|---:|:---:|",
     ]
     lines += [
-        f"| {t['target']} | {t['measured']:.2f} | {t['required']:g} | "
+        # Ratios to three decimals: 0.848 against 0.85 must not read as "0.85 ... no".
+        f"| {t['target']} | {t['measured']:.{3 if t['required'] <= 1 else 2}f} | "
+        f"{t['required']:g} | "
         f"{'yes' if t['met'] else '**no**'} |"
         for t in r["targets"]
     ]

@@ -17,7 +17,8 @@ import tensorflow as tf
 from PIL import Image
 
 from segsvc.ml import IMAGE_SIZE, NUM_CLASSES
-from segsvc.ml.preprocess import load_rgb, resize_mask, resize_rgb
+from segsvc.ml.imaging import load_rgb
+from segsvc.ml.preprocess import resize_mask, resize_rgb
 
 log = logging.getLogger(__name__)
 

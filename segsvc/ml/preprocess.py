@@ -1,8 +1,7 @@
 """Pre- and post-processing shared by serving, training and evaluation (no TensorFlow).
 
 The NumPy side: model inputs as arrays, class masks from logits, mask PNGs. Decoding and
-overlays are Pillow-only, in `imaging` (which the API uses without loading NumPy); the names
-are re-exported here for the model code.
+overlays are Pillow-only, in `imaging` (which the API uses without loading NumPy).
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from segsvc.ml import NUM_CLASSES, imaging
-from segsvc.ml.imaging import load_rgb, load_rgb_full, to_rgb
-
-__all__ = ["load_rgb", "load_rgb_full", "to_rgb"]  # re-exported for the model code
+from segsvc.ml.imaging import load_rgb
 
 
 @dataclass(frozen=True)

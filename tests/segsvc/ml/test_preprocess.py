@@ -11,7 +11,6 @@ from segsvc.ml.preprocess import (
     class_map,
     decode_mask_png,
     encode_mask_png,
-    load_rgb,
     normalize,
     postprocess,
     preprocess_bytes,
@@ -51,15 +50,6 @@ def test_preprocess_applies_exif_orientation() -> None:
     top, bottom = prepared.array[:40].mean(), prepared.array[-40:].mean()
     assert top > 0.8
     assert bottom < 0.2
-
-
-@pytest.mark.parametrize("mode", ["RGBA", "CMYK", "L", "P", "I;16", "LA"])
-def test_load_rgb_converts_any_mode_to_rgb(mode: str) -> None:
-    img = Image.new(mode, (40, 30))
-    fmt = "JPEG" if mode == "CMYK" else "PNG"
-    rgb, width, height = load_rgb(encode(img, fmt))
-    assert rgb.mode == "RGB"
-    assert (width, height) == (40, 30)
 
 
 def test_postprocess_argmax_and_nearest_resize() -> None:

@@ -30,14 +30,10 @@ PACKAGES = (
 
 def machine() -> dict[str, Any]:
     """Cores, CPU model, memory and versions."""
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    info = _cpuinfo()
+    cpu = info.get("model name", platform.processor())
+    if "cpu family" in info:  # a VM's model name can hide the generation ("AMD EPYC")
+        cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
     mem_kb = next(
         int(line.split()[1])
         for line in Path("/proc/meminfo").read_text().splitlines()
@@ -55,6 +51,18 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "versions": versions,
     }
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    out: dict[str, str] = {}
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the end of the first processor
+            key, _, value = line.partition(":")
+            out.setdefault(key.strip(), value.strip())
+    return out
 
 
 def _server_versions() -> dict[str, str]:

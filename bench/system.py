@@ -168,12 +168,17 @@ TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds the processes have used so far (0 for one that is gone)."""
+    """User + system CPU seconds the processes and their reaped children have used so far.
+
+    A child that exits inside a run (a Postgres autovacuum worker or backend, a restarted
+    gunicorn worker) drops out of the pid list, but its parent's cutime/cstime then holds its
+    final CPU; counting only the live processes' own time made such a run's share negative.
+    """
     total = 0
     for pid in pids:
         with suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
     return total / TICKS_PER_S
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from segsvc.ml.batchplan import BatchPlanner
 
-# ms per call measured with one thread on an Intel Xeon (litert-int8; the 14:10 run of
-# 2026-11-26, bench/results/2026-11-26T141033Z.json).
+# ms per call measured with one thread on an earlier Intel Xeon host (litert-int8), where b5-b7
+# calls are cheaper than b4 (compare bench/results/2026-11-26T062748Z.json).
 XEON = {1: 10.5, 2: 21.4, 3: 32.7, 4: 44.5, 5: 21.9, 6: 26.8, 7: 31.3, 8: 39.5, 32: 192.0}
 # About 9 ms per image from b4 up, 11 below (the AMD EPYC of the earlier runs).
 FLAT = {1: 11.0, 2: 22.0, 4: 36.0, 8: 72.0, 32: 288.0}

@@ -378,12 +378,19 @@ def budget(r: dict[str, Any]) -> list[str]:
         ]
     submit, hello = (r.get(k, {}).get("cpu_ms_per_job") for k in ("api_submit", "hello"))
     if submit and hello:
+        validation = r.get("upload_validation_ms")
+        decode = (
+            f", while validating the upload (decode, resize to the model input, sha256: what "
+            f"answering a corrupt image with a 4xx needs) takes {validation:.1f} of them "
+            f"(`validate_image`, one thread, timed at the start of this run)"
+            if validation
+            else ""
+        )
         lines += [
             "",
             f"A submit costs {submit['total']:.1f} core-ms in all (API, Postgres, Redis, load "
             f"generator) and a hello request {hello['total']:.1f}; 0.25 x hello's rate needs a "
-            f"submit under {4 * hello['total']:.1f} core-ms, while decoding and resizing the "
-            f"upload (needed to answer a corrupt image with a 4xx) takes about 2 of them.",
+            f"submit under {4 * hello['total']:.1f} core-ms{decode}.",
         ]
     lines.append("")
     return lines

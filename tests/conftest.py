@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from PIL import Image
 from sqlalchemy import text
 
 from segsvc.db import get_engine, session_scope
@@ -26,6 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT.parent / "shared" / "data" / "oxford_pets_sample"
 PG_ADMIN = os.environ.get("SEG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SEG_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def encode_image(img: Image.Image, fmt: str = "PNG", **save_options: object) -> bytes:
+    """An image saved in memory as `fmt` (with Pillow's save options), as an upload's bytes."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save_options)
+    return buf.getvalue()
 
 
 def sample_images(n: int = 3) -> list[Path]:

@@ -20,14 +20,8 @@ from PIL import Image
 from segsvc.db import session_scope
 from segsvc.models import Job
 from segsvc.settings import Settings
-from tests.conftest import ROOT, stop_process, worker_env
+from tests.conftest import ROOT, encode_image, stop_process, worker_env
 from tests.fault.harness import free_port
-
-
-def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def submit(client, auth, data: bytes, name: str = "x.png"):  # type: ignore[no-untyped-def]
@@ -78,7 +72,7 @@ def test_hostile_wrong_content_type_is_400(client, auth, ctype: str, body: bytes
 @pytest.mark.parametrize("data", [
     forged_png(65535, 65535),
     forged_png(9000, 9000),
-    encode(Image.new("1", (20000, 20000)), "PNG"),  # ~50 KB on disk, 400 MP decoded
+    encode_image(Image.new("1", (20000, 20000)), "PNG"),  # ~50 KB on disk, 400 MP decoded
 ], ids=["forged-4G-pixels", "forged-81M-pixels", "real-1bit-400M-pixels"])
 def test_hostile_png_bomb_is_422(client, auth, settings: Settings, data: bytes) -> None:  # type: ignore[no-untyped-def]
     assert len(data) < 100_000
@@ -91,7 +85,7 @@ def test_hostile_png_bomb_is_422(client, auth, settings: Settings, data: bytes) 
 
 @pytest.mark.parametrize("cut", [10, 200, 0.5, 0.95])
 def test_hostile_truncated_jpeg_is_422(client, auth, cut: float) -> None:  # type: ignore[no-untyped-def]
-    data = encode(Image.effect_noise((320, 240), 60).convert("RGB"), "JPEG", quality=90)
+    data = encode_image(Image.effect_noise((320, 240), 60).convert("RGB"), "JPEG", quality=90)
     end = int(cut if cut >= 1 else len(data) * cut)
     resp = submit(client, auth, data[:end], "cut.jpg")
     assert resp.status_code in (415, 422)  # a stump too short to identify is not an image
@@ -99,9 +93,9 @@ def test_hostile_truncated_jpeg_is_422(client, auth, cut: float) -> None:  # typ
 
 
 @pytest.mark.parametrize("data", [
-    encode(Image.new("RGB", (32, 32), "red"), "GIF"),
-    encode(Image.new("RGB", (32, 32), "red"), "TIFF"),
-    encode(Image.new("RGB", (32, 32), "red"), "BMP"),
+    encode_image(Image.new("RGB", (32, 32), "red"), "GIF"),
+    encode_image(Image.new("RGB", (32, 32), "red"), "TIFF"),
+    encode_image(Image.new("RGB", (32, 32), "red"), "BMP"),
     b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10"/></svg>',
     b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",
 ], ids=["gif", "tiff", "bmp", "svg", "pdf"])
@@ -122,7 +116,7 @@ def test_hostile_other_formats_are_415(client, auth, data: bytes) -> None:  # ty
 ], ids=["png-16bit", "jpeg-cmyk", "png-rgba", "png-la", "png-palette", "jpeg-gray", "webp-alpha"])
 def test_hostile_unusual_modes_are_accepted(client, auth, settings: Settings, img_fmt) -> None:  # type: ignore[no-untyped-def]
     img, fmt = img_fmt
-    resp = submit(client, auth, encode(img, fmt), f"x.{fmt.lower()}")
+    resp = submit(client, auth, encode_image(img, fmt), f"x.{fmt.lower()}")
     assert resp.status_code == 202, resp.get_json()
     job = stored(settings, resp.get_json()["id"])
     assert (job.input_width, job.input_height) == (64, 48)
@@ -136,7 +130,7 @@ def test_hostile_exif_rotated_photo_is_displayed_way_up(client, auth, settings) 
     raw[:, 100:] = (0, 0, 255)  # right half blue
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: 100 wide, 200 high, red on top
-    data = encode(Image.fromarray(raw), "JPEG", quality=95, exif=exif)
+    data = encode_image(Image.fromarray(raw), "JPEG", quality=95, exif=exif)
     job = stored(settings, submit(client, auth, data, "phone.jpg").get_json()["id"])
     assert (job.input_width, job.input_height) == (100, 200)  # the mask is made at this size
     pixels = np.frombuffer(job.model_input or b"", np.uint8).reshape(128, 128, 3)
@@ -151,7 +145,7 @@ def test_hostile_exif_rotated_photo_is_displayed_way_up(client, auth, settings) 
 def test_hostile_nameless_multipart_part_is_400(  # type: ignore[no-untyped-def]
     settings: Settings, client, auth, disposition: bytes
 ) -> None:
-    tiny_jpeg = encode(Image.new("RGB", (32, 24), (200, 80, 40)), "JPEG")
+    tiny_jpeg = encode_image(Image.new("RGB", (32, 24), (200, 80, 40)), "JPEG")
     # Regression (found by the OpenAPI fuzz test): a part without a name reached the
     # idempotency fingerprint as a None key, and sorting it was a 500.
     body = (b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\nvalue\r\n"
@@ -179,7 +173,7 @@ def test_hostile_large_real_photo_is_not_413(client, auth) -> None:  # type: ign
     # ordinary photos over ~64 KiB were refused.
     for seed in range(5):
         noise = np.random.default_rng(seed).integers(0, 255, (400, 600, 3), np.uint8)
-        data = encode(Image.fromarray(noise), "JPEG", quality=95)
+        data = encode_image(Image.fromarray(noise), "JPEG", quality=95)
         assert len(data) > 200_000
         assert submit(client, auth, data, "photo.jpg").status_code == 202
 

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import io
-
 import pytest
 from PIL import Image
 
@@ -12,20 +10,15 @@ from segsvc.errors import (
     UnsupportedMediaTypeError,
 )
 from segsvc.images import validate_image
+from tests.conftest import encode_image
 
 LIMITS = {"max_bytes": 1_000_000, "max_pixels": 4_000_000}
-
-
-def encode(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize(("fmt", "ctype"), [("JPEG", "image/jpeg"), ("PNG", "image/png"),
                                             ("WEBP", "image/webp")])
 def test_validate_image_accepts_allowed_formats(fmt: str, ctype: str) -> None:
-    out = validate_image(encode(Image.new("RGB", (90, 60)), fmt), **LIMITS)
+    out = validate_image(encode_image(Image.new("RGB", (90, 60)), fmt), **LIMITS)
     assert out.content_type == ctype
     assert (out.width, out.height) == (90, 60)
     assert len(out.model_input) == 128 * 128 * 3
@@ -45,7 +38,7 @@ def test_validate_image_rejects_oversized_bytes() -> None:
 @pytest.mark.parametrize("fmt", ["GIF", "TIFF", "BMP"])
 def test_validate_image_rejects_other_formats(fmt: str) -> None:
     with pytest.raises(UnsupportedMediaTypeError):
-        validate_image(encode(Image.new("RGB", (10, 10)), fmt), **LIMITS)
+        validate_image(encode_image(Image.new("RGB", (10, 10)), fmt), **LIMITS)
 
 
 def test_validate_image_rejects_non_images() -> None:
@@ -54,12 +47,12 @@ def test_validate_image_rejects_non_images() -> None:
 
 
 def test_validate_image_rejects_truncated_jpeg() -> None:
-    data = encode(Image.effect_noise((400, 300), 64).convert("RGB"), "JPEG")
+    data = encode_image(Image.effect_noise((400, 300), 64).convert("RGB"), "JPEG")
     with pytest.raises(InvalidImageError):
         validate_image(data[: len(data) // 2], **LIMITS)
 
 
 def test_validate_image_rejects_too_many_pixels() -> None:
-    data = encode(Image.new("L", (3000, 2000)), "PNG")  # 6 MP, tiny file
+    data = encode_image(Image.new("L", (3000, 2000)), "PNG")  # 6 MP, tiny file
     with pytest.raises(InvalidImageError, match="pixels"):
         validate_image(data, **LIMITS)

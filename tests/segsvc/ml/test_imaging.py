@@ -18,19 +18,14 @@ from segsvc.ml.imaging import (
     to_rgb,
 )
 from segsvc.ml.preprocess import encode_mask_png
-
-
-def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
+from tests.conftest import encode_image
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "CMYK", "L", "P", "I;16", "LA"])
 def test_load_rgb_converts_any_mode_to_rgb(mode: str) -> None:
     img = Image.new(mode, (40, 30))
     fmt = "JPEG" if mode == "CMYK" else "PNG"
-    rgb, width, height = load_rgb(encode(img, fmt))
+    rgb, width, height = load_rgb(encode_image(img, fmt))
     assert rgb.mode == "RGB"
     assert (width, height) == (40, 30)
 
@@ -63,7 +58,7 @@ def test_overlay_blends_each_class_colour_at_its_opacity() -> None:
     rng = np.random.default_rng(5)
     photo = rng.integers(0, 256, (40, 60, 3)).astype(np.uint8)
     mask = rng.integers(0, 3, (40, 60)).astype(np.uint8)
-    data = encode(Image.fromarray(photo, "RGB"))
+    data = encode_image(Image.fromarray(photo, "RGB"))
     out = np.asarray(Image.open(io.BytesIO(render_overlay_png(data, encode_mask_png(mask)))))
     alpha = np.array(OVERLAY_ALPHA)[mask][..., None]
     want = photo * (1.0 - alpha) + np.array(PALETTE)[mask] * alpha
@@ -73,7 +68,7 @@ def test_overlay_blends_each_class_colour_at_its_opacity() -> None:
 
 
 def test_overlay_refuses_a_mask_that_does_not_fit() -> None:
-    data = encode(Image.new("RGB", (60, 40)))
+    data = encode_image(Image.new("RGB", (60, 40)))
     with pytest.raises(ValueError, match="mode L"):
         render_overlay(data, Image.new("RGB", (60, 40)))
     with pytest.raises(ValueError, match="mask is"):

@@ -18,12 +18,7 @@ from segsvc.ml.preprocess import (
     resize_mask,
     resized_class_fractions,
 )
-
-
-def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
+from tests.conftest import encode_image
 
 
 def test_normalize_scales_to_unit_interval() -> None:
@@ -34,7 +29,7 @@ def test_normalize_scales_to_unit_interval() -> None:
 
 def test_preprocess_bytes_shape_and_original_size() -> None:
     img = Image.new("RGB", (300, 200), (255, 0, 0))
-    prepared = preprocess_bytes(encode(img, "JPEG"))
+    prepared = preprocess_bytes(encode_image(img, "JPEG"))
     assert prepared.array.shape == (128, 128, 3)
     assert (prepared.width, prepared.height) == (300, 200)
     assert prepared.array[..., 0].mean() > 0.9
@@ -45,7 +40,7 @@ def test_preprocess_applies_exif_orientation() -> None:
     img.paste((255, 255, 255), (0, 0, 150, 200))  # left half white as stored
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
-    prepared = preprocess_bytes(encode(img, "JPEG", exif=exif.tobytes(), quality=95))
+    prepared = preprocess_bytes(encode_image(img, "JPEG", exif=exif.tobytes(), quality=95))
     assert (prepared.width, prepared.height) == (200, 300)
     top, bottom = prepared.array[:40].mean(), prepared.array[-40:].mean()
     assert top > 0.8
@@ -118,7 +113,7 @@ def test_mask_png_refuses_what_is_not_a_mask() -> None:
 
 
 def test_render_overlay_matches_input_size() -> None:
-    data = encode(Image.new("RGB", (64, 48), (10, 200, 10)))
+    data = encode_image(Image.new("RGB", (64, 48), (10, 200, 10)))
     out = render_overlay(data, np.zeros((48, 64), np.uint8))
     with Image.open(io.BytesIO(out)) as img:
         assert img.size == (64, 48)

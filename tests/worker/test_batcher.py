@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,21 +34,32 @@ class Recorder:
         self.settled: dict[str, str] = {}
         self.all_settled = threading.Event()
         self.expected = 0
+        self.os_thread_names: dict[str, str] = {}  # stage -> the thread's name as the OS sees it
         self._lock = threading.Lock()
 
+    def _saw(self, stage: str) -> None:
+        name = Path("/proc/thread-self/comm").read_text().strip()
+        self.os_thread_names.setdefault(f"{stage} in {threading.current_thread().name}", name)
+
     def claim(self, job_ids: Sequence[str]) -> Claim:
+        self._saw("claim")
         self.claims.append((threading.current_thread().name.split("_")[0], list(job_ids)))
         if self.fail_claim_of & set(job_ids):
             raise RuntimeError("database went away")
         return self.segmenter.claim(job_ids)
 
     def forward(self, claim: Claim) -> Inferred:
+        self._saw("forward")
         if not self.in_first_forward.is_set():
             self.in_first_forward.set()
             assert self.release_first_forward.wait(60)
         return self.segmenter.forward(claim)
 
-    def __getattr__(self, name: str) -> Any:  # store, release: the real ones
+    def store(self, batch: Inferred) -> dict[str, int]:
+        self._saw("store")
+        return self.segmenter.store(batch)
+
+    def __getattr__(self, name: str) -> Any:  # release: the real one
         return getattr(self.segmenter, name)
 
     def item(self, job_id: str) -> Item:
@@ -97,6 +109,11 @@ def test_the_next_full_batch_is_claimed_while_the_model_runs(
     ]
     assert set(recorder.settled.values()) == {"ack"}
     assert [job.status for job in rows(settings, uuids)] == [JobStatus.SUCCEEDED] * 6
+    # Each stage ran on its own thread, named for the OS too (top -H, ps -L, make bench).
+    assert recorder.os_thread_names == {
+        "claim in seg-model": "seg-model", "forward in seg-model": "seg-model",
+        "claim in seg-claim_0": "seg-claim", "store in seg-store_0": "seg-store",
+    }
 
 
 def test_a_failed_claim_ahead_requeues_only_its_batch(

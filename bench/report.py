@@ -376,6 +376,7 @@ def budget(r: dict[str, Any]) -> list[str]:
             f"throughput as served ({ref:.0f} img/s) would need at most "
             f"{cores * 1000.0 / (0.85 * ref):.1f} core-ms per job in all.",
         ]
+    lines += threads_table(r)
     submit, hello = (r.get(k, {}).get("cpu_ms_per_job") for k in ("api_submit", "hello"))
     if submit and hello:
         validation = r.get("upload_validation_ms")
@@ -393,6 +394,52 @@ def budget(r: dict[str, Any]) -> list[str]:
             f"submit under {4 * hello['total']:.1f} core-ms{decode}.",
         ]
     lines.append("")
+    return lines
+
+
+THREAD_RUNS = CPU_RUNS[:4]
+THREADS = ("seg-model", "seg-claim", "seg-store")
+
+
+def threads_table(r: dict[str, Any]) -> list[str]:
+    """The worker's own threads per job: time on a CPU and time runnable but waiting for one
+    (from the kernel's per-thread schedstat), beside what the model costs when it runs alone."""
+    runs = [(name, r[key]["worker_threads_per_job"]) for name, key in THREAD_RUNS
+            if r.get(key, {}).get("worker_threads_per_job")]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "The worker's threads, ms per job: on a CPU / runnable but waiting for one (another"
+        " process or thread had it), from /proc/<pid>/task/<tid>/schedstat.",
+        "",
+        "| Run | " + " | ".join(THREADS) + " |",
+        "|---|" + "---:|" * len(THREADS),
+    ]
+    for name, threads in runs:
+        cells = [f"{threads[t]['cpu_ms']:.2f} / {threads[t]['wait_ms']:.2f}" if t in threads
+                 else "-" for t in THREADS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    model = {key: r[key]["worker_threads_per_job"].get("seg-model") for key in
+             ("system_peak", "system_peak_batch") if r.get(key, {}).get("worker_threads_per_job")}
+    worker = as_served(r)
+    if model.get("system_peak") and worker.get("threads") == 1:
+        parts = []
+        for key, what in (("system_peak", "single"), ("system_peak_batch", "batch")):
+            if model.get(key):
+                ref, _ = references(r, key)
+                parts.append(
+                    f"{model[key]['cpu_ms']:.2f} ms on a CPU and {model[key]['wait_ms']:.2f} "
+                    f"waiting per job in the {what}-submit burst, where the same runtime alone"
+                    f" needs {1000.0 / ref:.2f} ms per image"
+                )
+        lines += [
+            "",
+            "The model thread (forward passes, on one core) spent " + "; ".join(parts) + ". The"
+            " forward passes themselves run slower while the API, Postgres and the load"
+            " generator use the other core (caches and memory bandwidth are shared), and the"
+            " thread waits whenever more threads are runnable than there are cores.",
+        ]
     return lines
 
 

@@ -301,11 +301,17 @@ def median_round(results: list[dict[str, Any]], *, by: str) -> dict[str, Any]:
 
 
 def metered(services: dict[str, system.Service], run: Any) -> dict[str, Any]:
-    """A load run's summary plus the CPU each process group spent per job."""
+    """A load run's summary plus the CPU each process group spent per job (and, with a worker,
+    what its model, claim and store threads spent, on a CPU and waiting for one)."""
     meter = system.CpuMeter(services)
+    threads = system.ThreadMeter(services["worker"]) if "worker" in services else None
     meter.start()
+    if threads:
+        threads.start()
     summary: dict[str, Any] = run().summary()
     summary["cpu_ms_per_job"] = meter.per_job(summary["jobs"])
+    if threads:
+        summary["worker_threads_per_job"] = threads.per_job(summary["jobs"])
     return summary
 
 

@@ -192,6 +192,42 @@ def pids_named(prefix: str) -> list[int]:
     return found
 
 
+def thread_times(pid: int, prefix: str = "seg-") -> dict[str, tuple[float, float]]:
+    """Per OS thread name starting with `prefix` (the worker names its model, claim and store
+    threads): seconds on a CPU and seconds runnable but waiting for one, from
+    /proc/<pid>/task/<tid>/schedstat (the kernel's per-thread scheduler statistics)."""
+    out: dict[str, tuple[float, float]] = {}
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        with suppress(OSError, ValueError):
+            name = (task / "comm").read_text().strip()
+            if not name.startswith(prefix):
+                continue
+            run_ns, wait_ns, _ = (int(v) for v in (task / "schedstat").read_text().split())
+            run, wait = out.get(name, (0.0, 0.0))
+            out[name] = (run + run_ns / 1e9, wait + wait_ns / 1e9)
+    return out
+
+
+class ThreadMeter:
+    """What the worker's named threads spent over a run: core-ms on a CPU and ms spent
+    runnable but waiting for a CPU (another process or thread had it), per job."""
+
+    def __init__(self, worker: Service) -> None:
+        self.pid = worker.proc.pid
+        self._start: dict[str, tuple[float, float]] = {}
+
+    def start(self) -> None:
+        self._start = thread_times(self.pid)
+
+    def per_job(self, jobs: int) -> dict[str, dict[str, float]]:
+        end, per = thread_times(self.pid), 1000.0 / max(jobs, 1)
+        return {
+            name: {"cpu_ms": (run - self._start.get(name, (0.0, 0.0))[0]) * per,
+                   "wait_ms": (wait - self._start.get(name, (0.0, 0.0))[1]) * per}
+            for name, (run, wait) in sorted(end.items())
+        }
+
+
 class CpuMeter:
     """CPU time per group of processes over a run, reported as core-ms per job.
 

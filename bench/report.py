@@ -254,7 +254,9 @@ def markdown(r: dict[str, Any]) -> str:
         " client long-polls (`?wait=10`, as `segsvc.client.Job.wait` does); the idle run polls"
         " every 5 ms; the burst run submits every job first, then one poller waits for them"
         f" (the batch-submit burst sends {per} photos per `POST /v1/jobs/batch` and its poller"
-        " long-polls 100 jobs per `GET /v1/jobs?ids=`).",
+        " long-polls 100 jobs per `GET /v1/jobs?ids=`). Every upload request (submits, the"
+        " naive baseline, hello) is framed with a fresh multipart boundary, as HTTP clients"
+        " send them.",
         "",
         "| Run | Clients | Jobs/s | p50 ms | p95 ms | p99 ms | Mean batch | Errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

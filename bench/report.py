@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
 from contextlib import suppress
 from importlib import metadata
 from pathlib import Path
@@ -356,12 +357,9 @@ def budget(r: dict[str, Any]) -> list[str]:
         " run lasted. `worker` is the inference worker process (model thread, consumer, store"
         " thread); `api` is gunicorn (master and workers).",
         "",
-        "| Run | " + " | ".join(CPU_GROUPS) + " |",
-        "|---|" + "---:|" * len(CPU_GROUPS),
+        *_table(CPU_GROUPS, [(name, [f"{cpu[g]:.1f}" if g in cpu else "-" for g in CPU_GROUPS])
+                             for name, cpu in runs]),
     ]
-    for name, cpu in runs:
-        cells = [f"{cpu[g]:.1f}" if g in cpu else "-" for g in CPU_GROUPS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cores = r["machine"]["cores"]
     peak = r["system_peak"].get("cpu_ms_per_job")
     if peak:
@@ -415,13 +413,12 @@ def threads_table(r: dict[str, Any]) -> list[str]:
         "The worker's threads, ms per job: on a CPU / runnable but waiting for one (another"
         " process or thread had it), from /proc/<pid>/task/<tid>/schedstat.",
         "",
-        "| Run | " + " | ".join(THREADS) + " |",
-        "|---|" + "---:|" * len(THREADS),
+        *_table(THREADS, [
+            (name, [f"{threads[t]['cpu_ms']:.2f} / {threads[t]['wait_ms']:.2f}" if t in threads
+                    else "-" for t in THREADS])
+            for name, threads in runs
+        ]),
     ]
-    for name, threads in runs:
-        cells = [f"{threads[t]['cpu_ms']:.2f} / {threads[t]['wait_ms']:.2f}" if t in threads
-                 else "-" for t in THREADS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     model = {key: r[key]["worker_threads_per_job"].get("seg-model") for key in
              ("system_peak", "system_peak_batch") if r.get(key, {}).get("worker_threads_per_job")}
     worker = as_served(r)
@@ -443,6 +440,15 @@ def threads_table(r: dict[str, Any]) -> list[str]:
             " thread waits whenever more threads are runnable than there are cores.",
         ]
     return lines
+
+
+def _table(columns: Sequence[str], rows: list[tuple[str, list[str]]]) -> list[str]:
+    """A Markdown table of runs: a name, then one right-aligned cell per column."""
+    return [
+        "| Run | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+        *(f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows),
+    ]
 
 
 def _load(values: Any) -> str:

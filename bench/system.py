@@ -220,12 +220,11 @@ class ThreadMeter:
         self._start = thread_times(self.pid)
 
     def per_job(self, jobs: int) -> dict[str, dict[str, float]]:
-        end, per = thread_times(self.pid), 1000.0 / max(jobs, 1)
-        return {
-            name: {"cpu_ms": (run - self._start.get(name, (0.0, 0.0))[0]) * per,
-                   "wait_ms": (wait - self._start.get(name, (0.0, 0.0))[1]) * per}
-            for name, (run, wait) in sorted(end.items())
-        }
+        per, out = 1000.0 / max(jobs, 1), {}
+        for name, (run, wait) in sorted(thread_times(self.pid).items()):
+            run_before, wait_before = self._start.get(name, (0.0, 0.0))
+            out[name] = {"cpu_ms": (run - run_before) * per, "wait_ms": (wait - wait_before) * per}
+        return out
 
 
 class CpuMeter:

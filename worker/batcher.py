@@ -56,13 +56,9 @@ class MicroBatcher:
         self._stopping = False
         # One post thread keeps results in order; at most two batches wait for it, so a slow
         # database slows the model thread down instead of piling up memory.
-        # The threads carry their names into the OS too (`top -H`, `ps -L`, /proc/<pid>/task),
-        # so an operator or `make bench` can see what the model thread itself spends.
-        self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-store",
-                                        initializer=setthreadtitle, initargs=("seg-store",))
+        self._post = _named_thread("seg-store")
         self._post_slots = threading.BoundedSemaphore(2)
-        self._claimer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-claim",
-                                           initializer=setthreadtitle, initargs=("seg-claim",))
+        self._claimer = _named_thread("seg-claim")
         self._thread = threading.Thread(target=self._run, name=MODEL_THREAD, daemon=True)
         self._thread.start()
 
@@ -106,7 +102,7 @@ class MicroBatcher:
         return [self._items.popleft() for _ in range(n)]
 
     def _run(self) -> None:
-        setthreadtitle(MODEL_THREAD)
+        setthreadtitle(MODEL_THREAD)  # as _named_thread does for the store and claim threads
         ahead: tuple[list[Item], Future[Claim]] | None = None
         while True:
             claiming: Future[Claim] | None = None
@@ -159,6 +155,13 @@ class MicroBatcher:
             _settle(batch, ok=False)
         finally:
             self._post_slots.release()
+
+
+def _named_thread(name: str) -> ThreadPoolExecutor:
+    """A one-thread pool whose thread carries `name` into the OS too (`top -H`, `ps -L`,
+    /proc/<pid>/task), so an operator or `make bench` can see what each stage spends."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
+                              initializer=setthreadtitle, initargs=(name,))
 
 
 def _settle(batch: list[Item], *, ok: bool) -> None:

@@ -27,7 +27,7 @@ test: $(STAMP) services
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check segsvc api worker retrain tests bench || true
+	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)  ## mypy --strict on segsvc, api, worker, retrain
 	$(BIN)/mypy

@@ -60,10 +60,17 @@ def _after(response: Response) -> Response:
         job_id = _count_submission(response) or job_id
     response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
     log.info(
-        "%s %s %s", request.method, request.path, response.status_code,
-        extra={"route": route, "method": request.method, "status": response.status_code,
-               "duration_ms": round(elapsed * 1000.0, 2),
-               **({"job_id": job_id} if job_id else {})},
+        "%s %s %s",
+        request.method,
+        request.path,
+        response.status_code,
+        extra={
+            "route": route,
+            "method": request.method,
+            "status": response.status_code,
+            "duration_ms": round(elapsed * 1000.0, 2),
+            **({"job_id": job_id} if job_id else {}),
+        },
     )
     return response
 

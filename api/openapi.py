@@ -19,10 +19,14 @@ SERVED_PREFIXES = ("/v1/",)
 SERVED_PATHS = ("/healthz", "/readyz", "/openapi.json")
 ERROR_TEXT = {
     201: "Created, and finished within `?wait=`: the whole job.",
-    400: "Malformed request.", 401: "Missing or unknown API key.", 403: "Needs an admin key.",
+    400: "Malformed request.",
+    401: "Missing or unknown API key.",
+    403: "Needs an admin key.",
     404: "No such job for this key (another key's job is not found either).",
-    409: "Not possible in the job's state.", 413: "Upload over the size limit.",
-    415: "Not a JPEG, PNG or WebP image.", 422: "Invalid image or field.",
+    409: "Not possible in the job's state.",
+    413: "Upload over the size limit.",
+    415: "Not a JPEG, PNG or WebP image.",
+    422: "Invalid image or field.",
     429: "Rate limited; see Retry-After.",
     503: "Overloaded or a dependency is down; see Retry-After.",
 }
@@ -42,29 +46,69 @@ class Operation:
 IDEMPOTENCY = {"Idempotency-Key": "Replays the same job for the same body within 24 h."}
 OPERATIONS: dict[str, Operation] = {
     "jobs.submit_job": Operation(
-        {202: s.AcceptedJob, 201: s.Job, 200: s.AcceptedJob, 400: s.Error, 409: s.Error,
-         413: s.Error, 415: s.Error, 422: s.Error, 429: s.Error, 503: s.Error},
-        form=s.JobSubmission, headers=IDEMPOTENCY, query={"wait": {
-            "type": "number", "minimum": 0, "maximum": 30,
-            "description": "Hold the answer until the job ends (201 with the finished job) or "
-            "for this many seconds (202).",
-        }},
+        {
+            202: s.AcceptedJob,
+            201: s.Job,
+            200: s.AcceptedJob,
+            400: s.Error,
+            409: s.Error,
+            413: s.Error,
+            415: s.Error,
+            422: s.Error,
+            429: s.Error,
+            503: s.Error,
+        },
+        form=s.JobSubmission,
+        headers=IDEMPOTENCY,
+        query={
+            "wait": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 30,
+                "description": "Hold the answer until the job ends (201 with the finished job) or "
+                "for this many seconds (202).",
+            }
+        },
     ),
     "jobs.submit_batch": Operation(
-        {202: s.AcceptedBatch, 200: s.AcceptedBatch, 400: s.Error, 409: s.Error, 413: s.Error,
-         415: s.Error, 422: s.Error, 429: s.Error, 503: s.Error},
-        form=s.BatchSubmission, headers=IDEMPOTENCY,
+        {
+            202: s.AcceptedBatch,
+            200: s.AcceptedBatch,
+            400: s.Error,
+            409: s.Error,
+            413: s.Error,
+            415: s.Error,
+            422: s.Error,
+            429: s.Error,
+            503: s.Error,
+        },
+        form=s.BatchSubmission,
+        headers=IDEMPOTENCY,
     ),
-    "jobs.read_jobs": Operation({200: s.JobList, 422: s.Error}, query={
-        "ids": {"type": "string", "description": "Comma-separated job ids (up to 100)."},
-        "wait": {"type": "number", "minimum": 0, "maximum": 30,
-                 "description": "Long poll: answer when every job has ended, or after this "
-                 "many seconds."},
-    }),
-    "jobs.read_job": Operation({200: s.Job, 422: s.Error}, query={"wait": {
-        "type": "number", "minimum": 0, "maximum": 30,
-        "description": "Long poll: answer when the job ends, or after this many seconds.",
-    }}),
+    "jobs.read_jobs": Operation(
+        {200: s.JobList, 422: s.Error},
+        query={
+            "ids": {"type": "string", "description": "Comma-separated job ids (up to 100)."},
+            "wait": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 30,
+                "description": "Long poll: answer when every job has ended, or after this "
+                "many seconds.",
+            },
+        },
+    ),
+    "jobs.read_job": Operation(
+        {200: s.Job, 422: s.Error},
+        query={
+            "wait": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 30,
+                "description": "Long poll: answer when the job ends, or after this many seconds.",
+            }
+        },
+    ),
     "jobs.read_mask": Operation({200: PNG, 409: s.Error}),
     "jobs.read_overlay": Operation({200: PNG, 409: s.Error}),
     "jobs.cancel_job": Operation({200: s.Job, 409: s.Error}),
@@ -72,8 +116,17 @@ OPERATIONS: dict[str, Operation] = {
     "health.readyz": Operation({200: s.Readiness, 503: s.Readiness}),
     "docs.openapi_json": Operation({200: "application/json"}),
 }
-MODELS: list[type[BaseModel]] = [s.Error, s.Job, s.AcceptedJob, s.JobSubmission, s.AcceptedBatch,
-                                 s.BatchSubmission, s.JobList, s.Health, s.Readiness]
+MODELS: list[type[BaseModel]] = [
+    s.Error,
+    s.Job,
+    s.AcceptedJob,
+    s.JobSubmission,
+    s.AcceptedBatch,
+    s.BatchSubmission,
+    s.JobList,
+    s.Health,
+    s.Readiness,
+]
 _PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 
@@ -94,8 +147,11 @@ def build_openapi(app: Flask) -> dict[str, Any]:
             )
     return {
         "openapi": "3.1.0",
-        "info": {"title": "segsvc", "version": "1",
-                 "description": "Image segmentation jobs: submit a photo, poll, fetch the mask."},
+        "info": {
+            "title": "segsvc",
+            "version": "1",
+            "description": "Image segmentation jobs: submit a photo, poll, fetch the mask.",
+        },
         "paths": paths,
         "components": {
             "schemas": defs.get("$defs", {}),
@@ -111,21 +167,37 @@ def _served(rule: str) -> bool:
 def _operation(endpoint: str, path: str, params: list[str], doc: str) -> dict[str, Any]:
     spec = OPERATIONS.get(endpoint)
     op: dict[str, Any] = {"operationId": endpoint, "summary": doc.splitlines()[0] if doc else ""}
-    parameters = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for p in params]
+    parameters = [
+        {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params
+    ]
     responses: dict[str, Any] = {}
     if spec is None:  # an endpoint not described yet: any answer, but never a 5xx
         responses["default"] = {"description": "See the endpoint's documentation."}
     else:
         responses.update({str(k): _response(k, v) for k, v in spec.responses.items()})
-        parameters += [{"name": h, "in": "header", "required": False, "description": d,
-                        "schema": {"type": "string", "maxLength": 255}}
-                       for h, d in spec.headers.items()]
-        parameters += [{"name": q, "in": "query", "required": False, "schema": schema}
-                       for q, schema in spec.query.items()]
+        parameters += [
+            {
+                "name": h,
+                "in": "header",
+                "required": False,
+                "description": d,
+                "schema": {"type": "string", "maxLength": 255},
+            }
+            for h, d in spec.headers.items()
+        ]
+        parameters += [
+            {"name": q, "in": "query", "required": False, "schema": schema}
+            for q, schema in spec.query.items()
+        ]
         if spec.form is not None:
-            op["requestBody"] = {"required": True, "content": {"multipart/form-data": {
-                "schema": {"$ref": f"#/components/schemas/{spec.form.__name__}"}}}}
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {"$ref": f"#/components/schemas/{spec.form.__name__}"}
+                    }
+                },
+            }
     if path.startswith("/v1/"):
         op["security"] = [{"bearer": []}]
         responses.setdefault("401", _response(401, s.Error))

@@ -75,8 +75,9 @@ class AcceptedJob(BaseModel):
 class JobSubmission(BaseModel):
     """The multipart form of `POST /v1/jobs`."""
 
-    image: bytes = Field(description="A JPEG, PNG or WebP photo.",
-                         json_schema_extra={"format": "binary"})
+    image: bytes = Field(
+        description="A JPEG, PNG or WebP photo.", json_schema_extra={"format": "binary"}
+    )
 
 
 class AcceptedBatch(BaseModel):
@@ -88,8 +89,10 @@ class AcceptedBatch(BaseModel):
 class BatchSubmission(BaseModel):
     """The multipart form of `POST /v1/jobs/batch`: the field `image` once per photo."""
 
-    image: list[bytes] = Field(description="JPEG, PNG or WebP photos (repeat the field).",
-                               json_schema_extra={"items": {"type": "string", "format": "binary"}})
+    image: list[bytes] = Field(
+        description="JPEG, PNG or WebP photos (repeat the field).",
+        json_schema_extra={"items": {"type": "string", "format": "binary"}},
+    )
 
 
 class JobList(BaseModel):

@@ -64,11 +64,16 @@ def speed(dtype: Any, name: str) -> dict[str, dict[str, float]]:
 def main() -> None:
     ref = np.load(".devcheck/ref.npz")
     result: dict[str, Any] = {
-        "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-        "keras": keras.__version__, "speed": {},
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "keras": keras.__version__,
+        "speed": {},
     }
-    for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16),
-                        ("float16", jnp.float16)):
+    for name, dtype in (
+        ("float32", jnp.float32),
+        ("bfloat16", jnp.bfloat16),
+        ("float16", jnp.float16),
+    ):
         agree, maxabs = agreement(ref["x"], ref["logits"], dtype)
         result[f"agreement_{name}"], result[f"maxabs_{name}"] = agree, maxabs
     for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):

@@ -34,7 +34,8 @@ class Multipart:
             chunks += [
                 f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
                 f'filename="{name}"\r\nContent-Type: image/jpeg\r\n\r\n'.encode(),
-                data, b"\r\n",
+                data,
+                b"\r\n",
             ]
         chunks.append(f"--{boundary}--\r\n".encode())
         return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
@@ -239,14 +240,12 @@ def run_burst(
     return result
 
 
-def _poll_many(
-    client: Client, ids: list[str], chunk: int = 100
-) -> list[dict[str, Any] | None]:
+def _poll_many(client: Client, ids: list[str], chunk: int = 100) -> list[dict[str, Any] | None]:
     """Long-poll `GET /v1/jobs?ids=` a chunk at a time until every job has ended (or 300 s)."""
     out: list[dict[str, Any] | None] = []
     give_up = time.monotonic() + 300
     for i in range(0, len(ids), chunk):
-        query = f"/v1/jobs?ids={','.join(ids[i:i + chunk])}&wait={LONG_POLL_S:g}"
+        query = f"/v1/jobs?ids={','.join(ids[i : i + chunk])}&wait={LONG_POLL_S:g}"
         while time.monotonic() < give_up:
             asked = time.monotonic()
             status, raw = client.request("GET", query)

@@ -146,7 +146,11 @@ class ServedTimer:
         self.x = np.concatenate([images] * (1 + 32 // max(1, len(images))))[:32]
         self.runtimes = {
             name: load_runtime(
-                model_path, kind=kind, threads=n, artifact_dir=artifact_dir, sha256=sha256,
+                model_path,
+                kind=kind,
+                threads=n,
+                artifact_dir=artifact_dir,
+                sha256=sha256,
                 batch_sizes=serving_batch_sizes(32),
             )
             for name, n in (("served", threads), ("all_cores", 0))
@@ -155,8 +159,12 @@ class ServedTimer:
     def full(self, budget_s: float) -> dict[str, Any]:
         """Batch 1, 8 and 32, with the LiteRT planner's call times and plans."""
         timed = self._time(budget_s, BATCHES)
-        out = {"kind": self.kind, "threads": self.threads, **timed["served"],
-               "all_cores": timed["all_cores"]}
+        out = {
+            "kind": self.kind,
+            "threads": self.threads,
+            **timed["served"],
+            "all_cores": timed["all_cores"],
+        }
         planner = getattr(self.runtimes["served"], "planner", None)
         if planner is not None:  # LiteRT: the per-size call times it measured and its plans
             out["call_ms"] = {str(k): v * 1000.0 for k, v in sorted(planner.seconds.items())}
@@ -166,8 +174,10 @@ class ServedTimer:
     def batched(self, budget_s: float) -> dict[str, float]:
         """Best batched images/s (b8 or b32), as served and on all cores."""
         timed = self._time(budget_s, (8, 32))
-        return {name: max(t["b8"]["images_per_s"], t["b32"]["images_per_s"])
-                for name, t in timed.items()}
+        return {
+            name: max(t["b8"]["images_per_s"], t["b32"]["images_per_s"])
+            for name, t in timed.items()
+        }
 
     def _time(self, budget_s: float, batches: tuple[int, ...]) -> dict[str, dict[str, Any]]:
         predictors = {name: rt.predict for name, rt in self.runtimes.items()}

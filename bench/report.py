@@ -124,13 +124,18 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         ("served runtime batched / naive model.predict b1", batched / r["naive_predict_b1"], 8.0),
         ("raw batched / float32 physical limit", batched / limit, 0.60),
     ]
-    for key, what in (("system_peak", "end-to-end jobs/s (burst capacity)"),
-                      ("system_peak_batch", "same, batch submits: end-to-end")):
+    for key, what in (
+        ("system_peak", "end-to-end jobs/s (burst capacity)"),
+        ("system_peak_batch", "same, batch submits: end-to-end"),
+    ):
         if key in r:
             served_ref, all_ref = references(r, key)
             rows += [
-                (f"{what} / raw batched as served ({threads} thread)",
-                 r[key]["jobs_per_s"] / served_ref, 0.85),
+                (
+                    f"{what} / raw batched as served ({threads} thread)",
+                    r[key]["jobs_per_s"] / served_ref,
+                    0.85,
+                ),
                 (f"{what} / raw batched on all cores", r[key]["jobs_per_s"] / all_ref, 0.85),
             ]
     rows += [
@@ -281,8 +286,12 @@ def markdown(r: dict[str, Any]) -> str:
         )
     rounds = [
         f"{name} " + " / ".join(f"{v:.1f}" for v in r[key]["rounds_jobs_per_s"])
-        for name, key in (("system", "system"), ("naive", "naive_flask"),
-                          ("submit", "api_submit"), ("hello", "hello"))
+        for name, key in (
+            ("system", "system"),
+            ("naive", "naive_flask"),
+            ("submit", "api_submit"),
+            ("hello", "hello"),
+        )
         if "rounds_jobs_per_s" in r.get(key, {})
     ]
     if rounds:
@@ -291,9 +300,11 @@ def markdown(r: dict[str, Any]) -> str:
             "The system and naive Flask alternate in 3 rounds, as do API submits and hello; each"
             " row is its median round. Every round's jobs/s: " + "; ".join(rounds) + ".",
         ]
-    bursts = [(name, r[key]) for name, key in
-              (("single submits", "system_peak"), ("batch submits", "system_peak_batch"))
-              if r.get(key, {}).get("raw_beside")]
+    bursts = [
+        (name, r[key])
+        for name, key in (("single submits", "system_peak"), ("batch submits", "system_peak_batch"))
+        if r.get(key, {}).get("raw_beside")
+    ]
     if bursts:
         lines += [
             "",
@@ -310,12 +321,16 @@ def markdown(r: dict[str, Any]) -> str:
                 for name, run in bursts
             )
             + ".",
-            "Every round's jobs/s (of raw as served): " + "; ".join(
-                f"{name} " + ", ".join(f"{j:.1f} ({v:.2f})" for j, v in
-                                       zip(run["rounds_jobs_per_s"], run["rounds_vs_raw"],
-                                           strict=True))
+            "Every round's jobs/s (of raw as served): "
+            + "; ".join(
+                f"{name} "
+                + ", ".join(
+                    f"{j:.1f} ({v:.2f})"
+                    for j, v in zip(run["rounds_jobs_per_s"], run["rounds_vs_raw"], strict=True)
+                )
                 for name, run in bursts
-            ) + ".",
+            )
+            + ".",
         ]
     api = ", ".join(f"{v:.0f}" for v in r["api_rss_mb"].values())
     lines += [
@@ -346,8 +361,11 @@ CPU_GROUPS = ("api", "worker", "naive", "postgres", "redis", "load generator", "
 
 def budget(r: dict[str, Any]) -> list[str]:
     """Where the CPU goes: measured core-ms per job (request) for each process group."""
-    runs = [(name, r[key]["cpu_ms_per_job"]) for name, key in CPU_RUNS
-            if "cpu_ms_per_job" in r.get(key, {})]
+    runs = [
+        (name, r[key]["cpu_ms_per_job"])
+        for name, key in CPU_RUNS
+        if "cpu_ms_per_job" in r.get(key, {})
+    ]
     if not runs:
         return []
     lines = [
@@ -357,8 +375,13 @@ def budget(r: dict[str, Any]) -> list[str]:
         " run lasted. `worker` is the inference worker process (model thread, consumer, store"
         " thread); `api` is gunicorn (master and workers).",
         "",
-        *_table(CPU_GROUPS, [(name, [f"{cpu[g]:.1f}" if g in cpu else "-" for g in CPU_GROUPS])
-                             for name, cpu in runs]),
+        *_table(
+            CPU_GROUPS,
+            [
+                (name, [f"{cpu[g]:.1f}" if g in cpu else "-" for g in CPU_GROUPS])
+                for name, cpu in runs
+            ],
+        ),
     ]
     cores = r["machine"]["cores"]
     peak = r["system_peak"].get("cpu_ms_per_job")
@@ -404,8 +427,11 @@ THREADS = ("seg-model", "seg-claim", "seg-store")
 def threads_table(r: dict[str, Any]) -> list[str]:
     """The worker's own threads per job: time on a CPU and time runnable but waiting for one
     (from the kernel's per-thread schedstat), beside what the model costs when it runs alone."""
-    runs = [(name, r[key]["worker_threads_per_job"]) for name, key in THREAD_RUNS
-            if r.get(key, {}).get("worker_threads_per_job")]
+    runs = [
+        (name, r[key]["worker_threads_per_job"])
+        for name, key in THREAD_RUNS
+        if r.get(key, {}).get("worker_threads_per_job")
+    ]
     if not runs:
         return []
     lines = [
@@ -413,14 +439,27 @@ def threads_table(r: dict[str, Any]) -> list[str]:
         "The worker's threads, ms per job: on a CPU / runnable but waiting for one (another"
         " process or thread had it), from /proc/<pid>/task/<tid>/schedstat.",
         "",
-        *_table(THREADS, [
-            (name, [f"{threads[t]['cpu_ms']:.2f} / {threads[t]['wait_ms']:.2f}" if t in threads
-                    else "-" for t in THREADS])
-            for name, threads in runs
-        ]),
+        *_table(
+            THREADS,
+            [
+                (
+                    name,
+                    [
+                        f"{threads[t]['cpu_ms']:.2f} / {threads[t]['wait_ms']:.2f}"
+                        if t in threads
+                        else "-"
+                        for t in THREADS
+                    ],
+                )
+                for name, threads in runs
+            ],
+        ),
     ]
-    model = {key: r[key]["worker_threads_per_job"].get("seg-model") for key in
-             ("system_peak", "system_peak_batch") if r.get(key, {}).get("worker_threads_per_job")}
+    model = {
+        key: r[key]["worker_threads_per_job"].get("seg-model")
+        for key in ("system_peak", "system_peak_batch")
+        if r.get(key, {}).get("worker_threads_per_job")
+    }
     worker = as_served(r)
     if model.get("system_peak") and worker.get("threads") == 1:
         parts = []

@@ -96,15 +96,23 @@ def main() -> None:
     threads = Settings(_env_file=None).inference_threads  # type: ignore[call-arg]
     log(f"raw: {results['served_runtime']} as the worker runs it ({threads} thread(s))")
     timer = raw.ServedTimer(
-        model, kind=results["served_runtime"], threads=threads,
-        artifact_dir=args.var_dir / "artifacts", sha256=results["model"]["sha256"],
+        model,
+        kind=results["served_runtime"],
+        threads=threads,
+        artifact_dir=args.var_dir / "artifacts",
+        sha256=results["model"]["sha256"],
         images=images,
     )
     results["served_raw"] = timer.full(args.raw_seconds)
-    results.update(run_system(
-        args, model, photos, results["faithful_runtimes"],
-        reference=lambda: timer.batched(REFERENCE_SECONDS),
-    ))
+    results.update(
+        run_system(
+            args,
+            model,
+            photos,
+            results["faithful_runtimes"],
+            reference=lambda: timer.batched(REFERENCE_SECONDS),
+        )
+    )
     results["load_after"] = os.getloadavg()
     results["seconds"] = time.monotonic() - T0
     results["targets"] = report.targets(results)
@@ -153,7 +161,10 @@ def read_data(folder: Path) -> tuple[Any, Any, list[Path]]:
 
 
 def run_system(
-    args: argparse.Namespace, model: Path, photos: list[Path], faithful: list[str],
+    args: argparse.Namespace,
+    model: Path,
+    photos: list[Path],
+    faithful: list[str],
     reference: Callable[[], dict[str, float]],
 ) -> dict[str, Any]:
     """The served system, API-only submits, hello, and the naive Flask baseline. `reference`
@@ -173,7 +184,10 @@ def run_system(
     upgrade(settings=cfg)
     with session_scope(cfg) as session:
         register_version(
-            session=session, version="bench", path=model.resolve(), status=ModelStatus.PRODUCTION,
+            session=session,
+            version="bench",
+            path=model.resolve(),
+            status=ModelStatus.PRODUCTION,
             metrics={"faithful_runtimes": faithful},
         )
         _, key = create_key(session=session, name="bench")
@@ -194,8 +208,12 @@ def run_system(
         )
         servers.append(hello)
         naive = system.gunicorn(  # gunicorn's defaults: one sync worker, as people start
-            "naive", "bench.naive_app:app", naive_port, {**env, "SEG_BENCH_MODEL": str(model)},
-            logs, ["--workers", "1", "--timeout", "120"],
+            "naive",
+            "bench.naive_app:app",
+            naive_port,
+            {**env, "SEG_BENCH_MODEL": str(model)},
+            logs,
+            ["--workers", "1", "--timeout", "120"],
         )
         servers.append(naive)
         log("warm-up: the system and the naive baseline")
@@ -203,52 +221,106 @@ def run_system(
         load.run_request_load(naive_port, "/predict", {}, bodies, clients=1, seconds=2, expect=200)
         both = {"api": api, "worker": wkr}
         log("system: idle latency (1 client)")
-        out["idle"] = metered(both, lambda: load.run_jobs_load(
-            api_port, headers, bodies, clients=1, seconds=args.seconds / 2, poll_s=0.005
-        ))
+        out["idle"] = metered(
+            both,
+            lambda: load.run_jobs_load(
+                api_port, headers, bodies, clients=1, seconds=args.seconds / 2, poll_s=0.005
+            ),
+        )
         log(f"{args.clients} clients: the system (long polls) and naive Flask, interleaved")
         seconds = args.seconds / ROUNDS
-        out["system"], out["naive_flask"] = interleaved({
-            "system": (both, lambda: load.run_jobs_load(
-                api_port, headers, bodies, clients=args.clients, seconds=seconds,
-                poll_s=0.1, wait_s=LONG_POLL_S,
-            )),
-            "naive": ({"naive": naive}, lambda: load.run_request_load(
-                naive_port, "/predict", {}, bodies, clients=args.clients, seconds=seconds,
-                expect=200,
-            )),
-        })
-        log(f"  system {out['system']['jobs_per_s']:.1f} jobs/s, "
-            f"naive {out['naive_flask']['jobs_per_s']:.1f} jobs/s")
+        out["system"], out["naive_flask"] = interleaved(
+            {
+                "system": (
+                    both,
+                    lambda: load.run_jobs_load(
+                        api_port,
+                        headers,
+                        bodies,
+                        clients=args.clients,
+                        seconds=seconds,
+                        poll_s=0.1,
+                        wait_s=LONG_POLL_S,
+                    ),
+                ),
+                "naive": (
+                    {"naive": naive},
+                    lambda: load.run_request_load(
+                        naive_port,
+                        "/predict",
+                        {},
+                        bodies,
+                        clients=args.clients,
+                        seconds=seconds,
+                        expect=200,
+                    ),
+                ),
+            }
+        )
+        log(
+            f"  system {out['system']['jobs_per_s']:.1f} jobs/s, "
+            f"naive {out['naive_flask']['jobs_per_s']:.1f} jobs/s"
+        )
         per = BATCH_SUBMIT_IMAGES
-        batch_bodies = [load.multipart(*(photos * per)[i:i + per])
-                        for i in range(0, len(photos), per)]
-        log(f"system: capacity, bursts of {args.burst_jobs} jobs sent one per request and "
-            f"{per} per batch submit, alternating, the raw runtime re-timed between them")
-        out.update(capacity_rounds(both, reference, {
-            "system_peak": lambda: load.run_burst(
-                api_port, headers, bodies, jobs=args.burst_jobs, clients=args.clients
-            ),
-            "system_peak_batch": lambda: load.run_burst(
-                api_port, headers, batch_bodies, jobs=args.burst_jobs, clients=args.clients,
-                per_request=per,
-            ),
-        }))
+        batch_bodies = [
+            load.multipart(*(photos * per)[i : i + per]) for i in range(0, len(photos), per)
+        ]
+        log(
+            f"system: capacity, bursts of {args.burst_jobs} jobs sent one per request and "
+            f"{per} per batch submit, alternating, the raw runtime re-timed between them"
+        )
+        out.update(
+            capacity_rounds(
+                both,
+                reference,
+                {
+                    "system_peak": lambda: load.run_burst(
+                        api_port, headers, bodies, jobs=args.burst_jobs, clients=args.clients
+                    ),
+                    "system_peak_batch": lambda: load.run_burst(
+                        api_port,
+                        headers,
+                        batch_bodies,
+                        jobs=args.burst_jobs,
+                        clients=args.clients,
+                        per_request=per,
+                    ),
+                },
+            )
+        )
         out["system_peak_batch"]["images_per_request"] = per
         out["worker_rss_mb"] = max(wkr.peak_rss_mb().values())
         wkr.stop()
         log("API-only submits (worker stopped) and the hello endpoint, interleaved")
         seconds = args.seconds / 2 / ROUNDS
-        out["api_submit"], out["hello"] = interleaved({
-            "submit": ({"api": api}, lambda: load.run_request_load(
-                api_port, "/v1/jobs", headers, bodies, clients=args.clients, seconds=seconds,
-                expect=202,
-            )),
-            "hello": ({"api": hello}, lambda: load.run_request_load(
-                hello_port, "/hello", {}, bodies, clients=args.clients, seconds=seconds,
-                expect=200,
-            )),
-        })
+        out["api_submit"], out["hello"] = interleaved(
+            {
+                "submit": (
+                    {"api": api},
+                    lambda: load.run_request_load(
+                        api_port,
+                        "/v1/jobs",
+                        headers,
+                        bodies,
+                        clients=args.clients,
+                        seconds=seconds,
+                        expect=202,
+                    ),
+                ),
+                "hello": (
+                    {"api": hello},
+                    lambda: load.run_request_load(
+                        hello_port,
+                        "/hello",
+                        {},
+                        bodies,
+                        clients=args.clients,
+                        seconds=seconds,
+                        expect=200,
+                    ),
+                ),
+            }
+        )
         out["api_rss_mb"] = api.peak_rss_mb()
         out["naive_rss_mb"] = max(naive.peak_rss_mb().values())
     finally:
@@ -275,9 +347,11 @@ def capacity_rounds(
             result["vs_raw"] = result["jobs_per_s"] / report.faster([timed, after])[0]
             timed = after
             rounds[name].append(result)
-            log(f"  {name}: {result['jobs_per_s']:.1f} jobs/s, {result['vs_raw']:.2f} of raw "
+            log(
+                f"  {name}: {result['jobs_per_s']:.1f} jobs/s, {result['vs_raw']:.2f} of raw "
                 f"as served ({result['raw_beside'][0]['served']:.1f} / {after['served']:.1f} "
-                "img/s before / after)")
+                "img/s before / after)"
+            )
     return {name: median_round(results, by="vs_raw") for name, results in rounds.items()}
 
 

@@ -20,8 +20,10 @@ target_metadata = Base.metadata
 def database_url() -> str:
     """`-x url=...`, an explicit `sqlalchemy.url`, or the settings."""
     x_args = context.get_x_argument(as_dictionary=True)
-    return x_args.get("url") or config.get_main_option("sqlalchemy.url") or (
-        get_settings().sqlalchemy_url
+    return (
+        x_args.get("url")
+        or config.get_main_option("sqlalchemy.url")
+        or (get_settings().sqlalchemy_url)
     )
 
 

@@ -127,8 +127,13 @@ def measure_latency(paths: list[str], settings: Settings, runs: int = 20) -> lis
 
     sizes = serving_batch_sizes(settings.batch_max_size)
     runtimes = [
-        load_runtime(p, kind=settings.runtime, threads=settings.inference_threads,
-                     artifact_dir=settings.artifact_dir, batch_sizes=sizes)
+        load_runtime(
+            p,
+            kind=settings.runtime,
+            threads=settings.inference_threads,
+            artifact_dir=settings.artifact_dir,
+            batch_sizes=sizes,
+        )
         for p in paths
     ]
     x = np.random.default_rng(0).random((1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
@@ -200,7 +205,8 @@ class _Run:
             run.data_counts = {"labels": len(ids), "new_labels": len(new)}
             run.production_version = production.version if production else None
             plan: dict[str, Any] = {
-                "ids": ids, "production": _row(production) if production else None
+                "ids": ids,
+                "production": _row(production) if production else None,
             }
         if len(new) < cfg.retrain_min_new_labels:
             return self._finish(
@@ -213,8 +219,12 @@ class _Run:
             return self._finish("failed", f"evaluation folder not found: {cfg.eval_data_dir}")
         if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
             return self._finish("failed", f"training folder not found: {cfg.train_data_dir}")
-        log.info("snapshot: %d labels (%d new), production %s", len(ids), len(new),
-                 plan["production"]["version"])
+        log.info(
+            "snapshot: %d labels (%d new), production %s",
+            len(ids),
+            len(new),
+            plan["production"]["version"],
+        )
         return plan
 
     def _artifact_path(self) -> Path:
@@ -225,22 +235,33 @@ class _Run:
         cfg = self.settings
         production = plan["production"]
         with session_scope(cfg) as session:
-            samples = [(image, decode_mask_png(mask)) for image, mask in feedback.load_samples(
-                session=session, feedback_ids=plan["ids"], store=blob_store(cfg)
-            )]
+            samples = [
+                (image, decode_mask_png(mask))
+                for image, mask in feedback.load_samples(
+                    session=session, feedback_ids=plan["ids"], store=blob_store(cfg)
+                )
+            ]
         report = self._fine_tune(samples, production["path"], out)
         cand_metrics, prod_metrics = self._evaluate(str(out), production["path"])
         problems = gate(
-            candidate=cand_metrics, production=prod_metrics,
-            tolerance=cfg.gate_miou_tolerance, latency_ratio=cfg.gate_latency_ratio,
+            candidate=cand_metrics,
+            production=prod_metrics,
+            tolerance=cfg.gate_miou_tolerance,
+            latency_ratio=cfg.gate_latency_ratio,
         )
         sha = file_sha256(out)
         version = f"{out.stem}-{sha[:8]}"
-        counts = {"feedback_samples": len(samples), "training": report.data,
-                  "eval_images": cand_metrics["images"]}
+        counts = {
+            "feedback_samples": len(samples),
+            "training": report.data,
+            "eval_images": cand_metrics["images"],
+        }
         with session_scope(cfg) as session:
             registry.register_version(
-                session=session, version=version, path=out.resolve(), sha256=sha,
+                session=session,
+                version=version,
+                path=out.resolve(),
+                sha256=sha,
                 parent_version=production["version"],
                 metrics=_version_metrics(cand_metrics, prod_metrics, production, self.run_id),
             )
@@ -272,10 +293,16 @@ class _Run:
                 data_dir = Path(empty)
                 (data_dir / "images").mkdir()
             report = train(
-                data_dir=data_dir, epochs=cfg.retrain_epochs, out=out,
-                batch_size=self.batch_size, learning_rate=cfg.retrain_learning_rate,
-                init_model=init_model, extra_samples=samples, progress=False,
-                steps_per_epoch=self.steps, checkpoint=scratch / "best.keras",
+                data_dir=data_dir,
+                epochs=cfg.retrain_epochs,
+                out=out,
+                batch_size=self.batch_size,
+                learning_rate=cfg.retrain_learning_rate,
+                init_model=init_model,
+                extra_samples=samples,
+                progress=False,
+                steps_per_epoch=self.steps,
+                checkpoint=scratch / "best.keras",
                 evaluate_after=False,
             )
         _rmdir_quiet(scratch)
@@ -298,8 +325,13 @@ class _Run:
         for metrics, ms in zip(results, latencies, strict=True):
             metrics["latency_ms_batch1"] = round(ms, 3)
             metrics["runtime"] = self.settings.runtime
-        log.info("candidate mIoU %.4f, %.1f ms; production mIoU %.4f, %.1f ms",
-                 results[0]["mean_iou"], latencies[0], results[1]["mean_iou"], latencies[1])
+        log.info(
+            "candidate mIoU %.4f, %.1f ms; production mIoU %.4f, %.1f ms",
+            results[0]["mean_iou"],
+            latencies[0],
+            results[1]["mean_iou"],
+            latencies[1],
+        )
         return results[0], results[1]
 
     def _finish(
@@ -342,8 +374,9 @@ def _version_metrics(
     keys = ("mean_iou", "pixel_accuracy", "per_class_iou", "latency_ms_batch1", "images")
     return {
         **{k: cand[k] for k in keys},
-        "original_resolution": {k: cand["original_resolution"][k]
-                                for k in ("mean_iou", "pixel_accuracy")},
+        "original_resolution": {
+            k: cand["original_resolution"][k] for k in ("mean_iou", "pixel_accuracy")
+        },
         "evaluated_against": {"version": production["version"], **{k: prod[k] for k in keys}},
         "training_run": str(run_id),
     }

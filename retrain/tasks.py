@@ -32,9 +32,7 @@ def parse_cron(expr: str) -> crontab:
     if len(fields) != 5:
         raise ValueError(f"retrain_cron needs 5 fields (m h dom mon dow), got {expr!r}")
     minute, hour, dom, month, dow = fields
-    return crontab(
-        minute=minute, hour=hour, day_of_month=dom, month_of_year=month, day_of_week=dow
-    )
+    return crontab(minute=minute, hour=hour, day_of_month=dom, month_of_year=month, day_of_week=dow)
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -81,7 +79,8 @@ def canary_check() -> dict[str, Any] | None:
     settings = get_settings()
     with session_scope(settings) as session:
         verdict = rollout.decide_canary(
-            session=session, min_jobs=settings.canary_min_jobs,
+            session=session,
+            min_jobs=settings.canary_min_jobs,
             latency_ratio=settings.gate_latency_ratio,
         )
     if verdict is not None and verdict.outcome != "waiting":
@@ -97,6 +96,9 @@ def purge_inputs() -> int:
         count = feedback.purge_unlabeled_inputs(
             session=session, retention_days=settings.retention_days
         )
-    log.info("deleted the stored inputs of %d unlabeled jobs older than %d days", count,
-             settings.retention_days)
+    log.info(
+        "deleted the stored inputs of %d unlabeled jobs older than %d days",
+        count,
+        settings.retention_days,
+    )
     return count

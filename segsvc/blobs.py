@@ -43,7 +43,7 @@ def is_pointer(value: bytes | None) -> bool:
 
 def pointer_digest(value: bytes) -> str:
     """The sha256 a pointer names (validated: a row value never becomes a path trick)."""
-    digest = value[len(POINTER_PREFIX):].decode("ascii", "replace")
+    digest = value[len(POINTER_PREFIX) :].decode("ascii", "replace")
     if len(digest) != 64 or not set(digest) <= _HEX:
         raise BlobMissingError(f"malformed blob pointer {value[:80]!r}")
     return digest

@@ -90,8 +90,10 @@ def models_list() -> None:
     with session_scope() as session:
         for row in list_versions(session=session):
             miou = row.metrics.get("mean_iou")
-            click.echo(f"{row.version:<28} {row.status:<11} share={row.traffic_share:.2f} "
-                       f"miou={miou if miou is not None else '-'} {Path(row.path).name}")
+            click.echo(
+                f"{row.version:<28} {row.status:<11} share={row.traffic_share:.2f} "
+                f"miou={miou if miou is not None else '-'} {Path(row.path).name}"
+            )
 
 
 @models.command("promote")
@@ -131,8 +133,12 @@ def retrain_group() -> None:
 
 
 @retrain_group.command("now")
-@click.option("--queue", "via_queue", is_flag=True,
-              help="Send the run to the maintenance worker instead of running it here.")
+@click.option(
+    "--queue",
+    "via_queue",
+    is_flag=True,
+    help="Send the run to the maintenance worker instead of running it here.",
+)
 def retrain_now(via_queue: bool) -> None:
     """Run retraining once now (snapshot labels, fine-tune, evaluate, gate, register)."""
     if via_queue:
@@ -177,4 +183,3 @@ def keys_create(name: str, admin: bool) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-

@@ -145,12 +145,18 @@ class Job:
         Each request waits server-side (`?wait=`) for up to LONG_POLL_S; against a server that
         answers at once, it falls back to polling every `poll_interval` (backing off to 2 s).
         """
+
         def ask(seconds: float) -> bool:
             self.data = self._client.get(self.id, wait=seconds).data
             return self.done
 
-        _long_poll(lambda: self.done, ask, timeout, poll_interval,
-                   lambda: f"job {self.id} still {self.status} after {timeout}s")
+        _long_poll(
+            lambda: self.done,
+            ask,
+            timeout,
+            poll_interval,
+            lambda: f"job {self.id} still {self.status} after {timeout}s",
+        )
         return self
 
     def cancel(self) -> Job:
@@ -234,7 +240,11 @@ class Client:
         headers = {"Idempotency-Key": str(uuid.uuid4())}
         params = {"wait": f"{min(wait, LONG_POLL_S):.3f}"} if wait > 0 else None
         resp = self._request(
-            "POST", "/v1/jobs", files={"image": (name, data)}, data=form, headers=headers,
+            "POST",
+            "/v1/jobs",
+            files={"image": (name, data)},
+            data=form,
+            headers=headers,
             params=params,
         )
         return Job(self, resp.json())
@@ -276,6 +286,7 @@ class Client:
         """Long-poll until every job has ended (`Job.wait` for many: one `GET /v1/jobs?ids=`
         per 100 jobs still running); updates the jobs in place and returns them.
         WaitTimeoutError after `timeout`, with the jobs that ended by then already updated."""
+
         def ask(seconds: float) -> bool:
             chunk = [job for job in jobs if not job.done][:MAX_IDS_PER_READ]
             fresh = self.get_many([job.id for job in chunk], wait=seconds)
@@ -283,9 +294,13 @@ class Client:
                 job.data = new.data
             return all(job.done for job in chunk)
 
-        _long_poll(lambda: all(job.done for job in jobs), ask, timeout, poll_interval,
-                   lambda: f"{sum(not job.done for job in jobs)} jobs not finished after "
-                   f"{timeout}s")
+        _long_poll(
+            lambda: all(job.done for job in jobs),
+            ask,
+            timeout,
+            poll_interval,
+            lambda: f"{sum(not job.done for job in jobs)} jobs not finished after {timeout}s",
+        )
         return list(jobs)
 
     def get(self, job_id: str, *, wait: float = 0.0) -> Job:

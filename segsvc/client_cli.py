@@ -51,13 +51,24 @@ def exit_code_for(exc: ClientError) -> int:
 
 def connection_options(func: F) -> F:
     """--url, --api-key and --retries, from flags or SEG_URL / SEG_API_KEY / SEG_RETRIES."""
-    func = click.option("--retries", envvar="SEG_RETRIES", default=5, show_default=True,
-                        type=click.IntRange(0, 20),
-                        help="Retries on 429/503 and refused connections [env SEG_RETRIES].")(func)
-    func = click.option("--api-key", envvar="SEG_API_KEY", help="API key [env SEG_API_KEY; "
-                        "else var/local_api_key].")(func)
-    return click.option("--url", envvar="SEG_URL", default=DEFAULT_URL, show_default=True,
-                        help="Server base URL [env SEG_URL].")(func)
+    func = click.option(
+        "--retries",
+        envvar="SEG_RETRIES",
+        default=5,
+        show_default=True,
+        type=click.IntRange(0, 20),
+        help="Retries on 429/503 and refused connections [env SEG_RETRIES].",
+    )(func)
+    func = click.option(
+        "--api-key", envvar="SEG_API_KEY", help="API key [env SEG_API_KEY; else var/local_api_key]."
+    )(func)
+    return click.option(
+        "--url",
+        envvar="SEG_URL",
+        default=DEFAULT_URL,
+        show_default=True,
+        help="Server base URL [env SEG_URL].",
+    )(func)
 
 
 def handle_errors(func: F) -> F:
@@ -146,8 +157,12 @@ def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Eve
         return outcome
     started = time.monotonic()
     try:
-        job = client.submit(path, webhook=plan.webhook, webhook_events=plan.webhook_events,
-                            wait=LONG_POLL_S if plan.waiting else 0.0)
+        job = client.submit(
+            path,
+            webhook=plan.webhook,
+            webhook_events=plan.webhook_events,
+            wait=LONG_POLL_S if plan.waiting else 0.0,
+        )
         outcome.job_id, outcome.status = job.id, job.status
         if plan.waiting:
             job.wait(plan.timeout)  # at once when the submit already returned it finished
@@ -228,13 +243,19 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
     stop = threading.Event()
     outcomes: list[Outcome] = []
     console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=len(files) < 2) as progress, \
-            ThreadPoolExecutor(max_workers=concurrency) as pool:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with (
+        Progress(*columns, console=console, disable=len(files) < 2) as progress,
+        ThreadPoolExecutor(max_workers=concurrency) as pool,
+    ):
         label = "waiting" if plan.waiting else "submitting"
         task = progress.add_task(label, total=len(files))
-        chunks = [files[i:i + plan.batch] for i in range(0, len(files), plan.batch)]
+        chunks = [files[i : i + plan.batch] for i in range(0, len(files), plan.batch)]
         futures = [pool.submit(submit_chunk, client, chunk, plan, stop) for chunk in chunks]
         for future in as_completed(futures):
             for outcome in future.result():
@@ -255,9 +276,12 @@ def summary_table(outcomes: list[Outcome]) -> Table:
     for status, rows in sorted(groups.items()):
         lat = [o.latency_s for o in rows if o.latency_s is not None]
         pred = [o.predict_ms for o in rows if o.predict_ms is not None]
-        table.add_row(status, str(len(rows)),
-                      f"{sum(lat) / len(lat):.2f} s" if lat else "-",
-                      f"{sum(pred) / len(pred):.0f} ms" if pred else "-")
+        table.add_row(
+            status,
+            str(len(rows)),
+            f"{sum(lat) / len(lat):.2f} s" if lat else "-",
+            f"{sum(pred) / len(pred):.0f} ms" if pred else "-",
+        )
     return table
 
 
@@ -273,24 +297,53 @@ def submit_exit_code(outcomes: list[Outcome]) -> int:
 
 
 @click.command("submit")
-@click.argument("paths", nargs=-1, required=True,
-                type=click.Path(exists=True, path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--wait", is_flag=True, help="Wait for every job to finish.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Save <name>.mask.png files here (implies --wait).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Save <name>.mask.png files here (implies --wait).",
+)
 @click.option("--overlay", is_flag=True, help="With --out, also save <name>.overlay.png.")
 @click.option("--webhook", help="URL to notify when each job completes.")
 @click.option("--webhook-events", help="Comma-separated: start,completed [completed].")
-@click.option("--batch", "-b", default=16, show_default=True, type=click.IntRange(1, 100),
-              help="Files per request (POST /v1/jobs/batch); 1 sends each file on its own.")
-@click.option("--concurrency", "-j", default=4, show_default=True, type=click.IntRange(1, 64),
-              help="Requests in flight at once.")
-@click.option("--timeout", default=300.0, show_default=True,
-              help="Seconds to wait for the jobs of each request.")
+@click.option(
+    "--batch",
+    "-b",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Files per request (POST /v1/jobs/batch); 1 sends each file on its own.",
+)
+@click.option(
+    "--concurrency",
+    "-j",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Requests in flight at once.",
+)
+@click.option(
+    "--timeout",
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait for the jobs of each request.",
+)
 @connection_options
-def submit(paths: tuple[Path, ...], wait: bool, out: Path | None, overlay: bool,
-           webhook: str | None, webhook_events: str | None, batch: int, concurrency: int,
-           timeout: float, url: str, api_key: str | None, retries: int) -> None:
+def submit(
+    paths: tuple[Path, ...],
+    wait: bool,
+    out: Path | None,
+    overlay: bool,
+    webhook: str | None,
+    webhook_events: str | None,
+    batch: int,
+    concurrency: int,
+    timeout: float,
+    url: str,
+    api_key: str | None,
+    retries: int,
+) -> None:
     """Submit photos (files or folders); prints a `job_id<TAB>status<TAB>file` line each."""
     files = image_files(paths)
     if not files:
@@ -312,8 +365,7 @@ def submit(paths: tuple[Path, ...], wait: bool, out: Path | None, overlay: bool,
 @click.option("--json", "as_json", is_flag=True, help="Print the job's full JSON.")
 @connection_options
 @handle_errors
-def status(job_id: str, as_json: bool, url: str, api_key: str | None,
-           retries: int) -> None:
+def status(job_id: str, as_json: bool, url: str, api_key: str | None, retries: int) -> None:
     """Show a job; exits 1 if it failed or was canceled."""
     with make_client(url, api_key, retries) as client:
         job = client.get(job_id)
@@ -321,8 +373,10 @@ def status(job_id: str, as_json: bool, url: str, api_key: str | None,
         click.echo(json.dumps(job.data, indent=2))
     else:
         m = job.metrics
-        click.echo(f"{job.id}  {job.status}  model={job.model_version or '-'}  "
-                   f"queue={m.get('queue_ms') or '-'}ms  predict={m.get('predict_ms') or '-'}ms")
+        click.echo(
+            f"{job.id}  {job.status}  model={job.model_version or '-'}  "
+            f"queue={m.get('queue_ms') or '-'}ms  predict={m.get('predict_ms') or '-'}ms"
+        )
         if job.error:
             click.echo(f"error: {job.error.get('message')}")
     sys.exit(EXIT_FAILED if job.status in ("failed", "canceled") else EXIT_OK)
@@ -330,14 +384,25 @@ def status(job_id: str, as_json: bool, url: str, api_key: str | None,
 
 @click.command("get")
 @click.argument("job_id")
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="File to write [<id>.mask.png or <id>.overlay.png].")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write [<id>.mask.png or <id>.overlay.png].",
+)
 @click.option("--overlay", is_flag=True, help="Fetch the overlay instead of the mask.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for it.")
 @connection_options
 @handle_errors
-def get(job_id: str, out: Path | None, overlay: bool, timeout: float, url: str,
-        api_key: str | None, retries: int) -> None:
+def get(
+    job_id: str,
+    out: Path | None,
+    overlay: bool,
+    timeout: float,
+    url: str,
+    api_key: str | None,
+    retries: int,
+) -> None:
     """Wait for a job and save its mask (values 0 pet, 1 background, 2 border) or overlay."""
     kind = "overlay" if overlay else "mask"
     with make_client(url, api_key, retries) as client:
@@ -378,8 +443,11 @@ def models_list(as_json: bool, url: str, api_key: str | None, retries: int) -> N
         try:
             rows = client.models()
         except NotFoundError:
-            click.echo("error: this server has no /v1/models endpoint yet; on the server, "
-                       "`segsvc models list` reads the registry directly", err=True)
+            click.echo(
+                "error: this server has no /v1/models endpoint yet; on the server, "
+                "`segsvc models list` reads the registry directly",
+                err=True,
+            )
             sys.exit(EXIT_SERVER)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -389,9 +457,12 @@ def models_list(as_json: bool, url: str, api_key: str | None, retries: int) -> N
         table.add_column(name)
     for row in rows:
         miou = (row.get("metrics") or {}).get("mean_iou")
-        table.add_row(str(row.get("version")), str(row.get("status")),
-                      f"{float(row.get('traffic_share') or 0):.2f}",
-                      f"{miou:.3f}" if isinstance(miou, int | float) else "-")
+        table.add_row(
+            str(row.get("version")),
+            str(row.get("status")),
+            f"{float(row.get('traffic_share') or 0):.2f}",
+            f"{miou:.3f}" if isinstance(miou, int | float) else "-",
+        )
     Console(width=int(os.environ.get("COLUMNS", "100"))).print(table)
 
 

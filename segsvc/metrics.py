@@ -20,7 +20,9 @@ HTTP_REQUESTS = Counter(
     ["route", "method", "status"],
 )
 HTTP_LATENCY = Histogram(
-    "segsvc_http_request_duration_seconds", "HTTP request latency.", ["route", "method"],
+    "segsvc_http_request_duration_seconds",
+    "HTTP request latency.",
+    ["route", "method"],
     buckets=LATENCY_BUCKETS,
 )
 SUBMISSIONS = Counter("segsvc_submissions_total", "Jobs accepted (202).")
@@ -32,7 +34,9 @@ QUEUE_WAIT = Histogram(
     "segsvc_job_queue_wait_seconds", "Time from submit to start.", buckets=LATENCY_BUCKETS
 )
 PREDICT_TIME = Histogram(
-    "segsvc_batch_predict_seconds", "Forward-pass time per batch.", ["model_version"],
+    "segsvc_batch_predict_seconds",
+    "Forward-pass time per batch.",
+    ["model_version"],
     buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram("segsvc_batch_size", "Jobs per forward pass.", buckets=BATCH_BUCKETS)

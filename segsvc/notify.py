@@ -170,7 +170,9 @@ class _Listener:
 
     def _listen(self) -> None:
         client = redis.Redis.from_url(
-            self._url, socket_connect_timeout=0.5, health_check_interval=30,
+            self._url,
+            socket_connect_timeout=0.5,
+            health_check_interval=30,
             socket_keepalive=True,  # a silently dead connection is noticed, not waited on forever
             client_name=self.client_name,  # visible in CLIENT LIST
         )

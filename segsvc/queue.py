@@ -86,7 +86,10 @@ def enqueue_jobs(
     one broker round trip, and a worker settles the message once every id in it is stored."""
     settings = settings or get_settings()
     app.send_task(
-        RUN_JOB, args=[str(job_id) for job_id in job_ids], queue=settings.queue_name, retry=True,
+        RUN_JOB,
+        args=[str(job_id) for job_id in job_ids],
+        queue=settings.queue_name,
+        retry=True,
         # One quick retry only: with the broker down the job is already stored and the
         # reconciler sends it later, so a submission must not stall on the broker.
         retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1},

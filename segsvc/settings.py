@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(120, description="Token-bucket burst size per API key.")
     auth_required: bool = Field(True, description="Require `Authorization: Bearer` on /v1.")
     api_nice: int = Field(
-        10, ge=0, le=19,
+        10,
+        ge=0,
+        le=19,
         description="CPU niceness of the API on a machine it shares with workers: inference "
         "gets the CPU first, so accepted jobs finish before more are taken (0: share equally).",
     )

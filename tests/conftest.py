@@ -185,13 +185,26 @@ def start_celery(
 ) -> subprocess.Popen[bytes]:
     """Start a real Celery worker process on the test databases and wait until it is ready."""
     cmd = [
-        sys.executable, "-m", "celery", "-A", app, "worker",
-        "-Q", queue or settings.queue_name, *pool, "--without-gossip", "--without-mingle",
-        "--loglevel", "INFO", "--hostname", f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "-Q",
+        queue or settings.queue_name,
+        *pool,
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "INFO",
+        "--hostname",
+        f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
     ]
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(settings, **extra), stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=worker_env(settings, **extra), stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -16,6 +16,7 @@ def test_api_import_does_not_import_tensorflow_or_numpy() -> None:
         "('tensorflow', 'keras', 'rich', 'pygments', 'numpy')]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stdout + out.stderr

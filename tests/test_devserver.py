@@ -27,19 +27,31 @@ def free_port() -> int:
 def test_embedded_default_runs_one_job(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
-    env.update(SEG_VAR_DIR=str(tmp_path / "var"), SEG_PORT=str(port), PYTHONUNBUFFERED="1",
-               TF_CPP_MIN_LOG_LEVEL="2")
+    env.update(
+        SEG_VAR_DIR=str(tmp_path / "var"),
+        SEG_PORT=str(port),
+        PYTHONUNBUFFERED="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
     log = tmp_path / "run.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "segsvc.cli", "run", "--api-workers", "1"],
-                                cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "segsvc.cli", "run", "--api-workers", "1"],
+            cwd=ROOT,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
     try:
         key = _wait_ready(port, tmp_path / "var" / "local_api_key", proc, log)
         photo = sample_images(1)[0]
         headers = {"Authorization": f"Bearer {key}"}
         base = f"http://127.0.0.1:{port}"
-        resp = httpx.post(f"{base}/v1/jobs", headers=headers,
-                          files={"image": (photo.name, photo.read_bytes(), "image/jpeg")})
+        resp = httpx.post(
+            f"{base}/v1/jobs",
+            headers=headers,
+            files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
+        )
         assert resp.status_code == 202, resp.text
         job_url = resp.headers["Location"]
         deadline = time.monotonic() + 120

@@ -13,8 +13,9 @@ from tests.conftest import ROOT
 
 
 def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("settings_table", ROOT / "scripts" /
-                                                  "settings_table.py")
+    spec = importlib.util.spec_from_file_location(
+        "settings_table", ROOT / "scripts" / "settings_table.py"
+    )
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)

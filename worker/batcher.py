@@ -117,8 +117,11 @@ class MicroBatcher:
                     return  # stopping
             self._post_slots.acquire()
             try:
-                claim = (claiming.result() if claiming is not None
-                         else self.segmenter.claim([item.job_id for item in batch]))
+                claim = (
+                    claiming.result()
+                    if claiming is not None
+                    else self.segmenter.claim([item.job_id for item in batch])
+                )
                 ahead = self._claim_ahead()
                 inferred = self.segmenter.forward(claim)
             except Exception:
@@ -160,8 +163,9 @@ class MicroBatcher:
 def _named_thread(name: str) -> ThreadPoolExecutor:
     """A one-thread pool whose thread carries `name` into the OS too (`top -H`, `ps -L`,
     /proc/<pid>/task), so an operator or `make bench` can see what each stage spends."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
-                              initializer=setthreadtitle, initargs=(name,))
+    return ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix=name, initializer=setthreadtitle, initargs=(name,)
+    )
 
 
 def _settle(batch: list[Item], *, ok: bool) -> None:

@@ -120,7 +120,8 @@ class ModelManager:
             new = self._build(wanted, current=current)
             self._routing = new  # the atomic switch
         log.info(
-            "serving %s%s", new.production.version,
+            "serving %s%s",
+            new.production.version,
             f" + canary {new.canary.version} at {new.share:.0%}" if new.canary else "",
         )
         del current
@@ -149,8 +150,7 @@ class ModelManager:
             try:
                 self.refresh()
             except Exception:  # keep serving what we have; the next poll tries again
-                log.warning("registry poll failed; still serving the loaded models",
-                            exc_info=True)
+                log.warning("registry poll failed; still serving the loaded models", exc_info=True)
 
     def _wanted(self) -> tuple[Wanted, Wanted | None]:
         with session_scope(self.settings) as session:
@@ -185,8 +185,9 @@ class ModelManager:
             try:
                 canary = have.get(want_canary.version) or self._guard(self._load(want_canary))
             except Exception as exc:  # a canary that cannot load gets no traffic anywhere
-                log.exception("could not load canary %s; serving production only",
-                              want_canary.version)
+                log.exception(
+                    "could not load canary %s; serving production only", want_canary.version
+                )
                 self._reject_canary(want_canary.version, f"could not load: {exc}")
         share = want_canary.share if canary is not None and want_canary is not None else 0.0
         return Routing(production=production, canary=canary, share=share)
@@ -213,15 +214,21 @@ class ModelManager:
             with session_scope(self.settings) as session:
                 row = session.get(ModelVersion, version)
                 if row is not None and row.status == ModelStatus.CANARY:
-                    rollout.reject(session=session, version=version,
-                                   reason=f"canary rolled back by worker {WORKER_ID}: {why}")
+                    rollout.reject(
+                        session=session,
+                        version=version,
+                        reason=f"canary rolled back by worker {WORKER_ID}: {why}",
+                    )
         except Exception:  # the registry is unreachable: this worker alone stops routing to it
             log.warning("could not record the rejection of canary %s", version, exc_info=True)
 
     def _load(self, wanted: Wanted) -> LoadedModel:
         try:
             return load_model_version(
-                self.settings, version=wanted.version, path=wanted.path, sha256=wanted.sha256,
+                self.settings,
+                version=wanted.version,
+                path=wanted.path,
+                sha256=wanted.sha256,
                 faithful=wanted.faithful,
             )
         except Exception:
@@ -269,9 +276,13 @@ def load_model_version(
     """Load one version with the configured runtime and warm it up."""
     started = time.perf_counter()
     runtime = load_runtime(
-        path, kind=settings.runtime, threads=settings.inference_threads, sha256=sha256 or None,
+        path,
+        kind=settings.runtime,
+        threads=settings.inference_threads,
+        sha256=sha256 or None,
         artifact_dir=settings.artifact_dir,
-        batch_sizes=serving_batch_sizes(settings.batch_max_size), faithful=faithful,
+        batch_sizes=serving_batch_sizes(settings.batch_max_size),
+        faithful=faithful,
     )
     runtime.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32))  # trace/compile now
     seconds = time.perf_counter() - started

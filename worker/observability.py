@@ -60,8 +60,12 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         except Exception:
             log.exception("model load failed; staying unready")
             return
-        record_model(version=loaded.version, sha256=loaded.sha256,
-                     runtime=loaded.runtime.name, load_seconds=loaded.load_seconds)
+        record_model(
+            version=loaded.version,
+            sha256=loaded.sha256,
+            runtime=loaded.runtime.name,
+            load_seconds=loaded.load_seconds,
+        )
     settings = get_settings()
     write_probe(settings.probe_dir, READY)
     write_probe(settings.probe_dir, ALIVE)

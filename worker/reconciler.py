@@ -45,7 +45,9 @@ def run_reconcile(cfg: Settings, celery_app: Celery) -> dict[str, object]:
         # snapshot and the query is at worst sent twice, which the claim fence makes harmless.
         present = broker_snapshot(cfg)
         report = reconcile.reconcile(
-            session=session, settings=cfg, present=present,
+            session=session,
+            settings=cfg,
+            present=present,
             enqueue=partial(_send, celery_app, cfg),
         )
     counts = report.as_dict()

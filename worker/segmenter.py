@@ -128,8 +128,10 @@ class Segmenter:
             entry = by_version.setdefault(model.version, (model, [], []))
             entry[1].append(job)
             entry[2].append(pixels)
-        out.inputs = [(model, jobs, normalize(np.stack(pixels)))
-                      for model, jobs, pixels in by_version.values()]
+        out.inputs = [
+            (model, jobs, normalize(np.stack(pixels)))
+            for model, jobs, pixels in by_version.values()
+        ]
         return out
 
     def forward(self, claim: Claim) -> Inferred:
@@ -163,17 +165,27 @@ class Segmenter:
             done = job_service.complete_jobs(session=session, results=results)
             for job, code, message in failed:
                 log.warning("job %s failed: %s", job.id, message)
-                job_service.fail_job(session=session, job_id=job.id, code=code, message=message,
-                                     lease_token=job.lease_token)
+                job_service.fail_job(
+                    session=session,
+                    job_id=job.id,
+                    code=code,
+                    message=message,
+                    lease_token=job.lease_token,
+                )
         finished = [r["id"] for r in results] + [job.id for job, _, _ in failed]
         notify.publish_finished(self.settings.effective_redis_url, finished)  # long polls
         for group in batch.groups:
             for job in group.jobs:  # one line per job: follow a request from API to worker
-                log.info("job finished", extra={
-                    "job_id": str(job.id), "model_version": group.model.version,
-                    "request_id": job.request_id, "batch_size": len(group.jobs),
-                    "predict_ms": round(group.predict_ms, 2),
-                })
+                log.info(
+                    "job finished",
+                    extra={
+                        "job_id": str(job.id),
+                        "model_version": group.model.version,
+                        "request_id": job.request_id,
+                        "batch_size": len(group.jobs),
+                        "predict_ms": round(group.predict_ms, 2),
+                    },
+                )
         JOBS_FINISHED.labels("succeeded").inc(done)
         JOBS_FINISHED.labels("failed").inc(len(failed))
         return {"claimed": batch.claimed, "succeeded": done, "failed": len(failed)}
@@ -183,8 +195,7 @@ class Segmenter:
         jobs = [job for group in batch.groups for job in group.jobs] + [j for j, *_ in batch.failed]
         with session_scope(self.settings) as session:
             for job in jobs:
-                job_service.release_job(session=session, job_id=job.id,
-                                        lease_token=job.lease_token)
+                job_service.release_job(session=session, job_id=job.id, lease_token=job.lease_token)
 
 
 def _relax_commit(session: Session) -> None:

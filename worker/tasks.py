@@ -38,7 +38,8 @@ def get_batcher() -> MicroBatcher:
     with _lock:
         if _batcher is None:
             _batcher = MicroBatcher(
-                segmenter, max_size=settings.batch_max_size,
+                segmenter,
+                max_size=settings.batch_max_size,
                 max_wait_s=settings.batch_max_wait_ms / 1000.0,
             )
         return _batcher
@@ -61,8 +62,11 @@ class MicroBatchTask(Task):  # type: ignore[misc]
                 log.warning("dropping a %s message without a job id", RUN_JOB)
                 ack(log, errors)
                 return
-            settle = SharedSettle(len(job_ids), ack=partial(ack, log, errors),
-                                  requeue=partial(reject, log, errors, True))
+            settle = SharedSettle(
+                len(job_ids),
+                ack=partial(ack, log, errors),
+                requeue=partial(reject, log, errors, True),
+            )
             for job_id in job_ids:  # a batch submit's jobs may land in different batches
                 batcher.put(Item(job_id, ack=settle.ack, requeue=settle.requeue))
 

@@ -47,19 +47,21 @@ def deliver_webhook(message_id: str, lease: str) -> str:
 def deliver_message(cfg: Settings, message_id: str, lease: datetime) -> str:
     """Prepare and sign in one transaction, POST outside any, record in another."""
     with session_scope(cfg) as session:
-        prepared = start_attempt(session=session, message_id=message_id, lease=lease,
-                                 settings=cfg)
+        prepared = start_attempt(session=session, message_id=message_id, lease=lease, settings=cfg)
     if prepared is None:
         return "skipped"
-    outcome = deliver(url=prepared.url, body=prepared.body, headers=prepared.headers,
-                      settings=cfg)
+    outcome = deliver(url=prepared.url, body=prepared.body, headers=prepared.headers, settings=cfg)
     WEBHOOK_DELIVERIES.labels(outcome.kind).inc()
     WEBHOOK_LATENCY.observe(outcome.duration_ms / 1000.0)
     with session_scope(cfg) as session:
-        status = finish_attempt(session=session, prepared=prepared, outcome=outcome,
-                                settings=cfg)
-    log.info("webhook %s: %s (%s) -> %s", message_id, outcome.kind,
-             outcome.status_code or outcome.error, status)
+        status = finish_attempt(session=session, prepared=prepared, outcome=outcome, settings=cfg)
+    log.info(
+        "webhook %s: %s (%s) -> %s",
+        message_id,
+        outcome.kind,
+        outcome.status_code or outcome.error,
+        status,
+    )
     return status
 
 
@@ -69,8 +71,9 @@ def dispatch_due(cfg: Settings, sender: Celery) -> int:
         claimed = claim_due(session=session)
     for message_id, lease in claimed:
         try:
-            sender.send_task(DELIVER_WEBHOOK, args=[message_id, lease.isoformat()],
-                             queue=cfg.webhook_queue_name)
+            sender.send_task(
+                DELIVER_WEBHOOK, args=[message_id, lease.isoformat()], queue=cfg.webhook_queue_name
+            )
         except Exception:  # the lease runs out and the message is claimed again
             log.warning("could not enqueue webhook %s", message_id, exc_info=True)
     return len(claimed)

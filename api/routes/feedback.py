@@ -27,8 +27,11 @@ def post_feedback(job_id: str) -> tuple[Response, int]:
         raise PayloadTooLargeError(f"The mask is larger than the limit of {limit} bytes.")
     session = db()
     row = feedback_service.submit_feedback(
-        session=session, job_id=job_id, client_id=current_client().id,
-        mask_png=mask, rating=request.form.get("rating"),
+        session=session,
+        job_id=job_id,
+        client_id=current_client().id,
+        mask_png=mask,
+        rating=request.form.get("rating"),
     )
     session.commit()
     return jsonify(feedback_body(row)), 201

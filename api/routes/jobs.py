@@ -44,7 +44,8 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     session, client_id = db(), current_client().id
     hook = _webhook()
     idem = idempotency.parse_request(
-        request.headers.get("Idempotency-Key"), image_sha256=image.sha256,
+        request.headers.get("Idempotency-Key"),
+        image_sha256=image.sha256,
         fields=request.form.items(multi=True),
     )
     replay = idem and idempotency.find_replay(session=session, client_id=client_id, req=idem)
@@ -99,7 +100,8 @@ def _submit_batch() -> tuple[Response, int]:
     session, client_id = db(), current_client().id
     hook = _webhook()
     idem = idempotency.parse_request(
-        request.headers.get("Idempotency-Key"), image_sha256=[i.sha256 for i in images],
+        request.headers.get("Idempotency-Key"),
+        image_sha256=[i.sha256 for i in images],
         fields=request.form.items(multi=True),
     )
     replay = idem and idempotency.find_batch_replay(
@@ -120,12 +122,20 @@ def read_jobs() -> Response:
     seconds = job_service.parse_wait(request.args.get("wait"))
     cfg = settings()
     jobs = job_service.wait_for_jobs(
-        session=db(), job_ids=ids, client_id=_scope(), seconds=seconds,
-        redis_url=cfg.effective_redis_url, max_waiters=cfg.long_poll_max_waiters,
+        session=db(),
+        job_ids=ids,
+        client_id=_scope(),
+        seconds=seconds,
+        redis_url=cfg.effective_redis_url,
+        max_waiters=cfg.long_poll_max_waiters,
     )
     found = {job.id for job in jobs}
-    return jsonify({"jobs": [job_body(job) for job in jobs],
-                    "not_found": [str(jid) for jid in ids if jid not in found]})
+    return jsonify(
+        {
+            "jobs": [job_body(job) for job in jobs],
+            "not_found": [str(jid) for jid in ids if jid not in found],
+        }
+    )
 
 
 def _check_part_names() -> None:
@@ -144,8 +154,10 @@ def _validate(upload: FileStorage) -> ValidatedImage:
 
 def _webhook() -> webhook_service.Subscription:
     return webhook_service.parse_subscription(
-        session=db(), url=request.form.get("webhook"),
-        events=request.form.getlist("webhook_events"), settings=settings(),
+        session=db(),
+        url=request.form.get("webhook"),
+        events=request.form.getlist("webhook_events"),
+        settings=settings(),
         client_id=current_client().id,
     )
 
@@ -176,8 +188,11 @@ def _store_and_enqueue(
     try:
         enqueue_jobs(celery(), job_ids, settings=cfg)
     except Exception:  # the jobs are stored; the reconciler enqueues them when the broker is back
-        log.warning("enqueue failed for jobs %s; left for the reconciler",
-                    ", ".join(map(str, job_ids)), exc_info=True)
+        log.warning(
+            "enqueue failed for jobs %s; left for the reconciler",
+            ", ".join(map(str, job_ids)),
+            exc_info=True,
+        )
     return jobs
 
 
@@ -221,8 +236,12 @@ def _wait_for_end(job_id: uuid.UUID | str, seconds: float) -> Job:
     """The job once it ends, or as it is after `seconds` (a long poll; 0: at once)."""
     cfg = settings()
     return job_service.wait_for_job(
-        session=db(), job_id=str(job_id), client_id=_scope(), seconds=seconds,
-        redis_url=cfg.effective_redis_url, max_waiters=cfg.long_poll_max_waiters,
+        session=db(),
+        job_id=str(job_id),
+        client_id=_scope(),
+        seconds=seconds,
+        redis_url=cfg.effective_redis_url,
+        max_waiters=cfg.long_poll_max_waiters,
     )
 
 

@@ -28,10 +28,12 @@ def list_models() -> Response:
     """Every version with status, traffic share and metrics, plus the recent training runs."""
     session = db()
     runs = registry.recent_training_runs(session=session, limit=RECENT_RUNS)
-    return jsonify({
-        "versions": [version_body(v) for v in registry.list_versions(session=session)],
-        "training_runs": [run_body(r) for r in runs],
-    })
+    return jsonify(
+        {
+            "versions": [version_body(v) for v in registry.list_versions(session=session)],
+            "training_runs": [run_body(r) for r in runs],
+        }
+    )
 
 
 @bp.post("/<version>/promote")

@@ -29,11 +29,16 @@ def read_secret() -> Response:
 def rotate_secret() -> Response:
     """A new secret; the previous one keeps signing for the rotation window."""
     session = db()
-    row = webhook_service.rotate_secret(session=session, client_id=_client_id(),
-                                        settings=settings())
+    row = webhook_service.rotate_secret(
+        session=session, client_id=_client_id(), settings=settings()
+    )
     session.commit()
-    return jsonify({"key": row.secret,
-                    "previous_valid_for_seconds": settings().webhook_secret_rotation_seconds})
+    return jsonify(
+        {
+            "key": row.secret,
+            "previous_valid_for_seconds": settings().webhook_secret_rotation_seconds,
+        }
+    )
 
 
 @bp.get("/jobs/<job_id>/webhooks")
@@ -47,8 +52,9 @@ def list_messages(job_id: str) -> Response:
 def redeliver(job_id: str, message_id: str) -> tuple[Response, int]:
     """Send a message again now (also re-enables an endpoint disabled by 410 Gone)."""
     session = db()
-    row = webhook_service.redeliver(session=session, job_id=job_id, message_id=message_id,
-                                    client_id=_client_id())
+    row = webhook_service.redeliver(
+        session=session, job_id=job_id, message_id=message_id, client_id=_client_id()
+    )
     session.commit()
     return jsonify(message_json(row)), 202
 
@@ -61,9 +67,14 @@ def _client_id() -> Any:
 def message_json(m: WebhookMessage) -> dict[str, Any]:
     """A message and its attempts as the delivery log shows them."""
     return {
-        "id": m.id, "event_type": m.event_type, "url": m.url, "status": m.status,
-        "attempts": m.attempts, "created_at": iso(m.created_at),
-        "next_attempt_at": iso(m.next_attempt_at), "last_attempt_at": iso(m.last_attempt_at),
+        "id": m.id,
+        "event_type": m.event_type,
+        "url": m.url,
+        "status": m.status,
+        "attempts": m.attempts,
+        "created_at": iso(m.created_at),
+        "next_attempt_at": iso(m.next_attempt_at),
+        "last_attempt_at": iso(m.last_attempt_at),
         "completed_at": iso(m.completed_at),
         "attempt_log": [_attempt_json(a) for a in m.attempt_log],
     }
@@ -71,7 +82,10 @@ def message_json(m: WebhookMessage) -> dict[str, Any]:
 
 def _attempt_json(a: WebhookAttempt) -> dict[str, Any]:
     return {
-        "attempted_at": iso(a.attempted_at), "status_code": a.status_code,
-        "duration_ms": a.duration_ms, "error": a.error, "response_body": a.response_body,
+        "attempted_at": iso(a.attempted_at),
+        "status_code": a.status_code,
+        "duration_ms": a.duration_ms,
+        "error": a.error,
+        "response_body": a.response_body,
         "next_attempt_at": iso(a.next_attempt_at),
     }

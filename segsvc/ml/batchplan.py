@@ -52,9 +52,13 @@ class BatchPlanner:
             options = []
             for size, secs in self.seconds.items():
                 cost, padded, calls, chunks = best[max(0, m - size)]
-                options.append((
-                    cost + secs, padded + max(0, size - m), calls + 1,
-                    tuple(sorted((*chunks, size), reverse=True)),
-                ))
+                options.append(
+                    (
+                        cost + secs,
+                        padded + max(0, size - m),
+                        calls + 1,
+                        tuple(sorted((*chunks, size), reverse=True)),
+                    )
+                )
             best.append(min(options))
         return [entry[3] for entry in best]

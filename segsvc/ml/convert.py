@@ -43,8 +43,13 @@ def artifact_files(kind: str, batch_sizes: Sequence[int]) -> list[str]:
 
 
 def ensure_artifacts(
-    model_path: str | Path, *, kind: str, artifact_dir: Path, sha256: str | None = None,
-    batch_sizes: Sequence[int] = (1,), in_subprocess: bool = True,
+    model_path: str | Path,
+    *,
+    kind: str,
+    artifact_dir: Path,
+    sha256: str | None = None,
+    batch_sizes: Sequence[int] = (1,),
+    in_subprocess: bool = True,
 ) -> Path:
     """The folder holding `kind`'s artifacts for this model, converting what is missing."""
     folder = artifact_dir / (sha256 or file_sha256(model_path)) / kind
@@ -74,8 +79,18 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _convert_in_child(model: Path, kind: str, folder: Path, names: list[str]) -> None:
-    cmd = [sys.executable, "-m", "segsvc.ml.convert", "--model", str(model), "--kind", kind,
-           "--out", str(folder), *names]
+    cmd = [
+        sys.executable,
+        "-m",
+        "segsvc.ml.convert",
+        "--model",
+        str(model),
+        "--kind",
+        kind,
+        "--out",
+        str(folder),
+        *names,
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)  # noqa: S603
     if out.returncode != 0:
@@ -110,7 +125,8 @@ def _to_onnx(model: Any) -> bytes:
     import tf2onnx
 
     proto, _ = tf2onnx.convert.from_function(
-        _serving_fn(model, None), input_signature=_serving_fn(model, None).input_signature,
+        _serving_fn(model, None),
+        input_signature=_serving_fn(model, None).input_signature,
         opset=ONNX_OPSET,
     )
     data: bytes = proto.SerializeToString()

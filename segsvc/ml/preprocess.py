@@ -79,17 +79,16 @@ def class_fractions(mask: npt.NDArray[np.uint8]) -> list[float]:
     return [float(c) / float(mask.size) for c in counts]
 
 
-def resized_class_fractions(
-    classes: npt.NDArray[np.uint8], width: int, height: int
-) -> list[float]:
+def resized_class_fractions(classes: npt.NDArray[np.uint8], width: int, height: int) -> list[float]:
     """`class_fractions(resize_mask(classes, width, height))`, without making that mask: with
     nearest-neighbour resizing each source pixel stands for (the output rows it covers) x (the
     output columns it covers) pixels. ~30x faster than counting a 500x375 mask."""
     rows = _nearest_cover(classes.shape[0], height)
     cols = _nearest_cover(classes.shape[1], width)
     total = float(width) * float(height)
-    return [float(rows @ (classes == c).astype(np.int64) @ cols) / total
-            for c in range(NUM_CLASSES)]
+    return [
+        float(rows @ (classes == c).astype(np.int64) @ cols) / total for c in range(NUM_CLASSES)
+    ]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -129,10 +128,14 @@ def encode_mask_png(mask: npt.NDArray[np.uint8]) -> bytes:
     data = deflate.compress(rows.data) + deflate.flush()
     # IHDR: width, height, bit depth 8, colour type 0 (greyscale), deflate, filters, no interlace
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"".join((
-        _PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", data),
-        _png_chunk(b"IEND", b""),
-    ))
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", data),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

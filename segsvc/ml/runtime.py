@@ -47,7 +47,11 @@ class KerasRuntime:
     """TensorFlow/Keras: `model(x, training=False)` in a `tf.function` with a dynamic batch."""
 
     def __init__(
-        self, model_path: str | Path, *, jit_compile: bool = False, mixed_precision: bool = False,
+        self,
+        model_path: str | Path,
+        *,
+        jit_compile: bool = False,
+        mixed_precision: bool = False,
         threads: int = 0,
     ) -> None:
         import tensorflow as tf
@@ -65,7 +69,8 @@ class KerasRuntime:
         spec = tf.TensorSpec(shape=(None, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=tf.float32)
         self._fn = tf.function(
             lambda x: tf.cast(self._model(x, training=False), tf.float32),
-            input_signature=[spec], jit_compile=jit_compile,
+            input_signature=[spec],
+            jit_compile=jit_compile,
         )
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -114,7 +119,8 @@ class LiteRTRuntime:
         used = self.planner.used_sizes(max(self.seconds))
         self._interpreters: dict[int, Any] = {size: self._open(size) for size in used}
         log.info(
-            "%s: ms per call by batch size %s; serving with sizes %s", kind,
+            "%s: ms per call by batch size %s; serving with sizes %s",
+            kind,
             {size: round(secs * 1000, 1) for size, secs in sorted(self.seconds.items())},
             sorted(used),
         )
@@ -138,8 +144,9 @@ class LiteRTRuntime:
             for size in self.planner.plan(n):
                 chunk = batch[start : start + size]
                 if len(chunk) < size:  # the last call is padded with zero images
-                    chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]),
-                                                            np.float32)])
+                    chunk = np.concatenate(
+                        [chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)]
+                    )
                 outputs.append(self._run(self._interpreters[size], chunk)[: n - start])
                 start += size
         return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
@@ -181,8 +188,13 @@ def resolve_kind(kind: str, faithful: Sequence[str] = ()) -> str:
 
 
 def load_runtime(
-    model_path: str | Path, *, kind: str = "keras", threads: int = 0, sha256: str | None = None,
-    artifact_dir: Path | None = None, batch_sizes: Sequence[int] | None = None,
+    model_path: str | Path,
+    *,
+    kind: str = "keras",
+    threads: int = 0,
+    sha256: str | None = None,
+    artifact_dir: Path | None = None,
+    batch_sizes: Sequence[int] | None = None,
     faithful: Sequence[str] = (),
 ) -> Runtime:
     """Load `model_path` with the named runtime (converting and caching the artifact if needed)."""

@@ -49,8 +49,12 @@ def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool
             existing.traffic_share = 1.0
             return version, False
         registry.register_version(
-            session=session, version=version, path=path.resolve(), metrics=metrics,
-            status=ModelStatus.PRODUCTION, sha256=sha,
+            session=session,
+            version=version,
+            path=path.resolve(),
+            metrics=metrics,
+            status=ModelStatus.PRODUCTION,
+            sha256=sha,
         )
         return version, True
 

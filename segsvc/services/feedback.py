@@ -125,9 +125,7 @@ def submit_feedback(
 
 
 def _has_input(*, session: Session, job_id: uuid.UUID) -> bool:
-    return bool(
-        session.scalar(select(Job.input_bytes.is_not(None)).where(Job.id == job_id))
-    )
+    return bool(session.scalar(select(Job.input_bytes.is_not(None)).where(Job.id == job_id)))
 
 
 def labeled_feedback_ids(*, session: Session) -> list[uuid.UUID]:

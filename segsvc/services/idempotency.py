@@ -47,9 +47,7 @@ def parse_request(
     return IdempotentRequest(key=key, fingerprint=hashlib.sha256(body.encode()).hexdigest())
 
 
-def find_replay(
-    *, session: Session, client_id: object, req: IdempotentRequest
-) -> Job | None:
+def find_replay(*, session: Session, client_id: object, req: IdempotentRequest) -> Job | None:
     """The job an earlier request with this key created (within 24 h), or None.
 
     The same key with another body is a client bug: 422. A key older than the window is
@@ -74,8 +72,7 @@ def find_batch_replay(
     A batch's jobs are inserted in one transaction, so they are found all together or not at
     all; a different body under the same key is 422, as for a single submit. Keys are scoped
     per endpoint: a single submit's key never replays a batch, nor the other way round."""
-    return _find_jobs(session=session, client_id=client_id, req=req,
-                      keys=batch_keys(req, count))
+    return _find_jobs(session=session, client_id=client_id, req=req, keys=batch_keys(req, count))
 
 
 def _find_jobs(
@@ -83,14 +80,18 @@ def _find_jobs(
 ) -> list[Job] | None:
     """The jobs stored under `keys`, in their order: None when there are none or their window
     has passed (the keys are released), 422 when they do not match this request's body."""
-    jobs = list(session.scalars(
-        select(Job).where(Job.client_id == client_id, Job.idempotency_key.in_(keys))
-    ))
+    jobs = list(
+        session.scalars(
+            select(Job).where(Job.client_id == client_id, Job.idempotency_key.in_(keys))
+        )
+    )
     if not jobs:
         return None
     if jobs[0].created_at < utcnow() - KEY_WINDOW:
         session.execute(
-            update(Job).where(Job.id.in_([job.id for job in jobs])).values(idempotency_key=None)
+            update(Job)
+            .where(Job.id.in_([job.id for job in jobs]))
+            .values(idempotency_key=None)
             .execution_options(synchronize_session=False)
         )
         for job in jobs:

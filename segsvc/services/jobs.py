@@ -38,9 +38,14 @@ def create_job(
     `store` decides where the upload's bytes live (the row, or a file the row points at).
     """
     return create_jobs(
-        session=session, images=[image], client_id=client_id, request_id=request_id,
-        webhook_url=webhook_url, webhook_events=webhook_events,
-        idempotency_keys=[idempotency_key], request_fingerprint=request_fingerprint,
+        session=session,
+        images=[image],
+        client_id=client_id,
+        request_id=request_id,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events,
+        idempotency_keys=[idempotency_key],
+        request_fingerprint=request_fingerprint,
         store=store,
     )[0]
 
@@ -137,7 +142,10 @@ def wait_for_job(
     """
     jid = parse_job_id(job_id)
     return _long_poll(
-        session=session, job_ids=[jid], seconds=seconds, redis_url=redis_url,
+        session=session,
+        job_ids=[jid],
+        seconds=seconds,
+        redis_url=redis_url,
         max_waiters=max_waiters,
         read=lambda: [get_job(session=session, job_id=jid, client_id=client_id)],
     )[0]
@@ -182,7 +190,10 @@ def wait_for_jobs(
     """The visible jobs among `job_ids` once all of them are terminal, or as they are after
     `seconds`: one long poll for many jobs, with `wait_for_job`'s guarantees."""
     return _long_poll(
-        session=session, job_ids=job_ids, seconds=seconds, redis_url=redis_url,
+        session=session,
+        job_ids=job_ids,
+        seconds=seconds,
+        redis_url=redis_url,
         max_waiters=max_waiters,
         read=lambda: get_jobs(session=session, job_ids=job_ids, client_id=client_id),
     )
@@ -301,15 +312,22 @@ def claim_jobs(
         # One statement returns all the worker needs, inputs included: the batch's inputs are
         # 48 KiB each, and a second SELECT for them cost a round trip on the model's path.
         .returning(
-            Job.id, Job.created_at, Job.input_width, Job.input_height, Job.attempts,
-            Job.request_id, Job.webhook_url, Job.model_input,
+            Job.id,
+            Job.created_at,
+            Job.input_width,
+            Job.input_height,
+            Job.attempts,
+            Job.request_id,
+            Job.webhook_url,
+            Job.model_input,
         )
         .execution_options(synchronize_session=False)
     ).all()
     # job.started once per job (a retry after a lost worker is not a new start), and only
     # jobs with a webhook can have a message: the others need no outbox query at all.
     record_job_events(
-        session=session, job_ids=[r[0] for r in rows if r[4] == 1 and r[6] is not None],
+        session=session,
+        job_ids=[r[0] for r in rows if r[4] == 1 and r[6] is not None],
         event=JOB_STARTED,
     )
     return [
@@ -360,9 +378,7 @@ def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int
         finished += [row[0] for row in rows]
         subscribed += [row[0] for row in rows if row[1] is not None]
     won = set(finished)
-    payload = [
-        {key: r[key] for key in _RESULT_COLUMNS} for r in results if r["id"] in won
-    ]
+    payload = [{key: r[key] for key in _RESULT_COLUMNS} for r in results if r["id"] in won]
     if payload:  # ORM bulk UPDATE by primary key: one executemany for every row's result
         session.execute(update(Job), payload)
     record_job_events(session=session, job_ids=subscribed, event=JOB_COMPLETED)
@@ -370,7 +386,13 @@ def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int
 
 
 _RESULT_COLUMNS = (
-    "id", "mask_png", "class_fractions", "model_version", "queue_ms", "predict_ms", "batch_size",
+    "id",
+    "mask_png",
+    "class_fractions",
+    "model_version",
+    "queue_ms",
+    "predict_ms",
+    "batch_size",
 )
 
 

@@ -34,9 +34,7 @@ def hash_key(key: str) -> str:
 def create_key(*, session: Session, name: str, is_admin: bool = False) -> tuple[ApiKey, str]:
     """Create a key; the plaintext is returned once and never stored."""
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(
-        name=name, key_hash=hash_key(plaintext), prefix=plaintext[:10], is_admin=is_admin
-    )
+    row = ApiKey(name=name, key_hash=hash_key(plaintext), prefix=plaintext[:10], is_admin=is_admin)
     session.add(row)
     session.flush()
     return row, plaintext

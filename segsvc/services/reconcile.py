@@ -49,9 +49,12 @@ class ReconcileReport:
     def as_dict(self) -> dict[str, object]:
         """Counts for logs and task results."""
         return {
-            "requeued_missing": self.requeued_missing, "requeued_lost": self.requeued_lost,
-            "waiting_suspects": self.waiting_suspects, "failed": self.failed,
-            "canceled": self.canceled, "skipped": self.skipped,
+            "requeued_missing": self.requeued_missing,
+            "requeued_lost": self.requeued_lost,
+            "waiting_suspects": self.waiting_suspects,
+            "failed": self.failed,
+            "canceled": self.canceled,
+            "skipped": self.skipped,
         }
 
 
@@ -101,18 +104,29 @@ def reconcile(
     be inspected (then only expired leases are handled)."""
     now = now or utcnow()
     report = ReconcileReport()
-    _handle_expired_leases(session=session, settings=settings, enqueue=enqueue, now=now,
-                           report=report)
+    _handle_expired_leases(
+        session=session, settings=settings, enqueue=enqueue, now=now, report=report
+    )
     report.canceled += _cancel_requested(session=session, now=now)
     if present is not None:
-        _requeue_missing(session=session, settings=settings, present=present, enqueue=enqueue,
-                         now=now, report=report)
+        _requeue_missing(
+            session=session,
+            settings=settings,
+            present=present,
+            enqueue=enqueue,
+            now=now,
+            report=report,
+        )
     return report
 
 
 def _handle_expired_leases(
-    *, session: Session, settings: Settings, enqueue: Callable[[uuid.UUID], None],
-    now: datetime, report: ReconcileReport,
+    *,
+    session: Session,
+    settings: Settings,
+    enqueue: Callable[[uuid.UUID], None],
+    now: datetime,
+    report: ReconcileReport,
 ) -> None:
     lost = session.execute(
         select(Job.id, Job.attempts, Job.cancel_requested)
@@ -162,8 +176,13 @@ def _suspect_in_flight(*, session: Session, now: datetime) -> bool:
 
 
 def _requeue_missing(
-    *, session: Session, settings: Settings, present: set[str],
-    enqueue: Callable[[uuid.UUID], None], now: datetime, report: ReconcileReport,
+    *,
+    session: Session,
+    settings: Settings,
+    present: set[str],
+    enqueue: Callable[[uuid.UUID], None],
+    now: datetime,
+    report: ReconcileReport,
 ) -> None:
     # A job committed a moment ago may still be on its way to the broker: give it a grace period.
     cutoff = now - timedelta(seconds=enqueue_grace_seconds(settings))
@@ -209,8 +228,12 @@ def _cancel_requested(*, session: Session, now: datetime) -> int:
     ids = session.scalars(
         update(Job)
         .where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(True))
-        .values(status=JobStatus.CANCELED, completed_at=now, error_code="canceled",
-                error_message="Canceled by the client.")
+        .values(
+            status=JobStatus.CANCELED,
+            completed_at=now,
+            error_code="canceled",
+            error_message="Canceled by the client.",
+        )
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).all()
@@ -224,8 +247,14 @@ def _finish(
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-        .values(status=status, completed_at=now, error_code=code, error_message=message,
-                lease_token=None, lease_expires_at=None)
+        .values(
+            status=status,
+            completed_at=now,
+            error_code=code,
+            error_message=message,
+            lease_token=None,
+            lease_expires_at=None,
+        )
         .execution_options(synchronize_session=False)
     )
     if res.rowcount:  # type: ignore[attr-defined]

@@ -159,17 +159,18 @@ class CanaryVerdict:
         return asdict(self)
 
 
-def decide_canary(
-    *, session: Session, min_jobs: int, latency_ratio: float
-) -> CanaryVerdict | None:
+def decide_canary(*, session: Session, min_jobs: int, latency_ratio: float) -> CanaryVerdict | None:
     """After `min_jobs` canary jobs: promote if failures and latency are no worse, else reject."""
     canary = canary_version(session=session)
     production = registry.production_version(session=session)
     if canary is None or production is None or canary.promoted_at is None:
         return None
     arms = arm_stats(
-        session=session, since=canary.promoted_at, canary=canary.version,
-        production=production.version, share=canary.traffic_share,
+        session=session,
+        since=canary.promoted_at,
+        canary=canary.version,
+        production=production.version,
+        share=canary.traffic_share,
     )
     ours, theirs = arms
     if ours.jobs < min_jobs:
@@ -189,9 +190,7 @@ def compare_arms(canary: ArmStats, production: ArmStats, *, latency_ratio: float
     """Why the canary is worse than production (empty when it is not)."""
     problems = []
     if canary.failure_rate > production.failure_rate:
-        problems.append(
-            f"failure rate {canary.failure_rate:.1%} > {production.failure_rate:.1%}"
-        )
+        problems.append(f"failure rate {canary.failure_rate:.1%} > {production.failure_rate:.1%}")
     for label, ours, theirs in (
         ("p50 queue-to-complete", canary.p50_total_ms, production.p50_total_ms),
         ("p50 predict", canary.p50_predict_ms, production.p50_predict_ms),

@@ -71,8 +71,11 @@ def signing_secrets(*, session: Session, client_id: uuid.UUID | None) -> list[We
     _lock_client(session, client_id)  # two first uses at once must not make two secrets
     rows = _active_secrets(session, client_id)
     if not rows:
-        rows = [WebhookSecret(id=uuid.uuid4(), client_id=client_id, secret=new_secret(),
-                              created_at=utcnow())]
+        rows = [
+            WebhookSecret(
+                id=uuid.uuid4(), client_id=client_id, secret=new_secret(), created_at=utcnow()
+            )
+        ]
         session.add(rows[0])
         session.flush()
     return rows
@@ -88,16 +91,17 @@ def rotate_secret(
     for row in _active_secrets(session, client_id):
         if row.expires_at is None or row.expires_at > window_end:
             row.expires_at = window_end
-    fresh = WebhookSecret(id=uuid.uuid4(), client_id=client_id, secret=new_secret(),
-                          created_at=now)
+    fresh = WebhookSecret(id=uuid.uuid4(), client_id=client_id, secret=new_secret(), created_at=now)
     session.add(fresh)
     session.flush()
     return fresh
 
 
 def _active_secrets(session: Session, client_id: uuid.UUID | None) -> list[WebhookSecret]:
-    owner = WebhookSecret.client_id.is_(None) if client_id is None else (
-        WebhookSecret.client_id == client_id
+    owner = (
+        WebhookSecret.client_id.is_(None)
+        if client_id is None
+        else (WebhookSecret.client_id == client_id)
     )
     live = or_(WebhookSecret.expires_at.is_(None), WebhookSecret.expires_at > utcnow())
     query = select(WebhookSecret).where(owner, live).order_by(WebhookSecret.created_at.desc())

@@ -62,7 +62,10 @@ class PinnedBackend(httpcore.NetworkBackend):
         for address in self._target.addresses:
             try:
                 return self._inner.connect_tcp(
-                    address, port, timeout=timeout, local_address=local_address,
+                    address,
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
                     socket_options=socket_options,
                 )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
@@ -108,8 +111,13 @@ def deliver(*, url: str, body: str, headers: dict[str, str], settings: Settings)
         return Outcome("retry", _ms(started), error=str(exc))
     except UnsafeTargetError as exc:
         return Outcome("failed", _ms(started), error=str(exc))
-    return post(target, body=body, headers=headers, timeout=settings.webhook_timeout_seconds,
-                body_cap=settings.webhook_body_cap_bytes)
+    return post(
+        target,
+        body=body,
+        headers=headers,
+        timeout=settings.webhook_timeout_seconds,
+        body_cap=settings.webhook_body_cap_bytes,
+    )
 
 
 def post(
@@ -121,7 +129,9 @@ def post(
     try:
         with (
             httpx.Client(
-                transport=PinnedTransport(target), timeout=timeout, follow_redirects=False,
+                transport=PinnedTransport(target),
+                timeout=timeout,
+                follow_redirects=False,
                 trust_env=False,
             ) as client,
             client.stream("POST", target.url, content=body.encode(), headers=sent) as resp,

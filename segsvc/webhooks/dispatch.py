@@ -62,16 +62,20 @@ def claim_due(*, session: Session, limit: int = 100) -> list[tuple[str, datetime
     )
     due = (WebhookMessage.status == outbox.PENDING, WebhookMessage.next_attempt_at <= now)
     ids = session.scalars(
-        select(WebhookMessage.id).where(*due, ~blocked)
-        .order_by(WebhookMessage.next_attempt_at).limit(limit)
+        select(WebhookMessage.id)
+        .where(*due, ~blocked)
+        .order_by(WebhookMessage.next_attempt_at)
+        .limit(limit)
         .with_for_update(skip_locked=True, of=WebhookMessage)
     ).all()
     if not ids:
         return []
     lease = now + timedelta(seconds=DISPATCH_LEASE_S)
     claimed = session.scalars(
-        update(WebhookMessage).where(WebhookMessage.id.in_(ids), *due)
-        .values(next_attempt_at=lease).returning(WebhookMessage.id)
+        update(WebhookMessage)
+        .where(WebhookMessage.id.in_(ids), *due)
+        .values(next_attempt_at=lease)
+        .returning(WebhookMessage.id)
         .execution_options(synchronize_session=False)
     ).all()
     return [(message_id, lease) for message_id in claimed]
@@ -85,9 +89,13 @@ def start_attempt(
     new_lease = now + attempt_lease(settings)
     taken = session.scalar(
         update(WebhookMessage)
-        .where(WebhookMessage.id == message_id, WebhookMessage.status == outbox.PENDING,
-               WebhookMessage.next_attempt_at == lease)
-        .values(next_attempt_at=new_lease).returning(WebhookMessage.id)
+        .where(
+            WebhookMessage.id == message_id,
+            WebhookMessage.status == outbox.PENDING,
+            WebhookMessage.next_attempt_at == lease,
+        )
+        .values(next_attempt_at=new_lease)
+        .returning(WebhookMessage.id)
         .execution_options(synchronize_session=False)
     )
     message = session.get(WebhookMessage, message_id, populate_existing=True) if taken else None
@@ -98,8 +106,9 @@ def start_attempt(
         message.status, message.next_attempt_at = outbox.DISABLED, None
         return None
     data = {**message.payload, "urls": job_urls(message.job_id, base_url=base_url(settings))}
-    body = encode_body({"type": message.event_type, "timestamp": iso(message.created_at),
-                        "data": data})
+    body = encode_body(
+        {"type": message.event_type, "timestamp": iso(message.created_at), "data": data}
+    )
     keys = [row.secret for row in signing_secrets(session=session, client_id=message.client_id)]
     headers = sign_headers(msg_id=message.id, timestamp=now, body=body, keys=keys)
     return Prepared(message.id, new_lease, message.url, body, headers)
@@ -115,12 +124,17 @@ def finish_attempt(
         return "gone"
     superseded = message.status != outbox.PENDING or message.next_attempt_at != prepared.lease
     status, when = _next_state(message, outcome, now, settings)
-    session.add(WebhookAttempt(
-        message_id=message.id, status_code=outcome.status_code,
-        attempted_at=now - timedelta(milliseconds=outcome.duration_ms),
-        duration_ms=outcome.duration_ms, error=outcome.error, response_body=outcome.body,
-        next_attempt_at=None if superseded else when,
-    ))
+    session.add(
+        WebhookAttempt(
+            message_id=message.id,
+            status_code=outcome.status_code,
+            attempted_at=now - timedelta(milliseconds=outcome.duration_ms),
+            duration_ms=outcome.duration_ms,
+            error=outcome.error,
+            response_body=outcome.body,
+            next_attempt_at=None if superseded else when,
+        )
+    )
     if superseded:  # redelivered or re-claimed meanwhile: only log this attempt
         session.flush()
         return "superseded"
@@ -143,7 +157,9 @@ def _next_state(
     if outcome.kind != "retry":
         return outbox.FAILED, None
     when = next_attempt_at(
-        now=now, created_at=message.created_at, attempts_made=message.attempts + 1,
+        now=now,
+        created_at=message.created_at,
+        attempts_made=message.attempts + 1,
         schedule=parse_schedule(settings.webhook_schedule),
         max_age_seconds=settings.webhook_max_age_seconds,
         retry_after=parse_retry_after(outcome.retry_after, now=now),
@@ -159,12 +175,19 @@ def _disable_endpoint(session: Session, message: WebhookMessage, now: datetime) 
         session.add(endpoint)
     endpoint.disabled_at = now
     endpoint.disabled_reason = "the endpoint answered 410 Gone"
-    owner = (WebhookMessage.client_id.is_(None) if message.client_id is None
-             else WebhookMessage.client_id == message.client_id)
+    owner = (
+        WebhookMessage.client_id.is_(None)
+        if message.client_id is None
+        else WebhookMessage.client_id == message.client_id
+    )
     session.execute(
         update(WebhookMessage)
-        .where(owner, WebhookMessage.url == message.url, WebhookMessage.status == outbox.PENDING,
-               WebhookMessage.id != message.id)
+        .where(
+            owner,
+            WebhookMessage.url == message.url,
+            WebhookMessage.status == outbox.PENDING,
+            WebhookMessage.id != message.id,
+        )
         .values(status=outbox.DISABLED, next_attempt_at=None)
         .execution_options(synchronize_session=False)
     )

@@ -32,8 +32,10 @@ def find_endpoint(
     *, session: Session, client_id: uuid.UUID | None, url: str
 ) -> WebhookEndpoint | None:
     """The client's endpoint state for `url`, if any was recorded."""
-    owner = WebhookEndpoint.client_id.is_(None) if client_id is None else (
-        WebhookEndpoint.client_id == client_id
+    owner = (
+        WebhookEndpoint.client_id.is_(None)
+        if client_id is None
+        else (WebhookEndpoint.client_id == client_id)
     )
     return session.scalar(select(WebhookEndpoint).where(owner, WebhookEndpoint.url == url))
 
@@ -63,8 +65,9 @@ def record_job_events(*, session: Session, job_ids: Sequence[uuid.UUID], event: 
 def _disabled_endpoints(session: Session, urls: set[str]) -> set[tuple[uuid.UUID | None, str]]:
     """(client, url) pairs disabled by a 410, among `urls` (one query for a whole batch)."""
     rows = session.execute(
-        select(WebhookEndpoint.client_id, WebhookEndpoint.url)
-        .where(WebhookEndpoint.url.in_(urls), WebhookEndpoint.disabled_at.is_not(None))
+        select(WebhookEndpoint.client_id, WebhookEndpoint.url).where(
+            WebhookEndpoint.url.in_(urls), WebhookEndpoint.disabled_at.is_not(None)
+        )
     ).all()
     return {(row[0], row[1]) for row in rows}
 

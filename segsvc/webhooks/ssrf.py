@@ -91,9 +91,7 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
 
 
-def check_url(
-    url: str, *, allow: Sequence[IPNetwork] = (), resolver: Resolver = resolve
-) -> Target:
+def check_url(url: str, *, allow: Sequence[IPNetwork] = (), resolver: Resolver = resolve) -> Target:
     """Parse, resolve once and check every address; connect only to what this returns."""
     if len(url) > MAX_URL_LENGTH:
         raise UnsafeTargetError(f"The webhook URL is longer than {MAX_URL_LENGTH} characters.")

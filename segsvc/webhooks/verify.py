@@ -1,11 +1,11 @@
 """Receiver side: verify a delivery's signature and refuse stale timestamps and replays.
 
-    from segsvc.webhooks.verify import verify_webhook, WebhookVerificationError
+from segsvc.webhooks.verify import verify_webhook, WebhookVerificationError
 
-    try:
-        event = verify_webhook(request.headers, request.get_data(), "whsec_...")
-    except WebhookVerificationError:
-        return "", 400
+try:
+    event = verify_webhook(request.headers, request.get_data(), "whsec_...")
+except WebhookVerificationError:
+    return "", 400
 """
 
 from __future__ import annotations

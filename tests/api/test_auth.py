@@ -23,8 +23,12 @@ def test_v1_rejects_unknown_key(client) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_other_clients_job_is_404(client, auth, admin_key) -> None:  # type: ignore[no-untyped-def]
-    job_id = client.post("/v1/jobs", headers=auth, data={"image": (io.BytesIO(png()), "a.png")},
-                         content_type="multipart/form-data").get_json()["id"]
+    job_id = client.post(
+        "/v1/jobs",
+        headers=auth,
+        data={"image": (io.BytesIO(png()), "a.png")},
+        content_type="multipart/form-data",
+    ).get_json()["id"]
     other = {"Authorization": f"Bearer {admin_key}"}
     assert client.get(f"/v1/jobs/{job_id}", headers=other).status_code == 404
     assert client.get(f"/v1/jobs/{job_id}", headers=auth).status_code == 200

@@ -25,10 +25,15 @@ from tests.api.test_jobs import mark_succeeded, png_bytes
 
 def submit_batch(client, auth, images: list[bytes], headers=None, **fields):  # type: ignore[no-untyped-def]
     data: dict[str, object] = {
-        "image": [(io.BytesIO(b), f"pet{i}.png") for i, b in enumerate(images)], **fields
+        "image": [(io.BytesIO(b), f"pet{i}.png") for i, b in enumerate(images)],
+        **fields,
     }
-    return client.post("/v1/jobs/batch", headers={**auth, **(headers or {})}, data=data,
-                       content_type="multipart/form-data")
+    return client.post(
+        "/v1/jobs/batch",
+        headers={**auth, **(headers or {})},
+        data=data,
+        content_type="multipart/form-data",
+    )
 
 
 def job_count(settings: Settings) -> int:
@@ -92,9 +97,12 @@ def test_batch_body_limit_is_its_own(client, auth, settings: Settings, app) -> N
     noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
     Image.fromarray(noise).save(buf, format="PNG")
     one = buf.getvalue()  # ~270 KB: four of them outgrow the batch limit's multipart slack
-    app.config["SEG_SETTINGS"] = settings.model_copy(update={
-        "max_upload_bytes": len(one) + 10, "batch_submit_max_bytes": 3 * len(one) + 2048,
-    })
+    app.config["SEG_SETTINGS"] = settings.model_copy(
+        update={
+            "max_upload_bytes": len(one) + 10,
+            "batch_submit_max_bytes": 3 * len(one) + 2048,
+        }
+    )
     app.config["MAX_CONTENT_LENGTH"] = len(one) + 1024
     assert submit_batch(client, auth, [one] * 3).status_code == 202
     resp = submit_batch(client, auth, [one] * 4)
@@ -139,15 +147,23 @@ def test_batch_idempotency_replays_the_same_jobs(client, auth, settings: Setting
     assert fewer.status_code == 422
     assert job_count(settings) == 2
     # a single submit's key lives apart from a batch's
-    single = client.post("/v1/jobs", headers={**auth, **key},
-                         data={"image": (io.BytesIO(images[0]), "a.png")},
-                         content_type="multipart/form-data")
+    single = client.post(
+        "/v1/jobs",
+        headers={**auth, **key},
+        data={"image": (io.BytesIO(images[0]), "a.png")},
+        content_type="multipart/form-data",
+    )
     assert single.status_code == 202
 
 
 def test_batch_webhook_applies_to_every_job(open_client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    resp = submit_batch(open_client, auth, [png_bytes()] * 2,
-                        webhook="http://127.0.0.1:9/hook", webhook_events="completed")
+    resp = submit_batch(
+        open_client,
+        auth,
+        [png_bytes()] * 2,
+        webhook="http://127.0.0.1:9/hook",
+        webhook_events="completed",
+    )
     assert resp.status_code == 202, resp.get_json()
     with session_scope(settings) as session:
         for j in resp.get_json()["jobs"]:
@@ -177,8 +193,16 @@ def test_read_jobs_in_the_order_asked(client, auth, settings: Settings, admin_ke
     assert body["jobs"][0]["urls"]["self"].endswith(f"/v1/jobs/{ids[2]}")
 
 
-@pytest.mark.parametrize("query", ["", "?ids=", "?ids=nope", f"?ids={','.join(['x'] * 101)}",
-                                   "?ids=00000000-0000-4000-8000-000000000000&wait=31"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "?ids=",
+        "?ids=nope",
+        f"?ids={','.join(['x'] * 101)}",
+        "?ids=00000000-0000-4000-8000-000000000000&wait=31",
+    ],
+)
 def test_read_jobs_rejects_bad_queries(client, auth, query: str) -> None:  # type: ignore[no-untyped-def]
     resp = client.get(f"/v1/jobs{query}", headers=auth)
     assert resp.status_code == 422

@@ -14,11 +14,19 @@ from segsvc.settings import Settings
 from tests.segsvc.test_feedback import good_mask, photo_bytes, png
 
 
-def submit_and_finish(client, auth: dict[str, str], settings: Settings,  # type: ignore[no-untyped-def]
-                      version: str = "test-v1") -> str:
+def submit_and_finish(
+    client,
+    auth: dict[str, str],
+    settings: Settings,  # type: ignore[no-untyped-def]
+    version: str = "test-v1",
+) -> str:
     """Submit through the API, then mark the job served by `version` (no worker needed)."""
-    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                       data={"image": (io.BytesIO(photo_bytes()), "p.jpg")})
+    resp = client.post(
+        "/v1/jobs",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(photo_bytes()), "p.jpg")},
+    )
     assert resp.status_code == 202
     job_id = resp.get_json()["id"]
     with session_scope(settings) as session:
@@ -30,12 +38,15 @@ def submit_and_finish(client, auth: dict[str, str], settings: Settings,  # type:
 
 def post(client, auth, job_id: str, **fields):  # type: ignore[no-untyped-def]
     data = {k: (io.BytesIO(v), "mask.png") if k == "mask" else v for k, v in fields.items()}
-    return client.post(f"/v1/jobs/{job_id}/feedback", headers=auth,
-                       content_type="multipart/form-data", data=data)
+    return client.post(
+        f"/v1/jobs/{job_id}/feedback", headers=auth, content_type="multipart/form-data", data=data
+    )
 
 
 def test_feedback_mask_and_rating_are_stored_with_the_model_version(
-    client, auth, settings: Settings,  # type: ignore[no-untyped-def]
+    client,
+    auth,
+    settings: Settings,  # type: ignore[no-untyped-def]
 ) -> None:
     job_id = submit_and_finish(client, auth, settings, version="v-7")
     resp = post(client, auth, job_id, mask=good_mask(), rating="bad")
@@ -85,8 +96,12 @@ def test_feedback_missing_fields_and_bad_rating(client, auth, settings: Settings
 
 
 def test_feedback_on_an_unfinished_job_is_a_conflict(client, auth) -> None:  # type: ignore[no-untyped-def]
-    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                       data={"image": (io.BytesIO(photo_bytes()), "p.jpg")})
+    resp = client.post(
+        "/v1/jobs",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(photo_bytes()), "p.jpg")},
+    )
     answer = post(client, auth, resp.get_json()["id"], rating="good")
     assert answer.status_code == 409
 

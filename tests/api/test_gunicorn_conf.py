@@ -27,8 +27,13 @@ print(os.nice(0), group, os.read(read, 16).decode())
 
 def probe(nice: int, *, own_session: bool) -> list[str]:
     out = subprocess.run(
-        [sys.executable, "-c", PROBE.format(nice=nice)], cwd=ROOT, capture_output=True,
-        text=True, check=True, start_new_session=own_session, timeout=60,
+        [sys.executable, "-c", PROBE.format(nice=nice)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=own_session,
+        timeout=60,
     ).stdout
     return out.split()
 

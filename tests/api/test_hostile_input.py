@@ -25,8 +25,12 @@ from tests.fault.harness import free_port
 
 
 def submit(client, auth, data: bytes, name: str = "x.png"):  # type: ignore[no-untyped-def]
-    return client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                       data={"image": (io.BytesIO(data), name)})
+    return client.post(
+        "/v1/jobs",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(data), name)},
+    )
 
 
 def stored(settings: Settings, job_id: str) -> Job:
@@ -40,12 +44,22 @@ def stored(settings: Settings, job_id: str) -> Job:
 
 def forged_png(width: int, height: int) -> bytes:
     """A valid PNG header claiming huge dimensions, with a few bytes of pixel data."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_hostile_empty_body_is_400(client, auth) -> None:  # type: ignore[no-untyped-def]
@@ -55,25 +69,32 @@ def test_hostile_empty_body_is_400(client, auth) -> None:  # type: ignore[no-unt
     assert resp.get_json()["error"] == "bad_request"
 
 
-@pytest.mark.parametrize(("ctype", "body"), [
-    ("application/json", b'{"image": "aGVsbG8="}'),
-    ("application/json", b'{"image": '),  # malformed JSON
-    ("text/plain", b"hello"),
-    ("application/x-www-form-urlencoded", b"image=abc"),
-    ("multipart/form-data; boundary=zzz", b"--zzz\r\nbroken"),  # malformed multipart
-    ("multipart/form-data", b"no boundary at all"),
-])
+@pytest.mark.parametrize(
+    ("ctype", "body"),
+    [
+        ("application/json", b'{"image": "aGVsbG8="}'),
+        ("application/json", b'{"image": '),  # malformed JSON
+        ("text/plain", b"hello"),
+        ("application/x-www-form-urlencoded", b"image=abc"),
+        ("multipart/form-data; boundary=zzz", b"--zzz\r\nbroken"),  # malformed multipart
+        ("multipart/form-data", b"no boundary at all"),
+    ],
+)
 def test_hostile_wrong_content_type_is_400(client, auth, ctype: str, body: bytes) -> None:  # type: ignore[no-untyped-def]
     resp = client.post("/v1/jobs", headers=auth, data=body, content_type=ctype)
     assert resp.status_code == 400
     assert resp.is_json
 
 
-@pytest.mark.parametrize("data", [
-    forged_png(65535, 65535),
-    forged_png(9000, 9000),
-    encode_image(Image.new("1", (20000, 20000)), "PNG"),  # ~50 KB on disk, 400 MP decoded
-], ids=["forged-4G-pixels", "forged-81M-pixels", "real-1bit-400M-pixels"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        forged_png(65535, 65535),
+        forged_png(9000, 9000),
+        encode_image(Image.new("1", (20000, 20000)), "PNG"),  # ~50 KB on disk, 400 MP decoded
+    ],
+    ids=["forged-4G-pixels", "forged-81M-pixels", "real-1bit-400M-pixels"],
+)
 def test_hostile_png_bomb_is_422(client, auth, settings: Settings, data: bytes) -> None:  # type: ignore[no-untyped-def]
     assert len(data) < 100_000
     resp = submit(client, auth, data, "bomb.png")
@@ -92,28 +113,36 @@ def test_hostile_truncated_jpeg_is_422(client, auth, cut: float) -> None:  # typ
     assert resp.get_json()["error"] in ("invalid_image", "unsupported_media_type")
 
 
-@pytest.mark.parametrize("data", [
-    encode_image(Image.new("RGB", (32, 32), "red"), "GIF"),
-    encode_image(Image.new("RGB", (32, 32), "red"), "TIFF"),
-    encode_image(Image.new("RGB", (32, 32), "red"), "BMP"),
-    b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10"/></svg>',
-    b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",
-], ids=["gif", "tiff", "bmp", "svg", "pdf"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode_image(Image.new("RGB", (32, 32), "red"), "GIF"),
+        encode_image(Image.new("RGB", (32, 32), "red"), "TIFF"),
+        encode_image(Image.new("RGB", (32, 32), "red"), "BMP"),
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10"/></svg>',
+        b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",
+    ],
+    ids=["gif", "tiff", "bmp", "svg", "pdf"],
+)
 def test_hostile_other_formats_are_415(client, auth, data: bytes) -> None:  # type: ignore[no-untyped-def]
     resp = submit(client, auth, data, "renamed.png")  # the name lies; the bytes decide
     assert resp.status_code == 415
     assert resp.get_json()["error"] == "unsupported_media_type"
 
 
-@pytest.mark.parametrize("img_fmt", [
-    (Image.fromarray((np.arange(64 * 48, dtype=np.uint16) * 20).reshape(48, 64)), "PNG"),
-    (Image.new("CMYK", (64, 48), (10, 200, 30, 0)), "JPEG"),
-    (Image.new("RGBA", (64, 48), (10, 200, 30, 0)), "PNG"),
-    (Image.new("LA", (64, 48), (100, 128)), "PNG"),
-    (Image.new("P", (64, 48), 3), "PNG"),
-    (Image.new("L", (64, 48), 90), "JPEG"),
-    (Image.new("RGBA", (64, 48), (10, 200, 30, 255)), "WEBP"),
-], ids=["png-16bit", "jpeg-cmyk", "png-rgba", "png-la", "png-palette", "jpeg-gray", "webp-alpha"])
+@pytest.mark.parametrize(
+    "img_fmt",
+    [
+        (Image.fromarray((np.arange(64 * 48, dtype=np.uint16) * 20).reshape(48, 64)), "PNG"),
+        (Image.new("CMYK", (64, 48), (10, 200, 30, 0)), "JPEG"),
+        (Image.new("RGBA", (64, 48), (10, 200, 30, 0)), "PNG"),
+        (Image.new("LA", (64, 48), (100, 128)), "PNG"),
+        (Image.new("P", (64, 48), 3), "PNG"),
+        (Image.new("L", (64, 48), 90), "JPEG"),
+        (Image.new("RGBA", (64, 48), (10, 200, 30, 255)), "WEBP"),
+    ],
+    ids=["png-16bit", "jpeg-cmyk", "png-rgba", "png-la", "png-palette", "jpeg-gray", "webp-alpha"],
+)
 def test_hostile_unusual_modes_are_accepted(client, auth, settings: Settings, img_fmt) -> None:  # type: ignore[no-untyped-def]
     img, fmt = img_fmt
     resp = submit(client, auth, encode_image(img, fmt), f"x.{fmt.lower()}")
@@ -139,20 +168,30 @@ def test_hostile_exif_rotated_photo_is_displayed_way_up(client, auth, settings) 
     assert bottom[2] > 200 > bottom[0]
 
 
-@pytest.mark.parametrize("disposition", [
-    b'form-data', b'form-data; filename="a.jpg"',
-])
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        b"form-data",
+        b'form-data; filename="a.jpg"',
+    ],
+)
 def test_hostile_nameless_multipart_part_is_400(  # type: ignore[no-untyped-def]
     settings: Settings, client, auth, disposition: bytes
 ) -> None:
     tiny_jpeg = encode_image(Image.new("RGB", (32, 24), (200, 80, 40)), "JPEG")
     # Regression (found by the OpenAPI fuzz test): a part without a name reached the
     # idempotency fingerprint as a None key, and sorting it was a 500.
-    body = (b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\nvalue\r\n"
-            b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
-            b"Content-Type: image/jpeg\r\n\r\n" + tiny_jpeg + b"\r\n--b--\r\n")
-    resp = client.post("/v1/jobs", headers={**auth, "Idempotency-Key": "k1"}, data=body,
-                       content_type="multipart/form-data; boundary=b")
+    body = (
+        b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\nvalue\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + tiny_jpeg + b"\r\n--b--\r\n"
+    )
+    resp = client.post(
+        "/v1/jobs",
+        headers={**auth, "Idempotency-Key": "k1"},
+        data=body,
+        content_type="multipart/form-data; boundary=b",
+    )
     assert resp.status_code == 400
     assert resp.get_json()["error"] == "bad_request"
     with session_scope(settings) as session:
@@ -178,10 +217,18 @@ def test_hostile_large_real_photo_is_not_413(client, auth) -> None:  # type: ign
         assert submit(client, auth, data, "photo.jpg").status_code == 202
 
 
-@pytest.mark.parametrize("raw", [
-    "..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "....//....//etc/passwd",
-    "00000000-0000-0000-0000-000000000000%00", "%00", "' OR '1'='1", "a" * 2000,
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "..%2F..%2Fetc%2Fpasswd",
+        "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "....//....//etc/passwd",
+        "00000000-0000-0000-0000-000000000000%00",
+        "%00",
+        "' OR '1'='1",
+        "a" * 2000,
+    ],
+)
 def test_hostile_path_traversal_ids_are_404(client, auth, raw: str) -> None:  # type: ignore[no-untyped-def]
     for suffix in ("", "/mask.png", "/overlay.png"):
         resp = client.get(f"/v1/jobs/{raw}{suffix}", headers=auth)
@@ -190,8 +237,9 @@ def test_hostile_path_traversal_ids_are_404(client, auth, raw: str) -> None:  # 
     assert client.post(f"/v1/jobs/{raw}/cancel", headers=auth).status_code == 404
 
 
-@pytest.mark.parametrize("header", ["Bearer", "Bearer ", "Basic abc", "Bearer " + "x" * 5000,
-                                    "bearer\tseg_x"])
+@pytest.mark.parametrize(
+    "header", ["Bearer", "Bearer ", "Basic abc", "Bearer " + "x" * 5000, "bearer\tseg_x"]
+)
 def test_hostile_bad_authorization_is_401(client, header: str) -> None:  # type: ignore[no-untyped-def]
     resp = client.get(f"/v1/jobs/{uuid.uuid4()}", headers={"Authorization": header})
     assert resp.status_code == 401
@@ -199,16 +247,30 @@ def test_hostile_bad_authorization_is_401(client, header: str) -> None:  # type:
 
 
 @pytest.mark.timeout(90)
-def test_hostile_headers_and_bodies_on_real_gunicorn(settings: Settings, api_key: str,
-                                                      tmp_path: Path) -> None:
+def test_hostile_headers_and_bodies_on_real_gunicorn(
+    settings: Settings, api_key: str, tmp_path: Path
+) -> None:
     """What only a real server shows: header limits and a huge body; the server stays up."""
     port = free_port()
     log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "api.wsgi:app", "--bind", f"127.0.0.1:{port}",
-         "--workers", "1", "--threads", "2"],
-        cwd=ROOT, env=worker_env(settings, SEG_MAX_UPLOAD_BYTES="1000000"), stdout=log,
-        stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "api.wsgi:app",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--threads",
+            "2",
+        ],
+        cwd=ROOT,
+        env=worker_env(settings, SEG_MAX_UPLOAD_BYTES="1000000"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {api_key}"}
     try:
@@ -222,8 +284,10 @@ def test_hostile_headers_and_bodies_on_real_gunicorn(settings: Settings, api_key
     finally:
         stop_process(proc)
         log.close()
-    print(f"\nlong header={long_header.status_code} many headers={many_headers.status_code} "
-          f"long url={long_url.status_code} huge body={huge[:12]!r}")
+    print(
+        f"\nlong header={long_header.status_code} many headers={many_headers.status_code} "
+        f"long url={long_url.status_code} huge body={huge[:12]!r}"
+    )
     assert long_header.status_code == 431  # gunicorn: over limit_request_field_size (8190)
     assert many_headers.status_code == 431  # gunicorn: over limit_request_fields (100)
     assert long_url.status_code == 414  # gunicorn: request line over limit_request_line (4094)
@@ -234,8 +298,10 @@ def test_hostile_headers_and_bodies_on_real_gunicorn(settings: Settings, api_key
 
 def _post_huge_body(port: int, key: str) -> bytes:
     """Announce a 3 MB multipart body, send only its start, and read the answer."""
-    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
-            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 3000000\r\n\r\n")
+    head = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 3000000\r\n\r\n"
+    )
     part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
         sock.sendall(head.encode() + part + b"\0" * 65536)

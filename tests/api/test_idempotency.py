@@ -21,8 +21,12 @@ def png(color: tuple[int, int, int] = (1, 2, 3)) -> bytes:
 
 def submit(client, auth, key: str | None, data: bytes, **fields: str):  # type: ignore[no-untyped-def]
     headers = dict(auth) | ({"Idempotency-Key": key} if key is not None else {})
-    return client.post("/v1/jobs", headers=headers, content_type="multipart/form-data",
-                       data={"image": (io.BytesIO(data), "a.png"), **fields})
+    return client.post(
+        "/v1/jobs",
+        headers=headers,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(data), "a.png"), **fields},
+    )
 
 
 def count_jobs(settings: Settings) -> int:

@@ -21,8 +21,12 @@ def png_bytes(size: tuple[int, int] = (64, 48)) -> bytes:
 
 
 def submit(client, auth, data: bytes, name: str = "pet.png"):  # type: ignore[no-untyped-def]
-    return client.post("/v1/jobs", headers=auth, data={"image": (io.BytesIO(data), name)},
-                       content_type="multipart/form-data")
+    return client.post(
+        "/v1/jobs",
+        headers=auth,
+        data={"image": (io.BytesIO(data), name)},
+        content_type="multipart/form-data",
+    )
 
 
 def test_submit_job_stores_and_enqueues(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -47,8 +51,17 @@ def test_submit_job_stores_and_enqueues(client, auth, settings: Settings) -> Non
 def test_read_job_returns_public_fields(client, auth) -> None:  # type: ignore[no-untyped-def]
     job_id = submit(client, auth, png_bytes()).get_json()["id"]
     body = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
-    for key in ("id", "status", "created_at", "started_at", "completed_at", "model_version",
-                "error", "metrics", "urls"):
+    for key in (
+        "id",
+        "status",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "model_version",
+        "error",
+        "metrics",
+        "urls",
+    ):
         assert key in body
     assert set(body["metrics"]) >= {"queue_ms", "predict_ms"}
 
@@ -57,7 +70,8 @@ def mark_succeeded(settings: Settings, job_id: str, mask_png: bytes, **values: o
     """Finish a stored job as a worker would (with its mask), plus any column overrides."""
     with session_scope(settings) as session:
         session.execute(
-            update(Job).where(Job.id == uuid.UUID(job_id))
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
             .values(status="succeeded", mask_png=mask_png, **values)
         )
 
@@ -157,8 +171,9 @@ def test_cancel_queued_job(client, auth) -> None:  # type: ignore[no-untyped-def
 
 def test_results_after_retention_are_410(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     job_id = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
-    mark_succeeded(settings, job_id, encode_mask_png(np.ones((48, 64), np.uint8)),
-                   input_bytes=None)  # what the retention task does
+    mark_succeeded(
+        settings, job_id, encode_mask_png(np.ones((48, 64), np.uint8)), input_bytes=None
+    )  # what the retention task does
     assert client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth).status_code == 200
     resp = client.get(f"/v1/jobs/{job_id}/overlay.png", headers=auth)
     assert resp.status_code == 410

@@ -20,8 +20,12 @@ def png() -> bytes:
 
 
 def submit(client, auth):  # type: ignore[no-untyped-def]
-    return client.post("/v1/jobs", headers=auth, data={"image": (io.BytesIO(png()), "a.png")},
-                       content_type="multipart/form-data")
+    return client.post(
+        "/v1/jobs",
+        headers=auth,
+        data={"image": (io.BytesIO(png()), "a.png")},
+        content_type="multipart/form-data",
+    )
 
 
 def limited_client(settings: Settings, **update_: object):  # type: ignore[no-untyped-def]
@@ -56,8 +60,13 @@ def test_rate_limit_refills(settings: Settings) -> None:
 
 
 def test_rate_limit_fails_open_without_redis(settings: Settings) -> None:
-    down = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0",
-                                       "rate_limit_per_minute": 1, "rate_limit_burst": 1})
+    down = settings.model_copy(
+        update={
+            "redis_url": "redis://127.0.0.1:1/0",
+            "rate_limit_per_minute": 1,
+            "rate_limit_burst": 1,
+        }
+    )
     for _ in range(3):
         check_rate(client_key="k", settings=down)
 

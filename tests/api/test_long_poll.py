@@ -83,8 +83,9 @@ def test_wait_for_job_without_redis_polls_the_database(client, auth, settings: S
     started = time.monotonic()
     session = get_sessionmaker(settings)()  # a request's session: no enclosing transaction block
     try:
-        job = job_service.wait_for_job(session=session, job_id=job_id, client_id=None,
-                                       seconds=10, redis_url=None)
+        job = job_service.wait_for_job(
+            session=session, job_id=job_id, client_id=None, seconds=10, redis_url=None
+        )
         assert job.status == "succeeded"
     finally:
         session.close()
@@ -135,14 +136,18 @@ def test_one_batch_notice_wakes_every_waiter(client, auth, settings: Settings) -
 
 def finish_next_job(settings: Settings, *, publish: bool = True) -> threading.Thread:
     """Like a worker: wait for the next queued job, mark it succeeded and send its notice."""
+
     def run() -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with session_scope(settings) as session:
                 job_id = session.scalar(select(Job.id).where(Job.status == "queued"))
                 if job_id is not None:
-                    session.execute(update(Job).where(Job.id == job_id).values(
-                        status="succeeded", completed_at=utcnow()))
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == job_id)
+                        .values(status="succeeded", completed_at=utcnow())
+                    )
             if job_id is not None:
                 if publish:
                     notify.publish_finished(settings.effective_redis_url, [job_id])
@@ -163,8 +168,9 @@ def png_upload() -> dict[str, tuple[io.BytesIO, str]]:
 def test_submit_with_wait_returns_the_finished_job(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     thread = finish_next_job(settings)
     started = time.monotonic()
-    resp = client.post("/v1/jobs?wait=20", headers=auth, data=png_upload(),
-                       content_type="multipart/form-data")
+    resp = client.post(
+        "/v1/jobs?wait=20", headers=auth, data=png_upload(), content_type="multipart/form-data"
+    )
     thread.join()
     assert resp.status_code == 201
     body = resp.get_json()
@@ -176,16 +182,18 @@ def test_submit_with_wait_returns_the_finished_job(client, auth, settings: Setti
 
 def test_submit_with_wait_answers_202_when_the_job_is_not_done(client, auth) -> None:  # type: ignore[no-untyped-def]
     started = time.monotonic()
-    resp = client.post("/v1/jobs?wait=0.3", headers=auth, data=png_upload(),
-                       content_type="multipart/form-data")
+    resp = client.post(
+        "/v1/jobs?wait=0.3", headers=auth, data=png_upload(), content_type="multipart/form-data"
+    )
     assert resp.status_code == 202
     assert resp.get_json()["status"] == "queued"
     assert 0.25 <= time.monotonic() - started < 3
 
 
 def test_submit_with_a_bad_wait_stores_nothing(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    resp = client.post("/v1/jobs?wait=31", headers=auth, data=png_upload(),
-                       content_type="multipart/form-data")
+    resp = client.post(
+        "/v1/jobs?wait=31", headers=auth, data=png_upload(), content_type="multipart/form-data"
+    )
     assert resp.status_code == 422
     assert resp.get_json()["error"] == "validation_error"
     with session_scope(settings) as session:

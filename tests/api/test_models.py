@@ -14,12 +14,18 @@ def admin(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def add_version(settings: Settings, model_file: Path, version: str,
-                status: ModelStatus = ModelStatus.CANDIDATE) -> None:
+def add_version(
+    settings: Settings, model_file: Path, version: str, status: ModelStatus = ModelStatus.CANDIDATE
+) -> None:
     with session_scope(settings) as session:
-        registry.register_version(session=session, version=version, path=model_file,
-                                  status=status, metrics={"mean_iou": 0.5},
-                                  parent_version="test-v1")
+        registry.register_version(
+            session=session,
+            version=version,
+            path=model_file,
+            status=status,
+            metrics={"mean_iou": 0.5},
+            parent_version="test-v1",
+        )
 
 
 def test_models_are_admin_only(client, auth, production_model: str) -> None:  # type: ignore[no-untyped-def]
@@ -52,8 +58,10 @@ def test_promote_then_rollback_returns_to_the_previous_version(  # type: ignore[
     assert resp.status_code == 200, resp.get_json()
     assert resp.get_json()["status"] == "production"
     assert resp.get_json()["parent_version"] == "test-v1"
-    listed = {v["version"]: v for v in
-              client.get("/v1/models", headers=admin(admin_key)).get_json()["versions"]}
+    listed = {
+        v["version"]: v
+        for v in client.get("/v1/models", headers=admin(admin_key)).get_json()["versions"]
+    }
     assert listed["test-v1"]["status"] == "archived"
     assert listed["test-v1"]["traffic_share"] == 0.0
 
@@ -61,8 +69,10 @@ def test_promote_then_rollback_returns_to_the_previous_version(  # type: ignore[
     assert back.status_code == 200
     assert back.get_json()["version"] == "test-v1"
     assert back.get_json()["status"] == "production"
-    listed = {v["version"]: v for v in
-              client.get("/v1/models", headers=admin(admin_key)).get_json()["versions"]}
+    listed = {
+        v["version"]: v
+        for v in client.get("/v1/models", headers=admin(admin_key)).get_json()["versions"]
+    }
     assert listed["cand-1"]["status"] == "rejected"
     assert "rolled back" in listed["cand-1"]["reason"]
 

@@ -25,12 +25,16 @@ def test_openapi_describes_every_api_route(client, app) -> None:  # type: ignore
     doc = client.get("/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")
     described = {(path, m) for path, ops in doc["paths"].items() for m in ops}
-    routes = {re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", r.rule)
-              for r in app.url_map.iter_rules() if r.rule.startswith("/v1/")}
+    routes = {
+        re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", r.rule)
+        for r in app.url_map.iter_rules()
+        if r.rule.startswith("/v1/")
+    }
     assert routes <= {path for path, _ in described}
     assert ("/v1/jobs", "post") in described
-    assert set(OPERATIONS) <= {op["operationId"] for ops in doc["paths"].values()
-                               for op in ops.values()}
+    assert set(OPERATIONS) <= {
+        op["operationId"] for ops in doc["paths"].values() for op in ops.values()
+    }
 
 
 def test_openapi_submit_documents_limits(client) -> None:  # type: ignore[no-untyped-def]
@@ -53,9 +57,14 @@ def test_openapi_fuzz_no_server_errors(app, admin_key: str) -> None:  # type: ig
         for mode in GenerationMode:
 
             @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
-            @hypothesis.settings(max_examples=EXAMPLES, deadline=None, database=None,
-                                 derandomize=True, phases=[hypothesis.Phase.generate],
-                                 suppress_health_check=list(hypothesis.HealthCheck))
+            @hypothesis.settings(
+                max_examples=EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[hypothesis.Phase.generate],
+                suppress_health_check=list(hypothesis.HealthCheck),
+            )
             def run(case) -> None:  # type: ignore[no-untyped-def]
                 counts["cases"] += 1
                 case.call_and_validate(headers=headers, checks=CHECKS)

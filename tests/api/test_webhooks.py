@@ -19,12 +19,15 @@ def submit(client: FlaskClient, auth: dict[str, str], **fields: object):  # type
     return client.post("/v1/jobs", headers=auth, data=data, content_type="multipart/form-data")
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.2:9/hook",
-    "http://[::1]:9/hook",
-    "http://[::ffff:127.0.0.3]:9/hook",
-    "http://localhost:9/hook",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.2:9/hook",
+        "http://[::1]:9/hook",
+        "http://[::ffff:127.0.0.3]:9/hook",
+        "http://localhost:9/hook",
+    ],
+)
 def test_submit_refuses_loopback_webhook(client, auth, settings: Settings, url: str) -> None:  # type: ignore[no-untyped-def]
     resp = submit(client, auth, webhook=url)
     assert resp.status_code == 422
@@ -35,23 +38,29 @@ def test_submit_refuses_loopback_webhook(client, auth, settings: Settings, url: 
         assert session.query(Job).count() == 0
 
 
-@pytest.mark.parametrize(("fields", "needle"), [
-    ({"webhook": "ftp://hooks.example/x"}, "http"),
-    ({"webhook": "http://127.0.0.1:9/", "webhook_events": "start,done"}, "Unknown"),
-    ({"webhook_events": "start"}, "needs a 'webhook'"),
-])
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"webhook": "ftp://hooks.example/x"}, "http"),
+        ({"webhook": "http://127.0.0.1:9/", "webhook_events": "start,done"}, "Unknown"),
+        ({"webhook_events": "start"}, "needs a 'webhook'"),
+    ],
+)
 def test_submit_refuses_bad_webhook_fields(open_client, auth, fields, needle: str) -> None:  # type: ignore[no-untyped-def]
     resp = submit(open_client, auth, **fields)
     assert resp.status_code == 422
     assert needle in resp.get_json()["message"]
 
 
-@pytest.mark.parametrize(("events", "stored"), [
-    (None, ["completed"]),
-    ("start", ["start"]),
-    ("completed, start", ["start", "completed"]),
-    (["start", "completed"], ["start", "completed"]),
-])
+@pytest.mark.parametrize(
+    ("events", "stored"),
+    [
+        (None, ["completed"]),
+        ("start", ["start"]),
+        ("completed, start", ["start", "completed"]),
+        (["start", "completed"], ["start", "completed"]),
+    ],
+)
 def test_submit_stores_webhook_and_events(open_client, auth, settings, events, stored) -> None:  # type: ignore[no-untyped-def]
     fields = {"webhook": "http://127.0.0.1:9/hook"}
     if events is not None:
@@ -68,14 +77,16 @@ def test_secret_is_stable_per_client_and_rotates(client, auth, admin_key: str) -
     key = client.get("/v1/webhooks/secret", headers=auth).get_json()["key"]
     assert key.startswith("whsec_")
     assert client.get("/v1/webhooks/secret", headers=auth).get_json()["key"] == key
-    other = client.get("/v1/webhooks/secret",
-                       headers={"Authorization": f"Bearer {admin_key}"}).get_json()["key"]
+    other = client.get(
+        "/v1/webhooks/secret", headers={"Authorization": f"Bearer {admin_key}"}
+    ).get_json()["key"]
     assert other != key
     rotated = client.post("/v1/webhooks/secret/rotate", headers=auth)
     assert rotated.status_code == 200
     assert rotated.get_json()["key"] not in (key, other)
-    assert client.get("/v1/webhooks/secret", headers=auth).get_json()["key"] == (
-        rotated.get_json()["key"]
+    assert (
+        client.get("/v1/webhooks/secret", headers=auth).get_json()["key"]
+        == (rotated.get_json()["key"])
     )
 
 

@@ -28,14 +28,23 @@ from tests.conftest import ROOT, sample_images, start_worker, stop_process, work
 INJECT = Path(__file__).resolve().parent / "inject"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 # Fast recovery for tests: reconcile every second, leases far shorter than in production.
-FAST = {"SEG_RECONCILE_INTERVAL_SECONDS": "1", "SEG_JOB_LEASE_SECONDS": "6",
-        "SEG_BATCH_MAX_SIZE": "8"}
+FAST = {
+    "SEG_RECONCILE_INTERVAL_SECONDS": "1",
+    "SEG_JOB_LEASE_SECONDS": "6",
+    "SEG_BATCH_MAX_SIZE": "8",
+}
 
 
 def fast_settings(settings: Settings, **update: object) -> Settings:
     """The settings the API side of a fault test uses (matching FAST)."""
-    return settings.model_copy(update={"reconcile_interval_seconds": 1.0,
-                                       "job_lease_seconds": 6, "batch_max_size": 8, **update})
+    return settings.model_copy(
+        update={
+            "reconcile_interval_seconds": 1.0,
+            "job_lease_seconds": 6,
+            "batch_max_size": 8,
+            **update,
+        }
+    )
 
 
 def free_port() -> int:
@@ -54,8 +63,20 @@ class OwnRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_until(lambda: _pings(self.url), 10, "own redis did not start")
 
     def stop(self) -> None:
@@ -83,19 +104,56 @@ class OwnPostgres:
         self._as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self._as_postgres:
             shutil.chown(self.base, "postgres")
-        subprocess.run([*self._as_postgres, str(PG_BIN / "initdb"), "-D", str(self.data), "-U",
-                        "postgres", "--auth=trust", "-E", "UTF8"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [
+                *self._as_postgres,
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+        )
 
     def start(self) -> None:
         opts = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
-        subprocess.run([*self._as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o",
-                        opts, "-l", str(self.data / "log"), "-w", "start"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [
+                *self._as_postgres,
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                opts,
+                "-l",
+                str(self.data / "log"),
+                "-w",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
 
     def stop(self) -> None:
-        subprocess.run([*self._as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m",
-                        "immediate", "-w", "stop"], check=False, capture_output=True)
+        subprocess.run(
+            [
+                *self._as_postgres,
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+            check=False,
+            capture_output=True,
+        )
 
     def remove(self) -> None:
         self.stop()
@@ -118,19 +176,35 @@ class Processes:
         return proc
 
     def start_beat(self) -> None:
-        cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat",
-               "-s", str(self.tmp / "beat-schedule"), "--loglevel", "INFO"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "beat",
+            "-s",
+            str(self.tmp / "beat-schedule"),
+            "--loglevel",
+            "INFO",
+        ]
         log = open(self.tmp / "beat.log", "wb")  # noqa: SIM115 - closed with the process
-        self.beat = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(self.settings, **self.env),
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.beat = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=worker_env(self.settings, **self.env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     def kill9(self, proc: subprocess.Popen[bytes]) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
 
     def logs(self, tail: int | None = 3000) -> str:
-        return "\n".join(p.read_text(errors="replace")[-(tail or 0):]
-                         for p in sorted(self.tmp.glob("*.log")))
+        return "\n".join(
+            p.read_text(errors="replace")[-(tail or 0) :] for p in sorted(self.tmp.glob("*.log"))
+        )
 
     def stop(self) -> None:
         for proc in [*self.workers, *([self.beat] if self.beat else [])]:
@@ -153,8 +227,12 @@ def photos(n: int) -> list[bytes]:
 
 
 def submit(client, auth: dict[str, str], data: bytes):  # type: ignore[no-untyped-def]
-    return client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                       data={"image": (io.BytesIO(data), "pet.jpg")})
+    return client.post(
+        "/v1/jobs",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(data), "pet.jpg")},
+    )
 
 
 def statuses(settings: Settings, ids: Iterable[str]) -> dict[str, tuple[str, int, str | None]]:
@@ -167,7 +245,9 @@ def statuses(settings: Settings, ids: Iterable[str]) -> dict[str, tuple[str, int
     return {str(r[0]): (r[1], r[2], r[3]) for r in rows}
 
 
-def wait_terminal(settings: Settings, ids: list[str], timeout: float) -> dict[str, tuple[str, int, str | None]]:  # noqa: E501
+def wait_terminal(
+    settings: Settings, ids: list[str], timeout: float
+) -> dict[str, tuple[str, int, str | None]]:
     """Wait until every job is finished (or the time is up); returns their final state."""
     deadline = time.monotonic() + timeout
     while True:
@@ -178,12 +258,16 @@ def wait_terminal(settings: Settings, ids: list[str], timeout: float) -> dict[st
         time.sleep(0.5)
 
 
-def report(name: str, ids: list[str], state: dict[str, tuple[str, int, str | None]]) -> Counter[str]:  # noqa: E501
+def report(
+    name: str, ids: list[str], state: dict[str, tuple[str, int, str | None]]
+) -> Counter[str]:
     """Print and return the counts every fault test ends with."""
     counts: Counter[str] = Counter(s[0] for s in state.values())
     lost = len(ids) - counts["succeeded"] - counts["failed"] - counts["canceled"]
     attempts = Counter(s[1] for s in state.values())
-    print(f"\n[{name}] submitted={len(ids)} succeeded={counts['succeeded']} "
-          f"failed={counts['failed']} lost={lost} attempts={dict(sorted(attempts.items()))}")
+    print(
+        f"\n[{name}] submitted={len(ids)} succeeded={counts['succeeded']} "
+        f"failed={counts['failed']} lost={lost} attempts={dict(sorted(attempts.items()))}"
+    )
     counts["lost"] = lost
     return counts

@@ -63,8 +63,11 @@ def test_fault_worker_killed_mid_batch_every_job_succeeds_once(
         victim = procs.start_worker()
         procs.start_beat()
         ids = submit_all(api(cfg), auth, photos(24))
-        wait_until(lambda: any(s[0] == "running" for s in statuses(cfg, ids).values()), 60,
-                   "no job started")
+        wait_until(
+            lambda: any(s[0] == "running" for s in statuses(cfg, ids).values()),
+            60,
+            "no job started",
+        )
         procs.kill9(victim)
         in_flight = sum(s[0] == "running" for s in statuses(cfg, ids).values())
         procs.start_worker()
@@ -149,8 +152,9 @@ def test_fault_postgres_down_10s_gives_503_then_everything_accepted_succeeds(
     cfg = fast_settings(settings, database_url=pg.url)
     upgrade(settings=cfg)
     with session_scope(cfg) as session:
-        registry.register_version(session=session, version="fault-v1", path=model_file,
-                                  status=ModelStatus.PRODUCTION)
+        registry.register_version(
+            session=session, version="fault-v1", path=model_file, status=ModelStatus.PRODUCTION
+        )
         _, key = create_key(session=session, name="fault")
     auth = {"Authorization": f"Bearer {key}"}
     procs = Processes(cfg, tmp_path)
@@ -201,14 +205,16 @@ def test_fault_poison_input_fails_after_retry_limit_others_succeed(
 ) -> None:
     poison_width = 4099
     cfg = fast_settings(settings)
-    procs = Processes(cfg, tmp_path, PYTHONPATH=str(INJECT),
-                      SEG_FAULT_POISON_WIDTH=str(poison_width))
+    procs = Processes(
+        cfg, tmp_path, PYTHONPATH=str(INJECT), SEG_FAULT_POISON_WIDTH=str(poison_width)
+    )
     client = api(cfg)
     ids = submit_all(client, auth, photos(6))
     poison = ids[2]
     with session_scope(cfg) as session:  # this job's input crashes the worker every time
-        session.execute(update(Job).where(Job.id == uuid.UUID(poison))
-                        .values(input_width=poison_width))
+        session.execute(
+            update(Job).where(Job.id == uuid.UUID(poison)).values(input_width=poison_width)
+        )
     crashes = 0
     try:
         procs.start_beat()
@@ -267,4 +273,3 @@ def _hist(values: list[int]) -> dict[int, int]:
     for v in values:
         out[v] = out.get(v, 0) + 1
     return out
-

@@ -32,11 +32,13 @@ def test_image_columns_skip_compression(settings: Settings) -> None:
     from sqlalchemy import text
 
     with get_engine(settings).connect() as conn:
-        rows = conn.execute(text(
-            "SELECT c.relname, a.attname, a.attstorage FROM pg_attribute a "
-            "JOIN pg_class c ON c.oid = a.attrelid "
-            "WHERE c.relname IN ('jobs', 'feedback') AND a.atttypid = 'bytea'::regtype"
-        )).all()
+        rows = conn.execute(
+            text(
+                "SELECT c.relname, a.attname, a.attstorage FROM pg_attribute a "
+                "JOIN pg_class c ON c.oid = a.attrelid "
+                "WHERE c.relname IN ('jobs', 'feedback') AND a.atttypid = 'bytea'::regtype"
+            )
+        ).all()
     storage = {(table, column): kind for table, column, kind in rows}
     assert storage == {
         ("jobs", "input_bytes"): "e",

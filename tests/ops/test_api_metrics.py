@@ -27,8 +27,12 @@ def png_bytes() -> bytes:
 
 
 def submit(client, headers: dict[str, str], data: bytes):  # type: ignore[no-untyped-def]
-    return client.post("/v1/jobs", headers=headers, data={"image": (io.BytesIO(data), "x.png")},
-                       content_type="multipart/form-data")
+    return client.post(
+        "/v1/jobs",
+        headers=headers,
+        data={"image": (io.BytesIO(data), "x.png")},
+        content_type="multipart/form-data",
+    )
 
 
 def sample(name: str, **labels: str) -> float:
@@ -40,8 +44,9 @@ def log_lines(settings: Settings) -> Iterator[io.StringIO]:
     """Root logs as JSON into a buffer for the test's duration."""
     stream = io.StringIO()
     level = logging.getLogger().level
-    handler = configure_logging(settings.model_copy(update={"log_format": "json"}),
-                                service="api", stream=stream)
+    handler = configure_logging(
+        settings.model_copy(update={"log_format": "json"}), service="api", stream=stream
+    )
     yield stream
     logging.getLogger().removeHandler(handler)
     logging.getLogger().setLevel(level)
@@ -58,8 +63,12 @@ def test_metrics_endpoint_exposes_request_and_submission_series(client, auth) ->
     assert resp.status_code == 200
     assert resp.mimetype == "text/plain"
     families = {f.name: f for f in text_string_to_metric_families(resp.get_data(as_text=True))}
-    for name in ("segsvc_http_requests", "segsvc_http_request_duration_seconds",
-                 "segsvc_submissions", "segsvc_rejections"):
+    for name in (
+        "segsvc_http_requests",
+        "segsvc_http_request_duration_seconds",
+        "segsvc_submissions",
+        "segsvc_rejections",
+    ):
         assert name in families
     assert sample("segsvc_http_requests_total", status="202", **route) == ok_before + 1
     assert sample("segsvc_http_request_duration_seconds_count", **route) >= 2
@@ -75,8 +84,10 @@ def test_metrics_route_label_is_the_url_rule_not_the_path(client, auth) -> None:
     before = sample("segsvc_http_requests_total", **labels)
     client.get(f"/v1/jobs/{job_id}", headers=auth)
     assert sample("segsvc_http_requests_total", **labels) == before + 1
-    assert sample("segsvc_http_requests_total", route=f"/v1/jobs/{job_id}", method="GET",
-                  status="200") == 0
+    assert (
+        sample("segsvc_http_requests_total", route=f"/v1/jobs/{job_id}", method="GET", status="200")
+        == 0
+    )
 
 
 def test_request_id_is_generated_stored_and_returned(client, auth, settings) -> None:  # type: ignore[no-untyped-def]

@@ -44,8 +44,14 @@ def test_json_log_lines_carry_bound_and_extra_correlation_fields(configured) -> 
     log.info("outside")
     first, second, third = (json.loads(line) for line in stream.getvalue().splitlines())
     assert first | {"ts": None} == {
-        "ts": None, "level": "INFO", "logger": "segsvc.test", "message": "job done",
-        "service": "worker", "request_id": "r-1", "model_version": "v7", "job_id": "j-1",
+        "ts": None,
+        "level": "INFO",
+        "logger": "segsvc.test",
+        "message": "job done",
+        "service": "worker",
+        "request_id": "r-1",
+        "model_version": "v7",
+        "job_id": "j-1",
         "batch_size": 4,
     }
     assert second["job_id"] == "j-2"

@@ -26,10 +26,18 @@ K8S = ROOT / "k8s"
 SCHEMAS = Path(__file__).parent / "schemas"
 K8S_VERSION = "1.30"
 OVERLAYS = ["base", "overlays/gpu", "overlays/dev"]
-CRD_SCHEMAS = {"ScaledObject": "keda-scaledobject.json",
-               "TriggerAuthentication": "keda-triggerauthentication.json"}
-YAML_FILES = sorted([ROOT / "docker-compose.yml", ROOT / ".yamllint.yaml",
-                     *ROOT.glob("ops/**/*.yml"), *K8S.glob("**/*.yaml")])
+CRD_SCHEMAS = {
+    "ScaledObject": "keda-scaledobject.json",
+    "TriggerAuthentication": "keda-triggerauthentication.json",
+}
+YAML_FILES = sorted(
+    [
+        ROOT / "docker-compose.yml",
+        ROOT / ".yamllint.yaml",
+        *ROOT.glob("ops/**/*.yml"),
+        *K8S.glob("**/*.yaml"),
+    ]
+)
 
 
 def load_all(path: Path) -> list[dict[str, Any]]:
@@ -63,8 +71,9 @@ def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
     cmd = kustomize_command()
     if cmd is None:
         pytest.skip("neither kustomize nor kubectl is installed")
-    out = subprocess.run([*cmd, str(K8S / overlay)], capture_output=True, text=True, timeout=60,
-                         check=True).stdout
+    out = subprocess.run(
+        [*cmd, str(K8S / overlay)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     return tuple(doc for doc in yaml.safe_load_all(out) if doc)
 
 
@@ -75,9 +84,17 @@ def find(docs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, An
 def test_yaml_files_pass_yamllint() -> None:
     assert len(YAML_FILES) > 20
     result = subprocess.run(
-        [str(Path(shutil.which("yamllint") or ROOT / ".venv/bin/yamllint")), "-c",
-         str(ROOT / ".yamllint.yaml"), "-f", "parsable", *map(str, YAML_FILES)],
-        capture_output=True, text=True, timeout=120,
+        [
+            str(Path(shutil.which("yamllint") or ROOT / ".venv/bin/yamllint")),
+            "-c",
+            str(ROOT / ".yamllint.yaml"),
+            "-f",
+            "parsable",
+            *map(str, YAML_FILES),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -104,9 +121,19 @@ def test_kustomize_overlay_renders_valid_resources(overlay: str) -> None:
         validate_resource(doc)
         assert doc["kind"] == "Namespace" or doc["metadata"].get("namespace") == "segsvc"
     kinds = {d["kind"] for d in docs}
-    assert {"Namespace", "ConfigMap", "Secret", "Job", "Deployment", "Service", "Ingress",
-            "HorizontalPodAutoscaler", "ScaledObject", "PodDisruptionBudget",
-            "PersistentVolumeClaim"} <= kinds
+    assert {
+        "Namespace",
+        "ConfigMap",
+        "Secret",
+        "Job",
+        "Deployment",
+        "Service",
+        "Ingress",
+        "HorizontalPodAutoscaler",
+        "ScaledObject",
+        "PodDisruptionBudget",
+        "PersistentVolumeClaim",
+    } <= kinds
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -172,22 +199,42 @@ def test_compose_file_validates_against_the_compose_spec() -> None:
 
 def test_compose_config_accepted_by_docker_compose_when_available() -> None:
     docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True,
-                                        timeout=30).returncode != 0:
+    if (
+        docker is None
+        or subprocess.run(
+            [docker, "compose", "version"], capture_output=True, timeout=30
+        ).returncode
+        != 0
+    ):
         pytest.skip("docker compose is not installed")
-    result = subprocess.run([docker, "compose", "-f", str(ROOT / "docker-compose.yml"),
-                             "config", "--quiet"], capture_output=True, text=True, timeout=60,
-                            cwd=ROOT)
+    result = subprocess.run(
+        [docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_compose_runs_the_promised_services() -> None:
     services = compose()["services"]
-    assert {"postgres", "redis", "migrate", "api", "worker", "webhook-worker", "beat", "flower",
-            "prometheus", "grafana"} <= set(services)
+    assert {
+        "postgres",
+        "redis",
+        "migrate",
+        "api",
+        "worker",
+        "webhook-worker",
+        "beat",
+        "flower",
+        "prometheus",
+        "grafana",
+    } <= set(services)
     assert "--appendonly" in services["redis"]["command"]
     assert services["api"]["depends_on"]["migrate"]["condition"] == (
-        "service_completed_successfully")
+        "service_completed_successfully"
+    )
     assert "webhooks" in services["webhook-worker"]["command"]
     assert "inference" in services["worker"]["command"]
     assert "deploy" not in services["beat"] or services["beat"]["deploy"].get("replicas", 1) == 1
@@ -198,10 +245,18 @@ def test_compose_runs_the_promised_services() -> None:
 
 def test_prometheus_scrapes_every_metrics_port_in_compose() -> None:
     config = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
-    names = {n for job in config["scrape_configs"] for sd in job.get("dns_sd_configs", [])
-             for n in sd["names"]}
-    targets = {t.split(":")[0] for job in config["scrape_configs"]
-               for sc in job.get("static_configs", []) for t in sc["targets"]}
+    names = {
+        n
+        for job in config["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
+        for n in sd["names"]
+    }
+    targets = {
+        t.split(":")[0]
+        for job in config["scrape_configs"]
+        for sc in job.get("static_configs", [])
+        for t in sc["targets"]
+    }
     assert {"api", "worker", "webhook-worker"} <= names
     assert "beat" in targets
     assert (names | targets) - {"localhost"} <= set(compose()["services"])

@@ -20,9 +20,15 @@ from tests.conftest import start_worker, stop_process
 from worker.metrics_server import record_model, sample_queue_depth, start_metrics_server
 from worker.probes import ALIVE, READY, check, clear_probes, main, probe_age, write_probe
 
-WORKER_SERIES = ("segsvc_model_info", "segsvc_model_load_seconds", "segsvc_worker_ready",
-                 "segsvc_jobs", "segsvc_job_queue_wait_seconds", "segsvc_batch_predict_seconds",
-                 "segsvc_batch_size")
+WORKER_SERIES = (
+    "segsvc_model_info",
+    "segsvc_model_load_seconds",
+    "segsvc_worker_ready",
+    "segsvc_jobs",
+    "segsvc_job_queue_wait_seconds",
+    "segsvc_batch_predict_seconds",
+    "segsvc_batch_size",
+)
 
 
 def free_port() -> int:
@@ -38,8 +44,12 @@ def png_bytes() -> bytes:
 
 
 def submit(client, auth) -> str:  # type: ignore[no-untyped-def]
-    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                       data={"image": (io.BytesIO(png_bytes()), "x.png")})
+    resp = client.post(
+        "/v1/jobs",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(png_bytes()), "x.png")},
+    )
     assert resp.status_code == 202
     return str(resp.get_json()["id"])
 
@@ -55,8 +65,9 @@ def test_sample_queue_depth_counts_postgres_rows_and_broker_lists(client, auth, 
     depth = sample_queue_depth(settings)
     assert depth == {"queued_jobs": 3, settings.queue_name: 3, settings.webhook_queue_name: 0}
     assert REGISTRY.get_sample_value("segsvc_queue_depth") == 3
-    assert REGISTRY.get_sample_value("segsvc_broker_queue_length",
-                                     {"queue": settings.queue_name}) == 3
+    assert (
+        REGISTRY.get_sample_value("segsvc_broker_queue_length", {"queue": settings.queue_name}) == 3
+    )
 
 
 def test_metrics_server_serves_model_gauges() -> None:
@@ -101,8 +112,13 @@ def test_worker_exposes_series_probes_and_json_logs_after_a_job(  # type: ignore
     client, auth, settings: Settings, production_model: str, tmp_path: Path
 ) -> None:
     port, probes, log_path = free_port(), tmp_path / "probes", tmp_path / "worker.log"
-    proc = start_worker(settings, log_path, SEG_METRICS_PORT=str(port),
-                        SEG_PROBE_DIR=str(probes), SEG_LOG_FORMAT="json")
+    proc = start_worker(
+        settings,
+        log_path,
+        SEG_METRICS_PORT=str(port),
+        SEG_PROBE_DIR=str(probes),
+        SEG_LOG_FORMAT="json",
+    )
     try:
         assert probe_age(probes, READY) is not None, "ready is written once the model loads"
         job_id = submit(client, auth)
@@ -119,11 +135,15 @@ def test_worker_exposes_series_probes_and_json_logs_after_a_job(  # type: ignore
     assert not missing, missing
     assert families["segsvc_model_info"][0].labels["production"] == production_model
     assert families["segsvc_worker_ready"][0].value == 1
-    jobs = {s.labels.get("status"): s.value for s in families["segsvc_jobs"]
-            if s.name == "segsvc_jobs_total"}
+    jobs = {
+        s.labels.get("status"): s.value
+        for s in families["segsvc_jobs"]
+        if s.name == "segsvc_jobs_total"
+    }
     assert jobs.get("succeeded", 0) >= 1, families["segsvc_jobs"]
     assert probe_age(probes, READY) is None, "a stopped worker is not ready"
-    records = [json.loads(line) for line in log_path.read_text().splitlines()
-               if line.startswith("{")]
+    records = [
+        json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")
+    ]
     assert any(r["message"].endswith(" ready.") for r in records)
     assert all(r["service"] == "worker" for r in records)

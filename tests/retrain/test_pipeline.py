@@ -38,8 +38,12 @@ def loop_settings(settings: Settings, tmp_path: Path, **extra: object) -> Settin
 
 
 def submit(client, auth, mask: np.ndarray) -> str:  # type: ignore[no-untyped-def]
-    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                       data={"image": (io.BytesIO(encode_png(COLOURS[mask])), "pet.png")})
+    resp = client.post(
+        "/v1/jobs",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(encode_png(COLOURS[mask])), "pet.png")},
+    )
     assert resp.status_code == 202
     return str(resp.get_json()["id"])
 
@@ -52,9 +56,12 @@ def submit_labeled_jobs(client, auth, segmenter, n: int) -> list[str]:  # type: 
     for job_id, mask in zip(ids, masks, strict=True):
         buf = io.BytesIO()
         Image.fromarray(mask, "L").save(buf, format="PNG")
-        resp = client.post(f"/v1/jobs/{job_id}/feedback", headers=auth,
-                           content_type="multipart/form-data",
-                           data={"mask": (io.BytesIO(buf.getvalue()), "mask.png"), "rating": "bad"})
+        resp = client.post(
+            f"/v1/jobs/{job_id}/feedback",
+            headers=auth,
+            content_type="multipart/form-data",
+            data={"mask": (io.BytesIO(buf.getvalue()), "mask.png"), "rating": "bad"},
+        )
         assert resp.status_code == 201, resp.get_json()
         assert resp.get_json()["model_version"] == "test-v1"
     return ids
@@ -71,8 +78,7 @@ def test_feedback_loop_retrains_canaries_and_promotes(  # type: ignore[no-untype
     segmenter = Segmenter(cfg)
     submit_labeled_jobs(client, auth, segmenter, 3)
 
-    result = run_retraining(cfg, trigger="manual", steps_per_epoch=1, batch_size=2,
-                            latency_runs=3)
+    result = run_retraining(cfg, trigger="manual", steps_per_epoch=1, batch_size=2, latency_runs=3)
 
     assert result.status == "completed", result
     assert result.candidate_status == ModelStatus.CANARY
@@ -115,8 +121,9 @@ def test_feedback_loop_retrains_canaries_and_promotes(  # type: ignore[no-untype
             served = session.get(Job, uuid.UUID(job_id)).model_version  # type: ignore[union-attr]
             canary = rollout.routes_to_canary(job_id, 0.5)
             assert served == (version.version if canary else "test-v1")
-        verdict = rollout.decide_canary(session=session, min_jobs=cfg.canary_min_jobs,
-                                        latency_ratio=cfg.gate_latency_ratio)
+        verdict = rollout.decide_canary(
+            session=session, min_jobs=cfg.canary_min_jobs, latency_ratio=cfg.gate_latency_ratio
+        )
     assert verdict is not None
     assert verdict.outcome == "promoted", verdict
     with session_scope(cfg) as session:
@@ -140,8 +147,9 @@ def test_retraining_skips_with_a_reason_when_too_few_new_labels(  # type: ignore
 def test_retraining_fails_cleanly_without_an_evaluation_folder(  # type: ignore[no-untyped-def]
     settings: Settings, production_model: str, tmp_path: Path
 ) -> None:
-    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=0,
-                        eval_data_dir=tmp_path / "missing")
+    cfg = loop_settings(
+        settings, tmp_path, retrain_min_new_labels=0, eval_data_dir=tmp_path / "missing"
+    )
     result = run_retraining(cfg)
     assert result.status == "failed"
     assert "evaluation folder not found" in result.reason
@@ -165,17 +173,39 @@ def test_only_one_retraining_run_at_a_time(settings: Settings, production_model:
 
 def test_gate_checks_miou_tolerance_and_latency_ratio() -> None:
     prod = {"mean_iou": 0.80, "latency_ms_batch1": 10.0}
-    assert gate(candidate={"mean_iou": 0.80, "latency_ms_batch1": 12.0}, production=prod,
-                tolerance=0.0, latency_ratio=1.2) == []
-    worse = gate(candidate={"mean_iou": 0.79, "latency_ms_batch1": 12.5}, production=prod,
-                 tolerance=0.0, latency_ratio=1.2)
+    assert (
+        gate(
+            candidate={"mean_iou": 0.80, "latency_ms_batch1": 12.0},
+            production=prod,
+            tolerance=0.0,
+            latency_ratio=1.2,
+        )
+        == []
+    )
+    worse = gate(
+        candidate={"mean_iou": 0.79, "latency_ms_batch1": 12.5},
+        production=prod,
+        tolerance=0.0,
+        latency_ratio=1.2,
+    )
     assert len(worse) == 2
     assert "mean IoU 0.7900 < production 0.8000" in worse[0]
     assert "latency" in worse[1]
-    assert gate(candidate={"mean_iou": 0.79, "latency_ms_batch1": 5.0}, production=prod,
-                tolerance=0.02, latency_ratio=1.2) == []
-    assert gate(candidate={"mean_iou": float("nan"), "latency_ms_batch1": 5.0}, production=prod,
-                tolerance=0.02, latency_ratio=1.2)
+    assert (
+        gate(
+            candidate={"mean_iou": 0.79, "latency_ms_batch1": 5.0},
+            production=prod,
+            tolerance=0.02,
+            latency_ratio=1.2,
+        )
+        == []
+    )
+    assert gate(
+        candidate={"mean_iou": float("nan"), "latency_ms_batch1": 5.0},
+        production=prod,
+        tolerance=0.02,
+        latency_ratio=1.2,
+    )
 
 
 def test_labels_of_jobs_whose_input_was_purged_are_not_used(settings: Settings) -> None:
@@ -184,8 +214,9 @@ def test_labels_of_jobs_whose_input_was_purged_are_not_used(settings: Settings) 
 
     job_id = make_job(settings)
     with session_scope(settings) as session:
-        feedback.submit_feedback(session=session, job_id=job_id, client_id=None,
-                                 mask_png=good_mask())
+        feedback.submit_feedback(
+            session=session, job_id=job_id, client_id=None, mask_png=good_mask()
+        )
     with session_scope(settings) as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -223,14 +254,17 @@ def test_beat_schedule_follows_the_retrain_cron_setting() -> None:
 
 
 def test_canary_check_and_purge_tasks_run_as_plain_functions(
-    settings: Settings, production_model: str, model_file: Path,
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from retrain import tasks
     from segsvc.services import rollout
 
-    monkeypatch.setattr(tasks, "get_settings", lambda: settings.model_copy(
-        update={"canary_min_jobs": 0}))
+    monkeypatch.setattr(
+        tasks, "get_settings", lambda: settings.model_copy(update={"canary_min_jobs": 0})
+    )
     assert tasks.canary_check() is None  # no canary
     with session_scope(settings) as session:
         registry.register_version(session=session, version="cand", path=model_file)

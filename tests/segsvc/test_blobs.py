@@ -26,8 +26,12 @@ DATA = b"\x89PNG\r\n\x1a\n" + os.urandom(2048)
 
 
 def fs_settings(tmp_path: Path, kind: str = "fs") -> Settings:
-    return Settings(blob_store=kind, blob_dir=tmp_path / "blobs", var_dir=tmp_path,  # type: ignore[arg-type]
-                    _env_file=None)  # type: ignore[call-arg]
+    return Settings(
+        blob_store=kind,
+        blob_dir=tmp_path / "blobs",
+        var_dir=tmp_path,  # type: ignore[arg-type]
+        _env_file=None,
+    )  # type: ignore[call-arg]
 
 
 def test_blob_store_setting_selects_the_store(tmp_path: Path) -> None:
@@ -66,9 +70,16 @@ def test_switching_the_setting_keeps_old_rows_readable(settings: Settings, tmp_p
     ids = []
     with session_scope(settings) as session:
         for cfg in (db_cfg, fs_cfg):
-            job = Job(id=uuid.uuid4(), status=JobStatus.QUEUED, created_at=utcnow(),
-                      input_sha256="0" * 64, input_content_type="image/png", input_width=1,
-                      input_height=1, input_bytes=blob_store(cfg).put(DATA))
+            job = Job(
+                id=uuid.uuid4(),
+                status=JobStatus.QUEUED,
+                created_at=utcnow(),
+                input_sha256="0" * 64,
+                input_content_type="image/png",
+                input_width=1,
+                input_height=1,
+                input_bytes=blob_store(cfg).put(DATA),
+            )
             session.add(job)
             ids.append(job.id)
     with session_scope(settings) as session:
@@ -78,8 +89,9 @@ def test_switching_the_setting_keeps_old_rows_readable(settings: Settings, tmp_p
     for cfg in (db_cfg, fs_cfg):
         assert [blob_store(cfg).get(v) for v in stored] == [DATA, DATA]
     with session_scope(settings) as session:  # a mask written later through the pointer store
-        session.execute(update(Job).where(Job.id == ids[0])
-                        .values(mask_png=blob_store(fs_cfg).put(b"mask")))
+        session.execute(
+            update(Job).where(Job.id == ids[0]).values(mask_png=blob_store(fs_cfg).put(b"mask"))
+        )
     with session_scope(settings) as session:
         assert blob_store(db_cfg).get(session.get(Job, ids[0]).mask_png) == b"mask"  # type: ignore[union-attr]
 
@@ -105,7 +117,7 @@ def test_fs_sweep_removes_only_unreferenced_old_files(tmp_path: Path) -> None:
     kept, dropped, fresh = store.put(b"kept"), store.put(b"dropped"), store.put(b"fresh")
     old = 1_000_000_000
     for value in (kept, dropped):
-        path = store.path_for(value[len(POINTER_PREFIX):].decode())
+        path = store.path_for(value[len(POINTER_PREFIX) :].decode())
         os.utime(path, (old, old))
     assert store.sweep(keep=[kept, b"raw bytes", None], older_than_s=3600) == 1
     assert store.get(kept) == b"kept"

@@ -105,8 +105,10 @@ def test_client_wait_many_asks_about_running_jobs_only_100_at_a_time() -> None:
         ids = Request(environ).args["ids"].split(",")
         asked.append(ids)
         done = len(asked) > 1  # running when first asked, then ended
-        body = {"jobs": [{"id": i, "status": "succeeded" if done else "running"} for i in ids],
-                "not_found": []}
+        body = {
+            "jobs": [{"id": i, "status": "succeeded" if done else "running"} for i in ids],
+            "not_found": [],
+        }
         return Response(json.dumps(body), mimetype="application/json")(environ, start_response)
 
     with serve(answer) as url, Client(url, "k") as client:
@@ -153,8 +155,9 @@ class Scripted:
         Request(environ).get_data()
         self.times.append(time.monotonic())
         status, headers, body = self.answers[min(len(self.times), len(self.answers)) - 1]
-        resp = Response(json.dumps(body), status=status, headers=headers,
-                        mimetype="application/json")
+        resp = Response(
+            json.dumps(body), status=status, headers=headers, mimetype="application/json"
+        )
         return resp(environ, start_response)
 
 
@@ -172,8 +175,11 @@ def test_client_retries_429_and_503_honouring_retry_after() -> None:
 
 def test_client_gives_up_with_typed_error_after_retries() -> None:
     stub = Scripted([(503, {"Retry-After": "0"}, {"error": "unavailable", "message": "down"})])
-    with serve(stub) as url, Client(url, "k", retries=2) as client, \
-            pytest.raises(ServerError) as err:
+    with (
+        serve(stub) as url,
+        Client(url, "k", retries=2) as client,
+        pytest.raises(ServerError) as err,
+    ):
         client.get("j1")
     assert len(stub.times) == 3
     assert err.value.code == "unavailable"
@@ -191,15 +197,19 @@ def test_client_unreachable_raises_transport_error() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with Client(f"http://127.0.0.1:{port}", "k", retries=1) as client, \
-            pytest.raises(TransportError):
+    with (
+        Client(f"http://127.0.0.1:{port}", "k", retries=1) as client,
+        pytest.raises(TransportError),
+    ):
         client.get("j1")
 
 
 def test_client_imports_no_server_stack() -> None:
-    code = ("import sys, segsvc.client; "
-            "print(sorted(m for m in ('flask', 'tensorflow', 'sqlalchemy', 'celery') "
-            "if m in sys.modules))")
+    code = (
+        "import sys, segsvc.client; "
+        "print(sorted(m for m in ('flask', 'tensorflow', 'sqlalchemy', 'celery') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -219,8 +229,11 @@ def test_verify_webhook_accepts_signed_rejects_tampered_and_stale() -> None:
 
     def headers(at: datetime) -> dict[str, str]:
         sig = signer.sign("msg_1", at, body)
-        return {"webhook-id": "msg_1", "webhook-timestamp": str(int(at.timestamp())),
-                "webhook-signature": sig}
+        return {
+            "webhook-id": "msg_1",
+            "webhook-timestamp": str(int(at.timestamp())),
+            "webhook-signature": sig,
+        }
 
     now = datetime.now(UTC)
     signed = headers(now)

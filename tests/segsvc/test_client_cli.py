@@ -32,15 +32,17 @@ def cli(*args: str, url: str, key: str | None = "", **env: str) -> Result:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_cli_submit_dir_waits_saves_and_gets(base_url: str, api_key: str, worker: Path,
-                                             tmp_path: Path) -> None:
+def test_cli_submit_dir_waits_saves_and_gets(
+    base_url: str, api_key: str, worker: Path, tmp_path: Path
+) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
     for photo in sample_images(3):
         shutil.copy(photo, photos / photo.name)
     out = tmp_path / "out"
-    result = cli("submit", str(photos), "--out", str(out), "--overlay", "-j", "2",
-                 url=base_url, key=api_key)
+    result = cli(
+        "submit", str(photos), "--out", str(out), "--overlay", "-j", "2", url=base_url, key=api_key
+    )
     assert result.exit_code == 0, (result.output, worker.read_text()[-2000:])
     lines = [ln.split("\t") for ln in result.stdout.splitlines() if "\t" in ln]
     assert len(lines) == 3
@@ -63,8 +65,9 @@ def test_cli_submit_dir_waits_saves_and_gets(base_url: str, api_key: str, worker
         assert img.mode == "RGB"
 
 
-def test_cli_exit_codes_for_auth_refusal_and_usage(base_url: str, api_key: str,
-                                                   tmp_path: Path) -> None:
+def test_cli_exit_codes_for_auth_refusal_and_usage(
+    base_url: str, api_key: str, tmp_path: Path
+) -> None:
     photo = sample_images(1)[0]
     denied = cli("submit", str(photo), url=base_url, key="seg_wrong")
     assert denied.exit_code == 4
@@ -82,8 +85,9 @@ def test_cli_exit_codes_for_auth_refusal_and_usage(base_url: str, api_key: str,
     assert "404" in unknown.stderr
 
 
-def test_cli_batch_with_a_bad_file_sends_each_file_on_its_own(base_url: str, api_key: str,
-                                                             tmp_path: Path) -> None:
+def test_cli_batch_with_a_bad_file_sends_each_file_on_its_own(
+    base_url: str, api_key: str, tmp_path: Path
+) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
     for photo in sample_images(3):
@@ -91,8 +95,10 @@ def test_cli_batch_with_a_bad_file_sends_each_file_on_its_own(base_url: str, api
     (photos / "broken.jpg").write_bytes(b"not really a jpeg")
     result = cli("submit", str(photos), "--batch", "16", url=base_url, key=api_key)
     assert result.exit_code == 1, result.output
-    rows = {Path(name).name: (job_id, status)
-            for job_id, status, name in (ln.split("\t") for ln in result.stdout.splitlines())}
+    rows = {
+        Path(name).name: (job_id, status)
+        for job_id, status, name in (ln.split("\t") for ln in result.stdout.splitlines())
+    }
     assert len(rows) == 4
     assert rows.pop("broken.jpg") == ("-", "error")
     assert {status for _, status in rows.values()} == {"queued"}  # the good ones still went in
@@ -103,8 +109,11 @@ def test_cli_batch_with_a_bad_file_sends_each_file_on_its_own(base_url: str, api
         assert cli("status", job_id, url=base_url, key=api_key).exit_code == 0
 
 
-def test_cli_sends_files_in_batches_of_the_size_asked(app, api_key: str,  # type: ignore[no-untyped-def]
-                                                      tmp_path: Path) -> None:
+def test_cli_sends_files_in_batches_of_the_size_asked(
+    app,
+    api_key: str,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
     seen: list[int] = []
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -143,8 +152,9 @@ def test_cli_stops_batching_when_the_server_refuses_batches_it_cannot_take(
     with serve(counting) as url:
         result = cli("submit", str(photos), "-b", "4", "-j", "1", url=url, key=api_key)
     assert result.exit_code == 0, result.output
-    assert [status for _, status, _ in (ln.split("\t") for ln in result.stdout.splitlines())] \
-        == ["queued"] * 8
+    assert [status for _, status, _ in (ln.split("\t") for ln in result.stdout.splitlines())] == [
+        "queued"
+    ] * 8
     assert len(batches) == 1  # refused once (4 > 2), then every file went on its own
 
 
@@ -168,22 +178,30 @@ def test_cli_cancel_queued_job_then_status_exits_1(base_url: str, api_key: str) 
     assert cli("status", job_id, "--json", url=base_url, key=api_key).exit_code == 1
 
 
-def test_cli_reads_key_file_when_no_key_given(base_url: str, api_key: str, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_reads_key_file_when_no_key_given(
+    base_url: str, api_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "local_api_key").write_text(api_key + "\n")
     monkeypatch.setenv("SEG_VAR_DIR", str(tmp_path))
     get_settings.cache_clear()
     try:
-        result = cli("submit", str(sample_images(1)[0]), url=base_url, key=None,
-                     SEG_VAR_DIR=str(tmp_path))
+        result = cli(
+            "submit", str(sample_images(1)[0]), url=base_url, key=None, SEG_VAR_DIR=str(tmp_path)
+        )
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 0, result.output
 
 
 def test_cli_models_list_table_and_missing_endpoint() -> None:
-    rows = [{"version": "v7", "status": "production", "traffic_share": 1.0,
-             "metrics": {"mean_iou": 0.71}}]
+    rows = [
+        {
+            "version": "v7",
+            "status": "production",
+            "traffic_share": 1.0,
+            "metrics": {"mean_iou": 0.71},
+        }
+    ]
     with serve(Scripted([(200, {}, {"versions": rows, "training_runs": []})])) as url:
         listed = cli("client", "models", "list", url=url, key="k")
     assert listed.exit_code == 0
@@ -195,8 +213,9 @@ def test_cli_models_list_table_and_missing_endpoint() -> None:
     assert "segsvc models list" in missing.stderr
 
 
-def test_cli_models_list_from_live_api(base_url: str, admin_key: str, api_key: str,
-                                       production_model: str) -> None:
+def test_cli_models_list_from_live_api(
+    base_url: str, admin_key: str, api_key: str, production_model: str
+) -> None:
     listed = cli("client", "models", "list", url=base_url, key=admin_key)
     assert listed.exit_code == 0, listed.output
     assert production_model in listed.stdout

@@ -42,14 +42,22 @@ def good_mask(width: int = 80, height: int = 60) -> bytes:
 
 
 def make_job(
-    settings: Settings, *, client_id: uuid.UUID | None = None, version: str | None = "test-v1",
-    status: JobStatus = JobStatus.SUCCEEDED, image: bytes | None = None, age_days: float = 0,
+    settings: Settings,
+    *,
+    client_id: uuid.UUID | None = None,
+    version: str | None = "test-v1",
+    status: JobStatus = JobStatus.SUCCEEDED,
+    image: bytes | None = None,
+    age_days: float = 0,
 ) -> uuid.UUID:
     """A stored job, finished by `version` unless another status is asked for."""
     data = image or photo_bytes()
     with session_scope(settings) as session:
-        job = create_job(session=session, client_id=client_id,
-                         image=validate_image(data, max_bytes=10**7, max_pixels=10**8))
+        job = create_job(
+            session=session,
+            client_id=client_id,
+            image=validate_image(data, max_bytes=10**7, max_pixels=10**8),
+        )
         job.status = status
         job.created_at = utcnow() - timedelta(days=age_days)
         if status == JobStatus.SUCCEEDED:
@@ -105,8 +113,13 @@ def test_validate_mask_empty_file_is_a_bad_request() -> None:
 def test_submit_feedback_stores_mask_rating_and_serving_version(settings: Settings) -> None:
     job_id = make_job(settings, version="v-served")
     with session_scope(settings) as session:
-        row = feedback.submit_feedback(session=session, job_id=str(job_id), client_id=None,
-                                       mask_png=good_mask(), rating=" Good ")
+        row = feedback.submit_feedback(
+            session=session,
+            job_id=str(job_id),
+            client_id=None,
+            mask_png=good_mask(),
+            rating=" Good ",
+        )
         assert (row.model_version, row.rating, row.job_id) == ("v-served", "good", job_id)
     with session_scope(settings) as session:
         assert feedback.labeled_feedback_ids(session=session) == [row.id]
@@ -129,19 +142,22 @@ def test_submit_feedback_rejects_bad_rating_empty_request_and_unfinished_jobs(
         with pytest.raises(ConflictError):
             feedback.submit_feedback(session=session, job_id=queued, client_id=None, rating="bad")
         with pytest.raises(NotFoundError):
-            feedback.submit_feedback(session=session, job_id=uuid.uuid4(), client_id=None,
-                                     rating="bad")
+            feedback.submit_feedback(
+                session=session, job_id=uuid.uuid4(), client_id=None, rating="bad"
+            )
 
 
 def test_labeled_feedback_ids_keeps_the_newest_mask_per_job(settings: Settings) -> None:
     job_id = make_job(settings)
     with session_scope(settings) as session:
-        feedback.submit_feedback(session=session, job_id=job_id, client_id=None,
-                                 mask_png=good_mask())
+        feedback.submit_feedback(
+            session=session, job_id=job_id, client_id=None, mask_png=good_mask()
+        )
         feedback.submit_feedback(session=session, job_id=job_id, client_id=None, rating="bad")
     with session_scope(settings) as session:
-        newer = feedback.submit_feedback(session=session, job_id=job_id, client_id=None,
-                                         mask_png=good_mask())
+        newer = feedback.submit_feedback(
+            session=session, job_id=job_id, client_id=None, mask_png=good_mask()
+        )
     with session_scope(settings) as session:
         assert feedback.labeled_feedback_ids(session=session) == [newer.id]
 
@@ -154,8 +170,9 @@ def test_purge_unlabeled_inputs_deletes_only_old_unlabeled_inputs(settings: Sett
     old_queued = make_job(settings, age_days=40, status=JobStatus.QUEUED)
     with session_scope(settings) as session:
         feedback.submit_feedback(session=session, job_id=old_rated, client_id=None, rating="good")
-        feedback.submit_feedback(session=session, job_id=old_labeled, client_id=None,
-                                 mask_png=good_mask())
+        feedback.submit_feedback(
+            session=session, job_id=old_labeled, client_id=None, mask_png=good_mask()
+        )
     with session_scope(settings) as session:
         assert feedback.purge_unlabeled_inputs(session=session, retention_days=30) == 2
     with session_scope(settings) as session:
@@ -165,7 +182,13 @@ def test_purge_unlabeled_inputs_deletes_only_old_unlabeled_inputs(settings: Sett
         }
         # A mask can no longer be given for a job whose input is gone.
         with pytest.raises(ConflictError, match="no longer kept"):
-            feedback.submit_feedback(session=session, job_id=old_unlabeled, client_id=None,
-                                     mask_png=good_mask())
-    assert kept == {old_unlabeled: False, old_rated: False, old_labeled: True, recent: True,
-                    old_queued: True}
+            feedback.submit_feedback(
+                session=session, job_id=old_unlabeled, client_id=None, mask_png=good_mask()
+            )
+    assert kept == {
+        old_unlabeled: False,
+        old_rated: False,
+        old_labeled: True,
+        recent: True,
+        old_queued: True,
+    }

@@ -15,8 +15,9 @@ from tests.conftest import encode_image
 LIMITS = {"max_bytes": 1_000_000, "max_pixels": 4_000_000}
 
 
-@pytest.mark.parametrize(("fmt", "ctype"), [("JPEG", "image/jpeg"), ("PNG", "image/png"),
-                                            ("WEBP", "image/webp")])
+@pytest.mark.parametrize(
+    ("fmt", "ctype"), [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")]
+)
 def test_validate_image_accepts_allowed_formats(fmt: str, ctype: str) -> None:
     out = validate_image(encode_image(Image.new("RGB", (90, 60)), fmt), **LIMITS)
     assert out.content_type == ctype

@@ -39,8 +39,13 @@ def test_routes_to_canary_is_stable_and_nested() -> None:
 
 def add(settings: Settings, model_file: Path, version: str, status: ModelStatus) -> None:
     with session_scope(settings) as session:
-        registry.register_version(session=session, version=version, path=model_file,
-                                  status=status, parent_version="test-v1")
+        registry.register_version(
+            session=session,
+            version=version,
+            path=model_file,
+            status=status,
+            parent_version="test-v1",
+        )
 
 
 def canary(settings: Settings, model_file: Path, version: str = "cand", share: float = 0.1) -> None:
@@ -56,20 +61,31 @@ def statuses(settings: Settings) -> dict[str, tuple[str, float]]:
 
 
 def add_jobs(
-    settings: Settings, version: str | None, n: int, *,
-    status: JobStatus = JobStatus.SUCCEEDED, total_ms: float = 50.0, predict_ms: float = 10.0,
+    settings: Settings,
+    version: str | None,
+    n: int,
+    *,
+    status: JobStatus = JobStatus.SUCCEEDED,
+    total_ms: float = 50.0,
+    predict_ms: float = 10.0,
 ) -> None:
     """Finished jobs created now, as a worker would have recorded them."""
     now = utcnow()
     with session_scope(settings) as session:
         for _ in range(n):
-            session.add(Job(
-                status=status, model_version=version, created_at=now,
-                completed_at=now + timedelta(milliseconds=total_ms),
-                predict_ms=predict_ms if status == JobStatus.SUCCEEDED else None,
-                input_sha256="0" * 64, input_content_type="image/png",
-                input_width=8, input_height=8,
-            ))
+            session.add(
+                Job(
+                    status=status,
+                    model_version=version,
+                    created_at=now,
+                    completed_at=now + timedelta(milliseconds=total_ms),
+                    predict_ms=predict_ms if status == JobStatus.SUCCEEDED else None,
+                    input_sha256="0" * 64,
+                    input_content_type="image/png",
+                    input_width=8,
+                    input_height=8,
+                )
+            )
 
 
 def decide(settings: Settings, min_jobs: int = 20) -> rollout.CanaryVerdict | None:

@@ -63,8 +63,9 @@ class Recorder:
         return getattr(self.segmenter, name)
 
     def item(self, job_id: str) -> Item:
-        return Item(job_id, lambda: self._settle(job_id, "ack"),
-                    lambda: self._settle(job_id, "requeue"))
+        return Item(
+            job_id, lambda: self._settle(job_id, "ack"), lambda: self._settle(job_id, "requeue")
+        )
 
     def _settle(self, job_id: str, how: str) -> None:
         with self._lock:
@@ -74,8 +75,9 @@ class Recorder:
 
 
 @pytest.fixture
-def recorder(settings: Settings, production_model: str,
-             monkeypatch: pytest.MonkeyPatch) -> Recorder:
+def recorder(
+    settings: Settings, production_model: str, monkeypatch: pytest.MonkeyPatch
+) -> Recorder:
     monkeypatch.setattr(batcher_module, "RETRY_PAUSE_S", 0.0)
     return Recorder(Segmenter(settings.model_copy(update={"registry_poll_seconds": 0})))
 
@@ -104,15 +106,19 @@ def test_the_next_full_batch_is_claimed_while_the_model_runs(
     # in full, so the claim thread took it; [5] alone is not a full batch, so the model thread
     # claimed it once free.
     assert recorder.claims == [
-        ("seg-model", ids[:1]), ("seg-model", ids[1:3]), ("seg-claim", ids[3:5]),
+        ("seg-model", ids[:1]),
+        ("seg-model", ids[1:3]),
+        ("seg-claim", ids[3:5]),
         ("seg-model", ids[5:]),
     ]
     assert set(recorder.settled.values()) == {"ack"}
     assert [job.status for job in rows(settings, uuids)] == [JobStatus.SUCCEEDED] * 6
     # Each stage ran on its own thread, named for the OS too (top -H, ps -L, make bench).
     assert recorder.os_thread_names == {
-        "claim in seg-model": "seg-model", "forward in seg-model": "seg-model",
-        "claim in seg-claim_0": "seg-claim", "store in seg-store_0": "seg-store",
+        "claim in seg-model": "seg-model",
+        "forward in seg-model": "seg-model",
+        "claim in seg-claim_0": "seg-claim",
+        "store in seg-store_0": "seg-store",
     }
 
 
@@ -126,8 +132,13 @@ def test_a_failed_claim_ahead_requeues_only_its_batch(
     assert recorder.all_settled.wait(60)
     batcher.close()
     assert ("seg-claim", ids[3:5]) in recorder.claims
-    assert recorder.settled == {ids[0]: "ack", ids[1]: "ack", ids[2]: "ack",
-                                ids[3]: "requeue", ids[4]: "requeue"}
+    assert recorder.settled == {
+        ids[0]: "ack",
+        ids[1]: "ack",
+        ids[2]: "ack",
+        ids[3]: "requeue",
+        ids[4]: "requeue",
+    }
 
 
 def test_a_batch_claimed_ahead_still_runs_when_the_worker_stops(
@@ -141,7 +152,12 @@ def test_a_batch_claimed_ahead_still_runs_when_the_worker_stops(
         threading.Event().wait(0.01)
     batcher.close()  # [1, 2] or [3, 4] may be running; both must finish, nothing else starts
     assert {ids[i]: recorder.settled.get(ids[i]) for i in range(5)} == {
-        ids[0]: "ack", ids[1]: "ack", ids[2]: "ack", ids[3]: "ack", ids[4]: "ack"}
+        ids[0]: "ack",
+        ids[1]: "ack",
+        ids[2]: "ack",
+        ids[3]: "ack",
+        ids[4]: "ack",
+    }
 
 
 def test_a_backlog_batch_waits_for_stragglers_and_a_lone_job_does_not(

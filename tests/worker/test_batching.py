@@ -57,9 +57,7 @@ def test_worker_batches_waiting_jobs_and_fails_only_the_bad_one(
     assert "tensorflow" not in maps  # the worker serves the ONNX artifact without TensorFlow
 
 
-def test_worker_runs_a_lone_job_without_waiting(
-    settings: Settings, worker: Path
-) -> None:
+def test_worker_runs_a_lone_job_without_waiting(settings: Settings, worker: Path) -> None:
     (job_id,) = make_jobs(settings, 1)
     enqueue_job(make_celery(settings), job_id, settings=settings)
     (job,) = wait_all(settings, [job_id])

@@ -28,8 +28,12 @@ def test_pet_photo_gets_a_mask_of_its_size(client, auth, worker: Path) -> None: 
     photos = sample_images(3)
     ids = []
     for photo in photos:
-        resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                           data={"image": (io.BytesIO(photo.read_bytes()), photo.name)})
+        resp = client.post(
+            "/v1/jobs",
+            headers=auth,
+            content_type="multipart/form-data",
+            data={"image": (io.BytesIO(photo.read_bytes()), photo.name)},
+        )
         assert resp.status_code == 202
         ids.append(resp.get_json()["id"])
     for photo, job_id in zip(photos, ids, strict=True):
@@ -51,9 +55,12 @@ def test_finished_job_is_not_run_twice(client, auth, worker: Path, settings) -> 
     from segsvc.queue import enqueue_job, make_celery
 
     photo = sample_images(1)[0]
-    job_id = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                         data={"image": (io.BytesIO(photo.read_bytes()), photo.name)}
-                         ).get_json()["id"]
+    job_id = client.post(
+        "/v1/jobs",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(photo.read_bytes()), photo.name)},
+    ).get_json()["id"]
     first = wait_for(client, auth, job_id)
     enqueue_job(make_celery(settings), uuid.UUID(job_id), settings=settings)  # duplicate
     time.sleep(1.5)
@@ -70,16 +77,26 @@ def test_bad_stored_image_fails_job_without_retry(client, auth, worker: Path, se
     from segsvc.queue import enqueue_job, make_celery
 
     photo = sample_images(1)[0]
-    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                       data={"image": (io.BytesIO(photo.read_bytes()), photo.name)})
+    resp = client.post(
+        "/v1/jobs",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(photo.read_bytes()), photo.name)},
+    )
     # Wait for it, then replay a corrupted copy as a new job row.
     wait_for(client, auth, resp.get_json()["id"])
     with session_scope(settings) as session:
         src = session.get(Job, uuid.UUID(resp.get_json()["id"]))
         assert src is not None
-        bad = Job(client_id=src.client_id, input_sha256="0" * 64, input_content_type="image/jpeg",
-                  input_width=10, input_height=10, input_bytes=b"\xff\xd8broken",
-                  model_input=b"short")
+        bad = Job(
+            client_id=src.client_id,
+            input_sha256="0" * 64,
+            input_content_type="image/jpeg",
+            input_width=10,
+            input_height=10,
+            input_bytes=b"\xff\xd8broken",
+            model_input=b"short",
+        )
         session.add(bad)
         session.flush()
         bad_id = bad.id
@@ -92,9 +109,12 @@ def test_bad_stored_image_fails_job_without_retry(client, auth, worker: Path, se
 
 def test_long_poll_is_woken_by_the_worker(client, auth, worker: Path) -> None:  # type: ignore[no-untyped-def]
     photo = sample_images(1)[0]
-    job_id = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                         data={"image": (io.BytesIO(photo.read_bytes()), photo.name)}
-                         ).get_json()["id"]
+    job_id = client.post(
+        "/v1/jobs",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(photo.read_bytes()), photo.name)},
+    ).get_json()["id"]
     started = time.monotonic()
     body = client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()
     assert body["status"] == "succeeded"
@@ -103,8 +123,12 @@ def test_long_poll_is_woken_by_the_worker(client, auth, worker: Path) -> None:  
 
 def test_batch_submit_and_one_long_poll_for_all(client, auth, worker: Path) -> None:  # type: ignore[no-untyped-def]
     photos = sample_images(3)
-    resp = client.post("/v1/jobs/batch", headers=auth, content_type="multipart/form-data",
-                       data={"image": [(io.BytesIO(p.read_bytes()), p.name) for p in photos]})
+    resp = client.post(
+        "/v1/jobs/batch",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": [(io.BytesIO(p.read_bytes()), p.name) for p in photos]},
+    )
     assert resp.status_code == 202
     ids = [j["id"] for j in resp.get_json()["jobs"]]
     deadline = time.monotonic() + 90

@@ -19,8 +19,9 @@ from tests.segsvc.test_feedback import photo_bytes
 from worker.model_manager import ModelManager
 
 
-def register(settings: Settings, path: Path, version: str,
-             status: ModelStatus = ModelStatus.CANDIDATE) -> None:
+def register(
+    settings: Settings, path: Path, version: str, status: ModelStatus = ModelStatus.CANDIDATE
+) -> None:
     with session_scope(settings) as session:
         registry.register_version(session=session, version=version, path=path, status=status)
 
@@ -40,8 +41,7 @@ def set_status(settings: Settings, version: str, action: str) -> None:
 
 @pytest.fixture
 def manager(settings: Settings, production_model: str):  # type: ignore[no-untyped-def]
-    mgr = ModelManager(settings.model_copy(update={"runtime": "keras",
-                                                  "registry_poll_seconds": 0}))
+    mgr = ModelManager(settings.model_copy(update={"runtime": "keras", "registry_poll_seconds": 0}))
     yield mgr
     mgr.close()
 
@@ -132,8 +132,12 @@ def test_canary_that_fails_at_inference_is_rolled_back_at_once(
 
 
 def submit(client, auth) -> str:  # type: ignore[no-untyped-def]
-    resp = client.post("/v1/jobs", headers=auth, content_type="multipart/form-data",
-                       data={"image": (io.BytesIO(photo_bytes()), "p.jpg")})
+    resp = client.post(
+        "/v1/jobs",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(photo_bytes()), "p.jpg")},
+    )
     assert resp.status_code == 202
     return str(resp.get_json()["id"])
 
@@ -153,8 +157,14 @@ def finish_all(client, auth, ids: list[str], log: Path, timeout: float = 120) ->
     return out
 
 
-def submit_until(client, auth, ids: list[str], log: Path, version: str,  # type: ignore[no-untyped-def]
-                 timeout: float = 120) -> None:
+def submit_until(
+    client,
+    auth,
+    ids: list[str],
+    log: Path,
+    version: str,  # type: ignore[no-untyped-def]
+    timeout: float = 120,
+) -> None:
     """Keep jobs coming until one is served by `version`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -167,7 +177,12 @@ def submit_until(client, auth, ids: list[str], log: Path, version: str,  # type:
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_worker_hot_swaps_versions_without_a_failed_job(  # type: ignore[no-untyped-def]
-    client, auth, admin_key: str, settings: Settings, production_model: str, model_file: Path,
+    client,
+    auth,
+    admin_key: str,
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
     tmp_path: Path,
 ) -> None:
     log = tmp_path / "worker.log"
@@ -211,8 +226,17 @@ def test_wanted_carries_the_versions_faithful_runtimes() -> None:
     from segsvc.models import ModelVersion
     from worker.model_manager import _wanted
 
-    row = ModelVersion(version="v", path="p", sha256="s", traffic_share=1.0,
-                       metrics={"faithful_runtimes": ["onnx", "litert-int8"]})
+    row = ModelVersion(
+        version="v",
+        path="p",
+        sha256="s",
+        traffic_share=1.0,
+        metrics={"faithful_runtimes": ["onnx", "litert-int8"]},
+    )
     assert _wanted(row).faithful == ("onnx", "litert-int8")
-    assert _wanted(ModelVersion(version="v", path="p", sha256="s", traffic_share=0.0,
-                                metrics={})).faithful == ()
+    assert (
+        _wanted(
+            ModelVersion(version="v", path="p", sha256="s", traffic_share=0.0, metrics={})
+        ).faithful
+        == ()
+    )

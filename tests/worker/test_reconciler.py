@@ -35,7 +35,8 @@ def make_job(settings: Settings, *, age_s: float = 60, **values: Any) -> uuid.UU
     with session_scope(settings) as session:
         job = job_service.create_job(session=session, image=image)
         session.execute(
-            update(Job).where(Job.id == job.id)
+            update(Job)
+            .where(Job.id == job.id)
             .values(created_at=utcnow() - timedelta(seconds=age_s), **values)
         )
         return job.id
@@ -51,8 +52,10 @@ def get(settings: Settings, job_id: uuid.UUID) -> Job:
 
 def queued_ids(settings: Settings) -> list[str]:
     client = redis.Redis.from_url(settings.broker_url or "")
-    return [json.loads(m)["headers"]["argsrepr"].strip("[](),'")
-            for m in client.lrange(settings.queue_name, 0, -1)]
+    return [
+        json.loads(m)["headers"]["argsrepr"].strip("[](),'")
+        for m in client.lrange(settings.queue_name, 0, -1)
+    ]
 
 
 def reconcile(settings: Settings) -> dict[str, object]:
@@ -76,8 +79,10 @@ def test_reconcile_treats_stale_unacked_message_as_lost(settings: Settings) -> N
     held_by_dead = make_job(settings)
     held_by_live = make_job(settings)
     client = redis.Redis.from_url(settings.broker_url or "")
-    for tag, job_id, delivered in (("t1", held_by_dead, time.time() - 3600),
-                                   ("t2", held_by_live, time.time())):
+    for tag, job_id, delivered in (
+        ("t1", held_by_dead, time.time() - 3600),
+        ("t2", held_by_live, time.time()),
+    ):
         raw = json.dumps({"headers": {"argsrepr": f"('{job_id}',)"}})
         client.hset("unacked", tag, json.dumps([raw, "", settings.queue_name]))
         client.zadd("unacked_index", {tag: delivered})
@@ -88,10 +93,16 @@ def test_reconcile_treats_stale_unacked_message_as_lost(settings: Settings) -> N
 
 def test_reconcile_requeues_running_job_with_expired_lease(settings: Settings) -> None:
     expired = utcnow() - timedelta(seconds=5)
-    dead = make_job(settings, status="running", attempts=1, lease_token=uuid.uuid4(),
-                    lease_expires_at=expired)
-    alive = make_job(settings, status="running", attempts=1, lease_token=uuid.uuid4(),
-                     lease_expires_at=utcnow() + timedelta(seconds=60))
+    dead = make_job(
+        settings, status="running", attempts=1, lease_token=uuid.uuid4(), lease_expires_at=expired
+    )
+    alive = make_job(
+        settings,
+        status="running",
+        attempts=1,
+        lease_token=uuid.uuid4(),
+        lease_expires_at=utcnow() + timedelta(seconds=60),
+    )
     report = reconcile(settings)
     assert report["requeued_lost"] == 1
     job = get(settings, dead)
@@ -102,13 +113,30 @@ def test_reconcile_requeues_running_job_with_expired_lease(settings: Settings) -
 
 def test_reconcile_fences_out_a_slow_worker(settings: Settings) -> None:
     token = uuid.uuid4()
-    job_id = make_job(settings, status="running", attempts=1, lease_token=token,
-                      lease_expires_at=utcnow() - timedelta(seconds=1))
+    job_id = make_job(
+        settings,
+        status="running",
+        attempts=1,
+        lease_token=token,
+        lease_expires_at=utcnow() - timedelta(seconds=1),
+    )
     reconcile(settings)
     with session_scope(settings) as session:
-        stored = job_service.complete_jobs(session=session, results=[{
-            "id": job_id, "lease_token": token, "mask_png": b"x", "class_fractions": [1, 0, 0],
-            "model_version": "v", "queue_ms": 1.0, "predict_ms": 1.0, "batch_size": 1}])
+        stored = job_service.complete_jobs(
+            session=session,
+            results=[
+                {
+                    "id": job_id,
+                    "lease_token": token,
+                    "mask_png": b"x",
+                    "class_fractions": [1, 0, 0],
+                    "model_version": "v",
+                    "queue_ms": 1.0,
+                    "predict_ms": 1.0,
+                    "batch_size": 1,
+                }
+            ],
+        )
     assert stored == 0
     assert get(settings, job_id).status == "queued"
 
@@ -118,8 +146,13 @@ def test_reconcile_fails_job_lost_max_times(
     settings: Settings, max_attempts: int, code: str
 ) -> None:
     cfg = settings.model_copy(update={"job_max_attempts": max_attempts})
-    job_id = make_job(cfg, status="running", attempts=max_attempts, lease_token=uuid.uuid4(),
-                      lease_expires_at=utcnow() - timedelta(seconds=1))
+    job_id = make_job(
+        cfg,
+        status="running",
+        attempts=max_attempts,
+        lease_token=uuid.uuid4(),
+        lease_expires_at=utcnow() - timedelta(seconds=1),
+    )
     report = reconcile(cfg)
     assert report["failed"] == 1
     job = get(cfg, job_id)
@@ -129,10 +162,20 @@ def test_reconcile_fails_job_lost_max_times(
 
 def test_reconcile_sends_suspects_one_at_a_time(settings: Settings) -> None:
     expired = utcnow() - timedelta(seconds=1)
-    suspects = [make_job(settings, age_s=60 - i, status="running", attempts=2,
-                         lease_token=uuid.uuid4(), lease_expires_at=expired) for i in range(3)]
-    first_loss = make_job(settings, status="running", attempts=1, lease_token=uuid.uuid4(),
-                          lease_expires_at=expired)
+    suspects = [
+        make_job(
+            settings,
+            age_s=60 - i,
+            status="running",
+            attempts=2,
+            lease_token=uuid.uuid4(),
+            lease_expires_at=expired,
+        )
+        for i in range(3)
+    ]
+    first_loss = make_job(
+        settings, status="running", attempts=1, lease_token=uuid.uuid4(), lease_expires_at=expired
+    )
     report = reconcile(settings)
     assert (report["requeued_lost"], report["waiting_suspects"]) == (2, 2)
     assert set(queued_ids(settings)) == {str(suspects[0]), str(first_loss)}
@@ -143,8 +186,14 @@ def test_reconcile_sends_suspects_one_at_a_time(settings: Settings) -> None:
 
 
 def test_reconcile_ends_canceled_jobs(settings: Settings) -> None:
-    running = make_job(settings, status="running", attempts=1, cancel_requested=True,
-                       lease_token=uuid.uuid4(), lease_expires_at=utcnow() - timedelta(seconds=1))
+    running = make_job(
+        settings,
+        status="running",
+        attempts=1,
+        cancel_requested=True,
+        lease_token=uuid.uuid4(),
+        lease_expires_at=utcnow() - timedelta(seconds=1),
+    )
     released = make_job(settings, cancel_requested=True)
     report = reconcile(settings)
     assert report["canceled"] == 2
@@ -172,10 +221,21 @@ def test_complete_job_canceled_while_running_ends_canceled(settings: Settings) -
     with session_scope(settings) as session:
         job_service.cancel_job(session=session, job_id=str(job_id), client_id=None)
     with session_scope(settings) as session:
-        job_service.complete_jobs(session=session, results=[{
-            "id": job_id, "lease_token": claimed[0].lease_token, "mask_png": b"x",
-            "class_fractions": [1, 0, 0], "model_version": "v", "queue_ms": 1.0,
-            "predict_ms": 1.0, "batch_size": 1}])
+        job_service.complete_jobs(
+            session=session,
+            results=[
+                {
+                    "id": job_id,
+                    "lease_token": claimed[0].lease_token,
+                    "mask_png": b"x",
+                    "class_fractions": [1, 0, 0],
+                    "model_version": "v",
+                    "queue_ms": 1.0,
+                    "predict_ms": 1.0,
+                    "batch_size": 1,
+                }
+            ],
+        )
     job = get(settings, job_id)
     assert (job.status, job.error_code) == ("canceled", "canceled")
 
@@ -184,9 +244,15 @@ def test_reconcile_failure_records_completed_webhook(settings: Settings) -> None
     from segsvc.models import WebhookMessage
 
     cfg = settings.model_copy(update={"job_max_attempts": 2})
-    job_id = make_job(cfg, status="running", attempts=2, lease_token=uuid.uuid4(),
-                      lease_expires_at=utcnow() - timedelta(seconds=1),
-                      webhook_url="https://hooks.example.com/x", webhook_events=["completed"])
+    job_id = make_job(
+        cfg,
+        status="running",
+        attempts=2,
+        lease_token=uuid.uuid4(),
+        lease_expires_at=utcnow() - timedelta(seconds=1),
+        webhook_url="https://hooks.example.com/x",
+        webhook_events=["completed"],
+    )
     reconcile(cfg)
     with session_scope(cfg) as session:
         events = [m.event_type for m in session.query(WebhookMessage).filter_by(job_id=job_id)]

@@ -14,8 +14,11 @@ class Recorder:
         self.calls: list[str] = []
 
     def settle(self, *, count: int) -> SharedSettle:
-        return SharedSettle(count, ack=lambda: self.calls.append("ack"),
-                            requeue=lambda: self.calls.append("requeue"))
+        return SharedSettle(
+            count,
+            ack=lambda: self.calls.append("ack"),
+            requeue=lambda: self.calls.append("requeue"),
+        )
 
 
 def test_shared_settle_acks_once_after_the_last_id() -> None:
@@ -40,8 +43,9 @@ def test_shared_settle_requeues_when_any_id_was_not_stored(failed_at: int) -> No
 def test_shared_settle_settles_once_from_many_threads() -> None:
     rec = Recorder()
     settle = rec.settle(count=200)
-    threads = [threading.Thread(target=lambda: [settle.ack() for _ in range(20)])
-               for _ in range(10)]
+    threads = [
+        threading.Thread(target=lambda: [settle.ack() for _ in range(20)]) for _ in range(10)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -96,8 +96,9 @@ def test_deliver_message_rotation_window_signs_with_both(
 ) -> None:
     (old,) = secret_keys(hook_settings)
     with session_scope(hook_settings) as session:
-        new = webhook_service.rotate_secret(session=session, client_id=None,
-                                            settings=hook_settings).secret
+        new = webhook_service.rotate_secret(
+            session=session, client_id=None, settings=hook_settings
+        ).secret
     finish_job(hook_settings, start_job(hook_settings, make_job(hook_settings, receiver.url)))
     pump(hook_settings, "delivered")
     (got,) = receiver.wait_for(1)
@@ -106,9 +107,7 @@ def test_deliver_message_rotation_window_signs_with_both(
         Webhook(key).verify(got.body, got.headers)
 
 
-def test_deliver_message_410_disables_endpoint(
-    receiver: Receiver, hook_settings: Settings
-) -> None:
+def test_deliver_message_410_disables_endpoint(receiver: Receiver, hook_settings: Settings) -> None:
     receiver.script(Reply(410))
     first = make_job(hook_settings, receiver.url, ["start", "completed"])
     finish_job(hook_settings, start_job(hook_settings, first))
@@ -136,9 +135,14 @@ def start_webhook_worker(
 ) -> subprocess.Popen[bytes]:
     """A real Celery worker on the webhooks queue only (no model, threads pool)."""
     return start_celery(
-        settings, log_path, app="worker.webhook_tasks", queue=settings.webhook_queue_name,
-        pool=("--pool", "threads", "--concurrency", "4"), timeout=60,
-        SEG_WEBHOOK_ALLOW_NETWORKS=LOOPBACK_ONLY, **extra,
+        settings,
+        log_path,
+        app="worker.webhook_tasks",
+        queue=settings.webhook_queue_name,
+        pool=("--pool", "threads", "--concurrency", "4"),
+        timeout=60,
+        SEG_WEBHOOK_ALLOW_NETWORKS=LOOPBACK_ONLY,
+        **extra,
     )
 
 
@@ -181,8 +185,9 @@ def test_worker_restart_mid_retry_loses_no_delivery(
 @pytest.fixture
 def webhook_worker(settings: Settings, tmp_path: Path) -> Iterator[Path]:
     log_path = tmp_path / "hooks.log"
-    proc = start_webhook_worker(settings, log_path, SEG_WEBHOOK_TIMEOUT_SECONDS="3",
-                                SEG_WEBHOOK_SCHEDULE="0,1,2")
+    proc = start_webhook_worker(
+        settings, log_path, SEG_WEBHOOK_TIMEOUT_SECONDS="3", SEG_WEBHOOK_SCHEDULE="0,1,2"
+    )
     yield log_path
     stop_process(proc)
 
@@ -190,7 +195,10 @@ def webhook_worker(settings: Settings, tmp_path: Path) -> Iterator[Path]:
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_end_to_end_signed_events_in_order_and_slow_receiver_never_blocks_inference(
-    settings: Settings, auth: dict[str, str], worker: Path, webhook_worker: Path,
+    settings: Settings,
+    auth: dict[str, str],
+    worker: Path,
+    webhook_worker: Path,
     receiver: Receiver,
 ) -> None:
     slow = Receiver()

@@ -31,11 +31,23 @@ def test_ensure_artifacts_keys_by_sha256_and_converts_once(
 
 def test_ensure_artifacts_adds_only_missing_batch_sizes(model_file: Path, tmp_path: Path) -> None:
     sha = file_sha256(model_file)
-    folder = ensure_artifacts(model_file, kind="litert", artifact_dir=tmp_path, sha256=sha,
-                              batch_sizes=(1,), in_subprocess=False)
+    folder = ensure_artifacts(
+        model_file,
+        kind="litert",
+        artifact_dir=tmp_path,
+        sha256=sha,
+        batch_sizes=(1,),
+        in_subprocess=False,
+    )
     first = (folder / "b1.tflite").stat().st_mtime_ns
-    ensure_artifacts(model_file, kind="litert", artifact_dir=tmp_path, sha256=sha,
-                     batch_sizes=(1, 2), in_subprocess=False)
+    ensure_artifacts(
+        model_file,
+        kind="litert",
+        artifact_dir=tmp_path,
+        sha256=sha,
+        batch_sizes=(1, 2),
+        in_subprocess=False,
+    )
     assert (folder / "b1.tflite").stat().st_mtime_ns == first
     assert (folder / "b2.tflite").is_file()
 

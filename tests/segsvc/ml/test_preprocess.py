@@ -130,8 +130,9 @@ def test_class_fractions_of_a_full_size_mask() -> None:
     )
 
 
-@pytest.mark.parametrize("size", [(500, 375), (375, 500), (128, 128), (64, 48), (1, 1), (2999, 7),
-                                  (129, 127)])
+@pytest.mark.parametrize(
+    "size", [(500, 375), (375, 500), (128, 128), (64, 48), (1, 1), (2999, 7), (129, 127)]
+)
 def test_resized_class_fractions_equal_counting_the_resized_mask(size: tuple[int, int]) -> None:
     rng = np.random.default_rng(size[0] * 7 + size[1])
     noise = rng.integers(0, 3, (128, 128)).astype(np.uint8)

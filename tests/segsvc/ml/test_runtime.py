@@ -29,8 +29,11 @@ BATCH_SIZES = (1, 4)
 # must agree. The shipped (trained) model's faithfulness is measured in BENCHMARKS.md; this
 # random-init model has near-tied logits, so int8's mask agreement is looser here.
 TOLERANCE = {
-    "xla": (1e-4, 0.999), "onnx": (1e-4, 0.999), "litert": (1e-4, 0.999),
-    "litert-fp16": (5e-3, 0.995), "litert-int8": (5e-2, 0.95),
+    "xla": (1e-4, 0.999),
+    "onnx": (1e-4, 0.999),
+    "litert": (1e-4, 0.999),
+    "litert-fp16": (5e-3, 0.995),
+    "litert-int8": (5e-2, 0.95),
 }
 
 
@@ -48,15 +51,19 @@ def reference(model_file: Path, inputs: npt.NDArray[np.float32]) -> npt.NDArray[
 
 def load(kind: str, model_file: Path, cache: Path) -> Runtime:
     if kind not in ("keras", "xla"):  # convert in this process: TensorFlow is loaded already
-        ensure_artifacts(model_file, kind=kind, artifact_dir=cache, batch_sizes=BATCH_SIZES,
-                         in_subprocess=False)
+        ensure_artifacts(
+            model_file, kind=kind, artifact_dir=cache, batch_sizes=BATCH_SIZES, in_subprocess=False
+        )
     return load_runtime(model_file, kind=kind, artifact_dir=cache, batch_sizes=BATCH_SIZES)
 
 
 @pytest.mark.parametrize("kind", sorted(TOLERANCE))
 def test_runtime_agrees_with_keras(
-    kind: str, model_file: Path, inputs: npt.NDArray[np.float32],
-    reference: npt.NDArray[np.float32], tmp_path_factory: pytest.TempPathFactory,
+    kind: str,
+    model_file: Path,
+    inputs: npt.NDArray[np.float32],
+    reference: npt.NDArray[np.float32],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     runtime = load(kind, model_file, tmp_path_factory.getbasetemp() / "artifacts")
     out = runtime.predict(inputs)
@@ -83,9 +90,14 @@ def test_load_runtime_serves_cached_onnx_without_tensorflow(
         "print(rt.name, sorted(m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow', 'keras')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=False, env={"CUDA_VISIBLE_DEVICES": "-1",
-                                                        "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"CUDA_VISIBLE_DEVICES": "-1", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "onnx []"
 
@@ -137,8 +149,9 @@ def test_litert_padded_and_split_calls_give_each_image_its_own_result(
 ) -> None:
     cache = tmp_path_factory.getbasetemp() / "artifacts"
     load("litert-int8", model_file, cache)  # converts (or finds) b1 and b4
-    folder = ensure_artifacts(model_file, kind="litert-int8", artifact_dir=cache,
-                              batch_sizes=BATCH_SIZES)
+    folder = ensure_artifacts(
+        model_file, kind="litert-int8", artifact_dir=cache, batch_sizes=BATCH_SIZES
+    )
     ones = LiteRTRuntime(folder, kind="litert-int8", batch_sizes=(1,), threads=1)
     fours = LiteRTRuntime(folder, kind="litert-int8", batch_sizes=(4,), threads=1)
     both = LiteRTRuntime(folder, kind="litert-int8", batch_sizes=BATCH_SIZES, threads=1)

@@ -19,12 +19,21 @@ def png_bytes() -> bytes:
     return buf.getvalue()
 
 
-def make_job(settings: Settings, url: str | None, events: list[str] | None = None,
-             client_id: uuid.UUID | None = None) -> uuid.UUID:
+def make_job(
+    settings: Settings,
+    url: str | None,
+    events: list[str] | None = None,
+    client_id: uuid.UUID | None = None,
+) -> uuid.UUID:
     image = validate_image(png_bytes(), max_bytes=10**6, max_pixels=10**6)
     with session_scope(settings) as session:
-        job = job_service.create_job(session=session, image=image, webhook_url=url,
-                                     webhook_events=events, client_id=client_id)
+        job = job_service.create_job(
+            session=session,
+            image=image,
+            webhook_url=url,
+            webhook_events=events,
+            client_id=client_id,
+        )
         return job.id
 
 
@@ -35,8 +44,15 @@ def start_job(settings: Settings, job_id: uuid.UUID) -> job_service.Claimed:
 
 
 def finish_job(settings: Settings, claimed: job_service.Claimed) -> None:
-    result = {"id": claimed.id, "lease_token": claimed.lease_token, "mask_png": b"",
-              "class_fractions": [0.5, 0.4, 0.1], "model_version": "test-v1", "queue_ms": 1.0,
-              "predict_ms": 2.0, "batch_size": 1}
+    result = {
+        "id": claimed.id,
+        "lease_token": claimed.lease_token,
+        "mask_png": b"",
+        "class_fractions": [0.5, 0.4, 0.1],
+        "model_version": "test-v1",
+        "queue_ms": 1.0,
+        "predict_ms": 2.0,
+        "batch_size": 1,
+    }
     with session_scope(settings) as session:
         assert job_service.complete_jobs(session=session, results=[result]) == 1

@@ -99,7 +99,10 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture
 def hook_settings(settings: Settings) -> Settings:
     """Settings whose webhooks may reach loopback receivers, on a compressed schedule."""
-    return settings.model_copy(update={
-        "webhook_allow_networks": LOOPBACK_ONLY, "webhook_schedule": "0,1,2",
-        "webhook_timeout_seconds": 2.0,
-    })
+    return settings.model_copy(
+        update={
+            "webhook_allow_networks": LOOPBACK_ONLY,
+            "webhook_schedule": "0,1,2",
+            "webhook_timeout_seconds": 2.0,
+        }
+    )

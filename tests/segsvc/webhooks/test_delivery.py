@@ -12,8 +12,7 @@ from tests.segsvc.webhooks.receiver import Receiver, Reply
 
 def target(receiver: Receiver, host: str = "127.0.0.1") -> Target:
     port = receiver.server.server_address[1]
-    return Target(url=f"http://{host}:{port}/hook", host=host, port=port,
-                  addresses=("127.0.0.1",))
+    return Target(url=f"http://{host}:{port}/hook", host=host, port=port, addresses=("127.0.0.1",))
 
 
 def send(receiver: Receiver, **kw):  # type: ignore[no-untyped-def]
@@ -33,15 +32,17 @@ def test_post_2xx_is_delivered(receiver: Receiver) -> None:
 def test_post_connects_to_checked_address_with_original_host(receiver: Receiver) -> None:
     # "hooks.example" is never resolved: the connection goes to the pinned address only.
     port = receiver.server.server_address[1]
-    out = post(target(receiver, host="hooks.example"), body="{}", headers={}, timeout=2.0,
-               body_cap=64)
+    out = post(
+        target(receiver, host="hooks.example"), body="{}", headers={}, timeout=2.0, body_cap=64
+    )
     assert out.kind == "delivered"
     assert receiver.wait_for(1)[0].headers["Host"] == f"hooks.example:{port}"
 
 
 def test_post_classifies_answers(receiver: Receiver) -> None:
-    receiver.script(Reply(503, headers={"Retry-After": "7"}), Reply(429), Reply(408),
-                    Reply(400), Reply(410))
+    receiver.script(
+        Reply(503, headers={"Retry-After": "7"}), Reply(429), Reply(408), Reply(400), Reply(410)
+    )
     kinds = [send(receiver) for _ in range(5)]
     assert [o.kind for o in kinds] == ["retry", "retry", "retry", "failed", "gone"]
     assert kinds[0].retry_after == "7"

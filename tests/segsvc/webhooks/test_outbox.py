@@ -34,13 +34,17 @@ def attempt(settings: Settings, outcome: Outcome) -> list[str]:
     statuses = []
     for message_id, lease in claimed:
         with session_scope(settings) as session:
-            prepared = start_attempt(session=session, message_id=message_id, lease=lease,
-                                     settings=settings)
+            prepared = start_attempt(
+                session=session, message_id=message_id, lease=lease, settings=settings
+            )
         if prepared is None:
             continue
         with session_scope(settings) as session:
-            statuses.append(finish_attempt(session=session, prepared=prepared,
-                                           outcome=outcome, settings=settings))
+            statuses.append(
+                finish_attempt(
+                    session=session, prepared=prepared, outcome=outcome, settings=settings
+                )
+            )
     return statuses
 
 
@@ -65,12 +69,20 @@ def test_record_events_start_and_completed_snapshot_each_state(settings: Setting
 
 
 def test_record_events_for_every_terminal_state(settings: Settings) -> None:
-    failed, canceled, plain = (make_job(settings, URL), make_job(settings, URL),
-                               make_job(settings, None))
+    failed, canceled, plain = (
+        make_job(settings, URL),
+        make_job(settings, URL),
+        make_job(settings, None),
+    )
     claimed = start_job(settings, failed)
     with session_scope(settings) as session:
-        job_service.fail_job(session=session, job_id=failed, code="boom", message="x",
-                             lease_token=claimed.lease_token)
+        job_service.fail_job(
+            session=session,
+            job_id=failed,
+            code="boom",
+            message="x",
+            lease_token=claimed.lease_token,
+        )
         job_service.cancel_job(session=session, job_id=str(canceled), client_id=None)
         job_service.cancel_job(session=session, job_id=str(plain), client_id=None)
     got = {m.job_id: m.payload["status"] for m in messages(settings)}
@@ -117,12 +129,14 @@ def test_gone_disables_endpoint_for_that_client_only(settings: Settings) -> None
     finish_job(settings, start_job(settings, second))
     with session_scope(settings) as session:
         (message_id, lease), *_ = claim_due(session=session, limit=1)
-        prepared = start_attempt(session=session, message_id=message_id, lease=lease,
-                                 settings=settings)
+        prepared = start_attempt(
+            session=session, message_id=message_id, lease=lease, settings=settings
+        )
     assert prepared is not None
     with session_scope(settings) as session:
-        finish_attempt(session=session, prepared=prepared, outcome=Outcome("gone", 1.0, 410),
-                       settings=settings)
+        finish_attempt(
+            session=session, prepared=prepared, outcome=Outcome("gone", 1.0, 410), settings=settings
+        )
     assert sorted(m.status for m in messages(settings)) == ["disabled", "failed"]
     with session_scope(settings) as session:
         endpoint = session.scalar(select(WebhookEndpoint))
@@ -140,8 +154,9 @@ def test_redeliver_reenables_and_resends(settings: Settings) -> None:
     assert attempt(settings, Outcome("gone", 1.0, 410)) == ["failed"]
     msg = messages(settings)[0]
     with session_scope(settings) as session:
-        webhook_service.redeliver(session=session, job_id=str(job_id), message_id=msg.id,
-                                  client_id=None)
+        webhook_service.redeliver(
+            session=session, job_id=str(job_id), message_id=msg.id, client_id=None
+        )
     assert attempt(settings, Outcome("delivered", 1.0, 200)) == ["delivered"]
     assert messages(settings)[0].attempts == 2
 
@@ -179,16 +194,30 @@ def test_record_events_started_once_when_job_is_retried(settings: Settings) -> N
 def test_record_events_in_a_mixed_batch_only_for_subscribed_jobs(settings: Settings) -> None:
     # The claim and the completion skip the outbox query for jobs without a webhook; a batch
     # mixing both must still give each subscribed job exactly its own messages.
-    both, default, plain = (make_job(settings, URL, ["start", "completed"]),
-                            make_job(settings, URL), make_job(settings, None))
+    both, default, plain = (
+        make_job(settings, URL, ["start", "completed"]),
+        make_job(settings, URL),
+        make_job(settings, None),
+    )
     with session_scope(settings) as session:
-        claimed = job_service.claim_jobs(session=session, job_ids=[both, default, plain],
-                                         lease_seconds=60)
+        claimed = job_service.claim_jobs(
+            session=session, job_ids=[both, default, plain], lease_seconds=60
+        )
     assert {job.id for job in claimed} == {both, default, plain}
     assert all(job.model_input and len(job.model_input) == 128 * 128 * 3 for job in claimed)
-    results = [{"id": job.id, "lease_token": job.lease_token, "mask_png": b"",
-                "class_fractions": [0.5, 0.4, 0.1], "model_version": "test-v1",
-                "queue_ms": 1.0, "predict_ms": 2.0, "batch_size": 3} for job in claimed]
+    results = [
+        {
+            "id": job.id,
+            "lease_token": job.lease_token,
+            "mask_png": b"",
+            "class_fractions": [0.5, 0.4, 0.1],
+            "model_version": "test-v1",
+            "queue_ms": 1.0,
+            "predict_ms": 2.0,
+            "batch_size": 3,
+        }
+        for job in claimed
+    ]
     with session_scope(settings) as session:
         assert job_service.complete_jobs(session=session, results=results) == 3
     got = sorted((m.job_id == both, m.event_type) for m in messages(settings))

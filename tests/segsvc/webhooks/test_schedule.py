@@ -31,9 +31,15 @@ def test_next_delay_honours_longer_retry_after_only() -> None:
     assert next_delay(attempts_made=2, schedule=DEFAULT, retry_after=1) >= 270
 
 
-@pytest.mark.parametrize(("header", "seconds"), [
-    ("120", 120.0), ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0), ("soon", None), (None, None),
-])
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),
+        ("soon", None),
+        (None, None),
+    ],
+)
 def test_parse_retry_after_seconds_and_dates(header: str | None, seconds: float | None) -> None:
     now = datetime(2015, 10, 21, 7, 28, 0, tzinfo=UTC)
     assert parse_retry_after(header, now=now) == seconds
@@ -41,13 +47,18 @@ def test_parse_retry_after_seconds_and_dates(header: str | None, seconds: float 
 
 def test_next_attempt_at_gives_up_past_max_age() -> None:
     created = datetime(2024, 1, 1, tzinfo=UTC)
-    soon = next_attempt_at(now=created, created_at=created, attempts_made=1, schedule=DEFAULT,
-                           max_age_seconds=3600)
+    soon = next_attempt_at(
+        now=created, created_at=created, attempts_made=1, schedule=DEFAULT, max_age_seconds=3600
+    )
     assert soon is not None
     assert soon - created <= timedelta(seconds=6)
     late = created + timedelta(minutes=59)
-    assert next_attempt_at(now=late, created_at=created, attempts_made=2, schedule=DEFAULT,
-                           max_age_seconds=3600) is None
+    assert (
+        next_attempt_at(
+            now=late, created_at=created, attempts_made=2, schedule=DEFAULT, max_age_seconds=3600
+        )
+        is None
+    )
 
 
 @pytest.mark.parametrize("raw", ["", "1,-2", "a"])

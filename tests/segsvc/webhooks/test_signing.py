@@ -59,8 +59,9 @@ def test_verify_webhook_accepts_then_refuses_replay() -> None:
 
 def test_verify_webhook_retry_with_fresh_timestamp_passes() -> None:
     key, cache = new_secret(), ReplayCache()
-    verify_webhook(signed([key], datetime.now(UTC) - timedelta(seconds=30)), BODY, key,
-                   replay_cache=cache)
+    verify_webhook(
+        signed([key], datetime.now(UTC) - timedelta(seconds=30)), BODY, key, replay_cache=cache
+    )
     verify_webhook(signed([key]), BODY, key, replay_cache=cache)
 
 
@@ -68,8 +69,9 @@ def test_verify_webhook_retry_with_fresh_timestamp_passes() -> None:
 def test_verify_webhook_refuses_stale_timestamps(skew: timedelta) -> None:
     key = new_secret()
     with pytest.raises(WebhookVerificationError, match="timestamp"):
-        verify_webhook(signed([key], datetime.now(UTC) + skew), BODY, key,
-                       replay_cache=ReplayCache())
+        verify_webhook(
+            signed([key], datetime.now(UTC) + skew), BODY, key, replay_cache=ReplayCache()
+        )
 
 
 def test_verify_webhook_refuses_tampered_body_and_garbage() -> None:

@@ -19,28 +19,31 @@ def fake_dns(*addresses: str):  # type: ignore[no-untyped-def]
     return lambda _host, _port: list(addresses)
 
 
-@pytest.mark.parametrize(("address", "reason"), [
-    ("10.0.0.1", "private"),
-    ("192.168.1.1", "private"),
-    ("172.16.5.4", "private"),
-    ("169.254.169.254", "cloud metadata"),
-    ("fd00:ec2::254", "cloud metadata"),
-    ("169.254.1.1", "link-local"),
-    ("fe80::1", "link-local"),
-    ("fd00::1", "private"),
-    ("224.0.0.1", "multicast"),
-    ("ff02::1", "multicast"),
-    ("0.0.0.0", "unspecified"),
-    ("::", "unspecified"),
-    ("127.0.0.2", "loopback"),
-    ("::1", "loopback"),
-    ("100.64.0.1", "non-public"),
-    ("240.0.0.1", "private"),
-    ("::ffff:10.0.0.1", "embedding 10.0.0.1"),
-    ("::ffff:169.254.169.254", "cloud metadata"),
-    ("64:ff9b::a00:1", "embedding 10.0.0.1"),
-    ("2002:c0a8:101::", "embedding 192.168.1.1"),
-])
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("10.0.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("172.16.5.4", "private"),
+        ("169.254.169.254", "cloud metadata"),
+        ("fd00:ec2::254", "cloud metadata"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("fd00::1", "private"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("127.0.0.2", "loopback"),
+        ("::1", "loopback"),
+        ("100.64.0.1", "non-public"),
+        ("240.0.0.1", "private"),
+        ("::ffff:10.0.0.1", "embedding 10.0.0.1"),
+        ("::ffff:169.254.169.254", "cloud metadata"),
+        ("64:ff9b::a00:1", "embedding 10.0.0.1"),
+        ("2002:c0a8:101::", "embedding 192.168.1.1"),
+    ],
+)
 def test_refusal_reason_refuses_non_public(address: str, reason: str) -> None:
     why = refusal_reason(address)
     assert why is not None
@@ -66,17 +69,26 @@ def test_check_url_refuses_when_any_address_is_private() -> None:
 
 
 def test_check_url_returns_every_checked_address() -> None:
-    target = check_url("https://hooks.example:8443/p?q=1",
-                       resolver=fake_dns("93.184.215.14", "2606:2800:21f:cb07::1"))
+    target = check_url(
+        "https://hooks.example:8443/p?q=1",
+        resolver=fake_dns("93.184.215.14", "2606:2800:21f:cb07::1"),
+    )
     assert target.host == "hooks.example"
     assert target.port == 8443
     assert target.addresses == ("93.184.215.14", "2606:2800:21f:cb07::1")
 
 
-@pytest.mark.parametrize("url", [
-    "ftp://hooks.example/", "hooks.example/x", "http:///x", "javascript:alert(1)",
-    "http://hooks.example:70000/", "https://" + "a" * 2100 + ".example/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://hooks.example/",
+        "hooks.example/x",
+        "http:///x",
+        "javascript:alert(1)",
+        "http://hooks.example:70000/",
+        "https://" + "a" * 2100 + ".example/",
+    ],
+)
 def test_check_url_refuses_malformed(url: str) -> None:
     with pytest.raises(UnsafeTargetError):
         check_url(url, resolver=fake_dns("93.184.215.14"))

@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(STAMP)  ## mypy --strict on segsvc, api, worker, retrain
+typecheck: $(STAMP)  ## mypy --strict on segsvc, api, worker, retrain, bench
 	$(BIN)/mypy
 
 migrate: $(STAMP)

@@ -81,7 +81,7 @@ def _server_versions() -> dict[str, str]:
 
 
 def best_batched(raw: dict[str, Any]) -> float:
-    return max(raw["b8"]["images_per_s"], raw["b32"]["images_per_s"])
+    return float(max(raw["b8"]["images_per_s"], raw["b32"]["images_per_s"]))
 
 
 def served_row(r: dict[str, Any]) -> dict[str, Any]:

@@ -93,7 +93,7 @@ def main() -> None:
     results["faithful_runtimes"] = [k for k, v in results["raw"].items() if v.get("faithful")]
     results["served_runtime"] = resolve_kind(args.runtime, results["faithful_runtimes"])
     log(f"faithful: {results['faithful_runtimes']}; serving {results['served_runtime']}")
-    threads = Settings(_env_file=None).inference_threads  # type: ignore[call-arg]
+    threads = Settings(_env_file=None).inference_threads
     log(f"raw: {results['served_runtime']} as the worker runs it ({threads} thread(s))")
     timer = raw.ServedTimer(
         model,
@@ -121,9 +121,10 @@ def main() -> None:
 
 
 def resolve_model(args: argparse.Namespace) -> Path:
-    if args.model.is_file():
-        return args.model
-    path = args.var_dir / "init.keras"
+    model: Path = args.model
+    if model.is_file():
+        return model
+    path: Path = args.var_dir / "init.keras"
     if not path.is_file():
         from segsvc.ml.unet import build_unet
 
@@ -180,7 +181,7 @@ def run_system(
     env = system.bench_env(url, args.var_dir, SEG_RUNTIME=args.runtime)
     cfg = Settings(
         database_url=url, broker_url=system.REDIS_URL, var_dir=args.var_dir, _env_file=None
-    )  # type: ignore[call-arg]
+    )
     upgrade(settings=cfg)
     with session_scope(cfg) as session:
         register_version(

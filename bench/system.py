@@ -113,6 +113,11 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def _process_tree(pid: int) -> Callable[[], list[int]]:
+    """What a CpuMeter group reads: `pid` and its direct children as they are at each reading."""
+    return lambda: [pid, *children(pid)]
+
+
 def gunicorn(
     name: str, app: str, port: int, env: dict[str, str], log_dir: Path, args: list[str]
 ) -> Service:
@@ -236,8 +241,7 @@ class CpuMeter:
 
     def __init__(self, services: dict[str, Service]) -> None:
         self.groups: dict[str, Callable[[], list[int]]] = {
-            name: (lambda s=svc: [s.proc.pid, *children(s.proc.pid)])
-            for name, svc in services.items()
+            name: _process_tree(svc.proc.pid) for name, svc in services.items()
         }
         self.groups["postgres"] = lambda: pids_named("postgres")
         self.groups["redis"] = lambda: pids_named("redis-server")

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from api import schemas_openapi as s
+from segsvc.services.jobs import MAX_WAIT_SECONDS
 
 PNG = "image/png"
 SERVED_PREFIXES = ("/v1/",)
@@ -44,43 +45,39 @@ class Operation:
 
 
 IDEMPOTENCY = {"Idempotency-Key": "Replays the same job for the same body within 24 h."}
+# What a submit (one photo or a batch) can answer besides its 2xx.
+UPLOAD_ERRORS: dict[int, type[BaseModel] | str] = dict.fromkeys(
+    (400, 409, 413, 415, 422, 429, 503), s.Error
+)
+
+
+def wait_query(description: str) -> dict[str, Any]:
+    """The `?wait=` parameter's schema: seconds to hold the answer, up to the long-poll cap."""
+    return {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS, "description": description}
+
+
 OPERATIONS: dict[str, Operation] = {
     "jobs.submit_job": Operation(
         {
             202: s.AcceptedJob,
             201: s.Job,
             200: s.AcceptedJob,
-            400: s.Error,
-            409: s.Error,
-            413: s.Error,
-            415: s.Error,
-            422: s.Error,
-            429: s.Error,
-            503: s.Error,
+            **UPLOAD_ERRORS,
         },
         form=s.JobSubmission,
         headers=IDEMPOTENCY,
         query={
-            "wait": {
-                "type": "number",
-                "minimum": 0,
-                "maximum": 30,
-                "description": "Hold the answer until the job ends (201 with the finished job) or "
-                "for this many seconds (202).",
-            }
+            "wait": wait_query(
+                "Hold the answer until the job ends (201 with the finished job) or "
+                "for this many seconds (202)."
+            )
         },
     ),
     "jobs.submit_batch": Operation(
         {
             202: s.AcceptedBatch,
             200: s.AcceptedBatch,
-            400: s.Error,
-            409: s.Error,
-            413: s.Error,
-            415: s.Error,
-            422: s.Error,
-            429: s.Error,
-            503: s.Error,
+            **UPLOAD_ERRORS,
         },
         form=s.BatchSubmission,
         headers=IDEMPOTENCY,
@@ -89,24 +86,15 @@ OPERATIONS: dict[str, Operation] = {
         {200: s.JobList, 422: s.Error},
         query={
             "ids": {"type": "string", "description": "Comma-separated job ids (up to 100)."},
-            "wait": {
-                "type": "number",
-                "minimum": 0,
-                "maximum": 30,
-                "description": "Long poll: answer when every job has ended, or after this "
-                "many seconds.",
-            },
+            "wait": wait_query(
+                "Long poll: answer when every job has ended, or after this many seconds."
+            ),
         },
     ),
     "jobs.read_job": Operation(
         {200: s.Job, 422: s.Error},
         query={
-            "wait": {
-                "type": "number",
-                "minimum": 0,
-                "maximum": 30,
-                "description": "Long poll: answer when the job ends, or after this many seconds.",
-            }
+            "wait": wait_query("Long poll: answer when the job ends, or after this many seconds.")
         },
     ),
     "jobs.read_mask": Operation({200: PNG, 409: s.Error}),

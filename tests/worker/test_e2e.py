@@ -15,6 +15,18 @@ from tests.conftest import sample_images
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
+def submit(client, auth, photo: Path) -> str:  # type: ignore[no-untyped-def]
+    """POST one photo as `/v1/jobs` takes it; the accepted (202) job's id."""
+    resp = client.post(
+        "/v1/jobs",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(photo.read_bytes()), photo.name)},
+    )
+    assert resp.status_code == 202, resp.get_json()
+    return str(resp.get_json()["id"])
+
+
 def wait_for(client, auth, job_id: str, timeout: float = 90.0) -> dict:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:  # long polls: answered by the worker's notice
@@ -26,16 +38,7 @@ def wait_for(client, auth, job_id: str, timeout: float = 90.0) -> dict:  # type:
 
 def test_pet_photo_gets_a_mask_of_its_size(client, auth, worker: Path) -> None:  # type: ignore[no-untyped-def]
     photos = sample_images(3)
-    ids = []
-    for photo in photos:
-        resp = client.post(
-            "/v1/jobs",
-            headers=auth,
-            content_type="multipart/form-data",
-            data={"image": (io.BytesIO(photo.read_bytes()), photo.name)},
-        )
-        assert resp.status_code == 202
-        ids.append(resp.get_json()["id"])
+    ids = [submit(client, auth, photo) for photo in photos]
     for photo, job_id in zip(photos, ids, strict=True):
         body = wait_for(client, auth, job_id)
         assert body["status"] == "succeeded", (body, worker.read_text()[-2000:])
@@ -55,12 +58,7 @@ def test_finished_job_is_not_run_twice(client, auth, worker: Path, settings) -> 
     from segsvc.queue import enqueue_job, make_celery
 
     photo = sample_images(1)[0]
-    job_id = client.post(
-        "/v1/jobs",
-        headers=auth,
-        content_type="multipart/form-data",
-        data={"image": (io.BytesIO(photo.read_bytes()), photo.name)},
-    ).get_json()["id"]
+    job_id = submit(client, auth, photo)
     first = wait_for(client, auth, job_id)
     enqueue_job(make_celery(settings), uuid.UUID(job_id), settings=settings)  # duplicate
     time.sleep(1.5)
@@ -77,16 +75,11 @@ def test_bad_stored_image_fails_job_without_retry(client, auth, worker: Path, se
     from segsvc.queue import enqueue_job, make_celery
 
     photo = sample_images(1)[0]
-    resp = client.post(
-        "/v1/jobs",
-        headers=auth,
-        content_type="multipart/form-data",
-        data={"image": (io.BytesIO(photo.read_bytes()), photo.name)},
-    )
+    job_id = submit(client, auth, photo)
     # Wait for it, then replay a corrupted copy as a new job row.
-    wait_for(client, auth, resp.get_json()["id"])
+    wait_for(client, auth, job_id)
     with session_scope(settings) as session:
-        src = session.get(Job, uuid.UUID(resp.get_json()["id"]))
+        src = session.get(Job, uuid.UUID(job_id))
         assert src is not None
         bad = Job(
             client_id=src.client_id,
@@ -109,12 +102,7 @@ def test_bad_stored_image_fails_job_without_retry(client, auth, worker: Path, se
 
 def test_long_poll_is_woken_by_the_worker(client, auth, worker: Path) -> None:  # type: ignore[no-untyped-def]
     photo = sample_images(1)[0]
-    job_id = client.post(
-        "/v1/jobs",
-        headers=auth,
-        content_type="multipart/form-data",
-        data={"image": (io.BytesIO(photo.read_bytes()), photo.name)},
-    ).get_json()["id"]
+    job_id = submit(client, auth, photo)
     started = time.monotonic()
     body = client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()
     assert body["status"] == "succeeded"

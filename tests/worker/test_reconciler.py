@@ -58,6 +58,20 @@ def queued_ids(settings: Settings) -> list[str]:
     ]
 
 
+def result(job_id: uuid.UUID, lease_token: uuid.UUID) -> dict[str, Any]:
+    """A worker's result for `job_id` under `lease_token`, as `complete_jobs` takes it."""
+    return {
+        "id": job_id,
+        "lease_token": lease_token,
+        "mask_png": b"x",
+        "class_fractions": [1, 0, 0],
+        "model_version": "v",
+        "queue_ms": 1.0,
+        "predict_ms": 1.0,
+        "batch_size": 1,
+    }
+
+
 def reconcile(settings: Settings) -> dict[str, object]:
     return run_reconcile(settings, make_celery(settings))
 
@@ -122,21 +136,7 @@ def test_reconcile_fences_out_a_slow_worker(settings: Settings) -> None:
     )
     reconcile(settings)
     with session_scope(settings) as session:
-        stored = job_service.complete_jobs(
-            session=session,
-            results=[
-                {
-                    "id": job_id,
-                    "lease_token": token,
-                    "mask_png": b"x",
-                    "class_fractions": [1, 0, 0],
-                    "model_version": "v",
-                    "queue_ms": 1.0,
-                    "predict_ms": 1.0,
-                    "batch_size": 1,
-                }
-            ],
-        )
+        stored = job_service.complete_jobs(session=session, results=[result(job_id, token)])
     assert stored == 0
     assert get(settings, job_id).status == "queued"
 
@@ -221,21 +221,7 @@ def test_complete_job_canceled_while_running_ends_canceled(settings: Settings) -
     with session_scope(settings) as session:
         job_service.cancel_job(session=session, job_id=str(job_id), client_id=None)
     with session_scope(settings) as session:
-        job_service.complete_jobs(
-            session=session,
-            results=[
-                {
-                    "id": job_id,
-                    "lease_token": claimed[0].lease_token,
-                    "mask_png": b"x",
-                    "class_fractions": [1, 0, 0],
-                    "model_version": "v",
-                    "queue_ms": 1.0,
-                    "predict_ms": 1.0,
-                    "batch_size": 1,
-                }
-            ],
-        )
+        job_service.complete_jobs(session=session, results=[result(job_id, claimed[0].lease_token)])
     job = get(settings, job_id)
     assert (job.status, job.error_code) == ("canceled", "canceled")
 

@@ -80,10 +80,14 @@ class Service:
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
 
+    def pids(self) -> list[int]:
+        """The service's process and its direct children, as they are now."""
+        return [self.proc.pid, *children(self.proc.pid)]
+
     def peak_rss_mb(self) -> dict[str, float]:
         """VmHWM of the process and each of its children, in MB."""
         out = {}
-        for pid in [self.proc.pid, *children(self.proc.pid)]:
+        for pid in self.pids():
             with suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmHWM:"):
@@ -111,11 +115,6 @@ def children(pid: int) -> list[int]:
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(stat.parent.name))
     return found
-
-
-def _process_tree(pid: int) -> Callable[[], list[int]]:
-    """What a CpuMeter group reads: `pid` and its direct children as they are at each reading."""
-    return lambda: [pid, *children(pid)]
 
 
 def gunicorn(
@@ -241,7 +240,7 @@ class CpuMeter:
 
     def __init__(self, services: dict[str, Service]) -> None:
         self.groups: dict[str, Callable[[], list[int]]] = {
-            name: _process_tree(svc.proc.pid) for name, svc in services.items()
+            name: svc.pids for name, svc in services.items()
         }
         self.groups["postgres"] = lambda: pids_named("postgres")
         self.groups["redis"] = lambda: pids_named("redis-server")

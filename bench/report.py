@@ -421,17 +421,18 @@ def budget(r: dict[str, Any]) -> list[str]:
 
 
 THREAD_RUNS = CPU_RUNS[:4]
-THREADS = ("seg-model", "seg-claim", "seg-store")
+THREADS = ("seg-model", "seg-claim", "seg-store")  # the model thread first
 
 
 def threads_table(r: dict[str, Any]) -> list[str]:
     """The worker's own threads per job: time on a CPU and time runnable but waiting for one
     (from the kernel's per-thread schedstat), beside what the model costs when it runs alone."""
-    runs = [
-        (name, r[key]["worker_threads_per_job"])
-        for name, key in THREAD_RUNS
+    measured = {
+        key: r[key]["worker_threads_per_job"]
+        for _, key in THREAD_RUNS
         if r.get(key, {}).get("worker_threads_per_job")
-    ]
+    }
+    runs = [(name, measured[key]) for name, key in THREAD_RUNS if key in measured]
     if not runs:
         return []
     lines = [
@@ -455,10 +456,10 @@ def threads_table(r: dict[str, Any]) -> list[str]:
             ],
         ),
     ]
-    model = {
-        key: r[key]["worker_threads_per_job"].get("seg-model")
+    model: dict[str, Any] = {
+        key: measured[key].get(THREADS[0])
         for key in ("system_peak", "system_peak_batch")
-        if r.get(key, {}).get("worker_threads_per_job")
+        if key in measured
     }
     worker = as_served(r)
     if model.get("system_peak") and worker.get("threads") == 1:

@@ -18,12 +18,11 @@ from segsvc.db import session_scope
 from segsvc.logging_setup import configure_logging
 from segsvc.models import Job
 from segsvc.settings import Settings
+from tests.conftest import encode_image
 
 
 def png_bytes() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (40, 30), (10, 200, 30)).save(buf, format="PNG")
-    return buf.getvalue()
+    return encode_image(Image.new("RGB", (40, 30), (10, 200, 30)))
 
 
 def submit(client, headers: dict[str, str], data: bytes):  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from segsvc.settings import Settings
-from tests.conftest import start_worker, stop_process
+from tests.conftest import encode_image, start_worker, stop_process
 from worker.metrics_server import record_model, sample_queue_depth, start_metrics_server
 from worker.probes import ALIVE, READY, check, clear_probes, main, probe_age, write_probe
 
@@ -38,9 +38,7 @@ def free_port() -> int:
 
 
 def png_bytes() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (50, 40), (200, 10, 30)).save(buf, format="PNG")
-    return buf.getvalue()
+    return encode_image(Image.new("RGB", (50, 40), (200, 10, 30)))
 
 
 def submit(client, auth) -> str:  # type: ignore[no-untyped-def]

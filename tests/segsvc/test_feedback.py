@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import uuid
 from datetime import timedelta
 
@@ -18,20 +17,17 @@ from segsvc.services import feedback
 from segsvc.services.feedback import InvalidMaskError, InvalidRatingError, validate_mask
 from segsvc.services.jobs import create_job
 from segsvc.settings import Settings
+from tests.conftest import encode_image
 
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array, mode).save(buf, format="PNG")
-    return buf.getvalue()
+    return encode_image(Image.fromarray(array, mode))
 
 
 def photo_bytes(width: int = 80, height: int = 60, seed: int = 0) -> bytes:
     """A small random JPEG."""
     pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG")
-    return buf.getvalue()
+    return encode_image(Image.fromarray(pixels), "JPEG")
 
 
 def good_mask(width: int = 80, height: int = 60) -> bytes:
@@ -74,17 +70,14 @@ def test_validate_mask_reads_palette_and_16_bit_masks() -> None:
     classes = np.tile(np.arange(80) % 3, (60, 1)).astype(np.uint8)
     palette = Image.fromarray(classes, "L")
     palette.putpalette([0, 0, 0, 9, 9, 9, 200, 200, 200])  # mode P: the index is the class
-    buf = io.BytesIO()
-    palette.save(buf, format="PNG")
-    validate_mask(buf.getvalue(), width=80, height=60)
+    validate_mask(encode_image(palette), width=80, height=60)
     for values, error in ((classes.astype(np.uint16), None), (classes + np.uint16(300), "300")):
-        buf = io.BytesIO()
-        Image.fromarray(values.astype(np.uint16)).save(buf, format="PNG")  # 16-bit grey
+        data = encode_image(Image.fromarray(values.astype(np.uint16)))  # 16-bit grey PNG
         if error is None:
-            validate_mask(buf.getvalue(), width=80, height=60)
+            validate_mask(data, width=80, height=60)
         else:
             with pytest.raises(InvalidMaskError, match=f"found {error}"):
-                validate_mask(buf.getvalue(), width=80, height=60)
+                validate_mask(data, width=80, height=60)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT.parent / "shared" / "data" / "oxford_pets_sample"
 PG_ADMIN = os.environ.get("SEG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SEG_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (for a server a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def encode_image(img: Image.Image, fmt: str = "PNG", **save_options: object) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, sample_images
+from tests.conftest import ROOT, free_port, sample_images
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_embedded_default_runs_one_job(tmp_path: Path) -> None:

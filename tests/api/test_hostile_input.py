@@ -20,8 +20,7 @@ from PIL import Image
 from segsvc.db import session_scope
 from segsvc.models import Job
 from segsvc.settings import Settings
-from tests.conftest import ROOT, encode_image, stop_process, worker_env
-from tests.fault.harness import free_port
+from tests.conftest import ROOT, encode_image, free_port, stop_process, worker_env
 
 
 def submit(client, auth, data: bytes, name: str = "x.png"):  # type: ignore[no-untyped-def]

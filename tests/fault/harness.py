@@ -7,7 +7,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,14 @@ from sqlalchemy import select
 from segsvc.db import session_scope
 from segsvc.models import Job
 from segsvc.settings import Settings
-from tests.conftest import ROOT, sample_images, start_worker, stop_process, worker_env
+from tests.conftest import (
+    ROOT,
+    free_port,
+    sample_images,
+    start_worker,
+    stop_process,
+    worker_env,
+)
 
 INJECT = Path(__file__).resolve().parent / "inject"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -45,12 +51,6 @@ def fast_settings(settings: Settings, **update: object) -> Settings:
             **update,
         }
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class OwnRedis:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from segsvc.settings import Settings
-from tests.conftest import encode_image, start_worker, stop_process
+from tests.conftest import encode_image, free_port, start_worker, stop_process
 from worker.metrics_server import record_model, sample_queue_depth, start_metrics_server
 from worker.probes import ALIVE, READY, check, clear_probes, main, probe_age, write_probe
 
@@ -29,12 +28,6 @@ WORKER_SERIES = (
     "segsvc_batch_predict_seconds",
     "segsvc_batch_size",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def png_bytes() -> bytes:

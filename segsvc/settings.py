@@ -62,7 +62,13 @@ class Settings(BaseSettings):
     encoder_weights: Path | None = Field(
         None, description="Local MobileNetV2 weights file for new models (None: random init)."
     )
-    runtime: Runtime = Field("auto", description="Inference runtime (auto: onnx on CPU).")
+    runtime: Runtime = Field(
+        "auto",
+        description=(
+            "Inference runtime. auto: XLA on a GPU; on CPU LiteRT int8 where the model version's "
+            "metrics list it faithful, else ONNX Runtime float32."
+        ),
+    )
     artifact_cache_dir: Path | None = Field(
         None, description="Converted artifacts cache (default var_dir/artifacts)."
     )

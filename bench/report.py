@@ -175,7 +175,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Benchmarks",
         "",
-        "Written by `make bench` (`python -m bench.run`); raw JSON in `bench/results/`.",
+        "Written by `make bench` (`python -m bench.run`); raw JSON in `bench/results/`, every"
+        " saved run's targets side by side in `bench/results/HISTORY.md`.",
         "",
         f"- Date: {r['started']} (run took {r['seconds']:.0f} s)",
         f"- Machine: {m['cores']} cores, {m['cpu']}, {m['memory_gb']} GB, Linux {m['kernel']}",

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import load, raw, report, system
+from bench import history, load, raw, report, system
 from segsvc.client import LONG_POLL_S
 from segsvc.digest import file_sha256
 from segsvc.settings import ROOT, Settings
@@ -398,6 +398,7 @@ def write(results: dict[str, Any], out: Path) -> None:
     (folder / f"{stamp}.json").write_text(text)
     (folder / "latest.json").write_text(text)
     out.write_text(report.markdown(results))
+    (folder / "HISTORY.md").write_text(history.markdown(history.load_runs(folder)))
 
 
 def _jsonable(value: Any) -> Any:

@@ -116,6 +116,7 @@ class MicroBatcher:
                 if not batch:
                     return  # stopping
             self._post_slots.acquire()
+            claim: Claim | None = None
             try:
                 claim = (
                     claiming.result()
@@ -127,6 +128,8 @@ class MicroBatcher:
             except Exception:
                 self._post_slots.release()
                 log.exception("batch of %d failed before its results; requeued", len(batch))
+                if claim is not None:  # the forward pass failed: give its claimed jobs back
+                    self._release(claim)
                 _settle(batch, ok=False)
                 time.sleep(RETRY_PAUSE_S)
                 continue
@@ -151,13 +154,20 @@ class MicroBatcher:
             _settle(batch, ok=True)
         except Exception:
             log.exception("storing a batch of %d failed; released and requeued", len(batch))
-            try:
-                self.segmenter.release(inferred)
-            except Exception:  # the lease expires and the reconciler picks the jobs up
-                log.exception("releasing the batch failed too")
+            self._release(inferred)
             _settle(batch, ok=False)
         finally:
             self._post_slots.release()
+
+    def _release(self, batch: Claim | Inferred) -> None:
+        """Give a failed batch's claimed jobs back to the queue before its messages are
+        requeued, so the redelivered messages can claim them again at once (without this they
+        would find the jobs leased, be acknowledged, and wait for the reconciler, which counts
+        each such round as a lost attempt)."""
+        try:
+            self.segmenter.release(batch)
+        except Exception:  # the lease expires and the reconciler picks the jobs up
+            log.exception("releasing the batch failed too")
 
 
 def _named_thread(name: str) -> ThreadPoolExecutor:

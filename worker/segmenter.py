@@ -154,11 +154,15 @@ class Segmenter:
             for job, classes in zip(group.jobs, class_map(group.logits), strict=True):
                 try:
                     result = _result(job, classes, group, len(group.jobs))
-                    result["mask_png"] = self.blobs.put(result["mask_png"])  # row or file
-                    results.append(result)
                 except Exception as exc:  # one bad job must not fail its batch
                     log.warning("job %s failed in post-processing", job.id, exc_info=True)
                     failed.append((job, "postprocess_failed", f"Post-processing failed: {exc}"))
+                    continue
+                # Outside the job's try: a storage error (a full disk, a network filesystem
+                # away) is not the image's fault, so it fails the whole store, and the batch
+                # is released and requeued like a database outage.
+                result["mask_png"] = self.blobs.put(result["mask_png"])  # row or file
+                results.append(result)
         if not results and not failed:
             return {"claimed": batch.claimed, "succeeded": 0, "failed": 0}
         with session_scope(self.settings) as session:
@@ -190,9 +194,14 @@ class Segmenter:
         JOBS_FINISHED.labels("failed").inc(len(failed))
         return {"claimed": batch.claimed, "succeeded": done, "failed": len(failed)}
 
-    def release(self, batch: Inferred) -> None:
-        """Give a batch's claimed jobs back to the queue (its storing failed transiently)."""
-        jobs = [job for group in batch.groups for job in group.jobs] + [j for j, *_ in batch.failed]
+    def release(self, batch: Claim | Inferred) -> None:
+        """Give a batch's claimed jobs back to the queue (its forward pass or its storing
+        failed, e.g. a GPU out of memory or a database outage; it will run again)."""
+        if isinstance(batch, Claim):
+            jobs = [job for _, group, _ in batch.inputs for job in group]
+        else:
+            jobs = [job for group in batch.groups for job in group.jobs]
+        jobs += [job for job, *_ in batch.failed]
         with session_scope(self.settings) as session:
             for job in jobs:
                 job_service.release_job(session=session, job_id=job.id, lease_token=job.lease_token)

@@ -31,6 +31,7 @@ class Recorder:
         self.in_first_forward = threading.Event()
         self.release_first_forward = threading.Event()
         self.fail_claim_of: set[str] = set()
+        self.fail_forward_of: set[str] = set()
         self.settled: dict[str, str] = {}
         self.all_settled = threading.Event()
         self.expected = 0
@@ -53,6 +54,9 @@ class Recorder:
         if not self.in_first_forward.is_set():
             self.in_first_forward.set()
             assert self.release_first_forward.wait(60)
+        claimed = {str(job.id) for _, jobs, _ in claim.inputs for job in jobs}
+        if self.fail_forward_of & claimed:
+            raise RuntimeError("CUDA_ERROR_OUT_OF_MEMORY")
         return self.segmenter.forward(claim)
 
     def store(self, batch: Inferred) -> dict[str, int]:
@@ -178,3 +182,51 @@ def test_a_backlog_batch_waits_for_stragglers_and_a_lone_job_does_not(
     assert recorder.all_settled.wait(60)
     batcher.close()
     assert [ids for _, ids in recorder.claims] == [ids[:1], ids[1:]]
+
+
+def run_alone(recorder: Recorder, ids: list[str]) -> None:
+    """Put `ids` into a batcher of 2 that does not hold its first pass; wait until settled."""
+    recorder.expected = len(ids)
+    recorder.in_first_forward.set()
+    batcher = MicroBatcher(recorder, max_size=2, max_wait_s=0.0)  # type: ignore[arg-type]
+    for job_id in ids:
+        batcher.put(recorder.item(job_id))
+    assert recorder.all_settled.wait(60)
+    batcher.close()
+
+
+def test_a_failed_forward_pass_gives_its_jobs_back_before_requeueing(
+    settings: Settings, recorder: Recorder
+) -> None:
+    """A forward pass that raises (a GPU out of memory) after the claim: the jobs go back to
+    queued at once, so the redelivered messages claim them instead of finding them leased,
+    being acknowledged and waiting for the reconciler to count a lost attempt."""
+    uuids = make_jobs(settings, 2)
+    ids = [str(i) for i in uuids]
+    recorder.fail_forward_of = {ids[0]}
+    run_alone(recorder, ids)
+    assert recorder.settled == {ids[0]: "requeue", ids[1]: "requeue"}
+    for job in rows(settings, uuids):
+        assert (job.status, job.lease_token, job.error_code) == (JobStatus.QUEUED, None, None)
+    recorder.fail_forward_of = set()  # the redelivery runs them
+    recorder.settled, recorder.all_settled = {}, threading.Event()
+    run_alone(recorder, ids)
+    assert recorder.settled == {ids[0]: "ack", ids[1]: "ack"}
+    assert [job.status for job in rows(settings, uuids)] == [JobStatus.SUCCEEDED] * 2
+
+
+def test_a_storage_error_requeues_the_batch_instead_of_failing_its_jobs(
+    settings: Settings, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing a mask fails (a full disk under SEG_BLOB_STORE=fs): not the images' fault."""
+    uuids = make_jobs(settings, 2)
+    ids = [str(i) for i in uuids]
+
+    def disk_full(data: bytes) -> bytes:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recorder.segmenter.blobs, "put", disk_full)
+    run_alone(recorder, ids)
+    assert recorder.settled == {ids[0]: "requeue", ids[1]: "requeue"}
+    for job in rows(settings, uuids):
+        assert (job.status, job.error_code, job.mask_png) == (JobStatus.QUEUED, None, None)

@@ -438,6 +438,10 @@ def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) 
 def cancel_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) -> Job:
     """Cancel a queued job at once; a running one stops at its next batch boundary."""
     job = get_job(session=session, job_id=job_id, client_id=client_id)
+    # Re-read the row under a lock: a worker's claim or result may have committed since the
+    # read above, and a plain UPDATE would then overwrite `running` or `succeeded` with
+    # `canceled` (and send a second job.completed webhook).
+    session.refresh(job, with_for_update=True)
     if job.job_status.is_terminal:
         raise ConflictError(f"Job {job.id} is already {job.status}.")
     job.cancel_requested = True

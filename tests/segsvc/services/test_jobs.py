@@ -1,0 +1,86 @@
+"""segsvc/services/jobs.py on real Postgres: races between a client's cancel and a worker."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from segsvc.db import session_scope
+from segsvc.errors import ConflictError
+from segsvc.models import Job, JobStatus, utcnow
+from segsvc.services import jobs as job_service
+from segsvc.settings import Settings
+from tests.worker.test_segmenter import make_jobs
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def cancel_in_thread(settings: Settings, job_id: uuid.UUID) -> tuple[threading.Thread, list[Any]]:
+    outcome: list[Any] = []
+
+    def cancel() -> None:
+        try:
+            with session_scope(settings) as session:
+                job = job_service.cancel_job(session=session, job_id=str(job_id), client_id=None)
+                outcome.append(job.status)
+        except ConflictError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=cancel)
+    return thread, outcome
+
+
+def status(settings: Settings, job_id: uuid.UUID) -> tuple[str, bool]:
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.status, job.cancel_requested
+
+
+def test_a_cancel_racing_a_claim_does_not_overwrite_the_running_job(settings: Settings) -> None:
+    """The client's cancel reads the job while a worker's claim is still uncommitted: once the
+    claim commits, the job is running, so the cancel only asks it to stop."""
+    (job_id,) = make_jobs(settings, 1)
+    with session_scope(settings) as worker:
+        assert job_service.claim_jobs(session=worker, job_ids=[job_id], lease_seconds=60)
+        thread, outcome = cancel_in_thread(settings, job_id)
+        thread.start()
+        thread.join(0.5)  # the cancel waits for the claim's row lock
+        assert thread.is_alive()
+    thread.join(10)
+    assert outcome == [JobStatus.RUNNING]
+    assert status(settings, job_id) == (JobStatus.RUNNING, True)
+
+
+def test_a_cancel_racing_a_result_is_a_conflict(settings: Settings) -> None:
+    (job_id,) = make_jobs(settings, 1)
+    with session_scope(settings) as session:
+        (claimed,) = job_service.claim_jobs(session=session, job_ids=[job_id], lease_seconds=60)
+    with session_scope(settings) as worker:
+        worker.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_token == claimed.lease_token)
+            .values(status=JobStatus.SUCCEEDED, completed_at=utcnow())
+        )
+        thread, outcome = cancel_in_thread(settings, job_id)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive()
+    thread.join(10)
+    (result,) = outcome
+    assert isinstance(result, ConflictError)
+    assert status(settings, job_id) == (JobStatus.SUCCEEDED, False)
+
+
+def test_a_queued_job_is_canceled_and_a_claim_after_it_takes_nothing(settings: Settings) -> None:
+    (job_id,) = make_jobs(settings, 1)
+    with session_scope(settings) as session:
+        job = job_service.cancel_job(session=session, job_id=str(job_id), client_id=None)
+        assert job.status == JobStatus.CANCELED
+    with session_scope(settings) as session:
+        assert job_service.claim_jobs(session=session, job_ids=[job_id], lease_seconds=60) == []
+    assert status(settings, job_id) == (JobStatus.CANCELED, True)

@@ -29,7 +29,9 @@ app.conf.update(
     worker_prefetch_multiplier=max(3 * settings.batch_max_size, 1),
     imports=("worker.tasks", "worker.reconciler", "retrain.tasks"),
 )
-# The reconciler re-sends jobs the broker lost; `expires` drops passes that no worker took in time.
+# The reconciler re-sends jobs the broker lost. Workers also run it from a thread of their own
+# (`_reconcile_in_worker`), since this message waits behind any backlog on the inference queue;
+# `expires` drops passes that no worker took in time.
 app.conf.beat_schedule = {
     **(app.conf.beat_schedule or {}),
     "segsvc-reconcile": {
@@ -60,8 +62,9 @@ def _load_model_solo(**_: Any) -> None:
 
 
 @signals.worker_ready.connect
-def _reconcile_at_start(**_: Any) -> None:
-    """A (re)started worker recovers what a dead one left behind without waiting for beat."""
-    from worker.reconciler import reconcile_at_start
+def _reconcile_in_worker(**_: Any) -> None:
+    """A (re)started worker recovers what a dead one left behind at once, and keeps
+    reconciling from its own thread (see `worker.reconciler.reconcile_periodically`)."""
+    from worker.reconciler import reconcile_periodically
 
-    reconcile_at_start()
+    reconcile_periodically(settings, app)

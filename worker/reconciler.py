@@ -1,5 +1,7 @@
-"""The reconciler task `segsvc.reconcile`: run by beat every `reconcile_interval_seconds` and
-once when a worker starts; Postgres' advisory lock keeps it to one pass at a time."""
+"""The reconciler: a pass when each inference worker starts and then every
+`reconcile_interval_seconds` from a thread of the worker itself, plus the beat task
+`segsvc.reconcile`. A Redis key lets one pass start per interval across all of them, and
+Postgres' advisory lock keeps passes from overlapping."""
 
 from __future__ import annotations
 
@@ -60,22 +62,65 @@ def _send(celery_app: Celery, cfg: Settings, job_id: Any) -> None:
     enqueue_job(celery_app, job_id, settings=cfg)
 
 
+TURN_KEY = "segsvc:reconcile:turn"
+
+
+def take_turn(cfg: Settings) -> bool:
+    """True when no pass started within the last interval, so the caller runs one.
+
+    A Redis key that expires a little before the interval ends marks the turn taken; without
+    Redis, or with Redis down, every caller runs (the advisory lock still keeps passes apart,
+    and a pass that finds nothing to do is cheap).
+    """
+    url = cfg.effective_redis_url
+    if not url:
+        return True
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        ttl_ms = max(1, int(cfg.reconcile_interval_seconds * 900))  # 0.9 of the interval
+        return bool(client.set(TURN_KEY, "1", nx=True, px=ttl_ms))
+    except redis.RedisError:
+        return True
+    finally:
+        client.close()
+
+
 @app.task(name=RECONCILE, ignore_result=True)
 def reconcile_task() -> dict[str, object]:
-    """Periodic pass (beat)."""
+    """Periodic pass (beat), unless a worker's own loop ran one within the interval."""
+    if not take_turn(settings):
+        return {"skipped": True}
     return run_reconcile(settings, app)
 
 
-def reconcile_at_start() -> None:
-    """Run one pass in the background when a worker starts, so a restart recovers at once."""
+def reconcile_periodically(
+    cfg: Settings, celery_app: Celery, stop: threading.Event | None = None
+) -> threading.Thread:
+    """Run a pass now (a restarted worker recovers at once), then one every interval.
 
-    def run() -> None:
-        try:
-            run_reconcile(settings, app)
-        except Exception:  # the periodic pass will try again
-            log.warning("reconcile at worker start failed", exc_info=True)
+    This runs in a thread of each inference worker, not through the queue: beat's
+    `segsvc.reconcile` travels on the inference queue, and behind a backlog longer than the
+    interval every such message expires before a worker takes it, which is when a crashed
+    worker's jobs most need re-sending. All workers tick; `take_turn` lets one of them run.
+    """
+    stop = stop or threading.Event()
 
-    threading.Thread(target=run, name="reconcile-at-start", daemon=True).start()
+    def loop() -> None:
+        first = True
+        while not stop.is_set():
+            try:
+                if take_turn(cfg) or first:
+                    run_reconcile(cfg, celery_app)
+            except Exception:  # the next tick tries again
+                log.warning("reconcile pass failed", exc_info=True)
+            first = False
+            stop.wait(cfg.reconcile_interval_seconds)
+
+    thread = threading.Thread(target=loop, name="seg-reconcile", daemon=True)
+    thread.start()
+    return thread
 
 
 @click.command("reconcile")

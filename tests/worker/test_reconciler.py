@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -20,7 +21,7 @@ from segsvc.models import Job, utcnow
 from segsvc.queue import make_celery
 from segsvc.services import jobs as job_service
 from segsvc.settings import Settings
-from worker.reconciler import run_reconcile
+from worker.reconciler import reconcile_periodically, run_reconcile, take_turn
 
 
 def png() -> bytes:
@@ -243,3 +244,41 @@ def test_reconcile_failure_records_completed_webhook(settings: Settings) -> None
     with session_scope(cfg) as session:
         events = [m.event_type for m in session.query(WebhookMessage).filter_by(job_id=job_id)]
     assert events == ["job.completed"]
+
+
+def test_one_turn_per_interval_across_reconcilers(settings: Settings) -> None:
+    cfg = settings.model_copy(update={"reconcile_interval_seconds": 0.5})
+    assert take_turn(cfg)
+    assert not take_turn(cfg)  # another worker (or beat) within the interval skips
+    time.sleep(0.5)
+    assert take_turn(cfg)
+
+
+def test_without_redis_every_reconciler_takes_its_turn(settings: Settings) -> None:
+    from tests.conftest import free_port
+
+    down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
+    assert take_turn(down)
+    assert take_turn(down)
+
+
+def test_the_worker_reconciles_on_its_own_without_beat(settings: Settings) -> None:
+    """The loop each worker runs re-sends a lost job at start and again after Redis loses it,
+    with no beat message (which would wait behind any backlog on the inference queue)."""
+    cfg = settings.model_copy(update={"reconcile_interval_seconds": 0.3})
+    lost = make_job(cfg)
+    stop = threading.Event()
+    thread = reconcile_periodically(cfg, make_celery(cfg), stop)
+    try:
+        deadline = time.monotonic() + 10
+        while queued_ids(cfg) != [str(lost)]:
+            assert time.monotonic() < deadline, "the first pass did not re-send the job"
+            time.sleep(0.05)
+        redis.Redis.from_url(cfg.broker_url or "").flushdb()  # Redis restarts empty
+        while queued_ids(cfg) != [str(lost)]:
+            assert time.monotonic() < deadline, "a later pass did not re-send the job"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()

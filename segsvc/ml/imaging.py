@@ -10,18 +10,30 @@ masks from logits) on these same functions, so training and serving see identica
 from __future__ import annotations
 
 import io
+import logging
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from segsvc.ml import IMAGE_SIZE
+
+_log = logging.getLogger(__name__)
 
 # Colours for the overlay and how opaque each class is drawn: pet, background, border.
 PALETTE = ((255, 64, 64), (0, 0, 0), (255, 220, 0))
 OVERLAY_ALPHA = (0.5, 0.0, 0.6)
 
-# EXIF orientations 5-8 swap width and height.
+# EXIF orientation -> the transpose that shows the image upright (as `ImageOps.exif_transpose`);
+# orientations 5-8 swap width and height.
+_ORIENTATION_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
-_ORIENTATIONS_TO_APPLY = {2, 3, 4, 5, 6, 7, 8}
 _INT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
@@ -31,22 +43,42 @@ def load_rgb(data: bytes) -> tuple[Image.Image, int, int]:
     JPEGs are decoded with `draft` at the smallest DCT scale still >= 2x the model input,
     which is several times faster than a full decode and changes nothing the model sees
     after the bilinear resize (training uses this same function).
+
+    A multi-picture JPEG (MPO) decodes as its first frame, the primary image.
     """
     with Image.open(io.BytesIO(data)) as img:
         width, height = img.size
-        orientation = img.getexif().get(0x0112)
+        orientation = _exif_orientation(img)
         if orientation in _TRANSPOSED_ORIENTATIONS:
             width, height = height, width
         img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
-        # exif_transpose copies the image even when there is nothing to do: skip it then.
-        needs_turn = orientation in _ORIENTATIONS_TO_APPLY
-        return to_rgb(ImageOps.exif_transpose(img) if needs_turn else img), width, height
+        turn = _ORIENTATION_TRANSPOSES.get(orientation) if orientation is not None else None
+        return to_rgb(img.transpose(turn) if turn is not None else img), width, height
 
 
 def load_rgb_full(data: bytes) -> Image.Image:
     """Decode at full resolution (no draft scaling), oriented, RGB."""
     with Image.open(io.BytesIO(data)) as img:
-        return to_rgb(ImageOps.exif_transpose(img))
+        img.load()
+        orientation = _exif_orientation(img)
+        turn = _ORIENTATION_TRANSPOSES.get(orientation) if orientation is not None else None
+        return to_rgb(img.transpose(turn) if turn is not None else img)
+
+
+def _exif_orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation (2-8) that turns or flips the image; None when there is none to apply
+    or the EXIF block cannot be read.
+
+    The pixels are turned here with `Image.transpose` rather than `ImageOps.exif_transpose`,
+    which also rewrites the EXIF block and raises (`struct.error` and others) on entries that
+    phones and cameras write malformed. A block too broken to read leaves the image as stored.
+    """
+    try:
+        value = img.getexif().get(0x0112)
+    except Exception as exc:  # Pillow raises many types for a broken EXIF block
+        _log.debug("ignoring an unreadable EXIF block: %r", exc)
+        return None
+    return value if isinstance(value, int) and value in _ORIENTATION_TRANSPOSES else None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import io
+import random
+import struct
+from collections import Counter
+
 import pytest
 from PIL import Image
 
@@ -7,6 +12,7 @@ from segsvc.errors import (
     BadRequestError,
     InvalidImageError,
     PayloadTooLargeError,
+    SegError,
     UnsupportedMediaTypeError,
 )
 from segsvc.images import validate_image
@@ -57,3 +63,112 @@ def test_validate_image_rejects_too_many_pixels() -> None:
     data = encode_image(Image.new("L", (3000, 2000)), "PNG")  # 6 MP, tiny file
     with pytest.raises(InvalidImageError, match="pixels"):
         validate_image(data, **LIMITS)
+
+
+def _exif_block(entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """A little-endian EXIF block (APP1 payload) of one IFD written verbatim: (tag, type,
+    count, 4-byte value) each. Pillow's own writer refuses malformed entries, phones do not."""
+    ifd = struct.pack("<H", len(entries))
+    ifd += b"".join(
+        struct.pack("<HHI", tag, typ, count) + value for tag, typ, count, value in entries
+    )
+    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+
+
+ORIENTATION_6 = (0x0112, 3, 1, struct.pack("<HH", 6, 0))  # SHORT 6: turn 90 degrees clockwise
+WIDTH_AS_TEXT = (0x0100, 2, 4, b"Cam\x00")  # ImageWidth as ASCII: Pillow cannot write it back
+
+
+def _photo(size: tuple[int, int] = (120, 80)) -> Image.Image:
+    """A photo-like image with no symmetry, so a turn or flip changes every row."""
+    return Image.merge(
+        "RGB",
+        (
+            Image.linear_gradient("L").resize(size),
+            Image.effect_noise(size, 40).convert("L"),
+            Image.linear_gradient("L").rotate(90).resize(size),
+        ),
+    )
+
+
+def test_validate_image_accepts_a_jpeg_whose_exif_is_malformed() -> None:
+    photo = _photo()
+    broken = encode_image(photo, "JPEG", exif=_exif_block([WIDTH_AS_TEXT, ORIENTATION_6]))
+    clean = encode_image(photo, "JPEG", exif=_exif_block([ORIENTATION_6]))
+    plain = encode_image(photo, "JPEG")
+    out = validate_image(broken, **LIMITS)
+    assert out.content_type == "image/jpeg"
+    # The orientation tag itself is readable, so it is applied, as for the well-formed twin.
+    assert (out.width, out.height) == (80, 120)
+    assert out.model_input == validate_image(clean, **LIMITS).model_input
+    assert out.model_input != validate_image(plain, **LIMITS).model_input
+
+
+def test_validate_image_ignores_an_exif_block_that_cannot_be_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    photo = _photo()
+    data = encode_image(photo, "JPEG", exif=_exif_block([ORIENTATION_6]))
+    plain = encode_image(photo, "JPEG")
+
+    def unreadable(self: Image.Image) -> Image.Exif:
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(Image.Image, "getexif", unreadable)
+    out = validate_image(data, **LIMITS)
+    assert (out.width, out.height) == (120, 80)  # as stored, not turned
+    assert out.model_input == validate_image(plain, **LIMITS).model_input
+
+
+def test_validate_image_rejects_a_jpeg_whose_scan_is_garbage() -> None:
+    data = encode_image(_photo(), "JPEG", exif=_exif_block([WIDTH_AS_TEXT, ORIENTATION_6]))
+    scan = data.index(b"\xff\xda")  # start of scan: the header before it stays intact
+    with pytest.raises(InvalidImageError):
+        validate_image(data[: scan + 40] + bytes(range(7, 250, 13)), **LIMITS)
+
+
+def test_validate_image_maps_any_decoder_failure_to_invalid_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(data: bytes) -> tuple[Image.Image, int, int]:
+        raise KeyError("an exception type no one expected")
+
+    monkeypatch.setattr("segsvc.images.load_rgb", broken)
+    with pytest.raises(InvalidImageError):
+        validate_image(encode_image(_photo(), "JPEG"), **LIMITS)
+
+
+def test_validate_image_accepts_a_multi_picture_jpeg_as_its_first_frame() -> None:
+    first, second = _photo((90, 60)), Image.new("RGB", (40, 30), "red")
+    data = encode_image(first, "MPO", save_all=True, append_images=[second])
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "MPO"
+    out = validate_image(data, **LIMITS)
+    assert out.content_type == "image/jpeg"
+    assert (out.width, out.height) == (90, 60)
+    # Pillow writes the first frame as the same JPEG it writes on its own.
+    assert out.model_input == validate_image(encode_image(first, "JPEG"), **LIMITS).model_input
+
+
+def test_validate_image_raises_only_seg_errors_on_damaged_bytes() -> None:
+    rng = random.Random(20240611)
+    exif = _exif_block([WIDTH_AS_TEXT, ORIENTATION_6, (0x8769, 4, 1, struct.pack("<I", 38))])
+    data = encode_image(_photo((64, 48)), "JPEG", exif=exif)
+    scan = data.index(b"\xff\xda")
+    outcomes: Counter[str] = Counter()
+    for i in range(400):
+        damaged = bytearray(data)
+        start, stop = (2, scan + 12) if i % 2 == 0 else (scan + 12, len(data))
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(start, stop)] = rng.randrange(256)
+        if i % 10 == 0:
+            del damaged[rng.randrange(scan, len(data)) :]
+        try:
+            validate_image(bytes(damaged), **LIMITS)
+        except SegError as exc:
+            outcomes[type(exc).__name__] += 1
+        else:
+            outcomes["accepted"] += 1
+    # Most damage still decodes (JPEG is forgiving); the rest must be refused cleanly.
+    assert outcomes["accepted"] > 0
+    assert sum(outcomes.values()) == 400

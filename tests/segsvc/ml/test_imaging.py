@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from segsvc.ml.imaging import (
     OVERLAY_ALPHA,
     PALETTE,
     load_rgb,
+    load_rgb_full,
     render_overlay,
     render_overlay_png,
     resize_to_model,
@@ -73,3 +75,45 @@ def test_overlay_refuses_a_mask_that_does_not_fit() -> None:
         render_overlay(data, Image.new("RGB", (60, 40)))
     with pytest.raises(ValueError, match="mask is"):
         render_overlay(data, Image.new("L", (61, 40)))
+
+
+def _oriented_jpeg(orientation: int, *extra_entries: tuple[int, int, int, bytes]) -> bytes:
+    """A 60x40 JPEG with no symmetry whose EXIF block (written verbatim, so it may be malformed)
+    holds the orientation and any extra (tag, type, count, 4-byte value) entries."""
+    rng = np.random.default_rng(orientation)
+    photo = Image.fromarray(rng.integers(0, 256, (40, 60, 3)).astype(np.uint8), "RGB")
+    entries = sorted([*extra_entries, (0x0112, 3, 1, struct.pack("<HH", orientation, 0))])
+    ifd = struct.pack("<H", len(entries))
+    ifd += b"".join(struct.pack("<HHI", tag, typ, n) + value for tag, typ, n, value in entries)
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+    return encode_image(photo, "JPEG", exif=exif)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_is_applied_as_exif_transpose_does(orientation: int) -> None:
+    data = _oriented_jpeg(orientation)
+    with Image.open(io.BytesIO(data)) as img:
+        want = ImageOps.exif_transpose(img).convert("RGB")
+    assert load_rgb_full(data).tobytes() == want.tobytes()
+    rgb, width, height = load_rgb(data)
+    assert (width, height) == want.size
+    assert rgb.size == want.size  # a 60x40 JPEG is not draft-scaled
+
+
+def test_malformed_exif_still_orients_and_the_overlay_fits() -> None:
+    # ImageWidth stored as ASCII: ImageOps.exif_transpose raises struct.error on this file.
+    data = _oriented_jpeg(6, (0x0100, 2, 4, b"Cam\x00"))
+    rgb, width, height = load_rgb(data)
+    assert (width, height) == rgb.size == (40, 60)
+    assert load_rgb_full(data).tobytes() == load_rgb_full(_oriented_jpeg(6)).tobytes()
+    mask = Image.new("L", (width, height), 0)
+    overlay = Image.open(io.BytesIO(render_overlay(data, mask)))
+    assert overlay.size == (40, 60)
+
+
+def test_a_multi_picture_jpeg_decodes_as_its_first_frame() -> None:
+    first = Image.fromarray(np.random.default_rng(9).integers(0, 256, (30, 50, 3), np.uint8))
+    data = encode_image(first, "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    rgb, width, height = load_rgb(data)
+    assert (width, height) == (50, 30)
+    assert rgb.tobytes() == load_rgb(encode_image(first, "JPEG"))[0].tobytes()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Flask
+from flask import Flask, Response, current_app, request
 
 from api.context import register_context
 from api.errors import register_error_handlers
 from api.metrics import register_metrics
+from segsvc.errors import NotFoundError, ValidationError
 from segsvc.queue import make_celery
 from segsvc.settings import Settings, get_settings
 
@@ -26,6 +27,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["segsvc_celery"] = make_celery(settings, name="segsvc-api")
     register_metrics(app)
+    register_request_guards(app)
     register_context(app)
     register_blueprints(app)
     register_error_handlers(app)
@@ -43,3 +45,29 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(feedback.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(docs.bp)
+
+
+def register_request_guards(app: Flask) -> None:
+    """App-wide checks that run before any blueprint's (authentication included)."""
+    app.before_request(refuse_nul_bytes)
+    app.before_request(answer_options)
+
+
+def refuse_nul_bytes() -> None:
+    """Refuse a NUL in the path or the query before anything reaches the database: Postgres text
+    cannot hold one, and psycopg's refusal would be a 500."""
+    if "\x00" in request.path:
+        raise NotFoundError("No such resource: the path contains a NUL byte.")
+    for name, value in request.args.items(multi=True):
+        if "\x00" in name or "\x00" in value:
+            raise ValidationError(f"The query parameter {name[:64]!r} contains a NUL byte.")
+
+
+def answer_options() -> Response | None:
+    """Flask's automatic OPTIONS answer (200 with Allow), without an API key: it tells only which
+    methods a path takes, and CORS preflights never carry credentials."""
+    if request.method == "OPTIONS" and getattr(
+        request.url_rule, "provide_automatic_options", False
+    ):
+        return current_app.make_default_options_response()
+    return None

@@ -14,6 +14,8 @@ from segsvc.errors import SegError
 log = logging.getLogger(__name__)
 
 DB_RETRY_AFTER_S = 5
+# RFC 9110 §11.6.1 / RFC 6750 §3: a 401 names the scheme to authenticate with.
+WWW_AUTHENTICATE = 'Bearer realm="segsvc"'
 
 
 def error_response(
@@ -28,7 +30,10 @@ def error_response(
 
 
 def handle_seg_error(exc: SegError) -> Response:
-    return error_response(exc.code, exc.message, exc.http_status, exc.retry_after)
+    resp = error_response(exc.code, exc.message, exc.http_status, exc.retry_after)
+    if exc.http_status == 401:
+        resp.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+    return resp
 
 
 def handle_http_error(exc: HTTPException) -> Response:
@@ -36,7 +41,11 @@ def handle_http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
     if status == 413:
         code = "payload_too_large"
-    return error_response(code, exc.description or exc.name or "Error.", status)
+    resp = error_response(code, exc.description or exc.name or "Error.", status)
+    for name, value in exc.get_headers():  # e.g. a 405's Allow, a 401's WWW-Authenticate
+        if name.lower() != "content-type":
+            resp.headers.add(name, value)
+    return resp
 
 
 def handle_db_unavailable(exc: Exception) -> Response:

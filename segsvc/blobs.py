@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -101,12 +102,18 @@ class FsBlobStore(FileReader):
         path = self.path_for(digest)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.replace(path)
+            # A name of its own per write: threads (or processes) storing the same bytes at once
+            # must not share, truncate or rename each other's temporary file.
+            tmp = path.with_name(f".{digest}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+            try:
+                with open(tmp, "xb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         return POINTER_PREFIX + digest.encode()
 
     def sweep(self, *, keep: Iterable[bytes | None], older_than_s: float) -> int:

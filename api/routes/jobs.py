@@ -40,6 +40,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     if upload is None:
         raise BadRequestError("Send the image as multipart/form-data in the field 'image'.")
     _check_part_names()
+    _check_single("image", "webhook")
     image = _validate(upload)
     session, client_id = db(), current_client().id
     hook = _webhook()
@@ -89,6 +90,7 @@ def _submit_batch() -> tuple[Response, int]:
             f"{len(uploads)} images in one batch; the limit is {cfg.batch_submit_max_images}."
         )
     _check_part_names()
+    _check_single("webhook")
     limits.check_rate(client_key=str(current_client().id), settings=cfg, cost=len(uploads))
     images = []
     for index, upload in enumerate(uploads):
@@ -141,6 +143,14 @@ def read_jobs() -> Response:
 def _check_part_names() -> None:
     if None in request.form or None in request.files:  # werkzeug keeps nameless parts as None
         raise BadRequestError("Every multipart part needs a name (RFC 7578).")
+
+
+def _check_single(*names: str) -> None:
+    """Refuse a repeated single-valued field (`.get()` would silently use the first)."""
+    for name in names:
+        if len(request.files.getlist(name)) + len(request.form.getlist(name)) > 1:
+            hint = " Use POST /v1/jobs/batch for several images." if name == "image" else ""
+            raise ValidationError(f"The field {name!r} was sent more than once.{hint}")
 
 
 def _validate(upload: FileStorage) -> ValidatedImage:

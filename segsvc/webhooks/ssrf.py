@@ -102,7 +102,8 @@ def check_url(url: str, *, allow: Sequence[IPNetwork] = (), resolver: Resolver =
         raise UnsafeTargetError(f"The webhook URL is malformed: {exc}.") from None
     if parts.scheme not in ("http", "https") or not host:
         raise UnsafeTargetError("The webhook must be an absolute http:// or https:// URL.")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    default = 443 if parts.scheme == "https" else 80
+    port = default if parts.port is None else parts.port  # an explicit :0 stays 0 (refused)
     if not 0 < port < 65536:
         raise UnsafeTargetError(f"The webhook URL's port {port} is out of range.")
     try:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from PIL import Image
 
 
@@ -32,3 +33,34 @@ def test_other_clients_job_is_404(client, auth, admin_key) -> None:  # type: ign
     other = {"Authorization": f"Bearer {admin_key}"}
     assert client.get(f"/v1/jobs/{job_id}", headers=other).status_code == 404
     assert client.get(f"/v1/jobs/{job_id}", headers=auth).status_code == 200
+
+
+def test_401_carries_www_authenticate(client) -> None:  # type: ignore[no-untyped-def]
+    # RFC 9110 §15.5.2: a 401 must say which scheme to use.
+    for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer seg_nope"}):
+        resp = client.get("/v1/jobs/00000000-0000-0000-0000-000000000000", headers=headers)
+        assert resp.status_code == 401
+        assert resp.get_json()["error"] == "unauthorized"
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_403_has_no_www_authenticate(client, auth) -> None:  # type: ignore[no-untyped-def]
+    resp = client.get("/v1/models", headers=auth)
+    assert resp.status_code == 403
+    assert "WWW-Authenticate" not in resp.headers
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/jobs", "/v1/jobs/batch", "/v1/models", "/v1/webhooks/secret"]
+)
+def test_options_answers_allow_without_a_key(client, path: str) -> None:  # type: ignore[no-untyped-def]
+    resp = client.options(path)
+    assert resp.status_code == 200
+    assert "OPTIONS" in resp.headers["Allow"]
+    assert "WWW-Authenticate" not in resp.headers
+
+
+def test_options_on_an_unknown_path_is_still_404(client) -> None:  # type: ignore[no-untyped-def]
+    resp = client.options("/v1/nothing-here")
+    assert resp.status_code == 404
+    assert resp.get_json()["error"] == "not_found"

@@ -179,6 +179,15 @@ def test_batch_refuses_a_bad_webhook_before_storing(client, auth, settings: Sett
     assert job_count(settings) == 0
 
 
+def test_batch_refuses_two_webhooks_before_storing(open_client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    hooks = ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"]
+    resp = submit_batch(open_client, auth, [png_bytes()] * 2, webhook=hooks)
+    assert resp.status_code == 422
+    assert resp.get_json()["error"] == "validation_error"
+    assert "'webhook'" in resp.get_json()["message"]
+    assert job_count(settings) == 0
+
+
 def test_read_jobs_in_the_order_asked(client, auth, settings: Settings, admin_key: str) -> None:  # type: ignore[no-untyped-def]
     ids = [j["id"] for j in submit_batch(client, auth, [png_bytes()] * 3).get_json()["jobs"]]
     other = submit_batch(client, {"Authorization": f"Bearer {admin_key}"}, [png_bytes()])

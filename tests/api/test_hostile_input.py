@@ -325,3 +325,38 @@ def _wait_up(base: str, proc: subprocess.Popen[bytes], tmp_path: Path) -> None:
             pass
         time.sleep(0.3)
     raise RuntimeError("gunicorn did not start")
+
+
+def test_hostile_nul_in_any_path_segment_is_404(  # type: ignore[no-untyped-def]
+    client, auth, admin_key: str, settings: Settings
+) -> None:
+    # Regression: a NUL in a segment not parsed as a UUID reached Postgres (which refuses NUL in
+    # text) and was a 500.
+    job_id = submit(client, auth, encode_image(Image.new("RGB", (32, 24)))).get_json()["id"]
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    for method, path, headers in [
+        ("POST", f"/v1/jobs/{job_id}/webhooks/%00/redeliver", auth),
+        ("POST", f"/v1/jobs/{job_id}/webhooks/msg%00x/redeliver", auth),
+        ("GET", f"/v1/jobs/{job_id}%00/webhooks", auth),
+        ("POST", "/v1/models/a%00b/promote", admin),
+        ("POST", "/v1/models/%00/promote", admin),
+        ("GET", "/v1/jobs/%00", {}),  # before authentication (which reads the database)
+    ]:
+        resp = client.open(path, method=method, headers=headers)
+        assert resp.status_code == 404, (method, path, resp.get_json())
+        assert resp.get_json()["error"] == "not_found"
+    assert stored(settings, job_id).status == "queued"
+
+
+def test_hostile_nul_in_a_query_is_422(client, auth) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, auth, encode_image(Image.new("RGB", (32, 24)))).get_json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}?note=x", headers=auth).status_code == 200
+    for path in (
+        f"/v1/jobs/{job_id}?note=%00",  # passed before: an unused parameter
+        f"/v1/jobs/{job_id}?n%00te=x",
+        f"/v1/jobs/{job_id}?wait=1%00",
+        f"/v1/jobs?ids={job_id}%00",
+    ):
+        resp = client.get(path, headers=auth)
+        assert resp.status_code == 422, path
+        assert resp.get_json()["error"] == "validation_error"

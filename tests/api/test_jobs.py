@@ -197,3 +197,58 @@ def test_fs_blob_store_serves_results(settings: Settings, auth) -> None:  # type
         assert img.size == (64, 48)
     overlay = fs_client.get(f"/v1/jobs/{job_id}/overlay.png", headers=auth)
     assert overlay.status_code == 200
+
+
+def test_wrong_method_is_405_with_allow(client, auth) -> None:  # type: ignore[no-untyped-def]
+    # RFC 9110 §15.5.6: a 405 must list the methods the resource supports.
+    for path, allowed in (("/v1/jobs", {"GET", "POST"}), ("/v1/jobs/x/cancel", {"POST"})):
+        resp = client.delete(path, headers=auth)
+        assert resp.status_code == 405
+        assert resp.get_json()["error"] == "method_not_allowed"
+        methods = {m.strip() for m in resp.headers["Allow"].split(",")}
+        assert allowed <= methods
+        assert "DELETE" not in methods
+
+
+def test_submit_with_two_images_is_422(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post(
+        "/v1/jobs",
+        headers=auth,
+        data={"image": [(io.BytesIO(png_bytes()), "a.png"), (io.BytesIO(png_bytes()), "b.png")]},
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 422
+    body = resp.get_json()
+    assert body["error"] == "validation_error"
+    assert "'image'" in body["message"]
+    assert "POST /v1/jobs/batch" in body["message"]
+    with session_scope(settings) as session:
+        assert session.query(Job).count() == 0
+
+
+def test_submit_with_two_webhooks_is_422(open_client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    resp = open_client.post(
+        "/v1/jobs",
+        headers=auth,
+        data={
+            "image": (io.BytesIO(png_bytes()), "a.png"),
+            "webhook": ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"],
+        },
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 422
+    body = resp.get_json()
+    assert body["error"] == "validation_error"
+    assert "'webhook'" in body["message"]
+    with session_scope(settings) as session:
+        assert session.query(Job).count() == 0
+
+
+def test_submit_ignores_unknown_extra_fields(client, auth) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post(
+        "/v1/jobs",
+        headers=auth,
+        data={"image": (io.BytesIO(png_bytes()), "a.png"), "note": ["x", "y"]},
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 202

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,26 @@ def test_fs_store_writes_content_addressed_file_and_returns_pointer(tmp_path: Pa
     assert store.put(DATA) == value  # identical uploads share one file
     assert store.get(value) == DATA
     assert not list((tmp_path / "blobs").glob("**/*.tmp"))
+
+
+def test_fs_store_concurrent_puts_of_the_same_bytes_all_succeed(tmp_path: Path) -> None:
+    # Regression: the temporary file was named after the hash and the pid only, so two threads
+    # writing the same new blob shared it and one rename failed (FileNotFoundError, a 500).
+    store = blob_store(fs_settings(tmp_path))
+    data = os.urandom(4 << 20)
+    threads = 16
+    start = threading.Barrier(threads)
+
+    def put(_: int) -> bytes:
+        start.wait()
+        return store.put(data)
+
+    with ThreadPoolExecutor(threads) as pool:
+        values = list(pool.map(put, range(threads)))  # re-raises any thread's error
+    digest = hashlib.sha256(data).hexdigest()
+    assert values == [POINTER_PREFIX + digest.encode()] * threads
+    assert store.path_for(digest).read_bytes() == data
+    assert [p.name for p in (tmp_path / "blobs").glob("**/*") if p.is_file()] == [digest]
 
 
 def test_switching_the_setting_keeps_old_rows_readable(settings: Settings, tmp_path: Path) -> None:

@@ -105,3 +105,19 @@ def test_check_url_unresolvable_is_its_own_error() -> None:
 def test_check_url_refuses_metadata_literal_without_resolving() -> None:
     with pytest.raises(UnsafeTargetError, match="cloud metadata"):
         check_url("http://169.254.169.254/latest/meta-data/")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://hooks.example:0/", "https://hooks.example:0/x", "http://hooks.example:00/"]
+)
+def test_check_url_refuses_port_zero(url: str) -> None:
+    # Regression: `parts.port or 80` turned an explicit port 0 into the scheme's default.
+    with pytest.raises(UnsafeTargetError, match="port 0 is out of range"):
+        check_url(url, resolver=fake_dns("93.184.215.14"))
+
+
+@pytest.mark.parametrize(
+    ("url", "port"), [("http://hooks.example/", 80), ("https://hooks.example/", 443)]
+)
+def test_check_url_default_ports(url: str, port: int) -> None:
+    assert check_url(url, resolver=fake_dns("93.184.215.14")).port == port

@@ -85,9 +85,13 @@ def enqueue_jobs(
     """Send jobs to the inference queue as one message (`run_job(*ids)`): a batch submit costs
     one broker round trip, and a worker settles the message once every id in it is stored."""
     settings = settings or get_settings()
+    args = [str(job_id) for job_id in job_ids]
     app.send_task(
         RUN_JOB,
-        args=[str(job_id) for job_id in job_ids],
+        args=args,
+        # Every id in plain text in the headers, which is where the reconciler looks for them
+        # (the body is base64): Celery's own repr stops at 1024 characters, ~25 ids.
+        argsrepr=repr(args),
         queue=settings.queue_name,
         retry=True,
         # One quick retry only: with the broker down the job is already stored and the

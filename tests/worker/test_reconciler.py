@@ -282,3 +282,16 @@ def test_the_worker_reconciles_on_its_own_without_beat(settings: Settings) -> No
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_the_broker_snapshot_sees_every_id_of_a_large_batch_message(settings: Settings) -> None:
+    """A batch submit of 64 images is one message; all its ids count as present, so the
+    reconciler does not re-send the last ones on every pass while they wait."""
+    from segsvc.queue import enqueue_jobs
+    from segsvc.services.reconcile import broker_job_ids
+
+    ids = [uuid.uuid4() for _ in range(64)]
+    enqueue_jobs(make_celery(settings), ids, settings=settings)
+    client = redis.Redis.from_url(settings.broker_url or "")
+    found = broker_job_ids(client, queue=settings.queue_name, stale_after_s=60)
+    assert {str(i) for i in ids} <= found

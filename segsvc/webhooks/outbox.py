@@ -23,9 +23,14 @@ FAILED = "failed"
 DISABLED = "disabled"
 
 
-def new_message_id() -> str:
-    """A message id, which is also the `webhook-id` header of every attempt."""
-    return f"msg_{uuid.uuid4().hex}"
+def job_message_id(job_id: uuid.UUID, event: str) -> str:
+    """The message id of a job's `event`, which is also the `webhook-id` header of every
+    attempt: the same whenever it is recorded, so a client that
+    deduplicates on `webhook-id` sees one event even if it is recorded twice. That happens to
+    job.started when Postgres crashes after the webhook worker sent it but before the claim
+    that recorded it was flushed (claims commit without waiting for the WAL): the job is
+    claimed again and its start recorded again."""
+    return f"msg_{uuid.uuid5(job_id, event).hex}"
 
 
 def find_endpoint(
@@ -75,7 +80,7 @@ def _disabled_endpoints(session: Session, urls: set[str]) -> set[tuple[uuid.UUID
 def _message(job: Job, event: str, now: datetime, disabled: bool) -> WebhookMessage:
     url = job.webhook_url or ""
     return WebhookMessage(
-        id=new_message_id(),
+        id=job_message_id(job.id, event),
         job_id=job.id,
         client_id=job.client_id,
         event_type=event,

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from segsvc.db import session_scope
+from segsvc.db import get_sessionmaker, session_scope
 from segsvc.models import WebhookEndpoint, WebhookMessage, utcnow
 from segsvc.services import jobs as job_service
 from segsvc.services import webhooks as webhook_service
@@ -223,3 +223,24 @@ def test_record_events_in_a_mixed_batch_only_for_subscribed_jobs(settings: Setti
     got = sorted((m.job_id == both, m.event_type) for m in messages(settings))
     assert got == [(False, "job.completed"), (True, "job.completed"), (True, "job.started")]
     assert not messages(settings, plain)
+
+
+def test_a_start_recorded_again_after_a_lost_claim_keeps_its_webhook_id(
+    settings: Settings,
+) -> None:
+    """Claims commit without waiting for the WAL: if Postgres crashes after the webhook worker
+    sent job.started but before the claim was flushed, the job is claimed and its start recorded
+    again. The client must get the same webhook-id, so its deduplication drops the repeat."""
+    job_id = make_job(settings, URL, events=["start", "completed"])
+    with get_sessionmaker(settings)() as session:  # never committed: the crash lost it
+        job_service.claim_jobs(session=session, job_ids=[job_id], lease_seconds=60)
+        sent = session.scalars(select(WebhookMessage.id)).one()
+        session.rollback()
+    finish_job(settings, start_job(settings, job_id))
+    started, completed = messages(settings, job_id)
+    assert (started.event_type, started.id) == ("job.started", sent)
+    assert completed.event_type == "job.completed"
+    assert completed.id != started.id
+    other = make_job(settings, URL, events=["start"])
+    start_job(settings, other)
+    assert messages(settings, other)[0].id not in {started.id, completed.id}

@@ -43,17 +43,16 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     _check_single("image", "webhook")
     image = _validate(upload)
     session, client_id = db(), current_client().id
-    hook = _webhook()
     idem = idempotency.parse_request(
         request.headers.get("Idempotency-Key"),
         image_sha256=image.sha256,
         fields=request.form.items(multi=True),
     )
     replay = idem and idempotency.find_replay(session=session, client_id=client_id, req=idem)
-    if replay:
+    if replay:  # the webhook was checked when the job was made; a retry must not fail on it now
         body = accepted_body(replay)
         return jsonify(body), 200, {"Location": body["urls"]["self"], "Idempotent-Replayed": "1"}
-    (job,) = _store_and_enqueue([image], idem, [idem.key] if idem else None, hook)
+    (job,) = _store_and_enqueue([image], idem, [idem.key] if idem else None, _webhook())
     body = accepted_body(job)
     location = {"Location": body["urls"]["self"]}
     if wait > 0:
@@ -100,7 +99,6 @@ def _submit_batch() -> tuple[Response, int]:
             exc.message = f"Image {index} ({upload.filename or 'no file name'}): {exc.message}"
             raise
     session, client_id = db(), current_client().id
-    hook = _webhook()
     idem = idempotency.parse_request(
         request.headers.get("Idempotency-Key"),
         image_sha256=[i.sha256 for i in images],
@@ -109,10 +107,10 @@ def _submit_batch() -> tuple[Response, int]:
     replay = idem and idempotency.find_batch_replay(
         session=session, client_id=client_id, req=idem, count=len(images)
     )
-    if replay:
+    if replay:  # as in submit_job: the webhook was checked when the jobs were made
         return jsonify({"jobs": [accepted_body(job) for job in replay]}), 200
     keys = idempotency.batch_keys(idem, len(images)) if idem else None
-    jobs = _store_and_enqueue(images, idem, keys, hook)
+    jobs = _store_and_enqueue(images, idem, keys, _webhook())
     return jsonify({"jobs": [accepted_body(job) for job in jobs]}), 202
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from sqlalchemy import update
 
 from segsvc.db import session_scope
-from segsvc.models import Job, utcnow
+from segsvc.models import Job, WebhookEndpoint, utcnow
 from segsvc.settings import Settings
 
 
@@ -81,3 +81,27 @@ def test_idempotency_malformed_key_is_422(client, auth, settings) -> None:  # ty
         resp = submit(client, auth, key, png())
         assert resp.status_code == 422, key
     assert count_jobs(settings) == 0
+
+
+def test_idempotent_retry_replays_even_if_its_webhook_was_disabled_since(  # type: ignore[no-untyped-def]
+    open_client, auth, settings
+) -> None:
+    """A retry after a lost answer must get its job back, not a 422 about a webhook URL that
+    was checked when the job was made and has been disabled (a 410) since."""
+    hook = "http://127.0.0.1:9/hook"
+    first = submit(open_client, auth, "order-hook", png(), webhook=hook)
+    assert first.status_code == 202
+    with session_scope(settings) as session:
+        job = session.get(Job, first.get_json()["id"])
+        assert job is not None
+        session.add(
+            WebhookEndpoint(
+                client_id=job.client_id, url=hook, disabled_at=utcnow(), disabled_reason="410"
+            )
+        )
+    again = submit(open_client, auth, "order-hook", png(), webhook=hook)
+    assert again.status_code == 200
+    assert again.get_json()["id"] == first.get_json()["id"]
+    fresh = submit(open_client, auth, "order-hook-2", png(), webhook=hook)  # a new job still checks
+    assert fresh.status_code == 422
+    assert "disabled" in fresh.get_json()["message"]

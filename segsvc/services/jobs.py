@@ -18,6 +18,7 @@ from segsvc.errors import ConflictError, GoneError, NotFoundError, ValidationErr
 from segsvc.images import ValidatedImage
 from segsvc.ml.imaging import render_overlay_png
 from segsvc.models import Job, JobStatus, utcnow
+from segsvc.services.reconcile import SUSPECT_AFTER_ATTEMPTS
 from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
 
 
@@ -290,6 +291,11 @@ def claim_jobs(
 
     The conditional UPDATE is the fence: a duplicate delivery, or a second worker holding the
     same id, updates nothing and so runs nothing.
+
+    A running job whose lease expired is taken over only on its first attempt. One lost more
+    often is the reconciler's to judge (end it at the attempt limit, or run it as a quarantined
+    suspect), so a stray delivery must not run it past those rules: say a dead worker's unacked
+    message that Redis restores after its visibility timeout.
     """
     if not job_ids:
         return []
@@ -297,7 +303,11 @@ def claim_jobs(
     token = uuid.uuid4()
     claimable = or_(
         Job.status == JobStatus.QUEUED,
-        and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+        and_(
+            Job.status == JobStatus.RUNNING,
+            Job.lease_expires_at < now,
+            Job.attempts < SUSPECT_AFTER_ATTEMPTS,
+        ),
     )
     rows = session.execute(
         update(Job)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -84,3 +85,32 @@ def test_a_queued_job_is_canceled_and_a_claim_after_it_takes_nothing(settings: S
     with session_scope(settings) as session:
         assert job_service.claim_jobs(session=session, job_ids=[job_id], lease_seconds=60) == []
     assert status(settings, job_id) == (JobStatus.CANCELED, True)
+
+
+def expire_lease(settings: Settings, job_id: uuid.UUID, *, attempts: int) -> None:
+    with session_scope(settings) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=attempts,
+                lease_token=uuid.uuid4(),
+                lease_expires_at=utcnow() - timedelta(seconds=1),
+            )
+        )
+
+
+def test_an_expired_lease_is_taken_over_only_on_the_first_attempt(settings: Settings) -> None:
+    """A delivery that finds a job whose worker died takes it over on its first attempt; one
+    lost twice is left to the reconciler's attempt limit and quarantine, so a stray message
+    (a dead worker's, restored by Redis after its visibility timeout) cannot run it past them."""
+    first, again, last = make_jobs(settings, 3)
+    expire_lease(settings, first, attempts=1)
+    expire_lease(settings, again, attempts=2)
+    expire_lease(settings, last, attempts=3)
+    with session_scope(settings) as session:
+        claimed = job_service.claim_jobs(
+            session=session, job_ids=[first, again, last], lease_seconds=60
+        )
+    assert [(c.id, c.attempts) for c in claimed] == [(first, 2)]

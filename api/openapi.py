@@ -210,4 +210,11 @@ def _response(status: int, body: type[BaseModel] | str) -> dict[str, Any]:
         out["headers"] = RETRY_AFTER
     if status in (201, 202):
         out["headers"] = {"Location": {"description": "The job URL.", "schema": {"type": "string"}}}
+    if status == 401:
+        out["headers"] = {
+            "WWW-Authenticate": {
+                "description": 'The scheme to send: `Bearer realm="segsvc"`.',
+                "schema": {"type": "string"},
+            }
+        }
     return out

@@ -44,6 +44,14 @@ def test_openapi_submit_documents_limits(client) -> None:  # type: ignore[no-unt
     assert op["security"] == [{"bearer": []}]
 
 
+def test_openapi_documents_the_401_challenge_the_api_sends(client) -> None:  # type: ignore[no-untyped-def]
+    op = client.get("/openapi.json").get_json()["paths"]["/v1/jobs"]["post"]
+    assert "WWW-Authenticate" in op["responses"]["401"]["headers"]
+    sent = client.post("/v1/jobs")  # no key
+    assert sent.status_code == 401
+    assert sent.headers["WWW-Authenticate"].startswith("Bearer")
+
+
 @pytest.mark.timeout(180)
 def test_openapi_fuzz_no_server_errors(app, admin_key: str) -> None:  # type: ignore[no-untyped-def]
     """Every operation, valid and invalid inputs: no 5xx, and every answer matches the spec."""

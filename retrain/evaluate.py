@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import numpy.typing as npt
 from PIL import Image
 
 from retrain.dataset import list_pairs, read_folder, read_trimap
-from retrain.metrics import confusion_matrix, summarize
+from retrain.metrics import confusion_matrix, mean_iou, summarize
+from segsvc.digest import file_sha256
 from segsvc.ml import NUM_CLASSES
 from segsvc.ml.preprocess import normalize, postprocess, render_overlay
 from segsvc.ml.unet import load_model
@@ -30,6 +32,55 @@ def predict_logits(
     for start in range(0, len(images), batch_size):
         batch = normalize(images[start : start + batch_size])
         out[start : start + batch_size] = np.asarray(model(batch, training=False), np.float32)
+    return out
+
+
+# Faithful (issue 4): on the evaluation images a runtime's masks agree with float32 Keras on at
+# least 99.5% of pixels and its mean IoU is at most 0.5 points lower.
+FAITHFUL_MIN_AGREEMENT = 0.995
+FAITHFUL_MAX_MIOU_DROP = 0.5
+
+
+def runtime_agreement(
+    model_path: str | Path,
+    data_dir: str | Path,
+    *,
+    kinds: Sequence[str],
+    artifact_dir: Path,
+    split: str = "all",
+) -> dict[str, dict[str, Any]]:
+    """How close each converted runtime's masks come to float32 Keras on `data_dir`'s images.
+
+    Per kind: `mask_agreement` (share of equal pixels), `miou_drop_points` and `faithful`.
+    `SEG_RUNTIME=auto` serves a faster runtime (LiteRT int8) only for a model version whose
+    metrics list it under `faithful_runtimes`, so a retrained model is measured like this
+    before it is registered. Artifacts are converted into `artifact_dir` at batch size 1 (the
+    worker adds the sizes it serves), where the worker will find them.
+    """
+    from segsvc.ml.runtime import load_runtime
+
+    data = read_folder(data_dir, split)
+    reference = predict_logits(load_model(model_path), data.images).argmax(-1)
+    keras_miou = mean_iou(confusion_matrix(data.masks, reference))
+    sha = file_sha256(model_path)
+    out: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        runtime = load_runtime(
+            model_path, kind=kind, artifact_dir=artifact_dir, sha256=sha, batch_sizes=(1,)
+        )
+        pred = np.concatenate(
+            [
+                runtime.predict(normalize(data.images[i : i + 16])).argmax(-1)
+                for i in range(0, len(data), 16)
+            ]
+        )
+        agreement = float((pred == reference).mean())
+        drop = (keras_miou - mean_iou(confusion_matrix(data.masks, pred))) * 100.0
+        out[kind] = {
+            "mask_agreement": round(agreement, 5),
+            "miou_drop_points": round(drop, 4),
+            "faithful": agreement >= FAITHFUL_MIN_AGREEMENT and drop <= FAITHFUL_MAX_MIOU_DROP,
+        }
     return out
 
 

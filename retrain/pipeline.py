@@ -325,6 +325,8 @@ class _Run:
         for metrics, ms in zip(results, latencies, strict=True):
             metrics["latency_ms_batch1"] = round(ms, 3)
             metrics["runtime"] = self.settings.runtime
+        if self.settings.runtime == "auto":
+            results[0].update(self._faithful_runtimes(candidate, eval_dir))
         log.info(
             "candidate mIoU %.4f, %.1f ms; production mIoU %.4f, %.1f ms",
             results[0]["mean_iou"],
@@ -333,6 +335,26 @@ class _Run:
             latencies[1],
         )
         return results[0], results[1]
+
+    def _faithful_runtimes(self, candidate: str, eval_dir: Path) -> dict[str, Any]:
+        """Which faster CPU runtimes stay faithful to the candidate (`SEG_RUNTIME=auto` serves
+        LiteRT int8 only for a version whose metrics list it); none when the check fails, so
+        the candidate is then served by exact ONNX Runtime float32."""
+        from retrain.evaluate import runtime_agreement
+        from segsvc.ml.runtime import CPU_FASTER
+
+        try:
+            agreement = runtime_agreement(
+                candidate, eval_dir, kinds=CPU_FASTER, artifact_dir=self.settings.artifact_dir
+            )
+        except Exception:
+            log.warning("could not measure the candidate's converted runtimes", exc_info=True)
+            return {"faithful_runtimes": []}
+        log.info("runtime agreement with float32 Keras: %s", agreement)
+        return {
+            "runtime_agreement": agreement,
+            "faithful_runtimes": [k for k, v in agreement.items() if v["faithful"]],
+        }
 
     def _finish(
         self, status: str, reason: str, version: str | None = None, outcome: str | None = None
@@ -379,6 +401,8 @@ def _version_metrics(
         },
         "evaluated_against": {"version": production["version"], **{k: prod[k] for k in keys}},
         "training_run": str(run_id),
+        # What `SEG_RUNTIME=auto` reads to serve a faster runtime for this version.
+        **{k: cand[k] for k in ("faithful_runtimes", "runtime_agreement") if k in cand},
     }
 
 

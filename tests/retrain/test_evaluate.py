@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from retrain.cli import evaluate as evaluate_cmd
-from retrain.evaluate import evaluate
+from retrain.evaluate import evaluate, runtime_agreement
 from tests.retrain.test_dataset import make_dataset
 
 
@@ -61,3 +61,22 @@ def test_evaluate_cli(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "colour_evaluation.json").read_text())
     assert saved["split"] == "val"
     assert saved["images"] < 12
+
+
+def test_runtime_agreement_measures_converted_runtimes_against_keras(tmp_path: Path) -> None:
+    """What the retraining pipeline records as a candidate's `faithful_runtimes`."""
+    data = make_dataset(tmp_path / "data", n=6)
+    model = colour_model(tmp_path / "colour.keras")
+    artifacts = tmp_path / "artifacts"
+    result = runtime_agreement(model, data, kinds=("onnx", "litert-int8"), artifact_dir=artifacts)
+
+    assert set(result) == {"onnx", "litert-int8"}
+    onnx = result["onnx"]
+    assert onnx["mask_agreement"] >= 0.999  # float32 ONNX Runtime: the same masks
+    assert abs(onnx["miou_drop_points"]) < 0.1
+    assert onnx["faithful"] is True
+    for kind, r in result.items():
+        assert 0.0 <= r["mask_agreement"] <= 1.0
+        assert r["faithful"] == (r["mask_agreement"] >= 0.995 and r["miou_drop_points"] <= 0.5)
+        # Converted where the worker looks for them (keyed by the model's sha256).
+        assert list(artifacts.glob(f"*/{kind}/*"))

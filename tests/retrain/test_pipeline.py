@@ -273,3 +273,34 @@ def test_canary_check_and_purge_tasks_run_as_plain_functions(
     assert verdict is not None
     assert verdict["outcome"] == "promoted"
     assert tasks.purge_inputs() == 0
+
+
+def test_a_candidate_records_which_faster_runtimes_stay_faithful(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """With SEG_RUNTIME=auto a retrained model is measured like the shipped one, so it is served
+    by LiteRT int8 too when that stays faithful (its version's metrics carry the list)."""
+    from retrain.pipeline import _Run, _version_metrics
+    from tests.retrain.test_evaluate import colour_model
+
+    cfg = settings.model_copy(update={"runtime": "auto", "artifact_cache_dir": tmp_path / "a"})
+    run = _Run(cfg, "manual", steps=1, batch_size=2, runs=1)
+    eval_dir = make_dataset(tmp_path / "eval", n=3)
+    found = run._faithful_runtimes(str(colour_model(tmp_path / "m.keras")), eval_dir)
+    assert set(found["runtime_agreement"]) == {"litert-int8"}
+    assert found["faithful_runtimes"] == (
+        ["litert-int8"] if found["runtime_agreement"]["litert-int8"]["faithful"] else []
+    )
+    # A check that fails leaves the candidate on exact ONNX Runtime instead of failing the run.
+    assert run._faithful_runtimes(str(tmp_path / "missing.keras"), eval_dir) == {
+        "faithful_runtimes": []
+    }
+
+    keys = ("mean_iou", "pixel_accuracy", "per_class_iou", "latency_ms_batch1", "images")
+    base = dict.fromkeys(keys, 0.5) | {
+        "original_resolution": {"mean_iou": 0.5, "pixel_accuracy": 0.5}
+    }
+    metrics = _version_metrics(base | found, base, {"version": "test-v1"}, uuid.uuid4())
+    assert metrics["faithful_runtimes"] == found["faithful_runtimes"]
+    assert metrics["runtime_agreement"] == found["runtime_agreement"]
+    assert "faithful_runtimes" not in _version_metrics(base, base, {"version": "v"}, uuid.uuid4())

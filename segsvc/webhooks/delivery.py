@@ -37,15 +37,59 @@ class Outcome:
     retry_after: str | None = None
 
 
+class DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write ends by one deadline for the whole attempt.
+
+    httpx's timeouts bound each network operation, not the request: a receiver that sends its
+    response headers a byte every few seconds would hold a delivery thread for as long as it
+    liked (and past the message's lease, so a second thread would call it too).
+    """
+
+    def __init__(self, inner: httpcore.NetworkStream, deadline: float) -> None:
+        self._inner = inner
+        self._deadline = deadline
+
+    def _left(self, timeout: float | None, error: type[Exception]) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise error("the attempt ran out of time")
+        return left if timeout is None else min(timeout, left)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, self._left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, self._left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        left = self._left(timeout, httpcore.ConnectTimeout)
+        return DeadlineStream(
+            self._inner.start_tls(ssl_context, server_hostname, left), self._deadline
+        )
+
+    def get_extra_info(self, info: str) -> typing.Any:
+        return self._inner.get_extra_info(info)
+
+
 class PinnedBackend(httpcore.NetworkBackend):
     """Opens TCP connections only to the addresses that passed the SSRF check.
 
     TLS still uses the URL's host name (SNI and certificate checks), and the Host header is
     the URL's, so only the address lookup is replaced: no second DNS answer can be used.
+    With a `deadline` (time.monotonic()), the whole attempt ends by it (`DeadlineStream`).
     """
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, deadline: float | None = None) -> None:
         self._target = target
+        self._deadline = deadline
         self._inner = httpcore.SyncBackend()
 
     def connect_tcp(
@@ -61,7 +105,7 @@ class PinnedBackend(httpcore.NetworkBackend):
         error: Exception = httpcore.ConnectError("no address to connect to")
         for address in self._target.addresses:
             try:
-                return self._inner.connect_tcp(
+                stream = self._inner.connect_tcp(
                     address,
                     port,
                     timeout=timeout,
@@ -70,6 +114,8 @@ class PinnedBackend(httpcore.NetworkBackend):
                 )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 error = exc
+                continue
+            return stream if self._deadline is None else DeadlineStream(stream, self._deadline)
         raise error
 
     def connect_unix_socket(
@@ -93,12 +139,12 @@ def tls_context() -> ssl.SSLContext:
 class PinnedTransport(httpx.HTTPTransport):
     """An httpx transport whose connections go to `target.addresses` only (no proxies)."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, deadline: float | None = None) -> None:
         super().__init__(verify=tls_context(), trust_env=False)
         self._pool = httpcore.ConnectionPool(
             ssl_context=tls_context(),
             max_connections=1,
-            network_backend=PinnedBackend(target),
+            network_backend=PinnedBackend(target, deadline),
         )
 
 
@@ -129,7 +175,7 @@ def post(
     try:
         with (
             httpx.Client(
-                transport=PinnedTransport(target),
+                transport=PinnedTransport(target, deadline=time.monotonic() + timeout),
                 timeout=timeout,
                 follow_redirects=False,
                 trust_env=False,
@@ -151,7 +197,9 @@ def _read_capped(resp: httpx.Response, cap: int, *, deadline: float) -> str:
         data += chunk
         if len(data) >= cap or time.perf_counter() > deadline:
             break
-    return data[:cap].decode("utf-8", errors="replace")
+    # Postgres text cannot hold NUL, and a binary or compressed answer often has one: storing
+    # it as it came failed the attempt's transaction, so the message was sent again for ever.
+    return data[:cap].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 def _classify(resp: httpx.Response, text: str, duration_ms: float) -> Outcome:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from segsvc.settings import Settings
 from segsvc.webhooks.delivery import deliver, post
@@ -86,3 +91,57 @@ def test_deliver_sends_when_allowlisted(receiver: Receiver, hook_settings: Setti
     assert deliver(url=receiver.url, body="{}", headers={}, settings=hook_settings).kind == (
         "delivered"
     )
+
+
+@pytest.fixture
+def trickler() -> Iterator[int]:
+    """A loopback server that answers every request with its status line one byte at a time,
+    0.1 s apart, for ever: each read completes well within a per-read timeout."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                    if stop.is_set():
+                        break
+                    try:
+                        conn.sendall(bytes([byte]))
+                    except OSError:
+                        break
+                    time.sleep(0.1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    server.close()
+    thread.join(5)
+
+
+@pytest.mark.timeout(30)
+def test_post_ends_by_its_timeout_even_when_every_read_is_quick(trickler: int) -> None:
+    port = trickler
+    hook = Target(
+        url=f"http://127.0.0.1:{port}/hook", host="127.0.0.1", port=port, addresses=("127.0.0.1",)
+    )
+    started = time.monotonic()
+    out = post(hook, body="{}", headers={}, timeout=0.6, body_cap=64)
+    assert time.monotonic() - started < 1.5
+    assert out.kind == "retry"
+    assert "timed out" in (out.error or "")
+
+
+def test_post_keeps_no_nul_byte_of_the_answer(receiver: Receiver) -> None:
+    """A compressed or binary answer holds NUL bytes, which Postgres text refuses."""
+    receiver.script(Reply(200, body=b"\x1f\x8b\x08\x00gz\x00"))
+    out = send(receiver)
+    assert out.kind == "delivered"
+    assert "\x00" not in (out.body or "")
+    assert out.body == "\x1f\ufffd\x08\ufffdgz\ufffd"

@@ -33,6 +33,10 @@ from segsvc.settings import Settings
 log = logging.getLogger(__name__)
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+# A version that failed to load (or failed at inference as a canary) is not retried on every
+# poll, but it is after this long: the failure may have been passing (memory, storage, a
+# conversion cut short), and a production version must not be skipped for the process's life.
+BROKEN_RETRY_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,8 @@ class ModelManager:
         self._routing: Routing | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        self._broken: set[tuple[str, str]] = set()  # (version, sha256) that failed to load
+        # (version, sha256) -> when it failed to load or to run; see BROKEN_RETRY_S
+        self._broken: dict[tuple[str, str], float] = {}
 
     def load(self) -> LoadedModel:
         """Load the serving versions (once), warm them up and start polling the registry."""
@@ -160,11 +165,11 @@ class ModelManager:
             (r for r in rows if r.status == ModelStatus.CANARY and r.traffic_share > 0), None
         )
         want_canary = _wanted(canary) if canary is not None else None
-        if want_canary is not None and (want_canary.version, want_canary.sha256) in self._broken:
+        if want_canary is not None and self._is_broken(want_canary.version, want_canary.sha256):
             want_canary = None
         current = self._routing
         if current is not None and (
-            production is None or (production.version, production.sha256) in self._broken
+            production is None or self._is_broken(production.version, production.sha256)
         ):
             # Keep serving rather than stop on a registry gap or an artifact that will not load.
             p = current.production
@@ -204,7 +209,7 @@ class ModelManager:
         routing = self._routing
         if routing is None or routing.canary is None or routing.canary.version != version:
             return  # promoted meanwhile, or already dropped
-        self._broken.add((version, sha256))
+        self._broken[(version, sha256)] = time.monotonic()
         self._routing = Routing(production=routing.production)  # the batch retries on it
         log.error("canary %s failed at inference (%r); serving production only", version, exc)
         self._reject_canary(version, f"failed at inference: {exc!r}"[:500])
@@ -232,8 +237,13 @@ class ModelManager:
                 faithful=wanted.faithful,
             )
         except Exception:
-            self._broken.add((wanted.version, wanted.sha256))  # not retried every poll
+            self._broken[(wanted.version, wanted.sha256)] = time.monotonic()
             raise
+
+    def _is_broken(self, version: str, sha256: str) -> bool:
+        """True while a failure of this version is recent (see BROKEN_RETRY_S)."""
+        failed = self._broken.get((version, sha256))
+        return failed is not None and time.monotonic() - failed < BROKEN_RETRY_S
 
 
 class _CanaryRuntime:

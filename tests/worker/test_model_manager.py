@@ -104,6 +104,40 @@ def test_manager_keeps_serving_when_a_canary_cannot_load(
         assert "could not load" in (row.reason or "")
 
 
+def test_a_production_version_that_failed_to_load_is_tried_again_later(
+    manager: ModelManager,
+    settings: Settings,
+    model_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A passing failure (memory, storage) must not leave the worker on the old version for
+    the rest of its life: it keeps serving the old one, then loads the new one on a later poll."""
+    from worker import model_manager
+
+    manager.load()
+    real = model_manager.load_model_version
+    calls = []
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs["version"])
+        if len(calls) == 1:
+            raise OSError("storage hiccup")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_manager, "load_model_version", flaky)
+    register(settings, model_file, "next")
+    set_status(settings, "next", "promote")
+    with pytest.raises(OSError, match="storage hiccup"):
+        manager.refresh()
+    assert manager.model_for(uuid.uuid4()).version == "test-v1"  # still serving
+    assert manager.refresh() is False  # not retried on every poll
+    assert calls == ["next"]
+    monkeypatch.setattr(model_manager, "BROKEN_RETRY_S", 0.0)  # ...but after a while
+    assert manager.refresh() is True
+    assert calls == ["next", "next"]
+    assert manager.model_for(uuid.uuid4()).version == "next"
+
+
 class FailingRuntime:
     name = "failing"
 

@@ -159,6 +159,7 @@ class _Run:
         self.started = time.monotonic()
         self.log_buffer = io.StringIO()
         self.run_id = uuid.uuid4()
+        self.registered = False  # the candidate's file is in the registry: never delete it
 
     def execute(self) -> RunResult:
         with self._capture_logs():
@@ -172,7 +173,7 @@ class _Run:
                 return self._train_and_gate(plan, out)
             except Exception as exc:
                 log.error("retraining failed: %s\n%s", exc, traceback.format_exc())
-                if out is not None:
+                if out is not None and not self.registered:
                     out.unlink(missing_ok=True)
                     out.with_suffix(".json").unlink(missing_ok=True)
                 return self._finish("failed", f"{type(exc).__name__}: {exc}")
@@ -265,6 +266,14 @@ class _Run:
                 parent_version=production["version"],
                 metrics=_version_metrics(cand_metrics, prod_metrics, production, self.run_id),
             )
+            now_serving = registry.production_version(session=session)
+            if now_serving is None or now_serving.version != production["version"]:
+                # An operator promoted or rolled back while this run trained: the candidate
+                # descends from, and was gated against, a version that no longer serves.
+                problems = [
+                    f"production changed from {production['version']} to "
+                    f"{now_serving.version if now_serving else 'none'} during training"
+                ]
             if problems:
                 reason = "gate: " + "; ".join(problems)
                 rollout.reject(session=session, version=version, reason=reason)
@@ -279,6 +288,7 @@ class _Run:
             run.candidate_metrics = cand_metrics
             run.production_metrics = prod_metrics
             run.data_counts = {**run.data_counts, **counts}
+        self.registered = True
         log.info("%s", summary)
         return self._finish("completed", summary, version, str(status))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -304,3 +305,88 @@ def test_a_candidate_records_which_faster_runtimes_stay_faithful(
     assert metrics["faithful_runtimes"] == found["faithful_runtimes"]
     assert metrics["runtime_agreement"] == found["runtime_agreement"]
     assert "faithful_runtimes" not in _version_metrics(base, base, {"version": "v"}, uuid.uuid4())
+
+
+def quick_run(monkeypatch: pytest.MonkeyPatch, model_file: Path, during_eval: Any = None) -> None:
+    """Retraining without the training: the candidate is a copy of `model_file` and both
+    models score alike, so what is tested is what happens around the registration."""
+    import shutil
+    from types import SimpleNamespace
+
+    from retrain.pipeline import _Run
+
+    def fine_tune(self: _Run, samples: list[Any], init_model: str, out: Path) -> Any:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_file, out)
+        return SimpleNamespace(data={"used": 0})
+
+    def evaluate(self: _Run, candidate: str, production: str) -> tuple[dict[str, Any], ...]:
+        if during_eval is not None:
+            during_eval()
+        metrics = {
+            "mean_iou": 0.5,
+            "pixel_accuracy": 0.5,
+            "per_class_iou": {},
+            "latency_ms_batch1": 1.0,
+            "images": 3,
+            "original_resolution": {"mean_iou": 0.5, "pixel_accuracy": 0.5},
+        }
+        return dict(metrics), dict(metrics)
+
+    monkeypatch.setattr(_Run, "_fine_tune", fine_tune)
+    monkeypatch.setattr(_Run, "_evaluate", evaluate)
+
+
+def test_a_candidate_is_not_canaried_if_production_changed_while_it_trained(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=0)
+
+    def operator_promotes_another_version() -> None:
+        with session_scope(cfg) as session:
+            registry.register_version(session=session, version="hotfix", path=model_file)
+            rollout.promote(session=session, version="hotfix")
+
+    quick_run(monkeypatch, model_file, during_eval=operator_promotes_another_version)
+    result = run_retraining(cfg, trigger="manual")
+    assert result.status == "completed", result
+    assert result.candidate_status == ModelStatus.REJECTED
+    with session_scope(cfg) as session:
+        version = registry.get_version(session=session, version=result.candidate_version or "")
+        assert version.status == ModelStatus.REJECTED
+        assert "production changed from test-v1 to hotfix" in (version.reason or "")
+        assert registry.production_version(session=session).version == "hotfix"  # type: ignore[union-attr]
+
+
+def test_a_late_failure_keeps_the_registered_canarys_model_file(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run fails after its candidate was registered as a canary (say, a database blip
+    while recording the run): workers load that file, so it must stay."""
+    from retrain.pipeline import _Run
+
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=0)
+    quick_run(monkeypatch, model_file)
+    finish = _Run._finish
+
+    def blip(self: _Run, status: str, *args: Any, **kwargs: Any) -> Any:
+        if status == "completed":
+            raise RuntimeError("database blip")
+        return finish(self, status, *args, **kwargs)
+
+    monkeypatch.setattr(_Run, "_finish", blip)
+    result = run_retraining(cfg, trigger="manual")
+    assert result.status == "failed"
+    with session_scope(cfg) as session:
+        (canary,) = [
+            v for v in registry.list_versions(session=session) if v.status == ModelStatus.CANARY
+        ]
+        assert Path(canary.path).is_file()

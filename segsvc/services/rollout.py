@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -138,6 +138,9 @@ class ArmStats:
     failed: int
     p50_total_ms: float | None
     p50_predict_ms: float | None
+    # Median forward-pass ms by the number of this version's jobs in the pass: a canary's
+    # share of a batch is small, so only passes of equal size compare the models' speed.
+    p50_predict_ms_by_size: dict[int, float] = field(default_factory=dict)
 
     @property
     def failure_rate(self) -> float:
@@ -191,12 +194,18 @@ def compare_arms(canary: ArmStats, production: ArmStats, *, latency_ratio: float
     problems = []
     if canary.failure_rate > production.failure_rate:
         problems.append(f"failure rate {canary.failure_rate:.1%} > {production.failure_rate:.1%}")
-    for label, ours, theirs in (
-        ("p50 queue-to-complete", canary.p50_total_ms, production.p50_total_ms),
-        ("p50 predict", canary.p50_predict_ms, production.p50_predict_ms),
-    ):
-        if ours is not None and theirs is not None and ours > theirs * latency_ratio:
-            problems.append(f"{label} {ours:.0f} ms > {latency_ratio:g} x {theirs:.0f} ms")
+    ours, theirs = canary.p50_total_ms, production.p50_total_ms
+    if ours is not None and theirs is not None and ours > theirs * latency_ratio:
+        problems.append(
+            f"p50 queue-to-complete {ours:.0f} ms > {latency_ratio:g} x {theirs:.0f} ms"
+        )
+    mine, other = canary.p50_predict_ms_by_size, production.p50_predict_ms_by_size
+    ratios = [mine[n] / other[n] for n in sorted(mine) if other.get(n, 0) > 0]
+    if ratios and statistics.median(ratios) > latency_ratio:
+        problems.append(
+            f"forward passes {statistics.median(ratios):.2f} x production's at equal batch "
+            f"sizes (> {latency_ratio:g})"
+        )
     return problems
 
 
@@ -210,7 +219,7 @@ def arm_stats(
     """
     rows = session.execute(
         select(Job.id, Job.status, Job.model_version, Job.created_at, Job.completed_at,
-               Job.predict_ms)
+               Job.predict_ms, Job.batch_size)
         .where(Job.created_at >= since,
                Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED]))
     ).all()  # fmt: skip
@@ -230,9 +239,14 @@ def _summarize(rows: list[Any]) -> ArmStats:
         (r.completed_at - r.created_at).total_seconds() * 1000.0 for r in ok if r.completed_at
     ]
     predicts = [r.predict_ms for r in ok if r.predict_ms is not None]
+    by_size: dict[int, list[float]] = {}
+    for r in ok:
+        if r.predict_ms is not None:
+            by_size.setdefault(r.batch_size or 1, []).append(r.predict_ms)
     return ArmStats(
         jobs=len(rows),
         failed=len(rows) - len(ok),
         p50_total_ms=statistics.median(totals) if totals else None,
         p50_predict_ms=statistics.median(predicts) if predicts else None,
+        p50_predict_ms_by_size={n: statistics.median(v) for n, v in by_size.items()},
     )

@@ -68,6 +68,7 @@ def add_jobs(
     status: JobStatus = JobStatus.SUCCEEDED,
     total_ms: float = 50.0,
     predict_ms: float = 10.0,
+    batch_size: int = 1,
 ) -> None:
     """Finished jobs created now, as a worker would have recorded them."""
     now = utcnow()
@@ -80,6 +81,7 @@ def add_jobs(
                     created_at=now,
                     completed_at=now + timedelta(milliseconds=total_ms),
                     predict_ms=predict_ms if status == JobStatus.SUCCEEDED else None,
+                    batch_size=batch_size,
                     input_sha256="0" * 64,
                     input_content_type="image/png",
                     input_width=8,
@@ -155,6 +157,35 @@ def test_canary_that_is_slower_is_rolled_back(
     assert verdict is not None
     assert verdict.outcome == "rolled_back"
     assert "queue-to-complete" in verdict.reason
+
+
+def test_canary_speed_is_compared_at_equal_batch_sizes(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    """A canary's share of a batch is small, so its forward passes are shorter: a canary 3x
+    slower per pass at the sizes both arms ran is rolled back, though its median pass (small
+    groups) is shorter than production's (whole batches)."""
+    canary(settings, model_file)
+    add_jobs(settings, "test-v1", 60, predict_ms=80.0, batch_size=8)
+    add_jobs(settings, "test-v1", 20, predict_ms=10.0, batch_size=1)
+    add_jobs(settings, "cand", 20, predict_ms=30.0, batch_size=1)
+    verdict = decide(settings)
+    assert verdict is not None
+    assert verdict.outcome == "rolled_back", verdict
+    assert "3.00 x production's at equal batch sizes" in verdict.reason
+
+
+def test_canary_running_smaller_groups_is_not_taken_for_slower(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    canary(settings, model_file)
+    add_jobs(settings, "test-v1", 60, predict_ms=80.0, batch_size=8)
+    add_jobs(settings, "test-v1", 20, predict_ms=11.0, batch_size=1)
+    add_jobs(settings, "cand", 20, predict_ms=12.0, batch_size=1)
+    add_jobs(settings, "cand", 5, predict_ms=21.0, batch_size=2)  # production ran no pair
+    verdict = decide(settings)
+    assert verdict is not None
+    assert verdict.outcome == "promoted", verdict
 
 
 def test_failed_jobs_without_a_version_count_in_the_arm_their_id_hashes_to(

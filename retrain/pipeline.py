@@ -266,6 +266,7 @@ class _Run:
                 parent_version=production["version"],
                 metrics=_version_metrics(cand_metrics, prod_metrics, production, self.run_id),
             )
+            rollout.lock_registry(session)  # no promote or rollback between check and canary
             now_serving = registry.production_version(session=session)
             if now_serving is None or now_serving.version != production["version"]:
                 # An operator promoted or rolled back while this run trained: the candidate

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from segsvc.errors import ConflictError
@@ -29,6 +29,25 @@ def routes_to_canary(job_id: uuid.UUID | str, share: float) -> bool:
     return share > 0 and canary_fraction(job_id) < share
 
 
+# Any advisory-lock key works as long as every registry change uses the same one.
+REGISTRY_LOCK_KEY = 0x5E65_0DE1
+
+
+def lock_registry(session: Session) -> None:
+    """Serialize changes of which version serves (for this transaction), then read afresh.
+
+    A canary verdict, an operator's promote or rollback, a worker rejecting a canary and a
+    retraining run all read the registry and then change it; without this, a verdict that read
+    the canary before an operator's rollback committed would promote the canary it stopped.
+    Objects this session loaded before are expired, so what follows reads the locked state.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return  # SQLite serializes writers itself
+    session.flush()
+    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": REGISTRY_LOCK_KEY})
+    session.expire_all()
+
+
 def canary_version(*, session: Session) -> ModelVersion | None:
     """The version in canary, if any (the newest if several)."""
     return session.scalar(
@@ -41,6 +60,7 @@ def canary_version(*, session: Session) -> ModelVersion | None:
 
 def start_canary(*, session: Session, version: str, share: float) -> ModelVersion:
     """Serve `share` of jobs with `version`; a canary already running is superseded."""
+    lock_registry(session)
     row = registry.get_version(session=session, version=version)
     for other in _with_status(session, ModelStatus.CANARY):
         if other.version != version:
@@ -55,6 +75,7 @@ def start_canary(*, session: Session, version: str, share: float) -> ModelVersio
 
 def promote(*, session: Session, version: str, reason: str | None = None) -> ModelVersion:
     """Make `version` production at once; the old production is archived (kept for rollback)."""
+    lock_registry(session)
     row = registry.get_version(session=session, version=version)
     if row.status == ModelStatus.PRODUCTION:
         raise ConflictError(f"{version} is already production.")
@@ -74,6 +95,7 @@ def promote(*, session: Session, version: str, reason: str | None = None) -> Mod
 
 def reject(*, session: Session, version: str, reason: str) -> ModelVersion:
     """Stop a candidate or canary from (ever) serving, keeping the reason."""
+    lock_registry(session)
     row = registry.get_version(session=session, version=version)
     if row.status == ModelStatus.PRODUCTION:
         raise ConflictError(f"{version} is production; roll back instead.")
@@ -84,6 +106,7 @@ def reject(*, session: Session, version: str, reason: str) -> ModelVersion:
 
 def rollback(*, session: Session, reason: str = "rolled back by an operator") -> ModelVersion:
     """Restore the previous production version at once; the current one and any canary stop."""
+    lock_registry(session)
     current = registry.production_version(session=session)
     if current is None:
         raise ConflictError("There is no production version to roll back.")
@@ -164,6 +187,7 @@ class CanaryVerdict:
 
 def decide_canary(*, session: Session, min_jobs: int, latency_ratio: float) -> CanaryVerdict | None:
     """After `min_jobs` canary jobs: promote if failures and latency are no worse, else reject."""
+    lock_registry(session)
     canary = canary_version(session=session)
     production = registry.production_version(session=session)
     if canary is None or production is None or canary.promoted_at is None:

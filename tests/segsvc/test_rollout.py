@@ -232,3 +232,31 @@ def test_reject_refuses_production_and_rollback_needs_history(
         row = rollout.reject(session=session, version="cand", reason="gate: worse")
         assert isinstance(row, ModelVersion)
         assert (row.status, row.reason) == ("rejected", "gate: worse")
+
+
+def test_a_verdict_never_promotes_a_canary_an_operator_rollback_just_stopped(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    """The verdict runs while an operator's rollback is committing: it must see the rollback
+    (the canary stopped) instead of promoting the canary it read a moment before."""
+    import threading
+
+    add(settings, model_file, "v2", ModelStatus.CANDIDATE)
+    with session_scope(settings) as session:
+        rollout.promote(session=session, version="v2")
+    canary(settings, model_file)
+    add_jobs(settings, "v2", 40)
+    add_jobs(settings, "cand", 20)
+    verdicts: list[rollout.CanaryVerdict | None] = []
+    with session_scope(settings) as operator:
+        rollout.rollback(session=operator)  # v2 and its canary stop; test-v1 serves again
+        thread = threading.Thread(target=lambda: verdicts.append(decide(settings)))
+        thread.start()
+        thread.join(0.5)  # the verdict waits for the rollback to commit
+        assert thread.is_alive()
+    thread.join(10)
+    assert verdicts == [None]  # no canary left to judge
+    got = statuses(settings)
+    assert got["test-v1"] == ("production", 1.0)
+    assert got["cand"][0] == "rejected"
+    assert got["v2"][0] == "rejected"

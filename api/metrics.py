@@ -37,6 +37,9 @@ def request_id_from(value: str | None) -> str:
     return uuid.uuid4().hex
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def _before() -> None:
     g.metrics_started = time.perf_counter()
     rid = request_id_from(request.headers.get(REQUEST_ID_HEADER))
@@ -53,8 +56,11 @@ def _after(response: Response) -> Response:
         return response
     elapsed = time.perf_counter() - started
     route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
-    HTTP_LATENCY.labels(route, request.method).observe(elapsed)
+    # Clients choose the method (gunicorn takes any token): only known ones become a label
+    # value, so requests with invented methods cannot grow the metrics without bound.
+    method = request.method if request.method in HTTP_METHODS else "other"
+    HTTP_REQUESTS.labels(route, method, str(response.status_code)).inc()
+    HTTP_LATENCY.labels(route, method).observe(elapsed)
     job_id = (request.view_args or {}).get("job_id")
     if request.endpoint == SUBMIT_ENDPOINT:
         job_id = _count_submission(response) or job_id

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +36,13 @@ from segsvc.client_errors import (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_AUTH = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+
+class LocalFileError(ClientError):
+    """A file of this machine could not be read or a result not written (exit code 1)."""
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,11 +116,28 @@ def image_files(paths: tuple[Path, ...]) -> list[Path]:
     """Files as given, plus the images found under directories (sorted)."""
     found: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if path.is_dir():  # only files: not a folder named x.jpg, nor a link to nothing
+            found += sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
         else:
             found.append(path)
     return found
+
+
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """The name each file's results get in the output folder: its stem, or, for files that
+    share a stem (a/cat.jpg and b/cat.jpg, dog.jpg and dog.png), its path with the folders
+    and the suffix kept (a_cat.jpg), so that no result overwrites another."""
+    stems: dict[str, int] = {}
+    for path in files:
+        stems[path.stem] = stems.get(path.stem, 0) + 1
+    return {
+        path: path.stem
+        if stems[path.stem] == 1
+        else "_".join(part for part in path.parts if part not in ("/", ".", ".."))
+        for path in files
+    }
 
 
 @dataclass
@@ -143,6 +167,7 @@ class SubmitPlan:
     # Set once a batch was refused although each of its files was then accepted on its own (a
     # server limit lower than `batch`, or no batch submits): later files go one by one.
     batches_refused: threading.Event = field(default_factory=threading.Event)
+    names: dict[Path, str] = field(default_factory=dict)  # output name per file (output_names)
 
     @property
     def waiting(self) -> bool:
@@ -153,7 +178,10 @@ def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Eve
     """Submit one file, then (optionally) wait and save its results."""
     outcome = Outcome(path)
     if stop.is_set():
-        outcome.status, outcome.reason = "skipped", "stopped after an authentication error"
+        outcome.status, outcome.reason = (
+            "skipped",
+            "not sent: the run stopped (an authentication error or Ctrl-C)",
+        )
         return outcome
     started = time.monotonic()
     try:
@@ -169,6 +197,8 @@ def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Eve
             finish(outcome, job, plan, started)
     except ClientError as exc:
         failed(outcome, exc, stop)
+    except OSError as exc:  # unreadable file, or a result that could not be written
+        failed(outcome, LocalFileError(f"{type(exc).__name__}: {exc}"), stop)
     return outcome
 
 
@@ -187,7 +217,7 @@ def submit_chunk(
         jobs = client.submit_batch(paths, webhook=plan.webhook, webhook_events=plan.webhook_events)
     except (AuthError, TransportError, ServerError, RateLimitedError) as exc:
         return [failed(Outcome(path), exc, stop) for path in paths]
-    except ApiError:
+    except (ApiError, OSError):  # one file refused or unreadable: each gets its own answer
         singles = [submit_one(client, path, plan, stop) for path in paths]
         if all(outcome.error is None for outcome in singles):  # not a file: the batch itself
             plan.batches_refused.set()
@@ -206,8 +236,10 @@ def submit_chunk(
             continue
         try:
             finish(outcome, job, plan, started)
-        except ClientError as exc:  # saving its results failed
+        except ClientError as exc:  # fetching its results failed
             failed(outcome, exc, stop)
+        except OSError as exc:  # writing them failed (a full disk, no permission)
+            failed(outcome, LocalFileError(f"{type(exc).__name__}: {exc}"), stop)
     return outcomes
 
 
@@ -229,12 +261,13 @@ def failed(outcome: Outcome, exc: ClientError, stop: threading.Event) -> Outcome
 
 
 def save_results(job: Job, path: Path, plan: SubmitPlan) -> None:
-    """Write <stem>.mask.png (and .overlay.png) into the output folder."""
+    """Write <name>.mask.png (and .overlay.png) into the output folder (see output_names)."""
     assert plan.out is not None
     plan.out.mkdir(parents=True, exist_ok=True)
-    (plan.out / f"{path.stem}.mask.png").write_bytes(job.mask_png())
+    name = plan.names.get(path, path.stem)
+    (plan.out / f"{name}.mask.png").write_bytes(job.mask_png())
     if plan.overlay:
-        (plan.out / f"{path.stem}.overlay.png").write_bytes(job.overlay_png())
+        (plan.out / f"{name}.overlay.png").write_bytes(job.overlay_png())
 
 
 def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: int) -> list[Outcome]:
@@ -249,20 +282,43 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with (
-        Progress(*columns, console=console, disable=len(files) < 2) as progress,
-        ThreadPoolExecutor(max_workers=concurrency) as pool,
-    ):
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+    with Progress(*columns, console=console, disable=len(files) < 2) as progress:
         label = "waiting" if plan.waiting else "submitting"
         task = progress.add_task(label, total=len(files))
         chunks = [files[i : i + plan.batch] for i in range(0, len(files), plan.batch)]
         futures = [pool.submit(submit_chunk, client, chunk, plan, stop) for chunk in chunks]
-        for future in as_completed(futures):
+        reported: set[Future[list[Outcome]]] = set()
+
+        def report(future: Future[list[Outcome]]) -> None:
+            reported.add(future)
             for outcome in future.result():
                 outcomes.append(outcome)
                 click.echo(f"{outcome.job_id}\t{outcome.status}\t{outcome.path}")
                 progress.advance(task)
+
+        try:
+            for future in as_completed(futures):
+                report(future)
+        except KeyboardInterrupt:
+            # Ctrl-C: send nothing more; the requests in flight end and their job ids are
+            # printed too, so nothing the server accepted goes unreported.
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for future in futures:
+                if future not in reported and not future.cancelled():
+                    report(future)
+            raise Interrupted(outcomes) from None
+    pool.shutdown()
     return outcomes
+
+
+class Interrupted(Exception):
+    """Ctrl-C during `run_all`: the outcomes of the requests that were sent."""
+
+    def __init__(self, outcomes: list[Outcome]) -> None:
+        super().__init__("interrupted")
+        self.outcomes = outcomes
 
 
 def summary_table(outcomes: list[Outcome]) -> Table:
@@ -350,13 +406,21 @@ def submit(
         raise click.UsageError("no image files found (looked for .jpg .jpeg .png .webp)")
     events = [e.strip() for e in webhook_events.split(",")] if webhook_events else None
     plan = SubmitPlan(wait, out, overlay, webhook, events, timeout, batch)
+    plan.names = output_names(files)
+    interrupted = False
     with make_client(url, api_key, retries) as client:
-        outcomes = run_all(files, client, plan, concurrency)
+        try:
+            outcomes = run_all(files, client, plan, concurrency)
+        except Interrupted as stopped:
+            outcomes, interrupted = stopped.outcomes, True
     console = Console(stderr=True)
     console.print(summary_table(outcomes))
     for o in outcomes:
         if o.reason:
             console.print(f"[red]{o.status}[/red] {o.path}: {o.reason}", highlight=False)
+    if interrupted:
+        console.print(f"interrupted: {len(files) - len(outcomes)} files not sent")
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(submit_exit_code(outcomes))
 
 

@@ -89,6 +89,28 @@ def test_metrics_route_label_is_the_url_rule_not_the_path(client, auth) -> None:
     )
 
 
+def test_metrics_method_label_is_bounded(client) -> None:  # type: ignore[no-untyped-def]
+    """Clients choose the method: invented ones share the label value "other"."""
+
+    def others() -> float:
+        return sum(
+            sample("segsvc_http_requests_total", route="unmatched", method="other", status=code)
+            for code in ("404", "405")
+        )
+
+    before = others()
+    for i in range(3):
+        client.open("/nowhere", method=f"ZZ{i:04d}")
+    methods = {
+        s.labels.get("method", "")
+        for family in REGISTRY.collect()
+        for s in family.samples
+        if s.name == "segsvc_http_requests_total"
+    }
+    assert not [m for m in methods if m.startswith("ZZ")]
+    assert others() == before + 3
+
+
 def test_request_id_is_generated_stored_and_returned(client, auth, settings) -> None:  # type: ignore[no-untyped-def]
     resp = submit(client, auth, png_bytes())
     rid = resp.headers["X-Request-ID"]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -221,3 +226,81 @@ def test_cli_models_list_from_live_api(
     assert production_model in listed.stdout
     assert "production" in listed.stdout
     assert cli("client", "models", "list", url=base_url, key=api_key).exit_code == 4
+
+
+def test_output_names_keep_results_of_files_with_the_same_stem_apart() -> None:
+    from segsvc.client_cli import output_names
+
+    files = [
+        Path("in/a/cat.jpg"),
+        Path("in/b/cat.jpg"),
+        Path("in/a/dog.jpg"),
+        Path("in/a/dog.png"),
+        Path("in/a/solo.webp"),
+    ]
+    names = output_names(files)
+    assert names[Path("in/a/solo.webp")] == "solo"  # no clash: the plain stem, as before
+    assert names[Path("in/a/cat.jpg")] == "in_a_cat.jpg"
+    assert names[Path("in/a/dog.png")] == "in_a_dog.png"
+    assert len(set(names.values())) == len(files)
+
+
+def test_image_files_lists_only_files(tmp_path: Path) -> None:
+    from segsvc.client_cli import image_files
+
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (tmp_path / "real.jpg").write_bytes(b"x")
+    assert image_files((tmp_path,)) == [tmp_path / "real.jpg"]
+
+
+def test_cli_a_file_that_cannot_be_read_fails_alone(
+    base_url: str, api_key: str, tmp_path: Path
+) -> None:
+    """A file gone between listing and sending (or unreadable) is that file's error; the other
+    files of its batch are still sent and reported."""
+    from segsvc.client_cli import SubmitPlan, submit_chunk
+    from segsvc.client_errors import ClientError
+
+    good = tmp_path / "good.jpg"
+    shutil.copy(sample_images(1)[0], good)
+    missing = tmp_path / "missing.jpg"
+    plan = SubmitPlan(False, None, False, None, None, 10.0, batch=2)
+    from segsvc.client import Client
+
+    with Client(base_url, api_key) as client:
+        first, second = submit_chunk(client, [good, missing], plan, threading.Event())
+    assert (first.path, first.status) == (good, "queued")
+    assert first.job_id != "-"
+    assert (second.path, second.status) == (missing, "error")
+    assert isinstance(second.error, ClientError)
+    assert "FileNotFoundError" in second.reason
+
+
+def test_cli_ctrl_c_stops_sending_and_reports_what_was_sent(tmp_path: Path) -> None:
+    """Ctrl-C: no more requests start; every request that was answered is reported."""
+    from segsvc.client import Client
+    from segsvc.client_cli import Interrupted, SubmitPlan, run_all
+
+    class Slow(Scripted):
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            time.sleep(0.2)
+            return super().__call__(environ, start_response)
+
+    stub = Slow([(202, {}, {"id": "j1", "status": "queued"})])
+    files = []
+    for i in range(30):
+        path = tmp_path / f"p{i}.png"
+        path.write_bytes(b"png")
+        files.append(path)
+    plan = SubmitPlan(False, None, False, None, None, 10.0, batch=1)
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with serve(stub) as url, Client(url, "k") as client:
+        timer.start()
+        with pytest.raises(Interrupted) as stopped:
+            run_all(files, client, plan, concurrency=2)
+        sent = len(stub.times)
+        time.sleep(0.5)  # nothing more goes out after the interrupt
+        assert len(stub.times) == sent
+    assert 0 < sent < 30
+    assert len([o for o in stopped.value.outcomes if o.job_id != "-"]) == sent  # all reported

@@ -146,8 +146,10 @@ class Job:
         answers at once, it falls back to polling every `poll_interval` (backing off to 2 s).
         """
 
+        deadline = None if timeout is None else time.monotonic() + timeout
+
         def ask(seconds: float) -> bool:
-            self.data = self._client.get(self.id, wait=seconds).data
+            self.data = self._client.get(self.id, wait=seconds, deadline=deadline).data
             return self.done
 
         _long_poll(
@@ -269,13 +271,17 @@ class Client:
         resp = self._request("POST", "/v1/jobs/batch", files=files, data=form, headers=headers)
         return [Job(self, body) for body in resp.json()["jobs"]]
 
-    def get_many(self, job_ids: Sequence[str], *, wait: float = 0.0) -> list[Job]:
-        """Several jobs in one request (up to 100), in the order given; with `wait` the server
-        holds the answer until every one has ended (<= 30 s). Unknown ids raise NotFoundError."""
+    def get_many(
+        self, job_ids: Sequence[str], *, wait: float = 0.0, deadline: float | None = None
+    ) -> list[Job]:
+        """Several jobs in one request (up to 100), in the order given; with `wait` (capped at
+        LONG_POLL_S) the server holds the answer until every one has ended. Unknown ids raise
+        NotFoundError. `deadline` bounds retries: see `_request`."""
         params = {"ids": ",".join(job_ids)}
+        wait = min(wait, LONG_POLL_S)
         if wait > 0:
-            params["wait"] = f"{min(wait, LONG_POLL_S):.3f}"
-        body = self._request("GET", "/v1/jobs", params=params).json()
+            params["wait"] = f"{wait:.3f}"
+        body = self._request("GET", "/v1/jobs", params=params, deadline=deadline, held=wait).json()
         if body["not_found"]:
             raise NotFoundError(404, "not_found", f"No such jobs: {', '.join(body['not_found'])}.")
         return [Job(self, job) for job in body["jobs"]]
@@ -287,9 +293,11 @@ class Client:
         per 100 jobs still running); updates the jobs in place and returns them.
         WaitTimeoutError after `timeout`, with the jobs that ended by then already updated."""
 
+        deadline = None if timeout is None else time.monotonic() + timeout
+
         def ask(seconds: float) -> bool:
             chunk = [job for job in jobs if not job.done][:MAX_IDS_PER_READ]
-            fresh = self.get_many([job.id for job in chunk], wait=seconds)
+            fresh = self.get_many([job.id for job in chunk], wait=seconds, deadline=deadline)
             for job, new in zip(chunk, fresh, strict=True):
                 job.data = new.data
             return all(job.done for job in chunk)
@@ -303,10 +311,15 @@ class Client:
         )
         return list(jobs)
 
-    def get(self, job_id: str, *, wait: float = 0.0) -> Job:
-        """The job's state; with `wait`, the server holds the answer until it ends (<= 30 s)."""
+    def get(self, job_id: str, *, wait: float = 0.0, deadline: float | None = None) -> Job:
+        """The job's state; with `wait` (capped at LONG_POLL_S), the server holds the answer
+        until it ends. `deadline` (time.monotonic()) bounds retries: see `_request`."""
+        wait = min(wait, LONG_POLL_S)
         params = {"wait": f"{wait:.3f}"} if wait > 0 else None
-        return Job(self, self._request("GET", f"/v1/jobs/{job_id}", params=params).json())
+        resp = self._request(
+            "GET", f"/v1/jobs/{job_id}", params=params, deadline=deadline, held=wait
+        )
+        return Job(self, resp.json())
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job."""
@@ -326,12 +339,29 @@ class Client:
         rows: list[dict[str, Any]] = body
         return rows
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        deadline: float | None = None,
+        held: float = 0.0,
+        **kwargs: Any,
+    ) -> httpx.Response:
         """Send with retries on 429/503 (honouring Retry-After) and on network errors.
 
         Every call may be repeated safely: reads and cancel are idempotent, and a submission
         carries one Idempotency-Key across its retries, so the server stores it only once.
+        `held`: seconds the server may hold the answer (a long poll), added to the read
+        timeout. `deadline` (time.monotonic()): a wait's end; a retry that would pause past
+        it raises WaitTimeoutError instead, so `Job.wait(timeout)` keeps its timeout.
         """
+        if held > 0:  # the read may take as long as the server holds the answer, and more
+            t = self._http.timeout
+            read = (t.read or 0.0) + held
+            kwargs.setdefault(
+                "timeout", httpx.Timeout(connect=t.connect, read=read, write=t.write, pool=t.pool)
+            )
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -340,15 +370,22 @@ class Client:
                 if last:
                     what = "cannot connect to" if isinstance(exc, httpx.ConnectError) else "lost"
                     raise TransportError(f"{what} {self.url}: {exc!r}") from exc
-                time.sleep(_backoff(attempt))
+                self._pause(_backoff(attempt), deadline, f"{exc!r}")
                 continue
             if resp.status_code in RETRY_STATUSES and not last:
-                time.sleep(self._retry_delay(resp, attempt))
+                self._pause(self._retry_delay(resp, attempt), deadline, f"HTTP {resp.status_code}")
                 continue
             if resp.is_success:
                 return resp
             raise error_for(resp)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _pause(seconds: float, deadline: float | None, why: str) -> None:
+        """Sleep before a retry, unless that would pass the caller's deadline."""
+        if deadline is not None and time.monotonic() + seconds >= deadline:
+            raise WaitTimeoutError(f"the wait ran out while the server answered {why}")
+        time.sleep(seconds)
 
     def _retry_delay(self, resp: httpx.Response, attempt: int) -> float:
         hinted = parse_retry_after(resp.headers.get("Retry-After"))

@@ -186,6 +186,34 @@ def test_client_gives_up_with_typed_error_after_retries() -> None:
     assert err.value.retry_after == 0
 
 
+def test_wait_keeps_its_timeout_while_the_server_asks_to_retry_later() -> None:
+    """A 503 with a Retry-After longer than what is left of the wait ends the wait on time
+    (WaitTimeoutError), instead of sleeping through it and retrying for minutes."""
+    busy = (503, {"Retry-After": "3"}, {"error": "unavailable", "message": "busy"})
+    stub = Scripted([busy])
+    with serve(stub) as url, Client(url, "k", retries=5) as client:
+        job = Job(client, {"id": "j1", "status": "queued"})
+        started = time.monotonic()
+        with pytest.raises(WaitTimeoutError):
+            job.wait(timeout=1.0)
+        assert time.monotonic() - started < 1.5
+    assert len(stub.times) == 1
+
+
+def test_a_long_poll_may_outlast_the_clients_read_timeout() -> None:
+    """The server holds a long poll up to its `wait`: the read timeout grows by that much."""
+
+    class Holding(Scripted):
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            time.sleep(1.5)  # the job ends 1.5 s into the poll
+            return super().__call__(environ, start_response)
+
+    stub = Holding([(200, {}, {"id": "j1", "status": "succeeded"})])
+    with serve(stub) as url, Client(url, "k", timeout=1.0, retries=0) as client:
+        assert client.get("j1", wait=5.0).status == "succeeded"
+    assert len(stub.times) == 1
+
+
 def test_client_models_reads_versions() -> None:
     rows = [{"version": "v1", "status": "production", "traffic_share": 1.0}]
     for body in (rows, {"versions": rows, "training_runs": []}):

@@ -132,12 +132,16 @@ def output_names(files: list[Path]) -> dict[Path, str]:
     stems: dict[str, int] = {}
     for path in files:
         stems[path.stem] = stems.get(path.stem, 0) + 1
-    return {
-        path: path.stem
-        if stems[path.stem] == 1
-        else "_".join(part for part in path.parts if part not in ("/", ".", ".."))
-        for path in files
-    }
+    try:  # the folders the files have in common are left out of the names
+        root = Path(os.path.commonpath([str(path.parent) for path in files]))
+    except ValueError:  # absolute and relative paths mixed
+        root = Path()
+
+    def by_path(path: Path) -> str:
+        relative = path.relative_to(root) if path.is_relative_to(root) else path
+        return "_".join(part for part in relative.parts if part not in ("/", ".", ".."))
+
+    return {path: path.stem if stems[path.stem] == 1 else by_path(path) for path in files}
 
 
 @dataclass

@@ -240,9 +240,12 @@ def test_output_names_keep_results_of_files_with_the_same_stem_apart() -> None:
     ]
     names = output_names(files)
     assert names[Path("in/a/solo.webp")] == "solo"  # no clash: the plain stem, as before
-    assert names[Path("in/a/cat.jpg")] == "in_a_cat.jpg"
-    assert names[Path("in/a/dog.png")] == "in_a_dog.png"
+    assert names[Path("in/a/cat.jpg")] == "a_cat.jpg"  # the common folder "in" left out
+    assert names[Path("in/b/cat.jpg")] == "b_cat.jpg"
+    assert names[Path("in/a/dog.png")] == "a_dog.png"
     assert len(set(names.values())) == len(files)
+    same_folder = output_names([Path("/x/y/dog.jpg"), Path("/x/y/dog.png")])
+    assert sorted(same_folder.values()) == ["dog.jpg", "dog.png"]
 
 
 def test_image_files_lists_only_files(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def run_raw(
     log: Any,
 ) -> dict[str, Any]:
     """Every runtime's speed and its masks' agreement with float32 Keras (and with the labels)."""
-    from retrain.evaluate import FAITHFUL_MAX_MIOU_DROP, FAITHFUL_MIN_AGREEMENT
+    from retrain.evaluate import is_faithful
     from retrain.metrics import confusion_matrix, mean_iou
 
     x = np.concatenate([images] * (1 + 32 // max(1, len(images))))[:32]
@@ -123,10 +123,7 @@ def run_raw(
     keras_miou = results["keras"]["miou"]
     for r in (results[kind] for kind in RUNTIMES):
         r["miou_drop_points"] = (keras_miou - r["miou"]) * 100.0
-        r["faithful"] = (
-            r["mask_agreement"] >= FAITHFUL_MIN_AGREEMENT
-            and r["miou_drop_points"] <= FAITHFUL_MAX_MIOU_DROP
-        )
+        r["faithful"] = is_faithful(r["mask_agreement"], r["miou_drop_points"])
     return results
 
 

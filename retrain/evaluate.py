@@ -41,6 +41,11 @@ FAITHFUL_MIN_AGREEMENT = 0.995
 FAITHFUL_MAX_MIOU_DROP = 0.5
 
 
+def is_faithful(mask_agreement: float, miou_drop_points: float) -> bool:
+    """The faithfulness rule, for `runtime_agreement` and `make bench` alike."""
+    return mask_agreement >= FAITHFUL_MIN_AGREEMENT and miou_drop_points <= FAITHFUL_MAX_MIOU_DROP
+
+
 def runtime_agreement(
     model_path: str | Path,
     data_dir: str | Path,
@@ -79,7 +84,7 @@ def runtime_agreement(
         out[kind] = {
             "mask_agreement": round(agreement, 5),
             "miou_drop_points": round(drop, 4),
-            "faithful": agreement >= FAITHFUL_MIN_AGREEMENT and drop <= FAITHFUL_MAX_MIOU_DROP,
+            "faithful": is_faithful(agreement, drop),
         }
     return out
 

@@ -276,6 +276,18 @@ def test_canary_check_and_purge_tasks_run_as_plain_functions(
     assert tasks.purge_inputs() == 0
 
 
+def eval_metrics() -> dict[str, Any]:
+    """What `_Run._evaluate` reports for one model, with made-up numbers."""
+    return {
+        "mean_iou": 0.5,
+        "pixel_accuracy": 0.5,
+        "per_class_iou": {},
+        "latency_ms_batch1": 1.0,
+        "images": 3,
+        "original_resolution": {"mean_iou": 0.5, "pixel_accuracy": 0.5},
+    }
+
+
 def test_a_candidate_records_which_faster_runtimes_stay_faithful(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -297,10 +309,7 @@ def test_a_candidate_records_which_faster_runtimes_stay_faithful(
         "faithful_runtimes": []
     }
 
-    keys = ("mean_iou", "pixel_accuracy", "per_class_iou", "latency_ms_batch1", "images")
-    base = dict.fromkeys(keys, 0.5) | {
-        "original_resolution": {"mean_iou": 0.5, "pixel_accuracy": 0.5}
-    }
+    base = eval_metrics()
     metrics = _version_metrics(base | found, base, {"version": "test-v1"}, uuid.uuid4())
     assert metrics["faithful_runtimes"] == found["faithful_runtimes"]
     assert metrics["runtime_agreement"] == found["runtime_agreement"]
@@ -323,15 +332,7 @@ def quick_run(monkeypatch: pytest.MonkeyPatch, model_file: Path, during_eval: An
     def evaluate(self: _Run, candidate: str, production: str) -> tuple[dict[str, Any], ...]:
         if during_eval is not None:
             during_eval()
-        metrics = {
-            "mean_iou": 0.5,
-            "pixel_accuracy": 0.5,
-            "per_class_iou": {},
-            "latency_ms_batch1": 1.0,
-            "images": 3,
-            "original_resolution": {"mean_iou": 0.5, "pixel_accuracy": 0.5},
-        }
-        return dict(metrics), dict(metrics)
+        return eval_metrics(), eval_metrics()
 
     monkeypatch.setattr(_Run, "_fine_tune", fine_tune)
     monkeypatch.setattr(_Run, "_evaluate", evaluate)

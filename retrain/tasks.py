@@ -13,10 +13,11 @@ from typing import Any
 from celery import shared_task
 from celery.schedules import crontab
 
+from segsvc.blobs import blob_store
 from segsvc.db import session_scope
 from segsvc.queue import RETRAIN
 from segsvc.services import feedback, rollout
-from segsvc.settings import Settings, get_settings
+from segsvc.settings import Settings, get_settings, parse_cron
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +25,9 @@ MAINTENANCE_QUEUE = "maintenance"
 CANARY_CHECK = "segsvc.canary_check"
 PURGE_INPUTS = "segsvc.purge_inputs"
 CANARY_CHECK_SECONDS = 30.0
-
-
-def parse_cron(expr: str) -> crontab:
-    """A 5-field cron expression (minute hour day-of-month month day-of-week) as a crontab."""
-    fields = expr.split()
-    if len(fields) != 5:
-        raise ValueError(f"retrain_cron needs 5 fields (m h dom mon dow), got {expr!r}")
-    minute, hour, dom, month, dow = fields
-    return crontab(minute=minute, hour=hour, day_of_month=dom, month_of_year=month, day_of_week=dow)
+# Blob files younger than this stay even when no row names them yet: an upload writes its file
+# before its row commits.
+BLOB_GRACE_S = 3600.0
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -101,4 +96,12 @@ def purge_inputs() -> int:
         count,
         settings.retention_days,
     )
+    # Files of the `fs` blob store (inputs just released, masks of deleted rows, temporary
+    # files of crashed writes): the rows only held pointers to them.
+    with session_scope(settings) as session:
+        files = blob_store(settings).sweep(
+            keep=feedback.blob_pointers(session=session), older_than_s=BLOB_GRACE_S
+        )
+    if files:
+        log.info("deleted %d blob files no job refers to", files)
     return count

@@ -20,6 +20,7 @@ from typing import Protocol
 from segsvc.settings import Settings
 
 POINTER_PREFIX = b"segsvc-blob:sha256:"
+POINTER_LENGTH = len(POINTER_PREFIX) + 64
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -76,6 +77,41 @@ class FileReader:
             raise BlobMissingError(f"blob {digest} is corrupt")
         return data
 
+    def sweep(self, *, keep: Iterable[bytes | None], older_than_s: float) -> int:
+        """Delete files no kept pointer names and older than the grace period; the count. Both
+        stores sweep: rows written while the setting was `fs` keep their pointers after it
+        changes, and their files are swept once those rows let go of them.
+
+        `keep` is read before the files are listed, so a row written meanwhile is not in it:
+        the grace period covers new files, and `put` refreshing the mtime of a file it reuses
+        covers old ones. A file is first renamed aside and its mtime checked again there, so a
+        `put` racing the deletion either refreshed it in time (it is put back) or found it gone
+        (and wrote it anew)."""
+        if self.root is None or not self.root.is_dir():
+            return 0  # never used: no need to read `keep`
+        wanted = {pointer_digest(v) for v in keep if v is not None and is_pointer(v)}
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self.root.glob("??/??/*"):
+            if path.name in wanted:
+                continue
+            try:
+                if path.stat().st_mtime >= cutoff:
+                    continue  # new, or a write in progress
+                if path.name.startswith("."):
+                    path.unlink()  # the temporary file of a write that crashed
+                    continue
+                aside = path.with_name(f".{path.name}.{secrets.token_hex(8)}.sweep")
+                os.replace(path, aside)
+                if aside.stat().st_mtime >= cutoff:
+                    os.replace(aside, path)  # reused while being swept: put it back
+                    continue
+                aside.unlink()
+            except FileNotFoundError:
+                continue  # another sweep or a write got there first
+            removed += 1
+        return removed
+
 
 class DbBlobStore(FileReader):
     """Bytes stay in the row (the default: one database to back up, fine to ~100k jobs/day)."""
@@ -92,15 +128,11 @@ class FsBlobStore(FileReader):
 
     kind = "fs"
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.folder = root
-
     def put(self, data: bytes) -> bytes:
         """Write the file once (atomically; identical blobs share it) and return its pointer."""
         digest = hashlib.sha256(data).hexdigest()
         path = self.path_for(digest)
-        if not path.exists():
+        if not self._refresh(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             # A name of its own per write: threads (or processes) storing the same bytes at once
             # must not share, truncate or rename each other's temporary file.
@@ -116,16 +148,15 @@ class FsBlobStore(FileReader):
                 raise
         return POINTER_PREFIX + digest.encode()
 
-    def sweep(self, *, keep: Iterable[bytes | None], older_than_s: float) -> int:
-        """Delete files no kept pointer names and older than the grace period; the count."""
-        wanted = {pointer_digest(v) for v in keep if v is not None and is_pointer(v)}
-        cutoff = time.time() - older_than_s
-        removed = 0
-        for path in self.folder.glob("??/??/*"):
-            if path.name not in wanted and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+    @staticmethod
+    def _refresh(path: Path) -> bool:
+        """Mark an existing blob as just used (its mtime), so a sweep that started before this
+        write's row exists leaves it alone; False when there is no such file."""
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        return True
 
 
 def blob_store(settings: Settings) -> DbBlobStore | FsBlobStore:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from celery.schedules import crontab
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,19 +35,23 @@ class Settings(BaseSettings):
     )
 
     # --- API ---------------------------------------------------------------------------------
-    port: int = Field(8000, description="Port `make run` serves the API on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port `make run` serves the API on.")
     public_url: str = Field("", description="Base URL used in links (empty: from the request).")
-    max_upload_bytes: int = Field(10 * 1024 * 1024, description="Largest accepted upload.")
-    max_pixels: int = Field(40_000_000, description="Largest accepted width x height.")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted upload.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest accepted width x height.")
     batch_submit_max_images: int = Field(
-        16, description="Most images one `POST /v1/jobs/batch` may carry (1: batches off)."
+        16, ge=1, description="Most images one `POST /v1/jobs/batch` may carry (1: batches off)."
     )
     batch_submit_max_bytes: int = Field(
-        32 * 1024 * 1024, description="Largest `POST /v1/jobs/batch` body, all images together."
+        32 * 1024 * 1024,
+        ge=1,
+        description="Largest `POST /v1/jobs/batch` body, all images together.",
     )
-    max_queue_depth: int = Field(10_000, description="Queued jobs above which submits get 503.")
-    rate_limit_per_minute: int = Field(600, description="Submissions per API key per minute.")
-    rate_limit_burst: int = Field(120, description="Token-bucket burst size per API key.")
+    max_queue_depth: int = Field(
+        10_000, ge=0, description="Queued jobs above which submits get 503."
+    )
+    rate_limit_per_minute: int = Field(600, ge=0, description="Submissions per API key per minute.")
+    rate_limit_burst: int = Field(120, ge=1, description="Token-bucket burst size per API key.")
     auth_required: bool = Field(True, description="Require `Authorization: Bearer` on /v1.")
     api_nice: int = Field(
         10,
@@ -54,7 +61,7 @@ class Settings(BaseSettings):
         "gets the CPU first, so accepted jobs finish before more are taken (0: share equally).",
     )
     long_poll_max_waiters: int = Field(
-        8, description="Long polls one API process holds at once (more answer at once)."
+        8, ge=0, description="Long polls one API process holds at once (more answer at once)."
     )
 
     # --- model and serving -------------------------------------------------------------------
@@ -72,25 +79,30 @@ class Settings(BaseSettings):
     artifact_cache_dir: Path | None = Field(
         None, description="Converted artifacts cache (default var_dir/artifacts)."
     )
-    batch_max_size: int = Field(32, description="Largest micro-batch a worker runs.")
+    batch_max_size: int = Field(32, ge=1, description="Largest micro-batch a worker runs.")
     batch_max_wait_ms: float = Field(
-        10.0, description="Longest a partial batch waits for more jobs (0 on an idle queue)."
+        10.0, ge=0, description="Longest a partial batch waits for more jobs (0 on an idle queue)."
     )
     inference_threads: int = Field(
         1,
+        ge=0,
         description="Intra-op threads per worker process (0: all cores); on CPU one thread per "
         "process and one process per core runs the most images per core.",
     )
-    job_max_attempts: int = Field(3, description="Attempts before a job ends failed.")
-    job_lease_seconds: int = Field(120, description="How long a running job's lease lasts.")
-    registry_poll_seconds: float = Field(5.0, description="How often workers poll the registry.")
-    reconcile_interval_seconds: float = Field(30.0, description="Reconciler period.")
+    job_max_attempts: int = Field(3, ge=1, description="Attempts before a job ends failed.")
+    job_lease_seconds: int = Field(120, ge=1, description="How long a running job's lease lasts.")
+    registry_poll_seconds: float = Field(
+        5.0, ge=0, description="How often workers poll the registry (0: on every batch)."
+    )
+    reconcile_interval_seconds: float = Field(30.0, gt=0, description="Reconciler period.")
     queue_name: str = Field("inference", description="Celery queue for inference.")
 
     # --- webhooks ----------------------------------------------------------------------------
     webhook_queue_name: str = Field("webhooks", description="Celery queue for deliveries.")
-    webhook_timeout_seconds: float = Field(15.0, description="Per-attempt timeout.")
-    webhook_max_age_seconds: int = Field(3 * 24 * 3600, description="Stop retrying after this.")
+    webhook_timeout_seconds: float = Field(15.0, gt=0, description="Per-attempt timeout.")
+    webhook_max_age_seconds: int = Field(
+        3 * 24 * 3600, ge=1, description="Stop retrying after this."
+    )
     webhook_schedule: str = Field(
         "0,5,300,1800,7200,18000,36000",
         description="Retry delays in seconds (last one repeats until max age).",
@@ -99,32 +111,64 @@ class Settings(BaseSettings):
         "", description="Comma-separated CIDRs allowed as webhook targets despite SSRF rules."
     )
     webhook_secret_rotation_seconds: int = Field(
-        24 * 3600, description="How long the old secret keeps signing after a rotation."
+        24 * 3600, ge=0, description="How long the old secret keeps signing after a rotation."
     )
-    webhook_body_cap_bytes: int = Field(4096, description="Response body bytes kept per attempt.")
+    webhook_body_cap_bytes: int = Field(
+        4096, ge=0, description="Response body bytes kept per attempt."
+    )
 
     # --- retraining and rollout --------------------------------------------------------------
     train_data_dir: Path | None = Field(None, description="Base training data (Oxford layout).")
     eval_data_dir: Path | None = Field(None, description="Fixed evaluation set (Oxford layout).")
     retrain_cron: str = Field("0 3 * * *", description="Retraining schedule (cron, UTC).")
-    retrain_epochs: int = Field(3, description="Fine-tuning epochs per retraining run.")
-    retrain_learning_rate: float = Field(1e-4, description="Fine-tuning learning rate.")
-    retrain_min_new_labels: int = Field(20, description="New labels needed to retrain.")
-    gate_miou_tolerance: float = Field(0.0, description="Candidate mIoU may trail by this.")
-    gate_latency_ratio: float = Field(1.2, description="Candidate latency may exceed by this.")
-    canary_share: float = Field(0.10, description="Share of jobs served by a canary.")
-    canary_min_jobs: int = Field(50, description="Canary jobs before auto promote/rollback.")
-    retention_days: int = Field(30, description="Unlabeled inputs older than this are deleted.")
+    retrain_epochs: int = Field(3, ge=1, description="Fine-tuning epochs per retraining run.")
+    retrain_learning_rate: float = Field(1e-4, gt=0, description="Fine-tuning learning rate.")
+    retrain_min_new_labels: int = Field(20, ge=0, description="New labels needed to retrain.")
+    gate_miou_tolerance: float = Field(0.0, ge=0, description="Candidate mIoU may trail by this.")
+    gate_latency_ratio: float = Field(
+        1.2, gt=0, description="Candidate latency may exceed by this."
+    )
+    canary_share: float = Field(0.10, gt=0, le=1, description="Share of jobs served by a canary.")
+    canary_min_jobs: int = Field(50, ge=0, description="Canary jobs before auto promote/rollback.")
+    retention_days: int = Field(
+        30, ge=1, description="Unlabeled inputs older than this are deleted."
+    )
 
     # --- operations --------------------------------------------------------------------------
     log_format: Literal["auto", "json", "text"] = Field("auto", description="Log line format.")
     log_level: str = Field("INFO", description="Log level.")
     blob_store: Literal["db", "fs"] = Field("db", description="Where inputs/masks are kept.")
     blob_dir: Path | None = Field(None, description="Folder for blob_store=fs.")
-    metrics_port: int = Field(0, description="Worker /metrics port (0: no metrics server).")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Worker /metrics port (0: no metrics server)."
+    )
     probe_dir: Path | None = Field(
         None, description="Worker writes `ready` (model loaded) and `alive` files here."
     )
+
+    # Values parsed where they are used (a delivery, beat) are checked here too, so a typo stops
+    # the process at start instead of failing each delivery (or each submit) at run time.
+    @field_validator("webhook_schedule")
+    @classmethod
+    def _valid_schedule(cls, value: str) -> str:
+        from segsvc.webhooks.schedule import parse_schedule
+
+        parse_schedule(value)
+        return value
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _valid_networks(cls, value: str) -> str:
+        from segsvc.webhooks.ssrf import parse_networks
+
+        parse_networks(value)
+        return value
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        parse_cron(value)
+        return value
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -153,6 +197,17 @@ class Settings(BaseSettings):
     def artifact_dir(self) -> Path:
         """Converted model artifacts, keyed by sha256."""
         return self.artifact_cache_dir or (self.var_dir / "artifacts")
+
+
+def parse_cron(expr: str) -> crontab:
+    """A 5-field cron expression (minute hour day-of-month month day-of-week) as a crontab."""
+    from celery.schedules import crontab
+
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"a cron expression needs 5 fields (m h dom mon dow), got {expr!r}")
+    minute, hour, dom, month, dow = fields
+    return crontab(minute=minute, hour=hour, day_of_month=dom, month_of_year=month, day_of_week=dow)
 
 
 @lru_cache(maxsize=1)

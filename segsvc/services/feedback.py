@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
-from segsvc.blobs import BlobStore
+from segsvc.blobs import POINTER_LENGTH, BlobStore
 from segsvc.errors import BadRequestError, ConflictError, SegError
 from segsvc.ml import NUM_CLASSES
 from segsvc.models import Feedback, Job, JobStatus, utcnow
@@ -111,6 +111,14 @@ def submit_feedback(
         validate_mask(mask_png, width=job.input_width, height=job.input_height)
         if not _has_input(session=session, job_id=job.id):
             raise ConflictError(f"Job {job.id}'s input is no longer kept; a mask cannot be used.")
+        # Training uses a job's newest mask only: an older one is dead weight (a client fixing
+        # its correction many times would otherwise store every copy for ever).
+        session.execute(
+            update(Feedback)
+            .where(Feedback.job_id == job.id, Feedback.mask_png.is_not(None))
+            .values(mask_png=None)
+            .execution_options(synchronize_session=False)
+        )
     row = Feedback(
         job_id=job.id,
         client_id=job.client_id,
@@ -186,3 +194,17 @@ def purge_unlabeled_inputs(
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def blob_pointers(*, session: Session) -> Iterator[bytes]:
+    """Every file pointer the jobs table holds (inputs and result masks), streamed: what a blob
+    sweep must keep. Only values of a pointer's length are read, never the stored bytes."""
+    for column in (Job.input_bytes, Job.mask_png):
+        rows = session.execute(
+            select(column)
+            .where(func.length(column) == POINTER_LENGTH)
+            .execution_options(yield_per=10_000)
+        )
+        for (value,) in rows:
+            if value is not None:
+                yield bytes(value)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,9 @@ from PIL import Image
 
 from retrain.dataset import encode_png
 from retrain.pipeline import RetrainBusyError, gate, retrain_lock, run_retraining
+from segsvc.blobs import BlobMissingError
 from segsvc.db import session_scope
-from segsvc.models import Job, ModelStatus, TrainingRun
+from segsvc.models import Job, JobStatus, ModelStatus, TrainingRun
 from segsvc.services import registry, rollout
 from segsvc.settings import Settings
 from tests.retrain.test_dataset import COLOURS, make_dataset, make_mask
@@ -274,6 +277,53 @@ def test_canary_check_and_purge_tasks_run_as_plain_functions(
     assert verdict is not None
     assert verdict["outcome"] == "promoted"
     assert tasks.purge_inputs() == 0
+
+
+def test_purge_task_deletes_the_files_of_released_fs_inputs(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: with blob_store=fs, retention cleared the rows' pointers and left every
+    # input file on disk for ever (the privacy promise of retention_days was not kept).
+    from retrain import tasks
+    from segsvc.blobs import blob_store
+    from segsvc.images import validate_image
+    from segsvc.services import feedback
+    from segsvc.services.jobs import create_jobs
+    from tests.segsvc.test_feedback import good_mask, photo_bytes
+
+    cfg = settings.model_copy(update={"blob_store": "fs", "blob_dir": tmp_path / "blobs"})
+    monkeypatch.setattr(tasks, "get_settings", lambda: cfg)
+    store = blob_store(cfg)
+    long_ago = datetime.now(UTC) - timedelta(days=cfg.retention_days + 1)
+    ids = []
+    with session_scope(cfg) as session:
+        for seed in range(3):
+            image = validate_image(photo_bytes(seed=seed), max_bytes=10**7, max_pixels=10**8)
+            job = create_jobs(session=session, client_id=None, images=[image], store=store)[0]
+            job.status, job.created_at = JobStatus.SUCCEEDED, long_ago
+            job.model_version, job.completed_at = "test-v1", long_ago
+            job.mask_png = store.put(good_mask())  # the worker writes masks through the store
+            ids.append(job.id)
+    unlabeled, labeled, recent = ids
+    with session_scope(cfg) as session:
+        feedback.submit_feedback(
+            session=session, job_id=labeled, client_id=None, mask_png=good_mask()
+        )
+        session.get(Job, recent).created_at = datetime.now(UTC)  # type: ignore[union-attr]
+    with session_scope(cfg) as session:
+        inputs = {i: session.get(Job, i).input_bytes for i in ids}  # type: ignore[union-attr]
+        mask = session.get(Job, unlabeled).mask_png  # type: ignore[union-attr]
+    for value in [*inputs.values(), mask]:
+        os.utime(store.path_for(value[-64:].decode()), (1e9, 1e9))  # written long ago
+    assert tasks.purge_inputs() == 1
+    with pytest.raises(BlobMissingError):
+        store.get(inputs[unlabeled])
+    assert store.get(inputs[labeled]) is not None
+    assert store.get(inputs[recent]) is not None
+    assert store.get(mask) == good_mask()  # results stay: only inputs expire
+    assert tasks.purge_inputs() == 0  # nothing left to do, nothing more removed
+    assert store.get(inputs[labeled]) is not None
+    assert store.get(mask) == good_mask()
 
 
 def eval_metrics() -> dict[str, Any]:

@@ -6,6 +6,7 @@ import hashlib
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -146,3 +147,83 @@ def test_fs_sweep_removes_only_unreferenced_old_files(tmp_path: Path) -> None:
     assert store.get(fresh) == b"fresh"
     with pytest.raises(BlobMissingError):
         store.get(dropped)
+
+
+def age(store: FsBlobStore | DbBlobStore, value: bytes, when: float = 1_000_000_000) -> Path:
+    """Backdate the file a pointer names (as if written long ago); its path."""
+    path = store.path_for(value[len(POINTER_PREFIX) :].decode())
+    os.utime(path, (when, when))
+    return path
+
+
+def test_reusing_an_old_file_protects_it_from_a_sweep_that_read_its_rows_before(
+    tmp_path: Path,
+) -> None:
+    # An upload identical to an old, unreferenced blob reuses its file; the row naming it is
+    # not yet committed when a sweep reads the rows. The reuse must refresh the file.
+    store = blob_store(fs_settings(tmp_path))
+    path = age(store, value := store.put(DATA))
+    assert store.put(DATA) == value
+    assert store.sweep(keep=[], older_than_s=3600) == 0
+    assert path.read_bytes() == DATA
+
+
+def test_sweep_puts_back_a_file_reused_while_it_was_being_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = blob_store(fs_settings(tmp_path))
+    path = age(store, store.put(DATA))
+    real_replace = os.replace
+
+    def reused_then_moved(src: str | Path, dst: str | Path) -> None:
+        if Path(src) == path:
+            os.utime(src)  # a put refreshed it just before the sweep moved it aside
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", reused_then_moved)
+    assert store.sweep(keep=[], older_than_s=3600) == 0
+    assert path.read_bytes() == DATA
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_put_racing_the_sweeps_delete_writes_the_file_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = blob_store(fs_settings(tmp_path))
+    value = store.put(DATA)
+    path = age(store, value)
+    real_replace = os.replace
+    raced: list[bytes] = []
+
+    def moved_then_reused(src: str | Path, dst: str | Path) -> None:
+        real_replace(src, dst)
+        if Path(src) == path and not raced:
+            raced.append(store.put(DATA))  # finds no file: writes it anew
+
+    monkeypatch.setattr(os, "replace", moved_then_reused)
+    assert store.sweep(keep=[], older_than_s=3600) == 1
+    assert raced == [value]
+    assert store.get(value) == DATA
+
+
+def test_sweep_removes_old_temporary_files_of_crashed_writes_only(tmp_path: Path) -> None:
+    store = blob_store(fs_settings(tmp_path))
+    path = store.path_for(hashlib.sha256(DATA).hexdigest())
+    path.parent.mkdir(parents=True)
+    crashed = path.with_name(f".{path.name}.1.a.tmp")
+    writing = path.with_name(f".{path.name}.2.b.tmp")
+    crashed.write_bytes(b"half")
+    writing.write_bytes(b"half")
+    os.utime(crashed, (1_000_000_000, 1_000_000_000))
+    store.sweep(keep=[], older_than_s=3600)
+    assert not crashed.exists()
+    assert writing.exists()
+
+
+def test_sweep_of_a_store_never_used_reads_no_rows(tmp_path: Path) -> None:
+    def rows() -> Iterator[bytes]:
+        raise AssertionError("read the rows")
+        yield b""
+
+    assert blob_store(fs_settings(tmp_path)).sweep(keep=rows(), older_than_s=0) == 0
+    assert DbBlobStore(None).sweep(keep=rows(), older_than_s=0) == 0

@@ -8,11 +8,12 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import select
 
 from segsvc.db import session_scope
 from segsvc.errors import BadRequestError, ConflictError, NotFoundError
 from segsvc.images import validate_image
-from segsvc.models import Job, JobStatus, utcnow
+from segsvc.models import Feedback, Job, JobStatus, utcnow
 from segsvc.services import feedback
 from segsvc.services.feedback import InvalidMaskError, InvalidRatingError, validate_mask
 from segsvc.services.jobs import create_job
@@ -153,6 +154,35 @@ def test_labeled_feedback_ids_keeps_the_newest_mask_per_job(settings: Settings) 
         )
     with session_scope(settings) as session:
         assert feedback.labeled_feedback_ids(session=session) == [newer.id]
+
+
+def test_a_new_mask_drops_the_bytes_of_the_jobs_older_masks(settings: Settings) -> None:
+    # Regression: every re-posted correction kept its PNG for ever, though only the newest
+    # is ever used.
+    job_id, other = make_job(settings), make_job(settings)
+    with session_scope(settings) as session:
+        first = feedback.submit_feedback(
+            session=session, job_id=job_id, client_id=None, mask_png=good_mask(), rating="bad"
+        ).id
+        kept = feedback.submit_feedback(
+            session=session, job_id=other, client_id=None, mask_png=good_mask()
+        ).id
+    with session_scope(settings) as session:
+        rated = feedback.submit_feedback(
+            session=session, job_id=job_id, client_id=None, rating="good"
+        ).id
+    with session_scope(settings) as session:
+        newest = feedback.submit_feedback(
+            session=session, job_id=job_id, client_id=None, mask_png=good_mask()
+        ).id
+    with session_scope(settings) as session:
+        rows = {r.id: r for r in session.scalars(select(Feedback))}
+        assert rows[first].mask_png is None
+        assert rows[first].rating == "bad"  # the rating stays
+        assert rows[rated].rating == "good"
+        assert rows[newest].mask_png == good_mask()
+        assert rows[kept].mask_png == good_mask()  # another job's mask is untouched
+        assert feedback.labeled_feedback_ids(session=session) == [kept, newest]
 
 
 def test_purge_unlabeled_inputs_deletes_only_old_unlabeled_inputs(settings: Settings) -> None:

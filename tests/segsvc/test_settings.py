@@ -1,0 +1,63 @@
+"""Settings refuse values that would only fail (or do harm) later, at start, with the name."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from segsvc.settings import Settings
+
+
+def load(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
+    for name, value in env.items():
+        monkeypatch.setenv(f"SEG_{name.upper()}", value)
+    return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        # Regression: accepted, then each delivery needing a retry raised after its POST and was
+        # sent again every ~90 s for ever.
+        ("webhook_schedule", "5,30m", "could not convert"),
+        ("webhook_schedule", "0,-5", "non-negative"),
+        # Regression: accepted, then every submit with a webhook was a 500.
+        ("webhook_allow_networks", "10.0.0.0/8,not-a-net", "does not appear to be"),
+        ("retrain_cron", "every day", "5 fields"),
+        ("retrain_cron", "0 25 * * *", "25 > 23"),
+        # Regression: 0 made the hourly purge delete every finished job's input.
+        ("retention_days", "0", "greater than or equal to 1"),
+        ("canary_share", "0", "greater than 0"),
+        ("canary_share", "1.5", "less than or equal to 1"),
+        # Regression: 0 turned every worker's reconciler into a busy loop.
+        ("reconcile_interval_seconds", "0", "greater than 0"),
+        ("job_lease_seconds", "0", "greater than or equal to 1"),
+        ("job_max_attempts", "0", "greater than or equal to 1"),
+        ("batch_max_size", "0", "greater than or equal to 1"),
+        ("max_upload_bytes", "-1", "greater than or equal to 1"),
+        ("webhook_timeout_seconds", "0", "greater than 0"),
+        ("port", "70000", "less than or equal to 65535"),
+    ],
+)
+def test_a_bad_value_stops_the_process_at_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, why: str
+) -> None:
+    with pytest.raises(ValidationError, match=why) as err:
+        load(monkeypatch, **{name: value})
+    assert name in str(err.value)
+
+
+def test_off_switches_and_the_defaults_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load(
+        monkeypatch,
+        max_queue_depth="0",
+        rate_limit_per_minute="0",
+        inference_threads="0",
+        batch_max_wait_ms="0",
+        metrics_port="0",
+        webhook_allow_networks="10.0.0.0/8, 2001:db8::/32",
+        retrain_cron="*/30 1-5 * * mon-fri",
+    )
+    assert cfg.max_queue_depth == 0
+    assert cfg.retrain_cron == "*/30 1-5 * * mon-fri"
+    assert Settings(_env_file=None).retention_days == 30  # type: ignore[call-arg]

@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1, description="Attempts before a job ends failed.")
     job_lease_seconds: int = Field(120, ge=1, description="How long a running job's lease lasts.")
     registry_poll_seconds: float = Field(
-        5.0, ge=0, description="How often workers poll the registry (0: on every batch)."
+        5.0,
+        ge=0,
+        description="How often workers poll the registry (0: never: versions change at restart).",
     )
     reconcile_interval_seconds: float = Field(30.0, gt=0, description="Reconciler period.")
     queue_name: str = Field("inference", description="Celery queue for inference.")

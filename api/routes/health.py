@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+from celery import Celery
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
-from api.context import celery, db
+from api.context import celery, settings
+from segsvc.db import get_engine
+from segsvc.settings import Settings
 
 bp = Blueprint("health", __name__)
+
+# Both checks run at once and the answer comes within this, whatever Postgres or Redis do: under
+# the readinessProbe's timeoutSeconds (3, k8s/base/api.yaml), so a hung dependency reads as
+# "not ready" instead of a probe timeout, and a probe never holds a request thread for long.
+READY_TIMEOUT_S = 2.0
+_executors: dict[int, ThreadPoolExecutor] = {}
+
+
+def _executor() -> ThreadPoolExecutor:
+    """This process's check threads (made after gunicorn forks: threads do not survive a fork).
+    A few, so checks stuck on a hung dependency make later probes fail fast, not pile up."""
+    pid = os.getpid()
+    if pid not in _executors:
+        _executors[pid] = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
+    return _executors[pid]
 
 
 @bp.get("/healthz")
@@ -19,23 +40,35 @@ def healthz() -> Response:
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
     """Postgres and the broker are reachable."""
-    checks = {"database": _check_database(), "broker": _check_broker()}
+    pool = _executor()
+    futures: dict[str, Future[str]] = {
+        "database": pool.submit(_check_database, settings()),
+        "broker": pool.submit(_check_broker, celery()),
+    }
+    done, _ = wait(futures.values(), timeout=READY_TIMEOUT_S)
+    checks = {
+        name: future.result() if future in done else f"error: no answer in {READY_TIMEOUT_S:g} s"
+        for name, future in futures.items()
+    }
     ok = all(v == "ok" for v in checks.values())
     return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), 200 if ok else 503
 
 
-def _check_database() -> str:
+def _check_database(cfg: Settings) -> str:
     try:
-        db().execute(text("SELECT 1"))
+        with get_engine(cfg).connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SET LOCAL statement_timeout = 1500"))
+            conn.execute(text("SELECT 1"))
         return "ok"
     except Exception as exc:
         return f"error: {exc.__class__.__name__}"
 
 
-def _check_broker() -> str:
+def _check_broker(app: Celery) -> str:
     try:
-        with celery().connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=READY_TIMEOUT_S)
         return "ok"
     except Exception as exc:
         return f"error: {exc.__class__.__name__}"

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     Uuid,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
@@ -40,15 +41,24 @@ def utcnow() -> datetime:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """A timezone-aware timestamp on every backend (SQLite hands back naive values)."""
+    """A timestamp in UTC on every backend: SQLite hands back naive values, and psycopg gives
+    `timestamptz` in the session's TimeZone (a server set to another zone would otherwise leak
+    into the API's and webhooks' times)."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
-        return value
+        return value.astimezone(UTC)
+
+
+def _where(condition: str) -> dict[str, Any]:
+    """A partial index's condition, on Postgres and SQLite alike."""
+    return {"postgresql_where": text(condition), "sqlite_where": text(condition)}
 
 
 class Base(DeclarativeBase):
@@ -98,10 +108,20 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_client_idempotency", "client_id", "idempotency_key", unique=True),
+        # A unique index counts NULLs as distinct: keys of jobs without a client (auth off)
+        # need one of their own.
+        Index(
+            "ix_jobs_anonymous_idempotency",
+            "idempotency_key",
+            unique=True,
+            **_where("client_id IS NULL"),
+        ),
+        # The retention purge: old jobs that still hold an input.
+        Index("ix_jobs_input_kept_created_at", "created_at", **_where("input_bytes IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
-    client_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    client_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -113,7 +133,7 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
-    model_version: Mapped[str | None] = mapped_column(String(64), index=True)
+    model_version: Mapped[str | None] = mapped_column(String(64))
     request_id: Mapped[str | None] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
@@ -176,7 +196,12 @@ class WebhookEndpoint(Base):
     """Per-client endpoint state (a `410 Gone` disables it)."""
 
     __tablename__ = "webhook_endpoints"
-    __table_args__ = (Index("ix_webhook_endpoints_client_url", "client_id", "url", unique=True),)
+    __table_args__ = (
+        Index("ix_webhook_endpoints_client_url", "client_id", "url", unique=True),
+        Index(
+            "ix_webhook_endpoints_anonymous_url", "url", unique=True, **_where("client_id IS NULL")
+        ),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     client_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -107,11 +107,15 @@ def _find_jobs(
 def race_guard(*, session: Session, req: IdempotentRequest | None) -> Iterator[None]:
     """Around the insert of a keyed job: a concurrent twin that won the unique index turns the
     loser's insert into a 409, and its retry then gets the winner's job."""
-    if req is None or session.get_bind().dialect.name != "postgresql":  # SQLite: one writer
+    if req is None:
         yield
         return
+    # Postgres: a savepoint, so the loser's transaction stays usable. SQLite takes one writer at
+    # a time but two requests can still both miss the replay and insert; its loser's request
+    # ends here anyway.
+    nested = session.get_bind().dialect.name == "postgresql"
     try:
-        with session.begin_nested():
+        with session.begin_nested() if nested else nullcontext():
             yield
     except IntegrityError as exc:
         raise ConflictError(

@@ -1,0 +1,63 @@
+"""segsvc/services/idempotency.py: two requests with one key that both missed the replay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from segsvc.db import session_scope
+from segsvc.errors import ConflictError
+from segsvc.images import validate_image
+from segsvc.migrate import upgrade
+from segsvc.models import Job
+from segsvc.services import idempotency
+from segsvc.services.jobs import create_jobs
+from segsvc.services.keys import create_key
+from segsvc.settings import Settings
+from tests.segsvc.test_feedback import photo_bytes
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """The test Postgres, or the embedded SQLite `make run` uses when no database is set."""
+    if request.param == "postgresql":
+        cfg: Settings = request.getfixturevalue("settings")
+        return cfg
+    cfg = Settings(var_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
+    upgrade(settings=cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("anonymous", [False, True])
+def test_the_loser_of_a_keyed_insert_race_gets_409_and_one_job_exists(
+    any_db: Settings, anonymous: bool
+) -> None:
+    # Regressions: on SQLite the loser's unique-index violation was not caught (a 500); with
+    # auth off (no client) the unique index let both in, as it counts NULLs as distinct, and
+    # every retry then got 422.
+    image = validate_image(photo_bytes(), max_bytes=10**7, max_pixels=10**8)
+    req = idempotency.parse_request("order-7", image_sha256=image.sha256, fields=[])
+    assert req is not None
+    with session_scope(any_db) as session:
+        client_id = None if anonymous else create_key(session=session, name="racer")[0].id
+
+    def insert(session: Session) -> None:
+        with idempotency.race_guard(session=session, req=req):
+            create_jobs(
+                session=session,
+                images=[image],
+                client_id=client_id,
+                idempotency_keys=[req.key],
+                request_fingerprint=req.fingerprint,
+            )
+
+    with session_scope(any_db) as session:
+        insert(session)  # the winner
+    with session_scope(any_db) as session, pytest.raises(ConflictError, match="being processed"):
+        insert(session)  # its twin, past the replay lookup before the winner committed
+    with session_scope(any_db) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1
+        assert session.execute(text("SELECT 1")).scalar() == 1

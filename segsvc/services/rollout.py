@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import statistics
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ def routes_to_canary(job_id: uuid.UUID | str, share: float) -> bool:
 
 # Any advisory-lock key works as long as every registry change uses the same one.
 REGISTRY_LOCK_KEY = 0x5E65_0DE1
+# A canary verdict reads at least this many of the newest finished jobs (see arm_rows_limit).
+ARM_ROWS_FLOOR = 20_000
 
 
 def lock_registry(session: Session) -> None:
@@ -198,6 +201,7 @@ def decide_canary(*, session: Session, min_jobs: int, latency_ratio: float) -> C
         canary=canary.version,
         production=production.version,
         share=canary.traffic_share,
+        limit=arm_rows_limit(min_jobs=min_jobs, share=canary.traffic_share),
     )
     ours, theirs = arms
     if ours.jobs < min_jobs:
@@ -233,10 +237,23 @@ def compare_arms(canary: ArmStats, production: ArmStats, *, latency_ratio: float
     return problems
 
 
+def arm_rows_limit(*, min_jobs: int, share: float) -> int:
+    """How many of the newest finished jobs a verdict reads: enough for `min_jobs` canary jobs
+    several times over, so a canary starved of traffic is not re-read in full every check."""
+    return max(ARM_ROWS_FLOOR, math.ceil(4 * max(min_jobs, 1) / max(share, 1e-6)))
+
+
 def arm_stats(
-    *, session: Session, since: datetime, canary: str, production: str, share: float
+    *,
+    session: Session,
+    since: datetime,
+    canary: str,
+    production: str,
+    share: float,
+    limit: int | None = None,
 ) -> tuple[ArmStats, ArmStats]:
-    """Finished jobs created since the canary started, split into canary and production arms.
+    """The newest `limit` finished jobs created since the canary started, split into canary
+    and production arms.
 
     A succeeded job belongs to the version that served it. A failed job may carry no version
     (it never produced a result), so it goes to the arm its id hashes to.
@@ -246,6 +263,8 @@ def arm_stats(
                Job.predict_ms, Job.batch_size)
         .where(Job.created_at >= since,
                Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED]))
+        .order_by(Job.created_at.desc())
+        .limit(limit)
     ).all()  # fmt: skip
     arms: dict[str, list[Any]] = {canary: [], production: []}
     for row in rows:

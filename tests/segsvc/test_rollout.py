@@ -128,6 +128,23 @@ def test_canary_is_promoted_after_enough_good_jobs(
     assert decide(settings) is None  # no canary left
 
 
+def test_a_verdict_reads_only_the_newest_finished_jobs(
+    settings: Settings, production_model: str, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: every 30 s check loaded every job finished since the canary started, without
+    # bound while a canary starved of traffic kept waiting.
+    monkeypatch.setattr(rollout, "ARM_ROWS_FLOOR", 0)
+    assert rollout.arm_rows_limit(min_jobs=20, share=0.5) == 160
+    canary(settings, model_file, share=0.5)
+    add_jobs(settings, "cand", 300, status=JobStatus.FAILED)  # older: past the limit
+    add_jobs(settings, "test-v1", 100)
+    add_jobs(settings, "cand", 60)
+    verdict = decide(settings)
+    assert verdict is not None
+    assert (verdict.canary.jobs, verdict.production.jobs) == (60, 100)
+    assert verdict.outcome == "promoted", verdict
+
+
 def test_canary_with_failures_is_rolled_back_to_rejected(
     settings: Settings, production_model: str, model_file: Path
 ) -> None:

@@ -23,14 +23,15 @@ class BatchPlanner:
     seconds: Mapping[int, float]
 
     def plan(self, n: int) -> tuple[int, ...]:
-        """Fixed sizes to call for `n` images, largest first; their sum is >= n (the last call
-        may be padded). Batches beyond the table run as whole blocks of the largest size's
-        plan, then the rest."""
+        """Fixed sizes to call for `n` images, largest first: every call but the last is full
+        and the last may be padded, so sum(plan) - min(plan) < n <= sum(plan). Batches beyond
+        the largest size are planned the same way (the table grows to `n`)."""
         if n <= 0:
             return ()
-        top = len(self._table) - 1
-        blocks, rest = divmod(n, top) if n > top else (0, n)
-        return self._table[top] * blocks + self._table[rest]
+        table = self._table
+        if n >= len(table):
+            self._extend(table, n)
+        return table[n]
 
     def cost(self, n: int) -> float:
         """Planned seconds for `n` images."""
@@ -42,13 +43,23 @@ class BatchPlanner:
 
     @cached_property
     def _table(self) -> list[tuple[int, ...]]:
-        """Plans for 0..largest size: best[m] = min over sizes s of seconds[s] + best[m - s],
-        where a size above m pads. Ties go to fewer padded images, then to fewer calls."""
+        """Plans for 0..largest size (see `_extend`)."""
         if not self.seconds or min(self.seconds) < 1:
             raise ValueError("batch sizes must be positive")
-        top = max(self.seconds)
-        best: list[tuple[float, int, int, tuple[int, ...]]] = [(0.0, 0, 0, ())]
-        for m in range(1, top + 1):
+        if min(self.seconds.values()) < 0:
+            raise ValueError("call times must not be negative")
+        table: list[tuple[int, ...]] = [()]
+        self._extend(table, max(self.seconds))
+        return table
+
+    def _extend(self, table: list[tuple[int, ...]], up_to: int) -> None:
+        """Append plans up to `up_to` images: best[m] = min over sizes s of seconds[s] +
+        best[m - s], where a size above m pads. Ties go to fewer padded images, then to fewer
+        calls. This is the cheapest cover of m, and with costs >= 0 it never holds a call that
+        is wholly padding (dropping it would cost no more and pad less)."""
+        best = self._best
+        while len(table) <= up_to:
+            m = len(table)
             options = []
             for size, secs in self.seconds.items():
                 cost, padded, calls, chunks = best[max(0, m - size)]
@@ -61,4 +72,8 @@ class BatchPlanner:
                     )
                 )
             best.append(min(options))
-        return [entry[3] for entry in best]
+            table.append(best[-1][3])
+
+    @cached_property
+    def _best(self) -> list[tuple[float, int, int, tuple[int, ...]]]:
+        return [(0.0, 0, 0, ())]

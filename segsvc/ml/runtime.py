@@ -143,13 +143,18 @@ class LiteRTRuntime:
         with self._lock:
             for size in self.planner.plan(n):
                 chunk = batch[start : start + size]
+                if not len(chunk):  # no plan holds a wholly padded call; never run one
+                    break
                 if len(chunk) < size:  # the last call is padded with zero images
                     chunk = np.concatenate(
                         [chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)]
                     )
-                outputs.append(self._run(self._interpreters[size], chunk)[: n - start])
+                outputs.append(self._run(self._interpreters[size], chunk)[: min(size, n - start)])
                 start += size
-        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+        out = np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+        if len(out) != n:  # a plan that does not cover the batch must never pass silently
+            raise RuntimeError(f"batch plan {self.planner.plan(n)} returned {len(out)} of {n}")
+        return out
 
     def _time(self, interp: Any, size: int, repeats: int = 2) -> float:
         """Seconds per call at this size: the best of `repeats` after a warm-up call."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
@@ -64,3 +65,36 @@ def test_planner_refuses_an_empty_or_invalid_table() -> None:
         BatchPlanner({}).plan(1)
     with pytest.raises(ValueError, match="positive"):
         BatchPlanner({0: 1.0}).plan(1)
+
+
+def random_tables(count: int) -> list[dict[int, float]]:
+    """Cost tables of every shape: cheap large sizes, expensive large sizes, gaps, ties."""
+    rng = random.Random(7)
+    tables: list[dict[int, float]] = [XEON, FLAT, {1: 1.0, 5: 1.0, 9: 10.0}, {3: 1.0}, {1: 0.0}]
+    for _ in range(count):
+        sizes = rng.sample(range(1, 40), rng.randint(1, 6))
+        tables.append({size: rng.choice([0.0, 1.0, rng.uniform(0.1, 50.0)]) for size in sizes})
+    return tables
+
+
+def test_plan_always_covers_exactly_with_only_the_last_call_padded() -> None:
+    """The runtime slices the calls in plan order: every call but the last must be full, or
+    the batch gets rows of padding (seven b5 calls for 29 images returned 33 rows)."""
+    for table in random_tables(200):
+        planner = BatchPlanner(table)
+        for n in [*range(1, 3 * max(table) + 2), 97, 130]:
+            plan = planner.plan(n)
+            assert list(plan) == sorted(plan, reverse=True)
+            assert sum(plan) - plan[-1] < n <= sum(plan), (table, n, plan)
+
+
+def test_plan_beyond_the_largest_size_is_not_built_from_padded_blocks() -> None:
+    planner = BatchPlanner({1: 1.0, 5: 1.0, 9: 10.0})
+    assert planner.plan(9) == (5, 5)  # the largest size's own plan pads one image
+    assert planner.plan(29) == (5, 5, 5, 5, 5, 5)
+    assert planner.cost(29) == 6.0
+
+
+def test_planner_refuses_negative_call_times() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        BatchPlanner({1: -1.0}).plan(1)

@@ -167,3 +167,45 @@ def test_litert_padded_and_split_calls_give_each_image_its_own_result(
             assert out.shape == (n, 128, 128, 3)
             np.testing.assert_allclose(out, expected[:n], rtol=0, atol=1e-5 * scale)
     assert fours.predict(x[:0]).shape == (0, 128, 128, 3)
+
+
+class IdentityInterpreter:
+    """A fixed-size LiteRT interpreter stand-in whose output is its input."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.tensor = np.zeros((size, 128, 128, 3), np.float32)
+
+    def get_input_details(self) -> list[dict[str, int]]:
+        return [{"index": 0}]
+
+    get_output_details = get_input_details
+
+    def set_tensor(self, index: int, value: npt.NDArray[np.float32]) -> None:
+        assert value.shape == self.tensor.shape
+        self.tensor = value.copy()
+
+    def invoke(self) -> None:
+        pass
+
+    def get_tensor(self, index: int) -> npt.NDArray[np.float32]:
+        return self.tensor
+
+
+@pytest.mark.parametrize(
+    "table",
+    [{1: 1.0, 5: 1.0, 9: 10.0}, {1: 10.5, 4: 44.5, 5: 21.9, 8: 39.5, 32: 192.0}, {3: 1.0}],
+)
+def test_litert_returns_one_row_per_image_for_any_plan(
+    table: dict[int, float], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Batches above the largest size included: 29 images on {1, 5, 9} gave 33 rows."""
+    from segsvc.ml.batchplan import BatchPlanner
+
+    monkeypatch.setattr(LiteRTRuntime, "_open", lambda self, size: IdentityInterpreter(size))
+    runtime = LiteRTRuntime(tmp_path, kind="litert-int8", batch_sizes=tuple(table), threads=1)
+    runtime.planner = BatchPlanner(table)
+    runtime._interpreters = {size: IdentityInterpreter(size) for size in table}
+    x = np.random.default_rng(2).random((80, 128, 128, 3), dtype=np.float32)
+    for n in (1, 2, 4, 9, 10, 29, 33, 80):
+        np.testing.assert_array_equal(runtime.predict(x[:n]), x[:n])

@@ -128,6 +128,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Claims a worker gave back (its batch's forward pass or result write failed): not lost, so
+    # not held against the job. Lost runs = attempts - releases (`Job.lost`).
+    releases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -203,8 +203,15 @@ class Segmenter:
             jobs = [job for group in batch.groups for job in group.jobs]
         jobs += [job for job, *_ in batch.failed]
         with session_scope(self.settings) as session:
-            for job in jobs:
-                job_service.release_job(session=session, job_id=job.id, lease_token=job.lease_token)
+            ended = [
+                job.id
+                for job in jobs
+                if not job_service.release_job(
+                    session=session, job_id=job.id, lease_token=job.lease_token
+                )
+            ]
+        if ended:  # failed for good (or fenced out): long polls need not wait for their timeout
+            notify.publish_finished(self.settings.effective_redis_url, ended)
 
 
 def _relax_commit(session: Session) -> None:

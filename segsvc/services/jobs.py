@@ -18,8 +18,11 @@ from segsvc.errors import ConflictError, GoneError, NotFoundError, ValidationErr
 from segsvc.images import ValidatedImage
 from segsvc.ml.imaging import render_overlay_png
 from segsvc.models import Job, JobStatus, utcnow
-from segsvc.services.reconcile import SUSPECT_AFTER_ATTEMPTS
+from segsvc.services.reconcile import SUSPECT_AFTER_ATTEMPTS, lost_runs
 from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
+
+# A job given back this many times (each a failed forward pass or result write) ends failed.
+MAX_RELEASES = 5
 
 
 def create_job(
@@ -306,7 +309,7 @@ def claim_jobs(
         and_(
             Job.status == JobStatus.RUNNING,
             Job.lease_expires_at < now,
-            Job.attempts < SUSPECT_AFTER_ATTEMPTS,
+            lost_runs() < SUSPECT_AFTER_ATTEMPTS,
         ),
     )
     rows = session.execute(
@@ -435,14 +438,33 @@ def fail_job(
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
-def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) -> None:
-    """Give a claimed job back to the queue (a transient failure; it will run again)."""
-    session.execute(
+def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) -> bool:
+    """Give a claimed job back to the queue (a transient failure; it will run again); True if
+    it was. The `MAX_RELEASES`th time in a row it ends failed with `worker_error` instead: a
+    failure that keeps coming back is not transient, and the job must not cycle for ever."""
+    fence = (Job.id == job_id, Job.lease_token == lease_token, Job.status == JobStatus.RUNNING)
+    res = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.lease_token == lease_token, Job.status == JobStatus.RUNNING)
-        .values(status=JobStatus.QUEUED, lease_token=None, lease_expires_at=None)
+        .where(*fence, Job.releases < MAX_RELEASES - 1)
+        .values(
+            status=JobStatus.QUEUED,
+            lease_token=None,
+            lease_expires_at=None,
+            releases=Job.releases + 1,
+        )
         .execution_options(synchronize_session=False)
     )
+    if res.rowcount:  # type: ignore[attr-defined]
+        return True
+    fail_job(
+        session=session,
+        job_id=job_id,
+        code="worker_error",
+        message=f"The worker failed to run this job {MAX_RELEASES} times (its batch's forward "
+        "pass or result write failed each time); the worker's log says why.",
+        lease_token=lease_token,
+    )
+    return False
 
 
 def cancel_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) -> Job:

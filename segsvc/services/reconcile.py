@@ -2,9 +2,10 @@
 
 Two ways a job gets stuck: its message vanished (Redis restarted or flushed, the enqueue after
 commit failed, a worker died holding it unacknowledged), or the worker running it died (its lease
-expires). Both are re-enqueued; each claim counts an attempt, and a job that keeps being lost ends
-failed. A job lost twice is a suspect (it may be what kills the worker): suspects are re-sent one
-at a time, and a suspect that is lost again on its last attempt ends `poison_input`.
+expires). Both are re-enqueued. Each claim counts an attempt; a claim the worker gave back (its
+forward pass or result write failed: `releases`) is not a lost run. A job that keeps being lost
+ends failed. A job lost twice is a suspect (it may be what kills the worker): suspects are re-sent
+one at a time, and a suspect that is lost again on its last attempt ends `poison_input`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import ColumnElement, and_, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from segsvc.models import Job, JobStatus, utcnow
@@ -129,38 +130,44 @@ def _handle_expired_leases(
     report: ReconcileReport,
 ) -> None:
     lost = session.execute(
-        select(Job.id, Job.attempts, Job.cancel_requested)
+        select(Job.id, lost_runs(), Job.cancel_requested)
         .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
         .order_by(Job.created_at)
         .limit(MAX_JOBS_PER_PASS)
         .with_for_update(skip_locked=True)
     ).all()
     suspect_busy = _suspect_in_flight(session=session, now=now)
-    for job_id, attempts, cancel_requested in lost:
+    for job_id, runs_lost, cancel_requested in lost:
         if cancel_requested:
             _finish(session, job_id, JobStatus.CANCELED, "canceled", "Canceled by the client.", now)
             report.canceled += 1
-        elif attempts >= settings.job_max_attempts:
-            code, message = _lost_verdict(attempts)
+        elif runs_lost >= settings.job_max_attempts:
+            code, message = _lost_verdict(runs_lost)
             _finish(session, job_id, JobStatus.FAILED, code, message, now)
             report.failed += 1
             report.failed_ids.append(str(job_id))
-        elif attempts >= SUSPECT_AFTER_ATTEMPTS and suspect_busy:
+        elif runs_lost >= SUSPECT_AFTER_ATTEMPTS and suspect_busy:
             report.waiting_suspects += 1  # quarantine: one suspect at a time
         else:
-            suspect_busy = suspect_busy or attempts >= SUSPECT_AFTER_ATTEMPTS
+            suspect_busy = suspect_busy or runs_lost >= SUSPECT_AFTER_ATTEMPTS
             _mark_requeued(session, job_id, now, from_running=True)
             enqueue(job_id)
             report.requeued_lost += 1
 
 
-def _lost_verdict(attempts: int) -> tuple[str, str]:
-    if attempts > SUSPECT_AFTER_ATTEMPTS:
+def lost_runs() -> ColumnElement[int]:
+    """Runs of a job that did not end (its worker died or stalled past the lease), counting a
+    running job's current run: claims, less those the worker gave back."""
+    return Job.attempts - Job.releases
+
+
+def _lost_verdict(runs_lost: int) -> tuple[str, str]:
+    if runs_lost > SUSPECT_AFTER_ATTEMPTS:
         return "poison_input", (
-            f"The worker stopped while running this job on each of its {attempts} attempts, "
-            "the last one with no other retried job beside it; the input is presumed to crash it."
+            f"The worker stopped while running this job {runs_lost} times, the last time with "
+            "no other retried job beside it; the input is presumed to crash it."
         )
-    return "worker_lost", f"The worker running this job stopped on each of its {attempts} attempts."
+    return "worker_lost", f"The worker running this job stopped {runs_lost} times."
 
 
 def _suspect_in_flight(*, session: Session, now: datetime) -> bool:
@@ -169,9 +176,7 @@ def _suspect_in_flight(*, session: Session, now: datetime) -> bool:
         Job.status == JobStatus.QUEUED,
         and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at >= now),
     )
-    row = session.scalar(
-        select(Job.id).where(live, Job.attempts >= SUSPECT_AFTER_ATTEMPTS).limit(1)
-    )
+    row = session.scalar(select(Job.id).where(live, lost_runs() >= SUSPECT_AFTER_ATTEMPTS).limit(1))
     return row is not None
 
 

@@ -295,3 +295,56 @@ def test_the_broker_snapshot_sees_every_id_of_a_large_batch_message(settings: Se
     client = redis.Redis.from_url(settings.broker_url or "")
     found = broker_job_ids(client, queue=settings.queue_name, stale_after_s=60)
     assert {str(i) for i in ids} <= found
+
+
+def claim(settings: Settings, job_id: uuid.UUID) -> job_service.Claimed:
+    with session_scope(settings) as session:
+        (claimed,) = job_service.claim_jobs(session=session, job_ids=[job_id], lease_seconds=60)
+    return claimed
+
+
+def release(settings: Settings, claimed: job_service.Claimed) -> bool:
+    with session_scope(settings) as session:
+        return job_service.release_job(
+            session=session, job_id=claimed.id, lease_token=claimed.lease_token
+        )
+
+
+def expire_lease(settings: Settings, job_id: uuid.UUID) -> None:
+    with session_scope(settings) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def test_a_claim_given_back_is_not_a_lost_run(settings: Settings) -> None:
+    # Regression: a batch released twice (a canary's failing forward pass, a result write
+    # failing once) left its jobs at attempts=2: taken for suspects, not taken over after their
+    # lease, and failed as poison_input after a single real loss.
+    job_id = make_job(settings)
+    for _ in range(2):
+        assert release(settings, claim(settings, job_id))
+    claimed = claim(settings, job_id)
+    assert claimed.attempts == 3
+    expire_lease(settings, job_id)  # its worker dies: the first lost run
+    taken_over = claim(settings, job_id)  # a stray redelivery may take it over at once
+    assert taken_over.attempts == 4
+    expire_lease(settings, job_id)  # lost again: now a suspect, re-sent, not failed
+    report = reconcile(settings)
+    assert (report["requeued_lost"], report["failed"]) == (1, 0)
+    job = get(settings, job_id)
+    assert (job.status, job.attempts, job.releases) == ("queued", 4, 2)
+
+
+def test_a_job_given_back_again_and_again_ends_failed(settings: Settings) -> None:
+    # Regression: a batch whose forward pass or result write failed every time was released and
+    # claimed for ever, the jobs never ending.
+    job_id = make_job(settings)
+    outcomes = [release(settings, claim(settings, job_id)) for _ in range(job_service.MAX_RELEASES)]
+    assert outcomes == [True] * (job_service.MAX_RELEASES - 1) + [False]
+    job = get(settings, job_id)
+    assert (job.status, job.error_code) == ("failed", "worker_error")
+    with session_scope(settings) as session:
+        assert job_service.claim_jobs(session=session, job_ids=[job_id], lease_seconds=60) == []

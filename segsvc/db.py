@@ -25,6 +25,21 @@ def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+# libpq connection options. A database that vanishes without closing its connections (a host
+# gone, a network partition) would otherwise hold a worker's statement for the kernel's default
+# ~15 minutes of retransmissions while the worker still looks alive: TCP keepalives probe an idle
+# connection after 30 s and give up after 3 unanswered probes 10 s apart, and unacknowledged
+# writes give up after 60 s.
+POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
+
+
 def build_engine(url: str) -> Engine:
     """A new engine with settings suited to the dialect."""
     if url.startswith("sqlite"):
@@ -40,7 +55,7 @@ def build_engine(url: str) -> Engine:
         pool_size=10,
         max_overflow=10,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5},
+        connect_args=POSTGRES_CONNECT_ARGS,
     )
 
 

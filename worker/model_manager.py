@@ -79,6 +79,9 @@ class ModelManager:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()  # serialises loads, never held while routing
+        # Guards every replacement of the routing table (a compare-and-swap: read, check,
+        # assign); held for a few instructions only, so the model thread may take it.
+        self._swap = threading.Lock()
         self._routing: Routing | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -91,8 +94,9 @@ class ModelManager:
         if routing is None:
             with self._lock:
                 if self._routing is None:
-                    self._routing = self._build(self._wanted(), current=None)
+                    self._switch(self._build(self._wanted(), current=None))
                 routing = self._routing
+                assert routing is not None
             self._start_polling()
         return routing.production
 
@@ -122,8 +126,7 @@ class ModelManager:
             current = self._routing
             if current is not None and _same(current, wanted):
                 return False
-            new = self._build(wanted, current=current)
-            self._routing = new  # the atomic switch
+            new = self._switch(self._build(wanted, current=current))
         log.info(
             "serving %s%s",
             new.production.version,
@@ -186,6 +189,8 @@ class ModelManager:
         want_prod, want_canary = wanted
         production = have.get(want_prod.version) or self._load(want_prod)
         canary = None
+        if want_canary is not None and self._is_broken(want_canary.version, want_canary.sha256):
+            want_canary = None  # failed after `wanted` was read: never load or route it again
         if want_canary is not None and want_canary.version != want_prod.version:
             try:
                 canary = have.get(want_canary.version) or self._guard(self._load(want_canary))
@@ -204,13 +209,25 @@ class ModelManager:
         )
         return replace(model, runtime=guarded)
 
+    def _switch(self, new: Routing) -> Routing:
+        """Install a table built from an earlier read, without a canary that failed since
+        (a refresh that read the registry before the failure must not put it back)."""
+        with self._swap:
+            canary = new.canary
+            if canary is not None and self._is_broken(canary.version, canary.sha256):
+                new = Routing(production=new.production)
+            self._routing = new  # the atomic switch
+        return new
+
     def _canary_failed(self, version: str, sha256: str, exc: Exception) -> None:
         """Stop routing to a canary that failed at inference, here at once and in the registry."""
-        routing = self._routing
-        if routing is None or routing.canary is None or routing.canary.version != version:
-            return  # promoted meanwhile, or already dropped
-        self._broken[(version, sha256)] = time.monotonic()
-        self._routing = Routing(production=routing.production)  # the batch retries on it
+        with self._swap:  # not `_lock`: a refresh may hold that through a minutes-long load
+            routing = self._routing
+            if routing is None or routing.canary is None or routing.canary.version != version:
+                return  # promoted meanwhile, or already dropped
+            self._broken[(version, sha256)] = time.monotonic()
+            # Built from the table of this instant, so a production switched in meanwhile stays.
+            self._routing = Routing(production=routing.production)  # the batch retries on it
         log.error("canary %s failed at inference (%r); serving production only", version, exc)
         self._reject_canary(version, f"failed at inference: {exc!r}"[:500])
 

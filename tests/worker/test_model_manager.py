@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -163,6 +164,82 @@ def test_canary_that_fails_at_inference_is_rolled_back_at_once(
         assert (row.status, row.traffic_share) == ("rejected", 0.0)
         assert "failed at inference" in (row.reason or "")
     assert manager.refresh() is False
+
+
+def fail_canary(manager: ModelManager) -> None:
+    """Make the serving canary raise at inference, as a batch would see it."""
+    canary = manager.routing.canary
+    assert canary is not None
+    canary.runtime.inner = FailingRuntime()  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        canary.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
+
+
+def test_a_refresh_that_read_the_registry_before_a_canary_failed_does_not_restore_it(
+    manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager.load()
+    register(settings, model_file, "cand")
+    start_canary(settings, "cand", 1.0)
+    manager.refresh()
+    real_wanted = manager._wanted
+
+    def wanted_then_canary_fails() -> object:
+        wanted = real_wanted()  # still lists the canary...
+        fail_canary(manager)  # ...which fails at inference before the new table is built
+        return wanted
+
+    monkeypatch.setattr(manager, "_wanted", wanted_then_canary_fails)
+    manager.refresh()
+    assert manager.routing.canary is None
+    assert {manager.model_for(uuid.uuid4()).version for _ in range(20)} == {"test-v1"}
+
+
+class SwitchDuringFailure(dict):  # type: ignore[type-arg]
+    """`_broken` of a manager: when the failing canary is recorded, a refresh that switches
+    to a new production runs in another thread (as the poller would) and gets as far as it can
+    in a moment."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        super().__init__()
+        self.manager = manager
+        self.built = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __setitem__(self, key: object, value: object) -> None:
+        super().__setitem__(key, value)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.manager.refresh)
+            self.thread.start()
+            assert self.built.wait(120)  # the new production is loaded; now it switches
+            self.thread.join(0.5)
+
+
+def test_a_failing_canary_never_restores_a_production_switched_in_meanwhile(
+    manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager.load()
+    register(settings, model_file, "cand")
+    start_canary(settings, "cand", 1.0)
+    manager.refresh()
+    register(settings, model_file, "next")
+    set_status(settings, "next", "promote")
+    hook = SwitchDuringFailure(manager)
+    real_build = manager._build
+
+    def build(*args: object, **kwargs: object) -> object:
+        try:
+            return real_build(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            hook.built.set()
+
+    monkeypatch.setattr(manager, "_build", build)
+    monkeypatch.setattr(manager, "_broken", hook)
+    fail_canary(manager)
+    assert hook.thread is not None
+    hook.thread.join(60)
+    assert manager.routing.production.version == "next"
+    assert manager.routing.canary is None
 
 
 def submit(client, auth) -> str:  # type: ignore[no-untyped-def]

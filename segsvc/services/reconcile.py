@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, or_, select, text, update
+from sqlalchemy import ColumnElement, and_, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from segsvc.models import Job, JobStatus, utcnow
@@ -30,6 +30,10 @@ LOCK_KEY = 0x5E65_7EC0
 SUSPECT_AFTER_ATTEMPTS = 2
 # Bounded work per pass; the next pass picks up the rest.
 MAX_JOBS_PER_PASS = 5000
+# Queued jobs read per query while looking for ones missing from the broker, and at most this
+# many queries per pass.
+PAGE_SIZE = 5000
+MAX_PAGES_PER_PASS = 40
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -191,22 +195,26 @@ def _requeue_missing(
 ) -> None:
     # A job committed a moment ago may still be on its way to the broker: give it a grace period.
     cutoff = now - timedelta(seconds=enqueue_grace_seconds(settings))
-    rows = session.scalars(
-        select(Job.id)
-        .where(
-            Job.status == JobStatus.QUEUED,
-            Job.cancel_requested.is_(False),  # the claim skips these; `_cancel_requested` ends them
-            Job.created_at < cutoff,
-            or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff),
-        )
-        .order_by(Job.created_at)
-        .limit(MAX_JOBS_PER_PASS)
-    ).all()
-    for job_id in rows:
-        if str(job_id) not in present:
-            _mark_requeued(session, job_id, now, from_running=False)
-            enqueue(job_id)
-            report.requeued_missing += 1
+    due = select(Job.created_at, Job.id).where(
+        Job.status == JobStatus.QUEUED,
+        Job.cancel_requested.is_(False),  # the claim skips these; `_cancel_requested` ends them
+        Job.created_at < cutoff,
+        or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff),
+    )
+    # Page through the queued jobs oldest first (keyset on created_at, id): a backlog of more
+    # than a page still in the broker must not hide a younger job whose message was lost.
+    after: tuple[datetime, uuid.UUID] | None = None
+    for _ in range(MAX_PAGES_PER_PASS):
+        page = due if after is None else due.where(tuple_(Job.created_at, Job.id) > after)
+        rows = session.execute(page.order_by(Job.created_at, Job.id).limit(PAGE_SIZE)).all()
+        for _created, job_id in rows:
+            if str(job_id) not in present:
+                _mark_requeued(session, job_id, now, from_running=False)
+                enqueue(job_id)
+                report.requeued_missing += 1
+        if len(rows) < PAGE_SIZE or report.requeued_missing >= MAX_JOBS_PER_PASS:
+            return
+        after = (rows[-1][0], rows[-1][1])
 
 
 def enqueue_grace_seconds(settings: Settings) -> float:

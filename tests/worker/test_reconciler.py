@@ -348,3 +348,24 @@ def test_a_job_given_back_again_and_again_ends_failed(settings: Settings) -> Non
     assert (job.status, job.error_code) == ("failed", "worker_error")
     with session_scope(settings) as session:
         assert job_service.claim_jobs(session=session, job_ids=[job_id], lease_seconds=60) == []
+
+
+def test_a_lost_message_behind_a_backlog_longer_than_a_page_is_found(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: the pass read only the oldest 5000 queued jobs, so with more than that still
+    # in the broker, a younger job whose message was lost waited until the backlog drained.
+    from segsvc.services import reconcile as service
+
+    monkeypatch.setattr(service, "PAGE_SIZE", 2)
+    in_broker = [make_job(settings, age_s=60 - i) for i in range(5)]
+    lost = make_job(settings, age_s=30)
+    sent: list[uuid.UUID] = []
+    with session_scope(settings) as session:
+        report = service.reconcile(
+            session=session,
+            settings=settings,
+            present={str(i) for i in in_broker},
+            enqueue=sent.append,
+        )
+    assert (report.requeued_missing, sent) == (1, [lost])

@@ -5,8 +5,10 @@
 #   worker-gpu  the same worker on the TensorFlow GPU image (one GPU per container)
 # Dependencies are pinned by requirements/*.txt (generated from the tested venv by
 # requirements/lock.py). Every target runs as the unprivileged user `segsvc` (uid 10001).
-# Model artifacts are not baked in: they live on the artifacts volume (SEG_VAR_DIR, a PVC in
-# Kubernetes) where `segsvc models init` and the retraining pipeline put them.
+# The worker images carry the shipped trained model (models/baseline.keras + .json) at
+# /app/models (SEG_SHIPPED_MODEL_DIR's default); `segsvc models init` copies it onto the shared
+# volume (SEG_MODEL_DIR, a PVC in Kubernetes), where retraining puts later versions and where
+# converted artifacts are cached once for every pod (SEG_ARTIFACT_CACHE_DIR).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG TF_GPU_IMAGE=tensorflow/tensorflow:2.21.0-gpu
@@ -49,7 +51,7 @@ WORKDIR /app
 ENV PYTHONPATH=/app \
     SEG_VAR_DIR=/var/lib/segsvc \
     SEG_MODEL_DIR=/var/lib/segsvc/models \
-    SEG_ARTIFACT_CACHE_DIR=/tmp/segsvc-artifacts \
+    SEG_ARTIFACT_CACHE_DIR=/var/lib/segsvc/artifacts \
     PROMETHEUS_MULTIPROC_DIR=/tmp/segsvc-prometheus \
     GUNICORN_WORKER_TMP_DIR=/dev/shm \
     GUNICORN_BIND=0.0.0.0:8000
@@ -63,11 +65,12 @@ CMD ["gunicorn", "-c", "python:api.gunicorn_conf", "api.wsgi:app"]
 FROM base AS worker
 COPY --from=worker-deps /opt/venv /opt/venv
 COPY --from=source /src /app
+COPY models/baseline.keras models/baseline.json /app/models/
 WORKDIR /app
 ENV PYTHONPATH=/app \
     SEG_VAR_DIR=/var/lib/segsvc \
     SEG_MODEL_DIR=/var/lib/segsvc/models \
-    SEG_ARTIFACT_CACHE_DIR=/tmp/segsvc-artifacts \
+    SEG_ARTIFACT_CACHE_DIR=/var/lib/segsvc/artifacts \
     SEG_PROBE_DIR=/tmp/segsvc-probes \
     SEG_METRICS_PORT=9100 \
     TF_CPP_MIN_LOG_LEVEL=2
@@ -92,11 +95,12 @@ COPY requirements/worker-gpu.txt /tmp/requirements.txt
 # The base image's TensorFlow (built against its CUDA) stays; the rest is pinned like the CPU one.
 RUN python -m pip install -r /tmp/requirements.txt
 COPY --from=source /src /app
+COPY models/baseline.keras models/baseline.json /app/models/
 WORKDIR /app
 ENV PYTHONPATH=/app \
     SEG_VAR_DIR=/var/lib/segsvc \
     SEG_MODEL_DIR=/var/lib/segsvc/models \
-    SEG_ARTIFACT_CACHE_DIR=/tmp/segsvc-artifacts \
+    SEG_ARTIFACT_CACHE_DIR=/var/lib/segsvc/artifacts \
     SEG_PROBE_DIR=/tmp/segsvc-probes \
     SEG_METRICS_PORT=9100 \
     SEG_RUNTIME=xla \

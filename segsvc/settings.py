@@ -66,6 +66,11 @@ class Settings(BaseSettings):
 
     # --- model and serving -------------------------------------------------------------------
     model_dir: Path = Field(ROOT / "models", description="Where model artifacts live.")
+    shipped_model_dir: Path = Field(
+        ROOT / "models",
+        description="The trained model shipped with the code (baseline.keras + .json; /app/models "
+        "in the images): `segsvc models init` copies it into model_dir when model_dir lacks it.",
+    )
     encoder_weights: Path | None = Field(
         None, description="Local MobileNetV2 weights file for new models (None: random init)."
     )

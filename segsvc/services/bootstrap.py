@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,10 @@ SHIPPED_REPORT = "baseline.json"
 
 
 def shipped_model(settings: Settings) -> tuple[Path, dict[str, Any]] | None:
-    """The model shipped in `model_dir` and its metrics, if present."""
+    """The shipped model in `model_dir` (copied there from `shipped_model_dir` when absent)
+    and its metrics; None when neither folder has it."""
     path = settings.model_dir / SHIPPED_MODEL
-    if not path.is_file():
+    if not path.is_file() and not _install_shipped_model(settings):
         return None
     report_path = settings.model_dir / SHIPPED_REPORT
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -57,6 +60,33 @@ def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool
             sha256=sha,
         )
         return version, True
+
+
+def _install_shipped_model(settings: Settings) -> bool:
+    """Copy the shipped model and its report into `model_dir`; False when there is none.
+
+    The images carry it in the code (/app/models) while `model_dir` is the shared volume: the
+    registered path must be one every pod of every later release can read.
+    """
+    source = settings.shipped_model_dir
+    if not (source / SHIPPED_MODEL).is_file():
+        return False
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    # The report first: a model file in model_dir always has its metrics beside it.
+    for name in (SHIPPED_REPORT, SHIPPED_MODEL):
+        if (source / name).is_file():
+            _copy_atomically(source / name, settings.model_dir / name)
+    return True
+
+
+def _copy_atomically(src: Path, dest: Path) -> None:
+    """Copy through a temporary name, so a crash never leaves a half-written model behind."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _initialise_model(settings: Settings) -> Path:

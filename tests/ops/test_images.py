@@ -1,0 +1,109 @@
+"""The Dockerfile and .dockerignore, read statically (no Docker engine here): the worker images
+carry the shipped trained model, and converted artifacts land on the shared volume."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import PurePosixPath
+
+import pytest
+
+from segsvc.services.bootstrap import SHIPPED_MODEL, SHIPPED_REPORT
+from segsvc.settings import Settings
+from tests.conftest import ROOT
+
+SHIPPED = [f"models/{SHIPPED_MODEL}", f"models/{SHIPPED_REPORT}"]
+APP_DIR = PurePosixPath("/app")  # where every stage copies the code (its PYTHONPATH)
+
+
+def ignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
+    """.dockerignore as (negated, regex) in file order; the last match decides, as in Docker."""
+    patterns = []
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        glob = line.removeprefix("!").strip("/")
+        regex = ""
+        for part in re.split(r"(\*\*|\*|\?)", glob):
+            regex += {"**": ".*", "*": "[^/]*", "?": "[^/]"}.get(part, re.escape(part))
+        # A pattern that matches a folder matches everything in it.
+        patterns.append((negated, re.compile(f"{regex}(/.*)?")))
+    return patterns
+
+
+def in_build_context(path: str) -> bool:
+    """Whether `docker build .` sends this file (Docker's .dockerignore matching)."""
+    included = True
+    for negated, pattern in ignore_patterns():
+        if pattern.fullmatch(path):
+            included = negated
+    return included
+
+
+def stages() -> dict[str, list[str]]:
+    """Dockerfile instructions (continuation lines joined) per `FROM ... AS name` stage."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    result: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("FROM "):
+            current = result.setdefault(line.split()[-1], [])
+        elif line and not line.startswith("#"):
+            current.append(line)
+    return result
+
+
+def stage_env(stage: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in stages()[stage]:
+        if line.startswith("ENV "):
+            env.update(item.split("=", 1) for item in shlex.split(line[4:]))
+    return env
+
+
+def test_dockerignore_matching_follows_docker() -> None:
+    assert in_build_context("segsvc/settings.py")
+    assert not in_build_context("tests/conftest.py")
+    assert not in_build_context("var/segsvc.db")
+    assert not in_build_context("segsvc/__pycache__/settings.cpython-311.pyc")
+    assert not in_build_context("models/baseline_contact_sheet.png")
+
+
+def test_build_context_carries_the_shipped_model() -> None:
+    # Regression: .dockerignore excluded models/, so the images had no trained model.
+    for path in SHIPPED:
+        assert (ROOT / path).is_file()
+        assert in_build_context(path), path
+
+
+@pytest.mark.parametrize("stage", ["worker", "worker-gpu"])
+def test_worker_images_copy_the_shipped_model_where_bootstrap_looks(stage: str) -> None:
+    # Bootstrap falls back to shipped_model_dir, by default the code's own models/ folder:
+    # /app/models in the images. The migrations Job and compose's `migrate` run this image.
+    default = Settings(_env_file=None).shipped_model_dir  # type: ignore[call-arg]
+    target = APP_DIR / default.relative_to(ROOT)
+    env = stage_env(stage)
+    assert env["PYTHONPATH"] == str(APP_DIR)
+    assert "SEG_SHIPPED_MODEL_DIR" not in env
+    copied = set()
+    for line in stages()[stage]:
+        if line.startswith("COPY ") and "--from" not in line:
+            *sources, dest = shlex.split(line)[1:]
+            if PurePosixPath(dest) == target:
+                copied |= set(sources)
+    assert set(SHIPPED) <= copied
+
+
+@pytest.mark.parametrize("stage", ["api", "worker", "worker-gpu"])
+def test_images_cache_converted_artifacts_on_the_shared_volume(stage: str) -> None:
+    # Regression: /tmp/segsvc-artifacts is per-container scratch, so every container converted
+    # every model version (a 2.3 GB child process) instead of reading the shared cache.
+    env = stage_env(stage)
+    var_dir = PurePosixPath(env["SEG_VAR_DIR"])
+    artifacts = PurePosixPath(env.get("SEG_ARTIFACT_CACHE_DIR", str(var_dir / "artifacts")))
+    assert artifacts.is_relative_to(var_dir)
+    assert PurePosixPath(env["SEG_MODEL_DIR"]).is_relative_to(var_dir)

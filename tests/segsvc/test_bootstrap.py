@@ -1,0 +1,84 @@
+"""segsvc/services/bootstrap.py: `segsvc models init` registers the shipped trained model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from segsvc.db import session_scope
+from segsvc.models import ModelStatus
+from segsvc.services import registry
+from segsvc.services.bootstrap import (
+    SHIPPED_MODEL,
+    SHIPPED_REPORT,
+    ensure_production_model,
+    shipped_model,
+)
+from segsvc.settings import ROOT, Settings
+
+METRICS = {"mean_iou": 0.63}
+
+
+def write_shipped(folder: Path, content: bytes = b"trained weights") -> Path:
+    """A stand-in for models/baseline.keras (+ its report); bootstrap only hashes and copies it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SHIPPED_MODEL).write_bytes(content)
+    (folder / SHIPPED_REPORT).write_text(json.dumps({"metrics": METRICS}))
+    return folder / SHIPPED_MODEL
+
+
+def test_shipped_model_dir_defaults_to_the_checkout_models_folder() -> None:
+    # In the images the code is /app, so this is /app/models, where the Dockerfile copies it.
+    cfg = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert cfg.shipped_model_dir == ROOT / "models"
+    assert (cfg.shipped_model_dir / SHIPPED_MODEL).is_file()
+
+
+def test_bootstrap_copies_the_shipped_model_into_an_empty_model_dir(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Regression: containers set SEG_MODEL_DIR to the (empty) volume, so `models init` built a
+    # randomly initialised init.keras and served it as production.
+    shipped = write_shipped(tmp_path / "app-models")
+    cfg = settings.model_copy(
+        update={"model_dir": tmp_path / "volume" / "models", "shipped_model_dir": shipped.parent}
+    )
+    version, created = ensure_production_model(cfg)
+    assert created
+    assert version.startswith("baseline-")
+    copied = cfg.model_dir / SHIPPED_MODEL
+    assert copied.read_bytes() == shipped.read_bytes()
+    assert json.loads((cfg.model_dir / SHIPPED_REPORT).read_text())["metrics"] == METRICS
+    assert not (cfg.var_dir / "models" / "init.keras").exists()
+    assert [p.name for p in cfg.model_dir.iterdir() if p.name.startswith(".")] == []
+    with session_scope(cfg) as session:
+        row = registry.production_version(session=session)
+        assert row is not None
+        assert row.status == ModelStatus.PRODUCTION
+        assert Path(row.path) == copied.resolve()
+        assert row.metrics == METRICS
+    assert ensure_production_model(cfg) == (version, False)
+
+
+def test_bootstrap_prefers_the_model_already_in_model_dir(tmp_path: Path) -> None:
+    shipped = write_shipped(tmp_path / "app-models", b"new release")
+    own = write_shipped(tmp_path / "volume", b"operator's copy")
+    cfg = Settings(
+        model_dir=own.parent,
+        shipped_model_dir=shipped.parent,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    found = shipped_model(cfg)
+    assert found is not None
+    assert found[0] == own
+    assert own.read_bytes() == b"operator's copy"
+
+
+def test_bootstrap_finds_no_shipped_model_when_neither_folder_has_one(tmp_path: Path) -> None:
+    cfg = Settings(
+        model_dir=tmp_path / "volume",
+        shipped_model_dir=tmp_path / "nothing",
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    assert shipped_model(cfg) is None
+    assert not (tmp_path / "volume").exists()

@@ -11,7 +11,7 @@ from typing import Any
 from celery import signals
 
 from retrain.tasks import beat_schedule as retrain_beat_schedule
-from segsvc.queue import RECONCILE, make_celery
+from segsvc.queue import make_celery
 from segsvc.settings import get_settings
 from worker import observability  # noqa: F401  (connects the log, metrics and probe hooks)
 
@@ -29,19 +29,12 @@ app.conf.update(
     worker_prefetch_multiplier=max(3 * settings.batch_max_size, 1),
     imports=("worker.tasks", "worker.reconciler", "retrain.tasks"),
 )
-# The reconciler re-sends jobs the broker lost. Workers also run it from a thread of their own
-# (`_reconcile_in_worker`), since this message waits behind any backlog on the inference queue;
-# `expires` drops passes that no worker took in time.
-app.conf.beat_schedule = {
-    **(app.conf.beat_schedule or {}),
-    "segsvc-reconcile": {
-        "task": RECONCILE,
-        "schedule": settings.reconcile_interval_seconds,
-        "options": {"expires": settings.reconcile_interval_seconds},
-    },
-}
-# The feedback loop: retraining (settings.retrain_cron), canary verdicts and input retention.
-app.conf.beat_schedule = {**app.conf.beat_schedule, **retrain_beat_schedule(settings)}
+# The feedback loop: retraining (settings.retrain_cron), canary verdicts and input retention,
+# all on the maintenance queue. Beat sends no reconcile pass: every worker of this app (the
+# inference workers and the always-running maintenance worker) runs one every interval from a
+# thread of its own (`_reconcile_in_worker`), and a beat message on the inference queue (the
+# one KEDA scales on) woke a worker every interval, so scale-to-zero never held.
+app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), **retrain_beat_schedule(settings)}
 
 
 @signals.worker_process_init.connect

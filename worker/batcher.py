@@ -133,7 +133,16 @@ class MicroBatcher:
                 _settle(batch, ok=False)
                 time.sleep(RETRY_PAUSE_S)
                 continue
-            self._post.submit(self._store, batch, inferred)
+            try:
+                self._post.submit(self._store, batch, inferred)
+            except RuntimeError:  # close() stopped waiting for this batch and shut the pools
+                self._post_slots.release()
+                log.error("worker closed during a batch of %d; released and requeued", len(batch))
+                self._release(inferred)
+                _settle(batch, ok=False)
+                if ahead is not None:
+                    self._give_back(*ahead)
+                return
 
     def _claim_ahead(self) -> tuple[list[Item], Future[Claim]] | None:
         """Start claiming the next batch now if a full one is already waiting: it will be the
@@ -145,7 +154,19 @@ class MicroBatcher:
             if self._stopping or len(self._items) < self.max_size:
                 return None
             batch = self._take()
-        return batch, self._claimer.submit(self.segmenter.claim, [i.job_id for i in batch])
+        try:
+            return batch, self._claimer.submit(self.segmenter.claim, [i.job_id for i in batch])
+        except RuntimeError:  # the claim pool is shut down: close() gave up on this thread
+            _settle(batch, ok=False)
+            return None
+
+    def _give_back(self, batch: list[Item], claiming: Future[Claim]) -> None:
+        """Release a batch claimed ahead that will not run, and requeue its messages."""
+        try:
+            self._release(claiming.result())
+        except Exception:  # its claim failed: nothing is leased
+            log.warning("the claim of a batch given back failed", exc_info=True)
+        _settle(batch, ok=False)
 
     def _store(self, batch: list[Item], inferred: Inferred) -> None:
         try:

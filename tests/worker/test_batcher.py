@@ -230,3 +230,21 @@ def test_a_storage_error_requeues_the_batch_instead_of_failing_its_jobs(
     assert recorder.settled == {ids[0]: "requeue", ids[1]: "requeue"}
     for job in rows(settings, uuids):
         assert (job.status, job.error_code, job.mask_png) == (JobStatus.QUEUED, None, None)
+
+
+def test_a_batch_whose_close_timed_out_is_released_and_requeued(
+    settings: Settings, recorder: Recorder
+) -> None:
+    """close() stops waiting for a slow forward pass and shuts the store pool down: the model
+    thread must then give the claimed jobs back instead of dying holding their leases."""
+    uuids = make_jobs(settings, 1)
+    ids = [str(i) for i in uuids]
+    batcher = start(recorder, ids)
+    batcher.close(timeout=0.1)  # the first forward pass is still held
+    recorder.release_first_forward.set()
+    assert recorder.all_settled.wait(30)
+    assert recorder.settled == {ids[0]: "requeue"}
+    batcher._thread.join(10)
+    assert not batcher._thread.is_alive()
+    for job in rows(settings, uuids):
+        assert (job.status, job.lease_token, job.error_code) == (JobStatus.QUEUED, None, None)

@@ -124,7 +124,6 @@ def test_kustomize_overlay_renders_valid_resources(overlay: str) -> None:
     assert {
         "Namespace",
         "ConfigMap",
-        "Secret",
         "Job",
         "Deployment",
         "Service",
@@ -273,3 +272,235 @@ def test_grafana_dashboard_queries_only_series_we_export() -> None:
             for series in re.findall(r"\b(segsvc_\w+)", target["expr"]):
                 base = re.sub(r"_(bucket|sum|count|total|info)$", "", series)
                 assert base in known or series in known, series
+
+
+# --- what the manifests promise the code (settings, routes, ownership) ------------------------
+
+PRODUCTION = ["base", "overlays/gpu"]
+SHARED_CLAIM = "segsvc-artifacts"
+VAR_MOUNT_USERS = [  # processes that read or write var_dir on the shared volume
+    ("Job", "segsvc-migrations"),  # models init copies the shipped model into model_dir
+    ("Deployment", "segsvc-api"),  # fs blob store: uploads in, masks out
+    ("Deployment", "segsvc-inference-worker"),  # artifacts, masks
+    ("Deployment", "segsvc-maintenance-worker"),  # retraining output, artifacts, blob sweep
+]
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = doc["spec"]["template"]["spec"]
+    return spec
+
+
+def effective_env(docs: tuple[dict[str, Any], ...], container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment from its ConfigMaps (envFrom) and its own `env` values."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(find(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def effective_settings(docs: tuple[dict[str, Any], ...], container: dict[str, Any]) -> Settings:
+    env = {
+        k.removeprefix("SEG_").lower(): v
+        for k, v in effective_env(docs, container).items()
+        if k.startswith("SEG_") and k.removeprefix("SEG_").lower() in Settings.model_fields
+    }
+    return Settings(_env_file=None, **env)  # type: ignore[call-arg]
+
+
+def claim_mounts(doc: dict[str, Any], container: dict[str, Any], claim: str) -> list[Path]:
+    """Where `container` mounts the PersistentVolumeClaim `claim`."""
+    volumes = {
+        v["name"]
+        for v in pod_spec(doc).get("volumes", [])
+        if v.get("persistentVolumeClaim", {}).get("claimName") == claim
+    }
+    return [Path(m["mountPath"]) for m in container.get("volumeMounts", []) if m["name"] in volumes]
+
+
+def on_shared_volume(doc: dict[str, Any], container: dict[str, Any], path: Path) -> bool:
+    return any(path.is_relative_to(m) for m in claim_mounts(doc, container, SHARED_CLAIM))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_production_overlays_ship_no_secret(overlay: str) -> None:
+    # Regression: base shipped segsvc-secrets with CHANGE-ME values, so every
+    # `kubectl apply -k k8s/overlays/gpu` overwrote the real secret.
+    secrets = [d["metadata"]["name"] for d in rendered(overlay) if d["kind"] == "Secret"]
+    if overlay in PRODUCTION:
+        assert secrets == []
+    else:
+        assert secrets == ["segsvc-secrets"]
+        data = find(rendered(overlay), "Secret", "segsvc-secrets")["stringData"]
+        assert "CHANGE-ME" not in json.dumps(data)
+
+
+def test_example_secret_is_valid_and_in_no_kustomization() -> None:
+    example = K8S / "secret.example.yaml"
+    (doc,) = load_all(example)
+    validate_resource(doc)
+    assert doc["metadata"]["name"] == "segsvc-secrets"
+    # Every key the pods and KEDA read from it.
+    needed = {"SEG_DATABASE_URL", "SEG_BROKER_URL"}
+    for overlay in OVERLAYS:
+        for auth in (d for d in rendered(overlay) if d["kind"] == "TriggerAuthentication"):
+            needed |= {
+                ref["key"]
+                for ref in auth["spec"]["secretTargetRef"]
+                if ref["name"] == "segsvc-secrets"
+            }
+    assert needed <= set(doc["stringData"])
+    for kustomization in K8S.glob("**/kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text())
+        files = [
+            *spec.get("resources", []),
+            *(p["path"] for p in spec.get("patches", []) if "path" in p),
+        ]
+        for entry in files:
+            assert (kustomization.parent / entry).resolve() != example.resolve(), kustomization
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaled_deployments_leave_replicas_to_their_autoscaler(overlay: str) -> None:
+    # Regression: `replicas:` in a Deployment an HPA or ScaledObject owns reset the scaled
+    # count on every apply.
+    docs = rendered(overlay)
+    owned = {
+        d["spec"]["scaleTargetRef"]["name"]
+        for d in docs
+        if d["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")
+    }
+    assert {"segsvc-api", "segsvc-inference-worker"} <= owned
+    for name in owned:
+        assert "replicas" not in find(docs, "Deployment", name)["spec"], name
+
+
+@pytest.mark.parametrize("overlay", PRODUCTION)
+def test_migrations_run_before_the_rollout_and_can_run_again(overlay: str) -> None:
+    docs = rendered(overlay)
+    job = find(docs, "Job", "segsvc-migrations")
+    annotations = job["metadata"].get("annotations", {})
+    assert annotations.get("argocd.argoproj.io/hook") == "PreSync"
+    assert annotations.get("argocd.argoproj.io/hook-delete-policy") == "BeforeHookCreation"
+    # Plain kubectl (docs/scaling.md): `apply -k ... -l segsvc/phase=migrate` must bring
+    # everything the Job needs (bar the Secret, which production provides) and no Deployment.
+    phase = {
+        (d["kind"], d["metadata"]["name"])
+        for d in docs
+        if d["metadata"].get("labels", {}).get("segsvc/phase") == "migrate"
+    }
+    assert ("Job", "segsvc-migrations") in phase
+    assert ("Namespace", "segsvc") in phase
+    assert not {kind for kind, _ in phase} & {"Deployment", "HorizontalPodAutoscaler"}
+    pod = pod_spec(job)
+    for volume in pod.get("volumes", []):
+        if "persistentVolumeClaim" in volume:
+            assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in phase
+    for container in pod["containers"]:
+        for source in container.get("envFrom", []):
+            if "configMapRef" in source:
+                assert ("ConfigMap", source["configMapRef"]["name"]) in phase
+    docs_text = (ROOT / "docs" / "scaling.md").read_text()
+    for step in (
+        "kubectl -n segsvc delete job segsvc-migrations --ignore-not-found",
+        "-l segsvc/phase=migrate",
+        "kubectl -n segsvc wait --for=condition=complete job/segsvc-migrations",
+    ):
+        assert step in docs_text
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shared_state_lives_on_the_shared_volume(overlay: str) -> None:
+    # Regressions: artifacts were cached in per-pod /tmp (every pod converted every version),
+    # and the API, which writes fs blobs, did not mount the volume at all.
+    docs = rendered(overlay)
+    for kind, name in VAR_MOUNT_USERS:
+        doc = find(docs, kind, name)
+        for container in pod_spec(doc)["containers"]:
+            cfg = effective_settings(docs, container)
+            where = f"{name}/{container['name']}"
+            blob_dir = cfg.blob_dir or cfg.var_dir / "blobs"
+            for path in (cfg.var_dir, cfg.model_dir, cfg.artifact_dir, blob_dir):
+                assert on_shared_volume(doc, container, path), f"{where}: {path}"
+            if claim_mounts(doc, container, SHARED_CLAIM):
+                assert pod_spec(doc)["securityContext"].get("fsGroup") == 10001, where
+
+
+def test_inference_worker_memory_in_the_docs_matches_the_manifest() -> None:
+    worker = find(rendered("base"), "Deployment", "segsvc-inference-worker")
+    resources = pod_spec(worker)["containers"][0]["resources"]
+    text = re.sub(r"\s+", " ", (ROOT / "docs" / "scaling.md").read_text())
+    match = re.search(r"CPU worker (\S+)/(\S+) with", text)
+    assert match is not None
+    assert match.groups() == (resources["requests"]["memory"], resources["limits"]["memory"])
+
+
+def size_bytes(value: str) -> int:
+    """An nginx size (`33m`, `512k`, bytes) in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([kKmMgG]?)", value).groups()  # type: ignore[union-attr]
+    return int(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit.lower()]
+
+
+def flask_paths() -> set[str]:
+    """Every URL rule of the API, with its variable parts cut off (`/ui/<path:name>` -> /ui/)."""
+    from api.app import create_app
+
+    app = create_app(Settings(_env_file=None))  # type: ignore[call-arg]
+    return {rule.rule.split("<", 1)[0] for rule in app.url_map.iter_rules()}
+
+
+def ingress_routes(path: str, routes: list[dict[str, Any]]) -> bool:
+    """Whether a rule (or, ending in '/', every path under it) reaches the API's Service."""
+    for route in routes:
+        if route["pathType"] == "Exact" and route["path"] == path:
+            return True
+        if route["pathType"] == "Prefix":
+            prefix = route["path"].rstrip("/")
+            if prefix and (path == prefix or path.startswith(prefix + "/")):
+                return True
+    return False
+
+
+INTERNAL_PATHS = {"/metrics", "/healthz", "/readyz"}  # Prometheus and the kubelet only
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingress_routes_every_public_path_the_api_serves(overlay: str) -> None:
+    # Regression: the page loads /ui/... and the docs point at /openapi.json; neither was routed.
+    from api.app import MULTIPART_OVERHEAD
+
+    ingress = find(rendered(overlay), "Ingress", "segsvc-api")
+    (rule,) = ingress["spec"]["rules"]
+    routes = rule["http"]["paths"]
+    for route in routes:
+        assert route["backend"]["service"]["name"] == "segsvc-api"
+    paths = flask_paths()
+    assert {"/", "/ui/", "/openapi.json", "/v1/jobs"} <= paths
+    for path in paths - INTERNAL_PATHS:
+        assert ingress_routes(path, routes), f"{path} is not routed"
+    for path in INTERNAL_PATHS:
+        assert not ingress_routes(path, routes), f"{path} must stay inside the cluster"
+    # Regression: 11m refused batch submits (up to SEG_BATCH_SUBMIT_MAX_BYTES, 32 MiB) at nginx.
+    cfg = Settings(_env_file=None)  # type: ignore[call-arg]
+    largest = max(cfg.max_upload_bytes, cfg.batch_submit_max_bytes) + MULTIPART_OVERHEAD
+    body = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert size_bytes(body) >= largest
+
+
+def test_compose_maintenance_worker_tolerates_a_training_run_like_k8s() -> None:
+    # Regression: compose left SEG_PROBE_MAX_AGE at 60 s, so a retraining run (which blocks the
+    # solo loop's heartbeats) made the container unhealthy.
+    worker = find(rendered("base"), "Deployment", "segsvc-maintenance-worker")
+    command = " ".join(pod_spec(worker)["containers"][0]["livenessProbe"]["exec"]["command"])
+    k8s_age = re.search(r"SEG_PROBE_MAX_AGE=(\d+)", command)
+    assert k8s_age is not None
+    service = compose()["services"]["maintenance-worker"]
+    assert "worker.probes" in service["healthcheck"]["test"]
+    assert service["environment"]["SEG_PROBE_MAX_AGE"] == k8s_age.group(1)
+    # The rest of the worker environment stays (a YAML merge, not a replacement).
+    assert (
+        service["environment"]["SEG_BROKER_URL"]
+        == compose()["services"]["worker"]["environment"]["SEG_BROKER_URL"]
+    )

@@ -5,9 +5,11 @@ the compose file against the Compose spec, kustomize renders, and the promises t
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -504,3 +506,35 @@ def test_compose_maintenance_worker_tolerates_a_training_run_like_k8s() -> None:
         service["environment"]["SEG_BROKER_URL"]
         == compose()["services"]["worker"]["environment"]["SEG_BROKER_URL"]
     )
+
+
+def beat_probe_code(command: list[str], schedule: str) -> str:
+    assert command[:2] == ["python", "-c"]
+    code = command[2]
+    assert f"'{schedule}*'" in code
+    return code
+
+
+@pytest.mark.parametrize("where", ["k8s", "compose"])
+def test_beat_liveness_checks_that_the_scheduler_loop_turns(where: str, tmp_path: Path) -> None:
+    # Regression: beat's probe fetched /metrics, which a thread of its own serves while the
+    # scheduler loop is wedged; compose had no check at all.
+    if where == "k8s":
+        beat = find(rendered("base"), "Deployment", "segsvc-beat")
+        container = pod_spec(beat)["containers"][0]
+        argv, command = container["command"], container["livenessProbe"]["exec"]["command"]
+    else:
+        service = compose()["services"]["beat"]
+        argv, command = service["command"], service["healthcheck"]["test"][1:]
+    schedule = argv[argv.index("--schedule") + 1]
+    code = beat_probe_code(command, schedule).replace(schedule, str(tmp_path / "schedule"))
+
+    def probe() -> int:
+        return subprocess.run([sys.executable, "-c", code], timeout=30, check=False).returncode
+
+    assert probe() == 1  # no schedule file yet
+    store = tmp_path / "schedule.db"
+    store.write_bytes(b"")
+    assert probe() == 0
+    os.utime(store, (0, 0))  # the loop stopped writing it long ago
+    assert probe() == 1

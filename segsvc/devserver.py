@@ -86,7 +86,8 @@ def process_commands(settings: Settings, *, api_workers: int) -> dict[str, list[
             "--without-gossip",
             "--without-mingle",
         ],
-        # Exactly one beat process sends every periodic task (reconciler, feedback loop).
+        # Exactly one beat process sends the periodic tasks of the feedback loop (the workers
+        # reconcile from threads of their own).
         "beat": [
             *celery,
             "beat",

@@ -1,7 +1,7 @@
-"""The reconciler: a pass when each inference worker starts and then every
-`reconcile_interval_seconds` from a thread of the worker itself, plus the beat task
-`segsvc.reconcile`. A Redis key lets one pass start per interval across all of them, and
-Postgres' advisory lock keeps passes from overlapping."""
+"""The reconciler: a pass when each worker (inference or maintenance) starts and then every
+`reconcile_interval_seconds` from a thread of the worker itself; beat sends none. A Redis key
+lets one pass start per interval across all of them, and Postgres' advisory lock keeps passes
+from overlapping. The task `segsvc.reconcile` remains for sending a pass by hand."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def take_turn(cfg: Settings) -> bool:
 
 @app.task(name=RECONCILE, ignore_result=True)
 def reconcile_task() -> dict[str, object]:
-    """Periodic pass (beat), unless a worker's own loop ran one within the interval."""
+    """A pass sent by hand, unless a worker's own loop ran one within the interval."""
     if not take_turn(settings):
         return {"skipped": True}
     return run_reconcile(settings, app)
@@ -100,10 +100,11 @@ def reconcile_periodically(
 ) -> threading.Thread:
     """Run a pass now (a restarted worker recovers at once), then one every interval.
 
-    This runs in a thread of each inference worker, not through the queue: beat's
-    `segsvc.reconcile` travels on the inference queue, and behind a backlog longer than the
-    interval every such message expires before a worker takes it, which is when a crashed
-    worker's jobs most need re-sending. All workers tick; `take_turn` lets one of them run.
+    This runs in a thread of each worker, not through the queue: a message on the inference
+    queue would wait behind the backlog, and behind one longer than the interval every such
+    message would expire before a worker took it, which is when a crashed worker's jobs most
+    need re-sending (and a periodic message there would keep waking workers scaled to zero).
+    All workers tick; `take_turn` lets one of them run.
     """
     stop = stop or threading.Event()
 

@@ -1,19 +1,26 @@
 """Convert a `.keras` model to serving artifacts (ONNX, LiteRT) once per model version.
 
-Artifacts live at `<artifact_dir>/<model sha256>/<kind>/<file>`. Each file is written to a
-temporary name and renamed into place, under a file lock, so two workers starting together
-convert once and never see a half-written file. Conversion imports TensorFlow, so by default it
-runs in a child process: the serving process keeps no TensorFlow memory.
+Artifacts live at `<artifact_dir>/<model sha256>/<kind>-<converter fingerprint>/<file>`: the
+fingerprint hashes the converters' versions and the recipe (opset, quantization), so upgrading
+TensorFlow, tf2onnx or LiteRT converts again instead of serving an old artifact from a
+persistent cache. Each file is written to a temporary name, fsynced and renamed into place,
+under a file lock, so two workers starting together convert once and never see a half-written
+file. Conversion imports TensorFlow, so by default it runs in a child process (killed after
+`CONVERT_TIMEOUT_S`): the serving process keeps no TensorFlow memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
+import importlib.metadata
+import json
 import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +34,50 @@ log = logging.getLogger(__name__)
 ONNX_OPSET = 17
 LITERT_KINDS = ("litert", "litert-fp16", "litert-int8")
 CONVERTED_KINDS = ("onnx", *LITERT_KINDS)
+# What each kind's conversion does: part of the cache key, so change it (or RECIPE_VERSION)
+# whenever `_to_onnx` / `_to_litert` start producing something else.
+RECIPE_VERSION = 1
+RECIPES = {
+    "onnx": f"tf2onnx from_function, opset {ONNX_OPSET}, dynamic batch",
+    "litert": "frozen concrete function, float32, fixed batch",
+    "litert-fp16": "frozen concrete function, Optimize.DEFAULT, float16 weights, fixed batch",
+    "litert-int8": "frozen concrete function, Optimize.DEFAULT (dynamic-range int8), fixed batch",
+}
+# Distributions whose versions can change an artifact (its bytes, or whether it loads).
+CONVERTERS = {
+    "onnx": ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx"),
+    **dict.fromkeys(LITERT_KINDS, ("tensorflow", "tensorflow-cpu", "keras", "ai-edge-litert")),
+}
+# A conversion takes 6-26 s (docs/scaling.md); one still running after this is hung. It holds
+# the folder's file lock and the worker's model lock, so without a limit every later refresh
+# (a rollback included) would wait behind it for ever.
+CONVERT_TIMEOUT_S = 15 * 60.0
+
+
+class ConversionError(RuntimeError):
+    """A model could not be converted. `deterministic`: it failed twice with the same error,
+    so the artifact cannot be built from this model file (not a passing failure)."""
+
+    def __init__(self, message: str, *, deterministic: bool) -> None:
+        super().__init__(message)
+        self.deterministic = deterministic
+
+
+def converter_fingerprint(kind: str) -> str:
+    """A short hash of what builds `kind`'s artifacts: converter versions and recipe."""
+    versions: dict[str, str | None] = {}
+    for dist in CONVERTERS[kind]:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    key = {"recipe": RECIPES[kind], "recipe_version": RECIPE_VERSION, "versions": versions}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def artifact_folder(artifact_dir: Path, sha256: str, kind: str) -> Path:
+    """Where `kind`'s artifacts of the model with this sha256 live, for these converters."""
+    return artifact_dir / sha256 / f"{kind}-{converter_fingerprint(kind)}"
 
 
 def artifact_files(kind: str, batch_sizes: Sequence[int]) -> list[str]:
@@ -52,7 +103,7 @@ def ensure_artifacts(
     in_subprocess: bool = True,
 ) -> Path:
     """The folder holding `kind`'s artifacts for this model, converting what is missing."""
-    folder = artifact_dir / (sha256 or file_sha256(model_path)) / kind
+    folder = artifact_folder(artifact_dir, sha256 or file_sha256(model_path), kind)
     wanted = artifact_files(kind, batch_sizes)
     if all((folder / name).is_file() for name in wanted):
         return folder
@@ -68,6 +119,31 @@ def ensure_artifacts(
     return folder
 
 
+def artifact_identities(folder: Path, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) of each of `names` present in `folder`: which file a runtime opened."""
+    found = {}
+    for name in names:
+        try:
+            st = (folder / name).stat()
+        except FileNotFoundError:
+            continue
+        found[name] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+def set_aside(folder: Path, identities: dict[str, tuple[int, int]]) -> list[str]:
+    """Move cached artifacts that failed to load out of the way (kept for a post-mortem as
+    `.<name>.broken-<time>`), so the next `ensure_artifacts` converts them again. A file
+    another worker has already replaced (another identity) stays."""
+    moved = []
+    with _locked(folder / ".lock"):
+        for name, identity in artifact_identities(folder, list(identities)).items():
+            if identity == identities[name]:
+                os.replace(folder / name, folder / f".{name}.broken-{time.time_ns()}")
+                moved.append(name)
+    return moved
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     with open(path, "a+b") as fh:
@@ -79,7 +155,50 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _convert_in_child(model: Path, kind: str, folder: Path, names: list[str]) -> None:
-    cmd = [
+    """Convert in a child process; a failure with a Python error is tried once more at once,
+    and the same error twice makes the `ConversionError` deterministic. A hung child (killed
+    after `CONVERT_TIMEOUT_S`) or one killed by a signal (the OOM killer) is not retried here:
+    that failure may be passing, and the caller retries later."""
+    first = _run_child(model, kind, folder, names)
+    if first is None:
+        return
+    message, signature = first
+    if signature is None:
+        raise ConversionError(message, deterministic=False)
+    log.warning("converting %s to %s failed (%s); trying once more", model, kind, signature)
+    second = _run_child(model, kind, folder, names)
+    if second is None:
+        return
+    raise ConversionError(second[0], deterministic=second[1] == signature)
+
+
+def _run_child(
+    model: Path, kind: str, folder: Path, names: list[str]
+) -> tuple[str, str | None] | None:
+    """None on success, else (message, the error's last line or None for a kill/timeout)."""
+    cmd = _child_command(model, kind, folder, names)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    try:
+        out = subprocess.run(  # noqa: S603
+            cmd, capture_output=True, text=True, env=env, check=False, timeout=CONVERT_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:  # run() has killed and reaped the child
+        return (
+            f"converting {model} to {kind} timed out after {CONVERT_TIMEOUT_S:.0f}s; "
+            "the conversion process was killed",
+            None,
+        )
+    if out.returncode == 0:
+        return None
+    message = f"converting {model} to {kind} failed:\n{out.stderr[-3000:]}"
+    if out.returncode < 0:  # killed by a signal: SIGKILL is usually the OOM killer
+        return f"{message}\n(killed by signal {-out.returncode})", None
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    return message, lines[-1] if lines else f"exit status {out.returncode}"
+
+
+def _child_command(model: Path, kind: str, folder: Path, names: list[str]) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "segsvc.ml.convert",
@@ -91,10 +210,6 @@ def _convert_in_child(model: Path, kind: str, folder: Path, names: list[str]) ->
         str(folder),
         *names,
     ]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)  # noqa: S603
-    if out.returncode != 0:
-        raise RuntimeError(f"converting {model} to {kind} failed:\n{out.stderr[-3000:]}")
 
 
 def convert_files(model_path: Path, kind: str, folder: Path, names: Sequence[str]) -> None:
@@ -105,9 +220,26 @@ def convert_files(model_path: Path, kind: str, folder: Path, names: Sequence[str
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         data = _to_onnx(model) if kind == "onnx" else _to_litert(model, kind, _batch_of(name))
-        tmp = folder / f".{name}.{uuid.uuid4().hex}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, folder / name)
+        _write_atomically(folder / name, data)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write, fsync, rename, fsync the folder: after a crash or power loss the cache holds the
+    whole file or none (a rename alone can land before the data does)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _batch_of(name: str) -> int:

@@ -17,9 +17,17 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from segsvc.digest import file_sha256
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.batchplan import BatchPlanner
-from segsvc.ml.convert import LITERT_KINDS, ensure_artifacts
+from segsvc.ml.convert import (
+    LITERT_KINDS,
+    artifact_files,
+    artifact_folder,
+    artifact_identities,
+    ensure_artifacts,
+    set_aside,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +227,31 @@ def load_runtime(
         artifact_dir = artifact_dir or cfg.artifact_dir
         batch_sizes = batch_sizes or serving_batch_sizes(cfg.batch_max_size)
     batch_sizes = tuple(sorted(set(batch_sizes) | {1}))  # LiteRT splits down to single images
+    sha256 = sha256 or file_sha256(model_path)
+    names = artifact_files(kind, batch_sizes)
+    # Artifacts found in the cache (not converted by this call): if they fail to load (a file
+    # damaged on disk, a converter that changed without a new fingerprint), they are moved
+    # aside and converted once more rather than failing the same way on every later load.
+    cached = artifact_identities(artifact_folder(artifact_dir, sha256, kind), names)
     folder = ensure_artifacts(
         model_path, kind=kind, artifact_dir=artifact_dir, sha256=sha256, batch_sizes=batch_sizes
     )
+    try:
+        return _open_converted(kind, folder, batch_sizes, threads)
+    except Exception as exc:
+        if not cached:  # converted just now: converting again would fail the same way
+            raise
+        log.warning(
+            "cached %s artifacts in %s failed to load (%r); converting again", kind, folder, exc
+        )
+        set_aside(folder, cached)  # leaves a file another worker has replaced meanwhile
+    folder = ensure_artifacts(
+        model_path, kind=kind, artifact_dir=artifact_dir, sha256=sha256, batch_sizes=batch_sizes
+    )
+    return _open_converted(kind, folder, batch_sizes, threads)
+
+
+def _open_converted(kind: str, folder: Path, batch_sizes: Sequence[int], threads: int) -> Runtime:
     if kind == "onnx":
         return OnnxRuntime(folder / "model.onnx", threads=threads)
     return LiteRTRuntime(folder, kind=kind, batch_sizes=batch_sizes, threads=threads)

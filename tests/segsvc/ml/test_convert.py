@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from segsvc.digest import file_sha256
 from segsvc.ml import convert
-from segsvc.ml.convert import ensure_artifacts
+from segsvc.ml.convert import ConversionError, artifact_folder, ensure_artifacts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -17,7 +20,9 @@ def test_ensure_artifacts_keys_by_sha256_and_converts_once(
     model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = ensure_artifacts(model_file, kind="onnx", artifact_dir=tmp_path)
-    assert folder == tmp_path / file_sha256(model_file) / "onnx"
+    assert folder == artifact_folder(tmp_path, file_sha256(model_file), "onnx")
+    assert folder.parent == tmp_path / file_sha256(model_file)
+    assert folder.name.startswith("onnx-")
     assert (folder / "model.onnx").stat().st_size > 1_000_000
     assert not list(folder.glob("*.tmp"))
 
@@ -55,11 +60,151 @@ def test_ensure_artifacts_adds_only_missing_batch_sizes(model_file: Path, tmp_pa
 def test_ensure_artifacts_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a model")
-    with pytest.raises(RuntimeError, match="converting"):
+    with pytest.raises(ConversionError, match="converting") as failed:
         ensure_artifacts(broken, kind="onnx", artifact_dir=tmp_path / "cache")
+    assert failed.value.deterministic  # the same error twice: the file cannot be converted
     assert not list((tmp_path / "cache").rglob("*.onnx"))
 
 
 def test_artifact_files_rejects_unconverted_kinds() -> None:
     with pytest.raises(ValueError, match="keras"):
         convert.artifact_files("keras", (1,))
+
+
+SHA = "ab" * 32
+
+
+def fake_conversions(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Replace the conversion child with one that writes placeholder files; returns the calls."""
+    calls: list[list[str]] = []
+
+    def convert_in_child(model: Path, kind: str, folder: Path, names: list[str]) -> None:
+        calls.append(names)
+        for name in names:
+            (folder / name).write_bytes(b"artifact")
+
+    monkeypatch.setattr(convert, "_convert_in_child", convert_in_child)
+    return calls
+
+
+def test_upgrading_a_converter_converts_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache outlives the image: an upgraded tf2onnx must not serve the old artifact."""
+    calls = fake_conversions(monkeypatch)
+    real_version = convert.importlib.metadata.version
+    folder = ensure_artifacts(tmp_path / "m.keras", kind="onnx", artifact_dir=tmp_path, sha256=SHA)
+    assert (
+        ensure_artifacts(tmp_path / "m.keras", kind="onnx", artifact_dir=tmp_path, sha256=SHA)
+        == folder
+    )
+    assert len(calls) == 1
+
+    def upgraded(dist: str) -> str:
+        return "99.0" if dist == "tf2onnx" else real_version(dist)
+
+    monkeypatch.setattr(convert.importlib.metadata, "version", upgraded)
+    again = ensure_artifacts(tmp_path / "m.keras", kind="onnx", artifact_dir=tmp_path, sha256=SHA)
+    assert again != folder
+    assert again.parent == folder.parent
+    assert len(calls) == 2
+    # LiteRT artifacts do not depend on tf2onnx...
+    assert artifact_folder(tmp_path, SHA, "litert") == folder.parent / (
+        "litert-" + convert.converter_fingerprint("litert")
+    )
+    # ...but a new quantization recipe is a new key too.
+    before = convert.converter_fingerprint("litert-int8")
+    monkeypatch.setitem(convert.RECIPES, "litert-int8", "static int8")
+    assert convert.converter_fingerprint("litert-int8") != before
+    monkeypatch.setattr(convert, "RECIPE_VERSION", convert.RECIPE_VERSION + 1)
+    assert convert.converter_fingerprint("onnx") != again.name.removeprefix("onnx-")
+
+
+def test_converted_files_are_fsynced_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import segsvc.ml.unet
+
+    events: list[str] = []
+    real_fsync, real_replace = convert.os.fsync, convert.os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    def replace(src: object, dst: object) -> None:
+        events.append("replace")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(segsvc.ml.unet, "load_model", lambda path: object())
+    monkeypatch.setattr(convert, "_to_onnx", lambda model: b"onnx bytes")
+    monkeypatch.setattr(convert.os, "fsync", fsync)
+    monkeypatch.setattr(convert.os, "replace", replace)
+    convert.convert_files(tmp_path / "m.keras", "onnx", tmp_path / "out", ["model.onnx"])
+    assert events == ["fsync", "replace", "fsync"]  # the file, then the folder's entry
+    assert (tmp_path / "out" / "model.onnx").read_bytes() == b"onnx bytes"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.onnx"]
+
+
+def child(monkeypatch: pytest.MonkeyPatch, code: str, *args: str) -> None:
+    """Make the conversion child run `code` (with `args` in sys.argv[1:])."""
+    monkeypatch.setattr(convert, "_child_command", lambda *_: [sys.executable, "-c", code, *args])
+
+
+def test_a_hung_conversion_is_killed_and_frees_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pid_file = tmp_path / "pid"
+    child(
+        monkeypatch,
+        "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)",
+        str(pid_file),
+    )
+    monkeypatch.setattr(convert, "CONVERT_TIMEOUT_S", 2.0)
+    started = time.monotonic()
+    with pytest.raises(ConversionError, match="timed out after 2s") as failed:
+        ensure_artifacts(tmp_path / "m.keras", kind="onnx", artifact_dir=tmp_path, sha256=SHA)
+    assert time.monotonic() - started < 30  # one try: a hang is not retried at once
+    assert not failed.value.deterministic  # it may pass: the caller retries later
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)  # killed and reaped
+    calls = fake_conversions(monkeypatch)  # the lock is free: the next try converts
+    ensure_artifacts(tmp_path / "m.keras", kind="onnx", artifact_dir=tmp_path, sha256=SHA)
+    assert calls == [["model.onnx"]]
+
+
+@pytest.mark.parametrize(
+    ("code", "runs", "deterministic"),
+    [
+        ("raise ValueError('not a model')", 2, True),  # the same error twice
+        ("import time; raise ValueError(time.time_ns())", 2, False),  # two different errors
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 1, False),  # OOM killer
+    ],
+)
+def test_a_failed_conversion_is_deterministic_only_when_it_fails_alike_twice(
+    code: str, runs: int, deterministic: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "runs"
+    child(monkeypatch, f"open({str(log)!r}, 'a').write('x'); {code}")
+    with pytest.raises(ConversionError, match="converting") as failed:
+        ensure_artifacts(tmp_path / "m.keras", kind="onnx", artifact_dir=tmp_path, sha256=SHA)
+    assert failed.value.deterministic is deterministic
+    assert log.read_text() == "x" * runs
+
+
+def test_a_conversion_that_passes_on_its_second_try_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "runs"
+    code = (
+        "import os, sys; tries = open(sys.argv[1], 'a+'); tries.write('x'); tries.seek(0)\n"
+        "if len(tries.read()) == 1: raise MemoryError('first try')\n"
+        "open(os.path.join(sys.argv[2], 'model.onnx'), 'wb').write(b'ok')"
+    )
+    folder = artifact_folder(tmp_path, SHA, "onnx")
+    child(monkeypatch, code, str(log), str(folder))
+    assert (
+        ensure_artifacts(tmp_path / "m.keras", kind="onnx", artifact_dir=tmp_path, sha256=SHA)
+        == folder
+    )
+    assert (folder / "model.onnx").read_bytes() == b"ok"

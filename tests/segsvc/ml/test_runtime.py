@@ -209,3 +209,67 @@ def test_litert_returns_one_row_per_image_for_any_plan(
     x = np.random.default_rng(2).random((80, 128, 128, 3), dtype=np.float32)
     for n in (1, 2, 4, 9, 10, 29, 33, 80):
         np.testing.assert_array_equal(runtime.predict(x[:n]), x[:n])
+
+
+def identity_onnx() -> bytes:
+    """A valid ONNX model (image -> image) that ONNX Runtime loads in milliseconds."""
+    from onnx import TensorProto, helper
+
+    spec = ["N", 128, 128, 3]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["logits"])],
+        "identity",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, spec)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, spec)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def fake_onnx_conversions(monkeypatch: pytest.MonkeyPatch, data: bytes) -> list[Path]:
+    from segsvc.ml import convert
+
+    calls: list[Path] = []
+
+    def convert_in_child(model: Path, kind: str, folder: Path, names: list[str]) -> None:
+        calls.append(folder)
+        (folder / "model.onnx").write_bytes(data)
+
+    monkeypatch.setattr(convert, "_convert_in_child", convert_in_child)
+    return calls
+
+
+def test_a_cached_artifact_that_fails_to_load_is_set_aside_and_converted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segsvc.ml.convert import artifact_folder
+
+    sha = "cd" * 32
+    folder = artifact_folder(tmp_path, sha, "onnx")
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"truncated on disk")  # a cached artifact, damaged
+    calls = fake_onnx_conversions(monkeypatch, identity_onnx())
+    runtime = load_runtime(
+        tmp_path / "m.keras", kind="onnx", sha256=sha, artifact_dir=tmp_path, batch_sizes=(1,)
+    )
+    x = np.ones((2, 128, 128, 3), np.float32)
+    np.testing.assert_array_equal(runtime.predict(x), x)
+    assert calls == [folder]  # converted once more, not for ever
+    (aside,) = folder.glob(".model.onnx.broken-*")
+    assert aside.read_bytes() == b"truncated on disk"  # kept for a post-mortem
+
+
+def test_a_fresh_artifact_that_fails_to_load_is_not_converted_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = fake_onnx_conversions(monkeypatch, b"not onnx")
+    with pytest.raises(Exception, match=r"(?i)protobuf"):
+        load_runtime(
+            tmp_path / "m.keras",
+            kind="onnx",
+            sha256="ef" * 32,
+            artifact_dir=tmp_path,
+            batch_sizes=(1,),
+        )
+    assert len(calls) == 1

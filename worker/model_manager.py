@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from segsvc.db import session_scope
 from segsvc.ml import IMAGE_SIZE
+from segsvc.ml.convert import ConversionError
 from segsvc.ml.runtime import Runtime, load_runtime, serving_batch_sizes
 from segsvc.models import ModelStatus, ModelVersion
 from segsvc.services import registry, rollout
@@ -37,6 +38,12 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 # poll, but it is after this long: the failure may have been passing (memory, storage, a
 # conversion cut short), and a production version must not be skipped for the process's life.
 BROKEN_RETRY_S = 300.0
+# A canary is rejected in the registry (for the whole fleet) when its load fails this many
+# times in a row on one worker, each try BROKEN_RETRY_S after the last, or at once when the
+# failure is deterministic (its conversion failed twice with the same error). One passing
+# failure on one worker (an OOM-killed conversion child, a storage error) only takes it out of
+# that worker's routing until the retry.
+CANARY_LOAD_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class ModelManager:
         self._poller: threading.Thread | None = None
         # (version, sha256) -> when it failed to load or to run; see BROKEN_RETRY_S
         self._broken: dict[tuple[str, str], float] = {}
+        # (version, sha256) -> load failures in a row; see CANARY_LOAD_ATTEMPTS
+        self._load_failures: dict[tuple[str, str], int] = {}
 
     def load(self) -> LoadedModel:
         """Load the serving versions (once), warm them up and start polling the registry."""
@@ -194,11 +203,8 @@ class ModelManager:
         if want_canary is not None and want_canary.version != want_prod.version:
             try:
                 canary = have.get(want_canary.version) or self._guard(self._load(want_canary))
-            except Exception as exc:  # a canary that cannot load gets no traffic anywhere
-                log.exception(
-                    "could not load canary %s; serving production only", want_canary.version
-                )
-                self._reject_canary(want_canary.version, f"could not load: {exc}")
+            except Exception as exc:  # this worker serves production only meanwhile
+                self._canary_load_failed(want_canary, exc)
         share = want_canary.share if canary is not None and want_canary is not None else 0.0
         return Routing(production=production, canary=canary, share=share)
 
@@ -231,6 +237,28 @@ class ModelManager:
         log.error("canary %s failed at inference (%r); serving production only", version, exc)
         self._reject_canary(version, f"failed at inference: {exc!r}"[:500])
 
+    def _canary_load_failed(self, wanted: Wanted, exc: Exception) -> None:
+        """Reject the canary fleet-wide only when its failure to load is not a passing one."""
+        failures = self._load_failures.get((wanted.version, wanted.sha256), 0)
+        deterministic = isinstance(exc, ConversionError) and exc.deterministic
+        if not deterministic and failures < CANARY_LOAD_ATTEMPTS:
+            log.exception(
+                "could not load canary %s (try %d of %d); serving production only, trying "
+                "again in %.0fs",
+                wanted.version,
+                failures,
+                CANARY_LOAD_ATTEMPTS,
+                BROKEN_RETRY_S,
+            )
+            return
+        how = (
+            "its conversion fails the same way every time"
+            if deterministic
+            else (f"{failures} tries {BROKEN_RETRY_S:.0f}s apart")
+        )
+        log.exception("could not load canary %s (%s); rejecting it", wanted.version, how)
+        self._reject_canary(wanted.version, f"could not load ({how}): {exc}")
+
     def _reject_canary(self, version: str, why: str) -> None:
         try:
             with session_scope(self.settings) as session:
@@ -245,8 +273,9 @@ class ModelManager:
             log.warning("could not record the rejection of canary %s", version, exc_info=True)
 
     def _load(self, wanted: Wanted) -> LoadedModel:
+        key = (wanted.version, wanted.sha256)
         try:
-            return load_model_version(
+            loaded = load_model_version(
                 self.settings,
                 version=wanted.version,
                 path=wanted.path,
@@ -254,8 +283,11 @@ class ModelManager:
                 faithful=wanted.faithful,
             )
         except Exception:
-            self._broken[(wanted.version, wanted.sha256)] = time.monotonic()
+            self._broken[key] = time.monotonic()
+            self._load_failures[key] = self._load_failures.get(key, 0) + 1
             raise
+        self._load_failures.pop(key, None)
+        return loaded
 
     def _is_broken(self, version: str, sha256: str) -> bool:
         """True while a failure of this version is recent (see BROKEN_RETRY_S)."""

@@ -87,9 +87,19 @@ def test_manager_promotes_without_reloading_and_drops_rejected(
     assert {manager.model_for(uuid.uuid4()).version for _ in range(50)} == {"cand"}
 
 
+def canary_row(settings: Settings, version: str) -> tuple[str, str]:
+    with session_scope(settings) as session:
+        row = registry.get_version(session=session, version=version)
+        return row.status, row.reason or ""
+
+
 def test_manager_keeps_serving_when_a_canary_cannot_load(
-    manager: ModelManager, settings: Settings, tmp_path: Path
+    manager: ModelManager, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One failure may be passing (and on one worker): the canary leaves this worker's routing
+    at once, but the registry rejects it for everyone only when the retry fails too."""
+    from worker import model_manager
+
     manager.load()
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a model")
@@ -99,10 +109,67 @@ def test_manager_keeps_serving_when_a_canary_cannot_load(
     assert manager.routing.canary is None
     assert manager.model_for(uuid.uuid4()).version == "test-v1"
     assert manager.refresh() is False  # not retried every poll
-    with session_scope(settings) as session:
-        row = registry.get_version(session=session, version="broken")
-        assert row.status == "rejected"
-        assert "could not load" in (row.reason or "")
+    assert canary_row(settings, "broken")[0] == "canary"  # other workers may load it fine
+    monkeypatch.setattr(model_manager, "BROKEN_RETRY_S", 0.0)  # ...but after a while
+    manager.refresh()
+    assert manager.routing.canary is None
+    status, reason = canary_row(settings, "broken")
+    assert status == "rejected"
+    assert "could not load (2 tries" in reason
+
+
+def fail_loads(monkeypatch: pytest.MonkeyPatch, *errors: Exception) -> list[str]:
+    """Make the next loads raise `errors` in turn, then load for real; returns the versions."""
+    from worker import model_manager
+
+    real = model_manager.load_model_version
+    calls: list[str] = []
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls.append(str(kwargs["version"]))
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_manager, "load_model_version", flaky)
+    return calls
+
+
+def test_a_canary_whose_conversion_fails_alike_twice_is_rejected_at_once(
+    manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segsvc.ml.convert import ConversionError
+
+    manager.load()
+    register(settings, model_file, "cand")
+    start_canary(settings, "cand", 1.0)
+    fail_loads(monkeypatch, ConversionError("converting: ValueError: bad", deterministic=True))
+    manager.refresh()
+    assert manager.routing.canary is None
+    status, reason = canary_row(settings, "cand")
+    assert status == "rejected"
+    assert "conversion fails the same way" in reason
+
+
+def test_a_canary_that_loads_on_its_retry_serves_and_is_never_rejected(
+    manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segsvc.ml.convert import ConversionError
+    from worker import model_manager
+
+    manager.load()
+    register(settings, model_file, "cand")
+    start_canary(settings, "cand", 1.0)
+    oom = ConversionError("converting: killed by signal 9", deterministic=False)
+    calls = fail_loads(monkeypatch, oom)
+    manager.refresh()
+    assert manager.routing.canary is None
+    assert canary_row(settings, "cand")[0] == "canary"
+    monkeypatch.setattr(model_manager, "BROKEN_RETRY_S", 0.0)
+    manager.refresh()
+    assert calls == ["cand", "cand"]
+    assert manager.model_for(uuid.uuid4()).version == "cand"
+    assert canary_row(settings, "cand")[0] == "canary"
 
 
 def test_a_production_version_that_failed_to_load_is_tried_again_later(

@@ -52,7 +52,11 @@ class Runtime(Protocol):
 
 
 class KerasRuntime:
-    """TensorFlow/Keras: `model(x, training=False)` in a `tf.function` with a dynamic batch."""
+    """TensorFlow/Keras: `model(x, training=False)` in a `tf.function` with a dynamic batch.
+
+    With `jit_compile` (XLA) every new input shape is a new compilation (seconds, on the
+    serving path), so batches are padded to a few fixed sizes instead (`xla_buckets`), each
+    traced and compiled once at load, and the outputs sliced back to the batch."""
 
     def __init__(
         self,
@@ -61,6 +65,7 @@ class KerasRuntime:
         jit_compile: bool = False,
         mixed_precision: bool = False,
         threads: int = 0,
+        max_batch: int = 32,
     ) -> None:
         import tensorflow as tf
 
@@ -74,16 +79,45 @@ class KerasRuntime:
         if mixed_precision:
             self._model = _as_mixed_precision(self._model)
             self.name += "-mixed"
+        self.buckets: tuple[int, ...] = ()
+        if jit_compile:
+            # No input signature: each bucket's fixed shape is its own trace and XLA program.
+            self._fn = tf.function(
+                lambda x: tf.cast(self._model(x, training=False), tf.float32), jit_compile=True
+            )
+            self.buckets = xla_buckets(max_batch)
+            for size in self.buckets:  # compile now, not when a batch of this size comes
+                self._fn(tf.zeros((size, IMAGE_SIZE, IMAGE_SIZE, 3), tf.float32))
+            return
         spec = tf.TensorSpec(shape=(None, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=tf.float32)
         self._fn = tf.function(
             lambda x: tf.cast(self._model(x, training=False), tf.float32),
             input_signature=[spec],
-            jit_compile=jit_compile,
         )
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        out = self._fn(self._tf.convert_to_tensor(batch))
-        return np.asarray(out, dtype=np.float32)
+        if not self.buckets:
+            out = self._fn(self._tf.convert_to_tensor(batch))
+            return np.asarray(out, dtype=np.float32)
+        n, top = len(batch), self.buckets[-1]
+        if n == 0:
+            return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+        outputs = []
+        for start in range(0, n, top):
+            chunk = np.asarray(batch[start : start + top], np.float32)
+            size = next(b for b in self.buckets if b >= len(chunk))
+            if size > len(chunk):  # pad with zero images: images never affect each other
+                pad = np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)
+                chunk = np.concatenate([chunk, pad])
+            out = self._fn(self._tf.convert_to_tensor(chunk))
+            outputs.append(np.asarray(out, dtype=np.float32)[: min(top, n - start)])
+        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def xla_buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes XLA compiles: powers of two below `max_batch`, and `max_batch` itself."""
+    top = max(1, max_batch)
+    return tuple(sorted({1 << i for i in range(top.bit_length()) if 1 << i < top} | {top}))
 
 
 class OnnxRuntime:
@@ -217,8 +251,16 @@ def load_runtime(
     if kind == "keras":
         return KerasRuntime(model_path, threads=threads)
     if kind in ("xla", "xla-gpu"):
+        if batch_sizes is None:
+            from segsvc.settings import get_settings
+
+            batch_sizes = (get_settings().batch_max_size,)
         return KerasRuntime(
-            model_path, jit_compile=True, mixed_precision=kind == "xla-gpu", threads=threads
+            model_path,
+            jit_compile=True,
+            mixed_precision=kind == "xla-gpu",
+            threads=threads,
+            max_batch=max(batch_sizes, default=1),
         )
     if artifact_dir is None or batch_sizes is None:
         from segsvc.settings import get_settings

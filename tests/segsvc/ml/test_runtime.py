@@ -273,3 +273,42 @@ def test_a_fresh_artifact_that_fails_to_load_is_not_converted_twice(
             batch_sizes=(1,),
         )
     assert len(calls) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-layer model with the U-Net's input and output shapes: XLA compiles it fast."""
+    import tensorflow as tf
+
+    inputs = tf.keras.layers.Input(shape=(128, 128, 3), name="image")
+    model = tf.keras.Model(inputs, tf.keras.layers.Conv2D(3, 3, padding="same")(inputs))
+    path = tmp_path_factory.mktemp("tiny") / "tiny.keras"
+    model.save(path)
+    return path
+
+
+def test_xla_buckets_are_powers_of_two_and_the_largest_batch() -> None:
+    from segsvc.ml.runtime import xla_buckets
+
+    assert xla_buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert xla_buckets(6) == (1, 2, 4, 6)
+    assert xla_buckets(1) == (1,)
+    assert xla_buckets(0) == (1,)
+
+
+def test_xla_pads_batches_to_buckets_compiled_once_at_load(tiny_model: Path) -> None:
+    """Every new batch size used to be a new XLA compilation while serving."""
+    from segsvc.ml.runtime import KerasRuntime
+
+    runtime = load_runtime(tiny_model, kind="xla", batch_sizes=(1, 2, 3, 4, 5, 6))
+    assert isinstance(runtime, KerasRuntime)
+    assert runtime.buckets == (1, 2, 4, 6)
+    traced = runtime._fn.experimental_get_tracing_count()
+    assert traced == 4  # each bucket traced (and compiled) at load
+    exact = KerasRuntime(tiny_model)  # no XLA, no padding
+    x = np.random.default_rng(3).random((20, 128, 128, 3), dtype=np.float32)
+    for n in range(21):
+        out = runtime.predict(x[:n])
+        assert out.shape == (n, 128, 128, 3)
+        np.testing.assert_allclose(out, exact.predict(x[:n]), rtol=1e-5, atol=1e-5)
+    assert runtime._fn.experimental_get_tracing_count() == traced  # nothing new while serving

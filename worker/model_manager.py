@@ -3,7 +3,8 @@
 The production version is loaded first. A background thread polls the registry every
 `registry_poll_seconds`; a new production or canary version is loaded beside the ones serving,
 then a new routing table replaces the old in one assignment, so a batch in flight finishes on
-the models it started with and the next one uses the new table. Versions no longer serving
+the models it started with and the next one uses the new table. A canary that is no longer
+wanted stops serving before any such load starts. Versions no longer serving
 are dropped (freed once the last batch using them ends). Canary jobs are picked by a stable
 hash of the job id; a version that is not production or canary is never loaded or routed to.
 """
@@ -135,6 +136,10 @@ class ModelManager:
             current = self._routing
             if current is not None and _same(current, wanted):
                 return False
+            if current is not None and _drops_canary(current, wanted):
+                # A canary no longer wanted stops serving now, not after a new version has
+                # loaded (minutes, for a conversion): `_build` still reuses what `current` holds.
+                self._switch(Routing(production=current.production))
             new = self._switch(self._build(wanted, current=current))
         log.info(
             "serving %s%s",
@@ -314,6 +319,15 @@ class _CanaryRuntime:
 def _wanted(row: ModelVersion) -> Wanted:
     faithful = tuple(str(k) for k in (row.metrics or {}).get("faithful_runtimes", []))
     return Wanted(row.version, row.path, row.sha256, float(row.traffic_share), faithful)
+
+
+def _drops_canary(current: Routing, wanted: tuple[Wanted, Wanted | None]) -> bool:
+    """True when the current canary serves on in neither role (rejected, rolled back, or
+    replaced by another canary); a promoted one becomes production without a load."""
+    prod, canary = wanted
+    if current.canary is None or current.canary.version == prod.version:
+        return False
+    return canary is None or canary.version != current.canary.version
 
 
 def _same(current: Routing, wanted: tuple[Wanted, Wanted | None]) -> bool:

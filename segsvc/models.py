@@ -129,8 +129,9 @@ class Job(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Claims a worker gave back (its batch's forward pass or result write failed): not lost, so
-    # not held against the job. Lost runs = attempts - releases (`Job.lost`).
+    # not held against the job. Lost runs = attempts - releases (`reconcile.lost_runs`).
     releases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    first_released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

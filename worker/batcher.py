@@ -175,6 +175,9 @@ class MicroBatcher:
             _settle(batch, ok=True)
         except Exception:
             log.exception("storing a batch of %d failed; released and requeued", len(batch))
+            # Like a failed forward pass, pause first (holding this slot, so the model thread
+            # slows down too): a storage outage must not spin claim, run, fail, release.
+            time.sleep(RETRY_PAUSE_S)
             self._release(inferred)
             _settle(batch, ok=False)
         finally:

@@ -21,8 +21,10 @@ from segsvc.models import Job, JobStatus, utcnow
 from segsvc.services.reconcile import SUSPECT_AFTER_ATTEMPTS, lost_runs
 from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
 
-# A job given back this many times (each a failed forward pass or result write) ends failed.
+# A job given back this many times (each a failed forward pass or result write), the first at
+# least RELEASE_GIVE_UP_S ago, ends failed.
 MAX_RELEASES = 5
+RELEASE_GIVE_UP_S = 300.0
 
 
 def create_job(
@@ -440,17 +442,26 @@ def fail_job(
 
 def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) -> bool:
     """Give a claimed job back to the queue (a transient failure; it will run again); True if
-    it was. The `MAX_RELEASES`th time in a row it ends failed with `worker_error` instead: a
-    failure that keeps coming back is not transient, and the job must not cycle for ever."""
+    it was. A job given back `MAX_RELEASES` times over at least `RELEASE_GIVE_UP_S` ends failed
+    with `worker_error` instead: a failure that keeps coming back for that long is not
+    transient, and the job must not cycle for ever. A short outage (a blob store away for a few
+    seconds) releases jobs several times in a row but fails none."""
+    now = utcnow()
     fence = (Job.id == job_id, Job.lease_token == lease_token, Job.status == JobStatus.RUNNING)
+    keeps_trying = or_(
+        Job.releases < MAX_RELEASES - 1,
+        Job.first_released_at.is_(None),
+        Job.first_released_at > now - timedelta(seconds=RELEASE_GIVE_UP_S),
+    )
     res = session.execute(
         update(Job)
-        .where(*fence, Job.releases < MAX_RELEASES - 1)
+        .where(*fence, keeps_trying)
         .values(
             status=JobStatus.QUEUED,
             lease_token=None,
             lease_expires_at=None,
             releases=Job.releases + 1,
+            first_released_at=func.coalesce(Job.first_released_at, now),
         )
         .execution_options(synchronize_session=False)
     )
@@ -460,8 +471,9 @@ def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) 
         session=session,
         job_id=job_id,
         code="worker_error",
-        message=f"The worker failed to run this job {MAX_RELEASES} times (its batch's forward "
-        "pass or result write failed each time); the worker's log says why.",
+        message=f"The worker failed to run this job {MAX_RELEASES} times over "
+        f"{RELEASE_GIVE_UP_S / 60:.0f} minutes or more (its batch's forward pass or result write "
+        "failed each time); the worker's log says why.",
         lease_token=lease_token,
     )
     return False

@@ -79,4 +79,4 @@ def test_runtime_agreement_measures_converted_runtimes_against_keras(tmp_path: P
         assert 0.0 <= r["mask_agreement"] <= 1.0
         assert r["faithful"] == (r["mask_agreement"] >= 0.995 and r["miou_drop_points"] <= 0.5)
         # Converted where the worker looks for them (keyed by the model's sha256).
-        assert list(artifacts.glob(f"*/{kind}/*"))
+        assert list(artifacts.glob(f"*/{kind}-*/*"))

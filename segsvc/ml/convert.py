@@ -154,6 +154,19 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# Errors of the machine, not of the model: they repeat word for word while the condition lasts
+# (a full disk, memory taken by something else), so they never make a failure deterministic.
+RESOURCE_ERRORS = (
+    "MemoryError",
+    "ResourceExhausted",
+    "OSError",
+    "IOError",
+    "No space left on device",
+    "Cannot allocate memory",
+    "Disk quota exceeded",
+)
+
+
 def _convert_in_child(model: Path, kind: str, folder: Path, names: list[str]) -> None:
     """Convert in a child process; a failure with a Python error is tried once more at once,
     and the same error twice makes the `ConversionError` deterministic. A hung child (killed
@@ -194,7 +207,10 @@ def _run_child(
     if out.returncode < 0:  # killed by a signal: SIGKILL is usually the OOM killer
         return f"{message}\n(killed by signal {-out.returncode})", None
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    return message, lines[-1] if lines else f"exit status {out.returncode}"
+    last = lines[-1] if lines else f"exit status {out.returncode}"
+    if any(mark in last for mark in RESOURCE_ERRORS):
+        return message, None  # out of memory or disk: the same line twice proves nothing
+    return message, last
 
 
 def _child_command(model: Path, kind: str, folder: Path, names: list[str]) -> list[str]:

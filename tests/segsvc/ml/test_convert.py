@@ -179,6 +179,10 @@ def test_a_hung_conversion_is_killed_and_frees_the_lock(
         ("raise ValueError('not a model')", 2, True),  # the same error twice
         ("import time; raise ValueError(time.time_ns())", 2, False),  # two different errors
         ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 1, False),  # OOM killer
+        # Regression: a full disk or a MemoryError repeats word for word, and rejected the
+        # canary fleet-wide at once though the docs call it passing.
+        ("raise OSError(28, 'No space left on device')", 1, False),
+        ("raise MemoryError()", 1, False),
     ],
 )
 def test_a_failed_conversion_is_deterministic_only_when_it_fails_alike_twice(

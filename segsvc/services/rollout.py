@@ -258,14 +258,20 @@ def arm_stats(
     A succeeded job belongs to the version that served it. A failed job may carry no version
     (it never produced a result), so it goes to the arm its id hashes to.
     """
-    rows = session.execute(
-        select(Job.id, Job.status, Job.model_version, Job.created_at, Job.completed_at,
-               Job.predict_ms, Job.batch_size)
-        .where(Job.created_at >= since,
-               Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED]))
-        .order_by(Job.created_at.desc())
-        .limit(limit)
-    ).all()  # fmt: skip
+    # One query per status, each walking ix_jobs_status_created_at backwards and stopping at
+    # `limit` (an IN over both statuses read every job since `since` and sorted them); the
+    # newest `limit` of the two then.
+    rows: list[Any] = []
+    for status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        rows += session.execute(
+            select(Job.id, Job.status, Job.model_version, Job.created_at, Job.completed_at,
+                   Job.predict_ms, Job.batch_size)
+            .where(Job.status == status, Job.created_at >= since)
+            .order_by(Job.created_at.desc())
+            .limit(limit)
+        ).all()  # fmt: skip
+    if limit is not None:
+        rows = sorted(rows, key=lambda row: row.created_at, reverse=True)[:limit]
     arms: dict[str, list[Any]] = {canary: [], production: []}
     for row in rows:
         version = row.model_version

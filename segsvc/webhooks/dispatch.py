@@ -7,10 +7,12 @@ message until the lease runs out and the dispatcher claims it again.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import exists, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from segsvc.models import WebhookAttempt, WebhookEndpoint, WebhookMessage, utcnow
@@ -167,12 +169,30 @@ def _next_state(
     return (outbox.PENDING, when) if when is not None else (outbox.FAILED, None)
 
 
+def _endpoint_row(session: Session, message: WebhookMessage) -> WebhookEndpoint:
+    """The endpoint row of the message's (client, url), created if there is none. Two 410s for
+    one URL at once both find none: the second insert loses the unique index, in a savepoint,
+    and reads the winner's row instead of failing its delivery."""
+    found = outbox.find_endpoint(session=session, client_id=message.client_id, url=message.url)
+    if found is not None:
+        return found
+    nested = session.get_bind().dialect.name == "postgresql"  # SQLite: one writer at a time
+    try:
+        with session.begin_nested() if nested else nullcontext():
+            endpoint = WebhookEndpoint(client_id=message.client_id, url=message.url)
+            session.add(endpoint)
+            session.flush()
+        return endpoint
+    except IntegrityError:
+        found = outbox.find_endpoint(session=session, client_id=message.client_id, url=message.url)
+        if found is None:
+            raise
+        return found
+
+
 def _disable_endpoint(session: Session, message: WebhookMessage, now: datetime) -> None:
     """A 410 Gone: stop sending to this URL for this client, now and for pending messages."""
-    endpoint = outbox.find_endpoint(session=session, client_id=message.client_id, url=message.url)
-    if endpoint is None:
-        endpoint = WebhookEndpoint(client_id=message.client_id, url=message.url)
-        session.add(endpoint)
+    endpoint = _endpoint_row(session, message)
     endpoint.disabled_at = now
     endpoint.disabled_reason = "the endpoint answered 410 Gone"
     owner = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
 
 from segsvc.db import get_sessionmaker, session_scope
@@ -146,6 +147,39 @@ def test_gone_disables_endpoint_for_that_client_only(settings: Settings) -> None
     third = make_job(settings, URL)
     finish_job(settings, start_job(settings, third))
     assert messages(settings, third)[0].status == "disabled"
+
+
+def test_two_gone_answers_for_one_url_at_once_share_one_endpoint_row(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: both deliveries found no endpoint row and inserted one; the second lost the
+    # unique index and its whole delivery transaction failed (its attempt unrecorded).
+    from segsvc.webhooks import dispatch, outbox
+
+    first, second = make_job(settings, URL), make_job(settings, URL)
+    finish_job(settings, start_job(settings, first))
+    finish_job(settings, start_job(settings, second))
+    with session_scope(settings) as session:
+        winner = session.scalars(select(WebhookMessage)).first()
+        assert winner is not None
+        row = dispatch._endpoint_row(session, winner)  # the first 410 commits its row
+        row.disabled_at = utcnow()
+    real_find = outbox.find_endpoint
+    reads: list[object] = []
+
+    def read_before_the_winner_committed(**kwargs: object) -> object:
+        reads.append(kwargs)
+        return None if len(reads) == 1 else real_find(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dispatch.outbox, "find_endpoint", read_before_the_winner_committed)
+    with session_scope(settings) as session:
+        loser = session.scalars(select(WebhookMessage)).all()[-1]
+        endpoint = dispatch._endpoint_row(session, loser)
+        assert endpoint.disabled_at is not None  # the winner's row
+        session.execute(select(WebhookMessage))  # the transaction is still usable
+    assert len(reads) == 2
+    with session_scope(settings) as session:
+        assert len(session.scalars(select(WebhookEndpoint)).all()) == 1
 
 
 def test_redeliver_reenables_and_resends(settings: Settings) -> None:

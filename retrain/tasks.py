@@ -25,8 +25,8 @@ MAINTENANCE_QUEUE = "maintenance"
 CANARY_CHECK = "segsvc.canary_check"
 PURGE_INPUTS = "segsvc.purge_inputs"
 CANARY_CHECK_SECONDS = 30.0
-# Blob files younger than this stay even when no row names them yet: an upload writes its file
-# before its row commits.
+# A blob file used within this stays: an upload reusing it (identical bytes) refreshes its
+# mtime before its row commits.
 BLOB_GRACE_S = 3600.0
 
 
@@ -85,23 +85,23 @@ def canary_check() -> dict[str, Any] | None:
 
 @shared_task(name=PURGE_INPUTS, ignore_result=True)
 def purge_inputs() -> int:
-    """Delete stored inputs of old jobs nobody labeled (settings.retention_days)."""
+    """Delete stored inputs of old jobs nobody labeled (settings.retention_days), and with the
+    `fs` blob store their files, unless an identical upload still keeps one."""
     settings = get_settings()
     with session_scope(settings) as session:
-        count = feedback.purge_unlabeled_inputs(
+        purged = feedback.purge_unlabeled_inputs(
             session=session, retention_days=settings.retention_days
         )
     log.info(
         "deleted the stored inputs of %d unlabeled jobs older than %d days",
-        count,
+        purged.jobs,
         settings.retention_days,
     )
-    # Files of the `fs` blob store (inputs just released, masks of deleted rows, temporary
-    # files of crashed writes): the rows only held pointers to them.
-    with session_scope(settings) as session:
-        files = blob_store(settings).sweep(
-            keep=feedback.blob_pointers(session=session), older_than_s=BLOB_GRACE_S
+    if purged.files:
+        with session_scope(settings) as session:
+            kept = feedback.inputs_in_use(session=session, digests=purged.files)
+        files = blob_store(settings).delete(
+            [d for d in purged.files if d not in kept], older_than_s=BLOB_GRACE_S
         )
-    if files:
-        log.info("deleted %d blob files no job refers to", files)
-    return count
+        log.info("deleted %d of their blob files", files)
+    return purged.jobs

@@ -77,16 +77,24 @@ class FileReader:
             raise BlobMissingError(f"blob {digest} is corrupt")
         return data
 
+    def delete(self, digests: Iterable[str], *, older_than_s: float) -> int:
+        """Delete the files of these sha256 digests (ones no row needs any more), each unless
+        used within the grace period; the count. See `_remove_if_stale` for a racing `put`."""
+        if self.root is None or not self.root.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        return sum(self._remove_if_stale(self.path_for(d), cutoff) for d in set(digests))
+
     def sweep(self, *, keep: Iterable[bytes | None], older_than_s: float) -> int:
-        """Delete files no kept pointer names and older than the grace period; the count. Both
+        """Delete every file no kept pointer names and older than the grace period; the count.
+        A full pass over the folder (`segsvc blobs sweep`), for orphans no purge knows of: the
+        file of an upload whose row never committed, temporary files of crashed writes. Both
         stores sweep: rows written while the setting was `fs` keep their pointers after it
         changes, and their files are swept once those rows let go of them.
 
         `keep` is read before the files are listed, so a row written meanwhile is not in it:
         the grace period covers new files, and `put` refreshing the mtime of a file it reuses
-        covers old ones. A file is first renamed aside and its mtime checked again there, so a
-        `put` racing the deletion either refreshed it in time (it is put back) or found it gone
-        (and wrote it anew)."""
+        covers old ones."""
         if self.root is None or not self.root.is_dir():
             return 0  # never used: no need to read `keep`
         wanted = {pointer_digest(v) for v in keep if v is not None and is_pointer(v)}
@@ -95,22 +103,33 @@ class FileReader:
         for path in self.root.glob("??/??/*"):
             if path.name in wanted:
                 continue
-            try:
-                if path.stat().st_mtime >= cutoff:
-                    continue  # new, or a write in progress
-                if path.name.startswith("."):
-                    path.unlink()  # the temporary file of a write that crashed
-                    continue
-                aside = path.with_name(f".{path.name}.{secrets.token_hex(8)}.sweep")
-                os.replace(path, aside)
-                if aside.stat().st_mtime >= cutoff:
-                    os.replace(aside, path)  # reused while being swept: put it back
-                    continue
-                aside.unlink()
-            except FileNotFoundError:
-                continue  # another sweep or a write got there first
-            removed += 1
+            if path.name.startswith("."):
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()  # the temporary file of a write that crashed
+                except FileNotFoundError:
+                    pass
+                continue
+            removed += self._remove_if_stale(path, cutoff)
         return removed
+
+    @staticmethod
+    def _remove_if_stale(path: Path, cutoff: float) -> bool:
+        """Delete `path` unless it was written or reused since `cutoff`. It is first renamed
+        aside and its mtime checked again there, so a `put` racing the deletion either
+        refreshed it in time (it is put back) or found it gone (and wrote it anew)."""
+        try:
+            if path.stat().st_mtime >= cutoff:
+                return False  # new, or reused by a recent upload
+            aside = path.with_name(f".{path.name}.{secrets.token_hex(8)}.sweep")
+            os.replace(path, aside)
+            if aside.stat().st_mtime >= cutoff:
+                os.replace(aside, path)  # reused while being deleted: put it back
+                return False
+            aside.unlink()
+        except FileNotFoundError:
+            return False  # another sweep or a write got there first
+        return True
 
 
 class DbBlobStore(FileReader):

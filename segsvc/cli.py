@@ -181,5 +181,34 @@ def keys_create(name: str, admin: bool) -> None:
     click.echo(plaintext)
 
 
+@main.group()
+def blobs() -> None:
+    """Blob files (SEG_BLOB_STORE=fs)."""
+
+
+@blobs.command("sweep")
+@click.option(
+    "--grace-hours",
+    type=click.FloatRange(min=0),
+    default=24.0,
+    show_default=True,
+    help="Keep files written or reused more recently than this (uploads in flight).",
+)
+def blobs_sweep(grace_hours: float) -> None:
+    """Delete every blob file no job refers to: a full pass over the folder and the jobs table
+    for orphans retention does not know of (an upload whose row never committed, temporary
+    files of crashed writes). Retention deletes purged inputs' files by itself, hourly."""
+    from segsvc.blobs import blob_store
+    from segsvc.db import session_scope
+    from segsvc.services.feedback import blob_pointers
+
+    cfg = get_settings()
+    with session_scope(cfg) as session:
+        removed = blob_store(cfg).sweep(
+            keep=blob_pointers(session=session), older_than_s=grace_hours * 3600
+        )
+    click.echo(f"deleted {removed} blob file{'s' * (removed != 1)} no job refers to")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

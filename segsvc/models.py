@@ -116,8 +116,10 @@ class Job(Base):
             unique=True,
             **_where("client_id IS NULL"),
         ),
-        # The retention purge: old jobs that still hold an input.
+        # The retention purge: old jobs that still hold an input, and whether an input file
+        # (content-addressed: named by the upload's sha256) is still kept by another job.
         Index("ix_jobs_input_kept_created_at", "created_at", **_where("input_bytes IS NOT NULL")),
+        Index("ix_jobs_input_kept_sha256", "input_sha256", **_where("input_bytes IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)

@@ -1,4 +1,4 @@
-"""job indexes: anonymous idempotency keys unique, an index for retention, two unused dropped
+"""job indexes: anonymous idempotency keys unique, indexes for retention, two unused dropped
 
 - With `SEG_AUTH_REQUIRED=false` every job has `client_id` NULL, and a unique index counts NULLs
   as distinct: two concurrent submits with one `Idempotency-Key` both inserted, and every retry
@@ -6,7 +6,9 @@
   (the same for webhook endpoints, one row per URL). Partial indexes work on every Postgres
   version and on SQLite, unlike `NULLS NOT DISTINCT` (Postgres 15+).
 - The hourly retention purge filters on `created_at` among jobs that still hold an input; a
-  partial index on exactly that keeps it from reading every old job on each run.
+  partial index on exactly that keeps it from reading every old job on each run. With the `fs`
+  blob store it then deletes the purged inputs' files unless an identical upload (same sha256)
+  still keeps one: a partial index on `input_sha256` answers that.
 - `ix_jobs_client_id` repeats the first column of `ix_jobs_client_idempotency`, and no query
   filters on `model_version`: both cost a write on every submit or completion for nothing.
 
@@ -94,6 +96,13 @@ def upgrade() -> None:
             postgresql_concurrently=True,
             **_where("input_bytes IS NOT NULL"),
         )
+        op.create_index(
+            "ix_jobs_input_kept_sha256",
+            "jobs",
+            ["input_sha256"],
+            postgresql_concurrently=True,
+            **_where("input_bytes IS NOT NULL"),
+        )
         op.drop_index("ix_jobs_client_id", table_name="jobs", postgresql_concurrently=True)
         op.drop_index("ix_jobs_model_version", table_name="jobs", postgresql_concurrently=True)
 
@@ -105,6 +114,7 @@ def downgrade() -> None:
         )
         op.create_index("ix_jobs_client_id", "jobs", ["client_id"], postgresql_concurrently=True)
         for name, table in (
+            ("ix_jobs_input_kept_sha256", "jobs"),
             ("ix_jobs_input_kept_created_at", "jobs"),
             ("ix_webhook_endpoints_anonymous_url", "webhook_endpoints"),
             ("ix_jobs_anonymous_idempotency", "jobs"),

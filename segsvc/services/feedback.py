@@ -6,6 +6,7 @@ import io
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from PIL import Image, UnidentifiedImageError
@@ -176,24 +177,54 @@ def load_samples(
     return samples
 
 
+@dataclass(frozen=True)
+class Purged:
+    """What a retention pass released."""
+
+    jobs: int  # rows whose stored input was deleted
+    files: list[str]  # sha256 of the fs blob files those rows pointed to
+
+
 def purge_unlabeled_inputs(
     *, session: Session, retention_days: int, now: datetime | None = None
-) -> int:
+) -> Purged:
     """Delete the stored inputs of finished jobs older than the retention with no mask label."""
     cutoff = (now or utcnow()) - timedelta(days=retention_days)
     labeled = exists().where(Feedback.job_id == Job.id, Feedback.mask_png.is_not(None))
+    purgeable = (
+        Job.created_at < cutoff,
+        Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED]),
+        Job.input_bytes.is_not(None),
+        ~labeled,
+    )
+    # A file pointer's digest is the upload's sha256 (content-addressed), already in the row.
+    files = session.scalars(
+        select(Job.input_sha256)
+        .where(*purgeable, func.length(Job.input_bytes) == POINTER_LENGTH)
+        .distinct()
+    ).all()
     result = session.execute(
         update(Job)
-        .where(
-            Job.created_at < cutoff,
-            Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED]),
-            Job.input_bytes.is_not(None),
-            ~labeled,
-        )
+        .where(*purgeable)
         .values(input_bytes=None, model_input=None)
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return Purged(int(result.rowcount), list(files))  # type: ignore[attr-defined]
+
+
+def inputs_in_use(*, session: Session, digests: Sequence[str]) -> set[str]:
+    """Which of these input digests a job still keeps (an identical upload shares the file)."""
+    used: set[str] = set()
+    for start in range(0, len(digests), 1000):
+        chunk = list(digests[start : start + 1000])
+        used.update(
+            session.scalars(
+                select(Job.input_sha256)
+                .where(Job.input_sha256.in_(chunk), Job.input_bytes.is_not(None))
+                .distinct()
+            )
+        )
+    return used
 
 
 def blob_pointers(*, session: Session) -> Iterator[bytes]:

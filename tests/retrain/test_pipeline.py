@@ -297,33 +297,61 @@ def test_purge_task_deletes_the_files_of_released_fs_inputs(
     long_ago = datetime.now(UTC) - timedelta(days=cfg.retention_days + 1)
     ids = []
     with session_scope(cfg) as session:
-        for seed in range(3):
+        # unlabeled, labeled, recent, and an old one whose bytes a recent upload (its twin)
+        # sent again: the twin shares its file.
+        for seed in (0, 1, 2, 3, 3):
             image = validate_image(photo_bytes(seed=seed), max_bytes=10**7, max_pixels=10**8)
             job = create_jobs(session=session, client_id=None, images=[image], store=store)[0]
             job.status, job.created_at = JobStatus.SUCCEEDED, long_ago
             job.model_version, job.completed_at = "test-v1", long_ago
             job.mask_png = store.put(good_mask())  # the worker writes masks through the store
             ids.append(job.id)
-    unlabeled, labeled, recent = ids
+    unlabeled, labeled, recent, shared, twin = ids
     with session_scope(cfg) as session:
         feedback.submit_feedback(
             session=session, job_id=labeled, client_id=None, mask_png=good_mask()
         )
-        session.get(Job, recent).created_at = datetime.now(UTC)  # type: ignore[union-attr]
+        for job_id in (recent, twin):
+            session.get(Job, job_id).created_at = datetime.now(UTC)  # type: ignore[union-attr]
     with session_scope(cfg) as session:
         inputs = {i: session.get(Job, i).input_bytes for i in ids}  # type: ignore[union-attr]
         mask = session.get(Job, unlabeled).mask_png  # type: ignore[union-attr]
+    assert inputs[shared] == inputs[twin]
     for value in [*inputs.values(), mask]:
         os.utime(store.path_for(value[-64:].decode()), (1e9, 1e9))  # written long ago
-    assert tasks.purge_inputs() == 1
+    assert tasks.purge_inputs() == 2  # unlabeled and shared
     with pytest.raises(BlobMissingError):
         store.get(inputs[unlabeled])
-    assert store.get(inputs[labeled]) is not None
-    assert store.get(inputs[recent]) is not None
+    for kept in (labeled, recent, twin):
+        assert store.get(inputs[kept]) is not None
     assert store.get(mask) == good_mask()  # results stay: only inputs expire
     assert tasks.purge_inputs() == 0  # nothing left to do, nothing more removed
     assert store.get(inputs[labeled]) is not None
     assert store.get(mask) == good_mask()
+
+
+def test_a_full_blob_sweep_removes_orphans_only(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from segsvc.blobs import blob_store
+    from segsvc.cli import main
+    from tests.worker.test_reconciler import make_job
+
+    cfg = settings.model_copy(update={"blob_store": "fs", "blob_dir": tmp_path / "blobs"})
+    monkeypatch.setattr("segsvc.cli.get_settings", lambda: cfg)
+    store = blob_store(cfg)
+    kept, orphan = store.put(b"a job's mask"), store.put(b"an upload whose row never committed")
+    make_job(cfg, mask_png=kept)
+    for value in (kept, orphan):
+        os.utime(store.path_for(value[-64:].decode()), (1e9, 1e9))
+    result = CliRunner().invoke(main, ["blobs", "sweep", "--grace-hours", "1"])
+    assert result.exit_code == 0, result.output
+    assert "deleted 1 blob file" in result.output
+    assert store.get(kept) == b"a job's mask"
+    with pytest.raises(BlobMissingError):
+        store.get(orphan)
 
 
 def eval_metrics() -> dict[str, Any]:

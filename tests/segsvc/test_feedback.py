@@ -197,7 +197,7 @@ def test_purge_unlabeled_inputs_deletes_only_old_unlabeled_inputs(settings: Sett
             session=session, job_id=old_labeled, client_id=None, mask_png=good_mask()
         )
     with session_scope(settings) as session:
-        assert feedback.purge_unlabeled_inputs(session=session, retention_days=30) == 2
+        assert feedback.purge_unlabeled_inputs(session=session, retention_days=30).jobs == 2
     with session_scope(settings) as session:
         kept = {
             jid: session.get(Job, jid).input_bytes is not None  # type: ignore[union-attr]

@@ -182,7 +182,9 @@ def _convert_in_child(model: Path, kind: str, folder: Path, names: list[str]) ->
     second = _run_child(model, kind, folder, names)
     if second is None:
         return
-    raise ConversionError(second[0], deterministic=second[1] == signature)
+    # Out of memory or disk, the same line twice proves nothing about the model.
+    resource = any(mark in signature for mark in RESOURCE_ERRORS)
+    raise ConversionError(second[0], deterministic=second[1] == signature and not resource)
 
 
 def _run_child(
@@ -207,10 +209,7 @@ def _run_child(
     if out.returncode < 0:  # killed by a signal: SIGKILL is usually the OOM killer
         return f"{message}\n(killed by signal {-out.returncode})", None
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    last = lines[-1] if lines else f"exit status {out.returncode}"
-    if any(mark in last for mark in RESOURCE_ERRORS):
-        return message, None  # out of memory or disk: the same line twice proves nothing
-    return message, last
+    return message, lines[-1] if lines else f"exit status {out.returncode}"
 
 
 def _child_command(model: Path, kind: str, folder: Path, names: list[str]) -> list[str]:

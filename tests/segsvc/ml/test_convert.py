@@ -181,8 +181,8 @@ def test_a_hung_conversion_is_killed_and_frees_the_lock(
         ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 1, False),  # OOM killer
         # Regression: a full disk or a MemoryError repeats word for word, and rejected the
         # canary fleet-wide at once though the docs call it passing.
-        ("raise OSError(28, 'No space left on device')", 1, False),
-        ("raise MemoryError()", 1, False),
+        ("raise OSError(28, 'No space left on device')", 2, False),
+        ("raise MemoryError()", 2, False),
     ],
 )
 def test_a_failed_conversion_is_deterministic_only_when_it_fails_alike_twice(

@@ -132,7 +132,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Claims a worker gave back (its batch's forward pass or result write failed): not lost, so
     # not held against the job. Lost runs = attempts - releases (`reconcile.lost_runs`).
-    releases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # No server_default here (migration 0004 has one, for old rows): with it the ORM inserted a
+    # batch as one multi-VALUES statement holding every image at once (+20 MB per API process).
+    releases: Mapped[int] = mapped_column(Integer, default=0)
     first_released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

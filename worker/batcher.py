@@ -59,6 +59,9 @@ class MicroBatcher:
         self._post = _named_thread("seg-store")
         self._post_slots = threading.BoundedSemaphore(2)
         self._claimer = _named_thread("seg-claim")
+        # When the model thread took the batch it is working on (None between batches): see
+        # `stalled`.
+        self._busy_since: float | None = None
         self._thread = threading.Thread(target=self._run, name=MODEL_THREAD, daemon=True)
         self._thread.start()
 
@@ -76,6 +79,18 @@ class MicroBatcher:
         self._thread.join(timeout)
         self._claimer.shutdown(wait=True)
         self._post.shutdown(wait=True)
+
+    def stalled(self, limit_s: float) -> str | None:
+        """Why this pipeline no longer turns, or None: its model thread died, or has been on
+        one batch (claim, forward pass, or waiting for the store thread to take it) for over
+        `limit_s`. The liveness probe stops being refreshed then, so the orchestrator restarts
+        a worker that would otherwise hold its messages while looking alive."""
+        if not self._thread.is_alive() and not self._stopping:
+            return "the model thread has died"
+        since = self._busy_since
+        if since is not None and time.monotonic() - since > limit_s:
+            return f"one batch has held the model thread for {time.monotonic() - since:.0f} s"
+        return None
 
     def next_batch(self) -> list[Item]:
         """Block until work exists, then take what is waiting (see the module docstring)."""
@@ -105,6 +120,7 @@ class MicroBatcher:
         setthreadtitle(MODEL_THREAD)  # as _named_thread does for the store and claim threads
         ahead: tuple[list[Item], Future[Claim]] | None = None
         while True:
+            self._busy_since = None  # waiting for work is no stall
             claiming: Future[Claim] | None = None
             if ahead is not None:
                 # Claimed while the model ran the last batch; it runs even when stopping, since
@@ -115,6 +131,7 @@ class MicroBatcher:
                 batch = self.next_batch()
                 if not batch:
                     return  # stopping
+            self._busy_since = time.monotonic()
             self._post_slots.acquire()
             claim: Claim | None = None
             try:

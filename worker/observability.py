@@ -16,6 +16,7 @@ from celery import signals
 
 from segsvc.logging_setup import configure_logging
 from segsvc.metrics import WORKER_READY
+from segsvc.ml.convert import CONVERT_TIMEOUT_S
 from segsvc.settings import get_settings
 from worker.metrics_server import QueueDepthSampler, record_model, start_metrics_server
 from worker.probes import ALIVE, READY, clear_probes, write_probe
@@ -23,6 +24,9 @@ from worker.probes import ALIVE, READY, clear_probes, write_probe
 log = logging.getLogger(__name__)
 
 _sampler: QueueDepthSampler | None = None
+# A batch holding the model thread longer than this means the pipeline is wedged: above the
+# longest legitimate step (a model conversion run on a batch's claim, bounded by its timeout).
+PIPELINE_STALL_S = CONVERT_TIMEOUT_S + 300.0
 
 
 def service_name(argv: list[str]) -> str:
@@ -80,6 +84,14 @@ def _is_prefork(consumer: Any) -> bool:
 
 
 def _heartbeat(**_: Any) -> None:
+    """Refresh `alive`, unless the inference pipeline no longer turns: a wedged model thread
+    would otherwise hold its messages while the event loop (and so this signal) runs on."""
+    tasks = sys.modules.get("worker.tasks")  # not imported: no pipeline (e.g. webhook workers)
+    batcher = tasks.current_batcher() if tasks is not None else None
+    why = batcher.stalled(PIPELINE_STALL_S) if batcher is not None else None
+    if why is not None:
+        log.error("inference pipeline stalled (%s); no longer reporting alive", why)
+        return
     write_probe(get_settings().probe_dir, ALIVE)
 
 

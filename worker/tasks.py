@@ -31,6 +31,11 @@ def get_segmenter() -> Segmenter:
         return _segmenter
 
 
+def current_batcher() -> MicroBatcher | None:
+    """The process's MicroBatcher if one was started (never starts one)."""
+    return _batcher
+
+
 def get_batcher() -> MicroBatcher:
     """The process's one MicroBatcher (its threads start on first use)."""
     global _batcher

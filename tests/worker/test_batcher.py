@@ -248,3 +248,39 @@ def test_a_batch_whose_close_timed_out_is_released_and_requeued(
     assert not batcher._thread.is_alive()
     for job in rows(settings, uuids):
         assert (job.status, job.lease_token, job.error_code) == (JobStatus.QUEUED, None, None)
+
+
+def test_a_batch_held_too_long_reads_as_a_stalled_pipeline(
+    recorder: Recorder, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: the liveness probe was refreshed by Celery's heartbeat alone, so a wedged
+    # model or store thread kept its messages for ever while the worker looked alive.
+    import sys
+
+    from worker import observability
+    from worker.probes import ALIVE
+
+    ids = [str(i) for i in make_jobs(settings, 1)]
+    batcher = start(recorder, ids)  # its first forward pass is held
+    assert batcher.stalled(limit_s=60) is None
+    time.sleep(0.2)
+    assert "held the model thread" in (batcher.stalled(limit_s=0.1) or "")
+
+    tasks = type(sys)("worker.tasks")
+    tasks.current_batcher = lambda: batcher  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "worker.tasks", tasks)
+    monkeypatch.setattr(observability, "PIPELINE_STALL_S", 0.1)
+    cfg = settings.model_copy(update={"probe_dir": tmp_path})
+    monkeypatch.setattr(observability, "get_settings", lambda: cfg)
+    observability._heartbeat()
+    assert not (tmp_path / ALIVE).exists()  # stalled: not alive
+
+    recorder.release_first_forward.set()
+    assert recorder.all_settled.wait(60)
+    deadline = time.monotonic() + 10
+    while batcher.stalled(limit_s=0.1) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.stalled(limit_s=0.1) is None  # idle, waiting for work: not a stall
+    observability._heartbeat()
+    assert (tmp_path / ALIVE).exists()
+    batcher.close()

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+from segsvc.files import write_atomically
 from segsvc.settings import Settings
 
 POINTER_PREFIX = b"segsvc-blob:sha256:"
@@ -153,18 +154,7 @@ class FsBlobStore(FileReader):
         path = self.path_for(digest)
         if not self._refresh(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            # A name of its own per write: threads (or processes) storing the same bytes at once
-            # must not share, truncate or rename each other's temporary file.
-            tmp = path.with_name(f".{digest}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
-            try:
-                with open(tmp, "xb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            write_atomically(path, data)  # threads storing the same bytes at once are fine
         return POINTER_PREFIX + digest.encode()
 
     @staticmethod

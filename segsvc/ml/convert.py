@@ -21,13 +21,13 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from segsvc.digest import file_sha256
+from segsvc.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -235,26 +235,8 @@ def convert_files(model_path: Path, kind: str, folder: Path, names: Sequence[str
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         data = _to_onnx(model) if kind == "onnx" else _to_litert(model, kind, _batch_of(name))
-        _write_atomically(folder / name, data)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, fsync the folder: after a crash or power loss the cache holds the
-    whole file or none (a rename alone can land before the data does)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        # After a crash or power loss the cache holds the whole file or none.
+        write_atomically(folder / name, data, sync_folder=True)
 
 
 def _batch_of(name: str) -> int:

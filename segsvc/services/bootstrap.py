@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ from sqlalchemy import select
 
 from segsvc.db import session_scope
 from segsvc.digest import file_sha256
+from segsvc.files import write_atomically
 from segsvc.models import ApiKey, ModelStatus, ModelVersion
 from segsvc.services import registry
 from segsvc.services.keys import create_key
@@ -75,18 +74,9 @@ def _install_shipped_model(settings: Settings) -> bool:
     # The report first: a model file in model_dir always has its metrics beside it.
     for name in (SHIPPED_REPORT, SHIPPED_MODEL):
         if (source / name).is_file():
-            _copy_atomically(source / name, settings.model_dir / name)
+            # Never a half-written model, even after a crash.
+            write_atomically(settings.model_dir / name, (source / name).read_bytes())
     return True
-
-
-def _copy_atomically(src: Path, dest: Path) -> None:
-    """Copy through a temporary name, so a crash never leaves a half-written model behind."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _initialise_model(settings: Settings) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -86,6 +86,15 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
             yield session
     finally:
         session.close()
+
+
+def savepoint(session: Session) -> AbstractContextManager[object]:
+    """Where a statement may lose a unique index to a concurrent twin: a savepoint on Postgres,
+    so the transaction stays usable after the IntegrityError. SQLite (pysqlite's savepoints are
+    unreliable) takes one writer at a time; its loser's transaction ends with the error."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.begin_nested()
+    return nullcontext()
 
 
 def dispose_engines() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from segsvc.db import savepoint
 from segsvc.errors import ConflictError, ValidationError
 from segsvc.models import Job, utcnow
 
@@ -110,12 +111,10 @@ def race_guard(*, session: Session, req: IdempotentRequest | None) -> Iterator[N
     if req is None:
         yield
         return
-    # Postgres: a savepoint, so the loser's transaction stays usable. SQLite takes one writer at
-    # a time but two requests can still both miss the replay and insert; its loser's request
-    # ends here anyway.
-    nested = session.get_bind().dialect.name == "postgresql"
+    # On SQLite too two requests can both miss the replay and insert; its loser's request ends
+    # here anyway.
     try:
-        with session.begin_nested() if nested else nullcontext():
+        with savepoint(session):
             yield
     except IntegrityError as exc:
         raise ConflictError(

@@ -7,7 +7,6 @@ message until the lease runs out and the dispatcher claims it again.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,6 +14,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
+from segsvc.db import savepoint
 from segsvc.models import WebhookAttempt, WebhookEndpoint, WebhookMessage, utcnow
 from segsvc.serialize import iso, job_urls
 from segsvc.services.webhooks import signing_secrets
@@ -176,9 +176,8 @@ def _endpoint_row(session: Session, message: WebhookMessage) -> WebhookEndpoint:
     found = outbox.find_endpoint(session=session, client_id=message.client_id, url=message.url)
     if found is not None:
         return found
-    nested = session.get_bind().dialect.name == "postgresql"  # SQLite: one writer at a time
     try:
-        with session.begin_nested() if nested else nullcontext():
+        with savepoint(session):
             endpoint = WebhookEndpoint(client_id=message.client_id, url=message.url)
             session.add(endpoint)
             session.flush()

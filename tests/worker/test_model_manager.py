@@ -17,6 +17,7 @@ from segsvc.services import registry, rollout
 from segsvc.settings import Settings
 from tests.conftest import start_worker, stop_process
 from tests.segsvc.test_feedback import photo_bytes
+from tests.segsvc.test_rollout import canary
 from worker.model_manager import ModelManager
 
 
@@ -68,8 +69,7 @@ def test_manager_promotes_without_reloading_and_drops_rejected(
     manager: ModelManager, settings: Settings, model_file: Path
 ) -> None:
     manager.load()
-    register(settings, model_file, "cand")
-    start_canary(settings, "cand", 0.2)
+    canary(settings, model_file, "cand", share=0.2)
     manager.refresh()
     canary_model = manager.routing.canary
     assert canary_model is not None
@@ -78,8 +78,7 @@ def test_manager_promotes_without_reloading_and_drops_rejected(
     assert manager.routing.production is canary_model  # switched, not loaded again
     assert manager.routing.canary is None
 
-    register(settings, model_file, "next")
-    start_canary(settings, "next", 1.0)
+    canary(settings, model_file, "next", share=1.0)
     manager.refresh()
     assert manager.model_for(uuid.uuid4()).version == "next"
     set_status(settings, "next", "reject")
@@ -95,12 +94,10 @@ def test_a_canary_no_longer_wanted_stops_serving_before_the_next_version_loads(
     from worker import model_manager
 
     manager.load()
-    register(settings, model_file, "first")
-    start_canary(settings, "first", 1.0)
+    canary(settings, model_file, "first", share=1.0)
     manager.refresh()
     assert manager.model_for(uuid.uuid4()).version == "first"
-    register(settings, model_file, "second")
-    start_canary(settings, "second", 1.0)  # rejects "first"
+    canary(settings, model_file, "second", share=1.0)  # rejects "first"
     real = model_manager.load_model_version
     seen: list[set[str]] = []
 
@@ -130,8 +127,7 @@ def test_manager_keeps_serving_when_a_canary_cannot_load(
     manager.load()
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a model")
-    register(settings, broken, "broken")
-    start_canary(settings, "broken", 1.0)
+    canary(settings, broken, "broken", share=1.0)
     manager.refresh()
     assert manager.routing.canary is None
     assert manager.model_for(uuid.uuid4()).version == "test-v1"
@@ -168,8 +164,7 @@ def test_a_canary_whose_conversion_fails_alike_twice_is_rejected_at_once(
     from segsvc.ml.convert import ConversionError
 
     manager.load()
-    register(settings, model_file, "cand")
-    start_canary(settings, "cand", 1.0)
+    canary(settings, model_file, "cand", share=1.0)
     fail_loads(monkeypatch, ConversionError("converting: ValueError: bad", deterministic=True))
     manager.refresh()
     assert manager.routing.canary is None
@@ -185,8 +180,7 @@ def test_a_canary_that_loads_on_its_retry_serves_and_is_never_rejected(
     from worker import model_manager
 
     manager.load()
-    register(settings, model_file, "cand")
-    start_canary(settings, "cand", 1.0)
+    canary(settings, model_file, "cand", share=1.0)
     oom = ConversionError("converting: killed by signal 9", deterministic=False)
     calls = fail_loads(monkeypatch, oom)
     manager.refresh()
@@ -244,14 +238,10 @@ def test_canary_that_fails_at_inference_is_rolled_back_at_once(
     manager: ModelManager, settings: Settings, model_file: Path
 ) -> None:
     manager.load()
-    register(settings, model_file, "cand")
-    start_canary(settings, "cand", 1.0)
+    canary(settings, model_file, "cand", share=1.0)
     manager.refresh()
-    canary = manager.model_for(uuid.uuid4())
-    assert canary.version == "cand"
-    canary.runtime.inner = FailingRuntime()  # type: ignore[attr-defined]
-    with pytest.raises(RuntimeError, match="kernel exploded"):
-        canary.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
+    assert manager.model_for(uuid.uuid4()).version == "cand"
+    fail_canary(manager)
     assert manager.model_for(uuid.uuid4()).version == "test-v1"  # this worker: at once
     with session_scope(settings) as session:  # every other worker: at its next poll
         row = registry.get_version(session=session, version="cand")
@@ -262,19 +252,18 @@ def test_canary_that_fails_at_inference_is_rolled_back_at_once(
 
 def fail_canary(manager: ModelManager) -> None:
     """Make the serving canary raise at inference, as a batch would see it."""
-    canary = manager.routing.canary
-    assert canary is not None
-    canary.runtime.inner = FailingRuntime()  # type: ignore[attr-defined]
+    serving = manager.routing.canary
+    assert serving is not None
+    serving.runtime.inner = FailingRuntime()  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="kernel exploded"):
-        canary.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
+        serving.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
 
 
 def test_a_refresh_that_read_the_registry_before_a_canary_failed_does_not_restore_it(
     manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manager.load()
-    register(settings, model_file, "cand")
-    start_canary(settings, "cand", 1.0)
+    canary(settings, model_file, "cand", share=1.0)
     manager.refresh()
     real_wanted = manager._wanted
 
@@ -315,8 +304,7 @@ def test_a_failing_canary_never_restores_a_production_switched_in_meanwhile(
     manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manager.load()
-    register(settings, model_file, "cand")
-    start_canary(settings, "cand", 1.0)
+    canary(settings, model_file, "cand", share=1.0)
     manager.refresh()
     register(settings, model_file, "next")
     set_status(settings, "next", "promote")
@@ -407,8 +395,7 @@ def test_worker_hot_swaps_versions_without_a_failed_job(  # type: ignore[no-unty
         assert {served[i] for i in after} == {"v2"}
         assert set(served.values()) <= {"test-v1", "v2"}
 
-        register(settings, model_file, "v3")
-        start_canary(settings, "v3", 0.5)
+        canary(settings, model_file, "v3", share=0.5)
         canary_ids: list[str] = []
         submit_until(client, auth, canary_ids, log, "v3")
         time.sleep(1.0)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -53,25 +54,32 @@ def sample_images(n: int = 3) -> list[Path]:
     return images[:: max(1, len(images) // n)][:n]
 
 
+@contextmanager
+def postgres_database(name: str) -> Iterator[str]:
+    """An empty Postgres database `name` (made anew), its SQLAlchemy URL; dropped after."""
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        from segsvc.db import dispose_engines
+
+        dispose_engines()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A fresh, migrated Postgres database of this test process's own (dropped at the end).
 
     Named after the pid so that concurrent test runs on one machine never share a database.
     """
-    name = f"segsvc_test_{os.getpid()}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    url = f"{base}/{name}"
-    upgrade(settings=Settings(database_url=url))
-    yield url
-    from segsvc.db import dispose_engines
-
-    dispose_engines()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database(f"segsvc_test_{os.getpid()}") as url:
+        upgrade(settings=Settings(database_url=url))
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -7,16 +7,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select, text
 
-from segsvc.db import dispose_engines, get_engine, session_scope
+from segsvc.db import get_engine, session_scope
 from segsvc.models import Base, Job, WebhookEndpoint
 from segsvc.settings import Settings
-from tests.conftest import PG_ADMIN
+from tests.conftest import postgres_database
 
 
 def test_models_match_migrations(settings: Settings) -> None:
@@ -63,15 +62,8 @@ def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setting
     if request.param == "sqlite":
         yield Settings(var_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
         return
-    name = f"segsvc_migrate_{os.getpid()}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield Settings(database_url=f"{base}/{name}", _env_file=None)  # type: ignore[call-arg]
-    dispose_engines()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database(f"segsvc_migrate_{os.getpid()}") as url:
+        yield Settings(database_url=url, _env_file=None)  # type: ignore[call-arg]
 
 
 def test_0003_resolves_duplicates_the_missing_indexes_let_in(empty_db: Settings) -> None:

@@ -127,6 +127,35 @@ def models_rollback() -> None:
         raise click.ClickException(exc.message) from None
 
 
+@models.command("prune-artifacts")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+@click.option(
+    "--grace-hours",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Keep what was used more recently than this [default: SEG_ARTIFACT_GRACE_HOURS].",
+)
+def models_prune_artifacts(dry_run: bool, grace_hours: float | None) -> None:
+    """Delete converted artifacts that no version the registry may serve needs (polling
+    workers also do this every 10 minutes): other versions', older converter fingerprints',
+    old broken files. A folder a worker converts into is skipped."""
+    from segsvc.services.artifacts import prune_artifact_cache
+
+    cfg = get_settings()
+    older_than_s = None if grace_hours is None else grace_hours * 3600
+    result = prune_artifact_cache(cfg, dry_run=dry_run, older_than_s=older_than_s)
+    if result.skipped:
+        raise click.ClickException("another prune of the artifact cache is running")
+    verb = "would delete" if dry_run else "deleted"
+    for path in result.removed:
+        click.echo(f"{verb} {path}")
+    for path in result.busy:
+        click.echo(f"skipped {path}: a worker is converting into it")
+    click.echo(
+        f"{verb} {len(result.removed)} ({result.freed_bytes / 1e6:.1f} MB) in {cfg.artifact_dir}"
+    )
+
+
 @main.group("retrain")
 def retrain_group() -> None:
     """Retraining from user feedback."""

@@ -84,6 +84,18 @@ class Settings(BaseSettings):
     artifact_cache_dir: Path | None = Field(
         None, description="Converted artifacts cache (default var_dir/artifacts)."
     )
+    artifact_grace_hours: float = Field(
+        72.0,
+        ge=1,
+        description="Converted artifacts no servable version needs (and older converter "
+        "fingerprints) are deleted once unused this long (workers mark theirs every 10 min).",
+    )
+    artifact_keep_archived: int = Field(
+        2,
+        ge=0,
+        description="Retired production versions (newest first) whose converted artifacts are "
+        "kept for a rollback, besides production's rollback target.",
+    )
     batch_max_size: int = Field(32, ge=1, description="Largest micro-batch a worker runs.")
     batch_max_wait_ms: float = Field(
         10.0, ge=0, description="Longest a partial batch waits for more jobs (0 on an idle queue)."

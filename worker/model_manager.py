@@ -7,6 +7,7 @@ the models it started with and the next one uses the new table. A canary that is
 wanted stops serving before any such load starts. Versions no longer serving
 are dropped (freed once the last batch using them ends). Canary jobs are picked by a stable
 hash of the job id; a version that is not production or canary is never loaded or routed to.
+The same thread tends the shared artifact cache every `CACHE_TEND_S` (see `tend_artifact_cache`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import numpy.typing as npt
 
 from segsvc.db import session_scope
 from segsvc.ml import IMAGE_SIZE
-from segsvc.ml.convert import ConversionError
+from segsvc.ml.artifact_cache import PruneResult
+from segsvc.ml.convert import CONVERTED_KINDS, ConversionError, artifact_folder, mark_used
 from segsvc.ml.runtime import Runtime, load_runtime, serving_batch_sizes
 from segsvc.models import ModelStatus, ModelVersion
-from segsvc.services import registry, rollout
+from segsvc.services import artifacts, registry, rollout
 from segsvc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ BROKEN_RETRY_S = 300.0
 # failure on one worker (an OOM-killed conversion child, a storage error) only takes it out of
 # that worker's routing until the retry.
 CANARY_LOAD_ATTEMPTS = 2
+# How often a polling worker marks the artifact folders it serves from as used and prunes the
+# cache: far inside the shortest grace period (SEG_ARTIFACT_GRACE_HOURS >= 1), so that no
+# pruner, of this image or of another one sharing the volume, deletes a folder in service.
+CACHE_TEND_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,29 @@ class ModelManager:
         gc.collect()  # free the dropped versions now rather than at some later collection
         return True
 
+    def tend_artifact_cache(self) -> PruneResult | None:
+        """Mark the artifact folders of the versions in memory used, then prune the cache of
+        what no servable version needs; None when that failed (logged: serving goes on)."""
+        routing = self._routing
+        held = [] if routing is None else [routing.production, routing.canary]
+        for model in held:
+            if model is not None and model.sha256 and model.runtime.name in CONVERTED_KINDS:
+                mark_used(
+                    artifact_folder(self.settings.artifact_dir, model.sha256, model.runtime.name)
+                )
+        try:
+            result = artifacts.prune_artifact_cache(self.settings)
+        except Exception:
+            log.warning("could not prune the artifact cache", exc_info=True)
+            return None
+        if result.removed:
+            log.info(
+                "pruned %d unused artifact folders and files (%.0f MB)",
+                len(result.removed),
+                result.freed_bytes / 1e6,
+            )
+        return result
+
     def close(self) -> None:
         """Stop polling (the loaded models stay usable)."""
         self._stop.set()
@@ -168,7 +197,13 @@ class ModelManager:
                 self._poller.start()
 
     def _poll(self) -> None:
-        while not self._stop.wait(self.settings.registry_poll_seconds):
+        tend_at = time.monotonic()  # at start too: a new image brings new converter fingerprints
+        while True:
+            if time.monotonic() >= tend_at:
+                self.tend_artifact_cache()
+                tend_at = time.monotonic() + CACHE_TEND_S
+            if self._stop.wait(self.settings.registry_poll_seconds):
+                return
             try:
                 self.refresh()
             except Exception:  # keep serving what we have; the next poll tries again

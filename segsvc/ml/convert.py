@@ -6,7 +6,8 @@ TensorFlow, tf2onnx or LiteRT converts again instead of serving an old artifact 
 persistent cache. Each file is written to a temporary name, fsynced and renamed into place,
 under a file lock, so two workers starting together convert once and never see a half-written
 file. Conversion imports TensorFlow, so by default it runs in a child process (killed after
-`CONVERT_TIMEOUT_S`): the serving process keeps no TensorFlow memory.
+`CONVERT_TIMEOUT_S`): the serving process keeps no TensorFlow memory. Every load marks the
+folder used (its mtime), which is what `segsvc.ml.artifact_cache` prunes by.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,9 @@ def ensure_artifacts(
     """The folder holding `kind`'s artifacts for this model, converting what is missing."""
     folder = artifact_folder(artifact_dir, sha256 or file_sha256(model_path), kind)
     wanted = artifact_files(kind, batch_sizes)
+    mark_used(folder)  # first: a pruner deciding meanwhile keeps it (or puts it back)
     if all((folder / name).is_file() for name in wanted):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder / ".lock"):
         missing = [name for name in wanted if not (folder / name).is_file()]
         if missing:
@@ -117,6 +118,12 @@ def ensure_artifacts(
             else:
                 convert_files(Path(model_path), kind, folder, missing)
     return folder
+
+
+def mark_used(folder: Path) -> None:
+    """Record that a worker uses `folder` now (its mtime): the cache keeps what is used."""
+    with suppress(OSError):  # not converted yet, or a read-only cache that no one prunes
+        os.utime(folder)
 
 
 def artifact_identities(folder: Path, names: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -146,12 +153,35 @@ def set_aside(folder: Path, identities: dict[str, tuple[int, int]]) -> list[str]
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    """Hold the lock file `path`, making its folder if needed. A pruner deletes a folder by
+    renaming it aside under this lock, so a lock won after waiting may be the file of a folder
+    that is gone: then the folder is made anew and its own lock taken, and a conversion never
+    writes into a folder whose path holds no lock (where a pruner would see nothing busy)."""
+    for _ in range(100):
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "a+b")  # noqa: SIM115 (a `with` below, once it opened)
+        except FileNotFoundError:  # the folder (or its model's) was pruned in between
+            continue
+        with fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                if _is_at(fh.fileno(), path):
+                    yield
+                    return
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    raise RuntimeError(f"could not lock {path}: its folder keeps being deleted")
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """True when the open file `fd` is the one at `path` (not one renamed or deleted since)."""
+    try:
+        here = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (here.st_dev, here.st_ino)
 
 
 # Errors of the machine, not of the model: they repeat word for word while the condition lasts

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from segsvc.db import session_scope
@@ -434,3 +435,46 @@ def test_wanted_carries_the_versions_faithful_runtimes() -> None:
         ).faithful
         == ()
     )
+
+
+class StubRuntime:
+    """A converted runtime that is never loaded from disk (no conversion in these tests)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return np.zeros_like(batch)
+
+
+def test_a_polling_worker_marks_its_artifacts_used_and_prunes_the_rest(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from segsvc.digest import file_sha256
+    from tests.segsvc.ml.test_artifact_cache import cached
+    from worker import model_manager
+
+    monkeypatch.setattr(model_manager, "load_runtime", lambda path, *, kind, **_: StubRuntime(kind))
+    cfg = settings.model_copy(
+        update={"runtime": "onnx", "registry_poll_seconds": 0.05, "artifact_cache_dir": tmp_path}
+    )
+    sha = file_sha256(model_file)
+    serving = cached(tmp_path, sha)  # every folder last used 10 days ago
+    upgraded_away = cached(tmp_path, sha, name="onnx-000000000000")
+    retired = cached(tmp_path, "bb" * 32)
+    mgr = ModelManager(cfg)
+    try:
+        assert mgr.load().version == production_model
+        deadline = time.monotonic() + 30
+        while (upgraded_away.exists() or retired.exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the poll thread tends the cache as it starts
+    finally:
+        mgr.close()
+    assert not upgraded_away.exists()
+    assert not retired.exists()
+    assert (serving / "model.onnx").is_file()
+    assert serving.stat().st_mtime > time.time() - 60  # marked used by the worker serving it

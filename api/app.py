@@ -7,6 +7,7 @@ from flask import Flask, Response, current_app, request
 from api.context import register_context
 from api.errors import register_error_handlers
 from api.metrics import register_metrics
+from segsvc.db import with_db_role
 from segsvc.errors import NotFoundError, ValidationError
 from segsvc.queue import make_celery
 from segsvc.settings import Settings, get_settings
@@ -17,7 +18,8 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API app from settings."""
-    settings = settings or get_settings()
+    # Its Postgres statements get the API's limits (SEG_API_STATEMENT_TIMEOUT_SECONDS, ...).
+    settings = with_db_role(settings or get_settings(), "api")
     app = Flask(__name__)
     app.config["SEG_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD

@@ -20,7 +20,13 @@ def authenticate_request() -> None:
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise UnauthorizedError("Send your API key as 'Authorization: Bearer <key>'.")
-    g.client = authenticate_cached(session=db(), key=key.strip())
+    session = db()
+    g.client = authenticate_cached(session=session, key=key.strip())
+    # End the lookup's transaction (when the key was not cached) before the body is read: a slow
+    # upload must not hold a pooled connection idle in a transaction, which Postgres would end
+    # at SEG_DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS, failing the request.
+    if session.in_transaction():
+        session.rollback()
 
 
 def current_client() -> Client:

@@ -9,6 +9,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
+from segsvc.db import is_db_timeout
 from segsvc.errors import SegError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,27 @@ def handle_db_unavailable(exc: Exception) -> Response:
     )
 
 
+def handle_db_timeout(exc: DBAPIError) -> Response:
+    # Nothing of the request is kept: its session is closed at teardown (api/context.py), which
+    # rolls back what it wrote before the cancelled statement, and the connection is reused.
+    statement = " ".join((exc.statement or "").split())[:160]
+    log.warning("database statement cancelled (%s): %s", type(exc.orig).__name__, statement)
+    return error_response(
+        "database_timeout",
+        "The database did not answer in time (it is busy, or locked by maintenance); "
+        "try again shortly.",
+        503,
+        DB_RETRY_AFTER_S,
+    )
+
+
+def handle_db_error(exc: OperationalError) -> Response:
+    """A statement Postgres cancelled at its statement or lock timeout, else no database."""
+    if is_db_timeout(exc):
+        return handle_db_timeout(exc)
+    return handle_db_unavailable(exc)
+
+
 def handle_unexpected(exc: Exception) -> Response:
     log.exception("unhandled error")
     return error_response("internal_error", "Something went wrong on our side.", 500)
@@ -67,7 +89,7 @@ def register_error_handlers(app: Flask) -> None:
     """Map every error to JSON; 5xx never reveal internals."""
     app.register_error_handler(SegError, handle_seg_error)
     app.register_error_handler(HTTPException, handle_http_error)
-    app.register_error_handler(OperationalError, handle_db_unavailable)
+    app.register_error_handler(OperationalError, handle_db_error)
     app.register_error_handler(PoolTimeoutError, handle_db_unavailable)
     app.register_error_handler(DBAPIError, _handle_dbapi)
     app.register_error_handler(Exception, handle_unexpected)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from segsvc.settings import Settings, get_settings
 
-_engines: dict[tuple[int, str], Engine] = {}
-_factories: dict[tuple[int, str], sessionmaker[Session]] = {}
+DbRole = Literal["admin", "api", "worker"]  # the values of Settings.db_role
+# (pid, url, the role's limits): an API and an admin engine on one database are two pools.
+EngineKey = tuple[int, str, tuple[tuple[str, int], ...]]
+
+_engines: dict[EngineKey, Engine] = {}
+_factories: dict[EngineKey, sessionmaker[Session]] = {}
 
 
 def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -39,9 +43,55 @@ POSTGRES_CONNECT_ARGS = {
     "tcp_user_timeout": 60_000,
 }
 
+# SQLSTATEs of a statement Postgres gave up on: query_canceled (statement_timeout, or an
+# operator's pg_cancel_backend) and lock_not_available (lock_timeout, NOWAIT).
+TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
 
-def build_engine(url: str) -> Engine:
-    """A new engine with settings suited to the dialect."""
+
+def with_db_role(settings: Settings, role: DbRole) -> Settings:
+    """`settings` for a process serving as `role`: its Postgres connections get that role's
+    limits (each entry point calls this once for the settings it hands out)."""
+    return settings.model_copy(update={"db_role": role})
+
+
+def statement_limits(settings: Settings) -> dict[str, int]:
+    """The Postgres timeouts (ms) of the settings' role; none for `admin` work (migrations
+    build indexes CONCURRENTLY, retraining exports every label: both may rightly run long)."""
+    if settings.db_role == "admin":
+        return {}
+    statement = (
+        settings.api_statement_timeout_seconds
+        if settings.db_role == "api"
+        else settings.worker_statement_timeout_seconds
+    )
+    seconds = {
+        "statement_timeout": statement,
+        "lock_timeout": settings.db_lock_timeout_seconds,
+        "idle_in_transaction_session_timeout": settings.db_idle_in_transaction_timeout_seconds,
+    }
+    # At least 1 ms: a value that rounds to 0 would mean "no limit" to Postgres.
+    return {name: max(1, round(s * 1000)) for name, s in seconds.items() if s > 0}
+
+
+def is_db_timeout(exc: BaseException) -> bool:
+    """True for a statement Postgres cancelled at its statement or lock timeout."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in TIMEOUT_SQLSTATES
+
+
+def _postgres_connect_args(url: str, limits: Mapping[str, int]) -> dict[str, Any]:
+    args: dict[str, Any] = dict(POSTGRES_CONNECT_ARGS)
+    if limits:
+        # libpq's startup `options`: set before the first statement, on every new connection.
+        # connect_args replace a URL's own `?options=`, so that goes last (and wins).
+        ours = " ".join(f"-c {name}={ms}" for name, ms in limits.items())
+        theirs = make_url(url).query.get("options", ())
+        args["options"] = " ".join([ours, *((theirs,) if isinstance(theirs, str) else theirs)])
+    return args
+
+
+def build_engine(url: str, *, limits: Mapping[str, int] | None = None) -> Engine:
+    """A new engine with settings suited to the dialect; on Postgres, `limits` are server
+    settings (ms, e.g. `statement_timeout`) of each connection. SQLite takes none."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -55,23 +105,28 @@ def build_engine(url: str) -> Engine:
         pool_size=10,
         max_overflow=10,
         pool_recycle=1800,
-        connect_args=POSTGRES_CONNECT_ARGS,
+        connect_args=_postgres_connect_args(url, limits or {}),
     )
 
 
+def _engine_key(settings: Settings) -> EngineKey:
+    limits = () if is_sqlite(settings) else tuple(statement_limits(settings).items())
+    return (os.getpid(), settings.sqlalchemy_url, limits)
+
+
 def get_engine(settings: Settings | None = None) -> Engine:
-    """The process's engine for the configured database."""
-    url = (settings or get_settings()).sqlalchemy_url
-    key = (os.getpid(), url)
+    """The process's engine for the configured database, with its role's limits."""
+    settings = settings or get_settings()
+    key = _engine_key(settings)
     if key not in _engines:
-        _engines[key] = build_engine(url)
+        _engines[key] = build_engine(key[1], limits=dict(key[2]))
     return _engines[key]
 
 
 def get_sessionmaker(settings: Settings | None = None) -> sessionmaker[Session]:
-    """The process's one sessionmaker."""
-    url = (settings or get_settings()).sqlalchemy_url
-    key = (os.getpid(), url)
+    """The process's one sessionmaker (per role)."""
+    settings = settings or get_settings()
+    key = _engine_key(settings)
     if key not in _factories:
         _factories[key] = sessionmaker(get_engine(settings), expire_on_commit=False)
     return _factories[key]

@@ -33,6 +33,37 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis for rate limits and queue depth; defaults to broker_url if redis."
     )
+    db_role: Literal["admin", "api", "worker"] = Field(
+        "admin",
+        description="Whose limits below this process's Postgres connections get. The API sets "
+        "`api` and the inference and webhook workers `worker` themselves; other processes "
+        "(migrations, the CLI, retraining and the other maintenance tasks) take this: `admin`, "
+        "no limits.",
+    )
+    api_statement_timeout_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="Postgres cancels an API statement running longer (the request gets 503 "
+        "`database_timeout`); 0: no limit.",
+    )
+    worker_statement_timeout_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="Postgres cancels an inference or webhook worker statement running longer "
+        "(the batch is released and runs again); 0: no limit.",
+    )
+    db_lock_timeout_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="Longest an API or worker statement waits for a lock (e.g. behind a "
+        "migration) before it fails like a timeout; 0: up to its statement timeout.",
+    )
+    db_idle_in_transaction_timeout_seconds: float = Field(
+        120.0,
+        ge=0,
+        description="Postgres closes an API or worker connection left idle inside a transaction "
+        "this long, releasing its locks; 0: never.",
+    )
 
     # --- API ---------------------------------------------------------------------------------
     port: int = Field(8000, ge=1, le=65535, description="Port `make run` serves the API on.")

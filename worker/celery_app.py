@@ -11,13 +11,18 @@ from typing import Any
 from celery import signals
 
 from retrain.tasks import beat_schedule as retrain_beat_schedule
+from segsvc.db import with_db_role
 from segsvc.queue import make_celery
 from segsvc.settings import get_settings
 from worker import observability  # noqa: F401  (connects the log, metrics and probe hooks)
 
 log = logging.getLogger(__name__)
 
-settings = get_settings()
+# What this app hands out (the Segmenter's claims and stores, the reconciler) runs under the
+# worker's statement limits (SEG_WORKER_STATEMENT_TIMEOUT_SECONDS, ...). The maintenance tasks
+# (retrain/tasks.py: retraining exports every label, retention may purge a long backlog) read
+# get_settings(), whose role stays `admin`: no limits.
+settings = with_db_role(get_settings(), "worker")
 app = make_celery(settings, name="segsvc-worker")
 app.conf.update(
     # Run with `--pool solo`: the consumer only buffers job ids for the MicroBatcher

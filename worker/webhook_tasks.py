@@ -16,7 +16,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu.entity import Queue
 
-from segsvc.db import session_scope
+from segsvc.db import session_scope, with_db_role
 from segsvc.metrics import WEBHOOK_DELIVERIES, WEBHOOK_LATENCY
 from segsvc.queue import DELIVER_WEBHOOK, make_celery
 from segsvc.settings import Settings, get_settings
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 1.0
 
-settings = get_settings()
+settings = with_db_role(get_settings(), "worker")  # SEG_WORKER_STATEMENT_TIMEOUT_SECONDS, ...
 app = make_celery(settings, name="segsvc-webhooks")
 app.conf.update(
     # Only the webhooks queue by default: started without -Q, this app must not take jobs.

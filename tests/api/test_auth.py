@@ -1,9 +1,14 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
+import psycopg
 import pytest
 from PIL import Image
+from werkzeug.test import EnvironBuilder
+
+from segsvc.services import keys
 
 
 def png() -> bytes:
@@ -64,3 +69,55 @@ def test_options_on_an_unknown_path_is_still_404(client) -> None:  # type: ignor
     resp = client.options("/v1/nothing-here")
     assert resp.status_code == 404
     assert resp.get_json()["error"] == "not_found"
+
+
+class _WatchedUpload(io.BytesIO):
+    """A request body that records, as the server reads it, how many of this database's
+    connections sit idle inside a transaction."""
+
+    def __init__(self, data: bytes, database_url: str) -> None:
+        super().__init__(data)
+        self.dsn = database_url.replace("postgresql+psycopg://", "postgresql://")
+        self.idle_in_transaction: list[int] = []
+
+    def _look(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND state LIKE 'idle in transaction%%'"
+            ).fetchone()
+        self.idle_in_transaction.append(int(row[0]) if row else -1)
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._look()
+        return super().read(size)
+
+    def readinto(self, buffer: Any) -> int:
+        self._look()
+        return super().readinto(buffer)
+
+
+def test_a_key_lookup_holds_no_transaction_while_the_upload_is_read(  # type: ignore[no-untyped-def]
+    client, auth, settings
+) -> None:
+    # A slow upload must not keep a pooled connection idle in a transaction (Postgres would end
+    # it at SEG_DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS and the submit would fail).
+    keys._auth_cache.clear()  # the lookup runs a query only when the key is not cached
+    builder = EnvironBuilder(
+        path="/v1/jobs",
+        method="POST",
+        headers=auth,
+        data={"image": (io.BytesIO(png()), "a.png")},
+        content_type="multipart/form-data",
+    )
+    framed = builder.get_request()
+    body = framed.get_data()
+    upload = _WatchedUpload(body, settings.database_url)
+    resp = client.post(
+        "/v1/jobs",
+        headers={**auth, "Content-Type": framed.headers["Content-Type"]},
+        input_stream=upload,
+        content_length=len(body),
+    )
+    assert resp.status_code == 202, resp.get_json()
+    assert upload.idle_in_transaction and set(upload.idle_in_transaction) == {0}

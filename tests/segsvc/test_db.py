@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
-from segsvc.db import get_engine
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from segsvc.db import (
+    DbRole,
+    build_engine,
+    get_engine,
+    is_db_timeout,
+    statement_limits,
+    with_db_role,
+)
 from segsvc.settings import Settings
 
 
@@ -14,3 +31,104 @@ def test_postgres_connections_detect_a_vanished_server(settings: Settings) -> No
     assert params["keepalives"] == "1"
     assert int(params["keepalives_idle"]) <= 60
     assert int(params["tcp_user_timeout"]) <= 120_000
+
+
+@contextmanager
+def holding(database_url: str, sql: str, *, seconds: float) -> Iterator[None]:
+    """Run `sql` in a transaction of its own, keeping its locks for `seconds` at most: a wait
+    on them that no timeout cuts short ends then too, so a test of the old code fails instead
+    of hanging."""
+    conn = psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"))
+    conn.execute(sql)
+    timer = threading.Timer(seconds, conn.rollback)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        conn.rollback()
+        conn.close()
+
+
+def limited(settings: Settings, role: DbRole, **limits: float) -> Settings:
+    """`settings` of a process serving as `role`, with these limits (seconds)."""
+    return with_db_role(settings.model_copy(update=limits), role)
+
+
+def test_statement_limits_follow_the_process_role() -> None:
+    cfg = Settings(_env_file=None)
+    assert statement_limits(cfg) == {}  # migrations, the CLI, retraining: no limits
+    assert statement_limits(with_db_role(cfg, "api")) == {
+        "statement_timeout": 10_000,
+        "lock_timeout": 5_000,
+        "idle_in_transaction_session_timeout": 120_000,
+    }
+    assert statement_limits(with_db_role(cfg, "worker"))["statement_timeout"] == 60_000
+    tiny = limited(cfg, "api", api_statement_timeout_seconds=1e-4, db_lock_timeout_seconds=0)
+    # A value that rounds to 0 ms still limits; 0 leaves the server's default.
+    assert statement_limits(tiny) == {
+        "statement_timeout": 1,
+        "idle_in_transaction_session_timeout": 120_000,
+    }
+
+
+@pytest.mark.parametrize(
+    ("role", "limit"),
+    [("api", "api_statement_timeout_seconds"), ("worker", "worker_statement_timeout_seconds")],
+)
+def test_serving_roles_cancel_a_statement_past_their_timeout(
+    settings: Settings, role: DbRole, limit: str
+) -> None:
+    engine = get_engine(limited(settings, role, **{limit: 0.2}))
+    started = time.monotonic()
+    with pytest.raises(OperationalError) as caught, engine.connect() as conn:
+        conn.execute(text("SELECT pg_sleep(3)"))
+    assert isinstance(caught.value.orig, psycopg.errors.QueryCanceled)
+    assert is_db_timeout(caught.value)
+    assert time.monotonic() - started < 2
+    with engine.connect() as conn:  # the connection stays usable
+        assert conn.scalar(text("SELECT 1")) == 1
+
+
+def test_lock_wait_past_the_lock_timeout_is_a_db_timeout(settings: Settings) -> None:
+    engine = get_engine(limited(settings, "worker", db_lock_timeout_seconds=0.2))
+    assert settings.database_url is not None
+    with holding(settings.database_url, "LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE", seconds=3):
+        started = time.monotonic()
+        with pytest.raises(OperationalError) as caught, engine.connect() as conn:
+            conn.execute(text("SELECT count(*) FROM jobs"))
+        assert time.monotonic() - started < 2
+    assert isinstance(caught.value.orig, psycopg.errors.LockNotAvailable)
+    assert is_db_timeout(caught.value)
+    with pytest.raises(DBAPIError) as other, engine.connect() as conn:
+        conn.execute(text("SELECT * FROM no_such_table"))
+    assert not is_db_timeout(other.value)
+
+
+def test_admin_work_runs_past_the_serving_limits(settings: Settings) -> None:
+    tight = {
+        "api_statement_timeout_seconds": 0.1,
+        "worker_statement_timeout_seconds": 0.1,
+        "db_lock_timeout_seconds": 0.1,
+        "db_idle_in_transaction_timeout_seconds": 0.1,
+    }
+    api = get_engine(limited(settings, "api", **tight))
+    with pytest.raises(OperationalError), api.connect() as conn:
+        conn.execute(text("SELECT pg_sleep(1)"))
+    assert settings.database_url is not None
+    migrations = build_engine(settings.database_url)  # what migrations/env.py connects with
+    # The CLI and the maintenance tasks (role admin), and the migrations.
+    for engine in (get_engine(settings.model_copy(update=tight)), migrations):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_sleep(0.3)"))
+            assert conn.scalar(text("SHOW statement_timeout")) == "0"
+            assert conn.scalar(text("SHOW lock_timeout")) == "0"
+    migrations.dispose()
+
+
+def test_database_url_options_still_apply(settings: Settings) -> None:
+    url = f"{settings.database_url}?options=-c%20lock_timeout%3D777"
+    cfg = with_db_role(settings.model_copy(update={"database_url": url}), "api")
+    with get_engine(cfg).connect() as conn:
+        assert conn.scalar(text("SHOW statement_timeout")) == "10s"
+        assert conn.scalar(text("SHOW lock_timeout")) == "777ms"  # the URL's own wins

@@ -6,6 +6,8 @@ from celery import signals
 
 from retrain.tasks import MAINTENANCE_QUEUE
 from segsvc.queue import RECONCILE
+from segsvc.settings import get_settings
+from worker import webhook_tasks
 from worker.celery_app import _reconcile_in_worker, app, settings
 
 
@@ -25,3 +27,12 @@ def test_reconcile_runs_in_every_worker_instead_of_from_beat() -> None:
     # ... because each worker of this app (inference and maintenance) starts its own loop.
     receivers = [ref() for _, ref in signals.worker_ready.receivers]
     assert _reconcile_in_worker in receivers
+
+
+def test_worker_apps_limit_their_statements_but_not_the_maintenance_tasks() -> None:
+    # Claims, stores, the reconciler and webhook dispatch: the workers' statement limits.
+    assert settings.db_role == "worker"
+    assert webhook_tasks.settings.db_role == "worker"
+    # Retraining, canary verdicts and retention read get_settings(): an export of every label
+    # or a purge of a long backlog may rightly run longer.
+    assert get_settings().db_role == "admin"

@@ -1,0 +1,38 @@
+"""Migrations run without the API's and the workers' statement limits."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from segsvc.db import get_engine, is_db_timeout, with_db_role
+from segsvc.migrate import upgrade
+from segsvc.settings import Settings
+from tests.conftest import postgres_database
+from tests.segsvc.test_db import holding
+
+
+def test_migrations_wait_out_writers_past_the_serving_limits() -> None:
+    # 0003 builds its indexes CONCURRENTLY, which waits for every transaction writing the table
+    # (a submit in flight). Under the API's limits that wait would fail the release.
+    with postgres_database(f"segsvc_limits_{os.getpid()}") as url:
+        cfg = Settings(
+            database_url=url,
+            api_statement_timeout_seconds=0.2,
+            db_lock_timeout_seconds=0.2,
+            _env_file=None,
+        )
+        api = with_db_role(cfg, "api")  # even with the API's settings
+        upgrade(settings=api, revision="0002")
+        with holding(url, "LOCK TABLE jobs IN ROW EXCLUSIVE MODE", seconds=1.5):
+            with pytest.raises(OperationalError) as caught, get_engine(api).connect() as conn:
+                conn.execute(text("LOCK TABLE jobs IN SHARE MODE"))  # the API gives up...
+            assert is_db_timeout(caught.value)
+            started = time.monotonic()
+            upgrade(settings=api, revision="0003")  # ... the migration waits for the writer
+            waited = time.monotonic() - started
+        assert waited >= 1.0

@@ -120,4 +120,5 @@ def test_a_key_lookup_holds_no_transaction_while_the_upload_is_read(  # type: ig
         content_length=len(body),
     )
     assert resp.status_code == 202, resp.get_json()
-    assert upload.idle_in_transaction and set(upload.idle_in_transaction) == {0}
+    assert upload.idle_in_transaction
+    assert set(upload.idle_in_transaction) == {0}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -15,16 +15,29 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Interval,
     LargeBinary,
     MetaData,
     String,
     Text,
     TypeDecorator,
     Uuid,
+    func,
+    literal,
+    select,
     text,
+    type_coerce,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    deferred,
+    mapped_column,
+    relationship,
+)
+from sqlalchemy.sql.elements import ColumnElement
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -36,8 +49,27 @@ NAMING = {
 
 
 def utcnow() -> datetime:
-    """Timezone-aware now, the only clock the models use."""
+    """Timezone-aware now on this host's clock (timestamps that decide nothing across hosts)."""
     return datetime.now(UTC)
+
+
+def db_now(session: Session, *, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
+    """Now (plus an offset) on the database's clock, for a statement that grants or judges a
+    lease: Postgres' `statement_timestamp()`, one clock for every host however far theirs
+    drift; SQLite, which runs in this process, has no other clock than this host's."""
+    if session.get_bind().dialect.name != "postgresql":
+        return literal(utcnow() + timedelta(seconds=plus_seconds), UTCDateTime())
+    stamp: ColumnElement[Any] = func.statement_timestamp()
+    if plus_seconds:
+        stamp = stamp + literal(timedelta(seconds=plus_seconds), Interval())
+    return type_coerce(stamp, UTCDateTime())
+
+
+def db_time(session: Session) -> datetime:
+    """The database's clock now, read once (this host's on SQLite): see `db_now`."""
+    if session.get_bind().dialect.name != "postgresql":
+        return utcnow()
+    return session.scalars(select(db_now(session))).one()
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -59,6 +91,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 def _where(condition: str) -> dict[str, Any]:
     """A partial index's condition, on Postgres and SQLite alike."""
     return {"postgresql_where": text(condition), "sqlite_where": text(condition)}
+
+
+# Unfinished jobs lost at least twice (`reconcile.SUSPECT_AFTER_ATTEMPTS`; lost runs are
+# attempts - releases) or retried once and running: the quarantine's suspects.
+SUSPECT_WHERE = "status IN ('queued', 'running') AND attempts - releases >= 2"
 
 
 class Base(DeclarativeBase):
@@ -120,6 +157,22 @@ class Job(Base):
         # (content-addressed: named by the upload's sha256) is still kept by another job.
         Index("ix_jobs_input_kept_created_at", "created_at", **_where("input_bytes IS NOT NULL")),
         Index("ix_jobs_input_kept_sha256", "input_sha256", **_where("input_bytes IS NOT NULL")),
+        # The reconciler's scans (`services/reconcile.py`, migration 0005): expired leases,
+        # queued jobs paged by (created_at, id), suspects in flight or waiting, and queued jobs
+        # a client canceled. Each reads only the few rows it wants, however deep the backlog.
+        Index("ix_jobs_running_lease", "lease_expires_at", **_where("status = 'running'")),
+        Index("ix_jobs_queued_created_at_id", "created_at", "id", **_where("status = 'queued'")),
+        Index(
+            "ix_jobs_suspect_status_lease",
+            "status",
+            "lease_expires_at",
+            **_where(SUSPECT_WHERE),
+        ),
+        Index(
+            "ix_jobs_queued_cancel_requested",
+            "created_at",
+            **_where("status = 'queued' AND cancel_requested IS true"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)

@@ -1,17 +1,22 @@
 """The reconciler: a pass when each worker (inference or maintenance) starts and then every
 `reconcile_interval_seconds` from a thread of the worker itself; beat sends none. A Redis key
 lets one pass start per interval across all of them, and Postgres' advisory lock keeps passes
-from overlapping. The task `segsvc.reconcile` remains for sending a pass by hand."""
+from overlapping. While a pass left suspects waiting, the worker that ran it also runs the
+quarantine's step alone every `SUSPECT_STEP_SECONDS`, under the same lock. The task
+`segsvc.reconcile` remains for sending a pass by hand."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from functools import partial
+import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import click
 from celery import Celery
+from sqlalchemy.orm import Session
 
 from segsvc.db import session_scope
 from segsvc.queue import RECONCILE, enqueue_job
@@ -20,6 +25,11 @@ from segsvc.settings import Settings
 from worker.celery_app import app, settings
 
 log = logging.getLogger(__name__)
+
+# While suspects wait, how often the quarantine's step runs (at most once an interval): the next
+# suspect goes within this long of the one in flight ending, not at the next pass (one per 30 s
+# drained a crashed pipeline's 96 retried jobs in 48 minutes).
+SUSPECT_STEP_SECONDS = 2.0
 
 
 def broker_snapshot(cfg: Settings) -> set[str] | None:
@@ -38,22 +48,54 @@ def broker_snapshot(cfg: Settings) -> set[str] | None:
         client.close()
 
 
+Send = Callable[[uuid.UUID], None]
+
+
 def run_reconcile(cfg: Settings, celery_app: Celery) -> dict[str, object]:
     """One reconciliation pass (skipped when another reconciler holds the lock)."""
-    with session_scope(cfg) as session:
-        if not reconcile.try_lock(session=session):
-            return {"skipped": True}
+
+    def full_pass(session: Session, enqueue: Send) -> reconcile.ReconcileReport:
         # Snapshot after taking the lock and reading nothing yet: a job enqueued between the
         # snapshot and the query is at worst sent twice, which the claim fence makes harmless.
         present = broker_snapshot(cfg)
-        report = reconcile.reconcile(
-            session=session,
-            settings=cfg,
-            present=present,
-            enqueue=partial(_send, celery_app, cfg),
-        )
+        return reconcile.reconcile(session=session, settings=cfg, present=present, enqueue=enqueue)
+
+    return _run_locked(cfg, celery_app, full_pass, quiet=("skipped",))
+
+
+def run_suspect_step(cfg: Settings, celery_app: Celery) -> dict[str, object]:
+    """The quarantine's step alone: send the next waiting suspect once none is in flight
+    (skipped when another reconciler holds the lock)."""
+
+    def step(session: Session, enqueue: Send) -> reconcile.ReconcileReport:
+        return reconcile.send_next_suspect(session=session, settings=cfg, enqueue=enqueue)
+
+    # Every few seconds while suspects wait: a line only when it ended or sent one.
+    return _run_locked(cfg, celery_app, step, quiet=("skipped", "waiting_suspects"))
+
+
+def _run_locked(
+    cfg: Settings,
+    celery_app: Celery,
+    work: Callable[[Session, Send], reconcile.ReconcileReport],
+    *,
+    quiet: tuple[str, ...],
+) -> dict[str, object]:
+    # The one advisory lock serializes passes and suspect steps on every worker: a step sees
+    # what the last one sent (committed before the lock is released), so only one suspect is
+    # ever in flight.
+    due: list[uuid.UUID] = []
+    with session_scope(cfg) as session:
+        if not reconcile.try_lock(session=session):
+            return {"skipped": True}
+        report = work(session, due.append)
+    # Sent once committed: a worker quick to take a message sent before would find the job not
+    # yet queued, claim nothing, and the job would wait a pass for its next message. A send
+    # that fails leaves the job queued without one, which the next pass re-sends.
+    for job_id in due:
+        _send(celery_app, cfg, job_id)
     counts = report.as_dict()
-    if any(v for k, v in counts.items() if k != "skipped"):
+    if any(v for k, v in counts.items() if k not in quiet):
         log.warning("reconciler: %s (failed: %s)", counts, report.failed_ids[:20])
     return counts
 
@@ -104,24 +146,48 @@ def reconcile_periodically(
     queue would wait behind the backlog, and behind one longer than the interval every such
     message would expire before a worker took it, which is when a crashed worker's jobs most
     need re-sending (and a periodic message there would keep waking workers scaled to zero).
-    All workers tick; `take_turn` lets one of them run.
+    All workers tick; `take_turn` lets one of them run. The worker whose pass left suspects
+    waiting runs `run_suspect_step` every `SUSPECT_STEP_SECONDS` until none waits, so each
+    suspect goes soon after the one before it ends (should that worker die, the next pass,
+    on any worker, takes over).
     """
     stop = stop or threading.Event()
+    interval = cfg.reconcile_interval_seconds
 
     def loop() -> None:
         first = True
+        suspects_wait = False
+        next_pass = time.monotonic()
         while not stop.is_set():
+            due = time.monotonic() >= next_pass
             try:
-                if take_turn(cfg) or first:
-                    run_reconcile(cfg, celery_app)
-            except Exception:  # the next tick tries again
+                if due and (take_turn(cfg) or first):
+                    counts = run_reconcile(cfg, celery_app)
+                    suspects_wait = _still_waiting(counts, suspects_wait)
+                elif not due and suspects_wait:
+                    counts = run_suspect_step(cfg, celery_app)
+                    suspects_wait = _still_waiting(counts, suspects_wait)
+            except Exception:  # the next pass tries again
                 log.warning("reconcile pass failed", exc_info=True)
+                suspects_wait = False
+            if due:
+                next_pass = time.monotonic() + interval
             first = False
-            stop.wait(cfg.reconcile_interval_seconds)
+            pause = next_pass - time.monotonic()
+            if suspects_wait:
+                pause = min(pause, SUSPECT_STEP_SECONDS)
+            stop.wait(max(0.0, pause))
 
     thread = threading.Thread(target=loop, name="seg-reconcile", daemon=True)
     thread.start()
     return thread
+
+
+def _still_waiting(counts: dict[str, object], before: bool) -> bool:
+    """Whether suspects wait after a pass or step (unknown when it was skipped: as before)."""
+    if counts.get("skipped"):
+        return before
+    return bool(counts.get("waiting_suspects"))
 
 
 @click.command("reconcile")

@@ -6,7 +6,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select, update
@@ -17,7 +17,7 @@ from segsvc.blobs import BlobMissingError, BlobStore
 from segsvc.errors import ConflictError, GoneError, NotFoundError, ValidationError
 from segsvc.images import ValidatedImage
 from segsvc.ml.imaging import render_overlay_png
-from segsvc.models import Job, JobStatus, utcnow
+from segsvc.models import Job, JobStatus, db_now, utcnow
 from segsvc.services.reconcile import SUSPECT_AFTER_ATTEMPTS, lost_runs
 from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
 
@@ -301,10 +301,13 @@ def claim_jobs(
     often is the reconciler's to judge (end it at the attempt limit, or run it as a quarantined
     suspect), so a stray delivery must not run it past those rules: say a dead worker's unacked
     message that Redis restores after its visibility timeout.
+
+    The lease is granted and judged on the database's clock, so hosts whose clocks disagree
+    (by more than a lease, even) neither take over live jobs nor leave dead ones.
     """
     if not job_ids:
         return []
-    now = utcnow()
+    now = db_now(session)
     token = uuid.uuid4()
     claimable = or_(
         Job.status == JobStatus.QUEUED,
@@ -322,7 +325,7 @@ def claim_jobs(
             started_at=now,
             attempts=Job.attempts + 1,
             lease_token=token,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            lease_expires_at=db_now(session, plus_seconds=lease_seconds),
         )
         # One statement returns all the worker needs, inputs included: the batch's inputs are
         # 48 KiB each, and a second SELECT for them cost a round trip on the model's path.
@@ -335,6 +338,7 @@ def claim_jobs(
             Job.request_id,
             Job.webhook_url,
             Job.model_input,
+            Job.started_at,
         )
         .execution_options(synchronize_session=False)
     ).all()
@@ -350,7 +354,7 @@ def claim_jobs(
             id=r[0],
             lease_token=token,
             created_at=r[1],
-            started_at=now,
+            started_at=r[8],
             width=r[2],
             height=r[3],
             attempts=r[4],
@@ -369,7 +373,7 @@ def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int
     """
     if not results:
         return 0
-    now = utcnow()
+    now = db_now(session)  # the same clock as the claim's `started_at`
     finished: list[uuid.UUID] = []
     subscribed: list[uuid.UUID] = []  # finished jobs with a webhook
     by_token: dict[uuid.UUID, list[uuid.UUID]] = {}
@@ -428,7 +432,7 @@ def fail_job(
         .where(*conds)
         .values(
             status=JobStatus.FAILED,
-            completed_at=utcnow(),
+            completed_at=db_now(session),
             error_code=code,
             error_message=message[:2000],
             lease_expires_at=None,
@@ -445,13 +449,14 @@ def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) 
     it was. A job given back `MAX_RELEASES` times over at least `RELEASE_GIVE_UP_S` ends failed
     with `worker_error` instead: a failure that keeps coming back for that long is not
     transient, and the job must not cycle for ever. A short outage (a blob store away for a few
-    seconds) releases jobs several times in a row but fails none."""
-    now = utcnow()
+    seconds) releases jobs several times in a row but fails none. Timed on the database's clock,
+    like the lease."""
+    now = db_now(session)
     fence = (Job.id == job_id, Job.lease_token == lease_token, Job.status == JobStatus.RUNNING)
     keeps_trying = or_(
         Job.releases < MAX_RELEASES - 1,
         Job.first_released_at.is_(None),
-        Job.first_released_at > now - timedelta(seconds=RELEASE_GIVE_UP_S),
+        Job.first_released_at > db_now(session, plus_seconds=-RELEASE_GIVE_UP_S),
     )
     res = session.execute(
         update(Job)

@@ -5,7 +5,11 @@ commit failed, a worker died holding it unacknowledged), or the worker running i
 expires). Both are re-enqueued. Each claim counts an attempt; a claim the worker gave back (its
 forward pass or result write failed: `releases`) is not a lost run. A job that keeps being lost
 ends failed. A job lost twice is a suspect (it may be what kills the worker): suspects are re-sent
-one at a time, and a suspect that is lost again on its last attempt ends `poison_input`.
+one at a time, and a suspect that is lost again on its last attempt ends `poison_input`. Between
+passes the reconciler runs `send_next_suspect` every few seconds while suspects wait, so they
+drain one after another instead of one per pass.
+
+Leases are granted and judged on the database's clock (`models.db_now`), never a host's.
 """
 
 from __future__ import annotations
@@ -17,16 +21,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, or_, select, text, tuple_, update
+from sqlalchemy import ColumnElement, and_, literal, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
-from segsvc.models import Job, JobStatus, utcnow
+from segsvc.models import Job, JobStatus, db_time
 from segsvc.settings import Settings
 from segsvc.webhooks.outbox import JOB_COMPLETED, record_job_events
 
 # Any advisory-lock key works as long as every reconciler uses the same one.
 LOCK_KEY = 0x5E65_7EC0
 # A lost job is a suspect once it was lost this many times: it then runs with no other suspect.
+# The partial index `ix_jobs_suspect_status_lease` (`models.SUSPECT_WHERE`) spells it out too.
 SUSPECT_AFTER_ATTEMPTS = 2
 # Bounded work per pass; the next pass picks up the rest.
 MAX_JOBS_PER_PASS = 5000
@@ -106,8 +111,8 @@ def reconcile(
     now: datetime | None = None,
 ) -> ReconcileReport:
     """One pass: end, cancel or re-enqueue lost jobs; `present` is None when the broker cannot
-    be inspected (then only expired leases are handled)."""
-    now = now or utcnow()
+    be inspected (then only expired leases are handled). `now` defaults to the database's."""
+    now = now or db_time(session)
     report = ReconcileReport()
     _handle_expired_leases(
         session=session, settings=settings, enqueue=enqueue, now=now, report=report
@@ -125,6 +130,28 @@ def reconcile(
     return report
 
 
+def send_next_suspect(
+    *,
+    session: Session,
+    settings: Settings,
+    enqueue: Callable[[uuid.UUID], None],
+    now: datetime | None = None,
+) -> ReconcileReport:
+    """The quarantine alone: suspects whose lease expired are ended, or the oldest re-sent once
+    no suspect is in flight. A few indexed reads: cheap enough to run every few seconds while
+    suspects wait (the caller holds `try_lock`, which keeps one suspect in flight fleet-wide)."""
+    report = ReconcileReport()
+    _handle_expired_leases(
+        session=session,
+        settings=settings,
+        enqueue=enqueue,
+        now=now or db_time(session),
+        report=report,
+        suspects_only=True,
+    )
+    return report
+
+
 def _handle_expired_leases(
     *,
     session: Session,
@@ -132,13 +159,15 @@ def _handle_expired_leases(
     enqueue: Callable[[uuid.UUID], None],
     now: datetime,
     report: ReconcileReport,
+    suspects_only: bool = False,
 ) -> None:
+    expired = select(Job.id, lost_runs(), Job.cancel_requested).where(
+        _status_is(JobStatus.RUNNING), Job.lease_expires_at < now
+    )
+    if suspects_only:
+        expired = expired.where(_is_suspect())
     lost = session.execute(
-        select(Job.id, lost_runs(), Job.cancel_requested)
-        .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
-        .order_by(Job.created_at)
-        .limit(MAX_JOBS_PER_PASS)
-        .with_for_update(skip_locked=True)
+        expired.order_by(Job.created_at).limit(MAX_JOBS_PER_PASS).with_for_update(skip_locked=True)
     ).all()
     suspect_busy = _suspect_in_flight(session=session, now=now)
     for job_id, runs_lost, cancel_requested in lost:
@@ -165,6 +194,17 @@ def lost_runs() -> ColumnElement[int]:
     return Job.attempts - Job.releases
 
 
+# The scans below match partial indexes (migration 0005), so their constants are written into
+# the SQL: psycopg prepares a statement run five times on one connection, and Postgres may then
+# plan it once for any `status = $1`, a plan that cannot use an index made for one status.
+def _status_is(status: JobStatus) -> ColumnElement[bool]:
+    return Job.status == literal(status.value, literal_execute=True)
+
+
+def _is_suspect() -> ColumnElement[bool]:
+    return lost_runs() >= literal(SUSPECT_AFTER_ATTEMPTS, literal_execute=True)
+
+
 def _lost_verdict(runs_lost: int) -> tuple[str, str]:
     if runs_lost > SUSPECT_AFTER_ATTEMPTS:
         return "poison_input", (
@@ -177,10 +217,10 @@ def _lost_verdict(runs_lost: int) -> tuple[str, str]:
 def _suspect_in_flight(*, session: Session, now: datetime) -> bool:
     """A suspect already re-sent and not yet finished (queued, or running on a live lease)."""
     live = or_(
-        Job.status == JobStatus.QUEUED,
-        and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at >= now),
+        _status_is(JobStatus.QUEUED),
+        and_(_status_is(JobStatus.RUNNING), Job.lease_expires_at >= now),
     )
-    row = session.scalar(select(Job.id).where(live, lost_runs() >= SUSPECT_AFTER_ATTEMPTS).limit(1))
+    row = session.scalar(select(Job.id).where(live, _is_suspect()).limit(1))
     return row is not None
 
 
@@ -196,7 +236,7 @@ def _requeue_missing(
     # A job committed a moment ago may still be on its way to the broker: give it a grace period.
     cutoff = now - timedelta(seconds=enqueue_grace_seconds(settings))
     due = select(Job.created_at, Job.id).where(
-        Job.status == JobStatus.QUEUED,
+        _status_is(JobStatus.QUEUED),
         Job.cancel_requested.is_(False),  # the claim skips these; `_cancel_requested` ends them
         Job.created_at < cutoff,
         or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff),
@@ -240,7 +280,7 @@ def _cancel_requested(*, session: Session, now: datetime) -> int:
     """Queued jobs a client canceled after a transient release: no worker would ever end them."""
     ids = session.scalars(
         update(Job)
-        .where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(True))
+        .where(_status_is(JobStatus.QUEUED), Job.cancel_requested.is_(True))
         .values(
             status=JobStatus.CANCELED,
             completed_at=now,

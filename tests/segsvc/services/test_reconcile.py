@@ -1,0 +1,88 @@
+"""segsvc/services/reconcile.py on real Postgres: the quarantine's step between passes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from segsvc.db import session_scope
+from segsvc.models import Job, utcnow
+from segsvc.services import reconcile as service
+from segsvc.settings import Settings
+from tests.worker.test_reconciler import get, make_job
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def lost_job(settings: Settings, *, attempts: int, age_s: float = 60) -> uuid.UUID:
+    """A running job whose worker died: its lease ran out a second ago."""
+    return make_job(
+        settings,
+        age_s=age_s,
+        status="running",
+        attempts=attempts,
+        lease_token=uuid.uuid4(),
+        lease_expires_at=utcnow() - timedelta(seconds=1),
+    )
+
+
+def step(settings: Settings) -> tuple[service.ReconcileReport, list[uuid.UUID]]:
+    """One suspect step under the reconciler lock; what it reported and sent."""
+    sent: list[uuid.UUID] = []
+    with session_scope(settings) as session:
+        assert service.try_lock(session=session)
+        report = service.send_next_suspect(session=session, settings=settings, enqueue=sent.append)
+    return report, sent
+
+
+def finish(settings: Settings, job_id: uuid.UUID, status: str = "succeeded") -> None:
+    with session_scope(settings) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status=status, lease_token=None, lease_expires_at=None)
+        )
+
+
+def test_send_next_suspect_sends_one_after_another(settings: Settings) -> None:
+    suspects = [lost_job(settings, attempts=2, age_s=60 - i) for i in range(3)]
+    report, sent = step(settings)
+    assert (sent, report.waiting_suspects) == ([suspects[0]], 2)
+    assert get(settings, suspects[0]).status == "queued"
+    report, sent = step(settings)  # the first is still in flight
+    assert (sent, report.waiting_suspects) == ([], 2)
+    finish(settings, suspects[0])
+    report, sent = step(settings)  # it ended: the next goes at once, not at the next pass
+    assert (sent, report.waiting_suspects) == ([suspects[1]], 1)
+    finish(settings, suspects[1], status="failed")
+    report, sent = step(settings)
+    assert (sent, report.waiting_suspects) == ([suspects[2]], 0)
+
+
+def test_send_next_suspect_ends_a_suspect_lost_again_and_sends_the_next(settings: Settings) -> None:
+    # The suspect in flight crashed its worker once more, on its last attempt: poison.
+    poison = lost_job(settings, attempts=settings.job_max_attempts, age_s=90)
+    waiting = lost_job(settings, attempts=2)
+    report, sent = step(settings)
+    assert (report.failed, sent, report.waiting_suspects) == (1, [waiting], 0)
+    job = get(settings, poison)
+    assert (job.status, job.error_code) == ("failed", "poison_input")
+
+
+def test_send_next_suspect_leaves_other_lost_jobs_to_the_pass(settings: Settings) -> None:
+    first_loss = lost_job(settings, attempts=1)
+    report, sent = step(settings)
+    assert (sent, report.requeued_lost, report.waiting_suspects) == ([], 0, 0)
+    assert get(settings, first_loss).status == "running"
+
+
+def test_send_next_suspect_ends_a_waiting_suspect_the_client_canceled(settings: Settings) -> None:
+    canceled = lost_job(settings, attempts=2)
+    with session_scope(settings) as session:
+        session.execute(update(Job).where(Job.id == canceled).values(cancel_requested=True))
+    report, sent = step(settings)
+    assert (report.canceled, sent) == (1, [])
+    assert get(settings, canceled).status == "canceled"

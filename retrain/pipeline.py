@@ -7,7 +7,6 @@ folder, and is compared with production on the fixed evaluation folder (never tr
 
 from __future__ import annotations
 
-import fcntl
 import io
 import logging
 import statistics
@@ -15,7 +14,6 @@ import tempfile
 import time
 import traceback
 import uuid
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -23,21 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from segsvc.blobs import blob_store
-from segsvc.db import get_engine, is_sqlite, session_scope
+from segsvc.db import session_scope
 from segsvc.digest import file_sha256
 from segsvc.errors import ConflictError
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.preprocess import decode_mask_png
 from segsvc.models import ModelStatus, ModelVersion, TrainingRun, utcnow
-from segsvc.services import feedback, registry, rollout
+from segsvc.retrain_lock import retrain_lock
+from segsvc.services import feedback, model_files, registry, rollout
 from segsvc.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = zlib.crc32(b"segsvc.retrain")  # the Postgres advisory lock id of retraining
 TRAINED = ("completed",)  # run statuses whose labels count as used
 LOG_CAP = 64 * 1024
 
@@ -75,36 +73,25 @@ def run_retraining(
         if not acquired:
             raise RetrainBusyError("Another retraining run is in progress.")
         run = _Run(settings, trigger, steps_per_epoch, batch_size, latency_runs)
-        return run.execute()
+        result = run.execute()
+        prune_model_files(settings)
+        return result
 
 
-@contextmanager
-def retrain_lock(settings: Settings) -> Iterator[bool]:
-    """Yield True while this process holds the one retraining lock, False if another does."""
-    if is_sqlite(settings):  # the embedded default runs on one machine: a file lock will do
-        path = settings.var_dir / "retrain.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+def prune_model_files(settings: Settings) -> None:
+    """Delete rejected versions' old model files and crashed runs' orphans; a run ends here,
+    its candidate registered (or its file deleted), under the lock: no run is writing one."""
+    try:
+        pruned = model_files.prune_model_files(settings, holding_retrain_lock=True)
+    except Exception:  # the run is recorded already; the next one tries again
+        log.warning("could not prune the model files", exc_info=True)
         return
-    # A session-level advisory lock on a connection held for the run: Postgres frees it by
-    # itself if this process dies, so a crash never wedges retraining.
-    engine = get_engine(settings)
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK_KEY}))
-        try:
-            yield got
-        finally:
-            if got:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LOCK_KEY})
+    if pruned.removed:
+        log.info(
+            "deleted %d old model files (%.0f MB) of rejected versions and crashed runs",
+            len(pruned.removed),
+            pruned.freed_bytes / 1e6,
+        )
 
 
 def gate(
@@ -229,8 +216,7 @@ class _Run:
         return plan
 
     def _artifact_path(self) -> Path:
-        stamp = utcnow().strftime("%Y%m%d-%H%M%S")
-        return self.settings.var_dir / "models" / f"ft-{stamp}-{self.run_id.hex[:6]}.keras"
+        return model_files.candidate_path(self.settings, run_id=self.run_id, at=utcnow())
 
     def _train_and_gate(self, plan: dict[str, Any], out: Path) -> RunResult:
         cfg = self.settings

@@ -90,9 +90,10 @@ def models_list() -> None:
     with session_scope() as session:
         for row in list_versions(session=session):
             miou = row.metrics.get("mean_iou")
+            gone = " (file deleted)" if row.file_deleted_at is not None else ""
             click.echo(
                 f"{row.version:<28} {row.status:<11} share={row.traffic_share:.2f} "
-                f"miou={miou if miou is not None else '-'} {Path(row.path).name}"
+                f"miou={miou if miou is not None else '-'} {Path(row.path).name}{gone}"
             )
 
 
@@ -153,6 +154,36 @@ def models_prune_artifacts(dry_run: bool, grace_hours: float | None) -> None:
         click.echo(f"skipped {path}: a worker is converting into it")
     click.echo(
         f"{verb} {len(result.removed)} ({result.freed_bytes / 1e6:.1f} MB) in {cfg.artifact_dir}"
+    )
+
+
+@models.command("prune-files")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+@click.option(
+    "--grace-days",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Keep files (and rejections) more recent than this [default: SEG_MODEL_FILE_GRACE_DAYS].",
+)
+def models_prune_files(dry_run: bool, grace_days: float | None) -> None:
+    """Delete model files retraining wrote to SEG_VAR_DIR/models that can never serve (each
+    retraining run also does this at its end): rejected versions' (their rows stay, marked) and
+    those no version names (of crashed runs). Other versions' files always stay."""
+    from segsvc.services.model_files import models_dir, prune_model_files
+
+    cfg = get_settings()
+    older_than_s = None if grace_days is None else grace_days * 86400
+    result = prune_model_files(cfg, dry_run=dry_run, older_than_s=older_than_s)
+    if result.skipped:
+        raise click.ClickException("another prune of the model files is running")
+    verb = "would delete" if dry_run else "deleted"
+    for path in result.removed:
+        click.echo(f"{verb} {path}")
+    if result.orphans_skipped:
+        click.echo("kept files no version names: a retraining run is going on")
+    click.echo(
+        f"{verb} {len(result.removed)} files ({result.freed_bytes / 1e6:.1f} MB) of "
+        f"{len(result.versions)} rejected versions and crashed runs in {models_dir(cfg)}"
     )
 
 

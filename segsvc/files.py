@@ -1,9 +1,12 @@
-"""Writing files that readers in other threads or processes only ever see whole."""
+"""Writing files that readers in other threads or processes only ever see whole; lock files."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -29,3 +32,19 @@ def write_atomically(path: Path, data: bytes, *, sync_folder: bool = False) -> N
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextmanager
+def try_lock(path: Path) -> Iterator[bool]:
+    """Hold the lock file `path` (made if missing) while True; False, at once, if another
+    process (or another open of it in this one) holds it."""
+    with open(path, "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -239,6 +239,9 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the model-file pruner deleted a rejected version's file: the row stays (its metrics
+    # and reason are history), but the version can never serve again.
+    file_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class WebhookSecret(Base):

@@ -174,6 +174,14 @@ class Settings(BaseSettings):
     retrain_epochs: int = Field(3, ge=1, description="Fine-tuning epochs per retraining run.")
     retrain_learning_rate: float = Field(1e-4, gt=0, description="Fine-tuning learning rate.")
     retrain_min_new_labels: int = Field(20, ge=0, description="New labels needed to retrain.")
+    model_file_grace_days: float = Field(
+        7.0,
+        ge=0,
+        description="Model files retraining wrote to var_dir/models that can never serve, of "
+        "rejected versions (rejected this long ago too) and of crashed runs (named by no "
+        "version), are deleted once this old: after each run, or by `segsvc models "
+        "prune-files`. Production, canary, candidate and archived versions' files stay.",
+    )
     gate_miou_tolerance: float = Field(0.0, ge=0, description="Candidate mIoU may trail by this.")
     gate_latency_ratio: float = Field(
         1.2, gt=0, description="Candidate latency may exceed by this."

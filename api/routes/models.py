@@ -67,6 +67,7 @@ def version_body(row: ModelVersion) -> dict[str, Any]:
         "created_at": iso(row.created_at),
         "promoted_at": iso(row.promoted_at),
         "retired_at": iso(row.retired_at),
+        "file_deleted_at": iso(row.file_deleted_at),
     }
 
 

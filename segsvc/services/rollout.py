@@ -36,6 +36,12 @@ REGISTRY_LOCK_KEY = 0x5E65_0DE1
 ARM_ROWS_FLOOR = 20_000
 
 
+class ModelFileDeletedError(ConflictError):
+    """The version's model file was pruned (`segsvc.services.model_files`): it cannot serve."""
+
+    code = "model_file_deleted"
+
+
 def lock_registry(session: Session) -> None:
     """Serialize changes of which version serves (for this transaction), then read afresh.
 
@@ -65,6 +71,7 @@ def start_canary(*, session: Session, version: str, share: float) -> ModelVersio
     """Serve `share` of jobs with `version`; a canary already running is superseded."""
     lock_registry(session)
     row = registry.get_version(session=session, version=version)
+    _require_model_file(row)
     for other in _with_status(session, ModelStatus.CANARY):
         if other.version != version:
             _retire(other, ModelStatus.REJECTED, f"superseded by canary {version}")
@@ -82,6 +89,7 @@ def promote(*, session: Session, version: str, reason: str | None = None) -> Mod
     row = registry.get_version(session=session, version=version)
     if row.status == ModelStatus.PRODUCTION:
         raise ConflictError(f"{version} is already production.")
+    _require_model_file(row)
     old = registry.production_version(session=session)
     for prev in _with_status(session, ModelStatus.PRODUCTION):
         _retire(prev, ModelStatus.ARCHIVED, f"replaced by {version}")
@@ -140,6 +148,17 @@ def _previous_production(session: Session, current: ModelVersion) -> ModelVersio
         .order_by(ModelVersion.retired_at.desc().nulls_last())
         .limit(1)
     )
+
+
+def _require_model_file(row: ModelVersion) -> None:
+    """Refuse a version whose file the pruner deleted: workers could never load it. (Read
+    under `lock_registry`, which the pruner holds while it deletes and marks.)"""
+    if row.file_deleted_at is not None:
+        raise ModelFileDeletedError(
+            f"{row.version} cannot serve again: its model file {row.path} was deleted on "
+            f"{row.file_deleted_at:%Y-%m-%d %H:%M} UTC (rejected versions' files are pruned "
+            "SEG_MODEL_FILE_GRACE_DAYS after their rejection)."
+        )
 
 
 def _with_status(session: Session, status: ModelStatus) -> list[ModelVersion]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from segsvc.db import session_scope
-from segsvc.models import ModelStatus
+from segsvc.models import ModelStatus, utcnow
 from segsvc.services import registry
 from segsvc.settings import Settings
 
@@ -85,3 +85,19 @@ def test_promote_unknown_or_current_version_and_rollback_without_history(  # typ
     resp = client.post("/v1/models/rollback", headers=admin(admin_key))
     assert resp.status_code == 409
     assert "no earlier production" in resp.get_json()["message"]
+
+
+def test_promote_of_a_version_whose_model_file_was_pruned_is_a_conflict(  # type: ignore[no-untyped-def]
+    client, admin_key: str, production_model: str, settings: Settings, model_file: Path
+) -> None:
+    add_version(settings, model_file, "pruned", ModelStatus.REJECTED)
+    with session_scope(settings) as session:
+        registry.get_version(session=session, version="pruned").file_deleted_at = utcnow()
+    resp = client.post("/v1/models/pruned/promote", headers=admin(admin_key))
+    assert resp.status_code == 409
+    assert resp.get_json()["error"] == "model_file_deleted"
+    body = client.get("/v1/models", headers=admin(admin_key)).get_json()
+    by_version = {v["version"]: v for v in body["versions"]}
+    assert by_version["pruned"]["file_deleted_at"] is not None
+    assert by_version["pruned"]["status"] == "rejected"
+    assert by_version["test-v1"]["file_deleted_at"] is None

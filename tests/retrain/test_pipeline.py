@@ -469,3 +469,31 @@ def test_a_late_failure_keeps_the_registered_canarys_model_file(
             v for v in registry.list_versions(session=session) if v.status == ModelStatus.CANARY
         ]
         assert Path(canary.path).is_file()
+
+
+def test_a_run_prunes_old_model_files_of_rejected_versions_and_crashed_runs_at_its_end(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.segsvc.services.test_model_files import add_version, candidate
+
+    # Every candidate fails the latency gate (equal latencies, ratio 0.5): rejected at once.
+    cfg = loop_settings(
+        settings, tmp_path, retrain_min_new_labels=0, gate_latency_ratio=0.5, var_dir=tmp_path
+    )
+    crashed, old_rejected = candidate(cfg), candidate(cfg)
+    add_version(cfg, "old-rejected", old_rejected, ModelStatus.REJECTED)
+    quick_run(monkeypatch, model_file)
+    result = run_retraining(cfg, trigger="manual")
+    assert result.candidate_status == ModelStatus.REJECTED
+    assert not crashed.exists()
+    assert not old_rejected.exists()
+    with session_scope(cfg) as session:
+        new = registry.get_version(session=session, version=result.candidate_version or "")
+        assert Path(new.path).is_file()  # rejected just now: an operator may look at it
+        assert new.file_deleted_at is None
+        assert registry.get_version(session=session, version="old-rejected").file_deleted_at
+    assert model_file.is_file()

@@ -1,4 +1,4 @@
-"""segsvc/files.py: atomic writes."""
+"""segsvc/files.py: atomic writes and lock files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from segsvc.files import write_atomically
+from segsvc.files import try_lock, write_atomically
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(
@@ -32,3 +32,13 @@ def test_a_write_replaces_the_file_whole(tmp_path: Path) -> None:
     write_atomically(target, b"second")
     assert target.read_bytes() == b"second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blob"]
+
+
+def test_try_lock_answers_at_once_while_another_holder_has_it(tmp_path: Path) -> None:
+    lock = tmp_path / ".prune.lock"
+    with try_lock(lock) as first:
+        assert first
+        with try_lock(lock) as second:  # another open of the file: another holder
+            assert not second
+    with try_lock(lock) as again:
+        assert again  # released

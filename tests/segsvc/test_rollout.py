@@ -251,6 +251,22 @@ def test_reject_refuses_production_and_rollback_needs_history(
         assert (row.status, row.reason) == ("rejected", "gate: worse")
 
 
+def test_a_version_whose_model_file_was_pruned_never_serves_again(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    add(settings, model_file, "pruned", ModelStatus.REJECTED)
+    with session_scope(settings) as session:
+        registry.get_version(session=session, version="pruned").file_deleted_at = utcnow()
+    with session_scope(settings) as session:
+        with pytest.raises(rollout.ModelFileDeletedError, match="pruned cannot serve again"):
+            rollout.promote(session=session, version="pruned")
+        with pytest.raises(rollout.ModelFileDeletedError):
+            rollout.start_canary(session=session, version="pruned", share=0.1)
+    got = statuses(settings)
+    assert got["pruned"] == ("rejected", 0.0)
+    assert got["test-v1"] == ("production", 1.0)
+
+
 def test_a_verdict_never_promotes_a_canary_an_operator_rollback_just_stopped(
     settings: Settings, production_model: str, model_file: Path
 ) -> None:

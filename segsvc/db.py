@@ -54,11 +54,18 @@ def with_db_role(settings: Settings, role: DbRole) -> Settings:
     return settings.model_copy(update={"db_role": role})
 
 
+# Each limit, said explicitly even when off (0): a limit set on the database or its role
+# (`ALTER ROLE ... SET statement_timeout`, as a pooler that drops startup options needs) must
+# not reach admin work, and a serving role's 0 means no limit, not the role's.
+NO_LIMITS = {"statement_timeout": 0, "lock_timeout": 0, "idle_in_transaction_session_timeout": 0}
+
+
 def statement_limits(settings: Settings) -> dict[str, int]:
-    """The Postgres timeouts (ms) of the settings' role; none for `admin` work (migrations
-    build indexes CONCURRENTLY, retraining exports every label: both may rightly run long)."""
+    """The Postgres timeouts (ms, 0: none) of the settings' role; none for `admin` work
+    (migrations build indexes CONCURRENTLY, retraining exports every label: both may rightly
+    run long)."""
     if settings.db_role == "admin":
-        return {}
+        return dict(NO_LIMITS)
     statement = (
         settings.api_statement_timeout_seconds
         if settings.db_role == "api"
@@ -70,7 +77,7 @@ def statement_limits(settings: Settings) -> dict[str, int]:
         "idle_in_transaction_session_timeout": settings.db_idle_in_transaction_timeout_seconds,
     }
     # At least 1 ms: a value that rounds to 0 would mean "no limit" to Postgres.
-    return {name: max(1, round(s * 1000)) for name, s in seconds.items() if s > 0}
+    return {name: max(1, round(s * 1000)) if s > 0 else 0 for name, s in seconds.items()}
 
 
 def is_db_timeout(exc: BaseException) -> bool:
@@ -91,7 +98,8 @@ def _postgres_connect_args(url: str, limits: Mapping[str, int]) -> dict[str, Any
 
 def build_engine(url: str, *, limits: Mapping[str, int] | None = None) -> Engine:
     """A new engine with settings suited to the dialect; on Postgres, `limits` are server
-    settings (ms, e.g. `statement_timeout`) of each connection. SQLite takes none."""
+    settings (ms, e.g. `statement_timeout`) of each connection, by default none at all
+    (`NO_LIMITS`: what migrations connect with). SQLite takes none."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -105,7 +113,7 @@ def build_engine(url: str, *, limits: Mapping[str, int] | None = None) -> Engine
         pool_size=10,
         max_overflow=10,
         pool_recycle=1800,
-        connect_args=_postgres_connect_args(url, limits or {}),
+        connect_args=_postgres_connect_args(url, NO_LIMITS if limits is None else limits),
     )
 
 

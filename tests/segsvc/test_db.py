@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 
 import psycopg
 import pytest
+from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -21,6 +23,7 @@ from segsvc.db import (
     with_db_role,
 )
 from segsvc.settings import Settings
+from tests.conftest import postgres_database
 
 
 def test_postgres_connections_detect_a_vanished_server(settings: Settings) -> None:
@@ -57,7 +60,13 @@ def limited(settings: Settings, role: DbRole, **limits: float) -> Settings:
 
 def test_statement_limits_follow_the_process_role() -> None:
     cfg = Settings(_env_file=None)
-    assert statement_limits(cfg) == {}  # migrations, the CLI, retraining: no limits
+    # Migrations, the CLI, retraining: no limits, said explicitly (0) so that none set on the
+    # database or its role applies.
+    assert statement_limits(cfg) == {
+        "statement_timeout": 0,
+        "lock_timeout": 0,
+        "idle_in_transaction_session_timeout": 0,
+    }
     assert statement_limits(with_db_role(cfg, "api")) == {
         "statement_timeout": 10_000,
         "lock_timeout": 5_000,
@@ -65,9 +74,10 @@ def test_statement_limits_follow_the_process_role() -> None:
     }
     assert statement_limits(with_db_role(cfg, "worker"))["statement_timeout"] == 60_000
     tiny = limited(cfg, "api", api_statement_timeout_seconds=1e-4, db_lock_timeout_seconds=0)
-    # A value that rounds to 0 ms still limits; 0 leaves the server's default.
+    # A value that rounds to 0 ms still limits; 0 is no limit.
     assert statement_limits(tiny) == {
         "statement_timeout": 1,
+        "lock_timeout": 0,
         "idle_in_transaction_session_timeout": 120_000,
     }
 
@@ -132,3 +142,23 @@ def test_database_url_options_still_apply(settings: Settings) -> None:
     with get_engine(cfg).connect() as conn:
         assert conn.scalar(text("SHOW statement_timeout")) == "10s"
         assert conn.scalar(text("SHOW lock_timeout")) == "777ms"  # the URL's own wins
+
+
+def test_admin_work_is_unlimited_even_where_the_database_sets_limits() -> None:
+    # Behind a pooler the docs advise limits on the database role (ALTER ROLE/DATABASE ... SET);
+    # migrations and retraining must still run unbounded, and serving connections keep theirs.
+    with postgres_database(f"segsvc_limits_{os.getpid()}") as url:
+        with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET statement_timeout = '100ms'").format(
+                    sql.Identifier(f"segsvc_limits_{os.getpid()}")
+                )
+            )
+        cfg = Settings(database_url=url, _env_file=None)  # type: ignore[call-arg]
+        migrations = build_engine(url)
+        for engine in (get_engine(cfg), migrations):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_sleep(0.3)"))
+        migrations.dispose()
+        with get_engine(with_db_role(cfg, "api")).connect() as conn:
+            assert conn.scalar(text("SHOW statement_timeout")) == "10s"

@@ -137,8 +137,8 @@ def models_rollback() -> None:
     help="Keep what was used more recently than this [default: SEG_ARTIFACT_GRACE_HOURS].",
 )
 def models_prune_artifacts(dry_run: bool, grace_hours: float | None) -> None:
-    """Delete converted artifacts that no version the registry may serve needs (polling
-    workers also do this every 10 minutes): other versions', older converter fingerprints',
+    """Delete converted artifacts that no version the registry may serve needs (workers
+    also do this every 10 minutes): other versions', older converter fingerprints',
     old broken files. A folder a worker converts into is skipped."""
     from segsvc.services.artifacts import prune_artifact_cache
 

@@ -187,7 +187,9 @@ class ModelManager:
 
     # --- internals ------------------------------------------------------------------------
     def _start_polling(self) -> None:
-        if self._poller is not None or self.settings.registry_poll_seconds <= 0:
+        # With polling off (SEG_REGISTRY_POLL_SECONDS=0) the thread still tends the artifact
+        # cache: the worker serves from its folders for as long as it runs.
+        if self._poller is not None:
             return
         with self._lock:
             if self._poller is None:
@@ -197,13 +199,17 @@ class ModelManager:
                 self._poller.start()
 
     def _poll(self) -> None:
+        polling = self.settings.registry_poll_seconds > 0
         tend_at = time.monotonic()  # at start too: a new image brings new converter fingerprints
         while True:
             if time.monotonic() >= tend_at:
                 self.tend_artifact_cache()
                 tend_at = time.monotonic() + CACHE_TEND_S
-            if self._stop.wait(self.settings.registry_poll_seconds):
+            pause = self.settings.registry_poll_seconds if polling else CACHE_TEND_S
+            if self._stop.wait(pause):
                 return
+            if not polling:
+                continue
             try:
                 self.refresh()
             except Exception:  # keep serving what we have; the next poll tries again

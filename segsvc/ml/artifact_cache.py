@@ -10,9 +10,10 @@ half-written by a crash in the folders it keeps.
 Workers share the cache (a volume of every pod), so a deletion is safe against them:
 
 - a folder whose `.lock` a worker holds (it is converting into it) is skipped, never waited for;
-- "unused" is the folder's mtime: `ensure_artifacts` marks it at every load, and serving workers
-  mark theirs every few minutes (a LiteRT file is mapped while it serves: deleting it from
-  another host of a shared NFS volume could crash the worker that maps it);
+- "unused" is the folder's mtime, aged on the filesystem's clock (on NFS, the file server's):
+  `ensure_artifacts` marks it at every load, and serving workers mark theirs every few minutes
+  (a LiteRT file is mapped while it serves: deleting it from another host of a shared NFS
+  volume could crash the worker that maps it);
 - the folder is renamed aside in one step, under its lock, and only then deleted: a worker finds
   the whole folder or none (and converts again), never a half-deleted one that passes its
   file check. Its mtime is read again after the rename: a load that marked it meanwhile puts it
@@ -69,7 +70,7 @@ def prune_artifacts(
             result.skipped = True
             return result
         current = {f"{kind}-{converter_fingerprint(kind)}" for kind in CONVERTED_KINDS}
-        cutoff = time.time() - older_than_s
+        cutoff = _filesystem_now(artifact_dir) - older_than_s
         for model_dir in sorted(artifact_dir.iterdir()):
             if SHA256.fullmatch(model_dir.name) and model_dir.is_dir():
                 kept = current if model_dir.name in keep else set()
@@ -183,6 +184,17 @@ def _pruning(artifact_dir: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _filesystem_now(artifact_dir: Path) -> float:
+    """Now on the clock that stamps the cache's mtimes: on a shared volume (NFS) that is the
+    file server's, which a pruning host's own clock may be far from."""
+    probe = artifact_dir / ".prune.lock"
+    try:
+        os.utime(probe)
+        return probe.stat().st_mtime
+    except OSError:  # a read-only cache: this host's clock, the best there is
+        return time.time()
 
 
 def _size(folder: Path) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 import uuid
@@ -478,3 +479,35 @@ def test_a_polling_worker_marks_its_artifacts_used_and_prunes_the_rest(
     assert not retired.exists()
     assert (serving / "model.onnx").is_file()
     assert serving.stat().st_mtime > time.time() - 60  # marked used by the worker serving it
+
+
+def test_a_worker_that_does_not_poll_still_marks_its_artifacts_used(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With registry polling off (SEG_REGISTRY_POLL_SECONDS=0) the worker still serves from its
+    # folder for days: a pruner elsewhere must not take it for unused.
+    from segsvc.digest import file_sha256
+    from tests.segsvc.ml.test_artifact_cache import cached
+    from worker import model_manager
+
+    monkeypatch.setattr(model_manager, "load_runtime", lambda path, *, kind, **_: StubRuntime(kind))
+    monkeypatch.setattr(model_manager, "CACHE_TEND_S", 0.05)
+    cfg = settings.model_copy(
+        update={"runtime": "onnx", "registry_poll_seconds": 0, "artifact_cache_dir": tmp_path}
+    )
+    serving = cached(tmp_path, file_sha256(model_file))  # last used 10 days ago
+    mgr = ModelManager(cfg)
+    try:
+        assert mgr.load().version == production_model
+        old = time.time() - 86400
+        os.utime(serving, (old, old))  # as if the load were a day ago
+        deadline = time.monotonic() + 10
+        while serving.stat().st_mtime < time.time() - 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        mgr.close()
+    assert serving.stat().st_mtime > time.time() - 60

@@ -204,3 +204,19 @@ def test_only_one_pruner_runs_at_a_time(tmp_path: Path) -> None:
         result = prune_artifacts(tmp_path, keep=set(), older_than_s=GRACE)
     assert result.skipped
     assert old.is_dir()
+
+
+def test_prune_artifacts_ages_folders_on_the_cache_filesystem_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a shared volume (NFS) a folder's mtime is the file server's time. A pruning host whose
+    # clock runs days ahead must still see a folder marked just now as used, not as old.
+    just_used = cached(tmp_path, OLD)
+    os.utime(just_used)  # marked by a load: the filesystem's now
+    unused = cached(tmp_path, NEW)
+    host_now = time.time() + 10 * DAY
+    monkeypatch.setattr(artifact_cache.time, "time", lambda: host_now)
+    result = prune_artifacts(tmp_path, keep={KEPT}, older_than_s=GRACE)
+    assert just_used.is_dir()
+    assert not unused.exists()
+    assert result.removed == [unused]

@@ -204,10 +204,11 @@ class MicroBatcher:
         """Give a failed batch's claimed jobs back to the queue before its messages are
         requeued, so the redelivered messages can claim them again at once (without this they
         would find the jobs leased, be acknowledged, and wait for the reconciler, which counts
-        each such round as a lost attempt)."""
+        each such round as a lost attempt). The release waits for locks and retries until the
+        lease would expire, so a database stall that failed the batch does not count too."""
         try:
             self.segmenter.release(batch)
-        except Exception:  # the lease expires and the reconciler picks the jobs up
+        except Exception:  # not even by the lease's end: the reconciler picks the jobs up
             log.exception("releasing the batch failed too")
 
 

@@ -11,18 +11,19 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from segsvc import notify
 from segsvc.blobs import blob_store
-from segsvc.db import session_scope
+from segsvc.db import is_db_timeout, session_scope, statement_limits
 from segsvc.metrics import BATCH_SIZE, JOBS_FINISHED, PREDICT_TIME, QUEUE_WAIT
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.preprocess import (
@@ -40,6 +41,16 @@ log = logging.getLogger(__name__)
 
 INPUT_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 Claimed = job_service.Claimed
+T = TypeVar("T")
+
+# A store that timed out (the jobs table locked, say by a migration queued behind a long
+# transaction) is tried once more, waiting for locks, but leaves this share of the lease to the
+# release that follows if it fails again.
+RELEASE_SHARE = 0.25
+# A release that failed on a timeout or a lost connection is tried again after these pauses
+# (doubling) until its batch's lease would expire.
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 5.0
 
 
 @dataclass
@@ -57,6 +68,9 @@ class Claim:
     """A claimed batch: per model version its jobs and their stacked, normalized inputs."""
 
     claimed: int = 0
+    # time.monotonic() just before the claim: its leases expire `job_lease_seconds` after this
+    # at the earliest (they are granted on the database's clock, later).
+    claimed_at: float = field(default_factory=time.monotonic)
     inputs: list[tuple[LoadedModel, list[Claimed], npt.NDArray[np.float32]]] = field(
         default_factory=list
     )
@@ -68,6 +82,7 @@ class Inferred:
     """A batch after its forward passes, waiting to be stored."""
 
     claimed: int = 0
+    claimed_at: float = field(default_factory=time.monotonic)  # as Claim's
     groups: list[Group] = field(default_factory=list)
     failed: list[tuple[Claimed, str, str]] = field(default_factory=list)  # job, code, message
 
@@ -112,12 +127,13 @@ class Segmenter:
         ids = list(dict.fromkeys(_parse_ids(job_ids)))
         if not ids:
             return Claim()
+        claimed_at = time.monotonic()
         with session_scope(self.settings) as session:
             _relax_commit(session)
             claimed = job_service.claim_jobs(
                 session=session, job_ids=ids, lease_seconds=self.settings.job_lease_seconds
             )
-        out = Claim(claimed=len(claimed))
+        out = Claim(claimed=len(claimed), claimed_at=claimed_at)
         by_version: dict[str, tuple[LoadedModel, list[Claimed], list[Any]]] = {}
         for job in claimed:
             pixels = _model_input(job)
@@ -136,7 +152,9 @@ class Segmenter:
 
     def forward(self, claim: Claim) -> Inferred:
         """One forward pass per model version over a claimed batch."""
-        out = Inferred(claimed=claim.claimed, failed=list(claim.failed))
+        out = Inferred(
+            claimed=claim.claimed, claimed_at=claim.claimed_at, failed=list(claim.failed)
+        )
         for model, jobs, inputs in claim.inputs:
             started = time.perf_counter()
             logits = model.runtime.predict(inputs)
@@ -165,17 +183,9 @@ class Segmenter:
                 results.append(result)
         if not results and not failed:
             return {"claimed": batch.claimed, "succeeded": 0, "failed": 0}
-        with session_scope(self.settings) as session:
-            done = job_service.complete_jobs(session=session, results=results)
-            for job, code, message in failed:
-                log.warning("job %s failed: %s", job.id, message)
-                job_service.fail_job(
-                    session=session,
-                    job_id=job.id,
-                    code=code,
-                    message=message,
-                    lease_token=job.lease_token,
-                )
+        done = self._write_outcomes(batch, results, failed)
+        for job, _, message in failed:
+            log.warning("job %s failed: %s", job.id, message)
         finished = [r["id"] for r in results] + [job.id for job, _, _ in failed]
         notify.publish_finished(self.settings.effective_redis_url, finished)  # long polls
         for group in batch.groups:
@@ -202,16 +212,121 @@ class Segmenter:
         else:
             jobs = [job for group in batch.groups for job in group.jobs]
         jobs += [job for job, *_ in batch.failed]
-        with session_scope(self.settings) as session:
-            ended = [
+        if not jobs:
+            return
+
+        def give_back(session: Session) -> list[uuid.UUID]:
+            return [
                 job.id
                 for job in jobs
                 if not job_service.release_job(
                     session=session, job_id=job.id, lease_token=job.lease_token
                 )
             ]
+
+        # The release is what keeps a database stall from counting against the jobs as a lost
+        # run (and, repeated, from quarantining them as poison inputs): it waits for locks and
+        # retries until the lease would expire, when the reconciler takes over anyway. Fenced
+        # by the lease, so a retry after a commit whose answer was lost releases nothing twice.
+        ended = self._retrying(give_back, until=self._lease_end(batch), what="releasing a batch")
         if ended:  # failed for good (or fenced out): long polls need not wait for their timeout
             notify.publish_finished(self.settings.effective_redis_url, ended)
+
+    def _write_outcomes(
+        self,
+        batch: Inferred,
+        results: list[dict[str, Any]],
+        failed: list[tuple[Claimed, str, str]],
+    ) -> int:
+        """Commit a batch's results and failures in one transaction; the number succeeded.
+
+        One that timed out is tried once more, waiting for locks until the last
+        `RELEASE_SHARE` of the lease (kept for the release if it fails again): before the
+        statement limits a store behind a lock simply waited and committed. Results are fenced
+        by the lease, so a retry never writes over a job another worker took over."""
+
+        def write(session: Session) -> int:
+            done = job_service.complete_jobs(session=session, results=results)
+            for job, code, message in failed:
+                job_service.fail_job(
+                    session=session,
+                    job_id=job.id,
+                    code=code,
+                    message=message,
+                    lease_token=job.lease_token,
+                )
+            return done
+
+        try:
+            return self._transaction(write)
+        except DBAPIError as exc:
+            until = self._lease_end(batch) - RELEASE_SHARE * self.settings.job_lease_seconds
+            if not is_db_timeout(exc) or until <= time.monotonic():
+                raise
+            log.warning(
+                "storing a batch timed out (%s); trying once more, waiting up to %.0f s for locks",
+                exc.orig,
+                until - time.monotonic(),
+            )
+            return self._transaction(write, patient_until=until)
+
+    def _retrying(self, write: Callable[[Session], T], *, until: float, what: str) -> T:
+        """`write` in a transaction that waits for locks until `until` (time.monotonic()), tried
+        again with growing pauses after a timeout or a lost connection until then."""
+        pause = RETRY_FIRST_S
+        while True:
+            try:
+                return self._transaction(write, patient_until=until)
+            except DBAPIError as exc:
+                if not _is_transient(exc) or time.monotonic() + pause >= until:
+                    raise
+                log.warning("%s failed (%s); trying again in %.1f s", what, exc.orig, pause)
+            time.sleep(pause)
+            pause = min(2 * pause, RETRY_MAX_S)
+
+    def _transaction(
+        self, write: Callable[[Session], T], *, patient_until: float | None = None
+    ) -> T:
+        """`write` in one transaction, under the role's statement limits or, with
+        `patient_until`, waiting for locks until then."""
+        with session_scope(self.settings) as session:
+            if patient_until is not None:
+                _wait_for_locks(session, self.settings, patient_until - time.monotonic())
+            return write(session)
+
+    def _lease_end(self, batch: Claim | Inferred) -> float:
+        """When (time.monotonic()) the batch's leases expire, at the earliest."""
+        return batch.claimed_at + self.settings.job_lease_seconds
+
+
+def _wait_for_locks(session: Session, settings: Settings, seconds: float) -> None:
+    """Let this transaction wait for locks (no `lock_timeout`) with every statement bounded by
+    `seconds` instead of the role's `statement_timeout`; on Postgres only, where the role has
+    limits at all (SQLite waits its `busy_timeout`), and only with time left: otherwise the
+    role's limits stay, so a write late for its deadline is still tried once."""
+    limits = statement_limits(settings)  # ms, 0 (or absent): none
+    if (
+        seconds <= 0
+        or session.get_bind().dialect.name != "postgresql"
+        or not (limits.get("lock_timeout") or limits.get("statement_timeout"))
+    ):
+        return
+    session.execute(
+        text(
+            "SELECT set_config('lock_timeout', '0', true),"
+            " set_config('statement_timeout', :ms, true)"
+        ),
+        {"ms": str(max(1, round(seconds * 1000)))},
+    )
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    """A write worth trying again: a timeout, a lost connection, a deadlock or a restart."""
+    return (
+        is_db_timeout(exc)
+        or exc.connection_invalidated
+        or isinstance(exc, OperationalError | InterfaceError)
+    )
 
 
 def _relax_commit(session: Session) -> None:

@@ -13,7 +13,8 @@ import pytest
 
 from segsvc.models import JobStatus
 from segsvc.settings import Settings
-from tests.worker.test_segmenter import make_jobs, rows
+from tests.segsvc.test_db import holding
+from tests.worker.test_segmenter import HOLD_S, LOCK_JOBS, make_jobs, rows, worker_settings
 from worker import batcher as batcher_module
 from worker.batcher import Item, MicroBatcher
 from worker.segmenter import Claim, Inferred, Segmenter
@@ -84,6 +85,16 @@ def recorder(
 ) -> Recorder:
     monkeypatch.setattr(batcher_module, "RETRY_PAUSE_S", 0.0)
     return Recorder(Segmenter(settings.model_copy(update={"registry_poll_seconds": 0})))
+
+
+@pytest.fixture
+def worker_recorder(
+    settings: Settings, production_model: str, monkeypatch: pytest.MonkeyPatch
+) -> Recorder:
+    """A Recorder whose Segmenter has an inference worker's statement limits (0.3 s lock
+    timeout)."""
+    monkeypatch.setattr(batcher_module, "RETRY_PAUSE_S", 0.0)
+    return Recorder(Segmenter(worker_settings(settings)))
 
 
 def start(recorder: Recorder, ids: list[str]) -> MicroBatcher:
@@ -284,3 +295,48 @@ def test_a_batch_held_too_long_reads_as_a_stalled_pipeline(
     observability._heartbeat()
     assert (tmp_path / ALIVE).exists()
     batcher.close()
+
+
+def test_a_store_behind_a_locked_jobs_table_waits_and_commits(
+    settings: Settings, worker_recorder: Recorder
+) -> None:
+    # Regression: the store failed at the worker's lock timeout behind a migration's lock, and
+    # so did its release; the job stayed running until its lease expired, a lost run (two make
+    # it a suspect, three end it failed), where before the limits the store waited and committed.
+    uuids = make_jobs(settings, 1)
+    ids = [str(i) for i in uuids]
+    batcher = start(worker_recorder, ids)  # claimed; its forward pass is held
+    assert settings.database_url is not None
+    with holding(settings.database_url, LOCK_JOBS, seconds=HOLD_S):
+        worker_recorder.release_first_forward.set()
+        assert not worker_recorder.all_settled.wait(HOLD_S - 0.5)  # the store waits
+    assert worker_recorder.all_settled.wait(30)
+    batcher.close()
+    assert worker_recorder.settled == {ids[0]: "ack"}
+    (job,) = rows(settings, uuids)
+    assert (job.status, job.attempts, job.releases) == (JobStatus.SUCCEEDED, 1, 0)
+
+
+def test_a_failed_store_behind_a_locked_jobs_table_is_still_released(
+    settings: Settings, worker_recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blob store fails the batch while `jobs` is locked: its release waits for the lock,
+    so the run counts as a release, not as a lost run."""
+    uuids = make_jobs(settings, 1)
+    ids = [str(i) for i in uuids]
+
+    def disk_full(data: bytes) -> bytes:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(worker_recorder.segmenter.blobs, "put", disk_full)
+    batcher = start(worker_recorder, ids)
+    assert settings.database_url is not None
+    with holding(settings.database_url, LOCK_JOBS, seconds=HOLD_S):
+        worker_recorder.release_first_forward.set()
+        assert not worker_recorder.all_settled.wait(HOLD_S - 0.5)  # the release waits
+    assert worker_recorder.all_settled.wait(30)
+    batcher.close()
+    assert worker_recorder.settled == {ids[0]: "requeue"}
+    (job,) = rows(settings, uuids)
+    assert (job.status, job.lease_token) == (JobStatus.QUEUED, None)
+    assert (job.attempts, job.releases) == (1, 1)  # attempts - releases: no lost run

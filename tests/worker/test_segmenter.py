@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
-from segsvc.db import session_scope
+from segsvc.db import DbRole, get_engine, is_db_timeout, session_scope
 from segsvc.images import validate_image
 from segsvc.ml.preprocess import decode_mask_png
 from segsvc.models import Job, JobStatus
 from segsvc.services import jobs as job_service
 from segsvc.settings import Settings
 from tests.conftest import sample_images
-from worker.segmenter import Segmenter
+from tests.segsvc.test_db import holding, limited
+from worker.segmenter import Segmenter, _wait_for_locks
 
 pytestmark = pytest.mark.timeout(180)
+
+# A migration's ALTER TABLE queued behind a long admin transaction: every statement on `jobs`
+# queues behind it, here for HOLD_S, far past the test workers' lock timeout.
+LOCK_JOBS = "LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"
+HOLD_S = 2.0
+
+
+def worker_settings(settings: Settings, **limits: float) -> Settings:
+    """The settings of an inference worker (role `worker`), its lock timeout cut to 0.3 s."""
+    return limited(
+        settings, "worker", db_lock_timeout_seconds=0.3, registry_poll_seconds=0, **limits
+    )
 
 
 def make_jobs(settings: Settings, n: int, *, broken: int = 0) -> list[uuid.UUID]:
@@ -107,3 +124,90 @@ def test_segmenter_stores_masks_in_the_fs_blob_store(
         assert is_pointer(job.mask_png)
         mask = decode_mask_png(blob_store(cfg).get(job.mask_png) or b"")
         assert mask.shape == (job.input_height, job.input_width)
+
+
+def test_segmenter_release_waits_for_a_locked_jobs_table(
+    settings: Settings, production_model: str
+) -> None:
+    # Regression: the release ran under the worker's lock timeout, so behind a migration's lock
+    # it failed like the store before it; the jobs stayed running until their leases expired
+    # and counted as lost runs, which quarantine a job as a poison input when repeated.
+    segmenter = Segmenter(worker_settings(settings))
+    ids = make_jobs(settings, 2)
+    inferred = segmenter.infer([str(i) for i in ids])
+    assert settings.database_url is not None
+    with holding(settings.database_url, LOCK_JOBS, seconds=HOLD_S):
+        started = time.monotonic()
+        segmenter.release(inferred)  # the holder lets go after HOLD_S
+        assert time.monotonic() - started > HOLD_S - 0.5
+    for job in rows(settings, ids):
+        assert (job.status, job.lease_token) == (JobStatus.QUEUED, None)
+        assert (job.attempts, job.releases) == (1, 1)  # no lost run
+
+
+def test_segmenter_release_retries_after_losing_its_connection(
+    settings: Settings, production_model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    segmenter = Segmenter(worker_settings(settings))
+    ids = make_jobs(settings, 2)
+    claim = segmenter.claim([str(i) for i in ids])
+    assert settings.database_url is not None
+    with (
+        holding(settings.database_url, LOCK_JOBS, seconds=HOLD_S),
+        ThreadPoolExecutor(1) as pool,
+    ):
+        releasing = pool.submit(segmenter.release, claim)
+        terminate_lock_waiter(settings)  # a failover, say, while the release waits
+        releasing.result(timeout=30)
+    assert "releasing a batch failed" in caplog.text
+    for job in rows(settings, ids):
+        assert (job.status, job.attempts, job.releases) == (JobStatus.QUEUED, 1, 1)
+
+
+def test_segmenter_release_waits_for_a_lock_until_the_lease_ends(
+    settings: Settings, production_model: str
+) -> None:
+    segmenter = Segmenter(worker_settings(settings, job_lease_seconds=2))
+    ids = make_jobs(settings, 1)
+    segmenter.load()
+    leased = time.monotonic()
+    claim = segmenter.claim([str(i) for i in ids])
+    assert settings.database_url is not None
+    with holding(settings.database_url, LOCK_JOBS, seconds=10):
+        with pytest.raises(OperationalError) as caught:
+            segmenter.release(claim)
+        waited = time.monotonic() - leased
+    assert is_db_timeout(caught.value)
+    assert 1.5 < waited < 4  # then the lease is up: the reconciler takes the job
+    (job,) = rows(settings, ids)
+    assert (job.status, job.releases) == (JobStatus.RUNNING, 0)
+
+
+@pytest.mark.parametrize(
+    ("role", "lock", "statement"), [("worker", "0", "7s"), ("admin", "0", "0")]
+)
+def test_segmenter_waits_for_locks_only_in_place_of_a_role_s_limits(
+    settings: Settings, role: DbRole, lock: str, statement: str
+) -> None:
+    # Admin work (role `admin`, no limits) must not gain a statement timeout from the release.
+    cfg = limited(settings, role, db_lock_timeout_seconds=0.3)
+    with session_scope(cfg) as session:
+        _wait_for_locks(session, cfg, 7.0)
+        assert session.scalar(text("SHOW lock_timeout")) == lock
+        assert session.scalar(text("SHOW statement_timeout")) == statement
+
+
+def terminate_lock_waiter(settings: Settings) -> None:
+    """End the connection of the statement waiting for a lock on `jobs` (within 5 s)."""
+    deadline = time.monotonic() + 5
+    waiting = text(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock' "
+        "AND query LIKE 'UPDATE jobs %'"
+    )
+    while time.monotonic() < deadline:
+        with get_engine(settings).connect() as conn:
+            if conn.execute(waiting).first() is not None:
+                return
+        time.sleep(0.05)
+    raise AssertionError("no statement waited for the lock on jobs")

@@ -1,8 +1,9 @@
 """The reconciler: a pass when each worker (inference or maintenance) starts and then every
 `reconcile_interval_seconds` from a thread of the worker itself; beat sends none. A Redis key
 lets one pass start per interval across all of them, and Postgres' advisory lock keeps passes
-from overlapping. While a pass left suspects waiting, the worker that ran it also runs the
-quarantine's step alone every `SUSPECT_STEP_SECONDS`, under the same lock. The task
+from overlapping (a pass waits a few seconds for it, so a quarantine step holding it does not
+cost the interval its pass). While a pass left suspects waiting, the worker that ran it also
+runs the quarantine's step alone every `SUSPECT_STEP_SECONDS`, under the same lock. The task
 `segsvc.reconcile` remains for sending a pass by hand."""
 
 from __future__ import annotations
@@ -32,14 +33,27 @@ log = logging.getLogger(__name__)
 SUSPECT_STEP_SECONDS = 2.0
 
 
+# How long a due pass waits for the lock: a quarantine step holds it for a few indexed reads
+# and at most one send, and a pass that gave up for it would leave its interval without one
+# (its turn is taken). Another pass holding it longer means one just ran: this one skips.
+PASS_LOCK_WAIT_SECONDS = 5.0
+# Sends after a commit that may fail in a row before the pass leaves the rest to the next one:
+# the broker is away, and each try can take its connect timeout twice (5 s, one retry).
+MAX_FAILED_SENDS_IN_A_ROW = 3
+
+
+def broker_inspectable(cfg: Settings) -> bool:
+    """Whether a pass can see which jobs have a message in the broker (Redis only)."""
+    return cfg.celery_broker_url.startswith(("redis://", "rediss://"))
+
+
 def broker_snapshot(cfg: Settings) -> set[str] | None:
     """Job ids with a live message in Redis; None when the broker is not Redis."""
-    url = cfg.celery_broker_url
-    if not url.startswith(("redis://", "rediss://")):
+    if not broker_inspectable(cfg):
         return None
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis.Redis.from_url(cfg.celery_broker_url, socket_timeout=5, socket_connect_timeout=5)
     try:
         return reconcile.broker_job_ids(
             client, queue=cfg.queue_name, stale_after_s=cfg.job_lease_seconds
@@ -52,15 +66,18 @@ Send = Callable[[uuid.UUID], None]
 
 
 def run_reconcile(cfg: Settings, celery_app: Celery) -> dict[str, object]:
-    """One reconciliation pass (skipped when another reconciler holds the lock)."""
+    """One reconciliation pass (it waits briefly for the lock, then skips)."""
+    # Snapshot before the transaction opens, so that it does not sit idle while a deep queue
+    # is read (and the lock wait only makes the snapshot older): a job enqueued between the
+    # snapshot and the query is at worst sent twice, which the claim fence makes harmless.
+    present = broker_snapshot(cfg)
 
     def full_pass(session: Session, enqueue: Send) -> reconcile.ReconcileReport:
-        # Snapshot after taking the lock and reading nothing yet: a job enqueued between the
-        # snapshot and the query is at worst sent twice, which the claim fence makes harmless.
-        present = broker_snapshot(cfg)
         return reconcile.reconcile(session=session, settings=cfg, present=present, enqueue=enqueue)
 
-    return _run_locked(cfg, celery_app, full_pass, quiet=("skipped",))
+    return _run_locked(
+        cfg, celery_app, full_pass, quiet=("skipped",), lock_wait_s=PASS_LOCK_WAIT_SECONDS
+    )
 
 
 def run_suspect_step(cfg: Settings, celery_app: Celery) -> dict[str, object]:
@@ -80,24 +97,59 @@ def _run_locked(
     work: Callable[[Session, Send], reconcile.ReconcileReport],
     *,
     quiet: tuple[str, ...],
+    lock_wait_s: float = 0.0,
 ) -> dict[str, object]:
     # The one advisory lock serializes passes and suspect steps on every worker: a step sees
     # what the last one sent (committed before the lock is released), so only one suspect is
     # ever in flight.
+    #
+    # When re-sends go out. The requeue UPDATEs run at once (Core statements, not flushed at the
+    # commit), so each row is locked before its message goes; but other transactions see it
+    # `queued` only once committed, and a claim skips a row whose committed state it may not
+    # take: a suspect's (running, lease expired, lost twice). A worker quick to take a suspect's
+    # message sent before the commit would claim nothing and drop the message.
+    # - Redis: sent after the commit, each on its own. A send that fails, or a process that
+    #   dies first, leaves the job queued without a message: the next pass's missing-message
+    #   check re-sends it once the grace period has passed.
+    # - Other brokers cannot be inspected, so nothing would notice that (and a queued suspect
+    #   would hold the quarantine for ever): sent before the commit. A send that fails rolls the
+    #   whole pass back and the next pass does it again; a claim of a job lost once waits on
+    #   its row lock for the commit. A suspect's message taken too early is made good by
+    #   `reconcile`, which re-sends a suspect left queued for a lease.
+    after_commit = broker_inspectable(cfg)
     due: list[uuid.UUID] = []
     with session_scope(cfg) as session:
-        if not reconcile.try_lock(session=session):
+        if not reconcile.try_lock(session=session, wait_s=lock_wait_s):
             return {"skipped": True}
         report = work(session, due.append)
-    # Sent once committed: a worker quick to take a message sent before would find the job not
-    # yet queued, claim nothing, and the job would wait a pass for its next message. A send
-    # that fails leaves the job queued without one, which the next pass re-sends.
-    for job_id in due:
-        _send(celery_app, cfg, job_id)
+        if not after_commit:
+            for job_id in due:
+                _send(celery_app, cfg, job_id)
     counts = report.as_dict()
+    if after_commit and (unsent := _send_each(celery_app, cfg, due)):
+        counts["unsent"] = unsent
     if any(v for k, v in counts.items() if k not in quiet):
         log.warning("reconciler: %s (failed: %s)", counts, report.failed_ids[:20])
     return counts
+
+
+def _send_each(celery_app: Celery, cfg: Settings, job_ids: list[uuid.UUID]) -> int:
+    """Send each job's message; how many were not sent (the next pass re-sends those)."""
+    unsent = failed_in_a_row = 0
+    for done, job_id in enumerate(job_ids, start=1):
+        try:
+            _send(celery_app, cfg, job_id)
+            failed_in_a_row = 0
+        except Exception:
+            log.warning("reconciler: could not send job %s", job_id, exc_info=True)
+            unsent += 1
+            failed_in_a_row += 1
+            if failed_in_a_row >= MAX_FAILED_SENDS_IN_A_ROW and done < len(job_ids):
+                log.warning(
+                    "reconciler: broker away, %d sends left to the next pass", len(job_ids) - done
+                )
+                return unsent + len(job_ids) - done
+    return unsent
 
 
 def _send(celery_app: Celery, cfg: Settings, job_id: Any) -> None:

@@ -13,7 +13,10 @@
   filters on `model_version`: both cost a write on every submit or completion for nothing.
 
 Duplicates the old indexes let in are resolved first (see DEDUPLICATE), and the indexes are
-built and dropped CONCURRENTLY on Postgres, so submits and claims go on meanwhile.
+built and dropped CONCURRENTLY on Postgres, so submits and claims go on meanwhile. A concurrent
+build that fails (a duplicate submitted meanwhile) or is cancelled leaves an INVALID index of its
+name behind, and the revision at 0002: a re-run drops those first, skips what was already built
+or dropped, and can always be run again.
 
 Revision ID: 0003
 Revises: 0002
@@ -67,56 +70,60 @@ DEDUPLICATE = (
 )
 
 
+# (name, table, columns, unique, condition)
+NEW_INDEXES = (
+    ("ix_jobs_anonymous_idempotency", "jobs", ["idempotency_key"], True, "client_id IS NULL"),
+    ("ix_webhook_endpoints_anonymous_url", "webhook_endpoints", ["url"], True, "client_id IS NULL"),
+    ("ix_jobs_input_kept_created_at", "jobs", ["created_at"], False, "input_bytes IS NOT NULL"),
+    ("ix_jobs_input_kept_sha256", "jobs", ["input_sha256"], False, "input_bytes IS NOT NULL"),
+)
+# (name, columns) on jobs
+OLD_INDEXES = (("ix_jobs_client_id", ["client_id"]), ("ix_jobs_model_version", ["model_version"]))
+
+
+def drop_invalid_indexes(names: Sequence[str]) -> None:
+    """Drop the INVALID indexes among `names` that a failed or cancelled CREATE INDEX
+    CONCURRENTLY left behind (Postgres; in an autocommit block): IF NOT EXISTS would keep
+    them, unusable, for ever."""
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    invalid = bind.scalars(
+        sa.text(
+            "SELECT name FROM unnest(CAST(:names AS text[])) AS name "
+            "JOIN pg_index ON indexrelid = to_regclass(quote_ident(name)) WHERE NOT indisvalid"
+        ),
+        {"names": list(names)},
+    ).all()
+    for name in invalid:
+        op.drop_index(name, postgresql_concurrently=True, if_exists=True)
+
+
 def upgrade() -> None:
     for statement in DEDUPLICATE:
         op.execute(statement)
     # Built CONCURRENTLY on Postgres (outside the migration's transaction): a plain CREATE
     # INDEX would block every submit and claim on a large jobs table until it finished.
     with op.get_context().autocommit_block():
-        op.create_index(
-            "ix_jobs_anonymous_idempotency",
-            "jobs",
-            ["idempotency_key"],
-            unique=True,
-            postgresql_concurrently=True,
-            **_where("client_id IS NULL"),
-        )
-        op.create_index(
-            "ix_webhook_endpoints_anonymous_url",
-            "webhook_endpoints",
-            ["url"],
-            unique=True,
-            postgresql_concurrently=True,
-            **_where("client_id IS NULL"),
-        )
-        op.create_index(
-            "ix_jobs_input_kept_created_at",
-            "jobs",
-            ["created_at"],
-            postgresql_concurrently=True,
-            **_where("input_bytes IS NOT NULL"),
-        )
-        op.create_index(
-            "ix_jobs_input_kept_sha256",
-            "jobs",
-            ["input_sha256"],
-            postgresql_concurrently=True,
-            **_where("input_bytes IS NOT NULL"),
-        )
-        op.drop_index("ix_jobs_client_id", table_name="jobs", postgresql_concurrently=True)
-        op.drop_index("ix_jobs_model_version", table_name="jobs", postgresql_concurrently=True)
+        drop_invalid_indexes([index[0] for index in NEW_INDEXES])
+        for name, table, columns, unique, condition in NEW_INDEXES:
+            op.create_index(
+                name,
+                table,
+                columns,
+                unique=unique,
+                postgresql_concurrently=True,
+                if_not_exists=True,
+                **_where(condition),
+            )
+        for name, _columns in OLD_INDEXES:
+            op.drop_index(name, table_name="jobs", postgresql_concurrently=True, if_exists=True)
 
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
-        op.create_index(
-            "ix_jobs_model_version", "jobs", ["model_version"], postgresql_concurrently=True
-        )
-        op.create_index("ix_jobs_client_id", "jobs", ["client_id"], postgresql_concurrently=True)
-        for name, table in (
-            ("ix_jobs_input_kept_sha256", "jobs"),
-            ("ix_jobs_input_kept_created_at", "jobs"),
-            ("ix_webhook_endpoints_anonymous_url", "webhook_endpoints"),
-            ("ix_jobs_anonymous_idempotency", "jobs"),
-        ):
-            op.drop_index(name, table_name=table, postgresql_concurrently=True)
+        drop_invalid_indexes([name for name, _columns in OLD_INDEXES])
+        for name, columns in reversed(OLD_INDEXES):
+            op.create_index(name, "jobs", columns, postgresql_concurrently=True, if_not_exists=True)
+        for name, table, *_ in reversed(NEW_INDEXES):
+            op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)

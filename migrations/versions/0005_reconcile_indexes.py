@@ -20,7 +20,9 @@ tell it how few match, and it uses the suspect index. The reconciler's queries w
 constants into the SQL (`reconcile._status_is`), so prepared statements can use them too.
 
 Built and dropped CONCURRENTLY on Postgres (outside the migration's transaction), so submits and
-claims go on meanwhile.
+claims go on meanwhile. A concurrent build that fails or is cancelled leaves an INVALID index of
+its name behind (and the revision at 0004): a re-run drops those first and skips the indexes
+already built, so it can always be run again.
 
 Revision ID: 0005
 Revises: 0004
@@ -67,12 +69,36 @@ def _has_expression_statistics() -> bool:
     return bind.dialect.name == "postgresql" and version >= (14,)
 
 
+def drop_invalid_indexes(names: Sequence[str]) -> None:
+    """Drop the INVALID indexes among `names` that a failed or cancelled CREATE INDEX
+    CONCURRENTLY left behind (Postgres; in an autocommit block): IF NOT EXISTS would keep
+    them, unusable, for ever."""
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    invalid = bind.scalars(
+        sa.text(
+            "SELECT name FROM unnest(CAST(:names AS text[])) AS name "
+            "JOIN pg_index ON indexrelid = to_regclass(quote_ident(name)) WHERE NOT indisvalid"
+        ),
+        {"names": list(names)},
+    ).all()
+    for name in invalid:
+        op.drop_index(name, postgresql_concurrently=True, if_exists=True)
+
+
 def upgrade() -> None:
     # A plain CREATE INDEX would block every submit and claim on a large jobs table.
     with op.get_context().autocommit_block():
+        drop_invalid_indexes([name for name, _columns, _condition in INDEXES])
         for name, columns, condition in INDEXES:
             op.create_index(
-                name, "jobs", columns, postgresql_concurrently=True, **_where(condition)
+                name,
+                "jobs",
+                columns,
+                postgresql_concurrently=True,
+                if_not_exists=True,
+                **_where(condition),
             )
         if _has_expression_statistics():
             # Neither blocks writes; ANALYZE samples a bounded number of rows.
@@ -87,4 +113,4 @@ def downgrade() -> None:
         if _has_expression_statistics():
             op.execute(f"DROP STATISTICS IF EXISTS {STATISTICS}")
         for name, _columns, _condition in reversed(INDEXES):
-            op.drop_index(name, table_name="jobs", postgresql_concurrently=True)
+            op.drop_index(name, table_name="jobs", postgresql_concurrently=True, if_exists=True)

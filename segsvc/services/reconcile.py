@@ -9,7 +9,8 @@ one at a time, and a suspect that is lost again on its last attempt ends `poison
 passes the reconciler runs `send_next_suspect` every few seconds while suspects wait, so they
 drain one after another instead of one per pass.
 
-Leases are granted and judged on the database's clock (`models.db_now`), never a host's.
+Leases are granted and judged on the database's clock (`models.db_now`), never a host's; only a
+job's `created_at` is a host's (the API's), which `_requeue_missing` allows for.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from segsvc.webhooks.outbox import JOB_COMPLETED, record_job_events
 
 # Any advisory-lock key works as long as every reconciler uses the same one.
 LOCK_KEY = 0x5E65_7EC0
+# How often a reconciler waiting for the lock (`try_lock(wait_s=...)`) tries again.
+LOCK_POLL_S = 0.05
 # A lost job is a suspect once it was lost this many times: it then runs with no other suspect.
 # The partial index `ix_jobs_suspect_status_lease` (`models.SUSPECT_WHERE`) spells it out too.
 SUSPECT_AFTER_ATTEMPTS = 2
@@ -68,11 +71,18 @@ class ReconcileReport:
         }
 
 
-def try_lock(*, session: Session) -> bool:
-    """Take the reconciler lock for this transaction (one reconciler at a time); SQLite: always."""
+def try_lock(*, session: Session, wait_s: float = 0.0) -> bool:
+    """Take the reconciler lock for this transaction (one reconciler at a time), trying for up
+    to `wait_s`; SQLite: always."""
     if session.get_bind().dialect.name != "postgresql":
         return True
-    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": LOCK_KEY}))
+    deadline = time.monotonic() + wait_s
+    while True:
+        if session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": LOCK_KEY}):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(LOCK_POLL_S)
 
 
 def broker_job_ids(redis_client: object, *, queue: str, stale_after_s: float) -> set[str]:
@@ -111,7 +121,8 @@ def reconcile(
     now: datetime | None = None,
 ) -> ReconcileReport:
     """One pass: end, cancel or re-enqueue lost jobs; `present` is None when the broker cannot
-    be inspected (then only expired leases are handled). `now` defaults to the database's."""
+    be inspected (then messages are not looked for, but a suspect left queued for a lease is
+    sent again). `now` defaults to the database's."""
     now = now or db_time(session)
     report = ReconcileReport()
     _handle_expired_leases(
@@ -126,6 +137,10 @@ def reconcile(
             enqueue=enqueue,
             now=now,
             report=report,
+        )
+    else:
+        _resend_stale_suspects(
+            session=session, settings=settings, enqueue=enqueue, now=now, report=report
         )
     return report
 
@@ -224,6 +239,35 @@ def _suspect_in_flight(*, session: Session, now: datetime) -> bool:
     return row is not None
 
 
+def _resend_stale_suspects(
+    *,
+    session: Session,
+    settings: Settings,
+    enqueue: Callable[[uuid.UUID], None],
+    now: datetime,
+    report: ReconcileReport,
+) -> None:
+    """Without a broker to inspect: a suspect re-sent a lease ago and still queued may have lost
+    its message (a worker that took it before the re-send committed claimed nothing; a worker
+    killed holding it), and it holds the quarantine, so it is sent again. Behind a backlog it
+    may only be waiting: a second message is harmless (the claim's fence)."""
+    stale = now - timedelta(seconds=settings.job_lease_seconds)
+    ids = session.scalars(
+        select(Job.id)
+        .where(
+            _status_is(JobStatus.QUEUED),
+            _is_suspect(),
+            Job.cancel_requested.is_(False),
+            or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
+        )
+        .limit(MAX_JOBS_PER_PASS)
+    ).all()
+    for job_id in ids:
+        _mark_requeued(session, job_id, now, from_running=False)
+        enqueue(job_id)
+        report.requeued_missing += 1
+
+
 def _requeue_missing(
     *,
     session: Session,
@@ -234,11 +278,16 @@ def _requeue_missing(
     report: ReconcileReport,
 ) -> None:
     # A job committed a moment ago may still be on its way to the broker: give it a grace period.
-    cutoff = now - timedelta(seconds=enqueue_grace_seconds(settings))
+    grace = timedelta(seconds=enqueue_grace_seconds(settings))
+    cutoff = now - grace
     due = select(Job.created_at, Job.id).where(
         _status_is(JobStatus.QUEUED),
         Job.cancel_requested.is_(False),  # the claim skips these; `_cancel_requested` ends them
-        Job.created_at < cutoff,
+        # `created_at` is the submitting API host's clock (`enqueued_at` is the database's): a
+        # stamp more than the grace in the future shows a fast clock, not a young job, and such
+        # a job is due at once rather than hours late (a slow clock makes a job look older: it is
+        # at worst sent twice, which the claim's fence makes harmless).
+        or_(Job.created_at < cutoff, Job.created_at > now + grace),
         or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff),
     )
     # Page through the queued jobs oldest first (keyset on created_at, id): a backlog of more

@@ -3,6 +3,10 @@
 Postgres is the source of truth; the broker only carries "try message X now" hints. A claim
 moves `next_attempt_at` forward (a lease), so a lost hint or a dead worker only delays a
 message until the lease runs out and the dispatcher claims it again.
+
+Leases and retry times are granted and judged on the database's clock (`models.db_now`), like
+the jobs' leases: a worker whose clock runs fast neither takes over a live attempt nor retries
+early, and one that runs slow neither leaves due messages waiting nor retries late.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from segsvc.db import savepoint
-from segsvc.models import WebhookAttempt, WebhookEndpoint, WebhookMessage, utcnow
+from segsvc.models import (
+    WebhookAttempt,
+    WebhookEndpoint,
+    WebhookMessage,
+    db_now,
+    db_time,
+    utcnow,
+)
 from segsvc.serialize import iso, job_urls
 from segsvc.services.webhooks import signing_secrets
 from segsvc.settings import Settings
@@ -54,7 +65,6 @@ def claim_due(*, session: Session, limit: int = 100) -> list[tuple[str, datetime
     A message waits while an earlier message of its job has not had its first attempt, so
     `job.started` reaches a healthy receiver before `job.completed`.
     """
-    now = utcnow()
     earlier = aliased(WebhookMessage)
     blocked = exists().where(
         earlier.job_id == WebhookMessage.job_id,
@@ -62,7 +72,10 @@ def claim_due(*, session: Session, limit: int = 100) -> list[tuple[str, datetime
         earlier.attempts == 0,
         earlier.created_at < WebhookMessage.created_at,
     )
-    due = (WebhookMessage.status == outbox.PENDING, WebhookMessage.next_attempt_at <= now)
+    due = (
+        WebhookMessage.status == outbox.PENDING,
+        WebhookMessage.next_attempt_at <= db_now(session),
+    )
     ids = session.scalars(
         select(WebhookMessage.id)
         .where(*due, ~blocked)
@@ -72,35 +85,34 @@ def claim_due(*, session: Session, limit: int = 100) -> list[tuple[str, datetime
     ).all()
     if not ids:
         return []
-    lease = now + timedelta(seconds=DISPATCH_LEASE_S)
-    claimed = session.scalars(
+    claimed = session.execute(
         update(WebhookMessage)
         .where(WebhookMessage.id.in_(ids), *due)
-        .values(next_attempt_at=lease)
-        .returning(WebhookMessage.id)
+        .values(next_attempt_at=db_now(session, plus_seconds=DISPATCH_LEASE_S))
+        .returning(WebhookMessage.id, WebhookMessage.next_attempt_at)
         .execution_options(synchronize_session=False)
     ).all()
-    return [(message_id, lease) for message_id in claimed]
+    return [(message_id, _stamp(lease)) for message_id, lease in claimed]
 
 
 def start_attempt(
     *, session: Session, message_id: str, lease: datetime, settings: Settings
 ) -> Prepared | None:
     """Take the message for one attempt (None if another worker has it or it is done)."""
-    now = utcnow()
-    new_lease = now + attempt_lease(settings)
-    taken = session.scalar(
+    new_lease = session.scalar(
         update(WebhookMessage)
         .where(
             WebhookMessage.id == message_id,
             WebhookMessage.status == outbox.PENDING,
             WebhookMessage.next_attempt_at == lease,
         )
-        .values(next_attempt_at=new_lease)
-        .returning(WebhookMessage.id)
+        .values(
+            next_attempt_at=db_now(session, plus_seconds=attempt_lease(settings).total_seconds())
+        )
+        .returning(WebhookMessage.next_attempt_at)
         .execution_options(synchronize_session=False)
     )
-    message = session.get(WebhookMessage, message_id, populate_existing=True) if taken else None
+    message = session.get(WebhookMessage, message_id, populate_existing=True) if new_lease else None
     if message is None:
         return None
     endpoint = outbox.find_endpoint(session=session, client_id=message.client_id, url=message.url)
@@ -112,15 +124,16 @@ def start_attempt(
         {"type": message.event_type, "timestamp": iso(message.created_at), "data": data}
     )
     keys = [row.secret for row in signing_secrets(session=session, client_id=message.client_id)]
-    headers = sign_headers(msg_id=message.id, timestamp=now, body=body, keys=keys)
-    return Prepared(message.id, new_lease, message.url, body, headers)
+    # The signature's timestamp is this host's clock: the receiver checks it against its own.
+    headers = sign_headers(msg_id=message.id, timestamp=utcnow(), body=body, keys=keys)
+    return Prepared(message.id, _stamp(new_lease), message.url, body, headers)
 
 
 def finish_attempt(
     *, session: Session, prepared: Prepared, outcome: Outcome, settings: Settings
 ) -> str:
     """Log the attempt and move the message on: delivered, retry later, failed or disabled."""
-    now = utcnow()
+    now = db_time(session)  # the next attempt's time is judged by `claim_due`, on that clock
     message = session.get(WebhookMessage, prepared.message_id, populate_existing=True)
     if message is None:  # the job (and its messages) was deleted meanwhile
         return "gone"
@@ -149,6 +162,12 @@ def finish_attempt(
         _disable_endpoint(session, message, now)
     session.flush()
     return status
+
+
+def _stamp(value: datetime | None) -> datetime:
+    """A lease read back from its row (never NULL: it was just written)."""
+    assert value is not None
+    return value
 
 
 def _next_state(

@@ -20,6 +20,13 @@ from segsvc.models import Job
 from segsvc.services.reconcile import SUSPECT_AFTER_ATTEMPTS
 from segsvc.settings import Settings
 from tests.conftest import ROOT, postgres_database
+from tests.migrations.index_builds import (
+    build_concurrently,
+    fail_unique_build,
+    index_definitions,
+    index_validity,
+    insert_jobs,
+)
 
 NAMES = {
     "ix_jobs_running_lease",
@@ -111,3 +118,45 @@ def test_0005_indexes_are_the_models() -> None:
         assert str(ix.dialect_options["sqlite"]["where"]) == str(where)
     # The suspect index's condition spells out the quarantine's threshold.
     assert model["ix_jobs_suspect_status_lease"][1].endswith(f">= {SUSPECT_AFTER_ATTEMPTS}")
+
+
+@pytest.fixture
+def pg_db() -> Iterator[Settings]:
+    with postgres_database(f"segsvc_migrate_0005_rerun_{os.getpid()}") as url:
+        yield Settings(database_url=url, _env_file=None)
+
+
+def test_0005_runs_again_after_a_concurrent_build_failed(pg_db: Settings) -> None:
+    # Regression: a CREATE INDEX CONCURRENTLY that failed or was cancelled left an INVALID index
+    # of its name and the revision at 0004, and every retry failed on "relation already exists".
+    upgrade(settings=pg_db, revision="0004")
+    insert_jobs(pg_db, 2)
+    # A first run built one index, then the next build failed.
+    build_concurrently(
+        pg_db,
+        "CREATE INDEX CONCURRENTLY ix_jobs_running_lease ON jobs (lease_expires_at) "
+        "WHERE status = 'running'",
+    )
+    fail_unique_build(pg_db, "ix_jobs_queued_created_at_id", on="jobs ((1))")
+    assert index_validity(pg_db, NAMES) == {
+        "ix_jobs_running_lease": True,
+        "ix_jobs_queued_created_at_id": False,
+    }
+    upgrade(settings=pg_db)
+    assert index_validity(pg_db, NAMES) == dict.fromkeys(NAMES, True)
+    rebuilt = index_definitions(pg_db, NAMES)["ix_jobs_queued_created_at_id"]
+    assert rebuilt.startswith("CREATE INDEX ")  # the migration's, not the failed unique one
+    assert rebuilt.endswith("(created_at, id) WHERE ((status)::text = 'queued'::text)")
+
+
+def test_0005_runs_again_after_it_was_stopped_before_its_revision_was_written(
+    pg_db: Settings,
+) -> None:
+    upgrade(settings=pg_db, revision="0005")
+    command.stamp(alembic_config(pg_db), "0004")  # every index built, the revision not moved
+    upgrade(settings=pg_db, revision="0005")
+    assert index_validity(pg_db, NAMES) == dict.fromkeys(NAMES, True)
+    command.downgrade(alembic_config(pg_db), "0004")
+    command.stamp(alembic_config(pg_db), "0005")  # every index dropped, the revision not moved
+    command.downgrade(alembic_config(pg_db), "0004")
+    assert index_validity(pg_db, NAMES) == {}

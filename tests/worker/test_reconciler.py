@@ -203,7 +203,10 @@ def test_reconcile_ends_canceled_jobs(settings: Settings) -> None:
     assert queued_ids(settings) == []
 
 
-def test_reconcile_runs_one_at_a_time(settings: Settings) -> None:
+def test_reconcile_runs_one_at_a_time(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import reconciler
+
+    monkeypatch.setattr(reconciler, "PASS_LOCK_WAIT_SECONDS", 0.2)  # then it gives up
     make_job(settings)
     holder = get_sessionmaker(settings)()
     try:

@@ -86,3 +86,48 @@ def test_send_next_suspect_ends_a_waiting_suspect_the_client_canceled(settings: 
     report, sent = step(settings)
     assert (report.canceled, sent) == (1, [])
     assert get(settings, canceled).status == "canceled"
+
+
+def reconcile(
+    settings: Settings, present: set[str] | None
+) -> tuple[service.ReconcileReport, list[uuid.UUID]]:
+    """One full pass given the broker's snapshot (None: it cannot be inspected)."""
+    sent: list[uuid.UUID] = []
+    with session_scope(settings) as session:
+        report = service.reconcile(
+            session=session, settings=settings, present=present, enqueue=sent.append
+        )
+    return report, sent
+
+
+def test_reconcile_resends_a_missing_job_stamped_by_a_fast_api_clock(settings: Settings) -> None:
+    # Regression: `created_at` is the API host's clock and the cutoff the database's, so a job
+    # submitted on a host running 2 h fast waited 2 h before its lost message was re-sent.
+    fast = make_job(settings, age_s=-2 * 3600)
+    grace = service.enqueue_grace_seconds(settings)
+    slightly_fast = make_job(settings, age_s=-grace / 2)  # within the grace: maybe still young
+    young = make_job(settings, age_s=0)
+    report, sent = reconcile(settings, present=set())
+    assert (report.requeued_missing, sent) == (1, [fast])
+    assert {get(settings, i).enqueued_at is None for i in (slightly_fast, young)} == {True}
+    report, sent = reconcile(settings, present=set())  # re-sent once, not on every pass
+    assert sent == []
+
+
+def test_reconcile_without_a_broker_snapshot_resends_a_suspect_queued_for_a_lease(
+    settings: Settings,
+) -> None:
+    # Without Redis nothing shows that a re-sent suspect's message is gone (a worker took it
+    # before the re-send committed and claimed nothing, or died holding it); the suspect would
+    # hold the quarantine for ever.
+    lease = timedelta(seconds=settings.job_lease_seconds)
+    stale = make_job(settings, attempts=2, enqueued_at=utcnow() - lease - timedelta(seconds=1))
+    recent = make_job(settings, attempts=2, enqueued_at=utcnow() - lease / 2)
+    first_loss = make_job(settings, attempts=1, enqueued_at=utcnow() - 2 * lease)
+    report, sent = reconcile(settings, present=None)
+    assert (report.requeued_missing, sent) == (1, [stale])
+    stamp = get(settings, stale).enqueued_at
+    assert stamp is not None
+    assert stamp > utcnow() - timedelta(seconds=5)
+    assert reconcile(settings, present=None)[1] == []  # once a lease
+    assert {get(settings, i).status for i in (stale, recent, first_loss)} == {"queued"}

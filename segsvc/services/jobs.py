@@ -17,7 +17,7 @@ from segsvc.blobs import BlobMissingError, BlobStore
 from segsvc.errors import ConflictError, GoneError, NotFoundError, ValidationError
 from segsvc.images import ValidatedImage
 from segsvc.ml.imaging import render_overlay_png
-from segsvc.models import Job, JobStatus, db_now, utcnow
+from segsvc.models import Job, JobStatus, db_now, db_time, utcnow
 from segsvc.services.reconcile import SUSPECT_AFTER_ATTEMPTS, lost_runs
 from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
 
@@ -496,7 +496,7 @@ def cancel_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) ->
     job.cancel_requested = True
     if job.status == JobStatus.QUEUED:
         job.status = JobStatus.CANCELED
-        job.completed_at = utcnow()
+        job.completed_at = db_time(session)  # as a worker's result's: the database's clock
         job.error_code = "canceled"
         job.error_message = "Canceled by the client."
         session.flush()

@@ -12,7 +12,7 @@ from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session, selectinload
 
 from segsvc.errors import NotFoundError, ValidationError
-from segsvc.models import WebhookMessage, WebhookSecret, utcnow
+from segsvc.models import WebhookMessage, WebhookSecret, db_time, utcnow
 from segsvc.services.jobs import get_job
 from segsvc.settings import Settings
 from segsvc.webhooks.outbox import EVENT_FILTERS, PENDING, find_endpoint
@@ -145,7 +145,7 @@ def redeliver(
         endpoint.disabled_at = None
         endpoint.disabled_reason = None
     message.status = PENDING
-    message.next_attempt_at = utcnow()
+    message.next_attempt_at = db_time(session)  # the clock the dispatcher judges it by
     message.completed_at = None
     session.flush()
     return message

@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from segsvc.models import Job, WebhookEndpoint, WebhookMessage, utcnow
+from segsvc.models import Job, WebhookEndpoint, WebhookMessage, db_time
 from segsvc.serialize import job_json
 
 JOB_STARTED = "job.started"
@@ -59,7 +59,9 @@ def record_job_events(*, session: Session, job_ids: Sequence[uuid.UUID], event: 
     if not jobs:
         return 0
     disabled = _disabled_endpoints(session, {job.webhook_url or "" for job in jobs})
-    now = utcnow()
+    # The database's clock: messages recorded by several hosts keep their order, and a first
+    # attempt is due when the dispatcher, judging by that clock too, thinks it is.
+    now = db_time(session)
     session.add_all(
         _message(job, event, now, (job.client_id, job.webhook_url) in disabled) for job in jobs
     )

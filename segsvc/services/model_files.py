@@ -8,7 +8,8 @@ once older than `SEG_MODEL_FILE_GRACE_DAYS`:
   meanwhile). The row stays, with `file_deleted_at` set; `rollout.promote` then refuses it;
 - files **no version names**: a run that crashed before registering its candidate. Only while
   this pass holds the retraining lock (a run registers its file at its end): when a run is
-  going on they wait for the next pass.
+  going on they wait for the next pass. So do the scratch folders (`var_dir/retrain/<run id>`)
+  of runs that died before removing theirs.
 
 The files of production, canary, candidate and archived versions always stay: an operator may
 promote an archived version, and a rollback returns to one. Only files of that naming directly
@@ -31,6 +32,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import time
 import uuid
 from collections import defaultdict
@@ -148,6 +150,37 @@ def _prune(
         raise
     for now, _ in aside:
         now.unlink(missing_ok=True)
+    if orphans:
+        _prune_scratch(settings.var_dir / "retrain", cutoff, dry_run, result)
+
+
+def _prune_scratch(
+    folder: Path, cutoff: float, dry_run: bool, result: ModelFilesPruneResult
+) -> None:
+    """Delete the scratch folders (`var_dir/retrain/<run id>`: a checkpoint) of runs that died
+    before removing them, once nothing in one was written since `cutoff`. Only while no run is
+    going on (the caller holds the retraining lock)."""
+    if not folder.is_dir():
+        return
+    for run in sorted(folder.iterdir()):
+        try:
+            uuid.UUID(run.name)
+        except ValueError:
+            continue  # not a run's folder
+        if run.is_symlink() or not run.is_dir():
+            continue
+        try:
+            files = [p for p in run.rglob("*") if p.is_file() and not p.is_symlink()]
+            if max((p.stat().st_mtime for p in [run, *files]), default=0.0) >= cutoff:
+                continue
+            size = sum(p.stat().st_size for p in files)
+            if not dry_run:
+                shutil.rmtree(run)
+        except OSError:
+            log.warning("could not prune %s", run, exc_info=True)
+            continue
+        result.removed.append(run)
+        result.freed_bytes += size
 
 
 def _deletable(

@@ -247,3 +247,31 @@ def test_cli_prune_files_then_promote_of_a_pruned_version_fails_clearly(
         row = session.get(ModelVersion, "rejected")
         assert row is not None
         assert row.status == ModelStatus.REJECTED
+
+
+def scratch(cfg: Settings, seconds_ago: float, name: str | None = None) -> Path:
+    """A retraining run's scratch folder (its checkpoint inside), last written `seconds_ago`."""
+    folder = cfg.var_dir / "retrain" / (name or str(uuid.uuid4()))
+    write(folder / "best.keras", seconds_ago)
+    age(folder, seconds_ago)
+    return folder
+
+
+def test_prune_model_files_deletes_crashed_runs_scratch_folders_after_the_grace_period(
+    cfg: Settings,
+) -> None:
+    crashed = scratch(cfg, OLD)  # a run killed mid-training leaves its checkpoint behind
+    running = scratch(cfg, 60)
+    foreign = scratch(cfg, OLD, name="notes")  # not a run's folder: never touched
+    assert prune_model_files(cfg, dry_run=True).removed == [crashed]
+    assert crashed.is_dir()
+    with retrain_lock(cfg) as idle:  # a run is going on: its scratch may be any age
+        assert idle
+        assert crashed not in prune_model_files(cfg).removed
+    assert crashed.is_dir()
+    result = prune_model_files(cfg)
+    assert result.removed == [crashed]
+    assert result.freed_bytes >= 1000
+    assert not crashed.exists()
+    assert running.is_dir()
+    assert foreign.is_dir()

@@ -12,7 +12,7 @@ from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session, selectinload
 
 from segsvc.errors import NotFoundError, ValidationError
-from segsvc.models import WebhookMessage, WebhookSecret, db_time, utcnow
+from segsvc.models import WebhookMessage, WebhookSecret, db_now, db_time
 from segsvc.services.jobs import get_job
 from segsvc.settings import Settings
 from segsvc.webhooks.outbox import EVENT_FILTERS, PENDING, find_endpoint
@@ -73,7 +73,10 @@ def signing_secrets(*, session: Session, client_id: uuid.UUID | None) -> list[We
     if not rows:
         rows = [
             WebhookSecret(
-                id=uuid.uuid4(), client_id=client_id, secret=new_secret(), created_at=utcnow()
+                id=uuid.uuid4(),
+                client_id=client_id,
+                secret=new_secret(),
+                created_at=db_time(session),
             )
         ]
         session.add(rows[0])
@@ -86,7 +89,9 @@ def rotate_secret(
 ) -> WebhookSecret:
     """A new current secret; the old ones keep signing for the rotation window."""
     _lock_client(session, client_id)
-    now = utcnow()
+    # The database's clock, which the signing workers judge the window by too (`_active_secrets`):
+    # hosts whose clocks are off neither cut the old secret's window short nor stretch it.
+    now = db_time(session)
     window_end = now + timedelta(seconds=settings.webhook_secret_rotation_seconds)
     for row in _active_secrets(session, client_id):
         if row.expires_at is None or row.expires_at > window_end:
@@ -103,7 +108,7 @@ def _active_secrets(session: Session, client_id: uuid.UUID | None) -> list[Webho
         if client_id is None
         else (WebhookSecret.client_id == client_id)
     )
-    live = or_(WebhookSecret.expires_at.is_(None), WebhookSecret.expires_at > utcnow())
+    live = or_(WebhookSecret.expires_at.is_(None), WebhookSecret.expires_at > db_now(session))
     query = select(WebhookSecret).where(owner, live).order_by(WebhookSecret.created_at.desc())
     return list(session.scalars(query).all())
 

@@ -81,3 +81,31 @@ def test_a_redelivery_and_a_cancel_are_stamped_on_the_database_clock(
         )
         assert again.next_attempt_at is not None
         assert abs(again.next_attempt_at - db_clock(settings)) < CLOSE
+
+
+@pytest.mark.parametrize("offset", [SKEW, -SKEW])
+def test_a_rotated_secret_signs_for_its_window_whatever_the_hosts_clocks(
+    settings: Settings, skew_clock: Callable[[timedelta], None], offset: timedelta
+) -> None:
+    # The API host that rotates and the workers that sign judge the window on one clock: the old
+    # secret signs beside the new one for the window, not hours more or not at all.
+    with session_scope(settings) as session:
+        (old,) = webhook_service.signing_secrets(session=session, client_id=None)
+        old_key = old.secret
+    skew_clock(offset)  # the rotating host's clock is hours off
+    with session_scope(settings) as session:
+        new = webhook_service.rotate_secret(session=session, client_id=None, settings=settings)
+        new_key = new.secret
+        assert abs(new.created_at - db_clock(settings)) < CLOSE
+    skew_clock(-offset)  # and a signing host's the other way
+    with session_scope(settings) as session:
+        keys = [r.secret for r in webhook_service.signing_secrets(session=session, client_id=None)]
+        assert keys == [new_key, old_key]
+        (row,) = [
+            r
+            for r in webhook_service.signing_secrets(session=session, client_id=None)
+            if r.secret == old_key
+        ]
+        window = timedelta(seconds=settings.webhook_secret_rotation_seconds)
+        assert row.expires_at is not None
+        assert abs(row.expires_at - (db_clock(settings) + window)) < CLOSE

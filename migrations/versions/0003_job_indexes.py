@@ -24,17 +24,15 @@ Create Date: 2026-11-26 23:00:00
 """
 from collections.abc import Sequence
 
-import sqlalchemy as sa
 from alembic import op
+
+from migrations.index_ops import drop_invalid_indexes, partial_where
 
 revision: str = '0003'
 down_revision: str | None = '0002'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-
-def _where(condition: str) -> dict[str, sa.TextClause]:
-    return {"postgresql_where": sa.text(condition), "sqlite_where": sa.text(condition)}
 
 
 # Rows the missing indexes let in: a later twin of an anonymous job with the same key (the
@@ -81,24 +79,6 @@ NEW_INDEXES = (
 OLD_INDEXES = (("ix_jobs_client_id", ["client_id"]), ("ix_jobs_model_version", ["model_version"]))
 
 
-def drop_invalid_indexes(names: Sequence[str]) -> None:
-    """Drop the INVALID indexes among `names` that a failed or cancelled CREATE INDEX
-    CONCURRENTLY left behind (Postgres; in an autocommit block): IF NOT EXISTS would keep
-    them, unusable, for ever."""
-    bind = op.get_bind()
-    if bind.dialect.name != "postgresql":
-        return
-    invalid = bind.scalars(
-        sa.text(
-            "SELECT name FROM unnest(CAST(:names AS text[])) AS name "
-            "JOIN pg_index ON indexrelid = to_regclass(quote_ident(name)) WHERE NOT indisvalid"
-        ),
-        {"names": list(names)},
-    ).all()
-    for name in invalid:
-        op.drop_index(name, postgresql_concurrently=True, if_exists=True)
-
-
 def upgrade() -> None:
     for statement in DEDUPLICATE:
         op.execute(statement)
@@ -114,7 +94,7 @@ def upgrade() -> None:
                 unique=unique,
                 postgresql_concurrently=True,
                 if_not_exists=True,
-                **_where(condition),
+                **partial_where(condition),
             )
         for name, _columns in OLD_INDEXES:
             op.drop_index(name, table_name="jobs", postgresql_concurrently=True, if_exists=True)

@@ -29,10 +29,10 @@ Revises: 0004
 Create Date: 2026-11-27 01:00:00
 """
 from collections.abc import Sequence
-from typing import Any
 
-import sqlalchemy as sa
 from alembic import op
+
+from migrations.index_ops import drop_invalid_indexes, partial_where
 
 revision: str = '0005'
 down_revision: str | None = '0004'
@@ -56,9 +56,6 @@ INDEXES = (
 )
 
 
-def _where(condition: str) -> dict[str, Any]:
-    return {"postgresql_where": sa.text(condition), "sqlite_where": sa.text(condition)}
-
 
 STATISTICS = "jobs_lost_runs"
 
@@ -67,24 +64,6 @@ def _has_expression_statistics() -> bool:
     bind = op.get_bind()
     version = bind.dialect.server_version_info or (0,)
     return bind.dialect.name == "postgresql" and version >= (14,)
-
-
-def drop_invalid_indexes(names: Sequence[str]) -> None:
-    """Drop the INVALID indexes among `names` that a failed or cancelled CREATE INDEX
-    CONCURRENTLY left behind (Postgres; in an autocommit block): IF NOT EXISTS would keep
-    them, unusable, for ever."""
-    bind = op.get_bind()
-    if bind.dialect.name != "postgresql":
-        return
-    invalid = bind.scalars(
-        sa.text(
-            "SELECT name FROM unnest(CAST(:names AS text[])) AS name "
-            "JOIN pg_index ON indexrelid = to_regclass(quote_ident(name)) WHERE NOT indisvalid"
-        ),
-        {"names": list(names)},
-    ).all()
-    for name in invalid:
-        op.drop_index(name, postgresql_concurrently=True, if_exists=True)
 
 
 def upgrade() -> None:
@@ -98,7 +77,7 @@ def upgrade() -> None:
                 columns,
                 postgresql_concurrently=True,
                 if_not_exists=True,
-                **_where(condition),
+                **partial_where(condition),
             )
         if _has_expression_statistics():
             # Neither blocks writes; ANALYZE samples a bounded number of rows.

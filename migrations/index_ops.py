@@ -1,0 +1,31 @@
+"""Index operations the migrations that build indexes CONCURRENTLY share (0003, 0005)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+
+def partial_where(condition: str) -> dict[str, sa.TextClause]:
+    """`create_index` keywords for a partial index on both backends."""
+    return {"postgresql_where": sa.text(condition), "sqlite_where": sa.text(condition)}
+
+
+def drop_invalid_indexes(names: Sequence[str]) -> None:
+    """Drop the INVALID indexes among `names` that a failed or cancelled CREATE INDEX
+    CONCURRENTLY left behind (Postgres; in an autocommit block): IF NOT EXISTS would keep
+    them, unusable, for ever."""
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    invalid = bind.scalars(
+        sa.text(
+            "SELECT name FROM unnest(CAST(:names AS text[])) AS name "
+            "JOIN pg_index ON indexrelid = to_regclass(quote_ident(name)) WHERE NOT indisvalid"
+        ),
+        {"names": list(names)},
+    ).all()
+    for name in invalid:
+        op.drop_index(name, postgresql_concurrently=True, if_exists=True)

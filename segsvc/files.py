@@ -35,16 +35,27 @@ def write_atomically(path: Path, data: bytes, *, sync_folder: bool = False) -> N
 
 
 @contextmanager
-def try_lock(path: Path) -> Iterator[bool]:
-    """Hold the lock file `path` (made if missing) while True; False, at once, if another
-    process (or another open of it in this one) holds it."""
-    with open(path, "a+b") as fh:
+def try_lock(path: Path, *, create: bool = True) -> Iterator[bool]:
+    """Hold the lock file `path` while True; False, at once, if another process (or another
+    open of it in this one) holds it. A missing file is made, or with `create=False` (where
+    making it would change what its folder says, e.g. its mtime) means no one holds it: True,
+    with nothing held."""
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+    except FileNotFoundError:
+        if create:
+            raise
+        yield True
+        return
+    try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
         try:
             yield True
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -23,18 +23,18 @@ Workers share the cache (a volume of every pod), so a deletion is safe against t
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Collection
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from segsvc.files import try_lock
 from segsvc.ml.convert import CONVERTED_KINDS, converter_fingerprint
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def prune_artifacts(
     result = PruneResult()
     if not artifact_dir.is_dir():
         return result
-    with _pruning(artifact_dir) as alone:
+    with try_lock(artifact_dir / ".prune.lock") as alone:
         if not alone:
             result.skipped = True
             return result
@@ -102,7 +102,9 @@ def _prune_model(
 
 def _prune_folder(folder: Path, cutoff: float, dry_run: bool, result: PruneResult) -> None:
     """Delete `folder` unless a worker holds its lock or it was used since `cutoff`."""
-    with _lock_if_free(folder / ".lock") as free:
+    # Not made if missing: that would mark the folder used (its mtime); a folder without one
+    # was never converted into by a worker, so there is nothing to hold.
+    with try_lock(folder / ".lock", create=False) as free:
         if not free:
             result.busy.append(folder)
             return
@@ -128,7 +130,8 @@ def _prune_folder(folder: Path, cutoff: float, dry_run: bool, result: PruneResul
 
 def _prune_files(folder: Path, cutoff: float, dry_run: bool, result: PruneResult) -> None:
     """Delete old set-aside broken files and temporary files of killed writes in `folder`."""
-    with _lock_if_free(folder / ".lock") as free:  # a conversion's temporary files are its own
+    # A conversion's temporary files are its own.
+    with try_lock(folder / ".lock", create=False) as free:
         if not free:
             result.busy.append(folder)
             return
@@ -146,44 +149,6 @@ def _prune_files(folder: Path, cutoff: float, dry_run: bool, result: PruneResult
                     path.unlink(missing_ok=True)
                 result.removed.append(path)
                 result.freed_bytes += size
-
-
-@contextmanager
-def _lock_if_free(path: Path) -> Iterator[bool]:
-    """Hold the lock file `path` if no one does (True); False at once if someone does. A folder
-    without one has never been converted into by a worker: nothing to hold then."""
-    try:
-        fd = os.open(path, os.O_RDWR)  # never created here: that would mark the folder used
-    except FileNotFoundError:
-        yield True
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _pruning(artifact_dir: Path) -> Iterator[bool]:
-    """True while this is the only pruner of `artifact_dir` (False, at once, if it is not)."""
-    with open(artifact_dir / ".prune.lock", "a+b") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _filesystem_now(artifact_dir: Path) -> float:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from segsvc.files import try_lock
 from segsvc.ml import artifact_cache, convert
 from segsvc.ml.artifact_cache import prune_artifacts
 from segsvc.ml.convert import artifact_files, artifact_folder, ensure_artifacts
@@ -199,7 +200,7 @@ def test_ensure_artifacts_marks_a_cached_folder_used(
 
 def test_only_one_pruner_runs_at_a_time(tmp_path: Path) -> None:
     old = cached(tmp_path, OLD)
-    with artifact_cache._pruning(tmp_path) as alone:
+    with try_lock(tmp_path / ".prune.lock") as alone:
         assert alone
         result = prune_artifacts(tmp_path, keep=set(), older_than_s=GRACE)
     assert result.skipped

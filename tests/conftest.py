@@ -9,15 +9,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 import redis
 from PIL import Image
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from segsvc.db import get_engine, session_scope
 from segsvc.migrate import upgrade
@@ -30,6 +31,37 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT.parent / "shared" / "data" / "oxford_pets_sample"
 PG_ADMIN = os.environ.get("SEG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SEG_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+@pytest.fixture
+def skew_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[timedelta], None]:
+    """Set this host's clock off by an offset (call it again to change the offset) wherever
+    segsvc reads it: `models.utcnow` and every loaded segsvc module's own reference to it."""
+    from segsvc import models
+
+    true_clock = models.utcnow
+    readers = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.split(".")[0] == "segsvc" and getattr(module, "utcnow", None) is true_clock
+    ]
+
+    def skew(offset: timedelta) -> None:
+        def skewed() -> datetime:
+            return datetime.now(UTC) + offset
+
+        for module in readers:
+            monkeypatch.setattr(module, "utcnow", skewed)
+
+    return skew
+
+
+def db_clock(settings: Settings) -> datetime:
+    """Now on the database's clock (Postgres' `statement_timestamp()`)."""
+    with session_scope(settings) as session:
+        now = session.scalar(select(text("statement_timestamp()")))
+        assert isinstance(now, datetime)
+        return now
 
 
 def free_port() -> int:

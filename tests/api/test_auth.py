@@ -3,12 +3,13 @@ from __future__ import annotations
 import io
 from typing import Any
 
-import psycopg
 import pytest
 from PIL import Image
 from werkzeug.test import EnvironBuilder
 
 from segsvc.services import keys
+from segsvc.settings import Settings
+from tests.api.test_db_timeouts import idle_in_transaction
 
 
 def png() -> bytes:
@@ -75,18 +76,13 @@ class _WatchedUpload(io.BytesIO):
     """A request body that records, as the server reads it, how many of this database's
     connections sit idle inside a transaction."""
 
-    def __init__(self, data: bytes, database_url: str) -> None:
+    def __init__(self, data: bytes, settings: Settings) -> None:
         super().__init__(data)
-        self.dsn = database_url.replace("postgresql+psycopg://", "postgresql://")
+        self.settings = settings
         self.idle_in_transaction: list[int] = []
 
     def _look(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND state LIKE 'idle in transaction%%'"
-            ).fetchone()
-        self.idle_in_transaction.append(int(row[0]) if row else -1)
+        self.idle_in_transaction.append(idle_in_transaction(self.settings))
 
     def read(self, size: int | None = -1) -> bytes:
         self._look()
@@ -112,7 +108,7 @@ def test_a_key_lookup_holds_no_transaction_while_the_upload_is_read(  # type: ig
     )
     framed = builder.get_request()
     body = framed.get_data()
-    upload = _WatchedUpload(body, settings.database_url)
+    upload = _WatchedUpload(body, settings)
     resp = client.post(
         "/v1/jobs",
         headers={**auth, "Content-Type": framed.headers["Content-Type"]},

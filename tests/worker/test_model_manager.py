@@ -448,6 +448,17 @@ class StubRuntime:
         return np.zeros_like(batch)
 
 
+def stub_cache_worker(
+    settings: Settings, cache: Path, monkeypatch: pytest.MonkeyPatch, **update: object
+) -> Settings:
+    """Settings of a worker serving ONNX from the artifact cache `cache`, its runtime stubbed
+    (nothing is converted or loaded from disk)."""
+    from worker import model_manager
+
+    monkeypatch.setattr(model_manager, "load_runtime", lambda path, *, kind, **_: StubRuntime(kind))
+    return settings.model_copy(update={"runtime": "onnx", "artifact_cache_dir": cache, **update})
+
+
 def test_a_polling_worker_marks_its_artifacts_used_and_prunes_the_rest(
     settings: Settings,
     production_model: str,
@@ -457,12 +468,8 @@ def test_a_polling_worker_marks_its_artifacts_used_and_prunes_the_rest(
 ) -> None:
     from segsvc.digest import file_sha256
     from tests.segsvc.ml.test_artifact_cache import cached
-    from worker import model_manager
 
-    monkeypatch.setattr(model_manager, "load_runtime", lambda path, *, kind, **_: StubRuntime(kind))
-    cfg = settings.model_copy(
-        update={"runtime": "onnx", "registry_poll_seconds": 0.05, "artifact_cache_dir": tmp_path}
-    )
+    cfg = stub_cache_worker(settings, tmp_path, monkeypatch, registry_poll_seconds=0.05)
     sha = file_sha256(model_file)
     serving = cached(tmp_path, sha)  # every folder last used 10 days ago
     upgraded_away = cached(tmp_path, sha, name="onnx-000000000000")
@@ -494,11 +501,8 @@ def test_a_worker_that_does_not_poll_still_marks_its_artifacts_used(
     from tests.segsvc.ml.test_artifact_cache import cached
     from worker import model_manager
 
-    monkeypatch.setattr(model_manager, "load_runtime", lambda path, *, kind, **_: StubRuntime(kind))
     monkeypatch.setattr(model_manager, "CACHE_TEND_S", 0.05)
-    cfg = settings.model_copy(
-        update={"runtime": "onnx", "registry_poll_seconds": 0, "artifact_cache_dir": tmp_path}
-    )
+    cfg = stub_cache_worker(settings, tmp_path, monkeypatch, registry_poll_seconds=0)
     serving = cached(tmp_path, file_sha256(model_file))  # last used 10 days ago
     mgr = ModelManager(cfg)
     try:

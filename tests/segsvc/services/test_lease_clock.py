@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import text, update
 
 from segsvc import models
 from segsvc.db import session_scope
@@ -18,33 +18,12 @@ from segsvc.models import Job
 from segsvc.services import jobs as job_service
 from segsvc.services import reconcile as reconcile_service
 from segsvc.settings import Settings
+from tests.conftest import db_clock
 from tests.worker.test_reconciler import get, make_job
 
 pytestmark = pytest.mark.timeout(60)
 
 SKEW = timedelta(hours=3)  # far more than a lease (120 s by default)
-
-
-@pytest.fixture
-def skew_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[timedelta], None]:
-    """Set this host's clock off by an offset, wherever the services read it."""
-
-    def skew(offset: timedelta) -> None:
-        def skewed() -> datetime:
-            return datetime.now(UTC) + offset
-
-        monkeypatch.setattr(models, "utcnow", skewed)
-        for module in (job_service, reconcile_service):  # older code held its own reference
-            monkeypatch.setattr(module, "utcnow", skewed, raising=False)
-
-    return skew
-
-
-def db_clock(settings: Settings) -> datetime:
-    with session_scope(settings) as session:
-        now = session.scalar(select(text("statement_timestamp()")))
-        assert isinstance(now, datetime)
-        return now
 
 
 def leased_job(settings: Settings, *, expires_in_s: float, attempts: int = 1) -> uuid.UUID:

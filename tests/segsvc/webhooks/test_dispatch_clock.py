@@ -5,45 +5,24 @@ whose clock is hours off neither takes over a live attempt nor leaves a due mess
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select, text, update
 
-from segsvc import models
 from segsvc.db import session_scope
 from segsvc.models import WebhookMessage
 from segsvc.settings import Settings
 from segsvc.webhooks import dispatch
 from segsvc.webhooks.delivery import Outcome
 from segsvc.webhooks.dispatch import attempt_lease, claim_due, finish_attempt, start_attempt
+from tests.conftest import db_clock
 from tests.segsvc.webhooks.factories import finish_job, make_job, start_job
 
 pytestmark = pytest.mark.timeout(60)
 
 URL = "https://hooks.example/segsvc"
 SKEW = timedelta(hours=3)  # far more than any lease
-
-
-@pytest.fixture
-def skew_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[timedelta], None]:
-    """Set this host's clock off by an offset, wherever the dispatcher reads it."""
-
-    def skew(offset: timedelta) -> None:
-        def skewed() -> datetime:
-            return datetime.now(UTC) + offset
-
-        monkeypatch.setattr(models, "utcnow", skewed)
-        monkeypatch.setattr(dispatch, "utcnow", skewed)
-
-    return skew
-
-
-def db_clock(settings: Settings) -> datetime:
-    with session_scope(settings) as session:
-        now = session.scalar(select(text("statement_timestamp()")))
-        assert isinstance(now, datetime)
-        return now
 
 
 def pending_message(settings: Settings, *, due_in_s: float) -> str:

@@ -6,39 +6,24 @@ segsvc/services/webhooks.py `redeliver`, segsvc/services/jobs.py `cancel_job`)."
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
-from segsvc import models
 from segsvc.db import session_scope
 from segsvc.models import WebhookMessage
 from segsvc.services import jobs as job_service
 from segsvc.services import webhooks as webhook_service
 from segsvc.settings import Settings
-from segsvc.webhooks import outbox
+from tests.conftest import db_clock
 from tests.segsvc.webhooks.factories import finish_job, make_job, start_job
-from tests.segsvc.webhooks.test_dispatch_clock import URL, db_clock
+from tests.segsvc.webhooks.test_dispatch_clock import URL
 
 pytestmark = pytest.mark.timeout(60)
 
 SKEW = timedelta(hours=3)
 CLOSE = timedelta(minutes=1)
-
-
-@pytest.fixture
-def skew_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[timedelta], None]:
-    """Set this host's clock off by an offset, wherever recording a message reads it."""
-
-    def skew(offset: timedelta) -> None:
-        def skewed() -> datetime:
-            return datetime.now(UTC) + offset
-
-        for module in (models, outbox, webhook_service, job_service):
-            monkeypatch.setattr(module, "utcnow", skewed, raising=False)
-
-    return skew
 
 
 def messages(settings: Settings) -> list[WebhookMessage]:

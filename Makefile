@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?= -n 2
 
-.PHONY: run test lint typecheck migrate bench services install clean validate-manifests lock images
+.PHONY: run test lint typecheck migrate bench bench-ab services install clean validate-manifests lock images
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ migrate: $(STAMP)
 
 bench: $(STAMP) services
 	$(BIN)/python -m bench.run
+
+bench-ab: $(STAMP) services  ## interleaved A/B of the running system: make bench-ab BASE=<rev>
+	@test -n "$(BASE)" || { echo "usage: make bench-ab BASE=<git rev> [AB_ARGS='--rounds 6']"; exit 2; }
+	$(BIN)/python -m bench.ab --base $(BASE) $(AB_ARGS)
 
 validate-manifests: $(STAMP)  ## yamllint, k8s + KEDA schemas, compose spec, kustomize renders
 	$(BIN)/pytest -q tests/ops/test_manifests.py

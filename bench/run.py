@@ -222,7 +222,7 @@ def run_system(
         load.run_request_load(naive_port, "/predict", {}, bodies, clients=1, seconds=2, expect=200)
         both = {"api": api, "worker": wkr}
         log("system: idle latency (1 client)")
-        out["idle"] = metered(
+        out["idle"] = system.metered(
             both,
             lambda: load.run_jobs_load(
                 api_port, headers, bodies, clients=1, seconds=args.seconds / 2, poll_s=0.005
@@ -342,7 +342,7 @@ def capacity_rounds(
     timed = reference()
     for _ in range(ROUNDS):
         for name, burst in bursts.items():
-            result = metered(services, burst)
+            result = system.metered(services, burst)
             after = reference()
             result["raw_beside"] = [timed, after]
             result["vs_raw"] = result["jobs_per_s"] / report.faster([timed, after])[0]
@@ -362,7 +362,7 @@ def interleaved(runs: dict[str, tuple[dict[str, system.Service], Any]]) -> list[
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
     for _ in range(ROUNDS):
         for name, (services, run) in runs.items():
-            rounds[name].append(metered(services, run))
+            rounds[name].append(system.metered(services, run))
     return [median_round(results, by="jobs_per_s") for results in rounds.values()]
 
 
@@ -373,21 +373,6 @@ def median_round(results: list[dict[str, Any]], *, by: str) -> dict[str, Any]:
     if by != "jobs_per_s":
         median[f"rounds_{by}"] = [r[by] for r in results]
     return median
-
-
-def metered(services: dict[str, system.Service], run: Any) -> dict[str, Any]:
-    """A load run's summary plus the CPU each process group spent per job (and, with a worker,
-    what its model, claim and store threads spent, on a CPU and waiting for one)."""
-    meter = system.CpuMeter(services)
-    threads = system.ThreadMeter(services["worker"]) if "worker" in services else None
-    meter.start()
-    if threads:
-        threads.start()
-    summary: dict[str, Any] = run().summary()
-    summary["cpu_ms_per_job"] = meter.per_job(summary["jobs"])
-    if threads:
-        summary["worker_threads_per_job"] = threads.per_job(summary["jobs"])
-    return summary
 
 
 def write(results: dict[str, Any], out: Path) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import redis
@@ -25,14 +26,15 @@ DB_NAME = "segsvc_bench"
 GUNICORN = ["--workers", "2", "--threads", "12", "--config", "python:api.gunicorn_conf"]
 
 
-def fresh_database() -> str:
-    """Drop and create the benchmark's own database; returns its SQLAlchemy URL."""
+def fresh_database(name: str = DB_NAME, redis_url: str = REDIS_URL) -> str:
+    """Drop and create a benchmark's own database (and empty its Redis DB); returns its
+    SQLAlchemy URL."""
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    return f"{base}/{DB_NAME}"
+    redis.Redis.from_url(redis_url).flushdb()
+    return f"{base}/{name}"
 
 
 def free_port() -> int:
@@ -41,12 +43,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def bench_env(database_url: str, var_dir: Path, **extra: str) -> dict[str, str]:
+def bench_env(
+    database_url: str, var_dir: Path, redis_url: str = REDIS_URL, **extra: str
+) -> dict[str, str]:
     """Environment for service processes: limits off, quiet logs, loopback only."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
     env.update(
         SEG_DATABASE_URL=database_url,
-        SEG_BROKER_URL=REDIS_URL,
+        SEG_BROKER_URL=redis_url,
         SEG_VAR_DIR=str(var_dir),
         SEG_RATE_LIMIT_PER_MINUTE="100000000",
         SEG_RATE_LIMIT_BURST="100000000",
@@ -61,15 +65,18 @@ def bench_env(database_url: str, var_dir: Path, **extra: str) -> dict[str, str]:
 
 
 class Service:
-    """One child process with its log file."""
+    """One child process with its log file, run in `cwd` (a checkout: this one, or the other
+    side of `bench.ab`)."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path, cwd: Path = ROOT
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -118,15 +125,23 @@ def children(pid: int) -> list[int]:
 
 
 def gunicorn(
-    name: str, app: str, port: int, env: dict[str, str], log_dir: Path, args: list[str]
+    name: str,
+    app: str,
+    port: int,
+    env: dict[str, str],
+    log_dir: Path,
+    args: list[str],
+    cwd: Path = ROOT,
 ) -> Service:
     cmd = [sys.executable, "-m", "gunicorn", app, *args, "--bind", f"127.0.0.1:{port}"]
-    service = Service(name, cmd, env, log_dir)
+    service = Service(name, cmd, env, log_dir, cwd)
     wait_http(service, port)
     return service
 
 
-def worker(env: dict[str, str], log_dir: Path, probe_dir: Path) -> Service:
+def worker(
+    env: dict[str, str], log_dir: Path, probe_dir: Path, cwd: Path = ROOT, name: str = "worker"
+) -> Service:
     cmd = [
         sys.executable,
         "-m",
@@ -143,9 +158,9 @@ def worker(env: dict[str, str], log_dir: Path, probe_dir: Path) -> Service:
         "--loglevel",
         "INFO",
         "--hostname",
-        f"bench-{os.getpid()}@%h",
+        f"bench-{name}-{os.getpid()}@%h",
     ]
-    service = Service("worker", cmd, {**env, "SEG_PROBE_DIR": str(probe_dir)}, log_dir)
+    service = Service(name, cmd, {**env, "SEG_PROBE_DIR": str(probe_dir)}, log_dir, cwd)
     deadline = time.monotonic() + 600  # the first start converts the model
     while not (probe_dir / "ready").exists() and b" ready." not in service.log_path.read_bytes():
         service.check_alive()
@@ -260,3 +275,18 @@ class CpuMeter:
         out = {k: (end[k] - self._start[k]) * 1000.0 / max(jobs, 1) for k in end}
         out["total"] = sum(out.values())
         return out
+
+
+def metered(services: dict[str, Service], run: Any) -> dict[str, Any]:
+    """A load run's summary plus the CPU each process group spent per job (and, with a worker,
+    what its model, claim and store threads spent, on a CPU and waiting for one)."""
+    meter = CpuMeter(services)
+    threads = ThreadMeter(services["worker"]) if "worker" in services else None
+    meter.start()
+    if threads:
+        threads.start()
+    summary: dict[str, Any] = run().summary()
+    summary["cpu_ms_per_job"] = meter.per_job(summary["jobs"])
+    if threads:
+        summary["worker_threads_per_job"] = threads.per_job(summary["jobs"])
+    return summary

@@ -231,14 +231,18 @@ def pick(summary: dict[str, Any], path: tuple[str, ...]) -> float | None:
 def compare(
     rounds: dict[str, dict[str, list[dict[str, Any]]]], runs: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Per run and metric: each side's median and range over its rounds, and head / base.
-    `overlap` says the two sides' ranges overlap (the difference is within the noise)."""
+    """Per run and metric: each side's median and range over its rounds, head / base of the
+    medians, and the paired ratios (head / base within each round, the two run back to back,
+    so the host's drift mostly cancels). `overlap`: the two sides' ranges overlap; `mixed`: the
+    paired ratios fall on both sides of 1 (either way, the difference is within the noise)."""
     rows = []
     for run in runs:
         for label, path, digits in METRICS:
             cell: dict[str, Any] = {"run": run, "metric": label, "digits": digits}
+            per_side: dict[str, list[float | None]] = {}
             for name in ("base", "head"):
-                values = [v for r in rounds[name][run] if (v := pick(r, path)) is not None]
+                per_side[name] = [pick(r, path) for r in rounds[name][run]]
+                values = [v for v in per_side[name] if v is not None]
                 cell[name] = {
                     "median": statistics.median(values) if values else None,
                     "min": min(values, default=None),
@@ -250,6 +254,18 @@ def compare(
                 continue
             cell["ratio"] = head["median"] / base["median"] if base["median"] else None
             cell["overlap"] = head["min"] <= base["max"] and base["min"] <= head["max"]
+            paired = [
+                h / b
+                for b, h in zip(per_side["base"], per_side["head"], strict=False)
+                if b and h is not None
+            ]
+            cell["paired"] = {
+                "median": statistics.median(paired) if paired else None,
+                "min": min(paired, default=None),
+                "max": max(paired, default=None),
+                "rounds": paired,
+            }
+            cell["mixed"] = not paired or (min(paired) <= 1.0 <= max(paired))
             rows.append(cell)
     return rows
 
@@ -270,18 +286,27 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Worker peak RSS (MB): base {result['worker_rss_mb']['base']:.0f}, "
         f"head {result['worker_rss_mb']['head']:.0f}",
         "",
-        "Median round per side, [lowest - highest round]; `~` marks a ratio whose sides' "
-        "rounds overlap (within the noise).",
+        "Median round per side, [lowest - highest round]; head / base of those medians; "
+        "paired: head / base within each round (the two sides ran back to back), median "
+        "[range]. `~` marks a difference within the noise: the sides' rounds overlap "
+        "(medians) or the paired ratios fall on both sides of 1 (paired).",
         "",
-        "| run | metric | base | head | head / base |",
-        "|---|---|---:|---:|---:|",
+        "| run | metric | base | head | head / base | paired |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for row in result["comparison"]:
         d = row["digits"]
         ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.3f}"
+        paired = row["paired"]
+        pair = (
+            "-"
+            if paired["median"] is None
+            else f"{paired['median']:.3f} [{paired['min']:.3f} - {paired['max']:.3f}]"
+        )
         lines.append(
             f"| {row['run']} | {row['metric']} | {_cell(row['base'], d)} | "
-            f"{_cell(row['head'], d)} | {ratio}{' ~' if row['overlap'] else ''} |"
+            f"{_cell(row['head'], d)} | {ratio}{' ~' if row['overlap'] else ''} | "
+            f"{pair}{' ~' if row['mixed'] else ''} |"
         )
     return "\n".join(lines) + "\n"
 

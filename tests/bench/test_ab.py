@@ -45,6 +45,10 @@ def test_compare_gives_medians_ranges_ratio_and_whether_rounds_overlap() -> None
     assert (jobs["base"]["min"], jobs["base"]["max"]) == (70, 74)
     assert jobs["ratio"] == pytest.approx(82 / 72)
     assert jobs["overlap"] is False  # 80-84 against 70-74: a real difference
+    # round by round (the sides ran back to back): 80/70, 84/74, 82/72
+    assert jobs["paired"]["rounds"] == pytest.approx([80 / 70, 84 / 74, 82 / 72])
+    assert jobs["paired"]["median"] == pytest.approx(82 / 72)
+    assert jobs["mixed"] is False
 
     total = rows["core-ms/job, total"]
     assert total["ratio"] == pytest.approx(20 / 25)
@@ -59,6 +63,24 @@ def test_compare_marks_overlapping_rounds_as_noise() -> None:
     }
     jobs = next(r for r in ab.compare(rounds, ["idle"]) if r["metric"] == "jobs/s")
     assert jobs["overlap"] is True
+    assert jobs["mixed"] is False  # yet head won both rounds: 23/20 and 26/24
+
+
+def test_paired_ratios_cancel_drift_that_medians_cannot() -> None:
+    # The host slows down between rounds; within each round head is ~3% slower.
+    rounds = {
+        "base": {"burst": [summary(100, 20), summary(90, 20), summary(80, 20), summary(70, 20)]},
+        "head": {"burst": [summary(97, 20), summary(87, 20), summary(78, 20), summary(68, 20)]},
+    }
+    jobs = next(r for r in ab.compare(rounds, ["burst"]) if r["metric"] == "jobs/s")
+    assert jobs["overlap"] is True  # the medians alone cannot tell
+    assert jobs["mixed"] is False
+    assert 0.96 < jobs["paired"]["median"] < 0.98
+    assert jobs["paired"]["max"] < 1.0
+
+    rounds["head"]["burst"][1] = summary(92, 20)  # one round the other way: noise
+    jobs = next(r for r in ab.compare(rounds, ["burst"]) if r["metric"] == "jobs/s")
+    assert jobs["mixed"] is True
 
 
 def test_markdown_shows_each_side_and_flags_noise() -> None:
@@ -83,7 +105,10 @@ def test_markdown_shows_each_side_and_flags_noise() -> None:
         "comparison": ab.compare(rounds, ["idle"]),
     }
     text = ab.markdown(result)
-    assert "| idle | jobs/s | 22.0 [20.0 - 24.0] | 31.0 [30.0 - 32.0] | 1.409 |" in text
+    assert (
+        "| idle | jobs/s | 22.0 [20.0 - 24.0] | 31.0 [30.0 - 32.0] | 1.409 "
+        "| 1.417 [1.333 - 1.500] |" in text
+    )
     assert "| idle | core-ms/job, total | 49.00 [48.00 - 50.00] |" in text
     assert "mean batch" not in text  # no batch sizes measured: no row
     assert "base `abc123`" in text.replace(": `", " `")

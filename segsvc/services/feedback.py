@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from segsvc.blobs import POINTER_LENGTH, BlobStore
 from segsvc.errors import BadRequestError, ConflictError, SegError
 from segsvc.ml import NUM_CLASSES
-from segsvc.models import Feedback, Job, JobStatus, utcnow
+from segsvc.models import Feedback, Job, JobStatus, db_clock, db_time
 from segsvc.services.jobs import get_job
 
 RATINGS = ("good", "bad")
@@ -126,7 +126,7 @@ def submit_feedback(
         model_version=job.model_version,
         rating=value,
         mask_png=mask_png,
-        created_at=utcnow(),
+        created_at=db_clock(session),
     )
     session.add(row)
     session.flush()
@@ -189,7 +189,7 @@ def purge_unlabeled_inputs(
     *, session: Session, retention_days: int, now: datetime | None = None
 ) -> Purged:
     """Delete the stored inputs of finished jobs older than the retention with no mask label."""
-    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    cutoff = (now or db_time(session)) - timedelta(days=retention_days)  # jobs' clock
     labeled = exists().where(Feedback.job_id == Job.id, Feedback.mask_png.is_not(None))
     purgeable = (
         Job.created_at < cutoff,

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from segsvc.db import savepoint
 from segsvc.errors import ConflictError, ValidationError
-from segsvc.models import Job, utcnow
+from segsvc.models import Job, db_time
 
 KEY_WINDOW = timedelta(hours=24)
 MAX_KEY_LENGTH = 255
@@ -88,7 +88,7 @@ def _find_jobs(
     )
     if not jobs:
         return None
-    if jobs[0].created_at < utcnow() - KEY_WINDOW:
+    if jobs[0].created_at < db_time(session) - KEY_WINDOW:  # created_at is on that clock
         session.execute(
             update(Job)
             .where(Job.id.in_([job.id for job in jobs]))

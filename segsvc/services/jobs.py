@@ -17,7 +17,7 @@ from segsvc.blobs import BlobMissingError, BlobStore
 from segsvc.errors import ConflictError, GoneError, NotFoundError, ValidationError
 from segsvc.images import ValidatedImage
 from segsvc.ml.imaging import render_overlay_png
-from segsvc.models import Job, JobStatus, db_now, db_time, utcnow
+from segsvc.models import Job, JobStatus, db_clock, db_now, db_time
 from segsvc.services.reconcile import SUSPECT_AFTER_ATTEMPTS, lost_runs
 from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
 
@@ -70,7 +70,9 @@ def create_jobs(
 ) -> list[Job]:
     """Store one queued job per image, in order, in one flush (a multi-row INSERT)."""
     keys = list(idempotency_keys or [None] * len(images))
-    now = utcnow()
+    # The database's clock, like every other stamp a job gets (started_at, leases,
+    # completed_at): queue times, the reconciler's cutoffs and a canary's window compare them.
+    now = db_clock(session)
     jobs = [
         Job(
             id=uuid.uuid4(),

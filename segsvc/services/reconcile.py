@@ -9,8 +9,10 @@ one at a time, and a suspect that is lost again on its last attempt ends `poison
 passes the reconciler runs `send_next_suspect` every few seconds while suspects wait, so they
 drain one after another instead of one per pass.
 
-Leases are granted and judged on the database's clock (`models.db_now`), never a host's; only a
-job's `created_at` is a host's (the API's), which `_requeue_missing` allows for.
+Leases are granted and judged on the database's clock (`models.db_now`), never a host's; a job's
+`created_at` is on it too (`models.db_clock`: a reading carried forward, right to milliseconds).
+Jobs stored by API hosts of earlier releases carry their host's clock, which
+`_requeue_missing` allows for.
 """
 
 from __future__ import annotations
@@ -283,10 +285,10 @@ def _requeue_missing(
     due = select(Job.created_at, Job.id).where(
         _status_is(JobStatus.QUEUED),
         Job.cancel_requested.is_(False),  # the claim skips these; `_cancel_requested` ends them
-        # `created_at` is the submitting API host's clock (`enqueued_at` is the database's): a
-        # stamp more than the grace in the future shows a fast clock, not a young job, and such
-        # a job is due at once rather than hours late (a slow clock makes a job look older: it is
-        # at worst sent twice, which the claim's fence makes harmless).
+        # Jobs of API hosts of earlier releases have `created_at` on their host's clock: a stamp
+        # more than the grace in the future shows a fast clock, not a young job, and such a job
+        # is due at once rather than hours late (a slow clock makes a job look older: it is at
+        # worst sent twice, which the claim's fence makes harmless).
         or_(Job.created_at < cutoff, Job.created_at > now + grace),
         or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff),
     )

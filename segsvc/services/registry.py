@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from segsvc.digest import file_sha256
 from segsvc.errors import NotFoundError
-from segsvc.models import ModelStatus, ModelVersion, TrainingRun, utcnow
+from segsvc.models import ModelStatus, ModelVersion, TrainingRun, db_time
 
 
 def register_version(
@@ -32,7 +32,7 @@ def register_version(
         status=status,
         parent_version=parent_version,
         traffic_share=1.0 if status == ModelStatus.PRODUCTION else 0.0,
-        promoted_at=utcnow() if status == ModelStatus.PRODUCTION else None,
+        promoted_at=db_time(session) if status == ModelStatus.PRODUCTION else None,
     )
     session.add(row)
     session.flush()

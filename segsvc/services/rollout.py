@@ -14,7 +14,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from segsvc.errors import ConflictError
-from segsvc.models import Job, JobStatus, ModelStatus, ModelVersion, utcnow
+from segsvc.models import Job, JobStatus, ModelStatus, ModelVersion, db_time
 from segsvc.services import registry
 
 
@@ -74,10 +74,11 @@ def start_canary(*, session: Session, version: str, share: float) -> ModelVersio
     _require_model_file(row)
     for other in _with_status(session, ModelStatus.CANARY):
         if other.version != version:
-            _retire(other, ModelStatus.REJECTED, f"superseded by canary {version}")
+            _retire(session, other, ModelStatus.REJECTED, f"superseded by canary {version}")
     row.status = ModelStatus.CANARY
     row.traffic_share = share
-    row.promoted_at = utcnow()  # the canary window starts here
+    # The canary window starts here, on the clock the jobs' created_at it selects are on.
+    row.promoted_at = db_time(session)
     row.reason = None
     session.flush()
     return row
@@ -92,12 +93,12 @@ def promote(*, session: Session, version: str, reason: str | None = None) -> Mod
     _require_model_file(row)
     old = registry.production_version(session=session)
     for prev in _with_status(session, ModelStatus.PRODUCTION):
-        _retire(prev, ModelStatus.ARCHIVED, f"replaced by {version}")
+        _retire(session, prev, ModelStatus.ARCHIVED, f"replaced by {version}")
     if old is not None:
         row.parent_version = old.version
     row.status = ModelStatus.PRODUCTION
     row.traffic_share = 1.0
-    row.promoted_at = utcnow()
+    row.promoted_at = db_time(session)
     row.retired_at = None
     row.reason = reason
     session.flush()
@@ -110,7 +111,7 @@ def reject(*, session: Session, version: str, reason: str) -> ModelVersion:
     row = registry.get_version(session=session, version=version)
     if row.status == ModelStatus.PRODUCTION:
         raise ConflictError(f"{version} is production; roll back instead.")
-    _retire(row, ModelStatus.REJECTED, reason)
+    _retire(session, row, ModelStatus.REJECTED, reason)
     session.flush()
     return row
 
@@ -125,11 +126,11 @@ def rollback(*, session: Session, reason: str = "rolled back by an operator") ->
     if previous is None:
         raise ConflictError(f"{current.version} has no earlier production version to return to.")
     for canary in _with_status(session, ModelStatus.CANARY):
-        _retire(canary, ModelStatus.REJECTED, f"stopped by rollback of {current.version}")
-    _retire(current, ModelStatus.REJECTED, reason)
+        _retire(session, canary, ModelStatus.REJECTED, f"stopped by rollback of {current.version}")
+    _retire(session, current, ModelStatus.REJECTED, reason)
     previous.status = ModelStatus.PRODUCTION
     previous.traffic_share = 1.0
-    previous.promoted_at = utcnow()
+    previous.promoted_at = db_time(session)
     previous.retired_at = None
     previous.reason = f"restored by rollback of {current.version}"
     session.flush()
@@ -165,10 +166,10 @@ def _with_status(session: Session, status: ModelStatus) -> list[ModelVersion]:
     return list(session.scalars(select(ModelVersion).where(ModelVersion.status == status)))
 
 
-def _retire(row: ModelVersion, status: ModelStatus, reason: str) -> None:
+def _retire(session: Session, row: ModelVersion, status: ModelStatus, reason: str) -> None:
     row.status = status
     row.traffic_share = 0.0
-    row.retired_at = utcnow()
+    row.retired_at = db_time(session)
     row.reason = reason
 
 
@@ -228,7 +229,7 @@ def decide_canary(*, session: Session, min_jobs: int, latency_ratio: float) -> C
     problems = compare_arms(ours, theirs, latency_ratio=latency_ratio)
     if problems:
         reason = "canary worse than production: " + "; ".join(problems)
-        _retire(canary, ModelStatus.REJECTED, reason)
+        _retire(session, canary, ModelStatus.REJECTED, reason)
         session.flush()
         return CanaryVerdict(canary.version, "rolled_back", reason, *arms)
     reason = f"canary passed after {ours.jobs} jobs"

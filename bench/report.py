@@ -358,6 +358,8 @@ CPU_RUNS = (
     ("naive Flask", "naive_flask"),
 )
 CPU_GROUPS = ("api", "worker", "naive", "postgres", "redis", "load generator", "total")
+# Beside the groups (not in their total): the rest of the machine, and the hypervisor's steal.
+CPU_BESIDE = ("other", "steal")
 
 
 def budget(r: dict[str, Any]) -> list[str]:
@@ -374,12 +376,15 @@ def budget(r: dict[str, Any]) -> list[str]:
         "",
         "Core-ms per job (per request for submit-only, hello and naive), from /proc while each"
         " run lasted. `worker` is the inference worker process (model thread, consumer, store"
-        " thread); `api` is gunicorn (master and workers).",
+        " thread); `api` is gunicorn (master and workers). Beside the total: `other`, what the"
+        " rest of the machine ran meanwhile (processes outside these groups, kernel threads), and"
+        " `steal`, time the hypervisor gave this VM's CPUs to another while they had work (from"
+        " /proc/stat); either, when large, means the run was disturbed.",
         "",
         *_table(
-            CPU_GROUPS,
+            (*CPU_GROUPS, *CPU_BESIDE),
             [
-                (name, [f"{cpu[g]:.1f}" if g in cpu else "-" for g in CPU_GROUPS])
+                (name, [f"{cpu[g]:.1f}" if g in cpu else "-" for g in (*CPU_GROUPS, *CPU_BESIDE)])
                 for name, cpu in runs
             ],
         ),

@@ -260,6 +260,7 @@ class CpuMeter:
         self.groups["postgres"] = lambda: pids_named("postgres")
         self.groups["redis"] = lambda: pids_named("redis-server")
         self._start: dict[str, float] = {}
+        self._machine = (0.0, 0.0)
 
     def _now(self) -> dict[str, float]:
         now = {name: cpu_seconds(pids()) for name, pids in self.groups.items()}
@@ -269,12 +270,29 @@ class CpuMeter:
 
     def start(self) -> None:
         self._start = self._now()
+        self._machine = machine_cpu_seconds()
 
     def per_job(self, jobs: int) -> dict[str, float]:
-        end = self._now()
-        out = {k: (end[k] - self._start[k]) * 1000.0 / max(jobs, 1) for k in end}
+        """Core-ms per job of each group and their `total`; besides, `other`: what the rest of
+        this machine ran meanwhile (processes outside the groups, the kernel's own threads),
+        and `steal`: time the hypervisor gave this VM's CPUs to someone else while they had
+        work. Neither is in `total`; either, when large, says the run was disturbed."""
+        end, machine = self._now(), machine_cpu_seconds()
+        per = 1000.0 / max(jobs, 1)
+        out = {k: (end[k] - self._start[k]) * per for k in end}
         out["total"] = sum(out.values())
+        busy, steal = (machine[i] - self._machine[i] for i in (0, 1))
+        out["other"] = max(0.0, busy * per - out["total"])
+        out["steal"] = steal * per
         return out
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat's `cpu` line:
+    busy is user + nice + system + irq + softirq (guest time is inside user)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system_, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system_ + irq + softirq) / TICKS_PER_S, steal / TICKS_PER_S
 
 
 def metered(services: dict[str, Service], run: Any) -> dict[str, Any]:

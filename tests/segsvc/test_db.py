@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -162,3 +163,27 @@ def test_admin_work_is_unlimited_even_where_the_database_sets_limits() -> None:
         migrations.dispose()
         with get_engine(with_db_role(cfg, "api")).connect() as conn:
             assert conn.scalar(text("SHOW statement_timeout")) == "10s"
+
+
+@pytest.mark.parametrize("role", ["api", "worker", "admin"])
+def test_every_connection_plans_statements_for_their_parameters(
+    settings: Settings, role: str
+) -> None:
+    """psycopg prepares a statement after five runs on a connection; Postgres must still plan
+    each run for its parameters, not fall back to one generic plan (which costs more with every
+    dead row version of the jobs table: segsvc/db.py SESSION_SETTINGS)."""
+    cfg = with_db_role(settings, role)  # type: ignore[arg-type]
+    with get_engine(cfg).connect() as conn:
+        assert conn.scalar(text("SHOW plan_cache_mode")) == "force_custom_plan"
+        for _ in range(10):
+            conn.execute(
+                text("SELECT status FROM jobs WHERE id = :id FOR UPDATE"), {"id": uuid.uuid4()}
+            )
+        generic, custom = conn.execute(
+            text(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                "WHERE statement LIKE 'SELECT status FROM jobs WHERE id = %'"
+            )
+        ).one()
+    assert generic == 0
+    assert custom >= 5  # prepared (parsed once), planned every time

@@ -17,7 +17,7 @@ from segsvc.blobs import BlobMissingError, BlobStore
 from segsvc.errors import ConflictError, GoneError, NotFoundError, ValidationError
 from segsvc.images import ValidatedImage
 from segsvc.ml.imaging import render_overlay_png
-from segsvc.models import Job, JobStatus, db_clock, db_now, db_time
+from segsvc.models import ENDED_JOB_CLEARS, Job, JobStatus, db_clock, db_now, db_time
 from segsvc.services.reconcile import SUSPECT_AFTER_ATTEMPTS, lost_runs
 from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
 
@@ -392,6 +392,7 @@ def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int
                 error_message=case((Job.cancel_requested, "Canceled by the client."), else_=None),
                 completed_at=now,
                 lease_expires_at=None,
+                **ENDED_JOB_CLEARS,
             )
             .returning(Job.id, Job.webhook_url)
             .execution_options(synchronize_session=False)
@@ -438,6 +439,7 @@ def fail_job(
             error_code=code,
             error_message=message[:2000],
             lease_expires_at=None,
+            **ENDED_JOB_CLEARS,
         )
         .execution_options(synchronize_session=False)
     )
@@ -501,6 +503,7 @@ def cancel_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) ->
         job.completed_at = db_time(session)  # as a worker's result's: the database's clock
         job.error_code = "canceled"
         job.error_message = "Canceled by the client."
+        job.model_input = ENDED_JOB_CLEARS["model_input"]
         session.flush()
         record_job_events(session=session, job_ids=[job.id], event=JOB_COMPLETED)
     session.flush()

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, and_, literal, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
-from segsvc.models import Job, JobStatus, db_time
+from segsvc.models import ENDED_JOB_CLEARS, Job, JobStatus, db_time
 from segsvc.settings import Settings
 from segsvc.webhooks.outbox import JOB_COMPLETED, record_job_events
 
@@ -337,6 +337,7 @@ def _cancel_requested(*, session: Session, now: datetime) -> int:
             completed_at=now,
             error_code="canceled",
             error_message="Canceled by the client.",
+            **ENDED_JOB_CLEARS,
         )
         .returning(Job.id)
         .execution_options(synchronize_session=False)
@@ -358,6 +359,7 @@ def _finish(
             error_message=message,
             lease_token=None,
             lease_expires_at=None,
+            **ENDED_JOB_CLEARS,
         )
         .execution_options(synchronize_session=False)
     )

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 from PIL import Image
-from sqlalchemy import text, update
+from sqlalchemy import select, text, update
 
 from segsvc.db import get_sessionmaker, session_scope
 from segsvc.images import validate_image
@@ -71,6 +71,17 @@ def result(job_id: uuid.UUID, lease_token: uuid.UUID) -> dict[str, Any]:
         "predict_ms": 1.0,
         "batch_size": 1,
     }
+
+
+def inputs_kept(settings: Settings, job_id: uuid.UUID) -> tuple[bool, bool]:
+    """Whether the job still holds (its upload, its derived model input)."""
+    with session_scope(settings) as session:
+        kept = session.execute(
+            select(Job.input_bytes.is_not(None), Job.model_input.is_not(None)).where(
+                Job.id == job_id
+            )
+        ).one()
+        return bool(kept[0]), bool(kept[1])
 
 
 def reconcile(settings: Settings) -> dict[str, object]:
@@ -159,6 +170,7 @@ def test_reconcile_fails_job_lost_max_times(
     job = get(cfg, job_id)
     assert (job.status, job.error_code) == ("failed", code)
     assert queued_ids(cfg) == []
+    assert inputs_kept(cfg, job_id) == (True, False)  # the model input goes with the job
 
 
 def test_reconcile_sends_suspects_one_at_a_time(settings: Settings) -> None:
@@ -201,6 +213,7 @@ def test_reconcile_ends_canceled_jobs(settings: Settings) -> None:
     assert get(settings, running).status == "canceled"
     assert get(settings, released).status == "canceled"
     assert queued_ids(settings) == []
+    assert inputs_kept(settings, running) == inputs_kept(settings, released) == (True, False)
 
 
 def test_reconcile_runs_one_at_a_time(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

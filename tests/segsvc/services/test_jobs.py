@@ -15,6 +15,7 @@ from segsvc.errors import ConflictError
 from segsvc.models import Job, JobStatus, utcnow
 from segsvc.services import jobs as job_service
 from segsvc.settings import Settings
+from tests.worker.test_reconciler import inputs_kept, result
 from tests.worker.test_segmenter import make_jobs
 
 pytestmark = pytest.mark.timeout(60)
@@ -114,3 +115,46 @@ def test_an_expired_lease_is_taken_over_only_on_the_first_attempt(settings: Sett
             session=session, job_ids=[first, again, last], lease_seconds=60
         )
     assert [(c.id, c.attempts) for c in claimed] == [(first, 2)]
+
+
+def test_a_job_lets_go_of_its_model_input_when_it_ends_and_keeps_its_upload(
+    settings: Settings,
+) -> None:
+    succeeded, failed, canceled, canceled_running, released = make_jobs(settings, 5)
+    with session_scope(settings) as session:
+        claims = {
+            c.id: c
+            for c in job_service.claim_jobs(
+                session=session,
+                job_ids=[succeeded, failed, canceled_running, released],
+                lease_seconds=60,
+            )
+        }
+    with session_scope(settings) as session:
+        job_service.cancel_job(session=session, job_id=str(canceled), client_id=None)
+        job_service.cancel_job(session=session, job_id=str(canceled_running), client_id=None)
+    with session_scope(settings) as session:
+        job_service.complete_jobs(
+            session=session,
+            results=[
+                result(succeeded, claims[succeeded].lease_token),
+                result(canceled_running, claims[canceled_running].lease_token),
+            ],
+        )
+        job_service.fail_job(
+            session=session,
+            job_id=failed,
+            code="bad_input",
+            message="no",
+            lease_token=claims[failed].lease_token,
+        )
+        assert job_service.release_job(
+            session=session, job_id=released, lease_token=claims[released].lease_token
+        )
+    for job_id in (succeeded, failed, canceled, canceled_running):
+        assert inputs_kept(settings, job_id) == (True, False)
+    # A job given back runs again: it keeps what its next claim reads.
+    assert inputs_kept(settings, released) == (True, True)
+    with session_scope(settings) as session:
+        (again,) = job_service.claim_jobs(session=session, job_ids=[released], lease_seconds=60)
+    assert again.model_input is not None

@@ -95,10 +95,13 @@ def db_clock(session: Session) -> datetime:
     now = time.monotonic()
     reading = _db_clock_readings.get(key)
     if reading is None or now - reading[0] >= DB_CLOCK_READ_EVERY_S:
-        before = time.monotonic()
+        session.connection()  # checked out (and pinged, perhaps reconnected) before the timing
         stamp = db_time(session)
         now = time.monotonic()
-        reading = ((before + now) / 2, stamp)
+        # The database read its clock somewhere between the query's send and `now`: pinned to
+        # `now`, the readings carried forward run at most that round trip behind, never ahead
+        # (a job stamped ahead of the database would look younger than it is).
+        reading = (now, stamp)
         with _db_clock_lock:
             _db_clock_readings[key] = reading
     at, stamp = reading

@@ -5,6 +5,7 @@ created_at, and the idempotency window (segsvc/models.py `db_clock`, `db_time`).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -101,6 +102,26 @@ def test_the_database_clock_is_read_once_a_minute_and_carried_forward(
     with counted_clock_reads(settings) as reads:
         new_jobs(settings)
     assert len(reads) == 1  # a minute on: read again
+
+
+def test_a_slow_connection_checkout_does_not_stamp_jobs_ahead_of_the_database(
+    settings: Settings,
+) -> None:
+    """The reading is timed around its query alone: a checkout that waits (a full pool, a
+    reconnect after a failover) must not push the stamps carried forward into the future."""
+    engine = get_engine(settings)
+    engine.dispose()  # the next session connects anew
+
+    def slow(*_args: Any) -> None:
+        time.sleep(0.5)
+
+    event.listen(engine.pool, "checkout", slow)
+    try:
+        (job,) = new_jobs(settings)
+    finally:
+        event.remove(engine.pool, "checkout", slow)
+    after = db_clock(settings)
+    assert job.created_at <= after + timedelta(milliseconds=20)
 
 
 def test_a_stepped_host_clock_does_not_move_carried_forward_stamps(

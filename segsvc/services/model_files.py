@@ -38,7 +38,7 @@ import uuid
 from collections import defaultdict
 from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 
 from segsvc.db import session_scope
 from segsvc.files import try_lock
-from segsvc.models import ModelStatus, ModelVersion, utcnow
+from segsvc.models import ModelStatus, ModelVersion, db_time
 from segsvc.retrain_lock import retrain_lock
 from segsvc.services import rollout
 from segsvc.settings import Settings
@@ -127,16 +127,20 @@ def _prune(
         with session_scope(settings) as session:
             rollout.lock_registry(session)
             owners = _owners(session)
+            # Files age on the file system's clock; rows retire on the database's.
+            retired_before = db_time(session) - timedelta(seconds=older_than_s)
             for stem, paths in sorted(_candidates(folder).items()):
                 rows = owners.get(f"{stem}.keras", [])
                 try:
-                    if not _deletable(folder / f"{stem}.keras", paths, rows, cutoff, orphans):
+                    if not _deletable(
+                        folder / f"{stem}.keras", paths, rows, cutoff, retired_before, orphans
+                    ):
                         continue
                     size = sum(p.stat().st_size for p in paths)
                     if not dry_run:
                         aside += _set_aside(paths)
                         for row in rows:
-                            row.file_deleted_at = row.file_deleted_at or utcnow()
+                            row.file_deleted_at = row.file_deleted_at or db_time(session)
                 except OSError:  # one file's trouble (a permission, a stale handle) stops no other
                     log.warning("could not prune %s", folder / stem, exc_info=True)
                     continue
@@ -184,17 +188,24 @@ def _prune_scratch(
 
 
 def _deletable(
-    path: Path, paths: list[Path], rows: list[ModelVersion], cutoff: float, orphans: bool
+    path: Path,
+    paths: list[Path],
+    rows: list[ModelVersion],
+    cutoff: float,
+    retired_before: datetime,
+    orphans: bool,
 ) -> bool:
-    """Whether the files of the candidate `path` (with its report) may go now."""
+    """Whether the files of the candidate `path` (with its report) may go now: written before
+    `cutoff` (the file system's clock) and, if registered, retired before `retired_before`
+    (the database's)."""
     if not rows:
         return orphans and max(p.stat().st_mtime for p in paths) < cutoff
     if not all(row.status == ModelStatus.REJECTED and _names(row, path) for row in rows):
         return False
     if all(row.file_deleted_at is not None for row in rows):
         return True  # a pass committed its deletion, then died before removing it
-    retired = max((row.retired_at or row.created_at).timestamp() for row in rows)
-    return retired < cutoff and max(p.stat().st_mtime for p in paths) < cutoff
+    retired = max(row.retired_at or row.created_at for row in rows)
+    return retired < retired_before and max(p.stat().st_mtime for p in paths) < cutoff
 
 
 def _candidates(folder: Path) -> dict[str, list[Path]]:

@@ -5,6 +5,7 @@ folder is touched; on the real registry, with `segsvc models prune-files` and a 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -91,6 +92,22 @@ def test_prune_model_files_deletes_old_rejected_versions_files_and_marks_their_r
     assert deleted_at(cfg, "rejected") is not None  # the row stays, and says so
     assert deleted_at(cfg, "baseline") is None
     assert prune_model_files(cfg).removed == []
+
+
+def test_a_rejection_ages_on_the_database_clock_whatever_this_hosts_says(
+    cfg: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version rejected a day ago (on the database's clock) keeps its files for the grace
+    period even on a host whose clock runs eight days fast; its files' own age is the file
+    system's, and theirs is past the grace period either way."""
+    rejected = candidate(cfg)  # written 30 days ago
+    add_version(cfg, "rejected", rejected, ModelStatus.REJECTED, retired_ago=DAY)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 8 * DAY)
+    assert prune_model_files(cfg).removed == []
+    monkeypatch.setattr(time, "time", real)
+    assert rejected.exists()
+    assert deleted_at(cfg, "rejected") is None
 
 
 def test_prune_model_files_keeps_the_files_of_versions_that_may_serve(cfg: Settings) -> None:
@@ -192,10 +209,15 @@ def test_a_failed_commit_puts_the_files_back(
     rejected = candidate(cfg)
     add_version(cfg, "rejected", rejected, ModelStatus.REJECTED)
 
-    def database_gone() -> object:
-        raise RuntimeError("database gone")
+    real_db_time, calls = model_files.db_time, []
 
-    monkeypatch.setattr(model_files, "utcnow", database_gone)  # after the rename, before commit
+    def database_gone(session: object) -> object:
+        calls.append(session)
+        if len(calls) > 1:  # the deletion's stamp: after the rename, before the commit
+            raise RuntimeError("database gone")
+        return real_db_time(session)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_files, "db_time", database_gone)
     with pytest.raises(RuntimeError):
         prune_model_files(cfg)
     assert rejected.is_file()

@@ -53,4 +53,4 @@ images:  ## build the api, worker and worker-gpu images
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
-	git worktree prune  # forget make bench-ab's checkouts, which lived under var/ab
+	-git worktree prune  # forget make bench-ab's checkouts, which lived under var/ab

@@ -5,10 +5,11 @@ cannot show a change of a few percent. Here both systems (base: a git revision, 
 as a worktree under `var/ab/`; head: this working tree, uncommitted changes included, or
 `--head REV`) are up at once, each with its own gunicorn API, Celery worker, Postgres
 database and Redis DB, sharing this venv and the served model, and are driven in turn: rounds
-alternate base, head / head, base, so drift hits both sides alike. Each round runs, per side:
-an idle client, 16 long-polling clients, a burst of single submits and a burst of batch
-submits (`--runs` picks). The report gives each side's median round, the range of its rounds
-and head / base; a change whose rounds overlap the other side's is within the noise.
+alternate base, head / head, base, so drift hits both sides alike. Each round runs an idle
+client, 16 long-polling clients, a burst of single submits and a burst of batch submits
+(`--runs` picks), each on both sides back to back before the next. The report gives each
+side's median round, the range of its rounds, head / base and the paired ratio of each round;
+a change whose paired ratios fall on both sides of 1 is within the noise.
 
 Writes `var/ab/<stamp>.md` and `.json` (or `--out`) and prints the Markdown.
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from bench import load, report, system
 from segsvc.client import LONG_POLL_S
@@ -38,7 +40,7 @@ AB_DIR = ROOT / "var" / "ab"
 DEFAULT_DATA = Path(
     os.environ.get("SEG_BENCH_DATA", ROOT.parent / "shared/data/oxford_pets_sample")
 )
-# Per side: the database, the Redis logical DB (make bench uses 15) and the worker's name.
+# Per side: the database and the Redis logical DB (make bench uses 15; tests keep to 1-12).
 SIDES = {"base": ("segsvc_ab_base", 14), "head": ("segsvc_ab_head", 13)}
 # What the report compares, per run: (label, path into a round's summary, digits).
 METRICS: tuple[tuple[str, tuple[str, ...], int], ...] = (
@@ -151,7 +153,7 @@ def start_side(side: Side, args: argparse.Namespace, var: Path) -> None:
     """A fresh database and Redis DB, the side's own migrations, key and model version, then
     its API and worker, all run from the side's checkout."""
     db_name, redis_db = SIDES[side.name]
-    redis_url = system.REDIS_URL.rsplit("/", 1)[0] + f"/{redis_db}"
+    redis_url = with_redis_db(system.REDIS_URL, redis_db)
     url = system.fresh_database(db_name, redis_url)
     side_var = var / side.name
     side_var.mkdir(parents=True, exist_ok=True)
@@ -189,6 +191,12 @@ def start_side(side: Side, args: argparse.Namespace, var: Path) -> None:
     side.services["worker"] = system.worker(
         env, logs, side_var / "probes", side.root, name=f"worker-{side.name}"
     )
+
+
+def with_redis_db(url: str, db: int) -> str:
+    """`url` with its logical database (the path) replaced by `db`, query string kept."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
 
 
 def runs_for(
@@ -355,12 +363,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         for side in sides.values():
             log(f"{side.name}: warm-up")
             load.run_jobs_load(side.port, side.headers, bodies, clients=4, seconds=3, poll_s=0.01)
+        drives = {name: runs_for(side, args, bodies, batches) for name, side in sides.items()}
         for index in range(args.rounds):
-            for name in round_order(index):
-                side = sides[name]
-                drive = runs_for(side, args, bodies, batches)
-                for run in args.runs:
-                    summary = system.metered(side.services, drive[run])
+            # Run by run, the two sides back to back, so each pair shares the host's moment.
+            for run in args.runs:
+                for name in round_order(index):
+                    side = sides[name]
+                    summary = system.metered(side.services, drives[name][run])
                     rounds[name][run].append(summary)
                     log(
                         f"round {index + 1} {name} {run}: {summary['jobs_per_s']:.1f} jobs/s, "
@@ -368,7 +377,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         f"{summary['cpu_ms_per_job']['total']:.1f} core-ms/job, "
                         f"{summary['errors']} errors"
                     )
-        rss = {n: max(s.services["worker"].peak_rss_mb().values()) for n, s in sides.items()}
+        rss = {
+            n: max(s.services["worker"].peak_rss_mb().values(), default=0.0)
+            for n, s in sides.items()
+        }
     finally:
         for side in sides.values():
             side.stop()

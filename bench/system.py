@@ -135,7 +135,11 @@ def gunicorn(
 ) -> Service:
     cmd = [sys.executable, "-m", "gunicorn", app, *args, "--bind", f"127.0.0.1:{port}"]
     service = Service(name, cmd, env, log_dir, cwd)
-    wait_http(service, port)
+    try:
+        wait_http(service, port)
+    except BaseException:  # a timeout or Ctrl-C while it starts: leave nothing running
+        service.stop()
+        raise
     return service
 
 
@@ -160,13 +164,20 @@ def worker(
         "--hostname",
         f"bench-{name}-{os.getpid()}@%h",
     ]
+    (probe_dir / "ready").unlink(missing_ok=True)  # a killed worker's would answer at once
     service = Service(name, cmd, {**env, "SEG_PROBE_DIR": str(probe_dir)}, log_dir, cwd)
     deadline = time.monotonic() + 600  # the first start converts the model
-    while not (probe_dir / "ready").exists() and b" ready." not in service.log_path.read_bytes():
-        service.check_alive()
-        if time.monotonic() > deadline:
-            raise RuntimeError("worker not ready in time")
-        time.sleep(0.2)
+    try:
+        while (
+            not (probe_dir / "ready").exists() and b" ready." not in service.log_path.read_bytes()
+        ):
+            service.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError("worker not ready in time")
+            time.sleep(0.2)
+    except BaseException:  # a timeout or Ctrl-C while it starts: leave nothing running
+        service.stop()
+        raise
     return service
 
 

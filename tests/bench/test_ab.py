@@ -154,3 +154,12 @@ def test_checkout_makes_a_worktree_of_the_revision_once_and_reuses_it(tmp_path: 
 
     with pytest.raises(subprocess.CalledProcessError):
         ab.checkout("no-such-rev", repo=repo, under=tmp_path / "checkouts")
+
+
+def test_with_redis_db_replaces_only_the_database() -> None:
+    assert ab.with_redis_db("redis://127.0.0.1:6379/15", 14) == "redis://127.0.0.1:6379/14"
+    assert ab.with_redis_db("redis://127.0.0.1:6379", 13) == "redis://127.0.0.1:6379/13"
+    assert (
+        ab.with_redis_db("redis://:pw@127.0.0.1:6379/0?socket_timeout=5", 14)
+        == "redis://:pw@127.0.0.1:6379/14?socket_timeout=5"
+    )

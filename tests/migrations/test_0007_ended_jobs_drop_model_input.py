@@ -1,0 +1,65 @@
+"""Migration 0007: jobs that ended before ENDED_JOB_CLEARS let go of their model input, in
+batches walking the primary key; jobs still queued or running keep theirs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from segsvc.db import get_engine
+from segsvc.migrate import upgrade
+from segsvc.settings import Settings
+from tests.conftest import postgres_database
+
+STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
+    """A database of its own with no schema yet: a throwaway Postgres one, or SQLite."""
+    if request.param == "sqlite":
+        yield Settings(var_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
+        return
+    with postgres_database(f"segsvc_migrate_0007_{os.getpid()}") as url:
+        yield Settings(database_url=url, _env_file=None)  # type: ignore[call-arg]
+
+
+def test_0007_clears_the_model_input_of_ended_jobs_only(empty_db: Settings) -> None:
+    upgrade(settings=empty_db, revision="0006")
+    sqlite = empty_db.database_url is None
+    rows = [  # more than two batches of 1,000
+        {
+            "id": uuid.uuid4().hex if sqlite else uuid.uuid4(),
+            "status": STATUSES[i % len(STATUSES)],
+        }
+        for i in range(2_345)
+    ]
+    with get_engine(empty_db).begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, status, created_at, attempts, releases, cancel_requested, "
+                "input_sha256, input_content_type, input_width, input_height, input_bytes, "
+                "model_input) VALUES (:id, :status, '2026-11-26 10:00:00+00', 1, 0, false, '0', "
+                "'image/png', 1, 1, :upload, :derived)"
+            ),
+            [{**row, "upload": b"jpeg", "derived": b"pixels"} for row in rows],
+        )
+    upgrade(settings=empty_db)
+    with get_engine(empty_db).connect() as conn:
+        kept = dict(
+            conn.execute(
+                text(
+                    "SELECT status, count(*) FROM jobs "
+                    "WHERE model_input IS NOT NULL AND input_bytes IS NOT NULL GROUP BY status"
+                )
+            ).all()
+        )
+        uploads = conn.scalar(text("SELECT count(*) FROM jobs WHERE input_bytes IS NOT NULL"))
+    assert kept == {"queued": 469, "running": 469}
+    assert uploads == len(rows)  # every upload stays
+    upgrade(settings=empty_db)  # at head: nothing more to do, nothing fails

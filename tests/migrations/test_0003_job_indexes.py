@@ -3,17 +3,12 @@ after it was stopped anywhere before its revision was written."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
-import pytest
 from alembic import command
 from sqlalchemy import text
 
 from segsvc.db import get_engine
 from segsvc.migrate import alembic_config, upgrade
 from segsvc.settings import Settings
-from tests.conftest import postgres_database
 from tests.migrations.index_builds import (
     fail_unique_build,
     index_definitions,
@@ -28,12 +23,6 @@ NEW = {
     "ix_jobs_input_kept_sha256",
 }
 OLD = {"ix_jobs_client_id", "ix_jobs_model_version"}
-
-
-@pytest.fixture
-def pg_db() -> Iterator[Settings]:
-    with postgres_database(f"segsvc_migrate_0003_{os.getpid()}") as url:
-        yield Settings(database_url=url, _env_file=None)
 
 
 def test_0003_runs_again_after_its_unique_build_failed_on_a_duplicate(pg_db: Settings) -> None:

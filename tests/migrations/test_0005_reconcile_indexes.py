@@ -4,13 +4,9 @@ the planner pick the suspect index), up and down, matching the model."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
-import pytest
 from alembic import command
 from sqlalchemy import Index, inspect, text
 
@@ -19,7 +15,7 @@ from segsvc.migrate import alembic_config, upgrade
 from segsvc.models import Job
 from segsvc.services.reconcile import SUSPECT_AFTER_ATTEMPTS
 from segsvc.settings import Settings
-from tests.conftest import ROOT, postgres_database
+from tests.conftest import ROOT
 from tests.migrations.index_builds import (
     build_concurrently,
     fail_unique_build,
@@ -44,16 +40,6 @@ def migration() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
-    """A database of its own with no schema yet: a throwaway Postgres one, or SQLite."""
-    if request.param == "sqlite":
-        yield Settings(var_dir=tmp_path, _env_file=None)
-        return
-    with postgres_database(f"segsvc_migrate_0005_{os.getpid()}") as url:
-        yield Settings(database_url=url, _env_file=None)
 
 
 def job_indexes(settings: Settings) -> set[str]:
@@ -110,12 +96,6 @@ def test_0005_indexes_are_the_models() -> None:
         assert str(ix.dialect_options["sqlite"]["where"]) == str(where)
     # The suspect index's condition spells out the quarantine's threshold.
     assert model["ix_jobs_suspect_status_lease"][1].endswith(f">= {SUSPECT_AFTER_ATTEMPTS}")
-
-
-@pytest.fixture
-def pg_db() -> Iterator[Settings]:
-    with postgres_database(f"segsvc_migrate_0005_rerun_{os.getpid()}") as url:
-        yield Settings(database_url=url, _env_file=None)
 
 
 def test_0005_runs_again_after_a_concurrent_build_failed(pg_db: Settings) -> None:

@@ -3,30 +3,15 @@ batches walking the primary key; jobs still queued or running keep theirs."""
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from sqlalchemy import text
 
 from segsvc.db import get_engine
 from segsvc.migrate import upgrade
 from segsvc.settings import Settings
-from tests.conftest import postgres_database
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
-    """A database of its own with no schema yet: a throwaway Postgres one, or SQLite."""
-    if request.param == "sqlite":
-        yield Settings(var_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
-        return
-    with postgres_database(f"segsvc_migrate_0007_{os.getpid()}") as url:
-        yield Settings(database_url=url, _env_file=None)  # type: ignore[call-arg]
 
 
 def test_0007_clears_the_model_input_of_ended_jobs_only(empty_db: Settings) -> None:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select, text
@@ -15,7 +11,6 @@ from sqlalchemy import select, text
 from segsvc.db import get_engine, session_scope
 from segsvc.models import Base, Job, WebhookEndpoint
 from segsvc.settings import Settings
-from tests.conftest import postgres_database
 
 
 def test_models_match_migrations(settings: Settings) -> None:
@@ -54,16 +49,6 @@ def test_image_columns_skip_compression(settings: Settings) -> None:
         ("jobs", "mask_png"): "e",
         ("feedback", "mask_png"): "e",
     }
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
-    """A database of its own with no schema yet: a throwaway Postgres one, or SQLite."""
-    if request.param == "sqlite":
-        yield Settings(var_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
-        return
-    with postgres_database(f"segsvc_migrate_{os.getpid()}") as url:
-        yield Settings(database_url=url, _env_file=None)  # type: ignore[call-arg]
 
 
 def test_0003_resolves_duplicates_the_missing_indexes_let_in(empty_db: Settings) -> None:

@@ -35,11 +35,7 @@ from segsvc.client import LONG_POLL_S
 from segsvc.settings import ROOT
 
 RUNS = ("idle", "clients", "burst", "batch")
-BATCH_SUBMIT_IMAGES = 16
 AB_DIR = ROOT / "var" / "ab"
-DEFAULT_DATA = Path(
-    os.environ.get("SEG_BENCH_DATA", ROOT.parent / "shared/data/oxford_pets_sample")
-)
 # Per side: the database and the Redis logical DB (make bench uses 15; tests keep to 1-12).
 SIDES = {"base": ("segsvc_ab_base", 14), "head": ("segsvc_ab_head", 13)}
 # What the report compares, per run: (label, path into a round's summary, digits).
@@ -94,7 +90,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=4, help="rounds per side (default 4)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {RUNS}")
     p.add_argument("--model", type=Path, default=ROOT / "models" / "baseline.keras")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Oxford-layout sample folder")
+    p.add_argument(
+        "--data", type=Path, default=load.DEFAULT_DATA, help="Oxford-layout sample folder"
+    )
     p.add_argument("--runtime", default="litert-int8", help="SEG_RUNTIME on both sides")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=6.0, help="idle and 16-client runs")
@@ -225,7 +223,7 @@ def runs_for(
             batches,
             jobs=args.burst_jobs,
             clients=args.clients,
-            per_request=BATCH_SUBMIT_IMAGES,
+            per_request=load.BATCH_SUBMIT_IMAGES,
         ),
     }
 
@@ -333,12 +331,11 @@ def _loads(values: Sequence[float]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     started = datetime.now(UTC)
-    photos = sorted((args.data / "images").glob("*.jpg"))[:200]
+    photos = load.sample_photos(args.data)
     if not photos or not args.model.is_file():
         raise SystemExit(f"need photos under {args.data}/images and the model {args.model}")
     bodies = [load.multipart(p) for p in photos]
-    per = BATCH_SUBMIT_IMAGES
-    batches = [load.multipart(*(photos * per)[i : i + per]) for i in range(0, len(photos), per)]
+    batches = load.batch_multiparts(photos)
     sides = {
         "base": Side("base", checkout(args.base), git("rev-parse", "--short=12", args.base)),
         "head": (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 import time
 import uuid
@@ -15,6 +16,15 @@ from typing import Any
 import numpy as np
 
 from segsvc.client import LONG_POLL_S
+from segsvc.settings import ROOT
+
+# The photos the loads send (`SEG_BENCH_DATA`: an Oxford-layout folder), at most MAX_PHOTOS of
+# them, and how many one batch submit carries.
+DEFAULT_DATA = Path(
+    os.environ.get("SEG_BENCH_DATA", ROOT.parent / "shared/data/oxford_pets_sample")
+)
+MAX_PHOTOS = 200
+BATCH_SUBMIT_IMAGES = 16
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,16 @@ class Multipart:
 def multipart(*photos: Path) -> Multipart:
     """The photos as one multipart body (read once; framed per request by `render()`)."""
     return Multipart(tuple((photo.name, photo.read_bytes()) for photo in photos))
+
+
+def sample_photos(folder: Path) -> list[Path]:
+    """The first MAX_PHOTOS pet photos of an Oxford-layout folder, by name."""
+    return sorted((folder / "images").glob("*.jpg"))[:MAX_PHOTOS]
+
+
+def batch_multiparts(photos: list[Path], per: int = BATCH_SUBMIT_IMAGES) -> list[Multipart]:
+    """The photos `per` to a body, as batch submits send them (cycling, so every body is full)."""
+    return [multipart(*(photos * per)[i : i + per]) for i in range(0, len(photos), per)]
 
 
 @dataclass

@@ -23,12 +23,8 @@ from segsvc.digest import file_sha256
 from segsvc.settings import ROOT, Settings
 
 ROUNDS = 3  # compared runs alternate this many times; the median round counts
-BATCH_SUBMIT_IMAGES = 16  # images per `POST /v1/jobs/batch` in the batch-submit burst
 REFERENCE_SECONDS = 1.0  # per runtime and batch size, each time the raw reference is re-timed
 
-DEFAULT_DATA = Path(
-    os.environ.get("SEG_BENCH_DATA", ROOT.parent / "shared/data/oxford_pets_sample")
-)
 T0 = time.monotonic()
 
 
@@ -44,7 +40,9 @@ def parse_args() -> argparse.Namespace:
         default=ROOT / "models" / "baseline.keras",
         help="model to serve (a random-init U-Net when the file does not exist)",
     )
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Oxford-layout sample folder")
+    p.add_argument(
+        "--data", type=Path, default=load.DEFAULT_DATA, help="Oxford-layout sample folder"
+    )
     p.add_argument("--runtime", default="auto", help="runtime the served system uses")
     p.add_argument("--var-dir", type=Path, default=ROOT / "var" / "bench")
     p.add_argument("--seconds", type=float, default=20.0, help="duration of each load run")
@@ -157,7 +155,7 @@ def read_data(folder: Path) -> tuple[Any, Any, list[Path]]:
     if len(data) < 20:
         data = read_folder(folder, split="all")
         data.images, data.masks = data.images[:80], data.masks[:80]
-    photos = sorted((folder / "images").glob("*.jpg"))[:200]
+    photos = load.sample_photos(folder)
     return normalize(data.images), data.masks, photos
 
 
@@ -262,10 +260,8 @@ def run_system(
             f"  system {out['system']['jobs_per_s']:.1f} jobs/s, "
             f"naive {out['naive_flask']['jobs_per_s']:.1f} jobs/s"
         )
-        per = BATCH_SUBMIT_IMAGES
-        batch_bodies = [
-            load.multipart(*(photos * per)[i : i + per]) for i in range(0, len(photos), per)
-        ]
+        per = load.BATCH_SUBMIT_IMAGES
+        batch_bodies = load.batch_multiparts(photos, per)
         log(
             f"system: capacity, bursts of {args.burst_jobs} jobs sent one per request and "
             f"{per} per batch submit, alternating, the raw runtime re-timed between them"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import os
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -79,7 +78,6 @@ def db_time(session: Session) -> datetime:
 # monotonic clock, which NTP slews by parts per million but never steps).
 DB_CLOCK_READ_EVERY_S = 60.0
 _db_clock_readings: dict[tuple[int, int], tuple[float, datetime]] = {}
-_db_clock_lock = threading.Lock()
 
 
 def db_clock(session: Session) -> datetime:
@@ -102,8 +100,7 @@ def db_clock(session: Session) -> datetime:
         # `now`, the readings carried forward run at most that round trip behind, never ahead
         # (a job stamped ahead of the database would look younger than it is).
         reading = (now, stamp)
-        with _db_clock_lock:
-            _db_clock_readings[key] = reading
+        _db_clock_readings[key] = reading  # one store of a tuple: threads see old or new
     at, stamp = reading
     return stamp + timedelta(seconds=now - at)
 

@@ -503,7 +503,8 @@ def cancel_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) ->
         job.completed_at = db_time(session)  # as a worker's result's: the database's clock
         job.error_code = "canceled"
         job.error_message = "Canceled by the client."
-        job.model_input = ENDED_JOB_CLEARS["model_input"]
+        for column, value in ENDED_JOB_CLEARS.items():
+            setattr(job, column, value)
         session.flush()
         record_job_events(session=session, job_ids=[job.id], event=JOB_COMPLETED)
     session.flush()

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from segsvc import models
 from segsvc.db import get_engine, session_scope
-from segsvc.images import validate_image
+from segsvc.images import ValidatedImage, validate_image
 from segsvc.models import Job, JobStatus, ModelStatus, ModelVersion
 from segsvc.services import feedback as feedback_service
 from segsvc.services import idempotency, registry, rollout
@@ -63,11 +63,21 @@ def between(stamp: datetime | None, before: datetime, after: datetime) -> bool:
     return before - SLACK <= stamp <= after + SLACK
 
 
-def new_jobs(settings: Settings, count: int = 1) -> list[Job]:
+def photo() -> ValidatedImage:
+    """A real pet photo, validated as the API validates an upload."""
     data = sample_images(1)[0].read_bytes()
-    image = validate_image(data, max_bytes=10**7, max_pixels=10**8)
+    return validate_image(data, max_bytes=10**7, max_pixels=10**8)
+
+
+def keyed(image: ValidatedImage, key: str) -> idempotency.IdempotentRequest:
+    req = idempotency.parse_request(key, image_sha256=image.sha256, fields=[])
+    assert req is not None
+    return req
+
+
+def new_jobs(settings: Settings, count: int = 1) -> list[Job]:
     with session_scope(settings) as session:
-        return job_service.create_jobs(session=session, images=[image] * count)
+        return job_service.create_jobs(session=session, images=[photo()] * count)
 
 
 @pytest.mark.parametrize("offset", [SKEW, -SKEW])
@@ -223,10 +233,8 @@ def test_feedback_is_stamped_on_the_database_clock(
 
 
 def keyed_job(session: Session, key: str) -> Job:
-    data = sample_images(1)[0].read_bytes()
-    image = validate_image(data, max_bytes=10**7, max_pixels=10**8)
-    req = idempotency.parse_request(key, image_sha256=image.sha256, fields=[])
-    assert req is not None
+    image = photo()
+    req = keyed(image, key)
     return job_service.create_job(
         session=session,
         image=image,
@@ -244,11 +252,7 @@ def test_the_idempotency_window_is_judged_on_the_database_clock(
     with session_scope(settings) as session:
         job = keyed_job(session, key)
     skew_clock(idempotency.KEY_WINDOW + timedelta(hours=1))
-    data = sample_images(1)[0].read_bytes()
-    image = validate_image(data, max_bytes=10**7, max_pixels=10**8)
-    req = idempotency.parse_request(key, image_sha256=image.sha256, fields=[])
-    assert req is not None
     with session_scope(settings) as session:
-        found = idempotency.find_replay(session=session, client_id=None, req=req)
+        found = idempotency.find_replay(session=session, client_id=None, req=keyed(photo(), key))
     assert found is not None
     assert found.id == job.id

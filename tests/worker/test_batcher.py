@@ -297,6 +297,18 @@ def test_a_batch_held_too_long_reads_as_a_stalled_pipeline(
     batcher.close()
 
 
+def settle_behind_locked_jobs(settings: Settings, recorder: Recorder, ids: list[str]) -> None:
+    """Claim `ids` and end their forward pass while `jobs` is locked: what the batch writes
+    next (its result or its release) must wait for the lock, not fail, and settle after it."""
+    batcher = start(recorder, ids)  # claimed; its forward pass is held
+    assert settings.database_url is not None
+    with holding(settings.database_url, LOCK_JOBS, seconds=HOLD_S):
+        recorder.release_first_forward.set()
+        assert not recorder.all_settled.wait(HOLD_S - 0.5)  # waiting for the lock
+    assert recorder.all_settled.wait(30)
+    batcher.close()
+
+
 def test_a_store_behind_a_locked_jobs_table_waits_and_commits(
     settings: Settings, worker_recorder: Recorder
 ) -> None:
@@ -305,13 +317,7 @@ def test_a_store_behind_a_locked_jobs_table_waits_and_commits(
     # it a suspect, three end it failed), where before the limits the store waited and committed.
     uuids = make_jobs(settings, 1)
     ids = [str(i) for i in uuids]
-    batcher = start(worker_recorder, ids)  # claimed; its forward pass is held
-    assert settings.database_url is not None
-    with holding(settings.database_url, LOCK_JOBS, seconds=HOLD_S):
-        worker_recorder.release_first_forward.set()
-        assert not worker_recorder.all_settled.wait(HOLD_S - 0.5)  # the store waits
-    assert worker_recorder.all_settled.wait(30)
-    batcher.close()
+    settle_behind_locked_jobs(settings, worker_recorder, ids)  # the store waits, then commits
     assert worker_recorder.settled == {ids[0]: "ack"}
     (job,) = rows(settings, uuids)
     assert (job.status, job.attempts, job.releases) == (JobStatus.SUCCEEDED, 1, 0)
@@ -329,13 +335,7 @@ def test_a_failed_store_behind_a_locked_jobs_table_is_still_released(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(worker_recorder.segmenter.blobs, "put", disk_full)
-    batcher = start(worker_recorder, ids)
-    assert settings.database_url is not None
-    with holding(settings.database_url, LOCK_JOBS, seconds=HOLD_S):
-        worker_recorder.release_first_forward.set()
-        assert not worker_recorder.all_settled.wait(HOLD_S - 0.5)  # the release waits
-    assert worker_recorder.all_settled.wait(30)
-    batcher.close()
+    settle_behind_locked_jobs(settings, worker_recorder, ids)  # the release waits, then commits
     assert worker_recorder.settled == {ids[0]: "requeue"}
     (job,) = rows(settings, uuids)
     assert (job.status, job.lease_token) == (JobStatus.QUEUED, None)

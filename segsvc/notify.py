@@ -6,19 +6,22 @@ the embedded default without Redis) only costs latency, never a wrong answer.
 
 One message per finished batch goes to one channel (`publish_finished`), and each process holds
 one subscription to it (`_Listener`, a daemon thread started on the first long poll) that wakes
-the waiting requests by job id: a long poll costs no Redis round trip of its own.
+the waiting requests by job id: a long poll costs no Redis round trip of its own. A notice may
+carry a job's end state (the columns its ending wrote, as committed), so the woken request can
+answer without reading the job again; one without (a bare id) has it re-read.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 
@@ -70,20 +73,43 @@ def channel(redis_url: str) -> str:
     return f"{CHANNEL}:{db}"
 
 
-def publish_finished(redis_url: str | None, job_ids: Iterable[uuid.UUID | str]) -> None:
-    """Tell waiters these jobs reached a terminal state (after the commit that ended them)."""
+State = Mapping[str, Any]  # a job's end state as a notice carries it (JSON-able)
+
+
+def publish_finished(
+    redis_url: str | None,
+    job_ids: Iterable[uuid.UUID | str],
+    states: Mapping[str, State] | None = None,
+) -> None:
+    """Tell waiters these jobs reached a terminal state (after the commit that ended them);
+    `states` (by job id, for some or all) is what those commits wrote, handed to the waiters."""
     ids = [str(job_id) for job_id in job_ids]
     if not redis_url or not ids:
         return
+    states = states or {}
+    message = json.dumps({job_id: states.get(job_id) for job_id in ids}, separators=(",", ":"))
     try:
-        _client(redis_url).publish(channel(redis_url), ",".join(ids))
+        _client(redis_url).publish(channel(redis_url), message)
     except redis.RedisError as exc:  # waiters fall back to re-reading the job
         log.warning("could not publish job notices: %s", exc.__class__.__name__)
 
 
+def parse_notice(data: bytes) -> dict[str, State | None]:
+    """A notice's job ids and end states (None: re-read the job). Also the bare comma-separated
+    ids of releases before end states were sent, so a rolling upgrade loses no wake-up."""
+    if data[:1] != b"{":
+        return dict.fromkeys(data.decode().split(","))
+    parsed = json.loads(data)
+    if not isinstance(parsed, dict):
+        raise ValueError("a notice is a JSON object")
+    return {str(k): v if isinstance(v, dict) else None for k, v in parsed.items()}
+
+
 class Subscription(Protocol):
-    def wait(self, seconds: float) -> None:
-        """Return on a notice for the job, or after `seconds`."""
+    def wait(self, seconds: float) -> dict[str, State] | None:
+        """Return on a notice for one of the jobs, or after `seconds`: the end states the
+        notices since the last wait carried, by job id, or None when the jobs must be read
+        (the time ran out, or a notice came without its state)."""
         ...
 
 
@@ -91,22 +117,35 @@ class _Sleep:
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
 
-    def wait(self, seconds: float) -> None:
+    def wait(self, seconds: float) -> dict[str, State] | None:
         time.sleep(min(seconds, self._seconds))
+        return None
 
 
 class _Notice:
-    """A waiter's event; set by the listener when its job's notice arrives."""
+    """A waiter's event and the end states delivered with it; set by the listener."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._states: dict[str, State] = {}
+        self._reread = False  # a wake-up came without an end state
 
-    def set(self) -> None:
+    def set(self, job_id: str | None = None, state: State | None = None) -> None:
+        with self._lock:
+            if job_id is None or state is None:
+                self._reread = True
+            else:
+                self._states[job_id] = state
         self._event.set()
 
-    def wait(self, seconds: float) -> None:
-        self._event.wait(seconds)
+    def wait(self, seconds: float) -> dict[str, State] | None:
+        woken = self._event.wait(seconds)
         self._event.clear()
+        with self._lock:
+            states, reread = self._states, self._reread
+            self._states, self._reread = {}, False
+        return states if woken and not reread else None
 
 
 class _Listener:
@@ -140,11 +179,11 @@ class _Listener:
                     if not waiting:
                         del self._waiters[job_id]
 
-    def _wake(self, job_ids: Iterable[str]) -> None:
+    def _wake(self, ended: Mapping[str, State | None]) -> None:
         with self._lock:
-            notices = [n for job_id in job_ids for n in self._waiters.get(job_id, ())]
-        for notice in notices:
-            notice.set()
+            woken = [(n, job_id) for job_id in ended for n in self._waiters.get(job_id, ())]
+        for notice, job_id in woken:
+            notice.set(job_id, ended[job_id])
 
     def _wake_all(self) -> None:
         with self._lock:
@@ -184,7 +223,12 @@ class _Listener:
                     self.subscribed.set()  # from here on no notice can be missed
                     self.tried.set()
                 elif message["type"] == "message":
-                    self._wake(message["data"].decode().split(","))
+                    try:
+                        ended = parse_notice(message["data"])
+                    except ValueError:  # not ours; waiters re-read on their own schedule
+                        log.warning("ignoring a malformed job notice")
+                        continue
+                    self._wake(ended)
         finally:
             with suppress(redis.RedisError):
                 pubsub.close()

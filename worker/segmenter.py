@@ -183,11 +183,13 @@ class Segmenter:
                 results.append(result)
         if not results and not failed:
             return {"claimed": batch.claimed, "succeeded": 0, "failed": 0}
-        done = self._write_outcomes(batch, results, failed)
+        states = self._write_outcomes(batch, results, failed)
+        done = len(states)
         for job, _, message in failed:
             log.warning("job %s failed: %s", job.id, message)
         finished = [r["id"] for r in results] + [job.id for job, _, _ in failed]
-        notify.publish_finished(self.settings.effective_redis_url, finished)  # long polls
+        # Long polls; the results' end states answer them without another read of the jobs.
+        notify.publish_finished(self.settings.effective_redis_url, finished, states)
         for group in batch.groups:
             for job in group.jobs:  # one line per job: follow a request from API to worker
                 log.info(
@@ -237,15 +239,16 @@ class Segmenter:
         batch: Inferred,
         results: list[dict[str, Any]],
         failed: list[tuple[Claimed, str, str]],
-    ) -> int:
-        """Commit a batch's results and failures in one transaction; the number succeeded.
+    ) -> dict[str, Any]:
+        """Commit a batch's results and failures in one transaction; the end states of the
+        jobs whose results it stored, by id (`job_service.complete_jobs`).
 
         One that timed out is tried once more, waiting for locks until the last
         `RELEASE_SHARE` of the lease (kept for the release if it fails again): before the
         statement limits a store behind a lock simply waited and committed. Results are fenced
         by the lease, so a retry never writes over a job another worker took over."""
 
-        def write(session: Session) -> int:
+        def write(session: Session) -> dict[str, Any]:
             done = job_service.complete_jobs(session=session, results=results)
             for job, code, message in failed:
                 job_service.fail_job(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from contextlib import AbstractContextManager as ContextManager
 
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.datastructures import FileStorage
@@ -52,13 +53,20 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     if replay:  # the webhook was checked when the job was made; a retry must not fail on it now
         body = accepted_body(replay)
         return jsonify(body), 200, {"Location": body["urls"]["self"], "Idempotent-Replayed": "1"}
-    (job,) = _store_and_enqueue([image], idem, [idem.key] if idem else None, _webhook())
-    body = accepted_body(job)
+    hook, job_id = _webhook(), uuid.uuid4()
+    # Watched from before its commit: no end notice can come before the watch, so the wait
+    # needs no first read of a job it has just written.
+    with _watch([job_id], wait) as watch:
+        (job,) = _store_and_enqueue([image], idem, [idem.key] if idem else None, hook, [job_id])
+        body = accepted_body(job)
+        (done,) = watch.until_ended(
+            session=session,
+            jobs=[job],
+            read=lambda: [job_service.get_job(session=db(), job_id=job_id, client_id=_scope())],
+        )
     location = {"Location": body["urls"]["self"]}
-    if wait > 0:
-        done = _wait_for_end(job.id, wait)
-        if done.job_status.is_terminal:
-            return jsonify(job_body(done)), 201, location
+    if done.job_status.is_terminal:
+        return jsonify(job_body(done)), 201, location
     return jsonify(body), 202, location
 
 
@@ -110,7 +118,7 @@ def _submit_batch() -> tuple[Response, int]:
     if replay:  # as in submit_job: the webhook was checked when the jobs were made
         return jsonify({"jobs": [accepted_body(job) for job in replay]}), 200
     keys = idempotency.batch_keys(idem, len(images)) if idem else None
-    jobs = _store_and_enqueue(images, idem, keys, _webhook())
+    jobs = _store_and_enqueue(images, idem, keys, _webhook(), None)
     return jsonify({"jobs": [accepted_body(job) for job in jobs]}), 202
 
 
@@ -175,8 +183,10 @@ def _store_and_enqueue(
     idem: idempotency.IdempotentRequest | None,
     keys: list[str] | None,
     hook: webhook_service.Subscription,
+    job_ids: list[uuid.UUID] | None,
 ) -> list[Job]:
-    """Admit, store and commit one job per image, then send their ids as one message."""
+    """Admit, store and commit one job per image (named `job_ids`, else new ids), then send
+    their ids as one message."""
     cfg, session = settings(), db()
     limits.check_admission(session=session, settings=cfg, cost=len(images))
     with idempotency.race_guard(session=session, req=idem):
@@ -190,6 +200,7 @@ def _store_and_enqueue(
             webhook_url=hook.url,
             webhook_events=hook.events,
             store=blob_store(cfg),
+            job_ids=job_ids,
         )
     session.commit()
     job_ids = [job.id for job in jobs]
@@ -240,13 +251,24 @@ def cancel_job(job_id: str) -> Response:
     return jsonify(job_body(job))
 
 
-def _wait_for_end(job_id: uuid.UUID | str, seconds: float) -> Job:
+def _wait_for_end(job_id: str, seconds: float) -> Job:
     """The job once it ends, or as it is after `seconds` (a long poll; 0: at once)."""
     cfg = settings()
     return job_service.wait_for_job(
         session=db(),
-        job_id=str(job_id),
+        job_id=job_id,
         client_id=_scope(),
+        seconds=seconds,
+        redis_url=cfg.effective_redis_url,
+        max_waiters=cfg.long_poll_max_waiters,
+    )
+
+
+def _watch(job_ids: list[uuid.UUID], seconds: float) -> ContextManager[job_service.JobWatch]:
+    """These jobs' end notices for up to `seconds` (0: none), under the process's limit."""
+    cfg = settings()
+    return job_service.watch_jobs(
+        job_ids,
         seconds=seconds,
         redis_url=cfg.effective_redis_url,
         max_waiters=cfg.long_poll_max_waiters,

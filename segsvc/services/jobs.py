@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -67,15 +68,18 @@ def create_jobs(
     idempotency_keys: Sequence[str | None] | None = None,
     request_fingerprint: str | None = None,
     store: BlobStore | None = None,
+    job_ids: Sequence[uuid.UUID] | None = None,
 ) -> list[Job]:
-    """Store one queued job per image, in order, in one flush (a multi-row INSERT)."""
+    """Store one queued job per image, in order, in one flush (a multi-row INSERT); `job_ids`
+    names them (new random ids by default)."""
     keys = list(idempotency_keys or [None] * len(images))
+    ids = list(job_ids or [uuid.uuid4() for _ in images])
     # The database's clock, like every other stamp a job gets (started_at, leases,
     # completed_at): queue times, the reconciler's cutoffs and a canary's window compare them.
     now = db_clock(session)
     jobs = [
         Job(
-            id=uuid.uuid4(),
+            id=job_id,
             client_id=client_id,
             status=JobStatus.QUEUED,
             created_at=now,
@@ -91,7 +95,7 @@ def create_jobs(
             idempotency_key=key,
             request_fingerprint=request_fingerprint,
         )
-        for image, key in zip(images, keys, strict=True)
+        for image, key, job_id in zip(images, keys, ids, strict=True)
     ]
     session.add_all(jobs)
     session.flush()
@@ -145,18 +149,19 @@ def wait_for_job(
     """The job once it is terminal, or as it is after `seconds` (a long poll).
 
     The session's connection is given back while waiting, so a waiting client holds no
-    database connection; the job is re-read after every notice and at least once a second.
-    At most `max_waiters` polls wait per process; others are answered at once.
+    database connection; the job is re-read after every notice that does not carry its end
+    state and at least once a second. At most `max_waiters` polls wait per process; others
+    are answered at once.
     """
     jid = parse_job_id(job_id)
-    return _long_poll(
-        session=session,
-        job_ids=[jid],
-        seconds=seconds,
-        redis_url=redis_url,
-        max_waiters=max_waiters,
-        read=lambda: [get_job(session=session, job_id=jid, client_id=client_id)],
-    )[0]
+    with watch_jobs([jid], seconds=seconds, redis_url=redis_url, max_waiters=max_waiters) as w:
+        # Read after the watch began, so a notice sent after this read is never missed.
+        job = get_job(session=session, job_id=jid, client_id=client_id)
+        return w.until_ended(
+            session=session,
+            jobs=[job],
+            read=lambda: [get_job(session=session, job_id=jid, client_id=client_id)],
+        )[0]
 
 
 MAX_JOBS_PER_READ = 100
@@ -197,43 +202,104 @@ def wait_for_jobs(
 ) -> list[Job]:
     """The visible jobs among `job_ids` once all of them are terminal, or as they are after
     `seconds`: one long poll for many jobs, with `wait_for_job`'s guarantees."""
-    return _long_poll(
-        session=session,
-        job_ids=job_ids,
-        seconds=seconds,
-        redis_url=redis_url,
-        max_waiters=max_waiters,
-        read=lambda: get_jobs(session=session, job_ids=job_ids, client_id=client_id),
-    )
+
+    def read() -> list[Job]:
+        return get_jobs(session=session, job_ids=job_ids, client_id=client_id)
+
+    with watch_jobs(job_ids, seconds=seconds, redis_url=redis_url, max_waiters=max_waiters) as w:
+        return w.until_ended(session=session, jobs=read(), read=read)
 
 
-def _long_poll(
-    *,
-    session: Session,
-    job_ids: Sequence[uuid.UUID],
-    seconds: float,
-    redis_url: str | None,
-    max_waiters: int,
-    read: Callable[[], list[Job]],
-) -> list[Job]:
-    """Re-read the jobs until all are terminal, after each notice for one of them and at least
-    once a second, for up to `seconds` (0: read once); no database connection is held while
-    waiting."""
+@dataclass
+class JobWatch:
+    """Notices for some jobs until a deadline (`watch_jobs`)."""
+
+    deadline: float  # time.monotonic()
+    subscription: notify.Subscription | None  # None: answer at once (no wait, or no slot)
+    recheck_s: float = 0.0
+
+    def until_ended(
+        self, *, session: Session, jobs: list[Job], read: Callable[[], list[Job]]
+    ) -> list[Job]:
+        """`jobs` (read after the watch began) once all are terminal, or as they are at the
+        deadline. No database connection is held while waiting. Notices that carry end states
+        end those jobs without a read; a job without a notice has not ended. Any other wake-up
+        (the once-a-second re-check, a notice without its state) re-reads them all."""
+        while True:
+            left = self.deadline - time.monotonic()
+            done = all(job.job_status.is_terminal for job in jobs)
+            if self.subscription is None or done or left <= 0:
+                return jobs
+            session.close()  # no connection held while waiting; the next read sees new commits
+            states = self.subscription.wait(min(left, self.recheck_s))
+            known = [
+                e for job in jobs if (e := _with_end_state(job, (states or {}).get(str(job.id))))
+            ]
+            jobs = known if states is not None and len(known) == len(jobs) else read()
+
+
+@contextmanager
+def watch_jobs(
+    job_ids: Iterable[uuid.UUID], *, seconds: float, redis_url: str | None, max_waiters: int
+) -> Iterator[JobWatch]:
+    """Watch these jobs' end notices for up to `seconds` (0: not at all), from now on: begin
+    before the read (or the commit) that the wait starts from, so no notice falls between."""
     if seconds <= 0:
-        return read()
+        yield JobWatch(0.0, None)
+        return
     deadline = time.monotonic() + seconds
-    # Registered before the first read, so a notice sent after that read is never missed.
     with (
         notify.waiter_slot(max_waiters) as waiting,
         notify.subscribe(redis_url if waiting else None, *job_ids) as (subscription, recheck_s),
     ):
-        while True:
-            jobs = read()
-            left = deadline - time.monotonic()
-            if not waiting or all(job.job_status.is_terminal for job in jobs) or left <= 0:
-                return jobs
-            session.close()  # no connection held while waiting; the next read sees new commits
-            subscription.wait(min(left, recheck_s))
+        yield JobWatch(deadline, subscription if waiting else None, recheck_s)
+
+
+# What ending a job writes to the columns of its public view: a job's end notice carries these
+# (`end_states`), so a long poll woken by it answers without reading the job again.
+END_STATE_COLUMNS = (
+    "status",
+    "started_at",
+    "completed_at",
+    "attempts",
+    "error_code",
+    "error_message",
+    "model_version",
+    "class_fractions",
+    "queue_ms",
+    "predict_ms",
+    "batch_size",
+)
+_END_STATE_TIMES = ("started_at", "completed_at")
+
+
+def end_state(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A notice's end state from an ended job's committed values (JSON-able: ISO times)."""
+    state = {key: values[key] for key in END_STATE_COLUMNS}
+    for key in _END_STATE_TIMES:
+        state[key] = state[key].isoformat() if state[key] is not None else None
+    return state
+
+
+def _with_end_state(job: Job, state: notify.State | None) -> Job | None:
+    """`job` (detached) as a notice's end state says it ended; itself when no state came for it
+    or it had ended already; None for a state this release cannot use (read the job)."""
+    if state is None or job.job_status.is_terminal:
+        return job
+    if set(state) != set(END_STATE_COLUMNS):
+        return None
+    try:
+        if not JobStatus(state["status"]).is_terminal:
+            return None
+        times = {
+            key: datetime.fromisoformat(state[key]) if state[key] is not None else None
+            for key in _END_STATE_TIMES
+        }
+    except (TypeError, ValueError):
+        return None
+    for key in END_STATE_COLUMNS:  # on the detached copy only: nothing is flushed from it
+        setattr(job, key, times.get(key, state[key]))
+    return job
 
 
 def get_finished_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) -> Job:
@@ -367,16 +433,17 @@ def claim_jobs(
     ]
 
 
-def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int:
+def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Write results of claimed jobs in bulk; each row is fenced by its lease token.
 
     Each result has: id, lease_token, mask_png, class_fractions, model_version, queue_ms,
-    predict_ms, batch_size.
+    predict_ms, batch_size. Returns the end state of each job this ended, by id (`end_state`:
+    what the jobs' notices carry once this commits); a result fenced out is not in it.
     """
     if not results:
-        return 0
+        return {}
     now = db_now(session)  # the same clock as the claim's `started_at`
-    finished: list[uuid.UUID] = []
+    ended: dict[uuid.UUID, Any] = {}  # id -> the row the ending returned
     subscribed: list[uuid.UUID] = []  # finished jobs with a webhook
     by_token: dict[uuid.UUID, list[uuid.UUID]] = {}
     for r in results:
@@ -394,17 +461,16 @@ def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> int
                 lease_expires_at=None,
                 **ENDED_JOB_CLEARS,
             )
-            .returning(Job.id, Job.webhook_url)
+            .returning(Job.id, Job.webhook_url, *_ENDING_RETURNS)
             .execution_options(synchronize_session=False)
         ).all()
-        finished += [row[0] for row in rows]
-        subscribed += [row[0] for row in rows if row[1] is not None]
-    won = set(finished)
-    payload = [{key: r[key] for key in _RESULT_COLUMNS} for r in results if r["id"] in won]
+        ended.update((row.id, row) for row in rows)
+        subscribed += [row.id for row in rows if row.webhook_url is not None]
+    payload = [{key: r[key] for key in _RESULT_COLUMNS} for r in results if r["id"] in ended]
     if payload:  # ORM bulk UPDATE by primary key: one executemany for every row's result
         session.execute(update(Job), payload)
     record_job_events(session=session, job_ids=subscribed, event=JOB_COMPLETED)
-    return len(finished)
+    return {str(p["id"]): end_state({**ended[p["id"]]._asdict(), **p}) for p in payload}
 
 
 _RESULT_COLUMNS = (
@@ -415,6 +481,10 @@ _RESULT_COLUMNS = (
     "queue_ms",
     "predict_ms",
     "batch_size",
+)
+# The rest of a job's end state, as the statement that ends it left it.
+_ENDING_RETURNS = tuple(
+    getattr(Job, key) for key in END_STATE_COLUMNS if key not in _RESULT_COLUMNS
 )
 
 

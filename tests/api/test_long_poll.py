@@ -6,10 +6,13 @@ import io
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, select, update
+from sqlalchemy import Engine, event, func, select, update
 
 from segsvc import notify
 from segsvc.db import get_sessionmaker, session_scope
@@ -198,3 +201,105 @@ def test_submit_with_a_bad_wait_stores_nothing(client, auth, settings: Settings)
     assert resp.get_json()["error"] == "validation_error"
     with session_scope(settings) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def end_like_a_worker(settings: Settings, job_id: str, *, cancel: bool = False) -> None:
+    """Claim the job, store its result and send the notice with its end state, as the worker's
+    store does (a cancel asked while it runs ends it canceled at that boundary)."""
+    jid = uuid.UUID(job_id)
+    with session_scope(settings) as session:
+        (claimed,) = job_service.claim_jobs(session=session, job_ids=[jid], lease_seconds=60)
+    if cancel:
+        with session_scope(settings) as session:
+            job_service.cancel_job(session=session, job_id=job_id, client_id=None)
+    result = {
+        "id": jid,
+        "lease_token": claimed.lease_token,
+        "mask_png": b"png",
+        "class_fractions": [0.1234567890123, 0.7, 0.1765432109877],
+        "model_version": "v7",
+        "queue_ms": 12.345678901234,
+        "predict_ms": 3.3333333333333335,
+        "batch_size": 5,
+    }
+    with session_scope(settings) as session:
+        states = job_service.complete_jobs(session=session, results=[result])
+    notify.publish_finished(settings.effective_redis_url, [jid], states)
+
+
+@contextmanager
+def reads_of_jobs() -> Iterator[list[str]]:
+    """The statements this thread sends that read the jobs table, while the block runs."""
+    me, seen = threading.get_ident(), []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        reads = statement.lstrip().startswith("SELECT") and "FROM jobs" in statement
+        if reads and threading.get_ident() == me:
+            seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["succeeded", "canceled-while-running"])
+def test_a_notice_with_the_end_state_answers_without_reading_the_job_again(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, cancel: bool
+) -> None:
+    job_id = submit(client, auth)
+    ender = threading.Timer(0.3, end_like_a_worker, (settings, job_id), {"cancel": cancel})
+    ender.start()
+    started = time.monotonic()
+    with reads_of_jobs() as reads:
+        body = client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()
+    ender.join()
+    assert time.monotonic() - started < 0.9  # the notice, not the 1 s re-check
+    assert len(reads) == 1  # the read the wait starts from; the notice ended it
+    assert body["status"] == ("canceled" if cancel else "succeeded")
+    assert body == client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()  # as stored
+
+
+def test_submit_with_wait_watches_the_job_from_before_it_is_enqueued(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker may end the job before the request gets past the enqueue: its notice still
+    answers the wait (no 1 s re-check), and the job is not read back from the database."""
+    from api.routes import jobs as routes
+
+    enqueue = routes.enqueue_jobs
+
+    def enqueue_and_end_at_once(app: Any, job_ids: list[uuid.UUID], **kwargs: Any) -> None:
+        enqueue(app, job_ids, **kwargs)
+        for job_id in job_ids:
+            end_like_a_worker(settings, str(job_id))
+
+    monkeypatch.setattr(routes, "enqueue_jobs", enqueue_and_end_at_once)
+    started = time.monotonic()
+    with reads_of_jobs() as reads:
+        resp = client.post(
+            "/v1/jobs?wait=20", headers=auth, data=png_upload(), content_type="multipart/form-data"
+        )
+    assert time.monotonic() - started < 0.9
+    assert resp.status_code == 201
+    assert reads == []
+    body = resp.get_json()
+    assert body["status"] == "succeeded"
+    assert body == client.get(f"/v1/jobs/{body['id']}", headers=auth).get_json()
+
+
+def test_a_batch_long_poll_ends_on_the_notices_end_states(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    ids = [submit(client, auth), submit(client, auth)]
+    enders = [
+        threading.Timer(0.2 * n, end_like_a_worker, (settings, i)) for n, i in enumerate(ids, 1)
+    ]
+    for ender in enders:
+        ender.start()
+    with reads_of_jobs() as reads:
+        body = client.get(f"/v1/jobs?ids={','.join(ids)}&wait=20", headers=auth).get_json()
+    for ender in enders:
+        ender.join()
+    assert [job["status"] for job in body["jobs"]] == ["succeeded", "succeeded"]
+    assert len(reads) == 1
+    assert body == client.get(f"/v1/jobs?ids={','.join(ids)}", headers=auth).get_json()

@@ -6,14 +6,18 @@ import threading
 import time
 import uuid
 
+import pytest
 import redis
 
 from segsvc import notify
 from segsvc.settings import Settings
 
 
-def wait_in_thread(url: str, job_id: str, seconds: float) -> tuple[threading.Thread, list[float]]:
-    """Wait for one job's notice in a thread; the list gets how long the wait took."""
+def wait_in_thread(
+    url: str, job_id: str, seconds: float, got: list[object] | None = None
+) -> tuple[threading.Thread, list[float]]:
+    """Wait for one job's notice in a thread; the list gets how long the wait took, and `got`
+    what the wait returned."""
     took: list[float] = []
     ready = threading.Event()
 
@@ -21,8 +25,10 @@ def wait_in_thread(url: str, job_id: str, seconds: float) -> tuple[threading.Thr
         with notify.subscribe(url, job_id) as (subscription, _):
             ready.set()
             started = time.monotonic()
-            subscription.wait(seconds)
+            answer = subscription.wait(seconds)
             took.append(time.monotonic() - started)
+            if got is not None:
+                got.append(answer)
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -81,3 +87,51 @@ def test_without_redis_a_waiter_falls_back_to_polling_at_once() -> None:
     with notify.subscribe(url, uuid.uuid4()):  # the known outage costs no wait at all
         pass
     assert time.monotonic() - again < 0.05
+
+
+def test_a_notice_hands_each_waiter_its_own_jobs_end_state(settings: Settings) -> None:
+    url = settings.effective_redis_url
+    mine, other = str(uuid.uuid4()), str(uuid.uuid4())
+    got: list[object] = []
+    thread, took = wait_in_thread(url, mine, 5, got)
+    notify.publish_finished(
+        url, [mine, other], {mine: {"status": "succeeded"}, other: {"status": "failed"}}
+    )
+    thread.join()
+    assert took[0] < 0.5
+    assert got == [{mine: {"status": "succeeded"}}]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"{id}", b'{{"{id}":null}}'],
+    ids=["bare-ids-of-an-older-release", "no-state"],
+)
+def test_a_notice_without_an_end_state_asks_for_a_read(settings: Settings, message: bytes) -> None:
+    url = settings.effective_redis_url
+    job_id = str(uuid.uuid4())
+    got: list[object] = []
+    thread, took = wait_in_thread(url, job_id, 5, got)
+    redis.Redis.from_url(url).publish(notify.channel(url), message.decode().format(id=job_id))
+    thread.join()
+    assert took[0] < 0.5
+    assert got == [None]  # woken, and told to read the job
+
+
+def test_a_wait_that_runs_out_asks_for_a_read(settings: Settings) -> None:
+    got: list[object] = []
+    thread, _ = wait_in_thread(settings.effective_redis_url, str(uuid.uuid4()), 0.2, got)
+    thread.join()
+    assert got == [None]
+
+
+def test_a_malformed_notice_is_ignored_and_the_listener_goes_on(settings: Settings) -> None:
+    url = settings.effective_redis_url
+    job_id = str(uuid.uuid4())
+    got: list[object] = []
+    thread, took = wait_in_thread(url, job_id, 5, got)
+    redis.Redis.from_url(url).publish(notify.channel(url), b"{not json")
+    notify.publish_finished(url, [job_id], {job_id: {"status": "failed"}})
+    thread.join()
+    assert took[0] < 0.5
+    assert got == [{job_id: {"status": "failed"}}]

@@ -7,9 +7,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from segsvc import notify
 from segsvc.db import DbRole, get_engine, is_db_timeout, session_scope
 from segsvc.images import validate_image
 from segsvc.ml.preprocess import decode_mask_png
@@ -73,6 +75,30 @@ def test_segmenter_runs_a_batch_in_one_forward_pass(
         mask = decode_mask_png(job.mask_png or b"")
         assert mask.shape == (job.input_height, job.input_width)
         assert set(mask.ravel().tolist()) <= {0, 1, 2}
+
+
+def test_segmenter_notices_carry_the_end_states_it_stored(
+    settings: Settings, segmenter: Segmenter
+) -> None:
+    """One notice per batch; a stored result's end state is what a read of the job gives, so a
+    long poll can answer from it. A failed job's notice has none: its waiter reads the job."""
+    url = settings.effective_redis_url
+    pubsub = redis.Redis.from_url(url).pubsub()  # type: ignore[no-untyped-call]
+    pubsub.subscribe(notify.channel(url))
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    broken, *good = make_jobs(settings, 3, broken=1)
+    segmenter.run_jobs([str(i) for i in [broken, *good]])
+    message = pubsub.get_message(timeout=5)
+    pubsub.close()
+    assert message is not None
+    assert message["type"] == "message"
+    notice = notify.parse_notice(message["data"])
+    assert notice[str(broken)] is None
+    for job in rows(settings, good):
+        assert notice[str(job.id)] == job_service.end_state(
+            {key: getattr(job, key) for key in job_service.END_STATE_COLUMNS}
+        )
+        assert notice[str(job.id)]["status"] == "succeeded"
 
 
 def test_segmenter_failing_image_fails_only_its_job(

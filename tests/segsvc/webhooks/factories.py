@@ -55,4 +55,4 @@ def finish_job(settings: Settings, claimed: job_service.Claimed) -> None:
         "batch_size": 1,
     }
     with session_scope(settings) as session:
-        assert job_service.complete_jobs(session=session, results=[result]) == 1
+        assert len(job_service.complete_jobs(session=session, results=[result])) == 1

@@ -253,7 +253,7 @@ def test_record_events_in_a_mixed_batch_only_for_subscribed_jobs(settings: Setti
         for job in claimed
     ]
     with session_scope(settings) as session:
-        assert job_service.complete_jobs(session=session, results=results) == 3
+        assert len(job_service.complete_jobs(session=session, results=results)) == 3
     got = sorted((m.job_id == both, m.event_type) for m in messages(settings))
     assert got == [(False, "job.completed"), (True, "job.completed"), (True, "job.started")]
     assert not messages(settings, plain)

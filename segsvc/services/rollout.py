@@ -85,13 +85,20 @@ def start_canary(*, session: Session, version: str, share: float) -> ModelVersio
 
 
 def promote(*, session: Session, version: str, reason: str | None = None) -> ModelVersion:
-    """Make `version` production at once; the old production is archived (kept for rollback)."""
+    """Make `version` production at once; the old production is archived (kept for rollback).
+
+    Any other canary stops (rejected, as in a rollback): it was gated and measured against
+    the production this replaces, so its verdict would compare it with a version it was never
+    evaluated against, and promote it over the operator's choice within minutes."""
     lock_registry(session)
     row = registry.get_version(session=session, version=version)
     if row.status == ModelStatus.PRODUCTION:
         raise ConflictError(f"{version} is already production.")
     _require_model_file(row)
     old = registry.production_version(session=session)
+    for canary in _with_status(session, ModelStatus.CANARY):
+        if canary.version != version:
+            _retire(session, canary, ModelStatus.REJECTED, f"stopped by the promotion of {version}")
     for prev in _with_status(session, ModelStatus.PRODUCTION):
         _retire(session, prev, ModelStatus.ARCHIVED, f"replaced by {version}")
     if old is not None:

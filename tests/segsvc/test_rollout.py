@@ -236,6 +236,29 @@ def test_rollback_restores_the_previous_production_and_stops_the_canary(
         assert len(registry.serving_versions(session=session)) == 1
 
 
+def test_promoting_another_version_stops_the_canary_measured_against_the_old_one(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    """An operator moves production away from test-v1 while a canary gated against test-v1
+    runs: the canary stops, so no verdict can promote it over the operator's choice."""
+    canary(settings, model_file, "cand")
+    add(settings, model_file, "hotfix", ModelStatus.CANDIDATE)
+    with session_scope(settings) as session:
+        rollout.promote(session=session, version="hotfix")
+    got = statuses(settings)
+    assert got["hotfix"] == ("production", 1.0)
+    assert got["cand"] == ("rejected", 0.0)
+    assert got["test-v1"] == ("archived", 0.0)
+    with session_scope(settings) as session:
+        assert registry.get_version(session=session, version="cand").reason == (
+            "stopped by the promotion of hotfix"
+        )
+    add_jobs(settings, "hotfix", 100)
+    add_jobs(settings, "cand", 50)
+    assert decide(settings) is None  # no canary left to decide on
+    assert statuses(settings)["hotfix"] == ("production", 1.0)
+
+
 def test_reject_refuses_production_and_rollback_needs_history(
     settings: Settings, production_model: str, model_file: Path
 ) -> None:

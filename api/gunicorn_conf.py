@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="segsv
 
 from gunicorn import glogging
 
+from segsvc import notify
 from segsvc.logging_setup import configure_logging
 from segsvc.settings import get_settings
 
@@ -46,6 +49,8 @@ workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
 # connection); SEG_LONG_POLL_MAX_WAITERS (8) caps them per process, so 4 of the 12 threads are
 # always free for submits and short reads.
 threads = int(os.environ.get("GUNICORN_THREADS", "12"))
+# In-flight requests get this long after SIGTERM; long polls (up to 30 s) answer at once then
+# (`post_worker_init`), so what is left is ordinary requests.
 graceful_timeout = 10
 timeout = 60
 accesslog = None  # api/metrics.py logs one structured line per request instead
@@ -101,3 +106,17 @@ def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def post_worker_init(worker: Any) -> None:
+    """On SIGTERM (a deploy, a scale-in) long polls answer at once, before gunicorn stops: a
+    `POST /v1/jobs?wait=` whose job is already stored answers 202 with its id instead of
+    being cut off at `graceful_timeout` (its client would retry and store the job twice)."""
+    stop = worker.handle_exit
+
+    def on_term(sig: int, frame: Any) -> None:
+        # In a thread: the waking takes locks, which a signal handler must not wait on.
+        threading.Thread(target=notify.stop_waiting, name="segsvc-stop-waiting").start()
+        stop(sig, frame)
+
+    signal.signal(signal.SIGTERM, on_term)

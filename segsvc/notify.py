@@ -237,6 +237,23 @@ class _Listener:
 
 _listeners: dict[tuple[int, str], _Listener] = {}
 _listeners_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def stop_waiting() -> None:
+    """This process is shutting down: every long poll answers now, as it stands (a submit with
+    `?wait=` its 202), and new ones do not wait, so no answer is cut off by the server's
+    shutdown deadline after its job was stored."""
+    _stopping.set()
+    with _listeners_lock:
+        listeners = list(_listeners.values())
+    for listener in listeners:
+        listener._wake_all()
+
+
+def stopping() -> bool:
+    """True once `stop_waiting` was called in this process."""
+    return _stopping.is_set()
 
 
 def _listener(redis_url: str) -> _Listener:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -268,6 +269,21 @@ def start_celery(
 def start_worker(settings: Settings, log_path: Path, **extra: str) -> subprocess.Popen[bytes]:
     """Start a real Celery inference worker and wait until it is ready."""
     return start_celery(settings, log_path, **extra)
+
+
+def wait_http_up(base: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Wait until a server process answers `GET /healthz` (its log's tail if it exits)."""
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(log_path.read_text()[-3000:])
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("the server did not start")
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

@@ -8,6 +8,7 @@ import uuid
 from contextlib import AbstractContextManager as ContextManager
 
 from flask import Blueprint, Response, jsonify, request
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import FileStorage
 
 from api.app import MULTIPART_OVERHEAD
@@ -16,7 +17,7 @@ from api.context import celery, db, settings
 from api.schemas import accepted_body, job_body
 from segsvc import notify
 from segsvc.blobs import blob_store
-from segsvc.errors import BadRequestError, SegError, ValidationError
+from segsvc.errors import BadRequestError, SegError, UnavailableError, ValidationError
 from segsvc.images import ValidatedImage, validate_image
 from segsvc.models import Job
 from segsvc.queue import enqueue_jobs
@@ -59,11 +60,17 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     with _watch([job_id], wait) as watch:
         (job,) = _store_and_enqueue([image], idem, [idem.key] if idem else None, hook, [job_id])
         body = accepted_body(job)
-        (done,) = watch.until_ended(
-            session=session,
-            jobs=[job],
-            read=lambda: [job_service.get_job(session=db(), job_id=job_id, client_id=_scope())],
-        )
+        try:
+            (done,) = watch.until_ended(
+                session=session,
+                jobs=[job],
+                read=lambda: [job_service.get_job(session=db(), job_id=job_id, client_id=_scope())],
+            )
+        except SQLAlchemyError:
+            # The job is stored and enqueued: a 503 now would have the client submit it again;
+            # the 202 has it poll the job instead.
+            log.warning("could not read job %s while waiting; answering 202", job_id, exc_info=True)
+            done = job
     location = {"Location": body["urls"]["self"]}
     if done.job_status.is_terminal:
         return jsonify(job_body(done)), 201, location
@@ -72,8 +79,16 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
 
 # A batch holds up to 16 uploads and their model inputs in memory at once; two at a time per
 # process keep both cores busy decoding while an API process stays within its memory budget
-# (later ones wait their turn, holding only a thread).
+# (later ones wait their turn, holding only a thread). A turn is waited for BATCH_TURN_WAIT_S
+# at most: two clients uploading slowly (no buffering proxy in front) must not have every
+# other batch submit pile up, each holding one of the process's threads, for as long as
+# their uploads last.
 BATCHES_AT_ONCE = threading.BoundedSemaphore(2)
+BATCH_TURN_WAIT_S = 5.0
+
+
+class BatchesBusyError(UnavailableError):
+    code = "batches_busy"
 
 
 @bp.post("/jobs/batch")
@@ -82,8 +97,16 @@ def submit_batch() -> tuple[Response, int]:
 
     One request, one transaction and one queue message for the lot; each image becomes its own
     job (poll them together with `GET /v1/jobs?ids=`). Webhook fields apply to every job."""
-    with BATCHES_AT_ONCE:  # before the body is read: the parse is what takes the memory
+    # Before the body is read: the parse is what takes the memory.
+    if not BATCHES_AT_ONCE.acquire(timeout=BATCH_TURN_WAIT_S):
+        raise BatchesBusyError(
+            "This server is receiving as many batch submits as it takes at once; retry shortly.",
+            retry_after=1,
+        )
+    try:
         return _submit_batch()
+    finally:
+        BATCHES_AT_ONCE.release()
 
 
 def _submit_batch() -> tuple[Response, int]:

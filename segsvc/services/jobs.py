@@ -228,7 +228,7 @@ class JobWatch:
         while True:
             left = self.deadline - time.monotonic()
             done = all(job.job_status.is_terminal for job in jobs)
-            if self.subscription is None or done or left <= 0:
+            if self.subscription is None or done or left <= 0 or notify.stopping():
                 return jobs
             session.close()  # no connection held while waiting; the next read sees new commits
             states = self.subscription.wait(min(left, self.recheck_s))
@@ -244,7 +244,7 @@ def watch_jobs(
 ) -> Iterator[JobWatch]:
     """Watch these jobs' end notices for up to `seconds` (0: not at all), from now on: begin
     before the read (or the commit) that the wait starts from, so no notice falls between."""
-    if seconds <= 0:
+    if seconds <= 0 or notify.stopping():  # no wait asked, or the process is shutting down
         yield JobWatch(0.0, None)
         return
     deadline = time.monotonic() + seconds

@@ -265,3 +265,28 @@ def test_batches_beyond_two_at_once_wait_their_turn(client, auth) -> None:  # ty
     sender.join(10)
     routes.BATCHES_AT_ONCE.release()
     assert answers == [202]
+
+
+def test_a_batch_that_waits_too_long_for_its_turn_is_told_to_retry(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two slow uploads hold both turns: later batch submits give their thread back with a 503
+    and Retry-After instead of piling up behind them, and store nothing."""
+    from api.routes import jobs as routes
+
+    monkeypatch.setattr(routes, "BATCH_TURN_WAIT_S", 0.3)
+    routes.BATCHES_AT_ONCE.acquire()
+    routes.BATCHES_AT_ONCE.acquire()
+    try:
+        started = time.monotonic()
+        resp = submit_batch(client, auth, [png_bytes()])
+        waited = time.monotonic() - started
+    finally:
+        routes.BATCHES_AT_ONCE.release()
+        routes.BATCHES_AT_ONCE.release()
+    assert resp.status_code == 503
+    assert resp.get_json()["error"] == "batches_busy"
+    assert resp.headers["Retry-After"] == "1"
+    assert 0.25 <= waited < 3
+    assert job_count(settings) == 0
+    assert submit_batch(client, auth, [png_bytes()]).status_code == 202  # both turns given back

@@ -1,12 +1,25 @@
-"""api/gunicorn_conf.py: the API steps back on the CPU so the model gets it first."""
+"""api/gunicorn_conf.py: the API steps back on the CPU so the model gets it first, and its
+long polls answer at once when it is told to stop."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from segsvc.db import session_scope
+from segsvc.models import Job
+from segsvc.settings import Settings
+from tests.conftest import free_port, stop_process, wait_http_up, worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
@@ -55,3 +68,60 @@ def test_api_leading_its_own_session_lowers_its_autogroup() -> None:
 def test_zero_leaves_the_priority_alone() -> None:
     nice, _, _ = probe(0, own_session=True)
     assert nice == "0"
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_answers_a_waiting_submit_with_its_202_before_the_server_stops(
+    settings: Settings, api_key: str, tmp_path: Path
+) -> None:
+    """A deploy stops the API while a `POST /v1/jobs?wait=` waits for a job it has stored: the
+    client gets its 202 (and the job's id) at once, not a dropped connection at
+    `graceful_timeout` that it would answer by submitting the job again."""
+    port, log_path = free_port(), tmp_path / "gunicorn.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    server = ["gunicorn", "-c", "python:api.gunicorn_conf", "api.wsgi:app"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *server, "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+        cwd=ROOT,
+        env=worker_env(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base, answers = f"http://127.0.0.1:{port}", []
+    png = io.BytesIO()
+    Image.new("RGB", (32, 24)).save(png, format="PNG")
+
+    def submit() -> None:  # no inference worker runs: the job stays queued
+        with httpx.Client(base_url=base, timeout=60) as http:
+            resp = http.post(
+                "/v1/jobs?wait=25",
+                headers={"Authorization": f"Bearer {api_key}"},
+                files={"image": ("a.png", png.getvalue(), "image/png")},
+            )
+        answers.append((resp.status_code, resp.json(), time.monotonic()))
+
+    try:
+        wait_http_up(base, proc, log_path)
+        client = threading.Thread(target=submit)
+        client.start()
+        deadline = time.monotonic() + 20
+        while stored_jobs(settings) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the submit is waiting now
+        stopped_at = time.monotonic()
+        proc.terminate()  # SIGTERM to the master, which sends it on to its worker
+        client.join(30)
+        proc.wait(30)
+    finally:
+        stop_process(proc)
+        log.close()
+    assert answers, log_path.read_text()[-3000:]
+    status, body, answered_at = answers[0]
+    assert (status, body["status"]) == (202, "queued")
+    assert answered_at - stopped_at < 5  # gunicorn would cut it off at 10 s (graceful_timeout)
+    assert stored_jobs(settings) == 1
+
+
+def stored_jobs(settings: Settings) -> Any:
+    with session_scope(settings) as session:
+        return session.scalar(select(func.count()).select_from(Job))

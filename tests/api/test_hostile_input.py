@@ -7,7 +7,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import uuid
 import zlib
 from pathlib import Path
@@ -20,7 +19,14 @@ from PIL import Image
 from segsvc.db import session_scope
 from segsvc.models import Job
 from segsvc.settings import Settings
-from tests.conftest import ROOT, encode_image, free_port, stop_process, worker_env
+from tests.conftest import (
+    ROOT,
+    encode_image,
+    free_port,
+    stop_process,
+    wait_http_up,
+    worker_env,
+)
 
 
 def submit(client, auth, data: bytes, name: str = "x.png"):  # type: ignore[no-untyped-def]
@@ -273,7 +279,7 @@ def test_hostile_headers_and_bodies_on_real_gunicorn(
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {api_key}"}
     try:
-        _wait_up(base, proc, tmp_path)
+        wait_http_up(base, proc, tmp_path / "gunicorn.log")
         with httpx.Client(base_url=base, timeout=20) as http:
             long_header = http.get("/healthz", headers={"X-Long": "a" * 20_000})
             many_headers = http.get("/healthz", headers={f"X-H{i}": "v" for i in range(150)})
@@ -311,20 +317,6 @@ def _post_huge_body(port: int, key: str) -> bytes:
                 break
             answer += chunk
         return answer
-
-
-def _wait_up(base: str, proc: subprocess.Popen[bytes], tmp_path: Path) -> None:
-    deadline = time.monotonic() + 40
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((tmp_path / "gunicorn.log").read_text()[-3000:])
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError("gunicorn did not start")
 
 
 def test_hostile_nul_in_any_path_segment_is_404(  # type: ignore[no-untyped-def]

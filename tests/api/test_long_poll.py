@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 from sqlalchemy import Engine, event, func, select, update
+from sqlalchemy.exc import OperationalError
 
 from segsvc import notify
 from segsvc.db import get_sessionmaker, session_scope
@@ -303,3 +304,50 @@ def test_a_batch_long_poll_ends_on_the_notices_end_states(client, auth, settings
     assert [job["status"] for job in body["jobs"]] == ["succeeded", "succeeded"]
     assert len(reads) == 1
     assert body == client.get(f"/v1/jobs?ids={','.join(ids)}", headers=auth).get_json()
+
+
+def test_a_submit_whose_wait_cannot_read_the_job_answers_202(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job is stored and enqueued when the wait's re-read fails (a database failover): a
+    503 would have the client submit it again, so the answer is the 202 to poll it by."""
+
+    def lost_connection(**_: Any) -> Job:
+        raise OperationalError("SELECT jobs", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(job_service, "get_job", lost_connection)
+    resp = client.post(
+        "/v1/jobs?wait=1.5", headers=auth, data=png_upload(), content_type="multipart/form-data"
+    )
+    assert resp.status_code == 202
+    body = resp.get_json()
+    assert body["status"] == "queued"
+    with session_scope(settings) as session:
+        assert session.get(Job, uuid.UUID(body["id"])) is not None
+
+
+def test_stop_waiting_answers_every_long_poll_now(  # type: ignore[no-untyped-def]
+    client, auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the API's SIGTERM handler calls: waiting polls answer as the job stands, and new
+    ones do not wait."""
+    monkeypatch.setattr(notify, "_stopping", threading.Event())  # this process goes on after
+    job_id = submit(client, auth)
+    answered: list[tuple[str, float]] = []
+
+    def long_poll() -> None:
+        body = client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()
+        answered.append((body["status"], time.monotonic()))
+
+    poller = threading.Thread(target=long_poll)
+    poller.start()
+    time.sleep(0.3)
+    stopped_at = time.monotonic()
+    notify.stop_waiting()
+    poller.join(5)
+    assert answered
+    assert answered[0][0] == "queued"
+    assert answered[0][1] - stopped_at < 0.5
+    started = time.monotonic()
+    assert client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()["status"] == "queued"
+    assert time.monotonic() - started < 0.5

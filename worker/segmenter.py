@@ -131,7 +131,10 @@ class Segmenter:
         with session_scope(self.settings) as session:
             _relax_commit(session)
             claimed = job_service.claim_jobs(
-                session=session, job_ids=ids, lease_seconds=self.settings.job_lease_seconds
+                session=session,
+                job_ids=ids,
+                lease_seconds=self.settings.job_lease_seconds,
+                max_attempts=self.settings.job_max_attempts,
             )
         out = Claim(claimed=len(claimed), claimed_at=claimed_at)
         by_version: dict[str, tuple[LoadedModel, list[Claimed], list[Any]]] = {}

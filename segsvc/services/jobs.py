@@ -358,7 +358,11 @@ class Claimed:
 
 
 def claim_jobs(
-    *, session: Session, job_ids: Sequence[uuid.UUID], lease_seconds: int
+    *,
+    session: Session,
+    job_ids: Sequence[uuid.UUID],
+    lease_seconds: int,
+    max_attempts: int | None = None,
 ) -> list[Claimed]:
     """Atomically take jobs that are queued (or whose lease expired) for this worker.
 
@@ -368,7 +372,8 @@ def claim_jobs(
     A running job whose lease expired is taken over only on its first attempt. One lost more
     often is the reconciler's to judge (end it at the attempt limit, or run it as a quarantined
     suspect), so a stray delivery must not run it past those rules: say a dead worker's unacked
-    message that Redis restores after its visibility timeout.
+    message that Redis restores after its visibility timeout. Nor is one taken over once it has
+    lost `max_attempts` runs (`SEG_JOB_MAX_ATTEMPTS`: at 1, its first lost run ends it failed).
 
     The lease is granted and judged on the database's clock, so hosts whose clocks disagree
     (by more than a lease, even) neither take over live jobs nor leave dead ones.
@@ -382,7 +387,7 @@ def claim_jobs(
         and_(
             Job.status == JobStatus.RUNNING,
             Job.lease_expires_at < now,
-            lost_runs() < SUSPECT_AFTER_ATTEMPTS,
+            lost_runs() < min(SUSPECT_AFTER_ATTEMPTS, max_attempts or SUSPECT_AFTER_ATTEMPTS),
         ),
     )
     rows = session.execute(

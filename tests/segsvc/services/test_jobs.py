@@ -117,6 +117,23 @@ def test_an_expired_lease_is_taken_over_only_on_the_first_attempt(settings: Sett
     assert [(c.id, c.attempts) for c in claimed] == [(first, 2)]
 
 
+def test_an_expired_lease_is_not_taken_over_past_the_attempt_limit(settings: Settings) -> None:
+    """With SEG_JOB_MAX_ATTEMPTS=1 a job's first lost run is its last: the reconciler ends it
+    failed, so a stray delivery must not run it a second time first."""
+    (job_id,) = make_jobs(settings, 1)
+    expire_lease(settings, job_id, attempts=1)
+    with session_scope(settings) as session:
+        claimed = job_service.claim_jobs(
+            session=session, job_ids=[job_id], lease_seconds=60, max_attempts=1
+        )
+    assert claimed == []
+    with session_scope(settings) as session:
+        claimed = job_service.claim_jobs(
+            session=session, job_ids=[job_id], lease_seconds=60, max_attempts=3
+        )
+    assert [(c.id, c.attempts) for c in claimed] == [(job_id, 2)]
+
+
 def test_a_job_lets_go_of_its_model_input_when_it_ends_and_keeps_its_upload(
     settings: Settings,
 ) -> None:

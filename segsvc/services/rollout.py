@@ -50,10 +50,14 @@ def lock_registry(session: Session) -> None:
     the canary before an operator's rollback committed would promote the canary it stopped.
     Objects this session loaded before are expired, so what follows reads the locked state.
     """
-    if session.get_bind().dialect.name != "postgresql":
-        return  # SQLite serializes writers itself
     session.flush()
-    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": REGISTRY_LOCK_KEY})
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": REGISTRY_LOCK_KEY})
+    else:
+        # SQLite has one write lock, but pysqlite begins a transaction only at the first write,
+        # so reads before it lock nothing: a write that changes no row takes the lock now (a
+        # second writer waits for it, busy_timeout) and holds it to this transaction's end.
+        session.execute(text("UPDATE model_versions SET status = status WHERE 0 = 1"))
     session.expire_all()
 
 

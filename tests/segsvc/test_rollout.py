@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 from segsvc.db import session_scope
 from segsvc.errors import ConflictError
+from segsvc.migrate import upgrade
 from segsvc.models import Job, JobStatus, ModelStatus, ModelVersion, utcnow
 from segsvc.services import registry, rollout
 from segsvc.settings import Settings
@@ -316,3 +319,28 @@ def test_a_verdict_never_promotes_a_canary_an_operator_rollback_just_stopped(
     assert got["test-v1"] == ("production", 1.0)
     assert got["cand"][0] == "rejected"
     assert got["v2"][0] == "rejected"
+
+
+def test_the_registry_lock_serializes_changes_on_sqlite_too(tmp_path: Path) -> None:
+    """The embedded dev mode (`make run` without a database URL): a second change of the
+    registry waits for the first to commit, and then reads what it committed, so a canary
+    verdict and an operator's promote cannot both leave a production."""
+    cfg = Settings(var_dir=tmp_path, _env_file=None)
+    upgrade(settings=cfg)
+    second_locked_at: list[float] = []
+    with session_scope(cfg) as first:
+        rollout.lock_registry(first)
+
+        def second_change() -> None:
+            with session_scope(cfg) as second:
+                rollout.lock_registry(second)
+                second_locked_at.append(time.monotonic())
+
+        waiter = threading.Thread(target=second_change)
+        waiter.start()
+        time.sleep(0.5)
+        assert second_locked_at == []  # still waiting for the first change to commit
+        committed_at = time.monotonic()
+    waiter.join(10)
+    assert second_locked_at
+    assert second_locked_at[0] >= committed_at

@@ -223,19 +223,26 @@ class JobWatch:
     ) -> list[Job]:
         """`jobs` (read after the watch began) once all are terminal, or as they are at the
         deadline. No database connection is held while waiting. Notices that carry end states
-        end those jobs without a read; a job without a notice has not ended. Any other wake-up
-        (the once-a-second re-check, a notice without its state) re-reads them all."""
+        end those jobs without a read (a job without a notice has not ended, as far as the
+        notices know); a notice without its state re-reads them all, and so does a second
+        without a read (a path that sends no notice, a lost one)."""
+        read_at = time.monotonic()
         while True:
-            left = self.deadline - time.monotonic()
+            now = time.monotonic()
+            left = self.deadline - now
             done = all(job.job_status.is_terminal for job in jobs)
             if self.subscription is None or done or left <= 0 or notify.stopping():
                 return jobs
             session.close()  # no connection held while waiting; the next read sees new commits
-            states = self.subscription.wait(min(left, self.recheck_s))
-            known = [
-                e for job in jobs if (e := _with_end_state(job, (states or {}).get(str(job.id))))
-            ]
-            jobs = known if states is not None and len(known) == len(jobs) else read()
+            due = max(0.0, read_at + self.recheck_s - now)
+            states = self.subscription.wait(min(left, due))
+            ended = [_with_end_state(job, (states or {}).get(str(job.id))) for job in jobs]
+            usable = [job for job in ended if job is not None]
+            recheck_due = time.monotonic() - read_at >= self.recheck_s
+            if states is not None and len(usable) == len(jobs) and not recheck_due:
+                jobs = usable
+            else:  # the re-check is due, or a notice came without a state this release can use
+                jobs, read_at = read(), time.monotonic()
 
 
 @contextmanager

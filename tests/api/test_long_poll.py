@@ -351,3 +351,26 @@ def test_stop_waiting_answers_every_long_poll_now(  # type: ignore[no-untyped-de
     started = time.monotonic()
     assert client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()["status"] == "queued"
     assert time.monotonic() - started < 0.5
+
+
+def test_a_stream_of_end_states_does_not_put_off_the_once_a_second_read(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings
+) -> None:
+    """One job of a batch poll ends by a path that sends no notice (the reconciler); the others'
+    notices keep coming less than a second apart: the poll still reads the jobs once a second
+    and sees it, instead of waiting for a second of quiet."""
+    silent, *noisy = [submit(client, auth) for _ in range(5)]
+    timers = [finish_later(settings, silent, 0.1, publish=False)]
+    timers += [
+        threading.Timer(0.4 * n, end_like_a_worker, (settings, job_id))
+        for n, job_id in enumerate(noisy, 1)
+    ]
+    for timer in timers[1:]:
+        timer.start()
+    started = time.monotonic()
+    body = client.get(f"/v1/jobs?ids={silent},{','.join(noisy)}&wait=20", headers=auth).get_json()
+    took = time.monotonic() - started
+    for timer in timers:
+        timer.join()
+    assert [job["status"] for job in body["jobs"]] == ["succeeded"] * 5
+    assert took < 2.3  # the last notice comes at 1.6 s; a second of quiet after it: 2.6 s

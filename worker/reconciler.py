@@ -19,6 +19,7 @@ import click
 from celery import Celery
 from sqlalchemy.orm import Session
 
+from segsvc import notify
 from segsvc.db import session_scope
 from segsvc.queue import RECONCILE, enqueue_job
 from segsvc.services import reconcile
@@ -125,6 +126,7 @@ def _run_locked(
         if not after_commit:
             for job_id in due:
                 _send(celery_app, cfg, job_id)
+    notify.publish_finished(cfg.effective_redis_url, report.ended_ids)  # their long polls
     counts = report.as_dict()
     if after_commit and (unsent := _send_each(celery_app, cfg, due)):
         counts["unsent"] = unsent

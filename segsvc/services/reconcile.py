@@ -60,6 +60,7 @@ class ReconcileReport:
     canceled: int = 0
     skipped: bool = False
     failed_ids: list[str] = field(default_factory=list)
+    ended_ids: list[str] = field(default_factory=list)  # failed or canceled: their long polls
 
     def as_dict(self) -> dict[str, object]:
         """Counts for logs and task results."""
@@ -130,7 +131,9 @@ def reconcile(
     _handle_expired_leases(
         session=session, settings=settings, enqueue=enqueue, now=now, report=report
     )
-    report.canceled += _cancel_requested(session=session, now=now)
+    canceled = _cancel_requested(session=session, now=now)
+    report.canceled += len(canceled)
+    report.ended_ids += map(str, canceled)
     if present is not None:
         _requeue_missing(
             session=session,
@@ -191,11 +194,13 @@ def _handle_expired_leases(
         if cancel_requested:
             _finish(session, job_id, JobStatus.CANCELED, "canceled", "Canceled by the client.", now)
             report.canceled += 1
+            report.ended_ids.append(str(job_id))
         elif runs_lost >= settings.job_max_attempts:
             code, message = _lost_verdict(runs_lost)
             _finish(session, job_id, JobStatus.FAILED, code, message, now)
             report.failed += 1
             report.failed_ids.append(str(job_id))
+            report.ended_ids.append(str(job_id))
         elif runs_lost >= SUSPECT_AFTER_ATTEMPTS and suspect_busy:
             report.waiting_suspects += 1  # quarantine: one suspect at a time
         else:
@@ -327,8 +332,9 @@ def _mark_requeued(
     )
 
 
-def _cancel_requested(*, session: Session, now: datetime) -> int:
-    """Queued jobs a client canceled after a transient release: no worker would ever end them."""
+def _cancel_requested(*, session: Session, now: datetime) -> list[uuid.UUID]:
+    """Cancel the queued jobs a client canceled after a transient release (no worker would ever
+    end them); their ids."""
     ids = session.scalars(
         update(Job)
         .where(_status_is(JobStatus.QUEUED), Job.cancel_requested.is_(True))
@@ -343,7 +349,7 @@ def _cancel_requested(*, session: Session, now: datetime) -> int:
         .execution_options(synchronize_session=False)
     ).all()
     record_job_events(session=session, job_ids=list(ids), event=JOB_COMPLETED)
-    return len(ids)
+    return list(ids)
 
 
 def _finish(

@@ -15,6 +15,7 @@ import redis
 from PIL import Image
 from sqlalchemy import select, text, update
 
+from segsvc import notify
 from segsvc.db import get_sessionmaker, session_scope
 from segsvc.images import validate_image
 from segsvc.models import Job, utcnow
@@ -171,6 +172,29 @@ def test_reconcile_fails_job_lost_max_times(
     assert (job.status, job.error_code) == ("failed", code)
     assert queued_ids(cfg) == []
     assert inputs_kept(cfg, job_id) == (True, False)  # the model input goes with the job
+
+
+def test_reconcile_tells_long_polls_about_the_jobs_it_ended(settings: Settings) -> None:
+    """A job the reconciler fails (lost too often) or cancels (canceled while queued after a
+    release) gets a notice like a worker's, so its long polls answer now, not at a re-check."""
+    url = settings.effective_redis_url
+    pubsub = redis.Redis.from_url(url).pubsub()  # type: ignore[no-untyped-call]
+    pubsub.subscribe(notify.channel(url))
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    lost = make_job(
+        settings,
+        status="running",
+        attempts=settings.job_max_attempts,
+        lease_token=uuid.uuid4(),
+        lease_expires_at=utcnow() - timedelta(seconds=1),
+    )
+    canceled = make_job(settings, cancel_requested=True)
+    report = reconcile(settings)
+    message = pubsub.get_message(timeout=5)
+    pubsub.close()
+    assert (report["failed"], report["canceled"]) == (1, 1)
+    assert message is not None
+    assert notify.parse_notice(message["data"]) == {str(lost): None, str(canceled): None}
 
 
 def test_reconcile_sends_suspects_one_at_a_time(settings: Settings) -> None:

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -63,6 +63,15 @@ class Group:
     predict_ms: float
 
 
+class Failure(NamedTuple):
+    """A job that failed in its batch, and the version that ran it (None: no model ran it)."""
+
+    job: Claimed
+    code: str
+    message: str
+    model_version: str | None = None
+
+
 @dataclass
 class Claim:
     """A claimed batch: per model version its jobs and their stacked, normalized inputs."""
@@ -74,7 +83,7 @@ class Claim:
     inputs: list[tuple[LoadedModel, list[Claimed], npt.NDArray[np.float32]]] = field(
         default_factory=list
     )
-    failed: list[tuple[Claimed, str, str]] = field(default_factory=list)  # job, code, message
+    failed: list[Failure] = field(default_factory=list)
 
 
 @dataclass
@@ -84,7 +93,7 @@ class Inferred:
     claimed: int = 0
     claimed_at: float = field(default_factory=time.monotonic)  # as Claim's
     groups: list[Group] = field(default_factory=list)
-    failed: list[tuple[Claimed, str, str]] = field(default_factory=list)  # job, code, message
+    failed: list[Failure] = field(default_factory=list)
 
 
 class Segmenter:
@@ -141,7 +150,9 @@ class Segmenter:
         for job in claimed:
             pixels = _model_input(job)
             if pixels is None:
-                out.failed.append((job, "poison_input", "The stored model input is malformed."))
+                out.failed.append(
+                    Failure(job, "poison_input", "The stored model input is malformed.")
+                )
                 continue
             model = self.models.model_for(job.id)
             entry = by_version.setdefault(model.version, (model, [], []))
@@ -177,7 +188,8 @@ class Segmenter:
                     result = _result(job, classes, group, len(group.jobs))
                 except Exception as exc:  # one bad job must not fail its batch
                     log.warning("job %s failed in post-processing", job.id, exc_info=True)
-                    failed.append((job, "postprocess_failed", f"Post-processing failed: {exc}"))
+                    message = f"Post-processing failed: {exc}"
+                    failed.append(Failure(job, "postprocess_failed", message, group.model.version))
                     continue
                 # Outside the job's try: a storage error (a full disk, a network filesystem
                 # away) is not the image's fault, so it fails the whole store, and the batch
@@ -188,9 +200,9 @@ class Segmenter:
             return {"claimed": batch.claimed, "succeeded": 0, "failed": 0}
         states = self._write_outcomes(batch, results, failed)
         done = len(states)
-        for job, _, message in failed:
-            log.warning("job %s failed: %s", job.id, message)
-        finished = [r["id"] for r in results] + [job.id for job, _, _ in failed]
+        for failure in failed:
+            log.warning("job %s failed: %s", failure.job.id, failure.message)
+        finished = [r["id"] for r in results] + [failure.job.id for failure in failed]
         # Long polls; the results' end states answer them without another read of the jobs.
         notify.publish_finished(self.settings.effective_redis_url, finished, states)
         for group in batch.groups:
@@ -216,7 +228,7 @@ class Segmenter:
             jobs = [job for _, group, _ in batch.inputs for job in group]
         else:
             jobs = [job for group in batch.groups for job in group.jobs]
-        jobs += [job for job, *_ in batch.failed]
+        jobs += [failure.job for failure in batch.failed]
         if not jobs:
             return
 
@@ -241,7 +253,7 @@ class Segmenter:
         self,
         batch: Inferred,
         results: list[dict[str, Any]],
-        failed: list[tuple[Claimed, str, str]],
+        failed: list[Failure],
     ) -> dict[str, Any]:
         """Commit a batch's results and failures in one transaction; the end states of the
         jobs whose results it stored, by id (`job_service.complete_jobs`).
@@ -253,13 +265,14 @@ class Segmenter:
 
         def write(session: Session) -> dict[str, Any]:
             done = job_service.complete_jobs(session=session, results=results)
-            for job, code, message in failed:
+            for failure in failed:
                 job_service.fail_job(
                     session=session,
-                    job_id=job.id,
-                    code=code,
-                    message=message,
-                    lease_token=job.lease_token,
+                    job_id=failure.job.id,
+                    code=failure.code,
+                    message=failure.message,
+                    lease_token=failure.job.lease_token,
+                    model_version=failure.model_version,
                 )
             return done
 

@@ -507,8 +507,10 @@ def fail_job(
     code: str,
     message: str,
     lease_token: uuid.UUID | None = None,
+    model_version: str | None = None,
 ) -> bool:
-    """End a job as failed (fenced by the lease when one is given)."""
+    """End a job as failed (fenced by the lease when one is given); `model_version`: the
+    version that ran it, when one did (a canary's verdict counts the failure against it)."""
     conds = [Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])]
     if lease_token is not None:
         conds.append(Job.lease_token == lease_token)
@@ -520,6 +522,7 @@ def fail_job(
             completed_at=db_now(session),
             error_code=code,
             error_message=message[:2000],
+            model_version=model_version,
             lease_expires_at=None,
             **ENDED_JOB_CLEARS,
         )

@@ -286,8 +286,10 @@ def arm_stats(
     """The newest `limit` finished jobs created since the canary started, split into canary
     and production arms.
 
-    A succeeded job belongs to the version that served it. A failed job may carry no version
-    (it never produced a result), so it goes to the arm its id hashes to.
+    A succeeded job belongs to the version that served it, and so does a failed one that a
+    model ran (a post-processing failure carries its version). One no model finished (a worker
+    lost with it, a malformed stored input) carries none, so it goes to the arm its id hashes
+    to.
     """
     # One query per status, each walking ix_jobs_status_created_at backwards and stopping at
     # `limit` (an IN over both statuses read every job since `since` and sorted them); the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import redis
@@ -20,6 +21,7 @@ from segsvc.services import jobs as job_service
 from segsvc.settings import Settings
 from tests.conftest import sample_images
 from tests.segsvc.test_db import holding, limited
+from worker import segmenter as segmenter_module
 from worker.segmenter import Segmenter, _wait_for_locks
 
 pytestmark = pytest.mark.timeout(180)
@@ -111,6 +113,30 @@ def test_segmenter_failing_image_fails_only_its_job(
     assert bad.status == JobStatus.FAILED
     assert bad.error_code == "poison_input"
     assert all(j.status == JobStatus.SUCCEEDED and j.batch_size == 2 for j in good)
+
+
+def test_segmenter_post_processing_failure_fails_its_job_with_the_version_that_ran_it(
+    settings: Settings, segmenter: Segmenter, production_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model ran the job, so its failure carries the version: a canary's verdict counts it
+    against the version that served it, not the arm its id hashes to. A malformed stored input
+    never reached a model and carries none."""
+    poisoned, failing, fine = make_jobs(settings, 3, broken=1)
+    real_result = segmenter_module._result
+
+    def result(job: Any, *args: Any) -> dict[str, Any]:
+        if job.id == failing:
+            raise ValueError("mask encoder broke")
+        return real_result(job, *args)
+
+    monkeypatch.setattr(segmenter_module, "_result", result)
+    counts = segmenter.run_jobs([str(i) for i in (poisoned, failing, fine)])
+    assert counts == {"claimed": 3, "succeeded": 1, "failed": 2}
+    poison, broken, ok = rows(settings, [poisoned, failing, fine])
+    assert (poison.error_code, poison.model_version) == ("poison_input", None)
+    assert (broken.status, broken.error_code) == (JobStatus.FAILED, "postprocess_failed")
+    assert broken.model_version == production_model
+    assert (ok.status, ok.model_version) == (JobStatus.SUCCEEDED, production_model)
 
 
 def test_segmenter_duplicates_and_finished_jobs_are_noops(

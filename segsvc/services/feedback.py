@@ -134,7 +134,11 @@ def submit_feedback(
 
 
 def _has_input(*, session: Session, job_id: uuid.UUID) -> bool:
-    return bool(session.scalar(select(Job.input_bytes.is_not(None)).where(Job.id == job_id)))
+    """Whether the job keeps its input, its row locked to this transaction's end: a retention
+    purge that cleared it first is waited for (then this reads it gone), and one that comes
+    later skips the job until the mask has committed (`purge_unlabeled_inputs`)."""
+    query = select(Job.input_bytes.is_not(None)).where(Job.id == job_id).with_for_update()
+    return bool(session.scalar(query))
 
 
 def labeled_feedback_ids(*, session: Session) -> list[uuid.UUID]:
@@ -185,10 +189,19 @@ class Purged:
     files: list[str]  # sha256 of the fs blob files those rows pointed to
 
 
+PURGE_CHUNK = 1000
+
+
 def purge_unlabeled_inputs(
     *, session: Session, retention_days: int, now: datetime | None = None
 ) -> Purged:
-    """Delete the stored inputs of finished jobs older than the retention with no mask label."""
+    """Delete the stored inputs of finished jobs older than the retention with no mask label.
+
+    A chunk of rows is locked first and cleared by a second statement: one statement's
+    `NOT EXISTS` sees only the masks committed before it began, so a mask committed while it
+    waited for the row would not stop it. A row a mask's transaction holds (it locks the job
+    while it checks the input) is skipped, to the next pass if it is still unlabeled then.
+    """
     cutoff = (now or db_time(session)) - timedelta(days=retention_days)  # jobs' clock
     labeled = exists().where(Feedback.job_id == Job.id, Feedback.mask_png.is_not(None))
     purgeable = (
@@ -197,19 +210,27 @@ def purge_unlabeled_inputs(
         Job.input_bytes.is_not(None),
         ~labeled,
     )
-    # A file pointer's digest is the upload's sha256 (content-addressed), already in the row.
-    files = session.scalars(
-        select(Job.input_sha256)
-        .where(*purgeable, func.length(Job.input_bytes) == POINTER_LENGTH)
-        .distinct()
-    ).all()
-    result = session.execute(
-        update(Job)
-        .where(*purgeable)
-        .values(input_bytes=None, model_input=None)
-        .execution_options(synchronize_session=False)
-    )
-    return Purged(int(result.rowcount), list(files))  # type: ignore[attr-defined]
+    jobs, files = 0, set[str]()
+    while True:
+        # A file pointer's digest is the upload's sha256 (content-addressed), already in the row.
+        locked = session.execute(
+            select(Job.id, Job.input_sha256, func.length(Job.input_bytes) == POINTER_LENGTH)
+            .where(*purgeable)
+            .limit(PURGE_CHUNK)
+            .with_for_update(skip_locked=True)
+        ).all()
+        pointers = {job_id: digest for job_id, digest, is_pointer in locked if is_pointer}
+        cleared = session.scalars(
+            update(Job)
+            .where(Job.id.in_([row[0] for row in locked]), ~labeled)
+            .values(input_bytes=None, model_input=None)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        jobs += len(cleared)
+        files.update(pointers[job_id] for job_id in cleared if job_id in pointers)
+        if len(locked) < PURGE_CHUNK or not cleared:
+            return Purged(jobs, sorted(files))
 
 
 def inputs_in_use(*, session: Session, digests: Sequence[str]) -> set[str]:

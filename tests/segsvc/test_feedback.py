@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import timedelta
 
@@ -215,3 +216,65 @@ def test_purge_unlabeled_inputs_deletes_only_old_unlabeled_inputs(settings: Sett
         recent: True,
         old_queued: True,
     }
+
+
+def input_kept(settings: Settings, job_id: uuid.UUID) -> bool:
+    with session_scope(settings) as session:
+        return session.scalar(select(Job.input_bytes.is_not(None)).where(Job.id == job_id)) is True
+
+
+def test_a_mask_given_while_retention_runs_keeps_its_input(settings: Settings) -> None:
+    """The mask's transaction checked the input and has not committed when the hourly purge
+    runs: the purge leaves that job (it is labeled once the mask commits) instead of deleting
+    the input the mask was accepted for."""
+    job_id = make_job(settings, age_days=40)
+    with session_scope(settings) as giving:
+        feedback.submit_feedback(
+            session=giving, job_id=job_id, client_id=None, mask_png=good_mask()
+        )
+        with session_scope(settings) as purging:
+            purged = feedback.purge_unlabeled_inputs(session=purging, retention_days=30)
+        assert purged.jobs == 0
+    assert input_kept(settings, job_id)
+    with session_scope(settings) as session:
+        assert feedback.labeled_feedback_ids(session=session) != []
+
+
+def test_a_mask_given_while_retention_deletes_its_input_is_refused(settings: Settings) -> None:
+    """The purge cleared the input and has not committed when a mask arrives: the mask waits
+    for it and is refused (409), not accepted for an input that is gone."""
+    job_id = make_job(settings, age_days=40)
+    outcome: list[object] = []
+
+    def give_mask() -> None:
+        try:
+            with session_scope(settings) as giving:
+                feedback.submit_feedback(
+                    session=giving, job_id=job_id, client_id=None, mask_png=good_mask()
+                )
+            outcome.append("stored")
+        except ConflictError as exc:
+            outcome.append(exc)
+
+    with session_scope(settings) as purging:
+        assert feedback.purge_unlabeled_inputs(session=purging, retention_days=30).jobs == 1
+        giver = threading.Thread(target=give_mask)
+        giver.start()
+        giver.join(0.5)
+        assert outcome == []  # waiting for the purge to commit
+    giver.join(10)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], ConflictError)
+    assert not input_kept(settings, job_id)
+    with session_scope(settings) as session:
+        assert session.scalar(select(Feedback.id).where(Feedback.job_id == job_id)) is None
+
+
+def test_purge_clears_chunk_after_chunk(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(feedback, "PURGE_CHUNK", 2)
+    old = [make_job(settings, age_days=40) for _ in range(5)]
+    with session_scope(settings) as session:
+        assert feedback.purge_unlabeled_inputs(session=session, retention_days=30).jobs == 5
+    assert not any(input_kept(settings, job_id) for job_id in old)

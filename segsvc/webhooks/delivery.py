@@ -104,11 +104,20 @@ class PinnedBackend(httpcore.NetworkBackend):
             raise httpcore.ConnectError(f"refusing to connect to unchecked host {host!r}")
         error: Exception = httpcore.ConnectError("no address to connect to")
         for address in self._target.addresses:
+            # Each address gets the connect timeout, but all of them together only what is left
+            # of the attempt: a host of many addresses that drop packets would otherwise hold
+            # the attempt past its lease (and another thread would start the message again).
+            left = timeout
+            if self._deadline is not None:
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    raise httpcore.ConnectTimeout("the attempt ran out of time") from error
+                left = remaining if timeout is None else min(timeout, remaining)
             try:
                 stream = self._inner.connect_tcp(
                     address,
                     port,
-                    timeout=timeout,
+                    timeout=left,
                     local_address=local_address,
                     socket_options=socket_options,
                 )

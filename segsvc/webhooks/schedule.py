@@ -22,11 +22,11 @@ def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²" and other digits
+        return float(value)  # any size: `next_attempt_at` gives up past the max age
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         return None
@@ -57,6 +57,8 @@ def next_attempt_at(
 ) -> datetime | None:
     """When to try again, or None once the next try would fall past the message's max age."""
     delay = next_delay(attempts_made=attempts_made, schedule=schedule, retry_after=retry_after)
+    if delay > max_age_seconds:  # past the max age whenever the message was made (and a
+        return None  # Retry-After of 10**12 s would overflow a datetime)
     when = now + timedelta(seconds=delay)
     if when > created_at + timedelta(seconds=max_age_seconds):
         return None

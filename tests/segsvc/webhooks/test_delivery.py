@@ -145,3 +145,27 @@ def test_post_keeps_no_nul_byte_of_the_answer(receiver: Receiver) -> None:
     assert out.kind == "delivered"
     assert "\x00" not in (out.body or "")
     assert out.body == "\x1f\ufffd\x08\ufffdgz\ufffd"
+
+
+def test_connecting_to_many_silent_addresses_ends_by_the_attempts_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host whose eight addresses all drop packets: each would get the full connect timeout,
+    so the attempt would outlive its lease; all of them get what is left of the attempt."""
+    import httpcore
+
+    from segsvc.webhooks.delivery import PinnedBackend
+
+    def silent(self: object, host: str, port: int, timeout: float | None = None, **_: object):  # type: ignore[no-untyped-def]
+        time.sleep(timeout or 0)
+        raise httpcore.ConnectTimeout(f"{host} did not answer")
+
+    monkeypatch.setattr(httpcore.SyncBackend, "connect_tcp", silent)
+    addresses = tuple(f"127.0.0.{i}" for i in range(2, 10))  # never contacted: faked above
+    target = Target("https://hooks.example/", "hooks.example", 443, addresses)
+    started = time.monotonic()
+    with pytest.raises(httpcore.ConnectTimeout):
+        PinnedBackend(target, deadline=started + 0.6).connect_tcp(
+            "hooks.example", 443, timeout=0.25
+        )
+    assert time.monotonic() - started < 1.0  # not 8 x 0.25 s

@@ -65,3 +65,23 @@ def test_next_attempt_at_gives_up_past_max_age() -> None:
 def test_parse_schedule_refuses_bad_values(raw: str) -> None:
     with pytest.raises(ValueError):  # noqa: PT011
         parse_schedule(raw)
+
+
+@pytest.mark.parametrize("odd", ["²", "١٢٠", "12 0", "-5", "1e3"])
+def test_parse_retry_after_ignores_what_is_not_ascii_delta_seconds(odd: str) -> None:
+    assert parse_retry_after(odd, now=datetime.now(UTC)) is None
+
+
+def test_a_retry_after_past_the_max_age_ends_the_message_without_overflowing() -> None:
+    now = datetime.now(UTC)
+    huge = parse_retry_after("1000000000000", now=now)
+    assert huge == 1e12
+    when = next_attempt_at(
+        now=now,
+        created_at=now,
+        attempts_made=1,
+        schedule=DEFAULT,
+        max_age_seconds=3 * 86400,
+        retry_after=huge,
+    )
+    assert when is None  # failed for good, not a crash that leaves it pending for ever

@@ -79,6 +79,9 @@ def _category(ip: IPAddress) -> str | None:
         (ip.is_link_local, "a link-local address"),
         (ip.is_multicast, "a multicast address"),
         (ip.is_private, "a private address"),
+        # Deprecated IPv6 site-local space (fec0::/10): neither private nor reserved to Python
+        # 3.11, yet routed inside some networks still.
+        (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local, "a site-local address"),
         (ip.is_reserved, "a reserved address"),
         (not ip.is_global, "a non-public address"),
     )

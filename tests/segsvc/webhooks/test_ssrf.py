@@ -42,6 +42,8 @@ def fake_dns(*addresses: str):  # type: ignore[no-untyped-def]
         ("::ffff:169.254.169.254", "cloud metadata"),
         ("64:ff9b::a00:1", "embedding 10.0.0.1"),
         ("2002:c0a8:101::", "embedding 192.168.1.1"),
+        ("fec0::1", "site-local"),
+        ("feff:ffff::1", "site-local"),
     ],
 )
 def test_refusal_reason_refuses_non_public(address: str, reason: str) -> None:

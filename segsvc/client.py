@@ -60,6 +60,9 @@ __all__ = [
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 RETRY_STATUSES = frozenset({429, 503})
+# A 409 that asks for a retry: a twin of this keyed submit (an earlier try whose answer was
+# lost) is being stored, and the retry replays its job instead of making a second one.
+KEY_IN_USE = "idempotency_key_in_use"
 ImageInput = str | os.PathLike[str] | bytes | IO[bytes]
 
 
@@ -85,9 +88,12 @@ def _long_poll(
         left = LONG_POLL_S if deadline is None else deadline - time.monotonic()
         if left <= 0:
             raise WaitTimeoutError(timed_out())
-        asked = time.monotonic()
-        if not ask(min(LONG_POLL_S, left)) and time.monotonic() - asked < min(0.05, left):
-            time.sleep(max(0.0, min(interval, left)))  # the server did not hold the request
+        asked, wait = time.monotonic(), min(LONG_POLL_S, left)
+        # Not ended, and answered well before the wait it was asked for: the server did not
+        # hold the request (its long-poll slots are full, it is shutting down, or it does not
+        # long-poll), however long the network round trip took.
+        if not ask(wait) and time.monotonic() - asked < max(0.05, wait / 2):
+            time.sleep(max(0.0, min(interval, left)))
             interval = min(interval * 1.5, 2.0)
 
 
@@ -372,7 +378,7 @@ class Client:
                     raise TransportError(f"{what} {self.url}: {exc!r}") from exc
                 self._pause(_backoff(attempt), deadline, f"{exc!r}")
                 continue
-            if resp.status_code in RETRY_STATUSES and not last:
+            if _retryable(resp) and not last:
                 self._pause(self._retry_delay(resp, attempt), deadline, f"HTTP {resp.status_code}")
                 continue
             if resp.is_success:
@@ -390,6 +396,19 @@ class Client:
     def _retry_delay(self, resp: httpx.Response, attempt: int) -> float:
         hinted = parse_retry_after(resp.headers.get("Retry-After"))
         return min(self.max_retry_wait, hinted if hinted is not None else _backoff(attempt))
+
+
+def _retryable(resp: httpx.Response) -> bool:
+    """An answer to send the same request again for: 429, 503, or a keyed twin in progress."""
+    if resp.status_code in RETRY_STATUSES:
+        return True
+    if resp.status_code != 409:
+        return False
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("error") == KEY_IN_USE
 
 
 def _backoff(attempt: int) -> float:

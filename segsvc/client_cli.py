@@ -28,6 +28,7 @@ from segsvc.client_errors import (
     ApiError,
     AuthError,
     ClientError,
+    ConflictError,
     NotFoundError,
     RateLimitedError,
     ServerError,
@@ -220,6 +221,9 @@ def submit_chunk(
     try:
         jobs = client.submit_batch(paths, webhook=plan.webhook, webhook_events=plan.webhook_events)
     except (AuthError, TransportError, ServerError, RateLimitedError) as exc:
+        return [failed(Outcome(path), exc, stop) for path in paths]
+    except ConflictError as exc:  # the batch's key is still in use: its jobs may be stored, and
+        # sending the files again one by one would store each of them twice
         return [failed(Outcome(path), exc, stop) for path in paths]
     except (ApiError, OSError):  # one file refused or unreadable: each gets its own answer
         singles = [submit_one(client, path, plan, stop) for path in paths]

@@ -117,6 +117,13 @@ def race_guard(*, session: Session, req: IdempotentRequest | None) -> Iterator[N
         with savepoint(session):
             yield
     except IntegrityError as exc:
-        raise ConflictError(
-            "A request with this Idempotency-Key is being processed; retry to get its job."
+        raise KeyInUseError(
+            "A request with this Idempotency-Key is being processed; retry to get its job.",
+            retry_after=1,
         ) from exc
+
+
+class KeyInUseError(ConflictError):
+    """A twin request holds the key: a retry (after Retry-After) replays its job."""
+
+    code = "idempotency_key_in_use"

@@ -173,6 +173,58 @@ def test_client_retries_429_and_503_honouring_retry_after() -> None:
     assert stub.times[2] - stub.times[1] >= 0.95
 
 
+def test_a_submit_whose_key_is_in_use_is_retried_and_gets_the_replay() -> None:
+    """An earlier try whose answer was lost is still being stored (409 idempotency_key_in_use):
+    the retry, with the same key, replays its job instead of failing or making another."""
+
+    class Recording(Scripted):
+        keys: list[str | None] = []
+
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            self.keys.append(environ.get("HTTP_IDEMPOTENCY_KEY"))
+            return super().__call__(environ, start_response)
+
+    in_use = (
+        409,
+        {"Retry-After": "0"},
+        {"error": "idempotency_key_in_use", "message": "being processed; retry"},
+    )
+    stub = Recording([in_use, (200, {}, {"id": "j1", "status": "queued"})])
+    with serve(stub) as url, Client(url, "k", retries=3) as client:
+        assert client.submit(b"png", filename="a.png").id == "j1"
+    assert len(stub.keys) == 2
+    assert stub.keys[0] is not None
+    assert stub.keys[0] == stub.keys[1]
+
+
+def test_other_conflicts_are_not_retried() -> None:
+    stub = Scripted([(409, {}, {"error": "conflict", "message": "job is queued"})])
+    with (
+        serve(stub) as url,
+        Client(url, "k", retries=3) as client,
+        pytest.raises(ConflictError),
+    ):
+        client.get("j1")
+    assert len(stub.times) == 1
+
+
+def test_a_server_that_does_not_hold_long_polls_is_polled_at_the_interval() -> None:
+    """Over a slow network (answers after 0.12 s) a declined long poll still looks declined:
+    the client pauses between polls instead of asking again at once."""
+
+    class Slow(Scripted):
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            time.sleep(0.12)
+            return super().__call__(environ, start_response)
+
+    stub = Slow([(200, {}, {"id": "j1", "status": "queued"})])
+    with serve(stub) as url, Client(url, "k", retries=0) as client:
+        job = Job(client, {"id": "j1", "status": "queued"})
+        with pytest.raises(WaitTimeoutError):
+            job.wait(timeout=2.0, poll_interval=0.25)
+    assert len(stub.times) <= 7  # back to back it would be ~16
+
+
 def test_client_gives_up_with_typed_error_after_retries() -> None:
     stub = Scripted([(503, {"Retry-After": "0"}, {"error": "unavailable", "message": "down"})])
     with (

@@ -56,8 +56,13 @@ def test_the_loser_of_a_keyed_insert_race_gets_409_and_one_job_exists(
 
     with session_scope(any_db) as session:
         insert(session)  # the winner
-    with session_scope(any_db) as session, pytest.raises(ConflictError, match="being processed"):
+    with (
+        session_scope(any_db) as session,
+        pytest.raises(ConflictError, match="being processed") as lost,
+    ):
         insert(session)  # its twin, past the replay lookup before the winner committed
+    # A code clients retry on (with the same key: the retry replays the winner's job).
+    assert (lost.value.code, lost.value.retry_after) == ("idempotency_key_in_use", 1)
     with session_scope(any_db) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 1
         assert session.execute(text("SELECT 1")).scalar() == 1

@@ -89,6 +89,11 @@ def handle_errors(func: F) -> F:
         except ClientError as exc:
             click.echo(f"error: {describe(exc)}", err=True)
             sys.exit(exit_code_for(exc))
+        except OSError as exc:  # a local file: --out in a missing folder, no permission
+            click.echo(
+                f"error: {describe(LocalFileError(f'{type(exc).__name__}: {exc}'))}", err=True
+            )
+            sys.exit(EXIT_FAILED)
 
     return wrapper  # type: ignore[return-value]
 
@@ -128,11 +133,13 @@ def image_files(paths: tuple[Path, ...]) -> list[Path]:
 
 def output_names(files: list[Path]) -> dict[Path, str]:
     """The name each file's results get in the output folder: its stem, or, for files that
-    share a stem (a/cat.jpg and b/cat.jpg, dog.jpg and dog.png), its path with the folders
-    and the suffix kept (a_cat.jpg), so that no result overwrites another."""
+    share a stem (a/cat.jpg and b/cat.jpg, dog.jpg and dog.png, Cat.jpg and cat.png), its path
+    with the folders and the suffix kept (a_cat.jpg), so that no result overwrites another.
+    Names compare case-folded (macOS and Windows folders do), and one that would still clash
+    (../x/cat.jpg and x/cat.jpg, a/b/cat.jpg and a_b/cat.jpg) gets a number (a_b_cat.jpg-2)."""
     stems: dict[str, int] = {}
     for path in files:
-        stems[path.stem] = stems.get(path.stem, 0) + 1
+        stems[path.stem.casefold()] = stems.get(path.stem.casefold(), 0) + 1
     try:  # the folders the files have in common are left out of the names
         root = Path(os.path.commonpath([str(path.parent) for path in files]))
     except ValueError:  # absolute and relative paths mixed
@@ -142,7 +149,16 @@ def output_names(files: list[Path]) -> dict[Path, str]:
         relative = path.relative_to(root) if path.is_relative_to(root) else path
         return "_".join(part for part in relative.parts if part not in ("/", ".", ".."))
 
-    return {path: path.stem if stems[path.stem] == 1 else by_path(path) for path in files}
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for path in files:
+        name = path.stem if stems[path.stem.casefold()] == 1 else by_path(path)
+        unique, n = name, 2
+        while unique.casefold() in taken:
+            unique, n = f"{name}-{n}", n + 1
+        taken.add(unique.casefold())
+        names[path] = unique
+    return names
 
 
 @dataclass

@@ -248,6 +248,22 @@ def test_output_names_keep_results_of_files_with_the_same_stem_apart() -> None:
     assert sorted(same_folder.values()) == ["dog.jpg", "dog.png"]
 
 
+@pytest.mark.parametrize(
+    "files",
+    [
+        [Path("../photos/cat.jpg"), Path("photos/cat.jpg")],  # ".." is left out of a name
+        [Path("a/b/cat.jpg"), Path("a_b/cat.jpg")],  # folders are joined with "_"
+        [Path("a/Cat.jpg"), Path("b/cat.jpg")],  # one file on macOS and Windows
+        [Path("x/Dog.jpg"), Path("x/dog.png"), Path("x/DOG.webp")],
+    ],
+)
+def test_output_names_never_clash_even_case_folded(files: list[Path]) -> None:
+    from segsvc.client_cli import output_names
+
+    names = output_names(files)
+    assert len({name.casefold() for name in names.values()}) == len(files), names
+
+
 def test_image_files_lists_only_files(tmp_path: Path) -> None:
     from segsvc.client_cli import image_files
 
@@ -307,3 +323,15 @@ def test_cli_ctrl_c_stops_sending_and_reports_what_was_sent(tmp_path: Path) -> N
         assert len(stub.times) == sent
     assert 0 < sent < 30
     assert len([o for o in stopped.value.outcomes if o.job_id != "-"]) == sent  # all reported
+
+
+def test_cli_get_into_a_missing_folder_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    done = {"id": "j1", "status": "succeeded"}
+    stub = Scripted([(200, {}, done), (200, {}, "not really a png")])
+    with serve(stub) as url:
+        result = cli("client", "get", "j1", "--out", str(tmp_path / "gone" / "m.png"), url=url)
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "error: " in result.output
+    assert "FileNotFoundError" in result.output
+    assert "Traceback" not in result.output

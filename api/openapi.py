@@ -42,6 +42,7 @@ class Operation:
     form: type[BaseModel] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     query: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # name -> JSON schema
+    required_query: frozenset[str] = frozenset()  # of `query`, those the endpoint needs
 
 
 IDEMPOTENCY = {"Idempotency-Key": "Replays the same job for the same body within 24 h."}
@@ -90,6 +91,7 @@ OPERATIONS: dict[str, Operation] = {
                 "Long poll: answer when every job has ended, or after this many seconds."
             ),
         },
+        required_query=frozenset({"ids"}),
     ),
     "jobs.read_job": Operation(
         {200: s.Job, 422: s.Error},
@@ -97,8 +99,10 @@ OPERATIONS: dict[str, Operation] = {
             "wait": wait_query("Long poll: answer when the job ends, or after this many seconds.")
         },
     ),
-    "jobs.read_mask": Operation({200: PNG, 409: s.Error}),
-    "jobs.read_overlay": Operation({200: PNG, 409: s.Error}),
+    # 409: the job has not succeeded (yet); 410: what the picture is made of is gone (a mask
+    # file lost from the blob store; for the overlay, the input retention deleted).
+    "jobs.read_mask": Operation({200: PNG, 409: s.Error, 410: s.Error}),
+    "jobs.read_overlay": Operation({200: PNG, 409: s.Error, 410: s.Error}),
     "jobs.cancel_job": Operation({200: s.Job, 409: s.Error}),
     "health.healthz": Operation({200: s.Health}),
     "health.readyz": Operation({200: s.Readiness, 503: s.Readiness}),
@@ -174,7 +178,7 @@ def _operation(endpoint: str, path: str, params: list[str], doc: str) -> dict[st
             for h, d in spec.headers.items()
         ]
         parameters += [
-            {"name": q, "in": "query", "required": False, "schema": schema}
+            {"name": q, "in": "query", "required": q in spec.required_query, "schema": schema}
             for q, schema in spec.query.items()
         ]
         if spec.form is not None:

@@ -72,7 +72,21 @@ class AcceptedJob(BaseModel):
     urls: JobUrls
 
 
-class JobSubmission(BaseModel):
+class WebhookFields(BaseModel):
+    """The optional webhook subscription of a submission (see docs/webhooks.md)."""
+
+    webhook: str | None = Field(
+        None,
+        description="A public http(s) URL to POST the job's events to (signed, retried).",
+        json_schema_extra={"format": "uri"},
+    )
+    webhook_events: str | None = Field(
+        None,
+        description="Comma-separated events to send: `start`, `completed` (default: completed).",
+    )
+
+
+class JobSubmission(WebhookFields):
     """The multipart form of `POST /v1/jobs`."""
 
     image: bytes = Field(
@@ -86,8 +100,9 @@ class AcceptedBatch(BaseModel):
     jobs: list[AcceptedJob]
 
 
-class BatchSubmission(BaseModel):
-    """The multipart form of `POST /v1/jobs/batch`: the field `image` once per photo."""
+class BatchSubmission(WebhookFields):
+    """The multipart form of `POST /v1/jobs/batch`: the field `image` once per photo; the
+    webhook fields apply to every job."""
 
     image: list[bytes] = Field(
         description="JPEG, PNG or WebP photos (repeat the field).",

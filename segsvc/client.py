@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from segsvc.client_errors import (
     RateLimitedError,
     ServerError,
     TransportError,
+    WaitStoppedError,
     WaitTimeoutError,
     error_for,
     parse_retry_after,
@@ -52,6 +54,7 @@ __all__ = [
     "RateLimitedError",
     "ServerError",
     "TransportError",
+    "WaitStoppedError",
     "WaitTimeoutError",
     "WebhookVerificationError",
     "verify_webhook",
@@ -68,6 +71,8 @@ ImageInput = str | os.PathLike[str] | bytes | IO[bytes]
 
 # Seconds one long-poll request may wait server-side (below the HTTP timeout).
 LONG_POLL_S = 10.0
+# The same for a wait that may be told to stop: how long a stop may take to be noticed.
+STOPPABLE_POLL_S = 2.0
 # Ids one `GET /v1/jobs?ids=` may ask about (the server's limit).
 MAX_IDS_PER_READ = 100
 
@@ -78,22 +83,27 @@ def _long_poll(
     timeout: float | None,
     poll_interval: float,
     timed_out: Callable[[], str],
+    stop: threading.Event | None = None,
 ) -> None:
     """Until `done()`: `ask(seconds)` with a server-side wait of up to LONG_POLL_S (it returns
     whether what it asked about has ended); against a server that answered at once without
-    that, pause `poll_interval`, backing off to 2 s. WaitTimeoutError after `timeout`."""
+    that, pause `poll_interval`, backing off to 2 s. WaitTimeoutError after `timeout`;
+    WaitStoppedError once `stop` is set (noticed within STOPPABLE_POLL_S and a round trip)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     interval = poll_interval
+    hold = LONG_POLL_S if stop is None else STOPPABLE_POLL_S
     while not done():
-        left = LONG_POLL_S if deadline is None else deadline - time.monotonic()
+        if stop is not None and stop.is_set():
+            raise WaitStoppedError("the wait was stopped before the jobs ended")
+        left = hold if deadline is None else deadline - time.monotonic()
         if left <= 0:
             raise WaitTimeoutError(timed_out())
-        asked, wait = time.monotonic(), min(LONG_POLL_S, left)
+        asked, wait = time.monotonic(), min(hold, left)
         # Not ended, and answered well before the wait it was asked for: the server did not
         # hold the request (its long-poll slots are full, it is shutting down, or it does not
         # long-poll), however long the network round trip took.
         if not ask(wait) and time.monotonic() - asked < max(0.05, wait / 2):
-            time.sleep(max(0.0, min(interval, left)))
+            (stop or threading.Event()).wait(max(0.0, min(interval, left)))
             interval = min(interval * 1.5, 2.0)
 
 
@@ -145,11 +155,19 @@ class Job:
         self.data = self._client.get(self.id).data
         return self
 
-    def wait(self, timeout: float | None = 300.0, *, poll_interval: float = 0.25) -> Job:
+    def wait(
+        self,
+        timeout: float | None = 300.0,
+        *,
+        poll_interval: float = 0.25,
+        stop: threading.Event | None = None,
+    ) -> Job:
         """Long-poll until the job is succeeded, failed or canceled; WaitTimeoutError after timeout.
 
         Each request waits server-side (`?wait=`) for up to LONG_POLL_S; against a server that
         answers at once, it falls back to polling every `poll_interval` (backing off to 2 s).
+        Setting `stop` (from another thread: Ctrl-C) ends the wait with WaitStoppedError within
+        about STOPPABLE_POLL_S.
         """
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -164,6 +182,7 @@ class Job:
             timeout,
             poll_interval,
             lambda: f"job {self.id} still {self.status} after {timeout}s",
+            stop,
         )
         return self
 
@@ -293,11 +312,17 @@ class Client:
         return [Job(self, job) for job in body["jobs"]]
 
     def wait_many(
-        self, jobs: Sequence[Job], timeout: float | None = 300.0, *, poll_interval: float = 0.25
+        self,
+        jobs: Sequence[Job],
+        timeout: float | None = 300.0,
+        *,
+        poll_interval: float = 0.25,
+        stop: threading.Event | None = None,
     ) -> list[Job]:
         """Long-poll until every job has ended (`Job.wait` for many: one `GET /v1/jobs?ids=`
         per 100 jobs still running); updates the jobs in place and returns them.
-        WaitTimeoutError after `timeout`, with the jobs that ended by then already updated."""
+        WaitTimeoutError after `timeout` (WaitStoppedError once `stop` is set), with the jobs
+        that ended by then already updated."""
 
         deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -314,6 +339,7 @@ class Client:
             timeout,
             poll_interval,
             lambda: f"{sum(not job.done for job in jobs)} jobs not finished after {timeout}s",
+            stop,
         )
         return list(jobs)
 

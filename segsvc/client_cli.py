@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from segsvc.client import DEFAULT_URL, LONG_POLL_S, Client, Job
+from segsvc.client import DEFAULT_URL, STOPPABLE_POLL_S, Client, Job
 from segsvc.client_errors import (
     ApiError,
     AuthError,
@@ -33,6 +33,7 @@ from segsvc.client_errors import (
     RateLimitedError,
     ServerError,
     TransportError,
+    WaitStoppedError,
     WaitTimeoutError,
 )
 
@@ -195,6 +196,9 @@ class SubmitPlan:
         return self.wait or self.out is not None
 
 
+STOPPED_WAITING = "not waited for: the run stopped (an authentication error or Ctrl-C)"
+
+
 def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Event) -> Outcome:
     """Submit one file, then (optionally) wait and save its results."""
     outcome = Outcome(path)
@@ -210,12 +214,14 @@ def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Eve
             path,
             webhook=plan.webhook,
             webhook_events=plan.webhook_events,
-            wait=LONG_POLL_S if plan.waiting else 0.0,
+            wait=STOPPABLE_POLL_S if plan.waiting else 0.0,  # Ctrl-C is noticed this soon
         )
         outcome.job_id, outcome.status = job.id, job.status
         if plan.waiting:
-            job.wait(plan.timeout)  # at once when the submit already returned it finished
+            job.wait(plan.timeout, stop=stop)  # at once when the submit returned it finished
             finish(outcome, job, plan, started)
+    except WaitStoppedError:
+        outcome.status, outcome.reason = job.status, STOPPED_WAITING
     except ClientError as exc:
         failed(outcome, exc, stop)
     except OSError as exc:  # unreadable file, or a result that could not be written
@@ -251,10 +257,13 @@ def submit_chunk(
         return outcomes
     waited: ClientError | None = None
     try:
-        client.wait_many(jobs, plan.timeout)
+        client.wait_many(jobs, plan.timeout, stop=stop)
     except ClientError as exc:  # a timeout or a lost server: the jobs that ended still count
         waited = exc
     for outcome, job in zip(outcomes, jobs, strict=True):
+        if not job.done and isinstance(waited, WaitStoppedError):
+            outcome.status, outcome.reason = job.status, STOPPED_WAITING
+            continue
         if not job.done:
             failed(outcome, waited or WaitTimeoutError(f"job {job.id} still {job.status}"), stop)
             continue

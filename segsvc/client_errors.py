@@ -20,6 +20,10 @@ class WaitTimeoutError(ClientError):
     """A job did not finish within the wait's timeout."""
 
 
+class WaitStoppedError(ClientError):
+    """A wait was told to stop (its `stop` event was set) before the jobs ended."""
+
+
 class ApiError(ClientError):
     """The API answered with an error: `status`, its `code` and `message`."""
 

@@ -335,3 +335,34 @@ def test_cli_get_into_a_missing_folder_is_one_line_not_a_traceback(tmp_path: Pat
     assert "error: " in result.output
     assert "FileNotFoundError" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_ctrl_c_while_waiting_reports_the_job_ids_at_once(tmp_path: Path) -> None:
+    """Ctrl-C while `submit --wait` waits for jobs that do not end: the waits stop within a few
+    seconds (not at --timeout) and every job the server took is reported with its id."""
+    from segsvc.client import Client
+    from segsvc.client_cli import Interrupted, SubmitPlan, run_all
+
+    class Holding(Scripted):  # a server whose jobs stay queued; it holds each answer 0.3 s
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            time.sleep(0.3)
+            return super().__call__(environ, start_response)
+
+    stub = Holding([(202, {}, {"id": "j1", "status": "queued"})])
+    files = []
+    for i in range(3):
+        path = tmp_path / f"p{i}.png"
+        path.write_bytes(b"png")
+        files.append(path)
+    plan = SubmitPlan(True, None, False, None, None, 60.0, batch=1)
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with serve(stub) as url, Client(url, "k") as client:
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(Interrupted) as stopped:
+            run_all(files, client, plan, concurrency=3)
+        took = time.monotonic() - started
+    assert took < 6  # not the 60 s --timeout
+    outcomes = stopped.value.outcomes
+    assert [o.job_id for o in outcomes] == ["j1"] * 3
+    assert all(o.status == "queued" and "Ctrl-C" in o.reason for o in outcomes)

@@ -13,6 +13,7 @@ import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -135,6 +136,18 @@ def test_kustomize_overlay_renders_valid_resources(overlay: str) -> None:
         "PodDisruptionBudget",
         "PersistentVolumeClaim",
     } <= kinds
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_links_in_webhooks_name_the_ingress_host(overlay: str) -> None:
+    """Workers build webhook payload links from SEG_PUBLIC_URL (they have no request's host):
+    it must name the host the Ingress serves, or every link points at a pod's loopback."""
+    docs = rendered(overlay)
+    public = urlsplit(find(docs, "ConfigMap", "segsvc-config")["data"]["SEG_PUBLIC_URL"])
+    hosts = [rule["host"] for rule in find(docs, "Ingress", "segsvc-api")["spec"]["rules"]]
+    assert public.hostname in hosts
+    tls = find(docs, "Ingress", "segsvc-api")["spec"].get("tls")
+    assert public.scheme == ("https" if tls else "http")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -142,7 +142,9 @@ def redeliver(
 ) -> WebhookMessage:
     """Send a message again now (re-enabling its endpoint); retries follow within its max age."""
     job = get_job(session=session, job_id=job_id, client_id=client_id)
-    message = session.get(WebhookMessage, message_id)
+    # Locked, and so read after any attempt being recorded has committed: what is written
+    # below then changes what that attempt wrote (unchanged fields would not be written).
+    message = session.get(WebhookMessage, message_id, with_for_update=True)
     if message is None or message.job_id != job.id:
         raise NotFoundError(f"No webhook message {message_id[:64]!r} for job {job.id}.")
     endpoint = find_endpoint(session=session, client_id=message.client_id, url=message.url)

@@ -134,7 +134,11 @@ def finish_attempt(
 ) -> str:
     """Log the attempt and move the message on: delivered, retry later, failed or disabled."""
     now = db_time(session)  # the next attempt's time is judged by `claim_due`, on that clock
-    message = session.get(WebhookMessage, prepared.message_id, populate_existing=True)
+    # Locked from this read to the commit: a redeliver in between would otherwise be written
+    # over with this attempt's outcome (it waits instead, and then stands).
+    message = session.get(
+        WebhookMessage, prepared.message_id, populate_existing=True, with_for_update=True
+    )
     if message is None:  # the job (and its messages) was deleted meanwhile
         return "gone"
     superseded = message.status != outbox.PENDING or message.next_attempt_at != prepared.lease

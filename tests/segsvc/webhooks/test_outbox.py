@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -13,6 +16,7 @@ from segsvc.models import WebhookEndpoint, WebhookMessage, utcnow
 from segsvc.services import jobs as job_service
 from segsvc.services import webhooks as webhook_service
 from segsvc.settings import Settings
+from segsvc.webhooks import dispatch
 from segsvc.webhooks.delivery import Outcome
 from segsvc.webhooks.dispatch import claim_due, finish_attempt, start_attempt
 from tests.segsvc.webhooks.factories import finish_job, make_job, start_job
@@ -193,6 +197,63 @@ def test_redeliver_reenables_and_resends(settings: Settings) -> None:
         )
     assert attempt(settings, Outcome("delivered", 1.0, 200)) == ["delivered"]
     assert messages(settings)[0].attempts == 2
+
+
+def test_a_redeliver_while_an_attempt_is_being_recorded_is_not_lost(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempt read its message, then a redeliver came before the attempt wrote its result:
+    the redeliver waits for it (the attempt holds the row) and the message is pending again,
+    instead of the attempt writing "failed" over the redeliver's "pending"."""
+    job_id = make_job(settings, URL)
+    finish_job(settings, start_job(settings, job_id))
+    with session_scope(settings) as session:
+        ((message_id, lease),) = claim_due(session=session)
+    with session_scope(settings) as session:
+        prepared = start_attempt(
+            session=session, message_id=message_id, lease=lease, settings=settings
+        )
+    assert prepared is not None
+    read, go_on = threading.Event(), threading.Event()
+    real_next_state = dispatch._next_state
+
+    def paused(*args: Any, **kwargs: Any) -> Any:  # between the attempt's read and its write
+        read.set()
+        go_on.wait(10)
+        return real_next_state(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "_next_state", paused)
+
+    def record() -> None:
+        with session_scope(settings) as session:
+            finish_attempt(
+                session=session,
+                prepared=prepared,
+                outcome=Outcome("gone", 1.0, 410),
+                settings=settings,
+            )
+
+    recorder = threading.Thread(target=record)
+    recorder.start()
+    assert read.wait(10)
+    redelivered: list[float] = []
+
+    def redeliver() -> None:
+        with session_scope(settings) as session:
+            webhook_service.redeliver(
+                session=session, job_id=str(job_id), message_id=message_id, client_id=None
+            )
+        redelivered.append(time.monotonic())
+
+    redeliverer = threading.Thread(target=redeliver)
+    redeliverer.start()
+    redeliverer.join(0.5)
+    go_on.set()
+    recorder.join(10)
+    redeliverer.join(10)
+    assert redelivered
+    (msg,) = messages(settings, job_id)
+    assert (msg.status, msg.completed_at) == ("pending", None)  # the redeliver stands
 
 
 def test_rotate_secret_keeps_old_one_signing_for_window(settings: Settings) -> None:

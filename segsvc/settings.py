@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 
 Runtime = Literal["auto", "keras", "xla", "onnx", "litert", "litert-fp16", "litert-int8"]
+
+
+# Postgres takes its timeouts in milliseconds as a 32-bit integer (up to ~24.8 days): larger
+# values, or infinity, would fail every connection at connect time.
+MAX_DB_TIMEOUT_S = 24 * 86400.0
 
 
 class Settings(BaseSettings):
@@ -33,6 +38,13 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis for rate limits and queue depth; defaults to broker_url if redis."
     )
+    require_servers: bool = Field(
+        False,
+        description="Refuse to start without SEG_DATABASE_URL and SEG_BROKER_URL instead of "
+        "falling back to the embedded SQLite files: set wherever processes run on several "
+        "hosts (docker-compose, Kubernetes), where a missing secret would otherwise give each "
+        "process a database of its own.",
+    )
     db_role: Literal["admin", "api", "worker"] = Field(
         "admin",
         description="Whose limits below this process's Postgres connections get. The API sets "
@@ -43,24 +55,32 @@ class Settings(BaseSettings):
     api_statement_timeout_seconds: float = Field(
         10.0,
         ge=0,
+        le=MAX_DB_TIMEOUT_S,
+        allow_inf_nan=False,
         description="Postgres cancels an API statement running longer (the request gets 503 "
         "`database_timeout`); 0: no limit.",
     )
     worker_statement_timeout_seconds: float = Field(
         60.0,
         ge=0,
+        le=MAX_DB_TIMEOUT_S,
+        allow_inf_nan=False,
         description="Postgres cancels an inference or webhook worker statement running longer "
         "(the batch is released and runs again); 0: no limit.",
     )
     db_lock_timeout_seconds: float = Field(
         5.0,
         ge=0,
+        le=MAX_DB_TIMEOUT_S,
+        allow_inf_nan=False,
         description="Longest an API or worker statement waits for a lock (e.g. behind a "
         "migration) before it fails like a timeout; 0: up to its statement timeout.",
     )
     db_idle_in_transaction_timeout_seconds: float = Field(
         120.0,
         ge=0,
+        le=MAX_DB_TIMEOUT_S,
+        allow_inf_nan=False,
         description="Postgres closes an API or worker connection left idle inside a transaction "
         "this long, releasing its locks; 0: never.",
     )
@@ -206,6 +226,20 @@ class Settings(BaseSettings):
 
     # Values parsed where they are used (a delivery, beat) are checked here too, so a typo stops
     # the process at start instead of failing each delivery (or each submit) at run time.
+    @model_validator(mode="after")
+    def _servers_when_required(self) -> Settings:
+        missing = [
+            f"SEG_{name.upper()}"
+            for name in ("database_url", "broker_url")
+            if self.require_servers and not getattr(self, name)
+        ]
+        if missing:
+            raise ValueError(
+                f"SEG_REQUIRE_SERVERS is set but {' and '.join(missing)} is missing (is the "
+                "secret that holds it mounted?); refusing the embedded SQLite fallback."
+            )
+        return self
+
     @field_validator("webhook_schedule")
     @classmethod
     def _valid_schedule(cls, value: str) -> str:

@@ -322,6 +322,10 @@ def effective_settings(docs: tuple[dict[str, Any], ...], container: dict[str, An
         for k, v in effective_env(docs, container).items()
         if k.startswith("SEG_") and k.removeprefix("SEG_").lower() in Settings.model_fields
     }
+    if any("secretRef" in source for source in container.get("envFrom", [])):
+        # The Secret (not in the production kustomizations) holds the two URLs.
+        env.setdefault("database_url", "postgresql+psycopg://segsvc@postgres/segsvc")
+        env.setdefault("broker_url", "redis://redis:6379/0")
     return Settings(_env_file=None, **env)  # type: ignore[call-arg]
 
 

@@ -61,3 +61,29 @@ def test_off_switches_and_the_defaults_are_accepted(monkeypatch: pytest.MonkeyPa
     assert cfg.max_queue_depth == 0
     assert cfg.retrain_cron == "*/30 1-5 * * mon-fri"
     assert Settings(_env_file=None).retention_days == 30  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 3e6, -1.0])
+def test_database_timeouts_postgres_cannot_take_are_refused(value: float) -> None:
+    """Postgres takes its timeouts as int32 milliseconds: these would fail every connection."""
+    with pytest.raises(ValidationError):
+        Settings(api_statement_timeout_seconds=value, _env_file=None)  # type: ignore[call-arg]
+
+
+def test_required_servers_refuse_the_sqlite_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment whose secret is missing fails at start with the reason, instead of each
+    process quietly opening a SQLite file of its own."""
+    for name in ("SEG_DATABASE_URL", "SEG_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValidationError, match="SEG_DATABASE_URL and SEG_BROKER_URL is missing"):
+        Settings(require_servers=True, _env_file=None)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="SEG_BROKER_URL is missing"):
+        Settings(require_servers=True, database_url="postgresql://db/x", _env_file=None)  # type: ignore[call-arg]
+    both = Settings(
+        require_servers=True,
+        database_url="postgresql+psycopg://db/x",
+        broker_url="redis://r:6379/0",
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    assert both.sqlalchemy_url.startswith("postgresql")
+    assert Settings(_env_file=None).sqlalchemy_url.startswith("sqlite")  # type: ignore[call-arg]

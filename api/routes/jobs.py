@@ -254,12 +254,40 @@ def read_mask(job_id: str) -> Response:
     return _png(data, job_id, "mask")
 
 
+# An overlay decodes the upload at full size: ~10 bytes of memory per pixel at its peak, so
+# ~420 MB for the largest upload accepted (SEG_MAX_PIXELS, 40 MP). Overlays of inputs over
+# OVERLAY_GATE_PIXELS are drawn one at a time per process (a later one waits up to
+# OVERLAY_TURN_WAIT_S, then 503 + Retry-After), so a page of large photos cannot take an API
+# process past its memory limit; the usual photo is far below the gate and never waits.
+OVERLAY_GATE_PIXELS = 4_000_000
+OVERLAY_TURN_WAIT_S = 10.0
+LARGE_OVERLAYS_AT_ONCE = threading.BoundedSemaphore(1)
+
+
+class OverlaysBusyError(UnavailableError):
+    code = "overlays_busy"
+
+
 @bp.get("/jobs/<job_id>/overlay.png")
 def read_overlay(job_id: str) -> Response:
     """The input with the mask blended on it."""
-    data = job_service.read_overlay_png(
-        session=db(), job_id=job_id, client_id=_scope(), store=blob_store(settings())
-    )
+    session, scope, store = db(), _scope(), blob_store(settings())
+    job = job_service.get_finished_job(session=session, job_id=job_id, client_id=scope)
+    if job.input_width * job.input_height <= OVERLAY_GATE_PIXELS:
+        data = job_service.read_overlay_png(
+            session=session, job_id=job_id, client_id=scope, store=store
+        )
+        return _png(data, job_id, "overlay")
+    if not LARGE_OVERLAYS_AT_ONCE.acquire(timeout=OVERLAY_TURN_WAIT_S):
+        raise OverlaysBusyError(
+            "This server is drawing another large overlay; retry shortly.", retry_after=1
+        )
+    try:
+        data = job_service.read_overlay_png(
+            session=session, job_id=job_id, client_id=scope, store=store
+        )
+    finally:
+        LARGE_OVERLAYS_AT_ONCE.release()
     return _png(data, job_id, "overlay")
 
 

@@ -99,6 +99,36 @@ def test_results_served_once_succeeded(client, auth, settings: Settings) -> None
         assert img.mode == "RGB"
 
 
+def test_overlays_of_large_inputs_are_drawn_one_at_a_time(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overlay decodes its input at full size; for a large one, a second request waits for
+    the first (503 + Retry-After if it waits too long) instead of doubling the memory; a
+    usual photo's overlay never waits."""
+    from api.routes import jobs as routes
+
+    small = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
+    large = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
+    mask = encode_mask_png(np.ones((48, 64), np.uint8))
+    mark_succeeded(settings, small, mask)
+    mark_succeeded(settings, large, mask)
+    monkeypatch.setattr(routes, "OVERLAY_GATE_PIXELS", 64 * 48 - 1)  # 64x48 counts as large
+    monkeypatch.setattr(routes, "OVERLAY_TURN_WAIT_S", 0.2)
+    routes.LARGE_OVERLAYS_AT_ONCE.acquire()  # another large overlay is being drawn
+    try:
+        busy = client.get(f"/v1/jobs/{large}/overlay.png", headers=auth)
+        monkeypatch.setattr(routes, "OVERLAY_GATE_PIXELS", 64 * 48)
+        unaffected = client.get(f"/v1/jobs/{small}/overlay.png", headers=auth)
+        monkeypatch.setattr(routes, "OVERLAY_GATE_PIXELS", 64 * 48 - 1)
+    finally:
+        routes.LARGE_OVERLAYS_AT_ONCE.release()
+    assert busy.status_code == 503
+    assert busy.get_json()["error"] == "overlays_busy"
+    assert busy.headers["Retry-After"] == "1"
+    assert unaffected.status_code == 200
+    assert client.get(f"/v1/jobs/{large}/overlay.png", headers=auth).status_code == 200
+
+
 @pytest.mark.parametrize("path", ["/v1/jobs/{}", "/v1/jobs/{}/mask.png", "/v1/jobs/{}/overlay.png"])
 def test_unknown_job_is_404(client, auth, path: str) -> None:  # type: ignore[no-untyped-def]
     resp = client.get(path.format(uuid.uuid4()), headers=auth)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from PIL import Image
@@ -39,12 +41,25 @@ class ValidatedImage:
     model_input: bytes  # 128x128x3 uint8, row-major
 
 
-def validate_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ValidatedImage:
+# A picture over this many pixels decoded at full size takes ~10 bytes of memory per pixel at
+# its peak (~420 MB at 40 MP): a server bounds how many of those run at once (`large_decode`).
+# JPEGs decode for the model at a reduced DCT scale and never count.
+LARGE_DECODE_PIXELS = 4_000_000
+
+
+def validate_image(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    large_decode: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> ValidatedImage:
     """Check an upload and decode it once; raise a `SegError` subclass saying what is wrong.
 
     No other exception escapes, whatever the bytes: Pillow raises many types for damaged
     files, and any failure to decode the pixels is an `InvalidImageError`. Metadata that
     cannot be read (a malformed EXIF block) does not fail an image whose pixels decode.
+    A decode at full size of over LARGE_DECODE_PIXELS runs inside `large_decode()`.
     """
     if not data:
         raise BadRequestError("The uploaded file is empty.")
@@ -66,16 +81,18 @@ def validate_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Validated
         raise InvalidImageError(
             f"The image has {pixels} pixels, more than the limit of {max_pixels}."
         )
-    try:
-        with warnings.catch_warnings():
-            # Pillow's other warnings (odd EXIF, say) are noise here, and must not turn into
-            # errors where a warnings filter says "error" (as the test suite's does).
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            decoded, width, height = load_rgb(data)
-            model_input = resize_to_model(decoded).tobytes()
-    except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error, ... and the bomb
-        raise InvalidImageError(f"The image could not be decoded: {exc}") from exc
+    large = fmt != "JPEG" and pixels > LARGE_DECODE_PIXELS
+    with large_decode() if large else nullcontext():
+        try:
+            with warnings.catch_warnings():
+                # Pillow's other warnings (odd EXIF, say) are noise here, and must not turn
+                # into errors where a warnings filter says "error" (as the test suite's does).
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                decoded, width, height = load_rgb(data)
+                model_input = resize_to_model(decoded).tobytes()
+        except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error, the bomb
+            raise InvalidImageError(f"The image could not be decoded: {exc}") from exc
     return ValidatedImage(
         data=data,
         sha256=hashlib.sha256(data).hexdigest(),

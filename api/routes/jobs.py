@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Iterator
 from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager, nullcontext
 
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
@@ -18,7 +20,7 @@ from api.schemas import accepted_body, job_body
 from segsvc import notify
 from segsvc.blobs import blob_store
 from segsvc.errors import BadRequestError, SegError, UnavailableError, ValidationError
-from segsvc.images import ValidatedImage, validate_image
+from segsvc.images import LARGE_DECODE_PIXELS, ValidatedImage, validate_image
 from segsvc.models import Job
 from segsvc.queue import enqueue_jobs
 from segsvc.services import idempotency, limits
@@ -188,6 +190,7 @@ def _validate(upload: FileStorage) -> ValidatedImage:
         upload.read(cfg.max_upload_bytes + 1),
         max_bytes=cfg.max_upload_bytes,
         max_pixels=cfg.max_pixels,
+        large_decode=_large_decode_turn,
     )
 
 
@@ -254,18 +257,29 @@ def read_mask(job_id: str) -> Response:
     return _png(data, job_id, "mask")
 
 
-# An overlay decodes the upload at full size: ~10 bytes of memory per pixel at its peak, so
-# ~420 MB for the largest upload accepted (SEG_MAX_PIXELS, 40 MP). Overlays of inputs over
-# OVERLAY_GATE_PIXELS are drawn one at a time per process (a later one waits up to
-# OVERLAY_TURN_WAIT_S, then 503 + Retry-After), so a page of large photos cannot take an API
-# process past its memory limit; the usual photo is far below the gate and never waits.
-OVERLAY_GATE_PIXELS = 4_000_000
-OVERLAY_TURN_WAIT_S = 10.0
-LARGE_OVERLAYS_AT_ONCE = threading.BoundedSemaphore(1)
+# A full-size decode of a large picture (an overlay, a PNG or WebP upload; over
+# LARGE_DECODE_PIXELS) takes ~10 bytes of memory per pixel at its peak, ~420 MB for the largest
+# upload accepted (SEG_MAX_PIXELS, 40 MP). Those run one at a time per process (a later one
+# waits up to LARGE_DECODE_WAIT_S, then 503 + Retry-After), so a few large pictures at once
+# cannot take an API process past its memory limit; the usual photo never waits.
+LARGE_DECODE_WAIT_S = 10.0
+LARGE_DECODES_AT_ONCE = threading.BoundedSemaphore(1)
 
 
-class OverlaysBusyError(UnavailableError):
-    code = "overlays_busy"
+class LargeDecodesBusyError(UnavailableError):
+    code = "large_decodes_busy"
+
+
+@contextmanager
+def _large_decode_turn() -> Iterator[None]:
+    if not LARGE_DECODES_AT_ONCE.acquire(timeout=LARGE_DECODE_WAIT_S):
+        raise LargeDecodesBusyError(
+            "This server is decoding another large picture; retry shortly.", retry_after=1
+        )
+    try:
+        yield
+    finally:
+        LARGE_DECODES_AT_ONCE.release()
 
 
 @bp.get("/jobs/<job_id>/overlay.png")
@@ -273,21 +287,11 @@ def read_overlay(job_id: str) -> Response:
     """The input with the mask blended on it."""
     session, scope, store = db(), _scope(), blob_store(settings())
     job = job_service.get_finished_job(session=session, job_id=job_id, client_id=scope)
-    if job.input_width * job.input_height <= OVERLAY_GATE_PIXELS:
+    large = job.input_width * job.input_height > LARGE_DECODE_PIXELS
+    with _large_decode_turn() if large else nullcontext():
         data = job_service.read_overlay_png(
             session=session, job_id=job_id, client_id=scope, store=store
         )
-        return _png(data, job_id, "overlay")
-    if not LARGE_OVERLAYS_AT_ONCE.acquire(timeout=OVERLAY_TURN_WAIT_S):
-        raise OverlaysBusyError(
-            "This server is drawing another large overlay; retry shortly.", retry_after=1
-        )
-    try:
-        data = job_service.read_overlay_png(
-            session=session, job_id=job_id, client_id=scope, store=store
-        )
-    finally:
-        LARGE_OVERLAYS_AT_ONCE.release()
     return _png(data, job_id, "overlay")
 
 

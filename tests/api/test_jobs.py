@@ -6,7 +6,7 @@ import uuid
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from segsvc.db import session_scope
 from segsvc.ml.preprocess import encode_mask_png
@@ -111,22 +111,50 @@ def test_overlays_of_large_inputs_are_drawn_one_at_a_time(  # type: ignore[no-un
     large = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
     mask = encode_mask_png(np.ones((48, 64), np.uint8))
     mark_succeeded(settings, small, mask)
-    mark_succeeded(settings, large, mask)
-    monkeypatch.setattr(routes, "OVERLAY_GATE_PIXELS", 64 * 48 - 1)  # 64x48 counts as large
-    monkeypatch.setattr(routes, "OVERLAY_TURN_WAIT_S", 0.2)
-    routes.LARGE_OVERLAYS_AT_ONCE.acquire()  # another large overlay is being drawn
+    mark_succeeded(settings, large, mask, input_width=6400)  # 6400x48: over the line below
+    monkeypatch.setattr(routes, "LARGE_DECODE_PIXELS", 64 * 48 * 10)
+    monkeypatch.setattr(routes, "LARGE_DECODE_WAIT_S", 0.2)
+    routes.LARGE_DECODES_AT_ONCE.acquire()  # another large picture is being decoded
     try:
         busy = client.get(f"/v1/jobs/{large}/overlay.png", headers=auth)
-        monkeypatch.setattr(routes, "OVERLAY_GATE_PIXELS", 64 * 48)
         unaffected = client.get(f"/v1/jobs/{small}/overlay.png", headers=auth)
-        monkeypatch.setattr(routes, "OVERLAY_GATE_PIXELS", 64 * 48 - 1)
     finally:
-        routes.LARGE_OVERLAYS_AT_ONCE.release()
+        routes.LARGE_DECODES_AT_ONCE.release()
     assert busy.status_code == 503
-    assert busy.get_json()["error"] == "overlays_busy"
+    assert busy.get_json()["error"] == "large_decodes_busy"
     assert busy.headers["Retry-After"] == "1"
     assert unaffected.status_code == 200
+    with session_scope(settings) as session:  # the real size back, for the overlay's check
+        session.execute(update(Job).where(Job.id == uuid.UUID(large)).values(input_width=64))
+    monkeypatch.setattr(routes, "LARGE_DECODE_PIXELS", 0)  # every overlay takes a turn now
     assert client.get(f"/v1/jobs/{large}/overlay.png", headers=auth).status_code == 200
+
+
+def test_large_png_uploads_decode_one_at_a_time_and_jpegs_never_wait(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PNG decodes at full size; a JPEG for the model at a reduced DCT scale: only the PNG
+    waits for the turn another large picture holds (and, waiting too long, stores nothing)."""
+    from api.routes import jobs as routes
+    from segsvc import images
+
+    monkeypatch.setattr(images, "LARGE_DECODE_PIXELS", 64 * 48 - 1)
+    monkeypatch.setattr(routes, "LARGE_DECODE_WAIT_S", 0.2)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(jpeg, format="JPEG")
+    routes.LARGE_DECODES_AT_ONCE.acquire()
+    try:
+        busy = submit(client, auth, png_bytes((64, 48)))
+        with session_scope(settings) as session:
+            stored_while_busy = session.scalar(select(func.count()).select_from(Job))
+        as_jpeg = submit(client, auth, jpeg.getvalue(), name="pet.jpg")
+    finally:
+        routes.LARGE_DECODES_AT_ONCE.release()
+    assert busy.status_code == 503
+    assert busy.get_json()["error"] == "large_decodes_busy"
+    assert stored_while_busy == 0
+    assert as_jpeg.status_code == 202
+    assert submit(client, auth, png_bytes((64, 48))).status_code == 202
 
 
 @pytest.mark.parametrize("path", ["/v1/jobs/{}", "/v1/jobs/{}/mask.png", "/v1/jobs/{}/overlay.png"])

@@ -42,7 +42,8 @@ def load_rgb(data: bytes) -> tuple[Image.Image, int, int]:
 
     JPEGs are decoded with `draft` at the smallest DCT scale still >= 2x the model input,
     which is several times faster than a full decode and changes nothing the model sees
-    after the bilinear resize (training uses this same function).
+    after the bilinear resize (training uses this same function); a side that is not a
+    multiple of the scale is resampled to the picture's exact extent first.
 
     A multi-picture JPEG (MPO) decodes as its first frame, the primary image.
     """
@@ -51,9 +52,20 @@ def load_rgb(data: bytes) -> tuple[Image.Image, int, int]:
         orientation = _exif_orientation(img)
         if orientation in _TRANSPOSED_ORIENTATIONS:
             width, height = height, width
-        img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
+        drafted = img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
+        decoded: Image.Image = img
+        if drafted is not None and drafted[1] is not None:
+            # At scale 1/n a side that is not a multiple of n decodes to ceil(side / n) pixels,
+            # the last one mostly padding: resample to the picture's own extent, or the model
+            # input is stretched (an edge up to n - 1 pixels off at the far side, and on the
+            # near side once the picture is flipped or turned).
+            box = drafted[1]
+            extent = (box[2] - box[0], box[3] - box[1])
+            if extent != img.size:
+                size = (max(1, round(extent[0])), max(1, round(extent[1])))
+                decoded = img.resize(size, Image.Resampling.BILINEAR, box=box)
         turn = _ORIENTATION_TRANSPOSES.get(orientation) if orientation is not None else None
-        return to_rgb(img.transpose(turn) if turn is not None else img), width, height
+        return to_rgb(decoded.transpose(turn) if turn is not None else decoded), width, height
 
 
 def load_rgb_full(data: bytes) -> Image.Image:

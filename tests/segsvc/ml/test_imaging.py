@@ -117,3 +117,38 @@ def test_a_multi_picture_jpeg_decodes_as_its_first_frame() -> None:
     rgb, width, height = load_rgb(data)
     assert (width, height) == (50, 30)
     assert rgb.tobytes() == load_rgb(encode_image(first, "JPEG"))[0].tobytes()
+
+
+def _edge_column(model_input: Image.Image) -> float:
+    """Where, in model pixels, a dark-to-bright vertical edge crosses half way (sub-pixel)."""
+    row = np.asarray(model_input.convert("L"), np.float64).mean(axis=0)
+    half = (row.min() + row.max()) / 2
+    i = int(np.argmax(row > half))
+    return i - 1 + (half - row[i - 1]) / (row[i] - row[i - 1])
+
+
+@pytest.mark.parametrize("at", [0.1, 0.9])
+@pytest.mark.parametrize("orientation", [1, 2, 3, 6])
+def test_a_draft_decoded_jpeg_is_not_stretched_by_its_padding_blocks(
+    orientation: int, at: float
+) -> None:
+    """2049 px is not a multiple of the DCT scale (8) a draft decode uses: the decoded image
+    has 257 columns, one of them mostly padding (the last, or the first once the picture is
+    flipped or turned). The model input must place an edge where a full decode puts it, not up
+    to 7 original pixels (0.44 model pixels) off."""
+    pixels = np.zeros((2049, 2049, 3), np.uint8)
+    pixels[:, int(2049 * at) :] = 255  # an edge at 10% or 90% of the width
+    photo = Image.fromarray(pixels, "RGB")
+    if orientation != 1:  # stored turned, with the EXIF tag that turns it back
+        undo = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180}
+        undo[6] = Image.Transpose.ROTATE_90
+        photo = photo.transpose(undo[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode_image(photo, "JPEG", quality=95, exif=exif.tobytes())
+    drafted, width, height = load_rgb(data)
+    assert (width, height) == (2049, 2049)
+    assert drafted.size[0] < 2049  # decoded at a reduced scale
+    served = _edge_column(resize_to_model(drafted))
+    full = _edge_column(resize_to_model(load_rgb_full(data)))
+    assert abs(served - full) < 0.1, (served, full)

@@ -203,7 +203,7 @@ def runs_for(
     port, headers = side.port, side.headers
     return {
         "idle": lambda: load.run_jobs_load(
-            port, headers, bodies, clients=1, seconds=args.seconds, poll_s=0.005
+            port, headers, bodies, clients=1, seconds=args.seconds, poll_s=0.005, wait_s=LONG_POLL_S
         ),
         "clients": lambda: load.run_jobs_load(
             port,

@@ -139,7 +139,9 @@ def run_jobs_load(
     max_poll_s: float | None = None,
     wait_s: float = 0.0,
 ) -> LoadResult:
-    """Submit + poll against the segsvc API; latency is submit -> the job's `completed_at`.
+    """Submit + poll against the segsvc API; latency is what the client sees: from sending the
+    submit to holding the finished job (not the job's `completed_at`, which the worker stamps
+    before it has even committed the result).
 
     With `wait_s` the submit itself waits (`POST /v1/jobs?wait=`: 201 with the finished job) and
     any poll after it is a long poll, as `segsvc.client` does with `submit(wait=)` and
@@ -163,12 +165,13 @@ def run_jobs_load(
             job = json.loads(raw)
             if status == 202:
                 job = _poll(client, job["id"], poll_s, stop_at + 60, max_poll_s, wait_s)
+            received = time.time()
             with lock:
                 if job is None or job["status"] != "succeeded":
                     result.errors += 1
                     continue
                 result.done += 1
-                result.latencies.append(_ts(job["completed_at"]) - sent)
+                result.latencies.append(received - sent)
                 result.batch_sizes.append(int(job["metrics"]["batch_size"] or 1))
 
     result.seconds = _run_threads(client_loop, clients)

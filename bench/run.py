@@ -223,7 +223,13 @@ def run_system(
         out["idle"] = system.metered(
             both,
             lambda: load.run_jobs_load(
-                api_port, headers, bodies, clients=1, seconds=args.seconds / 2, poll_s=0.005
+                api_port,
+                headers,
+                bodies,
+                clients=1,
+                seconds=args.seconds / 2,
+                poll_s=0.005,
+                wait_s=LONG_POLL_S,  # as `segsvc submit` and `client.submit(wait=)` do
             ),
         )
         log(f"{args.clients} clients: the system (long polls) and naive Flask, interleaved")

@@ -428,13 +428,7 @@ def _retryable(resp: httpx.Response) -> bool:
     """An answer to send the same request again for: 429, 503, or a keyed twin in progress."""
     if resp.status_code in RETRY_STATUSES:
         return True
-    if resp.status_code != 409:
-        return False
-    try:
-        body = resp.json()
-    except ValueError:
-        return False
-    return isinstance(body, dict) and body.get("error") == KEY_IN_USE
+    return resp.status_code == 409 and error_for(resp).code == KEY_IN_USE
 
 
 def _backoff(attempt: int) -> float:

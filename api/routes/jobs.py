@@ -100,15 +100,27 @@ def submit_batch() -> tuple[Response, int]:
     One request, one transaction and one queue message for the lot; each image becomes its own
     job (poll them together with `GET /v1/jobs?ids=`). Webhook fields apply to every job."""
     # Before the body is read: the parse is what takes the memory.
-    if not BATCHES_AT_ONCE.acquire(timeout=BATCH_TURN_WAIT_S):
-        raise BatchesBusyError(
-            "This server is receiving as many batch submits as it takes at once; retry shortly.",
-            retry_after=1,
-        )
-    try:
+    with _turn(
+        BATCHES_AT_ONCE,
+        BATCH_TURN_WAIT_S,
+        BatchesBusyError,
+        "This server is receiving as many batch submits as it takes at once; retry shortly.",
+    ):
         return _submit_batch()
+
+
+@contextmanager
+def _turn(
+    slots: threading.BoundedSemaphore, wait_s: float, busy: type[SegError], message: str
+) -> Iterator[None]:
+    """One of `slots` for the block, waited for up to `wait_s`; else `busy` (a 503, retry in
+    1 s): the request gives its thread back instead of queueing for ever."""
+    if not slots.acquire(timeout=wait_s):
+        raise busy(message, retry_after=1)
+    try:
+        yield
     finally:
-        BATCHES_AT_ONCE.release()
+        slots.release()
 
 
 def _submit_batch() -> tuple[Response, int]:
@@ -270,16 +282,13 @@ class LargeDecodesBusyError(UnavailableError):
     code = "large_decodes_busy"
 
 
-@contextmanager
-def _large_decode_turn() -> Iterator[None]:
-    if not LARGE_DECODES_AT_ONCE.acquire(timeout=LARGE_DECODE_WAIT_S):
-        raise LargeDecodesBusyError(
-            "This server is decoding another large picture; retry shortly.", retry_after=1
-        )
-    try:
-        yield
-    finally:
-        LARGE_DECODES_AT_ONCE.release()
+def _large_decode_turn() -> ContextManager[None]:
+    return _turn(
+        LARGE_DECODES_AT_ONCE,
+        LARGE_DECODE_WAIT_S,
+        LargeDecodesBusyError,
+        "This server is decoding another large picture; retry shortly.",
+    )
 
 
 @bp.get("/jobs/<job_id>/overlay.png")

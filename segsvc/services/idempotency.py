@@ -104,6 +104,12 @@ def _find_jobs(
     return sorted(jobs, key=lambda job: order[job.idempotency_key or ""])
 
 
+class KeyInUseError(ConflictError):
+    """A twin request holds the key: a retry (after Retry-After) replays its job."""
+
+    code = "idempotency_key_in_use"
+
+
 @contextmanager
 def race_guard(*, session: Session, req: IdempotentRequest | None) -> Iterator[None]:
     """Around the insert of a keyed job: a concurrent twin that won the unique index turns the
@@ -121,9 +127,3 @@ def race_guard(*, session: Session, req: IdempotentRequest | None) -> Iterator[N
             "A request with this Idempotency-Key is being processed; retry to get its job.",
             retry_after=1,
         ) from exc
-
-
-class KeyInUseError(ConflictError):
-    """A twin request holds the key: a retry (after Retry-After) replays its job."""
-
-    code = "idempotency_key_in_use"

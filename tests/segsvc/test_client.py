@@ -147,12 +147,16 @@ def test_client_cancel_and_wait_timeout_without_worker(api: Client) -> None:
 class Scripted:
     """A tiny WSGI stand-in for the API that answers from a script (for retry behaviour)."""
 
-    def __init__(self, answers: list[tuple[int, dict[str, str], Any]]) -> None:
+    def __init__(
+        self, answers: list[tuple[int, dict[str, str], Any]], *, hold_s: float = 0.0
+    ) -> None:
         self.answers = answers
+        self.hold_s = hold_s  # how long each answer takes (a slow network, a long poll)
         self.times: list[float] = []
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         Request(environ).get_data()
+        time.sleep(self.hold_s)
         self.times.append(time.monotonic())
         status, headers, body = self.answers[min(len(self.times), len(self.answers)) - 1]
         resp = Response(
@@ -212,12 +216,7 @@ def test_a_server_that_does_not_hold_long_polls_is_polled_at_the_interval() -> N
     """Over a slow network (answers after 0.12 s) a declined long poll still looks declined:
     the client pauses between polls instead of asking again at once."""
 
-    class Slow(Scripted):
-        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-            time.sleep(0.12)
-            return super().__call__(environ, start_response)
-
-    stub = Slow([(200, {}, {"id": "j1", "status": "queued"})])
+    stub = Scripted([(200, {}, {"id": "j1", "status": "queued"})], hold_s=0.12)
     with serve(stub) as url, Client(url, "k", retries=0) as client:
         job = Job(client, {"id": "j1", "status": "queued"})
         with pytest.raises(WaitTimeoutError):
@@ -255,12 +254,8 @@ def test_wait_keeps_its_timeout_while_the_server_asks_to_retry_later() -> None:
 def test_a_long_poll_may_outlast_the_clients_read_timeout() -> None:
     """The server holds a long poll up to its `wait`: the read timeout grows by that much."""
 
-    class Holding(Scripted):
-        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-            time.sleep(1.5)  # the job ends 1.5 s into the poll
-            return super().__call__(environ, start_response)
-
-    stub = Holding([(200, {}, {"id": "j1", "status": "succeeded"})])
+    # the job ends 1.5 s into the poll
+    stub = Scripted([(200, {}, {"id": "j1", "status": "succeeded"})], hold_s=1.5)
     with serve(stub) as url, Client(url, "k", timeout=1.0, retries=0) as client:
         assert client.get("j1", wait=5.0).status == "succeeded"
     assert len(stub.times) == 1

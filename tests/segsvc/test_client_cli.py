@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -296,22 +295,21 @@ def test_cli_a_file_that_cannot_be_read_fails_alone(
     assert "FileNotFoundError" in second.reason
 
 
+def png_files(folder: Path, count: int) -> list[Path]:
+    """`count` files p0.png, p1.png, ... (their bytes: the stub server reads none)."""
+    files = [folder / f"p{i}.png" for i in range(count)]
+    for path in files:
+        path.write_bytes(b"png")
+    return files
+
+
 def test_cli_ctrl_c_stops_sending_and_reports_what_was_sent(tmp_path: Path) -> None:
     """Ctrl-C: no more requests start; every request that was answered is reported."""
     from segsvc.client import Client
     from segsvc.client_cli import Interrupted, SubmitPlan, run_all
 
-    class Slow(Scripted):
-        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-            time.sleep(0.2)
-            return super().__call__(environ, start_response)
-
-    stub = Slow([(202, {}, {"id": "j1", "status": "queued"})])
-    files = []
-    for i in range(30):
-        path = tmp_path / f"p{i}.png"
-        path.write_bytes(b"png")
-        files.append(path)
+    stub = Scripted([(202, {}, {"id": "j1", "status": "queued"})], hold_s=0.2)
+    files = png_files(tmp_path, 30)
     plan = SubmitPlan(False, None, False, None, None, 10.0, batch=1)
     timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
     with serve(stub) as url, Client(url, "k") as client:
@@ -343,17 +341,9 @@ def test_cli_ctrl_c_while_waiting_reports_the_job_ids_at_once(tmp_path: Path) ->
     from segsvc.client import Client
     from segsvc.client_cli import Interrupted, SubmitPlan, run_all
 
-    class Holding(Scripted):  # a server whose jobs stay queued; it holds each answer 0.3 s
-        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-            time.sleep(0.3)
-            return super().__call__(environ, start_response)
-
-    stub = Holding([(202, {}, {"id": "j1", "status": "queued"})])
-    files = []
-    for i in range(3):
-        path = tmp_path / f"p{i}.png"
-        path.write_bytes(b"png")
-        files.append(path)
+    # a server whose jobs stay queued; it holds each answer 0.3 s
+    stub = Scripted([(202, {}, {"id": "j1", "status": "queued"})], hold_s=0.3)
+    files = png_files(tmp_path, 3)
     plan = SubmitPlan(True, None, False, None, None, 60.0, batch=1)
     timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
     with serve(stub) as url, Client(url, "k") as client:

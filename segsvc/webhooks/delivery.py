@@ -37,6 +37,15 @@ class Outcome:
     retry_after: str | None = None
 
 
+def time_left(deadline: float, timeout: float | None, error: type[Exception]) -> float:
+    """What one network operation may take: its own timeout, within what is left of the
+    attempt's `deadline` (time.monotonic()); `error` once nothing is."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise error("the attempt ran out of time")
+    return left if timeout is None else min(timeout, left)
+
+
 class DeadlineStream(httpcore.NetworkStream):
     """A connection whose every read and write ends by one deadline for the whole attempt.
 
@@ -50,10 +59,7 @@ class DeadlineStream(httpcore.NetworkStream):
         self._deadline = deadline
 
     def _left(self, timeout: float | None, error: type[Exception]) -> float:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise error("the attempt ran out of time")
-        return left if timeout is None else min(timeout, left)
+        return time_left(self._deadline, timeout, error)
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return self._inner.read(max_bytes, self._left(timeout, httpcore.ReadTimeout))
@@ -109,10 +115,7 @@ class PinnedBackend(httpcore.NetworkBackend):
             # the attempt past its lease (and another thread would start the message again).
             left = timeout
             if self._deadline is not None:
-                remaining = self._deadline - time.monotonic()
-                if remaining <= 0:
-                    raise httpcore.ConnectTimeout("the attempt ran out of time") from error
-                left = remaining if timeout is None else min(timeout, remaining)
+                left = time_left(self._deadline, timeout, httpcore.ConnectTimeout)
             try:
                 stream = self._inner.connect_tcp(
                     address,

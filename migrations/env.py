@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import Connection, text
 
-from segsvc.db import build_engine
+from segsvc.db import build_engine, migration_limits
 from segsvc.models import Base
-from segsvc.settings import get_settings
+from segsvc.settings import Settings, get_settings
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+log = logging.getLogger("segsvc.migrate")
+
+# The Postgres advisory lock that lets one migration run at a time on a database: a second
+# `segsvc db upgrade` (a retried Job, an operator by hand) waits for the first, then finds the
+# schema at head, instead of racing it through the same steps.
+MIGRATION_LOCK_KEY = zlib.crc32(b"segsvc.migrate")
+LOCK_POLL_S = 1.0
+
+
+def settings() -> Settings:
+    """The settings `segsvc.migrate` passed, else the process's."""
+    given: Settings | None = config.attributes.get("settings")
+    return given or get_settings()
 
 
 def database_url() -> str:
@@ -35,24 +54,52 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
-    if connection is not None:
-        _run(connection)
+    if connection is not None:  # the caller's, maybe inside its own transaction
+        _run(connection, serialize=False)
         return
-    engine = build_engine(database_url())
+    engine = build_engine(database_url(), limits=migration_limits(settings()))
     with engine.connect() as conn:
         _run(conn)
     engine.dispose()
 
 
-def _run(connection: object) -> None:
+def _run(connection: Connection, *, serialize: bool = True) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
-        render_as_batch=connection.dialect.name == "sqlite",  # type: ignore[attr-defined]
+        render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # Each step commits by itself: a step that gives up waiting for a lock rolls back alone,
+        # and the retry resumes there; no step holds the locks of the ones before it.
+        transaction_per_migration=True,
     )
-    with context.begin_transaction():
+    serial = one_migration_at_a_time(connection) if serialize else nullcontext()
+    with serial, context.begin_transaction():
         context.run_migrations()
+
+
+@contextmanager
+def one_migration_at_a_time(connection: Connection) -> Iterator[None]:
+    """Hold the migration lock (Postgres; SQLite serializes writers by itself) for the run,
+    waiting for another run as long as it takes: it does the same work."""
+    if connection.dialect.name != "postgresql":
+        yield
+        return
+    key = {"k": MIGRATION_LOCK_KEY}
+    # Polled, not waited for in pg_advisory_lock: a waiting statement holds a snapshot, and the
+    # other run's CREATE INDEX CONCURRENTLY waits for every older snapshot: a deadlock.
+    while not connection.scalar(text("SELECT pg_try_advisory_lock(:k)"), key):
+        connection.rollback()
+        log.warning("another migration is running on this database; waiting for it to finish")
+        time.sleep(LOCK_POLL_S)
+    connection.commit()  # a session lock: it outlives this transaction and the steps' own
+    try:
+        yield
+    finally:
+        if not connection.invalidated:
+            connection.rollback()  # a step that failed may have left its transaction open
+            connection.execute(text("SELECT pg_advisory_unlock(:k)"), key)
+            connection.commit()
 
 
 if context.is_offline_mode():

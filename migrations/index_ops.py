@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 from alembic import op
@@ -11,6 +12,24 @@ from alembic import op
 def partial_where(condition: str) -> dict[str, sa.TextClause]:
     """`create_index` keywords for a partial index on both backends."""
     return {"postgresql_where": sa.text(condition), "sqlite_where": sa.text(condition)}
+
+
+@contextmanager
+def concurrent_block() -> Iterator[None]:
+    """Alembic's autocommit block, for CREATE / DROP INDEX CONCURRENTLY, without the short lock
+    wait of the transactional steps (`segsvc.db.migration_limits`): a concurrent build waits
+    for every older transaction writing the table, and rightly as long as it takes, since that
+    wait holds only a lock that reads and writes pass (SHARE UPDATE EXCLUSIVE)."""
+    ctx = op.get_context()
+    postgres = ctx.dialect.name == "postgresql"
+    with ctx.autocommit_block():
+        if postgres:
+            op.execute("SET lock_timeout = 0")
+        try:
+            yield
+        finally:
+            if postgres:
+                op.execute("RESET lock_timeout")  # the connection's own (its startup options)
 
 
 def drop_invalid_indexes(names: Sequence[str]) -> None:

@@ -76,8 +76,22 @@ def statement_limits(settings: Settings) -> dict[str, int]:
         "lock_timeout": settings.db_lock_timeout_seconds,
         "idle_in_transaction_session_timeout": settings.db_idle_in_transaction_timeout_seconds,
     }
+    return {name: _ms(s) for name, s in seconds.items()}
+
+
+def migration_limits(settings: Settings) -> dict[str, int]:
+    """The Postgres timeouts (ms) of a migration's connection: no statement limit (an index
+    build or a backfill may rightly run long), but a short wait for a lock. A step that needs
+    a table lock (`ALTER TABLE`) queues behind a long transaction holding any lock on the table,
+    and every request touching the table queues behind the step; giving up after
+    `migration_lock_timeout_seconds` and trying again later (`segsvc.migrate.upgrade`) keeps
+    that stall short."""
+    return {**NO_LIMITS, "lock_timeout": _ms(settings.migration_lock_timeout_seconds)}
+
+
+def _ms(seconds: float) -> int:
     # At least 1 ms: a value that rounds to 0 would mean "no limit" to Postgres.
-    return {name: max(1, round(s * 1000)) if s > 0 else 0 for name, s in seconds.items()}
+    return max(1, round(seconds * 1000)) if seconds > 0 else 0
 
 
 def is_db_timeout(exc: BaseException) -> bool:
@@ -110,7 +124,7 @@ def _postgres_connect_args(url: str, limits: Mapping[str, int]) -> dict[str, Any
 def build_engine(url: str, *, limits: Mapping[str, int] | None = None) -> Engine:
     """A new engine with settings suited to the dialect; on Postgres, `limits` are server
     settings (ms, e.g. `statement_timeout`) of each connection, by default none at all
-    (`NO_LIMITS`: what migrations connect with). SQLite takes none."""
+    (`NO_LIMITS`: what admin work connects with). SQLite takes none."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":

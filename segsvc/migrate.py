@@ -1,23 +1,115 @@
-"""Run Alembic programmatically with the project's config."""
+"""Run Alembic programmatically with the project's config.
+
+A migration step that needs a table lock gives up after `migration_lock_timeout_seconds`
+(`segsvc.db.migration_limits`) so that the requests queued behind its wait go on; `upgrade`
+then tries again, backing off, for up to `migration_lock_wait_seconds`. Each step commits by
+itself, so a retry resumes at the step that gave up.
+"""
 
 from __future__ import annotations
 
+import logging
+import random
+import time
+from collections.abc import Callable
+
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
+from segsvc.db import build_engine, is_sqlite
 from segsvc.settings import ROOT, Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+LOCK_NOT_AVAILABLE = "55P03"  # Postgres' SQLSTATE for a lock_timeout
+MAX_PAUSE_S = 10.0
+
+
+class MigrationLockError(RuntimeError):
+    """A migration step could not get its lock within `migration_lock_wait_seconds`."""
 
 
 def alembic_config(settings: Settings | None = None) -> Config:
     """The project's Alembic config pointed at the settings' database."""
+    settings = settings or get_settings()
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(ROOT / "migrations"))
-    url = (settings or get_settings()).sqlalchemy_url
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.set_main_option("sqlalchemy.url", settings.sqlalchemy_url.replace("%", "%%"))
     cfg.attributes["configure_logger"] = False
+    cfg.attributes["settings"] = settings
     return cfg
 
 
-def upgrade(*, revision: str = "head", settings: Settings | None = None) -> None:
-    """Bring the schema to `revision`."""
-    command.upgrade(alembic_config(settings), revision)
+def upgrade(
+    *,
+    revision: str = "head",
+    settings: Settings | None = None,
+    sleep: Callable[[float], object] = time.sleep,
+) -> None:
+    """Bring the schema to `revision`, retrying a step that gave up waiting for a lock."""
+    settings = settings or get_settings()
+    deadline = time.monotonic() + settings.migration_lock_wait_seconds
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            command.upgrade(alembic_config(settings), revision)
+            return
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                raise
+            step = " ".join(str(exc.statement or "").split())[:120]
+            holders = oldest_transactions(settings)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MigrationLockError(
+                    f"gave up after {tries} tries over "
+                    f"{settings.migration_lock_wait_seconds:g} s: `{step}` could not get its "
+                    f"lock; oldest open transactions: {holders}"
+                ) from exc
+            # Exponential with jitter, so that retries do not line up with the holder's own
+            # rhythm (a job that holds a lock for 1 s every 2 s).
+            pause = min(left, MAX_PAUSE_S, 0.5 * 2 ** min(tries - 1, 8)) * random.uniform(0.5, 1)
+            log.warning(
+                "migration step `%s` waited %g s for a lock and gave up (try %d); "
+                "trying again in %.1f s; oldest open transactions: %s",
+                step,
+                settings.migration_lock_timeout_seconds,
+                tries,
+                pause,
+                holders,
+            )
+            sleep(pause)
+
+
+def oldest_transactions(settings: Settings, limit: int = 3) -> str:
+    """The database's oldest open transactions, the likely holders of a lock a step waited
+    for: pid, application, age and statement of each (Postgres)."""
+    if is_sqlite(settings):
+        return "-"
+    engine = build_engine(settings.sqlalchemy_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT pid, application_name, state,"
+                    " extract(epoch FROM now() - xact_start) AS age, query"
+                    " FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND xact_start IS NOT NULL"
+                    " AND pid <> pg_backend_pid() ORDER BY xact_start LIMIT :n"
+                ),
+                {"n": limit},
+            ).all()
+    except DBAPIError as exc:
+        return f"(could not list them: {exc.orig})"
+    finally:
+        engine.dispose()
+    if not rows:
+        return "none now"
+    return "; ".join(
+        f"pid {r.pid} ({r.application_name or '-'}, {r.state}, open {r.age:.1f} s): "
+        f"{' '.join(str(r.query).split())[:80]}"
+        for r in rows
+    )

@@ -76,6 +76,23 @@ class Settings(BaseSettings):
         description="Longest an API or worker statement waits for a lock (e.g. behind a "
         "migration) before it fails like a timeout; 0: up to its statement timeout.",
     )
+    migration_lock_timeout_seconds: float = Field(
+        2.0,
+        ge=0,
+        le=MAX_DB_TIMEOUT_S,
+        allow_inf_nan=False,
+        description="Longest a migration step waits for a table lock (behind a long "
+        "transaction) before it gives up and tries again later: requests that queue behind its "
+        "wait are held no longer than this; 0: wait as long as it takes.",
+    )
+    migration_lock_wait_seconds: float = Field(
+        900.0,
+        ge=0,
+        le=MAX_DB_TIMEOUT_S,
+        allow_inf_nan=False,
+        description="How long `segsvc db upgrade` keeps retrying a step that cannot get its "
+        "lock before it fails, naming the oldest open transactions.",
+    )
     db_idle_in_transaction_timeout_seconds: float = Field(
         120.0,
         ge=0,

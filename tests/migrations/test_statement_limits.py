@@ -1,4 +1,5 @@
-"""Migrations run without the API's and the workers' statement limits."""
+"""Migrations run without the API's and the workers' statement limits, and their concurrent
+index builds without the migration's own short lock wait."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def test_migrations_wait_out_writers_past_the_serving_limits() -> None:
             database_url=url,
             api_statement_timeout_seconds=0.2,
             db_lock_timeout_seconds=0.2,
+            # A concurrent build waits out writers past the migration's own short lock wait
+            # too, with no retry to hide a give-up: that wait blocks no one.
+            migration_lock_timeout_seconds=0.2,
+            migration_lock_wait_seconds=0,
             _env_file=None,
         )
         api = with_db_role(cfg, "api")  # even with the API's settings

@@ -1,0 +1,143 @@
+"""Migrations on a live database: a step that needs a table lock must not stall the requests
+queued behind its wait, and two runs at once must not race each other."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import OperationalError
+
+from segsvc.db import build_engine, get_engine, is_db_timeout
+from segsvc.migrate import MigrationLockError, alembic_config, upgrade
+from segsvc.settings import Settings
+from tests.conftest import postgres_database
+from tests.segsvc.test_db import holding, limited
+
+# A transaction reading the jobs table (a retraining export, a report) holds a lock that
+# `ALTER TABLE jobs` (0004) must wait for.
+LONG_READ = "SET application_name = 'long-report'; SELECT count(*) FROM jobs"
+
+
+@pytest.fixture
+def at_0003() -> Iterator[Settings]:
+    """A Postgres database of its own at revision 0003, whose next step alters `jobs`."""
+    with postgres_database(f"segsvc_migrate_locks_{os.getpid()}") as url:
+        cfg = Settings(
+            database_url=url,
+            migration_lock_timeout_seconds=0.2,
+            _env_file=None,  # type: ignore[call-arg]
+        )
+        upgrade(settings=cfg, revision="0003")
+        yield cfg
+
+
+def revision(cfg: Settings) -> str:
+    engine = build_engine(cfg.sqlalchemy_url)
+    try:
+        with engine.connect() as conn:
+            return str(conn.scalar(text("SELECT version_num FROM alembic_version")))
+    finally:
+        engine.dispose()
+
+
+def head(cfg: Settings) -> str:
+    return str(ScriptDirectory.from_config(alembic_config(cfg)).get_current_head())
+
+
+def job_columns(cfg: Settings) -> set[str]:
+    engine = build_engine(cfg.sqlalchemy_url)
+    try:
+        return {c["name"] for c in inspect(engine).get_columns("jobs")}
+    finally:
+        engine.dispose()
+
+
+def test_a_step_waiting_for_a_lock_backs_off_so_requests_go_on(at_0003: Settings) -> None:
+    pauses: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        time.sleep(seconds)
+
+    failed: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            upgrade(settings=at_0003, revision="0004", sleep=sleep)
+        except BaseException as exc:
+            failed.append(exc)
+
+    api = limited(at_0003, "api", db_lock_timeout_seconds=0.6)
+    waits: list[float] = []
+    timeouts = 0
+    with holding(at_0003.sqlalchemy_url, LONG_READ, seconds=2.5):
+        migration = threading.Thread(target=migrate)
+        migration.start()
+        ends = time.monotonic() + 2.0
+        while time.monotonic() < ends:  # requests while the report still runs
+            started = time.monotonic()
+            try:
+                with get_engine(api).connect() as conn:
+                    conn.execute(text("SELECT count(*) FROM jobs"))
+            except OperationalError as exc:
+                if not is_db_timeout(exc):
+                    raise
+                timeouts += 1
+            waits.append(time.monotonic() - started)
+            time.sleep(0.02)
+    migration.join(timeout=30)
+
+    # Without the short lock wait the step queued for the report's whole 2.5 s, and every
+    # request behind it waited out its own lock timeout (0.6 s) and failed.
+    assert timeouts == 0
+    assert max(waits) < 0.6
+    assert len(pauses) >= 2  # it gave up and came back while the report held its lock
+    assert not failed
+    assert revision(at_0003) == "0004"  # then it went through
+    assert {"releases", "first_released_at"} <= job_columns(at_0003)
+
+
+def test_it_gives_up_in_the_end_naming_the_holder_and_the_next_run_resumes(
+    at_0003: Settings,
+) -> None:
+    # The report reads model_versions, which 0006 alters; 0004 and 0005 need nothing it holds.
+    report = "SET application_name = 'long-report'; SELECT count(*) FROM model_versions"
+    short = at_0003.model_copy(update={"migration_lock_wait_seconds": 0.4})
+    with (
+        holding(at_0003.sqlalchemy_url, report, seconds=10),
+        pytest.raises(MigrationLockError) as caught,
+    ):
+        upgrade(settings=short)
+    message = str(caught.value)
+    assert "long-report" in message
+    assert "ALTER TABLE model_versions" in message
+    assert is_db_timeout(caught.value.__cause__)  # type: ignore[arg-type]
+    # Each step committed by itself: 0004 and 0005 stay, 0006 rolled back whole.
+    assert revision(at_0003) == "0005"
+    assert "releases" in job_columns(at_0003)
+    upgrade(settings=at_0003)  # the next run picks up there
+    assert revision(at_0003) == head(at_0003)
+
+
+def test_two_runs_at_once_take_turns() -> None:
+    with postgres_database(f"segsvc_migrate_twice_{os.getpid()}") as url:
+        cfg = Settings(database_url=url, _env_file=None)  # type: ignore[call-arg]
+        env = {**os.environ, "SEG_DATABASE_URL": url}
+        command = [sys.executable, "-m", "segsvc.cli", "db", "upgrade"]
+        runs = [
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for _ in range(2)
+        ]
+        outputs = [run.communicate(timeout=180)[0].decode() for run in runs]
+        # Racing, the second run's CREATE TABLE waited for the first's, then failed with
+        # "relation already exists".
+        assert [run.returncode for run in runs] == [0, 0], outputs
+        assert revision(cfg) == head(cfg)

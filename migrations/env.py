@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
-import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 from segsvc.db import build_engine, migration_limits
+from segsvc.migrate import MIGRATION_LOCK_KEY, MigrationLockError
 from segsvc.models import Base
 from segsvc.settings import Settings, get_settings
 
@@ -23,11 +25,8 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 target_metadata = Base.metadata
 log = logging.getLogger("segsvc.migrate")
 
-# The Postgres advisory lock that lets one migration run at a time on a database: a second
-# `segsvc db upgrade` (a retried Job, an operator by hand) waits for the first, then finds the
-# schema at head, instead of racing it through the same steps.
-MIGRATION_LOCK_KEY = zlib.crc32(b"segsvc.migrate")
 LOCK_POLL_S = 1.0
+LOCK_SAY_EVERY_S = 30.0
 
 
 def settings() -> Settings:
@@ -58,9 +57,11 @@ def run_migrations_online() -> None:
         _run(connection, serialize=False)
         return
     engine = build_engine(database_url(), limits=migration_limits(settings()))
-    with engine.connect() as conn:
-        _run(conn)
-    engine.dispose()
+    try:
+        with engine.connect() as conn:
+            _run(conn)
+    finally:
+        engine.dispose()  # a try that gave up keeps no connection open while the next waits
 
 
 def _run(connection: Connection, *, serialize: bool = True) -> None:
@@ -86,20 +87,51 @@ def one_migration_at_a_time(connection: Connection) -> Iterator[None]:
         yield
         return
     key = {"k": MIGRATION_LOCK_KEY}
+    patience = settings().migration_lock_wait_seconds
+    started = time.monotonic()
+    said = -math.inf
     # Polled, not waited for in pg_advisory_lock: a waiting statement holds a snapshot, and the
     # other run's CREATE INDEX CONCURRENTLY waits for every older snapshot: a deadlock.
     while not connection.scalar(text("SELECT pg_try_advisory_lock(:k)"), key):
+        holder = connection.execute(
+            text(
+                "SELECT a.pid, a.application_name, a.client_addr,"
+                " extract(epoch FROM now() - a.backend_start) AS age"
+                " FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0"
+                " AND l.objid::bigint = :k AND l.objsubid = 1"
+                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ),
+            key,
+        ).first()
         connection.rollback()
-        log.warning("another migration is running on this database; waiting for it to finish")
+        who = (
+            f"pid {holder.pid} ({holder.application_name or '-'}, {holder.client_addr or 'local'},"
+            f" connected {holder.age:.0f} s)"
+            if holder
+            else "a session that just let go"
+        )
+        waited = time.monotonic() - started
+        if waited >= patience:
+            raise MigrationLockError(
+                f"another migration ({who}) held the migration lock for the whole "
+                f"{patience:g} s of SEG_MIGRATION_LOCK_WAIT_SECONDS"
+            )
+        if waited - said >= LOCK_SAY_EVERY_S:
+            log.warning("waiting for another migration on this database to finish: %s", who)
+            said = waited
         time.sleep(LOCK_POLL_S)
     connection.commit()  # a session lock: it outlives this transaction and the steps' own
     try:
         yield
     finally:
-        if not connection.invalidated:
-            connection.rollback()  # a step that failed may have left its transaction open
-            connection.execute(text("SELECT pg_advisory_unlock(:k)"), key)
-            connection.commit()
+        # A failed release must not hide what failed the run (a lock timeout to retry, say):
+        # the lock goes with the session anyway, which `engine.dispose()` ends.
+        with suppress(DBAPIError):
+            if not connection.invalidated:
+                connection.rollback()  # a step that failed may have left its transaction open
+                connection.execute(text("SELECT pg_advisory_unlock(:k)"), key)
+                connection.commit()
 
 
 if context.is_offline_mode():

@@ -61,9 +61,12 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Apply Alembic migrations."""
-    from segsvc.migrate import upgrade
+    from segsvc.migrate import MigrationLockError, upgrade
 
-    upgrade(revision=revision)
+    try:
+        upgrade(revision=revision)
+    except MigrationLockError as exc:
+        raise click.ClickException(f"migration stopped: {exc}") from exc
     click.echo(f"database at {revision}: {get_settings().sqlalchemy_url.split('@')[-1]}")
 
 

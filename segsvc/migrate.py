@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import zlib
 from collections.abc import Callable
 
 from alembic import command
@@ -24,6 +25,10 @@ from segsvc.settings import ROOT, Settings, get_settings
 log = logging.getLogger(__name__)
 
 LOCK_NOT_AVAILABLE = "55P03"  # Postgres' SQLSTATE for a lock_timeout
+# The Postgres advisory lock that lets one migration run at a time on a database
+# (migrations/env.py): a second `segsvc db upgrade` (a retried Job, an operator by hand) waits
+# for the first, then finds the schema at head, instead of racing it through the same steps.
+MIGRATION_LOCK_KEY = zlib.crc32(b"segsvc.migrate")
 MAX_PAUSE_S = 10.0
 
 
@@ -50,7 +55,8 @@ def upgrade(
 ) -> None:
     """Bring the schema to `revision`, retrying a step that gave up waiting for a lock."""
     settings = settings or get_settings()
-    deadline = time.monotonic() + settings.migration_lock_wait_seconds
+    started = time.monotonic()
+    deadline = started + settings.migration_lock_wait_seconds
     tries = 0
     while True:
         tries += 1
@@ -65,9 +71,9 @@ def upgrade(
             left = deadline - time.monotonic()
             if left <= 0:
                 raise MigrationLockError(
-                    f"gave up after {tries} tries over "
-                    f"{settings.migration_lock_wait_seconds:g} s: `{step}` could not get its "
-                    f"lock; oldest open transactions: {holders}"
+                    f"gave up after {tries} tries in {time.monotonic() - started:.1f} s "
+                    f"(SEG_MIGRATION_LOCK_WAIT_SECONDS): `{step}` could not get its lock; "
+                    f"oldest open transactions: {holders}"
                 ) from exc
             # Exponential with jitter, so that retries do not line up with the holder's own
             # rhythm (a job that holds a lock for 1 s every 2 s).
@@ -98,7 +104,8 @@ def oldest_transactions(settings: Settings, limit: int = 3) -> str:
                     " extract(epoch FROM now() - xact_start) AS age, query"
                     " FROM pg_stat_activity"
                     " WHERE datname = current_database() AND xact_start IS NOT NULL"
-                    " AND pid <> pg_backend_pid() ORDER BY xact_start LIMIT :n"
+                    " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                    " ORDER BY xact_start LIMIT :n"
                 ),
                 {"n": limit},
             ).all()

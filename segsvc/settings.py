@@ -83,7 +83,8 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="Longest a migration step waits for a table lock (behind a long "
         "transaction) before it gives up and tries again later: requests that queue behind its "
-        "wait are held no longer than this; 0: wait as long as it takes.",
+        "wait are held no longer than this, so it must be shorter than their own lock waits; "
+        "0: wait as long as it takes.",
     )
     migration_lock_wait_seconds: float = Field(
         900.0,
@@ -254,6 +255,23 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"SEG_REQUIRE_SERVERS is set but {' and '.join(missing)} is missing (is the "
                 "secret that holds it mounted?); refusing the embedded SQLite fallback."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _migrations_give_up_first(self) -> Settings:
+        # A request queued behind a migration's lock wait must outlast that wait, or it fails at
+        # its own limit first: the stall the migration's short wait is there to prevent.
+        statements = (self.api_statement_timeout_seconds, self.worker_statement_timeout_seconds)
+        serving = [w for w in (self.db_lock_timeout_seconds or s for s in statements) if w > 0]
+        migration = self.migration_lock_timeout_seconds
+        if serving and 0 < min(serving) <= migration:
+            raise ValueError(
+                f"SEG_MIGRATION_LOCK_TIMEOUT_SECONDS ({migration:g}) must be shorter than the "
+                f"API's and the workers' lock waits ({min(serving):g} s: "
+                "SEG_DB_LOCK_TIMEOUT_SECONDS, else their statement timeouts), or 0 to let a "
+                "migration wait as long as it takes: requests queued behind its wait would "
+                "fail first."
             )
         return self
 

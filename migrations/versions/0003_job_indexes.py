@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from migrations.index_ops import concurrent_block, drop_invalid_indexes, partial_where
+from migrations.ops import drop_invalid_indexes, partial_where, patient_block
 
 revision: str = '0003'
 down_revision: str | None = '0002'
@@ -84,7 +84,7 @@ def upgrade() -> None:
         op.execute(statement)
     # Built CONCURRENTLY on Postgres (outside the migration's transaction): a plain CREATE
     # INDEX would block every submit and claim on a large jobs table until it finished.
-    with concurrent_block():
+    with patient_block():
         drop_invalid_indexes([index[0] for index in NEW_INDEXES])
         for name, table, columns, unique, condition in NEW_INDEXES:
             op.create_index(
@@ -101,7 +101,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with concurrent_block():
+    with patient_block():
         drop_invalid_indexes([name for name, _columns in OLD_INDEXES])
         for name, columns in reversed(OLD_INDEXES):
             op.create_index(name, "jobs", columns, postgresql_concurrently=True, if_not_exists=True)

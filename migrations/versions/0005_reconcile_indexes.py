@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from migrations.index_ops import concurrent_block, drop_invalid_indexes, partial_where
+from migrations.ops import drop_invalid_indexes, partial_where, patient_block
 
 revision: str = '0005'
 down_revision: str | None = '0004'
@@ -68,7 +68,7 @@ def _has_expression_statistics() -> bool:
 
 def upgrade() -> None:
     # A plain CREATE INDEX would block every submit and claim on a large jobs table.
-    with concurrent_block():
+    with patient_block():
         drop_invalid_indexes([name for name, _columns, _condition in INDEXES])
         for name, columns, condition in INDEXES:
             op.create_index(
@@ -88,7 +88,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with concurrent_block():
+    with patient_block():
         if _has_expression_statistics():
             op.execute(f"DROP STATISTICS IF EXISTS {STATISTICS}")
         for name, _columns, _condition in reversed(INDEXES):

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.ops import patient_block
+
 revision: str = '0007'
 down_revision: str | None = '0006'
 branch_labels: str | Sequence[str] | None = None
@@ -38,7 +40,7 @@ jobs = sa.table(
 
 
 def upgrade() -> None:
-    with op.get_context().autocommit_block():
+    with patient_block():
         bind = op.get_bind()
         after = None
         while True:

@@ -3,6 +3,7 @@ batches walking the primary key; jobs still queued or running keep theirs."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from sqlalchemy import text
@@ -10,6 +11,7 @@ from sqlalchemy import text
 from segsvc.db import get_engine
 from segsvc.migrate import upgrade
 from segsvc.settings import Settings
+from tests.segsvc.test_db import holding
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 
@@ -48,3 +50,31 @@ def test_0007_clears_the_model_input_of_ended_jobs_only(empty_db: Settings) -> N
     assert kept == {"queued": 469, "running": 469}
     assert uploads == len(rows)  # every upload stays
     upgrade(settings=empty_db)  # at head: nothing more to do, nothing fails
+
+
+def test_0007_waits_for_a_row_a_worker_holds_instead_of_giving_up(pg_db: Settings) -> None:
+    # A give-up there would start the walk over on the retry; the wait holds up no one else's
+    # reads and writes, so it waits past the migration's short lock wait (and with no retry).
+    cfg = pg_db.model_copy(
+        update={"migration_lock_timeout_seconds": 0.1, "migration_lock_wait_seconds": 0}
+    )
+    upgrade(settings=cfg, revision="0006")
+    job = uuid.uuid4()
+    with get_engine(cfg).begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, status, created_at, attempts, releases, cancel_requested, "
+                "input_sha256, input_content_type, input_width, input_height, input_bytes, "
+                "model_input) VALUES (:id, 'succeeded', now(), 1, 0, false, '0', 'image/png', "
+                "1, 1, 'jpeg', 'pixels')"
+            ),
+            {"id": job},
+        )
+    assert cfg.database_url is not None
+    with holding(cfg.database_url, f"SELECT 1 FROM jobs WHERE id = '{job}' FOR UPDATE", seconds=1):
+        started = time.monotonic()
+        upgrade(settings=cfg)
+        waited = time.monotonic() - started
+    assert waited >= 0.8
+    with get_engine(cfg).connect() as conn:
+        assert conn.scalar(text("SELECT model_input FROM jobs")) is None

@@ -27,7 +27,7 @@ def test_migrations_wait_out_writers_past_the_serving_limits() -> None:
             db_lock_timeout_seconds=0.2,
             # A concurrent build waits out writers past the migration's own short lock wait
             # too, with no retry to hide a give-up: that wait blocks no one.
-            migration_lock_timeout_seconds=0.2,
+            migration_lock_timeout_seconds=0.1,
             migration_lock_wait_seconds=0,
             _env_file=None,
         )

@@ -20,6 +20,7 @@ from segsvc.db import (
     build_engine,
     get_engine,
     is_db_timeout,
+    migration_limits,
     statement_limits,
     with_db_role,
 )
@@ -127,13 +128,16 @@ def test_admin_work_runs_past_the_serving_limits(settings: Settings) -> None:
     with pytest.raises(OperationalError), api.connect() as conn:
         conn.execute(text("SELECT pg_sleep(1)"))
     assert settings.database_url is not None
-    migrations = build_engine(settings.database_url)  # what migrations/env.py connects with
+    # What migrations/env.py connects with: no statement limit, only a short lock wait.
+    migrations = build_engine(settings.database_url, limits=migration_limits(settings))
     # The CLI and the maintenance tasks (role admin), and the migrations.
     for engine in (get_engine(settings.model_copy(update=tight)), migrations):
         with engine.connect() as conn:
             conn.execute(text("SELECT pg_sleep(0.3)"))
             assert conn.scalar(text("SHOW statement_timeout")) == "0"
-            assert conn.scalar(text("SHOW lock_timeout")) == "0"
+            assert conn.scalar(text("SHOW idle_in_transaction_session_timeout")) == "0"
+            lock_wait = "2s" if engine is migrations else "0"
+            assert conn.scalar(text("SHOW lock_timeout")) == lock_wait
     migrations.dispose()
 
 

@@ -10,13 +10,14 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import OperationalError
 
 from segsvc.db import build_engine, get_engine, is_db_timeout
-from segsvc.migrate import MigrationLockError, alembic_config, upgrade
+from segsvc.migrate import MIGRATION_LOCK_KEY, MigrationLockError, alembic_config, upgrade
 from segsvc.settings import Settings
 from tests.conftest import postgres_database
 from tests.segsvc.test_db import holding, limited
@@ -127,6 +128,22 @@ def test_it_gives_up_in_the_end_naming_the_holder_and_the_next_run_resumes(
     assert revision(at_0003) == head(at_0003)
 
 
+def test_a_run_gives_up_waiting_for_another_in_the_end_naming_it(at_0003: Settings) -> None:
+    other = psycopg.connect(
+        at_0003.sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://"),
+        autocommit=True,
+        application_name="other-migration",
+    )
+    try:
+        other.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        short = at_0003.model_copy(update={"migration_lock_wait_seconds": 1.5})
+        with pytest.raises(MigrationLockError, match="other-migration"):
+            upgrade(settings=short)
+    finally:
+        other.close()
+    assert revision(at_0003) == "0003"
+
+
 def test_two_runs_at_once_take_turns() -> None:
     with postgres_database(f"segsvc_migrate_twice_{os.getpid()}") as url:
         cfg = Settings(database_url=url, _env_file=None)  # type: ignore[call-arg]
@@ -141,3 +158,24 @@ def test_two_runs_at_once_take_turns() -> None:
         # "relation already exists".
         assert [run.returncode for run in runs] == [0, 0], outputs
         assert revision(cfg) == head(cfg)
+
+
+def test_the_command_says_why_it_stopped_in_one_line(at_0003: Settings) -> None:
+    env = {
+        **os.environ,
+        "SEG_DATABASE_URL": at_0003.sqlalchemy_url,
+        "SEG_MIGRATION_LOCK_TIMEOUT_SECONDS": "0.1",
+        "SEG_MIGRATION_LOCK_WAIT_SECONDS": "0.3",
+    }
+    with holding(at_0003.sqlalchemy_url, LONG_READ, seconds=30):
+        done = subprocess.run(
+            [sys.executable, "-m", "segsvc.cli", "db", "upgrade"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1
+    assert "Error: migration stopped: gave up after" in done.stderr
+    assert "long-report" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -87,3 +87,24 @@ def test_required_servers_refuse_the_sqlite_fallback(monkeypatch: pytest.MonkeyP
     )
     assert both.sqlalchemy_url.startswith("postgresql")
     assert Settings(_env_file=None).sqlalchemy_url.startswith("sqlite")  # type: ignore[call-arg]
+
+
+def test_a_migration_must_give_up_on_a_lock_before_the_requests_behind_it_do() -> None:
+    def settings(**values: float) -> Settings:
+        return Settings(**values, _env_file=None)  # type: ignore[arg-type]
+
+    # Requests queued behind the migration's wait would fail at their 5 s first.
+    with pytest.raises(ValidationError, match="SEG_MIGRATION_LOCK_TIMEOUT_SECONDS"):
+        settings(migration_lock_timeout_seconds=5)
+    # With no lock timeout of their own, their statement timeouts bound the wait (API 10 s).
+    with pytest.raises(ValidationError, match="shorter than"):
+        settings(db_lock_timeout_seconds=0, migration_lock_timeout_seconds=12)
+    assert settings(db_lock_timeout_seconds=0, migration_lock_timeout_seconds=9)
+    # 0: the migration waits as long as it takes, by choice; so do unlimited requests.
+    assert settings(migration_lock_timeout_seconds=0)
+    assert settings(
+        db_lock_timeout_seconds=0,
+        api_statement_timeout_seconds=0,
+        worker_statement_timeout_seconds=0,
+        migration_lock_timeout_seconds=30,
+    )

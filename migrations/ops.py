@@ -1,4 +1,5 @@
-"""Index operations the migrations that build indexes CONCURRENTLY share (0003, 0005)."""
+"""Operations migrations share: blocks outside the step's transaction that wait for locks as long
+as it takes (0003, 0005, 0007), and the helpers of CONCURRENTLY index builds (0003, 0005)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ def partial_where(condition: str) -> dict[str, sa.TextClause]:
 
 
 @contextmanager
-def concurrent_block() -> Iterator[None]:
-    """Alembic's autocommit block, for CREATE / DROP INDEX CONCURRENTLY, without the short lock
-    wait of the transactional steps (`segsvc.db.migration_limits`): a concurrent build waits
-    for every older transaction writing the table, and rightly as long as it takes, since that
-    wait holds only a lock that reads and writes pass (SHARE UPDATE EXCLUSIVE)."""
+def patient_block() -> Iterator[None]:
+    """Alembic's autocommit block, without the short lock wait of the transactional steps
+    (`segsvc.db.migration_limits`), for work whose lock waits hold up no one's reads and writes:
+    CREATE / DROP INDEX CONCURRENTLY, which waits for every older transaction writing the table
+    while holding only SHARE UPDATE EXCLUSIVE, and batched backfills, which wait for the rows
+    of one batch (a give-up there would start the walk over on the retry)."""
     ctx = op.get_context()
     postgres = ctx.dialect.name == "postgresql"
     with ctx.autocommit_block():

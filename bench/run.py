@@ -171,6 +171,7 @@ def run_system(
     just before and after each capacity burst, with the system idle."""
     from segsvc.db import session_scope
     from segsvc.migrate import upgrade
+    from segsvc.ml.convert import CONVERTED_KINDS, converter_fingerprint
     from segsvc.models import ModelStatus
     from segsvc.services.keys import create_key
     from segsvc.services.registry import register_version
@@ -187,7 +188,15 @@ def run_system(
             version="bench",
             path=model.resolve(),
             status=ModelStatus.PRODUCTION,
-            metrics={"faithful_runtimes": faithful},
+            metrics={
+                "faithful_runtimes": faithful,
+                # Measured just now, with this venv's converters: the worker builds the same.
+                "runtime_agreement": {
+                    k: {"converter": converter_fingerprint(k)}
+                    for k in faithful
+                    if k in CONVERTED_KINDS
+                },
+            },
         )
         _, key = create_key(session=session, name="bench")
     headers = {"Authorization": f"Bearer {key}"}

@@ -78,6 +78,69 @@ def evaluate(model_path: str, data_dir: str, split: str, out_dir: str | None) ->
     click.echo(f"wrote {out_dir} (contact sheet {result['contact_sheet']})")
 
 
+@click.command("check-runtimes")
+@click.option("--version", default=None, help="A registered version [default: production].")
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Labelled images: images/*.jpg and annotations/trimaps/*.png.",
+)
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "all"]))
+def check_runtimes(version: str | None, data_dir: str, split: str) -> None:
+    """Measure again whether the faster runtimes stay faithful to a version, with this
+    machine's converters, and record it in the registry. Run it after TensorFlow or LiteRT
+    changed: until then `SEG_RUNTIME=auto` serves such a version with exact ONNX Runtime.
+    Workers use the new measure from their next load of the version (a restart)."""
+    from retrain.evaluate import runtime_agreement
+    from segsvc.db import session_scope
+    from segsvc.errors import SegError
+    from segsvc.ml.runtime import CPU_FASTER
+    from segsvc.models import utcnow
+    from segsvc.services.registry import (
+        get_version,
+        production_version,
+        record_runtime_agreement,
+    )
+    from segsvc.settings import get_settings
+
+    cfg = get_settings()
+    try:
+        with session_scope(cfg) as session:
+            row = (
+                get_version(session=session, version=version)
+                if version
+                else production_version(session=session)
+            )
+            if row is None:
+                raise click.ClickException("no production version; run `segsvc models init`")
+            if row.file_deleted_at is not None:
+                raise click.ClickException(f"{row.version}'s model file was deleted")
+            version, path = row.version, row.path
+        click.echo(f"measuring {', '.join(CPU_FASTER)} against float32 Keras for {version} ...")
+        agreement = runtime_agreement(
+            path, data_dir, kinds=CPU_FASTER, artifact_dir=cfg.artifact_dir, split=split
+        )
+        with session_scope(cfg) as session:
+            record_runtime_agreement(
+                session=session,
+                version=version,
+                agreement=agreement,
+                source=f"segsvc models check-runtimes {utcnow():%Y-%m-%dT%H:%MZ}, {split} split",
+            )
+    except SegError as exc:
+        raise click.ClickException(exc.message) from None
+    for kind, result in agreement.items():
+        click.echo(
+            f"{kind}: masks agree on {result['mask_agreement']:.2%}, mIoU drop "
+            f"{result['miou_drop_points']:.2f} points: "
+            f"{'faithful' if result['faithful'] else 'NOT faithful'} "
+            f"(converters {result.get('converter', '-')})"
+        )
+    click.echo(f"recorded for {version}; workers use it from their next load of it")
+
+
 @click.group()
 def main() -> None:
     """Training and evaluation commands."""
@@ -85,6 +148,7 @@ def main() -> None:
 
 main.add_command(train)
 main.add_command(evaluate)
+main.add_command(check_runtimes)
 
 if __name__ == "__main__":
     main()

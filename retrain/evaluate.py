@@ -56,12 +56,14 @@ def runtime_agreement(
 ) -> dict[str, dict[str, Any]]:
     """How close each converted runtime's masks come to float32 Keras on `data_dir`'s images.
 
-    Per kind: `mask_agreement` (share of equal pixels), `miou_drop_points` and `faithful`.
+    Per kind: `mask_agreement` (share of equal pixels), `miou_drop_points`, `faithful` and, for
+    a converted runtime, `converter` (the fingerprint of the converters that built it).
     `SEG_RUNTIME=auto` serves a faster runtime (LiteRT int8) only for a model version whose
     metrics list it under `faithful_runtimes`, so a retrained model is measured like this
     before it is registered. Artifacts are converted into `artifact_dir` at batch size 1 (the
     worker adds the sizes it serves), where the worker will find them.
     """
+    from segsvc.ml.convert import CONVERTED_KINDS, converter_fingerprint
     from segsvc.ml.runtime import load_runtime
 
     data = read_folder(data_dir, split)
@@ -85,6 +87,9 @@ def runtime_agreement(
             "mask_agreement": round(agreement, 5),
             "miou_drop_points": round(drop, 4),
             "faithful": is_faithful(agreement, drop),
+            # What built the measured artifact: a worker with other converters builds another
+            # one, and does not take this measure for it (`segsvc.ml.runtime.faithful_runtimes`).
+            **({"converter": converter_fingerprint(kind)} if kind in CONVERTED_KINDS else {}),
         }
     return out
 

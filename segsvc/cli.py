@@ -70,7 +70,7 @@ def db_upgrade(revision: str) -> None:
     click.echo(f"database at {revision}: {get_settings().sqlalchemy_url.split('@')[-1]}")
 
 
-@main.group()
+@main.group(cls=LazyGroup, lazy={"check-runtimes": "retrain.cli:check_runtimes"})
 def models() -> None:
     """Model versions."""
 

@@ -29,7 +29,7 @@ from segsvc.db import session_scope
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.artifact_cache import PruneResult
 from segsvc.ml.convert import CONVERTED_KINDS, ConversionError, artifact_folder, mark_used
-from segsvc.ml.runtime import Runtime, load_runtime, serving_batch_sizes
+from segsvc.ml.runtime import Runtime, faithful_runtimes, load_runtime, serving_batch_sizes
 from segsvc.models import ModelStatus, ModelVersion
 from segsvc.services import artifacts, registry, rollout
 from segsvc.settings import Settings
@@ -72,6 +72,7 @@ class Wanted:
     sha256: str
     share: float
     faithful: tuple[str, ...] = ()  # runtimes measured faithful for these weights
+    stale: tuple[str, ...] = ()  # measured faithful, but with other converters than ours
 
 
 @dataclass(frozen=True)
@@ -327,6 +328,7 @@ class ModelManager:
                 path=wanted.path,
                 sha256=wanted.sha256,
                 faithful=wanted.faithful,
+                stale=wanted.stale,
             )
         except Exception:
             self._broken[key] = time.monotonic()
@@ -358,8 +360,15 @@ class _CanaryRuntime:
 
 
 def _wanted(row: ModelVersion) -> Wanted:
-    faithful = tuple(str(k) for k in (row.metrics or {}).get("faithful_runtimes", []))
-    return Wanted(row.version, row.path, row.sha256, float(row.traffic_share), faithful)
+    faithful = faithful_runtimes(row.metrics)
+    return Wanted(
+        row.version,
+        row.path,
+        row.sha256,
+        float(row.traffic_share),
+        faithful.trusted,
+        faithful.stale,
+    )
 
 
 def _drops_canary(current: Routing, wanted: tuple[Wanted, Wanted | None]) -> bool:
@@ -385,7 +394,13 @@ def _same(current: Routing, wanted: tuple[Wanted, Wanted | None]) -> bool:
 
 
 def load_model_version(
-    settings: Settings, *, version: str, path: str, sha256: str, faithful: Sequence[str] = ()
+    settings: Settings,
+    *,
+    version: str,
+    path: str,
+    sha256: str,
+    faithful: Sequence[str] = (),
+    stale: Sequence[str] = (),
 ) -> LoadedModel:
     """Load one version with the configured runtime and warm it up."""
     started = time.perf_counter()
@@ -401,4 +416,14 @@ def load_model_version(
     runtime.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32))  # trace/compile now
     seconds = time.perf_counter() - started
     log.info("loaded model %s (%s) in %.1fs", version, runtime.name, seconds)
+    if stale and settings.runtime == "auto" and runtime.name not in stale:
+        log.warning(
+            "model %s: %s measured faithful with other converters than this worker's (another "
+            "TensorFlow or LiteRT), so it serves %s until they are measured again: "
+            "`segsvc models check-runtimes --version %s --data <labelled images>`",
+            version,
+            ", ".join(stale),
+            runtime.name,
+            version,
+        )
     return LoadedModel(version=version, sha256=sha256, runtime=runtime, load_seconds=seconds)

@@ -10,7 +10,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,10 +22,12 @@ from segsvc.digest import file_sha256
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.batchplan import BatchPlanner
 from segsvc.ml.convert import (
+    CONVERTED_KINDS,
     LITERT_KINDS,
     artifact_files,
     artifact_folder,
     artifact_identities,
+    converter_fingerprint,
     ensure_artifacts,
     set_aside,
 )
@@ -222,6 +225,34 @@ def gpu_visible() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     return Path("/dev/nvidiactl").exists() and Path("/dev/nvidia0").exists()
+
+
+@dataclass(frozen=True)
+class FaithfulRuntimes:
+    """What a model version's metrics say about its runtimes, as this process can use it."""
+
+    trusted: tuple[str, ...]  # measured faithful, and built here as they were measured
+    # Measured faithful with other converters (another TensorFlow or LiteRT, say): the artifact
+    # this process builds is not the one measured, so `auto` does not serve it.
+    stale: tuple[str, ...] = ()
+
+
+def faithful_runtimes(metrics: Mapping[str, Any] | None) -> FaithfulRuntimes:
+    """The runtimes a version's metrics list under `faithful_runtimes` that count here. A
+    converted runtime counts when `runtime_agreement[kind]["converter"]` is this process's
+    `converter_fingerprint(kind)` (the converters' versions and recipe that built the measured
+    artifact), or when no fingerprint was recorded (versions measured before they were)."""
+    metrics = metrics or {}
+    agreement = metrics.get("runtime_agreement") or {}
+    trusted: list[str] = []
+    stale: list[str] = []
+    for kind in map(str, metrics.get("faithful_runtimes") or ()):
+        measured = (agreement.get(kind) or {}).get("converter")
+        if kind in CONVERTED_KINDS and measured and measured != converter_fingerprint(kind):
+            stale.append(kind)
+        else:
+            trusted.append(kind)
+    return FaithfulRuntimes(tuple(trusted), tuple(stale))
 
 
 def resolve_kind(kind: str, faithful: Sequence[str] = ()) -> str:

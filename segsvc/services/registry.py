@@ -47,6 +47,26 @@ def get_version(*, session: Session, version: str) -> ModelVersion:
     return row
 
 
+def record_runtime_agreement(
+    *, session: Session, version: str, agreement: dict[str, dict[str, Any]], source: str
+) -> ModelVersion:
+    """Merge a new measure of `version`'s runtimes (`retrain.evaluate.runtime_agreement`) into
+    its metrics: each measured runtime is listed under `faithful_runtimes` exactly when it was
+    faithful this time, with this measure's converter fingerprint; the others keep theirs.
+    Workers read it at their next load of the version."""
+    row = session.get(ModelVersion, version, with_for_update=True)
+    if row is None:
+        raise NotFoundError(f"No model version {version!r}.")
+    metrics = dict(row.metrics or {})
+    kept = [k for k in metrics.get("faithful_runtimes") or () if k not in agreement]
+    metrics["faithful_runtimes"] = kept + [k for k, v in agreement.items() if v["faithful"]]
+    metrics["runtime_agreement"] = {**(metrics.get("runtime_agreement") or {}), **agreement}
+    metrics["runtime_agreement_source"] = source
+    row.metrics = metrics
+    session.flush()
+    return row
+
+
 def production_version(*, session: Session) -> ModelVersion | None:
     """The version marked production (the newest one if several were ever marked)."""
     return session.scalar(

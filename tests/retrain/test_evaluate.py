@@ -13,6 +13,7 @@ from PIL import Image
 
 from retrain.cli import evaluate as evaluate_cmd
 from retrain.evaluate import evaluate, runtime_agreement
+from segsvc.ml.convert import converter_fingerprint
 from tests.retrain.test_dataset import make_dataset
 
 
@@ -78,5 +79,7 @@ def test_runtime_agreement_measures_converted_runtimes_against_keras(tmp_path: P
     for kind, r in result.items():
         assert 0.0 <= r["mask_agreement"] <= 1.0
         assert r["faithful"] == (r["mask_agreement"] >= 0.995 and r["miou_drop_points"] <= 0.5)
+        # What built the measured artifact, so a worker with other converters does not trust it.
+        assert r["converter"] == converter_fingerprint(kind)
         # Converted where the worker looks for them (keyed by the model's sha256).
         assert list(artifacts.glob(f"*/{kind}-*/*"))

@@ -430,6 +430,13 @@ def test_wanted_carries_the_versions_faithful_runtimes() -> None:
         metrics={"faithful_runtimes": ["onnx", "litert-int8"]},
     )
     assert _wanted(row).faithful == ("onnx", "litert-int8")
+    # Measured with other converters (a TensorFlow or LiteRT upgrade since): not taken here.
+    row.metrics = {
+        "faithful_runtimes": ["onnx", "litert-int8"],
+        "runtime_agreement": {"litert-int8": {"converter": "000000000000"}},
+    }
+    assert _wanted(row).faithful == ("onnx",)
+    assert _wanted(row).stale == ("litert-int8",)
     assert (
         _wanted(
             ModelVersion(version="v", path="p", sha256="s", traffic_share=0.0, metrics={})
@@ -515,3 +522,32 @@ def test_a_worker_that_does_not_poll_still_marks_its_artifacts_used(
     finally:
         mgr.close()
     assert serving.stat().st_mtime > time.time() - 60
+
+
+def test_a_version_measured_with_other_converters_is_served_exactly_and_said_so(
+    settings: Settings, production_model: str, model_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with session_scope(settings) as session:
+        registry.register_version(
+            session=session,
+            version="upgraded",
+            path=model_file,
+            metrics={
+                "faithful_runtimes": ["litert-int8"],
+                "runtime_agreement": {"litert-int8": {"converter": "000000000000"}},
+            },
+        )
+    start_canary(settings, "upgraded", 1.0)
+    mgr = ModelManager(settings.model_copy(update={"runtime": "auto", "registry_poll_seconds": 0}))
+    try:
+        with caplog.at_level("WARNING", logger="worker.model_manager"):
+            mgr.load()
+        loaded = mgr.routing.canary
+        assert loaded is not None
+        assert loaded.version == "upgraded"
+        # Not the LiteRT int8 this worker would build, whose masks nobody measured: exact ONNX.
+        assert loaded.runtime.name == "onnx"
+        assert "litert-int8 measured faithful with other converters" in caplog.text
+        assert "segsvc models check-runtimes --version upgraded" in caplog.text
+    finally:
+        mgr.close()

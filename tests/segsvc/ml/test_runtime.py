@@ -11,6 +11,7 @@ import numpy.typing as npt
 import pytest
 
 from segsvc.digest import file_sha256
+from segsvc.ml import runtime
 from segsvc.ml.convert import ensure_artifacts
 from segsvc.ml.preprocess import preprocess_bytes
 from segsvc.ml.runtime import (
@@ -114,8 +115,6 @@ def test_load_runtime_rejects_unknown_kind(model_file: Path) -> None:
 
 
 def test_resolve_kind_auto_uses_int8_only_where_measured_faithful(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from segsvc.ml import runtime
-
     monkeypatch.setattr(runtime, "gpu_visible", lambda: False)
     assert runtime.resolve_kind("auto") == "onnx"
     assert runtime.resolve_kind("auto", ["onnx", "litert-fp16"]) == "onnx"
@@ -127,7 +126,9 @@ def test_resolve_kind_auto_uses_int8_only_where_measured_faithful(monkeypatch) -
 
 def test_shipped_model_lists_its_faithful_runtimes() -> None:
     import json
+    import re
 
+    from segsvc.ml.convert import CONVERTED_KINDS
     from segsvc.settings import ROOT
 
     metrics = json.loads((ROOT / "models" / "baseline.json").read_text())["metrics"]
@@ -135,6 +136,36 @@ def test_shipped_model_lists_its_faithful_runtimes() -> None:
         agreement = metrics["runtime_agreement"][kind]
         assert agreement["mask_agreement"] >= 0.995
         assert agreement["miou_drop_points"] <= 0.5
+        if kind in CONVERTED_KINDS:  # what built the measured artifact
+            assert re.fullmatch("[0-9a-f]{12}", agreement["converter"])
+    assert "litert-int8" in runtime.faithful_runtimes(metrics).trusted + (
+        runtime.faithful_runtimes(metrics).stale
+    )
+
+
+def test_a_converted_runtime_counts_as_faithful_only_as_these_converters_build_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runtime, "gpu_visible", lambda: False)
+    ours = runtime.converter_fingerprint("litert-int8")
+    metrics = {
+        "faithful_runtimes": ["keras", "onnx", "litert-int8", "litert-fp16"],
+        "runtime_agreement": {
+            "keras": {"mask_agreement": 1.0},
+            "litert-int8": {"converter": ours},
+            "litert-fp16": {"converter": "000000000000"},  # another TensorFlow built that one
+        },
+    }
+    found = runtime.faithful_runtimes(metrics)
+    assert found.trusted == ("keras", "onnx", "litert-int8")  # onnx: measured before fingerprints
+    assert found.stale == ("litert-fp16",)
+    assert runtime.faithful_runtimes(None) == runtime.FaithfulRuntimes(())
+    # After an upgrade of the converters `auto` serves exact ONNX Runtime, not unmeasured int8.
+    upgraded = {
+        "faithful_runtimes": ["onnx", "litert-int8"],
+        "runtime_agreement": {"litert-int8": {"converter": "000000000000"}},
+    }
+    assert runtime.resolve_kind("auto", runtime.faithful_runtimes(upgraded).trusted) == "onnx"
 
 
 def test_serving_batch_sizes_are_1_to_8_and_the_largest_batch() -> None:
@@ -162,8 +193,8 @@ def test_litert_padded_and_split_calls_give_each_image_its_own_result(
     scale = float(np.abs(expected).max())
     for n in (1, 3, 4, 6):
         assert fours.planner.plan(n) == (4,) * -(-n // 4)  # 1-3 and 5-6 images pad the call
-        for runtime in (fours, both):
-            out = runtime.predict(x[:n])
+        for loaded in (fours, both):
+            out = loaded.predict(x[:n])
             assert out.shape == (n, 128, 128, 3)
             np.testing.assert_allclose(out, expected[:n], rtol=0, atol=1e-5 * scale)
     assert fours.predict(x[:0]).shape == (0, 128, 128, 3)

@@ -1,0 +1,90 @@
+"""`segsvc models check-runtimes`: measure a registered version's faster runtimes again with this
+machine's converters and record it, so `SEG_RUNTIME=auto` serves them again after an upgrade."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from segsvc.cli import main
+from segsvc.db import session_scope
+from segsvc.ml.runtime import converter_fingerprint, faithful_runtimes
+from segsvc.models import ModelStatus, ModelVersion
+from segsvc.services import registry
+from segsvc.settings import Settings, get_settings
+from tests.retrain.test_dataset import make_dataset
+from tests.retrain.test_evaluate import colour_model
+
+UPGRADED_AWAY = {
+    "faithful_runtimes": ["onnx", "litert-int8"],
+    "runtime_agreement": {"litert-int8": {"converter": "000000000000", "mask_agreement": 0.999}},
+    "mean_iou": 0.9,
+}
+
+
+@pytest.fixture
+def as_process(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """The CLI's `get_settings()` on the test database, with an artifact cache of its own."""
+    monkeypatch.setenv("SEG_DATABASE_URL", settings.database_url or "")
+    monkeypatch.setenv("SEG_ARTIFACT_CACHE_DIR", str(tmp_path / "artifacts"))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_check_runtimes_records_a_new_measure_with_these_converters(
+    settings: Settings, tmp_path: Path, as_process: None
+) -> None:
+    model = colour_model(tmp_path / "colour.keras")
+    data = make_dataset(tmp_path / "data", n=6)
+    with session_scope(settings) as session:
+        registry.register_version(
+            session=session,
+            version="v1",
+            path=model,
+            status=ModelStatus.PRODUCTION,
+            metrics=UPGRADED_AWAY,
+        )
+    with session_scope(settings) as session:  # measured with other converters: not served
+        before = session.get(ModelVersion, "v1")
+        assert before is not None
+        assert faithful_runtimes(before.metrics).stale == ("litert-int8",)
+
+    result = CliRunner().invoke(
+        main, ["models", "check-runtimes", "--data", str(data), "--split", "all"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "litert-int8: masks agree on" in result.output
+    with session_scope(settings) as session:
+        row = session.get(ModelVersion, "v1")
+        assert row is not None
+        metrics = row.metrics
+    measured = metrics["runtime_agreement"]["litert-int8"]
+    assert measured["converter"] == converter_fingerprint("litert-int8")
+    assert metrics["faithful_runtimes"] == ["onnx"] + (
+        ["litert-int8"] if measured["faithful"] else []
+    )
+    assert faithful_runtimes(metrics).stale == ()
+    assert metrics["mean_iou"] == 0.9  # the rest stays
+    assert metrics["runtime_agreement_source"].startswith("segsvc models check-runtimes")
+
+
+def test_check_runtimes_says_what_is_wrong_in_one_line(
+    settings: Settings, tmp_path: Path, as_process: None
+) -> None:
+    data = make_dataset(tmp_path / "data", n=2)
+    runner = CliRunner()
+    missing = runner.invoke(
+        main, ["models", "check-runtimes", "--version", "nope", "--data", str(data)]
+    )
+    assert missing.exit_code == 1
+    assert "No model version 'nope'" in missing.output
+    none = runner.invoke(main, ["models", "check-runtimes", "--data", str(data)])
+    assert none.exit_code == 1
+    assert "no production version" in none.output

@@ -75,8 +75,28 @@ def _run(connection: Connection, *, serialize: bool = True) -> None:
         transaction_per_migration=True,
     )
     serial = one_migration_at_a_time(connection) if serialize else nullcontext()
-    with serial, context.begin_transaction():
+    with serial, sqlite_foreign_keys_off(connection), context.begin_transaction():
         context.run_migrations()
+
+
+@contextmanager
+def sqlite_foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """On SQLite, no foreign-key actions while the steps run, then a check that every reference
+    still holds. A batch step rebuilds a table (copy, DROP, rename), and with foreign keys on
+    (as segsvc's connections set them) the DROP of `jobs` deleted every feedback and webhook
+    row of its jobs through their ON DELETE CASCADE. SQLite ignores the pragma inside a
+    transaction, so it is set before the first step's begins (its documented procedure)."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+        if broken:
+            raise RuntimeError(f"migrations left references to missing rows: {broken[:5]}")
+    finally:
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
 @contextmanager

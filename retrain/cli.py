@@ -1,4 +1,4 @@
-"""Click commands `train` and `evaluate` (loaded lazily by `segsvc.cli`)."""
+"""Click commands `train`, `evaluate` and `models check-runtimes`, loaded lazily by `segsvc.cli`."""
 
 from __future__ import annotations
 

@@ -96,6 +96,7 @@ def check_runtimes(version: str | None, data_dir: str, split: str) -> None:
     from retrain.evaluate import runtime_agreement
     from segsvc.db import session_scope
     from segsvc.errors import SegError
+    from segsvc.ml.convert import ConversionError, converter_fingerprint
     from segsvc.ml.runtime import CPU_FASTER
     from segsvc.models import utcnow
     from segsvc.services.registry import (
@@ -118,10 +119,21 @@ def check_runtimes(version: str | None, data_dir: str, split: str) -> None:
             if row.file_deleted_at is not None:
                 raise click.ClickException(f"{row.version}'s model file was deleted")
             version, path = row.version, row.path
-        click.echo(f"measuring {', '.join(CPU_FASTER)} against float32 Keras for {version} ...")
-        agreement = runtime_agreement(
-            path, data_dir, kinds=CPU_FASTER, artifact_dir=cfg.artifact_dir, split=split
+        if not Path(path).is_file():
+            raise click.ClickException(
+                f"{version}'s model file {path} is not readable here: run this where the "
+                "workers run (their image, their volume)"
+            )
+        click.echo(
+            f"measuring {', '.join(CPU_FASTER)} against float32 Keras for {version} with this "
+            f"machine's converters ({', '.join(converter_fingerprint(k) for k in CPU_FASTER)}) ..."
         )
+        try:
+            agreement = runtime_agreement(
+                path, data_dir, kinds=CPU_FASTER, artifact_dir=cfg.artifact_dir, split=split
+            )
+        except (ConversionError, OSError, ValueError) as exc:
+            raise click.ClickException(f"could not measure {version}: {exc}") from exc
         with session_scope(cfg) as session:
             record_runtime_agreement(
                 session=session,

@@ -29,7 +29,13 @@ from segsvc.db import session_scope
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.artifact_cache import PruneResult
 from segsvc.ml.convert import CONVERTED_KINDS, ConversionError, artifact_folder, mark_used
-from segsvc.ml.runtime import Runtime, faithful_runtimes, load_runtime, serving_batch_sizes
+from segsvc.ml.runtime import (
+    Runtime,
+    faithful_runtimes,
+    load_runtime,
+    resolve_kind,
+    serving_batch_sizes,
+)
 from segsvc.models import ModelStatus, ModelVersion
 from segsvc.services import artifacts, registry, rollout
 from segsvc.settings import Settings
@@ -416,13 +422,15 @@ def load_model_version(
     runtime.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32))  # trace/compile now
     seconds = time.perf_counter() - started
     log.info("loaded model %s (%s) in %.1fs", version, runtime.name, seconds)
-    if stale and settings.runtime == "auto" and runtime.name not in stale:
+    would = resolve_kind(settings.runtime, (*faithful, *stale))
+    if would != resolve_kind(settings.runtime, faithful):  # the old measure chose another
         log.warning(
-            "model %s: %s measured faithful with other converters than this worker's (another "
-            "TensorFlow or LiteRT), so it serves %s until they are measured again: "
-            "`segsvc models check-runtimes --version %s --data <labelled images>`",
+            "model %s: %s was measured faithful with other converters than this worker's "
+            "(another TensorFlow or LiteRT), so it serves %s until it is measured again here: "
+            "`segsvc models check-runtimes --version %s --data <labelled images>` in this "
+            "worker's image",
             version,
-            ", ".join(stale),
+            would,
             runtime.name,
             version,
         )

@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -64,10 +64,15 @@ class ConversionError(RuntimeError):
         self.deterministic = deterministic
 
 
-def converter_fingerprint(kind: str) -> str:
-    """A short hash of what builds `kind`'s artifacts: converter versions and recipe."""
+def converter_fingerprint(kind: str, installed: Mapping[str, str] | None = None) -> str:
+    """A short hash of what builds `kind`'s artifacts: converter versions and recipe. The
+    versions are this process's, or those of `installed` (distribution -> version, e.g. an
+    image's pinned requirements)."""
     versions: dict[str, str | None] = {}
     for dist in CONVERTERS[kind]:
+        if installed is not None:
+            versions[dist] = installed.get(dist)
+            continue
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -52,7 +52,8 @@ def record_runtime_agreement(
 ) -> ModelVersion:
     """Merge a new measure of `version`'s runtimes (`retrain.evaluate.runtime_agreement`) into
     its metrics: each measured runtime is listed under `faithful_runtimes` exactly when it was
-    faithful this time, with this measure's converter fingerprint; the others keep theirs.
+    faithful this time, with this measure's converter fingerprint and `source`; the others keep
+    theirs.
     Workers read it at their next load of the version."""
     row = session.get(ModelVersion, version, with_for_update=True)
     if row is None:
@@ -60,8 +61,8 @@ def record_runtime_agreement(
     metrics = dict(row.metrics or {})
     kept = [k for k in metrics.get("faithful_runtimes") or () if k not in agreement]
     metrics["faithful_runtimes"] = kept + [k for k, v in agreement.items() if v["faithful"]]
-    metrics["runtime_agreement"] = {**(metrics.get("runtime_agreement") or {}), **agreement}
-    metrics["runtime_agreement_source"] = source
+    measured = {kind: {**result, "source": source} for kind, result in agreement.items()}
+    metrics["runtime_agreement"] = {**(metrics.get("runtime_agreement") or {}), **measured}
     row.metrics = metrics
     session.flush()
     return row

@@ -72,7 +72,7 @@ def test_check_runtimes_records_a_new_measure_with_these_converters(
     )
     assert faithful_runtimes(metrics).stale == ()
     assert metrics["mean_iou"] == 0.9  # the rest stays
-    assert metrics["runtime_agreement_source"].startswith("segsvc models check-runtimes")
+    assert measured["source"].startswith("segsvc models check-runtimes")
 
 
 def test_check_runtimes_says_what_is_wrong_in_one_line(
@@ -88,3 +88,15 @@ def test_check_runtimes_says_what_is_wrong_in_one_line(
     none = runner.invoke(main, ["models", "check-runtimes", "--data", str(data)])
     assert none.exit_code == 1
     assert "no production version" in none.output
+    with session_scope(settings) as session:  # registered where another machine keeps it
+        registry.register_version(
+            session=session,
+            version="elsewhere",
+            path=tmp_path / "on-another-volume.keras",
+            status=ModelStatus.PRODUCTION,
+            sha256="0" * 64,
+        )
+    elsewhere = runner.invoke(main, ["models", "check-runtimes", "--data", str(data)])
+    assert elsewhere.exit_code == 1
+    assert "not readable here: run this where the workers run" in elsewhere.output
+    assert "Traceback" not in elsewhere.output

@@ -525,16 +525,26 @@ def test_a_worker_that_does_not_poll_still_marks_its_artifacts_used(
 
 
 def test_a_version_measured_with_other_converters_is_served_exactly_and_said_so(
-    settings: Settings, production_model: str, model_file: Path, caplog: pytest.LogCaptureFixture
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from segsvc.ml import runtime
+
+    monkeypatch.setattr(runtime, "gpu_visible", lambda: False)  # a GPU host serves XLA anyway
     with session_scope(settings) as session:
         registry.register_version(
             session=session,
             version="upgraded",
             path=model_file,
-            metrics={
-                "faithful_runtimes": ["litert-int8"],
-                "runtime_agreement": {"litert-int8": {"converter": "000000000000"}},
+            metrics={  # every kind measured by other converters, as after a TensorFlow upgrade
+                "faithful_runtimes": ["onnx", "litert-int8"],
+                "runtime_agreement": {
+                    "onnx": {"converter": "000000000000"},
+                    "litert-int8": {"converter": "000000000000"},
+                },
             },
         )
     start_canary(settings, "upgraded", 1.0)
@@ -547,7 +557,7 @@ def test_a_version_measured_with_other_converters_is_served_exactly_and_said_so(
         assert loaded.version == "upgraded"
         # Not the LiteRT int8 this worker would build, whose masks nobody measured: exact ONNX.
         assert loaded.runtime.name == "onnx"
-        assert "litert-int8 measured faithful with other converters" in caplog.text
+        assert "litert-int8 was measured faithful with other converters" in caplog.text
         assert "segsvc models check-runtimes --version upgraded" in caplog.text
     finally:
         mgr.close()

@@ -126,21 +126,23 @@ def test_resolve_kind_auto_uses_int8_only_where_measured_faithful(monkeypatch) -
 
 def test_shipped_model_lists_its_faithful_runtimes() -> None:
     import json
-    import re
 
-    from segsvc.ml.convert import CONVERTED_KINDS
+    from segsvc.ml.convert import CONVERTED_KINDS, converter_fingerprint
     from segsvc.settings import ROOT
 
     metrics = json.loads((ROOT / "models" / "baseline.json").read_text())["metrics"]
+    pins = (ROOT / "requirements" / "worker.txt").read_text().splitlines()
+    pinned = dict(line.split("==", 1) for line in pins if "==" in line and line[0] != "#")
     for kind in metrics["faithful_runtimes"]:
         agreement = metrics["runtime_agreement"][kind]
         assert agreement["mask_agreement"] >= 0.995
         assert agreement["miou_drop_points"] <= 0.5
-        if kind in CONVERTED_KINDS:  # what built the measured artifact
-            assert re.fullmatch("[0-9a-f]{12}", agreement["converter"])
-    assert "litert-int8" in runtime.faithful_runtimes(metrics).trusted + (
-        runtime.faithful_runtimes(metrics).stale
-    )
+        if kind in CONVERTED_KINDS:  # what built the measured artifact: the worker image's
+            assert agreement["converter"] == converter_fingerprint(kind, pinned), (
+                f"{kind} was measured with other converters than requirements/worker.txt pins: "
+                "run `make bench` with them and record its runtime agreement in baseline.json"
+            )
+    assert "litert-int8" in metrics["faithful_runtimes"]
 
 
 def test_a_converted_runtime_counts_as_faithful_only_as_these_converters_build_it(

@@ -7,6 +7,7 @@ never imports TensorFlow.
 from __future__ import annotations
 
 import importlib
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +60,36 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
-def db_upgrade(revision: str) -> None:
+@click.option(
+    "--init-models",
+    is_flag=True,
+    help="Then register the shipped model as production if none is (`segsvc models init`).",
+)
+def db_upgrade(revision: str, init_models: bool) -> None:
     """Apply Alembic migrations."""
     from segsvc.migrate import MigrationLockError, upgrade
 
+    _exit_on_sigterm()
     try:
         upgrade(revision=revision)
     except MigrationLockError as exc:
         raise click.ClickException(f"migration stopped: {exc}") from exc
     click.echo(f"database at {revision}: {get_settings().sqlalchemy_url.split('@')[-1]}")
+    if init_models:
+        models_init.callback()  # type: ignore[misc]
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM (a Job's deadline, `docker stop`) end the run like Ctrl-C: psycopg then
+    cancels the statement in flight on the server. Killed outright, the process left it running
+    there, an ALTER TABLE still queued for its lock (holding up every request behind it) and the
+    migration lock held, until Postgres noticed the connection was gone. As a container's PID 1
+    a process has no default action for SIGTERM at all."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(f"stopped by {signal.Signals(signum).name}: its statement was cancelled")
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 @main.group(cls=LazyGroup, lazy={"check-runtimes": "retrain.cli:check_runtimes"})

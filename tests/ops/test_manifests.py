@@ -257,6 +257,25 @@ def test_compose_runs_the_promised_services() -> None:
         assert f"{var}=" in env_example, f"{var} is not documented in .env.example"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_migrations_run_the_cli_itself_and_keep_failed_pods(overlay: str) -> None:
+    """Under `sh -c` a stop signal went to the shell (PID 1: ignored), the CLI was killed after
+    the grace period, and its ALTER TABLE stayed queued on the server; with OnFailure a failed
+    Job's pod, and the logs naming what it waited for, were deleted."""
+    job = find(rendered(overlay), "Job", "segsvc-migrations")["spec"]
+    (container,) = job["template"]["spec"]["containers"]
+    expected = ["python", "-m", "segsvc.cli", "db", "upgrade", "--init-models"]
+    assert container["command"] == expected
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["activeDeadlineSeconds"] >= 1800  # the lock retries (15 min) and index builds
+    assert compose()["services"]["migrate"]["command"] == expected
+
+
+def test_compose_workers_link_to_the_api_not_to_their_own_loopback() -> None:
+    env = compose()["x-segsvc-env"]
+    assert env["SEG_PUBLIC_URL"].startswith("${SEG_PUBLIC_URL:-http")
+
+
 def test_prometheus_scrapes_every_metrics_port_in_compose() -> None:
     config = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
     names = {

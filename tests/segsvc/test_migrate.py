@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -179,3 +180,60 @@ def test_the_command_says_why_it_stopped_in_one_line(at_0003: Settings) -> None:
     assert "Error: migration stopped: gave up after" in done.stderr
     assert "long-report" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sigterm_cancels_the_statement_in_flight_and_lets_the_lock_go(at_0003: Settings) -> None:
+    # Regression: killed by its Job's deadline, the run's ALTER TABLE stayed queued on the
+    # server (every request on jobs behind it) with the migration lock held.
+    url = at_0003.sqlalchemy_url
+    env = {**os.environ, "SEG_DATABASE_URL": url, "SEG_MIGRATION_LOCK_TIMEOUT_SECONDS": "0"}
+    admin = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query LIKE 'ALTER TABLE jobs%%' AND state = 'active'"
+    )
+    held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid::bigint = %s"
+    try:
+        with holding(url, LONG_READ, seconds=60):
+            run = subprocess.Popen(
+                [sys.executable, "-m", "segsvc.cli", "db", "upgrade"],
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.monotonic() + 60
+            while admin.execute(waiting).fetchone() != (1,):  # queued behind the report
+                assert time.monotonic() < deadline
+                assert run.poll() is None
+                time.sleep(0.1)
+            run.terminate()
+            _, stderr = run.communicate(timeout=15)
+            assert run.returncode == 1
+            assert "stopped by SIGTERM" in stderr
+            assert admin.execute(waiting).fetchone() == (0,)  # cancelled, not left queued
+            assert admin.execute(held, (MIGRATION_LOCK_KEY,)).fetchone() == (0,)
+    finally:
+        admin.close()
+    assert revision(at_0003) == "0003"
+
+
+def test_upgrade_then_init_models_in_one_process(tmp_path: Path) -> None:
+    """What the migrations Job and compose's `migrate` run, with no shell around it."""
+    with postgres_database(f"segsvc_migrate_init_{os.getpid()}") as url:
+        env = {**os.environ, "SEG_DATABASE_URL": url, "SEG_VAR_DIR": str(tmp_path)}
+        done = subprocess.run(
+            [sys.executable, "-m", "segsvc.cli", "db", "upgrade", "--init-models"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "registered" in done.stdout
+        engine = build_engine(url)
+        try:
+            with engine.connect() as conn:
+                status = conn.scalar(text("SELECT status FROM model_versions"))
+        finally:
+            engine.dispose()
+        assert status == "production"

@@ -28,6 +28,7 @@ log = logging.getLogger("segsvc.access")
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 SUBMIT_ENDPOINT = "jobs.submit_job"
+BATCH_ENDPOINT = "jobs.submit_batch"
 
 
 def request_id_from(value: str | None) -> str:
@@ -62,7 +63,7 @@ def _after(response: Response) -> Response:
     HTTP_REQUESTS.labels(route, method, str(response.status_code)).inc()
     HTTP_LATENCY.labels(route, method).observe(elapsed)
     job_id = (request.view_args or {}).get("job_id")
-    if request.endpoint == SUBMIT_ENDPOINT:
+    if request.endpoint in (SUBMIT_ENDPOINT, BATCH_ENDPOINT):
         job_id = _count_submission(response) or job_id
     response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
     log.info(
@@ -82,13 +83,16 @@ def _after(response: Response) -> Response:
 
 
 def _count_submission(response: Response) -> str | None:
-    """Count an accepted or refused submission; the accepted job's id."""
+    """Count the jobs a submit or batch submit accepted (202; a replay of an idempotent one
+    accepts nothing new), or its refusal; a single submit's job id."""
     body = response.get_json(silent=True) if response.is_json else None
     body = body if isinstance(body, dict) else {}
-    if response.status_code < 300:
-        SUBMISSIONS.inc()
+    if response.status_code == 202:
+        jobs = body.get("jobs")
+        SUBMISSIONS.inc(len(jobs) if isinstance(jobs, list) else 1)
         return str(body["id"]) if body.get("id") else None
-    REJECTIONS.labels(str(body.get("error") or response.status_code)).inc()
+    if response.status_code >= 400:
+        REJECTIONS.labels(str(body.get("error") or response.status_code)).inc()
     return None
 
 

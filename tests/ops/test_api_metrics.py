@@ -38,6 +38,17 @@ def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def rejections() -> float:
+    """Refused submissions, every reason together."""
+    return sum(
+        s.value
+        for family in REGISTRY.collect()
+        if family.name == "segsvc_rejections"
+        for s in family.samples
+        if s.name == "segsvc_rejections_total"
+    )
+
+
 @pytest.fixture
 def log_lines(settings: Settings) -> Iterator[io.StringIO]:
     """Root logs as JSON into a buffer for the test's duration."""
@@ -75,6 +86,35 @@ def test_metrics_endpoint_exposes_request_and_submission_series(client, auth) ->
     reasons = {s.labels["reason"] for s in families["segsvc_rejections"].samples}
     assert reasons, "a refused upload is counted with its reason"
     assert sample("segsvc_rejections_total", reason="invalid_image") >= refused
+
+
+def test_submissions_count_the_jobs_of_batch_submits_and_not_replays(client, auth) -> None:  # type: ignore[no-untyped-def]
+    # Regression: batch submits (the fast path) were not counted at all, and an idempotent
+    # replay (200) counted as a new job.
+    accepted = sample("segsvc_submissions_total")
+    files = [(io.BytesIO(png_bytes()), f"{i}.png") for i in range(3)]
+    batch = client.post(
+        "/v1/jobs/batch",
+        headers=auth,
+        data={"image": files},
+        content_type="multipart/form-data",
+    )
+    assert batch.status_code == 202
+    assert sample("segsvc_submissions_total") == accepted + 3
+    keyed = {**auth, "Idempotency-Key": uuid.uuid4().hex}
+    assert submit(client, keyed, png_bytes()).status_code == 202
+    assert submit(client, keyed, png_bytes()).status_code == 200  # the replay
+    assert sample("segsvc_submissions_total") == accepted + 4
+    refused = rejections()
+    bad = client.post(
+        "/v1/jobs/batch",
+        headers=auth,
+        data={"image": [(io.BytesIO(b"not an image"), "x.png")]},
+        content_type="multipart/form-data",
+    )
+    assert bad.status_code >= 400
+    assert rejections() == refused + 1  # a refused batch counts once, with its reason
+    assert sample("segsvc_submissions_total") == accepted + 4
 
 
 def test_metrics_route_label_is_the_url_rule_not_the_path(client, auth) -> None:  # type: ignore[no-untyped-def]

@@ -71,6 +71,33 @@ def list_pairs(data_dir: str | Path) -> list[tuple[str, Path, Path]]:
     return [(p.stem, p, root / "annotations" / "trimaps" / f"{p.stem}.png") for p in images]
 
 
+def folder_overlap(train_dir: str | Path, eval_dir: str | Path) -> str | None:
+    """Why training on `train_dir` would leak `eval_dir`'s images into the model the gate then
+    scores on them (the same or a nested folder, or identical image files); None when they are
+    apart. Shared names alone are only logged: two folders may name different pictures alike."""
+    train, held_out = Path(train_dir).resolve(), Path(eval_dir).resolve()
+    if train == held_out or train in held_out.parents or held_out in train.parents:
+        return f"training folder {train} and evaluation folder {held_out} are the same or nested"
+    copies = image_digests(train) & image_digests(held_out)
+    if copies:
+        return f"{len(copies)} identical images are in both folders"
+    names = {pair[0] for pair in list_pairs(train)} & {pair[0] for pair in list_pairs(held_out)}
+    if names:
+        log.warning(
+            "%d image names are in both the training and the evaluation folder (e.g. %s): "
+            "if they are the same pictures, the gate scores the candidate on images it saw",
+            len(names),
+            sorted(names)[0],
+        )
+    return None
+
+
+def image_digests(data_dir: str | Path) -> set[str]:
+    """sha256 of every image file of an Oxford-layout folder (an upload of the same file has
+    the same digest as its job's `input_sha256`)."""
+    return {hashlib.sha256(path.read_bytes()).hexdigest() for _, path, _ in list_pairs(data_dir)}
+
+
 def is_validation(name: str, val_fraction: float = 0.2) -> bool:
     """Stable split rule: the first 32 bits of sha256(stem) as a fraction of 2**32."""
     digest = hashlib.sha256(name.encode("utf-8")).digest()
@@ -151,13 +178,32 @@ def read_folder(data_dir: str | Path, split: str = "all", val_fraction: float = 
         except ValueError as exc:
             stats.skip(stem, exc)
             continue
+        data = image_path.read_bytes()
+        if exif_rotated(data):
+            # Served images are turned upright by their EXIF orientation; a folder's trimap may
+            # have been drawn on the upright picture or on the stored pixels: paired the wrong
+            # way it would teach (or score) masks turned against their images.
+            stats.skip(stem, "EXIF-rotated image: which way its trimap was drawn is unknown")
+            continue
         try:
-            decoded.append(decode_pair(image_path.read_bytes(), mask))
+            decoded.append(decode_pair(data, mask))
         except ValueError as exc:
             stats.skip(stem, exc)
             continue
         names.append(stem)
     return _stack(decoded, names, stats)
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_rotated(data: bytes) -> bool:
+    """True when an image's EXIF orientation turns or mirrors it (values 2-8)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9)
+    except Exception:  # undecodable: decode_pair says so
+        return False
 
 
 def decode_samples(samples: Iterable[Sample], prefix: str = "sample") -> Decoded:

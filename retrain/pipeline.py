@@ -7,6 +7,7 @@ folder, and is compared with production on the fixed evaluation folder (never tr
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import statistics
@@ -207,6 +208,12 @@ class _Run:
             return self._finish("failed", f"evaluation folder not found: {cfg.eval_data_dir}")
         if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
             return self._finish("failed", f"training folder not found: {cfg.train_data_dir}")
+        if cfg.train_data_dir is not None:
+            from retrain.dataset import folder_overlap
+
+            overlap = folder_overlap(cfg.train_data_dir, cfg.eval_data_dir)
+            if overlap:  # the gate would score the candidate on images it trained on
+                return self._finish("failed", f"evaluation images would be trained on: {overlap}")
         log.info(
             "snapshot: %d labels (%d new), production %s",
             len(ids),
@@ -221,13 +228,26 @@ class _Run:
     def _train_and_gate(self, plan: dict[str, Any], out: Path) -> RunResult:
         cfg = self.settings
         production = plan["production"]
+        from retrain.dataset import image_digests
+
+        assert cfg.eval_data_dir is not None  # checked at the snapshot
+        held_out = image_digests(cfg.eval_data_dir)
         with session_scope(cfg) as session:
-            samples = [
-                (image, decode_mask_png(mask))
-                for image, mask in feedback.load_samples(
-                    session=session, feedback_ids=plan["ids"], store=blob_store(cfg)
-                )
-            ]
+            loaded = feedback.load_samples(
+                session=session, feedback_ids=plan["ids"], store=blob_store(cfg)
+            )
+        # A client may upload an evaluation image (public datasets are) and label it: trained
+        # on, it would flatter the candidate at the gate.
+        samples = [
+            (image, decode_mask_png(mask))
+            for image, mask in loaded
+            if hashlib.sha256(image).hexdigest() not in held_out
+        ]
+        if len(samples) < len(loaded):
+            log.warning(
+                "left out %d labels whose image is in the evaluation set",
+                len(loaded) - len(samples),
+            )
         report = self._fine_tune(samples, production["path"], out)
         cand_metrics, prod_metrics = self._evaluate(str(out), production["path"])
         problems = gate(
@@ -240,6 +260,7 @@ class _Run:
         version = f"{out.stem}-{sha[:8]}"
         counts = {
             "feedback_samples": len(samples),
+            "feedback_in_eval_set": len(loaded) - len(samples),
             "training": report.data,
             "eval_images": cand_metrics["images"],
         }

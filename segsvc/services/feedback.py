@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -13,11 +14,13 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
-from segsvc.blobs import POINTER_LENGTH, BlobStore
+from segsvc.blobs import POINTER_LENGTH, BlobMissingError, BlobStore
 from segsvc.errors import BadRequestError, ConflictError, SegError
 from segsvc.ml import NUM_CLASSES
 from segsvc.models import Feedback, Job, JobStatus, db_clock, db_time
 from segsvc.services.jobs import get_job
+
+log = logging.getLogger(__name__)
 
 RATINGS = ("good", "bad")
 # PIL modes that hold one value per pixel (palette images count: the index is the value).
@@ -175,7 +178,11 @@ def load_samples(
     for fid in feedback_ids:
         if fid in by_id:
             stored, mask = by_id[fid]
-            image = store.get(stored) if store is not None else stored  # fs: a file pointer
+            try:
+                image = store.get(stored) if store is not None else stored  # fs: a file pointer
+            except BlobMissingError:  # lost or damaged on disk: one label less, not every run
+                log.warning("feedback %s: its input file is missing or damaged; left out", fid)
+                continue
             if image:
                 samples.append((bytes(image), bytes(mask)))
     return samples

@@ -161,3 +161,36 @@ def test_in_memory_samples(tmp_path: Path) -> None:
     }
     batches = list(build_dataset([good, good, good], batch_size=2, training=True))
     assert [len(x) for x, _ in batches] == [2]  # training drops the partial batch
+
+
+def test_folder_overlap_catches_evaluation_images_in_the_training_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from retrain.dataset import folder_overlap
+
+    train = make_dataset(tmp_path / "train", n=3)
+    held_out = make_dataset(tmp_path / "eval", n=2, size=(96, 80))  # pet_0, pet_1 again
+    assert folder_overlap(train, held_out) is None  # same names, other pictures: only logged
+    assert "2 image names are in both" in caplog.text
+    assert "same or nested" in (folder_overlap(train, train) or "")
+    assert "same or nested" in (folder_overlap(tmp_path, held_out) or "")
+    copy = (train / "images" / "pet_2.png").read_bytes()
+    (held_out / "images" / "renamed.png").write_bytes(copy)  # the same file, another name
+    assert folder_overlap(train, held_out) == "1 identical images are in both folders"
+
+
+def test_reader_skips_exif_rotated_images(tmp_path: Path) -> None:
+    """A trimap may be drawn on the upright picture or on the stored pixels: unknown, so left
+    out rather than paired turned against its image."""
+    root = make_dataset(tmp_path, n=2)
+    write_pair(root, "turned", make_mask(160, 120, seed=4), fmt="jpeg")
+    jpeg = root / "images" / "turned.jpg"
+    with Image.open(jpeg) as img:
+        exif = img.getexif()
+        exif[0x0112] = 3  # rotated 180 degrees
+        img.save(jpeg, format="JPEG", exif=exif.tobytes())
+    decoded = read_folder(root, "all")
+    assert decoded.names == ["pet_0", "pet_1"]
+    assert decoded.stats.skipped == {
+        "EXIF-rotated image: which way its trimap was drawn is unknown": 1
+    }

@@ -497,3 +497,68 @@ def test_a_run_prunes_old_model_files_of_rejected_versions_and_crashed_runs_at_i
         assert new.file_deleted_at is None
         assert registry.get_version(session=session, version="old-rejected").file_deleted_at
     assert model_file.is_file()
+
+
+def labeled_job(settings: Settings, image: bytes, mask: np.ndarray) -> None:
+    """A succeeded job of `image` with a corrected mask, made by the real services."""
+    from segsvc.images import validate_image
+    from segsvc.services import feedback
+    from segsvc.services import jobs as job_service
+    from tests.segsvc.webhooks.factories import finish_job, start_job
+
+    checked = validate_image(image, max_bytes=10**7, max_pixels=10**7)
+    with session_scope(settings) as session:
+        job_id = job_service.create_job(session=session, image=checked).id
+    finish_job(settings, start_job(settings, job_id))
+    buf = io.BytesIO()
+    Image.fromarray(mask, "L").save(buf, format="PNG")
+    with session_scope(settings) as session:
+        feedback.submit_feedback(
+            session=session, job_id=job_id, client_id=None, mask_png=buf.getvalue()
+        )
+
+
+def test_retraining_refuses_an_evaluation_folder_inside_the_training_one(  # type: ignore[no-untyped-def]
+    settings: Settings, production_model: str, tmp_path: Path
+) -> None:
+    train = make_dataset(tmp_path / "train", n=4)
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=0, eval_data_dir=train)
+    result = run_retraining(cfg)
+    assert result.status == "failed"
+    assert "evaluation images would be trained on" in result.reason
+    assert "same or nested" in result.reason
+
+
+def test_labels_of_evaluation_images_are_left_out_of_training(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client may upload an evaluation image (public datasets are public) and label it:
+    trained on, it would flatter the candidate at the gate."""
+    from retrain.pipeline import _Run
+
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=2)
+    held_out = Path(cfg.eval_data_dir or "") / "images" / "pet_0.png"
+    labeled_job(cfg, held_out.read_bytes(), make_mask(96, 80, seed=0))
+    labeled_job(cfg, encode_png(COLOURS[make_mask(90, 70, seed=7)]), make_mask(90, 70, seed=7))
+    trained_on: list[int] = []
+    quick_run(monkeypatch, model_file)
+    fine_tune = _Run._fine_tune
+
+    def count(self: _Run, samples: list[Any], init_model: str, out: Path) -> Any:
+        trained_on.append(len(samples))
+        return fine_tune(self, samples, init_model, out)
+
+    monkeypatch.setattr(_Run, "_fine_tune", count)
+    result = run_retraining(cfg, trigger="manual")
+    assert result.status == "completed", result
+    assert trained_on == [1]
+    with session_scope(cfg) as session:
+        run = session.get(TrainingRun, uuid.UUID(result.run_id))
+        assert run is not None
+        assert run.data_counts["labels"] == 2
+        assert run.data_counts["feedback_samples"] == 1
+        assert run.data_counts["feedback_in_eval_set"] == 1

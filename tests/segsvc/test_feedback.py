@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +123,38 @@ def test_submit_feedback_stores_mask_rating_and_serving_version(settings: Settin
     image, mask = samples[0]
     assert image == photo_bytes()
     assert mask == good_mask()
+
+
+def test_a_label_whose_input_file_is_gone_is_left_out_not_fatal(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Regression: one missing or damaged input file raised out of load_samples, and every
+    # retraining run failed on it until someone edited the database.
+    from segsvc.blobs import blob_store
+    from segsvc.services.jobs import create_jobs
+
+    cfg = settings.model_copy(update={"blob_store": "fs", "blob_dir": tmp_path / "blobs"})
+    store = blob_store(cfg)
+    ids = []
+    with session_scope(cfg) as session:
+        for seed in (0, 1):
+            image = validate_image(photo_bytes(seed=seed), max_bytes=10**7, max_pixels=10**8)
+            job = create_jobs(session=session, client_id=None, images=[image], store=store)[0]
+            job.status, job.model_version, job.completed_at = JobStatus.SUCCEEDED, "v", utcnow()
+            ids.append(job.id)
+    with session_scope(cfg) as session:
+        labels = [
+            feedback.submit_feedback(
+                session=session, job_id=job_id, client_id=None, mask_png=good_mask()
+            ).id
+            for job_id in ids
+        ]
+        gone = session.get(Job, ids[0])
+        assert gone is not None
+        store.path_for(bytes(gone.input_bytes or b"")[-64:].decode()).unlink()
+    with session_scope(cfg) as session:
+        samples = feedback.load_samples(session=session, feedback_ids=labels, store=store)
+    assert samples == [(photo_bytes(seed=1), good_mask())]
 
 
 def test_submit_feedback_rejects_bad_rating_empty_request_and_unfinished_jobs(

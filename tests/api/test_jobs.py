@@ -5,6 +5,7 @@ import uuid
 
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 from sqlalchemy import func, select, update
 
@@ -51,19 +52,24 @@ def test_submit_job_stores_and_enqueues(client, auth, settings: Settings) -> Non
 def test_read_job_returns_public_fields(client, auth) -> None:  # type: ignore[no-untyped-def]
     job_id = submit(client, auth, png_bytes()).get_json()["id"]
     body = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
-    for key in (
+    # Exactly these: a lease token, the upload or the mask bytes must never show up here.
+    assert set(body) == {
         "id",
         "status",
         "created_at",
         "started_at",
         "completed_at",
         "model_version",
+        "attempts",
         "error",
+        "input",
+        "result",
         "metrics",
         "urls",
-    ):
-        assert key in body
-    assert set(body["metrics"]) >= {"queue_ms", "predict_ms"}
+    }
+    assert set(body["input"]) == {"width", "height", "content_type", "sha256"}
+    assert set(body["metrics"]) == {"queue_ms", "predict_ms", "batch_size"}
+    assert set(body["urls"]) == {"self", "mask", "overlay"}
 
 
 def mark_succeeded(settings: Settings, job_id: str, mask_png: bytes, **values: object) -> None:
@@ -213,9 +219,12 @@ def test_submit_over_size_limit_is_413(settings: Settings, auth) -> None:  # typ
 
 
 def test_rejected_submission_writes_nothing(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    submit(client, auth, b"garbage")
+    refused = submit(client, auth, b"garbage")
+    assert refused.status_code == 415
+    assert refused.get_json()["error"] == "unsupported_media_type"
     with session_scope(settings) as session:
         assert session.query(Job).count() == 0
+    assert redis.Redis.from_url(settings.broker_url or "").llen(settings.queue_name) == 0
 
 
 def test_cancel_queued_job(client, auth) -> None:  # type: ignore[no-untyped-def]

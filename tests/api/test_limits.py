@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from PIL import Image
 from sqlalchemy import update
 
 from segsvc.db import session_scope
+from segsvc.errors import RateLimitedError
 from segsvc.models import Job
 from segsvc.services.limits import check_rate
 from segsvc.settings import Settings
@@ -55,19 +57,20 @@ def test_rate_limit_refills(settings: Settings) -> None:
 
     cfg = settings.model_copy(update={"rate_limit_per_minute": 1200, "rate_limit_burst": 1})
     check_rate(client_key="refill", settings=cfg)
-    time.sleep(0.06)  # 20 tokens/s: one is back after 50 ms
+    with pytest.raises(RateLimitedError):  # the bucket is empty at once...
+        check_rate(client_key="refill", settings=cfg)
+    time.sleep(0.06)  # ... and 20 tokens/s put one back after 50 ms
     check_rate(client_key="refill", settings=cfg)
 
 
 def test_rate_limit_fails_open_without_redis(settings: Settings) -> None:
-    down = settings.model_copy(
-        update={
-            "redis_url": "redis://127.0.0.1:1/0",
-            "rate_limit_per_minute": 1,
-            "rate_limit_burst": 1,
-        }
-    )
-    for _ in range(3):
+    limits = {"rate_limit_per_minute": 1, "rate_limit_burst": 1}
+    up = settings.model_copy(update=limits)
+    check_rate(client_key="k", settings=up)
+    with pytest.raises(RateLimitedError):  # these limits do refuse while Redis answers
+        check_rate(client_key="k", settings=up)
+    down = settings.model_copy(update={**limits, "redis_url": "redis://127.0.0.1:1/0"})
+    for _ in range(3):  # no Redis to meter with: accepted, not refused
         check_rate(client_key="k", settings=down)
 
 

@@ -7,9 +7,10 @@ import uuid
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
 from segsvc.db import session_scope
-from segsvc.models import Job
+from segsvc.models import Job, WebhookEndpoint, WebhookMessage, db_time
 from segsvc.settings import Settings
 from tests.segsvc.webhooks.factories import finish_job, png_bytes, start_job
 
@@ -103,10 +104,31 @@ def test_delivery_log_lists_and_redelivers(open_client, auth, settings, admin_ke
         ("job.started", "pending", 0)
     ]
     assert log[0]["attempt_log"] == []
+    with session_scope(settings) as session:  # as after a 410 Gone: failed, endpoint disabled
+        message = session.get(WebhookMessage, log[0]["id"])
+        assert message is not None
+        message.status, message.next_attempt_at = "failed", None
+        message.completed_at = db_time(session)
+        session.add(
+            WebhookEndpoint(
+                client_id=message.client_id,
+                url=message.url,
+                disabled_at=db_time(session),
+                disabled_reason="410 Gone",
+            )
+        )
     url = f"/v1/jobs/{job_id}/webhooks/{log[0]['id']}/redeliver"
     again = open_client.post(url, headers=auth)
     assert again.status_code == 202
     assert again.get_json()["status"] == "pending"
+    with session_scope(settings) as session:  # due now, and its endpoint enabled again
+        message = session.get(WebhookMessage, log[0]["id"])
+        assert message is not None
+        assert (message.status, message.completed_at) == ("pending", None)
+        assert message.next_attempt_at is not None
+        assert abs((db_time(session) - message.next_attempt_at).total_seconds()) < 5
+        endpoint = session.scalars(select(WebhookEndpoint)).one()
+        assert (endpoint.disabled_at, endpoint.disabled_reason) == (None, None)
     stranger = {"Authorization": f"Bearer {admin_key}"}
     assert open_client.get(f"/v1/jobs/{job_id}/webhooks", headers=stranger).status_code == 404
     assert open_client.post(url, headers=stranger).status_code == 404
@@ -119,3 +141,11 @@ def test_completed_message_carries_job_json(open_client, auth, settings) -> None
     finish_job(settings, start_job(settings, uuid.UUID(job_id)))
     (msg,) = open_client.get(f"/v1/jobs/{job_id}/webhooks", headers=auth).get_json()["messages"]
     assert msg["event_type"] == "job.completed"
+    with session_scope(settings) as session:  # what the dispatcher will send
+        message = session.get(WebhookMessage, msg["id"])
+        assert message is not None
+        payload = message.payload
+    assert payload["id"] == job_id
+    assert payload["status"] == "succeeded"
+    assert payload["result"]["class_fractions"] == [0.5, 0.4, 0.1]
+    assert payload["model_version"] == "test-v1"

@@ -218,8 +218,9 @@ def test_a_failed_commit_puts_the_files_back(
         return real_db_time(session)  # type: ignore[arg-type]
 
     monkeypatch.setattr(model_files, "db_time", database_gone)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="database gone"):
         prune_model_files(cfg)
+    assert len(calls) == 2  # it failed at the deletion's stamp, after the rename
     assert rejected.is_file()
     assert rejected.with_suffix(".json").is_file()
     assert deleted_at(cfg, "rejected") is None

@@ -15,6 +15,7 @@ from segsvc.db import get_sessionmaker, session_scope
 from segsvc.models import WebhookEndpoint, WebhookMessage, utcnow
 from segsvc.services import jobs as job_service
 from segsvc.services import webhooks as webhook_service
+from segsvc.services.keys import create_key
 from segsvc.settings import Settings
 from segsvc.webhooks import dispatch
 from segsvc.webhooks.delivery import Outcome
@@ -151,6 +152,12 @@ def test_gone_disables_endpoint_for_that_client_only(settings: Settings) -> None
     third = make_job(settings, URL)
     finish_job(settings, start_job(settings, third))
     assert messages(settings, third)[0].status == "disabled"
+    with session_scope(settings) as session:  # another client's jobs to the same URL still go
+        other, _ = create_key(session=session, name="other")
+        other_id = other.id
+    fourth = make_job(settings, URL, client_id=other_id)
+    finish_job(settings, start_job(settings, fourth))
+    assert messages(settings, fourth)[0].status == "pending"
 
 
 def test_two_gone_answers_for_one_url_at_once_share_one_endpoint_row(

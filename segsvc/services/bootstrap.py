@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from segsvc.db import session_scope
 from segsvc.digest import file_sha256
@@ -37,6 +38,7 @@ def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool
     with session_scope(settings) as session:
         current = registry.production_version(session=session)
         if current is not None:
+            refresh_shipped_measures(session=session, settings=settings)
             return current.version, False
         shipped = shipped_model(settings)
         if shipped is not None:
@@ -59,6 +61,34 @@ def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool
             sha256=sha,
         )
         return version, True
+
+
+# What the shipped report measured about the runtimes: a release that upgrades the converters
+# ships them measured again (models/baseline.json), and workers trust a converted runtime only
+# with its own converters' fingerprint (segsvc.ml.runtime.faithful_runtimes).
+RUNTIME_MEASURES = ("faithful_runtimes", "runtime_agreement", "runtime_agreement_source")
+
+
+def refresh_shipped_measures(*, session: Session, settings: Settings) -> bool:
+    """Give the registered copy of the shipped model (any status) this release's measures of
+    its runtimes, when they differ; True when they did. Without this a deployment upgraded to
+    new converters kept the old release's fingerprints, and its workers served exact ONNX
+    Runtime where the new release had measured LiteRT int8 faithful."""
+    source = settings.shipped_model_dir
+    if not (source / SHIPPED_MODEL).is_file() or not (source / SHIPPED_REPORT).is_file():
+        return False
+    report = json.loads((source / SHIPPED_REPORT).read_text()).get("metrics", {})
+    measures = {key: report[key] for key in RUNTIME_MEASURES if key in report}
+    sha = file_sha256(source / SHIPPED_MODEL)
+    row = session.scalar(
+        select(ModelVersion).where(ModelVersion.sha256 == sha).with_for_update().limit(1)
+    )
+    if row is None or not measures:
+        return False
+    if all(row.metrics.get(key) == value for key, value in measures.items()):
+        return False
+    row.metrics = {**row.metrics, **measures}
+    return True
 
 
 def _install_shipped_model(settings: Settings) -> bool:

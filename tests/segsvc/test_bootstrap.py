@@ -12,6 +12,7 @@ from segsvc.services.bootstrap import (
     SHIPPED_MODEL,
     SHIPPED_REPORT,
     ensure_production_model,
+    refresh_shipped_measures,
     shipped_model,
 )
 from segsvc.settings import ROOT, Settings
@@ -82,3 +83,28 @@ def test_bootstrap_finds_no_shipped_model_when_neither_folder_has_one(tmp_path: 
     )
     assert shipped_model(cfg) is None
     assert not (tmp_path / "volume").exists()
+
+
+def test_a_release_brings_its_new_measures_of_the_shipped_models_runtimes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Upgraded converters ship re-measured fingerprints in baseline.json: the registered copy of
+    the same weights takes them at the release's `models init`, or its workers (on the new
+    converters) would find the old fingerprints and serve exact ONNX Runtime instead."""
+    shipped = write_shipped(tmp_path / "app-models")
+    cfg = settings.model_copy(
+        update={"model_dir": tmp_path / "volume", "shipped_model_dir": shipped.parent}
+    )
+    version, _ = ensure_production_model(cfg)  # the first release: no runtime measures
+    remeasured = {
+        **METRICS,
+        "faithful_runtimes": ["onnx", "litert-int8"],
+        "runtime_agreement": {"litert-int8": {"mask_agreement": 0.997, "converter": "abc"}},
+        "runtime_agreement_source": "make bench (the new release)",
+    }
+    (shipped.parent / SHIPPED_REPORT).write_text(json.dumps({"metrics": remeasured}))
+    assert ensure_production_model(cfg) == (version, False)  # the next release
+    with session_scope(cfg) as session:
+        row = registry.get_version(session=session, version=version)
+        assert row.metrics == remeasured
+        assert not refresh_shipped_measures(session=session, settings=cfg)  # once only

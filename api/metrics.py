@@ -83,11 +83,12 @@ def _after(response: Response) -> Response:
 
 
 def _count_submission(response: Response) -> str | None:
-    """Count the jobs a submit or batch submit accepted (202; a replay of an idempotent one
-    accepts nothing new), or its refusal; a single submit's job id."""
+    """Count the jobs a submit or batch submit accepted (202, or 201 when `?wait=` saw the job
+    end; a replay of an idempotent one, 200, accepts nothing new), or its refusal; a single
+    submit's job id."""
     body = response.get_json(silent=True) if response.is_json else None
     body = body if isinstance(body, dict) else {}
-    if response.status_code == 202:
+    if response.status_code in (201, 202):
         jobs = body.get("jobs")
         SUBMISSIONS.inc(len(jobs) if isinstance(jobs, list) else 1)
         return str(body["id"]) if body.get("id") else None

@@ -30,7 +30,9 @@ def patient_block() -> Iterator[None]:
         try:
             yield
         finally:
-            if postgres:
+            # On a connection a cancel or a disconnect ended, the RESET would fail and hide
+            # that error (SIGTERM's one-line exit included); the session goes with it anyway.
+            if postgres and not op.get_bind().invalidated:
                 op.execute("RESET lock_timeout")  # the connection's own (its startup options)
 
 

@@ -84,9 +84,9 @@ def migration_limits(settings: Settings) -> dict[str, int]:
     build or a backfill may rightly run long), but a short wait for a lock. A step that needs
     a table lock (`ALTER TABLE`) queues behind a long transaction holding any lock on the table,
     and every request touching the table queues behind the step; giving up after
-    `migration_lock_timeout_seconds` and trying again later (`segsvc.migrate.upgrade`) keeps
+    `migration_lock_wait_per_try` and trying again later (`segsvc.migrate.upgrade`) keeps
     that stall short."""
-    return {**NO_LIMITS, "lock_timeout": _ms(settings.migration_lock_timeout_seconds)}
+    return {**NO_LIMITS, "lock_timeout": _ms(settings.migration_lock_wait_per_try)}
 
 
 def _ms(seconds: float) -> int:

@@ -1,6 +1,6 @@
 """Run Alembic programmatically with the project's config.
 
-A migration step that needs a table lock gives up after `migration_lock_timeout_seconds`
+A migration step that needs a table lock gives up after `migration_lock_wait_per_try`
 (`segsvc.db.migration_limits`) so that the requests queued behind its wait go on; `upgrade`
 then tries again, backing off, for up to `migration_lock_wait_seconds`. Each step commits by
 itself, so a retry resumes at the step that gave up.
@@ -55,6 +55,14 @@ def upgrade(
 ) -> None:
     """Bring the schema to `revision`, retrying a step that gave up waiting for a lock."""
     settings = settings or get_settings()
+    if settings.migration_lock_wait_per_try != settings.migration_lock_timeout_seconds:
+        log.warning(
+            "SEG_MIGRATION_LOCK_TIMEOUT_SECONDS (%g) is not below the API's and the workers' "
+            "lock wait (%g s): each try waits %g s instead, so requests queued behind it go on",
+            settings.migration_lock_timeout_seconds,
+            settings.serving_lock_wait_seconds,
+            settings.migration_lock_wait_per_try,
+        )
     started = time.monotonic()
     deadline = started + settings.migration_lock_wait_seconds
     tries = 0
@@ -82,7 +90,7 @@ def upgrade(
                 "migration step `%s` waited %g s for a lock and gave up (try %d); "
                 "trying again in %.1f s; oldest open transactions: %s",
                 step,
-                settings.migration_lock_timeout_seconds,
+                settings.migration_lock_wait_per_try,
                 tries,
                 pause,
                 holders,

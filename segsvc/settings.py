@@ -83,8 +83,8 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="Longest a migration step waits for a table lock (behind a long "
         "transaction) before it gives up and tries again later: requests that queue behind its "
-        "wait are held no longer than this, so it must be shorter than their own lock waits; "
-        "0: wait as long as it takes.",
+        "wait are held no longer than this (it is lowered to half of their own lock wait where "
+        "that is shorter); 0: wait as long as it takes.",
     )
     migration_lock_wait_seconds: float = Field(
         900.0,
@@ -258,23 +258,6 @@ class Settings(BaseSettings):
             )
         return self
 
-    @model_validator(mode="after")
-    def _migrations_give_up_first(self) -> Settings:
-        # A request queued behind a migration's lock wait must outlast that wait, or it fails at
-        # its own limit first: the stall the migration's short wait is there to prevent.
-        statements = (self.api_statement_timeout_seconds, self.worker_statement_timeout_seconds)
-        serving = [w for w in (self.db_lock_timeout_seconds or s for s in statements) if w > 0]
-        migration = self.migration_lock_timeout_seconds
-        if serving and 0 < min(serving) <= migration:
-            raise ValueError(
-                f"SEG_MIGRATION_LOCK_TIMEOUT_SECONDS ({migration:g}) must be shorter than the "
-                f"API's and the workers' lock waits ({min(serving):g} s: "
-                "SEG_DB_LOCK_TIMEOUT_SECONDS, else their statement timeouts), or 0 to let a "
-                "migration wait as long as it takes: requests queued behind its wait would "
-                "fail first."
-            )
-        return self
-
     @field_validator("webhook_schedule")
     @classmethod
     def _valid_schedule(cls, value: str) -> str:
@@ -310,6 +293,30 @@ class Settings(BaseSettings):
         if self.broker_url:
             return self.broker_url
         return f"sqla+sqlite:///{self.var_dir / 'broker.db'}"
+
+    @property
+    def serving_lock_wait_seconds(self) -> float:
+        """The longest the API or a worker waits for a lock before its statement fails (its
+        lock timeout, or its statement timeout where that is shorter); 0: no limit."""
+        waits = [
+            min(w for w in (self.db_lock_timeout_seconds, statement) if w > 0)
+            for statement in (
+                self.api_statement_timeout_seconds,
+                self.worker_statement_timeout_seconds,
+            )
+            if self.db_lock_timeout_seconds > 0 or statement > 0
+        ]
+        return min(waits, default=0.0)
+
+    @property
+    def migration_lock_wait_per_try(self) -> float:
+        """SEG_MIGRATION_LOCK_TIMEOUT_SECONDS, lowered to half the serving processes' lock wait
+        where that is shorter: requests queued behind a migration's wait must outlast it, or
+        they fail at their own limit first, the stall the short wait is there to prevent."""
+        wanted, serving = self.migration_lock_timeout_seconds, self.serving_lock_wait_seconds
+        if wanted > 0 and 0 < serving <= wanted:
+            return serving / 2
+        return wanted  # 0: as long as it takes, the operator's choice
 
     @property
     def effective_redis_url(self) -> str | None:

@@ -71,9 +71,10 @@ RUNTIME_MEASURES = ("faithful_runtimes", "runtime_agreement", "runtime_agreement
 
 def refresh_shipped_measures(*, session: Session, settings: Settings) -> bool:
     """Give the registered copy of the shipped model (any status) this release's measures of
-    its runtimes, when they differ; True when they did. Without this a deployment upgraded to
-    new converters kept the old release's fingerprints, and its workers served exact ONNX
-    Runtime where the new release had measured LiteRT int8 faithful."""
+    its runtimes, when they differ and no operator measured it since; True when they did.
+    Without this a deployment upgraded to new converters kept the old release's fingerprints,
+    and its workers served exact ONNX Runtime where the new release had measured LiteRT int8
+    faithful."""
     source = settings.shipped_model_dir
     if not (source / SHIPPED_MODEL).is_file() or not (source / SHIPPED_REPORT).is_file():
         return False
@@ -86,6 +87,11 @@ def refresh_shipped_measures(*, session: Session, settings: Settings) -> bool:
     if row is None or not measures:
         return False
     if all(row.metrics.get(key) == value for key, value in measures.items()):
+        return False
+    agreement = row.metrics.get("runtime_agreement") or {}
+    if any("source" in entry for entry in agreement.values()):
+        # An operator measured it here (`segsvc models check-runtimes`), maybe for converters
+        # of their own (another architecture): theirs stands until they measure again.
         return False
     row.metrics = {**row.metrics, **measures}
     return True

@@ -170,6 +170,9 @@ def png_upload() -> dict[str, tuple[io.BytesIO, str]]:
 
 
 def test_submit_with_wait_returns_the_finished_job(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import REGISTRY
+
+    accepted = REGISTRY.get_sample_value("segsvc_submissions_total") or 0.0
     thread = finish_next_job(settings)
     started = time.monotonic()
     resp = client.post(
@@ -182,6 +185,8 @@ def test_submit_with_wait_returns_the_finished_job(client, auth, settings: Setti
     assert body["completed_at"]
     assert resp.headers["Location"].endswith(f"/v1/jobs/{body['id']}")
     assert time.monotonic() - started < 5
+    # Accepted (and already done): one submission, like a 202.
+    assert REGISTRY.get_sample_value("segsvc_submissions_total") == accepted + 1
 
 
 def test_submit_with_wait_answers_202_when_the_job_is_not_done(client, auth) -> None:  # type: ignore[no-untyped-def]

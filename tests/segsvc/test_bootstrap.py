@@ -108,3 +108,11 @@ def test_a_release_brings_its_new_measures_of_the_shipped_models_runtimes(
         row = registry.get_version(session=session, version=version)
         assert row.metrics == remeasured
         assert not refresh_shipped_measures(session=session, settings=cfg)  # once only
+    with session_scope(cfg) as session:  # an operator's own measure is not overwritten
+        row = registry.get_version(session=session, version=version)
+        mine = {"litert-int8": {"converter": "arm64", "source": "segsvc models check-runtimes"}}
+        row.metrics = {**row.metrics, "runtime_agreement": mine}
+    ensure_production_model(cfg)
+    with session_scope(cfg) as session:
+        row = registry.get_version(session=session, version=version)
+        assert row.metrics["runtime_agreement"] == mine

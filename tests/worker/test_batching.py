@@ -94,6 +94,8 @@ def test_worker_settles_a_many_id_message_once_all_are_stored(
     assert None not in sizes
     assert max(sizes) <= 3  # type: ignore[type-var]
     assert seen[-1] == (0, len(ids))
-    # Never acknowledged while some of its jobs were still to run or store.
-    assert not [s for s in seen if s[0] == 0 and 0 < s[1] < len(ids)], seen
+    # Once taken, never acknowledged while some of its jobs were still to run or store (the
+    # samples before the worker took it may read 0 unacknowledged around the first job's end).
+    taken = next(i for i, s in enumerate(seen) if s[0] > 0)
+    assert not [s for s in seen[taken:] if s[0] == 0 and 0 < s[1] < len(ids)], seen
     assert broker.llen(settings.queue_name) == 0

@@ -106,17 +106,21 @@ def test_bad_stored_image_fails_job_without_retry(client, auth, worker: Path, se
     assert body["attempts"] == 1
 
 
-def test_long_poll_is_woken_by_the_worker(client, auth, worker: Path) -> None:  # type: ignore[no-untyped-def]
-    # Answered on the worker's notice, milliseconds after the job ended: not by the API's
-    # once-a-second re-read (which answers 0-1 s late), nor at the 20 s timeout.
+def test_long_poll_is_woken_by_the_worker(client, auth, worker: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Answered on the worker's notice: with the API's own re-read of the job put off to 30 s,
+    # only the notice can answer before then (the wait is 25 s).
+    from segsvc import notify
+
+    monkeypatch.setattr(notify, "FALLBACK_RECHECK_S", 30.0)
+    monkeypatch.setattr(notify, "POLL_WITHOUT_REDIS_S", 30.0)  # unsubscribed, it would poll
     late = []
-    for photo in sample_images(3):
+    for photo in sample_images(2):
         job_id = submit(client, auth, photo)
-        body = client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).get_json()
+        body = client.get(f"/v1/jobs/{job_id}?wait=25", headers=auth).get_json()
         answered = datetime.now(UTC)
         assert body["status"] == "succeeded"
         late.append((answered - datetime.fromisoformat(body["completed_at"])).total_seconds())
-    assert max(late) < 0.3, late
+    assert max(late) < 10, late
 
 
 def test_batch_submit_and_one_long_poll_for_all(client, auth, worker: Path) -> None:  # type: ignore[no-untyped-def]

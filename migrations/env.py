@@ -26,6 +26,7 @@ target_metadata = Base.metadata
 log = logging.getLogger("segsvc.migrate")
 
 LOCK_POLL_S = 1.0
+CLIENT_CHECK_MS = 2000
 LOCK_SAY_EVERY_S = 30.0
 
 
@@ -74,6 +75,8 @@ def _run(connection: Connection, *, serialize: bool = True) -> None:
         # and the retry resumes there; no step holds the locks of the ones before it.
         transaction_per_migration=True,
     )
+    if serialize:
+        notice_if_killed(connection)
     serial = one_migration_at_a_time(connection) if serialize else nullcontext()
     with serial, sqlite_foreign_keys_off(connection), context.begin_transaction():
         context.run_migrations()
@@ -97,6 +100,19 @@ def sqlite_foreign_keys_off(connection: Connection) -> Iterator[None]:
             raise RuntimeError(f"migrations left references to missing rows: {broken[:5]}")
     finally:
         connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+
+
+def notice_if_killed(connection: Connection) -> None:
+    """Have Postgres (14+) check every few seconds, while a statement runs or waits for a lock,
+    that this process is still there. Killed outright (SIGKILL after a stop's grace period, an
+    OOM kill, a lost node), a run otherwise left its statement going: an ALTER TABLE queued for
+    its lock, holding up every request behind it, and the migration lock held, until the
+    statement ended by itself. SIGTERM is handled by the CLI, which cancels the statement."""
+    version = connection.dialect.server_version_info or (0,)
+    if connection.dialect.name != "postgresql" or version < (14,):
+        return
+    connection.exec_driver_sql(f"SET client_connection_check_interval = {CLIENT_CHECK_MS}")
+    connection.commit()  # a session setting: it outlives this transaction
 
 
 @contextmanager

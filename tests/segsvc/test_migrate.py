@@ -237,3 +237,34 @@ def test_upgrade_then_init_models_in_one_process(tmp_path: Path) -> None:
         finally:
             engine.dispose()
         assert status == "production"
+
+
+def test_a_killed_run_leaves_no_statement_queued_on_the_server(at_0003: Settings) -> None:
+    # SIGKILL (a stop's grace period over, an OOM kill) gives the CLI no chance to cancel: the
+    # server notices the client is gone by itself (client_connection_check_interval).
+    url = at_0003.sqlalchemy_url
+    env = {**os.environ, "SEG_DATABASE_URL": url, "SEG_MIGRATION_LOCK_TIMEOUT_SECONDS": "0"}
+    admin = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query LIKE 'ALTER TABLE jobs%%' AND state = 'active'"
+    )
+    held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid::bigint = %s"
+    try:
+        with holding(url, LONG_READ, seconds=60):
+            run = subprocess.Popen([sys.executable, "-m", "segsvc.cli", "db", "upgrade"], env=env)
+            deadline = time.monotonic() + 60
+            while admin.execute(waiting).fetchone() != (1,):  # queued behind the report
+                assert time.monotonic() < deadline
+                assert run.poll() is None
+                time.sleep(0.1)
+            run.kill()
+            run.wait(timeout=10)
+            gone_by = time.monotonic() + 10  # the check runs every 2 s
+            while admin.execute(waiting).fetchone() != (0,):
+                assert time.monotonic() < gone_by, "the killed run's ALTER TABLE is still queued"
+                time.sleep(0.2)
+            assert admin.execute(held, (MIGRATION_LOCK_KEY,)).fetchone() == (0,)
+    finally:
+        admin.close()
+    assert revision(at_0003) == "0003"

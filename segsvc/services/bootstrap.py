@@ -13,7 +13,7 @@ from segsvc.db import session_scope
 from segsvc.digest import file_sha256
 from segsvc.files import write_atomically
 from segsvc.models import ApiKey, ModelStatus, ModelVersion
-from segsvc.services import registry
+from segsvc.services import registry, rollout
 from segsvc.services.keys import create_key
 from segsvc.settings import Settings, get_settings
 
@@ -36,6 +36,9 @@ def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool
     """Register the shipped model (else a freshly initialised one) unless production exists."""
     settings = settings or get_settings()
     with session_scope(settings) as session:
+        # Two inits at once (a retried Job beside a manual one) both found no production and
+        # both registered it: the second failed on the version's primary key.
+        rollout.lock_registry(session)
         current = registry.production_version(session=session)
         if current is not None:
             refresh_shipped_measures(session=session, settings=settings)

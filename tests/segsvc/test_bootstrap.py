@@ -116,3 +116,32 @@ def test_a_release_brings_its_new_measures_of_the_shipped_models_runtimes(
     with session_scope(cfg) as session:
         row = registry.get_version(session=session, version=version)
         assert row.metrics["runtime_agreement"] == mine
+
+
+def test_two_inits_at_once_register_one_production(settings: Settings, tmp_path: Path) -> None:
+    # Regression: both found no production and both registered it; the second failed on the
+    # version's primary key (a retried migrations Job beside an operator's `models init`).
+    import threading
+
+    shipped = write_shipped(tmp_path / "app-models")
+    cfg = settings.model_copy(
+        update={"model_dir": tmp_path / "volume", "shipped_model_dir": shipped.parent}
+    )
+    start, results, errors = threading.Barrier(2), [], []
+
+    def init() -> None:
+        start.wait()
+        try:
+            results.append(ensure_production_model(cfg))
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    runs = [threading.Thread(target=init) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=60)
+    assert errors == []
+    assert sorted(created for _, created in results) == [False, True]
+    with session_scope(cfg) as session:
+        assert len(registry.list_versions(session=session)) == 1

@@ -18,10 +18,14 @@ import numpy as np
 from segsvc.client import LONG_POLL_S
 from segsvc.settings import ROOT
 
-# The photos the loads send (`SEG_BENCH_DATA`: an Oxford-layout folder), at most MAX_PHOTOS of
-# them, and how many one batch submit carries.
+# The photos the loads send (`SEG_BENCH_DATA`: an Oxford-layout folder; else the sample beside
+# the checkout, else where this machine kind keeps it), at most MAX_PHOTOS of them, and how many
+# one batch submit carries.
+_BESIDE = ROOT.parent / "shared/data/oxford_pets_sample"
+_MACHINE = Path("/work/shared/data/oxford_pets_sample")
 DEFAULT_DATA = Path(
-    os.environ.get("SEG_BENCH_DATA", ROOT.parent / "shared/data/oxford_pets_sample")
+    os.environ.get("SEG_BENCH_DATA")
+    or (_BESIDE if _BESIDE.is_dir() or not _MACHINE.is_dir() else _MACHINE)
 )
 MAX_PHOTOS = 200
 BATCH_SUBMIT_IMAGES = 16

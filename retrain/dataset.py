@@ -71,14 +71,19 @@ def list_pairs(data_dir: str | Path) -> list[tuple[str, Path, Path]]:
     return [(p.stem, p, root / "annotations" / "trimaps" / f"{p.stem}.png") for p in images]
 
 
-def folder_overlap(train_dir: str | Path, eval_dir: str | Path) -> str | None:
+def folder_overlap(
+    train_dir: str | Path, eval_dir: str | Path, eval_digests: set[str] | None = None
+) -> str | None:
     """Why training on `train_dir` would leak `eval_dir`'s images into the model the gate then
     scores on them (the same or a nested folder, or identical image files); None when they are
-    apart. Shared names alone are only logged: two folders may name different pictures alike."""
+    apart. Shared names alone are only logged: two folders may name different pictures alike.
+    `eval_digests`: `image_digests(eval_dir)`, when the caller has them already."""
     train, held_out = Path(train_dir).resolve(), Path(eval_dir).resolve()
     if train == held_out or train in held_out.parents or held_out in train.parents:
         return f"training folder {train} and evaluation folder {held_out} are the same or nested"
-    copies = image_digests(train) & image_digests(held_out)
+    if eval_digests is None:
+        eval_digests = image_digests(held_out)
+    copies = image_digests(train) & eval_digests
     if copies:
         return f"{len(copies)} identical images are in both folders"
     names = {pair[0] for pair in list_pairs(train)} & {pair[0] for pair in list_pairs(held_out)}

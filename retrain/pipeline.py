@@ -208,10 +208,12 @@ class _Run:
             return self._finish("failed", f"evaluation folder not found: {cfg.eval_data_dir}")
         if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
             return self._finish("failed", f"training folder not found: {cfg.train_data_dir}")
-        if cfg.train_data_dir is not None:
-            from retrain.dataset import folder_overlap
+        from retrain.dataset import folder_overlap, image_digests
 
-            overlap = folder_overlap(cfg.train_data_dir, cfg.eval_data_dir)
+        # Hashed once: for the folder check here and for the labels left out of training.
+        plan["held_out"] = image_digests(cfg.eval_data_dir)
+        if cfg.train_data_dir is not None:
+            overlap = folder_overlap(cfg.train_data_dir, cfg.eval_data_dir, plan["held_out"])
             if overlap:  # the gate would score the candidate on images it trained on
                 return self._finish("failed", f"evaluation images would be trained on: {overlap}")
         log.info(
@@ -228,10 +230,7 @@ class _Run:
     def _train_and_gate(self, plan: dict[str, Any], out: Path) -> RunResult:
         cfg = self.settings
         production = plan["production"]
-        from retrain.dataset import image_digests
-
-        assert cfg.eval_data_dir is not None  # checked at the snapshot
-        held_out = image_digests(cfg.eval_data_dir)
+        held_out: set[str] = plan["held_out"]  # the evaluation images' digests
         with session_scope(cfg) as session:
             loaded = feedback.load_samples(
                 session=session, feedback_ids=plan["ids"], store=blob_store(cfg)

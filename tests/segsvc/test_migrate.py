@@ -9,7 +9,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -182,38 +184,55 @@ def test_the_command_says_why_it_stopped_in_one_line(at_0003: Settings) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_sigterm_cancels_the_statement_in_flight_and_lets_the_lock_go(at_0003: Settings) -> None:
-    # Regression: killed by its Job's deadline, the run's ALTER TABLE stayed queued on the
-    # server (every request on jobs behind it) with the migration lock held.
-    url = at_0003.sqlalchemy_url
+# The server's view of a run: its ALTER TABLE of 0004 queued for a lock, and the migration lock.
+ALTER_QUEUED = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    " AND query LIKE 'ALTER TABLE jobs%%' AND state = 'active'"
+)
+MIGRATION_LOCK_HELD = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid::bigint = %s"
+)
+
+
+@contextmanager
+def upgrade_queued_behind_a_report(
+    cfg: Settings,
+) -> Iterator[tuple[subprocess.Popen[str], psycopg.Connection[Any]]]:
+    """`segsvc db upgrade` in a process of its own, with no lock timeout, its ALTER TABLE queued
+    behind a long report; and an admin connection to watch the server with."""
+    url = cfg.sqlalchemy_url
     env = {**os.environ, "SEG_DATABASE_URL": url, "SEG_MIGRATION_LOCK_TIMEOUT_SECONDS": "0"}
-    admin = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
-    waiting = (
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND query LIKE 'ALTER TABLE jobs%%' AND state = 'active'"
-    )
-    held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid::bigint = %s"
-    try:
-        with holding(url, LONG_READ, seconds=60):
-            run = subprocess.Popen(
-                [sys.executable, "-m", "segsvc.cli", "db", "upgrade"],
-                env=env,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as admin, holding(url, LONG_READ, seconds=60):
+        run = subprocess.Popen(
+            [sys.executable, "-m", "segsvc.cli", "db", "upgrade"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
             deadline = time.monotonic() + 60
-            while admin.execute(waiting).fetchone() != (1,):  # queued behind the report
+            while admin.execute(ALTER_QUEUED).fetchone() != (1,):
                 assert time.monotonic() < deadline
                 assert run.poll() is None
                 time.sleep(0.1)
-            run.terminate()
-            _, stderr = run.communicate(timeout=15)
-            assert run.returncode == 1
-            assert "stopped by SIGTERM" in stderr
-            assert admin.execute(waiting).fetchone() == (0,)  # cancelled, not left queued
-            assert admin.execute(held, (MIGRATION_LOCK_KEY,)).fetchone() == (0,)
-    finally:
-        admin.close()
+            yield run, admin
+        finally:
+            if run.poll() is None:
+                run.kill()
+            run.communicate(timeout=15)
+
+
+def test_sigterm_cancels_the_statement_in_flight_and_lets_the_lock_go(at_0003: Settings) -> None:
+    # Regression: killed by its Job's deadline, the run's ALTER TABLE stayed queued on the
+    # server (every request on jobs behind it) with the migration lock held.
+    with upgrade_queued_behind_a_report(at_0003) as (run, admin):
+        run.terminate()
+        _, stderr = run.communicate(timeout=15)
+        assert run.returncode == 1
+        assert "stopped by SIGTERM" in stderr
+        assert admin.execute(ALTER_QUEUED).fetchone() == (0,)  # cancelled, not left queued
+        assert admin.execute(MIGRATION_LOCK_HELD, (MIGRATION_LOCK_KEY,)).fetchone() == (0,)
     assert revision(at_0003) == "0003"
 
 
@@ -242,29 +261,12 @@ def test_upgrade_then_init_models_in_one_process(tmp_path: Path) -> None:
 def test_a_killed_run_leaves_no_statement_queued_on_the_server(at_0003: Settings) -> None:
     # SIGKILL (a stop's grace period over, an OOM kill) gives the CLI no chance to cancel: the
     # server notices the client is gone by itself (client_connection_check_interval).
-    url = at_0003.sqlalchemy_url
-    env = {**os.environ, "SEG_DATABASE_URL": url, "SEG_MIGRATION_LOCK_TIMEOUT_SECONDS": "0"}
-    admin = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
-    waiting = (
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND query LIKE 'ALTER TABLE jobs%%' AND state = 'active'"
-    )
-    held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid::bigint = %s"
-    try:
-        with holding(url, LONG_READ, seconds=60):
-            run = subprocess.Popen([sys.executable, "-m", "segsvc.cli", "db", "upgrade"], env=env)
-            deadline = time.monotonic() + 60
-            while admin.execute(waiting).fetchone() != (1,):  # queued behind the report
-                assert time.monotonic() < deadline
-                assert run.poll() is None
-                time.sleep(0.1)
-            run.kill()
-            run.wait(timeout=10)
-            gone_by = time.monotonic() + 10  # the check runs every 2 s
-            while admin.execute(waiting).fetchone() != (0,):
-                assert time.monotonic() < gone_by, "the killed run's ALTER TABLE is still queued"
-                time.sleep(0.2)
-            assert admin.execute(held, (MIGRATION_LOCK_KEY,)).fetchone() == (0,)
-    finally:
-        admin.close()
+    with upgrade_queued_behind_a_report(at_0003) as (run, admin):
+        run.kill()
+        run.wait(timeout=10)
+        gone_by = time.monotonic() + 10  # the check runs every 2 s
+        while admin.execute(ALTER_QUEUED).fetchone() != (0,):
+            assert time.monotonic() < gone_by, "the killed run's ALTER TABLE is still queued"
+            time.sleep(0.2)
+        assert admin.execute(MIGRATION_LOCK_HELD, (MIGRATION_LOCK_KEY,)).fetchone() == (0,)
     assert revision(at_0003) == "0003"

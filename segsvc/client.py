@@ -31,6 +31,7 @@ from segsvc.client_errors import (
     InvalidRequestError,
     NotFoundError,
     RateLimitedError,
+    RetriesStoppedError,
     ServerError,
     TransportError,
     WaitStoppedError,
@@ -52,6 +53,7 @@ __all__ = [
     "Job",
     "NotFoundError",
     "RateLimitedError",
+    "RetriesStoppedError",
     "ServerError",
     "TransportError",
     "WaitStoppedError",
@@ -62,7 +64,9 @@ __all__ = [
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-RETRY_STATUSES = frozenset({429, 503})
+# 429 and 503 ask for a retry; 502 and 504 are a proxy in front that found no API process (a
+# rolling restart). Every request may be repeated: see `Client._request`.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # A 409 that asks for a retry: a twin of this keyed submit (an earlier try whose answer was
 # lost) is being stored, and the retry replays its job instead of making a second one.
 KEY_IN_USE = "idempotency_key_in_use"
@@ -187,7 +191,7 @@ class Job:
         return self
 
     def cancel(self) -> Job:
-        """Cancel the job (a no-op answer once it is finished)."""
+        """Cancel the job; once it has ended, its state as it ended (see `Client.cancel`)."""
         self.data = self._client.cancel(self.id).data
         return self
 
@@ -228,6 +232,7 @@ class Client:
             headers["Authorization"] = f"Bearer {key}"
         self.retries = retries
         self.max_retry_wait = max_retry_wait
+        self._retries_stopped = threading.Event()
         self._http = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=transport
         )
@@ -274,7 +279,7 @@ class Client:
             headers=headers,
             params=params,
         )
-        return Job(self, resp.json())
+        return Job(self, _json(resp))
 
     def submit_batch(
         self,
@@ -294,7 +299,7 @@ class Client:
         files = [("image", _read_image(image, None)) for image in images]
         headers = {"Idempotency-Key": str(uuid.uuid4())}  # retries store the batch once
         resp = self._request("POST", "/v1/jobs/batch", files=files, data=form, headers=headers)
-        return [Job(self, body) for body in resp.json()["jobs"]]
+        return [Job(self, body) for body in _json(resp)["jobs"]]
 
     def get_many(
         self, job_ids: Sequence[str], *, wait: float = 0.0, deadline: float | None = None
@@ -306,7 +311,7 @@ class Client:
         wait = min(wait, LONG_POLL_S)
         if wait > 0:
             params["wait"] = f"{wait:.3f}"
-        body = self._request("GET", "/v1/jobs", params=params, deadline=deadline, held=wait).json()
+        body = _json(self._request("GET", "/v1/jobs", params=params, deadline=deadline, held=wait))
         if body["not_found"]:
             raise NotFoundError(404, "not_found", f"No such jobs: {', '.join(body['not_found'])}.")
         return [Job(self, job) for job in body["jobs"]]
@@ -351,11 +356,19 @@ class Client:
         resp = self._request(
             "GET", f"/v1/jobs/{job_id}", params=params, deadline=deadline, held=wait
         )
-        return Job(self, resp.json())
+        return Job(self, _json(resp))
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel a queued or running job."""
-        return Job(self, self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+        """Cancel a queued or running job. A job that has already ended is returned as it
+        ended (`status` says whether it was canceled): so a retried cancel whose first try
+        went through, or a cancel racing the job's end, is not an error."""
+        try:
+            return Job(self, _json(self._request("POST", f"/v1/jobs/{job_id}/cancel")))
+        except ConflictError as exc:  # the server's answer for a job that has ended
+            job = self.get(job_id)
+            if job.done:
+                return job
+            raise exc from None
 
     def result_png(self, job_id: str, kind: str = "mask") -> bytes:
         """A finished job's `mask` or `overlay` PNG; ConflictError while it is not done."""
@@ -365,7 +378,7 @@ class Client:
 
     def models(self) -> list[dict[str, Any]]:
         """Registered model versions with status and traffic share (GET /v1/models, admin)."""
-        body = self._request("GET", "/v1/models").json()
+        body = _json(self._request("GET", "/v1/models"))
         if isinstance(body, dict):
             body = body.get("versions", body.get("models", []))
         rows: list[dict[str, Any]] = body
@@ -382,8 +395,10 @@ class Client:
     ) -> httpx.Response:
         """Send with retries on 429/503 (honouring Retry-After) and on network errors.
 
-        Every call may be repeated safely: reads and cancel are idempotent, and a submission
-        carries one Idempotency-Key across its retries, so the server stores it only once.
+        Every call may be repeated safely: reads are idempotent, a repeated cancel returns the
+        job as it ended (`cancel`), and a submission carries one Idempotency-Key across its
+        retries, so the server stores it only once. `stop_retries()` (Ctrl-C) ends the pauses
+        between tries with RetriesStoppedError.
         `held`: seconds the server may hold the answer (a long poll), added to the read
         timeout. `deadline` (time.monotonic()): a wait's end; a retry that would pause past
         it raises WaitTimeoutError instead, so `Job.wait(timeout)` keeps its timeout.
@@ -412,12 +427,17 @@ class Client:
             raise error_for(resp)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    @staticmethod
-    def _pause(seconds: float, deadline: float | None, why: str) -> None:
+    def stop_retries(self) -> None:
+        """From any thread: pauses before retries end at once with RetriesStoppedError, and
+        no request is retried after this (a request in flight still gets its answer)."""
+        self._retries_stopped.set()
+
+    def _pause(self, seconds: float, deadline: float | None, why: str) -> None:
         """Sleep before a retry, unless that would pass the caller's deadline."""
         if deadline is not None and time.monotonic() + seconds >= deadline:
             raise WaitTimeoutError(f"the wait ran out while the server answered {why}")
-        time.sleep(seconds)
+        if self._retries_stopped.wait(seconds):
+            raise RetriesStoppedError(f"not retried (the server answered {why}): stopped")
 
     def _retry_delay(self, resp: httpx.Response, attempt: int) -> float:
         hinted = parse_retry_after(resp.headers.get("Retry-After"))
@@ -436,14 +456,33 @@ def _backoff(attempt: int) -> float:
     return random.uniform(0.5, 1.0) * min(10.0, 0.5 * 2.0**attempt)
 
 
+def _json(resp: httpx.Response) -> Any:
+    """A success's JSON body; one that is not JSON (a proxy's page) is a ServerError."""
+    try:
+        return resp.json()
+    except ValueError:
+        raise ServerError(
+            resp.status_code,
+            "invalid_response",
+            f"The server answered {resp.status_code} with a body that is not JSON "
+            f"({resp.headers.get('Content-Type') or 'no Content-Type'}): is SEG_URL the API?",
+        ) from None
+
+
 def _read_image(image: ImageInput, filename: str | None) -> tuple[str, bytes]:
     if isinstance(image, bytes):
-        return filename or "image", image
+        return _sendable(filename or "image"), image
     if isinstance(image, str | os.PathLike):
         path = Path(image)
-        return filename or path.name, path.read_bytes()
+        return _sendable(filename or path.name), path.read_bytes()
     data = image.read()
-    return filename or Path(str(getattr(image, "name", "image"))).name, data
+    return _sendable(filename or Path(str(getattr(image, "name", "image"))).name), data
+
+
+def _sendable(name: str) -> str:
+    """A file name the multipart form can carry: a name that is not UTF-8 on disk (Linux keeps
+    its bytes as surrogates) gets U+FFFD for the bytes that are not."""
+    return os.fsencode(name).decode("utf-8", errors="replace")
 
 
 def _open_png(data: bytes) -> Image.Image:

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,11 +33,13 @@ from segsvc.client_errors import (
     ConflictError,
     NotFoundError,
     RateLimitedError,
+    RetriesStoppedError,
     ServerError,
     TransportError,
     WaitStoppedError,
     WaitTimeoutError,
 )
+from segsvc.files import write_atomically
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_AUTH = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
@@ -43,6 +47,14 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 class LocalFileError(ClientError):
     """A file of this machine could not be read or a result not written (exit code 1)."""
+
+
+class UnexpectedError(ClientError):
+    """Anything else that went wrong with one file (exit code 1): the run goes on, so the
+    files sent before and after it are still reported."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(f"unexpected {type(exc).__name__}: {exc}")
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -66,7 +78,7 @@ def connection_options(func: F) -> F:
         default=5,
         show_default=True,
         type=click.IntRange(0, 20),
-        help="Retries on 429/503 and refused connections [env SEG_RETRIES].",
+        help="Retries on 429/502/503/504 and network errors [env SEG_RETRIES].",
     )(func)
     func = click.option(
         "--api-key", envvar="SEG_API_KEY", help="API key [env SEG_API_KEY; else var/local_api_key]."
@@ -136,11 +148,16 @@ def output_names(files: list[Path]) -> dict[Path, str]:
     """The name each file's results get in the output folder: its stem, or, for files that
     share a stem (a/cat.jpg and b/cat.jpg, dog.jpg and dog.png, Cat.jpg and cat.png), its path
     with the folders and the suffix kept (a_cat.jpg), so that no result overwrites another.
-    Names compare case-folded (macOS and Windows folders do), and one that would still clash
-    (../x/cat.jpg and x/cat.jpg, a/b/cat.jpg and a_b/cat.jpg) gets a number (a_b_cat.jpg-2)."""
+    Names compare case-folded and Unicode-normalised (macOS and Windows folders do: café
+    typed two ways is one name there), and one that would still clash (../x/cat.jpg and
+    x/cat.jpg, a/b/cat.jpg and a_b/cat.jpg) gets a number (a_b_cat.jpg-2)."""
+
+    def folded(name: str) -> str:
+        return unicodedata.normalize("NFC", name).casefold()
+
     stems: dict[str, int] = {}
     for path in files:
-        stems[path.stem.casefold()] = stems.get(path.stem.casefold(), 0) + 1
+        stems[folded(path.stem)] = stems.get(folded(path.stem), 0) + 1
     try:  # the folders the files have in common are left out of the names
         root = Path(os.path.commonpath([str(path.parent) for path in files]))
     except ValueError:  # absolute and relative paths mixed
@@ -153,11 +170,11 @@ def output_names(files: list[Path]) -> dict[Path, str]:
     names: dict[Path, str] = {}
     taken: set[str] = set()
     for path in files:
-        name = path.stem if stems[path.stem.casefold()] == 1 else by_path(path)
+        name = path.stem if stems[folded(path.stem)] == 1 else by_path(path)
         unique, n = name, 2
-        while unique.casefold() in taken:
+        while folded(unique) in taken:
             unique, n = f"{name}-{n}", n + 1
-        taken.add(unique.casefold())
+        taken.add(folded(unique))
         names[path] = unique
     return names
 
@@ -209,6 +226,7 @@ def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Eve
         )
         return outcome
     started = time.monotonic()
+    job: Job | None = None
     try:
         job = client.submit(
             path,
@@ -220,12 +238,17 @@ def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Eve
         if plan.waiting:
             job.wait(plan.timeout, stop=stop)  # at once when the submit returned it finished
             finish(outcome, job, plan, started)
-    except WaitStoppedError:
-        outcome.status, outcome.reason = job.status, STOPPED_WAITING
+    except WaitStoppedError as exc:
+        if job is None:  # Ctrl-C before a retry of the submit itself
+            failed(outcome, exc, stop)
+        else:
+            outcome.status, outcome.reason = job.status, STOPPED_WAITING
     except ClientError as exc:
         failed(outcome, exc, stop)
     except OSError as exc:  # unreadable file, or a result that could not be written
         failed(outcome, LocalFileError(f"{type(exc).__name__}: {exc}"), stop)
+    except Exception as exc:  # anything else fails this file only (its job id is kept)
+        failed(outcome, UnexpectedError(exc), stop)
     return outcome
 
 
@@ -247,11 +270,16 @@ def submit_chunk(
     except ConflictError as exc:  # the batch's key is still in use: its jobs may be stored, and
         # sending the files again one by one would store each of them twice
         return [failed(Outcome(path), exc, stop) for path in paths]
-    except (ApiError, OSError):  # one file refused or unreadable: each gets its own answer
+    except RetriesStoppedError as exc:  # Ctrl-C before a retry: nothing more is sent
+        return [failed(Outcome(path), exc, stop) for path in paths]
+    except (ApiError, OSError, ValueError):  # one file refused, unreadable or not sendable:
+        # each gets its own answer
         singles = [submit_one(client, path, plan, stop) for path in paths]
         if all(outcome.error is None for outcome in singles):  # not a file: the batch itself
             plan.batches_refused.set()
         return singles
+    except Exception as exc:
+        return [failed(Outcome(path), UnexpectedError(exc), stop) for path in paths]
     outcomes = [Outcome(path, job.id, job.status) for path, job in zip(paths, jobs, strict=True)]
     if not plan.waiting:
         return outcomes
@@ -260,6 +288,8 @@ def submit_chunk(
         client.wait_many(jobs, plan.timeout, stop=stop)
     except ClientError as exc:  # a timeout or a lost server: the jobs that ended still count
         waited = exc
+    except Exception as exc:
+        waited = UnexpectedError(exc)
     for outcome, job in zip(outcomes, jobs, strict=True):
         if not job.done and isinstance(waited, WaitStoppedError):
             outcome.status, outcome.reason = job.status, STOPPED_WAITING
@@ -273,6 +303,8 @@ def submit_chunk(
             failed(outcome, exc, stop)
         except OSError as exc:  # writing them failed (a full disk, no permission)
             failed(outcome, LocalFileError(f"{type(exc).__name__}: {exc}"), stop)
+        except Exception as exc:
+            failed(outcome, UnexpectedError(exc), stop)
     return outcomes
 
 
@@ -294,13 +326,17 @@ def failed(outcome: Outcome, exc: ClientError, stop: threading.Event) -> Outcome
 
 
 def save_results(job: Job, path: Path, plan: SubmitPlan) -> None:
-    """Write <name>.mask.png (and .overlay.png) into the output folder (see output_names)."""
+    """Write <name>.mask.png (and .overlay.png) into the output folder (see output_names).
+    Both are fetched before either is written, and each is written whole or not at all, so
+    a file reported as an error leaves no half result behind."""
     assert plan.out is not None
     plan.out.mkdir(parents=True, exist_ok=True)
     name = plan.names.get(path, path.stem)
-    (plan.out / f"{name}.mask.png").write_bytes(job.mask_png())
+    results = {f"{name}.mask.png": job.mask_png()}
     if plan.overlay:
-        (plan.out / f"{name}.overlay.png").write_bytes(job.overlay_png())
+        results[f"{name}.overlay.png"] = job.overlay_png()
+    for file_name, data in results.items():
+        write_atomically(plan.out / file_name, data)
 
 
 def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: int) -> list[Outcome]:
@@ -320,27 +356,39 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
         label = "waiting" if plan.waiting else "submitting"
         task = progress.add_task(label, total=len(files))
         chunks = [files[i : i + plan.batch] for i in range(0, len(files), plan.batch)]
-        futures = [pool.submit(submit_chunk, client, chunk, plan, stop) for chunk in chunks]
-        reported: set[Future[list[Outcome]]] = set()
+        futures = {pool.submit(submit_chunk, client, chunk, plan, stop): chunk for chunk in chunks}
+        printed: dict[Future[list[Outcome]], int] = {}  # outcomes of each already reported
 
         def report(future: Future[list[Outcome]]) -> None:
-            reported.add(future)
-            for outcome in future.result():
+            """Print the chunk's outcomes not printed yet (a Ctrl-C may have cut a report
+            short: the rest of it is printed once, from the handler)."""
+            try:
+                results = future.result()
+            except Exception as exc:  # pragma: no cover - submit_chunk catches everything
+                results = [failed(Outcome(p), UnexpectedError(exc), stop) for p in futures[future]]
+            for outcome in results[printed.get(future, 0) :]:
                 outcomes.append(outcome)
-                click.echo(f"{outcome.job_id}\t{outcome.status}\t{outcome.path}")
+                printed[future] = printed.get(future, 0) + 1
+                # the path's own bytes, so a script can find a file whose name is not UTF-8
+                line = f"{outcome.job_id}\t{outcome.status}\t".encode() + os.fsencode(outcome.path)
+                click.echo(line)
                 progress.advance(task)
 
         try:
             for future in as_completed(futures):
                 report(future)
         except KeyboardInterrupt:
-            # Ctrl-C: send nothing more; the requests in flight end and their job ids are
-            # printed too, so nothing the server accepted goes unreported.
+            # Ctrl-C: send nothing more (not even retries); the requests in flight end and
+            # their job ids are printed too, so nothing the server accepted goes unreported.
             stop.set()
+            client.stop_retries()
             pool.shutdown(wait=False, cancel_futures=True)
-            for future in futures:
-                if future not in reported and not future.cancelled():
-                    report(future)
+            try:
+                for future in futures:
+                    if not future.cancelled():
+                        report(future)
+            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for them
+                pass
             raise Interrupted(outcomes) from None
     pool.shutdown()
     return outcomes
@@ -352,6 +400,11 @@ class Interrupted(Exception):
     def __init__(self, outcomes: list[Outcome]) -> None:
         super().__init__("interrupted")
         self.outcomes = outcomes
+
+
+def shown(path: Path) -> str:
+    """A path for people: bytes of a name that are not UTF-8 shown as U+FFFD."""
+    return os.fsencode(path).decode("utf-8", errors="replace")
 
 
 def summary_table(outcomes: list[Outcome]) -> Table:
@@ -449,10 +502,17 @@ def submit(
     console = Console(stderr=True)
     console.print(summary_table(outcomes))
     for o in outcomes:
-        if o.reason:
-            console.print(f"[red]{o.status}[/red] {o.path}: {o.reason}", highlight=False)
+        if o.reason:  # file names and server messages are text, not markup: [x] stays [x]
+            console.print(
+                f"[red]{escape(o.status)}[/red] {escape(shown(o.path))}: {escape(o.reason)}",
+                highlight=False,
+            )
     if interrupted:
-        console.print(f"interrupted: {len(files) - len(outcomes)} files not sent")
+        sent = sum(o.job_id != "-" for o in outcomes)
+        console.print(
+            f"interrupted: {sent} of {len(files)} files accepted; "
+            f"{len(files) - len(outcomes)} not reported (not sent, or a second Ctrl-C)"
+        )
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(submit_exit_code(outcomes))
 
@@ -510,7 +570,7 @@ def get(
             sys.exit(EXIT_FAILED)
         data = client.result_png(job.id, kind)
     target = out or Path(f"{job.id}.{kind}.png")
-    target.write_bytes(data)
+    write_atomically(target, data)
     click.echo(str(target))
 
 
@@ -519,10 +579,13 @@ def get(
 @connection_options
 @handle_errors
 def cancel(job_id: str, url: str, api_key: str | None, retries: int) -> None:
-    """Cancel a queued or running job."""
+    """Cancel a queued or running job; exits 1 if it had already ended otherwise."""
     with make_client(url, api_key, retries) as client:
         job = client.cancel(job_id)
     click.echo(f"{job.id}  {job.status}")
+    if job.done and job.status != "canceled":
+        click.echo(f"error: job {job.id} had already {job.status}; nothing to cancel", err=True)
+        sys.exit(EXIT_FAILED)
 
 
 @click.group("models")

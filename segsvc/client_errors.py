@@ -24,6 +24,11 @@ class WaitStoppedError(ClientError):
     """A wait was told to stop (its `stop` event was set) before the jobs ended."""
 
 
+class RetriesStoppedError(WaitStoppedError):
+    """A request was not retried because `Client.stop_retries()` was called (Ctrl-C): its
+    last try got an answer to retry, or none (a submit's may then have been stored)."""
+
+
 class ApiError(ClientError):
     """The API answered with an error: `status`, its `code` and `message`."""
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -319,3 +321,82 @@ def test_verify_webhook_accepts_signed_rejects_tampered_and_stale() -> None:
         verify_webhook(headers(now), body.replace("j1", "j2"), secret)
     with pytest.raises(WebhookVerificationError):
         verify_webhook(headers(now - timedelta(minutes=6)), body, secret)
+
+
+def test_a_proxys_502_and_504_are_retried() -> None:
+    """Behind an ingress, an API process restarting answers 502/504 for a moment: reads (and
+    keyed submits) are tried again instead of failing the wait."""
+    bad_gateway = (502, {}, {"error": "http_502", "message": "bad gateway"})
+    timeout = (504, {}, {"error": "http_504", "message": "gateway timeout"})
+    stub = Scripted([bad_gateway, timeout, (200, {}, {"id": "j1", "status": "succeeded"})])
+    with serve(stub) as url, Client(url, "k", retries=3) as client:
+        assert client.get("j1").status == "succeeded"
+    assert len(stub.times) == 3
+
+
+def test_a_success_whose_body_is_not_json_is_a_server_error() -> None:
+    """SEG_URL naming a web server that is not the API (or a proxy's page): a typed error
+    that names what came back, not a JSONDecodeError from deep inside httpx."""
+
+    def html(environ: dict[str, Any], start_response: Any) -> Any:
+        Request(environ).get_data()
+        return Response("<html>hello</html>", mimetype="text/html")(environ, start_response)
+
+    with serve(html) as url, Client(url, "k", retries=0) as client:
+        with pytest.raises(ServerError) as err:
+            client.submit(b"png", filename="a.png")
+        assert err.value.code == "invalid_response"
+        assert "text/html" in err.value.message
+        with pytest.raises(ServerError):
+            client.get("j1")
+
+
+def test_cancel_of_a_job_that_has_ended_returns_it_as_it_ended() -> None:
+    """A cancel retried after its first try went through (or racing the job's end) is answered
+    409 by the server; the client then returns the job as it ended instead of failing."""
+    ended = (409, {}, {"error": "conflict", "message": "Job j1 is already canceled."})
+    stub = Scripted([ended, (200, {}, {"id": "j1", "status": "canceled"})])
+    with serve(stub) as url, Client(url, "k", retries=0) as client:
+        assert client.cancel("j1").status == "canceled"
+    still = Scripted([ended, (200, {}, {"id": "j1", "status": "running"})])
+    with (
+        serve(still) as url,
+        Client(url, "k", retries=0) as client,
+        pytest.raises(ConflictError),  # a conflict that is not about an ended job
+    ):
+        client.cancel("j1")
+
+
+def test_stop_retries_ends_the_pause_before_a_retry_at_once() -> None:
+    from segsvc.client_errors import RetriesStoppedError
+
+    busy = (503, {"Retry-After": "30"}, {"error": "unavailable", "message": "busy"})
+    stub = Scripted([busy])
+    with serve(stub) as url, Client(url, "k", retries=5) as client:
+        threading.Timer(0.5, client.stop_retries).start()
+        started = time.monotonic()
+        with pytest.raises(RetriesStoppedError):
+            client.submit(b"png", filename="a.png")
+        assert time.monotonic() - started < 2
+        with pytest.raises(RetriesStoppedError):  # and no later request is retried either
+            client.get("j1")
+    assert len(stub.times) == 2
+
+
+def test_a_file_name_that_is_not_utf8_is_sent_with_replacement_characters(
+    tmp_path: Path,
+) -> None:
+    """Linux file names are bytes: one from an old archive (Latin-1 `café`) cannot go into a
+    multipart header as it is; it is sent with U+FFFD instead of failing the upload."""
+    names: list[str] = []
+
+    def recording(environ: dict[str, Any], start_response: Any) -> Any:
+        names.extend(f.filename or "" for f in Request(environ).files.getlist("image"))
+        body = json.dumps({"id": "j1", "status": "queued"})
+        return Response(body, status=202, mimetype="application/json")(environ, start_response)
+
+    photo = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png"))
+    photo.write_bytes(b"png")
+    with serve(recording) as url, Client(url, "k", retries=0) as client:
+        assert client.submit(photo).id == "j1"
+    assert names == ["caf\ufffd.png"]

@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -356,3 +357,97 @@ def test_cli_ctrl_c_while_waiting_reports_the_job_ids_at_once(tmp_path: Path) ->
     outcomes = stopped.value.outcomes
     assert [o.job_id for o in outcomes] == ["j1"] * 3
     assert all(o.status == "queued" and "Ctrl-C" in o.reason for o in outcomes)
+
+
+def test_output_names_compare_unicode_normalised() -> None:
+    """café typed two ways (NFC, NFD) is one name in a macOS folder: the results get two."""
+    from segsvc.client_cli import output_names
+
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    names = output_names([Path(f"a/{nfc}.jpg"), Path(f"b/{nfd}.jpg")])
+    assert len({unicodedata.normalize("NFC", n).casefold() for n in names.values()}) == 2
+
+
+def test_cli_a_file_name_that_is_not_utf8_does_not_stop_the_run(
+    base_url: str, api_key: str, tmp_path: Path
+) -> None:
+    """A Latin-1 file name among UTF-8 ones: every file is still sent and reported, alone or in
+    a batch (it used to end the run with a traceback and no ids for the jobs already taken)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sources = sample_images(3)
+    names = [b"caf\xe9.jpg", b"dog.jpg", b"zebra.jpg"]
+    for source, name in zip(sources, names, strict=True):
+        shutil.copy(source, os.fsdecode(bytes(photos) + b"/" + name))
+    for batch in ("1", "3"):
+        result = cli("submit", str(photos), "-b", batch, "-j", "2", url=base_url, key=api_key)
+        assert result.exit_code == 0, result.output
+        rows = [line.split("\t") for line in result.stdout.splitlines()]
+        assert len(rows) == 3
+        assert all(status == "queued" and job_id != "-" for job_id, status, _ in rows)
+
+
+def test_cli_ctrl_c_during_a_retry_pause_stops_at_once(tmp_path: Path) -> None:
+    """A server that answers 503 Retry-After: 30 (its queue is full): Ctrl-C ends the pauses
+    before the retries at once instead of after them."""
+    from segsvc.client import Client
+    from segsvc.client_cli import Interrupted, SubmitPlan, run_all
+
+    busy = (503, {"Retry-After": "30"}, {"error": "queue_full", "message": "full"})
+    stub = Scripted([busy])
+    files = png_files(tmp_path, 4)
+    plan = SubmitPlan(False, None, False, None, None, 10.0, batch=1)
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with serve(stub) as url, Client(url, "k", retries=5) as client:
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(Interrupted) as stopped:
+            run_all(files, client, plan, concurrency=2)
+        assert time.monotonic() - started < 3
+    assert len(stub.times) == 2  # the two first tries; no retry went out
+    outcomes = stopped.value.outcomes
+    assert len(outcomes) == 2
+    assert all(o.status == "error" and "stopped" in o.reason for o in outcomes)
+
+
+def test_cli_a_result_that_cannot_be_fetched_leaves_no_file(tmp_path: Path) -> None:
+    """The mask came, the overlay did not (a 404 here): nothing is written for that file, so
+    a file reported as an error has no half result in --out."""
+    done = (200, {}, {"id": "j1", "status": "succeeded"})
+    gone = (404, {}, {"error": "not_found", "message": "No such job."})
+    # submit (finished at once), then the mask (any bytes), then the overlay: 404
+    stub = Scripted([done, (200, {}, "mask bytes"), gone])
+    photo = png_files(tmp_path, 1)[0]
+    out = tmp_path / "out"
+    with serve(stub) as url:
+        result = cli("submit", str(photo), "--out", str(out), "--overlay", url=url, SEG_RETRIES="0")
+    assert result.exit_code == 1, result.output
+    assert list(out.iterdir()) == []
+
+
+def test_cli_summary_prints_file_names_with_brackets_as_they_are(tmp_path: Path) -> None:
+    """File names and server messages are text, not rich markup: `cat [final].png` is shown as
+    it is, and `b].png` in a folder `x[` does not end the run with a MarkupError."""
+    refused = (422, {}, {"error": "invalid_image", "message": "not an [image]"})
+    folder = tmp_path / "x["
+    folder.mkdir()
+    for name in ("cat [final].png", "b].png"):  # the second's path holds "[/b]"
+        (folder / name).write_bytes(b"png")
+    with serve(Scripted([refused])) as url:
+        result = cli("submit", str(folder), "-b", "1", url=url, SEG_RETRIES="0")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert "cat [final].png: not an [image]" in result.stderr
+    assert "x[/b].png" in result.stderr
+
+
+def test_cli_cancel_retried_after_it_went_through_and_of_an_ended_job(tmp_path: Path) -> None:
+    ended = (409, {}, {"error": "conflict", "message": "Job j1 is already canceled."})
+    with serve(Scripted([ended, (200, {}, {"id": "j1", "status": "canceled"})])) as url:
+        result = cli("cancel", "j1", url=url)
+    assert result.exit_code == 0, result.output
+    assert "j1  canceled" in result.stdout
+    with serve(Scripted([ended, (200, {}, {"id": "j1", "status": "succeeded"})])) as url:
+        result = cli("cancel", "j1", url=url)
+    assert result.exit_code == 1
+    assert "already succeeded" in result.stderr

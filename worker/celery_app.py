@@ -1,6 +1,8 @@
 """The worker's Celery app: shared config plus worker-only settings and signals.
 
-Start it with `celery -A worker.celery_app worker -Q inference --pool solo`.
+Start it with `celery -A worker.celery_app worker -Q inference --pool solo` (the pool it is
+built for: the model runs in the MicroBatcher's threads, and `worker.observability` loads it
+once the worker is ready, only where the worker consumes the inference queue).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ app.conf.update(
     # one forming = 3 x batch_max_size. Less starves the model under load; more only hoards
     # messages that another worker could run (and that wait for redelivery if this one dies).
     worker_prefetch_multiplier=max(3 * settings.batch_max_size, 1),
+    # Celery multiplies prefetch by the concurrency, and `--pool solo` without `--concurrency`
+    # takes the host's CPU count for it (a node's, in a pod: 3 x 16 x 32 messages on a
+    # 32-core node), although the solo pool runs one task at a time. One worker would then
+    # drain the queue KEDA scales on, hoard it, and have its old messages counted as lost.
+    worker_concurrency=1,
     imports=("worker.tasks", "worker.reconciler", "retrain.tasks"),
 )
 # The feedback loop: retraining (settings.retrain_cron), canary verdicts and input retention,
@@ -40,23 +47,6 @@ app.conf.update(
 # thread of its own (`_reconcile_in_worker`), and a beat message on the inference queue (the
 # one KEDA scales on) woke a worker every interval, so scale-to-zero never held.
 app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), **retrain_beat_schedule(settings)}
-
-
-@signals.worker_process_init.connect
-def _load_model_after_fork(**_: Any) -> None:
-    """Prefork pool: load the model in each child, after the fork (TF is not fork-safe)."""
-    from worker.tasks import get_segmenter
-
-    get_segmenter().load()
-
-
-@signals.worker_ready.connect
-def _load_model_solo(**_: Any) -> None:
-    """Solo/threads pool: load in the worker process itself before taking jobs."""
-    if app.conf.worker_pool in ("solo", "threads"):
-        from worker.tasks import get_segmenter
-
-        get_segmenter().load()
 
 
 @signals.worker_ready.connect

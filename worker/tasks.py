@@ -58,10 +58,15 @@ class MicroBatchTask(Task):  # type: ignore[misc]
     """
 
     def Strategy(self, task: Task, app: Celery, consumer: Any) -> Any:  # Celery's name
-        batcher = get_batcher()
+        from worker.observability import consumes_inference
+
+        # Only a worker of the inference queue starts the pipeline up front (the maintenance
+        # worker, of the same app, registers this task too but never gets its messages).
+        started = get_batcher() if consumes_inference(app) else None
         errors = consumer.connection_errors
 
         def on_message(message: Any, body: Any, ack: Any, reject: Any, *_: Any, **__: Any) -> None:
+            batcher = started or get_batcher()
             job_ids = _job_ids(message, body)
             if not job_ids:
                 log.warning("dropping a %s message without a job id", RUN_JOB)

@@ -36,3 +36,36 @@ def test_worker_apps_limit_their_statements_but_not_the_maintenance_tasks() -> N
     # Retraining, canary verdicts and retention read get_settings(): an export of every label
     # or a purge of a long backlog may rightly run longer.
     assert get_settings().db_role == "admin"
+
+
+def test_a_solo_worker_prefetches_three_batches_whatever_the_cpu_count(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`--pool solo` without `--concurrency` took the host's CPU count as the concurrency, and
+    Celery multiplies prefetch by it: on a 32-core node one worker hoarded 32 x 3 batches."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    worker = app.WorkController(pool_cls="solo", queues=[settings.queue_name], hostname="t@x")
+    assert worker.concurrency == 1
+    assert worker.consumer.initial_prefetch_count == 3 * settings.batch_max_size
+
+
+def test_the_maintenance_worker_starts_no_inference_pipeline(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The maintenance worker (same app, `-Q maintenance`) loaded the serving model and started
+    the MicroBatcher's threads beside training; only an inference worker does."""
+    from types import SimpleNamespace
+
+    from worker import tasks
+
+    started: list[str] = []
+    monkeypatch.setattr(tasks, "get_batcher", lambda: started.append("batcher"))
+    queues = app.amqp.queues
+    monkeypatch.setattr(queues, "_consume_from", queues._consume_from)  # put back afterwards
+    consumer = SimpleNamespace(connection_errors=())
+    app.WorkController(pool_cls="solo", queues=["maintenance"], hostname="m@x")
+    assert callable(tasks.run_job.Strategy(tasks.run_job, app, consumer))
+    assert started == []
+    app.WorkController(pool_cls="solo", queues=[settings.queue_name], hostname="i@x")
+    tasks.run_job.Strategy(tasks.run_job, app, consumer)
+    assert started == ["batcher"]  # an inference worker starts it up front
+    receivers = {ref().__name__ for _, ref in signals.worker_process_init.receivers}
+    assert "_load_model_after_fork" not in receivers

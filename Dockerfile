@@ -42,6 +42,11 @@ COPY api ./api
 COPY worker ./worker
 COPY retrain ./retrain
 COPY migrations ./migrations
+# The `segsvc` command (keys, db, models, retrain) for `docker compose exec` / `kubectl exec`:
+# the images run the source tree from /app rather than an installed package.
+RUN mkdir bin \
+ && printf '#!/bin/sh\nexec python -m segsvc.cli "$@"\n' > bin/segsvc \
+ && chmod 755 bin/segsvc
 
 # --- API ------------------------------------------------------------------------------------------
 FROM base AS api
@@ -49,10 +54,10 @@ COPY --from=api-deps /opt/venv /opt/venv
 COPY --from=source /src /app
 WORKDIR /app
 ENV PYTHONPATH=/app \
+    PATH=/app/bin:$PATH \
     SEG_VAR_DIR=/var/lib/segsvc \
     SEG_MODEL_DIR=/var/lib/segsvc/models \
     SEG_ARTIFACT_CACHE_DIR=/var/lib/segsvc/artifacts \
-    PROMETHEUS_MULTIPROC_DIR=/tmp/segsvc-prometheus \
     GUNICORN_WORKER_TMP_DIR=/dev/shm \
     GUNICORN_BIND=0.0.0.0:8000
 USER segsvc
@@ -68,6 +73,7 @@ COPY --from=source /src /app
 COPY models/baseline.keras models/baseline.json /app/models/
 WORKDIR /app
 ENV PYTHONPATH=/app \
+    PATH=/app/bin:$PATH \
     SEG_VAR_DIR=/var/lib/segsvc \
     SEG_MODEL_DIR=/var/lib/segsvc/models \
     SEG_ARTIFACT_CACHE_DIR=/var/lib/segsvc/artifacts \
@@ -98,6 +104,7 @@ COPY --from=source /src /app
 COPY models/baseline.keras models/baseline.json /app/models/
 WORKDIR /app
 ENV PYTHONPATH=/app \
+    PATH=/app/bin:$PATH \
     SEG_VAR_DIR=/var/lib/segsvc \
     SEG_MODEL_DIR=/var/lib/segsvc/models \
     SEG_ARTIFACT_CACHE_DIR=/var/lib/segsvc/artifacts \

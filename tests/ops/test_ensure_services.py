@@ -160,3 +160,14 @@ def test_existing_cluster_keeps_its_authentication(machine: Machine, running: bo
     assert not any(line.startswith("apt-get") for line in machine.log())
     assert not any("reload" in line for line in machine.log())
     assert ("pg_ctlcluster --skip-systemctl-redirect 16 main start" in machine.log()) != running
+
+
+def test_ci_leaves_postgres_and_redis_to_this_script() -> None:
+    """.ci/run installed postgresql itself before calling the script, which then took the
+    cluster for someone else's and left Debian's password rule: every test's connection was
+    refused on a fresh machine. It installs make, which it calls."""
+    ci = (Path(__file__).parents[2] / ".ci" / "run").read_text()
+    installs = [line for line in ci.splitlines() if "apt_pkgs+=" in line]
+    assert not [line for line in installs if "postgresql" in line or "redis" in line]
+    assert any("(make)" in line for line in installs)
+    assert ci.index("scripts/ensure-services.sh") < ci.index("make test")

@@ -107,3 +107,29 @@ def test_images_cache_converted_artifacts_on_the_shared_volume(stage: str) -> No
     artifacts = PurePosixPath(env.get("SEG_ARTIFACT_CACHE_DIR", str(var_dir / "artifacts")))
     assert artifacts.is_relative_to(var_dir)
     assert PurePosixPath(env["SEG_MODEL_DIR"]).is_relative_to(var_dir)
+
+
+@pytest.mark.parametrize("stage", ["api", "worker", "worker-gpu"])
+def test_every_image_has_the_segsvc_command(stage: str) -> None:
+    """The docs have operators run `segsvc keys create` and `segsvc models check-runtimes`
+    in a container; the images run the source tree, so a launcher in /app/bin provides it."""
+    assert stage_env(stage)["PATH"].startswith("/app/bin:")
+    made = " ".join(stages()["source"])
+    assert "bin/segsvc" in made
+    assert "exec python -m segsvc.cli" in made
+
+
+def test_python_m_segsvc_cli_is_the_segsvc_command() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "segsvc.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "keys" in out.stdout
+    assert "models" in out.stdout

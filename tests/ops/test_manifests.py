@@ -574,3 +574,14 @@ def test_beat_liveness_checks_that_the_scheduler_loop_turns(where: str, tmp_path
     assert probe() == 0
     os.utime(store, (0, 0))  # the loop stopped writing it long ago
     assert probe() == 1
+
+
+def test_compose_publishes_only_the_api_on_every_interface() -> None:
+    """Flower, Prometheus and Grafana have no login of their own (Grafana's admin password
+    defaults to change-me, and an admin can add the database as a data source): they bind to
+    OPS_BIND, 127.0.0.1 unless the operator says otherwise."""
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            if name == "api":
+                continue
+            assert str(port).startswith("${OPS_BIND:-127.0.0.1}:"), (name, port)

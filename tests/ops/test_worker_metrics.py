@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -138,3 +140,19 @@ def test_worker_exposes_series_probes_and_json_logs_after_a_job(  # type: ignore
     ]
     assert any(r["message"].endswith(" ready.") for r in records)
     assert all(r["service"] == "worker" for r in records)
+
+
+def test_metrics_import_where_the_multiprocess_folder_does_not_exist(tmp_path: Path) -> None:
+    """The webhook worker runs on the API image: with PROMETHEUS_MULTIPROC_DIR set and its
+    folder missing (a fresh /tmp), importing the metrics failed and the worker never started."""
+    folder = tmp_path / "not-yet" / "prometheus"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    code = "import segsvc.metrics as m; m.WEBHOOK_DELIVERIES.labels(outcome='ok').inc()"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    assert any(folder.iterdir())  # the series went to the folder
+
+
+def test_only_the_api_sets_multiprocess_mode_in_the_image() -> None:
+    """The webhook worker shares the API image; gunicorn's config sets the variable itself."""
+    dockerfile = (Path(__file__).parents[2] / "Dockerfile").read_text()
+    assert "PROMETHEUS_MULTIPROC_DIR" not in dockerfile

@@ -24,7 +24,9 @@ ERROR_TEXT = {
     401: "Missing or unknown API key.",
     403: "Needs an admin key.",
     404: "No such job for this key (another key's job is not found either).",
-    409: "Not possible in the job's state.",
+    409: "Not possible in the job's state; for a submit, `idempotency_key_in_use`: a twin "
+    "request with this key is being stored (retry after Retry-After to get its job).",
+    410: "What the picture is made of is no longer kept (retention).",
     413: "Upload over the size limit.",
     415: "Not a JPEG, PNG or WebP image.",
     422: "Invalid image or field.",
@@ -43,6 +45,8 @@ class Operation:
     headers: Mapping[str, str] = field(default_factory=dict)
     query: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # name -> JSON schema
     required_query: frozenset[str] = frozenset()  # of `query`, those the endpoint needs
+    located: bool = False  # its 201/202/200 carry Location (the job's URL)
+    replays: bool = False  # a 200 is an Idempotency-Key replay (header Idempotent-Replayed)
 
 
 IDEMPOTENCY = {"Idempotency-Key": "Replays the same job for the same body within 24 h."}
@@ -67,6 +71,8 @@ OPERATIONS: dict[str, Operation] = {
         },
         form=s.JobSubmission,
         headers=IDEMPOTENCY,
+        located=True,
+        replays=True,
         query={
             "wait": wait_query(
                 "Hold the answer until the job ends (201 with the finished job) or "
@@ -82,6 +88,7 @@ OPERATIONS: dict[str, Operation] = {
         },
         form=s.BatchSubmission,
         headers=IDEMPOTENCY,
+        replays=True,
     ),
     "jobs.read_jobs": Operation(
         {200: s.JobList, 422: s.Error},
@@ -166,7 +173,7 @@ def _operation(endpoint: str, path: str, params: list[str], doc: str) -> dict[st
     if spec is None:  # an endpoint not described yet: any answer, but never a 5xx
         responses["default"] = {"description": "See the endpoint's documentation."}
     else:
-        responses.update({str(k): _response(k, v) for k, v in spec.responses.items()})
+        responses.update({str(k): _response(k, v, spec) for k, v in spec.responses.items()})
         parameters += [
             {
                 "name": h,
@@ -202,7 +209,9 @@ def _operation(endpoint: str, path: str, params: list[str], doc: str) -> dict[st
     return op
 
 
-def _response(status: int, body: type[BaseModel] | str) -> dict[str, Any]:
+def _response(
+    status: int, body: type[BaseModel] | str, spec: Operation | None = None
+) -> dict[str, Any]:
     if isinstance(body, str):
         schema: dict[str, Any] = {"type": "string", "format": "binary"} if body == PNG else {}
         content = {body: {"schema": schema}}
@@ -210,10 +219,16 @@ def _response(status: int, body: type[BaseModel] | str) -> dict[str, Any]:
         ref = {"$ref": f"#/components/schemas/{body.__name__}"}
         content = {"application/json": {"schema": ref}}
     out: dict[str, Any] = {"description": ERROR_TEXT.get(status, "OK"), "content": content}
-    if status in (429, 503):
-        out["headers"] = RETRY_AFTER
-    if status in (201, 202):
-        out["headers"] = {"Location": {"description": "The job URL.", "schema": {"type": "string"}}}
+    headers: dict[str, Any] = {}
+    if status in (429, 503) or (status == 409 and spec is not None and spec.replays):
+        headers.update(RETRY_AFTER)
+    if status in (200, 201, 202) and spec is not None and spec.located:
+        headers["Location"] = {"description": "The job URL.", "schema": {"type": "string"}}
+    if status == 200 and spec is not None and spec.replays:
+        out["description"] = "An Idempotency-Key replay: the job(s) the first request stored."
+        headers["Idempotent-Replayed"] = {"description": "1", "schema": {"type": "string"}}
+    if headers:
+        out["headers"] = headers
     if status == 401:
         out["headers"] = {
             "WWW-Authenticate": {

@@ -17,7 +17,7 @@ from segsvc.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from segsvc.ml.imaging import load_rgb, resize_to_model
+from segsvc.ml.imaging import draft_scale, load_rgb, resize_to_model
 
 # Pillow's format name -> the content type stored. "MPO" is a multi-picture JPEG (phones and
 # cameras write them): a JPEG whose first frame is the primary image, which is what decodes.
@@ -41,9 +41,10 @@ class ValidatedImage:
     model_input: bytes  # 128x128x3 uint8, row-major
 
 
-# A picture over this many pixels decoded at full size takes ~10 bytes of memory per pixel at
-# its peak (~420 MB at 40 MP): a server bounds how many of those run at once (`large_decode`).
-# JPEGs decode for the model at a reduced DCT scale and never count.
+# A picture over this many pixels decoded takes ~10 bytes of memory per pixel at its peak
+# (~420 MB at 40 MP): a server bounds how many of those run at once (`large_decode`). JPEGs
+# count the pixels of their reduced DCT scale (`draft_scale`): a square 40 MP photo decodes
+# at 1/8, 0.6 MP, but a 65000 x 500 strip at full size.
 LARGE_DECODE_PIXELS = 4_000_000
 
 
@@ -74,14 +75,15 @@ def validate_image(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
-                pixels = img.width * img.height
+                width, height = img.size
     except Exception as exc:  # _sniff_format opened these bytes, so this should not happen
         raise InvalidImageError(f"The image could not be decoded: {exc}") from exc
+    pixels = width * height
     if pixels > max_pixels:
         raise InvalidImageError(
             f"The image has {pixels} pixels, more than the limit of {max_pixels}."
         )
-    large = fmt != "JPEG" and pixels > LARGE_DECODE_PIXELS
+    large = pixels / draft_scale(fmt, width, height) ** 2 > LARGE_DECODE_PIXELS
     with large_decode() if large else nullcontext():
         try:
             with warnings.catch_warnings():

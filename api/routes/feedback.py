@@ -8,10 +8,12 @@ from flask import Blueprint, Response, jsonify, request
 
 from api.auth import authenticate_request, current_client
 from api.context import db, settings
+from api.routes.jobs import check_files_are_files, large_decode_turn
 from segsvc.errors import PayloadTooLargeError
 from segsvc.models import Feedback
 from segsvc.serialize import iso
 from segsvc.services import feedback as feedback_service
+from segsvc.services import limits
 
 bp = Blueprint("feedback", __name__, url_prefix="/v1")
 bp.before_request(authenticate_request)
@@ -19,9 +21,14 @@ bp.before_request(authenticate_request)
 
 @bp.post("/jobs/<job_id>/feedback")
 def post_feedback(job_id: str) -> tuple[Response, int]:
-    """Validate and store feedback; the mask must match the input's size with values 0..2."""
+    """Validate and store feedback; the mask must match the input's size with values 0..2.
+
+    Each post takes one of the key's submission tokens (a mask is decoded, as an upload is)."""
+    cfg = settings()
+    limits.check_rate(client_key=str(current_client().id), settings=cfg)
+    check_files_are_files("mask")
     upload = request.files.get("mask")
-    limit = settings().max_upload_bytes
+    limit = cfg.max_upload_bytes
     mask = upload.read(limit + 1) if upload is not None else None
     if mask is not None and len(mask) > limit:
         raise PayloadTooLargeError(f"The mask is larger than the limit of {limit} bytes.")
@@ -32,6 +39,7 @@ def post_feedback(job_id: str) -> tuple[Response, int]:
         client_id=current_client().id,
         mask_png=mask,
         rating=request.form.get("rating"),
+        large_decode=large_decode_turn,
     )
     session.commit()
     return jsonify(feedback_body(row)), 201

@@ -19,7 +19,13 @@ from api.context import celery, db, settings
 from api.schemas import accepted_body, job_body
 from segsvc import notify
 from segsvc.blobs import blob_store
-from segsvc.errors import BadRequestError, SegError, UnavailableError, ValidationError
+from segsvc.errors import (
+    BadRequestError,
+    RateLimitedError,
+    SegError,
+    UnavailableError,
+    ValidationError,
+)
 from segsvc.images import LARGE_DECODE_PIXELS, ValidatedImage, validate_image
 from segsvc.models import Job
 from segsvc.queue import enqueue_jobs
@@ -38,9 +44,9 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     """Validate an upload, store the job, commit, then enqueue its id; `?wait=S` then holds
     the answer up to S seconds and returns the finished job (201) if it ends by then."""
     wait = job_service.parse_wait(request.args.get("wait"))  # a bad value stores nothing
-    cfg = settings()
-    limits.check_rate(client_key=str(current_client().id), settings=cfg)
+    _charge(cost=1, batch=False)
     upload = request.files.get("image")
+    check_files_are_files("image")
     if upload is None:
         raise BadRequestError("Send the image as multipart/form-data in the field 'image'.")
     _check_part_names()
@@ -94,7 +100,7 @@ class BatchesBusyError(UnavailableError):
 
 
 @bp.post("/jobs/batch")
-def submit_batch() -> tuple[Response, int]:
+def submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str]]:
     """Submit several images at once (repeat the field 'image'): all are accepted, or none.
 
     One request, one transaction and one queue message for the lot; each image becomes its own
@@ -123,10 +129,11 @@ def _turn(
         slots.release()
 
 
-def _submit_batch() -> tuple[Response, int]:
+def _submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str]]:
     cfg = settings()
     request.max_content_length = cfg.batch_submit_max_bytes + MULTIPART_OVERHEAD
     uploads = request.files.getlist("image")
+    check_files_are_files("image")
     if not uploads:
         raise BadRequestError("Send the images as multipart/form-data, each in a field 'image'.")
     if len(uploads) > cfg.batch_submit_max_images:
@@ -135,7 +142,7 @@ def _submit_batch() -> tuple[Response, int]:
         )
     _check_part_names()
     _check_single("webhook")
-    limits.check_rate(client_key=str(current_client().id), settings=cfg, cost=len(uploads))
+    _charge(cost=len(uploads), batch=True)
     images = []
     for index, upload in enumerate(uploads):
         try:
@@ -153,7 +160,8 @@ def _submit_batch() -> tuple[Response, int]:
         session=session, client_id=client_id, req=idem, count=len(images)
     )
     if replay:  # as in submit_job: the webhook was checked when the jobs were made
-        return jsonify({"jobs": [accepted_body(job) for job in replay]}), 200
+        body = {"jobs": [accepted_body(job) for job in replay]}
+        return jsonify(body), 200, {"Idempotent-Replayed": "1"}
     keys = idempotency.batch_keys(idem, len(images)) if idem else None
     jobs = _store_and_enqueue(images, idem, keys, _webhook(), None)
     return jsonify({"jobs": [accepted_body(job) for job in jobs]}), 202
@@ -183,6 +191,31 @@ def read_jobs() -> Response:
     )
 
 
+def _charge(*, cost: int, batch: bool) -> None:
+    """Take the request's submission tokens, unless it is a keyed retry of a request that
+    stored its jobs already (its answer is the replay, which stores nothing): a client whose
+    202 was lost must not be refused its own jobs' ids for the rate it paid once."""
+    client_id = current_client().id
+    try:
+        limits.check_rate(client_key=str(client_id), settings=settings(), cost=cost)
+    except RateLimitedError:
+        raw_key = request.headers.get("Idempotency-Key")
+        if raw_key is None or not idempotency.key_has_jobs(
+            session=db(), client_id=client_id, raw_key=raw_key, batch=batch
+        ):
+            raise
+
+
+def check_files_are_files(name: str) -> None:
+    """Refuse a part `name` sent without a filename: werkzeug files it as a text field, where
+    it would be ignored (a batch would store the other images and answer 202)."""
+    if name in request.form:
+        raise BadRequestError(
+            f"The part {name!r} came without a filename, so it is not a file upload; send "
+            f"it as a file (curl -F {name}=@photo.jpg)."
+        )
+
+
 def _check_part_names() -> None:
     if None in request.form or None in request.files:  # werkzeug keeps nameless parts as None
         raise BadRequestError("Every multipart part needs a name (RFC 7578).")
@@ -202,7 +235,7 @@ def _validate(upload: FileStorage) -> ValidatedImage:
         upload.read(cfg.max_upload_bytes + 1),
         max_bytes=cfg.max_upload_bytes,
         max_pixels=cfg.max_pixels,
-        large_decode=_large_decode_turn,
+        large_decode=large_decode_turn,
     )
 
 
@@ -282,7 +315,7 @@ class LargeDecodesBusyError(UnavailableError):
     code = "large_decodes_busy"
 
 
-def _large_decode_turn() -> ContextManager[None]:
+def large_decode_turn() -> ContextManager[None]:
     return _turn(
         LARGE_DECODES_AT_ONCE,
         LARGE_DECODE_WAIT_S,
@@ -297,7 +330,7 @@ def read_overlay(job_id: str) -> Response:
     session, scope, store = db(), _scope(), blob_store(settings())
     job = job_service.get_finished_job(session=session, job_id=job_id, client_id=scope)
     large = job.input_width * job.input_height > LARGE_DECODE_PIXELS
-    with _large_decode_turn() if large else nullcontext():
+    with large_decode_turn() if large else nullcontext():
         data = job_service.read_overlay_png(
             session=session, job_id=job_id, client_id=scope, store=store
         )
@@ -346,6 +379,7 @@ def _scope() -> uuid.UUID | None:
 
 def _png(data: bytes, job_id: str, kind: str) -> Response:
     resp = Response(data, mimetype="image/png")
-    resp.headers["Content-Disposition"] = f'inline; filename="{job_id}-{kind}.png"'
+    name = job_service.parse_job_id(job_id)  # found already: its canonical form
+    resp.headers["Content-Disposition"] = f'inline; filename="{name}-{kind}.png"'
     resp.headers["Cache-Control"] = "private, max-age=86400, immutable"
     return resp

@@ -6,7 +6,8 @@ import io
 import logging
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -39,9 +40,19 @@ class InvalidRatingError(SegError):
     http_status = 422
 
 
-def validate_mask(data: bytes, *, width: int, height: int) -> None:
+def validate_mask(
+    data: bytes,
+    *,
+    width: int,
+    height: int,
+    large_decode: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> None:
     """Decode a corrected mask and check its format, size and class values (Pillow only: the
-    API does not load NumPy)."""
+    API does not load NumPy). A mask over LARGE_DECODE_PIXELS decodes inside
+    `large_decode()`, as an upload that size does (1-2 bytes per pixel, but a server bounds
+    every large decode the same way)."""
+    from segsvc.images import LARGE_DECODE_PIXELS  # images imports this package's neighbours
+
     if not data:
         raise BadRequestError("The uploaded mask file is empty.")
     try:
@@ -60,10 +71,11 @@ def validate_mask(data: bytes, *, width: int, height: int) -> None:
             raise InvalidMaskError(
                 f"The mask is {img.width}x{img.height}; the job's input is {width}x{height}."
             )
-        try:
-            bad = _values_out_of_range(img)
-        except (OSError, ValueError, SyntaxError):
-            raise InvalidMaskError("The mask PNG could not be decoded.") from None
+        with large_decode() if width * height > LARGE_DECODE_PIXELS else nullcontext():
+            try:
+                bad = _values_out_of_range(img)
+            except (OSError, ValueError, SyntaxError):
+                raise InvalidMaskError("The mask PNG could not be decoded.") from None
     if bad:
         shown = ", ".join(str(v) for v in bad[:5])
         raise InvalidMaskError(
@@ -78,7 +90,8 @@ def _values_out_of_range(img: Image.Image) -> list[int]:
         counts = img.histogram()
         return [value for value in range(NUM_CLASSES, len(counts)) if counts[value]]
     bad: set[int] = set()
-    for value in img.convert("I").getextrema():  # one band: (lowest, highest)
+    # One band: (lowest, highest), read as decoded (16-bit masks are not widened to 32 bits).
+    for value in img.getextrema():
         if isinstance(value, int) and not 0 <= value < NUM_CLASSES:
             bad.add(value)
     return sorted(bad)
@@ -101,8 +114,10 @@ def submit_feedback(
     client_id: uuid.UUID | None,
     mask_png: bytes | None = None,
     rating: str | None = None,
+    large_decode: Callable[[], AbstractContextManager[object]] = nullcontext,
 ) -> Feedback:
-    """Validate and store feedback for a finished job of `client_id` (None: any)."""
+    """Validate and store feedback for a finished job of `client_id` (None: any); a large
+    mask decodes inside `large_decode()` (see `validate_mask`)."""
     value = validate_rating(rating)
     if mask_png is None and value is None:
         raise BadRequestError(
@@ -112,7 +127,9 @@ def submit_feedback(
     if job.status != JobStatus.SUCCEEDED:
         raise ConflictError(f"Job {job.id} is {job.status}; feedback is for succeeded jobs.")
     if mask_png is not None:
-        validate_mask(mask_png, width=job.input_width, height=job.input_height)
+        validate_mask(
+            mask_png, width=job.input_width, height=job.input_height, large_decode=large_decode
+        )
         if not _has_input(session=session, job_id=job.id):
             raise ConflictError(f"Job {job.id}'s input is no longer kept; a mask cannot be used.")
         # Training uses a job's newest mask only: an older one is dead weight (a client fixing

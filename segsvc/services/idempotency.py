@@ -61,8 +61,32 @@ def find_replay(*, session: Session, client_id: object, req: IdempotentRequest) 
 def batch_keys(req: IdempotentRequest, count: int) -> list[str]:
     """The stored keys of a batch's jobs, one per image. They start with a control character,
     which a client's own key cannot contain, so they never collide with a single submit's."""
-    digest = hashlib.sha256(req.key.encode()).hexdigest()
-    return [f"\x1fbatch:{digest}:{index}" for index in range(count)]
+    return [_batch_key(req.key, index) for index in range(count)]
+
+
+def _batch_key(key: str, index: int) -> str:
+    return f"\x1fbatch:{hashlib.sha256(key.encode()).hexdigest()}:{index}"
+
+
+def key_has_jobs(*, session: Session, client_id: object, raw_key: str | None, batch: bool) -> bool:
+    """Whether a request under this key already stored its job(s) within the window: a retry
+    whose answer will be the replay (or a 422, for another body). Cheap, before the body is
+    read: a retry must not be refused for the rate its first try already paid."""
+    key = (raw_key or "").strip()
+    if not key or len(key) > MAX_KEY_LENGTH:
+        return False
+    stored = _batch_key(key, 0) if batch else key
+    return bool(
+        session.scalar(
+            select(Job.id)
+            .where(
+                Job.client_id == client_id,
+                Job.idempotency_key == stored,
+                Job.created_at >= db_time(session) - KEY_WINDOW,
+            )
+            .limit(1)
+        )
+    )
 
 
 def find_batch_replay(

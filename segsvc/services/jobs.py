@@ -105,9 +105,18 @@ def create_jobs(
 def parse_job_id(raw: str) -> uuid.UUID:
     """A job id from a URL; anything malformed is simply not found."""
     try:
-        return uuid.UUID(raw)
+        return _uuid(raw)
     except (ValueError, TypeError, AttributeError):
         raise NotFoundError(f"No job {raw[:64]!r}.") from None
+
+
+def _uuid(raw: str) -> uuid.UUID:
+    """A UUID written in ASCII: `uuid.UUID` parses through `int()`, which also takes other
+    scripts' digits (Arabic-Indic, fullwidth), so one job would have many ids, and the raw
+    text of such an id is not a valid header value."""
+    if not raw.isascii():
+        raise ValueError("not ASCII")
+    return uuid.UUID(raw)
 
 
 def get_job(
@@ -175,7 +184,7 @@ def parse_job_ids(raw: str | None) -> list[uuid.UUID]:
     if len(values) > MAX_JOBS_PER_READ:
         raise ValidationError(f"At most {MAX_JOBS_PER_READ} ids per request.")
     try:
-        return list(dict.fromkeys(uuid.UUID(v) for v in values))
+        return list(dict.fromkeys(_uuid(v) for v in values))
     except ValueError:
         raise ValidationError("Every id must be a job id (a UUID).") from None
 

@@ -21,6 +21,7 @@ from segsvc.ml.preprocess import encode_mask_png
 from segsvc.models import Job
 from segsvc.settings import Settings
 from tests.api.test_jobs import mark_succeeded, png_bytes
+from tests.conftest import encode_image
 
 
 def submit_batch(client, auth, images: list[bytes], headers=None, **fields):  # type: ignore[no-untyped-def]
@@ -290,3 +291,33 @@ def test_a_batch_that_waits_too_long_for_its_turn_is_told_to_retry(  # type: ign
     assert 0.25 <= waited < 3
     assert job_count(settings) == 0
     assert submit_batch(client, auth, [png_bytes()]).status_code == 202  # both turns given back
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]:
+    """A multipart body of (name, filename or None, content) parts, and its Content-Type."""
+    boundary = "segsvc-test-boundary"
+    body = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (
+            f'; filename="{filename}"' if filename is not None else ""
+        )
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        body += content + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs/batch", "/v1/jobs"])
+def test_an_image_part_without_a_filename_is_refused_and_stores_nothing(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, path: str
+) -> None:
+    """curl -F "image=<x.jpg" sends a part without a filename, which werkzeug files as text: a
+    batch dropped it, stored the other images and answered 202."""
+    image = encode_image(Image.new("RGB", (64, 48), (120, 80, 40)))
+    parts = [("image", "a.png", image), ("image", None, image)]
+    body, content_type = multipart(parts if "batch" in path else parts[1:])
+    resp = client.post(path, headers={**auth, "Content-Type": content_type}, data=body)
+    assert resp.status_code == 400, resp.get_json()
+    assert resp.get_json()["error"] == "bad_request"
+    assert "without a filename" in resp.get_json()["message"]
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0

@@ -119,3 +119,50 @@ def test_feedback_on_another_clients_job_is_not_found(  # type: ignore[no-untype
 def test_feedback_needs_an_api_key(client, settings: Settings, auth) -> None:  # type: ignore[no-untyped-def]
     job_id = submit_and_finish(client, auth, settings)
     assert post(client, {}, job_id, rating="good").status_code == 401
+
+
+def test_feedback_takes_a_submission_token(settings: Settings, auth) -> None:  # type: ignore[no-untyped-def]
+    """A mask is decoded, as an upload is: feedback is rate-limited with the key's submits."""
+    from api.app import create_app
+
+    limited = settings.model_copy(update={"rate_limit_per_minute": 1, "rate_limit_burst": 2})
+    client = create_app(limited).test_client()
+    job_id = submit_and_finish(client, auth, settings)  # one token
+    assert post(client, auth, job_id, rating="good").status_code == 201  # the other
+    resp = post(client, auth, job_id, mask=good_mask())
+    assert resp.status_code == 429
+    assert resp.get_json()["error"] == "rate_limited"
+
+
+def test_feedback_mask_part_without_a_filename_is_400(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """Sent as text (no filename), the mask was ignored and the answer was 201, has_mask false."""
+    job_id = submit_and_finish(client, auth, settings)
+    resp = client.post(
+        f"/v1/jobs/{job_id}/feedback",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"mask": "not a file", "rating": "bad"},
+    )
+    assert resp.status_code == 400
+    assert "without a filename" in resp.get_json()["message"]
+    with session_scope(settings) as session:
+        assert session.scalar(select(Feedback)) is None
+
+
+def test_a_large_feedback_mask_waits_for_a_large_decode_turn(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, monkeypatch
+) -> None:
+    from api.routes import jobs as routes
+    from segsvc import images
+
+    job_id = submit_and_finish(client, auth, settings)  # an 80 x 60 input
+    monkeypatch.setattr(images, "LARGE_DECODE_PIXELS", 80 * 60 - 1)
+    monkeypatch.setattr(routes, "LARGE_DECODE_WAIT_S", 0.2)
+    routes.LARGE_DECODES_AT_ONCE.acquire()  # another large picture is being decoded
+    try:
+        busy = post(client, auth, job_id, mask=good_mask())
+    finally:
+        routes.LARGE_DECODES_AT_ONCE.release()
+    assert busy.status_code == 503
+    assert busy.get_json()["error"] == "large_decodes_busy"
+    assert post(client, auth, job_id, mask=good_mask()).status_code == 201

@@ -136,7 +136,7 @@ def test_overlays_of_large_inputs_are_drawn_one_at_a_time(  # type: ignore[no-un
     assert client.get(f"/v1/jobs/{large}/overlay.png", headers=auth).status_code == 200
 
 
-def test_large_png_uploads_decode_one_at_a_time_and_jpegs_never_wait(  # type: ignore[no-untyped-def]
+def test_large_png_uploads_decode_one_at_a_time_and_drafted_jpegs_never_wait(  # type: ignore[no-untyped-def]
     client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A PNG decodes at full size; a JPEG for the model at a reduced DCT scale: only the PNG
@@ -144,13 +144,14 @@ def test_large_png_uploads_decode_one_at_a_time_and_jpegs_never_wait(  # type: i
     from api.routes import jobs as routes
     from segsvc import images
 
-    monkeypatch.setattr(images, "LARGE_DECODE_PIXELS", 64 * 48 - 1)
     monkeypatch.setattr(routes, "LARGE_DECODE_WAIT_S", 0.2)
     jpeg = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 120, 40)).save(jpeg, format="JPEG")
+    Image.new("RGB", (2048, 2048), (200, 120, 40)).save(jpeg, format="JPEG")
+    # the PNG's 300 x 300 over it; the JPEG's 2048 x 2048 at 1/8 (256 x 256) not
+    monkeypatch.setattr(images, "LARGE_DECODE_PIXELS", 256 * 256)
     routes.LARGE_DECODES_AT_ONCE.acquire()
     try:
-        busy = submit(client, auth, png_bytes((64, 48)))
+        busy = submit(client, auth, png_bytes((300, 300)))
         with session_scope(settings) as session:
             stored_while_busy = session.scalar(select(func.count()).select_from(Job))
         as_jpeg = submit(client, auth, jpeg.getvalue(), name="pet.jpg")
@@ -160,7 +161,7 @@ def test_large_png_uploads_decode_one_at_a_time_and_jpegs_never_wait(  # type: i
     assert busy.get_json()["error"] == "large_decodes_busy"
     assert stored_while_busy == 0
     assert as_jpeg.status_code == 202
-    assert submit(client, auth, png_bytes((64, 48))).status_code == 202
+    assert submit(client, auth, png_bytes((300, 300))).status_code == 202
 
 
 @pytest.mark.parametrize("path", ["/v1/jobs/{}", "/v1/jobs/{}/mask.png", "/v1/jobs/{}/overlay.png"])
@@ -175,6 +176,29 @@ def test_malformed_job_id_is_404(client, auth, raw: str) -> None:  # type: ignor
     resp = client.get(f"/v1/jobs/{raw}", headers=auth)
     assert resp.status_code == 404
     assert resp.is_json
+
+
+def test_a_job_id_in_other_scripts_digits_is_not_that_job(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings
+) -> None:
+    """`uuid.UUID` reads Arabic-Indic or fullwidth digits as digits: such an id found the job,
+    and its raw text went into Content-Disposition, a header gunicorn then refused (an HTML
+    500). It is not found now, and the header names the job's own id."""
+    job_id = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
+    mark_succeeded(settings, job_id, encode_mask_png(np.ones((48, 64), np.uint8)))
+    digit = next(i for i, c in enumerate(job_id) if c.isdigit())
+    for other in (
+        "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669",
+        "".join(chr(0xFF10 + d) for d in range(10)),  # fullwidth
+    ):
+        odd = job_id[:digit] + other[int(job_id[digit])] + job_id[digit + 1 :]
+        for path in (f"/v1/jobs/{odd}", f"/v1/jobs/{odd}/mask.png", f"/v1/jobs?ids={odd}"):
+            resp = client.get(path, headers=auth)
+            assert resp.status_code in (404, 422), (path, resp.status_code)
+            assert resp.is_json
+    resp = client.get(f"/v1/jobs/{job_id.upper()}/mask.png", headers=auth)
+    assert resp.status_code == 200
+    assert f'filename="{job_id}-mask.png"' in resp.headers["Content-Disposition"]
 
 
 def test_submit_without_file_is_400(client, auth) -> None:  # type: ignore[no-untyped-def]

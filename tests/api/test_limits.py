@@ -85,3 +85,33 @@ def test_queue_full_returns_503_with_retry_after(settings: Settings, auth) -> No
         assert session.query(Job).count() == 2
         session.execute(update(Job).values(status="succeeded"))
     assert submit(client, auth).status_code == 202
+
+
+def test_a_keyed_retry_of_a_stored_submit_is_not_refused_for_the_rate(
+    settings: Settings,
+    auth,  # type: ignore[no-untyped-def]
+) -> None:
+    """The 202 of a keyed submit (or batch) was lost and the key's tokens are gone: the retry,
+    same key, still gets its jobs (the replay stores nothing), where a new submit gets 429."""
+    client = limited_client(settings, rate_limit_per_minute=1, rate_limit_burst=3)
+
+    def keyed(key: str, images: int = 1):  # type: ignore[no-untyped-def]
+        path = "/v1/jobs/batch" if images > 1 else "/v1/jobs"
+        return client.post(
+            path,
+            headers={**auth, "Idempotency-Key": key},
+            data={"image": [(io.BytesIO(png()), f"{i}.png") for i in range(images)]},
+            content_type="multipart/form-data",
+        )
+
+    single, batch = keyed("k-single"), keyed("k-batch", images=2)
+    assert (single.status_code, batch.status_code) == (202, 202)  # the 3 tokens
+    assert submit(client, auth).status_code == 429
+    again = keyed("k-single")
+    assert again.status_code == 200
+    assert again.get_json()["id"] == single.get_json()["id"]
+    batch_again = keyed("k-batch", images=2)
+    assert batch_again.status_code == 200
+    assert batch_again.headers["Idempotent-Replayed"] == "1"
+    assert batch_again.get_json() == batch.get_json()
+    assert keyed("k-new").status_code == 429  # a key that stored nothing pays as usual

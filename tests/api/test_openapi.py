@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import re
 import socket
@@ -10,6 +11,7 @@ from typing import Any
 import hypothesis
 import pytest
 import schemathesis
+from PIL import Image
 from schemathesis import GenerationMode, checks
 
 from api.openapi import OPERATIONS
@@ -115,3 +117,35 @@ def test_openapi_says_what_the_routes_need_and_answer(client) -> None:  # type: 
     for form in ("JobSubmission", "BatchSubmission"):
         assert {"image", "webhook", "webhook_events"} <= set(schemas[form]["properties"])
         assert schemas[form]["required"] == ["image"]
+
+
+def test_openapi_headers_are_the_ones_the_submits_send(client, auth) -> None:  # type: ignore[no-untyped-def]
+    """The batch's 202 has no Location (it named one); a replay's 200 carries
+    Idempotent-Replayed, a key in use's 409 Retry-After; the 410 says what it means."""
+    doc = client.get("/openapi.json").get_json()
+    single = doc["paths"]["/v1/jobs"]["post"]["responses"]
+    batch = doc["paths"]["/v1/jobs/batch"]["post"]["responses"]
+    image = io.BytesIO()
+    Image.new("RGB", (32, 24)).save(image, format="PNG")
+    for path, responses in (("/v1/jobs", single), ("/v1/jobs/batch", batch)):
+        sent = []
+        for _ in range(2):  # the second is the replay
+            image.seek(0)
+            sent.append(
+                client.post(
+                    path,
+                    headers={**auth, "Idempotency-Key": f"openapi-{path}"},
+                    data={"image": (io.BytesIO(image.getvalue()), "a.png")},
+                    content_type="multipart/form-data",
+                )
+            )
+        accepted, replay = sent
+        assert (accepted.status_code, replay.status_code) == (202, 200)
+        for resp in (accepted, replay):
+            documented = set(responses[str(resp.status_code)].get("headers", {}))
+            assert ("Location" in resp.headers) == ("Location" in documented), path
+        assert replay.headers["Idempotent-Replayed"] == "1"
+        assert "Idempotent-Replayed" in responses["200"]["headers"]
+        assert "Retry-After" in responses["409"]["headers"]
+    gone = doc["paths"]["/v1/jobs/{job_id}/mask.png"]["get"]["responses"]["410"]
+    assert gone["description"] != "OK"

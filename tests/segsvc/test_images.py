@@ -4,6 +4,7 @@ import io
 import random
 import struct
 from collections import Counter
+from contextlib import AbstractContextManager, nullcontext
 
 import pytest
 from PIL import Image
@@ -172,3 +173,38 @@ def test_validate_image_raises_only_seg_errors_on_damaged_bytes() -> None:
     # Most damage still decodes (JPEG is forgiving); the rest must be refused cleanly.
     assert outcomes["accepted"] > 0
     assert sum(outcomes.values()) == 400
+
+
+@pytest.mark.parametrize("size", [(6000, 300), (2000, 2000), (1100, 700), (513, 4000), (300, 300)])
+def test_draft_scale_is_the_scale_pillow_decodes_a_jpeg_at(size: tuple[int, int]) -> None:
+    from segsvc.ml.imaging import IMAGE_SIZE, draft_scale
+
+    data = encode_image(Image.new("RGB", size, (10, 200, 30)), "JPEG")
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
+        img.load()
+        decoded = img.size
+    scale = draft_scale("JPEG", *size)
+    assert decoded == (-(-size[0] // scale), -(-size[1] // scale))
+    assert draft_scale("PNG", *size) == 1
+
+
+def test_a_jpeg_strip_that_decodes_at_full_size_takes_a_large_decode_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A JPEG whose short side is under 512 pixels decodes at full size (65000 x 500 took
+    +250 MB): it waits for its turn like a PNG; a square JPEG of more pixels does not."""
+    from segsvc import images
+
+    monkeypatch.setattr(images, "LARGE_DECODE_PIXELS", 1_000_000)
+    turns: list[int] = []
+
+    def turn() -> AbstractContextManager[object]:
+        turns.append(1)
+        return nullcontext()
+
+    strip = encode_image(Image.new("RGB", (6000, 300), (10, 200, 30)), "JPEG")  # 1.8 MP, 1/1
+    square = encode_image(Image.new("RGB", (2048, 2048), (10, 200, 30)), "JPEG")  # 4.2 MP, 1/8
+    for data in (strip, square):
+        images.validate_image(data, max_bytes=10**8, max_pixels=10**8, large_decode=turn)
+    assert turns == [1]

@@ -203,12 +203,19 @@ def post(
 
 
 def _read_capped(resp: httpx.Response, cap: int, *, deadline: float) -> str:
-    """At most `cap` bytes of the body; a receiver cannot make us read (or wait) for more."""
+    """At most `cap` bytes of the body; a receiver cannot make us read (or wait) for more.
+
+    The status line has arrived by now, and it is the answer: a body that stalls past the
+    attempt's deadline ends the read, not the attempt (a 200 whose body never finished was
+    counted a timeout and sent again for days, and such a 410 never disabled anything)."""
     data = b""
-    for chunk in resp.iter_raw():
-        data += chunk
-        if len(data) >= cap or time.perf_counter() > deadline:
-            break
+    try:
+        for chunk in resp.iter_raw():
+            data += chunk
+            if len(data) >= cap or time.perf_counter() > deadline:
+                break
+    except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError):
+        pass  # what came before the stall (or the cut connection) is kept
     # Postgres text cannot hold NUL, and a binary or compressed answer often has one: storing
     # it as it came failed the attempt's transaction, so the message was sent again for ever.
     return data[:cap].decode("utf-8", errors="replace").replace("\x00", "\ufffd")

@@ -16,7 +16,14 @@ Resolver = Callable[[str, int], list[str]]
 MAX_URL_LENGTH = 2048
 METADATA = frozenset(
     ipaddress.ip_address(a)
-    for a in ("169.254.169.254", "fd00:ec2::254", "169.254.170.2", "100.100.100.200")
+    # AWS (v4, v6), ECS task metadata, Alibaba, Oracle Cloud's legacy endpoint
+    for a in (
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "169.254.170.2",
+        "100.100.100.200",
+        "192.0.0.192",
+    )
 )
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 

@@ -31,6 +31,8 @@ class ReplayCache:
 
     def __init__(self, ttl_s: float = 2 * TOLERANCE_S) -> None:
         self._ttl = ttl_s
+        # In insertion order, which is expiry order (one TTL for all): the expired ones are
+        # always at the front, so forgetting them costs O(1) per key, whatever the load.
         self._seen: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
@@ -38,10 +40,12 @@ class ReplayCache:
         """Record `key`; False when it was already there (a replay)."""
         now = time.monotonic()
         with self._lock:
-            if len(self._seen) > 10_000:  # forget expired keys now and then, not every call
-                self._seen = {k: t for k, t in self._seen.items() if t > now}
-            expires = self._seen.get(key)
-            if expires is not None and expires > now:
+            while self._seen:
+                oldest, expires = next(iter(self._seen.items()))
+                if expires > now:
+                    break
+                del self._seen[oldest]
+            if key in self._seen:  # every key left is live
                 return False
             self._seen[key] = now + self._ttl
             return True
@@ -65,13 +69,19 @@ def verify_webhook(
     process each event once.
     """
     lowered = {k.lower(): v for k, v in headers.items()}
+    # Integer seconds, as the spec and our sender write it: the library reads the header with
+    # float(), so "1795774731.0", " +1795774731" or "1_795774731" would verify too, each a new
+    # replay-cache key for one captured request.
+    stamp = lowered.get("webhook-timestamp", "")
+    if not (stamp.isascii() and stamp.isdigit()):
+        raise WebhookVerificationError("Malformed webhook-timestamp: integer seconds expected")
     try:
         event = Webhook(secret).verify(body, lowered)
     except WebhookVerificationError:
         raise
     except (ValueError, TypeError) as exc:  # malformed signature list or base64
         raise WebhookVerificationError(f"Malformed signature headers: {exc}") from None
-    key = (lowered["webhook-id"], lowered["webhook-timestamp"])
+    key = (lowered["webhook-id"], str(int(stamp)))  # "0179..." is the same second
     if not (replay_cache or _default_cache).add(key):
         raise WebhookReplayError("This delivery was already received (replay)")
     return event

@@ -169,3 +169,44 @@ def test_connecting_to_many_silent_addresses_ends_by_the_attempts_deadline(
             "hooks.example", 443, timeout=0.25
         )
     assert time.monotonic() - started < 1.0  # not 8 x 0.25 s
+
+
+def stalling_server(status: bytes, stop: threading.Event) -> socket.socket:
+    """Answers `status` with a Content-Length of 100, sends 5 body bytes, then stalls."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 100\r\n\r\nhello")
+                stop.wait(10)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("status", "kind"), [(b"200 OK", "delivered"), (b"410 Gone", "gone")])
+def test_an_answer_whose_body_stalls_counts_by_its_status(status: bytes, kind: str) -> None:
+    """A 200 whose body never finished was a timeout, sent again for days; such a 410 never
+    disabled the endpoint. The status line is the answer; the body read just stops."""
+    stop = threading.Event()
+    server = stalling_server(status, stop)
+    port = server.getsockname()[1]
+    hook = Target(
+        url=f"http://127.0.0.1:{port}/hook", host="127.0.0.1", port=port, addresses=("127.0.0.1",)
+    )
+    try:
+        started = time.monotonic()
+        out = post(hook, body="{}", headers={}, timeout=0.6, body_cap=64)
+        assert time.monotonic() - started < 1.5
+    finally:
+        stop.set()
+        server.close()
+    assert out.kind == kind, out
+    assert out.body == "hello"

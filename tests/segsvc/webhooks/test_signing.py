@@ -85,3 +85,32 @@ def test_verify_webhook_refuses_tampered_body_and_garbage() -> None:
         verify_webhook({}, BODY, key, replay_cache=cache)
     # A refused request does not poison the cache: the genuine one still passes.
     verify_webhook(headers, BODY, key, replay_cache=cache)
+
+
+@pytest.mark.parametrize("written", ["{}.0", "{}.5", " {}", "+{}", "0{}"])
+def test_a_replay_with_the_timestamp_written_another_way_is_refused(written: str) -> None:
+    """The library reads webhook-timestamp with float() and signs its integer part, so one
+    captured request passed again as "1795774731.0", "+1795774731", ...: a new cache key each."""
+    key, cache = new_secret(), ReplayCache()
+    headers = signed([key])
+    verify_webhook(headers, BODY, key, replay_cache=cache)
+    again = {**headers, "webhook-timestamp": written.format(headers["webhook-timestamp"])}
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(again, BODY, key, replay_cache=cache)
+
+
+def test_replay_cache_forgets_expired_keys_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It rebuilt its whole dict on every add past 10,000 live keys (~5 ms each at 70,000,
+    under one lock); now it drops expired keys from the front, and live ones stay."""
+    import time as clock
+
+    now = [1000.0]
+    monkeypatch.setattr(clock, "monotonic", lambda: now[0])
+    cache = ReplayCache(ttl_s=10)
+    for i in range(50_000):
+        assert cache.add((f"id{i}", "1"))
+    assert not cache.add(("id49999", "1"))  # live: a replay
+    now[0] += 11
+    assert cache.add(("new", "1"))
+    assert len(cache._seen) == 1  # the 50,000 expired ones are gone
+    assert cache.add(("id0", "1"))  # and may come again

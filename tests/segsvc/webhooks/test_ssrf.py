@@ -27,6 +27,8 @@ def fake_dns(*addresses: str):  # type: ignore[no-untyped-def]
         ("172.16.5.4", "private"),
         ("169.254.169.254", "cloud metadata"),
         ("fd00:ec2::254", "cloud metadata"),
+        ("192.0.0.192", "cloud metadata"),  # Oracle Cloud's legacy endpoint
+        ("100.100.100.200", "cloud metadata"),
         ("169.254.1.1", "link-local"),
         ("fe80::1", "link-local"),
         ("fd00::1", "private"),

@@ -208,8 +208,11 @@ class _Run:
             return self._finish("failed", f"evaluation folder not found: {cfg.eval_data_dir}")
         if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
             return self._finish("failed", f"training folder not found: {cfg.train_data_dir}")
-        from retrain.dataset import folder_overlap, image_digests
+        from retrain.dataset import folder_overlap, image_digests, list_pairs
 
+        pairs = len(list_pairs(cfg.eval_data_dir))
+        if pairs < cfg.gate_min_eval_images:  # before hours of training, not after
+            return self._finish("failed", self._too_few_eval_images(pairs))
         # Hashed once: for the folder check here and for the labels left out of training.
         plan["held_out"] = image_digests(cfg.eval_data_dir)
         if cfg.train_data_dir is not None:
@@ -223,6 +226,13 @@ class _Run:
             plan["production"]["version"],
         )
         return plan
+
+    def _too_few_eval_images(self, count: int, kind: str = "") -> str:
+        return (
+            f"{count} {kind}image/trimap pairs in the evaluation folder "
+            f"{self.settings.eval_data_dir}; the gate needs "
+            f"{self.settings.gate_min_eval_images} (SEG_GATE_MIN_EVAL_IMAGES)"
+        )
 
     def _artifact_path(self) -> Path:
         return model_files.candidate_path(self.settings, run_id=self.run_id, at=utcnow())
@@ -335,8 +345,8 @@ class _Run:
         results = []
         for path in (candidate, production):
             metrics = evaluate_model(load_model(path), eval_dir, split="all")
-            if not metrics["images"]:
-                raise ValueError(f"no usable evaluation pairs in {eval_dir}")
+            if metrics["images"] < self.settings.gate_min_eval_images:  # some did not decode
+                raise ValueError(self._too_few_eval_images(metrics["images"], "usable "))
             results.append(metrics)
         latencies = measure_latency([candidate, production], self.settings, self.latency_runs)
         for metrics, ms in zip(results, latencies, strict=True):

@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 from retrain.dataset import Decoded, Sample, build_dataset, concat, decode_samples, read_folder
+from segsvc.files import write_atomically
 from segsvc.ml import NUM_CLASSES
 from segsvc.ml.unet import build_unet
 
@@ -53,8 +54,22 @@ class TrainReport:
         return asdict(self)
 
     def write(self, path: str | Path) -> None:
-        """Write the report as indented JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the report as indented JSON (whole or not at all)."""
+        write_atomically(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
+
+def save_model_atomically(model: keras.Model, out: Path) -> None:
+    """Save into a file of its own beside `out`, fsync it, then rename it over `out`: a worker
+    (re)loading `out` meanwhile reads the old model or the new one, never a half-written zip,
+    and a crash leaves no truncated file under the registered name."""
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.{time.monotonic_ns()}.tmp{out.suffix}")
+    try:
+        model.save(str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def hardware_string() -> str:
@@ -150,7 +165,7 @@ def train(
     final = build_unet()
     final.set_weights(best.get_weights())
     set_bn_momentum(final)
-    final.save(str(out))
+    save_model_atomically(final, out)
     ckpt.unlink(missing_ok=True)
 
     monitor = "val_miou" if len(val_data) else "miou"
@@ -189,6 +204,24 @@ def _data_summary(train_data: Decoded, val_data: Decoded) -> dict[str, Any]:
         "skipped_total": sum(train_data.stats.skipped.values())
         + sum(val_data.stats.skipped.values()),
     }
+
+
+class EpochLog(keras.callbacks.Callback):  # type: ignore[misc]
+    """One log line per epoch (loss, mIoU, time), whatever Keras' own progress display: a
+    scheduled run shows it has not hung, in the worker's log and the run's captured log."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self._epochs = epochs
+        self._started = time.monotonic()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._started = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        shown = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted((logs or {}).items()))
+        took = time.monotonic() - self._started
+        log.info("epoch %d/%d (%.0f s): %s", epoch + 1, self._epochs, took, shown)
 
 
 def _fit(
@@ -235,6 +268,7 @@ def _fit(
         keras.callbacks.EarlyStopping(
             monitor=monitor, mode="max", patience=patience, restore_best_weights=True
         ),
+        EpochLog(epochs),
     ]
     fit = model.fit(
         train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=verbose

@@ -221,11 +221,19 @@ class Settings(BaseSettings):
         "prune-files`. Production, canary, candidate and archived versions' files stay.",
     )
     gate_miou_tolerance: float = Field(0.0, ge=0, description="Candidate mIoU may trail by this.")
+    gate_min_eval_images: int = Field(
+        20,
+        ge=1,
+        description="Usable image/trimap pairs the evaluation folder must hold: a gate on a "
+        "handful of images promotes noise. Checked before training and after evaluation.",
+    )
     gate_latency_ratio: float = Field(
         1.2, gt=0, description="Candidate latency may exceed by this."
     )
     canary_share: float = Field(0.10, gt=0, le=1, description="Share of jobs served by a canary.")
-    canary_min_jobs: int = Field(50, ge=0, description="Canary jobs before auto promote/rollback.")
+    canary_min_jobs: int = Field(
+        50, ge=1, description="Canary jobs before auto promote/rollback (0 promoted on none)."
+    )
     retention_days: int = Field(
         30, ge=1, description="Unlabeled inputs older than this are deleted."
     )

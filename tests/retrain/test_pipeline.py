@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +33,7 @@ def loop_settings(settings: Settings, tmp_path: Path, **extra: object) -> Settin
         "retrain_min_new_labels": 3,
         "gate_miou_tolerance": 1.0,
         "gate_latency_ratio": 100.0,
+        "gate_min_eval_images": 3,
         "canary_share": 0.5,
         "canary_min_jobs": 2,
         "runtime": "keras",
@@ -146,6 +148,21 @@ def test_retraining_skips_with_a_reason_when_too_few_new_labels(  # type: ignore
         assert run is not None
         assert (run.status, run.feedback_ids, run.trigger) == ("skipped", [], "schedule")
         assert run.completed_at is not None
+
+
+def test_retraining_refuses_an_evaluation_folder_too_small_to_judge_before_training(  # type: ignore[no-untyped-def]
+    settings: Settings, production_model: str, tmp_path: Path
+) -> None:
+    """Only an empty folder was refused: a gate on 1-5 images promoted noise."""
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=0, gate_min_eval_images=4)
+    started = time.monotonic()
+    result = run_retraining(cfg)
+    assert result.status == "failed"
+    assert "3 image/trimap pairs" in result.reason
+    assert "SEG_GATE_MIN_EVAL_IMAGES" in result.reason
+    assert time.monotonic() - started < 20  # no training ran
+    with session_scope(cfg) as session:
+        assert len(registry.list_versions(session=session)) == 1
 
 
 def test_retraining_fails_cleanly_without_an_evaluation_folder(  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,10 @@ from tests.retrain.test_dataset import COLOURS, make_dataset, make_mask
 
 
 @pytest.mark.slow
-def test_short_run_saves_a_loadable_model_and_report(tmp_path: Path) -> None:
+def test_short_run_saves_a_loadable_model_and_report(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="retrain")
     data = make_dataset(tmp_path / "data", n=10)
     (data / "images" / "broken.jpg").write_bytes(b"garbage")
     mask = make_mask(64, 48, seed=11)
@@ -34,7 +38,13 @@ def test_short_run_saves_a_loadable_model_and_report(tmp_path: Path) -> None:
     )
 
     assert out.is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny.json", "tiny.keras"]  # no temp
     assert not (tmp_path / "ckpt" / "best.keras").exists()  # scratch checkpoint cleaned up
+    # without Keras' progress display (a scheduled run), each epoch is still logged
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epochs) == 1
+    assert epochs[0].startswith("epoch 1/1 (")
+    assert "miou" in epochs[0]
     model = load_model(out)
     logits = np.asarray(model(np.zeros((1, 128, 128, 3), np.float32), training=False))
     assert logits.shape == (1, 128, 128, 3)
@@ -74,3 +84,30 @@ def test_init_model_weights_are_copied(tmp_path: Path) -> None:
         if isinstance(layer, keras.layers.BatchNormalization)
     }
     assert momenta == {BN_MOMENTUM}
+
+
+def test_a_model_save_that_fails_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    """`train --out` may name the file a registered version serves: it is replaced whole or
+    not at all (a worker loading it mid-write read a truncated zip)."""
+    from retrain.train import save_model_atomically
+
+    out = tmp_path / "baseline.keras"
+    out.write_bytes(b"the registered model")
+
+    class Failing:
+        def save(self, path: str) -> None:
+            Path(path).write_bytes(b"half a zi")
+            raise OSError("disk full")
+
+    class Saving:
+        def save(self, path: str) -> None:
+            assert path.endswith(".keras")  # Keras picks the format by the suffix
+            Path(path).write_bytes(b"the new model")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_model_atomically(Failing(), out)  # type: ignore[arg-type]
+    assert out.read_bytes() == b"the registered model"
+    assert [p.name for p in tmp_path.iterdir()] == ["baseline.keras"]
+    save_model_atomically(Saving(), out)  # type: ignore[arg-type]
+    assert out.read_bytes() == b"the new model"
+    assert [p.name for p in tmp_path.iterdir()] == ["baseline.keras"]

@@ -107,3 +107,11 @@ def test_a_migration_gives_up_on_a_lock_before_the_requests_behind_it_do() -> No
     assert wait(migration_lock_timeout_seconds=0) == 0.0
     unlimited = {"api_statement_timeout_seconds": 0, "worker_statement_timeout_seconds": 0}
     assert wait(db_lock_timeout_seconds=0, migration_lock_timeout_seconds=30, **unlimited) == 30
+
+
+def test_a_canary_needs_at_least_one_job_to_be_judged() -> None:
+    """0 promoted a canary at its first check with no canary job served at all."""
+    with pytest.raises(ValidationError):
+        Settings(canary_min_jobs=0)
+    with pytest.raises(ValidationError):
+        Settings(gate_min_eval_images=0)

@@ -298,7 +298,8 @@ class WebhookSecret(Base):
 
 
 class WebhookEndpoint(Base):
-    """Per-client endpoint state (a `410 Gone` disables it)."""
+    """Per-client endpoint state: a `410 Gone` disables it; consecutive failed attempts pause
+    all of its messages until `paused_until` (`segsvc.webhooks.dispatch`)."""
 
     __tablename__ = "webhook_endpoints"
     __table_args__ = (
@@ -313,6 +314,8 @@ class WebhookEndpoint(Base):
     url: Mapped[str] = mapped_column(Text)
     disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     disabled_reason: Mapped[str | None] = mapped_column(Text)
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    paused_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -195,6 +195,13 @@ class Settings(BaseSettings):
         "0,5,300,1800,7200,18000,36000",
         description="Retry delays in seconds (last one repeats until max age).",
     )
+    webhook_endpoint_pause_max_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Longest pause of an endpoint whose attempts keep failing: after each "
+        "failure in a row all its messages wait the next retry delay (5 s, then longer), at most "
+        "this, so a dead receiver holds no delivery thread another client's notices need.",
+    )
     webhook_allow_networks: str = Field(
         "", description="Comma-separated CIDRs allowed as webhook targets despite SSRF rules."
     )

@@ -13,6 +13,7 @@ import threading
 from datetime import datetime
 from typing import Any
 
+import redis
 from celery import Celery, signals
 from kombu.entity import Queue
 
@@ -27,6 +28,10 @@ from worker import observability  # noqa: F401  (JSON logs, /metrics, probe file
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0
+# Hints waiting in the broker at most. Each claimed message is leased for DISPATCH_LEASE_S: a
+# backlog claimed faster than the workers take it went stale in the queue and was claimed and
+# sent again every minute, flooding Redis with dead hints that each still cost a transaction.
+DISPATCH_HIGH_WATER = 100
 
 settings = with_db_role(get_settings(), "worker")  # SEG_WORKER_STATEMENT_TIMEOUT_SECONDS, ...
 app = make_celery(settings, name="segsvc-webhooks")
@@ -65,10 +70,32 @@ def deliver_message(cfg: Settings, message_id: str, lease: datetime) -> str:
     return status
 
 
+_redis_clients: dict[str, Any] = {}
+
+
+def hints_waiting(cfg: Settings) -> int:
+    """Delivery hints in the broker's webhooks list (0 without Redis, or when it cannot say:
+    the dispatcher then claims as before, and a lost hint only waits for its lease)."""
+    url = cfg.effective_redis_url
+    if not url:
+        return 0
+    if url not in _redis_clients:
+        _redis_clients[url] = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return int(_redis_clients[url].llen(cfg.webhook_queue_name))
+    except redis.RedisError:
+        return 0
+
+
 def dispatch_due(cfg: Settings, sender: Celery) -> int:
-    """Claim due messages in Postgres and hand them to the webhooks queue."""
+    """Claim due messages in Postgres and hand them to the webhooks queue, keeping at most
+    DISPATCH_HIGH_WATER hints waiting there (the rest stay due in Postgres until there is
+    room, oldest first)."""
+    room = DISPATCH_HIGH_WATER - hints_waiting(cfg)
+    if room <= 0:
+        return 0
     with session_scope(cfg) as session:
-        claimed = claim_due(session=session)
+        claimed = claim_due(session=session, limit=room)
     for message_id, lease in claimed:
         try:
             sender.send_task(

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.elements import ColumnElement
 
 from segsvc.db import savepoint
 from segsvc.models import (
@@ -32,7 +33,12 @@ from segsvc.services.webhooks import signing_secrets
 from segsvc.settings import Settings
 from segsvc.webhooks import outbox
 from segsvc.webhooks.delivery import Outcome
-from segsvc.webhooks.schedule import next_attempt_at, parse_retry_after, parse_schedule
+from segsvc.webhooks.schedule import (
+    next_attempt_at,
+    next_delay,
+    parse_retry_after,
+    parse_schedule,
+)
 from segsvc.webhooks.signing import encode_body, sign_headers
 
 DISPATCH_LEASE_S = 60.0  # how long a dispatched hint may wait in the broker before a re-send
@@ -59,11 +65,23 @@ def attempt_lease(settings: Settings) -> timedelta:
     return timedelta(seconds=4 * settings.webhook_timeout_seconds + 30)
 
 
+def _endpoint_of(
+    message: type[WebhookMessage] | WebhookMessage,
+) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """The conditions that match a message's endpoint row (its client's, or the anonymous)."""
+    return (
+        WebhookEndpoint.url == message.url,
+        WebhookEndpoint.client_id.is_not_distinct_from(message.client_id),
+    )
+
+
 def claim_due(*, session: Session, limit: int = 100) -> list[tuple[str, datetime]]:
     """Lease due messages for dispatch: (id, lease) pairs, oldest due first.
 
     A message waits while an earlier message of its job has not had its first attempt, so
-    `job.started` reaches a healthy receiver before `job.completed`.
+    `job.started` reaches a healthy receiver before `job.completed`; and while its endpoint is
+    paused after failing (`_endpoint_failed`), so a receiver that times out holds no delivery
+    thread but its own, and no other client's notices queue behind its backlog.
     """
     earlier = aliased(WebhookMessage)
     blocked = exists().where(
@@ -72,13 +90,15 @@ def claim_due(*, session: Session, limit: int = 100) -> list[tuple[str, datetime
         earlier.attempts == 0,
         earlier.created_at < WebhookMessage.created_at,
     )
+    now = db_now(session)
+    paused = exists().where(*_endpoint_of(WebhookMessage), WebhookEndpoint.paused_until > now)
     due = (
         WebhookMessage.status == outbox.PENDING,
-        WebhookMessage.next_attempt_at <= db_now(session),
+        WebhookMessage.next_attempt_at <= now,
     )
     ids = session.scalars(
         select(WebhookMessage.id)
-        .where(*due, ~blocked)
+        .where(*due, ~blocked, ~paused)
         .order_by(WebhookMessage.next_attempt_at)
         .limit(limit)
         .with_for_update(skip_locked=True, of=WebhookMessage)
@@ -118,6 +138,10 @@ def start_attempt(
     endpoint = outbox.find_endpoint(session=session, client_id=message.client_id, url=message.url)
     if endpoint is not None and endpoint.disabled_at is not None:
         message.status, message.next_attempt_at = outbox.DISABLED, None
+        return None
+    paused_until = endpoint.paused_until if endpoint is not None else None
+    if paused_until is not None and paused_until > db_time(session):  # since this hint was sent
+        message.next_attempt_at = paused_until  # no attempt, and none counted
         return None
     data = {**message.payload, "urls": job_urls(message.job_id, base_url=base_url(settings))}
     body = encode_body(
@@ -164,8 +188,46 @@ def finish_attempt(
         message.completed_at = now
     if outcome.kind == "gone":
         _disable_endpoint(session, message, now)
+    elif outcome.kind == "retry":
+        _endpoint_failed(session, message, outcome, now, settings)
+    elif outcome.kind == "delivered":
+        _endpoint_recovered(session, message)
     session.flush()
     return status
+
+
+def _endpoint_failed(
+    session: Session, message: WebhookMessage, outcome: Outcome, now: datetime, settings: Settings
+) -> None:
+    """A retryable failure (a timeout, a refused connection, 5xx, 429): pause every message of
+    the endpoint, for longer with each failure in a row (the retry schedule, at most
+    SEG_WEBHOOK_ENDPOINT_PAUSE_MAX_SECONDS, at least its Retry-After). Its messages then wait
+    unclaimed instead of each holding a delivery thread for the whole timeout; once the pause
+    ends they are tried again, and the first success (`_endpoint_recovered`) ends the run."""
+    endpoint = _endpoint_row(session, message)
+    session.refresh(endpoint, with_for_update=True)  # failures of concurrent attempts add up
+    endpoint.failures += 1
+    pause = min(
+        next_delay(
+            attempts_made=endpoint.failures,
+            schedule=parse_schedule(settings.webhook_schedule),
+            retry_after=parse_retry_after(outcome.retry_after, now=now),
+        ),
+        settings.webhook_endpoint_pause_max_seconds,
+    )
+    until = now + timedelta(seconds=pause)
+    if endpoint.paused_until is None or endpoint.paused_until < until:
+        endpoint.paused_until = until
+
+
+def _endpoint_recovered(session: Session, message: WebhookMessage) -> None:
+    """A delivery: the endpoint works, so its run of failures (and any pause) is over."""
+    session.execute(
+        update(WebhookEndpoint)
+        .where(*_endpoint_of(message), WebhookEndpoint.failures > 0)
+        .values(failures=0, paused_until=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _stamp(value: datetime | None) -> datetime:

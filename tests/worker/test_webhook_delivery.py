@@ -262,3 +262,34 @@ def wait_log(client: FlaskClient, auth: dict[str, str], job_id: str) -> list:  #
             return log  # type: ignore[no-any-return]
         time.sleep(0.2)
     raise AssertionError(f"no attempts for job {job_id}")
+
+
+def test_the_dispatcher_keeps_at_most_a_high_water_of_hints_in_the_broker(
+    settings: Settings,
+) -> None:
+    """A backlog claimed faster than the workers took it went stale in the queue and was
+    claimed and sent again every minute; now the rest waits, due, in Postgres."""
+    from worker import webhook_tasks
+
+    for _ in range(3):
+        finish_job(settings, start_job(settings, make_job(settings, "https://hooks.example/x")))
+    sent: list[str] = []
+
+    class Sender:
+        def send_task(self, name: str, args: list[str], queue: str) -> None:
+            sent.append(args[0])
+
+    broker = redis.Redis.from_url(settings.effective_redis_url or "")
+    queue = settings.webhook_queue_name
+    broker.delete(queue)
+    broker.rpush(queue, *[b"hint"] * (webhook_tasks.DISPATCH_HIGH_WATER - 2))
+    try:
+        assert webhook_tasks.dispatch_due(settings, Sender()) == 2  # type: ignore[arg-type]
+        assert len(sent) == 2
+        broker.rpush(queue, b"hint", b"hint")
+        assert webhook_tasks.dispatch_due(settings, Sender()) == 0  # type: ignore[arg-type]
+        broker.delete(queue)
+        assert webhook_tasks.dispatch_due(settings, Sender()) == 1  # type: ignore[arg-type]
+    finally:
+        broker.delete(queue)
+    assert len(set(sent)) == 3

@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from segsvc.db import get_sessionmaker, session_scope
 from segsvc.models import WebhookEndpoint, WebhookMessage, utcnow
@@ -278,10 +278,124 @@ def test_rotate_secret_keeps_old_one_signing_for_window(settings: Settings) -> N
 
 
 def _make_due(settings: Settings, message_id: str) -> None:
+    """Time passes for the message (and for its endpoint's pause, if it failed)."""
     with session_scope(settings) as session:
         msg = session.get(WebhookMessage, message_id)
         assert msg is not None
         msg.next_attempt_at = utcnow()
+        session.execute(
+            update(WebhookEndpoint)
+            .where(WebhookEndpoint.url == msg.url)
+            .values(paused_until=None)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _client(settings: Settings, name: str) -> uuid.UUID:
+    with session_scope(settings) as session:
+        key, _ = create_key(session=session, name=name)
+        return key.id
+
+
+def _finished_job(settings: Settings, url: str, client_id: uuid.UUID) -> str:
+    job_id = make_job(settings, url, client_id=client_id)
+    finish_job(settings, start_job(settings, job_id))
+    return messages(settings, job_id)[0].id
+
+
+def _endpoint(settings: Settings, url: str) -> WebhookEndpoint:
+    with session_scope(settings) as session:
+        endpoint = session.scalar(select(WebhookEndpoint).where(WebhookEndpoint.url == url))
+        assert endpoint is not None
+        session.expunge(endpoint)
+        return endpoint
+
+
+def test_a_failing_endpoint_pauses_its_messages_and_no_other_clients(settings: Settings) -> None:
+    """One client's receiver times out: its other messages wait, unclaimed, instead of each
+    holding a delivery thread for the whole timeout while everyone else's notices queue."""
+    dead, alive = "https://dead.example/hook", "https://alive.example/hook"
+    a, b = _client(settings, "a"), _client(settings, "b")
+    first, *backlog = [_finished_job(settings, dead, a) for _ in range(3)]
+    with session_scope(settings) as session:
+        (claimed,) = [c for c in claim_due(session=session) if c[0] == first]
+        for other in backlog:  # not claimed in that pass: they wait to be claimed later
+            session.execute(
+                update(WebhookMessage)
+                .where(WebhookMessage.id == other)
+                .values(next_attempt_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+    with session_scope(settings) as session:
+        prepared = start_attempt(
+            session=session, message_id=claimed[0], lease=claimed[1], settings=settings
+        )
+    assert prepared is not None
+    with session_scope(settings) as session:
+        timed_out = Outcome("retry", 15000.0, None, "timed out after 15 s")
+        finish_attempt(session=session, prepared=prepared, outcome=timed_out, settings=settings)
+    endpoint = _endpoint(settings, dead)
+    assert endpoint.failures == 1
+    assert endpoint.paused_until is not None
+    healthy = _finished_job(settings, alive, b)
+    same_url_other_client = _finished_job(settings, dead, b)
+    with session_scope(settings) as session:
+        due = {message_id for message_id, _ in claim_due(session=session)}
+    assert due == {healthy, same_url_other_client}  # none of the paused endpoint's backlog
+
+
+def test_a_hint_sent_before_the_pause_makes_no_attempt(settings: Settings) -> None:
+    """Hints already in the broker when the endpoint failed: each is put off to the pause's
+    end without an attempt (and without counting one)."""
+    a = _client(settings, "a")
+    ids = [_finished_job(settings, URL, a) for _ in range(2)]
+    with session_scope(settings) as session:
+        claimed = dict(claim_due(session=session))
+    with session_scope(settings) as session:
+        prepared = start_attempt(
+            session=session, message_id=ids[0], lease=claimed[ids[0]], settings=settings
+        )
+    assert prepared is not None
+    with session_scope(settings) as session:
+        finish_attempt(
+            session=session,
+            prepared=prepared,
+            outcome=Outcome("retry", 1.0, 503, "HTTP 503", retry_after="60"),
+            settings=settings,
+        )
+    with session_scope(settings) as session:
+        assert (
+            start_attempt(
+                session=session, message_id=ids[1], lease=claimed[ids[1]], settings=settings
+            )
+            is None
+        )
+    paused_until = _endpoint(settings, URL).paused_until
+    assert paused_until is not None
+    assert paused_until - utcnow() > timedelta(seconds=55)  # at least its Retry-After
+    (second,) = [m for m in messages(settings) if m.id == ids[1]]
+    assert (second.attempts, second.next_attempt_at) == (0, paused_until)
+
+
+def test_failures_in_a_row_pause_longer_and_a_delivery_ends_the_run(settings: Settings) -> None:
+    cfg = settings.model_copy(
+        update={"webhook_schedule": "0,5,300,1800", "webhook_endpoint_pause_max_seconds": 120}
+    )
+    message_id = _finished_job(cfg, URL, _client(cfg, "a"))
+    pauses = []
+    for _ in range(3):
+        _make_due(cfg, message_id)
+        assert attempt(cfg, Outcome("retry", 1.0, None, "refused")) == ["pending"]
+        endpoint = _endpoint(cfg, URL)
+        assert endpoint.paused_until is not None
+        pauses.append((endpoint.paused_until - utcnow()).total_seconds())
+    assert 3 < pauses[0] < 7  # the schedule's 5 s (+-10%)
+    assert 100 < pauses[1] <= 120  # 300 s, capped
+    assert _endpoint(cfg, URL).failures == 3
+    _make_due(cfg, message_id)
+    assert attempt(cfg, Outcome("delivered", 1.0, 204)) == ["delivered"]
+    endpoint = _endpoint(cfg, URL)
+    assert (endpoint.failures, endpoint.paused_until) == (0, None)
 
 
 def test_record_events_started_once_when_job_is_retried(settings: Settings) -> None:

@@ -79,6 +79,10 @@ class MicroBatcher:
         self._thread.join(timeout)
         self._claimer.shutdown(wait=True)
         self._post.shutdown(wait=True)
+        # A model thread still on a batch after `timeout` (the database stalled) finds the
+        # pools shut once it gets a slot, and releases its claimed jobs (`_run`): wait for
+        # that too, or the process exits holding their leases until they run out.
+        self._thread.join(timeout)
 
     def stalled(self, limit_s: float) -> str | None:
         """Why this pipeline no longer turns, or None: its model thread died, or has been on

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from celery import Celery, Task, signals
+from celery import Celery, Task, bootsteps, signals
 
 from segsvc.queue import RUN_JOB
 from worker.batcher import Item, MicroBatcher
@@ -121,8 +121,39 @@ def run_job(*job_ids: str) -> dict[str, int]:
     return get_segmenter().run_jobs(list(job_ids))
 
 
+class CloseBatcherFirst(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Warm shutdown: finish and store the batch in flight, and acknowledge its messages,
+    while the broker channel is still open.
+
+    A consumer step placed after Tasks, closed when the consumer stops for good (`close` is
+    not called when it restarts after a lost connection). Celery's own order closed the
+    channel first (Tasks.stop), which put the unacknowledged batch back on the queue for a
+    peer to take while its jobs were still leased, and sent `worker_shutdown` (where this ran
+    before) only after: the batch's acks went nowhere."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def close(self, c: Any) -> None:
+        if _batcher is None:
+            return
+        _batcher.close()
+        # The batch's acks were handed to the event loop (call_soon), which no longer turns:
+        # send them now, on the channel that is still open (kombu's Hub.close does the same,
+        # but only after the channel is gone).
+        hub = getattr(c, "hub", None)
+        for callback in hub._pop_ready() if hub is not None else ():
+            try:
+                callback()
+            except Exception:  # one failed ack must not stop the others
+                log.warning("an acknowledgement at shutdown failed", exc_info=True)
+
+
+app.steps["consumer"].add(CloseBatcherFirst)
+
+
 def _close_batcher(**_: Any) -> None:
-    """Warm shutdown: finish and store the batch in flight before the process exits."""
+    """Shutdown before the consumer fully started (no `CloseBatcherFirst.close`): finish
+    what the batcher holds anyway. Closing twice is harmless."""
     if _batcher is not None:
         _batcher.close()
 

@@ -274,3 +274,33 @@ def _hist(values: list[int]) -> dict[int, int]:
     for v in values:
         out[v] = out.get(v, 0) + 1
     return out
+
+
+def test_fault_sigterm_mid_batch_stores_and_acknowledges_it_before_the_channel_closes(
+    settings: Settings, production_model: str, auth: dict[str, str], tmp_path: Path
+) -> None:
+    """A warm shutdown finishes the batch in flight and acknowledges its messages while the
+    broker channel is still open. Celery closed the channel first (putting the unacknowledged
+    batch back on the queue, for a peer to take while its jobs were still leased) and only then
+    let the batch finish: its acks went nowhere."""
+    cfg = fast_settings(settings)
+    procs = Processes(cfg, tmp_path, PYTHONPATH=str(INJECT), SEG_FAULT_SLOW_S="1.0")
+    broker = redis.Redis.from_url(cfg.broker_url or "")
+    try:
+        victim = procs.start_worker()
+        ids = submit_all(api(cfg), auth, photos(2))
+        wait_until(
+            lambda: all(s[0] == "running" for s in statuses(cfg, ids).values()),
+            60,
+            "the batch did not start",
+        )
+        victim.terminate()  # SIGTERM: a warm shutdown
+        victim.wait(timeout=60)
+        state = statuses(cfg, ids)
+        waiting = broker.llen(cfg.queue_name)
+        unacked = broker.hlen("unacked")
+    finally:
+        procs.stop()
+    assert [s[0] for s in state.values()] == ["succeeded", "succeeded"], procs.logs()
+    assert waiting == 0, procs.logs()  # nothing of the stored batch went back to the queue
+    assert unacked == 0

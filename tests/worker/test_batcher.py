@@ -261,6 +261,21 @@ def test_a_batch_whose_close_timed_out_is_released_and_requeued(
         assert (job.status, job.lease_token, job.error_code) == (JobStatus.QUEUED, None, None)
 
 
+def test_close_waits_for_a_late_batch_to_be_released_before_it_returns(
+    settings: Settings, recorder: Recorder
+) -> None:
+    """The forward pass outlasts close()'s wait: close() shuts the pools and then waits for the
+    model thread to give the claimed jobs back, instead of returning (and the process exiting)
+    while it still holds their leases."""
+    uuids = make_jobs(settings, 1)
+    batcher = start(recorder, [str(i) for i in uuids])
+    threading.Timer(0.45, recorder.release_first_forward.set).start()
+    batcher.close(timeout=0.3)  # the first forward pass is still held when this wait ends
+    assert not batcher._thread.is_alive()
+    for job in rows(settings, uuids):
+        assert (job.status, job.lease_token) == (JobStatus.QUEUED, None)
+
+
 def test_a_batch_held_too_long_reads_as_a_stalled_pipeline(
     recorder: Recorder, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

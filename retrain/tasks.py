@@ -54,7 +54,10 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
-@shared_task(name=RETRAIN, ignore_result=True)
+# Acknowledged on receipt, not after (acks_late is every other task's default): a run longer
+# than the broker's visibility timeout (1 h) was delivered again and ran a second time. A run
+# whose worker dies is marked interrupted by the next one, which beat sends the next day.
+@shared_task(name=RETRAIN, ignore_result=True, acks_late=False)
 def retrain_task(trigger: str = "schedule") -> dict[str, Any]:
     """One retraining run; a run already in progress makes this one a logged no-op."""
     from retrain.pipeline import RetrainBusyError, run_retraining

@@ -78,7 +78,9 @@ def process_commands(settings: Settings, *, api_workers: int) -> dict[str, list[
             "-Q",
             "maintenance",
             "--pool",
-            "solo",
+            "threads",  # canary verdicts run while a training run takes the other thread
+            "--concurrency",
+            "2",
             "--hostname",
             "maintenance@%h",
             "--loglevel",

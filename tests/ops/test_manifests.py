@@ -585,3 +585,30 @@ def test_compose_publishes_only_the_api_on_every_interface() -> None:
             if name == "api":
                 continue
             assert str(port).startswith("${OPS_BIND:-127.0.0.1}:"), (name, port)
+
+
+def test_the_maintenance_worker_runs_canary_verdicts_beside_a_training_run() -> None:
+    """One solo loop ran retraining, canary checks and retention in turn: a failing canary kept
+    its share of traffic until a training run ended. Every deployment gives it two threads."""
+    from segsvc import devserver
+    from segsvc.settings import Settings
+
+    k8s = pod_spec(find(rendered("base"), "Deployment", "segsvc-maintenance-worker"))
+    commands = {
+        "k8s": k8s["containers"][0]["command"],
+        "compose": compose()["services"]["maintenance-worker"]["command"],
+        "make run": devserver.process_commands(Settings(_env_file=None), api_workers=1)[  # type: ignore[call-arg]
+            "maintenance"
+        ],
+    }
+    for where, command in commands.items():
+        pool = command[command.index("--pool") + 1]
+        concurrency = int(command[command.index("--concurrency") + 1])
+        assert (pool, concurrency >= 2) == ("threads", True), where
+
+
+def test_a_retraining_message_is_acknowledged_on_receipt() -> None:
+    """acks_late redelivered a run longer than the 1 h visibility timeout, to run again."""
+    from retrain.tasks import retrain_task
+
+    assert retrain_task.acks_late is False

@@ -71,7 +71,15 @@ def run_reconcile(cfg: Settings, celery_app: Celery) -> dict[str, object]:
     # Snapshot before the transaction opens, so that it does not sit idle while a deep queue
     # is read (and the lock wait only makes the snapshot older): a job enqueued between the
     # snapshot and the query is at worst sent twice, which the claim fence makes harmless.
-    present = broker_snapshot(cfg)
+    try:
+        present = broker_snapshot(cfg)
+    except Exception:  # Redis is down: the steps that need only Postgres still run
+        log.warning(
+            "could not read the broker; this pass ends and cancels jobs but looks for no "
+            "missing messages",
+            exc_info=True,
+        )
+        present = None
 
     def full_pass(session: Session, enqueue: Send) -> reconcile.ReconcileReport:
         return reconcile.reconcile(session=session, settings=cfg, present=present, enqueue=enqueue)

@@ -240,6 +240,23 @@ def test_reconcile_ends_canceled_jobs(settings: Settings) -> None:
     assert inputs_kept(settings, running) == inputs_kept(settings, released) == (True, False)
 
 
+def test_a_pass_without_redis_still_ends_and_cancels_jobs(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed Redis snapshot skipped the whole pass: jobs at their attempt limit and expired
+    cancel requests waited for Redis to come back, though only Postgres is needed for them."""
+    from worker import reconciler
+
+    def down(cfg: Settings) -> set[str]:
+        raise ConnectionError("Redis is down")
+
+    monkeypatch.setattr(reconciler, "broker_snapshot", down)
+    canceled = make_job(settings, cancel_requested=True)
+    report = reconcile(settings)
+    assert report["canceled"] == 1
+    assert get(settings, canceled).status == "canceled"
+
+
 def test_reconcile_runs_one_at_a_time(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     from worker import reconciler
 

@@ -145,6 +145,15 @@ class Segmenter:
                 lease_seconds=self.settings.job_lease_seconds,
                 max_attempts=self.settings.job_max_attempts,
             )
+        try:
+            return self._stack(claimed, claimed_at)
+        except Exception:
+            # Committed, so leased to this worker: give them back, or they would wait for the
+            # lease to run out and each count a lost run (the caller only knows of a failure).
+            self.release(Claim(failed=[Failure(job, "claim_failed", "") for job in claimed]))
+            raise
+
+    def _stack(self, claimed: list[Claimed], claimed_at: float) -> Claim:
         out = Claim(claimed=len(claimed), claimed_at=claimed_at)
         by_version: dict[str, tuple[LoadedModel, list[Claimed], list[Any]]] = {}
         for job in claimed:

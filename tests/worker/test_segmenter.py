@@ -115,6 +115,23 @@ def test_segmenter_failing_image_fails_only_its_job(
     assert all(j.status == JobStatus.SUCCEEDED and j.batch_size == 2 for j in good)
 
 
+def test_a_claim_that_fails_after_its_commit_gives_its_jobs_back(
+    settings: Settings, segmenter: Segmenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stacking the inputs ran out of memory after the claim committed: the jobs stayed leased
+    to this worker until the lease ran out, each then counted a lost run."""
+
+    def out_of_memory(pixels: Any) -> Any:
+        raise MemoryError("stacking the batch")
+
+    monkeypatch.setattr(segmenter_module, "normalize", out_of_memory)
+    ids = make_jobs(settings, 2)
+    with pytest.raises(MemoryError):
+        segmenter.claim([str(i) for i in ids])
+    for job in rows(settings, ids):
+        assert (job.status, job.lease_token) == (JobStatus.QUEUED, None)
+
+
 def test_segmenter_post_processing_failure_fails_its_job_with_the_version_that_ran_it(
     settings: Settings, segmenter: Segmenter, production_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 
 import httpx
@@ -95,9 +98,25 @@ def _category(ip: IPAddress) -> str | None:
     return next((why for hit, why in checks if hit), None)
 
 
-def resolve(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to (TCP), in resolver order, without duplicates."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+# A lookup of a client-chosen host name waits at most this long: a domain whose name servers
+# never answer would otherwise hold an API request (and its pooled database connection) or a
+# delivery thread for as long as the system resolver keeps retrying.
+RESOLVE_TIMEOUT_S = 5.0
+_lookups: dict[int, ThreadPoolExecutor] = {}  # per process: threads do not survive a fork
+
+
+def resolve(host: str, port: int, *, timeout: float = RESOLVE_TIMEOUT_S) -> list[str]:
+    """Every address `host` resolves to (TCP), in resolver order, without duplicates; an
+    OSError (TimeoutError) once the lookup takes over `timeout` seconds. The lookup goes on in
+    a pool thread of its own (getaddrinfo cannot be interrupted); the caller does not wait."""
+    pool = _lookups.get(os.getpid())
+    if pool is None:
+        pool = _lookups[os.getpid()] = ThreadPoolExecutor(8, thread_name_prefix="seg-dns")
+    lookup = pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = lookup.result(timeout)
+    except FuturesTimeout:
+        raise TimeoutError(f"resolving {host!r} took over {timeout:g} s") from None
     return list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
 
 

@@ -125,3 +125,33 @@ def test_check_url_refuses_port_zero(url: str) -> None:
 )
 def test_check_url_default_ports(url: str, port: int) -> None:
     assert check_url(url, resolver=fake_dns("93.184.215.14")).port == port
+
+
+def test_a_host_whose_lookup_hangs_is_unresolvable_after_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A domain whose name servers never answer held the API request (and its database
+    connection) or the delivery thread for as long as the system resolver retried."""
+    import socket
+    import threading
+    import time
+
+    from segsvc.webhooks import ssrf
+
+    release = threading.Event()
+
+    def hanging(*args: object, **kwargs: object) -> list[object]:
+        release.wait(10)  # no network: this stands in for the system resolver
+        return []
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ssrf.UnresolvableHostError):
+            check_url(
+                "https://hooks.slow.invalid/x",
+                resolver=lambda host, port: ssrf.resolve(host, port, timeout=0.3),
+            )
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()

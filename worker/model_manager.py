@@ -94,6 +94,10 @@ class NoModelError(RuntimeError):
     """No production model is registered."""
 
 
+# Builds in a row when the registry keeps moving during loads (each may take minutes).
+SETTLE_TRIES = 3
+
+
 class ModelManager:
     """Loads serving versions, keeps them current, and routes each job to one."""
 
@@ -153,7 +157,7 @@ class ModelManager:
                 # A canary no longer wanted stops serving now, not after a new version has
                 # loaded (minutes, for a conversion): `_build` still reuses what `current` holds.
                 self._switch(Routing(production=current.production))
-            new = self._switch(self._build(wanted, current=current))
+            new = self._switch(self._settled(wanted, current))
         log.info(
             "serving %s%s",
             new.production.version,
@@ -243,11 +247,35 @@ class ModelManager:
             raise NoModelError("No production model; run `segsvc models init`.")
         return _wanted(production), want_canary
 
-    def _build(self, wanted: tuple[Wanted, Wanted | None], current: Routing | None) -> Routing:
-        """Load what is not in memory yet, reusing what is (a promoted canary is not reloaded)."""
-        have = {}
-        if current is not None:
-            have = {m.version: m for m in (current.production, current.canary) if m is not None}
+    def _settled(self, wanted: tuple[Wanted, Wanted | None], current: Routing | None) -> Routing:
+        """`_build` for `wanted`, then again while the registry moved during the load (a
+        conversion takes minutes): a canary rejected or a production rolled back meanwhile is
+        not installed from the stale read, to serve until the next poll. What either table
+        holds is reused; only a version neither holds is loaded."""
+        new = self._build(wanted, current=current)
+        for _ in range(SETTLE_TRIES):
+            fresh = self._wanted()
+            if _same(new, fresh):
+                break
+            log.info("the registry changed while a version loaded; following it")
+            new = self._build(fresh, current=current, also=new)
+        return new
+
+    def _build(
+        self,
+        wanted: tuple[Wanted, Wanted | None],
+        current: Routing | None,
+        also: Routing | None = None,
+    ) -> Routing:
+        """Load what is not in memory yet, reusing what is (a promoted canary is not reloaded):
+        what `current`, and `also` (a table just built), hold."""
+        have = {
+            m.version: m
+            for table in (current, also)
+            if table is not None
+            for m in (table.production, table.canary)
+            if m is not None
+        }
         want_prod, want_canary = wanted
         production = have.get(want_prod.version) or self._load(want_prod)
         canary = None

@@ -113,6 +113,28 @@ def test_a_canary_no_longer_wanted_stops_serving_before_the_next_version_loads(
     assert manager.model_for(uuid.uuid4()).version == "second"
 
 
+def test_a_canary_rejected_while_it_loaded_is_not_installed_from_the_stale_read(
+    manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry read before a minutes-long load was installed after it: a canary rejected
+    meanwhile served its share until the next poll."""
+    from worker import model_manager
+
+    manager.load()
+    canary(settings, model_file, "late", share=1.0)
+    real = model_manager.load_model_version
+
+    def reject_while_loading(*args: object, **kwargs: object) -> object:
+        loaded = real(*args, **kwargs)  # type: ignore[arg-type]
+        set_status(settings, "late", "reject")  # an operator, during the load
+        return loaded
+
+    monkeypatch.setattr(model_manager, "load_model_version", reject_while_loading)
+    manager.refresh()
+    assert manager.routing.canary is None
+    assert {manager.model_for(uuid.uuid4()).version for _ in range(20)} == {"test-v1"}
+
+
 def canary_row(settings: Settings, version: str) -> tuple[str, str]:
     with session_scope(settings) as session:
         row = registry.get_version(session=session, version=version)
@@ -268,10 +290,13 @@ def test_a_refresh_that_read_the_registry_before_a_canary_failed_does_not_restor
     canary(settings, model_file, "cand", share=1.0)
     manager.refresh()
     real_wanted = manager._wanted
+    reads: list[object] = []
 
     def wanted_then_canary_fails() -> object:
-        wanted = real_wanted()  # still lists the canary...
-        fail_canary(manager)  # ...which fails at inference before the new table is built
+        wanted = real_wanted()  # the first read still lists the canary...
+        if not reads:
+            fail_canary(manager)  # ...which fails at inference before the new table is built
+        reads.append(wanted)
         return wanted
 
     monkeypatch.setattr(manager, "_wanted", wanted_then_canary_fails)

@@ -118,23 +118,26 @@ def run(api_workers: int) -> None:
         name: subprocess.Popen(cmd, cwd=ROOT, env=os.environ.copy())  # noqa: S603
         for name, cmd in process_commands(settings, api_workers=api_workers).items()
     }
-    _supervise(procs)
+    sys.exit(_supervise(procs))
 
 
-def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    stopping = False
+def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> int:
+    """Run until Ctrl-C or SIGTERM (0), or until a process exits by itself (1: the API could
+    not bind its port, a worker crashed), then stop the others."""
+    stopping, failed = False, False
 
     def stop(_signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stopping:
             dead = [n for n, p in procs.items() if p.poll() is not None]
             if dead:
-                click.echo(f"process {dead[0]} exited; stopping", err=True)
+                code = procs[dead[0]].returncode
+                click.echo(f"process {dead[0]} exited ({code}); stopping", err=True)
+                failed = True
                 break
             time.sleep(0.5)
     finally:
@@ -148,3 +151,6 @@ def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
         click.echo("stopped")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 1 if failed else 0

@@ -75,3 +75,19 @@ def _wait_ready(port: int, key_file: Path, proc: subprocess.Popen[bytes], log: P
                 pass
         time.sleep(0.5)
     raise AssertionError(log.read_text()[-3000:])
+
+
+def test_run_exits_non_zero_when_a_process_dies_by_itself() -> None:
+    """`segsvc run` exited 0 when, say, the API could not bind its port and stopped."""
+    import signal
+    import subprocess
+    import sys
+
+    from segsvc.devserver import _supervise
+
+    crashed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    handler = signal.getsignal(signal.SIGINT)
+    assert _supervise({"api": crashed, "worker": sleeper}) == 1
+    assert sleeper.poll() is not None  # the others were stopped
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C is the caller's again

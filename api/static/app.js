@@ -221,13 +221,23 @@ function resetResults() {
   $("job-details").textContent = "";
 }
 
+// A result over 4 MP is drawn one at a time per API process: a busy server answers 503 with
+// Retry-After, as it does 429 when the key is over its rate. Wait as told (at most 10 s, up
+// to 5 times) instead of giving up on a finished job.
+const RESULT_TRIES = 6;
+
 async function fetchBlob(path) {
-  const resp = await fetch(path, { headers: authHeaders() });
-  if (!resp.ok) {
+  for (let attempt = 1; ; attempt++) {
+    const resp = await fetch(path, { headers: authHeaders() });
+    if (resp.ok) return resp.blob();
     const body = await resp.json().catch(() => null);
-    throw new Error(describeError(resp.status, body, resp.headers));
+    if ((resp.status !== 429 && resp.status !== 503) || attempt >= RESULT_TRIES) {
+      throw new Error(describeError(resp.status, body, resp.headers));
+    }
+    const wait = parseInt(resp.headers.get("Retry-After"), 10);
+    const seconds = Number.isFinite(wait) ? Math.min(Math.max(wait, 0), 10) : attempt;
+    await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
   }
-  return resp.blob();
 }
 
 async function loadResults(job, generation) {

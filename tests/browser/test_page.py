@@ -104,6 +104,38 @@ def test_page_uploads_photo_and_shows_overlay_and_mask(
     assert "Key saved" in tab.inner_text("#key-state")  # the key survives a reload
 
 
+@pytest.mark.e2e
+def test_page_waits_out_a_busy_server_for_the_results(
+    page: tuple[Any, str], api_key: str, worker: Path
+) -> None:
+    """A result over 4 MP is drawn one at a time per API process: the page waits as the 503's
+    Retry-After says instead of giving up on a finished job (it offered no way to try again)."""
+    tab, _ = page
+    busy: list[str] = []
+
+    def first_busy(route: Any) -> None:
+        if not busy:
+            busy.append(route.request.url)
+            route.fulfill(
+                status=503,
+                headers={"Retry-After": "1", "Content-Type": "application/json"},
+                body='{"error": "large_decodes_busy", "message": "busy"}',
+            )
+        else:
+            route.continue_()
+
+    tab.route("**/overlay.png", first_busy)
+    save_key(tab, api_key)
+    tab.set_input_files("#file-input", str(sample_images(1)[0]))
+    tab.wait_for_function(
+        "() => !document.getElementById('results').hidden"
+        " && document.getElementById('overlay-img').naturalWidth > 0",
+        timeout=120_000,
+    )
+    assert len(busy) == 1, worker.read_text()[-2000:]
+    assert tab.is_hidden("#error-box")
+
+
 def test_page_explains_bad_file_and_bad_key(
     page: tuple[Any, str], api_key: str, tmp_path: Path
 ) -> None:

@@ -31,7 +31,7 @@ from segsvc.errors import ConflictError
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.preprocess import decode_mask_png
 from segsvc.models import ModelStatus, ModelVersion, TrainingRun, utcnow
-from segsvc.retrain_lock import retrain_lock
+from segsvc.retrain_lock import Held, retrain_lock
 from segsvc.services import feedback, model_files, registry, rollout
 from segsvc.settings import Settings, get_settings
 
@@ -73,7 +73,7 @@ def run_retraining(
     with retrain_lock(settings) as acquired:
         if not acquired:
             raise RetrainBusyError("Another retraining run is in progress.")
-        run = _Run(settings, trigger, steps_per_epoch, batch_size, latency_runs)
+        run = _Run(settings, trigger, steps_per_epoch, batch_size, latency_runs, acquired)
         result = run.execute()
         prune_model_files(settings)
         return result
@@ -140,14 +140,23 @@ class _Run:
     """The steps of one run; each DB write is its own short transaction."""
 
     def __init__(
-        self, settings: Settings, trigger: str, steps: int | None, batch_size: int, runs: int
+        self,
+        settings: Settings,
+        trigger: str,
+        steps: int | None,
+        batch_size: int,
+        runs: int,
+        lock: Held,
     ) -> None:
         self.settings, self.trigger = settings, trigger
         self.steps, self.batch_size, self.latency_runs = steps, batch_size, runs
+        self.lock = lock
         self.started = time.monotonic()
         self.log_buffer = io.StringIO()
         self.run_id = uuid.uuid4()
         self.registered = False  # the candidate's file is in the registry: never delete it
+        # The registering transaction was sent: if its answer was lost, it may have committed.
+        self.registering = False
 
     def execute(self) -> RunResult:
         with self._capture_logs():
@@ -161,10 +170,23 @@ class _Run:
                 return self._train_and_gate(plan, out)
             except Exception as exc:
                 log.error("retraining failed: %s\n%s", exc, traceback.format_exc())
-                if out is not None and not self.registered:
+                if out is not None and not self._maybe_registered(out):
                     out.unlink(missing_ok=True)
                     out.with_suffix(".json").unlink(missing_ok=True)
                 return self._finish("failed", f"{type(exc).__name__}: {exc}")
+
+    def _maybe_registered(self, out: Path) -> bool:
+        """Whether a version may name `out`: registered, or its commit's answer was lost (then
+        the registry says; when it cannot, the file stays, for the pruner to judge later)."""
+        if self.registered:
+            return True
+        if not self.registering:
+            return False
+        try:
+            with session_scope(self.settings) as session:
+                return registry.version_for_path(session=session, path=out.resolve()) is not None
+        except Exception:
+            return True
 
     def _open(self) -> None:
         with session_scope(self.settings) as session:
@@ -190,7 +212,10 @@ class _Run:
             production = registry.production_version(session=session)
             run = session.get(TrainingRun, self.run_id)
             assert run is not None
-            run.feedback_ids = [str(i) for i in ids]
+            # Only the labels new to this run: the union over trained runs is still every
+            # label used, and a row no longer grows with every label ever given (each run,
+            # skipped ones too, stored them all, and each snapshot read them all back).
+            run.feedback_ids = [str(i) for i in new]
             run.data_counts = {"labels": len(ids), "new_labels": len(new)}
             run.production_version = production.version if production else None
             plan: dict[str, Any] = {
@@ -273,6 +298,12 @@ class _Run:
             "training": report.data,
             "eval_images": cand_metrics["images"],
         }
+        if not self.lock.still_held():
+            # Its database session ended (a restart, a failover): another run may hold the
+            # lock now and register its own candidate; this one is not registered.
+            raise RuntimeError("the retraining lock was lost during the run (its database "
+                               "connection ended); the candidate is not registered")
+        self.registering = True
         with session_scope(cfg) as session:
             registry.register_version(
                 session=session,

@@ -4,7 +4,7 @@ safe from the model-file pruner (`segsvc.services.model_files`), which holds it 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import text
@@ -16,14 +16,36 @@ from segsvc.settings import Settings
 RETRAIN_LOCK_KEY = zlib.crc32(b"segsvc.retrain")  # the Postgres advisory lock id of retraining
 
 
+class Held:
+    """What `retrain_lock` yields: true while this process got the lock. `still_held()` asks
+    again: the lock lives as long as its database session, which a Postgres restart, a
+    failover or a dropped connection ends mid-run, freeing it for another run."""
+
+    def __init__(self, acquired: bool, check: Callable[[], bool]) -> None:
+        self.acquired = acquired
+        self._check = check
+
+    def __bool__(self) -> bool:
+        return self.acquired
+
+    def still_held(self) -> bool:
+        if not self.acquired:
+            return False
+        try:
+            return self._check()
+        except Exception:  # the lock's connection is gone, and the lock with it
+            return False
+
+
 @contextmanager
-def retrain_lock(settings: Settings) -> Iterator[bool]:
-    """Yield True while this process holds the one retraining lock, False if another does."""
+def retrain_lock(settings: Settings) -> Iterator[Held]:
+    """Yield a true `Held` while this process holds the one retraining lock, a false one if
+    another does."""
     if is_sqlite(settings):  # the embedded default runs on one machine: a file lock will do
         path = settings.var_dir / "retrain.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         with try_lock(path) as acquired:
-            yield acquired
+            yield Held(acquired, lambda: True)
         return
     # A session-level advisory lock on a connection held for the run: Postgres frees it by
     # itself if this process dies, so a crash never wedges retraining.
@@ -31,8 +53,23 @@ def retrain_lock(settings: Settings) -> Iterator[bool]:
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         key = {"k": RETRAIN_LOCK_KEY}
         got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), key))
+
+        def check() -> bool:
+            held = conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND pid = pg_backend_pid() AND classid = 0 AND objsubid = 1"
+                    " AND objid = CAST(CAST(:k AS bigint) AS oid)"
+                ),
+                key,
+            )
+            return bool(held)
+
         try:
-            yield got
+            yield Held(got, check)
         finally:
             if got:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), key)
+                try:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), key)
+                except Exception:  # the connection died: Postgres freed the lock with it
+                    pass

@@ -227,6 +227,13 @@ class Settings(BaseSettings):
         "version), are deleted once this old: after each run, or by `segsvc models "
         "prune-files`. Production, canary, candidate and archived versions' files stay.",
     )
+    model_keep_archived: int = Field(
+        3,
+        ge=1,
+        description="Archived versions (production before a promotion) whose model files "
+        "stay, newest first, besides production's parent: the rollback targets. Older "
+        "archived versions' files of retraining's own are deleted like rejected ones'.",
+    )
     gate_miou_tolerance: float = Field(0.0, ge=0, description="Candidate mIoU may trail by this.")
     gate_min_eval_images: int = Field(
         20,

@@ -53,11 +53,36 @@ def check(probe_dir: Path, *, need: tuple[str, ...], max_age: float) -> str | No
     return None
 
 
+def broker_unreachable(url: str) -> bool:
+    """Whether the Redis broker at `url` does not answer a PING within a second (False for
+    other brokers, which this cannot ask)."""
+    if not url.startswith(("redis://", "rediss://")):
+        return False
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except Exception:
+        return True
+    finally:
+        client.close()
+    return False
+
+
 def main(argv: list[str]) -> int:
-    """`python -m worker.probes [ready|alive]`: exit 0 when healthy (both files by default)."""
+    """`python -m worker.probes [ready|alive]`: exit 0 when healthy (both files by default).
+
+    A stale `alive` is excused while the broker does not answer: Celery sends no heartbeats
+    while it reconnects, and restarting a worker that only waits for Redis helps nothing (it
+    would not even get ready again until Redis is back, and be killed again for that)."""
     probe_dir = Path(os.environ.get("SEG_PROBE_DIR", "/tmp/segsvc-probes"))  # noqa: S108
     need = tuple(argv) or (READY, ALIVE)
     problem = check(probe_dir, need=need, max_age=float(os.environ.get("SEG_PROBE_MAX_AGE", 60)))
+    if problem and problem.startswith(f"{ALIVE} is "):
+        if broker_unreachable(os.environ.get("SEG_BROKER_URL", "")):
+            sys.stderr.write(f"{problem}, but the broker does not answer: waiting for it\n")
+            return 0
     if problem:
         sys.stderr.write(f"unhealthy: {problem}\n")
         return 1

@@ -10,6 +10,7 @@ from api.auth import authenticate_request, current_client
 from api.context import db, settings
 from segsvc.models import WebhookAttempt, WebhookMessage
 from segsvc.serialize import iso
+from segsvc.services import limits
 from segsvc.services import webhooks as webhook_service
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1")
@@ -50,7 +51,9 @@ def list_messages(job_id: str) -> Response:
 
 @bp.post("/jobs/<job_id>/webhooks/<message_id>/redeliver")
 def redeliver(job_id: str, message_id: str) -> tuple[Response, int]:
-    """Send a message again now (also re-enables an endpoint disabled by 410 Gone)."""
+    """Send a message again now (also re-enables an endpoint disabled by 410 Gone). Each takes
+    one of the key's submission tokens: every one makes the service POST to the client's URL."""
+    limits.check_rate(client_key=str(current_client().id), settings=settings())
     session = db()
     row = webhook_service.redeliver(
         session=session, job_id=job_id, message_id=message_id, client_id=_client_id()

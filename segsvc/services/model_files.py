@@ -127,13 +127,20 @@ def _prune(
         with session_scope(settings) as session:
             rollout.lock_registry(session)
             owners = _owners(session)
+            kept = _rollback_targets(session, settings.model_keep_archived)
             # Files age on the file system's clock; rows retire on the database's.
             retired_before = db_time(session) - timedelta(seconds=older_than_s)
             for stem, paths in sorted(_candidates(folder).items()):
                 rows = owners.get(f"{stem}.keras", [])
                 try:
                     if not _deletable(
-                        folder / f"{stem}.keras", paths, rows, cutoff, retired_before, orphans
+                        folder / f"{stem}.keras",
+                        paths,
+                        rows,
+                        cutoff,
+                        retired_before,
+                        orphans,
+                        kept,
                     ):
                         continue
                     size = sum(p.stat().st_size for p in paths)
@@ -187,6 +194,22 @@ def _prune_scratch(
         result.freed_bytes += size
 
 
+def _rollback_targets(session: Session, keep: int) -> set[str]:
+    """The archived versions a rollback may restore: production's parent and the `keep` most
+    recently archived."""
+    production = session.scalars(
+        select(ModelVersion).where(ModelVersion.status == ModelStatus.PRODUCTION)
+    ).first()
+    newest = session.scalars(
+        select(ModelVersion.version)
+        .where(ModelVersion.status == ModelStatus.ARCHIVED)
+        .order_by(ModelVersion.retired_at.desc().nulls_last(), ModelVersion.created_at.desc())
+        .limit(keep)
+    ).all()
+    parent = production.parent_version if production is not None else None
+    return {*newest, *([parent] if parent else [])}
+
+
 def _deletable(
     path: Path,
     paths: list[Path],
@@ -194,13 +217,20 @@ def _deletable(
     cutoff: float,
     retired_before: datetime,
     orphans: bool,
+    kept: set[str],
 ) -> bool:
     """Whether the files of the candidate `path` (with its report) may go now: written before
-    `cutoff` (the file system's clock) and, if registered, retired before `retired_before`
-    (the database's)."""
+    `cutoff` (the file system's clock) and, if registered, by versions rejected or archived
+    past the rollback targets (`kept`), retired before `retired_before` (the database's)."""
     if not rows:
         return orphans and max(p.stat().st_mtime for p in paths) < cutoff
-    if not all(row.status == ModelStatus.REJECTED and _names(row, path) for row in rows):
+
+    def gone(row: ModelVersion) -> bool:
+        return row.status == ModelStatus.REJECTED or (
+            row.status == ModelStatus.ARCHIVED and row.version not in kept
+        )
+
+    if not all(gone(row) and _names(row, path) for row in rows):
         return False
     if all(row.file_deleted_at is not None for row in rows):
         return True  # a pass committed its deletion, then died before removing it

@@ -47,6 +47,13 @@ def get_version(*, session: Session, version: str) -> ModelVersion:
     return row
 
 
+def version_for_path(*, session: Session, path: Path) -> ModelVersion | None:
+    """The version whose model file is `path`, if one is registered."""
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.path == str(path)).limit(1)
+    ).first()
+
+
 def record_runtime_agreement(
     *, session: Session, version: str, agreement: dict[str, dict[str, Any]], source: str
 ) -> ModelVersion:

@@ -178,7 +178,12 @@ def finish_attempt(
             next_attempt_at=None if superseded else when,
         )
     )
-    if superseded:  # redelivered or re-claimed meanwhile: only log this attempt
+    if superseded:  # redelivered or re-claimed meanwhile: only log this attempt...
+        if outcome.kind == "gone" and message.status == outbox.PENDING:
+            # ...but a 410 Gone still disables the endpoint (and the redelivered copy, which
+            # would only be answered 410 again)
+            message.status, message.next_attempt_at = outbox.DISABLED, None
+            _disable_endpoint(session, message, now)
         session.flush()
         return "superseded"
     message.attempts += 1

@@ -149,3 +149,26 @@ def test_completed_message_carries_job_json(open_client, auth, settings) -> None
     assert payload["status"] == "succeeded"
     assert payload["result"]["class_fractions"] == [0.5, 0.4, 0.1]
     assert payload["model_version"] == "test-v1"
+
+
+def test_redeliver_takes_a_rate_token(auth, settings) -> None:  # type: ignore[no-untyped-def]
+    """Each redeliver makes the service POST to the client's URL: it was not limited at all."""
+    from api.app import create_app
+
+    limited = settings.model_copy(
+        update={
+            "webhook_allow_networks": "127.0.0.0/8",
+            "rate_limit_per_minute": 1,
+            "rate_limit_burst": 2,
+        }
+    )
+    client = create_app(limited).test_client()
+    resp = submit(client, auth, webhook="http://127.0.0.1:9/hook", webhook_events="start")
+    job_id = resp.get_json()["id"]  # one token
+    start_job(settings, uuid.UUID(job_id))
+    (message,) = client.get(f"/v1/jobs/{job_id}/webhooks", headers=auth).get_json()["messages"]
+    url = f"/v1/jobs/{job_id}/webhooks/{message['id']}/redeliver"
+    assert client.post(url, headers=auth).status_code == 202  # the other
+    refused = client.post(url, headers=auth)
+    assert refused.status_code == 429
+    assert refused.get_json()["error"] == "rate_limited"

@@ -99,6 +99,24 @@ def test_probe_command_checks_ready_and_fresh_alive(tmp_path: Path, monkeypatch)
     assert main(["alive"]) == 1
 
 
+def test_a_stale_alive_is_excused_while_the_broker_does_not_answer(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch, settings: Settings
+) -> None:
+    """Celery sends no heartbeats while it reconnects to Redis: every worker's liveness probe
+    failed during a Redis outage, and the orchestrator restarted them all, to no avail."""
+    monkeypatch.setenv("SEG_PROBE_DIR", str(tmp_path))
+    write_probe(tmp_path, READY)
+    assert main(["alive"]) == 1  # missing: never excused
+    write_probe(tmp_path, ALIVE)
+    old = time.time() - 600
+    os.utime(tmp_path / ALIVE, (old, old))
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    monkeypatch.setenv("SEG_BROKER_URL", down)
+    assert main(["alive"]) == 0
+    monkeypatch.setenv("SEG_BROKER_URL", settings.broker_url or "")
+    assert main(["alive"]) == 1  # the broker answers: a stale alive is the worker's own
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_worker_exposes_series_probes_and_json_logs_after_a_job(  # type: ignore[no-untyped-def]

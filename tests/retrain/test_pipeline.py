@@ -19,6 +19,7 @@ from retrain.pipeline import RetrainBusyError, gate, retrain_lock, run_retrainin
 from segsvc.blobs import BlobMissingError
 from segsvc.db import session_scope
 from segsvc.models import Job, JobStatus, ModelStatus, TrainingRun
+from segsvc.retrain_lock import RETRAIN_LOCK_KEY
 from segsvc.services import registry, rollout
 from segsvc.settings import Settings
 from tests.retrain.test_dataset import COLOURS, make_dataset, make_mask
@@ -117,6 +118,10 @@ def test_feedback_loop_retrains_canaries_and_promotes(  # type: ignore[no-untype
     again = run_retraining(cfg, trigger="manual")
     assert again.status == "skipped"
     assert "0 new labels" in again.reason
+    with session_scope(cfg) as session:  # a run keeps the ids new to it, not every label
+        skipped = session.get(TrainingRun, uuid.UUID(again.run_id))
+        assert skipped is not None
+        assert (skipped.feedback_ids, skipped.data_counts["labels"]) == ([], 3)
 
     # The worker picks the canary up and serves its share; then the verdict promotes it.
     assert segmenter.models.refresh()
@@ -190,6 +195,81 @@ def test_only_one_retraining_run_at_a_time(settings: Settings, production_model:
         assert session.query(TrainingRun).count() == 0
     with retrain_lock(settings) as again:
         assert again  # released
+
+
+def test_the_lock_knows_when_its_database_session_ended(settings: Settings) -> None:
+    """The advisory lock lives as long as its connection: a Postgres restart or a dropped
+    connection frees it mid-run, and leaving the lock's block then must not fail the run."""
+    from sqlalchemy import text
+
+    from segsvc.db import get_engine
+
+    with retrain_lock(settings) as held:
+        assert held.still_held()
+        with get_engine(settings).connect() as other:
+            other.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND objid = CAST(CAST(:k AS bigint) AS oid) AND pid <> pg_backend_pid()"
+                ),
+                {"k": RETRAIN_LOCK_KEY},
+            )
+            other.commit()
+        assert not held.still_held()
+    with retrain_lock(settings) as again:  # freed with its session
+        assert again
+
+
+def test_a_run_that_lost_its_lock_registers_nothing(  # type: ignore[no-untyped-def]
+    settings: Settings, production_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run may hold the lock once this one lost it: registering here as well had the
+    two reject each other's canaries."""
+    from segsvc import retrain_lock as lock_module
+    from segsvc.services.model_files import models_dir
+
+    monkeypatch.setattr(lock_module.Held, "still_held", lambda self: False)
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=0)
+    result = run_retraining(cfg, steps_per_epoch=1)
+    assert result.status == "failed"
+    assert "lock was lost" in result.reason
+    with session_scope(cfg) as session:
+        assert len(registry.list_versions(session=session)) == 1
+    assert not list(models_dir(cfg).glob("ft-*.keras"))  # its file is gone too
+
+
+def test_a_registration_whose_commit_answer_was_lost_keeps_its_file(  # type: ignore[no-untyped-def]
+    settings: Settings, production_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit registering the candidate went through but its answer was lost: the run
+    fails, and its model file, which the registry now names, is not deleted."""
+    from contextlib import contextmanager
+
+    from retrain import pipeline
+
+    real_scope, real_register = pipeline.session_scope, pipeline.registry.register_version
+    registered: list[str] = []
+
+    def register(**kwargs: Any) -> Any:
+        registered.append(kwargs["version"])
+        return real_register(**kwargs)
+
+    @contextmanager
+    def lossy(cfg: Settings):  # type: ignore[no-untyped-def]
+        before = len(registered)
+        with real_scope(cfg) as session:
+            yield session
+        if len(registered) > before:  # committed; the answer is "lost"
+            raise OSError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(pipeline.registry, "register_version", register)
+    monkeypatch.setattr(pipeline, "session_scope", lossy)
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=0)
+    result = run_retraining(cfg, steps_per_epoch=1)
+    assert result.status == "failed"
+    with session_scope(cfg) as session:
+        row = registry.get_version(session=session, version=registered[0])
+    assert Path(row.path).is_file()
 
 
 def test_gate_checks_miou_tolerance_and_latency_ratio() -> None:

@@ -125,6 +125,27 @@ def test_prune_model_files_keeps_the_files_of_versions_that_may_serve(cfg: Setti
     assert "models/baseline.keras" in before
 
 
+def test_archived_versions_past_the_rollback_targets_lose_their_files(cfg: Settings) -> None:
+    """Every promotion archived the old production's ~27 MB for ever. Production's parent and
+    the newest `model_keep_archived` archived versions stay: what a rollback restores."""
+    cfg = cfg.model_copy(update={"model_keep_archived": 2})
+    archived = {}
+    for i, name in enumerate(("a-oldest", "b-older", "c-parent", "d-newer", "e-newest")):
+        archived[name] = candidate(cfg)
+        add_version(cfg, name, archived[name], ModelStatus.ARCHIVED, retired_ago=OLD - i * DAY)
+    with session_scope(cfg) as session:  # production descends from an older archived one
+        registry.get_version(session=session, version="baseline").parent_version = "c-parent"
+    result = prune_model_files(cfg)
+    assert sorted(result.versions) == ["a-oldest", "b-older"]
+    assert {name for name, path in archived.items() if path.exists()} == {
+        "c-parent",
+        "d-newer",
+        "e-newest",
+    }
+    assert deleted_at(cfg, "a-oldest") is not None
+    assert deleted_at(cfg, "c-parent") is None
+
+
 def test_prune_model_files_deletes_orphans_after_the_grace_period_only(cfg: Settings) -> None:
     crashed = candidate(cfg, 8 * DAY)  # a run died before registering it
     fresh = candidate(cfg, 1 * DAY, report=False)  # a run just wrote it

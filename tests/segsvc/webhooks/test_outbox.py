@@ -263,6 +263,36 @@ def test_a_redeliver_while_an_attempt_is_being_recorded_is_not_lost(
     assert (msg.status, msg.completed_at) == ("pending", None)  # the redeliver stands
 
 
+def test_a_410_of_an_attempt_overtaken_by_a_redeliver_still_disables_the_endpoint(
+    settings: Settings,
+) -> None:
+    """The redeliver made the attempt in flight a superseded one, whose outcome was only
+    logged: the receiver's 410 Gone was lost, and the redelivered copy went out anyway."""
+    job_id = make_job(settings, URL)
+    finish_job(settings, start_job(settings, job_id))
+    with session_scope(settings) as session:
+        ((message_id, lease),) = claim_due(session=session)
+    with session_scope(settings) as session:
+        prepared = start_attempt(
+            session=session, message_id=message_id, lease=lease, settings=settings
+        )
+    assert prepared is not None
+    with session_scope(settings) as session:
+        webhook_service.redeliver(
+            session=session, job_id=str(job_id), message_id=message_id, client_id=None
+        )
+    with session_scope(settings) as session:
+        gone = Outcome("gone", 1.0, 410)
+        status = finish_attempt(session=session, prepared=prepared, outcome=gone, settings=settings)
+    assert status == "superseded"
+    (msg,) = messages(settings, job_id)
+    assert msg.status == "disabled"
+    with session_scope(settings) as session:
+        endpoint = session.scalar(select(WebhookEndpoint).where(WebhookEndpoint.url == URL))
+        assert endpoint is not None
+        assert endpoint.disabled_at is not None
+
+
 def test_rotate_secret_keeps_old_one_signing_for_window(settings: Settings) -> None:
     with session_scope(settings) as session:
         (first,) = webhook_service.signing_secrets(session=session, client_id=None)

@@ -301,8 +301,10 @@ class _Run:
         if not self.lock.still_held():
             # Its database session ended (a restart, a failover): another run may hold the
             # lock now and register its own candidate; this one is not registered.
-            raise RuntimeError("the retraining lock was lost during the run (its database "
-                               "connection ended); the candidate is not registered")
+            raise RuntimeError(
+                "the retraining lock was lost during the run (its database "
+                "connection ended); the candidate is not registered"
+            )
         self.registering = True
         with session_scope(cfg) as session:
             registry.register_version(

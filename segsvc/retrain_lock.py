@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from sqlalchemy import text
 
@@ -69,7 +69,6 @@ def retrain_lock(settings: Settings) -> Iterator[Held]:
             yield Held(got, check)
         finally:
             if got:
-                try:
+                # A connection that died took the lock with it: nothing left to unlock.
+                with suppress(Exception):
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), key)
-                except Exception:  # the connection died: Postgres freed the lock with it
-                    pass

@@ -79,10 +79,10 @@ def main(argv: list[str]) -> int:
     probe_dir = Path(os.environ.get("SEG_PROBE_DIR", "/tmp/segsvc-probes"))  # noqa: S108
     need = tuple(argv) or (READY, ALIVE)
     problem = check(probe_dir, need=need, max_age=float(os.environ.get("SEG_PROBE_MAX_AGE", 60)))
-    if problem and problem.startswith(f"{ALIVE} is "):
-        if broker_unreachable(os.environ.get("SEG_BROKER_URL", "")):
-            sys.stderr.write(f"{problem}, but the broker does not answer: waiting for it\n")
-            return 0
+    stale = problem is not None and problem.startswith(f"{ALIVE} is ")
+    if stale and broker_unreachable(os.environ.get("SEG_BROKER_URL", "")):
+        sys.stderr.write(f"{problem}, but the broker does not answer: waiting for it\n")
+        return 0
     if problem:
         sys.stderr.write(f"unhealthy: {problem}\n")
         return 1

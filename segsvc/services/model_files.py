@@ -105,7 +105,7 @@ def prune_model_files(
             _prune(settings, folder, older_than_s, dry_run, orphans=True, result=result)
         else:
             with retrain_lock(settings) as idle:
-                _prune(settings, folder, older_than_s, dry_run, orphans=idle, result=result)
+                _prune(settings, folder, older_than_s, dry_run, orphans=bool(idle), result=result)
     return result
 
 

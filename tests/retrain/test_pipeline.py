@@ -235,7 +235,8 @@ def test_a_run_that_lost_its_lock_registers_nothing(  # type: ignore[no-untyped-
     assert "lock was lost" in result.reason
     with session_scope(cfg) as session:
         assert len(registry.list_versions(session=session)) == 1
-    assert not list(models_dir(cfg).glob("ft-*.keras"))  # its file is gone too
+    own = f"ft-*-{uuid.UUID(result.run_id).hex[:6]}.keras"  # candidate_path's name
+    assert not list(models_dir(cfg).glob(own))  # its file is gone too
 
 
 def test_a_registration_whose_commit_answer_was_lost_keeps_its_file(  # type: ignore[no-untyped-def]
@@ -469,10 +470,11 @@ def test_a_candidate_records_which_faster_runtimes_stay_faithful(
     """With SEG_RUNTIME=auto a retrained model is measured like the shipped one, so it is served
     by LiteRT int8 too when that stays faithful (its version's metrics carry the list)."""
     from retrain.pipeline import _Run, _version_metrics
+    from segsvc.retrain_lock import Held
     from tests.retrain.test_evaluate import colour_model
 
     cfg = settings.model_copy(update={"runtime": "auto", "artifact_cache_dir": tmp_path / "a"})
-    run = _Run(cfg, "manual", steps=1, batch_size=2, runs=1)
+    run = _Run(cfg, "manual", steps=1, batch_size=2, runs=1, lock=Held(True, lambda: True))
     eval_dir = make_dataset(tmp_path / "eval", n=3)
     found = run._faithful_runtimes(str(colour_model(tmp_path / "m.keras")), eval_dir)
     assert set(found["runtime_agreement"]) == {"litert-int8"}

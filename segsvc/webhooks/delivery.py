@@ -228,13 +228,16 @@ def _classify(resp: httpx.Response, text: str, duration_ms: float) -> Outcome:
         return Outcome("delivered", duration_ms, code, body=text)
     if code == 410:
         return Outcome("gone", duration_ms, code, "410 Gone: endpoint disabled", text)
-    if code in (408, 429) or code >= 500:
-        return Outcome("retry", duration_ms, code, f"HTTP {code}", text, retry_after)
+    # Every other answer is tried again on the schedule, as Standard Webhooks senders do: a 404
+    # while the receiver redeploys, a 401 from its auth proxy, a 400 from a receiver whose
+    # clock is off, a redirect after a move to https are all passing, and a notice given up
+    # on the first of them was lost for good. A receiver that keeps answering them only
+    # pauses its own endpoint (`dispatch._endpoint_failed`).
     if 300 <= code < 400:
         location = resp.headers.get("location", "")[:300]
         error = f"HTTP {code}: redirect to {location!r} not followed"
-        return Outcome("failed", duration_ms, code, error, text)
-    return Outcome("failed", duration_ms, code, f"HTTP {code}", text)
+        return Outcome("retry", duration_ms, code, error, text, retry_after)
+    return Outcome("retry", duration_ms, code, f"HTTP {code}", text, retry_after)
 
 
 def _ms(started: float) -> float:

@@ -204,8 +204,9 @@ def finish_attempt(
 def _endpoint_failed(
     session: Session, message: WebhookMessage, outcome: Outcome, now: datetime, settings: Settings
 ) -> None:
-    """A retryable failure (a timeout, a refused connection, 5xx, 429): pause every message of
-    the endpoint, for longer with each failure in a row (the retry schedule, at most
+    """A failure to try again (a timeout, a refused connection, any answer but 2xx or 410):
+    pause every message of the endpoint, for longer with each failure in a row (the retry
+    schedule, at most
     SEG_WEBHOOK_ENDPOINT_PAUSE_MAX_SECONDS, at least its Retry-After). Its messages then wait
     unclaimed instead of each holding a delivery thread for the whole timeout; once the pause
     ends they are tried again, and the first success (`_endpoint_recovered`) ends the run."""

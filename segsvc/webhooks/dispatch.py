@@ -206,8 +206,8 @@ def _endpoint_failed(
 ) -> None:
     """A failure to try again (a timeout, a refused connection, any answer but 2xx or 410):
     pause every message of the endpoint, for longer with each failure in a row (the retry
-    schedule, at most
-    SEG_WEBHOOK_ENDPOINT_PAUSE_MAX_SECONDS, at least its Retry-After). Its messages then wait
+    schedule, at most SEG_WEBHOOK_ENDPOINT_PAUSE_MAX_SECONDS, at least its Retry-After). Its
+    messages then wait
     unclaimed instead of each holding a delivery thread for the whole timeout; once the pause
     ends they are tried again, and the first success (`_endpoint_recovered`) ends the run."""
     endpoint = _endpoint_row(session, message)

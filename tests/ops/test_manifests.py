@@ -612,3 +612,53 @@ def test_a_retraining_message_is_acknowledged_on_receipt() -> None:
     from retrain.tasks import retrain_task
 
     assert retrain_task.acks_late is False
+
+
+def test_webhook_workers_may_reach_only_public_addresses_and_the_datastores() -> None:
+    """Defence in depth for the SSRF checks: in the dev overlay (the opt-in component), the
+    pods that POST to client-chosen URLs cannot open connections to what the checks refuse."""
+    import ipaddress
+
+    from segsvc.webhooks.ssrf import refusal_reason
+
+    docs = rendered("overlays/dev")
+    policy = find(docs, "NetworkPolicy", "segsvc-webhook-worker-egress")
+    worker = find(docs, "Deployment", "segsvc-webhook-worker")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod_spec_labels(worker).items()
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    blocks = [
+        peer["ipBlock"]
+        for rule in policy["spec"]["egress"]
+        for peer in rule["to"]
+        if "ipBlock" in peer
+    ]
+
+    def allowed(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(
+            ip in ipaddress.ip_network(b["cidr"])
+            and not any(ip in ipaddress.ip_network(e) for e in b.get("except", []))
+            for b in blocks
+            if ipaddress.ip_network(b["cidr"]).version == ip.version
+        )
+
+    refused = [
+        "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.100.100.200",
+        "127.0.0.2", "192.0.0.192", "0.0.0.1", "fd00:ec2::254", "fe80::1", "::1",
+        "::ffff:10.0.0.1", "64:ff9b::a00:1",
+    ]  # fmt: skip
+    for address in refused:
+        assert refusal_reason(address) is not None  # what the checks refuse...
+        assert not allowed(address), address  # ...the network refuses too
+    for address in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"):
+        assert refusal_reason(address) is None
+        assert allowed(address), address
+    datastore = {"segsvc.io/datastore": "true"}
+    for name in ("postgres", "redis"):
+        assert datastore.items() <= pod_spec_labels(find(docs, "StatefulSet", name)).items()
+
+
+def pod_spec_labels(workload: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return labels

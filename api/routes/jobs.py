@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import uuid
@@ -44,13 +45,15 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     """Validate an upload, store the job, commit, then enqueue its id; `?wait=S` then holds
     the answer up to S seconds and returns the finished job (201) if it ends by then."""
     wait = job_service.parse_wait(request.args.get("wait"))  # a bad value stores nothing
-    _charge(cost=1, batch=False)
+    refused = _charge(cost=1, batch=False)
     upload = request.files.get("image")
     check_files_are_files("image")
     if upload is None:
         raise BadRequestError("Send the image as multipart/form-data in the field 'image'.")
     _check_part_names()
     _check_single("image", "webhook")
+    if refused is not None:
+        return _replay_or_refuse(refused, [upload], batch=False)
     image = _validate(upload)
     session, client_id = db(), current_client().id
     idem = idempotency.parse_request(
@@ -60,8 +63,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     )
     replay = idem and idempotency.find_replay(session=session, client_id=client_id, req=idem)
     if replay:  # the webhook was checked when the job was made; a retry must not fail on it now
-        body = accepted_body(replay)
-        return jsonify(body), 200, {"Location": body["urls"]["self"], "Idempotent-Replayed": "1"}
+        return _replayed([replay], batch=False)
     hook, job_id = _webhook(), uuid.uuid4()
     # Watched from before its commit: no end notice can come before the watch, so the wait
     # needs no first read of a job it has just written.
@@ -142,7 +144,9 @@ def _submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str
         )
     _check_part_names()
     _check_single("webhook")
-    _charge(cost=len(uploads), batch=True)
+    refused = _charge(cost=len(uploads), batch=True)
+    if refused is not None:
+        return _replay_or_refuse(refused, uploads, batch=True)
     images = []
     for index, upload in enumerate(uploads):
         try:
@@ -160,8 +164,7 @@ def _submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str
         session=session, client_id=client_id, req=idem, count=len(images)
     )
     if replay:  # as in submit_job: the webhook was checked when the jobs were made
-        body = {"jobs": [accepted_body(job) for job in replay]}
-        return jsonify(body), 200, {"Idempotent-Replayed": "1"}
+        return _replayed(replay, batch=True)
     keys = idempotency.batch_keys(idem, len(images)) if idem else None
     jobs = _store_and_enqueue(images, idem, keys, _webhook(), None)
     return jsonify({"jobs": [accepted_body(job) for job in jobs]}), 202
@@ -191,19 +194,59 @@ def read_jobs() -> Response:
     )
 
 
-def _charge(*, cost: int, batch: bool) -> None:
-    """Take the request's submission tokens, unless it is a keyed retry of a request that
-    stored its jobs already (its answer is the replay, which stores nothing): a client whose
-    202 was lost must not be refused its own jobs' ids for the rate it paid once."""
+def _charge(*, cost: int, batch: bool) -> RateLimitedError | None:
+    """Take the request's submission tokens. Over the rate, a keyed retry of a request that
+    stored its jobs already gets the refusal back instead of raising it: it may still be
+    answered with its replay (`_replay_or_refuse`), which stores nothing. A client whose 202
+    was lost must not be refused its own jobs' ids for the rate it paid once."""
     client_id = current_client().id
     try:
         limits.check_rate(client_key=str(client_id), settings=settings(), cost=cost)
-    except RateLimitedError:
+    except RateLimitedError as refused:
         raw_key = request.headers.get("Idempotency-Key")
         if raw_key is None or not idempotency.key_has_jobs(
             session=db(), client_id=client_id, raw_key=raw_key, batch=batch
         ):
             raise
+        return refused
+    return None
+
+
+def _replay_or_refuse(
+    refused: RateLimitedError, uploads: list[FileStorage], *, batch: bool
+) -> tuple[Response, int, dict[str, str]]:
+    """Over its rate: the replay of the request stored under this key, or the 429. The
+    uploads are hashed to match the stored request's fingerprint, never decoded: an old key
+    must not buy unmetered decodes."""
+    cfg = settings()
+    digests = [hashlib.sha256(u.read(cfg.max_upload_bytes + 1)).hexdigest() for u in uploads]
+    idem = idempotency.parse_request(
+        request.headers.get("Idempotency-Key"),
+        image_sha256=digests if batch else digests[0],
+        fields=request.form.items(multi=True),
+    )
+    if idem is not None:
+        session, client_id = db(), current_client().id
+        if batch:
+            jobs = idempotency.find_batch_replay(
+                session=session, client_id=client_id, req=idem, count=len(uploads)
+            )
+        else:
+            job = idempotency.find_replay(session=session, client_id=client_id, req=idem)
+            jobs = [job] if job is not None else None
+        if jobs:
+            return _replayed(jobs, batch=batch)
+    raise refused
+
+
+def _replayed(jobs: list[Job], *, batch: bool) -> tuple[Response, int, dict[str, str]]:
+    """The 200 of an Idempotency-Key replay: the jobs the first request stored."""
+    if batch:
+        body = {"jobs": [accepted_body(job) for job in jobs]}
+        return jsonify(body), 200, {"Idempotent-Replayed": "1"}
+    single = accepted_body(jobs[0])
+    headers = {"Location": single["urls"]["self"], "Idempotent-Replayed": "1"}
+    return jsonify(single), 200, headers
 
 
 def check_files_are_files(name: str) -> None:

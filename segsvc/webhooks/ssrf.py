@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -102,22 +101,34 @@ def _category(ip: IPAddress) -> str | None:
 # never answer would otherwise hold an API request (and its pooled database connection) or a
 # delivery thread for as long as the system resolver keeps retrying.
 RESOLVE_TIMEOUT_S = 5.0
-_lookups: dict[int, ThreadPoolExecutor] = {}  # per process: threads do not survive a fork
 
 
 def resolve(host: str, port: int, *, timeout: float = RESOLVE_TIMEOUT_S) -> list[str]:
     """Every address `host` resolves to (TCP), in resolver order, without duplicates; an
-    OSError (TimeoutError) once the lookup takes over `timeout` seconds. The lookup goes on in
-    a pool thread of its own (getaddrinfo cannot be interrupted); the caller does not wait."""
-    pool = _lookups.get(os.getpid())
-    if pool is None:
-        pool = _lookups[os.getpid()] = ThreadPoolExecutor(8, thread_name_prefix="seg-dns")
-    lookup = pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-    try:
-        infos = lookup.result(timeout)
-    except FuturesTimeout:
-        raise TimeoutError(f"resolving {host!r} took over {timeout:g} s") from None
-    return list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
+    OSError (TimeoutError) once the lookup takes over `timeout` seconds.
+
+    getaddrinfo cannot be interrupted, so each lookup runs in a daemon thread of its own and
+    the caller stops waiting for it: a lookup left hanging holds only its own thread (until
+    the resolver gives up), never a shared pool that every other host's lookup would queue
+    behind."""
+    found: list[Any] = []
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as exc:  # handed to the caller, if it still waits
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name="seg-dns", daemon=True).start()
+    if not done.wait(timeout):
+        raise TimeoutError(f"resolving {host!r} took over {timeout:g} s")
+    if failed:
+        raise failed[0]
+    return list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in found))
 
 
 def check_url(url: str, *, allow: Sequence[IPNetwork] = (), resolver: Resolver = resolve) -> Target:

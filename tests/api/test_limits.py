@@ -15,9 +15,9 @@ from segsvc.services.limits import check_rate
 from segsvc.settings import Settings
 
 
-def png() -> bytes:
+def png(color: tuple[int, int, int] = (1, 2, 3)) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, format="PNG")
+    Image.new("RGB", (16, 16), color).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -90,6 +90,7 @@ def test_queue_full_returns_503_with_retry_after(settings: Settings, auth) -> No
 def test_a_keyed_retry_of_a_stored_submit_is_not_refused_for_the_rate(
     settings: Settings,
     auth,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The 202 of a keyed submit (or batch) was lost and the key's tokens are gone: the retry,
     same key, still gets its jobs (the replay stores nothing), where a new submit gets 429."""
@@ -107,6 +108,20 @@ def test_a_keyed_retry_of_a_stored_submit_is_not_refused_for_the_rate(
     single, batch = keyed("k-single"), keyed("k-batch", images=2)
     assert (single.status_code, batch.status_code) == (202, 202)  # the 3 tokens
     assert submit(client, auth).status_code == 429
+    from api.routes import jobs as routes
+
+    decoded: list[int] = []
+    real_validate = routes.validate_image
+    monkeypatch.setattr(
+        routes, "validate_image", lambda *a, **k: decoded.append(1) or real_validate(*a, **k)
+    )
+    other_body = client.post(  # over the rate, under a stored key: 422, and nothing decoded
+        "/v1/jobs",
+        headers={**auth, "Idempotency-Key": "k-single"},
+        data={"image": (io.BytesIO(png(color=(9, 9, 9))), "0.png")},
+        content_type="multipart/form-data",
+    )
+    assert other_body.status_code == 422
     again = keyed("k-single")
     assert again.status_code == 200
     assert again.get_json()["id"] == single.get_json()["id"]
@@ -115,3 +130,4 @@ def test_a_keyed_retry_of_a_stored_submit_is_not_refused_for_the_rate(
     assert batch_again.headers["Idempotent-Replayed"] == "1"
     assert batch_again.get_json() == batch.get_json()
     assert keyed("k-new").status_code == 429  # a key that stored nothing pays as usual
+    assert decoded == []  # replays over the rate are matched by their bytes' hashes only

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from segsvc.webhooks.ssrf import (
@@ -144,7 +146,14 @@ def test_a_host_whose_lookup_hangs_is_unresolvable_after_the_timeout(
         release.wait(10)  # no network: this stands in for the system resolver
         return []
 
-    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    real = socket.getaddrinfo
+
+    def some_hang(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host.endswith(".slow.invalid"):
+            return hanging()
+        return real("127.0.0.1", *args, **kwargs)  # loopback only: no network
+
+    monkeypatch.setattr(socket, "getaddrinfo", some_hang)
     started = time.monotonic()
     try:
         with pytest.raises(ssrf.UnresolvableHostError):
@@ -153,5 +162,10 @@ def test_a_host_whose_lookup_hangs_is_unresolvable_after_the_timeout(
                 resolver=lambda host, port: ssrf.resolve(host, port, timeout=0.3),
             )
         assert time.monotonic() - started < 2
+        # Many hanging lookups hold only their own threads: another host still resolves.
+        for i in range(20):
+            with pytest.raises(TimeoutError):
+                ssrf.resolve(f"h{i}.slow.invalid", 443, timeout=0.01)
+        assert ssrf.resolve("fast.example", 443, timeout=2) == ["127.0.0.1"]
     finally:
         release.set()

@@ -149,14 +149,24 @@ def rollback(*, session: Session, reason: str = "rolled back by an operator") ->
 
 
 def _previous_production(session: Session, current: ModelVersion) -> ModelVersion | None:
+    """The parent, else the most recently retired production version: of those whose model
+    file is still there (the pruner deletes older archived versions' files, and a version no
+    worker can load must never become production)."""
     if current.parent_version:
         parent = session.get(ModelVersion, current.parent_version)
-        if parent is not None and parent.status == ModelStatus.ARCHIVED:
+        if (
+            parent is not None
+            and parent.status == ModelStatus.ARCHIVED
+            and parent.file_deleted_at is None
+        ):
             return parent
-    # Otherwise the most recently retired production version.
     return session.scalar(
         select(ModelVersion)
-        .where(ModelVersion.status == ModelStatus.ARCHIVED, ModelVersion.promoted_at.is_not(None))
+        .where(
+            ModelVersion.status == ModelStatus.ARCHIVED,
+            ModelVersion.promoted_at.is_not(None),
+            ModelVersion.file_deleted_at.is_(None),
+        )
         .order_by(ModelVersion.retired_at.desc().nulls_last())
         .limit(1)
     )

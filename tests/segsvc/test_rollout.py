@@ -239,6 +239,25 @@ def test_rollback_restores_the_previous_production_and_stops_the_canary(
         assert len(registry.serving_versions(session=session)) == 1
 
 
+def test_rollback_skips_archived_versions_whose_model_file_was_pruned(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    """The pruner deletes older archived versions' files: a rollback to such a parent made
+    production a version no worker could load."""
+    for version in ("v2", "v3"):
+        add(settings, model_file, version, ModelStatus.CANDIDATE)
+        with session_scope(settings) as session:
+            rollout.promote(session=session, version=version)  # v3's parent is v2
+    with session_scope(settings) as session:
+        registry.get_version(session=session, version="v2").file_deleted_at = utcnow()
+        restored = rollout.rollback(session=session)
+        assert restored.version == "test-v1"  # the newest archived one with its file
+    with session_scope(settings) as session:
+        registry.get_version(session=session, version="test-v1").file_deleted_at = utcnow()
+        with pytest.raises(ConflictError):  # nothing loadable to return to
+            rollout.rollback(session=session)
+
+
 def test_promoting_another_version_stops_the_canary_measured_against_the_old_one(
     settings: Settings, production_model: str, model_file: Path
 ) -> None:

@@ -198,6 +198,7 @@ class Settings(BaseSettings):
     webhook_endpoint_pause_max_seconds: float = Field(
         300.0,
         ge=0,
+        le=86400,
         description="Longest pause of an endpoint whose attempts keep failing: after each "
         "failure in a row all its messages wait the next retry delay (5 s, then longer), at most "
         "this, so a dead receiver holds no delivery thread another client's notices need.",

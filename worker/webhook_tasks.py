@@ -22,7 +22,12 @@ from segsvc.metrics import WEBHOOK_DELIVERIES, WEBHOOK_LATENCY
 from segsvc.queue import DELIVER_WEBHOOK, make_celery
 from segsvc.settings import Settings, get_settings
 from segsvc.webhooks.delivery import deliver
-from segsvc.webhooks.dispatch import claim_due, finish_attempt, start_attempt
+from segsvc.webhooks.dispatch import (
+    claim_due,
+    finish_attempt,
+    record_endpoint_outcome,
+    start_attempt,
+)
 from worker import observability  # noqa: F401  (JSON logs, /metrics, probe files)
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,13 @@ def deliver_message(cfg: Settings, message_id: str, lease: datetime) -> str:
     WEBHOOK_LATENCY.observe(outcome.duration_ms / 1000.0)
     with session_scope(cfg) as session:
         status = finish_attempt(session=session, prepared=prepared, outcome=outcome, settings=cfg)
+    try:  # the endpoint's pause: bookkeeping, after the attempt is safely recorded
+        with session_scope(cfg) as session:
+            record_endpoint_outcome(
+                session=session, prepared=prepared, outcome=outcome, settings=cfg
+            )
+    except Exception:
+        log.warning("could not record webhook endpoint %s's outcome", prepared.url, exc_info=True)
     log.info(
         "webhook %s: %s (%s) -> %s",
         message_id,

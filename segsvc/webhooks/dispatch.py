@@ -11,6 +11,7 @@ early, and one that runs slow neither leaves due messages waiting nor retries la
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -53,6 +54,7 @@ class Prepared:
     url: str
     body: str
     headers: dict[str, str]
+    client_id: uuid.UUID | None = None
 
 
 def base_url(settings: Settings) -> str:
@@ -150,7 +152,7 @@ def start_attempt(
     keys = [row.secret for row in signing_secrets(session=session, client_id=message.client_id)]
     # The signature's timestamp is this host's clock: the receiver checks it against its own.
     headers = sign_headers(msg_id=message.id, timestamp=utcnow(), body=body, keys=keys)
-    return Prepared(message.id, _stamp(new_lease), message.url, body, headers)
+    return Prepared(message.id, _stamp(new_lease), message.url, body, headers, message.client_id)
 
 
 def finish_attempt(
@@ -193,44 +195,58 @@ def finish_attempt(
         message.completed_at = now
     if outcome.kind == "gone":
         _disable_endpoint(session, message, now)
-    elif outcome.kind == "retry":
-        _endpoint_failed(session, message, outcome, now, settings)
-    elif outcome.kind == "delivered":
-        _endpoint_recovered(session, message)
     session.flush()
     return status
 
 
+def record_endpoint_outcome(
+    *, session: Session, prepared: Prepared, outcome: Outcome, settings: Settings
+) -> None:
+    """After `finish_attempt` committed, in a transaction of its own (it holds no message's
+    lock, so it cannot deadlock with a 410 disabling the endpoint, which locks the endpoint and
+    then its messages): count a failure to try again, and pause the endpoint, or end its run
+    of failures after a delivery."""
+    if outcome.kind == "retry":
+        _endpoint_failed(session, prepared, outcome, settings)
+    elif outcome.kind == "delivered":
+        _endpoint_recovered(session, prepared)
+
+
 def _endpoint_failed(
-    session: Session, message: WebhookMessage, outcome: Outcome, now: datetime, settings: Settings
+    session: Session, prepared: Prepared, outcome: Outcome, settings: Settings
 ) -> None:
     """A failure to try again (a timeout, a refused connection, any answer but 2xx or 410):
     pause every message of the endpoint, for longer with each failure in a row (the retry
-    schedule, at most SEG_WEBHOOK_ENDPOINT_PAUSE_MAX_SECONDS, at least its Retry-After). Its
-    messages then wait
-    unclaimed instead of each holding a delivery thread for the whole timeout; once the pause
-    ends they are tried again, and the first success (`_endpoint_recovered`) ends the run."""
-    endpoint = _endpoint_row(session, message)
+    schedule, at most SEG_WEBHOOK_ENDPOINT_PAUSE_MAX_SECONDS, and at least its Retry-After).
+    Its messages then wait unclaimed instead of each holding a delivery thread for the whole
+    timeout; once the pause ends they are tried again, and the first success
+    (`_endpoint_recovered`) ends the run."""
+    now = db_time(session)
+    endpoint = _endpoint_row(session, prepared.client_id, prepared.url)
     session.refresh(endpoint, with_for_update=True)  # failures of concurrent attempts add up
     endpoint.failures += 1
-    pause = min(
-        next_delay(
-            attempts_made=endpoint.failures,
-            schedule=parse_schedule(settings.webhook_schedule),
-            retry_after=parse_retry_after(outcome.retry_after, now=now),
-        ),
-        settings.webhook_endpoint_pause_max_seconds,
+    scheduled = next_delay(
+        attempts_made=endpoint.failures, schedule=parse_schedule(settings.webhook_schedule)
+    )
+    asked = parse_retry_after(outcome.retry_after, now=now) or 0.0
+    pause = max(
+        min(scheduled, settings.webhook_endpoint_pause_max_seconds),
+        min(asked, float(settings.webhook_max_age_seconds)),  # past that, nothing is sent
     )
     until = now + timedelta(seconds=pause)
     if endpoint.paused_until is None or endpoint.paused_until < until:
         endpoint.paused_until = until
 
 
-def _endpoint_recovered(session: Session, message: WebhookMessage) -> None:
+def _endpoint_recovered(session: Session, prepared: Prepared) -> None:
     """A delivery: the endpoint works, so its run of failures (and any pause) is over."""
     session.execute(
         update(WebhookEndpoint)
-        .where(*_endpoint_of(message), WebhookEndpoint.failures > 0)
+        .where(
+            WebhookEndpoint.url == prepared.url,
+            WebhookEndpoint.client_id.is_not_distinct_from(prepared.client_id),
+            WebhookEndpoint.failures > 0,
+        )
         .values(failures=0, paused_until=None)
         .execution_options(synchronize_session=False)
     )
@@ -260,21 +276,21 @@ def _next_state(
     return (outbox.PENDING, when) if when is not None else (outbox.FAILED, None)
 
 
-def _endpoint_row(session: Session, message: WebhookMessage) -> WebhookEndpoint:
-    """The endpoint row of the message's (client, url), created if there is none. Two 410s for
-    one URL at once both find none: the second insert loses the unique index, in a savepoint,
-    and reads the winner's row instead of failing its delivery."""
-    found = outbox.find_endpoint(session=session, client_id=message.client_id, url=message.url)
+def _endpoint_row(session: Session, client_id: uuid.UUID | None, url: str) -> WebhookEndpoint:
+    """The endpoint row of (client, url), created if there is none. Two writers for one URL
+    at once both find none: the second insert loses the unique index, in a savepoint, and
+    reads the winner's row instead of failing."""
+    found = outbox.find_endpoint(session=session, client_id=client_id, url=url)
     if found is not None:
         return found
     try:
         with savepoint(session):
-            endpoint = WebhookEndpoint(client_id=message.client_id, url=message.url)
+            endpoint = WebhookEndpoint(client_id=client_id, url=url)
             session.add(endpoint)
             session.flush()
         return endpoint
     except IntegrityError:
-        found = outbox.find_endpoint(session=session, client_id=message.client_id, url=message.url)
+        found = outbox.find_endpoint(session=session, client_id=client_id, url=url)
         if found is None:
             raise
         return found
@@ -282,7 +298,7 @@ def _endpoint_row(session: Session, message: WebhookMessage) -> WebhookEndpoint:
 
 def _disable_endpoint(session: Session, message: WebhookMessage, now: datetime) -> None:
     """A 410 Gone: stop sending to this URL for this client, now and for pending messages."""
-    endpoint = _endpoint_row(session, message)
+    endpoint = _endpoint_row(session, message.client_id, message.url)
     endpoint.disabled_at = now
     endpoint.disabled_reason = "the endpoint answered 410 Gone"
     owner = (

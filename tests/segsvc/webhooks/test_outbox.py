@@ -19,7 +19,12 @@ from segsvc.services.keys import create_key
 from segsvc.settings import Settings
 from segsvc.webhooks import dispatch
 from segsvc.webhooks.delivery import Outcome
-from segsvc.webhooks.dispatch import claim_due, finish_attempt, start_attempt
+from segsvc.webhooks.dispatch import (
+    claim_due,
+    finish_attempt,
+    record_endpoint_outcome,
+    start_attempt,
+)
 from tests.segsvc.webhooks.factories import finish_job, make_job, start_job
 
 URL = "https://hooks.example/segsvc"
@@ -50,6 +55,10 @@ def attempt(settings: Settings, outcome: Outcome) -> list[str]:
                 finish_attempt(
                     session=session, prepared=prepared, outcome=outcome, settings=settings
                 )
+            )
+        with session_scope(settings) as session:  # as deliver_message does, after it
+            record_endpoint_outcome(
+                session=session, prepared=prepared, outcome=outcome, settings=settings
             )
     return statuses
 
@@ -173,7 +182,7 @@ def test_two_gone_answers_for_one_url_at_once_share_one_endpoint_row(
     with session_scope(settings) as session:
         winner = session.scalars(select(WebhookMessage)).first()
         assert winner is not None
-        row = dispatch._endpoint_row(session, winner)  # the first 410 commits its row
+        row = dispatch._endpoint_row(session, winner.client_id, winner.url)  # the first 410
         row.disabled_at = utcnow()
     real_find = outbox.find_endpoint
     reads: list[object] = []
@@ -185,7 +194,7 @@ def test_two_gone_answers_for_one_url_at_once_share_one_endpoint_row(
     monkeypatch.setattr(dispatch.outbox, "find_endpoint", read_before_the_winner_committed)
     with session_scope(settings) as session:
         loser = session.scalars(select(WebhookMessage)).all()[-1]
-        endpoint = dispatch._endpoint_row(session, loser)
+        endpoint = dispatch._endpoint_row(session, loser.client_id, loser.url)
         assert endpoint.disabled_at is not None  # the winner's row
         session.execute(select(WebhookMessage))  # the transaction is still usable
     assert len(reads) == 2
@@ -361,9 +370,13 @@ def test_a_failing_endpoint_pauses_its_messages_and_no_other_clients(settings: S
             session=session, message_id=claimed[0], lease=claimed[1], settings=settings
         )
     assert prepared is not None
+    timed_out = Outcome("retry", 15000.0, None, "timed out after 15 s")
     with session_scope(settings) as session:
-        timed_out = Outcome("retry", 15000.0, None, "timed out after 15 s")
         finish_attempt(session=session, prepared=prepared, outcome=timed_out, settings=settings)
+    with session_scope(settings) as session:
+        record_endpoint_outcome(
+            session=session, prepared=prepared, outcome=timed_out, settings=settings
+        )
     endpoint = _endpoint(settings, dead)
     assert endpoint.failures == 1
     assert endpoint.paused_until is not None
@@ -376,7 +389,9 @@ def test_a_failing_endpoint_pauses_its_messages_and_no_other_clients(settings: S
 
 def test_a_hint_sent_before_the_pause_makes_no_attempt(settings: Settings) -> None:
     """Hints already in the broker when the endpoint failed: each is put off to the pause's
-    end without an attempt (and without counting one)."""
+    end without an attempt (and without counting one). The pause lasts at least what the
+    answer's Retry-After asked, even past SEG_WEBHOOK_ENDPOINT_PAUSE_MAX_SECONDS."""
+    settings = settings.model_copy(update={"webhook_endpoint_pause_max_seconds": 10})
     a = _client(settings, "a")
     ids = [_finished_job(settings, URL, a) for _ in range(2)]
     with session_scope(settings) as session:
@@ -386,13 +401,11 @@ def test_a_hint_sent_before_the_pause_makes_no_attempt(settings: Settings) -> No
             session=session, message_id=ids[0], lease=claimed[ids[0]], settings=settings
         )
     assert prepared is not None
+    busy = Outcome("retry", 1.0, 503, "HTTP 503", retry_after="60")
     with session_scope(settings) as session:
-        finish_attempt(
-            session=session,
-            prepared=prepared,
-            outcome=Outcome("retry", 1.0, 503, "HTTP 503", retry_after="60"),
-            settings=settings,
-        )
+        finish_attempt(session=session, prepared=prepared, outcome=busy, settings=settings)
+    with session_scope(settings) as session:
+        record_endpoint_outcome(session=session, prepared=prepared, outcome=busy, settings=settings)
     with session_scope(settings) as session:
         assert (
             start_attempt(
@@ -405,6 +418,44 @@ def test_a_hint_sent_before_the_pause_makes_no_attempt(settings: Settings) -> No
     assert paused_until - utcnow() > timedelta(seconds=55)  # at least its Retry-After
     (second,) = [m for m in messages(settings) if m.id == ids[1]]
     assert (second.attempts, second.next_attempt_at) == (0, paused_until)
+
+
+def test_recording_an_attempt_waits_for_no_endpoint_lock(settings: Settings) -> None:
+    """A 410 locks the endpoint, then its other messages; an attempt's record that held its
+    message and then waited for the endpoint (to count a failure) deadlocked with it. The
+    attempt's record now never touches the endpoint (that is done afterwards, on its own)."""
+    a = _client(settings, "a")
+    message_id = _finished_job(settings, URL, a)
+    with session_scope(settings) as session:
+        session.add(WebhookEndpoint(client_id=a, url=URL))
+    with session_scope(settings) as session:
+        ((claimed, lease),) = claim_due(session=session)
+        prepared = start_attempt(
+            session=session, message_id=claimed, lease=lease, settings=settings
+        )
+    assert prepared is not None
+    assert claimed == message_id
+    locker = get_sessionmaker(settings)()
+    try:
+        locker.scalars(select(WebhookEndpoint).with_for_update()).all()  # a 410 in flight
+        done: list[str] = []
+
+        def record() -> None:
+            with session_scope(settings) as session:
+                failed = Outcome("retry", 1.0, 503, "HTTP 503")
+                done.append(
+                    finish_attempt(
+                        session=session, prepared=prepared, outcome=failed, settings=settings
+                    )
+                )
+
+        recorder = threading.Thread(target=record)
+        recorder.start()
+        recorder.join(10)
+        assert done == ["pending"]  # recorded while the endpoint stayed locked
+    finally:
+        locker.rollback()
+        locker.close()
 
 
 def test_failures_in_a_row_pause_longer_and_a_delivery_ends_the_run(settings: Settings) -> None:

@@ -203,26 +203,32 @@ class _Run:
         cfg = self.settings
         with session_scope(cfg) as session:
             ids = feedback.labeled_feedback_ids(session=session)
-            used: set[str] = set()
-            for prior in session.scalars(
-                select(TrainingRun.feedback_ids).where(TrainingRun.status.in_(TRAINED))
-            ):
-                used.update(prior or [])
+            # Every label used before that still exists is in the newest trained run's list: a
+            # label that leaves the snapshot (its input purged, its mask replaced) never comes
+            # back. So one row is read, not every run's.
+            latest = session.scalars(
+                select(TrainingRun.feedback_ids)
+                .where(TrainingRun.status.in_(TRAINED))
+                .order_by(TrainingRun.started_at.desc())
+                .limit(1)
+            ).first()
+            used = set(latest or [])
             new = [i for i in ids if str(i) not in used]
             production = registry.production_version(session=session)
             run = session.get(TrainingRun, self.run_id)
             assert run is not None
-            # Only the labels new to this run: the union over trained runs is still every
-            # label used, and a row no longer grows with every label ever given (each run,
-            # skipped ones too, stored them all, and each snapshot read them all back).
-            run.feedback_ids = [str(i) for i in new]
+            # A run that goes on keeps every id it snapshotted (exactly what it trains on); a
+            # skipped one (the daily case) only its new ones, so rows no longer grow with
+            # every label ever given.
+            skipping = len(new) < cfg.retrain_min_new_labels
+            run.feedback_ids = [str(i) for i in (new if skipping else ids)]
             run.data_counts = {"labels": len(ids), "new_labels": len(new)}
             run.production_version = production.version if production else None
             plan: dict[str, Any] = {
                 "ids": ids,
                 "production": _row(production) if production else None,
             }
-        if len(new) < cfg.retrain_min_new_labels:
+        if skipping:
             return self._finish(
                 "skipped",
                 f"{len(new)} new labels since the last run; {cfg.retrain_min_new_labels} needed",

@@ -80,7 +80,7 @@ def run_body(run: TrainingRun) -> dict[str, Any]:
         "reason": run.reason,
         "started_at": iso(run.started_at),
         "duration_s": run.duration_s,
-        "labels": len(run.feedback_ids or []),
+        "labels": (run.data_counts or {}).get("labels", 0),
         "data_counts": run.data_counts,
         "production_version": run.production_version,
         "candidate_version": run.candidate_version,

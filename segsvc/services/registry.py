@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from segsvc.digest import file_sha256
 from segsvc.errors import NotFoundError
@@ -101,6 +101,12 @@ def list_versions(*, session: Session) -> list[ModelVersion]:
 
 
 def recent_training_runs(*, session: Session, limit: int = 10) -> list[TrainingRun]:
-    """The latest retraining runs, newest first."""
-    query = select(TrainingRun).order_by(TrainingRun.started_at.desc()).limit(limit)
+    """The latest retraining runs, newest first (without their label ids: a trained run's
+    list holds every label it used, and a listing needs only the counts)."""
+    query = (
+        select(TrainingRun)
+        .options(defer(TrainingRun.feedback_ids))
+        .order_by(TrainingRun.started_at.desc())
+        .limit(limit)
+    )
     return list(session.scalars(query))

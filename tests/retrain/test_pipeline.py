@@ -122,6 +122,8 @@ def test_feedback_loop_retrains_canaries_and_promotes(  # type: ignore[no-untype
         skipped = session.get(TrainingRun, uuid.UUID(again.run_id))
         assert skipped is not None
         assert (skipped.feedback_ids, skipped.data_counts["labels"]) == ([], 3)
+    runs = client.get("/v1/models", headers={"Authorization": f"Bearer {admin_key}"})
+    assert [r["labels"] for r in runs.get_json()["training_runs"][:2]] == [3, 3]
 
     # The worker picks the canary up and serves its share; then the verdict promotes it.
     assert segmenter.models.refresh()

@@ -570,7 +570,10 @@ def get(
             sys.exit(EXIT_FAILED)
         data = client.result_png(job.id, kind)
     target = out or Path(f"{job.id}.{kind}.png")
-    write_atomically(target, data)
+    if target.exists() and not target.is_file():  # -o /dev/stdout, a named pipe: as it is
+        target.write_bytes(data)
+    else:
+        write_atomically(target, data)
     click.echo(str(target))
 
 

@@ -254,7 +254,11 @@ class ModelManager:
         holds is reused; only a version neither holds is loaded."""
         new = self._build(wanted, current=current)
         for _ in range(SETTLE_TRIES):
-            fresh = self._wanted()
+            try:
+                fresh = self._wanted()
+            except Exception:  # the registry cannot say now: keep what took minutes to load
+                log.warning("could not re-read the registry after a load", exc_info=True)
+                break
             if _same(new, fresh):
                 break
             log.info("the registry changed while a version loaded; following it")

@@ -141,7 +141,10 @@ class CloseBatcherFirst(bootsteps.StartStopStep):  # type: ignore[misc]
         # send them now, on the channel that is still open (kombu's Hub.close does the same,
         # but only after the channel is gone).
         hub = getattr(c, "hub", None)
-        for callback in hub._pop_ready() if hub is not None else ():
+        if hub is None:  # a transport without an event loop (make run's SQLAlchemy one)
+            c.perform_pending_operations()
+            return
+        for callback in hub._pop_ready():
             try:
                 callback()
             except Exception:  # one failed ack must not stop the others

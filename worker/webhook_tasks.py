@@ -88,8 +88,8 @@ _redis_clients: dict[str, Any] = {}
 def hints_waiting(cfg: Settings) -> int:
     """Delivery hints in the broker's webhooks list (0 without Redis, or when it cannot say:
     the dispatcher then claims as before, and a lost hint only waits for its lease)."""
-    url = cfg.effective_redis_url
-    if not url:
+    url = cfg.celery_broker_url  # the broker's list: not SEG_REDIS_URL's, if that differs
+    if not url.startswith(("redis://", "rediss://")):
         return 0
     if url not in _redis_clients:
         _redis_clients[url] = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)

@@ -245,7 +245,7 @@ def decide_canary(*, session: Session, min_jobs: int, latency_ratio: float) -> C
         limit=arm_rows_limit(min_jobs=min_jobs, share=canary.traffic_share),
     )
     ours, theirs = arms
-    if ours.jobs < min_jobs:
+    if ours.jobs < max(1, min_jobs):  # a verdict on no canary job at all would be no evidence
         return CanaryVerdict(canary.version, "waiting", f"{ours.jobs}/{min_jobs} jobs", *arms)
     problems = compare_arms(ours, theirs, latency_ratio=latency_ratio)
     if problems:

@@ -23,6 +23,7 @@ from segsvc.retrain_lock import RETRAIN_LOCK_KEY
 from segsvc.services import registry, rollout
 from segsvc.settings import Settings
 from tests.retrain.test_dataset import COLOURS, make_dataset, make_mask
+from tests.segsvc.test_rollout import add_jobs
 
 
 def loop_settings(settings: Settings, tmp_path: Path, **extra: object) -> Settings:
@@ -373,6 +374,10 @@ def test_canary_check_and_purge_tasks_run_as_plain_functions(
     with session_scope(settings) as session:
         registry.register_version(session=session, version="cand", path=model_file)
         rollout.start_canary(session=session, version="cand", share=0.1)
+    verdict = tasks.canary_check()
+    assert verdict is not None
+    assert verdict["outcome"] == "waiting"  # 0 jobs: not even a minimum of 0 judges on none
+    add_jobs(settings, "cand", 1)
     verdict = tasks.canary_check()
     assert verdict is not None
     assert verdict["outcome"] == "promoted"

@@ -451,3 +451,23 @@ def test_cli_cancel_retried_after_it_went_through_and_of_an_ended_job(tmp_path: 
         result = cli("cancel", "j1", url=url)
     assert result.exit_code == 1
     assert "already succeeded" in result.stderr
+
+
+def test_cli_get_writes_to_a_pipe_as_it_is(tmp_path: Path) -> None:
+    """`segsvc get -o /dev/stdout` (or a named pipe): a temporary file renamed over it cannot
+    work there, so such a target is written directly."""
+    import threading as threads
+
+    done = {"id": "j1", "status": "succeeded"}
+    pipe = tmp_path / "mask.fifo"
+    os.mkfifo(pipe)
+    got: list[bytes] = []
+    reader = threads.Thread(target=lambda: got.append(pipe.read_bytes()))
+    reader.start()
+    with serve(Scripted([(200, {}, done), (200, {}, "png bytes")])) as url:
+        result = cli("client", "get", "j1", "--out", str(pipe), url=url)
+    reader.join(10)
+    assert result.exit_code == 0, result.output
+    assert got == [b'"png bytes"']  # the stub's JSON-encoded body, as the CLI received it
+    assert pipe.exists()  # still the pipe, not replaced by a file
+    assert not pipe.is_file()

@@ -69,3 +69,22 @@ def test_the_maintenance_worker_starts_no_inference_pipeline(monkeypatch) -> Non
     assert started == ["batcher"]  # an inference worker starts it up front
     receivers = {ref().__name__ for _, ref in signals.worker_process_init.receivers}
     assert "_load_model_after_fork" not in receivers
+
+
+def test_shutdown_without_an_event_loop_sends_the_batchs_acks_before_the_channel_closes(
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """make run's SQLAlchemy transport has no hub: Celery keeps the acks as pending
+    operations, run only after the channel closed. The step runs them itself."""
+    from types import SimpleNamespace
+
+    from worker import tasks
+
+    order: list[str] = []
+    batcher = SimpleNamespace(close=lambda: order.append("batch stored"))
+    consumer = SimpleNamespace(
+        hub=None, perform_pending_operations=lambda: order.append("acks sent")
+    )
+    monkeypatch.setattr(tasks, "_batcher", batcher)
+    tasks.CloseBatcherFirst(SimpleNamespace()).close(consumer)
+    assert order == ["batch stored", "acks sent"]

@@ -135,6 +135,27 @@ def test_a_canary_rejected_while_it_loaded_is_not_installed_from_the_stale_read(
     assert {manager.model_for(uuid.uuid4()).version for _ in range(20)} == {"test-v1"}
 
 
+def test_a_registry_that_cannot_be_read_after_a_load_keeps_what_was_loaded(
+    manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-read after a minutes-long load failed (a statement timeout): the load was thrown
+    away, to be done again at the next poll."""
+    manager.load()
+    canary(settings, model_file, "fresh", share=1.0)
+    real_wanted = manager._wanted
+    reads: list[int] = []
+
+    def then_down() -> object:
+        reads.append(1)
+        if len(reads) > 1:
+            raise ConnectionError("the database went away")
+        return real_wanted()
+
+    monkeypatch.setattr(manager, "_wanted", then_down)
+    assert manager.refresh() is True
+    assert manager.model_for(uuid.uuid4()).version == "fresh"
+
+
 def canary_row(settings: Settings, version: str) -> tuple[str, str]:
     with session_scope(settings) as session:
         row = registry.get_version(session=session, version=version)

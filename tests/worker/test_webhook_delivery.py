@@ -21,7 +21,7 @@ from segsvc.models import WebhookMessage
 from segsvc.services import webhooks as webhook_service
 from segsvc.settings import Settings
 from segsvc.webhooks.dispatch import claim_due
-from tests.conftest import sample_images, start_celery, stop_process
+from tests.conftest import free_port, sample_images, start_celery, stop_process
 from tests.segsvc.webhooks.factories import finish_job, make_job, start_job
 from tests.segsvc.webhooks.receiver import LOOPBACK_ONLY, Receiver, Reply, hook_settings, receiver
 from worker.webhook_tasks import deliver_message
@@ -286,7 +286,9 @@ def test_the_dispatcher_keeps_at_most_a_high_water_of_hints_in_the_broker(
         def send_task(self, name: str, args: list[str], queue: str) -> None:
             sent.append(args[0])
 
-    broker = redis.Redis.from_url(settings.effective_redis_url or "")
+    # a rate-limit Redis of its own (SEG_REDIS_URL) must not hide the broker's list
+    settings = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    broker = redis.Redis.from_url(settings.celery_broker_url)
     queue = settings.webhook_queue_name
     broker.delete(queue)
     broker.rpush(queue, *[b"hint"] * (webhook_tasks.DISPATCH_HIGH_WATER - 2))

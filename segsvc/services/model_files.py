@@ -58,6 +58,9 @@ DAY_S = 86400.0
 NAME = r"(?P<stem>ft-\d{8}-\d{6}-[0-9a-f]{6})\.(?:keras|json)"
 CANDIDATE = re.compile(NAME)
 ASIDE = re.compile(rf"\.(?P<name>{NAME})\.prune-[0-9a-f]{{8}}")  # `_set_aside`'s
+# The temporary files a candidate and its report are written through (`save_model_atomically`,
+# `write_atomically`): left behind only by a process killed mid-write.
+TEMPORARY = re.compile(r"\.ft-\d{8}-\d{6}-[0-9a-f]{6}\.\S*\.tmp(?:\.keras)?")
 
 
 @dataclass
@@ -163,6 +166,28 @@ def _prune(
         now.unlink(missing_ok=True)
     if orphans:
         _prune_scratch(settings.var_dir / "retrain", cutoff, dry_run, result)
+        _prune_temporary(folder, cutoff, dry_run, result)
+
+
+def _prune_temporary(
+    folder: Path, cutoff: float, dry_run: bool, result: ModelFilesPruneResult
+) -> None:
+    """Delete the temporary files of candidate writes killed mid-way (tens of MB each), once
+    unchanged since `cutoff`. Only while no run is going on (the caller holds the lock)."""
+    for path in sorted(folder.iterdir()):
+        if not TEMPORARY.fullmatch(path.name) or path.is_symlink() or not path.is_file():
+            continue
+        try:
+            stat = path.stat()
+            if stat.st_mtime >= cutoff:
+                continue
+            if not dry_run:
+                path.unlink()
+        except OSError:
+            log.warning("could not prune %s", path, exc_info=True)
+            continue
+        result.removed.append(path)
+        result.freed_bytes += stat.st_size
 
 
 def _prune_scratch(

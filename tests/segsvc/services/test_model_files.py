@@ -146,6 +146,24 @@ def test_archived_versions_past_the_rollback_targets_lose_their_files(cfg: Setti
     assert deleted_at(cfg, "c-parent") is None
 
 
+def test_temporary_files_of_a_write_killed_mid_way_are_pruned(cfg: Settings) -> None:
+    """A run killed while saving its candidate left `.ft-....tmp.keras` (tens of MB) on the
+    shared volume, which nothing matched."""
+    stem = candidate(cfg).stem
+    folder = model_files.models_dir(cfg)
+    old = write(folder / f".{stem}.4242.123456789.tmp.keras", OLD)
+    report = write(folder / f".{stem}.json.4242.0123abcd.tmp", OLD)
+    fresh = write(folder / f".{stem}.4243.987654321.tmp.keras", 60)
+    mine = write(folder / ".by-hand.tmp.keras", OLD)  # not this service's: stays
+    result = prune_model_files(cfg)
+    assert old in result.removed
+    assert report in result.removed
+    assert not old.exists()
+    assert not report.exists()
+    assert fresh.exists()  # a write that may still be going on
+    assert mine.exists()
+
+
 def test_prune_model_files_deletes_orphans_after_the_grace_period_only(cfg: Settings) -> None:
     crashed = candidate(cfg, 8 * DAY)  # a run died before registering it
     fresh = candidate(cfg, 1 * DAY, report=False)  # a run just wrote it

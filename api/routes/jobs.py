@@ -369,10 +369,16 @@ def large_decode_turn() -> ContextManager[None]:
 
 @bp.get("/jobs/<job_id>/overlay.png")
 def read_overlay(job_id: str) -> Response:
-    """The input with the mask blended on it."""
-    session, scope, store = db(), _scope(), blob_store(settings())
+    """The input with the mask blended on it. Drawing one over LARGE_DECODE_PIXELS takes one
+    of the key's submission tokens as well as the process's large-decode turn: a client
+    asking again and again for its own 40 MP overlay would otherwise hold that turn for as
+    long as it liked, and every other client's large upload would wait, then get a 503."""
+    cfg = settings()
+    session, scope, store = db(), _scope(), blob_store(cfg)
     job = job_service.get_finished_job(session=session, job_id=job_id, client_id=scope)
     large = job.input_width * job.input_height > LARGE_DECODE_PIXELS
+    if large:
+        limits.check_rate(client_key=str(current_client().id), settings=cfg)
     with large_decode_turn() if large else nullcontext():
         data = job_service.read_overlay_png(
             session=session, job_id=job_id, client_id=scope, store=store

@@ -136,6 +136,32 @@ def test_overlays_of_large_inputs_are_drawn_one_at_a_time(  # type: ignore[no-un
     assert client.get(f"/v1/jobs/{large}/overlay.png", headers=auth).status_code == 200
 
 
+def test_drawing_a_large_overlay_takes_a_rate_token(  # type: ignore[no-untyped-def]
+    auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One client asking again and again for its own large overlay held the process's one
+    large-decode turn as long as it liked; a usual overlay stays free."""
+    from api.app import create_app
+    from api.routes import jobs as routes
+
+    limited = settings.model_copy(update={"rate_limit_per_minute": 1, "rate_limit_burst": 3})
+    client = create_app(limited).test_client()
+    small = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
+    large = submit(client, auth, png_bytes((64, 48))).get_json()["id"]  # two tokens gone
+    mask = encode_mask_png(np.ones((48, 64), np.uint8))
+    mark_succeeded(settings, small, mask)
+    mark_succeeded(settings, large, mask)
+    with session_scope(settings) as session:  # as if 40 MP; drawn from its 64 x 48 input
+        session.execute(update(Job).where(Job.id == uuid.UUID(large)).values(input_height=480))
+    monkeypatch.setattr(routes, "LARGE_DECODE_PIXELS", 64 * 48 * 5)
+    for _ in range(3):
+        assert client.get(f"/v1/jobs/{small}/overlay.png", headers=auth).status_code == 200
+    codes = [client.get(f"/v1/jobs/{large}/overlay.png", headers=auth).status_code]
+    codes.append(client.get(f"/v1/jobs/{large}/overlay.png", headers=auth).status_code)
+    assert codes[1] == 429  # the last token went on the first drawing
+    assert codes[0] == 200
+
+
 def test_large_png_uploads_decode_one_at_a_time_and_drafted_jpegs_never_wait(  # type: ignore[no-untyped-def]
     client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

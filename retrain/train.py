@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from retrain.dataset import Decoded, Sample, build_dataset, concat, decode_samples, read_folder
-from segsvc.files import write_atomically
+from segsvc.files import replace_atomically, write_atomically
 from segsvc.ml import NUM_CLASSES
 from segsvc.ml.unet import build_unet
 
@@ -61,15 +61,9 @@ class TrainReport:
 def save_model_atomically(model: keras.Model, out: Path) -> None:
     """Save into a file of its own beside `out`, fsync it, then rename it over `out`: a worker
     (re)loading `out` meanwhile reads the old model or the new one, never a half-written zip,
-    and a crash leaves no truncated file under the registered name."""
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.{time.monotonic_ns()}.tmp{out.suffix}")
-    try:
-        model.save(str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    and a crash leaves no truncated file under the registered name. Keras picks the format by
+    the temporary file's suffix."""
+    replace_atomically(out, lambda tmp: model.save(str(tmp)), suffix=out.suffix)
 
 
 def hardware_string() -> str:

@@ -471,17 +471,18 @@ def _json(resp: httpx.Response) -> Any:
 
 def _read_image(image: ImageInput, filename: str | None) -> tuple[str, bytes]:
     if isinstance(image, bytes):
-        return _sendable(filename or "image"), image
+        return utf8_name(filename or "image"), image
     if isinstance(image, str | os.PathLike):
         path = Path(image)
-        return _sendable(filename or path.name), path.read_bytes()
+        return utf8_name(filename or path.name), path.read_bytes()
     data = image.read()
-    return _sendable(filename or Path(str(getattr(image, "name", "image"))).name), data
+    return utf8_name(filename or Path(str(getattr(image, "name", "image"))).name), data
 
 
-def _sendable(name: str) -> str:
-    """A file name the multipart form can carry: a name that is not UTF-8 on disk (Linux keeps
-    its bytes as surrogates) gets U+FFFD for the bytes that are not."""
+def utf8_name(name: str | os.PathLike[str]) -> str:
+    """A file name as text a multipart form (or a terminal) can carry: a name that is not
+    UTF-8 on disk (Linux keeps its bytes as surrogates) gets U+FFFD for the bytes that are
+    not."""
     return os.fsencode(name).decode("utf-8", errors="replace")
 
 

@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from segsvc.client import DEFAULT_URL, STOPPABLE_POLL_S, Client, Job
+from segsvc.client import DEFAULT_URL, STOPPABLE_POLL_S, Client, Job, utf8_name
 from segsvc.client_errors import (
     ApiError,
     AuthError,
@@ -402,11 +402,6 @@ class Interrupted(Exception):
         self.outcomes = outcomes
 
 
-def shown(path: Path) -> str:
-    """A path for people: bytes of a name that are not UTF-8 shown as U+FFFD."""
-    return os.fsencode(path).decode("utf-8", errors="replace")
-
-
 def summary_table(outcomes: list[Outcome]) -> Table:
     """Counts per result and the mean latencies."""
     table = Table(title="segsvc submit")
@@ -504,7 +499,7 @@ def submit(
     for o in outcomes:
         if o.reason:  # file names and server messages are text, not markup: [x] stays [x]
             console.print(
-                f"[red]{escape(o.status)}[/red] {escape(shown(o.path))}: {escape(o.reason)}",
+                f"[red]{escape(o.status)}[/red] {escape(utf8_name(o.path))}: {escape(o.reason)}",
                 highlight=False,
             )
     if interrupted:

@@ -5,24 +5,40 @@ from __future__ import annotations
 import fcntl
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 def write_atomically(path: Path, data: bytes, *, sync_folder: bool = False) -> None:
-    """Write `data` to `path`: into a temporary file of its own beside it (a name per write, so
-    threads or processes writing one path at once never share, truncate or rename each other's
-    file), fsynced, then renamed over `path`. A reader sees the old file or the whole new one.
+    """Write `data` to `path`, whole or not at all (see `replace_atomically`)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+
+    replace_atomically(path, write, sync_folder=sync_folder)
+
+
+def replace_atomically(
+    path: Path, write: Callable[[Path], object], *, suffix: str = "", sync_folder: bool = False
+) -> None:
+    """`write(tmp)` writes the new content into a temporary file of its own beside `path` (a
+    name per write, so threads or processes writing one path at once never share, truncate or
+    rename each other's file; it ends with `suffix`, for writers that choose a format by the
+    name), which is fsynced, then renamed over `path`. A reader sees the old file or the whole
+    new one, and a crash leaves nothing half-written under `path`.
 
     `sync_folder` also fsyncs the folder, so that after a power loss the new name cannot have
     landed before the data (a cache that trusts what it finds needs that)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp{suffix}")
     try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
+from segsvc import images
 from segsvc.blobs import POINTER_LENGTH, BlobMissingError, BlobStore
 from segsvc.errors import BadRequestError, ConflictError, SegError
 from segsvc.ml import NUM_CLASSES
@@ -51,7 +52,6 @@ def validate_mask(
     API does not load NumPy). A mask over LARGE_DECODE_PIXELS decodes inside
     `large_decode()`, as an upload that size does (1-2 bytes per pixel, but a server bounds
     every large decode the same way)."""
-    from segsvc.images import LARGE_DECODE_PIXELS  # images imports this package's neighbours
 
     if not data:
         raise BadRequestError("The uploaded mask file is empty.")
@@ -71,7 +71,7 @@ def validate_mask(
             raise InvalidMaskError(
                 f"The mask is {img.width}x{img.height}; the job's input is {width}x{height}."
             )
-        with large_decode() if width * height > LARGE_DECODE_PIXELS else nullcontext():
+        with large_decode() if width * height > images.LARGE_DECODE_PIXELS else nullcontext():
             try:
                 bad = _values_out_of_range(img)
             except (OSError, ValueError, SyntaxError):

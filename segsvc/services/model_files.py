@@ -58,8 +58,8 @@ DAY_S = 86400.0
 NAME = r"(?P<stem>ft-\d{8}-\d{6}-[0-9a-f]{6})\.(?:keras|json)"
 CANDIDATE = re.compile(NAME)
 ASIDE = re.compile(rf"\.(?P<name>{NAME})\.prune-[0-9a-f]{{8}}")  # `_set_aside`'s
-# The temporary files a candidate and its report are written through (`save_model_atomically`,
-# `write_atomically`): left behind only by a process killed mid-write.
+# The temporary files a candidate and its report are written through (`replace_atomically`):
+# left behind only by a process killed mid-write.
 TEMPORARY = re.compile(r"\.ft-\d{8}-\d{6}-[0-9a-f]{6}\.\S*\.tmp(?:\.keras)?")
 
 

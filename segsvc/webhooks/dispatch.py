@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from segsvc.db import savepoint
@@ -68,12 +68,14 @@ def attempt_lease(settings: Settings) -> timedelta:
 
 
 def _endpoint_of(
-    message: type[WebhookMessage] | WebhookMessage,
+    client_id: uuid.UUID | InstrumentedAttribute[uuid.UUID | None] | None,
+    url: str | InstrumentedAttribute[str],
 ) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
-    """The conditions that match a message's endpoint row (its client's, or the anonymous)."""
+    """The conditions that match the endpoint row of (client, url): values, or a message's
+    columns in a correlated query. The anonymous client's is the row whose client is NULL."""
     return (
-        WebhookEndpoint.url == message.url,
-        WebhookEndpoint.client_id.is_not_distinct_from(message.client_id),
+        WebhookEndpoint.url == url,
+        WebhookEndpoint.client_id.is_not_distinct_from(client_id),
     )
 
 
@@ -93,7 +95,10 @@ def claim_due(*, session: Session, limit: int = 100) -> list[tuple[str, datetime
         earlier.created_at < WebhookMessage.created_at,
     )
     now = db_now(session)
-    paused = exists().where(*_endpoint_of(WebhookMessage), WebhookEndpoint.paused_until > now)
+    paused = exists().where(
+        *_endpoint_of(WebhookMessage.client_id, WebhookMessage.url),
+        WebhookEndpoint.paused_until > now,
+    )
     due = (
         WebhookMessage.status == outbox.PENDING,
         WebhookMessage.next_attempt_at <= now,
@@ -242,11 +247,7 @@ def _endpoint_recovered(session: Session, prepared: Prepared) -> None:
     """A delivery: the endpoint works, so its run of failures (and any pause) is over."""
     session.execute(
         update(WebhookEndpoint)
-        .where(
-            WebhookEndpoint.url == prepared.url,
-            WebhookEndpoint.client_id.is_not_distinct_from(prepared.client_id),
-            WebhookEndpoint.failures > 0,
-        )
+        .where(*_endpoint_of(prepared.client_id, prepared.url), WebhookEndpoint.failures > 0)
         .values(failures=0, paused_until=None)
         .execution_options(synchronize_session=False)
     )

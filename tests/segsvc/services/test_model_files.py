@@ -151,9 +151,9 @@ def test_temporary_files_of_a_write_killed_mid_way_are_pruned(cfg: Settings) -> 
     shared volume, which nothing matched."""
     stem = candidate(cfg).stem
     folder = model_files.models_dir(cfg)
-    old = write(folder / f".{stem}.4242.123456789.tmp.keras", OLD)
+    old = write(folder / f".{stem}.keras.4242.0123abcd.tmp.keras", OLD)  # replace_atomically's
     report = write(folder / f".{stem}.json.4242.0123abcd.tmp", OLD)
-    fresh = write(folder / f".{stem}.4243.987654321.tmp.keras", 60)
+    fresh = write(folder / f".{stem}.keras.4243.987654ab.tmp.keras", 60)
     mine = write(folder / ".by-hand.tmp.keras", OLD)  # not this service's: stays
     result = prune_model_files(cfg)
     assert old in result.removed

@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -102,10 +103,10 @@ def test_deliver_sends_when_allowlisted(receiver: Receiver, hook_settings: Setti
     )
 
 
-@pytest.fixture
-def trickler() -> Iterator[int]:
-    """A loopback server that answers every request with its status line one byte at a time,
-    0.1 s apart, for ever: each read completes well within a per-read timeout."""
+@contextmanager
+def raw_server(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[int]:
+    """A loopback server that reads each request and leaves the connection to `answer(conn,
+    stop)`; yields its port, and stops it (setting `stop`) at the end."""
     server = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
@@ -117,32 +118,44 @@ def trickler() -> Iterator[int]:
                 return
             with conn:
                 conn.recv(65536)
-                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
-                    if stop.is_set():
-                        break
-                    try:
-                        conn.sendall(bytes([byte]))
-                    except OSError:
-                        break
-                    time.sleep(0.1)
+                answer(conn, stop)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    server.close()
-    thread.join(5)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        server.close()
+        thread.join(5)
+
+
+def loopback(port: int) -> Target:
+    """The checked target of a server on this machine's loopback."""
+    return Target(
+        url=f"http://127.0.0.1:{port}/hook", host="127.0.0.1", port=port, addresses=("127.0.0.1",)
+    )
+
+
+def trickle(conn: socket.socket, stop: threading.Event) -> None:
+    """The status line one byte at a time, 0.1 s apart, for ever: each read completes well
+    within a per-read timeout."""
+    for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+        if stop.is_set():
+            break
+        try:
+            conn.sendall(bytes([byte]))
+        except OSError:
+            break
+        time.sleep(0.1)
 
 
 @pytest.mark.timeout(30)
-def test_post_ends_by_its_timeout_even_when_every_read_is_quick(trickler: int) -> None:
-    port = trickler
-    hook = Target(
-        url=f"http://127.0.0.1:{port}/hook", host="127.0.0.1", port=port, addresses=("127.0.0.1",)
-    )
-    started = time.monotonic()
-    out = post(hook, body="{}", headers={}, timeout=0.6, body_cap=64)
-    assert time.monotonic() - started < 1.5
+def test_post_ends_by_its_timeout_even_when_every_read_is_quick() -> None:
+    with raw_server(trickle) as port:
+        started = time.monotonic()
+        out = post(loopback(port), body="{}", headers={}, timeout=0.6, body_cap=64)
+        assert time.monotonic() - started < 1.5
     assert out.kind == "retry"
     assert "timed out" in (out.error or "")
 
@@ -180,42 +193,20 @@ def test_connecting_to_many_silent_addresses_ends_by_the_attempts_deadline(
     assert time.monotonic() - started < 1.0  # not 8 x 0.25 s
 
 
-def stalling_server(status: bytes, stop: threading.Event) -> socket.socket:
-    """Answers `status` with a Content-Length of 100, sends 5 body bytes, then stalls."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 100\r\n\r\nhello")
-                stop.wait(10)
-
-    threading.Thread(target=serve, daemon=True).start()
-    return server
-
-
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(("status", "kind"), [(b"200 OK", "delivered"), (b"410 Gone", "gone")])
 def test_an_answer_whose_body_stalls_counts_by_its_status(status: bytes, kind: str) -> None:
     """A 200 whose body never finished was a timeout, sent again for days; such a 410 never
     disabled the endpoint. The status line is the answer; the body read just stops."""
-    stop = threading.Event()
-    server = stalling_server(status, stop)
-    port = server.getsockname()[1]
-    hook = Target(
-        url=f"http://127.0.0.1:{port}/hook", host="127.0.0.1", port=port, addresses=("127.0.0.1",)
-    )
-    try:
+
+    def stall(conn: socket.socket, stop: threading.Event) -> None:
+        """`status` with a Content-Length of 100, 5 body bytes, then nothing."""
+        conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 100\r\n\r\nhello")
+        stop.wait(10)
+
+    with raw_server(stall) as port:
         started = time.monotonic()
-        out = post(hook, body="{}", headers={}, timeout=0.6, body_cap=64)
+        out = post(loopback(port), body="{}", headers={}, timeout=0.6, body_cap=64)
         assert time.monotonic() - started < 1.5
-    finally:
-        stop.set()
-        server.close()
     assert out.kind == kind, out
     assert out.body == "hello"

@@ -104,6 +104,18 @@ def test_record_events_for_every_terminal_state(settings: Settings) -> None:
     assert got == {failed: "failed", canceled: "canceled"}
 
 
+def attempt_the_one_due(settings: Settings) -> dispatch.Prepared:
+    """Claim the only due message and start its attempt (no HTTP)."""
+    with session_scope(settings) as session:
+        ((message_id, lease),) = claim_due(session=session)
+    with session_scope(settings) as session:
+        prepared = start_attempt(
+            session=session, message_id=message_id, lease=lease, settings=settings
+        )
+    assert prepared is not None
+    return prepared
+
+
 def test_claim_due_keeps_started_before_completed(settings: Settings) -> None:
     job_id = make_job(settings, URL, ["start", "completed"])
     finish_job(settings, start_job(settings, job_id))
@@ -223,13 +235,8 @@ def test_a_redeliver_while_an_attempt_is_being_recorded_is_not_lost(
     instead of the attempt writing "failed" over the redeliver's "pending"."""
     job_id = make_job(settings, URL)
     finish_job(settings, start_job(settings, job_id))
-    with session_scope(settings) as session:
-        ((message_id, lease),) = claim_due(session=session)
-    with session_scope(settings) as session:
-        prepared = start_attempt(
-            session=session, message_id=message_id, lease=lease, settings=settings
-        )
-    assert prepared is not None
+    prepared = attempt_the_one_due(settings)
+    message_id = prepared.message_id
     read, go_on = threading.Event(), threading.Event()
     real_next_state = dispatch._next_state
 
@@ -279,13 +286,8 @@ def test_a_410_of_an_attempt_overtaken_by_a_redeliver_still_disables_the_endpoin
     logged: the receiver's 410 Gone was lost, and the redelivered copy went out anyway."""
     job_id = make_job(settings, URL)
     finish_job(settings, start_job(settings, job_id))
-    with session_scope(settings) as session:
-        ((message_id, lease),) = claim_due(session=session)
-    with session_scope(settings) as session:
-        prepared = start_attempt(
-            session=session, message_id=message_id, lease=lease, settings=settings
-        )
-    assert prepared is not None
+    prepared = attempt_the_one_due(settings)
+    message_id = prepared.message_id
     with session_scope(settings) as session:
         webhook_service.redeliver(
             session=session, job_id=str(job_id), message_id=message_id, client_id=None
@@ -428,13 +430,8 @@ def test_recording_an_attempt_waits_for_no_endpoint_lock(settings: Settings) -> 
     message_id = _finished_job(settings, URL, a)
     with session_scope(settings) as session:
         session.add(WebhookEndpoint(client_id=a, url=URL))
-    with session_scope(settings) as session:
-        ((claimed, lease),) = claim_due(session=session)
-        prepared = start_attempt(
-            session=session, message_id=claimed, lease=lease, settings=settings
-        )
-    assert prepared is not None
-    assert claimed == message_id
+    prepared = attempt_the_one_due(settings)
+    assert prepared.message_id == message_id
     locker = get_sessionmaker(settings)()
     try:
         locker.scalars(select(WebhookEndpoint).with_for_update()).all()  # a 410 in flight

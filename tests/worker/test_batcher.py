@@ -269,8 +269,16 @@ def test_close_waits_for_a_late_batch_to_be_released_before_it_returns(
     while it still holds their leases."""
     uuids = make_jobs(settings, 1)
     batcher = start(recorder, [str(i) for i in uuids])
-    threading.Timer(0.45, recorder.release_first_forward.set).start()
-    batcher.close(timeout=0.3)  # the first forward pass is still held when this wait ends
+    shut_pool = batcher._post.shutdown
+
+    def shut_then_release(wait: bool = True, *, cancel_futures: bool = False) -> None:
+        # The forward pass ends only once close()'s first wait is over and the pools are shut,
+        # however slow this machine is: close() must then wait for the release itself.
+        shut_pool(wait=wait, cancel_futures=cancel_futures)
+        recorder.release_first_forward.set()
+
+    batcher._post.shutdown = shut_then_release  # type: ignore[method-assign]
+    batcher.close(timeout=2)  # the first forward pass is still held when the first wait ends
     assert not batcher._thread.is_alive()
     for job in rows(settings, uuids):
         assert (job.status, job.lease_token) == (JobStatus.QUEUED, None)

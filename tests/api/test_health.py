@@ -49,7 +49,7 @@ def test_readyz_runs_checks_at_once_and_answers_in_time_when_they_hang(
     from api.app import create_app
     from api.routes import health
 
-    monkeypatch.setattr(health, "READY_TIMEOUT_S", 1.0)
+    assert health.READY_TIMEOUT_S == 2.0  # the wait below is the one shipped
     with silent_server() as database, silent_server() as broker:
         hung = settings.model_copy(
             update={
@@ -63,7 +63,7 @@ def test_readyz_runs_checks_at_once_and_answers_in_time_when_they_hang(
         took = time.monotonic() - start
     assert resp.status_code == 503
     assert resp.get_json()["checks"] == {
-        "database": "error: no answer in 1 s",
-        "broker": "error: no answer in 1 s",
+        "database": "error: no answer in 2 s",
+        "broker": "error: no answer in 2 s",
     }
-    assert took < 1.8  # one timeout for both, not one after the other
+    assert took < 3.5  # one timeout for both, not one after the other (4 s)

@@ -304,6 +304,20 @@ def png_files(folder: Path, count: int) -> list[Path]:
     return files
 
 
+def interrupt_once_answered(stub: Scripted, count: int) -> threading.Thread:
+    """A thread (to start) that sends this process Ctrl-C once `stub` has answered `count`
+    requests, however slow the machine (a timer could fire before any was sent)."""
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 30
+        while len(stub.times) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # the answer reaches its client
+        os.kill(os.getpid(), signal.SIGINT)
+
+    return threading.Thread(target=interrupt, daemon=True)
+
+
 def test_cli_ctrl_c_stops_sending_and_reports_what_was_sent(tmp_path: Path) -> None:
     """Ctrl-C: no more requests start; every request that was answered is reported."""
     from segsvc.client import Client
@@ -312,7 +326,7 @@ def test_cli_ctrl_c_stops_sending_and_reports_what_was_sent(tmp_path: Path) -> N
     stub = Scripted([(202, {}, {"id": "j1", "status": "queued"})], hold_s=0.2)
     files = png_files(tmp_path, 30)
     plan = SubmitPlan(False, None, False, None, None, 10.0, batch=1)
-    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer = interrupt_once_answered(stub, 3)  # however slow the machine, some were sent first
     with serve(stub) as url, Client(url, "k") as client:
         timer.start()
         with pytest.raises(Interrupted) as stopped:
@@ -346,14 +360,14 @@ def test_cli_ctrl_c_while_waiting_reports_the_job_ids_at_once(tmp_path: Path) ->
     stub = Scripted([(202, {}, {"id": "j1", "status": "queued"})], hold_s=0.3)
     files = png_files(tmp_path, 3)
     plan = SubmitPlan(True, None, False, None, None, 60.0, batch=1)
-    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer = interrupt_once_answered(stub, 6)  # the three submits and three polls: all wait
     with serve(stub) as url, Client(url, "k") as client:
         timer.start()
         started = time.monotonic()
         with pytest.raises(Interrupted) as stopped:
             run_all(files, client, plan, concurrency=3)
         took = time.monotonic() - started
-    assert took < 6  # not the 60 s --timeout
+    assert took < 10  # not the 60 s --timeout
     outcomes = stopped.value.outcomes
     assert [o.job_id for o in outcomes] == ["j1"] * 3
     assert all(o.status == "queued" and "Ctrl-C" in o.reason for o in outcomes)
@@ -397,13 +411,13 @@ def test_cli_ctrl_c_during_a_retry_pause_stops_at_once(tmp_path: Path) -> None:
     stub = Scripted([busy])
     files = png_files(tmp_path, 4)
     plan = SubmitPlan(False, None, False, None, None, 10.0, batch=1)
-    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer = interrupt_once_answered(stub, 2)  # both first tries were answered: both pause
     with serve(stub) as url, Client(url, "k", retries=5) as client:
         timer.start()
         started = time.monotonic()
         with pytest.raises(Interrupted) as stopped:
             run_all(files, client, plan, concurrency=2)
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 10  # not the 30 s pause
     assert len(stub.times) == 2  # the two first tries; no retry went out
     outcomes = stopped.value.outcomes
     assert len(outcomes) == 2

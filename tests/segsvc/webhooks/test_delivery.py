@@ -73,10 +73,10 @@ def test_post_does_not_follow_redirects(receiver: Receiver) -> None:
 
 
 def test_post_times_out_slow_receiver(receiver: Receiver) -> None:
-    receiver.script(Reply(200, delay=2.0))
+    receiver.script(Reply(200, delay=10.0))
     started = time.monotonic()
     out = send(receiver, timeout=0.3)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 5  # not the receiver's 10 s
     assert out.kind == "retry"
     assert "timed out" in (out.error or "")
 
@@ -155,7 +155,7 @@ def test_post_ends_by_its_timeout_even_when_every_read_is_quick() -> None:
     with raw_server(trickle) as port:
         started = time.monotonic()
         out = post(loopback(port), body="{}", headers={}, timeout=0.6, body_cap=64)
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 5  # the trickle would go on for 1000 s
     assert out.kind == "retry"
     assert "timed out" in (out.error or "")
 
@@ -187,10 +187,8 @@ def test_connecting_to_many_silent_addresses_ends_by_the_attempts_deadline(
     target = Target("https://hooks.example/", "hooks.example", 443, addresses)
     started = time.monotonic()
     with pytest.raises(httpcore.ConnectTimeout):
-        PinnedBackend(target, deadline=started + 0.6).connect_tcp(
-            "hooks.example", 443, timeout=0.25
-        )
-    assert time.monotonic() - started < 1.0  # not 8 x 0.25 s
+        PinnedBackend(target, deadline=started + 0.6).connect_tcp("hooks.example", 443, timeout=5)
+    assert time.monotonic() - started < 3  # not 8 x 5 s, nor even one address's 5 s
 
 
 @pytest.mark.timeout(30)
@@ -202,11 +200,11 @@ def test_an_answer_whose_body_stalls_counts_by_its_status(status: bytes, kind: s
     def stall(conn: socket.socket, stop: threading.Event) -> None:
         """`status` with a Content-Length of 100, 5 body bytes, then nothing."""
         conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 100\r\n\r\nhello")
-        stop.wait(10)
+        stop.wait(20)
 
     with raw_server(stall) as port:
         started = time.monotonic()
         out = post(loopback(port), body="{}", headers={}, timeout=0.6, body_cap=64)
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 5  # not the stalled body's 20 s
     assert out.kind == kind, out
     assert out.body == "hello"

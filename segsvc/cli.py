@@ -260,10 +260,45 @@ def keys_create(name: str, admin: bool) -> None:
     from segsvc.db import session_scope
     from segsvc.services.keys import create_key
 
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         row, plaintext = create_key(session=session, name=name, is_admin=admin)
         click.echo(f"created key {row.prefix}... for {name!r} (admin={admin}); store it now:")
     click.echo(plaintext)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Every key, tab-separated: id, prefix, name, admin, created, revoked (or -)."""
+    from segsvc.db import session_scope
+    from segsvc.services.keys import list_keys
+
+    with session_scope(get_settings()) as session:
+        for row in list_keys(session=session):
+            revoked = row.revoked_at.isoformat() if row.revoked_at else "-"
+            fields = [str(row.id), f"{row.prefix}...", row.name, "admin" if row.is_admin else "-"]
+            click.echo("\t".join([*fields, row.created_at.isoformat(), revoked]))
+
+
+@keys.command("revoke")
+@click.argument("ref")
+def keys_revoke(ref: str) -> None:
+    """Revoke the key whose id or prefix (as `keys list` shows it) is REF.
+
+    Requests with it get 401 once each API process's key cache (30 s) has let it go."""
+    from segsvc.db import session_scope
+    from segsvc.errors import SegError
+    from segsvc.services.keys import AUTH_CACHE_SECONDS, revoke_key
+
+    try:
+        with session_scope(get_settings()) as session:
+            row = revoke_key(session=session, ref=ref)
+            when = row.revoked_at.isoformat() if row.revoked_at else "?"
+            click.echo(
+                f"key {row.prefix}... ({row.name!r}) revoked at {when}; API processes refuse it "
+                f"within {AUTH_CACHE_SECONDS:g} s"
+            )
+    except SegError as exc:
+        raise click.ClickException(exc.message) from None
 
 
 @main.group()

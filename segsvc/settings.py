@@ -105,7 +105,11 @@ class Settings(BaseSettings):
 
     # --- API ---------------------------------------------------------------------------------
     port: int = Field(8000, ge=1, le=65535, description="Port `make run` serves the API on.")
-    public_url: str = Field("", description="Base URL used in links (empty: from the request).")
+    public_url: str = Field(
+        "",
+        description="Base URL used in links (empty: the request's in API answers, and "
+        "`http://127.0.0.1:<SEG_PORT>` in webhooks, which workers send: set it).",
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted upload.")
     max_pixels: int = Field(40_000_000, ge=1, description="Largest accepted width x height.")
     batch_submit_max_images: int = Field(
@@ -121,7 +125,11 @@ class Settings(BaseSettings):
     )
     rate_limit_per_minute: int = Field(600, ge=0, description="Submissions per API key per minute.")
     rate_limit_burst: int = Field(120, ge=1, description="Token-bucket burst size per API key.")
-    auth_required: bool = Field(True, description="Require `Authorization: Bearer` on /v1.")
+    auth_required: bool = Field(
+        True,
+        description="Require `Authorization: Bearer` on /v1 (false: every caller is an admin, "
+        "may promote or roll back models and sees every job).",
+    )
     api_nice: int = Field(
         10,
         ge=0,
@@ -247,7 +255,7 @@ class Settings(BaseSettings):
     )
     canary_share: float = Field(0.10, gt=0, le=1, description="Share of jobs served by a canary.")
     canary_min_jobs: int = Field(
-        50, ge=1, description="Canary jobs before auto promote/rollback (0 promoted on none)."
+        50, ge=1, description="Canary jobs before auto promote/rollback (at least 1)."
     )
     retention_days: int = Field(
         30, ge=1, description="Unlabeled inputs older than this are deleted."

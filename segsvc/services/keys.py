@@ -1,4 +1,4 @@
-"""API keys: creation (shown once), lookup by hash."""
+"""API keys: creation (shown once), lookup by hash, listing and revocation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from segsvc.errors import UnauthorizedError
-from segsvc.models import ApiKey
+from segsvc.errors import ConflictError, NotFoundError, UnauthorizedError
+from segsvc.models import ApiKey, utcnow
 
 KEY_PREFIX = "seg_"
 
@@ -38,6 +38,33 @@ def create_key(*, session: Session, name: str, is_admin: bool = False) -> tuple[
     session.add(row)
     session.flush()
     return row, plaintext
+
+
+def list_keys(*, session: Session) -> list[ApiKey]:
+    """Every key, oldest first (revoked ones included: their `revoked_at` says so)."""
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)))
+
+
+def revoke_key(*, session: Session, ref: str) -> ApiKey:
+    """Revoke the key named by `ref`: its id, or the prefix `keys list` shows (a trailing
+    "..." is allowed). A prefix two keys share is refused rather than guessed; revoking a
+    revoked key changes nothing. API processes may still accept it for AUTH_CACHE_SECONDS."""
+    ref = ref.strip().removesuffix("...")
+    try:
+        by_id: uuid.UUID | None = uuid.UUID(ref)
+    except ValueError:
+        by_id = None
+    where = ApiKey.id == by_id if by_id is not None else ApiKey.prefix == ref
+    rows = list(session.scalars(select(ApiKey).where(where).with_for_update()))
+    if not rows:
+        raise NotFoundError(f"No API key has the id or prefix {ref!r}.")
+    if len(rows) > 1:
+        raise ConflictError(f"{len(rows)} keys share the prefix {ref!r}: revoke one by its id.")
+    (row,) = rows
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.flush()
+    return row
 
 
 # Keys seen recently, by hash: the API checks a key on every request, and a database round trip

@@ -4,7 +4,7 @@ import pytest
 from sqlalchemy import update
 
 from segsvc.db import session_scope
-from segsvc.errors import UnauthorizedError
+from segsvc.errors import ConflictError, NotFoundError, UnauthorizedError
 from segsvc.models import ApiKey, utcnow
 from segsvc.services import keys
 from segsvc.settings import Settings
@@ -34,3 +34,71 @@ def test_authenticate_cached_does_not_remember_failures(settings: Settings) -> N
     with session_scope(settings) as session, pytest.raises(UnauthorizedError):
         keys.authenticate_cached(session=session, key="seg_unknown")
     assert keys._auth_cache == {}
+
+
+def test_revoke_key_by_prefix_or_id_ends_its_use(settings: Settings) -> None:
+    keys._auth_cache.clear()
+    with session_scope(settings) as session:
+        first, first_key = keys.create_key(session=session, name="first")
+        second, second_key = keys.create_key(session=session, name="second")
+        keys.revoke_key(session=session, ref=f"{first.prefix}...")  # as `keys list` shows it
+        keys.revoke_key(session=session, ref=str(second.id))
+    with session_scope(settings) as session:
+        for key in (first_key, second_key):
+            with pytest.raises(UnauthorizedError):
+                keys.authenticate(session=session, key=key)
+        listed = {row.name: row.revoked_at for row in keys.list_keys(session=session)}
+    assert listed["first"] is not None
+    assert listed["second"] is not None
+
+
+def test_revoking_a_revoked_key_keeps_when_it_was_revoked(settings: Settings) -> None:
+    with session_scope(settings) as session:
+        row, _ = keys.create_key(session=session, name="n")
+        when = keys.revoke_key(session=session, ref=str(row.id)).revoked_at
+    with session_scope(settings) as session:
+        assert keys.revoke_key(session=session, ref=str(row.id)).revoked_at == when
+
+
+def test_revoke_refuses_a_shared_prefix_and_an_unknown_one(settings: Settings) -> None:
+    with session_scope(settings) as session:
+        one, _ = keys.create_key(session=session, name="one")
+        two, _ = keys.create_key(session=session, name="two")
+        two.prefix = one.prefix  # 36 random bits each: rare, but a guess would be worse
+    with session_scope(settings) as session, pytest.raises(ConflictError, match="by its id"):
+        keys.revoke_key(session=session, ref=one.prefix)
+    with session_scope(settings) as session, pytest.raises(NotFoundError):
+        keys.revoke_key(session=session, ref="seg_nosuch")
+    with session_scope(settings) as session:
+        assert all(row.revoked_at is None for row in keys.list_keys(session=session))
+
+
+def test_cli_keys_list_and_revoke(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from segsvc.cli import main
+
+    monkeypatch.setattr("segsvc.cli.get_settings", lambda: settings)
+    created = CliRunner().invoke(main, ["keys", "create", "--name", "ci bot"])
+    assert created.exit_code == 0, created.output
+    key = created.output.splitlines()[-1]
+    listed = CliRunner().invoke(main, ["keys", "list"])
+    assert listed.exit_code == 0, listed.output
+    (line,) = [row for row in listed.output.splitlines() if "\tci bot\t" in row]
+    key_id, prefix, _, admin, _, revoked = line.split("\t")
+    assert (prefix, admin, revoked) == (f"{key[:10]}...", "-", "-")
+
+    revoked_now = CliRunner().invoke(main, ["keys", "revoke", prefix])
+    assert revoked_now.exit_code == 0, revoked_now.output
+    assert "revoked at" in revoked_now.output
+    assert "within 30 s" in revoked_now.output
+    with session_scope(settings) as session, pytest.raises(UnauthorizedError):
+        keys.authenticate(session=session, key=key)
+    listed = CliRunner().invoke(main, ["keys", "list"])
+    (line,) = [row for row in listed.output.splitlines() if row.startswith(f"{key_id}\t")]
+    assert line.split("\t")[-1] != "-"  # its revocation time
+
+    unknown = CliRunner().invoke(main, ["keys", "revoke", "seg_nosuch"])
+    assert unknown.exit_code == 1
+    assert "No API key has the id or prefix 'seg_nosuch'" in unknown.output
+    assert "Traceback" not in unknown.output

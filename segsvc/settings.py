@@ -354,7 +354,7 @@ class Settings(BaseSettings):
         """Redis used for rate limits and queue depth, if any."""
         if self.redis_url:
             return self.redis_url
-        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+        if self.broker_url and is_redis_url(self.broker_url):
             return self.broker_url
         return None
 
@@ -373,6 +373,11 @@ def parse_cron(expr: str) -> crontab:
         raise ValueError(f"a cron expression needs 5 fields (m h dom mon dow), got {expr!r}")
     minute, hour, dom, month, dow = fields
     return crontab(minute=minute, hour=hour, day_of_month=dom, month_of_year=month, day_of_week=dow)
+
+
+def is_redis_url(url: str) -> bool:
+    """Whether `url` names a Redis server (plain or TLS): a broker this code can look into."""
+    return url.startswith(("redis://", "rediss://"))
 
 
 @lru_cache(maxsize=1)

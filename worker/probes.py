@@ -56,8 +56,8 @@ def check(probe_dir: Path, *, need: tuple[str, ...], max_age: float) -> str | No
 def broker_unreachable(url: str) -> bool:
     """Whether the Redis broker at `url` does not answer a PING within a second (False for
     other brokers, which this cannot ask)."""
-    if not url.startswith(("redis://", "rediss://")):
-        return False
+    if not url.startswith(("redis://", "rediss://")):  # segsvc.settings.is_redis_url, without
+        return False  # importing the settings module (pydantic) into every probe run
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)

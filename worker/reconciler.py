@@ -23,7 +23,7 @@ from segsvc import notify
 from segsvc.db import session_scope
 from segsvc.queue import RECONCILE, enqueue_job
 from segsvc.services import reconcile
-from segsvc.settings import Settings
+from segsvc.settings import Settings, is_redis_url
 from worker.celery_app import app, settings
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ MAX_FAILED_SENDS_IN_A_ROW = 3
 
 def broker_inspectable(cfg: Settings) -> bool:
     """Whether a pass can see which jobs have a message in the broker (Redis only)."""
-    return cfg.celery_broker_url.startswith(("redis://", "rediss://"))
+    return is_redis_url(cfg.celery_broker_url)
 
 
 def broker_snapshot(cfg: Settings) -> set[str] | None:

@@ -20,7 +20,7 @@ from kombu.entity import Queue
 from segsvc.db import session_scope, with_db_role
 from segsvc.metrics import WEBHOOK_DELIVERIES, WEBHOOK_LATENCY
 from segsvc.queue import DELIVER_WEBHOOK, make_celery
-from segsvc.settings import Settings, get_settings
+from segsvc.settings import Settings, get_settings, is_redis_url
 from segsvc.webhooks.delivery import deliver
 from segsvc.webhooks.dispatch import (
     claim_due,
@@ -89,7 +89,7 @@ def hints_waiting(cfg: Settings) -> int:
     """Delivery hints in the broker's webhooks list (0 without Redis, or when it cannot say:
     the dispatcher then claims as before, and a lost hint only waits for its lease)."""
     url = cfg.celery_broker_url  # the broker's list: not SEG_REDIS_URL's, if that differs
-    if not url.startswith(("redis://", "rediss://")):
+    if not is_redis_url(url):
         return 0
     if url not in _redis_clients:
         _redis_clients[url] = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)

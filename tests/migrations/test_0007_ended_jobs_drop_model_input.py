@@ -3,8 +3,8 @@ batches walking the primary key; jobs still queued or running keep theirs."""
 
 from __future__ import annotations
 
-import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from sqlalchemy import text
 
@@ -71,10 +71,12 @@ def test_0007_waits_for_a_row_a_worker_holds_instead_of_giving_up(pg_db: Setting
             {"id": job},
         )
     assert cfg.database_url is not None
-    with holding(cfg.database_url, f"SELECT 1 FROM jobs WHERE id = '{job}' FOR UPDATE", seconds=1):
-        started = time.monotonic()
-        upgrade(settings=cfg)
-        waited = time.monotonic() - started
-    assert waited >= 0.8
+    row_lock = f"SELECT 1 FROM jobs WHERE id = '{job}' FOR UPDATE"
+    with ThreadPoolExecutor(1) as pool:
+        with holding(cfg.database_url, row_lock, seconds=60):
+            migrating = pool.submit(upgrade, settings=cfg)
+            wait([migrating], timeout=1.0)  # ten times its lock wait
+            assert not migrating.done(), migrating.exception()
+        migrating.result(timeout=30)  # the worker let go of the row
     with get_engine(cfg).connect() as conn:
         assert conn.scalar(text("SELECT model_input FROM jobs")) is None

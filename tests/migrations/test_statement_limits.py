@@ -4,7 +4,7 @@ index builds without the migration's own short lock wait."""
 from __future__ import annotations
 
 import os
-import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 from sqlalchemy import text
@@ -33,11 +33,14 @@ def test_migrations_wait_out_writers_past_the_serving_limits() -> None:
         )
         api = with_db_role(cfg, "api")  # even with the API's settings
         upgrade(settings=api, revision="0002")
-        with holding(url, "LOCK TABLE jobs IN ROW EXCLUSIVE MODE", seconds=1.5):
-            with pytest.raises(OperationalError) as caught, get_engine(api).connect() as conn:
-                conn.execute(text("LOCK TABLE jobs IN SHARE MODE"))  # the API gives up...
-            assert is_db_timeout(caught.value)
-            started = time.monotonic()
-            upgrade(settings=api, revision="0003")  # ... the migration waits for the writer
-            waited = time.monotonic() - started
-        assert waited >= 1.0
+        with ThreadPoolExecutor(1) as pool:
+            with holding(url, "LOCK TABLE jobs IN ROW EXCLUSIVE MODE", seconds=60):
+                with pytest.raises(OperationalError) as caught, get_engine(api).connect() as conn:
+                    conn.execute(text("LOCK TABLE jobs IN SHARE MODE"))  # the API gives up...
+                assert is_db_timeout(caught.value)
+                migrating = pool.submit(upgrade, settings=api, revision="0003")
+                # ... the migration waits for the writer, well past its own lock wait (0.1 s)
+                # and the API's limits (0.2 s)
+                wait([migrating], timeout=1.0)
+                assert not migrating.done(), migrating.exception()
+            migrating.result(timeout=30)  # the writer gone, it goes through

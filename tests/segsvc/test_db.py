@@ -40,9 +40,10 @@ def test_postgres_connections_detect_a_vanished_server(settings: Settings) -> No
 
 @contextmanager
 def holding(database_url: str, sql: str, *, seconds: float) -> Iterator[None]:
-    """Run `sql` in a transaction of its own, keeping its locks for `seconds` at most: a wait
-    on them that no timeout cuts short ends then too, so a test of the old code fails instead
-    of hanging."""
+    """Run `sql` in a transaction of its own, keeping its locks until the `with` block ends or
+    for `seconds` at most: a wait on them that no timeout cuts short ends then too, so a test
+    of the old code fails instead of hanging. A test that needs the locks held until it has
+    seen something lets go by leaving the block, with `seconds` a long safety net."""
     conn = psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"))
     conn.execute(sql)
     timer = threading.Timer(seconds, conn.rollback)
@@ -51,6 +52,7 @@ def holding(database_url: str, sql: str, *, seconds: float) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
+        timer.join()  # a rollback it already started ends before the connection closes
         conn.rollback()
         conn.close()
 

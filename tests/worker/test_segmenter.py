@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import pytest
@@ -27,9 +27,9 @@ from worker.segmenter import Segmenter, _wait_for_locks
 pytestmark = pytest.mark.timeout(180)
 
 # A migration's ALTER TABLE queued behind a long admin transaction: every statement on `jobs`
-# queues behind it, here for HOLD_S, far past the test workers' lock timeout.
+# queues behind it, far past the test workers' lock timeout, until the test lets go of it.
 LOCK_JOBS = "LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"
-HOLD_S = 2.0
+HOLD_S = 60.0  # a safety net: the holder lets go then, should the test not have let go before
 
 
 def worker_settings(settings: Settings, **limits: float) -> Settings:
@@ -205,10 +205,12 @@ def test_segmenter_release_waits_for_a_locked_jobs_table(
     ids = make_jobs(settings, 2)
     inferred = segmenter.infer([str(i) for i in ids])
     assert settings.database_url is not None
-    with holding(settings.database_url, LOCK_JOBS, seconds=HOLD_S):
-        started = time.monotonic()
-        segmenter.release(inferred)  # the holder lets go after HOLD_S
-        assert time.monotonic() - started > HOLD_S - 0.5
+    with ThreadPoolExecutor(1) as pool:
+        with holding(settings.database_url, LOCK_JOBS, seconds=HOLD_S):
+            releasing = pool.submit(segmenter.release, inferred)
+            wait([releasing], timeout=1.0)  # over three times the worker's lock timeout
+            assert not releasing.done(), releasing.exception()
+        releasing.result(timeout=30)  # the holder let go
     for job in rows(settings, ids):
         assert (job.status, job.lease_token) == (JobStatus.QUEUED, None)
         assert (job.attempts, job.releases) == (1, 1)  # no lost run
@@ -221,13 +223,11 @@ def test_segmenter_release_retries_after_losing_its_connection(
     ids = make_jobs(settings, 2)
     claim = segmenter.claim([str(i) for i in ids])
     assert settings.database_url is not None
-    with (
-        holding(settings.database_url, LOCK_JOBS, seconds=HOLD_S),
-        ThreadPoolExecutor(1) as pool,
-    ):
-        releasing = pool.submit(segmenter.release, claim)
-        terminate_lock_waiter(settings)  # a failover, say, while the release waits
-        releasing.result(timeout=30)
+    with ThreadPoolExecutor(1) as pool:
+        with holding(settings.database_url, LOCK_JOBS, seconds=HOLD_S):
+            releasing = pool.submit(segmenter.release, claim)
+            terminate_lock_waiter(settings)  # a failover, say, while the release waits
+        releasing.result(timeout=30)  # tried again, it waited for the holder to let go
     assert "releasing a batch failed" in caplog.text
     for job in rows(settings, ids):
         assert (job.status, job.attempts, job.releases) == (JobStatus.QUEUED, 1, 1)

@@ -17,7 +17,10 @@ def wait_in_thread(
     url: str, job_id: str, seconds: float, got: list[object] | None = None
 ) -> tuple[threading.Thread, list[float]]:
     """Wait for one job's notice in a thread; the list gets how long the wait took, and `got`
-    what the wait returned."""
+    what the wait returned. The process's listener has subscribed first, so the wait is on its
+    notices, never the fallback of polling that a subscription slower than SUBSCRIBE_WAIT_S
+    (a loaded machine) would give."""
+    assert notify._listener(url).subscribed.wait(10), "the listener has not subscribed"
     took: list[float] = []
     ready = threading.Event()
 
@@ -39,13 +42,17 @@ def wait_in_thread(
 def test_a_notice_wakes_only_its_own_job(settings: Settings) -> None:
     url = settings.effective_redis_url
     mine, other = str(uuid.uuid4()), str(uuid.uuid4())
-    mine_thread, mine_took = wait_in_thread(url, mine, 5)
-    other_thread, other_took = wait_in_thread(url, other, 0.6)
+    other_got: list[object] = []
+    mine_thread, mine_took = wait_in_thread(url, mine, 30)
+    other_thread, _ = wait_in_thread(url, other, 30, other_got)
     notify.publish_finished(url, [mine, str(uuid.uuid4())])
     mine_thread.join()
+    # The listener handles notices in order: had the first one woken `other`, its wait would
+    # have returned on it (without an end state), not on this one.
+    notify.publish_finished(url, [other], {other: {"status": "failed"}})
     other_thread.join()
-    assert mine_took[0] < 0.5
-    assert other_took[0] >= 0.55  # not woken by another job's notice
+    assert mine_took[0] < 10  # the notice, not the 30 s wait
+    assert other_got == [{other: {"status": "failed"}}]  # not woken by another job's notice
 
 
 def test_the_channel_is_per_redis_database(settings: Settings) -> None:
@@ -56,49 +63,49 @@ def test_the_listener_resubscribes_after_its_connection_drops(settings: Settings
     """A Redis restart wakes every waiter (they re-read the job), then notices work again."""
     url = settings.effective_redis_url
     job_id = str(uuid.uuid4())
-    thread, took = wait_in_thread(url, job_id, 10)
+    thread, took = wait_in_thread(url, job_id, 30)
     listener = notify._listener(url)
     admin = redis.Redis.from_url(url)
     for client in admin.client_list(_type="pubsub"):  # only ours: other test processes listen too
         if client["name"] == listener.client_name:
             admin.client_kill_filter(_id=client["id"])  # what a Redis restart does to it
-    thread.join(5)
+    thread.join(10)
     assert took, "the waiter was not woken"
-    assert took[0] < 2  # woken so it re-reads the job instead of waiting 10 s
-    deadline = time.monotonic() + 5
-    while not listener.subscribed.is_set() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert listener.subscribed.is_set()
-    again, again_took = wait_in_thread(url, job_id, 5)
+    assert took[0] < 10  # woken so it re-reads the job instead of waiting 30 s
+    again, again_took = wait_in_thread(url, job_id, 30)  # once subscribed again
     notify.publish_finished(url, [job_id])
     again.join()
-    assert again_took[0] < 0.5
+    assert again_took[0] < 10  # the notice, not the 30 s wait
 
 
-def test_without_redis_a_waiter_falls_back_to_polling_at_once() -> None:
-    """Nothing listens on port 1 of loopback: the connection is refused, the waiter polls."""
+def test_without_redis_a_waiter_falls_back_to_polling_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing listens on port 1 of loopback: the connection is refused, the waiter polls at
+    once instead of waiting out SUBSCRIBE_WAIT_S (10 s here, well above the bounds below)."""
+    monkeypatch.setattr(notify, "SUBSCRIBE_WAIT_S", 10.0)
     url = "redis://127.0.0.1:1/0"
     started = time.monotonic()
     with notify.subscribe(url, uuid.uuid4()) as (subscription, recheck_s):
         assert recheck_s == notify.POLL_WITHOUT_REDIS_S
-        subscription.wait(5)
-    assert time.monotonic() - started < 1.0
+        subscription.wait(30)  # a poll's pause, not the 30 s
+    assert time.monotonic() - started < 5
     again = time.monotonic()
     with notify.subscribe(url, uuid.uuid4()):  # the known outage costs no wait at all
         pass
-    assert time.monotonic() - again < 0.05
+    assert time.monotonic() - again < 5
 
 
 def test_a_notice_hands_each_waiter_its_own_jobs_end_state(settings: Settings) -> None:
     url = settings.effective_redis_url
     mine, other = str(uuid.uuid4()), str(uuid.uuid4())
     got: list[object] = []
-    thread, took = wait_in_thread(url, mine, 5, got)
+    thread, took = wait_in_thread(url, mine, 30, got)
     notify.publish_finished(
         url, [mine, other], {mine: {"status": "succeeded"}, other: {"status": "failed"}}
     )
     thread.join()
-    assert took[0] < 0.5
+    assert took[0] < 10  # the notice, not the 30 s wait
     assert got == [{mine: {"status": "succeeded"}}]
 
 
@@ -111,10 +118,10 @@ def test_a_notice_without_an_end_state_asks_for_a_read(settings: Settings, messa
     url = settings.effective_redis_url
     job_id = str(uuid.uuid4())
     got: list[object] = []
-    thread, took = wait_in_thread(url, job_id, 5, got)
+    thread, took = wait_in_thread(url, job_id, 30, got)
     redis.Redis.from_url(url).publish(notify.channel(url), message.decode().format(id=job_id))
     thread.join()
-    assert took[0] < 0.5
+    assert took[0] < 10  # the notice, not the 30 s wait
     assert got == [None]  # woken, and told to read the job
 
 
@@ -129,9 +136,9 @@ def test_a_malformed_notice_is_ignored_and_the_listener_goes_on(settings: Settin
     url = settings.effective_redis_url
     job_id = str(uuid.uuid4())
     got: list[object] = []
-    thread, took = wait_in_thread(url, job_id, 5, got)
+    thread, took = wait_in_thread(url, job_id, 30, got)
     redis.Redis.from_url(url).publish(notify.channel(url), b"{not json")
     notify.publish_finished(url, [job_id], {job_id: {"status": "failed"}})
     thread.join()
-    assert took[0] < 0.5
+    assert took[0] < 10  # the notice, not the 30 s wait
     assert got == [{job_id: {"status": "failed"}}]

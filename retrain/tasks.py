@@ -89,22 +89,31 @@ def canary_check() -> dict[str, Any] | None:
 @shared_task(name=PURGE_INPUTS, ignore_result=True)
 def purge_inputs() -> int:
     """Delete stored inputs of old jobs nobody labeled (settings.retention_days), and with the
-    `fs` blob store their files, unless an identical upload still keeps one."""
+    `fs` blob store their files, unless a job still names one (an identical upload's input, or
+    a result mask with the same bytes). One transaction per chunk of rows, its files deleted
+    once it committed: a pass over a backlog never holds more than one chunk's row locks."""
     settings = get_settings()
     with session_scope(settings) as session:
-        purged = feedback.purge_unlabeled_inputs(
-            session=session, retention_days=settings.retention_days
-        )
-    log.info(
-        "deleted the stored inputs of %d unlabeled jobs older than %d days",
-        purged.jobs,
-        settings.retention_days,
-    )
-    if purged.files:
+        cutoff = feedback.purge_cutoff(session=session, retention_days=settings.retention_days)
+    jobs = files = 0
+    after = None
+    while True:
         with session_scope(settings) as session:
-            kept = feedback.inputs_in_use(session=session, digests=purged.files)
-        files = blob_store(settings).delete(
-            [d for d in purged.files if d not in kept], older_than_s=BLOB_GRACE_S
-        )
-        log.info("deleted %d of their blob files", files)
-    return purged.jobs
+            chunk = feedback.purge_unlabeled_chunk(session=session, cutoff=cutoff, after=after)
+        jobs += chunk.jobs
+        if chunk.files:
+            with session_scope(settings) as session:
+                kept = feedback.blobs_in_use(session=session, digests=chunk.files)
+            files += blob_store(settings).delete(
+                [d for d in chunk.files if d not in kept], older_than_s=BLOB_GRACE_S
+            )
+        if chunk.resume is None:
+            break
+        after = chunk.resume
+    log.info(
+        "deleted the stored inputs of %d unlabeled jobs older than %d days (%d blob files)",
+        jobs,
+        settings.retention_days,
+        files,
+    )
+    return jobs

@@ -44,6 +44,11 @@ def is_pointer(value: bytes | None) -> bool:
     return value is not None and value.startswith(POINTER_PREFIX)
 
 
+def pointer_to(digest: str) -> bytes:
+    """The row value that names the file of this sha256."""
+    return POINTER_PREFIX + digest.encode()
+
+
 def pointer_digest(value: bytes) -> str:
     """The sha256 a pointer names (validated: a row value never becomes a path trick)."""
     digest = value[len(POINTER_PREFIX) :].decode("ascii", "replace")
@@ -155,7 +160,7 @@ class FsBlobStore(FileReader):
         if not self._refresh(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(path, data)  # threads storing the same bytes at once are fine
-        return POINTER_PREFIX + digest.encode()
+        return pointer_to(digest)
 
     @staticmethod
     def _refresh(path: Path) -> bool:

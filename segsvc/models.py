@@ -121,6 +121,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
+# Result masks stored as a blob file's pointer (`segsvc.blobs.POINTER_LENGTH` bytes).
+MASK_POINTER_WHERE = "length(mask_png) = 83"
+
+
 def _where(condition: str) -> dict[str, Any]:
     """A partial index's condition, on Postgres and SQLite alike."""
     return {"postgresql_where": text(condition), "sqlite_where": text(condition)}
@@ -198,6 +202,8 @@ class Job(Base):
         # (content-addressed: named by the upload's sha256) is still kept by another job.
         Index("ix_jobs_input_kept_created_at", "created_at", **_where("input_bytes IS NOT NULL")),
         Index("ix_jobs_input_kept_sha256", "input_sha256", **_where("input_bytes IS NOT NULL")),
+        # ... nor by a result mask (an upload byte-identical to a mask names its file; 0009).
+        Index("ix_jobs_mask_pointer", "mask_png", **_where(MASK_POINTER_WHERE)),
         # The reconciler's scans (`services/reconcile.py`, migration 0005): expired leases,
         # queued jobs paged by (created_at, id), suspects in flight or waiting, and queued jobs
         # a client canceled. Each reads only the few rows it wants, however deep the backlog.

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, literal, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from segsvc import images
-from segsvc.blobs import POINTER_LENGTH, BlobMissingError, BlobStore
+from segsvc.blobs import POINTER_LENGTH, BlobMissingError, BlobStore, pointer_digest, pointer_to
 from segsvc.errors import BadRequestError, ConflictError, SegError
 from segsvc.ml import NUM_CLASSES
 from segsvc.models import Feedback, Job, JobStatus, db_clock, db_time
@@ -207,59 +207,88 @@ def load_samples(
 
 @dataclass(frozen=True)
 class Purged:
-    """What a retention pass released."""
+    """What a retention pass (or one chunk of it) released."""
 
     jobs: int  # rows whose stored input was deleted
     files: list[str]  # sha256 of the fs blob files those rows pointed to
+    # Where the next chunk starts, (created_at, id) of the last row this one looked at; None
+    # when the pass is done.
+    resume: tuple[datetime, uuid.UUID] | None = None
 
 
 PURGE_CHUNK = 1000
 
 
-def purge_unlabeled_inputs(
-    *, session: Session, retention_days: int, now: datetime | None = None
+def purge_cutoff(*, session: Session, retention_days: int, now: datetime | None = None) -> datetime:
+    """Jobs created before this are past the retention (on the jobs' clock, the database's)."""
+    return (now or db_time(session)) - timedelta(days=retention_days)
+
+
+def purge_unlabeled_chunk(
+    *, session: Session, cutoff: datetime, after: tuple[datetime, uuid.UUID] | None = None
 ) -> Purged:
-    """Delete the stored inputs of finished jobs older than the retention with no mask label.
+    """Delete the stored inputs of up to PURGE_CHUNK finished jobs created before `cutoff`
+    with no mask label, walking them in (created_at, id) order from `after`. The caller
+    commits each chunk (`retrain.tasks.purge_inputs`): a pass over a large backlog then holds
+    the locks of one chunk at a time, and no chunk reads again the rows an earlier one passed
+    (labeled ones stay in the index for ever).
 
     A chunk of rows is locked first and cleared by a second statement: one statement's
     `NOT EXISTS` sees only the masks committed before it began, so a mask committed while it
     waited for the row would not stop it. A row a mask's transaction holds (it locks the job
     while it checks the input) is skipped, to the next pass if it is still unlabeled then.
     """
-    cutoff = (now or db_time(session)) - timedelta(days=retention_days)  # jobs' clock
     labeled = exists().where(Feedback.job_id == Job.id, Feedback.mask_png.is_not(None))
-    purgeable = (
+    query = select(
+        Job.id, Job.created_at, Job.input_sha256, func.length(Job.input_bytes) == POINTER_LENGTH
+    ).where(
         Job.created_at < cutoff,
         Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED]),
         Job.input_bytes.is_not(None),
         ~labeled,
     )
-    jobs, files = 0, set[str]()
+    if after is not None:
+        # `created_at >= ` lets the index on created_at start there; the pair breaks ties.
+        query = query.where(Job.created_at >= after[0], tuple_(Job.created_at, Job.id) > after)
+    locked = session.execute(
+        query.order_by(Job.created_at, Job.id).limit(PURGE_CHUNK).with_for_update(skip_locked=True)
+    ).all()
+    # A file pointer's digest is the upload's sha256 (content-addressed), already in the row.
+    pointers = {job_id: digest for job_id, _, digest, is_pointer in locked if is_pointer}
+    cleared = session.scalars(
+        update(Job)
+        .where(Job.id.in_([row[0] for row in locked]), ~labeled)
+        .values(input_bytes=None, model_input=None)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    resume = (locked[-1][1], locked[-1][0]) if len(locked) == PURGE_CHUNK else None
+    files = sorted({pointers[job_id] for job_id in cleared if job_id in pointers})
+    return Purged(len(cleared), files, resume)
+
+
+def purge_unlabeled_inputs(
+    *, session: Session, retention_days: int, now: datetime | None = None
+) -> Purged:
+    """A whole retention pass in the caller's one transaction (chunk after chunk): for small
+    tables and tests; the scheduled task commits chunk by chunk instead."""
+    cutoff = purge_cutoff(session=session, retention_days=retention_days, now=now)
+    jobs, files, after = 0, set[str](), None
     while True:
-        # A file pointer's digest is the upload's sha256 (content-addressed), already in the row.
-        locked = session.execute(
-            select(Job.id, Job.input_sha256, func.length(Job.input_bytes) == POINTER_LENGTH)
-            .where(*purgeable)
-            .limit(PURGE_CHUNK)
-            .with_for_update(skip_locked=True)
-        ).all()
-        pointers = {job_id: digest for job_id, digest, is_pointer in locked if is_pointer}
-        cleared = session.scalars(
-            update(Job)
-            .where(Job.id.in_([row[0] for row in locked]), ~labeled)
-            .values(input_bytes=None, model_input=None)
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        ).all()
-        jobs += len(cleared)
-        files.update(pointers[job_id] for job_id in cleared if job_id in pointers)
-        if len(locked) < PURGE_CHUNK or not cleared:
+        chunk = purge_unlabeled_chunk(session=session, cutoff=cutoff, after=after)
+        jobs += chunk.jobs
+        files.update(chunk.files)
+        if chunk.resume is None:
             return Purged(jobs, sorted(files))
+        after = chunk.resume
 
 
-def inputs_in_use(*, session: Session, digests: Sequence[str]) -> set[str]:
-    """Which of these input digests a job still keeps (an identical upload shares the file)."""
+def blobs_in_use(*, session: Session, digests: Sequence[str]) -> set[str]:
+    """Which of these blob files a job still names: as its kept input (an identical upload
+    shares the file) or as its result mask (an upload byte-identical to a mask names the
+    mask's file: uploads and masks share the folder)."""
     used: set[str] = set()
+    is_pointer = func.length(Job.mask_png) == literal(POINTER_LENGTH, literal_execute=True)
     for start in range(0, len(digests), 1000):
         chunk = list(digests[start : start + 1000])
         used.update(
@@ -269,6 +298,12 @@ def inputs_in_use(*, session: Session, digests: Sequence[str]) -> set[str]:
                 .distinct()
             )
         )
+        masks = session.scalars(  # the partial index ix_jobs_mask_pointer (its constant: 83)
+            select(Job.mask_png)
+            .where(is_pointer, Job.mask_png.in_([pointer_to(d) for d in chunk]))
+            .distinct()
+        )
+        used.update(pointer_digest(value) for value in masks if value is not None)
     return used
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import func, select
 
 from retrain.dataset import encode_png
 from retrain.pipeline import RetrainBusyError, gate, retrain_lock, run_retraining
@@ -433,6 +434,75 @@ def test_purge_task_deletes_the_files_of_released_fs_inputs(
     assert tasks.purge_inputs() == 0  # nothing left to do, nothing more removed
     assert store.get(inputs[labeled]) is not None
     assert store.get(mask) == good_mask()
+
+
+def test_purge_keeps_a_file_that_is_also_another_jobs_result_mask(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploads and masks share the content-addressed folder: an old upload byte-identical to a
+    recent job's result mask (a returned mask sent back as an image) names the mask's file.
+    Purging that input deleted the file, and the other job's mask answered 410."""
+    from retrain import tasks
+    from segsvc.blobs import blob_store
+    from segsvc.images import validate_image
+    from segsvc.services.jobs import create_jobs
+    from tests.segsvc.test_feedback import good_mask, photo_bytes
+
+    cfg = settings.model_copy(update={"blob_store": "fs", "blob_dir": tmp_path / "blobs"})
+    monkeypatch.setattr(tasks, "get_settings", lambda: cfg)
+    store = blob_store(cfg)
+    long_ago = datetime.now(UTC) - timedelta(days=cfg.retention_days + 1)
+    with session_scope(cfg) as session:
+        served = create_jobs(
+            session=session,
+            client_id=None,
+            images=[validate_image(photo_bytes(), max_bytes=10**7, max_pixels=10**8)],
+            store=store,
+        )[0]
+        served.status, served.model_version = JobStatus.SUCCEEDED, "test-v1"
+        served.mask_png = store.put(good_mask())  # the worker writes masks through the store
+        sent_back = create_jobs(
+            session=session,
+            client_id=None,
+            images=[validate_image(good_mask(), max_bytes=10**7, max_pixels=10**8)],
+            store=store,
+        )[0]
+        sent_back.status, sent_back.created_at = JobStatus.SUCCEEDED, long_ago
+        mask, sent_back_input = served.mask_png, sent_back.input_bytes
+    assert sent_back_input == mask  # one file
+    os.utime(store.path_for(mask[-64:].decode()), (1e9, 1e9))  # written long ago
+    assert tasks.purge_inputs() == 1
+    assert store.get(mask) == good_mask()
+
+
+def test_purge_task_commits_chunk_by_chunk(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass over a backlog was one transaction: it held every cleared row's lock until the
+    end (a mask submit or a migration waited on them) and rescanned from the oldest row for
+    each chunk. Each chunk now commits before the next starts, and starts where it ended."""
+    from retrain import tasks
+    from segsvc.services import feedback
+    from tests.segsvc.test_feedback import make_job
+
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    monkeypatch.setattr(feedback, "PURGE_CHUNK", 2)
+    old = [make_job(settings, age_days=40 - i / 100) for i in range(5)]  # oldest first
+    real_chunk = feedback.purge_unlabeled_chunk
+    seen: list[tuple[int, int]] = []  # (inputs already gone when a chunk starts, its size)
+
+    def chunk(**kwargs: object) -> feedback.Purged:
+        with session_scope(settings) as session:  # another connection: sees commits only
+            gone = session.scalar(
+                select(func.count()).where(Job.id.in_(old), Job.input_bytes.is_(None))
+            )
+        result = real_chunk(**kwargs)  # type: ignore[arg-type]
+        seen.append((int(gone or 0), result.jobs))
+        return result
+
+    monkeypatch.setattr(feedback, "purge_unlabeled_chunk", chunk)
+    assert tasks.purge_inputs() == 5
+    assert seen == [(0, 2), (2, 2), (4, 1)]
 
 
 def test_a_full_blob_sweep_removes_orphans_only(

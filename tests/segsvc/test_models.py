@@ -66,3 +66,11 @@ def test_a_batch_submit_inserts_its_rows_one_parameter_set_each(settings: Settin
     assert executemany
     assert isinstance(params, list)
     assert len(params) == 3  # one parameter set per row, streamed by the driver
+
+
+def test_the_mask_pointer_index_holds_values_of_a_pointers_length() -> None:
+    from segsvc.blobs import POINTER_LENGTH, pointer_to
+    from segsvc.models import MASK_POINTER_WHERE
+
+    assert f"length(mask_png) = {POINTER_LENGTH}" == MASK_POINTER_WHERE
+    assert len(pointer_to("0" * 64)) == POINTER_LENGTH

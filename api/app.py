@@ -20,7 +20,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the API app from settings."""
     # Its Postgres statements get the API's limits (SEG_API_STATEMENT_TIMEOUT_SECONDS, ...).
     settings = with_db_role(settings or get_settings(), "api")
-    app = Flask(__name__)
+    # No /static route: the page's files are served by the web blueprint under /ui, with its
+    # security headers (CSP with frame-ancestors, nosniff); Flask's default route sent the same
+    # files without them, so the page could be framed from elsewhere.
+    app = Flask(__name__, static_folder=None)
     app.config["SEG_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD
     # Text fields are small, but werkzeug applies this limit to its parse buffer too (a 64 KiB

@@ -28,6 +28,15 @@ def test_assets_served_with_types_and_csp(client) -> None:  # type: ignore[no-un
     assert "img-src 'self' blob:" in csp
 
 
+def test_the_page_is_served_only_with_its_security_headers(client) -> None:  # type: ignore[no-untyped-def]
+    """Flask's default /static route served the page's files without the CSP (whose
+    frame-ancestors keeps the page, and the key it holds, from being framed) or nosniff."""
+    for name in ("index.html", "app.js", "style.css"):
+        assert client.get(f"/static/{name}").status_code == 404, name
+    page = client.get("/")
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+
+
 def test_asset_missing_or_escaping_is_not_found(client) -> None:  # type: ignore[no-untyped-def]
     assert client.get("/ui/nope.js").status_code == 404
     assert client.get("/ui/../routes/web.py").status_code == 404

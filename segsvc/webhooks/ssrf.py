@@ -155,8 +155,11 @@ def check_url(url: str, *, allow: Sequence[IPNetwork] = (), resolver: Resolver =
     for address in addresses:
         why = refusal_reason(address, allow)
         if why:
+            # The address itself only when the URL named it: echoing what a name resolves to
+            # would let any client map the service's internal DNS (names -> private addresses).
+            shown = "is" if address == host.strip("[]") else "resolves to"
             raise UnsafeTargetError(
-                f"The webhook host {host!r} resolves to {address}, {why}; "
-                "webhooks may only target public addresses."
+                f"The webhook host {host!r} {shown} {why}; webhooks may only target public "
+                "addresses."
             )
     return Target(url=url, host=host, port=port, addresses=tuple(addresses))

@@ -197,7 +197,8 @@ class Segmenter:
                     result = _result(job, classes, group, len(group.jobs))
                 except Exception as exc:  # one bad job must not fail its batch
                     log.warning("job %s failed in post-processing", job.id, exc_info=True)
-                    message = f"Post-processing failed: {exc}"
+                    # The exception's text stays in the log: it may name paths or internals.
+                    message = f"Preparing the result failed ({type(exc).__name__}); see the logs."
                     failed.append(Failure(job, "postprocess_failed", message, group.model.version))
                     continue
                 # Outside the job's try: a storage error (a full disk, a network filesystem

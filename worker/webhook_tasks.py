@@ -28,6 +28,7 @@ from segsvc.webhooks.dispatch import (
     record_endpoint_outcome,
     start_attempt,
 )
+from segsvc.webhooks.ssrf import loggable_url
 from worker import observability  # noqa: F401  (JSON logs, /metrics, probe files)
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,11 @@ def deliver_message(cfg: Settings, message_id: str, lease: datetime) -> str:
                 session=session, prepared=prepared, outcome=outcome, settings=cfg
             )
     except Exception:
-        log.warning("could not record webhook endpoint %s's outcome", prepared.url, exc_info=True)
+        log.warning(
+            "could not record webhook endpoint %s's outcome",
+            loggable_url(prepared.url),
+            exc_info=True,
+        )
     log.info(
         "webhook %s: %s (%s) -> %s",
         message_id,

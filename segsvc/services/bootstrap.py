@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,10 @@ def ensure_local_key(settings: Settings | None = None, *, name: str = "local") -
             return key_file.read_text().strip()
         _, plaintext = create_key(session=session, name=name, is_admin=True)
     key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(plaintext + "\n")
-    key_file.chmod(0o600)
+    # Created owner-only (an existing file is made so first): never readable by others, not
+    # even between a write and a chmod.
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(plaintext + "\n")
     return plaintext

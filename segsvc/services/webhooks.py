@@ -144,8 +144,12 @@ def redeliver(
     job = get_job(session=session, job_id=job_id, client_id=client_id)
     # Locked, and so read after any attempt being recorded has committed: what is written
     # below then changes what that attempt wrote (unchanged fields would not be written).
-    message = session.get(WebhookMessage, message_id, with_for_update=True)
-    if message is None or message.job_id != job.id:
+    message = session.scalar(  # another job's message is not locked, not even for a moment
+        select(WebhookMessage)
+        .where(WebhookMessage.id == message_id, WebhookMessage.job_id == job.id)
+        .with_for_update()
+    )
+    if message is None:
         raise NotFoundError(f"No webhook message {message_id[:64]!r} for job {job.id}.")
     endpoint = find_endpoint(session=session, client_id=message.client_id, url=message.url)
     if endpoint is not None:

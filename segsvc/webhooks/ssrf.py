@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -163,3 +164,11 @@ def check_url(url: str, *, allow: Sequence[IPNetwork] = (), resolver: Resolver =
                 "addresses."
             )
     return Target(url=url, host=host, port=port, addresses=tuple(addresses))
+
+
+def loggable_url(url: str) -> str:
+    """`url` for a log line: without the user:password and the query, where clients put the
+    receiver's credentials and tokens."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from segsvc.db import session_scope
 from segsvc.models import ModelStatus
@@ -145,3 +149,32 @@ def test_two_inits_at_once_register_one_production(settings: Settings, tmp_path:
     assert sorted(created for _, created in results) == [False, True]
     with session_scope(cfg) as session:
         assert len(registry.list_versions(session=session)) == 1
+
+
+def test_the_local_key_file_is_owner_only_from_its_creation(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written and then chmod-ed, the admin key was readable by others in between (and kept a
+    readable file readable while writing into it)."""
+    import os
+    import stat
+
+    from segsvc.services.bootstrap import ensure_local_key
+
+    cfg = settings.model_copy(update={"var_dir": tmp_path})
+    modes: list[int] = []  # the file's mode when it is opened for the key to go in
+    real_fdopen = os.fdopen
+
+    def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+        modes.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    (tmp_path / "local_api_key").write_text("stale\n")  # left by an earlier run, 0644
+    (tmp_path / "local_api_key").chmod(0o644)
+    key = ensure_local_key(cfg, name=f"local-{uuid.uuid4()}")
+    assert key is not None
+    assert (tmp_path / "local_api_key").read_text() == key + "\n"
+    assert modes
+    assert all(mode == 0o600 for mode in modes)
+    assert stat.S_IMODE((tmp_path / "local_api_key").stat().st_mode) == 0o600

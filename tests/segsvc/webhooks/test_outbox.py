@@ -227,6 +227,40 @@ def test_redeliver_reenables_and_resends(settings: Settings) -> None:
     assert messages(settings)[0].attempts == 2
 
 
+def test_redeliver_of_another_jobs_message_neither_finds_nor_waits_for_it(
+    settings: Settings,
+) -> None:
+    """A message id under a job it does not belong to is 404 at once: it was locked (and its
+    lock waited for, while an attempt was being recorded) before its job was compared."""
+    from segsvc.errors import NotFoundError
+
+    mine = make_job(settings, URL)
+    other = make_job(settings, URL)
+    finish_job(settings, start_job(settings, mine))
+    (msg,) = messages(settings, mine)
+    outcome: list[object] = []
+
+    def redeliver_under_the_other_job() -> None:
+        try:
+            with session_scope(settings) as session:
+                webhook_service.redeliver(
+                    session=session, job_id=str(other), message_id=msg.id, client_id=None
+                )
+        except Exception as exc:  # the outcome is what is checked
+            outcome.append(exc)
+
+    with session_scope(settings) as holding:  # an attempt being recorded holds the message
+        holding.get(WebhookMessage, msg.id, with_for_update=True)
+        thread = threading.Thread(target=redeliver_under_the_other_job)
+        thread.start()
+        thread.join(3)  # the lock wait would last SEG_DB_LOCK_TIMEOUT_SECONDS (5)
+        answered_while_held = not thread.is_alive()
+    thread.join(30)
+    assert answered_while_held
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], NotFoundError)
+
+
 def test_a_redeliver_while_an_attempt_is_being_recorded_is_not_lost(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -176,3 +176,11 @@ def test_a_host_whose_lookup_hangs_is_unresolvable_after_the_timeout(
         assert ssrf.resolve("fast.example", 443, timeout=2) == ["127.0.0.1"]
     finally:
         release.set()
+
+
+def test_loggable_url_drops_credentials_and_query() -> None:
+    from segsvc.webhooks.ssrf import loggable_url
+
+    url = "https://user:s3cret@hooks.example:8443/in/hook?token=abc#frag"
+    assert loggable_url(url) == "https://hooks.example:8443/in/hook"
+    assert loggable_url("http://hooks.example/x") == "http://hooks.example/x"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Flask, Response, current_app, request
 
 from api.context import register_context
@@ -11,6 +13,8 @@ from segsvc.db import with_db_role
 from segsvc.errors import NotFoundError, ValidationError
 from segsvc.queue import make_celery
 from segsvc.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 # Multipart framing around the file; the image itself is checked against the exact limit.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -36,6 +40,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_context(app)
     register_blueprints(app)
     register_error_handlers(app)
+    if not settings.auth_required:
+        log.warning(
+            "SEG_AUTH_REQUIRED is false: every caller is an admin (may promote and roll back "
+            "models) and sees every job; keep this process off any network others reach"
+        )
     return app
 
 

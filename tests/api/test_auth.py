@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any
 
 import pytest
@@ -118,3 +119,15 @@ def test_a_key_lookup_holds_no_transaction_while_the_upload_is_read(  # type: ig
     assert resp.status_code == 202, resp.get_json()
     assert upload.idle_in_transaction
     assert set(upload.idle_in_transaction) == {0}
+
+
+def test_an_app_without_auth_says_so_in_its_log(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    from api.app import create_app
+
+    with caplog.at_level(logging.WARNING, logger="api.app"):
+        create_app(settings)
+        assert "SEG_AUTH_REQUIRED" not in caplog.text
+        create_app(settings.model_copy(update={"auth_required": False}))
+    assert "SEG_AUTH_REQUIRED is false: every caller is an admin" in caplog.text

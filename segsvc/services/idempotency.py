@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -97,14 +98,30 @@ def find_batch_replay(
     A batch's jobs are inserted in one transaction, so they are found all together or not at
     all; a different body under the same key is 422, as for a single submit. Keys are scoped
     per endpoint: a single submit's key never replays a batch, nor the other way round."""
-    return _find_jobs(session=session, client_id=client_id, req=req, keys=batch_keys(req, count))
+    return _find_jobs(
+        session=session,
+        client_id=client_id,
+        req=req,
+        keys=batch_keys(req, count),
+        after=lambda index: _batch_key(req.key, index),
+    )
 
 
 def _find_jobs(
-    *, session: Session, client_id: object, req: IdempotentRequest, keys: list[str]
+    *,
+    session: Session,
+    client_id: object,
+    req: IdempotentRequest,
+    keys: list[str],
+    after: Callable[[int], str] | None = None,
 ) -> list[Job] | None:
     """The jobs stored under `keys`, in their order: None when there are none or their window
-    has passed (the keys are released), 422 when they do not match this request's body."""
+    has passed (the keys are released), 422 when they do not match this request's body.
+
+    Each job's window is judged on its own: the keys of jobs past it are released, and only
+    the others answer. `after(i)` names a batch's key `i`: an expired batch larger than this
+    request has its keys beyond `keys` released too (its keys run 0..n-1 without a gap), or
+    they would mix with those of the batch this request stores."""
     jobs = list(
         session.scalars(
             select(Job).where(Job.client_id == client_id, Job.idempotency_key.in_(keys))
@@ -112,20 +129,44 @@ def _find_jobs(
     )
     if not jobs:
         return None
-    if jobs[0].created_at < db_time(session) - KEY_WINDOW:  # created_at is on that clock
-        session.execute(
-            update(Job)
-            .where(Job.id.in_([job.id for job in jobs]))
-            .values(idempotency_key=None)
-            .execution_options(synchronize_session=False)
-        )
-        for job in jobs:
+    cutoff = db_time(session) - KEY_WINDOW  # created_at is on that clock
+    stale = [job for job in jobs if job.created_at < cutoff]
+    if stale:
+        _release(session, [job.id for job in stale])
+        for job in stale:
             session.expire(job)
-        return None
+        if after is not None:
+            index = len(keys)
+            while _release_stale_key(session, client_id, after(index), cutoff):
+                index += 1
+        jobs = [job for job in jobs if job.created_at >= cutoff]
+        if not jobs:
+            return None
     if len(jobs) != len(keys) or any(job.request_fingerprint != req.fingerprint for job in jobs):
         raise ValidationError(_REUSED)
     order = {key: index for index, key in enumerate(keys)}
     return sorted(jobs, key=lambda job: order[job.idempotency_key or ""])
+
+
+def _release(session: Session, job_ids: list[uuid.UUID]) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids))
+        .values(idempotency_key=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _release_stale_key(session: Session, client_id: object, key: str, cutoff: datetime) -> bool:
+    """Release `key` if a job past the window holds it; whether one did."""
+    released = session.scalars(
+        update(Job)
+        .where(Job.client_id == client_id, Job.idempotency_key == key, Job.created_at < cutoff)
+        .values(idempotency_key=None)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return bool(released)
 
 
 class KeyInUseError(ConflictError):

@@ -157,6 +157,38 @@ def test_batch_idempotency_replays_the_same_jobs(client, auth, settings: Setting
     assert single.status_code == 202
 
 
+def test_an_expired_larger_batch_under_the_key_is_released_whole(
+    client, auth, settings: Settings
+) -> None:  # type: ignore[no-untyped-def]
+    """A key's 5-image batch expired, then a 3-image batch reused the key: the old batch's keys
+    3 and 4 stayed, so a later request under the key met 3 fresh and 2 stale jobs and judged
+    them all by whichever came first (a 422, or the fresh batch's keys released)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from segsvc.models import utcnow
+
+    key = {"Idempotency-Key": "weekly"}
+    five = [png_bytes((20 + i, 20)) for i in range(5)]
+    assert submit_batch(client, auth, five, headers=key).status_code == 202
+    with session_scope(settings) as session:
+        session.execute(update(Job).values(created_at=utcnow() - timedelta(hours=25)))
+    three = [png_bytes((40 + i, 20)) for i in range(3)]
+    fresh = submit_batch(client, auth, three, headers=key)
+    assert fresh.status_code == 202
+    with session_scope(settings) as session:
+        keyed = session.scalar(select(func.count()).where(Job.idempotency_key.is_not(None)))
+    assert keyed == 3  # the old batch's five keys are all released
+    again = submit_batch(client, auth, three, headers=key)
+    assert again.status_code == 200
+    assert [j["id"] for j in again.get_json()["jobs"]] == [
+        j["id"] for j in fresh.get_json()["jobs"]
+    ]
+    assert submit_batch(client, auth, five, headers=key).status_code == 422  # the key is taken
+    assert job_count(settings) == 8
+
+
 def test_batch_webhook_applies_to_every_job(open_client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     resp = submit_batch(
         open_client,

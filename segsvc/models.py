@@ -310,6 +310,9 @@ class WebhookEndpoint(Base):
     __tablename__ = "webhook_endpoints"
     __table_args__ = (
         Index("ix_webhook_endpoints_client_url", "client_id", "url", unique=True),
+        # A message's endpoint is matched by URL and a client that may be NULL (IS NOT
+        # DISTINCT FROM, which the pair's index cannot serve): the dispatcher, per due message.
+        Index("ix_webhook_endpoints_url", "url"),
         Index(
             "ix_webhook_endpoints_anonymous_url", "url", unique=True, **_where("client_id IS NULL")
         ),

@@ -258,7 +258,9 @@ def purge_unlabeled_chunk(
     cleared = session.scalars(
         update(Job)
         .where(Job.id.in_([row[0] for row in locked]), ~labeled)
-        .values(input_bytes=None, model_input=None)
+        # Their idempotency keys too (a month past their 24 h window): the unique indexes on
+        # keys would otherwise keep an entry for every keyed job ever submitted.
+        .values(input_bytes=None, model_input=None, idempotency_key=None, request_fingerprint=None)
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).all()

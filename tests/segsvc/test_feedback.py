@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from segsvc.db import session_scope
 from segsvc.errors import BadRequestError, ConflictError, NotFoundError
@@ -311,3 +311,21 @@ def test_purge_clears_chunk_after_chunk(
     with session_scope(settings) as session:
         assert feedback.purge_unlabeled_inputs(session=session, retention_days=30).jobs == 5
     assert not any(input_kept(settings, job_id) for job_id in old)
+
+
+def test_purge_releases_the_idempotency_keys_of_what_it_clears(settings: Settings) -> None:
+    old, recent = make_job(settings, age_days=40), make_job(settings, age_days=1)
+    with session_scope(settings) as session:
+        for job_id, key in ((old, "monthly"), (recent, "daily")):
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(idempotency_key=key, request_fingerprint="f" * 64)
+            )
+    with session_scope(settings) as session:
+        assert feedback.purge_unlabeled_inputs(session=session, retention_days=30).jobs == 1
+    with session_scope(settings) as session:
+        keys = dict(session.execute(select(Job.id, Job.idempotency_key)).tuples().all())
+        prints = dict(session.execute(select(Job.id, Job.request_fingerprint)).tuples().all())
+    assert (keys[old], prints[old]) == (None, None)
+    assert (keys[recent], prints[recent]) == ("daily", "f" * 64)

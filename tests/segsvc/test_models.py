@@ -74,3 +74,30 @@ def test_the_mask_pointer_index_holds_values_of_a_pointers_length() -> None:
 
     assert f"length(mask_png) = {POINTER_LENGTH}" == MASK_POINTER_WHERE
     assert len(pointer_to("0" * 64)) == POINTER_LENGTH
+
+
+def test_a_naive_timestamp_is_stored_as_utc_whatever_the_sessions_zone(
+    settings: Settings,
+) -> None:
+    from datetime import datetime
+
+    from sqlalchemy import text
+
+    from segsvc.db import session_scope
+    from segsvc.models import ApiKey
+
+    with session_scope(settings) as session:
+        session.execute(text("SET LOCAL TimeZone = 'America/New_York'"))
+        row = ApiKey(
+            name="tz", key_hash="t" * 64, prefix="seg_tz", created_at=datetime(2026, 1, 2, 3, 4)
+        )
+        session.add(row)
+        session.flush()
+        stored = session.scalar(
+            text(
+                "SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') "
+                "FROM api_keys WHERE id = :id"
+            ),
+            {"id": row.id},
+        )
+    assert stored == "2026-01-02 03:04"

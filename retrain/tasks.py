@@ -16,7 +16,7 @@ from celery.schedules import crontab
 from segsvc.blobs import blob_store
 from segsvc.db import session_scope
 from segsvc.queue import RETRAIN
-from segsvc.services import feedback, rollout
+from segsvc.services import feedback, retention, rollout
 from segsvc.settings import Settings, get_settings, parse_cron
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 MAINTENANCE_QUEUE = "maintenance"
 CANARY_CHECK = "segsvc.canary_check"
 PURGE_INPUTS = "segsvc.purge_inputs"
+DELETE_EXPIRED_JOBS = "segsvc.delete_expired_jobs"
 CANARY_CHECK_SECONDS = 30.0
 # A blob file used within this stays: an upload reusing it (identical bytes) refreshes its
 # mtime before its row commits.
@@ -49,6 +50,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "segsvc-purge-inputs": {
             "task": PURGE_INPUTS,
             "schedule": crontab(minute="17"),
+            "options": {**to_queue, "expires": 3600},
+        },
+        "segsvc-delete-expired-jobs": {
+            "task": DELETE_EXPIRED_JOBS,
+            "schedule": crontab(minute="47"),
             "options": {**to_queue, "expires": 3600},
         },
     }
@@ -114,6 +120,43 @@ def purge_inputs() -> int:
         "deleted the stored inputs of %d unlabeled jobs older than %d days (%d blob files)",
         jobs,
         settings.retention_days,
+        files,
+    )
+    return jobs
+
+
+@shared_task(name=DELETE_EXPIRED_JOBS, ignore_result=True)
+def delete_expired_jobs() -> int:
+    """Delete ended jobs older than settings.job_retention_days (0: none) that have no mask
+    label, with their webhook log and ratings, and with the `fs` blob store the files they
+    named that no other job names. One transaction per chunk, as `purge_inputs`."""
+    settings = get_settings()
+    if settings.job_retention_days == 0:
+        return 0
+    with session_scope(settings) as session:
+        cutoff = feedback.purge_cutoff(session=session, retention_days=settings.job_retention_days)
+    jobs = files = 0
+    for status in retention.ENDED:
+        after = None
+        while True:
+            with session_scope(settings) as session:
+                chunk = retention.delete_ended_jobs_chunk(
+                    session=session, status=status, cutoff=cutoff, after=after
+                )
+            jobs += chunk.jobs
+            if chunk.files:
+                with session_scope(settings) as session:
+                    kept = feedback.blobs_in_use(session=session, digests=chunk.files)
+                files += blob_store(settings).delete(
+                    [d for d in chunk.files if d not in kept], older_than_s=BLOB_GRACE_S
+                )
+            if chunk.resume is None:
+                break
+            after = chunk.resume
+    log.info(
+        "deleted %d ended jobs older than %d days (%d blob files)",
+        jobs,
+        settings.job_retention_days,
         files,
     )
     return jobs

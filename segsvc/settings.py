@@ -260,6 +260,12 @@ class Settings(BaseSettings):
     retention_days: int = Field(
         30, ge=1, description="Unlabeled inputs older than this are deleted."
     )
+    job_retention_days: int = Field(
+        0,
+        ge=0,
+        description="Ended jobs older than this are deleted with their results and webhook log, "
+        "except those with a corrected mask (0: kept for ever).",
+    )
 
     # --- operations --------------------------------------------------------------------------
     log_format: Literal["auto", "json", "text"] = Field("auto", description="Log line format.")

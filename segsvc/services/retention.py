@@ -1,0 +1,74 @@
+"""Row retention: ended jobs past `SEG_JOB_RETENTION_DAYS` are deleted, with their webhook log
+and ratings (the database cascades), except jobs with a corrected mask (training labels).
+
+Input retention (the uploads of unlabeled jobs, after `SEG_RETENTION_DAYS`) is
+`services.feedback.purge_unlabeled_chunk`; this one bounds the table itself.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import case, delete, exists, func, select, tuple_
+from sqlalchemy.orm import Session
+
+from segsvc.blobs import POINTER_LENGTH, pointer_digest
+from segsvc.models import Feedback, Job, JobStatus
+
+DELETE_CHUNK = 1000
+ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What one chunk deleted."""
+
+    jobs: int
+    files: list[str]  # sha256 of the fs blob files (inputs, masks) the deleted rows named
+    # Where the next chunk of this status starts; None when the status is done.
+    resume: tuple[datetime, uuid.UUID] | None
+
+
+def delete_ended_jobs_chunk(
+    *,
+    session: Session,
+    status: JobStatus,
+    cutoff: datetime,
+    after: tuple[datetime, uuid.UUID] | None = None,
+) -> Deleted:
+    """Delete up to DELETE_CHUNK jobs of one ended `status` created before `cutoff` that have
+    no mask label, walking them in (created_at, id) order from `after` on the index on
+    (status, created_at). The caller commits each chunk (`retrain.tasks.delete_expired_jobs`).
+
+    Rows are locked first (another transaction's rows are skipped, to the next pass) and
+    deleted by a second statement that checks the label again: a mask committed while the
+    first waited is seen by the second, as in the input purge."""
+    labeled = exists().where(Feedback.job_id == Job.id, Feedback.mask_png.is_not(None))
+    is_pointer = func.length(Job.input_bytes) == POINTER_LENGTH
+    mask_pointer = case((func.length(Job.mask_png) == POINTER_LENGTH, Job.mask_png), else_=None)
+    query = select(
+        Job.id, Job.created_at, case((is_pointer, Job.input_sha256), else_=None), mask_pointer
+    ).where(Job.status == status, Job.created_at < cutoff, ~labeled)
+    if after is not None:
+        query = query.where(Job.created_at >= after[0], tuple_(Job.created_at, Job.id) > after)
+    locked = session.execute(
+        query.order_by(Job.created_at, Job.id).limit(DELETE_CHUNK).with_for_update(skip_locked=True)
+    ).all()
+    named = {job_id: (input_digest, mask) for job_id, _, input_digest, mask in locked}
+    deleted = session.scalars(
+        delete(Job)
+        .where(Job.id.in_(list(named)), ~labeled)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    files: set[str] = set()
+    for job_id in deleted:
+        input_digest, mask = named[job_id]
+        if input_digest:
+            files.add(input_digest)
+        if mask is not None:
+            files.add(pointer_digest(mask))
+    resume = (locked[-1][1], locked[-1][0]) if len(locked) == DELETE_CHUNK else None
+    return Deleted(len(deleted), sorted(files), resume)

@@ -1,0 +1,141 @@
+"""Row retention: ended jobs past SEG_JOB_RETENTION_DAYS go, with their webhook log; labels stay."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, update
+
+from segsvc.db import session_scope
+from segsvc.models import Feedback, Job, JobStatus, WebhookAttempt, WebhookMessage
+from segsvc.services import feedback, retention
+from segsvc.settings import Settings
+from tests.segsvc.test_feedback import good_mask, make_job
+from tests.segsvc.webhooks.factories import finish_job, start_job
+from tests.segsvc.webhooks.factories import make_job as make_webhook_job
+
+
+def age(settings: Settings, job_id: uuid.UUID, days: float) -> None:
+    with session_scope(settings) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(created_at=datetime.now(UTC) - timedelta(days=days))
+        )
+
+
+def remaining(settings: Settings, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    with session_scope(settings) as session:
+        return set(session.scalars(select(Job.id).where(Job.id.in_(ids))))
+
+
+def delete_all(settings: Settings, days: int) -> int:
+    with session_scope(settings) as session:
+        cutoff = feedback.purge_cutoff(session=session, retention_days=days)
+    deleted = 0
+    for status in retention.ENDED:
+        after = None
+        while True:
+            with session_scope(settings) as session:
+                chunk = retention.delete_ended_jobs_chunk(
+                    session=session, status=status, cutoff=cutoff, after=after
+                )
+            deleted += chunk.jobs
+            if chunk.resume is None:
+                break
+            after = chunk.resume
+    return deleted
+
+
+def test_old_ended_jobs_go_with_their_webhook_log_and_ratings(settings: Settings) -> None:
+    hooked = make_webhook_job(settings, "https://hooks.example/x")
+    finish_job(settings, start_job(settings, hooked))
+    rated = make_job(settings)
+    labeled = make_job(settings)
+    failed = make_job(settings, status=JobStatus.FAILED)
+    queued = make_job(settings, status=JobStatus.QUEUED)  # not ended: stays however old
+    recent = make_job(settings)
+    with session_scope(settings) as session:
+        feedback.submit_feedback(session=session, job_id=rated, client_id=None, rating="bad")
+        feedback.submit_feedback(
+            session=session, job_id=labeled, client_id=None, mask_png=good_mask()
+        )
+        message_ids = list(
+            session.scalars(select(WebhookMessage.id).where(WebhookMessage.job_id == hooked))
+        )
+        session.add(WebhookAttempt(message_id=message_ids[0], status_code=500, duration_ms=1.0))
+    for job_id in (hooked, rated, labeled, failed, queued):
+        age(settings, job_id, 100)
+    ids = [hooked, rated, labeled, failed, queued, recent]
+
+    assert delete_all(settings, 90) == 3
+    assert remaining(settings, ids) == {labeled, queued, recent}
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(WebhookMessage)) == 0
+        assert session.scalar(select(func.count()).select_from(WebhookAttempt)) == 0
+        assert list(session.scalars(select(Feedback.job_id))) == [labeled]
+    assert delete_all(settings, 90) == 0
+
+
+def test_deletion_walks_chunk_after_chunk(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retention, "DELETE_CHUNK", 2)
+    old = [make_job(settings) for _ in range(5)]
+    for i, job_id in enumerate(old):
+        age(settings, job_id, 100 - i / 100)
+    assert delete_all(settings, 90) == 5
+    assert remaining(settings, old) == set()
+
+
+def test_the_task_deletes_the_files_no_kept_job_names(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from retrain import tasks
+    from segsvc.blobs import BlobMissingError, blob_store
+    from segsvc.images import validate_image
+    from segsvc.services.jobs import create_jobs
+    from tests.segsvc.test_feedback import photo_bytes
+
+    cfg = settings.model_copy(
+        update={"blob_store": "fs", "blob_dir": tmp_path / "blobs", "job_retention_days": 90}
+    )
+    monkeypatch.setattr(tasks, "get_settings", lambda: cfg)
+    store = blob_store(cfg)
+    with session_scope(cfg) as session:
+        old, kept = create_jobs(
+            session=session,
+            client_id=None,
+            images=[
+                validate_image(photo_bytes(seed=seed), max_bytes=10**7, max_pixels=10**8)
+                for seed in (0, 1)
+            ],
+            store=store,
+        )
+        old.status = kept.status = JobStatus.SUCCEEDED
+        old.mask_png = store.put(good_mask())  # the same mask bytes: one shared file
+        kept.mask_png = store.put(good_mask())
+        old_input, shared_mask = old.input_bytes, old.mask_png
+        old_id, kept_id = old.id, kept.id
+    age(cfg, old_id, 100)
+    for value in (old_input, shared_mask):
+        assert value is not None
+        os.utime(store.path_for(value[-64:].decode()), (1e9, 1e9))  # written long ago
+
+    assert tasks.delete_expired_jobs() == 1
+    assert remaining(cfg, [old_id, kept_id]) == {kept_id}
+    with pytest.raises(BlobMissingError):
+        store.get(old_input)
+    assert store.get(shared_mask) == good_mask()  # the kept job still names it
+
+    monkeypatch.setattr(
+        tasks, "get_settings", lambda: cfg.model_copy(update={"job_retention_days": 0})
+    )
+    age(cfg, kept_id, 100)
+    assert tasks.delete_expired_jobs() == 0  # 0: kept for ever
+    assert remaining(cfg, [kept_id]) == {kept_id}

@@ -108,11 +108,7 @@ def purge_inputs() -> int:
             chunk = feedback.purge_unlabeled_chunk(session=session, cutoff=cutoff, after=after)
         jobs += chunk.jobs
         if chunk.files:
-            with session_scope(settings) as session:
-                kept = feedback.blobs_in_use(session=session, digests=chunk.files)
-            files += blob_store(settings).delete(
-                [d for d in chunk.files if d not in kept], older_than_s=BLOB_GRACE_S
-            )
+            files += _delete_unnamed_files(settings, chunk.files)
         if chunk.resume is None:
             break
         after = chunk.resume
@@ -123,6 +119,23 @@ def purge_inputs() -> int:
         files,
     )
     return jobs
+
+
+def _delete_unnamed_files(settings: Settings, digests: list[str]) -> int:
+    """Delete the blob files among `digests` that no job names any more (after the rows that
+    named them committed); the count. A filesystem error is logged and the pass goes on: the
+    rows are gone either way, and `segsvc blobs sweep` deletes files it left."""
+    with session_scope(settings) as session:
+        kept = feedback.blobs_in_use(session=session, digests=digests)
+    try:
+        return blob_store(settings).delete(
+            [d for d in digests if d not in kept], older_than_s=BLOB_GRACE_S
+        )
+    except OSError:
+        log.warning(
+            "could not delete %d blob files; `segsvc blobs sweep` will", len(digests), exc_info=True
+        )
+        return 0
 
 
 @shared_task(name=DELETE_EXPIRED_JOBS, ignore_result=True)
@@ -145,11 +158,7 @@ def delete_expired_jobs() -> int:
                 )
             jobs += chunk.jobs
             if chunk.files:
-                with session_scope(settings) as session:
-                    kept = feedback.blobs_in_use(session=session, digests=chunk.files)
-                files += blob_store(settings).delete(
-                    [d for d in chunk.files if d not in kept], older_than_s=BLOB_GRACE_S
-                )
+                files += _delete_unnamed_files(settings, chunk.files)
             if chunk.resume is None:
                 break
             after = chunk.resume

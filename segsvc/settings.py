@@ -22,6 +22,10 @@ Runtime = Literal["auto", "keras", "xla", "onnx", "litert", "litert-fp16", "lite
 MAX_DB_TIMEOUT_S = 24 * 86400.0
 
 
+# The shortest row retention: past webhook retries (3 days) and idempotency keys (24 h).
+MIN_JOB_RETENTION_DAYS = 7
+
+
 class Settings(BaseSettings):
     """All configuration; every factory takes `settings: Settings | None = None`."""
 
@@ -294,6 +298,16 @@ class Settings(BaseSettings):
                 "secret that holds it mounted?); refusing the embedded SQLite fallback."
             )
         return self
+
+    @field_validator("job_retention_days")
+    @classmethod
+    def _job_retention_after_retries(cls, value: int) -> int:
+        if 0 < value < MIN_JOB_RETENTION_DAYS:
+            raise ValueError(
+                f"must be 0 (keep) or at least {MIN_JOB_RETENTION_DAYS} days: a job's webhook is "
+                "retried for up to 3 days and its idempotency key holds for 24 h"
+            )
+        return value
 
     @field_validator("webhook_schedule")
     @classmethod

@@ -134,15 +134,21 @@ def ensure_local_key(settings: Settings | None = None, *, name: str = "local") -
     settings = settings or get_settings()
     key_file = settings.var_dir / "local_api_key"
     with session_scope(settings) as session:
-        exists = session.scalar(select(ApiKey.id).where(ApiKey.name == name).limit(1))
+        exists = session.scalar(  # a revoked one (`segsvc keys revoke`) is replaced
+            select(ApiKey.id).where(ApiKey.name == name, ApiKey.revoked_at.is_(None)).limit(1)
+        )
         if exists is not None and key_file.is_file():
             return key_file.read_text().strip()
         _, plaintext = create_key(session=session, name=name, is_admin=True)
     key_file.parent.mkdir(parents=True, exist_ok=True)
     # Created owner-only (an existing file is made so first): never readable by others, not
     # even between a write and a chmod.
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "w") as out:
         out.write(plaintext + "\n")
     return plaintext

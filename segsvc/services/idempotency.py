@@ -132,6 +132,7 @@ def _find_jobs(
     cutoff = db_time(session) - KEY_WINDOW  # created_at is on that clock
     stale = [job for job in jobs if job.created_at < cutoff]
     if stale:
+        jobs = [job for job in jobs if job.created_at >= cutoff]  # before `stale` is expired
         _release(session, [job.id for job in stale])
         for job in stale:
             session.expire(job)
@@ -139,7 +140,6 @@ def _find_jobs(
             index = len(keys)
             while _release_stale_key(session, client_id, after(index), cutoff):
                 index += 1
-        jobs = [job for job in jobs if job.created_at >= cutoff]
         if not jobs:
             return None
     if len(jobs) != len(keys) or any(job.request_fingerprint != req.fingerprint for job in jobs):

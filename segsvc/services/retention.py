@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import case, delete, exists, func, select, tuple_
 from sqlalchemy.orm import Session
 
-from segsvc.blobs import POINTER_LENGTH, pointer_digest
+from segsvc.blobs import POINTER_LENGTH, is_pointer, pointer_digest
 from segsvc.models import Feedback, Job, JobStatus
 
 DELETE_CHUNK = 1000
@@ -46,10 +46,10 @@ def delete_ended_jobs_chunk(
     deleted by a second statement that checks the label again: a mask committed while the
     first waited is seen by the second, as in the input purge."""
     labeled = exists().where(Feedback.job_id == Job.id, Feedback.mask_png.is_not(None))
-    is_pointer = func.length(Job.input_bytes) == POINTER_LENGTH
+    input_is_pointer = func.length(Job.input_bytes) == POINTER_LENGTH
     mask_pointer = case((func.length(Job.mask_png) == POINTER_LENGTH, Job.mask_png), else_=None)
     query = select(
-        Job.id, Job.created_at, case((is_pointer, Job.input_sha256), else_=None), mask_pointer
+        Job.id, Job.created_at, case((input_is_pointer, Job.input_sha256), else_=None), mask_pointer
     ).where(Job.status == status, Job.created_at < cutoff, ~labeled)
     if after is not None:
         query = query.where(Job.created_at >= after[0], tuple_(Job.created_at, Job.id) > after)
@@ -68,7 +68,7 @@ def delete_ended_jobs_chunk(
         input_digest, mask = named[job_id]
         if input_digest:
             files.add(input_digest)
-        if mask is not None:
+        if is_pointer(mask):  # an inline PNG may have a pointer's length too
             files.add(pointer_digest(mask))
     resume = (locked[-1][1], locked[-1][0]) if len(locked) == DELETE_CHUNK else None
     return Deleted(len(deleted), sorted(files), resume)

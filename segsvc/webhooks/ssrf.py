@@ -54,15 +54,25 @@ def parse_networks(raw: str) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in raw.split(",") if p.strip())
 
 
-def refusal_reason(address: str | IPAddress, allow: Sequence[IPNetwork] = ()) -> str | None:
-    """Why `address` may not be a webhook target, or None when it may."""
+def refusal_reason(
+    address: str | IPAddress, allow: Sequence[IPNetwork] = (), *, name_it: bool = True
+) -> str | None:
+    """Why `address` may not be a webhook target, or None when it may. `name_it=False` leaves
+    out the IPv4 address an IPv6 one embeds (for a host name's addresses, which the client
+    is not told)."""
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
     plain = _unwrap(ip)
     if any(ip in net or plain in net for net in allow):
         return None
     if plain is not ip and plain.version == 4 and ip.version == 6:
         inner = refusal_reason(plain)
-        return f"an IPv6 address embedding {plain} ({inner})" if inner else None
+        if not inner:
+            return None
+        return (
+            f"an IPv6 address embedding {plain} ({inner})"
+            if name_it
+            else f"an IPv6 address embedding {inner}"
+        )
     return _category(ip)
 
 
@@ -154,11 +164,12 @@ def check_url(url: str, *, allow: Sequence[IPNetwork] = (), resolver: Resolver =
     if not addresses:
         raise UnresolvableHostError(f"The webhook host {host!r} has no addresses.")
     for address in addresses:
-        why = refusal_reason(address, allow)
+        # The address itself only when the URL named it: echoing what a name resolves to
+        # would let any client map the service's internal DNS (names -> private addresses).
+        literal = address == host.strip("[]")
+        why = refusal_reason(address, allow, name_it=literal)
         if why:
-            # The address itself only when the URL named it: echoing what a name resolves to
-            # would let any client map the service's internal DNS (names -> private addresses).
-            shown = "is" if address == host.strip("[]") else "resolves to"
+            shown = "is" if literal else "resolves to"
             raise UnsafeTargetError(
                 f"The webhook host {host!r} {shown} {why}; webhooks may only target public "
                 "addresses."

@@ -178,3 +178,19 @@ def test_the_local_key_file_is_owner_only_from_its_creation(
     assert modes
     assert all(mode == 0o600 for mode in modes)
     assert stat.S_IMODE((tmp_path / "local_api_key").stat().st_mode) == 0o600
+
+
+def test_a_revoked_local_key_is_replaced(settings: Settings, tmp_path: Path) -> None:
+    from segsvc.services.bootstrap import ensure_local_key
+    from segsvc.services.keys import revoke_key
+
+    cfg = settings.model_copy(update={"var_dir": tmp_path})
+    name = f"local-{uuid.uuid4()}"
+    first = ensure_local_key(cfg, name=name)
+    assert first is not None
+    assert ensure_local_key(cfg, name=name) == first  # kept while it works
+    with session_scope(cfg) as session:
+        revoke_key(session=session, ref=first[:10])
+    second = ensure_local_key(cfg, name=name)
+    assert second not in (None, first)
+    assert (tmp_path / "local_api_key").read_text() == f"{second}\n"

@@ -115,3 +115,10 @@ def test_a_canary_needs_at_least_one_job_to_be_judged() -> None:
         Settings(canary_min_jobs=0)
     with pytest.raises(ValidationError):
         Settings(gate_min_eval_images=0)
+
+
+def test_job_retention_is_off_or_past_webhook_retries() -> None:
+    assert Settings(job_retention_days=0).job_retention_days == 0
+    assert Settings(job_retention_days=7).job_retention_days == 7
+    with pytest.raises(ValidationError, match="at least 7 days"):
+        Settings(job_retention_days=3)

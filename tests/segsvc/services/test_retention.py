@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
+from segsvc.blobs import pointer_to
 from segsvc.db import session_scope
 from segsvc.models import Feedback, Job, JobStatus, WebhookAttempt, WebhookMessage
 from segsvc.services import feedback, retention
@@ -139,3 +140,41 @@ def test_the_task_deletes_the_files_no_kept_job_names(
     age(cfg, kept_id, 100)
     assert tasks.delete_expired_jobs() == 0  # 0: kept for ever
     assert remaining(cfg, [kept_id]) == {kept_id}
+
+
+def test_an_inline_mask_of_a_pointers_length_is_not_taken_for_a_file(settings: Settings) -> None:
+    """With the db store a small image's mask PNG can be 83 bytes, a pointer's length: it was
+    read as a pointer, the chunk failed after its DELETE, and every pass failed on it again."""
+    job_id = make_job(settings)
+    with session_scope(settings) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(mask_png=b"\x89PNG" + b"x" * 79))
+    age(settings, job_id, 100)
+    assert delete_all(settings, 90) == 1
+
+
+def test_a_blob_folder_that_fails_does_not_stop_the_pass(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retrain import tasks
+
+    cfg = settings.model_copy(
+        update={"blob_store": "fs", "blob_dir": tmp_path / "blobs", "job_retention_days": 90}
+    )
+    monkeypatch.setattr(tasks, "get_settings", lambda: cfg)
+    monkeypatch.setattr(retention, "DELETE_CHUNK", 1)
+
+    class Failing:
+        def delete(self, digests: object, *, older_than_s: float) -> int:
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tasks, "blob_store", lambda _cfg: Failing())
+    old = [make_job(settings) for _ in range(3)]
+    with session_scope(settings) as session:  # each names a file: the deletion is tried
+        for i, job_id in enumerate(old):
+            session.execute(
+                update(Job).where(Job.id == job_id).values(mask_png=pointer_to(f"{i:064x}"))
+            )
+    for job_id in old:
+        age(settings, job_id, 100)
+    assert tasks.delete_expired_jobs() == 3
+    assert remaining(settings, old) == set()

@@ -76,6 +76,13 @@ def test_check_url_refuses_when_any_address_is_private() -> None:
     assert "10.0.0.1" not in str(refused.value)
 
 
+@pytest.mark.parametrize("mapped", ["::ffff:10.0.0.1", "64:ff9b::a00:1", "2002:a00:1::1"])
+def test_check_url_does_not_tell_the_private_address_an_ipv6_answer_embeds(mapped: str) -> None:
+    with pytest.raises(UnsafeTargetError, match="resolves to an IPv6 address embedding a") as e:
+        check_url("https://hooks.example/x", resolver=fake_dns(mapped))
+    assert "10.0.0.1" not in str(e.value)
+
+
 def test_check_url_names_an_address_the_url_gave() -> None:
     with pytest.raises(UnsafeTargetError, match=r"'10\.0\.0\.1' is a private address"):
         check_url("https://10.0.0.1/x")

@@ -129,7 +129,9 @@ def build_engine(url: str, *, limits: Mapping[str, int] | None = None) -> Engine
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True
+        )
         event.listen(engine, "connect", _on_sqlite_connect)
         return engine
     return create_engine(
@@ -139,6 +141,9 @@ def build_engine(url: str, *, limits: Mapping[str, int] | None = None) -> Engine
         max_overflow=10,
         pool_recycle=1800,
         connect_args=_postgres_connect_args(url, NO_LIMITS if limits is None else limits),
+        # A statement's error (logged with its traceback) leaves out the values it was given:
+        # webhook URLs with their credentials, key hashes, signing secrets, uploads.
+        hide_parameters=True,
     )
 
 

@@ -21,6 +21,7 @@ from segsvc.db import (
     get_engine,
     is_db_timeout,
     migration_limits,
+    session_scope,
     statement_limits,
     with_db_role,
 )
@@ -193,3 +194,17 @@ def test_every_connection_plans_statements_for_their_parameters(
         ).one()
     assert generic == 0
     assert custom >= 5  # prepared (parsed once), planned every time
+
+
+def test_a_statements_error_does_not_carry_its_values(settings: Settings) -> None:
+    """SQLAlchemy put a failed statement's values in its error, and so in the logged traceback
+    (webhook URLs with credentials, key hashes). Postgres' own DETAIL may still quote a row."""
+    from sqlalchemy.exc import DBAPIError
+
+    with pytest.raises(DBAPIError) as failed, session_scope(settings) as session:
+        session.execute(
+            text("SELECT 1 / 0 WHERE CAST(:url AS text) IS NOT NULL"),
+            {"url": "https://user:s3cr3t@hooks.example/x"},
+        )
+    assert "division by zero" in str(failed.value)
+    assert "s3cr3t" not in str(failed.value)

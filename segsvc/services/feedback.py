@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from segsvc import images
 from segsvc.blobs import POINTER_LENGTH, BlobMissingError, BlobStore, pointer_digest, pointer_to
-from segsvc.errors import BadRequestError, ConflictError, SegError
+from segsvc.errors import BadRequestError, ConflictError, NotFoundError, SegError
 from segsvc.ml import NUM_CLASSES
 from segsvc.models import Feedback, Job, JobStatus, db_clock, db_time
 from segsvc.services.jobs import get_job
@@ -130,7 +130,11 @@ def submit_feedback(
         validate_mask(
             mask_png, width=job.input_width, height=job.input_height, large_decode=large_decode
         )
-        if not _has_input(session=session, job_id=job.id):
+    has_input = _lock_job(session=session, job_id=job.id)
+    if has_input is None:  # row retention deleted it since it was read
+        raise NotFoundError(f"No job {job.id}.")
+    if mask_png is not None:
+        if not has_input:
             raise ConflictError(f"Job {job.id}'s input is no longer kept; a mask cannot be used.")
         # Training uses a job's newest mask only: an older one is dead weight (a client fixing
         # its correction many times would otherwise store every copy for ever).
@@ -153,12 +157,13 @@ def submit_feedback(
     return row
 
 
-def _has_input(*, session: Session, job_id: uuid.UUID) -> bool:
-    """Whether the job keeps its input, its row locked to this transaction's end: a retention
-    purge that cleared it first is waited for (then this reads it gone), and one that comes
-    later skips the job until the mask has committed (`purge_unlabeled_inputs`)."""
+def _lock_job(*, session: Session, job_id: uuid.UUID) -> bool | None:
+    """Whether the job keeps its input (None: the job is gone), its row locked to this
+    transaction's end: a retention pass that cleared the input or deleted the row first is
+    waited for (then this reads what it left), and one that comes later skips the job until
+    the feedback has committed (`purge_unlabeled_chunk`, `retention.delete_ended_jobs_chunk`)."""
     query = select(Job.input_bytes.is_not(None)).where(Job.id == job_id).with_for_update()
-    return bool(session.scalar(query))
+    return session.scalar(query)
 
 
 def labeled_feedback_ids(*, session: Session) -> list[uuid.UUID]:

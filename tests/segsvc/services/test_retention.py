@@ -178,3 +178,39 @@ def test_a_blob_folder_that_fails_does_not_stop_the_pass(
         age(settings, job_id, 100)
     assert tasks.delete_expired_jobs() == 3
     assert remaining(settings, old) == set()
+
+
+def test_a_rating_for_a_job_being_deleted_is_a_404_not_a_500(settings: Settings) -> None:
+    """A rating took no lock: its insert waited for the deletion and then failed its foreign
+    key (an IntegrityError, a 500). It now waits on the job row and finds it gone."""
+    import threading
+
+    from segsvc.errors import NotFoundError
+
+    job_id = make_job(settings)
+    age(settings, job_id, 100)
+    outcome: list[object] = []
+
+    def rate() -> None:
+        try:
+            with session_scope(settings) as session:
+                feedback.submit_feedback(
+                    session=session, job_id=job_id, client_id=None, rating="good"
+                )
+            outcome.append("stored")
+        except Exception as exc:  # the outcome is what is checked
+            outcome.append(exc)
+
+    with session_scope(settings) as deleting:
+        cutoff = feedback.purge_cutoff(session=deleting, retention_days=90)
+        deleted = retention.delete_ended_jobs_chunk(
+            session=deleting, status=JobStatus.SUCCEEDED, cutoff=cutoff
+        )
+        assert deleted.jobs == 1
+        rater = threading.Thread(target=rate)
+        rater.start()
+        rater.join(0.5)
+        assert outcome == []  # waiting for the deletion to commit
+    rater.join(10)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], NotFoundError)

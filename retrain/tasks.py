@@ -8,10 +8,14 @@ consumes so that a training run never blocks inference. No TensorFlow at import 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import uuid
+from datetime import datetime
+from functools import partial
+from typing import Any, Protocol
 
 from celery import shared_task
 from celery.schedules import crontab
+from sqlalchemy.orm import Session
 
 from segsvc.blobs import blob_store
 from segsvc.db import session_scope
@@ -96,22 +100,11 @@ def canary_check() -> dict[str, Any] | None:
 def purge_inputs() -> int:
     """Delete stored inputs of old jobs nobody labeled (settings.retention_days), and with the
     `fs` blob store their files, unless a job still names one (an identical upload's input, or
-    a result mask with the same bytes). One transaction per chunk of rows, its files deleted
-    once it committed: a pass over a backlog never holds more than one chunk's row locks."""
+    a result mask with the same bytes)."""
     settings = get_settings()
     with session_scope(settings) as session:
         cutoff = feedback.purge_cutoff(session=session, retention_days=settings.retention_days)
-    jobs = files = 0
-    after = None
-    while True:
-        with session_scope(settings) as session:
-            chunk = feedback.purge_unlabeled_chunk(session=session, cutoff=cutoff, after=after)
-        jobs += chunk.jobs
-        if chunk.files:
-            files += _delete_unnamed_files(settings, chunk.files)
-        if chunk.resume is None:
-            break
-        after = chunk.resume
+    jobs, files = clear_in_chunks(settings, partial(feedback.purge_unlabeled_chunk, cutoff=cutoff))
     log.info(
         "deleted the stored inputs of %d unlabeled jobs older than %d days (%d blob files)",
         jobs,
@@ -119,6 +112,32 @@ def purge_inputs() -> int:
         files,
     )
     return jobs
+
+
+class ChunkStep(Protocol):
+    """One chunk of a retention pass, from `after` (None: the start)."""
+
+    def __call__(
+        self, *, session: Session, after: tuple[datetime, uuid.UUID] | None
+    ) -> retention.Cleared: ...
+
+
+def clear_in_chunks(settings: Settings, chunk: ChunkStep) -> tuple[int, int]:
+    """Run a retention pass chunk by chunk, one transaction each, every chunk starting where
+    the last one ended, and after each commit delete the blob files no job names any more:
+    (rows cleared, files deleted). A pass over a backlog so never holds more than one chunk's
+    row locks."""
+    jobs = files = 0
+    after = None
+    while True:
+        with session_scope(settings) as session:
+            cleared = chunk(session=session, after=after)
+        jobs += cleared.jobs
+        if cleared.files:
+            files += _delete_unnamed_files(settings, cleared.files)
+        if cleared.resume is None:
+            return jobs, files
+        after = cleared.resume
 
 
 def _delete_unnamed_files(settings: Settings, digests: list[str]) -> int:
@@ -142,26 +161,22 @@ def _delete_unnamed_files(settings: Settings, digests: list[str]) -> int:
 def delete_expired_jobs() -> int:
     """Delete ended jobs older than settings.job_retention_days (0: none) that have no mask
     label, with their webhook log and ratings, and with the `fs` blob store the files they
-    named that no other job names. One transaction per chunk, as `purge_inputs`."""
-    settings = get_settings()
+    named that no other job names."""
+    return expire_jobs(get_settings())
+
+
+def expire_jobs(settings: Settings) -> int:
+    """`delete_expired_jobs` for these settings; the count of jobs deleted."""
     if settings.job_retention_days == 0:
         return 0
     with session_scope(settings) as session:
         cutoff = feedback.purge_cutoff(session=session, retention_days=settings.job_retention_days)
     jobs = files = 0
     for status in retention.ENDED:
-        after = None
-        while True:
-            with session_scope(settings) as session:
-                chunk = retention.delete_ended_jobs_chunk(
-                    session=session, status=status, cutoff=cutoff, after=after
-                )
-            jobs += chunk.jobs
-            if chunk.files:
-                files += _delete_unnamed_files(settings, chunk.files)
-            if chunk.resume is None:
-                break
-            after = chunk.resume
+        status_jobs, status_files = clear_in_chunks(
+            settings, partial(retention.delete_ended_jobs_chunk, status=status, cutoff=cutoff)
+        )
+        jobs, files = jobs + status_jobs, files + status_files
     log.info(
         "deleted %d ended jobs older than %d days (%d blob files)",
         jobs,

@@ -8,7 +8,6 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +20,7 @@ from segsvc.errors import BadRequestError, ConflictError, NotFoundError, SegErro
 from segsvc.ml import NUM_CLASSES
 from segsvc.models import Feedback, Job, JobStatus, db_clock, db_time
 from segsvc.services.jobs import get_job
+from segsvc.services.retention import Cleared
 
 log = logging.getLogger(__name__)
 
@@ -210,17 +210,6 @@ def load_samples(
     return samples
 
 
-@dataclass(frozen=True)
-class Purged:
-    """What a retention pass (or one chunk of it) released."""
-
-    jobs: int  # rows whose stored input was deleted
-    files: list[str]  # sha256 of the fs blob files those rows pointed to
-    # Where the next chunk starts, (created_at, id) of the last row this one looked at; None
-    # when the pass is done.
-    resume: tuple[datetime, uuid.UUID] | None = None
-
-
 PURGE_CHUNK = 1000
 
 
@@ -231,7 +220,7 @@ def purge_cutoff(*, session: Session, retention_days: int, now: datetime | None 
 
 def purge_unlabeled_chunk(
     *, session: Session, cutoff: datetime, after: tuple[datetime, uuid.UUID] | None = None
-) -> Purged:
+) -> Cleared:
     """Delete the stored inputs of up to PURGE_CHUNK finished jobs created before `cutoff`
     with no mask label, walking them in (created_at, id) order from `after`. The caller
     commits each chunk (`retrain.tasks.purge_inputs`): a pass over a large backlog then holds
@@ -271,12 +260,12 @@ def purge_unlabeled_chunk(
     ).all()
     resume = (locked[-1][1], locked[-1][0]) if len(locked) == PURGE_CHUNK else None
     files = sorted({pointers[job_id] for job_id in cleared if job_id in pointers})
-    return Purged(len(cleared), files, resume)
+    return Cleared(len(cleared), files, resume)
 
 
 def purge_unlabeled_inputs(
     *, session: Session, retention_days: int, now: datetime | None = None
-) -> Purged:
+) -> Cleared:
     """A whole retention pass in the caller's one transaction (chunk after chunk): for small
     tables and tests; the scheduled task commits chunk by chunk instead."""
     cutoff = purge_cutoff(session=session, retention_days=retention_days, now=now)
@@ -286,7 +275,7 @@ def purge_unlabeled_inputs(
         jobs += chunk.jobs
         files.update(chunk.files)
         if chunk.resume is None:
-            return Purged(jobs, sorted(files))
+            return Cleared(jobs, sorted(files))
         after = chunk.resume
 
 

@@ -22,13 +22,15 @@ ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
 @dataclass(frozen=True)
-class Deleted:
-    """What one chunk deleted."""
+class Cleared:
+    """What a retention pass, or one chunk of it, cleared: the input purge
+    (`services.feedback.purge_unlabeled_chunk`) or this module's row deletion."""
 
-    jobs: int
-    files: list[str]  # sha256 of the fs blob files (inputs, masks) the deleted rows named
-    # Where the next chunk of this status starts; None when the status is done.
-    resume: tuple[datetime, uuid.UUID] | None
+    jobs: int  # rows whose input was deleted, or rows deleted
+    files: list[str]  # sha256 of the fs blob files those rows named
+    # Where the next chunk starts, (created_at, id) of the last row this one looked at; None
+    # when the pass is done.
+    resume: tuple[datetime, uuid.UUID] | None = None
 
 
 def delete_ended_jobs_chunk(
@@ -37,7 +39,7 @@ def delete_ended_jobs_chunk(
     status: JobStatus,
     cutoff: datetime,
     after: tuple[datetime, uuid.UUID] | None = None,
-) -> Deleted:
+) -> Cleared:
     """Delete up to DELETE_CHUNK jobs of one ended `status` created before `cutoff` that have
     no mask label, walking them in (created_at, id) order from `after` on the index on
     (status, created_at). The caller commits each chunk (`retrain.tasks.delete_expired_jobs`).
@@ -71,4 +73,4 @@ def delete_ended_jobs_chunk(
         if is_pointer(mask):  # an inline PNG may have a pointer's length too
             files.add(pointer_digest(mask))
     resume = (locked[-1][1], locked[-1][0]) if len(locked) == DELETE_CHUNK else None
-    return Deleted(len(deleted), sorted(files), resume)
+    return Cleared(len(deleted), sorted(files), resume)

@@ -22,6 +22,7 @@ from segsvc.db import session_scope
 from segsvc.models import Job, JobStatus, ModelStatus, TrainingRun
 from segsvc.retrain_lock import RETRAIN_LOCK_KEY
 from segsvc.services import registry, rollout
+from segsvc.services.retention import Cleared
 from segsvc.settings import Settings
 from tests.retrain.test_dataset import COLOURS, make_dataset, make_mask
 from tests.segsvc.test_rollout import add_jobs
@@ -491,7 +492,7 @@ def test_purge_task_commits_chunk_by_chunk(
     real_chunk = feedback.purge_unlabeled_chunk
     seen: list[tuple[int, int]] = []  # (inputs already gone when a chunk starts, its size)
 
-    def chunk(**kwargs: object) -> feedback.Purged:
+    def chunk(**kwargs: object) -> Cleared:
         with session_scope(settings) as session:  # another connection: sees commits only
             gone = session.scalar(
                 select(func.count()).where(Job.id.in_(old), Job.input_bytes.is_(None))

@@ -34,21 +34,10 @@ def remaining(settings: Settings, ids: list[uuid.UUID]) -> set[uuid.UUID]:
 
 
 def delete_all(settings: Settings, days: int) -> int:
-    with session_scope(settings) as session:
-        cutoff = feedback.purge_cutoff(session=session, retention_days=days)
-    deleted = 0
-    for status in retention.ENDED:
-        after = None
-        while True:
-            with session_scope(settings) as session:
-                chunk = retention.delete_ended_jobs_chunk(
-                    session=session, status=status, cutoff=cutoff, after=after
-                )
-            deleted += chunk.jobs
-            if chunk.resume is None:
-                break
-            after = chunk.resume
-    return deleted
+    """The hourly task's pass over these settings, with a retention of `days`."""
+    from retrain import tasks
+
+    return tasks.expire_jobs(settings.model_copy(update={"job_retention_days": days}))
 
 
 def test_old_ended_jobs_go_with_their_webhook_log_and_ratings(settings: Settings) -> None:
@@ -92,8 +81,20 @@ def test_deletion_walks_chunk_after_chunk(
     assert remaining(settings, old) == set()
 
 
+@pytest.fixture
+def cfg(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The hourly task's settings: the fs blob store, jobs kept 90 days."""
+    from retrain import tasks
+
+    fs = settings.model_copy(
+        update={"blob_store": "fs", "blob_dir": tmp_path / "blobs", "job_retention_days": 90}
+    )
+    monkeypatch.setattr(tasks, "get_settings", lambda: fs)
+    return fs
+
+
 def test_the_task_deletes_the_files_no_kept_job_names(
-    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cfg: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import os
 
@@ -103,10 +104,6 @@ def test_the_task_deletes_the_files_no_kept_job_names(
     from segsvc.services.jobs import create_jobs
     from tests.segsvc.test_feedback import photo_bytes
 
-    cfg = settings.model_copy(
-        update={"blob_store": "fs", "blob_dir": tmp_path / "blobs", "job_retention_days": 90}
-    )
-    monkeypatch.setattr(tasks, "get_settings", lambda: cfg)
     store = blob_store(cfg)
     with session_scope(cfg) as session:
         old, kept = create_jobs(
@@ -153,14 +150,10 @@ def test_an_inline_mask_of_a_pointers_length_is_not_taken_for_a_file(settings: S
 
 
 def test_a_blob_folder_that_fails_does_not_stop_the_pass(
-    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cfg: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from retrain import tasks
 
-    cfg = settings.model_copy(
-        update={"blob_store": "fs", "blob_dir": tmp_path / "blobs", "job_retention_days": 90}
-    )
-    monkeypatch.setattr(tasks, "get_settings", lambda: cfg)
     monkeypatch.setattr(retention, "DELETE_CHUNK", 1)
 
     class Failing:
@@ -168,16 +161,16 @@ def test_a_blob_folder_that_fails_does_not_stop_the_pass(
             raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tasks, "blob_store", lambda _cfg: Failing())
-    old = [make_job(settings) for _ in range(3)]
-    with session_scope(settings) as session:  # each names a file: the deletion is tried
+    old = [make_job(cfg) for _ in range(3)]
+    with session_scope(cfg) as session:  # each names a file: the deletion is tried
         for i, job_id in enumerate(old):
             session.execute(
                 update(Job).where(Job.id == job_id).values(mask_png=pointer_to(f"{i:064x}"))
             )
     for job_id in old:
-        age(settings, job_id, 100)
+        age(cfg, job_id, 100)
     assert tasks.delete_expired_jobs() == 3
-    assert remaining(settings, old) == set()
+    assert remaining(cfg, old) == set()
 
 
 def test_a_rating_for_a_job_being_deleted_is_a_404_not_a_500(settings: Settings) -> None:

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import exists, func, literal, select, tuple_, update
+from sqlalchemy import func, literal, select, update
 from sqlalchemy.orm import Session
 
 from segsvc import images
@@ -20,7 +20,13 @@ from segsvc.errors import BadRequestError, ConflictError, NotFoundError, SegErro
 from segsvc.ml import NUM_CLASSES
 from segsvc.models import Feedback, Job, JobStatus, db_clock, db_time
 from segsvc.services.jobs import get_job
-from segsvc.services.retention import Cleared
+from segsvc.services.retention import (
+    ENDED,
+    Cleared,
+    has_mask_label,
+    lock_chunk,
+    resume_after,
+)
 
 log = logging.getLogger(__name__)
 
@@ -232,21 +238,16 @@ def purge_unlabeled_chunk(
     waited for the row would not stop it. A row a mask's transaction holds (it locks the job
     while it checks the input) is skipped, to the next pass if it is still unlabeled then.
     """
-    labeled = exists().where(Feedback.job_id == Job.id, Feedback.mask_png.is_not(None))
+    labeled = has_mask_label()
     query = select(
         Job.id, Job.created_at, Job.input_sha256, func.length(Job.input_bytes) == POINTER_LENGTH
     ).where(
         Job.created_at < cutoff,
-        Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED]),
+        Job.status.in_(ENDED),
         Job.input_bytes.is_not(None),
         ~labeled,
     )
-    if after is not None:
-        # `created_at >= ` lets the index on created_at start there; the pair breaks ties.
-        query = query.where(Job.created_at >= after[0], tuple_(Job.created_at, Job.id) > after)
-    locked = session.execute(
-        query.order_by(Job.created_at, Job.id).limit(PURGE_CHUNK).with_for_update(skip_locked=True)
-    ).all()
+    locked = session.execute(lock_chunk(query, after=after, size=PURGE_CHUNK)).all()
     # A file pointer's digest is the upload's sha256 (content-addressed), already in the row.
     pointers = {job_id: digest for job_id, _, digest, is_pointer in locked if is_pointer}
     cleared = session.scalars(
@@ -258,9 +259,8 @@ def purge_unlabeled_chunk(
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).all()
-    resume = (locked[-1][1], locked[-1][0]) if len(locked) == PURGE_CHUNK else None
     files = sorted({pointers[job_id] for job_id in cleared if job_id in pointers})
-    return Cleared(len(cleared), files, resume)
+    return Cleared(len(cleared), files, resume_after(locked, PURGE_CHUNK))
 
 
 def purge_unlabeled_inputs(

@@ -136,8 +136,12 @@ def redis_db(request: pytest.FixtureRequest) -> int:
     (`make bench-ab`, `make bench`), which a test's flushes must not empty mid-run.
 
     xdist workers get 1, 2, ... so they never share one; a plain run picks by pid (Redis has
-    only 16 databases, so two concurrent plain runs on one machine can still collide).
+    only 16 databases, so two concurrent plain runs on one machine can still collide:
+    `SEG_TEST_REDIS_DB` pins a plain run to one, for runs side by side).
     """
+    pinned = os.environ.get("SEG_TEST_REDIS_DB")
+    if pinned:
+        return int(pinned)
     worker = getattr(request.config, "workerinput", {}).get("workerid")
     if worker is not None:
         return 1 + int(worker.removeprefix("gw")) % 12

@@ -144,8 +144,13 @@ def resolve(host: str, port: int, *, timeout: float = RESOLVE_TIMEOUT_S) -> list
 
 def check_url(url: str, *, allow: Sequence[IPNetwork] = (), resolver: Resolver = resolve) -> Target:
     """Parse, resolve once and check every address; connect only to what this returns."""
-    if len(url) > MAX_URL_LENGTH:
-        raise UnsafeTargetError(f"The webhook URL is longer than {MAX_URL_LENGTH} characters.")
+    # Bytes as stored (UTF-8), not characters: the URL is indexed in webhook_endpoints, and
+    # Postgres refuses an index entry over ~2.7 kB (2000 CJK characters are 6000 bytes).
+    size = len(url.encode("utf-8", "surrogatepass"))  # a lone surrogate: malformed, below
+    if size > MAX_URL_LENGTH:
+        raise UnsafeTargetError(
+            f"The webhook URL is {size} bytes long in UTF-8; the limit is {MAX_URL_LENGTH}."
+        )
     try:  # httpx parses it here exactly as it will when sending (no parser differential)
         parts = httpx.URL(url)
         host = parts.raw_host.decode("ascii")

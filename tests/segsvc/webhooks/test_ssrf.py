@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from segsvc.webhooks.ssrf import (
+    MAX_URL_LENGTH,
     UnresolvableHostError,
     UnsafeTargetError,
     check_url,
@@ -112,6 +113,36 @@ def test_check_url_returns_every_checked_address() -> None:
 def test_check_url_refuses_malformed(url: str) -> None:
     with pytest.raises(UnsafeTargetError):
         check_url(url, resolver=fake_dns("93.184.215.14"))
+
+
+def cjk_url(size: int) -> str:
+    """A URL of exactly `size` bytes in UTF-8, most of them 3-byte CJK characters."""
+    base = "https://hooks.example/"
+    chars, pad = divmod(size - len(base), 3)
+    url = base + "\u4e2d" * chars + "a" * pad
+    assert len(url.encode()) == size
+    return url
+
+
+def test_check_url_limits_the_url_in_utf8_bytes_not_characters() -> None:
+    # Regression: 2000 CJK characters (6000 bytes) passed a character count, and the
+    # endpoint row's URL index then refused the insert for ever.
+    url = "https://hooks.example/" + "\u4e2d" * 2000
+    assert len(url) < MAX_URL_LENGTH
+    with pytest.raises(UnsafeTargetError, match="6022 bytes long in UTF-8; the limit is 2048"):
+        check_url(url, resolver=fake_dns("93.184.215.14"))
+
+
+def test_check_url_accepts_a_url_of_exactly_the_limit_in_bytes() -> None:
+    url = cjk_url(MAX_URL_LENGTH)
+    assert check_url(url, resolver=fake_dns("93.184.215.14")).url == url
+    with pytest.raises(UnsafeTargetError, match="2049 bytes"):
+        check_url(url + "a", resolver=fake_dns("93.184.215.14"))
+
+
+def test_check_url_refuses_a_lone_surrogate_as_malformed() -> None:
+    with pytest.raises(UnsafeTargetError, match="malformed"):
+        check_url("https://hooks.example/\ud800", resolver=fake_dns("93.184.215.14"))
 
 
 def test_check_url_unresolvable_is_its_own_error() -> None:

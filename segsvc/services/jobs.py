@@ -458,8 +458,9 @@ def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> dic
     """Write results of claimed jobs in bulk; each row is fenced by its lease token.
 
     Each result has: id, lease_token, mask_png, class_fractions, model_version, queue_ms,
-    predict_ms, batch_size. Returns the end state of each job this ended, by id (`end_state`:
-    what the jobs' notices carry once this commits); a result fenced out is not in it.
+    predict_ms, batch_size. A job whose client asked to cancel it ends canceled, without its
+    result. Returns the end state of each job this ended, by id (`end_state`: what the jobs'
+    notices carry once this commits); a result fenced out is not in it.
     """
     if not results:
         return {}
@@ -487,11 +488,21 @@ def complete_jobs(*, session: Session, results: Sequence[dict[str, Any]]) -> dic
         ).all()
         ended.update((row.id, row) for row in rows)
         subscribed += [row.id for row in rows if row.webhook_url is not None]
-    payload = [{key: r[key] for key in _RESULT_COLUMNS} for r in results if r["id"] in ended]
+    # Only a job that ended succeeded gets its result: one canceled at this boundary keeps none
+    # (its mask would otherwise be stored, and its end state carry a result it does not have).
+    payload = [
+        {key: r[key] for key in _RESULT_COLUMNS}
+        for r in results
+        if r["id"] in ended and ended[r["id"]].status == JobStatus.SUCCEEDED
+    ]
     if payload:  # ORM bulk UPDATE by primary key: one executemany for every row's result
         session.execute(update(Job), payload)
     record_job_events(session=session, job_ids=subscribed, event=JOB_COMPLETED)
-    return {str(p["id"]): end_state({**ended[p["id"]]._asdict(), **p}) for p in payload}
+    stored = {p["id"]: p for p in payload}
+    return {
+        str(job_id): end_state({**_NO_RESULT, **row._asdict(), **stored.get(job_id, {})})
+        for job_id, row in ended.items()
+    }
 
 
 _RESULT_COLUMNS = (
@@ -503,6 +514,8 @@ _RESULT_COLUMNS = (
     "predict_ms",
     "batch_size",
 )
+# A job that ended without a result (canceled at the batch boundary): its end state's result.
+_NO_RESULT: dict[str, None] = {key: None for key in _RESULT_COLUMNS if key != "id"}
 # The rest of a job's end state, as the statement that ends it left it.
 _ENDING_RETURNS = tuple(
     getattr(Job, key) for key in END_STATE_COLUMNS if key not in _RESULT_COLUMNS
@@ -519,19 +532,22 @@ def fail_job(
     model_version: str | None = None,
 ) -> bool:
     """End a job as failed (fenced by the lease when one is given); `model_version`: the
-    version that ran it, when one did (a canary's verdict counts the failure against it)."""
+    version that ran it, when one did (a canary's verdict counts the failure against it).
+    A job whose client asked to cancel it ends canceled instead, as a result would: the cancel
+    takes effect at the batch boundary, whatever the batch's outcome."""
     conds = [Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])]
     if lease_token is not None:
         conds.append(Job.lease_token == lease_token)
+    canceled = Job.cancel_requested
     res = session.execute(
         update(Job)
         .where(*conds)
         .values(
-            status=JobStatus.FAILED,
+            status=case((canceled, JobStatus.CANCELED), else_=JobStatus.FAILED),
             completed_at=db_now(session),
-            error_code=code,
-            error_message=message[:2000],
-            model_version=model_version,
+            error_code=case((canceled, "canceled"), else_=code),
+            error_message=case((canceled, "Canceled by the client."), else_=message[:2000]),
+            model_version=case((canceled, None), else_=model_version),
             lease_expires_at=None,
             **ENDED_JOB_CLEARS,
         )
@@ -548,9 +564,15 @@ def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) 
     with `worker_error` instead: a failure that keeps coming back for that long is not
     transient, and the job must not cycle for ever. A short outage (a blob store away for a few
     seconds) releases jobs several times in a row but fails none. Timed on the database's clock,
-    like the lease."""
+    like the lease. A job whose client asked to cancel it is not given back: it ends canceled
+    (`fail_job`), as its result would have ended it."""
     now = db_now(session)
-    fence = (Job.id == job_id, Job.lease_token == lease_token, Job.status == JobStatus.RUNNING)
+    fence = (
+        Job.id == job_id,
+        Job.lease_token == lease_token,
+        Job.status == JobStatus.RUNNING,
+        Job.cancel_requested.is_(False),
+    )
     keeps_trying = or_(
         Job.releases < MAX_RELEASES - 1,
         Job.first_released_at.is_(None),

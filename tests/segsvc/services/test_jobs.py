@@ -8,13 +8,14 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from segsvc.db import session_scope
 from segsvc.errors import ConflictError
-from segsvc.models import Job, JobStatus, utcnow
+from segsvc.models import Job, JobStatus, WebhookMessage, utcnow
 from segsvc.services import jobs as job_service
 from segsvc.settings import Settings
+from segsvc.webhooks.outbox import JOB_COMPLETED
 from tests.worker.test_reconciler import inputs_kept, result
 from tests.worker.test_segmenter import make_jobs
 
@@ -175,3 +176,111 @@ def test_a_job_lets_go_of_its_model_input_when_it_ends_and_keeps_its_upload(
     with session_scope(settings) as session:
         (again,) = job_service.claim_jobs(session=session, job_ids=[released], lease_seconds=60)
     assert again.model_input is not None
+
+
+def claim_then_cancel(settings: Settings, n: int) -> list[job_service.Claimed]:
+    """`n` jobs with a webhook, claimed by a worker, then canceled by their client (running:
+    the cancel only asks them to stop at the batch boundary)."""
+    ids = make_jobs(settings, n)
+    with session_scope(settings) as session:
+        session.execute(
+            update(Job).where(Job.id.in_(ids)).values(webhook_url="https://example.com/hook")
+        )
+    with session_scope(settings) as session:
+        claimed = job_service.claim_jobs(session=session, job_ids=ids, lease_seconds=60)
+    with session_scope(settings) as session:
+        for job_id in ids:
+            job_service.cancel_job(session=session, job_id=str(job_id), client_id=None)
+    return sorted(claimed, key=lambda c: ids.index(c.id))
+
+
+def completed_events(settings: Settings, job_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The payloads of the job's job.completed webhook messages."""
+    with session_scope(settings) as session:
+        return [
+            m.payload
+            for m in session.scalars(
+                select(WebhookMessage).where(
+                    WebhookMessage.job_id == job_id, WebhookMessage.event_type == JOB_COMPLETED
+                )
+            )
+        ]
+
+
+def ended_row(settings: Settings, job_id: uuid.UUID) -> Job:
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        _ = job.mask_png  # deferred: load it before the session closes
+        session.expunge(job)
+        return job
+
+
+def test_complete_jobs_stores_no_result_for_a_job_canceled_while_running(
+    settings: Settings,
+) -> None:
+    """A cancel that arrived while the batch ran ends the job canceled at its result: the job
+    keeps no mask or class fractions, and its webhook and end state carry no result."""
+    (claimed,) = claim_then_cancel(settings, 1)
+    (done,) = make_jobs(settings, 1)
+    with session_scope(settings) as session:
+        (done_claim,) = job_service.claim_jobs(session=session, job_ids=[done], lease_seconds=60)
+    with session_scope(settings) as session:
+        states = job_service.complete_jobs(
+            session=session,
+            results=[result(claimed.id, claimed.lease_token), result(done, done_claim.lease_token)],
+        )
+    job = ended_row(settings, claimed.id)
+    assert (job.status, job.error_code) == (JobStatus.CANCELED, "canceled")
+    assert (job.mask_png, job.class_fractions, job.model_version, job.batch_size) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    state = states[str(claimed.id)]
+    assert state["status"] == JobStatus.CANCELED
+    assert (state["class_fractions"], state["model_version"]) == (None, None)
+    assert set(state) == set(job_service.END_STATE_COLUMNS)
+    assert states[str(done)]["class_fractions"] == [1, 0, 0]
+    assert ended_row(settings, done).mask_png == b"x"
+    (event,) = completed_events(settings, claimed.id)
+    assert (event["status"], event["result"], event["model_version"]) == ("canceled", None, None)
+
+
+def test_fail_job_ends_a_job_canceled_while_running_canceled(settings: Settings) -> None:
+    """A failure at the batch boundary of a job its client canceled ends it canceled, as a
+    result would: the client asked for that, and its webhook says so."""
+    (claimed,) = claim_then_cancel(settings, 1)
+    with session_scope(settings) as session:
+        assert job_service.fail_job(
+            session=session,
+            job_id=claimed.id,
+            code="postprocess_failed",
+            message="Preparing the result failed.",
+            lease_token=claimed.lease_token,
+            model_version="v",
+        )
+    job = ended_row(settings, claimed.id)
+    assert (job.status, job.error_code, job.model_version) == (
+        JobStatus.CANCELED,
+        "canceled",
+        None,
+    )
+    (event,) = completed_events(settings, claimed.id)
+    assert (event["status"], event["error"]["code"]) == ("canceled", "canceled")
+
+
+def test_release_job_ends_a_job_canceled_while_running_canceled(settings: Settings) -> None:
+    """A batch given back (its forward pass failed) does not put a job its client canceled
+    back in the queue: it ends canceled at once, with its webhook."""
+    (claimed,) = claim_then_cancel(settings, 1)
+    with session_scope(settings) as session:
+        assert not job_service.release_job(
+            session=session, job_id=claimed.id, lease_token=claimed.lease_token
+        )
+    job = ended_row(settings, claimed.id)
+    assert (job.status, job.error_code, job.releases) == (JobStatus.CANCELED, "canceled", 0)
+    assert job.completed_at is not None
+    (event,) = completed_events(settings, claimed.id)
+    assert event["status"] == "canceled"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from flask import Flask, Response, jsonify
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -26,7 +27,8 @@ def error_response(
     resp = jsonify({"error": code, "message": message})
     resp.status_code = status
     if retry_after is not None:
-        resp.headers["Retry-After"] = str(max(1, round(retry_after)))
+        # Rounded up: a client told fewer seconds than asked retries too early, and is refused.
+        resp.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return resp
 
 

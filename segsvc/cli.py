@@ -192,8 +192,10 @@ def models_prune_artifacts(dry_run: bool, grace_hours: float | None) -> None:
 )
 def models_prune_files(dry_run: bool, grace_days: float | None) -> None:
     """Delete model files retraining wrote to SEG_VAR_DIR/models that can never serve (each
-    retraining run also does this at its end): rejected versions' (their rows stay, marked) and
-    those no version names (of crashed runs). Other versions' files always stay."""
+    retraining run also does this at its end): rejected versions', archived versions' past
+    the rollback targets (SEG_MODEL_KEEP_ARCHIVED and production's parent stay; their rows
+    stay, marked) and those no version names (of crashed runs). Production, canary and
+    candidate versions' files always stay."""
     from segsvc.services.model_files import models_dir, prune_model_files
 
     cfg = get_settings()
@@ -206,9 +208,11 @@ def models_prune_files(dry_run: bool, grace_days: float | None) -> None:
         click.echo(f"{verb} {path}")
     if result.orphans_skipped:
         click.echo("kept files no version names: a retraining run is going on")
+    archived = len(result.archived)
     click.echo(
         f"{verb} {len(result.removed)} files ({result.freed_bytes / 1e6:.1f} MB) of "
-        f"{len(result.versions)} rejected versions and crashed runs in {models_dir(cfg)}"
+        f"{len(result.versions) - archived} rejected versions, {archived} archived versions "
+        f"past the rollback targets and crashed runs in {models_dir(cfg)}"
     )
 
 

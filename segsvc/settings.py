@@ -236,9 +236,11 @@ class Settings(BaseSettings):
         7.0,
         ge=0,
         description="Model files retraining wrote to var_dir/models that can never serve, of "
-        "rejected versions (rejected this long ago too) and of crashed runs (named by no "
-        "version), are deleted once this old: after each run, or by `segsvc models "
-        "prune-files`. Production, canary, candidate and archived versions' files stay.",
+        "rejected versions and of archived versions past the rollback targets (rejected or "
+        "archived this long ago too) and of crashed runs (named by no version), are deleted "
+        "once this old: after each run, or by `segsvc models prune-files`. Production, canary "
+        "and candidate versions' files and the rollback targets' (SEG_MODEL_KEEP_ARCHIVED) "
+        "stay.",
     )
     model_keep_archived: int = Field(
         3,

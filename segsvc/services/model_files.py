@@ -9,13 +9,16 @@ once older than `SEG_MODEL_FILE_GRACE_DAYS`:
 - files **no version names**: a run that crashed before registering its candidate. Only while
   this pass holds the retraining lock (a run registers its file at its end): when a run is
   going on they wait for the next pass. So do the scratch folders (`var_dir/retrain/<run id>`)
-  of runs that died before removing theirs.
+  of runs that died before removing theirs;
+- the files of **archived** versions (production before a promotion) past the rollback
+  targets, archived that long ago too: production's parent and the `SEG_MODEL_KEEP_ARCHIVED`
+  most recently archived stay (an operator may promote one, a rollback returns to one).
 
-The files of production, canary, candidate and archived versions always stay: an operator may
-promote an archived version, and a rollback returns to one. Only files of that naming directly
-in `var_dir/models` are looked at: never the shipped model copied there (`baseline.keras`) or
-the untrained `init.keras`, never a path outside, whatever a row says. A file whose name a row
-gives with another folder is kept (a volume mounted elsewhere before: it may be that file).
+The files of production, canary and candidate versions always stay. Only files of that
+naming directly in `var_dir/models` are looked at: never the shipped model copied there
+(`baseline.keras`) or the untrained `init.keras`, never a path outside, whatever a row says.
+A file whose name a row gives with another folder is kept (a volume mounted elsewhere before:
+it may be that file).
 
 Safe against concurrent use:
 
@@ -68,7 +71,8 @@ class ModelFilesPruneResult:
     """What one pass did (in a dry run: would do)."""
 
     removed: list[Path] = field(default_factory=list)
-    versions: list[str] = field(default_factory=list)  # rejected versions whose files went
+    versions: list[str] = field(default_factory=list)  # versions whose files went
+    archived: list[str] = field(default_factory=list)  # of those, archived ones (the rest rejected)
     freed_bytes: int = 0
     skipped: bool = False  # another pruner was running: nothing looked at
     orphans_skipped: bool = False  # a retraining run was going on: files no row names stayed
@@ -92,7 +96,8 @@ def prune_model_files(
     older_than_s: float | None = None,
     holding_retrain_lock: bool = False,
 ) -> ModelFilesPruneResult:
-    """Delete rejected versions' and unregistered candidates' files once older than
+    """Delete rejected versions', old archived versions' (past the rollback targets) and
+    unregistered candidates' files once older than
     `older_than_s` (default `model_file_grace_days`). `holding_retrain_lock`: the caller is a
     retraining run at its end; otherwise this pass takes the lock, or leaves orphans alone."""
     if older_than_s is None:
@@ -157,6 +162,7 @@ def _prune(
                 result.removed += paths
                 result.freed_bytes += size
                 result.versions += [row.version for row in rows]
+                result.archived += [r.version for r in rows if r.status == ModelStatus.ARCHIVED]
     except BaseException:
         for now, was in aside:
             with suppress(OSError):

@@ -288,7 +288,7 @@ def test_cli_prune_files_then_promote_of_a_pruned_version_fails_clearly(
     dry = CliRunner().invoke(main, ["models", "prune-files", "--dry-run", "--grace-days", "2"])
     assert dry.exit_code == 0, dry.output
     assert f"would delete {rejected}\n" in dry.output
-    assert "would delete 2 files (0.0 MB) of 1 rejected versions" in dry.output
+    assert "would delete 2 files (0.0 MB) of 1 rejected versions, 0 archived" in dry.output
     kept = CliRunner().invoke(main, ["models", "prune-files"])  # 7 days by default
     assert "deleted 0 files" in kept.output
     real = CliRunner().invoke(main, ["models", "prune-files", "--grace-days", "2"])
@@ -309,6 +309,28 @@ def test_cli_prune_files_then_promote_of_a_pruned_version_fails_clearly(
         row = session.get(ModelVersion, "rejected")
         assert row is not None
         assert row.status == ModelStatus.REJECTED
+
+
+def test_cli_prune_files_counts_archived_versions_apart_from_rejected_ones(
+    cfg: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Archived versions past the rollback targets lose their files too: the summary called
+    them "rejected versions"."""
+    from segsvc.cli import main
+
+    cfg = cfg.model_copy(update={"model_keep_archived": 1})
+    monkeypatch.setattr("segsvc.cli.get_settings", lambda: cfg)
+    monkeypatch.setattr("segsvc.db.get_settings", lambda: cfg)
+    for i in range(3):  # the newest one stays: the rollback target
+        add_version(cfg, f"old-{i}", candidate(cfg), ModelStatus.ARCHIVED, OLD - i * DAY)
+    add_version(cfg, "rejected", candidate(cfg), ModelStatus.REJECTED)
+    result = CliRunner().invoke(main, ["models", "prune-files"])
+    assert result.exit_code == 0, result.output
+    assert "deleted 6 files (0.0 MB) of 1 rejected versions, 2 archived versions past " in (
+        result.output
+    )
+    help_text = CliRunner().invoke(main, ["models", "prune-files", "--help"]).output
+    assert "archived versions' past the rollback targets" in " ".join(help_text.split())
 
 
 def scratch(cfg: Settings, seconds_ago: float, name: str | None = None) -> Path:

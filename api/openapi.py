@@ -107,9 +107,10 @@ OPERATIONS: dict[str, Operation] = {
         },
     ),
     # 409: the job has not succeeded (yet); 410: what the picture is made of is gone (a mask
-    # file lost from the blob store; for the overlay, the input retention deleted).
+    # file lost from the blob store; for the overlay, the input retention deleted). An overlay
+    # over LARGE_DECODE_PIXELS takes a submission token: 429 over the rate.
     "jobs.read_mask": Operation({200: PNG, 409: s.Error, 410: s.Error}),
-    "jobs.read_overlay": Operation({200: PNG, 409: s.Error, 410: s.Error}),
+    "jobs.read_overlay": Operation({200: PNG, 409: s.Error, 410: s.Error, 429: s.Error}),
     "jobs.cancel_job": Operation({200: s.Job, 409: s.Error}),
     "health.healthz": Operation({200: s.Health}),
     "health.readyz": Operation({200: s.Readiness, 503: s.Readiness}),

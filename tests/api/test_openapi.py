@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import ipaddress
 import re
 import socket
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import hypothesis
@@ -55,6 +58,46 @@ def test_openapi_documents_the_401_challenge_the_api_sends(client) -> None:  # t
     sent = client.post("/v1/jobs")  # no key
     assert sent.status_code == 401
     assert sent.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def _may_rate_limit(func: Callable[..., Any], seen: set[Callable[..., Any]]) -> bool:
+    """Whether `func`, or a function of its own module that it calls (and so on), calls
+    limits.check_rate: read from the source, so a new caller is found without a list."""
+    seen.add(func)
+    source = inspect.getsource(func)
+    if "limits.check_rate(" in source:
+        return True
+    module = sys.modules[func.__module__]
+    for name in set(re.findall(r"\b(\w+)\(", source)):
+        callee = getattr(module, name, None)
+        if (
+            inspect.isfunction(callee)
+            and callee.__module__ == func.__module__
+            and callee not in seen
+            and _may_rate_limit(callee, seen)
+        ):
+            return True
+    return False
+
+
+def test_openapi_documents_429_wherever_a_route_takes_submission_tokens(client, app) -> None:  # type: ignore[no-untyped-def]
+    """Regression: the overlay (over 4 MP) takes a token but its operation listed no 429."""
+    doc = client.get("/openapi.json").get_json()
+    limited = set()
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/v1/") or not _may_rate_limit(
+            app.view_functions[rule.endpoint], set()
+        ):
+            continue
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
+            limited.add(rule.endpoint)
+            responses = doc["paths"][path][method.lower()]["responses"]
+            assert "429" in responses or "default" in responses, (rule.endpoint, method)
+            if "429" in responses:
+                assert "Retry-After" in responses["429"]["headers"]
+    assert {"jobs.submit_job", "jobs.submit_batch", "jobs.read_overlay"} <= limited
+    assert "jobs.read_mask" not in limited
 
 
 @pytest.mark.timeout(180)

@@ -70,9 +70,10 @@ def load_rgb(data: bytes) -> tuple[Image.Image, int, int]:
 
 def draft_scale(fmt: str | None, width: int, height: int) -> int:
     """The DCT scale `load_rgb` decodes a picture at (Pillow's `draft` rule: the largest of
-    8, 4, 2 that keeps both sides >= 2x the model input), 1 for every format but JPEG. A
+    8, 4, 2 that keeps both sides >= 2x the model input), 1 for every format but JPEG and MPO
+    (a phone's multi-picture JPEG, whose first picture Pillow draft-decodes as a JPEG). A
     JPEG whose short side is under 512 pixels decodes at full size, however long it is."""
-    if fmt != "JPEG":
+    if fmt not in ("JPEG", "MPO"):
         return 1
     fits = min(width // (IMAGE_SIZE * 2), height // (IMAGE_SIZE * 2))
     return next((scale for scale in (8, 4, 2) if fits >= scale), 1)

@@ -10,8 +10,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from segsvc.ml.imaging import (
+    IMAGE_SIZE,
     OVERLAY_ALPHA,
     PALETTE,
+    draft_scale,
     load_rgb,
     load_rgb_full,
     render_overlay,
@@ -152,3 +154,29 @@ def test_a_draft_decoded_jpeg_is_not_stretched_by_its_padding_blocks(
     served = _edge_column(resize_to_model(drafted))
     full = _edge_column(resize_to_model(load_rgb_full(data)))
     assert abs(served - full) < 0.1, (served, full)
+
+
+def mpo_bytes(size: tuple[int, int]) -> bytes:
+    """A multi-picture JPEG (as phones write): two pictures, the first the one shown."""
+    out = io.BytesIO()
+    first, second = Image.new("RGB", size, (10, 200, 30)), Image.new("RGB", size, (200, 20, 30))
+    first.save(out, "MPO", save_all=True, append_images=[second])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("size", [(2000, 2000), (1100, 700), (513, 4000), (300, 300)])
+def test_draft_scale_of_an_mpo_is_the_scale_pillow_decodes_it_at(size: tuple[int, int]) -> None:
+    # Regression: only "JPEG" counted as draft-decodable, so a phone's MPO was charged as a
+    # full-size decode (a large-decode turn it did not need).
+    data = mpo_bytes(size)
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "MPO"
+        img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
+        img.load()
+        decoded = img.size
+    scale = draft_scale("MPO", *size)
+    assert decoded == (-(-size[0] // scale), -(-size[1] // scale))
+    assert draft_scale("MPO", *size) == draft_scale("JPEG", *size)
+    rgb, width, height = load_rgb(data)
+    assert (width, height) == size
+    assert rgb.getpixel((0, 0)) == pytest.approx((10, 200, 30), abs=3)

@@ -34,6 +34,14 @@ def routes_to_canary(job_id: uuid.UUID | str, share: float) -> bool:
 REGISTRY_LOCK_KEY = 0x5E65_0DE1
 # A canary verdict reads at least this many of the newest finished jobs (see arm_rows_limit).
 ARM_ROWS_FLOOR = 20_000
+# Failures the user's input caused (a malformed stored input, one that crashes the worker, a
+# result that cannot be prepared for its size): any model fails them alike, so they say nothing
+# about the canary and are not compared.
+INPUT_FAILURES = frozenset({"poison_input", "postprocess_failed"})
+# A canary is failing more than production only when so many of the failures falling to it
+# would happen by chance less often than this (one-sided Fisher exact test): one unlucky failure
+# among 50 jobs is no evidence, and must not roll back an equally good canary.
+FAILURE_P_VALUE = 0.05
 
 
 class ModelFileDeletedError(ConflictError):
@@ -202,12 +210,13 @@ class ArmStats:
     """Outcomes of the jobs one version served in the canary window."""
 
     jobs: int
-    failed: int
+    failed: int  # failures the model may have caused (INPUT_FAILURES are not counted)
     p50_total_ms: float | None
     p50_predict_ms: float | None
     # Median forward-pass ms by the number of this version's jobs in the pass: a canary's
     # share of a batch is small, so only passes of equal size compare the models' speed.
     p50_predict_ms_by_size: dict[int, float] = field(default_factory=dict)
+    input_failed: int = 0  # failures its input caused (INPUT_FAILURES), among `jobs`
 
     @property
     def failure_rate(self) -> float:
@@ -261,8 +270,13 @@ def decide_canary(*, session: Session, min_jobs: int, latency_ratio: float) -> C
 def compare_arms(canary: ArmStats, production: ArmStats, *, latency_ratio: float) -> list[str]:
     """Why the canary is worse than production (empty when it is not)."""
     problems = []
-    if canary.failure_rate > production.failure_rate:
-        problems.append(f"failure rate {canary.failure_rate:.1%} > {production.failure_rate:.1%}")
+    chance = excess_failure_p_value(canary, production)
+    if canary.failure_rate > production.failure_rate and chance < FAILURE_P_VALUE:
+        problems.append(
+            f"failure rate {canary.failure_rate:.1%} > {production.failure_rate:.1%} "
+            f"({canary.failed} of {canary.jobs} jobs; by chance p = {chance:.3f} < "
+            f"{FAILURE_P_VALUE:g}; failures caused by the input not counted)"
+        )
     ours, theirs = canary.p50_total_ms, production.p50_total_ms
     if ours is not None and theirs is not None and ours > theirs * latency_ratio:
         problems.append(
@@ -276,6 +290,28 @@ def compare_arms(canary: ArmStats, production: ArmStats, *, latency_ratio: float
             f"sizes (> {latency_ratio:g})"
         )
     return problems
+
+
+def excess_failure_p_value(canary: ArmStats, production: ArmStats) -> float:
+    """How likely the canary gets at least its share of both arms' failures if both versions
+    fail alike: the one-sided Fisher exact test (hypergeometric tail, in log space)."""
+    n_c, n_p = canary.jobs, production.jobs
+    failures = canary.failed + production.failed
+    if canary.failed == 0:
+        return 1.0
+    if n_p == 0:  # production ran nothing to compare with: every failure counts
+        return 0.0
+
+    def log_comb(n: int, k: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+    total = log_comb(n_c + n_p, failures)
+    tail = [
+        log_comb(n_c, k) + log_comb(n_p, failures - k) - total
+        for k in range(canary.failed, min(failures, n_c) + 1)
+        if failures - k <= n_p
+    ]
+    return min(1.0, sum(math.exp(t) for t in tail))
 
 
 def arm_rows_limit(*, min_jobs: int, share: float) -> int:
@@ -308,7 +344,7 @@ def arm_stats(
     for status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         rows += session.execute(
             select(Job.id, Job.status, Job.model_version, Job.created_at, Job.completed_at,
-                   Job.predict_ms, Job.batch_size)
+                   Job.predict_ms, Job.batch_size, Job.error_code)
             .where(Job.status == status, Job.created_at >= since)
             .order_by(Job.created_at.desc())
             .limit(limit)
@@ -327,6 +363,7 @@ def arm_stats(
 
 def _summarize(rows: list[Any]) -> ArmStats:
     ok = [r for r in rows if r.status == JobStatus.SUCCEEDED]
+    by_input = sum(r.status != JobStatus.SUCCEEDED and r.error_code in INPUT_FAILURES for r in rows)
     totals = [
         (r.completed_at - r.created_at).total_seconds() * 1000.0 for r in ok if r.completed_at
     ]
@@ -337,8 +374,9 @@ def _summarize(rows: list[Any]) -> ArmStats:
             by_size.setdefault(r.batch_size or 1, []).append(r.predict_ms)
     return ArmStats(
         jobs=len(rows),
-        failed=len(rows) - len(ok),
+        failed=len(rows) - len(ok) - by_input,
         p50_total_ms=statistics.median(totals) if totals else None,
         p50_predict_ms=statistics.median(predicts) if predicts else None,
         p50_predict_ms_by_size={n: statistics.median(v) for n, v in by_size.items()},
+        input_failed=by_input,
     )

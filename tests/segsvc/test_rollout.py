@@ -72,8 +72,10 @@ def add_jobs(
     total_ms: float = 50.0,
     predict_ms: float = 10.0,
     batch_size: int = 1,
+    error_code: str | None = None,
 ) -> None:
     """Finished jobs created now, as a worker would have recorded them."""
+    lost = None if status == JobStatus.SUCCEEDED else "worker_lost"
     now = utcnow()
     with session_scope(settings) as session:
         for _ in range(n):
@@ -85,6 +87,7 @@ def add_jobs(
                     completed_at=now + timedelta(milliseconds=total_ms),
                     predict_ms=predict_ms if status == JobStatus.SUCCEEDED else None,
                     batch_size=batch_size,
+                    error_code=error_code or lost,
                     input_sha256="0" * 64,
                     input_content_type="image/png",
                     input_width=8,
@@ -165,6 +168,58 @@ def test_canary_with_failures_is_rolled_back_to_rejected(
     with session_scope(settings) as session:
         reason = registry.get_version(session=session, version="cand").reason
         assert "failure rate" in (reason or "")
+
+
+def test_failures_caused_by_the_input_do_not_count_against_the_canary(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    """A malformed input or one whose result cannot be prepared fails on any model: five such
+    uploads landing in the canary's share rolled back an equally good canary."""
+    canary(settings, model_file)
+    add_jobs(settings, "test-v1", 100)
+    add_jobs(settings, "cand", 20)
+    add_jobs(settings, None, 3, status=JobStatus.FAILED, error_code="poison_input")
+    add_jobs(settings, "cand", 2, status=JobStatus.FAILED, error_code="postprocess_failed")
+    verdict = decide(settings)
+    assert verdict is not None
+    assert verdict.outcome == "promoted", verdict
+    assert verdict.canary.failed == verdict.production.failed == 0
+    assert verdict.canary.input_failed + verdict.production.input_failed == 5
+
+
+def test_a_failure_or_two_more_than_chance_allows_does_not_roll_back_a_canary(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    """One failed canary job among 50, none among production's 450, rolled the canary back;
+    a difference that chance explains no longer does, a clear one still does."""
+    canary(settings, model_file)
+    add_jobs(settings, "test-v1", 450)
+    add_jobs(settings, "cand", 49)
+    add_jobs(settings, "cand", 1, status=JobStatus.FAILED)
+    verdict = decide(settings, min_jobs=50)
+    assert verdict is not None
+    assert verdict.outcome == "promoted", verdict
+
+    canary(settings, model_file, "second")
+    add_jobs(settings, "cand", 450)  # production now
+    add_jobs(settings, "cand", 5, status=JobStatus.FAILED)
+    add_jobs(settings, "second", 45)
+    add_jobs(settings, "second", 5, status=JobStatus.FAILED)
+    verdict = decide(settings, min_jobs=50)
+    assert verdict is not None
+    assert verdict.outcome == "rolled_back", verdict
+    assert "failure rate 10.0% > 1.1% (5 of 50 jobs; by chance p = 0.00" in verdict.reason
+
+
+def test_excess_failure_p_value_is_the_one_sided_fisher_exact_test() -> None:
+    def arm(jobs: int, failed: int) -> rollout.ArmStats:
+        return rollout.ArmStats(jobs, failed, None, None)
+
+    # 2 of both arms' 2 failures in the canary's 20 of 120 jobs: C(20,2) / C(120,2).
+    assert rollout.excess_failure_p_value(arm(20, 2), arm(100, 0)) == pytest.approx(190 / 7140)
+    assert rollout.excess_failure_p_value(arm(20, 1), arm(100, 0)) == pytest.approx(20 / 120)
+    assert rollout.excess_failure_p_value(arm(20, 0), arm(100, 9)) == 1.0
+    assert rollout.excess_failure_p_value(arm(20, 1), arm(0, 0)) == 0.0
 
 
 def test_canary_that_is_slower_is_rolled_back(

@@ -7,11 +7,15 @@ import io
 import json
 import threading
 import time
+import tomllib
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
+from flask import Request
+from packaging.requirements import Requirement
 from PIL import Image
 from sqlalchemy import func, select
 
@@ -353,3 +357,17 @@ def test_an_image_part_without_a_filename_is_refused_and_stores_nothing(  # type
     assert "without a filename" in resp.get_json()["message"]
     with session_scope(settings) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_the_flask_the_project_allows_lets_a_batch_raise_its_own_body_limit() -> None:
+    """The batch submit assigns request.max_content_length, which Flask 3.0 does not allow
+    (a read-only property there: every batch a 500); pyproject must not allow 3.0."""
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    (flask,) = [
+        Requirement(raw)
+        for raw in pyproject["project"]["optional-dependencies"]["api"]
+        if Requirement(raw).name == "flask"
+    ]
+    assert not flask.specifier.contains("3.0.3")
+    assert flask.specifier.contains("3.1.0")
+    assert Request.max_content_length.fset is not None  # the installed one: settable

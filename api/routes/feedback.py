@@ -8,7 +8,12 @@ from flask import Blueprint, Response, jsonify, request
 
 from api.auth import authenticate_request, current_client
 from api.context import db, settings
-from api.routes.jobs import check_files_are_files, large_decode_turn
+from api.routes.jobs import (
+    check_fields_are_text,
+    check_files_are_files,
+    check_single,
+    large_decode_turn,
+)
 from segsvc.errors import PayloadTooLargeError
 from segsvc.models import Feedback
 from segsvc.serialize import iso
@@ -27,6 +32,8 @@ def post_feedback(job_id: str) -> tuple[Response, int]:
     cfg = settings()
     limits.check_rate(client_key=str(current_client().id), settings=cfg)
     check_files_are_files("mask")
+    check_fields_are_text("rating")
+    check_single("mask", "rating")
     upload = request.files.get("mask")
     limit = cfg.max_upload_bytes
     mask = upload.read(limit + 1) if upload is not None else None

@@ -51,7 +51,8 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     if upload is None:
         raise BadRequestError("Send the image as multipart/form-data in the field 'image'.")
     _check_part_names()
-    _check_single("image", "webhook")
+    check_fields_are_text("webhook", "webhook_events")
+    check_single("image", "webhook")
     if refused is not None:
         return _replay_or_refuse(refused, [upload], batch=False)
     image = _validate(upload)
@@ -143,7 +144,8 @@ def _submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str
             f"{len(uploads)} images in one batch; the limit is {cfg.batch_submit_max_images}."
         )
     _check_part_names()
-    _check_single("webhook")
+    check_fields_are_text("webhook", "webhook_events")
+    check_single("webhook")
     refused = _charge(cost=len(uploads), batch=True)
     if refused is not None:
         return _replay_or_refuse(refused, uploads, batch=True)
@@ -259,12 +261,24 @@ def check_files_are_files(name: str) -> None:
         )
 
 
+def check_fields_are_text(*names: str) -> None:
+    """Refuse a text field sent as a file upload (a part with a filename): werkzeug files it
+    in `request.files`, where the form never sees it (a job would be stored without its
+    webhook)."""
+    for name in names:
+        if name in request.files:
+            raise BadRequestError(
+                f"The part {name!r} came as a file upload (with a filename); send it as a "
+                f"text field (curl -F '{name}=value')."
+            )
+
+
 def _check_part_names() -> None:
     if None in request.form or None in request.files:  # werkzeug keeps nameless parts as None
         raise BadRequestError("Every multipart part needs a name (RFC 7578).")
 
 
-def _check_single(*names: str) -> None:
+def check_single(*names: str) -> None:
     """Refuse a repeated single-valued field (`.get()` would silently use the first)."""
     for name in names:
         if len(request.files.getlist(name)) + len(request.form.getlist(name)) > 1:

@@ -342,6 +342,23 @@ def multipart(parts: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]:
     return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+@pytest.mark.parametrize("field", ["webhook", "webhook_events"])
+@pytest.mark.parametrize("path", ["/v1/jobs/batch", "/v1/jobs"])
+def test_a_webhook_field_sent_as_a_file_is_refused_and_stores_nothing(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, path: str, field: str
+) -> None:
+    """Regression: `curl -F webhook=@url.txt` sends the field with a filename, which werkzeug
+    files as an upload: the form never saw it, and the job was stored without its webhook."""
+    image = encode_image(Image.new("RGB", (64, 48), (120, 80, 40)))
+    value = b"https://hooks.example/x" if field == "webhook" else b"start"
+    body, content_type = multipart([("image", "a.png", image), (field, "hook.txt", value)])
+    resp = client.post(path, headers={**auth, "Content-Type": content_type}, data=body)
+    assert resp.status_code == 400, resp.get_json()
+    assert resp.get_json()["error"] == "bad_request"
+    assert f"'{field}' came as a file upload" in resp.get_json()["message"]
+    assert job_count(settings) == 0
+
+
 @pytest.mark.parametrize("path", ["/v1/jobs/batch", "/v1/jobs"])
 def test_an_image_part_without_a_filename_is_refused_and_stores_nothing(  # type: ignore[no-untyped-def]
     client, auth, settings: Settings, path: str

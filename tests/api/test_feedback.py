@@ -6,6 +6,7 @@ import io
 import uuid
 
 import numpy as np
+import pytest
 from sqlalchemy import select
 
 from segsvc.db import session_scope
@@ -145,6 +146,44 @@ def test_feedback_mask_part_without_a_filename_is_400(client, auth, settings: Se
     )
     assert resp.status_code == 400
     assert "without a filename" in resp.get_json()["message"]
+    with session_scope(settings) as session:
+        assert session.scalar(select(Feedback)) is None
+
+
+@pytest.mark.parametrize("field", ["mask", "rating"])
+def test_feedback_with_a_field_sent_twice_is_422(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, field: str
+) -> None:
+    """Regression: `.get()` took the first of two masks (or ratings) and dropped the other."""
+    job_id = submit_and_finish(client, auth, settings)
+    data: dict[str, object] = (
+        {"mask": [(io.BytesIO(good_mask()), "a.png"), (io.BytesIO(good_mask()), "b.png")]}
+        if field == "mask"
+        else {"rating": ["good", "bad"]}
+    )
+    resp = client.post(
+        f"/v1/jobs/{job_id}/feedback", headers=auth, content_type="multipart/form-data", data=data
+    )
+    assert resp.status_code == 422, resp.get_json()
+    assert resp.get_json()["error"] == "validation_error"
+    assert f"'{field}' was sent more than once" in resp.get_json()["message"]
+    with session_scope(settings) as session:
+        assert session.scalar(select(Feedback)) is None
+
+
+def test_feedback_rating_sent_as_a_file_is_400(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """Regression: a rating part with a filename was filed as an upload and never read: 201
+    with the mask alone (or a 422 asking for a rating that was sent)."""
+    job_id = submit_and_finish(client, auth, settings)
+    resp = client.post(
+        f"/v1/jobs/{job_id}/feedback",
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"mask": (io.BytesIO(good_mask()), "m.png"), "rating": (io.BytesIO(b"bad"), "r.txt")},
+    )
+    assert resp.status_code == 400, resp.get_json()
+    assert resp.get_json()["error"] == "bad_request"
+    assert "'rating' came as a file upload" in resp.get_json()["message"]
     with session_scope(settings) as session:
         assert session.scalar(select(Feedback)) is None
 

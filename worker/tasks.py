@@ -69,7 +69,10 @@ class MicroBatchTask(Task):  # type: ignore[misc]
             batcher = started or get_batcher()
             job_ids = _job_ids(message, body)
             if not job_ids:
-                log.warning("dropping a %s message without a job id", RUN_JOB)
+                # An exception here would stop the worker (Celery takes any error of a strategy
+                # other than an invalid task as unrecoverable), and the message, restored,
+                # would then stop every worker in turn: a malformed one is dropped instead.
+                log.warning("dropping a %s message without a job id: %.200r", RUN_JOB, body)
                 ack(log, errors)
                 return
             settle = SharedSettle(
@@ -109,9 +112,20 @@ class SharedSettle:
 
 
 def _job_ids(message: Any, body: Any) -> list[str]:
-    payload = body if body is not None else message.decode()
-    args = payload.get("args") if isinstance(payload, dict) else payload[0]
-    return [str(arg) for arg in args or ()]
+    """The job ids a message carries (its arguments, in either protocol); none when it is
+    malformed: a body that is not a task's, arguments that are not a list."""
+    try:
+        payload = body if body is not None else message.decode()
+    except Exception:  # an undecodable body: nothing in it can be run
+        log.warning("a %s message could not be decoded", RUN_JOB, exc_info=True)
+        return []
+    if isinstance(payload, dict):  # protocol 1
+        args = payload.get("args")
+    elif isinstance(payload, list | tuple) and payload:  # protocol 2: [args, kwargs, embed]
+        args = payload[0]
+    else:
+        return []
+    return [str(arg) for arg in args] if isinstance(args, list | tuple) else []
 
 
 @app.task(name=RUN_JOB, base=MicroBatchTask, acks_late=True)

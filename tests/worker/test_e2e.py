@@ -143,3 +143,39 @@ def test_batch_submit_and_one_long_poll_for_all(client, auth, worker: Path) -> N
         with Image.open(photo) as src:
             w, h = ImageOps.exif_transpose(src).size
         assert (job["input"]["width"], job["input"]["height"]) == (w, h)
+
+
+def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(  # type: ignore[no-untyped-def]
+    client, auth, settings, production_model: str, tmp_path: Path
+) -> None:
+    """A run_job message whose body is null, or whose arguments are a number, is logged,
+    acknowledged and dropped. An error out of the consumer's strategy stopped the worker, and
+    the message, restored to the queue, then stopped every worker that took it."""
+    import uuid
+
+    from segsvc.queue import RUN_JOB, make_celery
+    from tests.conftest import start_worker, stop_process
+
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(settings, log_path)
+    try:
+        with make_celery(settings).producer_or_acquire() as producer:
+            for body in (None, [5, {}, {}], {"args": 5}):
+                producer.publish(
+                    body,
+                    routing_key=settings.queue_name,
+                    headers={"task": RUN_JOB, "id": str(uuid.uuid4())},
+                    serializer="json",
+                )
+        job_id = submit(client, auth, sample_images(1)[0])
+        body = wait_for(client, auth, job_id)
+        assert body["status"] == "succeeded", log_path.read_text()[-3000:]
+        broker = redis.Redis.from_url(settings.broker_url or "")
+        deadline = time.monotonic() + 30
+        while broker.llen(settings.queue_name) or broker.hlen("unacked"):  # all settled
+            assert time.monotonic() < deadline, "a malformed message was never settled"
+            time.sleep(0.05)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert log_path.read_text().count("dropping a segsvc.run_job message") == 3
+    finally:
+        stop_process(proc)

@@ -57,3 +57,36 @@ def test_job_ids_read_every_argument_of_either_protocol() -> None:
     assert _job_ids(None, [["a", "b"], {}, {}]) == ["a", "b"]  # protocol 2 body
     assert _job_ids(None, {"args": ["a"]}) == ["a"]  # protocol 1 body
     assert _job_ids(None, [[], {}, {}]) == []
+
+
+class Undecodable:
+    """A kombu message whose body does not decode."""
+
+    def decode(self) -> object:
+        raise ValueError("not JSON")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,  # protocol 2 body `null`: decoded from the message, which says None again
+        5,
+        [5, {}, {}],  # arguments that are a number
+        [None, {}, {}],
+        ["abc", {}, {}],  # a string is not a list of ids (its letters are not ids)
+        [],
+        {"args": 5},
+        {"task": "segsvc.run_job"},
+        "text",
+    ],
+)
+def test_job_ids_of_a_malformed_message_are_none(body: object) -> None:
+    class Message:
+        def decode(self) -> object:
+            return body
+
+    assert _job_ids(Message(), body) == []
+
+
+def test_job_ids_of_an_undecodable_message_are_none() -> None:
+    assert _job_ids(Undecodable(), None) == []

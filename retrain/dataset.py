@@ -64,11 +64,56 @@ class Decoded:
         return len(self.names)
 
 
+class DatasetLayoutError(ValueError):
+    """A folder that is not in the Oxford layout (no `images/` folder in it)."""
+
+
 def list_pairs(data_dir: str | Path) -> list[tuple[str, Path, Path]]:
     """(stem, image path, trimap path) for every image in an Oxford-layout folder, sorted."""
     root = Path(data_dir)
-    images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    folder = root / "images"
+    if not folder.is_dir():
+        raise DatasetLayoutError(
+            f"{root} has no images/ folder (the Oxford layout: images/*.jpg and "
+            "annotations/trimaps/*.png)"
+        )
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     return [(p.stem, p, root / "annotations" / "trimaps" / f"{p.stem}.png") for p in images]
+
+
+MISSING_TRIMAP = "missing trimap"
+# Served images are turned upright by their EXIF orientation; a folder's trimap may have been
+# drawn on the upright picture or on the stored pixels: paired the wrong way it would teach (or
+# score) masks turned against their images.
+EXIF_ROTATED = "EXIF-rotated image: which way its trimap was drawn is unknown"
+
+
+def pair_problem(image: bytes | Path, trimap_path: Path) -> str | None:
+    """Why `read_folder` skips a pair before decoding it (None: it does not): the trimap is not
+    a file, or the image is EXIF-rotated (its header read, not its pixels). A pair that passes
+    may still be skipped later if a file does not decode."""
+    if not trimap_path.is_file():
+        return MISSING_TRIMAP
+    if exif_rotated(image):
+        return EXIF_ROTATED
+    return None
+
+
+def usable_pairs(
+    data_dir: str | Path, split: str = "all", val_fraction: float = 0.2
+) -> list[tuple[str, Path, Path]]:
+    """The pairs of a split that `read_folder` would try to decode (`pair_problem` finds none):
+    a count of them checks a folder in seconds, before hours of training."""
+    pairs = list_pairs(data_dir)
+    wanted = _split_stems([stem for stem, _, _ in pairs], split, val_fraction)
+    return [p for p in pairs if p[0] in wanted and pair_problem(p[1], p[2]) is None]
+
+
+def _split_stems(stems: list[str], split: str, val_fraction: float) -> set[str]:
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"unknown split {split!r}")
+    train, val = split_names(stems, val_fraction)
+    return set({"train": train, "val": val, "all": train + val}[split])
 
 
 def folder_overlap(
@@ -163,11 +208,8 @@ def _stack(
 
 def read_folder(data_dir: str | Path, split: str = "all", val_fraction: float = 0.2) -> Decoded:
     """Decode the pairs of one split ("train", "val" or "all"), skipping broken ones."""
-    if split not in ("train", "val", "all"):
-        raise ValueError(f"unknown split {split!r}")
     pairs = list_pairs(data_dir)
-    train, val = split_names([stem for stem, _, _ in pairs], val_fraction)
-    wanted = set({"train": train, "val": val, "all": train + val}[split])
+    wanted = _split_stems([stem for stem, _, _ in pairs], split, val_fraction)
     stats = DatasetStats()
     decoded: list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]] = []
     names: list[str] = []
@@ -175,23 +217,13 @@ def read_folder(data_dir: str | Path, split: str = "all", val_fraction: float = 
         if stem not in wanted:
             continue
         stats.found += 1
-        if not trimap_path.is_file():
-            stats.skip(stem, "missing trimap")
-            continue
-        try:
-            mask = read_trimap(trimap_path)
-        except ValueError as exc:
-            stats.skip(stem, exc)
-            continue
         data = image_path.read_bytes()
-        if exif_rotated(data):
-            # Served images are turned upright by their EXIF orientation; a folder's trimap may
-            # have been drawn on the upright picture or on the stored pixels: paired the wrong
-            # way it would teach (or score) masks turned against their images.
-            stats.skip(stem, "EXIF-rotated image: which way its trimap was drawn is unknown")
+        problem = pair_problem(data, trimap_path)  # the rules `usable_pairs` counts by
+        if problem is not None:
+            stats.skip(stem, problem)
             continue
         try:
-            decoded.append(decode_pair(data, mask))
+            decoded.append(decode_pair(data, read_trimap(trimap_path)))
         except ValueError as exc:
             stats.skip(stem, exc)
             continue
@@ -202,10 +234,11 @@ def read_folder(data_dir: str | Path, split: str = "all", val_fraction: float = 
 EXIF_ORIENTATION = 0x0112
 
 
-def exif_rotated(data: bytes) -> bool:
-    """True when an image's EXIF orientation turns or mirrors it (values 2-8)."""
+def exif_rotated(image: bytes | Path) -> bool:
+    """True when an image's EXIF orientation turns or mirrors it (values 2-8); a file is read
+    only as far as its header."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
             return img.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9)
     except Exception:  # undecodable: decode_pair says so
         return False

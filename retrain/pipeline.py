@@ -239,15 +239,23 @@ class _Run:
             return self._finish("failed", f"evaluation folder not found: {cfg.eval_data_dir}")
         if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
             return self._finish("failed", f"training folder not found: {cfg.train_data_dir}")
-        from retrain.dataset import folder_overlap, image_digests, list_pairs
+        from retrain.dataset import DatasetLayoutError, folder_overlap, image_digests, usable_pairs
 
-        pairs = len(list_pairs(cfg.eval_data_dir))
-        if pairs < cfg.gate_min_eval_images:  # before hours of training, not after
-            return self._finish("failed", self._too_few_eval_images(pairs))
+        try:
+            # Pairs the evaluation will decode (by its own skip rules), not image files: before
+            # hours of training, not after.
+            pairs = len(usable_pairs(cfg.eval_data_dir))
+        except DatasetLayoutError as exc:
+            return self._finish("failed", f"evaluation folder: {exc}")
+        if pairs < cfg.gate_min_eval_images:
+            return self._finish("failed", self._too_few_eval_images(pairs, "usable "))
         # Hashed once: for the folder check here and for the labels left out of training.
         plan["held_out"] = image_digests(cfg.eval_data_dir)
         if cfg.train_data_dir is not None:
-            overlap = folder_overlap(cfg.train_data_dir, cfg.eval_data_dir, plan["held_out"])
+            try:
+                overlap = folder_overlap(cfg.train_data_dir, cfg.eval_data_dir, plan["held_out"])
+            except DatasetLayoutError as exc:
+                return self._finish("failed", f"training folder: {exc}")
             if overlap:  # the gate would score the candidate on images it trained on
                 return self._finish("failed", f"evaluation images would be trained on: {overlap}")
         log.info(

@@ -168,11 +168,46 @@ def test_retraining_refuses_an_evaluation_folder_too_small_to_judge_before_train
     started = time.monotonic()
     result = run_retraining(cfg)
     assert result.status == "failed"
-    assert "3 image/trimap pairs" in result.reason
+    assert "3 usable image/trimap pairs" in result.reason
     assert "SEG_GATE_MIN_EVAL_IMAGES" in result.reason
     assert time.monotonic() - started < 20  # no training ran
     with session_scope(cfg) as session:
         assert len(registry.list_versions(session=session)) == 1
+
+
+def test_the_check_before_training_counts_the_pairs_the_evaluation_uses(  # type: ignore[no-untyped-def]
+    settings: Settings, production_model: str, tmp_path: Path
+) -> None:
+    """Image files were counted: a folder whose trimaps were missing or whose images were
+    EXIF-rotated passed, trained for hours, and failed after evaluating."""
+    from tests.retrain.test_dataset import write_pair
+
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=0, gate_min_eval_images=3)
+    root = Path(cfg.eval_data_dir or "")
+    (root / "annotations" / "trimaps" / "pet_2.png").unlink()
+    write_pair(root, "turned", make_mask(96, 80, seed=4), fmt="jpeg")
+    with Image.open(root / "images" / "turned.jpg") as img:
+        exif = img.getexif()
+        exif[0x0112] = 6  # rotated 90 degrees
+        img.save(root / "images" / "turned.jpg", format="JPEG", exif=exif.tobytes())
+    started = time.monotonic()
+    result = run_retraining(cfg)
+    assert result.status == "failed"
+    assert "2 usable image/trimap pairs" in result.reason, result
+    assert time.monotonic() - started < 20  # no training ran
+
+
+def test_an_evaluation_or_training_folder_without_images_fails_clearly(  # type: ignore[no-untyped-def]
+    settings: Settings, production_model: str, tmp_path: Path
+) -> None:
+    (tmp_path / "flat").mkdir()
+    for folder in ("eval_data_dir", "train_data_dir"):
+        cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=0)
+        cfg = cfg.model_copy(update={folder: tmp_path / "flat"})
+        result = run_retraining(cfg)
+        assert result.status == "failed"
+        kind = "evaluation" if folder == "eval_data_dir" else "training"
+        assert result.reason.startswith(f"{kind} folder: {tmp_path / 'flat'} has no images/")
 
 
 def test_retraining_fails_cleanly_without_an_evaluation_folder(  # type: ignore[no-untyped-def]

@@ -88,11 +88,19 @@ def evaluate(model_path: str, data_dir: str, split: str, out_dir: str | None) ->
     help="Labelled images: images/*.jpg and annotations/trimaps/*.png.",
 )
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "all"]))
-def check_runtimes(version: str | None, data_dir: str, split: str) -> None:
+@click.option(
+    "--min-images",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Usable image/trimap pairs the split must hold [default: SEG_GATE_MIN_EVAL_IMAGES].",
+)
+def check_runtimes(version: str | None, data_dir: str, split: str, min_images: int | None) -> None:
     """Measure again whether the faster runtimes stay faithful to a version, with this
     machine's converters, and record it in the registry. Run it after TensorFlow or LiteRT
     changed: until then `SEG_RUNTIME=auto` serves such a version with exact ONNX Runtime.
-    Workers use the new measure from their next load of the version (a restart)."""
+    Workers use the new measure from their next load of the version (a restart). The fleet
+    serves by this verdict, so the split must hold at least --min-images usable pairs."""
+    from retrain.dataset import usable_pairs
     from retrain.evaluate import runtime_agreement
     from segsvc.db import session_scope
     from segsvc.errors import SegError
@@ -107,6 +115,7 @@ def check_runtimes(version: str | None, data_dir: str, split: str) -> None:
     from segsvc.settings import get_settings
 
     cfg = get_settings()
+    needed = min_images or cfg.gate_min_eval_images
     try:
         with session_scope(cfg) as session:
             row = (
@@ -124,13 +133,28 @@ def check_runtimes(version: str | None, data_dir: str, split: str) -> None:
                 f"{version}'s model file {path} is not readable here: run this where the "
                 "workers run (their image, their volume)"
             )
+        try:
+            pairs = len(usable_pairs(data_dir, split))
+        except ValueError as exc:  # no images/ folder
+            raise click.ClickException(str(exc)) from None
+        if pairs < needed:  # checked before minutes of conversion, and before any verdict
+            raise click.ClickException(
+                f"{pairs} usable image/trimap pairs in {data_dir} ({split} split); at least "
+                f"{needed} needed (SEG_GATE_MIN_EVAL_IMAGES or --min-images"
+                f"{'; --split all uses every image' if split == 'val' else ''})"
+            )
         click.echo(
             f"measuring {', '.join(CPU_FASTER)} against float32 Keras for {version} with this "
             f"machine's converters ({', '.join(converter_fingerprint(k) for k in CPU_FASTER)}) ..."
         )
         try:
             agreement = runtime_agreement(
-                path, data_dir, kinds=CPU_FASTER, artifact_dir=cfg.artifact_dir, split=split
+                path,
+                data_dir,
+                kinds=CPU_FASTER,
+                artifact_dir=cfg.artifact_dir,
+                split=split,
+                min_images=needed,
             )
         except (ConversionError, OSError, ValueError) as exc:
             raise click.ClickException(f"could not measure {version}: {exc}") from exc

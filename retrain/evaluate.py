@@ -53,6 +53,7 @@ def runtime_agreement(
     kinds: Sequence[str],
     artifact_dir: Path,
     split: str = "all",
+    min_images: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """How close each converted runtime's masks come to float32 Keras on `data_dir`'s images.
 
@@ -61,12 +62,18 @@ def runtime_agreement(
     `SEG_RUNTIME=auto` serves a faster runtime (LiteRT int8) only for a model version whose
     metrics list it under `faithful_runtimes`, so a retrained model is measured like this
     before it is registered. Artifacts are converted into `artifact_dir` at batch size 1 (the
-    worker adds the sizes it serves), where the worker will find them.
+    worker adds the sizes it serves), where the worker will find them. Fewer than `min_images`
+    usable pairs raise ValueError before anything is converted.
     """
     from segsvc.ml.convert import CONVERTED_KINDS, converter_fingerprint
     from segsvc.ml.runtime import load_runtime
 
     data = read_folder(data_dir, split)
+    if len(data) < max(min_images, 1):  # a verdict on a handful of images is noise
+        raise ValueError(
+            f"{len(data)} usable image/trimap pairs in {data_dir} ({split} split); "
+            f"at least {max(min_images, 1)} needed"
+        )
     reference = predict_logits(load_model(model_path), data.images).argmax(-1)
     keras_miou = mean_iou(confusion_matrix(data.masks, reference))
     sha = file_sha256(model_path)

@@ -56,7 +56,8 @@ def test_check_runtimes_records_a_new_measure_with_these_converters(
         assert faithful_runtimes(before.metrics).stale == ("litert-int8",)
 
     result = CliRunner().invoke(
-        main, ["models", "check-runtimes", "--data", str(data), "--split", "all"]
+        main,
+        ["models", "check-runtimes", "--data", str(data), "--split", "all", "--min-images", "6"],
     )
 
     assert result.exit_code == 0, result.output
@@ -100,3 +101,60 @@ def test_check_runtimes_says_what_is_wrong_in_one_line(
     assert elsewhere.exit_code == 1
     assert "not readable here: run this where the workers run" in elsewhere.output
     assert "Traceback" not in elsewhere.output
+
+
+def test_check_runtimes_refuses_too_few_usable_images_before_converting(
+    settings: Settings, tmp_path: Path, as_process: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It had no minimum, yet records a verdict every worker serves by; and a folder with no
+    usable pair failed with "need at least one array to concatenate"."""
+    from segsvc.ml import runtime
+
+    def no_conversion(*args: object, **kwargs: object) -> None:
+        raise AssertionError("converted")
+
+    monkeypatch.setattr(runtime, "ensure_artifacts", no_conversion)
+    model = colour_model(tmp_path / "colour.keras")
+    with session_scope(settings) as session:
+        registry.register_version(
+            session=session, version="v1", path=model, status=ModelStatus.PRODUCTION
+        )
+    data = make_dataset(tmp_path / "data", n=4)
+    for trimap in (data / "annotations" / "trimaps").iterdir():
+        trimap.unlink()  # no usable pair at all
+    runner = CliRunner()
+    empty = runner.invoke(main, ["models", "check-runtimes", "--data", str(data)])
+    assert empty.exit_code == 1
+    assert "0 usable image/trimap pairs" in empty.output
+    assert "at least 20 needed (SEG_GATE_MIN_EVAL_IMAGES or --min-images" in empty.output
+    assert "--split all" in empty.output
+    few = make_dataset(tmp_path / "few", n=4)
+    refused = runner.invoke(
+        main, ["models", "check-runtimes", "--data", str(few), "--split", "all"]
+    )
+    assert refused.exit_code == 1
+    assert "4 usable image/trimap pairs" in refused.output
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    no_images = runner.invoke(main, ["models", "check-runtimes", "--data", str(flat)])
+    assert no_images.exit_code == 1
+    assert "has no images/ folder" in no_images.output
+    with session_scope(settings) as session:
+        row = session.get(ModelVersion, "v1")
+        assert row is not None
+        assert "runtime_agreement" not in row.metrics
+
+
+def test_runtime_agreement_needs_its_minimum_of_decoded_pairs(tmp_path: Path) -> None:
+    from retrain.evaluate import runtime_agreement
+
+    data = make_dataset(tmp_path / "data", n=2)
+    (data / "images" / "pet_0.png").write_bytes(b"not a png")  # passes the cheap checks only
+    with pytest.raises(ValueError, match=r"1 usable image/trimap pairs .* at least 2 needed"):
+        runtime_agreement(
+            tmp_path / "unused.keras",
+            data,
+            kinds=("litert-int8",),
+            artifact_dir=tmp_path / "a",
+            min_images=2,
+        )

@@ -49,6 +49,7 @@ __all__ = [
     "Client",
     "ClientError",
     "ConflictError",
+    "InvalidJobIdError",
     "InvalidRequestError",
     "Job",
     "NotFoundError",
@@ -71,6 +72,23 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # lost) is being stored, and the retry replays its job instead of making a second one.
 KEY_IN_USE = "idempotency_key_in_use"
 ImageInput = str | os.PathLike[str] | bytes | IO[bytes]
+
+
+class InvalidJobIdError(ClientError, ValueError):
+    """A job id that is not a UUID, refused before anything is sent: an id goes into the
+    URL's path, where `../models/rollback?` would reach another endpoint."""
+
+
+def job_id_text(job_id: str | uuid.UUID) -> str:
+    """`job_id` in the canonical form a URL may carry (hex digits and dashes only);
+    InvalidJobIdError for anything that is not a UUID."""
+    raw = str(job_id)
+    try:
+        if not raw.isascii():  # uuid.UUID would read other scripts' digits
+            raise ValueError(raw)
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise InvalidJobIdError(f"{raw[:80]!r} is not a job id (a UUID).") from None
 
 
 # Seconds one long-poll request may wait server-side (below the HTTP timeout).
@@ -270,7 +288,8 @@ class Client:
             form["webhook_events"] = ",".join(webhook_events)
         # Same key on every retry of this call, so the server may treat them as one submission.
         headers = {"Idempotency-Key": str(uuid.uuid4())}
-        params = {"wait": f"{min(wait, LONG_POLL_S):.3f}"} if wait > 0 else None
+        wait = min(wait, LONG_POLL_S)
+        params = {"wait": f"{wait:.3f}"} if wait > 0 else None
         resp = self._request(
             "POST",
             "/v1/jobs",
@@ -278,6 +297,7 @@ class Client:
             data=form,
             headers=headers,
             params=params,
+            held=wait,  # as `get`: the server holds the answer, so the read may take as long
         )
         return Job(self, _json(resp))
 
@@ -304,17 +324,26 @@ class Client:
     def get_many(
         self, job_ids: Sequence[str], *, wait: float = 0.0, deadline: float | None = None
     ) -> list[Job]:
-        """Several jobs in one request (up to 100), in the order given; with `wait` (capped at
-        LONG_POLL_S) the server holds the answer until every one has ended. Unknown ids raise
-        NotFoundError. `deadline` bounds retries: see `_request`."""
-        params = {"ids": ",".join(job_ids)}
+        """Several jobs in one request (up to 100 different ids), in the order given (an id
+        given twice gets the same Job twice); with `wait` (capped at LONG_POLL_S) the server
+        holds the answer until every one has ended. Unknown ids raise NotFoundError, ids that
+        are not UUIDs InvalidJobIdError. `deadline` bounds retries: see `_request`."""
+        ids = [job_id_text(job_id) for job_id in job_ids]
+        unique = list(dict.fromkeys(ids))  # the server answers each id once
+        params = {"ids": ",".join(unique)}
         wait = min(wait, LONG_POLL_S)
         if wait > 0:
             params["wait"] = f"{wait:.3f}"
         body = _json(self._request("GET", "/v1/jobs", params=params, deadline=deadline, held=wait))
         if body["not_found"]:
             raise NotFoundError(404, "not_found", f"No such jobs: {', '.join(body['not_found'])}.")
-        return [Job(self, job) for job in body["jobs"]]
+        found = {str(job["id"]): Job(self, job) for job in body["jobs"]}
+        missing = [job_id for job_id in unique if job_id not in found]
+        if missing:
+            raise ServerError(
+                200, "invalid_response", f"The server did not answer for {', '.join(missing)}."
+            )
+        return [found[job_id] for job_id in ids]
 
     def wait_many(
         self,
@@ -332,11 +361,16 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def ask(seconds: float) -> bool:
-            chunk = [job for job in jobs if not job.done][:MAX_IDS_PER_READ]
-            fresh = self.get_many([job.id for job in chunk], wait=seconds, deadline=deadline)
-            for job, new in zip(chunk, fresh, strict=True):
-                job.data = new.data
-            return all(job.done for job in chunk)
+            running: dict[str, list[Job]] = {}  # an id given twice is asked about once
+            for job in jobs:
+                if not job.done:
+                    running.setdefault(job_id_text(job.id), []).append(job)
+            chunk = list(running)[:MAX_IDS_PER_READ]
+            fresh = self.get_many(chunk, wait=seconds, deadline=deadline)
+            for job_id, new in zip(chunk, fresh, strict=True):
+                for job in running[job_id]:
+                    job.data = new.data
+            return all(new.done for new in fresh)
 
         _long_poll(
             lambda: all(job.done for job in jobs),
@@ -351,17 +385,17 @@ class Client:
     def get(self, job_id: str, *, wait: float = 0.0, deadline: float | None = None) -> Job:
         """The job's state; with `wait` (capped at LONG_POLL_S), the server holds the answer
         until it ends. `deadline` (time.monotonic()) bounds retries: see `_request`."""
+        path = f"/v1/jobs/{job_id_text(job_id)}"
         wait = min(wait, LONG_POLL_S)
         params = {"wait": f"{wait:.3f}"} if wait > 0 else None
-        resp = self._request(
-            "GET", f"/v1/jobs/{job_id}", params=params, deadline=deadline, held=wait
-        )
+        resp = self._request("GET", path, params=params, deadline=deadline, held=wait)
         return Job(self, _json(resp))
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job. A job that has already ended is returned as it
         ended (`status` says whether it was canceled): so a retried cancel whose first try
         went through, or a cancel racing the job's end, is not an error."""
+        job_id = job_id_text(job_id)
         try:
             return Job(self, _json(self._request("POST", f"/v1/jobs/{job_id}/cancel")))
         except ConflictError as exc:  # the server's answer for a job that has ended
@@ -374,7 +408,7 @@ class Client:
         """A finished job's `mask` or `overlay` PNG; ConflictError while it is not done."""
         if kind not in ("mask", "overlay"):
             raise ValueError("kind must be 'mask' or 'overlay'")
-        return self._request("GET", f"/v1/jobs/{job_id}/{kind}.png").content
+        return self._request("GET", f"/v1/jobs/{job_id_text(job_id)}/{kind}.png").content
 
     def models(self) -> list[dict[str, Any]]:
         """Registered model versions with status and traffic share (GET /v1/models, admin)."""

@@ -25,7 +25,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from segsvc.client import DEFAULT_URL, STOPPABLE_POLL_S, Client, Job, utf8_name
+from segsvc.client import (
+    DEFAULT_URL,
+    STOPPABLE_POLL_S,
+    Client,
+    InvalidJobIdError,
+    Job,
+    utf8_name,
+)
 from segsvc.client_errors import (
     ApiError,
     AuthError,
@@ -63,6 +70,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def exit_code_for(exc: ClientError) -> int:
     """The documented exit code for a client error."""
+    if isinstance(exc, InvalidJobIdError):  # a job id argument that is not one: usage
+        return EXIT_USAGE
     if isinstance(exc, AuthError):
         return EXIT_AUTH
     if isinstance(exc, TransportError | ServerError | RateLimitedError):

@@ -9,18 +9,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from PIL import Image, ImageOps
 from standardwebhooks import Webhook, WebhookVerificationError
 from werkzeug.wrappers import Request, Response
 
-from segsvc.client import Client, Job, verify_webhook
+from segsvc.client import Client, InvalidJobIdError, Job, verify_webhook
 from segsvc.client_errors import (
     AuthError,
     ConflictError,
@@ -33,6 +35,8 @@ from segsvc.client_errors import (
 )
 from tests.conftest import sample_images
 from tests.live import serve
+
+J1 = "00000000-0000-4000-8000-000000000001"  # a job id, as the server writes one
 
 
 @pytest.fixture
@@ -114,10 +118,10 @@ def test_client_wait_many_asks_about_running_jobs_only_100_at_a_time() -> None:
         return Response(json.dumps(body), mimetype="application/json")(environ, start_response)
 
     with serve(answer) as url, Client(url, "k") as client:
-        jobs = [Job(client, {"id": str(i), "status": "queued"}) for i in range(150)]
+        jobs = [Job(client, {"id": str(uuid.UUID(int=i)), "status": "queued"}) for i in range(150)]
         client.wait_many(jobs, timeout=30, poll_interval=0.01)
     assert [len(ids) for ids in asked] == [100, 100, 50]  # 0-99 twice, then 100-149
-    assert asked[2] == [str(i) for i in range(100, 150)]
+    assert asked[2] == [str(uuid.UUID(int=i)) for i in range(100, 150)]
     assert all(j.succeeded for j in jobs)
 
 
@@ -168,12 +172,12 @@ class Scripted:
 
 
 def test_client_retries_429_and_503_honouring_retry_after() -> None:
-    job = {"id": "j1", "status": "queued"}
+    job = {"id": J1, "status": "queued"}
     limited = (429, {"Retry-After": "1"}, {"error": "rate_limited", "message": "slow down"})
     busy = (503, {"Retry-After": "1"}, {"error": "unavailable", "message": "busy"})
     stub = Scripted([limited, busy, (202, {}, job)])
     with serve(stub) as url, Client(url, "k", retries=3) as client:
-        assert client.submit(b"png", filename="a.png").id == "j1"
+        assert client.submit(b"png", filename="a.png").id == J1
     assert len(stub.times) == 3
     assert stub.times[1] - stub.times[0] >= 0.95
     assert stub.times[2] - stub.times[1] >= 0.95
@@ -195,9 +199,9 @@ def test_a_submit_whose_key_is_in_use_is_retried_and_gets_the_replay() -> None:
         {"Retry-After": "0"},
         {"error": "idempotency_key_in_use", "message": "being processed; retry"},
     )
-    stub = Recording([in_use, (200, {}, {"id": "j1", "status": "queued"})])
+    stub = Recording([in_use, (200, {}, {"id": J1, "status": "queued"})])
     with serve(stub) as url, Client(url, "k", retries=3) as client:
-        assert client.submit(b"png", filename="a.png").id == "j1"
+        assert client.submit(b"png", filename="a.png").id == J1
     assert len(stub.keys) == 2
     assert stub.keys[0] is not None
     assert stub.keys[0] == stub.keys[1]
@@ -210,7 +214,7 @@ def test_other_conflicts_are_not_retried() -> None:
         Client(url, "k", retries=3) as client,
         pytest.raises(ConflictError),
     ):
-        client.get("j1")
+        client.get(J1)
     assert len(stub.times) == 1
 
 
@@ -218,9 +222,9 @@ def test_a_server_that_does_not_hold_long_polls_is_polled_at_the_interval() -> N
     """Over a slow network (answers after 0.12 s) a declined long poll still looks declined:
     the client pauses between polls instead of asking again at once."""
 
-    stub = Scripted([(200, {}, {"id": "j1", "status": "queued"})], hold_s=0.12)
+    stub = Scripted([(200, {}, {"id": J1, "status": "queued"})], hold_s=0.12)
     with serve(stub) as url, Client(url, "k", retries=0) as client:
-        job = Job(client, {"id": "j1", "status": "queued"})
+        job = Job(client, {"id": J1, "status": "queued"})
         with pytest.raises(WaitTimeoutError):
             job.wait(timeout=2.0, poll_interval=0.25)
     assert len(stub.times) <= 7  # back to back it would be ~16
@@ -233,7 +237,7 @@ def test_client_gives_up_with_typed_error_after_retries() -> None:
         Client(url, "k", retries=2) as client,
         pytest.raises(ServerError) as err,
     ):
-        client.get("j1")
+        client.get(J1)
     assert len(stub.times) == 3
     assert err.value.code == "unavailable"
     assert err.value.retry_after == 0
@@ -245,7 +249,7 @@ def test_wait_keeps_its_timeout_while_the_server_asks_to_retry_later() -> None:
     busy = (503, {"Retry-After": "3"}, {"error": "unavailable", "message": "busy"})
     stub = Scripted([busy])
     with serve(stub) as url, Client(url, "k", retries=5) as client:
-        job = Job(client, {"id": "j1", "status": "queued"})
+        job = Job(client, {"id": J1, "status": "queued"})
         started = time.monotonic()
         with pytest.raises(WaitTimeoutError):
             job.wait(timeout=1.0)
@@ -257,9 +261,9 @@ def test_a_long_poll_may_outlast_the_clients_read_timeout() -> None:
     """The server holds a long poll up to its `wait`: the read timeout grows by that much."""
 
     # the job ends 1.5 s into the poll
-    stub = Scripted([(200, {}, {"id": "j1", "status": "succeeded"})], hold_s=1.5)
+    stub = Scripted([(200, {}, {"id": J1, "status": "succeeded"})], hold_s=1.5)
     with serve(stub) as url, Client(url, "k", timeout=1.0, retries=0) as client:
-        assert client.get("j1", wait=5.0).status == "succeeded"
+        assert client.get(J1, wait=5.0).status == "succeeded"
     assert len(stub.times) == 1
 
 
@@ -278,7 +282,7 @@ def test_client_unreachable_raises_transport_error() -> None:
         Client(f"http://127.0.0.1:{port}", "k", retries=1) as client,
         pytest.raises(TransportError),
     ):
-        client.get("j1")
+        client.get(J1)
 
 
 def test_client_imports_no_server_stack() -> None:
@@ -301,7 +305,7 @@ def test_parse_retry_after_reads_seconds_and_dates() -> None:
 
 def test_verify_webhook_accepts_signed_rejects_tampered_and_stale() -> None:
     secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-    body = json.dumps({"type": "job.completed", "data": {"id": "j1"}})
+    body = json.dumps({"type": "job.completed", "data": {"id": J1}})
     signer = Webhook(secret)
 
     def headers(at: datetime) -> dict[str, str]:
@@ -314,11 +318,11 @@ def test_verify_webhook_accepts_signed_rejects_tampered_and_stale() -> None:
 
     now = datetime.now(UTC)
     signed = headers(now)
-    assert verify_webhook(signed, body.encode(), secret)["data"]["id"] == "j1"
+    assert verify_webhook(signed, body.encode(), secret)["data"]["id"] == J1
     with pytest.raises(WebhookVerificationError):  # the same signed request again: a replay
         verify_webhook(signed, body.encode(), secret)
     with pytest.raises(WebhookVerificationError):
-        verify_webhook(headers(now), body.replace("j1", "j2"), secret)
+        verify_webhook(headers(now), body.replace(J1, "j2"), secret)
     with pytest.raises(WebhookVerificationError):
         verify_webhook(headers(now - timedelta(minutes=6)), body, secret)
 
@@ -328,9 +332,9 @@ def test_a_proxys_502_and_504_are_retried() -> None:
     keyed submits) are tried again instead of failing the wait."""
     bad_gateway = (502, {}, {"error": "http_502", "message": "bad gateway"})
     timeout = (504, {}, {"error": "http_504", "message": "gateway timeout"})
-    stub = Scripted([bad_gateway, timeout, (200, {}, {"id": "j1", "status": "succeeded"})])
+    stub = Scripted([bad_gateway, timeout, (200, {}, {"id": J1, "status": "succeeded"})])
     with serve(stub) as url, Client(url, "k", retries=3) as client:
-        assert client.get("j1").status == "succeeded"
+        assert client.get(J1).status == "succeeded"
     assert len(stub.times) == 3
 
 
@@ -348,23 +352,23 @@ def test_a_success_whose_body_is_not_json_is_a_server_error() -> None:
         assert err.value.code == "invalid_response"
         assert "text/html" in err.value.message
         with pytest.raises(ServerError):
-            client.get("j1")
+            client.get(J1)
 
 
 def test_cancel_of_a_job_that_has_ended_returns_it_as_it_ended() -> None:
     """A cancel retried after its first try went through (or racing the job's end) is answered
     409 by the server; the client then returns the job as it ended instead of failing."""
     ended = (409, {}, {"error": "conflict", "message": "Job j1 is already canceled."})
-    stub = Scripted([ended, (200, {}, {"id": "j1", "status": "canceled"})])
+    stub = Scripted([ended, (200, {}, {"id": J1, "status": "canceled"})])
     with serve(stub) as url, Client(url, "k", retries=0) as client:
-        assert client.cancel("j1").status == "canceled"
-    still = Scripted([ended, (200, {}, {"id": "j1", "status": "running"})])
+        assert client.cancel(J1).status == "canceled"
+    still = Scripted([ended, (200, {}, {"id": J1, "status": "running"})])
     with (
         serve(still) as url,
         Client(url, "k", retries=0) as client,
         pytest.raises(ConflictError),  # a conflict that is not about an ended job
     ):
-        client.cancel("j1")
+        client.cancel(J1)
 
 
 def test_stop_retries_ends_the_pause_before_a_retry_at_once() -> None:
@@ -379,7 +383,7 @@ def test_stop_retries_ends_the_pause_before_a_retry_at_once() -> None:
             client.submit(b"png", filename="a.png")
         assert time.monotonic() - started < 2
         with pytest.raises(RetriesStoppedError):  # and no later request is retried either
-            client.get("j1")
+            client.get(J1)
     assert len(stub.times) == 2
 
 
@@ -392,11 +396,101 @@ def test_a_file_name_that_is_not_utf8_is_sent_with_replacement_characters(
 
     def recording(environ: dict[str, Any], start_response: Any) -> Any:
         names.extend(f.filename or "" for f in Request(environ).files.getlist("image"))
-        body = json.dumps({"id": "j1", "status": "queued"})
+        body = json.dumps({"id": J1, "status": "queued"})
         return Response(body, status=202, mimetype="application/json")(environ, start_response)
 
     photo = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png"))
     photo.write_bytes(b"png")
     with serve(recording) as url, Client(url, "k", retries=0) as client:
-        assert client.submit(photo).id == "j1"
+        assert client.submit(photo).id == J1
     assert names == ["caf\ufffd.png"]
+
+
+class Recorded:
+    """A WSGI stand-in for `GET /v1/jobs?ids=` and `GET /v1/jobs/<id>` that records each path
+    and query asked, and answers as the server does: each id once (repeats dropped); with
+    `reverse`, in the reverse order (the client must map answers by id)."""
+
+    def __init__(self, status: str = "succeeded", *, reverse: bool = False) -> None:
+        self.status, self.reverse = status, reverse
+        self.asked: list[str] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        req = Request(environ)
+        self.asked.append(unquote(req.full_path))
+        if req.path == "/v1/jobs":
+            ids = list(dict.fromkeys(req.args["ids"].split(",")))
+            ids = ids[::-1] if self.reverse else ids
+            body: Any = {"jobs": [{"id": i, "status": self.status} for i in ids], "not_found": []}
+        else:
+            body = {"id": req.path.split("/")[3], "status": self.status}
+        return Response(json.dumps(body), mimetype="application/json")(environ, start_response)
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    ["../models/rollback?", "../../v1/models/rollback", "j1", "a/b", "", f"{J1}/../x"],
+)
+def test_client_refuses_a_job_id_that_is_not_a_uuid_before_sending(bad_id: str) -> None:
+    """Regression: ids went into the URL path as given, and httpx resolves `..`: so
+    cancel("../models/rollback?") posted /v1/models/rollback. Now nothing is sent."""
+    stub = Recorded()
+    with serve(stub) as url, Client(url, "k", retries=0) as client:
+        calls: list[Callable[[], object]] = [
+            lambda: client.get(bad_id),
+            lambda: client.get(bad_id, wait=1.0),
+            lambda: client.cancel(bad_id),
+            lambda: client.result_png(bad_id),
+            lambda: client.result_png(bad_id, "overlay"),
+            lambda: client.get_many([J1, bad_id]),
+            lambda: client.wait_many([Job(client, {"id": bad_id, "status": "queued"})], 1.0),
+        ]
+        for call in calls:
+            with pytest.raises(InvalidJobIdError, match="is not a job id"):
+                call()
+    assert stub.asked == []
+    assert issubclass(InvalidJobIdError, ValueError)
+
+
+def test_client_sends_a_job_id_in_its_canonical_form() -> None:
+    stub = Recorded()
+    with serve(stub) as url, Client(url, "k", retries=0) as client:
+        assert client.get("{" + J1.upper() + "}").id == J1
+    assert stub.asked == [f"/v1/jobs/{J1}?"]
+
+
+def test_get_many_answers_an_id_given_twice_with_the_same_job() -> None:
+    """Regression: the server answers each id once; the client zipped the answers with the
+    ids it asked by position, so a repeated id raised ValueError (zip strict)."""
+    j2 = str(uuid.UUID(int=2))
+    stub = Recorded(reverse=True)  # mapped by id, not by position
+    with serve(stub) as url, Client(url, "k", retries=0) as client:
+        jobs = client.get_many([J1, j2, J1])
+    assert [job.id for job in jobs] == [J1, j2, J1]
+    assert jobs[0] is jobs[2]
+    assert stub.asked == [f"/v1/jobs?ids={J1},{j2}"]
+
+
+def test_wait_many_waits_for_an_id_given_twice() -> None:
+    j2 = str(uuid.UUID(int=2))
+    stub = Recorded(reverse=True)
+    with serve(stub) as url, Client(url, "k", retries=0) as client:
+        jobs = [Job(client, {"id": i, "status": "queued"}) for i in (J1, j2, J1)]
+        assert client.wait_many(jobs, timeout=5) == jobs
+    assert [(job.id, job.status) for job in jobs] == [
+        (J1, "succeeded"),
+        (j2, "succeeded"),
+        (J1, "succeeded"),
+    ]
+    assert len(stub.asked) == 1
+    assert stub.asked[0].startswith(f"/v1/jobs?ids={J1},{j2}&wait=")
+
+
+def test_a_submit_that_waits_may_outlast_the_clients_read_timeout() -> None:
+    """Regression: submit(wait=) asked the server to hold its answer but kept the plain read
+    timeout: Client(timeout=1).submit(p, wait=5) timed out, retried, and got the replay."""
+    done = {"id": J1, "status": "succeeded"}
+    stub = Scripted([(201, {}, done)], hold_s=1.5)  # the job ends 1.5 s into the hold
+    with serve(stub) as url, Client(url, "k", timeout=1.0, retries=0) as client:
+        assert client.submit(b"png", filename="a.png", wait=5.0).status == "succeeded"
+    assert len(stub.times) == 1

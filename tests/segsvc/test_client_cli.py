@@ -20,7 +20,7 @@ from segsvc.cli import main
 from segsvc.settings import Settings, get_settings
 from tests.conftest import sample_images
 from tests.live import serve
-from tests.segsvc.test_client import Scripted
+from tests.segsvc.test_client import J1, Scripted
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_cli_unreachable_server_exits_3() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = cli("status", "some-id", url=f"http://127.0.0.1:{port}", key="k", SEG_RETRIES="1")
+    result = cli("status", J1, url=f"http://127.0.0.1:{port}", key="k", SEG_RETRIES="1")
     assert result.exit_code == 3
     assert "cannot connect" in result.stderr
 
@@ -323,7 +323,7 @@ def test_cli_ctrl_c_stops_sending_and_reports_what_was_sent(tmp_path: Path) -> N
     from segsvc.client import Client
     from segsvc.client_cli import Interrupted, SubmitPlan, run_all
 
-    stub = Scripted([(202, {}, {"id": "j1", "status": "queued"})], hold_s=0.2)
+    stub = Scripted([(202, {}, {"id": J1, "status": "queued"})], hold_s=0.2)
     files = png_files(tmp_path, 30)
     plan = SubmitPlan(False, None, False, None, None, 10.0, batch=1)
     timer = interrupt_once_answered(stub, 3)  # however slow the machine, some were sent first
@@ -339,10 +339,10 @@ def test_cli_ctrl_c_stops_sending_and_reports_what_was_sent(tmp_path: Path) -> N
 
 
 def test_cli_get_into_a_missing_folder_is_one_line_not_a_traceback(tmp_path: Path) -> None:
-    done = {"id": "j1", "status": "succeeded"}
+    done = {"id": J1, "status": "succeeded"}
     stub = Scripted([(200, {}, done), (200, {}, "not really a png")])
     with serve(stub) as url:
-        result = cli("client", "get", "j1", "--out", str(tmp_path / "gone" / "m.png"), url=url)
+        result = cli("client", "get", J1, "--out", str(tmp_path / "gone" / "m.png"), url=url)
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "error: " in result.output
@@ -357,7 +357,7 @@ def test_cli_ctrl_c_while_waiting_reports_the_job_ids_at_once(tmp_path: Path) ->
     from segsvc.client_cli import Interrupted, SubmitPlan, run_all
 
     # a server whose jobs stay queued; it holds each answer 0.3 s
-    stub = Scripted([(202, {}, {"id": "j1", "status": "queued"})], hold_s=0.3)
+    stub = Scripted([(202, {}, {"id": J1, "status": "queued"})], hold_s=0.3)
     files = png_files(tmp_path, 3)
     plan = SubmitPlan(True, None, False, None, None, 60.0, batch=1)
     timer = interrupt_once_answered(stub, 6)  # the three submits and three polls: all wait
@@ -369,7 +369,7 @@ def test_cli_ctrl_c_while_waiting_reports_the_job_ids_at_once(tmp_path: Path) ->
         took = time.monotonic() - started
     assert took < 10  # not the 60 s --timeout
     outcomes = stopped.value.outcomes
-    assert [o.job_id for o in outcomes] == ["j1"] * 3
+    assert [o.job_id for o in outcomes] == [J1] * 3
     assert all(o.status == "queued" and "Ctrl-C" in o.reason for o in outcomes)
 
 
@@ -427,7 +427,7 @@ def test_cli_ctrl_c_during_a_retry_pause_stops_at_once(tmp_path: Path) -> None:
 def test_cli_a_result_that_cannot_be_fetched_leaves_no_file(tmp_path: Path) -> None:
     """The mask came, the overlay did not (a 404 here): nothing is written for that file, so
     a file reported as an error has no half result in --out."""
-    done = (200, {}, {"id": "j1", "status": "succeeded"})
+    done = (200, {}, {"id": J1, "status": "succeeded"})
     gone = (404, {}, {"error": "not_found", "message": "No such job."})
     # submit (finished at once), then the mask (any bytes), then the overlay: 404
     stub = Scripted([done, (200, {}, "mask bytes"), gone])
@@ -457,14 +457,27 @@ def test_cli_summary_prints_file_names_with_brackets_as_they_are(tmp_path: Path)
 
 def test_cli_cancel_retried_after_it_went_through_and_of_an_ended_job(tmp_path: Path) -> None:
     ended = (409, {}, {"error": "conflict", "message": "Job j1 is already canceled."})
-    with serve(Scripted([ended, (200, {}, {"id": "j1", "status": "canceled"})])) as url:
-        result = cli("cancel", "j1", url=url)
+    with serve(Scripted([ended, (200, {}, {"id": J1, "status": "canceled"})])) as url:
+        result = cli("cancel", J1, url=url)
     assert result.exit_code == 0, result.output
-    assert "j1  canceled" in result.stdout
-    with serve(Scripted([ended, (200, {}, {"id": "j1", "status": "succeeded"})])) as url:
-        result = cli("cancel", "j1", url=url)
+    assert f"{J1}  canceled" in result.stdout
+    with serve(Scripted([ended, (200, {}, {"id": J1, "status": "succeeded"})])) as url:
+        result = cli("cancel", J1, url=url)
     assert result.exit_code == 1
     assert "already succeeded" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["cancel"], ["client", "get"]])
+def test_cli_a_job_id_that_is_not_a_uuid_is_a_usage_error_and_sends_nothing(
+    command: list[str],
+) -> None:
+    stub = Scripted([(200, {}, {"id": J1, "status": "canceled"})])
+    with serve(stub) as url:
+        result = cli(*command, "../models/rollback?", url=url)
+    assert result.exit_code == 2, result.output
+    assert "'../models/rollback?' is not a job id (a UUID)" in result.stderr
+    assert "Traceback" not in result.output
+    assert stub.times == []
 
 
 def test_cli_get_writes_to_a_pipe_as_it_is(tmp_path: Path) -> None:
@@ -472,14 +485,14 @@ def test_cli_get_writes_to_a_pipe_as_it_is(tmp_path: Path) -> None:
     work there, so such a target is written directly."""
     import threading as threads
 
-    done = {"id": "j1", "status": "succeeded"}
+    done = {"id": J1, "status": "succeeded"}
     pipe = tmp_path / "mask.fifo"
     os.mkfifo(pipe)
     got: list[bytes] = []
     reader = threads.Thread(target=lambda: got.append(pipe.read_bytes()))
     reader.start()
     with serve(Scripted([(200, {}, done), (200, {}, "png bytes")])) as url:
-        result = cli("client", "get", "j1", "--out", str(pipe), url=url)
+        result = cli("client", "get", J1, "--out", str(pipe), url=url)
     reader.join(10)
     assert result.exit_code == 0, result.output
     assert got == [b'"png bytes"']  # the stub's JSON-encoded body, as the CLI received it

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.imaging import (
-    IMAGE_SIZE,
     OVERLAY_ALPHA,
     PALETTE,
     draft_scale,

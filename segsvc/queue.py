@@ -15,6 +15,8 @@ RUN_JOB = "segsvc.run_job"
 DELIVER_WEBHOOK = "segsvc.deliver_webhook"
 RECONCILE = "segsvc.reconcile"
 RETRAIN = "segsvc.retrain"
+# The keyword of a `segsvc.run_job` message that carries a suspect (`enqueue_jobs`).
+SUSPECT_KWARG = "suspect"
 
 # Redis re-delivers an unacknowledged message after this many seconds. It must exceed the
 # longest time a message can sit prefetched plus its batch's run time, or a healthy worker's
@@ -74,21 +76,31 @@ def make_celery(settings: Settings | None = None, name: str = "segsvc") -> Celer
     return app
 
 
-def enqueue_job(app: Celery, job_id: uuid.UUID, *, settings: Settings | None = None) -> None:
-    """Send one job id to the inference queue by task name (no worker code imported)."""
-    enqueue_jobs(app, [job_id], settings=settings)
+def enqueue_job(
+    app: Celery, job_id: uuid.UUID, *, settings: Settings | None = None, suspect: bool = False
+) -> None:
+    """Send one job id to the inference queue by task name (no worker code imported);
+    `suspect`: the reconciler's quarantine sends it, and a worker runs it alone."""
+    enqueue_jobs(app, [job_id], settings=settings, suspect=suspect)
 
 
 def enqueue_jobs(
-    app: Celery, job_ids: Sequence[uuid.UUID], *, settings: Settings | None = None
+    app: Celery,
+    job_ids: Sequence[uuid.UUID],
+    *,
+    settings: Settings | None = None,
+    suspect: bool = False,
 ) -> None:
     """Send jobs to the inference queue as one message (`run_job(*ids)`): a batch submit costs
-    one broker round trip, and a worker settles the message once every id in it is stored."""
+    one broker round trip, and a worker settles the message once every id in it is stored.
+    A suspect's message says so (`run_job(id, suspect=True)`): the worker runs it with no other
+    job in its pipeline (a worker of an earlier release ignores the word and batches it)."""
     settings = settings or get_settings()
     args = [str(job_id) for job_id in job_ids]
     app.send_task(
         RUN_JOB,
         args=args,
+        kwargs={SUSPECT_KWARG: True} if suspect else None,
         # Every id in plain text in the headers, which is where the reconciler looks for them
         # (the body is base64): Celery's own repr stops at 1024 characters, ~25 ids.
         argsrepr=repr(args),

@@ -9,6 +9,12 @@ during the current forward pass. A post thread turns logits into masks and commi
 while the model thread already runs the next one; messages are acknowledged only after that
 commit.
 
+A suspect (a job the reconciler re-sends after it was lost twice: it may be what crashes the
+worker) runs alone: its message says so, it forms a batch of its own once the batches before it
+are stored, nothing is claimed beside it, and the next batch starts once it is stored. So a
+poison suspect takes no other job's run down with it, and an innocent one is not judged poison
+because a job beside it crashed the worker.
+
 Why not celery-batches: it flushes on `flush_every` messages or on a repeating
 `flush_interval` timer, not when the model becomes free, so under load it runs tiny batches
 back to back (with the solo pool it also cannot read messages during a forward pass).
@@ -21,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +48,7 @@ class Item:
     job_id: str
     ack: Callable[[], Any]
     requeue: Callable[[], Any]
+    suspect: bool = False  # the reconciler sent it as a suspect: it runs alone
 
 
 class MicroBatcher:
@@ -52,6 +59,7 @@ class MicroBatcher:
         self.max_size = max(1, max_size)
         self.max_wait_s = max(0.0, max_wait_s)
         self._items: deque[Item] = deque()
+        self._suspects: deque[Item] = deque()  # each runs alone, before the items
         self._cond = threading.Condition()
         self._stopping = False
         # One post thread keeps results in order; at most two batches wait for it, so a slow
@@ -68,7 +76,7 @@ class MicroBatcher:
     def put(self, item: Item) -> None:
         """Called by the consumer loop for each message; never blocks."""
         with self._cond:
-            self._items.append(item)
+            (self._suspects if item.suspect else self._items).append(item)
             self._cond.notify()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -97,12 +105,15 @@ class MicroBatcher:
         return None
 
     def next_batch(self) -> list[Item]:
-        """Block until work exists, then take what is waiting (see the module docstring)."""
+        """Block until work exists, then take what is waiting (see the module docstring): a
+        waiting suspect alone, else the items."""
         with self._cond:
-            while not self._items and not self._stopping:
+            while not self._items and not self._suspects and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return []
+            if self._suspects:
+                return [self._suspects.popleft()]
             backlog = len(self._items) > 1
             batch = self._take()
             if backlog and self.max_wait_s > 0:
@@ -126,6 +137,7 @@ class MicroBatcher:
         while True:
             self._busy_since = None  # waiting for work is no stall
             claiming: Future[Claim] | None = None
+            alone = False
             if ahead is not None:
                 # Claimed while the model ran the last batch; it runs even when stopping, since
                 # its jobs are taken.
@@ -135,16 +147,23 @@ class MicroBatcher:
                 batch = self.next_batch()
                 if not batch:
                     return  # stopping
+                alone = batch[0].suspect
             self._busy_since = time.monotonic()
             self._post_slots.acquire()
             claim: Claim | None = None
             try:
+                if alone:  # a suspect: the batches before it are stored before it is claimed
+                    self._drain()
                 claim = (
                     claiming.result()
                     if claiming is not None
                     else self.segmenter.claim([item.job_id for item in batch])
                 )
-                ahead = self._claim_ahead()
+                if claim.suspect and not alone:  # a suspect sent without the word: still alone
+                    alone = True
+                    self._drain()
+                if not alone:
+                    ahead = self._claim_ahead()
                 inferred = self.segmenter.forward(claim)
             except Exception:
                 self._post_slots.release()
@@ -155,7 +174,7 @@ class MicroBatcher:
                 time.sleep(RETRY_PAUSE_S)
                 continue
             try:
-                self._post.submit(self._store, batch, inferred)
+                stored = self._post.submit(self._store, batch, inferred)
             except RuntimeError:  # close() stopped waiting for this batch and shut the pools
                 self._post_slots.release()
                 log.error("worker closed during a batch of %d; released and requeued", len(batch))
@@ -164,6 +183,12 @@ class MicroBatcher:
                 if ahead is not None:
                     self._give_back(*ahead)
                 return
+            if alone:  # nothing else is claimed or run until the suspect is stored
+                wait([stored])
+
+    def _drain(self) -> None:
+        """Wait until every batch handed to the store thread is stored (it runs them in order)."""
+        self._post.submit(_nothing).result()
 
     def _claim_ahead(self) -> tuple[list[Item], Future[Claim]] | None:
         """Start claiming the next batch now if a full one is already waiting: it will be the
@@ -172,7 +197,8 @@ class MicroBatcher:
         With less waiting, the next batch still forms when the model is free, as large as
         it can be."""
         with self._cond:
-            if self._stopping or len(self._items) < self.max_size:
+            # A waiting suspect goes next, alone: a batch claimed now would run before it.
+            if self._stopping or self._suspects or len(self._items) < self.max_size:
                 return None
             batch = self._take()
         try:
@@ -222,6 +248,10 @@ def _named_thread(name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(
         max_workers=1, thread_name_prefix=name, initializer=setthreadtitle, initargs=(name,)
     )
+
+
+def _nothing() -> None:
+    """A store-thread task that marks the point where the batches before it are stored."""
 
 
 def _settle(batch: list[Item], *, ok: bool) -> None:

@@ -131,24 +131,27 @@ def _run_locked(
         if not reconcile.try_lock(session=session, wait_s=lock_wait_s):
             return {"skipped": True}
         report = work(session, due.append)
+        suspects = report.suspect_ids
         if not after_commit:
             for job_id in due:
-                _send(celery_app, cfg, job_id)
+                _send(celery_app, cfg, job_id, suspect=job_id in suspects)
     notify.publish_finished(cfg.effective_redis_url, report.ended_ids)  # their long polls
     counts = report.as_dict()
-    if after_commit and (unsent := _send_each(celery_app, cfg, due)):
+    if after_commit and (unsent := _send_each(celery_app, cfg, due, suspects)):
         counts["unsent"] = unsent
     if any(v for k, v in counts.items() if k not in quiet):
         log.warning("reconciler: %s (failed: %s)", counts, report.failed_ids[:20])
     return counts
 
 
-def _send_each(celery_app: Celery, cfg: Settings, job_ids: list[uuid.UUID]) -> int:
+def _send_each(
+    celery_app: Celery, cfg: Settings, job_ids: list[uuid.UUID], suspects: set[uuid.UUID]
+) -> int:
     """Send each job's message; how many were not sent (the next pass re-sends those)."""
     unsent = failed_in_a_row = 0
     for done, job_id in enumerate(job_ids, start=1):
         try:
-            _send(celery_app, cfg, job_id)
+            _send(celery_app, cfg, job_id, suspect=job_id in suspects)
             failed_in_a_row = 0
         except Exception:
             log.warning("reconciler: could not send job %s", job_id, exc_info=True)
@@ -162,8 +165,8 @@ def _send_each(celery_app: Celery, cfg: Settings, job_ids: list[uuid.UUID]) -> i
     return unsent
 
 
-def _send(celery_app: Celery, cfg: Settings, job_id: Any) -> None:
-    enqueue_job(celery_app, job_id, settings=cfg)
+def _send(celery_app: Celery, cfg: Settings, job_id: Any, *, suspect: bool = False) -> None:
+    enqueue_job(celery_app, job_id, settings=cfg, suspect=suspect)
 
 
 TURN_KEY = "segsvc:reconcile:turn"

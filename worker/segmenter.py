@@ -84,6 +84,7 @@ class Claim:
         default_factory=list
     )
     failed: list[Failure] = field(default_factory=list)
+    suspect: bool = False  # it holds a suspect (`Claimed.suspect`), which runs alone
 
 
 @dataclass
@@ -154,7 +155,11 @@ class Segmenter:
             raise
 
     def _stack(self, claimed: list[Claimed], claimed_at: float) -> Claim:
-        out = Claim(claimed=len(claimed), claimed_at=claimed_at)
+        out = Claim(
+            claimed=len(claimed),
+            claimed_at=claimed_at,
+            suspect=any(job.suspect for job in claimed),
+        )
         by_version: dict[str, tuple[LoadedModel, list[Claimed], list[Any]]] = {}
         for job in claimed:
             pixels = _model_input(job)

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Celery, Task, bootsteps, signals
 
-from segsvc.queue import RUN_JOB
+from segsvc.queue import RUN_JOB, SUSPECT_KWARG
 from worker.batcher import Item, MicroBatcher
 from worker.celery_app import app, settings
 from worker.segmenter import Segmenter
@@ -67,7 +67,7 @@ class MicroBatchTask(Task):  # type: ignore[misc]
 
         def on_message(message: Any, body: Any, ack: Any, reject: Any, *_: Any, **__: Any) -> None:
             batcher = started or get_batcher()
-            job_ids = _job_ids(message, body)
+            job_ids, suspect = _arguments(message, body)
             if not job_ids:
                 # An exception here would stop the worker (Celery takes any error of a strategy
                 # other than an invalid task as unrecoverable), and the message, restored,
@@ -81,7 +81,7 @@ class MicroBatchTask(Task):  # type: ignore[misc]
                 requeue=partial(reject, log, errors, True),
             )
             for job_id in job_ids:  # a batch submit's jobs may land in different batches
-                batcher.put(Item(job_id, ack=settle.ack, requeue=settle.requeue))
+                batcher.put(Item(job_id, ack=settle.ack, requeue=settle.requeue, suspect=suspect))
 
         return on_message
 
@@ -114,24 +114,32 @@ class SharedSettle:
 def _job_ids(message: Any, body: Any) -> list[str]:
     """The job ids a message carries (its arguments, in either protocol); none when it is
     malformed: a body that is not a task's, arguments that are not a list."""
+    return _arguments(message, body)[0]
+
+
+def _arguments(message: Any, body: Any) -> tuple[list[str], bool]:
+    """A message's job ids (`_job_ids`), and whether the reconciler sent it as a suspect's."""
     try:
         payload = body if body is not None else message.decode()
     except Exception:  # an undecodable body: nothing in it can be run
         log.warning("a %s message could not be decoded", RUN_JOB, exc_info=True)
-        return []
+        return [], False
     if isinstance(payload, dict):  # protocol 1
-        args = payload.get("args")
+        args, kwargs = payload.get("args"), payload.get("kwargs")
     elif isinstance(payload, list | tuple) and payload:  # protocol 2: [args, kwargs, embed]
-        args = payload[0]
+        args, kwargs = payload[0], payload[1] if len(payload) > 1 else None
     else:
-        return []
-    return [str(arg) for arg in args] if isinstance(args, list | tuple) else []
+        return [], False
+    if not isinstance(args, list | tuple):
+        return [], False
+    suspect = isinstance(kwargs, dict) and kwargs.get(SUSPECT_KWARG) is True
+    return [str(arg) for arg in args], suspect
 
 
 @app.task(name=RUN_JOB, base=MicroBatchTask, acks_late=True)
-def run_job(*job_ids: str) -> dict[str, int]:
+def run_job(*job_ids: str, suspect: bool = False) -> dict[str, int]:
     """Run jobs now as one batch (a direct call; a worker batches messages through the
-    MicroBatcher). Duplicate ids and finished jobs are no-ops."""
+    MicroBatcher, and runs a `suspect`'s alone). Duplicate ids and finished jobs are no-ops."""
     return get_segmenter().run_jobs(list(job_ids))
 
 

@@ -370,6 +370,8 @@ class Claimed:
     attempts: int
     model_input: bytes | None
     request_id: str | None = None
+    # Lost twice or more before this claim (`reconcile.is_suspect`): it runs with no other job.
+    suspect: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -391,10 +393,16 @@ def claim_jobs(
     message that Redis restores after its visibility timeout. Nor is one taken over once it has
     lost `max_attempts` runs (`SEG_JOB_MAX_ATTEMPTS`: at 1, its first lost run ends it failed).
 
+    A suspect (a job lost twice or more, which may be what crashes the worker) is taken only
+    by a claim that names it alone: among other jobs it would fail them with it if it is poison,
+    and be judged poison if one of them is (the reconciler marks its message so that a worker
+    claims it alone; a stray copy among others is left to that message).
+
     The lease is granted and judged on the database's clock, so hosts whose clocks disagree
     (by more than a lease, even) neither take over live jobs nor leave dead ones.
     """
-    if not job_ids:
+    ids = list(dict.fromkeys(job_ids))
+    if not ids:
         return []
     now = db_now(session)
     token = uuid.uuid4()
@@ -406,9 +414,11 @@ def claim_jobs(
             lost_runs() < min(SUSPECT_AFTER_ATTEMPTS, max_attempts or SUSPECT_AFTER_ATTEMPTS),
         ),
     )
+    if len(ids) > 1:
+        claimable = and_(claimable, lost_runs() < SUSPECT_AFTER_ATTEMPTS)
     rows = session.execute(
         update(Job)
-        .where(Job.id.in_(list(job_ids)), claimable, Job.cancel_requested.is_(False))
+        .where(Job.id.in_(ids), claimable, Job.cancel_requested.is_(False))
         .values(
             status=JobStatus.RUNNING,
             started_at=now,
@@ -428,6 +438,7 @@ def claim_jobs(
             Job.webhook_url,
             Job.model_input,
             Job.started_at,
+            Job.releases,
         )
         .execution_options(synchronize_session=False)
     ).all()
@@ -449,6 +460,8 @@ def claim_jobs(
             attempts=r[4],
             model_input=r[7],
             request_id=r[5],
+            # Its lost runs before this claim, which counted one attempt more.
+            suspect=r[4] - 1 - r[9] >= SUSPECT_AFTER_ATTEMPTS,
         )
         for r in rows
     ]

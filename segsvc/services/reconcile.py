@@ -5,9 +5,10 @@ commit failed, a worker died holding it unacknowledged), or the worker running i
 expires). Both are re-enqueued. Each claim counts an attempt; a claim the worker gave back (its
 forward pass or result write failed: `releases`) is not a lost run. A job that keeps being lost
 ends failed. A job lost twice is a suspect (it may be what kills the worker): suspects are re-sent
-one at a time, and a suspect that is lost again on its last attempt ends `poison_input`. Between
-passes the reconciler runs `send_next_suspect` every few seconds while suspects wait, so they
-drain one after another instead of one per pass.
+one at a time, each in a message that says so (`ReconcileReport.suspect_ids`: the worker runs it
+with no other job), and a suspect that is lost again on its last attempt ends `poison_input`.
+Between passes the reconciler runs `send_next_suspect` every few seconds while suspects wait, so
+they drain one after another instead of one per pass.
 
 Leases are granted and judged on the database's clock (`models.db_now`), never a host's; a job's
 `created_at` is on it too (`models.db_clock`: a reading carried forward, right to milliseconds).
@@ -61,6 +62,8 @@ class ReconcileReport:
     skipped: bool = False
     failed_ids: list[str] = field(default_factory=list)
     ended_ids: list[str] = field(default_factory=list)  # failed or canceled: their long polls
+    # Sent suspects: their messages say so, and a worker runs each with no other job.
+    suspect_ids: set[uuid.UUID] = field(default_factory=set)
 
     def as_dict(self) -> dict[str, object]:
         """Counts for logs and task results."""
@@ -204,7 +207,9 @@ def _handle_expired_leases(
         elif runs_lost >= SUSPECT_AFTER_ATTEMPTS and suspect_busy:
             report.waiting_suspects += 1  # quarantine: one suspect at a time
         else:
-            suspect_busy = suspect_busy or runs_lost >= SUSPECT_AFTER_ATTEMPTS
+            if runs_lost >= SUSPECT_AFTER_ATTEMPTS:
+                suspect_busy = True
+                report.suspect_ids.add(job_id)
             _mark_requeued(session, job_id, now, from_running=True)
             enqueue(job_id)
             report.requeued_lost += 1
@@ -231,7 +236,7 @@ def _lost_verdict(runs_lost: int) -> tuple[str, str]:
     if runs_lost > SUSPECT_AFTER_ATTEMPTS:
         return "poison_input", (
             f"The worker stopped while running this job {runs_lost} times, the last time with "
-            "no other retried job beside it; the input is presumed to crash it."
+            "no other job beside it; the input is presumed to crash it."
         )
     return "worker_lost", f"The worker running this job stopped {runs_lost} times."
 
@@ -271,6 +276,7 @@ def _resend_stale_suspects(
     ).all()
     for job_id in ids:
         _mark_requeued(session, job_id, now, from_running=False)
+        report.suspect_ids.add(job_id)
         enqueue(job_id)
         report.requeued_missing += 1
 
@@ -287,7 +293,7 @@ def _requeue_missing(
     # A job committed a moment ago may still be on its way to the broker: give it a grace period.
     grace = timedelta(seconds=enqueue_grace_seconds(settings))
     cutoff = now - grace
-    due = select(Job.created_at, Job.id).where(
+    due = select(Job.created_at, Job.id, lost_runs()).where(
         _status_is(JobStatus.QUEUED),
         Job.cancel_requested.is_(False),  # the claim skips these; `_cancel_requested` ends them
         # Jobs of API hosts of earlier releases have `created_at` on their host's clock: a stamp
@@ -303,9 +309,11 @@ def _requeue_missing(
     for _ in range(MAX_PAGES_PER_PASS):
         page = due if after is None else due.where(tuple_(Job.created_at, Job.id) > after)
         rows = session.execute(page.order_by(Job.created_at, Job.id).limit(PAGE_SIZE)).all()
-        for _created, job_id in rows:
+        for _created, job_id, runs_lost in rows:
             if str(job_id) not in present:
                 _mark_requeued(session, job_id, now, from_running=False)
+                if runs_lost >= SUSPECT_AFTER_ATTEMPTS:
+                    report.suspect_ids.add(job_id)
                 enqueue(job_id)
                 report.requeued_missing += 1
         if len(rows) < PAGE_SIZE or report.requeued_missing >= MAX_JOBS_PER_PASS:

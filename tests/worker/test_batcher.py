@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
-from segsvc.models import JobStatus
+from segsvc.db import session_scope
+from segsvc.models import Job, JobStatus
 from segsvc.settings import Settings
 from tests.segsvc.test_db import holding
 from tests.worker.test_segmenter import HOLD_S, LOCK_JOBS, make_jobs, rows, worker_settings
@@ -368,3 +371,78 @@ def test_a_failed_store_behind_a_locked_jobs_table_is_still_released(
     (job,) = rows(settings, uuids)
     assert (job.status, job.lease_token) == (JobStatus.QUEUED, None)
     assert (job.attempts, job.releases) == (1, 1)  # attempts - releases: no lost run
+
+
+class Timeline(Recorder):
+    """A Recorder that also logs when each stage starts and ends, and for which jobs."""
+
+    def __init__(self, segmenter: Segmenter) -> None:
+        super().__init__(segmenter)
+        self.events: list[tuple[str, str, frozenset[str]]] = []
+
+    def _log(self, stage: str, edge: str, ids: set[str]) -> None:
+        with self._lock:
+            self.events.append((stage, edge, frozenset(ids)))
+
+    def claim(self, job_ids: Sequence[str]) -> Claim:
+        self._log("claim", "start", set(job_ids))
+        try:
+            return super().claim(job_ids)
+        finally:
+            self._log("claim", "end", set(job_ids))
+
+    def forward(self, claim: Claim) -> Inferred:
+        ids = {str(job.id) for _, jobs, _ in claim.inputs for job in jobs}
+        self._log("forward", "start", ids)
+        try:
+            return super().forward(claim)
+        finally:
+            self._log("forward", "end", ids)
+
+    def store(self, batch: Inferred) -> dict[str, int]:
+        ids = {str(job.id) for group in batch.groups for job in group.jobs}
+        self._log("store", "start", ids)
+        try:
+            return super().store(batch)
+        finally:
+            self._log("store", "end", ids)
+
+
+def test_a_suspect_runs_alone_with_nothing_else_in_the_pipeline(
+    settings: Settings, production_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A suspect the reconciler sent (lost twice: it may crash the worker) forms a batch of its
+    own, is claimed only once the batch before it is stored, and nothing is claimed or run
+    until it is stored: a poison suspect takes no other job's run down with it, and an innocent
+    one is not judged poison because a job beside it crashed the worker."""
+    monkeypatch.setattr(batcher_module, "RETRY_PAUSE_S", 0.0)
+    timeline = Timeline(Segmenter(settings.model_copy(update={"registry_poll_seconds": 0})))
+    uuids = make_jobs(settings, 6)
+    suspect_id = uuids[3]
+    with session_scope(settings) as session:
+        session.execute(update(Job).where(Job.id == suspect_id).values(attempts=2))
+    ids = [str(i) for i in uuids]
+    suspect = str(suspect_id)
+    timeline.expected = len(ids)
+    batcher = MicroBatcher(timeline, max_size=2, max_wait_s=0.0)  # type: ignore[arg-type]
+    batcher.put(timeline.item(ids[0]))
+    assert timeline.in_first_forward.wait(60)
+    for job_id in ids[1:]:  # a backlog of fresh jobs around the suspect
+        item = timeline.item(job_id)
+        batcher.put(Item(item.job_id, item.ack, item.requeue, suspect=job_id == suspect))
+    timeline.release_first_forward.set()
+    assert timeline.all_settled.wait(60)
+    batcher.close()
+    assert set(timeline.settled.values()) == {"ack"}
+    assert [job.status for job in rows(settings, uuids)] == [JobStatus.SUCCEEDED] * 6
+    assert rows(settings, [suspect_id])[0].batch_size == 1
+    events = timeline.events
+    began = events.index(("claim", "start", frozenset({suspect})))
+    ended = events.index(("store", "end", frozenset({suspect})))
+    # Every stage of another batch ended before the suspect's claim, or began after its store.
+    before, during = events[:began], events[began : ended + 1]
+    assert all(job_ids == {suspect} for _, _, job_ids in during), during
+    started = Counter((stage, job_ids) for stage, edge, job_ids in before if edge == "start")
+    finished = Counter((stage, job_ids) for stage, edge, job_ids in before if edge == "end")
+    assert started == finished, before
+    assert ("store", frozenset({ids[0]})) in finished  # the batch before it was stored first

@@ -36,11 +36,13 @@ def sends_failing_for(
     real = reconciler._send
     sent: list[uuid.UUID] = []
 
-    def send(celery_app: Celery, cfg: Settings, job_id: uuid.UUID) -> None:
+    def send(
+        celery_app: Celery, cfg: Settings, job_id: uuid.UUID, *, suspect: bool = False
+    ) -> None:
         if failing is None or job_id in failing:
             raise BrokerDown("the broker is away")
         if cfg.celery_broker_url.startswith("redis://"):  # not the embedded default's SQLite
-            real(celery_app, cfg, job_id)
+            real(celery_app, cfg, job_id, suspect=suspect)
         sent.append(job_id)
 
     monkeypatch.setattr(reconciler, "_send", send)
@@ -85,7 +87,7 @@ def test_with_redis_away_a_pass_stops_sending_after_a_few_failures(
     lost = [lost_job(settings, attempts=1, age_s=60 - i) for i in range(6)]
     tries: list[uuid.UUID] = []
 
-    def send(celery_app: Celery, cfg: Settings, job_id: uuid.UUID) -> None:
+    def send(celery_app: Celery, cfg: Settings, job_id: uuid.UUID, **_: object) -> None:
         tries.append(job_id)
         raise BrokerDown("the broker is away")
 
@@ -128,7 +130,7 @@ def test_without_redis_the_message_goes_before_the_commit(
     job_id = lost_job(no_redis, attempts=1)
     seen: list[str] = []
 
-    def send(celery_app: Celery, cfg: Settings, sent: uuid.UUID) -> None:
+    def send(celery_app: Celery, cfg: Settings, sent: uuid.UUID, **_: object) -> None:
         seen.append(get(cfg, sent).status)  # another transaction's view
 
     monkeypatch.setattr(reconciler, "_send", send)

@@ -171,3 +171,38 @@ def test_two_suspects_are_never_in_flight_at_once_across_workers(
     assert (job.status, job.error_code) == ("failed", "poison_input")
     assert [get(cfg, i).status for i in suspects if i != poison] == ["succeeded"] * 9
     assert sorted(worker.claimed) == sorted(suspects)  # each claimed once: never two at once
+
+
+def sent_messages(settings: Settings) -> dict[str, dict[str, object]]:
+    """The kwargs of each run_job message waiting in Redis, by the job id it carries."""
+    import base64
+
+    client = redis.Redis.from_url(settings.broker_url or "")
+    found = {}
+    for raw in client.lrange(settings.queue_name, 0, -1):
+        message = json.loads(raw)
+        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        (job_id,) = args
+        found[job_id] = kwargs
+    return found
+
+
+def test_a_resent_suspect_s_message_says_it_runs_alone(settings: Settings) -> None:
+    """The worker learns from the message that a job is a suspect, so it runs it with no other
+    job; a job lost once is sent as any other."""
+    suspect = lost_job(settings, attempts=2)
+    once = lost_job(settings, attempts=1)
+    counts = reconciler.run_reconcile(settings, make_celery(settings))
+    assert counts["requeued_lost"] == 2
+    assert sent_messages(settings) == {str(suspect): {"suspect": True}, str(once): {}}
+    redis.Redis.from_url(settings.broker_url or "").delete(settings.queue_name)  # both lost
+    with session_scope(settings) as session:  # past the grace period: missing from Redis
+        session.execute(
+            text(
+                "UPDATE jobs SET created_at = created_at - interval '1 hour', "
+                "enqueued_at = enqueued_at - interval '1 hour'"
+            )
+        )
+    counts = reconciler.run_reconcile(settings, make_celery(settings))
+    assert counts["requeued_missing"] == 2
+    assert sent_messages(settings) == {str(suspect): {"suspect": True}, str(once): {}}

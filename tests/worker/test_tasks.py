@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from worker.tasks import SharedSettle, _job_ids
+from worker.tasks import SharedSettle, _arguments, _job_ids
 
 
 class Recorder:
@@ -90,3 +90,11 @@ def test_job_ids_of_a_malformed_message_are_none(body: object) -> None:
 
 def test_job_ids_of_an_undecodable_message_are_none() -> None:
     assert _job_ids(Undecodable(), None) == []
+
+
+def test_arguments_say_whether_the_reconciler_sent_a_suspect() -> None:
+    assert _arguments(None, [["a"], {"suspect": True}, {}]) == (["a"], True)
+    assert _arguments(None, {"args": ["a"], "kwargs": {"suspect": True}}) == (["a"], True)
+    assert _arguments(None, [["a", "b"], {}, {}]) == (["a", "b"], False)
+    assert _arguments(None, [["a"], {"suspect": "yes"}, {}]) == (["a"], False)
+    assert _arguments(None, [["a"]]) == (["a"], False)

@@ -284,3 +284,31 @@ def test_release_job_ends_a_job_canceled_while_running_canceled(settings: Settin
     assert job.completed_at is not None
     (event,) = completed_events(settings, claimed.id)
     assert event["status"] == "canceled"
+
+
+def make_suspect(settings: Settings, job_id: uuid.UUID) -> None:
+    """The job was lost twice and the reconciler sent it again: a queued suspect."""
+    with session_scope(settings) as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(status=JobStatus.QUEUED, attempts=2)
+        )
+
+
+def test_claim_jobs_takes_a_suspect_only_alone(settings: Settings) -> None:
+    """A suspect claimed with fresh jobs would share their fate: a fresh crasher beside it
+    would have it judged poison, and a poison suspect would take their runs down. A claim
+    naming it among others leaves it (its own message names it alone), and one naming it alone
+    takes it and says it is a suspect."""
+    suspect, fresh, other = make_jobs(settings, 3)
+    make_suspect(settings, suspect)
+    with session_scope(settings) as session:
+        claimed = job_service.claim_jobs(
+            session=session, job_ids=[suspect, fresh, other], lease_seconds=60
+        )
+    assert sorted((c.id, c.suspect) for c in claimed) == sorted([(fresh, False), (other, False)])
+    assert status(settings, suspect) == (JobStatus.QUEUED, False)
+    with session_scope(settings) as session:
+        (alone,) = job_service.claim_jobs(
+            session=session, job_ids=[suspect, suspect], lease_seconds=60
+        )
+    assert (alone.id, alone.suspect, alone.attempts) == (suspect, True, 3)

@@ -187,11 +187,21 @@ def _handle_expired_leases(
     expired = select(Job.id, lost_runs(), Job.cancel_requested).where(
         _status_is(JobStatus.RUNNING), Job.lease_expires_at < now
     )
-    if suspects_only:
-        expired = expired.where(_is_suspect())
-    lost = session.execute(
-        expired.order_by(Job.created_at).limit(MAX_JOBS_PER_PASS).with_for_update(skip_locked=True)
-    ).all()
+    # Suspects and the other lost jobs are read apart, each up to the limit: waiting suspects
+    # stay running with expired leases, and read together, oldest first, the same waiting ones
+    # filled every pass's limit, so a job lost later was never recovered until they drained.
+    # Among suspects those to end come first, for the same reason.
+    ends = or_(Job.cancel_requested, lost_runs() >= settings.job_max_attempts)
+    scans = [expired.where(_is_suspect()).order_by(ends.desc(), Job.created_at)]
+    if not suspects_only:
+        scans.insert(0, expired.where(~_is_suspect()).order_by(Job.created_at))
+    lost = [
+        row
+        for scan in scans
+        for row in session.execute(
+            scan.limit(MAX_JOBS_PER_PASS).with_for_update(skip_locked=True)
+        ).all()
+    ]
     suspect_busy = _suspect_in_flight(session=session, now=now)
     for job_id, runs_lost, cancel_requested in lost:
         if cancel_requested:

@@ -131,3 +131,21 @@ def test_reconcile_without_a_broker_snapshot_resends_a_suspect_queued_for_a_leas
     assert stamp > utcnow() - timedelta(seconds=5)
     assert reconcile(settings, present=None)[1] == []  # once a lease
     assert {get(settings, i).status for i in (stale, recent, first_loss)} == {"queued"}
+
+
+def test_reconcile_recovers_a_lost_job_behind_a_full_pass_of_waiting_suspects(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting suspects stay running with expired leases. Read with the other lost jobs, oldest
+    first, up to the pass's limit, they filled it on every pass: a job lost later, or a suspect
+    in flight that crashed its worker again, waited until every suspect had drained."""
+    monkeypatch.setattr(service, "MAX_JOBS_PER_PASS", 2)
+    in_flight = make_job(settings, attempts=2, enqueued_at=utcnow())  # holds the quarantine
+    waiting = [lost_job(settings, attempts=2, age_s=90 - i) for i in range(3)]
+    lost_again = lost_job(settings, attempts=settings.job_max_attempts, age_s=30)
+    first_loss = lost_job(settings, attempts=1, age_s=10)
+    report, sent = reconcile(settings, present={str(in_flight)})
+    assert sent == [first_loss]
+    assert (report.requeued_lost, report.failed, report.waiting_suspects) == (1, 1, 1)
+    assert get(settings, lost_again).error_code == "poison_input"
+    assert {get(settings, i).status for i in waiting} == {"running"}

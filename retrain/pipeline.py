@@ -279,23 +279,7 @@ class _Run:
     def _train_and_gate(self, plan: dict[str, Any], out: Path) -> RunResult:
         cfg = self.settings
         production = plan["production"]
-        held_out: set[str] = plan["held_out"]  # the evaluation images' digests
-        with session_scope(cfg) as session:
-            loaded = feedback.load_samples(
-                session=session, feedback_ids=plan["ids"], store=blob_store(cfg)
-            )
-        # A client may upload an evaluation image (public datasets are) and label it: trained
-        # on, it would flatter the candidate at the gate.
-        samples = [
-            (image, decode_mask_png(mask))
-            for image, mask in loaded
-            if hashlib.sha256(image).hexdigest() not in held_out
-        ]
-        if len(samples) < len(loaded):
-            log.warning(
-                "left out %d labels whose image is in the evaluation set",
-                len(loaded) - len(samples),
-            )
+        samples, label_counts = self._load_labels(plan["ids"], plan["held_out"])
         report = self._fine_tune(samples, production["path"], out)
         cand_metrics, prod_metrics = self._evaluate(str(out), production["path"])
         problems = gate(
@@ -307,8 +291,7 @@ class _Run:
         sha = file_sha256(out)
         version = f"{out.stem}-{sha[:8]}"
         counts = {
-            "feedback_samples": len(samples),
-            "feedback_in_eval_set": len(loaded) - len(samples),
+            **label_counts,
             "training": report.data,
             "eval_images": cand_metrics["images"],
         }
@@ -356,7 +339,56 @@ class _Run:
         log.info("%s", summary)
         return self._finish("completed", summary, version, str(status))
 
-    def _fine_tune(self, samples: list[Any], init_model: str, out: Path) -> Any:
+    def _load_labels(self, ids: list[uuid.UUID], held_out: set[str]) -> tuple[Any, dict[str, int]]:
+        """The labels decoded straight to model size (`retrain.dataset.Decoded`), streamed from
+        the database: each upload (up to 10 MB) and full-size mask is dropped once its 128x128
+        pair is made, so a run holds ~64 KB a label, not every label's bytes. With the counts
+        of what was left out, and why."""
+        from retrain.dataset import decode_samples
+
+        cfg = self.settings
+        left_out = {"in_eval_set": 0, "input_missing": 0}
+
+        def pairs() -> Iterator[tuple[bytes, Any]]:
+            with session_scope(cfg) as session:
+                for label in feedback.iter_labeled_inputs(
+                    session=session, feedback_ids=ids, store=blob_store(cfg)
+                ):
+                    if label.image is None:
+                        left_out["input_missing"] += 1
+                    # A client may upload an evaluation image (public datasets are) and label
+                    # it: trained on, it would flatter the candidate at the gate.
+                    elif hashlib.sha256(label.image).hexdigest() in held_out:
+                        left_out["in_eval_set"] += 1
+                    else:
+                        yield label.image, decode_mask_png(label.mask_png)
+
+        decoded = decode_samples(pairs(), prefix="feedback")
+        undecodable = sum(decoded.stats.skipped.values())
+        loaded = decoded.stats.found + left_out["in_eval_set"] + left_out["input_missing"]
+        counts = {
+            "feedback_samples": len(decoded),
+            "feedback_in_eval_set": left_out["in_eval_set"],
+            "feedback_input_missing": left_out["input_missing"],
+            "feedback_undecodable": undecodable,
+            # purged, or its mask replaced, between the snapshot and the load
+            "feedback_gone": len(ids) - loaded,
+        }
+        if left_out["in_eval_set"]:
+            log.warning(
+                "left out %d labels whose image is in the evaluation set", left_out["in_eval_set"]
+            )
+        if left_out["input_missing"] or undecodable or counts["feedback_gone"]:
+            log.warning(
+                "left out %d labels whose input file is missing or damaged, %d that did not "
+                "decode and %d whose input or mask went since the snapshot",
+                left_out["input_missing"],
+                undecodable,
+                counts["feedback_gone"],
+            )
+        return decoded, counts
+
+    def _fine_tune(self, samples: Any, init_model: str, out: Path) -> Any:
         from retrain.train import train
 
         cfg = self.settings

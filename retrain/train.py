@@ -112,7 +112,7 @@ def train(
     learning_rate: float = 1e-3,
     seed: int = 0,
     init_model: str | Path | None = None,
-    extra_samples: Sequence[Sample] | None = None,
+    extra_samples: Decoded | Sequence[Sample] | None = None,
     progress: bool = True,
     val_fraction: float = 0.2,
     patience: int = 25,
@@ -134,8 +134,13 @@ def train(
 
     train_data = read_folder(data_dir, "train", val_fraction)
     val_data = read_folder(data_dir, "val", val_fraction)
-    if extra_samples:
-        train_data = concat(train_data, decode_samples(extra_samples, prefix="extra"))
+    if extra_samples is not None and len(extra_samples):
+        extra = (
+            extra_samples
+            if isinstance(extra_samples, Decoded)  # decoded already (retraining's labels)
+            else decode_samples(extra_samples, prefix="extra")
+        )
+        train_data = concat(train_data, extra)
     if len(train_data) == 0:
         raise ValueError(f"no usable training pairs in {data_dir}")
     data = _data_summary(train_data, val_data)

@@ -8,6 +8,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from PIL import Image, UnidentifiedImageError
@@ -190,30 +191,65 @@ def labeled_feedback_ids(*, session: Session) -> list[uuid.UUID]:
     return list(dict.fromkeys(r[0] for r in rows))
 
 
-def load_samples(
-    *, session: Session, feedback_ids: Sequence[uuid.UUID], store: BlobStore | None = None
-) -> list[tuple[bytes, bytes]]:
-    """(input image bytes, corrected mask PNG) for each feedback id that still has both."""
-    if not feedback_ids:
-        return []
-    rows = session.execute(
-        select(Feedback.id, Feedback.mask_png, Job.input_bytes)
-        .join(Job, Job.id == Feedback.job_id)
-        .where(Feedback.id.in_(list(feedback_ids)))
-    ).all()
-    by_id = {r[0]: (r[2], r[1]) for r in rows if r[1] is not None and r[2] is not None}
-    samples = []
-    for fid in feedback_ids:
-        if fid in by_id:
-            stored, mask = by_id[fid]
+# Feedback ids per statement when labels are loaded: one bind parameter each (psycopg allows
+# 65535), and the rows of one statement are streamed a few at a time (inputs are up to 10 MB).
+LOAD_CHUNK = 500
+LOAD_ROWS_AT_ONCE = 8
+
+
+@dataclass(frozen=True)
+class LabeledInput:
+    """One label as training reads it: the upload, its digest and the corrected mask."""
+
+    feedback_id: uuid.UUID
+    input_sha256: str
+    image: bytes | None  # None: its input file is missing or damaged (`SEG_BLOB_STORE=fs`)
+    mask_png: bytes
+
+
+def iter_labeled_inputs(
+    *,
+    session: Session,
+    feedback_ids: Sequence[uuid.UUID],
+    store: BlobStore | None = None,
+    chunk: int | None = None,
+) -> Iterator[LabeledInput]:
+    """The labels of `feedback_ids` (oldest first, as `labeled_feedback_ids` gives them) that
+    still have both their mask and their input, in that order, `chunk` (LOAD_CHUNK) ids per
+    statement, each row read when the caller asks for it: a caller that
+    keeps only what it derives holds a few inputs at a time, never every label ever given."""
+    chunk = chunk or LOAD_CHUNK
+    for start in range(0, len(feedback_ids), chunk):
+        rows = session.execute(
+            select(Feedback.id, Job.input_sha256, Feedback.mask_png, Job.input_bytes)
+            .join(Job, Job.id == Feedback.job_id)
+            .where(
+                Feedback.id.in_(list(feedback_ids[start : start + chunk])),
+                Feedback.mask_png.is_not(None),
+                Job.input_bytes.is_not(None),
+            )
+            .order_by(Feedback.created_at, Feedback.id)
+            .execution_options(yield_per=LOAD_ROWS_AT_ONCE)
+        )
+        for fid, digest, mask, stored in rows:
             try:
                 image = store.get(stored) if store is not None else stored  # fs: a file pointer
             except BlobMissingError:  # lost or damaged on disk: one label less, not every run
                 log.warning("feedback %s: its input file is missing or damaged; left out", fid)
-                continue
-            if image:
-                samples.append((bytes(image), bytes(mask)))
-    return samples
+                image = None
+            yield LabeledInput(fid, digest, bytes(image) if image else None, bytes(mask or b""))
+
+
+def load_samples(
+    *, session: Session, feedback_ids: Sequence[uuid.UUID], store: BlobStore | None = None
+) -> list[tuple[bytes, bytes]]:
+    """(input image bytes, corrected mask PNG) for each feedback id that still has both (all in
+    memory: for a few labels; training streams `iter_labeled_inputs`)."""
+    return [
+        (item.image, item.mask_png)
+        for item in iter_labeled_inputs(session=session, feedback_ids=feedback_ids, store=store)
+        if item.image is not None
+    ]
 
 
 PURGE_CHUNK = 1000

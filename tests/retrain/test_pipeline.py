@@ -774,3 +774,77 @@ def test_labels_of_evaluation_images_are_left_out_of_training(
         assert run.data_counts["labels"] == 2
         assert run.data_counts["feedback_samples"] == 1
         assert run.data_counts["feedback_in_eval_set"] == 1
+
+
+def test_labels_reach_training_decoded_to_model_size_in_chunks(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every label ever given was loaded in one statement and kept at full size (uploads up to
+    10 MB, masks decoded at full resolution) through training: they are now read a chunk of
+    ids at a time and each pair is kept only as its 128x128 arrays."""
+    from retrain.dataset import Decoded
+    from retrain.pipeline import _Run
+    from segsvc.services import feedback
+
+    monkeypatch.setattr(feedback, "LOAD_CHUNK", 2)
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=3)
+    for seed in range(3):
+        mask = make_mask(300, 200, seed=seed)
+        labeled_job(cfg, encode_png(COLOURS[mask]), mask)
+    seen: list[Any] = []
+    quick_run(monkeypatch, model_file)
+    fine_tune = _Run._fine_tune
+
+    def keep(self: _Run, samples: Any, init_model: str, out: Path) -> Any:
+        seen.append(samples)
+        return fine_tune(self, samples, init_model, out)
+
+    loads: list[int] = []
+    real_iter = feedback.iter_labeled_inputs
+
+    def counted(**kwargs: Any) -> Any:
+        for label in real_iter(**kwargs):
+            loads.append(1)
+            yield label
+
+    monkeypatch.setattr(_Run, "_fine_tune", keep)
+    monkeypatch.setattr(feedback, "iter_labeled_inputs", counted)
+    result = run_retraining(cfg, trigger="manual")
+    assert result.status == "completed", result
+    (samples,) = seen
+    assert isinstance(samples, Decoded)
+    assert samples.images.shape == (3, 128, 128, 3)
+    assert samples.masks.shape == (3, 128, 128)
+    assert set(np.unique(samples.masks)) <= {0, 1, 2}
+    assert len(loads) == 3
+    with session_scope(cfg) as session:
+        run = session.get(TrainingRun, uuid.UUID(result.run_id))
+        assert run is not None
+        assert run.data_counts["feedback_samples"] == 3
+        assert run.data_counts["feedback_input_missing"] == 0
+        assert run.data_counts["feedback_gone"] == 0
+
+
+def test_training_takes_decoded_labels_beside_the_folder(tmp_path: Path) -> None:
+    from retrain.dataset import decode_samples, read_folder
+    from retrain.train import train
+
+    data = make_dataset(tmp_path / "data", n=4)
+    mask = make_mask(90, 70, seed=3)
+    extra = decode_samples([(encode_png(COLOURS[mask]), mask)] * 2, prefix="feedback")
+    report = train(
+        data_dir=data,
+        epochs=1,
+        out=tmp_path / "m.keras",
+        batch_size=2,
+        extra_samples=extra,
+        progress=False,
+        steps_per_epoch=1,
+        evaluate_after=False,
+    )
+    assert report.args["extra_samples"] == 2
+    assert report.data["train_used"] == len(read_folder(data, "train")) + 2

@@ -157,6 +157,43 @@ def test_a_label_whose_input_file_is_gone_is_left_out_not_fatal(
     assert samples == [(photo_bytes(seed=1), good_mask())]
 
 
+def test_labels_are_loaded_in_chunks_of_ids(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every label ever given was read by one statement with a bind parameter per id (psycopg
+    allows 65535) and held in memory at once; they are read LOAD_CHUNK ids per statement."""
+    from sqlalchemy import event
+
+    from segsvc.db import get_engine
+
+    monkeypatch.setattr(feedback, "LOAD_CHUNK", 3)
+    labels = []
+    for seed in range(7):
+        job_id = make_job(settings, image=photo_bytes(seed=seed))
+        with session_scope(settings) as session:
+            labels.append(
+                feedback.submit_feedback(
+                    session=session, job_id=job_id, client_id=None, mask_png=good_mask()
+                ).id
+            )
+    statements: list[int] = []  # the number of bind parameters of each SELECT on feedback
+
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT") and "feedback" in statement:
+            statements.append(len(parameters or ()))
+
+    engine = get_engine(settings)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with session_scope(settings) as session:
+            samples = feedback.load_samples(session=session, feedback_ids=labels)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert [image for image, _ in samples] == [photo_bytes(seed=seed) for seed in range(7)]
+    assert len(statements) == 3
+    assert max(statements) <= 3
+
+
 def test_submit_feedback_rejects_bad_rating_empty_request_and_unfinished_jobs(
     settings: Settings,
 ) -> None:

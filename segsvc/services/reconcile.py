@@ -127,8 +127,8 @@ def reconcile(
     now: datetime | None = None,
 ) -> ReconcileReport:
     """One pass: end, cancel or re-enqueue lost jobs; `present` is None when the broker cannot
-    be inspected (then messages are not looked for, but a suspect left queued for a lease is
-    sent again). `now` defaults to the database's."""
+    be inspected (then messages are not looked for, but a job left queued for a lease without
+    being sent is sent again). `now` defaults to the database's."""
     now = now or db_time(session)
     report = ReconcileReport()
     _handle_expired_leases(
@@ -150,6 +150,7 @@ def reconcile(
         _resend_stale_suspects(
             session=session, settings=settings, enqueue=enqueue, now=now, report=report
         )
+        _resend_stale(session=session, settings=settings, enqueue=enqueue, now=now, report=report)
     return report
 
 
@@ -287,6 +288,39 @@ def _resend_stale_suspects(
     for job_id in ids:
         _mark_requeued(session, job_id, now, from_running=False)
         report.suspect_ids.add(job_id)
+        enqueue(job_id)
+        report.requeued_missing += 1
+
+
+def _resend_stale(
+    *,
+    session: Session,
+    settings: Settings,
+    enqueue: Callable[[uuid.UUID], None],
+    now: datetime,
+    report: ReconcileReport,
+) -> None:
+    """Without a broker to inspect: a queued job neither sent nor created within a lease may
+    have lost its message (a worker killed holding it prefetched: the SQLAlchemy transport
+    keeps such a message hidden for good; an enqueue after the commit that failed), and nothing
+    else would ever send it again. So it is sent again, at most once a lease and
+    `MAX_JOBS_PER_PASS` a pass, oldest first; behind a backlog it may only be waiting, and a
+    second message is harmless (the claim's fence). Suspects: `_resend_stale_suspects`."""
+    stale = now - timedelta(seconds=settings.job_lease_seconds)
+    ids = session.scalars(
+        select(Job.id)
+        .where(
+            _status_is(JobStatus.QUEUED),
+            ~_is_suspect(),
+            Job.cancel_requested.is_(False),
+            Job.created_at < stale,
+            or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
+        )
+        .order_by(Job.created_at, Job.id)
+        .limit(MAX_JOBS_PER_PASS)
+    ).all()
+    for job_id in ids:
+        _mark_requeued(session, job_id, now, from_running=False)
         enqueue(job_id)
         report.requeued_missing += 1
 

@@ -74,11 +74,28 @@ logger_class = Logger
 
 def on_starting(server: Any) -> None:
     """Start from an empty metrics folder: files of a previous run would skew the counters;
-    then step back on the CPU (the workers inherit it through the fork)."""
+    listen on the metrics port too; then step back on the CPU (the workers inherit it through
+    the fork)."""
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
+    binds = with_metrics_port(server.cfg.bind, get_settings().metrics_port)
+    if binds != server.cfg.bind:
+        server.cfg.set("bind", binds)  # before the arbiter opens its sockets
     yield_cpu(get_settings().api_nice)
+
+
+def with_metrics_port(binds: list[str], port: int) -> list[str]:
+    """gunicorn's listen addresses plus `SEG_METRICS_PORT` on the first one's host, where
+    /metrics answers (and nothing else: `api/metrics.py`). Added here rather than in `bind`
+    so that a `--bind` on the command line keeps it."""
+    if not port or not binds:
+        return binds
+    host, sep, _ = binds[0].rpartition(":")
+    if not sep or binds[0].startswith(("unix:", "fd://")):
+        host = "0.0.0.0"  # noqa: S104 - a socket file's server has no host of its own
+    metrics = f"{host}:{port}"
+    return binds if metrics in binds else [*binds, metrics]
 
 
 def yield_cpu(nice: int) -> None:

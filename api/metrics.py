@@ -13,7 +13,9 @@ import uuid
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import NotFound
 
+from api.context import settings
 from segsvc.logging_setup import bind_context, reset_context
 from segsvc.metrics import (
     HTTP_LATENCY,
@@ -103,6 +105,19 @@ def _teardown(_exc: BaseException | None) -> None:
         reset_context(token)
 
 
+def keep_metrics_on_their_port() -> None:
+    """With `SEG_METRICS_PORT` set, gunicorn listens on that port too (`api/gunicorn_conf.py`):
+    /metrics answers there only, and that port answers nothing else. The public port (the one
+    a compose file publishes or an Ingress routes to) then never shows the metrics, which name
+    error codes, routes and traffic, to anyone who can reach the API."""
+    port = settings().metrics_port
+    if not port:
+        return
+    on_metrics_port = request.environ.get("SERVER_PORT") == str(port)
+    if on_metrics_port != (request.endpoint == "metrics"):
+        raise NotFound()  # the same answer as a path no route has
+
+
 def metrics_view() -> Response:
     """Prometheus exposition of every series this API process (group) records."""
     return Response(generate_latest(metrics_registry()), mimetype=CONTENT_TYPE_LATEST)
@@ -111,6 +126,7 @@ def metrics_view() -> Response:
 def register_metrics(app: Flask) -> None:
     """Time and count every request, tag it with a request id, serve /metrics."""
     app.before_request(_before)
+    app.before_request(keep_metrics_on_their_port)
     app.after_request(_after)
     app.teardown_request(_teardown)
     app.add_url_rule("/metrics", "metrics", metrics_view, methods=["GET"])

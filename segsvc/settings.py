@@ -279,7 +279,11 @@ class Settings(BaseSettings):
     blob_store: Literal["db", "fs"] = Field("db", description="Where inputs/masks are kept.")
     blob_dir: Path | None = Field(None, description="Folder for blob_store=fs.")
     metrics_port: int = Field(
-        0, ge=0, le=65535, description="Worker /metrics port (0: no metrics server)."
+        0,
+        ge=0,
+        le=65535,
+        description="/metrics port. Workers and beat serve it there (0: none); the API listens "
+        "on it too and serves /metrics there only, not on its public port (0: on its port).",
     )
     probe_dir: Path | None = Field(
         None, description="Worker writes `ready` (model loaded) and `alive` files here."

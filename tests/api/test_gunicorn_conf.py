@@ -125,3 +125,63 @@ def test_sigterm_answers_a_waiting_submit_with_its_202_before_the_server_stops(
 def stored_jobs(settings: Settings) -> Any:
     with session_scope(settings) as session:
         return session.scalar(select(func.count()).select_from(Job))
+
+
+@pytest.mark.parametrize(
+    ("binds", "port", "expected"),
+    [
+        (["0.0.0.0:8000"], 0, ["0.0.0.0:8000"]),
+        (["0.0.0.0:8000"], 9100, ["0.0.0.0:8000", "0.0.0.0:9100"]),
+        (["127.0.0.1:8000"], 9100, ["127.0.0.1:8000", "127.0.0.1:9100"]),
+        (["[::1]:8000"], 9100, ["[::1]:8000", "[::1]:9100"]),
+        (["127.0.0.1:8000", "127.0.0.1:9100"], 9100, ["127.0.0.1:8000", "127.0.0.1:9100"]),
+        (["unix:/run/api.sock"], 9100, ["unix:/run/api.sock", "0.0.0.0:9100"]),
+    ],
+)
+def test_with_metrics_port_listens_on_the_first_address_host(
+    binds: list[str], port: int, expected: list[str]
+) -> None:
+    from api.gunicorn_conf import with_metrics_port
+
+    assert with_metrics_port(binds, port) == expected
+
+
+@pytest.mark.timeout(120)
+def test_metrics_answer_on_their_own_port_only(
+    settings: Settings, api_key: str, tmp_path: Path
+) -> None:
+    """With SEG_METRICS_PORT set (compose and k8s set 9100), the API's public port answers
+    /metrics with a 404, as it would any unknown path, and the metrics port answers nothing but
+    /metrics: a published API port no longer shows every caller the service's traffic and
+    error counts. A `--bind` on the command line keeps the metrics listener."""
+    port, metrics_port, log_path = free_port(), free_port(), tmp_path / "gunicorn.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    server = ["gunicorn", "-c", "python:api.gunicorn_conf", "api.wsgi:app"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *server, "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+        cwd=ROOT,
+        env=worker_env(settings, SEG_METRICS_PORT=str(metrics_port)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    public, metrics = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
+    try:
+        wait_http_up(public, proc, log_path)
+        with httpx.Client(timeout=30) as http:
+            scraped = http.get(f"{metrics}/metrics")
+            from_outside = http.get(f"{public}/metrics")
+            health_on_metrics = http.get(f"{metrics}/healthz")
+            api_on_metrics = http.get(
+                f"{metrics}/v1/jobs?ids=", headers={"Authorization": f"Bearer {api_key}"}
+            )
+            health = http.get(f"{public}/healthz")
+    finally:
+        stop_process(proc)
+        log.close()
+    assert scraped.status_code == 200, log_path.read_text()[-3000:]
+    assert "segsvc_http_requests_total" in scraped.text
+    assert from_outside.status_code == 404
+    assert from_outside.json()["error"] == "not_found"
+    assert health_on_metrics.status_code == 404
+    assert api_on_metrics.status_code == 404
+    assert health.status_code == 200

@@ -295,6 +295,24 @@ def test_prometheus_scrapes_every_metrics_port_in_compose() -> None:
     assert (names | targets) - {"localhost"} <= set(compose()["services"])
 
 
+def test_prometheus_scrapes_the_api_on_its_metrics_port_which_is_not_published() -> None:
+    """The API serves /metrics only on SEG_METRICS_PORT (its public port answers 404): the
+    scrape configs must aim there, and compose must not publish that port."""
+    api = compose()["services"]["api"]
+    port = api["environment"]["SEG_METRICS_PORT"]
+    config = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "api")
+    assert [str(sd["port"]) for sd in job["dns_sd_configs"]] == [port]
+    assert not any(str(p).endswith(f":{port}") for p in api.get("ports", []))
+
+    docs = rendered("base")
+    settings = find(docs, "ConfigMap", "segsvc-config")["data"]
+    pod = find(docs, "Deployment", "segsvc-api")["spec"]["template"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == settings["SEG_METRICS_PORT"]
+    ports = {p["containerPort"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    assert int(settings["SEG_METRICS_PORT"]) in ports
+
+
 def test_grafana_dashboard_queries_only_series_we_export() -> None:
     dashboard = json.loads((ROOT / "ops/grafana/dashboards/segsvc.json").read_text())
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])

@@ -12,6 +12,7 @@ import io
 import logging
 import statistics
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 TRAINED = ("completed",)  # run statuses whose labels count as used
 LOG_CAP = 64 * 1024
+# The loggers a run's stored log reads (retrain's first): its own, the labels' loader and the
+# model code it calls (conversions, runtimes).
+CAPTURED_LOGGERS = ("retrain", "segsvc.services.feedback", "segsvc.ml")
 
 
 class RetrainBusyError(ConflictError):
@@ -476,19 +480,26 @@ class _Run:
 
     @contextmanager
     def _capture_logs(self) -> Iterator[None]:
+        """Keep this run's log lines for its row: those of its own thread (the maintenance
+        worker's other thread logs canary verdicts and retention passes meanwhile) from
+        retraining and from the services it calls (labels left out, conversions that failed)."""
         handler = logging.StreamHandler(self.log_buffer)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)
-        logger = logging.getLogger("retrain")
-        old_level = logger.level
-        logger.addHandler(handler)
-        if logger.getEffectiveLevel() > logging.INFO:
-            logger.setLevel(logging.INFO)
+        run_thread = threading.get_ident()
+        handler.addFilter(lambda record: record.thread == run_thread)
+        loggers = [logging.getLogger(name) for name in CAPTURED_LOGGERS]
+        old_level = loggers[0].level
+        for logger in loggers:
+            logger.addHandler(handler)
+        if loggers[0].getEffectiveLevel() > logging.INFO:  # retrain's own INFO lines
+            loggers[0].setLevel(logging.INFO)
         try:
             yield
         finally:
-            logger.removeHandler(handler)
-            logger.setLevel(old_level)
+            for logger in loggers:
+                logger.removeHandler(handler)
+            loggers[0].setLevel(old_level)
 
 
 def _row(version: ModelVersion) -> dict[str, Any]:

@@ -713,6 +713,7 @@ def test_a_run_prunes_old_model_files_of_rejected_versions_and_crashed_runs_at_i
 
 def labeled_job(settings: Settings, image: bytes, mask: np.ndarray) -> None:
     """A succeeded job of `image` with a corrected mask, made by the real services."""
+    from segsvc.blobs import blob_store
     from segsvc.images import validate_image
     from segsvc.services import feedback
     from segsvc.services import jobs as job_service
@@ -720,7 +721,9 @@ def labeled_job(settings: Settings, image: bytes, mask: np.ndarray) -> None:
 
     checked = validate_image(image, max_bytes=10**7, max_pixels=10**7)
     with session_scope(settings) as session:
-        job_id = job_service.create_job(session=session, image=checked).id
+        job_id = job_service.create_job(
+            session=session, image=checked, store=blob_store(settings)
+        ).id
     finish_job(settings, start_job(settings, job_id))
     buf = io.BytesIO()
     Image.fromarray(mask, "L").save(buf, format="PNG")
@@ -848,3 +851,53 @@ def test_training_takes_decoded_labels_beside_the_folder(tmp_path: Path) -> None
     )
     assert report.args["extra_samples"] == 2
     assert report.data["train_used"] == len(read_folder(data, "train")) + 2
+
+
+def test_a_runs_log_keeps_its_own_threads_lines_and_the_services_warnings(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The log was every `retrain.*` line of the process (the maintenance worker's other thread
+    logs canary verdicts and purges meanwhile) and missed the warnings of the services a run
+    calls: a label left out for its missing input file, a conversion that failed."""
+    import logging
+    import threading
+
+    from segsvc.blobs import blob_store
+
+    cfg = loop_settings(
+        settings,
+        tmp_path,
+        retrain_min_new_labels=2,
+        blob_store="fs",
+        blob_dir=tmp_path / "blobs",
+    )
+    for seed in (1, 2):
+        mask = make_mask(90, 70, seed=seed)
+        labeled_job(cfg, encode_png(COLOURS[mask]), mask)
+    with session_scope(cfg) as session:
+        pointer = session.scalars(select(Job.input_bytes).order_by(Job.created_at)).first()
+    blob_store(cfg).path_for(bytes(pointer or b"")[-64:].decode()).unlink()
+
+    def meanwhile() -> None:
+        logging.getLogger("segsvc.ml.convert").warning("conversion of the candidate failed")
+        other = threading.Thread(
+            target=lambda: logging.getLogger("retrain.tasks").info("canary v9 promoted")
+        )
+        other.start()
+        other.join()
+
+    quick_run(monkeypatch, model_file, during_eval=meanwhile)
+    result = run_retraining(cfg, trigger="manual")
+    assert result.status == "completed", result
+    with session_scope(cfg) as session:
+        run = session.get(TrainingRun, uuid.UUID(result.run_id))
+        assert run is not None
+        assert "its input file is missing or damaged; left out" in run.log
+        assert "conversion of the candidate failed" in run.log
+        assert "canary v9 promoted" not in run.log
+        assert run.data_counts["feedback_input_missing"] == 1
+        assert run.data_counts["feedback_samples"] == 1

@@ -6,7 +6,7 @@ import functools
 import ssl
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import httpcore
@@ -169,13 +169,19 @@ def deliver(*, url: str, body: str, headers: dict[str, str], settings: Settings)
         return Outcome("retry", _ms(started), error=str(exc))
     except UnsafeTargetError as exc:
         return Outcome("failed", _ms(started), error=str(exc))
-    return post(
+    outcome = post(
         target,
         body=body,
         headers=headers,
         timeout=settings.webhook_timeout_seconds,
         body_cap=settings.webhook_body_cap_bytes,
     )
+    if target.allowlisted:
+        # The attempt log (GET /v1/jobs/<id>/webhooks) shows the client what the receiver
+        # answered: from a private address only the allowlist lets through, that would be
+        # an internal service's reply to a request the client chose the URL of.
+        outcome = replace(outcome, body=None)
+    return outcome
 
 
 def post(

@@ -47,6 +47,9 @@ class Target:
     host: str
     port: int
     addresses: tuple[str, ...]
+    # Reached only because SEG_WEBHOOK_ALLOW_NETWORKS lists one of its addresses: an internal
+    # service, whose answers the client who named it must not read (`delivery.deliver`).
+    allowlisted: bool = False
 
 
 def parse_networks(raw: str) -> tuple[IPNetwork, ...]:
@@ -179,7 +182,10 @@ def check_url(url: str, *, allow: Sequence[IPNetwork] = (), resolver: Resolver =
                 f"The webhook host {host!r} {shown} {why}; webhooks may only target public "
                 "addresses."
             )
-    return Target(url=url, host=host, port=port, addresses=tuple(addresses))
+    allowlisted = bool(allow) and any(refusal_reason(a) for a in addresses)
+    return Target(
+        url=url, host=host, port=port, addresses=tuple(addresses), allowlisted=allowlisted
+    )
 
 
 def loggable_url(url: str) -> str:

@@ -103,6 +103,19 @@ def test_deliver_sends_when_allowlisted(receiver: Receiver, hook_settings: Setti
     )
 
 
+@pytest.mark.parametrize("status", [200, 500, 410])
+def test_deliver_keeps_no_answer_from_an_allowlisted_private_receiver(
+    receiver: Receiver, hook_settings: Settings, status: int
+) -> None:
+    """The attempt log shows its client what the receiver answered. A client may name any URL
+    on a network the allowlist opens (an internal service), so what such a receiver says is
+    not kept; its status is."""
+    receiver.script(Reply(status, body=b"internal secrets"))
+    out = deliver(url=receiver.url, body="{}", headers={}, settings=hook_settings)
+    assert out.status_code == status
+    assert out.body is None
+
+
 @contextmanager
 def raw_server(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[int]:
     """A loopback server that reads each request and leaves the connection to `answer(conn,

@@ -97,6 +97,16 @@ def test_check_url_returns_every_checked_address() -> None:
     assert target.host == "hooks.example"
     assert target.port == 8443
     assert target.addresses == ("93.184.215.14", "2606:2800:21f:cb07::1")
+    assert not target.allowlisted
+
+
+def test_check_url_marks_a_target_only_the_allowlist_lets_through() -> None:
+    """Validator only: nothing is sent to these addresses."""
+    allow = parse_networks("10.20.0.0/16, 93.184.215.0/24")
+    inside = check_url("https://hooks.example/x", allow=allow, resolver=fake_dns("10.20.0.5"))
+    public = check_url("https://hooks.example/x", allow=allow, resolver=fake_dns("93.184.215.14"))
+    assert inside.allowlisted
+    assert not public.allowlisted  # a public address needs no exception
 
 
 @pytest.mark.parametrize(

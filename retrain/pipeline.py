@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,12 +109,26 @@ def gate(
         problems.append(f"mean IoU {c_iou:.4f} < production {p_iou:.4f} - {tolerance:g}")
     c_ms, p_ms = float(candidate["latency_ms_batch1"]), float(production["latency_ms_batch1"])
     if not c_ms <= p_ms * latency_ratio:
-        problems.append(f"batch-1 latency {c_ms:.1f} ms > {latency_ratio:g} x {p_ms:.1f} ms")
+        problems.append(
+            f"batch-1 latency {c_ms:.1f} ms{_timed_on(candidate)} > "
+            f"{latency_ratio:g} x {p_ms:.1f} ms{_timed_on(production)}"
+        )
     return problems
 
 
-def measure_latency(paths: list[str], settings: Settings, runs: int = 20) -> list[float]:
-    """Median batch-1 latency (ms) of each model, measured interleaved so load noise is shared."""
+def _timed_on(metrics: dict[str, Any]) -> str:
+    return f" ({metrics['runtime']})" if "runtime" in metrics else ""
+
+
+def measure_latency(
+    paths: list[str],
+    settings: Settings,
+    runs: int = 20,
+    faithful: Sequence[Sequence[str]] | None = None,
+) -> list[tuple[float, str]]:
+    """Median batch-1 latency (ms) of each model on the runtime it is served with (`faithful`:
+    each model's runtimes measured faithful, which `SEG_RUNTIME=auto` picks from), and that
+    runtime's name; measured interleaved so load noise is shared."""
     from segsvc.ml.runtime import load_runtime, serving_batch_sizes
 
     sizes = serving_batch_sizes(settings.batch_max_size)
@@ -125,8 +139,9 @@ def measure_latency(paths: list[str], settings: Settings, runs: int = 20) -> lis
             threads=settings.inference_threads,
             artifact_dir=settings.artifact_dir,
             batch_sizes=sizes,
+            faithful=kinds,
         )
-        for p in paths
+        for p, kinds in zip(paths, faithful or [()] * len(paths), strict=True)
     ]
     x = np.random.default_rng(0).random((1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
     samples: list[list[float]] = [[] for _ in runtimes]
@@ -137,7 +152,7 @@ def measure_latency(paths: list[str], settings: Settings, runs: int = 20) -> lis
             started = time.perf_counter()
             rt.predict(x)
             samples[i].append((time.perf_counter() - started) * 1000.0)
-    return [statistics.median(s) for s in samples]
+    return [(statistics.median(s), rt.name) for s, rt in zip(samples, runtimes, strict=True)]
 
 
 class _Run:
@@ -285,7 +300,7 @@ class _Run:
         production = plan["production"]
         samples, label_counts = self._load_labels(plan["ids"], plan["held_out"])
         report = self._fine_tune(samples, production["path"], out)
-        cand_metrics, prod_metrics = self._evaluate(str(out), production["path"])
+        cand_metrics, prod_metrics = self._evaluate(str(out), production)
         problems = gate(
             candidate=cand_metrics,
             production=prod_metrics,
@@ -419,30 +434,42 @@ class _Run:
         log.info("fine-tuned %s in %.0fs: %s", out.name, report.duration_seconds, report.data)
         return report
 
-    def _evaluate(self, candidate: str, production: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _evaluate(
+        self, candidate: str, production: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         from retrain.evaluate import evaluate_model
+        from segsvc.ml.runtime import faithful_runtimes
         from segsvc.ml.unet import load_model
 
         eval_dir = self.settings.eval_data_dir
         assert eval_dir is not None
         results = []
-        for path in (candidate, production):
+        for path in (candidate, production["path"]):
             metrics = evaluate_model(load_model(path), eval_dir, split="all")
             if metrics["images"] < self.settings.gate_min_eval_images:  # some did not decode
                 raise ValueError(self._too_few_eval_images(metrics["images"], "usable "))
             results.append(metrics)
-        latencies = measure_latency([candidate, production], self.settings, self.latency_runs)
-        for metrics, ms in zip(results, latencies, strict=True):
-            metrics["latency_ms_batch1"] = round(ms, 3)
-            metrics["runtime"] = self.settings.runtime
         if self.settings.runtime == "auto":
+            # First: which runtime serves the candidate depends on it (LiteRT int8 only when
+            # faithful), and so does the latency the gate compares.
             results[0].update(self._faithful_runtimes(candidate, eval_dir))
+        # Each model timed on the runtime a worker serves it with: production by its own
+        # version's measure, the candidate by the one just taken.
+        served = [faithful_runtimes(m).trusted for m in (results[0], production["metrics"])]
+        latencies = measure_latency(
+            [candidate, production["path"]], self.settings, self.latency_runs, served
+        )
+        for metrics, (ms, runtime) in zip(results, latencies, strict=True):
+            metrics["latency_ms_batch1"] = round(ms, 3)
+            metrics["runtime"] = runtime
         log.info(
-            "candidate mIoU %.4f, %.1f ms; production mIoU %.4f, %.1f ms",
+            "candidate mIoU %.4f, %.1f ms (%s); production mIoU %.4f, %.1f ms (%s)",
             results[0]["mean_iou"],
-            latencies[0],
+            latencies[0][0],
+            latencies[0][1],
             results[1]["mean_iou"],
-            latencies[1],
+            latencies[1][0],
+            latencies[1][1],
         )
         return results[0], results[1]
 
@@ -513,10 +540,16 @@ def _version_metrics(
     keys = ("mean_iou", "pixel_accuracy", "per_class_iou", "latency_ms_batch1", "images")
     return {
         **{k: cand[k] for k in keys},
+        # The runtime each latency was timed on: the one a worker serves that version with.
+        **({"latency_runtime": cand["runtime"]} if "runtime" in cand else {}),
         "original_resolution": {
             k: cand["original_resolution"][k] for k in ("mean_iou", "pixel_accuracy")
         },
-        "evaluated_against": {"version": production["version"], **{k: prod[k] for k in keys}},
+        "evaluated_against": {
+            "version": production["version"],
+            **{k: prod[k] for k in keys},
+            **({"latency_runtime": prod["runtime"]} if "runtime" in prod else {}),
+        },
         "training_run": str(run_id),
         # What `SEG_RUNTIME=auto` reads to serve a faster runtime for this version.
         **{k: cand[k] for k in ("faithful_runtimes", "runtime_agreement") if k in cand},

@@ -901,3 +901,56 @@ def test_a_runs_log_keeps_its_own_threads_lines_and_the_services_warnings(
         assert "canary v9 promoted" not in run.log
         assert run.data_counts["feedback_input_missing"] == 1
         assert run.data_counts["feedback_samples"] == 1
+
+
+def test_the_gate_times_each_model_on_the_runtime_it_is_served_with(
+    settings: Settings, model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With SEG_RUNTIME=auto both models were timed on ONNX Runtime float32, though production
+    is served on LiteRT int8 when its metrics list it faithful, and the candidate's own
+    faithfulness was measured only after: the gate compared runtimes nobody serves."""
+    from types import SimpleNamespace
+
+    from retrain.pipeline import _Run
+    from segsvc.ml import runtime
+    from segsvc.ml.runtime import converter_fingerprint
+    from segsvc.retrain_lock import Held
+    from tests.retrain.test_evaluate import colour_model
+
+    monkeypatch.setattr(runtime, "gpu_visible", lambda: False)
+    cfg = settings.model_copy(
+        update={
+            "runtime": "auto",
+            "eval_data_dir": make_dataset(tmp_path / "eval", n=3),
+            "gate_min_eval_images": 3,
+        }
+    )
+    steps: list[str] = []
+    loaded: dict[str, str] = {}
+
+    def load(path: Any, *, kind: str, faithful: Any = (), **kwargs: Any) -> Any:
+        steps.append("timed")
+        loaded[str(path)] = runtime.resolve_kind(kind, faithful)
+        return SimpleNamespace(name=loaded[str(path)], predict=lambda x: x)
+
+    def measured(self: _Run, candidate: str, eval_dir: Path) -> dict[str, Any]:
+        steps.append("faithfulness")
+        return {"faithful_runtimes": [], "runtime_agreement": {}}
+
+    monkeypatch.setattr(runtime, "load_runtime", load)
+    monkeypatch.setattr(_Run, "_faithful_runtimes", measured)
+    run = _Run(cfg, "manual", steps=1, batch_size=2, runs=1, lock=Held(True, lambda: True))
+    candidate = str(colour_model(tmp_path / "candidate.keras"))
+    agreement = {"litert-int8": {"converter": converter_fingerprint("litert-int8")}}
+    production = {
+        "version": "test-v1",
+        "path": str(model_file),
+        "metrics": {"faithful_runtimes": ["litert-int8"], "runtime_agreement": agreement},
+    }
+    cand, prod = run._evaluate(candidate, production)
+    assert steps == ["faithfulness", "timed", "timed"]
+    assert loaded == {candidate: "onnx", str(model_file): "litert-int8"}
+    assert (cand["runtime"], prod["runtime"]) == ("onnx", "litert-int8")
+    cand["latency_ms_batch1"], prod["latency_ms_batch1"] = 12.0, 5.0
+    (problem,) = gate(candidate=cand, production=prod, tolerance=1.0, latency_ratio=1.2)
+    assert problem == "batch-1 latency 12.0 ms (onnx) > 1.2 x 5.0 ms (litert-int8)"

@@ -234,12 +234,17 @@ class _Run:
             used = set(latest or [])
             new = [i for i in ids if str(i) not in used]
             production = registry.production_version(session=session)
+            # A scheduled run waits for a canary's verdict: its candidate would supersede the
+            # canary, and on low traffic no canary would ever be promoted. An operator's run
+            # (`segsvc retrain now`) goes on.
+            canary = rollout.canary_version(session=session) if self.trigger == "schedule" else None
+            waiting = canary.version if canary is not None else None
             run = session.get(TrainingRun, self.run_id)
             assert run is not None
             # A run that goes on keeps every id it snapshotted (exactly what it trains on); a
             # skipped one (the daily case) only its new ones, so rows no longer grow with
             # every label ever given.
-            skipping = len(new) < cfg.retrain_min_new_labels
+            skipping = len(new) < cfg.retrain_min_new_labels or waiting is not None
             run.feedback_ids = [str(i) for i in (new if skipping else ids)]
             run.data_counts = {"labels": len(ids), "new_labels": len(new)}
             run.production_version = production.version if production else None
@@ -247,10 +252,17 @@ class _Run:
                 "ids": ids,
                 "production": _row(production) if production else None,
             }
-        if skipping:
+        if skipping and waiting is None:
             return self._finish(
                 "skipped",
                 f"{len(new)} new labels since the last run; {cfg.retrain_min_new_labels} needed",
+            )
+        if skipping:
+            return self._finish(
+                "skipped",
+                f"canary {waiting} is still collecting its verdict; a scheduled run waits for "
+                f"it, its {len(new)} new labels kept for the next one (`segsvc retrain now` "
+                "trains anyway, and its candidate supersedes the canary)",
             )
         if plan["production"] is None:
             return self._finish("failed", "no production version to fine-tune")
@@ -333,9 +345,11 @@ class _Run:
             )
             rollout.lock_registry(session)  # no promote or rollback between check and canary
             now_serving = registry.production_version(session=session)
-            if now_serving is None or now_serving.version != production["version"]:
-                # An operator promoted or rolled back while this run trained: the candidate
-                # descends from, and was gated against, a version that no longer serves.
+            changed = now_serving is None or now_serving.version != production["version"]
+            if changed:
+                # An operator promoted or rolled back (or a canary was promoted) while this run
+                # trained: the candidate descends from, and was gated against, a version that
+                # no longer serves.
                 problems = [
                     f"production changed from {production['version']} to "
                     f"{now_serving.version if now_serving else 'none'} during training"
@@ -356,6 +370,13 @@ class _Run:
             run.data_counts = {**run.data_counts, **counts}
         self.registered = True
         log.info("%s", summary)
+        if changed:  # not a verdict on the labels: the next run counts them as new again
+            return self._finish(
+                "failed",
+                f"{summary}; its labels count as new for the next run",
+                version,
+                str(status),
+            )
         return self._finish("completed", summary, version, str(status))
 
     def _load_labels(self, ids: list[uuid.UUID], held_out: set[str]) -> tuple[Any, dict[str, int]]:

@@ -229,7 +229,9 @@ def retrain_group() -> None:
     help="Send the run to the maintenance worker instead of running it here.",
 )
 def retrain_now(via_queue: bool) -> None:
-    """Run retraining once now (snapshot labels, fine-tune, evaluate, gate, register)."""
+    """Run retraining once now (snapshot labels, fine-tune, evaluate, gate, register). Unlike
+    a scheduled run it does not wait for a canary's verdict: its eligible candidate supersedes
+    the canary."""
     if via_queue:
         from retrain.tasks import MAINTENANCE_QUEUE
         from segsvc.queue import RETRAIN, make_celery

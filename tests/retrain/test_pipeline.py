@@ -642,15 +642,64 @@ def test_a_candidate_is_not_canaried_if_production_changed_while_it_trained(
             registry.register_version(session=session, version="hotfix", path=model_file)
             rollout.promote(session=session, version="hotfix")
 
+    cfg = cfg.model_copy(update={"retrain_min_new_labels": 1})
+    mask = make_mask(90, 70, seed=3)
+    labeled_job(cfg, encode_png(COLOURS[mask]), mask)
     quick_run(monkeypatch, model_file, during_eval=operator_promotes_another_version)
     result = run_retraining(cfg, trigger="manual")
-    assert result.status == "completed", result
+    # Not a verdict on the labels: the run did not use them up (it ended `completed`, and the
+    # next run found no new label to train on).
+    assert result.status == "failed", result
+    assert "its labels count as new for the next run" in result.reason
     assert result.candidate_status == ModelStatus.REJECTED
     with session_scope(cfg) as session:
         version = registry.get_version(session=session, version=result.candidate_version or "")
         assert version.status == ModelStatus.REJECTED
         assert "production changed from test-v1 to hotfix" in (version.reason or "")
         assert registry.production_version(session=session).version == "hotfix"  # type: ignore[union-attr]
+    quick_run(monkeypatch, model_file)
+    again = run_retraining(cfg, trigger="manual")
+    assert again.status == "completed", again
+    with session_scope(cfg) as session:
+        run = session.get(TrainingRun, uuid.UUID(again.run_id))
+        assert run is not None
+        assert run.data_counts["new_labels"] == 1
+
+
+def test_a_scheduled_run_waits_for_the_canarys_verdict(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each scheduled run's candidate superseded the canary still collecting its verdict: on
+    low traffic no canary was ever promoted. A scheduled run now waits (skipped, its labels
+    kept as new); an operator's run goes on and supersedes it."""
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=1)
+    with session_scope(cfg) as session:
+        registry.register_version(session=session, version="live", path=model_file)
+        rollout.start_canary(session=session, version="live", share=0.1)
+    mask = make_mask(90, 70, seed=3)
+    labeled_job(cfg, encode_png(COLOURS[mask]), mask)
+    quick_run(monkeypatch, model_file)
+    waited = run_retraining(cfg)  # trigger "schedule"
+    assert waited.status == "skipped", waited
+    assert waited.reason.startswith("canary live is still collecting its verdict")
+    with session_scope(cfg) as session:
+        assert registry.get_version(session=session, version="live").status == "canary"
+    forced = run_retraining(cfg, trigger="manual")
+    assert forced.status == "completed", forced
+    assert forced.candidate_status == ModelStatus.CANARY
+    with session_scope(cfg) as session:
+        run = session.get(TrainingRun, uuid.UUID(forced.run_id))
+        assert run is not None
+        assert run.data_counts["new_labels"] == 1  # the wait used none up
+        live = registry.get_version(session=session, version="live")
+        assert (live.status, live.reason) == (
+            "rejected",
+            f"superseded by canary {forced.candidate_version}",
+        )
 
 
 def test_a_late_failure_keeps_the_registered_canarys_model_file(

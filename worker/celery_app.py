@@ -33,6 +33,8 @@ app.conf.update(
     # concurrency 1) bounds the jobs in the pipeline: one batch storing, one in the model and
     # one forming = 3 x batch_max_size. Less starves the model under load; more only hoards
     # messages that another worker could run (and that wait for redelivery if this one dies).
+    # A batch submit's message carries several jobs: it takes as many prefetch slots as it
+    # has jobs while it is held (worker/tasks.py hold_prefetch), so this counts jobs.
     worker_prefetch_multiplier=max(3 * settings.batch_max_size, 1),
     # Celery multiplies prefetch by the concurrency, and `--pool solo` without `--concurrency`
     # takes the host's CPU count for it (a node's, in a pod: 3 x 16 x 32 messages on a

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 _segmenter: Segmenter | None = None
 _batcher: MicroBatcher | None = None
 _lock = threading.Lock()
+_prefetch_lock = threading.Lock()
 
 
 def get_segmenter() -> Segmenter:
@@ -75,10 +76,13 @@ class MicroBatchTask(Task):  # type: ignore[misc]
                 log.warning("dropping a %s message without a job id: %.200r", RUN_JOB, body)
                 ack(log, errors)
                 return
+            qos = consumer.qos  # this connection's: a restart's new one is not given back to
+            held = hold_prefetch(qos, len(job_ids) - 1)
             settle = SharedSettle(
                 len(job_ids),
                 ack=partial(ack, log, errors),
                 requeue=partial(reject, log, errors, True),
+                settled=partial(give_back_prefetch, qos, held) if held else None,
             )
             for job_id in job_ids:  # a batch submit's jobs may land in different batches
                 batcher.put(Item(job_id, ack=settle.ack, requeue=settle.requeue, suspect=suspect))
@@ -86,14 +90,45 @@ class MicroBatchTask(Task):  # type: ignore[misc]
         return on_message
 
 
+def hold_prefetch(qos: Any, extra: int) -> int:
+    """Count a message's `extra` job ids (beyond its first) against the consumer's prefetch,
+    so that prefetch bounds the jobs a worker holds, not the messages: a batch submit's one
+    message carries up to 16. Counted by messages, one worker took 96 of them (up to 1536
+    jobs) while workers KEDA had just added found the queue empty. Returns what was taken
+    (prefetch never drops below 1: a message larger than it still runs, alone); the consumer
+    loop applies the new value before it fetches again, and the message's settling gives it
+    back (`SharedSettle`)."""
+    if extra <= 0:
+        return 0
+    # Celery's event loop swaps the QoS lock for a no-op (it changes the value from its own
+    # thread only), while the store thread gives prefetch back: this lock orders the two.
+    with _prefetch_lock:
+        before = qos.value
+        return int(before - qos.decrement_eventually(extra))
+
+
+def give_back_prefetch(qos: Any, held: int) -> None:
+    """Return what `hold_prefetch` took, once the message is settled."""
+    with _prefetch_lock:
+        qos.increment_eventually(held)
+
+
 class SharedSettle:
     """Settles one message that carries `count` job ids once every id is settled: acknowledged
-    when all were stored, requeued when any was not (stored ids are no-ops when it returns)."""
+    when all were stored, requeued when any was not (stored ids are no-ops when it returns);
+    then `settled`, if given (the prefetch the message held, given back)."""
 
-    def __init__(self, count: int, *, ack: Callable[[], Any], requeue: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        count: int,
+        *,
+        ack: Callable[[], Any],
+        requeue: Callable[[], Any],
+        settled: Callable[[], Any] | None = None,
+    ) -> None:
         self._left = count
         self._failed = False
-        self._ack, self._requeue = ack, requeue
+        self._ack, self._requeue, self._settled = ack, requeue, settled
         self._lock = threading.Lock()
 
     def ack(self) -> None:
@@ -109,6 +144,8 @@ class SharedSettle:
             if self._left != 0:
                 return
         (self._requeue if self._failed else self._ack)()
+        if self._settled is not None:
+            self._settled()
 
 
 def _job_ids(message: Any, body: Any) -> list[str]:

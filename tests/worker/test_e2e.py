@@ -179,3 +179,58 @@ def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(  # type: i
         assert log_path.read_text().count("dropping a segsvc.run_job message") == 3
     finally:
         stop_process(proc)
+
+
+def test_prefetch_counts_the_jobs_a_message_carries(  # type: ignore[no-untyped-def]
+    client, auth, settings, production_model: str, tmp_path: Path
+) -> None:
+    """A batch submit's one message carries all its jobs, and a worker's prefetch (3 x the
+    batch size) counted messages: one worker held 96 messages of up to 16 jobs each while
+    workers added to share the backlog found the queue empty. Prefetch now counts jobs: with
+    the worker's claims held up (the test locks every job row), a worker of batch size 2
+    (prefetch 6) takes 2 messages of 4 jobs, not 6, and leaves the rest in the queue."""
+    from sqlalchemy import select
+
+    from segsvc.db import session_scope
+    from segsvc.models import Job
+    from tests.conftest import encode_image, start_worker, stop_process
+
+    png = encode_image(Image.new("RGB", (40, 30), (10, 200, 30)))
+    ids: list[str] = []
+    for _ in range(8):
+        resp = client.post(
+            "/v1/jobs/batch",
+            headers=auth,
+            content_type="multipart/form-data",
+            data={"image": [(io.BytesIO(png), f"{i}.png") for i in range(4)]},
+        )
+        assert resp.status_code == 202, resp.get_json()
+        ids += [j["id"] for j in resp.get_json()["jobs"]]
+    broker = redis.Redis.from_url(settings.broker_url or "")
+    assert broker.llen(settings.queue_name) == 8
+
+    log_path = tmp_path / "worker.log"
+    held: list[int] = []
+    with session_scope(settings) as session:
+        session.execute(select(Job.id).where(Job.id.in_(ids)).with_for_update()).all()
+        proc = start_worker(settings, log_path, SEG_BATCH_MAX_SIZE="2")
+        try:
+            deadline = time.monotonic() + 4  # the consumer fetches within ms of each ack
+            while time.monotonic() < deadline:
+                held.append(int(broker.hlen("unacked")))
+                time.sleep(0.05)
+        finally:
+            session.rollback()  # lets the claims through
+    try:
+        jobs: list[dict] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            jobs = client.get(f"/v1/jobs?ids={','.join(ids)}&wait=10", headers=auth).get_json()[
+                "jobs"
+            ]
+            if all(j["status"] == "succeeded" for j in jobs):
+                break
+        assert [j["status"] for j in jobs] == ["succeeded"] * len(ids), log_path.read_text()[-3000:]
+    finally:
+        stop_process(proc)
+    assert max(held) == 2, held  # 2 x 4 jobs: the first took 4 of 6 slots, the next the rest

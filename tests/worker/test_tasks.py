@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 
 import pytest
+from kombu.common import QoS
 
-from worker.tasks import SharedSettle, _arguments, _job_ids
+from worker.tasks import SharedSettle, _arguments, _job_ids, give_back_prefetch, hold_prefetch
 
 
 class Recorder:
@@ -98,3 +99,29 @@ def test_arguments_say_whether_the_reconciler_sent_a_suspect() -> None:
     assert _arguments(None, [["a", "b"], {}, {}]) == (["a", "b"], False)
     assert _arguments(None, [["a"], {"suspect": "yes"}, {}]) == (["a"], False)
     assert _arguments(None, [["a"]]) == (["a"], False)
+
+
+def test_shared_settle_calls_settled_once_after_acking_or_requeueing() -> None:
+    calls: list[str] = []
+    settle = SharedSettle(
+        2,
+        ack=lambda: calls.append("ack"),
+        requeue=lambda: calls.append("requeue"),
+        settled=lambda: calls.append("settled"),
+    )
+    settle.ack()
+    assert calls == []
+    settle.requeue()
+    assert calls == ["requeue", "settled"]
+
+
+def test_hold_prefetch_takes_a_slot_per_extra_job_and_gives_exactly_that_back() -> None:
+    applied: list[int] = []
+    qos = QoS(lambda prefetch_count: applied.append(prefetch_count), 6)
+    first = hold_prefetch(qos, 3)  # a message of 4 jobs
+    second = hold_prefetch(qos, 3)  # 3 slots left: prefetch stops at 1, so it takes 2
+    assert (first, second, qos.value) == (3, 2, 1)
+    assert hold_prefetch(qos, 0) == 0  # a single job's message takes only its own slot
+    give_back_prefetch(qos, second)
+    give_back_prefetch(qos, first)
+    assert qos.value == 6

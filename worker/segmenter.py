@@ -33,6 +33,7 @@ from segsvc.ml.preprocess import (
     resize_mask,
     resized_class_fractions,
 )
+from segsvc.models import JobStatus
 from segsvc.services import jobs as job_service
 from segsvc.settings import Settings, get_settings
 from worker.model_manager import LoadedModel, ModelManager
@@ -212,9 +213,11 @@ class Segmenter:
                 result["mask_png"] = self.blobs.put(result["mask_png"])  # row or file
                 results.append(result)
         if not results and not failed:
-            return {"claimed": batch.claimed, "succeeded": 0, "failed": 0}
+            return {"claimed": batch.claimed, "succeeded": 0, "failed": 0, "canceled": 0}
         states = self._write_outcomes(batch, results, failed)
-        done = len(states)
+        # A job canceled between its claim and this store ended canceled, without its result.
+        canceled = sum(state["status"] == JobStatus.CANCELED for state in states.values())
+        done = len(states) - canceled
         for failure in failed:
             log.warning("job %s failed: %s", failure.job.id, failure.message)
         finished = [r["id"] for r in results] + [failure.job.id for failure in failed]
@@ -234,7 +237,14 @@ class Segmenter:
                 )
         JOBS_FINISHED.labels("succeeded").inc(done)
         JOBS_FINISHED.labels("failed").inc(len(failed))
-        return {"claimed": batch.claimed, "succeeded": done, "failed": len(failed)}
+        if canceled:
+            JOBS_FINISHED.labels("canceled").inc(canceled)
+        return {
+            "claimed": batch.claimed,
+            "succeeded": done,
+            "failed": len(failed),
+            "canceled": canceled,
+        }
 
     def release(self, batch: Claim | Inferred) -> None:
         """Give a batch's claimed jobs back to the queue (its forward pass or its storing

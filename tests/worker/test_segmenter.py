@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
@@ -70,7 +71,7 @@ def test_segmenter_runs_a_batch_in_one_forward_pass(
 ) -> None:
     ids = make_jobs(settings, 4)
     counts = segmenter.run_jobs([str(i) for i in ids])
-    assert counts == {"claimed": 4, "succeeded": 4, "failed": 0}
+    assert counts == {"claimed": 4, "succeeded": 4, "failed": 0, "canceled": 0}
     for job in rows(settings, ids):
         assert job.status == JobStatus.SUCCEEDED
         assert job.batch_size == 4
@@ -108,7 +109,7 @@ def test_segmenter_failing_image_fails_only_its_job(
 ) -> None:
     ids = make_jobs(settings, 3, broken=1)
     counts = segmenter.run_jobs([str(i) for i in ids])
-    assert counts == {"claimed": 3, "succeeded": 2, "failed": 1}
+    assert counts == {"claimed": 3, "succeeded": 2, "failed": 1, "canceled": 0}
     bad, *good = rows(settings, ids)
     assert bad.status == JobStatus.FAILED
     assert bad.error_code == "poison_input"
@@ -148,7 +149,7 @@ def test_segmenter_post_processing_failure_fails_its_job_with_the_version_that_r
 
     monkeypatch.setattr(segmenter_module, "_result", result)
     counts = segmenter.run_jobs([str(i) for i in (poisoned, failing, fine)])
-    assert counts == {"claimed": 3, "succeeded": 1, "failed": 2}
+    assert counts == {"claimed": 3, "succeeded": 1, "failed": 2, "canceled": 0}
     poison, broken, ok = rows(settings, [poisoned, failing, fine])
     assert (poison.error_code, poison.model_version) == ("poison_input", None)
     assert (broken.status, broken.error_code) == (JobStatus.FAILED, "postprocess_failed")
@@ -163,7 +164,7 @@ def test_segmenter_duplicates_and_finished_jobs_are_noops(
     ids = make_jobs(settings, 2)
     segmenter.run_jobs([str(ids[0]), str(ids[0])])
     again = segmenter.run_jobs([str(ids[0]), str(ids[1]), "not-a-uuid"])
-    assert again == {"claimed": 1, "succeeded": 1, "failed": 0}
+    assert again == {"claimed": 1, "succeeded": 1, "failed": 0, "canceled": 0}
     assert [j.attempts for j in rows(settings, ids)] == [1, 1]
 
 
@@ -178,6 +179,23 @@ def test_segmenter_store_is_fenced_by_the_lease(settings: Settings, segmenter: S
     assert first.status == JobStatus.RUNNING
     assert first.mask_png is None
     assert second.status == JobStatus.SUCCEEDED
+
+
+def test_segmenter_counts_a_job_canceled_while_running_as_canceled(
+    settings: Settings, segmenter: Segmenter
+) -> None:
+    """A cancel between the claim and the store ends the job canceled, without its result: its
+    count (and `segsvc_jobs_total`) says canceled, not succeeded."""
+    ids = make_jobs(settings, 2)
+    inferred = segmenter.infer([str(i) for i in ids])
+    with session_scope(settings) as session:
+        session.get(Job, ids[0]).cancel_requested = True  # type: ignore[union-attr]
+    canceled_before = REGISTRY.get_sample_value("segsvc_jobs_total", {"status": "canceled"}) or 0
+    counts = segmenter.store(inferred)
+    assert (counts["succeeded"], counts["canceled"], counts["failed"]) == (1, 1, 0)
+    assert [j.status for j in rows(settings, ids)] == [JobStatus.CANCELED, JobStatus.SUCCEEDED]
+    after = REGISTRY.get_sample_value("segsvc_jobs_total", {"status": "canceled"})
+    assert after == canceled_before + 1
 
 
 def test_segmenter_stores_masks_in_the_fs_blob_store(

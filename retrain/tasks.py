@@ -29,10 +29,15 @@ MAINTENANCE_QUEUE = "maintenance"
 CANARY_CHECK = "segsvc.canary_check"
 PURGE_INPUTS = "segsvc.purge_inputs"
 DELETE_EXPIRED_JOBS = "segsvc.delete_expired_jobs"
+SWEEP_BLOBS = "segsvc.sweep_blobs"
 CANARY_CHECK_SECONDS = 30.0
 # A blob file used within this stays: an upload reusing it (identical bytes) refreshes its
 # mtime before its row commits.
 BLOB_GRACE_S = 3600.0
+# The daily sweep keeps files written or reused within a day, as `segsvc blobs sweep` does by
+# default: an upload's file is written before its row commits, and the sweep reads the rows
+# before it lists the files.
+SWEEP_GRACE_S = 24 * 3600.0
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -60,6 +65,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": DELETE_EXPIRED_JOBS,
             "schedule": crontab(minute="47"),
             "options": {**to_queue, "expires": 3600},
+        },
+        "segsvc-sweep-blobs": {
+            "task": SWEEP_BLOBS,
+            "schedule": crontab(minute="7", hour="5"),  # after the 03:00 retraining
+            "options": {**to_queue, "expires": 6 * 3600},
         },
     }
 
@@ -184,3 +194,25 @@ def expire_jobs(settings: Settings) -> int:
         files,
     )
     return jobs
+
+
+@shared_task(name=SWEEP_BLOBS, ignore_result=True)
+def sweep_blobs() -> int:
+    """Daily: delete the blob files no job names (`sweep_unnamed_blobs`)."""
+    return sweep_unnamed_blobs(get_settings())
+
+
+def sweep_unnamed_blobs(settings: Settings) -> int:
+    """`segsvc blobs sweep` on a schedule: delete the blob files no job names any more and not
+    used within a day; the count. Retention deletes the files of the rows it clears, but not
+    those no row ever named: the file of an upload whose request then failed (a 409 for a
+    concurrent idempotent twin, a 503, a lost commit) or of a mask whose store was rolled back,
+    and temporary files of interrupted writes. Nothing to do without an `fs` blob folder."""
+    store = blob_store(settings)
+    if store.root is None or not store.root.is_dir():
+        return 0
+    with session_scope(settings) as session:  # read whole, so no transaction waits on the walk
+        keep = list(feedback.blob_pointers(session=session))
+    removed = store.sweep(keep=keep, older_than_s=SWEEP_GRACE_S)
+    log.info("deleted %d blob files no job names (of %d named)", removed, len(keep))
+    return removed

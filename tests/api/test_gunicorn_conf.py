@@ -139,8 +139,11 @@ def stored_jobs(settings: Settings) -> Any:
     ],
 )
 def test_with_metrics_port_listens_on_the_first_address_host(
-    binds: list[str], port: int, expected: list[str]
-) -> None:
+    binds: list[str], port: int, expected: list[str], tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Importing the config sets PROMETHEUS_MULTIPROC_DIR unless it is set: set here, it goes
+    # again after the test, or this process's later metrics tests would read multiprocess files.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     from api.gunicorn_conf import with_metrics_port
 
     assert with_metrics_port(binds, port) == expected

@@ -220,11 +220,16 @@ class LiteRTRuntime:
         return np.array(out, dtype=np.float32)  # copy: the buffer is reused by the next invoke
 
 
-def gpu_visible() -> bool:
-    """True when an NVIDIA GPU is exposed to this process (checked without importing TF)."""
+def gpu_visible(dev: Path = Path("/dev")) -> bool:
+    """True when an NVIDIA GPU is exposed to this process (checked without importing TF).
+
+    Any `/dev/nvidia<N>`: a container gets a GPU under its host number, so a pod given a node's
+    third GPU sees `/dev/nvidia2` and no `/dev/nvidia0` (and once served on the CPU)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    return Path("/dev/nvidiactl").exists() and Path("/dev/nvidia0").exists()
+    if not (dev / "nvidiactl").exists():
+        return False
+    return any(p.name[len("nvidia") :].isdigit() for p in dev.glob("nvidia[0-9]*"))
 
 
 @dataclass(frozen=True)

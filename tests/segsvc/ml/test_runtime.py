@@ -124,6 +124,27 @@ def test_resolve_kind_auto_uses_int8_only_where_measured_faithful(monkeypatch) -
     assert runtime.resolve_kind("auto", ["litert-int8"]) == "xla-gpu"
 
 
+@pytest.mark.parametrize(
+    ("devices", "visible"),
+    [
+        (["nvidiactl", "nvidia0"], True),
+        (["nvidiactl", "nvidia-uvm", "nvidia3"], True),  # a pod given a node's fourth GPU
+        (["nvidiactl", "nvidia-uvm", "nvidia-modeset"], False),
+        (["nvidia2"], False),
+        ([], False),
+    ],
+)
+def test_gpu_visible_finds_a_gpu_under_any_number(
+    devices: list[str], visible: bool, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for name in devices:
+        (tmp_path / name).touch()
+    assert runtime.gpu_visible(tmp_path) is visible
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert runtime.gpu_visible(tmp_path) is False
+
+
 def test_shipped_model_lists_its_faithful_runtimes() -> None:
     import json
 

@@ -313,6 +313,15 @@ def test_prometheus_scrapes_the_api_on_its_metrics_port_which_is_not_published()
     assert int(settings["SEG_METRICS_PORT"]) in ports
 
 
+def test_api_readiness_does_not_hang_on_the_shared_datastores() -> None:
+    """/readyz fails while Postgres or Redis does: as the readiness probe it took every API pod
+    out of the Service in an outage, though the API accepts jobs with Redis down (202) and
+    answers a JSON 503 with Retry-After with Postgres down."""
+    pod = find(rendered("base"), "Deployment", "segsvc-api")["spec"]["template"]["spec"]
+    (api,) = pod["containers"]
+    assert api["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+
 def test_grafana_dashboard_queries_only_series_we_export() -> None:
     dashboard = json.loads((ROOT / "ops/grafana/dashboards/segsvc.json").read_text())
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])

@@ -189,6 +189,9 @@ def test_gpu_overlay_gives_each_worker_pod_one_gpu() -> None:
     assert "worker-gpu" in container["image"]
     assert container["command"][container["command"].index("--pool") + 1] == "solo"
     assert find(docs, "ScaledObject", "segsvc-inference-worker")["spec"]["minReplicaCount"] == 0
+    # At maxReplicaCount (the GPU count) a surge pod finds no GPU: an old pod must go first.
+    deployment = find(docs, "Deployment", "segsvc-inference-worker")
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
 
 
 def test_beat_is_a_singleton_and_dev_overlay_runs_its_own_datastores() -> None:

@@ -204,6 +204,39 @@ def test_beat_is_a_singleton_and_dev_overlay_runs_its_own_datastores() -> None:
     assert {("StatefulSet", "postgres"), ("StatefulSet", "redis")} <= dev_kinds
 
 
+def cpu_cores(value: str | int | float) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def memory_gib(value: str) -> float:
+    for suffix, scale in (("Mi", 1 / 1024), ("Gi", 1.0)):
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * scale
+    return float(value) / 2**30
+
+
+def test_dev_overlay_fits_a_default_minikube_with_a_rollout_under_way() -> None:
+    """minikube's default VM has 2 CPUs: the base's requests (2 CPUs for each of the inference
+    and maintenance workers) left pods of the dev overlay Pending for good."""
+    cpus, gib, surge = 0.0, 0.0, 0.0
+    for doc in rendered("overlays/dev"):
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod_cpus = sum(
+            cpu_cores(c.get("resources", {}).get("requests", {}).get("cpu", 0))
+            for c in doc["spec"]["template"]["spec"]["containers"]
+        )
+        cpus += pod_cpus
+        gib += sum(
+            memory_gib(c.get("resources", {}).get("requests", {}).get("memory", "0"))
+            for c in doc["spec"]["template"]["spec"]["containers"]
+        )
+        surge = max(surge, pod_cpus)  # one pod of a rolling update runs beside the old one
+    assert cpus + surge <= 2.0, cpus
+    assert gib <= 3.0, gib
+
+
 def compose() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     return data

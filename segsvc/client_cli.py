@@ -361,7 +361,10 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
         TimeElapsedColumn(),
     )
     pool = ThreadPoolExecutor(max_workers=concurrency)
+    to_terminal = sys.stdout.isatty()  # asked before the progress bar wraps sys.stdout
     with Progress(*columns, console=console, disable=len(files) < 2) as progress:
+        drawn = progress.live.is_started and console.is_terminal  # the bar is on a terminal
+        bar = console if drawn else None
         label = "waiting" if plan.waiting else "submitting"
         task = progress.add_task(label, total=len(files))
         chunks = [files[i : i + plan.batch] for i in range(0, len(files), plan.batch)]
@@ -378,9 +381,7 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
             for outcome in results[printed.get(future, 0) :]:
                 outcomes.append(outcome)
                 printed[future] = printed.get(future, 0) + 1
-                # the path's own bytes, so a script can find a file whose name is not UTF-8
-                line = f"{outcome.job_id}\t{outcome.status}\t".encode() + os.fsencode(outcome.path)
-                click.echo(line)
+                print_outcome(outcome, to_terminal, bar)
                 progress.advance(task)
 
         try:
@@ -401,6 +402,25 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
             raise Interrupted(outcomes) from None
     pool.shutdown()
     return outcomes
+
+
+def print_outcome(outcome: Outcome, to_terminal: bool, bar: Console | None) -> None:
+    """Print the `job_id<TAB>status<TAB>file` line of one file on stdout.
+
+    Into a file or a pipe the path goes as its own bytes, so a script can find a file whose
+    name is not UTF-8. On a terminal it goes as text, and while a progress bar is drawn on
+    the terminal, through the bar's console, above the bar (bytes written past the bar landed
+    on its line: `submitting ━━ 0/3 0:00:00<id>  queued  p0.png`)."""
+    line = f"{outcome.job_id}\t{outcome.status}\t".encode() + os.fsencode(outcome.path)
+    if not to_terminal:
+        click.echo(line)
+        return
+    text = line.decode("utf-8", errors="backslashreplace")
+    if bar is not None:
+        bar.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
+    else:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 class Interrupted(Exception):

@@ -498,3 +498,68 @@ def test_cli_get_writes_to_a_pipe_as_it_is(tmp_path: Path) -> None:
     assert got == [b'"png bytes"']  # the stub's JSON-encoded body, as the CLI received it
     assert pipe.exists()  # still the pipe, not replaced by a file
     assert not pipe.is_file()
+
+
+def run_in_terminal(args: list[str], url: str, timeout: float = 60.0) -> tuple[int, bytes]:
+    """Run `segsvc ARGS` with stdout and stderr on one pseudo-terminal, as in a shell window;
+    returns its exit code and every byte the terminal got."""
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "SEG_URL": url, "SEG_API_KEY": "k", "COLUMNS": "100", "TERM": "xterm"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segsvc.cli", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    received = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal's last writer is gone
+                break
+            if not chunk:
+                break
+            received += chunk
+    finally:
+        os.close(master)
+        code = proc.wait(10)
+    return code, received
+
+
+def screen_lines(received: bytes) -> list[str]:
+    """What a terminal shows of each line: colours dropped, and a line redrawn after `\\r` or
+    an erase (`ESC [2K`) shows only what came after it."""
+    import re
+
+    text = re.sub(
+        r"\x1b\[[0-9;?]*[A-Za-z]", lambda m: "\r" if m[0] == "\x1b[2K" else "", received.decode()
+    )
+    return [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+
+
+def test_cli_submit_on_a_terminal_prints_each_line_above_the_progress_bar(
+    tmp_path: Path,
+) -> None:
+    """stdout and stderr on one terminal: each `job_id  status  file` line is a line of its own
+    (it used to be written past the bar: `submitting ━━ 0/3 0:00:00<id>  queued  p0.png`)."""
+    files = png_files(tmp_path, 3)
+    stub = Scripted([(202, {}, {"id": J1, "status": "queued"})], hold_s=0.3)
+    with serve(stub) as url:
+        code, received = run_in_terminal(["submit", "-b", "1", "-j", "1", *map(str, files)], url)
+    assert code == 0, received
+    shown = [line for line in screen_lines(received) if J1 in line]
+    assert len(shown) == 3, shown
+    assert all(line.startswith(J1) for line in shown), shown
+    assert {line.split()[-1] for line in shown} == {str(path) for path in files}

@@ -2,7 +2,8 @@
 `alive` touched on every Celery heartbeat (every 2 s while the event loop turns).
 
 Exec probes: `python -m worker.probes ready` (readiness), `python -m worker.probes alive`
-(liveness: `alive` changed within SEG_PROBE_MAX_AGE seconds); no argument checks both.
+(liveness: `alive` changed within SEG_PROBE_MAX_AGE seconds), `python -m worker.probes started`
+(startup: `ready`, or the broker does not answer); no argument checks both files.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 READY = "ready"
 ALIVE = "alive"
+# Not a file: `ready`, excused while the broker does not answer (for startup probes).
+STARTED = "started"
 
 
 def write_probe(probe_dir: Path | None, name: str) -> None:
@@ -44,7 +47,7 @@ def probe_age(probe_dir: Path, name: str) -> float | None:
 
 def check(probe_dir: Path, *, need: tuple[str, ...], max_age: float) -> str | None:
     """None when every needed probe file exists and is fresh enough, else the reason."""
-    for name in need:
+    for name in (READY if n == STARTED else n for n in need):
         age = probe_age(probe_dir, name)
         if age is None:
             return f"{name} missing"
@@ -70,17 +73,28 @@ def broker_unreachable(url: str) -> bool:
     return False
 
 
-def main(argv: list[str]) -> int:
-    """`python -m worker.probes [ready|alive]`: exit 0 when healthy (both files by default).
+def broker_explains(problem: str, need: tuple[str, ...]) -> bool:
+    """Whether a broker outage accounts for `problem`: Celery sends no heartbeats while it
+    reconnects, and writes neither file before it first connects (`alive` is then missing, not
+    stale; `ready` too, which only the `started` check excuses: readiness still waits)."""
+    if problem.startswith(f"{ALIVE} "):  # missing or stale
+        return True
+    return STARTED in need and problem == f"{READY} missing"
 
-    A stale `alive` is excused while the broker does not answer: Celery sends no heartbeats
-    while it reconnects, and restarting a worker that only waits for Redis helps nothing (it
-    would not even get ready again until Redis is back, and be killed again for that)."""
+
+def main(argv: list[str]) -> int:
+    """`python -m worker.probes [ready|alive|started]`: exit 0 when healthy (both files by
+    default).
+
+    A stale or missing `alive` is excused while the broker does not answer, and so is a missing
+    `ready` for `started`: restarting a worker that only waits for Redis helps nothing (it
+    would not even get ready again until Redis is back, and be killed again for that), and a
+    pod that starts during an outage has written neither file yet."""
     probe_dir = Path(os.environ.get("SEG_PROBE_DIR", "/tmp/segsvc-probes"))  # noqa: S108
     need = tuple(argv) or (READY, ALIVE)
     problem = check(probe_dir, need=need, max_age=float(os.environ.get("SEG_PROBE_MAX_AGE", 60)))
-    stale = problem is not None and problem.startswith(f"{ALIVE} is ")
-    if stale and broker_unreachable(os.environ.get("SEG_BROKER_URL", "")):
+    excusable = problem is not None and broker_explains(problem, need)
+    if excusable and broker_unreachable(os.environ.get("SEG_BROKER_URL", "")):
         sys.stderr.write(f"{problem}, but the broker does not answer: waiting for it\n")
         return 0
     if problem:

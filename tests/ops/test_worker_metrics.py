@@ -117,6 +117,24 @@ def test_a_stale_alive_is_excused_while_the_broker_does_not_answer(  # type: ign
     assert main(["alive"]) == 1  # the broker answers: a stale alive is the worker's own
 
 
+def test_probes_of_a_worker_started_during_a_broker_outage_wait_for_it(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch, settings: Settings
+) -> None:
+    """A worker writes its probe files only once it has connected: one started while Redis was
+    down had no `alive` at all, and its liveness probe (and the inference pod's startup probe,
+    on `ready`) killed it again and again, although it only waited for Redis."""
+    monkeypatch.setenv("SEG_PROBE_DIR", str(tmp_path))
+    monkeypatch.setenv("SEG_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing there
+    assert main(["alive"]) == 0
+    assert main(["started"]) == 0
+    assert main(["ready"]) == 1  # not ready: readiness still waits
+    monkeypatch.setenv("SEG_BROKER_URL", settings.broker_url or "")
+    assert main(["alive"]) == 1  # connected yet no heartbeat: the worker's own fault
+    assert main(["started"]) == 1
+    write_probe(tmp_path, READY)
+    assert main(["started"]) == 0
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_worker_exposes_series_probes_and_json_logs_after_a_job(  # type: ignore[no-untyped-def]

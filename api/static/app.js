@@ -157,23 +157,34 @@ function schedulePoll(jobId, generation, delay) {
   state.pollTimer = setTimeout(() => poll(jobId, generation, delay), delay);
 }
 
+// Answers that say "not now" rather than "no": rate limited, busy, or a proxy whose API
+// process is restarting (a rolling deploy). The job goes on meanwhile, so the page asks again.
+const TRANSIENT_STATUSES = [429, 502, 503, 504];
+
+function retryDelay(headers, delay) {
+  const wait = parseInt(headers ? headers.get("Retry-After") : "", 10);
+  return Number.isFinite(wait) ? Math.max(wait, 0) * 1000 : Math.min(delay * 2, 5000);
+}
+
 async function poll(jobId, generation, delay) {
-  let resp;
+  let resp, body;
   try {
     resp = await fetch("/v1/jobs/" + encodeURIComponent(jobId), { headers: authHeaders(), cache: "no-store" });
-  } catch (_err) {
-    if (generation === state.generation) schedulePoll(jobId, generation, Math.min(delay * 2, 5000));
-    return;
+    body = await resp.json().catch(() => null);
+  } catch (_err) {  // the network: lost, or the connection cut mid-answer
+    resp = null;
   }
   if (generation !== state.generation) return;
-  if (resp.status === 429 || resp.status === 503) {
-    const wait = parseInt(resp.headers.get("Retry-After"), 10);
-    schedulePoll(jobId, generation, Number.isFinite(wait) ? wait * 1000 : delay * 2);
+  if (!resp || TRANSIENT_STATUSES.includes(resp.status)) {
+    schedulePoll(jobId, generation, retryDelay(resp && resp.headers, delay));
     return;
   }
-  const body = await resp.json().catch(() => null);
   if (!resp.ok) {
     showError(describeError(resp.status, body, resp.headers));
+    return;
+  }
+  if (!body || typeof body.status !== "string") {  // a 200 that is not a job: a proxy's page
+    schedulePoll(jobId, generation, retryDelay(null, delay));
     return;
   }
   state.job = body;
@@ -222,19 +233,21 @@ function resetResults() {
 }
 
 // A result over 4 MP is drawn one at a time per API process: a busy server answers 503 with
-// Retry-After, as it does 429 when the key is over its rate. Wait as told (at most 10 s, up
-// to 5 times) instead of giving up on a finished job.
+// Retry-After, as it does 429 when the key is over its rate, and a proxy 502/504 while the API
+// restarts. Wait as told (at most 10 s; else 1, 2, ... s), up to 5 times, instead of giving up
+// on a finished job.
 const RESULT_TRIES = 6;
 
 async function fetchBlob(path) {
   for (let attempt = 1; ; attempt++) {
-    const resp = await fetch(path, { headers: authHeaders() });
-    if (resp.ok) return resp.blob();
-    const body = await resp.json().catch(() => null);
-    if ((resp.status !== 429 && resp.status !== 503) || attempt >= RESULT_TRIES) {
-      throw new Error(describeError(resp.status, body, resp.headers));
+    const resp = await fetch(path, { headers: authHeaders() }).catch(() => null);
+    if (resp && resp.ok) return resp.blob();
+    const status = resp ? resp.status : 0;  // 0: the network (a proxy restarting, Wi-Fi)
+    const body = resp ? await resp.json().catch(() => null) : null;
+    if ((status !== 0 && !TRANSIENT_STATUSES.includes(status)) || attempt >= RESULT_TRIES) {
+      throw new Error(describeError(status, body, resp && resp.headers));
     }
-    const wait = parseInt(resp.headers.get("Retry-After"), 10);
+    const wait = resp ? parseInt(resp.headers.get("Retry-After"), 10) : NaN;
     const seconds = Number.isFinite(wait) ? Math.min(Math.max(wait, 0), 10) : attempt;
     await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
   }

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image, ImageOps
@@ -51,6 +54,66 @@ def page(browser: Any, app: Any) -> Iterator[tuple[Any, str]]:
         tab.wait_for_selector("body[data-ready='true']")
         yield tab, url
         context.close()
+
+
+def png_bytes(mode: str, colour: Any) -> bytes:
+    """A 4 x 3 PNG of one colour (a fake overlay or mask)."""
+    buffer = io.BytesIO()
+    Image.new(mode, (4, 3), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+Answer = tuple[int, Any] | str  # (status, JSON body or raw text), or "abort": a network error
+
+
+class FakeJobs:
+    """The job endpoints answered in the page's browser from a script (no worker needed): an
+    upload gets job `id`, each poll the next answer of `polls` (the last one repeats), the
+    images the next of `images` (then 200 PNGs), a cancel the next of `cancels`."""
+
+    def __init__(
+        self,
+        tab: Any,
+        polls: list[Answer],
+        *,
+        job_id: str = "job-1",
+        images: list[Answer] | None = None,
+        cancels: list[Answer] | None = None,
+    ) -> None:
+        self.job_id, self.polls, self.images = job_id, polls, list(images or [])
+        self.cancels = list(cancels or [])
+        self.seen: list[str] = []  # "METHOD path" of every request, in order
+        self.uploads = 0
+        tab.route(re.compile(r"/v1/jobs"), self.answer)
+
+    def job(self, status: str, **extra: Any) -> dict[str, Any]:
+        return {"id": self.job_id, "status": status, "metrics": {}, **extra}
+
+    def answer(self, route: Any) -> None:
+        request = route.request
+        path = urlsplit(request.url).path
+        self.seen.append(f"{request.method} {path}")
+        if request.method == "POST" and path == "/v1/jobs":
+            self.uploads += 1
+            return self.send(route, (202, self.job("queued")))
+        if path.endswith("/cancel"):
+            return self.send(route, self.cancels.pop(0) if self.cancels else (200, {}))
+        if path.endswith(".png"):
+            if self.images:
+                return self.send(route, self.images.pop(0))
+            image = png_bytes("RGB", (200, 0, 0)) if "overlay" in path else png_bytes("L", 0)
+            return route.fulfill(status=200, body=image, content_type="image/png")
+        polls = sum(1 for seen in self.seen if seen == f"GET {path}")
+        return self.send(route, self.polls[min(polls, len(self.polls)) - 1])
+
+    @staticmethod
+    def send(route: Any, answer: Answer) -> None:
+        if answer == "abort":
+            return route.abort("connectionreset")
+        status, body = answer
+        if isinstance(body, str):
+            return route.fulfill(status=status, body=body, content_type="text/html")
+        return route.fulfill(status=status, json=body)
 
 
 def save_key(tab: Any, key: str) -> None:
@@ -167,3 +230,39 @@ def test_page_refuses_oversized_file_before_upload(
     tab.wait_for_selector("#error-box:not([hidden])")
     assert "too large" in tab.inner_text("#error-box")
     assert tab.is_hidden("#progress-box")
+
+
+RESULTS_SHOWN = (
+    "() => !document.getElementById('results').hidden"
+    " && document.getElementById('overlay-img').naturalWidth > 0"
+)
+
+
+def test_page_keeps_polling_through_a_proxy_restart(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """A rolling restart behind a proxy: 502, 504, a cut connection and the proxy's own HTML
+    page (a 200) while the job runs; the page keeps asking and shows the result (any of them
+    used to stop the polling for good, or throw and freeze the page)."""
+    tab, _ = page
+    bad_gateway = (502, "<html>Bad Gateway</html>")
+    jobs = FakeJobs(tab, [])
+    jobs.polls = [
+        bad_gateway,
+        (504, "<html>Gateway Timeout</html>"),
+        "abort",
+        (200, "<html>Welcome to nginx</html>"),
+        (200, jobs.job("succeeded")),
+    ]
+    jobs.images = [bad_gateway, "abort"]  # the results are retried too
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    save_key(tab, api_key)
+    photo = tmp_path / "cat.png"
+    photo.write_bytes(png_bytes("RGB", (0, 128, 0)))
+    tab.set_input_files("#file-input", str(photo))
+    tab.wait_for_function(RESULTS_SHOWN, timeout=45_000)
+    assert jobs.seen.count("GET /v1/jobs/job-1") == 5
+    assert tab.is_hidden("#error-box")
+    assert tab.inner_text("#status-text") == "Done."
+    assert errors == []

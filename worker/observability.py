@@ -3,13 +3,19 @@
 - logging: Celery leaves logging to us once a `setup_logging` receiver exists (JSON lines).
 - metrics: `SEG_METRICS_PORT` starts /metrics in workers and beat; beat also samples the queue
   depth (it is the one process always running, even when workers are scaled to zero).
-- probes: `SEG_PROBE_DIR/ready` once the model is loaded, `alive` on each heartbeat.
+- probes: `SEG_PROBE_DIR/ready` once the model is loaded (a failed load is retried until it
+  succeeds), `alive` on each heartbeat and while the model loads.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from celery import signals
@@ -27,6 +33,12 @@ _sampler: QueueDepthSampler | None = None
 # A batch holding the model thread longer than this means the pipeline is wedged: above the
 # longest legitimate step (a model conversion run on a batch's claim, bounded by its timeout).
 PIPELINE_STALL_S = CONVERT_TIMEOUT_S + 300.0
+# A model load that failed at start (a database blip, say) is tried again after this many
+# seconds, doubling up to the maximum, until it succeeds or the worker stops.
+LOAD_RETRY_FIRST_S = 5.0
+LOAD_RETRY_MAX_S = 60.0
+ALIVE_EVERY_S = 2.0  # as often as Celery's heartbeats
+_stopping = threading.Event()
 
 
 def service_name(argv: list[str]) -> str:
@@ -48,6 +60,7 @@ def _setup_logging(**_: Any) -> None:
 
 def _worker_init(**_: Any) -> None:
     settings = get_settings()
+    _stopping.clear()
     clear_probes(settings.probe_dir)
     WORKER_READY.set(0)
     start_metrics_server(settings.metrics_port)
@@ -56,24 +69,78 @@ def _worker_init(**_: Any) -> None:
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     """Ready only after the model answers; a webhook worker is ready when it consumes."""
     app = sender.app if sender is not None else None
-    if app is not None and consumes_inference(app) and not _is_prefork(sender):
-        from worker.tasks import get_segmenter
-
-        try:
-            loaded = get_segmenter().load()
-        except Exception:
-            log.exception("model load failed; staying unready")
+    inference = app is not None and consumes_inference(app)
+    if inference and not _is_prefork(sender):
+        with _alive_meanwhile(get_settings().probe_dir, PIPELINE_STALL_S):
+            loaded = _load_model()
+        if not loaded:
+            # Jobs load the model lazily, so the worker may well serve: keep trying, so that it
+            # reports ready once it can (rather than be killed by its startup probe).
+            threading.Thread(target=_load_until_ready, name="model-load-retry", daemon=True).start()
             return
-        record_model(
-            version=loaded.version,
-            sha256=loaded.sha256,
-            runtime=loaded.runtime.name,
-            load_seconds=loaded.load_seconds,
-        )
+    _mark_ready(inference=inference)
+
+
+def _load_model() -> bool:
+    """Load (and warm) the serving model and publish it; False when that failed (logged)."""
+    from worker.tasks import get_segmenter
+
+    try:
+        loaded = get_segmenter().load()
+    except Exception:
+        log.exception("model load failed; staying unready (trying again)")
+        return False
+    record_model(
+        version=loaded.version,
+        sha256=loaded.sha256,
+        runtime=loaded.runtime.name,
+        load_seconds=loaded.load_seconds,
+    )
+    return True
+
+
+def _load_until_ready() -> None:
+    """Try the model load again, with backoff, until it succeeds; then report ready."""
+    delay = LOAD_RETRY_FIRST_S
+    while not _stopping.wait(delay):
+        if _load_model():
+            if not _stopping.is_set():
+                _mark_ready(inference=True)
+            return
+        delay = min(delay * 2, LOAD_RETRY_MAX_S)
+
+
+def _mark_ready(*, inference: bool) -> None:
+    """Write both probe files; only inference workers count in `segsvc_worker_ready` (the
+    dashboard's "Workers ready" sums it: webhook and maintenance workers serve no model)."""
     settings = get_settings()
     write_probe(settings.probe_dir, READY)
     write_probe(settings.probe_dir, ALIVE)
-    WORKER_READY.set(1)
+    if inference:
+        WORKER_READY.set(1)
+
+
+@contextmanager
+def _alive_meanwhile(probe_dir: Path | None, limit_s: float) -> Iterator[None]:
+    """Keep `alive` fresh (for at most `limit_s`) while this thread loads the model: no
+    heartbeat runs then, and a liveness probe may already watch (after a startup probe passed
+    on `started` while the broker was down); a load past the limit counts as wedged."""
+    done = threading.Event()
+
+    def refresh() -> None:
+        until = time.monotonic() + limit_s
+        while time.monotonic() < until:
+            write_probe(probe_dir, ALIVE)
+            if done.wait(ALIVE_EVERY_S):
+                return
+
+    thread = threading.Thread(target=refresh, name="alive-while-loading", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
 
 
 def _is_prefork(consumer: Any) -> bool:
@@ -96,6 +163,7 @@ def _heartbeat(**_: Any) -> None:
 
 
 def _worker_shutdown(**_: Any) -> None:
+    _stopping.set()
     clear_probes(get_settings().probe_dir)
     WORKER_READY.set(0)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,11 +21,12 @@ STARTED = "started"
 
 
 def write_probe(probe_dir: Path | None, name: str) -> None:
-    """Create or refresh a probe file (atomic: a probe never sees a half-written file)."""
+    """Create or refresh a probe file (atomic: a probe never sees a half-written file; one
+    temporary file per thread, as a model-load thread and the heartbeat may both write)."""
     if probe_dir is None:
         return
     probe_dir.mkdir(parents=True, exist_ok=True)
-    tmp = probe_dir / f".{name}.{os.getpid()}"
+    tmp = probe_dir / f".{name}.{os.getpid()}.{threading.get_ident()}"
     tmp.write_text(f"{time.time():.0f}\n")
     tmp.replace(probe_dir / name)
 

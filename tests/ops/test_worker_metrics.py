@@ -7,8 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -18,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from segsvc.settings import Settings
 from tests.conftest import encode_image, free_port, start_worker, stop_process
+from worker import observability
 from worker.metrics_server import record_model, sample_queue_depth, start_metrics_server
 from worker.probes import ALIVE, READY, check, clear_probes, main, probe_age, write_probe
 
@@ -133,6 +137,102 @@ def test_probes_of_a_worker_started_during_a_broker_outage_wait_for_it(  # type:
     assert main(["started"]) == 1
     write_probe(tmp_path, READY)
     assert main(["started"]) == 0
+
+
+class FlakySegmenter:
+    """Stands in for the Segmenter: its model load fails `failures` times, then succeeds."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+
+    def load(self) -> SimpleNamespace:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("database blip")
+        runtime = SimpleNamespace(name="onnx")
+        return SimpleNamespace(version="v-retry", sha256="cd" * 32, runtime=runtime, load_seconds=2)
+
+
+def consumer(queue: str) -> SimpleNamespace:
+    """What Celery's worker_ready signal sends: a consumer whose app consumes `queue`."""
+    queues = SimpleNamespace(consume_from={queue: None})
+    return SimpleNamespace(app=SimpleNamespace(amqp=SimpleNamespace(queues=queues)))
+
+
+@pytest.fixture
+def signal_settings(settings: Settings, tmp_path: Path, monkeypatch) -> Iterator[Settings]:  # type: ignore[no-untyped-def]
+    """The observability hooks on the test settings, probe files in `tmp_path`, fast retries."""
+    cfg = settings.model_copy(update={"probe_dir": tmp_path})
+    monkeypatch.setattr(observability, "get_settings", lambda: cfg)
+    monkeypatch.setattr(observability, "_stopping", threading.Event(), raising=False)
+    monkeypatch.setattr(observability, "LOAD_RETRY_FIRST_S", 0.05, raising=False)
+    monkeypatch.setattr(observability, "LOAD_RETRY_MAX_S", 0.1, raising=False)
+    observability.WORKER_READY.set(0)
+    yield cfg
+    observability._stopping.set()  # ends a retry thread left running
+    observability.WORKER_READY.set(0)
+
+
+def test_a_failed_model_load_at_start_is_retried_until_the_worker_is_ready(  # type: ignore[no-untyped-def]
+    signal_settings: Settings, tmp_path: Path, monkeypatch
+) -> None:
+    """A model load that failed at start (a database blip) left the worker unready for good,
+    though its jobs loaded the model later and it served: the startup probe killed it."""
+    segmenter = FlakySegmenter(failures=2)
+    monkeypatch.setattr("worker.tasks.get_segmenter", lambda: segmenter)
+    observability._worker_ready(consumer(signal_settings.queue_name))
+    assert probe_age(tmp_path, READY) is None
+    deadline = time.monotonic() + 10
+    while probe_age(tmp_path, READY) is None:
+        assert time.monotonic() < deadline, "never ready after the load succeeded"
+        time.sleep(0.05)
+    assert segmenter.failures == 0
+    assert REGISTRY.get_sample_value("segsvc_worker_ready") == 1
+    assert REGISTRY.get_sample_value("segsvc_model_load_seconds", {"model_version": "v-retry"}) == 2
+
+
+def test_the_load_retry_ends_when_the_worker_stops(  # type: ignore[no-untyped-def]
+    signal_settings: Settings, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr("worker.tasks.get_segmenter", lambda: FlakySegmenter(failures=10**6))
+    observability._worker_ready(consumer(signal_settings.queue_name))
+    retry = next(t for t in threading.enumerate() if t.name == "model-load-retry")
+    observability._worker_shutdown()
+    retry.join(timeout=5)
+    assert not retry.is_alive()
+    assert probe_age(tmp_path, READY) is None
+
+
+def test_alive_is_kept_fresh_while_the_model_loads(  # type: ignore[no-untyped-def]
+    signal_settings: Settings, tmp_path: Path, monkeypatch
+) -> None:
+    """No heartbeat runs while the model loads: after a startup probe passed on `started`
+    (the broker was down), the liveness probe would kill a pod loading its model."""
+    seen: list[float | None] = []
+
+    class SlowSegmenter(FlakySegmenter):
+        def load(self) -> SimpleNamespace:
+            (tmp_path / ALIVE).unlink(missing_ok=True)
+            time.sleep(0.5)
+            seen.append(probe_age(tmp_path, ALIVE))
+            return super().load()
+
+    monkeypatch.setattr(observability, "ALIVE_EVERY_S", 0.05, raising=False)
+    monkeypatch.setattr("worker.tasks.get_segmenter", lambda: SlowSegmenter(failures=0))
+    observability._worker_ready(consumer(signal_settings.queue_name))
+    assert seen[0] is not None, "alive written during the load"
+    assert probe_age(tmp_path, READY) is not None
+
+
+def test_only_inference_workers_count_as_workers_ready(
+    signal_settings: Settings, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The dashboard's "Workers ready" is sum(segsvc_worker_ready): webhook and maintenance
+    workers set it to 1 too, so it counted workers that serve no model."""
+    for queue in (signal_settings.webhook_queue_name, "maintenance"):
+        observability._worker_ready(consumer(queue))
+        assert probe_age(tmp_path, READY) is not None  # ready for its probes all the same
+        assert REGISTRY.get_sample_value("segsvc_worker_ready") == 0
 
 
 @pytest.mark.e2e

@@ -18,6 +18,7 @@ from werkzeug.exceptions import NotFound
 from api.context import settings
 from segsvc.logging_setup import bind_context, reset_context
 from segsvc.metrics import (
+    API_SERIES,
     HTTP_LATENCY,
     HTTP_REQUESTS,
     REJECTIONS,
@@ -120,7 +121,8 @@ def keep_metrics_on_their_port() -> None:
 
 def metrics_view() -> Response:
     """Prometheus exposition of every series this API process (group) records."""
-    return Response(generate_latest(metrics_registry()), mimetype=CONTENT_TYPE_LATEST)
+    registry = metrics_registry(only=API_SERIES)
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 
 def register_metrics(app: Flask) -> None:

@@ -7,8 +7,11 @@ Define every series here so names stay consistent; processes only import and obs
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # In multiprocess mode (gunicorn sets it) every series writes a file in this folder as soon as
 # it is defined below: a process that finds the variable but not the folder (a container whose
@@ -33,6 +36,15 @@ HTTP_LATENCY = Histogram(
 )
 SUBMISSIONS = Counter("segsvc_submissions_total", "Jobs accepted (202).")
 REJECTIONS = Counter("segsvc_rejections_total", "Submissions refused, by reason.", ["reason"])
+# The families the API records (`metrics_registry(only=...)`; a counter's family drops _total).
+API_SERIES = frozenset(
+    {
+        "segsvc_http_requests",
+        "segsvc_http_request_duration_seconds",
+        "segsvc_submissions",
+        "segsvc_rejections",
+    }
+)
 
 # --- inference workers -------------------------------------------------------------------------
 JOBS_FINISHED = Counter("segsvc_jobs_total", "Jobs finished by a worker, by status.", ["status"])
@@ -65,12 +77,29 @@ WEBHOOK_LATENCY = Histogram(
 )
 
 
-def metrics_registry() -> CollectorRegistry:
-    """The registry to expose: every process's files in multiprocess mode, else this process."""
+class _Only(Collector):
+    """Another collector's families named in `names`, and no others."""
+
+    def __init__(self, inner: Collector, names: frozenset[str]) -> None:
+        self.inner = inner
+        self.names = names
+
+    def collect(self) -> Iterable[Metric]:
+        return (family for family in self.inner.collect() if family.name in self.names)
+
+
+def metrics_registry(*, only: frozenset[str] | None = None) -> CollectorRegistry:
+    """The registry to expose: every process's files in multiprocess mode (with `only`, just
+    those families), else this process.
+
+    Every series defined above writes a zero to a process's files as it is imported: without
+    `only`, gunicorn's API exported the workers' series too (`segsvc_worker_ready{pid=...} 0`,
+    `segsvc_queue_depth{pid=...} 0` for each API process, dead ones included)."""
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return REGISTRY
     from prometheus_client import multiprocess
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    files = multiprocess.MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+    registry.register(files if only is None else _Only(files, only))
     return registry

@@ -5,8 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -181,3 +185,32 @@ def test_access_log_is_one_json_line_with_correlation_fields(client, auth, log_l
     assert access[0]["status"] == 202
     assert access[0]["route"] == "/v1/jobs"
     assert {"ts", "level", "message", "service", "duration_ms"} <= set(access[0])
+
+
+def test_api_metrics_in_multiprocess_mode_leave_out_the_workers_series(  # type: ignore[no-untyped-def]
+    client, tmp_path: Path, monkeypatch
+) -> None:
+    """Every series in segsvc.metrics writes a zero to a gunicorn process's files as it is
+    imported: the API exported `segsvc_worker_ready{pid=...} 0`, `segsvc_queue_depth{pid=...} 0`
+    and empty worker histograms, flat series on the dashboards for each API process."""
+    code = (
+        "import segsvc.metrics as m; "
+        "m.HTTP_REQUESTS.labels('/v1/jobs', 'POST', '202').inc(); m.SUBMISSIONS.inc()"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # what gunicorn_conf sets
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(resp.get_data(as_text=True))}
+    assert set(families) <= {
+        "segsvc_http_requests",
+        "segsvc_http_request_duration_seconds",
+        "segsvc_submissions",
+        "segsvc_rejections",
+    }, sorted(families)
+    requests = {s.labels["status"]: s.value for s in families["segsvc_http_requests"].samples}
+    assert requests["202"] == 1
+    assert [
+        s.value for s in families["segsvc_submissions"].samples if s.name.endswith("_total")
+    ] == [1]

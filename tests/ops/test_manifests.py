@@ -331,6 +331,17 @@ def test_prometheus_scrapes_every_metrics_port_in_compose() -> None:
     assert (names | targets) - {"localhost"} <= set(compose()["services"])
 
 
+def test_prometheus_jobs_do_not_mix_services_of_different_compose_profiles() -> None:
+    """worker-gpu runs only with `--profile gpu`: looked up in the CPU workers' job, its name
+    failed to resolve on every refresh of that job in a default `docker compose up`."""
+    services = compose()["services"]
+    config = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
+    for job in config["scrape_configs"]:
+        names = [n for sd in job.get("dns_sd_configs", []) for n in sd["names"]]
+        profiles = {tuple(services[n].get("profiles", [])) for n in names}
+        assert len(profiles) <= 1, (job["job_name"], names)
+
+
 def test_prometheus_scrapes_the_api_on_its_metrics_port_which_is_not_published() -> None:
     """The API serves /metrics only on SEG_METRICS_PORT (its public port answers 404): the
     scrape configs must aim there, and compose must not publish that port."""

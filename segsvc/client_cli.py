@@ -568,8 +568,8 @@ def status(job_id: str, as_json: bool, url: str, api_key: str | None, retries: i
 @click.option(
     "--out",
     "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="File to write [<id>.mask.png or <id>.overlay.png].",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    help="File to write, '-' for stdout [<id>.mask.png or <id>.overlay.png].",
 )
 @click.option("--overlay", is_flag=True, help="Fetch the overlay instead of the mask.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for it.")
@@ -584,7 +584,8 @@ def get(
     api_key: str | None,
     retries: int,
 ) -> None:
-    """Wait for a job and save its mask (values 0 pet, 1 background, 2 border) or overlay."""
+    """Wait for a job and save its mask (values 0 pet, 1 background, 2 border) or overlay;
+    prints the file's name (nothing when the image goes to stdout)."""
     kind = "overlay" if overlay else "mask"
     with make_client(url, api_key, retries) as client:
         job = client.get(job_id).wait(timeout)
@@ -594,11 +595,34 @@ def get(
             sys.exit(EXIT_FAILED)
         data = client.result_png(job.id, kind)
     target = out or Path(f"{job.id}.{kind}.png")
-    if target.exists() and not target.is_file():  # -o /dev/stdout, a named pipe: as it is
-        target.write_bytes(data)
-    else:
-        write_atomically(target, data)
+    if str(target) == "-" or is_stdout(target):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)  # the image alone: no name after it
+        sys.stdout.buffer.flush()
+        return
+    write_result(target, data)
     click.echo(str(target))
+
+
+def is_stdout(path: Path) -> bool:
+    """Whether `path` is this process's stdout: /dev/stdout, /dev/fd/1, or the very file stdout
+    is redirected to."""
+    try:
+        named, stdout = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):  # no such file; a stdout that is no file (a test's buffer)
+        return False
+    return (named.st_dev, named.st_ino) == (stdout.st_dev, stdout.st_ino)
+
+
+def write_result(target: Path, data: bytes) -> None:
+    """Write a result whole or not at all (a temporary file renamed into place) where it can
+    be: a link's target, not the link (the link stays); a named pipe or a device as it is."""
+    real = Path(os.path.realpath(target))
+    if real.exists() and not real.is_file():  # a named pipe, /dev/null: no rename over it
+        with real.open("wb") as fh:
+            fh.write(data)
+    else:
+        write_atomically(real, data)
 
 
 @click.command("cancel")

@@ -563,3 +563,49 @@ def test_cli_submit_on_a_terminal_prints_each_line_above_the_progress_bar(
     assert len(shown) == 3, shown
     assert all(line.startswith(J1) for line in shown), shown
     assert {line.split()[-1] for line in shown} == {str(path) for path in files}
+
+
+def test_cli_get_into_a_link_writes_the_links_target(tmp_path: Path) -> None:
+    """`segsvc get -o latest.png` where latest.png is a link: the file it points to gets the
+    mask and the link stays (a temporary file was renamed over the link itself)."""
+    done = {"id": J1, "status": "succeeded"}
+    real = tmp_path / "masks" / "v1.png"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "latest.png"
+    link.symlink_to(real)
+    with serve(Scripted([(200, {}, done), (200, {}, "png bytes")])) as url:
+        result = cli("client", "get", J1, "--out", str(link), url=url)
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink()
+    assert real.read_bytes() == b'"png bytes"'
+    assert result.stdout == f"{link}\n"
+
+
+def test_cli_get_to_stdout_writes_the_image_alone(tmp_path: Path) -> None:
+    """`-o -`, and `-o /dev/stdout` (here /proc/self/fd/1) with stdout redirected to a file:
+    the image goes to stdout and nothing follows it (its name after the PNG spoilt it; and
+    /dev/stdout, a link to the file, was replaced by a renamed temporary file or refused)."""
+    import subprocess
+    import sys
+
+    done = {"id": J1, "status": "succeeded"}
+    with serve(Scripted([(200, {}, done), (200, {}, "png bytes")])) as url:
+        dashed = cli("client", "get", J1, "-o", "-", url=url)
+    assert dashed.exit_code == 0, dashed.output
+    assert dashed.stdout_bytes == b'"png bytes"'
+    assert not (Path.cwd() / "-").exists()
+
+    saved = tmp_path / "mask.png"
+    env = {**os.environ, "SEG_API_KEY": "k"}
+    with serve(Scripted([(200, {}, done), (200, {}, "png bytes")])) as url, saved.open("wb") as fh:
+        ran = subprocess.run(
+            [sys.executable, "-m", "segsvc.cli", "get", J1, "-o", "/proc/self/fd/1", "--url", url],
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+    assert ran.returncode == 0, ran.stderr
+    assert saved.read_bytes() == b'"png bytes"'

@@ -141,7 +141,9 @@ def make_client(url: str, api_key: str | None, retries: int = 5) -> Client:
 
 
 def image_files(paths: tuple[Path, ...]) -> list[Path]:
-    """Files as given, plus the images found under directories (sorted)."""
+    """Files as given, plus the images found under directories (sorted); each file once, where
+    it first appears (`photos/ photos/cat.jpg`, `cat.jpg ./cat.jpg` or two links to one file
+    would send it twice: two jobs, two rate-limit tokens, results named cat-2)."""
     found: list[Path] = []
     for path in paths:
         if path.is_dir():  # only files: not a folder named x.jpg, nor a link to nothing
@@ -150,7 +152,14 @@ def image_files(paths: tuple[Path, ...]) -> list[Path]:
             )
         else:
             found.append(path)
-    return found
+    seen: set[str] = set()
+    unique: list[Path] = []
+    for path in found:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
 
 
 def output_names(files: list[Path]) -> dict[Path, str]:

@@ -273,6 +273,22 @@ def test_image_files_lists_only_files(tmp_path: Path) -> None:
     assert image_files((tmp_path,)) == [tmp_path / "real.jpg"]
 
 
+def test_image_files_lists_each_file_once(tmp_path: Path) -> None:
+    """`segsvc submit photos/ photos/cat.jpg`: cat.jpg is sent once (it went twice: two jobs,
+    and its results were named cat.jpg-2), where it first appears."""
+    from segsvc.client_cli import image_files
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cat, dog = photos / "cat.jpg", photos / "dog.jpg"
+    for path in (cat, dog):
+        path.write_bytes(b"x")
+    (tmp_path / "same-cat.jpg").symlink_to(cat)
+    again = photos / ".." / "photos" / "cat.jpg"
+    listed = image_files((dog, photos, cat, again, tmp_path / "same-cat.jpg"))
+    assert listed == [dog, cat]
+
+
 def test_cli_a_file_that_cannot_be_read_fails_alone(
     base_url: str, api_key: str, tmp_path: Path
 ) -> None:

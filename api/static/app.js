@@ -15,7 +15,8 @@ const STATUS_WORDS = {
 
 const $ = (id) => document.getElementById(id);
 const state = { config: { auth_required: true, max_upload_bytes: 10 * 1024 * 1024 }, job: null,
-                urls: [], pollTimer: null, generation: 0, overlayUrl: null, originalUrl: null };
+                urls: [], pollTimer: null, generation: 0, overlayUrl: null, originalUrl: null,
+                xhr: null };
 
 function apiKey() {
   return localStorage.getItem(KEY_STORAGE) || "";
@@ -131,6 +132,7 @@ function startUpload(file) {
   };
   xhr.onload = () => {
     if (generation !== state.generation) return;
+    state.xhr = null;
     let body = null;
     try { body = JSON.parse(xhr.responseText); } catch (_err) { body = null; }
     if (xhr.status === 202 && body) {
@@ -145,9 +147,11 @@ function startUpload(file) {
   };
   xhr.onerror = () => {
     if (generation !== state.generation) return;
+    state.xhr = null;
     $("progress-box").hidden = true;
     showError(describeError(0));
   };
+  state.xhr = xhr;
   xhr.send(form);
 }
 
@@ -223,6 +227,10 @@ function trackUrl(url) {
 
 function resetResults() {
   clearTimeout(state.pollTimer);
+  if (state.xhr) {  // an upload still going: a new photo replaces it (its job would go unseen)
+    state.xhr.abort();
+    state.xhr = null;
+  }
   state.urls.forEach((u) => URL.revokeObjectURL(u));
   state.urls = [];
   state.job = null;

@@ -84,6 +84,8 @@ class FakeJobs:
         self.cancels = list(cancels or [])
         self.seen: list[str] = []  # "METHOD path" of every request, in order
         self.uploads = 0
+        self.held: list[Any] = []  # uploads left unanswered (hold_uploads)
+        self.hold_uploads = 0  # how many uploads (the first ones) get no answer yet
         tab.route(re.compile(r"/v1/jobs"), self.answer)
 
     def job(self, status: str, **extra: Any) -> dict[str, Any]:
@@ -95,6 +97,9 @@ class FakeJobs:
         self.seen.append(f"{request.method} {path}")
         if request.method == "POST" and path == "/v1/jobs":
             self.uploads += 1
+            if self.uploads <= self.hold_uploads:
+                self.held.append(route)
+                return None
             return self.send(route, (202, self.job("queued")))
         if path.endswith("/cancel"):
             return self.send(route, self.cancels.pop(0) if self.cancels else (200, {}))
@@ -266,3 +271,28 @@ def test_page_keeps_polling_through_a_proxy_restart(
     assert tab.is_hidden("#error-box")
     assert tab.inner_text("#status-text") == "Done."
     assert errors == []
+
+
+def test_page_a_second_photo_stops_the_first_upload(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """A second photo chosen while the first still uploads: the first upload is stopped, so it
+    makes no job that the page would never show (it went on, and its job was stored unseen)."""
+    tab, _ = page
+    jobs = FakeJobs(tab, [])
+    jobs.polls = [(200, jobs.job("succeeded"))]
+    jobs.hold_uploads = 1
+    failed: list[str] = []
+    tab.on("requestfailed", lambda request: failed.append(f"{request.method} {request.url}"))
+    save_key(tab, api_key)
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    for photo in (first, second):
+        photo.write_bytes(png_bytes("RGB", (0, 128, 0)))
+    tab.set_input_files("#file-input", str(first))
+    tab.wait_for_function("() => document.getElementById('status-text').textContent !== ''")
+    tab.wait_for_timeout(200)  # the first upload's request reached the (silent) server
+    assert jobs.uploads == 1
+    tab.set_input_files("#file-input", str(second))
+    tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
+    assert jobs.uploads == 2
+    assert any(seen.startswith("POST ") and seen.endswith("/v1/jobs") for seen in failed), failed

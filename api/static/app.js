@@ -210,10 +210,13 @@ function showJob(job) {
 
 async function cancelJob() {
   if (!state.job) return;
+  const generation = state.generation;  // a new photo meanwhile: this answer is not its job's
   const resp = await fetch("/v1/jobs/" + encodeURIComponent(state.job.id) + "/cancel",
     { method: "POST", headers: authHeaders() }).catch(() => null);
+  if (generation !== state.generation) return;
   if (!resp) { showError(describeError(0)); return; }
   const body = await resp.json().catch(() => null);
+  if (generation !== state.generation) return;
   if (!resp.ok) { showError(describeError(resp.status, body, resp.headers)); return; }
   state.job = body;
   showJob(body);
@@ -236,6 +239,7 @@ function resetResults() {
   state.job = null;
   $("results").hidden = true;
   $("show-original").checked = false;
+  $("left-caption").textContent = "Overlay";
   $("overlay-img").removeAttribute("src");
   $("job-details").textContent = "";
 }
@@ -267,18 +271,26 @@ async function loadResults(job, generation) {
   try {
     [overlay, mask] = await Promise.all([fetchBlob(base + "/overlay.png"), fetchBlob(base + "/mask.png")]);
   } catch (err) {
-    showError("The job finished but its images could not be loaded: " + err.message);
+    if (generation === state.generation) {
+      showError("The job finished but its images could not be loaded: " + err.message);
+    }
     return;
   }
-  if (generation !== state.generation) return;
+  if (generation !== state.generation) return;  // after each wait: a new photo replaces it
   state.overlayUrl = trackUrl(URL.createObjectURL(overlay));
   const maskUrl = trackUrl(URL.createObjectURL(mask));
   $("overlay-img").src = state.overlayUrl;
-  await drawMask(mask);
+  try {
+    await drawMask(mask);
+  } catch (_err) {  // not an image after all (a proxy's page with a 200)
+    if (generation === state.generation) showError("The job finished but its mask could not be drawn.");
+    return;
+  }
+  if (generation !== state.generation) return;
   setDownload("download-overlay", state.overlayUrl, job.id + "-overlay.png");
   setDownload("download-mask", maskUrl, job.id + "-mask.png");
   $("mask-canvas").toBlob((blob) => {
-    if (blob) setDownload("download-mask-colour", trackUrl(URL.createObjectURL(blob)), job.id + "-mask-colour.png");
+    if (blob && generation === state.generation) setDownload("download-mask-colour", trackUrl(URL.createObjectURL(blob)), job.id + "-mask-colour.png");
   }, "image/png");
   showDetails(job);
   $("results").hidden = false;

@@ -67,49 +67,55 @@ Answer = tuple[int, Any] | str  # (status, JSON body or raw text), or "abort": a
 
 
 class FakeJobs:
-    """The job endpoints answered in the page's browser from a script (no worker needed): an
-    upload gets job `id`, each poll the next answer of `polls` (the last one repeats), the
-    images the next of `images` (then 200 PNGs), a cancel the next of `cancels`."""
+    """The job endpoints answered in the page's browser from a script (no worker needed). The
+    n-th upload makes job `job-n`; each job's polls get the next of `polls` (the last one
+    repeats), its images the next of `images[path]` (then a PNG), a cancel a canceled job.
+    A request named in `hold` ("METHOD path") gets no answer the first time: it waits in
+    `held` until the test answers it."""
 
     def __init__(
         self,
         tab: Any,
         polls: list[Answer],
         *,
-        job_id: str = "job-1",
-        images: list[Answer] | None = None,
-        cancels: list[Answer] | None = None,
+        images: dict[str, list[Answer]] | None = None,
+        hold: set[str] | None = None,
     ) -> None:
-        self.job_id, self.polls, self.images = job_id, polls, list(images or [])
-        self.cancels = list(cancels or [])
+        self.polls, self.images, self.hold = polls, images or {}, hold or set()
         self.seen: list[str] = []  # "METHOD path" of every request, in order
+        self.held: dict[str, Any] = {}
         self.uploads = 0
-        self.held: list[Any] = []  # uploads left unanswered (hold_uploads)
-        self.hold_uploads = 0  # how many uploads (the first ones) get no answer yet
         tab.route(re.compile(r"/v1/jobs"), self.answer)
 
-    def job(self, status: str, **extra: Any) -> dict[str, Any]:
-        return {"id": self.job_id, "status": status, "metrics": {}, **extra}
+    @staticmethod
+    def job(status: str) -> dict[str, Any]:
+        """A job's JSON (its id is added as it is sent)."""
+        return {"status": status, "metrics": {}}
 
     def answer(self, route: Any) -> None:
         request = route.request
         path = urlsplit(request.url).path
-        self.seen.append(f"{request.method} {path}")
-        if request.method == "POST" and path == "/v1/jobs":
+        seen = f"{request.method} {path}"
+        self.seen.append(seen)
+        if seen in self.hold:
+            self.hold.discard(seen)
+            self.held[seen] = route
+            return None
+        if seen == "POST /v1/jobs":
             self.uploads += 1
-            if self.uploads <= self.hold_uploads:
-                self.held.append(route)
-                return None
-            return self.send(route, (202, self.job("queued")))
+            return self.send(route, (202, {"id": f"job-{self.uploads}", **self.job("queued")}))
+        job_id = path.split("/")[3]
         if path.endswith("/cancel"):
-            return self.send(route, self.cancels.pop(0) if self.cancels else (200, {}))
+            return self.send(route, (200, {"id": job_id, **self.job("canceled")}))
         if path.endswith(".png"):
-            if self.images:
-                return self.send(route, self.images.pop(0))
+            if self.images.get(path):
+                return self.send(route, self.images[path].pop(0))
             image = png_bytes("RGB", (200, 0, 0)) if "overlay" in path else png_bytes("L", 0)
             return route.fulfill(status=200, body=image, content_type="image/png")
-        polls = sum(1 for seen in self.seen if seen == f"GET {path}")
-        return self.send(route, self.polls[min(polls, len(self.polls)) - 1])
+        answer = self.polls[min(self.seen.count(seen), len(self.polls)) - 1]
+        if not isinstance(answer, str) and isinstance(answer[1], dict):
+            answer = (answer[0], {"id": job_id, **answer[1]})
+        return self.send(route, answer)
 
     @staticmethod
     def send(route: Any, answer: Answer) -> None:
@@ -251,15 +257,15 @@ def test_page_keeps_polling_through_a_proxy_restart(
     used to stop the polling for good, or throw and freeze the page)."""
     tab, _ = page
     bad_gateway = (502, "<html>Bad Gateway</html>")
-    jobs = FakeJobs(tab, [])
-    jobs.polls = [
+    polls: list[Answer] = [
         bad_gateway,
         (504, "<html>Gateway Timeout</html>"),
         "abort",
         (200, "<html>Welcome to nginx</html>"),
-        (200, jobs.job("succeeded")),
+        (200, FakeJobs.job("succeeded")),
     ]
-    jobs.images = [bad_gateway, "abort"]  # the results are retried too
+    # the results are retried too
+    jobs = FakeJobs(tab, polls, images={"/v1/jobs/job-1/overlay.png": [bad_gateway, "abort"]})
     errors: list[str] = []
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
     save_key(tab, api_key)
@@ -279,9 +285,7 @@ def test_page_a_second_photo_stops_the_first_upload(
     """A second photo chosen while the first still uploads: the first upload is stopped, so it
     makes no job that the page would never show (it went on, and its job was stored unseen)."""
     tab, _ = page
-    jobs = FakeJobs(tab, [])
-    jobs.polls = [(200, jobs.job("succeeded"))]
-    jobs.hold_uploads = 1
+    jobs = FakeJobs(tab, [(200, FakeJobs.job("succeeded"))], hold={"POST /v1/jobs"})
     failed: list[str] = []
     tab.on("requestfailed", lambda request: failed.append(f"{request.method} {request.url}"))
     save_key(tab, api_key)
@@ -291,8 +295,74 @@ def test_page_a_second_photo_stops_the_first_upload(
     tab.set_input_files("#file-input", str(first))
     tab.wait_for_function("() => document.getElementById('status-text').textContent !== ''")
     tab.wait_for_timeout(200)  # the first upload's request reached the (silent) server
-    assert jobs.uploads == 1
+    assert list(jobs.held) == ["POST /v1/jobs"]
     tab.set_input_files("#file-input", str(second))
     tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
-    assert jobs.uploads == 2
+    assert jobs.uploads == 1  # the second; the first was never answered
     assert any(seen.startswith("POST ") and seen.endswith("/v1/jobs") for seen in failed), failed
+
+
+def upload(tab: Any, tmp_path: Path, name: str) -> None:
+    photo = tmp_path / name
+    photo.write_bytes(png_bytes("RGB", (0, 128, 0)))
+    tab.set_input_files("#file-input", str(photo))
+
+
+def wait_for_request(tab: Any, jobs: FakeJobs, seen: str) -> None:
+    for _ in range(100):
+        if seen in jobs.seen:
+            return
+        tab.wait_for_timeout(100)
+    raise AssertionError(f"no {seen}: {jobs.seen}")
+
+
+def test_page_a_new_photo_shows_nothing_of_the_one_before(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """A second photo after the first's result was shown as the original photo, while the
+    first's images or cancel still were on their way: the page shows only the second job (the
+    caption still said "Original photo" over the overlay; the first's late image error or
+    cancel answer was shown as the second's)."""
+    tab, _ = page
+    done = (200, FakeJobs.job("succeeded"))
+    jobs = FakeJobs(tab, [done])
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "first.png")
+    tab.wait_for_function(RESULTS_SHOWN)
+    tab.check("#show-original")
+    assert tab.inner_text("#left-caption") == "Original photo"
+    upload(tab, tmp_path, "second.png")
+    tab.wait_for_function(
+        "() => document.getElementById('job-details').textContent.includes('job-2')"
+    )
+    assert tab.inner_text("#left-caption") == "Overlay"
+
+    # the third job's images are late; the fourth's photo comes meanwhile
+    jobs.hold = {"GET /v1/jobs/job-3/overlay.png"}
+    upload(tab, tmp_path, "third.png")
+    wait_for_request(tab, jobs, "GET /v1/jobs/job-3/overlay.png")
+    upload(tab, tmp_path, "fourth.png")
+    tab.wait_for_function(
+        "() => document.getElementById('job-details').textContent.includes('job-4')"
+    )
+    gone = (404, {"error": "not_found", "message": "No such job."})
+    jobs.send(jobs.held.pop("GET /v1/jobs/job-3/overlay.png"), gone)
+    tab.wait_for_timeout(500)
+    assert tab.is_hidden("#error-box")
+
+    # the fifth job's cancel is answered after the sixth's photo came (and before its poll)
+    jobs.polls = [(200, FakeJobs.job("running"))]
+    jobs.hold = {"POST /v1/jobs/job-5/cancel", "GET /v1/jobs/job-6"}
+    upload(tab, tmp_path, "fifth.png")
+    tab.wait_for_selector("#cancel-button:not([hidden])")
+    tab.click("#cancel-button")
+    wait_for_request(tab, jobs, "POST /v1/jobs/job-5/cancel")
+    upload(tab, tmp_path, "sixth.png")
+    wait_for_request(tab, jobs, "GET /v1/jobs/job-6")
+    canceled = (200, {"id": "job-5", "status": "canceled"})
+    jobs.send(jobs.held.pop("POST /v1/jobs/job-5/cancel"), canceled)
+    tab.wait_for_timeout(500)
+    assert tab.inner_text("#status-text") == "Waiting in the queue for a worker."
+    assert tab.is_hidden("#error-box")
+    tab.click("#cancel-button")  # cancels the sixth job, not the fifth again
+    wait_for_request(tab, jobs, "POST /v1/jobs/job-6/cancel")

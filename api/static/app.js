@@ -16,7 +16,7 @@ const STATUS_WORDS = {
 const $ = (id) => document.getElementById(id);
 const state = { config: { auth_required: true, max_upload_bytes: 10 * 1024 * 1024 }, job: null,
                 urls: [], pollTimer: null, generation: 0, overlayUrl: null, originalUrl: null,
-                xhr: null };
+                xhr: null, cancelRequested: false };
 
 function apiKey() {
   return localStorage.getItem(KEY_STORAGE) || "";
@@ -76,12 +76,15 @@ function clearError() {
 }
 
 // --- status display -----------------------------------------------------------------------
-function setStep(step, text) {
+// `ended`: the job failed or was canceled; its Done step is marked so, not ticked.
+function setStep(step, text, ended) {
   const order = ["uploading", "queued", "running", "done"];
   const at = order.indexOf(step);
   document.querySelectorAll("#steps li").forEach((li) => {
     const i = order.indexOf(li.dataset.step);
-    li.classList.toggle("complete", i < at || (step === "done" && i === at));
+    const last = step === "done" && i === at;
+    li.classList.toggle("complete", i < at || (last && !ended));
+    li.classList.toggle("ended", last && Boolean(ended));
     li.classList.toggle("active", i === at && step !== "done");
   });
   $("status-text").textContent = text || "";
@@ -204,8 +207,11 @@ async function poll(jobId, generation, delay) {
 
 function showJob(job) {
   const step = { queued: "queued", running: "running" }[job.status] || "done";
-  setStep(step, STATUS_WORDS[job.status] || job.status);
-  $("cancel-button").hidden = job.status !== "queued" && job.status !== "running";
+  let text = STATUS_WORDS[job.status] || job.status;
+  // A running job stops at the worker's next batch boundary: the cancel answers "running".
+  if (step !== "done" && state.cancelRequested) text = "Cancel requested\u2026 " + text;
+  setStep(step, text, job.status === "failed" || job.status === "canceled");
+  $("cancel-button").hidden = step === "done" || state.cancelRequested;
 }
 
 async function cancelJob() {
@@ -218,6 +224,7 @@ async function cancelJob() {
   const body = await resp.json().catch(() => null);
   if (generation !== state.generation) return;
   if (!resp.ok) { showError(describeError(resp.status, body, resp.headers)); return; }
+  state.cancelRequested = true;
   state.job = body;
   showJob(body);
 }
@@ -237,6 +244,7 @@ function resetResults() {
   state.urls.forEach((u) => URL.revokeObjectURL(u));
   state.urls = [];
   state.job = null;
+  state.cancelRequested = false;
   $("results").hidden = true;
   $("show-original").checked = false;
   $("left-caption").textContent = "Overlay";

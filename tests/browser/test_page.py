@@ -69,7 +69,7 @@ Answer = tuple[int, Any] | str  # (status, JSON body or raw text), or "abort": a
 class FakeJobs:
     """The job endpoints answered in the page's browser from a script (no worker needed). The
     n-th upload makes job `job-n`; each job's polls get the next of `polls` (the last one
-    repeats), its images the next of `images[path]` (then a PNG), a cancel a canceled job.
+    repeats), its images the next of `images[path]` (then a PNG), a cancel `cancel_status`.
     A request named in `hold` ("METHOD path") gets no answer the first time: it waits in
     `held` until the test answers it."""
 
@@ -85,6 +85,7 @@ class FakeJobs:
         self.seen: list[str] = []  # "METHOD path" of every request, in order
         self.held: dict[str, Any] = {}
         self.uploads = 0
+        self.cancel_status = "canceled"  # what a cancel answers (a running job: "running")
         tab.route(re.compile(r"/v1/jobs"), self.answer)
 
     @staticmethod
@@ -106,7 +107,7 @@ class FakeJobs:
             return self.send(route, (202, {"id": f"job-{self.uploads}", **self.job("queued")}))
         job_id = path.split("/")[3]
         if path.endswith("/cancel"):
-            return self.send(route, (200, {"id": job_id, **self.job("canceled")}))
+            return self.send(route, (200, {"id": job_id, **self.job(self.cancel_status)}))
         if path.endswith(".png"):
             if self.images.get(path):
                 return self.send(route, self.images[path].pop(0))
@@ -366,3 +367,41 @@ def test_page_a_new_photo_shows_nothing_of_the_one_before(
     assert tab.is_hidden("#error-box")
     tab.click("#cancel-button")  # cancels the sixth job, not the fifth again
     wait_for_request(tab, jobs, "POST /v1/jobs/job-6/cancel")
+
+
+def done_step_classes(tab: Any) -> list[str]:
+    return sorted(tab.eval_on_selector("#steps li[data-step='done']", "li => [...li.classList]"))
+
+
+def test_page_shows_a_cancel_that_waits_and_a_job_that_ended_badly(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """A running job stops at the worker's next batch boundary, so its cancel answers "running":
+    the page says the cancel was asked for (it showed no change). A canceled or failed job's
+    Done step is marked as such (it got the green tick of a success, beside the red error)."""
+    tab, _ = page
+    jobs = FakeJobs(tab, [(200, FakeJobs.job("running"))])
+    jobs.cancel_status = "running"
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "cat.png")
+    tab.wait_for_function(
+        "() => document.getElementById('status-text').textContent.startsWith('A worker')"
+    )
+    tab.click("#cancel-button")
+    tab.wait_for_function(
+        "() => document.getElementById('status-text').textContent.startsWith('Cancel requested')"
+    )
+    assert tab.is_hidden("#cancel-button")  # asked once
+    jobs.polls = [(200, {**FakeJobs.job("canceled"), "error": {"message": "Canceled."}})]
+    tab.wait_for_function(
+        "() => document.getElementById('status-text').textContent === 'The job was canceled.'"
+    )
+    assert done_step_classes(tab) == ["ended"]
+
+    failed = {**FakeJobs.job("failed"), "error": {"code": "x", "message": "out of memory"}}
+    jobs.polls = [(200, failed)]
+    upload(tab, tmp_path, "dog.png")
+    tab.wait_for_selector("#error-box:not([hidden])")
+    assert "out of memory" in tab.inner_text("#error-box")
+    assert tab.inner_text("#status-text") == "The job failed."
+    assert done_step_classes(tab) == ["ended"]

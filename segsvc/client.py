@@ -410,9 +410,13 @@ class Client:
             raise ValueError("kind must be 'mask' or 'overlay'")
         return self._request("GET", f"/v1/jobs/{job_id_text(job_id)}/{kind}.png").content
 
+    def models_body(self) -> Any:
+        """GET /v1/models as the API sent it: the versions and the training runs (admin)."""
+        return _json(self._request("GET", "/v1/models"))
+
     def models(self) -> list[dict[str, Any]]:
         """Registered model versions with status and traffic share (GET /v1/models, admin)."""
-        body = _json(self._request("GET", "/v1/models"))
+        body = self.models_body()
         if isinstance(body, dict):
             body = body.get("versions", body.get("models", []))
         rows: list[dict[str, Any]] = body

@@ -654,14 +654,17 @@ def models() -> None:
 
 
 @models.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the raw JSON (versions and training runs)."
+)
 @connection_options
 @handle_errors
 def models_list(as_json: bool, url: str, api_key: str | None, retries: int) -> None:
     """List versions, status and traffic share (GET /v1/models)."""
     with make_client(url, api_key, retries) as client:
         try:
-            rows = client.models()
+            body = client.models_body() if as_json else None
+            rows = [] if as_json else client.models()
         except NotFoundError:
             click.echo(
                 "error: this server has no /v1/models endpoint yet; on the server, "
@@ -670,7 +673,7 @@ def models_list(as_json: bool, url: str, api_key: str | None, retries: int) -> N
             )
             sys.exit(EXIT_SERVER)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(body, indent=2))
         return
     table = Table()
     for name in ("version", "status", "share", "mean IoU"):

@@ -218,6 +218,17 @@ def test_cli_models_list_table_and_missing_endpoint() -> None:
     assert "segsvc models list" in missing.stderr
 
 
+def test_cli_models_list_json_is_the_raw_answer() -> None:
+    """`models list --json` prints GET /v1/models as it came (the training runs were dropped)."""
+    import json
+
+    body = {"versions": [{"version": "v7", "status": "production"}], "training_runs": [{"id": 3}]}
+    with serve(Scripted([(200, {}, body)])) as url:
+        listed = cli("client", "models", "list", "--json", url=url, key="k")
+    assert listed.exit_code == 0, listed.output
+    assert json.loads(listed.stdout) == body
+
+
 def test_cli_models_list_from_live_api(
     base_url: str, admin_key: str, api_key: str, production_model: str
 ) -> None:

@@ -1,7 +1,8 @@
 """Client commands of `segsvc`: submit photos, follow jobs, fetch masks, list models over HTTP.
 
 Exit codes (scripts may rely on them): 0 ok; 1 a job failed or a request was refused (bad image,
-unknown job, timeout); 2 usage error; 3 server or network error; 4 authentication error.
+unknown job, timeout); 2 usage error; 3 server or network error; 4 authentication error;
+for `submit`, 130 after Ctrl-C and 141 when stdout's reader went away.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from segsvc.files import write_atomically
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_AUTH = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+EXIT_STDOUT_CLOSED = 141  # stdout's reader went away (`| head -1`), as shells report SIGPIPE
 
 
 class LocalFileError(ClientError):
@@ -379,6 +381,7 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
         chunks = [files[i : i + plan.batch] for i in range(0, len(files), plan.batch)]
         futures = {pool.submit(submit_chunk, client, chunk, plan, stop): chunk for chunk in chunks}
         printed: dict[Future[list[Outcome]], int] = {}  # outcomes of each already reported
+        unprinted: list[Outcome] = []  # reported once stdout was closed: not on it
 
         def report(future: Future[list[Outcome]]) -> None:
             """Print the chunk's outcomes not printed yet (a Ctrl-C may have cut a report
@@ -390,15 +393,24 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
             for outcome in results[printed.get(future, 0) :]:
                 outcomes.append(outcome)
                 printed[future] = printed.get(future, 0) + 1
-                print_outcome(outcome, to_terminal, bar)
                 progress.advance(task)
+                if unprinted:  # stdout is closed
+                    unprinted.append(outcome)
+                    continue
+                try:
+                    print_outcome(outcome, to_terminal, bar)
+                except BrokenPipeError:
+                    unprinted.append(outcome)
+                    silence_stdout()
+                    raise
 
         try:
             for future in as_completed(futures):
                 report(future)
-        except KeyboardInterrupt:
-            # Ctrl-C: send nothing more (not even retries); the requests in flight end and
-            # their job ids are printed too, so nothing the server accepted goes unreported.
+        except (KeyboardInterrupt, BrokenPipeError):
+            # Ctrl-C, or stdout's reader gone (`| head -1`): send nothing more (not even
+            # retries); the requests in flight end and their job ids are reported too, so
+            # nothing the server accepted goes unreported (on stderr once stdout is closed).
             stop.set()
             client.stop_retries()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -406,21 +418,30 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
                 for future in futures:
                     if not future.cancelled():
                         report(future)
-            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for them
+            except (KeyboardInterrupt, BrokenPipeError):  # a second Ctrl-C: stop waiting
                 pass
-            raise Interrupted(outcomes) from None
+            raise Interrupted(outcomes, unprinted) from None
     pool.shutdown()
     return outcomes
 
 
-def print_outcome(outcome: Outcome, to_terminal: bool, bar: Console | None) -> None:
-    """Print the `job_id<TAB>status<TAB>file` line of one file on stdout.
+def outcome_line(outcome: Outcome) -> bytes:
+    """`job_id<TAB>status<TAB>file` for one file, the path as its own bytes (so a script can
+    find a file whose name is not UTF-8), with backslash, tab, newline and carriage return in
+    it written as \\\\, \\t, \\n and \\r, so each file is one line of three fields."""
+    name = os.fsencode(outcome.path)
+    for raw, escaped in ((b"\\", b"\\\\"), (b"\t", b"\\t"), (b"\n", b"\\n"), (b"\r", b"\\r")):
+        name = name.replace(raw, escaped)
+    return f"{outcome.job_id}\t{outcome.status}\t".encode() + name
 
-    Into a file or a pipe the path goes as its own bytes, so a script can find a file whose
-    name is not UTF-8. On a terminal it goes as text, and while a progress bar is drawn on
-    the terminal, through the bar's console, above the bar (bytes written past the bar landed
-    on its line: `submitting ━━ 0/3 0:00:00<id>  queued  p0.png`)."""
-    line = f"{outcome.job_id}\t{outcome.status}\t".encode() + os.fsencode(outcome.path)
+
+def print_outcome(outcome: Outcome, to_terminal: bool, bar: Console | None) -> None:
+    """Print the line of one file (outcome_line) on stdout.
+
+    Into a file or a pipe it goes as bytes. On a terminal it goes as text, and while a
+    progress bar is drawn on the terminal, through the bar's console, above the bar (bytes
+    written past the bar landed on its line: `submitting ━━ 0/3 0:00:00<id>  queued  p0.png`)."""
+    line = outcome_line(outcome)
     if not to_terminal:
         click.echo(line)
         return
@@ -432,12 +453,22 @@ def print_outcome(outcome: Outcome, to_terminal: bool, bar: Console | None) -> N
         sys.stdout.flush()
 
 
-class Interrupted(Exception):
-    """Ctrl-C during `run_all`: the outcomes of the requests that were sent."""
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader is gone, so that no later write (nor the
+    flush at exit) raises BrokenPipeError again (Python's documented recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
-    def __init__(self, outcomes: list[Outcome]) -> None:
+
+class Interrupted(Exception):
+    """Ctrl-C during `run_all`, or its stdout closed: the outcomes of the requests that were
+    sent, and those that could not be printed on stdout (its reader was gone)."""
+
+    def __init__(self, outcomes: list[Outcome], unprinted: list[Outcome] | None = None) -> None:
         super().__init__("interrupted")
         self.outcomes = outcomes
+        self.unprinted = unprinted or []
 
 
 def summary_table(outcomes: list[Outcome]) -> Table:
@@ -526,13 +557,25 @@ def submit(
     events = [e.strip() for e in webhook_events.split(",")] if webhook_events else None
     plan = SubmitPlan(wait, out, overlay, webhook, events, timeout, batch)
     plan.names = output_names(files)
-    interrupted = False
+    stopped: Interrupted | None = None
     with make_client(url, api_key, retries) as client:
         try:
             outcomes = run_all(files, client, plan, concurrency)
-        except Interrupted as stopped:
-            outcomes, interrupted = stopped.outcomes, True
+        except Interrupted as exc:
+            outcomes, stopped = exc.outcomes, exc
+    try:
+        report_submit(outcomes, stopped, len(files))
+    except BrokenPipeError:  # stderr's reader is gone too
+        sys.exit(EXIT_STDOUT_CLOSED)
+
+
+def report_submit(outcomes: list[Outcome], stopped: Interrupted | None, files: int) -> None:
+    """The summary on stderr, then exit with the run's code."""
     console = Console(stderr=True)
+    if stopped is not None and stopped.unprinted:  # the lines as they would have been
+        click.echo(f"stdout closed: {len(stopped.unprinted)} lines not printed there:", err=True)
+        for outcome in stopped.unprinted:
+            click.echo(outcome_line(outcome), err=True)
     console.print(summary_table(outcomes))
     for o in outcomes:
         if o.reason:  # file names and server messages are text, not markup: [x] stays [x]
@@ -540,13 +583,14 @@ def submit(
                 f"[red]{escape(o.status)}[/red] {escape(utf8_name(o.path))}: {escape(o.reason)}",
                 highlight=False,
             )
-    if interrupted:
+    if stopped is not None:
         sent = sum(o.job_id != "-" for o in outcomes)
+        why = "stdout closed" if stopped.unprinted else "interrupted"
         console.print(
-            f"interrupted: {sent} of {len(files)} files accepted; "
-            f"{len(files) - len(outcomes)} not reported (not sent, or a second Ctrl-C)"
+            f"{why}: {sent} of {files} files accepted; "
+            f"{files - len(outcomes)} not reported (not sent, or a second Ctrl-C)"
         )
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(EXIT_STDOUT_CLOSED if stopped.unprinted else EXIT_INTERRUPTED)
     sys.exit(submit_exit_code(outcomes))
 
 

@@ -636,3 +636,54 @@ def test_cli_get_to_stdout_writes_the_image_alone(tmp_path: Path) -> None:
         )
     assert ran.returncode == 0, ran.stderr
     assert saved.read_bytes() == b'"png bytes"'
+
+
+def test_cli_submit_into_a_closed_pipe_stops_and_reports_on_stderr(tmp_path: Path) -> None:
+    """`segsvc submit photos/ | head -1`: once the reader is gone nothing more is sent, the
+    jobs taken whose lines could not go to stdout are listed on stderr, and it exits 141 as
+    SIGPIPE would (a BrokenPipeError traceback and exit 1, with every file still sent)."""
+    import subprocess
+    import sys
+
+    files = png_files(tmp_path, 8)
+    stub = Scripted([(202, {}, {"id": J1, "status": "queued"})], hold_s=0.3)
+    env = {**os.environ, "SEG_API_KEY": "k"}
+    with serve(stub) as url:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "segsvc.cli", "submit", "-b", "1", "-j", "1", "--url", url]
+            + [str(path) for path in files],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()  # as `head -1` does
+        code = proc.wait(60)
+        stderr = proc.stderr.read().decode()
+        sent = len(stub.times)
+    assert first.startswith(J1.encode()), stderr
+    assert code == 141, stderr
+    assert "Traceback" not in stderr
+    assert "stdout closed" in stderr
+    assert f"{J1}\tqueued\t{files[1]}" in stderr  # the next line, taken but not printed
+    assert sent < len(files)
+
+
+def test_cli_submit_lines_escape_tabs_and_newlines_in_names(tmp_path: Path) -> None:
+    """A file name with a tab or a newline stays one line of three fields (`cut -f1` works):
+    they, and the backslash, are written \\t, \\n and \\\\."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a\tb.png", "c\nd.png", "e\\f.png"):
+        (folder / name).write_bytes(b"png")
+    with serve(Scripted([(202, {}, {"id": J1, "status": "queued"})])) as url:
+        result = cli("submit", str(folder), "-b", "1", url=url)
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert sorted(Path(name).name for _, _, name in rows) == [
+        "a\\tb.png",
+        "c\\nd.png",
+        "e\\\\f.png",
+    ]

@@ -19,6 +19,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from segsvc.metrics import WORKER_READY
 from segsvc.settings import Settings
 from tests.conftest import encode_image, free_port, start_worker, stop_process
 from worker import observability
@@ -167,10 +168,10 @@ def signal_settings(settings: Settings, tmp_path: Path, monkeypatch) -> Iterator
     monkeypatch.setattr(observability, "_stopping", threading.Event(), raising=False)
     monkeypatch.setattr(observability, "LOAD_RETRY_FIRST_S", 0.05, raising=False)
     monkeypatch.setattr(observability, "LOAD_RETRY_MAX_S", 0.1, raising=False)
-    observability.WORKER_READY.set(0)
+    WORKER_READY.set(0)
     yield cfg
     observability._stopping.set()  # ends a retry thread left running
-    observability.WORKER_READY.set(0)
+    WORKER_READY.set(0)
 
 
 def test_a_failed_model_load_at_start_is_retried_until_the_worker_is_ready(  # type: ignore[no-untyped-def]
@@ -226,7 +227,7 @@ def test_alive_is_kept_fresh_while_the_model_loads(  # type: ignore[no-untyped-d
 
 def test_only_inference_workers_count_as_workers_ready(
     signal_settings: Settings, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """The dashboard's "Workers ready" is sum(segsvc_worker_ready): webhook and maintenance
     workers set it to 1 too, so it counted workers that serve no model."""
     for queue in (signal_settings.webhook_queue_name, "maintenance"):

@@ -176,6 +176,8 @@ def test_inference_worker_scales_on_the_queue_to_zero_and_is_ready_after_load() 
     worker = find(docs, "Deployment", "segsvc-inference-worker")
     container = worker["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["exec"]["command"][-2:] == ["worker.probes", "ready"]
+    # A pod started during a Redis outage waits for it: no restarts at the startup probe.
+    assert container["startupProbe"]["exec"]["command"][-2:] == ["worker.probes", "started"]
     assert "inference" in container["command"]
     assert "solo" in container["command"]
 

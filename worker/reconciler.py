@@ -71,6 +71,7 @@ def run_reconcile(cfg: Settings, celery_app: Celery) -> dict[str, object]:
     # Snapshot before the transaction opens, so that it does not sit idle while a deep queue
     # is read (and the lock wait only makes the snapshot older): a job enqueued between the
     # snapshot and the query is at worst sent twice, which the claim fence makes harmless.
+    failed = False
     try:
         present = broker_snapshot(cfg)
     except Exception:  # Redis is down: the steps that need only Postgres still run
@@ -79,10 +80,16 @@ def run_reconcile(cfg: Settings, celery_app: Celery) -> dict[str, object]:
             "missing messages",
             exc_info=True,
         )
-        present = None
+        present, failed = None, True
 
     def full_pass(session: Session, enqueue: Send) -> reconcile.ReconcileReport:
-        return reconcile.reconcile(session=session, settings=cfg, present=present, enqueue=enqueue)
+        return reconcile.reconcile(
+            session=session,
+            settings=cfg,
+            present=present,
+            enqueue=enqueue,
+            snapshot_failed=failed,
+        )
 
     return _run_locked(
         cfg, celery_app, full_pass, quiet=("skipped",), lock_wait_s=PASS_LOCK_WAIT_SECONDS

@@ -41,6 +41,8 @@ LOCK_POLL_S = 0.05
 SUSPECT_AFTER_ATTEMPTS = 2
 # Bounded work per pass; the next pass picks up the rest.
 MAX_JOBS_PER_PASS = 5000
+# Queued jobs re-sent a pass for want of a way to see their messages (`_resend_stale`).
+STALE_RESENDS_PER_PASS = 200
 # Queued jobs read per query while looking for ones missing from the broker, and at most this
 # many queries per pass.
 PAGE_SIZE = 5000
@@ -125,10 +127,14 @@ def reconcile(
     present: set[str] | None,
     enqueue: Callable[[uuid.UUID], None],
     now: datetime | None = None,
+    snapshot_failed: bool = False,
 ) -> ReconcileReport:
     """One pass: end, cancel or re-enqueue lost jobs; `present` is None when the broker cannot
     be inspected (then messages are not looked for, but a job left queued for a lease without
-    being sent is sent again). `now` defaults to the database's."""
+    being sent is sent again). `snapshot_failed`: the broker (Redis) can be inspected but its
+    snapshot failed this time: no queued job is sent for want of a message then, as most of a
+    backlog older than a lease would be, thousands of duplicates at once. `now` defaults to
+    the database's."""
     now = now or db_time(session)
     report = ReconcileReport()
     _handle_expired_leases(
@@ -150,7 +156,10 @@ def reconcile(
         _resend_stale_suspects(
             session=session, settings=settings, enqueue=enqueue, now=now, report=report
         )
-        _resend_stale(session=session, settings=settings, enqueue=enqueue, now=now, report=report)
+        if not snapshot_failed:
+            _resend_stale(
+                session=session, settings=settings, enqueue=enqueue, now=now, report=report
+            )
     return report
 
 
@@ -304,8 +313,10 @@ def _resend_stale(
     have lost its message (a worker killed holding it prefetched: the SQLAlchemy transport
     keeps such a message hidden for good; an enqueue after the commit that failed), and nothing
     else would ever send it again. So it is sent again, at most once a lease and
-    `MAX_JOBS_PER_PASS` a pass, oldest first; behind a backlog it may only be waiting, and a
-    second message is harmless (the claim's fence). Suspects: `_resend_stale_suspects`."""
+    `STALE_RESENDS_PER_PASS` a pass, oldest first; behind a backlog it may only be waiting, and a
+    second message is harmless (the claim's fence). Such brokers are sent to inside the pass's
+    transaction (the SQLAlchemy transport of `make run`: SQLite inserts under its write lock),
+    hence the smaller limit. Suspects: `_resend_stale_suspects`."""
     stale = now - timedelta(seconds=settings.job_lease_seconds)
     ids = session.scalars(
         select(Job.id)
@@ -317,7 +328,7 @@ def _resend_stale(
             or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
         )
         .order_by(Job.created_at, Job.id)
-        .limit(MAX_JOBS_PER_PASS)
+        .limit(STALE_RESENDS_PER_PASS)
     ).all()
     for job_id in ids:
         _mark_requeued(session, job_id, now, from_running=False)

@@ -89,13 +89,17 @@ def test_send_next_suspect_ends_a_waiting_suspect_the_client_canceled(settings: 
 
 
 def reconcile(
-    settings: Settings, present: set[str] | None
+    settings: Settings, present: set[str] | None, *, snapshot_failed: bool = False
 ) -> tuple[service.ReconcileReport, list[uuid.UUID]]:
     """One full pass given the broker's snapshot (None: it cannot be inspected)."""
     sent: list[uuid.UUID] = []
     with session_scope(settings) as session:
         report = service.reconcile(
-            session=session, settings=settings, present=present, enqueue=sent.append
+            session=session,
+            settings=settings,
+            present=present,
+            enqueue=sent.append,
+            snapshot_failed=snapshot_failed,
         )
     return report, sent
 
@@ -175,3 +179,27 @@ def test_reconcile_without_a_broker_snapshot_resends_a_job_queued_for_a_lease(
     assert {get(settings, i).enqueued_at is None for i in (young,)} == {True}
     assert get(settings, sent_lately).status == "queued"
     assert reconcile(settings, present=None)[1] == []  # once a lease
+
+
+def test_a_failed_redis_snapshot_sends_no_queued_job_for_want_of_its_message(
+    settings: Settings,
+) -> None:
+    """Redis could not be read this pass (a failover, a timeout on a long list): that is no
+    sign the messages are gone. Sending every queued job older than a lease again put
+    thousands of duplicates on the queue (and KEDA scaled to its maximum for them)."""
+    lease = timedelta(seconds=settings.job_lease_seconds)
+    waiting = [make_job(settings, age_s=lease.total_seconds() + 60) for _ in range(3)]
+    report, sent = reconcile(settings, present=None, snapshot_failed=True)
+    assert (report.requeued_missing, sent) == (0, [])
+    assert {get(settings, i).status for i in waiting} == {"queued"}
+
+
+def test_jobs_resent_for_want_of_a_broker_to_inspect_are_capped_per_pass(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without Redis the re-sends go out inside the pass's transaction (make run: SQLite
+    inserts under its write lock), so a pass sends at most STALE_RESENDS_PER_PASS."""
+    monkeypatch.setattr(service, "STALE_RESENDS_PER_PASS", 2)
+    lease = timedelta(seconds=settings.job_lease_seconds)
+    waiting = [make_job(settings, age_s=lease.total_seconds() + 60 + i) for i in range(3)]
+    assert reconcile(settings, present=None)[1] == [waiting[2], waiting[1]]

@@ -369,6 +369,9 @@ def test_api_readiness_does_not_hang_on_the_shared_datastores() -> None:
     pod = find(rendered("base"), "Deployment", "segsvc-api")["spec"]["template"]["spec"]
     (api,) = pod["containers"]
     assert api["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    # ...but a new pod must reach them once: a release that cannot (a wrong database URL)
+    # stalls its rollout instead of replacing every working pod.
+    assert api["startupProbe"]["httpGet"]["path"] == "/readyz"
 
 
 def test_grafana_dashboard_queries_only_series_we_export() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import stat
 import sys
 import threading
 import time
@@ -669,13 +670,27 @@ def is_stdout(path: Path) -> bool:
 
 def write_result(target: Path, data: bytes) -> None:
     """Write a result whole or not at all (a temporary file renamed into place) where it can
-    be: a link's target, not the link (the link stays); a named pipe or a device as it is."""
-    real = Path(os.path.realpath(target))
+    be: a link's target, not the link (the link stays), when the link is the user's own; a
+    named pipe or a device as it is.
+
+    Another user's link is replaced, not followed: in a shared folder (/tmp) anyone may leave
+    `mask.png -> ~victim/.bashrc` (or, for root, `-> /etc/shadow`) for the next `get -o` to
+    write through, and the kernel's protected_symlinks cannot see a link resolved here."""
+    real = Path(os.path.realpath(target)) if _own_link(target) else target
     if real.exists() and not real.is_file():  # a named pipe, /dev/null: no rename over it
         with real.open("wb") as fh:
             fh.write(data)
     else:
         write_atomically(real, data)
+
+
+def _own_link(path: Path) -> bool:
+    """Whether `path` is a symbolic link that this process's user owns."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISLNK(info.st_mode) and info.st_uid == os.getuid()
 
 
 @click.command("cancel")

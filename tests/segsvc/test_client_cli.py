@@ -609,6 +609,24 @@ def test_cli_get_into_a_link_writes_the_links_target(tmp_path: Path) -> None:
     assert result.stdout == f"{link}\n"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="making another user's link needs root")
+def test_cli_get_into_another_users_link_replaces_the_link(tmp_path: Path) -> None:
+    """In a shared folder anyone may leave `mask.png -> /etc/shadow` for the next `get -o
+    mask.png`: a link the user does not own is replaced by the file, its target left alone."""
+    done = {"id": J1, "status": "succeeded"}
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    link = tmp_path / "mask.png"
+    link.symlink_to(victim)
+    os.lchown(link, 12345, 12345)  # another user's
+    with serve(Scripted([(200, {}, done), (200, {}, "png bytes")])) as url:
+        result = cli("client", "get", J1, "--out", str(link), url=url)
+    assert result.exit_code == 0, result.output
+    assert victim.read_bytes() == b"precious"
+    assert not link.is_symlink()
+    assert link.read_bytes() == b'"png bytes"'
+
+
 def test_cli_get_to_stdout_writes_the_image_alone(tmp_path: Path) -> None:
     """`-o -`, and `-o /dev/stdout` (here /proc/self/fd/1) with stdout redirected to a file:
     the image goes to stdout and nothing follows it (its name after the PNG spoilt it; and

@@ -179,8 +179,12 @@ def deliver(*, url: str, body: str, headers: dict[str, str], settings: Settings)
     if target.allowlisted:
         # The attempt log (GET /v1/jobs/<id>/webhooks) shows the client what the receiver
         # answered: from a private address only the allowlist lets through, that would be
-        # an internal service's reply to a request the client chose the URL of.
-        outcome = replace(outcome, body=None)
+        # an internal service's reply to a request the client chose the URL of (its body, or
+        # where it redirects to: internal host names, sign-in URLs).
+        error = outcome.error
+        if outcome.status_code is not None and 300 <= outcome.status_code < 400:
+            error = f"HTTP {outcome.status_code}: redirect not followed"
+        outcome = replace(outcome, body=None, error=error)
     return outcome
 
 

@@ -116,6 +116,17 @@ def test_deliver_keeps_no_answer_from_an_allowlisted_private_receiver(
     assert out.body is None
 
 
+def test_deliver_keeps_no_redirect_target_of_an_allowlisted_private_receiver(
+    receiver: Receiver, hook_settings: Settings
+) -> None:
+    """Where an internal service redirects to (internal host names, sign-in URLs) is its
+    answer too: the attempt's error says a redirect was not followed, not where to."""
+    receiver.script(Reply(302, headers={"Location": "https://sso.internal.example/login"}))
+    out = deliver(url=receiver.url, body="{}", headers={}, settings=hook_settings)
+    assert (out.kind, out.status_code) == ("retry", 302)
+    assert out.error == "HTTP 302: redirect not followed"
+
+
 @contextmanager
 def raw_server(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[int]:
     """A loopback server that reads each request and leaves the connection to `answer(conn,

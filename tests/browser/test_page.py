@@ -295,7 +295,7 @@ def test_page_a_second_photo_stops_the_first_upload(
         photo.write_bytes(png_bytes("RGB", (0, 128, 0)))
     tab.set_input_files("#file-input", str(first))
     tab.wait_for_function("() => document.getElementById('status-text').textContent !== ''")
-    tab.wait_for_timeout(200)  # the first upload's request reached the (silent) server
+    wait_for_request(tab, jobs, "POST /v1/jobs")  # the first upload reached the silent server
     assert list(jobs.held) == ["POST /v1/jobs"]
     tab.set_input_files("#file-input", str(second))
     tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)

@@ -141,15 +141,18 @@ def test_probes_of_a_worker_started_during_a_broker_outage_wait_for_it(  # type:
 
 
 class FlakySegmenter:
-    """Stands in for the Segmenter: its model load fails `failures` times, then succeeds."""
+    """Stands in for the Segmenter: its model load fails `failures` times, then succeeds once
+    `released` is set."""
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
+        self.released = threading.Event()
 
     def load(self) -> SimpleNamespace:
         if self.failures:
             self.failures -= 1
             raise RuntimeError("database blip")
+        self.released.wait(30)
         runtime = SimpleNamespace(name="onnx")
         return SimpleNamespace(version="v-retry", sha256="cd" * 32, runtime=runtime, load_seconds=2)
 
@@ -183,6 +186,7 @@ def test_a_failed_model_load_at_start_is_retried_until_the_worker_is_ready(  # t
     monkeypatch.setattr("worker.tasks.get_segmenter", lambda: segmenter)
     observability._worker_ready(consumer(signal_settings.queue_name))
     assert probe_age(tmp_path, READY) is None
+    segmenter.released.set()  # the next try succeeds (however slow this machine is)
     for thread in threading.enumerate():
         if thread.name == "model-load-retry":
             thread.join(timeout=30)  # ready, then the gauge: wait for both

@@ -11,6 +11,7 @@ import time
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -663,8 +664,18 @@ def test_cli_submit_into_a_closed_pipe_stops_and_reports_on_stderr(tmp_path: Pat
     import subprocess
     import sys
 
+    class AfterTheReaderLeft(Scripted):
+        """Answers the first submit at once and every later one once the reader is gone."""
+
+        gone = threading.Event()
+
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            if self.times:
+                self.gone.wait(30)
+            return super().__call__(environ, start_response)
+
     files = png_files(tmp_path, 8)
-    stub = Scripted([(202, {}, {"id": J1, "status": "queued"})], hold_s=0.3)
+    stub = AfterTheReaderLeft([(202, {}, {"id": J1, "status": "queued"})])
     env = {**os.environ, "SEG_API_KEY": "k"}
     with serve(stub) as url:
         proc = subprocess.Popen(
@@ -678,6 +689,7 @@ def test_cli_submit_into_a_closed_pipe_stops_and_reports_on_stderr(tmp_path: Pat
         assert proc.stderr is not None
         first = proc.stdout.readline()
         proc.stdout.close()  # as `head -1` does
+        stub.gone.set()  # the second submit's answer comes now: its line finds no reader
         code = proc.wait(60)
         stderr = proc.stderr.read().decode()
         sent = len(stub.times)

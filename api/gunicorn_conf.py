@@ -43,7 +43,27 @@ def _cap_malloc_arenas(arenas: int = 2) -> None:
 
 _cap_malloc_arenas()
 
-bind = os.environ.get("GUNICORN_BIND", f"0.0.0.0:{get_settings().port}")
+
+def with_metrics_port(binds: list[str], port: int) -> list[str]:
+    """gunicorn's listen addresses plus `SEG_METRICS_PORT` on the first one's host, where
+    /metrics answers (and nothing else: `api/metrics.py`)."""
+    if not port or not binds:
+        return binds
+    host, sep, _ = binds[0].rpartition(":")
+    if not sep or binds[0].startswith(("unix:", "fd://")):
+        host = "0.0.0.0"  # noqa: S104 - a socket file's server has no host of its own
+    metrics = f"{host}:{port}"
+    return binds if metrics in binds else [*binds, metrics]
+
+
+# The API's port, and SEG_METRICS_PORT beside it (where only /metrics answers: api/metrics.py).
+# Both here, not added at start: a reload (SIGHUP) reads this file again, and a listen address
+# that changed makes gunicorn close and reopen its sockets, which its workers still hold: it
+# then stopped. A `--bind` on the command line replaces this list: name both ports there.
+bind = with_metrics_port(
+    [os.environ.get("GUNICORN_BIND", f"0.0.0.0:{get_settings().port}")],
+    get_settings().metrics_port,
+)
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
 # A long poll (`GET /v1/jobs/<id>?wait=`) holds a thread while it waits (no CPU, no DB
 # connection); SEG_LONG_POLL_MAX_WAITERS (8) caps them per process, so 4 of the 12 threads are
@@ -79,23 +99,16 @@ def on_starting(server: Any) -> None:
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
-    binds = with_metrics_port(server.cfg.bind, get_settings().metrics_port)
-    if binds != server.cfg.bind:
-        server.cfg.set("bind", binds)  # before the arbiter opens its sockets
+    port = get_settings().metrics_port
+    if port and not any(b.endswith(f":{port}") for b in server.cfg.bind):
+        server.log.warning(
+            "SEG_METRICS_PORT is %d but gunicorn listens on %s only: /metrics answers nowhere "
+            "(add --bind HOST:%d, or leave the addresses to GUNICORN_BIND)",
+            port,
+            ",".join(server.cfg.bind),
+            port,
+        )
     yield_cpu(get_settings().api_nice)
-
-
-def with_metrics_port(binds: list[str], port: int) -> list[str]:
-    """gunicorn's listen addresses plus `SEG_METRICS_PORT` on the first one's host, where
-    /metrics answers (and nothing else: `api/metrics.py`). Added here rather than in `bind`
-    so that a `--bind` on the command line keeps it."""
-    if not port or not binds:
-        return binds
-    host, sep, _ = binds[0].rpartition(":")
-    if not sep or binds[0].startswith(("unix:", "fd://")):
-        host = "0.0.0.0"  # noqa: S104 - a socket file's server has no host of its own
-    metrics = f"{host}:{port}"
-    return binds if metrics in binds else [*binds, metrics]
 
 
 def yield_cpu(nice: int) -> None:

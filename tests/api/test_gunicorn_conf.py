@@ -4,6 +4,7 @@ long polls answer at once when it is told to stop."""
 from __future__ import annotations
 
 import io
+import signal
 import subprocess
 import sys
 import threading
@@ -156,35 +157,55 @@ def test_metrics_answer_on_their_own_port_only(
     """With SEG_METRICS_PORT set (compose and k8s set 9100), the API's public port answers
     /metrics with a 404, as it would any unknown path, and the metrics port answers nothing but
     /metrics: a published API port no longer shows every caller the service's traffic and
-    error counts. A `--bind` on the command line keeps the metrics listener."""
+    error counts. Both ports stay through a reload (SIGHUP): the metrics port, once added only
+    at start, made the reload see a new address and the server stopped."""
     port, metrics_port, log_path = free_port(), free_port(), tmp_path / "gunicorn.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed below
     server = ["gunicorn", "-c", "python:api.gunicorn_conf", "api.wsgi:app"]
+    env = worker_env(
+        settings, SEG_METRICS_PORT=str(metrics_port), GUNICORN_BIND=f"127.0.0.1:{port}"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", *server, "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+        [sys.executable, "-m", *server, "--workers", "1"],
         cwd=ROOT,
-        env=worker_env(settings, SEG_METRICS_PORT=str(metrics_port)),
+        env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     public, metrics = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
+    answers: list[dict[str, int]] = []
     try:
         wait_http_up(public, proc, log_path)
-        with httpx.Client(timeout=30) as http:
-            scraped = http.get(f"{metrics}/metrics")
-            from_outside = http.get(f"{public}/metrics")
-            health_on_metrics = http.get(f"{metrics}/healthz")
-            api_on_metrics = http.get(
-                f"{metrics}/v1/jobs?ids=", headers={"Authorization": f"Bearer {api_key}"}
-            )
-            health = http.get(f"{public}/healthz")
+        for reload in (False, True):
+            if reload:
+                proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 60
+                while log_path.read_bytes().count(b"Booting worker") < 2:  # the new worker
+                    assert proc.poll() is None, log_path.read_text()[-3000:]
+                    assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                    time.sleep(0.1)
+                wait_http_up(public, proc, log_path)
+            with httpx.Client(timeout=30) as http:
+                answers.append(
+                    {
+                        "scraped": http.get(f"{metrics}/metrics").status_code,
+                        "from_outside": http.get(f"{public}/metrics").status_code,
+                        "health_on_metrics": http.get(f"{metrics}/healthz").status_code,
+                        "api_on_metrics": http.get(
+                            f"{metrics}/v1/jobs?ids=",
+                            headers={"Authorization": f"Bearer {api_key}"},
+                        ).status_code,
+                        "health": http.get(f"{public}/healthz").status_code,
+                    }
+                )
     finally:
         stop_process(proc)
         log.close()
-    assert scraped.status_code == 200, log_path.read_text()[-3000:]
-    assert "segsvc_http_requests_total" in scraped.text
-    assert from_outside.status_code == 404
-    assert from_outside.json()["error"] == "not_found"
-    assert health_on_metrics.status_code == 404
-    assert api_on_metrics.status_code == 404
-    assert health.status_code == 200
+    expected = {
+        "scraped": 200,
+        "from_outside": 404,
+        "health_on_metrics": 404,
+        "api_on_metrics": 404,
+        "health": 200,
+    }
+    assert answers == [expected, expected], log_path.read_text()[-3000:]

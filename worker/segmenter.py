@@ -214,10 +214,12 @@ class Segmenter:
                 results.append(result)
         if not results and not failed:
             return {"claimed": batch.claimed, "succeeded": 0, "failed": 0, "canceled": 0}
-        states = self._write_outcomes(batch, results, failed)
-        # A job canceled between its claim and this store ended canceled, without its result.
-        canceled = sum(state["status"] == JobStatus.CANCELED for state in states.values())
-        done = len(states) - canceled
+        states, failures_canceled = self._write_outcomes(batch, results, failed)
+        # A job canceled between its claim and this store ended canceled, without its result
+        # (or its failure).
+        results_canceled = sum(state["status"] == JobStatus.CANCELED for state in states.values())
+        done = len(states) - results_canceled
+        canceled = results_canceled + failures_canceled
         for failure in failed:
             log.warning("job %s failed: %s", failure.job.id, failure.message)
         finished = [r["id"] for r in results] + [failure.job.id for failure in failed]
@@ -236,13 +238,13 @@ class Segmenter:
                     },
                 )
         JOBS_FINISHED.labels("succeeded").inc(done)
-        JOBS_FINISHED.labels("failed").inc(len(failed))
+        JOBS_FINISHED.labels("failed").inc(len(failed) - failures_canceled)
         if canceled:
             JOBS_FINISHED.labels("canceled").inc(canceled)
         return {
             "claimed": batch.claimed,
             "succeeded": done,
-            "failed": len(failed),
+            "failed": len(failed) - failures_canceled,
             "canceled": canceled,
         }
 
@@ -279,19 +281,21 @@ class Segmenter:
         batch: Inferred,
         results: list[dict[str, Any]],
         failed: list[Failure],
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], int]:
         """Commit a batch's results and failures in one transaction; the end states of the
-        jobs whose results it stored, by id (`job_service.complete_jobs`).
+        jobs whose results it stored, by id (`job_service.complete_jobs`), and how many of the
+        failures ended canceled instead (their clients had asked to cancel them).
 
         One that timed out is tried once more, waiting for locks until the last
         `RELEASE_SHARE` of the lease (kept for the release if it fails again): before the
         statement limits a store behind a lock simply waited and committed. Results are fenced
         by the lease, so a retry never writes over a job another worker took over."""
 
-        def write(session: Session) -> dict[str, Any]:
+        def write(session: Session) -> tuple[dict[str, Any], int]:
             done = job_service.complete_jobs(session=session, results=results)
+            canceled = 0
             for failure in failed:
-                job_service.fail_job(
+                ended = job_service.fail_job(
                     session=session,
                     job_id=failure.job.id,
                     code=failure.code,
@@ -299,7 +303,8 @@ class Segmenter:
                     lease_token=failure.job.lease_token,
                     model_version=failure.model_version,
                 )
-            return done
+                canceled += ended == JobStatus.CANCELED
+            return done, canceled
 
         try:
             return self._transaction(write)

@@ -543,11 +543,12 @@ def fail_job(
     message: str,
     lease_token: uuid.UUID | None = None,
     model_version: str | None = None,
-) -> bool:
+) -> JobStatus | None:
     """End a job as failed (fenced by the lease when one is given); `model_version`: the
     version that ran it, when one did (a canary's verdict counts the failure against it).
     A job whose client asked to cancel it ends canceled instead, as a result would: the cancel
-    takes effect at the batch boundary, whatever the batch's outcome."""
+    takes effect at the batch boundary, whatever the batch's outcome. Returns the status it
+    ended with (failed or canceled), None when it ended nothing."""
     conds = [Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])]
     if lease_token is not None:
         conds.append(Job.lease_token == lease_token)
@@ -564,11 +565,13 @@ def fail_job(
             lease_expires_at=None,
             **ENDED_JOB_CLEARS,
         )
+        .returning(Job.status)
         .execution_options(synchronize_session=False)
-    )
-    if res.rowcount:  # type: ignore[attr-defined]
-        record_job_events(session=session, job_ids=[job_id], event=JOB_COMPLETED)
-    return bool(res.rowcount)  # type: ignore[attr-defined]
+    ).scalar_one_or_none()
+    if res is None:
+        return None
+    record_job_events(session=session, job_ids=[job_id], event=JOB_COMPLETED)
+    return JobStatus(res)
 
 
 def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) -> bool:

@@ -198,6 +198,27 @@ def test_segmenter_counts_a_job_canceled_while_running_as_canceled(
     assert after == canceled_before + 1
 
 
+def test_segmenter_counts_a_canceled_job_whose_post_processing_failed_as_canceled(
+    settings: Settings, segmenter: Segmenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its failure ends it canceled (the client asked for that): counted canceled, not failed."""
+    ids = make_jobs(settings, 2)
+    inferred = segmenter.infer([str(i) for i in ids])
+    with session_scope(settings) as session:
+        session.get(Job, ids[0]).cancel_requested = True  # type: ignore[union-attr]
+    real_result = segmenter_module._result
+
+    def result(job: Any, *args: Any) -> dict[str, Any]:
+        if job.id == ids[0]:
+            raise ValueError("mask encoder broke")
+        return real_result(job, *args)
+
+    monkeypatch.setattr(segmenter_module, "_result", result)
+    counts = segmenter.store(inferred)
+    assert (counts["succeeded"], counts["failed"], counts["canceled"]) == (1, 0, 1)
+    assert [j.status for j in rows(settings, ids)] == [JobStatus.CANCELED, JobStatus.SUCCEEDED]
+
+
 def test_segmenter_stores_masks_in_the_fs_blob_store(
     settings: Settings, production_model: str, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ from celery import shared_task
 from celery.schedules import crontab
 from sqlalchemy.orm import Session
 
-from segsvc.blobs import blob_store
+from segsvc.blobs import blob_store, pointer_digests
 from segsvc.db import session_scope
 from segsvc.queue import RETRAIN
 from segsvc.services import feedback, retention, rollout
@@ -209,10 +209,11 @@ def sweep_unnamed_blobs(settings: Settings) -> int:
     concurrent idempotent twin, a 503, a lost commit) or of a mask whose store was rolled back,
     and temporary files of interrupted writes. Nothing to do without an `fs` blob folder."""
     store = blob_store(settings)
-    if store.root is None or not store.root.is_dir():
+    if not store.holds_files():
         return 0
-    with session_scope(settings) as session:  # read whole, so no transaction waits on the walk
-        keep = list(feedback.blob_pointers(session=session))
-    removed = store.sweep(keep=keep, older_than_s=SWEEP_GRACE_S)
-    log.info("deleted %d blob files no job names (of %d named)", removed, len(keep))
+    # The digests only (one set, streamed), and read whole: no transaction waits on the walk.
+    with session_scope(settings) as session:
+        named = pointer_digests(feedback.blob_pointers(session=session))
+    removed = store.sweep_except(named, older_than_s=SWEEP_GRACE_S)
+    log.info("deleted %d blob files no job names (of %d named)", removed, len(named))
     return removed

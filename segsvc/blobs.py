@@ -14,6 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Protocol
 
@@ -55,6 +56,11 @@ def pointer_digest(value: bytes) -> str:
     if len(digest) != 64 or not set(digest) <= _HEX:
         raise BlobMissingError(f"malformed blob pointer {value[:80]!r}")
     return digest
+
+
+def pointer_digests(values: Iterable[bytes | None]) -> set[str]:
+    """The sha256 digests the pointers among `values` name (inline bytes and None skipped)."""
+    return {pointer_digest(v) for v in values if v is not None and is_pointer(v)}
 
 
 class FileReader:
@@ -101,9 +107,19 @@ class FileReader:
         `keep` is read before the files are listed, so a row written meanwhile is not in it:
         the grace period covers new files, and `put` refreshing the mtime of a file it reuses
         covers old ones."""
-        if self.root is None or not self.root.is_dir():
+        if not self.holds_files():
             return 0  # never used: no need to read `keep`
-        wanted = {pointer_digest(v) for v in keep if v is not None and is_pointer(v)}
+        return self.sweep_except(pointer_digests(keep), older_than_s=older_than_s)
+
+    def holds_files(self) -> bool:
+        """Whether there is a blob folder (a sweep has anything to look at)."""
+        return self.root is not None and self.root.is_dir()
+
+    def sweep_except(self, wanted: AbstractSet[str], *, older_than_s: float) -> int:
+        """`sweep`, keeping the files of these sha256 digests (`pointer_digests` of the rows'
+        pointers, read before the folder is listed)."""
+        if self.root is None or not self.root.is_dir():
+            return 0
         cutoff = time.time() - older_than_s
         removed = 0
         for path in self.root.glob("??/??/*"):

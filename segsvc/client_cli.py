@@ -3,6 +3,9 @@
 Exit codes (scripts may rely on them): 0 ok; 1 a job failed or a request was refused (bad image,
 unknown job, timeout); 2 usage error; 3 server or network error; 4 authentication error;
 for `submit`, 130 after Ctrl-C and 141 when stdout's reader went away.
+
+The bulk-submit engine behind `submit` (listing, naming, sending in parallel, saving, the
+outcome lines, summary and exit code) is in `segsvc/bulk_submit.py`.
 """
 
 from __future__ import annotations
@@ -12,74 +15,39 @@ import json
 import os
 import stat
 import sys
-import threading
-import time
-import unicodedata
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from segsvc.client import (
-    DEFAULT_URL,
-    STOPPABLE_POLL_S,
-    Client,
-    InvalidJobIdError,
-    Job,
-    utf8_name,
+from segsvc.bulk_submit import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SERVER,
+    EXIT_STDOUT_CLOSED,
+    Interrupted,
+    LocalFileError,
+    Outcome,
+    SubmitPlan,
+    describe,
+    exit_code_for,
+    image_files,
+    outcome_line,
+    output_names,
+    run_all,
+    submit_exit_code,
+    summary_table,
 )
-from segsvc.client_errors import (
-    ApiError,
-    AuthError,
-    ClientError,
-    ConflictError,
-    NotFoundError,
-    RateLimitedError,
-    RetriesStoppedError,
-    ServerError,
-    TransportError,
-    WaitStoppedError,
-    WaitTimeoutError,
-)
+from segsvc.client import DEFAULT_URL, Client, utf8_name
+from segsvc.client_errors import ClientError, NotFoundError
 from segsvc.files import write_atomically
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_AUTH = 0, 1, 2, 3, 4
-EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
-EXIT_STDOUT_CLOSED = 141  # stdout's reader went away (`| head -1`), as shells report SIGPIPE
-
-
-class LocalFileError(ClientError):
-    """A file of this machine could not be read or a result not written (exit code 1)."""
-
-
-class UnexpectedError(ClientError):
-    """Anything else that went wrong with one file (exit code 1): the run goes on, so the
-    files sent before and after it are still reported."""
-
-    def __init__(self, exc: Exception) -> None:
-        super().__init__(f"unexpected {type(exc).__name__}: {exc}")
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def exit_code_for(exc: ClientError) -> int:
-    """The documented exit code for a client error."""
-    if isinstance(exc, InvalidJobIdError):  # a job id argument that is not one: usage
-        return EXIT_USAGE
-    if isinstance(exc, AuthError):
-        return EXIT_AUTH
-    if isinstance(exc, TransportError | ServerError | RateLimitedError):
-        return EXIT_SERVER
-    return EXIT_FAILED
 
 
 def connection_options(func: F) -> F:
@@ -123,15 +91,6 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def describe(exc: BaseException) -> str:
-    """One line for people."""
-    if isinstance(exc, AuthError):
-        return f"{exc.message} (check --api-key or SEG_API_KEY)"
-    if isinstance(exc, ApiError):
-        return f"{exc.message} [{exc.status} {exc.code}]"
-    return str(exc)
-
-
 def make_client(url: str, api_key: str | None, retries: int = 5) -> Client:
     """A client from flags/env; the key falls back to the file `make run` writes."""
     if not api_key:
@@ -141,366 +100,6 @@ def make_client(url: str, api_key: str | None, retries: int = 5) -> Client:
         if key_file.is_file():
             api_key = key_file.read_text().strip()
     return Client(url, api_key or "", retries=retries)
-
-
-def image_files(paths: tuple[Path, ...]) -> list[Path]:
-    """Files as given, plus the images found under directories (sorted); each file once, where
-    it first appears (`photos/ photos/cat.jpg`, `cat.jpg ./cat.jpg` or two links to one file
-    would send it twice: two jobs, two rate-limit tokens, results named cat-2)."""
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():  # only files: not a folder named x.jpg, nor a link to nothing
-            found += sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            )
-        else:
-            found.append(path)
-    seen: set[str] = set()
-    unique: list[Path] = []
-    for path in found:
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            unique.append(path)
-    return unique
-
-
-def output_names(files: list[Path]) -> dict[Path, str]:
-    """The name each file's results get in the output folder: its stem, or, for files that
-    share a stem (a/cat.jpg and b/cat.jpg, dog.jpg and dog.png, Cat.jpg and cat.png), its path
-    with the folders and the suffix kept (a_cat.jpg), so that no result overwrites another.
-    Names compare case-folded and Unicode-normalised (macOS and Windows folders do: café
-    typed two ways is one name there), and one that would still clash (../x/cat.jpg and
-    x/cat.jpg, a/b/cat.jpg and a_b/cat.jpg) gets a number (a_b_cat.jpg-2)."""
-
-    def folded(name: str) -> str:
-        return unicodedata.normalize("NFC", name).casefold()
-
-    stems: dict[str, int] = {}
-    for path in files:
-        stems[folded(path.stem)] = stems.get(folded(path.stem), 0) + 1
-    try:  # the folders the files have in common are left out of the names
-        root = Path(os.path.commonpath([str(path.parent) for path in files]))
-    except ValueError:  # absolute and relative paths mixed
-        root = Path()
-
-    def by_path(path: Path) -> str:
-        relative = path.relative_to(root) if path.is_relative_to(root) else path
-        return "_".join(part for part in relative.parts if part not in ("/", ".", ".."))
-
-    names: dict[Path, str] = {}
-    taken: set[str] = set()
-    for path in files:
-        name = path.stem if stems[folded(path.stem)] == 1 else by_path(path)
-        unique, n = name, 2
-        while folded(unique) in taken:
-            unique, n = f"{name}-{n}", n + 1
-        taken.add(folded(unique))
-        names[path] = unique
-    return names
-
-
-@dataclass
-class Outcome:
-    """What happened to one file."""
-
-    path: Path
-    job_id: str = "-"
-    status: str = "error"
-    error: ClientError | None = None
-    reason: str = ""
-    latency_s: float | None = None
-    predict_ms: float | None = None
-
-
-@dataclass
-class SubmitPlan:
-    """The options of one `submit` run."""
-
-    wait: bool
-    out: Path | None
-    overlay: bool
-    webhook: str | None
-    webhook_events: list[str] | None
-    timeout: float
-    batch: int = 1  # files per request (`POST /v1/jobs/batch` when > 1)
-    # Set once a batch was refused although each of its files was then accepted on its own (a
-    # server limit lower than `batch`, or no batch submits): later files go one by one.
-    batches_refused: threading.Event = field(default_factory=threading.Event)
-    names: dict[Path, str] = field(default_factory=dict)  # output name per file (output_names)
-
-    @property
-    def waiting(self) -> bool:
-        return self.wait or self.out is not None
-
-
-STOPPED_WAITING = "not waited for: the run stopped (an authentication error or Ctrl-C)"
-
-
-def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Event) -> Outcome:
-    """Submit one file, then (optionally) wait and save its results."""
-    outcome = Outcome(path)
-    if stop.is_set():
-        outcome.status, outcome.reason = (
-            "skipped",
-            "not sent: the run stopped (an authentication error or Ctrl-C)",
-        )
-        return outcome
-    started = time.monotonic()
-    job: Job | None = None
-    try:
-        job = client.submit(
-            path,
-            webhook=plan.webhook,
-            webhook_events=plan.webhook_events,
-            wait=STOPPABLE_POLL_S if plan.waiting else 0.0,  # Ctrl-C is noticed this soon
-        )
-        outcome.job_id, outcome.status = job.id, job.status
-        if plan.waiting:
-            job.wait(plan.timeout, stop=stop)  # at once when the submit returned it finished
-            finish(outcome, job, plan, started)
-    except WaitStoppedError as exc:
-        if job is None:  # Ctrl-C before a retry of the submit itself
-            failed(outcome, exc, stop)
-        else:
-            outcome.status, outcome.reason = job.status, STOPPED_WAITING
-    except ClientError as exc:
-        failed(outcome, exc, stop)
-    except OSError as exc:  # unreadable file, or a result that could not be written
-        failed(outcome, LocalFileError(f"{type(exc).__name__}: {exc}"), stop)
-    except Exception as exc:  # anything else fails this file only (its job id is kept)
-        failed(outcome, UnexpectedError(exc), stop)
-    return outcome
-
-
-def submit_chunk(
-    client: Client, paths: list[Path], plan: SubmitPlan, stop: threading.Event
-) -> list[Outcome]:
-    """Submit several files in one request (all accepted or none), then wait for them together.
-
-    When the server refuses the batch as a whole over one file (a bad image, a batch over its
-    limits, a server without batch submits), each file is sent on its own instead, so every
-    file still gets its own answer; errors that would hit every file alike are not retried."""
-    if len(paths) == 1 or stop.is_set() or plan.batches_refused.is_set():
-        return [submit_one(client, path, plan, stop) for path in paths]
-    started = time.monotonic()
-    try:
-        jobs = client.submit_batch(paths, webhook=plan.webhook, webhook_events=plan.webhook_events)
-    except (AuthError, TransportError, ServerError, RateLimitedError) as exc:
-        return [failed(Outcome(path), exc, stop) for path in paths]
-    except ConflictError as exc:  # the batch's key is still in use: its jobs may be stored, and
-        # sending the files again one by one would store each of them twice
-        return [failed(Outcome(path), exc, stop) for path in paths]
-    except RetriesStoppedError as exc:  # Ctrl-C before a retry: nothing more is sent
-        return [failed(Outcome(path), exc, stop) for path in paths]
-    except (ApiError, OSError, ValueError):  # one file refused, unreadable or not sendable:
-        # each gets its own answer
-        singles = [submit_one(client, path, plan, stop) for path in paths]
-        if all(outcome.error is None for outcome in singles):  # not a file: the batch itself
-            plan.batches_refused.set()
-        return singles
-    except Exception as exc:
-        return [failed(Outcome(path), UnexpectedError(exc), stop) for path in paths]
-    outcomes = [Outcome(path, job.id, job.status) for path, job in zip(paths, jobs, strict=True)]
-    if not plan.waiting:
-        return outcomes
-    waited: ClientError | None = None
-    try:
-        client.wait_many(jobs, plan.timeout, stop=stop)
-    except ClientError as exc:  # a timeout or a lost server: the jobs that ended still count
-        waited = exc
-    except Exception as exc:
-        waited = UnexpectedError(exc)
-    for outcome, job in zip(outcomes, jobs, strict=True):
-        if not job.done and isinstance(waited, WaitStoppedError):
-            outcome.status, outcome.reason = job.status, STOPPED_WAITING
-            continue
-        if not job.done:
-            failed(outcome, waited or WaitTimeoutError(f"job {job.id} still {job.status}"), stop)
-            continue
-        try:
-            finish(outcome, job, plan, started)
-        except ClientError as exc:  # fetching its results failed
-            failed(outcome, exc, stop)
-        except OSError as exc:  # writing them failed (a full disk, no permission)
-            failed(outcome, LocalFileError(f"{type(exc).__name__}: {exc}"), stop)
-        except Exception as exc:
-            failed(outcome, UnexpectedError(exc), stop)
-    return outcomes
-
-
-def finish(outcome: Outcome, job: Job, plan: SubmitPlan, started: float) -> None:
-    """Record how an ended job went and save its results when asked to."""
-    outcome.status, outcome.latency_s = job.status, time.monotonic() - started
-    outcome.predict_ms = job.metrics.get("predict_ms")
-    outcome.reason = (job.error or {}).get("message", "")
-    if job.succeeded and plan.out:
-        save_results(job, outcome.path, plan)
-
-
-def failed(outcome: Outcome, exc: ClientError, stop: threading.Event) -> Outcome:
-    """Mark a file as not done because of `exc`; an auth error stops the files not yet sent."""
-    outcome.status, outcome.error, outcome.reason = "error", exc, describe(exc)
-    if isinstance(exc, AuthError):
-        stop.set()
-    return outcome
-
-
-def save_results(job: Job, path: Path, plan: SubmitPlan) -> None:
-    """Write <name>.mask.png (and .overlay.png) into the output folder (see output_names).
-    Both are fetched before either is written, and each is written whole or not at all, so
-    a file reported as an error leaves no half result behind."""
-    assert plan.out is not None
-    plan.out.mkdir(parents=True, exist_ok=True)
-    name = plan.names.get(path, path.stem)
-    results = {f"{name}.mask.png": job.mask_png()}
-    if plan.overlay:
-        results[f"{name}.overlay.png"] = job.overlay_png()
-    for file_name, data in results.items():
-        write_atomically(plan.out / file_name, data)
-
-
-def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: int) -> list[Outcome]:
-    """Submit every file, `plan.batch` per request, with a thread pool and a progress bar on
-    stderr."""
-    stop = threading.Event()
-    outcomes: list[Outcome] = []
-    console = Console(stderr=True)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    pool = ThreadPoolExecutor(max_workers=concurrency)
-    to_terminal = sys.stdout.isatty()  # asked before the progress bar wraps sys.stdout
-    with Progress(*columns, console=console, disable=len(files) < 2) as progress:
-        drawn = progress.live.is_started and console.is_terminal  # the bar is on a terminal
-        bar = console if drawn else None
-        label = "waiting" if plan.waiting else "submitting"
-        task = progress.add_task(label, total=len(files))
-        chunks = [files[i : i + plan.batch] for i in range(0, len(files), plan.batch)]
-        futures = {pool.submit(submit_chunk, client, chunk, plan, stop): chunk for chunk in chunks}
-        printed: dict[Future[list[Outcome]], int] = {}  # outcomes of each already reported
-        unprinted: list[Outcome] = []  # reported once stdout was closed: not on it
-
-        def report(future: Future[list[Outcome]]) -> None:
-            """Print the chunk's outcomes not printed yet (a Ctrl-C may have cut a report
-            short: the rest of it is printed once, from the handler)."""
-            try:
-                results = future.result()
-            except Exception as exc:  # pragma: no cover - submit_chunk catches everything
-                results = [failed(Outcome(p), UnexpectedError(exc), stop) for p in futures[future]]
-            for outcome in results[printed.get(future, 0) :]:
-                outcomes.append(outcome)
-                printed[future] = printed.get(future, 0) + 1
-                progress.advance(task)
-                if unprinted:  # stdout is closed
-                    unprinted.append(outcome)
-                    continue
-                try:
-                    print_outcome(outcome, to_terminal, bar)
-                except BrokenPipeError:
-                    unprinted.append(outcome)
-                    silence_stdout()
-                    raise
-
-        try:
-            for future in as_completed(futures):
-                report(future)
-        except (KeyboardInterrupt, BrokenPipeError):
-            # Ctrl-C, or stdout's reader gone (`| head -1`): send nothing more (not even
-            # retries); the requests in flight end and their job ids are reported too, so
-            # nothing the server accepted goes unreported (on stderr once stdout is closed).
-            stop.set()
-            client.stop_retries()
-            pool.shutdown(wait=False, cancel_futures=True)
-            try:
-                for future in futures:
-                    if not future.cancelled():
-                        report(future)
-            except (KeyboardInterrupt, BrokenPipeError):  # a second Ctrl-C: stop waiting
-                pass
-            raise Interrupted(outcomes, unprinted) from None
-    pool.shutdown()
-    return outcomes
-
-
-def outcome_line(outcome: Outcome) -> bytes:
-    """`job_id<TAB>status<TAB>file` for one file, the path as its own bytes (so a script can
-    find a file whose name is not UTF-8), with backslash, tab, newline and carriage return in
-    it written as \\\\, \\t, \\n and \\r, so each file is one line of three fields."""
-    name = os.fsencode(outcome.path)
-    for raw, escaped in ((b"\\", b"\\\\"), (b"\t", b"\\t"), (b"\n", b"\\n"), (b"\r", b"\\r")):
-        name = name.replace(raw, escaped)
-    return f"{outcome.job_id}\t{outcome.status}\t".encode() + name
-
-
-def print_outcome(outcome: Outcome, to_terminal: bool, bar: Console | None) -> None:
-    """Print the line of one file (outcome_line) on stdout.
-
-    Into a file or a pipe it goes as bytes. On a terminal it goes as text, and while a
-    progress bar is drawn on the terminal, through the bar's console, above the bar (bytes
-    written past the bar landed on its line: `submitting ━━ 0/3 0:00:00<id>  queued  p0.png`)."""
-    line = outcome_line(outcome)
-    if not to_terminal:
-        click.echo(line)
-        return
-    text = line.decode("utf-8", errors="backslashreplace")
-    if bar is not None:
-        bar.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
-    else:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-
-
-def silence_stdout() -> None:
-    """Point stdout at /dev/null once its reader is gone, so that no later write (nor the
-    flush at exit) raises BrokenPipeError again (Python's documented recipe)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
-class Interrupted(Exception):
-    """Ctrl-C during `run_all`, or its stdout closed: the outcomes of the requests that were
-    sent, and those that could not be printed on stdout (its reader was gone)."""
-
-    def __init__(self, outcomes: list[Outcome], unprinted: list[Outcome] | None = None) -> None:
-        super().__init__("interrupted")
-        self.outcomes = outcomes
-        self.unprinted = unprinted or []
-
-
-def summary_table(outcomes: list[Outcome]) -> Table:
-    """Counts per result and the mean latencies."""
-    table = Table(title="segsvc submit")
-    for name in ("result", "files", "mean latency", "mean predict"):
-        table.add_column(name, justify="left" if name == "result" else "right")
-    groups: dict[str, list[Outcome]] = {}
-    for outcome in outcomes:
-        groups.setdefault(outcome.status, []).append(outcome)
-    for status, rows in sorted(groups.items()):
-        lat = [o.latency_s for o in rows if o.latency_s is not None]
-        pred = [o.predict_ms for o in rows if o.predict_ms is not None]
-        table.add_row(
-            status,
-            str(len(rows)),
-            f"{sum(lat) / len(lat):.2f} s" if lat else "-",
-            f"{sum(pred) / len(pred):.0f} ms" if pred else "-",
-        )
-    return table
-
-
-def submit_exit_code(outcomes: list[Outcome]) -> int:
-    """Worst outcome wins: auth, then server/network, then failed jobs."""
-    codes = {exit_code_for(o.error) for o in outcomes if o.error is not None}
-    if any(o.status in ("failed", "canceled") for o in outcomes):
-        codes.add(EXIT_FAILED)
-    for code in (EXIT_AUTH, EXIT_SERVER, EXIT_FAILED):
-        if code in codes:
-            return code
-    return EXIT_OK
 
 
 @click.command("submit")

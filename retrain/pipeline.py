@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from segsvc.digest import file_sha256
 from segsvc.errors import ConflictError
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.preprocess import decode_mask_png
-from segsvc.models import ModelStatus, ModelVersion, TrainingRun, utcnow
+from segsvc.models import ModelStatus, ModelVersion, TrainingRun, db_time, utcnow
 from segsvc.retrain_lock import Held, retrain_lock
 from segsvc.services import feedback, model_files, registry, rollout
 from segsvc.settings import Settings, get_settings
@@ -39,6 +40,9 @@ from segsvc.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 TRAINED = ("completed",)  # run statuses whose labels count as used
+# A scheduled run waits for a live canary's verdict this long at most: a canary that low traffic
+# keeps short of SEG_CANARY_MIN_JOBS may never get one, and retraining must not stop for good.
+CANARY_WAIT = timedelta(days=7)
 LOG_CAP = 64 * 1024
 # The loggers a run's stored log reads (retrain's first): its own, the labels' loader and the
 # model code it calls (conversions, runtimes).
@@ -236,8 +240,19 @@ class _Run:
             production = registry.production_version(session=session)
             # A scheduled run waits for a canary's verdict: its candidate would supersede the
             # canary, and on low traffic no canary would ever be promoted. An operator's run
-            # (`segsvc retrain now`) goes on.
+            # (`segsvc retrain now`) goes on, and so does one once the canary is CANARY_WAIT old.
             canary = rollout.canary_version(session=session) if self.trigger == "schedule" else None
+            if (
+                canary is not None
+                and canary.promoted_at is not None
+                and canary.promoted_at < db_time(session) - CANARY_WAIT
+            ):
+                log.info(
+                    "canary %s waited %s for its verdict: training goes on",
+                    canary.version,
+                    CANARY_WAIT,
+                )
+                canary = None
             waiting = canary.version if canary is not None else None
             run = session.get(TrainingRun, self.run_id)
             assert run is not None

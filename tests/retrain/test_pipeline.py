@@ -702,6 +702,31 @@ def test_a_scheduled_run_waits_for_the_canarys_verdict(
         )
 
 
+def test_a_scheduled_run_waits_a_week_at_most_for_a_canary_starved_of_traffic(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A canary that low traffic keeps short of SEG_CANARY_MIN_JOBS may never get a verdict:
+    once it is CANARY_WAIT old, a scheduled run trains and its candidate supersedes it."""
+    from retrain.pipeline import CANARY_WAIT
+
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=1)
+    with session_scope(cfg) as session:
+        registry.register_version(session=session, version="starved", path=model_file)
+        live = rollout.start_canary(session=session, version="starved", share=0.1)
+        live.promoted_at = datetime.now(UTC) - CANARY_WAIT - timedelta(hours=1)
+    mask = make_mask(90, 70, seed=4)
+    labeled_job(cfg, encode_png(COLOURS[mask]), mask)
+    quick_run(monkeypatch, model_file)
+    result = run_retraining(cfg)  # trigger "schedule"
+    assert result.status == "completed", result
+    with session_scope(cfg) as session:
+        assert registry.get_version(session=session, version="starved").status == "rejected"
+
+
 def test_a_late_failure_keeps_the_registered_canarys_model_file(
     settings: Settings,
     production_model: str,

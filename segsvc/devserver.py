@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 
 import click
 
@@ -111,26 +112,66 @@ def run(api_workers: int) -> None:
     version, _ = ensure_production_model(settings)
     click.echo(f"serving model {version}")
     if settings.auth_required:
-        key = ensure_local_key(settings)
-        click.echo(f"local API key (also in {settings.var_dir / 'local_api_key'}):\n  {key}")
+        click.echo(local_key_message(settings))
     click.echo(f"API on http://127.0.0.1:{settings.port}")
-    procs = {
-        name: subprocess.Popen(cmd, cwd=ROOT, env=os.environ.copy())  # noqa: S603
-        for name, cmd in process_commands(settings, api_workers=api_workers).items()
+    env = os.environ.copy()
+    # gunicorn's metrics files: under var/, cleared at each start, not a new /tmp folder per run.
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings.var_dir / "prometheus"))
+    sys.exit(_supervise(start_processes(process_commands(settings, api_workers=api_workers), env)))
+
+
+def local_key_message(settings: Settings) -> str:
+    """Make sure the local admin key exists; the line to print about it. The secret itself is
+    shown once, when it is made, not into the log of every run."""
+    key_file = settings.var_dir / "local_api_key"
+    had = key_file.read_text().strip() if key_file.is_file() else None
+    key = ensure_local_key(settings)
+    if key != had:
+        return f"new local admin API key (kept in {key_file}):\n  {key}"
+    return f"local admin API key: in {key_file}"
+
+
+def start_processes(
+    commands: dict[str, list[str]], env: dict[str, str]
+) -> dict[str, subprocess.Popen[bytes]]:
+    """Start each command in a session of its own, to be stopped by `_supervise` (or by the
+    kernel when the supervisor dies)."""
+    return {
+        name: subprocess.Popen(  # noqa: S603
+            cmd, cwd=ROOT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        for name, cmd in commands.items()
     }
-    sys.exit(_supervise(procs))
+
+
+def _die_with_parent() -> None:
+    """In each child, before it runs: SIGTERM when this supervisor dies, however it dies (a
+    SIGKILL, the OOM killer), so no orphan keeps the port for the next `make run` (Linux)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with suppress(OSError, AttributeError):  # not Linux/glibc: the supervisor's signals still do
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> int:
-    """Run until Ctrl-C or SIGTERM (0), or until a process exits by itself (1: the API could
-    not bind its port, a worker crashed), then stop the others."""
+    """Run until Ctrl-C, SIGTERM or SIGHUP (0), or until a process exits by itself (1: the API
+    could not bind its port, a worker crashed), then stop the others, each with SIGTERM.
+
+    The children run in sessions of their own, so the terminal's signals reach only this
+    supervisor: Ctrl-C's SIGINT is a hard stop for gunicorn (its SIGTERM lets requests finish),
+    and a closed terminal's SIGHUP made gunicorn reload and outlive the supervisor, which it
+    killed, with the port taken for the next `make run`."""
     stopping, failed = False, False
 
     def stop(_signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
         while not stopping:
             dead = [n for n, p in procs.items() if p.poll() is not None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -91,3 +92,99 @@ def test_run_exits_non_zero_when_a_process_dies_by_itself() -> None:
     assert _supervise({"api": crashed, "worker": sleeper}) == 1
     assert sleeper.poll() is not None  # the others were stopped
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C is the caller's again
+
+
+SUPERVISOR = """
+import os, sys
+from segsvc.devserver import _supervise, start_processes
+sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+procs = start_processes({"api": sleep, "worker": sleep}, dict(os.environ))
+print(" ".join(str(p.pid) for p in procs.values()), flush=True)
+sys.exit(_supervise(procs))
+"""
+
+
+def _start_supervisor() -> tuple[subprocess.Popen[str], list[int]]:
+    """The supervisor of two sleepers, once it catches the stop signals; their pids."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    pids = [int(pid) for pid in proc.stdout.readline().split()]
+    deadline = time.monotonic() + 30
+    while not all(_catches(proc.pid, sig) for sig in (signal.SIGHUP, signal.SIGTERM)):
+        assert time.monotonic() < deadline, "the supervisor never took its signals"
+        time.sleep(0.02)
+    return proc, pids
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (SigCgt in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def _gone(pids: list[int], timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):  # not ours: nothing to reap
+                os.waitpid(pid, os.WNOHANG)
+            try:
+                os.kill(pid, 0)
+                state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+                if state != "Z":
+                    alive.append(pid)
+            except (ProcessLookupError, FileNotFoundError):
+                pass
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_the_supervisor_stops_its_processes_when_its_terminal_closes(sig: int) -> None:
+    """A closed terminal (SIGHUP) killed the supervisor without stopping the others, and
+    gunicorn, which takes SIGHUP for a reload, kept the port from the next `make run`."""
+    proc, pids = _start_supervisor()
+    try:
+        for pid in pids:  # in sessions of their own: the terminal's signals are not theirs
+            assert os.getsid(pid) == pid
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 0
+        assert _gone(pids)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_processes_stop_when_the_supervisor_is_killed() -> None:
+    """SIGKILL (or the OOM killer) leaves the supervisor no chance to stop the others: the
+    kernel sends them SIGTERM instead (PR_SET_PDEATHSIG)."""
+    proc, pids = _start_supervisor()
+    try:
+        proc.kill()
+        proc.wait(timeout=30)
+        assert _gone(pids)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_local_key_is_shown_once_when_it_is_made(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every `make run` printed the admin secret, into whatever log its output went to."""
+    from segsvc.devserver import local_key_message
+
+    cfg = settings.model_copy(update={"var_dir": tmp_path / "var"})
+    first = local_key_message(cfg)
+    key = (tmp_path / "var" / "local_api_key").read_text().strip()
+    assert key in first
+    again = local_key_message(cfg)
+    assert key not in again
+    assert str(tmp_path / "var" / "local_api_key") in again

@@ -29,7 +29,11 @@ MIN_JOB_RETENTION_DAYS = 7
 class Settings(BaseSettings):
     """All configuration; every factory takes `settings: Settings | None = None`."""
 
-    model_config = SettingsConfigDict(env_prefix="SEG_", env_file=".env", extra="ignore")
+    # No float setting means anything at infinity or NaN (a limit is turned off with 0 where
+    # it can be): `SEG_RECONCILE_INTERVAL_SECONDS=inf` passed, then failed in the worker.
+    model_config = SettingsConfigDict(
+        env_prefix="SEG_", env_file=".env", extra="ignore", allow_inf_nan=False
+    )
 
     # --- storage and transport -------------------------------------------------------------
     var_dir: Path = Field(ROOT / "var", description="Local state: SQLite files, model cache.")

@@ -122,3 +122,25 @@ def test_job_retention_is_off_or_past_webhook_retries() -> None:
     assert Settings(job_retention_days=7).job_retention_days == 7
     with pytest.raises(ValidationError, match="at least 7 days"):
         Settings(job_retention_days=3)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "reconcile_interval_seconds",
+        "registry_poll_seconds",
+        "batch_max_wait_ms",
+        "webhook_timeout_seconds",
+        "artifact_grace_hours",
+        "gate_latency_ratio",
+    ],
+)
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_no_float_setting_takes_infinity_or_nan(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`SEG_RECONCILE_INTERVAL_SECONDS=inf` passed the settings and then failed in the worker
+    (int(inf)): every float setting refuses infinity and NaN at start."""
+    monkeypatch.setenv(f"SEG_{name.upper()}", value)
+    with pytest.raises(ValidationError, match=name):
+        Settings(_env_file=None)  # type: ignore[call-arg]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -285,20 +285,9 @@ def _resend_stale_suspects(
     may only be waiting: a second message is harmless (the claim's fence)."""
     stale = now - timedelta(seconds=settings.job_lease_seconds)
     ids = session.scalars(
-        select(Job.id)
-        .where(
-            _status_is(JobStatus.QUEUED),
-            _is_suspect(),
-            Job.cancel_requested.is_(False),
-            or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
-        )
-        .limit(MAX_JOBS_PER_PASS)
+        select(Job.id).where(_is_suspect(), *_unsent_since(stale)).limit(MAX_JOBS_PER_PASS)
     ).all()
-    for job_id in ids:
-        _mark_requeued(session, job_id, now, from_running=False)
-        report.suspect_ids.add(job_id)
-        enqueue(job_id)
-        report.requeued_missing += 1
+    _resend(session, ids, now=now, enqueue=enqueue, report=report, suspects=True)
 
 
 def _resend_stale(
@@ -320,18 +309,36 @@ def _resend_stale(
     stale = now - timedelta(seconds=settings.job_lease_seconds)
     ids = session.scalars(
         select(Job.id)
-        .where(
-            _status_is(JobStatus.QUEUED),
-            ~_is_suspect(),
-            Job.cancel_requested.is_(False),
-            Job.created_at < stale,
-            or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
-        )
+        .where(~_is_suspect(), Job.created_at < stale, *_unsent_since(stale))
         .order_by(Job.created_at, Job.id)
         .limit(STALE_RESENDS_PER_PASS)
     ).all()
+    _resend(session, ids, now=now, enqueue=enqueue, report=report, suspects=False)
+
+
+def _unsent_since(stale: datetime) -> tuple[ColumnElement[bool], ...]:
+    """Queued, not canceled, and not sent since `stale` (or never sent)."""
+    return (
+        _status_is(JobStatus.QUEUED),
+        Job.cancel_requested.is_(False),
+        or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
+    )
+
+
+def _resend(
+    session: Session,
+    ids: Sequence[uuid.UUID],
+    *,
+    now: datetime,
+    enqueue: Callable[[uuid.UUID], None],
+    report: ReconcileReport,
+    suspects: bool,
+) -> None:
+    """Send these queued jobs again (stamped as sent now), suspects flagged as such."""
     for job_id in ids:
         _mark_requeued(session, job_id, now, from_running=False)
+        if suspects:
+            report.suspect_ids.add(job_id)
         enqueue(job_id)
         report.requeued_missing += 1
 

@@ -202,18 +202,19 @@ def sweep_blobs() -> int:
     return sweep_unnamed_blobs(get_settings())
 
 
-def sweep_unnamed_blobs(settings: Settings) -> int:
-    """`segsvc blobs sweep` on a schedule: delete the blob files no job names any more and not
-    used within a day; the count. Retention deletes the files of the rows it clears, but not
-    those no row ever named: the file of an upload whose request then failed (a 409 for a
-    concurrent idempotent twin, a 503, a lost commit) or of a mask whose store was rolled back,
-    and temporary files of interrupted writes. Nothing to do without an `fs` blob folder."""
+def sweep_unnamed_blobs(settings: Settings, *, older_than_s: float = SWEEP_GRACE_S) -> int:
+    """Delete the blob files no job names any more and not used within `older_than_s` (a day
+    by default); the count. Daily from beat, and `segsvc blobs sweep` by hand. Retention
+    deletes the files of the rows it clears, but not those no row ever named: the file of an
+    upload whose request then failed (a 409 for a concurrent idempotent twin, a 503, a lost
+    commit) or of a mask whose store was rolled back, and temporary files of interrupted
+    writes. Nothing to do without an `fs` blob folder."""
     store = blob_store(settings)
     if not store.holds_files():
         return 0
     # The digests only (one set, streamed), and read whole: no transaction waits on the walk.
     with session_scope(settings) as session:
         named = pointer_digests(feedback.blob_pointers(session=session))
-    removed = store.sweep_except(named, older_than_s=SWEEP_GRACE_S)
+    removed = store.sweep_except(named, older_than_s=older_than_s)
     log.info("deleted %d blob files no job names (of %d named)", removed, len(named))
     return removed

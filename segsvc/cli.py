@@ -324,15 +324,9 @@ def blobs_sweep(grace_hours: float) -> None:
     """Delete every blob file no job refers to: a full pass over the folder and the jobs table
     for orphans retention does not know of (an upload whose row never committed, temporary
     files of crashed writes). Retention deletes purged inputs' files by itself, hourly."""
-    from segsvc.blobs import blob_store
-    from segsvc.db import session_scope
-    from segsvc.services.feedback import blob_pointers
+    from retrain.tasks import sweep_unnamed_blobs  # the daily beat task's own pass
 
-    cfg = get_settings()
-    with session_scope(cfg) as session:
-        removed = blob_store(cfg).sweep(
-            keep=blob_pointers(session=session), older_than_s=grace_hours * 3600
-        )
+    removed = sweep_unnamed_blobs(get_settings(), older_than_s=grace_hours * 3600)
     click.echo(f"deleted {removed} blob file{'s' * (removed != 1)} no job refers to")
 
 

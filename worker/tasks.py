@@ -148,14 +148,10 @@ class SharedSettle:
             self._settled()
 
 
-def _job_ids(message: Any, body: Any) -> list[str]:
-    """The job ids a message carries (its arguments, in either protocol); none when it is
-    malformed: a body that is not a task's, arguments that are not a list."""
-    return _arguments(message, body)[0]
-
-
 def _arguments(message: Any, body: Any) -> tuple[list[str], bool]:
-    """A message's job ids (`_job_ids`), and whether the reconciler sent it as a suspect's."""
+    """The job ids a message carries (its arguments, in either protocol; none when it is
+    malformed: a body that is not a task's, arguments that are not a list), and whether the
+    reconciler sent it as a suspect's."""
     try:
         payload = body if body is not None else message.decode()
     except Exception:  # an undecodable body: nothing in it can be run

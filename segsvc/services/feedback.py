@@ -240,18 +240,6 @@ def iter_labeled_inputs(
             yield LabeledInput(fid, digest, bytes(image) if image else None, bytes(mask or b""))
 
 
-def load_samples(
-    *, session: Session, feedback_ids: Sequence[uuid.UUID], store: BlobStore | None = None
-) -> list[tuple[bytes, bytes]]:
-    """(input image bytes, corrected mask PNG) for each feedback id that still has both (all in
-    memory: for a few labels; training streams `iter_labeled_inputs`)."""
-    return [
-        (item.image, item.mask_png)
-        for item in iter_labeled_inputs(session=session, feedback_ids=feedback_ids, store=store)
-        if item.image is not None
-    ]
-
-
 PURGE_CHUNK = 1000
 
 

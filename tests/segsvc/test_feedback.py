@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
+from segsvc.blobs import BlobStore
 from segsvc.db import session_scope
 from segsvc.errors import BadRequestError, ConflictError, NotFoundError
 from segsvc.images import validate_image
@@ -38,6 +41,20 @@ def good_mask(width: int = 80, height: int = 60) -> bytes:
     mask[10:40, 20:60] = 2
     mask[13:37, 23:57] = 0
     return png(mask)
+
+
+def load_samples(
+    *, session: Session, feedback_ids: Sequence[uuid.UUID], store: BlobStore | None = None
+) -> list[tuple[bytes, bytes]]:
+    """(input image bytes, corrected mask PNG) of each label `feedback.iter_labeled_inputs`
+    reads whole (its input present and intact), as training gets them."""
+    return [
+        (item.image, item.mask_png)
+        for item in feedback.iter_labeled_inputs(
+            session=session, feedback_ids=feedback_ids, store=store
+        )
+        if item.image is not None
+    ]
 
 
 def make_job(
@@ -119,7 +136,7 @@ def test_submit_feedback_stores_mask_rating_and_serving_version(settings: Settin
         assert (row.model_version, row.rating, row.job_id) == ("v-served", "good", job_id)
     with session_scope(settings) as session:
         assert feedback.labeled_feedback_ids(session=session) == [row.id]
-        samples = feedback.load_samples(session=session, feedback_ids=[row.id])
+        samples = load_samples(session=session, feedback_ids=[row.id])
     image, mask = samples[0]
     assert image == photo_bytes()
     assert mask == good_mask()
@@ -128,7 +145,7 @@ def test_submit_feedback_stores_mask_rating_and_serving_version(settings: Settin
 def test_a_label_whose_input_file_is_gone_is_left_out_not_fatal(
     settings: Settings, tmp_path: Path
 ) -> None:
-    # Regression: one missing or damaged input file raised out of load_samples, and every
+    # Regression: one missing or damaged input file raised out of the label loader, and every
     # retraining run failed on it until someone edited the database.
     from segsvc.blobs import blob_store
     from segsvc.services.jobs import create_jobs
@@ -153,7 +170,7 @@ def test_a_label_whose_input_file_is_gone_is_left_out_not_fatal(
         assert gone is not None
         store.path_for(bytes(gone.input_bytes or b"")[-64:].decode()).unlink()
     with session_scope(cfg) as session:
-        samples = feedback.load_samples(session=session, feedback_ids=labels, store=store)
+        samples = load_samples(session=session, feedback_ids=labels, store=store)
     assert samples == [(photo_bytes(seed=1), good_mask())]
 
 
@@ -186,7 +203,7 @@ def test_labels_are_loaded_in_chunks_of_ids(
     event.listen(engine, "before_cursor_execute", count)
     try:
         with session_scope(settings) as session:
-            samples = feedback.load_samples(session=session, feedback_ids=labels)
+            samples = load_samples(session=session, feedback_ids=labels)
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert [image for image, _ in samples] == [photo_bytes(seed=seed) for seed in range(7)]

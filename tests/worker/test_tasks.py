@@ -7,7 +7,12 @@ import threading
 import pytest
 from kombu.common import QoS
 
-from worker.tasks import SharedSettle, _arguments, _job_ids, give_back_prefetch, hold_prefetch
+from worker.tasks import SharedSettle, _arguments, give_back_prefetch, hold_prefetch
+
+
+def _job_ids(message: object, body: object) -> list[str]:
+    """The job ids `_arguments` reads from a message."""
+    return _arguments(message, body)[0]
 
 
 class Recorder:

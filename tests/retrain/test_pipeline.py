@@ -489,20 +489,17 @@ def test_purge_keeps_a_file_that_is_also_another_jobs_result_mask(
     store = blob_store(cfg)
     long_ago = datetime.now(UTC) - timedelta(days=cfg.retention_days + 1)
     with session_scope(cfg) as session:
-        served = create_jobs(
+        served, sent_back = create_jobs(
             session=session,
             client_id=None,
-            images=[validate_image(photo_bytes(), max_bytes=10**7, max_pixels=10**8)],
+            images=[
+                validate_image(data, max_bytes=10**7, max_pixels=10**8)
+                for data in (photo_bytes(), good_mask())
+            ],
             store=store,
-        )[0]
+        )
         served.status, served.model_version = JobStatus.SUCCEEDED, "test-v1"
         served.mask_png = store.put(good_mask())  # the worker writes masks through the store
-        sent_back = create_jobs(
-            session=session,
-            client_id=None,
-            images=[validate_image(good_mask(), max_bytes=10**7, max_pixels=10**8)],
-            store=store,
-        )[0]
         sent_back.status, sent_back.created_at = JobStatus.SUCCEEDED, long_ago
         mask, sent_back_input = served.mask_png, sent_back.input_bytes
     assert sent_back_input == mask  # one file

@@ -129,8 +129,9 @@ def _initialise_model(settings: Settings) -> Path:
     return out
 
 
-def ensure_local_key(settings: Settings | None = None, *, name: str = "local") -> str | None:
-    """Create the embedded default's admin key once; returns it when newly created."""
+def ensure_local_key(settings: Settings | None = None, *, name: str = "local") -> str:
+    """The embedded default's admin key, from `var_dir/local_api_key`: made (and the file
+    written) when there is none, or when the one named `name` was revoked."""
     settings = settings or get_settings()
     key_file = settings.var_dir / "local_api_key"
     with session_scope(settings) as session:

@@ -39,15 +39,16 @@ app.conf.update(
     # Celery multiplies prefetch by the concurrency, and `--pool solo` without `--concurrency`
     # takes the host's CPU count for it (a node's, in a pod: 3 x 16 x 32 messages on a
     # 32-core node), although the solo pool runs one task at a time. One worker would then
-    # drain the queue KEDA scales on, hoard it, and have its old messages counted as lost.
+    # drain the queue, hoard it while the workers KEDA adds for it find none, and have its old
+    # messages counted as lost.
     worker_concurrency=1,
     imports=("worker.tasks", "worker.reconciler", "retrain.tasks"),
 )
 # The feedback loop: retraining (settings.retrain_cron), canary verdicts and input retention,
 # all on the maintenance queue. Beat sends no reconcile pass: every worker of this app (the
 # inference workers and the always-running maintenance worker) runs one every interval from a
-# thread of its own (`_reconcile_in_worker`), and a beat message on the inference queue (the
-# one KEDA scales on) woke a worker every interval, so scale-to-zero never held.
+# thread of its own (`_reconcile_in_worker`): a beat message on the inference queue woke a
+# worker every interval (KEDA then counted that list), so scale-to-zero never held.
 app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), **retrain_beat_schedule(settings)}
 
 

@@ -310,14 +310,27 @@ def load_runtime(
     # Artifacts found in the cache (not converted by this call): if they fail to load (a file
     # damaged on disk, a converter that changed without a new fingerprint), they are moved
     # aside and converted once more rather than failing the same way on every later load.
-    cached = artifact_identities(artifact_folder(artifact_dir, sha256, kind), names)
+    folder = artifact_folder(artifact_dir, sha256, kind)
+    cached = artifact_identities(folder, names)
     folder = ensure_artifacts(
         model_path, kind=kind, artifact_dir=artifact_dir, sha256=sha256, batch_sizes=batch_sizes
     )
     try:
         return _open_converted(kind, folder, batch_sizes, threads)
+    except FileNotFoundError:
+        # A pruner had moved the folder aside for a moment (it puts back one in use): the
+        # files are sound, so open them again rather than converting them.
+        folder = ensure_artifacts(
+            model_path, kind=kind, artifact_dir=artifact_dir, sha256=sha256, batch_sizes=batch_sizes
+        )
+        return _open_converted(kind, folder, batch_sizes, threads)
+    except HOST_ERRORS:
+        raise  # the host's fault (memory, a library, a read): new files would fail the same
     except Exception as exc:
-        if not cached:  # converted just now: converting again would fail the same way
+        if not cached or _failed_here(folder, cached):
+            # Converted just now, here or by an earlier load in this process that could not
+            # open them either: converting again would fail the same way, on every retry.
+            _FAILED_CONVERSIONS[folder] = artifact_identities(folder, names)
             raise
         log.warning(
             "cached %s artifacts in %s failed to load (%r); converting again", kind, folder, exc
@@ -326,7 +339,26 @@ def load_runtime(
     folder = ensure_artifacts(
         model_path, kind=kind, artifact_dir=artifact_dir, sha256=sha256, batch_sizes=batch_sizes
     )
-    return _open_converted(kind, folder, batch_sizes, threads)
+    try:
+        return _open_converted(kind, folder, batch_sizes, threads)
+    except Exception:
+        _FAILED_CONVERSIONS[folder] = artifact_identities(folder, names)
+        raise
+
+
+# Errors of the host rather than of the artifact files (no memory, a library missing from the
+# image, a failed read): setting sound files aside and converting them again would not help.
+HOST_ERRORS: tuple[type[BaseException], ...] = (MemoryError, ImportError, OSError)
+# Per artifact folder, the files this process converted (or converted again) and then could not
+# open: a later load that finds those very files raises at once instead of converting them again,
+# which the model manager's retry of a broken version every few minutes would otherwise do each
+# time (minutes of CPU, and another generation of set-aside files).
+_FAILED_CONVERSIONS: dict[Path, dict[str, tuple[int, int]]] = {}
+
+
+def _failed_here(folder: Path, cached: dict[str, tuple[int, int]]) -> bool:
+    failed = _FAILED_CONVERSIONS.get(folder, {})
+    return all(failed.get(name) == identity for name, identity in cached.items())
 
 
 def _open_converted(kind: str, folder: Path, batch_sizes: Sequence[int], threads: int) -> Runtime:

@@ -314,6 +314,86 @@ def test_a_cached_artifact_that_fails_to_load_is_set_aside_and_converted_again(
     assert aside.read_bytes() == b"truncated on disk"  # kept for a post-mortem
 
 
+def cached_onnx(tmp_path: Path, sha: str, data: bytes) -> Path:
+    from segsvc.ml.convert import artifact_folder
+
+    folder = artifact_folder(tmp_path, sha, "onnx")
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(data)
+    return folder
+
+
+def load_onnx(tmp_path: Path, sha: str) -> runtime.Runtime:
+    return load_runtime(
+        tmp_path / "m.keras", kind="onnx", sha256=sha, artifact_dir=tmp_path, batch_sizes=(1,)
+    )
+
+
+@pytest.mark.parametrize("error", [MemoryError(), ImportError("no onnxruntime"), OSError(5, "EIO")])
+def test_a_host_error_while_loading_leaves_sound_cached_artifacts_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    # Regression: any error set the cached files aside and converted them all again (minutes
+    # of CPU), and again on each of the model manager's retries of the version.
+    folder = cached_onnx(tmp_path, "a1" * 32, identity_onnx())
+    calls = fake_onnx_conversions(monkeypatch, identity_onnx())
+
+    def fail(*args: object) -> runtime.Runtime:
+        raise error
+
+    monkeypatch.setattr(runtime, "_open_converted", fail)
+    for _ in range(2):
+        with pytest.raises(type(error)):
+            load_onnx(tmp_path, "a1" * 32)
+    assert calls == []
+    assert [p.name for p in folder.iterdir() if not p.name.startswith(".lock")] == ["model.onnx"]
+
+
+def test_files_a_pruner_moved_aside_for_a_moment_are_opened_again_not_converted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = cached_onnx(tmp_path, "b2" * 32, identity_onnx())
+    calls = fake_onnx_conversions(monkeypatch, identity_onnx())
+    opened = runtime._open_converted
+    tries: list[Path] = []
+
+    def vanished_once(
+        kind: str, where: Path, sizes: tuple[int, ...], threads: int
+    ) -> runtime.Runtime:
+        tries.append(where)
+        if len(tries) == 1:
+            raise FileNotFoundError(2, "No such file", str(where / "model.onnx"))
+        return opened(kind, where, sizes, threads)
+
+    monkeypatch.setattr(runtime, "_open_converted", vanished_once)
+    x = np.ones((1, 128, 128, 3), np.float32)
+    np.testing.assert_array_equal(load_onnx(tmp_path, "b2" * 32).predict(x), x)
+    assert tries == [folder, folder]
+    assert calls == []
+    assert not list(folder.glob(".model.onnx.broken-*"))
+
+
+def test_artifacts_converted_again_that_still_fail_are_not_converted_on_every_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A converter whose output this runtime cannot load: the cached files are set aside and
+    # converted once, and the model manager's later retries fail at once instead of
+    # converting (and setting aside) a new generation each time.
+    folder = cached_onnx(tmp_path, "c3" * 32, b"damaged on disk")
+    calls = fake_onnx_conversions(monkeypatch, b"not onnx either")
+    for _ in range(3):
+        with pytest.raises(Exception, match=r"(?i)protobuf"):
+            load_onnx(tmp_path, "c3" * 32)
+    assert calls == [folder]
+    assert len(list(folder.glob(".model.onnx.broken-*"))) == 1
+    # Files another worker replaced meanwhile are new files: tried (and set aside) again.
+    (folder / "model.onnx").unlink()
+    (folder / "model.onnx").write_bytes(b"replaced, still damaged")
+    with pytest.raises(Exception, match=r"(?i)protobuf"):
+        load_onnx(tmp_path, "c3" * 32)
+    assert calls == [folder, folder]
+
+
 def test_a_fresh_artifact_that_fails_to_load_is_not_converted_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,7 +7,9 @@ the models it started with and the next one uses the new table. A canary that is
 wanted stops serving before any such load starts. Versions no longer serving
 are dropped (freed once the last batch using them ends). Canary jobs are picked by a stable
 hash of the job id; a version that is not production or canary is never loaded or routed to.
-The same thread tends the shared artifact cache every `CACHE_TEND_S` (see `tend_artifact_cache`).
+A thread of its own tends the shared artifact cache every `CACHE_TEND_S` (see
+`tend_artifact_cache`), so that a refresh busy converting a new version for many minutes, or a
+long `registry_poll_seconds`, never leaves the folders being served unmarked for a pruner.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class ModelManager:
         self._routing: Routing | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._tender: threading.Thread | None = None
         # (version, sha256) -> when it failed to load or to run; see BROKEN_RETRY_S
         self._broken: dict[tuple[str, str], float] = {}
         # (version, sha256) -> load failures in a row; see CANARY_LOAD_ATTEMPTS
@@ -193,38 +196,44 @@ class ModelManager:
     def close(self) -> None:
         """Stop polling (the loaded models stay usable)."""
         self._stop.set()
-        if self._poller is not None:
-            self._poller.join(timeout=10)
+        for thread in (self._poller, self._tender):
+            if thread is not None:
+                thread.join(timeout=10)
 
     # --- internals ------------------------------------------------------------------------
     def _start_polling(self) -> None:
-        # With polling off (SEG_REGISTRY_POLL_SECONDS=0) the thread still tends the artifact
-        # cache: the worker serves from its folders for as long as it runs.
-        if self._poller is not None:
+        # With polling off (SEG_REGISTRY_POLL_SECONDS=0) the cache is still tended: the worker
+        # serves from its folders for as long as it runs.
+        if self._tender is not None:
             return
         with self._lock:
-            if self._poller is None:
-                self._poller = threading.Thread(
-                    target=self._poll, name="registry-poll", daemon=True
+            if self._tender is None:
+                if self.settings.registry_poll_seconds > 0:
+                    self._poller = threading.Thread(
+                        target=self._poll, name="registry-poll", daemon=True
+                    )
+                    self._poller.start()
+                self._tender = threading.Thread(
+                    target=self._tend, name="artifact-tend", daemon=True
                 )
-                self._poller.start()
+                self._tender.start()
 
     def _poll(self) -> None:
-        polling = self.settings.registry_poll_seconds > 0
-        tend_at = time.monotonic()  # at start too: a new image brings new converter fingerprints
-        while True:
-            if time.monotonic() >= tend_at:
-                self.tend_artifact_cache()
-                tend_at = time.monotonic() + CACHE_TEND_S
-            pause = self.settings.registry_poll_seconds if polling else CACHE_TEND_S
-            if self._stop.wait(pause):
-                return
-            if not polling:
-                continue
+        while not self._stop.wait(self.settings.registry_poll_seconds):
             try:
                 self.refresh()
             except Exception:  # keep serving what we have; the next poll tries again
                 log.warning("registry poll failed; still serving the loaded models", exc_info=True)
+
+    def _tend(self) -> None:
+        # At start too: a new image brings new converter fingerprints.
+        while True:
+            try:
+                self.tend_artifact_cache()
+            except Exception:  # a shared volume's hiccup: the next pass marks them again
+                log.warning("could not mark the served artifact folders used", exc_info=True)
+            if self._stop.wait(CACHE_TEND_S):
+                return
 
     def _wanted(self) -> tuple[Wanted, Wanted | None]:
         with session_scope(self.settings) as session:

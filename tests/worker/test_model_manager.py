@@ -570,6 +570,51 @@ def test_a_worker_that_does_not_poll_still_marks_its_artifacts_used(
     assert serving.stat().st_mtime > time.time() - 60
 
 
+@pytest.mark.parametrize(
+    ("poll_seconds", "refresh_blocks"), [(30.0, False), (0.01, True)], ids=["slow-poll", "busy"]
+)
+def test_served_artifacts_stay_marked_used_whatever_the_registry_poll_does(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    poll_seconds: float,
+    refresh_blocks: bool,
+) -> None:
+    # Regression: the poll thread marked the folders only between refreshes, so a refresh
+    # converting a new version for many minutes, or a long SEG_REGISTRY_POLL_SECONDS, left the
+    # folder being served unmarked for longer than a short SEG_ARTIFACT_GRACE_HOURS.
+    from segsvc.digest import file_sha256
+    from tests.segsvc.ml.test_artifact_cache import cached
+    from worker import model_manager
+
+    monkeypatch.setattr(model_manager, "CACHE_TEND_S", 0.05)
+    cfg = stub_cache_worker(settings, tmp_path, monkeypatch, registry_poll_seconds=poll_seconds)
+    serving = cached(tmp_path, file_sha256(model_file))
+    mgr = ModelManager(cfg)
+    released = threading.Event()
+    if refresh_blocks:
+
+        def converting() -> bool:
+            released.wait(30)
+            return False
+
+        monkeypatch.setattr(mgr, "refresh", converting)
+    try:
+        assert mgr.load().version == production_model
+        time.sleep(0.2)  # the poll thread is in its wait, or inside the blocked refresh
+        old = time.time() - 86400
+        os.utime(serving, (old, old))
+        deadline = time.monotonic() + 5
+        while serving.stat().st_mtime < time.time() - 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert serving.stat().st_mtime > time.time() - 60
+    finally:
+        released.set()
+        mgr.close()
+
+
 def test_a_version_measured_with_other_converters_is_served_exactly_and_said_so(
     settings: Settings,
     production_model: str,

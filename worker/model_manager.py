@@ -52,8 +52,9 @@ BROKEN_RETRY_S = 300.0
 # A canary is rejected in the registry (for the whole fleet) when its load fails this many
 # times in a row on one worker, each try BROKEN_RETRY_S after the last, or at once when the
 # failure is deterministic (its conversion failed twice with the same error). One passing
-# failure on one worker (an OOM-killed conversion child, a storage error) only takes it out of
-# that worker's routing until the retry.
+# failure on one worker (an OOM-killed conversion child, a storage error, a MemoryError at
+# inference) only takes it out of that worker's routing until the retry; any other error at
+# inference rejects it at once (the model's fault: its inputs are the shapes it was gated on).
 CANARY_LOAD_ATTEMPTS = 2
 # How often a polling worker marks the artifact folders it serves from as used and prunes the
 # cache: far inside the shortest grace period (SEG_ARTIFACT_GRACE_HOURS >= 1), so that no
@@ -117,6 +118,8 @@ class ModelManager:
         self._broken: dict[tuple[str, str], float] = {}
         # (version, sha256) -> load failures in a row; see CANARY_LOAD_ATTEMPTS
         self._load_failures: dict[tuple[str, str], int] = {}
+        # (version, sha256) -> failures of a canary at inference; see _canary_failed
+        self._run_failures: dict[tuple[str, str], int] = {}
 
     def load(self) -> LoadedModel:
         """Load the serving versions (once), warm them up and start polling the registry."""
@@ -320,14 +323,27 @@ class ModelManager:
         return new
 
     def _canary_failed(self, version: str, sha256: str, exc: Exception) -> None:
-        """Stop routing to a canary that failed at inference, here at once and in the registry."""
+        """Stop routing to a canary that failed at inference: here at once, and in the registry
+        too unless the failure was the host's (memory) and its first on this worker."""
+        key = (version, sha256)
         with self._swap:  # not `_lock`: a refresh may hold that through a minutes-long load
             routing = self._routing
             if routing is None or routing.canary is None or routing.canary.version != version:
                 return  # promoted meanwhile, or already dropped
-            self._broken[(version, sha256)] = time.monotonic()
+            self._broken[key] = time.monotonic()
+            failures = self._run_failures[key] = self._run_failures.get(key, 0) + 1
             # Built from the table of this instant, so a production switched in meanwhile stays.
             self._routing = Routing(production=routing.production)  # the batch retries on it
+        if isinstance(exc, MemoryError) and failures < CANARY_LOAD_ATTEMPTS:
+            # One worker short of memory says nothing of the model: the canary's verdict (and
+            # the retraining run behind it) must not be thrown away for it.
+            log.error(
+                "canary %s ran out of memory at inference; serving production only, trying "
+                "again in %.0fs",
+                version,
+                BROKEN_RETRY_S,
+            )
+            return
         log.error("canary %s failed at inference (%r); serving production only", version, exc)
         self._reject_canary(version, f"failed at inference: {exc!r}"[:500])
 

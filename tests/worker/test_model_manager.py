@@ -295,6 +295,45 @@ def test_canary_that_fails_at_inference_is_rolled_back_at_once(
     assert manager.refresh() is False
 
 
+class OutOfMemoryRuntime:
+    name = "oom"
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        raise MemoryError
+
+
+def test_a_canary_out_of_memory_once_on_one_worker_is_not_rejected_for_everyone(
+    manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: one MemoryError on one busy worker rejected the canary in the registry, and
+    # with it the retraining run's model, before it had collected a verdict.
+    from worker import model_manager
+
+    manager.load()
+    canary(settings, model_file, "cand", share=1.0)
+    manager.refresh()
+    serving = manager.routing.canary
+    assert serving is not None
+    serving.runtime.inner = OutOfMemoryRuntime()  # type: ignore[attr-defined]
+    with pytest.raises(MemoryError):
+        serving.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
+    assert manager.model_for(uuid.uuid4()).version == "test-v1"  # this worker: at once
+    assert canary_row(settings, "cand")[0] == "canary"  # the fleet: still a canary
+    assert manager.refresh() is False  # not retried on every poll
+    monkeypatch.setattr(model_manager, "BROKEN_RETRY_S", 0.0)  # ...but after a while
+    assert manager.refresh() is True
+    assert manager.model_for(uuid.uuid4()).version == "cand"
+    # Out of memory again on the same worker: no longer passing.
+    serving = manager.routing.canary
+    assert serving is not None
+    serving.runtime.inner = OutOfMemoryRuntime()  # type: ignore[attr-defined]
+    with pytest.raises(MemoryError):
+        serving.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
+    status, reason = canary_row(settings, "cand")
+    assert status == "rejected"
+    assert "MemoryError" in reason
+
+
 def fail_canary(manager: ModelManager) -> None:
     """Make the serving canary raise at inference, as a batch would see it."""
     serving = manager.routing.canary

@@ -21,7 +21,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -148,10 +147,16 @@ def set_aside(folder: Path, identities: dict[str, tuple[int, int]]) -> list[str]
     `.<name>.broken-<time>`), so the next `ensure_artifacts` converts them again. A file
     another worker has already replaced (another identity) stays."""
     moved = []
-    with _locked(folder / ".lock"):
+    lock = folder / ".lock"
+    with _locked(lock):
+        # Stamped on the clock the pruner compares with (`artifact_cache._filesystem_now`): on a
+        # shared volume the file server's; a host's own clock days behind or ahead would have a
+        # pruner delete the file at once, or keep it for days past its grace period.
+        os.utime(lock)
+        stamp = lock.stat().st_mtime_ns
         for name, identity in artifact_identities(folder, list(identities)).items():
             if identity == identities[name]:
-                os.replace(folder / name, folder / f".{name}.broken-{time.time_ns()}")
+                os.replace(folder / name, folder / f".{name}.broken-{stamp}")
                 moved.append(name)
     return moved
 

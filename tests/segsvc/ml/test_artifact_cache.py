@@ -86,6 +86,26 @@ def test_prune_artifacts_deletes_old_set_aside_and_temporary_files_only(tmp_path
     assert sorted(p.name for p in folder.iterdir()) == [".lock", new_broken.name, "model.onnx"]
 
 
+@pytest.mark.parametrize("host_clock_off_s", [-5 * DAY, 5 * DAY])
+def test_a_file_set_aside_by_a_host_with_a_wrong_clock_keeps_its_grace_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host_clock_off_s: float
+) -> None:
+    # Regression: the name carried the host's clock and the pruner compared it with the file
+    # server's: a host days behind had its broken files deleted at the next pass (no post-mortem
+    # left), one days ahead kept them days past the grace period.
+    folder = cached(tmp_path, KEPT)
+    real_ns = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real_ns() + int(host_clock_off_s * 1e9))
+    monkeypatch.setattr(time, "time", lambda: real_ns() / 1e9 + host_clock_off_s)
+    assert convert.set_aside(folder, convert.artifact_identities(folder, ["model.onnx"]))
+    monkeypatch.undo()
+    (aside,) = folder.glob(".model.onnx.broken-*")
+    assert prune_artifacts(tmp_path, keep={KEPT}, older_than_s=GRACE).removed == []
+    assert aside.exists()
+    # ... and once the grace period has passed on the file server's clock, it goes.
+    assert prune_artifacts(tmp_path, keep={KEPT}, older_than_s=-60).removed == [aside]
+
+
 def test_prune_artifacts_dry_run_lists_and_deletes_nothing(tmp_path: Path) -> None:
     old = cached(tmp_path, OLD)
     stale = cached(tmp_path, KEPT, name="onnx-000000000000")

@@ -206,9 +206,18 @@ def _charge(*, cost: int, batch: bool) -> RateLimitedError | None:
         limits.check_rate(client_key=str(client_id), settings=settings(), cost=cost)
     except RateLimitedError as refused:
         raw_key = request.headers.get("Idempotency-Key")
-        if raw_key is None or not idempotency.key_has_jobs(
-            session=db(), client_id=client_id, raw_key=raw_key, batch=batch
-        ):
+        if raw_key is None:
+            raise
+        session = db()
+        stored = idempotency.key_has_jobs(
+            session=session, client_id=client_id, raw_key=raw_key, batch=batch
+        )
+        # Ends the lookup's transaction before a single submit's body is read (as
+        # `authenticate_request` does): a slow upload must not hold a pooled connection idle
+        # in a transaction, which Postgres ends at SEG_DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
+        # turning this client's replay into a 503.
+        session.rollback()
+        if not stored:
             raise
         return refused
     return None

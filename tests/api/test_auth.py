@@ -121,6 +121,41 @@ def test_a_key_lookup_holds_no_transaction_while_the_upload_is_read(  # type: ig
     assert set(upload.idle_in_transaction) == {0}
 
 
+def test_an_over_rate_keyed_retry_holds_no_transaction_while_its_upload_is_read(  # type: ignore[no-untyped-def]
+    auth, settings
+) -> None:
+    # Regression: over the rate, the check that the key stored jobs opened a transaction the
+    # upload then kept idle: past SEG_DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS Postgres ended it
+    # and the client whose 202 was lost got a 503 instead of its replay.
+    from api.app import create_app
+
+    client = create_app(
+        settings.model_copy(update={"rate_limit_per_minute": 1, "rate_limit_burst": 1})
+    ).test_client()
+    builder = EnvironBuilder(
+        path="/v1/jobs",
+        method="POST",
+        headers={**auth, "Idempotency-Key": "lost-202"},
+        data={"image": (io.BytesIO(png()), "a.png")},
+        content_type="multipart/form-data",
+    )
+    framed = builder.get_request()
+    body = framed.get_data()
+    headers = {
+        **auth,
+        "Idempotency-Key": "lost-202",
+        "Content-Type": framed.headers["Content-Type"],
+    }
+    first = client.post("/v1/jobs", headers=headers, data=body)
+    assert first.status_code == 202, first.get_json()
+    upload = _WatchedUpload(body, settings)
+    again = client.post("/v1/jobs", headers=headers, input_stream=upload, content_length=len(body))
+    assert again.status_code == 200, again.get_json()  # over the rate: the replay
+    assert again.headers["Idempotent-Replayed"] == "1"
+    assert upload.idle_in_transaction
+    assert set(upload.idle_in_transaction) == {0}
+
+
 def test_an_app_without_auth_says_so_in_its_log(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:

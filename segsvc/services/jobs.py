@@ -625,8 +625,17 @@ def cancel_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) ->
     job = get_job(session=session, job_id=job_id, client_id=client_id)
     # Re-read the row under a lock: a worker's claim or result may have committed since the
     # read above, and a plain UPDATE would then overwrite `running` or `succeeded` with
-    # `canceled` (and send a second job.completed webhook).
-    session.refresh(job, with_for_update=True)
+    # `canceled` (and send a second job.completed webhook). The row may be gone by then (row
+    # retention deleted it meanwhile): not found, as it now is.
+    locked = session.scalar(
+        select(Job)
+        .where(Job.id == job.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if locked is None:
+        raise NotFoundError(f"No job {job.id}.")
+    job = locked
     if job.job_status.is_terminal:
         raise ConflictError(f"Job {job.id} is already {job.status}.")
     job.cancel_requested = True

@@ -207,3 +207,48 @@ def test_a_rating_for_a_job_being_deleted_is_a_404_not_a_500(settings: Settings)
     rater.join(10)
     assert len(outcome) == 1
     assert isinstance(outcome[0], NotFoundError)
+
+
+def test_a_cancel_of_a_job_being_deleted_is_a_404_not_a_500(settings: Settings) -> None:
+    """The cancel read the job, then waited to lock it while the deletion committed: the lock's
+    re-read found no row (SQLAlchemy's InvalidRequestError, a 500)."""
+    import threading
+
+    from segsvc.errors import NotFoundError
+    from segsvc.services import jobs as job_service
+
+    job_id = make_job(settings)
+    age(settings, job_id, 100)
+    outcome: list[object] = []
+    read = threading.Event()
+    real_get_job = job_service.get_job
+
+    def get_job_then_wait(**kwargs: object) -> Job:
+        job = real_get_job(**kwargs)  # type: ignore[arg-type]
+        read.set()
+        return job
+
+    def cancel() -> None:
+        try:
+            with session_scope(settings) as session:
+                job_service.cancel_job(session=session, job_id=str(job_id), client_id=None)
+            outcome.append("canceled")
+        except Exception as exc:  # the outcome is what is checked
+            outcome.append(exc)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(job_service, "get_job", get_job_then_wait)
+        with session_scope(settings) as deleting:
+            cutoff = feedback.purge_cutoff(session=deleting, retention_days=90)
+            deleted = retention.delete_ended_jobs_chunk(
+                session=deleting, status=JobStatus.SUCCEEDED, cutoff=cutoff
+            )
+            assert deleted.jobs == 1
+            canceler = threading.Thread(target=cancel)
+            canceler.start()
+            assert read.wait(5)  # it read the row the deletion has not committed yet...
+            canceler.join(0.5)
+            assert outcome == []  # ...and waits for its lock
+        canceler.join(10)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], NotFoundError)

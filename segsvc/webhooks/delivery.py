@@ -175,6 +175,7 @@ def deliver(*, url: str, body: str, headers: dict[str, str], settings: Settings)
         headers=headers,
         timeout=settings.webhook_timeout_seconds,
         body_cap=settings.webhook_body_cap_bytes,
+        quote_peer=not target.allowlisted,
     )
     if target.allowlisted:
         # The attempt log (GET /v1/jobs/<id>/webhooks) shows the client what the receiver
@@ -189,9 +190,19 @@ def deliver(*, url: str, body: str, headers: dict[str, str], settings: Settings)
 
 
 def post(
-    target: Target, *, body: str, headers: dict[str, str], timeout: float, body_cap: int
+    target: Target,
+    *,
+    body: str,
+    headers: dict[str, str],
+    timeout: float,
+    body_cap: int,
+    quote_peer: bool = True,
 ) -> Outcome:
-    """POST the body once and classify the answer (2xx, retryable, permanent, 410)."""
+    """POST the body once and classify the answer (2xx, retryable, permanent, 410).
+
+    `quote_peer=False` keeps what the peer sent out of the error too: an HTTP parser's error
+    quotes the line it could not parse ("illegal status line: ..."), which from a service that
+    does not speak HTTP is its banner or its first answer."""
     started = time.perf_counter()
     sent = {"content-type": "application/json", "user-agent": USER_AGENT, **headers}
     try:
@@ -207,6 +218,9 @@ def post(
             text = _read_capped(resp, body_cap, deadline=started + timeout)
     except httpx.TimeoutException:
         return Outcome("retry", _ms(started), error=f"timed out after {timeout:g} s")
+    except (httpx.ProtocolError, httpx.DecodingError) as exc:
+        detail = f": {exc}" if quote_peer else ": the answer was not valid HTTP"
+        return Outcome("retry", _ms(started), error=f"{type(exc).__name__}{detail}"[:500])
     except httpx.HTTPError as exc:
         return Outcome("retry", _ms(started), error=f"{type(exc).__name__}: {exc}"[:500])
     return _classify(resp, text, _ms(started))

@@ -127,6 +127,33 @@ def test_deliver_keeps_no_redirect_target_of_an_allowlisted_private_receiver(
     assert out.error == "HTTP 302: redirect not followed"
 
 
+def test_deliver_quotes_nothing_a_non_http_allowlisted_service_sent(
+    hook_settings: Settings,
+) -> None:
+    """An HTTP parser's error quotes the line it choked on: a service on an allowlisted network
+    that does not speak HTTP would have its banner (or a first answer with a password in it)
+    shown to whoever named it as their webhook URL."""
+
+    def banner(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"INTERNAL-ADMIN v2 db=postgres://svc:hunter2@10.20.0.7/prod\r\n\r\n")
+        stop.wait(2)
+
+    with raw_server(banner) as port:
+        url = f"http://127.0.0.1:{port}/hook"
+        out = deliver(url=url, body="{}", headers={}, settings=hook_settings)
+    assert out.kind == "retry"
+    assert out.error == "RemoteProtocolError: the answer was not valid HTTP"
+    with raw_server(banner) as port:  # a public receiver's own error stays for its client
+        quoted = post(
+            Target(f"http://a.example:{port}/hook", "a.example", port, ("127.0.0.1",)),
+            body="{}",
+            headers={},
+            timeout=2.0,
+            body_cap=64,
+        )
+    assert "INTERNAL-ADMIN" in (quoted.error or "")
+
+
 @contextmanager
 def raw_server(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[int]:
     """A loopback server that reads each request and leaves the connection to `answer(conn,

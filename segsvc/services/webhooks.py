@@ -140,21 +140,37 @@ def list_messages(
 def redeliver(
     *, session: Session, job_id: str, message_id: str, client_id: uuid.UUID | None
 ) -> WebhookMessage:
-    """Send a message again now (re-enabling its endpoint); retries follow within its max age."""
+    """Send a message again now (re-enabling its endpoint and ending its pause); retries
+    follow within its max age."""
     job = get_job(session=session, job_id=job_id, client_id=client_id)
+    found = session.execute(  # another job's message is not locked, not even for a moment
+        select(WebhookMessage.client_id, WebhookMessage.url).where(
+            WebhookMessage.id == message_id, WebhookMessage.job_id == job.id
+        )
+    ).first()
+    if found is None:
+        raise NotFoundError(f"No webhook message {message_id[:64]!r} for job {job.id}.")
+    # The endpoint's lock before the message's, as every writer of both takes them
+    # (`webhooks.dispatch`): the other way round, this deadlocked with a 410 being recorded.
+    endpoint = find_endpoint(session=session, client_id=found.client_id, url=found.url)
+    if endpoint is not None:
+        session.refresh(endpoint, with_for_update=True)
     # Locked, and so read after any attempt being recorded has committed: what is written
     # below then changes what that attempt wrote (unchanged fields would not be written).
-    message = session.scalar(  # another job's message is not locked, not even for a moment
+    message = session.scalar(
         select(WebhookMessage)
-        .where(WebhookMessage.id == message_id, WebhookMessage.job_id == job.id)
+        .where(WebhookMessage.id == message_id)
         .with_for_update()
+        .execution_options(populate_existing=True)
     )
-    if message is None:
+    if message is None:  # its job was deleted meanwhile
         raise NotFoundError(f"No webhook message {message_id[:64]!r} for job {job.id}.")
-    endpoint = find_endpoint(session=session, client_id=message.client_id, url=message.url)
     if endpoint is not None:
         endpoint.disabled_at = None
         endpoint.disabled_reason = None
+        # Asked for now: the pause a failing run (or a long Retry-After) set ends. Its run of
+        # failures stays, so the next attempt to it is a single probe (`dispatch.start_attempt`).
+        endpoint.paused_until = None
     message.status = PENDING
     message.next_attempt_at = db_time(session)  # the clock the dispatcher judges it by
     message.completed_at = None

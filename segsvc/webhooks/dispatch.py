@@ -7,6 +7,10 @@ message until the lease runs out and the dispatcher claims it again.
 Leases and retry times are granted and judged on the database's clock (`models.db_now`), like
 the jobs' leases: a worker whose clock runs fast neither takes over a live attempt nor retries
 early, and one that runs slow neither leaves due messages waiting nor retries late.
+
+Locks are taken endpoint first, then messages (`start_attempt`, `record_endpoint_outcome`, and
+`services.webhooks.redeliver`); `finish_attempt` locks its own message and no endpoint. Taken
+the other way round by one writer, two 410s for one endpoint recorded at once deadlocked.
 """
 
 from __future__ import annotations
@@ -125,7 +129,16 @@ def claim_due(*, session: Session, limit: int = 100) -> list[tuple[str, datetime
 def start_attempt(
     *, session: Session, message_id: str, lease: datetime, settings: Settings
 ) -> Prepared | None:
-    """Take the message for one attempt (None if another worker has it or it is done)."""
+    """Take the message for one attempt (None if another worker has it or it is done, or its
+    endpoint is paused or already being probed)."""
+    found = session.execute(  # which endpoint to lock first; no lock on the message yet
+        select(WebhookMessage.client_id, WebhookMessage.url).where(WebhookMessage.id == message_id)
+    ).first()
+    if found is None:
+        return None
+    endpoint = session.scalar(
+        select(WebhookEndpoint).where(*_endpoint_of(found.client_id, found.url)).with_for_update()
+    )
     new_lease = session.scalar(
         update(WebhookMessage)
         .where(
@@ -142,14 +155,21 @@ def start_attempt(
     message = session.get(WebhookMessage, message_id, populate_existing=True) if new_lease else None
     if message is None:
         return None
-    endpoint = outbox.find_endpoint(session=session, client_id=message.client_id, url=message.url)
     if endpoint is not None and endpoint.disabled_at is not None:
         message.status, message.next_attempt_at = outbox.DISABLED, None
         return None
-    paused_until = endpoint.paused_until if endpoint is not None else None
-    if paused_until is not None and paused_until > db_time(session):  # since this hint was sent
-        message.next_attempt_at = paused_until  # no attempt, and none counted
-        return None
+    if endpoint is not None and endpoint.failures > 0:
+        paused_until = endpoint.paused_until
+        if paused_until is not None and paused_until > db_time(session):
+            # Paused since this hint was sent, or another message is this failing endpoint's
+            # probe: no attempt, and none counted.
+            message.next_attempt_at = paused_until
+            return None
+        # The first attempt after a pause is the endpoint's probe, and the only one: paused
+        # for its lease, the endpoint's other messages wait for its outcome (one delivery
+        # thread on a receiver that still times out, not one per message of its backlog).
+        # `record_endpoint_outcome` then ends or renews the pause.
+        endpoint.paused_until = new_lease
     data = {**message.payload, "urls": job_urls(message.job_id, base_url=base_url(settings))}
     body = encode_body(
         {"type": message.event_type, "timestamp": iso(message.created_at), "data": data}
@@ -187,10 +207,9 @@ def finish_attempt(
     )
     if superseded:  # redelivered or re-claimed meanwhile: only log this attempt...
         if outcome.kind == "gone" and message.status == outbox.PENDING:
-            # ...but a 410 Gone still disables the endpoint (and the redelivered copy, which
-            # would only be answered 410 again)
+            # ...but a 410 Gone still disables the endpoint (`record_endpoint_outcome`) and the
+            # redelivered copy, which would only be answered 410 again
             message.status, message.next_attempt_at = outbox.DISABLED, None
-            _disable_endpoint(session, message, now)
         session.flush()
         return "superseded"
     message.attempts += 1
@@ -198,8 +217,6 @@ def finish_attempt(
     message.status, message.next_attempt_at = status, when
     if status != outbox.PENDING:
         message.completed_at = now
-    if outcome.kind == "gone":
-        _disable_endpoint(session, message, now)
     session.flush()
     return status
 
@@ -207,19 +224,36 @@ def finish_attempt(
 def record_endpoint_outcome(
     *, session: Session, prepared: Prepared, outcome: Outcome, settings: Settings
 ) -> None:
-    """After `finish_attempt` committed, in a transaction of its own (it holds no message's
-    lock, so it cannot deadlock with a 410 disabling the endpoint, which locks the endpoint and
-    then its messages): count a failure to try again, and pause the endpoint, or end its run
-    of failures after a delivery."""
+    """After `finish_attempt` committed, in a transaction of its own that locks the endpoint
+    before any message: count a failure to try again and pause the endpoint, end its run of
+    failures after a delivery, or disable it after a 410 Gone. The messages that waited for
+    this attempt as the endpoint's probe (`start_attempt`) are let go: now after a delivery,
+    at the end of the new pause after a failure."""
     if outcome.kind == "retry":
-        _endpoint_failed(session, prepared, outcome, settings)
+        opens = _endpoint_failed(session, prepared, outcome, settings)
     elif outcome.kind == "delivered":
-        _endpoint_recovered(session, prepared)
+        opens = _endpoint_recovered(session, prepared)
+    elif outcome.kind == "gone":
+        _disable_endpoint(session, prepared)
+        return
+    else:
+        return
+    session.execute(
+        update(WebhookMessage)
+        .where(
+            *_messages_of(prepared.client_id, prepared.url),
+            WebhookMessage.status == outbox.PENDING,
+            WebhookMessage.next_attempt_at == prepared.lease,  # put off to the probe's end
+            WebhookMessage.id != prepared.message_id,
+        )
+        .values(next_attempt_at=opens)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _endpoint_failed(
     session: Session, prepared: Prepared, outcome: Outcome, settings: Settings
-) -> None:
+) -> datetime:
     """A failure to try again (a timeout, a refused connection, any answer but 2xx or 410):
     pause every message of the endpoint, for longer with each failure in a row (the retry
     schedule, at most SEG_WEBHOOK_ENDPOINT_PAUSE_MAX_SECONDS, and at least its Retry-After).
@@ -229,6 +263,7 @@ def _endpoint_failed(
     now = db_time(session)
     endpoint = _endpoint_row(session, prepared.client_id, prepared.url)
     session.refresh(endpoint, with_for_update=True)  # failures of concurrent attempts add up
+    probe = endpoint.paused_until == prepared.lease  # this attempt was the endpoint's probe
     endpoint.failures += 1
     scheduled = next_delay(
         attempts_made=endpoint.failures, schedule=parse_schedule(settings.webhook_schedule)
@@ -239,11 +274,13 @@ def _endpoint_failed(
         min(asked, float(settings.webhook_max_age_seconds)),  # past that, nothing is sent
     )
     until = now + timedelta(seconds=pause)
-    if endpoint.paused_until is None or endpoint.paused_until < until:
+    # Concurrent failures only lengthen a pause; the probe's own (its lease) is replaced.
+    if probe or endpoint.paused_until is None or endpoint.paused_until < until:
         endpoint.paused_until = until
+    return endpoint.paused_until
 
 
-def _endpoint_recovered(session: Session, prepared: Prepared) -> None:
+def _endpoint_recovered(session: Session, prepared: Prepared) -> datetime:
     """A delivery: the endpoint works, so its run of failures (and any pause) is over."""
     session.execute(
         update(WebhookEndpoint)
@@ -251,6 +288,7 @@ def _endpoint_recovered(session: Session, prepared: Prepared) -> None:
         .values(failures=0, paused_until=None)
         .execution_options(synchronize_session=False)
     )
+    return db_time(session)
 
 
 def _stamp(value: datetime | None) -> datetime:
@@ -297,23 +335,33 @@ def _endpoint_row(session: Session, client_id: uuid.UUID | None, url: str) -> We
         return found
 
 
-def _disable_endpoint(session: Session, message: WebhookMessage, now: datetime) -> None:
-    """A 410 Gone: stop sending to this URL for this client, now and for pending messages."""
-    endpoint = _endpoint_row(session, message.client_id, message.url)
-    endpoint.disabled_at = now
-    endpoint.disabled_reason = "the endpoint answered 410 Gone"
+def _messages_of(client_id: uuid.UUID | None, url: str) -> tuple[ColumnElement[bool], ...]:
+    """The conditions that match the messages of the endpoint (client, url)."""
     owner = (
         WebhookMessage.client_id.is_(None)
-        if message.client_id is None
-        else WebhookMessage.client_id == message.client_id
+        if client_id is None
+        else WebhookMessage.client_id == client_id
     )
+    return owner, WebhookMessage.url == url
+
+
+def _disable_endpoint(session: Session, prepared: Prepared) -> None:
+    """A 410 Gone: stop sending to this URL for this client, now and for pending messages;
+    unless the message was redelivered after the answer (which re-enables the endpoint)."""
+    endpoint = _endpoint_row(session, prepared.client_id, prepared.url)
+    session.refresh(endpoint, with_for_update=True)  # first, as every writer of both does
+    status = session.scalar(
+        select(WebhookMessage.status).where(WebhookMessage.id == prepared.message_id)
+    )
+    if status == outbox.PENDING:  # redelivered since its 410 was recorded: that stands
+        return
+    endpoint.disabled_at = db_time(session)
+    endpoint.disabled_reason = "the endpoint answered 410 Gone"
     session.execute(
         update(WebhookMessage)
         .where(
-            owner,
-            WebhookMessage.url == message.url,
+            *_messages_of(prepared.client_id, prepared.url),
             WebhookMessage.status == outbox.PENDING,
-            WebhookMessage.id != message.id,
         )
         .values(status=outbox.DISABLED, next_attempt_at=None)
         .execution_options(synchronize_session=False)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select, update
 
 from segsvc.db import get_sessionmaker, session_scope
-from segsvc.models import WebhookEndpoint, WebhookMessage, utcnow
+from segsvc.models import WebhookAttempt, WebhookEndpoint, WebhookMessage, utcnow
 from segsvc.services import jobs as job_service
 from segsvc.services import webhooks as webhook_service
 from segsvc.services.keys import create_key
@@ -104,6 +104,19 @@ def test_record_events_for_every_terminal_state(settings: Settings) -> None:
     assert got == {failed: "failed", canceled: "canceled"}
 
 
+def record(settings: Settings, prepared: dispatch.Prepared, outcome: Outcome) -> str:
+    """Record an attempt's outcome as `deliver_message` does: the attempt, then its endpoint."""
+    with session_scope(settings) as session:
+        status = finish_attempt(
+            session=session, prepared=prepared, outcome=outcome, settings=settings
+        )
+    with session_scope(settings) as session:
+        record_endpoint_outcome(
+            session=session, prepared=prepared, outcome=outcome, settings=settings
+        )
+    return status
+
+
 def attempt_the_one_due(settings: Settings) -> dispatch.Prepared:
     """Claim the only due message and start its attempt (no HTTP)."""
     with session_scope(settings) as session:
@@ -160,10 +173,7 @@ def test_gone_disables_endpoint_for_that_client_only(settings: Settings) -> None
             session=session, message_id=message_id, lease=lease, settings=settings
         )
     assert prepared is not None
-    with session_scope(settings) as session:
-        finish_attempt(
-            session=session, prepared=prepared, outcome=Outcome("gone", 1.0, 410), settings=settings
-        )
+    record(settings, prepared, Outcome("gone", 1.0, 410))
     assert sorted(m.status for m in messages(settings)) == ["disabled", "failed"]
     with session_scope(settings) as session:
         endpoint = session.scalar(select(WebhookEndpoint))
@@ -326,10 +336,7 @@ def test_a_410_of_an_attempt_overtaken_by_a_redeliver_still_disables_the_endpoin
         webhook_service.redeliver(
             session=session, job_id=str(job_id), message_id=message_id, client_id=None
         )
-    with session_scope(settings) as session:
-        gone = Outcome("gone", 1.0, 410)
-        status = finish_attempt(session=session, prepared=prepared, outcome=gone, settings=settings)
-    assert status == "superseded"
+    assert record(settings, prepared, Outcome("gone", 1.0, 410)) == "superseded"
     (msg,) = messages(settings, job_id)
     assert msg.status == "disabled"
     with session_scope(settings) as session:
@@ -572,3 +579,175 @@ def test_a_start_recorded_again_after_a_lost_claim_keeps_its_webhook_id(
     other = make_job(settings, URL, events=["start"])
     start_job(settings, other)
     assert messages(settings, other)[0].id not in {started.id, completed.id}
+
+
+def test_two_gone_answers_for_one_endpoint_recorded_at_once_both_land(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each record held its own message and then locked the endpoint and every other pending
+    message of it: two 410s at once (a decommissioned receiver answers every delivery thread
+    alike) deadlocked, and the loser's attempt went unlogged."""
+    a = _client(settings, "a")
+    for _ in range(2):
+        _finished_job(settings, URL, a)
+    with session_scope(settings) as session:
+        session.add(WebhookEndpoint(client_id=a, url=URL))
+    with session_scope(settings) as session:
+        claimed = claim_due(session=session)
+    prepared = []
+    for message_id, lease in claimed:
+        with session_scope(settings) as session:
+            started = start_attempt(
+                session=session, message_id=message_id, lease=lease, settings=settings
+            )
+        assert started is not None
+        prepared.append(started)
+    both_hold_their_message = threading.Barrier(2)
+    real_next_state = dispatch._next_state
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        both_hold_their_message.wait(10)
+        return real_next_state(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "_next_state", held)
+    outcomes: list[object] = []
+
+    def gone(p: dispatch.Prepared) -> None:
+        try:
+            outcomes.append(record(settings, p, Outcome("gone", 1.0, 410)))
+        except Exception as exc:  # the outcome is what is checked
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=gone, args=(p,)) for p in prepared]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert outcomes == ["failed", "failed"]
+    with session_scope(settings) as session:
+        assert len(session.scalars(select(WebhookAttempt)).all()) == 2
+    assert _endpoint(settings, URL).disabled_at is not None
+
+
+def test_a_redeliver_waiting_for_the_endpoint_holds_no_message_lock(settings: Settings) -> None:
+    """Endpoint first, then message, as every writer of both: a redeliver that locked its
+    message and then waited for the endpoint deadlocked with a 410 being recorded (which holds
+    the endpoint and disables the endpoint's pending messages)."""
+    a = _client(settings, "a")
+    message_id = _finished_job(settings, URL, a)
+    job_id = messages(settings)[0].job_id
+    with session_scope(settings) as session:
+        session.add(WebhookEndpoint(client_id=a, url=URL))
+    locker = get_sessionmaker(settings)()
+    done: list[object] = []
+    try:
+        locker.scalars(select(WebhookEndpoint).with_for_update()).all()  # a 410 being recorded
+
+        def redeliver() -> None:
+            with session_scope(settings) as session:
+                webhook_service.redeliver(
+                    session=session, job_id=str(job_id), message_id=message_id, client_id=a
+                )
+            done.append("redelivered")
+
+        thread = threading.Thread(target=redeliver)
+        thread.start()
+        thread.join(0.5)
+        assert done == []  # waiting for the endpoint...
+        probe = get_sessionmaker(settings)()
+        try:  # ...without holding the message the 410's record must disable
+            locked = probe.execute(
+                select(WebhookMessage.id)
+                .where(WebhookMessage.id == message_id)
+                .with_for_update(skip_locked=True)
+            ).all()
+            assert locked == [(message_id,)], "the waiting redeliver held the message's lock"
+        finally:
+            probe.rollback()
+            probe.close()
+    finally:
+        locker.rollback()
+        locker.close()
+    thread.join(10)
+    assert done == ["redelivered"]
+
+
+def _failing_endpoint_with_backlog(settings: Settings, n: int) -> tuple[uuid.UUID, list[str]]:
+    """A client with `n` due messages to URL, whose endpoint failed 3 times in a row and whose
+    pause has just ended."""
+    a = _client(settings, "a")
+    ids = [_finished_job(settings, URL, a) for _ in range(n)]
+    with session_scope(settings) as session:
+        session.add(
+            WebhookEndpoint(
+                client_id=a, url=URL, failures=3, paused_until=utcnow() - timedelta(seconds=1)
+            )
+        )
+    return a, ids
+
+
+def _start_all_due(settings: Settings) -> list[dispatch.Prepared]:
+    with session_scope(settings) as session:
+        claimed = claim_due(session=session)
+    started = []
+    for message_id, lease in claimed:
+        with session_scope(settings) as session:
+            prepared = start_attempt(
+                session=session, message_id=message_id, lease=lease, settings=settings
+            )
+        if prepared is not None:
+            started.append(prepared)
+    return started
+
+
+def test_a_failing_endpoint_whose_pause_ends_gets_one_probe_not_its_whole_backlog(
+    settings: Settings,
+) -> None:
+    """At the end of each pause every due message of a still-dead receiver was claimed and
+    started at once: all delivery threads waited out its timeout, and other clients' notices
+    queued behind them."""
+    _, ids = _failing_endpoint_with_backlog(settings, 8)
+    (probe,) = _start_all_due(settings)
+    assert _start_all_due(settings) == []  # the rest wait for the probe's outcome
+    timed_out = Outcome("retry", 15000.0, None, "timed out after 15 s")
+    assert record(settings, probe, timed_out) == "pending"
+    endpoint = _endpoint(settings, URL)
+    assert endpoint.failures == 4
+    assert endpoint.paused_until is not None
+    waiting = [m for m in messages(settings) if m.id != probe.message_id]
+    assert {m.next_attempt_at for m in waiting} == {endpoint.paused_until}  # the new pause
+    assert {m.attempts for m in waiting} == {0}
+    # The pause ends again; this time the probe is delivered: the rest go at once.
+    with session_scope(settings) as session:
+        session.execute(
+            update(WebhookEndpoint).values(paused_until=utcnow() - timedelta(seconds=1))
+        )
+        session.execute(
+            update(WebhookMessage)
+            .where(WebhookMessage.id.in_([m.id for m in waiting]))
+            .values(next_attempt_at=utcnow())
+        )
+    (second_probe,) = _start_all_due(settings)
+    assert record(settings, second_probe, Outcome("delivered", 1.0, 204)) == "delivered"
+    assert (_endpoint(settings, URL).failures, _endpoint(settings, URL).paused_until) == (0, None)
+    # The probe's outcome let the others go (the first probe keeps its own retry time).
+    assert len(_start_all_due(settings)) == len(ids) - 2
+
+
+def test_a_redeliver_ends_a_long_pause_the_receiver_asked_for(settings: Settings) -> None:
+    """A 503 with Retry-After: 3600 paused the endpoint for an hour, and a redeliver asked
+    for "now" waited that hour."""
+    a = _client(settings, "a")
+    message_id = _finished_job(settings, URL, a)
+    job_id = messages(settings)[0].job_id
+    prepared = attempt_the_one_due(settings)
+    busy = Outcome("retry", 1.0, 503, "HTTP 503", retry_after="3600")
+    assert record(settings, prepared, busy) == "pending"
+    paused_until = _endpoint(settings, URL).paused_until
+    assert paused_until is not None
+    assert paused_until - utcnow() > timedelta(minutes=59)
+    with session_scope(settings) as session:
+        webhook_service.redeliver(
+            session=session, job_id=str(job_id), message_id=message_id, client_id=a
+        )
+    assert [p.message_id for p in _start_all_due(settings)] == [message_id]

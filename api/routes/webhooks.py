@@ -28,7 +28,9 @@ def read_secret() -> Response:
 
 @bp.post("/webhooks/secret/rotate")
 def rotate_secret() -> Response:
-    """A new secret; the previous one keeps signing for the rotation window."""
+    """A new secret; the previous one keeps signing for the rotation window. Each takes one
+    of the key's submission tokens (a loop of rotations is refused, not absorbed)."""
+    limits.check_rate(client_key=str(current_client().id), settings=settings())
     session = db()
     row = webhook_service.rotate_secret(
         session=session, client_id=_client_id(), settings=settings()

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, select, text
+from sqlalchemy import delete, or_, select, text
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.sql.elements import ColumnElement
 
 from segsvc.errors import NotFoundError, ValidationError
 from segsvc.models import WebhookMessage, WebhookSecret, db_now, db_time
@@ -63,6 +64,12 @@ def parse_subscription(
 
 
 # --- signing secrets ---------------------------------------------------------------------------
+# Secrets that keep signing beside a new one after a rotation: each is one more signature on
+# every delivery, so rotations in a loop (each within the window of the last) would otherwise
+# grow the header past what receivers accept, and the table without end.
+MAX_PREVIOUS_SECRETS = 3
+
+
 def signing_secrets(*, session: Session, client_id: uuid.UUID | None) -> list[WebhookSecret]:
     """The client's secrets that sign now, newest first (one is created on first use)."""
     rows = _active_secrets(session, client_id)
@@ -87,29 +94,46 @@ def signing_secrets(*, session: Session, client_id: uuid.UUID | None) -> list[We
 def rotate_secret(
     *, session: Session, client_id: uuid.UUID | None, settings: Settings
 ) -> WebhookSecret:
-    """A new current secret; the old ones keep signing for the rotation window."""
+    """A new current secret; the old ones keep signing for the rotation window, at most
+    `MAX_PREVIOUS_SECRETS` of them (the oldest stop at once), and expired ones are deleted."""
     _lock_client(session, client_id)
     # The database's clock, which the signing workers judge the window by too (`_active_secrets`):
     # hosts whose clocks are off neither cut the old secret's window short nor stretch it.
     now = db_time(session)
     window_end = now + timedelta(seconds=settings.webhook_secret_rotation_seconds)
-    for row in _active_secrets(session, client_id):
-        if row.expires_at is None or row.expires_at > window_end:
+    for i, row in enumerate(_active_secrets(session, client_id)):  # newest first
+        if i >= MAX_PREVIOUS_SECRETS:
+            row.expires_at = now
+        elif row.expires_at is None or row.expires_at > window_end:
             row.expires_at = window_end
+    session.execute(
+        delete(WebhookSecret).where(
+            _secret_owner(client_id),
+            WebhookSecret.expires_at.is_not(None),
+            WebhookSecret.expires_at <= now,
+        )
+    )
     fresh = WebhookSecret(id=uuid.uuid4(), client_id=client_id, secret=new_secret(), created_at=now)
     session.add(fresh)
     session.flush()
     return fresh
 
 
-def _active_secrets(session: Session, client_id: uuid.UUID | None) -> list[WebhookSecret]:
-    owner = (
+def _secret_owner(client_id: uuid.UUID | None) -> ColumnElement[bool]:
+    return (
         WebhookSecret.client_id.is_(None)
         if client_id is None
         else (WebhookSecret.client_id == client_id)
     )
+
+
+def _active_secrets(session: Session, client_id: uuid.UUID | None) -> list[WebhookSecret]:
     live = or_(WebhookSecret.expires_at.is_(None), WebhookSecret.expires_at > db_now(session))
-    query = select(WebhookSecret).where(owner, live).order_by(WebhookSecret.created_at.desc())
+    query = (
+        select(WebhookSecret)
+        .where(_secret_owner(client_id), live)
+        .order_by(WebhookSecret.created_at.desc())
+    )
     return list(session.scalars(query).all())
 
 

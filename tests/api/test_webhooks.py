@@ -172,3 +172,13 @@ def test_redeliver_takes_a_rate_token(auth, settings) -> None:  # type: ignore[n
     refused = client.post(url, headers=auth)
     assert refused.status_code == 429
     assert refused.get_json()["error"] == "rate_limited"
+
+
+def test_secret_rotation_takes_a_rate_limit_token(settings: Settings, auth) -> None:  # type: ignore[no-untyped-def]
+    from api.app import create_app
+
+    client = create_app(
+        settings.model_copy(update={"rate_limit_per_minute": 1, "rate_limit_burst": 2})
+    ).test_client()
+    codes = [client.post("/v1/webhooks/secret/rotate", headers=auth).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]

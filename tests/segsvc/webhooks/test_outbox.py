@@ -359,6 +359,31 @@ def test_rotate_secret_keeps_old_one_signing_for_window(settings: Settings) -> N
         assert keys == [new.secret]
 
 
+def test_rotations_in_a_loop_keep_at_most_four_secrets_signing_and_stored(
+    settings: Settings,
+) -> None:
+    """Each rotation within the window of the last added a signature to every delivery (and a
+    row for ever): a loop of them made headers no receiver accepts."""
+    from segsvc.models import WebhookSecret
+
+    a = _client(settings, "a")
+    with session_scope(settings) as session:
+        webhook_service.signing_secrets(session=session, client_id=a)
+    made = []
+    for _ in range(10):
+        with session_scope(settings) as session:
+            made.append(
+                webhook_service.rotate_secret(
+                    session=session, client_id=a, settings=settings
+                ).secret
+            )
+    with session_scope(settings) as session:
+        signing = [r.secret for r in webhook_service.signing_secrets(session=session, client_id=a)]
+        stored = session.scalars(select(WebhookSecret).where(WebhookSecret.client_id == a)).all()
+    assert signing == made[::-1][:4]  # the newest and the 3 before it, newest first
+    assert len(stored) == 4
+
+
 def _make_due(settings: Settings, message_id: str) -> None:
     """Time passes for the message (and for its endpoint's pause, if it failed)."""
     with session_scope(settings) as session:

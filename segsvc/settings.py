@@ -319,6 +319,19 @@ class Settings(BaseSettings):
             )
         return value
 
+    @model_validator(mode="after")
+    def _job_retention_after_webhook_retries(self) -> Settings:
+        # A message is retried for webhook_max_age_seconds after its event; deleting its job
+        # (and with it the message) sooner ends those retries without a word.
+        needed = self.webhook_max_age_seconds + 86400
+        if 0 < self.job_retention_days and self.job_retention_days * 86400 < needed:
+            raise ValueError(
+                f"SEG_JOB_RETENTION_DAYS={self.job_retention_days} would delete jobs whose "
+                f"webhooks are still retried (SEG_WEBHOOK_MAX_AGE_SECONDS="
+                f"{self.webhook_max_age_seconds}): make it at least {-(-needed // 86400)} days"
+            )
+        return self
+
     @field_validator("webhook_schedule")
     @classmethod
     def _valid_schedule(cls, value: str) -> str:

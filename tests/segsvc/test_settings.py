@@ -117,6 +117,16 @@ def test_a_canary_needs_at_least_one_job_to_be_judged() -> None:
         Settings(gate_min_eval_images=0)
 
 
+def test_job_retention_outlasts_a_longer_webhook_max_age() -> None:
+    # Regression: the 7-day floor assumed the default 3 days of retries; with 30 days of them
+    # a 7-day retention deleted messages still being retried, silently.
+    month = 30 * 86400
+    with pytest.raises(ValidationError, match="at least 31 days"):
+        Settings(job_retention_days=7, webhook_max_age_seconds=month)
+    assert Settings(job_retention_days=31, webhook_max_age_seconds=month).job_retention_days == 31
+    assert Settings(job_retention_days=0, webhook_max_age_seconds=month).job_retention_days == 0
+
+
 def test_job_retention_is_off_or_past_webhook_retries() -> None:
     assert Settings(job_retention_days=0).job_retention_days == 0
     assert Settings(job_retention_days=7).job_retention_days == 7

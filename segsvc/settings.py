@@ -324,7 +324,7 @@ class Settings(BaseSettings):
         # A message is retried for webhook_max_age_seconds after its event; deleting its job
         # (and with it the message) sooner ends those retries without a word.
         needed = self.webhook_max_age_seconds + 86400
-        if 0 < self.job_retention_days and self.job_retention_days * 86400 < needed:
+        if self.job_retention_days > 0 and self.job_retention_days * 86400 < needed:
             raise ValueError(
                 f"SEG_JOB_RETENTION_DAYS={self.job_retention_days} would delete jobs whose "
                 f"webhooks are still retried (SEG_WEBHOOK_MAX_AGE_SECONDS="

@@ -44,7 +44,7 @@ bp.before_request(authenticate_request)
 def submit_job() -> tuple[Response, int, dict[str, str]]:
     """Validate an upload, store the job, commit, then enqueue its id; `?wait=S` then holds
     the answer up to S seconds and returns the finished job (201) if it ends by then."""
-    wait = job_service.parse_wait(request.args.get("wait"))  # a bad value stores nothing
+    wait = job_service.parse_wait(query_arg("wait"))  # a bad value stores nothing
     refused = _charge(cost=1, batch=False)
     upload = request.files.get("image")
     check_files_are_files("image")
@@ -176,8 +176,8 @@ def _submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str
 def read_jobs() -> Response:
     """Several jobs at once (`?ids=a,b,...`, up to 100), in the order asked; `?wait=S`
     long-polls until every one has ended. Ids this key cannot see are listed in `not_found`."""
-    ids = job_service.parse_job_ids(request.args.get("ids"))
-    seconds = job_service.parse_wait(request.args.get("wait"))
+    ids = job_service.parse_job_ids(query_arg("ids"))
+    seconds = job_service.parse_wait(query_arg("wait"))
     cfg = settings()
     jobs = job_service.wait_for_jobs(
         session=db(),
@@ -287,6 +287,16 @@ def _check_part_names() -> None:
         raise BadRequestError("Every multipart part needs a name (RFC 7578).")
 
 
+def query_arg(name: str) -> str | None:
+    """A single-valued query parameter; sent twice it is refused (`.get()` would silently use
+    the first: `?ids=a&ids=b` answered for `a` alone)."""
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        hint = " List several ids in one, separated by commas." if name == "ids" else ""
+        raise ValidationError(f"The query parameter {name!r} was sent more than once.{hint}")
+    return values[0] if values else None
+
+
 def check_single(*names: str) -> None:
     """Refuse a repeated single-valued field (`.get()` would silently use the first)."""
     for name in names:
@@ -355,7 +365,7 @@ def _store_and_enqueue(
 @bp.get("/jobs/<job_id>")
 def read_job(job_id: str) -> Response:
     """The job's state, timings and links; `?wait=S` long-polls up to S seconds for the end."""
-    seconds = job_service.parse_wait(request.args.get("wait"))
+    seconds = job_service.parse_wait(query_arg("wait"))
     return jsonify(job_body(_wait_for_end(job_id, seconds)))
 
 

@@ -369,3 +369,20 @@ def test_submit_ignores_unknown_extra_fields(client, auth) -> None:  # type: ign
         content_type="multipart/form-data",
     )
     assert resp.status_code == 202
+
+
+def test_a_repeated_query_parameter_is_refused_not_half_read(client, auth) -> None:  # type: ignore[no-untyped-def]
+    # Regression: `?ids=a&ids=b` answered for `a` alone (and `?wait=` took the first value).
+    first = submit(client, auth, png_bytes()).get_json()["id"]
+    second = submit(client, auth, png_bytes()).get_json()["id"]
+    for path in (
+        f"/v1/jobs?ids={first}&ids={second}",
+        f"/v1/jobs?ids={first},{second}&wait=1&wait=2",
+        f"/v1/jobs/{first}?wait=0&wait=5",
+    ):
+        resp = client.get(path, headers=auth)
+        assert resp.status_code == 422, path
+        assert resp.get_json()["error"] == "validation_error"
+        assert "more than once" in resp.get_json()["message"]
+    listed = client.get(f"/v1/jobs?ids={first},{second}", headers=auth).get_json()
+    assert [job["id"] for job in listed["jobs"]] == [first, second]

@@ -143,9 +143,10 @@ def run_jobs_load(
     max_poll_s: float | None = None,
     wait_s: float = 0.0,
 ) -> LoadResult:
-    """Submit + poll against the segsvc API; latency is what the client sees: from sending the
-    submit to holding the finished job (not the job's `completed_at`, which the worker stamps
-    before it has even committed the result).
+    """Submit + poll against the segsvc API, then fetch the mask; latency is what the client
+    sees: from sending the submit to holding the mask's bytes (not the job's `completed_at`,
+    which the worker stamps before it has even committed the result). The naive baseline
+    answers with the mask PNG, so the system's clients get theirs too (`GET .../mask.png`).
 
     With `wait_s` the submit itself waits (`POST /v1/jobs?wait=`: 201 with the finished job) and
     any poll after it is a long poll, as `segsvc.client` does with `submit(wait=)` and
@@ -169,9 +170,13 @@ def run_jobs_load(
             job = json.loads(raw)
             if status == 202:
                 job = _poll(client, job["id"], poll_s, stop_at + 60, max_poll_s, wait_s)
+            mask = 0
+            if job is not None and job["status"] == "succeeded":
+                mask, png = client.request("GET", f"/v1/jobs/{job['id']}/mask.png")
+                mask = mask if png.startswith(b"\x89PNG") else 0
             received = time.time()
             with lock:
-                if job is None or job["status"] != "succeeded":
+                if job is None or job["status"] != "succeeded" or mask != 200:
                     result.errors += 1
                     continue
                 result.done += 1

@@ -25,6 +25,27 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def blas_core() -> str | None:
+    """The kernel set numpy's bundled OpenBLAS picked for this CPU (e.g. "Haswell": AVX2
+    kernels, also on a CPU with AVX-512), or None if it cannot tell: the matmul rate is that
+    kernel's, not necessarily the CPU's float32 peak."""
+    import ctypes
+
+    folder = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+    for lib in sorted(folder.glob("libscipy_openblas*.so*")):
+        try:
+            handle = ctypes.CDLL(str(lib))
+        except OSError:
+            continue
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename"):
+            fn = getattr(handle, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                core = fn()
+                return core.decode() if core else None
+    return None
+
+
 def _timed(fn: Any) -> float:
     start = time.perf_counter()
     fn()

@@ -70,7 +70,11 @@ def main() -> None:
     images, masks, photos = read_data(args.data)
     log(f"model {model.name}; {len(images)} validation images; {len(photos)} photos")
     results["matmul_gflops"] = raw.matmul_gflops()
-    log(f"numpy float32 matmul: {results['matmul_gflops']:.1f} GFLOP/s")
+    results["matmul_blas_core"] = raw.blas_core()
+    log(
+        f"numpy float32 matmul: {results['matmul_gflops']:.1f} GFLOP/s "
+        f"(OpenBLAS kernels: {results['matmul_blas_core'] or 'unknown'})"
+    )
     results["upload_validation_ms"] = upload_validation_ms(photos)
     log(f"the API's upload validation: {results['upload_validation_ms']:.2f} ms per photo")
     results["raw"] = raw.run_raw(
@@ -303,9 +307,9 @@ def run_system(
         out["system_peak_batch"]["images_per_request"] = per
         out["worker_rss_mb"] = max(wkr.peak_rss_mb().values())
         wkr.stop()
-        log("API-only submits (worker stopped) and the hello endpoint, interleaved")
+        log("API-only submits (worker stopped) and the hello endpoints, interleaved")
         seconds = args.seconds / 2 / ROUNDS
-        out["api_submit"], out["hello"] = interleaved(
+        out["api_submit"], out["hello"], out["hello_upload"] = interleaved(
             {
                 "submit": (
                     {"api": api},
@@ -324,6 +328,18 @@ def run_system(
                     lambda: load.run_request_load(
                         hello_port,
                         "/hello",
+                        {},
+                        bodies,
+                        clients=args.clients,
+                        seconds=seconds,
+                        expect=200,
+                    ),
+                ),
+                "hello_upload": (
+                    {"api": hello},
+                    lambda: load.run_request_load(
+                        hello_port,
+                        "/hello-upload",
                         {},
                         bodies,
                         clients=args.clients,

@@ -65,8 +65,10 @@ def bench_env(
 
 
 class Service:
-    """One child process with its log file, run in `cwd` (a checkout: this one, or the other
-    side of `bench.ab`)."""
+    """One child process with its log file, running the code of `cwd` (a checkout: this one,
+    or the other side of `bench.ab`) from its log folder: the settings read a `.env` from the
+    working directory, and one in the checkout (README: `cp .env.example .env`) would change
+    the system measured but not the references timed beside it."""
 
     def __init__(
         self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path, cwd: Path = ROOT
@@ -74,10 +76,11 @@ class Service:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        path = os.pathsep.join(p for p in (str(cwd), env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
             cmd,
-            cwd=cwd,
-            env=env,
+            cwd=log_dir,
+            env={**env, "PYTHONPATH": path},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -18,6 +18,9 @@ def test_latency_is_what_the_client_sees_not_the_jobs_completed_at() -> None:
 
     def api(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        if environ["PATH_INFO"].endswith("/mask.png"):
+            start_response("200 OK", [("Content-Type", "image/png")])
+            return [b"\x89PNG\r\n\x1a\n"]
         stamped = datetime.now(UTC).isoformat()
         time.sleep(0.25)
         job = {
@@ -37,3 +40,30 @@ def test_latency_is_what_the_client_sees_not_the_jobs_completed_at() -> None:
         )
     assert result.done >= 1
     assert min(result.latencies) >= 0.25
+
+
+def test_a_job_counts_once_its_mask_is_fetched_as_the_naive_baseline_returns_it() -> None:
+    """The naive Flask baseline answers with the mask PNG; the system's clients stopped at the
+    job's JSON, a whole request (and a Postgres read) short of it."""
+    fetched: list[str] = []
+
+    def api(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        if environ["PATH_INFO"].endswith("/mask.png"):
+            fetched.append(environ["PATH_INFO"])
+            start_response("404 NOT FOUND", [("Content-Type", "application/json")])
+            return [b"{}"]
+        job = {"id": "j1", "status": "succeeded", "metrics": {"batch_size": 1}}
+        start_response("201 CREATED", [("Content-Type", "application/json")])
+        return [json.dumps(job).encode()]
+
+    body = load.Multipart((("pet.jpg", b"jpeg"),))
+    with serve(api) as url:
+        port = int(url.rsplit(":", 1)[1])
+        result = load.run_jobs_load(
+            port, {}, [body], clients=1, seconds=0.3, poll_s=0.01, wait_s=10
+        )
+    assert fetched
+    assert set(fetched) == {"/v1/jobs/j1/mask.png"}
+    assert result.done == 0  # no mask, no result
+    assert result.errors >= 1

@@ -17,7 +17,7 @@ from celery import shared_task
 from celery.schedules import crontab
 from sqlalchemy.orm import Session
 
-from segsvc.blobs import blob_store, pointer_digests
+from segsvc.blobs import blob_store
 from segsvc.db import session_scope
 from segsvc.queue import RETRAIN
 from segsvc.services import feedback, retention, rollout
@@ -38,6 +38,9 @@ BLOB_GRACE_S = 3600.0
 # default: an upload's file is written before its row commits, and the sweep reads the rows
 # before it lists the files.
 SWEEP_GRACE_S = 24 * 3600.0
+# The least grace a sweep takes: a file written for an upload whose row has not committed yet
+# is named by no row, and only its age keeps it.
+MIN_SWEEP_GRACE_S = 3600.0
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -209,12 +212,20 @@ def sweep_unnamed_blobs(settings: Settings, *, older_than_s: float = SWEEP_GRACE
     upload whose request then failed (a 409 for a concurrent idempotent twin, a 503, a lost
     commit) or of a mask whose store was rolled back, and temporary files of interrupted
     writes. Nothing to do without an `fs` blob folder."""
+    if older_than_s < MIN_SWEEP_GRACE_S:
+        raise ValueError(
+            f"a blob sweep keeps files written in the last {MIN_SWEEP_GRACE_S / 3600:g} h at "
+            "least: an upload's file is written before its row commits"
+        )
     store = blob_store(settings)
     if not store.holds_files():
         return 0
-    # The digests only (one set, streamed), and read whole: no transaction waits on the walk.
-    with session_scope(settings) as session:
-        named = pointer_digests(feedback.blob_pointers(session=session))
-    removed = store.sweep_except(named, older_than_s=older_than_s)
-    log.info("deleted %d blob files no job names (of %d named)", removed, len(named))
+
+    def in_use(digests: list[str]) -> set[str]:
+        # A short transaction per batch of old files: none waits on the walk of the folder.
+        with session_scope(settings) as session:
+            return feedback.blobs_in_use(session=session, digests=digests)
+
+    removed = store.sweep_checked(in_use, older_than_s=older_than_s)
+    log.info("deleted %d blob files no job names", removed)
     return removed

@@ -13,12 +13,12 @@ import hashlib
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Protocol
 
-from segsvc.files import write_atomically
+from segsvc.files import make_folders_durably, write_atomically
 from segsvc.settings import Settings
 
 POINTER_PREFIX = b"segsvc-blob:sha256:"
@@ -63,6 +63,10 @@ def pointer_digests(values: Iterable[bytes | None]) -> set[str]:
     return {pointer_digest(v) for v in values if v is not None and is_pointer(v)}
 
 
+# Old files a sweep asks the rows about at once (the names only: memory stays at one batch).
+SWEEP_BATCH = 1000
+
+
 class FileReader:
     """Resolves pointers against a folder (shared by both stores)."""
 
@@ -98,42 +102,67 @@ class FileReader:
         return sum(self._remove_if_stale(self.path_for(d), cutoff) for d in set(digests))
 
     def sweep(self, *, keep: Iterable[bytes | None], older_than_s: float) -> int:
-        """Delete every file no kept pointer names and older than the grace period; the count.
-        A full pass over the folder (`segsvc blobs sweep`), for orphans no purge knows of: the
-        file of an upload whose row never committed, temporary files of crashed writes. Both
-        stores sweep: rows written while the setting was `fs` keep their pointers after it
-        changes, and their files are swept once those rows let go of them.
-
-        `keep` is read before the files are listed, so a row written meanwhile is not in it:
-        the grace period covers new files, and `put` refreshing the mtime of a file it reuses
-        covers old ones."""
+        """Delete every file no kept pointer names and older than the grace period; the count
+        (`sweep_checked` with the names taken from `keep`, read only if there is a folder)."""
         if not self.holds_files():
             return 0  # never used: no need to read `keep`
-        return self.sweep_except(pointer_digests(keep), older_than_s=older_than_s)
+        wanted = pointer_digests(keep)
+        return self.sweep_checked(
+            lambda batch: wanted.intersection(batch), older_than_s=older_than_s
+        )
 
     def holds_files(self) -> bool:
         """Whether there is a blob folder (a sweep has anything to look at)."""
         return self.root is not None and self.root.is_dir()
 
-    def sweep_except(self, wanted: AbstractSet[str], *, older_than_s: float) -> int:
-        """`sweep`, keeping the files of these sha256 digests (`pointer_digests` of the rows'
-        pointers, read before the folder is listed)."""
+    def sweep_checked(
+        self,
+        in_use: Callable[[list[str]], AbstractSet[str]],
+        *,
+        older_than_s: float,
+        batch: int = SWEEP_BATCH,
+    ) -> int:
+        """Delete every file older than the grace period that no row names; the count. A full
+        pass over the folder (`segsvc blobs sweep`), for orphans no purge knows of: the file of
+        an upload whose row never committed, temporary files of crashed writes. Both stores
+        sweep: rows written while the setting was `fs` keep their pointers after it changes,
+        and their files are swept once those rows let go of them.
+
+        The old files are taken `batch` at a time and `in_use` (the rows' answer for those
+        digests) is asked just before they go, so memory stays at one batch however many
+        files there are. A row written after that answer names a file that is either new (the
+        grace period keeps it) or reused, which `put` marks by refreshing its mtime."""
         if self.root is None or not self.root.is_dir():
             return 0
         cutoff = time.time() - older_than_s
-        removed = 0
+        removed, stale = 0, []
         for path in self.root.glob("??/??/*"):
-            if path.name in wanted:
+            try:
+                old = path.stat().st_mtime < cutoff
+            except FileNotFoundError:
                 continue
-            if path.name.startswith("."):
-                try:
-                    if path.stat().st_mtime < cutoff:
-                        path.unlink()  # the temporary file of a write that crashed
-                except FileNotFoundError:
-                    pass
+            if not old:
                 continue
-            removed += self._remove_if_stale(path, cutoff)
+            if path.name.startswith("."):  # the temporary file of a write that crashed
+                path.unlink(missing_ok=True)
+                continue
+            stale.append(path.name)
+            if len(stale) >= batch:
+                removed += self._remove_unnamed(stale, in_use, cutoff)
+                stale = []
+        if stale:
+            removed += self._remove_unnamed(stale, in_use, cutoff)
         return removed
+
+    def _remove_unnamed(
+        self, names: list[str], in_use: Callable[[list[str]], AbstractSet[str]], cutoff: float
+    ) -> int:
+        named = in_use(names)
+        return sum(
+            self._remove_if_stale(self.path_for(name), cutoff)
+            for name in names
+            if name not in named
+        )
 
     @staticmethod
     def _remove_if_stale(path: Path, cutoff: float) -> bool:
@@ -170,19 +199,28 @@ class FsBlobStore(FileReader):
     kind = "fs"
 
     def put(self, data: bytes) -> bytes:
-        """Write the file once (atomically; identical blobs share it) and return its pointer."""
+        """Write the file once (atomically; identical blobs share it) and return its pointer.
+
+        Durably: the data, the file's name and any folder made for it are fsynced before the
+        pointer is returned, since the row that stores the pointer is committed (and durable)
+        next; a power loss must not leave a committed job naming a file that is not there."""
         digest = hashlib.sha256(data).hexdigest()
         path = self.path_for(digest)
-        if not self._refresh(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, data)  # threads storing the same bytes at once are fine
+        if not self._refresh(path, len(data)):
+            make_folders_durably(path.parent)
+            # threads storing the same bytes at once are fine
+            write_atomically(path, data, sync_folder=True)
         return pointer_to(digest)
 
     @staticmethod
-    def _refresh(path: Path) -> bool:
+    def _refresh(path: Path, size: int) -> bool:
         """Mark an existing blob as just used (its mtime), so a sweep that started before this
-        write's row exists leaves it alone; False when there is no such file."""
+        write's row exists leaves it alone; False when there is no such file, or one of
+        another size (damaged: cut short by a disk error or a copy), which is then written
+        anew rather than shared by every later identical upload."""
         try:
+            if path.stat().st_size != size:
+                return False
             os.utime(path)
         except FileNotFoundError:
             return False

@@ -315,10 +315,11 @@ def blobs() -> None:
 @blobs.command("sweep")
 @click.option(
     "--grace-hours",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(min=1),
     default=24.0,
     show_default=True,
-    help="Keep files written or reused more recently than this (uploads in flight).",
+    help="Keep files written or reused more recently than this (uploads in flight; 1 at least: "
+    "an upload's file is written before its row commits).",
 )
 def blobs_sweep(grace_hours: float) -> None:
     """Delete every blob file no job refers to: a full pass over the folder and the jobs table

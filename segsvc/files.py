@@ -43,11 +43,28 @@ def replace_atomically(
     finally:
         tmp.unlink(missing_ok=True)
     if sync_folder:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """fsync a folder: the names made or renamed in it survive a power loss."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_folders_durably(folder: Path) -> None:
+    """`folder` and its missing parents, each one's name fsynced into its parent: a file
+    written durably into a folder that a crash then takes away is lost all the same."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(exist_ok=True)
+        fsync_folder(made.parent)
 
 
 @contextmanager

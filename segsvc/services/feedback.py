@@ -325,17 +325,3 @@ def blobs_in_use(*, session: Session, digests: Sequence[str]) -> set[str]:
         )
         used.update(pointer_digest(value) for value in masks if value is not None)
     return used
-
-
-def blob_pointers(*, session: Session) -> Iterator[bytes]:
-    """Every file pointer the jobs table holds (inputs and result masks), streamed: what a blob
-    sweep must keep. Only values of a pointer's length are read, never the stored bytes."""
-    for column in (Job.input_bytes, Job.mask_png):
-        rows = session.execute(
-            select(column)
-            .where(func.length(column) == POINTER_LENGTH)
-            .execution_options(yield_per=10_000)
-        )
-        for (value,) in rows:
-            if value is not None:
-                yield bytes(value)

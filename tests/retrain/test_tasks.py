@@ -58,3 +58,18 @@ def test_the_sweep_is_scheduled_daily_on_the_maintenance_queue(tmp_path: Path) -
     assert entry["options"]["queue"] == MAINTENANCE_QUEUE
     assert (entry["schedule"].minute, entry["schedule"].hour) == ({7}, {5})
     assert sweep_unnamed_blobs(cfg) == 0  # no blob folder (the db store): nothing read
+
+
+def test_a_sweep_keeps_at_least_an_hour_of_files(cfg: Settings) -> None:
+    """With no grace, the file of an upload whose row had not committed yet was deleted (its
+    job then failed with the blob missing)."""
+    from click.testing import CliRunner
+
+    from retrain import tasks
+    from segsvc.cli import main
+
+    with pytest.raises(ValueError, match="1 h"):
+        tasks.sweep_unnamed_blobs(cfg, older_than_s=0)
+    result = CliRunner().invoke(main, ["blobs", "sweep", "--grace-hours", "0"])
+    assert result.exit_code == 2
+    assert "--grace-hours" in result.output

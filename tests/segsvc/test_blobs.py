@@ -227,3 +227,57 @@ def test_sweep_of_a_store_never_used_reads_no_rows(tmp_path: Path) -> None:
 
     assert blob_store(fs_settings(tmp_path)).sweep(keep=rows(), older_than_s=0) == 0
     assert DbBlobStore(None).sweep(keep=rows(), older_than_s=0) == 0
+
+
+def test_a_new_blob_is_durable_before_its_pointer_is_returned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row naming the file commits right after `put`: the file's data, its name in its
+    folder and the folders made for it must survive a power loss by then. Only the data was
+    fsynced, so a crash could leave a committed job naming a file that was never there."""
+    import stat
+
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), stat.S_ISDIR(os.fstat(fd).st_mode)))
+        real_fsync(fd)
+
+    store = blob_store(fs_settings(tmp_path))
+    store.root.mkdir(parents=True)  # type: ignore[union-attr]
+    monkeypatch.setattr(os, "fsync", recording)
+    value = store.put(DATA)
+    path = store.path_for(value[len(POINTER_PREFIX) :].decode())
+    folders = {name for name, is_dir in synced if is_dir}
+    # The blob's folder (its name), and each folder made for it, in its parent.
+    assert folders == {str(path.parent), str(path.parent.parent), str(store.root)}
+    assert any(not is_dir for _, is_dir in synced)  # the data, as before
+
+
+def test_a_damaged_blob_file_is_written_again_not_shared_by_later_uploads(tmp_path: Path) -> None:
+    store = blob_store(fs_settings(tmp_path))
+    value = store.put(DATA)
+    path = store.path_for(value[len(POINTER_PREFIX) :].decode())
+    path.write_bytes(DATA[:10])  # cut short: a disk error, an interrupted copy
+    assert store.put(DATA) == value
+    assert store.get(value) == DATA
+
+
+def test_a_sweep_asks_about_old_files_a_batch_at_a_time(tmp_path: Path) -> None:
+    """It read every pointer the jobs table ever held into one set first: memory that grows
+    with every mask ever stored, past the maintenance pod's limit within months."""
+    store = blob_store(fs_settings(tmp_path))
+    values = [store.put(DATA + bytes([i])) for i in range(7)]
+    for value in values:
+        age(store, value)
+    named = {values[0][len(POINTER_PREFIX) :].decode()}
+    asked: list[list[str]] = []
+
+    def in_use(batch: list[str]) -> set[str]:
+        asked.append(batch)
+        return named & set(batch)
+
+    assert store.sweep_checked(in_use, older_than_s=3600, batch=3) == 6  # type: ignore[union-attr]
+    assert [len(b) for b in asked] == [3, 3, 1]
+    assert store.get(values[0]) == DATA + bytes([0])

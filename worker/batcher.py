@@ -3,11 +3,12 @@
 Celery's consumer loop only hands each `segsvc.run_job` message to `MicroBatcher.put`; it never
 runs the model, so it keeps reading messages while a batch runs. One model thread takes a batch
 the moment the model is free: everything waiting, up to `batch_max_size`. Only when that batch
-came from a backlog and is not full does it wait up to `batch_max_wait_ms` for stragglers, so an
-idle queue adds no delay. While a full batch more is already waiting, a claim thread claims it
-during the current forward pass. A post thread turns logits into masks and commits the batch
-while the model thread already runs the next one; messages are acknowledged only after that
-commit.
+came from a backlog (more than one message waiting) and is not full does it wait up to
+`batch_max_wait_ms` for stragglers, so an idle queue adds no delay, a batch submit's one
+message of several jobs included. While a full batch more is already waiting, a claim thread
+claims it during the current forward pass. A post thread turns logits into masks and commits
+the batch while the model thread already runs the next one; messages are acknowledged only
+after that commit.
 
 A suspect (a job the reconciler re-sends after it was lost twice: it may be what crashes the
 worker) runs alone: its message says so, it forms a batch of its own once the batches before it
@@ -26,7 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,9 @@ class MicroBatcher:
         self.max_size = max(1, max_size)
         self.max_wait_s = max(0.0, max_wait_s)
         self._items: deque[Item] = deque()
+        # Messages with items waiting (a partly taken one counts until the items run out): a
+        # backlog is several messages, not one batch submit's several jobs.
+        self._messages = 0
         self._suspects: deque[Item] = deque()  # each runs alone, before the items
         self._cond = threading.Condition()
         self._stopping = False
@@ -74,9 +78,17 @@ class MicroBatcher:
         self._thread.start()
 
     def put(self, item: Item) -> None:
-        """Called by the consumer loop for each message; never blocks."""
+        """A message of one job (`put_many`)."""
+        self.put_many([item])
+
+    def put_many(self, items: Sequence[Item]) -> None:
+        """Called by the consumer loop with each message's jobs, all at once (the model thread
+        then sees them together, as one message); never blocks."""
         with self._cond:
-            (self._suspects if item.suspect else self._items).append(item)
+            for item in items:
+                (self._suspects if item.suspect else self._items).append(item)
+            if any(not item.suspect for item in items):
+                self._messages += 1
             self._cond.notify()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -114,7 +126,7 @@ class MicroBatcher:
                 return []
             if self._suspects:
                 return [self._suspects.popleft()]
-            backlog = len(self._items) > 1
+            backlog = self._messages > 1
             batch = self._take()
             if backlog and self.max_wait_s > 0:
                 deadline = time.monotonic() + self.max_wait_s
@@ -129,7 +141,10 @@ class MicroBatcher:
 
     def _take(self, limit: int | None = None) -> list[Item]:
         n = min(len(self._items), self.max_size if limit is None else limit)
-        return [self._items.popleft() for _ in range(n)]
+        taken = [self._items.popleft() for _ in range(n)]
+        if not self._items:
+            self._messages = 0
+        return taken
 
     def _run(self) -> None:
         setthreadtitle(MODEL_THREAD)  # as _named_thread does for the store and claim threads

@@ -84,8 +84,13 @@ class MicroBatchTask(Task):  # type: ignore[misc]
                 requeue=partial(reject, log, errors, True),
                 settled=partial(give_back_prefetch, qos, held) if held else None,
             )
-            for job_id in job_ids:  # a batch submit's jobs may land in different batches
-                batcher.put(Item(job_id, ack=settle.ack, requeue=settle.requeue, suspect=suspect))
+            # A batch submit's jobs may land in different batches.
+            batcher.put_many(
+                [
+                    Item(job_id, ack=settle.ack, requeue=settle.requeue, suspect=suspect)
+                    for job_id in job_ids
+                ]
+            )
 
         return on_message
 

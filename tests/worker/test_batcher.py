@@ -203,6 +203,25 @@ def test_a_backlog_batch_waits_for_stragglers_and_a_lone_job_does_not(
     assert [ids for _, ids in recorder.claims] == [ids[:1], ids[1:]]
 
 
+def test_a_batch_submits_jobs_on_an_idle_worker_run_at_once_and_together(
+    settings: Settings, recorder: Recorder
+) -> None:
+    """One message of several jobs (a batch submit) was taken for a backlog: on an idle worker
+    its batch waited the whole SEG_BATCH_MAX_WAIT_MS for stragglers that never came."""
+    ids = [str(i) for i in make_jobs(settings, 4)]
+    recorder.expected = 4
+    recorder.segmenter.load()  # not on the clock: a first load takes seconds
+    batcher = MicroBatcher(recorder, max_size=32, max_wait_s=30.0)  # type: ignore[arg-type]
+    sent = time.monotonic()
+    batcher.put_many([recorder.item(job_id) for job_id in ids])
+    assert recorder.in_first_forward.wait(60)
+    assert time.monotonic() - sent < 10  # not the 30 s wait
+    recorder.release_first_forward.set()
+    assert recorder.all_settled.wait(60)
+    batcher.close()
+    assert [claimed for _, claimed in recorder.claims] == [ids]  # one claim, all four
+
+
 def run_alone(recorder: Recorder, ids: list[str]) -> None:
     """Put `ids` into a batcher of 2 that does not hold its first pass; wait until settled."""
     recorder.expected = len(ids)

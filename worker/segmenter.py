@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -214,12 +215,17 @@ class Segmenter:
                 results.append(result)
         if not results and not failed:
             return {"claimed": batch.claimed, "succeeded": 0, "failed": 0, "canceled": 0}
-        states, failures_canceled = self._write_outcomes(batch, results, failed)
+        states, failures_ended = self._write_outcomes(batch, results, failed)
         # A job canceled between its claim and this store ended canceled, without its result
         # (or its failure).
         results_canceled = sum(state["status"] == JobStatus.CANCELED for state in states.values())
         done = len(states) - results_canceled
-        canceled = results_canceled + failures_canceled
+        canceled = results_canceled + failures_ended[JobStatus.CANCELED]
+        failures = failures_ended[JobStatus.FAILED]
+        for result in results:  # the stored ones: a result fenced out ran elsewhere too
+            state = states.get(result["id"])
+            if state is not None and state["status"] == JobStatus.SUCCEEDED:
+                QUEUE_WAIT.observe(result["queue_ms"] / 1000.0)
         for failure in failed:
             log.warning("job %s failed: %s", failure.job.id, failure.message)
         finished = [r["id"] for r in results] + [failure.job.id for failure in failed]
@@ -238,13 +244,13 @@ class Segmenter:
                     },
                 )
         JOBS_FINISHED.labels("succeeded").inc(done)
-        JOBS_FINISHED.labels("failed").inc(len(failed) - failures_canceled)
+        JOBS_FINISHED.labels("failed").inc(failures)
         if canceled:
             JOBS_FINISHED.labels("canceled").inc(canceled)
         return {
             "claimed": batch.claimed,
             "succeeded": done,
-            "failed": len(failed) - failures_canceled,
+            "failed": failures,
             "canceled": canceled,
         }
 
@@ -259,14 +265,14 @@ class Segmenter:
         if not jobs:
             return
 
-        def give_back(session: Session) -> list[uuid.UUID]:
-            return [
-                job.id
-                for job in jobs
-                if not job_service.release_job(
+        def give_back(session: Session) -> dict[uuid.UUID, JobStatus | None]:
+            statuses = {
+                job.id: job_service.give_back_job(
                     session=session, job_id=job.id, lease_token=job.lease_token
                 )
-            ]
+                for job in jobs
+            }
+            return {i: s for i, s in statuses.items() if s != JobStatus.QUEUED}
 
         # The release is what keeps a database stall from counting against the jobs as a lost
         # run (and, repeated, from quarantining them as poison inputs): it waits for locks and
@@ -274,28 +280,32 @@ class Segmenter:
         # by the lease, so a retry after a commit whose answer was lost releases nothing twice.
         ended = self._retrying(give_back, until=self._lease_end(batch), what="releasing a batch")
         if ended:  # failed for good (or fenced out): long polls need not wait for their timeout
-            notify.publish_finished(self.settings.effective_redis_url, ended)
+            notify.publish_finished(self.settings.effective_redis_url, list(ended))
+        for status in (JobStatus.FAILED, JobStatus.CANCELED):  # ended here: counted here
+            if n := sum(s == status for s in ended.values()):
+                JOBS_FINISHED.labels(status.value).inc(n)
 
     def _write_outcomes(
         self,
         batch: Inferred,
         results: list[dict[str, Any]],
         failed: list[Failure],
-    ) -> tuple[dict[str, Any], int]:
+    ) -> tuple[dict[str, Any], Counter[JobStatus]]:
         """Commit a batch's results and failures in one transaction; the end states of the
         jobs whose results it stored, by id (`job_service.complete_jobs`), and how many of the
-        failures ended canceled instead (their clients had asked to cancel them).
+        failures ended failed or canceled (their clients had asked to cancel them); a failure
+        fenced out (the job taken over by another worker) ends nothing and is not counted.
 
         One that timed out is tried once more, waiting for locks until the last
         `RELEASE_SHARE` of the lease (kept for the release if it fails again): before the
         statement limits a store behind a lock simply waited and committed. Results are fenced
         by the lease, so a retry never writes over a job another worker took over."""
 
-        def write(session: Session) -> tuple[dict[str, Any], int]:
+        def write(session: Session) -> tuple[dict[str, Any], Counter[JobStatus]]:
             done = job_service.complete_jobs(session=session, results=results)
-            canceled = 0
+            ended: Counter[JobStatus] = Counter()
             for failure in failed:
-                ended = job_service.fail_job(
+                status = job_service.fail_job(
                     session=session,
                     job_id=failure.job.id,
                     code=failure.code,
@@ -303,8 +313,9 @@ class Segmenter:
                     lease_token=failure.job.lease_token,
                     model_version=failure.model_version,
                 )
-                canceled += ended == JobStatus.CANCELED
-            return done, canceled
+                if status is not None:  # None: another worker holds the job now
+                    ended[status] += 1
+            return done, ended
 
         try:
             return self._transaction(write)
@@ -398,7 +409,6 @@ def _result(
 ) -> dict[str, Any]:
     mask = resize_mask(classes, job.width, job.height)
     queue_s = (job.started_at - job.created_at).total_seconds()
-    QUEUE_WAIT.observe(queue_s)
     return {
         "id": job.id,
         "lease_token": job.lease_token,

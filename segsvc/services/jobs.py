@@ -576,11 +576,23 @@ def fail_job(
 
 def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) -> bool:
     """Give a claimed job back to the queue (a transient failure; it will run again); True if
-    it was. A job given back `MAX_RELEASES` times over at least `RELEASE_GIVE_UP_S` ends failed
-    with `worker_error` instead: a failure that keeps coming back for that long is not
-    transient, and the job must not cycle for ever. A short outage (a blob store away for a few
-    seconds) releases jobs several times in a row but fails none. Timed on the database's clock,
-    like the lease. A job whose client asked to cancel it is not given back: it ends canceled
+    it was (`give_back_job`)."""
+    status = give_back_job(session=session, job_id=job_id, lease_token=lease_token)
+    return status == JobStatus.QUEUED
+
+
+def give_back_job(
+    *, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID
+) -> JobStatus | None:
+    """Give a claimed job back to the queue (a transient failure; it will run again): queued
+    when it was, the status it ended with when it ended instead (failed or canceled, below),
+    None when this lease no longer holds it.
+
+    A job given back `MAX_RELEASES` times over at least `RELEASE_GIVE_UP_S` ends failed with
+    `worker_error` instead: a failure that keeps coming back for that long is not transient,
+    and the job must not cycle for ever. A short outage (a blob store away for a few seconds)
+    releases jobs several times in a row but fails none. Timed on the database's clock, like
+    the lease. A job whose client asked to cancel it is not given back: it ends canceled
     (`fail_job`), as its result would have ended it."""
     now = db_now(session)
     fence = (
@@ -607,8 +619,8 @@ def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) 
         .execution_options(synchronize_session=False)
     )
     if res.rowcount:  # type: ignore[attr-defined]
-        return True
-    fail_job(
+        return JobStatus.QUEUED
+    return fail_job(
         session=session,
         job_id=job_id,
         code="worker_error",
@@ -617,7 +629,6 @@ def release_job(*, session: Session, job_id: uuid.UUID, lease_token: uuid.UUID) 
         "failed each time); the worker's log says why.",
         lease_token=lease_token,
     )
-    return False
 
 
 def cancel_job(*, session: Session, job_id: str, client_id: uuid.UUID | None) -> Job:

@@ -219,6 +219,52 @@ def test_segmenter_counts_a_canceled_job_whose_post_processing_failed_as_cancele
     assert [j.status for j in rows(settings, ids)] == [JobStatus.CANCELED, JobStatus.SUCCEEDED]
 
 
+def jobs_total(status: str) -> float:
+    return REGISTRY.get_sample_value("segsvc_jobs_total", {"status": status}) or 0.0
+
+
+def queue_waits() -> float:
+    return REGISTRY.get_sample_value("segsvc_job_queue_wait_seconds_count") or 0.0
+
+
+def test_a_failure_another_worker_took_over_is_not_counted_by_this_one(
+    settings: Settings, segmenter: Segmenter
+) -> None:
+    """A stalled worker's failure of a job the reconciler had handed to another worker writes
+    nothing (fenced by the lease), but it was counted failed: twice, with the other worker's."""
+    bad, good = make_jobs(settings, 2, broken=1)
+    inferred = segmenter.infer([str(bad), str(good)])
+    with session_scope(settings) as session:  # the lease ran out; another worker has both
+        for job_id in (bad, good):
+            session.get(Job, job_id).lease_token = uuid.uuid4()  # type: ignore[union-attr]
+    failed_before, waits_before = jobs_total("failed"), queue_waits()
+    counts = segmenter.store(inferred)
+    assert (counts["succeeded"], counts["failed"]) == (0, 0)
+    assert jobs_total("failed") == failed_before
+    assert queue_waits() == waits_before  # no result stored: no queue wait recorded either
+
+
+def test_a_job_a_release_ends_is_counted(settings: Settings, segmenter: Segmenter) -> None:
+    """A job given back too often for too long ends failed (worker_error) on the release path,
+    which counted nothing: a blob store or canary away for good never moved the failures."""
+    from datetime import timedelta
+
+    from segsvc.models import utcnow
+
+    (job_id,) = make_jobs(settings, 1)
+    claim = segmenter.claim([str(job_id)])
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.releases = job_service.MAX_RELEASES - 1
+        job.first_released_at = utcnow() - timedelta(seconds=job_service.RELEASE_GIVE_UP_S + 1)
+    failed_before = jobs_total("failed")
+    segmenter.release(claim)
+    (ended,) = rows(settings, [job_id])
+    assert (ended.status, ended.error_code) == (JobStatus.FAILED, "worker_error")
+    assert jobs_total("failed") == failed_before + 1
+
+
 def test_segmenter_stores_masks_in_the_fs_blob_store(
     settings: Settings, production_model: str, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]

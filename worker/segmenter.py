@@ -223,7 +223,7 @@ class Segmenter:
         canceled = results_canceled + failures_ended[JobStatus.CANCELED]
         failures = failures_ended[JobStatus.FAILED]
         for result in results:  # the stored ones: a result fenced out ran elsewhere too
-            state = states.get(result["id"])
+            state = states.get(str(result["id"]))  # keyed as the notices are
             if state is not None and state["status"] == JobStatus.SUCCEEDED:
                 QUEUE_WAIT.observe(result["queue_ms"] / 1000.0)
         for failure in failed:

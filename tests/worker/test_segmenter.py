@@ -244,6 +244,15 @@ def test_a_failure_another_worker_took_over_is_not_counted_by_this_one(
     assert queue_waits() == waits_before  # no result stored: no queue wait recorded either
 
 
+def test_each_stored_result_records_its_queue_wait_once(
+    settings: Settings, segmenter: Segmenter
+) -> None:
+    before = queue_waits()
+    counts = segmenter.run_jobs([str(i) for i in make_jobs(settings, 2)])
+    assert counts["succeeded"] == 2
+    assert queue_waits() == before + 2
+
+
 def test_a_job_a_release_ends_is_counted(settings: Settings, segmenter: Segmenter) -> None:
     """A job given back too often for too long ends failed (worker_error) on the release path,
     which counted nothing: a blob store or canary away for good never moved the failures."""

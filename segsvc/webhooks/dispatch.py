@@ -183,8 +183,14 @@ def start_attempt(
 def finish_attempt(
     *, session: Session, prepared: Prepared, outcome: Outcome, settings: Settings
 ) -> str:
-    """Log the attempt and move the message on: delivered, retry later, failed or disabled."""
+    """Log the attempt and move the message on: delivered, retry later, failed or disabled.
+    A 410 Gone disables the endpoint and its pending messages in the same transaction, its
+    endpoint locked before its message (the order every writer of both keeps)."""
     now = db_time(session)  # the next attempt's time is judged by `claim_due`, on that clock
+    endpoint = None
+    if outcome.kind == "gone":
+        endpoint = _endpoint_row(session, prepared.client_id, prepared.url)
+        session.refresh(endpoint, with_for_update=True)
     # Locked from this read to the commit: a redeliver in between would otherwise be written
     # over with this attempt's outcome (it waits instead, and then stands).
     message = session.get(
@@ -192,8 +198,15 @@ def finish_attempt(
     )
     if message is None:  # the job (and its messages) was deleted meanwhile
         return "gone"
-    superseded = message.status != outbox.PENDING or message.next_attempt_at != prepared.lease
+    # Disabled while this attempt was in flight (another message's 410 disabled the endpoint):
+    # the attempt still counts, and the message stays disabled unless this one ended it.
+    disabled_meanwhile = message.status == outbox.DISABLED
+    superseded = not disabled_meanwhile and (
+        message.status != outbox.PENDING or message.next_attempt_at != prepared.lease
+    )
     status, when = _next_state(message, outcome, now, settings)
+    if disabled_meanwhile and status == outbox.PENDING:
+        status, when = outbox.DISABLED, None
     session.add(
         WebhookAttempt(
             message_id=message.id,
@@ -206,10 +219,10 @@ def finish_attempt(
         )
     )
     if superseded:  # redelivered or re-claimed meanwhile: only log this attempt...
-        if outcome.kind == "gone" and message.status == outbox.PENDING:
-            # ...but a 410 Gone still disables the endpoint (`record_endpoint_outcome`) and the
-            # redelivered copy, which would only be answered 410 again
-            message.status, message.next_attempt_at = outbox.DISABLED, None
+        if endpoint is not None:
+            # ...but a 410 Gone still disables the endpoint and the redelivered copy, which
+            # would only be answered 410 again
+            _disable_endpoint(session, endpoint, prepared, now)
         session.flush()
         return "superseded"
     message.attempts += 1
@@ -217,6 +230,8 @@ def finish_attempt(
     message.status, message.next_attempt_at = status, when
     if status != outbox.PENDING:
         message.completed_at = now
+    if endpoint is not None:
+        _disable_endpoint(session, endpoint, prepared, now)
     session.flush()
     return status
 
@@ -225,19 +240,17 @@ def record_endpoint_outcome(
     *, session: Session, prepared: Prepared, outcome: Outcome, settings: Settings
 ) -> None:
     """After `finish_attempt` committed, in a transaction of its own that locks the endpoint
-    before any message: count a failure to try again and pause the endpoint, end its run of
-    failures after a delivery, or disable it after a 410 Gone. The messages that waited for
-    this attempt as the endpoint's probe (`start_attempt`) are let go: now after a delivery,
-    at the end of the new pause after a failure."""
+    before any message: count a failure to try again and pause the endpoint, or end its run
+    of failures after a delivery. The messages that waited for this attempt as the endpoint's
+    probe (`start_attempt`) are let go: now after a delivery (or an outcome that says nothing
+    of the endpoint, such as a refused target), at the end of the new pause after a failure.
+    A 410's disabling is `finish_attempt`'s, in the attempt's own transaction."""
     if outcome.kind == "retry":
         opens = _endpoint_failed(session, prepared, outcome, settings)
     elif outcome.kind == "delivered":
         opens = _endpoint_recovered(session, prepared)
-    elif outcome.kind == "gone":
-        _disable_endpoint(session, prepared)
-        return
     else:
-        return
+        opens = _probe_over(session, prepared)
     session.execute(
         update(WebhookMessage)
         .where(
@@ -278,6 +291,21 @@ def _endpoint_failed(
     if probe or endpoint.paused_until is None or endpoint.paused_until < until:
         endpoint.paused_until = until
     return endpoint.paused_until
+
+
+def _probe_over(session: Session, prepared: Prepared) -> datetime:
+    """An outcome that neither fails nor recovers the endpoint: if this attempt was its probe,
+    its pause (the probe's lease) ends now."""
+    session.execute(
+        update(WebhookEndpoint)
+        .where(
+            *_endpoint_of(prepared.client_id, prepared.url),
+            WebhookEndpoint.paused_until == prepared.lease,
+        )
+        .values(paused_until=None)
+        .execution_options(synchronize_session=False)
+    )
+    return db_time(session)
 
 
 def _endpoint_recovered(session: Session, prepared: Prepared) -> datetime:
@@ -345,18 +373,14 @@ def _messages_of(client_id: uuid.UUID | None, url: str) -> tuple[ColumnElement[b
     return owner, WebhookMessage.url == url
 
 
-def _disable_endpoint(session: Session, prepared: Prepared) -> None:
-    """A 410 Gone: stop sending to this URL for this client, now and for pending messages;
-    unless the message was redelivered after the answer (which re-enables the endpoint)."""
-    endpoint = _endpoint_row(session, prepared.client_id, prepared.url)
-    session.refresh(endpoint, with_for_update=True)  # first, as every writer of both does
-    status = session.scalar(
-        select(WebhookMessage.status).where(WebhookMessage.id == prepared.message_id)
-    )
-    if status == outbox.PENDING:  # redelivered since its 410 was recorded: that stands
-        return
-    endpoint.disabled_at = db_time(session)
+def _disable_endpoint(
+    session: Session, endpoint: WebhookEndpoint, prepared: Prepared, now: datetime
+) -> None:
+    """A 410 Gone: stop sending to this URL for this client, now and for pending messages
+    (the endpoint is locked, then the messages)."""
+    endpoint.disabled_at = now
     endpoint.disabled_reason = "the endpoint answered 410 Gone"
+    session.flush()
     session.execute(
         update(WebhookMessage)
         .where(

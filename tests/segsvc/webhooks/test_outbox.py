@@ -627,11 +627,10 @@ def test_two_gone_answers_for_one_endpoint_recorded_at_once_both_land(
             )
         assert started is not None
         prepared.append(started)
-    both_hold_their_message = threading.Barrier(2)
     real_next_state = dispatch._next_state
 
     def held(*args: Any, **kwargs: Any) -> Any:
-        both_hold_their_message.wait(10)
+        time.sleep(0.5)  # each record holds what it has locked so far: the other catches up
         return real_next_state(*args, **kwargs)
 
     monkeypatch.setattr(dispatch, "_next_state", held)
@@ -776,3 +775,32 @@ def test_a_redeliver_ends_a_long_pause_the_receiver_asked_for(settings: Settings
             session=session, job_id=str(job_id), message_id=message_id, client_id=a
         )
     assert [p.message_id for p in _start_all_due(settings)] == [message_id]
+
+
+def test_a_probe_whose_target_is_refused_lets_the_endpoints_backlog_go(
+    settings: Settings,
+) -> None:
+    """An outcome that neither fails nor recovers the endpoint (the URL now resolves to a
+    private address: failed at once) left the probe's pause in place, and the backlog waited
+    out the probe's lease for nothing."""
+    _failing_endpoint_with_backlog(settings, 4)
+    (probe,) = _start_all_due(settings)
+    refused = Outcome("failed", 1.0, None, "resolves to a private address")
+    assert record(settings, probe, refused) == "failed"
+    assert _endpoint(settings, URL).paused_until is None
+    assert len(_start_all_due(settings)) == 1  # the next probe, at once
+
+
+def test_a_410_disables_its_endpoint_in_the_attempts_own_transaction(settings: Settings) -> None:
+    """Disabled in a second transaction whose errors were only logged, a 410 could be recorded
+    while its endpoint stayed enabled (a crash or a database blip in between), and the
+    promise that nothing more is sent to that URL broke."""
+    first = _finished_job(settings, URL, _client(settings, "a"))
+    prepared = attempt_the_one_due(settings)
+    assert prepared.message_id == first
+    with session_scope(settings) as session:  # the attempt's record only
+        status = finish_attempt(
+            session=session, prepared=prepared, outcome=Outcome("gone", 1.0, 410), settings=settings
+        )
+    assert status == "failed"
+    assert _endpoint(settings, URL).disabled_at is not None

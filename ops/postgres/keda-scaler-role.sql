@@ -18,8 +18,9 @@ END
 $$;
 
 -- KEDA asks every 5 seconds: a count held up by a lock or a slow disk gives up rather than
--- piling up connections behind it (after 3 failed polls in a row KEDA runs the ScaledObject's
--- fallback of 2 workers).
+-- piling up connections behind it (KEDA then keeps the replica count it has, or runs the
+-- ScaledObject's fallback of 2 workers after 3 failed polls; a scaler that cannot connect at
+-- all when it is created gets no fallback: see docs/scaling.md).
 ALTER ROLE segsvc_keda SET statement_timeout = '5s';
 
 -- A column privilege: the scaler's `count(*) ... WHERE status IN (...)` needs no other column.

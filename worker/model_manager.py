@@ -56,6 +56,9 @@ BROKEN_RETRY_S = 300.0
 # inference) only takes it out of that worker's routing until the retry; any other error at
 # inference rejects it at once (the model's fault: its inputs are the shapes it was gated on).
 CANARY_LOAD_ATTEMPTS = 2
+# A canary's MemoryErrors at inference on one worker count towards rejecting it only within
+# this long of each other: two a week apart say nothing more of the model than one does.
+RUN_FAILURE_WINDOW_S = 3600.0
 # How often a polling worker marks the artifact folders it serves from as used and prunes the
 # cache: far inside the shortest grace period (SEG_ARTIFACT_GRACE_HOURS >= 1), so that no
 # pruner, of this image or of another one sharing the volume, deletes a folder in service.
@@ -119,7 +122,7 @@ class ModelManager:
         # (version, sha256) -> load failures in a row; see CANARY_LOAD_ATTEMPTS
         self._load_failures: dict[tuple[str, str], int] = {}
         # (version, sha256) -> failures of a canary at inference; see _canary_failed
-        self._run_failures: dict[tuple[str, str], int] = {}
+        self._run_failures: dict[tuple[str, str], list[float]] = {}  # their times
 
     def load(self) -> LoadedModel:
         """Load the serving versions (once), warm them up and start polling the registry."""
@@ -331,7 +334,10 @@ class ModelManager:
             if routing is None or routing.canary is None or routing.canary.version != version:
                 return  # promoted meanwhile, or already dropped
             self._broken[key] = time.monotonic()
-            failures = self._run_failures[key] = self._run_failures.get(key, 0) + 1
+            now = time.monotonic()
+            recent = [t for t in self._run_failures.get(key, []) if now - t < RUN_FAILURE_WINDOW_S]
+            self._run_failures[key] = recent = [*recent, now]
+            failures = len(recent)
             # Built from the table of this instant, so a production switched in meanwhile stays.
             self._routing = Routing(production=routing.production)  # the batch retries on it
         if isinstance(exc, MemoryError) and failures < CANARY_LOAD_ATTEMPTS:

@@ -323,7 +323,8 @@ def test_a_canary_out_of_memory_once_on_one_worker_is_not_rejected_for_everyone(
     monkeypatch.setattr(model_manager, "BROKEN_RETRY_S", 0.0)  # ...but after a while
     assert manager.refresh() is True
     assert manager.model_for(uuid.uuid4()).version == "cand"
-    # Out of memory again on the same worker: no longer passing.
+    # Out of memory again on the same worker within the hour: no longer passing (an hour
+    # later it would be a first failure again).
     serving = manager.routing.canary
     assert serving is not None
     serving.runtime.inner = OutOfMemoryRuntime()  # type: ignore[attr-defined]
@@ -332,6 +333,26 @@ def test_a_canary_out_of_memory_once_on_one_worker_is_not_rejected_for_everyone(
     status, reason = canary_row(settings, "cand")
     assert status == "rejected"
     assert "MemoryError" in reason
+
+
+def test_a_canary_out_of_memory_twice_hours_apart_is_not_rejected(
+    manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import model_manager
+
+    manager.load()
+    canary(settings, model_file, "cand", share=1.0)
+    monkeypatch.setattr(model_manager, "BROKEN_RETRY_S", 0.0)
+    monkeypatch.setattr(model_manager, "RUN_FAILURE_WINDOW_S", 0.2)
+    for _ in range(2):
+        manager.refresh()
+        serving = manager.routing.canary
+        assert serving is not None
+        serving.runtime.inner = OutOfMemoryRuntime()  # type: ignore[attr-defined]
+        with pytest.raises(MemoryError):
+            serving.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
+        time.sleep(0.3)  # past the window
+    assert canary_row(settings, "cand")[0] == "canary"
 
 
 def fail_canary(manager: ModelManager) -> None:

@@ -46,6 +46,7 @@ class Operation:
     query: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # name -> JSON schema
     required_query: frozenset[str] = frozenset()  # of `query`, those the endpoint needs
     located: bool = False  # its 201/202/200 carry Location (the job's URL)
+    png_too: frozenset[int] = frozenset()  # statuses that answer `Accept: image/png` with a PNG
     replays: bool = False  # a 200 is an Idempotency-Key replay (header Idempotent-Replayed)
 
 
@@ -73,10 +74,12 @@ OPERATIONS: dict[str, Operation] = {
         headers=IDEMPOTENCY,
         located=True,
         replays=True,
+        png_too=frozenset({201}),
         query={
             "wait": wait_query(
-                "Hold the answer until the job ends (201 with the finished job) or "
-                "for this many seconds (202)."
+                "Hold the answer until the job ends (201 with the finished job; with "
+                "`Accept: image/png`, a succeeded job's mask PNG itself, its id in X-Job-Id) "
+                "or for this many seconds (202)."
             )
         },
     ),
@@ -219,12 +222,19 @@ def _response(
     else:
         ref = {"$ref": f"#/components/schemas/{body.__name__}"}
         content = {"application/json": {"schema": ref}}
+        if spec is not None and status in spec.png_too:
+            content[PNG] = {"schema": {"type": "string", "format": "binary"}}
     out: dict[str, Any] = {"description": ERROR_TEXT.get(status, "OK"), "content": content}
     headers: dict[str, Any] = {}
     if status in (429, 503) or (status == 409 and spec is not None and spec.replays):
         headers.update(RETRY_AFTER)
     if status in (200, 201, 202) and spec is not None and spec.located:
         headers["Location"] = {"description": "The job URL.", "schema": {"type": "string"}}
+    if spec is not None and status in spec.png_too:
+        headers["X-Job-Id"] = {
+            "description": "The job's id, when the body is its mask PNG (`Accept: image/png`).",
+            "schema": {"type": "string"},
+        }
     if status == 200 and spec is not None and spec.replays:
         out["description"] = "An Idempotency-Key replay: the job(s) the first request stored."
         headers["Idempotent-Replayed"] = {"description": "1", "schema": {"type": "string"}}

@@ -97,6 +97,7 @@ class LoadResult:
 
 
 RECONNECT_EVERY = 32
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class Client:
@@ -109,19 +110,28 @@ class Client:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         self.headers = headers
         self.sent = 0
+        self.last_headers: dict[str, str] = {}  # of the last answer, names in lower case
 
     def request(
-        self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        accept: str | None = None,
     ) -> tuple[int, bytes]:
         headers = dict(self.headers)
         if content_type:
             headers["Content-Type"] = content_type
+        if accept:
+            headers["Accept"] = accept
         self.sent += 1
         if self.sent % RECONNECT_EVERY == 0:
             self.conn.close()  # the next request connects again
         try:
             self.conn.request(method, path, body=body, headers=headers)
             resp = self.conn.getresponse()
+            self.last_headers = {k.lower(): v for k, v in resp.getheaders()}
             return resp.status, resp.read()
         except (OSError, http.client.HTTPException):
             self.conn.close()  # reconnects on the next request
@@ -148,12 +158,16 @@ def run_jobs_load(
     which the worker stamps before it has even committed the result). The naive baseline
     answers with the mask PNG, so the system's clients get theirs too (`GET .../mask.png`).
 
-    With `wait_s` the submit itself waits (`POST /v1/jobs?wait=`: 201 with the finished job) and
-    any poll after it is a long poll, as `segsvc.client` does with `submit(wait=)` and
-    `Job.wait`; a poll the server declines to hold is followed by a `poll_s` pause."""
+    With `wait_s` the submit itself waits (`POST /v1/jobs?wait=` with `Accept: image/png`: 201
+    with the mask itself when the job succeeds in time, one round trip as the naive baseline's)
+    and any poll after it is a long poll, as `segsvc.client` does with `submit(wait=)` and
+    `Job.wait`; a poll the server declines to hold is followed by a `poll_s` pause. The batch
+    sizes of jobs answered with their mask are read after the run, off the clock."""
     result, lock = LoadResult(clients), threading.Lock()
     stop_at = time.monotonic() + seconds
     submit_path = "/v1/jobs" + (f"?wait={wait_s:g}" if wait_s > 0 else "")
+    accept = "image/png" if wait_s > 0 else None
+    answered_with_mask: list[str] = []
 
     def client_loop(index: int) -> None:
         client, n = Client(port, headers), index
@@ -161,11 +175,21 @@ def run_jobs_load(
             body, ctype = bodies[n % len(bodies)].render()
             n += clients
             sent = time.time()
-            status, raw = client.request("POST", submit_path, body, ctype)
+            status, raw = client.request("POST", submit_path, body, ctype, accept=accept)
             if status not in (201, 202):
                 with lock:
                     result.errors += 1
                 time.sleep(0.05)
+                continue
+            if client.last_headers.get("content-type", "").startswith("image/png"):
+                received = time.time()
+                with lock:
+                    if not raw.startswith(PNG_MAGIC):
+                        result.errors += 1
+                        continue
+                    result.done += 1
+                    result.latencies.append(received - sent)
+                    answered_with_mask.append(client.last_headers["x-job-id"])
                 continue
             job = json.loads(raw)
             if status == 202:
@@ -173,7 +197,7 @@ def run_jobs_load(
             mask = 0
             if job is not None and job["status"] == "succeeded":
                 mask, png = client.request("GET", f"/v1/jobs/{job['id']}/mask.png")
-                mask = mask if png.startswith(b"\x89PNG") else 0
+                mask = mask if png.startswith(PNG_MAGIC) else 0
             received = time.time()
             with lock:
                 if job is None or job["status"] != "succeeded" or mask != 200:
@@ -184,6 +208,15 @@ def run_jobs_load(
                 result.batch_sizes.append(int(job["metrics"]["batch_size"] or 1))
 
     result.seconds = _run_threads(client_loop, clients)
+    reader = Client(port, headers)
+    for i in range(0, len(answered_with_mask), 100):
+        status, raw = reader.request(
+            "GET", f"/v1/jobs?ids={','.join(answered_with_mask[i : i + 100])}"
+        )
+        if status == 200:
+            result.batch_sizes += [
+                int(j["metrics"]["batch_size"] or 1) for j in json.loads(raw)["jobs"]
+            ]
     return result
 
 

@@ -28,7 +28,7 @@ from segsvc.errors import (
     ValidationError,
 )
 from segsvc.images import LARGE_DECODE_PIXELS, ValidatedImage, validate_image
-from segsvc.models import Job
+from segsvc.models import Job, JobStatus
 from segsvc.queue import enqueue_jobs
 from segsvc.services import idempotency, limits
 from segsvc.services import jobs as job_service
@@ -43,7 +43,9 @@ bp.before_request(authenticate_request)
 @bp.post("/jobs")
 def submit_job() -> tuple[Response, int, dict[str, str]]:
     """Validate an upload, store the job, commit, then enqueue its id; `?wait=S` then holds
-    the answer up to S seconds and returns the finished job (201) if it ends by then."""
+    the answer up to S seconds and returns the finished job (201) if it ends by then: as JSON,
+    or, for a client that asks for `Accept: image/png`, its mask PNG itself (one round trip
+    from photo to mask, as a synchronous predict endpoint answers)."""
     wait = job_service.parse_wait(query_arg("wait"))  # a bad value stores nothing
     refused = _charge(cost=1, batch=False)
     upload = request.files.get("image")
@@ -84,8 +86,31 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
             done = job
     location = {"Location": body["urls"]["self"]}
     if done.job_status.is_terminal:
+        if done.job_status == JobStatus.SUCCEEDED and _wants_png():
+            try:
+                mask = _mask_answer(str(job_id))
+            except (SegError, SQLAlchemyError):  # the job stands: its JSON says where the mask is
+                log.warning(
+                    "could not read job %s's mask; answering its JSON", job_id, exc_info=True
+                )
+            else:
+                return mask, 201, {**location, "X-Job-Id": str(job_id)}
         return jsonify(job_body(done)), 201, location
     return jsonify(body), 202, location
+
+
+def _wants_png() -> bool:
+    """The client prefers the mask itself to the job's JSON (`Accept: image/png`)."""
+    best = request.accept_mimetypes.best_match(["application/json", "image/png"])
+    return best == "image/png"
+
+
+def _mask_answer(job_id: str) -> Response:
+    """A finished submit's answer for `Accept: image/png`: the mask, as `mask.png` serves it."""
+    data = job_service.read_mask_png(
+        session=db(), job_id=job_id, client_id=_scope(), store=blob_store(settings())
+    )
+    return _png(data, job_id, "mask")
 
 
 # A batch holds up to 16 uploads and their model inputs in memory at once; two at a time per

@@ -209,8 +209,11 @@ def test_one_batch_notice_wakes_every_waiter(  # type: ignore[no-untyped-def]
     assert time.monotonic() - started < 10  # the notice, not the 30 s re-check or the deadline
 
 
-def finish_next_job(settings: Settings, *, publish: bool = True) -> threading.Thread:
-    """Like a worker: wait for the next queued job, mark it succeeded and send its notice."""
+def finish_next_job(
+    settings: Settings, *, publish: bool = True, status: str = "succeeded", mask_png: bytes = b""
+) -> threading.Thread:
+    """Like a worker: wait for the next queued job, mark it succeeded (or `status`), storing
+    `mask_png`, and send its notice."""
 
     def run() -> None:
         deadline = time.monotonic() + 10
@@ -221,7 +224,7 @@ def finish_next_job(settings: Settings, *, publish: bool = True) -> threading.Th
                     session.execute(
                         update(Job)
                         .where(Job.id == job_id)
-                        .values(status="succeeded", completed_at=utcnow())
+                        .values(status=status, completed_at=utcnow(), mask_png=mask_png or None)
                     )
             if job_id is not None:
                 if publish:
@@ -258,6 +261,50 @@ def test_submit_with_wait_returns_the_finished_job(client, auth, settings: Setti
     assert time.monotonic() - started < 5
     # Accepted (and already done): one submission, like a 202.
     assert REGISTRY.get_sample_value("segsvc_submissions_total") == accepted + 1
+
+
+def test_submit_with_wait_and_accept_png_answers_the_mask_itself(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings
+) -> None:
+    """One round trip from photo to mask, as a synchronous predict endpoint answers: without it
+    a client needs a second request for what it came for."""
+    import numpy as np
+
+    from segsvc.ml.preprocess import encode_mask_png
+
+    mask = encode_mask_png(np.ones((24, 32), np.uint8))
+    thread = finish_next_job(settings, mask_png=mask)
+    resp = client.post(
+        "/v1/jobs?wait=20",
+        headers={**auth, "Accept": "image/png"},
+        data=png_upload(),
+        content_type="multipart/form-data",
+    )
+    thread.join()
+    assert resp.status_code == 201
+    assert resp.mimetype == "image/png"
+    assert resp.data == mask
+    job_id = resp.headers["X-Job-Id"]
+    assert resp.headers["Location"].endswith(f"/v1/jobs/{job_id}")
+    assert client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth).data == mask
+    # A job that did not succeed has no mask: its JSON says why.
+    thread = finish_next_job(settings, status="failed")
+    resp = client.post(
+        "/v1/jobs?wait=20",
+        headers={**auth, "Accept": "image/png, application/json;q=0.5"},
+        data=png_upload(),
+        content_type="multipart/form-data",
+    )
+    thread.join()
+    assert (resp.status_code, resp.get_json()["status"]) == (201, "failed")
+    # Not done within the wait: the 202's JSON, whatever was asked for.
+    resp = client.post(
+        "/v1/jobs?wait=0.2",
+        headers={**auth, "Accept": "image/png"},
+        data=png_upload(),
+        content_type="multipart/form-data",
+    )
+    assert (resp.status_code, resp.get_json()["status"]) == (202, "queued")
 
 
 def test_submit_with_wait_answers_202_when_the_job_is_not_done(client, auth) -> None:  # type: ignore[no-untyped-def]

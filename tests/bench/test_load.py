@@ -67,3 +67,31 @@ def test_a_job_counts_once_its_mask_is_fetched_as_the_naive_baseline_returns_it(
     assert set(fetched) == {"/v1/jobs/j1/mask.png"}
     assert result.done == 0  # no mask, no result
     assert result.errors >= 1
+
+
+def test_a_submit_answered_with_its_mask_counts_in_one_round_trip() -> None:
+    """With `?wait=` the clients ask for `Accept: image/png`: a job done in time answers with
+    its mask, as the naive baseline does; its batch size is read after the run."""
+    paths: list[str] = []
+
+    def api(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        paths.append(environ["PATH_INFO"])
+        if environ["REQUEST_METHOD"] == "POST":
+            assert environ["HTTP_ACCEPT"] == "image/png"
+            start_response("201 CREATED", [("Content-Type", "image/png"), ("X-Job-Id", "j1")])
+            return [load.PNG_MAGIC + b"rest"]
+        jobs = [{"id": "j1", "status": "succeeded", "metrics": {"batch_size": 3}}]
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps({"jobs": jobs}).encode()]
+
+    body = load.Multipart((("pet.jpg", b"jpeg"),))
+    with serve(api) as url:
+        port = int(url.rsplit(":", 1)[1])
+        result = load.run_jobs_load(
+            port, {}, [body], clients=1, seconds=0.3, poll_s=0.01, wait_s=10
+        )
+    assert result.done >= 1
+    assert result.errors == 0
+    assert set(result.batch_sizes) == {3}
+    assert not any(p.endswith("mask.png") for p in paths)

@@ -331,8 +331,9 @@ def markdown(r: dict[str, Any]) -> str:
         "## Running system (gunicorn API + Redis + worker + Postgres)",
         "",
         "Latency: from the client sending its submit to the client holding the finished job's"
-        " mask PNG, fetched once the job has succeeded, as the naive baseline answers with it"
-        " (the burst runs: to the job's `completed_at`, as their poller reads the jobs only"
+        " mask PNG, as the naive baseline answers with it: the submit's own answer"
+        " (`?wait=` with `Accept: image/png`) when the job is done within the wait, else"
+        " `mask.png` fetched once it has succeeded (the burst runs: to the job's `completed_at`, as their poller reads the jobs only"
         f" after every submit). The idle client and each of the {clients} clients submit with"
         " `?wait=10` and long-poll after it (as `segsvc submit` and `segsvc.client` do);"
         " the burst run submits every job first, then one poller waits for them"

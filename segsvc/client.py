@@ -132,9 +132,12 @@ def _long_poll(
 class Job:
     """A job as the API last described it; `refresh()` and `wait()` update it."""
 
-    def __init__(self, client: Client, data: dict[str, Any]) -> None:
+    def __init__(
+        self, client: Client, data: dict[str, Any], *, mask_png: bytes | None = None
+    ) -> None:
         self._client = client
         self.data = data
+        self._mask_png = mask_png  # the mask when the submit answered with it (`segment`)
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, status={self.status!r})"
@@ -215,6 +218,8 @@ class Job:
 
     def mask_png(self) -> bytes:
         """The mask as PNG bytes (values 0 pet, 1 background, 2 border)."""
+        if self._mask_png is not None:
+            return self._mask_png
         return self._client.result_png(self.id, "mask")
 
     def overlay_png(self) -> bytes:
@@ -299,6 +304,28 @@ class Client:
             params=params,
             held=wait,  # as `get`: the server holds the answer, so the read may take as long
         )
+        return Job(self, _json(resp))
+
+    def segment(
+        self, image: ImageInput, *, filename: str | None = None, wait: float = LONG_POLL_S
+    ) -> Job:
+        """Photo in, mask out, in one request when the job ends within `wait`: the server
+        answers `Accept: image/png` with the mask itself, which the returned job then holds
+        (`mask()` reads no further; `refresh()` fetches the rest of the job). A job that
+        failed, or is not done in time, comes back as `submit` returns it: `wait()` on it."""
+        name, data = _read_image(image, filename)
+        wait = min(max(wait, 0.0), LONG_POLL_S)
+        resp = self._request(
+            "POST",
+            "/v1/jobs",
+            files={"image": (name, data)},
+            headers={"Idempotency-Key": str(uuid.uuid4()), "Accept": "image/png"},
+            params={"wait": f"{wait:.3f}"},
+            held=wait,
+        )
+        if resp.headers.get("content-type", "").startswith("image/png"):
+            job_id = resp.headers["X-Job-Id"]
+            return Job(self, {"id": job_id, "status": "succeeded"}, mask_png=resp.content)
         return Job(self, _json(resp))
 
     def submit_batch(

@@ -72,6 +72,10 @@ def test_client_submit_wait_returns_mask_and_overlay(api: Client, worker: Path) 
     held = api.submit(photo, wait=10)  # the server holds the answer until the job ends
     assert held.succeeded, worker.read_text()[-2000:]
     assert held.metrics["predict_ms"] > 0
+    segmented = api.segment(photo, wait=10)  # photo in, mask out: one request
+    assert segmented.succeeded, worker.read_text()[-2000:]
+    assert segmented.mask().size == size
+    assert segmented.refresh().metrics["predict_ms"] > 0
 
 
 @pytest.mark.e2e
@@ -494,3 +498,28 @@ def test_a_submit_that_waits_may_outlast_the_clients_read_timeout() -> None:
     with serve(stub) as url, Client(url, "k", timeout=1.0, retries=0) as client:
         assert client.submit(b"png", filename="a.png", wait=5.0).status == "succeeded"
     assert len(stub.times) == 1
+
+
+def test_segment_takes_the_mask_from_the_submits_own_answer() -> None:
+    """`segment` asks for `Accept: image/png`: a job done within the wait comes back with its
+    mask in the same answer, and `mask()` reads nothing more."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (4, 3), 1).save(buf, format="PNG")
+    png = buf.getvalue()
+    seen: list[tuple[str, str, str]] = []
+
+    def api(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        seen.append(
+            (environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("HTTP_ACCEPT", ""))
+        )
+        start_response("201 CREATED", [("Content-Type", "image/png"), ("X-Job-Id", J1)])
+        return [png]
+
+    with serve(api) as url, Client(url, "k") as client:
+        job = client.segment(b"png", filename="a.png", wait=5.0)
+        assert (job.id, job.status) == (J1, "succeeded")
+        assert job.mask().size == (4, 3)
+    assert seen == [("POST", "/v1/jobs", "image/png")]  # one request, no mask download

@@ -14,7 +14,7 @@ import logging
 
 from PIL import Image
 
-from segsvc.ml import IMAGE_SIZE
+from segsvc.ml import IMAGE_SIZE, NUM_CLASSES
 
 _log = logging.getLogger(__name__)
 
@@ -152,3 +152,25 @@ def render_overlay_png(image_bytes: bytes, mask_png: bytes) -> bytes:
     with Image.open(io.BytesIO(mask_png)) as mask:
         mask.load()
         return render_overlay(image_bytes, mask)
+
+
+def mask_classes(img: Image.Image) -> Image.Image:
+    """A decoded class mask as its classes: the image itself, but a palette mask whose used
+    colours are all greys of class values (0, 1, 2) is read through its palette. An editor
+    or optimiser that saves the served grey mask as a palette PNG may reorder the palette (one
+    seen: index 0 shows grey 2), so its indices no longer are the classes its colours show,
+    and read by index pet and border swapped. A palette of other colours keeps meaning its
+    indices (colours chosen for display)."""
+    if img.mode != "P":
+        return img
+    palette = img.getpalette() or []
+    used = [index for index, count in enumerate(img.histogram()) if count]
+    greys = []
+    for index in used:
+        rgb = palette[3 * index : 3 * index + 3]
+        if len(rgb) != 3 or not rgb[0] == rgb[1] == rgb[2] or rgb[0] >= NUM_CLASSES:
+            return img
+        greys.append(rgb[0])
+    if greys == used:
+        return img  # indices and colours agree
+    return img.convert("L")

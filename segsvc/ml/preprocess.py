@@ -145,9 +145,9 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def decode_mask_png(data: bytes) -> npt.NDArray[np.uint8]:
-    """Read a class mask PNG back to an array."""
+    """Read a class mask PNG back to an array of classes (`imaging.mask_classes`)."""
     with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img, dtype=np.uint8)
+        return np.asarray(imaging.mask_classes(img), dtype=np.uint8)
 
 
 def render_overlay(image_bytes: bytes, mask: npt.NDArray[np.uint8]) -> bytes:

@@ -19,6 +19,7 @@ from segsvc import images
 from segsvc.blobs import POINTER_LENGTH, BlobMissingError, BlobStore, pointer_digest, pointer_to
 from segsvc.errors import BadRequestError, ConflictError, NotFoundError, SegError
 from segsvc.ml import NUM_CLASSES
+from segsvc.ml.imaging import mask_classes
 from segsvc.models import Feedback, Job, JobStatus, db_clock, db_time
 from segsvc.services.jobs import get_job
 from segsvc.services.retention import (
@@ -80,7 +81,7 @@ def validate_mask(
             )
         with large_decode() if width * height > images.LARGE_DECODE_PIXELS else nullcontext():
             try:
-                bad = _values_out_of_range(img)
+                bad = _values_out_of_range(mask_classes(img))
             except (OSError, ValueError, SyntaxError):
                 raise InvalidMaskError("The mask PNG could not be decoded.") from None
     if bad:

@@ -100,6 +100,23 @@ def test_validate_mask_reads_palette_and_16_bit_masks() -> None:
                 validate_mask(data, width=80, height=60)
 
 
+def test_a_grey_mask_saved_with_a_reordered_palette_keeps_its_classes() -> None:
+    """An editor or optimiser re-saving the served grey mask as a palette PNG may put grey 2
+    at index 0: read by index, every pet pixel became border and every border pixel pet."""
+    from segsvc.ml.preprocess import decode_mask_png
+
+    classes = np.tile(np.arange(80) % 3, (60, 1)).astype(np.uint8)
+    quantized = Image.fromarray(classes, "L").quantize(3)
+    assert quantized.getpalette()[:9] != [0, 0, 0, 1, 1, 1, 2, 2, 2]  # reordered
+    data = encode_image(quantized)
+    validate_mask(data, width=80, height=60)
+    np.testing.assert_array_equal(decode_mask_png(data), classes)
+    # A palette of display colours still means its indices.
+    shown = Image.fromarray(classes, "L")
+    shown.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255])
+    np.testing.assert_array_equal(decode_mask_png(encode_image(shown.convert("P"))), classes)
+
+
 @pytest.mark.parametrize(
     ("data", "needle"),
     [

@@ -194,3 +194,34 @@ def test_reader_skips_exif_rotated_images(tmp_path: Path) -> None:
     assert decoded.stats.skipped == {
         "EXIF-rotated image: which way its trimap was drawn is unknown": 1
     }
+
+
+def test_folder_overlap_sees_a_resized_copy_of_a_training_photo(tmp_path: Path) -> None:
+    """Oxford-IIIT Pet holds the same photo at two sizes (Abyssinian_99 at 450x299 and
+    Abyssinian_151 at 350x233 in the sample): byte digests miss it, and an evaluation folder
+    carved from the same data let the gate score a candidate on a photo it trained on."""
+    from retrain.dataset import folder_overlap
+    from tests.conftest import _sample_dir
+
+    sample = _sample_dir()
+    if not (sample / "images" / "Abyssinian_151.jpg").is_file():
+        pytest.skip("the Oxford pets sample is not available")
+    for folder, names in (
+        ("train", ["Abyssinian_99", "Abyssinian_1"]),
+        ("eval", ["Abyssinian_151"]),
+    ):
+        for sub in ("images", "annotations/trimaps"):
+            (tmp_path / folder / sub).mkdir(parents=True)
+        for name in names:
+            (tmp_path / folder / "images" / f"{name}.jpg").write_bytes(
+                (sample / "images" / f"{name}.jpg").read_bytes()
+            )
+            (tmp_path / folder / "annotations" / "trimaps" / f"{name}.png").write_bytes(
+                (sample / "annotations" / "trimaps" / f"{name}.png").read_bytes()
+            )
+    found = folder_overlap(tmp_path / "train", tmp_path / "eval")
+    assert found is not None
+    assert "Abyssinian_151 ~ Abyssinian_99" in found
+    # Different photos of the same breed are not copies.
+    (tmp_path / "train" / "images" / "Abyssinian_99.jpg").unlink()
+    assert folder_overlap(tmp_path / "train", tmp_path / "eval") is None

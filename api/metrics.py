@@ -10,6 +10,7 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -94,7 +95,9 @@ def _count_submission(response: Response) -> str | None:
     if response.status_code in (201, 202):
         jobs = body.get("jobs")
         SUBMISSIONS.inc(len(jobs) if isinstance(jobs, list) else 1)
-        return str(body["id"]) if body.get("id") else None
+        if body.get("id"):
+            return str(body["id"])
+        return response.headers.get("X-Job-Id")  # a finished submit answered with its mask
     if response.status_code >= 400:
         REJECTIONS.labels(str(body.get("error") or response.status_code)).inc()
     return None
@@ -114,9 +117,23 @@ def keep_metrics_on_their_port() -> None:
     port = settings().metrics_port
     if not port:
         return
-    on_metrics_port = request.environ.get("SERVER_PORT") == str(port)
-    if on_metrics_port != (request.endpoint == "metrics"):
+    if on_metrics_port(request.environ, port) != (request.endpoint == "metrics"):
         raise NotFound()  # the same answer as a path no route has
+
+
+def on_metrics_port(environ: dict[str, Any], port: int) -> bool:
+    """Whether the request came in on the metrics port: the local address of the connection
+    gunicorn accepted. Not `SERVER_PORT`, which on a unix-socket bind gunicorn takes from the
+    client's Host header: `Host: api:9100` on the public socket read the metrics. Without
+    gunicorn (a test client, a dev server) `SERVER_PORT` is all there is."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return bool(environ.get("SERVER_PORT") == str(port))
+    try:
+        local = sock.getsockname()
+    except OSError:
+        return False
+    return isinstance(local, tuple) and len(local) >= 2 and local[1] == port
 
 
 def metrics_view() -> Response:

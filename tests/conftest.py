@@ -290,14 +290,16 @@ def start_worker(settings: Settings, log_path: Path, **extra: str) -> subprocess
     return start_celery(settings, log_path, **extra)
 
 
-def wait_http_up(base: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    """Wait until a server process answers `GET /healthz` (its log's tail if it exits)."""
+def wait_http_up(
+    base: str, proc: subprocess.Popen[bytes], log_path: Path, path: str = "/healthz"
+) -> None:
+    """Wait until a server process answers `GET path` (its log's tail if it exits)."""
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(log_path.read_text()[-3000:])
         try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"{base}{path}", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -196,6 +196,10 @@ def test_metrics_answer_on_their_own_port_only(
                             headers={"Authorization": f"Bearer {api_key}"},
                         ).status_code,
                         "health": http.get(f"{public}/healthz").status_code,
+                        # The Host header names no port the server listens on.
+                        "spoofed_host": http.get(
+                            f"{public}/metrics", headers={"Host": f"api:{metrics_port}"}
+                        ).status_code,
                     }
                 )
     finally:
@@ -207,5 +211,44 @@ def test_metrics_answer_on_their_own_port_only(
         "health_on_metrics": 404,
         "api_on_metrics": 404,
         "health": 200,
+        "spoofed_host": 404,
     }
     assert answers == [expected, expected], log_path.read_text()[-3000:]
+
+
+def test_a_unix_socket_bind_shows_no_metrics_to_a_host_header_naming_the_metrics_port(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """On a unix socket gunicorn takes SERVER_PORT from the Host header: `Host: api:9100` on
+    the public socket (behind a proxy passing the client's Host) read every metric."""
+    metrics_port, log_path = free_port(), tmp_path / "gunicorn.log"
+    sock = tmp_path / "api.sock"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    env = worker_env(settings, SEG_METRICS_PORT=str(metrics_port), GUNICORN_BIND=f"unix:{sock}")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "python:api.gunicorn_conf",
+            "api.wsgi:app",
+            "--workers",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_http_up(f"http://127.0.0.1:{metrics_port}", proc, log_path, path="/metrics")
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=30) as http:
+            spoofed = http.get(
+                "http://api/metrics", headers={"Host": f"api:{metrics_port}"}
+            ).status_code
+            health = http.get("http://api/healthz").status_code
+    finally:
+        stop_process(proc)
+        log.close()
+    assert (spoofed, health) == (404, 200), log_path.read_text()[-3000:]

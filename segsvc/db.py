@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
@@ -18,6 +19,9 @@ EngineKey = tuple[int, str, tuple[tuple[str, int], ...]]
 
 _engines: dict[EngineKey, Engine] = {}
 _factories: dict[EngineKey, sessionmaker[Session]] = {}
+# Made once per key: threads of a fresh gunicorn worker asking at once each built an engine,
+# and the ones overwritten kept their pools' connections, unseen by `dispose_engines`.
+_made = threading.Lock()
 
 
 def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -156,18 +160,27 @@ def get_engine(settings: Settings | None = None) -> Engine:
     """The process's engine for the configured database, with its role's limits."""
     settings = settings or get_settings()
     key = _engine_key(settings)
-    if key not in _engines:
-        _engines[key] = build_engine(key[1], limits=dict(key[2]))
-    return _engines[key]
+    engine = _engines.get(key)
+    if engine is None:
+        with _made:
+            engine = _engines.get(key)
+            if engine is None:
+                engine = _engines[key] = build_engine(key[1], limits=dict(key[2]))
+    return engine
 
 
 def get_sessionmaker(settings: Settings | None = None) -> sessionmaker[Session]:
     """The process's one sessionmaker (per role)."""
     settings = settings or get_settings()
     key = _engine_key(settings)
-    if key not in _factories:
-        _factories[key] = sessionmaker(get_engine(settings), expire_on_commit=False)
-    return _factories[key]
+    factory = _factories.get(key)
+    if factory is None:
+        engine = get_engine(settings)
+        with _made:
+            factory = _factories.get(key)
+            if factory is None:
+                factory = _factories[key] = sessionmaker(engine, expire_on_commit=False)
+    return factory
 
 
 @contextmanager

@@ -307,6 +307,29 @@ def test_submit_with_wait_and_accept_png_answers_the_mask_itself(  # type: ignor
     assert (resp.status_code, resp.get_json()["status"]) == (202, "queued")
 
 
+def test_a_finished_submit_whose_mask_cannot_be_read_answers_its_json_not_a_500(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job is stored and finished: a 5xx would have the client submit the photo again."""
+    from segsvc.blobs import DbBlobStore, FsBlobStore
+
+    def unreachable(self: object, value: bytes) -> bytes:
+        raise OSError(5, "Input/output error")  # a network filesystem away
+
+    for store in (DbBlobStore, FsBlobStore):
+        monkeypatch.setattr(store, "get", unreachable)
+    thread = finish_next_job(settings, mask_png=b"\x89PNG not read")
+    resp = client.post(
+        "/v1/jobs?wait=20",
+        headers={**auth, "Accept": "image/png"},
+        data=png_upload(),
+        content_type="multipart/form-data",
+    )
+    thread.join()
+    assert resp.status_code == 201
+    assert resp.get_json()["status"] == "succeeded"
+
+
 def test_submit_with_wait_answers_202_when_the_job_is_not_done(client, auth) -> None:  # type: ignore[no-untyped-def]
     started = time.monotonic()
     resp = client.post(

@@ -208,3 +208,38 @@ def test_a_statements_error_does_not_carry_its_values(settings: Settings) -> Non
         )
     assert "division by zero" in str(failed.value)
     assert "s3cr3t" not in str(failed.value)
+
+
+def test_threads_asking_at_once_share_one_engine(settings: Settings) -> None:
+    """A fresh gunicorn worker's threads each built an engine for their first request; the
+    ones overwritten kept their pools' connections, unseen by `dispose_engines`."""
+    from segsvc import db
+
+    url = f"{settings.database_url}?application_name=engine_race"  # a key no one has made
+    cfg = settings.model_copy(update={"database_url": url})
+    start = threading.Barrier(8)
+    real_build = db.build_engine
+    built: list[object] = []
+
+    def slow_build(*args: object, **kwargs: object) -> object:
+        built.append(1)
+        time.sleep(0.05)  # as connecting takes a moment: the others ask meanwhile
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    db.build_engine = slow_build  # type: ignore[assignment]
+    makers: list[object] = []
+    try:
+
+        def ask() -> None:
+            start.wait(5)
+            makers.append(db.get_sessionmaker(cfg))
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        db.build_engine = real_build  # type: ignore[assignment]
+    assert len(built) == 1
+    assert len({id(m) for m in makers}) == 1

@@ -32,6 +32,12 @@ FALLBACK_RECHECK_S = 1.0  # with Redis: re-read the job this often even without 
 POLL_WITHOUT_REDIS_S = 0.1  # without Redis: re-read the job this often
 SUBSCRIBE_WAIT_S = 0.5  # the longest a process's first long poll waits for its subscription
 RECONNECT_PAUSE_S = 1.0
+# A quiet subscription is asked a PING after this long, and given up on (woken waiters re-read,
+# then it reconnects) when no answer comes within PONG_TIMEOUT_S: a connection a NAT or a failed
+# over Redis dropped without a word is otherwise waited on until TCP keepalive (2 h by default)
+# while every notice is lost.
+QUIET_PING_S = 30.0
+PONG_TIMEOUT_S = 10.0
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
 _slots: dict[int, threading.BoundedSemaphore] = {}
@@ -159,6 +165,7 @@ class _Listener:
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
         self.tried = threading.Event()  # the first connection attempt has ended, either way
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="segsvc-notices", daemon=True)
         self._thread.start()
 
@@ -191,9 +198,14 @@ class _Listener:
         for notice in notices:
             notice.set()
 
+    def close(self) -> None:
+        """Stop listening (within a second); waiters still registered are woken to re-read."""
+        self._closed.set()
+        self._thread.join(5)
+
     def _run(self) -> None:
         reported = False  # this outage was logged already (once, not on every retry)
-        while True:
+        while not self._closed.is_set():
             try:
                 self._listen()
             except Exception as exc:  # Redis went away: waiters re-read, then we reconnect
@@ -211,14 +223,25 @@ class _Listener:
         client = redis.Redis.from_url(
             self._url,
             socket_connect_timeout=0.5,
-            health_check_interval=30,
-            socket_keepalive=True,  # a silently dead connection is noticed, not waited on forever
+            socket_timeout=PONG_TIMEOUT_S,  # a write to a dead peer does not block for ever
+            socket_keepalive=True,
             client_name=self.client_name,  # visible in CLIENT LIST
         )
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
             pubsub.subscribe(self._channel)
-            for message in pubsub.listen():
+            heard, pinged = time.monotonic(), None
+            while not self._closed.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                now = time.monotonic()
+                if message is None:  # quiet: is anyone still there?
+                    if pinged is not None and now - pinged > PONG_TIMEOUT_S:
+                        raise redis.ConnectionError("no answer to a PING: the connection is dead")
+                    if pinged is None and now - heard > QUIET_PING_S:
+                        pubsub.ping()
+                        pinged = now
+                    continue
+                heard, pinged = now, None
                 if message["type"] == "subscribe":
                     self.subscribed.set()  # from here on no notice can be missed
                     self.tried.set()

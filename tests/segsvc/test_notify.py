@@ -142,3 +142,76 @@ def test_a_malformed_notice_is_ignored_and_the_listener_goes_on(settings: Settin
     thread.join()
     assert took[0] < 10  # the notice, not the 30 s wait
     assert got == [{job_id: {"status": "failed"}}]
+
+
+class FreezingProxy:
+    """A loopback TCP proxy to Redis that can go silent without closing anything, as a NAT
+    that dropped the connection's state or a Redis failed over without a word does."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        import socket
+
+        self.upstream = upstream
+        self.frozen = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets: list[object] = [self.server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.upstream)
+            self.sockets += [conn, up]
+            for src, dst in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: object, dst: object) -> None:
+        while True:
+            try:
+                data = src.recv(65536)  # type: ignore[attr-defined]
+            except OSError:
+                return
+            if not data:
+                return
+            if not self.frozen.is_set():  # frozen: read and drop, never answer, never close
+                dst.sendall(data)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()  # type: ignore[attr-defined]
+
+
+def test_a_connection_gone_silent_is_noticed_and_replaced(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pubsub.listen() blocked on a read without a timeout: a connection that a NAT or a
+    failover dropped without a word was waited on until TCP keepalive (2 hours here) while
+    every notice was lost. A quiet subscription now PINGs and reconnects unanswered."""
+    monkeypatch.setattr(notify, "QUIET_PING_S", 0.5)
+    monkeypatch.setattr(notify, "PONG_TIMEOUT_S", 1.0)
+    real = redis.connection.parse_url(settings.effective_redis_url)
+    proxy = FreezingProxy(("127.0.0.1", int(real.get("port", 6379))))
+    url = f"redis://127.0.0.1:{proxy.port}/{real.get('db', 0)}"
+    listener = notify._Listener(url)
+    try:
+        assert listener.subscribed.wait(10)
+        proxy.frozen.set()
+        deadline = time.monotonic() + 15
+        while listener.subscribed.is_set():  # noticed: waiters are woken to re-read
+            assert time.monotonic() < deadline, "a silent connection was waited on"
+            time.sleep(0.1)
+        proxy.frozen.clear()
+        assert listener.subscribed.wait(15)  # a new connection, and notices again
+        job_id = str(uuid.uuid4())
+        notice = listener.add([job_id])
+        notify.publish_finished(url, [job_id], {job_id: {"status": "succeeded"}})
+        assert notice.wait(10) == {job_id: {"status": "succeeded"}}
+    finally:
+        listener.close()
+        proxy.close()

@@ -164,23 +164,25 @@ class FreezingProxy:
         while True:
             try:
                 conn, _ = self.server.accept()
+                up = socket.create_connection(self.upstream)
             except OSError:
                 return
-            up = socket.create_connection(self.upstream)
             self.sockets += [conn, up]
             for src, dst in ((conn, up), (up, conn)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
     def _pump(self, src: object, dst: object) -> None:
+        # Every socket error ends the pump quietly: the test closes the sockets under it (an
+        # exception left in a thread would be reported against whichever test runs next).
         while True:
             try:
                 data = src.recv(65536)  # type: ignore[attr-defined]
+                if not data:
+                    return
+                if not self.frozen.is_set():  # frozen: read and drop, never answer, never close
+                    dst.sendall(data)  # type: ignore[attr-defined]
             except OSError:
                 return
-            if not data:
-                return
-            if not self.frozen.is_set():  # frozen: read and drop, never answer, never close
-                dst.sendall(data)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         for sock in self.sockets:

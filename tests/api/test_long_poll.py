@@ -243,6 +243,16 @@ def png_upload() -> dict[str, tuple[io.BytesIO, str]]:
     return {"image": (io.BytesIO(buf.getvalue()), "a.png")}
 
 
+def submit_waiting(client, auth, wait: float, accept: str = "image/png"):  # type: ignore[no-untyped-def]
+    """`POST /v1/jobs?wait=` of a small PNG, asking for `accept`."""
+    return client.post(
+        f"/v1/jobs?wait={wait:g}",
+        headers={**auth, "Accept": accept},
+        data=png_upload(),
+        content_type="multipart/form-data",
+    )
+
+
 def test_submit_with_wait_returns_the_finished_job(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     from prometheus_client import REGISTRY
 
@@ -274,12 +284,7 @@ def test_submit_with_wait_and_accept_png_answers_the_mask_itself(  # type: ignor
 
     mask = encode_mask_png(np.ones((24, 32), np.uint8))
     thread = finish_next_job(settings, mask_png=mask)
-    resp = client.post(
-        "/v1/jobs?wait=20",
-        headers={**auth, "Accept": "image/png"},
-        data=png_upload(),
-        content_type="multipart/form-data",
-    )
+    resp = submit_waiting(client, auth, 20)
     thread.join()
     assert resp.status_code == 201
     assert resp.mimetype == "image/png"
@@ -289,21 +294,11 @@ def test_submit_with_wait_and_accept_png_answers_the_mask_itself(  # type: ignor
     assert client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth).data == mask
     # A job that did not succeed has no mask: its JSON says why.
     thread = finish_next_job(settings, status="failed")
-    resp = client.post(
-        "/v1/jobs?wait=20",
-        headers={**auth, "Accept": "image/png, application/json;q=0.5"},
-        data=png_upload(),
-        content_type="multipart/form-data",
-    )
+    resp = submit_waiting(client, auth, 20, accept="image/png, application/json;q=0.5")
     thread.join()
     assert (resp.status_code, resp.get_json()["status"]) == (201, "failed")
     # Not done within the wait: the 202's JSON, whatever was asked for.
-    resp = client.post(
-        "/v1/jobs?wait=0.2",
-        headers={**auth, "Accept": "image/png"},
-        data=png_upload(),
-        content_type="multipart/form-data",
-    )
+    resp = submit_waiting(client, auth, 0.2)
     assert (resp.status_code, resp.get_json()["status"]) == (202, "queued")
 
 
@@ -319,12 +314,7 @@ def test_a_finished_submit_whose_mask_cannot_be_read_answers_its_json_not_a_500(
     for store in (DbBlobStore, FsBlobStore):
         monkeypatch.setattr(store, "get", unreachable)
     thread = finish_next_job(settings, mask_png=b"\x89PNG not read")
-    resp = client.post(
-        "/v1/jobs?wait=20",
-        headers={**auth, "Accept": "image/png"},
-        data=png_upload(),
-        content_type="multipart/form-data",
-    )
+    resp = submit_waiting(client, auth, 20)
     thread.join()
     assert resp.status_code == 201
     assert resp.get_json()["status"] == "succeeded"

@@ -11,6 +11,16 @@ from bench import load
 from tests.live import serve
 
 
+def one_client_against(api: Any, seconds: float) -> load.LoadResult:
+    """`run_jobs_load` with one client submitting with `?wait=` to the WSGI app `api`."""
+    body = load.Multipart((("pet.jpg", b"jpeg"),))
+    with serve(api) as url:
+        port = int(url.rsplit(":", 1)[1])
+        return load.run_jobs_load(
+            port, {}, [body], clients=1, seconds=seconds, poll_s=0.01, wait_s=10
+        )
+
+
 def test_latency_is_what_the_client_sees_not_the_jobs_completed_at() -> None:
     """The server stamps completed_at 0.25 s before the client holds the finished job (the
     worker's commit, its notice and the answer come after that stamp): the latency counts
@@ -32,12 +42,7 @@ def test_latency_is_what_the_client_sees_not_the_jobs_completed_at() -> None:
         start_response("201 CREATED", [("Content-Type", "application/json")])
         return [json.dumps(job).encode()]
 
-    body = load.Multipart((("pet.jpg", b"jpeg"),))
-    with serve(api) as url:
-        port = int(url.rsplit(":", 1)[1])
-        result = load.run_jobs_load(
-            port, {}, [body], clients=1, seconds=0.6, poll_s=0.01, wait_s=10
-        )
+    result = one_client_against(api, seconds=0.6)
     assert result.done >= 1
     assert min(result.latencies) >= 0.25
 
@@ -57,12 +62,7 @@ def test_a_job_counts_once_its_mask_is_fetched_as_the_naive_baseline_returns_it(
         start_response("201 CREATED", [("Content-Type", "application/json")])
         return [json.dumps(job).encode()]
 
-    body = load.Multipart((("pet.jpg", b"jpeg"),))
-    with serve(api) as url:
-        port = int(url.rsplit(":", 1)[1])
-        result = load.run_jobs_load(
-            port, {}, [body], clients=1, seconds=0.3, poll_s=0.01, wait_s=10
-        )
+    result = one_client_against(api, seconds=0.3)
     assert fetched
     assert set(fetched) == {"/v1/jobs/j1/mask.png"}
     assert result.done == 0  # no mask, no result
@@ -85,12 +85,7 @@ def test_a_submit_answered_with_its_mask_counts_in_one_round_trip() -> None:
         start_response("200 OK", [("Content-Type", "application/json")])
         return [json.dumps({"jobs": jobs}).encode()]
 
-    body = load.Multipart((("pet.jpg", b"jpeg"),))
-    with serve(api) as url:
-        port = int(url.rsplit(":", 1)[1])
-        result = load.run_jobs_load(
-            port, {}, [body], clients=1, seconds=0.3, poll_s=0.01, wait_s=10
-        )
+    result = one_client_against(api, seconds=0.3)
     assert result.done >= 1
     assert result.errors == 0
     assert set(result.batch_sizes) == {3}

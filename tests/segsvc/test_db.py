@@ -210,7 +210,9 @@ def test_a_statements_error_does_not_carry_its_values(settings: Settings) -> Non
     assert "s3cr3t" not in str(failed.value)
 
 
-def test_threads_asking_at_once_share_one_engine(settings: Settings) -> None:
+def test_threads_asking_at_once_share_one_engine(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A fresh gunicorn worker's threads each built an engine for their first request; the
     ones overwritten kept their pools' connections, unseen by `dispose_engines`."""
     from segsvc import db
@@ -226,20 +228,17 @@ def test_threads_asking_at_once_share_one_engine(settings: Settings) -> None:
         time.sleep(0.05)  # as connecting takes a moment: the others ask meanwhile
         return real_build(*args, **kwargs)  # type: ignore[arg-type]
 
-    db.build_engine = slow_build  # type: ignore[assignment]
+    monkeypatch.setattr(db, "build_engine", slow_build)
     makers: list[object] = []
-    try:
 
-        def ask() -> None:
-            start.wait(5)
-            makers.append(db.get_sessionmaker(cfg))
+    def ask() -> None:
+        start.wait(5)
+        makers.append(db.get_sessionmaker(cfg))
 
-        threads = [threading.Thread(target=ask) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
-    finally:
-        db.build_engine = real_build  # type: ignore[assignment]
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
     assert len(built) == 1
     assert len({id(m) for m in makers}) == 1

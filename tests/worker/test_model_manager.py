@@ -274,6 +274,8 @@ def test_a_production_version_that_failed_to_load_is_tried_again_later(
 
 class FailingRuntime:
     name = "failing"
+    error: type[Exception] = RuntimeError
+    match: str | None = "kernel exploded"
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         raise RuntimeError("kernel exploded")
@@ -297,6 +299,8 @@ def test_canary_that_fails_at_inference_is_rolled_back_at_once(
 
 class OutOfMemoryRuntime:
     name = "oom"
+    error: type[Exception] = MemoryError
+    match: str | None = None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         raise MemoryError
@@ -312,11 +316,7 @@ def test_a_canary_out_of_memory_once_on_one_worker_is_not_rejected_for_everyone(
     manager.load()
     canary(settings, model_file, "cand", share=1.0)
     manager.refresh()
-    serving = manager.routing.canary
-    assert serving is not None
-    serving.runtime.inner = OutOfMemoryRuntime()  # type: ignore[attr-defined]
-    with pytest.raises(MemoryError):
-        serving.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
+    fail_canary(manager, OutOfMemoryRuntime())
     assert manager.model_for(uuid.uuid4()).version == "test-v1"  # this worker: at once
     assert canary_row(settings, "cand")[0] == "canary"  # the fleet: still a canary
     assert manager.refresh() is False  # not retried on every poll
@@ -325,11 +325,7 @@ def test_a_canary_out_of_memory_once_on_one_worker_is_not_rejected_for_everyone(
     assert manager.model_for(uuid.uuid4()).version == "cand"
     # Out of memory again on the same worker within the hour: no longer passing (an hour
     # later it would be a first failure again).
-    serving = manager.routing.canary
-    assert serving is not None
-    serving.runtime.inner = OutOfMemoryRuntime()  # type: ignore[attr-defined]
-    with pytest.raises(MemoryError):
-        serving.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
+    fail_canary(manager, OutOfMemoryRuntime())
     status, reason = canary_row(settings, "cand")
     assert status == "rejected"
     assert "MemoryError" in reason
@@ -346,21 +342,21 @@ def test_a_canary_out_of_memory_twice_hours_apart_is_not_rejected(
     monkeypatch.setattr(model_manager, "RUN_FAILURE_WINDOW_S", 0.2)
     for _ in range(2):
         manager.refresh()
-        serving = manager.routing.canary
-        assert serving is not None
-        serving.runtime.inner = OutOfMemoryRuntime()  # type: ignore[attr-defined]
-        with pytest.raises(MemoryError):
-            serving.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
+        fail_canary(manager, OutOfMemoryRuntime())
         time.sleep(0.3)  # past the window
     assert canary_row(settings, "cand")[0] == "canary"
 
 
-def fail_canary(manager: ModelManager) -> None:
-    """Make the serving canary raise at inference, as a batch would see it."""
+def fail_canary(
+    manager: ModelManager, runtime: FailingRuntime | OutOfMemoryRuntime | None = None
+) -> None:
+    """Make the serving canary raise at inference (`runtime`'s error, FailingRuntime's by
+    default), as a batch would see it."""
+    failing = runtime or FailingRuntime()
     serving = manager.routing.canary
     assert serving is not None
-    serving.runtime.inner = FailingRuntime()  # type: ignore[attr-defined]
-    with pytest.raises(RuntimeError, match="kernel exploded"):
+    serving.runtime.inner = failing  # type: ignore[attr-defined]
+    with pytest.raises(failing.error, match=failing.match):
         serving.runtime.predict(np.zeros((1, 128, 128, 3), np.float32))
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -173,24 +175,17 @@ def test_a_blob_folder_that_fails_does_not_stop_the_pass(
     assert remaining(cfg, old) == set()
 
 
-def test_a_rating_for_a_job_being_deleted_is_a_404_not_a_500(settings: Settings) -> None:
-    """A rating took no lock: its insert waited for the deletion and then failed its foreign
-    key (an IntegrityError, a 500). It now waits on the job row and finds it gone."""
-    import threading
-
-    from segsvc.errors import NotFoundError
-
-    job_id = make_job(settings)
-    age(settings, job_id, 100)
+def while_its_deletion_waits_to_commit(
+    settings: Settings, act: Callable[[], object], before_it_waits: threading.Event | None = None
+) -> list[object]:
+    """Run `act` in a thread while row retention has deleted the aged job but not committed
+    yet: it must wait for the deletion (checked once `before_it_waits` is set, if given),
+    then end. Its outcome: what it returned, or what it raised."""
     outcome: list[object] = []
 
-    def rate() -> None:
+    def run() -> None:
         try:
-            with session_scope(settings) as session:
-                feedback.submit_feedback(
-                    session=session, job_id=job_id, client_id=None, rating="good"
-                )
-            outcome.append("stored")
+            outcome.append(act())
         except Exception as exc:  # the outcome is what is checked
             outcome.append(exc)
 
@@ -200,27 +195,45 @@ def test_a_rating_for_a_job_being_deleted_is_a_404_not_a_500(settings: Settings)
             session=deleting, status=JobStatus.SUCCEEDED, cutoff=cutoff
         )
         assert deleted.jobs == 1
-        rater = threading.Thread(target=rate)
-        rater.start()
-        rater.join(0.5)
+        thread = threading.Thread(target=run)
+        thread.start()
+        if before_it_waits is not None:
+            assert before_it_waits.wait(5)
+        thread.join(0.5)
         assert outcome == []  # waiting for the deletion to commit
-    rater.join(10)
+    thread.join(10)
+    return outcome
+
+
+def test_a_rating_for_a_job_being_deleted_is_a_404_not_a_500(settings: Settings) -> None:
+    """A rating took no lock: its insert waited for the deletion and then failed its foreign
+    key (an IntegrityError, a 500). It now waits on the job row and finds it gone."""
+    from segsvc.errors import NotFoundError
+
+    job_id = make_job(settings)
+    age(settings, job_id, 100)
+
+    def rate() -> object:
+        with session_scope(settings) as session:
+            feedback.submit_feedback(session=session, job_id=job_id, client_id=None, rating="good")
+        return "stored"
+
+    outcome = while_its_deletion_waits_to_commit(settings, rate)
     assert len(outcome) == 1
     assert isinstance(outcome[0], NotFoundError)
 
 
-def test_a_cancel_of_a_job_being_deleted_is_a_404_not_a_500(settings: Settings) -> None:
+def test_a_cancel_of_a_job_being_deleted_is_a_404_not_a_500(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The cancel read the job, then waited to lock it while the deletion committed: the lock's
     re-read found no row (SQLAlchemy's InvalidRequestError, a 500)."""
-    import threading
-
     from segsvc.errors import NotFoundError
     from segsvc.services import jobs as job_service
 
     job_id = make_job(settings)
     age(settings, job_id, 100)
-    outcome: list[object] = []
-    read = threading.Event()
+    read = threading.Event()  # it read the row the deletion has not committed yet
     real_get_job = job_service.get_job
 
     def get_job_then_wait(**kwargs: object) -> Job:
@@ -228,27 +241,12 @@ def test_a_cancel_of_a_job_being_deleted_is_a_404_not_a_500(settings: Settings) 
         read.set()
         return job
 
-    def cancel() -> None:
-        try:
-            with session_scope(settings) as session:
-                job_service.cancel_job(session=session, job_id=str(job_id), client_id=None)
-            outcome.append("canceled")
-        except Exception as exc:  # the outcome is what is checked
-            outcome.append(exc)
+    def cancel() -> object:
+        with session_scope(settings) as session:
+            job_service.cancel_job(session=session, job_id=str(job_id), client_id=None)
+        return "canceled"
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(job_service, "get_job", get_job_then_wait)
-        with session_scope(settings) as deleting:
-            cutoff = feedback.purge_cutoff(session=deleting, retention_days=90)
-            deleted = retention.delete_ended_jobs_chunk(
-                session=deleting, status=JobStatus.SUCCEEDED, cutoff=cutoff
-            )
-            assert deleted.jobs == 1
-            canceler = threading.Thread(target=cancel)
-            canceler.start()
-            assert read.wait(5)  # it read the row the deletion has not committed yet...
-            canceler.join(0.5)
-            assert outcome == []  # ...and waits for its lock
-        canceler.join(10)
+    monkeypatch.setattr(job_service, "get_job", get_job_then_wait)
+    outcome = while_its_deletion_waits_to_commit(settings, cancel, before_it_waits=read)
     assert len(outcome) == 1
     assert isinstance(outcome[0], NotFoundError)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -38,28 +38,21 @@ def messages(settings: Settings, job_id: uuid.UUID | None = None) -> list[Webhoo
         return list(session.scalars(query).all())
 
 
+def start(settings: Settings, message_id: str, lease: datetime) -> dispatch.Prepared | None:
+    """`start_attempt` in a transaction of its own, as `deliver_message` runs it."""
+    with session_scope(settings) as session:
+        return start_attempt(session=session, message_id=message_id, lease=lease, settings=settings)
+
+
 def attempt(settings: Settings, outcome: Outcome) -> list[str]:
-    """Claim what is due and record `outcome` for each (no HTTP)."""
+    """Claim what is due and record `outcome` for each (no HTTP), one after the other."""
     with session_scope(settings) as session:
         claimed = claim_due(session=session)
     statuses = []
     for message_id, lease in claimed:
-        with session_scope(settings) as session:
-            prepared = start_attempt(
-                session=session, message_id=message_id, lease=lease, settings=settings
-            )
-        if prepared is None:
-            continue
-        with session_scope(settings) as session:
-            statuses.append(
-                finish_attempt(
-                    session=session, prepared=prepared, outcome=outcome, settings=settings
-                )
-            )
-        with session_scope(settings) as session:  # as deliver_message does, after it
-            record_endpoint_outcome(
-                session=session, prepared=prepared, outcome=outcome, settings=settings
-            )
+        prepared = start(settings, message_id, lease)
+        if prepared is not None:
+            statuses.append(record(settings, prepared, outcome))
     return statuses
 
 
@@ -121,10 +114,7 @@ def attempt_the_one_due(settings: Settings) -> dispatch.Prepared:
     """Claim the only due message and start its attempt (no HTTP)."""
     with session_scope(settings) as session:
         ((message_id, lease),) = claim_due(session=session)
-    with session_scope(settings) as session:
-        prepared = start_attempt(
-            session=session, message_id=message_id, lease=lease, settings=settings
-        )
+    prepared = start(settings, message_id, lease)
     assert prepared is not None
     return prepared
 
@@ -169,9 +159,7 @@ def test_gone_disables_endpoint_for_that_client_only(settings: Settings) -> None
     finish_job(settings, start_job(settings, second))
     with session_scope(settings) as session:
         (message_id, lease), *_ = claim_due(session=session, limit=1)
-        prepared = start_attempt(
-            session=session, message_id=message_id, lease=lease, settings=settings
-        )
+    prepared = start(settings, message_id, lease)
     assert prepared is not None
     record(settings, prepared, Outcome("gone", 1.0, 410))
     assert sorted(m.status for m in messages(settings)) == ["disabled", "failed"]
@@ -433,18 +421,9 @@ def test_a_failing_endpoint_pauses_its_messages_and_no_other_clients(settings: S
                 .values(next_attempt_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
-    with session_scope(settings) as session:
-        prepared = start_attempt(
-            session=session, message_id=claimed[0], lease=claimed[1], settings=settings
-        )
+    prepared = start(settings, *claimed)
     assert prepared is not None
-    timed_out = Outcome("retry", 15000.0, None, "timed out after 15 s")
-    with session_scope(settings) as session:
-        finish_attempt(session=session, prepared=prepared, outcome=timed_out, settings=settings)
-    with session_scope(settings) as session:
-        record_endpoint_outcome(
-            session=session, prepared=prepared, outcome=timed_out, settings=settings
-        )
+    record(settings, prepared, Outcome("retry", 15000.0, None, "timed out after 15 s"))
     endpoint = _endpoint(settings, dead)
     assert endpoint.failures == 1
     assert endpoint.paused_until is not None
@@ -464,23 +443,10 @@ def test_a_hint_sent_before_the_pause_makes_no_attempt(settings: Settings) -> No
     ids = [_finished_job(settings, URL, a) for _ in range(2)]
     with session_scope(settings) as session:
         claimed = dict(claim_due(session=session))
-    with session_scope(settings) as session:
-        prepared = start_attempt(
-            session=session, message_id=ids[0], lease=claimed[ids[0]], settings=settings
-        )
+    prepared = start(settings, ids[0], claimed[ids[0]])
     assert prepared is not None
-    busy = Outcome("retry", 1.0, 503, "HTTP 503", retry_after="60")
-    with session_scope(settings) as session:
-        finish_attempt(session=session, prepared=prepared, outcome=busy, settings=settings)
-    with session_scope(settings) as session:
-        record_endpoint_outcome(session=session, prepared=prepared, outcome=busy, settings=settings)
-    with session_scope(settings) as session:
-        assert (
-            start_attempt(
-                session=session, message_id=ids[1], lease=claimed[ids[1]], settings=settings
-            )
-            is None
-        )
+    record(settings, prepared, Outcome("retry", 1.0, 503, "HTTP 503", retry_after="60"))
+    assert start(settings, ids[1], claimed[ids[1]]) is None
     paused_until = _endpoint(settings, URL).paused_until
     assert paused_until is not None
     assert paused_until - utcnow() > timedelta(seconds=55)  # at least its Retry-After
@@ -619,14 +585,9 @@ def test_two_gone_answers_for_one_endpoint_recorded_at_once_both_land(
         session.add(WebhookEndpoint(client_id=a, url=URL))
     with session_scope(settings) as session:
         claimed = claim_due(session=session)
-    prepared = []
-    for message_id, lease in claimed:
-        with session_scope(settings) as session:
-            started = start_attempt(
-                session=session, message_id=message_id, lease=lease, settings=settings
-            )
-        assert started is not None
-        prepared.append(started)
+    prepared = [start(settings, message_id, lease) for message_id, lease in claimed]
+    assert len(prepared) == 2
+    assert None not in prepared
     real_next_state = dispatch._next_state
 
     def held(*args: Any, **kwargs: Any) -> Any:
@@ -713,15 +674,8 @@ def _failing_endpoint_with_backlog(settings: Settings, n: int) -> tuple[uuid.UUI
 def _start_all_due(settings: Settings) -> list[dispatch.Prepared]:
     with session_scope(settings) as session:
         claimed = claim_due(session=session)
-    started = []
-    for message_id, lease in claimed:
-        with session_scope(settings) as session:
-            prepared = start_attempt(
-                session=session, message_id=message_id, lease=lease, settings=settings
-            )
-        if prepared is not None:
-            started.append(prepared)
-    return started
+    started = (start(settings, message_id, lease) for message_id, lease in claimed)
+    return [prepared for prepared in started if prepared is not None]
 
 
 def test_a_failing_endpoint_whose_pause_ends_gets_one_probe_not_its_whole_backlog(

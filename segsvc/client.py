@@ -285,26 +285,12 @@ class Client:
         holds its answer until the job ends, so a fast job comes back finished from this one
         request; otherwise it is still queued or running.
         """
-        name, data = _read_image(image, filename)
         form: dict[str, Any] = {}
         if webhook:
             form["webhook"] = webhook
         if webhook_events:
             form["webhook_events"] = ",".join(webhook_events)
-        # Same key on every retry of this call, so the server may treat them as one submission.
-        headers = {"Idempotency-Key": str(uuid.uuid4())}
-        wait = min(wait, LONG_POLL_S)
-        params = {"wait": f"{wait:.3f}"} if wait > 0 else None
-        resp = self._request(
-            "POST",
-            "/v1/jobs",
-            files={"image": (name, data)},
-            data=form,
-            headers=headers,
-            params=params,
-            held=wait,  # as `get`: the server holds the answer, so the read may take as long
-        )
-        return Job(self, _json(resp))
+        return Job(self, _json(self._post_job(image, filename, form=form, wait=wait)))
 
     def segment(
         self, image: ImageInput, *, filename: str | None = None, wait: float = LONG_POLL_S
@@ -313,20 +299,38 @@ class Client:
         answers `Accept: image/png` with the mask itself, which the returned job then holds
         (`mask()` reads no further; `refresh()` fetches the rest of the job). A job that
         failed, or is not done in time, comes back as `submit` returns it: `wait()` on it."""
-        name, data = _read_image(image, filename)
-        wait = min(max(wait, 0.0), LONG_POLL_S)
-        resp = self._request(
-            "POST",
-            "/v1/jobs",
-            files={"image": (name, data)},
-            headers={"Idempotency-Key": str(uuid.uuid4()), "Accept": "image/png"},
-            params={"wait": f"{wait:.3f}"},
-            held=wait,
-        )
+        resp = self._post_job(image, filename, wait=wait, accept="image/png")
         if resp.headers.get("content-type", "").startswith("image/png"):
             job_id = resp.headers["X-Job-Id"]
             return Job(self, {"id": job_id, "status": "succeeded"}, mask_png=resp.content)
         return Job(self, _json(resp))
+
+    def _post_job(
+        self,
+        image: ImageInput,
+        filename: str | None,
+        *,
+        form: dict[str, Any] | None = None,
+        wait: float = 0.0,
+        accept: str | None = None,
+    ) -> httpx.Response:
+        """`POST /v1/jobs` of one photo; with `wait` (seconds, capped at LONG_POLL_S to stay
+        below the HTTP timeout) the server holds its answer until the job ends."""
+        name, data = _read_image(image, filename)
+        # Same key on every retry of this call, so the server may treat them as one submission.
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        if accept:
+            headers["Accept"] = accept
+        wait = min(max(wait, 0.0), LONG_POLL_S)
+        return self._request(
+            "POST",
+            "/v1/jobs",
+            files={"image": (name, data)},
+            data=form or {},
+            headers=headers,
+            params={"wait": f"{wait:.3f}"} if wait > 0 else None,
+            held=wait,  # as `get`: the server holds the answer, so the read may take as long
+        )
 
     def submit_batch(
         self,

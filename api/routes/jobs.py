@@ -106,7 +106,8 @@ def _wants_png() -> bool:
 
 
 def _mask_answer(job_id: str) -> Response:
-    """A finished submit's answer for `Accept: image/png`: the mask, as `mask.png` serves it."""
+    """The mask PNG of a succeeded job: `mask.png`'s answer, and a finished submit's for
+    `Accept: image/png`."""
     data = job_service.read_mask_png(
         session=db(), job_id=job_id, client_id=_scope(), store=blob_store(settings())
     )
@@ -397,10 +398,7 @@ def read_job(job_id: str) -> Response:
 @bp.get("/jobs/<job_id>/mask.png")
 def read_mask(job_id: str) -> Response:
     """The class mask (0 pet, 1 background, 2 border) at the input's size."""
-    data = job_service.read_mask_png(
-        session=db(), job_id=job_id, client_id=_scope(), store=blob_store(settings())
-    )
-    return _png(data, job_id, "mask")
+    return _mask_answer(job_id)
 
 
 # A full-size decode of a large picture (an overlay, a PNG or WebP upload; over

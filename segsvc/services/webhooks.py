@@ -176,9 +176,7 @@ def redeliver(
         raise NotFoundError(f"No webhook message {message_id[:64]!r} for job {job.id}.")
     # The endpoint's lock before the message's, as every writer of both takes them
     # (`webhooks.dispatch`): the other way round, this deadlocked with a 410 being recorded.
-    endpoint = find_endpoint(session=session, client_id=found.client_id, url=found.url)
-    if endpoint is not None:
-        session.refresh(endpoint, with_for_update=True)
+    endpoint = find_endpoint(session=session, client_id=found.client_id, url=found.url, lock=True)
     # Locked, and so read after any attempt being recorded has committed: what is written
     # below then changes what that attempt wrote (unchanged fields would not be written).
     message = session.scalar(

@@ -136,8 +136,8 @@ def start_attempt(
     ).first()
     if found is None:
         return None
-    endpoint = session.scalar(
-        select(WebhookEndpoint).where(*_endpoint_of(found.client_id, found.url)).with_for_update()
+    endpoint = outbox.find_endpoint(
+        session=session, client_id=found.client_id, url=found.url, lock=True
     )
     new_lease = session.scalar(
         update(WebhookMessage)

@@ -34,15 +34,19 @@ def job_message_id(job_id: uuid.UUID, event: str) -> str:
 
 
 def find_endpoint(
-    *, session: Session, client_id: uuid.UUID | None, url: str
+    *, session: Session, client_id: uuid.UUID | None, url: str, lock: bool = False
 ) -> WebhookEndpoint | None:
-    """The client's endpoint state for `url`, if any was recorded."""
+    """The client's endpoint state for `url`, if any was recorded; `lock`: its row locked
+    (FOR UPDATE) until the transaction ends, read afresh."""
     owner = (
         WebhookEndpoint.client_id.is_(None)
         if client_id is None
         else (WebhookEndpoint.client_id == client_id)
     )
-    return session.scalar(select(WebhookEndpoint).where(owner, WebhookEndpoint.url == url))
+    query = select(WebhookEndpoint).where(owner, WebhookEndpoint.url == url)
+    if lock:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    return session.scalar(query)
 
 
 def record_job_events(*, session: Session, job_ids: Sequence[uuid.UUID], event: str) -> int:

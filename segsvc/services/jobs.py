@@ -178,7 +178,8 @@ MAX_JOBS_PER_READ = 100
 
 def parse_job_ids(raw: str | None) -> list[uuid.UUID]:
     """`?ids=a,b,...` of a batch read: 1 to MAX_JOBS_PER_READ ids, repeats dropped (else 422)."""
-    values = [v.strip() for v in (raw or "").split(",") if v.strip()]
+    # Repeats dropped before the limit is counted: the same id 101 times is one job.
+    values = list(dict.fromkeys(v.strip() for v in (raw or "").split(",") if v.strip()))
     if not values:
         raise ValidationError("Name the jobs to read: ?ids=<id>,<id>,...")
     if len(values) > MAX_JOBS_PER_READ:

@@ -239,13 +239,22 @@ def test_read_jobs_in_the_order_asked(client, auth, settings: Settings, admin_ke
     assert body["jobs"][0]["urls"]["self"].endswith(f"/v1/jobs/{ids[2]}")
 
 
+def test_read_jobs_counts_an_id_asked_again_once(client, auth) -> None:  # type: ignore[no-untyped-def]
+    """The limit of 100 counts jobs: one id sent 101 times (a client's list with repeats) is
+    one job asked for, as the answer lists it once."""
+    (job,) = submit_batch(client, auth, [png_bytes()]).get_json()["jobs"]
+    resp = client.get(f"/v1/jobs?ids={','.join([job['id']] * 101)}", headers=auth)
+    assert resp.status_code == 200, resp.get_json()
+    assert [j["id"] for j in resp.get_json()["jobs"]] == [job["id"]]
+
+
 @pytest.mark.parametrize(
     "query",
     [
         "",
         "?ids=",
         "?ids=nope",
-        f"?ids={','.join(['x'] * 101)}",
+        f"?ids={','.join(str(uuid.UUID(int=i)) for i in range(101))}",
         "?ids=00000000-0000-4000-8000-000000000000&wait=31",
     ],
 )

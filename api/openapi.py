@@ -79,7 +79,8 @@ OPERATIONS: dict[str, Operation] = {
             "wait": wait_query(
                 "Hold the answer until the job ends (201 with the finished job; with "
                 "`Accept: image/png`, a succeeded job's mask PNG itself, its id in X-Job-Id) "
-                "or for this many seconds (202)."
+                "or for this many seconds (202). An Idempotency-Key replay waits alike: 201 "
+                "as above once its job has ended, else 200."
             )
         },
     ),
@@ -238,6 +239,11 @@ def _response(
     if status == 200 and spec is not None and spec.replays:
         out["description"] = "An Idempotency-Key replay: the job(s) the first request stored."
         headers["Idempotent-Replayed"] = {"description": "1", "schema": {"type": "string"}}
+    if status == 201 and spec is not None and spec.replays:
+        headers["Idempotent-Replayed"] = {
+            "description": "1 when an Idempotency-Key replay's `?wait=` saw the stored job end.",
+            "schema": {"type": "string"},
+        }
     if headers:
         out["headers"] = headers
     if status == 401:

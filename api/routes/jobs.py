@@ -55,18 +55,16 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     _check_part_names()
     check_fields_are_text("webhook", "webhook_events")
     check_single("image", "webhook")
+    data = _read(upload)
+    # A keyed retry is looked up before the decode: a replay needs only the bytes' sha256 (and
+    # the webhook was checked when the job was made: a retry must not fail on it now).
+    idem, replay = _find_replay([data], batch=False)
+    if replay:
+        return _replayed(replay, batch=False, wait=wait)
     if refused is not None:
-        return _replay_or_refuse(refused, [upload], batch=False)
-    image = _validate(upload)
-    session, client_id = db(), current_client().id
-    idem = idempotency.parse_request(
-        request.headers.get("Idempotency-Key"),
-        image_sha256=image.sha256,
-        fields=request.form.items(multi=True),
-    )
-    replay = idem and idempotency.find_replay(session=session, client_id=client_id, req=idem)
-    if replay:  # the webhook was checked when the job was made; a retry must not fail on it now
-        return _replayed([replay], batch=False)
+        raise refused
+    image = _validate(data)
+    session = db()
     hook, job_id = _webhook(), uuid.uuid4()
     # Watched from before its commit: no end notice can come before the watch, so the wait
     # needs no first read of a job it has just written.
@@ -86,17 +84,22 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
             done = job
     location = {"Location": body["urls"]["self"]}
     if done.job_status.is_terminal:
-        if done.job_status == JobStatus.SUCCEEDED and _wants_png():
-            try:
-                mask = _mask_answer(str(job_id))
-            except Exception:  # the job stands: its JSON says where the mask is
-                log.warning(
-                    "could not read job %s's mask; answering its JSON", job_id, exc_info=True
-                )
-            else:
-                return mask, 201, {**location, "X-Job-Id": str(job_id)}
-        return jsonify(job_body(done)), 201, location
+        return _ended_answer(done, location)
     return jsonify(body), 202, location
+
+
+def _ended_answer(job: Job, headers: dict[str, str]) -> tuple[Response, int, dict[str, str]]:
+    """201 for a submit whose `?wait=` saw its job end: the job's JSON or, for a succeeded job
+    and `Accept: image/png`, its mask PNG (the JSON if the mask cannot be read: the job stands,
+    and its JSON says where the mask is)."""
+    if job.job_status == JobStatus.SUCCEEDED and _wants_png():
+        try:
+            mask = _mask_answer(str(job.id))
+        except Exception:
+            log.warning("could not read job %s's mask; answering its JSON", job.id, exc_info=True)
+        else:
+            return mask, 201, {**headers, "X-Job-Id": str(job.id)}
+    return jsonify(job_body(job)), 201, headers
 
 
 def _wants_png() -> bool:
@@ -173,26 +176,19 @@ def _submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str
     check_fields_are_text("webhook", "webhook_events")
     check_single("webhook")
     refused = _charge(cost=len(uploads), batch=True)
+    datas = [_read(upload) for upload in uploads]
+    idem, replay = _find_replay(datas, batch=True)  # before the decodes, as in submit_job
+    if replay:
+        return _replayed(replay, batch=True)
     if refused is not None:
-        return _replay_or_refuse(refused, uploads, batch=True)
+        raise refused
     images = []
-    for index, upload in enumerate(uploads):
+    for index, (upload, data) in enumerate(zip(uploads, datas, strict=True)):
         try:
-            images.append(_validate(upload))
+            images.append(_validate(data))
         except SegError as exc:  # say which image, keep the status and code
             exc.message = f"Image {index} ({upload.filename or 'no file name'}): {exc.message}"
             raise
-    session, client_id = db(), current_client().id
-    idem = idempotency.parse_request(
-        request.headers.get("Idempotency-Key"),
-        image_sha256=[i.sha256 for i in images],
-        fields=request.form.items(multi=True),
-    )
-    replay = idem and idempotency.find_batch_replay(
-        session=session, client_id=client_id, req=idem, count=len(images)
-    )
-    if replay:  # as in submit_job: the webhook was checked when the jobs were made
-        return _replayed(replay, batch=True)
     keys = idempotency.batch_keys(idem, len(images)) if idem else None
     jobs = _store_and_enqueue(images, idem, keys, _webhook(), None)
     return jsonify({"jobs": [accepted_body(job) for job in jobs]}), 202
@@ -225,7 +221,7 @@ def read_jobs() -> Response:
 def _charge(*, cost: int, batch: bool) -> RateLimitedError | None:
     """Take the request's submission tokens. Over the rate, a keyed retry of a request that
     stored its jobs already gets the refusal back instead of raising it: it may still be
-    answered with its replay (`_replay_or_refuse`), which stores nothing. A client whose 202
+    answered with its replay (`_find_replay`), which stores nothing. A client whose 202
     was lost must not be refused its own jobs' ids for the rate it paid once."""
     client_id = current_client().id
     try:
@@ -249,41 +245,60 @@ def _charge(*, cost: int, batch: bool) -> RateLimitedError | None:
     return None
 
 
-def _replay_or_refuse(
-    refused: RateLimitedError, uploads: list[FileStorage], *, batch: bool
-) -> tuple[Response, int, dict[str, str]]:
-    """Over its rate: the replay of the request stored under this key, or the 429. The
-    uploads are hashed to match the stored request's fingerprint, never decoded: an old key
-    must not buy unmetered decodes."""
-    cfg = settings()
-    digests = [hashlib.sha256(u.read(cfg.max_upload_bytes + 1)).hexdigest() for u in uploads]
+def _find_replay(
+    datas: list[bytes], *, batch: bool
+) -> tuple[idempotency.IdempotentRequest | None, list[Job] | None]:
+    """The request's Idempotency-Key fingerprint (None without a key) and the jobs an earlier
+    request with that key and body stored (None: none). Keyed by the uploads' sha256, never a
+    decode: a retry over its rate must not buy unmetered decodes, nor wait for a large one."""
+    raw_key = request.headers.get("Idempotency-Key")
+    if raw_key is None:
+        return None, None
+    digests = [hashlib.sha256(data).hexdigest() for data in datas]
     idem = idempotency.parse_request(
-        request.headers.get("Idempotency-Key"),
+        raw_key,
         image_sha256=digests if batch else digests[0],
         fields=request.form.items(multi=True),
     )
-    if idem is not None:
-        session, client_id = db(), current_client().id
-        if batch:
-            jobs = idempotency.find_batch_replay(
-                session=session, client_id=client_id, req=idem, count=len(uploads)
-            )
-        else:
-            job = idempotency.find_replay(session=session, client_id=client_id, req=idem)
-            jobs = [job] if job is not None else None
-        if jobs:
-            return _replayed(jobs, batch=batch)
-    raise refused
-
-
-def _replayed(jobs: list[Job], *, batch: bool) -> tuple[Response, int, dict[str, str]]:
-    """The 200 of an Idempotency-Key replay: the jobs the first request stored."""
+    if idem is None:
+        return None, None
+    session, client_id = db(), current_client().id
     if batch:
-        body = {"jobs": [accepted_body(job) for job in jobs]}
-        return jsonify(body), 200, {"Idempotent-Replayed": "1"}
-    single = accepted_body(jobs[0])
-    headers = {"Location": single["urls"]["self"], "Idempotent-Replayed": "1"}
-    return jsonify(single), 200, headers
+        jobs = idempotency.find_batch_replay(
+            session=session, client_id=client_id, req=idem, count=len(datas)
+        )
+        return idem, jobs
+    job = idempotency.find_replay(session=session, client_id=client_id, req=idem)
+    return idem, [job] if job is not None else None
+
+
+def _replayed(
+    jobs: list[Job], *, batch: bool, wait: float = 0.0
+) -> tuple[Response, int, dict[str, str]]:
+    """An Idempotency-Key replay: the jobs the first request stored, 200. A single submit's
+    replay answers its `?wait=` as the first request did: a job that ends within it is its 201
+    (the finished job, or its mask PNG for `Accept: image/png`), so a client whose answer was
+    lost gets the same kind of answer again, not a short JSON saved as its mask."""
+    headers = {"Idempotent-Replayed": "1"}
+    if batch:
+        return jsonify({"jobs": [accepted_body(job) for job in jobs]}), 200, headers
+    job = jobs[0]
+    headers["Location"] = accepted_body(job)["urls"]["self"]
+    if wait > 0:
+        session = db()
+
+        def read() -> list[Job]:
+            return [job_service.get_job(session=db(), job_id=job.id, client_id=_scope())]
+
+        with _watch([job.id], wait) as watch:
+            session.expire(job)  # read again once watched: no end notice falls in between
+            try:
+                (job,) = watch.until_ended(session=session, jobs=read(), read=read)
+            except SQLAlchemyError:  # the replay stands without the wait, as a submit's does
+                log.warning("could not read job %s while waiting", job.id, exc_info=True)
+        if job.job_status.is_terminal:
+            return _ended_answer(job, headers)
+    return jsonify(accepted_body(job)), 200, headers
 
 
 def check_files_are_files(name: str) -> None:
@@ -331,10 +346,16 @@ def check_single(*names: str) -> None:
             raise ValidationError(f"The field {name!r} was sent more than once.{hint}")
 
 
-def _validate(upload: FileStorage) -> ValidatedImage:
+def _read(upload: FileStorage) -> bytes:
+    """An upload's bytes, one past the size limit at most (`validate_image` refuses those)."""
+    data: bytes = upload.read(settings().max_upload_bytes + 1)
+    return data
+
+
+def _validate(data: bytes) -> ValidatedImage:
     cfg = settings()
     return validate_image(
-        upload.read(cfg.max_upload_bytes + 1),
+        data,
         max_bytes=cfg.max_upload_bytes,
         max_pixels=cfg.max_pixels,
         large_decode=large_decode_turn,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 from datetime import timedelta
 
+import numpy as np
 from PIL import Image
 from sqlalchemy import update
 
 from segsvc.db import session_scope
+from segsvc.ml.preprocess import encode_mask_png
 from segsvc.models import Job, WebhookEndpoint, utcnow
 from segsvc.settings import Settings
+from tests.api.test_long_poll import finish_next_job
 
 
 def png(color: tuple[int, int, int] = (1, 2, 3)) -> bytes:
@@ -105,3 +108,77 @@ def test_idempotent_retry_replays_even_if_its_webhook_was_disabled_since(  # typ
     fresh = submit(open_client, auth, "order-hook-2", png(), webhook=hook)  # a new job still checks
     assert fresh.status_code == 422
     assert "disabled" in fresh.get_json()["message"]
+
+
+def keyed_wait(client, auth, key: str, data: bytes, wait: float, accept: str | None = None):  # type: ignore[no-untyped-def]
+    headers = dict(auth) | {"Idempotency-Key": key} | ({"Accept": accept} if accept else {})
+    return client.post(
+        f"/v1/jobs?wait={wait}",
+        headers=headers,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(data), "a.png")},
+    )
+
+
+def test_a_lost_mask_answer_is_replayed_as_the_mask(client, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    """`curl -H 'Accept: image/png' ...?wait=10 -o mask.png` retried with its key after the
+    201 was lost: the replay is the mask again (it was the short JSON, saved as mask.png)."""
+    mask = encode_mask_png(np.ones((16, 16), np.uint8))
+    worker = finish_next_job(settings, mask_png=mask)
+    first = keyed_wait(client, auth, "seg-1", png(), 10, accept="image/png")
+    worker.join()
+    assert (first.status_code, first.mimetype) == (201, "image/png")
+    again = keyed_wait(client, auth, "seg-1", png(), 10, accept="image/png")
+    assert (again.status_code, again.mimetype, again.data) == (201, "image/png", mask)
+    assert again.headers["Idempotent-Replayed"] == "1"
+    assert again.headers["X-Job-Id"] == first.headers["X-Job-Id"]
+    assert again.headers["Location"] == first.headers["Location"]
+    assert count_jobs(settings) == 1
+
+
+def test_a_replay_waits_for_its_job_as_the_first_request_did(client, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    """A retry with `?wait=` of a job still running holds its answer for the job's end, then
+    is the finished job (201, with its error), not the short JSON at once."""
+    first = submit(client, auth, "slow-1", png())
+    assert first.status_code == 202
+    quick = keyed_wait(client, auth, "slow-1", png(), 0.2)  # nothing ends within the wait
+    assert (quick.status_code, quick.get_json()["status"]) == (200, "queued")
+    worker = finish_next_job(settings, status="failed")
+    again = keyed_wait(client, auth, "slow-1", png(), 10)
+    worker.join()
+    assert again.status_code == 201
+    assert again.headers["Idempotent-Replayed"] == "1"
+    body = again.get_json()
+    assert (body["id"], body["status"]) == (first.get_json()["id"], "failed")
+    assert {"error", "metrics"} <= body.keys()  # the whole job, as a first 201 has
+    assert count_jobs(settings) == 1
+
+
+def test_a_replay_is_found_without_decoding_the_upload(client, auth, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A keyed retry needs the upload's sha256 only: no decode (a large one would wait for the
+    process's large-decode turn, and answer a 503 instead of the stored job)."""
+    from api.routes import jobs as routes
+
+    first = submit(client, auth, "no-decode", png())
+    batch = client.post(
+        "/v1/jobs/batch",
+        headers=dict(auth) | {"Idempotency-Key": "no-decode-batch"},
+        content_type="multipart/form-data",
+        data={"image": [(io.BytesIO(png()), "a.png"), (io.BytesIO(png((4, 5, 6))), "b.png")]},
+    )
+    assert (first.status_code, batch.status_code) == (202, 202)
+
+    def no_decode(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a replay decoded its upload")
+
+    monkeypatch.setattr(routes, "validate_image", no_decode)
+    again = submit(client, auth, "no-decode", png())
+    assert (again.status_code, again.get_json()["id"]) == (200, first.get_json()["id"])
+    batch_again = client.post(
+        "/v1/jobs/batch",
+        headers=dict(auth) | {"Idempotency-Key": "no-decode-batch"},
+        content_type="multipart/form-data",
+        data={"image": [(io.BytesIO(png()), "a.png"), (io.BytesIO(png((4, 5, 6))), "b.png")]},
+    )
+    assert batch_again.status_code == 200
+    assert batch_again.get_json() == batch.get_json()

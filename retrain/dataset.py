@@ -156,11 +156,12 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 MIN_HASH_BITS = 48
 
 
-def difference_hash(path: Path) -> npt.NDArray[np.uint8] | None:
-    """256-bit difference hash of an image (None if it does not decode): each bit says whether
-    a pixel of its 17x16 greyscale thumbnail is brighter than its left neighbour."""
+def difference_hash(image: Path | bytes) -> npt.NDArray[np.uint8] | None:
+    """256-bit difference hash of an image file or its bytes (None if it does not decode):
+    each bit says whether a pixel of its 17x16 greyscale thumbnail is brighter than its left
+    neighbour."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
             img.draft("L", (68, 64))  # JPEG: decoded at a fraction of its size
             small = img.convert("L").resize((17, 16), Image.Resampling.BILINEAR)
     except (OSError, ValueError, Image.DecompressionBombError):
@@ -169,38 +170,56 @@ def difference_hash(path: Path) -> npt.NDArray[np.uint8] | None:
     return np.packbits((pixels[:, 1:] > pixels[:, :-1]).ravel())
 
 
+def _telling(h: npt.NDArray[np.uint8] | None) -> bool:
+    """Whether a hash has edges enough to tell a copy from a look-alike: a picture of flat
+    areas (a drawing, a blank frame) does not (the sample's photos set 66-181 of the 256 bits;
+    flat drawings of one rectangle, 28-41, and two different ones may differ by 4)."""
+    return h is not None and MIN_HASH_BITS <= int(_POPCOUNT[h].sum()) <= 256 - MIN_HASH_BITS
+
+
+class NearDuplicateIndex:
+    """Difference hashes of named images, to find which one a picture is a resized or
+    re-encoded copy of (`NEAR_DUPLICATE_BITS`), which byte digests do not see."""
+
+    def __init__(self, named: Iterable[tuple[str, Path | bytes]]) -> None:
+        kept = [(name, h) for name, image in named if _telling(h := difference_hash(image))]
+        self.names = [name for name, _ in kept]
+        self.hashes = (
+            np.stack([h for _, h in kept if h is not None]) if kept else np.zeros((0, 32), np.uint8)
+        )
+
+    @classmethod
+    def of_folder(cls, data_dir: str | Path) -> NearDuplicateIndex:
+        """The images of an Oxford-layout folder, by name."""
+        return cls((name, path) for name, path, _ in list_pairs(data_dir))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def copy_of(self, image: Path | bytes | npt.NDArray[np.uint8] | None) -> str | None:
+        """The name of the indexed image that `image` (a file, its bytes, or its hash) is a
+        near-identical copy of; None when it is none's (or has too few edges to tell)."""
+        h = image if isinstance(image, np.ndarray) or image is None else difference_hash(image)
+        if h is None or not len(self.names) or not _telling(h):
+            return None
+        distances = _POPCOUNT[self.hashes ^ h].sum(axis=1, dtype=np.int32)
+        best = int(np.argmin(distances))
+        return self.names[best] if distances[best] <= NEAR_DUPLICATE_BITS else None
+
+
 def near_duplicates(
     train: Sequence[tuple[str, Path, Path]], held_out: Sequence[tuple[str, Path, Path]]
 ) -> list[tuple[str, str]]:
     """(held-out name, training name) of the held-out images that are near-identical copies
     of a training image (`NEAR_DUPLICATE_BITS`), which byte digests do not see."""
-
-    def hashes(
-        pairs: Sequence[tuple[str, Path, Path]],
-    ) -> tuple[list[str], npt.NDArray[np.uint8]]:
-        found = [(name, difference_hash(path)) for name, path, _ in pairs]
-        # A picture of flat areas (a drawing, a blank frame) has too few edges to tell a copy
-        # from a look-alike: left out (the sample's photos set 66-181 of the 256 bits; flat
-        # drawings of one rectangle, 28-41, and two different ones may differ by 4).
-        kept = [
-            (name, h)
-            for name, h in found
-            if h is not None and MIN_HASH_BITS <= int(_POPCOUNT[h].sum()) <= 256 - MIN_HASH_BITS
-        ]
-        if not kept:
-            return [], np.zeros((0, 32), np.uint8)
-        return [name for name, _ in kept], np.stack([h for _, h in kept])
-
-    train_names, train_hashes = hashes(train)
-    eval_names, eval_hashes = hashes(held_out)
+    index = NearDuplicateIndex((name, path) for name, path, _ in train)
     out = []
-    for name, h in zip(eval_names, eval_hashes, strict=True):
-        if not len(train_hashes):
+    for name, path, _ in held_out:
+        if not len(index):
             break
-        distances = _POPCOUNT[train_hashes ^ h].sum(axis=1, dtype=np.int32)
-        best = int(np.argmin(distances))
-        if distances[best] <= NEAR_DUPLICATE_BITS:
-            out.append((name, train_names[best]))
+        copied = index.copy_of(path)
+        if copied is not None:
+            out.append((name, copied))
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import shutil
 import statistics
 import tempfile
 import threading
@@ -17,7 +18,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -215,17 +216,27 @@ class _Run:
         with session_scope(self.settings) as session:
             # We hold the lock, so any other 'running' row is a run that died mid-way.
             stale_runs = select(TrainingRun).where(TrainingRun.status == "running")
+            # On the database's clock: the newest trained run (by `started_at`) says which
+            # labels are used, and runs may start on hosts whose clocks disagree (the
+            # maintenance worker's schedule, an operator's `segsvc retrain now`).
+            now = db_time(session)
             for stale in session.scalars(stale_runs):
                 stale.status, stale.reason = "failed", "interrupted (the process running it ended)"
-                stale.completed_at = utcnow()
-            session.add(TrainingRun(id=self.run_id, status="running", trigger=self.trigger))
+                stale.completed_at = now
+            session.add(
+                TrainingRun(id=self.run_id, status="running", trigger=self.trigger, started_at=now)
+            )
         log.info("retraining run %s started (%s)", self.run_id, self.trigger)
 
     def _snapshot(self) -> dict[str, Any] | RunResult:
         """Labeled feedback ids (recorded), the production version, and whether to go on."""
         cfg = self.settings
         with session_scope(cfg) as session:
-            ids = feedback.labeled_feedback_ids(session=session)
+            ids = feedback.labeled_feedback_ids(session=session)  # oldest first
+            # The newest SEG_RETRAIN_MAX_LABELS only: the labels only grow, and a run's memory
+            # grows with them. One older than the newest N never comes back (as below).
+            over_cap = max(0, len(ids) - cfg.retrain_max_labels)
+            ids = ids[over_cap:]
             # Every label used before that still exists is in the newest trained run's list: a
             # label that leaves the snapshot (its input purged, its mask replaced) never comes
             # back. So one row is read, not every run's.
@@ -261,7 +272,7 @@ class _Run:
             # every label ever given.
             skipping = len(new) < cfg.retrain_min_new_labels or waiting is not None
             run.feedback_ids = [str(i) for i in (new if skipping else ids)]
-            run.data_counts = {"labels": len(ids), "new_labels": len(new)}
+            run.data_counts = {"labels": len(ids), "new_labels": len(new), "over_cap": over_cap}
             run.production_version = production.version if production else None
             plan: dict[str, Any] = {
                 "ids": ids,
@@ -285,7 +296,13 @@ class _Run:
             return self._finish("failed", f"evaluation folder not found: {cfg.eval_data_dir}")
         if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
             return self._finish("failed", f"training folder not found: {cfg.train_data_dir}")
-        from retrain.dataset import DatasetLayoutError, folder_overlap, image_digests, usable_pairs
+        from retrain.dataset import (
+            DatasetLayoutError,
+            NearDuplicateIndex,
+            folder_overlap,
+            image_digests,
+            usable_pairs,
+        )
 
         try:
             # Pairs the evaluation will decode (by its own skip rules), not image files: before
@@ -295,8 +312,10 @@ class _Run:
             return self._finish("failed", f"evaluation folder: {exc}")
         if pairs < cfg.gate_min_eval_images:
             return self._finish("failed", self._too_few_eval_images(pairs, "usable "))
-        # Hashed once: for the folder check here and for the labels left out of training.
+        # Hashed once: for the folder check here and for the labels left out of training (the
+        # same files, and resized or re-encoded copies of them).
         plan["held_out"] = image_digests(cfg.eval_data_dir)
+        plan["held_out_index"] = NearDuplicateIndex.of_folder(cfg.eval_data_dir)
         if cfg.train_data_dir is not None:
             try:
                 overlap = folder_overlap(cfg.train_data_dir, cfg.eval_data_dir, plan["held_out"])
@@ -325,7 +344,9 @@ class _Run:
     def _train_and_gate(self, plan: dict[str, Any], out: Path) -> RunResult:
         cfg = self.settings
         production = plan["production"]
-        samples, label_counts = self._load_labels(plan["ids"], plan["held_out"])
+        samples, label_counts = self._load_labels(
+            plan["ids"], plan["held_out"], plan["held_out_index"]
+        )
         report = self._fine_tune(samples, production["path"], out)
         cand_metrics, prod_metrics = self._evaluate(str(out), production)
         problems = gate(
@@ -394,7 +415,9 @@ class _Run:
             )
         return self._finish("completed", summary, version, str(status))
 
-    def _load_labels(self, ids: list[uuid.UUID], held_out: set[str]) -> tuple[Any, dict[str, int]]:
+    def _load_labels(
+        self, ids: list[uuid.UUID], held_out: set[str], held_out_index: Any
+    ) -> tuple[Any, dict[str, int]]:
         """The labels decoded straight to model size (`retrain.dataset.Decoded`), streamed from
         the database: each upload (up to 10 MB) and full-size mask is dropped once its 128x128
         pair is made, so a run holds ~64 KB a label, not every label's bytes. With the counts
@@ -412,8 +435,13 @@ class _Run:
                     if label.image is None:
                         left_out["input_missing"] += 1
                     # A client may upload an evaluation image (public datasets are) and label
-                    # it: trained on, it would flatter the candidate at the gate.
-                    elif hashlib.sha256(label.image).hexdigest() in held_out:
+                    # it: trained on, it would flatter the candidate at the gate. An app that
+                    # shrinks or re-encodes photos before upload sends other bytes of the same
+                    # picture, which the training folder's check refuses alike.
+                    elif (
+                        hashlib.sha256(label.image).hexdigest() in held_out
+                        or held_out_index.copy_of(label.image) is not None
+                    ):
                         left_out["in_eval_set"] += 1
                     else:
                         yield label.image, decode_mask_png(label.mask_png)
@@ -448,7 +476,9 @@ class _Run:
 
         cfg = self.settings
         scratch = cfg.var_dir / "retrain" / str(self.run_id)
-        with tempfile.TemporaryDirectory() as empty:
+        # The checkpoint folder goes whatever the run's end: a run that fails (a bad training
+        # folder, memory) left tens of MB on the models volume each time.
+        with tempfile.TemporaryDirectory() as empty, _removed_after(scratch):
             data_dir = cfg.train_data_dir
             if data_dir is None:  # labels only: an empty Oxford-layout folder
                 data_dir = Path(empty)
@@ -466,7 +496,6 @@ class _Run:
                 checkpoint=scratch / "best.keras",
                 evaluate_after=False,
             )
-        _rmdir_quiet(scratch)
         log.info("fine-tuned %s in %.0fs: %s", out.name, report.duration_seconds, report.data)
         return report
 
@@ -536,7 +565,7 @@ class _Run:
         with session_scope(self.settings) as session:
             run = session.get(TrainingRun, self.run_id)
             assert run is not None
-            run.status, run.reason, run.completed_at = status, reason, utcnow()
+            run.status, run.reason, run.completed_at = status, reason, db_time(session)
             run.duration_s = round(time.monotonic() - self.started, 2)
             run.log = self.log_buffer.getvalue()[-LOG_CAP:]
         return RunResult(str(self.run_id), status, reason, version, outcome)
@@ -592,8 +621,10 @@ def _version_metrics(
     }
 
 
-def _rmdir_quiet(path: Path) -> None:
-    for child in path.glob("*"):
-        child.unlink(missing_ok=True)
-    with suppress(OSError):
-        path.rmdir()
+@contextmanager
+def _removed_after(folder: Path) -> Iterator[None]:
+    """The block, then `folder` and what it holds deleted (best effort), however it ends."""
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

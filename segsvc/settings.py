@@ -236,6 +236,14 @@ class Settings(BaseSettings):
     retrain_epochs: int = Field(3, ge=1, description="Fine-tuning epochs per retraining run.")
     retrain_learning_rate: float = Field(1e-4, gt=0, description="Fine-tuning learning rate.")
     retrain_min_new_labels: int = Field(20, ge=0, description="New labels needed to retrain.")
+    retrain_max_labels: int = Field(
+        5000,
+        ge=1,
+        description="Most labels one retraining run trains on: the newest. A run holds ~0.3 MB "
+        "per label at its peak (decoded pairs, the joined set, TensorFlow's copy), and labelled "
+        "inputs are kept for ever: without a bound each run needs more memory than the last, "
+        "until the worker is killed on every run.",
+    )
     model_file_grace_days: float = Field(
         7.0,
         ge=0,
@@ -263,7 +271,13 @@ class Settings(BaseSettings):
     gate_latency_ratio: float = Field(
         1.2, gt=0, description="Candidate latency may exceed by this."
     )
-    canary_share: float = Field(0.10, gt=0, le=1, description="Share of jobs served by a canary.")
+    canary_share: float = Field(
+        0.10,
+        gt=0,
+        lt=1,
+        description="Share of jobs served by a canary (below 1: its verdict compares it with "
+        "the production jobs served beside it).",
+    )
     canary_min_jobs: int = Field(
         50, ge=1, description="Canary jobs before auto promote/rollback (at least 1)."
     )

@@ -52,14 +52,16 @@ REDIS_URL = os.environ.get("SEG_TEST_REDIS", "redis://127.0.0.1:6379")
 @pytest.fixture
 def skew_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[timedelta], None]:
     """Set this host's clock off by an offset (call it again to change the offset) wherever
-    segsvc reads it: `models.utcnow` and every loaded segsvc module's own reference to it."""
+    the product reads it: `models.utcnow` and every loaded module's own reference to it
+    (segsvc, api, worker, retrain)."""
     from segsvc import models
 
     true_clock = models.utcnow
     readers = [
         module
         for name, module in list(sys.modules.items())
-        if name.split(".")[0] == "segsvc" and getattr(module, "utcnow", None) is true_clock
+        if name.split(".")[0] in ("segsvc", "api", "worker", "retrain")
+        and getattr(module, "utcnow", None) is true_clock
     ]
 
     def skew(offset: timedelta) -> None:

@@ -1025,3 +1025,133 @@ def test_the_gate_times_each_model_on_the_runtime_it_is_served_with(
     cand["latency_ms_batch1"], prod["latency_ms_batch1"] = 12.0, 5.0
     (problem,) = gate(candidate=cand, production=prod, tolerance=1.0, latency_ratio=1.2)
     assert problem == "batch-1 latency 12.0 ms (onnx) > 1.2 x 5.0 ms (litert-int8)"
+
+
+def counting_fine_tune(monkeypatch: pytest.MonkeyPatch, model_file: Path) -> list[Any]:
+    """`quick_run`, with the samples each fine-tune was given collected in the list returned."""
+    from retrain.pipeline import _Run
+
+    quick_run(monkeypatch, model_file)
+    fine_tune, given = _Run._fine_tune, []
+
+    def keep(self: _Run, samples: Any, init_model: str, out: Path) -> Any:
+        given.append(samples)
+        return fine_tune(self, samples, init_model, out)
+
+    monkeypatch.setattr(_Run, "_fine_tune", keep)
+    return given
+
+
+def run_counts(settings: Settings, run_id: str) -> dict[str, Any]:
+    with session_scope(settings) as session:
+        run = session.get(TrainingRun, uuid.UUID(run_id))
+        assert run is not None
+        return dict(run.data_counts)
+
+
+def test_a_label_of_a_resized_evaluation_photo_is_left_out_of_training(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An app that shrinks photos before upload sends other bytes of an evaluation photo: its
+    label was trained on (only identical bytes were left out), so the gate scored the
+    candidate on a picture it had seen; the training folder's check refused such copies."""
+    from retrain.dataset import read_trimap
+    from tests.conftest import SAMPLE_DIR
+
+    stems = ["Abyssinian_1", "Abyssinian_10", "Abyssinian_100"]
+    eval_dir = tmp_path / "pets"
+    (eval_dir / "images").mkdir(parents=True)
+    (eval_dir / "annotations" / "trimaps").mkdir(parents=True)
+    for stem in stems:
+        photo = SAMPLE_DIR / "images" / f"{stem}.jpg"
+        if not photo.exists():
+            pytest.skip("the Oxford pets sample is not available")
+        (eval_dir / "images" / photo.name).write_bytes(photo.read_bytes())
+        trimap = SAMPLE_DIR / "annotations" / "trimaps" / f"{stem}.png"
+        (eval_dir / "annotations" / "trimaps" / trimap.name).write_bytes(trimap.read_bytes())
+    cfg = loop_settings(
+        settings, tmp_path, eval_data_dir=eval_dir, train_data_dir=None, retrain_min_new_labels=2
+    )
+    with Image.open(eval_dir / "images" / f"{stems[0]}.jpg") as img:
+        small = img.convert("RGB").resize((img.width // 2, img.height // 2))
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=85)
+    trimap = read_trimap(eval_dir / "annotations" / "trimaps" / f"{stems[0]}.png")
+    labeled_job(cfg, buf.getvalue(), np.asarray(Image.fromarray(trimap).resize(small.size)))
+    other = make_mask(90, 70, seed=7)
+    labeled_job(cfg, encode_png(COLOURS[other]), other)
+    given = counting_fine_tune(monkeypatch, model_file)
+    result = run_retraining(cfg, trigger="manual")
+    assert result.status == "completed", result
+    assert [len(samples) for samples in given] == [1]
+    counts = run_counts(cfg, result.run_id)
+    assert (counts["feedback_samples"], counts["feedback_in_eval_set"]) == (1, 1)
+
+
+def test_a_run_trains_on_the_newest_labels_up_to_its_cap(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Labelled inputs are kept for ever and a run held every label ever given: each run
+    needed more memory than the last. SEG_RETRAIN_MAX_LABELS bounds it to the newest."""
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=2, retrain_max_labels=2)
+    for label in range(3):  # oldest first; each label's mask all one class: 0, 1, then 2
+        mask = np.full((70, 90), label, np.uint8)
+        labeled_job(cfg, encode_png(COLOURS[mask]), mask)
+    given = counting_fine_tune(monkeypatch, model_file)
+    result = run_retraining(cfg, trigger="manual")
+    assert result.status == "completed", result
+    (samples,) = given
+    assert len(samples) == 2
+    assert sorted(np.unique(m).tolist() for m in samples.masks) == [[1], [2]]
+    counts = run_counts(cfg, result.run_id)
+    assert (counts["labels"], counts["over_cap"]) == (2, 1)
+
+
+def test_runs_are_stamped_on_the_databases_clock(
+    settings: Settings, production_model: str, tmp_path: Path, skew_clock: Any
+) -> None:
+    """Which labels are used comes from the newest trained run by `started_at`: a run started
+    on a host whose clock is a day behind was not the newest, so its labels counted as new."""
+    from tests.conftest import db_clock
+
+    skew_clock(timedelta(days=-1))
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=50)
+    before = db_clock(cfg)
+    result = run_retraining(cfg, trigger="manual")
+    assert result.status == "skipped"
+    with session_scope(cfg) as session:
+        run = session.get(TrainingRun, uuid.UUID(result.run_id))
+        assert run is not None
+        assert run.started_at is not None
+        assert run.completed_at is not None
+        assert before <= run.started_at <= run.completed_at <= db_clock(cfg)
+
+
+def test_a_failed_fine_tune_leaves_no_checkpoint_folder(
+    settings: Settings, production_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's checkpoint folder (var_dir/retrain/<run>, tens of MB) was removed only after
+    a training that succeeded: each failed run left one on the models volume."""
+    import retrain.train
+
+    def fail(*, checkpoint: Path, **kwargs: Any) -> Any:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"weights so far")
+        raise MemoryError("out of memory in epoch 2")
+
+    monkeypatch.setattr(retrain.train, "train", fail)
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=1)
+    mask = make_mask(90, 70, seed=3)
+    labeled_job(cfg, encode_png(COLOURS[mask]), mask)
+    result = run_retraining(cfg, trigger="manual")
+    assert result.status == "failed"
+    assert "MemoryError" in result.reason
+    assert not (cfg.var_dir / "retrain" / result.run_id).exists()

@@ -28,7 +28,11 @@ def load(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
         # Regression: 0 made the hourly purge delete every finished job's input.
         ("retention_days", "0", "greater than or equal to 1"),
         ("canary_share", "0", "greater than 0"),
-        ("canary_share", "1.5", "less than or equal to 1"),
+        ("canary_share", "1.5", "less than 1"),
+        # Regression: at 1 production served nothing to compare with, so one failed canary job
+        # rolled the canary back (`rollout.excess_failure_p_value` read it as p = 0).
+        ("canary_share", "1", "less than 1"),
+        ("retrain_max_labels", "0", "greater than or equal to 1"),
         # Regression: 0 turned every worker's reconciler into a busy loop.
         ("reconcile_interval_seconds", "0", "greater than 0"),
         ("job_lease_seconds", "0", "greater than or equal to 1"),

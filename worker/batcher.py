@@ -169,14 +169,13 @@ class MicroBatcher:
             try:
                 if alone:  # a suspect: the batches before it are stored before it is claimed
                     self._drain()
+                # A suspect is claimed only from the reconciler's marked message (`alone`): a
+                # stray unmarked copy would claim it before the batches ahead were stored.
                 claim = (
                     claiming.result()
                     if claiming is not None
-                    else self.segmenter.claim([item.job_id for item in batch])
+                    else self.segmenter.claim([item.job_id for item in batch], suspects=alone)
                 )
-                if claim.suspect and not alone:  # a suspect sent without the word: still alone
-                    alone = True
-                    self._drain()
                 if not alone:
                     ahead = self._claim_ahead()
                 inferred = self.segmenter.forward(claim)
@@ -217,7 +216,8 @@ class MicroBatcher:
                 return None
             batch = self._take()
         try:
-            return batch, self._claimer.submit(self.segmenter.claim, [i.job_id for i in batch])
+            ids = [item.job_id for item in batch]
+            return batch, self._claimer.submit(self.segmenter.claim, ids, suspects=False)
         except RuntimeError:  # the claim pool is shut down: close() gave up on this thread
             _settle(batch, ok=False)
             return None

@@ -132,9 +132,10 @@ class Segmenter:
         """Claim the jobs (duplicates and finished jobs drop out) and run the forward passes."""
         return self.forward(self.claim(job_ids))
 
-    def claim(self, job_ids: Sequence[str]) -> Claim:
+    def claim(self, job_ids: Sequence[str], *, suspects: bool = True) -> Claim:
         """Claim the jobs and stack their model inputs per model version, ready for the model
-        (the micro-batcher runs this for the next batch while the model runs the current one)."""
+        (the micro-batcher runs this for the next batch while the model runs the current one).
+        `suspects=False`: leave a suspect unclaimed (`job_service.claim_jobs`)."""
         self.load()
         ids = list(dict.fromkeys(_parse_ids(job_ids)))
         if not ids:
@@ -147,6 +148,7 @@ class Segmenter:
                 job_ids=ids,
                 lease_seconds=self.settings.job_lease_seconds,
                 max_attempts=self.settings.job_max_attempts,
+                suspects=suspects,
             )
         try:
             return self._stack(claimed, claimed_at)

@@ -382,6 +382,7 @@ def claim_jobs(
     job_ids: Sequence[uuid.UUID],
     lease_seconds: int,
     max_attempts: int | None = None,
+    suspects: bool = True,
 ) -> list[Claimed]:
     """Atomically take jobs that are queued (or whose lease expired) for this worker.
 
@@ -397,7 +398,10 @@ def claim_jobs(
     A suspect (a job lost twice or more, which may be what crashes the worker) is taken only
     by a claim that names it alone: among other jobs it would fail them with it if it is poison,
     and be judged poison if one of them is (the reconciler marks its message so that a worker
-    claims it alone; a stray copy among others is left to that message).
+    claims it alone; a stray copy among others is left to that message). `suspects=False`: not
+    even alone. The micro-batcher says so for a message the reconciler did not mark: it would
+    claim the suspect at once, while its earlier batches are still being stored, where a marked
+    message has them stored first; such a stray copy, too, is left to the marked message.
 
     The lease is granted and judged on the database's clock, so hosts whose clocks disagree
     (by more than a lease, even) neither take over live jobs nor leave dead ones.
@@ -415,7 +419,7 @@ def claim_jobs(
             lost_runs() < min(SUSPECT_AFTER_ATTEMPTS, max_attempts or SUSPECT_AFTER_ATTEMPTS),
         ),
     )
-    if len(ids) > 1:
+    if len(ids) > 1 or not suspects:
         claimable = and_(claimable, lost_runs() < SUSPECT_AFTER_ATTEMPTS)
     rows = session.execute(
         update(Job)

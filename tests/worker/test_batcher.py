@@ -46,12 +46,12 @@ class Recorder:
         name = Path("/proc/thread-self/comm").read_text().strip()
         self.os_thread_names.setdefault(f"{stage} in {threading.current_thread().name}", name)
 
-    def claim(self, job_ids: Sequence[str]) -> Claim:
+    def claim(self, job_ids: Sequence[str], *, suspects: bool = True) -> Claim:
         self._saw("claim")
         self.claims.append((threading.current_thread().name.split("_")[0], list(job_ids)))
         if self.fail_claim_of & set(job_ids):
             raise RuntimeError("database went away")
-        return self.segmenter.claim(job_ids)
+        return self.segmenter.claim(job_ids, suspects=suspects)
 
     def forward(self, claim: Claim) -> Inferred:
         self._saw("forward")
@@ -403,10 +403,10 @@ class Timeline(Recorder):
         with self._lock:
             self.events.append((stage, edge, frozenset(ids)))
 
-    def claim(self, job_ids: Sequence[str]) -> Claim:
+    def claim(self, job_ids: Sequence[str], *, suspects: bool = True) -> Claim:
         self._log("claim", "start", set(job_ids))
         try:
-            return super().claim(job_ids)
+            return super().claim(job_ids, suspects=suspects)
         finally:
             self._log("claim", "end", set(job_ids))
 
@@ -465,3 +465,43 @@ def test_a_suspect_runs_alone_with_nothing_else_in_the_pipeline(
     finished = Counter((stage, job_ids) for stage, edge, job_ids in before if edge == "end")
     assert started == finished, before
     assert ("store", frozenset({ids[0]})) in finished  # the batch before it was stored first
+
+
+def test_a_suspect_is_claimed_only_from_its_marked_message(
+    settings: Settings, production_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stray unmarked copy of a suspect's message (the reconciler's first re-send, restored
+    by Redis from a dead worker an hour later) had the suspect claimed at once, while the batch
+    before it was still being stored: if that batch killed the worker, the suspect lost a run it
+    was to have alone, and on its last attempt ended poison_input. It is left to the marked
+    message, which runs it alone once the batches before it are stored."""
+    monkeypatch.setattr(batcher_module, "RETRY_PAUSE_S", 0.0)
+    timeline = Timeline(Segmenter(settings.model_copy(update={"registry_poll_seconds": 0})))
+    first, suspect_id = make_jobs(settings, 2)
+    with session_scope(settings) as session:  # lost twice, re-sent: queued again
+        session.execute(update(Job).where(Job.id == suspect_id).values(attempts=2))
+    suspect = str(suspect_id)
+    timeline.expected = 2  # settles are kept by job id: the first job, the suspect's copy
+    batcher = MicroBatcher(timeline, max_size=1, max_wait_s=0.0)  # type: ignore[arg-type]
+    batcher.put(timeline.item(str(first)))
+    assert timeline.in_first_forward.wait(60)
+    batcher.put(timeline.item(suspect))  # the stray copy, unmarked
+    timeline.release_first_forward.set()
+    assert timeline.all_settled.wait(60)
+    assert timeline.settled == {str(first): "ack", suspect: "ack"}  # the copy is done with
+    assert rows(settings, [suspect_id])[0].status == JobStatus.QUEUED  # not claimed from it
+    assert rows(settings, [suspect_id])[0].attempts == 2
+    item = timeline.item(suspect)
+    batcher.put(Item(item.job_id, item.ack, item.requeue, suspect=True))  # the marked message
+    deadline = time.monotonic() + 60
+    while rows(settings, [suspect_id])[0].status != JobStatus.SUCCEEDED:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    batcher.close()
+    (job,) = rows(settings, [suspect_id])
+    assert (job.status, job.attempts, job.batch_size) == (JobStatus.SUCCEEDED, 3, 1)
+    events = timeline.events
+    # The marked message's claim (the last for the suspect) came after the batch before it was
+    # stored.
+    claimed = max(i for i, e in enumerate(events) if e == ("claim", "start", frozenset({suspect})))
+    assert ("store", "end", frozenset({str(first)})) in events[:claimed]

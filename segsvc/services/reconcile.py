@@ -262,11 +262,21 @@ def _lost_verdict(runs_lost: int) -> tuple[str, str]:
 
 
 def _suspect_in_flight(*, session: Session, now: datetime) -> bool:
-    """A suspect already re-sent and not yet finished (queued, or running on a live lease)."""
+    """A suspect already re-sent and not yet finished (queued, or running on a live lease).
+
+    A running job's lost runs count its current one, which on a live lease is not lost (yet):
+    a suspect running has lost runs one more than the suspect threshold. A job lost once and
+    running again among other jobs has lost runs at the threshold, and is no suspect (as its
+    claim says, `Claimed.suspect`); counted as one, it held every waiting suspect back."""
     live = or_(
         _status_is(JobStatus.QUEUED),
-        and_(_status_is(JobStatus.RUNNING), Job.lease_expires_at >= now),
+        and_(
+            _status_is(JobStatus.RUNNING),
+            Job.lease_expires_at >= now,
+            lost_runs() > literal(SUSPECT_AFTER_ATTEMPTS, literal_execute=True),
+        ),
     )
+    # `_is_suspect()` as written: it is the partial index's predicate (`models.SUSPECT_WHERE`).
     row = session.scalar(select(Job.id).where(live, _is_suspect()).limit(1))
     return row is not None
 

@@ -116,7 +116,8 @@ def test_reconcile_with_a_fast_clock_leaves_a_live_lease(
     settings: Settings, skew_clock: Callable[[timedelta], None]
 ) -> None:
     live = leased_job(settings, expires_in_s=60)
-    suspect = leased_job(settings, expires_in_s=60, attempts=2)  # a suspect still running
+    # A suspect still running: lost twice, then claimed (its current run is the third).
+    suspect = leased_job(settings, expires_in_s=60, attempts=3)
     waiting = leased_job(settings, expires_in_s=-5, attempts=2)
     skew_clock(SKEW)
     report, sent = reconcile(settings)

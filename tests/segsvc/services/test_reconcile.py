@@ -62,6 +62,33 @@ def test_send_next_suspect_sends_one_after_another(settings: Settings) -> None:
     assert (sent, report.waiting_suspects) == ([suspects[2]], 0)
 
 
+def test_a_job_on_its_second_run_does_not_hold_the_quarantine(settings: Settings) -> None:
+    """A job lost once and claimed again among others (no suspect: its claim says so) counted
+    as a suspect in flight, its current run as a lost one: every waiting suspect waited for it,
+    for a whole lease if its worker died too. A suspect claimed and running does hold it."""
+    from segsvc.services import jobs as job_service
+
+    waiting = lost_job(settings, attempts=2)
+    second_run, mate = make_job(settings, attempts=1), make_job(settings)
+    with session_scope(settings) as session:
+        claimed = job_service.claim_jobs(
+            session=session, job_ids=[second_run, mate], lease_seconds=120
+        )
+    assert sorted(c.id for c in claimed) == sorted([second_run, mate])
+    assert not any(c.suspect for c in claimed)
+    report, sent = step(settings)
+    assert (sent, report.waiting_suspects) == ([waiting], 0), report.as_dict()
+    with session_scope(settings) as session:  # the suspect sent is claimed: running, alone
+        (suspect,) = job_service.claim_jobs(session=session, job_ids=[waiting], lease_seconds=120)
+    assert suspect.suspect
+    other = lost_job(settings, attempts=2)
+    report, sent = step(settings)
+    assert (sent, report.waiting_suspects) == ([], 1)  # one suspect in flight at a time
+    finish(settings, waiting)
+    report, sent = step(settings)
+    assert sent == [other]
+
+
 def test_send_next_suspect_ends_a_suspect_lost_again_and_sends_the_next(settings: Settings) -> None:
     # The suspect in flight crashed its worker once more, on its last attempt: poison.
     poison = lost_job(settings, attempts=settings.job_max_attempts, age_s=90)

@@ -10,6 +10,7 @@ file, `exit_code_for` and `describe`. The click commands are in `segsvc/client_c
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from segsvc.client_errors import (
     AuthError,
     ClientError,
     ConflictError,
+    InvalidRequestError,
     RateLimitedError,
     RetriesStoppedError,
     ServerError,
@@ -56,6 +58,14 @@ class UnexpectedError(ClientError):
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+# The names `submit --out` gives results: a folder search leaves such files out.
+RESULT_SUFFIXES = (".mask.png", ".overlay.png")
+# How the server begins a batch's refusal over one of its images ("Image 3 (x.jpg): ...").
+ABOUT_ONE_IMAGE = re.compile(r"Image \d+ \(")
+# The server's codes for what is wrong with one upload (its size, type or pixels).
+IMAGE_ERROR_CODES = frozenset(
+    {"invalid_image", "unsupported_media_type", "payload_too_large", "poison_input"}
+)
 
 
 def exit_code_for(exc: ClientError) -> int:
@@ -78,18 +88,37 @@ def describe(exc: BaseException) -> str:
     return str(exc)
 
 
-def image_files(paths: tuple[Path, ...]) -> list[Path]:
+def image_files(
+    paths: tuple[Path, ...], out: Path | None = None, skipped: list[Path] | None = None
+) -> list[Path]:
     """Files as given, plus the images found under directories (sorted); each file once, where
     it first appears (`photos/ photos/cat.jpg`, `cat.jpg ./cat.jpg` or two links to one file
-    would send it twice: two jobs, two rate-limit tokens, results named cat-2)."""
+    would send it twice: two jobs, two rate-limit tokens, results named cat-2).
+
+    A folder search leaves segsvc's own results out (a rerun with `--out` inside the folder
+    would send them as photos): files named `*.mask.png` or `*.overlay.png`, and everything
+    under `out` when `out` is a folder inside the one searched. A file named as such is sent
+    whatever its name. What was left out is added to `skipped`."""
     found: list[Path] = []
+    out_real = Path(os.path.realpath(out)) if out is not None else None
     for path in paths:
-        if path.is_dir():  # only files: not a folder named x.jpg, nor a link to nothing
-            found += sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            )
-        else:
+        if not path.is_dir():
             found.append(path)
+            continue
+        folder = Path(os.path.realpath(path))
+        results = out_real if out_real and out_real.is_relative_to(folder) else None
+        if results == folder:  # results beside the photos: only their names tell them apart
+            results = None
+        for p in sorted(path.rglob("*")):
+            if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+                continue  # only files: not a folder named x.jpg, nor a link to nothing
+            if p.name.lower().endswith(RESULT_SUFFIXES) or (
+                results is not None and Path(os.path.realpath(p)).is_relative_to(results)
+            ):
+                if skipped is not None:
+                    skipped.append(p)
+                continue
+            found.append(p)
     seen: set[str] = set()
     unique: list[Path] = []
     for path in found:
@@ -163,23 +192,39 @@ class SubmitPlan:
     # server limit lower than `batch`, or no batch submits): later files go one by one.
     batches_refused: threading.Event = field(default_factory=threading.Event)
     names: dict[Path, str] = field(default_factory=dict)  # output name per file (output_names)
+    # Why the run stopped sending (set with the stop event: see `halt`).
+    stop_reason: str = ""
 
     @property
     def waiting(self) -> bool:
         return self.wait or self.out is not None
 
 
-STOPPED_WAITING = "not waited for: the run stopped (an authentication error or Ctrl-C)"
+def halt(stop: threading.Event, plan: SubmitPlan, why: str) -> None:
+    """Stop the run: no file is sent after this (the first reason given is kept)."""
+    if not plan.stop_reason:
+        plan.stop_reason = why
+    stop.set()
 
 
-def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Event) -> Outcome:
-    """Submit one file, then (optionally) wait and save its results."""
+def stopped_reason(plan: SubmitPlan, what: str) -> str:
+    """`what` (not sent, not waited for) and why the run stopped."""
+    return f"{what}: the run stopped ({plan.stop_reason or 'Ctrl-C'})"
+
+
+def submit_one(
+    client: Client,
+    path: Path,
+    plan: SubmitPlan,
+    stop: threading.Event,
+    batch_refusal: ApiError | None = None,
+) -> Outcome:
+    """Submit one file, then (optionally) wait and save its results. `batch_refusal`: how
+    the server refused the batch this file was in, when it named no image (see
+    `refuses_every_file`)."""
     outcome = Outcome(path)
     if stop.is_set():
-        outcome.status, outcome.reason = (
-            "skipped",
-            "not sent: the run stopped (an authentication error or Ctrl-C)",
-        )
+        outcome.status, outcome.reason = "skipped", stopped_reason(plan, "not sent")
         return outcome
     started = time.monotonic()
     job: Job | None = None
@@ -196,16 +241,36 @@ def submit_one(client: Client, path: Path, plan: SubmitPlan, stop: threading.Eve
             finish(outcome, job, plan, started)
     except WaitStoppedError as exc:
         if job is None:  # Ctrl-C before a retry of the submit itself
-            failed(outcome, exc, stop)
+            failed(outcome, exc, stop, plan)
         else:
-            outcome.status, outcome.reason = job.status, STOPPED_WAITING
+            outcome.status, outcome.reason = job.status, stopped_reason(plan, "not waited for")
     except ClientError as exc:
-        failed(outcome, exc, stop)
+        failed(outcome, exc, stop, plan)
+        if job is None and refuses_every_file(exc, batch_refusal):
+            halt(stop, plan, "the server refuses every file alike: see the error above")
     except OSError as exc:  # unreadable file, or a result that could not be written
-        failed(outcome, LocalFileError(f"{type(exc).__name__}: {exc}"), stop)
+        failed(outcome, LocalFileError(f"{type(exc).__name__}: {exc}"), stop, plan)
     except Exception as exc:  # anything else fails this file only (its job id is kept)
-        failed(outcome, UnexpectedError(exc), stop)
+        failed(outcome, UnexpectedError(exc), stop, plan)
     return outcome
+
+
+def refuses_every_file(exc: ClientError, batch_refusal: ApiError | None) -> bool:
+    """Whether the server's refusal of one file's submit would hit every file alike: a
+    `validation_error` (the server's code for a form field it refuses: --webhook,
+    --webhook-events; what is wrong with an image has codes of its own: invalid_image,
+    unsupported_media_type, payload_too_large, bad_request for an empty file), or the very
+    refusal its batch got without naming an image (unless its code is an image's: a batch
+    over the server's size limit and a file over the single limit get the same 413)."""
+    if not isinstance(exc, InvalidRequestError) or exc.code in IMAGE_ERROR_CODES:
+        return False
+    if exc.code == "validation_error":
+        return True
+    return batch_refusal is not None and (exc.status, exc.code, exc.message) == (
+        batch_refusal.status,
+        batch_refusal.code,
+        batch_refusal.message,
+    )
 
 
 def submit_chunk(
@@ -215,27 +280,33 @@ def submit_chunk(
 
     When the server refuses the batch as a whole over one file (a bad image, a batch over its
     limits, a server without batch submits), each file is sent on its own instead, so every
-    file still gets its own answer; errors that would hit every file alike are not retried."""
+    file still gets its own answer; errors that would hit every file alike are not retried,
+    and a refusal of the first file sent on its own that would hit every file alike (a form
+    field the server refuses, or the batch's own refusal again when it named no image: see
+    `refuses_every_file`) stops the run instead of costing one request per file."""
     if len(paths) == 1 or stop.is_set() or plan.batches_refused.is_set():
         return [submit_one(client, path, plan, stop) for path in paths]
     started = time.monotonic()
     try:
         jobs = client.submit_batch(paths, webhook=plan.webhook, webhook_events=plan.webhook_events)
     except (AuthError, TransportError, ServerError, RateLimitedError) as exc:
-        return [failed(Outcome(path), exc, stop) for path in paths]
+        return [failed(Outcome(path), exc, stop, plan) for path in paths]
     except ConflictError as exc:  # the batch's key is still in use: its jobs may be stored, and
         # sending the files again one by one would store each of them twice
-        return [failed(Outcome(path), exc, stop) for path in paths]
+        return [failed(Outcome(path), exc, stop, plan) for path in paths]
     except RetriesStoppedError as exc:  # Ctrl-C before a retry: nothing more is sent
-        return [failed(Outcome(path), exc, stop) for path in paths]
-    except (ApiError, OSError, ValueError):  # one file refused, unreadable or not sendable:
-        # each gets its own answer
-        singles = [submit_one(client, path, plan, stop) for path in paths]
+        return [failed(Outcome(path), exc, stop, plan) for path in paths]
+    except (ApiError, OSError, ValueError) as exc:  # one file refused, unreadable or not
+        # sendable: each gets its own answer
+        refusal = (
+            exc if isinstance(exc, ApiError) and not ABOUT_ONE_IMAGE.match(exc.message) else None
+        )
+        singles = [submit_one(client, path, plan, stop, refusal) for path in paths]
         if all(outcome.error is None for outcome in singles):  # not a file: the batch itself
             plan.batches_refused.set()
         return singles
     except Exception as exc:
-        return [failed(Outcome(path), UnexpectedError(exc), stop) for path in paths]
+        return [failed(Outcome(path), UnexpectedError(exc), stop, plan) for path in paths]
     outcomes = [Outcome(path, job.id, job.status) for path, job in zip(paths, jobs, strict=True)]
     if not plan.waiting:
         return outcomes
@@ -248,19 +319,20 @@ def submit_chunk(
         waited = UnexpectedError(exc)
     for outcome, job in zip(outcomes, jobs, strict=True):
         if not job.done and isinstance(waited, WaitStoppedError):
-            outcome.status, outcome.reason = job.status, STOPPED_WAITING
+            outcome.status, outcome.reason = job.status, stopped_reason(plan, "not waited for")
             continue
         if not job.done:
-            failed(outcome, waited or WaitTimeoutError(f"job {job.id} still {job.status}"), stop)
+            timed_out = WaitTimeoutError(f"job {job.id} still {job.status}")
+            failed(outcome, waited or timed_out, stop, plan)
             continue
         try:
             finish(outcome, job, plan, started)
         except ClientError as exc:  # fetching its results failed
-            failed(outcome, exc, stop)
+            failed(outcome, exc, stop, plan)
         except OSError as exc:  # writing them failed (a full disk, no permission)
-            failed(outcome, LocalFileError(f"{type(exc).__name__}: {exc}"), stop)
+            failed(outcome, LocalFileError(f"{type(exc).__name__}: {exc}"), stop, plan)
         except Exception as exc:
-            failed(outcome, UnexpectedError(exc), stop)
+            failed(outcome, UnexpectedError(exc), stop, plan)
     return outcomes
 
 
@@ -273,26 +345,38 @@ def finish(outcome: Outcome, job: Job, plan: SubmitPlan, started: float) -> None
         save_results(job, outcome.path, plan)
 
 
-def failed(outcome: Outcome, exc: ClientError, stop: threading.Event) -> Outcome:
-    """Mark a file as not done because of `exc`; an auth error stops the files not yet sent."""
+def failed(outcome: Outcome, exc: ClientError, stop: threading.Event, plan: SubmitPlan) -> Outcome:
+    """Mark a file as not done because of `exc`. An auth error, or a server that stayed
+    unreachable through the retries, stops the files not yet sent: each would only fail the
+    same way (a wrong --url kept a run retrying every chunk in turn for minutes)."""
     outcome.status, outcome.error, outcome.reason = "error", exc, describe(exc)
     if isinstance(exc, AuthError):
-        stop.set()
+        halt(stop, plan, "the server refused the API key")
+    elif isinstance(exc, TransportError):
+        halt(stop, plan, "the server could not be reached")
     return outcome
 
 
 def save_results(job: Job, path: Path, plan: SubmitPlan) -> None:
     """Write <name>.mask.png (and .overlay.png) into the output folder (see output_names).
-    Both are fetched before either is written, and each is written whole or not at all, so
-    a file reported as an error leaves no half result behind."""
+    Both are fetched before either is written, each is written whole or not at all, and
+    when the overlay cannot be written the mask written just before it is removed, so a
+    file reported as an error leaves no half result behind."""
     assert plan.out is not None
     plan.out.mkdir(parents=True, exist_ok=True)
     name = plan.names.get(path, path.stem)
     results = {f"{name}.mask.png": job.mask_png()}
     if plan.overlay:
         results[f"{name}.overlay.png"] = job.overlay_png()
-    for file_name, data in results.items():
-        write_atomically(plan.out / file_name, data)
+    written: list[Path] = []
+    try:
+        for file_name, data in results.items():
+            write_atomically(plan.out / file_name, data)
+            written.append(plan.out / file_name)
+    except BaseException:
+        for done in written:
+            done.unlink(missing_ok=True)
+        raise
 
 
 def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: int) -> list[Outcome]:
@@ -325,7 +409,9 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
             try:
                 results = future.result()
             except Exception as exc:  # pragma: no cover - submit_chunk catches everything
-                results = [failed(Outcome(p), UnexpectedError(exc), stop) for p in futures[future]]
+                results = [
+                    failed(Outcome(p), UnexpectedError(exc), stop, plan) for p in futures[future]
+                ]
             for outcome in results[printed.get(future, 0) :]:
                 outcomes.append(outcome)
                 printed[future] = printed.get(future, 0) + 1
@@ -343,11 +429,12 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
         try:
             for future in as_completed(futures):
                 report(future)
-        except (KeyboardInterrupt, BrokenPipeError):
+        except (KeyboardInterrupt, BrokenPipeError) as exc:
             # Ctrl-C, or stdout's reader gone (`| head -1`): send nothing more (not even
             # retries); the requests in flight end and their job ids are reported too, so
             # nothing the server accepted goes unreported (on stderr once stdout is closed).
-            stop.set()
+            closed = isinstance(exc, BrokenPipeError)
+            halt(stop, plan, "stdout closed" if closed else "Ctrl-C")
             client.stop_retries()
             pool.shutdown(wait=False, cancel_futures=True)
             try:

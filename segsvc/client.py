@@ -10,6 +10,8 @@ Needs only httpx, Pillow and standardwebhooks (no Flask, no TensorFlow).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
 import random
@@ -18,7 +20,8 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image
@@ -29,6 +32,7 @@ from segsvc.client_errors import (
     ClientError,
     ConflictError,
     InvalidRequestError,
+    InvalidUrlError,
     NotFoundError,
     RateLimitedError,
     RetriesStoppedError,
@@ -51,6 +55,7 @@ __all__ = [
     "ConflictError",
     "InvalidJobIdError",
     "InvalidRequestError",
+    "InvalidUrlError",
     "Job",
     "NotFoundError",
     "RateLimitedError",
@@ -72,6 +77,10 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # lost) is being stored, and the retry replays its job instead of making a second one.
 KEY_IN_USE = "idempotency_key_in_use"
 ImageInput = str | os.PathLike[str] | bytes | IO[bytes]
+T = TypeVar("T")
+# Called before each retry with what went wrong (a TransportError for a connection that
+# failed or broke, else the ApiError answered) and the pause before the next try.
+RetryNotice = Callable[[ClientError, float], None]
 
 
 class InvalidJobIdError(ClientError, ValueError):
@@ -93,25 +102,79 @@ def job_id_text(job_id: str | uuid.UUID) -> str:
 
 # Seconds one long-poll request may wait server-side (below the HTTP timeout).
 LONG_POLL_S = 10.0
-# The same for a wait that may be told to stop: how long a stop may take to be noticed.
+# The same for a wait that may be told to stop (and a held submit of `segsvc submit --wait`):
+# a stop ends the wait at once, dropping the request in flight, which then holds a long-poll
+# slot of the server this long at most; a Ctrl-C waits for a submit in flight this long.
 STOPPABLE_POLL_S = 2.0
 # Ids one `GET /v1/jobs?ids=` may ask about (the server's limit).
 MAX_IDS_PER_READ = 100
+# Beyond a wait's deadline, how long a request of it may still take to bring its answer: each
+# request of `Job.wait(timeout)` / `wait_many` times out then, whatever the server does.
+WAIT_MARGIN_S = 0.5
+
+
+def checked_url(url: str) -> str:
+    """`url` (without a trailing slash) if it can be a server's base URL: http or https, a
+    host, and a port from 1 to 65535 if any; else InvalidUrlError, before anything is sent
+    (`localhost:8000` would otherwise be retried as a lost connection, `http://[::1` or
+    `http://host:8o00` end in a traceback)."""
+    example = "e.g. http://127.0.0.1:8000"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number from 0 to 65535
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise InvalidUrlError(f"{url!r} is not a server URL ({exc}; {example})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidUrlError(
+            f"{url!r} is not a server URL (it needs http:// or https://, {example})"
+        )
+    if not parts.hostname:
+        raise InvalidUrlError(f"{url!r} is not a server URL (no host name; {example})")
+    if port == 0:
+        raise InvalidUrlError(f"{url!r} is not a server URL (port 0; {example})")
+    return url.rstrip("/")
+
+
+def _unless_stopped(call: Callable[[], T], stop: threading.Event) -> T:
+    """`call()` (a request of a wait) in a thread of its own, while this one watches `stop`:
+    WaitStoppedError as soon as it is set, however long the server takes to answer (the
+    request then ends on its own, its answer dropped; `stop` also ends its retries)."""
+    result: list[T] = []
+    error: list[BaseException] = []
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as exc:  # handed to the waiting thread
+            error.append(exc)
+        finally:
+            finished.set()
+
+    threading.Thread(target=run, name="segsvc-wait", daemon=True).start()
+    while not finished.wait(0.05):
+        if stop.is_set():
+            raise WaitStoppedError("the wait was stopped before the jobs ended")
+    if error:
+        raise error[0]
+    return result[0]
 
 
 def _long_poll(
     done: Callable[[], bool],
-    ask: Callable[[float], bool],
-    timeout: float | None,
+    ask: Callable[[float], Callable[[], bool]],
+    deadline: float | None,
     poll_interval: float,
     timed_out: Callable[[], str],
     stop: threading.Event | None = None,
 ) -> None:
-    """Until `done()`: `ask(seconds)` with a server-side wait of up to LONG_POLL_S (it returns
-    whether what it asked about has ended); against a server that answered at once without
-    that, pause `poll_interval`, backing off to 2 s. WaitTimeoutError after `timeout`;
-    WaitStoppedError once `stop` is set (noticed within STOPPABLE_POLL_S and a round trip)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    """Until `done()`: `ask(seconds)` with a server-side wait of up to LONG_POLL_S; it returns
+    a function that applies the answer and says whether what it asked about has ended.
+    Against a server that answered at once without that, pause `poll_interval`, backing off
+    to 2 s. WaitTimeoutError at `deadline` (time.monotonic()), each request bounded by it (see
+    `Client._request`); WaitStoppedError once `stop` is set, at once even while a request is
+    in flight (see `_unless_stopped`)."""
     interval = poll_interval
     hold = LONG_POLL_S if stop is None else STOPPABLE_POLL_S
     while not done():
@@ -121,10 +184,11 @@ def _long_poll(
         if left <= 0:
             raise WaitTimeoutError(timed_out())
         asked, wait = time.monotonic(), min(hold, left)
+        apply = ask(wait) if stop is None else _unless_stopped(functools.partial(ask, wait), stop)
         # Not ended, and answered well before the wait it was asked for: the server did not
         # hold the request (its long-poll slots are full, it is shutting down, or it does not
         # long-poll), however long the network round trip took.
-        if not ask(wait) and time.monotonic() - asked < max(0.05, wait / 2):
+        if not apply() and time.monotonic() - asked < max(0.05, wait / 2):
             (stop or threading.Event()).wait(max(0.0, min(interval, left)))
             interval = min(interval * 1.5, 2.0)
 
@@ -191,20 +255,26 @@ class Job:
 
         Each request waits server-side (`?wait=`) for up to LONG_POLL_S; against a server that
         answers at once, it falls back to polling every `poll_interval` (backing off to 2 s).
-        Setting `stop` (from another thread: Ctrl-C) ends the wait with WaitStoppedError within
-        about STOPPABLE_POLL_S.
+        Each request is bounded by the timeout (plus WAIT_MARGIN_S), so a server that stalls
+        cannot stretch it. Setting `stop` (from another thread: Ctrl-C) ends the wait with
+        WaitStoppedError at once, even while a request is in flight.
         """
 
         deadline = None if timeout is None else time.monotonic() + timeout
 
-        def ask(seconds: float) -> bool:
-            self.data = self._client.get(self.id, wait=seconds, deadline=deadline).data
-            return self.done
+        def ask(seconds: float) -> Callable[[], bool]:
+            data = self._client.get(self.id, wait=seconds, deadline=deadline, stop=stop).data
+
+            def apply() -> bool:
+                self.data = data
+                return self.done
+
+            return apply
 
         _long_poll(
             lambda: self.done,
             ask,
-            timeout,
+            deadline,
             poll_interval,
             lambda: f"job {self.id} still {self.status} after {timeout}s",
             stop,
@@ -247,8 +317,14 @@ class Client:
         retries: int = 5,
         max_retry_wait: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        on_retry: RetryNotice | None = None,
     ) -> None:
-        self.url = (url or os.environ.get("SEG_URL") or DEFAULT_URL).rstrip("/")
+        """InvalidUrlError (a ValueError) for a URL that cannot be a server's (see
+        `checked_url`). `on_retry(error, pause_s)` is called before each retry (from the thread
+        that sent the request; what it raises is ignored): the CLI says there that it is
+        retrying a lost connection."""
+        self.url = checked_url(url or os.environ.get("SEG_URL") or DEFAULT_URL)
+        self.on_retry = on_retry
         key = api_key if api_key is not None else os.environ.get("SEG_API_KEY")
         headers = {"User-Agent": "segsvc-client/0.1"}
         if key:
@@ -353,19 +429,27 @@ class Client:
         return [Job(self, body) for body in _json(resp)["jobs"]]
 
     def get_many(
-        self, job_ids: Sequence[str], *, wait: float = 0.0, deadline: float | None = None
+        self,
+        job_ids: Sequence[str],
+        *,
+        wait: float = 0.0,
+        deadline: float | None = None,
+        stop: threading.Event | None = None,
     ) -> list[Job]:
         """Several jobs in one request (up to 100 different ids), in the order given (an id
         given twice gets the same Job twice); with `wait` (capped at LONG_POLL_S) the server
         holds the answer until every one has ended. Unknown ids raise NotFoundError, ids that
-        are not UUIDs InvalidJobIdError. `deadline` bounds retries: see `_request`."""
+        are not UUIDs InvalidJobIdError. `deadline` and `stop` bound the request and its
+        retries: see `_request`."""
         ids = [job_id_text(job_id) for job_id in job_ids]
         unique = list(dict.fromkeys(ids))  # the server answers each id once
         params = {"ids": ",".join(unique)}
         wait = min(wait, LONG_POLL_S)
         if wait > 0:
             params["wait"] = f"{wait:.3f}"
-        body = _json(self._request("GET", "/v1/jobs", params=params, deadline=deadline, held=wait))
+        body = _json(
+            self._request("GET", "/v1/jobs", params=params, deadline=deadline, stop=stop, held=wait)
+        )
         if body["not_found"]:
             raise NotFoundError(404, "not_found", f"No such jobs: {', '.join(body['not_found'])}.")
         found = {str(job["id"]): Job(self, job) for job in body["jobs"]}
@@ -387,39 +471,52 @@ class Client:
         """Long-poll until every job has ended (`Job.wait` for many: one `GET /v1/jobs?ids=`
         per 100 jobs still running); updates the jobs in place and returns them.
         WaitTimeoutError after `timeout` (WaitStoppedError once `stop` is set), with the jobs
-        that ended by then already updated."""
+        that ended by then already updated; as in `Job.wait`, each request is bounded by the
+        timeout and a set `stop` ends the wait at once."""
 
         deadline = None if timeout is None else time.monotonic() + timeout
 
-        def ask(seconds: float) -> bool:
+        def ask(seconds: float) -> Callable[[], bool]:
             running: dict[str, list[Job]] = {}  # an id given twice is asked about once
             for job in jobs:
                 if not job.done:
                     running.setdefault(job_id_text(job.id), []).append(job)
             chunk = list(running)[:MAX_IDS_PER_READ]
-            fresh = self.get_many(chunk, wait=seconds, deadline=deadline)
-            for job_id, new in zip(chunk, fresh, strict=True):
-                for job in running[job_id]:
-                    job.data = new.data
-            return all(new.done for new in fresh)
+            fresh = self.get_many(chunk, wait=seconds, deadline=deadline, stop=stop)
+
+            def apply() -> bool:
+                for job_id, new in zip(chunk, fresh, strict=True):
+                    for job in running[job_id]:
+                        job.data = new.data
+                return all(new.done for new in fresh)
+
+            return apply
 
         _long_poll(
             lambda: all(job.done for job in jobs),
             ask,
-            timeout,
+            deadline,
             poll_interval,
             lambda: f"{sum(not job.done for job in jobs)} jobs not finished after {timeout}s",
             stop,
         )
         return list(jobs)
 
-    def get(self, job_id: str, *, wait: float = 0.0, deadline: float | None = None) -> Job:
+    def get(
+        self,
+        job_id: str,
+        *,
+        wait: float = 0.0,
+        deadline: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> Job:
         """The job's state; with `wait` (capped at LONG_POLL_S), the server holds the answer
-        until it ends. `deadline` (time.monotonic()) bounds retries: see `_request`."""
+        until it ends. `deadline` (time.monotonic()) and `stop` bound the request and its
+        retries: see `_request`."""
         path = f"/v1/jobs/{job_id_text(job_id)}"
         wait = min(wait, LONG_POLL_S)
         params = {"wait": f"{wait:.3f}"} if wait > 0 else None
-        resp = self._request("GET", path, params=params, deadline=deadline, held=wait)
+        resp = self._request("GET", path, params=params, deadline=deadline, stop=stop, held=wait)
         return Job(self, _json(resp))
 
     def cancel(self, job_id: str) -> Job:
@@ -459,6 +556,7 @@ class Client:
         path: str,
         *,
         deadline: float | None = None,
+        stop: threading.Event | None = None,
         held: float = 0.0,
         **kwargs: Any,
     ) -> httpx.Response:
@@ -469,27 +567,35 @@ class Client:
         retries, so the server stores it only once. `stop_retries()` (Ctrl-C) ends the pauses
         between tries with RetriesStoppedError.
         `held`: seconds the server may hold the answer (a long poll), added to the read
-        timeout. `deadline` (time.monotonic()): a wait's end; a retry that would pause past
-        it raises WaitTimeoutError instead, so `Job.wait(timeout)` keeps its timeout.
+        timeout. `deadline` (time.monotonic()): a wait's end; each try times out by then (and
+        WAIT_MARGIN_S), and a try that failed then, or a retry that would pause past it,
+        raises WaitTimeoutError, so `Job.wait(timeout)` keeps its timeout however the server
+        behaves. `stop` (a wait's event) also ends the pauses before retries.
         """
+        t = self._http.timeout
+        base = t
         if held > 0:  # the read may take as long as the server holds the answer, and more
-            t = self._http.timeout
-            read = (t.read or 0.0) + held
-            kwargs.setdefault(
-                "timeout", httpx.Timeout(connect=t.connect, read=read, write=t.write, pool=t.pool)
-            )
+            read = None if t.read is None else t.read + held
+            base = httpx.Timeout(connect=t.connect, read=read, write=t.write, pool=t.pool)
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
+            timeout = base if deadline is None else _bounded(base, deadline)
             try:
-                resp = self._http.request(method, path, **kwargs)
+                resp = self._http.request(method, path, timeout=timeout, **kwargs)
             except httpx.TransportError as exc:
+                what = "cannot connect to" if isinstance(exc, httpx.ConnectError) else "lost"
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise WaitTimeoutError(
+                        f"the wait ran out while {self.url} did not answer ({exc!r})"
+                    ) from exc
+                failure = TransportError(f"{what} {self.url}: {exc!r}")
                 if last:
-                    what = "cannot connect to" if isinstance(exc, httpx.ConnectError) else "lost"
-                    raise TransportError(f"{what} {self.url}: {exc!r}") from exc
-                self._pause(_backoff(attempt), deadline, f"{exc!r}")
+                    raise failure from exc
+                self._pause(_backoff(attempt), deadline, f"{exc!r}", failure, stop)
                 continue
             if _retryable(resp) and not last:
-                self._pause(self._retry_delay(resp, attempt), deadline, f"HTTP {resp.status_code}")
+                delay = self._retry_delay(resp, attempt)
+                self._pause(delay, deadline, f"HTTP {resp.status_code}", error_for(resp), stop)
                 continue
             if resp.is_success:
                 return resp
@@ -501,16 +607,51 @@ class Client:
         no request is retried after this (a request in flight still gets its answer)."""
         self._retries_stopped.set()
 
-    def _pause(self, seconds: float, deadline: float | None, why: str) -> None:
-        """Sleep before a retry, unless that would pass the caller's deadline."""
+    def _pause(
+        self,
+        seconds: float,
+        deadline: float | None,
+        why: str,
+        cause: ClientError,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Sleep before a retry, unless that would pass the caller's deadline; `on_retry`
+        hears of it first. RetriesStoppedError once `stop_retries()` is called or `stop` set."""
         if deadline is not None and time.monotonic() + seconds >= deadline:
             raise WaitTimeoutError(f"the wait ran out while the server answered {why}")
-        if self._retries_stopped.wait(seconds):
+        if self.on_retry is not None:
+            # a notice that cannot be given (stderr closed) stops nothing
+            with contextlib.suppress(Exception):
+                self.on_retry(cause, seconds)
+        if stop is None:
+            stopped = self._retries_stopped.wait(seconds)
+        else:  # either event ends the pause
+            end = time.monotonic() + seconds
+            stopped = stop.is_set()
+            while not stopped and (left := end - time.monotonic()) > 0:
+                stopped = self._retries_stopped.wait(min(left, 0.05)) or stop.is_set()
+        if stopped:
             raise RetriesStoppedError(f"not retried (the server answered {why}): stopped")
 
     def _retry_delay(self, resp: httpx.Response, attempt: int) -> float:
         hinted = parse_retry_after(resp.headers.get("Retry-After"))
         return min(self.max_retry_wait, hinted if hinted is not None else _backoff(attempt))
+
+
+def _bounded(timeout: httpx.Timeout, deadline: float) -> httpx.Timeout:
+    """`timeout` with each of its limits cut to the time left before `deadline` (and
+    WAIT_MARGIN_S for the answer to arrive)."""
+    left = max(0.01, deadline - time.monotonic() + WAIT_MARGIN_S)
+
+    def cut(limit: float | None) -> float:
+        return left if limit is None else min(limit, left)
+
+    return httpx.Timeout(
+        connect=cut(timeout.connect),
+        read=cut(timeout.read),
+        write=cut(timeout.write),
+        pool=cut(timeout.pool),
+    )
 
 
 def _retryable(resp: httpx.Response) -> bool:

@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ from segsvc.bulk_submit import (
     EXIT_OK,
     EXIT_SERVER,
     EXIT_STDOUT_CLOSED,
+    EXIT_USAGE,
     Interrupted,
     LocalFileError,
     Outcome,
@@ -43,8 +45,8 @@ from segsvc.bulk_submit import (
     submit_exit_code,
     summary_table,
 )
-from segsvc.client import DEFAULT_URL, Client, utf8_name
-from segsvc.client_errors import ClientError, NotFoundError
+from segsvc.client import DEFAULT_URL, Client, RetryNotice, checked_url, utf8_name
+from segsvc.client_errors import ClientError, InvalidUrlError, NotFoundError, TransportError
 from segsvc.files import write_atomically
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -92,14 +94,42 @@ def handle_errors(func: F) -> F:
 
 
 def make_client(url: str, api_key: str | None, retries: int = 5) -> Client:
-    """A client from flags/env; the key falls back to the file `make run` writes."""
+    """A client from flags/env; the key falls back to the file `make run` writes. A URL that
+    cannot be a server's is a usage error (exit 2), said in one line before anything is sent."""
+    try:
+        checked_url(url)
+    except InvalidUrlError as exc:
+        click.echo(f"error: {exc} [--url or SEG_URL]", err=True)
+        sys.exit(EXIT_USAGE)
     if not api_key:
         from segsvc.settings import get_settings
 
         key_file = get_settings().var_dir / "local_api_key"
         if key_file.is_file():
             api_key = key_file.read_text().strip()
-    return Client(url, api_key or "", retries=retries)
+    return Client(url, api_key or "", retries=retries, on_retry=retry_notice(retries))
+
+
+def retry_notice(retries: int) -> RetryNotice:
+    """A `Client.on_retry` that says once, in one line on stderr, that a connection which
+    failed or broke is being retried: a wrong --url or a server that is down would otherwise
+    look like a frozen progress bar until the retries have run out."""
+    lock = threading.Lock()
+    said = False
+
+    def notice(error: ClientError, _pause_s: float) -> None:
+        nonlocal said
+        if not isinstance(error, TransportError):
+            return
+        with lock:
+            if said:
+                return
+            said = True
+        # sys.stderr as it is now: above the progress bar while one is drawn
+        sys.stderr.write(f"warning: {error}; retrying (--retries {retries})...\n")
+        sys.stderr.flush()
+
+    return notice
 
 
 @click.command("submit")
@@ -151,7 +181,14 @@ def submit(
     retries: int,
 ) -> None:
     """Submit photos (files or folders); prints a `job_id<TAB>status<TAB>file` line each."""
-    files = image_files(paths)
+    skipped: list[Path] = []
+    files = image_files(paths, out, skipped)
+    if skipped:
+        click.echo(
+            f"note: {len(skipped)} files in the folders are segsvc results (*.mask.png, "
+            "*.overlay.png, or under --out) and are not sent; name a file to send it",
+            err=True,
+        )
     if not files:
         raise click.UsageError("no image files found (looked for .jpg .jpeg .png .webp)")
     events = [e.strip() for e in webhook_events.split(",")] if webhook_events else None

@@ -12,6 +12,11 @@ class ClientError(Exception):
     """Base of every error the client raises."""
 
 
+class InvalidUrlError(ClientError, ValueError):
+    """A server URL that cannot be one (no http:// or https://, no host, a port that is not a
+    number from 1 to 65535): refused when the client is made, before anything is sent."""
+
+
 class TransportError(ClientError):
     """The service could not be reached or the connection broke."""
 

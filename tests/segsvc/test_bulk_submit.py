@@ -3,6 +3,7 @@ Ctrl-C; the `segsvc submit` command end to end is tested in test_client_cli.py."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,8 +12,10 @@ import time
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from werkzeug.wrappers import Request, Response
 
 from tests.conftest import sample_images
 from tests.live import serve
@@ -204,3 +207,200 @@ def test_cli_ctrl_c_during_a_retry_pause_stops_at_once(tmp_path: Path) -> None:
     outcomes = stopped.value.outcomes
     assert len(outcomes) == 2
     assert all(o.status == "error" and "stopped" in o.reason for o in outcomes)
+
+
+def test_image_files_leaves_out_the_results_of_an_earlier_run(tmp_path: Path) -> None:
+    """`segsvc submit photos/ --out photos/masks/`, run again: its masks and overlays were
+    sent as photos (each rerun adding p0.mask.mask.png, ...). A folder search now leaves out
+    files named *.mask.png / *.overlay.png, and everything under --out inside the folder;
+    a file named as such is still sent."""
+    from segsvc.bulk_submit import image_files
+
+    photos = tmp_path / "photos"
+    masks = photos / "masks"
+    masks.mkdir(parents=True)
+    for path in (
+        photos / "p0.png",
+        photos / "p1.mask.png",  # results beside the photos (--out photos/)
+        photos / "p1.OVERLAY.png",
+        masks / "p0.mask.png",
+        masks / "p0.overlay.png",
+        masks / "keep.png",  # under --out, named otherwise (a renamed result)
+    ):
+        path.write_bytes(b"png")
+    skipped: list[Path] = []
+    assert image_files((photos,), masks, skipped) == [photos / "p0.png"]
+    assert len(skipped) == 5
+    assert image_files((photos,)) == [masks / "keep.png", photos / "p0.png"]
+    # --out is the folder searched, or holds it: only the names tell results apart
+    assert image_files((photos,), photos) == [masks / "keep.png", photos / "p0.png"]
+    assert image_files((masks,), tmp_path) == [masks / "keep.png"]
+    named = masks / "p0.mask.png"
+    assert image_files((named,), masks) == [named]
+
+
+def test_save_results_leaves_no_mask_when_the_overlay_cannot_be_written(tmp_path: Path) -> None:
+    """Regression: the mask was written, then the overlay failed (here a folder in its way):
+    the file was reported as an error, and its mask stayed in --out."""
+    from segsvc.bulk_submit import SubmitPlan, save_results
+    from segsvc.client import Client, Job
+
+    out = tmp_path / "out"
+    (out / "p0.overlay.png").mkdir(parents=True)
+    plan = SubmitPlan(True, out, True, None, None, 10.0)
+    with serve(Scripted([(200, {}, "overlay bytes")])) as url, Client(url, "k") as client:
+        job = Job(client, {"id": J1, "status": "succeeded"}, mask_png=b"mask bytes")
+        with pytest.raises(IsADirectoryError):
+            save_results(job, tmp_path / "p0.png", plan)
+    assert sorted(p.name for p in out.iterdir()) == ["p0.overlay.png"]  # the folder alone
+
+
+def test_an_unreachable_server_stops_the_run_after_one_request(tmp_path: Path) -> None:
+    """Regression: with a wrong --url every chunk ran its own series of retries, one after
+    the other (minutes, hours for a large folder). Once one request has failed to reach the
+    server through its retries, the files not yet sent are skipped, as after a 401."""
+    import socket
+
+    from segsvc.bulk_submit import EXIT_SERVER, SubmitPlan, run_all, submit_exit_code
+    from segsvc.client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    files = png_files(tmp_path, 6)
+    plan = SubmitPlan(False, None, False, None, None, 10.0, batch=1)
+    started = time.monotonic()
+    with Client(f"http://127.0.0.1:{port}", "k", retries=1) as client:
+        outcomes = run_all(files, client, plan, concurrency=1)
+    assert time.monotonic() - started < 3
+    assert [o.status for o in outcomes] == ["error"] + ["skipped"] * 5
+    assert "cannot connect" in outcomes[0].reason
+    assert all("could not be reached" in o.reason for o in outcomes[1:])
+    assert submit_exit_code(outcomes) == EXIT_SERVER
+
+
+class Refusing:
+    """A server that refuses every submit over a form field (422 validation_error, as it
+    answers --webhook-events without --webhook), batch or single; counts the POSTs."""
+
+    def __init__(self) -> None:
+        self.posts: list[str] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        Request(environ).get_data()
+        self.posts.append(environ["PATH_INFO"])
+        body = {"error": "validation_error", "message": "'webhook_events' needs a 'webhook' URL."}
+        return Response(json.dumps(body), status=422, mimetype="application/json")(
+            environ, start_response
+        )
+
+
+@pytest.mark.parametrize("batch", [16, 1])
+def test_a_refusal_that_would_hit_every_file_stops_the_run(tmp_path: Path, batch: int) -> None:
+    """Regression: a batch refused over a field (not an image) was sent again file by file,
+    each refused alike: one request per file in every chunk. Now the first file sent on its
+    own that gets such a refusal stops the run."""
+    from segsvc.bulk_submit import EXIT_FAILED, SubmitPlan, run_all, submit_exit_code
+    from segsvc.client import Client
+
+    stub = Refusing()
+    files = png_files(tmp_path, 32)
+    plan = SubmitPlan(False, None, False, None, ["start"], 10.0, batch=batch)
+    with serve(stub) as url, Client(url, "k", retries=0) as client:
+        outcomes = run_all(files, client, plan, concurrency=1)
+    expected = ["/v1/jobs/batch", "/v1/jobs"] if batch > 1 else ["/v1/jobs"]
+    assert stub.posts == expected
+    assert [o.status for o in outcomes] == ["error"] + ["skipped"] * 31
+    assert "needs a 'webhook' URL" in outcomes[0].reason
+    assert all("refuses every file alike" in o.reason for o in outcomes[1:])
+    assert submit_exit_code(outcomes) == EXIT_FAILED
+
+
+def test_a_batch_refused_over_one_image_still_sends_every_other_file(tmp_path: Path) -> None:
+    """A refusal that names an image (`Image 1 (p1.png): ...`) is that file's: the others
+    are sent on their own and taken."""
+    from segsvc.bulk_submit import SubmitPlan, run_all
+    from segsvc.client import Client
+
+    def answer(environ: dict[str, Any], start_response: Any) -> Any:
+        req = Request(environ)
+        names = [f.filename for f in req.files.getlist("image")]
+        if req.path == "/v1/jobs/batch" or names == ["p1.png"]:
+            prefix = "Image 1 (p1.png): " if req.path == "/v1/jobs/batch" else ""
+            msg = f"{prefix}The image could not be decoded."
+            body: Any = {"error": "invalid_image", "message": msg}
+            return Response(json.dumps(body), status=422, mimetype="application/json")(
+                environ, start_response
+            )
+        body = {"id": J1, "status": "queued"}
+        return Response(json.dumps(body), status=202, mimetype="application/json")(
+            environ, start_response
+        )
+
+    files = png_files(tmp_path, 3)
+    plan = SubmitPlan(False, None, False, None, None, 10.0, batch=3)
+    with serve(answer) as url, Client(url, "k", retries=0) as client:
+        outcomes = run_all(files, client, plan, concurrency=1)
+    assert [o.status for o in outcomes] == ["queued", "error", "queued"]
+
+
+def test_cli_ctrl_c_while_the_server_stalls_stops_waiting_at_once(tmp_path: Path) -> None:
+    """Ctrl-C while a wait's request is stalled (a proxy that holds it, a hung server): the
+    run stops within the ~2 s the docs promise, not when the request ends (the client's
+    timeout plus the hold: 32 s by default)."""
+    from segsvc.bulk_submit import Interrupted, SubmitPlan, run_all
+    from segsvc.client import Client
+    from tests.segsvc.test_client import Stalled
+
+    stub = Stalled(5.0)
+    files = png_files(tmp_path, 2)
+    plan = SubmitPlan(True, None, False, None, None, 60.0, batch=1)
+
+    interrupted: list[float] = []
+
+    def interrupt() -> None:  # once both waits' requests are in flight
+        deadline = time.monotonic() + 30
+        while stub.received.count("GET") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        interrupted.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with serve(stub) as url, Client(url, "k") as client:
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(Interrupted) as stopped:
+            run_all(files, client, plan, concurrency=2)
+        took = time.monotonic() - interrupted[0]
+    assert took < 2.0, f"stopped {took:.1f}s after Ctrl-C"
+    outcomes = stopped.value.outcomes
+    assert [o.job_id for o in outcomes] == [J1] * 2
+    assert all(o.status == "queued" and "Ctrl-C" in o.reason for o in outcomes)
+
+
+def test_a_batch_too_large_whose_first_file_is_too_large_too_does_not_stop_the_run(
+    tmp_path: Path,
+) -> None:
+    """A batch over the server's size limit and a file over the single limit get the same
+    413 (the server's generic answer): that is the file's error, the others are still sent."""
+    from segsvc.bulk_submit import SubmitPlan, run_all
+    from segsvc.client import Client
+
+    too_large = {"error": "payload_too_large", "message": "The data value transmitted exceeds"}
+
+    def answer(environ: dict[str, Any], start_response: Any) -> Any:
+        req = Request(environ)
+        names = [f.filename for f in req.files.getlist("image")]
+        if req.path == "/v1/jobs/batch" or names == ["p0.png"]:
+            return Response(json.dumps(too_large), status=413, mimetype="application/json")(
+                environ, start_response
+            )
+        body = {"id": J1, "status": "queued"}
+        return Response(json.dumps(body), status=202, mimetype="application/json")(
+            environ, start_response
+        )
+
+    files = png_files(tmp_path, 3)
+    plan = SubmitPlan(False, None, False, None, None, 10.0, batch=3)
+    with serve(answer) as url, Client(url, "k", retries=0) as client:
+        outcomes = run_all(files, client, plan, concurrency=1)
+    assert [o.status for o in outcomes] == ["error", "queued", "queued"]

@@ -523,3 +523,112 @@ def test_segment_takes_the_mask_from_the_submits_own_answer() -> None:
         assert (job.id, job.status) == (J1, "succeeded")
         assert job.mask().size == (4, 3)
     assert seen == [("POST", "/v1/jobs", "image/png")]  # one request, no mask download
+
+
+class Stalled:
+    """A server (or a proxy in front of it) that takes `stall_s` to answer a GET, whatever
+    `?wait=` asked for; POSTs are answered at once with a queued job."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.received: list[str] = []  # each request's method, as it arrives
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        Request(environ).get_data()
+        self.received.append(environ["REQUEST_METHOD"])
+        if environ["REQUEST_METHOD"] == "GET":
+            time.sleep(self.stall_s)
+        ids = Request(environ).args.get("ids")
+        body: Any = {"id": J1, "status": "queued"}
+        if ids:
+            body = {"jobs": [{"id": i, "status": "queued"} for i in ids.split(",")]}
+            body["not_found"] = []
+        return Response(json.dumps(body), status=202, mimetype="application/json")(
+            environ, start_response
+        )
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_wait_keeps_its_timeout_while_the_server_stalls(many: bool) -> None:
+    """Regression: the deadline was only checked between requests, and each request's read
+    timeout was the client's timeout plus the hold: wait(timeout=0.5) against a server that
+    stalls took the stall (or 30 s and more). Now each request ends by the deadline."""
+    with serve(Stalled(4.0)) as url, Client(url, "k", timeout=3.0, retries=5) as client:
+        job = Job(client, {"id": J1, "status": "queued"})
+        started = time.monotonic()
+        with pytest.raises(WaitTimeoutError):
+            client.wait_many([job], timeout=0.5) if many else job.wait(timeout=0.5)
+        took = time.monotonic() - started
+    assert took < 0.5 + 0.5 + 0.4, f"wait(timeout=0.5) took {took:.2f}s"
+
+
+def test_a_stopped_wait_ends_at_once_while_a_request_is_in_flight() -> None:
+    """`stop` ends a wait at once even while the server stalls a request (it ended only
+    once that request was answered: up to the client's timeout plus the hold)."""
+    from segsvc.client_errors import WaitStoppedError
+
+    stub = Stalled(4.0)
+    stop = threading.Event()
+    with serve(stub) as url, Client(url, "k", retries=5) as client:
+        job = Job(client, {"id": J1, "status": "queued"})
+        for wait in (
+            lambda: job.wait(timeout=60, stop=stop),
+            lambda: client.wait_many([job], 60, stop=stop),
+        ):
+            stop.clear()
+            sent = len(stub.received)
+            threading.Timer(0.3, stop.set).start()
+            started = time.monotonic()
+            with pytest.raises(WaitStoppedError):
+                wait()
+            assert time.monotonic() - started < 1.0
+            assert len(stub.received) == sent + 1  # the one request in flight; no retry
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8o00",
+        "http://[::1",
+        "localhost:8000",
+        "127.0.0.1:8000",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "ftp://127.0.0.1",
+        "http://:8000",
+    ],
+)
+def test_client_refuses_a_url_that_cannot_be_a_servers(url: str) -> None:
+    """Regression: `http://127.0.0.1:8o00` or `http://[::1` raised httpx's InvalidURL from
+    the first request, and `localhost:8000` (no scheme) was retried as a lost connection."""
+    from segsvc.client_errors import ClientError, InvalidUrlError
+
+    with pytest.raises(InvalidUrlError, match="is not a server URL") as err:
+        Client(url, "k")
+    assert isinstance(err.value, ClientError)
+    assert isinstance(err.value, ValueError)
+
+
+def test_client_accepts_server_urls_and_drops_a_trailing_slash() -> None:
+    for url in ("http://127.0.0.1:8000/", "https://seg.example", "http://[::1]:8000/api/"):
+        with Client(url, "k") as client:
+            assert client.url == url.rstrip("/")
+
+
+def test_on_retry_hears_of_each_retry_of_a_lost_connection() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    heard: list[tuple[type[Exception], float]] = []
+    with (
+        Client(
+            f"http://127.0.0.1:{port}",
+            "k",
+            retries=2,
+            on_retry=lambda error, pause: heard.append((type(error), pause)),
+        ) as client,
+        pytest.raises(TransportError),
+    ):
+        client.get(J1)
+    assert [kind for kind, _ in heard] == [TransportError, TransportError]
+    assert all(0 < pause <= 1.0 for _, pause in heard)

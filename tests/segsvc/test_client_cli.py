@@ -535,3 +535,108 @@ def test_cli_submit_lines_escape_tabs_and_newlines_in_names(tmp_path: Path) -> N
         "c\\nd.png",
         "e\\\\f.png",
     ]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8o00", "http://[::1", "localhost:8000"])
+@pytest.mark.parametrize(
+    "command", [["status", J1], ["client", "get", J1], ["cancel", J1], ["submit"], ["models"]]
+)
+def test_cli_a_url_that_cannot_be_a_servers_is_a_usage_error(
+    tmp_path: Path, url: str, command: list[str]
+) -> None:
+    """Regression: `--url http://127.0.0.1:8o00` (or `http://[::1`) ended in a traceback, and
+    `localhost:8000` (no scheme) was retried as a lost connection. Now: one line, exit 2."""
+    if command == ["submit"]:
+        command = ["submit", str(png_files(tmp_path, 1)[0])]
+    elif command == ["models"]:
+        command = ["client", "models", "list"]
+    started = time.monotonic()
+    result = cli(*command, url=url, key="k", SEG_RETRIES="3")
+    assert time.monotonic() - started < 1
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: {url!r} is not a server URL" + result.stderr.split("is not a server URL")[1][:-1]
+    ]
+    assert "SEG_URL" in result.stderr
+
+
+def test_cli_an_unreachable_server_stops_the_run_and_says_it_retries_once(tmp_path: Path) -> None:
+    """Regression: a wrong --url kept `submit FOLDER` retrying each chunk in turn, silently.
+    Now one line says it retries, and the run stops once a request failed through its
+    retries: the other files are reported as not sent, exit 3."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    png_files(tmp_path, 8)
+    started = time.monotonic()
+    result = cli(
+        "submit",
+        str(tmp_path),
+        "-b",
+        "1",
+        "-j",
+        "1",
+        url=f"http://127.0.0.1:{port}",
+        key="k",
+        SEG_RETRIES="2",
+    )
+    assert time.monotonic() - started < 4
+    assert result.exit_code == 3, result.output
+    assert result.stderr.count("retrying") == 1
+    assert "warning: cannot connect to" in result.stderr
+    statuses = [line.split("\t")[1] for line in result.stdout.splitlines()]
+    assert sorted(statuses) == ["error"] + ["skipped"] * 7
+    said = " ".join(result.stderr.split())  # as one line: the summary wraps long lines
+    assert said.count("not sent: the run stopped (the server could not be reached)") == 7
+
+
+def test_cli_submit_of_a_folder_leaves_out_earlier_results(tmp_path: Path) -> None:
+    """A rerun with --out inside the photos' folder does not send the results as photos."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    png_files(photos, 1)
+    (photos / "masks").mkdir()
+    for name in ("p0.mask.png", "p0.overlay.png"):
+        (photos / "masks" / name).write_bytes(b"png")
+    stub = Scripted([(202, {}, {"id": J1, "status": "queued"})])
+    with serve(stub) as url:
+        result = cli("submit", str(photos), url=url, key="k")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{J1}\tqueued\t{photos / 'p0.png'}\n"
+    assert len(stub.times) == 1
+    assert "note: 2 files in the folders are segsvc results" in result.stderr
+
+
+def test_cli_an_option_the_server_refuses_for_every_file_stops_the_run(
+    app: Any, api_key: str, tmp_path: Path
+) -> None:
+    """The real server's refusal of --webhook-events without --webhook (a field, not an
+    image): one batch and one single file are sent, not one request per file."""
+    posts: list[str] = []
+    for photo in sample_images(8):
+        shutil.copy(photo, tmp_path / photo.name)
+
+    def counting(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ["REQUEST_METHOD"] == "POST":
+            posts.append(str(environ["PATH_INFO"]))
+        return app(environ, start_response)
+
+    with serve(counting) as url:
+        result = cli(
+            "submit",
+            str(tmp_path),
+            "-b",
+            "4",
+            "-j",
+            "1",
+            "--webhook-events",
+            "start",
+            url=url,
+            key=api_key,
+        )
+    assert result.exit_code == 1, result.output
+    assert posts == ["/v1/jobs/batch", "/v1/jobs"]
+    said = " ".join(result.stderr.split())  # as one line: the summary wraps long lines
+    assert "needs a 'webhook' URL" in said
+    assert said.count("not sent: the run stopped (the server refuses every file alike") == 7

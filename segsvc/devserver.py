@@ -15,19 +15,35 @@ from segsvc.migrate import upgrade
 from segsvc.services.bootstrap import ensure_local_key, ensure_production_model
 from segsvc.settings import ROOT, Settings, get_settings
 
+# With SEG_METRICS_PORT set, each process serves /metrics on a port of its own: the API on
+# SEG_METRICS_PORT itself (beside its own port), the others on the next ports, in this order
+# (all on one port, the first to bind it won and the rest logged errors).
+METRICS_PORT_OFFSETS = {"worker": 1, "webhooks": 2, "maintenance": 3, "beat": 4}
+
+
+def metrics_ports(settings: Settings) -> dict[str, int]:
+    """Where each process of `segsvc run` serves /metrics (none without SEG_METRICS_PORT)."""
+    base = settings.metrics_port
+    if not base:
+        return {}
+    return {"api": base} | {name: base + n for name, n in METRICS_PORT_OFFSETS.items()}
+
 
 def process_commands(settings: Settings, *, api_workers: int) -> dict[str, list[str]]:
     """The processes of a one-machine deployment."""
     py = sys.executable
     celery = [py, "-m", "celery", "-A", "worker.celery_app"]
+    # A --bind replaces gunicorn_conf's listen addresses (its SEG_METRICS_PORT among them).
+    binds = [f"127.0.0.1:{settings.port}"]
+    if settings.metrics_port:
+        binds.append(f"127.0.0.1:{settings.metrics_port}")
     return {
         "api": [
             py,
             "-m",
             "gunicorn",
             "api.wsgi:app",
-            "--bind",
-            f"127.0.0.1:{settings.port}",
+            *(arg for bind in binds for arg in ("--bind", bind)),
             "--workers",
             str(api_workers),
             "--threads",
@@ -117,7 +133,12 @@ def run(api_workers: int) -> None:
     env = os.environ.copy()
     # gunicorn's metrics files: under var/, cleared at each start, not a new /tmp folder per run.
     env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings.var_dir / "prometheus"))
-    sys.exit(_supervise(start_processes(process_commands(settings, api_workers=api_workers), env)))
+    ports = metrics_ports(settings)
+    if ports:
+        click.echo("metrics: " + ", ".join(f"{name} :{port}" for name, port in ports.items()))
+    commands = process_commands(settings, api_workers=api_workers)
+    envs = {name: env | {"SEG_METRICS_PORT": str(ports.get(name, 0))} for name in commands}
+    sys.exit(_supervise(start_processes(commands, envs)))
 
 
 def local_key_message(settings: Settings) -> str:
@@ -132,13 +153,13 @@ def local_key_message(settings: Settings) -> str:
 
 
 def start_processes(
-    commands: dict[str, list[str]], env: dict[str, str]
+    commands: dict[str, list[str]], envs: dict[str, dict[str, str]]
 ) -> dict[str, subprocess.Popen[bytes]]:
-    """Start each command in a session of its own, to be stopped by `_supervise` (or by the
-    kernel when the supervisor dies)."""
+    """Start each command, in its environment (`envs`, by name), in a session of its own, to be
+    stopped by `_supervise` (or by the kernel when the supervisor dies)."""
     return {
         name: subprocess.Popen(  # noqa: S603
-            cmd, cwd=ROOT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+            cmd, cwd=ROOT, env=envs[name], start_new_session=True, preexec_fn=_die_with_parent
         )
         for name, cmd in commands.items()
     }

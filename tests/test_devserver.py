@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,12 +19,30 @@ from tests.conftest import ROOT, free_port, sample_images
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive loopback ports nothing listens on now."""
+    for _ in range(50):
+        base = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
 def test_embedded_default_runs_one_job(tmp_path: Path) -> None:
-    port = free_port()
+    """...with SEG_METRICS_PORT set: every process served /metrics on that one port (the
+    API's --bind dropped it, and the first worker to bind it won), now each on its own."""
+    port, metrics = free_port(), free_port_run(5)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
     env.update(
         SEG_VAR_DIR=str(tmp_path / "var"),
         SEG_PORT=str(port),
+        SEG_METRICS_PORT=str(metrics),
         PYTHONUNBUFFERED="1",
         TF_CPP_MIN_LOG_LEVEL="2",
     )
@@ -58,6 +77,12 @@ def test_embedded_default_runs_one_job(tmp_path: Path) -> None:
         mask = httpx.get(body["urls"]["mask"], headers=headers)
         assert mask.status_code == 200
         assert mask.headers["content-type"] == "image/png"
+        api_metrics = httpx.get(f"http://127.0.0.1:{metrics}/metrics")
+        assert api_metrics.status_code == 200
+        assert "segsvc_submissions_total 1.0" in api_metrics.text
+        worker_metrics = httpx.get(f"http://127.0.0.1:{metrics + 1}/metrics")
+        assert 'segsvc_jobs_total{status="succeeded"} 1.0' in worker_metrics.text
+        assert "Address already in use" not in log.read_text()
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
@@ -98,7 +123,8 @@ SUPERVISOR = """
 import os, sys
 from segsvc.devserver import _supervise, start_processes
 sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
-procs = start_processes({"api": sleep, "worker": sleep}, dict(os.environ))
+names = ("api", "worker")
+procs = start_processes(dict.fromkeys(names, sleep), dict.fromkeys(names, dict(os.environ)))
 print(" ".join(str(p.pid) for p in procs.values()), flush=True)
 sys.exit(_supervise(procs))
 """

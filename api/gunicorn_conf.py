@@ -64,6 +64,10 @@ bind = with_metrics_port(
     [os.environ.get("GUNICORN_BIND", f"0.0.0.0:{get_settings().port}")],
     get_settings().metrics_port,
 )
+# No control socket (gunicorn 25.1+ opens ~/.gunicorn/gunicorn.ctl by default): one path for
+# every gunicorn of the user, each start taking it from the last, and it takes worker and
+# shutdown commands; where HOME cannot be written (the images) each start logged a failure.
+control_socket_disable = True
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
 # A long poll (`GET /v1/jobs/<id>?wait=`) holds a thread while it waits (no CPU, no DB
 # connection); SEG_LONG_POLL_MAX_WAITERS (8) caps them per process, so 4 of the 12 threads are

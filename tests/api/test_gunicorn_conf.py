@@ -158,12 +158,19 @@ def test_metrics_answer_on_their_own_port_only(
     /metrics with a 404, as it would any unknown path, and the metrics port answers nothing but
     /metrics: a published API port no longer shows every caller the service's traffic and
     error counts. Both ports stay through a reload (SIGHUP): the metrics port, once added only
-    at start, made the reload see a new address and the server stopped."""
+    at start, made the reload see a new address and the server stopped.
+
+    And no control socket: gunicorn 25.1+ opened ~/.gunicorn/gunicorn.ctl by default, one path
+    for every gunicorn of the user (`make run`, the tests' servers, both sides of `make
+    bench-ab`: each start took it from the last), taking worker and shutdown commands."""
     port, metrics_port, log_path = free_port(), free_port(), tmp_path / "gunicorn.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed below
     server = ["gunicorn", "-c", "python:api.gunicorn_conf", "api.wsgi:app"]
     env = worker_env(
-        settings, SEG_METRICS_PORT=str(metrics_port), GUNICORN_BIND=f"127.0.0.1:{port}"
+        settings,
+        SEG_METRICS_PORT=str(metrics_port),
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+        HOME=str(tmp_path / "home"),
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", *server, "--workers", "1"],
@@ -214,6 +221,8 @@ def test_metrics_answer_on_their_own_port_only(
         "spoofed_host": 404,
     }
     assert answers == [expected, expected], log_path.read_text()[-3000:]
+    assert not (tmp_path / "home" / ".gunicorn").exists()
+    assert "Control socket" not in log_path.read_text()
 
 
 def test_a_unix_socket_bind_shows_no_metrics_to_a_host_header_naming_the_metrics_port(

@@ -32,7 +32,18 @@ from tests.conftest import (
 )
 
 INJECT = Path(__file__).resolve().parent / "inject"
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def postgres_bin(lib: Path = Path("/usr/lib/postgresql")) -> Path:
+    """The newest installed PostgreSQL's programs (initdb, pg_ctl), as scripts/ensure-services.sh
+    picks the version it runs: Debian 12 ships 15, Debian 13 ships 17."""
+    versions = [d for d in lib.glob("*/bin") if d.parent.name.isdigit() and (d / "initdb").exists()]
+    if not versions:
+        raise FileNotFoundError(f"no PostgreSQL with initdb under {lib}")
+    return max(versions, key=lambda d: int(d.parent.name))
+
+
+PG_BIN = postgres_bin()
 # Fast recovery for tests: reconcile every second, leases far shorter than in production.
 FAST = {
     "SEG_RECONCILE_INTERVAL_SECONDS": "1",

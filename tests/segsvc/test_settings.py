@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -158,3 +161,19 @@ def test_no_float_setting_takes_infinity_or_nan(
     monkeypatch.setenv(f"SEG_{name.upper()}", value)
     with pytest.raises(ValidationError, match=name):
         Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_the_compose_env_example_changes_no_setting_of_make_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cp .env.example .env` (the compose quick start) also configured `make run`, which reads
+    .env: JSON logs, webhook links on port 8000 whatever SEG_PORT, and every retraining run
+    failing on /var/lib/segsvc/eval. The example sets compose's own variables only."""
+    from segsvc.settings import ROOT
+
+    for name in list(os.environ):
+        if name.startswith("SEG_"):
+            monkeypatch.delenv(name)
+    (tmp_path / ".env").write_text((ROOT / ".env.example").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert Settings() == Settings(_env_file=None)  # type: ignore[call-arg]

@@ -18,8 +18,13 @@ const state = { config: { auth_required: true, max_upload_bytes: 10 * 1024 * 102
                 urls: [], pollTimer: null, generation: 0, overlayUrl: null, originalUrl: null,
                 xhr: null, cancelRequested: false };
 
+// What an HTTP header can carry: a key pasted with a zero-width space or an ellipsis made
+// every request throw in setRequestHeader, and the page hung at "Uploading... 0%".
+const KEY_PATTERN = /^[\x21-\x7e]+$/;
+
 function apiKey() {
-  return localStorage.getItem(KEY_STORAGE) || "";
+  const key = localStorage.getItem(KEY_STORAGE) || "";
+  return KEY_PATTERN.test(key) ? key : "";
 }
 
 function authHeaders() {
@@ -68,6 +73,10 @@ function describeError(status, body, retryAfter) {
 function showError(text) {
   $("error-box").textContent = text;
   $("error-box").hidden = false;
+}
+
+function sentence(text) {
+  return /[.!?]$/.test(text) ? text : text + ".";
 }
 
 function clearError() {
@@ -199,7 +208,7 @@ async function poll(jobId, generation, delay) {
   if (body.status === "succeeded") {
     await loadResults(body, generation);
   } else if (body.status === "failed") {
-    showError("The job failed: " + ((body.error && body.error.message) || "no reason given") + ".");
+    showError(sentence("The job failed: " + ((body.error && body.error.message) || "no reason given")));
   } else if (body.status !== "canceled") {
     schedulePoll(jobId, generation, Math.min(delay * 1.5, 2000));
   }
@@ -247,6 +256,8 @@ function resetResults() {
   state.cancelRequested = false;
   $("results").hidden = true;
   $("show-original").checked = false;
+  $("show-original").disabled = false;
+  $("download-overlay").hidden = false;
   $("left-caption").textContent = "Overlay";
   $("overlay-img").removeAttribute("src");
   $("job-details").textContent = "";
@@ -275,21 +286,28 @@ async function fetchBlob(path) {
 
 async function loadResults(job, generation) {
   const base = "/v1/jobs/" + encodeURIComponent(job.id);
-  let overlay, mask;
-  try {
-    [overlay, mask] = await Promise.all([fetchBlob(base + "/overlay.png"), fetchBlob(base + "/mask.png")]);
-  } catch (err) {
-    if (generation === state.generation) {
-      showError("The job finished but its images could not be loaded: " + err.message);
-    }
+  // Each on its own: an overlay that cannot be drawn (its input purged after retention: a 410)
+  // must not hide a mask that loaded.
+  const [overlay, mask] = await Promise.allSettled(
+    [fetchBlob(base + "/overlay.png"), fetchBlob(base + "/mask.png")]);
+  if (generation !== state.generation) return;  // after each wait: a new photo replaces it
+  if (mask.status === "rejected") {
+    showError("The job finished but its mask could not be loaded: " + mask.reason.message);
     return;
   }
-  if (generation !== state.generation) return;  // after each wait: a new photo replaces it
-  state.overlayUrl = trackUrl(URL.createObjectURL(overlay));
-  const maskUrl = trackUrl(URL.createObjectURL(mask));
+  // Without its overlay the photo itself is shown, and the overlay's download is hidden.
+  state.overlayUrl = overlay.status === "fulfilled"
+    ? trackUrl(URL.createObjectURL(overlay.value)) : state.originalUrl;
+  const maskUrl = trackUrl(URL.createObjectURL(mask.value));
   $("overlay-img").src = state.overlayUrl;
+  $("download-overlay").hidden = overlay.status !== "fulfilled";
+  $("show-original").disabled = overlay.status !== "fulfilled";
+  if (overlay.status === "rejected") {
+    $("left-caption").textContent = "Original photo";
+    showError(sentence("The overlay could not be drawn, the mask is shown: " + overlay.reason.message));
+  }
   try {
-    await drawMask(mask);
+    await drawMask(mask.value);
   } catch (_err) {  // not an image after all (a proxy's page with a 200)
     if (generation === state.generation) showError("The job finished but its mask could not be drawn.");
     return;
@@ -355,6 +373,11 @@ function wire() {
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const key = $("api-key").value.trim();
+    if (key && !KEY_PATTERN.test(key)) {
+      showError("That key contains characters an API key cannot have (spaces, or letters " +
+                "outside plain ASCII, often pasted along with it); copy it again.");
+      return;
+    }
     if (key) localStorage.setItem(KEY_STORAGE, key);
     showKeyState();
     clearError();

@@ -405,3 +405,53 @@ def test_page_shows_a_cancel_that_waits_and_a_job_that_ended_badly(
     assert "out of memory" in tab.inner_text("#error-box")
     assert tab.inner_text("#status-text") == "The job failed."
     assert done_step_classes(tab) == ["ended"]
+
+
+def test_page_shows_the_mask_when_the_overlay_cannot_be_drawn(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """An overlay answered 410 (its input purged after retention) hid the mask that loaded,
+    and every download, behind one error."""
+    tab, _ = page
+    gone = (410, {"error": "gone", "message": "The input image of job job-1 is no longer stored."})
+    FakeJobs(
+        tab,
+        [(200, FakeJobs.job("succeeded"))],
+        images={"/v1/jobs/job-1/overlay.png": [gone]},
+    )
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "cat.png")
+    tab.wait_for_function("() => !document.getElementById('results').hidden", timeout=30_000)
+    assert tab.evaluate("() => document.getElementById('mask-canvas').width") == 4
+    assert "no longer stored" in tab.inner_text("#error-box")
+    assert tab.inner_text("#left-caption") == "Original photo"
+    assert tab.is_hidden("#download-overlay")
+    assert tab.get_attribute("#download-mask", "href")
+
+
+def test_page_refuses_a_key_no_header_can_carry(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """A key pasted with a zero-width space was saved; each upload then threw in
+    setRequestHeader and the page hung at "Uploading... 0%", with no request sent."""
+    tab, _ = page
+    jobs = FakeJobs(tab, [(200, FakeJobs.job("queued"))])
+    save_key(tab, api_key + "\u200b")
+    assert "cannot have" in tab.inner_text("#error-box")
+    assert tab.evaluate("() => localStorage.length") == 0
+    save_key(tab, api_key)
+    assert tab.is_hidden("#error-box")
+    upload(tab, tmp_path, "cat.png")
+    wait_for_request(tab, jobs, "POST /v1/jobs")
+
+
+def test_page_ends_a_failed_jobs_message_with_one_full_stop(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    tab, _ = page
+    failed = {"error": {"code": "x", "message": "The stored model input is malformed."}}
+    FakeJobs(tab, [(200, {**FakeJobs.job("failed"), **failed})])
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "dog.png")
+    tab.wait_for_selector("#error-box:not([hidden])")
+    assert tab.inner_text("#error-box") == "The job failed: The stored model input is malformed."

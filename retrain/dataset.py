@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from segsvc.ml import IMAGE_SIZE, NUM_CLASSES
-from segsvc.ml.imaging import load_rgb
+from segsvc.ml.imaging import exif_orientation, load_rgb
 from segsvc.ml.preprocess import resize_mask, resize_rgb
 
 log = logging.getLogger(__name__)
@@ -312,15 +312,12 @@ def read_folder(data_dir: str | Path, split: str = "all", val_fraction: float = 
     return _stack(decoded, names, stats)
 
 
-EXIF_ORIENTATION = 0x0112
-
-
 def exif_rotated(image: bytes | Path) -> bool:
     """True when an image's EXIF orientation turns or mirrors it (values 2-8); a file is read
     only as far as its header."""
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
-            return img.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9)
+            return exif_orientation(img) is not None  # as serving applies it
     except Exception:  # undecodable: decode_pair says so
         return False
 

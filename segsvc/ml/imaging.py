@@ -49,7 +49,7 @@ def load_rgb(data: bytes) -> tuple[Image.Image, int, int]:
     """
     with Image.open(io.BytesIO(data)) as img:
         width, height = img.size
-        orientation = _exif_orientation(img)
+        orientation = exif_orientation(img)
         if orientation in _TRANSPOSED_ORIENTATIONS:
             width, height = height, width
         drafted = img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
@@ -83,19 +83,23 @@ def load_rgb_full(data: bytes) -> Image.Image:
     """Decode at full resolution (no draft scaling), oriented, RGB."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        orientation = _exif_orientation(img)
+        orientation = exif_orientation(img)
         turn = _ORIENTATION_TRANSPOSES.get(orientation) if orientation is not None else None
         return to_rgb(img.transpose(turn) if turn is not None else img)
 
 
-def _exif_orientation(img: Image.Image) -> int | None:
+def exif_orientation(img: Image.Image) -> int | None:
     """The EXIF orientation (2-8) that turns or flips the image; None when there is none to apply
-    or the EXIF block cannot be read.
+    or the EXIF block cannot be read, and for WebP, whose orientation tag browsers ignore (a
+    mask turned by it did not line up with the photo as its owner sees it; JPEG's and PNG's
+    tags they apply, as here).
 
     The pixels are turned here with `Image.transpose` rather than `ImageOps.exif_transpose`,
     which also rewrites the EXIF block and raises (`struct.error` and others) on entries that
     phones and cameras write malformed. A block too broken to read leaves the image as stored.
     """
+    if img.format == "WEBP":
+        return None
     try:
         value = img.getexif().get(0x0112)
     except Exception as exc:  # Pillow raises many types for a broken EXIF block
@@ -116,7 +120,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
             scale = 255.0 / float(high)
             wide = wide.point(lambda v: v * scale)  # Pillow truncates to int, as a cast does
         img = wide.convert("L")  # clips to 0-255
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    # A transparent colour (a tRNS chunk) on grey, RGB or palette pixels is alpha too: it came
+    # out in its stored colour (black, usually) where the same picture as RGBA is white.
+    if img.mode in ("RGBA", "LA", "PA") or (
+        img.mode in ("P", "L", "RGB", "1") and "transparency" in img.info
+    ):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

@@ -180,3 +180,39 @@ def test_draft_scale_of_an_mpo_is_the_scale_pillow_decodes_it_at(size: tuple[int
     rgb, width, height = load_rgb(data)
     assert (width, height) == size
     assert rgb.getpixel((0, 0)) == pytest.approx((10, 200, 30), abs=3)
+
+
+def _oriented_webp(orientation: int) -> bytes:
+    rng = np.random.default_rng(orientation)
+    photo = Image.fromarray(rng.integers(0, 256, (40, 60, 3)).astype(np.uint8), "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode_image(photo, "WEBP", lossless=True, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_a_webp_is_used_as_stored_whatever_its_orientation_tag(orientation: int) -> None:
+    """Browsers ignore a WebP's EXIF orientation: turned by it here, the mask and overlay of a
+    60x40 photo came back 40x60 beside the 60x40 photo its owner sees."""
+    data = _oriented_webp(orientation)
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.getexif().get(0x0112) == orientation  # the tag is there
+        stored = img.convert("RGB")
+    rgb, width, height = load_rgb(data)
+    assert (width, height) == rgb.size == (60, 40)
+    assert load_rgb_full(data).tobytes() == stored.tobytes()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_transparent_colour_is_white_like_alpha(mode: str) -> None:
+    """A grey or RGB PNG with a transparent colour (tRNS) kept that colour (black) where the
+    same picture as RGBA is white: the model saw two different pictures."""
+    img = Image.new(mode, (4, 3), 0)
+    img.putpixel((1, 1), 200 if mode == "L" else (200, 10, 10))
+    data = encode_image(img, "PNG", transparency=0 if mode == "L" else (0, 0, 0))
+    with Image.open(io.BytesIO(data)) as decoded:
+        assert "transparency" in decoded.info
+    rgb = load_rgb_full(data)
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert rgb.getpixel((1, 1)) == ((200, 200, 200) if mode == "L" else (200, 10, 10))
+    assert load_rgb(data)[0].tobytes() == rgb.tobytes()

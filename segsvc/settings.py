@@ -288,7 +288,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Ended jobs older than this are deleted with their results and webhook log, "
-        "except those with a corrected mask (0: kept for ever).",
+        "except those with a corrected mask (0: kept for ever). Below SEG_RETENTION_DAYS it ends "
+        "the labelling window too: an unlabelled job's input goes with its row.",
     )
 
     # --- operations --------------------------------------------------------------------------

@@ -105,13 +105,28 @@ def prune_model_files(settings: Settings) -> None:
 
 
 def gate(
-    *, candidate: dict[str, Any], production: dict[str, Any], tolerance: float, latency_ratio: float
+    *,
+    candidate: dict[str, Any],
+    production: dict[str, Any],
+    tolerance: float,
+    latency_ratio: float,
+    lineage_best: float | None = None,
 ) -> list[str]:
-    """Why a candidate may not serve (empty: eligible): mIoU and batch-1 latency vs production."""
+    """Why a candidate may not serve (empty: eligible): mIoU and batch-1 latency vs production.
+
+    `lineage_best`: the best mIoU a production version before this one scored on the same
+    evaluation set (`lineage_best_miou`). The tolerance is taken from the better of the two:
+    judged against the version it replaces alone, each promotion could lose up to the
+    tolerance and the losses added up, run after run."""
     problems = []
     c_iou, p_iou = float(candidate["mean_iou"]), float(production["mean_iou"])
     if not c_iou >= p_iou - tolerance:  # written so that NaN fails
         problems.append(f"mean IoU {c_iou:.4f} < production {p_iou:.4f} - {tolerance:g}")
+    elif lineage_best is not None and not c_iou >= lineage_best - tolerance:
+        problems.append(
+            f"mean IoU {c_iou:.4f} < the best production before, {lineage_best:.4f} on this "
+            f"evaluation set, - {tolerance:g}"
+        )
     c_ms, p_ms = float(candidate["latency_ms_batch1"]), float(production["latency_ms_batch1"])
     if not c_ms <= p_ms * latency_ratio:
         problems.append(
@@ -315,6 +330,8 @@ class _Run:
         # Hashed once: for the folder check here and for the labels left out of training (the
         # same files, and resized or re-encoded copies of them).
         plan["held_out"] = image_digests(cfg.eval_data_dir)
+        # The evaluation set's identity: mIoUs compare across runs only on the same images.
+        plan["eval_set"] = hashlib.sha256("\n".join(sorted(plan["held_out"])).encode()).hexdigest()
         plan["held_out_index"] = NearDuplicateIndex.of_folder(cfg.eval_data_dir)
         if cfg.train_data_dir is not None:
             try:
@@ -349,12 +366,17 @@ class _Run:
         )
         report = self._fine_tune(samples, production["path"], out)
         cand_metrics, prod_metrics = self._evaluate(str(out), production)
+        earlier = lineage_best_miou(production["metrics"], plan["eval_set"])
         problems = gate(
             candidate=cand_metrics,
             production=prod_metrics,
             tolerance=cfg.gate_miou_tolerance,
             latency_ratio=cfg.gate_latency_ratio,
+            lineage_best=earlier,
         )
+        # What the candidate's successors are held to: the best of its line on this set.
+        best = max(float(prod_metrics["mean_iou"]), earlier if earlier is not None else -1.0)
+        lineage = {"eval_set": plan["eval_set"], "mean_iou": best}
         sha = file_sha256(out)
         version = f"{out.stem}-{sha[:8]}"
         counts = {
@@ -377,7 +399,10 @@ class _Run:
                 path=out.resolve(),
                 sha256=sha,
                 parent_version=production["version"],
-                metrics=_version_metrics(cand_metrics, prod_metrics, production, self.run_id),
+                metrics={
+                    **_version_metrics(cand_metrics, prod_metrics, production, self.run_id),
+                    "lineage_best": lineage,
+                },
             )
             rollout.lock_registry(session)  # no promote or rollback between check and canary
             now_serving = registry.production_version(session=session)
@@ -592,6 +617,16 @@ class _Run:
             for logger in loggers:
                 logger.removeHandler(handler)
             loggers[0].setLevel(old_level)
+
+
+def lineage_best_miou(metrics: dict[str, Any], eval_set: str) -> float | None:
+    """The best mIoU production versions before this version scored on `eval_set`, as its
+    registration recorded (None: none recorded, or on another evaluation set)."""
+    lineage = metrics.get("lineage_best")
+    if not isinstance(lineage, dict) or lineage.get("eval_set") != eval_set:
+        return None
+    value = lineage.get("mean_iou")
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _row(version: ModelVersion) -> dict[str, Any]:

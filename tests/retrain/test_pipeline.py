@@ -1155,3 +1155,47 @@ def test_a_failed_fine_tune_leaves_no_checkpoint_folder(
     assert result.status == "failed"
     assert "MemoryError" in result.reason
     assert not (cfg.var_dir / "retrain" / result.run_id).exists()
+
+
+def test_a_tolerance_is_not_lost_again_at_every_promotion(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each candidate was compared with the version it replaces alone: with a tolerance of
+    0.01, promotion after promotion took the mIoU from 0.80 down by 0.01 each, unchecked. A
+    candidate is now held to the best production of its line on the same evaluation set."""
+    from retrain.pipeline import _Run
+
+    scores = iter([(0.79, 0.80), (0.78, 0.79)])  # (candidate, production) per run
+
+    def evaluate(self: _Run, candidate: str, production: Any) -> tuple[dict[str, Any], ...]:
+        cand, prod = next(scores)
+        return eval_metrics() | {"mean_iou": cand}, eval_metrics() | {"mean_iou": prod}
+
+    quick_run(monkeypatch, model_file)
+    monkeypatch.setattr(_Run, "_evaluate", evaluate)
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=1, gate_miou_tolerance=0.01)
+    results = []
+    for seed in range(2):
+        mask = make_mask(90, 70, seed=seed)
+        labeled_job(cfg, encode_png(COLOURS[mask]), mask)
+        result = run_retraining(cfg, trigger="manual")
+        results.append(result)
+        if result.candidate_status == "canary":
+            assert result.candidate_version is not None
+            with session_scope(cfg) as session:
+                rollout.promote(session=session, version=result.candidate_version, reason="test")
+    first, second = results
+    assert first.candidate_status == "canary", first  # 0.79 >= 0.80 - 0.01
+    assert second.candidate_status == "rejected", second  # 0.78 >= 0.79 - 0.01; < 0.80 - 0.01
+    assert "the best production before, 0.8000" in second.reason
+    assert gate(  # the gate alone: the same numbers
+        candidate={"mean_iou": 0.78, "latency_ms_batch1": 1.0},
+        production={"mean_iou": 0.79, "latency_ms_batch1": 1.0},
+        tolerance=0.01,
+        latency_ratio=1.2,
+        lineage_best=0.80,
+    )

@@ -317,15 +317,22 @@ def load_runtime(
     )
     try:
         return _open_converted(kind, folder, batch_sizes, threads)
-    except FileNotFoundError:
-        # A pruner had moved the folder aside for a moment (it puts back one in use): the
-        # files are sound, so open them again rather than converting them.
-        folder = ensure_artifacts(
-            model_path, kind=kind, artifact_dir=artifact_dir, sha256=sha256, batch_sizes=batch_sizes
-        )
+    except HOST_ERRORS as exc:
+        if not isinstance(exc, FileNotFoundError):
+            raise  # the host's fault (memory, a library, a read): new files would fail the same
+    except Exception:  # noqa: S110 - judged by the second try below
+        pass
+    # Opened once more before the files are judged: a pruner may have had the folder aside for
+    # a moment (it puts back one in use), and the runtimes say a file is missing each in its
+    # own way (ONNX Runtime's NoSuchFile, LiteRT's ValueError), so sound files were set aside
+    # and converted again.
+    folder = ensure_artifacts(
+        model_path, kind=kind, artifact_dir=artifact_dir, sha256=sha256, batch_sizes=batch_sizes
+    )
+    try:
         return _open_converted(kind, folder, batch_sizes, threads)
     except HOST_ERRORS:
-        raise  # the host's fault (memory, a library, a read): new files would fail the same
+        raise
     except Exception as exc:
         if not cached or _failed_here(folder, cached):
             # Converted just now, here or by an earlier load in this process that could not

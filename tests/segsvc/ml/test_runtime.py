@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -352,23 +353,28 @@ def test_a_host_error_while_loading_leaves_sound_cached_artifacts_alone(
 def test_files_a_pruner_moved_aside_for_a_moment_are_opened_again_not_converted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With the real ONNX Runtime, which raises its own NoSuchFile (not FileNotFoundError) for
+    a file that is not there: the sound files were set aside as damaged and converted again."""
     folder = cached_onnx(tmp_path, "b2" * 32, identity_onnx())
     calls = fake_onnx_conversions(monkeypatch, identity_onnx())
-    opened = runtime._open_converted
+    real = runtime.OnnxRuntime
     tries: list[Path] = []
 
-    def vanished_once(
-        kind: str, where: Path, sizes: tuple[int, ...], threads: int
-    ) -> runtime.Runtime:
-        tries.append(where)
-        if len(tries) == 1:
-            raise FileNotFoundError(2, "No such file", str(where / "model.onnx"))
-        return opened(kind, where, sizes, threads)
+    def pruner_race(path: Path, *, threads: int = 0) -> runtime.OnnxRuntime:
+        tries.append(path)
+        if len(tries) > 1:
+            return real(path, threads=threads)
+        aside = folder.with_name(f".{folder.name}.prune-deadbeef")  # the pruner's rename aside
+        os.rename(folder, aside)
+        try:
+            return real(path, threads=threads)
+        finally:
+            os.rename(aside, folder)  # ... and its put-back: the folder was in use
 
-    monkeypatch.setattr(runtime, "_open_converted", vanished_once)
+    monkeypatch.setattr(runtime, "OnnxRuntime", pruner_race)
     x = np.ones((1, 128, 128, 3), np.float32)
     np.testing.assert_array_equal(load_onnx(tmp_path, "b2" * 32).predict(x), x)
-    assert tries == [folder, folder]
+    assert tries == [folder / "model.onnx"] * 2
     assert calls == []
     assert not list(folder.glob(".model.onnx.broken-*"))
 

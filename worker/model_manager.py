@@ -102,6 +102,14 @@ class NoModelError(RuntimeError):
 
 # Builds in a row when the registry keeps moving during loads (each may take minutes).
 SETTLE_TRIES = 3
+# After a first load failed (no version serves yet), how long other callers (each batch's claim)
+# get the failure at once instead of loading (converting: minutes of CPU) again themselves:
+# the readiness thread retries (`load(retry=True)`, its backoff is at most this long).
+FIRST_LOAD_BACKOFF_S = 60.0
+
+
+class ModelNotLoadedError(RuntimeError):
+    """No version serves yet and the last try to load one failed moments ago."""
 
 
 class ModelManager:
@@ -123,14 +131,31 @@ class ModelManager:
         self._load_failures: dict[tuple[str, str], int] = {}
         # (version, sha256) -> failures of a canary at inference; see _canary_failed
         self._run_failures: dict[tuple[str, str], list[float]] = {}  # their times
+        self._first_load_failed: tuple[float, str] | None = None  # when, and why
 
-    def load(self) -> LoadedModel:
-        """Load the serving versions (once), warm them up and start polling the registry."""
+    def load(self, *, retry: bool = False) -> LoadedModel:
+        """Load the serving versions (once), warm them up and start polling the registry.
+
+        Until a first load succeeds, one that failed less than FIRST_LOAD_BACKOFF_S ago is
+        not tried again here (ModelNotLoadedError at once) unless `retry` (the readiness
+        thread's retries): each batch's claim converted the model again, one after another,
+        each holding the model thread for as long as the conversion took."""
         routing = self._routing
         if routing is None:
+            failed = self._first_load_failed
+            if (
+                not retry
+                and failed is not None
+                and time.monotonic() - failed[0] < (FIRST_LOAD_BACKOFF_S)
+            ):
+                raise ModelNotLoadedError(f"the model failed to load moments ago: {failed[1]}")
             with self._lock:
                 if self._routing is None:
-                    self._switch(self._build(self._wanted(), current=None))
+                    try:
+                        self._switch(self._build(self._wanted(), current=None))
+                    except Exception as exc:
+                        self._first_load_failed = (time.monotonic(), repr(exc)[:300])
+                        raise
                 routing = self._routing
                 assert routing is not None
             self._start_polling()

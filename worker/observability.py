@@ -81,12 +81,12 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     _mark_ready(inference=inference)
 
 
-def _load_model() -> bool:
+def _load_model(*, retry: bool = False) -> bool:
     """Load (and warm) the serving model and publish it; False when that failed (logged)."""
     from worker.tasks import get_segmenter
 
     try:
-        loaded = get_segmenter().load()
+        loaded = get_segmenter().load(retry=retry)
     except Exception:
         log.exception("model load failed; staying unready (trying again)")
         return False
@@ -103,7 +103,7 @@ def _load_until_ready() -> None:
     """Try the model load again, with backoff, until it succeeds; then report ready."""
     delay = LOAD_RETRY_FIRST_S
     while not _stopping.wait(delay):
-        if _load_model():
+        if _load_model(retry=True):
             if not _stopping.is_set():
                 _mark_ready(inference=True)
             return

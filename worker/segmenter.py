@@ -108,9 +108,10 @@ class Segmenter:
         self.blobs = blob_store(self.settings)
 
     # --- model --------------------------------------------------------------------------
-    def load(self) -> LoadedModel:
-        """Load the serving model(s); the worker is ready only after this."""
-        return self.models.load()
+    def load(self, *, retry: bool = False) -> LoadedModel:
+        """Load the serving model(s); the worker is ready only after this. `retry`: try again
+        even right after a failed first load (`ModelManager.load`)."""
+        return self.models.load(retry=retry)
 
     def healthcheck(self) -> bool:
         """True once a model is loaded and answers."""

@@ -148,7 +148,7 @@ class FlakySegmenter:
         self.failures = failures
         self.released = threading.Event()
 
-    def load(self) -> SimpleNamespace:
+    def load(self, *, retry: bool = False) -> SimpleNamespace:
         if self.failures:
             self.failures -= 1
             raise RuntimeError("database blip")
@@ -216,11 +216,11 @@ def test_alive_is_kept_fresh_while_the_model_loads(  # type: ignore[no-untyped-d
     seen: list[float | None] = []
 
     class SlowSegmenter(FlakySegmenter):
-        def load(self) -> SimpleNamespace:
+        def load(self, *, retry: bool = False) -> SimpleNamespace:
             (tmp_path / ALIVE).unlink(missing_ok=True)
             time.sleep(0.5)
             seen.append(probe_age(tmp_path, ALIVE))
-            return super().load()
+            return super().load(retry=retry)
 
     monkeypatch.setattr(observability, "ALIVE_EVERY_S", 0.05, raising=False)
     monkeypatch.setattr("worker.tasks.get_segmenter", lambda: SlowSegmenter(failures=0))

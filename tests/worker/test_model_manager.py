@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +21,7 @@ from segsvc.settings import Settings
 from tests.conftest import start_worker, stop_process
 from tests.segsvc.test_feedback import photo_bytes
 from tests.segsvc.test_rollout import canary
+from worker import model_manager
 from worker.model_manager import ModelManager
 
 
@@ -708,3 +710,30 @@ def test_a_version_measured_with_other_converters_is_served_exactly_and_said_so(
         assert "segsvc models check-runtimes --version upgraded" in caplog.text
     finally:
         mgr.close()
+
+
+def test_a_failed_first_load_is_retried_by_the_readiness_thread_only(
+    manager: ModelManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before any version served, each batch's claim loaded (converted) the model again after a
+    failed first load, one after another, each holding the model thread for the conversion."""
+    calls: list[str] = []
+
+    def failing(settings: Settings, *, version: str, **_: object) -> Any:
+        calls.append(version)
+        raise model_manager.ConversionError("conversion failed", deterministic=True)
+
+    monkeypatch.setattr(model_manager, "load_model_version", failing)
+    with pytest.raises(model_manager.ConversionError):
+        manager.load()
+    for _ in range(5):  # five batches' claims within a second: the failure at once
+        with pytest.raises(model_manager.ModelNotLoadedError, match="conversion failed"):
+            manager.load()
+    assert calls == ["test-v1"]
+    with pytest.raises(model_manager.ConversionError):
+        manager.load(retry=True)  # the readiness thread's retry does load
+    assert len(calls) == 2
+    monkeypatch.setattr(model_manager, "FIRST_LOAD_BACKOFF_S", 0.0)  # the backoff has passed
+    with pytest.raises(model_manager.ConversionError):
+        manager.load()
+    assert len(calls) == 3

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -158,6 +158,12 @@ def start_attempt(
     if endpoint is not None and endpoint.disabled_at is not None:
         message.status, message.next_attempt_at = outbox.DISABLED, None
         return None
+    now = db_time(session)
+    if message.created_at + timedelta(seconds=settings.webhook_max_age_seconds) <= now:
+        # Past its max age without an attempt (put off pause after pause while its receiver
+        # was down): not sent days late. Attempted ones end by `_next_state`'s check.
+        message.status, message.next_attempt_at, message.completed_at = outbox.FAILED, None, now
+        return None
     if endpoint is not None and endpoint.failures > 0:
         paused_until = endpoint.paused_until
         if paused_until is not None and paused_until > db_time(session):
@@ -251,12 +257,19 @@ def record_endpoint_outcome(
         opens = _endpoint_recovered(session, prepared)
     else:
         opens = _probe_over(session, prepared)
+    put_off = WebhookMessage.next_attempt_at == prepared.lease  # to the probe's end
+    if outcome.kind == "delivered":
+        # The run is over: the messages put off to the end of an earlier pause go now too (a
+        # long Retry-After kept the backlog a day after a redelivery was delivered). Any due
+        # within a lease of now is left as it is: it may be one in flight.
+        lease = attempt_lease(settings).total_seconds()
+        put_off = or_(put_off, WebhookMessage.next_attempt_at > db_now(session, plus_seconds=lease))
     session.execute(
         update(WebhookMessage)
         .where(
             *_messages_of(prepared.client_id, prepared.url),
             WebhookMessage.status == outbox.PENDING,
-            WebhookMessage.next_attempt_at == prepared.lease,  # put off to the probe's end
+            put_off,
             WebhookMessage.id != prepared.message_id,
         )
         .values(next_attempt_at=opens)

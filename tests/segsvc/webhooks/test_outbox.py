@@ -758,3 +758,72 @@ def test_a_410_disables_its_endpoint_in_the_attempts_own_transaction(settings: S
         )
     assert status == "failed"
     assert _endpoint(settings, URL).disabled_at is not None
+
+
+def _all_due_now(settings: Settings) -> None:
+    """Every pause ends and every pending message is due (time passes for all of them)."""
+    with session_scope(settings) as session:
+        session.execute(update(WebhookEndpoint).values(paused_until=None))
+        session.execute(
+            update(WebhookMessage)
+            .where(WebhookMessage.status == "pending")
+            .values(next_attempt_at=utcnow())
+        )
+
+
+def test_a_delivery_after_a_redeliver_lets_the_put_off_backlog_go(settings: Settings) -> None:
+    """A probe answered 503 with Retry-After of a day put the endpoint's backlog off a day; the
+    receiver was fixed and a redelivered message delivered, which ends the run ("lets them all
+    go at once"), yet the backlog, never attempted, still waited the day."""
+    client = _client(settings, "backlog")
+    ids = [_finished_job(settings, URL, client) for _ in range(3)]
+    with session_scope(settings) as session:
+        claimed = claim_due(session=session)
+    first = start(settings, *claimed[0])
+    assert first is not None
+    record(settings, first, Outcome("retry", 10.0, 500, "HTTP 500"))
+    assert [start(settings, *c) for c in claimed[1:]] == [None, None]  # put off to the pause
+    _all_due_now(settings)
+    with session_scope(settings) as session:
+        claimed = claim_due(session=session)
+    probe = start(settings, *claimed[0])
+    assert probe is not None
+    assert [start(settings, *c) for c in claimed[1:]] == [None, None]  # waiting for the probe
+    record(settings, probe, Outcome("retry", 10.0, 503, "HTTP 503", retry_after="86400"))
+    backlog = {c[0] for c in claimed[1:]}
+    redelivered = sorted(backlog)[0]
+    with session_scope(settings) as session:
+        message = session.get(WebhookMessage, redelivered)
+        assert message is not None
+        webhook_service.redeliver(
+            session=session, job_id=str(message.job_id), message_id=redelivered, client_id=client
+        )
+    with session_scope(settings) as session:
+        (again,) = claim_due(session=session)
+    prepared = start(settings, *again)
+    assert prepared is not None
+    assert record(settings, prepared, Outcome("delivered", 5.0, 200)) == "delivered"
+    with session_scope(settings) as session:
+        due = {message_id for message_id, _ in claim_due(session=session)}
+    assert backlog - {redelivered} <= due
+    assert set(ids) >= due
+
+
+def test_a_message_never_attempted_is_not_sent_past_its_max_age(settings: Settings) -> None:
+    """Put off pause after pause while its receiver was down, a message that never got an
+    attempt was sent once it recovered, days past SEG_WEBHOOK_MAX_AGE_SECONDS."""
+    client = _client(settings, "late")
+    message_id = _finished_job(settings, URL, client)
+    with session_scope(settings) as session:
+        session.execute(
+            update(WebhookMessage)
+            .where(WebhookMessage.id == message_id)
+            .values(created_at=utcnow() - timedelta(seconds=settings.webhook_max_age_seconds + 60))
+        )
+    with session_scope(settings) as session:
+        (claimed,) = claim_due(session=session)
+    assert start(settings, *claimed) is None
+    with session_scope(settings) as session:
+        message = session.get(WebhookMessage, message_id)
+        assert message is not None
+        assert (message.status, message.attempts, message.next_attempt_at) == ("failed", 0, None)

@@ -8,12 +8,30 @@ from __future__ import annotations
 
 import importlib
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from segsvc.settings import get_settings
+
+
+def outage_message(exc: BaseException) -> str | None:
+    """One line for an error of a server the command needs (the database refused or is not
+    there, the broker is not there); None for any other error. Checked by module, so that
+    naming them imports nothing the command did not."""
+    sa = sys.modules.get("sqlalchemy.exc")
+    if sa is not None and isinstance(exc, sa.DBAPIError):
+        detail = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else repr(exc.orig)
+        return f"the database refused or could not be reached: {detail}"
+    kombu = sys.modules.get("kombu.exceptions")
+    redis = sys.modules.get("redis.exceptions")
+    if (kombu is not None and isinstance(exc, kombu.OperationalError)) or (
+        redis is not None and isinstance(exc, redis.ConnectionError)
+    ):
+        return f"the broker could not be reached: {exc}"
+    return None
 
 
 class LazyGroup(click.Group):
@@ -34,8 +52,22 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
+class OperatorGroup(LazyGroup):
+    """The top-level group: a database or broker that refuses or is not there is one line
+    and exit 1, not a traceback of fifty frames (`segsvc keys revoke` with the database down)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = outage_message(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
 @click.group(
-    cls=LazyGroup,
+    cls=OperatorGroup,
     lazy={
         "train": "retrain.cli:train",
         "evaluate": "retrain.cli:evaluate",
@@ -133,9 +165,10 @@ def models_promote(version: str) -> None:
     try:
         with session_scope() as session:
             row = promote(session=session, version=version, reason="promoted by an operator (cli)")
-            click.echo(f"production is {row.version} (previous: {row.parent_version or '-'})")
+            done = f"production is {row.version} (previous: {row.parent_version or '-'})"
     except SegError as exc:
         raise click.ClickException(exc.message) from None
+    click.echo(done)  # once committed
 
 
 @models.command("rollback")
@@ -148,9 +181,10 @@ def models_rollback() -> None:
     try:
         with session_scope() as session:
             row = rollback(session=session, reason="rolled back by an operator (cli)")
-            click.echo(f"production is {row.version} again")
+            done = f"production is {row.version} again"
     except SegError as exc:
         raise click.ClickException(exc.message) from None
+    click.echo(done)  # once committed
 
 
 @models.command("prune-artifacts")
@@ -299,12 +333,13 @@ def keys_revoke(ref: str) -> None:
         with session_scope(get_settings()) as session:
             row = revoke_key(session=session, ref=ref)
             when = row.revoked_at.isoformat() if row.revoked_at else "?"
-            click.echo(
+            done = (
                 f"key {row.prefix}... ({row.name!r}) revoked at {when}; API processes refuse it "
                 f"within {AUTH_CACHE_SECONDS:g} s"
             )
     except SegError as exc:
         raise click.ClickException(exc.message) from None
+    click.echo(done)  # once committed: a revocation whose commit failed is not reported done
 
 
 @main.group()

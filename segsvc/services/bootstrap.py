@@ -15,7 +15,7 @@ from segsvc.digest import file_sha256
 from segsvc.files import write_atomically
 from segsvc.models import ApiKey, ModelStatus, ModelVersion
 from segsvc.services import registry, rollout
-from segsvc.services.keys import create_key
+from segsvc.services.keys import create_key, hash_key
 from segsvc.settings import Settings, get_settings
 
 SHIPPED_MODEL = "baseline.keras"
@@ -131,15 +131,20 @@ def _initialise_model(settings: Settings) -> Path:
 
 def ensure_local_key(settings: Settings | None = None, *, name: str = "local") -> str:
     """The embedded default's admin key, from `var_dir/local_api_key`: made (and the file
-    written) when there is none, or when the one named `name` was revoked."""
+    written) when there is none, or when the key in the file was revoked or is unknown."""
     settings = settings or get_settings()
     key_file = settings.var_dir / "local_api_key"
     with session_scope(settings) as session:
-        exists = session.scalar(  # a revoked one (`segsvc keys revoke`) is replaced
-            select(ApiKey.id).where(ApiKey.name == name, ApiKey.revoked_at.is_(None)).limit(1)
+        saved = key_file.read_text().strip() if key_file.is_file() else ""
+        # The file's own key, not any key of that name: after `segsvc keys create --name
+        # local`, revoking the file's key (leaked, say) left it printed at every start.
+        usable = saved and session.scalar(
+            select(ApiKey.id)
+            .where(ApiKey.key_hash == hash_key(saved), ApiKey.revoked_at.is_(None))
+            .limit(1)
         )
-        if exists is not None and key_file.is_file():
-            return key_file.read_text().strip()
+        if usable:
+            return saved
         _, plaintext = create_key(session=session, name=name, is_admin=True)
     key_file.parent.mkdir(parents=True, exist_ok=True)
     # Created owner-only (an existing file is made so first): never readable by others, not

@@ -194,3 +194,22 @@ def test_a_revoked_local_key_is_replaced(settings: Settings, tmp_path: Path) -> 
     second = ensure_local_key(cfg, name=name)
     assert second not in (None, first)
     assert (tmp_path / "local_api_key").read_text() == f"{second}\n"
+
+
+def test_the_local_key_file_is_replaced_once_its_own_key_is_revoked(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Another key named like it (`segsvc keys create --name local`) kept a revoked file key
+    in use: each start printed it, and the page and scripts got 401."""
+    from segsvc.services.bootstrap import ensure_local_key
+    from segsvc.services.keys import create_key, revoke_key
+
+    cfg = settings.model_copy(update={"var_dir": tmp_path})
+    name = f"local-{uuid.uuid4()}"
+    first = ensure_local_key(cfg, name=name)
+    with session_scope(cfg) as session:
+        create_key(session=session, name=name)
+        revoke_key(session=session, ref=first[:10])
+    second = ensure_local_key(cfg, name=name)
+    assert second != first
+    assert (tmp_path / "local_api_key").read_text() == f"{second}\n"

@@ -102,3 +102,44 @@ def test_cli_keys_list_and_revoke(settings: Settings, monkeypatch: pytest.Monkey
     assert unknown.exit_code == 1
     assert "No API key has the id or prefix 'seg_nosuch'" in unknown.output
     assert "Traceback" not in unknown.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["keys", "list"], ["keys", "revoke", "seg_x"], ["models", "list"], ["models", "rollback"]],
+)
+def test_cli_with_the_database_down_says_so_in_one_line(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """An operator command with the database down (or refusing) was a traceback of fifty
+    frames; it is one line and exit 1."""
+    from click.testing import CliRunner
+
+    from segsvc.cli import main
+    from tests.conftest import free_port
+
+    down = settings.model_copy(
+        update={"database_url": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none"}
+    )
+    monkeypatch.setattr("segsvc.cli.get_settings", lambda: down)
+    monkeypatch.setattr("segsvc.db.get_settings", lambda: down, raising=False)
+    monkeypatch.setattr("segsvc.settings.get_settings", lambda: down)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "Error: the database refused or could not be reached" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert isinstance(result.exception, SystemExit)  # click's exit, not an exception
+
+
+def test_cli_a_name_the_database_refuses_is_one_line(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from segsvc.cli import main
+
+    monkeypatch.setattr("segsvc.cli.get_settings", lambda: settings)
+    result = CliRunner().invoke(main, ["keys", "create", "--name", "x" * 201])
+    assert result.exit_code == 1, result.output
+    assert "the database refused" in result.output
+    assert "Traceback" not in result.output

@@ -129,7 +129,10 @@ class Settings(BaseSettings):
         description="Largest `POST /v1/jobs/batch` body, all images together.",
     )
     max_queue_depth: int = Field(
-        10_000, ge=0, description="Queued jobs above which submits get 503."
+        10_000,
+        ge=0,
+        description="Queued jobs above which submits get 503 (a bound for backpressure: "
+        "submits arriving at the same moment can each pass it once).",
     )
     rate_limit_per_minute: int = Field(600, ge=0, description="Submissions per API key per minute.")
     rate_limit_burst: int = Field(120, ge=1, description="Token-bucket burst size per API key.")

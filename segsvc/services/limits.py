@@ -92,8 +92,12 @@ def check_rate(*, client_key: str, settings: Settings, cost: int = 1) -> None:
 
 
 # Far from the limit, the backlog is counted at most once per this many seconds per process
-# (plus this process's own admissions) instead of on every submit; within half of the limit it
-# is counted every time, so the limit itself stays exact.
+# (plus this process's own admissions) instead of on every submit; past half of the limit it is
+# counted every time. The limit is a bound for backpressure, not an exact one: submits in flight
+# at once each count the backlog before the others commit (up to one batch per request thread
+# can pass it), and a process reading its cached count does not see the last second's
+# admissions of the others (the backlog can pass half the limit unseen only if the fleet admits
+# that many jobs within that second). Exact admission would serialise every submit.
 DEPTH_CACHE_SECONDS = 1.0
 _depth_cache: dict[int, tuple[float, int]] = {}
 

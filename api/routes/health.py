@@ -8,9 +8,11 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from celery import Celery
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from api.context import celery, settings
 from segsvc.db import get_engine
+from segsvc.schema import schema_behind
 from segsvc.settings import Settings
 
 bp = Blueprint("health", __name__)
@@ -39,7 +41,9 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """Postgres and the broker are reachable."""
+    """Postgres and the broker are reachable, and the schema is at this release's migrations
+    (or past them): a pod that started before its release's migrations Job ended (one `kubectl
+    apply -k`, Flux) passed every probe and answered 500s on columns not there yet."""
     pool = _executor()
     futures: dict[str, Future[str]] = {
         "database": pool.submit(_check_database, settings()),
@@ -60,7 +64,13 @@ def _check_database(cfg: Settings) -> str:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SET LOCAL statement_timeout = 1500"))
             conn.execute(text("SELECT 1"))
-        return "ok"
+            try:
+                rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars()
+                revisions = set(rows)
+            except DBAPIError:  # no table: never migrated
+                revisions = set()
+        behind = schema_behind(revisions)
+        return f"error: {behind}" if behind else "ok"
     except Exception as exc:
         return f"error: {exc.__class__.__name__}"
 

@@ -67,3 +67,42 @@ def test_readyz_runs_checks_at_once_and_answers_in_time_when_they_hang(
         "broker": "error: no answer in 2 s",
     }
     assert took < 3.5  # one timeout for both, not one after the other (4 s)
+
+
+def test_readyz_is_unready_while_the_schema_is_behind_this_release(client, settings) -> None:  # type: ignore[no-untyped-def]
+    """A pod that started before its release's migrations Job ended passed every probe and
+    answered 500s on columns not there yet."""
+    from sqlalchemy import text
+
+    from segsvc.db import session_scope
+
+    with session_scope(settings) as session:
+        (head,) = session.execute(text("SELECT version_num FROM alembic_version")).scalars()
+        session.execute(text("UPDATE alembic_version SET version_num = '0008'"))
+    try:
+        behind = client.get("/readyz")
+        with session_scope(settings) as session:  # a newer release's migration: still ready
+            session.execute(text("UPDATE alembic_version SET version_num = '0010_next'"))
+        ahead = client.get("/readyz")
+    finally:
+        with session_scope(settings) as session:
+            session.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": head})
+    assert behind.status_code == 503
+    assert "schema at 0008, this release needs 0009" in behind.get_json()["checks"]["database"]
+    assert ahead.status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+def test_the_code_knows_its_schema_head(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from segsvc.schema import code_revisions, schema_behind
+
+    for name, revision, down in (("a.py", "0001", None), ("b.py", "0002", "0001")):
+        down_text = "None" if down is None else f"'{down}'"
+        (tmp_path / name).write_text(
+            f"revision: str = '{revision}'\ndown_revision: str | None = {down_text}\n"
+        )
+    assert code_revisions(tmp_path) == (frozenset({"0001", "0002"}), frozenset({"0002"}))
+    assert schema_behind({"0002"}, tmp_path) is None
+    assert schema_behind({"0003"}, tmp_path) is None  # ahead: a newer release migrated it
+    assert "needs 0002" in (schema_behind({"0001"}, tmp_path) or "")
+    assert "at none" in (schema_behind(set(), tmp_path) or "")

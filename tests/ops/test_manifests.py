@@ -740,3 +740,27 @@ def test_webhook_workers_may_reach_only_public_addresses_and_the_datastores() ->
 def pod_spec_labels(workload: dict[str, Any]) -> dict[str, str]:
     labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
     return labels
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_an_inference_pod_outlasts_a_model_conversion_at_startup(overlay: str) -> None:
+    """The startup probe gave 600 s, a conversion may take 900: a pod on a slow node was
+    killed part-way, and each restart converted again from nothing."""
+    from segsvc.ml.convert import CONVERT_TIMEOUT_S
+
+    worker = find(rendered(overlay), "Deployment", "segsvc-inference-worker")
+    probe = worker["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] > CONVERT_TIMEOUT_S
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tensorflow_threads_follow_each_worker_pods_cpu_limit(overlay: str) -> None:
+    """TensorFlow sized its pools by the node's cores: a 2-CPU pod on a 64-core node converted
+    (and a 4-CPU one trained) with 64 threads, throttled by the quota."""
+    docs = rendered(overlay)
+    for name in ("segsvc-inference-worker", "segsvc-maintenance-worker"):
+        container = find(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        cpus = str(container["resources"]["limits"]["cpu"])
+        assert env.get("TF_NUM_INTRAOP_THREADS") == cpus, (overlay, name, env)
+        assert env.get("OMP_NUM_THREADS") == cpus, (overlay, name)

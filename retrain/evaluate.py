@@ -175,8 +175,13 @@ def print_table(result: dict[str, Any], title: str) -> None:
     for label, key in rows:
         table.add_row(label, f"{result[key]:.4f}", f"{full[key]:.4f}")
     for cls, iou in result["per_class_iou"].items():
-        table.add_row(f"IoU {cls}", f"{iou:.4f}", f"{full['per_class_iou'][cls]:.4f}")
+        table.add_row(f"IoU {cls}", _iou_text(iou), _iou_text(full["per_class_iou"][cls]))
     Console().print(table)
+
+
+def _iou_text(iou: float | None) -> str:
+    """A class's IoU, or "-" for a class in neither truth nor prediction (no IoU)."""
+    return "-" if iou is None else f"{iou:.4f}"
 
 
 def evaluate(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 
@@ -48,7 +50,12 @@ def summarize(cm: ConfusionMatrix) -> dict[str, object]:
     return {
         "pixel_accuracy": pixel_accuracy(cm),
         "mean_iou": mean_iou(cm),
-        "per_class_iou": dict(zip(CLASS_NAMES, per_class_iou(cm), strict=True)),
+        # A class in neither truth nor prediction has no IoU: None (JSON null), not NaN, which
+        # JSON does not have (Postgres refused the run's metrics with it).
+        "per_class_iou": {
+            name: None if math.isnan(iou) else iou
+            for name, iou in zip(CLASS_NAMES, per_class_iou(cm), strict=True)
+        },
         "confusion_matrix": cm.tolist(),
         "pixels": int(cm.sum()),
     }

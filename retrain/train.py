@@ -167,13 +167,14 @@ def train(
     save_model_atomically(final, out)
     ckpt.unlink(missing_ok=True)
 
-    monitor = "val_miou" if len(val_data) else "miou"
-    scores = history.get(monitor, [])
-    best_epoch = max(range(len(scores)), key=scores.__getitem__) + 1 if scores else 0
+    scores = history.get("val_miou", []) if len(val_data) else []
+    epochs_run = len(history.get("loss", []))
+    # The epoch whose weights were kept: the best on held-out images, else the last.
+    best_epoch = max(range(len(scores)), key=scores.__getitem__) + 1 if scores else epochs_run
     report = TrainReport(
         model_path=str(out),
         epochs_requested=epochs,
-        epochs_run=len(history.get("loss", [])),
+        epochs_run=epochs_run,
         best_epoch=best_epoch,
         best_val_miou=scores[best_epoch - 1] if scores and len(val_data) else None,
         history=history,
@@ -259,16 +260,21 @@ def _fit(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy", mean_iou_metric()],
     )
-    monitor = "val_miou" if val_ds is not None else "miou"
-    callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.ModelCheckpoint(
-            str(ckpt), monitor=monitor, mode="max", save_best_only=True, verbose=0
-        ),
-        keras.callbacks.EarlyStopping(
-            monitor=monitor, mode="max", patience=patience, restore_best_weights=True
-        ),
-        EpochLog(epochs),
-    ]
+    if val_ds is not None:  # the epoch that scores best on held-out images is kept
+        callbacks: list[keras.callbacks.Callback] = [
+            keras.callbacks.ModelCheckpoint(
+                str(ckpt), monitor="val_miou", mode="max", save_best_only=True, verbose=0
+            ),
+            keras.callbacks.EarlyStopping(
+                monitor="val_miou", mode="max", patience=patience, restore_best_weights=True
+            ),
+            EpochLog(epochs),
+        ]
+    else:
+        # No held-out images (retraining on labels alone): the last epoch is kept. Chosen by
+        # the mIoU of its own augmented training batches, the first epoch often won and the
+        # later fine-tuning was thrown away for noise; the gate judges the result anyway.
+        callbacks = [keras.callbacks.ModelCheckpoint(str(ckpt), verbose=0), EpochLog(epochs)]
     fit = model.fit(
         train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=verbose
     )

@@ -47,3 +47,14 @@ def test_matrices_add_up_and_summary() -> None:
     assert set(summary["per_class_iou"]) == {"pet", "background", "border"}  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shape mismatch"):
         confusion_matrix(a, b[:2])
+
+
+def test_a_class_with_no_iou_is_null_in_the_summary_json() -> None:
+    """An evaluation set without border pixels, and a model that never predicts border: its IoU
+    is NaN, which json.dumps wrote as a bare NaN and Postgres' json refused with the run."""
+    import json
+
+    true = np.array([0, 0, 1, 1])
+    summary = summarize(confusion_matrix(true, true))
+    assert summary["per_class_iou"] == {"pet": 1.0, "background": 1.0, "border": None}
+    json.dumps(summary, allow_nan=False)  # valid JSON

@@ -111,3 +111,42 @@ def test_a_model_save_that_fails_leaves_the_old_file_whole(tmp_path: Path) -> No
     save_model_atomically(Saving(), out)  # type: ignore[arg-type]
     assert out.read_bytes() == b"the new model"
     assert [p.name for p in tmp_path.iterdir()] == ["baseline.keras"]
+
+
+def test_labels_alone_keep_the_last_epochs_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no held-out images (retraining on labels alone) the checkpoint was the epoch with
+    the best mIoU on its own augmented batches, often the first: later fine-tuning was thrown
+    away for noise. The last epoch's weights are kept."""
+    import retrain.train as train_module
+    from retrain.dataset import encode_png
+
+    epoch_weights: list[list[np.ndarray]] = []
+
+    class Recording(train_module.EpochLog):  # type: ignore[misc]
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            super().on_epoch_end(epoch, logs)
+            epoch_weights.append([np.array(w) for w in self.model.get_weights()])
+
+    monkeypatch.setattr(train_module, "EpochLog", Recording)
+    empty = tmp_path / "none"
+    (empty / "images").mkdir(parents=True)
+    masks = [make_mask(64, 48, seed=seed) for seed in range(4)]
+    out = tmp_path / "ft.keras"
+    report = train(
+        data_dir=empty,
+        epochs=3,
+        out=out,
+        batch_size=2,
+        steps_per_epoch=1,
+        learning_rate=1e-2,
+        extra_samples=[(encode_png(COLOURS[m]), m) for m in masks],
+        progress=False,
+        checkpoint=tmp_path / "ckpt" / "best.keras",
+        evaluate_after=False,
+    )
+    assert (report.epochs_run, report.best_epoch, report.best_val_miou) == (3, 3, None)
+    saved = load_model(out).get_weights()
+    assert len(epoch_weights) == 3
+    assert all(np.allclose(a, b) for a, b in zip(saved, epoch_weights[-1], strict=True))

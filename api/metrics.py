@@ -21,6 +21,7 @@ from segsvc.logging_setup import bind_context, reset_context
 from segsvc.metrics import (
     API_SERIES,
     HTTP_LATENCY,
+    HTTP_LONG_POLL,
     HTTP_REQUESTS,
     REJECTIONS,
     SUBMISSIONS,
@@ -65,7 +66,8 @@ def _after(response: Response) -> Response:
     # value, so requests with invented methods cannot grow the metrics without bound.
     method = request.method if request.method in HTTP_METHODS else "other"
     HTTP_REQUESTS.labels(route, method, str(response.status_code)).inc()
-    HTTP_LATENCY.labels(route, method).observe(elapsed)
+    held = request.args.get("wait", "") not in ("", "0")  # the client asked to be held
+    (HTTP_LONG_POLL if held else HTTP_LATENCY).labels(route, method).observe(elapsed)
     job_id = (request.view_args or {}).get("job_id")
     if request.endpoint in (SUBMIT_ENDPOINT, BATCH_ENDPOINT):
         job_id = _count_submission(response) or job_id
@@ -92,15 +94,17 @@ def _count_submission(response: Response) -> str | None:
     submit's job id."""
     body = response.get_json(silent=True) if response.is_json else None
     body = body if isinstance(body, dict) else {}
+    jobs = body.get("jobs")
     if response.status_code in (201, 202):
-        jobs = body.get("jobs")
         SUBMISSIONS.inc(len(jobs) if isinstance(jobs, list) else 1)
-        if body.get("id"):
-            return str(body["id"])
-        return response.headers.get("X-Job-Id")  # a finished submit answered with its mask
     if response.status_code >= 400:
         REJECTIONS.labels(str(body.get("error") or response.status_code)).inc()
-    return None
+        return None
+    if body.get("id"):  # a submit's job, a replay's (200) too
+        return str(body["id"])
+    if isinstance(jobs, list) and jobs and isinstance(jobs[0], dict):  # a batch: its first job
+        return str(jobs[0].get("id") or "") or None
+    return response.headers.get("X-Job-Id")  # a finished submit answered with its mask
 
 
 def _teardown(_exc: BaseException | None) -> None:

@@ -131,13 +131,16 @@ def run(api_workers: int) -> None:
         click.echo(local_key_message(settings))
     click.echo(f"API on http://127.0.0.1:{settings.port}")
     env = os.environ.copy()
-    # gunicorn's metrics files: under var/, cleared at each start, not a new /tmp folder per run.
-    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings.var_dir / "prometheus"))
+    # gunicorn's metrics files (its workers are processes that one /metrics sums): the API's
+    # alone, under var/, cleared at each start. In the Celery processes' environment too, each
+    # one's /metrics summed every process's files: every count read 4 times on a dashboard.
+    multiproc = env.pop("PROMETHEUS_MULTIPROC_DIR", str(settings.var_dir / "prometheus"))
     ports = metrics_ports(settings)
     if ports:
         click.echo("metrics: " + ", ".join(f"{name} :{port}" for name, port in ports.items()))
     commands = process_commands(settings, api_workers=api_workers)
     envs = {name: env | {"SEG_METRICS_PORT": str(ports.get(name, 0))} for name in commands}
+    envs["api"]["PROMETHEUS_MULTIPROC_DIR"] = multiproc
     sys.exit(_supervise(start_processes(commands, envs)))
 
 

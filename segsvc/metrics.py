@@ -34,6 +34,14 @@ HTTP_LATENCY = Histogram(
     ["route", "method"],
     buckets=LATENCY_BUCKETS,
 )
+# Requests that asked to be held (`?wait=`): their time is mostly the wait the client chose
+# (up to 30 s), so they have a series of their own and the latency above stays the API's own.
+HTTP_LONG_POLL = Histogram(
+    "segsvc_http_long_poll_duration_seconds",
+    "HTTP requests held by ?wait= (a long poll, a submit that waits): their time, hold included.",
+    ["route", "method"],
+    buckets=LATENCY_BUCKETS,
+)
 SUBMISSIONS = Counter("segsvc_submissions_total", "Jobs accepted (202).")
 REJECTIONS = Counter("segsvc_rejections_total", "Submissions refused, by reason.", ["reason"])
 # The families the API records (`metrics_registry(only=...)`; a counter's family drops _total).
@@ -41,6 +49,7 @@ API_SERIES = frozenset(
     {
         "segsvc_http_requests",
         "segsvc_http_request_duration_seconds",
+        "segsvc_http_long_poll_duration_seconds",
         "segsvc_submissions",
         "segsvc_rejections",
     }

@@ -82,6 +82,11 @@ def test_embedded_default_runs_one_job(tmp_path: Path) -> None:
         assert "segsvc_submissions_total 1.0" in api_metrics.text
         worker_metrics = httpx.get(f"http://127.0.0.1:{metrics + 1}/metrics")
         assert 'segsvc_jobs_total{status="succeeded"} 1.0' in worker_metrics.text
+        # Each process shows its own series: with the API's multiprocess folder the webhook
+        # worker's /metrics summed every process's files, the inference worker's jobs too.
+        webhook_metrics = httpx.get(f"http://127.0.0.1:{metrics + 2}/metrics")
+        assert webhook_metrics.status_code == 200
+        assert "segsvc_jobs_total{" not in webhook_metrics.text
         assert "Address already in use" not in log.read_text()
     finally:
         proc.send_signal(signal.SIGINT)

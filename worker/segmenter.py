@@ -206,7 +206,12 @@ class Segmenter:
                 try:
                     result = _result(job, classes, group, len(group.jobs))
                 except Exception as exc:  # one bad job must not fail its batch
-                    log.warning("job %s failed in post-processing", job.id, exc_info=True)
+                    log.warning(
+                        "job %s failed in post-processing",
+                        job.id,
+                        exc_info=True,
+                        extra={"job_id": str(job.id), "request_id": job.request_id},
+                    )
                     # The exception's text stays in the log: it may name paths or internals.
                     message = f"Preparing the result failed ({type(exc).__name__}); see the logs."
                     failed.append(Failure(job, "postprocess_failed", message, group.model.version))
@@ -230,7 +235,12 @@ class Segmenter:
             if state is not None and state["status"] == JobStatus.SUCCEEDED:
                 QUEUE_WAIT.observe(result["queue_ms"] / 1000.0)
         for failure in failed:
-            log.warning("job %s failed: %s", failure.job.id, failure.message)
+            log.warning(
+                "job %s failed: %s",
+                failure.job.id,
+                failure.message,
+                extra={"job_id": str(failure.job.id), "request_id": failure.job.request_id},
+            )
         finished = [r["id"] for r in results] + [failure.job.id for failure in failed]
         # Long polls; the results' end states answer them without another read of the jobs.
         notify.publish_finished(self.settings.effective_redis_url, finished, states)

@@ -206,6 +206,7 @@ def test_api_metrics_in_multiprocess_mode_leave_out_the_workers_series(  # type:
     assert set(families) <= {
         "segsvc_http_requests",
         "segsvc_http_request_duration_seconds",
+        "segsvc_http_long_poll_duration_seconds",
         "segsvc_submissions",
         "segsvc_rejections",
     }, sorted(families)
@@ -214,3 +215,42 @@ def test_api_metrics_in_multiprocess_mode_leave_out_the_workers_series(  # type:
     assert [
         s.value for s in families["segsvc_submissions"].samples if s.name.endswith("_total")
     ] == [1]
+
+
+def test_a_long_polls_hold_is_not_counted_as_request_latency(client, auth) -> None:  # type: ignore[no-untyped-def]
+    """A GET ?wait= held for its job counted its hold (up to 30 s) as request latency: the
+    latency panels showed how long clients chose to wait, not how fast the API answers."""
+    job_id = submit(client, auth, png_bytes()).get_json()["id"]
+    route = "/v1/jobs/<job_id>"
+    latency = sample("segsvc_http_request_duration_seconds_count", route=route, method="GET")
+    held = sample("segsvc_http_long_poll_duration_seconds_count", route=route, method="GET")
+    fast = {"route": route, "method": "GET", "le": "0.5"}
+    slow = sample("segsvc_http_request_duration_seconds_bucket", **fast)
+    for _ in range(2):
+        assert client.get(f"/v1/jobs/{job_id}?wait=0.7", headers=auth).status_code == 200
+    client.get(f"/v1/jobs/{job_id}", headers=auth)
+    assert sample("segsvc_http_long_poll_duration_seconds_count", route=route, method="GET") == (
+        held + 2
+    )
+    assert sample("segsvc_http_request_duration_seconds_count", route=route, method="GET") == (
+        latency + 1
+    )
+    assert sample("segsvc_http_request_duration_seconds_bucket", **fast) == slow + 1
+
+
+def test_the_access_line_names_the_job_of_a_replay_and_of_a_batch(  # type: ignore[no-untyped-def]
+    client, auth, log_lines
+) -> None:
+    headers = {**auth, "Idempotency-Key": "access-1"}
+    job_id = submit(client, headers, png_bytes()).get_json()["id"]
+    assert submit(client, headers, png_bytes()).status_code == 200  # the replay
+    batch = client.post(
+        "/v1/jobs/batch",
+        headers=auth,
+        data={"image": [(io.BytesIO(png_bytes()), "a.png"), (io.BytesIO(png_bytes()), "b.png")]},
+        content_type="multipart/form-data",
+    )
+    first = batch.get_json()["jobs"][0]["id"]
+    records = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    access = [r for r in records if r["logger"] == "segsvc.access"]
+    assert [r.get("job_id") for r in access] == [job_id, job_id, first]

@@ -80,8 +80,12 @@ def test_embedded_default_runs_one_job(tmp_path: Path) -> None:
         api_metrics = httpx.get(f"http://127.0.0.1:{metrics}/metrics")
         assert api_metrics.status_code == 200
         assert "segsvc_submissions_total 1.0" in api_metrics.text
-        worker_metrics = httpx.get(f"http://127.0.0.1:{metrics + 1}/metrics")
-        assert 'segsvc_jobs_total{status="succeeded"} 1.0' in worker_metrics.text
+        # The worker counts a job after it stored it and sent its notice: read until it has.
+        counted = 'segsvc_jobs_total{status="succeeded"} 1.0'
+        deadline = time.monotonic() + 30
+        while counted not in httpx.get(f"http://127.0.0.1:{metrics + 1}/metrics").text:
+            assert time.monotonic() < deadline, "the worker's /metrics never counted the job"
+            time.sleep(0.2)
         # Each process shows its own series: with the API's multiprocess folder the webhook
         # worker's /metrics summed every process's files, the inference worker's jobs too.
         webhook_metrics = httpx.get(f"http://127.0.0.1:{metrics + 2}/metrics")

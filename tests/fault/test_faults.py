@@ -256,9 +256,17 @@ def test_fault_duplicate_delivery_runs_once(
         for job_id in ids:  # every message delivered twice more
             enqueue_job(celery, uuid.UUID(job_id), settings=cfg)
             enqueue_job(celery, uuid.UUID(job_id), settings=cfg)
+        broker = redis.Redis.from_url(cfg.effective_redis_url)
+        assert broker.llen(cfg.queue_name) >= 60  # the queue the drain below is read from
         procs.start_worker()
         state = wait_terminal(cfg, ids, timeout=120)
-        time.sleep(1.0)  # let the duplicates drain
+        # Every copy consumed and acknowledged before the claims are counted (after a fixed
+        # sleep, copies not yet taken left the count at 20 whatever a copy would have done).
+        wait_until(
+            lambda: broker.llen(cfg.queue_name) == 0 and broker.hlen("unacked") == 0,
+            60,
+            "the duplicate messages were not all consumed",
+        )
     finally:
         procs.stop()
     counts = report("same message delivered 3 times", ids, state)

@@ -11,10 +11,11 @@ from retrain.dataset import list_pairs, read_trimap, split_names
 from retrain.metrics import confusion_matrix, pixel_accuracy
 from segsvc.ml.preprocess import postprocess, preprocess_bytes
 from segsvc.ml.unet import load_model
+from tests.conftest import SAMPLE_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "baseline.keras"
-SAMPLE = ROOT.parent / "shared" / "data" / "oxford_pets_sample"
+SAMPLE = SAMPLE_DIR  # SEG_TEST_SAMPLE_DIR, else beside the checkout (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -257,7 +257,7 @@ def test_wait_keeps_its_timeout_while_the_server_asks_to_retry_later() -> None:
         started = time.monotonic()
         with pytest.raises(WaitTimeoutError):
             job.wait(timeout=1.0)
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 2.4  # the bug took 3 s; a loaded CI host, margin
     assert len(stub.times) == 1
 
 
@@ -559,7 +559,8 @@ def test_wait_keeps_its_timeout_while_the_server_stalls(many: bool) -> None:
         with pytest.raises(WaitTimeoutError):
             client.wait_many([job], timeout=0.5) if many else job.wait(timeout=0.5)
         took = time.monotonic() - started
-    assert took < 0.5 + 0.5 + 0.4, f"wait(timeout=0.5) took {took:.2f}s"
+    # The bug took the stall (4 s): half-way to it leaves a loaded CI host its margin.
+    assert took < 2.5, f"wait(timeout=0.5) took {took:.2f}s"
 
 
 def test_a_stopped_wait_ends_at_once_while_a_request_is_in_flight() -> None:
@@ -581,7 +582,7 @@ def test_a_stopped_wait_ends_at_once_while_a_request_is_in_flight() -> None:
             started = time.monotonic()
             with pytest.raises(WaitStoppedError):
                 wait()
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 2.5  # the stall is 4 s
             assert len(stub.received) == sent + 1  # the one request in flight; no retry
 
 

@@ -552,7 +552,7 @@ def test_cli_a_url_that_cannot_be_a_servers_is_a_usage_error(
         command = ["client", "models", "list"]
     started = time.monotonic()
     result = cli(*command, url=url, key="k", SEG_RETRIES="3")
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 2.5  # retried as a lost connection it took 3 s+
     assert result.exit_code == 2, result.output
     assert result.stdout == ""
     assert result.stderr.splitlines() == [

@@ -512,7 +512,15 @@ def test_worker_hot_swaps_versions_without_a_failed_job(  # type: ignore[no-unty
             assert served[job_id] == expected
 
         set_status(settings, "v3", "reject")
-        time.sleep(1.5)
+        # Until a job the canary's share would take is served by v2, the poll has not seen
+        # the rejection (a fixed sleep raced the poll thread on a loaded host).
+        deadline = time.monotonic() + 60
+        while True:
+            probe = submit(client, auth)
+            taken = rollout.routes_to_canary(probe, 0.5)  # the canary's share would take it
+            if taken and finish_all(client, auth, [probe], log)[probe] == "v2":
+                break
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
         later = finish_all(client, auth, [submit(client, auth) for _ in range(8)], log)
         assert set(later.values()) == {"v2"}
     finally:

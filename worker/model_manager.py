@@ -278,9 +278,11 @@ class ModelManager:
             want_canary = None
         current = self._routing
         if current is not None and (
-            production is None or self._is_broken(production.version, production.sha256)
+            production is None or self._failed_to_load(production.version, production.sha256)
         ):
             # Keep serving rather than stop on a registry gap or an artifact that will not load.
+            # (Not on a canary's passing failure at inference: promoted since, the version the
+            # fleet serves kept this worker on the archived one for BROKEN_RETRY_S.)
             p = current.production
             return Wanted(p.version, "", p.sha256, 1.0), want_canary
         if production is None:
@@ -430,6 +432,10 @@ class ModelManager:
             raise
         self._load_failures.pop(key, None)
         return loaded
+
+    def _failed_to_load(self, version: str, sha256: str) -> bool:
+        """True while a recent failure of this version was a failure to load it."""
+        return self._is_broken(version, sha256) and (version, sha256) in self._load_failures
 
     def _is_broken(self, version: str, sha256: str) -> bool:
         """True while a failure of this version is recent (see BROKEN_RETRY_S)."""

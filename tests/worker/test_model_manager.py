@@ -333,6 +333,23 @@ def test_a_canary_out_of_memory_once_on_one_worker_is_not_rejected_for_everyone(
     assert "MemoryError" in reason
 
 
+def test_a_canary_promoted_after_a_passing_failure_here_is_served_at_once(
+    manager: ModelManager, settings: Settings, model_file: Path
+) -> None:
+    """A canary out of memory once on this worker (passing: still a canary for the fleet),
+    then promoted: this worker kept serving the archived version for BROKEN_RETRY_S, as it
+    would for a version that fails to load."""
+    manager.load()
+    canary(settings, model_file, "cand", share=1.0)
+    manager.refresh()
+    fail_canary(manager, OutOfMemoryRuntime())
+    assert manager.model_for(uuid.uuid4()).version == "test-v1"
+    with session_scope(settings) as session:
+        rollout.promote(session=session, version="cand", reason="test")
+    assert manager.refresh() is True
+    assert manager.routing.production.version == "cand"
+
+
 def test_a_canary_out_of_memory_twice_hours_apart_is_not_rejected(
     manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ long `registry_poll_seconds`, never leaves the folders being served unmarked for
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -28,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from segsvc.db import session_scope
+from segsvc.metrics import PREDICT_TIME
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.artifact_cache import PruneResult
 from segsvc.ml.convert import CONVERTED_KINDS, ConversionError, artifact_folder, mark_used
@@ -349,7 +351,8 @@ class ModelManager:
             canary = new.canary
             if canary is not None and self._is_broken(canary.version, canary.sha256):
                 new = Routing(production=new.production)
-            self._routing = new  # the atomic switch
+            old, self._routing = self._routing, new  # the atomic switch
+        _forget_series(old, new)
         return new
 
     def _canary_failed(self, version: str, sha256: str, exc: Exception) -> None:
@@ -441,6 +444,19 @@ class ModelManager:
         """True while a failure of this version is recent (see BROKEN_RETRY_S)."""
         failed = self._broken.get((version, sha256))
         return failed is not None and time.monotonic() - failed < BROKEN_RETRY_S
+
+
+def _forget_series(old: Routing | None, new: Routing) -> None:
+    """Drop the per-version metric series of the versions this worker no longer serves: one
+    histogram per version ever served grew the worker's memory and /metrics with every
+    retraining that reached it."""
+    if old is None:
+        return
+    served = {m.version for m in (new.production, new.canary) if m is not None}
+    for model in (old.production, old.canary):
+        if model is not None and model.version not in served:
+            with contextlib.suppress(KeyError):  # never observed (no batch ran on it)
+                PREDICT_TIME.remove(model.version)
 
 
 class _CanaryRuntime:

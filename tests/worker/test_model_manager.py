@@ -762,3 +762,27 @@ def test_a_failed_first_load_is_retried_by_the_readiness_thread_only(
     with pytest.raises(model_manager.ConversionError):
         manager.load()
     assert len(calls) == 3
+
+
+def test_a_version_no_longer_served_leaves_the_metrics(
+    manager: ModelManager, settings: Settings, model_file: Path
+) -> None:
+    """One forward-pass histogram per version ever served: the worker's memory and /metrics
+    grew with every retraining that reached it."""
+    from prometheus_client import REGISTRY
+
+    from segsvc.metrics import PREDICT_TIME
+
+    def count(version: str) -> float | None:
+        labels = {"model_version": version}
+        return REGISTRY.get_sample_value("segsvc_batch_predict_seconds_count", labels)
+
+    manager.load()
+    PREDICT_TIME.labels("test-v1").observe(0.01)  # as a batch on it does
+    register(settings, model_file, "v2")
+    with session_scope(settings) as session:
+        rollout.promote(session=session, version="v2", reason="test")
+    assert count("test-v1") == 1
+    assert manager.refresh() is True
+    assert manager.routing.production.version == "v2"
+    assert count("test-v1") is None

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +295,28 @@ class Refusing:
         )
 
 
+def refusing_one(
+    name: str, status: int, error: str, message: str, *, batch_prefix: str = ""
+) -> Callable[[dict[str, Any], Any], Any]:
+    """A server that refuses every batch and the file `name` sent alone (`status`, `error`,
+    `message`; a batch's message after `batch_prefix` and the name, as `Image 1 (p1.png): `
+    when it is given), and takes every other file."""
+
+    def answer(environ: dict[str, Any], start_response: Any) -> Any:
+        req = Request(environ)
+        batch = req.path == "/v1/jobs/batch"
+        prefix = f"{batch_prefix}({name}): " if batch and batch_prefix else ""
+        if batch or [f.filename for f in req.files.getlist("image")] == [name]:
+            code, body = status, {"error": error, "message": prefix + message}
+        else:
+            code, body = 202, {"id": J1, "status": "queued"}
+        return Response(json.dumps(body), status=code, mimetype="application/json")(
+            environ, start_response
+        )
+
+    return answer
+
+
 @pytest.mark.parametrize("batch", [16, 1])
 def test_a_refusal_that_would_hit_every_file_stops_the_run(tmp_path: Path, batch: int) -> None:
     """Regression: a batch refused over a field (not an image) was sent again file by file,
@@ -322,21 +344,9 @@ def test_a_batch_refused_over_one_image_still_sends_every_other_file(tmp_path: P
     from segsvc.bulk_submit import SubmitPlan, run_all
     from segsvc.client import Client
 
-    def answer(environ: dict[str, Any], start_response: Any) -> Any:
-        req = Request(environ)
-        names = [f.filename for f in req.files.getlist("image")]
-        if req.path == "/v1/jobs/batch" or names == ["p1.png"]:
-            prefix = "Image 1 (p1.png): " if req.path == "/v1/jobs/batch" else ""
-            msg = f"{prefix}The image could not be decoded."
-            body: Any = {"error": "invalid_image", "message": msg}
-            return Response(json.dumps(body), status=422, mimetype="application/json")(
-                environ, start_response
-            )
-        body = {"id": J1, "status": "queued"}
-        return Response(json.dumps(body), status=202, mimetype="application/json")(
-            environ, start_response
-        )
-
+    answer = refusing_one(
+        "p1.png", 422, "invalid_image", "The image could not be decoded.", batch_prefix="Image 1 "
+    )
     files = png_files(tmp_path, 3)
     plan = SubmitPlan(False, None, False, None, None, 10.0, batch=3)
     with serve(answer) as url, Client(url, "k", retries=0) as client:
@@ -385,20 +395,7 @@ def test_a_batch_too_large_whose_first_file_is_too_large_too_does_not_stop_the_r
     from segsvc.bulk_submit import SubmitPlan, run_all
     from segsvc.client import Client
 
-    too_large = {"error": "payload_too_large", "message": "The data value transmitted exceeds"}
-
-    def answer(environ: dict[str, Any], start_response: Any) -> Any:
-        req = Request(environ)
-        names = [f.filename for f in req.files.getlist("image")]
-        if req.path == "/v1/jobs/batch" or names == ["p0.png"]:
-            return Response(json.dumps(too_large), status=413, mimetype="application/json")(
-                environ, start_response
-            )
-        body = {"id": J1, "status": "queued"}
-        return Response(json.dumps(body), status=202, mimetype="application/json")(
-            environ, start_response
-        )
-
+    answer = refusing_one("p0.png", 413, "payload_too_large", "The data value transmitted exceeds")
     files = png_files(tmp_path, 3)
     plan = SubmitPlan(False, None, False, None, None, 10.0, batch=3)
     with serve(answer) as url, Client(url, "k", retries=0) as client:

@@ -625,6 +625,28 @@ def quick_run(monkeypatch: pytest.MonkeyPatch, model_file: Path, during_eval: An
     monkeypatch.setattr(_Run, "_evaluate", evaluate)
 
 
+def counting_fine_tune(monkeypatch: pytest.MonkeyPatch, model_file: Path) -> list[Any]:
+    """`quick_run`, with the samples each fine-tune was given collected in the list returned."""
+    from retrain.pipeline import _Run
+
+    quick_run(monkeypatch, model_file)
+    fine_tune, given = _Run._fine_tune, []
+
+    def keep(self: _Run, samples: Any, init_model: str, out: Path) -> Any:
+        given.append(samples)
+        return fine_tune(self, samples, init_model, out)
+
+    monkeypatch.setattr(_Run, "_fine_tune", keep)
+    return given
+
+
+def run_counts(settings: Settings, run_id: str) -> dict[str, Any]:
+    with session_scope(settings) as session:
+        run = session.get(TrainingRun, uuid.UUID(run_id))
+        assert run is not None
+        return dict(run.data_counts)
+
+
 def test_a_candidate_is_not_canaried_if_production_changed_while_it_trained(
     settings: Settings,
     production_model: str,
@@ -824,30 +846,18 @@ def test_labels_of_evaluation_images_are_left_out_of_training(
 ) -> None:
     """A client may upload an evaluation image (public datasets are public) and label it:
     trained on, it would flatter the candidate at the gate."""
-    from retrain.pipeline import _Run
-
     cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=2)
     held_out = Path(cfg.eval_data_dir or "") / "images" / "pet_0.png"
     labeled_job(cfg, held_out.read_bytes(), make_mask(96, 80, seed=0))
     labeled_job(cfg, encode_png(COLOURS[make_mask(90, 70, seed=7)]), make_mask(90, 70, seed=7))
-    trained_on: list[int] = []
-    quick_run(monkeypatch, model_file)
-    fine_tune = _Run._fine_tune
-
-    def count(self: _Run, samples: list[Any], init_model: str, out: Path) -> Any:
-        trained_on.append(len(samples))
-        return fine_tune(self, samples, init_model, out)
-
-    monkeypatch.setattr(_Run, "_fine_tune", count)
+    given = counting_fine_tune(monkeypatch, model_file)
     result = run_retraining(cfg, trigger="manual")
     assert result.status == "completed", result
-    assert trained_on == [1]
-    with session_scope(cfg) as session:
-        run = session.get(TrainingRun, uuid.UUID(result.run_id))
-        assert run is not None
-        assert run.data_counts["labels"] == 2
-        assert run.data_counts["feedback_samples"] == 1
-        assert run.data_counts["feedback_in_eval_set"] == 1
+    assert [len(samples) for samples in given] == [1]
+    counts = run_counts(cfg, result.run_id)
+    assert counts["labels"] == 2
+    assert counts["feedback_samples"] == 1
+    assert counts["feedback_in_eval_set"] == 1
 
 
 def test_labels_reach_training_decoded_to_model_size_in_chunks(
@@ -861,7 +871,6 @@ def test_labels_reach_training_decoded_to_model_size_in_chunks(
     10 MB, masks decoded at full resolution) through training: they are now read a chunk of
     ids at a time and each pair is kept only as its 128x128 arrays."""
     from retrain.dataset import Decoded
-    from retrain.pipeline import _Run
     from segsvc.services import feedback
 
     monkeypatch.setattr(feedback, "LOAD_CHUNK", 2)
@@ -869,14 +878,7 @@ def test_labels_reach_training_decoded_to_model_size_in_chunks(
     for seed in range(3):
         mask = make_mask(300, 200, seed=seed)
         labeled_job(cfg, encode_png(COLOURS[mask]), mask)
-    seen: list[Any] = []
-    quick_run(monkeypatch, model_file)
-    fine_tune = _Run._fine_tune
-
-    def keep(self: _Run, samples: Any, init_model: str, out: Path) -> Any:
-        seen.append(samples)
-        return fine_tune(self, samples, init_model, out)
-
+    seen = counting_fine_tune(monkeypatch, model_file)
     loads: list[int] = []
     real_iter = feedback.iter_labeled_inputs
 
@@ -885,7 +887,6 @@ def test_labels_reach_training_decoded_to_model_size_in_chunks(
             loads.append(1)
             yield label
 
-    monkeypatch.setattr(_Run, "_fine_tune", keep)
     monkeypatch.setattr(feedback, "iter_labeled_inputs", counted)
     result = run_retraining(cfg, trigger="manual")
     assert result.status == "completed", result
@@ -895,12 +896,10 @@ def test_labels_reach_training_decoded_to_model_size_in_chunks(
     assert samples.masks.shape == (3, 128, 128)
     assert set(np.unique(samples.masks)) <= {0, 1, 2}
     assert len(loads) == 3
-    with session_scope(cfg) as session:
-        run = session.get(TrainingRun, uuid.UUID(result.run_id))
-        assert run is not None
-        assert run.data_counts["feedback_samples"] == 3
-        assert run.data_counts["feedback_input_missing"] == 0
-        assert run.data_counts["feedback_gone"] == 0
+    counts = run_counts(cfg, result.run_id)
+    assert counts["feedback_samples"] == 3
+    assert counts["feedback_input_missing"] == 0
+    assert counts["feedback_gone"] == 0
 
 
 def test_training_takes_decoded_labels_beside_the_folder(tmp_path: Path) -> None:
@@ -1025,28 +1024,6 @@ def test_the_gate_times_each_model_on_the_runtime_it_is_served_with(
     cand["latency_ms_batch1"], prod["latency_ms_batch1"] = 12.0, 5.0
     (problem,) = gate(candidate=cand, production=prod, tolerance=1.0, latency_ratio=1.2)
     assert problem == "batch-1 latency 12.0 ms (onnx) > 1.2 x 5.0 ms (litert-int8)"
-
-
-def counting_fine_tune(monkeypatch: pytest.MonkeyPatch, model_file: Path) -> list[Any]:
-    """`quick_run`, with the samples each fine-tune was given collected in the list returned."""
-    from retrain.pipeline import _Run
-
-    quick_run(monkeypatch, model_file)
-    fine_tune, given = _Run._fine_tune, []
-
-    def keep(self: _Run, samples: Any, init_model: str, out: Path) -> Any:
-        given.append(samples)
-        return fine_tune(self, samples, init_model, out)
-
-    monkeypatch.setattr(_Run, "_fine_tune", keep)
-    return given
-
-
-def run_counts(settings: Settings, run_id: str) -> dict[str, Any]:
-    with session_scope(settings) as session:
-        run = session.get(TrainingRun, uuid.UUID(run_id))
-        assert run is not None
-        return dict(run.data_counts)
 
 
 def test_a_label_of_a_resized_evaluation_photo_is_left_out_of_training(

@@ -64,28 +64,38 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     if refused is not None:
         raise refused
     image = _validate(data)
-    session = db()
     hook, job_id = _webhook(), uuid.uuid4()
     # Watched from before its commit: no end notice can come before the watch, so the wait
     # needs no first read of a job it has just written.
     with _watch([job_id], wait) as watch:
         (job,) = _store_and_enqueue([image], idem, [idem.key] if idem else None, hook, [job_id])
         body = accepted_body(job)
-        try:
-            (done,) = watch.until_ended(
-                session=session,
-                jobs=[job],
-                read=lambda: [job_service.get_job(session=db(), job_id=job_id, client_id=_scope())],
-            )
-        except SQLAlchemyError:
-            # The job is stored and enqueued: a 503 now would have the client submit it again;
-            # the 202 has it poll the job instead.
-            log.warning("could not read job %s while waiting; answering 202", job_id, exc_info=True)
-            done = job
+        done = _until_ended(watch, job, read_first=False)
     location = {"Location": body["urls"]["self"]}
     if done.job_status.is_terminal:
         return _ended_answer(done, location)
     return jsonify(body), 202, location
+
+
+def _until_ended(watch: job_service.JobWatch, job: Job, *, read_first: bool) -> Job:
+    """`job` once it has ended, or as it is when the wait is over (`watch`'s); read afresh
+    first with `read_first` (a job found before the watch began may have ended before it). If
+    it cannot be read meanwhile, `job` as it was: the job stands, and a 5xx now would have the
+    client submit it again where the 202 (or the replay's 200) has it poll the job."""
+    session = db()
+
+    def read() -> list[Job]:
+        return [job_service.get_job(session=db(), job_id=job.id, client_id=_scope())]
+
+    try:
+        # populate_existing: the session holds the job as found; an expired copy would not
+        # survive a failed read (it stays as found until the new row has been fetched).
+        first = session.get(Job, job.id, populate_existing=True) if read_first else job
+        (done,) = watch.until_ended(session=session, jobs=[first or job], read=read)
+    except SQLAlchemyError:
+        log.warning("could not read job %s while waiting", job.id, exc_info=True)
+        return job
+    return done
 
 
 def _ended_answer(job: Job, headers: dict[str, str]) -> tuple[Response, int, dict[str, str]]:
@@ -285,17 +295,8 @@ def _replayed(
     job = jobs[0]
     headers["Location"] = accepted_body(job)["urls"]["self"]
     if wait > 0:
-        session = db()
-
-        def read() -> list[Job]:
-            return [job_service.get_job(session=db(), job_id=job.id, client_id=_scope())]
-
         with _watch([job.id], wait) as watch:
-            session.expire(job)  # read again once watched: no end notice falls in between
-            try:
-                (job,) = watch.until_ended(session=session, jobs=read(), read=read)
-            except SQLAlchemyError:  # the replay stands without the wait, as a submit's does
-                log.warning("could not read job %s while waiting", job.id, exc_info=True)
+            job = _until_ended(watch, job, read_first=True)
         if job.job_status.is_terminal:
             return _ended_answer(job, headers)
     return jsonify(accepted_body(job)), 200, headers

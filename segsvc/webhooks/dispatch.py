@@ -158,7 +158,7 @@ def start_attempt(
     if endpoint is not None and endpoint.disabled_at is not None:
         message.status, message.next_attempt_at = outbox.DISABLED, None
         return None
-    now = db_time(session)
+    now = _stamp(new_lease) - attempt_lease(settings)  # the lease's statement time: no read
     if message.created_at + timedelta(seconds=settings.webhook_max_age_seconds) <= now:
         # Past its max age without an attempt (put off pause after pause while its receiver
         # was down): not sent days late. Attempted ones end by `_next_state`'s check.
@@ -166,7 +166,7 @@ def start_attempt(
         return None
     if endpoint is not None and endpoint.failures > 0:
         paused_until = endpoint.paused_until
-        if paused_until is not None and paused_until > db_time(session):
+        if paused_until is not None and paused_until > now:
             # Paused since this hint was sent, or another message is this failing endpoint's
             # probe: no attempt, and none counted.
             message.next_attempt_at = paused_until

@@ -86,7 +86,6 @@ class Claim:
         default_factory=list
     )
     failed: list[Failure] = field(default_factory=list)
-    suspect: bool = False  # it holds a suspect (`Claimed.suspect`), which runs alone
 
 
 @dataclass
@@ -160,11 +159,7 @@ class Segmenter:
             raise
 
     def _stack(self, claimed: list[Claimed], claimed_at: float) -> Claim:
-        out = Claim(
-            claimed=len(claimed),
-            claimed_at=claimed_at,
-            suspect=any(job.suspect for job in claimed),
-        )
+        out = Claim(claimed=len(claimed), claimed_at=claimed_at)
         by_version: dict[str, tuple[LoadedModel, list[Claimed], list[Any]]] = {}
         for job in claimed:
             pixels = _model_input(job)

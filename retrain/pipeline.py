@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select
@@ -37,6 +37,9 @@ from segsvc.models import ModelStatus, ModelVersion, TrainingRun, db_time, utcno
 from segsvc.retrain_lock import Held, retrain_lock
 from segsvc.services import feedback, model_files, registry, rollout
 from segsvc.settings import Settings, get_settings
+
+if TYPE_CHECKING:  # importing it at run time imports TensorFlow
+    from retrain.dataset import NearDuplicateIndex
 
 log = logging.getLogger(__name__)
 
@@ -441,7 +444,7 @@ class _Run:
         return self._finish("completed", summary, version, str(status))
 
     def _load_labels(
-        self, ids: list[uuid.UUID], held_out: set[str], held_out_index: Any
+        self, ids: list[uuid.UUID], held_out: set[str], held_out_index: NearDuplicateIndex
     ) -> tuple[Any, dict[str, int]]:
         """The labels decoded straight to model size (`retrain.dataset.Decoded`), streamed from
         the database: each upload (up to 10 MB) and full-size mask is dropped once its 128x128

@@ -45,7 +45,7 @@ from segsvc.bulk_submit import (
     submit_exit_code,
     summary_table,
 )
-from segsvc.client import DEFAULT_URL, Client, RetryNotice, checked_url, utf8_name
+from segsvc.client import DEFAULT_URL, Client, RetryNotice, utf8_name
 from segsvc.client_errors import ClientError, InvalidUrlError, NotFoundError, TransportError
 from segsvc.files import write_atomically
 
@@ -96,18 +96,17 @@ def handle_errors(func: F) -> F:
 def make_client(url: str, api_key: str | None, retries: int = 5) -> Client:
     """A client from flags/env; the key falls back to the file `make run` writes. A URL that
     cannot be a server's is a usage error (exit 2), said in one line before anything is sent."""
-    try:
-        checked_url(url)
-    except InvalidUrlError as exc:
-        click.echo(f"error: {exc} [--url or SEG_URL]", err=True)
-        sys.exit(EXIT_USAGE)
     if not api_key:
         from segsvc.settings import get_settings
 
         key_file = get_settings().var_dir / "local_api_key"
         if key_file.is_file():
             api_key = key_file.read_text().strip()
-    return Client(url, api_key or "", retries=retries, on_retry=retry_notice(retries))
+    try:
+        return Client(url, api_key or "", retries=retries, on_retry=retry_notice(retries))
+    except InvalidUrlError as exc:  # `Client` checks it (`checked_url`) before sending anything
+        click.echo(f"error: {exc} [--url or SEG_URL]", err=True)
+        sys.exit(EXIT_USAGE)
 
 
 def retry_notice(retries: int) -> RetryNotice:

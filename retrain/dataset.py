@@ -160,6 +160,16 @@ def difference_hash(image: Path | bytes) -> npt.NDArray[np.uint8] | None:
     """256-bit difference hash of an image file or its bytes (None if it does not decode):
     each bit says whether a pixel of its 17x16 greyscale thumbnail is brighter than its left
     neighbour."""
+    hashes = difference_hashes(image)
+    return None if hashes is None else hashes[0]
+
+
+def difference_hashes(
+    image: Path | bytes,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]] | None:
+    """`difference_hash` of the image and of its mirror image (one decode): a mirrored copy
+    (a selfie camera's, an editor's flip) is as near a copy to training, whose augmentation
+    flips half the pictures, as a resized one, but its hash is far from the original's."""
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
             img.draft("L", (68, 64))  # JPEG: decoded at a fraction of its size
@@ -167,7 +177,11 @@ def difference_hash(image: Path | bytes) -> npt.NDArray[np.uint8] | None:
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
     pixels = np.asarray(small, dtype=np.int16)
-    return np.packbits((pixels[:, 1:] > pixels[:, :-1]).ravel())
+    mirrored = pixels[:, ::-1]
+    return (
+        np.packbits((pixels[:, 1:] > pixels[:, :-1]).ravel()),
+        np.packbits((mirrored[:, 1:] > mirrored[:, :-1]).ravel()),
+    )
 
 
 def _telling(h: npt.NDArray[np.uint8] | None) -> bool:
@@ -178,15 +192,19 @@ def _telling(h: npt.NDArray[np.uint8] | None) -> bool:
 
 
 class NearDuplicateIndex:
-    """Difference hashes of named images, to find which one a picture is a resized or
-    re-encoded copy of (`NEAR_DUPLICATE_BITS`), which byte digests do not see."""
+    """Difference hashes of named images, to find which one a picture is a resized,
+    re-encoded or mirrored copy of (`NEAR_DUPLICATE_BITS`), which byte digests do not see.
+    Each image is indexed as it is and mirrored (`difference_hashes`)."""
 
     def __init__(self, named: Iterable[tuple[str, Path | bytes]]) -> None:
-        kept = [(name, h) for name, image in named if _telling(h := difference_hash(image))]
+        kept: list[tuple[str, npt.NDArray[np.uint8]]] = []
+        for name, image in named:
+            hashes = difference_hashes(image)
+            if hashes is not None and _telling(hashes[0]):
+                kept += [(name, hashes[0]), (name, hashes[1])]
         self.names = [name for name, _ in kept]
-        self.hashes = (
-            np.stack([h for _, h in kept if h is not None]) if kept else np.zeros((0, 32), np.uint8)
-        )
+        self.images = len(kept) // 2
+        self.hashes = np.stack([h for _, h in kept]) if kept else np.zeros((0, 32), np.uint8)
 
     @classmethod
     def of_folder(cls, data_dir: str | Path) -> NearDuplicateIndex:
@@ -194,11 +212,13 @@ class NearDuplicateIndex:
         return cls((name, path) for name, path, _ in list_pairs(data_dir))
 
     def __len__(self) -> int:
-        return len(self.names)
+        """How many images are indexed."""
+        return self.images
 
     def copy_of(self, image: Path | bytes | npt.NDArray[np.uint8] | None) -> str | None:
         """The name of the indexed image that `image` (a file, its bytes, or its hash) is a
-        near-identical copy of; None when it is none's (or has too few edges to tell)."""
+        near-identical copy of, as it is or mirrored; None when it is none's (or has too few
+        edges to tell)."""
         h = image if isinstance(image, np.ndarray) or image is None else difference_hash(image)
         if h is None or not len(self.names) or not _telling(h):
             return None
@@ -211,7 +231,8 @@ def near_duplicates(
     train: Sequence[tuple[str, Path, Path]], held_out: Sequence[tuple[str, Path, Path]]
 ) -> list[tuple[str, str]]:
     """(held-out name, training name) of the held-out images that are near-identical copies
-    of a training image (`NEAR_DUPLICATE_BITS`), which byte digests do not see."""
+    of a training image, or of its mirror image (`NEAR_DUPLICATE_BITS`), which byte digests do
+    not see."""
     index = NearDuplicateIndex((name, path) for name, path, _ in train)
     out = []
     for name, path, _ in held_out:
@@ -227,6 +248,18 @@ def image_digests(data_dir: str | Path) -> set[str]:
     """sha256 of every image file of an Oxford-layout folder (an upload of the same file has
     the same digest as its job's `input_sha256`)."""
     return {hashlib.sha256(path.read_bytes()).hexdigest() for _, path, _ in list_pairs(data_dir)}
+
+
+def evaluation_set_id(pairs: Iterable[tuple[str, Path, Path]]) -> str:
+    """The identity of an evaluation set: sha256 over each usable pair's name, image digest
+    and trimap digest (`usable_pairs`). mIoUs compare across runs only on the same set, and a
+    corrected or added trimap changes the set as surely as a changed photo does."""
+    lines = sorted(
+        f"{name} {hashlib.sha256(image.read_bytes()).hexdigest()} "
+        f"{hashlib.sha256(trimap.read_bytes()).hexdigest()}"
+        for name, image, trimap in pairs
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def is_validation(name: str, val_fraction: float = 0.2) -> bool:

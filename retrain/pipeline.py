@@ -317,6 +317,7 @@ class _Run:
         from retrain.dataset import (
             DatasetLayoutError,
             NearDuplicateIndex,
+            evaluation_set_id,
             folder_overlap,
             image_digests,
             usable_pairs,
@@ -325,16 +326,17 @@ class _Run:
         try:
             # Pairs the evaluation will decode (by its own skip rules), not image files: before
             # hours of training, not after.
-            pairs = len(usable_pairs(cfg.eval_data_dir))
+            usable = usable_pairs(cfg.eval_data_dir)
         except DatasetLayoutError as exc:
             return self._finish("failed", f"evaluation folder: {exc}")
-        if pairs < cfg.gate_min_eval_images:
-            return self._finish("failed", self._too_few_eval_images(pairs, "usable "))
+        if len(usable) < cfg.gate_min_eval_images:
+            return self._finish("failed", self._too_few_eval_images(len(usable), "usable "))
         # Hashed once: for the folder check here and for the labels left out of training (the
-        # same files, and resized or re-encoded copies of them).
+        # same files, and resized, re-encoded or mirrored copies of them).
         plan["held_out"] = image_digests(cfg.eval_data_dir)
-        # The evaluation set's identity: mIoUs compare across runs only on the same images.
-        plan["eval_set"] = hashlib.sha256("\n".join(sorted(plan["held_out"])).encode()).hexdigest()
+        # The evaluation set's identity: mIoUs compare across runs only on the same photos
+        # with the same trimaps.
+        plan["eval_set"] = evaluation_set_id(usable)
         plan["held_out_index"] = NearDuplicateIndex.of_folder(cfg.eval_data_dir)
         if cfg.train_data_dir is not None:
             try:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from sqlalchemy import func, select
 
 from retrain.dataset import encode_png
@@ -1067,6 +1067,87 @@ def test_a_label_of_a_resized_evaluation_photo_is_left_out_of_training(
     assert [len(samples) for samples in given] == [1]
     counts = run_counts(cfg, result.run_id)
     assert (counts["feedback_samples"], counts["feedback_in_eval_set"]) == (1, 1)
+
+
+def test_a_label_of_a_mirrored_evaluation_photo_is_left_out_of_training(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A selfie camera or an editor's flip mirrors an evaluation photo: its difference hash
+    is far from the original's, and training's augmentation flips half the pictures, so its
+    label was trained on while the gate scored the candidate on the same picture."""
+    from retrain.dataset import read_trimap
+    from tests.conftest import SAMPLE_DIR
+
+    stems = ["Abyssinian_1", "Abyssinian_10", "Abyssinian_100"]
+    eval_dir = tmp_path / "pets"
+    (eval_dir / "images").mkdir(parents=True)
+    (eval_dir / "annotations" / "trimaps").mkdir(parents=True)
+    for stem in stems:
+        photo = SAMPLE_DIR / "images" / f"{stem}.jpg"
+        if not photo.exists():
+            pytest.skip("the Oxford pets sample is not available")
+        (eval_dir / "images" / photo.name).write_bytes(photo.read_bytes())
+        trimap = SAMPLE_DIR / "annotations" / "trimaps" / f"{stem}.png"
+        (eval_dir / "annotations" / "trimaps" / trimap.name).write_bytes(trimap.read_bytes())
+    cfg = loop_settings(
+        settings, tmp_path, eval_data_dir=eval_dir, train_data_dir=None, retrain_min_new_labels=2
+    )
+    with Image.open(eval_dir / "images" / f"{stems[0]}.jpg") as img:
+        mirrored = ImageOps.mirror(img.convert("RGB"))
+    buf = io.BytesIO()
+    mirrored.save(buf, format="JPEG", quality=90)
+    trimap = read_trimap(eval_dir / "annotations" / "trimaps" / f"{stems[0]}.png")
+    labeled_job(cfg, buf.getvalue(), np.ascontiguousarray(trimap[:, ::-1]))
+    other = make_mask(90, 70, seed=7)
+    labeled_job(cfg, encode_png(COLOURS[other]), other)
+    given = counting_fine_tune(monkeypatch, model_file)
+    result = run_retraining(cfg, trigger="manual")
+    assert result.status == "completed", result
+    assert [len(samples) for samples in given] == [1]
+    counts = run_counts(cfg, result.run_id)
+    assert (counts["feedback_samples"], counts["feedback_in_eval_set"]) == (1, 1), counts
+
+
+def test_the_best_before_is_not_carried_across_corrected_trimaps(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The evaluation set's identity hashed its image files alone: once an annotator corrected
+    the trimaps, candidates were held to a best mIoU measured against the old ground truth,
+    which no candidate (nor production) could reach on the new one: every run was rejected."""
+    from retrain.pipeline import _Run
+
+    scores = iter([(0.82, 0.80), (0.70, 0.68)])  # (candidate, production); the second corrected
+
+    def evaluate(self: _Run, candidate: str, production: Any) -> tuple[dict[str, Any], ...]:
+        cand, prod = next(scores)
+        return eval_metrics() | {"mean_iou": cand}, eval_metrics() | {"mean_iou": prod}
+
+    quick_run(monkeypatch, model_file)
+    monkeypatch.setattr(_Run, "_evaluate", evaluate)
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=1, gate_miou_tolerance=0.0)
+    mask = make_mask(90, 70, seed=0)
+    labeled_job(cfg, encode_png(COLOURS[mask]), mask)
+    first = run_retraining(cfg, trigger="manual")
+    assert first.candidate_status == "canary", first
+    with session_scope(cfg) as session:
+        rollout.promote(session=session, version=first.candidate_version or "", reason="test")
+    trimaps = Path(cfg.eval_data_dir or "") / "annotations" / "trimaps"
+    for path in trimaps.iterdir():  # the photos stay as they are
+        fixed = np.asarray(Image.open(path)).copy()
+        fixed[: fixed.shape[0] // 4] = 3  # a border along the top
+        Image.fromarray(fixed, "L").save(path)
+    mask = make_mask(90, 70, seed=1)
+    labeled_job(cfg, encode_png(COLOURS[mask]), mask)
+    second = run_retraining(cfg, trigger="manual")
+    assert second.candidate_status == "canary", second.reason  # 0.70 > production's 0.68
 
 
 def test_a_run_trains_on_the_newest_labels_up_to_its_cap(

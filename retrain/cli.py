@@ -18,6 +18,13 @@ import click
 @click.option("--init-model", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--patience", default=25, show_default=True, type=click.IntRange(min=1))
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
+@click.option(
+    "--encoder-weights",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A local MobileNetV2 weights file for a new model's encoder (not with --init-model) "
+    "[default: SEG_ENCODER_WEIGHTS].",
+)
 def train(
     data_dir: str,
     epochs: int,
@@ -28,14 +35,21 @@ def train(
     init_model: str | None,
     patience: int,
     checkpoint: str | None,
+    encoder_weights: str | None,
 ) -> None:
     """Train the U-Net on an Oxford-layout folder; writes OUT and OUT.json (report)."""
     from retrain.train import train as run_train
+    from segsvc.settings import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if init_model is not None and encoder_weights is not None:
+        raise click.UsageError("--encoder-weights starts a new model; --init-model continues one")
+    if init_model is None and encoder_weights is None:
+        setting = get_settings().encoder_weights
+        if setting is not None and not Path(setting).is_file():
+            raise click.UsageError(f"SEG_ENCODER_WEIGHTS: no file {setting}")
+        encoder_weights = str(setting) if setting is not None else None
     if checkpoint is None:
-        from segsvc.settings import get_settings
-
         checkpoint = str(get_settings().var_dir / "train" / f"{Path(out).stem}.best.keras")
     report = run_train(
         data_dir=data_dir,
@@ -45,6 +59,7 @@ def train(
         learning_rate=learning_rate,
         seed=seed,
         init_model=init_model,
+        encoder_weights=encoder_weights,
         patience=patience,
         checkpoint=checkpoint,
     )

@@ -92,8 +92,10 @@ def set_bn_momentum(model: keras.Model, momentum: float = BN_MOMENTUM) -> None:
             layer.momentum = momentum
 
 
-def _build(init_model: str | Path | None) -> keras.Model:
-    model = build_unet()
+def _build(init_model: str | Path | None, encoder_weights: str | Path | None = None) -> keras.Model:
+    """The U-Net to train: `init_model`'s weights when given (fine-tuning), else a new model
+    whose encoder starts from `encoder_weights` (a local MobileNetV2 file; None: random)."""
+    model = build_unet(encoder_weights=None if init_model is not None else encoder_weights)
     if init_model is not None:
         # Copy weights rather than training the loaded object, so the dtype policy in force
         # (mixed on GPU) applies and a float32 model can be rebuilt after training.
@@ -112,6 +114,7 @@ def train(
     learning_rate: float = 1e-3,
     seed: int = 0,
     init_model: str | Path | None = None,
+    encoder_weights: str | Path | None = None,
     extra_samples: Decoded | Sequence[Sample] | None = None,
     progress: bool = True,
     val_fraction: float = 0.2,
@@ -149,7 +152,7 @@ def train(
     mixed = bool(tf.config.list_physical_devices("GPU"))
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     try:
-        model = _build(init_model)
+        model = _build(init_model, encoder_weights)
         history = _fit(
             model, train_data, val_data, ckpt,
             epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,

@@ -158,3 +158,47 @@ def test_runtime_agreement_needs_its_minimum_of_decoded_pairs(tmp_path: Path) ->
             artifact_dir=tmp_path / "a",
             min_images=2,
         )
+
+
+def test_train_starts_a_new_models_encoder_from_seg_encoder_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`SEG_ENCODER_WEIGHTS` is documented as the weights file for new models, but `segsvc
+    train` built every new model's encoder from random weights."""
+    import keras
+    import numpy as np
+
+    import retrain.train as train_module
+    from segsvc.ml import IMAGE_SIZE
+
+    encoder = keras.applications.MobileNetV2(
+        input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), include_top=False, weights=None
+    )
+    conv = encoder.get_layer("Conv1")
+    marked = np.full_like(conv.get_weights()[0], 0.0123)
+    conv.set_weights([marked])
+    weights = tmp_path / "mobilenet_v2.weights.h5"
+    encoder.save_weights(weights)
+    # No fitting: the saved model is the model as built, so its encoder shows where it began.
+    monkeypatch.setattr(train_module, "_fit", lambda *args, **kwargs: {"loss": [1.0]})
+    monkeypatch.setenv("SEG_ENCODER_WEIGHTS", str(weights))
+    monkeypatch.setenv("SEG_VAR_DIR", str(tmp_path / "var"))
+    get_settings.cache_clear()
+    data = make_dataset(tmp_path / "data", n=6)
+    out = tmp_path / "new.keras"
+    base = ["train", "--data", str(data), "--epochs", "1"]
+    fine_tune = ["--encoder-weights", str(weights)]
+    try:
+        result = CliRunner().invoke(main, [*base, "--out", str(out)])
+        refused = CliRunner().invoke(  # a fine-tune keeps its own encoder
+            main,
+            [*base, "--out", str(tmp_path / "x.keras"), "--init-model", str(out), *fine_tune],
+        )
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    saved = keras.models.load_model(out, compile=False)
+    kernel = saved.get_layer("encoder").get_layer("Conv1").get_weights()[0]
+    np.testing.assert_array_equal(kernel, marked)
+    assert refused.exit_code == 2
+    assert "--init-model continues one" in refused.output

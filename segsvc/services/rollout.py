@@ -217,10 +217,24 @@ class ArmStats:
     # share of a batch is small, so only passes of equal size compare the models' speed.
     p50_predict_ms_by_size: dict[int, float] = field(default_factory=dict)
     input_failed: int = 0  # failures its input caused (INPUT_FAILURES), among `jobs`
+    # Among `input_failed`: jobs no model finished that ended `poison_input` (lost with their
+    # worker again and again, at last alone, or a malformed stored input). Inputs crash any
+    # model alike, so these are compared by rate: a canary whose runtime kills the worker on
+    # every job ends every job so, with no model failure and no latency to compare.
+    crashed: int = 0
 
     @property
     def failure_rate(self) -> float:
         return self.failed / self.jobs if self.jobs else 0.0
+
+    @property
+    def crash_rate(self) -> float:
+        return self.crashed / self.jobs if self.jobs else 0.0
+
+    @property
+    def with_result(self) -> int:
+        """Jobs the version ran to a result (a mask, or a failure the model may have caused)."""
+        return self.jobs - self.input_failed
 
 
 @dataclass(frozen=True)
@@ -262,6 +276,14 @@ def decide_canary(*, session: Session, min_jobs: int, latency_ratio: float) -> C
         _retire(session, canary, ModelStatus.REJECTED, reason)
         session.flush()
         return CanaryVerdict(canary.version, "rolled_back", reason, *arms)
+    if ours.with_result < min_jobs:  # promoted on jobs it never ran to a result: no evidence
+        return CanaryVerdict(
+            canary.version,
+            "waiting",
+            f"{ours.with_result}/{min_jobs} jobs run to a result ({ours.input_failed} more "
+            "failed by their input)",
+            *arms,
+        )
     reason = f"canary passed after {ours.jobs} jobs"
     promote(session=session, version=canary.version, reason=reason)
     return CanaryVerdict(canary.version, "promoted", reason, *arms)
@@ -276,6 +298,13 @@ def compare_arms(canary: ArmStats, production: ArmStats, *, latency_ratio: float
             f"failure rate {canary.failure_rate:.1%} > {production.failure_rate:.1%} "
             f"({canary.failed} of {canary.jobs} jobs; by chance p = {chance:.3f} < "
             f"{FAILURE_P_VALUE:g}; failures caused by the input not counted)"
+        )
+    lost = _excess_p_value(canary.crashed, canary.jobs, production.crashed, production.jobs)
+    if canary.crash_rate > production.crash_rate and lost < FAILURE_P_VALUE:
+        problems.append(
+            f"jobs ended poison_input (their worker lost with them, or a malformed input) "
+            f"{canary.crash_rate:.1%} > {production.crash_rate:.1%} ({canary.crashed} of "
+            f"{canary.jobs} jobs; by chance p = {lost:.3f} < {FAILURE_P_VALUE:g})"
         )
     ours, theirs = canary.p50_total_ms, production.p50_total_ms
     if ours is not None and theirs is not None and ours > theirs * latency_ratio:
@@ -295,9 +324,13 @@ def compare_arms(canary: ArmStats, production: ArmStats, *, latency_ratio: float
 def excess_failure_p_value(canary: ArmStats, production: ArmStats) -> float:
     """How likely the canary gets at least its share of both arms' failures if both versions
     fail alike: the one-sided Fisher exact test (hypergeometric tail, in log space)."""
-    n_c, n_p = canary.jobs, production.jobs
-    failures = canary.failed + production.failed
-    if canary.failed == 0:
+    return _excess_p_value(canary.failed, canary.jobs, production.failed, production.jobs)
+
+
+def _excess_p_value(k_c: int, n_c: int, k_p: int, n_p: int) -> float:
+    """The one-sided Fisher exact test of `k_c` of `n_c` canary jobs against `k_p` of `n_p`."""
+    failures = k_c + k_p
+    if k_c == 0:
         return 1.0
     if n_p == 0:  # production ran nothing to compare with: every failure counts
         return 0.0
@@ -308,7 +341,7 @@ def excess_failure_p_value(canary: ArmStats, production: ArmStats) -> float:
     total = log_comb(n_c + n_p, failures)
     tail = [
         log_comb(n_c, k) + log_comb(n_p, failures - k) - total
-        for k in range(canary.failed, min(failures, n_c) + 1)
+        for k in range(k_c, min(failures, n_c) + 1)
         if failures - k <= n_p
     ]
     return min(1.0, sum(math.exp(t) for t in tail))
@@ -364,6 +397,10 @@ def arm_stats(
 def _summarize(rows: list[Any]) -> ArmStats:
     ok = [r for r in rows if r.status == JobStatus.SUCCEEDED]
     by_input = sum(r.status != JobStatus.SUCCEEDED and r.error_code in INPUT_FAILURES for r in rows)
+    crashed = sum(
+        r.status != JobStatus.SUCCEEDED and r.error_code == "poison_input" and not r.model_version
+        for r in rows
+    )
     totals = [
         (r.completed_at - r.created_at).total_seconds() * 1000.0 for r in ok if r.completed_at
     ]
@@ -379,4 +416,5 @@ def _summarize(rows: list[Any]) -> ArmStats:
         p50_predict_ms=statistics.median(predicts) if predicts else None,
         p50_predict_ms_by_size={n: statistics.median(v) for n, v in by_size.items()},
         input_failed=by_input,
+        crashed=crashed,
     )

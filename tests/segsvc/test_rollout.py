@@ -187,6 +187,69 @@ def test_failures_caused_by_the_input_do_not_count_against_the_canary(
     assert verdict.canary.input_failed + verdict.production.input_failed == 5
 
 
+def lost_jobs(settings: Settings, n: int, *, share: float, to_canary: bool) -> None:
+    """`n` jobs the reconciler ended poison_input (lost with their worker, at last alone: no
+    model version), with ids that hash to the canary's arm or to production's."""
+    now = utcnow()
+    with session_scope(settings) as session:
+        made = 0
+        while made < n:
+            job_id = uuid.uuid4()
+            if rollout.routes_to_canary(job_id, share) != to_canary:
+                continue
+            made += 1
+            session.add(
+                Job(
+                    id=job_id,
+                    status=JobStatus.FAILED,
+                    created_at=now,
+                    completed_at=now + timedelta(milliseconds=50),
+                    error_code="poison_input",
+                    attempts=3,
+                    input_sha256="0" * 64,
+                    input_content_type="image/png",
+                    input_width=8,
+                    input_height=8,
+                )
+            )
+
+
+def test_a_canary_whose_every_job_crashed_its_worker_is_rolled_back_not_promoted(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    """A canary whose runtime kills the worker ends each of its jobs poison_input (lost, sent
+    again, lost, run alone, lost): those counted as the input's fault, so it reached its
+    minimum with no failure and no latency to compare, and was promoted to serve everyone."""
+    canary(settings, model_file, share=0.1)
+    add_jobs(settings, "test-v1", 200)
+    lost_jobs(settings, 25, share=0.1, to_canary=True)
+    verdict = decide(settings)
+    assert verdict is not None
+    assert verdict.outcome == "rolled_back", verdict
+    assert "poison_input" in verdict.reason
+    assert "25 of 25 jobs" in verdict.reason
+    assert statuses(settings)["cand"][0] == "rejected"
+
+
+def test_a_canary_is_promoted_only_on_jobs_it_ran_to_a_result(
+    settings: Settings, production_model: str, model_file: Path
+) -> None:
+    """Jobs their input failed count toward no verdict: a canary waits for `min_jobs` jobs it
+    ran to a result, however many inputs failed on it meanwhile."""
+    canary(settings, model_file, share=0.1)
+    add_jobs(settings, "test-v1", 200)
+    add_jobs(settings, "cand", 15)
+    add_jobs(settings, "cand", 8, status=JobStatus.FAILED, error_code="postprocess_failed")
+    verdict = decide(settings)
+    assert verdict is not None
+    assert verdict.outcome == "waiting", verdict
+    assert verdict.reason.startswith("15/20 jobs run to a result")
+    add_jobs(settings, "cand", 5)
+    verdict = decide(settings)
+    assert verdict is not None
+    assert verdict.outcome == "promoted", verdict
+
+
 def test_a_failure_or_two_more_than_chance_allows_does_not_roll_back_a_canary(
     settings: Settings, production_model: str, model_file: Path
 ) -> None:

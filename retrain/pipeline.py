@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from segsvc.blobs import blob_store
 from segsvc.db import session_scope
@@ -51,6 +51,9 @@ LOG_CAP = 64 * 1024
 # The loggers a run's stored log reads (retrain's first): its own, the labels' loader and the
 # model code it calls (conversions, runtimes).
 CAPTURED_LOGGERS = ("retrain", "segsvc.services.feedback", "segsvc.ml")
+# How often a running run's log reaches its row, so that `GET /v1/models` and `segsvc retrain
+# log` show its progress (phases, each epoch) while it runs for hours, not only once it ended.
+PROGRESS_FLUSH_S = 10.0
 
 
 class RetrainBusyError(ConflictError):
@@ -201,7 +204,7 @@ class _Run:
         self.registering = False
 
     def execute(self) -> RunResult:
-        with self._capture_logs():
+        with self._capture_logs(), self._progress_flushed():
             self._open()
             out: Path | None = None
             try:
@@ -599,6 +602,43 @@ class _Run:
             run.duration_s = round(time.monotonic() - self.started, 2)
             run.log = self.log_buffer.getvalue()[-LOG_CAP:]
         return RunResult(str(self.run_id), status, reason, version, outcome)
+
+    @contextmanager
+    def _progress_flushed(self) -> Iterator[None]:
+        """The block, while a thread copies the run's log so far to its row every
+        PROGRESS_FLUSH_S seconds (when it grew). Only while the row says `running`: the final
+        write (`_finish`) is never overwritten, whichever transaction commits first."""
+        stop = threading.Event()
+        flushed = 0
+
+        def flush() -> None:
+            nonlocal flushed
+            text = self.log_buffer.getvalue()
+            if len(text) == flushed:
+                return
+            with session_scope(self.settings) as session:
+                session.execute(
+                    update(TrainingRun)
+                    .where(TrainingRun.id == self.run_id, TrainingRun.status == "running")
+                    .values(log=text[-LOG_CAP:])
+                    .execution_options(synchronize_session=False)
+                )
+            flushed = len(text)
+
+        def loop() -> None:
+            while not stop.wait(PROGRESS_FLUSH_S):
+                try:
+                    flush()
+                except Exception:  # the database away for a while: the next tick tries again
+                    log.debug("could not store the run's progress", exc_info=True)
+
+        flusher = threading.Thread(target=loop, name="retrain-progress", daemon=True)
+        flusher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            flusher.join()
 
     @contextmanager
     def _capture_logs(self) -> Iterator[None]:

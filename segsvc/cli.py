@@ -270,8 +270,13 @@ def retrain_now(via_queue: bool) -> None:
         from retrain.tasks import MAINTENANCE_QUEUE
         from segsvc.queue import RETRAIN, make_celery
 
-        make_celery().send_task(RETRAIN, kwargs={"trigger": "manual"}, queue=MAINTENANCE_QUEUE)
-        click.echo(f"sent to the {MAINTENANCE_QUEUE} queue")
+        sent = make_celery().send_task(
+            RETRAIN, kwargs={"trigger": "manual"}, queue=MAINTENANCE_QUEUE
+        )
+        click.echo(
+            f"sent to the {MAINTENANCE_QUEUE} queue (task {sent.id}); follow it with "
+            "`segsvc retrain log --follow` once the maintenance worker starts it"
+        )
         return
     import logging
 
@@ -285,6 +290,70 @@ def retrain_now(via_queue: bool) -> None:
     click.echo(f"run {result.run_id}: {result.status}: {result.reason}")
     if result.status == "failed":
         raise SystemExit(1)
+
+
+@retrain_group.command("runs")
+@click.option("--limit", default=10, show_default=True, type=click.IntRange(min=1))
+def retrain_runs(limit: int) -> None:
+    """List the latest retraining runs, newest first: a running one with its latest log line."""
+    from segsvc.db import session_scope
+    from segsvc.services.registry import recent_training_runs
+
+    with session_scope() as session:
+        for run in recent_training_runs(session=session, limit=limit):
+            took = f"{run.duration_s:.0f}s" if run.duration_s is not None else "-"
+            lines = (run.log or "").splitlines()
+            said = run.reason if run.status != "running" else (lines[-1] if lines else "")
+            labels = (run.data_counts or {}).get("labels", 0)
+            click.echo(
+                f"{run.id} {run.status:<9} {run.trigger:<8} {run.started_at:%Y-%m-%d %H:%M} "
+                f"{took:>6} labels={labels} {said or ''}".rstrip()
+            )
+
+
+@retrain_group.command("log")
+@click.argument("run_id", required=False)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the run ends.")
+def retrain_log(run_id: str | None, follow: bool) -> None:
+    """Print a retraining run's log (the latest run's without RUN_ID); a running run's log is
+    stored every few seconds, and --follow prints each new part until the run ends."""
+    import time
+    import uuid
+
+    from sqlalchemy import select
+
+    from segsvc.db import session_scope
+    from segsvc.models import TrainingRun
+
+    if run_id is not None:
+        try:
+            wanted: uuid.UUID | None = uuid.UUID(run_id)
+        except ValueError:
+            raise click.BadParameter(f"not a run id: {run_id!r}", param_hint="RUN_ID") from None
+    else:
+        wanted = None
+    shown = 0
+    while True:
+        with session_scope() as session:
+            query = select(TrainingRun.id, TrainingRun.status, TrainingRun.reason, TrainingRun.log)
+            if wanted is not None:
+                query = query.where(TrainingRun.id == wanted)
+            row = session.execute(query.order_by(TrainingRun.started_at.desc()).limit(1)).first()
+        if row is None:
+            raise click.ClickException(
+                f"no retraining run {run_id}" if run_id else "no retraining run yet"
+            )
+        text = row.log or ""
+        # The stored log is its last 64 KB (`retrain.pipeline.LOG_CAP`, ~400 epoch lines):
+        # past that, a follower may miss lines; the run's worker log has them all.
+        shown = min(shown, len(text))
+        click.echo(text[shown:], nl=False)
+        shown = len(text)
+        if not follow or row.status != "running":
+            break
+        time.sleep(2.0)
+    if row.status != "running":
+        click.echo(f"run {row.id}: {row.status}: {row.reason or ''}".rstrip())
 
 
 @main.group()

@@ -71,8 +71,13 @@ def version_body(row: ModelVersion) -> dict[str, Any]:
     }
 
 
+# The last lines of a run's log in its summary: a running run's progress (its phase, the
+# latest epoch's loss and time), a finished one's verdict; `segsvc retrain log` prints it all.
+LOG_TAIL_LINES = 8
+
+
 def run_body(run: TrainingRun) -> dict[str, Any]:
-    """A training run's summary (the log stays in the database)."""
+    """A training run's summary, with the tail of its log (stored while it runs)."""
     return {
         "id": str(run.id),
         "status": run.status,
@@ -86,4 +91,5 @@ def run_body(run: TrainingRun) -> dict[str, Any]:
         "candidate_version": run.candidate_version,
         "production_mean_iou": (run.production_metrics or {}).get("mean_iou"),
         "candidate_mean_iou": (run.candidate_metrics or {}).get("mean_iou"),
+        "log_tail": (run.log or "").splitlines()[-LOG_TAIL_LINES:],
     }

@@ -1150,6 +1150,62 @@ def test_the_best_before_is_not_carried_across_corrected_trimaps(
     assert second.candidate_status == "canary", second.reason  # 0.70 > production's 0.68
 
 
+def test_a_running_run_shows_its_progress(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    client,  # type: ignore[no-untyped-def]
+    admin_key: str,
+) -> None:
+    """A run's log reached its row only when the run ended: for the hours it trained, `GET
+    /v1/models` showed `running` and nothing else."""
+    import threading
+
+    from retrain import pipeline
+    from retrain.pipeline import _Run
+
+    monkeypatch.setattr(pipeline, "PROGRESS_FLUSH_S", 0.05)
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=1)
+    mask = make_mask(90, 70, seed=0)
+    labeled_job(cfg, encode_png(COLOURS[mask]), mask)
+    quick_run(monkeypatch, model_file)
+    inner = _Run._fine_tune
+    in_training, release = threading.Event(), threading.Event()
+
+    def slow(self: _Run, samples: Any, init_model: str, out: Path) -> Any:
+        pipeline.log.info("epoch 1/3 (600 s): loss 0.5000")
+        in_training.set()
+        release.wait(30)
+        return inner(self, samples, init_model, out)
+
+    monkeypatch.setattr(_Run, "_fine_tune", slow)
+    result: list[Any] = []
+    run = threading.Thread(target=lambda: result.append(run_retraining(cfg, trigger="manual")))
+    run.start()
+
+    def runs() -> list[dict[str, Any]]:
+        got = client.get("/v1/models", headers={"Authorization": f"Bearer {admin_key}"})
+        listed: list[dict[str, Any]] = got.get_json()["training_runs"]
+        return listed
+
+    try:
+        assert in_training.wait(30)
+        deadline = time.monotonic() + 10
+        while not any("epoch 1/3" in line for line in runs()[0]["log_tail"]):
+            assert time.monotonic() < deadline, runs()
+            time.sleep(0.05)
+        assert runs()[0]["status"] == "running"
+    finally:
+        release.set()
+        run.join(60)
+    assert result[0].status == "completed", result
+    final = runs()[0]
+    assert final["status"] == "completed"
+    assert any("completed: candidate" in line for line in final["log_tail"]), final
+
+
 def test_a_run_trains_on_the_newest_labels_up_to_its_cap(
     settings: Settings,
     production_model: str,

@@ -1,0 +1,122 @@
+"""The operator CLI's retraining commands: `segsvc retrain runs` and `segsvc retrain log`."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import update
+
+from segsvc.cli import main
+from segsvc.db import session_scope
+from segsvc.models import TrainingRun, utcnow
+from segsvc.settings import Settings, get_settings
+
+
+@pytest.fixture
+def as_process(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The CLI's `get_settings()` on the test database."""
+    monkeypatch.setenv("SEG_DATABASE_URL", settings.database_url or "")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def add_run(settings: Settings, status: str, log: str, minutes_ago: int, **extra: object) -> str:
+    run_id = uuid.uuid4()
+    with session_scope(settings) as session:
+        session.add(
+            TrainingRun(
+                id=run_id,
+                status=status,
+                trigger="manual",
+                started_at=utcnow() - timedelta(minutes=minutes_ago),
+                log=log,
+                data_counts={"labels": 7},
+                **extra,
+            )
+        )
+    return str(run_id)
+
+
+def test_retrain_runs_lists_runs_newest_first_a_running_one_with_its_latest_line(
+    settings: Settings, as_process: None
+) -> None:
+    done = add_run(
+        settings, "completed", "a\nb\n", 90, reason="candidate x rejected", duration_s=1234.0
+    )
+    running = add_run(settings, "running", "snapshot: 7 labels\nepoch 2/3 (610 s): loss 0.4\n", 5)
+    result = CliRunner().invoke(main, ["retrain", "runs"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"{running} running")
+    assert lines[0].endswith("labels=7 epoch 2/3 (610 s): loss 0.4")
+    assert lines[1].startswith(f"{done} completed")
+    assert "1234s labels=7 candidate x rejected" in lines[1]
+
+
+def test_retrain_log_prints_a_runs_log_and_follows_a_running_one_to_its_end(
+    settings: Settings, as_process: None
+) -> None:
+    older = add_run(settings, "failed", "old line\n", 60, reason="boom")
+    running = add_run(settings, "running", "snapshot: 7 labels\n", 1)
+
+    def progress() -> None:  # what the run's progress thread and its end write meanwhile
+        time.sleep(0.5)
+        with session_scope(settings) as session:
+            session.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == uuid.UUID(running))
+                .values(log="snapshot: 7 labels\nepoch 1/3 (5 s): loss 0.5\n")
+            )
+        time.sleep(2.5)
+        with session_scope(settings) as session:
+            session.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == uuid.UUID(running))
+                .values(
+                    status="completed",
+                    reason="candidate y passed the gate",
+                    log="snapshot: 7 labels\nepoch 1/3 (5 s): loss 0.5\nrun completed\n",
+                )
+            )
+
+    writer = threading.Thread(target=progress)
+    writer.start()
+    followed = CliRunner().invoke(main, ["retrain", "log", "--follow"])
+    writer.join()
+    assert followed.exit_code == 0, followed.output
+    assert followed.output == (
+        "snapshot: 7 labels\nepoch 1/3 (5 s): loss 0.5\nrun completed\n"
+        f"run {running}: completed: candidate y passed the gate\n"
+    )
+    one = CliRunner().invoke(main, ["retrain", "log", older])
+    assert one.output == f"old line\nrun {older}: failed: boom\n"
+    unknown = CliRunner().invoke(main, ["retrain", "log", str(uuid.uuid4())])
+    assert unknown.exit_code == 1
+    assert "no retraining run" in unknown.output
+    bad = CliRunner().invoke(main, ["retrain", "log", "nope"])
+    assert bad.exit_code == 2
+
+
+def test_retrain_now_queue_says_which_task_it_sent_and_how_to_follow_it(
+    settings: Settings, as_process: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import redis
+
+    monkeypatch.setenv("SEG_BROKER_URL", settings.broker_url or "")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(main, ["retrain", "now", "--queue"])
+    assert result.exit_code == 0, result.output
+    queued = redis.Redis.from_url(settings.broker_url or "").lrange("maintenance", 0, -1)
+    assert len(queued) == 1
+    task_id = json.loads(queued[0])["headers"]["id"]
+    assert f"sent to the maintenance queue (task {task_id})" in result.output
+    assert "segsvc retrain log --follow" in result.output

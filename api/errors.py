@@ -13,6 +13,13 @@ from werkzeug.exceptions import HTTPException
 from segsvc.db import is_db_timeout
 from segsvc.errors import SegError
 
+try:  # gunicorn's errors for a request body it cannot unframe; the dev server has none
+    from gunicorn.http.errors import NoMoreData, ParseException
+
+    BODY_FRAMING_ERRORS: tuple[type[Exception], ...] = (ParseException, NoMoreData)
+except ImportError:  # pragma: no cover - gunicorn is installed wherever the API runs
+    BODY_FRAMING_ERRORS = ()
+
 log = logging.getLogger(__name__)
 
 DB_RETRY_AFTER_S = 5
@@ -82,6 +89,18 @@ def handle_db_error(exc: OperationalError) -> Response:
     return handle_db_unavailable(exc)
 
 
+def handle_bad_framing(exc: Exception) -> Response:
+    """A request body gunicorn could not unframe as the app read it (a bad chunk size or
+    terminator, or the client gone mid-chunk): the client's fault, not a 500 with a traceback.
+    gunicorn raises these from `wsgi.input` as plain exceptions, which werkzeug lets through
+    (all but NoMoreData, an OSError, which it answers as a disconnect itself)."""
+    detail = str(exc)[:200]
+    log.warning("malformed request body (%s): %s", type(exc).__name__, detail)
+    return error_response(
+        "bad_request", f"The request body's chunked framing is malformed: {detail}", 400
+    )
+
+
 def handle_unexpected(exc: Exception) -> Response:
     log.exception("unhandled error")
     return error_response("internal_error", "Something went wrong on our side.", 500)
@@ -94,6 +113,8 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(OperationalError, handle_db_error)
     app.register_error_handler(PoolTimeoutError, handle_db_unavailable)
     app.register_error_handler(DBAPIError, _handle_dbapi)
+    for framing_error in BODY_FRAMING_ERRORS:
+        app.register_error_handler(framing_error, handle_bad_framing)
     app.register_error_handler(Exception, handle_unexpected)
 
 

@@ -8,6 +8,7 @@ Command-line flags (`--bind`, `--workers`) override the values below.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="segsvc-prom-"))
 
 from gunicorn import glogging
+from gunicorn import util as gunicorn_util
 
 from segsvc import notify
 from segsvc.logging_setup import configure_logging
@@ -79,6 +81,35 @@ graceful_timeout = 10
 timeout = 60
 accesslog = None  # api/metrics.py logs one structured line per request instead
 worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR") or None  # /dev/shm in containers
+
+
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's `util.write_error` (same signature), answering JSON like every other error of
+    the API: `{"error": code, "message": text}`, the code from the reason phrase
+    ("Request Header Fields Too Large" -> "request_header_fields_too_large").
+
+    gunicorn writes this itself, for what it refuses before the app sees it (a header it cannot
+    parse: 400; too many or too long headers: 431; a request line over its limit: 414; a
+    request it failed on: 500); it sent a text/html page, which clients of a JSON API cannot
+    read. The connection closes after it, as gunicorn's did.
+    """
+    if status_int >= 500:  # as api/errors.py: a 5xx never shows internals
+        code, mesg = "internal_error", "Something went wrong on our side."
+    else:
+        code = "_".join(reason.lower().split()) or "bad_request"
+    body = json.dumps({"error": code, "message": mesg or reason}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+# Installed as this file loads, in the master: the workers it forks inherit it (gunicorn's
+# worker calls `util.write_error` through the module, so the replacement is what runs).
+gunicorn_util.write_error = write_json_error
 
 
 class Logger(glogging.Logger):  # type: ignore[misc]

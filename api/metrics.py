@@ -34,6 +34,7 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 SUBMIT_ENDPOINT = "jobs.submit_job"
 BATCH_ENDPOINT = "jobs.submit_batch"
+REPLAYED_HEADER = "Idempotent-Replayed"  # on an Idempotency-Key replay (api/routes/jobs.py)
 
 
 def request_id_from(value: str | None) -> str:
@@ -90,12 +91,14 @@ def _after(response: Response) -> Response:
 
 def _count_submission(response: Response) -> str | None:
     """Count the jobs a submit or batch submit accepted (202, or 201 when `?wait=` saw the job
-    end; a replay of an idempotent one, 200, accepts nothing new), or its refusal; a single
-    submit's job id."""
+    end), or its refusal; a single submit's job id. A replay of an idempotent one accepts
+    nothing new: 200, or 201 when a keyed `?wait=` is retried after its job ended, each with
+    `Idempotent-Replayed` (that 201 counted as a new job)."""
     body = response.get_json(silent=True) if response.is_json else None
     body = body if isinstance(body, dict) else {}
     jobs = body.get("jobs")
-    if response.status_code in (201, 202):
+    replayed = REPLAYED_HEADER in response.headers
+    if response.status_code in (201, 202) and not replayed:
         SUBMISSIONS.inc(len(jobs) if isinstance(jobs, list) else 1)
     if response.status_code >= 400:
         REJECTIONS.labels(str(body.get("error") or response.status_code)).inc()

@@ -34,6 +34,8 @@ _ORIENTATION_TRANSPOSES = {
     8: Image.Transpose.ROTATE_90,
 }
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+_ORIENTATION = 0x0112  # the EXIF tag
+_XMP_KEYS = ("xmp", "XML:com.adobe.xmp")  # where Pillow keeps an XMP packet (JPEG/WebP; PNG)
 _INT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
@@ -92,7 +94,8 @@ def exif_orientation(img: Image.Image) -> int | None:
     """The EXIF orientation (2-8) that turns or flips the image; None when there is none to apply
     or the EXIF block cannot be read, and for WebP, whose orientation tag browsers ignore (a
     mask turned by it did not line up with the photo as its owner sees it; JPEG's and PNG's
-    tags they apply, as here).
+    tags they apply, as here). Only the EXIF block's tag counts, never an XMP packet's, which
+    browsers ignore too.
 
     The pixels are turned here with `Image.transpose` rather than `ImageOps.exif_transpose`,
     which also rewrites the EXIF block and raises (`struct.error` and others) on entries that
@@ -101,11 +104,27 @@ def exif_orientation(img: Image.Image) -> int | None:
     if img.format == "WEBP":
         return None
     try:
-        value = img.getexif().get(0x0112)
+        # getexif loads a PNG first (its eXIf chunk may follow the pixels), so after it
+        # `info` holds the EXIF block wherever the file keeps it.
+        value = img.getexif().get(_ORIENTATION)
+        if value is not None and any(key in img.info for key in _XMP_KEYS):
+            value = _exif_block_orientation(img.info.get("exif"))
     except Exception as exc:  # Pillow raises many types for a broken EXIF block
         _log.debug("ignoring an unreadable EXIF block: %r", exc)
         return None
     return value if isinstance(value, int) and value in _ORIENTATION_TRANSPOSES else None
+
+
+def _exif_block_orientation(block: bytes | None) -> object:
+    """The orientation tag of an EXIF block alone (None without one). `getexif` fills a tag
+    the block lacks from the XMP packet's `tiff:Orientation`, which browsers do not apply: a
+    JPEG whose only orientation was in XMP shows as stored, and turned here its mask did not
+    line up with it."""
+    if not block:
+        return None
+    exif = Image.Exif()
+    exif.load(block)
+    return exif.get(_ORIENTATION)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -4,7 +4,9 @@ long polls answer at once when it is told to stop."""
 from __future__ import annotations
 
 import io
+import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -261,3 +263,34 @@ def test_a_unix_socket_bind_shows_no_metrics_to_a_host_header_naming_the_metrics
         stop_process(proc)
         log.close()
     assert (spoofed, health) == (404, 200), log_path.read_text()[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "mesg", "want"),
+    [
+        (400, "Bad Request", "Invalid HTTP header name: 'Bad Header'", "bad_request"),
+        (417, "Expectation Failed", "Unable to comply with expectation: 'x'", "expectation_failed"),
+        (500, "Internal Server Error", "", "internal_error"),
+    ],
+)
+def test_gunicorn_error_pages_are_json(status: int, reason: str, mesg: str, want: str) -> None:
+    """What gunicorn answers itself (`util.write_error`) is JSON like the app's errors, and a
+    500 of its own shows nothing of what failed."""
+    import gunicorn.util
+
+    from api.gunicorn_conf import write_json_error
+
+    assert gunicorn.util.write_error is write_json_error  # installed as the config loads
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        write_json_error(ours, status, reason, mesg)
+        ours.shutdown(socket.SHUT_WR)
+        answer = theirs.makefile("rb").read()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == f"HTTP/1.1 {status} {reason}"
+    assert {"Connection: close", "Content-Type: application/json"} <= set(lines[1:])
+    assert f"Content-Length: {len(body)}" in lines
+    error = json.loads(body)
+    assert error["error"] == want
+    assert error["message"] == (mesg or "Something went wrong on our side.")

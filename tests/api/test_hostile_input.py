@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import struct
 import subprocess
@@ -173,6 +174,20 @@ def test_hostile_exif_rotated_photo_is_displayed_way_up(client, auth, settings) 
     assert bottom[2] > 200 > bottom[0]
 
 
+def test_hostile_xmp_only_orientation_is_not_applied(client, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    """Browsers apply the EXIF block's orientation only: a JPEG with `tiff:Orientation="6"` in
+    its XMP packet and no EXIF block shows 300 wide and 200 high, as stored. It was turned."""
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+        b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    data = encode_image(Image.new("RGB", (300, 200), (200, 40, 40)), "JPEG", xmp=xmp)
+    assert "exif" not in Image.open(io.BytesIO(data)).info
+    job = stored(settings, submit(client, auth, data, "x.jpg").get_json()["id"])
+    assert (job.input_width, job.input_height) == (300, 200)
+
+
 @pytest.mark.parametrize(
     "disposition",
     [
@@ -255,14 +270,22 @@ def test_hostile_bad_authorization_is_401(client, header: str) -> None:  # type:
 def test_hostile_headers_and_bodies_on_real_gunicorn(
     settings: Settings, api_key: str, tmp_path: Path
 ) -> None:
-    """What only a real server shows: header limits and a huge body; the server stays up."""
+    """What only a real server shows: header limits, a huge body, a chunked body framed badly;
+    each answered in JSON like every other error, and the server stays up.
+
+    Regressions: what gunicorn refuses itself (a header it cannot parse, 431, 414) came as its
+    text/html page; a bad chunk size, raised by gunicorn while the app read the form, was a
+    500 `internal_error` logged with a traceback."""
     port = free_port()
-    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
+    log_path = tmp_path / "gunicorn.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "gunicorn",
+            "-c",
+            "python:api.gunicorn_conf",  # as deployed: its error pages are JSON
             "api.wsgi:app",
             "--bind",
             f"127.0.0.1:{port}",
@@ -272,33 +295,92 @@ def test_hostile_headers_and_bodies_on_real_gunicorn(
             "2",
         ],
         cwd=ROOT,
-        env=worker_env(settings, SEG_MAX_UPLOAD_BYTES="1000000"),
+        env=worker_env(settings, SEG_MAX_UPLOAD_BYTES="1000000", SEG_METRICS_PORT="0"),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {api_key}"}
+    part = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n"
+        + encode_image(Image.new("RGB", (32, 24), (200, 80, 40)), "JPEG")
+        + b"\r\n--b--\r\n"
+    )
+    chunked = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {api_key}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
     try:
-        wait_http_up(base, proc, tmp_path / "gunicorn.log")
+        wait_http_up(base, proc, log_path)
         with httpx.Client(base_url=base, timeout=20) as http:
             long_header = http.get("/healthz", headers={"X-Long": "a" * 20_000})
             many_headers = http.get("/healthz", headers={f"X-H{i}": "v" for i in range(150)})
             long_url = http.get("/v1/jobs/" + "a" * 10_000, headers=auth)
             huge = _post_huge_body(port, api_key)
+            bad_name = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n")
+            framed = _raw(port, chunked + b"%x\r\n" % len(part) + part + b"\r\n0\r\n\r\n")
+            bad_size = _raw(port, chunked + b"zz\r\n" + part + b"\r\n0\r\n\r\n")
+            bad_end = _raw(port, chunked + b"%x\r\n" % len(part) + part + b"XX0\r\n\r\n")
+            _raw(port, chunked + b"%x\r\n" % len(part) + part[:100])  # the client goes away
             ok = http.get("/healthz")
     finally:
         stop_process(proc)
         log.close()
     print(
         f"\nlong header={long_header.status_code} many headers={many_headers.status_code} "
-        f"long url={long_url.status_code} huge body={huge[:12]!r}"
+        f"long url={long_url.status_code} huge body={huge[:12]!r} bad name={bad_name[:12]!r} "
+        f"bad chunk size={bad_size[:12]!r} bad chunk end={bad_end[:12]!r}"
     )
-    assert long_header.status_code == 431  # gunicorn: over limit_request_field_size (8190)
-    assert many_headers.status_code == 431  # gunicorn: over limit_request_fields (100)
-    assert long_url.status_code == 414  # gunicorn: request line over limit_request_line (4094)
+    for refused, status, code in [
+        (long_header, 431, "request_header_fields_too_large"),  # limit_request_field_size 8190
+        (many_headers, 431, "request_header_fields_too_large"),  # limit_request_fields 100
+        (long_url, 414, "uri_too_long"),  # a request line over limit_request_line (4094)
+    ]:
+        assert refused.status_code == status
+        assert refused.headers["Content-Type"] == "application/json"
+        assert refused.json()["error"] == code, refused.text
+        assert refused.json()["message"]
+    status, headers, body = _parse(bad_name)  # gunicorn's own 400
+    assert (status, headers["content-type"], headers["connection"]) == (
+        400,
+        "application/json",
+        "close",
+    )
+    assert json.loads(body)["error"] == "bad_request"
+    assert "Bad Header" in json.loads(body)["message"]
     assert huge.startswith(b"HTTP/1.1 413")  # answered from the headers, body not read
     assert b'"payload_too_large"' in huge
+    assert _parse(framed)[0] == 202
+    for answer in (bad_size, bad_end):
+        status, headers, body = _parse(answer)
+        assert (status, headers["content-type"]) == (400, "application/json"), answer[:300]
+        assert json.loads(body)["error"] == "bad_request"
+        assert json.loads(body)["message"].startswith("The request body's chunked framing")
     assert ok.status_code == 200
+    logged = log_path.read_text()
+    assert "Traceback" not in logged, logged[-3000:]
+    assert "unhandled error" not in logged, logged[-3000:]
+    assert "malformed request body (InvalidChunkSize)" in logged
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    """Send `request` as it is, and read the answer until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def _parse(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    """An HTTP/1.1 answer's status, headers (lower-cased names) and body."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
 def _post_huge_body(port: int, key: str) -> bytes:

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
@@ -20,8 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.metrics import request_id_from
 from segsvc.db import session_scope
 from segsvc.logging_setup import configure_logging
+from segsvc.ml.preprocess import encode_mask_png
 from segsvc.models import Job
 from segsvc.settings import Settings
+from tests.api.test_idempotency import keyed_wait, png
+from tests.api.test_long_poll import finish_next_job
 from tests.conftest import encode_image
 
 
@@ -119,6 +123,22 @@ def test_submissions_count_the_jobs_of_batch_submits_and_not_replays(client, aut
     assert bad.status_code >= 400
     assert rejections() == refused + 1  # a refused batch counts once, with its reason
     assert sample("segsvc_submissions_total") == accepted + 4
+
+
+def test_a_keyed_wait_replayed_as_201_is_not_a_new_submission(client, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    """A keyed `POST /v1/jobs?wait=` retried after its job ended is replayed as 201 (the
+    finished job, or its mask), with `Idempotent-Replayed: 1`: it counted as a new job, as
+    the first 201 did (docs/scaling.md: a replay adds none)."""
+    worker = finish_next_job(settings, mask_png=encode_mask_png(np.ones((16, 16), np.uint8)))
+    key = uuid.uuid4().hex
+    first = keyed_wait(client, auth, key, png(), 10)
+    worker.join()
+    assert first.status_code == 201
+    accepted = sample("segsvc_submissions_total")
+    for accept in (None, "image/png"):  # the lost answer was the job, or its mask
+        again = keyed_wait(client, auth, key, png(), 10, accept=accept)
+        assert (again.status_code, again.headers.get("Idempotent-Replayed")) == (201, "1")
+    assert sample("segsvc_submissions_total") == accepted
 
 
 def test_metrics_route_label_is_the_url_rule_not_the_path(client, auth) -> None:  # type: ignore[no-untyped-def]

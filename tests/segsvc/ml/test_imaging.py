@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.imaging import (
@@ -201,6 +201,76 @@ def test_a_webp_is_used_as_stored_whatever_its_orientation_tag(orientation: int)
     rgb, width, height = load_rgb(data)
     assert (width, height) == rgb.size == (60, 40)
     assert load_rgb_full(data).tobytes() == stored.tobytes()
+
+
+XMP_ORIENTATION_6 = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+    b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+def _with_xmp_orientation(fmt: str, exif: Image.Exif | None = None) -> tuple[bytes, Image.Image]:
+    """A 300x200 JPEG or PNG whose XMP packet says orientation 6 (and its EXIF block, if any,
+    what `exif` holds); plus its pixels as stored."""
+    rng = np.random.default_rng(6)
+    photo = Image.fromarray(rng.integers(0, 256, (200, 300, 3)).astype(np.uint8), "RGB")
+    options: dict[str, object] = {} if exif is None else {"exif": exif.tobytes()}
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", XMP_ORIENTATION_6.decode())
+        options["pnginfo"] = info
+    else:
+        options.update(xmp=XMP_ORIENTATION_6, quality=95)
+    data = encode_image(photo, fmt, **options)
+    with Image.open(io.BytesIO(data)) as img:
+        return data, img.convert("RGB")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("exif_tags", [None, {}, {0x010F: "Cam"}])
+def test_an_orientation_only_in_xmp_is_not_applied(
+    fmt: str, exif_tags: dict[int, str] | None
+) -> None:
+    """Browsers turn a photo by its EXIF block's orientation only: a 300x200 photo whose
+    orientation is in its XMP packet alone (no EXIF block, or one without the tag) shows 300
+    wide, as stored. Read through Pillow's `getexif`, which fills the tag from XMP, it was
+    turned, and its mask came back 200x300."""
+    exif = None
+    if exif_tags is not None:
+        exif = Image.Exif()
+        exif.update(exif_tags)
+    data, stored = _with_xmp_orientation(fmt, exif)
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.getexif().get(0x0112) == 6  # Pillow reads the XMP tag into its EXIF view
+    rgb, width, height = load_rgb(data)
+    assert (width, height) == rgb.size == (300, 200)
+    assert load_rgb_full(data).tobytes() == stored.tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_an_exif_orientation_beside_an_xmp_one_is_applied(fmt: str) -> None:
+    """The EXIF block's tag (a PNG's eXIf chunk) is the one browsers apply, whatever the XMP
+    packet says."""
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    data, stored = _with_xmp_orientation(fmt, exif)
+    rgb, width, height = load_rgb(data)
+    assert (width, height) == rgb.size == (300, 200)
+    assert load_rgb_full(data).tobytes() == stored.transpose(Image.Transpose.ROTATE_180).tobytes()
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_a_png_exif_chunk_orientation_is_applied(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), np.uint8))
+    data = encode_image(photo, "PNG", exif=exif.tobytes())
+    with Image.open(io.BytesIO(data)) as img:
+        want = ImageOps.exif_transpose(img).convert("RGB")
+    assert load_rgb_full(data).tobytes() == want.tobytes()
+    rgb, width, height = load_rgb(data)
+    assert (width, height) == rgb.size == want.size
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])

@@ -48,6 +48,7 @@ class Operation:
     located: bool = False  # its 201/202/200 carry Location (the job's URL)
     png_too: frozenset[int] = frozenset()  # statuses that answer `Accept: image/png` with a PNG
     replays: bool = False  # a 200 is an Idempotency-Key replay (header Idempotent-Replayed)
+    descriptions: Mapping[int, str] = field(default_factory=dict)  # status -> over ERROR_TEXT
 
 
 IDEMPOTENCY = {"Idempotency-Key": "Replays the same job for the same body within 24 h."}
@@ -116,6 +117,54 @@ OPERATIONS: dict[str, Operation] = {
     "jobs.read_mask": Operation({200: PNG, 409: s.Error, 410: s.Error}),
     "jobs.read_overlay": Operation({200: PNG, 409: s.Error, 410: s.Error, 429: s.Error}),
     "jobs.cancel_job": Operation({200: s.Job, 409: s.Error}),
+    # A rating and/or a corrected mask. Each post takes a submission token (a mask is decoded
+    # as an upload is: one over LARGE_DECODE_PIXELS waits for the large-decode turn, 503).
+    "feedback.post_feedback": Operation(
+        {
+            201: s.Feedback,
+            **dict.fromkeys((400, 404, 409, 413, 422, 429, 503), s.Error),
+        },
+        form=s.FeedbackSubmission,
+        descriptions={
+            201: "Stored: the feedback.",
+            400: "Neither a mask nor a rating, an empty mask file, or a part sent as the wrong "
+            "kind (`mask` without a filename, `rating` with one).",
+            409: "The job has not succeeded, or (for a mask) its input is no longer kept.",
+            413: "The mask is over the upload size limit.",
+            422: "`invalid_mask` (not a single-channel PNG of the input's size with values "
+            "0..2), `invalid_rating` (not good or bad), or `validation_error` (a field sent "
+            "twice).",
+            503: "Overloaded (e.g. `large_decodes_busy`) or a dependency is down; see Retry-After.",
+        },
+    ),
+    "webhooks.read_secret": Operation({200: s.WebhookSecret}),
+    # Rotations and redeliveries take a submission token each (429 over the rate).
+    "webhooks.rotate_secret": Operation({200: s.RotatedWebhookSecret, 429: s.Error}),
+    "webhooks.list_messages": Operation({200: s.WebhookMessageList}),
+    "webhooks.redeliver": Operation(
+        {202: s.WebhookMessage, 404: s.Error, 429: s.Error},
+        descriptions={
+            202: "Due now: the message, pending again (its endpoint enabled again).",
+            404: "No such job for this key, or no such message of the job.",
+        },
+    ),
+    # The registry: admin keys only (403 for any other key).
+    "models.list_models": Operation({200: s.ModelRegistry, 403: s.Error}),
+    "models.promote_model": Operation(
+        {200: s.ModelVersion, 403: s.Error, 404: s.Error, 409: s.Error},
+        descriptions={
+            200: "The version, now production (the previous one archived).",
+            404: "No such model version.",
+            409: "Already production, or its model file was pruned (`model_file_deleted`).",
+        },
+    ),
+    "models.rollback_model": Operation(
+        {200: s.ModelVersion, 403: s.Error, 409: s.Error},
+        descriptions={
+            200: "The previous production version, production again.",
+            409: "No production version, or no earlier one (with its model file) to return to.",
+        },
+    ),
     "health.healthz": Operation({200: s.Health}),
     "health.readyz": Operation({200: s.Readiness, 503: s.Readiness}),
     "docs.openapi_json": Operation({200: "application/json"}),
@@ -130,6 +179,13 @@ MODELS: list[type[BaseModel]] = [
     s.JobList,
     s.Health,
     s.Readiness,
+    s.FeedbackSubmission,
+    s.Feedback,
+    s.WebhookSecret,
+    s.RotatedWebhookSecret,
+    s.WebhookMessageList,
+    s.ModelRegistry,
+    s.ModelVersion,
 ]
 _PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
@@ -225,7 +281,11 @@ def _response(
         content = {"application/json": {"schema": ref}}
         if spec is not None and status in spec.png_too:
             content[PNG] = {"schema": {"type": "string", "format": "binary"}}
-    out: dict[str, Any] = {"description": ERROR_TEXT.get(status, "OK"), "content": content}
+    described = spec.descriptions.get(status) if spec is not None else None
+    out: dict[str, Any] = {
+        "description": described or ERROR_TEXT.get(status, "OK"),
+        "content": content,
+    }
     headers: dict[str, Any] = {}
     if status in (429, 503) or (status == 409 and spec is not None and spec.replays):
         headers.update(RETRY_AFTER)

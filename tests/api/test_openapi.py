@@ -8,16 +8,29 @@ import ipaddress
 import re
 import socket
 import sys
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import hypothesis
+import jsonschema
 import pytest
 import schemathesis
+from flask.testing import FlaskClient
 from PIL import Image
 from schemathesis import GenerationMode, checks
+from sqlalchemy import select
+from werkzeug.test import TestResponse
 
 from api.openapi import OPERATIONS
+from segsvc.db import session_scope
+from segsvc.models import ModelStatus, TrainingRun, WebhookAttempt, WebhookMessage, db_time
+from segsvc.services import registry
+from segsvc.settings import Settings
+from tests.api.test_feedback import post as post_feedback
+from tests.api.test_feedback import submit_and_finish
+from tests.segsvc.test_feedback import good_mask
+from tests.segsvc.webhooks.factories import png_bytes, start_job
 
 EXAMPLES = 10  # per operation and mode: the whole fuzz stays well under a minute
 CHECKS = [
@@ -192,3 +205,177 @@ def test_openapi_headers_are_the_ones_the_submits_send(client, auth) -> None:  #
         assert "Retry-After" in responses["409"]["headers"]
     gone = doc["paths"]["/v1/jobs/{job_id}/mask.png"]["get"]["responses"]["410"]
     assert gone["description"] != "OK"
+
+
+def _conforms(doc: dict[str, Any], path: str, method: str, resp: TestResponse) -> None:
+    """The answer's status is documented for the operation and its JSON body matches the
+    documented schema (references resolved against the document's components)."""
+    responses = doc["paths"][path][method]["responses"]
+    assert str(resp.status_code) in responses, (path, method, resp.status_code, resp.get_json())
+    schema = responses[str(resp.status_code)]["content"]["application/json"]["schema"]
+    validator = jsonschema.Draft202012Validator({**schema, "components": doc["components"]})
+    validator.validate(resp.get_json())
+
+
+def _schema(doc: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    schema: dict[str, Any] = doc["components"]["schemas"][ref["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def test_openapi_documents_the_feedback_form_and_its_answers(client) -> None:  # type: ignore[no-untyped-def]
+    """Regression: the feedback operation had no requestBody and only a `default` response,
+    so a client generated from the document could not send a mask."""
+    doc = client.get("/openapi.json").get_json()
+    op = doc["paths"]["/v1/jobs/{job_id}/feedback"]["post"]
+    form = _schema(doc, op["requestBody"]["content"]["multipart/form-data"]["schema"])
+    assert form["properties"]["mask"]["format"] == "binary"
+    assert "default" not in form["properties"]["mask"]  # a form has no null to send
+    assert form["properties"]["rating"]["enum"] == ["good", "bad"]
+    assert not form.get("required")  # either field alone will do (one of them is needed)
+    responses = op["responses"]
+    assert {"201", "400", "401", "404", "409", "413", "422", "429", "503"} <= set(responses)
+    assert "default" not in responses
+    assert "Retry-After" in responses["429"]["headers"]
+    created = _schema(doc, responses["201"]["content"]["application/json"]["schema"])
+    assert {"id", "job_id", "rating", "has_mask"} <= set(created["properties"])
+
+
+def test_openapi_documents_an_answer_for_every_api_operation(client, app) -> None:  # type: ignore[no-untyped-def]
+    """Every /v1 operation has a registry entry: a success and its errors, never only `default`."""
+    doc = client.get("/openapi.json").get_json()
+    missing = []
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/v1/"):
+            continue
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
+            responses = doc["paths"][path][method.lower()]["responses"]
+            if "default" in responses or not any(code.startswith("2") for code in responses):
+                missing.append(f"{method} {path}")
+    assert not missing, missing
+
+
+def test_openapi_webhook_and_model_operations_list_their_real_statuses(client) -> None:  # type: ignore[no-untyped-def]
+    paths = client.get("/openapi.json").get_json()["paths"]
+
+    def statuses(path: str, method: str) -> set[str]:
+        return set(paths[path][method]["responses"])
+
+    assert {"200", "401", "503"} <= statuses("/v1/webhooks/secret", "get")
+    assert {"200", "429"} <= statuses("/v1/webhooks/secret/rotate", "post")
+    assert {"200", "404"} <= statuses("/v1/jobs/{job_id}/webhooks", "get")
+    redeliver = statuses("/v1/jobs/{job_id}/webhooks/{message_id}/redeliver", "post")
+    assert {"202", "404", "429"} <= redeliver
+    assert "200" not in redeliver
+    assert {"200", "403"} <= statuses("/v1/models", "get")
+    assert {"200", "403", "404", "409"} <= statuses("/v1/models/{version}/promote", "post")
+    assert {"200", "403", "409"} <= statuses("/v1/models/rollback", "post")
+    promote_404 = paths["/v1/models/{version}/promote"]["post"]["responses"]["404"]
+    assert "model version" in promote_404["description"]
+
+
+def test_openapi_feedback_answers_match_the_document(client, auth, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    doc = client.get("/openapi.json").get_json()
+    path = "/v1/jobs/{job_id}/feedback"
+    job_id = submit_and_finish(client, auth, settings)
+    sent: list[tuple[dict[str, Any], int]] = [
+        ({"mask": good_mask(), "rating": "good"}, 201),
+        ({"rating": "bad"}, 201),
+        ({"mask": b"not a png"}, 422),
+        ({"rating": "meh"}, 422),
+        ({}, 400),
+    ]
+    for fields, status in sent:
+        resp = post_feedback(client, auth, job_id, **fields)
+        assert resp.status_code == status, (fields, resp.get_json())
+        _conforms(doc, path, "post", resp)
+    missing = post_feedback(client, auth, str(uuid.uuid4()), rating="good")
+    assert missing.status_code == 404
+    _conforms(doc, path, "post", missing)
+
+
+def test_openapi_webhook_answers_match_the_document(  # type: ignore[no-untyped-def]
+    open_client: FlaskClient, auth, settings: Settings
+) -> None:
+    doc = open_client.get("/openapi.json").get_json()
+    _conforms(
+        doc, "/v1/webhooks/secret", "get", open_client.get("/v1/webhooks/secret", headers=auth)
+    )
+    rotated = open_client.post("/v1/webhooks/secret/rotate", headers=auth)
+    _conforms(doc, "/v1/webhooks/secret/rotate", "post", rotated)
+    submitted = open_client.post(
+        "/v1/jobs",
+        headers=auth,
+        data={
+            "image": (io.BytesIO(png_bytes()), "pet.png"),
+            "webhook": "http://127.0.0.1:9/hook",
+            "webhook_events": "start",
+        },
+        content_type="multipart/form-data",
+    )
+    job_id = submitted.get_json()["id"]
+    start_job(settings, uuid.UUID(job_id))
+    with session_scope(settings) as session:  # one failed attempt, so the log shows its fields
+        message = session.scalars(select(WebhookMessage)).one()
+        session.add(
+            WebhookAttempt(
+                message_id=message.id,
+                attempted_at=db_time(session),
+                status_code=500,
+                duration_ms=12.5,
+                error="HTTP 500",
+                response_body="oops",
+                next_attempt_at=db_time(session),
+            )
+        )
+        message_id = message.id
+    log = open_client.get(f"/v1/jobs/{job_id}/webhooks", headers=auth)
+    _conforms(doc, "/v1/jobs/{job_id}/webhooks", "get", log)
+    assert log.get_json()["messages"][0]["attempt_log"]
+    redeliver = "/v1/jobs/{job_id}/webhooks/{message_id}/redeliver"
+    again = open_client.post(f"/v1/jobs/{job_id}/webhooks/{message_id}/redeliver", headers=auth)
+    assert again.status_code == 202
+    _conforms(doc, redeliver, "post", again)
+    missing = open_client.post(f"/v1/jobs/{job_id}/webhooks/nope/redeliver", headers=auth)
+    _conforms(doc, redeliver, "post", missing)
+
+
+def test_openapi_model_registry_answers_match_the_document(  # type: ignore[no-untyped-def]
+    client, auth, admin_key: str, settings: Settings, tmp_path
+) -> None:
+    doc = client.get("/openapi.json").get_json()
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    _conforms(doc, "/v1/models/rollback", "post", client.post("/v1/models/rollback", headers=admin))
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"weights")
+    with session_scope(settings) as session:
+        for version, status in (("v1", ModelStatus.PRODUCTION), ("v2", ModelStatus.CANDIDATE)):
+            registry.register_version(
+                session=session,
+                version=version,
+                path=model,
+                status=status,
+                metrics={"mean_iou": 0.5},
+                sha256="0" * 64,
+            )
+        session.add(
+            TrainingRun(
+                status="completed",
+                trigger="manual",
+                data_counts={"labels": 3},
+                production_version="v1",
+                candidate_version="v2",
+                production_metrics={"mean_iou": 0.5},
+                candidate_metrics={"mean_iou": 0.6},
+                duration_s=1.5,
+            )
+        )
+    listed = client.get("/v1/models", headers=admin)
+    _conforms(doc, "/v1/models", "get", listed)
+    assert listed.get_json()["training_runs"]
+    _conforms(doc, "/v1/models", "get", client.get("/v1/models", headers=auth))  # 403
+    promote = "/v1/models/{version}/promote"
+    _conforms(doc, promote, "post", client.post("/v1/models/v2/promote", headers=admin))
+    _conforms(doc, promote, "post", client.post("/v1/models/v2/promote", headers=admin))  # 409
+    _conforms(doc, promote, "post", client.post("/v1/models/nope/promote", headers=admin))
+    _conforms(doc, "/v1/models/rollback", "post", client.post("/v1/models/rollback", headers=admin))

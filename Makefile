@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?= -n 2
 
-.PHONY: run test lint typecheck migrate bench bench-ab services install clean validate-manifests lock images
+.PHONY: run test lint typecheck migrate bench bench-ab services install clean reset-local-data validate-manifests lock images
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ lock: $(STAMP)  ## re-pin requirements/*.txt (the images' dependencies) from the
 images:  ## build the api, worker and worker-gpu images
 	for t in api worker worker-gpu; do docker build --target $$t -t segsvc-$$t:dev . || exit 1; done
 
-clean:
-	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+clean:  ## caches and make bench-ab's checkouts; keeps var/'s data (see reset-local-data)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache var/ab var/bench
 	-git worktree prune  # forget make bench-ab's checkouts, which lived under var/ab
+
+reset-local-data:  ## DELETES var/: make run's SQLite database (jobs, labels, API keys), retrained models, blobs
+	@printf 'This deletes var/ (make run'"'"'s jobs, feedback labels, API keys and retrained models). Type yes: '; \
+	read answer; [ "$$answer" = yes ] || { echo "kept var/"; exit 1; }
+	rm -rf var

@@ -98,15 +98,28 @@ def db() -> None:
     help="Then register the shipped model as production if none is (`segsvc models init`).",
 )
 def db_upgrade(revision: str, init_models: bool) -> None:
-    """Apply Alembic migrations."""
-    from segsvc.migrate import MigrationLockError, upgrade
+    """Apply Alembic migrations up to REVISION (never back: Alembic's upgrade to an older
+    revision does nothing, which is said, not reported as done)."""
+    from alembic.util import CommandError
+
+    from segsvc.migrate import MigrationLockError, current_revisions, upgrade
+    from segsvc.schema import code_revisions
 
     _exit_on_sigterm()
     try:
         upgrade(revision=revision)
     except MigrationLockError as exc:
         raise click.ClickException(f"migration stopped: {exc}") from exc
-    click.echo(f"database at {revision}: {get_settings().sqlalchemy_url.split('@')[-1]}")
+    except CommandError as exc:  # an unknown revision, say: Alembic's message is the answer
+        raise click.ClickException(f"migration refused: {exc}") from None
+    at = ", ".join(current_revisions()) or "no revision"
+    where = get_settings().sqlalchemy_url.split("@")[-1]
+    if revision in code_revisions()[0] and at != revision:
+        raise click.ClickException(
+            f"database at {at}, not {revision}: {where} (an upgrade never goes back; a "
+            "downgrade is `alembic downgrade REVISION`, with the releases before it stopped)"
+        )
+    click.echo(f"database at {at}: {where}")
     if init_models:
         models_init.callback()  # type: ignore[misc]
 

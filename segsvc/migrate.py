@@ -98,6 +98,18 @@ def upgrade(
             sleep(pause)
 
 
+def current_revisions(settings: Settings | None = None) -> tuple[str, ...]:
+    """The revisions the database's `alembic_version` holds (empty: never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine = build_engine((settings or get_settings()).sqlalchemy_url)
+    try:
+        with engine.connect() as conn:
+            return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
+    finally:
+        engine.dispose()
+
+
 def oldest_transactions(settings: Settings, limit: int = 3) -> str:
     """The database's oldest open transactions, the likely holders of a lock a step waited
     for: pid, application, age and statement of each (Postgres)."""

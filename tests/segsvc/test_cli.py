@@ -120,3 +120,35 @@ def test_retrain_now_queue_says_which_task_it_sent_and_how_to_follow_it(
     task_id = json.loads(queued[0])["headers"]["id"]
     assert f"sent to the maintenance queue (task {task_id})" in result.output
     assert "segsvc retrain log --follow" in result.output
+
+
+def test_db_upgrade_reports_the_revision_the_database_is_at(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--revision R` older than the database did nothing, yet said `database at R`; an
+    unknown one printed Alembic's traceback."""
+    from segsvc.schema import code_revisions
+    from tests.conftest import postgres_database
+
+    (head,) = code_revisions()[1]
+    with postgres_database(f"segsvc_cli_{uuid.uuid4().hex[:8]}") as url:
+        monkeypatch.setenv("SEG_DATABASE_URL", url)
+        get_settings.cache_clear()
+        try:
+            runner = CliRunner()
+            to_0005 = runner.invoke(main, ["db", "upgrade", "--revision", "0005"])
+            back = runner.invoke(main, ["db", "upgrade", "--revision", "0003"])
+            unknown = runner.invoke(main, ["db", "upgrade", "--revision", "bogus"])
+            latest = runner.invoke(main, ["db", "upgrade"])
+        finally:
+            get_settings.cache_clear()
+    assert to_0005.exit_code == 0, to_0005.output
+    assert to_0005.output.startswith("database at 0005: ")
+    assert back.exit_code == 1
+    assert "database at 0005, not 0003" in back.output
+    assert "an upgrade never goes back" in back.output
+    assert unknown.exit_code == 1
+    assert unknown.output.startswith("Error: migration refused: ")
+    assert "Traceback" not in unknown.output
+    assert latest.exit_code == 0, latest.output
+    assert latest.output.startswith(f"database at {head}: ")

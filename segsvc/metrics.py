@@ -56,7 +56,16 @@ API_SERIES = frozenset(
 )
 
 # --- inference workers -------------------------------------------------------------------------
-JOBS_FINISHED = Counter("segsvc_jobs_total", "Jobs finished by a worker, by status.", ["status"])
+# Every ending but one: a queued job canceled through the API ends in the API process, which
+# counts the request (`segsvc_http_requests_total` on the cancel route), not the job here.
+JOBS_FINISHED = Counter(
+    "segsvc_jobs_total",
+    "Jobs ended by a worker, by status: those it stores or gives up on (succeeded, failed, "
+    "canceled) and those its reconciler ends (failed: lost too often, worker_lost or "
+    "poison_input; canceled: cancel requested while lost, or while queued after a release). "
+    "Queued jobs canceled through the API end in the API process and are not counted.",
+    ["status"],
+)
 QUEUE_WAIT = Histogram(
     "segsvc_job_queue_wait_seconds", "Time from submit to start.", buckets=LATENCY_BUCKETS
 )
@@ -67,7 +76,9 @@ PREDICT_TIME = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram("segsvc_batch_size", "Jobs per forward pass.", buckets=BATCH_BUCKETS)
-MODEL_INFO = Info("segsvc_model", "Model versions a worker serves.")
+MODEL_INFO = Info(
+    "segsvc_model", "Model versions a worker serves: production and canary (empty when none)."
+)
 MODEL_LOAD_TIME = Gauge(
     "segsvc_model_load_seconds", "Time to load and warm a model version.", ["model_version"]
 )

@@ -6,8 +6,11 @@ story; if `PROMETHEUS_MULTIPROC_DIR` is set (a prefork pool), the server aggrega
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import redis
 from prometheus_client import start_http_server
@@ -21,7 +24,7 @@ from segsvc.metrics import (
     metrics_registry,
 )
 from segsvc.services import jobs as job_service
-from segsvc.settings import Settings
+from segsvc.settings import Settings, is_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +41,54 @@ def start_metrics_server(port: int) -> bool:
     return True
 
 
-def record_model(*, version: str, sha256: str, runtime: str, load_seconds: float) -> None:
-    """Publish the version in service and how long it took to load."""
-    MODEL_INFO.info({"production": version, "sha256": sha256[:12], "runtime": runtime})
-    MODEL_LOAD_TIME.labels(version).set(load_seconds)
+@dataclass(frozen=True)
+class ServedModel:
+    """A version a worker serves, as its series name it."""
+
+    version: str
+    sha256: str
+    runtime: str
+    load_seconds: float
+
+
+def record_models(
+    production: ServedModel, canary: ServedModel | None = None, *, dropped: Iterable[str] = ()
+) -> None:
+    """Publish the versions in service (the model manager calls this on each switch of its
+    routing table) and each one's load time; `dropped`: versions no longer served, whose load
+    times go (one series per version ever served would grow with every retraining)."""
+    MODEL_INFO.info(
+        {
+            "production": production.version,
+            "sha256": production.sha256[:12],
+            "runtime": production.runtime,
+            "canary": canary.version if canary is not None else "",
+            "canary_runtime": canary.runtime if canary is not None else "",
+        }
+    )
+    served = {production.version: production}
+    if canary is not None:
+        served[canary.version] = canary
+    for version in dropped:
+        if version not in served:
+            with contextlib.suppress(KeyError):  # never published
+                MODEL_LOAD_TIME.remove(version)
+    for model in served.values():
+        MODEL_LOAD_TIME.labels(model.version).set(model.load_seconds)
 
 
 def sample_queue_depth(settings: Settings) -> dict[str, int]:
-    """Set the depth gauges from Postgres (queued jobs) and Redis (broker list lengths)."""
+    """Set the depth gauges from Postgres (queued jobs) and the broker (its lists' lengths,
+    when it is Redis: there are no lists to read otherwise).
+
+    The broker's URL, not `effective_redis_url`: that is SEG_REDIS_URL where set (rate limits
+    and long-poll notices, perhaps on another database or server), where no message ever is."""
     with session_scope(settings) as session:
         depth = job_service.queue_depth(session=session)
     QUEUE_DEPTH.set(depth)
     out = {"queued_jobs": depth}
-    url = settings.effective_redis_url
-    if url:
+    url = settings.celery_broker_url
+    if is_redis_url(url):
         client = redis.Redis.from_url(url, socket_timeout=5)
         try:
             for queue in (settings.queue_name, settings.webhook_queue_name):

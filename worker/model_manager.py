@@ -43,6 +43,7 @@ from segsvc.ml.runtime import (
 from segsvc.models import ModelStatus, ModelVersion
 from segsvc.services import artifacts, registry, rollout
 from segsvc.settings import Settings
+from worker.metrics_server import ServedModel, record_models
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +353,9 @@ class ModelManager:
             if canary is not None and self._is_broken(canary.version, canary.sha256):
                 new = Routing(production=new.production)
             old, self._routing = self._routing, new  # the atomic switch
-        _forget_series(old, new)
+            # Under the lock: two switches (a refresh, a canary failing meanwhile) publish in
+            # the order they installed their tables, so /metrics never keeps the older one.
+            _publish(old, new)
         return new
 
     def _canary_failed(self, version: str, sha256: str, exc: Exception) -> None:
@@ -370,6 +373,7 @@ class ModelManager:
             failures = len(recent)
             # Built from the table of this instant, so a production switched in meanwhile stays.
             self._routing = Routing(production=routing.production)  # the batch retries on it
+            _publish(routing, self._routing)
         if isinstance(exc, MemoryError) and failures < CANARY_LOAD_ATTEMPTS:
             # One worker short of memory says nothing of the model: the canary's verdict (and
             # the retraining run behind it) must not be thrown away for it.
@@ -446,17 +450,30 @@ class ModelManager:
         return failed is not None and time.monotonic() - failed < BROKEN_RETRY_S
 
 
-def _forget_series(old: Routing | None, new: Routing) -> None:
-    """Drop the per-version metric series of the versions this worker no longer serves: one
-    histogram per version ever served grew the worker's memory and /metrics with every
-    retraining that reached it."""
-    if old is None:
-        return
+def _publish(old: Routing | None, new: Routing) -> None:
+    """Publish the versions `new` serves (`segsvc_model_info`, each one's load time) on every
+    switch, not only at the first load: after a canary started, a promotion or a rollback the
+    series named the version the worker started with. And drop the per-version series of the
+    versions it no longer serves: one histogram per version ever served grew the worker's
+    memory and /metrics with every retraining that reached it."""
     served = {m.version for m in (new.production, new.canary) if m is not None}
-    for model in (old.production, old.canary):
-        if model is not None and model.version not in served:
-            with contextlib.suppress(KeyError):  # never observed (no batch ran on it)
-                PREDICT_TIME.remove(model.version)
+    dropped = [
+        m.version
+        for m in (() if old is None else (old.production, old.canary))
+        if m is not None and m.version not in served
+    ]
+    for version in dropped:
+        with contextlib.suppress(KeyError):  # never observed (no batch ran on it)
+            PREDICT_TIME.remove(version)
+    record_models(
+        _served(new.production),
+        _served(new.canary) if new.canary is not None else None,
+        dropped=dropped,
+    )
+
+
+def _served(model: LoadedModel) -> ServedModel:
+    return ServedModel(model.version, model.sha256, model.runtime.name, model.load_seconds)
 
 
 class _CanaryRuntime:

@@ -24,7 +24,7 @@ from segsvc.logging_setup import configure_logging
 from segsvc.metrics import WORKER_READY
 from segsvc.ml.convert import CONVERT_TIMEOUT_S
 from segsvc.settings import get_settings
-from worker.metrics_server import QueueDepthSampler, record_model, start_metrics_server
+from worker.metrics_server import QueueDepthSampler, start_metrics_server
 from worker.probes import ALIVE, READY, clear_probes, write_probe
 
 log = logging.getLogger(__name__)
@@ -82,20 +82,16 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
 
 
 def _load_model(*, retry: bool = False) -> bool:
-    """Load (and warm) the serving model and publish it; False when that failed (logged)."""
+    """Load (and warm) the serving model; False when that failed (logged). The model manager
+    publishes the versions it serves (`segsvc_model_info`, their load times) on this load and
+    on every switch after it, so nothing is published here."""
     from worker.tasks import get_segmenter
 
     try:
-        loaded = get_segmenter().load(retry=retry)
+        get_segmenter().load(retry=retry)
     except Exception:
         log.exception("model load failed; staying unready (trying again)")
         return False
-    record_model(
-        version=loaded.version,
-        sha256=loaded.sha256,
-        runtime=loaded.runtime.name,
-        load_seconds=loaded.load_seconds,
-    )
     return True
 
 

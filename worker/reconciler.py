@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from segsvc import notify
 from segsvc.db import session_scope
+from segsvc.metrics import JOBS_FINISHED
 from segsvc.queue import RECONCILE, enqueue_job
 from segsvc.services import reconcile
 from segsvc.settings import Settings, is_redis_url
@@ -142,6 +143,7 @@ def _run_locked(
         if not after_commit:
             for job_id in due:
                 _send(celery_app, cfg, job_id, suspect=job_id in suspects)
+    _count_outcomes(report)  # committed: first, before anything after the commit can raise
     notify.publish_finished(cfg.effective_redis_url, report.ended_ids)  # their long polls
     counts = report.as_dict()
     if after_commit and (unsent := _send_each(celery_app, cfg, due, suspects)):
@@ -149,6 +151,16 @@ def _run_locked(
     if any(v for k, v in counts.items() if k not in quiet):
         log.warning("reconciler: %s (failed: %s)", counts, report.failed_ids[:20])
     return counts
+
+
+def _count_outcomes(report: reconcile.ReconcileReport) -> None:
+    """Add the jobs a committed pass or step ended to `segsvc_jobs_total`, beside those the
+    workers store: its failed (lost too often: `worker_lost`, `poison_input`) and its canceled
+    (a cancel requested of a lost job, or of one left queued after a release). Only once the
+    commit is done: a pass rolled back ended nothing, and the next one ends them again."""
+    for status, count in (("failed", report.failed), ("canceled", report.canceled)):
+        if count:
+            JOBS_FINISHED.labels(status).inc(count)
 
 
 def _send_each(

@@ -21,9 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from segsvc.metrics import WORKER_READY
 from segsvc.settings import Settings
-from tests.conftest import encode_image, free_port, start_worker, stop_process
+from tests.conftest import REDIS_URL, encode_image, free_port, start_worker, stop_process
 from worker import observability
-from worker.metrics_server import record_model, sample_queue_depth, start_metrics_server
+from worker.metrics_server import (
+    ServedModel,
+    record_models,
+    sample_queue_depth,
+    start_metrics_server,
+)
 from worker.probes import ALIVE, READY, check, clear_probes, main, probe_age, write_probe
 
 WORKER_SERIES = (
@@ -68,16 +73,55 @@ def test_sample_queue_depth_counts_postgres_rows_and_broker_lists(client, auth, 
     )
 
 
+def test_broker_list_lengths_are_read_from_the_broker_not_from_seg_redis_url(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, redis_db: int
+) -> None:
+    """With SEG_REDIS_URL set apart from the broker (rate limits on a database of their own),
+    the sampler read the lists where no message ever is: 0 whatever the backlog."""
+    for _ in range(3):
+        submit(client, auth)  # three messages on the broker's inference list
+    other = 14 if redis_db != 14 else 15  # only read here: the benchmarks' databases
+    cfg = settings.model_copy(update={"redis_url": f"{REDIS_URL}/{other}"})
+    depth = sample_queue_depth(cfg)
+    assert depth == {"queued_jobs": 3, settings.queue_name: 3, settings.webhook_queue_name: 0}
+    assert (
+        REGISTRY.get_sample_value("segsvc_broker_queue_length", {"queue": settings.queue_name}) == 3
+    )
+
+
+def test_broker_list_lengths_are_skipped_when_the_broker_is_not_redis(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A broker that is not Redis has no lists to read: SEG_REDIS_URL's are none of its."""
+    cfg = settings.model_copy(
+        update={"broker_url": None, "redis_url": settings.broker_url, "var_dir": tmp_path}
+    )
+    assert not cfg.celery_broker_url.startswith("redis")
+    assert sample_queue_depth(cfg) == {"queued_jobs": 0}
+
+
 def test_metrics_server_serves_model_gauges() -> None:
     port = free_port()
     assert start_metrics_server(0) is False
     assert start_metrics_server(port) is True
-    record_model(version="v-test", sha256="ab" * 32, runtime="onnx", load_seconds=1.5)
+    record_models(ServedModel("v-old", "cd" * 32, "onnx", 3.0))
+    record_models(
+        ServedModel("v-test", "ab" * 32, "onnx", 1.5),
+        ServedModel("v-canary", "ef" * 32, "litert", 0.5),
+        dropped=["v-old"],
+    )
     families = scrape(port)
     info = families["segsvc_model_info"][0]
-    assert info.labels == {"production": "v-test", "sha256": "abababababab", "runtime": "onnx"}
+    assert info.labels == {
+        "production": "v-test",
+        "sha256": "abababababab",
+        "runtime": "onnx",
+        "canary": "v-canary",
+        "canary_runtime": "litert",
+    }
     loads = {s.labels["model_version"]: s.value for s in families["segsvc_model_load_seconds"]}
-    assert loads["v-test"] == 1.5
+    assert (loads["v-test"], loads["v-canary"]) == (1.5, 0.5)
+    assert "v-old" not in loads
 
 
 def test_probe_files_written_refreshed_and_cleared(tmp_path: Path) -> None:
@@ -193,7 +237,6 @@ def test_a_failed_model_load_at_start_is_retried_until_the_worker_is_ready(  # t
     assert probe_age(tmp_path, READY) is not None, "never ready after the load succeeded"
     assert segmenter.failures == 0
     assert REGISTRY.get_sample_value("segsvc_worker_ready") == 1
-    assert REGISTRY.get_sample_value("segsvc_model_load_seconds", {"model_version": "v-retry"}) == 2
 
 
 def test_the_load_retry_ends_when_the_worker_stops(  # type: ignore[no-untyped-def]

@@ -786,3 +786,80 @@ def test_a_version_no_longer_served_leaves_the_metrics(
     assert manager.refresh() is True
     assert manager.routing.production.version == "v2"
     assert count("test-v1") is None
+
+
+def model_info() -> dict[str, str]:
+    """The labels of `segsvc_model_info` (one sample: `Info` replaces it whole)."""
+    from prometheus_client import REGISTRY
+
+    [sample] = [s for m in REGISTRY.collect() if m.name == "segsvc_model" for s in m.samples]
+    return dict(sample.labels)
+
+
+def load_times() -> dict[str, float]:
+    """`segsvc_model_load_seconds` by version."""
+    from prometheus_client import REGISTRY
+
+    return {
+        s.labels["model_version"]: s.value
+        for m in REGISTRY.collect()
+        if m.name == "segsvc_model_load_seconds"
+        for s in m.samples
+    }
+
+
+def test_the_model_series_follow_every_switch(
+    manager: ModelManager, settings: Settings, model_file: Path
+) -> None:
+    """`segsvc_model_info` and `segsvc_model_load_seconds` were set once, at the worker's
+    first load: after a canary started, a promotion or a rollback they still named the version
+    it started with (and never a canary)."""
+    from segsvc.metrics import MODEL_LOAD_TIME
+
+    MODEL_LOAD_TIME.clear()  # other tests' versions
+    first = manager.load()
+    sha = first.sha256[:12]
+    assert model_info() == {
+        "production": "test-v1",
+        "sha256": sha,
+        "runtime": "keras",
+        "canary": "",
+        "canary_runtime": "",
+    }
+    assert load_times() == {"test-v1": first.load_seconds}
+
+    canary(settings, model_file, "cand", share=0.2)
+    assert manager.refresh() is True
+    cand = manager.routing.canary
+    assert cand is not None
+    assert (model_info()["production"], model_info()["canary"]) == ("test-v1", "cand")
+    assert model_info()["canary_runtime"] == "keras"
+    assert load_times() == {"test-v1": first.load_seconds, "cand": cand.load_seconds}
+
+    set_status(settings, "cand", "promote")
+    assert manager.refresh() is True
+    assert (model_info()["production"], model_info()["canary"]) == ("cand", "")
+    assert model_info()["sha256"] == cand.sha256[:12]
+    assert load_times() == {"cand": cand.load_seconds}  # promoted: loaded once, as a canary
+
+    with session_scope(settings) as session:
+        rollout.rollback(session=session, reason="test")
+    assert manager.refresh() is True
+    assert manager.routing.production.version == "test-v1"
+    assert (model_info()["production"], model_info()["canary"]) == ("test-v1", "")
+    assert set(load_times()) == {"test-v1"}  # loaded again: its new load time
+
+
+def test_a_canary_dropped_after_failing_at_inference_leaves_the_model_series(
+    manager: ModelManager, settings: Settings, model_file: Path
+) -> None:
+    from segsvc.metrics import MODEL_LOAD_TIME
+
+    MODEL_LOAD_TIME.clear()
+    manager.load()
+    canary(settings, model_file, "cand", share=1.0)
+    manager.refresh()
+    assert model_info()["canary"] == "cand"
+    fail_canary(manager)
+    assert (model_info()["production"], model_info()["canary"]) == ("test-v1", "")
+    assert set(load_times()) == {"test-v1"}

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 from PIL import Image
+from prometheus_client import REGISTRY
 from sqlalchemy import select, text, update
 
 from segsvc import notify
@@ -238,6 +239,72 @@ def test_reconcile_ends_canceled_jobs(settings: Settings) -> None:
     assert get(settings, released).status == "canceled"
     assert queued_ids(settings) == []
     assert inputs_kept(settings, running) == inputs_kept(settings, released) == (True, False)
+
+
+def jobs_total(status: str) -> float:
+    return REGISTRY.get_sample_value("segsvc_jobs_total", {"status": status}) or 0.0
+
+
+def test_the_jobs_a_pass_ends_count_in_the_jobs_outcomes(settings: Settings) -> None:
+    """`segsvc_jobs_total` counted only the jobs a worker stored: the dashboard's outcomes
+    left out every job the reconciler failed (`worker_lost`, `poison_input`) or canceled."""
+    cfg = settings.model_copy(update={"job_max_attempts": 3})
+    expired = utcnow() - timedelta(seconds=1)
+    before = {status: jobs_total(status) for status in ("succeeded", "failed", "canceled")}
+    poison = make_job(
+        cfg, status="running", attempts=3, lease_token=uuid.uuid4(), lease_expires_at=expired
+    )
+    canceled = make_job(
+        cfg,
+        status="running",
+        attempts=1,
+        cancel_requested=True,
+        lease_token=uuid.uuid4(),
+        lease_expires_at=expired,
+    )
+    make_job(cfg)  # only re-sent: no outcome
+    report = reconcile(cfg)
+    assert (report["failed"], report["canceled"], report["requeued_missing"]) == (1, 1, 1)
+    assert get(cfg, poison).error_code == "poison_input"
+    assert get(cfg, canceled).status == "canceled"
+    after = {status: jobs_total(status) for status in before}
+    assert {s: after[s] - before[s] for s in before} == {
+        "succeeded": 0,
+        "failed": 1,
+        "canceled": 1,
+    }
+    reconcile(cfg)  # nothing more ended: nothing more counted
+    assert {status: jobs_total(status) for status in before} == after
+
+
+def test_a_pass_rolled_back_counts_no_outcomes(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted once committed: with a broker that cannot be inspected the sends go before the
+    commit, and one that fails rolls the pass back (the next pass ends the same jobs)."""
+    from worker import reconciler
+
+    def broker_away(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("broker away")
+
+    monkeypatch.setattr(reconciler, "broker_inspectable", lambda cfg: False)
+    monkeypatch.setattr(reconciler, "_send", broker_away)
+    expired = utcnow() - timedelta(seconds=1)
+    lost = make_job(
+        settings,
+        status="running",
+        attempts=settings.job_max_attempts,
+        lease_token=uuid.uuid4(),
+        lease_expires_at=expired,
+    )
+    make_job(
+        settings, status="running", attempts=1, lease_token=uuid.uuid4(), lease_expires_at=expired
+    )
+    before = jobs_total("failed")
+    with pytest.raises(ConnectionError):
+        reconcile(settings)
+    assert get(settings, lost).status == "running"  # rolled back
+    assert jobs_total("failed") == before
 
 
 def test_a_pass_without_redis_still_ends_and_cancels_jobs(

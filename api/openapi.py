@@ -150,6 +150,14 @@ OPERATIONS: dict[str, Operation] = {
     ),
     # The registry: admin keys only (403 for any other key).
     "models.list_models": Operation({200: s.ModelRegistry, 403: s.Error}),
+    "models.comparison_sheet": Operation(
+        {200: PNG, 403: s.Error, 404: s.Error},
+        descriptions={
+            200: "Photo | truth | production | candidate on the evaluation photos where the two "
+            "models disagree most, as the retraining run that made the version drew it.",
+            404: "No such version, or it has no sheet (not made by retraining, or pruned).",
+        },
+    ),
     "models.promote_model": Operation(
         {200: s.ModelVersion, 403: s.Error, 404: s.Error, 409: s.Error},
         descriptions={

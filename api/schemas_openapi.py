@@ -217,6 +217,15 @@ class WebhookMessageList(BaseModel):
 ModelStatusName = Literal["candidate", "rejected", "canary", "production", "archived"]
 
 
+class ModelVersionUrls(BaseModel):
+    """Where to look at a version."""
+
+    comparison: str | None = Field(
+        description="Its comparison sheet (photo | truth | production | candidate, PNG), drawn "
+        "by the retraining run that made it; null for a version without one."
+    )
+
+
 class ModelVersion(BaseModel):
     """A model version in the registry."""
 
@@ -231,6 +240,7 @@ class ModelVersion(BaseModel):
     promoted_at: str | None
     retired_at: str | None
     file_deleted_at: str | None = Field(description="When its model file was pruned, if it was.")
+    urls: ModelVersionUrls
 
 
 class TrainingRun(BaseModel):

@@ -17,11 +17,12 @@ from retrain.dataset import list_pairs, read_folder, read_trimap
 from retrain.metrics import confusion_matrix, mean_iou, summarize
 from segsvc.digest import file_sha256
 from segsvc.ml import NUM_CLASSES
-from segsvc.ml.preprocess import normalize, postprocess, render_overlay
+from segsvc.ml.preprocess import class_map, normalize, postprocess, render_overlay, resize_mask
 from segsvc.ml.unet import load_model
 
 SHEET_ROWS = 6
 PANEL_HEIGHT = 160
+PANEL_WIDTH = 214  # 4:3, the usual photo's
 
 
 def predict_logits(
@@ -109,8 +110,11 @@ def evaluate_model(
     val_fraction: float = 0.2,
     batch_size: int = 16,
     keep_predictions: bool = False,
+    keep_classes: bool = False,
 ) -> dict[str, Any]:
-    """Metrics at 128x128 and at original resolution (postprocess vs the original trimap)."""
+    """Metrics at 128x128 and at original resolution (postprocess vs the original trimap).
+    `keep_predictions`: the masks at original resolution too (`_predictions`, by name);
+    `keep_classes`: the 128x128 class maps (`_classes`, by name), 16 KB an image."""
     data = read_folder(data_dir, split, val_fraction)
     logits = predict_logits(model, data.images, batch_size)
     small = confusion_matrix(data.masks, logits.argmax(-1))
@@ -132,6 +136,8 @@ def evaluate_model(
     }
     if keep_predictions:
         result["_predictions"] = predictions
+    if keep_classes:
+        result["_classes"] = dict(zip(data.names, class_map(logits), strict=True))
     return result
 
 
@@ -139,26 +145,77 @@ def contact_sheet(
     data_dir: str | Path, names: list[str], predictions: dict[str, npt.NDArray[np.uint8]]
 ) -> Image.Image:
     """Rows of image | true mask overlay | predicted mask overlay for a person to look at."""
+    return _sheet(data_dir, names, [predictions])
+
+
+def comparison_sheet(
+    data_dir: str | Path,
+    columns: Sequence[tuple[str, dict[str, npt.NDArray[np.uint8]]]],
+    rows: int = SHEET_ROWS,
+) -> tuple[Image.Image, list[str]]:
+    """Rows of photo | truth | each model's overlay (`columns`: a title and its 128x128 class
+    maps by name, as `evaluate_model(keep_classes=True)` gives them), under a header naming
+    the columns; the photos where the first two models disagree most (share of pixels at
+    model size), evenly spaced picks when they agree everywhere. With the names shown."""
+    first, second = columns[0][1], columns[1][1]
+    names = sorted(first)
+    apart = {name: float((first[name] != second[name]).mean()) for name in names}
+    picks = sorted((n for n in names if apart[n] > 0), key=lambda n: (-apart[n], n))[:rows]
+    if not picks:
+        step = max(len(names) / rows, 1.0)
+        picks = sorted({names[int(i * step)] for i in range(min(rows, len(names)))})
+    sizes = {stem: trimap for stem, _, trimap in list_pairs(data_dir)}
+    full: list[dict[str, npt.NDArray[np.uint8]]] = []
+    for _, classes in columns:  # at the photo's size, as serving post-processes them
+        shaped = {}
+        for name in picks:
+            height, width = read_trimap(sizes[name]).shape
+            shaped[name] = resize_mask(classes[name], width, height)
+        full.append(shaped)
+    sheet = _sheet(data_dir, picks, full)
+    return _with_header(sheet, ["photo", "truth", *(title for title, _ in columns)]), picks
+
+
+def _sheet(
+    data_dir: str | Path, names: list[str], predictions: Sequence[dict[str, npt.NDArray[np.uint8]]]
+) -> Image.Image:
+    """Rows of image | true mask overlay | one overlay per dict of `predictions`."""
     paths = {stem: (image, trimap) for stem, image, trimap in list_pairs(data_dir)}
     rows: list[Image.Image] = []
     for name in names:
         image_path, trimap_path = paths[name]
         data = image_path.read_bytes()
-        plain = np.ones_like(predictions[name])  # all background: alpha 0, the bare photo
-        panels = [
-            Image.open(io.BytesIO(render_overlay(data, plain))),
-            Image.open(io.BytesIO(render_overlay(data, read_trimap(trimap_path)))),
-            Image.open(io.BytesIO(render_overlay(data, predictions[name]))),
-        ]
-        width = round(panels[0].width * PANEL_HEIGHT / panels[0].height)
-        row = Image.new("RGB", (3 * width, PANEL_HEIGHT), "white")
+        plain = np.ones_like(predictions[0][name])  # all background: alpha 0, the bare photo
+        masks = [plain, read_trimap(trimap_path), *(p[name] for p in predictions)]
+        panels = [Image.open(io.BytesIO(render_overlay(data, mask))) for mask in masks]
+        # Each panel fitted into the same box, so the columns line up under a header.
+        scale = min(PANEL_WIDTH / panels[0].width, PANEL_HEIGHT / panels[0].height)
+        size = (max(1, round(panels[0].width * scale)), max(1, round(panels[0].height * scale)))
+        at = ((PANEL_WIDTH - size[0]) // 2, (PANEL_HEIGHT - size[1]) // 2)
+        row = Image.new("RGB", (len(panels) * PANEL_WIDTH, PANEL_HEIGHT), "white")
         for i, panel in enumerate(panels):
-            row.paste(panel.convert("RGB").resize((width, PANEL_HEIGHT)), (i * width, 0))
+            row.paste(panel.convert("RGB").resize(size), (i * PANEL_WIDTH + at[0], at[1]))
         rows.append(row)
     sheet = Image.new("RGB", (max(r.width for r in rows), PANEL_HEIGHT * len(rows)), "white")
     for i, row in enumerate(rows):
         sheet.paste(row, (0, i * PANEL_HEIGHT))
     return sheet
+
+
+HEADER_HEIGHT = 24
+
+
+def _with_header(sheet: Image.Image, titles: list[str]) -> Image.Image:
+    """`sheet` under a strip naming its columns (equal widths: the first row's panels)."""
+    from PIL import ImageDraw
+
+    out = Image.new("RGB", (sheet.width, sheet.height + HEADER_HEIGHT), "white")
+    out.paste(sheet, (0, HEADER_HEIGHT))
+    draw = ImageDraw.Draw(out)
+    width = sheet.width / len(titles)
+    for i, title in enumerate(titles):
+        draw.text((i * width + 6, 5), title, fill="black")
+    return out
 
 
 def print_table(result: dict[str, Any], title: str) -> None:

@@ -31,6 +31,7 @@ from segsvc.blobs import blob_store
 from segsvc.db import session_scope
 from segsvc.digest import file_sha256
 from segsvc.errors import ConflictError
+from segsvc.files import replace_atomically
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.preprocess import decode_mask_png
 from segsvc.models import ModelStatus, ModelVersion, TrainingRun, db_time, utcnow
@@ -216,8 +217,8 @@ class _Run:
             except Exception as exc:
                 log.error("retraining failed: %s\n%s", exc, traceback.format_exc())
                 if out is not None and not self._maybe_registered(out):
-                    out.unlink(missing_ok=True)
-                    out.with_suffix(".json").unlink(missing_ok=True)
+                    for path in (out, out.with_suffix(".json"), out.with_suffix(".png")):
+                        path.unlink(missing_ok=True)
                 return self._finish("failed", f"{type(exc).__name__}: {exc}")
 
     def _maybe_registered(self, out: Path) -> bool:
@@ -541,12 +542,16 @@ class _Run:
 
         eval_dir = self.settings.eval_data_dir
         assert eval_dir is not None
-        results = []
+        results, classes = [], []
         for path in (candidate, production["path"]):
-            metrics = evaluate_model(load_model(path), eval_dir, split="all")
+            metrics = evaluate_model(load_model(path), eval_dir, split="all", keep_classes=True)
             if metrics["images"] < self.settings.gate_min_eval_images:  # some did not decode
                 raise ValueError(self._too_few_eval_images(metrics["images"], "usable "))
+            classes.append(metrics.pop("_classes"))
             results.append(metrics)
+        results[0].update(
+            self._comparison_sheet(Path(candidate), eval_dir, production["version"], classes)
+        )
         if self.settings.runtime == "auto":
             # First: which runtime serves the candidate depends on it (LiteRT int8 only when
             # faithful), and so does the latency the gate compares.
@@ -570,6 +575,27 @@ class _Run:
             latencies[1][1],
         )
         return results[0], results[1]
+
+    def _comparison_sheet(
+        self, candidate: Path, eval_dir: Path, production: str, classes: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Draw what the numbers stand for, beside the candidate (`<candidate>.png`): photo |
+        truth | production | candidate on the evaluation photos where the two disagree most.
+        `GET /v1/models/<version>/comparison.png` serves it. A sheet that cannot be drawn is
+        logged; the run goes on."""
+        from retrain.evaluate import comparison_sheet
+
+        path = candidate.with_suffix(".png")
+        try:
+            sheet, names = comparison_sheet(
+                eval_dir, [(f"production {production}", classes[1]), ("candidate", classes[0])]
+            )
+            replace_atomically(path, lambda tmp: sheet.save(tmp, format="PNG", optimize=True))
+        except Exception:
+            log.warning("could not draw the comparison sheet", exc_info=True)
+            return {}
+        log.info("comparison sheet %s: %s", path.name, ", ".join(names))
+        return {"comparison_sheet": path.name, "comparison_images": names}
 
     def _faithful_runtimes(self, candidate: str, eval_dir: Path) -> dict[str, Any]:
         """Which faster CPU runtimes stay faithful to the candidate (`SEG_RUNTIME=auto` serves
@@ -698,6 +724,8 @@ def _version_metrics(
         "training_run": str(run_id),
         # What `SEG_RUNTIME=auto` reads to serve a faster runtime for this version.
         **{k: cand[k] for k in ("faithful_runtimes", "runtime_agreement") if k in cand},
+        # Photo | truth | production | candidate, beside the model file (`_comparison_sheet`).
+        **{k: cand[k] for k in ("comparison_sheet", "comparison_images") if k in cand},
     }
 
 

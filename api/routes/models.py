@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, send_file
 
 from api.auth import authenticate_request, require_admin
 from api.context import db
+from segsvc.errors import NotFoundError
 from segsvc.models import ModelVersion, TrainingRun
 from segsvc.serialize import iso
 from segsvc.services import registry, rollout
+from segsvc.services.model_files import CANDIDATE
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
 RECENT_RUNS = 10
@@ -45,6 +48,32 @@ def promote_model(version: str) -> Response:
     return jsonify(version_body(row))
 
 
+@bp.get("/<version>/comparison.png")
+def comparison_sheet(version: str) -> Response:
+    """The sheet the retraining run that made `version` drew: photo | truth | production |
+    candidate on the evaluation photos where the two disagree most (`retrain.pipeline`)."""
+    row = registry.get_version(session=db(), version=version)
+    path = comparison_path(row)
+    if path is None:
+        raise NotFoundError(
+            f"No comparison sheet for {version}: retraining runs draw one for their candidate, "
+            "and it goes when the version's files are pruned."
+        )
+    response = send_file(path, mimetype="image/png", max_age=0)
+    response.headers["Cache-Control"] = "private, no-store"
+    return response
+
+
+def comparison_path(row: ModelVersion) -> Path | None:
+    """The version's comparison sheet, when it has one: a plain `ft-...png` file name in its
+    metrics, beside its model file (never a path elsewhere, whatever the metrics say)."""
+    name = (row.metrics or {}).get("comparison_sheet")
+    if not isinstance(name, str) or not CANDIDATE.fullmatch(name) or not name.endswith(".png"):
+        return None
+    path = Path(row.path).parent / name
+    return path if path.is_file() else None
+
+
 @bp.post("/rollback")
 def rollback_model() -> Response:
     """Return to the previous production version now (the current one and any canary stop)."""
@@ -68,6 +97,11 @@ def version_body(row: ModelVersion) -> dict[str, Any]:
         "promoted_at": iso(row.promoted_at),
         "retired_at": iso(row.retired_at),
         "file_deleted_at": iso(row.file_deleted_at),
+        "urls": {
+            "comparison": f"/v1/models/{row.version}/comparison.png"
+            if "comparison_sheet" in (row.metrics or {})
+            else None
+        },
     }
 
 

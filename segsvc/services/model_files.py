@@ -1,8 +1,8 @@
 """Pruning the model files retraining writes to `var_dir/models`, so that they do not pile up.
 
 Each run writes its candidate there as `ft-<stamp>-<run>.keras` (tens of MB; `candidate_path`)
-with the training report beside it (`.json`), and registers it. `prune_model_files` deletes,
-once older than `SEG_MODEL_FILE_GRACE_DAYS`:
+with the training report (`.json`) and the comparison sheet (`.png`) beside it, and registers
+it. `prune_model_files` deletes, once older than `SEG_MODEL_FILE_GRACE_DAYS`:
 
 - the files of **rejected** versions, rejected that long ago too (an operator can inspect one
   meanwhile). The row stays, with `file_deleted_at` set; `rollout.promote` then refuses it;
@@ -57,8 +57,8 @@ from segsvc.settings import Settings
 log = logging.getLogger(__name__)
 
 DAY_S = 86400.0
-# `candidate_path`'s names, and its training report's beside it
-NAME = r"(?P<stem>ft-\d{8}-\d{6}-[0-9a-f]{6})\.(?:keras|json)"
+# `candidate_path`'s names, and its training report's and comparison sheet's beside it
+NAME = r"(?P<stem>ft-\d{8}-\d{6}-[0-9a-f]{6})\.(?:keras|json|png)"
 CANDIDATE = re.compile(NAME)
 ASIDE = re.compile(rf"\.(?P<name>{NAME})\.prune-[0-9a-f]{{8}}")  # `_set_aside`'s
 # The temporary files a candidate and its report are written through (`replace_atomically`):

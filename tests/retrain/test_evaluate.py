@@ -83,3 +83,20 @@ def test_runtime_agreement_measures_converted_runtimes_against_keras(tmp_path: P
         assert r["converter"] == converter_fingerprint(kind)
         # Converted where the worker looks for them (keyed by the model's sha256).
         assert list(artifacts.glob(f"*/{kind}-*/*"))
+
+
+def test_a_comparison_sheet_shows_where_two_models_disagree_most(tmp_path: Path) -> None:
+    from retrain.evaluate import HEADER_HEIGHT, PANEL_HEIGHT, PANEL_WIDTH, comparison_sheet
+
+    data = make_dataset(tmp_path / "data", n=6)
+    names = sorted(p.stem for p in (data / "images").iterdir())
+    production = {name: np.ones((128, 128), np.uint8) for name in names}
+    candidate = {name: mask.copy() for name, mask in production.items()}
+    candidate[names[4]][:64] = 0  # half its pixels differ
+    candidate[names[1]][:8] = 2  # a sixteenth
+    sheet, shown = comparison_sheet(data, [("production", production), ("candidate", candidate)])
+    assert shown == [names[4], names[1]]  # most apart first; those that agree are not shown
+    assert sheet.size == (4 * PANEL_WIDTH, HEADER_HEIGHT + 2 * PANEL_HEIGHT)
+    # Models that agree everywhere: photos evenly spaced instead, a row for each up to six.
+    _, alike = comparison_sheet(data, [("a", production), ("b", production)], rows=3)
+    assert alike == [names[0], names[2], names[4]]

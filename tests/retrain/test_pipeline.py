@@ -117,6 +117,22 @@ def test_feedback_loop_retrains_canaries_and_promotes(  # type: ignore[no-untype
     body = listed.get_json()
     assert {v["version"]: v["status"] for v in body["versions"]}[version.version] == "canary"
     assert body["training_runs"][0]["candidate_mean_iou"] == run.candidate_metrics["mean_iou"]
+    # What the numbers stand for, drawn: photo | truth | production | candidate.
+    urls = {v["version"]: v["urls"]["comparison"] for v in body["versions"]}
+    drawn = f"/v1/models/{version.version}/comparison.png"
+    assert urls == {"test-v1": None, version.version: drawn}
+    assert Path(version.path).with_suffix(".png").is_file()
+    sheet = client.get(urls[version.version], headers={"Authorization": f"Bearer {admin_key}"})
+    assert (sheet.status_code, sheet.mimetype) == (200, "image/png")
+    shown = version.metrics["comparison_images"]
+    assert 1 <= len(shown) <= 3
+    with Image.open(io.BytesIO(sheet.data)) as img:
+        assert img.size == (4 * 214, 24 + 160 * len(shown))
+    none = client.get(
+        "/v1/models/test-v1/comparison.png", headers={"Authorization": f"Bearer {admin_key}"}
+    )
+    assert (none.status_code, none.get_json()["error"]) == (404, "not_found")
+    assert client.get(urls[version.version], headers=auth).status_code == 403
 
     again = run_retraining(cfg, trigger="manual")
     assert again.status == "skipped"

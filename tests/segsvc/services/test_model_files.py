@@ -359,3 +359,14 @@ def test_prune_model_files_deletes_crashed_runs_scratch_folders_after_the_grace_
     assert not crashed.exists()
     assert running.is_dir()
     assert foreign.is_dir()
+
+
+def test_a_rejected_versions_comparison_sheet_goes_with_its_model_file(cfg: Settings) -> None:
+    """The sheet a run draws beside its candidate (`<candidate>.png`) is one of its files."""
+    rejected = candidate(cfg)
+    sheet = write(rejected.with_suffix(".png"), OLD, size=50)
+    add_version(cfg, "rejected", rejected, ModelStatus.REJECTED)
+    result = prune_model_files(cfg)
+    assert sorted(result.removed) == [rejected.with_suffix(".json"), rejected, sheet]
+    assert result.freed_bytes == 1150
+    assert not sheet.exists()

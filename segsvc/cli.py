@@ -163,8 +163,28 @@ def models_list() -> None:
             gone = " (file deleted)" if row.file_deleted_at is not None else ""
             click.echo(
                 f"{row.version:<28} {row.status:<11} share={row.traffic_share:.2f} "
-                f"miou={miou if miou is not None else '-'} {Path(row.path).name}{gone}"
+                f"miou={miou if miou is not None else '-'}{_measured_on(row.metrics)} "
+                f"{Path(row.path).name}{gone}"
             )
+
+
+def _measured_on(metrics: dict[str, Any]) -> str:
+    """On what images a version's mIoU was measured, and what it was compared with there: the
+    shipped model's on its training data's validation split, a retrained one's on the
+    evaluation folder beside production's. mIoUs on different images do not compare."""
+    images = metrics.get("images")
+    count = f", {images} images" if isinstance(images, int) else ""
+    lineage = metrics.get("lineage_best")
+    against = metrics.get("evaluated_against")
+    if isinstance(lineage, dict) and isinstance(lineage.get("eval_set"), str):
+        parts = []
+        if isinstance(against, dict) and against.get("mean_iou") is not None:
+            parts.append(f"vs {against['mean_iou']} of {against.get('version')}")
+        parts.append(f"evaluation set {lineage['eval_set'][:8]}{count}")
+        return f" ({', '.join(parts)})"
+    if isinstance(metrics.get("split"), str):
+        return f" ({metrics['split']} split of its training data{count})"
+    return ""
 
 
 @models.command("promote")

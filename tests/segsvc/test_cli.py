@@ -1,4 +1,4 @@
-"""The operator CLI's retraining commands: `segsvc retrain runs` and `segsvc retrain log`."""
+"""The operator CLI (`segsvc`): retraining runs and logs, migrations, the model list."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -152,3 +153,39 @@ def test_db_upgrade_reports_the_revision_the_database_is_at(
     assert "Traceback" not in unknown.output
     assert latest.exit_code == 0, latest.output
     assert latest.output.startswith(f"database at {head}: ")
+
+
+def test_models_list_says_on_what_images_each_miou_was_measured(
+    settings: Settings, as_process: None, tmp_path: Path
+) -> None:
+    """The shipped model's mIoU (its training data's validation split) and a retrained one's
+    (the evaluation folder) stood side by side as if comparable: a candidate that beat
+    production on the evaluation set could look worse than the baseline."""
+    from segsvc.models import ModelStatus
+    from segsvc.services import registry
+
+    shipped = {"mean_iou": 0.6348, "split": "val", "images": 113}
+    retrained = {
+        "mean_iou": 0.58,
+        "images": 40,
+        "lineage_best": {"eval_set": "3f2a1b0c" + "0" * 56, "mean_iou": 0.55},
+        "evaluated_against": {"version": "baseline-1", "mean_iou": 0.55},
+    }
+    with session_scope(settings) as session:
+        for version, status, metrics in (
+            ("baseline-1", ModelStatus.PRODUCTION, shipped),
+            ("ft-1", ModelStatus.CANARY, retrained),
+        ):
+            registry.register_version(
+                session=session,
+                version=version,
+                path=tmp_path / f"{version}.keras",
+                status=status,
+                sha256="0" * 64,
+                metrics=metrics,
+            )
+    result = CliRunner().invoke(main, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    shown = {line.split()[0]: line for line in result.output.splitlines()}
+    assert "miou=0.6348 (val split of its training data, 113 images)" in shown["baseline-1"]
+    assert "miou=0.58 (vs 0.55 of baseline-1, evaluation set 3f2a1b0c, 40 images)" in shown["ft-1"]

@@ -353,6 +353,8 @@ class WebhookMessage(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A client's redeliver: the first attempt after it is made however old the message is.
+    redelivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     attempt_log: Mapped[list[WebhookAttempt]] = relationship(
         back_populates="message", order_by="WebhookAttempt.attempted_at"

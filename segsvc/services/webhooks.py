@@ -195,6 +195,8 @@ def redeliver(
         endpoint.paused_until = None
     message.status = PENDING
     message.next_attempt_at = db_time(session)  # the clock the dispatcher judges it by
+    # Asked for now, however old: the max age ends the retries after this attempt, not it.
+    message.redelivered_at = message.next_attempt_at
     message.completed_at = None
     session.flush()
     return message

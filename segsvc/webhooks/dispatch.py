@@ -159,9 +159,16 @@ def start_attempt(
         message.status, message.next_attempt_at = outbox.DISABLED, None
         return None
     now = _stamp(new_lease) - attempt_lease(settings)  # the lease's statement time: no read
-    if message.created_at + timedelta(seconds=settings.webhook_max_age_seconds) <= now:
+    redelivered = message.redelivered_at is not None and (
+        message.last_attempt_at is None or message.last_attempt_at < message.redelivered_at
+    )
+    if (
+        message.created_at + timedelta(seconds=settings.webhook_max_age_seconds) <= now
+        and not redelivered
+    ):
         # Past its max age without an attempt (put off pause after pause while its receiver
-        # was down): not sent days late. Attempted ones end by `_next_state`'s check.
+        # was down): not sent days late. Attempted ones end by `_next_state`'s check. A
+        # client's redeliver asked for it now, whatever its age: its attempt is made.
         message.status, message.next_attempt_at, message.completed_at = outbox.FAILED, None, now
         return None
     if endpoint is not None and endpoint.failures > 0:

@@ -78,17 +78,17 @@ def test_readyz_is_unready_while_the_schema_is_behind_this_release(client, setti
 
     with session_scope(settings) as session:
         (head,) = session.execute(text("SELECT version_num FROM alembic_version")).scalars()
-        session.execute(text("UPDATE alembic_version SET version_num = '0008'"))
+        session.execute(text("UPDATE alembic_version SET version_num = '0009'"))
     try:
         behind = client.get("/readyz")
         with session_scope(settings) as session:  # a newer release's migration: still ready
-            session.execute(text("UPDATE alembic_version SET version_num = '0010_next'"))
+            session.execute(text("UPDATE alembic_version SET version_num = '0011_next'"))
         ahead = client.get("/readyz")
     finally:
         with session_scope(settings) as session:
             session.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": head})
     assert behind.status_code == 503
-    assert "schema at 0008, this release needs 0009" in behind.get_json()["checks"]["database"]
+    assert "schema at 0009, this release needs 0010" in behind.get_json()["checks"]["database"]
     assert ahead.status_code == 200
     assert client.get("/readyz").status_code == 200
 

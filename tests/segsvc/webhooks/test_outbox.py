@@ -225,6 +225,41 @@ def test_redeliver_reenables_and_resends(settings: Settings) -> None:
     assert messages(settings)[0].attempts == 2
 
 
+@pytest.mark.parametrize("attempted", [True, False])
+def test_a_redeliver_of_a_message_past_its_max_age_is_attempted_once(
+    settings: Settings, attempted: bool
+) -> None:
+    """A receiver down for days: its messages ended failed (past the max age, attempted or
+    not). Once it is fixed, a redeliver answered 202 pending, but the dispatcher failed the
+    message again at once for its age, with no attempt: nothing was ever sent."""
+    job_id = make_job(settings, URL)
+    finish_job(settings, start_job(settings, job_id))
+    if attempted:
+        assert attempt(settings, Outcome("retry", 1.0, 500, "HTTP 500")) == ["pending"]
+    msg = messages(settings)[0]
+    aged = utcnow() - timedelta(seconds=settings.webhook_max_age_seconds + 3600)
+    with session_scope(settings) as session:
+        session.execute(
+            update(WebhookMessage)
+            .where(WebhookMessage.id == msg.id)
+            .values(created_at=aged, last_attempt_at=aged if attempted else None)
+        )
+    if not attempted:  # never attempted past its max age: failed without an attempt, as before
+        assert attempt(settings, Outcome("delivered", 1.0, 200)) == []
+        assert messages(settings)[0].status == "failed"
+    with session_scope(settings) as session:
+        webhook_service.redeliver(
+            session=session, job_id=str(job_id), message_id=msg.id, client_id=None
+        )
+    assert attempt(settings, Outcome("retry", 1.0, 500, "HTTP 500")) == ["failed"]
+    assert messages(settings)[0].attempts == (2 if attempted else 1)  # made, then no retry
+    with session_scope(settings) as session:  # asked again: attempted again
+        webhook_service.redeliver(
+            session=session, job_id=str(job_id), message_id=msg.id, client_id=None
+        )
+    assert attempt(settings, Outcome("delivered", 1.0, 200)) == ["delivered"]
+
+
 def test_redeliver_of_another_jobs_message_neither_finds_nor_waits_for_it(
     settings: Settings,
 ) -> None:

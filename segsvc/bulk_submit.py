@@ -317,6 +317,9 @@ def submit_chunk(
         waited = exc
     except Exception as exc:
         waited = UnexpectedError(exc)
+    # The chunk's jobs were seen ended together: each one's latency is now, not after the
+    # downloads of the files before it in the chunk (which made it grow with its position).
+    ended = time.monotonic()
     for outcome, job in zip(outcomes, jobs, strict=True):
         if not job.done and isinstance(waited, WaitStoppedError):
             outcome.status, outcome.reason = job.status, stopped_reason(plan, "not waited for")
@@ -326,7 +329,7 @@ def submit_chunk(
             failed(outcome, waited or timed_out, stop, plan)
             continue
         try:
-            finish(outcome, job, plan, started)
+            finish(outcome, job, plan, started, ended)
         except ClientError as exc:  # fetching its results failed
             failed(outcome, exc, stop, plan)
         except OSError as exc:  # writing them failed (a full disk, no permission)
@@ -336,9 +339,13 @@ def submit_chunk(
     return outcomes
 
 
-def finish(outcome: Outcome, job: Job, plan: SubmitPlan, started: float) -> None:
-    """Record how an ended job went and save its results when asked to."""
-    outcome.status, outcome.latency_s = job.status, time.monotonic() - started
+def finish(
+    outcome: Outcome, job: Job, plan: SubmitPlan, started: float, ended: float | None = None
+) -> None:
+    """Record how an ended job went (its latency: `started` to `ended`, else to now) and save
+    its results when asked to."""
+    ended = time.monotonic() if ended is None else ended
+    outcome.status, outcome.latency_s = job.status, ended - started
     outcome.predict_ms = job.metrics.get("predict_ms")
     outcome.reason = (job.error or {}).get("message", "")
     if job.succeeded and plan.out:

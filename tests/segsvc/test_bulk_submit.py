@@ -401,3 +401,39 @@ def test_a_batch_too_large_whose_first_file_is_too_large_too_does_not_stop_the_r
     with serve(answer) as url, Client(url, "k", retries=0) as client:
         outcomes = run_all(files, client, plan, concurrency=1)
     assert [o.status for o in outcomes] == ["error", "queued", "queued"]
+
+
+def test_each_file_of_a_batch_reports_when_its_job_was_seen_ended(tmp_path: Path) -> None:
+    """One long poll answered a batch's four jobs ended, yet each file's latency was stamped
+    after the downloads of the files before it: 0.0, 0.5, 1.0, 1.5 s for results seen at once,
+    so the summary's mean latency grew with the batch size."""
+    from segsvc.bulk_submit import SubmitPlan, submit_chunk
+    from segsvc.client import Client
+
+    ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 5)]
+
+    def stub(environ: dict[str, Any], start_response: Any) -> Any:
+        req = Request(environ)
+        req.get_data()
+        if req.path == "/v1/jobs/batch":
+            body: Any = {"jobs": [{"id": i, "status": "queued"} for i in ids]}
+            resp = Response(json.dumps(body), status=202, mimetype="application/json")
+        elif req.path == "/v1/jobs":
+            jobs = [{"id": i, "status": "succeeded", "metrics": {"predict_ms": 5}} for i in ids]
+            body = {"jobs": jobs, "not_found": []}
+            resp = Response(json.dumps(body), mimetype="application/json")
+        else:  # mask.png: a slow download (a large mask, a slow link)
+            time.sleep(0.3)
+            resp = Response(b"png", mimetype="image/png")
+        return resp(environ, start_response)
+
+    files = [tmp_path / f"p{i}.png" for i in range(4)]
+    for path in files:
+        path.write_bytes(b"png")
+    plan = SubmitPlan(True, tmp_path / "out", False, None, None, 30.0, batch=4)
+    with serve(stub) as url, Client(url, "k") as client:
+        outcomes = submit_chunk(client, files, plan, threading.Event())
+    assert [o.status for o in outcomes] == ["succeeded"] * 4
+    latencies = [o.latency_s or 0.0 for o in outcomes]
+    assert max(latencies) - min(latencies) < 0.1, latencies
+    assert all((tmp_path / "out" / f"p{i}.mask.png").is_file() for i in range(4))

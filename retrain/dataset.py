@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from segsvc.ml import IMAGE_SIZE, NUM_CLASSES
-from segsvc.ml.imaging import exif_orientation, load_rgb
+from segsvc.ml.imaging import exif_orientation, load_rgb, turned_the_old_way
 from segsvc.ml.preprocess import resize_mask, resize_rgb
 
 log = logging.getLogger(__name__)
@@ -294,12 +294,16 @@ def decode_pair(
     image_bytes: bytes, mask: npt.NDArray[np.uint8]
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
     """Image bytes + full-size class mask -> model-size (image, mask); raises ValueError if bad."""
+    mask = np.asarray(mask)
     try:
         img, width, height = load_rgb(image_bytes)
+        if mask.ndim == 2 and turned_the_old_way(image_bytes, (width, height), mask.shape[::-1]):
+            # A label of a job stored before XMP orientations stopped counting: its mask was
+            # made (and corrected) at the photo's size turned by one.
+            img, width, height = load_rgb(image_bytes, xmp_orientation=True)
         pixels = resize_rgb(img)
     except Exception as exc:  # PIL raises many types for truncated/garbage files
         raise ValueError("undecodable image") from exc
-    mask = np.asarray(mask)
     if mask.shape != (height, width):
         raise ValueError("mask size does not match image")
     if mask.max(initial=0) >= NUM_CLASSES:

@@ -39,8 +39,9 @@ _XMP_KEYS = ("xmp", "XML:com.adobe.xmp")  # where Pillow keeps an XMP packet (JP
 _INT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
-def load_rgb(data: bytes) -> tuple[Image.Image, int, int]:
+def load_rgb(data: bytes, *, xmp_orientation: bool = False) -> tuple[Image.Image, int, int]:
     """Decode for the model: RGB, EXIF-oriented, maybe at reduced scale; plus the full size.
+    `xmp_orientation`: as releases before 2026-11-27 did (`exif_orientation`).
 
     JPEGs are decoded with `draft` at the smallest DCT scale still >= 2x the model input,
     which is several times faster than a full decode and changes nothing the model sees
@@ -51,7 +52,7 @@ def load_rgb(data: bytes) -> tuple[Image.Image, int, int]:
     """
     with Image.open(io.BytesIO(data)) as img:
         width, height = img.size
-        orientation = exif_orientation(img)
+        orientation = exif_orientation(img, xmp=xmp_orientation)
         if orientation in _TRANSPOSED_ORIENTATIONS:
             width, height = height, width
         drafted = img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
@@ -81,16 +82,16 @@ def draft_scale(fmt: str | None, width: int, height: int) -> int:
     return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 
 
-def load_rgb_full(data: bytes) -> Image.Image:
+def load_rgb_full(data: bytes, *, xmp_orientation: bool = False) -> Image.Image:
     """Decode at full resolution (no draft scaling), oriented, RGB."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        orientation = exif_orientation(img)
+        orientation = exif_orientation(img, xmp=xmp_orientation)
         turn = _ORIENTATION_TRANSPOSES.get(orientation) if orientation is not None else None
         return to_rgb(img.transpose(turn) if turn is not None else img)
 
 
-def exif_orientation(img: Image.Image) -> int | None:
+def exif_orientation(img: Image.Image, *, xmp: bool = False) -> int | None:
     """The EXIF orientation (2-8) that turns or flips the image; None when there is none to apply
     or the EXIF block cannot be read, and for WebP, whose orientation tag browsers ignore (a
     mask turned by it did not line up with the photo as its owner sees it; JPEG's and PNG's
@@ -100,6 +101,10 @@ def exif_orientation(img: Image.Image) -> int | None:
     The pixels are turned here with `Image.transpose` rather than `ImageOps.exif_transpose`,
     which also rewrites the EXIF block and raises (`struct.error` and others) on entries that
     phones and cameras write malformed. A block too broken to read leaves the image as stored.
+
+    `xmp`: an XMP packet's orientation counts too, as it did before 2026-11-27 (Pillow reads
+    it where the EXIF block has none): the masks of jobs stored then are at that orientation's
+    size, and `turned_the_old_way` tells when to decode their photos so again.
     """
     if img.format == "WEBP":
         return None
@@ -107,7 +112,7 @@ def exif_orientation(img: Image.Image) -> int | None:
         # getexif loads a PNG first (its eXIf chunk may follow the pixels), so after it
         # `info` holds the EXIF block wherever the file keeps it.
         value = img.getexif().get(_ORIENTATION)
-        if value is not None and any(key in img.info for key in _XMP_KEYS):
+        if value is not None and not xmp and any(key in img.info for key in _XMP_KEYS):
             value = _exif_block_orientation(img.info.get("exif"))
     except Exception as exc:  # Pillow raises many types for a broken EXIF block
         _log.debug("ignoring an unreadable EXIF block: %r", exc)
@@ -156,12 +161,24 @@ def resize_to_model(img: Image.Image) -> Image.Image:
     return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
 
 
+def turned_the_old_way(data: bytes, decoded: tuple[int, int], wanted: tuple[int, int]) -> bool:
+    """Whether a picture decoded at `decoded` (width, height) but stored with a mask of size
+    `wanted`, its transpose, was turned by an orientation found only in its XMP packet: the
+    rule before 2026-11-27, at whose size that job's mask (or label) was made."""
+    if decoded == wanted or decoded[::-1] != wanted:
+        return False
+    with Image.open(io.BytesIO(data)) as img:
+        return exif_orientation(img, xmp=True) in _TRANSPOSED_ORIENTATIONS
+
+
 def render_overlay(image_bytes: bytes, mask: Image.Image) -> bytes:
     """The input (oriented) with the class mask (mode L, values 0-2, the input's size) blended
     on it, as PNG: each class's colour at its opacity, the background left as it is."""
     if mask.mode != "L":
         raise ValueError(f"a class mask is a mode L image, not {mask.mode}")
     base = load_rgb_full(image_bytes)
+    if turned_the_old_way(image_bytes, base.size, mask.size):  # a job stored before the change
+        base = load_rgb_full(image_bytes, xmp_orientation=True)
     if mask.size != base.size:
         raise ValueError(f"the mask is {mask.size}, the image {base.size}")
     colours = mask.copy()

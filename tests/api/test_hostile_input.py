@@ -174,18 +174,38 @@ def test_hostile_exif_rotated_photo_is_displayed_way_up(client, auth, settings) 
     assert bottom[2] > 200 > bottom[0]
 
 
+XMP_TURNED = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+    b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
 def test_hostile_xmp_only_orientation_is_not_applied(client, auth, settings) -> None:  # type: ignore[no-untyped-def]
     """Browsers apply the EXIF block's orientation only: a JPEG with `tiff:Orientation="6"` in
     its XMP packet and no EXIF block shows 300 wide and 200 high, as stored. It was turned."""
-    xmp = (
-        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
-        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
-        b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
-    )
-    data = encode_image(Image.new("RGB", (300, 200), (200, 40, 40)), "JPEG", xmp=xmp)
+    data = encode_image(Image.new("RGB", (300, 200), (200, 40, 40)), "JPEG", xmp=XMP_TURNED)
     assert "exif" not in Image.open(io.BytesIO(data)).info
     job = stored(settings, submit(client, auth, data, "x.jpg").get_json()["id"])
     assert (job.input_width, job.input_height) == (300, 200)
+
+
+def test_the_overlay_of_a_job_stored_when_xmp_orientations_counted_draws(  # type: ignore[no-untyped-def]
+    client, auth, settings
+) -> None:
+    """A job stored before XMP orientations stopped counting has its mask at the turned size
+    (200 wide, 300 high): its overlay answered 500 (the mask and the photo differ in size)."""
+    from segsvc.ml.preprocess import encode_mask_png
+    from tests.api.test_long_poll import finish_next_job
+
+    data = encode_image(Image.new("RGB", (300, 200), (200, 40, 40)), "JPEG", xmp=XMP_TURNED)
+    worker = finish_next_job(settings, mask_png=encode_mask_png(np.zeros((300, 200), np.uint8)))
+    job_id = submit(client, auth, data, "x.jpg").get_json()["id"]
+    worker.join()
+    overlay = client.get(f"/v1/jobs/{job_id}/overlay.png", headers=auth)
+    assert overlay.status_code == 200, overlay.get_json()
+    with Image.open(io.BytesIO(overlay.data)) as drawn:
+        assert drawn.size == (200, 300)  # the photo turned the old way, under its mask
 
 
 @pytest.mark.parametrize(

@@ -97,9 +97,9 @@ def version_body(row: ModelVersion) -> dict[str, Any]:
         "promoted_at": iso(row.promoted_at),
         "retired_at": iso(row.retired_at),
         "file_deleted_at": iso(row.file_deleted_at),
-        "urls": {
+        "urls": {  # the sheet while it is there (it goes when the version's files are pruned)
             "comparison": f"/v1/models/{row.version}/comparison.png"
-            if "comparison_sheet" in (row.metrics or {})
+            if comparison_path(row) is not None
             else None
         },
     }

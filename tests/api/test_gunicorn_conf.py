@@ -273,11 +273,16 @@ def test_a_unix_socket_bind_shows_no_metrics_to_a_host_header_naming_the_metrics
         (500, "Internal Server Error", "", "internal_error"),
     ],
 )
-def test_gunicorn_error_pages_are_json(status: int, reason: str, mesg: str, want: str) -> None:
+def test_gunicorn_error_pages_are_json(  # type: ignore[no-untyped-def]
+    status: int, reason: str, mesg: str, want: str, tmp_path: Path, monkeypatch
+) -> None:
     """What gunicorn answers itself (`util.write_error`) is JSON like the app's errors, and a
     500 of its own shows nothing of what failed."""
     import gunicorn.util
 
+    # Importing the config sets PROMETHEUS_MULTIPROC_DIR unless it is set: set here, it goes
+    # again after the test, or this process's later metrics tests would read multiprocess files.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     from api.gunicorn_conf import write_json_error
 
     assert gunicorn.util.write_error is write_json_error  # installed as the config loads

@@ -101,3 +101,34 @@ def test_promote_of_a_version_whose_model_file_was_pruned_is_a_conflict(  # type
     assert by_version["pruned"]["file_deleted_at"] is not None
     assert by_version["pruned"]["status"] == "rejected"
     assert by_version["test-v1"]["file_deleted_at"] is None
+
+
+def test_a_comparison_sheet_is_listed_and_served_only_while_it_is_there(  # type: ignore[no-untyped-def]
+    client, admin_key: str, production_model: str, settings: Settings, tmp_path: Path
+) -> None:
+    """Once the pruner deleted a version's files, its listing still gave the sheet's URL,
+    which answered 404."""
+    candidate = tmp_path / "ft-20261127-120000-abcdef.keras"
+    candidate.write_bytes(b"model")
+    sheet = candidate.with_suffix(".png")
+    sheet.write_bytes(b"\x89PNG\r\n\x1a\nsheet")
+    with session_scope(settings) as session:
+        registry.register_version(
+            session=session,
+            version="ft-1",
+            path=candidate,
+            status=ModelStatus.REJECTED,
+            metrics={"mean_iou": 0.5, "comparison_sheet": sheet.name},
+        )
+
+    def listed() -> object:
+        body = client.get("/v1/models", headers=admin(admin_key)).get_json()
+        return {v["version"]: v["urls"]["comparison"] for v in body["versions"]}["ft-1"]
+
+    assert listed() == "/v1/models/ft-1/comparison.png"
+    shown = client.get("/v1/models/ft-1/comparison.png", headers=admin(admin_key))
+    assert (shown.status_code, shown.data) == (200, sheet.read_bytes())
+    sheet.unlink()  # pruned with the candidate
+    assert listed() is None
+    gone = client.get("/v1/models/ft-1/comparison.png", headers=admin(admin_key))
+    assert (gone.status_code, gone.get_json()["error"]) == (404, "not_found")

@@ -358,35 +358,47 @@ def retrain_log(run_id: str | None, follow: bool) -> None:
     from segsvc.db import session_scope
     from segsvc.models import TrainingRun
 
+    wanted: uuid.UUID | None
     if run_id is not None:
         try:
-            wanted: uuid.UUID | None = uuid.UUID(run_id)
+            wanted = uuid.UUID(run_id)
         except ValueError:
             raise click.BadParameter(f"not a run id: {run_id!r}", param_hint="RUN_ID") from None
-    else:
-        wanted = None
-    shown = 0
+    else:  # the latest, chosen once: a run started later is not followed
+        with session_scope() as session:
+            wanted = session.scalars(
+                select(TrainingRun.id).order_by(TrainingRun.started_at.desc()).limit(1)
+            ).first()
+        if wanted is None:
+            raise click.ClickException("no retraining run yet")
+    printed = ""
     while True:
         with session_scope() as session:
-            query = select(TrainingRun.id, TrainingRun.status, TrainingRun.reason, TrainingRun.log)
-            if wanted is not None:
-                query = query.where(TrainingRun.id == wanted)
-            row = session.execute(query.order_by(TrainingRun.started_at.desc()).limit(1)).first()
+            row = session.execute(
+                select(
+                    TrainingRun.id, TrainingRun.status, TrainingRun.reason, TrainingRun.log
+                ).where(TrainingRun.id == wanted)
+            ).first()
         if row is None:
-            raise click.ClickException(
-                f"no retraining run {run_id}" if run_id else "no retraining run yet"
-            )
+            raise click.ClickException(f"no retraining run {wanted}")
         text = row.log or ""
-        # The stored log is its last 64 KB (`retrain.pipeline.LOG_CAP`, ~400 epoch lines):
-        # past that, a follower may miss lines; the run's worker log has them all.
-        shown = min(shown, len(text))
-        click.echo(text[shown:], nl=False)
-        shown = len(text)
+        click.echo(_after(printed, text), nl=False)
+        printed = text
         if not follow or row.status != "running":
             break
         time.sleep(2.0)
-    if row.status != "running":
-        click.echo(f"run {row.id}: {row.status}: {row.reason or ''}".rstrip())
+    click.echo(f"run {row.id}: {row.status}" + (f": {row.reason}" if row.reason else ""))
+
+
+def _after(printed: str, text: str) -> str:
+    """What `text`, the stored log now, holds beyond `printed`, the stored log before: the
+    stored log is its last 64 KB (`retrain.pipeline.LOG_CAP`), so once it is full its head
+    goes as its tail grows, and what is new follows the end of what was printed."""
+    if text.startswith(printed):
+        return text[len(printed) :]
+    tail = printed[-256:]
+    at = text.rfind(tail)
+    return text[at + len(tail) :] if at >= 0 else text
 
 
 @main.group()

@@ -189,3 +189,38 @@ def test_models_list_says_on_what_images_each_miou_was_measured(
     shown = {line.split()[0]: line for line in result.output.splitlines()}
     assert "miou=0.6348 (val split of its training data, 113 images)" in shown["baseline-1"]
     assert "miou=0.58 (vs 0.55 of baseline-1, evaluation set 3f2a1b0c, 40 images)" in shown["ft-1"]
+
+
+def test_retrain_log_follows_a_log_stored_at_its_cap(settings: Settings, as_process: None) -> None:
+    """The stored log is its last 64 KB: once there, each flush had the same length, and the
+    follower printed nothing more (the newest epochs, the verdict)."""
+    from retrain.pipeline import LOG_CAP
+
+    full = "".join(f"epoch {i}/9999 (5 s): loss 0.5 {'x' * 40}\n" for i in range(2000))
+    running = add_run(settings, "running", full[-LOG_CAP:], 1)  # at the cap already
+    later = full + "".join(f"epoch {i}/9999 (5 s): loss 0.4\n" for i in range(2000, 2100))
+
+    def progress() -> None:
+        time.sleep(0.5)
+        with session_scope(settings) as session:
+            session.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == uuid.UUID(running))
+                .values(log=later[-LOG_CAP:])
+            )
+        time.sleep(2.5)
+        with session_scope(settings) as session:
+            session.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == uuid.UUID(running))
+                .values(log=(later + "run completed\n")[-LOG_CAP:], status="completed")
+            )
+
+    writer = threading.Thread(target=progress)
+    writer.start()
+    followed = CliRunner().invoke(main, ["retrain", "log", "--follow"])
+    writer.join()
+    assert followed.exit_code == 0, followed.output
+    assert followed.output == full[-LOG_CAP:] + later[len(full) :] + "run completed\n" + (
+        f"run {running}: completed\n"
+    )

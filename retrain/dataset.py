@@ -298,9 +298,9 @@ def decode_pair(
     try:
         img, width, height = load_rgb(image_bytes)
         if mask.ndim == 2 and turned_the_old_way(image_bytes, (width, height), mask.shape[::-1]):
-            # A label of a job stored before XMP orientations stopped counting: its mask was
-            # made (and corrected) at the photo's size turned by one.
-            img, width, height = load_rgb(image_bytes, xmp_orientation=True)
+            # A label of a job stored before WebP and XMP orientations stopped counting: its
+            # mask was made (and corrected) at the photo's size turned by one.
+            img, width, height = load_rgb(image_bytes, legacy=True)
         pixels = resize_rgb(img)
     except Exception as exc:  # PIL raises many types for truncated/garbage files
         raise ValueError("undecodable image") from exc

@@ -39,9 +39,9 @@ _XMP_KEYS = ("xmp", "XML:com.adobe.xmp")  # where Pillow keeps an XMP packet (JP
 _INT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
-def load_rgb(data: bytes, *, xmp_orientation: bool = False) -> tuple[Image.Image, int, int]:
+def load_rgb(data: bytes, *, legacy: bool = False) -> tuple[Image.Image, int, int]:
     """Decode for the model: RGB, EXIF-oriented, maybe at reduced scale; plus the full size.
-    `xmp_orientation`: as releases before 2026-11-27 did (`exif_orientation`).
+    `legacy`: oriented as releases before 2026-11-27 did (`exif_orientation`).
 
     JPEGs are decoded with `draft` at the smallest DCT scale still >= 2x the model input,
     which is several times faster than a full decode and changes nothing the model sees
@@ -52,7 +52,7 @@ def load_rgb(data: bytes, *, xmp_orientation: bool = False) -> tuple[Image.Image
     """
     with Image.open(io.BytesIO(data)) as img:
         width, height = img.size
-        orientation = exif_orientation(img, xmp=xmp_orientation)
+        orientation = exif_orientation(img, legacy=legacy)
         if orientation in _TRANSPOSED_ORIENTATIONS:
             width, height = height, width
         drafted = img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
@@ -82,16 +82,16 @@ def draft_scale(fmt: str | None, width: int, height: int) -> int:
     return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 
 
-def load_rgb_full(data: bytes, *, xmp_orientation: bool = False) -> Image.Image:
+def load_rgb_full(data: bytes, *, legacy: bool = False) -> Image.Image:
     """Decode at full resolution (no draft scaling), oriented, RGB."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        orientation = exif_orientation(img, xmp=xmp_orientation)
+        orientation = exif_orientation(img, legacy=legacy)
         turn = _ORIENTATION_TRANSPOSES.get(orientation) if orientation is not None else None
         return to_rgb(img.transpose(turn) if turn is not None else img)
 
 
-def exif_orientation(img: Image.Image, *, xmp: bool = False) -> int | None:
+def exif_orientation(img: Image.Image, *, legacy: bool = False) -> int | None:
     """The EXIF orientation (2-8) that turns or flips the image; None when there is none to apply
     or the EXIF block cannot be read, and for WebP, whose orientation tag browsers ignore (a
     mask turned by it did not line up with the photo as its owner sees it; JPEG's and PNG's
@@ -102,17 +102,18 @@ def exif_orientation(img: Image.Image, *, xmp: bool = False) -> int | None:
     which also rewrites the EXIF block and raises (`struct.error` and others) on entries that
     phones and cameras write malformed. A block too broken to read leaves the image as stored.
 
-    `xmp`: an XMP packet's orientation counts too, as it did before 2026-11-27 (Pillow reads
-    it where the EXIF block has none): the masks of jobs stored then are at that orientation's
-    size, and `turned_the_old_way` tells when to decode their photos so again.
+    `legacy`: the rule before 2026-11-27, when a WebP's orientation tag and an XMP packet's
+    (Pillow reads it where the EXIF block has none) counted too: the masks of jobs stored then
+    are at that rule's size, and `turned_the_old_way` tells when to decode their photos so
+    again.
     """
-    if img.format == "WEBP":
+    if img.format == "WEBP" and not legacy:
         return None
     try:
         # getexif loads a PNG first (its eXIf chunk may follow the pixels), so after it
         # `info` holds the EXIF block wherever the file keeps it.
         value = img.getexif().get(_ORIENTATION)
-        if value is not None and not xmp and any(key in img.info for key in _XMP_KEYS):
+        if value is not None and not legacy and any(key in img.info for key in _XMP_KEYS):
             value = _exif_block_orientation(img.info.get("exif"))
     except Exception as exc:  # Pillow raises many types for a broken EXIF block
         _log.debug("ignoring an unreadable EXIF block: %r", exc)
@@ -163,12 +164,14 @@ def resize_to_model(img: Image.Image) -> Image.Image:
 
 def turned_the_old_way(data: bytes, decoded: tuple[int, int], wanted: tuple[int, int]) -> bool:
     """Whether a picture decoded at `decoded` (width, height) but stored with a mask of size
-    `wanted`, its transpose, was turned by an orientation found only in its XMP packet: the
-    rule before 2026-11-27, at whose size that job's mask (or label) was made."""
+    `wanted`, its transpose, was turned by the rule before 2026-11-27 (a WebP's orientation
+    tag, or one found only in the XMP packet, counted then), at whose size that job's mask (or
+    label) was made. Only a turn by 90 degrees shows in the size: a flip, a half turn or a
+    square photo stored then is drawn and trained as the browser shows it now."""
     if decoded == wanted or decoded[::-1] != wanted:
         return False
     with Image.open(io.BytesIO(data)) as img:
-        return exif_orientation(img, xmp=True) in _TRANSPOSED_ORIENTATIONS
+        return exif_orientation(img, legacy=True) in _TRANSPOSED_ORIENTATIONS
 
 
 def render_overlay(image_bytes: bytes, mask: Image.Image) -> bytes:
@@ -178,7 +181,7 @@ def render_overlay(image_bytes: bytes, mask: Image.Image) -> bytes:
         raise ValueError(f"a class mask is a mode L image, not {mask.mode}")
     base = load_rgb_full(image_bytes)
     if turned_the_old_way(image_bytes, base.size, mask.size):  # a job stored before the change
-        base = load_rgb_full(image_bytes, xmp_orientation=True)
+        base = load_rgb_full(image_bytes, legacy=True)
     if mask.size != base.size:
         raise ValueError(f"the mask is {mask.size}, the image {base.size}")
     colours = mask.copy()

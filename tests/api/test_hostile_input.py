@@ -190,17 +190,29 @@ def test_hostile_xmp_only_orientation_is_not_applied(client, auth, settings) -> 
     assert (job.input_width, job.input_height) == (300, 200)
 
 
-def test_the_overlay_of_a_job_stored_when_xmp_orientations_counted_draws(  # type: ignore[no-untyped-def]
-    client, auth, settings
+def turned_the_old_way(fmt: str) -> bytes:
+    """A 300x200 photo that the rule before 2026-11-27 turned to 200x300: a JPEG by its XMP
+    packet's orientation, a WebP by its EXIF block's (neither counts now)."""
+    photo = Image.new("RGB", (300, 200), (200, 40, 40))
+    if fmt == "JPEG":
+        return encode_image(photo, "JPEG", xmp=XMP_TURNED)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode_image(photo, "WEBP", exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_the_overlay_of_a_job_stored_when_webp_and_xmp_orientations_counted_draws(  # type: ignore[no-untyped-def]
+    client, auth, settings, fmt: str
 ) -> None:
-    """A job stored before XMP orientations stopped counting has its mask at the turned size
-    (200 wide, 300 high): its overlay answered 500 (the mask and the photo differ in size)."""
+    """A job stored before WebP and XMP orientations stopped counting has its mask at the
+    turned size (200 wide, 300 high): its overlay answered 500 (mask and photo sizes differ)."""
     from segsvc.ml.preprocess import encode_mask_png
     from tests.api.test_long_poll import finish_next_job
 
-    data = encode_image(Image.new("RGB", (300, 200), (200, 40, 40)), "JPEG", xmp=XMP_TURNED)
+    data = turned_the_old_way(fmt)
     worker = finish_next_job(settings, mask_png=encode_mask_png(np.zeros((300, 200), np.uint8)))
-    job_id = submit(client, auth, data, "x.jpg").get_json()["id"]
+    job_id = submit(client, auth, data, f"x.{fmt.lower()}").get_json()["id"]
     worker.join()
     overlay = client.get(f"/v1/jobs/{job_id}/overlay.png", headers=auth)
     assert overlay.status_code == 200, overlay.get_json()

@@ -227,15 +227,17 @@ def test_folder_overlap_sees_a_resized_copy_of_a_training_photo(tmp_path: Path) 
     assert folder_overlap(tmp_path / "train", tmp_path / "eval") is None
 
 
-def test_a_label_made_when_xmp_orientations_counted_still_pairs_with_its_photo() -> None:
-    """A job stored before XMP orientations stopped counting was masked (and corrected) at
-    its photo turned by one: retraining dropped its label, 'mask size does not match image'."""
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_a_label_made_when_webp_and_xmp_orientations_counted_still_pairs_with_its_photo(
+    fmt: str,
+) -> None:
+    """A job stored before WebP and XMP orientations stopped counting was masked (and
+    corrected) at its photo turned by one: retraining dropped its label, 'mask size does not
+    match image'."""
     from retrain.dataset import decode_pair
-    from tests.api.test_hostile_input import XMP_TURNED
+    from tests.api.test_hostile_input import turned_the_old_way
 
-    photo = Image.new("RGB", (300, 200), (200, 40, 40))
-    buf = io.BytesIO()
-    photo.save(buf, format="JPEG", xmp=XMP_TURNED)
+    buf = io.BytesIO(turned_the_old_way(fmt))
     old_label = np.zeros((300, 200), np.uint8)  # 200 wide, 300 high: the turned photo's size
     pixels, mask = decode_pair(buf.getvalue(), old_label)
     assert pixels.shape == (128, 128, 3)

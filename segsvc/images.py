@@ -44,8 +44,34 @@ class ValidatedImage:
 # A picture over this many pixels decoded takes ~10 bytes of memory per pixel at its peak
 # (~420 MB at 40 MP): a server bounds how many of those run at once (`large_decode`). JPEGs
 # count the pixels of their reduced DCT scale (`draft_scale`): a square 40 MP photo decodes
-# at 1/8, 0.6 MP, but a 65000 x 500 strip at full size.
+# at 1/8, 0.6 MP, but a 65000 x 500 strip at full size; and so does one libjpeg decodes
+# through a full-size coefficient buffer whatever the scale (`whole_image_jpeg`: 3-6 bytes a
+# pixel, 233 MB for one 3.3 MB progressive 40 MP upload).
 LARGE_DECODE_PIXELS = 4_000_000
+_PROGRESSIVE_SOFS = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xDA)})  # TEM, RSTn, SOI, EOI: no length
+
+
+def whole_image_jpeg(data: bytes) -> bool:
+    """Whether libjpeg decodes this JPEG through coefficient buffers of the whole image at
+    full size, whatever the draft scale: a progressive one, or one of several scans (as the
+    markers before its first scan and a second SOS marker after it say; the segments before
+    the first scan are stepped over by length, so an EXIF thumbnail's own scan is not
+    counted). A second JPEG appended (an MPO's) also counts: a wait, never a refusal."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+        elif marker in _PROGRESSIVE_SOFS:
+            return True
+        elif marker == 0xDA:  # the first scan: in scan data 0xFF is followed by 0 or RSTn
+            return data.find(b"\xff\xda", i + 2) != -1
+        elif marker in _STANDALONE_MARKERS:
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return False
 
 
 def validate_image(
@@ -83,7 +109,9 @@ def validate_image(
         raise InvalidImageError(
             f"The image has {pixels} pixels, more than the limit of {max_pixels}."
         )
-    large = pixels / draft_scale(fmt, width, height) ** 2 > LARGE_DECODE_PIXELS
+    whole = fmt in ("JPEG", "MPO") and whole_image_jpeg(data)
+    scale = 1 if whole else draft_scale(fmt, width, height)
+    large = pixels / scale**2 > LARGE_DECODE_PIXELS
     with large_decode() if large else nullcontext():
         try:
             with warnings.catch_warnings():

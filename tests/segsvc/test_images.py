@@ -208,3 +208,44 @@ def test_a_jpeg_strip_that_decodes_at_full_size_takes_a_large_decode_turn(
     for data in (strip, square):
         images.validate_image(data, max_bytes=10**8, max_pixels=10**8, large_decode=turn)
     assert turns == [1]
+
+
+def test_a_progressive_jpeg_takes_a_large_decode_turn_whatever_its_draft_scale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """libjpeg decodes a progressive JPEG through coefficient buffers of the whole picture at
+    full size, whatever the draft scale: one 3.3 MB 40 MP upload took +233 MB, 24 at once
+    4.1 GB in one API pod (limit 1536Mi), none of them waiting for the large-decode turn."""
+    from segsvc import images
+
+    monkeypatch.setattr(images, "LARGE_DECODE_PIXELS", 1_000_000)
+    turns: list[int] = []
+
+    def turn() -> AbstractContextManager[object]:
+        turns.append(1)
+        return nullcontext()
+
+    photo = Image.new("RGB", (2048, 2048), (10, 200, 30))  # 4.2 MP; 1/8 when baseline
+    baseline = encode_image(photo, "JPEG")
+    progressive = encode_image(photo, "JPEG", progressive=True, subsampling=0)
+    for data in (baseline, progressive):
+        images.validate_image(data, max_bytes=10**8, max_pixels=10**8, large_decode=turn)
+    assert turns == [1]
+
+
+def test_whole_image_jpegs_are_told_by_their_markers() -> None:
+    """Progressive, or more than one scan in the main picture; an EXIF thumbnail (a JPEG of
+    its own, with its own scan, inside APP1) is stepped over."""
+    from segsvc.images import whole_image_jpeg
+
+    photo = Image.new("RGB", (300, 200), (200, 40, 40))
+    baseline = encode_image(photo, "JPEG")
+    thumbnail = encode_image(photo.resize((30, 20)), "JPEG")
+    app1 = b"Exif\x00\x00" + thumbnail  # where cameras keep one (a stand-in for its TIFF)
+    with_thumbnail = baseline[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1
+    with_thumbnail += baseline[2:]
+    assert Image.open(io.BytesIO(with_thumbnail)).size == (300, 200)
+    assert not whole_image_jpeg(baseline)
+    assert not whole_image_jpeg(with_thumbnail)
+    assert whole_image_jpeg(encode_image(photo, "JPEG", progressive=True))
+    assert whole_image_jpeg(baseline + thumbnail)  # a second picture after it: waits, harmless

@@ -430,34 +430,104 @@ def read_mask(job_id: str) -> Response:
 # cannot take an API process past its memory limit; the usual photo never waits.
 LARGE_DECODE_WAIT_S = 10.0
 LARGE_DECODES_AT_ONCE = threading.BoundedSemaphore(1)
+# Keys with a large decode held or waiting in this process: one each. A key asking for its
+# own 40 MP overlays (or sending large PNGs) from several threads held the one turn for as
+# long as it liked (each took a token, but a 40 MP overlay takes seconds, and the rate allows
+# ten a second), and every other client's large picture waited, then got a 503.
+_LARGE_BY_KEY: set[str] = set()
+_LARGE_BY_KEY_LOCK = threading.Lock()
 
 
 class LargeDecodesBusyError(UnavailableError):
     code = "large_decodes_busy"
 
 
-def large_decode_turn() -> ContextManager[None]:
-    return _turn(
-        LARGE_DECODES_AT_ONCE,
-        LARGE_DECODE_WAIT_S,
-        LargeDecodesBusyError,
-        "This server is decoding another large picture; retry shortly.",
-    )
+class OwnLargeDecodePendingError(RateLimitedError):
+    code = "large_decode_pending"
+
+
+@contextmanager
+def large_decode_turn() -> Iterator[None]:
+    """The process's large-decode turn, for one large picture of this key at a time (another
+    one of its own meanwhile: 429 at once)."""
+    key = str(current_client().id)
+    with _LARGE_BY_KEY_LOCK:
+        if key in _LARGE_BY_KEY:
+            raise OwnLargeDecodePendingError(
+                "This key has a large picture being decoded on this server already; send the "
+                "next one when that has been answered.",
+                retry_after=1,
+            )
+        _LARGE_BY_KEY.add(key)
+    try:
+        with _turn(
+            LARGE_DECODES_AT_ONCE,
+            LARGE_DECODE_WAIT_S,
+            LargeDecodesBusyError,
+            "This server is decoding another large picture; retry shortly.",
+        ):
+            yield
+    finally:
+        with _LARGE_BY_KEY_LOCK:
+            _LARGE_BY_KEY.discard(key)
+
+
+class PixelBudget:
+    """Pixels of full-size decodes in flight in this process, up to a budget: a request holds
+    its picture's (up to the whole budget) for its decode, waiting up to `wait_s` for them."""
+
+    def __init__(self, pixels: int) -> None:
+        self.total = pixels
+        self._free = pixels
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int, wait_s: float) -> Iterator[None]:
+        need = min(pixels, self.total)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._free >= need, timeout=wait_s):
+                raise OverlaysBusyError(
+                    "This server is drawing as many overlays as it takes at once; retry shortly.",
+                    retry_after=1,
+                )
+            self._free -= need
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += need
+                self._changed.notify_all()
+
+
+class OverlaysBusyError(UnavailableError):
+    code = "overlays_busy"
+
+
+# Overlays of any size draw from this budget (~10 bytes a pixel at the peak of a full-size
+# decode, blend and PNG encode: ~80 MB at most in flight): 24 threads drawing one client's
+# 4 MP overlay at once took two API processes to 2 GB. Pet photos (0.2 MP) draw 40 at once.
+OVERLAY_PIXELS_AT_ONCE = PixelBudget(8_000_000)
 
 
 @bp.get("/jobs/<job_id>/overlay.png")
 def read_overlay(job_id: str) -> Response:
-    """The input with the mask blended on it. Drawing one over LARGE_DECODE_PIXELS takes one
-    of the key's submission tokens as well as the process's large-decode turn: a client
-    asking again and again for its own 40 MP overlay would otherwise hold that turn for as
-    long as it liked, and every other client's large upload would wait, then get a 503."""
+    """The input with the mask blended on it. Every overlay draws within the process's budget
+    of pixels in flight (`OVERLAY_PIXELS_AT_ONCE`); one over LARGE_DECODE_PIXELS also takes
+    one of the key's submission tokens and the process's large-decode turn, one at a time per
+    key: a client asking again and again for its own 40 MP overlay would otherwise hold that
+    turn for as long as it liked, and every other client's large upload would wait, then get
+    a 503."""
     cfg = settings()
     session, scope, store = db(), _scope(), blob_store(cfg)
     job = job_service.get_finished_job(session=session, job_id=job_id, client_id=scope)
-    large = job.input_width * job.input_height > LARGE_DECODE_PIXELS
+    pixels = job.input_width * job.input_height
+    large = pixels > LARGE_DECODE_PIXELS
     if large:
         limits.check_rate(client_key=str(current_client().id), settings=cfg)
-    with large_decode_turn() if large else nullcontext():
+    with (
+        large_decode_turn() if large else nullcontext(),
+        OVERLAY_PIXELS_AT_ONCE.hold(pixels, LARGE_DECODE_WAIT_S),
+    ):
         data = job_service.read_overlay_png(
             session=session, job_id=job_id, client_id=scope, store=store
         )

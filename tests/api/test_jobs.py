@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -386,3 +388,102 @@ def test_a_repeated_query_parameter_is_refused_not_half_read(client, auth) -> No
         assert "more than once" in resp.get_json()["message"]
     listed = client.get(f"/v1/jobs?ids={first},{second}", headers=auth).get_json()
     assert [job["id"] for job in listed["jobs"]] == [first, second]
+
+
+def test_overlays_draw_within_the_processs_pixel_budget(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Overlays under the large-decode line had no bound at all: 24 threads drawing one
+    client's 4 MP overlay took two API processes to 2 GB (each decodes its input at full
+    size). They now draw within a budget of pixels in flight, and wait for it (503 past the
+    wait)."""
+    from api.routes import jobs as routes
+    from segsvc.services import jobs as job_service
+
+    job = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
+    mark_succeeded(settings, job, encode_mask_png(np.ones((48, 64), np.uint8)))
+    budget = routes.PixelBudget(2 * 64 * 48)  # two of these at once
+    monkeypatch.setattr(routes, "OVERLAY_PIXELS_AT_ONCE", budget)
+    real, lock, now, peak = job_service.read_overlay_png, threading.Lock(), [0], [0]
+
+    def counted(**kwargs):  # type: ignore[no-untyped-def]
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        try:
+            time.sleep(0.2)  # a 4 MP decode, blend and encode take ~0.7 s
+            return real(**kwargs)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(job_service, "read_overlay_png", counted)
+    codes: list[int] = []
+
+    def get() -> None:
+        answer = client.application.test_client().get(f"/v1/jobs/{job}/overlay.png", headers=auth)
+        codes.append(answer.status_code)
+
+    threads = [threading.Thread(target=get) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert codes == [200] * 6
+    assert peak[0] == 2
+    monkeypatch.setattr(routes, "LARGE_DECODE_WAIT_S", 0.2)
+    with budget.hold(budget.total, 1.0):  # others' overlays take the whole budget
+        busy = client.get(f"/v1/jobs/{job}/overlay.png", headers=auth)
+    assert (busy.status_code, busy.get_json()["error"]) == (503, "overlays_busy")
+    assert busy.headers["Retry-After"] == "1"
+
+
+def test_one_key_holds_one_large_decode_at_a_time_so_others_get_their_turn(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key asking for its own large overlay from several threads held the process's one
+    large-decode turn for good (each took a token, but the rate allows ten a second), and
+    another client's large upload waited, then got a 503."""
+    from api.routes import jobs as routes
+    from segsvc import images
+    from segsvc.services import jobs as job_service
+    from segsvc.services.keys import create_key
+
+    with session_scope(settings) as session:
+        _, other = create_key(session=session, name="other")
+    job = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
+    mark_succeeded(settings, job, encode_mask_png(np.ones((48, 64), np.uint8)))
+    monkeypatch.setattr(routes, "LARGE_DECODE_PIXELS", 100)  # 64 x 48 counts as large now
+    monkeypatch.setattr(images, "LARGE_DECODE_PIXELS", 100)
+    monkeypatch.setattr(routes, "LARGE_DECODE_WAIT_S", 1.0)
+    real = job_service.read_overlay_png
+
+    def slow(**kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.4)  # a 40 MP overlay takes ~3-7 s: scaled down with the wait
+        return real(**kwargs)
+
+    monkeypatch.setattr(job_service, "read_overlay_png", slow)
+    stop, hogged = threading.Event(), []
+
+    def hog() -> None:
+        own = client.application.test_client()
+        while not stop.is_set():
+            hogged.append(own.get(f"/v1/jobs/{job}/overlay.png", headers=auth).status_code)
+
+    hogs = [threading.Thread(target=hog) for _ in range(4)]
+    for thread in hogs:
+        thread.start()
+    time.sleep(0.2)
+    try:
+        theirs = submit(
+            client.application.test_client(),
+            {"Authorization": f"Bearer {other}"},
+            png_bytes((64, 48)),
+        )
+    finally:
+        stop.set()
+        for thread in hogs:
+            thread.join()
+    assert theirs.status_code == 202, theirs.get_json()
+    assert 200 in hogged
+    assert 429 in hogged  # its own second large decode: told at once, not queued

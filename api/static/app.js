@@ -16,7 +16,7 @@ const STATUS_WORDS = {
 const $ = (id) => document.getElementById(id);
 const state = { config: { auth_required: true, max_upload_bytes: 10 * 1024 * 1024 }, job: null,
                 urls: [], pollTimer: null, generation: 0, overlayUrl: null, originalUrl: null,
-                xhr: null, cancelRequested: false };
+                xhr: null, cancelRequested: false, pollFailures: 0 };
 
 // What an HTTP header can carry: a key pasted with a zero-width space or an ellipsis made
 // every request throw in setRequestHeader, and the page hung at "Uploading... 0%".
@@ -177,6 +177,12 @@ function schedulePoll(jobId, generation, delay) {
 // process is restarting (a rolling deploy). The job goes on meanwhile, so the page asks again.
 const TRANSIENT_STATUSES = [429, 502, 503, 504];
 
+const LOST_CONTACT_POLLS = 3;
+
+function jobUnfinished() {
+  return Boolean(state.job) && !["succeeded", "failed", "canceled"].includes(state.job.status);
+}
+
 function retryDelay(headers, delay) {
   const wait = parseInt(headers ? headers.get("Retry-After") : "", 10);
   return Number.isFinite(wait) ? Math.max(wait, 0) * 1000 : Math.min(delay * 2, 5000);
@@ -191,12 +197,24 @@ async function poll(jobId, generation, delay) {
     resp = null;
   }
   if (generation !== state.generation) return;
+  // The service unreachable poll after poll (stopped, or the network gone): said, while the
+  // page goes on asking; a job waiting in a long queue looked the same as a dead server.
+  if (!resp) {
+    state.pollFailures += 1;
+    if (state.pollFailures >= LOST_CONTACT_POLLS) {
+      showError("Lost contact with the service; still trying every few seconds. Check that it is running.");
+    }
+  } else if (state.pollFailures) {
+    if (state.pollFailures >= LOST_CONTACT_POLLS) clearError();
+    state.pollFailures = 0;
+  }
   if (!resp || TRANSIENT_STATUSES.includes(resp.status)) {
     schedulePoll(jobId, generation, retryDelay(resp && resp.headers, delay));
     return;
   }
-  if (!resp.ok) {
+  if (!resp.ok) {  // polling stops here: the page says so, and a saved key starts it again
     showError(describeError(resp.status, body, resp.headers));
+    setStep("done", "Stopped checking on the job.", true);
     return;
   }
   if (!body || typeof body.status !== "string") {  // a 200 that is not a job: a proxy's page
@@ -226,12 +244,20 @@ function showJob(job) {
 async function cancelJob() {
   if (!state.job) return;
   const generation = state.generation;  // a new photo meanwhile: this answer is not its job's
+  const button = $("cancel-button");
+  button.disabled = true;  // one cancel at a time
   const resp = await fetch("/v1/jobs/" + encodeURIComponent(state.job.id) + "/cancel",
     { method: "POST", headers: authHeaders() }).catch(() => null);
+  button.disabled = false;
   if (generation !== state.generation) return;
   if (!resp) { showError(describeError(0)); return; }
   const body = await resp.json().catch(() => null);
   if (generation !== state.generation) return;
+  if (resp.status === 409) {  // it ended first (the page polls every 2 s): show how, no error
+    button.hidden = true;
+    schedulePoll(state.job.id, generation, 0);
+    return;
+  }
   if (!resp.ok) { showError(describeError(resp.status, body, resp.headers)); return; }
   state.cancelRequested = true;
   state.job = body;
@@ -254,11 +280,13 @@ function resetResults() {
   state.urls = [];
   state.job = null;
   state.cancelRequested = false;
+  state.pollFailures = 0;
   $("results").hidden = true;
   $("show-original").checked = false;
   $("show-original").disabled = false;
   $("download-overlay").hidden = false;
-  $("left-caption").textContent = "Overlay";
+  $("left-caption").textContent = LEFT_PANELS.overlay[0];
+  $("overlay-img").alt = LEFT_PANELS.overlay[1];
   $("overlay-img").removeAttribute("src");
   $("job-details").textContent = "";
 }
@@ -299,11 +327,10 @@ async function loadResults(job, generation) {
   state.overlayUrl = overlay.status === "fulfilled"
     ? trackUrl(URL.createObjectURL(overlay.value)) : state.originalUrl;
   const maskUrl = trackUrl(URL.createObjectURL(mask.value));
-  $("overlay-img").src = state.overlayUrl;
+  showLeft(overlay.status === "fulfilled" ? "overlay" : "original");
   $("download-overlay").hidden = overlay.status !== "fulfilled";
   $("show-original").disabled = overlay.status !== "fulfilled";
   if (overlay.status === "rejected") {
-    $("left-caption").textContent = "Original photo";
     showError(sentence("The overlay could not be drawn, the mask is shown: " + overlay.reason.message));
   }
   try {
@@ -368,6 +395,20 @@ function showDetails(job) {
   });
 }
 
+// The left panel: the overlay or the photo itself, its caption and its alt text saying which
+// (a screen reader announced the plain photo as the overlay).
+const LEFT_PANELS = {
+  overlay: ["Overlay", "The photo with the segmentation blended on it"],
+  original: ["Original photo", "The original photo"],
+};
+
+function showLeft(which) {
+  const [caption, alt] = LEFT_PANELS[which];
+  $("overlay-img").src = which === "original" ? state.originalUrl : state.overlayUrl;
+  $("overlay-img").alt = alt;
+  $("left-caption").textContent = caption;
+}
+
 // --- wiring -------------------------------------------------------------------------------
 function wire() {
   $("key-form").addEventListener("submit", (event) => {
@@ -381,6 +422,11 @@ function wire() {
     if (key) localStorage.setItem(KEY_STORAGE, key);
     showKeyState();
     clearError();
+    // A poll refused for the key (Forget pressed, a key mis-pasted) stopped; this one goes on.
+    if (jobUnfinished()) {
+      showJob(state.job);
+      schedulePoll(state.job.id, state.generation, 0);
+    }
   });
   $("key-forget").addEventListener("click", () => {
     localStorage.removeItem(KEY_STORAGE);
@@ -399,17 +445,24 @@ function wire() {
   ["dragleave", "drop"].forEach((name) => zone.addEventListener(name, () => zone.classList.remove("dragging")));
   zone.addEventListener("drop", (event) => {
     event.preventDefault();
-    const file = event.dataTransfer.files[0];
-    if (file) startUpload(file);
+    const files = Array.from(event.dataTransfer.files);
+    // One photo at a time here (`segsvc submit` takes folders): the first image dropped, and
+    // a word on the others, which were dropped silently.
+    const file = files.find((f) => !f.type || ALLOWED_TYPES.includes(f.type)) || files[0];
+    if (!file) return;
+    startUpload(file);
+    if (files.length > 1) {
+      const others = files.length - 1;
+      showError("One photo at a time: sending " + file.name + "; the other " + others +
+                (others === 1 ? " was" : " were") + " not sent.");
+    }
   });
   zone.addEventListener("keydown", (event) => {
     if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("file-input").click(); }
   });
   $("cancel-button").addEventListener("click", cancelJob);
   $("show-original").addEventListener("change", (event) => {
-    const original = event.target.checked;
-    $("overlay-img").src = original ? state.originalUrl : state.overlayUrl;
-    $("left-caption").textContent = original ? "Original photo" : "Overlay";
+    showLeft(event.target.checked ? "original" : "overlay");
   });
 }
 

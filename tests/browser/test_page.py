@@ -455,3 +455,112 @@ def test_page_ends_a_failed_jobs_message_with_one_full_stop(
     upload(tab, tmp_path, "dog.png")
     tab.wait_for_selector("#error-box:not([hidden])")
     assert tab.inner_text("#error-box") == "The job failed: The stored model input is malformed."
+
+
+def test_page_says_when_it_lost_contact_and_when_it_has_it_again(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """Polls that could not reach the service were retried in silence: a stopped server looked
+    like a long queue ("Waiting in the queue for a worker.") for as long as one waited."""
+    tab, _ = page
+    jobs = FakeJobs(tab, ["abort"])  # every poll: the connection refused or cut
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "cat.png")
+    tab.wait_for_selector("#error-box:not([hidden])", timeout=15_000)
+    assert "Lost contact with the service; still trying" in tab.inner_text("#error-box")
+    jobs.polls = [(200, FakeJobs.job("succeeded"))]
+    tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
+    assert tab.is_hidden("#error-box")
+
+
+def test_page_a_cancel_that_lost_the_race_shows_the_result_and_no_error(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """The job ended while the cancel was on its way (the page polls every 2 s): its 409 was
+    shown as an error beside the finished result."""
+    tab, _ = page
+    jobs = FakeJobs(tab, [(200, FakeJobs.job("running"))], hold={"POST /v1/jobs/job-1/cancel"})
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "cat.png")
+    tab.wait_for_selector("#cancel-button:not([hidden])")
+    tab.click("#cancel-button")
+    wait_for_request(tab, jobs, "POST /v1/jobs/job-1/cancel")
+    assert tab.is_disabled("#cancel-button")  # one cancel at a time
+    conflict = (409, {"error": "conflict", "message": "Job job-1 is already succeeded."})
+    jobs.polls = [(200, FakeJobs.job("succeeded"))]
+    jobs.send(jobs.held.pop("POST /v1/jobs/job-1/cancel"), conflict)
+    tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
+    tab.wait_for_timeout(300)
+    assert tab.is_hidden("#error-box"), tab.inner_text("#error-box")
+    assert tab.is_hidden("#cancel-button")
+
+
+def test_page_says_which_of_several_dropped_photos_it_sent(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """Dropping three photos sent the first and said nothing of the others; a first file that
+    was not an image refused the whole drop."""
+    tab, _ = page
+    jobs = FakeJobs(tab, [(200, FakeJobs.job("succeeded"))])
+    save_key(tab, api_key)
+    (tmp_path / "notes.txt").write_text("not a photo")
+    files = [str(tmp_path / "notes.txt")]
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(png_bytes("RGB", (0, 128, 0)))
+        files.append(str(tmp_path / name))
+    cdp = tab.context.new_cdp_session(tab)
+    box = tab.locator("#drop-zone").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    data = {"items": [], "files": files, "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        cdp.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+    tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
+    assert jobs.uploads == 1
+    assert tab.inner_text("#error-box") == (
+        "One photo at a time: sending a.png; the other 2 were not sent."
+    )
+
+
+def test_page_a_key_saved_again_resumes_the_polls_it_stopped(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """A poll refused for the key stopped polling for good, the Running step still lit; and
+    saving the key again cleared the error but left the page saying a worker was busy."""
+    tab, _ = page
+    unauthorized = (401, {"error": "unauthorized", "message": "Missing API key."})
+    jobs = FakeJobs(tab, [(200, FakeJobs.job("running"))])
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "cat.png")
+    tab.wait_for_function(
+        "() => document.getElementById('status-text').textContent.startsWith('A worker')"
+    )
+    jobs.polls = [unauthorized]
+    tab.wait_for_selector("#error-box:not([hidden])", timeout=10_000)
+    assert tab.inner_text("#status-text") == "Stopped checking on the job."
+    assert tab.locator("#steps li.active").count() == 0
+    jobs.polls = [(200, FakeJobs.job("succeeded"))]
+    save_key(tab, api_key)
+    tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
+
+
+def test_page_names_its_controls_for_screen_readers(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    tab, _ = page
+    FakeJobs(tab, [(200, FakeJobs.job("succeeded"))])
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "cat.png")
+    tab.wait_for_function(RESULTS_SHOWN)
+    cdp = tab.context.new_cdp_session(tab)
+    nodes = cdp.send("Accessibility.getFullAXTree")["nodes"]
+    named = {
+        (n.get("role", {}).get("value"), n.get("name", {}).get("value"))
+        for n in nodes
+        if not n.get("ignored")
+    }
+    assert ("button", "Drop a photo here, or choose a file") in named
+    assert ("progressbar", "Upload progress") in named
+    blended = "The photo with the segmentation blended on it"
+    assert tab.get_attribute("#overlay-img", "alt") == blended
+    tab.check("#show-original")
+    assert tab.get_attribute("#overlay-img", "alt") == "The original photo"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,12 @@ def _category(ip: IPAddress) -> str | None:
 # never answer would otherwise hold an API request (and its pooled database connection) or a
 # delivery thread for as long as the system resolver keeps retrying.
 RESOLVE_TIMEOUT_S = 5.0
+# A host whose lookup timed out is answered at once for this long: a client pointing its
+# webhooks at a domain whose name servers drop queries held a request thread 5 s per submit
+# (ten a second at its rate: two API pods' threads) and left a lookup thread behind each.
+TIMED_OUT_MEMORY_S = 60.0
+_timed_out: dict[str, float] = {}  # host -> when its lookup last timed out (monotonic)
+_timed_out_lock = threading.Lock()
 
 
 def resolve(host: str, port: int, *, timeout: float = RESOLVE_TIMEOUT_S) -> list[str]:
@@ -125,6 +132,12 @@ def resolve(host: str, port: int, *, timeout: float = RESOLVE_TIMEOUT_S) -> list
     the caller stops waiting for it: a lookup left hanging holds only its own thread (until
     the resolver gives up), never a shared pool that every other host's lookup would queue
     behind."""
+    with _timed_out_lock:
+        since = _timed_out.get(host)
+        if since is not None and time.monotonic() - since < TIMED_OUT_MEMORY_S:
+            raise TimeoutError(
+                f"resolving {host!r} took over {timeout:g} s less than {TIMED_OUT_MEMORY_S:g} s ago"
+            )
     found: list[Any] = []
     failed: list[BaseException] = []
     done = threading.Event()
@@ -139,6 +152,11 @@ def resolve(host: str, port: int, *, timeout: float = RESOLVE_TIMEOUT_S) -> list
 
     threading.Thread(target=lookup, name="seg-dns", daemon=True).start()
     if not done.wait(timeout):
+        with _timed_out_lock:
+            _timed_out[host] = time.monotonic()
+            if len(_timed_out) > 10_000:  # many hosts: the oldest memories go first
+                for stale in sorted(_timed_out, key=_timed_out.__getitem__)[:5_000]:
+                    del _timed_out[stale]
         raise TimeoutError(f"resolving {host!r} took over {timeout:g} s")
     if failed:
         raise failed[0]

@@ -226,6 +226,44 @@ def test_a_host_whose_lookup_hangs_is_unresolvable_after_the_timeout(
         release.set()
 
 
+def test_a_host_whose_lookup_timed_out_is_answered_at_once_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each submit naming a host whose name servers drop queries held its request thread for
+    the whole timeout (5 s; ten submits a second at a key's rate: two API pods' threads), and
+    left one more lookup thread hanging."""
+    import socket
+    import threading
+    import time
+
+    from segsvc.webhooks import ssrf
+
+    release, lookups = threading.Event(), []
+
+    def hanging(host: str, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(host)
+        release.wait(10)  # no network: this stands in for the system resolver
+        return []
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    monkeypatch.setattr(ssrf, "_timed_out", {})
+    try:
+        with pytest.raises(TimeoutError):
+            ssrf.resolve("drop.slow.invalid", 443, timeout=0.2)
+        started = time.monotonic()
+        for _ in range(5):
+            with pytest.raises(TimeoutError, match="less than 60 s ago"):
+                ssrf.resolve("drop.slow.invalid", 443, timeout=0.2)
+        assert time.monotonic() - started < 0.1  # no wait, and no new lookup
+        assert lookups == ["drop.slow.invalid"]
+        ssrf._timed_out["drop.slow.invalid"] -= ssrf.TIMED_OUT_MEMORY_S  # a minute later
+        with pytest.raises(TimeoutError):
+            ssrf.resolve("drop.slow.invalid", 443, timeout=0.05)
+        assert lookups == ["drop.slow.invalid"] * 2  # asked again
+    finally:
+        release.set()
+
+
 def test_loggable_url_drops_credentials_and_query() -> None:
     from segsvc.webhooks.ssrf import loggable_url
 

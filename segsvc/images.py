@@ -52,26 +52,36 @@ _PROGRESSIVE_SOFS = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xDA)})  # TEM, RSTn, SOI, EOI: no length
 
 
-def whole_image_jpeg(data: bytes) -> bool:
+def whole_image_jpeg(data: bytes, progressive: bool = False) -> bool:
     """Whether libjpeg decodes this JPEG through coefficient buffers of the whole image at
-    full size, whatever the draft scale: a progressive one, or one of several scans (as the
-    markers before its first scan and a second SOS marker after it say; the segments before
-    the first scan are stepped over by length, so an EXIF thumbnail's own scan is not
-    counted). A second JPEG appended (an MPO's) also counts: a wait, never a refusal."""
-    i = 2
-    while i + 4 <= len(data) and data[i] == 0xFF:
-        marker = data[i + 1]
-        if marker == 0xFF:  # a fill byte
+    full size, whatever the draft scale: a progressive one (`progressive`: Pillow's header
+    says so, or its start-of-frame marker does), or one of several scans (an SOS marker
+    after the first scan and before the picture's end, EOI: an MPO's second picture, after
+    that end, is not one). The segments before the first scan are stepped over by length, so
+    an EXIF thumbnail's own scan is not counted, and stray bytes between them are skipped as
+    Pillow and libjpeg skip them. A walk that finds no scan says yes: a wait, not a refusal."""
+    if progressive:
+        return True
+    i, end = 2, len(data)
+    while i + 1 < end:
+        if data[i] != 0xFF:  # junk between segments
             i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xFF, 0x00):  # a fill byte; a stray FF00
+            i += 1 if marker == 0xFF else 2
         elif marker in _PROGRESSIVE_SOFS:
             return True
         elif marker == 0xDA:  # the first scan: in scan data 0xFF is followed by 0 or RSTn
-            return data.find(b"\xff\xda", i + 2) != -1
+            last = data.find(b"\xff\xd9", i + 2)
+            return data.find(b"\xff\xda", i + 2, last if last != -1 else end) != -1
         elif marker in _STANDALONE_MARKERS:
             i += 2
-        else:
+        elif i + 4 <= end:
             i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return False
+        else:
+            break
+    return True
 
 
 def validate_image(
@@ -102,6 +112,7 @@ def validate_image(
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
+                progressive = bool(img.info.get("progressive") or img.info.get("progression"))
     except Exception as exc:  # _sniff_format opened these bytes, so this should not happen
         raise InvalidImageError(f"The image could not be decoded: {exc}") from exc
     pixels = width * height
@@ -109,7 +120,7 @@ def validate_image(
         raise InvalidImageError(
             f"The image has {pixels} pixels, more than the limit of {max_pixels}."
         )
-    whole = fmt in ("JPEG", "MPO") and whole_image_jpeg(data)
+    whole = fmt in ("JPEG", "MPO") and whole_image_jpeg(data, progressive)
     scale = 1 if whole else draft_scale(fmt, width, height)
     large = pixels / scale**2 > LARGE_DECODE_PIXELS
     with large_decode() if large else nullcontext():

@@ -8,7 +8,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager as ContextManager
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
@@ -446,26 +446,33 @@ class OwnLargeDecodePendingError(RateLimitedError):
     code = "large_decode_pending"
 
 
+def large_decode_turn() -> ContextManager[None]:
+    """The process's large-decode turn (uploads and feedback masks: each is new work, paid for
+    with a token, and waits its turn)."""
+    return _turn(
+        LARGE_DECODES_AT_ONCE,
+        LARGE_DECODE_WAIT_S,
+        LargeDecodesBusyError,
+        "This server is decoding another large picture; retry shortly.",
+    )
+
+
 @contextmanager
-def large_decode_turn() -> Iterator[None]:
-    """The process's large-decode turn, for one large picture of this key at a time (another
-    one of its own meanwhile: 429 at once)."""
+def own_large_decode_turn() -> Iterator[None]:
+    """The large-decode turn for drawing an overlay, one of this key's at a time in this
+    process (another one of its own meanwhile: 429 at once). An overlay is the same picture
+    asked for again: a key asking for its own from several threads kept the turn for good."""
     key = str(current_client().id)
     with _LARGE_BY_KEY_LOCK:
         if key in _LARGE_BY_KEY:
             raise OwnLargeDecodePendingError(
-                "This key has a large picture being decoded on this server already; send the "
+                "This key has a large overlay being drawn on this server already; ask for the "
                 "next one when that has been answered.",
                 retry_after=1,
             )
         _LARGE_BY_KEY.add(key)
     try:
-        with _turn(
-            LARGE_DECODES_AT_ONCE,
-            LARGE_DECODE_WAIT_S,
-            LargeDecodesBusyError,
-            "This server is decoding another large picture; retry shortly.",
-        ):
+        with large_decode_turn():
             yield
     finally:
         with _LARGE_BY_KEY_LOCK:
@@ -511,8 +518,8 @@ OVERLAY_PIXELS_AT_ONCE = PixelBudget(8_000_000)
 
 @bp.get("/jobs/<job_id>/overlay.png")
 def read_overlay(job_id: str) -> Response:
-    """The input with the mask blended on it. Every overlay draws within the process's budget
-    of pixels in flight (`OVERLAY_PIXELS_AT_ONCE`); one over LARGE_DECODE_PIXELS also takes
+    """The input with the mask blended on it. An overlay draws within the process's budget of
+    pixels in flight (`OVERLAY_PIXELS_AT_ONCE`); one over LARGE_DECODE_PIXELS instead takes
     one of the key's submission tokens and the process's large-decode turn, one at a time per
     key: a client asking again and again for its own 40 MP overlay would otherwise hold that
     turn for as long as it liked, and every other client's large upload would wait, then get
@@ -524,9 +531,12 @@ def read_overlay(job_id: str) -> Response:
     large = pixels > LARGE_DECODE_PIXELS
     if large:
         limits.check_rate(client_key=str(current_client().id), settings=cfg)
+    # A large one is bounded by the turn (one at a time), a usual one by the pixel budget:
+    # never both, so none holds one while it waits for the other.
     with (
-        large_decode_turn() if large else nullcontext(),
-        OVERLAY_PIXELS_AT_ONCE.hold(pixels, LARGE_DECODE_WAIT_S),
+        own_large_decode_turn()
+        if large
+        else OVERLAY_PIXELS_AT_ONCE.hold(pixels, LARGE_DECODE_WAIT_S)
     ):
         data = job_service.read_overlay_png(
             session=session, job_id=job_id, client_id=scope, store=store

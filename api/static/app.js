@@ -119,12 +119,12 @@ function checkFile(file) {
   return null;
 }
 
-function startUpload(file) {
+function startUpload(file) {  // whether it started (else the error box says why not)
   clearError();
   const problem = checkFile(file);
   if (problem) {
     showError(problem);
-    return;
+    return false;
   }
   resetResults();
   const generation = ++state.generation;
@@ -151,7 +151,7 @@ function startUpload(file) {
       setProgress(100);
       state.job = body;
       showJob(body);
-      schedulePoll(body.id, generation, 300);
+      schedulePoll(body.id, generation, FIRST_POLL_MS);
     } else {
       $("progress-box").hidden = true;  // nothing was stored; the error says why
       showError(describeError(xhr.status, body, xhr.getResponseHeader("Retry-After")));
@@ -165,6 +165,7 @@ function startUpload(file) {
   };
   state.xhr = xhr;
   xhr.send(form);
+  return true;
 }
 
 // --- polling ------------------------------------------------------------------------------
@@ -178,6 +179,9 @@ function schedulePoll(jobId, generation, delay) {
 const TRANSIENT_STATUSES = [429, 502, 503, 504];
 
 const LOST_CONTACT_POLLS = 3;
+// The first poll's delay, and the least between two: a delay of 0 grew to 0 (x 1.5, x 2), and
+// the page asked as fast as the server answered.
+const FIRST_POLL_MS = 300;
 
 function jobUnfinished() {
   return Boolean(state.job) && !["succeeded", "failed", "canceled"].includes(state.job.status);
@@ -185,7 +189,8 @@ function jobUnfinished() {
 
 function retryDelay(headers, delay) {
   const wait = parseInt(headers ? headers.get("Retry-After") : "", 10);
-  return Number.isFinite(wait) ? Math.max(wait, 0) * 1000 : Math.min(delay * 2, 5000);
+  return Number.isFinite(wait) ? Math.max(wait, 0) * 1000
+    : Math.min(Math.max(delay * 2, FIRST_POLL_MS), 5000);
 }
 
 async function poll(jobId, generation, delay) {
@@ -228,7 +233,7 @@ async function poll(jobId, generation, delay) {
   } else if (body.status === "failed") {
     showError(sentence("The job failed: " + ((body.error && body.error.message) || "no reason given")));
   } else if (body.status !== "canceled") {
-    schedulePoll(jobId, generation, Math.min(delay * 1.5, 2000));
+    schedulePoll(jobId, generation, Math.max(Math.min(delay * 1.5, 2000), FIRST_POLL_MS));
   }
 }
 
@@ -255,7 +260,7 @@ async function cancelJob() {
   if (generation !== state.generation) return;
   if (resp.status === 409) {  // it ended first (the page polls every 2 s): show how, no error
     button.hidden = true;
-    schedulePoll(state.job.id, generation, 0);
+    schedulePoll(state.job.id, generation, FIRST_POLL_MS);
     return;
   }
   if (!resp.ok) { showError(describeError(resp.status, body, resp.headers)); return; }
@@ -425,7 +430,7 @@ function wire() {
     // A poll refused for the key (Forget pressed, a key mis-pasted) stopped; this one goes on.
     if (jobUnfinished()) {
       showJob(state.job);
-      schedulePoll(state.job.id, state.generation, 0);
+      schedulePoll(state.job.id, state.generation, FIRST_POLL_MS);
     }
   });
   $("key-forget").addEventListener("click", () => {
@@ -449,8 +454,7 @@ function wire() {
     // One photo at a time here (`segsvc submit` takes folders): the first image dropped, and
     // a word on the others, which were dropped silently.
     const file = files.find((f) => !f.type || ALLOWED_TYPES.includes(f.type)) || files[0];
-    if (!file) return;
-    startUpload(file);
+    if (!file || !startUpload(file)) return;  // refused: its reason stays shown
     if (files.length > 1) {
       const others = files.length - 1;
       showError("One photo at a time: sending " + file.name + "; the other " + others +

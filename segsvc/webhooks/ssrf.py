@@ -116,9 +116,11 @@ def _category(ip: IPAddress) -> str | None:
 # never answer would otherwise hold an API request (and its pooled database connection) or a
 # delivery thread for as long as the system resolver keeps retrying.
 RESOLVE_TIMEOUT_S = 5.0
-# A host whose lookup timed out is answered at once for this long: a client pointing its
-# webhooks at a domain whose name servers drop queries held a request thread 5 s per submit
-# (ten a second at its rate: two API pods' threads) and left a lookup thread behind each.
+# A host whose lookup timed out, and still hangs, is answered at once for this long: a client
+# pointing its webhooks at a domain whose name servers drop queries held a request thread 5 s
+# per submit (ten a second at its rate: two API pods' threads) and left a lookup thread behind
+# each. A lookup that answers late (a dropped packet retried) is forgotten as it answers.
+# Names of their own under that domain (a1., a2.) are not covered: each is looked up once.
 TIMED_OUT_MEMORY_S = 60.0
 _timed_out: dict[str, float] = {}  # host -> when its lookup last timed out (monotonic)
 _timed_out_lock = threading.Lock()
@@ -132,8 +134,9 @@ def resolve(host: str, port: int, *, timeout: float = RESOLVE_TIMEOUT_S) -> list
     the caller stops waiting for it: a lookup left hanging holds only its own thread (until
     the resolver gives up), never a shared pool that every other host's lookup would queue
     behind."""
+    name = host.lower().rstrip(".")  # one memory for `Hook.example.` and `hook.example`
     with _timed_out_lock:
-        since = _timed_out.get(host)
+        since = _timed_out.get(name)
         if since is not None and time.monotonic() - since < TIMED_OUT_MEMORY_S:
             raise TimeoutError(
                 f"resolving {host!r} took over {timeout:g} s less than {TIMED_OUT_MEMORY_S:g} s ago"
@@ -145,6 +148,8 @@ def resolve(host: str, port: int, *, timeout: float = RESOLVE_TIMEOUT_S) -> list
     def lookup() -> None:
         try:
             found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            with _timed_out_lock:  # answered after all (a retried packet): forgotten at once
+                _timed_out.pop(name, None)
         except BaseException as exc:  # handed to the caller, if it still waits
             failed.append(exc)
         finally:
@@ -153,7 +158,8 @@ def resolve(host: str, port: int, *, timeout: float = RESOLVE_TIMEOUT_S) -> list
     threading.Thread(target=lookup, name="seg-dns", daemon=True).start()
     if not done.wait(timeout):
         with _timed_out_lock:
-            _timed_out[host] = time.monotonic()
+            if not done.is_set():  # still hanging (not answered since the wait ended)
+                _timed_out[name] = time.monotonic()
             if len(_timed_out) > 10_000:  # many hosts: the oldest memories go first
                 for stale in sorted(_timed_out, key=_timed_out.__getitem__)[:5_000]:
                     del _timed_out[stale]

@@ -487,3 +487,42 @@ def test_one_key_holds_one_large_decode_at_a_time_so_others_get_their_turn(  # t
     assert theirs.status_code == 202, theirs.get_json()
     assert 200 in hogged
     assert 429 in hogged  # its own second large decode: told at once, not queued
+
+
+def test_a_large_overlay_draws_outside_the_budget_and_a_keys_uploads_wait_their_turn(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large overlay waited for the pixel budget holding the one large-decode turn; and the
+    one-at-a-time rule for a key's large overlays must not refuse its uploads (each is new
+    work, paid with a token: it waits its turn)."""
+    from api.routes import jobs as routes
+    from segsvc import images
+    from segsvc.services import jobs as job_service
+
+    job = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
+    mark_succeeded(settings, job, encode_mask_png(np.ones((48, 64), np.uint8)))
+    monkeypatch.setattr(routes, "LARGE_DECODE_PIXELS", 100)  # 64 x 48 counts as large now
+    monkeypatch.setattr(images, "LARGE_DECODE_PIXELS", 100)
+    budget = routes.OVERLAY_PIXELS_AT_ONCE
+    with budget.hold(budget.total, 1.0):  # small overlays take the whole budget
+        drawn = client.get(f"/v1/jobs/{job}/overlay.png", headers=auth)
+    assert drawn.status_code == 200  # bounded by the turn, not by the budget
+    real = job_service.read_overlay_png
+
+    def slow(**kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.5)
+        return real(**kwargs)
+
+    monkeypatch.setattr(job_service, "read_overlay_png", slow)
+    drawing = threading.Thread(
+        target=lambda: client.application.test_client().get(
+            f"/v1/jobs/{job}/overlay.png", headers=auth
+        )
+    )
+    drawing.start()
+    time.sleep(0.1)
+    try:
+        uploaded = submit(client.application.test_client(), auth, png_bytes((64, 48)))
+    finally:
+        drawing.join()
+    assert uploaded.status_code == 202, uploaded.get_json()

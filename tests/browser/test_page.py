@@ -564,3 +564,41 @@ def test_page_names_its_controls_for_screen_readers(
     assert tab.get_attribute("#overlay-img", "alt") == blended
     tab.check("#show-original")
     assert tab.get_attribute("#overlay-img", "alt") == "The original photo"
+
+
+def test_page_saving_the_key_while_polling_keeps_the_polls_apart(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """Polling restarted by a saved key began at a delay of 0, and 0 x 1.5 stays 0: the page
+    asked as fast as the server answered (339 polls in 3 s)."""
+    tab, _ = page
+    jobs = FakeJobs(tab, [(200, FakeJobs.job("queued"))])
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "cat.png")
+    tab.wait_for_function(
+        "() => document.getElementById('status-text').textContent.startsWith('Waiting')"
+    )
+    save_key(tab, api_key)
+    before = jobs.seen.count("GET /v1/jobs/job-1")
+    tab.wait_for_timeout(3_000)
+    assert jobs.seen.count("GET /v1/jobs/job-1") - before <= 8
+
+
+def test_page_a_refused_drop_says_why_not_that_it_was_sent(
+    page: tuple[Any, str], tmp_path: Path
+) -> None:
+    tab, _ = page
+    jobs = FakeJobs(tab, [(200, FakeJobs.job("succeeded"))])
+    files = []
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(png_bytes("RGB", (0, 128, 0)))
+        files.append(str(tmp_path / name))
+    cdp = tab.context.new_cdp_session(tab)
+    box = tab.locator("#drop-zone").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    data = {"items": [], "files": files, "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        cdp.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+    tab.wait_for_selector("#error-box:not([hidden])")
+    assert jobs.uploads == 0
+    assert tab.inner_text("#error-box") == "Paste your API key above first."

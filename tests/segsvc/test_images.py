@@ -248,4 +248,37 @@ def test_whole_image_jpegs_are_told_by_their_markers() -> None:
     assert not whole_image_jpeg(baseline)
     assert not whole_image_jpeg(with_thumbnail)
     assert whole_image_jpeg(encode_image(photo, "JPEG", progressive=True))
-    assert whole_image_jpeg(baseline + thumbnail)  # a second picture after it: waits, harmless
+
+
+@pytest.mark.parametrize("junk", [b"\x00", b"\xff\x00", b"\x12\x34"])
+def test_a_progressive_jpeg_with_junk_between_segments_still_takes_the_turn(
+    junk: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow and libjpeg skip stray bytes between segments; the marker walk stopped at them,
+    and one inserted byte let a progressive JPEG decode without the large-decode turn."""
+    from segsvc import images
+
+    monkeypatch.setattr(images, "LARGE_DECODE_PIXELS", 1_000_000)
+    turns: list[int] = []
+
+    def turn() -> AbstractContextManager[object]:
+        turns.append(1)
+        return nullcontext()
+
+    photo = Image.new("RGB", (2048, 2048), (10, 200, 30))
+    progressive = encode_image(photo, "JPEG", progressive=True, subsampling=0)
+    app0_end = 4 + int.from_bytes(progressive[4:6], "big")  # SOI, then APP0 and its length
+    tampered = progressive[:app0_end] + junk + progressive[app0_end:]
+    images.validate_image(tampered, max_bytes=10**8, max_pixels=10**8, large_decode=turn)
+    assert turns == [1]
+
+
+def test_a_phone_photo_with_a_second_picture_appended_decodes_at_its_scale() -> None:
+    """An MPO (a phone's photo with a depth or gain map after it) counted its second picture's
+    scan as the first's: every 12 MP phone photo took the one large-decode turn."""
+    from segsvc.images import whole_image_jpeg
+
+    photo = Image.new("RGB", (300, 200), (200, 40, 40))
+    baseline = encode_image(photo, "JPEG")
+    assert not whole_image_jpeg(baseline + encode_image(photo.resize((30, 20)), "JPEG"))
+    assert whole_image_jpeg(baseline[:20])  # no scan found: a wait, not a refusal

@@ -264,6 +264,34 @@ def test_a_host_whose_lookup_timed_out_is_answered_at_once_for_a_while(
         release.set()
 
 
+def test_a_host_that_answered_late_is_not_remembered_as_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One lookup over the timeout that then answered (a dropped packet, retried after 5 s)
+    made a working host unresolvable for a minute, for every client of the process."""
+    import socket
+    import time
+
+    from segsvc.webhooks import ssrf
+
+    calls: list[str] = []
+
+    def once_slow(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        calls.append(host)
+        if len(calls) == 1:
+            time.sleep(0.3)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]  # no network
+
+    monkeypatch.setattr(socket, "getaddrinfo", once_slow)
+    monkeypatch.setattr(ssrf, "_timed_out", {})
+    with pytest.raises(TimeoutError):
+        ssrf.resolve("Hooks.Example.", 443, timeout=0.1)
+    assert "hooks.example" in ssrf._timed_out  # one memory whatever the case or final dot
+    time.sleep(0.4)  # it answered meanwhile
+    assert ssrf._timed_out == {}
+    assert ssrf.resolve("hooks.example", 443, timeout=0.1) == ["127.0.0.1"]
+
+
 def test_loggable_url_drops_credentials_and_query() -> None:
     from segsvc.webhooks.ssrf import loggable_url
 

@@ -430,53 +430,79 @@ def read_mask(job_id: str) -> Response:
 # cannot take an API process past its memory limit; the usual photo never waits.
 LARGE_DECODE_WAIT_S = 10.0
 LARGE_DECODES_AT_ONCE = threading.BoundedSemaphore(1)
-# Keys with a large decode held or waiting in this process: one each. A key asking for its
-# own 40 MP overlays (or sending large PNGs) from several threads held the one turn for as
-# long as it liked (each took a token, but a 40 MP overlay takes seconds, and the rate allows
-# ten a second), and every other client's large picture waited, then got a 503.
-_LARGE_BY_KEY: set[str] = set()
-_LARGE_BY_KEY_LOCK = threading.Lock()
+# A key's large decodes queue behind each other before the process's turn, so one key has one
+# request at a time in the turn's queue: a key asking for its own 40 MP overlays (or sending
+# large PNGs) from several threads held the one turn for as long as it liked, and another
+# client's large picture waited, then got a 503. Its own wait as long as KEY_TURN_WAIT_S, so
+# that a client drawing a folder's 12 MP overlays four at a time gets them one after the
+# other; past KEY_TURN_QUEUE waiting, it is told to slow down (429), not given more threads.
+KEY_TURN_WAIT_S = 60.0
+KEY_TURN_QUEUE = 4
 
 
 class LargeDecodesBusyError(UnavailableError):
     code = "large_decodes_busy"
 
 
-class OwnLargeDecodePendingError(RateLimitedError):
-    code = "large_decode_pending"
+class OwnLargeDecodesPendingError(RateLimitedError):
+    code = "large_decodes_pending"
 
 
-def large_decode_turn() -> ContextManager[None]:
-    """The process's large-decode turn (uploads and feedback masks: each is new work, paid for
-    with a token, and waits its turn)."""
-    return _turn(
-        LARGE_DECODES_AT_ONCE,
-        LARGE_DECODE_WAIT_S,
-        LargeDecodesBusyError,
-        "This server is decoding another large picture; retry shortly.",
-    )
+class _KeyTurns:
+    """Per key, one large decode in the process's turn (or waiting for it) at a time, and at
+    most KEY_TURN_QUEUE more waiting behind it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[str, tuple[threading.Lock, int]] = {}  # key -> (its turn, waiting)
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._lock:
+            turn, waiting = self._keys.get(key, (threading.Lock(), 0))
+            if waiting > KEY_TURN_QUEUE:
+                raise OwnLargeDecodesPendingError(
+                    f"This key has {waiting} large pictures being decoded or waiting on this "
+                    "server already; send more when those have been answered.",
+                    retry_after=1,
+                )
+            self._keys[key] = (turn, waiting + 1)
+        try:
+            if not turn.acquire(timeout=KEY_TURN_WAIT_S):
+                raise LargeDecodesBusyError(
+                    "This key's other large pictures kept this server busy; retry shortly.",
+                    retry_after=1,
+                )
+            try:
+                yield
+            finally:
+                turn.release()
+        finally:
+            with self._lock:
+                turn, waiting = self._keys[key]
+                if waiting > 1:
+                    self._keys[key] = (turn, waiting - 1)
+                else:
+                    del self._keys[key]
+
+
+KEY_TURNS = _KeyTurns()
 
 
 @contextmanager
-def own_large_decode_turn() -> Iterator[None]:
-    """The large-decode turn for drawing an overlay, one of this key's at a time in this
-    process (another one of its own meanwhile: 429 at once). An overlay is the same picture
-    asked for again: a key asking for its own from several threads kept the turn for good."""
-    key = str(current_client().id)
-    with _LARGE_BY_KEY_LOCK:
-        if key in _LARGE_BY_KEY:
-            raise OwnLargeDecodePendingError(
-                "This key has a large overlay being drawn on this server already; ask for the "
-                "next one when that has been answered.",
-                retry_after=1,
-            )
-        _LARGE_BY_KEY.add(key)
-    try:
-        with large_decode_turn():
-            yield
-    finally:
-        with _LARGE_BY_KEY_LOCK:
-            _LARGE_BY_KEY.discard(key)
+def large_decode_turn() -> Iterator[None]:
+    """The process's large-decode turn (up to LARGE_DECODE_WAIT_S), after this key's own
+    earlier large decodes (`KEY_TURNS`): for uploads, feedback masks and overlays alike."""
+    with (
+        KEY_TURNS.hold(str(current_client().id)),
+        _turn(
+            LARGE_DECODES_AT_ONCE,
+            LARGE_DECODE_WAIT_S,
+            LargeDecodesBusyError,
+            "This server is decoding another large picture; retry shortly.",
+        ),
+    ):
+        yield
 
 
 class PixelBudget:
@@ -520,10 +546,10 @@ OVERLAY_PIXELS_AT_ONCE = PixelBudget(8_000_000)
 def read_overlay(job_id: str) -> Response:
     """The input with the mask blended on it. An overlay draws within the process's budget of
     pixels in flight (`OVERLAY_PIXELS_AT_ONCE`); one over LARGE_DECODE_PIXELS instead takes
-    one of the key's submission tokens and the process's large-decode turn, one at a time per
-    key: a client asking again and again for its own 40 MP overlay would otherwise hold that
-    turn for as long as it liked, and every other client's large upload would wait, then get
-    a 503."""
+    one of the key's submission tokens and the process's large-decode turn, behind the key's
+    own (`KEY_TURNS`): a client asking again and again for its own 40 MP overlay would
+    otherwise hold that turn for as long as it liked, and every other client's large upload
+    would wait, then get a 503."""
     cfg = settings()
     session, scope, store = db(), _scope(), blob_store(cfg)
     job = job_service.get_finished_job(session=session, job_id=job_id, client_id=scope)
@@ -533,11 +559,7 @@ def read_overlay(job_id: str) -> Response:
         limits.check_rate(client_key=str(current_client().id), settings=cfg)
     # A large one is bounded by the turn (one at a time), a usual one by the pixel budget:
     # never both, so none holds one while it waits for the other.
-    with (
-        own_large_decode_turn()
-        if large
-        else OVERLAY_PIXELS_AT_ONCE.hold(pixels, LARGE_DECODE_WAIT_S)
-    ):
+    with large_decode_turn() if large else OVERLAY_PIXELS_AT_ONCE.hold(pixels, LARGE_DECODE_WAIT_S):
         data = job_service.read_overlay_png(
             session=session, job_id=job_id, client_id=scope, store=store
         )

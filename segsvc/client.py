@@ -15,6 +15,7 @@ import functools
 import io
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -31,6 +32,7 @@ from segsvc.client_errors import (
     AuthError,
     ClientError,
     ConflictError,
+    InvalidKeyError,
     InvalidRequestError,
     InvalidUrlError,
     NotFoundError,
@@ -111,6 +113,10 @@ MAX_IDS_PER_READ = 100
 # Beyond a wait's deadline, how long a request of it may still take to bring its answer: each
 # request of `Job.wait(timeout)` / `wait_many` times out then, whatever the server does.
 WAIT_MARGIN_S = 0.5
+
+
+# What an API key may hold to travel in a header: printable ASCII without spaces.
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
 def checked_url(url: str) -> str:
@@ -323,9 +329,18 @@ class Client:
         `checked_url`). `on_retry(error, pause_s)` is called before each retry (from the thread
         that sent the request; what it raises is ignored): the CLI says there that it is
         retrying a lost connection."""
-        self.url = checked_url(url or os.environ.get("SEG_URL") or DEFAULT_URL)
+        # Stripped: a key read from its file (`var/local_api_key`), a secret or a .env ends in
+        # a newline, which no header can carry; a URL pasted with a space before it was sent
+        # as it was (httpx keeps it), and each was retried as a lost connection.
+        self.url = checked_url((url or os.environ.get("SEG_URL") or DEFAULT_URL).strip())
         self.on_retry = on_retry
         key = api_key if api_key is not None else os.environ.get("SEG_API_KEY")
+        key = key.strip() if key else key
+        if key and not _HEADER_SAFE.fullmatch(key):
+            raise InvalidKeyError(
+                "the API key has characters no HTTP header can carry (spaces, control characters "
+                "or letters outside plain ASCII, often pasted along with it); copy it again"
+            )
         headers = {"User-Agent": "segsvc-client/0.1"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
@@ -582,6 +597,12 @@ class Client:
             timeout = base if deadline is None else _bounded(base, deadline)
             try:
                 resp = self._http.request(method, path, timeout=timeout, **kwargs)
+            except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
+                # Refused here before sending, and so every time: not a lost connection. The
+                # message names the request's parts, never its headers (the key).
+                raise ClientError(
+                    f"the request to {self.url} could not be sent: {type(exc).__name__}"
+                ) from None
             except httpx.TransportError as exc:
                 what = "cannot connect to" if isinstance(exc, httpx.ConnectError) else "lost"
                 if deadline is not None and time.monotonic() >= deadline:

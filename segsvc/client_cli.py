@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from segsvc.bulk_submit import (
+    EXIT_AUTH,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -46,7 +47,13 @@ from segsvc.bulk_submit import (
     summary_table,
 )
 from segsvc.client import DEFAULT_URL, Client, RetryNotice, utf8_name
-from segsvc.client_errors import ClientError, InvalidUrlError, NotFoundError, TransportError
+from segsvc.client_errors import (
+    ClientError,
+    InvalidKeyError,
+    InvalidUrlError,
+    NotFoundError,
+    TransportError,
+)
 from segsvc.files import write_atomically
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -107,6 +114,9 @@ def make_client(url: str, api_key: str | None, retries: int = 5) -> Client:
     except InvalidUrlError as exc:  # `Client` checks it (`checked_url`) before sending anything
         click.echo(f"error: {exc} [--url or SEG_URL]", err=True)
         sys.exit(EXIT_USAGE)
+    except InvalidKeyError as exc:  # never echoed: the message names the problem, not the key
+        click.echo(f"error: {exc} [--api-key or SEG_API_KEY]", err=True)
+        sys.exit(EXIT_AUTH)
 
 
 def retry_notice(retries: int) -> RetryNotice:

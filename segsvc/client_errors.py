@@ -17,6 +17,11 @@ class InvalidUrlError(ClientError, ValueError):
     number from 1 to 65535): refused when the client is made, before anything is sent."""
 
 
+class InvalidKeyError(ClientError, ValueError):
+    """An API key that no HTTP header can carry (a space, a control character, a letter outside
+    plain ASCII: often pasted along with it): refused when the client is made."""
+
+
 class TransportError(ClientError):
     """The service could not be reached or the connection broke."""
 

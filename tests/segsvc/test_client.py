@@ -616,6 +616,48 @@ def test_client_accepts_server_urls_and_drops_a_trailing_slash() -> None:
             assert client.url == url.rstrip("/")
 
 
+def test_a_key_or_url_read_with_its_newline_or_a_space_is_used_as_meant() -> None:
+    """`open("var/local_api_key").read()` (the docs' own example) and secrets end in a newline,
+    which no header can carry: each request was retried as a lost connection for 14 s, the
+    whole key quoted in every message; a URL pasted after a space likewise."""
+    stub = Scripted([(200, {}, {"id": J1, "status": "queued"})])
+    heard: list[object] = []
+    with (
+        serve(stub) as url,
+        Client(" " + url + "\n", "seg_SECRET\n", on_retry=lambda e, p: heard.append(e)) as c,
+    ):
+        assert c.get(J1).status == "queued"
+    assert heard == []
+
+
+@pytest.mark.parametrize("key", ["seg_ab cd", "seg_\u200babc", "seg_\x00"])
+def test_a_key_no_header_can_carry_is_refused_when_the_client_is_made(key: str) -> None:
+    from segsvc.client_errors import ClientError, InvalidKeyError
+
+    with pytest.raises(InvalidKeyError) as err:
+        Client("http://127.0.0.1:9", key)
+    assert isinstance(err.value, ClientError)
+    assert "seg_" not in str(err.value)  # the key is never quoted
+
+
+def test_a_request_that_cannot_be_sent_is_not_retried_as_a_lost_connection() -> None:
+    """A header httpx refuses to send fails the same way every time: it was retried with
+    backoff (10-14 s) and reported as the server lost, with the headers in the message."""
+    from segsvc.client_errors import ClientError, TransportError
+
+    heard: list[object] = []
+    stub = Scripted([(200, {}, {"id": J1, "status": "queued"})])
+    with serve(stub) as url, Client(url, "k", on_retry=lambda e, p: heard.append(e)) as c:
+        c._http.headers["Authorization"] = "Bearer seg_SECRET\n"  # as if a caller set it
+        started = time.monotonic()
+        with pytest.raises(ClientError) as err:
+            c.get(J1)
+    assert time.monotonic() - started < 1
+    assert not isinstance(err.value, TransportError)
+    assert "seg_SECRET" not in str(err.value)
+    assert heard == []
+
+
 def test_on_retry_hears_of_each_retry_of_a_lost_connection() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -314,7 +314,13 @@ class _Run:
             )
         if plan["production"] is None:
             return self._finish("failed", "no production version to fine-tune")
-        if cfg.eval_data_dir is None or not Path(cfg.eval_data_dir).is_dir():
+        if cfg.eval_data_dir is None:
+            return self._finish(
+                "failed",
+                "SEG_EVAL_DATA_DIR is not set: retraining needs an evaluation folder (Oxford "
+                "layout, never trained on) to compare the candidate with production",
+            )
+        if not Path(cfg.eval_data_dir).is_dir():
             return self._finish("failed", f"evaluation folder not found: {cfg.eval_data_dir}")
         if cfg.train_data_dir is not None and not Path(cfg.train_data_dir).is_dir():
             return self._finish("failed", f"training folder not found: {cfg.train_data_dir}")

@@ -163,9 +163,14 @@ def models_list() -> None:
             gone = " (file deleted)" if row.file_deleted_at is not None else ""
             click.echo(
                 f"{row.version:<28} {row.status:<11} share={row.traffic_share:.2f} "
-                f"miou={miou if miou is not None else '-'}{_measured_on(row.metrics)} "
+                f"miou={_round4(miou)}{_measured_on(row.metrics)} "
                 f"{Path(row.path).name}{gone}"
             )
+
+
+def _round4(value: object) -> str:
+    """An mIoU as the model card and the API's clients show it: 4 decimals, `-` for none."""
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
 
 
 def _measured_on(metrics: dict[str, Any]) -> str:
@@ -179,7 +184,7 @@ def _measured_on(metrics: dict[str, Any]) -> str:
     if isinstance(lineage, dict) and isinstance(lineage.get("eval_set"), str):
         parts = []
         if isinstance(against, dict) and against.get("mean_iou") is not None:
-            parts.append(f"vs {against['mean_iou']} of {against.get('version')}")
+            parts.append(f"vs {_round4(against['mean_iou'])} of {against.get('version')}")
         parts.append(f"evaluation set {lineage['eval_set'][:8]}{count}")
         return f" ({', '.join(parts)})"
     if isinstance(metrics.get("split"), str):

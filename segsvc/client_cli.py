@@ -75,9 +75,8 @@ def connection_options(func: F) -> F:
     return click.option(
         "--url",
         envvar="SEG_URL",
-        default=DEFAULT_URL,
-        show_default=True,
-        help="Server base URL [env SEG_URL].",
+        default=None,
+        help=f"Server base URL [env SEG_URL; else the local one, {DEFAULT_URL} or SEG_PORT's].",
     )(func)
 
 
@@ -100,12 +99,20 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def make_client(url: str, api_key: str | None, retries: int = 5) -> Client:
-    """A client from flags/env; the key falls back to the file `make run` writes. A URL that
-    cannot be a server's is a usage error (exit 2), said in one line before anything is sent."""
-    if not api_key:
-        from segsvc.settings import get_settings
+def _ms(value: object) -> str:
+    """A timing as people read it (`224.5ms`), `-` when there is none."""
+    return f"{value:.1f}ms" if isinstance(value, int | float) else "-"
 
+
+def make_client(url: str | None, api_key: str | None, retries: int = 5) -> Client:
+    """A client from flags/env; the URL falls back to the one `make run` serves (its
+    SEG_PORT), the key to the file it writes. A URL that cannot be a server's is a usage
+    error (exit 2), said in one line before anything is sent."""
+    from segsvc.settings import get_settings
+
+    if not url:  # the key comes from `make run`'s settings: so does its port
+        url = f"http://127.0.0.1:{get_settings().port}"
+    if not api_key:
         key_file = get_settings().var_dir / "local_api_key"
         if key_file.is_file():
             api_key = key_file.read_text().strip()
@@ -185,7 +192,7 @@ def submit(
     batch: int,
     concurrency: int,
     timeout: float,
-    url: str,
+    url: str | None,
     api_key: str | None,
     retries: int,
 ) -> None:
@@ -245,7 +252,7 @@ def report_submit(outcomes: list[Outcome], stopped: Interrupted | None, files: i
 @click.option("--json", "as_json", is_flag=True, help="Print the job's full JSON.")
 @connection_options
 @handle_errors
-def status(job_id: str, as_json: bool, url: str, api_key: str | None, retries: int) -> None:
+def status(job_id: str, as_json: bool, url: str | None, api_key: str | None, retries: int) -> None:
     """Show a job; exits 1 if it failed or was canceled."""
     with make_client(url, api_key, retries) as client:
         job = client.get(job_id)
@@ -255,7 +262,7 @@ def status(job_id: str, as_json: bool, url: str, api_key: str | None, retries: i
         m = job.metrics
         click.echo(
             f"{job.id}  {job.status}  model={job.model_version or '-'}  "
-            f"queue={m.get('queue_ms') or '-'}ms  predict={m.get('predict_ms') or '-'}ms"
+            f"queue={_ms(m.get('queue_ms'))}  predict={_ms(m.get('predict_ms'))}"
         )
         if job.error:
             click.echo(f"error: {job.error.get('message')}")
@@ -279,7 +286,7 @@ def get(
     out: Path | None,
     overlay: bool,
     timeout: float,
-    url: str,
+    url: str | None,
     api_key: str | None,
     retries: int,
 ) -> None:
@@ -342,7 +349,7 @@ def _own_link(path: Path) -> bool:
 @click.argument("job_id")
 @connection_options
 @handle_errors
-def cancel(job_id: str, url: str, api_key: str | None, retries: int) -> None:
+def cancel(job_id: str, url: str | None, api_key: str | None, retries: int) -> None:
     """Cancel a queued or running job; exits 1 if it had already ended otherwise."""
     with make_client(url, api_key, retries) as client:
         job = client.cancel(job_id)
@@ -363,7 +370,7 @@ def models() -> None:
 )
 @connection_options
 @handle_errors
-def models_list(as_json: bool, url: str, api_key: str | None, retries: int) -> None:
+def models_list(as_json: bool, url: str | None, api_key: str | None, retries: int) -> None:
     """List versions, status and traffic share (GET /v1/models)."""
     with make_client(url, api_key, retries) as client:
         try:

@@ -31,8 +31,10 @@ class Settings(BaseSettings):
 
     # No float setting means anything at infinity or NaN (a limit is turned off with 0 where
     # it can be): `SEG_RECONCILE_INTERVAL_SECONDS=inf` passed, then failed in the worker.
+    # `.env` beside the code (what `make run` reads) and then the current folder's: the
+    # operator CLI run from elsewhere saw neither the checkout's SEG_VAR_DIR nor its folders.
     model_config = SettingsConfigDict(
-        env_prefix="SEG_", env_file=".env", extra="ignore", allow_inf_nan=False
+        env_prefix="SEG_", env_file=(ROOT / ".env", ".env"), extra="ignore", allow_inf_nan=False
     )
 
     # --- storage and transport -------------------------------------------------------------

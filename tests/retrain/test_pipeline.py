@@ -235,6 +235,9 @@ def test_retraining_fails_cleanly_without_an_evaluation_folder(  # type: ignore[
     result = run_retraining(cfg)
     assert result.status == "failed"
     assert "evaluation folder not found" in result.reason
+    unset = run_retraining(cfg.model_copy(update={"eval_data_dir": None}))  # the default
+    assert unset.status == "failed"
+    assert unset.reason.startswith("SEG_EVAL_DATA_DIR is not set: retraining needs")
     with session_scope(cfg) as session:
         assert session.get(TrainingRun, uuid.UUID(result.run_id)).status == "failed"  # type: ignore[union-attr]
         assert len(registry.list_versions(session=session)) == 1

@@ -640,3 +640,46 @@ def test_cli_an_option_the_server_refuses_for_every_file_stops_the_run(
     said = " ".join(result.stderr.split())  # as one line: the summary wraps long lines
     assert "needs a 'webhook' URL" in said
     assert said.count("not sent: the run stopped (the server refuses every file alike") == 7
+
+
+def test_without_seg_url_the_cli_asks_the_local_server_on_its_seg_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key came from `make run`'s settings (SEG_VAR_DIR), but the URL stayed port 8000
+    whatever SEG_PORT said: a newcomer on another port got 'cannot connect' and exit 3."""
+    from segsvc.settings import get_settings
+    from tests.segsvc.test_client import J1, Scripted
+
+    var = tmp_path / "var"
+    var.mkdir()
+    (var / "local_api_key").write_text("seg_local\n")
+    stub = Scripted([(200, {}, {"id": J1, "status": "queued"})])
+    keys: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        keys.append(environ.get("HTTP_AUTHORIZATION", ""))
+        return stub(environ, start_response)
+
+    with serve(app) as url:
+        port = url.rsplit(":", 1)[1]
+        monkeypatch.delenv("SEG_URL", raising=False)
+        monkeypatch.delenv("SEG_API_KEY", raising=False)
+        monkeypatch.setenv("SEG_PORT", port)
+        monkeypatch.setenv("SEG_VAR_DIR", str(var))
+        get_settings.cache_clear()
+        try:
+            result = CliRunner().invoke(main, ["status", J1, "--retries", "0"])
+        finally:
+            get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert "queued" in result.output
+    assert keys == ["Bearer seg_local"]
+
+
+def test_status_shows_timings_as_people_read_them() -> None:
+    from tests.segsvc.test_client import J1, Scripted
+
+    job = {"id": J1, "status": "succeeded", "metrics": {"queue_ms": 12, "predict_ms": 224.4876}}
+    with serve(Scripted([(200, {}, job)])) as url:
+        result = cli("status", J1, url=url, key="k")
+    assert "queue=12.0ms  predict=224.5ms" in result.output

@@ -177,3 +177,13 @@ def test_the_compose_env_example_changes_no_setting_of_make_run(
     (tmp_path / ".env").write_text((ROOT / ".env.example").read_text())
     monkeypatch.chdir(tmp_path)
     assert Settings() == Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_settings_read_the_checkouts_env_file_wherever_they_run_from() -> None:
+    """The operator CLI run from another folder saw no `.env` (only the current folder's was
+    read): `segsvc keys create` then made an empty database beside the code, and `segsvc
+    retrain now` found no evaluation folder. The checkout's is read first, the current
+    folder's over it."""
+    from segsvc.settings import ROOT
+
+    assert Settings.model_config["env_file"] == (ROOT / ".env", ".env")

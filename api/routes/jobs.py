@@ -6,9 +6,11 @@ import hashlib
 import logging
 import threading
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
+from typing import Protocol
 
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
@@ -157,10 +159,52 @@ def submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str]
         return _submit_batch()
 
 
+class Slots(Protocol):
+    """What `_turn` takes turns on: a semaphore, or a `FairTurn`."""
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class FairTurn:
+    """One holder at a time, served in the order they asked. With a semaphore, a request that
+    asks just as the turn is released takes it before the waiter woken for it runs: one
+    client's back-to-back large overlays kept another client's large upload waiting past its
+    10 s, then a 503."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: deque[threading.Event] = deque()
+        self._held = False
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        with self._lock:
+            if not self._held and not self._waiting:
+                self._held = True
+                return True
+            if not blocking:
+                return False
+            mine = threading.Event()
+            self._waiting.append(mine)
+        if mine.wait(timeout):
+            return True
+        with self._lock:
+            if mine.is_set():  # handed over as the wait ran out: it is this one's
+                return True
+            self._waiting.remove(mine)
+            return False
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()  # handed to the first in line: still held
+            else:
+                self._held = False
+
+
 @contextmanager
-def _turn(
-    slots: threading.BoundedSemaphore, wait_s: float, busy: type[SegError], message: str
-) -> Iterator[None]:
+def _turn(slots: Slots, wait_s: float, busy: type[SegError], message: str) -> Iterator[None]:
     """One of `slots` for the block, waited for up to `wait_s`; else `busy` (a 503, retry in
     1 s): the request gives its thread back instead of queueing for ever."""
     if not slots.acquire(timeout=wait_s):
@@ -429,7 +473,7 @@ def read_mask(job_id: str) -> Response:
 # waits up to LARGE_DECODE_WAIT_S, then 503 + Retry-After), so a few large pictures at once
 # cannot take an API process past its memory limit; the usual photo never waits.
 LARGE_DECODE_WAIT_S = 10.0
-LARGE_DECODES_AT_ONCE = threading.BoundedSemaphore(1)
+LARGE_DECODES_AT_ONCE = FairTurn()
 # A key's large decodes queue behind each other before the process's turn, so one key has one
 # request at a time in the turn's queue: a key asking for its own 40 MP overlays (or sending
 # large PNGs) from several threads held the one turn for as long as it liked, and another

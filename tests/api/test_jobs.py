@@ -569,3 +569,32 @@ def test_a_large_overlay_draws_outside_the_budget_and_a_keys_uploads_wait_their_
     finally:
         drawing.join()
     assert uploaded.status_code == 202, uploaded.get_json()
+
+
+def test_the_large_decode_turn_is_given_in_the_order_it_was_asked_for() -> None:
+    """A semaphore let a request asking just as the turn was released take it before the
+    waiter woken for it: under load, one client's back-to-back large overlays kept another
+    client's large upload waiting past its 10 s."""
+    from api.routes.jobs import FairTurn
+
+    turn, order = FairTurn(), []
+    assert turn.acquire(timeout=1)
+    waiters = []
+    for name in ("first", "second", "third"):
+
+        def wait(name: str = name) -> None:
+            assert turn.acquire(timeout=5)
+            order.append(name)
+            turn.release()
+
+        waiters.append(threading.Thread(target=wait))
+        waiters[-1].start()
+        time.sleep(0.05)  # asked in this order
+    assert not turn.acquire(timeout=0.05)  # held: a latecomer waits its turn, then gives up
+    assert not turn.acquire(blocking=False)
+    turn.release()
+    for waiter in waiters:
+        waiter.join()
+    assert order == ["first", "second", "third"]
+    assert turn.acquire(timeout=0)  # free again
+    turn.release()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -338,7 +339,13 @@ def retrain_runs(limit: int) -> None:
     from segsvc.services.registry import recent_training_runs
 
     with session_scope() as session:
-        for run in recent_training_runs(session=session, limit=limit):
+        runs = recent_training_runs(session=session, limit=limit)
+        if not runs:
+            click.echo(
+                "no retraining run yet (beat runs one on SEG_RETRAIN_CRON; `segsvc retrain "
+                "now` runs one now)"
+            )
+        for run in runs:
             took = f"{run.duration_s:.0f}s" if run.duration_s is not None else "-"
             lines = (run.log or "").splitlines()
             said = run.reason if run.status != "running" else (lines[-1] if lines else "")
@@ -367,8 +374,8 @@ def retrain_log(run_id: str | None, follow: bool) -> None:
     if run_id is not None:
         try:
             wanted = uuid.UUID(run_id)
-        except ValueError:
-            raise click.BadParameter(f"not a run id: {run_id!r}", param_hint="RUN_ID") from None
+        except ValueError:  # the start of one, as `retrain runs` shows them
+            wanted = _run_by_prefix(run_id)
     else:  # the latest, chosen once: a run started later is not followed
         with session_scope() as session:
             wanted = session.scalars(
@@ -393,6 +400,33 @@ def retrain_log(run_id: str | None, follow: bool) -> None:
             break
         time.sleep(2.0)
     click.echo(f"run {row.id}: {row.status}" + (f": {row.reason}" if row.reason else ""))
+
+
+RUN_PREFIX_SCAN = 1000  # the latest runs a prefix is looked for among
+
+
+def _run_by_prefix(prefix: str) -> uuid.UUID:
+    """The run whose id starts with `prefix` (at least 4 characters), among the latest ones."""
+    from sqlalchemy import select
+
+    from segsvc.db import session_scope
+    from segsvc.models import TrainingRun
+
+    if len(prefix) < 4 or not set(prefix.lower()) <= set("0123456789abcdef-"):
+        raise click.BadParameter(
+            f"not a run id or its start (4 characters at least): {prefix!r}", param_hint="RUN_ID"
+        )
+    with session_scope() as session:
+        ids = session.scalars(
+            select(TrainingRun.id).order_by(TrainingRun.started_at.desc()).limit(RUN_PREFIX_SCAN)
+        ).all()
+    found = [run for run in ids if str(run).startswith(prefix.lower())]
+    if len(found) != 1:
+        raise click.ClickException(
+            f"{'no' if not found else len(found)} retraining runs start with {prefix!r}"
+            + ("" if not found else ": give more of the id")
+        )
+    return found[0]
 
 
 def _after(printed: str, text: str) -> str:

@@ -103,6 +103,17 @@ def test_retrain_log_prints_a_runs_log_and_follows_a_running_one_to_its_end(
     assert "no retraining run" in unknown.output
     bad = CliRunner().invoke(main, ["retrain", "log", "nope"])
     assert bad.exit_code == 2
+    by_start = CliRunner().invoke(main, ["retrain", "log", older[:8]])  # as `runs` shows it
+    assert by_start.output == one.output
+    none = CliRunner().invoke(main, ["retrain", "log", "ffffffff"])
+    assert none.exit_code == 1
+    assert "no retraining runs start with 'ffffffff'" in none.output
+
+
+def test_retrain_runs_says_when_there_is_none_yet(settings: Settings, as_process: None) -> None:
+    result = CliRunner().invoke(main, ["retrain", "runs"])
+    assert result.exit_code == 0
+    assert result.output.startswith("no retraining run yet")
 
 
 def test_retrain_now_queue_says_which_task_it_sent_and_how_to_follow_it(

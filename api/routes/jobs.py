@@ -160,9 +160,9 @@ def submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str]
 
 
 class Slots(Protocol):
-    """What `_turn` takes turns on: a semaphore, or a `FairTurn`."""
+    """What `_turn` takes turns on: a semaphore, a lock, or a `FairTurn`."""
 
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool: ...
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
 
     def release(self) -> None: ...
 
@@ -512,15 +512,13 @@ class _KeyTurns:
                 )
             self._keys[key] = (turn, waiting + 1)
         try:
-            if not turn.acquire(timeout=KEY_TURN_WAIT_S):
-                raise LargeDecodesBusyError(
-                    "This key's other large pictures kept this server busy; retry shortly.",
-                    retry_after=1,
-                )
-            try:
+            with _turn(
+                turn,
+                KEY_TURN_WAIT_S,
+                LargeDecodesBusyError,
+                "This key's other large pictures kept this server busy; retry shortly.",
+            ):
                 yield
-            finally:
-                turn.release()
         finally:
             with self._lock:
                 turn, waiting = self._keys[key]

@@ -154,9 +154,10 @@ def comparison_sheet(
     rows: int = SHEET_ROWS,
 ) -> tuple[Image.Image, list[str]]:
     """Rows of photo | truth | each model's overlay (`columns`: a title and its 128x128 class
-    maps by name, as `evaluate_model(keep_classes=True)` gives them), under a header naming
-    the columns; the photos where the first two models disagree most (share of pixels at
-    model size), evenly spaced picks when they agree everywhere. With the names shown."""
+    maps by name, as `evaluate_model(keep_classes=True)` gives them, drawn at the photo's size
+    as serving post-processes them), under a header naming the columns; the photos where the
+    first two models disagree most (share of pixels at model size), evenly spaced picks when
+    they agree everywhere. With the names shown."""
     first, second = columns[0][1], columns[1][1]
     names = sorted(first)
     apart = {name: float((first[name] != second[name]).mean()) for name in names}
@@ -164,29 +165,25 @@ def comparison_sheet(
     if not picks:
         step = max(len(names) / rows, 1.0)
         picks = sorted({names[int(i * step)] for i in range(min(rows, len(names)))})
-    sizes = {stem: trimap for stem, _, trimap in list_pairs(data_dir)}
-    full: list[dict[str, npt.NDArray[np.uint8]]] = []
-    for _, classes in columns:  # at the photo's size, as serving post-processes them
-        shaped = {}
-        for name in picks:
-            height, width = read_trimap(sizes[name]).shape
-            shaped[name] = resize_mask(classes[name], width, height)
-        full.append(shaped)
-    sheet = _sheet(data_dir, picks, full)
+    sheet = _sheet(data_dir, picks, [classes for _, classes in columns])
     return _with_header(sheet, ["photo", "truth", *(title for title, _ in columns)]), picks
 
 
 def _sheet(
     data_dir: str | Path, names: list[str], predictions: Sequence[dict[str, npt.NDArray[np.uint8]]]
 ) -> Image.Image:
-    """Rows of image | true mask overlay | one overlay per dict of `predictions`."""
+    """Rows of image | true mask overlay | one overlay per dict of `predictions` (masks at the
+    photo's size, or smaller ones resized to it with nearest-neighbour, as serving does)."""
     paths = {stem: (image, trimap) for stem, image, trimap in list_pairs(data_dir)}
     rows: list[Image.Image] = []
     for name in names:
         image_path, trimap_path = paths[name]
         data = image_path.read_bytes()
-        plain = np.ones_like(predictions[0][name])  # all background: alpha 0, the bare photo
-        masks = [plain, read_trimap(trimap_path), *(p[name] for p in predictions)]
+        truth = read_trimap(trimap_path)
+        height, width = truth.shape
+        plain = np.ones_like(truth)  # all background: alpha 0, the bare photo
+        shown = [resize_mask(p[name], width, height) for p in predictions]
+        masks = [plain, truth, *shown]
         panels = [Image.open(io.BytesIO(render_overlay(data, mask))) for mask in masks]
         # Each panel fitted into the same box, so the columns line up under a header.
         scale = min(PANEL_WIDTH / panels[0].width, PANEL_HEIGHT / panels[0].height)

@@ -6,7 +6,7 @@ import hashlib
 import io
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,16 +247,23 @@ def near_duplicates(
 def image_digests(data_dir: str | Path) -> set[str]:
     """sha256 of every image file of an Oxford-layout folder (an upload of the same file has
     the same digest as its job's `input_sha256`)."""
-    return {hashlib.sha256(path.read_bytes()).hexdigest() for _, path, _ in list_pairs(data_dir)}
+    return set(image_digests_by_path(data_dir).values())
 
 
-def evaluation_set_id(pairs: Iterable[tuple[str, Path, Path]]) -> str:
+def image_digests_by_path(data_dir: str | Path) -> dict[Path, str]:
+    """`image_digests`, each by its file's path (as `list_pairs` names it)."""
+    return {
+        path: hashlib.sha256(path.read_bytes()).hexdigest() for _, path, _ in list_pairs(data_dir)
+    }
+
+
+def evaluation_set_id(pairs: Iterable[tuple[str, Path, Path]], digests: Mapping[Path, str]) -> str:
     """The identity of an evaluation set: sha256 over each usable pair's name, image digest
+    (from `digests`, `image_digests_by_path` of its folder: the images are hashed once)
     and trimap digest (`usable_pairs`). mIoUs compare across runs only on the same set, and a
     corrected or added trimap changes the set as surely as a changed photo does."""
     lines = sorted(
-        f"{name} {hashlib.sha256(image.read_bytes()).hexdigest()} "
-        f"{hashlib.sha256(trimap.read_bytes()).hexdigest()}"
+        f"{name} {digests[image]} {hashlib.sha256(trimap.read_bytes()).hexdigest()}"
         for name, image, trimap in pairs
     )
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()

@@ -329,7 +329,7 @@ class _Run:
             NearDuplicateIndex,
             evaluation_set_id,
             folder_overlap,
-            image_digests,
+            image_digests_by_path,
             usable_pairs,
         )
 
@@ -341,12 +341,13 @@ class _Run:
             return self._finish("failed", f"evaluation folder: {exc}")
         if len(usable) < cfg.gate_min_eval_images:
             return self._finish("failed", self._too_few_eval_images(len(usable), "usable "))
-        # Hashed once: for the folder check here and for the labels left out of training (the
-        # same files, and resized, re-encoded or mirrored copies of them).
-        plan["held_out"] = image_digests(cfg.eval_data_dir)
-        # The evaluation set's identity: mIoUs compare across runs only on the same photos
-        # with the same trimaps.
-        plan["eval_set"] = evaluation_set_id(usable)
+        # Hashed once: for the folder check here, for the labels left out of training (the
+        # same files, and resized, re-encoded or mirrored copies of them), and for the
+        # evaluation set's identity (mIoUs compare across runs only on the same photos with
+        # the same trimaps).
+        digests = image_digests_by_path(cfg.eval_data_dir)
+        plan["held_out"] = set(digests.values())
+        plan["eval_set"] = evaluation_set_id(usable, digests)
         plan["held_out_index"] = NearDuplicateIndex.of_folder(cfg.eval_data_dir)
         if cfg.train_data_dir is not None:
             try:

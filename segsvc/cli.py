@@ -363,26 +363,22 @@ def retrain_log(run_id: str | None, follow: bool) -> None:
     """Print a retraining run's log (the latest run's without RUN_ID); a running run's log is
     stored every few seconds, and --follow prints each new part until the run ends."""
     import time
-    import uuid
 
     from sqlalchemy import select
 
     from segsvc.db import session_scope
     from segsvc.models import TrainingRun
 
-    wanted: uuid.UUID | None
     if run_id is not None:
         try:
             wanted = uuid.UUID(run_id)
         except ValueError:  # the start of one, as `retrain runs` shows them
             wanted = _run_by_prefix(run_id)
     else:  # the latest, chosen once: a run started later is not followed
-        with session_scope() as session:
-            wanted = session.scalars(
-                select(TrainingRun.id).order_by(TrainingRun.started_at.desc()).limit(1)
-            ).first()
-        if wanted is None:
+        latest = _latest_run_ids(1)
+        if not latest:
             raise click.ClickException("no retraining run yet")
+        wanted = latest[0]
     printed = ""
     while True:
         with session_scope() as session:
@@ -405,21 +401,25 @@ def retrain_log(run_id: str | None, follow: bool) -> None:
 RUN_PREFIX_SCAN = 1000  # the latest runs a prefix is looked for among
 
 
-def _run_by_prefix(prefix: str) -> uuid.UUID:
-    """The run whose id starts with `prefix` (at least 4 characters), among the latest ones."""
+def _latest_run_ids(limit: int) -> list[uuid.UUID]:
+    """The ids of the `limit` latest retraining runs, newest first."""
     from sqlalchemy import select
 
     from segsvc.db import session_scope
     from segsvc.models import TrainingRun
 
+    with session_scope() as session:
+        query = select(TrainingRun.id).order_by(TrainingRun.started_at.desc()).limit(limit)
+        return list(session.scalars(query))
+
+
+def _run_by_prefix(prefix: str) -> uuid.UUID:
+    """The run whose id starts with `prefix` (at least 4 characters), among the latest ones."""
     if len(prefix) < 4 or not set(prefix.lower()) <= set("0123456789abcdef-"):
         raise click.BadParameter(
             f"not a run id or its start (4 characters at least): {prefix!r}", param_hint="RUN_ID"
         )
-    with session_scope() as session:
-        ids = session.scalars(
-            select(TrainingRun.id).order_by(TrainingRun.started_at.desc()).limit(RUN_PREFIX_SCAN)
-        ).all()
+    ids = _latest_run_ids(RUN_PREFIX_SCAN)
     found = [run for run in ids if str(run).startswith(prefix.lower())]
     if len(found) != 1:
         raise click.ClickException(

@@ -20,6 +20,7 @@ from segsvc.metrics import (
     BROKER_QUEUE_LENGTH,
     MODEL_INFO,
     MODEL_LOAD_TIME,
+    PREDICT_TIME,
     QUEUE_DEPTH,
     metrics_registry,
 )
@@ -55,8 +56,9 @@ def record_models(
     production: ServedModel, canary: ServedModel | None = None, *, dropped: Iterable[str] = ()
 ) -> None:
     """Publish the versions in service (the model manager calls this on each switch of its
-    routing table) and each one's load time; `dropped`: versions no longer served, whose load
-    times go (one series per version ever served would grow with every retraining)."""
+    routing table) and each one's load time; `dropped`: versions no longer served, whose
+    series go, load time and forward-pass histogram (one series per version ever served grew
+    the worker's memory and /metrics with every retraining that reached it)."""
     MODEL_INFO.info(
         {
             "production": production.version,
@@ -71,8 +73,9 @@ def record_models(
         served[canary.version] = canary
     for version in dropped:
         if version not in served:
-            with contextlib.suppress(KeyError):  # never published
-                MODEL_LOAD_TIME.remove(version)
+            for series in (MODEL_LOAD_TIME, PREDICT_TIME):
+                with contextlib.suppress(KeyError):  # never published (no batch ran on it)
+                    series.remove(version)
     for model in served.values():
         MODEL_LOAD_TIME.labels(model.version).set(model.load_seconds)
 

@@ -14,7 +14,6 @@ long `registry_poll_seconds`, never leaves the folders being served unmarked for
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os
@@ -29,7 +28,6 @@ import numpy as np
 import numpy.typing as npt
 
 from segsvc.db import session_scope
-from segsvc.metrics import PREDICT_TIME
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.artifact_cache import PruneResult
 from segsvc.ml.convert import CONVERTED_KINDS, ConversionError, artifact_folder, mark_used
@@ -454,17 +452,8 @@ def _publish(old: Routing | None, new: Routing) -> None:
     """Publish the versions `new` serves (`segsvc_model_info`, each one's load time) on every
     switch, not only at the first load: after a canary started, a promotion or a rollback the
     series named the version the worker started with. And drop the per-version series of the
-    versions it no longer serves: one histogram per version ever served grew the worker's
-    memory and /metrics with every retraining that reached it."""
-    served = {m.version for m in (new.production, new.canary) if m is not None}
-    dropped = [
-        m.version
-        for m in (() if old is None else (old.production, old.canary))
-        if m is not None and m.version not in served
-    ]
-    for version in dropped:
-        with contextlib.suppress(KeyError):  # never observed (no batch ran on it)
-            PREDICT_TIME.remove(version)
+    versions `old` served (`record_models` keeps those `new` serves)."""
+    dropped = [m.version for m in (() if old is None else (old.production, old.canary)) if m]
     record_models(
         _served(new.production),
         _served(new.canary) if new.canary is not None else None,

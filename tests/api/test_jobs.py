@@ -390,6 +390,45 @@ def test_a_repeated_query_parameter_is_refused_not_half_read(client, auth) -> No
     assert [job["id"] for job in listed["jobs"]] == [first, second]
 
 
+def count_overlays_drawn_at_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each overlay drawn 0.2 s slower (a 4 MP decode, blend and encode take ~0.7 s); the
+    list's one item: how many were drawn at once, at most."""
+    from segsvc.services import jobs as job_service
+
+    real, lock, now, peak = job_service.read_overlay_png, threading.Lock(), [0], [0]
+
+    def counted(**kwargs):  # type: ignore[no-untyped-def]
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        try:
+            time.sleep(0.2)
+            return real(**kwargs)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(job_service, "read_overlay_png", counted)
+    return peak
+
+
+def ask_for_overlay_from_threads(  # type: ignore[no-untyped-def]
+    client, auth, job: str, n: int
+) -> tuple[list[int], list[threading.Thread]]:
+    """`n` threads started, each asking for the job's overlay once: the statuses they got (as
+    they come) and the threads, for the caller to join."""
+    codes: list[int] = []
+
+    def get() -> None:
+        answer = client.application.test_client().get(f"/v1/jobs/{job}/overlay.png", headers=auth)
+        codes.append(answer.status_code)
+
+    threads = [threading.Thread(target=get) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    return codes, threads
+
+
 def test_overlays_draw_within_the_processs_pixel_budget(  # type: ignore[no-untyped-def]
     client, auth, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -398,35 +437,13 @@ def test_overlays_draw_within_the_processs_pixel_budget(  # type: ignore[no-unty
     size). They now draw within a budget of pixels in flight, and wait for it (503 past the
     wait)."""
     from api.routes import jobs as routes
-    from segsvc.services import jobs as job_service
 
     job = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
     mark_succeeded(settings, job, encode_mask_png(np.ones((48, 64), np.uint8)))
     budget = routes.PixelBudget(2 * 64 * 48)  # two of these at once
     monkeypatch.setattr(routes, "OVERLAY_PIXELS_AT_ONCE", budget)
-    real, lock, now, peak = job_service.read_overlay_png, threading.Lock(), [0], [0]
-
-    def counted(**kwargs):  # type: ignore[no-untyped-def]
-        with lock:
-            now[0] += 1
-            peak[0] = max(peak[0], now[0])
-        try:
-            time.sleep(0.2)  # a 4 MP decode, blend and encode take ~0.7 s
-            return real(**kwargs)
-        finally:
-            with lock:
-                now[0] -= 1
-
-    monkeypatch.setattr(job_service, "read_overlay_png", counted)
-    codes: list[int] = []
-
-    def get() -> None:
-        answer = client.application.test_client().get(f"/v1/jobs/{job}/overlay.png", headers=auth)
-        codes.append(answer.status_code)
-
-    threads = [threading.Thread(target=get) for _ in range(6)]
-    for thread in threads:
-        thread.start()
+    peak = count_overlays_drawn_at_once(monkeypatch)
+    codes, threads = ask_for_overlay_from_threads(client, auth, job, 6)
     for thread in threads:
         thread.join()
     assert codes == [200] * 6
@@ -494,35 +511,13 @@ def test_a_keys_large_overlays_asked_for_at_once_are_drawn_one_after_the_other( 
     """Four threads of one client fetching its 12 MP overlays (`segsvc submit --overlay`, a
     shared Client): each is drawn in turn, none refused; past the key's queue, a 429."""
     from api.routes import jobs as routes
-    from segsvc.services import jobs as job_service
 
     job = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
     mark_succeeded(settings, job, encode_mask_png(np.ones((48, 64), np.uint8)))
     monkeypatch.setattr(routes, "LARGE_DECODE_PIXELS", 100)  # 64 x 48 counts as large now
     monkeypatch.setattr(routes, "LARGE_DECODE_WAIT_S", 0.5)  # less than the key's queue takes
-    real, lock, now, peak = job_service.read_overlay_png, threading.Lock(), [0], [0]
-
-    def counted(**kwargs):  # type: ignore[no-untyped-def]
-        with lock:
-            now[0] += 1
-            peak[0] = max(peak[0], now[0])
-        try:
-            time.sleep(0.2)
-            return real(**kwargs)
-        finally:
-            with lock:
-                now[0] -= 1
-
-    monkeypatch.setattr(job_service, "read_overlay_png", counted)
-    codes: list[int] = []
-
-    def get() -> None:
-        answer = client.application.test_client().get(f"/v1/jobs/{job}/overlay.png", headers=auth)
-        codes.append(answer.status_code)
-
-    threads = [threading.Thread(target=get) for _ in range(routes.KEY_TURN_QUEUE + 1)]
-    for thread in threads:
-        thread.start()
+    peak = count_overlays_drawn_at_once(monkeypatch)
+    codes, threads = ask_for_overlay_from_threads(client, auth, job, routes.KEY_TURN_QUEUE + 1)
     time.sleep(0.05)
     extra = client.get(f"/v1/jobs/{job}/overlay.png", headers=auth)
     for thread in threads:

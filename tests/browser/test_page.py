@@ -309,6 +309,17 @@ def upload(tab: Any, tmp_path: Path, name: str) -> None:
     tab.set_input_files("#file-input", str(photo))
 
 
+def drop_files(tab: Any, files: list[str]) -> None:
+    """Drag `files` onto the drop zone and drop them, as a person does (Chromium's own drag
+    events, through the DevTools protocol)."""
+    cdp = tab.context.new_cdp_session(tab)
+    box = tab.locator("#drop-zone").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    data = {"items": [], "files": files, "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        cdp.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+
+
 def wait_for_request(tab: Any, jobs: FakeJobs, seen: str) -> None:
     for _ in range(100):
         if seen in jobs.seen:
@@ -508,12 +519,7 @@ def test_page_says_which_of_several_dropped_photos_it_sent(
     for name in ("a.png", "b.png"):
         (tmp_path / name).write_bytes(png_bytes("RGB", (0, 128, 0)))
         files.append(str(tmp_path / name))
-    cdp = tab.context.new_cdp_session(tab)
-    box = tab.locator("#drop-zone").bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    data = {"items": [], "files": files, "dragOperationsMask": 1}
-    for kind in ("dragEnter", "dragOver", "drop"):
-        cdp.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+    drop_files(tab, files)
     tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
     assert jobs.uploads == 1
     assert tab.inner_text("#error-box") == (
@@ -593,12 +599,7 @@ def test_page_a_refused_drop_says_why_not_that_it_was_sent(
     for name in ("a.png", "b.png"):
         (tmp_path / name).write_bytes(png_bytes("RGB", (0, 128, 0)))
         files.append(str(tmp_path / name))
-    cdp = tab.context.new_cdp_session(tab)
-    box = tab.locator("#drop-zone").bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    data = {"items": [], "files": files, "dragOperationsMask": 1}
-    for kind in ("dragEnter", "dragOver", "drop"):
-        cdp.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+    drop_files(tab, files)
     tab.wait_for_selector("#error-box:not([hidden])")
     assert jobs.uploads == 0
     assert tab.inner_text("#error-box") == "Paste your API key above first."

@@ -6,6 +6,7 @@ import io
 import os
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1045,16 +1046,16 @@ def test_the_gate_times_each_model_on_the_runtime_it_is_served_with(
     assert problem == "batch-1 latency 12.0 ms (onnx) > 1.2 x 5.0 ms (litert-int8)"
 
 
-def test_a_label_of_a_resized_evaluation_photo_is_left_out_of_training(
+def label_a_copy_of_an_evaluation_photo(
     settings: Settings,
-    production_model: str,
     model_file: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """An app that shrinks photos before upload sends other bytes of an evaluation photo: its
-    label was trained on (only identical bytes were left out), so the gate scored the
-    candidate on a picture it had seen; the training folder's check refused such copies."""
+    copy: Callable[[Image.Image, np.ndarray], tuple[bytes, np.ndarray]],
+) -> tuple[Any, list[Any], dict[str, Any]]:
+    """A run whose labels are another photo's and `copy`'s (an upload made from the first of
+    three sample photos in the evaluation folder, and its mask, from that photo and its
+    trimap): its result, the samples each fine-tune was given, and its data counts."""
     from retrain.dataset import read_trimap
     from tests.conftest import SAMPLE_DIR
 
@@ -1072,19 +1073,39 @@ def test_a_label_of_a_resized_evaluation_photo_is_left_out_of_training(
     cfg = loop_settings(
         settings, tmp_path, eval_data_dir=eval_dir, train_data_dir=None, retrain_min_new_labels=2
     )
-    with Image.open(eval_dir / "images" / f"{stems[0]}.jpg") as img:
-        small = img.convert("RGB").resize((img.width // 2, img.height // 2))
-    buf = io.BytesIO()
-    small.save(buf, format="JPEG", quality=85)
     trimap = read_trimap(eval_dir / "annotations" / "trimaps" / f"{stems[0]}.png")
-    labeled_job(cfg, buf.getvalue(), np.asarray(Image.fromarray(trimap).resize(small.size)))
+    with Image.open(eval_dir / "images" / f"{stems[0]}.jpg") as img:
+        upload, mask = copy(img.convert("RGB"), trimap)
+    labeled_job(cfg, upload, mask)
     other = make_mask(90, 70, seed=7)
     labeled_job(cfg, encode_png(COLOURS[other]), other)
     given = counting_fine_tune(monkeypatch, model_file)
     result = run_retraining(cfg, trigger="manual")
+    return result, given, run_counts(cfg, result.run_id)
+
+
+def test_a_label_of_a_resized_evaluation_photo_is_left_out_of_training(
+    settings: Settings,
+    production_model: str,
+    model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An app that shrinks photos before upload sends other bytes of an evaluation photo: its
+    label was trained on (only identical bytes were left out), so the gate scored the
+    candidate on a picture it had seen; the training folder's check refused such copies."""
+
+    def shrunk(photo: Image.Image, trimap: np.ndarray) -> tuple[bytes, np.ndarray]:
+        small = photo.resize((photo.width // 2, photo.height // 2))
+        buf = io.BytesIO()
+        small.save(buf, format="JPEG", quality=85)
+        return buf.getvalue(), np.asarray(Image.fromarray(trimap).resize(small.size))
+
+    result, given, counts = label_a_copy_of_an_evaluation_photo(
+        settings, model_file, tmp_path, monkeypatch, shrunk
+    )
     assert result.status == "completed", result
     assert [len(samples) for samples in given] == [1]
-    counts = run_counts(cfg, result.run_id)
     assert (counts["feedback_samples"], counts["feedback_in_eval_set"]) == (1, 1)
 
 
@@ -1098,36 +1119,17 @@ def test_a_label_of_a_mirrored_evaluation_photo_is_left_out_of_training(
     """A selfie camera or an editor's flip mirrors an evaluation photo: its difference hash
     is far from the original's, and training's augmentation flips half the pictures, so its
     label was trained on while the gate scored the candidate on the same picture."""
-    from retrain.dataset import read_trimap
-    from tests.conftest import SAMPLE_DIR
 
-    stems = ["Abyssinian_1", "Abyssinian_10", "Abyssinian_100"]
-    eval_dir = tmp_path / "pets"
-    (eval_dir / "images").mkdir(parents=True)
-    (eval_dir / "annotations" / "trimaps").mkdir(parents=True)
-    for stem in stems:
-        photo = SAMPLE_DIR / "images" / f"{stem}.jpg"
-        if not photo.exists():
-            pytest.skip("the Oxford pets sample is not available")
-        (eval_dir / "images" / photo.name).write_bytes(photo.read_bytes())
-        trimap = SAMPLE_DIR / "annotations" / "trimaps" / f"{stem}.png"
-        (eval_dir / "annotations" / "trimaps" / trimap.name).write_bytes(trimap.read_bytes())
-    cfg = loop_settings(
-        settings, tmp_path, eval_data_dir=eval_dir, train_data_dir=None, retrain_min_new_labels=2
+    def mirrored(photo: Image.Image, trimap: np.ndarray) -> tuple[bytes, np.ndarray]:
+        buf = io.BytesIO()
+        ImageOps.mirror(photo).save(buf, format="JPEG", quality=90)
+        return buf.getvalue(), np.ascontiguousarray(trimap[:, ::-1])
+
+    result, given, counts = label_a_copy_of_an_evaluation_photo(
+        settings, model_file, tmp_path, monkeypatch, mirrored
     )
-    with Image.open(eval_dir / "images" / f"{stems[0]}.jpg") as img:
-        mirrored = ImageOps.mirror(img.convert("RGB"))
-    buf = io.BytesIO()
-    mirrored.save(buf, format="JPEG", quality=90)
-    trimap = read_trimap(eval_dir / "annotations" / "trimaps" / f"{stems[0]}.png")
-    labeled_job(cfg, buf.getvalue(), np.ascontiguousarray(trimap[:, ::-1]))
-    other = make_mask(90, 70, seed=7)
-    labeled_job(cfg, encode_png(COLOURS[other]), other)
-    given = counting_fine_tune(monkeypatch, model_file)
-    result = run_retraining(cfg, trigger="manual")
     assert result.status == "completed", result
     assert [len(samples) for samples in given] == [1]
-    counts = run_counts(cfg, result.run_id)
     assert (counts["feedback_samples"], counts["feedback_in_eval_set"]) == (1, 1), counts
 
 

@@ -645,6 +645,22 @@ def quick_run(monkeypatch: pytest.MonkeyPatch, model_file: Path, during_eval: An
     monkeypatch.setattr(_Run, "_evaluate", evaluate)
 
 
+def scored_runs(
+    monkeypatch: pytest.MonkeyPatch, model_file: Path, scores: list[tuple[float, float]]
+) -> None:
+    """`quick_run`, each run's evaluation giving the next (candidate, production) mIoU."""
+    from retrain.pipeline import _Run
+
+    left = iter(scores)
+
+    def evaluate(self: _Run, candidate: str, production: Any) -> tuple[dict[str, Any], ...]:
+        cand, prod = next(left)
+        return eval_metrics() | {"mean_iou": cand}, eval_metrics() | {"mean_iou": prod}
+
+    quick_run(monkeypatch, model_file)
+    monkeypatch.setattr(_Run, "_evaluate", evaluate)
+
+
 def counting_fine_tune(monkeypatch: pytest.MonkeyPatch, model_file: Path) -> list[Any]:
     """`quick_run`, with the samples each fine-tune was given collected in the list returned."""
     from retrain.pipeline import _Run
@@ -1143,16 +1159,8 @@ def test_the_best_before_is_not_carried_across_corrected_trimaps(
     """The evaluation set's identity hashed its image files alone: once an annotator corrected
     the trimaps, candidates were held to a best mIoU measured against the old ground truth,
     which no candidate (nor production) could reach on the new one: every run was rejected."""
-    from retrain.pipeline import _Run
-
-    scores = iter([(0.82, 0.80), (0.70, 0.68)])  # (candidate, production); the second corrected
-
-    def evaluate(self: _Run, candidate: str, production: Any) -> tuple[dict[str, Any], ...]:
-        cand, prod = next(scores)
-        return eval_metrics() | {"mean_iou": cand}, eval_metrics() | {"mean_iou": prod}
-
-    quick_run(monkeypatch, model_file)
-    monkeypatch.setattr(_Run, "_evaluate", evaluate)
+    # (candidate, production) mIoU per run; the second on the corrected trimaps
+    scored_runs(monkeypatch, model_file, [(0.82, 0.80), (0.70, 0.68)])
     cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=1, gate_miou_tolerance=0.0)
     mask = make_mask(90, 70, seed=0)
     labeled_job(cfg, encode_png(COLOURS[mask]), mask)
@@ -1302,16 +1310,7 @@ def test_a_tolerance_is_not_lost_again_at_every_promotion(
     """Each candidate was compared with the version it replaces alone: with a tolerance of
     0.01, promotion after promotion took the mIoU from 0.80 down by 0.01 each, unchecked. A
     candidate is now held to the best production of its line on the same evaluation set."""
-    from retrain.pipeline import _Run
-
-    scores = iter([(0.79, 0.80), (0.78, 0.79)])  # (candidate, production) per run
-
-    def evaluate(self: _Run, candidate: str, production: Any) -> tuple[dict[str, Any], ...]:
-        cand, prod = next(scores)
-        return eval_metrics() | {"mean_iou": cand}, eval_metrics() | {"mean_iou": prod}
-
-    quick_run(monkeypatch, model_file)
-    monkeypatch.setattr(_Run, "_evaluate", evaluate)
+    scored_runs(monkeypatch, model_file, [(0.79, 0.80), (0.78, 0.79)])  # (candidate, production)
     cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=1, gate_miou_tolerance=0.01)
     results = []
     for seed in range(2):

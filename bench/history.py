@@ -57,7 +57,9 @@ COLUMNS = (
     ),
     Column("16 clients / naive (>= 5)", "system / naive Flask jobs/s", 2),
     Column("idle - b1 ms (<= 30)", "idle latency p50 - raw b1 latency", 1),
-    # "API submit / plain hello" since the plain hello exists (earlier: one reading the upload).
+    # "API submit / plain hello" once the plain hello existed; "... / the faster hello" since
+    # 2026-11-28 (the plain one left uploads unread and its clients resent them); earlier: one
+    # reading the upload.
     Column("submit / hello (>= 0.25)", "API submit / ", 3),
     Column("API MB (<= 150)", "API peak RSS per process", 0),
     Column("worker MB (<= 1024)", "worker peak RSS", 0),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import threading
 import time
 import uuid
@@ -78,6 +79,7 @@ class LoadResult:
     seconds: float = 0.0
     done: int = 0
     errors: int = 0
+    retries: int = 0  # requests sent again on a new connection (see `Client`)
     latencies: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
 
@@ -88,6 +90,7 @@ class LoadResult:
             "seconds": self.seconds,
             "jobs": self.done,
             "errors": self.errors,
+            "retries": self.retries,
             "jobs_per_s": self.done / self.seconds if self.seconds else 0,
             "p50_ms": float(np.percentile(lat, 50)),
             "p95_ms": float(np.percentile(lat, 95)),
@@ -104,12 +107,19 @@ class Client:
     """One keep-alive HTTP connection to a loopback server, reopened every RECONNECT_EVERY
     requests: gunicorn's processes each keep the connections they accepted, so 16 connections
     opened once can land 12 on one process (one GIL, one core) and 4 on the other; reopening
-    evens the spread out during a run, as a client pool or load balancer recycling does."""
+    evens the spread out during a run, as a client pool or load balancer recycling does.
+
+    A connection the server has closed is not reused, as urllib3's pool checks: gunicorn closes
+    one after answering a request whose body the app left unread past 64 KiB (the plain hello),
+    without saying so in its answer. When a reused connection still turns out dead before any
+    answer, the request is sent again on a new one, once (`retries` counts them), as a client
+    pool does; only a request that fails on a fresh connection is an error."""
 
     def __init__(self, port: int, headers: dict[str, str]) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         self.headers = headers
         self.sent = 0
+        self.retries = 0
         self.last_headers: dict[str, str] = {}  # of the last answer, names in lower case
 
     def request(
@@ -126,16 +136,40 @@ class Client:
         if accept:
             headers["Accept"] = accept
         self.sent += 1
-        if self.sent % RECONNECT_EVERY == 0:
+        if self.sent % RECONNECT_EVERY == 0 or self._closed_by_server():
             self.conn.close()  # the next request connects again
+        reused = self.conn.sock is not None
         try:
-            self.conn.request(method, path, body=body, headers=headers)
-            resp = self.conn.getresponse()
-            self.last_headers = {k.lower(): v for k, v in resp.getheaders()}
-            return resp.status, resp.read()
+            return self._send(method, path, body, headers)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            self.conn.close()
+            if not reused:
+                return 0, b""
         except (OSError, http.client.HTTPException):
             self.conn.close()  # reconnects on the next request
             return 0, b""
+        self.retries += 1
+        try:
+            return self._send(method, path, body, headers)
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            return 0, b""
+
+    def _send(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        self.conn.request(method, path, body=body, headers=headers)
+        resp = self.conn.getresponse()
+        self.last_headers = {k.lower(): v for k, v in resp.getheaders()}
+        return resp.status, resp.read()
+
+    def _closed_by_server(self) -> bool:
+        """An idle keep-alive connection is readable only once the server closed (or reset) it."""
+        sock = self.conn.sock
+        if sock is None:
+            return False
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
 
 
 def _ts(value: str) -> float:
@@ -346,6 +380,8 @@ def run_request_load(
                     result.latencies.append(time.perf_counter() - sent)
                 else:
                     result.errors += 1
+        with lock:
+            result.retries += client.retries
 
     result.seconds = _run_threads(client_loop, clients)
     return result

@@ -115,6 +115,33 @@ def references(r: dict[str, Any], key: str) -> tuple[float, float]:
     return best_batched(as_served(r)), best_batched(served_row(r))
 
 
+HELLOS = {"hello": "plain hello", "hello_upload": "hello that parses the upload"}
+
+
+def fastest_hello(r: dict[str, Any]) -> str:
+    """The hello run with the most requests/s: the ceiling a submit is held to. On gunicorn 27
+    the plain hello is not always it: a body the app leaves unread past 64 KiB makes gunicorn
+    close the connection after answering, so its clients connect and send again."""
+    return max((k for k in HELLOS if k in r), key=lambda k: float(r[k]["jobs_per_s"]))
+
+
+def submit_rows(r: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """API submit over the faster hello (the target), and over the other one for reference.
+    Runs before the plain hello existed measured only the hello that read the upload."""
+    if "hello_upload" not in r:
+        ratio = r["api_submit"]["jobs_per_s"] / max(r["hello"]["jobs_per_s"], 1e-9)
+        return [("API submit / hello requests/s", ratio, 0.25)]
+    best = fastest_hello(r)
+    rows: list[tuple[Any, ...]] = []
+    for key, name in HELLOS.items():
+        ratio = r["api_submit"]["jobs_per_s"] / max(r[key]["jobs_per_s"], 1e-9)
+        if key == best:
+            rows.insert(0, (f"API submit / the faster hello ({name}) requests/s", ratio, 0.25))
+        else:
+            rows.append((f"(reference) API submit / {name}", ratio, 0.25, True))
+    return rows
+
+
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of issue 4 as (measured ratio, required ratio, met)."""
     served = served_row(r)
@@ -180,26 +207,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             r["idle"]["p50_ms"] - worker["b1"]["latency_ms"],
             30.0,
         ),
-        (
-            # Runs before the plain hello existed measured one that read the upload.
-            "API submit / plain hello requests/s"
-            if "hello_upload" in r
-            else "API submit / hello requests/s",
-            r["api_submit"]["jobs_per_s"] / max(r["hello"]["jobs_per_s"], 1e-9),
-            0.25,
-        ),
-        *(
-            [
-                (
-                    "(reference) API submit / hello that parses the upload",
-                    r["api_submit"]["jobs_per_s"] / max(r["hello_upload"]["jobs_per_s"], 1e-9),
-                    0.25,
-                    True,
-                )
-            ]
-            if "hello_upload" in r
-            else []
-        ),
+        *submit_rows(r),
         ("API peak RSS per process (MB, <=)", api_rss, 150.0),
         ("worker peak RSS (MB, <=)", r["worker_rss_mb"], 1024.0),
     ]
@@ -269,8 +277,9 @@ def markdown(r: dict[str, Any]) -> str:
         " the worker runs it (its inference threads, the rest of the machine left to the API"
         " and Postgres); they are shown for reference, in brackets, as are the other"
         " (reference) rows: the closed-loop 16-client run against the same capacity"
-        " reference, the served runtime's speedup as the worker runs it, a hello that parses"
-        " the upload as a submit must (the target's hello answers without reading it), and"
+        " reference, the served runtime's speedup as the worker runs it, the slower of the two"
+        " hellos (the submit target divides by the faster: a plain hello that answers without"
+        " reading the upload, or one that parses it as a submit must), and"
         " the fastest float32 runtime against the float32 limit. The served runtime is int8, so"
         " its ratio to a float32 limit can pass 1; so can a float32 runtime's when numpy's"
         " OpenBLAS kernels (named above) are not this CPU's widest: the limit is numpy's"
@@ -354,6 +363,7 @@ def markdown(r: dict[str, Any]) -> str:
         ("naive Flask baseline", "naive_flask"),
         ("API submit only (worker stopped), req/s", "api_submit"),
         ("gunicorn hello, req/s", "hello"),
+        ("gunicorn hello that parses the upload, req/s", "hello_upload"),
     ):
         if key not in r:
             continue
@@ -370,14 +380,26 @@ def markdown(r: dict[str, Any]) -> str:
             ("naive", "naive_flask"),
             ("submit", "api_submit"),
             ("hello", "hello"),
+            ("hello parsing the upload", "hello_upload"),
         )
         if "rounds_jobs_per_s" in r.get(key, {})
     ]
     if rounds:
         lines += [
             "",
-            "The system and naive Flask alternate in 3 rounds, as do API submits and hello; each"
-            " row is its median round. Every round's jobs/s: " + "; ".join(rounds) + ".",
+            "The system and naive Flask alternate in 3 rounds, as do API submits and the two"
+            " hellos; each row is its median round. Every round's jobs/s: "
+            + "; ".join(rounds)
+            + ".",
+        ]
+    if r.get("hello", {}).get("retries"):
+        lines += [
+            "",
+            f"The plain hello's clients sent {r['hello']['retries']} of its requests (median"
+            " round) a second time, on a new connection: gunicorn closes a connection after"
+            " answering a request whose body the app left unread past 64 KiB, without saying"
+            " so in the answer, and a client finds out when its next request on it fails."
+            " Each counts once, when answered; a client pool (urllib3) resends the same way.",
         ]
     bursts = [
         (name, r[key])
@@ -433,6 +455,7 @@ CPU_RUNS = (
     ("burst, batch submits", "system_peak_batch"),
     ("API submit only", "api_submit"),
     ("gunicorn hello", "hello"),
+    ("hello parsing the upload", "hello_upload"),
     ("naive Flask", "naive_flask"),
 )
 CPU_GROUPS = ("api", "worker", "naive", "postgres", "redis", "load generator", "total")
@@ -485,7 +508,8 @@ def budget(r: dict[str, Any]) -> list[str]:
             f"runtime as served ({ref:.0f} img/s), {cores * 1000.0 / (0.85 * ref):.1f}.",
         ]
     lines += threads_table(r)
-    submit, hello = (r.get(k, {}).get("cpu_ms_per_job") for k in ("api_submit", "hello"))
+    submit = r.get("api_submit", {}).get("cpu_ms_per_job")
+    hello = r.get(fastest_hello(r), {}).get("cpu_ms_per_job")
     if submit and hello:
         validation = r.get("upload_validation_ms")
         decode = (
@@ -498,7 +522,8 @@ def budget(r: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"A submit costs {submit['total']:.1f} core-ms in all (API, Postgres, Redis, load "
-            f"generator) and a hello request {hello['total']:.1f}; 0.25 x hello's rate needs a "
+            f"generator) and a request to the faster hello ({HELLOS[fastest_hello(r)]}) "
+            f"{hello['total']:.1f}; 0.25 x its rate needs a "
             f"submit under {4 * hello['total']:.1f} core-ms{decode}.",
         ]
     lines.append("")

@@ -36,6 +36,11 @@ _ORIENTATION_TRANSPOSES = {
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _ORIENTATION = 0x0112  # the EXIF tag
 _XMP_KEYS = ("xmp", "XML:com.adobe.xmp")  # where Pillow keeps an XMP packet (JPEG/WebP; PNG)
+# A text chunk where ImageMagick keeps a PNG's EXIF when it has no eXIf chunk; Pillow's
+# `getexif` reads it, browsers do not.
+_RAW_PROFILE_KEY = "Raw profile type exif"
+# Where `getexif` finds an orientation that is not the EXIF block's own.
+_NOT_EXIF_BLOCK_KEYS = (*_XMP_KEYS, _RAW_PROFILE_KEY)
 _INT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
@@ -95,17 +100,18 @@ def exif_orientation(img: Image.Image, *, legacy: bool = False) -> int | None:
     """The EXIF orientation (2-8) that turns or flips the image; None when there is none to apply
     or the EXIF block cannot be read, and for WebP, whose orientation tag browsers ignore (a
     mask turned by it did not line up with the photo as its owner sees it; JPEG's and PNG's
-    tags they apply, as here). Only the EXIF block's tag counts, never an XMP packet's, which
-    browsers ignore too.
+    tags they apply, as here). Only the EXIF block's tag counts (a PNG's `eXIf` chunk), never an
+    XMP packet's or the one in a PNG text chunk that ImageMagick writes ("Raw profile type
+    exif"), which browsers ignore too.
 
     The pixels are turned here with `Image.transpose` rather than `ImageOps.exif_transpose`,
     which also rewrites the EXIF block and raises (`struct.error` and others) on entries that
     phones and cameras write malformed. A block too broken to read leaves the image as stored.
 
     `legacy`: the rule before 2026-11-27, when a WebP's orientation tag and an XMP packet's
-    (Pillow reads it where the EXIF block has none) counted too: the masks of jobs stored then
-    are at that rule's size, and `turned_the_old_way` tells when to decode their photos so
-    again.
+    (Pillow reads it where the EXIF block has none) counted too, as a PNG text chunk's did
+    until 2026-11-28: the masks of jobs stored then are at that rule's size, and
+    `turned_the_old_way` tells when to decode their photos so again.
     """
     if img.format == "WEBP" and not legacy:
         return None
@@ -113,7 +119,7 @@ def exif_orientation(img: Image.Image, *, legacy: bool = False) -> int | None:
         # getexif loads a PNG first (its eXIf chunk may follow the pixels), so after it
         # `info` holds the EXIF block wherever the file keeps it.
         value = img.getexif().get(_ORIENTATION)
-        if value is not None and not legacy and any(key in img.info for key in _XMP_KEYS):
+        if value is not None and not legacy and any(k in img.info for k in _NOT_EXIF_BLOCK_KEYS):
             value = _exif_block_orientation(img.info.get("exif"))
     except Exception as exc:  # Pillow raises many types for a broken EXIF block
         _log.debug("ignoring an unreadable EXIF block: %r", exc)
@@ -165,7 +171,8 @@ def resize_to_model(img: Image.Image) -> Image.Image:
 def turned_the_old_way(data: bytes, decoded: tuple[int, int], wanted: tuple[int, int]) -> bool:
     """Whether a picture decoded at `decoded` (width, height) but stored with a mask of size
     `wanted`, its transpose, was turned by the rule before 2026-11-27 (a WebP's orientation
-    tag, or one found only in the XMP packet, counted then), at whose size that job's mask (or
+    tag, or one found only in the XMP packet or, until 2026-11-28, in a PNG text chunk, counted
+    then), at whose size that job's mask (or
     label) was made. Only a turn by 90 degrees shows in the size: a flip, a half turn or a
     square photo stored then is drawn and trained as the browser shows it now."""
     if decoded == wanted or decoded[::-1] != wanted:

@@ -191,17 +191,22 @@ def test_hostile_xmp_only_orientation_is_not_applied(client, auth, settings) -> 
 
 
 def turned_the_old_way(fmt: str) -> bytes:
-    """A 300x200 photo that the rule before 2026-11-27 turned to 200x300: a JPEG by its XMP
-    packet's orientation, a WebP by its EXIF block's (neither counts now)."""
+    """A 300x200 photo that an earlier rule turned to 200x300: a JPEG by its XMP packet's
+    orientation, a WebP by its EXIF block's (until 2026-11-27), a PNG by the EXIF in the text
+    chunk ImageMagick writes (until 2026-11-28); none counts now."""
     photo = Image.new("RGB", (300, 200), (200, 40, 40))
     if fmt == "JPEG":
         return encode_image(photo, "JPEG", xmp=XMP_TURNED)
+    if fmt == "PNG":
+        from tests.segsvc.ml.test_imaging import _with_raw_profile_orientation
+
+        return _with_raw_profile_orientation()
     exif = Image.Exif()
     exif[0x0112] = 6
     return encode_image(photo, "WEBP", exif=exif.tobytes())
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "PNG"])
 def test_the_overlay_of_a_job_stored_when_webp_and_xmp_orientations_counted_draws(  # type: ignore[no-untyped-def]
     client, auth, settings, fmt: str
 ) -> None:

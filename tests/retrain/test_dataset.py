@@ -227,7 +227,7 @@ def test_folder_overlap_sees_a_resized_copy_of_a_training_photo(tmp_path: Path) 
     assert folder_overlap(tmp_path / "train", tmp_path / "eval") is None
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "PNG"])
 def test_a_label_made_when_webp_and_xmp_orientations_counted_still_pairs_with_its_photo(
     fmt: str,
 ) -> None:

@@ -14,12 +14,14 @@ from segsvc.ml.imaging import (
     OVERLAY_ALPHA,
     PALETTE,
     draft_scale,
+    exif_orientation,
     load_rgb,
     load_rgb_full,
     render_overlay,
     render_overlay_png,
     resize_to_model,
     to_rgb,
+    turned_the_old_way,
 )
 from segsvc.ml.preprocess import encode_mask_png
 from tests.conftest import encode_image
@@ -286,3 +288,43 @@ def test_a_transparent_colour_is_white_like_alpha(mode: str) -> None:
     assert rgb.getpixel((0, 0)) == (255, 255, 255)
     assert rgb.getpixel((1, 1)) == ((200, 200, 200) if mode == "L" else (200, 10, 10))
     assert load_rgb(data)[0].tobytes() == rgb.tobytes()
+
+
+def _with_raw_profile_orientation(exif_block: Image.Exif | None = None) -> bytes:
+    """A 300x200 PNG whose orientation 6 is in the text chunk ImageMagick writes ("Raw profile
+    type exif", Pillow's `getexif` reads it), with an eXIf chunk of `exif_block` if given."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes().removeprefix(b"Exif\x00\x00").hex()
+    text = f"\nexif\n{len(raw) // 2:8d}\n" + "\n".join(
+        raw[i : i + 72] for i in range(0, len(raw), 72)
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", text, zip=True)
+    options: dict[str, object] = {"pnginfo": info}
+    if exif_block is not None:
+        options["exif"] = exif_block.tobytes()
+    return encode_image(Image.new("RGB", (300, 200), (200, 40, 40)), "PNG", **options)
+
+
+def test_a_png_orientation_only_in_a_raw_profile_text_chunk_is_not_applied() -> None:
+    """ImageMagick keeps a PNG's EXIF in a text chunk when it writes no eXIf chunk (a phone
+    JPEG converted without auto-orienting): browsers show that PNG as stored, 300 wide. Read
+    through `getexif`, it was turned and its mask came back 200x300."""
+    data = _with_raw_profile_orientation()
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.getexif().get(0x0112) == 6  # Pillow reads the text chunk's tag
+        assert exif_orientation(img) is None
+    with Image.open(io.BytesIO(data)) as img:
+        assert exif_orientation(img, legacy=True) == 6  # as jobs stored until now were turned
+    rgb, width, height = load_rgb(data)
+    assert (width, height) == rgb.size == (300, 200)
+    assert turned_the_old_way(data, (300, 200), (200, 300))
+
+
+def test_a_png_exif_chunk_orientation_beside_a_raw_profile_one_is_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    data = _with_raw_profile_orientation(exif)
+    with Image.open(io.BytesIO(data)) as img:
+        assert exif_orientation(img) == 3

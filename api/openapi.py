@@ -17,7 +17,7 @@ from segsvc.services.jobs import MAX_WAIT_SECONDS
 
 PNG = "image/png"
 SERVED_PREFIXES = ("/v1/",)
-SERVED_PATHS = ("/healthz", "/readyz", "/openapi.json")
+SERVED_PATHS = ("/healthz", "/startupz", "/readyz", "/openapi.json")
 ERROR_TEXT = {
     201: "Created, and finished within `?wait=`: the whole job.",
     400: "Malformed request.",
@@ -174,6 +174,7 @@ OPERATIONS: dict[str, Operation] = {
         },
     ),
     "health.healthz": Operation({200: s.Health}),
+    "health.startupz": Operation({200: s.Readiness, 503: s.Readiness}),
     "health.readyz": Operation({200: s.Readiness, 503: s.Readiness}),
     "docs.openapi_json": Operation({200: "application/json"}),
 }

@@ -1,4 +1,4 @@
-"""Liveness and readiness probes."""
+"""Liveness and startup probes (/healthz, /startupz) and the full readiness report (/readyz)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from segsvc.settings import Settings
 
 bp = Blueprint("health", __name__)
 
-# Both checks run at once and the answer comes within this, whatever Postgres or Redis do: under
-# the readinessProbe's timeoutSeconds (3, k8s/base/api.yaml), so a hung dependency reads as
+# The checks run at once and the answer comes within this, whatever Postgres or Redis do: under
+# the startupProbe's timeoutSeconds (3, k8s/base/api.yaml), so a hung dependency reads as
 # "not ready" instead of a probe timeout, and a probe never holds a request thread for long.
 READY_TIMEOUT_S = 2.0
 _executors: dict[int, ThreadPoolExecutor] = {}
@@ -43,12 +43,27 @@ def healthz() -> Response:
 def readyz() -> tuple[Response, int]:
     """Postgres and the broker are reachable, and the schema is at this release's migrations
     (or past them): a pod that started before its release's migrations Job ended (one `kubectl
-    apply -k`, Flux) passed every probe and answered 500s on columns not there yet."""
+    apply -k`, Flux) passed every probe and answered 500s on columns not there yet. The full
+    report, for operators and dashboards; no probe of the API's pods asks it."""
     pool = _executor()
-    futures: dict[str, Future[str]] = {
-        "database": pool.submit(_check_database, settings()),
-        "broker": pool.submit(_check_broker, celery()),
-    }
+    return _answer(
+        {
+            "database": pool.submit(_check_database, settings()),
+            "broker": pool.submit(_check_broker, celery()),
+        }
+    )
+
+
+@bp.get("/startupz")
+def startupz() -> tuple[Response, int]:
+    """Postgres is reachable and at this release's schema: what the API needs to serve (the
+    startupProbe). Not the broker: with Redis down the API still accepts and stores jobs (202),
+    and a pod started during an outage must be able to, as the running ones do."""
+    return _answer({"database": _executor().submit(_check_database, settings())})
+
+
+def _answer(futures: dict[str, Future[str]]) -> tuple[Response, int]:
+    """The checks' results within READY_TIMEOUT_S: 200 when all are ok, else 503."""
     done, _ = wait(futures.values(), timeout=READY_TIMEOUT_S)
     checks = {
         name: future.result() if future in done else f"error: no answer in {READY_TIMEOUT_S:g} s"

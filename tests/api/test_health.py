@@ -29,6 +29,45 @@ def test_readyz_fails_when_broker_unreachable(settings) -> None:  # type: ignore
     assert resp.get_json()["checks"]["broker"].startswith("error")
 
 
+def test_startupz_passes_with_the_broker_down_where_readyz_fails(settings: Settings) -> None:
+    """README: with Redis down, submissions are still accepted and stored (202). The API's
+    startupProbe was /readyz, which fails while the broker does: during a Redis outage no new
+    API pod (HPA scale-out, an evicted pod's replacement) ever started, each restarted after
+    300 s. /startupz asks what the API needs to serve: Postgres, at this release's schema."""
+    from api.app import create_app
+
+    down = settings.model_copy(
+        update={"broker_url": "redis://127.0.0.1:1/0", "redis_url": "redis://127.0.0.1:1/0"}
+    )
+    client = create_app(down).test_client()
+    started = client.get("/startupz")
+    assert started.status_code == 200
+    assert started.get_json() == {"status": "ok", "checks": {"database": "ok"}}
+    assert client.get("/readyz").status_code == 503  # operators still see the broker down
+
+
+def test_startupz_fails_while_postgres_is_unreachable(settings: Settings) -> None:
+    from api.app import create_app
+
+    down = settings.model_copy(
+        update={"database_url": "postgresql+psycopg://segsvc@127.0.0.1:1/segsvc"}
+    )
+    resp = create_app(down).test_client().get("/startupz")
+    assert resp.status_code == 503
+    assert resp.get_json()["status"] == "unavailable"
+    assert resp.get_json()["checks"]["database"].startswith("error")
+
+
+def test_probes_answer_on_the_public_port_only(settings: Settings) -> None:
+    """Like /healthz and /readyz, /startupz needs no key and is not on SEG_METRICS_PORT."""
+    from api.app import create_app
+
+    client = create_app(settings.model_copy(update={"metrics_port": 9100})).test_client()
+    for path in ("/healthz", "/readyz", "/startupz"):
+        assert client.get(path, environ_overrides={"SERVER_PORT": "8000"}).status_code == 200
+        assert client.get(path, environ_overrides={"SERVER_PORT": "9100"}).status_code == 404
+
+
 @contextmanager
 def silent_server() -> Iterator[int]:
     """A loopback port that takes connections and never answers: a hung server."""
@@ -69,7 +108,7 @@ def test_readyz_runs_checks_at_once_and_answers_in_time_when_they_hang(
     assert took < 3.5  # one timeout for both, not one after the other (4 s)
 
 
-def test_readyz_is_unready_while_the_schema_is_behind_this_release(client, settings) -> None:  # type: ignore[no-untyped-def]
+def test_readyz_and_startupz_fail_while_the_schema_is_behind_this_release(client, settings) -> None:  # type: ignore[no-untyped-def]
     """A pod that started before its release's migrations Job ended passed every probe and
     answered 500s on columns not there yet."""
     from sqlalchemy import text
@@ -81,9 +120,11 @@ def test_readyz_is_unready_while_the_schema_is_behind_this_release(client, setti
         session.execute(text("UPDATE alembic_version SET version_num = '0009'"))
     try:
         behind = client.get("/readyz")
+        not_started = client.get("/startupz")
         with session_scope(settings) as session:  # a newer release's migration: still ready
             session.execute(text("UPDATE alembic_version SET version_num = '0011_next'"))
         ahead = client.get("/readyz")
+        started = client.get("/startupz")
     finally:
         with session_scope(settings) as session:
             session.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": head})
@@ -91,6 +132,10 @@ def test_readyz_is_unready_while_the_schema_is_behind_this_release(client, setti
     assert "schema at 0009, this release needs 0010" in behind.get_json()["checks"]["database"]
     assert ahead.status_code == 200
     assert client.get("/readyz").status_code == 200
+    # A new pod does not start before its release's migrations either.
+    assert not_started.status_code == 503
+    assert "needs 0010" in not_started.get_json()["checks"]["database"]
+    assert started.status_code == 200
 
 
 def test_the_code_knows_its_schema_head(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -314,22 +314,31 @@ def test_compose_workers_link_to_the_api_not_to_their_own_loopback() -> None:
 
 
 def test_prometheus_scrapes_every_metrics_port_in_compose() -> None:
+    """Every compose service with a metrics port is scraped there. Regression: the maintenance
+    worker (SEG_METRICS_PORT from the worker environment) was not, so the failures its
+    reconcile pass counts in segsvc_jobs_total never reached Prometheus."""
     config = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
-    names = {
-        n
+    scraped = {
+        (name, str(sd["port"]))
         for job in config["scrape_configs"]
         for sd in job.get("dns_sd_configs", [])
-        for n in sd["names"]
-    }
-    targets = {
-        t.split(":")[0]
+        for name in sd["names"]
+    } | {
+        tuple(target.split(":"))
         for job in config["scrape_configs"]
         for sc in job.get("static_configs", [])
-        for t in sc["targets"]
+        for target in sc["targets"]
     }
-    assert {"api", "worker", "webhook-worker"} <= names
-    assert "beat" in targets
-    assert (names | targets) - {"localhost"} <= set(compose()["services"])
+    services = compose()["services"]
+    serving = {
+        (name, str(port))
+        for name, service in services.items()
+        if str(port := (service.get("environment") or {}).get("SEG_METRICS_PORT") or "0") != "0"
+    }
+    names = {name for name, _ in serving}
+    assert {"api", "worker", "webhook-worker", "maintenance-worker", "beat"} <= names
+    assert serving - scraped == set()
+    assert {name for name, _ in scraped} - {"localhost"} <= set(services)
 
 
 def test_prometheus_jobs_do_not_mix_services_of_different_compose_profiles() -> None:
@@ -368,9 +377,12 @@ def test_api_readiness_does_not_hang_on_the_shared_datastores() -> None:
     pod = find(rendered("base"), "Deployment", "segsvc-api")["spec"]["template"]["spec"]
     (api,) = pod["containers"]
     assert api["readinessProbe"]["httpGet"]["path"] == "/healthz"
-    # ...but a new pod must reach them once: a release that cannot (a wrong database URL)
-    # stalls its rollout instead of replacing every working pod.
-    assert api["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # ...but a new pod must reach Postgres (at its release's schema) once: a release that
+    # cannot (a wrong database URL) stalls its rollout instead of replacing every working pod.
+    # Not Redis: with /readyz, no new API pod started during a Redis outage (HPA scale-out, an
+    # evicted pod's replacement), though it would accept jobs (202) like the running ones.
+    assert api["startupProbe"]["httpGet"]["path"] == "/startupz"
 
 
 def test_grafana_dashboard_queries_only_series_we_export() -> None:
@@ -579,7 +591,7 @@ def ingress_routes(path: str, routes: list[dict[str, Any]]) -> bool:
     return False
 
 
-INTERNAL_PATHS = {"/metrics", "/healthz", "/readyz"}  # Prometheus and the kubelet only
+INTERNAL_PATHS = {"/metrics", "/healthz", "/readyz", "/startupz"}  # Prometheus, the kubelet
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -243,6 +243,10 @@ class Job(Base):
     # batch as one multi-VALUES statement holding every image at once (+20 MB per API process).
     releases: Mapped[int] = mapped_column(Integer, default=0)
     first_released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The give-up window (`services.jobs.give_back_job`, 0011): the latest release, and the
+    # releases since `first_released_at` (NULL on older rows: all of `releases`).
+    last_released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    window_releases: Mapped[int | None] = mapped_column(Integer)
     lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -339,7 +343,18 @@ class WebhookMessage(Base):
     """One event for one job; its `id` is the stable `webhook-id` across retries."""
 
     __tablename__ = "webhook_messages"
-    __table_args__ = (Index("ix_webhook_messages_status_next", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_webhook_messages_status_next", "status", "next_attempt_at"),
+        # One endpoint's pending messages (`webhooks.dispatch`: a pause moves its backlog, a
+        # delivery lets it go), found without reading every client's (0011).
+        Index(
+            "ix_webhook_messages_pending_endpoint",
+            "client_id",
+            "url",
+            "next_attempt_at",
+            **_where("status = 'pending'"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

@@ -7,6 +7,12 @@ the retries after it stay bounded by the max age.
 
 A nullable column without a default: on Postgres a change of the catalog only.
 
+A downgrade forgets the redeliveries (there is no column of the older schema to keep them in:
+the payload is sent as it is). What is lost is small and bounded: after a re-upgrade, a message
+past its max age that a client asked to redeliver, and that got no attempt meanwhile, ends
+failed instead of being attempted once; the client can ask again. Every other message is as
+it was.
+
 Revision ID: 0010
 Revises: 0009
 Create Date: 2026-11-30 10:00:00

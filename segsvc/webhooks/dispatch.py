@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -90,6 +90,10 @@ def claim_due(*, session: Session, limit: int = 100) -> list[tuple[str, datetime
     `job.started` reaches a healthy receiver before `job.completed`; and while its endpoint is
     paused after failing (`_endpoint_failed`), so a receiver that times out holds no delivery
     thread but its own, and no other client's notices queue behind its backlog.
+
+    The anti-join drops a paused endpoint's due messages only after the index range has read
+    them, so a pause (`record_endpoint_outcome`) and a probe (`start_attempt`) move the
+    endpoint's backlog past it: what stays due meanwhile is what arrived since, or was in flight.
     """
     earlier = aliased(WebhookMessage)
     blocked = exists().where(
@@ -183,6 +187,12 @@ def start_attempt(
         # thread on a receiver that still times out, not one per message of its backlog).
         # `record_endpoint_outcome` then ends or renews the pause.
         endpoint.paused_until = new_lease
+        _put_off_backlog(
+            session,
+            message,
+            until=_stamp(new_lease),
+            which=WebhookMessage.next_attempt_at <= db_now(session),  # due: none in flight
+        )
     data = {**message.payload, "urls": job_urls(message.job_id, base_url=base_url(settings))}
     body = encode_body(
         {"type": message.event_type, "timestamp": iso(message.created_at), "data": data}
@@ -265,6 +275,21 @@ def record_endpoint_outcome(
     else:
         opens = _probe_over(session, prepared)
     put_off = WebhookMessage.next_attempt_at == prepared.lease  # to the probe's end
+    if outcome.kind == "retry":
+        # The whole backlog waits for the pause's end past the claim's index range: left due,
+        # every claim (each worker's, every second) read it all before its anti-join dropped
+        # it. Any due within a lease of now is left as it is: it may be one in flight.
+        lease = attempt_lease(settings).total_seconds()
+        put_off = or_(
+            put_off,
+            and_(
+                WebhookMessage.next_attempt_at < opens,
+                or_(
+                    WebhookMessage.next_attempt_at <= db_now(session),
+                    WebhookMessage.next_attempt_at > db_now(session, plus_seconds=lease),
+                ),
+            ),
+        )
     if outcome.kind == "delivered":
         # The run is over: the messages put off to the end of an earlier pause go now too (a
         # long Retry-After kept the backlog a day after a redelivery was delivered). Any due
@@ -280,6 +305,25 @@ def record_endpoint_outcome(
             WebhookMessage.id != prepared.message_id,
         )
         .values(next_attempt_at=opens)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _put_off_backlog(
+    session: Session, probe: WebhookMessage, *, until: datetime, which: ColumnElement[bool]
+) -> None:
+    """A probe started: the endpoint's other pending messages that `which` picks wait for its
+    outcome (`record_endpoint_outcome` lets them go or puts them off again), out of the
+    claim's index range meanwhile, rather than due and dropped by every claim's anti-join."""
+    session.execute(
+        update(WebhookMessage)
+        .where(
+            *_messages_of(probe.client_id, probe.url),
+            WebhookMessage.status == outbox.PENDING,
+            which,
+            WebhookMessage.id != probe.id,
+        )
+        .values(next_attempt_at=until)
         .execution_options(synchronize_session=False)
     )
 
@@ -384,7 +428,8 @@ def _endpoint_row(session: Session, client_id: uuid.UUID | None, url: str) -> We
 
 
 def _messages_of(client_id: uuid.UUID | None, url: str) -> tuple[ColumnElement[bool], ...]:
-    """The conditions that match the messages of the endpoint (client, url)."""
+    """The conditions that match the messages of the endpoint (client, url); with the status
+    pending, `ix_webhook_messages_pending_endpoint` finds them (0011)."""
     owner = (
         WebhookMessage.client_id.is_(None)
         if client_id is None

@@ -66,7 +66,10 @@ def refusal_reason(
     is not told)."""
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
     plain = _unwrap(ip)
-    if any(ip in net or plain in net for net in allow):
+    # Never a cloud metadata address, whatever the allowlist says: allowing fd00::/8 (a VPC's
+    # ULA range) would otherwise open fd00:ec2::254, and the instance's credentials with it.
+    metadata = ip in METADATA or plain in METADATA
+    if not metadata and any(ip in net or plain in net for net in allow):
         return None
     if plain is not ip and plain.version == 4 and ip.version == 6:
         inner = refusal_reason(plain)
@@ -189,23 +192,26 @@ def check_url(url: str, *, allow: Sequence[IPNetwork] = (), resolver: Resolver =
     port = default if parts.port is None else parts.port  # an explicit :0 stays 0 (refused)
     if not 0 < port < 65536:
         raise UnsafeTargetError(f"The webhook URL's port {port} is out of range.")
+    # A host name is refused with one message whatever the reason (no answer, no addresses,
+    # a private, loopback or metadata one): telling them apart, or echoing what a name
+    # resolves to, would let any client map the service's internal DNS.
+    refused = f"The webhook host {host!r} does not resolve to a public address; webhooks may "
+    refused += "only target public addresses."
     try:
         addresses = resolver(host, port)
     except (OSError, UnicodeError):
-        raise UnresolvableHostError(f"The webhook host {host!r} could not be resolved.") from None
+        raise UnresolvableHostError(refused) from None
     if not addresses:
-        raise UnresolvableHostError(f"The webhook host {host!r} has no addresses.")
+        raise UnresolvableHostError(refused)
     for address in addresses:
-        # The address itself only when the URL named it: echoing what a name resolves to
-        # would let any client map the service's internal DNS (names -> private addresses).
-        literal = address == host.strip("[]")
-        why = refusal_reason(address, allow, name_it=literal)
-        if why:
-            shown = "is" if literal else "resolves to"
+        literal = address == host.strip("[]")  # the URL named the address: it may be told
+        why = refusal_reason(address, allow)
+        if why and literal:
             raise UnsafeTargetError(
-                f"The webhook host {host!r} {shown} {why}; webhooks may only target public "
-                "addresses."
+                f"The webhook host {host!r} is {why}; webhooks may only target public addresses."
             )
+        if why:
+            raise UnsafeTargetError(refused)
     allowlisted = bool(allow) and any(refusal_reason(a) for a in addresses)
     return Target(
         url=url, host=host, port=port, addresses=tuple(addresses), allowlisted=allowlisted

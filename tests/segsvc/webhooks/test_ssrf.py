@@ -71,7 +71,7 @@ def test_refusal_reason_allowlist_opens_only_its_networks() -> None:
 
 
 def test_check_url_refuses_when_any_address_is_private() -> None:
-    with pytest.raises(UnsafeTargetError, match="resolves to a private address") as refused:
+    with pytest.raises(UnsafeTargetError, match="does not resolve to a public address") as refused:
         check_url("https://hooks.example/x", resolver=fake_dns("93.184.215.14", "10.0.0.1"))
     # Which internal address a name has is not told: clients could map the internal DNS.
     assert "10.0.0.1" not in str(refused.value)
@@ -79,7 +79,7 @@ def test_check_url_refuses_when_any_address_is_private() -> None:
 
 @pytest.mark.parametrize("mapped", ["::ffff:10.0.0.1", "64:ff9b::a00:1", "2002:a00:1::1"])
 def test_check_url_does_not_tell_the_private_address_an_ipv6_answer_embeds(mapped: str) -> None:
-    with pytest.raises(UnsafeTargetError, match="resolves to an IPv6 address embedding a") as e:
+    with pytest.raises(UnsafeTargetError, match="does not resolve to a public address") as e:
         check_url("https://hooks.example/x", resolver=fake_dns(mapped))
     assert "10.0.0.1" not in str(e.value)
 
@@ -159,8 +159,56 @@ def test_check_url_unresolvable_is_its_own_error() -> None:
     def no_dns(_host: str, _port: int) -> list[str]:
         raise OSError("Name or service not known")
 
-    with pytest.raises(UnresolvableHostError, match="could not be resolved"):
+    with pytest.raises(UnresolvableHostError, match="does not resolve to a public address"):
         check_url("https://nowhere.invalid/", resolver=no_dns)
+
+
+def _refusal(url: str, resolver: Any) -> str:
+    with pytest.raises(UnsafeTargetError) as refused:
+        check_url(url, resolver=resolver)
+    return str(refused.value).replace("nowhere.invalid", "hooks.example")
+
+
+def test_check_url_gives_a_host_name_one_message_for_every_refusal() -> None:
+    """A missing name and one resolving to a private, loopback or metadata address were told
+    apart (422 "could not be resolved" vs "resolves to a private address"): any key could map
+    the service's internal DNS names. Validator only: no lookup, nothing sent."""
+
+    def no_dns(_host: str, _port: int) -> list[str]:
+        raise OSError("Name or service not known")
+
+    url = "https://hooks.example/x"
+    messages = {
+        _refusal("https://nowhere.invalid/x", no_dns),
+        _refusal(url, fake_dns()),
+        _refusal(url, fake_dns("10.0.0.1")),
+        _refusal(url, fake_dns("127.0.0.1")),
+        _refusal(url, fake_dns("169.254.169.254")),
+        _refusal(url, fake_dns("::ffff:10.0.0.1")),
+    }
+    assert messages == {
+        "The webhook host 'hooks.example' does not resolve to a public address; webhooks may "
+        "only target public addresses."
+    }
+
+
+@pytest.mark.parametrize(
+    ("address", "allow"),
+    [
+        ("fd00:ec2::254", "fd00::/8"),
+        ("169.254.169.254", "169.254.0.0/16"),
+        ("::ffff:169.254.169.254", "::ffff:0:0/96"),
+        ("100.100.100.200", "100.64.0.0/10"),
+    ],
+)
+def test_refusal_reason_allowlist_never_opens_a_metadata_address(address: str, allow: str) -> None:
+    """Allowlisting a VPC's ULA range (fd00::/8) opened AWS's IPv6 metadata endpoint. Validator
+    only: nothing is sent to these addresses."""
+    assert refusal_reason(address, parse_networks(allow)) is not None
+    assert "cloud metadata" in (refusal_reason(address, parse_networks(allow)) or "")
+    with pytest.raises(UnsafeTargetError):
+        check_url("https://hooks.example/", allow=parse_networks(allow), resolver=fake_dns(address))
+    assert refusal_reason("fd00::1", parse_networks("fd00::/8")) is None  # the rest stays open
 
 
 def test_check_url_refuses_metadata_literal_without_resolving() -> None:

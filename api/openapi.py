@@ -113,7 +113,7 @@ OPERATIONS: dict[str, Operation] = {
     ),
     # 409: the job has not succeeded (yet); 410: what the picture is made of is gone (a mask
     # file lost from the blob store; for the overlay, the input retention deleted). An overlay
-    # over LARGE_DECODE_PIXELS takes a submission token: 429 over the rate.
+    # over 1 MP (METERED_OVERLAY_PIXELS) takes a submission token: 429 over the rate.
     "jobs.read_mask": Operation({200: PNG, 409: s.Error, 410: s.Error}),
     "jobs.read_overlay": Operation({200: PNG, 409: s.Error, 410: s.Error, 429: s.Error}),
     "jobs.cancel_job": Operation({200: s.Job, 409: s.Error}),

@@ -129,18 +129,25 @@ def _mask_answer(job_id: str) -> Response:
     return _png(data, job_id, "mask")
 
 
-# A batch holds up to 16 uploads and their model inputs in memory at once; two at a time per
-# process keep both cores busy decoding while an API process stays within its memory budget
-# (later ones wait their turn, holding only a thread). A turn is waited for BATCH_TURN_WAIT_S
-# at most: two clients uploading slowly (no buffering proxy in front) must not have every
-# other batch submit pile up, each holding one of the process's threads, for as long as
-# their uploads last.
-BATCHES_AT_ONCE = threading.BoundedSemaphore(2)
+# A batch's 16 photos are read into memory and decoded, their model inputs kept until they are
+# stored; two batches at a time per process keep both cores busy decoding while an API process
+# stays within its memory budget (later ones wait their turn, holding only a thread). The turn
+# is taken once the body has been received and paid for: werkzeug spools each part over 500 KB
+# to a file as it arrives, so an upload in progress holds little memory, and a turn taken before
+# it let one key's two stalled uploads (a few bytes sent, no token spent) hold both turns, and
+# every other key's batch got a 503. A key has one turn at a time (`KEY_BATCH_TURNS`), so it
+# cannot hold both either; its others wait behind it, past KEY_BATCH_QUEUE of them a 429. A
+# turn (the key's, then the process's) is waited for BATCH_TURN_WAIT_S at most, then 503.
 BATCH_TURN_WAIT_S = 5.0
+KEY_BATCH_QUEUE = 4
 
 
 class BatchesBusyError(UnavailableError):
     code = "batches_busy"
+
+
+class OwnBatchesPendingError(RateLimitedError):
+    code = "batches_pending"
 
 
 @bp.post("/jobs/batch")
@@ -149,14 +156,28 @@ def submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str]
 
     One request, one transaction and one queue message for the lot; each image becomes its own
     job (poll them together with `GET /v1/jobs?ids=`). Webhook fields apply to every job."""
-    # Before the body is read: the parse is what takes the memory.
-    with _turn(
-        BATCHES_AT_ONCE,
-        BATCH_TURN_WAIT_S,
-        BatchesBusyError,
-        "This server is receiving as many batch submits as it takes at once; retry shortly.",
-    ):
-        return _submit_batch()
+    uploads = _received_uploads()
+    refused = _charge(cost=len(uploads), batch=True)
+    with batch_turn():
+        return _submit_batch(uploads, refused)
+
+
+def _received_uploads() -> list[FileStorage]:
+    """The batch's image parts, once its whole body has been received and checked."""
+    cfg = settings()
+    request.max_content_length = cfg.batch_submit_max_bytes + MULTIPART_OVERHEAD
+    uploads = request.files.getlist("image")
+    check_files_are_files("image")
+    if not uploads:
+        raise BadRequestError("Send the images as multipart/form-data, each in a field 'image'.")
+    if len(uploads) > cfg.batch_submit_max_images:
+        raise ValidationError(
+            f"{len(uploads)} images in one batch; the limit is {cfg.batch_submit_max_images}."
+        )
+    _check_part_names()
+    check_fields_are_text("webhook", "webhook_events")
+    check_single("webhook")
+    return uploads
 
 
 class Slots(Protocol):
@@ -168,20 +189,20 @@ class Slots(Protocol):
 
 
 class FairTurn:
-    """One holder at a time, served in the order they asked. With a semaphore, a request that
-    asks just as the turn is released takes it before the waiter woken for it runs: one
-    client's back-to-back large overlays kept another client's large upload waiting past its
-    10 s, then a 503."""
+    """Up to `holders` at a time (one by default), served in the order they asked. With a
+    semaphore, a request that asks just as a turn is released takes it before the waiter woken
+    for it runs: one client's back-to-back large overlays kept another client's large upload
+    waiting past its 10 s, then a 503."""
 
-    def __init__(self) -> None:
+    def __init__(self, holders: int = 1) -> None:
         self._lock = threading.Lock()
         self._waiting: deque[threading.Event] = deque()
-        self._held = False
+        self._free = holders
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         with self._lock:
-            if not self._held and not self._waiting:
-                self._held = True
+            if self._free and not self._waiting:
+                self._free -= 1
                 return True
             if not blocking:
                 return False
@@ -200,7 +221,7 @@ class FairTurn:
             if self._waiting:
                 self._waiting.popleft().set()  # handed to the first in line: still held
             else:
-                self._held = False
+                self._free += 1
 
 
 @contextmanager
@@ -215,21 +236,76 @@ def _turn(slots: Slots, wait_s: float, busy: type[SegError], message: str) -> It
         slots.release()
 
 
-def _submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str]]:
-    cfg = settings()
-    request.max_content_length = cfg.batch_submit_max_bytes + MULTIPART_OVERHEAD
-    uploads = request.files.getlist("image")
-    check_files_are_files("image")
-    if not uploads:
-        raise BadRequestError("Send the images as multipart/form-data, each in a field 'image'.")
-    if len(uploads) > cfg.batch_submit_max_images:
-        raise ValidationError(
-            f"{len(uploads)} images in one batch; the limit is {cfg.batch_submit_max_images}."
-        )
-    _check_part_names()
-    check_fields_are_text("webhook", "webhook_events")
-    check_single("webhook")
-    refused = _charge(cost=len(uploads), batch=True)
+class _KeyTurns:
+    """Per key, one request in the process's turn (or waiting for it) at a time, each of its
+    others waiting behind it (then `busy`, 503), at most `queue` of them; past those, `pending`
+    (429): the key is told to slow down, not given more threads."""
+
+    def __init__(
+        self, *, queue: int, busy: type[SegError], pending: type[SegError], what: str
+    ) -> None:
+        self.queue, self.busy, self.pending, self.what = queue, busy, pending, what
+        self._lock = threading.Lock()
+        self._keys: dict[str, tuple[threading.Lock, int]] = {}  # key -> (its turn, waiting)
+
+    @contextmanager
+    def hold(self, key: str, wait_s: float) -> Iterator[None]:
+        """`key`'s turn, after its earlier requests: each waited for up to `wait_s`."""
+        with self._lock:
+            turn, waiting = self._keys.get(key, (threading.Lock(), 0))
+            if waiting > self.queue:
+                raise self.pending(
+                    f"This key has {waiting} {self.what} being handled or waiting on this "
+                    "server already; send more when those have been answered.",
+                    retry_after=1,
+                )
+            self._keys[key] = (turn, waiting + 1)
+        try:
+            with _turn(
+                turn,
+                wait_s,
+                self.busy,
+                f"This key's other {self.what} kept this server busy; retry shortly.",
+            ):
+                yield
+        finally:
+            with self._lock:
+                turn, waiting = self._keys[key]
+                if waiting > 1:
+                    self._keys[key] = (turn, waiting - 1)
+                else:
+                    del self._keys[key]
+
+
+BATCHES_AT_ONCE = FairTurn(2)
+KEY_BATCH_TURNS = _KeyTurns(
+    queue=KEY_BATCH_QUEUE,
+    busy=BatchesBusyError,
+    pending=OwnBatchesPendingError,
+    what="batch submits",
+)
+
+
+@contextmanager
+def batch_turn() -> Iterator[None]:
+    """One of the process's batch turns (up to BATCH_TURN_WAIT_S), after this key's own
+    earlier batch (`KEY_BATCH_TURNS`): a key holds one turn at a time."""
+    with (
+        KEY_BATCH_TURNS.hold(str(current_client().id), BATCH_TURN_WAIT_S),
+        _turn(
+            BATCHES_AT_ONCE,
+            BATCH_TURN_WAIT_S,
+            BatchesBusyError,
+            "This server is processing as many batch submits as it takes at once; retry shortly.",
+        ),
+    ):
+        yield
+
+
+def _submit_batch(
+    uploads: list[FileStorage], refused: RateLimitedError | None
+) -> tuple[Response, int] | tuple[Response, int, dict[str, str]]:
+    """A received, paid-for batch, in its turn: read, replayed or decoded, stored."""
     datas = [_read(upload) for upload in uploads]
     idem, replay = _find_replay(datas, batch=True)  # before the decodes, as in submit_job
     if replay:
@@ -492,43 +568,12 @@ class OwnLargeDecodesPendingError(RateLimitedError):
     code = "large_decodes_pending"
 
 
-class _KeyTurns:
-    """Per key, one large decode in the process's turn (or waiting for it) at a time, and at
-    most KEY_TURN_QUEUE more waiting behind it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._keys: dict[str, tuple[threading.Lock, int]] = {}  # key -> (its turn, waiting)
-
-    @contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        with self._lock:
-            turn, waiting = self._keys.get(key, (threading.Lock(), 0))
-            if waiting > KEY_TURN_QUEUE:
-                raise OwnLargeDecodesPendingError(
-                    f"This key has {waiting} large pictures being decoded or waiting on this "
-                    "server already; send more when those have been answered.",
-                    retry_after=1,
-                )
-            self._keys[key] = (turn, waiting + 1)
-        try:
-            with _turn(
-                turn,
-                KEY_TURN_WAIT_S,
-                LargeDecodesBusyError,
-                "This key's other large pictures kept this server busy; retry shortly.",
-            ):
-                yield
-        finally:
-            with self._lock:
-                turn, waiting = self._keys[key]
-                if waiting > 1:
-                    self._keys[key] = (turn, waiting - 1)
-                else:
-                    del self._keys[key]
-
-
-KEY_TURNS = _KeyTurns()
+KEY_TURNS = _KeyTurns(
+    queue=KEY_TURN_QUEUE,
+    busy=LargeDecodesBusyError,
+    pending=OwnLargeDecodesPendingError,
+    what="large pictures",
+)
 
 
 @contextmanager
@@ -536,7 +581,7 @@ def large_decode_turn() -> Iterator[None]:
     """The process's large-decode turn (up to LARGE_DECODE_WAIT_S), after this key's own
     earlier large decodes (`KEY_TURNS`): for uploads, feedback masks and overlays alike."""
     with (
-        KEY_TURNS.hold(str(current_client().id)),
+        KEY_TURNS.hold(str(current_client().id), KEY_TURN_WAIT_S),
         _turn(
             LARGE_DECODES_AT_ONCE,
             LARGE_DECODE_WAIT_S,
@@ -549,29 +594,54 @@ def large_decode_turn() -> Iterator[None]:
 
 class PixelBudget:
     """Pixels of full-size decodes in flight in this process, up to a budget: a request holds
-    its picture's (up to the whole budget) for its decode, waiting up to `wait_s` for them."""
+    its picture's (up to the whole budget) for its decode, waiting up to `wait_s` for them.
+    Served in the order asked, as `FairTurn`: waiters all woken on each release, whichever
+    fitted first winning, let one key's stream of overlays keep overtaking another key's,
+    which waited, then got a 503."""
 
     def __init__(self, pixels: int) -> None:
         self.total = pixels
         self._free = pixels
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._waiting: deque[tuple[int, threading.Event]] = deque()
 
     @contextmanager
     def hold(self, pixels: int, wait_s: float) -> Iterator[None]:
         need = min(pixels, self.total)
-        with self._changed:
-            if not self._changed.wait_for(lambda: self._free >= need, timeout=wait_s):
-                raise OverlaysBusyError(
-                    "This server is drawing as many overlays as it takes at once; retry shortly.",
-                    retry_after=1,
-                )
-            self._free -= need
+        if not self._acquire(need, wait_s):
+            raise OverlaysBusyError(
+                "This server is drawing as many overlays as it takes at once; retry shortly.",
+                retry_after=1,
+            )
         try:
             yield
         finally:
-            with self._changed:
+            with self._lock:
                 self._free += need
-                self._changed.notify_all()
+                self._hand_over()
+
+    def _acquire(self, need: int, wait_s: float) -> bool:
+        with self._lock:
+            if not self._waiting and self._free >= need:
+                self._free -= need
+                return True
+            mine = (need, threading.Event())
+            self._waiting.append(mine)
+        if mine[1].wait(wait_s):
+            return True
+        with self._lock:
+            if mine[1].is_set():  # handed over as the wait ran out: they are this one's
+                return True
+            self._waiting.remove(mine)
+            self._hand_over()  # those behind it may fit now
+            return False
+
+    def _hand_over(self) -> None:
+        """Give the free pixels to the waiters in line, first come first (the lock held)."""
+        while self._waiting and self._waiting[0][0] <= self._free:
+            need, handed = self._waiting.popleft()
+            self._free -= need
+            handed.set()
 
 
 class OverlaysBusyError(UnavailableError):
@@ -582,30 +652,48 @@ class OverlaysBusyError(UnavailableError):
 # decode, blend and PNG encode: ~80 MB at most in flight): 24 threads drawing one client's
 # 4 MP overlay at once took two API processes to 2 GB. Pet photos (0.2 MP) draw 40 at once.
 OVERLAY_PIXELS_AT_ONCE = PixelBudget(8_000_000)
+# An overlay over this takes a submission token and the key's turn (`KEY_TURNS`): a key asking
+# for its own 4 MP overlay again and again, free, two in flight at once, filled the budget, and
+# another key's 1 MP overlay waited, then got a 503. A usual photo's (0.2 MP) stays free.
+METERED_OVERLAY_PIXELS = 1_000_000
 
 
 @bp.get("/jobs/<job_id>/overlay.png")
 def read_overlay(job_id: str) -> Response:
-    """The input with the mask blended on it. An overlay draws within the process's budget of
-    pixels in flight (`OVERLAY_PIXELS_AT_ONCE`); one over LARGE_DECODE_PIXELS instead takes
-    one of the key's submission tokens and the process's large-decode turn, behind the key's
-    own (`KEY_TURNS`): a client asking again and again for its own 40 MP overlay would
-    otherwise hold that turn for as long as it liked, and every other client's large upload
-    would wait, then get a 503."""
+    """The input with the mask blended on it, drawn in its turn (`overlay_turn`); one over
+    METERED_OVERLAY_PIXELS takes one of the key's submission tokens."""
     cfg = settings()
     session, scope, store = db(), _scope(), blob_store(cfg)
     job = job_service.get_finished_job(session=session, job_id=job_id, client_id=scope)
     pixels = job.input_width * job.input_height
-    large = pixels > LARGE_DECODE_PIXELS
-    if large:
+    if pixels > min(METERED_OVERLAY_PIXELS, LARGE_DECODE_PIXELS):  # a large one always
         limits.check_rate(client_key=str(current_client().id), settings=cfg)
-    # A large one is bounded by the turn (one at a time), a usual one by the pixel budget:
-    # never both, so none holds one while it waits for the other.
-    with large_decode_turn() if large else OVERLAY_PIXELS_AT_ONCE.hold(pixels, LARGE_DECODE_WAIT_S):
+    with overlay_turn(pixels):
         data = job_service.read_overlay_png(
             session=session, job_id=job_id, client_id=scope, store=store
         )
     return _png(data, job_id, "overlay")
+
+
+@contextmanager
+def overlay_turn(pixels: int) -> Iterator[None]:
+    """An overlay's turn. Over LARGE_DECODE_PIXELS, the process's large-decode turn behind the
+    key's own (a key asking again and again for its own 40 MP overlay would otherwise hold the
+    turn for as long as it liked); else its pixels from the process's budget, over
+    METERED_OVERLAY_PIXELS behind the key's own (one of them in the budget at a time). A large
+    one never holds the budget: none holds one while it waits for the other."""
+    if pixels > LARGE_DECODE_PIXELS:
+        with large_decode_turn():
+            yield
+    elif pixels > METERED_OVERLAY_PIXELS:
+        with (
+            KEY_TURNS.hold(str(current_client().id), KEY_TURN_WAIT_S),
+            OVERLAY_PIXELS_AT_ONCE.hold(pixels, LARGE_DECODE_WAIT_S),
+        ):
+            yield
+    else:
+        with OVERLAY_PIXELS_AT_ONCE.hold(pixels, LARGE_DECODE_WAIT_S):
+            yield
 
 
 @bp.post("/jobs/<job_id>/cancel")

@@ -309,7 +309,7 @@ def test_batches_beyond_two_at_once_wait_their_turn(client, auth) -> None:  # ty
         )
         sender.start()
         sender.join(0.5)
-        assert answers == []  # waiting for a slot, nothing parsed or stored yet
+        assert answers == []  # paid for, waiting for a slot: nothing decoded or stored
     finally:
         routes.BATCHES_AT_ONCE.release()
     sender.join(10)

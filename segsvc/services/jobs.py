@@ -23,7 +23,8 @@ from segsvc.services.reconcile import SUSPECT_AFTER_ATTEMPTS, lost_runs
 from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
 
 # A job given back this many times (each a failed forward pass or result write), the first at
-# least RELEASE_GIVE_UP_S ago, ends failed.
+# least RELEASE_GIVE_UP_S ago and none more than RELEASE_GIVE_UP_S after the one before, ends
+# failed.
 MAX_RELEASES = 5
 RELEASE_GIVE_UP_S = 300.0
 
@@ -348,7 +349,8 @@ def read_overlay_png(
 
 
 def _read_blob(store: BlobStore, value: bytes | None, gone_message: str) -> bytes:
-    """A row's blob, or 410 Gone when retention deleted it or its file is missing."""
+    """A row's blob, or 410 Gone when retention deleted it or its file is missing (a store
+    that cannot be read raises `BlobStoreUnavailableError`: a 503, retried)."""
     try:
         data = store.get(value)
     except BlobMissingError:
@@ -596,7 +598,9 @@ def give_back_job(
     A job given back `MAX_RELEASES` times over at least `RELEASE_GIVE_UP_S` ends failed with
     `worker_error` instead: a failure that keeps coming back for that long is not transient,
     and the job must not cycle for ever. A short outage (a blob store away for a few seconds)
-    releases jobs several times in a row but fails none. Timed on the database's clock, like
+    releases jobs several times in a row but fails none. A release more than
+    `RELEASE_GIVE_UP_S` after the previous one starts the window again (an old release and a
+    short outage later are not a failure that kept coming). Timed on the database's clock, like
     the lease. A job whose client asked to cancel it is not given back: it ends canceled
     (`fail_job`), as its result would have ended it."""
     now = db_now(session)
@@ -606,10 +610,17 @@ def give_back_job(
         Job.status == JobStatus.RUNNING,
         Job.cancel_requested.is_(False),
     )
+    cutoff = db_now(session, plus_seconds=-RELEASE_GIVE_UP_S)
+    # Rows released before 0011 have no window count: all of their releases are in it.
+    in_window = func.coalesce(Job.window_releases, Job.releases)
+    # With one release in the window, it is the window's start (older rows have no last).
+    previous = case((in_window <= 1, Job.first_released_at), else_=Job.last_released_at)
+    restarts = previous <= cutoff
     keeps_trying = or_(
-        Job.releases < MAX_RELEASES - 1,
+        restarts,
+        in_window < MAX_RELEASES - 1,
         Job.first_released_at.is_(None),
-        Job.first_released_at > db_now(session, plus_seconds=-RELEASE_GIVE_UP_S),
+        Job.first_released_at > cutoff,
     )
     res = session.execute(
         update(Job)
@@ -618,8 +629,12 @@ def give_back_job(
             status=JobStatus.QUEUED,
             lease_token=None,
             lease_expires_at=None,
-            releases=Job.releases + 1,
-            first_released_at=func.coalesce(Job.first_released_at, now),
+            releases=Job.releases + 1,  # all of them: `attempts - releases` are lost runs
+            window_releases=case((restarts, 1), else_=in_window + 1),
+            first_released_at=case(
+                (restarts, now), else_=func.coalesce(Job.first_released_at, now)
+            ),
+            last_released_at=now,
         )
         .execution_options(synchronize_session=False)
     )

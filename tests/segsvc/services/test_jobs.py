@@ -312,3 +312,81 @@ def test_claim_jobs_takes_a_suspect_only_alone(settings: Settings) -> None:
             session=session, job_ids=[suspect, suspect], lease_seconds=60
         )
     assert (alone.id, alone.suspect, alone.attempts) == (suspect, True, 3)
+
+
+def _released_long_ago(settings: Settings, job_id: uuid.UUID, **values: Any) -> None:
+    with session_scope(settings) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def test_give_back_job_a_short_outage_after_one_old_release_fails_nothing(
+    settings: Settings,
+) -> None:
+    """docs/durability.md: a job fails only when releases keep coming for five minutes. One
+    release six minutes ago (a GPU OOM, then a backlog), then four within a second of a short
+    blob-store outage: the job ended failed, the window timed from that old release."""
+    from tests.worker.test_reconciler import claim, get, make_job, release
+
+    job_id = make_job(settings)
+    assert release(settings, claim(settings, job_id))
+    _released_long_ago(settings, job_id, first_released_at=utcnow() - timedelta(minutes=6))
+    outcomes = [release(settings, claim(settings, job_id)) for _ in range(4)]
+    job = get(settings, job_id)
+    assert outcomes == [True] * 4, (job.status, job.error_code)
+    assert (job.status, job.releases) == ("queued", 5)  # every release counted: no lost run
+
+
+def test_give_back_job_restarts_the_window_after_a_quiet_gap(settings: Settings) -> None:
+    """Two releases long ago (both six minutes old), then an outage of a few seconds."""
+    from tests.worker.test_reconciler import claim, get, make_job, release
+
+    job_id = make_job(settings)
+    for _ in range(2):
+        assert release(settings, claim(settings, job_id))
+    long_ago = utcnow() - timedelta(minutes=6)
+    _released_long_ago(settings, job_id, first_released_at=long_ago, last_released_at=long_ago)
+    assert [release(settings, claim(settings, job_id)) for _ in range(4)] == [True] * 4
+    job = get(settings, job_id)
+    assert (job.status, job.releases, job.window_releases) == ("queued", 6, 4)
+    assert job.first_released_at is not None
+    assert job.first_released_at > long_ago
+
+
+def test_give_back_job_a_failure_that_keeps_coming_for_five_minutes_still_ends_the_job(
+    settings: Settings,
+) -> None:
+    """Releases every two minutes for eight minutes (no quiet gap): the fifth ends the job."""
+    from tests.worker.test_reconciler import claim, get, make_job, release
+
+    job_id = make_job(settings)
+    for _ in range(job_service.MAX_RELEASES - 1):
+        assert release(settings, claim(settings, job_id))
+    now = utcnow()
+    _released_long_ago(
+        settings,
+        job_id,
+        first_released_at=now - timedelta(minutes=8),
+        last_released_at=now - timedelta(minutes=2),
+    )
+    assert not release(settings, claim(settings, job_id))
+    job = get(settings, job_id)
+    assert (job.status, job.error_code) == ("failed", "worker_error")
+
+
+def test_give_back_job_a_row_released_before_the_window_columns_gives_up_as_before(
+    settings: Settings,
+) -> None:
+    """Released before 0011 (no last release, no window count): its releases all count."""
+    from tests.worker.test_reconciler import claim, get, make_job, release
+
+    job_id = make_job(settings)
+    claimed = claim(settings, job_id)
+    _released_long_ago(
+        settings,
+        job_id,
+        releases=job_service.MAX_RELEASES - 1,
+        attempts=Job.attempts + job_service.MAX_RELEASES - 1,
+        first_released_at=utcnow() - timedelta(seconds=job_service.RELEASE_GIVE_UP_S + 1),
+    )
+    assert not release(settings, claimed)
+    assert get(settings, job_id).error_code == "worker_error"

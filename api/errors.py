@@ -40,6 +40,8 @@ def error_response(
 
 
 def handle_seg_error(exc: SegError) -> Response:
+    if exc.http_status >= 500 and exc.__cause__ is not None:  # e.g. the blob volume's OSError
+        log.warning("%s: %s: %s", exc.code, type(exc.__cause__).__name__, exc.__cause__)
     resp = error_response(exc.code, exc.message, exc.http_status, exc.retry_after)
     if exc.http_status == 401:
         resp.headers["WWW-Authenticate"] = WWW_AUTHENTICATE

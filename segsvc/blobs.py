@@ -18,16 +18,37 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Protocol
 
+from segsvc.errors import UnavailableError
 from segsvc.files import make_folders_durably, write_atomically
 from segsvc.settings import Settings
 
 POINTER_PREFIX = b"segsvc-blob:sha256:"
 POINTER_LENGTH = len(POINTER_PREFIX) + 64
 _HEX = frozenset("0123456789abcdef")
+# A volume that is away (full, read-only, unmounted, a stale NFS handle) is usually back in
+# seconds; a client retries then, as after a database outage (`api.errors.DB_RETRY_AFTER_S`).
+STORE_RETRY_AFTER_S = 5.0
 
 
 class BlobMissingError(LookupError):
     """A row points at a blob that is absent or does not match its hash."""
+
+
+class BlobStoreUnavailableError(UnavailableError):
+    """The blob folder could not be written or read (an OSError other than a missing file):
+    transient, a 503 with Retry-After; workers release the batch and retry it like a database
+    outage. The OSError (with its path) is the `__cause__`, for the logs only: the message
+    is answered to clients as is."""
+
+    code = "blob_store_unavailable"
+
+    def __init__(
+        self,
+        message: str = "The service's file storage is unavailable; try again shortly.",
+        *,
+        retry_after: float | None = STORE_RETRY_AFTER_S,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class BlobStore(Protocol):
@@ -89,6 +110,8 @@ class FileReader:
             data = self.path_for(digest).read_bytes()
         except FileNotFoundError:
             raise BlobMissingError(f"blob {digest} is missing") from None
+        except OSError as exc:  # there, but unreadable: the volume's trouble, not the row's
+            raise BlobStoreUnavailableError() from exc
         if hashlib.sha256(data).hexdigest() != digest:
             raise BlobMissingError(f"blob {digest} is corrupt")
         return data
@@ -206,10 +229,13 @@ class FsBlobStore(FileReader):
         next; a power loss must not leave a committed job naming a file that is not there."""
         digest = hashlib.sha256(data).hexdigest()
         path = self.path_for(digest)
-        if not self._refresh(path, len(data)):
-            make_folders_durably(path.parent)
-            # threads storing the same bytes at once are fine
-            write_atomically(path, data, sync_folder=True)
+        try:
+            if not self._refresh(path, len(data)):
+                make_folders_durably(path.parent)
+                # threads storing the same bytes at once are fine
+                write_atomically(path, data, sync_folder=True)
+        except OSError as exc:  # a full, read-only, unmounted or stale volume
+            raise BlobStoreUnavailableError() from exc
         return pointer_to(digest)
 
     @staticmethod

@@ -52,10 +52,15 @@ app.conf.update(
 app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), **retrain_beat_schedule(settings)}
 
 
-@signals.worker_ready.connect
+# On `celeryd_after_setup`, which a starting worker sends before its consumer connects, not on
+# `worker_ready`: `worker.observability` loads the model in its `worker_ready` receiver (minutes
+# for a conversion), and Celery calls one signal's receivers one after the other, in the order
+# they were connected (an import order), so a pass started there waited for the whole load.
+# Not `worker_init` either: that one comes with every `WorkController` built, a test's too.
+@signals.celeryd_after_setup.connect
 def _reconcile_in_worker(**_: Any) -> None:
-    """A (re)started worker recovers what a dead one left behind at once, and keeps
-    reconciling from its own thread (see `worker.reconciler.reconcile_periodically`)."""
+    """A (re)started worker recovers what a dead one left behind at once, before it loads its
+    model, and keeps reconciling from its own thread (`reconcile_periodically`)."""
     from worker.reconciler import reconcile_periodically
 
     reconcile_periodically(settings, app)

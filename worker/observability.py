@@ -38,6 +38,9 @@ PIPELINE_STALL_S = CONVERT_TIMEOUT_S + 300.0
 LOAD_RETRY_FIRST_S = 5.0
 LOAD_RETRY_MAX_S = 60.0
 ALIVE_EVERY_S = 2.0  # as often as Celery's heartbeats
+# The queue of the workers that run no model besides the webhook queue: the maintenance worker's
+# (`retrain.tasks.MAINTENANCE_QUEUE`, not imported: its shared tasks would join every app here).
+MAINTENANCE_QUEUE = "maintenance"
 _stopping = threading.Event()
 
 
@@ -48,10 +51,35 @@ def service_name(argv: list[str]) -> str:
     return "webhook-worker" if get_settings().webhook_queue_name in argv else "worker"
 
 
+def consumed_queues(app: Any) -> set[str]:
+    """The queues this worker takes messages from (its `-Q`, else every queue of its app)."""
+    return set(app.amqp.queues.consume_from or app.amqp.queues)
+
+
 def consumes_inference(app: Any) -> bool:
     """True when this worker takes jobs from the inference queue (so it needs the model)."""
-    queues = app.amqp.queues.consume_from or app.amqp.queues
-    return get_settings().queue_name in set(queues)
+    return get_settings().queue_name in consumed_queues(app)
+
+
+def warn_of_queue_mismatch(app: Any) -> bool:
+    """Log an error when this worker consumes a queue that only an inference worker would
+    (neither the webhook nor the maintenance queue) but not SEG_QUEUE_NAME's: it then loads no
+    model and takes no job of the API's, silently (`-Q inference` while SEG_QUEUE_NAME is
+    `gpu`, or the other way round); True when it did."""
+    settings = get_settings()
+    queues = consumed_queues(app)
+    others = sorted(queues - {settings.webhook_queue_name, MAINTENANCE_QUEUE})
+    if not others or settings.queue_name in queues:
+        return False
+    log.error(
+        "QUEUE MISMATCH: this worker consumes %s but SEG_QUEUE_NAME is %r, so it loads no "
+        "model and runs no inference job: start it with `-Q %s`, or set SEG_QUEUE_NAME to "
+        "the queue it consumes (the same on the API and every worker)",
+        ", ".join(map(repr, others)),
+        settings.queue_name,
+        settings.queue_name,
+    )
+    return True
 
 
 def _setup_logging(**_: Any) -> None:
@@ -70,6 +98,8 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     """Ready only after the model answers; a webhook worker is ready when it consumes."""
     app = sender.app if sender is not None else None
     inference = app is not None and consumes_inference(app)
+    if app is not None and not inference:
+        warn_of_queue_mismatch(app)
     if inference and not _is_prefork(sender):
         with _alive_meanwhile(get_settings().probe_dir, PIPELINE_STALL_S):
             loaded = _load_model()

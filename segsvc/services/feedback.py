@@ -16,7 +16,14 @@ from sqlalchemy import func, literal, select, update
 from sqlalchemy.orm import Session
 
 from segsvc import images
-from segsvc.blobs import POINTER_LENGTH, BlobMissingError, BlobStore, pointer_digest, pointer_to
+from segsvc.blobs import (
+    POINTER_LENGTH,
+    BlobMissingError,
+    BlobStore,
+    BlobStoreUnavailableError,
+    pointer_digest,
+    pointer_to,
+)
 from segsvc.errors import BadRequestError, ConflictError, NotFoundError, SegError
 from segsvc.ml import NUM_CLASSES
 from segsvc.ml.imaging import mask_classes
@@ -235,8 +242,11 @@ def iter_labeled_inputs(
         for fid, digest, mask, stored in rows:
             try:
                 image = store.get(stored) if store is not None else stored  # fs: a file pointer
-            except BlobMissingError:  # lost or damaged on disk: one label less, not every run
-                log.warning("feedback %s: its input file is missing or damaged; left out", fid)
+            except (BlobMissingError, BlobStoreUnavailableError) as exc:
+                # Lost, damaged or unreadable on disk: one label less, not every run.
+                log.warning(
+                    "feedback %s: its input file could not be read (%s); left out", fid, exc
+                )
                 image = None
             yield LabeledInput(fid, digest, bytes(image) if image else None, bytes(mask or b""))
 

@@ -16,12 +16,14 @@ from sqlalchemy import update
 from segsvc.blobs import (
     POINTER_PREFIX,
     BlobMissingError,
+    BlobStoreUnavailableError,
     DbBlobStore,
     FsBlobStore,
     blob_store,
     is_pointer,
 )
 from segsvc.db import session_scope
+from segsvc.errors import UnavailableError
 from segsvc.models import Job, JobStatus, utcnow
 from segsvc.settings import Settings
 
@@ -281,3 +283,29 @@ def test_a_sweep_asks_about_old_files_a_batch_at_a_time(tmp_path: Path) -> None:
     assert store.sweep_checked(in_use, older_than_s=3600, batch=3) == 6  # type: ignore[union-attr]
     assert [len(b) for b in asked] == [3, 3, 1]
     assert store.get(values[0]) == DATA + bytes([0])
+
+
+def test_a_store_that_cannot_be_written_or_read_is_unavailable_not_missing(
+    tmp_path: Path,
+) -> None:
+    """A full, read-only, unmounted or stale volume is an outage (503, transient); only a file
+    that is not there is missing."""
+    not_a_folder = tmp_path / "blobs"
+    not_a_folder.write_bytes(b"")
+    with pytest.raises(BlobStoreUnavailableError) as raised:
+        blob_store(fs_settings(tmp_path)).put(DATA)
+    assert isinstance(raised.value, UnavailableError)
+    assert raised.value.http_status == 503
+    assert raised.value.retry_after
+    assert isinstance(raised.value.__cause__, OSError)
+    assert str(tmp_path) not in raised.value.message  # answered to clients as is
+    not_a_folder.unlink()
+    store = blob_store(fs_settings(tmp_path))
+    value = store.put(DATA)
+    path = store.path_for(hashlib.sha256(DATA).hexdigest())
+    path.unlink()
+    with pytest.raises(BlobMissingError):
+        store.get(value)
+    path.mkdir()  # there, but unreadable (as EIO, EACCES or ESTALE)
+    with pytest.raises(BlobStoreUnavailableError):
+        store.get(value)

@@ -191,6 +191,40 @@ def test_a_label_whose_input_file_is_gone_is_left_out_not_fatal(
     assert samples == [(photo_bytes(seed=1), good_mask())]
 
 
+def test_a_label_whose_input_file_cannot_be_read_is_left_out_not_fatal(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """An input file that is there but cannot be read (EIO, EACCES, a stale NFS handle) raised
+    an OSError out of the label loader, and every retraining run failed on it."""
+    from segsvc.blobs import blob_store, pointer_digest
+    from segsvc.services.jobs import create_jobs
+
+    cfg = settings.model_copy(update={"blob_store": "fs", "blob_dir": tmp_path / "blobs"})
+    store = blob_store(cfg)
+    ids = []
+    with session_scope(cfg) as session:
+        for seed in (0, 1):
+            image = validate_image(photo_bytes(seed=seed), max_bytes=10**7, max_pixels=10**8)
+            job = create_jobs(session=session, client_id=None, images=[image], store=store)[0]
+            job.status, job.model_version, job.completed_at = JobStatus.SUCCEEDED, "v", utcnow()
+            ids.append(job.id)
+    with session_scope(cfg) as session:
+        labels = [
+            feedback.submit_feedback(
+                session=session, job_id=job_id, client_id=None, mask_png=good_mask()
+            ).id
+            for job_id in ids
+        ]
+        unreadable = session.get(Job, ids[0])
+        assert unreadable is not None
+        path = store.path_for(pointer_digest(bytes(unreadable.input_bytes or b"")))
+    path.unlink()
+    path.mkdir()  # there, but reading it fails with an OSError other than "not found"
+    with session_scope(cfg) as session:
+        samples = load_samples(session=session, feedback_ids=labels, store=store)
+    assert samples == [(photo_bytes(seed=1), good_mask())]
+
+
 def test_labels_are_loaded_in_chunks_of_ids(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

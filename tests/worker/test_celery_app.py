@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 from celery import signals
 
 from retrain.tasks import MAINTENANCE_QUEUE
@@ -25,8 +28,40 @@ def test_beat_schedule_sends_nothing_to_the_inference_queue() -> None:
 def test_reconcile_runs_in_every_worker_instead_of_from_beat() -> None:
     assert RECONCILE not in {entry["task"] for entry in app.conf.beat_schedule.values()}
     # ... because each worker of this app (inference and maintenance) starts its own loop.
-    receivers = [ref() for _, ref in signals.worker_ready.receivers]
+    receivers = [ref() for _, ref in signals.celeryd_after_setup.receivers]
     assert _reconcile_in_worker in receivers
+
+
+def test_a_restarted_inference_worker_reconciles_before_its_model_load_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/durability.md: a pass runs "once when the worker starts, so a restarted worker
+    recovers at once". The reconciler hung on `worker_ready` after the model load (minutes for
+    a conversion), connected first to the same signal, so the pass waited for the whole load.
+    Celery's start, in its order: `celeryd_after_setup` (Worker.on_start, before the consumer
+    starts), then `worker_ready` (once the consumer is up)."""
+    from worker import observability, reconciler
+
+    class Consumer:  # what `worker_ready` sends (hashable: Celery caches receivers by sender)
+        def __init__(self) -> None:
+            self.app, self.pool = app, None
+
+    events: list[str] = []
+
+    def slow_load(*, retry: bool = False) -> bool:
+        time.sleep(0.3)  # a conversion takes minutes
+        events.append("model loaded")
+        return True
+
+    monkeypatch.setattr(observability, "_load_model", slow_load)
+    monkeypatch.setattr(observability, "_mark_ready", lambda **_: events.append("ready"))
+    monkeypatch.setattr(observability, "consumes_inference", lambda _app: True)
+    monkeypatch.setattr(
+        reconciler, "reconcile_periodically", lambda *_a, **_k: events.append("reconciling")
+    )
+    signals.celeryd_after_setup.send(sender="inference@test", instance=None, conf=app.conf)
+    signals.worker_ready.send(sender=Consumer())
+    assert events == ["reconciling", "model loaded", "ready"]
 
 
 def test_worker_apps_limit_their_statements_but_not_the_maintenance_tasks() -> None:

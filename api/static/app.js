@@ -296,7 +296,8 @@ function resetResults() {
   $("job-details").textContent = "";
 }
 
-// A result over 4 MP is drawn one at a time per API process: a busy server answers 503 with
+// A result over 1 MP is drawn one at a time per key (over 4 MP, per API process), and the
+// overlays in flight share a pixel budget: a busy server answers 503 with
 // Retry-After, as it does 429 when the key is over its rate, and a proxy 502/504 while the API
 // restarts. Wait as told (at most 10 s; else 1, 2, ... s), up to 5 times, instead of giving up
 // on a finished job.

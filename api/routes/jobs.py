@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import uuid
-from collections import deque
 from collections.abc import Iterator
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
-from typing import Protocol
 
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,6 +17,7 @@ from api.app import MULTIPART_OVERHEAD
 from api.auth import authenticate_request, current_client
 from api.context import celery, db, settings
 from api.schemas import accepted_body, job_body
+from api.turns import FairTurn, KeyTurns, PixelBudget, turn
 from segsvc import notify
 from segsvc.blobs import blob_store
 from segsvc.errors import (
@@ -180,105 +178,8 @@ def _received_uploads() -> list[FileStorage]:
     return uploads
 
 
-class Slots(Protocol):
-    """What `_turn` takes turns on: a semaphore, a lock, or a `FairTurn`."""
-
-    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
-
-    def release(self) -> None: ...
-
-
-class FairTurn:
-    """Up to `holders` at a time (one by default), served in the order they asked. With a
-    semaphore, a request that asks just as a turn is released takes it before the waiter woken
-    for it runs: one client's back-to-back large overlays kept another client's large upload
-    waiting past its 10 s, then a 503."""
-
-    def __init__(self, holders: int = 1) -> None:
-        self._lock = threading.Lock()
-        self._waiting: deque[threading.Event] = deque()
-        self._free = holders
-
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        with self._lock:
-            if self._free and not self._waiting:
-                self._free -= 1
-                return True
-            if not blocking:
-                return False
-            mine = threading.Event()
-            self._waiting.append(mine)
-        if mine.wait(timeout):
-            return True
-        with self._lock:
-            if mine.is_set():  # handed over as the wait ran out: it is this one's
-                return True
-            self._waiting.remove(mine)
-            return False
-
-    def release(self) -> None:
-        with self._lock:
-            if self._waiting:
-                self._waiting.popleft().set()  # handed to the first in line: still held
-            else:
-                self._free += 1
-
-
-@contextmanager
-def _turn(slots: Slots, wait_s: float, busy: type[SegError], message: str) -> Iterator[None]:
-    """One of `slots` for the block, waited for up to `wait_s`; else `busy` (a 503, retry in
-    1 s): the request gives its thread back instead of queueing for ever."""
-    if not slots.acquire(timeout=wait_s):
-        raise busy(message, retry_after=1)
-    try:
-        yield
-    finally:
-        slots.release()
-
-
-class _KeyTurns:
-    """Per key, one request in the process's turn (or waiting for it) at a time, each of its
-    others waiting behind it (then `busy`, 503), at most `queue` of them; past those, `pending`
-    (429): the key is told to slow down, not given more threads."""
-
-    def __init__(
-        self, *, queue: int, busy: type[SegError], pending: type[SegError], what: str
-    ) -> None:
-        self.queue, self.busy, self.pending, self.what = queue, busy, pending, what
-        self._lock = threading.Lock()
-        self._keys: dict[str, tuple[threading.Lock, int]] = {}  # key -> (its turn, waiting)
-
-    @contextmanager
-    def hold(self, key: str, wait_s: float) -> Iterator[None]:
-        """`key`'s turn, after its earlier requests: each waited for up to `wait_s`."""
-        with self._lock:
-            turn, waiting = self._keys.get(key, (threading.Lock(), 0))
-            if waiting > self.queue:
-                raise self.pending(
-                    f"This key has {waiting} {self.what} being handled or waiting on this "
-                    "server already; send more when those have been answered.",
-                    retry_after=1,
-                )
-            self._keys[key] = (turn, waiting + 1)
-        try:
-            with _turn(
-                turn,
-                wait_s,
-                self.busy,
-                f"This key's other {self.what} kept this server busy; retry shortly.",
-            ):
-                yield
-        finally:
-            with self._lock:
-                turn, waiting = self._keys[key]
-                if waiting > 1:
-                    self._keys[key] = (turn, waiting - 1)
-                else:
-                    del self._keys[key]
-
-
 BATCHES_AT_ONCE = FairTurn(2)
-KEY_BATCH_TURNS = _KeyTurns(
+KEY_BATCH_TURNS = KeyTurns(
     queue=KEY_BATCH_QUEUE,
     busy=BatchesBusyError,
     pending=OwnBatchesPendingError,
@@ -292,7 +193,7 @@ def batch_turn() -> Iterator[None]:
     earlier batch (`KEY_BATCH_TURNS`): a key holds one turn at a time."""
     with (
         KEY_BATCH_TURNS.hold(str(current_client().id), BATCH_TURN_WAIT_S),
-        _turn(
+        turn(
             BATCHES_AT_ONCE,
             BATCH_TURN_WAIT_S,
             BatchesBusyError,
@@ -568,7 +469,7 @@ class OwnLargeDecodesPendingError(RateLimitedError):
     code = "large_decodes_pending"
 
 
-KEY_TURNS = _KeyTurns(
+KEY_TURNS = KeyTurns(
     queue=KEY_TURN_QUEUE,
     busy=LargeDecodesBusyError,
     pending=OwnLargeDecodesPendingError,
@@ -582,7 +483,7 @@ def large_decode_turn() -> Iterator[None]:
     earlier large decodes (`KEY_TURNS`): for uploads, feedback masks and overlays alike."""
     with (
         KEY_TURNS.hold(str(current_client().id), KEY_TURN_WAIT_S),
-        _turn(
+        turn(
             LARGE_DECODES_AT_ONCE,
             LARGE_DECODE_WAIT_S,
             LargeDecodesBusyError,
@@ -592,58 +493,6 @@ def large_decode_turn() -> Iterator[None]:
         yield
 
 
-class PixelBudget:
-    """Pixels of full-size decodes in flight in this process, up to a budget: a request holds
-    its picture's (up to the whole budget) for its decode, waiting up to `wait_s` for them.
-    Served in the order asked, as `FairTurn`: waiters all woken on each release, whichever
-    fitted first winning, let one key's stream of overlays keep overtaking another key's,
-    which waited, then got a 503."""
-
-    def __init__(self, pixels: int) -> None:
-        self.total = pixels
-        self._free = pixels
-        self._lock = threading.Lock()
-        self._waiting: deque[tuple[int, threading.Event]] = deque()
-
-    @contextmanager
-    def hold(self, pixels: int, wait_s: float) -> Iterator[None]:
-        need = min(pixels, self.total)
-        if not self._acquire(need, wait_s):
-            raise OverlaysBusyError(
-                "This server is drawing as many overlays as it takes at once; retry shortly.",
-                retry_after=1,
-            )
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._free += need
-                self._hand_over()
-
-    def _acquire(self, need: int, wait_s: float) -> bool:
-        with self._lock:
-            if not self._waiting and self._free >= need:
-                self._free -= need
-                return True
-            mine = (need, threading.Event())
-            self._waiting.append(mine)
-        if mine[1].wait(wait_s):
-            return True
-        with self._lock:
-            if mine[1].is_set():  # handed over as the wait ran out: they are this one's
-                return True
-            self._waiting.remove(mine)
-            self._hand_over()  # those behind it may fit now
-            return False
-
-    def _hand_over(self) -> None:
-        """Give the free pixels to the waiters in line, first come first (the lock held)."""
-        while self._waiting and self._waiting[0][0] <= self._free:
-            need, handed = self._waiting.popleft()
-            self._free -= need
-            handed.set()
-
-
 class OverlaysBusyError(UnavailableError):
     code = "overlays_busy"
 
@@ -651,7 +500,7 @@ class OverlaysBusyError(UnavailableError):
 # Overlays of any size draw from this budget (~10 bytes a pixel at the peak of a full-size
 # decode, blend and PNG encode: ~80 MB at most in flight): 24 threads drawing one client's
 # 4 MP overlay at once took two API processes to 2 GB. Pet photos (0.2 MP) draw 40 at once.
-OVERLAY_PIXELS_AT_ONCE = PixelBudget(8_000_000)
+OVERLAY_PIXELS_AT_ONCE = PixelBudget(8_000_000, busy=OverlaysBusyError)
 # An overlay over this takes a submission token and the key's turn (`KEY_TURNS`): a key asking
 # for its own 4 MP overlay again and again, free, two in flight at once, filled the budget, and
 # another key's 1 MP overlay waited, then got a 503. A usual photo's (0.2 MP) stays free.

@@ -440,7 +440,7 @@ def test_overlays_draw_within_the_processs_pixel_budget(  # type: ignore[no-unty
 
     job = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
     mark_succeeded(settings, job, encode_mask_png(np.ones((48, 64), np.uint8)))
-    budget = routes.PixelBudget(2 * 64 * 48)  # two of these at once
+    budget = routes.PixelBudget(2 * 64 * 48, busy=routes.OverlaysBusyError)  # two at once
     monkeypatch.setattr(routes, "OVERLAY_PIXELS_AT_ONCE", budget)
     peak = count_overlays_drawn_at_once(monkeypatch)
     codes, threads = ask_for_overlay_from_threads(client, auth, job, 6)

@@ -251,7 +251,7 @@ def test_overlays_over_1_mp_take_a_token_and_a_pet_photos_does_not(
 def test_the_overlay_budget_is_handed_out_in_the_order_it_was_asked_for() -> None:
     """Waiters were all woken at once on each release, and whichever fitted first won: one
     key's stream of overlays kept overtaking another's, which waited, then got a 503."""
-    budget, order = routes.PixelBudget(4), []
+    budget, order = routes.PixelBudget(4, busy=routes.OverlaysBusyError), []
 
     def draw(name: str, pixels: int) -> threading.Thread:
         def run() -> None:

@@ -75,6 +75,10 @@ workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
 # connection); SEG_LONG_POLL_MAX_WAITERS (8) caps them per process, so 4 of the 12 threads are
 # always free for submits and short reads.
 threads = int(os.environ.get("GUNICORN_THREADS", "12"))
+# gthread, with a clock on reading each request (SEG_REQUEST_HEADER_TIMEOUT_SECONDS and
+# SEG_REQUEST_BODY_*): gunicorn's own waits for a request's bytes for ever, so clients that send
+# headers or bodies that never end held every thread (api/gunicorn_worker.py).
+worker_class = "api.gunicorn_worker.TimedThreadWorker"
 # In-flight requests get this long after SIGTERM; long polls (up to 30 s) answer at once then
 # (`post_worker_init`), so what is left is ordinary requests.
 graceful_timeout = 10

@@ -19,6 +19,7 @@ from segsvc.settings import ROOT, Settings, get_settings
 # SEG_METRICS_PORT itself (beside its own port), the others on the next ports, in this order
 # (all on one port, the first to bind it won and the rest logged errors).
 METRICS_PORT_OFFSETS = {"worker": 1, "webhooks": 2, "maintenance": 3, "beat": 4}
+LOOPBACK = "127.0.0.1"  # where `segsvc run` serves everything, /metrics included
 
 
 def metrics_ports(settings: Settings) -> dict[str, int]:
@@ -34,9 +35,9 @@ def process_commands(settings: Settings, *, api_workers: int) -> dict[str, list[
     py = sys.executable
     celery = [py, "-m", "celery", "-A", "worker.celery_app"]
     # A --bind replaces gunicorn_conf's listen addresses (its SEG_METRICS_PORT among them).
-    binds = [f"127.0.0.1:{settings.port}"]
+    binds = [f"{LOOPBACK}:{settings.port}"]
     if settings.metrics_port:
-        binds.append(f"127.0.0.1:{settings.metrics_port}")
+        binds.append(f"{LOOPBACK}:{settings.metrics_port}")
     return {
         "api": [
             py,
@@ -118,6 +119,19 @@ def process_commands(settings: Settings, *, api_workers: int) -> dict[str, list[
     }
 
 
+def process_envs(
+    settings: Settings, env: dict[str, str], names: list[str]
+) -> dict[str, dict[str, str]]:
+    """Each process's environment: `env` plus its own metrics port, on 127.0.0.1 as the API's
+    (the workers' and beat's /metrics listened on every interface, SEG_METRICS_BIND's default
+    for containers)."""
+    ports = metrics_ports(settings)
+    return {
+        name: env | {"SEG_METRICS_PORT": str(ports.get(name, 0)), "SEG_METRICS_BIND": LOOPBACK}
+        for name in names
+    }
+
+
 @click.command("run")
 @click.option("--api-workers", default=2, show_default=True)
 def run(api_workers: int) -> None:
@@ -139,7 +153,7 @@ def run(api_workers: int) -> None:
     if ports:
         click.echo("metrics: " + ", ".join(f"{name} :{port}" for name, port in ports.items()))
     commands = process_commands(settings, api_workers=api_workers)
-    envs = {name: env | {"SEG_METRICS_PORT": str(ports.get(name, 0))} for name in commands}
+    envs = process_envs(settings, env, list(commands))
     envs["api"]["PROMETHEUS_MULTIPROC_DIR"] = multiproc
     sys.exit(_supervise(start_processes(commands, envs)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -152,6 +153,34 @@ class Settings(BaseSettings):
     )
     long_poll_max_waiters: int = Field(
         8, ge=0, description="Long polls one API process holds at once (more answer at once)."
+    )
+    # A request's bytes are read on one of gunicorn's threads (12 per process): without these,
+    # a dozen clients sending headers or bodies that never end held every thread
+    # (api/gunicorn_worker.py).
+    request_header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        allow_inf_nan=False,
+        description="A request's line and headers must arrive within this many seconds of its "
+        "first byte (else 408 and the connection closes). Idle keep-alive connections wait "
+        "without a thread and are not timed by it.",
+    )
+    request_body_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        allow_inf_nan=False,
+        description="Longest wait for the next bytes of a request body, and the allowance at "
+        "its start before SEG_REQUEST_BODY_MIN_RATE counts (else 408).",
+    )
+    request_body_min_rate: int = Field(
+        16384,
+        ge=0,
+        description="Bytes per second a request body must average after its first "
+        "SEG_REQUEST_BODY_TIMEOUT_SECONDS (time spent waiting for the client only), so a body "
+        "trickled a byte at a time ends too; 16 KiB/s lets a 10 MiB upload take up to ~11 min "
+        "(0: no rate, the per-wait timeout only).",
     )
 
     # --- model and serving -------------------------------------------------------------------
@@ -309,6 +338,11 @@ class Settings(BaseSettings):
         description="/metrics port. Workers and beat serve it there (0: none); the API listens "
         "on it too and serves /metrics there only, not on its public port (0: on its port).",
     )
+    metrics_bind: str = Field(
+        "0.0.0.0",  # noqa: S104 - in a container, Prometheus scrapes from outside it
+        description="Address the workers' and beat's /metrics listen on (SEG_METRICS_PORT): "
+        "every interface, for a scraper outside the container; `segsvc run` sets 127.0.0.1.",
+    )
     probe_dir: Path | None = Field(
         None, description="Worker writes `ready` (model loaded) and `alive` files here."
     )
@@ -366,6 +400,12 @@ class Settings(BaseSettings):
         from segsvc.webhooks.ssrf import parse_networks
 
         parse_networks(value)
+        return value
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _valid_bind(cls, value: str) -> str:
+        ipaddress.ip_address(value)  # a typo fails at start, not as the server binds
         return value
 
     @field_validator("retrain_cron")

@@ -25,20 +25,22 @@ from segsvc.metrics import (
     metrics_registry,
 )
 from segsvc.services import jobs as job_service
-from segsvc.settings import Settings, is_redis_url
+from segsvc.settings import Settings, get_settings, is_redis_url
 
 log = logging.getLogger(__name__)
 
 _started: dict[int, object] = {}
 
 
-def start_metrics_server(port: int) -> bool:
-    """Serve /metrics on `port` in a daemon thread (once per process); False when port is 0."""
+def start_metrics_server(port: int, addr: str | None = None) -> bool:
+    """Serve /metrics on `addr:port` (addr: SEG_METRICS_BIND unless given) in a daemon thread,
+    once per process; False when port is 0."""
     if port <= 0:
         return False
     if port not in _started:
-        _started[port] = start_http_server(port, registry=metrics_registry())
-        log.info("metrics on :%d/metrics", port)
+        host = get_settings().metrics_bind if addr is None else addr
+        _started[port] = start_http_server(port, addr=host, registry=metrics_registry())
+        log.info("metrics on %s:%d/metrics", host, port)
     return True
 
 

@@ -119,7 +119,12 @@ def check_runtimes(version: str | None, data_dir: str, split: str, min_images: i
     from retrain.evaluate import runtime_agreement
     from segsvc.db import session_scope
     from segsvc.errors import SegError
-    from segsvc.ml.convert import ConversionError, converter_fingerprint
+    from segsvc.ml.convert import (
+        ConversionError,
+        ModelFileMismatchError,
+        check_model_file,
+        converter_fingerprint,
+    )
     from segsvc.ml.runtime import CPU_FASTER
     from segsvc.models import utcnow
     from segsvc.services.registry import (
@@ -142,12 +147,16 @@ def check_runtimes(version: str | None, data_dir: str, split: str, min_images: i
                 raise click.ClickException("no production version; run `segsvc models init`")
             if row.file_deleted_at is not None:
                 raise click.ClickException(f"{row.version}'s model file was deleted")
-            version, path = row.version, row.path
+            version, path, sha256 = row.version, row.path, row.sha256
         if not Path(path).is_file():
             raise click.ClickException(
                 f"{version}'s model file {path} is not readable here: run this where the "
                 "workers run (their image, their volume)"
             )
+        try:  # a measure of other weights must not be recorded as this version's
+            check_model_file(path, sha256)
+        except ModelFileMismatchError as exc:
+            raise click.ClickException(f"{version}: {exc}") from None
         try:
             pairs = len(usable_pairs(data_dir, split))
         except ValueError as exc:  # no images/ folder

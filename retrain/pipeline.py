@@ -342,7 +342,7 @@ class _Run:
         if len(usable) < cfg.gate_min_eval_images:
             return self._finish("failed", self._too_few_eval_images(len(usable), "usable "))
         # Hashed once: for the folder check here, for the labels left out of training (the
-        # same files, and resized, re-encoded or mirrored copies of them), and for the
+        # same files, and resized, re-encoded, mirrored or cropped copies of them), and for the
         # evaluation set's identity (mIoUs compare across runs only on the same photos with
         # the same trimaps).
         digests = image_digests_by_path(cfg.eval_data_dir)
@@ -377,6 +377,7 @@ class _Run:
     def _train_and_gate(self, plan: dict[str, Any], out: Path) -> RunResult:
         cfg = self.settings
         production = plan["production"]
+        _check_production_file(production)  # before hours of training from it
         samples, label_counts = self._load_labels(
             plan["ids"], plan["held_out"], plan["held_out_index"]
         )
@@ -550,6 +551,7 @@ class _Run:
         eval_dir = self.settings.eval_data_dir
         assert eval_dir is not None
         results, classes = [], []
+        _check_production_file(production)  # again: training took hours
         for path in (candidate, production["path"]):
             metrics = evaluate_model(load_model(path), eval_dir, split="all", keep_classes=True)
             if metrics["images"] < self.settings.gate_min_eval_images:  # some did not decode
@@ -708,7 +710,24 @@ def lineage_best_miou(metrics: dict[str, Any], eval_set: str) -> float | None:
 
 
 def _row(version: ModelVersion) -> dict[str, Any]:
-    return {"version": version.version, "path": version.path, "metrics": dict(version.metrics)}
+    return {
+        "version": version.version,
+        "path": version.path,
+        "sha256": version.sha256,
+        "metrics": dict(version.metrics),
+    }
+
+
+def _check_production_file(production: dict[str, Any]) -> None:
+    """Fail the run unless production's file still holds the weights its version names: a file
+    replaced at its path (a `git pull` of a new baseline, a `segsvc train --out` over it) would
+    have the candidate fine-tuned from, and gated against, weights that never served."""
+    from segsvc.ml.convert import ModelFileMismatchError, check_model_file
+
+    try:
+        check_model_file(production["path"], production["sha256"])
+    except ModelFileMismatchError as exc:
+        raise ModelFileMismatchError(f"production {production['version']}: {exc}") from None
 
 
 def _version_metrics(

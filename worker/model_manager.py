@@ -30,7 +30,13 @@ import numpy.typing as npt
 from segsvc.db import session_scope
 from segsvc.ml import IMAGE_SIZE
 from segsvc.ml.artifact_cache import PruneResult
-from segsvc.ml.convert import CONVERTED_KINDS, ConversionError, artifact_folder, mark_used
+from segsvc.ml.convert import (
+    CONVERTED_KINDS,
+    ConversionError,
+    artifact_folder,
+    check_model_file,
+    mark_used,
+)
 from segsvc.ml.runtime import (
     Runtime,
     faithful_runtimes,
@@ -524,8 +530,12 @@ def load_model_version(
     faithful: Sequence[str] = (),
     stale: Sequence[str] = (),
 ) -> LoadedModel:
-    """Load one version with the configured runtime and warm it up."""
+    """Load one version with the configured runtime and warm it up. Its file must still have
+    the version's sha256 (`ModelFileMismatchError` otherwise, a failure to load): a file
+    replaced at the path (a `git pull` of a new baseline, a `segsvc train --out` over it) holds
+    other weights, which must not serve, or be cached, under this version's name."""
     started = time.perf_counter()
+    _check_file(version, path, sha256)  # before minutes of conversion, or a cached artifact
     runtime = load_runtime(
         path,
         kind=settings.runtime,
@@ -536,6 +546,9 @@ def load_model_version(
         faithful=faithful,
     )
     runtime.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32))  # trace/compile now
+    # Again: a Keras runtime read the path itself, which may have been replaced in between
+    # (a conversion checks the very bytes it converts).
+    _check_file(version, path, sha256)
     seconds = time.perf_counter() - started
     log.info("loaded model %s (%s) in %.1fs", version, runtime.name, seconds)
     would = resolve_kind(settings.runtime, (*faithful, *stale))
@@ -551,3 +564,11 @@ def load_model_version(
             version,
         )
     return LoadedModel(version=version, sha256=sha256, runtime=runtime, load_seconds=seconds)
+
+
+def _check_file(version: str, path: str, sha256: str) -> None:
+    try:
+        check_model_file(path, sha256)
+    except Exception as exc:
+        log.error("model %s will not be served: %s", version, exc)
+        raise

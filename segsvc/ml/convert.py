@@ -8,6 +8,11 @@ under a file lock, so two workers starting together convert once and never see a
 file. Conversion imports TensorFlow, so by default it runs in a child process (killed after
 `CONVERT_TIMEOUT_S`): the serving process keeps no TensorFlow memory. Every load marks the
 folder used (its mtime), which is what `segsvc.ml.artifact_cache` prunes by.
+
+A folder is named by a sha256, so a conversion converts only bytes with that sha256: it reads
+the model file once, hashes those bytes and converts them (not the path, which may hold other
+weights by then), refusing with `ModelFileMismatchError` otherwise. The cache then never holds,
+under a version's sha256, the conversion of another file that was at its path for a while.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,6 +59,35 @@ CONVERTERS = {
 # the folder's file lock and the worker's model lock, so without a limit every later refresh
 # (a rollback included) would wait behind it for ever.
 CONVERT_TIMEOUT_S = 15 * 60.0
+# The conversion child's exit status when the model file is not the one its folder names.
+MISMATCH_EXIT = 65
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class ModelFileMismatchError(RuntimeError):
+    """A model file is missing, or its bytes are not those its version's sha256 names (the
+    file was replaced at its path): its weights must not serve, or be converted, as that
+    version."""
+
+
+def check_model_file(path: str | Path, sha256: str) -> None:
+    """Raise `ModelFileMismatchError` unless the file at `path` has this sha256."""
+    try:
+        found = file_sha256(path)
+    except FileNotFoundError:
+        raise ModelFileMismatchError(
+            f"model file {path} is missing (expected sha256 {sha256})"
+        ) from None
+    if found != sha256:
+        raise ModelFileMismatchError(_mismatch(path, sha256, found))
+
+
+def _mismatch(path: str | Path, expected: str, found: str) -> str:
+    return (
+        f"model file {path} has sha256 {found}, not the registered {expected}: it was "
+        "replaced at its path after registration; register the new file as a new version "
+        "(or put the registered file back)"
+    )
 
 
 class ConversionError(RuntimeError):
@@ -120,7 +156,7 @@ def ensure_artifacts(
             if in_subprocess:
                 _convert_in_child(Path(model_path), kind, folder, missing)
             else:
-                convert_files(Path(model_path), kind, folder, missing)
+                convert_files(Path(model_path), kind, folder, missing, sha256=folder.parent.name)
     return folder
 
 
@@ -245,6 +281,10 @@ def _run_child(
         )
     if out.returncode == 0:
         return None
+    if out.returncode == MISMATCH_EXIT:  # not a conversion failure: never tried again here
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else f"{model}: sha256 mismatch"
+        raise ModelFileMismatchError(last.removeprefix("ModelFileMismatchError: "))
     message = f"converting {model} to {kind} failed:\n{out.stderr[-3000:]}"
     if out.returncode < 0:  # killed by a signal: SIGKILL is usually the OOM killer
         return f"{message}\n(killed by signal {-out.returncode})", None
@@ -263,20 +303,64 @@ def _child_command(model: Path, kind: str, folder: Path, names: list[str]) -> li
         kind,
         "--out",
         str(folder),
+        "--sha256",
+        folder.parent.name,  # `artifact_folder`'s layout: <artifact_dir>/<sha256>/<kind>-<fp>
         *names,
     ]
 
 
-def convert_files(model_path: Path, kind: str, folder: Path, names: Sequence[str]) -> None:
-    """Convert in this process (imports TensorFlow); each file lands atomically."""
-    from segsvc.ml.unet import load_model
-
-    model = load_model(model_path)
+def convert_files(
+    model_path: Path,
+    kind: str,
+    folder: Path,
+    names: Sequence[str],
+    *,
+    sha256: str | None = None,
+) -> None:
+    """Convert in this process (imports TensorFlow); each file lands atomically. With `sha256`,
+    the bytes converted are those hashed (`ModelFileMismatchError` if they have another)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if sha256 is None:
+        model = _load_keras(model_path)
+    else:
+        # In the folder (whose lock the caller holds), at a fixed path: an error that names
+        # the copy reads the same on a second try, as `_convert_in_child` compares them.
+        scratch = folder / ".source"
+        try:
+            model = _load_keras(_verified_copy(model_path, sha256, scratch))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     for name in names:
         data = _to_onnx(model) if kind == "onnx" else _to_litert(model, kind, _batch_of(name))
         # After a crash or power loss the cache holds the whole file or none.
         write_atomically(folder / name, data, sync_folder=True)
+
+
+def _load_keras(path: Path) -> Any:
+    from segsvc.ml.unet import load_model
+
+    return load_model(path)
+
+
+def _verified_copy(model_path: Path, sha256: str, scratch: Path) -> Path:
+    """A private copy of `model_path`, written from the very bytes that were hashed: a file
+    replaced at the path meanwhile is never what gets converted."""
+    if not SHA256_HEX.fullmatch(sha256):
+        raise ValueError(f"not a sha256: {sha256!r}")
+    try:
+        data = Path(model_path).read_bytes()  # a model is tens of MB
+    except FileNotFoundError:
+        raise ModelFileMismatchError(
+            f"model file {model_path} is missing (expected sha256 {sha256})"
+        ) from None
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise ModelFileMismatchError(_mismatch(model_path, sha256, found))
+    shutil.rmtree(scratch, ignore_errors=True)  # left by a killed conversion
+    scratch.mkdir()
+    copy = scratch / Path(model_path).name
+    copy.write_bytes(data)
+    return copy
 
 
 def _batch_of(name: str) -> int:
@@ -326,9 +410,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--kind", required=True, choices=CONVERTED_KINDS)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--sha256", default=None, help="Refuse a model file with another.")
     parser.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
-    convert_files(args.model, args.kind, args.out, args.names)
+    try:
+        convert_files(args.model, args.kind, args.out, args.names, sha256=args.sha256)
+    except ModelFileMismatchError as exc:
+        print(f"ModelFileMismatchError: {exc}", file=sys.stderr)  # noqa: T201 (for the parent)
+        raise SystemExit(MISMATCH_EXIT) from None
 
 
 if __name__ == "__main__":

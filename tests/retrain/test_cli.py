@@ -202,3 +202,29 @@ def test_train_starts_a_new_models_encoder_from_seg_encoder_weights(
     np.testing.assert_array_equal(kernel, marked)
     assert refused.exit_code == 2
     assert "--init-model continues one" in refused.output
+
+
+def test_check_runtimes_refuses_a_file_replaced_since_its_version_was_registered(
+    settings: Settings, tmp_path: Path, as_process: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segsvc.ml import runtime
+
+    def no_conversion(*args: object, **kwargs: object) -> None:
+        raise AssertionError("measured other weights for this version")
+
+    monkeypatch.setattr(runtime, "ensure_artifacts", no_conversion)
+    model = colour_model(tmp_path / "colour.keras")
+    with session_scope(settings) as session:
+        registry.register_version(
+            session=session, version="v1", path=model, status=ModelStatus.PRODUCTION
+        )
+    model.write_bytes(model.read_bytes() + b"other bytes")  # replaced at its path
+    data = make_dataset(tmp_path / "data", n=6)
+    result = CliRunner().invoke(
+        main,
+        ["models", "check-runtimes", "--data", str(data), "--split", "all", "--min-images", "6"],
+    )
+    assert result.exit_code == 1
+    assert "v1: model file" in result.output
+    assert "not the registered" in result.output
+    assert "Traceback" not in result.output

@@ -1333,3 +1333,29 @@ def test_a_tolerance_is_not_lost_again_at_every_promotion(
         latency_ratio=1.2,
         lineage_best=0.80,
     )
+
+
+def test_a_run_fails_before_training_when_productions_file_was_replaced(
+    settings: Settings, model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `git pull` of a new baseline (or `segsvc train --out` over it) changed the bytes under
+    the registered version: the candidate would be fine-tuned from, and gated against, weights
+    that never served."""
+    import retrain.train
+
+    def refuse(**kwargs: Any) -> Any:
+        raise AssertionError("trained from a file that is not production's")
+
+    monkeypatch.setattr(retrain.train, "train", refuse)
+    path = tmp_path / "baseline.keras"
+    path.write_bytes(model_file.read_bytes())
+    with session_scope(settings) as session:
+        registry.register_version(
+            session=session, version="base", path=path, status=ModelStatus.PRODUCTION
+        )
+    path.write_bytes(model_file.read_bytes() + b"other bytes")
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=0)
+    result = run_retraining(cfg, steps_per_epoch=1)
+    assert result.status == "failed"
+    assert "ModelFileMismatchError: production base" in result.reason
+    assert "replaced at its path" in result.reason

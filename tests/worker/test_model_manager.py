@@ -864,3 +864,97 @@ def test_a_canary_dropped_after_failing_at_inference_leaves_the_model_series(
     fail_canary(manager)
     assert (model_info()["production"], model_info()["canary"]) == ("test-v1", "")
     assert set(load_times()) == {"test-v1"}
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A U-Net with other random weights: what a `git pull` of a new baseline, or a
+    `segsvc train --out` over a registered file, puts at the registered path."""
+    from segsvc.ml.unet import build_unet
+
+    path = tmp_path_factory.mktemp("other") / "other.keras"
+    build_unet().save(path)
+    return path
+
+
+def replace_file(path: Path, other: Path) -> None:
+    tmp = path.with_name(f".{path.name}.new")
+    tmp.write_bytes(other.read_bytes())
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("runtime", ["keras", "onnx"])
+def test_a_version_whose_file_was_replaced_at_its_path_is_not_served(
+    settings: Settings, model_file: Path, other_weights: Path, tmp_path: Path, runtime: str
+) -> None:
+    from segsvc.digest import file_sha256
+    from segsvc.ml.convert import ModelFileMismatchError
+
+    path = tmp_path / "baseline.keras"
+    path.write_bytes(model_file.read_bytes())
+    register(settings, path, "v-a", ModelStatus.PRODUCTION)
+    replace_file(path, other_weights)
+    cache = tmp_path / "artifacts"
+    cfg = settings.model_copy(
+        update={"runtime": runtime, "registry_poll_seconds": 0, "artifact_cache_dir": cache}
+    )
+    manager = ModelManager(cfg)
+    try:
+        with pytest.raises(ModelFileMismatchError, match="sha256"):
+            manager.load()
+    finally:
+        manager.close()
+    assert not manager.loaded
+    # Nothing converted from the other weights under v-a's sha256 (or any other).
+    assert not [p for p in cache.rglob("*") if p.suffix in (".onnx", ".tflite")]
+    # The registered file back at its path: it serves again.
+    path.write_bytes(model_file.read_bytes())
+    assert file_sha256(path) == file_sha256(model_file)
+    manager = ModelManager(cfg)
+    try:
+        assert manager.load(retry=True).version == "v-a"
+    finally:
+        manager.close()
+
+
+def test_a_promoted_version_whose_file_was_replaced_leaves_production_serving(
+    manager: ModelManager,
+    settings: Settings,
+    model_file: Path,
+    other_weights: Path,
+    tmp_path: Path,
+) -> None:
+    from segsvc.ml.convert import ModelFileMismatchError
+
+    manager.load()
+    path = tmp_path / "next.keras"
+    path.write_bytes(model_file.read_bytes())
+    register(settings, path, "next")
+    set_status(settings, "next", "promote")
+    replace_file(path, other_weights)
+    with pytest.raises(ModelFileMismatchError, match="replaced at its path"):
+        manager.refresh()
+    assert manager.model_for(uuid.uuid4()).version == "test-v1"  # still serving
+
+
+def test_a_canary_whose_file_was_replaced_is_not_routed_to_and_then_rejected(
+    manager: ModelManager,
+    settings: Settings,
+    model_file: Path,
+    other_weights: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    manager.load()
+    path = tmp_path / "cand.keras"
+    path.write_bytes(model_file.read_bytes())
+    canary(settings, path, "cand", share=1.0)
+    replace_file(path, other_weights)
+    manager.refresh()
+    assert manager.routing.canary is None
+    assert manager.model_for(uuid.uuid4()).version == "test-v1"
+    monkeypatch.setattr(model_manager, "BROKEN_RETRY_S", 0.0)
+    manager.refresh()
+    status, reason = canary_row(settings, "cand")
+    assert status == "rejected"
+    assert "sha256" in reason

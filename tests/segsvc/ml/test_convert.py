@@ -212,3 +212,55 @@ def test_a_conversion_that_passes_on_its_second_try_succeeds(
         == folder
     )
     assert (folder / "model.onnx").read_bytes() == b"ok"
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A U-Net with other weights, as a `git pull` or `segsvc train --out` puts at a path."""
+    from segsvc.ml.unet import build_unet
+
+    path = tmp_path_factory.mktemp("other") / "other.keras"
+    build_unet().save(path)
+    return path
+
+
+@pytest.mark.parametrize("in_subprocess", [True, False])
+def test_a_conversion_refuses_bytes_other_than_its_sha256_names(
+    model_file: Path, other_weights: Path, tmp_path: Path, in_subprocess: bool
+) -> None:
+    from segsvc.ml.convert import ModelFileMismatchError
+
+    path = tmp_path / "baseline.keras"
+    path.write_bytes(other_weights.read_bytes())  # the registered file was replaced
+    registered = file_sha256(model_file)
+    started = time.monotonic()
+    with pytest.raises(ModelFileMismatchError, match=f"not the registered {registered}"):
+        ensure_artifacts(
+            path,
+            kind="onnx",
+            artifact_dir=tmp_path / "cache",
+            sha256=registered,
+            in_subprocess=in_subprocess,
+        )
+    assert time.monotonic() - started < 60  # refused before converting, and not retried
+    assert not list((tmp_path / "cache").rglob("*.onnx"))
+
+
+def test_a_cached_conversion_under_a_sha256_is_of_the_file_with_that_sha256(
+    model_file: Path, other_weights: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from segsvc.ml.convert import ModelFileMismatchError
+    from segsvc.ml.runtime import KerasRuntime, load_runtime
+
+    path = tmp_path / "baseline.keras"
+    registered = file_sha256(model_file)  # the registry's sha256 of the version
+    path.write_bytes(other_weights.read_bytes())  # for a while the path holds other weights
+    cache = tmp_path / "artifacts"
+    with pytest.raises(ModelFileMismatchError):  # a worker loads the version meanwhile
+        load_runtime(path, kind="onnx", sha256=registered, artifact_dir=cache)
+    path.write_bytes(model_file.read_bytes())  # the registered file is back
+    served = load_runtime(path, kind="onnx", sha256=registered, artifact_dir=cache)
+    x = np.random.default_rng(0).random((2, 128, 128, 3), dtype=np.float32)
+    np.testing.assert_allclose(served.predict(x), KerasRuntime(path).predict(x), atol=1e-3)

@@ -34,16 +34,25 @@ def shipped_model(settings: Settings) -> tuple[Path, dict[str, Any]] | None:
 
 
 def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool]:
-    """Register the shipped model (else a freshly initialised one) unless production exists."""
+    """Register the shipped model (else a freshly initialised one) unless production exists,
+    or production is the shipped file and its bytes were replaced where it lies."""
     settings = settings or get_settings()
     with session_scope(settings) as session:
         # Two inits at once (a retried Job beside a manual one) both found no production and
         # both registered it: the second failed on the version's primary key.
         rollout.lock_registry(session)
         current = registry.production_version(session=session)
-        if current is not None:
+        if current is not None and not _replaced_in_place(current):
             refresh_shipped_measures(session=session, settings=settings)
             return current.version, False
+        if current is not None:
+            # `make run` registers models/baseline.keras where it lies: a pull that ships new
+            # weights, or `segsvc train --out models/baseline.keras`, replaced the bytes of the
+            # version serving, which workers now refuse (its sha256 no longer matches). The old
+            # bytes are gone, so the new ones become production, as a version of their own.
+            current.status = ModelStatus.ARCHIVED
+            current.traffic_share = 0.0
+            session.flush()
         shipped = shipped_model(settings)
         if shipped is not None:
             path, metrics = shipped
@@ -65,6 +74,12 @@ def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool
             sha256=sha,
         )
         return version, True
+
+
+def _replaced_in_place(version: ModelVersion) -> bool:
+    """Whether `version` is a shipped model file whose bytes are no longer those registered."""
+    path = Path(version.path)
+    return path.name == SHIPPED_MODEL and path.is_file() and file_sha256(path) != version.sha256
 
 
 # What the shipped report measured about the runtimes: a release that upgrades the converters

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from segsvc.db import session_scope
-from segsvc.models import ModelStatus
+from segsvc.digest import file_sha256
+from segsvc.models import ModelStatus, ModelVersion
 from segsvc.services import registry
 from segsvc.services.bootstrap import (
     SHIPPED_MODEL,
@@ -63,6 +64,36 @@ def test_bootstrap_copies_the_shipped_model_into_an_empty_model_dir(
         assert Path(row.path) == copied.resolve()
         assert row.metrics == METRICS
     assert ensure_production_model(cfg) == (version, False)
+
+
+def test_a_shipped_model_replaced_where_it_lies_becomes_a_new_production_version(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`make run` registers models/baseline.keras where it lies; a pull shipping new weights
+    (or `segsvc train --out models/baseline.keras`) replaced the serving version's bytes,
+    which workers refuse now that their sha256 differs: no worker could load production. The
+    next init makes the new bytes production, a version of their own; the old one is
+    archived."""
+    shipped = write_shipped(tmp_path / "models", b"old weights")
+    cfg = settings.model_copy(
+        update={"model_dir": shipped.parent, "shipped_model_dir": shipped.parent}
+    )
+    old, _ = ensure_production_model(cfg)
+    assert ensure_production_model(cfg) == (old, False)  # unchanged bytes: nothing to do
+    shipped.write_bytes(b"new weights")
+    new, created = ensure_production_model(cfg)
+    assert created
+    assert new != old
+    with session_scope(cfg) as session:
+        row = registry.production_version(session=session)
+        assert row is not None
+        assert row.version == new
+        assert row.sha256 == file_sha256(shipped)
+        previous = session.get(ModelVersion, old)
+        assert previous is not None
+        assert previous.status == ModelStatus.ARCHIVED
+        assert previous.traffic_share == 0.0
+    assert ensure_production_model(cfg) == (new, False)
 
 
 def test_bootstrap_prefers_the_model_already_in_model_dir(tmp_path: Path) -> None:

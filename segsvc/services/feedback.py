@@ -245,7 +245,7 @@ def iter_labeled_inputs(
             except (BlobMissingError, BlobStoreUnavailableError) as exc:
                 # Lost, damaged or unreadable on disk: one label less, not every run.
                 log.warning(
-                    "feedback %s: its input file could not be read (%s); left out", fid, exc
+                    "feedback %s: its input file is missing or damaged; left out (%s)", fid, exc
                 )
                 image = None
             yield LabeledInput(fid, digest, bytes(image) if image else None, bytes(mask or b""))

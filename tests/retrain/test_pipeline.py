@@ -20,6 +20,7 @@ from retrain.dataset import encode_png
 from retrain.pipeline import RetrainBusyError, gate, retrain_lock, run_retraining
 from segsvc.blobs import BlobMissingError
 from segsvc.db import session_scope
+from segsvc.digest import file_sha256
 from segsvc.models import Job, JobStatus, ModelStatus, TrainingRun
 from segsvc.retrain_lock import RETRAIN_LOCK_KEY
 from segsvc.services import registry, rollout
@@ -1051,6 +1052,7 @@ def test_the_gate_times_each_model_on_the_runtime_it_is_served_with(
     production = {
         "version": "test-v1",
         "path": str(model_file),
+        "sha256": file_sha256(model_file),
         "metrics": {"faithful_runtimes": ["litert-int8"], "runtime_agreement": agreement},
     }
     cand, prod = run._evaluate(candidate, production)

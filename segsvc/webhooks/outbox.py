@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from segsvc.models import Job, WebhookEndpoint, WebhookMessage, db_time
@@ -62,28 +62,52 @@ def record_job_events(*, session: Session, job_ids: Sequence[uuid.UUID], event: 
     jobs = [job for job in jobs if wanted in (job.webhook_events or DEFAULT_FILTERS)]
     if not jobs:
         return 0
-    disabled = _disabled_endpoints(session, {job.webhook_url or "" for job in jobs})
     # The database's clock: messages recorded by several hosts keep their order, and a first
     # attempt is due when the dispatcher, judging by that clock too, thinks it is.
     now = db_time(session)
+    disabled, paused = _endpoint_states(session, {job.webhook_url or "" for job in jobs}, now)
     session.add_all(
-        _message(job, event, now, (job.client_id, job.webhook_url) in disabled) for job in jobs
+        _message(
+            job,
+            event,
+            now,
+            disabled=(job.client_id, job.webhook_url) in disabled,
+            due=paused.get((job.client_id, job.webhook_url or ""), now),
+        )
+        for job in jobs
     )
     session.flush()
     return len(jobs)
 
 
-def _disabled_endpoints(session: Session, urls: set[str]) -> set[tuple[uuid.UUID | None, str]]:
-    """(client, url) pairs disabled by a 410, among `urls` (one query for a whole batch)."""
+Endpoint = tuple[uuid.UUID | None, str]  # (client, url)
+
+
+def _endpoint_states(
+    session: Session, urls: set[str], now: datetime
+) -> tuple[set[Endpoint], dict[Endpoint, datetime]]:
+    """Among `urls` (one query for a whole batch), the endpoints a 410 disabled, and those
+    paused, with the pause's end: a message recorded for a paused endpoint is due then, not
+    now, so the dispatcher's claim (by due time) never walks past it while the pause lasts."""
     rows = session.execute(
-        select(WebhookEndpoint.client_id, WebhookEndpoint.url).where(
-            WebhookEndpoint.url.in_(urls), WebhookEndpoint.disabled_at.is_not(None)
+        select(
+            WebhookEndpoint.client_id,
+            WebhookEndpoint.url,
+            WebhookEndpoint.disabled_at,
+            WebhookEndpoint.paused_until,
+        ).where(
+            WebhookEndpoint.url.in_(urls),
+            or_(WebhookEndpoint.disabled_at.is_not(None), WebhookEndpoint.paused_until > now),
         )
     ).all()
-    return {(row[0], row[1]) for row in rows}
+    disabled = {(row[0], row[1]) for row in rows if row[2] is not None}
+    paused = {(row[0], row[1]): row[3] for row in rows if row[3] is not None and row[3] > now}
+    return disabled, paused
 
 
-def _message(job: Job, event: str, now: datetime, disabled: bool) -> WebhookMessage:
+def _message(
+    job: Job, event: str, now: datetime, *, disabled: bool, due: datetime
+) -> WebhookMessage:
     url = job.webhook_url or ""
     return WebhookMessage(
         id=job_message_id(job.id, event),
@@ -96,5 +120,5 @@ def _message(job: Job, event: str, now: datetime, disabled: bool) -> WebhookMess
         status=DISABLED if disabled else PENDING,
         attempts=0,
         created_at=now,
-        next_attempt_at=None if disabled else now,
+        next_attempt_at=None if disabled else due,
     )

@@ -862,3 +862,26 @@ def test_a_message_never_attempted_is_not_sent_past_its_max_age(settings: Settin
         message = session.get(WebhookMessage, message_id)
         assert message is not None
         assert (message.status, message.attempts, message.next_attempt_at) == ("failed", 0, None)
+
+
+def test_a_message_for_a_paused_endpoint_is_due_when_the_pause_ends(settings: Settings) -> None:
+    """A message recorded while its endpoint is paused was due at once: every dispatcher poll
+    read it (and the rest of that pause's arrivals) before dropping it as paused. It is due
+    at the pause's end; another client's messages to the same URL are due at once."""
+    until = utcnow() + timedelta(minutes=10)
+    with session_scope(settings) as session:
+        session.add(WebhookEndpoint(client_id=None, url=URL, failures=5, paused_until=until))
+        other, _ = create_key(session=session, name="other")
+        other_id = other.id
+    paused_job, other_job = make_job(settings, URL), make_job(settings, URL, client_id=other_id)
+    finish_job(settings, start_job(settings, paused_job))
+    finish_job(settings, start_job(settings, other_job))
+    (paused,) = messages(settings, paused_job)
+    (unpaused,) = messages(settings, other_job)
+    assert paused.status == unpaused.status == "pending"
+    assert paused.next_attempt_at == until
+    assert unpaused.next_attempt_at is not None
+    assert unpaused.next_attempt_at < until - timedelta(minutes=5)
+    with session_scope(settings) as session:
+        claimed = {message_id for message_id, _ in claim_due(session=session)}
+    assert claimed == {unpaused.id}

@@ -172,6 +172,20 @@ class Client:
         return bool(readable)
 
 
+# A burst's submit answered 429 or 503 (one key's batch submits past the few a process lets
+# wait: `429 batches_pending`) is sent again after its Retry-After, as `segsvc.client` does,
+# this many times at most; `retries` counts them. Only one still refused is an error.
+SUBMIT_RETRIES = 10
+
+
+def _retry_after(headers: dict[str, str]) -> float:
+    """The answer's Retry-After in seconds (1 when absent or not a number), at most 10."""
+    try:
+        return min(10.0, max(0.0, float(headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
+
+
 def _ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
@@ -304,6 +318,13 @@ def run_burst(
             body, ctype = bodies[n % len(bodies)].render()
             sent = time.time()
             status, raw = client.request("POST", path, body, ctype)
+            for _ in range(SUBMIT_RETRIES):
+                if status not in (429, 503):
+                    break
+                with lock:
+                    result.retries += 1
+                time.sleep(_retry_after(client.last_headers))
+                status, raw = client.request("POST", path, body, ctype)
             with lock:
                 if status == 202:
                     answer = json.loads(raw)

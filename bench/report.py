@@ -392,6 +392,20 @@ def markdown(r: dict[str, Any]) -> str:
             + "; ".join(rounds)
             + ".",
         ]
+    resent = [
+        f"{r[key]['retries']} in the {name} burst"
+        for name, key in (("single-submit", "system_peak"), ("batch-submit", "system_peak_batch"))
+        if r.get(key, {}).get("retries")
+    ]
+    if resent:
+        lines += [
+            "",
+            "Submits the API asked to retry (429 or 503 with Retry-After; one key's batch"
+            " submits beyond the 4 an API process lets wait are told to slow down, `429"
+            " batches_pending`) were sent again after it, as `segsvc.client` does: "
+            + ", ".join(resent)
+            + " (median round). Only a submit still refused after 10 tries counts as an error.",
+        ]
     if r.get("hello", {}).get("retries"):
         lines += [
             "",

@@ -111,3 +111,37 @@ def test_an_upload_the_plain_hello_leaves_unread_is_resent_not_an_error(tmp_path
     assert result.done >= 10
     assert result.errors == 0
     assert result.retries >= 1  # gunicorn did close connections: the case above happened
+
+
+def test_a_burst_submit_the_api_asks_to_retry_is_sent_again_not_an_error() -> None:
+    """One key's batch submits past the 4 an API process lets wait get `429 batches_pending`
+    with Retry-After: `segsvc.client` waits and sends again, and so does the burst now; it
+    counted 256 errors (16 batches of 16) where a client would have had none."""
+    posts: list[int] = []
+
+    def api(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        if environ["REQUEST_METHOD"] == "POST":
+            posts.append(1)
+            if len(posts) == 1:
+                start_response(
+                    "429 TOO MANY REQUESTS",
+                    [("Content-Type", "application/json"), ("Retry-After", "0")],
+                )
+                return [b'{"error": "batches_pending"}']
+            start_response("202 ACCEPTED", [("Content-Type", "application/json")])
+            return [json.dumps({"id": "j1"}).encode()]
+        job = {
+            "id": "j1",
+            "status": "succeeded",
+            "completed_at": datetime.now(UTC).isoformat(),
+            "metrics": {"batch_size": 1},
+        }
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(job).encode()]
+
+    body = load.Multipart((("pet.jpg", b"jpeg"),))
+    with serve(api) as url:
+        result = load.run_burst(int(url.rsplit(":", 1)[1]), {}, [body], jobs=1, clients=1)
+    assert len(posts) == 2
+    assert (result.done, result.errors, result.retries) == (1, 0, 1)

@@ -50,9 +50,11 @@ def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool
             # weights, or `segsvc train --out models/baseline.keras`, replaced the bytes of the
             # version serving, which workers now refuse (its sha256 no longer matches). The old
             # bytes are gone, so the new ones become production, as a version of their own.
-            current.status = ModelStatus.ARCHIVED
-            current.traffic_share = 0.0
-            session.flush()
+            rollout.retire_replaced_production(
+                session=session,
+                current=current,
+                reason=f"its file {current.path} was replaced by other weights",
+            )
         shipped = shipped_model(settings)
         if shipped is not None:
             path, metrics = shipped
@@ -64,6 +66,7 @@ def ensure_production_model(settings: Settings | None = None) -> tuple[str, bool
         if existing is not None:
             existing.status = ModelStatus.PRODUCTION
             existing.traffic_share = 1.0
+            existing.file_deleted_at = None  # its bytes are back where it lies
             return version, False
         registry.register_version(
             session=session,

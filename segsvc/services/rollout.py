@@ -156,6 +156,17 @@ def rollback(*, session: Session, reason: str = "rolled back by an operator") ->
     return previous
 
 
+def retire_replaced_production(*, session: Session, current: ModelVersion, reason: str) -> None:
+    """Production's file now holds other bytes (the shipped file replaced where it lies): its
+    own are gone, so it is archived as a version whose file was deleted, never a rollback or
+    promote target, and any canary stops, gated as it was against the weights it replaces."""
+    for canary in _with_status(session, ModelStatus.CANARY):
+        _retire(session, canary, ModelStatus.REJECTED, f"stopped: {reason}")
+    _retire(session, current, ModelStatus.ARCHIVED, reason)
+    current.file_deleted_at = db_time(session)
+    session.flush()
+
+
 def _previous_production(session: Session, current: ModelVersion) -> ModelVersion | None:
     """The parent, else the most recently retired production version: of those whose model
     file is still there (the pruner deletes older archived versions' files, and a version no

@@ -11,8 +11,9 @@ import pytest
 
 from segsvc.db import session_scope
 from segsvc.digest import file_sha256
+from segsvc.errors import ConflictError
 from segsvc.models import ModelStatus, ModelVersion
-from segsvc.services import registry
+from segsvc.services import registry, rollout
 from segsvc.services.bootstrap import (
     SHIPPED_MODEL,
     SHIPPED_REPORT,
@@ -80,6 +81,13 @@ def test_a_shipped_model_replaced_where_it_lies_becomes_a_new_production_version
     )
     old, _ = ensure_production_model(cfg)
     assert ensure_production_model(cfg) == (old, False)  # unchanged bytes: nothing to do
+    canary_file = tmp_path / "ft-canary.keras"
+    canary_file.write_bytes(b"fine-tuned from the old weights")
+    with session_scope(cfg) as session:
+        registry.register_version(
+            session=session, version="ft-canary", path=canary_file, parent_version=old
+        )
+        rollout.start_canary(session=session, version="ft-canary", share=0.1)
     shipped.write_bytes(b"new weights")
     new, created = ensure_production_model(cfg)
     assert created
@@ -93,6 +101,14 @@ def test_a_shipped_model_replaced_where_it_lies_becomes_a_new_production_version
         assert previous is not None
         assert previous.status == ModelStatus.ARCHIVED
         assert previous.traffic_share == 0.0
+        # Its bytes are gone: never a rollback target, and a canary gated against it stopped.
+        assert previous.file_deleted_at is not None
+        assert previous.retired_at is not None
+        canary = session.get(ModelVersion, "ft-canary")
+        assert canary is not None
+        assert canary.status == ModelStatus.REJECTED
+        with pytest.raises(ConflictError):
+            rollout.rollback(session=session)
     assert ensure_production_model(cfg) == (new, False)
 
 

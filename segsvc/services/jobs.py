@@ -27,6 +27,10 @@ from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, record_job_events
 # failed.
 MAX_RELEASES = 5
 RELEASE_GIVE_UP_S = 300.0
+# And given back this many times in all, however far apart: a requeued message goes to the
+# back of the queue, so behind a backlog that takes over RELEASE_GIVE_UP_S to drain every
+# release restarted the window, and a job whose batch always failed cycled for ever.
+MAX_RELEASES_IN_ALL = 20
 
 
 def create_job(
@@ -595,13 +599,14 @@ def give_back_job(
     when it was, the status it ended with when it ended instead (failed or canceled, below),
     None when this lease no longer holds it.
 
-    A job given back `MAX_RELEASES` times over at least `RELEASE_GIVE_UP_S` ends failed with
-    `worker_error` instead: a failure that keeps coming back for that long is not transient,
-    and the job must not cycle for ever. A short outage (a blob store away for a few seconds)
-    releases jobs several times in a row but fails none. A release more than
-    `RELEASE_GIVE_UP_S` after the previous one starts the window again (an old release and a
-    short outage later are not a failure that kept coming). Timed on the database's clock, like
-    the lease. A job whose client asked to cancel it is not given back: it ends canceled
+    A job given back `MAX_RELEASES` times over at least `RELEASE_GIVE_UP_S`, or
+    `MAX_RELEASES_IN_ALL` times in all, ends failed with `worker_error` instead: a failure
+    that keeps coming back for that long is not transient, and the job must not cycle for
+    ever. A short outage (a blob store away for a few seconds) releases jobs several times in
+    a row but fails none. A release more than `RELEASE_GIVE_UP_S` after the previous one
+    starts the window again (an old release and a short outage later are not a failure that
+    kept coming). Timed on the database's clock, like the lease. A job whose client asked to
+    cancel it is not given back: it ends canceled
     (`fail_job`), as its result would have ended it."""
     now = db_now(session)
     fence = (
@@ -616,11 +621,14 @@ def give_back_job(
     # With one release in the window, it is the window's start (older rows have no last).
     previous = case((in_window <= 1, Job.first_released_at), else_=Job.last_released_at)
     restarts = previous <= cutoff
-    keeps_trying = or_(
-        restarts,
-        in_window < MAX_RELEASES - 1,
-        Job.first_released_at.is_(None),
-        Job.first_released_at > cutoff,
+    keeps_trying = and_(
+        Job.releases < MAX_RELEASES_IN_ALL - 1,
+        or_(
+            restarts,
+            in_window < MAX_RELEASES - 1,
+            Job.first_released_at.is_(None),
+            Job.first_released_at > cutoff,
+        ),
     )
     res = session.execute(
         update(Job)
@@ -645,8 +653,9 @@ def give_back_job(
         job_id=job_id,
         code="worker_error",
         message=f"The worker failed to run this job {MAX_RELEASES} times over "
-        f"{RELEASE_GIVE_UP_S / 60:.0f} minutes or more (its batch's forward pass or result write "
-        "failed each time); the worker's log says why.",
+        f"{RELEASE_GIVE_UP_S / 60:.0f} minutes or more, or {MAX_RELEASES_IN_ALL} times in all "
+        "(its batch's forward pass or result write failed each time); the worker's log says "
+        "why.",
         lease_token=lease_token,
     )
 

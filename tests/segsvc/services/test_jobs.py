@@ -390,3 +390,29 @@ def test_give_back_job_a_row_released_before_the_window_columns_gives_up_as_befo
     )
     assert not release(settings, claimed)
     assert get(settings, job_id).error_code == "worker_error"
+
+
+def test_give_back_job_releases_far_apart_still_end_the_job_in_the_end(settings: Settings) -> None:
+    """A requeued message goes to the back of the queue: behind a backlog that takes over 5
+    minutes to drain, each release restarted the window, and a job whose batch always failed
+    cycled for ever. MAX_RELEASES_IN_ALL ends it, however far apart the releases."""
+    from tests.worker.test_reconciler import claim, get, make_job, release
+
+    job_id = make_job(settings)
+    outcomes = []
+    for i in range(job_service.MAX_RELEASES_IN_ALL + 5):
+        claimed = claim(settings, job_id)
+        ago = utcnow() - timedelta(minutes=6)
+        with session_scope(settings) as session:  # the previous release was 6 minutes ago
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(last_released_at=ago if i else None, first_released_at=ago if i else None)
+            )
+        outcomes.append(release(settings, claimed))
+        if not outcomes[-1]:
+            break
+    job = get(settings, job_id)
+    assert job.status == "failed"
+    assert job.error_code == "worker_error"
+    assert len(outcomes) == job_service.MAX_RELEASES_IN_ALL

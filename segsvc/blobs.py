@@ -25,7 +25,7 @@ from segsvc.settings import Settings
 POINTER_PREFIX = b"segsvc-blob:sha256:"
 POINTER_LENGTH = len(POINTER_PREFIX) + 64
 _HEX = frozenset("0123456789abcdef")
-# A volume that is away (full, read-only, unmounted, a stale NFS handle) is usually back in
+# A volume that is away (full, read-only, a stale NFS handle) is usually back in
 # seconds; a client retries then, as after a database outage (`api.errors.DB_RETRY_AFTER_S`).
 STORE_RETRY_AFTER_S = 5.0
 
@@ -234,7 +234,7 @@ class FsBlobStore(FileReader):
                 make_folders_durably(path.parent)
                 # threads storing the same bytes at once are fine
                 write_atomically(path, data, sync_folder=True)
-        except OSError as exc:  # a full, read-only, unmounted or stale volume
+        except OSError as exc:  # a full, read-only or stale volume
             raise BlobStoreUnavailableError() from exc
         return pointer_to(digest)
 

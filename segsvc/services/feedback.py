@@ -20,7 +20,6 @@ from segsvc.blobs import (
     POINTER_LENGTH,
     BlobMissingError,
     BlobStore,
-    BlobStoreUnavailableError,
     pointer_digest,
     pointer_to,
 )
@@ -242,8 +241,11 @@ def iter_labeled_inputs(
         for fid, digest, mask, stored in rows:
             try:
                 image = store.get(stored) if store is not None else stored  # fs: a file pointer
-            except (BlobMissingError, BlobStoreUnavailableError) as exc:
-                # Lost, damaged or unreadable on disk: one label less, not every run.
+            except BlobMissingError as exc:
+                # Lost or damaged on disk: one label less, not every run. A store that cannot
+                # be read at all (BlobStoreUnavailableError) fails the run instead, its labels
+                # still new for the next one: dropping them all, a run trained, gated and
+                # canaried a candidate on none of them, and marked them used.
                 log.warning(
                     "feedback %s: its input file is missing or damaged; left out (%s)", fid, exc
                 )

@@ -79,6 +79,14 @@ threads = int(os.environ.get("GUNICORN_THREADS", "12"))
 # SEG_REQUEST_BODY_*): gunicorn's own waits for a request's bytes for ever, so clients that send
 # headers or bodies that never end held every thread (api/gunicorn_worker.py).
 worker_class = "api.gunicorn_worker.TimedThreadWorker"
+# Every answer through the worker's timed sendall (sendfile would write past it); the files
+# the API serves (the web page's) are small.
+sendfile = False
+# The scheme from X-Forwarded-Proto alone (from peers in FORWARDED_ALLOW_IPS): gunicorn also
+# trusts X-Forwarded-Ssl and X-Forwarded-Protocol by default, and a TLS front end that sends
+# one of them beside a proxy's X-Forwarded-Proto got every request a 400 ("Contradictory
+# scheme headers").
+secure_scheme_headers = {"X-FORWARDED-PROTO": "https"}
 # In-flight requests get this long after SIGTERM; long polls (up to 30 s) answer at once then
 # (`post_worker_init`), so what is left is ordinary requests.
 graceful_timeout = 10

@@ -14,6 +14,8 @@ waits on its client is bounded, as Apache's mod_reqtimeout does:
 Only time blocked on the client counts: not the application's own work, nor a kept-alive
 connection idling between requests (it waits in gunicorn's poller, on no thread). A request out
 of time is answered 408 (JSON, as every error) and its connection closed, freeing the thread.
+Answers are written against the same limits (`TimedSocket.sendall`; gunicorn_conf turns
+sendfile off so that every answer goes through it): a client that stops reading is dropped.
 """
 
 from __future__ import annotations
@@ -145,6 +147,33 @@ class TimedSocket:
             self.sock.settimeout(outer)
         clock.record(waited=0.0, received=len(data))
         return data
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        """`socket.sendall`, where each wait for the client to take more of the answer is at
+        most SEG_REQUEST_BODY_TIMEOUT_SECONDS, and the whole answer must go at
+        SEG_REQUEST_BODY_MIN_RATE on average (as a body must arrive): a client that asked for
+        a large answer (an overlay) and stopped reading it held its thread for good. Out of
+        time, a TimeoutError (an OSError: gunicorn drops the connection)."""
+        limits = self.clock.limits
+        view = memoryview(data).cast("B")
+        outer = self.sock.gettimeout()
+        started, sent = time.monotonic(), 0
+        try:
+            while view:
+                allowance = limits.body_s
+                if limits.body_min_rate:
+                    allowance += sent / limits.body_min_rate
+                else:
+                    allowance = float("inf")
+                budget = min(limits.body_s, allowance - (time.monotonic() - started))
+                if budget <= 0:
+                    raise TimeoutError("the client did not take the answer in time")
+                self.sock.settimeout(budget)
+                n = self.sock.send(view, flags)
+                sent += n
+                view = view[n:]
+        finally:
+            self.sock.settimeout(outer)
 
     def _expire(self) -> RequestReadTimeout:
         self.clock.expired = True

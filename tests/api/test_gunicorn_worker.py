@@ -3,6 +3,7 @@ stall or trickle them cannot hold all of gunicorn's threads (the real server, on
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import socket
@@ -12,8 +13,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -88,6 +91,28 @@ def _answer(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _one_answer(sock: socket.socket) -> bytes:
+    """One answer (its head and Content-Length body), the connection left open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data  # closed before a whole answer
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def _trickle(sock: socket.socket, data: bytes, every: float, stop: threading.Event) -> None:
@@ -192,12 +217,16 @@ def test_clients_that_never_close_do_not_hold_the_accepting_thread(server: str) 
 @pytest.mark.timeout(60)
 def test_idle_keep_alive_connection_is_not_timed(server: str) -> None:
     """Between requests a connection waits in gunicorn's poller, on no thread and no clock."""
-    with httpx.Client(base_url=server, timeout=10) as http:
-        assert http.get("/healthz").status_code == 200
+    sock = socket.create_connection(("127.0.0.1", _port(server)), timeout=10)
+    try:
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(request)
+        assert _one_answer(sock).startswith(b"HTTP/1.1 200 ")
         time.sleep(HEADER_S + 1)
-        resp = http.get("/healthz")
-        assert resp.status_code == 200
-        assert resp.extensions["network_stream"] is not None
+        sock.sendall(request)  # on the same connection: a closed one answers nothing
+        assert _one_answer(sock).startswith(b"HTTP/1.1 200 ")
+    finally:
+        sock.close()
 
 
 def test_read_clock_budget_grows_with_the_bytes_received() -> None:
@@ -215,3 +244,79 @@ def test_read_clock_budget_grows_with_the_bytes_received() -> None:
     assert clock.budget() == pytest.approx(4.0)
     clock.record(waited=4.0, received=0)
     assert clock.budget() == 0.0
+
+
+@pytest.mark.timeout(120)
+def test_clients_that_never_read_a_large_answer_do_not_hold_every_thread(
+    server: str, client: Any, api_key: str, settings: Settings
+) -> None:
+    """Only reads were timed: a client that asked for a large answer (a 2.9 MP overlay, ~8 MB)
+    and never read it held its thread for good, and THREADS of them held /healthz too."""
+    from segsvc.ml.preprocess import encode_mask_png
+    from tests.api.test_jobs import mark_succeeded
+
+    side = 1700
+    noise = Image.frombytes("RGB", (side, side), random.randbytes(side * side * 3))
+    resp = client.post(
+        "/v1/jobs",
+        headers={"Authorization": f"Bearer {api_key}"},
+        data={"image": (io.BytesIO(encode_image(noise, "PNG")), "a.png")},
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 202, resp.get_json()
+    job_id = resp.get_json()["id"]
+    mark_succeeded(settings, job_id, encode_mask_png(np.zeros((side, side), np.uint8)))
+    request = (
+        f"GET /v1/jobs/{job_id}/overlay.png HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {api_key}\r\n\r\n"
+    ).encode()
+    stalled = []
+    for _ in range(THREADS):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", _port(server)))
+        sock.sendall(request)
+        stalled.append(sock)
+    try:
+        time.sleep(8)  # each overlay drawn (one at a time per key), then its write blocks
+        started = time.monotonic()
+        try:
+            health = httpx.get(f"{server}/healthz", timeout=HEADER_S + BODY_S + 10)
+        except httpx.TimeoutException:
+            pytest.fail(f"/healthz: no answer in {time.monotonic() - started:.0f} s")
+        assert health.status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_front_ends_x_forwarded_ssl_beside_the_proxys_scheme_is_not_a_400(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Behind the compose nginx (which sets X-Forwarded-Proto, gunicorn trusting every peer),
+    a TLS front end that also sends X-Forwarded-Ssl (nginx-proxy does) got every request a
+    400, "Contradictory scheme headers": only X-Forwarded-Proto is read now."""
+    port = free_port()
+    log_path = tmp_path / "gunicorn.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "gunicorn", "-c", "python:api.gunicorn_conf"),
+                *("api.wsgi:app", "--bind", f"127.0.0.1:{port}", "--workers", "1"),
+            ],
+            cwd=ROOT,
+            env=worker_env(
+                settings, SEG_METRICS_PORT="0", SEG_API_NICE="0", FORWARDED_ALLOW_IPS="*"
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_up(base, proc, log_path)
+        for header in ({"X-Forwarded-Ssl": "on"}, {"X-Forwarded-Protocol": "ssl"}):
+            resp = httpx.get(f"{base}/healthz", headers={"X-Forwarded-Proto": "http", **header})
+            assert resp.status_code == 200, (header, resp.status_code, resp.text)
+    finally:
+        stop_process(proc)

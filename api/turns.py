@@ -82,8 +82,12 @@ class KeyTurns:
         self._keys: dict[str, tuple[threading.Lock, int]] = {}  # key -> (its turn, waiting)
 
     @contextmanager
-    def hold(self, key: str, wait_s: float) -> Iterator[None]:
-        """`key`'s turn, after its earlier requests: each waited for up to `wait_s`."""
+    def hold(self, key: str | None, wait_s: float) -> Iterator[None]:
+        """`key`'s turn, after its earlier requests: each waited for up to `wait_s`. No key
+        (authentication off): no per-key turn."""
+        if key is None:
+            yield
+            return
         with self._lock:
             own, waiting = self._keys.get(key, (threading.Lock(), 0))
             if waiting > self.queue:

@@ -192,7 +192,7 @@ def batch_turn() -> Iterator[None]:
     """One of the process's batch turns (up to BATCH_TURN_WAIT_S), after this key's own
     earlier batch (`KEY_BATCH_TURNS`): a key holds one turn at a time."""
     with (
-        KEY_BATCH_TURNS.hold(str(current_client().id), BATCH_TURN_WAIT_S),
+        KEY_BATCH_TURNS.hold(_turn_key(), BATCH_TURN_WAIT_S),
         turn(
             BATCHES_AT_ONCE,
             BATCH_TURN_WAIT_S,
@@ -482,7 +482,7 @@ def large_decode_turn() -> Iterator[None]:
     """The process's large-decode turn (up to LARGE_DECODE_WAIT_S), after this key's own
     earlier large decodes (`KEY_TURNS`): for uploads, feedback masks and overlays alike."""
     with (
-        KEY_TURNS.hold(str(current_client().id), KEY_TURN_WAIT_S),
+        KEY_TURNS.hold(_turn_key(), KEY_TURN_WAIT_S),
         turn(
             LARGE_DECODES_AT_ONCE,
             LARGE_DECODE_WAIT_S,
@@ -536,7 +536,7 @@ def overlay_turn(pixels: int) -> Iterator[None]:
             yield
     elif pixels > METERED_OVERLAY_PIXELS:
         with (
-            KEY_TURNS.hold(str(current_client().id), KEY_TURN_WAIT_S),
+            KEY_TURNS.hold(_turn_key(), KEY_TURN_WAIT_S),
             OVERLAY_PIXELS_AT_ONCE.hold(pixels, LARGE_DECODE_WAIT_S),
         ):
             yield
@@ -583,6 +583,14 @@ def _watch(job_ids: list[uuid.UUID], seconds: float) -> ContextManager[job_servi
 def _scope() -> uuid.UUID | None:
     """Which client's jobs the caller may see (None when auth is off)."""
     return current_client().id
+
+
+def _turn_key() -> str | None:
+    """Whose turns a request waits behind: its key's; None without authentication (every
+    caller is the same anonymous client then, and one caller's batch must not hold the rest's
+    turn nor count against their queue: the process's turns alone apply)."""
+    client_id = current_client().id
+    return None if client_id is None else str(client_id)
 
 
 def _png(data: bytes, job_id: str, kind: str) -> Response:

@@ -118,12 +118,16 @@ def _split_stems(stems: list[str], split: str, val_fraction: float) -> set[str]:
 
 
 def folder_overlap(
-    train_dir: str | Path, eval_dir: str | Path, eval_digests: set[str] | None = None
+    train_dir: str | Path,
+    eval_dir: str | Path,
+    eval_digests: set[str] | None = None,
+    eval_index: NearDuplicateIndex | None = None,
 ) -> str | None:
     """Why training on `train_dir` would leak `eval_dir`'s images into the model the gate then
     scores on them (the same or a nested folder, or identical image files); None when they are
     apart. Shared names alone are only logged: two folders may name different pictures alike.
-    `eval_digests`: `image_digests(eval_dir)`, when the caller has them already."""
+    `eval_digests`: `image_digests(eval_dir)`, and `eval_index`:
+    `NearDuplicateIndex.of_folder(eval_dir)`, when the caller has them already."""
     train, held_out = Path(train_dir).resolve(), Path(eval_dir).resolve()
     if train == held_out or train in held_out.parents or held_out in train.parents:
         return f"training folder {train} and evaluation folder {held_out} are the same or nested"
@@ -132,7 +136,9 @@ def folder_overlap(
     copies = image_digests(train) & eval_digests
     if copies:
         return f"{len(copies)} identical images are in both folders"
-    near = near_duplicates(list_pairs(train), list_pairs(held_out))
+    if eval_index is None:  # not `or`: an index of no telling photos is empty, not absent
+        eval_index = NearDuplicateIndex.of_folder(held_out)
+    near = near_duplicates(list_pairs(train), eval_index)
     if near:
         pairs = ", ".join(f"{a} ~ {b}" for a, b in near[:3])
         return (
@@ -205,13 +211,25 @@ def cropped_difference_hashes(image: Path | bytes) -> list[npt.NDArray[np.uint8]
     return hashes
 
 
+# Hashes are cut from a greyscale copy at most this long a side: a 17x16 hash (of a crop cut
+# 5% in, `_CROPS`) needs no more, and a 12-megapixel PNG (which `draft` does not shrink) cut
+# and resized 162 times at full size took 2.9 s to index instead of 0.25 s.
+HASH_SOURCE_SIDE = 300
+
+
 def _decoded_grey(image: Path | bytes, draft: tuple[int, int]) -> Image.Image | None:
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
             img.draft("L", draft)  # JPEG: decoded at a fraction of its size
-            return img.convert("L")
+            grey = img.convert("L")
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
+    width, height = grey.size
+    scale = HASH_SOURCE_SIDE / max(width, height)
+    if scale >= 1:  # as `draft` leaves most JPEGs
+        return grey
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return grey.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
 def _dhash(grey: Image.Image) -> npt.NDArray[np.uint8]:
@@ -245,8 +263,11 @@ class NearDuplicateIndex:
             names += [name] * len(telling)
             kept += telling
         self.names = names
-        # As 4 words a hash: a query compares with every crop of every photo.
-        self.hashes = (np.stack(kept) if kept else np.zeros((0, 32), np.uint8)).view(np.uint64)
+        # Word w of every hash in one contiguous row: a query XORs and counts whole rows, and
+        # only the hashes within NEAR_DUPLICATE_BITS on their first 128 bits are read further
+        # (13x faster than per-hash rows on a 5,000-photo index, the same matches).
+        stacked = np.stack(kept) if kept else np.zeros((0, 32), np.uint8)
+        self.words = np.ascontiguousarray(stacked.view(np.uint64).T)
 
     @classmethod
     def of_folder(cls, data_dir: str | Path) -> NearDuplicateIndex:
@@ -264,19 +285,46 @@ class NearDuplicateIndex:
         h = image if isinstance(image, np.ndarray) or image is None else difference_hash(image)
         if h is None or not len(self.names) or not _telling(h):
             return None
-        words = np.ascontiguousarray(h, np.uint8).view(np.uint64)
-        distances = np.bitwise_count(self.hashes ^ words).sum(axis=1, dtype=np.int32)
-        best = int(np.argmin(distances))
-        return self.names[best] if distances[best] <= NEAR_DUPLICATE_BITS else None
+        query = np.ascontiguousarray(h, np.uint8).view(np.uint64)
+        # A distance is at least that of its first half: 128 bits fit the uint8 counts.
+        half = _bit_count(self.words[0] ^ query[0])
+        half += _bit_count(self.words[1] ^ query[1])
+        near = np.flatnonzero(half <= NEAR_DUPLICATE_BITS)
+        if not len(near):
+            return None
+        distances = half[near].astype(np.int32)
+        for w in (2, 3):
+            distances += _bit_count(self.words[w, near] ^ query[w])
+        best = int(np.argmin(distances))  # the first of equals, as over all the hashes
+        return self.names[near[best]] if distances[best] <= NEAR_DUPLICATE_BITS else None
+
+
+def _bit_count(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
+    """Set bits of each word: `np.bitwise_count` (NumPy 2), else by a byte table."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(words).astype(np.uint8, copy=False)
+    return _table_bit_count(words)
+
+
+def _table_bit_count(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
+    octets = np.ascontiguousarray(words).view(np.uint8).reshape(len(words), 8)
+    counts: npt.NDArray[np.uint8] = _POPCOUNT[octets].sum(axis=1, dtype=np.uint8)
+    return counts
 
 
 def near_duplicates(
-    train: Sequence[tuple[str, Path, Path]], held_out: Sequence[tuple[str, Path, Path]]
+    train: Sequence[tuple[str, Path, Path]],
+    held_out: Sequence[tuple[str, Path, Path]] | NearDuplicateIndex,
 ) -> list[tuple[str, str]]:
     """(held-out name, training name) of the training images that are near-identical copies
     of a held-out image: resized, re-encoded, mirrored or slightly cropped
-    (`NearDuplicateIndex`), which byte digests do not see."""
-    index = NearDuplicateIndex((name, path) for name, path, _ in held_out)
+    (`NearDuplicateIndex`), which byte digests do not see. `held_out`: the pairs, or their
+    index when the caller has built it already."""
+    index = (
+        held_out
+        if isinstance(held_out, NearDuplicateIndex)
+        else NearDuplicateIndex((name, path) for name, path, _ in held_out)
+    )
     out = []
     for name, path, _ in train:
         if not len(index):

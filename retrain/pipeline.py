@@ -351,7 +351,12 @@ class _Run:
         plan["held_out_index"] = NearDuplicateIndex.of_folder(cfg.eval_data_dir)
         if cfg.train_data_dir is not None:
             try:
-                overlap = folder_overlap(cfg.train_data_dir, cfg.eval_data_dir, plan["held_out"])
+                overlap = folder_overlap(
+                    cfg.train_data_dir,
+                    cfg.eval_data_dir,
+                    plan["held_out"],
+                    eval_index=plan["held_out_index"],
+                )
             except DatasetLayoutError as exc:
                 return self._finish("failed", f"training folder: {exc}")
             if overlap:  # the gate would score the candidate on images it trained on

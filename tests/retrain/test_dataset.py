@@ -329,3 +329,102 @@ def test_folder_overlap_sees_a_cropped_copy_of_an_evaluation_photo(tmp_path: Pat
     found = folder_overlap(tmp_path / "train", tmp_path / "eval")
     assert found is not None
     assert f"{name} ~ crop" in found
+
+
+def textured(width: int, height: int, seed: int) -> Image.Image:
+    """A photo-like picture: smooth random shading with edges enough to hash."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 18, 3), dtype=np.uint8))
+    return coarse.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def test_a_large_png_evaluation_photo_is_indexed_quickly_and_its_crop_still_matched(
+    tmp_path: Path,
+) -> None:
+    """`draft` shrinks only JPEGs: a 3000x2000 PNG was cut and resized 162 times at full size
+    (1.4 s a photo, hours for a folder of them) before it was reduced once."""
+    import time
+
+    from retrain.dataset import NearDuplicateIndex
+
+    photo = textured(3000, 2000, seed=1)
+    path = tmp_path / "big.png"
+    photo.save(path, "PNG")
+    started = time.perf_counter()
+    index = NearDuplicateIndex([("big", path)])
+    assert time.perf_counter() - started < 1.0
+    assert len(index) == 1
+    assert index.copy_of(path) == "big"
+    dx, dy = 150, 100  # 5% of each side cut off, re-encoded smaller
+    copy = photo.crop((dx, dy, 3000 - dx, 2000 - dy)).resize((900, 600))
+    assert index.copy_of(jpeg_of(copy)) == "big"
+    assert index.copy_of(jpeg_of(textured(900, 600, seed=2))) is None
+
+
+def test_folder_overlap_uses_the_given_evaluation_index_without_hashing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline indexes the evaluation folder once, for the labels and the folder check."""
+    import retrain.dataset as dataset
+
+    for folder in ("train", "eval"):
+        for sub in ("images", "annotations/trimaps"):
+            (tmp_path / folder / sub).mkdir(parents=True)
+    photo = textured(400, 300, seed=3)
+    photo.save(tmp_path / "eval" / "images" / "pet.png")
+    (tmp_path / "train" / "images" / "crop.jpg").write_bytes(
+        jpeg_of(photo.crop((20, 15, 380, 285)))
+    )
+    index = dataset.NearDuplicateIndex.of_folder(tmp_path / "eval")
+    indexed: list[object] = []
+    real = dataset.cropped_difference_hashes
+
+    def counted(image: Path | bytes) -> object:
+        indexed.append(image)
+        return real(image)
+
+    monkeypatch.setattr(dataset, "cropped_difference_hashes", counted)
+    found = dataset.folder_overlap(tmp_path / "train", tmp_path / "eval", eval_index=index)
+    assert found is not None
+    assert "pet ~ crop" in found
+    assert indexed == []  # not hashed again
+    assert dataset.folder_overlap(tmp_path / "train", tmp_path / "eval") == found
+    assert len(indexed) == 1  # without an index, it builds its own
+
+
+def test_near_duplicate_index_works_without_numpy_bitwise_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pyproject allows NumPy 1.26, which has no `np.bitwise_count`: the same matches."""
+    from retrain.dataset import NearDuplicateIndex
+
+    photos = [(f"p{i}", jpeg_of(textured(300, 200, seed=10 + i))) for i in range(3)]
+    index = NearDuplicateIndex(photos)
+    queries = [data for _, data in photos] + [jpeg_of(textured(300, 200, seed=20))]
+    expected = [index.copy_of(q) for q in queries]
+    assert expected == ["p0", "p1", "p2", None]
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    assert [index.copy_of(q) for q in queries] == expected
+
+
+def test_near_duplicate_index_finds_what_comparing_every_hash_finds() -> None:
+    """Only hashes near on their first 128 bits are compared further: the nearest within
+    `NEAR_DUPLICATE_BITS`, the first of equals, as a comparison with every hash gives."""
+    from retrain.dataset import NEAR_DUPLICATE_BITS, NearDuplicateIndex
+
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2, (400, 256), dtype=np.uint8)
+    bits[200:] = bits[:200]  # equals: the first must win
+    bits[200:, :40] ^= 1  # ...unless nearer
+    index = NearDuplicateIndex([])
+    index.names = [f"h{i}" for i in range(len(bits))]
+    index.images = len(bits)
+    index.words = np.ascontiguousarray(np.packbits(bits, axis=1).view(np.uint64).T)
+    for i in range(300):
+        query = bits[i % 200].copy()
+        flips = rng.choice(256, size=rng.integers(25, 40), replace=False)
+        query[flips] ^= 1
+        distances = np.abs(bits.astype(np.int16) - query).sum(axis=1)
+        best = int(np.argmin(distances))
+        expected = f"h{best}" if distances[best] <= NEAR_DUPLICATE_BITS else None
+        assert index.copy_of(np.packbits(query)) == expected

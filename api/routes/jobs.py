@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager as ContextManager
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
@@ -156,7 +156,10 @@ def submit_batch() -> tuple[Response, int] | tuple[Response, int, dict[str, str]
     job (poll them together with `GET /v1/jobs?ids=`). Webhook fields apply to every job."""
     uploads = _received_uploads()
     refused = _charge(cost=len(uploads), batch=True)
-    with batch_turn():
+    with refunded_if_refused(len(uploads) if refused is None else 0), ExitStack() as taking:
+        taking.enter_context(batch_turn())
+        turn = taking.pop_all()  # held past the refund's block: only taking it is refunded
+    with turn:
         return _submit_batch(uploads, refused)
 
 
@@ -515,13 +518,31 @@ def read_overlay(job_id: str) -> Response:
     session, scope, store = db(), _scope(), blob_store(cfg)
     job = job_service.get_finished_job(session=session, job_id=job_id, client_id=scope)
     pixels = job.input_width * job.input_height
+    cost = 0
     if pixels > min(METERED_OVERLAY_PIXELS, LARGE_DECODE_PIXELS):  # a large one always
         limits.check_rate(client_key=str(current_client().id), settings=cfg)
-    with overlay_turn(pixels):
+        cost = 1
+    with refunded_if_refused(cost), ExitStack() as taking:
+        taking.enter_context(overlay_turn(pixels))
+        turn = taking.pop_all()  # held past the refund's block: only taking it is refunded
+    with turn:
         data = job_service.read_overlay_png(
             session=session, job_id=job_id, client_id=scope, store=store
         )
     return _png(data, job_id, "overlay")
+
+
+@contextmanager
+def refunded_if_refused(cost: int) -> Iterator[None]:
+    """Give the request's `cost` tokens back when taking its turn (the block) refuses it: a
+    503 busy or a 429 `*_pending` tells the client to send it again, nothing was done, and its
+    retry must not be refused for the rate this try paid."""
+    try:
+        yield
+    except SegError:
+        if cost:
+            limits.refund_rate(client_key=str(current_client().id), settings=settings(), cost=cost)
+        raise
 
 
 @contextmanager

@@ -44,6 +44,18 @@ redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return {allowed, tostring(wait)}
 """
 
+# Give back `amount` tokens (a request refused after it paid, before it did anything): at most
+# up to the bucket's size; a bucket that expired meanwhile is full anyway.
+REFUND_SCRIPT = """
+local burst = tonumber(ARGV[1])
+local amount = tonumber(ARGV[2])
+local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens'))
+if tokens then
+  redis.call('HSET', KEYS[1], 'tokens', tostring(math.min(burst, tokens + amount)))
+end
+return 1
+"""
+
 _clients: dict[tuple[int, str], Any] = {}
 
 
@@ -56,7 +68,11 @@ def _redis(url: str) -> Any:
     key = (os.getpid(), url)
     if key not in _clients:
         client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        _clients[key] = (client, client.register_script(BUCKET_SCRIPT))
+        _clients[key] = (
+            client,
+            client.register_script(BUCKET_SCRIPT),
+            client.register_script(REFUND_SCRIPT),
+        )
     return _clients[key]
 
 
@@ -76,7 +92,7 @@ def check_rate(*, client_key: str, settings: Settings, cost: int = 1) -> None:
         raise ValidationError(
             f"{cost} images at once exceed this key's burst of {burst}; send fewer per request."
         )
-    _, script = _redis(url)
+    _, script, _ = _redis(url)
     try:
         allowed, wait = script(
             keys=[f"segsvc:ratelimit:{client_key}"], args=[per_minute / 60.0, burst, cost]
@@ -89,6 +105,23 @@ def check_rate(*, client_key: str, settings: Settings, cost: int = 1) -> None:
             f"Too many submissions: the limit is {per_minute} per minute for this key.",
             retry_after=max(1.0, float(wait)),
         )
+
+
+def refund_rate(*, client_key: str, settings: Settings, cost: int = 1) -> None:
+    """Give back `cost` tokens `check_rate` took for a request then refused before it did any
+    work (a per-key turn's queue full: its client is told to send it again, and must not find
+    its retry refused for the rate the refused try paid). Best effort, as the limit is."""
+    url = settings.effective_redis_url
+    if not url or settings.rate_limit_per_minute <= 0:
+        return
+    _, _, refund = _redis(url)
+    try:
+        refund(
+            keys=[f"segsvc:ratelimit:{client_key}"],
+            args=[max(1, settings.rate_limit_burst), cost],
+        )
+    except redis.RedisError as exc:
+        log.warning("rate limiter unavailable (%s); no refund", exc.__class__.__name__)
 
 
 # Far from the limit, the backlog is counted at most once per this many seconds per process

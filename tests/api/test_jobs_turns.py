@@ -276,3 +276,69 @@ def test_the_overlay_budget_is_handed_out_in_the_order_it_was_asked_for() -> Non
     assert order == ["first", "second"]
     with budget.hold(4, 0):  # all given back
         pass
+
+
+def _key_id(settings: Settings) -> str:
+    from sqlalchemy import select
+
+    from segsvc.models import ApiKey
+
+    with session_scope(settings) as session:
+        return str(session.scalars(select(ApiKey.id)).one())
+
+
+def test_a_batch_refused_for_its_keys_turn_gets_its_tokens_back(
+    settings: Settings, auth: dict[str, str]
+) -> None:
+    """The key's 5 earlier batches fill its line: the 6th gets 429 batches_pending, "send it
+    again when those are answered". Doing that (same Idempotency-Key) was refused for the rate:
+    the refused try had paid its tokens and stored nothing."""
+    client = create_app(
+        settings.model_copy(update={"rate_limit_per_minute": 1, "rate_limit_burst": 3})
+    ).test_client()
+    kid, turns = _key_id(settings), routes.KEY_BATCH_TURNS
+    with turns._lock:
+        turns._keys[kid] = (threading.Lock(), routes.KEY_BATCH_QUEUE + 1)  # 5 in line
+    headers = {"Idempotency-Key": "refused-batch-1"}
+    photos = [png_bytes(), png_bytes((32, 32))]
+    try:
+        first = submit_batch(client, auth, photos, headers=headers)
+    finally:
+        with turns._lock:
+            turns._keys.pop(kid, None)
+    assert first.status_code == 429, first.get_json()
+    assert first.get_json()["error"] == "batches_pending"
+    again = submit_batch(client, auth, photos, headers=headers)
+    assert again.status_code == 202, again.get_json()
+    spent = submit_batch(client, auth, photos)  # 3 tokens, 2 paid: the rate still applies
+    assert spent.status_code == 429
+    assert spent.get_json()["error"] == "rate_limited"
+
+
+def test_a_metered_overlay_refused_for_its_keys_turn_gets_its_token_back(
+    settings: Settings, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = create_app(
+        settings.model_copy(update={"rate_limit_per_minute": 1, "rate_limit_burst": 2})
+    ).test_client()
+    monkeypatch.setattr(job_service, "read_overlay_png", lambda **_: b"\x89PNG fake")
+    job_id = submit(client, auth, png_bytes()).get_json()["id"]  # 1 token left
+    mark_succeeded(
+        settings,
+        job_id,
+        encode_mask_png(np.zeros((48, 64), np.uint8)),
+        input_width=2000,
+        input_height=1500,
+    )
+    kid, turns = _key_id(settings), routes.KEY_TURNS
+    with turns._lock:
+        turns._keys[kid] = (threading.Lock(), routes.KEY_TURN_QUEUE + 1)
+    try:
+        first = client.get(f"/v1/jobs/{job_id}/overlay.png", headers=auth)
+    finally:
+        with turns._lock:
+            turns._keys.pop(kid, None)
+    assert first.status_code == 429
+    assert first.get_json()["error"] == "large_decodes_pending"
+    again = client.get(f"/v1/jobs/{job_id}/overlay.png", headers=auth)
+    assert again.status_code == 200, again.get_json()

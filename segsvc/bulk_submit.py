@@ -9,6 +9,7 @@ file, `exit_code_for` and `describe`. The click commands are in `segsvc/client_c
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from segsvc.client import STOPPABLE_POLL_S, Client, InvalidJobIdError, Job
+from segsvc.client import STOPPABLE_POLL_S, Client, InvalidJobIdError, Job, content_key, utf8_name
 from segsvc.client_errors import (
     ApiError,
     AuthError,
@@ -188,12 +189,30 @@ class SubmitPlan:
     webhook_events: list[str] | None
     timeout: float
     batch: int = 1  # files per request (`POST /v1/jobs/batch` when > 1)
+    # `--again`: new jobs even for files an earlier run (within the server's 24 h) submitted;
+    # this run's keys are then its own (stable across its retries), not the content's.
+    again: str | None = None
     # Set once a batch was refused although each of its files was then accepted on its own (a
     # server limit lower than `batch`, or no batch submits): later files go one by one.
     batches_refused: threading.Event = field(default_factory=threading.Event)
     names: dict[Path, str] = field(default_factory=dict)  # output name per file (output_names)
     # Why the run stopped sending (set with the stop event: see `halt`).
     stop_reason: str = ""
+    # Result downloads (mask, overlay) in flight at once, across the run: the server decodes a
+    # large photo for each, and queues only a few per key (429 large_decodes_pending beyond).
+    fetches: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(4))
+
+    def key(self, paths: list[Path], batch: bool) -> str:
+        """The Idempotency-Key of a submit of `paths` (read here): derived from the files'
+        names and bytes and the options, so a rerun gets the jobs it stored back (see
+        `content_key`)."""
+        images = [(utf8_name(path.name), path.read_bytes()) for path in paths]
+        key = content_key(
+            images, batch=batch, webhook=self.webhook, webhook_events=self.webhook_events
+        )
+        if self.again:
+            return "segsvc-" + hashlib.sha256(f"{key}\0{self.again}".encode()).hexdigest()
+        return key
 
     @property
     def waiting(self) -> bool:
@@ -234,6 +253,7 @@ def submit_one(
             webhook=plan.webhook,
             webhook_events=plan.webhook_events,
             wait=STOPPABLE_POLL_S if plan.waiting else 0.0,  # Ctrl-C is noticed this soon
+            idempotency_key=plan.key([path], batch=False),
         )
         outcome.job_id, outcome.status = job.id, job.status
         if plan.waiting:
@@ -288,8 +308,14 @@ def submit_chunk(
         return [submit_one(client, path, plan, stop) for path in paths]
     started = time.monotonic()
     try:
-        jobs = client.submit_batch(paths, webhook=plan.webhook, webhook_events=plan.webhook_events)
-    except (AuthError, TransportError, ServerError, RateLimitedError) as exc:
+        jobs = client.submit_batch(
+            paths,
+            webhook=plan.webhook,
+            webhook_events=plan.webhook_events,
+            idempotency_key=plan.key(paths, batch=True),
+        )
+    except (AuthError, TransportError, ServerError, RateLimitedError) as exc:  # a 408 included:
+        # a network failure, not a refusal of the batch
         return [failed(Outcome(path), exc, stop, plan) for path in paths]
     except ConflictError as exc:  # the batch's key is still in use: its jobs may be stored, and
         # sending the files again one by one would store each of them twice
@@ -353,14 +379,17 @@ def finish(
 
 
 def failed(outcome: Outcome, exc: ClientError, stop: threading.Event, plan: SubmitPlan) -> Outcome:
-    """Mark a file as not done because of `exc`. An auth error, or a server that stayed
-    unreachable through the retries, stops the files not yet sent: each would only fail the
-    same way (a wrong --url kept a run retrying every chunk in turn for minutes)."""
+    """Mark a file as not done because of `exc`. An auth error, a server that stayed
+    unreachable through the retries (a 408 included), or one still unavailable (503) after
+    them, stops the files not yet sent: each would only fail the same way (a wrong --url kept
+    a run retrying every chunk in turn for minutes)."""
     outcome.status, outcome.error, outcome.reason = "error", exc, describe(exc)
     if isinstance(exc, AuthError):
         halt(stop, plan, "the server refused the API key")
     elif isinstance(exc, TransportError):
         halt(stop, plan, "the server could not be reached")
+    elif isinstance(exc, ServerError) and exc.status == 503:
+        halt(stop, plan, f"the server stayed unavailable through the retries: {exc.code}")
     return outcome
 
 
@@ -372,9 +401,10 @@ def save_results(job: Job, path: Path, plan: SubmitPlan) -> None:
     assert plan.out is not None
     plan.out.mkdir(parents=True, exist_ok=True)
     name = plan.names.get(path, path.stem)
-    results = {f"{name}.mask.png": job.mask_png()}
-    if plan.overlay:
-        results[f"{name}.overlay.png"] = job.overlay_png()
+    with plan.fetches:
+        results = {f"{name}.mask.png": job.mask_png()}
+        if plan.overlay:
+            results[f"{name}.overlay.png"] = job.overlay_png()
     written: list[Path] = []
     try:
         for file_name, data in results.items():

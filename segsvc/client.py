@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import os
 import random
@@ -37,6 +38,7 @@ from segsvc.client_errors import (
     InvalidUrlError,
     NotFoundError,
     RateLimitedError,
+    RequestTimeoutError,
     RetriesStoppedError,
     ServerError,
     TransportError,
@@ -61,20 +63,26 @@ __all__ = [
     "Job",
     "NotFoundError",
     "RateLimitedError",
+    "RequestTimeoutError",
     "RetriesStoppedError",
     "ServerError",
     "TransportError",
     "WaitStoppedError",
     "WaitTimeoutError",
     "WebhookVerificationError",
+    "content_key",
     "verify_webhook",
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 # 429 and 503 ask for a retry; 502 and 504 are a proxy in front that found no API process (a
-# rolling restart). Every request may be repeated: see `Client._request`.
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# rolling restart); 408 is the server dropping a request whose body stalled on the way (nothing
+# stored: a lost connection). Every request may be repeated: see `Client._request`.
+RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+# Seconds one request may spend waiting out 429s (rate_limited, and the `*_pending` ones: this
+# key's own earlier requests still being handled) before they count against `retries`.
+RATE_WAIT_BUDGET_S = 300.0
 # A 409 that asks for a retry: a twin of this keyed submit (an earlier try whose answer was
 # lost) is being stored, and the retry replays its job instead of making a second one.
 KEY_IN_USE = "idempotency_key_in_use"
@@ -322,12 +330,16 @@ class Client:
         timeout: float = 30.0,
         retries: int = 5,
         max_retry_wait: float = 60.0,
+        rate_wait_budget: float = RATE_WAIT_BUDGET_S,
         transport: httpx.BaseTransport | None = None,
         on_retry: RetryNotice | None = None,
     ) -> None:
         """InvalidUrlError (a ValueError) for a URL that cannot be a server's (see
-        `checked_url`). `on_retry(error, pause_s)` is called before each retry (from the thread
-        that sent the request; what it raises is ignored): the CLI says there that it is
+        `checked_url`). A 429 is waited out (its Retry-After, with jitter) without using up
+        `retries` while the pauses of the request add up to less than `rate_wait_budget`
+        seconds: many requests in flight share one key's rate, and wait their turns.
+        `on_retry(error, pause_s)` is called before each retry (from the thread that sent the
+        request; what it raises is ignored): the CLI says there that it is
         retrying a lost connection."""
         # Stripped: a key read from its file (`var/local_api_key`), a secret or a .env ends in
         # a newline, which no header can carry; a URL pasted with a space before it was sent
@@ -346,6 +358,7 @@ class Client:
             headers["Authorization"] = f"Bearer {key}"
         self.retries = retries
         self.max_retry_wait = max_retry_wait
+        self.rate_wait_budget = rate_wait_budget
         self._retries_stopped = threading.Event()
         self._http = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=transport
@@ -369,19 +382,23 @@ class Client:
         webhook_events: list[str] | None = None,
         filename: str | None = None,
         wait: float = 0.0,
+        idempotency_key: str | None = None,
     ) -> Job:
         """Upload a photo (path, bytes or binary file) and return the queued job.
 
         With `wait` (seconds, capped at LONG_POLL_S to stay below the HTTP timeout) the server
         holds its answer until the job ends, so a fast job comes back finished from this one
-        request; otherwise it is still queued or running.
+        request; otherwise it is still queued or running. `idempotency_key` (default: a new
+        one per call): the same key and body within 24 h give back the job stored first (see
+        `content_key`); the same key with another body is refused (422).
         """
         form: dict[str, Any] = {}
         if webhook:
             form["webhook"] = webhook
         if webhook_events:
             form["webhook_events"] = ",".join(webhook_events)
-        return Job(self, _json(self._post_job(image, filename, form=form, wait=wait)))
+        resp = self._post_job(image, filename, form=form, wait=wait, key=idempotency_key)
+        return Job(self, _json(resp))
 
     def segment(
         self, image: ImageInput, *, filename: str | None = None, wait: float = LONG_POLL_S
@@ -404,12 +421,13 @@ class Client:
         form: dict[str, Any] | None = None,
         wait: float = 0.0,
         accept: str | None = None,
+        key: str | None = None,
     ) -> httpx.Response:
         """`POST /v1/jobs` of one photo; with `wait` (seconds, capped at LONG_POLL_S to stay
         below the HTTP timeout) the server holds its answer until the job ends."""
         name, data = _read_image(image, filename)
         # Same key on every retry of this call, so the server may treat them as one submission.
-        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        headers = {"Idempotency-Key": key or str(uuid.uuid4())}
         if accept:
             headers["Accept"] = accept
         wait = min(max(wait, 0.0), LONG_POLL_S)
@@ -429,17 +447,19 @@ class Client:
         *,
         webhook: str | None = None,
         webhook_events: list[str] | None = None,
+        idempotency_key: str | None = None,
     ) -> list[Job]:
         """Upload several photos in one request (`POST /v1/jobs/batch`, up to the server's
         `batch_submit_max_images`); all are accepted or none is. One queued job per photo, in
-        order; follow them together with `get_many`."""
+        order; follow them together with `get_many`. `idempotency_key`: as for `submit`."""
         form: dict[str, Any] = {}
         if webhook:
             form["webhook"] = webhook
         if webhook_events:
             form["webhook_events"] = ",".join(webhook_events)
         files = [("image", _read_image(image, None)) for image in images]
-        headers = {"Idempotency-Key": str(uuid.uuid4())}  # retries store the batch once
+        # retries store the batch once
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         resp = self._request("POST", "/v1/jobs/batch", files=files, data=form, headers=headers)
         return [Job(self, body) for body in _json(resp)["jobs"]]
 
@@ -575,7 +595,8 @@ class Client:
         held: float = 0.0,
         **kwargs: Any,
     ) -> httpx.Response:
-        """Send with retries on 429/503 (honouring Retry-After) and on network errors.
+        """Send with retries on 429/503 (honouring Retry-After), on 408 and on network errors;
+        a 429 uses up no retry while its pauses fit `rate_wait_budget` (see `__init__`).
 
         Every call may be repeated safely: reads are idempotent, a repeated cancel returns the
         job as it ended (`cancel`), and a submission carries one Idempotency-Key across its
@@ -592,8 +613,9 @@ class Client:
         if held > 0:  # the read may take as long as the server holds the answer, and more
             read = None if t.read is None else t.read + held
             base = httpx.Timeout(connect=t.connect, read=read, write=t.write, pool=t.pool)
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+        attempt, rate_waited = 0, 0.0
+        while True:
+            last = attempt >= self.retries
             timeout = base if deadline is None else _bounded(base, deadline)
             try:
                 resp = self._http.request(method, path, timeout=timeout, **kwargs)
@@ -613,15 +635,25 @@ class Client:
                 if last:
                     raise failure from exc
                 self._pause(_backoff(attempt), deadline, f"{exc!r}", failure, stop)
+                attempt += 1
                 continue
+            if resp.status_code == 429:
+                # Waiting its turn (the key's rate, or its own earlier requests): within the
+                # budget this uses up no retry, and the jitter keeps the waiters told the same
+                # Retry-After from all waking at once (one wins, the others wait again).
+                delay = _jittered(self._retry_delay(resp, attempt))
+                if rate_waited + delay <= self.rate_wait_budget:
+                    rate_waited += delay
+                    self._pause(delay, deadline, "HTTP 429", error_for(resp), stop)
+                    continue
             if _retryable(resp) and not last:
                 delay = self._retry_delay(resp, attempt)
                 self._pause(delay, deadline, f"HTTP {resp.status_code}", error_for(resp), stop)
+                attempt += 1
                 continue
             if resp.is_success:
                 return resp
             raise error_for(resp)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def stop_retries(self) -> None:
         """From any thread: pauses before retries end at once with RetriesStoppedError, and
@@ -680,6 +712,32 @@ def _retryable(resp: httpx.Response) -> bool:
     if resp.status_code in RETRY_STATUSES:
         return True
     return resp.status_code == 409 and error_for(resp).code == KEY_IN_USE
+
+
+def _jittered(seconds: float) -> float:
+    """A pause told by Retry-After, lengthened by up to a quarter of it (and 0.25 s), so that
+    the requests told the same pause spread out."""
+    return seconds + random.uniform(0.0, 0.25 + seconds / 4)
+
+
+def content_key(
+    images: Sequence[tuple[str, bytes]],
+    *,
+    batch: bool,
+    webhook: str | None = None,
+    webhook_events: list[str] | None = None,
+) -> str:
+    """An Idempotency-Key derived from what a submit sends: each image's name and the sha256
+    of its bytes (in order), whether it is a batch, and the form fields. Sending the same
+    files again (a rerun of an interrupted `segsvc submit`) within the server's 24 h window
+    gives back the jobs stored the first time instead of new ones; any change of a photo or
+    of an option gives another key (the same key with another body would be a 422)."""
+    digest = hashlib.sha256(b"segsvc-submit-v1\n" + (b"batch\n" if batch else b"single\n"))
+    for name, data in images:
+        digest.update(f"{name}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+    digest.update(f"webhook={webhook or ''}\n".encode())
+    digest.update(f"events={','.join(webhook_events or [])}\n".encode())
+    return f"segsvc-{digest.hexdigest()}"
 
 
 def _backoff(attempt: int) -> float:

@@ -16,6 +16,7 @@ import os
 import stat
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -157,6 +158,12 @@ def retry_notice(retries: int) -> RetryNotice:
     help="Save <name>.mask.png files here (implies --wait).",
 )
 @click.option("--overlay", is_flag=True, help="With --out, also save <name>.overlay.png.")
+@click.option(
+    "--again",
+    is_flag=True,
+    help="New jobs even for files an earlier run sent (within 24 h); by default a rerun "
+    "gets the earlier run's jobs back instead of submitting the same files again.",
+)
 @click.option("--webhook", help="URL to notify when each job completes.")
 @click.option("--webhook-events", help="Comma-separated: start,completed [completed].")
 @click.option(
@@ -187,6 +194,7 @@ def submit(
     wait: bool,
     out: Path | None,
     overlay: bool,
+    again: bool,
     webhook: str | None,
     webhook_events: str | None,
     batch: int,
@@ -209,6 +217,7 @@ def submit(
         raise click.UsageError("no image files found (looked for .jpg .jpeg .png .webp)")
     events = [e.strip() for e in webhook_events.split(",")] if webhook_events else None
     plan = SubmitPlan(wait, out, overlay, webhook, events, timeout, batch)
+    plan.again = uuid.uuid4().hex if again else None
     plan.names = output_names(files)
     stopped: Interrupted | None = None
     with make_client(url, api_key, retries) as client:

@@ -76,6 +76,12 @@ class ServerError(ApiError):
     """5xx after the client's retries ran out."""
 
 
+class RequestTimeoutError(ApiError, TransportError):
+    """408 `request_timeout` after the client's retries ran out: the server dropped the
+    request because its body stalled on the way (nothing was stored). A network failure, as
+    a broken connection is: a TransportError too."""
+
+
 def error_for(resp: httpx.Response) -> ApiError:
     """The typed error for an error response."""
     try:
@@ -92,6 +98,8 @@ def error_for(resp: httpx.Response) -> ApiError:
         cls = AuthError
     elif status == 404:
         cls = NotFoundError
+    elif status == 408:
+        cls = RequestTimeoutError
     elif status == 409:
         cls = ConflictError
     elif status == 429:

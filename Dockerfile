@@ -85,8 +85,8 @@ EXPOSE 9100
 # Healthy once the model is loaded and the Celery event loop still turns (see worker/probes.py).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
   CMD ["python", "-m", "worker.probes"]
-CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "inference", "--pool", "solo", \
-     "--hostname", "inference@%h", "--without-gossip", "--without-mingle"]
+# The queue the API sends to (SEG_QUEUE_NAME): a worker on another one would run no job.
+CMD ["sh", "-c", "exec celery -A worker.celery_app worker -Q \"${SEG_QUEUE_NAME:-inference}\" --pool solo --hostname inference@%h --without-gossip --without-mingle"]
 
 # --- inference worker, GPU ----------------------------------------------------------------------
 FROM ${TF_GPU_IMAGE} AS worker-gpu
@@ -117,5 +117,4 @@ USER segsvc
 EXPOSE 9100
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
   CMD ["python", "-m", "worker.probes"]
-CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "inference", "--pool", "solo", \
-     "--hostname", "inference-gpu@%h", "--without-gossip", "--without-mingle"]
+CMD ["sh", "-c", "exec celery -A worker.celery_app worker -Q \"${SEG_QUEUE_NAME:-inference}\" --pool solo --hostname inference-gpu@%h --without-gossip --without-mingle"]

@@ -3,8 +3,10 @@ carry the shipped trained model, and converted artifacts land on the shared volu
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import subprocess
 from pathlib import PurePosixPath
 
 import pytest
@@ -133,3 +135,23 @@ def test_python_m_segsvc_cli_is_the_segsvc_command() -> None:
     assert out.returncode == 0, out.stderr
     assert "keys" in out.stdout
     assert "models" in out.stdout
+
+
+@pytest.mark.parametrize("stage", ["worker", "worker-gpu"])
+def test_worker_images_consume_seg_queue_name(stage: str) -> None:
+    """The images ran `-Q inference` whatever SEG_QUEUE_NAME said, while the API sends to
+    SEG_QUEUE_NAME: with another value no job ever ran."""
+    (cmd,) = [line for line in stages()[stage] if line.startswith("CMD ")]
+    shell, flag, script = json.loads(cmd[4:])
+    assert (shell, flag) == ("sh", "-c")
+    argv = shlex.split(script)
+    assert argv[:2] == ["exec", "celery"]
+    assert argv[argv.index("-Q") + 1] == "${SEG_QUEUE_NAME:-inference}"
+    expanded = subprocess.run(
+        ["sh", "-c", script.replace("exec celery", "printf '%s\\n'")],
+        env={"SEG_QUEUE_NAME": "gpu-jobs", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    assert expanded[expanded.index("-Q") + 1] == "gpu-jobs"

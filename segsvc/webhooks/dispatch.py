@@ -187,11 +187,16 @@ def start_attempt(
         # thread on a receiver that still times out, not one per message of its backlog).
         # `record_endpoint_outcome` then ends or renews the pause.
         endpoint.paused_until = new_lease
-        _put_off_backlog(
+        # A probe started: the endpoint's other due messages (none in flight) wait for its
+        # outcome, out of the claim's index range meanwhile, rather than due and dropped by
+        # every claim's anti-join.
+        _move_backlog(
             session,
-            message,
-            until=_stamp(new_lease),
-            which=WebhookMessage.next_attempt_at <= db_now(session),  # due: none in flight
+            message.client_id,
+            message.url,
+            but=message.id,
+            which=WebhookMessage.next_attempt_at <= db_now(session),
+            to=_stamp(new_lease),
         )
     data = {**message.payload, "urls": job_urls(message.job_id, base_url=base_url(settings))}
     body = encode_body(
@@ -296,34 +301,31 @@ def record_endpoint_outcome(
         # within a lease of now is left as it is: it may be one in flight.
         lease = attempt_lease(settings).total_seconds()
         put_off = or_(put_off, WebhookMessage.next_attempt_at > db_now(session, plus_seconds=lease))
-    session.execute(
-        update(WebhookMessage)
-        .where(
-            *_messages_of(prepared.client_id, prepared.url),
-            WebhookMessage.status == outbox.PENDING,
-            put_off,
-            WebhookMessage.id != prepared.message_id,
-        )
-        .values(next_attempt_at=opens)
-        .execution_options(synchronize_session=False)
+    _move_backlog(
+        session, prepared.client_id, prepared.url, but=prepared.message_id, which=put_off, to=opens
     )
 
 
-def _put_off_backlog(
-    session: Session, probe: WebhookMessage, *, until: datetime, which: ColumnElement[bool]
+def _move_backlog(
+    session: Session,
+    client_id: uuid.UUID | None,
+    url: str,
+    *,
+    but: str,
+    which: ColumnElement[bool],
+    to: datetime,
 ) -> None:
-    """A probe started: the endpoint's other pending messages that `which` picks wait for its
-    outcome (`record_endpoint_outcome` lets them go or puts them off again), out of the
-    claim's index range meanwhile, rather than due and dropped by every claim's anti-join."""
+    """Make the endpoint's pending messages that `which` picks (all but message `but`) due at
+    `to`: held for a probe's outcome, put off to a pause's end, or let go."""
     session.execute(
         update(WebhookMessage)
         .where(
-            *_messages_of(probe.client_id, probe.url),
+            *_messages_of(client_id, url),
             WebhookMessage.status == outbox.PENDING,
             which,
-            WebhookMessage.id != probe.id,
+            WebhookMessage.id != but,
         )
-        .values(next_attempt_at=until)
+        .values(next_attempt_at=to)
         .execution_options(synchronize_session=False)
     )
 

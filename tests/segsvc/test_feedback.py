@@ -159,12 +159,12 @@ def test_submit_feedback_stores_mask_rating_and_serving_version(settings: Settin
     assert mask == good_mask()
 
 
-def test_a_label_whose_input_file_is_gone_is_left_out_not_fatal(
+def two_labels_in_files(
     settings: Settings, tmp_path: Path
-) -> None:
-    # Regression: one missing or damaged input file raised out of the label loader, and every
-    # retraining run failed on it until someone edited the database.
-    from segsvc.blobs import blob_store
+) -> tuple[Settings, BlobStore, list[uuid.UUID], Path]:
+    """Settings with a file blob store, the store, two labels of two photos (seeds 0 and 1)
+    stored there, and the path of the first photo's input file."""
+    from segsvc.blobs import blob_store, pointer_digest
     from segsvc.services.jobs import create_jobs
 
     cfg = settings.model_copy(update={"blob_store": "fs", "blob_dir": tmp_path / "blobs"})
@@ -183,9 +183,19 @@ def test_a_label_whose_input_file_is_gone_is_left_out_not_fatal(
             ).id
             for job_id in ids
         ]
-        gone = session.get(Job, ids[0])
-        assert gone is not None
-        store.path_for(bytes(gone.input_bytes or b"")[-64:].decode()).unlink()
+        first = session.get(Job, ids[0])
+        assert first is not None
+        path = store.path_for(pointer_digest(bytes(first.input_bytes or b"")))
+    return cfg, store, labels, path
+
+
+def test_a_label_whose_input_file_is_gone_is_left_out_not_fatal(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Regression: one missing or damaged input file raised out of the label loader, and every
+    # retraining run failed on it until someone edited the database.
+    cfg, store, labels, first_input = two_labels_in_files(settings, tmp_path)
+    first_input.unlink()
     with session_scope(cfg) as session:
         samples = load_samples(session=session, feedback_ids=labels, store=store)
     assert samples == [(photo_bytes(seed=1), good_mask())]
@@ -198,30 +208,11 @@ def test_a_label_store_that_cannot_be_read_fails_the_load_not_drops_every_label(
     volume away) is the store unavailable, not one label lost: left out, every label of an
     outage was, and the run trained and canaried a candidate on none of them. The load fails
     (a 503-kind error the run reports), so the labels stay new for the next run."""
-    from segsvc.blobs import BlobStoreUnavailableError, blob_store, pointer_digest
-    from segsvc.services.jobs import create_jobs
+    from segsvc.blobs import BlobStoreUnavailableError
 
-    cfg = settings.model_copy(update={"blob_store": "fs", "blob_dir": tmp_path / "blobs"})
-    store = blob_store(cfg)
-    ids = []
-    with session_scope(cfg) as session:
-        for seed in (0, 1):
-            image = validate_image(photo_bytes(seed=seed), max_bytes=10**7, max_pixels=10**8)
-            job = create_jobs(session=session, client_id=None, images=[image], store=store)[0]
-            job.status, job.model_version, job.completed_at = JobStatus.SUCCEEDED, "v", utcnow()
-            ids.append(job.id)
-    with session_scope(cfg) as session:
-        labels = [
-            feedback.submit_feedback(
-                session=session, job_id=job_id, client_id=None, mask_png=good_mask()
-            ).id
-            for job_id in ids
-        ]
-        unreadable = session.get(Job, ids[0])
-        assert unreadable is not None
-        path = store.path_for(pointer_digest(bytes(unreadable.input_bytes or b"")))
-    path.unlink()
-    path.mkdir()  # there, but reading it fails with an OSError other than "not found"
+    cfg, store, labels, first_input = two_labels_in_files(settings, tmp_path)
+    first_input.unlink()
+    first_input.mkdir()  # there, but reading it fails with an OSError other than "not found"
     with session_scope(cfg) as session, pytest.raises(BlobStoreUnavailableError):
         load_samples(session=session, feedback_ids=labels, store=store)
 

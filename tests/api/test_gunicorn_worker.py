@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +30,21 @@ MIN_RATE = 2000  # bytes/s
 THREADS = 4
 
 
-@pytest.fixture
-def server(settings: Settings, tmp_path: Path) -> Iterator[str]:
-    """The API under gunicorn_conf, one worker of THREADS threads, with short read timeouts."""
+@contextmanager
+def gunicorn(
+    settings: Settings, tmp_path: Path, args: tuple[str, ...] = (), **env: str
+) -> Iterator[str]:
+    """The API under gunicorn_conf (one worker, `args` more), answering; its base URL."""
     port = free_port()
     log_path = tmp_path / "gunicorn.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [
                 *(sys.executable, "-m", "gunicorn", "-c", "python:api.gunicorn_conf"),
-                *("api.wsgi:app", "--bind", f"127.0.0.1:{port}", "--workers", "1"),
-                *("--threads", str(THREADS), "--keep-alive", "10"),
+                *("api.wsgi:app", "--bind", f"127.0.0.1:{port}", "--workers", "1", *args),
             ],
             cwd=ROOT,
-            env=worker_env(
-                settings,
-                SEG_METRICS_PORT="0",
-                SEG_API_NICE="0",
-                SEG_REQUEST_HEADER_TIMEOUT_SECONDS=str(HEADER_S),
-                SEG_REQUEST_BODY_TIMEOUT_SECONDS=str(BODY_S),
-                SEG_REQUEST_BODY_MIN_RATE=str(MIN_RATE),
-            ),
+            env=worker_env(settings, SEG_METRICS_PORT="0", SEG_API_NICE="0", **env),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -59,6 +54,20 @@ def server(settings: Settings, tmp_path: Path) -> Iterator[str]:
         yield base
     finally:
         stop_process(proc)
+
+
+@pytest.fixture
+def server(settings: Settings, tmp_path: Path) -> Iterator[str]:
+    """The API under gunicorn_conf, one worker of THREADS threads, with short read timeouts."""
+    with gunicorn(
+        settings,
+        tmp_path,
+        ("--threads", str(THREADS), "--keep-alive", "10"),
+        SEG_REQUEST_HEADER_TIMEOUT_SECONDS=str(HEADER_S),
+        SEG_REQUEST_BODY_TIMEOUT_SECONDS=str(BODY_S),
+        SEG_REQUEST_BODY_MIN_RATE=str(MIN_RATE),
+    ) as base:
+        yield base
 
 
 def _port(base: str) -> int:
@@ -297,26 +306,7 @@ def test_a_front_ends_x_forwarded_ssl_beside_the_proxys_scheme_is_not_a_400(
     """Behind the compose nginx (which sets X-Forwarded-Proto, gunicorn trusting every peer),
     a TLS front end that also sends X-Forwarded-Ssl (nginx-proxy does) got every request a
     400, "Contradictory scheme headers": only X-Forwarded-Proto is read now."""
-    port = free_port()
-    log_path = tmp_path / "gunicorn.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "gunicorn", "-c", "python:api.gunicorn_conf"),
-                *("api.wsgi:app", "--bind", f"127.0.0.1:{port}", "--workers", "1"),
-            ],
-            cwd=ROOT,
-            env=worker_env(
-                settings, SEG_METRICS_PORT="0", SEG_API_NICE="0", FORWARDED_ALLOW_IPS="*"
-            ),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http_up(base, proc, log_path)
+    with gunicorn(settings, tmp_path, FORWARDED_ALLOW_IPS="*") as base:
         for header in ({"X-Forwarded-Ssl": "on"}, {"X-Forwarded-Protocol": "ssl"}):
             resp = httpx.get(f"{base}/healthz", headers={"X-Forwarded-Proto": "http", **header})
             assert resp.status_code == 200, (header, resp.status_code, resp.text)
-    finally:
-        stop_process(proc)

@@ -1,13 +1,18 @@
 """Operations migrations share: blocks outside the step's transaction that wait for locks as long
-as it takes (0003, 0005, 0007), and the helpers of CONCURRENTLY index builds (0003, 0005)."""
+as it takes (0003, 0005, 0007), and the helpers of CONCURRENTLY index builds (0003, 0005, 0009,
+0011)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
+
+# An index a migration builds: (name, table, columns, `create_index` keywords).
+IndexSpec = tuple[str, str, list[str], dict[str, Any]]
 
 
 def partial_where(condition: str) -> dict[str, sa.TextClause]:
@@ -52,3 +57,21 @@ def drop_invalid_indexes(names: Sequence[str]) -> None:
     ).all()
     for name in invalid:
         op.drop_index(name, postgresql_concurrently=True, if_exists=True)
+
+
+def create_indexes_concurrently(indexes: Sequence[IndexSpec]) -> None:
+    """Build `indexes` CONCURRENTLY (writes go on meanwhile), re-runnable: one left INVALID by
+    an interrupted build is dropped and built again, one already there is kept."""
+    with patient_block():
+        drop_invalid_indexes([name for name, *_ in indexes])
+        for name, table, columns, keywords in indexes:
+            op.create_index(
+                name, table, columns, postgresql_concurrently=True, if_not_exists=True, **keywords
+            )
+
+
+def drop_indexes_concurrently(indexes: Sequence[IndexSpec]) -> None:
+    """Drop `indexes` CONCURRENTLY, in reverse order, those already gone skipped."""
+    with patient_block():
+        for name, table, _columns, _keywords in reversed(indexes):
+            op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)

@@ -20,11 +20,13 @@ Revises: 0008
 Create Date: 2026-11-27 14:00:00
 """
 from collections.abc import Sequence
-from typing import Any
 
-from alembic import op
-
-from migrations.ops import drop_invalid_indexes, partial_where, patient_block
+from migrations.ops import (
+    IndexSpec,
+    create_indexes_concurrently,
+    drop_indexes_concurrently,
+    partial_where,
+)
 
 revision: str = '0009'
 down_revision: str | None = '0008'
@@ -32,22 +34,15 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # (name, table, columns, keywords); the same as `segsvc.models`.
-INDEXES: tuple[tuple[str, str, list[str], dict[str, Any]], ...] = (
+INDEXES: tuple[IndexSpec, ...] = (
     ("ix_jobs_mask_pointer", "jobs", ["mask_png"], partial_where("length(mask_png) = 83")),
     ("ix_webhook_endpoints_url", "webhook_endpoints", ["url"], {}),
 )
 
 
 def upgrade() -> None:
-    with patient_block():
-        drop_invalid_indexes([name for name, *_ in INDEXES])
-        for name, table, columns, keywords in INDEXES:
-            op.create_index(
-                name, table, columns, postgresql_concurrently=True, if_not_exists=True, **keywords
-            )
+    create_indexes_concurrently(INDEXES)
 
 
 def downgrade() -> None:
-    with patient_block():
-        for name, table, _columns, _keywords in reversed(INDEXES):
-            op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
+    drop_indexes_concurrently(INDEXES)

@@ -30,7 +30,12 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from migrations.ops import drop_invalid_indexes, partial_where, patient_block
+from migrations.ops import (
+    IndexSpec,
+    create_indexes_concurrently,
+    drop_indexes_concurrently,
+    partial_where,
+)
 
 revision: str = '0011'
 down_revision: str | None = '0010'
@@ -43,7 +48,7 @@ COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
 )
 
 # (name, table, columns, keywords); the same as `segsvc.models`.
-INDEXES: tuple[tuple[str, str, list[str], dict[str, Any]], ...] = (
+INDEXES: tuple[IndexSpec, ...] = (
     (
         "ix_webhook_messages_pending_endpoint",
         "webhook_messages",
@@ -59,18 +64,11 @@ def upgrade() -> None:
         for name, type_ in COLUMNS:
             if name not in present:
                 batch.add_column(sa.Column(name, type_))
-    with patient_block():
-        drop_invalid_indexes([name for name, *_ in INDEXES])
-        for name, table, columns, keywords in INDEXES:
-            op.create_index(
-                name, table, columns, postgresql_concurrently=True, if_not_exists=True, **keywords
-            )
+    create_indexes_concurrently(INDEXES)
 
 
 def downgrade() -> None:
-    with patient_block():
-        for name, table, _columns, _keywords in reversed(INDEXES):
-            op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
+    drop_indexes_concurrently(INDEXES)
     with op.batch_alter_table("jobs") as batch:
         for name, _type in reversed(COLUMNS):
             batch.drop_column(name)

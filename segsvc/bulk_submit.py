@@ -393,6 +393,20 @@ def failed(outcome: Outcome, exc: ClientError, stop: threading.Event, plan: Subm
     return outcome
 
 
+def result_names(path: Path, plan: SubmitPlan) -> list[str]:
+    """The files `save_results` writes for `path` into the output folder."""
+    name = plan.names.get(path, path.stem)
+    return [f"{name}.mask.png", *([f"{name}.overlay.png"] if plan.overlay else [])]
+
+
+def with_results(files: list[Path], plan: SubmitPlan) -> list[Path]:
+    """The files whose results are all in the output folder already (`--skip-existing`):
+    an earlier run saved them (each is written whole or not at all, see `save_results`)."""
+    assert plan.out is not None
+    out = plan.out
+    return [p for p in files if all((out / n).is_file() for n in result_names(p, plan))]
+
+
 def save_results(job: Job, path: Path, plan: SubmitPlan) -> None:
     """Write <name>.mask.png (and .overlay.png) into the output folder (see output_names).
     Both are fetched before either is written, each is written whole or not at all, and
@@ -400,11 +414,11 @@ def save_results(job: Job, path: Path, plan: SubmitPlan) -> None:
     file reported as an error leaves no half result behind."""
     assert plan.out is not None
     plan.out.mkdir(parents=True, exist_ok=True)
-    name = plan.names.get(path, path.stem)
     with plan.fetches:
-        results = {f"{name}.mask.png": job.mask_png()}
-        if plan.overlay:
-            results[f"{name}.overlay.png"] = job.overlay_png()
+        mask, *overlay = result_names(path, plan)
+        results = {mask: job.mask_png()}
+        if overlay:
+            results[overlay[0]] = job.overlay_png()
     written: list[Path] = []
     try:
         for file_name, data in results.items():

@@ -43,9 +43,12 @@ from segsvc.bulk_submit import (
     image_files,
     outcome_line,
     output_names,
+    print_outcome,
     run_all,
+    silence_stdout,
     submit_exit_code,
     summary_table,
+    with_results,
 )
 from segsvc.client import DEFAULT_URL, Client, RetryNotice, utf8_name
 from segsvc.client_errors import (
@@ -164,6 +167,12 @@ def retry_notice(retries: int) -> RetryNotice:
     help="New jobs even for files an earlier run sent (within 24 h); by default a rerun "
     "gets the earlier run's jobs back instead of submitting the same files again.",
 )
+@click.option(
+    "--skip-existing",
+    is_flag=True,
+    help="With --out, send no file whose results (<name>.mask.png, and .overlay.png with "
+    "--overlay) are in the folder already: resume a run that stopped, without uploads.",
+)
 @click.option("--webhook", help="URL to notify when each job completes.")
 @click.option("--webhook-events", help="Comma-separated: start,completed [completed].")
 @click.option(
@@ -195,6 +204,7 @@ def submit(
     out: Path | None,
     overlay: bool,
     again: bool,
+    skip_existing: bool,
     webhook: str | None,
     webhook_events: str | None,
     batch: int,
@@ -215,20 +225,38 @@ def submit(
         )
     if not files:
         raise click.UsageError("no image files found (looked for .jpg .jpeg .png .webp)")
+    if skip_existing and out is None:
+        raise click.UsageError("--skip-existing needs --out (the folder the results are in)")
     events = [e.strip() for e in webhook_events.split(",")] if webhook_events else None
     plan = SubmitPlan(wait, out, overlay, webhook, events, timeout, batch)
     plan.again = uuid.uuid4().hex if again else None
-    plan.names = output_names(files)
+    plan.names = output_names(files)  # of every file: a resumed run names its results alike
+    kept = [Outcome(p, status="exists") for p in with_results(files, plan)] if skip_existing else []
+    have = {o.path for o in kept}
+    sending = [f for f in files if f not in have]
     stopped: Interrupted | None = None
-    with make_client(url, api_key, retries) as client:
-        try:
-            outcomes = run_all(files, client, plan, concurrency)
-        except Interrupted as exc:
-            outcomes, stopped = exc.outcomes, exc
+    try:
+        print_kept(kept)
+        with make_client(url, api_key, retries) as client:
+            outcomes = kept + run_all(sending, client, plan, concurrency)
+    except Interrupted as exc:
+        outcomes, stopped = kept + exc.outcomes, exc
     try:
         report_submit(outcomes, stopped, len(files))
     except BrokenPipeError:  # stderr's reader is gone too
         sys.exit(EXIT_STDOUT_CLOSED)
+
+
+def print_kept(kept: list[Outcome]) -> None:
+    """The `-<TAB>exists<TAB>file` line of each file `--skip-existing` does not send;
+    `Interrupted` when stdout's reader is gone (the rest of them go to stderr)."""
+    to_terminal = sys.stdout.isatty()
+    for i, outcome in enumerate(kept):
+        try:
+            print_outcome(outcome, to_terminal, None)
+        except BrokenPipeError:
+            silence_stdout()
+            raise Interrupted([], kept[i:]) from None
 
 
 def report_submit(outcomes: list[Outcome], stopped: Interrupted | None, files: int) -> None:

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import pytest
 from werkzeug.wrappers import Request, Response
 
+from segsvc.bulk_submit import SubmitPlan, output_names, run_all
+from segsvc.client import Client
 from tests.conftest import sample_images
 from tests.live import serve
 from tests.segsvc.test_client import J1, Scripted
@@ -437,3 +440,37 @@ def test_each_file_of_a_batch_reports_when_its_job_was_seen_ended(tmp_path: Path
     latencies = [o.latency_s or 0.0 for o in outcomes]
     assert max(latencies) - min(latencies) < 0.1, latencies
     assert all((tmp_path / "out" / f"p{i}.mask.png").is_file() for i in range(4))
+
+
+def test_results_are_fetched_at_most_four_at_a_time(tmp_path: Path) -> None:
+    """However many requests are in flight (`-j 12`), at most 4 result downloads run at once:
+    the server decodes the photo for each overlay and queues only a few per key."""
+    lock, active, peak, gets = threading.Lock(), [0], [0], [0]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        request = Request(environ)
+        request.get_data()
+        if request.method == "POST":
+            body = {"id": str(uuid.uuid4()), "status": "succeeded"}
+            return Response(json.dumps(body), 201, mimetype="application/json")(
+                environ, start_response
+            )
+        with lock:
+            active[0] += 1
+            gets[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.15)
+        with lock:
+            active[0] -= 1
+        return Response(b"png", 200, mimetype="image/png")(environ, start_response)
+
+    files = png_files(tmp_path, 12)
+    out = tmp_path / "out"
+    plan = SubmitPlan(True, out, True, None, None, 30.0, batch=1)
+    plan.names = output_names(files)
+    with serve(app) as url, Client(url, "k", retries=0) as client:
+        outcomes = run_all(files, client, plan, concurrency=12)
+    assert [o.status for o in outcomes] == ["succeeded"] * 12
+    assert gets[0] == 24  # a mask and an overlay each
+    assert 2 <= peak[0] <= 4, peak[0]
+    assert len(list(out.iterdir())) == 24

@@ -608,6 +608,35 @@ def test_cli_submit_of_a_folder_leaves_out_earlier_results(tmp_path: Path) -> No
     assert "note: 2 files in the folders are segsvc results" in result.stderr
 
 
+def test_cli_skip_existing_sends_only_the_files_without_every_result(tmp_path: Path) -> None:
+    """A resumed run (`--skip-existing`) uploads no file whose results are all in --out: p0
+    has its mask and overlay, p1 only its mask (so it is sent), p2 nothing."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    png_files(photos, 3)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("p0.mask.png", "p0.overlay.png", "p1.mask.png"):
+        (out / name).write_bytes(b"png")
+    stub = Scripted([(201, {}, {"id": J1, "status": "failed"})])
+    args = ("submit", str(photos), "--out", str(out), "--overlay", "-b", "1", "-j", "1")
+    with serve(stub) as url:
+        result = cli(*args, "--skip-existing", url=url, key="k")
+        no_out = cli("submit", str(photos), "--skip-existing", url=url, key="k")
+    assert len(stub.times) == 2  # p1 and p2
+    lines = sorted(ln.split("\t") for ln in result.stdout.splitlines())
+    assert lines == [
+        ["-", "exists", str(photos / "p0.png")],
+        [J1, "failed", str(photos / "p1.png")],
+        [J1, "failed", str(photos / "p2.png")],
+    ]
+    assert result.exit_code == 1, result.output  # the two jobs sent failed
+    assert "exists" in result.stderr  # the summary counts it
+    assert no_out.exit_code == 2
+    assert "--skip-existing needs --out" in no_out.output
+    assert len(stub.times) == 2
+
+
 def test_cli_an_option_the_server_refuses_for_every_file_stops_the_run(
     app: Any, api_key: str, tmp_path: Path
 ) -> None:

@@ -263,6 +263,12 @@ def _convert_in_child(model: Path, kind: str, folder: Path, names: list[str]) ->
     raise ConversionError(second[0], deterministic=second[1] == signature and not resource)
 
 
+# The conversion child's private copy of the model (see `_verified_copy`), in the artifact
+# folder whose lock the parent holds; a child killed (timeout, OOM) leaves it, so the parent
+# removes it.
+SCRATCH = ".source"
+
+
 def _run_child(
     model: Path, kind: str, folder: Path, names: list[str]
 ) -> tuple[str, str | None] | None:
@@ -274,6 +280,7 @@ def _run_child(
             cmd, capture_output=True, text=True, env=env, check=False, timeout=CONVERT_TIMEOUT_S
         )
     except subprocess.TimeoutExpired:  # run() has killed and reaped the child
+        shutil.rmtree(folder / SCRATCH, ignore_errors=True)  # its model copy (tens of MB)
         return (
             f"converting {model} to {kind} timed out after {CONVERT_TIMEOUT_S:.0f}s; "
             "the conversion process was killed",
@@ -287,6 +294,7 @@ def _run_child(
         raise ModelFileMismatchError(last.removeprefix("ModelFileMismatchError: "))
     message = f"converting {model} to {kind} failed:\n{out.stderr[-3000:]}"
     if out.returncode < 0:  # killed by a signal: SIGKILL is usually the OOM killer
+        shutil.rmtree(folder / SCRATCH, ignore_errors=True)  # its model copy, left behind
         return f"{message}\n(killed by signal {-out.returncode})", None
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     return message, lines[-1] if lines else f"exit status {out.returncode}"
@@ -325,7 +333,7 @@ def convert_files(
     else:
         # In the folder (whose lock the caller holds), at a fixed path: an error that names
         # the copy reads the same on a second try, as `_convert_in_child` compares them.
-        scratch = folder / ".source"
+        scratch = folder / SCRATCH
         try:
             model = _load_keras(_verified_copy(model_path, sha256, scratch))
         finally:

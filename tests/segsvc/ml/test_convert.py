@@ -173,6 +173,27 @@ def test_a_hung_conversion_is_killed_and_frees_the_lock(
     assert calls == [["model.onnx"]]
 
 
+@pytest.mark.parametrize("timeout", [False, True])
+def test_a_killed_conversion_leaves_no_model_copy_in_the_cache(
+    timeout: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child copies the model into the artifact folder (`.source`) and removes it when
+    done; killed by the OOM killer or the timeout, it cannot: the parent does."""
+    folder = artifact_folder(tmp_path, SHA, "onnx")
+    scratch = folder / convert.SCRATCH
+    end = "time.sleep(600)" if timeout else "os.kill(os.getpid(), signal.SIGKILL)"
+    child(
+        monkeypatch,
+        "import os, signal, sys, time; p = os.path.join(sys.argv[1], 'm.keras'); "
+        f"os.makedirs(sys.argv[1], exist_ok=True); open(p, 'wb').write(b'x' * 1000); {end}",
+        str(scratch),
+    )
+    monkeypatch.setattr(convert, "CONVERT_TIMEOUT_S", 2.0)
+    with pytest.raises(ConversionError):
+        ensure_artifacts(tmp_path / "m.keras", kind="onnx", artifact_dir=tmp_path, sha256=SHA)
+    assert not scratch.exists()
+
+
 @pytest.mark.parametrize(
     ("code", "runs", "deterministic"),
     [

@@ -88,11 +88,23 @@ def pointer_digests(values: Iterable[bytes | None]) -> set[str]:
 SWEEP_BATCH = 1000
 
 
+# Called before the folder is written (True) or read or swept (False); raises
+# `BlobStoreUnavailableError` when the folder is not the database's store
+# (`segsvc.blob_mark.check_mark`, which `blob_store` passes).
+MarkCheck = Callable[[bool], None]
+
+
 class FileReader:
     """Resolves pointers against a folder (shared by both stores)."""
 
-    def __init__(self, root: Path | None) -> None:
+    def __init__(self, root: Path | None, check: MarkCheck | None = None) -> None:
         self.root = root
+        self._check = check
+
+    def check_mark(self, *, writing: bool) -> None:
+        """Refuse a folder that is not the store (see `segsvc.blob_mark`)."""
+        if self._check is not None and self.root is not None:
+            self._check(writing)
 
     def path_for(self, digest: str) -> Path:
         """Where the blob with this sha256 lives."""
@@ -106,8 +118,10 @@ class FileReader:
             return value
         assert value is not None
         digest = pointer_digest(value)
+        path = self.path_for(digest)
+        self.check_mark(writing=False)
         try:
-            data = self.path_for(digest).read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
             raise BlobMissingError(f"blob {digest} is missing") from None
         except OSError as exc:  # there, but unreadable: the volume's trouble, not the row's
@@ -121,6 +135,7 @@ class FileReader:
         used within the grace period; the count. See `_remove_if_stale` for a racing `put`."""
         if self.root is None or not self.root.is_dir():
             return 0
+        self.check_mark(writing=False)
         cutoff = time.time() - older_than_s
         return sum(self._remove_if_stale(self.path_for(d), cutoff) for d in set(digests))
 
@@ -157,6 +172,7 @@ class FileReader:
         grace period keeps it) or reused, which `put` marks by refreshing its mtime."""
         if self.root is None or not self.root.is_dir():
             return 0
+        self.check_mark(writing=False)  # never another store's files
         cutoff = time.time() - older_than_s
         removed, stale = 0, []
         for path in self.root.glob("??/??/*"):
@@ -229,6 +245,7 @@ class FsBlobStore(FileReader):
         next; a power loss must not leave a committed job naming a file that is not there."""
         digest = hashlib.sha256(data).hexdigest()
         path = self.path_for(digest)
+        self.check_mark(writing=True)
         try:
             if not self._refresh(path, len(data)):
                 make_folders_durably(path.parent)
@@ -254,8 +271,20 @@ class FsBlobStore(FileReader):
 
 
 def blob_store(settings: Settings) -> DbBlobStore | FsBlobStore:
-    """The store `settings.blob_store` selects (fs defaults to `var_dir/blobs`)."""
-    folder = settings.blob_dir or (settings.var_dir / "blobs")
+    """The store `settings.blob_store` selects (fs defaults to `var_dir/blobs`), checking its
+    folder's mark against the database's before files are written, read or swept."""
+    from segsvc.blob_mark import check_mark  # it needs the database (and imports this module)
+
+    folder = blob_folder(settings)
+
+    def check(writing: bool) -> None:
+        check_mark(settings, folder, create=writing)
+
     if settings.blob_store == "fs":
-        return FsBlobStore(folder)
-    return DbBlobStore(folder)
+        return FsBlobStore(folder, check)
+    return DbBlobStore(folder, check)
+
+
+def blob_folder(settings: Settings) -> Path:
+    """The folder of the file blobs (`SEG_BLOB_DIR`, else `var_dir/blobs`)."""
+    return settings.blob_dir or (settings.var_dir / "blobs")

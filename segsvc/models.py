@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Interval,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Text,
     TypeDecorator,
@@ -428,3 +430,17 @@ class TrainingRun(Base):
     candidate_metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     duration_s: Mapped[float | None] = mapped_column(Float)
     log: Mapped[str] = mapped_column(Text, default="")
+
+
+class BlobStoreMark(Base):
+    """The id of the folder the file blobs are in (one row; `segsvc.blob_mark`): the folder's
+    `.segsvc-store` file holds the same id, so a folder that is not the store (a volume that
+    is not mounted, another one) is refused before anything is written to it or read from it."""
+
+    __tablename__ = "blob_store_mark"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, default=1)
+    store_id: Mapped[str] = mapped_column(String(64))
+    root: Mapped[str] = mapped_column(Text)  # where it was marked (said in the refusal's log)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -43,15 +43,18 @@ def healthz() -> Response:
 def readyz() -> tuple[Response, int]:
     """Postgres and the broker are reachable, and the schema is at this release's migrations
     (or past them): a pod that started before its release's migrations Job ended (one `kubectl
-    apply -k`, Flux) passed every probe and answered 500s on columns not there yet. The full
-    report, for operators and dashboards; no probe of the API's pods asks it."""
-    pool = _executor()
-    return _answer(
-        {
-            "database": pool.submit(_check_database, settings()),
-            "broker": pool.submit(_check_broker, celery()),
-        }
-    )
+    apply -k`, Flux) passed every probe and answered 500s on columns not there yet. With file
+    blobs (`SEG_BLOB_STORE=fs`), the folder is the database's store (`segsvc.blob_mark`: a
+    volume that is not mounted is not). The full report, for operators and dashboards; no
+    probe of the API's pods asks it."""
+    pool, cfg = _executor(), settings()
+    checks = {
+        "database": pool.submit(_check_database, cfg),
+        "broker": pool.submit(_check_broker, celery()),
+    }
+    if cfg.blob_store == "fs":
+        checks["blob_store"] = pool.submit(_check_blob_store, cfg)
+    return _answer(checks)
 
 
 @bp.get("/startupz")
@@ -86,6 +89,19 @@ def _check_database(cfg: Settings) -> str:
                 revisions = set()
         behind = schema_behind(revisions)
         return f"error: {behind}" if behind else "ok"
+    except Exception as exc:
+        return f"error: {exc.__class__.__name__}"
+
+
+def _check_blob_store(cfg: Settings) -> str:
+    from segsvc.blob_mark import StoreNotMarkedError, check_mark
+    from segsvc.blobs import blob_folder
+
+    try:
+        check_mark(cfg, blob_folder(cfg), create=False)
+        return "ok"
+    except StoreNotMarkedError:
+        return "error: the blob folder is not the store (is its volume mounted?)"
     except Exception as exc:
         return f"error: {exc.__class__.__name__}"
 

@@ -75,3 +75,33 @@ def test_results_whose_file_cannot_be_read_are_503_not_500(
             assert_retryable_503(client.get(f"/v1/jobs/{job_id}/{picture}", headers=auth))
     finally:
         shutil.rmtree(path)
+
+
+def test_a_blob_volume_that_is_not_mounted_is_503_for_submits_and_results(
+    settings: Settings,
+    auth: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Regression: with the volume away, SEG_BLOB_DIR was an empty folder that took uploads
+    (hidden by the next mount) and answered 410 Gone for masks that were on the volume."""
+    from segsvc import blob_mark
+
+    blob_mark.forget()
+    folder = tmp_path / "blobs"
+    cfg, client = fs_client(settings, folder)
+    job_id = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
+    mark_succeeded(cfg, job_id, blob_store(cfg).put(encode_mask_png(np.ones((48, 64), np.uint8))))
+    folder.rename(tmp_path / "volume")  # unmounted: the mount point is an empty folder
+    folder.mkdir()
+    blob_mark.forget()  # past the recheck interval
+    try:
+        assert_retryable_503(submit(client, auth, png_bytes((32, 32))))
+        for picture in ("mask.png", "overlay.png"):
+            assert_retryable_503(client.get(f"/v1/jobs/{job_id}/{picture}", headers=auth))
+        assert job_count(cfg) == 1
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.rmdir()
+        (tmp_path / "volume").rename(folder)
+    assert client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth).status_code == 200
+    assert submit(client, auth, png_bytes((32, 32))).status_code == 202

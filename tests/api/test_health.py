@@ -4,6 +4,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,31 @@ def test_readyz_fails_when_broker_unreachable(settings) -> None:  # type: ignore
     resp = create_app(broken).test_client().get("/readyz")
     assert resp.status_code == 503
     assert resp.get_json()["checks"]["broker"].startswith("error")
+
+
+def test_readyz_with_file_blobs_fails_while_the_volume_is_not_mounted(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`/startupz` stays up (the API still serves everything but files); `/readyz` says why."""
+    from api.app import create_app
+    from segsvc import blob_mark
+    from segsvc.blobs import blob_store
+
+    blob_mark.forget()
+    folder = tmp_path / "blobs"
+    cfg = settings.model_copy(update={"blob_store": "fs", "blob_dir": folder})
+    client = create_app(cfg).test_client()
+    blob_store(cfg).put(b"a mask")
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.get_json()["checks"]["blob_store"] == "ok"
+    folder.rename(tmp_path / "volume")
+    folder.mkdir()
+    blob_mark.forget()
+    unready = client.get("/readyz")
+    assert unready.status_code == 503
+    assert "is its volume mounted" in unready.get_json()["checks"]["blob_store"]
+    assert client.get("/startupz").status_code == 200
 
 
 def test_startupz_passes_with_the_broker_down_where_readyz_fails(settings: Settings) -> None:

@@ -39,6 +39,12 @@ def fs_settings(tmp_path: Path, kind: str = "fs") -> Settings:
     )  # type: ignore[call-arg]
 
 
+def fs_store(tmp_path: Path) -> FsBlobStore:
+    """The fs store of these tests of its files, with no mark check (no database: the mark is
+    tested in test_blob_mark.py)."""
+    return FsBlobStore(tmp_path / "blobs")
+
+
 def test_blob_store_setting_selects_the_store(tmp_path: Path) -> None:
     assert isinstance(blob_store(fs_settings(tmp_path, "db")), DbBlobStore)
     store = blob_store(fs_settings(tmp_path))
@@ -57,7 +63,7 @@ def test_db_store_keeps_bytes_in_the_row(tmp_path: Path) -> None:
 
 
 def test_fs_store_writes_content_addressed_file_and_returns_pointer(tmp_path: Path) -> None:
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     value = store.put(DATA)
     digest = hashlib.sha256(DATA).hexdigest()
     assert value == POINTER_PREFIX + digest.encode()
@@ -72,7 +78,7 @@ def test_fs_store_writes_content_addressed_file_and_returns_pointer(tmp_path: Pa
 def test_fs_store_concurrent_puts_of_the_same_bytes_all_succeed(tmp_path: Path) -> None:
     # Regression: the temporary file was named after the hash and the pid only, so two threads
     # writing the same new blob shared it and one rename failed (FileNotFoundError, a 500).
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     data = os.urandom(4 << 20)
     threads = 16
     start = threading.Barrier(threads)
@@ -91,7 +97,10 @@ def test_fs_store_concurrent_puts_of_the_same_bytes_all_succeed(tmp_path: Path) 
 
 def test_switching_the_setting_keeps_old_rows_readable(settings: Settings, tmp_path: Path) -> None:
     """Rows written under db and under fs are read by either store, through a real jobs row."""
-    db_cfg, fs_cfg = fs_settings(tmp_path, "db"), fs_settings(tmp_path, "fs")
+    db_cfg, fs_cfg = (
+        settings.model_copy(update={"blob_store": kind, "blob_dir": tmp_path / "blobs"})
+        for kind in ("db", "fs")
+    )
     ids = []
     with session_scope(settings) as session:
         for cfg in (db_cfg, fs_cfg):
@@ -122,7 +131,7 @@ def test_switching_the_setting_keeps_old_rows_readable(settings: Settings, tmp_p
 
 
 def test_fs_store_detects_missing_corrupt_and_malformed_blobs(tmp_path: Path) -> None:
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     value = store.put(DATA)
     path = store.path_for(hashlib.sha256(DATA).hexdigest())
     path.write_bytes(b"tampered")
@@ -138,7 +147,7 @@ def test_fs_store_detects_missing_corrupt_and_malformed_blobs(tmp_path: Path) ->
 
 
 def test_fs_sweep_removes_only_unreferenced_old_files(tmp_path: Path) -> None:
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     kept, dropped, fresh = store.put(b"kept"), store.put(b"dropped"), store.put(b"fresh")
     old = 1_000_000_000
     for value in (kept, dropped):
@@ -163,7 +172,7 @@ def test_reusing_an_old_file_protects_it_from_a_sweep_that_read_its_rows_before(
 ) -> None:
     # An upload identical to an old, unreferenced blob reuses its file; the row naming it is
     # not yet committed when a sweep reads the rows. The reuse must refresh the file.
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     path = age(store, value := store.put(DATA))
     assert store.put(DATA) == value
     assert store.sweep(keep=[], older_than_s=3600) == 0
@@ -173,7 +182,7 @@ def test_reusing_an_old_file_protects_it_from_a_sweep_that_read_its_rows_before(
 def test_sweep_puts_back_a_file_reused_while_it_was_being_deleted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     path = age(store, store.put(DATA))
     real_replace = os.replace
 
@@ -191,7 +200,7 @@ def test_sweep_puts_back_a_file_reused_while_it_was_being_deleted(
 def test_a_put_racing_the_sweeps_delete_writes_the_file_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     value = store.put(DATA)
     path = age(store, value)
     real_replace = os.replace
@@ -209,7 +218,7 @@ def test_a_put_racing_the_sweeps_delete_writes_the_file_again(
 
 
 def test_sweep_removes_old_temporary_files_of_crashed_writes_only(tmp_path: Path) -> None:
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     path = store.path_for(hashlib.sha256(DATA).hexdigest())
     path.parent.mkdir(parents=True)
     crashed = path.with_name(f".{path.name}.1.a.tmp")
@@ -227,7 +236,7 @@ def test_sweep_of_a_store_never_used_reads_no_rows(tmp_path: Path) -> None:
         raise AssertionError("read the rows")
         yield b""
 
-    assert blob_store(fs_settings(tmp_path)).sweep(keep=rows(), older_than_s=0) == 0
+    assert fs_store(tmp_path).sweep(keep=rows(), older_than_s=0) == 0
     assert DbBlobStore(None).sweep(keep=rows(), older_than_s=0) == 0
 
 
@@ -246,7 +255,7 @@ def test_a_new_blob_is_durable_before_its_pointer_is_returned(
         synced.append((os.readlink(f"/proc/self/fd/{fd}"), stat.S_ISDIR(os.fstat(fd).st_mode)))
         real_fsync(fd)
 
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     store.root.mkdir(parents=True)  # type: ignore[union-attr]
     monkeypatch.setattr(os, "fsync", recording)
     value = store.put(DATA)
@@ -258,7 +267,7 @@ def test_a_new_blob_is_durable_before_its_pointer_is_returned(
 
 
 def test_a_damaged_blob_file_is_written_again_not_shared_by_later_uploads(tmp_path: Path) -> None:
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     value = store.put(DATA)
     path = store.path_for(value[len(POINTER_PREFIX) :].decode())
     path.write_bytes(DATA[:10])  # cut short: a disk error, an interrupted copy
@@ -269,7 +278,7 @@ def test_a_damaged_blob_file_is_written_again_not_shared_by_later_uploads(tmp_pa
 def test_a_sweep_asks_about_old_files_a_batch_at_a_time(tmp_path: Path) -> None:
     """It read every pointer the jobs table ever held into one set first: memory that grows
     with every mask ever stored, past the maintenance pod's limit within months."""
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     values = [store.put(DATA + bytes([i])) for i in range(7)]
     for value in values:
         age(store, value)
@@ -293,14 +302,14 @@ def test_a_store_that_cannot_be_written_or_read_is_unavailable_not_missing(
     not_a_folder = tmp_path / "blobs"
     not_a_folder.write_bytes(b"")
     with pytest.raises(BlobStoreUnavailableError) as raised:
-        blob_store(fs_settings(tmp_path)).put(DATA)
+        fs_store(tmp_path).put(DATA)
     assert isinstance(raised.value, UnavailableError)
     assert raised.value.http_status == 503
     assert raised.value.retry_after
     assert isinstance(raised.value.__cause__, OSError)
     assert str(tmp_path) not in raised.value.message  # answered to clients as is
     not_a_folder.unlink()
-    store = blob_store(fs_settings(tmp_path))
+    store = fs_store(tmp_path)
     value = store.put(DATA)
     path = store.path_for(hashlib.sha256(DATA).hexdigest())
     path.unlink()

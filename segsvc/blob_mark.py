@@ -1,0 +1,179 @@
+"""Which folder is the blob store: a mark file in it, and the same id in Postgres.
+
+With `SEG_BLOB_STORE=fs` the rows hold pointers to files under `SEG_BLOB_DIR`. A volume that
+is not mounted there leaves a folder at that path (an empty mount point, or one the store
+would create on the container's own disk): uploads written to it are hidden by the next
+mount, and results that are on the volume read as missing (410 Gone, which clients take as
+final). So the first process to use the store writes a random id to `<blob_dir>/.segsvc-store`
+and records it in `blob_store_mark`; from then on a folder without that file, or with
+another id (another deployment's volume), is refused before it is written, read or swept:
+`StoreNotMarkedError`, a 503 with Retry-After (workers release the batch and retry), and an
+error in the log saying what is wrong. When the volume is back, the next check passes.
+
+To move the files to a new volume, copy `.segsvc-store` along. `segsvc blobs adopt` marks the
+folder now at `SEG_BLOB_DIR` as the store (a new, empty one on purpose: jobs whose files were
+in the old store then answer 410).
+
+A good check is trusted for `RECHECK_S` per process and folder; a failed one always asks
+Postgres again (a cached id never refuses a folder on its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import Executable, insert, select
+
+from segsvc.blobs import BlobStoreUnavailableError
+from segsvc.db import session_scope
+from segsvc.files import fsync_folder, make_folders_durably
+from segsvc.models import BlobStoreMark
+from segsvc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MARK_FILE = ".segsvc-store"
+RECHECK_S = 10.0
+_REFUSAL_LOG_EVERY_S = 60.0
+
+_checked: dict[tuple[str | None, str], float] = {}  # (database, folder) -> when it last passed
+_refusals_logged: dict[str, float] = {}
+_lock = threading.Lock()
+
+
+class StoreNotMarkedError(BlobStoreUnavailableError):
+    """The blob folder is not the store the database's pointers name (no mark, or another
+    one): as a volume that is away, a 503 with Retry-After; the log says which."""
+
+
+def read_mark(root: Path) -> str | None:
+    """The id in the folder's mark file; None when there is none (or no folder)."""
+    try:
+        return (root / MARK_FILE).read_text(encoding="ascii").strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as exc:  # there, but unreadable: the volume's trouble
+        raise BlobStoreUnavailableError() from exc
+
+
+def write_mark(root: Path, store_id: str, *, replace: bool = False) -> str:
+    """Write `store_id` as the folder's mark, durably (creating the folder); unless `replace`,
+    a mark another process wrote first is kept. The mark the folder then has."""
+    try:
+        make_folders_durably(root)
+        tmp = root / f"{MARK_FILE}.{secrets.token_hex(8)}.tmp"
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(store_id + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            if replace:
+                os.replace(tmp, root / MARK_FILE)
+            else:
+                os.link(tmp, root / MARK_FILE)  # atomic, and fails if one is there
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_folder(root)
+    except OSError as exc:
+        raise BlobStoreUnavailableError() from exc
+    found = read_mark(root)
+    assert found is not None  # just written (or another process's, kept)
+    return found
+
+
+def check_mark(settings: Settings, root: Path, *, create: bool) -> None:
+    """Refuse (`StoreNotMarkedError`) a folder that is not the database's blob store.
+
+    `create` (a write): a store the database has no mark for yet is marked now, with the
+    folder's own mark if it has one, else a new one. Without it (a read, a sweep), such a
+    store passes unmarked (a store in use before marks existed, until its first write)."""
+    key = (settings.database_url, str(root))
+    if time.monotonic() - _checked.get(key, float("-inf")) < RECHECK_S:
+        return
+    with session_scope(settings) as session:
+        row = session.get(BlobStoreMark, 1)
+        if row is None and not create:
+            return
+        # After the row: a mark is written before its row commits, so a process that found
+        # the row finds the mark (read first, a store being marked at once looked unmarked).
+        found = read_mark(root)
+        if row is None:
+            found = found or write_mark(root, secrets.token_hex(16))
+            values = {"id": 1, "store_id": found, "root": str(root)}
+            session.execute(_insert_if_absent(session.get_bind().dialect.name, values))
+            row = session.scalars(
+                select(BlobStoreMark).execution_options(populate_existing=True)
+            ).one()
+        expected, marked_at = row.store_id, row.root
+    if found != expected:
+        _log_refusal(root, found, expected, marked_at)
+        raise StoreNotMarkedError()
+    with _lock:
+        _checked[key] = time.monotonic()
+
+
+def adopt(settings: Settings, root: Path) -> tuple[str, bool]:
+    """Mark `root` as the database's blob store (`segsvc blobs adopt`): the database's id (a
+    new one if it has none) written to the folder, and the folder recorded. The id, and
+    whether the folder had another mark or none before."""
+    with session_scope(settings) as session:
+        row = session.get(BlobStoreMark, 1)
+        if row is None:
+            row = BlobStoreMark(id=1, store_id=secrets.token_hex(16), root=str(root))
+            session.add(row)
+        before = read_mark(root)
+        write_mark(root, row.store_id, replace=True)
+        row.root = str(root)
+        store_id = row.store_id
+    forget()
+    return store_id, before != store_id
+
+
+def forget() -> None:
+    """Drop this process's good checks (the next use checks again)."""
+    with _lock:
+        _checked.clear()
+        _refusals_logged.clear()
+
+
+def _insert_if_absent(dialect: str, values: dict[str, object]) -> Executable:
+    """INSERT ... ON CONFLICT DO NOTHING: another process may mark the store at once."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(BlobStoreMark).values(**values).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(BlobStoreMark).values(**values).on_conflict_do_nothing()
+    return insert(BlobStoreMark).values(**values)
+
+
+def _log_refusal(root: Path, found: str | None, expected: str, marked_at: str) -> None:
+    """Say what is wrong, once a minute per folder (every write and read is refused)."""
+    now = time.monotonic()
+    with _lock:
+        if now - _refusals_logged.get(str(root), float("-inf")) < _REFUSAL_LOG_EVERY_S:
+            return
+        _refusals_logged[str(root)] = now
+    if found is None:
+        what = f"has no {MARK_FILE} file: is the volume mounted at {root}?"
+    else:
+        what = f"is another store ({MARK_FILE} says {found[:12]}...)"
+    log.error(
+        "blob folder %s %s The database's files are in store %s... (marked at %s). Writes and "
+        "reads of files are refused (503) until it is; `segsvc blobs adopt` makes this folder "
+        "the store (a new, empty one on purpose: jobs whose files were in the other answer "
+        "410).",
+        root,
+        what,
+        expected[:12],
+        marked_at,
+    )

@@ -779,7 +779,7 @@ def test_tensorflow_threads_follow_each_worker_pods_cpu_limit(overlay: str) -> N
 
 
 def test_the_api_scales_out_at_the_submit_rate_the_capacity_plan_counts() -> None:
-    """70% Utilization is of the 500m request: the HPA scaled out at 0.35 cores a pod (~50
-    submits/s), twice the pods docs/scaling.md plans at ~100/s a pod."""
+    """70% Utilization is of the 500m request: the HPA scaled out at 0.35 cores a pod (~32
+    submits/s at 10.8 core-ms each), twice the pods docs/scaling.md plans at ~65/s a pod."""
     (metric,) = find(rendered("base"), "HorizontalPodAutoscaler", "segsvc-api")["spec"]["metrics"]
     assert metric["resource"]["target"] == {"type": "AverageValue", "averageValue": "700m"}

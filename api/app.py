@@ -28,6 +28,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     # security headers (CSP with frame-ancestors, nosniff); Flask's default route sent the same
     # files without them, so the page could be framed from elsewhere.
     app = Flask(__name__, static_folder=None)
+    # A path with a doubled slash (`/v1//jobs`) is a 404 like any other unknown path. werkzeug's
+    # default merges the slashes with a 308 redirect, which Flask answers itself (routing
+    # redirects never reach the JSON error handlers): an HTML body, and a client that follows
+    # it uploads its batch again. Each rule takes this default when it is added (bound), so it
+    # is set before any route is.
+    app.url_map.merge_slashes = False
     app.config["SEG_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD
     # Text fields are small, but werkzeug applies this limit to its parse buffer too (a 64 KiB

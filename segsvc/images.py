@@ -145,7 +145,13 @@ def validate_image(
 
 
 def _sniff_format(data: bytes) -> str | None:
-    """The format Pillow identifies from the header, without decoding pixels."""
+    """The format Pillow identifies from the header, without decoding pixels; None for bytes
+    that are no image Pillow knows.
+
+    Bytes that start with the signature of a format we take but that Pillow cannot open (a
+    JPEG cut short before its frame header, a PNG whose IHDR checksum is wrong, a WebP cut
+    to its RIFF header) are a damaged image of that format: `InvalidImageError` (422), not
+    the 415 that says to send another format."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -153,5 +159,23 @@ def _sniff_format(data: bytes) -> str | None:
                 return img.format
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"The image is too large to decode safely: {exc}") from exc
-    except Exception:  # UnidentifiedImageError, OSError, ...: a damaged header raises many types
+    except Exception as exc:  # UnidentifiedImageError, OSError, ...: a damaged header raises many
+        signed = _signature_format(data)
+        if signed is not None:
+            # Pillow's own message names a BytesIO object's address, not what is wrong.
+            raise InvalidImageError(
+                f"The image is damaged or cut short: it starts as a {signed} file, but its "
+                "header could not be read."
+            ) from exc
         return None
+
+
+def _signature_format(data: bytes) -> str | None:
+    """The allowed format whose signature (magic bytes) `data` starts with, else None."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None

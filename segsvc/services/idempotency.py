@@ -41,9 +41,20 @@ def parse_request(
     if raw_key is None:
         return None
     key = raw_key.strip()
+    if "," in key:
+        # A repeated header reaches the app folded into one value joined by commas (gunicorn
+        # "k1,k2", werkzeug "k1, k2"; RFC 9110 5.3 lets any hop do so): taken as one key it
+        # made a new job where the client expected a replay. Nothing tells a fold from a key
+        # with a comma in it, so a key may not contain one.
+        raise ValidationError(
+            "Idempotency-Key was sent more than once, or contains a comma: send the header "
+            f"once, with a key of 1 to {MAX_KEY_LENGTH} printable ASCII characters other than "
+            "a comma."
+        )
     if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable() or not key.isascii():
         raise ValidationError(
-            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters."
+            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters, "
+            "without a comma."
         )
     body = json.dumps({"image": image_sha256, "fields": sorted(fields)}, separators=(",", ":"))
     return IdempotentRequest(key=key, fingerprint=hashlib.sha256(body.encode()).hexdigest())

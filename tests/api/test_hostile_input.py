@@ -20,10 +20,12 @@ from PIL import Image
 from segsvc.db import session_scope
 from segsvc.models import Job
 from segsvc.settings import Settings
+from tests.api.test_batch import submit_batch
 from tests.conftest import (
     ROOT,
     encode_image,
     free_port,
+    sample_images,
     stop_process,
     wait_http_up,
     worker_env,
@@ -110,13 +112,56 @@ def test_hostile_png_bomb_is_422(client, auth, settings: Settings, data: bytes) 
         assert session.query(Job).count() == 0
 
 
-@pytest.mark.parametrize("cut", [10, 200, 0.5, 0.95])
+@pytest.mark.parametrize("cut", [3, 10, 200, 0.5, 0.95])
 def test_hostile_truncated_jpeg_is_422(client, auth, cut: float) -> None:  # type: ignore[no-untyped-def]
+    # Regression: a stump whose header Pillow could not read (the first 10 or 200 bytes) was a
+    # 415 "unsupported format"; it starts as a JPEG (FF D8 FF), so it is a damaged one.
     data = encode_image(Image.effect_noise((320, 240), 60).convert("RGB"), "JPEG", quality=90)
     end = int(cut if cut >= 1 else len(data) * cut)
     resp = submit(client, auth, data[:end], "cut.jpg")
-    assert resp.status_code in (415, 422)  # a stump too short to identify is not an image
-    assert resp.get_json()["error"] in ("invalid_image", "unsupported_media_type")
+    assert resp.status_code == 422, resp.get_json()
+    assert resp.get_json()["error"] == "invalid_image"
+
+
+def test_hostile_stump_too_short_for_a_signature_is_415(client, auth) -> None:  # type: ignore[no-untyped-def]
+    resp = submit(client, auth, b"\xff\xd8", "cut.jpg")  # a JPEG's signature is 3 bytes
+    assert resp.status_code == 415
+    assert resp.get_json()["error"] == "unsupported_media_type"
+
+
+def _crc_flipped_png() -> bytes:
+    data = bytearray(encode_image(Image.new("RGB", (50, 50), (9, 99, 199)), "PNG"))
+    data[29] ^= 0x01  # the IHDR chunk's CRC: 8 signature + 4 length + 4 type + 13 body
+    return bytes(data)
+
+
+def _damaged_header_uploads() -> list[tuple[str, bytes]]:
+    photo = sample_images(1)[0].read_bytes()
+    webp = encode_image(Image.new("RGB", (50, 50), (9, 99, 199)), "WEBP")
+    return [
+        ("photo.jpg", photo[:1000]),  # cut inside its EXIF, before the frame header
+        ("crc.png", _crc_flipped_png()),
+        ("cut.webp", webp[:20]),
+    ]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["jpeg-1000-bytes", "png-ihdr-crc", "webp-20"])
+def test_hostile_damaged_header_is_422_not_415(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, index: int
+) -> None:
+    """Regression: bytes that start as a JPEG, PNG or WebP but whose header Pillow cannot read
+    were a 415 ("Unsupported image format unknown"), as if another format had been sent."""
+    name, data = _damaged_header_uploads()[index]
+    resp = submit(client, auth, data, name)
+    assert resp.status_code == 422, resp.get_json()
+    assert resp.get_json()["error"] == "invalid_image"
+    assert "damaged or cut short" in resp.get_json()["message"]
+    batch = submit_batch(client, auth, [encode_image(Image.new("RGB", (32, 24))), data])
+    assert batch.status_code == 422, batch.get_json()
+    assert batch.get_json()["error"] == "invalid_image"
+    assert batch.get_json()["message"].startswith("Image 1 (pet1.png): The image is damaged")
+    with session_scope(settings) as session:
+        assert session.query(Job).count() == 0
 
 
 @pytest.mark.parametrize(
@@ -471,3 +516,54 @@ def test_hostile_nul_in_a_query_is_422(client, auth) -> None:  # type: ignore[no
         resp = client.get(path, headers=auth)
         assert resp.status_code == 422, path
         assert resp.get_json()["error"] == "validation_error"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1//jobs?ids=x"),
+        ("POST", "/v1//jobs/batch"),
+        ("POST", "/v1/jobs//batch"),
+        ("POST", "/v1//jobs"),
+        ("POST", "/v1/jobs/{job_id}//cancel"),
+        ("GET", "/v1//models"),
+        ("GET", "/v1/jobs/{job_id}//mask.png"),
+        ("GET", "/v1/jobs/{job_id}///overlay.png"),
+        ("GET", "/ui//config.json"),
+    ],
+)
+def test_hostile_doubled_slash_is_404_json_not_a_redirect(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings, method: str, path: str
+) -> None:
+    """Regression: werkzeug merged doubled slashes with a 308 (an HTML body, which Flask sends
+    itself, past the JSON error handlers) to the merged path, and a client that followed it
+    sent its batch again."""
+    job_id = str(uuid.uuid4())
+    resp = client.open(
+        path.format(job_id=job_id),
+        method=method,
+        headers=auth,
+        content_type="multipart/form-data",
+        data={"image": (io.BytesIO(encode_image(Image.new("RGB", (32, 24)))), "a.png")}
+        if method == "POST"
+        else None,
+    )
+    assert resp.status_code == 404, (path, resp.status_code, resp.data[:200])
+    assert resp.headers["Content-Type"] == "application/json"
+    assert resp.get_json()["error"] == "not_found"
+    assert "Location" not in resp.headers
+    with session_scope(settings) as session:
+        assert session.query(Job).count() == 0
+
+
+def test_no_route_can_answer_with_a_routing_redirect(app) -> None:  # type: ignore[no-untyped-def]
+    """Flask answers werkzeug's routing redirects itself, in HTML, past the JSON error handlers:
+    no rule may give one. A rule ending in a slash redirects the path without it
+    (strict_slashes), one with defaults redirects to its shorter form (redirect_defaults), and
+    a doubled slash was merged (merge_slashes)."""
+    assert app.url_map.merge_slashes is False
+    for rule in app.url_map.iter_rules():
+        assert rule.merge_slashes is False, rule.rule
+        assert rule.rule == "/" or not rule.rule.endswith("/"), rule.rule
+        assert not rule.defaults, rule.rule
+        assert rule.redirect_to is None, rule.rule

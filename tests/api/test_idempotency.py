@@ -182,3 +182,52 @@ def test_a_replay_is_found_without_decoding_the_upload(client, auth, settings, m
     )
     assert batch_again.status_code == 200
     assert batch_again.get_json() == batch.get_json()
+
+
+def _twice(auth: dict[str, str], *keys: str) -> list[tuple[str, str]]:
+    """Headers with Idempotency-Key sent once per key, each on its own line."""
+    return [*auth.items(), *(("Idempotency-Key", key) for key in keys)]
+
+
+def test_a_repeated_idempotency_key_header_is_422_and_stores_nothing(  # type: ignore[no-untyped-def]
+    client, auth, settings
+) -> None:
+    """Regression: a repeated header reaches the app folded ("k1, k2"; gunicorn joins with a
+    bare comma), and was taken as a new key: a new job where a replay of k1 was expected."""
+    first = submit(client, auth, "k1", png())
+    assert first.status_code == 202
+    for headers in (
+        _twice(auth, "k1", "k2"),
+        _twice(auth, "k1", "k1"),
+        _twice(auth, "k3", "k4"),
+        {**auth, "Idempotency-Key": "k1,k2"},  # as gunicorn folds them
+    ):
+        resp = client.post(
+            "/v1/jobs",
+            headers=headers,
+            content_type="multipart/form-data",
+            data={"image": (io.BytesIO(png()), "a.png")},
+        )
+        assert resp.status_code == 422, (headers, resp.get_json())
+        assert resp.get_json()["error"] == "validation_error"
+        assert "sent more than once" in resp.get_json()["message"]
+    assert count_jobs(settings) == 1
+
+
+def test_a_repeated_idempotency_key_header_on_a_batch_is_422_and_stores_nothing(  # type: ignore[no-untyped-def]
+    client, auth, settings
+) -> None:
+    from tests.api.test_batch import submit_batch
+
+    assert submit_batch(client, auth, [png()], headers={"Idempotency-Key": "b1"}).status_code == 202
+    for headers in (_twice(auth, "b1", "b2"), _twice(auth, "b3", "b4")):
+        resp = client.post(
+            "/v1/jobs/batch",
+            headers=headers,
+            content_type="multipart/form-data",
+            data={"image": [(io.BytesIO(png()), "a.png"), (io.BytesIO(png((4, 5, 6))), "b.png")]},
+        )
+        assert resp.status_code == 422, (headers, resp.get_json())
+        assert resp.get_json()["error"] == "validation_error"
+        assert "sent more than once" in resp.get_json()["message"]
+    assert count_jobs(settings) == 1

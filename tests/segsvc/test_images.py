@@ -4,6 +4,7 @@ import io
 import random
 import struct
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import pytest
@@ -17,7 +18,7 @@ from segsvc.errors import (
     UnsupportedMediaTypeError,
 )
 from segsvc.images import validate_image
-from tests.conftest import encode_image
+from tests.conftest import encode_image, sample_images
 
 LIMITS = {"max_bytes": 1_000_000, "max_pixels": 4_000_000}
 
@@ -58,6 +59,57 @@ def test_validate_image_rejects_truncated_jpeg() -> None:
     data = encode_image(Image.effect_noise((400, 300), 64).convert("RGB"), "JPEG")
     with pytest.raises(InvalidImageError):
         validate_image(data[: len(data) // 2], **LIMITS)
+
+
+def _flip_png_ihdr_crc(data: bytes) -> bytes:
+    damaged = bytearray(data)
+    damaged[29] ^= 0x01  # the IHDR chunk's CRC: 8 signature + 4 length + 4 type + 13 body
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "damage"),
+    [
+        ("JPEG", lambda data: data[:3]),  # the signature alone
+        ("JPEG", lambda data: data[:20]),  # cut inside the JFIF segment
+        ("PNG", _flip_png_ihdr_crc),
+        ("PNG", lambda data: data[:8]),  # the signature alone
+        ("PNG", lambda data: data[:20]),  # cut inside IHDR
+        ("WEBP", lambda data: data[:12]),  # RIFF....WEBP alone
+        ("WEBP", lambda data: data[:20]),
+    ],
+    ids=["jpeg-3", "jpeg-20", "png-ihdr-crc", "png-8", "png-20", "webp-12", "webp-20"],
+)
+def test_validate_image_calls_an_unreadable_header_after_a_known_signature_invalid(
+    fmt: str, damage: Callable[[bytes], bytes]
+) -> None:
+    """Regression: bytes that start as an allowed format but whose header Pillow cannot read
+    were an `UnsupportedMediaTypeError` (415, "format unknown"): they are a damaged image."""
+    data = damage(encode_image(Image.new("RGB", (50, 50), (9, 99, 199)), fmt))
+    with pytest.raises(InvalidImageError, match="damaged or cut short"):
+        validate_image(data, **LIMITS)
+
+
+def test_validate_image_calls_a_real_photo_cut_inside_its_exif_invalid() -> None:
+    photo = sample_images(1)[0].read_bytes()
+    with pytest.raises(InvalidImageError, match="starts as a JPEG file"):
+        validate_image(photo[:1000], **LIMITS)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xd8",  # too short for a JPEG's 3-byte signature
+        b"\x89PNG\r\n\x1a",  # 7 of a PNG's 8
+        b"RIFF\x00\x00\x00\x00WEB",  # 11 of a WebP's 12
+        b"RIFF\x00\x00\x00\x00WAVEfmt ",  # a RIFF file, not a WebP
+        b"GIF89a",  # a damaged format we do not take
+        b"\x00\xff\xd8\xff",  # a JPEG signature, but not at the start
+    ],
+)
+def test_validate_image_calls_bytes_without_an_allowed_signature_unsupported(data: bytes) -> None:
+    with pytest.raises(UnsupportedMediaTypeError, match="unknown"):
+        validate_image(data, **LIMITS)
 
 
 def test_validate_image_rejects_too_many_pixels() -> None:

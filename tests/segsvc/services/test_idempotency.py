@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from segsvc.db import session_scope
-from segsvc.errors import ConflictError
+from segsvc.errors import ConflictError, ValidationError
 from segsvc.images import validate_image
 from segsvc.migrate import upgrade
 from segsvc.models import Job
@@ -65,3 +65,17 @@ def test_the_loser_of_a_keyed_insert_race_gets_409_and_one_job_exists(
     assert (lost.value.code, lost.value.retry_after) == ("idempotency_key_in_use", 1)
     with session_scope(any_db) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 1
+
+
+@pytest.mark.parametrize("raw_key", ["k1, k2", "k1,k2", "k1,k1", ",", "order,7"])
+def test_a_key_with_a_comma_is_refused_as_a_repeated_header(raw_key: str) -> None:
+    """A repeated Idempotency-Key header arrives folded into one value joined by commas, which
+    nothing tells from a key with a comma: neither is taken (it was, as a new key)."""
+    with pytest.raises(ValidationError, match="sent more than once, or contains a comma"):
+        idempotency.parse_request(raw_key, image_sha256="0" * 64, fields=[])
+
+
+def test_a_key_of_other_printable_ascii_is_taken() -> None:
+    req = idempotency.parse_request(" order;7:a=b ", image_sha256="0" * 64, fields=[])
+    assert req is not None
+    assert req.key == "order;7:a=b"

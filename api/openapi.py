@@ -166,6 +166,15 @@ OPERATIONS: dict[str, Operation] = {
             409: "Already production, or its model file was pruned (`model_file_deleted`).",
         },
     ),
+    "models.reject_model": Operation(
+        {200: s.ModelVersion, 403: s.Error, 404: s.Error, 409: s.Error},
+        descriptions={
+            200: "The version, now rejected: a canary stops serving at the workers' next "
+            "registry poll, production untouched.",
+            404: "No such model version.",
+            409: "It is production (roll back instead), or it is already rejected.",
+        },
+    ),
     "models.rollback_model": Operation(
         {200: s.ModelVersion, 403: s.Error, 409: s.Error},
         descriptions={

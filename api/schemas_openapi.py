@@ -247,7 +247,11 @@ class TrainingRun(BaseModel):
     """A retraining run's summary."""
 
     id: str
-    status: str = Field(description="`running`, `completed`, `failed`, `skipped`.")
+    status: str = Field(
+        description="`running`, `completed`, `failed`, `skipped`, or `interrupted`: its row "
+        "says running but no process holds the retraining lock (the process running it "
+        "ended; the next run marks it failed)."
+    )
     trigger: str = Field(description="`schedule` or `manual`.")
     reason: str | None
     started_at: str | None

@@ -210,6 +210,26 @@ def models_promote(version: str) -> None:
     click.echo(done)  # once committed
 
 
+@models.command("reject")
+@click.argument("version")
+def models_reject(version: str) -> None:
+    """Reject VERSION now: a canary stops serving (workers drop it within a poll), production
+    untouched (a rollback would retire it too). Production itself is refused."""
+    from segsvc.db import session_scope
+    from segsvc.errors import SegError
+    from segsvc.services.rollout import reject_by_operator
+
+    try:
+        with session_scope() as session:
+            row = reject_by_operator(
+                session=session, version=version, reason="rejected by an operator (cli)"
+            )
+            done = f"rejected {row.version}"
+    except SegError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(done)  # once committed
+
+
 @models.command("rollback")
 def models_rollback() -> None:
     """Return to the previous production version now; the current one and any canary stop."""
@@ -336,7 +356,12 @@ def retrain_now(via_queue: bool) -> None:
 def retrain_runs(limit: int) -> None:
     """List the latest retraining runs, newest first: a running one with its latest log line."""
     from segsvc.db import session_scope
-    from segsvc.services.registry import recent_training_runs
+    from segsvc.services.registry import (
+        INTERRUPTED,
+        INTERRUPTED_REASON,
+        interrupted_runs,
+        recent_training_runs,
+    )
 
     with session_scope() as session:
         runs = recent_training_runs(session=session, limit=limit)
@@ -345,13 +370,23 @@ def retrain_runs(limit: int) -> None:
                 "no retraining run yet (beat runs one on SEG_RETRAIN_CRON; `segsvc retrain "
                 "now` runs one now)"
             )
+        # A `running` row whose process died (nothing holds the retraining lock) is shown so.
+        gone = interrupted_runs(
+            session=session,
+            settings=get_settings(),
+            running=[r.id for r in runs if r.status == "running"],
+        )
         for run in runs:
             took = f"{run.duration_s:.0f}s" if run.duration_s is not None else "-"
             lines = (run.log or "").splitlines()
-            said = run.reason if run.status != "running" else (lines[-1] if lines else "")
+            status, said = run.status, run.reason
+            if run.id in gone:
+                status, said = INTERRUPTED, INTERRUPTED_REASON
+            elif run.status == "running":
+                said = lines[-1] if lines else ""
             labels = (run.data_counts or {}).get("labels", 0)
             click.echo(
-                f"{run.id} {run.status:<9} {run.trigger:<8} {run.started_at:%Y-%m-%d %H:%M} "
+                f"{run.id} {status:<9} {run.trigger:<8} {run.started_at:%Y-%m-%d %H:%M} "
                 f"{took:>6} labels={labels} {said or ''}".rstrip()
             )
 
@@ -361,13 +396,16 @@ def retrain_runs(limit: int) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the run ends.")
 def retrain_log(run_id: str | None, follow: bool) -> None:
     """Print a retraining run's log (the latest run's without RUN_ID); a running run's log is
-    stored every few seconds, and --follow prints each new part until the run ends."""
+    stored every few seconds, and --follow prints each new part until the run ends. A run
+    whose process died (no process holds the retraining lock) shows as interrupted: --follow
+    stops there, exit status 1."""
     import time
 
     from sqlalchemy import select
 
     from segsvc.db import session_scope
     from segsvc.models import TrainingRun
+    from segsvc.services.registry import INTERRUPTED, INTERRUPTED_REASON, interrupted_runs
 
     if run_id is not None:
         try:
@@ -387,11 +425,25 @@ def retrain_log(run_id: str | None, follow: bool) -> None:
                     TrainingRun.id, TrainingRun.status, TrainingRun.reason, TrainingRun.log
                 ).where(TrainingRun.id == wanted)
             ).first()
+            # Its process died (an OOM-killed maintenance worker): the row would say running
+            # until the next run, and --follow looped for ever.
+            gone = row is not None and bool(
+                interrupted_runs(
+                    session=session,
+                    settings=get_settings(),
+                    running=[row.id] if row.status == "running" else [],
+                )
+            )
         if row is None:
             raise click.ClickException(f"no retraining run {wanted}")
         text = row.log or ""
         click.echo(_after(printed, text), nl=False)
         printed = text
+        if gone:
+            click.echo(f"run {row.id}: {INTERRUPTED}: {INTERRUPTED_REASON}")
+            if follow:
+                raise SystemExit(1)
+            return
         if not follow or row.status != "running":
             break
         time.sleep(2.0)

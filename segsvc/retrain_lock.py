@@ -8,12 +8,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from segsvc.db import get_engine, is_sqlite
 from segsvc.files import try_lock
 from segsvc.settings import Settings
 
 RETRAIN_LOCK_KEY = zlib.crc32(b"segsvc.retrain")  # the Postgres advisory lock id of retraining
+# Who holds the advisory lock: pg_advisory_lock(bigint) files its key as classid (the high 32
+# bits: 0, a crc32 is below 2**32), objid (the low 32 bits) and objsubid 1. pg_locks lists the
+# whole cluster's locks, and advisory locks are per database: another database's (another
+# deployment's, another test process's) retraining is not this one's.
+_HOLDERS = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND classid = 0 AND objsubid = 1 AND objid = CAST(CAST(:k AS bigint) AS oid)"
+)
 
 
 class Held:
@@ -55,14 +65,7 @@ def retrain_lock(settings: Settings) -> Iterator[Held]:
         got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), key))
 
         def check() -> bool:
-            held = conn.scalar(
-                text(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                    " AND pid = pg_backend_pid() AND classid = 0 AND objsubid = 1"
-                    " AND objid = CAST(CAST(:k AS bigint) AS oid)"
-                ),
-                key,
-            )
+            held = conn.scalar(text(f"{_HOLDERS} AND pid = pg_backend_pid()"), key)
             return bool(held)
 
         try:
@@ -72,3 +75,22 @@ def retrain_lock(settings: Settings) -> Iterator[Held]:
                 # A connection that died took the lock with it: nothing left to unlock.
                 with suppress(Exception):
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), key)
+
+
+def retrain_lock_taken(settings: Settings, session: Session | None = None) -> bool:
+    """Whether any process (this one included) holds the retraining lock now: a run, or the
+    model-file pruner for a moment. A `running` training run with no holder is one whose
+    process died (an OOM-killed worker): nothing will ever end its row but the next run.
+
+    On Postgres it is read from `pg_locks` (on `session`'s connection when given), taking
+    nothing. On SQLite the file lock is tried without blocking and let go at once: a run
+    starting in that instant is refused as if another ran, as it is by the pruner's own try.
+    """
+    if is_sqlite(settings):
+        with try_lock(settings.var_dir / "retrain.lock", create=False) as free:
+            return not free  # no file: no run ever took it here
+    key = {"k": RETRAIN_LOCK_KEY}
+    if session is not None:
+        return bool(session.scalar(text(_HOLDERS), key))
+    with get_engine(settings).connect() as conn:
+        return bool(conn.scalar(text(_HOLDERS), key))

@@ -159,7 +159,10 @@ class ModelManager:
             with self._lock:
                 if self._routing is None:
                     try:
-                        self._switch(self._build(self._wanted(), current=None))
+                        # Settled, as a poll's is: the first load converts for minutes too,
+                        # and a canary rejected (or a production rolled back) meanwhile must
+                        # not serve from the read made before it until the first poll.
+                        self._switch(self._settled(self._wanted(), None))
                     except Exception as exc:
                         self._first_load_failed = (time.monotonic(), repr(exc)[:300])
                         raise

@@ -1,4 +1,5 @@
-"""/v1/models: the registry for operators (admin keys only): list, promote, roll back."""
+"""/v1/models: the registry for operators (admin keys only): list, promote, roll back, and
+reject a canary (or a candidate) without touching production."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, send_file
 
 from api.auth import authenticate_request, require_admin
-from api.context import db
+from api.context import db, settings
 from segsvc.errors import NotFoundError
 from segsvc.models import ModelVersion, TrainingRun
 from segsvc.serialize import iso
@@ -31,10 +32,13 @@ def list_models() -> Response:
     """Every version with status, traffic share and metrics, plus the recent training runs."""
     session = db()
     runs = registry.recent_training_runs(session=session, limit=RECENT_RUNS)
+    gone = registry.interrupted_runs(
+        session=session, settings=settings(), running=[r.id for r in runs if r.status == "running"]
+    )
     return jsonify(
         {
             "versions": [version_body(v) for v in registry.list_versions(session=session)],
-            "training_runs": [run_body(r) for r in runs],
+            "training_runs": [run_body(r, interrupted=r.id in gone) for r in runs],
         }
     )
 
@@ -44,6 +48,22 @@ def promote_model(version: str) -> Response:
     """Make a version production now; the old one is archived and can be rolled back to."""
     session = db()
     row = rollout.promote(session=session, version=version, reason="promoted by an operator")
+    session.commit()
+    return jsonify(version_body(row))
+
+
+@bp.post("/<version>/reject")
+def reject_model(version: str) -> Response:
+    """Reject a version now: a canary stops serving, production untouched.
+
+    A rollback would also retire a healthy production. Workers drop a rejected canary at their
+    next poll. Under the registry lock, as promote and rollback are; production is refused
+    (409: roll back instead), and so is a version already rejected
+    (`rollout.reject_by_operator`)."""
+    session = db()
+    row = rollout.reject_by_operator(
+        session=session, version=version, reason="rejected by an operator"
+    )
     session.commit()
     return jsonify(version_body(row))
 
@@ -110,13 +130,15 @@ def version_body(row: ModelVersion) -> dict[str, Any]:
 LOG_TAIL_LINES = 8
 
 
-def run_body(run: TrainingRun) -> dict[str, Any]:
-    """A training run's summary, with the tail of its log (stored while it runs)."""
+def run_body(run: TrainingRun, *, interrupted: bool = False) -> dict[str, Any]:
+    """A training run's summary, with the tail of its log (stored while it runs).
+    `interrupted`: its row says `running` but its process is gone
+    (`registry.interrupted_runs`): shown so, its row left for the next run to end."""
     return {
         "id": str(run.id),
-        "status": run.status,
+        "status": registry.INTERRUPTED if interrupted else run.status,
         "trigger": run.trigger,
-        "reason": run.reason,
+        "reason": registry.INTERRUPTED_REASON if interrupted else run.reason,
         "started_at": iso(run.started_at),
         "duration_s": run.duration_s,
         "labels": (run.data_counts or {}).get("labels", 0),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,16 @@ from sqlalchemy.orm import Session, defer
 from segsvc.digest import file_sha256
 from segsvc.errors import NotFoundError
 from segsvc.models import ModelStatus, ModelVersion, TrainingRun, db_time
+from segsvc.retrain_lock import retrain_lock_taken
+from segsvc.settings import Settings
+
+# How a `running` training run whose process is gone is shown (its row is not written: the
+# next run marks it failed, `retrain.pipeline._Run._open`).
+INTERRUPTED = "interrupted"
+INTERRUPTED_REASON = (
+    "the process running it ended (no process holds the retraining lock); the next run marks "
+    "it failed"
+)
 
 
 def register_version(
@@ -110,3 +122,20 @@ def recent_training_runs(*, session: Session, limit: int = 10) -> list[TrainingR
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+def interrupted_runs(
+    *, session: Session, settings: Settings, running: Iterable[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Of the runs `running` (read as `running`), those whose process is gone: no process holds
+    the retraining lock, and they still read `running` after that was seen. A run writes its
+    end before it lets go of the lock, so one that ended between the first read and the check
+    reads ended here; and a run started since marked them failed. A run's row only says
+    `running` while its process lives to hold the lock, so without a holder nothing would
+    ever end it (an OOM-killed maintenance worker) until the next run: `GET /v1/models`,
+    `segsvc retrain runs` and `retrain log --follow` showed it running for ever."""
+    ids = set(running)
+    if not ids or retrain_lock_taken(settings, session):
+        return set()
+    still = select(TrainingRun.id).where(TrainingRun.id.in_(ids), TrainingRun.status == "running")
+    return set(session.scalars(still))

@@ -135,6 +135,19 @@ def reject(*, session: Session, version: str, reason: str) -> ModelVersion:
     return row
 
 
+def reject_by_operator(*, session: Session, version: str, reason: str) -> ModelVersion:
+    """An operator's `reject` (`POST /v1/models/<version>/reject`, `segsvc models reject`): a
+    canary stops serving (workers drop it at their next poll) with production untouched, a
+    candidate or an archived version never serves again. A version already rejected is refused
+    (ConflictError, its reason said) rather than rejected again: that would overwrite why it
+    was (a worker's or the verdict's account) and restart its file's grace before pruning."""
+    lock_registry(session)
+    row = registry.get_version(session=session, version=version)
+    if row.status == ModelStatus.REJECTED:
+        raise ConflictError(f"{version} is already rejected: {row.reason or 'no reason kept'}")
+    return reject(session=session, version=version, reason=reason)
+
+
 def rollback(*, session: Session, reason: str = "rolled back by an operator") -> ModelVersion:
     """Restore the previous production version at once; the current one and any canary stop."""
     lock_registry(session)

@@ -1,12 +1,14 @@
-"""/v1/models: listing, promotion and rollback for admins; 403 for everyone else."""
+"""/v1/models: listing, promotion, rollback and rejection for admins; 403 for everyone else."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from segsvc.db import session_scope
-from segsvc.models import ModelStatus, utcnow
-from segsvc.services import registry
+from segsvc.models import ModelStatus, TrainingRun, utcnow
+from segsvc.retrain_lock import retrain_lock
+from segsvc.services import registry, rollout
 from segsvc.settings import Settings
 
 
@@ -31,6 +33,7 @@ def add_version(
 def test_models_are_admin_only(client, auth, production_model: str) -> None:  # type: ignore[no-untyped-def]
     assert client.get("/v1/models", headers=auth).status_code == 403
     assert client.post("/v1/models/test-v1/promote", headers=auth).status_code == 403
+    assert client.post("/v1/models/test-v1/reject", headers=auth).status_code == 403
     resp = client.post("/v1/models/rollback", headers=auth)
     assert resp.status_code == 403
     assert resp.get_json()["error"] == "forbidden"
@@ -132,3 +135,93 @@ def test_a_comparison_sheet_is_listed_and_served_only_while_it_is_there(  # type
     assert listed() is None
     gone = client.get("/v1/models/ft-1/comparison.png", headers=admin(admin_key))
     assert (gone.status_code, gone.get_json()["error"]) == (404, "not_found")
+
+
+def test_reject_stops_a_canary_and_leaves_production_serving(  # type: ignore[no-untyped-def]
+    client, auth, admin_key: str, production_model: str, settings: Settings, model_file: Path
+) -> None:
+    """Only promote and rollback existed: a bad canary could be stopped only by rolling back
+    a healthy production with it."""
+    add_version(settings, model_file, "cand-1")
+    with session_scope(settings) as session:
+        rollout.start_canary(session=session, version="cand-1", share=0.2)
+    assert client.post("/v1/models/cand-1/reject", headers=auth).status_code == 403  # not admin
+    with session_scope(settings) as session:
+        assert registry.get_version(session=session, version="cand-1").status == "canary"
+    resp = client.post("/v1/models/cand-1/reject", headers=admin(admin_key))
+    assert resp.status_code == 200, resp.get_json()
+    body = resp.get_json()
+    assert (body["version"], body["status"], body["traffic_share"]) == ("cand-1", "rejected", 0.0)
+    assert body["reason"] == "rejected by an operator"
+    listed = {
+        v["version"]: v
+        for v in client.get("/v1/models", headers=admin(admin_key)).get_json()["versions"]
+    }
+    assert (listed["test-v1"]["status"], listed["test-v1"]["traffic_share"]) == (
+        "production",
+        1.0,
+    )
+    assert listed["cand-1"]["status"] == "rejected"
+
+
+def test_reject_refuses_production_an_unknown_or_a_rejected_version(  # type: ignore[no-untyped-def]
+    client, admin_key: str, production_model: str, settings: Settings, model_file: Path
+) -> None:
+    missing = client.post("/v1/models/nope/reject", headers=admin(admin_key))
+    assert missing.status_code == 404
+    assert missing.get_json()["error"] == "not_found"
+    current = client.post("/v1/models/test-v1/reject", headers=admin(admin_key))
+    assert current.status_code == 409
+    assert current.get_json()["error"] == "conflict"
+    assert "roll back instead" in current.get_json()["message"]
+    add_version(settings, model_file, "bad", ModelStatus.CANDIDATE)
+    with session_scope(settings) as session:
+        rollout.reject(session=session, version="bad", reason="failed at inference: boom")
+    again = client.post("/v1/models/bad/reject", headers=admin(admin_key))
+    assert again.status_code == 409
+    assert "already rejected: failed at inference: boom" in again.get_json()["message"]
+    with session_scope(settings) as session:  # its first reason kept
+        row = registry.get_version(session=session, version="bad")
+        assert row.reason == "failed at inference: boom"
+        assert registry.get_version(session=session, version="test-v1").status == "production"
+
+
+def add_running_run(settings: Settings) -> str:
+    run_id = uuid.uuid4()
+    with session_scope(settings) as session:
+        session.add(
+            TrainingRun(
+                id=run_id,
+                status="running",
+                trigger="schedule",
+                started_at=utcnow(),
+                log="snapshot: 7 labels\nepoch 1/3 (5 s): loss 0.5\n",
+                data_counts={"labels": 7},
+            )
+        )
+    return str(run_id)
+
+
+def test_a_running_run_whose_process_died_is_listed_interrupted(  # type: ignore[no-untyped-def]
+    client, admin_key: str, production_model: str, settings: Settings
+) -> None:
+    """A run whose process died (an OOM-killed maintenance worker) was listed `running` until
+    the next run's start marked it failed: nothing holds the retraining lock for it."""
+    run_id = add_running_run(settings)
+    [run] = client.get("/v1/models", headers=admin(admin_key)).get_json()["training_runs"]
+    assert run["id"] == run_id
+    assert run["status"] == "interrupted"
+    assert "the process running it ended" in run["reason"]
+    assert run["log_tail"][-1] == "epoch 1/3 (5 s): loss 0.5"
+    with session_scope(settings) as session:  # shown so, the row left for the next run
+        assert session.get(TrainingRun, uuid.UUID(run_id)).status == "running"  # type: ignore[union-attr]
+
+
+def test_a_running_run_whose_process_holds_the_lock_is_listed_running(  # type: ignore[no-untyped-def]
+    client, admin_key: str, production_model: str, settings: Settings
+) -> None:
+    run_id = add_running_run(settings)
+    with retrain_lock(settings) as held:  # its process, on a connection of its own
+        assert held
+        [run] = client.get("/v1/models", headers=admin(admin_key)).get_json()["training_runs"]
+    assert (run["id"], run["status"], run["reason"]) == (run_id, "running", None)

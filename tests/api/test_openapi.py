@@ -270,6 +270,7 @@ def test_openapi_webhook_and_model_operations_list_their_real_statuses(client) -
     assert {"200", "403"} <= statuses("/v1/models", "get")
     assert {"200", "403", "404", "409"} <= statuses("/v1/models/{version}/promote", "post")
     assert {"200", "403", "409"} <= statuses("/v1/models/rollback", "post")
+    assert {"200", "403", "404", "409"} <= statuses("/v1/models/{version}/reject", "post")
     promote_404 = paths["/v1/models/{version}/promote"]["post"]["responses"]["404"]
     assert "model version" in promote_404["description"]
 
@@ -379,3 +380,13 @@ def test_openapi_model_registry_answers_match_the_document(  # type: ignore[no-u
     _conforms(doc, promote, "post", client.post("/v1/models/v2/promote", headers=admin))  # 409
     _conforms(doc, promote, "post", client.post("/v1/models/nope/promote", headers=admin))
     _conforms(doc, "/v1/models/rollback", "post", client.post("/v1/models/rollback", headers=admin))
+    reject = "/v1/models/{version}/reject"
+    with session_scope(settings) as session:
+        registry.register_version(session=session, version="v3", path=model, sha256="0" * 64)
+    rejected = client.post("/v1/models/v3/reject", headers=admin)
+    assert rejected.status_code == 200
+    _conforms(doc, reject, "post", rejected)
+    _conforms(doc, reject, "post", client.post("/v1/models/v3/reject", headers=admin))  # 409
+    _conforms(doc, reject, "post", client.post("/v1/models/v1/reject", headers=admin))  # 409
+    _conforms(doc, reject, "post", client.post("/v1/models/nope/reject", headers=admin))
+    _conforms(doc, reject, "post", client.post("/v1/models/v1/reject", headers=auth))  # 403

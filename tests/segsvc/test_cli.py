@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from sqlalchemy import update
 
 from segsvc.cli import main
@@ -26,6 +26,17 @@ def as_process(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def run_alive(settings: Settings) -> Iterator[None]:
+    """The retraining lock held, on a connection of its own, as a live run's process holds
+    it: without a holder a `running` row is a run whose process died (shown interrupted)."""
+    from segsvc.retrain_lock import retrain_lock
+
+    with retrain_lock(settings) as held:
+        assert held
+        yield
 
 
 def add_run(settings: Settings, status: str, log: str, minutes_ago: int, **extra: object) -> str:
@@ -46,7 +57,7 @@ def add_run(settings: Settings, status: str, log: str, minutes_ago: int, **extra
 
 
 def test_retrain_runs_lists_runs_newest_first_a_running_one_with_its_latest_line(
-    settings: Settings, as_process: None
+    settings: Settings, as_process: None, run_alive: None
 ) -> None:
     done = add_run(
         settings, "completed", "a\nb\n", 90, reason="candidate x rejected", duration_s=1234.0
@@ -62,7 +73,7 @@ def test_retrain_runs_lists_runs_newest_first_a_running_one_with_its_latest_line
 
 
 def test_retrain_log_prints_a_runs_log_and_follows_a_running_one_to_its_end(
-    settings: Settings, as_process: None
+    settings: Settings, as_process: None, run_alive: None
 ) -> None:
     older = add_run(settings, "failed", "old line\n", 60, reason="boom")
     running = add_run(settings, "running", "snapshot: 7 labels\n", 1)
@@ -108,6 +119,51 @@ def test_retrain_log_prints_a_runs_log_and_follows_a_running_one_to_its_end(
     none = CliRunner().invoke(main, ["retrain", "log", "ffffffff"])
     assert none.exit_code == 1
     assert "no retraining runs start with 'ffffffff'" in none.output
+
+
+def test_a_running_run_whose_process_died_shows_interrupted_and_follow_stops(
+    settings: Settings, as_process: None
+) -> None:
+    """A run whose process died (an OOM-killed maintenance worker) said `running` until the
+    next run's start marked it failed: `retrain runs` showed it running and `retrain log
+    --follow` looped for ever."""
+    dead = add_run(settings, "running", "snapshot: 7 labels\nepoch 1/3 (5 s): loss 0.5\n", 5)
+    listed = CliRunner().invoke(main, ["retrain", "runs"])
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.startswith(f"{dead} interrupted ")
+    assert "the process running it ended" in listed.output
+
+    followed: list[Result] = []
+
+    def follow() -> None:
+        followed.append(CliRunner().invoke(main, ["retrain", "log", "--follow"]))
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "--follow never stopped on a run whose process died"
+    [result] = followed
+    assert result.exit_code == 1, result.output
+    said = (
+        f"run {dead}: interrupted: the process running it ended (no process holds the "
+        "retraining lock); the next run marks it failed\n"
+    )
+    assert result.output == "snapshot: 7 labels\nepoch 1/3 (5 s): loss 0.5\n" + said
+    once = CliRunner().invoke(main, ["retrain", "log", dead])
+    assert once.exit_code == 0, once.output
+    assert once.output.endswith(said)
+    with session_scope(settings) as session:  # shown so, never written
+        assert session.get(TrainingRun, uuid.UUID(dead)).status == "running"  # type: ignore[union-attr]
+
+
+def test_a_running_run_with_a_lock_holder_still_shows_running(
+    settings: Settings, as_process: None, run_alive: None
+) -> None:
+    alive = add_run(settings, "running", "snapshot: 7 labels\n", 5)
+    listed = CliRunner().invoke(main, ["retrain", "runs"])
+    assert listed.output.startswith(f"{alive} running ")
+    shown = CliRunner().invoke(main, ["retrain", "log", alive])
+    assert shown.output == f"snapshot: 7 labels\nrun {alive}: running\n"
 
 
 def test_retrain_runs_says_when_there_is_none_yet(settings: Settings, as_process: None) -> None:
@@ -203,7 +259,9 @@ def test_models_list_says_on_what_images_each_miou_was_measured(
     assert retrained in shown["ft-1"]
 
 
-def test_retrain_log_follows_a_log_stored_at_its_cap(settings: Settings, as_process: None) -> None:
+def test_retrain_log_follows_a_log_stored_at_its_cap(
+    settings: Settings, as_process: None, run_alive: None
+) -> None:
     """The stored log is its last 64 KB: once there, each flush had the same length, and the
     follower printed nothing more (the newest epochs, the verdict)."""
     from retrain.pipeline import LOG_CAP
@@ -236,3 +294,44 @@ def test_retrain_log_follows_a_log_stored_at_its_cap(settings: Settings, as_proc
     assert followed.output == full[-LOG_CAP:] + later[len(full) :] + "run completed\n" + (
         f"run {running}: completed\n"
     )
+
+
+def test_models_reject_stops_a_canary_and_leaves_production(
+    settings: Settings, as_process: None, tmp_path: Path
+) -> None:
+    """Only promote and rollback existed: stopping a bad canary meant rolling back a healthy
+    production with it."""
+    from segsvc.models import ModelStatus
+    from segsvc.services import registry, rollout
+
+    with session_scope(settings) as session:
+        for version, status in (
+            ("prod-1", ModelStatus.PRODUCTION),
+            ("cand-1", ModelStatus.CANDIDATE),
+        ):
+            registry.register_version(
+                session=session,
+                version=version,
+                path=tmp_path / f"{version}.keras",
+                status=status,
+                sha256="0" * 64,
+            )
+        rollout.start_canary(session=session, version="cand-1", share=0.1)
+    result = CliRunner().invoke(main, ["models", "reject", "cand-1"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "rejected cand-1\n"
+    with session_scope(settings) as session:
+        cand = registry.get_version(session=session, version="cand-1")
+        assert (cand.status, cand.traffic_share) == ("rejected", 0.0)
+        assert cand.reason == "rejected by an operator (cli)"
+        prod = registry.get_version(session=session, version="prod-1")
+        assert (prod.status, prod.traffic_share) == ("production", 1.0)
+    again = CliRunner().invoke(main, ["models", "reject", "cand-1"])
+    assert again.exit_code == 1
+    assert "cand-1 is already rejected: rejected by an operator (cli)" in again.output
+    production = CliRunner().invoke(main, ["models", "reject", "prod-1"])
+    assert production.exit_code == 1
+    assert "prod-1 is production; roll back instead." in production.output
+    unknown = CliRunner().invoke(main, ["models", "reject", "nope"])
+    assert unknown.exit_code == 1
+    assert "No model version 'nope'." in unknown.output

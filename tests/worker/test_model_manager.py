@@ -137,6 +137,30 @@ def test_a_canary_rejected_while_it_loaded_is_not_installed_from_the_stale_read(
     assert {manager.model_for(uuid.uuid4()).version for _ in range(20)} == {"test-v1"}
 
 
+def test_first_load_installs_a_canary_rejected_during_the_load(
+    settings: Settings, production_model: str, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load read the registry once, loaded (converted: minutes), then installed what
+    it read: a canary rejected meanwhile served its share until the worker's first poll."""
+    canary(settings, model_file, "late", share=1.0)
+    real = model_manager.load_model_version
+
+    def reject_while_loading(*args: object, **kwargs: object) -> object:
+        loaded = real(*args, **kwargs)  # type: ignore[arg-type]
+        if kwargs.get("version") == "late":
+            set_status(settings, "late", "reject")  # an operator, during the load
+        return loaded
+
+    monkeypatch.setattr(model_manager, "load_model_version", reject_while_loading)
+    mgr = ModelManager(settings.model_copy(update={"runtime": "keras", "registry_poll_seconds": 0}))
+    try:
+        mgr.load()
+        assert mgr.routing.canary is None
+        assert {mgr.model_for(uuid.uuid4()).version for _ in range(20)} == {"test-v1"}
+    finally:
+        mgr.close()
+
+
 def test_a_registry_that_cannot_be_read_after_a_load_keeps_what_was_loaded(
     manager: ModelManager, settings: Settings, model_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -571,5 +571,29 @@ def blobs_sweep(grace_hours: float) -> None:
     click.echo(f"deleted {removed} blob file{'s' * (removed != 1)} no job refers to")
 
 
+@blobs.command("adopt")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def blobs_adopt(yes: bool) -> None:
+    """Make the folder now at SEG_BLOB_DIR the database's blob store: after moving the files to
+    a volume without its .segsvc-store, or to start an empty store on purpose (jobs whose
+    files were in the old one then answer 410). Processes that refused the folder (503:
+    not the store) accept it within 10 s."""
+    from segsvc.blob_mark import adopt, read_mark
+    from segsvc.blobs import blob_folder
+
+    settings = get_settings()
+    folder = blob_folder(settings)
+    if not yes:
+        found = read_mark(folder)
+        click.confirm(
+            f"Make {folder} ({'marked ' + found[:12] + '...' if found else 'no mark'}) the blob "
+            "store? Files this database names that are not in it will answer 410",
+            abort=True,
+        )
+    store_id, changed = adopt(settings, folder)
+    what = "now the blob store" if changed else "already the blob store"
+    click.echo(f"{folder} is {what} ({store_id[:12]}...)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -335,3 +335,35 @@ def test_models_reject_stops_a_canary_and_leaves_production(
     unknown = CliRunner().invoke(main, ["models", "reject", "nope"])
     assert unknown.exit_code == 1
     assert "No model version 'nope'." in unknown.output
+
+
+def test_blobs_adopt_makes_the_folder_the_store_after_asking(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segsvc import blob_mark
+    from segsvc.blob_mark import StoreNotMarkedError, read_mark
+    from segsvc.blobs import blob_store
+
+    blob_mark.forget()
+    folder = tmp_path / "blobs"
+    cfg = settings.model_copy(update={"blob_store": "fs", "blob_dir": folder})
+    monkeypatch.setattr("segsvc.cli.get_settings", lambda: cfg)
+    blob_store(cfg).put(b"a mask")
+    store_id = read_mark(folder)
+    assert store_id is not None
+    folder.rename(tmp_path / "old-volume")
+    folder.mkdir()  # a new, empty volume
+    blob_mark.forget()
+    with pytest.raises(StoreNotMarkedError):
+        blob_store(cfg).put(b"an upload")
+    declined = CliRunner().invoke(main, ["blobs", "adopt"], input="n\n")
+    assert declined.exit_code == 1
+    assert "no mark" in declined.output
+    assert read_mark(folder) is None
+    adopted = CliRunner().invoke(main, ["blobs", "adopt"], input="y\n")
+    assert adopted.exit_code == 0, adopted.output
+    assert f"{folder} is now the blob store ({store_id[:12]}...)" in adopted.output
+    assert read_mark(folder) == store_id
+    blob_store(cfg).put(b"an upload")
+    again = CliRunner().invoke(main, ["blobs", "adopt", "--yes"])
+    assert "already the blob store" in again.output

@@ -51,7 +51,46 @@ class Operation:
     descriptions: Mapping[int, str] = field(default_factory=dict)  # status -> over ERROR_TEXT
 
 
-IDEMPOTENCY = {"Idempotency-Key": "Replays the same job for the same body within 24 h."}
+IDEMPOTENCY = {
+    "Idempotency-Key": "Replays the same job for the same body within 24 h: 1-255 printable "
+    "ASCII characters, no comma; send it once (a repeated header is a 422)."
+}
+# The public one-line summary of each operation (a view's docstring speaks to maintainers:
+# its first line was cut mid-sentence and named internals). The docstring's first sentence
+# serves an endpoint not listed here.
+SUMMARIES = {
+    "health.healthz": "The process is up.",
+    "health.startupz": "Postgres is reachable and its schema is this release's (the startup "
+    "probe).",
+    "health.readyz": "Postgres, the broker and (file blobs) the blob volume are ready: the full "
+    "report.",
+    "docs.openapi_json": "This OpenAPI 3.1 document.",
+    "jobs.submit_job": "Submit one photo; `?wait=S` answers with the finished job (or its mask "
+    "PNG) if it ends within S s.",
+    "jobs.submit_batch": "Submit several photos at once (repeat the field `image`): all are "
+    "accepted, or none.",
+    "jobs.read_jobs": "Several jobs at once (`?ids=a,b,...`, up to 100); `?wait=S` until every "
+    "one has ended.",
+    "jobs.read_job": "A job's state, timings and links; `?wait=S` long-polls up to S seconds "
+    "for its end.",
+    "jobs.cancel_job": "Cancel a queued job (a running one stops at its next batch boundary).",
+    "jobs.read_mask": "The class mask PNG (0 pet, 1 background, 2 border) at the photo's size.",
+    "jobs.read_overlay": "The photo with its mask blended on it (PNG).",
+    "feedback.post_feedback": "Rate a job's mask and/or send a corrected one (retraining "
+    "learns from it).",
+    "webhooks.list_messages": "A job's webhook messages, each with its attempts.",
+    "webhooks.redeliver": "Send a webhook message again now.",
+    "webhooks.read_secret": "Your `whsec_` webhook signing secret.",
+    "webhooks.rotate_secret": "A new webhook signing secret; the previous one keeps signing "
+    "for a while.",
+    "models.list_models": "Model versions with status, traffic share and metrics, and recent "
+    "training runs.",
+    "models.comparison_sheet": "A candidate's masks beside production's on evaluation photos "
+    "(PNG).",
+    "models.promote_model": "Make a version production now (the old one is archived).",
+    "models.reject_model": "Reject a version now: a canary stops serving, production untouched.",
+    "models.rollback_model": "Return to the previous production version now.",
+}
 # What a submit (one photo or a batch) can answer besides its 2xx.
 UPLOAD_ERRORS: dict[int, type[BaseModel] | str] = dict.fromkeys(
     (400, 409, 413, 415, 422, 429, 503), s.Error
@@ -244,7 +283,8 @@ def _served(rule: str) -> bool:
 
 def _operation(endpoint: str, path: str, params: list[str], doc: str) -> dict[str, Any]:
     spec = OPERATIONS.get(endpoint)
-    op: dict[str, Any] = {"operationId": endpoint, "summary": doc.splitlines()[0] if doc else ""}
+    summary = SUMMARIES.get(endpoint) or " ".join(doc.split("\n\n")[0].split()).split(". ")[0]
+    op: dict[str, Any] = {"operationId": endpoint, "summary": summary}
     parameters = [
         {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params
     ]

@@ -390,3 +390,19 @@ def test_openapi_model_registry_answers_match_the_document(  # type: ignore[no-u
     _conforms(doc, reject, "post", client.post("/v1/models/v1/reject", headers=admin))  # 409
     _conforms(doc, reject, "post", client.post("/v1/models/nope/reject", headers=admin))
     _conforms(doc, reject, "post", client.post("/v1/models/v1/reject", headers=auth))  # 403
+
+
+def test_openapi_summaries_are_whole_public_sentences(client, app) -> None:  # type: ignore[no-untyped-def]
+    """Regression: each summary was its view docstring's first line, cut mid-sentence ("...;
+    `?wait=S` then holds") and naming internals (`overlay_turn`)."""
+    from api.openapi import SUMMARIES
+
+    spec = client.get("/openapi.json").get_json()
+    ops = {op["operationId"]: op for path in spec["paths"].values() for op in path.values()}
+    assert set(ops) <= set(SUMMARIES)  # every operation has a written summary
+    for endpoint, op in ops.items():
+        summary = op["summary"]
+        assert summary == SUMMARIES[endpoint]
+        assert summary.endswith((".", ")")), summary
+        assert len(summary) <= 100, summary
+        assert "_turn" not in summary

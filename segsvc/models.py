@@ -372,6 +372,9 @@ class WebhookMessage(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # A client's redeliver: the first attempt after it is made however old the message is.
     redelivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The retry time its own last attempt set (its backoff), kept apart from the endpoint's
+    # pauses that move `next_attempt_at`: a delivery lets it go no earlier than this (0013).
+    scheduled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     attempt_log: Mapped[list[WebhookAttempt]] = relationship(
         back_populates="message", order_by="WebhookAttempt.attempted_at"

@@ -204,7 +204,15 @@ def post(
     quotes the line it could not parse ("illegal status line: ..."), which from a service that
     does not speak HTTP is its banner or its first answer."""
     started = time.perf_counter()
-    sent = {"content-type": "application/json", "user-agent": USER_AGENT, **headers}
+    sent = {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        # The body is read raw (`_read_capped`: never inflated, no decompression bomb), so ask
+        # for it as it is: httpx's default `gzip, deflate` had receivers gzip their error
+        # pages, stored as mojibake in the attempt log.
+        "accept-encoding": "identity",
+        **headers,
+    }
     try:
         with (
             httpx.Client(
@@ -231,7 +239,13 @@ def _read_capped(resp: httpx.Response, cap: int, *, deadline: float) -> str:
 
     The status line has arrived by now, and it is the answer: a body that stalls past the
     attempt's deadline ends the read, not the attempt (a 200 whose body never finished was
-    counted a timeout and sent again for days, and such a 410 never disabled anything)."""
+    counted a timeout and sent again for days, and such a 410 never disabled anything).
+
+    A body encoded all the same (a receiver that compresses whatever it is asked) is not read
+    at all: a note stands in for it, since its raw bytes would be stored as mojibake."""
+    encoding = _content_encoding(resp)
+    if encoding is not None:
+        return f"({encoding}-encoded body not stored)"[:cap]
     data = b""
     try:
         for chunk in resp.iter_raw():
@@ -243,6 +257,17 @@ def _read_capped(resp: httpx.Response, cap: int, *, deadline: float) -> str:
     # Postgres text cannot hold NUL, and a binary or compressed answer often has one: storing
     # it as it came failed the attempt's transaction, so the message was sent again for ever.
     return data[:cap].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+
+
+def _content_encoding(resp: httpx.Response) -> str | None:
+    """The answer's Content-Encoding, if it names any coding but `identity` (shortened, and
+    only printable ASCII: it is the receiver's and goes into the attempt log)."""
+    value = ",".join(resp.headers.get_list("content-encoding"))
+    codings = [part.strip().lower() for part in value.split(",")]
+    if all(coding in ("", "identity") for coding in codings):
+        return None
+    shown = ", ".join(coding for coding in codings if coding not in ("", "identity"))
+    return "".join(char for char in shown if " " <= char <= "~")[:40] or "encoded"
 
 
 def _classify(resp: httpx.Response, text: str, duration_ms: float) -> Outcome:

@@ -19,13 +19,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, case, exists, literal, null, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from segsvc.db import savepoint
 from segsvc.models import (
+    UTCDateTime,
     WebhookAttempt,
     WebhookEndpoint,
     WebhookMessage,
@@ -256,6 +257,7 @@ def finish_attempt(
     message.attempts += 1
     message.last_attempt_at = now
     message.status, message.next_attempt_at = status, when
+    message.scheduled_at = when  # its own time, which a pause may put off but not bring forward
     if status != outbox.PENDING:
         message.completed_at = now
     if endpoint is not None:
@@ -296,11 +298,22 @@ def record_endpoint_outcome(
             ),
         )
     if outcome.kind == "delivered":
-        # The run is over: the messages put off to the end of an earlier pause go now too (a
-        # long Retry-After kept the backlog a day after a redelivery was delivered). Any due
+        # The run is over: the messages an earlier pause put off past their own time go now
+        # too (a long Retry-After kept the backlog a day after a redelivery was delivered), each
+        # no earlier than its own retry time (`_move_backlog`). Those that their own backoff
+        # scheduled far ahead stay: a message that kept failing on its own (a receiver that
+        # answers 400 to job.started, 204 to job.completed) was otherwise tried again after
+        # every delivery to its endpoint, each time pausing it, for its whole max age. Any due
         # within a lease of now is left as it is: it may be one in flight.
         lease = attempt_lease(settings).total_seconds()
-        put_off = or_(put_off, WebhookMessage.next_attempt_at > db_now(session, plus_seconds=lease))
+        own = _own_retry_time()
+        put_off = or_(
+            put_off,
+            and_(
+                WebhookMessage.next_attempt_at > db_now(session, plus_seconds=lease),
+                or_(own.is_(None), own < WebhookMessage.next_attempt_at),
+            ),
+        )
     _move_backlog(
         session, prepared.client_id, prepared.url, but=prepared.message_id, which=put_off, to=opens
     )
@@ -316,7 +329,12 @@ def _move_backlog(
     to: datetime,
 ) -> None:
     """Make the endpoint's pending messages that `which` picks (all but message `but`) due at
-    `to`: held for a probe's outcome, put off to a pause's end, or let go."""
+    `to`, or at their own retry time if that is later: held for a probe's outcome, put off to a
+    pause's end, or let go. A pause only ever delays a message; it never brings one forward."""
+    own = _own_retry_time()
+    later: ColumnElement[datetime | None] = case(
+        (own > literal(to, UTCDateTime()), own), else_=literal(to, UTCDateTime())
+    )
     session.execute(
         update(WebhookMessage)
         .where(
@@ -325,8 +343,37 @@ def _move_backlog(
             which,
             WebhookMessage.id != but,
         )
-        .values(next_attempt_at=to)
+        .values(next_attempt_at=later)
         .execution_options(synchronize_session=False)
+    )
+
+
+def _own_retry_time() -> ColumnElement[datetime | None]:
+    """A message's own next time, as its backoff set it (`finish_attempt`), apart from the
+    pauses of its endpoint that move `next_attempt_at`; NULL if it has none: never attempted
+    (its own time is its creation), redelivered since its last attempt (a client asked for it
+    now, and `services.webhooks.redeliver` leaves `scheduled_at` as it was), or attempted only
+    before migration 0013 (let go by a delivery as before, once).
+
+    Kept in the message's row, not inferred from its endpoint's (say, "due at the pause end
+    the endpoint recorded", or "never attempted"): each UPDATE of `_move_backlog` decides and
+    writes from one version of the row (Postgres re-checks a row that a concurrent attempt's
+    record changed against its newest version), so a message's own time and its due time
+    cannot come apart however several webhook workers interleave; while an endpoint's pause
+    end is lengthened by concurrent failures and cleared by a redeliver, and a rule on
+    `attempts` keeps the attempted messages a long Retry-After put off waiting it out. The
+    UPDATEs still find the endpoint's messages by `ix_webhook_messages_pending_endpoint`
+    (client, url, next_attempt_at): this only filters the rows that index range yields."""
+    message = WebhookMessage
+    return case(
+        (
+            or_(
+                message.redelivered_at.is_(None),
+                message.last_attempt_at >= message.redelivered_at,
+            ),
+            message.scheduled_at,
+        ),
+        else_=null(),
     )
 
 

@@ -17,13 +17,21 @@ from standardwebhooks.webhooks import Webhook
 
 from api.app import create_app
 from segsvc.db import session_scope
-from segsvc.models import WebhookMessage
+from segsvc.models import WebhookMessage, db_time
 from segsvc.services import webhooks as webhook_service
 from segsvc.settings import Settings
 from segsvc.webhooks.dispatch import claim_due
+from segsvc.webhooks.outbox import JOB_COMPLETED, JOB_STARTED, job_message_id
 from tests.conftest import free_port, sample_images, start_celery, stop_process
 from tests.segsvc.webhooks.factories import finish_job, make_job, start_job
-from tests.segsvc.webhooks.receiver import LOOPBACK_ONLY, Receiver, Reply, hook_settings, receiver
+from tests.segsvc.webhooks.receiver import (
+    LOOPBACK_ONLY,
+    Received,
+    Receiver,
+    Reply,
+    hook_settings,
+    receiver,
+)
 from worker.webhook_tasks import deliver_message
 
 __all__ = ["hook_settings", "receiver"]
@@ -135,6 +143,52 @@ def test_deliver_message_redirect_is_not_followed(
     assert msg.status == "pending"  # tried again later, on the schedule
     assert "not followed" in (msg.attempt_log[0].error or "")
     assert [r.path for r in receiver.requests] == ["/hook"]
+
+
+def test_a_message_refused_on_its_own_keeps_its_backoff_while_others_are_delivered(
+    receiver: Receiver, hook_settings: Settings
+) -> None:
+    # Regression: a receiver that answers 400 to job.started and 204 to job.completed. Each
+    # 2xx made every message of the endpoint more than a lease ahead due, so job.started was
+    # tried again after every delivery (eight attempts in 16 s, each pausing the endpoint and
+    # holding up the notices it takes), not 5 min later, then 30 min, 2 h... for 3 days.
+    cfg = hook_settings.model_copy(
+        update={
+            "webhook_schedule": "0,0.5,300,1800,7200",
+            "webhook_endpoint_pause_max_seconds": 0.5,
+        }
+    )
+
+    def answer(got: Received) -> Reply:
+        refused = json.loads(got.body)["type"] == "job.started"
+        return Reply(400 if refused else 204, body=b"")
+
+    receiver.answer = answer
+    first = make_job(cfg, receiver.url, ["start", "completed"])
+    claimed = start_job(cfg, first)
+    started = job_message_id(first, JOB_STARTED)
+    deadline = time.monotonic() + 15
+    while only_message(cfg, started).attempts < 2:  # at once, then 0.5 s later: 400 both
+        assert time.monotonic() < deadline, "job.started was not tried twice"
+        pump(cfg, "pending", started)
+        time.sleep(0.05)
+    finish_job(cfg, claimed)
+    pump(cfg, "delivered", job_message_id(first, JOB_COMPLETED))
+    for _ in range(3):  # later jobs' notices: each one delivered
+        other = make_job(cfg, receiver.url)
+        finish_job(cfg, start_job(cfg, other))
+        pump(cfg, "delivered", job_message_id(other, JOB_COMPLETED))
+    time.sleep(0.6)  # past any pause: what is due now would be claimed
+    pump(cfg, "pending", started)
+    message = only_message(cfg, started)
+    assert message.attempts == 2, [a.attempted_at for a in message.attempt_log]
+    assert message.next_attempt_at is not None
+    with session_scope(cfg) as session:
+        waits = message.next_attempt_at - db_time(session)
+    assert timedelta(seconds=240) < waits < timedelta(seconds=330)  # its own 5 min (+-10%)
+    events = [json.loads(r.body)["type"] for r in receiver.requests]
+    assert events.count("job.started") == 2
+    assert events.count("job.completed") == 4
 
 
 # --- real worker processes ------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -34,23 +34,29 @@ class Received:
 
 
 class Receiver:
-    """Records every request; answers with scripted replies, then with `default`."""
+    """Records every request; answers with scripted replies, then with `answer(request)` if
+    it is set (a reply chosen by what was sent), else with `default`."""
 
     def __init__(self) -> None:
         self.requests: list[Received] = []
         self.replies: deque[Reply] = deque()
         self.default = Reply()
+        self.answer: Callable[[Received], Reply] | None = None
         self.lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                got = Received(self.path, dict(self.headers.items()), body, time.monotonic())
                 with receiver.lock:
-                    receiver.requests.append(
-                        Received(self.path, dict(self.headers.items()), body, time.monotonic())
-                    )
-                    reply = receiver.replies.popleft() if receiver.replies else receiver.default
+                    receiver.requests.append(got)
+                    if receiver.replies:
+                        reply = receiver.replies.popleft()
+                    elif receiver.answer is not None:
+                        reply = receiver.answer(got)
+                    else:
+                        reply = receiver.default
                 time.sleep(reply.delay)
                 try:
                     self.send_response(reply.status)

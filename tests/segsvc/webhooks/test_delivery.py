@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 from segsvc.settings import Settings
 from segsvc.webhooks.delivery import deliver, post
 from segsvc.webhooks.ssrf import Target
-from tests.segsvc.webhooks.receiver import Receiver, Reply
+from tests.segsvc.webhooks.receiver import Received, Receiver, Reply
 
 
 def target(receiver: Receiver, host: str = "127.0.0.1") -> Target:
@@ -218,6 +219,47 @@ def test_post_keeps_no_nul_byte_of_the_answer(receiver: Receiver) -> None:
     assert out.kind == "delivered"
     assert "\x00" not in (out.body or "")
     assert out.body == "\x1f\ufffd\x08\ufffdgz\ufffd"
+
+
+ERROR_PAGE = b'{"error":"invalid signature: check your whsec_ secret"}'
+
+
+def _header(got: Received, name: str) -> str | None:
+    return next((v for k, v in got.headers.items() if k.lower() == name), None)
+
+
+def _gzips_when_asked(got: Received) -> Reply:
+    if "gzip" in (_header(got, "accept-encoding") or ""):
+        return Reply(400, headers={"Content-Encoding": "gzip"}, body=gzip.compress(ERROR_PAGE))
+    return Reply(400, body=ERROR_PAGE)
+
+
+def test_post_asks_for_the_answer_unencoded(receiver: Receiver) -> None:
+    """The body is read raw (never inflated): asked for gzip (httpx's default), a receiver
+    gzipped its error page, which the attempt log showed as mojibake."""
+    receiver.answer = _gzips_when_asked
+    out = send(receiver, body_cap=4096)
+    assert _header(receiver.wait_for(1)[0], "accept-encoding") == "identity"
+    assert (out.kind, out.status_code, out.body) == ("retry", 400, ERROR_PAGE.decode())
+
+
+@pytest.mark.parametrize(
+    ("encoding", "note"),
+    [
+        ("gzip", "(gzip-encoded body not stored)"),
+        ("br, identity", "(br-encoded body not stored)"),
+        ("identity", ERROR_PAGE.decode()),
+    ],
+)
+def test_post_keeps_no_encoded_body_a_receiver_sends_unasked(
+    receiver: Receiver, encoding: str, note: str
+) -> None:
+    """A receiver that compresses whatever it is asked: its answer counts by its status, and a
+    note stands in for the bytes that could only be stored as mojibake."""
+    body = ERROR_PAGE if encoding == "identity" else gzip.compress(ERROR_PAGE)
+    receiver.script(Reply(400, headers={"Content-Encoding": encoding}, body=body))
+    out = send(receiver, body_cap=4096)
+    assert (out.kind, out.status_code, out.body) == ("retry", 400, note)
 
 
 def test_connecting_to_many_silent_addresses_ends_by_the_attempts_deadline(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -69,6 +71,31 @@ def _claim_reads(settings: Settings) -> tuple[list[tuple[str, datetime]], int]:
         conn.rollback()
     tree = plan if isinstance(plan, list) else json.loads(plan)
     return claimed, _rows_read(tree[0]["Plan"])
+
+
+@contextmanager
+def _plans_of_backlog_moves(settings: Settings) -> Iterator[list[str]]:
+    """The plans (EXPLAIN, not run again) of the UPDATEs that move an endpoint's backlog
+    while the block runs."""
+    seen: list[tuple[str, Any]] = []
+    engine = get_engine(settings)
+
+    def capture(*args: Any) -> None:
+        statement = args[2]
+        if statement.startswith("UPDATE webhook_messages") and "url =" in statement:
+            seen.append((statement, args[3]))
+
+    plans: list[str] = []
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        yield plans
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    with engine.connect() as conn:
+        for statement, params in seen:
+            rows = conn.exec_driver_sql("EXPLAIN " + statement, params).scalars().all()
+            plans.append("\n".join(rows))
+        conn.rollback()
 
 
 def _rows_read(node: dict[str, Any]) -> int:
@@ -160,5 +187,10 @@ def test_claim_due_reads_few_rows_of_a_paused_endpoints_backlog(settings: Settin
     assert waiting == BACKLOG - 1  # all but the probe, whose own retry time stands
     _pause_ends(settings)
     (second_probe,) = _start(settings, _claim_reads(settings)[0])
-    _record(settings, second_probe, Outcome("delivered", 1.0, 204))
+    with _plans_of_backlog_moves(settings) as plans:
+        _record(settings, second_probe, Outcome("delivered", 1.0, 204))
     assert _due_now(settings) >= BACKLOG - 100  # a delivery lets the whole backlog go
+    assert plans, "no UPDATE moved the backlog"
+    for plan in plans:  # the conditions on a message's own retry time only filter what the
+        # endpoint's index range yields: the index still finds the endpoint's messages
+        assert "ix_webhook_messages_pending_endpoint" in plan, plan

@@ -2,28 +2,70 @@
 "use strict";
 
 const KEY_STORAGE = "segsvc.apiKey";
-// Mask values 0 pet, 1 background, 2 border, coloured like the overlay (raw 0/1/2 looks black).
-const MASK_COLOURS = [[255, 64, 64], [40, 44, 60], [255, 220, 0]];
+// Mask values 0 pet, 1 background, 2 border, coloured like the legend (raw 0/1/2 looks black);
+// any other value white. RGBA.
+const MASK_COLOURS = [[255, 64, 64, 255], [40, 44, 60, 255], [255, 220, 0, 255]];
+const MASK_OTHER = [255, 255, 255, 255];
+// The overlay as the server draws it (segsvc/ml/imaging.py: PALETTE, OVERLAY_ALPHA, rounded
+// to bytes): pet 50% red, background untouched, border 60% yellow, any other value untouched.
+const OVERLAY_COLOURS = [[255, 64, 64, 128], [0, 0, 0, 0], [255, 220, 0, 153]];
+const OVERLAY_OTHER = [0, 0, 0, 0];
+// The pictures on screen are drawn at most this wide (CSS pixels, the page's width, at the
+// screen's density) and this many pixels in all: a 24 MP photo's full-size overlay and mask
+// held about 200 MB of canvas and pixel copies for a picture shown 500 pixels wide.
+const DISPLAY_MAX_WIDTH = 1100;
+const DISPLAY_MAX_PIXELS = 4_000_000;
 const ALLOWED_TYPES = ["image/jpeg", "image/png", "image/webp"];
 const STATUS_WORDS = {
+  checking: "Checking on the job\u2026",
   queued: "Waiting in the queue for a worker.",
   running: "A worker is segmenting the photo.",
   succeeded: "Done.",
   failed: "The job failed.",
   canceled: "The job was canceled.",
 };
+const LOADING_RESULT = "Loading the result\u2026";
 
 const $ = (id) => document.getElementById(id);
-const state = { config: { auth_required: true, max_upload_bytes: 10 * 1024 * 1024 }, job: null,
-                urls: [], pollTimer: null, generation: 0, overlayUrl: null, originalUrl: null,
-                xhr: null, cancelRequested: false, pollFailures: 0 };
+const state = { config: { auth_required: true, max_upload_bytes: 10 * 1024 * 1024, max_pixels: 0 },
+                job: null, urls: [], pollTimer: null, generation: 0, picks: 0, overlayUrl: null,
+                originalUrl: null, xhr: null, cancelRequested: false, pollFailures: 0 };
 
 // What an HTTP header can carry: a key pasted with a zero-width space or an ellipsis made
 // every request throw in setRequestHeader, and the page hung at "Uploading... 0%".
 const KEY_PATTERN = /^[\x21-\x7e]+$/;
 
+// --- the key: in localStorage, or in this page's memory where the browser refuses storage --
+// With site data blocked (Chrome's "block all cookies") every localStorage access throws: the
+// page never started, "Save key" did nothing and a chosen photo failed in silence.
+const keyStore = { blocked: false, memory: "" };
+
+function storedKey() {
+  if (!keyStore.blocked) {
+    try {
+      return window.localStorage.getItem(KEY_STORAGE) || "";
+    } catch (_err) {
+      keyStore.blocked = true;
+    }
+  }
+  return keyStore.memory;
+}
+
+function storeKey(key) {  // "" forgets it
+  if (!keyStore.blocked) {
+    try {
+      if (key) window.localStorage.setItem(KEY_STORAGE, key);
+      else window.localStorage.removeItem(KEY_STORAGE);
+      return;
+    } catch (_err) {  // blocked, or full (a private window's quota)
+      keyStore.blocked = true;
+    }
+  }
+  keyStore.memory = key;
+}
+
 function apiKey() {
-  const key = localStorage.getItem(KEY_STORAGE) || "";
+  const key = storedKey();
   return KEY_PATTERN.test(key) ? key : "";
 }
 
@@ -32,18 +74,31 @@ function authHeaders() {
   return key ? { Authorization: "Bearer " + key } : {};
 }
 
+function code(text) {
+  const element = document.createElement("code");
+  element.textContent = text;
+  return element;
+}
+
 function showKeyState() {
   const key = apiKey();
-  $("key-state").textContent = key
-    ? "Key saved in this browser (" + key.slice(0, 8) + "\u2026)."
-    : "No key saved yet. `make run` prints one (also in var/local_api_key).";
+  if (key) {
+    $("key-state").textContent = (keyStore.blocked ? "Key kept in this page (" : "Key saved in this browser (")
+      + key.slice(0, 8) + "\u2026).";
+  } else {  // as index.html has it (a string here showed its backticks)
+    $("key-state").replaceChildren("No key saved yet. ", code("make run"), " prints one (also in ",
+      code("var/local_api_key"), ").");
+  }
+  $("storage-note").hidden = !keyStore.blocked;
   $("api-key").value = "";
   $("api-key").placeholder = key ? "saved; paste a new key to replace it" : "seg_...";
 }
 
 function formatBytes(n) {
-  return n >= 1024 * 1024 ? (n / 1024 / 1024).toFixed(n % (1024 * 1024) ? 1 : 0) + " MB"
-    : Math.round(n / 1024) + " KB";
+  if (n >= 1024 * 1024) return (n / 1024 / 1024).toFixed(n % (1024 * 1024) ? 1 : 0) + " MB";
+  if (n >= 10 * 1024) return Math.round(n / 1024) + " KB";
+  if (n >= 1024) return (n / 1024).toFixed(1).replace(/\.0$/, "") + " KB";
+  return n + (n === 1 ? " byte" : " bytes");  // a small file was "(0 KB)"
 }
 
 // --- errors in plain words ----------------------------------------------------------------
@@ -84,6 +139,22 @@ function clearError() {
   $("error-box").textContent = "";
 }
 
+// Information, not an error (no alert): it goes at the next thing the user does.
+function showNotice(text) {
+  $("notice-box").textContent = text;
+  $("notice-box").hidden = false;
+}
+
+function clearNotice() {
+  $("notice-box").hidden = true;
+  $("notice-box").textContent = "";
+}
+
+function clearMessages() {
+  clearError();
+  clearNotice();
+}
+
 // --- status display -----------------------------------------------------------------------
 // `ended`: the job failed or was canceled; its Done step is marked so, not ticked.
 function setStep(step, text, ended) {
@@ -119,14 +190,49 @@ function checkFile(file) {
   return null;
 }
 
-function startUpload(file) {  // whether it started (else the error box says why not)
-  clearError();
-  const problem = checkFile(file);
+// The photo's width and height as the browser reads them from its header (no pixels are
+// decoded for this); null where it cannot: the server judges that file.
+function imageSize(file) {
+  return new Promise((resolve) => {
+    const url = URL.createObjectURL(file);
+    const img = new Image();
+    const done = (size) => { URL.revokeObjectURL(url); img.removeAttribute("src"); resolve(size); };
+    img.onload = () => done([img.naturalWidth, img.naturalHeight]);
+    img.onerror = () => done(null);
+    img.src = url;
+  });
+}
+
+// The server's own words for a photo over SEG_MAX_PIXELS, said before sending it.
+function pixelProblem(size) {
+  const pixels = size ? size[0] * size[1] : 0;
+  const limit = state.config.max_pixels;
+  return limit && pixels > limit
+    ? "That file could not be used as an image. The image has " + pixels
+      + " pixels, more than the limit of " + limit + "."
+    : null;
+}
+
+function setJobInUrl(jobId) {  // a reload comes back to the job (#job=<id>)
+  const url = location.pathname + location.search + (jobId ? "#job=" + encodeURIComponent(jobId) : "");
+  history.replaceState(null, "", url);
+}
+
+async function startUpload(file) {  // whether it started (else the error box says why not)
+  clearMessages();
+  let problem = checkFile(file);
+  if (!problem && state.config.max_pixels) {
+    const pick = ++state.picks;
+    const size = await imageSize(file);
+    if (pick !== state.picks) return false;  // another photo came meanwhile
+    problem = pixelProblem(size);
+  }
   if (problem) {
     showError(problem);
     return false;
   }
   resetResults();
+  setJobInUrl(null);
   const generation = ++state.generation;
   state.originalUrl = trackUrl(URL.createObjectURL(file));
   $("progress-box").hidden = false;
@@ -150,6 +256,7 @@ function startUpload(file) {  // whether it started (else the error box says why
     if (xhr.status === 202 && body) {
       setProgress(100);
       state.job = body;
+      setJobInUrl(body.id);
       showJob(body);
       schedulePoll(body.id, generation, FIRST_POLL_MS);
     } else {
@@ -166,6 +273,29 @@ function startUpload(file) {  // whether it started (else the error box says why
   state.xhr = xhr;
   xhr.send(form);
   return true;
+}
+
+// A reload (or a link) with #job=<id>: follow that job again, and show its result when done.
+// The photo itself is not in the page any more: the server's overlay.png is shown instead.
+function jobFromUrl() {
+  const match = /^#job=([\w.~%-]{1,200})$/.exec(location.hash);
+  if (!match) return null;
+  try { return decodeURIComponent(match[1]); } catch (_err) { return null; }
+}
+
+function resumeJob(jobId) {
+  resetResults();
+  const generation = ++state.generation;
+  state.job = { id: jobId, status: "checking" };
+  $("progress-box").hidden = false;
+  setProgress(100);
+  if (state.config.auth_required && !apiKey()) {  // saving a key starts the polls
+    setStep("queued", "Paste your API key above to check on job " + jobId + ".");
+    $("cancel-button").hidden = true;
+    return;
+  }
+  showJob(state.job);
+  schedulePoll(jobId, generation, FIRST_POLL_MS);
 }
 
 // --- polling ------------------------------------------------------------------------------
@@ -238,16 +368,17 @@ async function poll(jobId, generation, delay) {
 }
 
 function showJob(job) {
-  const step = { queued: "queued", running: "running" }[job.status] || "done";
+  const step = { checking: "queued", queued: "queued", running: "running" }[job.status] || "done";
   let text = STATUS_WORDS[job.status] || job.status;
   // A running job stops at the worker's next batch boundary: the cancel answers "running".
   if (step !== "done" && state.cancelRequested) text = "Cancel requested\u2026 " + text;
   setStep(step, text, job.status === "failed" || job.status === "canceled");
-  $("cancel-button").hidden = step === "done" || state.cancelRequested;
+  $("cancel-button").hidden = step === "done" || state.cancelRequested || job.status === "checking";
 }
 
 async function cancelJob() {
   if (!state.job) return;
+  clearNotice();
   const generation = state.generation;  // a new photo meanwhile: this answer is not its job's
   const button = $("cancel-button");
   button.disabled = true;  // one cancel at a time
@@ -284,12 +415,16 @@ function resetResults() {
   state.urls.forEach((u) => URL.revokeObjectURL(u));
   state.urls = [];
   state.job = null;
+  state.originalUrl = null;
+  state.overlayUrl = null;
   state.cancelRequested = false;
   state.pollFailures = 0;
   $("results").hidden = true;
   $("show-original").checked = false;
   $("show-original").disabled = false;
+  $("left-figure").hidden = false;
   $("download-overlay").hidden = false;
+  resetOverlayDownload();
   $("left-caption").textContent = LEFT_PANELS.overlay[0];
   $("overlay-img").alt = LEFT_PANELS.overlay[1];
   $("overlay-img").removeAttribute("src");
@@ -318,46 +453,148 @@ async function fetchBlob(path) {
   }
 }
 
+// The result is drawn here, from the photo the page holds and the small mask PNG: the server's
+// overlay.png is as large as the photo (28 MB for a 24 MP JPEG of 3 MB), and the page said
+// "Done." and then showed nothing for as long as it took to download. It is fetched only when
+// its download link is clicked, or shown where the page lacks the photo (after a reload) or
+// cannot line the mask up with it.
 async function loadResults(job, generation) {
   const base = "/v1/jobs/" + encodeURIComponent(job.id);
+  setStep("done", LOADING_RESULT);
   // Each on its own: an overlay that cannot be drawn (its input purged after retention: a 410)
   // must not hide a mask that loaded.
-  const [overlay, mask] = await Promise.allSettled(
-    [fetchBlob(base + "/overlay.png"), fetchBlob(base + "/mask.png")]);
+  const serverOverlay = state.originalUrl ? null : settle(fetchBlob(base + "/overlay.png"));
+  const [mask] = await Promise.all([settle(fetchBlob(base + "/mask.png")), serverOverlay]);
   if (generation !== state.generation) return;  // after each wait: a new photo replaces it
-  if (mask.status === "rejected") {
-    showError("The job finished but its mask could not be loaded: " + mask.reason.message);
+  if (mask.error) {
+    showError("The job finished but its mask could not be loaded: " + mask.error.message);
+    setStep("done", STATUS_WORDS.succeeded);
     return;
   }
-  // Without its overlay the photo itself is shown, and the overlay's download is hidden.
-  state.overlayUrl = overlay.status === "fulfilled"
-    ? trackUrl(URL.createObjectURL(overlay.value)) : state.originalUrl;
-  const maskUrl = trackUrl(URL.createObjectURL(mask.value));
-  showLeft(overlay.status === "fulfilled" ? "overlay" : "original");
-  $("download-overlay").hidden = overlay.status !== "fulfilled";
-  $("show-original").disabled = overlay.status !== "fulfilled";
-  if (overlay.status === "rejected") {
-    showError(sentence("The overlay could not be drawn, the mask is shown: " + overlay.reason.message));
-  }
+  let layers;
   try {
-    await drawMask(mask.value);
+    layers = await maskLayers(mask.value);
+    await drawMask(layers);
   } catch (_err) {  // not an image after all (a proxy's page with a 200)
-    if (generation === state.generation) showError("The job finished but its mask could not be drawn.");
+    if (generation === state.generation) {
+      showError("The job finished but its mask could not be drawn.");
+      setStep("done", STATUS_WORDS.succeeded);
+    }
     return;
   }
   if (generation !== state.generation) return;
-  setDownload("download-overlay", state.overlayUrl, job.id + "-overlay.png");
-  setDownload("download-mask", maskUrl, job.id + "-mask.png");
-  $("mask-canvas").toBlob((blob) => {
-    if (blob && generation === state.generation) setDownload("download-mask-colour", trackUrl(URL.createObjectURL(blob)), job.id + "-mask-colour.png");
-  }, "image/png");
+  let overlay = state.originalUrl ? await drawOverlay(state.originalUrl, layers) : null;
+  if (generation !== state.generation) return;
+  let fetched = null;
+  if (overlay) {
+    overlay = trackUrl(URL.createObjectURL(overlay));
+  } else {  // no photo here, or one the mask does not fit: the server's
+    fetched = await (serverOverlay || settle(fetchBlob(base + "/overlay.png")));
+    if (generation !== state.generation) return;
+    overlay = fetched.value ? trackUrl(URL.createObjectURL(fetched.value)) : null;
+  }
+  state.overlayUrl = overlay;
+  // Without an overlay the photo itself is shown (none after a reload), and the overlay's
+  // download is hidden; the server's, fetched already, is the download as it is.
+  $("download-overlay").hidden = !overlay;
+  $("show-original").disabled = !overlay || !state.originalUrl;
+  $("left-figure").hidden = !overlay && !state.originalUrl;
+  if (overlay || state.originalUrl) showLeft(overlay ? "overlay" : "original");
+  if (fetched && fetched.error) {
+    showError(sentence("The overlay could not be drawn, the mask is shown: " + fetched.error.message));
+  }
+  if (fetched && fetched.value) setOverlayDownload(overlay, job.id);
+  setDownload("download-mask", trackUrl(URL.createObjectURL(mask.value)), job.id + "-mask.png");
+  setDownload("download-mask-colour", trackUrl(URL.createObjectURL(layers.colour)), job.id + "-mask-colour.png");
   showDetails(job);
   $("results").hidden = false;
+  setStep("done", STATUS_WORDS.succeeded);
 }
 
-async function drawMask(blob) {
-  const bitmap = await createImageBitmap(blob);
-  const canvas = $("mask-canvas");
+function settle(promise) {  // {value} or {error}: one failure does not reject the others
+  return promise.then((value) => ({ value }), (error) => ({ error }));
+}
+
+// The canvas size a picture is drawn at on screen: at most the page's width at this screen's
+// density and DISPLAY_MAX_PIXELS, never larger than the picture.
+function displaySize(width, height) {
+  const density = Math.min(Math.max(window.devicePixelRatio || 1, 1), 3);
+  const scale = Math.min(1, (DISPLAY_MAX_WIDTH * density) / width,
+    Math.sqrt(DISPLAY_MAX_PIXELS / (width * height)));
+  return [Math.max(1, Math.round(width * scale)), Math.max(1, Math.round(height * scale))];
+}
+
+// --- the mask's colours without decoding it ----------------------------------------------
+// The served mask is an 8-bit greyscale PNG whose values are the classes. The same bytes with
+// the IHDR's colour type set to "palette" and a palette (and transparency) added are a PNG of
+// the classes in colour: the legend's colours for the mask, the overlay's colours at its
+// opacity to draw over the photo. Nothing is decoded or copied pixel by pixel in JavaScript,
+// so a 24 MP mask costs a few kilobytes here, not 100 MB of pixel arrays.
+const PNG_SIGNATURE = [137, 80, 78, 71, 13, 10, 26, 10];
+const CRC_TABLE = (() => {
+  const table = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    table[n] = c >>> 0;
+  }
+  return table;
+})();
+
+function crc32(bytes) {
+  let c = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) c = CRC_TABLE[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+function pngChunk(type, data) {  // length, type, data, CRC-32 of type + data
+  const chunk = new Uint8Array(12 + data.length);
+  const view = new DataView(chunk.buffer);
+  view.setUint32(0, data.length);
+  for (let i = 0; i < 4; i++) chunk[4 + i] = type.charCodeAt(i);
+  chunk.set(data, 8);
+  view.setUint32(8 + data.length, crc32(chunk.subarray(4, 8 + data.length)));
+  return chunk;
+}
+
+// {width, height, chunks}: an 8-bit greyscale PNG's size and its IDAT chunks as stored; null
+// for any other PNG. Ancillary chunks are left out: some (tRNS, bKGD, sBIT) are laid out
+// differently for a palette image.
+function greyscalePng(bytes) {
+  if (bytes.length < 33 || PNG_SIGNATURE.some((b, i) => bytes[i] !== b)) return null;
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const type = (at) => String.fromCharCode(...bytes.subarray(at, at + 4));
+  if (view.getUint32(8) !== 13 || type(12) !== "IHDR" || bytes[24] !== 8 || bytes[25] !== 0) return null;
+  const chunks = [];
+  for (let at = 33; at + 12 <= bytes.length;) {
+    const end = at + 12 + view.getUint32(at);
+    if (end > bytes.length) return null;
+    if (type(at + 4) === "IDAT") chunks.push(bytes.subarray(at, end));
+    if (type(at + 4) === "IEND") break;
+    at = end;
+  }
+  if (!chunks.length) return null;
+  return { width: view.getUint32(16), height: view.getUint32(20), ihdr: bytes.slice(16, 29), chunks };
+}
+
+function palettePng(grey, colours, other) {
+  const ihdr = grey.ihdr.slice();
+  ihdr[9] = 3;  // colour type: palette
+  const palette = new Uint8Array(256 * 3);
+  const alpha = new Uint8Array(256);
+  for (let i = 0; i < 256; i++) {
+    const colour = colours[i] || other;
+    palette.set(colour.slice(0, 3), 3 * i);
+    alpha[i] = colour[3];
+  }
+  const parts = [new Uint8Array(PNG_SIGNATURE), pngChunk("IHDR", ihdr), pngChunk("PLTE", palette)];
+  if (alpha.some((a) => a !== 255)) parts.push(pngChunk("tRNS", alpha));
+  return new Blob([...parts, ...grey.chunks, pngChunk("IEND", new Uint8Array(0))], { type: "image/png" });
+}
+
+// Any other mask (one a proxy re-encoded, say): decoded and coloured pixel by pixel.
+async function recolouredPng(bitmap, colours, other) {
+  const canvas = document.createElement("canvas");
   canvas.width = bitmap.width;
   canvas.height = bitmap.height;
   const ctx = canvas.getContext("2d");
@@ -365,10 +602,115 @@ async function drawMask(blob) {
   const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
   const d = pixels.data;
   for (let i = 0; i < d.length; i += 4) {
-    const colour = MASK_COLOURS[d[i]] || [255, 255, 255];
-    d[i] = colour[0]; d[i + 1] = colour[1]; d[i + 2] = colour[2]; d[i + 3] = 255;
+    const colour = colours[d[i]] || other;
+    d[i] = colour[0]; d[i + 1] = colour[1]; d[i + 2] = colour[2]; d[i + 3] = colour[3];
   }
   ctx.putImageData(pixels, 0, 0);
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+  canvas.width = 0;
+  if (!blob) throw new Error("the mask could not be coloured");
+  return blob;
+}
+
+// {width, height, colour, overlay}: the mask's size and two PNGs at that size, the mask in the
+// legend's colours (also the mask-colour.png download) and the overlay's colours to blend.
+async function maskLayers(blob) {
+  const grey = greyscalePng(new Uint8Array(await blob.arrayBuffer()));
+  if (grey) {
+    return { width: grey.width, height: grey.height,
+             colour: palettePng(grey, MASK_COLOURS, MASK_OTHER),
+             overlay: palettePng(grey, OVERLAY_COLOURS, OVERLAY_OTHER) };
+  }
+  const bitmap = await createImageBitmap(blob);
+  try {
+    return { width: bitmap.width, height: bitmap.height,
+             colour: await recolouredPng(bitmap, MASK_COLOURS, MASK_OTHER),
+             overlay: await recolouredPng(bitmap, OVERLAY_COLOURS, OVERLAY_OTHER) };
+  } finally {
+    bitmap.close();
+  }
+}
+
+async function drawMask(layers) {
+  const [width, height] = displaySize(layers.width, layers.height);
+  const bitmap = await createImageBitmap(layers.colour);
+  const canvas = $("mask-canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingEnabled = false;  // only the legend's colours, no blends of them
+  ctx.drawImage(bitmap, 0, 0, width, height);
+  bitmap.close();
+}
+
+// The photo with the overlay's colours blended on it, as a PNG at display size; null where
+// the browser cannot decode the photo or the mask is not its size. The mask is at the size
+// of the photo as the server turned it by its EXIF orientation, which is how the browser
+// shows it (the <img> and drawImage alike): a mask of another size was made by another rule
+// (the jobs stored before 2026-11-27 that turned a WebP by its tag), and the server's
+// overlay knows how to draw those.
+async function drawOverlay(photoUrl, layers) {
+  const photo = new Image();
+  photo.src = photoUrl;
+  try {
+    await photo.decode();
+  } catch (_err) {
+    return null;
+  }
+  if (photo.naturalWidth !== layers.width || photo.naturalHeight !== layers.height) return null;
+  const [width, height] = displaySize(layers.width, layers.height);
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(photo, 0, 0, width, height);
+  photo.removeAttribute("src");  // the full-size decode can go
+  const colours = await createImageBitmap(layers.overlay);
+  ctx.drawImage(colours, 0, 0, width, height);
+  colours.close();
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+  canvas.width = 0;
+  return blob;
+}
+
+// overlay.png, fetched when its link is clicked (the server draws it at the photo's size).
+function resetOverlayDownload() {
+  const link = $("download-overlay");
+  link.href = "#";
+  link.removeAttribute("download");
+  delete link.dataset.ready;
+  link.textContent = "overlay.png";
+}
+
+function setOverlayDownload(url, jobId) {
+  setDownload("download-overlay", url, jobId + "-overlay.png");
+  $("download-overlay").dataset.ready = "true";
+}
+
+async function downloadOverlay(event) {
+  const link = event.currentTarget;
+  if (link.dataset.ready) return;  // fetched already: the browser saves it
+  event.preventDefault();
+  if (!state.job || link.getAttribute("aria-busy") === "true") return;
+  clearMessages();
+  const job = state.job;
+  const generation = state.generation;
+  link.setAttribute("aria-busy", "true");
+  link.textContent = "overlay.png (preparing\u2026)";
+  let blob;
+  try {
+    blob = await fetchBlob("/v1/jobs/" + encodeURIComponent(job.id) + "/overlay.png");
+  } catch (err) {
+    if (generation === state.generation) showError(sentence("overlay.png could not be downloaded: " + err.message));
+    return;
+  } finally {
+    link.removeAttribute("aria-busy");
+    link.textContent = "overlay.png";
+  }
+  if (generation !== state.generation) return;
+  setOverlayDownload(trackUrl(URL.createObjectURL(blob)), job.id);
+  link.click();
 }
 
 function setDownload(id, url, name) {
@@ -425,9 +767,9 @@ function wire() {
                 "outside plain ASCII, often pasted along with it); copy it again.");
       return;
     }
-    if (key) localStorage.setItem(KEY_STORAGE, key);
+    if (key) storeKey(key);
     showKeyState();
-    clearError();
+    clearMessages();
     // A poll refused for the key (Forget pressed, a key mis-pasted) stopped; this one goes on.
     if (jobUnfinished()) {
       showJob(state.job);
@@ -435,8 +777,9 @@ function wire() {
     }
   });
   $("key-forget").addEventListener("click", () => {
-    localStorage.removeItem(KEY_STORAGE);
+    storeKey("");
     showKeyState();
+    clearNotice();
   });
   $("file-input").addEventListener("change", (event) => {
     const file = event.target.files[0];
@@ -449,23 +792,24 @@ function wire() {
     zone.classList.add("dragging");
   }));
   ["dragleave", "drop"].forEach((name) => zone.addEventListener(name, () => zone.classList.remove("dragging")));
-  zone.addEventListener("drop", (event) => {
+  zone.addEventListener("drop", async (event) => {
     event.preventDefault();
     const files = Array.from(event.dataTransfer.files);
     // One photo at a time here (`segsvc submit` takes folders): the first image dropped, and
     // a word on the others, which were dropped silently.
     const file = files.find((f) => !f.type || ALLOWED_TYPES.includes(f.type)) || files[0];
-    if (!file || !startUpload(file)) return;  // refused: its reason stays shown
-    if (files.length > 1) {
+    if (!file || !(await startUpload(file))) return;  // refused: its reason stays shown
+    if (files.length > 1) {  // information, not an error: gone at the next upload
       const others = files.length - 1;
-      showError("One photo at a time: sending " + file.name + "; the other " + others +
-                (others === 1 ? " was" : " were") + " not sent.");
+      showNotice("One photo at a time: sending " + file.name + "; the other " + others +
+                 (others === 1 ? " was" : " were") + " not sent.");
     }
   });
   zone.addEventListener("keydown", (event) => {
     if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("file-input").click(); }
   });
   $("cancel-button").addEventListener("click", cancelJob);
+  $("download-overlay").addEventListener("click", downloadOverlay);
   $("show-original").addEventListener("change", (event) => {
     showLeft(event.target.checked ? "original" : "overlay");
   });
@@ -482,4 +826,8 @@ async function loadConfig() {
 
 wire();
 showKeyState();
-loadConfig().then(() => { document.body.dataset.ready = "true"; });
+loadConfig().then(() => {
+  const jobId = jobFromUrl();
+  if (jobId) resumeJob(jobId);
+  document.body.dataset.ready = "true";
+});

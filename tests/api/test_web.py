@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from api.routes.web import STATIC_DIR
+from segsvc.ml.imaging import OVERLAY_ALPHA, PALETTE
 
 
 def test_index_serves_page_without_auth(client) -> None:  # type: ignore[no-untyped-def]
@@ -64,3 +66,30 @@ def test_api_still_requires_key(client) -> None:  # type: ignore[no-untyped-def]
     resp = client.get("/v1/jobs/00000000-0000-0000-0000-000000000000")
     assert resp.status_code == 401
     assert resp.get_json()["error"] == "unauthorized"
+
+
+def _js_rgba_table(name: str) -> list[list[int]]:
+    """An `[[r, g, b, a], ...]` constant of the page's script."""
+    match = re.search(
+        rf"const {name} = (\[\[[\d, \[\]]+\]\]);", (STATIC_DIR / "app.js").read_text()
+    )
+    assert match, name
+    table: list[list[int]] = json.loads(match.group(1))
+    return table
+
+
+def test_page_draws_the_overlay_in_the_servers_colours() -> None:
+    """The page draws the overlay itself (the server's overlay.png of a large photo took many
+    seconds to download): in `imaging`'s colours and opacities, and the mask in the legend's."""
+    overlay = _js_rgba_table("OVERLAY_COLOURS")
+    assert len(overlay) == len(PALETTE)
+    for (*rgb, alpha), colour, opacity in zip(overlay, PALETTE, OVERLAY_ALPHA, strict=True):
+        assert alpha == round(opacity * 255)
+        assert alpha == 0 or tuple(rgb) == colour
+    css = (STATIC_DIR / "style.css").read_text()
+    legend = [
+        re.search(rf"\.swatch\.{name} {{ background: rgb\((\d+), (\d+), (\d+)\)", css)
+        for name in ("pet", "background", "border")
+    ]
+    swatches = [[int(v) for v in m.groups()] + [255] for m in legend if m]
+    assert _js_rgba_table("MASK_COLOURS") == swatches

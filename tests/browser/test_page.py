@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import re
 import shutil
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from segsvc.ml.imaging import render_overlay_png
 from tests.conftest import ROOT, sample_images
 from tests.live import serve
 
@@ -63,7 +68,8 @@ def png_bytes(mode: str, colour: Any) -> bytes:
     return buffer.getvalue()
 
 
-Answer = tuple[int, Any] | str  # (status, JSON body or raw text), or "abort": a network error
+# (status, JSON body, raw text or PNG bytes), or "abort": a network error
+Answer = tuple[int, Any] | str
 
 
 class FakeJobs:
@@ -86,6 +92,7 @@ class FakeJobs:
         self.held: dict[str, Any] = {}
         self.uploads = 0
         self.cancel_status = "canceled"  # what a cancel answers (a running job: "running")
+        self.ids = "job-{}"  # the n-th upload's job id
         tab.route(re.compile(r"/v1/jobs"), self.answer)
 
     @staticmethod
@@ -104,7 +111,8 @@ class FakeJobs:
             return None
         if seen == "POST /v1/jobs":
             self.uploads += 1
-            return self.send(route, (202, {"id": f"job-{self.uploads}", **self.job("queued")}))
+            job_id = self.ids.format(self.uploads)
+            return self.send(route, (202, {"id": job_id, **self.job("queued")}))
         job_id = path.split("/")[3]
         if path.endswith("/cancel"):
             return self.send(route, (200, {"id": job_id, **self.job(self.cancel_status)}))
@@ -123,6 +131,8 @@ class FakeJobs:
         if answer == "abort":
             return route.abort("connectionreset")
         status, body = answer
+        if isinstance(body, bytes):
+            return route.fulfill(status=status, body=body, content_type="image/png")
         if isinstance(body, str):
             return route.fulfill(status=status, body=body, content_type="text/html")
         return route.fulfill(status=status, json=body)
@@ -147,6 +157,8 @@ def test_page_uploads_photo_and_shows_overlay_and_mask(
     page: tuple[Any, str], api_key: str, worker: Path, tmp_path: Path
 ) -> None:
     tab, _ = page
+    asked: list[str] = []
+    tab.on("request", lambda request: asked.append(urlsplit(request.url).path))
     save_key(tab, api_key)
     assert "Key saved" in tab.inner_text("#key-state")
     photo = sample_images(1)[0]
@@ -166,7 +178,7 @@ def test_page_uploads_photo_and_shows_overlay_and_mask(
     assert tab.is_visible("#overlay-img")
     assert tab.inner_text("#status-text") == "Done."
     assert tab.get_attribute("#download-mask", "href").startswith("blob:")
-    assert tab.get_attribute("#download-overlay", "download").endswith("-overlay.png")
+    assert tab.get_attribute("#download-overlay", "href") == "#"  # fetched when clicked
     assert tab.is_hidden("#error-box")
     shot = screenshot(tab, tmp_path, "page-result.png")
     with Image.open(shot) as img:
@@ -174,17 +186,32 @@ def test_page_uploads_photo_and_shows_overlay_and_mask(
 
     tab.check("#show-original")
     assert tab.inner_text("#left-caption") == "Original photo"
+    # drawn here from the photo and the mask: the server's overlay is fetched only to download
+    assert not [path for path in asked if path.endswith("/overlay.png")], asked
+    job_url = tab.url
+    assert re.search(r"#job=[0-9a-f-]{36}$", job_url), job_url
+
     tab.reload()
     tab.wait_for_selector("body[data-ready='true']")
     assert "Key saved" in tab.inner_text("#key-state")  # the key survives a reload
+    assert tab.url == job_url
+    # and so does the job: without the photo in the page, the server's overlay is shown
+    tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
+    natural = tab.eval_on_selector("#overlay-img", "i => [i.naturalWidth, i.naturalHeight]")
+    assert natural == [width, height]
+    assert [path for path in asked if path.endswith("/overlay.png")]
+    assert tab.is_disabled("#show-original")  # no photo to show
+    assert tab.inner_text("#status-text") == "Done."
+    assert tab.is_hidden("#error-box")
 
 
 @pytest.mark.e2e
-def test_page_waits_out_a_busy_server_for_the_results(
-    page: tuple[Any, str], api_key: str, worker: Path
+def test_page_waits_out_a_busy_server_for_the_overlay_download(
+    page: tuple[Any, str], api_key: str, worker: Path, settings: Any
 ) -> None:
     """A result over 4 MP is drawn one at a time per API process: the page waits as the 503's
-    Retry-After says instead of giving up on a finished job (it offered no way to try again)."""
+    Retry-After says instead of giving up (it offered no way to try again). The overlay is
+    fetched only when its link is clicked, and saved as the server drew it."""
     tab, _ = page
     busy: list[str] = []
 
@@ -201,13 +228,18 @@ def test_page_waits_out_a_busy_server_for_the_results(
 
     tab.route("**/overlay.png", first_busy)
     save_key(tab, api_key)
-    tab.set_input_files("#file-input", str(sample_images(1)[0]))
-    tab.wait_for_function(
-        "() => !document.getElementById('results').hidden"
-        " && document.getElementById('overlay-img').naturalWidth > 0",
-        timeout=120_000,
-    )
-    assert len(busy) == 1, worker.read_text()[-2000:]
+    photo = sample_images(1)[0]
+    tab.set_input_files("#file-input", str(photo))
+    tab.wait_for_function(RESULTS_SHOWN, timeout=120_000)
+    assert busy == [], worker.read_text()[-2000:]
+    with tab.expect_download(timeout=30_000) as download:
+        tab.click("#download-overlay")
+    assert len(busy) == 1
+    job_id = tab.url.split("#job=")[1]
+    assert download.value.suggested_filename == f"{job_id}-overlay.png"
+    with Image.open(download.value.path()) as saved:
+        assert saved.size == ImageOps.exif_transpose(Image.open(photo)).size
+        assert saved.format == "PNG"
     assert tab.is_hidden("#error-box")
 
 
@@ -266,7 +298,7 @@ def test_page_keeps_polling_through_a_proxy_restart(
         (200, FakeJobs.job("succeeded")),
     ]
     # the results are retried too
-    jobs = FakeJobs(tab, polls, images={"/v1/jobs/job-1/overlay.png": [bad_gateway, "abort"]})
+    jobs = FakeJobs(tab, polls, images={"/v1/jobs/job-1/mask.png": [bad_gateway, "abort"]})
     errors: list[str] = []
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
     save_key(tab, api_key)
@@ -350,15 +382,15 @@ def test_page_a_new_photo_shows_nothing_of_the_one_before(
     assert tab.inner_text("#left-caption") == "Overlay"
 
     # the third job's images are late; the fourth's photo comes meanwhile
-    jobs.hold = {"GET /v1/jobs/job-3/overlay.png"}
+    jobs.hold = {"GET /v1/jobs/job-3/mask.png"}
     upload(tab, tmp_path, "third.png")
-    wait_for_request(tab, jobs, "GET /v1/jobs/job-3/overlay.png")
+    wait_for_request(tab, jobs, "GET /v1/jobs/job-3/mask.png")
     upload(tab, tmp_path, "fourth.png")
     tab.wait_for_function(
         "() => document.getElementById('job-details').textContent.includes('job-4')"
     )
     gone = (404, {"error": "not_found", "message": "No such job."})
-    jobs.send(jobs.held.pop("GET /v1/jobs/job-3/overlay.png"), gone)
+    jobs.send(jobs.held.pop("GET /v1/jobs/job-3/mask.png"), gone)
     tab.wait_for_timeout(500)
     assert tab.is_hidden("#error-box")
 
@@ -422,22 +454,33 @@ def test_page_shows_the_mask_when_the_overlay_cannot_be_drawn(
     page: tuple[Any, str], api_key: str, tmp_path: Path
 ) -> None:
     """An overlay answered 410 (its input purged after retention) hid the mask that loaded,
-    and every download, behind one error."""
+    and every download, behind one error. The page draws its own overlay from the photo it
+    holds; only the download, or a page reloaded without the photo, asks the server's."""
     tab, _ = page
     gone = (410, {"error": "gone", "message": "The input image of job job-1 is no longer stored."})
-    FakeJobs(
+    jobs = FakeJobs(
         tab,
         [(200, FakeJobs.job("succeeded"))],
-        images={"/v1/jobs/job-1/overlay.png": [gone]},
+        images={"/v1/jobs/job-1/overlay.png": [gone, gone]},
     )
     save_key(tab, api_key)
     upload(tab, tmp_path, "cat.png")
+    tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
+    assert tab.inner_text("#left-caption") == "Overlay"
+    assert tab.is_hidden("#error-box")
+    tab.click("#download-overlay")
+    tab.wait_for_selector("#error-box:not([hidden])")
+    assert "no longer stored" in tab.inner_text("#error-box")
+    assert tab.get_attribute("#download-overlay", "href") == "#"  # nothing to save
+
+    tab.reload()  # the photo is gone from the page: the mask alone
     tab.wait_for_function("() => !document.getElementById('results').hidden", timeout=30_000)
+    assert jobs.seen.count("GET /v1/jobs/job-1/overlay.png") == 2
     assert tab.evaluate("() => document.getElementById('mask-canvas').width") == 4
     assert "no longer stored" in tab.inner_text("#error-box")
-    assert tab.inner_text("#left-caption") == "Original photo"
+    assert tab.is_hidden("#left-figure")
     assert tab.is_hidden("#download-overlay")
-    assert tab.get_attribute("#download-mask", "href")
+    assert tab.get_attribute("#download-mask", "href").startswith("blob:")
 
 
 def test_page_refuses_a_key_no_header_can_carry(
@@ -522,9 +565,14 @@ def test_page_says_which_of_several_dropped_photos_it_sent(
     drop_files(tab, files)
     tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
     assert jobs.uploads == 1
-    assert tab.inner_text("#error-box") == (
+    # information, not an error: no alert, and gone at the next upload (it stayed after success)
+    assert tab.inner_text("#notice-box") == (
         "One photo at a time: sending a.png; the other 2 were not sent."
     )
+    assert tab.get_attribute("#notice-box", "role") == "status"
+    assert tab.is_hidden("#error-box")
+    upload(tab, tmp_path, "c.png")
+    tab.wait_for_function("() => document.getElementById('notice-box').hidden")
 
 
 def test_page_a_key_saved_again_resumes_the_polls_it_stopped(
@@ -566,6 +614,9 @@ def test_page_names_its_controls_for_screen_readers(
     }
     assert ("button", "Drop a photo here, or choose a file") in named
     assert ("progressbar", "Upload progress") in named
+    # a canvas without a role is a "Canvas", no image (Chromium says "image" for role="img")
+    mask = {role for role, name in named if name == "The segmentation mask, coloured"}
+    assert mask & {"img", "image"}, mask
     blended = "The photo with the segmentation blended on it"
     assert tab.get_attribute("#overlay-img", "alt") == blended
     tab.check("#show-original")
@@ -603,3 +654,355 @@ def test_page_a_refused_drop_says_why_not_that_it_was_sent(
     tab.wait_for_selector("#error-box:not([hidden])")
     assert jobs.uploads == 0
     assert tab.inner_text("#error-box") == "Paste your API key above first."
+
+
+def page_png(tab: Any, selector: str, attribute: str) -> Image.Image:
+    """The image a blob: URL on the page shows (an <img>'s src, a link's href), as the page
+    decodes it (drawn on a canvas: the page's CSP lets no script fetch a blob: URL)."""
+    data_url = tab.eval_on_selector(
+        selector,
+        """async (e, attribute) => {
+            const img = new Image();
+            img.src = e.getAttribute(attribute);
+            await img.decode();
+            const canvas = document.createElement("canvas");
+            canvas.width = img.naturalWidth;
+            canvas.height = img.naturalHeight;
+            canvas.getContext("2d").drawImage(img, 0, 0);
+            return canvas.toDataURL("image/png");
+        }""",
+        attribute,
+    )
+    image = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+    image.load()
+    return image
+
+
+def rgb(image: Image.Image, xy: tuple[int, int]) -> tuple[int, ...]:
+    value = image.convert("RGB").getpixel(xy)
+    assert isinstance(value, tuple)
+    return value
+
+
+def assert_near(got: tuple[int, ...], want: tuple[int, ...], where: object) -> None:
+    """Within 2 per channel: the browser blends in premultiplied 8-bit steps, Pillow not."""
+    assert all(abs(a - b) <= 2 for a, b in zip(got, want, strict=True)), (where, got, want)
+
+
+def test_page_draws_the_overlay_itself_and_fetches_overlay_png_only_to_download(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """The page said "Done." and then showed nothing while it downloaded overlay.png, as large
+    as the photo (28 MB for a 24 MP photo: 17 s on a phone's 20 Mbit/s). It draws the overlay
+    from the photo it holds and the mask, as the server does, says it is loading meanwhile, and
+    fetches overlay.png when its link is clicked."""
+    tab, _ = page
+    photo = Image.new("RGB", (4, 3), (0, 128, 0))
+    photo.putpixel((3, 2), (10, 20, 30))
+    mask = Image.new("L", (4, 3), 1)  # background, one pet pixel, one border pixel
+    mask.putpixel((0, 0), 0)
+    mask.putpixel((1, 0), 2)
+    photo_png, mask_png = io.BytesIO(), io.BytesIO()
+    photo.save(photo_png, "PNG")
+    mask.save(mask_png, "PNG")
+    server_overlay = render_overlay_png(photo_png.getvalue(), mask_png.getvalue())
+    jobs = FakeJobs(
+        tab,
+        [(200, FakeJobs.job("succeeded"))],
+        images={
+            "/v1/jobs/job-1/mask.png": [(200, mask_png.getvalue())],
+            "/v1/jobs/job-1/overlay.png": [(200, server_overlay)],
+        },
+        hold={"GET /v1/jobs/job-1/mask.png"},
+    )
+    save_key(tab, api_key)
+    (tmp_path / "cat.png").write_bytes(photo_png.getvalue())
+    tab.set_input_files("#file-input", str(tmp_path / "cat.png"))
+    wait_for_request(tab, jobs, "GET /v1/jobs/job-1/mask.png")
+    tab.wait_for_function(
+        "() => document.getElementById('status-text').textContent === 'Loading the result\u2026'"
+    )
+    assert tab.is_hidden("#results")
+    jobs.send(jobs.held.pop("GET /v1/jobs/job-1/mask.png"), (200, mask_png.getvalue()))
+    tab.wait_for_function(RESULTS_SHOWN)
+    assert tab.inner_text("#status-text") == "Done."
+    assert "GET /v1/jobs/job-1/overlay.png" not in jobs.seen
+
+    drawn = page_png(tab, "#overlay-img", "src").convert("RGB")
+    with Image.open(io.BytesIO(server_overlay)) as expected:
+        for xy in ((0, 0), (1, 0), (2, 1), (3, 2)):  # pet, border, background, background
+            assert_near(rgb(drawn, xy), rgb(expected, xy), xy)
+    with tab.expect_download() as saved:  # a PNG any reader takes (its chunks' CRCs hold)
+        tab.click("#download-mask-colour")
+    assert saved.value.suggested_filename == "job-1-mask-colour.png"
+    colours = Image.open(saved.value.path())
+    colours.load()
+    assert colours.size == (4, 3)
+    assert [rgb(colours, xy) for xy in ((0, 0), (1, 0), (2, 1))] == [
+        (255, 64, 64),
+        (255, 220, 0),
+        (40, 44, 60),
+    ]
+
+    with tab.expect_download() as download:
+        tab.click("#download-overlay")
+    assert download.value.suggested_filename == "job-1-overlay.png"
+    assert Path(download.value.path()).read_bytes() == server_overlay
+    with tab.expect_download() as again:  # fetched once
+        tab.click("#download-overlay")
+    assert Path(again.value.path()).read_bytes() == server_overlay
+    assert jobs.seen.count("GET /v1/jobs/job-1/overlay.png") == 1
+
+
+def test_page_draws_a_mask_that_is_not_8_bit_greyscale(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """A mask the page cannot recolour through its palette (re-encoded as RGB on the way, say)
+    is coloured pixel by pixel instead."""
+    tab, _ = page
+    mask = Image.new("RGB", (4, 3), (1, 1, 1))
+    mask.putpixel((0, 0), (0, 0, 0))
+    mask.putpixel((1, 0), (2, 2, 2))
+    mask_png = io.BytesIO()
+    mask.save(mask_png, "PNG")
+    FakeJobs(
+        tab,
+        [(200, FakeJobs.job("succeeded"))],
+        images={"/v1/jobs/job-1/mask.png": [(200, mask_png.getvalue())]},
+    )
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "cat.png")  # green
+    tab.wait_for_function(RESULTS_SHOWN)
+    drawn = page_png(tab, "#overlay-img", "src")
+    assert_near(rgb(drawn, (0, 0)), (128, 96, 32), "pet")
+    assert_near(rgb(drawn, (1, 0)), (153, 183, 0), "border")
+    assert rgb(drawn, (2, 1)) == (0, 128, 0)
+    colours = page_png(tab, "#download-mask-colour", "href")
+    assert [rgb(colours, xy) for xy in ((0, 0), (1, 0), (2, 1))] == [
+        (255, 64, 64),
+        (255, 220, 0),
+        (40, 44, 60),
+    ]
+    assert tab.is_hidden("#error-box")
+
+
+def test_page_draws_a_large_photo_at_display_size(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """A large photo's overlay and mask were drawn at full size (a 24 MP photo: some 200 MB of
+    canvas and pixel copies) to be shown 500 pixels wide; the mask-colour.png download stays
+    at the photo's size."""
+    tab, _ = page
+    size = (3000, 2000)
+    photo = Image.new("RGB", size, (0, 0, 255))
+    mask = Image.new("L", size, 0)  # left half pet, right half border
+    mask.paste(2, (1500, 0, 3000, 2000))
+    photo_png, mask_png = io.BytesIO(), io.BytesIO()
+    photo.save(photo_png, "PNG")
+    mask.save(mask_png, "PNG")
+    FakeJobs(
+        tab,
+        [(200, FakeJobs.job("succeeded"))],
+        images={"/v1/jobs/job-1/mask.png": [(200, mask_png.getvalue())]},
+    )
+    save_key(tab, api_key)
+    (tmp_path / "big.png").write_bytes(photo_png.getvalue())
+    tab.set_input_files("#file-input", str(tmp_path / "big.png"))
+    tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
+    canvas = tab.eval_on_selector("#mask-canvas", "c => [c.width, c.height]")
+    assert canvas == [1100, 733]  # the page's width (device pixel ratio 1)
+    drawn = page_png(tab, "#overlay-img", "src").convert("RGB")
+    assert drawn.size == (1100, 733)
+    server = Image.open(io.BytesIO(render_overlay_png(photo_png.getvalue(), mask_png.getvalue())))
+    for x in (100, 1000):  # well inside each half
+        assert_near(rgb(drawn, (x, 300)), rgb(server, (x * 3000 // 1100, 800)), x)
+    colours = page_png(tab, "#download-mask-colour", "href")
+    assert colours.size == size
+
+
+def turned(photo: Path, fmt: str, orientation: int) -> bytes:
+    """`photo` saved as `fmt` with an EXIF orientation tag (a PNG's eXIf chunk)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    with Image.open(photo) as img:
+        img.convert("RGB").save(buffer, fmt, exif=exif.tobytes(), quality=95)
+    return buffer.getvalue()
+
+
+@pytest.mark.e2e
+def test_page_draws_the_overlay_of_a_turned_photo_as_the_server_does(
+    page: tuple[Any, str], api_key: str, worker: Path, tmp_path: Path
+) -> None:
+    """The overlay the page draws (the photo as the browser turns it by its EXIF orientation,
+    the mask at the size the server turned it to) is the server's overlay.png: for a JPEG
+    turned a quarter, a PNG's eXIf half turn, and a WebP whose tag browsers and server ignore."""
+    tab, url = page
+    asked: list[str] = []
+    tab.on("request", lambda request: asked.append(urlsplit(request.url).path))
+    save_key(tab, api_key)
+    photo = sample_images(1)[0]
+    for name, fmt, orientation in (
+        ("turned.jpg", "JPEG", 6),
+        ("flipped.png", "PNG", 3),
+        ("turned.webp", "WEBP", 6),
+    ):
+        (tmp_path / name).write_bytes(turned(photo, fmt, orientation))
+        tab.evaluate("() => { document.getElementById('results').hidden = true; }")
+        tab.set_input_files("#file-input", str(tmp_path / name))
+        tab.wait_for_function(RESULTS_SHOWN, timeout=120_000)
+        assert not [p for p in asked if p.endswith("/overlay.png")], asked
+        job_id = tab.url.split("#job=")[1]
+        request = urllib.request.Request(
+            f"{url}/v1/jobs/{job_id}/overlay.png", headers={"Authorization": f"Bearer {api_key}"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            server = np.asarray(Image.open(io.BytesIO(resp.read())).convert("RGB"), np.int16)
+        drawn = np.asarray(page_png(tab, "#overlay-img", "src").convert("RGB"), np.int16)
+        assert drawn.shape == server.shape, name
+        difference = np.abs(drawn - server)
+        assert difference.mean() < 1.5, (name, difference.mean(), worker.read_text()[-2000:])
+        assert np.percentile(difference, 99) <= 6, name
+
+
+def test_page_works_where_the_browser_blocks_storage(
+    browser: Any, page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """With site data blocked (Chrome's "block all cookies") every localStorage access throws:
+    the page never started, "Save key" did nothing, a chosen photo failed in silence. The key
+    is kept for the page's life instead, and the page says so."""
+    _, url = page
+    profile = tmp_path / "profile"
+    (profile / "Default").mkdir(parents=True)
+    blocked = {"profile": {"default_content_setting_values": {"cookies": 2}}}
+    (profile / "Default" / "Preferences").write_text(json.dumps(blocked))
+    context = browser.browser_type.launch_persistent_context(
+        str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+    )
+    try:
+        tab = context.pages[0] if context.pages else context.new_page()
+        errors: list[str] = []
+        tab.on("pageerror", lambda exc: errors.append(str(exc)))
+        jobs = FakeJobs(tab, [(200, FakeJobs.job("running"))])
+        tab.goto(url)
+        tab.wait_for_selector("body[data-ready='true']", timeout=10_000)
+        assert tab.evaluate("() => { try { localStorage; return false; } catch { return true; } }")
+        note = "This browser blocks storage; the key is kept until you close the page."
+        assert tab.inner_text("#storage-note") == note
+        save_key(tab, api_key)
+        assert tab.inner_text("#key-state").startswith("Key kept in this page")
+        upload(tab, tmp_path, "cat.png")
+        wait_for_request(tab, jobs, "GET /v1/jobs/job-1")
+
+        tab.reload()  # the key is gone with the page; the job is not
+        tab.wait_for_selector("body[data-ready='true']")
+        assert "No key saved yet" in tab.inner_text("#key-state")
+        assert tab.inner_text("#status-text") == ("Paste your API key above to check on job job-1.")
+        polls = jobs.seen.count("GET /v1/jobs/job-1")
+        jobs.polls = [(200, FakeJobs.job("succeeded"))]
+        save_key(tab, api_key)
+        tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
+        assert jobs.seen.count("GET /v1/jobs/job-1") > polls
+        assert errors == []
+    finally:
+        context.close()
+
+
+def test_page_job_details_fit_a_phone(page: tuple[Any, str], api_key: str, tmp_path: Path) -> None:
+    """On a 360 px phone the job id (monospace, never wrapped) pushed the details out of the
+    card and the page scrolled sideways (366 px wide)."""
+    tab, _ = page
+    tab.set_viewport_size({"width": 360, "height": 740})
+    details = {
+        "model_version": "baseline-ab863847",
+        "input": {"width": 500, "height": 334},
+        "metrics": {"queue_ms": 38, "predict_ms": 24, "batch_size": 1},
+        "result": {"class_fractions": [0.277, 0.607, 0.115]},
+    }
+    jobs = FakeJobs(tab, [(200, {**FakeJobs.job("succeeded"), **details})])
+    jobs.ids = "bca1b8c1-087c-4f20-b5b8-b3954fee7da{}"
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "IMG_20240101_123456_a_very_long_file_name_from_a_phone.png")
+    tab.wait_for_function(RESULTS_SHOWN)
+    assert "bca1b8c1-087c-4f20-b5b8-b3954fee7da1" in tab.inner_text("#job-details")
+    width = tab.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= 360, width
+    card = tab.eval_on_selector("#results", "e => [e.scrollWidth, e.clientWidth]")
+    assert card[0] <= card[1], card
+
+
+def test_page_a_reload_follows_the_job_again(
+    page: tuple[Any, str], api_key: str, tmp_path: Path
+) -> None:
+    """Reloading the page lost the job (it was only in the page's memory): its id goes in the
+    URL, and a reload follows it again and shows its result, the server's overlay standing in
+    for the photo the page no longer holds."""
+    tab, _ = page
+    jobs = FakeJobs(tab, [(200, FakeJobs.job("running"))])
+    save_key(tab, api_key)
+    upload(tab, tmp_path, "cat.png")
+    tab.wait_for_function(
+        "() => document.getElementById('status-text').textContent.startsWith('A worker')"
+    )
+    assert tab.url.endswith("/#job=job-1")
+    tab.reload()
+    tab.wait_for_selector("body[data-ready='true']")
+    tab.wait_for_function(
+        "() => document.getElementById('status-text').textContent.startsWith('A worker')"
+    )
+    jobs.polls = [(200, FakeJobs.job("succeeded"))]
+    tab.wait_for_function(RESULTS_SHOWN, timeout=30_000)
+    assert jobs.seen.count("GET /v1/jobs/job-1/overlay.png") == 1
+    shown = page_png(tab, "#overlay-img", "src").convert("RGB")
+    assert shown.getpixel((0, 0)) == (200, 0, 0)  # FakeJobs' overlay
+    assert tab.is_disabled("#show-original")
+    assert tab.inner_text("#left-caption") == "Overlay"
+    with tab.expect_download() as download:  # the overlay fetched already
+        tab.click("#download-overlay")
+    assert download.value.suggested_filename == "job-1-overlay.png"
+    assert jobs.seen.count("GET /v1/jobs/job-1/overlay.png") == 1
+
+    upload(tab, tmp_path, "dog.png")  # a new photo: the URL names its job
+    wait_for_request(tab, jobs, "GET /v1/jobs/job-2")
+    assert tab.url.endswith("/#job=job-2")
+
+
+def test_page_small_words_and_limits(
+    page: tuple[Any, str], api_key: str, tmp_path: Path, settings: Any
+) -> None:
+    """After "Forget" the key hint showed its backticks; a small file was "(0 KB)"; the page never
+    checked the pixel limit it was given, and sent a photo the server then refused."""
+    tab, url = page
+    jobs = FakeJobs(tab, [(200, FakeJobs.job("queued"))], hold={"POST /v1/jobs"})
+    save_key(tab, api_key)
+    tab.click("#key-forget")
+    hint = tab.eval_on_selector("#key-state", "e => e.innerHTML")
+    assert hint == (
+        "No key saved yet. <code>make run</code> prints one (also in "
+        "<code>var/local_api_key</code>)."
+    )
+    save_key(tab, api_key)
+    photo = tmp_path / "cat.png"
+    photo.write_bytes(png_bytes("RGB", (0, 128, 0)))
+    tab.set_input_files("#file-input", str(photo))
+    wait_for_request(tab, jobs, "POST /v1/jobs")
+    size = photo.stat().st_size
+    assert tab.inner_text("#status-text") == f"Uploading cat.png ({size} bytes)\u2026"
+
+    config = {
+        "auth_required": True,
+        "max_upload_bytes": settings.max_upload_bytes,
+        "max_pixels": 11,
+    }
+    tab.route("**/ui/config.json", lambda route: route.fulfill(json=config))
+    tab.goto(url)  # no job in the URL yet: a fresh page
+    tab.wait_for_selector("body[data-ready='true']")
+    tab.set_input_files("#file-input", str(photo))  # 4 x 3: 12 pixels
+    tab.wait_for_selector("#error-box:not([hidden])")
+    assert tab.inner_text("#error-box") == (
+        "That file could not be used as an image. "
+        "The image has 12 pixels, more than the limit of 11."
+    )
+    assert jobs.uploads == 0
+    assert jobs.seen == ["POST /v1/jobs"]  # the held one only
+    assert tab.is_hidden("#progress-box")

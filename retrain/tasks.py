@@ -8,6 +8,7 @@ consumes so that a training run never blocks inference. No TensorFlow at import 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from datetime import datetime
 from functools import partial
@@ -19,6 +20,12 @@ from sqlalchemy.orm import Session
 
 from segsvc.blobs import blob_store
 from segsvc.db import session_scope
+from segsvc.metrics import (
+    RETRAIN_LAST_SUCCESS,
+    RETRAIN_RESULTS,
+    RETRAIN_RUNS,
+    RETRAIN_SUCCESS,
+)
 from segsvc.queue import RETRAIN
 from segsvc.services import feedback, retention, rollout
 from segsvc.settings import Settings, get_settings, parse_cron
@@ -89,9 +96,22 @@ def retrain_task(trigger: str = "schedule") -> dict[str, Any]:
         result = run_retraining(get_settings(), trigger=trigger).to_dict()
     except RetrainBusyError as exc:
         log.info("retrain skipped: %s", exc)
+        record_run("busy")
         return {"status": "busy", "reason": exc.message}
+    except Exception:
+        record_run("error")
+        raise
     log.info("retrain: %s", result)
+    record_run(str(result["status"]))
     return result
+
+
+def record_run(result: str) -> None:
+    """Count a run by its result (`segsvc_retrain_runs_total`; a status it does not know as
+    `error`, keeping the label bounded) and stamp a successful one's end."""
+    RETRAIN_RUNS.labels(result if result in RETRAIN_RESULTS else "error").inc()
+    if result in RETRAIN_SUCCESS:
+        RETRAIN_LAST_SUCCESS.set(time.time())
 
 
 @shared_task(name=CANARY_CHECK, ignore_result=True)

@@ -19,6 +19,11 @@ from pythonjsonlogger.json import JsonFormatter
 from segsvc.settings import Settings
 
 CORRELATION_FIELDS = ("job_id", "model_version", "request_id")
+# Loggers held at WARNING whatever SEG_LOG_LEVEL says: httpx logs every request's full URL at
+# INFO ("HTTP Request: POST http://user:password@host/hook?token=..."), a webhook receiver's
+# credentials among them, past `segsvc.webhooks.ssrf.loggable_url`; httpcore, at DEBUG, its
+# connections and headers.
+QUIET_LOGGERS = ("httpx", "httpcore")
 
 _context: ContextVar[dict[str, str]] = ContextVar("segsvc_log_context", default={})  # noqa: B039
 
@@ -99,7 +104,8 @@ def build_formatter(json_lines: bool) -> logging.Formatter:
 def configure_logging(
     settings: Settings, *, service: str, stream: TextIO | None = None
 ) -> logging.Handler:
-    """Route the root logger to one stream handler (replacing ours from an earlier call)."""
+    """Route the root logger to one stream handler (replacing ours from an earlier call), the
+    HTTP client's request lines (which name whole URLs, credentials included) left out."""
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     handler.setFormatter(build_formatter(use_json(settings.log_format, stream)))
@@ -110,4 +116,6 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     return handler

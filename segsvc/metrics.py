@@ -20,6 +20,11 @@ if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# A job's wait from submit to start runs far past a request's latency: with the workers scaled
+# to zero it includes a cold start (a pod scheduled, a model loaded: about a minute, an XLA
+# compile minutes more), and a backlog waits behind it. Ending at 120 s, its p95 and p99
+# flat-lined at 120 exactly when they mattered.
+QUEUE_WAIT_BUCKETS = (*LATENCY_BUCKETS, 300, 600, 1800)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 # --- API -------------------------------------------------------------------------------------
@@ -67,7 +72,7 @@ JOBS_FINISHED = Counter(
     ["status"],
 )
 QUEUE_WAIT = Histogram(
-    "segsvc_job_queue_wait_seconds", "Time from submit to start.", buckets=LATENCY_BUCKETS
+    "segsvc_job_queue_wait_seconds", "Time from submit to start.", buckets=QUEUE_WAIT_BUCKETS
 )
 PREDICT_TIME = Histogram(
     "segsvc_batch_predict_seconds",
@@ -82,11 +87,48 @@ MODEL_INFO = Info(
 MODEL_LOAD_TIME = Gauge(
     "segsvc_model_load_seconds", "Time to load and warm a model version.", ["model_version"]
 )
+WORKER_READY = Gauge("segsvc_worker_ready", "1 once the worker has loaded its model.")
+# The families an inference worker records (`metrics_registry(only=...)`).
+INFERENCE_SERIES = frozenset(
+    {
+        "segsvc_jobs",
+        "segsvc_job_queue_wait_seconds",
+        "segsvc_batch_predict_seconds",
+        "segsvc_batch_size",
+        "segsvc_model",  # an info family drops _info
+        "segsvc_model_load_seconds",
+        "segsvc_worker_ready",
+    }
+)
+# Every worker of `worker.celery_app` (inference and maintenance) runs the reconciler, which
+# counts the jobs it ends in `segsvc_jobs_total`.
+RECONCILER_SERIES = frozenset({"segsvc_jobs"})
+
+# --- beat: the sampler (`worker.metrics_server.sample_queue_depth`, every 15 s) ----------------
 QUEUE_DEPTH = Gauge("segsvc_queue_depth", "Jobs waiting (queued in Postgres).")
 BROKER_QUEUE_LENGTH = Gauge(
     "segsvc_broker_queue_length", "Messages waiting in the broker list, by queue.", ["queue"]
 )
-WORKER_READY = Gauge("segsvc_worker_ready", "1 once the worker has loaded its model.")
+# What KEDA scales the inference workers on: the jobs Postgres holds queued or running
+# (k8s/base/inference-worker-scaledobject.yaml), their sum being its backlog.
+JOB_STATES = ("queued", "running")
+JOBS_IN_STATE = Gauge(
+    "segsvc_jobs_in_state",
+    "Jobs Postgres holds in each state KEDA counts (queued, running): their sum is its backlog.",
+    ["state"],
+)
+WEBHOOK_PENDING = Gauge(
+    "segsvc_webhook_pending_messages",
+    "Webhook messages pending in Postgres (due, waiting for a retry, or held by a pause).",
+)
+BEAT_SERIES = frozenset(
+    {
+        "segsvc_queue_depth",
+        "segsvc_broker_queue_length",
+        "segsvc_jobs_in_state",
+        "segsvc_webhook_pending_messages",
+    }
+)
 
 # --- webhook workers -------------------------------------------------------------------------
 WEBHOOK_DELIVERIES = Counter(
@@ -95,28 +137,87 @@ WEBHOOK_DELIVERIES = Counter(
 WEBHOOK_LATENCY = Histogram(
     "segsvc_webhook_attempt_seconds", "Webhook attempt duration.", buckets=LATENCY_BUCKETS
 )
+# One per message, when it ends (after the transaction that ended it commits): the attempts'
+# outcomes above cannot say it, a "retry" whose next time would pass the max age ending the
+# message failed, and a message past its max age ending with no attempt at all.
+WEBHOOK_END_STATUSES = ("delivered", "failed", "disabled")
+WEBHOOK_ENDED = Counter(
+    "segsvc_webhook_messages_ended_total",
+    "Webhook messages ended by a webhook worker, by final status: delivered, failed (refused "
+    "by the receiver, a 410 Gone included, or given up on past SEG_WEBHOOK_MAX_AGE_SECONDS, "
+    "with or without an attempt), disabled (pending when its endpoint answered 410 Gone). "
+    "Messages recorded already disabled are not counted.",
+    ["status"],
+)
+for _status in WEBHOOK_END_STATUSES:  # at 0 from the start: the first failure shows in rate()
+    WEBHOOK_ENDED.labels(_status)
+WEBHOOK_SERIES = frozenset(
+    {
+        "segsvc_webhook_deliveries",
+        "segsvc_webhook_attempt_seconds",
+        "segsvc_webhook_messages_ended",
+    }
+)
+
+# --- maintenance worker: retraining (retrain/tasks.py) ----------------------------------------
+# A run's final status (`retrain.pipeline.RunResult.status`), `busy` when another run held the
+# lock, `error` when it raised; the successful ones: a run that did what it should, trained and
+# gated a candidate (whatever its verdict) or had nothing to do (too few new labels, a canary
+# still deciding).
+RETRAIN_RESULTS = ("completed", "skipped", "failed", "busy", "error")
+RETRAIN_SUCCESS = frozenset({"completed", "skipped"})
+RETRAIN_RUNS = Counter(
+    "segsvc_retrain_runs_total",
+    "Retraining runs of the maintenance worker, by result: completed, skipped (nothing to do), "
+    "failed, busy (another run held the lock), error (it raised).",
+    ["result"],
+)
+for _result in RETRAIN_RESULTS:
+    RETRAIN_RUNS.labels(_result)
+RETRAIN_LAST_SUCCESS = Gauge(
+    "segsvc_retrain_last_success_timestamp_seconds",
+    "When the last successful retraining run (completed or skipped) ended, Unix time; read "
+    "from Postgres when the maintenance worker starts, 0 if none ever was.",
+)
+MAINTENANCE_SERIES = RECONCILER_SERIES | {
+    "segsvc_retrain_runs",
+    "segsvc_retrain_last_success_timestamp_seconds",
+}
 
 
 class _Only(Collector):
-    """Another collector's families named in `names`, and no others."""
+    """Another collector's families, of ours (`segsvc_...`) only those named in `names`: the
+    client library's own (process_..., python_gc_...) pass."""
 
     def __init__(self, inner: Collector, names: frozenset[str]) -> None:
         self.inner = inner
         self.names = names
 
     def collect(self) -> Iterable[Metric]:
-        return (family for family in self.inner.collect() if family.name in self.names)
+        return (
+            family
+            for family in self.inner.collect()
+            if family.name in self.names or not family.name.startswith("segsvc_")
+        )
 
 
 def metrics_registry(*, only: frozenset[str] | None = None) -> CollectorRegistry:
-    """The registry to expose: every process's files in multiprocess mode (with `only`, just
-    those families), else this process.
+    """The registry to expose: every process's files in multiprocess mode, else this process;
+    with `only` (the families the process's role records: API_SERIES, INFERENCE_SERIES, ...),
+    just those of ours.
 
-    Every series defined above writes a zero to a process's files as it is imported: without
-    `only`, gunicorn's API exported the workers' series too (`segsvc_worker_ready{pid=...} 0`,
-    `segsvc_queue_depth{pid=...} 0` for each API process, dead ones included)."""
+    Every series defined above exists in every process that imports this module, an unlabeled
+    one with its zero: without `only`, gunicorn's API exported the workers' series
+    (`segsvc_worker_ready{pid=...} 0` for each API process, dead ones included), and webhook,
+    maintenance and beat processes `segsvc_model_info 1.0` (an empty row in the dashboard's
+    model table), `segsvc_worker_ready 0` and `segsvc_queue_depth 0` (a 0 with beat down,
+    rather than no data)."""
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return REGISTRY
+        if only is None:
+            return REGISTRY
+        registry = CollectorRegistry()
+        registry.register(_Only(REGISTRY, only))
+        return registry
     from prometheus_client import multiprocess
 
     registry = CollectorRegistry()

@@ -2,6 +2,7 @@
 
 Workers run the solo pool (one process per container), so the default registry is the whole
 story; if `PROMETHEUS_MULTIPROC_DIR` is set (a prefork pool), the server aggregates its files.
+Each process serves the families of its role only (`only`: INFERENCE_SERIES, BEAT_SERIES...).
 """
 
 from __future__ import annotations
@@ -14,32 +15,43 @@ from dataclasses import dataclass
 
 import redis
 from prometheus_client import start_http_server
+from sqlalchemy import func, select
 
 from segsvc.db import session_scope
 from segsvc.metrics import (
     BROKER_QUEUE_LENGTH,
+    JOB_STATES,
+    JOBS_IN_STATE,
     MODEL_INFO,
     MODEL_LOAD_TIME,
     PREDICT_TIME,
     QUEUE_DEPTH,
+    RETRAIN_LAST_SUCCESS,
+    RETRAIN_SUCCESS,
+    WEBHOOK_PENDING,
     metrics_registry,
 )
-from segsvc.services import jobs as job_service
+from segsvc.models import Job, TrainingRun, WebhookMessage
 from segsvc.settings import Settings, get_settings, is_redis_url
+from segsvc.webhooks import outbox
 
 log = logging.getLogger(__name__)
 
 _started: dict[int, object] = {}
 
 
-def start_metrics_server(port: int, addr: str | None = None) -> bool:
+def start_metrics_server(
+    port: int, addr: str | None = None, *, only: frozenset[str] | None = None
+) -> bool:
     """Serve /metrics on `addr:port` (addr: SEG_METRICS_BIND unless given) in a daemon thread,
-    once per process; False when port is 0."""
+    once per process; False when port is 0. `only`: the families this process's role records
+    (`segsvc.metrics.metrics_registry`), the others left out."""
     if port <= 0:
         return False
     if port not in _started:
         host = get_settings().metrics_bind if addr is None else addr
-        _started[port] = start_http_server(port, addr=host, registry=metrics_registry())
+        registry = metrics_registry(only=only)
+        _started[port] = start_http_server(port, addr=host, registry=registry)
         log.info("metrics on %s:%d/metrics", host, port)
     return True
 
@@ -83,14 +95,28 @@ def record_models(
 
 
 def sample_queue_depth(settings: Settings) -> dict[str, int]:
-    """Set the depth gauges from Postgres (queued jobs) and the broker (its lists' lengths,
-    when it is Redis: there are no lists to read otherwise).
+    """Set the depth gauges from Postgres (queued and running jobs, pending webhook messages)
+    and the broker (its lists' lengths, when it is Redis: there are no lists to read
+    otherwise).
 
     The broker's URL, not `effective_redis_url`: that is SEG_REDIS_URL where set (rate limits
     and long-poll notices, perhaps on another database or server), where no message ever is."""
     with session_scope(settings) as session:
-        depth = job_service.queue_depth(session=session)
+        # Both by the index on (status, created_at); the messages by the pending-only index.
+        counted = session.execute(
+            select(Job.status, func.count()).where(Job.status.in_(JOB_STATES)).group_by(Job.status)
+        ).all()
+        pending = session.scalar(
+            select(func.count())
+            .select_from(WebhookMessage)
+            .where(WebhookMessage.status == outbox.PENDING)
+        )
+    in_state = dict.fromkeys(JOB_STATES, 0) | {str(s): int(n) for s, n in counted}
+    for state, count in in_state.items():
+        JOBS_IN_STATE.labels(state).set(count)
+    depth = in_state["queued"]
     QUEUE_DEPTH.set(depth)
+    WEBHOOK_PENDING.set(int(pending or 0))
     out = {"queued_jobs": depth}
     url = settings.celery_broker_url
     if is_redis_url(url):
@@ -103,6 +129,22 @@ def sample_queue_depth(settings: Settings) -> dict[str, int]:
         finally:
             client.close()
     return out
+
+
+def load_retrain_last_success(settings: Settings) -> float | None:
+    """Set `segsvc_retrain_last_success_timestamp_seconds` from Postgres (the maintenance
+    worker, on start): from 0 after each restart, an alert on its age fired at every deploy
+    until the next nightly run. The time, None when no run has succeeded yet."""
+    with session_scope(settings) as session:
+        ended = session.scalar(
+            select(func.max(TrainingRun.completed_at)).where(
+                TrainingRun.status.in_(RETRAIN_SUCCESS)
+            )
+        )
+    if ended is None:
+        return None
+    RETRAIN_LAST_SUCCESS.set(ended.timestamp())
+    return ended.timestamp()
 
 
 class QueueDepthSampler(threading.Thread):

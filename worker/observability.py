@@ -1,8 +1,9 @@
 """Celery signal hooks for logs, metrics and probes (imported by `worker.celery_app`).
 
 - logging: Celery leaves logging to us once a `setup_logging` receiver exists (JSON lines).
-- metrics: `SEG_METRICS_PORT` starts /metrics in workers and beat; beat also samples the queue
-  depth (it is the one process always running, even when workers are scaled to zero).
+- metrics: `SEG_METRICS_PORT` starts /metrics in workers and beat, each serving the families of
+  its role only (`exported_series`); beat also samples the queue depth (it is the one process
+  always running, even when workers are scaled to zero).
 - probes: `SEG_PROBE_DIR/ready` once the model is loaded (a failed load is retried until it
   succeeds), `alive` on each heartbeat and while the model loads.
 """
@@ -21,10 +22,21 @@ from typing import Any
 from celery import signals
 
 from segsvc.logging_setup import configure_logging
-from segsvc.metrics import WORKER_READY
+from segsvc.metrics import (
+    BEAT_SERIES,
+    INFERENCE_SERIES,
+    MAINTENANCE_SERIES,
+    RECONCILER_SERIES,
+    WEBHOOK_SERIES,
+    WORKER_READY,
+)
 from segsvc.ml.convert import CONVERT_TIMEOUT_S
 from segsvc.settings import get_settings
-from worker.metrics_server import QueueDepthSampler, start_metrics_server
+from worker.metrics_server import (
+    QueueDepthSampler,
+    load_retrain_last_success,
+    start_metrics_server,
+)
 from worker.probes import ALIVE, READY, clear_probes, write_probe
 
 log = logging.getLogger(__name__)
@@ -45,10 +57,34 @@ _stopping = threading.Event()
 
 
 def service_name(argv: list[str]) -> str:
-    """beat, webhook-worker or worker, from the command line (a log field)."""
+    """beat, webhook-worker, maintenance-worker or worker, from the command line (a log
+    field): its queues as `-Q` names them (`-Q maintenance`, or `-Q a,b`)."""
     if "beat" in argv:
         return "beat"
-    return "webhook-worker" if get_settings().webhook_queue_name in argv else "worker"
+    settings = get_settings()
+    named = {queue for arg in argv for queue in arg.split(",")}
+    if settings.webhook_queue_name in named:
+        return "webhook-worker"
+    if MAINTENANCE_QUEUE in named and settings.queue_name not in named:
+        return "maintenance-worker"
+    return "worker"
+
+
+def exported_series(queues: set[str]) -> frozenset[str]:
+    """The metric families a worker consuming `queues` records, and so serves: a webhook
+    worker's, an inference worker's, the maintenance worker's (retraining), and the
+    reconciler's in every worker of `worker.celery_app` (any queue but the webhooks')."""
+    settings = get_settings()
+    series: set[str] = set()
+    if settings.webhook_queue_name in queues:
+        series |= WEBHOOK_SERIES
+    if queues - {settings.webhook_queue_name}:
+        series |= RECONCILER_SERIES
+    if settings.queue_name in queues:
+        series |= INFERENCE_SERIES
+    if MAINTENANCE_QUEUE in queues:
+        series |= MAINTENANCE_SERIES
+    return frozenset(series)
 
 
 def consumed_queues(app: Any) -> set[str]:
@@ -86,12 +122,20 @@ def _setup_logging(**_: Any) -> None:
     configure_logging(get_settings(), service=service_name(sys.argv))
 
 
-def _worker_init(**_: Any) -> None:
+def _worker_init(sender: Any = None, **_: Any) -> None:
+    """Its `-Q` is parsed by now (Celery sets a worker's queues up before this signal)."""
     settings = get_settings()
     _stopping.clear()
     clear_probes(settings.probe_dir)
     WORKER_READY.set(0)
-    start_metrics_server(settings.metrics_port)
+    queues = consumed_queues(sender.app) if sender is not None else set()
+    only = exported_series(queues) if sender is not None else None
+    start_metrics_server(settings.metrics_port, only=only)
+    if MAINTENANCE_QUEUE in queues:
+        try:
+            load_retrain_last_success(settings)
+        except Exception as exc:  # a database blip: the next successful run sets it
+            log.warning("could not read the last successful retraining run: %s", exc)
 
 
 def _worker_ready(sender: Any = None, **_: Any) -> None:
@@ -197,7 +241,7 @@ def _worker_shutdown(**_: Any) -> None:
 def _beat_init(**_: Any) -> None:
     global _sampler
     settings = get_settings()
-    if start_metrics_server(settings.metrics_port) and _sampler is None:
+    if start_metrics_server(settings.metrics_port, only=BEAT_SERIES) and _sampler is None:
         _sampler = QueueDepthSampler(settings)
         _sampler.start()
 

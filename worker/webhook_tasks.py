@@ -18,11 +18,14 @@ from celery import Celery, signals
 from kombu.entity import Queue
 
 from segsvc.db import session_scope, with_db_role
-from segsvc.metrics import WEBHOOK_DELIVERIES, WEBHOOK_LATENCY
+from segsvc.logging_setup import log_context
+from segsvc.metrics import WEBHOOK_DELIVERIES, WEBHOOK_ENDED, WEBHOOK_LATENCY
 from segsvc.queue import DELIVER_WEBHOOK, make_celery
 from segsvc.settings import Settings, get_settings, is_redis_url
 from segsvc.webhooks.delivery import deliver
 from segsvc.webhooks.dispatch import (
+    Ended,
+    Prepared,
     claim_due,
     finish_attempt,
     record_endpoint_outcome,
@@ -56,16 +59,31 @@ def deliver_webhook(message_id: str, lease: str) -> str:
 
 
 def deliver_message(cfg: Settings, message_id: str, lease: datetime) -> str:
-    """Prepare and sign in one transaction, POST outside any, record in another."""
+    """Prepare and sign in one transaction, POST outside any, record in another. Messages
+    that end are counted in `segsvc_webhook_messages_ended_total` once the transaction that
+    ended them has committed; the attempt's log lines carry its job's id."""
     with session_scope(cfg) as session:
         prepared = start_attempt(session=session, message_id=message_id, lease=lease, settings=cfg)
+    if isinstance(prepared, Ended):  # disabled endpoint, or past its max age: no attempt
+        WEBHOOK_ENDED.labels(prepared.status).inc()
+        with log_context(job_id=prepared.job_id):
+            log.info("webhook %s: no attempt -> %s", message_id, prepared.status)
+        return prepared.status
     if prepared is None:
         return "skipped"
+    with log_context(job_id=prepared.job_id):
+        return _attempt(cfg, prepared)
+
+
+def _attempt(cfg: Settings, prepared: Prepared) -> str:
+    """POST the prepared message, then record the attempt and its endpoint's outcome."""
     outcome = deliver(url=prepared.url, body=prepared.body, headers=prepared.headers, settings=cfg)
     WEBHOOK_DELIVERIES.labels(outcome.kind).inc()
     WEBHOOK_LATENCY.observe(outcome.duration_ms / 1000.0)
     with session_scope(cfg) as session:
         status = finish_attempt(session=session, prepared=prepared, outcome=outcome, settings=cfg)
+    for ended, count in status.ended.items():  # committed: counted once each
+        WEBHOOK_ENDED.labels(ended).inc(count)
     try:  # the endpoint's pause: bookkeeping, after the attempt is safely recorded
         with session_scope(cfg) as session:
             record_endpoint_outcome(
@@ -79,12 +97,12 @@ def deliver_message(cfg: Settings, message_id: str, lease: datetime) -> str:
         )
     log.info(
         "webhook %s: %s (%s) -> %s",
-        message_id,
+        prepared.message_id,
         outcome.kind,
         outcome.status_code or outcome.error,
         status,
     )
-    return status
+    return str(status)
 
 
 _redis_clients: dict[str, Any] = {}

@@ -52,7 +52,7 @@ DISPATCH_LEASE_S = 60.0  # how long a dispatched hint may wait in the broker bef
 
 @dataclass(frozen=True)
 class Prepared:
-    """A claimed message, signed and ready for one attempt."""
+    """A claimed message, signed and ready for one attempt (`job_id`: its job, for logs)."""
 
     message_id: str
     lease: datetime
@@ -60,6 +60,33 @@ class Prepared:
     body: str
     headers: dict[str, str]
     client_id: uuid.UUID | None = None
+    job_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A claimed message that `start_attempt` ended without an attempt, with its final status:
+    `disabled` (its endpoint answered 410 Gone), `failed` (past its max age). The caller counts
+    it once the transaction has committed."""
+
+    message_id: str
+    job_id: uuid.UUID
+    status: str
+
+
+class Recorded(str):
+    """`finish_attempt`'s answer: the message's status after the attempt, a plain `str` to
+    every caller as before (`delivered`, `pending`, `failed`, `disabled`; `superseded`, `gone`),
+    and `ended`: the messages that its transaction ended, by final status, for the caller to
+    count once that transaction has committed (this message when it ended here, and those of
+    its endpoint that a 410 Gone disabled with it)."""
+
+    ended: dict[str, int]
+
+    def __new__(cls, status: str, ended: dict[str, int] | None = None) -> Recorded:
+        recorded = super().__new__(cls, status)
+        recorded.ended = {k: n for k, n in (ended or {}).items() if n}
+        return recorded
 
 
 def base_url(settings: Settings) -> str:
@@ -133,9 +160,10 @@ def claim_due(*, session: Session, limit: int = 100) -> list[tuple[str, datetime
 
 def start_attempt(
     *, session: Session, message_id: str, lease: datetime, settings: Settings
-) -> Prepared | None:
+) -> Prepared | Ended | None:
     """Take the message for one attempt (None if another worker has it or it is done, or its
-    endpoint is paused or already being probed)."""
+    endpoint is paused or already being probed; `Ended` if it ends here, unattempted: its
+    endpoint disabled, or past its max age)."""
     found = session.execute(  # which endpoint to lock first; no lock on the message yet
         select(WebhookMessage.client_id, WebhookMessage.url).where(WebhookMessage.id == message_id)
     ).first()
@@ -162,7 +190,7 @@ def start_attempt(
         return None
     if endpoint is not None and endpoint.disabled_at is not None:
         message.status, message.next_attempt_at = outbox.DISABLED, None
-        return None
+        return Ended(message.id, message.job_id, outbox.DISABLED)
     now = _stamp(new_lease) - attempt_lease(settings)  # the lease's statement time: no read
     redelivered = message.redelivered_at is not None and (
         message.last_attempt_at is None or message.last_attempt_at < message.redelivered_at
@@ -175,7 +203,7 @@ def start_attempt(
         # was down): not sent days late. Attempted ones end by `_next_state`'s check. A
         # client's redeliver asked for it now, whatever its age: its attempt is made.
         message.status, message.next_attempt_at, message.completed_at = outbox.FAILED, None, now
-        return None
+        return Ended(message.id, message.job_id, outbox.FAILED)
     if endpoint is not None and endpoint.failures > 0:
         paused_until = endpoint.paused_until
         if paused_until is not None and paused_until > now:
@@ -206,12 +234,20 @@ def start_attempt(
     keys = [row.secret for row in signing_secrets(session=session, client_id=message.client_id)]
     # The signature's timestamp is this host's clock: the receiver checks it against its own.
     headers = sign_headers(msg_id=message.id, timestamp=utcnow(), body=body, keys=keys)
-    return Prepared(message.id, _stamp(new_lease), message.url, body, headers, message.client_id)
+    return Prepared(
+        message.id,
+        _stamp(new_lease),
+        message.url,
+        body,
+        headers,
+        message.client_id,
+        message.job_id,
+    )
 
 
 def finish_attempt(
     *, session: Session, prepared: Prepared, outcome: Outcome, settings: Settings
-) -> str:
+) -> Recorded:
     """Log the attempt and move the message on: delivered, retry later, failed or disabled.
     A 410 Gone disables the endpoint and its pending messages in the same transaction, its
     endpoint locked before its message (the order every writer of both keeps)."""
@@ -226,7 +262,7 @@ def finish_attempt(
         WebhookMessage, prepared.message_id, populate_existing=True, with_for_update=True
     )
     if message is None:  # the job (and its messages) was deleted meanwhile
-        return "gone"
+        return Recorded("gone")
     # Disabled while this attempt was in flight (another message's 410 disabled the endpoint):
     # the attempt still counts, and the message stays disabled unless this one ended it.
     disabled_meanwhile = message.status == outbox.DISABLED
@@ -248,22 +284,26 @@ def finish_attempt(
         )
     )
     if superseded:  # redelivered or re-claimed meanwhile: only log this attempt...
+        disabled = 0
         if endpoint is not None:
             # ...but a 410 Gone still disables the endpoint and the redelivered copy, which
             # would only be answered 410 again
-            _disable_endpoint(session, endpoint, prepared, now)
+            disabled = _disable_endpoint(session, endpoint, prepared, now)
         session.flush()
-        return "superseded"
+        return Recorded("superseded", {outbox.DISABLED: disabled})
     message.attempts += 1
     message.last_attempt_at = now
     message.status, message.next_attempt_at = status, when
     message.scheduled_at = when  # its own time, which a pause may put off but not bring forward
     if status != outbox.PENDING:
         message.completed_at = now
+    # Ended here, unless it had ended already (disabled meanwhile: counted where it was).
+    ended = {status: 1} if status != outbox.PENDING and not disabled_meanwhile else {}
     if endpoint is not None:
-        _disable_endpoint(session, endpoint, prepared, now)
+        others = _disable_endpoint(session, endpoint, prepared, now)
+        ended[outbox.DISABLED] = ended.get(outbox.DISABLED, 0) + others
     session.flush()
-    return status
+    return Recorded(status, ended)
 
 
 def record_endpoint_outcome(
@@ -489,13 +529,13 @@ def _messages_of(client_id: uuid.UUID | None, url: str) -> tuple[ColumnElement[b
 
 def _disable_endpoint(
     session: Session, endpoint: WebhookEndpoint, prepared: Prepared, now: datetime
-) -> None:
+) -> int:
     """A 410 Gone: stop sending to this URL for this client, now and for pending messages
-    (the endpoint is locked, then the messages)."""
+    (the endpoint is locked, then the messages); how many messages it disabled."""
     endpoint.disabled_at = now
     endpoint.disabled_reason = "the endpoint answered 410 Gone"
     session.flush()
-    session.execute(
+    result = session.execute(
         update(WebhookMessage)
         .where(
             *_messages_of(prepared.client_id, prepared.url),
@@ -504,3 +544,4 @@ def _disable_endpoint(
         .values(status=outbox.DISABLED, next_attempt_at=None)
         .execution_options(synchronize_session=False)
     )
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -11,6 +11,8 @@ import pytest
 
 from segsvc.logging_setup import configure_logging, log_context, use_json
 from segsvc.settings import Settings
+from segsvc.webhooks.delivery import deliver
+from tests.segsvc.webhooks.receiver import LOOPBACK_ONLY, Receiver
 
 
 class Tty(io.StringIO):
@@ -96,3 +98,30 @@ def test_configure_logging_twice_keeps_one_handler(configured) -> None:  # type:
     assert len(ours) == 1
     logging.getLogger("segsvc.test").info("once")
     assert len(stream.getvalue().splitlines()) == 1
+
+
+def test_a_webhook_delivery_logs_no_credentials_of_its_url(  # type: ignore[no-untyped-def]
+    configured, caplog: pytest.LogCaptureFixture
+) -> None:
+    """httpx logs every request's whole URL at INFO ("HTTP Request: POST
+    http://user:hunter2@...?token=..."): at the service's INFO level a receiver's credentials
+    went to the logs, past `loggable_url`."""
+    stream = io.StringIO()
+    setup(configured, stream, "json")
+    receiver = Receiver()
+    receiver.thread.start()
+    try:
+        port = receiver.server.server_address[1]
+        url = f"http://user:hunter2@127.0.0.1:{port}/ok?token=SECRET-TOKEN-42"
+        cfg = Settings(webhook_allow_networks=LOOPBACK_ONLY, _env_file=None)  # type: ignore[call-arg]
+        outcome = deliver(url=url, body="{}", headers={}, settings=cfg)
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
+    assert outcome.kind == "delivered"
+    assert [r.path for r in receiver.requests] == ["/ok?token=SECRET-TOKEN-42"]
+    logged = [stream.getvalue(), *(r.getMessage() for r in caplog.records)]
+    for secret in ("hunter2", "SECRET-TOKEN-42"):
+        assert not [line for line in logged if secret in line], logged
+    for name in ("httpx", "httpcore"):
+        assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING

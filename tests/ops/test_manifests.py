@@ -398,6 +398,45 @@ def test_grafana_dashboard_queries_only_series_we_export() -> None:
                 assert base in known or series in known, series
 
 
+def dashboard_panel(title: str) -> dict[str, Any]:
+    dashboard = json.loads((ROOT / "ops/grafana/dashboards/segsvc.json").read_text())
+    panel: dict[str, Any] = next(p for p in dashboard["panels"] if p["title"] == title)
+    return panel
+
+
+def test_grafana_dashboard_panels_say_and_plot_what_they_mean() -> None:
+    """Slips a review found: KEDA said to scale on the broker list (it counts Postgres rows),
+    the API latency dominated by scrapes and probes, seconds on an ops axis, and the model
+    table's two queries shown as separate frames."""
+    queue = dashboard_panel("Queue depth")
+    assert "broker list length" not in queue["description"]
+    assert "queued or running" in queue["description"]
+    backlog = [t for t in queue["targets"] if "KEDA backlog" in t["legendFormat"]]
+    assert [t["expr"] for t in backlog] == ["sum(max by (state) (segsvc_jobs_in_state))"]
+
+    for target in dashboard_panel("API latency percentiles")["targets"]:
+        (matcher,) = re.findall(r'route!~"([^"]+)"', target["expr"])
+        assert set(matcher.split("|")) == {"/metrics", "/healthz", "/readyz", "/startupz"}
+
+    hooks = dashboard_panel("Webhook outcomes")
+    (seconds,) = [t for t in hooks["targets"] if "attempt_seconds" in t["expr"]]
+    (override,) = hooks["fieldConfig"]["overrides"]
+    assert override["matcher"] == {"id": "byFrameRefID", "options": seconds["refId"]}
+    assert {"id": "unit", "value": "s"} in override["properties"]
+
+    models = dashboard_panel("Model version in service")
+    assert [t["id"] for t in models["transformations"]] == ["merge"]
+
+    ended = dashboard_panel("Webhook messages ended and pending")
+    exprs = " ".join(t["expr"] for t in ended["targets"])
+    assert "segsvc_webhook_messages_ended_total" in exprs
+    assert "segsvc_webhook_pending_messages" in exprs
+
+    # Only inference workers export it: none at all when they are scaled to zero.
+    (ready,) = dashboard_panel("Workers ready")["targets"]
+    assert ready["expr"].endswith(" or vector(0)")
+
+
 # --- what the manifests promise the code (settings, routes, ownership) ------------------------
 
 PRODUCTION = ["base", "overlays/gpu"]

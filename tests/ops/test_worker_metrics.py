@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,11 +20,16 @@ import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
 
+from segsvc.db import session_scope
+from segsvc.devserver import process_commands
 from segsvc.metrics import WORKER_READY
+from segsvc.models import Job, TrainingRun, utcnow
 from segsvc.settings import Settings
 from tests.conftest import REDIS_URL, encode_image, free_port, start_worker, stop_process
-from worker import observability
+from tests.segsvc.webhooks.factories import finish_job, make_job, start_job
+from worker import metrics_server, observability
 from worker.metrics_server import (
     ServedModel,
     record_models,
@@ -71,6 +78,25 @@ def test_sample_queue_depth_counts_postgres_rows_and_broker_lists(client, auth, 
     assert (
         REGISTRY.get_sample_value("segsvc_broker_queue_length", {"queue": settings.queue_name}) == 3
     )
+
+
+def test_the_sampler_counts_what_keda_counts_and_pending_webhook_messages(  # type: ignore[no-untyped-def]
+    client, auth, settings: Settings
+) -> None:
+    """KEDA scales on the jobs Postgres holds queued or running, not on the broker's list
+    (which the dashboard said): beat exports both states, and the webhook messages pending."""
+    ids = [submit(client, auth) for _ in range(3)]
+    with session_scope(settings) as session:
+        session.execute(update(Job).where(Job.id == uuid.UUID(ids[0])).values(status="running"))
+    finish_job(settings, start_job(settings, make_job(settings, "https://hooks.example/x")))
+    sample_queue_depth(settings)
+    state = {
+        s: REGISTRY.get_sample_value("segsvc_jobs_in_state", {"state": s})
+        for s in ("queued", "running")
+    }
+    assert state == {"queued": 2, "running": 1}
+    assert REGISTRY.get_sample_value("segsvc_queue_depth") == 2
+    assert REGISTRY.get_sample_value("segsvc_webhook_pending_messages") == 1
 
 
 def test_broker_list_lengths_are_read_from_the_broker_not_from_seg_redis_url(  # type: ignore[no-untyped-def]
@@ -281,6 +307,126 @@ def test_only_inference_workers_count_as_workers_ready(
         observability._worker_ready(consumer(queue))
         assert probe_age(tmp_path, READY) is not None  # ready for its probes all the same
         assert REGISTRY.get_sample_value("segsvc_worker_ready") == 0
+
+
+def _stop_metrics_server(port: int) -> None:
+    server = metrics_server._started.pop(port)[0]  # type: ignore[index]  # (server, thread)
+    server.shutdown()  # type: ignore[attr-defined]
+    server.server_close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def role_settings(signal_settings: Settings, monkeypatch) -> Settings:  # type: ignore[no-untyped-def]
+    """The hooks' settings with a metrics port of their own, on loopback; no beat sampler."""
+    cfg = signal_settings.model_copy(
+        update={"metrics_port": free_port(), "metrics_bind": "127.0.0.1"}
+    )
+    monkeypatch.setattr(observability, "get_settings", lambda: cfg)
+    monkeypatch.setattr(metrics_server, "get_settings", lambda: cfg)
+
+    class NoSampler:
+        def __init__(self, settings: Settings) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(observability, "QueueDepthSampler", NoSampler)
+    monkeypatch.setattr(observability, "_sampler", None)
+    return cfg
+
+
+# Unlabeled series that each read as a value wherever they are exported: only their role's.
+OWNED = {
+    "segsvc_model_info": "inference",
+    "segsvc_worker_ready": "inference",
+    "segsvc_queue_depth": "beat",
+    "segsvc_webhook_pending_messages": "beat",
+    "segsvc_retrain_last_success_timestamp_seconds": "maintenance",
+}
+
+
+@pytest.mark.parametrize("role", ["inference", "webhook", "maintenance", "beat"])
+def test_each_process_serves_the_series_of_its_role_only(  # type: ignore[no-untyped-def]
+    role_settings: Settings, role: str
+) -> None:
+    """Every process served every series: webhook, maintenance and beat processes
+    `segsvc_model_info 1.0` (an empty row in "Model version in service"),
+    `segsvc_worker_ready 0` and `segsvc_queue_depth 0` (0 with beat down, not "no data")."""
+    port = role_settings.metrics_port
+    queue = {
+        "inference": role_settings.queue_name,
+        "webhook": role_settings.webhook_queue_name,
+        "maintenance": observability.MAINTENANCE_QUEUE,
+    }.get(role)
+    if queue is None:
+        observability._beat_init()
+    else:
+        observability._worker_init(sender=consumer(queue))
+    try:
+        families = scrape(port)
+    finally:
+        _stop_metrics_server(port)
+    for series, owner in OWNED.items():
+        assert (series in families) == (owner == role), (role, series, sorted(families))
+    assert ("segsvc_jobs" in families) == (role in ("inference", "maintenance"))  # reconciler
+    assert ("segsvc_webhook_messages_ended" in families) == (role == "webhook")
+    assert ("segsvc_retrain_runs" in families) == (role == "maintenance")
+    assert ("segsvc_jobs_in_state" in families) == (role == "beat")
+
+
+def test_the_maintenance_worker_reads_its_last_successful_retraining_run_on_start(  # type: ignore[no-untyped-def]
+    role_settings: Settings,
+) -> None:
+    """From 0 after each restart, an alert on its age fired at every deploy."""
+    ended = utcnow() - timedelta(hours=5)
+    with session_scope(role_settings) as session:
+        for status, at in (("skipped", ended), ("failed", utcnow()), ("running", None)):
+            session.add(
+                TrainingRun(
+                    id=uuid.uuid4(),
+                    status=status,
+                    trigger="schedule",
+                    started_at=ended - timedelta(minutes=1),
+                    completed_at=at,
+                )
+            )
+    observability._worker_init(sender=consumer(observability.MAINTENANCE_QUEUE))
+    _stop_metrics_server(role_settings.metrics_port)
+    value = REGISTRY.get_sample_value("segsvc_retrain_last_success_timestamp_seconds")
+    assert value == pytest.approx(ended.timestamp(), abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("process", "name"),
+    [
+        ("worker", "worker"),
+        ("webhooks", "webhook-worker"),
+        ("maintenance", "maintenance-worker"),
+        ("beat", "beat"),
+    ],
+)
+def test_log_lines_name_the_process_that_wrote_them(
+    settings: Settings,
+    monkeypatch,
+    process: str,
+    name: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """The maintenance worker's lines said `worker`, like an inference worker's."""
+    monkeypatch.setattr(observability, "get_settings", lambda: settings)
+    argv = process_commands(settings, api_workers=1)[process]
+    assert observability.service_name(argv) == name
+    k8s = ["celery", "-A", "worker.celery_app", "worker", "-Q", "maintenance", "--pool"]
+    assert observability.service_name(k8s) == "maintenance-worker"
+    both = [
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        f"{settings.queue_name},maintenance",
+    ]
+    assert observability.service_name(both) == "worker"  # it serves the model
 
 
 @pytest.mark.e2e

@@ -1,12 +1,16 @@
-"""The feedback loop's periodic tasks that retraining's own tests do not cover: the blob sweep."""
+"""The feedback loop's periodic tasks that retraining's own tests do not cover: the blob sweep,
+and the run metrics the retrain task records."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
+from retrain import pipeline, tasks
 from segsvc.blobs import blob_store
 from segsvc.db import session_scope
 from segsvc.images import validate_image
@@ -73,3 +77,47 @@ def test_a_sweep_keeps_at_least_an_hour_of_files(cfg: Settings) -> None:
     result = CliRunner().invoke(main, ["blobs", "sweep", "--grace-hours", "0"])
     assert result.exit_code == 2
     assert "--grace-hours" in result.output
+
+
+def runs(result: str) -> float:
+    return REGISTRY.get_sample_value("segsvc_retrain_runs_total", {"result": result}) or 0.0
+
+
+def last_success() -> float:
+    return REGISTRY.get_sample_value("segsvc_retrain_last_success_timestamp_seconds") or 0.0
+
+
+@pytest.mark.parametrize(
+    ("status", "succeeded"), [("completed", True), ("skipped", True), ("failed", False)]
+)
+def test_the_retrain_task_counts_each_run_by_result_and_stamps_successes(
+    monkeypatch: pytest.MonkeyPatch, status: str, succeeded: bool
+) -> None:
+    """No series said whether the nightly runs worked: a pipeline failing every night (a
+    missing evaluation folder, say) showed nowhere but in its rows."""
+    result = pipeline.RunResult("run-1", status, "why")
+    monkeypatch.setattr(pipeline, "run_retraining", lambda *a, **k: result)
+    tasks.RETRAIN_LAST_SUCCESS.set(0)
+    before = runs(status)
+    assert tasks.retrain_task("manual")["status"] == status
+    assert runs(status) == before + 1
+    if succeeded:
+        assert abs(last_success() - time.time()) < 60
+    else:
+        assert last_success() == 0
+
+
+def test_the_retrain_task_counts_busy_and_raising_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    def busy(*_: object, **__: object) -> pipeline.RunResult:
+        raise pipeline.RetrainBusyError("Another retraining run is in progress.")
+
+    def broken(*_: object, **__: object) -> pipeline.RunResult:
+        raise OSError("disk full")
+
+    before = runs("busy"), runs("error")
+    monkeypatch.setattr(pipeline, "run_retraining", busy)
+    assert tasks.retrain_task("manual")["status"] == "busy"
+    monkeypatch.setattr(pipeline, "run_retraining", broken)
+    with pytest.raises(OSError, match="disk full"):
+        tasks.retrain_task("manual")
+    assert (runs("busy"), runs("error")) == (before[0] + 1, before[1] + 1)

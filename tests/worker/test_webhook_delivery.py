@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,10 +14,12 @@ from pathlib import Path
 import pytest
 import redis
 from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
 from standardwebhooks.webhooks import Webhook
 
 from api.app import create_app
 from segsvc.db import session_scope
+from segsvc.logging_setup import configure_logging
 from segsvc.models import WebhookMessage, db_time
 from segsvc.services import webhooks as webhook_service
 from segsvc.settings import Settings
@@ -189,6 +192,105 @@ def test_a_message_refused_on_its_own_keeps_its_backoff_while_others_are_deliver
     events = [json.loads(r.body)["type"] for r in receiver.requests]
     assert events.count("job.started") == 2
     assert events.count("job.completed") == 4
+
+
+def ended() -> dict[str, float]:
+    """`segsvc_webhook_messages_ended_total` by status, as this process counted so far."""
+    return {
+        status: REGISTRY.get_sample_value("segsvc_webhook_messages_ended_total", {"status": status})
+        or 0.0
+        for status in ("delivered", "failed", "disabled")
+    }
+
+
+def ended_since(before: dict[str, float]) -> dict[str, float]:
+    return {status: count - before[status] for status, count in ended().items()}
+
+
+def test_a_retry_past_the_max_age_is_counted_as_a_message_failed_once(
+    receiver: Receiver, hook_settings: Settings
+) -> None:
+    """Its next attempt (60 s) would pass the max age (30 s): the message ends failed after
+    its first attempt, which `segsvc_webhook_deliveries_total` counts as a retry; no series
+    said it was given up on."""
+    cfg = hook_settings.model_copy(
+        update={"webhook_schedule": "0,60", "webhook_max_age_seconds": 30}
+    )
+    receiver.default = Reply(500)
+    before = ended()
+    finish_job(cfg, start_job(cfg, make_job(cfg, receiver.url)))
+    msg = pump(cfg, "failed")
+    assert msg.attempts == 1
+    time.sleep(0.1)
+    pump_once(cfg)  # nothing more to claim: counted once
+    assert ended_since(before) == {"delivered": 0, "failed": 1, "disabled": 0}
+
+
+def test_a_message_past_its_max_age_without_an_attempt_is_counted_failed_once(
+    receiver: Receiver, hook_settings: Settings
+) -> None:
+    """`start_attempt` fails a message past its max age without an attempt: it was counted
+    nowhere at all."""
+    cfg = hook_settings.model_copy(update={"webhook_max_age_seconds": 1})
+    receiver.default = Reply(500)
+    before = ended()
+    finish_job(cfg, start_job(cfg, make_job(cfg, receiver.url)))
+    time.sleep(1.2)
+    msg = pump(cfg, "failed")
+    assert msg.attempts == 0
+    assert receiver.requests == []
+    pump_once(cfg)
+    assert ended_since(before) == {"delivered": 0, "failed": 1, "disabled": 0}
+
+
+def test_a_410_counts_its_message_and_the_backlog_it_disables_once_each(
+    receiver: Receiver, hook_settings: Settings
+) -> None:
+    receiver.script(Reply(410))
+    before = ended()
+    first = make_job(hook_settings, receiver.url, ["start", "completed"])
+    finish_job(hook_settings, start_job(hook_settings, first))
+    pump(hook_settings, "disabled")  # job.started refused (failed), job.completed disabled
+    pump_once(hook_settings)
+    assert ended_since(before) == {"delivered": 0, "failed": 1, "disabled": 1}
+    before = ended()
+    finish_job(hook_settings, start_job(hook_settings, make_job(hook_settings, receiver.url)))
+    pump_once(hook_settings)  # recorded disabled: never pending, not counted as ending
+    assert ended_since(before) == {"delivered": 0, "failed": 0, "disabled": 0}
+
+
+def test_a_delivery_is_counted_once_and_its_log_lines_carry_the_job_id(
+    receiver: Receiver, hook_settings: Settings
+) -> None:
+    """The worker's lines named the message only, though its row has the job's id."""
+    stream = io.StringIO()
+    level = logging.getLogger().level
+    handler = configure_logging(
+        hook_settings.model_copy(update={"log_format": "json"}),
+        service="webhook-worker",
+        stream=stream,
+    )
+    try:
+        before = ended()
+        job_id = make_job(hook_settings, receiver.url)
+        finish_job(hook_settings, start_job(hook_settings, job_id))
+        pump(hook_settings, "delivered")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(level)
+    assert ended_since(before) == {"delivered": 1, "failed": 0, "disabled": 0}
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    ours = [r for r in lines if r["logger"] == "worker.webhook_tasks"]
+    assert ours, lines
+    assert all(r.get("job_id") == str(job_id) for r in ours), ours
+
+
+def pump_once(settings: Settings) -> None:
+    """One dispatcher pass, run in this process."""
+    with session_scope(settings) as session:
+        claimed = claim_due(session=session)
+    for mid, lease in claimed:
+        deliver_message(settings, mid, lease)
 
 
 # --- real worker processes ------------------------------------------------------------------

@@ -39,9 +39,13 @@ def messages(settings: Settings, job_id: uuid.UUID | None = None) -> list[Webhoo
 
 
 def start(settings: Settings, message_id: str, lease: datetime) -> dispatch.Prepared | None:
-    """`start_attempt` in a transaction of its own, as `deliver_message` runs it."""
+    """`start_attempt` in a transaction of its own, as `deliver_message` runs it; None when it
+    makes no attempt (a message it ends without one, `dispatch.Ended`, included)."""
     with session_scope(settings) as session:
-        return start_attempt(session=session, message_id=message_id, lease=lease, settings=settings)
+        prepared = start_attempt(
+            session=session, message_id=message_id, lease=lease, settings=settings
+        )
+    return prepared if isinstance(prepared, dispatch.Prepared) else None
 
 
 def attempt(settings: Settings, outcome: Outcome) -> list[str]:

@@ -18,7 +18,7 @@ from celery import shared_task
 from celery.schedules import crontab
 from sqlalchemy.orm import Session
 
-from segsvc.blobs import blob_store
+from segsvc.blobs import BlobStoreUnavailableError, blob_store
 from segsvc.db import session_scope
 from segsvc.metrics import (
     RETRAIN_LAST_SUCCESS,
@@ -175,7 +175,8 @@ def clear_in_chunks(settings: Settings, chunk: ChunkStep) -> tuple[int, int]:
 
 def _delete_unnamed_files(settings: Settings, digests: list[str]) -> int:
     """Delete the blob files among `digests` that no job names any more (after the rows that
-    named them committed); the count. A filesystem error is logged and the pass goes on: the
+    named them committed); the count. A filesystem error (or a folder that is not the store,
+    `segsvc.blob_mark`) is logged and the pass goes on: the
     rows are gone either way, and `segsvc blobs sweep` deletes files it left."""
     with session_scope(settings) as session:
         kept = feedback.blobs_in_use(session=session, digests=digests)
@@ -183,7 +184,7 @@ def _delete_unnamed_files(settings: Settings, digests: list[str]) -> int:
         return blob_store(settings).delete(
             [d for d in digests if d not in kept], older_than_s=BLOB_GRACE_S
         )
-    except OSError:
+    except (OSError, BlobStoreUnavailableError):  # the volume away, or not the store
         log.warning(
             "could not delete %d blob files; `segsvc blobs sweep` will", len(digests), exc_info=True
         )

@@ -52,13 +52,22 @@ class StoreNotMarkedError(BlobStoreUnavailableError):
 
 
 def read_mark(root: Path) -> str | None:
-    """The id in the folder's mark file; None when there is none (or no folder)."""
-    try:
-        return (root / MARK_FILE).read_text(encoding="ascii").strip() or None
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, UnicodeDecodeError) as exc:  # there, but unreadable: the volume's trouble
-        raise BlobStoreUnavailableError() from exc
+    """The id in the folder's mark file; None when there is none (or no folder). An empty
+    one is being written in place (`_create_exclusively`): read again for a moment."""
+    for _ in range(_EMPTY_MARK_READS):
+        try:
+            found = (root / MARK_FILE).read_text(encoding="ascii").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (OSError, UnicodeDecodeError) as exc:  # there, but unreadable: the volume's
+            raise BlobStoreUnavailableError() from exc
+        if found:
+            return found
+        time.sleep(0.05)
+    return None
+
+
+_EMPTY_MARK_READS = 20
 
 
 def write_mark(root: Path, store_id: str, *, replace: bool = False) -> str:
@@ -78,6 +87,8 @@ def write_mark(root: Path, store_id: str, *, replace: bool = False) -> str:
                 os.link(tmp, root / MARK_FILE)  # atomic, and fails if one is there
         except FileExistsError:
             pass
+        except OSError:  # no hard links here (an SMB share, an S3 mount): EPERM, ENOTSUP
+            _create_exclusively(root / MARK_FILE, store_id)
         finally:
             tmp.unlink(missing_ok=True)
         fsync_folder(root)
@@ -86,6 +97,20 @@ def write_mark(root: Path, store_id: str, *, replace: bool = False) -> str:
     found = read_mark(root)
     assert found is not None  # just written (or another process's, kept)
     return found
+
+
+def _create_exclusively(path: Path, store_id: str) -> None:
+    """Create the mark unless one is there, writing it in place (a reader that finds it empty
+    reads again: `read_mark`)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return
+    try:
+        os.write(fd, (store_id + "\n").encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_mark(settings: Settings, root: Path, *, create: bool) -> None:

@@ -566,8 +566,12 @@ def blobs_sweep(grace_hours: float) -> None:
     for orphans retention does not know of (an upload whose row never committed, temporary
     files of crashed writes). Retention deletes purged inputs' files by itself, hourly."""
     from retrain.tasks import sweep_unnamed_blobs  # the daily beat task's own pass
+    from segsvc.errors import SegError
 
-    removed = sweep_unnamed_blobs(get_settings(), older_than_s=grace_hours * 3600)
+    try:
+        removed = sweep_unnamed_blobs(get_settings(), older_than_s=grace_hours * 3600)
+    except SegError as exc:  # the volume away, or a folder not the store: nothing deleted
+        raise click.ClickException(f"{exc.message} Nothing was deleted.") from None
     click.echo(f"deleted {removed} blob file{'s' * (removed != 1)} no job refers to")
 
 

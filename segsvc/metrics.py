@@ -143,9 +143,10 @@ WEBHOOK_LATENCY = Histogram(
 WEBHOOK_END_STATUSES = ("delivered", "failed", "disabled")
 WEBHOOK_ENDED = Counter(
     "segsvc_webhook_messages_ended_total",
-    "Webhook messages ended by a webhook worker, by final status: delivered, failed (refused "
-    "by the receiver, a 410 Gone included, or given up on past SEG_WEBHOOK_MAX_AGE_SECONDS, "
-    "with or without an attempt), disabled (pending when its endpoint answered 410 Gone). "
+    "Webhook messages ended by a webhook worker, by final status: delivered, failed (its "
+    "endpoint answered 410 Gone, its URL was refused, or it was still failing past "
+    "SEG_WEBHOOK_MAX_AGE_SECONDS, with or without an attempt; other answers are retried), "
+    "disabled (pending when its endpoint answered 410 Gone). "
     "Messages recorded already disabled are not counted.",
     ["status"],
 )

@@ -162,3 +162,30 @@ def test_the_database_store_reads_old_pointers_through_the_same_check(cfg: Setti
     with pytest.raises(StoreNotMarkedError):
         blob_store(db_cfg).get(pointer)
     assert blob_store(db_cfg).put(DATA) == DATA  # bytes in the row: no folder involved
+
+
+def test_a_volume_without_hard_links_is_marked_in_place(
+    cfg: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: an SMB share or an S3 mount refuses link() (EPERM): the mark was never
+    written, and every upload was refused for good."""
+
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(blob_mark.os, "link", no_links)
+    pointer = blob_store(cfg).put(DATA)
+    assert cfg.blob_dir is not None
+    store_id = read_mark(cfg.blob_dir)
+    assert store_id is not None
+    assert marks(cfg) == [(store_id, str(cfg.blob_dir))]
+    assert sorted(p.name for p in cfg.blob_dir.iterdir() if p.name.startswith(".")) == [MARK_FILE]
+    blob_mark.forget()
+    assert blob_store(cfg).get(pointer) == DATA
+
+
+def test_an_empty_mark_is_read_again_then_taken_for_none(tmp_path: Path) -> None:
+    (tmp_path / MARK_FILE).write_text("")
+    assert read_mark(tmp_path) is None
+    (tmp_path / MARK_FILE).write_text("abc\n")
+    assert read_mark(tmp_path) == "abc"

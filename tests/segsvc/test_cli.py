@@ -367,3 +367,24 @@ def test_blobs_adopt_makes_the_folder_the_store_after_asking(
     blob_store(cfg).put(b"an upload")
     again = CliRunner().invoke(main, ["blobs", "adopt", "--yes"])
     assert "already the blob store" in again.output
+
+
+def test_blobs_sweep_of_a_folder_that_is_not_the_store_is_one_line_not_a_traceback(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segsvc import blob_mark
+    from segsvc.blobs import blob_store
+
+    blob_mark.forget()
+    folder = tmp_path / "blobs"
+    cfg = settings.model_copy(update={"blob_store": "fs", "blob_dir": folder})
+    monkeypatch.setattr("segsvc.cli.get_settings", lambda: cfg)
+    monkeypatch.setattr("retrain.tasks.get_settings", lambda: cfg)
+    blob_store(cfg).put(b"a mask")
+    folder.rename(tmp_path / "volume")
+    folder.mkdir()
+    blob_mark.forget()
+    result = CliRunner().invoke(main, ["blobs", "sweep", "--grace-hours", "1"])
+    assert result.exit_code == 1
+    assert "Nothing was deleted." in result.output
+    assert "Traceback" not in result.output

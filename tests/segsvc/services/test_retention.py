@@ -250,3 +250,32 @@ def test_a_cancel_of_a_job_being_deleted_is_a_404_not_a_500(
     outcome = while_its_deletion_waits_to_commit(settings, cancel, before_it_waits=read)
     assert len(outcome) == 1
     assert isinstance(outcome[0], NotFoundError)
+
+
+def test_a_blob_folder_that_is_not_the_store_does_not_stop_the_pass(
+    cfg: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: with the volume away (`segsvc.blob_mark` refuses the folder), the pass
+    raised after its first chunk's commit and the other chunks waited for the next hour."""
+    from retrain import tasks
+    from segsvc import blob_mark
+    from segsvc.blobs import blob_store
+
+    monkeypatch.setattr(retention, "DELETE_CHUNK", 1)
+    blob_mark.forget()
+    store = blob_store(cfg)
+    old = [make_job(cfg) for _ in range(3)]
+    with session_scope(cfg) as session:
+        for i, job_id in enumerate(old):
+            session.execute(
+                update(Job).where(Job.id == job_id).values(mask_png=store.put(b"mask %d" % i))
+            )
+    for job_id in old:
+        age(cfg, job_id, 100)
+    assert cfg.blob_dir is not None
+    cfg.blob_dir.rename(tmp_path / "volume")  # unmounted: an empty mount point
+    cfg.blob_dir.mkdir()
+    blob_mark.forget()
+    assert tasks.delete_expired_jobs() == 3
+    assert remaining(cfg, old) == set()
+    assert list(cfg.blob_dir.iterdir()) == []  # nothing deleted there, nor written

@@ -166,8 +166,9 @@ def test_one_key_holds_one_batch_turn_at_a_time(
         go.set()
         first.join(30)
         second.join(30)
-    assert theirs.status_code == 202, theirs.get_json()
-    assert waited < 0.3
+    # A 202: no wait for a turn (the turns are held until `go`, after it: waiting would be a
+    # 503 at BATCH_TURN_WAIT_S). The time is reported, not bounded: a slow CI core is no defect.
+    assert theirs.status_code == 202, (theirs.get_json(), waited)
     assert sorted(codes) == [202, 503]  # the key's second waited for its own first, 503
 
 

@@ -352,7 +352,7 @@ def test_a_large_png_evaluation_photo_is_indexed_quickly_and_its_crop_still_matc
     photo.save(path, "PNG")
     started = time.perf_counter()
     index = NearDuplicateIndex([("big", path)])
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 5.0  # ~0.3 s here; unreduced it took far longer
     assert len(index) == 1
     assert index.copy_of(path) == "big"
     dx, dy = 150, 100  # 5% of each side cut off, re-encoded smaller

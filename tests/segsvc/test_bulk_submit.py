@@ -123,6 +123,15 @@ def png_files(folder: Path, count: int) -> list[Path]:
     return files
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in these tests even where pytest started with SIGINT
+    ignored (in the background of a script: Python then installs no handler of its own)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def interrupt_once_answered(stub: Scripted, count: int) -> threading.Thread:
     """A thread (to start) that sends this process Ctrl-C once `stub` has answered `count`
     requests, however slow the machine (a timer could fire before any was sent)."""

@@ -195,11 +195,16 @@ class _Only(Collector):
         self.names = names
 
     def collect(self) -> Iterable[Metric]:
-        return (
-            family
-            for family in self.inner.collect()
-            if family.name in self.names or not family.name.startswith("segsvc_")
-        )
+        for family in self.inner.collect():
+            if family.name not in self.names and family.name.startswith("segsvc_"):
+                continue
+            if family.type == "info":
+                # An Info not set yet (an inference worker loading its first model) has one
+                # sample without labels: an empty row in the dashboard's model table.
+                family.samples = [sample for sample in family.samples if sample.labels]
+                if not family.samples:
+                    continue
+            yield family
 
 
 def metrics_registry(*, only: frozenset[str] | None = None) -> CollectorRegistry:

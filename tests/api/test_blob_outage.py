@@ -16,6 +16,7 @@ from segsvc.ml.preprocess import encode_mask_png
 from segsvc.models import Job
 from segsvc.settings import Settings
 from tests.api.test_jobs import mark_succeeded, png_bytes, submit
+from tests.segsvc.test_blob_mark import unmount
 
 
 def fs_client(settings: Settings, blob_dir: Path) -> tuple[Settings, FlaskClient]:
@@ -91,9 +92,7 @@ def test_a_blob_volume_that_is_not_mounted_is_503_for_submits_and_results(
     cfg, client = fs_client(settings, folder)
     job_id = submit(client, auth, png_bytes((64, 48))).get_json()["id"]
     mark_succeeded(cfg, job_id, blob_store(cfg).put(encode_mask_png(np.ones((48, 64), np.uint8))))
-    folder.rename(tmp_path / "volume")  # unmounted: the mount point is an empty folder
-    folder.mkdir()
-    blob_mark.forget()  # past the recheck interval
+    away = unmount(folder)
     try:
         assert_retryable_503(submit(client, auth, png_bytes((32, 32))))
         for picture in ("mask.png", "overlay.png"):
@@ -102,6 +101,6 @@ def test_a_blob_volume_that_is_not_mounted_is_503_for_submits_and_results(
         assert list(folder.iterdir()) == []
     finally:
         folder.rmdir()
-        (tmp_path / "volume").rename(folder)
+        away.rename(folder)
     assert client.get(f"/v1/jobs/{job_id}/mask.png", headers=auth).status_code == 200
     assert submit(client, auth, png_bytes((32, 32))).status_code == 202

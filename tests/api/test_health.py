@@ -37,6 +37,7 @@ def test_readyz_with_file_blobs_fails_while_the_volume_is_not_mounted(
     from api.app import create_app
     from segsvc import blob_mark
     from segsvc.blobs import blob_store
+    from tests.segsvc.test_blob_mark import unmount
 
     blob_mark.forget()
     folder = tmp_path / "blobs"
@@ -46,9 +47,7 @@ def test_readyz_with_file_blobs_fails_while_the_volume_is_not_mounted(
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.get_json()["checks"]["blob_store"] == "ok"
-    folder.rename(tmp_path / "volume")
-    folder.mkdir()
-    blob_mark.forget()
+    unmount(folder)
     unready = client.get("/readyz")
     assert unready.status_code == 503
     assert "is its volume mounted" in unready.get_json()["checks"]["blob_store"]

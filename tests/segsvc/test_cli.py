@@ -17,6 +17,7 @@ from segsvc.cli import main
 from segsvc.db import session_scope
 from segsvc.models import TrainingRun, utcnow
 from segsvc.settings import Settings, get_settings
+from tests.segsvc.test_blob_mark import unmount
 
 
 @pytest.fixture
@@ -351,9 +352,7 @@ def test_blobs_adopt_makes_the_folder_the_store_after_asking(
     blob_store(cfg).put(b"a mask")
     store_id = read_mark(folder)
     assert store_id is not None
-    folder.rename(tmp_path / "old-volume")
-    folder.mkdir()  # a new, empty volume
-    blob_mark.forget()
+    unmount(folder)  # a new, empty volume in its place
     with pytest.raises(StoreNotMarkedError):
         blob_store(cfg).put(b"an upload")
     declined = CliRunner().invoke(main, ["blobs", "adopt"], input="n\n")
@@ -381,9 +380,7 @@ def test_blobs_sweep_of_a_folder_that_is_not_the_store_is_one_line_not_a_traceba
     monkeypatch.setattr("segsvc.cli.get_settings", lambda: cfg)
     monkeypatch.setattr("retrain.tasks.get_settings", lambda: cfg)
     blob_store(cfg).put(b"a mask")
-    folder.rename(tmp_path / "volume")
-    folder.mkdir()
-    blob_mark.forget()
+    unmount(folder)
     result = CliRunner().invoke(main, ["blobs", "sweep", "--grace-hours", "1"])
     assert result.exit_code == 1
     assert "Nothing was deleted." in result.output

@@ -253,13 +253,14 @@ def test_a_cancel_of_a_job_being_deleted_is_a_404_not_a_500(
 
 
 def test_a_blob_folder_that_is_not_the_store_does_not_stop_the_pass(
-    cfg: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cfg: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression: with the volume away (`segsvc.blob_mark` refuses the folder), the pass
     raised after its first chunk's commit and the other chunks waited for the next hour."""
     from retrain import tasks
     from segsvc import blob_mark
     from segsvc.blobs import blob_store
+    from tests.segsvc.test_blob_mark import unmount
 
     monkeypatch.setattr(retention, "DELETE_CHUNK", 1)
     blob_mark.forget()
@@ -273,9 +274,7 @@ def test_a_blob_folder_that_is_not_the_store_does_not_stop_the_pass(
     for job_id in old:
         age(cfg, job_id, 100)
     assert cfg.blob_dir is not None
-    cfg.blob_dir.rename(tmp_path / "volume")  # unmounted: an empty mount point
-    cfg.blob_dir.mkdir()
-    blob_mark.forget()
+    unmount(cfg.blob_dir)
     assert tasks.delete_expired_jobs() == 3
     assert remaining(cfg, old) == set()
     assert list(cfg.blob_dir.iterdir()) == []  # nothing deleted there, nor written

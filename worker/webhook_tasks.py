@@ -61,17 +61,18 @@ def deliver_webhook(message_id: str, lease: str) -> str:
 def deliver_message(cfg: Settings, message_id: str, lease: datetime) -> str:
     """Prepare and sign in one transaction, POST outside any, record in another. Messages
     that end are counted in `segsvc_webhook_messages_ended_total` once the transaction that
-    ended them has committed; the attempt's log lines carry its job's id."""
+    ended them has committed; the attempt's log lines carry its job's id and the request id of
+    the submit that made the job."""
     with session_scope(cfg) as session:
         prepared = start_attempt(session=session, message_id=message_id, lease=lease, settings=cfg)
     if isinstance(prepared, Ended):  # disabled endpoint, or past its max age: no attempt
         WEBHOOK_ENDED.labels(prepared.status).inc()
-        with log_context(job_id=prepared.job_id):
+        with log_context(job_id=prepared.job_id, request_id=prepared.request_id):
             log.info("webhook %s: no attempt -> %s", message_id, prepared.status)
         return prepared.status
     if prepared is None:
         return "skipped"
-    with log_context(job_id=prepared.job_id):
+    with log_context(job_id=prepared.job_id, request_id=prepared.request_id):
         return _attempt(cfg, prepared)
 
 

@@ -26,6 +26,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from segsvc.db import savepoint
 from segsvc.models import (
+    Job,
     UTCDateTime,
     WebhookAttempt,
     WebhookEndpoint,
@@ -52,7 +53,8 @@ DISPATCH_LEASE_S = 60.0  # how long a dispatched hint may wait in the broker bef
 
 @dataclass(frozen=True)
 class Prepared:
-    """A claimed message, signed and ready for one attempt (`job_id`: its job, for logs)."""
+    """A claimed message, signed and ready for one attempt (`job_id`, `request_id`: its job's
+    and the submit's, for logs)."""
 
     message_id: str
     lease: datetime
@@ -61,6 +63,7 @@ class Prepared:
     headers: dict[str, str]
     client_id: uuid.UUID | None = None
     job_id: uuid.UUID | None = None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Ended:
     message_id: str
     job_id: uuid.UUID
     status: str
+    request_id: str | None = None
 
 
 class Recorded(str):
@@ -165,7 +169,9 @@ def start_attempt(
     endpoint is paused or already being probed; `Ended` if it ends here, unattempted: its
     endpoint disabled, or past its max age)."""
     found = session.execute(  # which endpoint to lock first; no lock on the message yet
-        select(WebhookMessage.client_id, WebhookMessage.url).where(WebhookMessage.id == message_id)
+        select(WebhookMessage.client_id, WebhookMessage.url, Job.request_id)
+        .outerjoin(Job, Job.id == WebhookMessage.job_id)
+        .where(WebhookMessage.id == message_id)
     ).first()
     if found is None:
         return None
@@ -190,7 +196,7 @@ def start_attempt(
         return None
     if endpoint is not None and endpoint.disabled_at is not None:
         message.status, message.next_attempt_at = outbox.DISABLED, None
-        return Ended(message.id, message.job_id, outbox.DISABLED)
+        return Ended(message.id, message.job_id, outbox.DISABLED, found.request_id)
     now = _stamp(new_lease) - attempt_lease(settings)  # the lease's statement time: no read
     redelivered = message.redelivered_at is not None and (
         message.last_attempt_at is None or message.last_attempt_at < message.redelivered_at
@@ -203,7 +209,7 @@ def start_attempt(
         # was down): not sent days late. Attempted ones end by `_next_state`'s check. A
         # client's redeliver asked for it now, whatever its age: its attempt is made.
         message.status, message.next_attempt_at, message.completed_at = outbox.FAILED, None, now
-        return Ended(message.id, message.job_id, outbox.FAILED)
+        return Ended(message.id, message.job_id, outbox.FAILED, found.request_id)
     if endpoint is not None and endpoint.failures > 0:
         paused_until = endpoint.paused_until
         if paused_until is not None and paused_until > now:
@@ -242,6 +248,7 @@ def start_attempt(
         headers,
         message.client_id,
         message.job_id,
+        found.request_id,
     )
 
 

@@ -259,10 +259,11 @@ def test_a_410_counts_its_message_and_the_backlog_it_disables_once_each(
     assert ended_since(before) == {"delivered": 0, "failed": 0, "disabled": 0}
 
 
-def test_a_delivery_is_counted_once_and_its_log_lines_carry_the_job_id(
+def test_a_delivery_is_counted_once_and_its_log_lines_carry_the_job_and_request_ids(
     receiver: Receiver, hook_settings: Settings
 ) -> None:
-    """The worker's lines named the message only, though its row has the job's id."""
+    """The worker's lines named the message only, though its row has the job's id (and the
+    job the id of the request that submitted it, which the API's lines carry)."""
     stream = io.StringIO()
     level = logging.getLogger().level
     handler = configure_logging(
@@ -272,7 +273,7 @@ def test_a_delivery_is_counted_once_and_its_log_lines_carry_the_job_id(
     )
     try:
         before = ended()
-        job_id = make_job(hook_settings, receiver.url)
+        job_id = make_job(hook_settings, receiver.url, request_id="req-7f3a")
         finish_job(hook_settings, start_job(hook_settings, job_id))
         pump(hook_settings, "delivered")
     finally:
@@ -283,6 +284,7 @@ def test_a_delivery_is_counted_once_and_its_log_lines_carry_the_job_id(
     ours = [r for r in lines if r["logger"] == "worker.webhook_tasks"]
     assert ours, lines
     assert all(r.get("job_id") == str(job_id) for r in ours), ours
+    assert all(r.get("request_id") == "req-7f3a" for r in ours), ours
 
 
 def pump_once(settings: Settings) -> None:

@@ -24,6 +24,7 @@ def make_job(
     url: str | None,
     events: list[str] | None = None,
     client_id: uuid.UUID | None = None,
+    request_id: str | None = None,
 ) -> uuid.UUID:
     image = validate_image(png_bytes(), max_bytes=10**6, max_pixels=10**6)
     with session_scope(settings) as session:
@@ -33,6 +34,7 @@ def make_job(
             webhook_url=url,
             webhook_events=events,
             client_id=client_id,
+            request_id=request_id,
         )
         return job.id
 

@@ -47,9 +47,27 @@ def database_url() -> str:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=database_url(), target_metadata=target_metadata, literal_binds=True)
+    """Write the steps as a SQL script (`segsvc db upgrade --sql`), each in its own transaction
+    as when run here; CONCURRENTLY index builds between them, outside any."""
+    context.configure(
+        url=database_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        transaction_per_migration=True,
+    )
+    context.get_context().impl.static_output(OFFLINE_HEADER)
     with context.begin_transaction():
         context.run_migrations()
+
+
+OFFLINE_HEADER = """\
+-- segsvc schema migration script, written by `segsvc db upgrade --sql` (Alembic offline mode).
+-- Run it with psql, not in one transaction (CREATE INDEX CONCURRENTLY runs outside any):
+--   psql -v ON_ERROR_STOP=1 -f this.sql "$DATABASE_URL"
+-- The API and workers may keep serving meanwhile, as for `segsvc db upgrade`, but that command
+-- also waits its turn behind other migrations and retries a step that waits too long for a
+-- lock; this script does neither: run it once, when nothing else migrates this database.
+"""
 
 
 def run_migrations_online() -> None:

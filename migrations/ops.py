@@ -1,6 +1,7 @@
 """Operations migrations share: blocks outside the step's transaction that wait for locks as long
-as it takes (0003, 0005, 0007), and the helpers of CONCURRENTLY index builds (0003, 0005, 0009,
-0011)."""
+as it takes (0003, 0005, 0007), the helpers of CONCURRENTLY index builds (0003, 0005, 0009,
+0011), and what the steps that read the database do instead when Alembic writes a SQL script
+(`segsvc db upgrade --sql`: `offline()`, `note()`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 # An index a migration builds: (name, table, columns, `create_index` keywords).
 IndexSpec = tuple[str, str, list[str], dict[str, Any]]
@@ -18,6 +19,19 @@ IndexSpec = tuple[str, str, list[str], dict[str, Any]]
 def partial_where(condition: str) -> dict[str, sa.TextClause]:
     """`create_index` keywords for a partial index on both backends."""
     return {"postgresql_where": sa.text(condition), "sqlite_where": sa.text(condition)}
+
+
+def offline() -> bool:
+    """Whether this run writes a SQL script (`alembic upgrade --sql`) instead of running it: a
+    step can read nothing then, so one that decides by what it finds says it in SQL."""
+    return context.is_offline_mode()
+
+
+def note(text: str) -> None:
+    """A comment in the SQL script, for the person who reviews and runs it."""
+    impl = op.get_context().impl
+    for line in text.splitlines():
+        impl.static_output(f"-- {line}".rstrip())
 
 
 @contextmanager
@@ -37,14 +51,22 @@ def patient_block() -> Iterator[None]:
         finally:
             # On a connection a cancel or a disconnect ended, the RESET would fail and hide
             # that error (SIGTERM's one-line exit included); the session goes with it anyway.
-            if postgres and not op.get_bind().invalidated:
+            if postgres and (context.is_offline_mode() or not op.get_bind().invalidated):
                 op.execute("RESET lock_timeout")  # the connection's own (its startup options)
 
 
 def drop_invalid_indexes(names: Sequence[str]) -> None:
     """Drop the INVALID indexes among `names` that a failed or cancelled CREATE INDEX
     CONCURRENTLY left behind (Postgres; in an autocommit block): IF NOT EXISTS would keep
-    them, unusable, for ever."""
+    them, unusable, for ever. A SQL script cannot look: it says so in a comment (a script runs
+    once, on a database no failed build of these indexes touched)."""
+    if offline():
+        if op.get_context().dialect.name == "postgresql":
+            note(
+                "If an earlier CREATE INDEX CONCURRENTLY of these indexes was interrupted, drop "
+                f"its INVALID leftover first (IF NOT EXISTS keeps it): {', '.join(names)}"
+            )
+        return
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return

@@ -98,14 +98,41 @@ def db() -> None:
     is_flag=True,
     help="Then register the shipped model as production if none is (`segsvc models init`).",
 )
-def db_upgrade(revision: str, init_models: bool) -> None:
+@click.option(
+    "--sql",
+    "as_sql",
+    is_flag=True,
+    help="Print the steps' SQL script instead of running them (Postgres; connects to nothing), "
+    "for review or to apply with psql.",
+)
+@click.option(
+    "--from",
+    "from_revision",
+    default=None,
+    metavar="REVISION",
+    help="With --sql: the revision the database is at (default: an empty database).",
+)
+def db_upgrade(revision: str, init_models: bool, as_sql: bool, from_revision: str | None) -> None:
     """Apply Alembic migrations up to REVISION (never back: Alembic's upgrade to an older
-    revision does nothing, which is said, not reported as done)."""
+    revision does nothing, which is said, not reported as done). With --sql, print them as a
+    SQL script instead."""
     from alembic.util import CommandError
 
-    from segsvc.migrate import MigrationLockError, current_revisions, upgrade
+    from segsvc.migrate import MigrationLockError, current_revisions, sql_script, upgrade
     from segsvc.schema import code_revisions
 
+    if from_revision is not None and not as_sql:
+        raise click.UsageError("--from goes with --sql (a live upgrade reads where it is)")
+    if as_sql:
+        if init_models:
+            raise click.UsageError("--init-models writes to the database; --sql writes a script")
+        try:
+            sql_script(out=sys.stdout, revision=revision, from_revision=from_revision)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        except CommandError as exc:
+            raise click.ClickException(f"no script: {exc}") from None
+        return
     _exit_on_sigterm()
     try:
         upgrade(revision=revision)

@@ -13,6 +13,7 @@ import random
 import time
 import zlib
 from collections.abc import Callable
+from typing import TextIO
 
 from alembic import command
 from alembic.config import Config
@@ -96,6 +97,28 @@ def upgrade(
                 holders,
             )
             sleep(pause)
+
+
+def sql_script(
+    *,
+    out: TextIO,
+    revision: str = "head",
+    from_revision: str | None = None,
+    settings: Settings | None = None,
+) -> None:
+    """Write the SQL of the steps from `from_revision` (None: an empty database) up to
+    `revision` to `out`, connecting to nothing (Alembic's offline mode): a script for a
+    reviewer, or for a DBA who applies changes by hand. Postgres only: SQLite's steps rebuild
+    tables from what they find, which a script cannot read."""
+    settings = settings or get_settings()
+    if is_sqlite(settings):
+        raise ValueError(
+            "a SQL script is written for Postgres (SEG_DATABASE_URL); a SQLite database "
+            "migrates with `segsvc db upgrade`"
+        )
+    cfg = alembic_config(settings)
+    cfg.output_buffer = out
+    command.upgrade(cfg, f"{from_revision}:{revision}" if from_revision else revision, sql=True)
 
 
 def current_revisions(settings: Settings | None = None) -> tuple[str, ...]:

@@ -28,7 +28,7 @@ COLUMNS = (
 
 
 def _set_storage(storage: str) -> None:
-    if op.get_bind().dialect.name != "postgresql":
+    if op.get_context().dialect.name != "postgresql":
         return  # SQLite has no per-column storage
     for table, column in COLUMNS:
         op.execute(f"ALTER TABLE {table} ALTER COLUMN {column} SET STORAGE {storage}")

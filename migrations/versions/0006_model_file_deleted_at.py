@@ -23,6 +23,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.ops import offline
+
 revision: str = '0006'
 down_revision: str | None = '0005'
 branch_labels: str | Sequence[str] | None = None
@@ -41,6 +43,13 @@ versions = sa.table(
 def upgrade() -> None:
     with op.batch_alter_table("model_versions") as batch:
         batch.add_column(sa.Column("file_deleted_at", sa.DateTime(timezone=True)))
+    if offline():  # a script reads nothing: the same move, in SQL (Postgres' JSON operators)
+        op.execute(
+            f"UPDATE model_versions SET file_deleted_at = (metrics ->> '{KEPT_KEY}')::timestamptz,"
+            f" metrics = (metrics::jsonb - '{KEPT_KEY}')::json"
+            f" WHERE json_typeof(metrics) = 'object' AND metrics::jsonb ? '{KEPT_KEY}'"
+        )
+        return
     bind = op.get_bind()
     for version, metrics in bind.execute(sa.select(versions.c.version, versions.c.metrics)):
         if not isinstance(metrics, dict) or KEPT_KEY not in metrics:
@@ -55,6 +64,17 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if offline():
+        op.execute(
+            "UPDATE model_versions SET metrics = (CASE WHEN json_typeof(metrics) = 'object'"
+            " THEN metrics::jsonb ELSE '{}'::jsonb END"
+            f" || jsonb_build_object('{KEPT_KEY}', to_char(file_deleted_at AT TIME ZONE 'UTC',"
+            " 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')))::json"
+            " WHERE file_deleted_at IS NOT NULL"
+        )
+        with op.batch_alter_table("model_versions") as batch:
+            batch.drop_column("file_deleted_at")
+        return
     bind = op.get_bind()
     pruned = bind.execute(
         sa.select(versions.c.version, versions.c.metrics, versions.c.file_deleted_at).where(

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from migrations.ops import patient_block
+from migrations.ops import note, offline, patient_block
 
 revision: str = '0007'
 down_revision: str | None = '0006'
@@ -40,6 +40,14 @@ jobs = sa.table(
 
 
 def upgrade() -> None:
+    if offline():  # a script cannot walk the key: one statement, in its own transaction
+        note(f"On a large jobs table, run this UPDATE in batches of ids ({BATCH} at a time).")
+        op.execute(
+            jobs.update()
+            .where(jobs.c.status.in_(ENDED), jobs.c.model_input.is_not(None))
+            .values(model_input=None)
+        )
+        return
     with patient_block():
         bind = op.get_bind()
         after = None

@@ -258,6 +258,8 @@ def _lost_verdict(runs_lost: int) -> tuple[str, str]:
             f"The worker stopped while running this job {runs_lost} times, the last time with "
             "no other job beside it; the input is presumed to crash it."
         )
+    if runs_lost == 1:  # SEG_JOB_MAX_ATTEMPTS=1: a single lost run ends the job
+        return "worker_lost", "The worker running this job stopped before it finished."
     return "worker_lost", f"The worker running this job stopped {runs_lost} times."
 
 

@@ -155,9 +155,16 @@ def test_reconcile_fences_out_a_slow_worker(settings: Settings) -> None:
     assert get(settings, job_id).status == "queued"
 
 
-@pytest.mark.parametrize(("max_attempts", "code"), [(2, "worker_lost"), (3, "poison_input")])
+@pytest.mark.parametrize(
+    ("max_attempts", "code", "message"),
+    [
+        (1, "worker_lost", "The worker running this job stopped before it finished."),
+        (2, "worker_lost", "The worker running this job stopped 2 times."),
+        (3, "poison_input", "The worker stopped while running this job 3 times, the last"),
+    ],
+)
 def test_reconcile_fails_job_lost_max_times(
-    settings: Settings, max_attempts: int, code: str
+    settings: Settings, max_attempts: int, code: str, message: str
 ) -> None:
     cfg = settings.model_copy(update={"job_max_attempts": max_attempts})
     job_id = make_job(
@@ -171,6 +178,7 @@ def test_reconcile_fails_job_lost_max_times(
     assert report["failed"] == 1
     job = get(cfg, job_id)
     assert (job.status, job.error_code) == ("failed", code)
+    assert job.error_message.startswith(message)  # "1 times" with SEG_JOB_MAX_ATTEMPTS=1
     assert queued_ids(cfg) == []
     assert inputs_kept(cfg, job_id) == (True, False)  # the model input goes with the job
 

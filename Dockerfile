@@ -110,7 +110,7 @@ ENV PYTHONPATH=/app \
     SEG_ARTIFACT_CACHE_DIR=/var/lib/segsvc/artifacts \
     SEG_PROBE_DIR=/tmp/segsvc-probes \
     SEG_METRICS_PORT=9100 \
-    SEG_RUNTIME=xla \
+    SEG_RUNTIME=auto \
     TF_CPP_MIN_LOG_LEVEL=2 \
     TF_FORCE_GPU_ALLOW_GROWTH=true
 USER segsvc

@@ -15,6 +15,9 @@ RUN_JOB = "segsvc.run_job"
 DELIVER_WEBHOOK = "segsvc.deliver_webhook"
 RECONCILE = "segsvc.reconcile"
 RETRAIN = "segsvc.retrain"
+# The webhook worker's Celery app (`worker.webhook_tasks`), by name: it consumes
+# SEG_WEBHOOK_QUEUE_NAME only.
+WEBHOOK_APP = "segsvc-webhooks"
 # The keyword of a `segsvc.run_job` message that carries a suspect (`enqueue_jobs`).
 SUSPECT_KWARG = "suspect"
 

@@ -236,7 +236,11 @@ class Settings(BaseSettings):
     queue_name: str = Field("inference", description="Celery queue for inference.")
 
     # --- webhooks ----------------------------------------------------------------------------
-    webhook_queue_name: str = Field("webhooks", description="Celery queue for deliveries.")
+    webhook_queue_name: str = Field(
+        "webhooks",
+        description="Celery queue for deliveries; the webhook workers' `-Q` must name it "
+        "(a worker on another queue logs QUEUE MISMATCH and delivers nothing).",
+    )
     webhook_timeout_seconds: float = Field(15.0, gt=0, description="Per-attempt timeout.")
     webhook_max_age_seconds: int = Field(
         3 * 24 * 3600, ge=1, description="Stop retrying after this."

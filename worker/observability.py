@@ -31,6 +31,7 @@ from segsvc.metrics import (
     WORKER_READY,
 )
 from segsvc.ml.convert import CONVERT_TIMEOUT_S
+from segsvc.queue import WEBHOOK_APP
 from segsvc.settings import get_settings
 from worker.metrics_server import (
     QueueDepthSampler,
@@ -101,9 +102,12 @@ def warn_of_queue_mismatch(app: Any) -> bool:
     """Log an error when this worker consumes a queue that only an inference worker would
     (neither the webhook nor the maintenance queue) but not SEG_QUEUE_NAME's: it then loads no
     model and takes no job of the API's, silently (`-Q inference` while SEG_QUEUE_NAME is
-    `gpu`, or the other way round); True when it did."""
+    `gpu`, or the other way round); the webhook worker's app, when it does not consume
+    SEG_WEBHOOK_QUEUE_NAME's. True when it did."""
     settings = get_settings()
     queues = consumed_queues(app)
+    if getattr(app, "main", None) == WEBHOOK_APP:
+        return _warn_of_webhook_queue_mismatch(queues, settings.webhook_queue_name)
     others = sorted(queues - {settings.webhook_queue_name, MAINTENANCE_QUEUE})
     if not others or settings.queue_name in queues:
         return False
@@ -114,6 +118,23 @@ def warn_of_queue_mismatch(app: Any) -> bool:
         ", ".join(map(repr, others)),
         settings.queue_name,
         settings.queue_name,
+    )
+    return True
+
+
+def _warn_of_webhook_queue_mismatch(queues: set[str], wanted: str) -> bool:
+    """The webhook worker's check: the dispatcher sends every delivery to
+    SEG_WEBHOOK_QUEUE_NAME's queue, so a worker on another one (`-Q webhooks` while the setting
+    was changed) delivers nothing, and said nothing."""
+    if wanted in queues:
+        return False
+    log.error(
+        "QUEUE MISMATCH: this webhook worker consumes %s but SEG_WEBHOOK_QUEUE_NAME is %r, so "
+        "it delivers no webhook: start it with `-Q %s`, or set SEG_WEBHOOK_QUEUE_NAME to the "
+        "queue it consumes (the same on every process)",
+        ", ".join(map(repr, sorted(queues))),
+        wanted,
+        wanted,
     )
     return True
 

@@ -20,7 +20,7 @@ from kombu.entity import Queue
 from segsvc.db import session_scope, with_db_role
 from segsvc.logging_setup import log_context
 from segsvc.metrics import WEBHOOK_DELIVERIES, WEBHOOK_ENDED, WEBHOOK_LATENCY
-from segsvc.queue import DELIVER_WEBHOOK, make_celery
+from segsvc.queue import DELIVER_WEBHOOK, WEBHOOK_APP, make_celery
 from segsvc.settings import Settings, get_settings, is_redis_url
 from segsvc.webhooks.delivery import deliver
 from segsvc.webhooks.dispatch import (
@@ -43,7 +43,7 @@ POLL_S = 1.0
 DISPATCH_HIGH_WATER = 100
 
 settings = with_db_role(get_settings(), "worker")  # SEG_WORKER_STATEMENT_TIMEOUT_SECONDS, ...
-app = make_celery(settings, name="segsvc-webhooks")
+app = make_celery(settings, name=WEBHOOK_APP)
 app.conf.update(
     # Only the webhooks queue by default: started without -Q, this app must not take jobs.
     task_default_queue=settings.webhook_queue_name,

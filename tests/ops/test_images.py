@@ -155,3 +155,9 @@ def test_worker_images_consume_seg_queue_name(stage: str) -> None:
         check=True,
     ).stdout.split("\n")
     assert expanded[expanded.index("-Q") + 1] == "gpu-jobs"
+
+
+def test_the_gpu_image_alone_serves_mixed_precision_like_compose_and_k8s() -> None:
+    """SEG_RUNTIME=xla in the image served float32 XLA where `auto` (compose's and the GPU
+    overlay's value) serves `xla-gpu`, in mixed precision: a bare `docker run` got the slower."""
+    assert stage_env("worker-gpu")["SEG_RUNTIME"] == "auto"

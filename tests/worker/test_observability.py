@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from retrain.tasks import MAINTENANCE_QUEUE
+from segsvc.queue import WEBHOOK_APP
 from segsvc.settings import Settings
 from worker import observability
 
@@ -49,3 +50,26 @@ def test_workers_that_run_no_model_or_consume_seg_queue_name_do_not_warn(
             observability._worker_ready(consumer(*queues))
         assert not observability.warn_of_queue_mismatch(consumer("gpu", "inference").app)
     assert not [r for r in caplog.records if "QUEUE MISMATCH" in r.getMessage()]
+
+
+def test_a_webhook_worker_on_another_queue_than_seg_webhook_queue_name_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`-Q webhooks` (the manifests' queue, once written in) while SEG_WEBHOOK_QUEUE_NAME is
+    `hooks`: the dispatcher sends every delivery to `hooks`, none was delivered, and the only
+    line named SEG_QUEUE_NAME, the inference queue's setting."""
+    cfg = Settings(webhook_queue_name="hooks", probe_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setattr(observability, "get_settings", lambda: cfg)
+    webhook_worker = consumer("webhooks")
+    webhook_worker.app.main = WEBHOOK_APP
+    with caplog.at_level(logging.ERROR, logger=observability.__name__):
+        observability._worker_ready(webhook_worker)
+    [record] = [r for r in caplog.records if "QUEUE MISMATCH" in r.getMessage()]
+    assert "SEG_WEBHOOK_QUEUE_NAME is 'hooks'" in record.getMessage()
+    assert "'webhooks'" in record.getMessage()
+    caplog.clear()
+    on_its_queue = consumer("hooks")
+    on_its_queue.app.main = WEBHOOK_APP
+    with caplog.at_level(logging.ERROR, logger=observability.__name__):
+        assert not observability.warn_of_queue_mismatch(on_its_queue.app)
+    assert not caplog.records

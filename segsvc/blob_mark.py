@@ -6,7 +6,8 @@ would create on the container's own disk): uploads written to it are hidden by t
 mount, and results that are on the volume read as missing (410 Gone, which clients take as
 final). So the first process to use the store writes a random id to `<blob_dir>/.segsvc-store`
 and records it in `blob_store_mark`; from then on a folder without that file, or with
-another id (another deployment's volume), is refused before it is written, read or swept:
+another id (another deployment's volume), is refused before it is written, read or swept, as
+is a marked folder the database has no mark for (unless it names files in a store):
 `StoreNotMarkedError`, a 503 with Retry-After (workers release the batch and retry), and an
 error in the log saying what is wrong. When the volume is back, the next check passes.
 
@@ -27,12 +28,13 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import Executable, insert, select
+from sqlalchemy import Executable, insert, select, text
+from sqlalchemy.orm import Session
 
 from segsvc.blobs import BlobStoreUnavailableError
 from segsvc.db import session_scope
 from segsvc.files import fsync_folder, make_folders_durably
-from segsvc.models import BlobStoreMark
+from segsvc.models import MASK_POINTER_WHERE, BlobStoreMark, Job
 from segsvc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -116,32 +118,87 @@ def _create_exclusively(path: Path, store_id: str) -> None:
 def check_mark(settings: Settings, root: Path, *, create: bool) -> None:
     """Refuse (`StoreNotMarkedError`) a folder that is not the database's blob store.
 
-    `create` (a write): a store the database has no mark for yet is marked now, with the
-    folder's own mark if it has one, else a new one. Without it (a read, a sweep), such a
-    store passes unmarked (a store in use before marks existed, until its first write)."""
+    `create` (a write): a store the database has no mark for, in a folder without one, is
+    marked now. Without it (a read, a sweep), such a store passes unmarked (a store in use
+    before marks existed, until its first write). A marked folder the database names no store
+    for is refused, after waiting `MARK_ROW_WAIT_S` for the row of a process of this deployment
+    that is marking it this moment, unless the database names files in a store (its mark row
+    was dropped by a downgrade): it is another deployment's, or the database was restored from
+    before its first file, and its sweep would delete every file it does not name. `segsvc
+    blobs adopt` makes it this database's store."""
     key = (settings.database_url, str(root))
     if time.monotonic() - _checked.get(key, float("-inf")) < RECHECK_S:
         return
     with session_scope(settings) as session:
-        row = session.get(BlobStoreMark, 1)
-        if row is None and not create:
-            return
+        row = _mark_row(session)
         # After the row: a mark is written before its row commits, so a process that found
         # the row finds the mark (read first, a store being marked at once looked unmarked).
         found = read_mark(root)
+        if row is None and found is None:
+            if not create:
+                return
+            ours = secrets.token_hex(16)
+            found = write_mark(root, ours)
+            if found == ours:  # another process's mark, written first, is not ours to record
+                values = {"id": 1, "store_id": found, "root": str(root)}
+                session.execute(_insert_if_absent(session.get_bind().dialect.name, values))
+                row = _mark_row(session)
+    if row is None:
+        row = _wait_for_row(settings) or _record_if_ours(settings, root, found)
         if row is None:
-            found = found or write_mark(root, secrets.token_hex(16))
-            values = {"id": 1, "store_id": found, "root": str(root)}
-            session.execute(_insert_if_absent(session.get_bind().dialect.name, values))
-            row = session.scalars(
-                select(BlobStoreMark).execution_options(populate_existing=True)
-            ).one()
-        expected, marked_at = row.store_id, row.root
-    if found != expected:
-        _log_refusal(root, found, expected, marked_at)
+            _log_foreign(root, found)
+            raise StoreNotMarkedError()
+    if found != row[0]:
+        _log_refusal(root, found, row[0], row[1])
         raise StoreNotMarkedError()
     with _lock:
         _checked[key] = time.monotonic()
+
+
+# How long a check that finds the folder marked and no row waits for one: the process that
+# wrote the mark commits its row right after it (first writes at once: they all agree on it).
+MARK_ROW_WAIT_S = 5.0
+
+
+def _mark_row(session: Session) -> tuple[str, str] | None:
+    """The database's store (its id, and where it was marked), read afresh."""
+    row = session.execute(select(BlobStoreMark.store_id, BlobStoreMark.root)).first()
+    return (row.store_id, row.root) if row is not None else None
+
+
+def _record_if_ours(settings: Settings, root: Path, found: str | None) -> tuple[str, str] | None:
+    """Record the folder's mark as the database's store when the database names files in a
+    store (its result masks are pointers): its mark row was dropped (a downgrade past
+    migration 0012, then an upgrade), not made elsewhere. A database that names no file (a new
+    deployment, one restored from before its first file) records nothing."""
+    if found is None:
+        return None
+    with session_scope(settings) as session:
+        names_files = session.scalar(
+            select(Job.id).where(text(MASK_POINTER_WHERE)).limit(1)  # a partial index's scan
+        )
+        if names_files is None:
+            return None
+        values = {"id": 1, "store_id": found, "root": str(root)}
+        session.execute(_insert_if_absent(session.get_bind().dialect.name, values))
+        row = _mark_row(session)
+    log.warning(
+        "blob folder %s: recorded its mark %s... as this database's store (the database names "
+        "files in a store but had no mark: its table was dropped by a downgrade)",
+        root,
+        found[:12],
+    )
+    return row
+
+
+def _wait_for_row(settings: Settings) -> tuple[str, str] | None:
+    deadline = time.monotonic() + MARK_ROW_WAIT_S
+    while True:
+        with session_scope(settings) as session:
+            row = _mark_row(session)
+        if row is not None or time.monotonic() >= deadline:
+            return row
+        time.sleep(0.1)
 
 
 def adopt(settings: Settings, root: Path) -> tuple[str, bool]:
@@ -181,13 +238,35 @@ def _insert_if_absent(dialect: str, values: dict[str, object]) -> Executable:
     return insert(BlobStoreMark).values(**values)
 
 
-def _log_refusal(root: Path, found: str | None, expected: str, marked_at: str) -> None:
-    """Say what is wrong, once a minute per folder (every write and read is refused)."""
+def _log_foreign(root: Path, found: str | None) -> None:
+    """Say why a marked folder is refused to a database that names no store (once a minute)."""
+    if not _first_in_a_minute(root):
+        return
+    log.error(
+        "blob folder %s is store %s... (its %s), but this database has never marked a store: "
+        "another deployment's volume, or a database restored from before its first file? Its "
+        "files are neither written, read nor swept (a sweep would delete every file this "
+        "database does not name). If this folder is this database's store, `segsvc blobs "
+        "adopt` records it.",
+        root,
+        (found or "")[:12],
+        MARK_FILE,
+    )
+
+
+def _first_in_a_minute(root: Path) -> bool:
     now = time.monotonic()
     with _lock:
         if now - _refusals_logged.get(str(root), float("-inf")) < _REFUSAL_LOG_EVERY_S:
-            return
+            return False
         _refusals_logged[str(root)] = now
+    return True
+
+
+def _log_refusal(root: Path, found: str | None, expected: str, marked_at: str) -> None:
+    """Say what is wrong, once a minute per folder (every write and read is refused)."""
+    if not _first_in_a_minute(root):
+        return
     if found is None:
         what = f"has no {MARK_FILE} file: is the volume mounted at {root}?"
     else:

@@ -10,7 +10,8 @@ folder (`segsvc blobs adopt`).
 
 A new table: nothing existing is read or rewritten. A store in use before this release is
 marked by its first write after it. The downgrade drops the table; the folder's file stays
-(harmless: the sweep leaves dot-files alone) and is adopted again after a re-upgrade.
+(harmless: the sweep leaves dot-files alone) and is recorded again after a re-upgrade, the
+database naming files in a store (`segsvc.blob_mark.check_mark`).
 
 Revision ID: 0012
 Revises: 0011

@@ -189,3 +189,32 @@ def test_an_empty_mark_is_read_again_then_taken_for_none(tmp_path: Path) -> None
     assert read_mark(tmp_path) is None
     (tmp_path / MARK_FILE).write_text("abc\n")
     assert read_mark(tmp_path) == "abc"
+
+
+def test_a_folder_another_database_marked_is_refused_to_one_that_never_marked_a_store(
+    cfg: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database with no mark row (a new deployment, or one restored from before its first
+    file) passed a folder another database had marked: its sweep deleted every file there
+    that it did not name (another deployment's queued and labelled jobs' files), and its first
+    write took the other's mark as its own."""
+    monkeypatch.setattr(blob_mark, "MARK_ROW_WAIT_S", 0.2)
+    folder = cfg.blob_dir
+    assert folder is not None
+    theirs = FsBlobStore(folder).put(DATA)  # another deployment's file...
+    blob_mark.write_mark(folder, "e" * 32)  # ...in its marked store
+    store = blob_store(cfg)
+    with pytest.raises(StoreNotMarkedError):
+        store.sweep_checked(lambda names: set(), older_than_s=0)
+    with pytest.raises(StoreNotMarkedError):
+        store.get(theirs)
+    with pytest.raises(StoreNotMarkedError):
+        store.put(b"ours")
+    assert FsBlobStore(folder).get(theirs) == DATA  # nothing deleted
+    assert marks(cfg) == []  # nor taken as this database's store
+    errors = [r.getMessage() for r in caplog.records if r.name == "segsvc.blob_mark"]
+    assert len(errors) == 1  # once a minute
+    assert "has never marked a store" in errors[0]
+    assert "segsvc blobs adopt" in errors[0]
+    assert adopt(cfg, folder) == (marks(cfg)[0][0], True)  # the operator's say-so
+    blob_store(cfg).put(b"ours")

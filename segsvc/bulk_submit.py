@@ -12,13 +12,17 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import sys
 import threading
 import time
 import unicodedata
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import click
 from rich.console import Console
@@ -43,6 +47,7 @@ from segsvc.files import write_atomically
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_AUTH = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+EXIT_TERMINATED = 143  # SIGTERM (timeout(1), docker stop, a CI cancel), as shells report it
 EXIT_STDOUT_CLOSED = 141  # stdout's reader went away (`| head -1`), as shells report SIGPIPE
 
 
@@ -110,7 +115,7 @@ def image_files(
         results = out_real if out_real and out_real.is_relative_to(folder) else None
         if results == folder:  # results beside the photos: only their names tell them apart
             results = None
-        for p in sorted(path.rglob("*")):
+        for p in sorted(files_under(path)):
             if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
                 continue  # only files: not a folder named x.jpg, nor a link to nothing
             if p.name.lower().endswith(RESULT_SUFFIXES) or (
@@ -128,6 +133,29 @@ def image_files(
             seen.add(real)
             unique.append(path)
     return unique
+
+
+def files_under(folder: Path) -> Iterator[Path]:
+    """Every entry under `folder` that is not a folder, linked folders searched too (Path.rglob
+    of Python 3.11 does not descend into them, while it lists linked files: a folder of links
+    to the photos' folders was silently empty). Each folder is searched once, known by its
+    (st_dev, st_ino), so a link to a folder above it (`photos/all -> ..`) cannot loop; the
+    folders are walked in name order, so which path of a folder reached twice is searched
+    does not depend on the order the file system lists them in."""
+    walked: set[tuple[int, int]] = set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        try:
+            info = os.stat(root)
+        except OSError:  # gone since it was listed
+            folders[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in walked:
+            folders[:] = []  # searched already, by another path
+            continue
+        walked.add((info.st_dev, info.st_ino))
+        folders.sort()
+        for name in names:
+            yield Path(root) / name
 
 
 def output_names(files: list[Path]) -> dict[Path, str]:
@@ -196,6 +224,11 @@ class SubmitPlan:
     # server limit lower than `batch`, or no batch submits): later files go one by one.
     batches_refused: threading.Event = field(default_factory=threading.Event)
     names: dict[Path, str] = field(default_factory=dict)  # output name per file (output_names)
+    # `--skip-existing`: the files whose results are in the output folder already. They are
+    # reported, not sent, but the batches are still cut from every file, as the run that
+    # saved them cut them: a batch's key is derived from its files (see `key`), so batches
+    # cut from the rest alone would all get new keys, and the server would store new jobs.
+    saved: frozenset[Path] = frozenset()
     # Why the run stopped sending (set with the stop event: see `halt`).
     stop_reason: str = ""
     # Result downloads (mask, overlay) in flight at once, across the run: the server decodes a
@@ -303,9 +336,20 @@ def submit_chunk(
     file still gets its own answer; errors that would hit every file alike are not retried,
     and a refusal of the first file sent on its own that would hit every file alike (a form
     field the server refuses, or the batch's own refusal again when it named no image: see
-    `refuses_every_file`) stops the run instead of costing one request per file."""
+    `refuses_every_file`) stops the run instead of costing one request per file.
+
+    Only the files not in `plan.saved` get an outcome (and their results saved). A batch
+    with some of them is still sent whole, under the key the run that saved the others gave
+    it, so the server replays the jobs it stored then; sent one by one, each file has its
+    own key, whatever its batch, and the saved ones are not sent again. With `--again` the
+    keys are this run's own: nothing to replay, so only the files without results are sent."""
+    wanted = [path for path in paths if path not in plan.saved]
+    if not wanted:
+        return []
+    if plan.again:
+        paths = wanted
     if len(paths) == 1 or stop.is_set() or plan.batches_refused.is_set():
-        return [submit_one(client, path, plan, stop) for path in paths]
+        return [submit_one(client, path, plan, stop) for path in wanted]
     started = time.monotonic()
     try:
         jobs = client.submit_batch(
@@ -316,24 +360,27 @@ def submit_chunk(
         )
     except (AuthError, TransportError, ServerError, RateLimitedError) as exc:  # a 408 included:
         # a network failure, not a refusal of the batch
-        return [failed(Outcome(path), exc, stop, plan) for path in paths]
+        return [failed(Outcome(path), exc, stop, plan) for path in wanted]
     except ConflictError as exc:  # the batch's key is still in use: its jobs may be stored, and
         # sending the files again one by one would store each of them twice
-        return [failed(Outcome(path), exc, stop, plan) for path in paths]
+        return [failed(Outcome(path), exc, stop, plan) for path in wanted]
     except RetriesStoppedError as exc:  # Ctrl-C before a retry: nothing more is sent
-        return [failed(Outcome(path), exc, stop, plan) for path in paths]
+        return [failed(Outcome(path), exc, stop, plan) for path in wanted]
     except (ApiError, OSError, ValueError) as exc:  # one file refused, unreadable or not
         # sendable: each gets its own answer
         refusal = (
             exc if isinstance(exc, ApiError) and not ABOUT_ONE_IMAGE.match(exc.message) else None
         )
-        singles = [submit_one(client, path, plan, stop, refusal) for path in paths]
+        singles = [submit_one(client, path, plan, stop, refusal) for path in wanted]
         if all(outcome.error is None for outcome in singles):  # not a file: the batch itself
             plan.batches_refused.set()
         return singles
     except Exception as exc:
-        return [failed(Outcome(path), UnexpectedError(exc), stop, plan) for path in paths]
-    outcomes = [Outcome(path, job.id, job.status) for path, job in zip(paths, jobs, strict=True)]
+        return [failed(Outcome(path), UnexpectedError(exc), stop, plan) for path in wanted]
+    # The jobs of the saved files (replayed) are neither reported again nor waited for.
+    sent = [(path, job) for path, job in zip(paths, jobs, strict=True) if path not in plan.saved]
+    jobs = [job for _, job in sent]
+    outcomes = [Outcome(path, job.id, job.status) for path, job in sent]
     if not plan.waiting:
         return outcomes
     waited: ClientError | None = None
@@ -432,7 +479,8 @@ def save_results(job: Job, path: Path, plan: SubmitPlan) -> None:
 
 def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: int) -> list[Outcome]:
     """Submit every file, `plan.batch` per request, with a thread pool and a progress bar on
-    stderr."""
+    stderr; the files of `plan.saved` get no outcome (see `submit_chunk`), and a batch of
+    them alone is not sent."""
     stop = threading.Event()
     outcomes: list[Outcome] = []
     console = Console(stderr=True)
@@ -444,12 +492,16 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
     )
     pool = ThreadPoolExecutor(max_workers=concurrency)
     to_terminal = sys.stdout.isatty()  # asked before the progress bar wraps sys.stdout
-    with Progress(*columns, console=console, disable=len(files) < 2) as progress:
+    total = sum(path not in plan.saved for path in files)
+    with Progress(*columns, console=console, disable=total < 2) as progress:
         drawn = progress.live.is_started and console.is_terminal  # the bar is on a terminal
         bar = console if drawn else None
         label = "waiting" if plan.waiting else "submitting"
-        task = progress.add_task(label, total=len(files))
+        task = progress.add_task(label, total=total)
+        # Cut from every file, the saved ones included, as the run that saved them cut them
+        # (see `SubmitPlan.saved`).
         chunks = [files[i : i + plan.batch] for i in range(0, len(files), plan.batch)]
+        chunks = [chunk for chunk in chunks if not plan.saved.issuperset(chunk)]
         futures = {pool.submit(submit_chunk, client, chunk, plan, stop): chunk for chunk in chunks}
         printed: dict[Future[list[Outcome]], int] = {}  # outcomes of each already reported
         unprinted: list[Outcome] = []  # reported once stdout was closed: not on it
@@ -461,7 +513,9 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
                 results = future.result()
             except Exception as exc:  # pragma: no cover - submit_chunk catches everything
                 results = [
-                    failed(Outcome(p), UnexpectedError(exc), stop, plan) for p in futures[future]
+                    failed(Outcome(p), UnexpectedError(exc), stop, plan)
+                    for p in futures[future]
+                    if p not in plan.saved
                 ]
             for outcome in results[printed.get(future, 0) :]:
                 outcomes.append(outcome)
@@ -481,11 +535,13 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
             for future in as_completed(futures):
                 report(future)
         except (KeyboardInterrupt, BrokenPipeError) as exc:
-            # Ctrl-C, or stdout's reader gone (`| head -1`): send nothing more (not even
-            # retries); the requests in flight end and their job ids are reported too, so
-            # nothing the server accepted goes unreported (on stderr once stdout is closed).
+            # Ctrl-C (or SIGTERM: see `sigterm_as_interrupt`), or stdout's reader gone
+            # (`| head -1`): send nothing more (not even retries); the requests in flight end
+            # and their job ids are reported too, so nothing the server accepted goes
+            # unreported (on stderr once stdout is closed).
             closed = isinstance(exc, BrokenPipeError)
-            halt(stop, plan, "stdout closed" if closed else "Ctrl-C")
+            terminated = isinstance(exc, Terminated)
+            halt(stop, plan, "stdout closed" if closed else "SIGTERM" if terminated else "Ctrl-C")
             client.stop_retries()
             pool.shutdown(wait=False, cancel_futures=True)
             try:
@@ -494,7 +550,7 @@ def run_all(files: list[Path], client: Client, plan: SubmitPlan, concurrency: in
                         report(future)
             except (KeyboardInterrupt, BrokenPipeError):  # a second Ctrl-C: stop waiting
                 pass
-            raise Interrupted(outcomes, unprinted) from None
+            raise Interrupted(outcomes, unprinted, terminated=terminated) from None
     pool.shutdown()
     return outcomes
 
@@ -536,13 +592,46 @@ def silence_stdout() -> None:
 
 
 class Interrupted(Exception):
-    """Ctrl-C during `run_all`, or its stdout closed: the outcomes of the requests that were
-    sent, and those that could not be printed on stdout (its reader was gone)."""
+    """Ctrl-C (or SIGTERM: `terminated`) during `run_all`, or its stdout closed: the outcomes
+    of the requests that were sent, and those that could not be printed on stdout (its
+    reader was gone)."""
 
-    def __init__(self, outcomes: list[Outcome], unprinted: list[Outcome] | None = None) -> None:
+    def __init__(
+        self,
+        outcomes: list[Outcome],
+        unprinted: list[Outcome] | None = None,
+        *,
+        terminated: bool = False,
+    ) -> None:
         super().__init__("interrupted")
         self.outcomes = outcomes
         self.unprinted = unprinted or []
+        self.terminated = terminated
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (see `sigterm_as_interrupt`)."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside: SIGTERM (timeout(1), `docker stop`, a CI job canceled) stops the run as
+    Ctrl-C does, raising Terminated (a KeyboardInterrupt) in the main thread, so the jobs the
+    server took are still reported; its default action killed the process with nothing said
+    of them. The handler found is put back on the way out. Outside the main thread (where
+    no handler can be set) SIGTERM is left as it is."""
+
+    def terminate(_signum: int, _frame: FrameType | None) -> None:
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:  # None: a handler set outside Python, which cannot be put back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def summary_table(outcomes: list[Outcome]) -> Table:

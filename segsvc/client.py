@@ -264,6 +264,7 @@ class Job:
         *,
         poll_interval: float = 0.25,
         stop: threading.Event | None = None,
+        since: float | None = None,
     ) -> Job:
         """Long-poll until the job is succeeded, failed or canceled; WaitTimeoutError after timeout.
 
@@ -271,10 +272,13 @@ class Job:
         answers at once, it falls back to polling every `poll_interval` (backing off to 2 s).
         Each request is bounded by the timeout (plus WAIT_MARGIN_S), so a server that stalls
         cannot stretch it. Setting `stop` (from another thread: Ctrl-C) ends the wait with
-        WaitStoppedError at once, even while a request is in flight.
+        WaitStoppedError at once, even while a request is in flight. `since`
+        (time.monotonic()): when the timeout began, if before this call (`segsvc get
+        --timeout` counts its first read of the job too); by default, now.
         """
 
-        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic() if since is None else since
+        deadline = None if timeout is None else start + timeout
 
         def ask(seconds: float) -> Callable[[], bool]:
             data = self._client.get(self.id, wait=seconds, deadline=deadline, stop=stop).data
@@ -567,11 +571,15 @@ class Client:
                 return job
             raise exc from None
 
-    def result_png(self, job_id: str, kind: str = "mask") -> bytes:
-        """A finished job's `mask` or `overlay` PNG; ConflictError while it is not done."""
+    def result_png(
+        self, job_id: str, kind: str = "mask", *, deadline: float | None = None
+    ) -> bytes:
+        """A finished job's `mask` or `overlay` PNG; ConflictError while it is not done.
+        `deadline` (time.monotonic()) bounds the request and its retries: see `_request`."""
         if kind not in ("mask", "overlay"):
             raise ValueError("kind must be 'mask' or 'overlay'")
-        return self._request("GET", f"/v1/jobs/{job_id_text(job_id)}/{kind}.png").content
+        path = f"/v1/jobs/{job_id_text(job_id)}/{kind}.png"
+        return self._request("GET", path, deadline=deadline).content
 
     def models_body(self) -> Any:
         """GET /v1/models as the API sent it: the versions and the training runs (admin)."""

@@ -2,7 +2,7 @@
 
 Exit codes (scripts may rely on them): 0 ok; 1 a job failed or a request was refused (bad image,
 unknown job, timeout); 2 usage error; 3 server or network error; 4 authentication error;
-for `submit`, 130 after Ctrl-C and 141 when stdout's reader went away.
+130 after Ctrl-C; for `submit`, 143 after SIGTERM and 141 when stdout's reader went away.
 
 The bulk-submit engine behind `submit` (listing, naming, sending in parallel, saving, the
 outcome lines, summary and exit code) is in `segsvc/bulk_submit.py`.
@@ -16,6 +16,7 @@ import os
 import stat
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -33,11 +34,13 @@ from segsvc.bulk_submit import (
     EXIT_OK,
     EXIT_SERVER,
     EXIT_STDOUT_CLOSED,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     Interrupted,
     LocalFileError,
     Outcome,
     SubmitPlan,
+    Terminated,
     describe,
     exit_code_for,
     image_files,
@@ -45,6 +48,7 @@ from segsvc.bulk_submit import (
     output_names,
     print_outcome,
     run_all,
+    sigterm_as_interrupt,
     silence_stdout,
     submit_exit_code,
     summary_table,
@@ -85,12 +89,16 @@ def connection_options(func: F) -> F:
 
 
 def handle_errors(func: F) -> F:
-    """Turn client errors into one plain line on stderr and the documented exit code."""
+    """Turn client errors into one plain line on stderr and the documented exit code; Ctrl-C
+    into one line and 130, as `submit` (click's own "Aborted!" exits 1, a failed job's code)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("interrupted (Ctrl-C)", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except ClientError as exc:
             click.echo(f"error: {describe(exc)}", err=True)
             sys.exit(exit_code_for(exc))
@@ -232,15 +240,18 @@ def submit(
     plan.again = uuid.uuid4().hex if again else None
     plan.names = output_names(files)  # of every file: a resumed run names its results alike
     kept = [Outcome(p, status="exists") for p in with_results(files, plan)] if skip_existing else []
-    have = {o.path for o in kept}
-    sending = [f for f in files if f not in have]
+    # Not sent on their own, but still counted in the batches (see `SubmitPlan.saved`).
+    plan.saved = frozenset(o.path for o in kept)
     stopped: Interrupted | None = None
     try:
-        print_kept(kept)
-        with make_client(url, api_key, retries) as client:
-            outcomes = kept + run_all(sending, client, plan, concurrency)
+        with sigterm_as_interrupt():
+            print_kept(kept)
+            with make_client(url, api_key, retries) as client:
+                outcomes = kept + run_all(files, client, plan, concurrency)
     except Interrupted as exc:
         outcomes, stopped = kept + exc.outcomes, exc
+    except KeyboardInterrupt as exc:  # before any file was sent
+        outcomes, stopped = kept, Interrupted([], terminated=isinstance(exc, Terminated))
     try:
         report_submit(outcomes, stopped, len(files))
     except BrokenPipeError:  # stderr's reader is gone too
@@ -275,12 +286,16 @@ def report_submit(outcomes: list[Outcome], stopped: Interrupted | None, files: i
             )
     if stopped is not None:
         sent = sum(o.job_id != "-" for o in outcomes)
-        why = "stdout closed" if stopped.unprinted else "interrupted"
+        why, code = "interrupted", EXIT_INTERRUPTED
+        if stopped.unprinted:
+            why, code = "stdout closed", EXIT_STDOUT_CLOSED
+        elif stopped.terminated:
+            why, code = "terminated (SIGTERM)", EXIT_TERMINATED
         console.print(
             f"{why}: {sent} of {files} files accepted; "
             f"{files - len(outcomes)} not reported (not sent, or a second Ctrl-C)"
         )
-        sys.exit(EXIT_STDOUT_CLOSED if stopped.unprinted else EXIT_INTERRUPTED)
+        sys.exit(code)
     sys.exit(submit_exit_code(outcomes))
 
 
@@ -315,7 +330,12 @@ def status(job_id: str, as_json: bool, url: str | None, api_key: str | None, ret
     help="File to write, '-' for stdout [<id>.mask.png or <id>.overlay.png].",
 )
 @click.option("--overlay", is_flag=True, help="Fetch the overlay instead of the mask.")
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for it.")
+@click.option(
+    "--timeout",
+    default=300.0,
+    show_default=True,
+    help="Seconds for it all: reading the job, waiting for it and fetching the image.",
+)
 @connection_options
 @handle_errors
 def get(
@@ -330,13 +350,19 @@ def get(
     """Wait for a job and save its mask (values 0 pet, 1 background, 2 border) or overlay;
     prints the file's name (nothing when the image goes to stdout)."""
     kind = "overlay" if overlay else "mask"
+    # One deadline for the whole command: the first read and the download too, not only the
+    # wait between them (each of those, with its retries, took up to minutes from a stalled
+    # server: 194 s for --timeout 2). Every request times out by it (see `Client._request`).
+    started = time.monotonic()
+    deadline = started + timeout
     with make_client(url, api_key, retries) as client:
-        job = client.get(job_id).wait(timeout)
+        job = client.get(job_id, deadline=deadline)
+        job.wait(timeout, since=started)  # at once for a job that has ended
         if not job.succeeded:
             reason = (job.error or {}).get("message") or "no result"
             click.echo(f"error: job {job.id} {job.status}: {reason}", err=True)
             sys.exit(EXIT_FAILED)
-        data = client.result_png(job.id, kind)
+        data = client.result_png(job.id, kind, deadline=deadline)
     target = out or Path(f"{job.id}.{kind}.png")
     if str(target) == "-" or is_stdout(target):
         sys.stdout.flush()
@@ -441,7 +467,8 @@ def models_list(as_json: bool, url: str | None, api_key: str | None, retries: in
 def client() -> None:
     """Talk to a running segsvc API over HTTP (URL and key from flags or SEG_URL/SEG_API_KEY).
 
-    Exit codes: 0 ok, 1 job failed or request refused, 2 usage, 3 server/network, 4 auth.
+    Exit codes: 0 ok, 1 job failed or request refused, 2 usage, 3 server/network, 4 auth,
+    130 Ctrl-C (143 SIGTERM during submit).
     """
 
 

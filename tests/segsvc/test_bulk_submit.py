@@ -92,6 +92,29 @@ def test_image_files_lists_each_file_once(tmp_path: Path) -> None:
     assert listed == [dog, cat]
 
 
+@pytest.mark.timeout(30)
+def test_image_files_searches_linked_folders_once_each(tmp_path: Path) -> None:
+    """Regression: Path.rglob (Python 3.11) does not descend into a linked folder, so the
+    photos under `photos/linked -> ../elsewhere` were silently not sent (linked files were).
+    Linked folders are searched now, each folder once: a link to a folder above it (a loop)
+    ends, and a folder reached by two paths is listed under the first, in name order."""
+    from segsvc.bulk_submit import image_files
+
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    (photos / "own").mkdir(parents=True)
+    elsewhere.mkdir()
+    for path in (photos / "own" / "a.jpg", elsewhere / "b.jpg", elsewhere / "c.mask.png"):
+        path.write_bytes(b"x")
+    (photos / "linked").symlink_to(elsewhere)
+    (photos / "own" / "loop").symlink_to(photos)  # walked, it would never end
+    (photos / "own" / "up").symlink_to(tmp_path)  # above: each folder in it searched once
+    (photos / "z-again").symlink_to(photos / "own")  # "own" by another path
+    skipped: list[Path] = []
+    listed = image_files((photos,), None, skipped)
+    assert listed == [photos / "linked" / "b.jpg", photos / "own" / "a.jpg"]
+    assert skipped == [photos / "linked" / "c.mask.png"]  # results are still left out
+
+
 def test_cli_a_file_that_cannot_be_read_fails_alone(
     base_url: str, api_key: str, tmp_path: Path
 ) -> None:

@@ -164,3 +164,64 @@ def test_a_run_with_again_submits_the_same_files_as_new_jobs(
             outcomes = run_all(files, client, plan, concurrency=1)
         assert [o.status for o in outcomes] == ["queued"] * 3
     assert job_count(settings) == 9
+
+
+def stored_ids(settings: Settings) -> set[str]:
+    with session_scope(settings) as session:
+        return {str(job_id) for job_id in session.scalars(select(Job.id))}
+
+
+@pytest.mark.timeout(120)
+def test_a_resume_with_skip_existing_stores_no_new_job(
+    base_url: str, api_key: str, settings: Settings, tmp_path: Path
+) -> None:
+    """Regression (rev): `--skip-existing` dropped the files with results before cutting the
+    batches, so every batch after the first saved file held other files than in the run it
+    resumed, got another Idempotency-Key, and the server stored its files again as new jobs.
+    Here the saved results are not whole leading batches (one file of the first batch, one
+    in the middle of the second, the whole third, one of the fourth), and a broken file
+    first makes the first batch go one by one, in both runs: the resume stores no job."""
+    from click.testing import CliRunner
+
+    from segsvc.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a-broken.png").write_text("not an image")  # sorts first: batch 1 goes singly
+    files = photos(folder, 11)  # p000..p010: batches of 3 with the broken file first
+    out = tmp_path / "out"
+    env = {"SEG_URL": base_url, "SEG_API_KEY": api_key, "COLUMNS": "200"}
+    # No worker: the jobs stay queued, each batch's wait ends after --timeout 1
+    args = ["submit", str(folder), "--out", str(out), "-b", "3", "-j", "2", "--timeout", "1"]
+
+    def run(*extra: str) -> dict[str, tuple[str, str]]:
+        result = CliRunner().invoke(main, [*args, *extra], env=env, catch_exceptions=False)
+        assert result.exit_code == 1, result.output  # the broken file, the waits timed out
+        rows = [line.split("\t") for line in result.stdout.splitlines()]
+        assert len(rows) == 12, rows  # one line per file
+        return {Path(name).name: (job_id, status) for job_id, status, name in rows}
+
+    first = run()
+    assert first.pop("a-broken.png") == ("-", "error")
+    assert all(job_id != "-" for job_id, _ in first.values())  # taken; the waits timed out
+    before = stored_ids(settings)
+    assert len(before) == 11
+
+    # What an interrupted run saved, as `save_results` names them (p001 of batch 1, ...)
+    saved = {files[i].name for i in (1, 3, 5, 6, 7, 9)}
+    out.mkdir(exist_ok=True)
+    for name in saved:
+        (out / name.replace(".png", ".mask.png")).write_bytes(png())
+    second = run("--skip-existing")
+
+    assert stored_ids(settings) == before  # no new job: every batch was replayed
+    for name, (job_id, status) in second.items():
+        if name in saved:
+            assert (job_id, status) == ("-", "exists")
+        elif name == "a-broken.png":
+            assert (job_id, status) == ("-", "error")
+        else:  # the same job as in the first run
+            assert (job_id, status) == (first[name][0], "error"), name  # its wait timed out
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        name.replace(".png", ".mask.png") for name in saved
+    )

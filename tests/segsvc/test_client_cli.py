@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -712,3 +716,127 @@ def test_status_shows_timings_as_people_read_them() -> None:
     with serve(Scripted([(200, {}, job)])) as url:
         result = cli("status", J1, url=url, key="k")
     assert "queue=12.0ms  predict=224.5ms" in result.output
+
+
+# `segsvc ARGS` in a process of its own, Ctrl-C raising KeyboardInterrupt there even where the
+# tests run with SIGINT ignored (in the background of a script: the child inherits that, and
+# Python then installs no handler of its own).
+CLI_WITH_CTRL_C = (
+    "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from segsvc.cli import main; main()"
+)
+
+
+def start_cli(args: list[str], url: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "SEG_URL": url, "SEG_API_KEY": "k", "COLUMNS": "200"}
+    return subprocess.Popen(
+        [sys.executable, "-c", CLI_WITH_CTRL_C, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+@contextmanager
+def never_answering() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A server on 127.0.0.1 that accepts every connection and never answers (a hung process,
+    a proxy holding requests); yields its URL and the connections it holds."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", held
+    finally:
+        done.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_cli_get_keeps_its_timeout_while_the_server_stalls() -> None:
+    """Regression: `get --timeout 2` bounded only the wait, not the first read of the job:
+    against a server that never answers, six tries of 30 s each took 194 s. The first read
+    and the download now end by the same deadline."""
+    with never_answering() as (url, held):
+        proc = start_cli(["get", J1, "--timeout", "2", "--retries", "5"], url)
+        started = time.monotonic()
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail("`segsvc get --timeout 2` still running after 30 s")
+        took = time.monotonic() - started
+    assert took < 6, f"took {took:.1f}s"  # 2 s, WAIT_MARGIN_S, and the process's start
+    assert proc.returncode == 1, stderr  # a wait that timed out
+    assert b"the wait ran out" in stderr
+    assert len(held) == 1  # no retry past the deadline
+
+
+@pytest.mark.parametrize("command", [["status", J1], ["get", J1, "--timeout", "60"]])
+def test_cli_ctrl_c_during_get_or_status_exits_130(command: list[str]) -> None:
+    """Regression: Ctrl-C during `get` or `status` printed click's "Aborted!" and exited 1,
+    the code of a failed job; now one line and 130, as `submit`."""
+    with never_answering() as (url, held):
+        proc = start_cli(command, url)
+        deadline = time.monotonic() + 30
+        while not held and time.monotonic() < deadline:  # its request is in flight
+            time.sleep(0.01)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert stderr.decode().splitlines() == ["interrupted (Ctrl-C)"]
+    assert stdout == b""
+
+
+def test_cli_submit_on_sigterm_reports_the_jobs_taken_and_exits_143(tmp_path: Path) -> None:
+    """Regression: SIGTERM (timeout(1), a CI job canceled, `docker stop`) killed `submit` at
+    once: exit 143 with nothing said of the jobs the server had taken. Now it stops as on
+    Ctrl-C (each job's line, the summary, what was not waited for) and still exits 143."""
+    files = png_files(tmp_path, 6)
+    stub = Scripted([(202, {}, {"id": J1, "status": "queued"})], hold_s=0.2)  # never ends
+    with serve(stub) as url:
+        proc = start_cli(["submit", "--wait", "-b", "1", "-j", "2", *map(str, files)], url)
+        deadline = time.monotonic() + 30
+        while len(stub.times) < 4 and time.monotonic() < deadline:  # both waits are on
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    said = " ".join(stderr.decode().split())  # as one line: the summary wraps long lines
+    assert proc.returncode == 143, said
+    rows = [line.split(b"\t") for line in stdout.splitlines()]
+    assert len(rows) == 2, said
+    assert all(job_id == J1.encode() and status == b"queued" for job_id, status, _ in rows)
+    assert said.count("not waited for: the run stopped (SIGTERM)") == 2
+    assert "terminated (SIGTERM): 2 of 6 files accepted" in said
+    assert "Traceback" not in said
+
+
+def test_sigterm_is_handled_only_while_submit_runs() -> None:
+    """The SIGTERM handler `submit` sets is the one found before once it is done."""
+    from segsvc.bulk_submit import Terminated, sigterm_as_interrupt
+
+    def terminated_inside() -> None:
+        with sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) != before
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in this thread at once
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        terminated_inside()
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
@@ -205,10 +205,20 @@ def expire_jobs(settings: Settings) -> int:
         return 0
     with session_scope(settings) as session:
         cutoff = feedback.purge_cutoff(session=session, retention_days=settings.job_retention_days)
+    # Pending webhook messages whose retries are still on (since their event or a redeliver)
+    # keep their jobs; one stuck pending longer (no webhook worker running) does not.
+    now = cutoff + timedelta(days=settings.job_retention_days)
+    retried_since = now - timedelta(seconds=settings.webhook_max_age_seconds)
     jobs = files = 0
     for status in retention.ENDED:
         status_jobs, status_files = clear_in_chunks(
-            settings, partial(retention.delete_ended_jobs_chunk, status=status, cutoff=cutoff)
+            settings,
+            partial(
+                retention.delete_ended_jobs_chunk,
+                status=status,
+                cutoff=cutoff,
+                retried_since=retried_since,
+            ),
         )
         jobs, files = jobs + status_jobs, files + status_files
     log.info(

@@ -325,9 +325,10 @@ class Settings(BaseSettings):
     job_retention_days: int = Field(
         0,
         ge=0,
-        description="Ended jobs older than this are deleted with their results and webhook log, "
-        "except those with a corrected mask (0: kept for ever). Below SEG_RETENTION_DAYS it ends "
-        "the labelling window too: an unlabelled job's input goes with its row.",
+        description="Ended jobs submitted and ended longer ago than this are deleted with their "
+        "results and webhook log, except those with a corrected mask or a webhook still retried "
+        "(0: kept for ever). Below SEG_RETENTION_DAYS it ends the labelling window too: an "
+        "unlabelled job's input goes with its row.",
     )
 
     # --- operations --------------------------------------------------------------------------

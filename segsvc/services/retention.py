@@ -13,11 +13,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVarTuple
 
-from sqlalchemy import ColumnElement, Row, Select, case, delete, exists, func, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Select,
+    case,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    tuple_,
+)
 from sqlalchemy.orm import Session
 
 from segsvc.blobs import POINTER_LENGTH, is_pointer, pointer_digest
-from segsvc.models import Feedback, Job, JobStatus
+from segsvc.models import Feedback, Job, JobStatus, WebhookMessage
+from segsvc.webhooks.outbox import PENDING
 
 DELETE_CHUNK = 1000
 _Ts = TypeVarTuple("_Ts")
@@ -66,25 +78,44 @@ def delete_ended_jobs_chunk(
     status: JobStatus,
     cutoff: datetime,
     after: tuple[datetime, uuid.UUID] | None = None,
+    retried_since: datetime | None = None,
 ) -> Cleared:
-    """Delete up to DELETE_CHUNK jobs of one ended `status` created before `cutoff` that have
-    no mask label, walking them in (created_at, id) order from `after` on the index on
-    (status, created_at). The caller commits each chunk (`retrain.tasks.delete_expired_jobs`).
+    """Delete up to DELETE_CHUNK jobs of one ended `status` created and ended before `cutoff`
+    that have no mask label, walking them in (created_at, id) order from `after` on the index
+    on (status, created_at). The caller commits each chunk (`retrain.tasks.delete_expired_jobs`).
+
+    Ended before it too: a job that waited in the queue for days (a worker outage, a backlog)
+    was deleted as it ended, its result with it, and its `job.completed` webhook, which is
+    retried for days after the event, not after the submit. With `retried_since`, a job with
+    a pending webhook message whose retries began then or later (its event, or a client's
+    redeliver) is kept too, until they end.
 
     Rows are locked first (another transaction's rows are skipped, to the next pass) and
     deleted by a second statement that checks the label again: a mask committed while the
     first waited is seen by the second, as in the input purge."""
-    labeled = has_mask_label()
+    kept = has_mask_label()
+    if retried_since is not None:
+        kept = kept | exists().where(
+            WebhookMessage.job_id == Job.id,
+            WebhookMessage.status == PENDING,
+            func.coalesce(WebhookMessage.redelivered_at, WebhookMessage.created_at)
+            >= retried_since,
+        )
     input_is_pointer = func.length(Job.input_bytes) == POINTER_LENGTH
     mask_pointer = case((func.length(Job.mask_png) == POINTER_LENGTH, Job.mask_png), else_=None)
     query = select(
         Job.id, Job.created_at, case((input_is_pointer, Job.input_sha256), else_=None), mask_pointer
-    ).where(Job.status == status, Job.created_at < cutoff, ~labeled)
+    ).where(
+        Job.status == status,
+        Job.created_at < cutoff,
+        or_(Job.completed_at.is_(None), Job.completed_at < cutoff),
+        ~kept,
+    )
     locked = session.execute(lock_chunk(query, after=after, size=DELETE_CHUNK)).all()
     named = {job_id: (input_digest, mask) for job_id, _, input_digest, mask in locked}
     deleted = session.scalars(
         delete(Job)
-        .where(Job.id.in_(list(named)), ~labeled)
+        .where(Job.id.in_(list(named)), ~kept)
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).all()

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 
 from segsvc.blobs import pointer_to
 from segsvc.db import session_scope
@@ -21,13 +21,20 @@ from tests.segsvc.webhooks.factories import finish_job, start_job
 from tests.segsvc.webhooks.factories import make_job as make_webhook_job
 
 
-def age(settings: Settings, job_id: uuid.UUID, days: float) -> None:
+def age(settings: Settings, job_id: uuid.UUID, days: float, *, ended: bool = True) -> None:
+    """Make the job `days` old: submitted then, and (`ended`) ended then too, its webhook
+    messages made then; else it ended just now."""
+    then = datetime.now(UTC) - timedelta(days=days)
     with session_scope(settings) as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(created_at=datetime.now(UTC) - timedelta(days=days))
-        )
+        ended_at = case((Job.completed_at.is_(None), None), else_=then) if ended else None
+        values = {"created_at": then, **({"completed_at": ended_at} if ended else {})}
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+        if ended:
+            session.execute(
+                update(WebhookMessage)
+                .where(WebhookMessage.job_id == job_id)
+                .values(created_at=then)
+            )
 
 
 def remaining(settings: Settings, ids: list[uuid.UUID]) -> set[uuid.UUID]:
@@ -278,3 +285,39 @@ def test_a_blob_folder_that_is_not_the_store_does_not_stop_the_pass(
     assert tasks.delete_expired_jobs() == 3
     assert remaining(cfg, old) == set()
     assert list(cfg.blob_dir.iterdir()) == []  # nothing deleted there, nor written
+
+
+def test_a_job_that_ended_recently_stays_however_long_ago_it_was_submitted(
+    settings: Settings,
+) -> None:
+    """Deleted by its submit time alone, a job that waited in the queue for days went as it
+    ended: its result, and its `job.completed` webhook, retried for days after the event."""
+    hooked = make_webhook_job(settings, "https://hooks.example/x")
+    age(settings, hooked, 100, ended=False)  # queued 100 days ago...
+    finish_job(settings, start_job(settings, hooked))  # ...ended now, its webhook pending
+    assert delete_all(settings, 90) == 0
+    assert remaining(settings, [hooked]) == {hooked}
+    age(settings, hooked, 100)  # ended, and its webhook made, 100 days ago too
+    assert delete_all(settings, 90) == 1
+
+
+def test_a_pending_webhook_still_retried_keeps_its_job(settings: Settings) -> None:
+    """A client's redeliver of an old job's message retries it from then: the job stays until
+    those retries end; a message left pending far longer (no webhook worker ran) keeps none."""
+    hooked = make_webhook_job(settings, "https://hooks.example/x")
+    finish_job(settings, start_job(settings, hooked))
+    age(settings, hooked, 100)
+    with session_scope(settings) as session:
+        session.execute(
+            update(WebhookMessage)
+            .where(WebhookMessage.job_id == hooked)
+            .values(redelivered_at=datetime.now(UTC) - timedelta(hours=1))
+        )
+    assert delete_all(settings, 90) == 0
+    with session_scope(settings) as session:
+        session.execute(
+            update(WebhookMessage)
+            .where(WebhookMessage.job_id == hooked)
+            .values(redelivered_at=datetime.now(UTC) - timedelta(days=30))
+        )
+    assert delete_all(settings, 90) == 1

@@ -67,6 +67,10 @@ OFFLINE_HEADER = """\
 -- The API and workers may keep serving meanwhile, as for `segsvc db upgrade`, but that command
 -- also waits its turn behind other migrations and retries a step that waits too long for a
 -- lock; this script does neither: run it once, when nothing else migrates this database.
+-- No statement limit, as `segsvc db upgrade` sets none (a role's or a pooler's limit would
+-- cancel a backfill, or a CONCURRENTLY build, leaving an INVALID index behind).
+SET statement_timeout = 0;
+SET idle_in_transaction_session_timeout = 0;
 """
 
 

@@ -125,7 +125,8 @@ def check_mark(settings: Settings, root: Path, *, create: bool) -> None:
     that is marking it this moment, unless the database names files in a store (its mark row
     was dropped by a downgrade): it is another deployment's, or the database was restored from
     before its first file, and its sweep would delete every file it does not name. `segsvc
-    blobs adopt` makes it this database's store."""
+    blobs adopt` makes it this database's store. An empty marked folder (only its mark: a first
+    write whose row never committed) is recorded as the store, having nothing to lose."""
     key = (settings.database_url, str(root))
     if time.monotonic() - _checked.get(key, float("-inf")) < RECHECK_S:
         return
@@ -144,8 +145,10 @@ def check_mark(settings: Settings, root: Path, *, create: bool) -> None:
                 session.execute(_insert_if_absent(session.get_bind().dialect.name, values))
                 row = _mark_row(session)
     if row is None:
-        row = _wait_for_row(settings) or _record_if_ours(settings, root, found)
+        row = _wait_for_row(settings, key) or _record_if_ours(settings, root, found)
         if row is None:
+            with _lock:
+                _refused[key] = time.monotonic()
             _log_foreign(root, found)
             raise StoreNotMarkedError()
     if found != row[0]:
@@ -157,7 +160,10 @@ def check_mark(settings: Settings, root: Path, *, create: bool) -> None:
 
 # How long a check that finds the folder marked and no row waits for one: the process that
 # wrote the mark commits its row right after it (first writes at once: they all agree on it).
-MARK_ROW_WAIT_S = 5.0
+# Under /readyz's 2 s, and not again for RECHECK_S once such a folder was refused (`_refused`):
+# every read, write and probe of a refused store waited it out.
+MARK_ROW_WAIT_S = 1.5
+_refused: dict[tuple[str | None, str], float] = {}  # (database, folder) -> when refused so
 
 
 def _mark_row(session: Session) -> tuple[str, str] | None:
@@ -169,30 +175,53 @@ def _mark_row(session: Session) -> tuple[str, str] | None:
 def _record_if_ours(settings: Settings, root: Path, found: str | None) -> tuple[str, str] | None:
     """Record the folder's mark as the database's store when the database names files in a
     store (its result masks are pointers): its mark row was dropped (a downgrade past
-    migration 0012, then an upgrade), not made elsewhere. A database that names no file (a new
-    deployment, one restored from before its first file) records nothing."""
+    migration 0012, then an upgrade), not made elsewhere; or when the folder holds no file but
+    its mark: this deployment's first write, cut short (the database away, the pod killed)
+    between the mark and its row, and a sweep there has nothing to delete. A database that
+    names no file (a new deployment, one restored from before its first file) records no
+    folder that holds files."""
     if found is None:
         return None
     with session_scope(settings) as session:
         names_files = session.scalar(
             select(Job.id).where(text(MASK_POINTER_WHERE)).limit(1)  # a partial index's scan
         )
-        if names_files is None:
+        empty = names_files is None and not _holds_files(root)
+        if names_files is None and not empty:
             return None
         values = {"id": 1, "store_id": found, "root": str(root)}
         session.execute(_insert_if_absent(session.get_bind().dialect.name, values))
         row = _mark_row(session)
+    why = (
+        "the folder holds no file yet: a first write whose row never committed"
+        if empty
+        else "the database names files in a store but had no mark: its table was dropped by a "
+        "downgrade"
+    )
     log.warning(
-        "blob folder %s: recorded its mark %s... as this database's store (the database names "
-        "files in a store but had no mark: its table was dropped by a downgrade)",
+        "blob folder %s: recorded its mark %s... as this database's store (%s)",
         root,
         found[:12],
+        why,
     )
     return row
 
 
-def _wait_for_row(settings: Settings) -> tuple[str, str] | None:
-    deadline = time.monotonic() + MARK_ROW_WAIT_S
+def _holds_files(root: Path) -> bool:
+    """Whether the folder holds anything but dot-files (its mark, temporary files): the files
+    are under two-level folders named by their digest (`segsvc.blobs`)."""
+    try:
+        return any(not entry.name.startswith(".") for entry in os.scandir(root))
+    except OSError as exc:
+        raise BlobStoreUnavailableError() from exc
+
+
+def _wait_for_row(settings: Settings, key: tuple[str | None, str]) -> tuple[str, str] | None:
+    """The database's store, waited for up to MARK_ROW_WAIT_S (read once if the folder was
+    refused within RECHECK_S)."""
+    refused_at = _refused.get(key, float("-inf"))
+    wait = 0.0 if time.monotonic() - refused_at < RECHECK_S else MARK_ROW_WAIT_S
+    deadline = time.monotonic() + wait
     while True:
         with session_scope(settings) as session:
             row = _mark_row(session)
@@ -222,6 +251,7 @@ def forget() -> None:
     """Drop this process's good checks (the next use checks again)."""
     with _lock:
         _checked.clear()
+        _refused.clear()
         _refusals_logged.clear()
 
 

@@ -65,7 +65,9 @@ def libpq_url(settings: Settings) -> str:
 
 
 def psql(settings: Settings, script: str, tmp_path: Path) -> None:
-    """Apply `script` as a DBA would: psql, stopping at the first error."""
+    """Apply `script` as a DBA would: psql, stopping at the first error; as a role whose
+    statements are cut off after 1 ms (an `ALTER ROLE ... SET statement_timeout`, a pooler's
+    limit), which the script lifts for itself as the live upgrade does."""
     path = tmp_path / f"{uuid.uuid4().hex}.sql"
     path.write_text(script)
     subprocess.run(
@@ -73,6 +75,7 @@ def psql(settings: Settings, script: str, tmp_path: Path) -> None:
         check=True,
         capture_output=True,
         timeout=120,
+        env={**os.environ, "PGOPTIONS": "-c statement_timeout=1"},
     )
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from segsvc import blob_mark
 from segsvc.blob_mark import MARK_FILE, StoreNotMarkedError, adopt, read_mark
@@ -218,3 +221,53 @@ def test_a_folder_another_database_marked_is_refused_to_one_that_never_marked_a_
     assert "segsvc blobs adopt" in errors[0]
     assert adopt(cfg, folder) == (marks(cfg)[0][0], True)  # the operator's say-so
     blob_store(cfg).put(b"ours")
+
+
+def test_a_first_write_cut_short_after_its_mark_is_recorded_by_the_next(
+    cfg: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database went away between the mark file and its row: the folder kept a mark the
+    database never recorded, and every later check took it for another deployment's store
+    (503 on every submit until `segsvc blobs adopt`). It holds no file: recorded."""
+    insert = blob_mark._insert_if_absent
+    calls = 0
+
+    def first_fails(dialect: str, values: dict[str, object]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+        return insert(dialect, values)
+
+    monkeypatch.setattr(blob_mark, "_insert_if_absent", first_fails)
+    monkeypatch.setattr(blob_mark, "MARK_ROW_WAIT_S", 0.2)
+    with pytest.raises(OperationalError):
+        blob_store(cfg).put(DATA)
+    assert cfg.blob_dir is not None
+    left = read_mark(cfg.blob_dir)
+    assert left is not None
+    assert marks(cfg) == []
+    pointer = blob_store(cfg).put(DATA)
+    assert marks(cfg) == [(left, str(cfg.blob_dir))]
+    assert blob_store(cfg).get(pointer) == DATA
+
+
+def test_a_refused_folder_does_not_hold_every_check_for_the_wait(
+    cfg: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read, write and /readyz probe of another deployment's folder waited the whole
+    wait for a row (5 s, past the probe's 2 s): refused once, it is not waited for again
+    within the recheck interval."""
+    from api.routes.health import READY_TIMEOUT_S
+
+    assert blob_mark.MARK_ROW_WAIT_S < READY_TIMEOUT_S  # a probe answers with the reason
+    monkeypatch.setattr(blob_mark, "MARK_ROW_WAIT_S", 1.0)
+    folder = cfg.blob_dir
+    assert folder is not None
+    FsBlobStore(folder).put(DATA)
+    blob_mark.write_mark(folder, "e" * 32)
+    started = time.monotonic()
+    for _ in range(4):
+        with pytest.raises(StoreNotMarkedError):
+            blob_store(cfg).put(DATA)
+    assert time.monotonic() - started < 2.5  # the first waits 1 s; the others do not

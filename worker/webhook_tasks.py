@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime
 from typing import Any
 
@@ -22,11 +23,14 @@ from segsvc.logging_setup import log_context
 from segsvc.metrics import WEBHOOK_DELIVERIES, WEBHOOK_ENDED, WEBHOOK_LATENCY
 from segsvc.queue import DELIVER_WEBHOOK, WEBHOOK_APP, make_celery
 from segsvc.settings import Settings, get_settings, is_redis_url
+from segsvc.webhooks import outbox
 from segsvc.webhooks.delivery import deliver
 from segsvc.webhooks.dispatch import (
+    EXPIRE_CHUNK,
     Ended,
     Prepared,
     claim_due,
+    expire_unattempted,
     finish_attempt,
     record_endpoint_outcome,
     start_attempt,
@@ -41,6 +45,10 @@ POLL_S = 1.0
 # backlog claimed faster than the workers take it went stale in the queue and was claimed and
 # sent again every minute, flooding Redis with dead hints that each still cost a transaction.
 DISPATCH_HIGH_WATER = 100
+# How often a dispatcher ends the messages past their max age that were never attempted, and
+# how many chunks of EXPIRE_CHUNK one run ends at most (a dead receiver's backlog).
+EXPIRE_EVERY_S = 300.0
+EXPIRE_CHUNKS = 20
 
 settings = with_db_role(get_settings(), "worker")  # SEG_WORKER_STATEMENT_TIMEOUT_SECONDS, ...
 app = make_celery(settings, name=WEBHOOK_APP)
@@ -142,8 +150,26 @@ def dispatch_due(cfg: Settings, sender: Celery) -> int:
     return len(claimed)
 
 
+def expire_over_age(cfg: Settings, *, chunks: int = EXPIRE_CHUNKS) -> int:
+    """Fail the pending messages past their max age that were never attempted, a chunk per
+    transaction, up to `chunks` of them (the rest at the next run); counted in
+    `segsvc_webhook_messages_ended_total` as they commit."""
+    ended = 0
+    for _ in range(chunks):
+        with session_scope(cfg) as session:
+            count = expire_unattempted(session=session, settings=cfg)
+        if count:
+            WEBHOOK_ENDED.labels(outbox.FAILED).inc(count)
+            log.info("webhook messages past their max age, never attempted: %d failed", count)
+        ended += count
+        if count < EXPIRE_CHUNK:
+            break
+    return ended
+
+
 class Dispatcher(threading.Thread):
-    """Polls for due messages every second until stopped."""
+    """Polls for due messages every second until stopped; every EXPIRE_EVERY_S, ends the
+    messages past their max age that were never attempted (`expire_over_age`)."""
 
     def __init__(self, cfg: Settings, sender: Celery) -> None:
         super().__init__(name="webhook-dispatcher", daemon=True)
@@ -151,12 +177,19 @@ class Dispatcher(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        next_expiry = time.monotonic()
         while not self.stopping.is_set():
             try:
                 busy = dispatch_due(self.cfg, self.sender) > 0
             except Exception:  # a database blip must not kill the thread
                 log.warning("webhook dispatch failed; retrying", exc_info=True)
                 busy = False
+            if time.monotonic() >= next_expiry:
+                next_expiry = time.monotonic() + EXPIRE_EVERY_S
+                try:
+                    expire_over_age(self.cfg)
+                except Exception:
+                    log.warning("expiring webhook messages failed; next time", exc_info=True)
             self.stopping.wait(0.05 if busy else POLL_S)
 
 

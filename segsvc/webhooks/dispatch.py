@@ -234,6 +234,39 @@ def _sweep_paused(session: Session) -> int:
     return len(found)
 
 
+# Pending messages never attempted that one `expire_unattempted` call fails at most: one
+# transaction's locks.
+EXPIRE_CHUNK = 1000
+
+
+def expire_unattempted(*, session: Session, settings: Settings, limit: int = EXPIRE_CHUNK) -> int:
+    """Fail up to `limit` pending messages past their max age that were never attempted (nor
+    redelivered since): what `start_attempt` does to each when a claim hands it one, here in
+    bulk. A receiver that is down gets no attempt but its probes, so its backlog ended a
+    handful per claim, and a busy client's outgrew its max age. The count ended; the caller
+    counts them once committed. Rows another transaction holds (one in flight) are skipped."""
+    over_age = select(WebhookMessage.id).where(
+        WebhookMessage.status == outbox.PENDING,
+        WebhookMessage.attempts == 0,
+        WebhookMessage.redelivered_at.is_(None),
+        WebhookMessage.created_at
+        <= db_now(session, plus_seconds=-float(settings.webhook_max_age_seconds)),
+    )
+    ids = session.scalars(
+        over_age.order_by(WebhookMessage.created_at).limit(limit).with_for_update(skip_locked=True)
+    ).all()
+    if not ids:
+        return 0
+    ended = session.scalars(
+        update(WebhookMessage)
+        .where(WebhookMessage.id.in_(ids), WebhookMessage.status == outbox.PENDING)
+        .values(status=outbox.FAILED, next_attempt_at=None, completed_at=db_now(session))
+        .returning(WebhookMessage.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return len(ended)
+
+
 def start_attempt(
     *, session: Session, message_id: str, lease: datetime, settings: Settings
 ) -> Prepared | Ended | None:

@@ -179,17 +179,17 @@ class Dispatcher(threading.Thread):
     def run(self) -> None:
         next_expiry = time.monotonic()
         while not self.stopping.is_set():
-            try:
-                busy = dispatch_due(self.cfg, self.sender) > 0
-            except Exception:  # a database blip must not kill the thread
-                log.warning("webhook dispatch failed; retrying", exc_info=True)
-                busy = False
-            if time.monotonic() >= next_expiry:
+            if time.monotonic() >= next_expiry:  # first: a claim would hand them out as hints
                 next_expiry = time.monotonic() + EXPIRE_EVERY_S
                 try:
                     expire_over_age(self.cfg)
                 except Exception:
                     log.warning("expiring webhook messages failed; next time", exc_info=True)
+            try:
+                busy = dispatch_due(self.cfg, self.sender) > 0
+            except Exception:  # a database blip must not kill the thread
+                log.warning("webhook dispatch failed; retrying", exc_info=True)
+                busy = False
             self.stopping.wait(0.05 if busy else POLL_S)
 
 

@@ -244,13 +244,24 @@ def expire_unattempted(*, session: Session, settings: Settings, limit: int = EXP
     redelivered since): what `start_attempt` does to each when a claim hands it one, here in
     bulk. A receiver that is down gets no attempt but its probes, so its backlog ended a
     handful per claim, and a busy client's outgrew its max age. The count ended; the caller
-    counts them once committed. Rows another transaction holds (one in flight) are skipped."""
+    counts them once committed.
+
+    A message that may be leased (due within an attempt's lease: claimed, or its first
+    attempt's POST under way, which holds no row lock) is left to the attempt, whose outcome
+    `finish_attempt` records: failed here meanwhile, a notice the receiver took stayed failed.
+    `start_attempt` ends it if its lease runs out unattempted, or a later run does. Rows
+    another transaction holds are skipped."""
+    leased_for = max(attempt_lease(settings).total_seconds(), DISPATCH_LEASE_S)
     over_age = select(WebhookMessage.id).where(
         WebhookMessage.status == outbox.PENDING,
         WebhookMessage.attempts == 0,
         WebhookMessage.redelivered_at.is_(None),
         WebhookMessage.created_at
         <= db_now(session, plus_seconds=-float(settings.webhook_max_age_seconds)),
+        or_(
+            WebhookMessage.next_attempt_at <= db_now(session),
+            WebhookMessage.next_attempt_at > db_now(session, plus_seconds=leased_for),
+        ),
     )
     ids = session.scalars(
         over_age.order_by(WebhookMessage.created_at).limit(limit).with_for_update(skip_locked=True)

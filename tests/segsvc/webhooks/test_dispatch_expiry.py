@@ -15,6 +15,7 @@ from segsvc.db import session_scope
 from segsvc.models import WebhookMessage
 from segsvc.settings import Settings
 from segsvc.webhooks import dispatch
+from segsvc.webhooks.delivery import Outcome
 from segsvc.webhooks.outbox import JOB_COMPLETED, job_message_id
 from tests.segsvc.webhooks.factories import finish_job, make_job, start_job
 from worker.webhook_tasks import expire_over_age
@@ -73,13 +74,13 @@ def test_over_age_messages_never_attempted_end_failed_in_bulk(settings: Settings
     assert expire_over_age(settings) == 0
 
 
-def test_expiry_runs_chunk_by_chunk_and_skips_a_message_in_flight(
+def test_expiry_runs_chunk_by_chunk_and_skips_a_row_another_transaction_holds(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(dispatch, "EXPIRE_CHUNK", 2)
     age = settings.webhook_max_age_seconds / 86400 + 1
     messages = [completed(settings, age_days=age) for _ in range(5)]
-    with session_scope(settings) as holder:  # another transaction holds one (in flight)
+    with session_scope(settings) as holder:  # another transaction holds one
         holder.scalars(
             select(WebhookMessage).where(WebhookMessage.id == messages[0]).with_for_update()
         ).one()
@@ -112,3 +113,34 @@ def test_a_dispatcher_expires_on_its_first_poll(settings: Settings) -> None:
         dispatcher.stopping.set()
         dispatcher.join(timeout=10)
     assert statuses(settings)[message] == "failed"
+
+
+def test_a_first_attempt_under_way_is_left_to_its_outcome(settings: Settings) -> None:
+    """The attempt's POST holds no row lock: a message that passed its max age while its first
+    attempt was under way was failed by the expiry, and the receiver's 204 then found it
+    ended (superseded): a delivered notice stayed failed, and a redeliver sent it twice."""
+    max_age_days = settings.webhook_max_age_seconds / 86400
+    message = completed(settings, age_days=max_age_days - 1 / 86400)  # a second to go
+    with session_scope(settings) as session:
+        leases = dict(dispatch.claim_due(session=session))
+    with session_scope(settings) as session:
+        prepared = dispatch.start_attempt(
+            session=session, message_id=message, lease=leases[message], settings=settings
+        )
+    assert isinstance(prepared, dispatch.Prepared)
+    with session_scope(settings) as session:  # the max age passes during the POST
+        session.execute(
+            update(WebhookMessage)
+            .where(WebhookMessage.id == message)
+            .values(created_at=datetime.now(UTC) - timedelta(days=max_age_days, seconds=5))
+        )
+    assert expire_over_age(settings) == 0
+    with session_scope(settings) as session:
+        status = dispatch.finish_attempt(
+            session=session,
+            prepared=prepared,
+            outcome=Outcome("delivered", 5.0, 204),
+            settings=settings,
+        )
+    assert status == "delivered"
+    assert statuses(settings)[message] == "delivered"

@@ -213,24 +213,29 @@ def _handle_expired_leases(
         ).all()
     ]
     suspect_busy = _suspect_in_flight(session=session, now=now)
+    # Each write below checks again that the job is running on an expired lease: where the
+    # scan's locks do nothing (SQLite, whose `make run` starts a reconciler in two workers), a
+    # job another pass had requeued and a worker had claimed again since was reset under the
+    # worker, its result fenced out and thrown away, and sent twice.
     for job_id, runs_lost, cancel_requested in lost:
         if cancel_requested:
-            _finish(session, job_id, JobStatus.CANCELED, "canceled", "Canceled by the client.", now)
-            report.canceled += 1
-            report.ended_ids.append(str(job_id))
+            if _finish(
+                session, job_id, JobStatus.CANCELED, "canceled", "Canceled by the client.", now
+            ):
+                report.canceled += 1
+                report.ended_ids.append(str(job_id))
         elif runs_lost >= settings.job_max_attempts:
             code, message = _lost_verdict(runs_lost)
-            _finish(session, job_id, JobStatus.FAILED, code, message, now)
-            report.failed += 1
-            report.failed_ids.append(str(job_id))
-            report.ended_ids.append(str(job_id))
+            if _finish(session, job_id, JobStatus.FAILED, code, message, now):
+                report.failed += 1
+                report.failed_ids.append(str(job_id))
+                report.ended_ids.append(str(job_id))
         elif runs_lost >= SUSPECT_AFTER_ATTEMPTS and suspect_busy:
             report.waiting_suspects += 1  # quarantine: one suspect at a time
-        else:
+        elif _mark_requeued(session, job_id, now, from_running=True):
             if runs_lost >= SUSPECT_AFTER_ATTEMPTS:
                 suspect_busy = True
                 report.suspect_ids.add(job_id)
-            _mark_requeued(session, job_id, now, from_running=True)
             enqueue(job_id)
             report.requeued_lost += 1
 
@@ -402,16 +407,23 @@ def enqueue_grace_seconds(settings: Settings) -> float:
 
 def _mark_requeued(
     session: Session, job_id: uuid.UUID, now: datetime, *, from_running: bool
-) -> None:
+) -> bool:
+    """Whether the job was marked queued (and sent at `now`): a running one only while its
+    lease is still expired (not claimed again since it was read)."""
     # Clearing the lease token fences out a worker that was only slow, not dead: its result
     # write no longer matches and is dropped.
-    cond = Job.status == (JobStatus.RUNNING if from_running else JobStatus.QUEUED)
-    session.execute(
+    cond = (
+        and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+        if from_running
+        else Job.status == JobStatus.QUEUED
+    )
+    res = session.execute(
         update(Job)
         .where(Job.id == job_id, cond)
         .values(status=JobStatus.QUEUED, lease_token=None, lease_expires_at=None, enqueued_at=now)
         .execution_options(synchronize_session=False)
     )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
 def _cancel_requested(*, session: Session, now: datetime) -> list[uuid.UUID]:
@@ -436,10 +448,11 @@ def _cancel_requested(*, session: Session, now: datetime) -> list[uuid.UUID]:
 
 def _finish(
     session: Session, job_id: uuid.UUID, status: JobStatus, code: str, message: str, now: datetime
-) -> None:
+) -> bool:
+    """End a lost job (still running on an expired lease); whether it did."""
     res = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
         .values(
             status=status,
             completed_at=now,
@@ -451,5 +464,7 @@ def _finish(
         )
         .execution_options(synchronize_session=False)
     )
-    if res.rowcount:  # type: ignore[attr-defined]
-        record_job_events(session=session, job_ids=[job_id], event=JOB_COMPLETED)
+    if not res.rowcount:  # type: ignore[attr-defined]
+        return False
+    record_job_events(session=session, job_ids=[job_id], event=JOB_COMPLETED)
+    return True

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from segsvc.db import session_scope
 from segsvc.models import Job, utcnow
@@ -230,3 +231,31 @@ def test_jobs_resent_for_want_of_a_broker_to_inspect_are_capped_per_pass(
     lease = timedelta(seconds=settings.job_lease_seconds)
     waiting = [make_job(settings, age_s=lease.total_seconds() + 60 + i) for i in range(3)]
     assert reconcile(settings, present=None)[1] == [waiting[2], waiting[1]]
+
+
+@pytest.mark.parametrize("attempts", [1, 3])  # requeued, or ended (SEG_JOB_MAX_ATTEMPTS 3)
+def test_a_lost_job_claimed_again_since_the_scan_is_left_to_its_worker(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, attempts: int
+) -> None:
+    """Where the scan's row locks do nothing (SQLite: `make run` starts a reconciler in two
+    workers), another pass had requeued the job and a worker had claimed it again by the time
+    this pass wrote: it was reset under the worker (its result fenced out and thrown away) and
+    sent again, or ended failed while it ran."""
+    job_id = lost_job(settings, attempts=attempts)
+    worker_token = uuid.uuid4()
+    scanned = service._suspect_in_flight
+
+    def claimed_meanwhile(*, session: Session, now: datetime) -> bool:
+        session.execute(  # as a worker's claim: running again, on a live lease
+            update(Job)
+            .where(Job.id == job_id)
+            .values(lease_token=worker_token, lease_expires_at=utcnow() + timedelta(minutes=2))
+        )
+        return scanned(session=session, now=now)
+
+    monkeypatch.setattr(service, "_suspect_in_flight", claimed_meanwhile)
+    report, sent = reconcile(settings, present=set())
+    assert sent == []
+    assert (report.requeued_lost, report.failed) == (0, 0)
+    job = get(settings, job_id)
+    assert (job.status, job.lease_token) == ("running", worker_token)

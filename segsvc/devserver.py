@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from contextlib import suppress
+from pathlib import Path
 
 import click
 
+from segsvc.files import try_lock
 from segsvc.migrate import upgrade
 from segsvc.services.bootstrap import ensure_local_key, ensure_production_model
 from segsvc.settings import ROOT, Settings, get_settings
@@ -138,6 +141,50 @@ def run(api_workers: int) -> None:
     """Run the whole service in the foreground; Ctrl-C stops it cleanly."""
     settings = get_settings()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
+    lock = settings.var_dir / RUN_LOCK
+    with try_lock(lock) as alone:
+        if not alone:
+            raise click.ClickException(
+                f"another `segsvc run` is using {settings.var_dir} ({_holder(lock)}): stop it "
+                "first, or give this one a SEG_VAR_DIR of its own"
+            )
+        lock.write_text(f"{os.getpid()}\n")
+        _run_alone(settings, api_workers)
+
+
+# Held by the `segsvc run` serving a var_dir: a second one on it (`make run` in two terminals)
+# started a second beat and more reconcilers on the same database and broker, and its API's
+# start emptied the first one's metrics folder under it (its /metrics blank for good).
+RUN_LOCK = "run.lock"
+
+
+def _holder(lock: Path) -> str:
+    try:
+        return f"pid {int(lock.read_text().strip())}"
+    except (OSError, ValueError):
+        return "a process starting"
+
+
+def _check_port_free(port: int, what: str) -> None:
+    """Refuse at once, before anything starts, a port another process listens on (the API's
+    bind failed 17 s later, after migrations and every worker, in a log line among theirs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError as exc:
+            raise click.ClickException(
+                f"{what} port {port} on {LOOPBACK} is in use ({exc.strerror}): stop what "
+                "listens there, or choose another with SEG_PORT / SEG_METRICS_PORT"
+            ) from None
+
+
+def _run_alone(settings: Settings, api_workers: int) -> None:
+    """`run`, holding the var_dir's lock."""
+    _check_port_free(settings.port, "the API's")
+    for name, port in metrics_ports(settings).items():
+        if port != settings.port:
+            _check_port_free(port, f"{name}'s metrics")
     upgrade(settings=settings)
     version, _ = ensure_production_model(settings)
     click.echo(f"serving model {version}")

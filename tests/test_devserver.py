@@ -223,3 +223,50 @@ def test_the_local_key_is_shown_once_when_it_is_made(settings, tmp_path: Path) -
     again = local_key_message(cfg)
     assert key not in again
     assert str(tmp_path / "var" / "local_api_key") in again
+
+
+def run_command(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`segsvc run` with the embedded default under `tmp_path/var`; stopped after 60 s."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
+    full.update(SEG_VAR_DIR=str(tmp_path / "var"), **env)
+    return subprocess.run(
+        [sys.executable, "-m", "segsvc.cli", "run"],
+        cwd=tmp_path,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_second_run_on_the_same_var_dir_is_refused_at_once(tmp_path: Path) -> None:
+    """`make run` in two terminals: the second started a second beat and more reconcilers on
+    the same database and broker, and emptied the first one's metrics folder for good."""
+    from segsvc.devserver import RUN_LOCK
+    from segsvc.files import try_lock
+
+    var = tmp_path / "var"
+    var.mkdir()
+    (var / RUN_LOCK).write_text("4242\n")
+    with try_lock(var / RUN_LOCK) as held:  # the first run
+        assert held
+        started = time.monotonic()
+        done = run_command(tmp_path, SEG_PORT=str(free_port()))
+    assert done.returncode == 1
+    assert "another `segsvc run` is using" in done.stderr
+    assert "pid 4242" in done.stderr
+    assert time.monotonic() - started < 20  # no migration, no process started
+    assert not (var / "segsvc.db").exists()
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """The API's bind failed 17 s in, after migrations and every worker, in a log line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_command(tmp_path, SEG_PORT=str(port))
+    assert done.returncode == 1
+    assert f"the API's port {port} on 127.0.0.1 is in use" in done.stderr
+    assert "API on" not in done.stdout
+    assert not (tmp_path / "var" / "segsvc.db").exists()

@@ -222,7 +222,10 @@ def _measured_on(metrics: dict[str, Any]) -> str:
 
 @models.command("promote")
 @click.argument("version")
-def models_promote(version: str) -> None:
+@click.option(
+    "--force", is_flag=True, help="Promote a version a worker rejected for failing to load it."
+)
+def models_promote(version: str, force: bool) -> None:
     """Make VERSION production now (the old one is archived; workers switch within seconds)."""
     from segsvc.db import session_scope
     from segsvc.errors import SegError
@@ -230,7 +233,12 @@ def models_promote(version: str) -> None:
 
     try:
         with session_scope() as session:
-            row = promote(session=session, version=version, reason="promoted by an operator (cli)")
+            row = promote(
+                session=session,
+                version=version,
+                reason="promoted by an operator (cli)",
+                force=force,
+            )
             done = f"production is {row.version} (previous: {row.parent_version or '-'})"
     except SegError as exc:
         raise click.ClickException(exc.message) from None

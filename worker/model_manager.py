@@ -414,7 +414,7 @@ class ModelManager:
             else (f"{failures} tries {BROKEN_RETRY_S:.0f}s apart")
         )
         log.exception("could not load canary %s (%s); rejecting it", wanted.version, how)
-        self._reject_canary(wanted.version, f"could not load ({how}): {exc}")
+        self._reject_canary(wanted.version, f"{rollout.LOAD_FAILURE} ({how}): {exc}")
 
     def _reject_canary(self, version: str, why: str) -> None:
         try:

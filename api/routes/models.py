@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, send_file
+from flask import Blueprint, Response, jsonify, request, send_file
 
 from api.auth import authenticate_request, require_admin
 from api.context import db, settings
-from segsvc.errors import NotFoundError
+from segsvc.errors import NotFoundError, ValidationError
 from segsvc.models import ModelVersion, TrainingRun
 from segsvc.serialize import iso
 from segsvc.services import registry, rollout
@@ -45,9 +45,18 @@ def list_models() -> Response:
 
 @bp.post("/<version>/promote")
 def promote_model(version: str) -> Response:
-    """Make a version production now; the old one is archived and can be rolled back to."""
+    """Make a version production now; the old one is archived and can be rolled back to.
+    `?force=true` promotes one a worker rejected because it could not load it."""
+    raw = request.args.get("force", "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise ValidationError("force must be true or false.")
     session = db()
-    row = rollout.promote(session=session, version=version, reason="promoted by an operator")
+    row = rollout.promote(
+        session=session,
+        version=version,
+        reason="promoted by an operator",
+        force=raw in ("true", "1"),
+    )
     session.commit()
     return jsonify(version_body(row))
 

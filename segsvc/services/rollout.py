@@ -96,16 +96,33 @@ def start_canary(*, session: Session, version: str, share: float) -> ModelVersio
     return row
 
 
-def promote(*, session: Session, version: str, reason: str | None = None) -> ModelVersion:
+# The reason a worker gives a canary it rejected because it could not load it
+# (`worker.model_manager`): `promote` refuses such a version unless forced.
+LOAD_FAILURE = "could not load"
+
+
+def promote(
+    *, session: Session, version: str, reason: str | None = None, force: bool = False
+) -> ModelVersion:
     """Make `version` production at once; the old production is archived (kept for rollback).
 
     Any other canary stops (rejected, as in a rollback): it was gated and measured against
     the production this replaces, so its verdict would compare it with a version it was never
-    evaluated against, and promote it over the operator's choice within minutes."""
+    evaluated against, and promote it over the operator's choice within minutes.
+
+    A version a worker rejected because it could not load it is refused unless `force`:
+    promoted, the running workers kept serving the old one while the registry named it, and
+    every worker started after (a scale-up from zero) failed its first load."""
     lock_registry(session)
     row = registry.get_version(session=session, version=version)
     if row.status == ModelStatus.PRODUCTION:
         raise ConflictError(f"{version} is already production.")
+    if not force and row.status == ModelStatus.REJECTED and LOAD_FAILURE in (row.reason or ""):
+        raise ConflictError(
+            f"{version} was rejected because a worker could not load it ({row.reason}); as "
+            "production, no new worker could start. Promote it with force (`segsvc models "
+            "promote --force`, `?force=true`) once that is fixed."
+        )
     _require_model_file(row)
     old = registry.production_version(session=session)
     for canary in _with_status(session, ModelStatus.CANARY):

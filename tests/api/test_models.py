@@ -225,3 +225,38 @@ def test_a_running_run_whose_process_holds_the_lock_is_listed_running(  # type: 
         assert held
         [run] = client.get("/v1/models", headers=admin(admin_key)).get_json()["training_runs"]
     assert (run["id"], run["status"], run["reason"]) == (run_id, "running", None)
+
+
+def test_promote_of_a_version_no_worker_could_load_needs_force(  # type: ignore[no-untyped-def]
+    client, admin_key: str, production_model: str, settings: Settings, model_file: Path
+) -> None:
+    """Promoted, the registry named it while running workers kept the old one, and every worker
+    started after failed its first load (a scale-up from zero served nothing)."""
+    add_version(settings, model_file, "cand-1")
+    with session_scope(settings) as session:
+        rollout.start_canary(session=session, version="cand-1", share=0.1)
+        rollout.reject(
+            session=session,
+            version="cand-1",
+            reason=f"canary rolled back by worker w1: {rollout.LOAD_FAILURE} (3 tries): boom",
+        )
+    resp = client.post("/v1/models/cand-1/promote", headers=admin(admin_key))
+    assert resp.status_code == 409
+    assert "could not load it" in resp.get_json()["message"]
+    assert "--force" in resp.get_json()["message"]
+    bad = client.post("/v1/models/cand-1/promote?force=maybe", headers=admin(admin_key))
+    assert bad.status_code == 422
+    forced = client.post("/v1/models/cand-1/promote?force=true", headers=admin(admin_key))
+    assert forced.status_code == 200, forced.get_json()
+    assert forced.get_json()["status"] == "production"
+
+
+def test_a_version_the_gate_rejected_can_still_be_promoted(  # type: ignore[no-untyped-def]
+    client, admin_key: str, production_model: str, settings: Settings, model_file: Path
+) -> None:
+    """An operator may overrule the gate: only a failure to load needs force."""
+    add_version(settings, model_file, "cand-1")
+    with session_scope(settings) as session:
+        rollout.reject(session=session, version="cand-1", reason="gate: mIoU 0.40 < 0.45")
+    resp = client.post("/v1/models/cand-1/promote", headers=admin(admin_key))
+    assert resp.status_code == 200, resp.get_json()

@@ -386,6 +386,24 @@ class _Run:
         samples, label_counts = self._load_labels(
             plan["ids"], plan["held_out"], plan["held_out_index"]
         )
+        # Recorded now: a run that fails later (training, evaluation) kept only its snapshot's
+        # counts, and why labels were left out went unsaid.
+        self._record_counts(label_counts)
+        if not len(samples) and cfg.train_data_dir is None:
+            # Labels only, and none usable: training failed on an empty temporary folder, and
+            # the next run, finding the same labels new, failed alike every day. Completed
+            # (its labels count as used): the next run waits for new ones.
+            left = ", ".join(
+                f"{count} {name.removeprefix('feedback_').replace('_', ' ')}"
+                for name, count in label_counts.items()
+                if name != "feedback_samples" and count
+            )
+            return self._finish(
+                "completed",
+                f"nothing to train on: none of the {len(plan['ids'])} labels is usable "
+                f"({left or 'none decoded'}) and SEG_TRAIN_DATA_DIR is not set; no candidate, "
+                "and the next run waits for new labels",
+            )
         report = self._fine_tune(samples, production["path"], out)
         cand_metrics, prod_metrics = self._evaluate(str(out), production)
         earlier = lineage_best_miou(production["metrics"], plan["eval_set"])
@@ -461,6 +479,12 @@ class _Run:
                 str(status),
             )
         return self._finish("completed", summary, version, str(status))
+
+    def _record_counts(self, counts: dict[str, int]) -> None:
+        with session_scope(self.settings) as session:
+            run = session.get(TrainingRun, self.run_id)
+            assert run is not None
+            run.data_counts = {**run.data_counts, **counts}
 
     def _load_labels(
         self, ids: list[uuid.UUID], held_out: set[str], held_out_index: NearDuplicateIndex

@@ -1361,3 +1361,25 @@ def test_a_run_fails_before_training_when_productions_file_was_replaced(
     assert result.status == "failed"
     assert "ModelFileMismatchError: production base" in result.reason
     assert "replaced at its path" in result.reason
+
+
+def test_labels_none_of_which_is_usable_end_a_labels_only_run_saying_why(
+    settings: Settings, production_model: str, tmp_path: Path
+) -> None:
+    """Without a training folder, labels all left out (their photos are evaluation images)
+    failed the run on an empty temporary folder ("no usable training pairs in /tmp/tmp..."),
+    the reasons unrecorded, and every later run failed alike on the same labels."""
+    cfg = loop_settings(settings, tmp_path, retrain_min_new_labels=2, train_data_dir=None)
+    images = Path(cfg.eval_data_dir or "") / "images"
+    for n in range(2):
+        labeled_job(cfg, (images / f"pet_{n}.png").read_bytes(), make_mask(96, 80, seed=n))
+    result = run_retraining(cfg, trigger="schedule")
+    assert result.status == "completed", result
+    assert result.candidate_version is None
+    assert "none of the 2 labels is usable (2 in eval set)" in result.reason
+    assert "/tmp" not in result.reason
+    counts = run_counts(cfg, result.run_id)
+    assert (counts["feedback_samples"], counts["feedback_in_eval_set"]) == (0, 2)
+    again = run_retraining(cfg, trigger="schedule")
+    assert again.status == "skipped"  # the labels count as used: it waits for new ones
+    assert "0 new labels" in again.reason

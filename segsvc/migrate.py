@@ -117,8 +117,28 @@ def sql_script(
             "migrates with `segsvc db upgrade`"
         )
     cfg = alembic_config(settings)
+    if from_revision and _is_below(cfg, revision, from_revision):
+        # Alembic writes an empty script for it: an upgrade never goes back, and says so.
+        raise ValueError(
+            f"{revision} is older than {from_revision}: an upgrade never goes back (a "
+            "downgrade script is `alembic downgrade FROM:TO --sql`)"
+        )
     cfg.output_buffer = out
     command.upgrade(cfg, f"{from_revision}:{revision}" if from_revision else revision, sql=True)
+
+
+def _is_below(cfg: Config, revision: str, than: str) -> bool:
+    """Whether `revision` is an ancestor of `than` (unknown ones: left to Alembic to name)."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    scripts = ScriptDirectory.from_config(cfg)
+    try:
+        target = scripts.get_revision(revision)
+        ancestors = {rev.revision for rev in scripts.iterate_revisions(than, "base")}
+    except CommandError:
+        return False
+    return target is not None and target.revision in ancestors and target.revision != than
 
 
 def current_revisions(settings: Settings | None = None) -> tuple[str, ...]:

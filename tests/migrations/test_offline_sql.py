@@ -185,6 +185,8 @@ def test_db_upgrade_sql_prints_the_script_and_connects_to_nothing(cli_env: None)
         (["--from", "0012"], False, "--from goes with --sql"),
         (["--sql", "--init-models"], False, "--init-models writes to the database"),
         (["--sql", "--from", "0099"], False, "no script: Can't locate revision"),
+        # Alembic wrote an empty script, exit 0: the live upgrade says it never goes back.
+        (["--sql", "--from", "0013", "--revision", "0012"], False, "0012 is older than 0013"),
     ],
 )
 def test_db_upgrade_sql_refuses_what_it_cannot_write(

@@ -130,13 +130,14 @@ def sql_script(
 def _is_below(cfg: Config, revision: str, than: str) -> bool:
     """Whether `revision` is an ancestor of `than` (unknown ones: left to Alembic to name)."""
     from alembic.script import ScriptDirectory
+    from alembic.script.revision import RevisionError
     from alembic.util import CommandError
 
     scripts = ScriptDirectory.from_config(cfg)
     try:
         target = scripts.get_revision(revision)
         ancestors = {rev.revision for rev in scripts.iterate_revisions(than, "base")}
-    except CommandError:
+    except (CommandError, RevisionError):
         return False
     return target is not None and target.revision in ancestors and target.revision != than
 

@@ -141,9 +141,7 @@ def check_mark(settings: Settings, root: Path, *, create: bool) -> None:
             ours = secrets.token_hex(16)
             found = write_mark(root, ours)
             if found == ours:  # another process's mark, written first, is not ours to record
-                values = {"id": 1, "store_id": found, "root": str(root)}
-                session.execute(_insert_if_absent(session.get_bind().dialect.name, values))
-                row = _mark_row(session)
+                row = _record(session, found, root)
     if row is None:
         row = _wait_for_row(settings, key) or _record_if_ours(settings, root, found)
         if row is None:
@@ -172,6 +170,14 @@ def _mark_row(session: Session) -> tuple[str, str] | None:
     return (row.store_id, row.root) if row is not None else None
 
 
+def _record(session: Session, store_id: str, root: Path) -> tuple[str, str] | None:
+    """Record `store_id` as the database's store (unless another process just did) and read
+    back the row that stands."""
+    values = {"id": 1, "store_id": store_id, "root": str(root)}
+    session.execute(_insert_if_absent(session.get_bind().dialect.name, values))
+    return _mark_row(session)
+
+
 def _record_if_ours(settings: Settings, root: Path, found: str | None) -> tuple[str, str] | None:
     """Record the folder's mark as the database's store when the database names files in a
     store (its result masks are pointers): its mark row was dropped (a downgrade past
@@ -189,9 +195,7 @@ def _record_if_ours(settings: Settings, root: Path, found: str | None) -> tuple[
         empty = names_files is None and not _holds_files(root)
         if names_files is None and not empty:
             return None
-        values = {"id": 1, "store_id": found, "root": str(root)}
-        session.execute(_insert_if_absent(session.get_bind().dialect.name, values))
-        row = _mark_row(session)
+        row = _record(session, found, root)
     why = (
         "the folder holds no file yet: a first write whose row never committed"
         if empty

@@ -419,8 +419,7 @@ class _Run:
         lineage = {"eval_set": plan["eval_set"], "mean_iou": best}
         sha = file_sha256(out)
         version = f"{out.stem}-{sha[:8]}"
-        counts = {
-            **label_counts,
+        counts = {  # beside the label counts, recorded once loaded (`_record_counts`)
             "training": report.data,
             "eval_images": cand_metrics["images"],
         }

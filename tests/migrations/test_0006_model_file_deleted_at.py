@@ -18,21 +18,26 @@ from segsvc.settings import Settings
 PRUNED_AT = datetime(2026, 11, 20, 8, 30, 15, 250000, tzinfo=UTC)
 
 
+def pruned_version() -> ModelVersion:
+    """An archived version `v1` whose model file the pruner deleted at PRUNED_AT."""
+    return ModelVersion(
+        version="v1",
+        path="/m/ft-1.keras",
+        sha256="a" * 64,
+        status=ModelStatus.ARCHIVED,
+        metrics={"mean_iou": 0.7},
+        promoted_at=PRUNED_AT,
+        retired_at=PRUNED_AT,
+        file_deleted_at=PRUNED_AT,
+    )
+
+
 def test_0006_a_pruned_version_stays_unservable_across_a_downgrade(empty_db: Settings) -> None:
     upgrade(settings=empty_db)
     with session_scope(empty_db) as session:
         session.add_all(
             [
-                ModelVersion(
-                    version="v1",
-                    path="/m/ft-1.keras",
-                    sha256="a" * 64,
-                    status=ModelStatus.ARCHIVED,
-                    metrics={"mean_iou": 0.7},
-                    promoted_at=PRUNED_AT,
-                    retired_at=PRUNED_AT,
-                    file_deleted_at=PRUNED_AT,
-                ),
+                pruned_version(),
                 ModelVersion(
                     version="v2",
                     path="/m/ft-2.keras",

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -22,10 +22,11 @@ from sqlalchemy import select, text
 from segsvc.cli import main
 from segsvc.db import get_engine, session_scope
 from segsvc.migrate import alembic_config, current_revisions, sql_script, upgrade
-from segsvc.models import ModelStatus, ModelVersion
+from segsvc.models import ModelVersion
 from segsvc.schema import code_revisions
 from segsvc.settings import Settings, get_settings
 from tests.conftest import postgres_database
+from tests.migrations.test_0006_model_file_deleted_at import PRUNED_AT, pruned_version
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("psql") and shutil.which("pg_dump")),
@@ -33,7 +34,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 HEADS = tuple(sorted(code_revisions()[1]))
-PRUNED_AT = datetime(2026, 11, 20, 8, 30, 15, 250000, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -127,16 +127,7 @@ def test_sql_script_from_a_revision_moves_the_data_the_live_steps_move(
     _, db = two_dbs
     upgrade(settings=db)
     with session_scope(db) as session:
-        session.add(
-            ModelVersion(
-                version="v1",
-                path="/m/ft-1.keras",
-                sha256="a" * 64,
-                status=ModelStatus.ARCHIVED,
-                metrics={"mean_iou": 0.7},
-                file_deleted_at=PRUNED_AT,
-            )
-        )
+        session.add(pruned_version())
     down = io.StringIO()
     cfg = alembic_config(db)
     cfg.output_buffer = down

@@ -307,17 +307,17 @@ def test_a_pending_webhook_still_retried_keeps_its_job(settings: Settings) -> No
     hooked = make_webhook_job(settings, "https://hooks.example/x")
     finish_job(settings, start_job(settings, hooked))
     age(settings, hooked, 100)
-    with session_scope(settings) as session:
-        session.execute(
-            update(WebhookMessage)
-            .where(WebhookMessage.job_id == hooked)
-            .values(redelivered_at=datetime.now(UTC) - timedelta(hours=1))
-        )
+    redelivered(settings, hooked, timedelta(hours=1))
     assert delete_all(settings, 90) == 0
+    redelivered(settings, hooked, timedelta(days=30))
+    assert delete_all(settings, 90) == 1
+
+
+def redelivered(settings: Settings, job_id: uuid.UUID, ago: timedelta) -> None:
+    """The job's webhook messages redelivered by its client `ago`."""
     with session_scope(settings) as session:
         session.execute(
             update(WebhookMessage)
-            .where(WebhookMessage.job_id == hooked)
-            .values(redelivered_at=datetime.now(UTC) - timedelta(days=30))
+            .where(WebhookMessage.job_id == job_id)
+            .values(redelivered_at=datetime.now(UTC) - ago)
         )
-    assert delete_all(settings, 90) == 1
